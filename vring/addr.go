@@ -1,0 +1,33 @@
+package vring
+
+import "fmt"
+
+// GuestAddr is an address in the device's view of guest memory: a
+// guest-physical address (vhost-net, vhost-user, the software device) or an
+// I/O virtual address (vhost-vdpa with VIRTIO_F_ACCESS_PLATFORM). Descriptor
+// addresses, ring addresses handed to a Queue and the dirty log's index are
+// all GuestAddr values.
+type GuestAddr uint64
+
+// HostAddr is a virtual address in this process (or, for vhost-user, in the
+// front-end process that sent it). It is what vhost-kernel and vhost-user
+// ring addresses and memory-table userspace addresses hold. It is never
+// dereferenced directly; Memory translates it through a bounds-checked
+// region lookup.
+type HostAddr uint64
+
+func (a GuestAddr) String() string { return fmt.Sprintf("gpa:%#x", uint64(a)) }
+func (a HostAddr) String() string  { return fmt.Sprintf("hva:%#x", uint64(a)) }
+
+// WriteLogger receives every guest-memory write a device-side queue makes:
+// used-ring entries, used.idx, avail_event, and the bytes a caller reports as
+// written into writable descriptor buffers. A dirty.Bitmap satisfies it, so
+// vring never imports dirty (and dirty never imports vring).
+//
+// LogWrite must be safe for concurrent use by many queues. It returns an error
+// when the range cannot be logged (for example it lies outside the log's
+// span); the queue reports that error to its caller rather than dropping the
+// mark.
+type WriteLogger interface {
+	LogWrite(addr uint64, length uint64) error
+}
