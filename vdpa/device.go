@@ -13,13 +13,11 @@ type QueueAddr struct {
 	Used  vring.GuestAddr // used (device) ring, 4-byte aligned
 }
 
-// QueueState is a split virtqueue's device-side position, as vhost's
-// GET/SET_VRING_BASE carries it: the index of the next available entry the
-// device will consume. For split rings vhost does not carry the used index;
-// it is re-read from the used ring in guest memory.
-type QueueState struct {
-	NextAvail uint16
-}
+// QueueState is a split virtqueue's device-side position (vring.QueueState:
+// the next available index the device will consume and the next used index it
+// will publish). vhost's GET/SET_VRING_BASE carries only NextAvail for split
+// rings; kernel implementations read NextUsed from the used ring.
+type QueueState = vring.QueueState
 
 // Device is a virtio device whose data path is processed outside the caller:
 // by the kernel, by hardware, by a vhost-user peer, or by a software engine.
