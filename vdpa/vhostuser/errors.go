@@ -1,0 +1,66 @@
+package vhostuser
+
+import (
+	"errors"
+	"fmt"
+)
+
+// Sentinel errors. Every error this package returns for bad peer input wraps
+// one of them, so callers can test with errors.Is.
+var (
+	// ErrTruncated: the peer closed the connection or sent fewer bytes than
+	// the header or its size field promise.
+	ErrTruncated = errors.New("vhost-user: truncated message")
+	// ErrPayloadTooLarge: the header's size exceeds MaxPayload.
+	ErrPayloadTooLarge = errors.New("vhost-user: payload too large")
+	// ErrBadVersion: the header's version bits are not 1, or unknown flag
+	// bits are set.
+	ErrBadVersion = errors.New("vhost-user: bad header version or flags")
+	// ErrBadSize: the payload size does not match the request type.
+	ErrBadSize = errors.New("vhost-user: wrong payload size for request")
+	// ErrFdCount: the message carries a number of file descriptors the
+	// request does not allow.
+	ErrFdCount = errors.New("vhost-user: wrong number of file descriptors")
+	// ErrUnknownRequest: the request type is not defined by the protocol.
+	ErrUnknownRequest = errors.New("vhost-user: unknown request")
+	// ErrUnsupported: a defined request that was not negotiated or that
+	// this implementation does not serve.
+	ErrUnsupported = errors.New("vhost-user: request not supported")
+	// ErrTooManyRegions: a memory table with more than MaxRegions regions.
+	ErrTooManyRegions = errors.New("vhost-user: too many memory regions")
+	// ErrBadRegion: a memory region that is empty, overflows, overlaps
+	// another, or whose descriptor cannot back it.
+	ErrBadRegion = errors.New("vhost-user: bad memory region")
+	// ErrAddrNotMapped: a ring address that is not inside the memory table.
+	ErrAddrNotMapped = errors.New("vhost-user: address outside the memory table")
+	// ErrBadQueue: a queue index beyond the device's queues, or a
+	// queue size that is zero, not a power of two, or too large.
+	ErrBadQueue = errors.New("vhost-user: bad queue index or size")
+	// ErrProtocol: a request out of sequence or with values the protocol
+	// forbids (features not offered, ring configured while running, ...).
+	ErrProtocol = errors.New("vhost-user: protocol violation")
+	// ErrReplyFailed: the back-end acknowledged a request with a non-zero
+	// status (REPLY_ACK) or an empty config reply.
+	ErrReplyFailed = errors.New("vhost-user: back-end reported failure")
+	// ErrUnexpectedReply: a reply for another request, or without the
+	// reply flag.
+	ErrUnexpectedReply = errors.New("vhost-user: unexpected reply")
+	// ErrDeviceFailed: the device handler rejected a well-formed request.
+	ErrDeviceFailed = errors.New("vhost-user: device rejected request")
+)
+
+// MessageError reports a failure while handling one message.
+type MessageError struct {
+	Request Request
+	Err     error
+}
+
+func (e *MessageError) Error() string {
+	return fmt.Sprintf("vhost-user %v: %v", e.Request, e.Err)
+}
+
+func (e *MessageError) Unwrap() error { return e.Err }
+
+func msgErr(r Request, sentinel error, format string, args ...any) error {
+	return &MessageError{Request: r, Err: fmt.Errorf("%w: "+format, append([]any{sentinel}, args...)...)}
+}
