@@ -1,0 +1,351 @@
+package dirty
+
+import (
+	"math/bits"
+	"sync/atomic"
+)
+
+// DefaultPageSize is the page size of the vhost log (VHOST_LOG_PAGE): one bit
+// of the log covers 4 KiB of guest address space.
+const DefaultPageSize = 4096
+
+// MaxSize is the largest bitmap the package creates or attaches, in bytes:
+// 256 GiB of log, enough for 8 PiB of guest address space with 4 KiB pages.
+// It bounds what a hostile peer's size field can make us map.
+const MaxSize = 1 << 38
+
+// Options configure a Bitmap. A nil *Options means all defaults.
+type Options struct {
+	// PageSize is the number of guest bytes one bit covers: a power of two,
+	// DefaultPageSize (4096) if zero. The kernel's and vhost-user's logs use
+	// 4096.
+	PageSize uint64
+	// Shared backs the bitmap with a memfd mapped MAP_SHARED (Linux only),
+	// so that its fd can be sent to a vhost-user peer or the memory handed
+	// to the kernel. New only; Attach and AttachFd ignore it.
+	Shared bool
+	// Name names the memfd (visible in /proc/PID/fd); "vdpakit-dirty-log"
+	// if empty. Used only with Shared.
+	Name string
+}
+
+// Bitmap is a dirty-page bitmap in the vhost log layout: bit n of the log
+// marks page n of guest address space [0, Span()), where page n covers bytes
+// [n*PageSize(), (n+1)*PageSize()). The bits are stored as little-endian u64
+// words, so word w holds pages 64w..64w+63 with page 64w+b at bit b. This is
+// byte for byte the layout the kernel's vhost (VHOST_SET_LOG_BASE) and
+// vhost-user peers (VHOST_USER_SET_LOG_BASE, log[page/8] |= 1 << page%8)
+// write.
+//
+// Concurrency: Mark, LogWrite, Harvest, HarvestWords, Union, UnionWords,
+// Clear, Count, PageDirty and the iterators may be called from any number of
+// goroutines at once, and concurrently with writers outside this process
+// (the kernel or a peer sharing the memory), because every access to the
+// words is a sync/atomic operation. Close must not run concurrently with any
+// other method. The geometry accessors (Span, PageSize, Size, ...) never
+// change after construction.
+type Bitmap struct {
+	words []uint64 // the log, as stored: little-endian u64 words
+	span  uint64   // valid addresses are [0, span)
+	pages uint64   // pages covered: ceil(span / page size)
+	shift uint     // log2(page size)
+
+	mapping  []byte // the whole mmap'd range to unmap on Close, or nil
+	fd       int    // memfd or dup of a peer's fd; -1 if none
+	fdOffset uint64 // offset of word 0 within fd
+	closed   bool
+}
+
+// geometry validates a page size and span and returns log2(page size), the
+// pages covered and the words needed.
+func geometry(span, pageSize uint64) (shift uint, pages, words uint64, err error) {
+	if pageSize == 0 {
+		pageSize = DefaultPageSize
+	}
+	if pageSize&(pageSize-1) != 0 {
+		return 0, 0, 0, ErrPageSize
+	}
+	shift = uint(bits.TrailingZeros64(pageSize))
+	if span == 0 {
+		return 0, 0, 0, ErrSpan
+	}
+	pages = span >> shift
+	if span&(pageSize-1) != 0 {
+		pages++
+	}
+	words = pages/64 + boolU64(pages%64 != 0)
+	if words > MaxSize/8 {
+		return 0, 0, 0, ErrSpan
+	}
+	return shift, pages, words, nil
+}
+
+func boolU64(b bool) uint64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// spanFor returns the span that n words of log cover with the given page
+// shift, capped at 2^64-1.
+func spanFor(words uint64, shift uint) uint64 {
+	pages := words * 64
+	if shift >= 64 || pages > (^uint64(0))>>shift {
+		return ^uint64(0)
+	}
+	return pages << shift
+}
+
+// New returns a clean bitmap covering guest addresses [0, span). With
+// opts.Shared it lives in a memfd mapped MAP_SHARED (see Fd); otherwise in
+// ordinary memory. Its Size is the span's page count rounded up to whole
+// 64-page words, times 8 bytes.
+func New(span uint64, opts *Options) (*Bitmap, error) {
+	var o Options
+	if opts != nil {
+		o = *opts
+	}
+	shift, pages, words, err := geometry(span, o.PageSize)
+	if err != nil {
+		return nil, err
+	}
+	b := &Bitmap{span: span, pages: pages, shift: shift, fd: -1}
+	if !o.Shared {
+		b.words = make([]uint64, words)
+		return b, nil
+	}
+	name := o.Name
+	if name == "" {
+		name = "vdpakit-dirty-log"
+	}
+	mapping, fd, err := mapShared(words*8, name)
+	if err != nil {
+		return nil, err
+	}
+	b.mapping, b.fd = mapping, fd
+	b.words = bytesAsWords(mapping[:words*8])
+	return b, nil
+}
+
+// Attach returns a bitmap over memory someone else allocated and keeps
+// writing: a mapping a vhost-user peer sent, memory the kernel logs into. mem
+// must be 8-byte aligned and hold the words the span needs; a span of 0 means
+// the largest span mem can describe (len(mem)/8 words). The bitmap does not
+// own mem: Close does not free it, and mem must stay valid until Close.
+// Existing bits in mem are kept.
+func Attach(mem []byte, span uint64, opts *Options) (*Bitmap, error) {
+	var o Options
+	if opts != nil {
+		o = *opts
+	}
+	pageSize := o.PageSize
+	if pageSize == 0 {
+		pageSize = DefaultPageSize
+	}
+	if pageSize&(pageSize-1) != 0 {
+		return nil, ErrPageSize
+	}
+	if len(mem) < 8 || !aligned8(mem) {
+		return nil, ErrMemory
+	}
+	if span == 0 {
+		span = spanFor(uint64(len(mem))/8, uint(bits.TrailingZeros64(pageSize)))
+	}
+	shift, pages, words, err := geometry(span, pageSize)
+	if err != nil {
+		return nil, err
+	}
+	if uint64(len(mem))/8 < words {
+		return nil, ErrMemory
+	}
+	return &Bitmap{
+		words: bytesAsWords(mem[:words*8]),
+		span:  span, pages: pages, shift: shift, fd: -1,
+	}, nil
+}
+
+// AttachFd maps size bytes of a log fd at offset, as a vhost-user
+// VHOST_USER_SET_LOG_BASE message describes it (fd, mmap_size, mmap_offset),
+// and returns a bitmap over it covering the largest span the log describes:
+// size/8 whole words, each 64 pages of opts.PageSize. Only opts.PageSize is
+// used.
+//
+// The fd is duplicated: the caller keeps ownership of fd and may close it.
+// The bitmap's Fd returns the duplicate, which Close closes. When fd is a
+// regular file (a memfd) it must be at least offset+size bytes long, and
+// AttachFd seals it against shrinking where the file allows, since a peer
+// that truncates the file under the mapping would make the next access fault.
+func AttachFd(fd int, offset, size uint64, opts *Options) (*Bitmap, error) {
+	var o Options
+	if opts != nil {
+		o = *opts
+	}
+	pageSize := o.PageSize
+	if pageSize == 0 {
+		pageSize = DefaultPageSize
+	}
+	if pageSize&(pageSize-1) != 0 {
+		return nil, ErrPageSize
+	}
+	words := size / 8
+	if words == 0 || size > MaxSize || offset%8 != 0 {
+		return nil, &OpError{Op: "attach", Err: ErrMemory}
+	}
+	shift := uint(bits.TrailingZeros64(pageSize))
+	mapping, view, dup, err := mapFd(fd, offset, size)
+	if err != nil {
+		return nil, err
+	}
+	span := spanFor(words, shift)
+	_, pages, _, _ := geometry(span, pageSize)
+	return &Bitmap{
+		words: bytesAsWords(view[:words*8]),
+		span:  span, pages: pages, shift: shift,
+		mapping: mapping, fd: dup, fdOffset: offset,
+	}, nil
+}
+
+// Close releases the bitmap: it unmaps and closes a memfd or attached fd.
+// Memory handed to Attach is left alone. After Close every method reports
+// ErrClosed (Mark and LogWrite included). Close must not run concurrently
+// with other methods; a second Close returns ErrClosed.
+func (b *Bitmap) Close() error {
+	if b.closed {
+		return ErrClosed
+	}
+	b.closed = true
+	b.words, b.span, b.pages = nil, 0, 0
+	var err error
+	if b.mapping != nil {
+		err = unmap(b.mapping)
+		b.mapping = nil
+	}
+	if b.fd >= 0 {
+		if cerr := closeFd(b.fd); err == nil {
+			err = cerr
+		}
+		b.fd = -1
+	}
+	return err
+}
+
+// Span returns the number of guest bytes covered: addresses [0, Span()).
+func (b *Bitmap) Span() uint64 { return b.span }
+
+// PageSize returns the number of guest bytes one bit covers.
+func (b *Bitmap) PageSize() uint64 { return 1 << b.shift }
+
+// NumPages returns the number of pages covered, ceil(Span/PageSize). Bits
+// past it in the last word belong to no page: Mark never sets them, and
+// Harvest, Count and the iterators ignore them.
+func (b *Bitmap) NumPages() uint64 { return b.pages }
+
+// Words returns the number of 64-bit words of the log.
+func (b *Bitmap) Words() int { return len(b.words) }
+
+// Size returns the size of the log in bytes, 8*Words(): the mmap_size to send
+// with VHOST_USER_SET_LOG_BASE.
+func (b *Bitmap) Size() int { return len(b.words) * 8 }
+
+// Fd returns the memfd backing a shared bitmap (or the duplicate of the fd
+// given to AttachFd), or -1 if the bitmap is not backed by an fd. The bitmap
+// owns it: do not close it.
+func (b *Bitmap) Fd() int { return b.fd }
+
+// FdOffset returns the offset of the log's first byte within Fd: the
+// mmap_offset to send with VHOST_USER_SET_LOG_BASE.
+func (b *Bitmap) FdOffset() uint64 { return b.fdOffset }
+
+// Addr returns the address of the log's first word in this process: the
+// value VHOST_SET_LOG_BASE takes. The memory stays at that address until
+// Close (keep the Bitmap reachable while a kernel writes to it).
+func (b *Bitmap) Addr() uintptr { return wordsAddr(b.words) }
+
+// Bytes returns the log's memory, Size() bytes. It aliases the bitmap:
+// anything reading or writing it while others mark must use 64-bit atomic
+// operations on aligned words, as this package does.
+func (b *Bitmap) Bytes() []byte { return wordsAsBytes(b.words) }
+
+// PageOf returns the page that holds guest address addr.
+func (b *Bitmap) PageOf(addr uint64) uint64 { return addr >> b.shift }
+
+// PageAddr returns the guest address of the first byte of page.
+func (b *Bitmap) PageAddr(page uint64) uint64 { return page << b.shift }
+
+// Mark marks every page that the guest byte range [addr, addr+length)
+// touches. A zero length marks nothing and succeeds. A range that does not
+// lie entirely in [0, Span()) — including one that wraps past 2^64 — marks
+// nothing and returns a *RangeError matching ErrOutOfSpan.
+//
+// Mark is atomic per word and safe for concurrent use with every other
+// method but Close. Call it after the write it records: a Harvest that
+// observes the bit then also observes the write (the atomic OR publishes
+// everything the marking goroutine wrote before it).
+func (b *Bitmap) Mark(addr, length uint64) error {
+	// Fast path, small enough to inline: a non-empty range inside the span
+	// (length-1 < span-addr, with addr < span so neither side wraps) that
+	// stays within one page. Everything else goes to markSlow.
+	if addr < b.span && length-1 < b.span-addr {
+		p := addr >> b.shift
+		if (addr+length-1)>>b.shift == p {
+			// Ordering: the atomic OR is sequentially consistent, so writes
+			// this goroutine made before it happen before any Harvest swap
+			// that returns the bit.
+			atomic.OrUint64(&b.words[p>>6], toLE(1<<(p&63)))
+			return nil
+		}
+	}
+	return b.markSlow(addr, length)
+}
+
+// markSlow is Mark for zero-length, multi-page and rejected ranges. It is
+// kept out of line so that Mark's fast path inlines into its callers.
+//
+//go:noinline
+func (b *Bitmap) markSlow(addr, length uint64) error {
+	if length == 0 {
+		return nil
+	}
+	last := addr + length - 1
+	if last < addr || last >= b.span {
+		if b.closed {
+			return ErrClosed
+		}
+		return &RangeError{Addr: addr, Len: length, Span: b.span}
+	}
+	b.markPages(addr>>b.shift, last>>b.shift)
+	return nil
+}
+
+// LogWrite is Mark under the name vring's WriteLogger interface uses, so a
+// *Bitmap can be a device queue's write logger directly.
+func (b *Bitmap) LogWrite(addr, length uint64) error { return b.Mark(addr, length) }
+
+// markPages sets the bits of pages first..last (inclusive, first < last,
+// last < NumPages) with one atomic OR per word touched.
+func (b *Bitmap) markPages(first, last uint64) {
+	w0, w1 := first>>6, last>>6
+	lo := ^uint64(0) << (first & 63)
+	hi := ^uint64(0) >> (63 - last&63)
+	ws := b.words[w0 : w1+1]
+	if len(ws) == 1 {
+		atomic.OrUint64(&ws[0], toLE(lo&hi))
+		return
+	}
+	atomic.OrUint64(&ws[0], toLE(lo))
+	mid := ws[1 : len(ws)-1]
+	for i := range mid {
+		atomic.OrUint64(&mid[i], ^uint64(0))
+	}
+	atomic.OrUint64(&ws[len(ws)-1], toLE(hi))
+}
+
+// PageDirty reports whether page's bit is set. Pages past NumPages report
+// false.
+func (b *Bitmap) PageDirty(page uint64) bool {
+	if page >= b.pages {
+		return false
+	}
+	return toLE(atomic.LoadUint64(&b.words[page>>6]))&(1<<(page&63)) != 0
+}

@@ -1,0 +1,45 @@
+// Package dirty tracks which guest pages a device wrote, in the vhost
+// dirty-log format, and drives iterative pre-copy live migration from it.
+//
+// # The log format
+//
+// A Bitmap covers guest addresses [0, Span()). Bit n marks page n, the
+// PageSize() bytes at n*PageSize() (4 KiB by default, any power of two).
+// Bits are stored as little-endian 64-bit words: word w holds pages
+// 64w..64w+63, page 64w+b at bit b; equivalently byte k holds pages
+// 8k..8k+7. This is the layout of the Linux vhost log (VHOST_SET_LOG_BASE
+// takes Addr()) and of the vhost-user log (VHOST_USER_SET_LOG_BASE sends
+// Fd(), Size() and FdOffset()), so the same memory can be handed to the
+// kernel or to a peer process and read back here.
+//
+// A Bitmap lives in ordinary memory (New), in a memfd mapped MAP_SHARED
+// (New with Options.Shared), in memory someone else allocated (Attach), or
+// in a log fd a peer sent (AttachFd).
+//
+// # Marking and harvesting
+//
+// Mark(addr, len) sets the bit of every page the byte range touches with one
+// atomic OR per 64-page word, so any number of goroutines (and the kernel, and
+// peers sharing the memory) can mark at once. A range outside the span is an
+// error (ErrOutOfSpan), never dropped. LogWrite is Mark under the name of
+// vring's WriteLogger interface, so a *Bitmap logs a device queue's writes
+// directly; the two packages do not import each other.
+//
+// Harvest atomically takes the set bits out of a live log (each non-zero
+// word is swapped with zero; zero words are only read) and ORs them into a
+// destination bitmap or word slice, allocating nothing. A bit set while a
+// harvest runs is either taken by it or left for the next one: never lost,
+// never taken twice. A consumer that cannot process what it harvested puts
+// it back with Union (or UnionWords). DirtyPages and DirtyRuns iterate
+// pages and runs of pages; Count counts them.
+//
+// # Pre-copy
+//
+// A Tracker drives iterative pre-copy: the first round sends all of guest
+// memory; each later round sends what the previous one harvested from the
+// log, i.e. what the guest and device dirtied while that round was being
+// sent. The tracker records each round's pages and bytes, estimates the dirty
+// rate and the downtime of stopping now, and decides when to stop and copy:
+// when the downtime target is met, the rounds are exhausted, or the dirty set
+// stops shrinking. See Tracker for the algorithm.
+package dirty

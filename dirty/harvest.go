@@ -1,0 +1,342 @@
+package dirty
+
+import (
+	"iter"
+	"math/bits"
+	"sync/atomic"
+)
+
+// Harvesting and the whole-bitmap operations scan the log in blocks of
+// scanBlock words. A block is first read with plain atomic loads OR-ed
+// together; only a block with a bit set is looked at word by word, and only
+// a non-zero word is swapped. A clean log is therefore read once, at memory
+// speed, and never written.
+//
+// Memory ordering: Mark sets bits with an atomic OR and harvesting takes
+// them with an atomic swap (sequentially consistent under the Go memory
+// model). In each word's modification order a given OR comes either before
+// the swap — then the swap returns its bit, and everything the marker wrote
+// before marking happens before the harvester's later reads — or after it,
+// and the bit stays in the word for the next harvest. No bit is lost and
+// none is taken twice. The skip test's plain loads may miss a bit set an
+// instant later; that bit is simply left for the next harvest.
+const scanBlock = 8
+
+// blockZero reports whether the scanBlock words of s all read zero. The loads
+// are atomic (the words are shared with markers) and OR-ed in two
+// independent chains so that they issue in parallel: this loop is what a
+// harvest of a clean log costs.
+func blockZero(s []uint64) bool {
+	s = s[:scanBlock:scanBlock]
+	a := atomic.LoadUint64(&s[0]) | atomic.LoadUint64(&s[1]) |
+		atomic.LoadUint64(&s[2]) | atomic.LoadUint64(&s[3])
+	c := atomic.LoadUint64(&s[4]) | atomic.LoadUint64(&s[5]) |
+		atomic.LoadUint64(&s[6]) | atomic.LoadUint64(&s[7])
+	return a|c == 0
+}
+
+// lastMask returns the mask of the last word's bits that belong to pages
+// (all ones when NumPages is a multiple of 64).
+func (b *Bitmap) lastMask() uint64 {
+	if r := b.pages % 64; r != 0 {
+		return 1<<r - 1
+	}
+	return ^uint64(0)
+}
+
+// checkOpen reports ErrClosed for a closed bitmap.
+func (b *Bitmap) checkOpen() error {
+	if b.closed {
+		return ErrClosed
+	}
+	return nil
+}
+
+// Harvest atomically takes every set bit out of b — each non-zero word is
+// swapped with zero — and ORs it into dst, returning the number of bits
+// taken. Bits set concurrently are either taken by this call or left for
+// the next (see the package doc), never lost. dst must have b's page size and
+// cover at least b's pages; it is not cleared first, so harvests accumulate
+// (Clear dst when it has been consumed). dst must not be b. Harvest
+// allocates nothing.
+func (b *Bitmap) Harvest(dst *Bitmap) (uint64, error) {
+	if err := b.checkOpen(); err != nil {
+		return 0, err
+	}
+	if err := dst.checkOpen(); err != nil {
+		return 0, err
+	}
+	if dst == b {
+		return 0, &GeometryError{Op: "harvest", Reason: "destination is the source"}
+	}
+	if dst.shift != b.shift || dst.pages < b.pages {
+		return 0, geometryMismatch("harvest", b, dst)
+	}
+	n := len(b.words)
+	src, out := b.words[:n-1], dst.words[:n-1]
+	taken := harvestIntoAtomic(src, out)
+	// The last word: bits past NumPages name no page; they are cleared with
+	// the rest of the word and dropped.
+	if w := toLE(atomic.SwapUint64(&b.words[n-1], 0)) & b.lastMask(); w != 0 {
+		atomic.OrUint64(&dst.words[n-1], toLE(w))
+		taken += uint64(bits.OnesCount64(w))
+	}
+	return taken, nil
+}
+
+// HarvestWords is Harvest into a plain word slice: it atomically takes every
+// set bit out of b and ORs it into dst, which must hold at least Words()
+// words, returning the number of bits taken. dst holds the words as
+// integers (bit b of dst[w] is page 64w+b) whatever the host's byte order,
+// and is not cleared first. dst is caller-owned and written with plain
+// stores. HarvestWords allocates nothing.
+func (b *Bitmap) HarvestWords(dst []uint64) (uint64, error) {
+	if err := b.checkOpen(); err != nil {
+		return 0, err
+	}
+	n := len(b.words)
+	if len(dst) < n {
+		return 0, &GeometryError{Op: "harvest", Reason: "destination slice shorter than the bitmap"}
+	}
+	taken := harvestIntoSlice(b.words[:n-1], dst[:n-1])
+	if w := toLE(atomic.SwapUint64(&b.words[n-1], 0)) & b.lastMask(); w != 0 {
+		dst[n-1] |= w
+		taken += uint64(bits.OnesCount64(w))
+	}
+	return taken, nil
+}
+
+// harvestIntoAtomic swaps every non-zero word of src with zero and ORs it
+// atomically into dst (len(dst) >= len(src)). Words stay in log (LE) form.
+func harvestIntoAtomic(src, dst []uint64) (taken uint64) {
+	dst = dst[:len(src)]
+	i := 0
+	for ; i+scanBlock <= len(src); i += scanBlock {
+		s := src[i : i+scanBlock : i+scanBlock]
+		if blockZero(s) {
+			continue
+		}
+		d := dst[i : i+scanBlock : i+scanBlock]
+		for j := range s {
+			if atomic.LoadUint64(&s[j]) != 0 {
+				w := atomic.SwapUint64(&s[j], 0)
+				atomic.OrUint64(&d[j], w)
+				taken += uint64(bits.OnesCount64(w))
+			}
+		}
+	}
+	for ; i < len(src); i++ {
+		if atomic.LoadUint64(&src[i]) != 0 {
+			w := atomic.SwapUint64(&src[i], 0)
+			atomic.OrUint64(&dst[i], w)
+			taken += uint64(bits.OnesCount64(w))
+		}
+	}
+	return taken
+}
+
+// harvestIntoSlice swaps every non-zero word of src with zero and ORs it, in
+// integer form, into the caller-owned dst (len(dst) >= len(src)).
+func harvestIntoSlice(src, dst []uint64) (taken uint64) {
+	dst = dst[:len(src)]
+	i := 0
+	for ; i+scanBlock <= len(src); i += scanBlock {
+		s := src[i : i+scanBlock : i+scanBlock]
+		if blockZero(s) {
+			continue
+		}
+		d := dst[i : i+scanBlock : i+scanBlock]
+		for j := range s {
+			if atomic.LoadUint64(&s[j]) != 0 {
+				w := toLE(atomic.SwapUint64(&s[j], 0))
+				d[j] |= w
+				taken += uint64(bits.OnesCount64(w))
+			}
+		}
+	}
+	for ; i < len(src); i++ {
+		if atomic.LoadUint64(&src[i]) != 0 {
+			w := toLE(atomic.SwapUint64(&src[i], 0))
+			dst[i] |= w
+			taken += uint64(bits.OnesCount64(w))
+		}
+	}
+	return taken
+}
+
+func geometryMismatch(op string, src, dst *Bitmap) error {
+	if src.shift != dst.shift {
+		return &GeometryError{Op: op, Reason: "page sizes differ"}
+	}
+	return &GeometryError{Op: op, Reason: "destination covers fewer pages than the source"}
+}
+
+// Union ORs every bit of src into b (atomically, word by word), leaving src
+// unchanged. It is also how a consumer that failed to process a harvest puts
+// the harvested bits back into the live log, so that none is lost:
+// log.Union(harvested). src must have b's page size and cover no more pages
+// than b.
+func (b *Bitmap) Union(src *Bitmap) error {
+	if err := b.checkOpen(); err != nil {
+		return err
+	}
+	if err := src.checkOpen(); err != nil {
+		return err
+	}
+	if src.shift != b.shift || src.pages > b.pages {
+		return geometryMismatch("union", src, b)
+	}
+	if src == b {
+		return nil
+	}
+	n := len(src.words)
+	last := src.lastMask()
+	for i := range src.words {
+		w := atomic.LoadUint64(&src.words[i])
+		if i == n-1 {
+			w = toLE(toLE(w) & last)
+		}
+		if w != 0 {
+			atomic.OrUint64(&b.words[i], w)
+		}
+	}
+	return nil
+}
+
+// UnionWords ORs words in integer form (bit b of src[w] is page 64w+b, as
+// HarvestWords produces them) into b: the way to put back bits a consumer
+// harvested with HarvestWords and then failed to process. src may be shorter
+// than Words(). A bit naming a page past NumPages is rejected with a
+// *GeometryError before anything is merged.
+func (b *Bitmap) UnionWords(src []uint64) error {
+	if err := b.checkOpen(); err != nil {
+		return err
+	}
+	if len(src) > len(b.words) {
+		return &GeometryError{Op: "union", Reason: "source slice longer than the bitmap"}
+	}
+	if len(src) == len(b.words) && src[len(src)-1]&^b.lastMask() != 0 {
+		return &GeometryError{Op: "union", Reason: "source marks pages past the bitmap's span"}
+	}
+	for i, w := range src {
+		if w != 0 {
+			atomic.OrUint64(&b.words[i], toLE(w))
+		}
+	}
+	return nil
+}
+
+// Clear clears every bit. Bits set concurrently may survive (a Mark after
+// the word was cleared). Clearing discards dirty information: clear a
+// harvest destination after consuming it, not a live log (harvest that).
+func (b *Bitmap) Clear() error {
+	if err := b.checkOpen(); err != nil {
+		return err
+	}
+	ws := b.words
+	i := 0
+	for ; i+scanBlock <= len(ws); i += scanBlock {
+		s := ws[i : i+scanBlock : i+scanBlock]
+		if blockZero(s) {
+			continue
+		}
+		for j := range s {
+			if atomic.LoadUint64(&s[j]) != 0 {
+				atomic.StoreUint64(&s[j], 0)
+			}
+		}
+	}
+	for ; i < len(ws); i++ {
+		if atomic.LoadUint64(&ws[i]) != 0 {
+			atomic.StoreUint64(&ws[i], 0)
+		}
+	}
+	return nil
+}
+
+// word returns word i in integer form, masked to the pages it covers.
+func (b *Bitmap) word(i int) uint64 {
+	w := toLE(atomic.LoadUint64(&b.words[i]))
+	if i == len(b.words)-1 {
+		w &= b.lastMask()
+	}
+	return w
+}
+
+// Count returns the number of dirty pages. Bits set concurrently may or may
+// not be counted. A closed bitmap counts 0.
+func (b *Bitmap) Count() uint64 {
+	var n uint64
+	for i := range b.words {
+		if w := b.word(i); w != 0 {
+			n += uint64(bits.OnesCount64(w))
+		}
+	}
+	return n
+}
+
+// DirtyPages returns an iterator over the dirty pages in increasing order.
+// It reads the bitmap as it goes (atomic loads, no clearing): iterate a
+// harvested bitmap for a consistent set. It allocates nothing.
+func (b *Bitmap) DirtyPages() iter.Seq[uint64] {
+	return func(yield func(uint64) bool) {
+		for i := range b.words {
+			w := b.word(i)
+			base := uint64(i) * 64
+			for w != 0 {
+				if !yield(base + uint64(bits.TrailingZeros64(w))) {
+					return
+				}
+				w &= w - 1
+			}
+		}
+	}
+}
+
+// DirtyRuns returns an iterator over maximal runs of consecutive dirty
+// pages, in increasing order, as (first page, number of pages). Runs join
+// across word boundaries. Like DirtyPages it reads without clearing and
+// allocates nothing.
+func (b *Bitmap) DirtyRuns() iter.Seq2[uint64, uint64] {
+	return func(yield func(first, n uint64) bool) {
+		var start, n uint64 // the run being built; n == 0: none
+		for i := range b.words {
+			w := b.word(i)
+			base := uint64(i) * 64
+			switch w {
+			case 0:
+				continue
+			case ^uint64(0):
+				if n != 0 && start+n == base {
+					n += 64
+					continue
+				}
+				if n != 0 && !yield(start, n) {
+					return
+				}
+				start, n = base, 64
+				continue
+			}
+			for w != 0 {
+				tz := uint(bits.TrailingZeros64(w))
+				ones := uint(bits.TrailingZeros64(^(w >> tz))) // < 64: w is not all ones
+				p := base + uint64(tz)
+				if n != 0 && start+n == p {
+					n += uint64(ones)
+				} else {
+					if n != 0 && !yield(start, n) {
+						return
+					}
+					start, n = p, uint64(ones)
+				}
+				if tz+ones >= 64 {
+					break
+				}
+				w &^= (1<<ones - 1) << tz
+			}
+		}
+		if n != 0 {
+			yield(start, n)
+		}
+	}
+}
