@@ -1,0 +1,535 @@
+package vring
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+
+	"github.com/vdpakit/vdpakit/virtio"
+)
+
+// Segment is one piece of a descriptor chain's buffer.
+type Segment struct {
+	Addr     GuestAddr // guest address of the piece
+	Len      uint32    // length in bytes (len(Buf))
+	Writable bool      // device-writable (VIRTQ_DESC_F_WRITE)
+	// Buf is the piece's guest memory, zero-copy. It stays valid while the
+	// Memory is open; the driver may reuse it once the chain is pushed.
+	Buf []byte
+}
+
+// Chain is a descriptor chain popped by the device side: the readable
+// segments, then the writable ones. A descriptor whose buffer crosses from
+// one region into an adjacent one appears as several segments. Reuse a Chain
+// across Pop calls: Segs keeps its capacity, so steady-state popping does not
+// allocate.
+type Chain struct {
+	Head        uint16    // head descriptor index: the id to Push
+	Segs        []Segment // Segs[:Readable] readable, Segs[Readable:] writable
+	Readable    int       // number of readable segments
+	ReadableLen uint64    // total readable bytes
+	WritableLen uint64    // total writable bytes
+}
+
+// Gather copies the chain's readable bytes into p and returns how many it
+// copied (min(len(p), ReadableLen)).
+func (c *Chain) Gather(p []byte) int {
+	n := 0
+	for i := 0; i < c.Readable && n < len(p); i++ {
+		n += copy(p[n:], c.Segs[i].Buf)
+	}
+	return n
+}
+
+// Scatter copies p into the chain's writable segments and returns how many
+// bytes it copied (min(len(p), WritableLen)). It does not log; PushChain
+// logs the written bytes.
+func (c *Chain) Scatter(p []byte) int {
+	n := 0
+	for i := c.Readable; i < len(c.Segs) && n < len(p); i++ {
+		n += copy(c.Segs[i].Buf, p[n:])
+	}
+	return n
+}
+
+// UsedElem is one used-ring entry for PushBatch.
+type UsedElem struct {
+	Head uint16 // chain head (Chain.Head)
+	Len  uint32 // bytes written into the chain's writable buffers
+}
+
+// DeviceQueueOptions configure a device-side queue. Layout and State come
+// from the driver or a migration stream and are validated.
+type DeviceQueueOptions struct {
+	// Index is the queue's number, reported in errors.
+	Index int
+	// Layout is where the ring lives in guest memory.
+	Layout Layout
+	// Features are the negotiated features; INDIRECT_DESC and EVENT_IDX
+	// matter here.
+	Features virtio.Features
+	// Log, when set, receives every guest-memory write the queue makes
+	// (used entries, used.flags/idx, avail_event, PushChain's written bytes).
+	Log WriteLogger
+	// UsedLogAddr, when non-zero, is the guest address used to log used-ring
+	// writes instead of Layout.Used (vhost's log_guest_addr: the ring may be
+	// addressed by IOVA or host address while the log is indexed by
+	// guest-physical address).
+	UsedLogAddr GuestAddr
+	// State is the position to start from (zero for a new queue, the saved
+	// state on migration). NextAvail-NextUsed (in-flight chains) must not
+	// exceed Layout.Size.
+	State QueueState
+}
+
+// ErrInvalidState: a QueueState with more chains in flight than the queue size.
+var ErrInvalidState = errors.New("vring: invalid queue state")
+
+// DeviceQueue is the device side of a split virtqueue: it pops available
+// chains and pushes used entries. A DeviceQueue is owned by one goroutine (no
+// method is safe for concurrent use); the driver it talks to may run
+// anywhere (another goroutine, process, the kernel or a guest).
+type DeviceQueue struct {
+	mem      *Memory
+	r        ring
+	index    int
+	layout   Layout
+	eventIdx bool
+	indirect bool
+	log      WriteLogger
+	usedLog  GuestAddr
+
+	lastAvail  uint16 // next avail ring index to consume
+	availSeen  uint16 // avail.idx at the last load
+	usedIdx    uint16 // next used index to publish (== used.idx in memory)
+	usedFlags  uint16 // shadow of used.flags
+	signalled  uint16 // used index at the last NeedsInterrupt
+	availEvent uint16 // shadow of avail_event
+	eventValid bool   // availEvent holds what memory holds
+	notify     bool   // notifications enabled
+	hint       uint32 // last region hit for buffer translation
+	init       QueueState
+	err        error // *brokenError once broken
+}
+
+// NewDeviceQueue validates opts against mem and returns the device side of
+// the queue. It enables notifications (clears NO_NOTIFY; with EVENT_IDX
+// writes avail_event = State.NextAvail) like vhost does on start.
+func NewDeviceQueue(mem *Memory, opts DeviceQueueOptions) (*DeviceQueue, error) {
+	r, err := newRing(mem, opts.Layout)
+	if err != nil {
+		return nil, fmt.Errorf("vring: queue %d: %w", opts.Index, err)
+	}
+	if uint16(opts.State.NextAvail-opts.State.NextUsed) > opts.Layout.Size {
+		return nil, fmt.Errorf("%w: queue %d: next avail %d, next used %d, size %d", ErrInvalidState,
+			opts.Index, opts.State.NextAvail, opts.State.NextUsed, opts.Layout.Size)
+	}
+	q := &DeviceQueue{
+		mem: mem, r: r, index: opts.Index, layout: opts.Layout,
+		eventIdx: opts.Features.Has(virtio.FEventIdx),
+		indirect: opts.Features.Has(virtio.FIndirectDesc),
+		log:      opts.Log, usedLog: opts.UsedLogAddr, init: opts.State,
+	}
+	if q.usedLog == 0 {
+		q.usedLog = opts.Layout.Used
+	}
+	q.reset(opts.State)
+	if err := q.enable(); err != nil {
+		return nil, err
+	}
+	return q, nil
+}
+
+func (q *DeviceQueue) reset(st QueueState) {
+	q.lastAvail, q.availSeen = st.NextAvail, st.NextAvail
+	q.usedIdx, q.signalled = st.NextUsed, st.NextUsed
+	q.usedFlags = 0
+	q.eventValid = false
+	q.notify = true
+	q.err = nil
+}
+
+// Layout returns the queue's validated layout.
+func (q *DeviceQueue) Layout() Layout { return q.layout }
+
+// Size is the queue size.
+func (q *DeviceQueue) Size() uint16 { return q.r.size }
+
+// Index is the queue index given in the options.
+func (q *DeviceQueue) Index() int { return q.index }
+
+// State returns the queue position for saving (migration): the next avail
+// index to consume and the next used index to publish. Chains popped but not
+// pushed are NextAvail-NextUsed; a device should push them before saving.
+func (q *DeviceQueue) State() QueueState {
+	return QueueState{NextAvail: q.lastAvail, NextUsed: q.usedIdx}
+}
+
+// Err returns the error that broke the queue (wrapping ErrQueueBroken), or nil.
+func (q *DeviceQueue) Err() error { return q.err }
+
+// Reset clears a broken state and returns the queue to the position it was
+// created with (DeviceQueueOptions.State), with notifications enabled, as
+// after a device reset followed by re-initialization of the same ring. It
+// writes nothing to guest memory; the driver re-initializes the ring.
+func (q *DeviceQueue) Reset() { q.reset(q.init) }
+
+// fail breaks the queue with err at index and returns err.
+func (q *DeviceQueue) fail(index uint16, indirect bool, err error) error {
+	e := qerr(q.index, index, indirect, err)
+	q.err = &brokenError{cause: e}
+	return e
+}
+
+func (q *DeviceQueue) logWrite(addr GuestAddr, n uint64) error {
+	if err := q.log.LogWrite(uint64(addr), n); err != nil {
+		return q.fail(q.usedIdx, false, &wrap2{ErrLogWrite, err})
+	}
+	return nil
+}
+
+// refresh loads avail.idx and returns how many chains are available.
+func (q *DeviceQueue) refresh() (uint16, error) {
+	idx := q.r.loadAvailIdx()
+	n := idx - q.lastAvail
+	if n > q.r.size {
+		return 0, q.fail(idx, false, ErrAvailIdxJump)
+	}
+	q.availSeen = idx
+	return n, nil
+}
+
+// Pop takes the next available chain into c. It returns false when the ring
+// is empty. With notifications enabled and EVENT_IDX, finding the ring empty
+// writes avail_event = next avail index and re-checks (see EnableNotify).
+// Any rule broken by the driver returns a *QueueError and breaks the queue.
+func (q *DeviceQueue) Pop(c *Chain) (bool, error) {
+	if q.err != nil {
+		return false, q.err
+	}
+	if q.lastAvail == q.availSeen {
+		n, err := q.refresh()
+		if err != nil {
+			return false, err
+		}
+		if n == 0 {
+			if !q.notify || !q.eventIdx || (q.eventValid && q.availEvent == q.lastAvail) {
+				return false, nil
+			}
+			if n, err = q.armAndRecheck(); err != nil || n == 0 {
+				return false, err
+			}
+		}
+	}
+	slot := 4 + 2*int(q.lastAvail&q.r.mask)
+	head := binary.LittleEndian.Uint16(q.r.avail[slot : slot+2])
+	if err := q.walk(head, c); err != nil {
+		return false, err
+	}
+	q.lastAvail++
+	return true, nil
+}
+
+// PopBatch pops up to len(cs) chains into cs and returns how many it popped.
+// On an error it returns the chains popped before it and the error.
+func (q *DeviceQueue) PopBatch(cs []Chain) (int, error) {
+	for i := range cs {
+		ok, err := q.Pop(&cs[i])
+		if err != nil || !ok {
+			return i, err
+		}
+	}
+	return len(cs), nil
+}
+
+// walk follows the chain at head into c, validating every rule.
+func (q *DeviceQueue) walk(head uint16, c *Chain) error {
+	c.Head = head
+	c.Segs = c.Segs[:0]
+	c.Readable = 0
+	c.ReadableLen, c.WritableLen = 0, 0
+	if head >= q.r.size {
+		return q.fail(uint16(q.lastAvail), false, ErrHeadOutOfRange)
+	}
+	table := q.r.desc
+	tableSize := uint32(q.r.size)
+	indirect := false
+	idx := head
+	direct := uint32(0)  // direct descriptors visited
+	inTable := uint32(0) // indirect descriptors visited
+	writable := false
+	for {
+		if indirect {
+			inTable++
+			if inTable > tableSize {
+				return q.fail(idx, true, ErrChainLoop)
+			}
+		} else {
+			direct++
+			if direct > tableSize {
+				return q.fail(idx, false, ErrChainLoop)
+			}
+		}
+		addr, length, flags, next := readDesc(table, idx)
+		if flags&DescFIndirect != 0 {
+			if indirect {
+				return q.fail(idx, true, ErrNestedIndirect)
+			}
+			if !q.indirect {
+				return q.fail(idx, false, ErrIndirectNotNegotiated)
+			}
+			if flags&DescFNext != 0 {
+				return q.fail(idx, false, ErrIndirectWithNext)
+			}
+			if length == 0 || length%16 != 0 {
+				return q.fail(idx, false, ErrIndirectSize)
+			}
+			n := length / 16
+			if uint64(n)+uint64(direct-1) > uint64(q.r.size) {
+				return q.fail(idx, false, ErrChainTooLong)
+			}
+			t, err := q.mem.slice(GuestAddr(addr), uint64(length), &q.hint)
+			if err != nil {
+				return q.fail(idx, false, &wrap2{ErrBufferOutOfRange, err})
+			}
+			table, tableSize, indirect, idx = t, n, true, 0
+			continue
+		}
+		w := flags&DescFWrite != 0
+		if !w && writable {
+			return q.fail(idx, indirect, ErrReadableAfterWritable)
+		}
+		writable = w
+		if err := q.appendSegs(c, GuestAddr(addr), length, w); err != nil {
+			return q.fail(idx, indirect, &wrap2{ErrBufferOutOfRange, err})
+		}
+		if flags&DescFNext == 0 {
+			return nil
+		}
+		if uint32(next) >= tableSize {
+			return q.fail(idx, indirect, ErrNextOutOfRange)
+		}
+		idx = next
+	}
+}
+
+// appendSegs translates one descriptor's buffer, splitting it at boundaries
+// between adjacent regions.
+func (q *DeviceQueue) appendSegs(c *Chain, addr GuestAddr, length uint32, w bool) error {
+	if err := checkRange(addr, uint64(length)); err != nil {
+		return err
+	}
+	if w {
+		c.WritableLen += uint64(length)
+	} else {
+		c.ReadableLen += uint64(length)
+		c.Readable++
+	}
+	if length == 0 {
+		c.Segs = append(c.Segs, Segment{Addr: addr, Writable: w})
+		return nil
+	}
+	left := uint64(length)
+	first := true
+	for left > 0 {
+		i := q.mem.lookup(addr, q.hint)
+		if i < 0 {
+			return ErrOutOfRange
+		}
+		q.hint = uint32(i)
+		r := q.mem.regions[i]
+		off := uint64(addr - r.base)
+		k := min(uint64(len(r.mem))-off, left)
+		if !first && !w {
+			c.Readable++
+		}
+		first = false
+		c.Segs = append(c.Segs, Segment{Addr: addr, Len: uint32(k), Writable: w, Buf: r.mem[off : off+k : off+k]})
+		left -= k
+		addr += GuestAddr(k)
+	}
+	return nil
+}
+
+// armAndRecheck writes avail_event = lastAvail and re-reads avail.idx.
+func (q *DeviceQueue) armAndRecheck() (uint16, error) {
+	store16(q.r.availEvent, q.lastAvail)
+	q.availEvent, q.eventValid = q.lastAvail, true
+	if q.log != nil {
+		if err := q.logWrite(q.usedLog+GuestAddr(4+8*int(q.r.size)), 2); err != nil {
+			return 0, err
+		}
+	}
+	return q.refresh()
+}
+
+// enable turns notifications on (see EnableNotify) without re-checking.
+func (q *DeviceQueue) enable() error {
+	q.notify = true
+	if q.eventIdx {
+		store16(q.r.availEvent, q.lastAvail)
+		q.availEvent, q.eventValid = q.lastAvail, true
+		if q.log != nil {
+			return q.logWrite(q.usedLog+GuestAddr(4+8*int(q.r.size)), 2)
+		}
+		return nil
+	}
+	q.usedFlags &^= UsedFNoNotify
+	q.r.storeUsedWord(q.usedFlags, q.usedIdx)
+	if q.log != nil {
+		return q.logWrite(q.usedLog, 4)
+	}
+	return nil
+}
+
+// EnableNotify asks the driver to notify (kick) the device when it makes
+// chains available, and reports whether chains are already pending.
+//
+// The race it handles: a device that found the ring empty and now wants to
+// sleep until a kick must publish its request (clear NO_NOTIFY, or with
+// EVENT_IDX set avail_event to its next avail index) and only then look at
+// avail.idx again. A driver that published in between either sees the
+// request and kicks, or published before the device's re-check and the
+// re-check sees it (both sides store then load with sequentially consistent
+// atomics, so at least one of them sees the other's store). When pending is
+// true the caller must keep processing instead of sleeping.
+func (q *DeviceQueue) EnableNotify() (pending bool, err error) {
+	if q.err != nil {
+		return false, q.err
+	}
+	if err := q.enable(); err != nil {
+		return false, err
+	}
+	if q.lastAvail != q.availSeen {
+		return true, nil
+	}
+	n, err := q.refresh()
+	return n > 0, err
+}
+
+// DisableNotify asks the driver not to kick (a busy-polling device): it sets
+// NO_NOTIFY, or with EVENT_IDX stops moving avail_event forward, so the
+// driver kicks at most once more. It is a hint; the driver may still kick. A
+// failure to log the flag write breaks the queue (see Err).
+func (q *DeviceQueue) DisableNotify() {
+	if q.err != nil {
+		return
+	}
+	q.notify = false
+	if q.eventIdx || q.usedFlags&UsedFNoNotify != 0 {
+		return
+	}
+	q.usedFlags |= UsedFNoNotify
+	q.r.storeUsedWord(q.usedFlags, q.usedIdx)
+	if q.log != nil {
+		_ = q.logWrite(q.usedLog, 4)
+	}
+}
+
+// writeUsed writes used entry usedIdx without publishing it.
+func (q *DeviceQueue) writeUsed(head uint16, written uint32) error {
+	off := 4 + 8*int(q.usedIdx&q.r.mask)
+	e := q.r.used[off : off+8 : off+8]
+	binary.LittleEndian.PutUint32(e[0:4], uint32(head))
+	binary.LittleEndian.PutUint32(e[4:8], written)
+	if q.log != nil {
+		return q.logWrite(q.usedLog+GuestAddr(off), 8)
+	}
+	return nil
+}
+
+// publish stores used.idx (release) and logs it.
+func (q *DeviceQueue) publish() error {
+	q.r.storeUsedWord(q.usedFlags, q.usedIdx)
+	if q.log != nil {
+		return q.logWrite(q.usedLog+2, 2)
+	}
+	return nil
+}
+
+// Push returns the chain with the given head to the driver with the number
+// of bytes written into its writable buffers, and publishes used.idx. The
+// caller logs its own buffer writes (or uses PushChain).
+func (q *DeviceQueue) Push(head uint16, written uint32) error {
+	if q.err != nil {
+		return q.err
+	}
+	if q.usedIdx == q.lastAvail || head >= q.r.size {
+		return fmt.Errorf("%w: queue %d head %d", ErrNotInFlight, q.index, head)
+	}
+	if err := q.writeUsed(head, written); err != nil {
+		return err
+	}
+	q.usedIdx++
+	return q.publish()
+}
+
+// PushChain logs the first written bytes of c's writable segments to the
+// WriteLogger (if any) and pushes c.Head with written.
+func (q *DeviceQueue) PushChain(c *Chain, written uint32) error {
+	if q.err != nil {
+		return q.err
+	}
+	if uint64(written) > c.WritableLen {
+		return fmt.Errorf("%w: queue %d head %d: %d > %d", ErrWrittenTooLarge, q.index, c.Head, written, c.WritableLen)
+	}
+	if q.log != nil {
+		left := uint64(written)
+		for i := c.Readable; i < len(c.Segs) && left > 0; i++ {
+			k := min(uint64(c.Segs[i].Len), left)
+			if k == 0 {
+				continue
+			}
+			if err := q.logWrite(c.Segs[i].Addr, k); err != nil {
+				return err
+			}
+			left -= k
+		}
+	}
+	return q.Push(c.Head, written)
+}
+
+// PushBatch writes all elems to the used ring and publishes them with one
+// used.idx store.
+func (q *DeviceQueue) PushBatch(elems []UsedElem) error {
+	if q.err != nil {
+		return q.err
+	}
+	if len(elems) == 0 {
+		return nil
+	}
+	if len(elems) > int(q.lastAvail-q.usedIdx) {
+		return fmt.Errorf("%w: queue %d: pushing %d with %d in flight", ErrNotInFlight, q.index, len(elems), q.lastAvail-q.usedIdx)
+	}
+	for _, e := range elems {
+		if e.Head >= q.r.size {
+			return fmt.Errorf("%w: queue %d head %d", ErrNotInFlight, q.index, e.Head)
+		}
+	}
+	for _, e := range elems {
+		if err := q.writeUsed(e.Head, e.Len); err != nil {
+			return err
+		}
+		q.usedIdx++
+	}
+	return q.publish()
+}
+
+// NeedsInterrupt reports whether the driver wants an interrupt for the used
+// entries published since the previous call: with EVENT_IDX when used.idx
+// passed used_event, otherwise unless the driver set NO_INTERRUPT. Call it
+// after pushing (it relies on the used.idx store preceding its load).
+func (q *DeviceQueue) NeedsInterrupt() bool {
+	if q.err != nil {
+		return false
+	}
+	newIdx, old := q.usedIdx, q.signalled
+	if newIdx == old {
+		return false
+	}
+	q.signalled = newIdx
+	if q.eventIdx {
+		return needEvent(load16(q.r.usedEvent), newIdx, old)
+	}
+	return q.r.loadAvailFlags()&AvailFNoInterrupt == 0
+}

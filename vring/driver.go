@@ -1,0 +1,334 @@
+package vring
+
+import (
+	"encoding/binary"
+	"fmt"
+
+	"github.com/vdpakit/vdpakit/virtio"
+)
+
+// Buffer is one buffer of a chain the driver side adds.
+type Buffer struct {
+	Addr     GuestAddr
+	Len      uint32
+	Writable bool // device-writable
+}
+
+// DriverQueueOptions configure a driver-side queue.
+type DriverQueueOptions struct {
+	// Index is the queue's number, reported in errors.
+	Index int
+	// Layout is where the ring lives; the driver side zeroes it.
+	Layout Layout
+	// Features are the negotiated features; INDIRECT_DESC and EVENT_IDX
+	// matter here.
+	Features virtio.Features
+}
+
+type chainInfo struct {
+	tail     uint16 // last descriptor of the chain in the table
+	ndesc    uint16 // descriptors it uses in the table
+	writable uint64 // writable bytes
+	inflight bool
+}
+
+// DriverQueue is the driver side of a split virtqueue (what a guest driver,
+// a VMM test or a shadow relay does): it adds chains, publishes them, decides
+// whether to kick, and reclaims used entries. Its free-descriptor list is
+// private, so a misbehaving device cannot corrupt it. A DriverQueue is owned
+// by one goroutine; the device may run anywhere.
+type DriverQueue struct {
+	mem      *Memory
+	r        ring
+	index    int
+	eventIdx bool
+	indirect bool
+
+	freeNext    []uint16
+	freeHead    uint16
+	numFree     int
+	chains      []chainInfo
+	availIdx    uint16 // next avail index to fill
+	published   uint16 // avail.idx in memory
+	kicked      uint16 // avail.idx at the last NeedsKick
+	lastUsed    uint16 // next used index to reclaim
+	usedSeen    uint16 // used.idx at the last load
+	outstanding int    // chains added and not reclaimed
+	availFlags  uint16 // shadow of avail.flags
+	usedEvent   uint16 // shadow of used_event
+	intr        bool   // interrupts enabled
+	err         error
+}
+
+// NewDriverQueue validates opts against mem, zeroes the ring areas (as a
+// driver does before handing a queue to a device) and returns the driver
+// side with interrupts enabled. Only one agent may be the driver of a ring.
+func NewDriverQueue(mem *Memory, opts DriverQueueOptions) (*DriverQueue, error) {
+	r, err := newRing(mem, opts.Layout)
+	if err != nil {
+		return nil, fmt.Errorf("vring: queue %d: %w", opts.Index, err)
+	}
+	clear(r.desc)
+	clear(r.avail)
+	clear(r.used)
+	n := int(opts.Layout.Size)
+	q := &DriverQueue{
+		mem: mem, r: r, index: opts.Index,
+		eventIdx: opts.Features.Has(virtio.FEventIdx),
+		indirect: opts.Features.Has(virtio.FIndirectDesc),
+		freeNext: make([]uint16, n), numFree: n,
+		chains: make([]chainInfo, n), intr: true,
+	}
+	for i := range q.freeNext {
+		q.freeNext[i] = uint16(i + 1)
+	}
+	return q, nil
+}
+
+// Size is the queue size.
+func (q *DriverQueue) Size() uint16 { return q.r.size }
+
+// NumFree is the number of free descriptors.
+func (q *DriverQueue) NumFree() int { return q.numFree }
+
+// Outstanding is the number of chains added and not yet reclaimed.
+func (q *DriverQueue) Outstanding() int { return q.outstanding }
+
+// Err returns the error that broke the queue (wrapping ErrQueueBroken), or nil.
+func (q *DriverQueue) Err() error { return q.err }
+
+func (q *DriverQueue) fail(index uint16, err error) error {
+	e := qerr(q.index, index, false, err)
+	q.err = &brokenError{cause: e}
+	return e
+}
+
+// checkBufs validates a chain: non-empty, readable before writable, every
+// buffer in guest memory. It returns the writable byte count.
+func (q *DriverQueue) checkBufs(bufs []Buffer) (uint64, error) {
+	if len(bufs) == 0 {
+		return 0, fmt.Errorf("%w: queue %d: empty chain", ErrBadChain, q.index)
+	}
+	var writable uint64
+	w := false
+	for i, b := range bufs {
+		if w && !b.Writable {
+			return 0, fmt.Errorf("%w: queue %d: buffer %d readable after writable", ErrBadChain, q.index, i)
+		}
+		w = b.Writable
+		if !q.mem.Contains(b.Addr, uint64(b.Len)) {
+			return 0, fmt.Errorf("%w: queue %d: buffer %d %v+%#x: %w", ErrBadChain, q.index, i, b.Addr, b.Len, ErrOutOfRange)
+		}
+		if w {
+			writable += uint64(b.Len)
+		}
+	}
+	return writable, nil
+}
+
+// Add writes a chain of buffers (readable first, then writable) into free
+// descriptors and the available ring, and returns its head. The chain is
+// visible to the device after Publish.
+func (q *DriverQueue) Add(bufs []Buffer) (uint16, error) {
+	if q.err != nil {
+		return 0, q.err
+	}
+	writable, err := q.checkBufs(bufs)
+	if err != nil {
+		return 0, err
+	}
+	if len(bufs) > q.numFree {
+		return 0, fmt.Errorf("%w: queue %d: need %d, have %d", ErrNoSpace, q.index, len(bufs), q.numFree)
+	}
+	head := q.freeHead
+	cur := head
+	for i, b := range bufs {
+		var flags uint16
+		if b.Writable {
+			flags = DescFWrite
+		}
+		if i == len(bufs)-1 {
+			writeDesc(q.r.desc, cur, uint64(b.Addr), b.Len, flags, 0)
+			break
+		}
+		next := q.freeNext[cur]
+		writeDesc(q.r.desc, cur, uint64(b.Addr), b.Len, flags|DescFNext, next)
+		cur = next
+	}
+	q.freeHead = q.freeNext[cur]
+	q.numFree -= len(bufs)
+	q.chains[head] = chainInfo{tail: cur, ndesc: uint16(len(bufs)), writable: writable, inflight: true}
+	q.makeAvail(head)
+	return head, nil
+}
+
+// AddIndirect writes bufs as an indirect descriptor table at table (which
+// must hold 16*len(bufs) bytes of guest memory the caller keeps untouched
+// until the chain is reclaimed) and adds a single descriptor pointing to it.
+// It needs VIRTIO_F_INDIRECT_DESC.
+func (q *DriverQueue) AddIndirect(table GuestAddr, bufs []Buffer) (uint16, error) {
+	if q.err != nil {
+		return 0, q.err
+	}
+	if !q.indirect {
+		return 0, fmt.Errorf("%w: queue %d", ErrIndirectNotNegotiated, q.index)
+	}
+	if len(bufs) > int(q.r.size) {
+		return 0, fmt.Errorf("%w: queue %d: %d buffers in an indirect table of a size-%d queue", ErrBadChain, q.index, len(bufs), q.r.size)
+	}
+	writable, err := q.checkBufs(bufs)
+	if err != nil {
+		return 0, err
+	}
+	if q.numFree < 1 {
+		return 0, fmt.Errorf("%w: queue %d: need 1, have 0", ErrNoSpace, q.index)
+	}
+	t, err := q.mem.Slice(table, 16*uint64(len(bufs)))
+	if err != nil {
+		return 0, fmt.Errorf("%w: queue %d: indirect table: %w", ErrBadChain, q.index, err)
+	}
+	for i, b := range bufs {
+		var flags uint16
+		if b.Writable {
+			flags = DescFWrite
+		}
+		next := uint16(0)
+		if i < len(bufs)-1 {
+			flags |= DescFNext
+			next = uint16(i + 1)
+		}
+		writeDesc(t, uint16(i), uint64(b.Addr), b.Len, flags, next)
+	}
+	head := q.freeHead
+	writeDesc(q.r.desc, head, uint64(table), uint32(16*len(bufs)), DescFIndirect, 0)
+	q.freeHead = q.freeNext[head]
+	q.numFree--
+	q.chains[head] = chainInfo{tail: head, ndesc: 1, writable: writable, inflight: true}
+	q.makeAvail(head)
+	return head, nil
+}
+
+func (q *DriverQueue) makeAvail(head uint16) {
+	slot := 4 + 2*int(q.availIdx&q.r.mask)
+	binary.LittleEndian.PutUint16(q.r.avail[slot:slot+2], head)
+	q.availIdx++
+	q.outstanding++
+}
+
+// Publish makes every chain added so far visible to the device (one atomic
+// avail.idx store, release-ordered after the descriptors and ring entries).
+func (q *DriverQueue) Publish() {
+	if q.published == q.availIdx {
+		return
+	}
+	q.r.storeAvailIdx(q.availIdx)
+	q.published = q.availIdx
+}
+
+// NeedsKick reports whether the device wants a notification for the chains
+// published since the previous call: with EVENT_IDX when avail.idx passed
+// avail_event, otherwise unless the device set NO_NOTIFY. Call it after
+// Publish (it relies on the avail.idx store preceding its load).
+func (q *DriverQueue) NeedsKick() bool {
+	newIdx, old := q.published, q.kicked
+	if newIdx == old {
+		return false
+	}
+	q.kicked = newIdx
+	if q.eventIdx {
+		return needEvent(load16(q.r.availEvent), newIdx, old)
+	}
+	flags, _ := q.r.loadUsedWord()
+	return flags&UsedFNoNotify == 0
+}
+
+// Reclaim takes the next used entry: the chain's head and the length the
+// device reported. It returns ok == false when none is pending. With
+// interrupts enabled and EVENT_IDX, finding none writes used_event = next
+// used index and re-checks (see EnableInterrupts). A device breaking the
+// rules returns a *QueueError and breaks the queue.
+func (q *DriverQueue) Reclaim() (head uint16, length uint32, ok bool, err error) {
+	if q.err != nil {
+		return 0, 0, false, q.err
+	}
+	if q.lastUsed == q.usedSeen {
+		n, err := q.refresh()
+		if err != nil {
+			return 0, 0, false, err
+		}
+		if n == 0 {
+			if !q.intr || !q.eventIdx || q.usedEvent == q.lastUsed {
+				return 0, 0, false, nil
+			}
+			q.usedEvent = q.lastUsed
+			store16(q.r.usedEvent, q.lastUsed)
+			if n, err = q.refresh(); err != nil || n == 0 {
+				return 0, 0, false, err
+			}
+		}
+	}
+	off := 4 + 8*int(q.lastUsed&q.r.mask)
+	e := q.r.used[off : off+8 : off+8]
+	id := binary.LittleEndian.Uint32(e[0:4])
+	length = binary.LittleEndian.Uint32(e[4:8])
+	if id >= uint32(q.r.size) || !q.chains[id].inflight {
+		return 0, 0, false, q.fail(q.lastUsed, ErrUsedIDNotOutstanding)
+	}
+	c := &q.chains[id]
+	if uint64(length) > c.writable {
+		return 0, 0, false, q.fail(q.lastUsed, ErrUsedLenTooLarge)
+	}
+	c.inflight = false
+	q.freeNext[c.tail] = q.freeHead
+	q.freeHead = uint16(id)
+	q.numFree += int(c.ndesc)
+	q.outstanding--
+	q.lastUsed++
+	return uint16(id), length, true, nil
+}
+
+func (q *DriverQueue) refresh() (uint16, error) {
+	_, idx := q.r.loadUsedWord()
+	n := idx - q.lastUsed
+	if int(n) > q.outstanding {
+		return 0, q.fail(idx, ErrUsedIdxJump)
+	}
+	q.usedSeen = idx
+	return n, nil
+}
+
+// EnableInterrupts asks the device to interrupt when it uses chains (clears
+// NO_INTERRUPT, or with EVENT_IDX sets used_event to the next used index)
+// and then re-checks used.idx, reporting whether entries are already
+// pending: the mirror image of DeviceQueue.EnableNotify, with the same race
+// and the same store-then-load answer.
+func (q *DriverQueue) EnableInterrupts() (pending bool, err error) {
+	if q.err != nil {
+		return false, q.err
+	}
+	q.intr = true
+	if q.eventIdx {
+		q.usedEvent = q.lastUsed
+		store16(q.r.usedEvent, q.lastUsed)
+	} else if q.availFlags&AvailFNoInterrupt != 0 {
+		q.availFlags &^= AvailFNoInterrupt
+		store16(q.r.availFlags, q.availFlags)
+	}
+	if q.lastUsed != q.usedSeen {
+		return true, nil
+	}
+	n, err := q.refresh()
+	return n > 0, err
+}
+
+// DisableInterrupts asks the device not to interrupt (a polling driver): it
+// sets NO_INTERRUPT, or with EVENT_IDX stops moving used_event forward. It is
+// a hint.
+func (q *DriverQueue) DisableInterrupts() {
+	q.intr = false
+	if q.eventIdx || q.availFlags&AvailFNoInterrupt != 0 {
+		return
+	}
+	q.availFlags |= AvailFNoInterrupt
+	store16(q.r.availFlags, q.availFlags)
+}

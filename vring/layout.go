@@ -1,0 +1,113 @@
+package vring
+
+import "fmt"
+
+// MaxQueueSize is the largest split virtqueue size (virtio 1.2 §2.7).
+const MaxQueueSize = 32768
+
+// Descriptor flags (virtio 1.2 §2.7.5).
+const (
+	DescFNext     uint16 = 1 // VIRTQ_DESC_F_NEXT: the chain continues via the next field
+	DescFWrite    uint16 = 2 // VIRTQ_DESC_F_WRITE: device-writable buffer
+	DescFIndirect uint16 = 4 // VIRTQ_DESC_F_INDIRECT: the buffer is a descriptor table
+)
+
+// Ring flags (virtio 1.2 §2.7.6, §2.7.8).
+const (
+	AvailFNoInterrupt uint16 = 1 // VIRTQ_AVAIL_F_NO_INTERRUPT: driver asks for no interrupts
+	UsedFNoNotify     uint16 = 1 // VIRTQ_USED_F_NO_NOTIFY: device asks for no kicks
+)
+
+// Ring alignments required by virtio 1.x (§2.7, table "Virtqueue Part Alignment").
+const (
+	DescAlign  = 16
+	AvailAlign = 2
+	UsedAlign  = 4
+)
+
+// Layout is where a split virtqueue lives in guest memory. It is plain,
+// untrusted data (it comes from the driver); Validate checks it and the queue
+// constructors check it again against guest memory.
+type Layout struct {
+	Size  uint16    // number of descriptors: a power of two, 1..32768
+	Desc  GuestAddr // descriptor table: Size*16 bytes, 16-aligned
+	Avail GuestAddr // available ring: 6+2*Size bytes, 2-aligned
+	Used  GuestAddr // used ring: 6+8*Size bytes, 4-aligned
+}
+
+// QueueState is a split virtqueue's device-side position: the next available
+// ring index the device will consume and the next used ring index it will
+// publish. It is what migration saves and restores (vhost's VRING_BASE holds
+// NextAvail). Like Layout it is plain, untrusted data.
+type QueueState struct {
+	NextAvail uint16
+	NextUsed  uint16
+}
+
+// SplitSizes returns the byte sizes of the descriptor table, available ring
+// (flags, idx, ring[size], used_event) and used ring (flags, idx,
+// ring[size] of {id, len}, avail_event) for a queue of the given size.
+func SplitSizes(size uint16) (desc, avail, used uint64) {
+	n := uint64(size)
+	if size == 0 {
+		n = 0
+	}
+	return 16 * n, 6 + 2*n, 6 + 8*n
+}
+
+// ContiguousLayout places a queue of the given size at base (which should be
+// 16-aligned): the descriptor table, then the available ring, then the used
+// ring at the next 4-aligned address.
+func ContiguousLayout(base GuestAddr, size uint16) Layout {
+	d, a, _ := SplitSizes(size)
+	used := (uint64(base) + d + a + 3) &^ 3
+	return Layout{Size: size, Desc: base, Avail: base + GuestAddr(d), Used: GuestAddr(used)}
+}
+
+// ContiguousLayoutBytes is the number of bytes ContiguousLayout uses from a
+// 16-aligned base.
+func ContiguousLayoutBytes(size uint16) uint64 {
+	d, a, u := SplitSizes(size)
+	return (d+a+3)&^3 + u
+}
+
+// ValidQueueSize reports whether size is a valid split queue size.
+func ValidQueueSize(size uint16) bool { return size != 0 && size&(size-1) == 0 }
+
+// Validate checks the size, the alignments and that the three areas neither
+// overflow the address space nor overlap. It does not check that they lie in
+// guest memory; the queue constructors do.
+func (l Layout) Validate() error {
+	if !ValidQueueSize(l.Size) {
+		return fmt.Errorf("%w: %d", ErrQueueSize, l.Size)
+	}
+	if l.Desc%DescAlign != 0 {
+		return fmt.Errorf("%w: descriptor table %v not %d-aligned", ErrMisaligned, l.Desc, DescAlign)
+	}
+	if l.Avail%AvailAlign != 0 {
+		return fmt.Errorf("%w: available ring %v not %d-aligned", ErrMisaligned, l.Avail, AvailAlign)
+	}
+	if l.Used%UsedAlign != 0 {
+		return fmt.Errorf("%w: used ring %v not %d-aligned", ErrMisaligned, l.Used, UsedAlign)
+	}
+	d, a, u := SplitSizes(l.Size)
+	areas := [3]struct {
+		name string
+		addr GuestAddr
+		n    uint64
+	}{{"descriptor table", l.Desc, d}, {"available ring", l.Avail, a}, {"used ring", l.Used, u}}
+	for _, ar := range areas {
+		if err := checkRange(ar.addr, ar.n); err != nil {
+			return fmt.Errorf("%s %v+%#x: %w", ar.name, ar.addr, ar.n, err)
+		}
+	}
+	for i := range areas {
+		for j := i + 1; j < len(areas); j++ {
+			x, y := areas[i], areas[j]
+			if uint64(x.addr) <= uint64(y.addr)+y.n-1 && uint64(y.addr) <= uint64(x.addr)+x.n-1 {
+				return fmt.Errorf("%w: %s %v+%#x and %s %v+%#x", ErrRingOverlap, x.name, x.addr, x.n, y.name, y.addr, y.n)
+			}
+		}
+	}
+	return nil
+}

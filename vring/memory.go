@@ -1,0 +1,382 @@
+package vring
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"sort"
+	"sync/atomic"
+)
+
+// RegionOptions are optional parameters of a Region. A nil *RegionOptions
+// means all defaults.
+type RegionOptions struct {
+	// Name labels the memfd (visible in /proc/PID/fd); NewMemfdRegion only.
+	Name string
+	// Fd is the file descriptor the wrapped memory was mapped from, recorded
+	// so it can be passed on (vhost-user memory tables, VDUSE). NewRegion
+	// only; values <= 0 mean "none" (fd 0 is never guest memory). The region
+	// does not own it.
+	Fd int
+	// FdOffset is the offset of the region's first byte within Fd.
+	FdOffset uint64
+	// UserAddr is the address of this region in the peer's process (the
+	// vhost-user memory table's userspace_addr). Zero means the local address.
+	UserAddr HostAddr
+}
+
+// Region is one contiguous range of guest memory backed by host bytes.
+// A Region's methods are safe for concurrent use; Close must not race with
+// users of the memory.
+type Region struct {
+	base     GuestAddr
+	mem      []byte
+	fd       int
+	fdOffset uint64
+	userAddr HostAddr
+	hostAddr HostAddr
+	owned    bool // mem is our mapping and fd our descriptor: Close releases them
+	closed   atomic.Bool
+}
+
+// NewRegion wraps existing memory (for example an mmap received from a
+// vhost-user peer) as guest memory at base. The caller keeps ownership of
+// mem and of opts.Fd; Close does not release them.
+func NewRegion(base GuestAddr, mem []byte, opts *RegionOptions) (*Region, error) {
+	if len(mem) == 0 {
+		return nil, fmt.Errorf("%w: empty memory at %v", ErrInvalidRegion, base)
+	}
+	if uint64(base)+uint64(len(mem))-1 < uint64(base) {
+		return nil, fmt.Errorf("%w: %v+%#x: %w", ErrInvalidRegion, base, len(mem), ErrOverflow)
+	}
+	r := &Region{base: base, mem: mem, fd: -1, hostAddr: hostAddrOf(mem)}
+	if opts != nil {
+		if opts.Fd > 0 {
+			r.fd = opts.Fd
+			r.fdOffset = opts.FdOffset
+		}
+		r.userAddr = opts.UserAddr
+	}
+	if r.userAddr == 0 {
+		r.userAddr = r.hostAddr
+	}
+	return r, nil
+}
+
+// Base is the guest address of the region's first byte.
+func (r *Region) Base() GuestAddr { return r.base }
+
+// Size is the region's length in bytes.
+func (r *Region) Size() uint64 { return uint64(len(r.mem)) }
+
+// End is the guest address one past the region's last byte (it may be 0
+// when the region ends at the top of the address space).
+func (r *Region) End() GuestAddr { return r.base + GuestAddr(len(r.mem)) }
+
+// Bytes returns the region's memory. Writes through it are not logged.
+func (r *Region) Bytes() []byte { return r.mem }
+
+// Fd is the file descriptor backing the region, or -1.
+func (r *Region) Fd() int { return r.fd }
+
+// FdOffset is the offset of the region's first byte within Fd.
+func (r *Region) FdOffset() uint64 { return r.fdOffset }
+
+// HostAddr is the address of the region's first byte in this process.
+func (r *Region) HostAddr() HostAddr { return r.hostAddr }
+
+// UserAddr is the address of the region's first byte in the peer's process
+// (RegionOptions.UserAddr, defaulting to HostAddr).
+func (r *Region) UserAddr() HostAddr { return r.userAddr }
+
+func (r *Region) String() string {
+	return fmt.Sprintf("region[%v..%v) size %#x fd %d", r.base, r.base+GuestAddr(len(r.mem)), len(r.mem), r.fd)
+}
+
+// Close releases the mapping and fd when the region owns them (memfd and fd
+// regions); for wrapped memory it only marks the region closed. Close is
+// idempotent.
+func (r *Region) Close() error {
+	if r.closed.Swap(true) || !r.owned {
+		return nil
+	}
+	return releaseMapping(r.mem, r.fd)
+}
+
+// contains reports whether [addr, addr+n) with n >= 1 lies in r, and the offset.
+func (r *Region) offset(addr GuestAddr) (uint64, bool) {
+	off := uint64(addr - r.base)
+	return off, addr >= r.base && off < uint64(len(r.mem))
+}
+
+// Memory is guest memory: a set of non-overlapping regions. Its methods are
+// safe for concurrent use (the last-hit cache is an atomic index); they must
+// not race with Close. All translations are overflow- and bounds-checked; no
+// guest address is ever turned into a host access outside a region.
+type Memory struct {
+	regions []*Region // sorted by base
+	last    atomic.Uint32
+}
+
+// NewMemory builds guest memory from regions, which must not overlap. The
+// Memory takes ownership: Memory.Close closes them.
+func NewMemory(regions ...*Region) (*Memory, error) {
+	if len(regions) == 0 {
+		return nil, fmt.Errorf("%w: no regions", ErrInvalidRegion)
+	}
+	rs := make([]*Region, len(regions))
+	copy(rs, regions)
+	for i, r := range rs {
+		if r == nil || len(r.mem) == 0 {
+			return nil, fmt.Errorf("%w: region %d is nil or empty", ErrInvalidRegion, i)
+		}
+		if r.closed.Load() {
+			return nil, fmt.Errorf("%w: region %d is closed", ErrInvalidRegion, i)
+		}
+	}
+	sort.Slice(rs, func(i, j int) bool { return rs[i].base < rs[j].base })
+	for i := 1; i < len(rs); i++ {
+		prevLast := uint64(rs[i-1].base) + uint64(len(rs[i-1].mem)) - 1
+		if uint64(rs[i].base) <= prevLast {
+			return nil, fmt.Errorf("%w: %v and %v", ErrRegionOverlap, rs[i-1], rs[i])
+		}
+	}
+	return &Memory{regions: rs}, nil
+}
+
+// Regions returns the regions sorted by guest address. The slice is a copy.
+func (m *Memory) Regions() []*Region {
+	out := make([]*Region, len(m.regions))
+	copy(out, m.regions)
+	return out
+}
+
+// Close closes every region.
+func (m *Memory) Close() error {
+	var errs []error
+	for _, r := range m.regions {
+		if err := r.Close(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// lookup finds the region holding addr, starting with the region at *hint.
+// It returns the region's index, or -1.
+func (m *Memory) lookup(addr GuestAddr, hint uint32) int {
+	rs := m.regions
+	if int(hint) < len(rs) {
+		if _, ok := rs[hint].offset(addr); ok {
+			return int(hint)
+		}
+	}
+	if len(rs) <= 4 {
+		for i, r := range rs {
+			if _, ok := r.offset(addr); ok {
+				return i
+			}
+		}
+		return -1
+	}
+	i := sort.Search(len(rs), func(i int) bool { return rs[i].base > addr }) - 1
+	if i >= 0 {
+		if _, ok := rs[i].offset(addr); ok {
+			return i
+		}
+	}
+	return -1
+}
+
+// checkRange validates [addr, addr+n) for overflow.
+func checkRange(addr GuestAddr, n uint64) error {
+	if n != 0 && uint64(addr)+n-1 < uint64(addr) {
+		return ErrOverflow
+	}
+	return nil
+}
+
+// slice returns the host bytes of [addr, addr+n), which must lie in one
+// region, using and updating *hint as the last-hit cache.
+func (m *Memory) slice(addr GuestAddr, n uint64, hint *uint32) ([]byte, error) {
+	if err := checkRange(addr, n); err != nil {
+		return nil, err
+	}
+	i := m.lookup(addr, *hint)
+	if i < 0 {
+		return nil, ErrOutOfRange
+	}
+	*hint = uint32(i)
+	r := m.regions[i]
+	off := uint64(addr - r.base)
+	if n > uint64(len(r.mem))-off {
+		// Tell "not in memory at all" from "crosses into the next region".
+		if last := m.lookup(addr+GuestAddr(n-1), *hint); last >= 0 && m.contiguous(i, last) {
+			return nil, ErrSpansRegions
+		}
+		return nil, ErrOutOfRange
+	}
+	return r.mem[off : off+n : off+n], nil
+}
+
+// contiguous reports whether regions i..j are adjacent in guest address space.
+func (m *Memory) contiguous(i, j int) bool {
+	if j <= i {
+		return false
+	}
+	for k := i + 1; k <= j; k++ {
+		if m.regions[k-1].End() != m.regions[k].base {
+			return false
+		}
+	}
+	return true
+}
+
+// Slice returns the host bytes backing [addr, addr+n) without copying. The
+// range must lie in a single region (ErrSpansRegions otherwise). n == 0
+// returns an empty slice when addr is in memory. Writes through the slice are
+// not logged.
+func (m *Memory) Slice(addr GuestAddr, n uint64) ([]byte, error) {
+	hint := m.last.Load()
+	var b []byte
+	var err error
+	if n == 0 {
+		if i := m.lookup(addr, hint); i >= 0 {
+			return []byte{}, nil
+		}
+		err = ErrOutOfRange
+	} else {
+		old := hint
+		b, err = m.slice(addr, n, &hint)
+		if err == nil && hint != old {
+			m.last.Store(hint)
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("vring: slice %v+%#x: %w", addr, n, err)
+	}
+	return b, nil
+}
+
+// Contains reports whether [addr, addr+n) is entirely backed by guest memory
+// (possibly by several adjacent regions).
+func (m *Memory) Contains(addr GuestAddr, n uint64) bool {
+	return m.walk(addr, n, func([]byte, uint64) {}) == nil
+}
+
+// walk calls fn for each region piece of [addr, addr+n) in order, with the
+// piece and its offset within the range. It validates the whole range first,
+// so fn is never called for a range that then fails.
+func (m *Memory) walk(addr GuestAddr, n uint64, fn func(b []byte, done uint64)) error {
+	if err := checkRange(addr, n); err != nil {
+		return err
+	}
+	if n == 0 {
+		return nil
+	}
+	// Validate.
+	hint := m.last.Load()
+	first := -1
+	a, left := addr, n
+	for left > 0 {
+		i := m.lookup(a, hint)
+		if i < 0 {
+			return ErrOutOfRange
+		}
+		if first < 0 {
+			first = i
+		}
+		hint = uint32(i)
+		r := m.regions[i]
+		avail := uint64(len(r.mem)) - uint64(a-r.base)
+		if avail >= left {
+			break
+		}
+		left -= avail
+		a += GuestAddr(avail)
+	}
+	// Copy.
+	a, left = addr, n
+	var done uint64
+	for i := first; left > 0; i++ {
+		r := m.regions[i]
+		off := uint64(a - r.base)
+		k := min(uint64(len(r.mem))-off, left)
+		fn(r.mem[off:off+k], done)
+		done += k
+		left -= k
+		a += GuestAddr(k)
+	}
+	return nil
+}
+
+// Read copies len(p) bytes of guest memory at addr into p. The range may span
+// adjacent regions; nothing is copied when any part is outside memory.
+func (m *Memory) Read(addr GuestAddr, p []byte) error {
+	err := m.walk(addr, uint64(len(p)), func(b []byte, done uint64) { copy(p[done:], b) })
+	if err != nil {
+		return fmt.Errorf("vring: read %v+%#x: %w", addr, len(p), err)
+	}
+	return nil
+}
+
+// Write copies p into guest memory at addr. The range may span adjacent
+// regions; nothing is written when any part is outside memory. Writes are not
+// logged.
+func (m *Memory) Write(addr GuestAddr, p []byte) error {
+	err := m.walk(addr, uint64(len(p)), func(b []byte, done uint64) { copy(b, p[done:]) })
+	if err != nil {
+		return fmt.Errorf("vring: write %v+%#x: %w", addr, len(p), err)
+	}
+	return nil
+}
+
+// ReadAt implements io.ReaderAt with off as a guest address. It reads all of
+// p or nothing.
+func (m *Memory) ReadAt(p []byte, off int64) (int, error) {
+	if off < 0 {
+		return 0, fmt.Errorf("vring: read at negative offset %d: %w", off, ErrOutOfRange)
+	}
+	if err := m.Read(GuestAddr(off), p); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// WriteAt implements io.WriterAt with off as a guest address. It writes all
+// of p or nothing.
+func (m *Memory) WriteAt(p []byte, off int64) (int, error) {
+	if off < 0 {
+		return 0, fmt.Errorf("vring: write at negative offset %d: %w", off, ErrOutOfRange)
+	}
+	if err := m.Write(GuestAddr(off), p); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+var (
+	_ io.ReaderAt = (*Memory)(nil)
+	_ io.WriterAt = (*Memory)(nil)
+)
+
+// UserToGuest translates an address in the peer's process (vhost-user ring
+// and memory-table addresses) to a guest address using the regions' UserAddr.
+func (m *Memory) UserToGuest(h HostAddr) (GuestAddr, error) {
+	for _, r := range m.regions {
+		if h >= r.userAddr && uint64(h-r.userAddr) < uint64(len(r.mem)) {
+			return r.base + GuestAddr(h-r.userAddr), nil
+		}
+	}
+	return 0, fmt.Errorf("vring: user address %v: %w", h, ErrOutOfRange)
+}
+
+// GuestToHost translates a guest address to this process' virtual address
+// (for vhost-kernel ring addresses).
+func (m *Memory) GuestToHost(g GuestAddr) (HostAddr, error) {
+	if i := m.lookup(g, m.last.Load()); i >= 0 {
+		r := m.regions[i]
+		return r.hostAddr + HostAddr(g-r.base), nil
+	}
+	return 0, fmt.Errorf("vring: guest address %v: %w", g, ErrOutOfRange)
+}

@@ -1,0 +1,176 @@
+package vring
+
+import (
+	"encoding/binary"
+	"fmt"
+	"sync/atomic"
+)
+
+// Memory ordering protocol
+//
+// A split ring is shared by two agents: the driver writes the descriptor
+// table and the available ring, the device writes the used ring. The other
+// agent may be another goroutine, another process or the kernel, so every
+// index and event field crossing between them is accessed atomically, and the
+// rules are those of virtio 1.2 §2.7.13 and §2.7.7-2.7.10:
+//
+//  1. Driver publishes: write descriptors and the avail ring entry (plain
+//     stores), then store avail.idx with an atomic store (release: the
+//     entries become visible no later than the index).
+//  2. Device consumes: load avail.idx atomically (acquire), then read the
+//     entries it covers and the descriptors they name (plain loads).
+//  3. Device completes: write used ring entries (plain stores), then store
+//     used.idx atomically (release).
+//  4. Driver reclaims: load used.idx atomically (acquire), then read entries.
+//  5. Notification suppression needs store->load ordering: the device stores
+//     used.idx and then loads avail.flags/used_event; the driver stores
+//     avail.idx and then loads used.flags/avail_event; a side re-enabling
+//     notifications stores its flag/event field and then re-loads the other
+//     side's index. All stores below are sequentially consistent (amd64
+//     XCHG, arm64 STLR) and all loads are acquire loads that are ordered
+//     after them (amd64 TSO with locked stores, arm64 LDAR after STLR), so
+//     of two agents each doing "store mine; load theirs", at least one sees
+//     the other's store: no lost notification.
+//
+// sync/atomic has no 16-bit operations, so the fields are accessed as follows
+// (offsets are into the area; areas are validated host-aligned to their
+// virtio alignment, and each lies inside one region's mapping):
+//
+//   - avail.idx (offset 2, area 2-aligned): the 4-aligned 32-bit word that
+//     contains it always lies inside the available ring: it is [flags, idx]
+//     when the ring is 4-aligned and [idx, ring[0]] when it is only
+//     2-aligned (ring[0] exists since size >= 1). Both halves are written
+//     only by the driver, so the driver stores the whole word with
+//     atomic.StoreUint32 (the other half re-read from its own last write)
+//     and the device loads it with atomic.LoadUint32 and extracts idx.
+//   - used.flags and used.idx (offsets 0 and 2, area 4-aligned) form one word
+//     written only by the device, which keeps both in shadow copies and
+//     stores them together with atomic.StoreUint32; the driver loads the
+//     word with atomic.LoadUint32.
+//   - avail.flags, used_event (end of the available ring) and avail_event
+//     (the last 2 bytes of the used ring): the containing 4-aligned word may
+//     extend past the ring, so a 32-bit access there could read or write
+//     bytes outside the ring. These fields use true 16-bit atomics,
+//     load16/store16, implemented in assembly on amd64 (MOVW / XCHGW) and
+//     arm64 (LDARH / STLRH) with the same ordering as sync/atomic's 32-bit
+//     operations on those architectures (atomic16_*.s).
+//
+// The Go race detector sees the sync/atomic operations on the index words,
+// so plain descriptor and entry accesses are ordered by them for it too.
+
+// ring holds a validated split ring's three areas and pointers to its shared
+// fields.
+type ring struct {
+	size, mask uint16
+	desc       []byte // 16*size bytes
+	avail      []byte // 6+2*size bytes
+	used       []byte // 6+8*size bytes
+
+	availIdxWord  *uint32 // 4-aligned word containing avail.idx
+	availIdxShift uint32  // bit position of avail.idx in that word
+	usedWord      *uint32 // used.flags | used.idx<<16
+	availFlags    *uint16
+	usedEvent     *uint16 // avail ring: used_event
+	availEvent    *uint16 // used ring: avail_event
+}
+
+// newRing validates l against mem and builds the ring. Each area must lie in
+// a single region and be host-aligned like its guest alignment.
+func newRing(mem *Memory, l Layout) (ring, error) {
+	var r ring
+	if mem == nil {
+		return r, fmt.Errorf("%w: nil memory", ErrInvalidRegion)
+	}
+	if err := l.Validate(); err != nil {
+		return r, fmt.Errorf("vring: layout: %w", err)
+	}
+	d, a, u := SplitSizes(l.Size)
+	var hint uint32
+	var err error
+	if r.desc, err = mem.slice(l.Desc, d, &hint); err != nil {
+		return r, fmt.Errorf("vring: descriptor table %v+%#x: %w", l.Desc, d, err)
+	}
+	if r.avail, err = mem.slice(l.Avail, a, &hint); err != nil {
+		return r, fmt.Errorf("vring: available ring %v+%#x: %w", l.Avail, a, err)
+	}
+	if r.used, err = mem.slice(l.Used, u, &hint); err != nil {
+		return r, fmt.Errorf("vring: used ring %v+%#x: %w", l.Used, u, err)
+	}
+	if m := hostMisalign(r.desc, DescAlign); m != 0 {
+		return r, fmt.Errorf("%w: descriptor table is at host address ≡ %d mod %d", ErrMisaligned, m, DescAlign)
+	}
+	r.size, r.mask = l.Size, l.Size-1
+	n := int(l.Size)
+	idxWordOff := 0
+	r.availIdxShift = 16
+	if hostMisalign(r.avail, 4) == 2 {
+		idxWordOff, r.availIdxShift = 2, 0
+	}
+	if r.availIdxWord, err = ptr32(r.avail, idxWordOff); err != nil {
+		return r, err
+	}
+	if r.availFlags, err = ptr16(r.avail, 0); err != nil {
+		return r, err
+	}
+	if r.usedEvent, err = ptr16(r.avail, 4+2*n); err != nil {
+		return r, err
+	}
+	if r.usedWord, err = ptr32(r.used, 0); err != nil {
+		return r, err
+	}
+	if r.availEvent, err = ptr16(r.used, 4+8*n); err != nil {
+		return r, err
+	}
+	return r, nil
+}
+
+func (r *ring) loadAvailIdx() uint16 {
+	return uint16(atomic.LoadUint32(r.availIdxWord) >> r.availIdxShift)
+}
+
+// storeAvailIdx is driver-only: the other half of the word is driver-owned.
+func (r *ring) storeAvailIdx(v uint16) {
+	w := atomic.LoadUint32(r.availIdxWord)
+	w = w&^(0xffff<<r.availIdxShift) | uint32(v)<<r.availIdxShift
+	atomic.StoreUint32(r.availIdxWord, w)
+}
+
+func (r *ring) loadAvailFlags() uint16 {
+	if r.availIdxShift == 16 {
+		return uint16(atomic.LoadUint32(r.availIdxWord))
+	}
+	return load16(r.availFlags)
+}
+
+// storeUsedWord is device-only.
+func (r *ring) storeUsedWord(flags, idx uint16) {
+	atomic.StoreUint32(r.usedWord, uint32(flags)|uint32(idx)<<16)
+}
+
+func (r *ring) loadUsedWord() (flags, idx uint16) {
+	w := atomic.LoadUint32(r.usedWord)
+	return uint16(w), uint16(w >> 16)
+}
+
+// desc reads descriptor i of table t (i < len(t)/16, checked by the caller;
+// the slice expression re-checks).
+func readDesc(t []byte, i uint16) (addr uint64, length uint32, flags, next uint16) {
+	d := t[int(i)*16 : int(i)*16+16 : int(i)*16+16]
+	return binary.LittleEndian.Uint64(d[0:8]), binary.LittleEndian.Uint32(d[8:12]),
+		binary.LittleEndian.Uint16(d[12:14]), binary.LittleEndian.Uint16(d[14:16])
+}
+
+func writeDesc(t []byte, i uint16, addr uint64, length uint32, flags, next uint16) {
+	d := t[int(i)*16 : int(i)*16+16 : int(i)*16+16]
+	binary.LittleEndian.PutUint64(d[0:8], addr)
+	binary.LittleEndian.PutUint32(d[8:12], length)
+	binary.LittleEndian.PutUint16(d[12:14], flags)
+	binary.LittleEndian.PutUint16(d[14:16], next)
+}
+
+// need_event: vring_need_event from the virtio spec (§2.7.10): the other side
+// asked to be notified when the index moves past event; old..new is the
+// range just published.
+func needEvent(event, newIdx, old uint16) bool {
+	return newIdx-event-1 < newIdx-old
+}
