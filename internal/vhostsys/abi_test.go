@@ -1,22 +1,13 @@
 package vhostsys
 
 import (
-	"bufio"
-	"bytes"
 	"flag"
-	"fmt"
-	"os"
-	"os/exec"
-	"path/filepath"
-	"sort"
-	"strconv"
-	"strings"
 	"testing"
 	"unsafe"
 
-	"github.com/stretchr/testify/assert"
-	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
+
+	"github.com/vdpakit/vdpakit/internal/vhostsys/cabi"
 )
 
 // The ABI check has two halves:
@@ -34,21 +25,13 @@ import (
 
 var update = flag.Bool("update", false, "rewrite testdata/abi-*.txt from the C headers")
 
-// abiEntry is one number the headers define.
-type abiEntry struct {
-	name  string // C expression printed by the checker
-	value uint64 // the Go value
-	since string // "6.12" when the 6.1 headers lack it
-	macro bool   // a #define, so the C program can #ifdef it
-}
-
-func goABI() []abiEntry {
-	var out []abiEntry
+func goABI() []cabi.Entry {
+	var out []cabi.Entry
 	for _, e := range ioctlTable {
-		out = append(out, abiEntry{name: e.name, value: uint64(e.value), since: e.since, macro: true})
+		out = append(out, cabi.Entry{Name: e.name, Value: uint64(e.value), Since: e.since, Macro: true})
 	}
 	c := func(name string, v uint64, since string) {
-		out = append(out, abiEntry{name: name, value: v, since: since, macro: true})
+		out = append(out, cabi.Entry{Name: name, Value: v, Since: since, Macro: true})
 	}
 	unbind := int64(FileUnbind)
 	c("VHOST_FILE_UNBIND", uint64(unbind), "")
@@ -84,10 +67,10 @@ func goABI() []abiEntry {
 	c("IFF_VNET_HDR", unix.IFF_VNET_HDR, "")
 
 	s := func(ctype string, size uintptr) {
-		out = append(out, abiEntry{name: "sizeof(" + ctype + ")", value: uint64(size)})
+		out = append(out, cabi.Entry{Name: "sizeof(" + ctype + ")", Value: uint64(size)})
 	}
 	o := func(ctype, field string, off uintptr) {
-		out = append(out, abiEntry{name: "offsetof(" + ctype + ", " + field + ")", value: uint64(off)})
+		out = append(out, cabi.Entry{Name: "offsetof(" + ctype + ", " + field + ")", Value: uint64(off)})
 	}
 	var vs VringState
 	s("struct vhost_vring_state", unsafe.Sizeof(vs))
@@ -156,147 +139,17 @@ func goABI() []abiEntry {
 	return out
 }
 
-// cProgram prints "name value" for every entry, skipping macros the headers
-// do not define.
-func cProgram(entries []abiEntry) string {
-	var b strings.Builder
-	b.WriteString("#include <stdio.h>\n#include <stddef.h>\n#include <linux/vhost.h>\n#include <linux/if_tun.h>\n")
-	b.WriteString("int main(void) {\n")
-	seen := map[string]bool{}
-	for _, e := range entries {
-		if seen[e.name] {
-			continue
-		}
-		seen[e.name] = true
-		if e.macro {
-			fmt.Fprintf(&b, "#ifdef %s\n", e.name)
-		}
-		fmt.Fprintf(&b, "\tprintf(\"%%s %%llu\\n\", %q, (unsigned long long)(%s));\n", e.name, e.name)
-		if e.macro {
-			b.WriteString("#endif\n")
-		}
-	}
-	b.WriteString("\treturn 0;\n}\n")
-	return b.String()
-}
-
-func runC(t *testing.T, src string, includeDirs ...string) map[string]uint64 {
-	t.Helper()
-	dir := t.TempDir()
-	cfile := filepath.Join(dir, "abi.c")
-	bin := filepath.Join(dir, "abi")
-	require.NoError(t, os.WriteFile(cfile, []byte(src), 0o644))
-	args := []string{"-Wall", "-Werror", "-o", bin}
-	for _, d := range includeDirs {
-		args = append(args, "-I", d)
-	}
-	args = append(args, cfile)
-	out, err := exec.Command("gcc", args...).CombinedOutput()
-	require.NoError(t, err, "gcc: %s", out)
-	out, err = exec.Command(bin).Output()
-	require.NoError(t, err)
-	return parseABI(t, out)
-}
-
-func parseABI(t *testing.T, data []byte) map[string]uint64 {
-	t.Helper()
-	m := map[string]uint64{}
-	sc := bufio.NewScanner(bytes.NewReader(data))
-	for sc.Scan() {
-		line := sc.Text()
-		i := strings.LastIndexByte(line, ' ')
-		require.Positive(t, i, "malformed line %q", line)
-		v, err := strconv.ParseUint(line[i+1:], 10, 64)
-		require.NoError(t, err, "line %q", line)
-		m[line[:i]] = v
-	}
-	require.NoError(t, sc.Err())
-	return m
-}
-
-func formatABI(m map[string]uint64) []byte {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	var b bytes.Buffer
-	for _, k := range keys {
-		fmt.Fprintf(&b, "%s %d\n", k, m[k])
-	}
-	return b.Bytes()
-}
-
-// uapi612Dir finds 6.12 uapi headers (a usr/include tree from the
-// linux-libc-dev 6.12 package): $VDPAKIT_UAPI_6_12, else the harness cache.
-func uapi612Dir() string {
-	if d := os.Getenv("VDPAKIT_UAPI_6_12"); d != "" {
-		return d
-	}
-	cache, err := os.UserCacheDir()
-	if err != nil {
-		return ""
-	}
-	d := filepath.Join(cache, "vdpakit-vmtest", "uapi-6.12", "usr", "include")
-	if _, err := os.Stat(filepath.Join(d, "linux", "vhost.h")); err != nil {
-		return ""
-	}
-	return d
-}
-
 const (
 	golden61  = "testdata/abi-6.1.txt"
 	golden612 = "testdata/abi-6.12.txt"
 )
 
+var headers = []string{"linux/vhost.h", "linux/if_tun.h"}
+
 func TestABIMatchesHeaders(t *testing.T) {
-	if _, err := exec.LookPath("gcc"); err != nil {
-		// The guest of the real-kernel harness has no compiler; there
-		// TestABIMatchesGolden carries the check.
-		t.Skip("gcc not found: the header half of the ABI check runs on the build host")
-	}
-	src := cProgram(goABI())
-	check := func(golden string, dirs ...string) {
-		got := runC(t, src, dirs...)
-		if *update {
-			require.NoError(t, os.WriteFile(golden, formatABI(got), 0o644))
-			return
-		}
-		data, err := os.ReadFile(golden)
-		require.NoError(t, err)
-		assert.Equal(t, string(data), string(formatABI(got)), "%s is stale: the headers say otherwise (go test -run TestABIMatchesHeaders -update)", golden)
-	}
-	if _, err := os.Stat("/usr/include/linux/vhost.h"); err == nil {
-		t.Run("system", func(t *testing.T) { check(golden61) })
-	} else {
-		t.Log("no /usr/include/linux/vhost.h (install linux-libc-dev); system headers not checked")
-	}
-	if d := uapi612Dir(); d != "" {
-		t.Run("6.12", func(t *testing.T) { check(golden612, d) })
-	} else {
-		t.Log("6.12 uapi headers not found (set VDPAKIT_UAPI_6_12); 6.12-only values checked only against testdata/abi-6.12.txt")
-	}
+	cabi.CheckHeaders(t, headers, goABI(), golden61, golden612, *update)
 }
 
 func TestABIMatchesGolden(t *testing.T) {
-	load := func(path string) map[string]uint64 {
-		data, err := os.ReadFile(path)
-		require.NoError(t, err)
-		return parseABI(t, data)
-	}
-	h61, h612 := load(golden61), load(golden612)
-	for _, e := range goABI() {
-		t.Run(e.name, func(t *testing.T) {
-			v, ok := h612[e.name]
-			require.True(t, ok, "the 6.12 headers lack %s", e.name)
-			assert.Equal(t, v, e.value, "6.12 headers")
-			v, ok = h61[e.name]
-			if e.since == "6.12" {
-				assert.False(t, ok, "%s is marked 6.12-only but the 6.1 headers define it", e.name)
-				return
-			}
-			require.True(t, ok, "the 6.1 headers lack %s", e.name)
-			assert.Equal(t, v, e.value, "6.1 headers")
-		})
-	}
+	cabi.CheckGolden(t, goABI(), golden61, golden612)
 }
