@@ -204,7 +204,7 @@ const (
 	inflightMinSize  = 20 // two u64 and two u16; senders may pad to 24
 	inflightMaxSize  = 24
 	singleRegionSize = 8 + memRegionSize
-	iotlbSize        = 8 * 3 + 2
+	iotlbSize        = 8*3 + 2
 	iotlbMaxSize     = 8 * 4
 )
 

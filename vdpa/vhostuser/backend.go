@@ -1,0 +1,810 @@
+package vhostuser
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/vdpakit/vdpakit/dirty"
+	"github.com/vdpakit/vdpakit/vdpa"
+	"github.com/vdpakit/vdpakit/virtio"
+	"github.com/vdpakit/vdpakit/vring"
+)
+
+// SupportedProtocolFeatures are the protocol features the back-end
+// implements and offers by default.
+const SupportedProtocolFeatures = ProtocolFeatures(1)<<PFMQ | 1<<PFLogShmfd | 1<<PFReplyAck |
+	1<<PFConfig | 1<<PFResetDevice | 1<<PFStatus
+
+// BackendOptions configure a Backend. A nil *BackendOptions means all
+// defaults.
+type BackendOptions struct {
+	// ProtocolFeatures restricts the protocol features offered to this set
+	// (intersected with SupportedProtocolFeatures). Zero offers them all.
+	ProtocolFeatures ProtocolFeatures
+	// ReconnectInterval is how long client mode waits between connection
+	// attempts (100ms if zero).
+	ReconnectInterval time.Duration
+	// Logger receives connection events and per-message debug records;
+	// nil discards them.
+	Logger *slog.Logger
+}
+
+// Backend serves a vdpa.Handler to one vhost-user front-end at a time (QEMU,
+// DPDK's virtio-user, or this package's Frontend). It validates every
+// message, maps the front-end's memory, translates ring addresses and builds
+// a vring.DeviceQueue per started ring before handing it to the Handler.
+//
+// A Backend's serving methods may be called from one goroutine; Negotiated
+// may be called from any.
+type Backend struct {
+	h      vdpa.Handler
+	offerP ProtocolFeatures
+	retry  time.Duration
+	log    *slog.Logger
+
+	mu   sync.Mutex
+	info SessionInfo
+}
+
+// SessionInfo describes the current (or last) front-end session.
+type SessionInfo struct {
+	Connected        bool
+	Features         virtio.Features  // accepted by SET_FEATURES
+	ProtocolFeatures ProtocolFeatures // accepted by SET_PROTOCOL_FEATURES
+	Status           virtio.Status
+	RunningQueues    int
+	Sessions         int // connections served so far
+}
+
+// NewBackend returns a back-end serving h.
+func NewBackend(h vdpa.Handler, opts *BackendOptions) *Backend {
+	var o BackendOptions
+	if opts != nil {
+		o = *opts
+	}
+	b := &Backend{h: h, offerP: SupportedProtocolFeatures, retry: o.ReconnectInterval, log: o.Logger}
+	if o.ProtocolFeatures != 0 {
+		b.offerP &= o.ProtocolFeatures
+	}
+	if b.retry <= 0 {
+		b.retry = 100 * time.Millisecond
+	}
+	if b.log == nil {
+		b.log = slog.New(slog.DiscardHandler)
+	}
+	return b
+}
+
+// Info returns a snapshot of the session state.
+func (b *Backend) Info() SessionInfo {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.info
+}
+
+// offeredFeatures are the vhost features of GET_FEATURES: the handler's
+// device features plus PROTOCOL_FEATURES and LOG_ALL (this back-end logs).
+func (b *Backend) offeredFeatures() virtio.Features {
+	return b.h.Features().With(virtio.FProtocolFeat, virtio.FLogAll)
+}
+
+// ListenAndServe listens on a unix socket at path (server mode) and serves
+// front-ends one after another until ctx ends. A stale socket file is
+// removed first; the socket file is removed on return.
+func (b *Backend) ListenAndServe(ctx context.Context, path string) error {
+	_ = os.Remove(path)
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return fmt.Errorf("vhost-user: listen %s: %w", path, err)
+	}
+	l.SetUnlinkOnClose(true)
+	return b.Serve(ctx, l)
+}
+
+// Serve accepts front-ends on l one at a time, serving each until it
+// disconnects, until ctx ends. It closes l.
+func (b *Backend) Serve(ctx context.Context, l *net.UnixListener) error {
+	stop := context.AfterFunc(ctx, func() { l.Close() })
+	defer stop()
+	defer l.Close()
+	for {
+		uc, err := l.AcceptUnix()
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			return fmt.Errorf("vhost-user: accept: %w", err)
+		}
+		if err := b.ServeConn(ctx, uc); err != nil && ctx.Err() == nil {
+			b.log.Warn("vhost-user session ended", "err", err)
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+	}
+}
+
+// DialAndServe connects to a front-end listening at path (client mode) and
+// serves it; when the connection ends (the front-end restarted, say) it
+// reconnects, retrying every ReconnectInterval, until ctx ends.
+func (b *Backend) DialAndServe(ctx context.Context, path string) error {
+	var d net.Dialer
+	for {
+		c, err := d.DialContext(ctx, "unix", path)
+		if err == nil {
+			if err := b.ServeConn(ctx, c.(*net.UnixConn)); err != nil && ctx.Err() == nil {
+				b.log.Warn("vhost-user session ended", "err", err)
+			}
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		t := time.NewTimer(b.retry)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
+}
+
+// ServeConn serves one front-end connection until it closes (nil), sends
+// bad input (a *MessageError wrapping one of the sentinel errors) or ctx
+// ends. It closes uc. Whatever the outcome, every queue is stopped, the
+// handler is reset, the front-end's memory is unmapped and every descriptor
+// received is closed before it returns.
+func (b *Backend) ServeConn(ctx context.Context, uc *net.UnixConn) error {
+	s := &session{b: b, h: b.h, c: newConn(uc)}
+	s.queues = make([]vq, min(b.h.NumQueues(), MaxQueues))
+	b.mu.Lock()
+	b.info = SessionInfo{Connected: true, Sessions: b.info.Sessions + 1}
+	b.mu.Unlock()
+	b.log.Info("vhost-user front-end connected")
+	stop := context.AfterFunc(ctx, func() { uc.Close() })
+	defer stop()
+	defer s.teardown()
+	for {
+		m, err := s.c.read()
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if errors.Is(err, io.EOF) {
+				b.log.Info("vhost-user front-end disconnected")
+				return nil
+			}
+			return err
+		}
+		err = s.handle(m)
+		m.Close()
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			return err
+		}
+	}
+}
+
+// vq is the back-end's view of one virtqueue.
+type vq struct {
+	num      uint16
+	addr     VringAddr
+	addrSet  bool
+	base     uint16
+	saved    *vring.QueueState // state from a disable, reused on enable
+	kick     *vdpa.EventFD
+	call     *vdpa.EventFD
+	errFd    *vdpa.EventFD
+	kicked   bool // SET_VRING_KICK received since the ring last stopped
+	enabled  bool
+	running  bool
+	dq       *vring.DeviceQueue
+	features virtio.Features // negotiated features the running ring uses
+}
+
+type session struct {
+	b *Backend
+	h vdpa.Handler
+	c *conn
+
+	owner       bool
+	features    virtio.Features
+	featuresSet bool
+	handlerSet  bool // handler.SetFeatures called since the last reset
+	proto       ProtocolFeatures
+	status      virtio.Status
+	mem         *peerMemory
+	log         *dirty.Bitmap
+	queues      []vq
+}
+
+func (s *session) update() {
+	n := 0
+	for i := range s.queues {
+		if s.queues[i].running {
+			n++
+		}
+	}
+	s.b.mu.Lock()
+	s.b.info.Features, s.b.info.ProtocolFeatures, s.b.info.Status = s.features, s.proto, s.status
+	s.b.info.RunningQueues = n
+	s.b.mu.Unlock()
+}
+
+func (s *session) teardown() {
+	for i := range s.queues {
+		s.stopQueue(i)
+	}
+	s.h.Reset()
+	for i := range s.queues {
+		q := &s.queues[i]
+		for _, e := range []*vdpa.EventFD{q.kick, q.call, q.errFd} {
+			if e != nil {
+				_ = e.Close()
+			}
+		}
+		*q = vq{}
+	}
+	s.mem.close()
+	s.mem = nil
+	if s.log != nil {
+		_ = s.log.Close()
+		s.log = nil
+	}
+	_ = s.c.close()
+	s.b.mu.Lock()
+	s.b.info.Connected = false
+	s.b.info.RunningQueues = 0
+	s.b.mu.Unlock()
+}
+
+// replyAck reports whether a REPLY_ACK acknowledgement is due for m.
+func (s *session) replyAck(m *Message) bool {
+	return m.NeedReply() && s.proto.Has(PFReplyAck)
+}
+
+func (s *session) reply(m *Message, payload []byte) error {
+	return s.c.write(Header{Request: m.Request, Flags: Version | FlagReply}, payload, nil)
+}
+
+// handle validates and serves one message. An error closes the session;
+// before that, a front-end waiting for an acknowledgement gets a failure
+// status so it does not hang.
+func (s *session) handle(m *Message) error {
+	s.b.log.Debug("vhost-user request", "req", m.Request, "flags", uint32(m.Flags), "size", m.Size, "fds", len(m.Fds))
+	if err := Validate(m); err != nil {
+		if s.replyAck(m) {
+			_ = s.reply(m, putU64(1))
+		}
+		return err
+	}
+	payload, hasReply, err := s.dispatch(m)
+	s.update() // before replying: the front-end may look right after
+	switch {
+	case err != nil:
+		if !hasReply && s.replyAck(m) {
+			_ = s.reply(m, putU64(1))
+		}
+		return err
+	case hasReply:
+		return s.reply(m, payload)
+	case s.replyAck(m):
+		return s.reply(m, putU64(0))
+	}
+	return nil
+}
+
+func (s *session) queue(r Request, idx uint32) (*vq, int, error) {
+	if idx >= uint32(len(s.queues)) {
+		return nil, 0, msgErr(r, ErrBadQueue, "queue %d, device has %d", idx, len(s.queues))
+	}
+	return &s.queues[idx], int(idx), nil
+}
+
+func (s *session) dispatch(m *Message) (reply []byte, hasReply bool, err error) {
+	r := m.Request
+	needProto := func(f ProtocolFeature) error {
+		if !s.proto.Has(f) {
+			return msgErr(r, ErrUnsupported, "protocol feature %v not negotiated", f)
+		}
+		return nil
+	}
+	switch r {
+	case ReqSetOwner:
+		s.owner = true
+		return nil, false, nil
+	case ReqResetOwner:
+		// Deprecated; the spec recommends disabling all rings.
+		for i := range s.queues {
+			s.stopQueue(i)
+			s.queues[i].kicked = false
+		}
+		return nil, false, nil
+	case ReqGetFeatures:
+		return putU64(uint64(s.b.offeredFeatures())), true, nil
+	case ReqSetFeatures:
+		return nil, false, s.setFeatures(virtio.Features(m.U64()))
+	case ReqGetProtocolFeatures:
+		return putU64(uint64(s.b.offerP)), true, nil
+	case ReqSetProtocolFeatures:
+		p := ProtocolFeatures(m.U64())
+		if p&^s.b.offerP != 0 {
+			return nil, false, msgErr(r, ErrProtocol, "features %v not offered (offer %v)", p&^s.b.offerP, s.b.offerP)
+		}
+		s.proto = p
+		return nil, false, nil
+	case ReqGetQueueNum:
+		if err := needProto(PFMQ); err != nil {
+			return nil, true, err
+		}
+		return putU64(uint64(s.queueNum())), true, nil
+	case ReqSetMemTable:
+		rs, _ := DecodeMemTable(m.Payload)
+		fds := make([]int, len(m.Fds))
+		for i := range fds {
+			fds[i] = m.TakeFd(i)
+		}
+		return nil, false, s.setMemTable(rs, fds)
+	case ReqSetLogBase:
+		if err := needProto(PFLogShmfd); err != nil {
+			return nil, false, err
+		}
+		if len(m.Fds) != 1 {
+			return nil, false, msgErr(r, ErrFdCount, "LOG_SHMFD needs the log descriptor")
+		}
+		l, _ := DecodeLog(m.Payload)
+		if err := s.setLog(l, m.Fds[0]); err != nil {
+			return nil, false, err
+		}
+		// With LOG_SHMFD the front-end waits for a reply.
+		return putU64(0), true, nil
+	case ReqSetLogFd:
+		// Optional "log modified" eventfd; this back-end writes the log
+		// directly and needs no signal.
+		return nil, false, nil
+	case ReqSetVringNum:
+		st, _ := DecodeVringState(m.Payload)
+		q, _, err := s.queue(r, st.Index)
+		if err != nil {
+			return nil, false, err
+		}
+		if st.Num == 0 || st.Num > uint32(s.h.MaxQueueSize()) || st.Num&(st.Num-1) != 0 {
+			return nil, false, msgErr(r, ErrBadQueue, "queue %d size %d (max %d, power of two)", st.Index, st.Num, s.h.MaxQueueSize())
+		}
+		if q.running {
+			return nil, false, msgErr(r, ErrProtocol, "queue %d resized while running", st.Index)
+		}
+		q.num = uint16(st.Num)
+		return nil, false, nil
+	case ReqSetVringAddr:
+		a, _ := DecodeVringAddr(m.Payload)
+		return nil, false, s.setVringAddr(a)
+	case ReqSetVringBase:
+		st, _ := DecodeVringState(m.Payload)
+		q, _, err := s.queue(r, st.Index)
+		if err != nil {
+			return nil, false, err
+		}
+		if q.running {
+			return nil, false, msgErr(r, ErrProtocol, "queue %d base set while running", st.Index)
+		}
+		if st.Num > 0xffff {
+			return nil, false, msgErr(r, ErrProtocol, "queue %d base %d beyond 16 bits", st.Index, st.Num)
+		}
+		q.base, q.saved = uint16(st.Num), nil
+		return nil, false, nil
+	case ReqGetVringBase:
+		st, _ := DecodeVringState(m.Payload)
+		q, i, err := s.queue(r, st.Index)
+		if err != nil {
+			return nil, true, err
+		}
+		s.stopQueue(i)
+		if q.saved != nil {
+			q.base = q.saved.NextAvail
+			q.saved = nil
+		}
+		// The ring is stopped until the next SET_VRING_KICK.
+		q.kicked = false
+		if q.kick != nil {
+			_ = q.kick.Close()
+			q.kick = nil
+		}
+		return VringState{Index: st.Index, Num: uint32(q.base)}.Encode(), true, nil
+	case ReqSetVringKick, ReqSetVringCall, ReqSetVringErr:
+		return nil, false, s.setVringFd(m)
+	case ReqSetVringEnable:
+		st, _ := DecodeVringState(m.Payload)
+		if !s.features.Has(virtio.FProtocolFeat) {
+			return nil, false, msgErr(r, ErrProtocol, "PROTOCOL_FEATURES not negotiated")
+		}
+		q, i, err := s.queue(r, st.Index)
+		if err != nil {
+			return nil, false, err
+		}
+		if st.Num > 1 {
+			return nil, false, msgErr(r, ErrProtocol, "queue %d enable value %d", st.Index, st.Num)
+		}
+		q.enabled = st.Num == 1
+		if !q.enabled {
+			s.pauseQueue(i)
+			return nil, false, nil
+		}
+		return nil, false, s.tryStart(i)
+	case ReqGetConfig:
+		if err := needProto(PFConfig); err != nil {
+			return nil, true, err
+		}
+		c, _ := DecodeConfig(m.Payload)
+		if uint64(c.Offset)+uint64(len(c.Data)) > uint64(s.h.ConfigSize()) {
+			// A zero-length payload tells the front-end the read failed.
+			return Config{Offset: c.Offset, Flags: c.Flags}.Encode()[:configHeaderSize], true, nil
+		}
+		out := Config{Offset: c.Offset, Flags: c.Flags, Data: make([]byte, len(c.Data))}
+		s.h.ReadConfig(int(c.Offset), out.Data)
+		return out.Encode(), true, nil
+	case ReqSetConfig:
+		if err := needProto(PFConfig); err != nil {
+			return nil, false, err
+		}
+		c, _ := DecodeConfig(m.Payload)
+		if uint64(c.Offset)+uint64(len(c.Data)) > uint64(s.h.ConfigSize()) {
+			return nil, false, msgErr(r, ErrProtocol, "config write %d+%d beyond %d", c.Offset, len(c.Data), s.h.ConfigSize())
+		}
+		if err := s.h.WriteConfig(int(c.Offset), c.Data); err != nil {
+			return nil, false, &MessageError{Request: r, Err: fmt.Errorf("%w: %w", ErrDeviceFailed, err)}
+		}
+		return nil, false, nil
+	case ReqResetDevice:
+		if err := needProto(PFResetDevice); err != nil {
+			return nil, false, err
+		}
+		s.reset()
+		return nil, false, nil
+	case ReqSetStatus:
+		if err := needProto(PFStatus); err != nil {
+			return nil, false, err
+		}
+		v := m.U64()
+		if v > 0xff {
+			return nil, false, msgErr(r, ErrProtocol, "status %#x beyond 8 bits", v)
+		}
+		st := virtio.Status(v)
+		if st == 0 {
+			s.reset()
+			return nil, false, nil
+		}
+		s.status = st
+		if st&virtio.StatusDriverOK != 0 {
+			for i := range s.queues {
+				if err := s.tryStart(i); err != nil {
+					return nil, false, err
+				}
+			}
+		}
+		return nil, false, nil
+	case ReqGetStatus:
+		if err := needProto(PFStatus); err != nil {
+			return nil, true, err
+		}
+		return putU64(uint64(s.status)), true, nil
+	}
+	return nil, false, msgErr(r, ErrUnsupported, "not implemented by this back-end")
+}
+
+// queueNum is GET_QUEUE_NUM's answer: queue pairs for a net device (what
+// QEMU and DPDK compare with their queue-pair count), queues otherwise.
+func (s *session) queueNum() int {
+	if s.h.DeviceID() == virtio.DeviceNet {
+		return max(len(s.queues)/2, 1)
+	}
+	return len(s.queues)
+}
+
+func (s *session) setFeatures(f virtio.Features) error {
+	offered := s.b.offeredFeatures()
+	if f&^offered != 0 {
+		return msgErr(ReqSetFeatures, ErrProtocol, "features %#x not offered", uint64(f&^offered))
+	}
+	dev := f &^ virtio.FProtocolFeat.Bit() &^ virtio.FLogAll.Bit()
+	old := s.features &^ virtio.FProtocolFeat.Bit() &^ virtio.FLogAll.Bit()
+	running := s.stopAllRunning()
+	s.features, s.featuresSet = f, true
+	if !s.handlerSet || dev != old {
+		if err := s.h.SetFeatures(dev); err != nil {
+			return &MessageError{Request: ReqSetFeatures, Err: fmt.Errorf("%w: %w", ErrDeviceFailed, err)}
+		}
+		s.handlerSet = true
+	}
+	if !f.Has(virtio.FProtocolFeat) {
+		// Without PROTOCOL_FEATURES rings start enabled.
+		for i := range s.queues {
+			s.queues[i].enabled = true
+		}
+	}
+	return s.restart(running)
+}
+
+// stopAllRunning pauses every running queue, keeping its state for restart.
+func (s *session) stopAllRunning() []int {
+	var running []int
+	for i := range s.queues {
+		if s.queues[i].running {
+			s.pauseQueue(i)
+			running = append(running, i)
+		}
+	}
+	return running
+}
+
+func (s *session) restart(qs []int) error {
+	for _, i := range qs {
+		if err := s.tryStart(i); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (s *session) reset() {
+	for i := range s.queues {
+		s.stopQueue(i)
+		q := &s.queues[i]
+		q.saved = nil
+		q.base = 0
+	}
+	s.h.Reset()
+	s.handlerSet = false
+	s.status = 0
+}
+
+func (s *session) setMemTable(rs []MemoryRegion, fds []int) error {
+	pm, err := mapMemTable(rs, fds)
+	if err != nil {
+		return err
+	}
+	running := s.stopAllRunning()
+	s.mem.close()
+	s.mem = pm
+	// Rings already configured must still lie in the new memory.
+	for i := range s.queues {
+		if s.queues[i].addrSet {
+			if _, err := s.layout(i); err != nil {
+				return err
+			}
+		}
+	}
+	return s.restart(running)
+}
+
+func (s *session) setLog(l Log, fd int) error {
+	if l.MmapSize == 0 || l.MmapSize > dirty.MaxSize {
+		return msgErr(ReqSetLogBase, ErrProtocol, "log size %#x", l.MmapSize)
+	}
+	bm, err := dirty.AttachFd(fd, l.MmapOffset, l.MmapSize, nil)
+	if err != nil {
+		return msgErr(ReqSetLogBase, ErrBadRegion, "log mapping: %v", err)
+	}
+	running := s.stopAllRunning()
+	if s.log != nil {
+		_ = s.log.Close()
+	}
+	s.log = bm
+	return s.restart(running)
+}
+
+func (s *session) setVringAddr(a VringAddr) error {
+	q, i, err := s.queue(ReqSetVringAddr, a.Index)
+	if err != nil {
+		return err
+	}
+	if a.Flags&^uint32(VringFLog) != 0 {
+		return msgErr(ReqSetVringAddr, ErrProtocol, "queue %d unknown flags %#x", a.Index, a.Flags)
+	}
+	wasRunning := q.running
+	if wasRunning {
+		// QEMU toggles VHOST_VRING_F_LOG on live rings when migration
+		// starts or ends: restart the ring with the new addresses.
+		s.pauseQueue(i)
+	}
+	prev, prevSet := q.addr, q.addrSet
+	q.addr, q.addrSet = a, true
+	if s.mem != nil {
+		if _, err := s.layout(i); err != nil {
+			q.addr, q.addrSet = prev, prevSet
+			return err
+		}
+	}
+	if wasRunning {
+		return s.tryStart(i)
+	}
+	return nil
+}
+
+func (s *session) setVringFd(m *Message) error {
+	v := m.U64()
+	q, i, err := s.queue(m.Request, uint32(v&VringIndexMask))
+	if err != nil {
+		return err
+	}
+	var e *vdpa.EventFD
+	if v&VringNoFd == 0 {
+		e, err = vdpa.EventFDFromFd(m.TakeFd(0))
+		if err != nil {
+			return &MessageError{Request: m.Request, Err: err}
+		}
+	}
+	swap := func(slot **vdpa.EventFD) {
+		if *slot != nil {
+			_ = (*slot).Close()
+		}
+		*slot = e
+	}
+	switch m.Request {
+	case ReqSetVringErr:
+		swap(&q.errFd)
+		return nil
+	case ReqSetVringCall:
+		wasRunning := q.running
+		if wasRunning {
+			s.pauseQueue(i)
+		}
+		swap(&q.call)
+		if wasRunning {
+			return s.tryStart(i)
+		}
+		return nil
+	}
+	// SET_VRING_KICK starts the ring (spec: "start ring upon receiving a
+	// kick"; a kick without descriptor means the back-end polls).
+	wasRunning := q.running
+	if wasRunning {
+		s.pauseQueue(i)
+	}
+	swap(&q.kick)
+	q.kicked = true
+	return s.tryStart(i)
+}
+
+// layout translates queue i's ring addresses into a validated layout.
+func (s *session) layout(i int) (vring.Layout, error) {
+	q := &s.queues[i]
+	mem := s.mem.mem
+	desc, err := userToGuest(mem, "descriptor table", i, q.addr.Desc)
+	if err != nil {
+		return vring.Layout{}, err
+	}
+	avail, err := userToGuest(mem, "available ring", i, q.addr.Avail)
+	if err != nil {
+		return vring.Layout{}, err
+	}
+	used, err := userToGuest(mem, "used ring", i, q.addr.Used)
+	if err != nil {
+		return vring.Layout{}, err
+	}
+	l := vring.Layout{Size: q.num, Desc: desc, Avail: avail, Used: used}
+	if q.num == 0 {
+		return l, nil // size not yet known: checked at start
+	}
+	if err := l.Validate(); err != nil {
+		return l, msgErr(ReqSetVringAddr, ErrAddrNotMapped, "queue %d: %v", i, err)
+	}
+	ds, as, us := vring.SplitSizes(q.num)
+	for _, a := range []struct {
+		g vring.GuestAddr
+		n uint64
+	}{{desc, ds}, {avail, as}, {used, us}} {
+		if _, err := mem.Slice(a.g, a.n); err != nil {
+			return l, msgErr(ReqSetVringAddr, ErrAddrNotMapped, "queue %d ring at %v+%#x: %v", i, a.g, a.n, err)
+		}
+	}
+	return l, nil
+}
+
+// tryStart starts queue i when the spec's conditions hold: kicked (or
+// polling), enabled, sized, addressed, memory mapped, features set.
+func (s *session) tryStart(i int) error {
+	q := &s.queues[i]
+	if q.running || !q.kicked || !q.enabled || q.num == 0 || !q.addrSet || s.mem == nil || !s.featuresSet {
+		return nil
+	}
+	if !s.handlerSet {
+		dev := s.features &^ virtio.FProtocolFeat.Bit() &^ virtio.FLogAll.Bit()
+		if err := s.h.SetFeatures(dev); err != nil {
+			return &MessageError{Request: ReqSetFeatures, Err: fmt.Errorf("%w: %w", ErrDeviceFailed, err)}
+		}
+		s.handlerSet = true
+	}
+	l, err := s.layout(i)
+	if err != nil {
+		return err
+	}
+	st := vring.QueueState{NextAvail: q.base}
+	if q.saved != nil {
+		st = *q.saved
+	} else {
+		// vhost-user carries only the avail index; the used index is
+		// what the used ring says (the front-end restores it there).
+		var b [2]byte
+		if err := s.mem.mem.Read(l.Used+2, b[:]); err != nil {
+			return msgErr(ReqSetVringKick, ErrAddrNotMapped, "queue %d used.idx: %v", i, err)
+		}
+		st.NextUsed = uint16(b[0]) | uint16(b[1])<<8
+	}
+	opts := vring.DeviceQueueOptions{Index: i, Layout: l, Features: s.features, State: st}
+	if s.features.Has(virtio.FLogAll) && s.log != nil {
+		opts.Log = s.log
+		if q.addr.Flags&VringFLog != 0 {
+			opts.UsedLogAddr = vring.GuestAddr(q.addr.Log)
+		}
+	}
+	dq, err := vring.NewDeviceQueue(s.mem.mem, opts)
+	if err != nil {
+		if errors.Is(err, vring.ErrOutOfRange) || errors.Is(err, vring.ErrSpansRegions) {
+			return msgErr(ReqSetVringKick, ErrAddrNotMapped, "queue %d: %v", i, err)
+		}
+		return msgErr(ReqSetVringKick, ErrProtocol, "queue %d: %v", i, err)
+	}
+	if err := s.h.StartQueue(i, dq, q.kick, q.call); err != nil {
+		return &MessageError{Request: ReqSetVringKick, Err: fmt.Errorf("%w: start queue %d: %w", ErrDeviceFailed, i, err)}
+	}
+	q.dq, q.running, q.saved = dq, true, nil
+	return nil
+}
+
+// pauseQueue stops queue i and keeps its full state for a restart.
+func (s *session) pauseQueue(i int) {
+	q := &s.queues[i]
+	if !q.running {
+		return
+	}
+	st, ok := s.halt(i)
+	if ok {
+		q.saved = &st
+	}
+}
+
+// stopQueue stops queue i (GET_VRING_BASE, reset, disconnect); its next
+// avail index becomes the base.
+func (s *session) stopQueue(i int) {
+	q := &s.queues[i]
+	if !q.running {
+		return
+	}
+	if st, ok := s.halt(i); ok {
+		q.base = st.NextAvail
+	}
+	q.saved = nil
+}
+
+func (s *session) halt(i int) (vring.QueueState, bool) {
+	q := &s.queues[i]
+	st, err := s.h.StopQueue(i)
+	dq := q.dq
+	q.running, q.dq = false, nil
+	if err != nil {
+		s.b.log.Warn("vhost-user: stop queue", "queue", i, "err", err)
+		s.signalErr(q)
+		return dq.State(), true
+	}
+	if dq.Err() != nil {
+		s.b.log.Warn("vhost-user: queue failed", "queue", i, "err", dq.Err())
+		s.signalErr(q)
+	}
+	return st, true
+}
+
+func (s *session) signalErr(q *vq) {
+	if q.errFd != nil {
+		_ = q.errFd.Signal()
+	}
+}

@@ -1,0 +1,433 @@
+package vhostuser
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
+
+	"github.com/vdpakit/vdpakit/dirty"
+	"github.com/vdpakit/vdpakit/vdpa"
+	"github.com/vdpakit/vdpakit/vdpa/vhostuser/internal/nethandler"
+	"github.com/vdpakit/vdpakit/virtio"
+	"github.com/vdpakit/vdpakit/vring"
+)
+
+const testQueueSize = 256
+
+// testDriver is the guest side of one front-end session: memory, driver
+// queues and eventfds.
+type testDriver struct {
+	t          *testing.T
+	fe         *Frontend
+	mem        *vring.Memory
+	layouts    [2]vring.Layout
+	dqs        [2]*vring.DriverQueue
+	kicks      [2]*vdpa.EventFD
+	calls      [2]*vdpa.EventFD
+	bufBase    vring.GuestAddr
+	features   virtio.Features
+	hdrLen     int
+	nextBuf    vring.GuestAddr
+	memRegions []*vring.Region
+}
+
+const bufSize = 4096 // one page each, so dirty-log checks can tell buffers apart
+
+// startBackend serves a nethandler over one end of a socketpair and
+// returns the other end and a channel with ServeConn's result.
+func startBackend(t *testing.T, h vdpa.Handler, opts *BackendOptions) (*Backend, *net.UnixConn, <-chan error) {
+	t.Helper()
+	a, b := socketpair(t)
+	be := NewBackend(h, opts)
+	done := make(chan error, 1)
+	finished := make(chan struct{})
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case <-finished:
+		case <-time.After(10 * time.Second):
+			t.Error("ServeConn did not return")
+		}
+	})
+	go func() { done <- be.ServeConn(ctx, b); close(finished) }()
+	return be, a, done
+}
+
+func newTestDriver(t *testing.T, uc *net.UnixConn, want virtio.Features) *testDriver {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	fe, err := NewFrontend(ctx, uc, nil)
+	require.NoError(t, err)
+	t.Cleanup(func() { fe.Close() })
+	d := &testDriver{t: t, fe: fe}
+
+	reg, err := vring.NewMemfdRegion(0x100000, 4<<20, nil)
+	require.NoError(t, err)
+	d.mem, err = vring.NewMemory(reg)
+	require.NoError(t, err)
+	t.Cleanup(func() { d.mem.Close() })
+
+	offered, err := fe.Features()
+	require.NoError(t, err)
+	d.features = offered & want
+	d.hdrLen = virtio.NetHdrLen(d.features)
+	require.NoError(t, fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver))
+	require.NoError(t, fe.SetFeatures(d.features))
+	require.NoError(t, fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK))
+	require.NoError(t, fe.SetMemory(d.mem))
+	ringBytes := vring.ContiguousLayoutBytes(testQueueSize)
+	for q := 0; q < 2; q++ {
+		base := vring.GuestAddr(0x100000 + uint64(q)*((ringBytes+4095)&^4095))
+		d.layouts[q] = vring.ContiguousLayout(base, testQueueSize)
+		d.dqs[q], err = vring.NewDriverQueue(d.mem, vring.DriverQueueOptions{Index: q, Layout: d.layouts[q], Features: d.features})
+		require.NoError(t, err)
+		d.kicks[q], err = vdpa.NewEventFD()
+		require.NoError(t, err)
+		d.calls[q], err = vdpa.NewEventFD()
+		require.NoError(t, err)
+		k, c := d.kicks[q], d.calls[q]
+		t.Cleanup(func() { k.Close(); c.Close() })
+		d.bufBase = base + vring.GuestAddr((ringBytes+4095)&^4095)
+	}
+	d.nextBuf = d.bufBase
+	return d
+}
+
+// startQueue configures and starts queue q in the spec's order.
+func (d *testDriver) startQueue(q int) {
+	t, fe := d.t, d.fe
+	l := d.layouts[q]
+	require.NoError(t, fe.SetQueueNum(q, l.Size))
+	require.NoError(t, fe.SetQueueAddr(q, vdpa.QueueAddr{Desc: l.Desc, Avail: l.Avail, Used: l.Used}))
+	require.NoError(t, fe.SetQueueBase(q, vdpa.QueueState{}))
+	require.NoError(t, fe.SetQueueCall(q, d.calls[q]))
+	require.NoError(t, fe.SetQueueKick(q, d.kicks[q]))
+	require.NoError(t, fe.EnableQueue(q, true))
+}
+
+func (d *testDriver) alloc() vring.GuestAddr {
+	a := d.nextBuf
+	d.nextBuf += bufSize
+	return a
+}
+
+// postRx adds n writable receive buffers.
+func (d *testDriver) postRx(n int) []vring.GuestAddr {
+	var out []vring.GuestAddr
+	for i := 0; i < n; i++ {
+		a := d.alloc()
+		_, err := d.dqs[0].Add([]vring.Buffer{{Addr: a, Len: bufSize, Writable: true}})
+		require.NoError(d.t, err)
+		out = append(out, a)
+	}
+	d.dqs[0].Publish()
+	require.NoError(d.t, d.kicks[0].Signal())
+	return out
+}
+
+// send transmits one frame from a fresh buffer.
+func (d *testDriver) send(frame []byte) {
+	a := d.alloc()
+	b := make([]byte, d.hdrLen+len(frame))
+	copy(b[d.hdrLen:], frame)
+	require.NoError(d.t, d.mem.Write(a, b))
+	_, err := d.dqs[1].Add([]vring.Buffer{{Addr: a, Len: uint32(len(b))}})
+	require.NoError(d.t, err)
+	d.dqs[1].Publish()
+	require.NoError(d.t, d.kicks[1].Signal())
+}
+
+// reclaim waits on queue q's call eventfd until n used entries came back.
+func (d *testDriver) reclaim(q, n int) [][2]uint32 {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var got [][2]uint32
+	for len(got) < n {
+		head, length, ok, err := d.dqs[q].Reclaim()
+		require.NoError(d.t, err)
+		if ok {
+			got = append(got, [2]uint32{uint32(head), length})
+			continue
+		}
+		_, err = d.calls[q].Wait(ctx)
+		require.NoError(d.t, err, "waiting for %d used entries on queue %d, have %d", n, q, len(got))
+	}
+	return got
+}
+
+func TestBackendFrontendLoopback(t *testing.T) {
+	h := nethandler.New(nethandler.Loopback, [6]byte{2, 0, 0, 0, 0, 1})
+	be, uc, _ := startBackend(t, h, nil)
+	d := newTestDriver(t, uc, h.Features())
+	require.Equal(t, SupportedProtocolFeatures, d.fe.ProtocolFeatures())
+	d.startQueue(0)
+	d.startQueue(1)
+	require.NoError(t, d.fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK|virtio.StatusDriverOK))
+
+	st, err := d.fe.Status()
+	require.NoError(t, err)
+	assert.Equal(t, virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK|virtio.StatusDriverOK, st)
+	info := be.Info()
+	assert.Equal(t, 2, info.RunningQueues)
+	assert.Equal(t, d.features.With(virtio.FProtocolFeat), info.Features)
+
+	rxBufs := d.postRx(8)
+	const frames = 5
+	for i := 0; i < frames; i++ {
+		f := make([]byte, 60+i)
+		f[0], f[59] = byte(i), 0xab
+		d.send(f)
+	}
+	tx := d.reclaim(1, frames)
+	assert.Len(t, tx, frames)
+	rx := d.reclaim(0, frames)
+	for i, u := range rx {
+		assert.Equal(t, uint32(d.hdrLen+60+i), u[1], "rx %d length", i)
+		b := make([]byte, u[1])
+		require.NoError(t, d.mem.Read(rxBufs[u[0]], b))
+		assert.Equal(t, byte(i), b[d.hdrLen], "frame %d first byte", i)
+		assert.Equal(t, byte(0xab), b[d.hdrLen+59])
+		if d.hdrLen == 12 {
+			assert.Equal(t, uint16(1), binary.LittleEndian.Uint16(b[10:]), "num_buffers")
+		}
+	}
+	c := h.Counters()
+	assert.Equal(t, uint64(frames), c.TxFrames)
+	assert.Equal(t, uint64(frames), c.RxFrames)
+
+	// GET_VRING_BASE stops the ring and reports the next avail index.
+	qs, err := d.fe.QueueBase(1)
+	require.NoError(t, err)
+	assert.Equal(t, vring.QueueState{NextAvail: frames, NextUsed: frames}, qs)
+	assert.Equal(t, 1, be.Info().RunningQueues)
+}
+
+func TestBackendConfig(t *testing.T) {
+	mac := [6]byte{2, 1, 2, 3, 4, 5}
+	h := nethandler.New(nethandler.Sink, mac)
+	_, uc, _ := startBackend(t, h, nil)
+	d := newTestDriver(t, uc, h.Features())
+	p := make([]byte, 6)
+	require.NoError(t, d.fe.ReadConfig(virtio.NetCfgMAC, p))
+	assert.Equal(t, mac[:], p)
+	s := make([]byte, 2)
+	require.NoError(t, d.fe.ReadConfig(virtio.NetCfgStatus, s))
+	assert.Equal(t, virtio.NetSLinkUp, binary.LittleEndian.Uint16(s))
+	// Reads past the config space fail with an empty reply (spec).
+	err := d.fe.ReadConfig(200, make([]byte, 8))
+	assert.ErrorIs(t, err, ErrReplyFailed)
+	// The session survives a failed config read.
+	require.NoError(t, d.fe.ReadConfig(0, p))
+}
+
+func TestBackendSuspendResume(t *testing.T) {
+	h := nethandler.New(nethandler.Sink, [6]byte{})
+	be, uc, _ := startBackend(t, h, nil)
+	d := newTestDriver(t, uc, h.Features())
+	d.startQueue(0)
+	d.startQueue(1)
+	d.send(make([]byte, 64))
+	d.reclaim(1, 1)
+	require.NoError(t, d.fe.Suspend())
+	assert.Equal(t, 0, be.Info().RunningQueues)
+	st, err := d.fe.QueueBase(1)
+	require.NoError(t, err)
+	assert.Equal(t, vring.QueueState{NextAvail: 1, NextUsed: 1}, st)
+	require.NoError(t, d.fe.Resume())
+	assert.Equal(t, 2, be.Info().RunningQueues)
+	d.send(make([]byte, 64))
+	d.reclaim(1, 1)
+	assert.Equal(t, uint64(2), h.Counters().TxFrames)
+}
+
+func TestBackendDirtyLog(t *testing.T) {
+	h := nethandler.New(nethandler.Loopback, [6]byte{})
+	_, uc, _ := startBackend(t, h, nil)
+	d := newTestDriver(t, uc, h.Features().With(virtio.FLogAll))
+	bm, err := dirty.New(8<<20, &dirty.Options{Shared: true})
+	require.NoError(t, err)
+	t.Cleanup(func() { bm.Close() })
+	require.NoError(t, d.fe.SetLog(bm))
+	d.startQueue(0)
+	d.startQueue(1)
+	rx := d.postRx(1)
+	d.send(make([]byte, 100))
+	d.reclaim(0, 1)
+	// The device wrote the receive buffer and both used rings: all logged.
+	page := func(a vring.GuestAddr) uint64 { return uint64(a) / dirty.DefaultPageSize }
+	assert.True(t, bm.PageDirty(page(rx[0])), "rx buffer page")
+	assert.True(t, bm.PageDirty(page(d.layouts[0].Used)), "rx used ring page")
+	assert.True(t, bm.PageDirty(page(d.layouts[1].Used)), "tx used ring page")
+	assert.False(t, bm.PageDirty(page(d.bufBase+vring.GuestAddr(bufSize))), "tx buffer page is only read")
+}
+
+// TestBackendReconnect: the back-end in client mode reconnects after the
+// front-end goes away and serves the next one.
+func TestBackendReconnect(t *testing.T) {
+	path := t.TempDir() + "/vu.sock"
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	require.NoError(t, err)
+	defer l.Close()
+	h := nethandler.New(nethandler.Sink, [6]byte{})
+	be := NewBackend(h, &BackendOptions{ReconnectInterval: 10 * time.Millisecond})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- be.DialAndServe(ctx, path) }()
+	for round := 0; round < 2; round++ {
+		uc, err := l.AcceptUnix()
+		require.NoError(t, err)
+		d := newTestDriver(t, uc, h.Features())
+		d.startQueue(1)
+		d.send(make([]byte, 64))
+		d.reclaim(1, 1)
+		require.NoError(t, d.fe.Close())
+	}
+	assert.Equal(t, uint64(2), h.Counters().TxFrames)
+	cancel()
+	assert.ErrorIs(t, <-done, context.Canceled)
+	assert.GreaterOrEqual(t, be.Info().Sessions, 2)
+}
+
+// TestBackendServerMode: ListenAndServe accepts a front-end, and a second
+// one after the first disconnects.
+func TestBackendServerMode(t *testing.T) {
+	path := t.TempDir() + "/vu.sock"
+	h := nethandler.New(nethandler.Sink, [6]byte{})
+	be := NewBackend(h, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- be.ListenAndServe(ctx, path) }()
+	for round := 0; round < 2; round++ {
+		var fe *Frontend
+		require.Eventually(t, func() bool {
+			var err error
+			fe, err = Dial(ctx, path, nil)
+			return err == nil
+		}, 5*time.Second, 5*time.Millisecond)
+		f, err := fe.Features()
+		require.NoError(t, err)
+		assert.True(t, f.Has(virtio.FVersion1))
+		require.NoError(t, fe.Close())
+	}
+	cancel()
+	assert.ErrorIs(t, <-done, context.Canceled)
+}
+
+// badInput runs one hostile exchange against a fresh back-end session and
+// checks the session ends with the typed error, the connection is closed,
+// and no descriptor leaked.
+func TestBackendBadInput(t *testing.T) {
+	memfd := func(t *testing.T, size int64) int {
+		fd, err := unix.MemfdCreate("t", unix.MFD_CLOEXEC)
+		require.NoError(t, err)
+		require.NoError(t, unix.Ftruncate(fd, size))
+		return fd
+	}
+	type step struct {
+		msg []byte
+		fds func(t *testing.T) []int
+	}
+	m := func(r Request, p []byte) []byte { return rawMsg(r, Version, uint32(len(p)), p) }
+	setup := []step{
+		{msg: m(ReqSetOwner, nil)},
+		{msg: m(ReqSetFeatures, u64p(uint64(virtio.Features(0).With(virtio.FVersion1, virtio.FProtocolFeat))))},
+		{msg: m(ReqSetMemTable, EncodeMemTable([]MemoryRegion{{GuestPhysAddr: 0, MemorySize: 1 << 20, UserspaceAddr: 0x7f0000000000}})),
+			fds: func(t *testing.T) []int { return []int{memfd(t, 1<<20)} }},
+		{msg: m(ReqSetVringNum, VringState{Index: 1, Num: 256}.Encode())},
+	}
+	tests := []struct {
+		name  string
+		steps []step
+		want  error
+	}{
+		{"truncated header", []step{{msg: []byte{1, 0, 0}}}, ErrTruncated},
+		{"size above the cap", []step{{msg: rawMsg(ReqSetMemTable, Version, 1<<16, nil)}}, ErrPayloadTooLarge},
+		{"bad version", []step{{msg: rawMsg(ReqGetFeatures, 3, 0, nil)}}, ErrBadVersion},
+		{"SET_MEM_TABLE missing fd", []step{{msg: m(ReqSetMemTable, memTablePayload(2, 2)),
+			fds: func(t *testing.T) []int { return []int{memfd(t, 1<<21)} }}}, ErrFdCount},
+		{"too many fds", []step{{msg: m(ReqSetVringKick, u64p(0)),
+			fds: func(t *testing.T) []int { return pipeFds(t, 3) }}}, ErrFdCount},
+		{"fd on a request without fds", []step{{msg: m(ReqSetOwner, nil),
+			fds: func(t *testing.T) []int { return pipeFds(t, 1) }}}, ErrFdCount},
+		{"unknown request", []step{{msg: m(99, nil), fds: func(t *testing.T) []int { return pipeFds(t, 2) }}}, ErrUnknownRequest},
+		{"nregions > 8", []step{{msg: m(ReqSetMemTable, memTablePayload(9, 8)),
+			fds: func(t *testing.T) []int { return pipeFds(t, 8) }}}, ErrTooManyRegions},
+		{"region larger than its file", []step{{msg: m(ReqSetMemTable, EncodeMemTable([]MemoryRegion{{MemorySize: 1 << 21, UserspaceAddr: 0x1000}})),
+			fds: func(t *testing.T) []int { return []int{memfd(t, 1<<20)} }}}, ErrBadRegion},
+		{"region fd not a file", []step{{msg: m(ReqSetMemTable, EncodeMemTable([]MemoryRegion{{MemorySize: 4096, UserspaceAddr: 0x1000}})),
+			fds: func(t *testing.T) []int { return pipeFds(t, 1) }}}, ErrBadRegion},
+		{"ring addr outside memory", append(append([]step{}, setup...),
+			step{msg: m(ReqSetVringAddr, VringAddr{Index: 1, Desc: 0x7f0000000000, Avail: 0x7f0000001000, Used: 0x6000000}.Encode())}), ErrAddrNotMapped},
+		{"ring straddling the end of memory", append(append([]step{}, setup...),
+			step{msg: m(ReqSetVringAddr, VringAddr{Index: 1, Desc: 0x7f0000000000 + 1<<20 - 16, Avail: 0x7f0000001000, Used: 0x7f0000002000}.Encode())}), ErrAddrNotMapped},
+		{"queue index beyond the device", []step{{msg: m(ReqSetVringNum, VringState{Index: 7, Num: 256}.Encode())}}, ErrBadQueue},
+		{"queue size not a power of two", []step{{msg: m(ReqSetVringNum, VringState{Index: 0, Num: 100}.Encode())}}, ErrBadQueue},
+		{"features not offered", []step{{msg: m(ReqSetFeatures, u64p(1<<virtio.FRingPacked))}}, ErrProtocol},
+		{"protocol features not offered", []step{{msg: m(ReqSetProtocolFeatures, u64p(1<<PFInbandNotifications))}}, ErrProtocol},
+		{"SET_STATUS without the STATUS feature", []step{{msg: m(ReqSetStatus, u64p(1))}}, ErrUnsupported},
+		{"close inside the payload", []step{{msg: rawMsg(ReqSetVringAddr, Version, 40, make([]byte, 20))}}, ErrTruncated},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			before := countFds(t)
+			h := nethandler.New(nethandler.Sink, [6]byte{})
+			a, b := socketpair(t)
+			done := make(chan error, 1)
+			go func() { done <- NewBackend(h, nil).ServeConn(context.Background(), b) }()
+			for _, s := range tc.steps {
+				var fds []int
+				if s.fds != nil {
+					fds = s.fds(t)
+				}
+				sendRaw(t, a, s.msg, fds)
+				closeFds(fds)
+			}
+			if errors.Is(tc.want, ErrTruncated) {
+				require.NoError(t, a.CloseWrite())
+			}
+			var err error
+			select {
+			case err = <-done:
+			case <-time.After(10 * time.Second):
+				t.Fatal("back-end did not end the session")
+			}
+			require.Error(t, err)
+			assert.ErrorIs(t, err, tc.want)
+			// The back-end closed its end: we read EOF.
+			_ = a.SetReadDeadline(time.Now().Add(5 * time.Second))
+			_, rerr := io.ReadAll(a)
+			assert.NoError(t, rerr)
+			require.NoError(t, a.Close())
+			_ = b.Close() // already closed by the back-end
+			assert.Equal(t, before, countFds(t), "descriptors leaked")
+		})
+	}
+}
+
+// TestBackendReplyAckFailure: with REPLY_ACK a request that fails gets a
+// non-zero acknowledgement before the session closes.
+func TestBackendReplyAckFailure(t *testing.T) {
+	h := nethandler.New(nethandler.Sink, [6]byte{})
+	_, uc, done := startBackend(t, h, nil)
+	c := newConn(uc)
+	require.NoError(t, c.write(Header{Request: ReqSetProtocolFeatures, Flags: Version}, u64p(uint64(ProtocolFeatures(0).With(PFReplyAck))), nil))
+	require.NoError(t, c.write(Header{Request: ReqSetVringNum, Flags: Version | FlagNeedReply}, VringState{Index: 9, Num: 8}.Encode(), nil))
+	r, err := c.read()
+	require.NoError(t, err)
+	assert.Equal(t, ReqSetVringNum, r.Request)
+	assert.True(t, r.IsReply())
+	assert.NotZero(t, r.U64())
+	assert.ErrorIs(t, <-done, ErrBadQueue)
+}
