@@ -1,0 +1,506 @@
+package vdpa
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/vdpakit/vdpakit/dirty"
+	"github.com/vdpakit/vdpakit/virtio"
+	"github.com/vdpakit/vdpakit/vring"
+)
+
+// Errors returned by Local for calls that break the virtio initialization
+// rules. All are checked with errors.Is.
+var (
+	// ErrBadStatus: a status write the virtio status rules forbid
+	// (clearing bits without a reset, FEATURES_OK before features,
+	// DRIVER_OK before FEATURES_OK or without memory).
+	ErrBadStatus = errors.New("vdpa: invalid status transition")
+	// ErrBadFeatures: features that were not offered, or set at the wrong
+	// time.
+	ErrBadFeatures = errors.New("vdpa: invalid features")
+	// ErrBadQueue: a queue index or size out of range, or a queue
+	// configured while it runs.
+	ErrBadQueue = errors.New("vdpa: invalid queue configuration")
+	// ErrQueueBusy: the queue is running; suspend the device (or disable the
+	// queue) first.
+	ErrQueueBusy = errors.New("vdpa: queue is running")
+	// ErrNoMemory: a queue is started before SetMemory.
+	ErrNoMemory = errors.New("vdpa: no guest memory set")
+)
+
+// LocalOptions configure a Local device. A nil *LocalOptions means
+// defaults.
+type LocalOptions struct {
+	// FeatureMask, when non-zero, limits the features offered to the
+	// driver to those in the mask (the handler's offer & FeatureMask).
+	FeatureMask virtio.Features
+}
+
+type localQueue struct {
+	num     uint16
+	addr    QueueAddr
+	state   QueueState
+	kick    *EventFD
+	call    *EventFD
+	enabled bool
+	running bool
+	err     error // the last start failure
+}
+
+// Local is an in-process Device that serves a Handler directly: it runs the
+// control path (feature negotiation, the status state machine, queue
+// configuration) and hands validated vring.DeviceQueues to the handler, so
+// a whole virtio stack can run in one process with no kernel. It also
+// implements Suspender and Logger.
+//
+// A queue runs while the device is DRIVER_OK, the queue is enabled and the
+// device is not suspended. Its rings are validated against the Memory given
+// to SetMemory when it starts; a queue whose rings are invalid is not
+// started, the error is returned by the call that tried to start it and the
+// device status gets NEEDS_RESET.
+//
+// Local's methods are safe for concurrent use (they serialize on a mutex).
+type Local struct {
+	h       Handler
+	offered virtio.Features
+
+	mu        sync.Mutex
+	status    virtio.Status
+	features  virtio.Features
+	featSet   bool
+	mem       *vring.Memory
+	log       *dirty.Bitmap
+	suspended bool
+	closed    bool
+	queues    []localQueue
+}
+
+var (
+	_ Device    = (*Local)(nil)
+	_ Suspender = (*Local)(nil)
+	_ Logger    = (*Local)(nil)
+)
+
+// NewLocal returns a Local serving h.
+func NewLocal(h Handler, opts *LocalOptions) *Local {
+	offered := h.Features()
+	if opts != nil && opts.FeatureMask != 0 {
+		offered &= opts.FeatureMask
+	}
+	return &Local{h: h, offered: offered, queues: make([]localQueue, h.NumQueues())}
+}
+
+// Handler returns the handler Local serves.
+func (l *Local) Handler() Handler { return l.h }
+
+func (l *Local) lock() error {
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return ErrClosed
+	}
+	return nil
+}
+
+// DeviceID implements Device.
+func (l *Local) DeviceID() (virtio.DeviceID, error) { return l.h.DeviceID(), nil }
+
+// Features implements Device: the handler's offer (masked by
+// LocalOptions.FeatureMask).
+func (l *Local) Features() (virtio.Features, error) { return l.offered, nil }
+
+// SetFeatures implements Device. The driver may set features after
+// ACKNOWLEDGE|DRIVER and before FEATURES_OK (virtio 1.2 §3.1.1), and only
+// offered ones.
+func (l *Local) SetFeatures(f virtio.Features) error {
+	if err := l.lock(); err != nil {
+		return err
+	}
+	defer l.mu.Unlock()
+	if l.status&virtio.StatusFeaturesOK != 0 {
+		return fmt.Errorf("%w: features are fixed once FEATURES_OK is set (status %v)", ErrBadFeatures, l.status)
+	}
+	if extra := f &^ l.offered; extra != 0 {
+		return fmt.Errorf("%w: not offered: %s", ErrBadFeatures, extra.Format(l.h.DeviceID()))
+	}
+	l.features, l.featSet = f, true
+	return nil
+}
+
+// Status implements Device.
+func (l *Local) Status() (virtio.Status, error) {
+	if err := l.lock(); err != nil {
+		return 0, err
+	}
+	defer l.mu.Unlock()
+	return l.status, nil
+}
+
+// SetStatus implements Device. Zero resets the device (every queue stops,
+// the handler is reset, queue configuration is cleared). Otherwise bits
+// may only be added: FEATURES_OK is accepted only if the handler accepts
+// the features (if not, the bit stays clear, as §3.1.1 step 6 expects the
+// driver to notice); DRIVER_OK starts every enabled queue.
+func (l *Local) SetStatus(s virtio.Status) error {
+	if err := l.lock(); err != nil {
+		return err
+	}
+	defer l.mu.Unlock()
+	if s == 0 {
+		l.resetLocked()
+		return nil
+	}
+	old := l.status
+	if s&old != old {
+		return fmt.Errorf("%w: %v -> %v clears bits without a reset", ErrBadStatus, old, s)
+	}
+	added := s &^ old
+	if added&virtio.StatusDeviceNeedsReset != 0 {
+		return fmt.Errorf("%w: NEEDS_RESET is set by the device, not the driver", ErrBadStatus)
+	}
+	if added&virtio.StatusFeaturesOK != 0 {
+		if s&virtio.StatusDriver == 0 || !l.featSet {
+			return fmt.Errorf("%w: FEATURES_OK needs DRIVER and SetFeatures first", ErrBadStatus)
+		}
+		if err := l.h.SetFeatures(l.features); err != nil {
+			// Leave FEATURES_OK clear: the driver reads status back and
+			// sees the device refused (§3.1.1).
+			l.status = s &^ (virtio.StatusFeaturesOK | virtio.StatusDriverOK)
+			return nil
+		}
+	}
+	if added&virtio.StatusDriverOK != 0 && s&virtio.StatusFeaturesOK == 0 {
+		return fmt.Errorf("%w: DRIVER_OK without FEATURES_OK", ErrBadStatus)
+	}
+	l.status = s
+	if added&virtio.StatusFailed != 0 {
+		_ = l.stopAllLocked()
+		return nil
+	}
+	if added&virtio.StatusDriverOK != 0 {
+		return l.startAllLocked()
+	}
+	return nil
+}
+
+func (l *Local) resetLocked() {
+	_ = l.stopAllLocked()
+	l.h.Reset()
+	l.status = 0
+	l.features, l.featSet = 0, false
+	l.suspended = false
+	for i := range l.queues {
+		l.queues[i] = localQueue{}
+	}
+}
+
+// running reports whether queues should be running.
+func (l *Local) live() bool {
+	return l.status&virtio.StatusDriverOK != 0 && l.status&(virtio.StatusFailed|virtio.StatusDeviceNeedsReset) == 0 && !l.suspended
+}
+
+func (l *Local) startAllLocked() error {
+	if !l.live() {
+		return nil
+	}
+	var errs []error
+	for i := range l.queues {
+		if l.queues[i].enabled && !l.queues[i].running {
+			if err := l.startLocked(i); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// startLocked validates queue i and hands it to the handler.
+func (l *Local) startLocked(i int) error {
+	q := &l.queues[i]
+	err := l.buildAndStart(i, q)
+	q.err = err
+	if err != nil {
+		l.status |= virtio.StatusDeviceNeedsReset
+	}
+	return err
+}
+
+func (l *Local) buildAndStart(i int, q *localQueue) error {
+	if l.mem == nil {
+		return fmt.Errorf("queue %d: %w", i, ErrNoMemory)
+	}
+	if q.num == 0 {
+		return fmt.Errorf("%w: queue %d enabled without a size", ErrBadQueue, i)
+	}
+	opts := vring.DeviceQueueOptions{
+		Index:    i,
+		Layout:   vring.Layout{Size: q.num, Desc: q.addr.Desc, Avail: q.addr.Avail, Used: q.addr.Used},
+		Features: l.features,
+		State:    q.state,
+	}
+	if l.log != nil {
+		opts.Log = l.log
+	}
+	dq, err := vring.NewDeviceQueue(l.mem, opts)
+	if err != nil {
+		return fmt.Errorf("vdpa: local: queue %d: %w", i, err)
+	}
+	if err := l.h.StartQueue(i, dq, q.kick, q.call); err != nil {
+		return fmt.Errorf("vdpa: local: start queue %d: %w", i, err)
+	}
+	q.running = true
+	return nil
+}
+
+// stopLocked stops queue i and keeps its state for QueueBase and restart.
+func (l *Local) stopLocked(i int) error {
+	q := &l.queues[i]
+	if !q.running {
+		return nil
+	}
+	st, err := l.h.StopQueue(i)
+	q.running = false
+	if err != nil {
+		return fmt.Errorf("vdpa: local: stop queue %d: %w", i, err)
+	}
+	q.state = st
+	return nil
+}
+
+func (l *Local) stopAllLocked() error {
+	var errs []error
+	for i := range l.queues {
+		if err := l.stopLocked(i); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// ConfigSize implements Device.
+func (l *Local) ConfigSize() (int, error) { return l.h.ConfigSize(), nil }
+
+// ReadConfig implements Device.
+func (l *Local) ReadConfig(off int, p []byte) error {
+	if off < 0 {
+		return fmt.Errorf("vdpa: local: negative config offset %d", off)
+	}
+	l.h.ReadConfig(off, p)
+	return nil
+}
+
+// WriteConfig implements Device.
+func (l *Local) WriteConfig(off int, p []byte) error {
+	if off < 0 {
+		return fmt.Errorf("vdpa: local: negative config offset %d", off)
+	}
+	return l.h.WriteConfig(off, p)
+}
+
+// NumQueues implements Device.
+func (l *Local) NumQueues() (int, error) { return len(l.queues), nil }
+
+// MaxQueueSize implements Device.
+func (l *Local) MaxQueueSize() (uint16, error) { return l.h.MaxQueueSize(), nil }
+
+// SetMemory implements Device. The memory must not change under running
+// queues; Local does not take ownership (the caller closes it).
+func (l *Local) SetMemory(mem *vring.Memory) error {
+	if err := l.lock(); err != nil {
+		return err
+	}
+	defer l.mu.Unlock()
+	for i := range l.queues {
+		if l.queues[i].running {
+			return fmt.Errorf("%w: queue %d: suspend before changing memory", ErrQueueBusy, i)
+		}
+	}
+	l.mem = mem
+	return nil
+}
+
+// queueLocked checks i and that the queue is not running.
+func (l *Local) queueLocked(i int) (*localQueue, error) {
+	if i < 0 || i >= len(l.queues) {
+		return nil, fmt.Errorf("%w: queue %d of %d", ErrBadQueue, i, len(l.queues))
+	}
+	q := &l.queues[i]
+	if q.running {
+		return nil, fmt.Errorf("%w: queue %d", ErrQueueBusy, i)
+	}
+	return q, nil
+}
+
+// SetQueueNum implements Device: a power of two up to MaxQueueSize.
+func (l *Local) SetQueueNum(i int, size uint16) error {
+	if err := l.lock(); err != nil {
+		return err
+	}
+	defer l.mu.Unlock()
+	q, err := l.queueLocked(i)
+	if err != nil {
+		return err
+	}
+	if !vring.ValidQueueSize(size) || size > l.h.MaxQueueSize() {
+		return fmt.Errorf("%w: queue %d size %d (power of two up to %d)", ErrBadQueue, i, size, l.h.MaxQueueSize())
+	}
+	q.num = size
+	return nil
+}
+
+// SetQueueAddr implements Device. Addresses are validated when the queue
+// starts, against the memory current then.
+func (l *Local) SetQueueAddr(i int, addr QueueAddr) error {
+	if err := l.lock(); err != nil {
+		return err
+	}
+	defer l.mu.Unlock()
+	q, err := l.queueLocked(i)
+	if err != nil {
+		return err
+	}
+	q.addr = addr
+	return nil
+}
+
+// SetQueueBase implements Device.
+func (l *Local) SetQueueBase(i int, st QueueState) error {
+	if err := l.lock(); err != nil {
+		return err
+	}
+	defer l.mu.Unlock()
+	q, err := l.queueLocked(i)
+	if err != nil {
+		return err
+	}
+	q.state = st
+	return nil
+}
+
+// QueueBase implements Device. The queue must not be running (Suspend
+// first): unlike vhost, Local does not stop a queue as a side effect of
+// reading its position.
+func (l *Local) QueueBase(i int) (QueueState, error) {
+	if err := l.lock(); err != nil {
+		return QueueState{}, err
+	}
+	defer l.mu.Unlock()
+	q, err := l.queueLocked(i)
+	if err != nil {
+		return QueueState{}, err
+	}
+	return q.state, nil
+}
+
+// SetQueueKick implements Device.
+func (l *Local) SetQueueKick(i int, kick *EventFD) error {
+	if err := l.lock(); err != nil {
+		return err
+	}
+	defer l.mu.Unlock()
+	q, err := l.queueLocked(i)
+	if err != nil {
+		return err
+	}
+	q.kick = kick
+	return nil
+}
+
+// SetQueueCall implements Device.
+func (l *Local) SetQueueCall(i int, call *EventFD) error {
+	if err := l.lock(); err != nil {
+		return err
+	}
+	defer l.mu.Unlock()
+	q, err := l.queueLocked(i)
+	if err != nil {
+		return err
+	}
+	q.call = call
+	return nil
+}
+
+// EnableQueue implements Device. Enabling a queue of a DRIVER_OK device
+// starts it; disabling stops it and keeps its state for QueueBase.
+func (l *Local) EnableQueue(i int, enable bool) error {
+	if err := l.lock(); err != nil {
+		return err
+	}
+	defer l.mu.Unlock()
+	if i < 0 || i >= len(l.queues) {
+		return fmt.Errorf("%w: queue %d of %d", ErrBadQueue, i, len(l.queues))
+	}
+	q := &l.queues[i]
+	if !enable {
+		q.enabled = false
+		return l.stopLocked(i)
+	}
+	q.enabled = true
+	if l.live() && !q.running {
+		return l.startLocked(i)
+	}
+	return nil
+}
+
+// Suspend implements Suspender: every running queue stops with its state
+// kept (read it with QueueBase).
+func (l *Local) Suspend() error {
+	if err := l.lock(); err != nil {
+		return err
+	}
+	defer l.mu.Unlock()
+	l.suspended = true
+	return l.stopAllLocked()
+}
+
+// Resume implements Suspender: queues stopped by Suspend restart from their
+// (possibly SetQueueBase-changed) state.
+func (l *Local) Resume() error {
+	if err := l.lock(); err != nil {
+		return err
+	}
+	defer l.mu.Unlock()
+	l.suspended = false
+	return l.startAllLocked()
+}
+
+// SetLog implements Logger: every write the handler's queues make to guest
+// memory is marked in log from now on (nil stops logging). Running queues
+// restart with the new logger at their exact position.
+func (l *Local) SetLog(log *dirty.Bitmap) error {
+	if err := l.lock(); err != nil {
+		return err
+	}
+	defer l.mu.Unlock()
+	var restart []int
+	for i := range l.queues {
+		if l.queues[i].running {
+			if err := l.stopLocked(i); err != nil {
+				return err
+			}
+			restart = append(restart, i)
+		}
+	}
+	l.log = log
+	var errs []error
+	for _, i := range restart {
+		if err := l.startLocked(i); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Close implements Device: it stops every queue and resets the handler.
+// Memory and eventfds stay owned by the caller.
+func (l *Local) Close() error {
+	if err := l.lock(); err != nil {
+		return err
+	}
+	defer l.mu.Unlock()
+	l.resetLocked()
+	l.closed = true
+	return nil
+}

@@ -1,0 +1,470 @@
+package softnet
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/vdpakit/vdpakit/vdpa"
+	"github.com/vdpakit/vdpakit/virtio"
+	"github.com/vdpakit/vdpakit/vring"
+)
+
+// Mode selects how queue goroutines wait for work.
+type Mode int
+
+const (
+	// ModeEvent sleeps on the kick eventfd with driver notifications
+	// enabled. It uses no CPU when idle.
+	ModeEvent Mode = iota
+	// ModePoll keeps driver notifications disabled and polls the rings:
+	// PollSpins empty polls, then as many runtime.Gosched rounds, then
+	// sleeps of PollSleep between polls until work appears.
+	ModePoll
+)
+
+func (m Mode) String() string {
+	switch m {
+	case ModeEvent:
+		return "event"
+	case ModePoll:
+		return "poll"
+	}
+	return fmt.Sprintf("mode(%d)", int(m))
+}
+
+// Options configure a Device. The zero value (or nil) is a single queue
+// pair loopback device with a control queue, MTU 1500 and MAC
+// 02:00:00:00:00:01.
+type Options struct {
+	// MAC is the device's station address (config mac). Zero means
+	// 02:00:00:00:00:01.
+	MAC [6]byte
+	// MTU is the config mtu advice. Zero means 1500.
+	MTU uint16
+	// MaxQueuePairs is max_virtqueue_pairs. Zero means 1. More than one
+	// offers VIRTIO_NET_F_MQ, which needs the control queue.
+	MaxQueuePairs uint16
+	// MaxQueueSize bounds every queue's size. Zero means 256.
+	MaxQueueSize uint16
+	// NoCtrlVQ removes the control queue and the features that need it
+	// (CTRL_VQ, CTRL_RX, CTRL_MAC_ADDR, MQ): VDUSE before Linux 6.13
+	// refuses net devices with a control queue.
+	NoCtrlVQ bool
+	// AccessPlatform offers VIRTIO_F_ACCESS_PLATFORM (buffer addresses are
+	// IOVAs): required by VDUSE.
+	AccessPlatform bool
+	// Disable removes features from the offer.
+	Disable virtio.Features
+	// LinkDown starts the device with the link down.
+	LinkDown bool
+	// Handler receives transmitted frames. Nil means Loopback.
+	Handler FrameHandler
+	// Mode selects event-driven or busy-poll processing.
+	Mode Mode
+	// PollSpins is the number of empty polls before a ModePoll queue
+	// starts yielding and then sleeping. Zero means 64.
+	PollSpins int
+	// PollSleep is the sleep between idle polls in ModePoll, bounded to
+	// [1µs, 1ms]. Zero means 20µs.
+	PollSleep time.Duration
+	// BatchSize is the most chains a queue goroutine processes before it
+	// signals interrupts and checks for a stop. Zero means 64.
+	BatchSize int
+	// OnConfigChange is called (from the goroutine changing it) after the
+	// configuration space changed on the device's initiative (link state),
+	// so a server can raise a configuration change interrupt.
+	OnConfigChange func()
+}
+
+// Errors returned by Device and its FrameHandler helpers.
+var (
+	// ErrFeatures: SetFeatures got features that were not offered or
+	// break a dependency of virtio 1.2 §5.1.3.1.
+	ErrFeatures = errors.New("softnet: invalid feature set")
+	// ErrQueueIndex: a queue index outside the device's queues.
+	ErrQueueIndex = errors.New("softnet: no such queue")
+	// ErrQueueRunning: StartQueue on a queue that is already started.
+	ErrQueueRunning = errors.New("softnet: queue already started")
+	// ErrQueueStopped: StopQueue on a queue that is not started.
+	ErrQueueStopped = errors.New("softnet: queue not started")
+	// ErrNoBuffer: the receive queue had no (or not enough) buffers.
+	ErrNoBuffer = errors.New("softnet: no receive buffer")
+	// ErrBufferTooSmall: without MRG_RXBUF, a receive chain cannot hold
+	// the header and the frame.
+	ErrBufferTooSmall = errors.New("softnet: receive buffer too small")
+	// ErrRxNotReady: the receive queue is not started.
+	ErrRxNotReady = errors.New("softnet: receive queue not started")
+	// ErrFiltered: the receive filter rejected the frame.
+	ErrFiltered = errors.New("softnet: frame filtered by receive mode")
+	// ErrLinkDown: the link is down.
+	ErrLinkDown = errors.New("softnet: link down")
+	// ErrFrameTooBig: a frame larger than MaxFrame.
+	ErrFrameTooBig = errors.New("softnet: frame too big")
+)
+
+// MaxFrame is the largest frame (without the virtio-net header) the device
+// transmits or receives: no GSO features are offered, so this bounds frames
+// even when the driver ignores the MTU advice.
+const MaxFrame = 65535
+
+// rx mode bits.
+const (
+	rxPromisc uint32 = 1 << iota
+	rxAllMulti
+	rxAllUni
+	rxNoMulti
+	rxNoUni
+	rxNoBcast
+)
+
+type macTables struct {
+	uni, multi [][6]byte
+}
+
+// Device is the software virtio-net device. It implements vdpa.Handler.
+type Device struct {
+	opts    Options
+	offered virtio.Features
+	cfgMAC  [6]byte
+
+	handler atomic.Pointer[handlerBox]
+
+	ctl      sync.Mutex // serializes control calls (Start/Stop/Reset/SetFeatures)
+	features atomic.Uint64
+	hdrLen   atomic.Int32
+	mrg      atomic.Bool
+
+	mac         atomic.Uint64 // current station address, 6 bytes little-endian
+	rxMode      atomic.Uint32
+	tables      atomic.Pointer[macTables]
+	activePairs atomic.Uint32
+	linkUp      atomic.Bool
+
+	queues []*queue
+	drops  dropCounters
+	ctrlOK atomic.Uint64
+	ctrlEr atomic.Uint64
+}
+
+type handlerBox struct{ h FrameHandler }
+
+var _ vdpa.Handler = (*Device)(nil)
+
+// New returns a device configured by opts (nil means defaults).
+func New(opts *Options) (*Device, error) {
+	var o Options
+	if opts != nil {
+		o = *opts
+	}
+	if o.MAC == ([6]byte{}) {
+		o.MAC = [6]byte{0x02, 0, 0, 0, 0, 0x01}
+	}
+	if o.MAC[0]&1 != 0 {
+		return nil, fmt.Errorf("softnet: MAC %x is a multicast address", o.MAC)
+	}
+	if o.MTU == 0 {
+		o.MTU = 1500
+	}
+	if o.MTU < 68 {
+		return nil, fmt.Errorf("softnet: MTU %d below the IPv4 minimum 68", o.MTU)
+	}
+	if o.MaxQueuePairs == 0 {
+		o.MaxQueuePairs = 1
+	}
+	if o.MaxQueuePairs > virtio.NetCtrlMQPairsMax {
+		return nil, fmt.Errorf("softnet: %d queue pairs, at most %d", o.MaxQueuePairs, virtio.NetCtrlMQPairsMax)
+	}
+	if o.MaxQueuePairs > 1 && o.NoCtrlVQ {
+		return nil, fmt.Errorf("softnet: %d queue pairs need the control queue (MQ depends on CTRL_VQ)", o.MaxQueuePairs)
+	}
+	if o.MaxQueueSize == 0 {
+		o.MaxQueueSize = 256
+	}
+	if !vring.ValidQueueSize(o.MaxQueueSize) {
+		return nil, fmt.Errorf("softnet: max queue size %d: %w", o.MaxQueueSize, vring.ErrQueueSize)
+	}
+	if o.PollSpins <= 0 {
+		o.PollSpins = 64
+	}
+	if o.PollSleep == 0 {
+		o.PollSleep = 20 * time.Microsecond
+	}
+	o.PollSleep = min(max(o.PollSleep, time.Microsecond), time.Millisecond)
+	if o.BatchSize <= 0 {
+		o.BatchSize = 64
+	}
+	if o.Mode != ModeEvent && o.Mode != ModePoll {
+		return nil, fmt.Errorf("softnet: unknown mode %v", o.Mode)
+	}
+
+	f := virtio.Features(0).With(virtio.FVersion1, virtio.FEventIdx, virtio.FIndirectDesc,
+		virtio.NetFMAC, virtio.NetFStatus, virtio.NetFMTU, virtio.NetFMrgRxbuf)
+	if o.AccessPlatform {
+		f = f.With(virtio.FAccessPlatform)
+	}
+	if !o.NoCtrlVQ {
+		f = f.With(virtio.NetFCtrlVQ, virtio.NetFCtrlRx, virtio.NetFCtrlMACAddr)
+		if o.MaxQueuePairs > 1 {
+			f = f.With(virtio.NetFMQ)
+		}
+	}
+	f &^= o.Disable
+
+	d := &Device{opts: o, offered: f, cfgMAC: o.MAC}
+	h := o.Handler
+	if h == nil {
+		h = Loopback
+	}
+	d.handler.Store(&handlerBox{h})
+	n := 2 * int(o.MaxQueuePairs)
+	if !o.NoCtrlVQ {
+		n++
+	}
+	d.queues = make([]*queue, n)
+	for i := range d.queues {
+		d.queues[i] = newQueue(i, int(o.MaxQueueSize), o.BatchSize)
+	}
+	d.linkUp.Store(!o.LinkDown)
+	d.resetState()
+	return d, nil
+}
+
+// resetState returns negotiated and driver-programmed state to its
+// initial values.
+func (d *Device) resetState() {
+	d.features.Store(0)
+	d.hdrLen.Store(virtio.NetHdrLegacySize)
+	d.mrg.Store(false)
+	d.mac.Store(macToU64(d.cfgMAC[:]))
+	// Promiscuous until the driver says otherwise, as QEMU's device does:
+	// a driver without CTRL_RX has no way to turn filtering on, and one with
+	// it programs the mode when the interface comes up.
+	d.rxMode.Store(rxPromisc)
+	d.tables.Store(&macTables{})
+	d.activePairs.Store(1)
+}
+
+func macToU64(m []byte) uint64 {
+	_ = m[5]
+	return uint64(m[0]) | uint64(m[1])<<8 | uint64(m[2])<<16 | uint64(m[3])<<24 | uint64(m[4])<<32 | uint64(m[5])<<40
+}
+
+func u64ToMAC(v uint64) [6]byte {
+	return [6]byte{byte(v), byte(v >> 8), byte(v >> 16), byte(v >> 24), byte(v >> 32), byte(v >> 40)}
+}
+
+// DeviceID implements vdpa.Handler.
+func (d *Device) DeviceID() virtio.DeviceID { return virtio.DeviceNet }
+
+// Features implements vdpa.Handler: the offered features.
+func (d *Device) Features() virtio.Features { return d.offered }
+
+// NegotiatedFeatures returns the features set by SetFeatures.
+func (d *Device) NegotiatedFeatures() virtio.Features { return virtio.Features(d.features.Load()) }
+
+// SetFeatures implements vdpa.Handler. It rejects features that were not
+// offered and combinations the virtio-net feature dependencies forbid.
+func (d *Device) SetFeatures(f virtio.Features) error {
+	d.ctl.Lock()
+	defer d.ctl.Unlock()
+	if extra := f &^ d.offered; extra != 0 {
+		return fmt.Errorf("%w: not offered: %s", ErrFeatures, extra.Format(virtio.DeviceNet))
+	}
+	for _, dep := range []virtio.Feature{virtio.NetFCtrlRx, virtio.NetFMQ, virtio.NetFCtrlMACAddr} {
+		if f.Has(dep) && !f.Has(virtio.NetFCtrlVQ) {
+			return fmt.Errorf("%w: %s requires CTRL_VQ", ErrFeatures, dep.Name(virtio.DeviceNet))
+		}
+	}
+	for _, q := range d.queues {
+		if q.isRunning() {
+			return fmt.Errorf("%w: queue %d is running", ErrQueueRunning, q.idx)
+		}
+	}
+	d.features.Store(uint64(f))
+	d.hdrLen.Store(int32(virtio.NetHdrLen(f)))
+	d.mrg.Store(f.Has(virtio.NetFMrgRxbuf))
+	return nil
+}
+
+// ConfigSize implements vdpa.Handler: struct virtio_net_config.
+func (d *Device) ConfigSize() int { return virtio.NetConfigSize }
+
+// Config returns the current configuration space contents.
+func (d *Device) Config() virtio.NetConfig {
+	c := virtio.NetConfig{
+		MAC:               u64ToMAC(d.mac.Load()),
+		MaxVirtqueuePairs: d.opts.MaxQueuePairs,
+		MTU:               d.opts.MTU,
+		Speed:             virtio.NetSpeedUnknown,
+		Duplex:            virtio.NetDuplexUnknown,
+	}
+	if d.linkUp.Load() {
+		c.Status = virtio.NetSLinkUp
+	}
+	return c
+}
+
+// ReadConfig implements vdpa.Handler. Bytes outside the configuration
+// space read as zero.
+func (d *Device) ReadConfig(off int, p []byte) {
+	clear(p)
+	var buf [virtio.NetConfigSize]byte
+	c := d.Config()
+	_ = c.Encode(buf[:])
+	if off < 0 || off >= len(buf) {
+		return
+	}
+	copy(p, buf[off:])
+}
+
+// WriteConfig implements vdpa.Handler. The virtio-net configuration space
+// is read-only for a VERSION_1 driver (the MAC is changed with the control
+// queue), so writes are ignored.
+func (d *Device) WriteConfig(off int, p []byte) error { return nil }
+
+// NumQueues implements vdpa.Handler: 2 per queue pair plus the control
+// queue.
+func (d *Device) NumQueues() int { return len(d.queues) }
+
+// MaxQueueSize implements vdpa.Handler.
+func (d *Device) MaxQueueSize() uint16 { return d.opts.MaxQueueSize }
+
+// ctrlIndex is the control queue's index under the negotiated features,
+// or -1 when there is none.
+func (d *Device) ctrlIndex() int {
+	f := d.NegotiatedFeatures()
+	if !f.Has(virtio.NetFCtrlVQ) {
+		return -1
+	}
+	if f.Has(virtio.NetFMQ) {
+		return 2 * int(d.opts.MaxQueuePairs)
+	}
+	return 2
+}
+
+type queueKind int
+
+const (
+	kindRx queueKind = iota
+	kindTx
+	kindCtrl
+)
+
+func (d *Device) kindOf(q int) (queueKind, error) {
+	if q < 0 || q >= len(d.queues) {
+		return 0, fmt.Errorf("%w: %d (device has %d)", ErrQueueIndex, q, len(d.queues))
+	}
+	if q == d.ctrlIndex() {
+		return kindCtrl, nil
+	}
+	if !d.NegotiatedFeatures().Has(virtio.NetFMQ) && q >= 2 {
+		return 0, fmt.Errorf("%w: %d without MQ (queues 0, 1 and control queue 2)", ErrQueueIndex, q)
+	}
+	if q == len(d.queues)-1 && !d.opts.NoCtrlVQ {
+		return 0, fmt.Errorf("%w: %d is the control queue, not negotiated", ErrQueueIndex, q)
+	}
+	if q%2 == 0 {
+		return kindRx, nil
+	}
+	return kindTx, nil
+}
+
+// StartQueue implements vdpa.Handler.
+func (d *Device) StartQueue(q int, dq *vring.DeviceQueue, kick, call *vdpa.EventFD) error {
+	d.ctl.Lock()
+	defer d.ctl.Unlock()
+	kind, err := d.kindOf(q)
+	if err != nil {
+		return err
+	}
+	if dq == nil {
+		return fmt.Errorf("softnet: queue %d: nil DeviceQueue", q)
+	}
+	qu := d.queues[q]
+	if qu.isRunning() {
+		return fmt.Errorf("%w: %d", ErrQueueRunning, q)
+	}
+	switch kind {
+	case kindRx:
+		qu.startRx(dq, call)
+	case kindTx:
+		qu.startWorker(d, dq, kick, call, d.txBatch)
+	case kindCtrl:
+		qu.startWorker(d, dq, kick, call, d.ctrlBatch)
+	}
+	return nil
+}
+
+// StopQueue implements vdpa.Handler. Every chain the queue popped has been
+// completed (or, for receive chains held for a later frame, given back by
+// moving NextAvail back) when it returns, so the state restarts the queue
+// exactly.
+func (d *Device) StopQueue(q int) (vring.QueueState, error) {
+	d.ctl.Lock()
+	defer d.ctl.Unlock()
+	if q < 0 || q >= len(d.queues) {
+		return vring.QueueState{}, fmt.Errorf("%w: %d (device has %d)", ErrQueueIndex, q, len(d.queues))
+	}
+	qu := d.queues[q]
+	if !qu.isRunning() {
+		return vring.QueueState{}, fmt.Errorf("%w: %d", ErrQueueStopped, q)
+	}
+	return qu.stop(), nil
+}
+
+// Reset implements vdpa.Handler: it stops every queue and returns the
+// device to its initial state (negotiated features, MAC, receive mode,
+// active queue pairs). Counters are kept.
+func (d *Device) Reset() {
+	d.ctl.Lock()
+	defer d.ctl.Unlock()
+	for _, q := range d.queues {
+		if q.isRunning() {
+			q.stop()
+		}
+	}
+	d.resetState()
+}
+
+// QueueErr returns the error that stopped queue q's processing (a ring
+// rule broken by the driver, a failed dirty-log write), or nil.
+func (d *Device) QueueErr(q int) error {
+	if q < 0 || q >= len(d.queues) {
+		return fmt.Errorf("%w: %d", ErrQueueIndex, q)
+	}
+	return d.queues[q].loadErr()
+}
+
+// SetHandler replaces the frame handler; frames already in a handler call
+// finish with the old one.
+func (d *Device) SetHandler(h FrameHandler) {
+	if h == nil {
+		h = Loopback
+	}
+	d.handler.Store(&handlerBox{h})
+}
+
+// MAC returns the current station address (the configured one, or the one
+// the driver set with MAC_ADDR_SET).
+func (d *Device) MAC() [6]byte { return u64ToMAC(d.mac.Load()) }
+
+// ActivePairs returns the number of queue pairs in use (VQ_PAIRS_SET).
+func (d *Device) ActivePairs() int { return int(d.activePairs.Load()) }
+
+// Promisc and AllMulti report the receive mode set over the control queue.
+func (d *Device) Promisc() bool  { return d.rxMode.Load()&rxPromisc != 0 }
+func (d *Device) AllMulti() bool { return d.rxMode.Load()&rxAllMulti != 0 }
+
+// LinkUp reports the link state.
+func (d *Device) LinkUp() bool { return d.linkUp.Load() }
+
+// SetLinkUp changes the link state (config status LINK_UP) and calls
+// Options.OnConfigChange when it changed.
+func (d *Device) SetLinkUp(up bool) {
+	if d.linkUp.Swap(up) != up && d.opts.OnConfigChange != nil {
+		d.opts.OnConfigChange()
+	}
+}

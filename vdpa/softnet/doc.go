@@ -1,0 +1,32 @@
+// Package softnet is a software virtio-net device: a vdpa.Handler that
+// processes the driver's transmit, receive and control virtqueues in
+// goroutines of this process, with vring's device-side queues.
+//
+// What the driver transmits goes to a FrameHandler. The default, Loopback,
+// sends every frame straight back on the receive queue of the same queue
+// pair, like the kernel's vdpa_sim_net. Responder answers ARP requests and
+// ICMP echo requests for an IPv4 address; ForwardTo links two devices like a
+// cable. Frames reach the driver through a receive filter (MAC address,
+// promiscuous and all-multicast modes, MAC tables) that the driver programs
+// over the control virtqueue.
+//
+// Queue layout (virtio 1.2 §5.1.2): receiveq k is queue 2k, transmitq k is
+// queue 2k+1, and the control queue is queue 2N when VIRTIO_NET_F_MQ is
+// negotiated (N = max_virtqueue_pairs), queue 2 otherwise.
+//
+// The data path allocates nothing per frame: each queue owns its chain
+// buffers and a gather buffer for frames split across descriptors, and a
+// frame is copied once, from the transmit chain (or the handler's buffer)
+// into the receive chain(s). With VIRTIO_NET_F_MRG_RXBUF a frame may fill
+// several receive chains; num_buffers in the first header says how many.
+//
+// Two processing modes: ModeEvent waits on the kick eventfd with driver
+// notifications enabled and re-checks the ring after enabling them (the
+// race vring's EnableNotify reports as pending); ModePoll keeps
+// notifications off and polls, yielding and then sleeping a bounded time
+// when idle.
+//
+// Device is safe for concurrent use: control calls come from the server,
+// data-path work runs on per-queue goroutines, and Deliver may be called
+// from any goroutine.
+package softnet

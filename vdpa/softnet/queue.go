@@ -1,0 +1,504 @@
+package softnet
+
+import (
+	"context"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/vdpakit/vdpakit/vdpa"
+	"github.com/vdpakit/vdpakit/virtio"
+	"github.com/vdpakit/vdpakit/vring"
+)
+
+// queue is one virtqueue of the device with its preallocated buffers.
+//
+// Ownership: a transmit or control queue's DeviceQueue and buffers belong to
+// its worker goroutine between start and stop. A receive queue has no
+// goroutine; mu serializes every delivery into it (from transmit workers of
+// this or another device, or Deliver callers) with start and stop.
+type queue struct {
+	idx int
+
+	mu      sync.Mutex
+	dq      *vring.DeviceQueue
+	kick    *vdpa.EventFD
+	call    *vdpa.EventFD
+	running atomic.Bool
+	cancel  context.CancelFunc
+	done    chan struct{}
+	err     atomic.Pointer[error]
+
+	frames atomic.Uint64
+	bytes  atomic.Uint64
+
+	chain  vring.Chain   // tx/ctrl: the chain being processed
+	gather []byte        // tx/ctrl: frame or command split across segments
+	stash  []vring.Chain // rx: popped chains, stash[:nstash] held for the next frame
+	nstash int
+	lens   []uint32 // rx: bytes written per chain of one frame
+	hdr    [virtio.NetHdrSize]byte
+	irq    bool // rx: used entries published since the last interrupt check
+	tx     Tx
+}
+
+func newQueue(idx, size, batch int) *queue {
+	q := &queue{idx: idx}
+	if idx%2 == 0 {
+		q.stash = make([]vring.Chain, size)
+		for i := range q.stash {
+			q.stash[i].Segs = make([]vring.Segment, 0, 4)
+		}
+		q.lens = make([]uint32, size)
+	} else {
+		q.gather = make([]byte, virtio.NetHdrSize+MaxFrame)
+		q.chain.Segs = make([]vring.Segment, 0, 8)
+	}
+	return q
+}
+
+func (q *queue) isRunning() bool { return q.running.Load() }
+
+func (q *queue) loadErr() error {
+	if p := q.err.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+func (q *queue) setErr(err error) { q.err.Store(&err) }
+
+func (q *queue) startRx(dq *vring.DeviceQueue, call *vdpa.EventFD) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.dq, q.call, q.kick = dq, call, nil
+	q.nstash = 0
+	q.irq = false
+	q.err.Store(nil)
+	// Receive buffers are consumed when frames arrive; the device never
+	// needs to be told that the driver added some.
+	dq.DisableNotify()
+	q.running.Store(true)
+}
+
+type batchFunc func(q *queue) (int, error)
+
+func (q *queue) startWorker(d *Device, dq *vring.DeviceQueue, kick, call *vdpa.EventFD, process batchFunc) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	ctx, cancel := context.WithCancel(context.Background())
+	q.dq, q.kick, q.call = dq, kick, call
+	q.cancel = cancel
+	q.done = make(chan struct{})
+	q.err.Store(nil)
+	q.tx = Tx{dev: d, pair: q.idx / 2}
+	q.running.Store(true)
+	go d.run(ctx, q, process)
+}
+
+// stop ends processing and returns the exact queue state.
+func (q *queue) stop() vring.QueueState {
+	if q.cancel != nil {
+		q.cancel()
+		<-q.done
+		q.cancel = nil
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	st := q.dq.State()
+	// Receive chains held for a later frame are the last ones popped, and
+	// every chain before them has been pushed (receive chains are pushed in
+	// the order they were popped), so giving them back is moving NextAvail
+	// back: a restarted queue pops the same chains again.
+	st.NextAvail -= uint16(q.nstash)
+	q.nstash = 0
+	q.dq, q.kick, q.call = nil, nil, nil
+	q.running.Store(false)
+	return st
+}
+
+// run is a transmit or control queue's goroutine.
+func (d *Device) run(ctx context.Context, q *queue, process batchFunc) {
+	defer close(q.done)
+	batch := d.opts.BatchSize
+	if d.opts.Mode == ModePoll || q.kick == nil {
+		d.poll(ctx, q, process)
+		return
+	}
+	for {
+		if ctx.Err() != nil {
+			return
+		}
+		n, err := process(q)
+		if err != nil {
+			q.setErr(err)
+			return
+		}
+		if n == batch {
+			continue
+		}
+		// Ring empty: ask for a kick, then re-check (EnableNotify reports
+		// chains published before the driver could see the request).
+		pending, err := q.dq.EnableNotify()
+		if err != nil {
+			q.setErr(err)
+			return
+		}
+		if !pending {
+			if _, err := q.kick.Wait(ctx); err != nil {
+				if ctx.Err() == nil {
+					q.setErr(err)
+				}
+				return
+			}
+		}
+		q.dq.DisableNotify()
+	}
+}
+
+func (d *Device) poll(ctx context.Context, q *queue, process batchFunc) {
+	q.dq.DisableNotify()
+	spins := d.opts.PollSpins
+	idle := 0
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		default:
+		}
+		n, err := process(q)
+		if err != nil {
+			q.setErr(err)
+			return
+		}
+		if n > 0 {
+			idle = 0
+			continue
+		}
+		idle++
+		switch {
+		case idle < spins:
+		case idle < 2*spins:
+			runtime.Gosched()
+		default:
+			time.Sleep(d.opts.PollSleep)
+		}
+	}
+}
+
+// signal raises the queue's interrupt if the driver wants one.
+func (q *queue) signal() {
+	if q.call != nil && q.dq.NeedsInterrupt() {
+		_ = q.call.Signal()
+	}
+}
+
+// txBatch processes up to BatchSize transmitted chains.
+func (d *Device) txBatch(q *queue) (int, error) {
+	batch := d.opts.BatchSize
+	hdrLen := int(d.hdrLen.Load())
+	h := d.handler.Load().h
+	n := 0
+	var err error
+	q.tx.rxPair = -1
+	for n < batch {
+		var ok bool
+		ok, err = q.dq.Pop(&q.chain)
+		if err != nil || !ok {
+			break
+		}
+		d.transmit(q, h, hdrLen)
+		// Transmit buffers are device-readable only: nothing written.
+		if err = q.dq.Push(q.chain.Head, 0); err != nil {
+			break
+		}
+		n++
+	}
+	if n > 0 {
+		q.signal()
+		d.flushRx(q.tx.rxPair)
+	}
+	return n, err
+}
+
+// transmit hands one chain's frame to the handler.
+func (d *Device) transmit(q *queue, h FrameHandler, hdrLen int) {
+	c := &q.chain
+	total := c.ReadableLen
+	if total < uint64(hdrLen) {
+		d.drops.add(DropTxShort)
+		return
+	}
+	if total-uint64(hdrLen) > MaxFrame {
+		d.drops.add(DropTxTooBig)
+		return
+	}
+	if !d.linkUp.Load() {
+		d.drops.add(DropLinkDown)
+		return
+	}
+	frame := frameSlice(c, hdrLen, int(total)-hdrLen)
+	if frame == nil {
+		n := c.Gather(q.gather[:total])
+		frame = q.gather[hdrLen:n]
+	}
+	q.frames.Add(1)
+	q.bytes.Add(uint64(len(frame)))
+	h.HandleFrame(&q.tx, frame)
+}
+
+// frameSlice returns the n frame bytes after hdrLen bytes of the chain's
+// readable data when they lie in one segment (zero copy), or nil.
+func frameSlice(c *vring.Chain, hdrLen, n int) []byte {
+	off := hdrLen
+	for i := 0; i < c.Readable; i++ {
+		b := c.Segs[i].Buf
+		if off > len(b) || (off == len(b) && n > 0) {
+			off -= len(b)
+			continue
+		}
+		if len(b)-off >= n {
+			return b[off : off+n]
+		}
+		return nil
+	}
+	return nil
+}
+
+// flushRx raises the receive interrupt of pair after a transmit batch that
+// replied into it.
+func (d *Device) flushRx(pair int) {
+	if pair < 0 {
+		return
+	}
+	rx := d.queues[2*pair]
+	rx.mu.Lock()
+	if rx.irq && rx.dq != nil {
+		rx.irq = false
+		rx.signal()
+	}
+	rx.mu.Unlock()
+}
+
+// deliver writes frame into pair's receive queue. With deferIRQ the
+// interrupt is left for flushRx.
+func (d *Device) deliver(pair int, frame []byte, deferIRQ bool) error {
+	if !d.linkUp.Load() {
+		d.drops.add(DropLinkDown)
+		return ErrLinkDown
+	}
+	if len(frame) > MaxFrame {
+		d.drops.add(DropRxTooBig)
+		return ErrFrameTooBig
+	}
+	if !d.accept(frame) {
+		d.drops.add(DropFiltered)
+		return ErrFiltered
+	}
+	rx := d.queues[2*pair]
+	rx.mu.Lock()
+	defer rx.mu.Unlock()
+	if rx.dq == nil || rx.loadErr() != nil {
+		d.drops.add(DropRxNotReady)
+		return ErrRxNotReady
+	}
+	var err error
+	if d.mrg.Load() {
+		err = d.writeMergeable(rx, frame)
+	} else {
+		err = d.writeSingle(rx, frame)
+	}
+	if err != nil {
+		return err
+	}
+	rx.frames.Add(1)
+	rx.bytes.Add(uint64(len(frame)))
+	rx.irq = true
+	if !deferIRQ {
+		rx.irq = false
+		rx.signal()
+	}
+	return nil
+}
+
+// ringErr records a ring error that stops the receive queue.
+func (d *Device) ringErr(rx *queue, err error) error {
+	rx.setErr(err)
+	d.drops.add(DropRxNotReady)
+	return err
+}
+
+// writeSingle places hdr+frame in one receive chain (no MRG_RXBUF).
+func (d *Device) writeSingle(rx *queue, frame []byte) error {
+	// Without MRG_RXBUF no chain is ever held between frames.
+	c := &rx.stash[0]
+	ok, err := rx.dq.Pop(c)
+	if err != nil {
+		return d.ringErr(rx, err)
+	}
+	if !ok {
+		d.drops.add(DropRxNoBuffer)
+		return ErrNoBuffer
+	}
+	hdrLen := int(d.hdrLen.Load())
+	need := uint64(hdrLen + len(frame))
+	if c.WritableLen < need {
+		// The kernel's vdpa_sim_net and QEMU drop too; the chain goes back
+		// empty so the driver can recycle it.
+		d.drops.add(DropRxTooSmall)
+		if err := rx.dq.PushChain(c, 0); err != nil {
+			return d.ringErr(rx, err)
+		}
+		return ErrBufferTooSmall
+	}
+	h := virtio.NetHdr{NumBuffers: 1}
+	_ = h.Encode(rx.hdr[:], hdrLen)
+	scatterAt(c, 0, rx.hdr[:hdrLen])
+	scatterAt(c, uint64(hdrLen), frame)
+	if err := rx.dq.PushChain(c, uint32(need)); err != nil {
+		return d.ringErr(rx, err)
+	}
+	return nil
+}
+
+// writeMergeable spreads hdr+frame over as many receive chains as needed
+// (MRG_RXBUF) and sets num_buffers in the first header. Chains popped for a
+// frame that then finds the ring empty are held (stash[:nstash], in pop
+// order) for the next frame rather than returned half-used.
+func (d *Device) writeMergeable(rx *queue, frame []byte) error {
+	hdrLen := int(d.hdrLen.Load())
+	need := uint64(hdrLen + len(frame))
+	var got uint64
+	n := 0
+	for got < need {
+		if n == len(rx.stash) {
+			d.drops.add(DropRxNoBuffer)
+			return ErrNoBuffer
+		}
+		c := &rx.stash[n]
+		if n >= rx.nstash {
+			ok, err := rx.dq.Pop(c)
+			if err != nil {
+				return d.ringErr(rx, err)
+			}
+			if !ok {
+				d.drops.add(DropRxNoBuffer)
+				return ErrNoBuffer
+			}
+			rx.nstash = n + 1
+		}
+		n++
+		if n == 1 && c.WritableLen < uint64(hdrLen) {
+			// The header must fit in the first buffer (§5.1.6.3.1): give
+			// this chain back empty, keep the others.
+			d.drops.add(DropRxTooSmall)
+			if err := rx.dq.PushChain(c, 0); err != nil {
+				return d.ringErr(rx, err)
+			}
+			rx.consume(1)
+			return ErrBufferTooSmall
+		}
+		got += c.WritableLen
+	}
+	var off uint64
+	h := virtio.NetHdr{NumBuffers: uint16(n)}
+	_ = h.Encode(rx.hdr[:], hdrLen)
+	for i := 0; i < n; i++ {
+		c := &rx.stash[i]
+		take := min(c.WritableLen, need-off)
+		// Copy the part of the virtual stream hdr||frame in [off, off+take).
+		var w uint64
+		if off < uint64(hdrLen) {
+			w = uint64(scatterAt(c, 0, rx.hdr[off:hdrLen]))
+		}
+		if w < take {
+			fo := off + w - uint64(hdrLen)
+			scatterAt(c, w, frame[fo:fo+(take-w)])
+		}
+		rx.lens[i] = uint32(take)
+		off += take
+	}
+	for i := 0; i < n; i++ {
+		if err := rx.dq.PushChain(&rx.stash[i], rx.lens[i]); err != nil {
+			return d.ringErr(rx, err)
+		}
+	}
+	rx.consume(n)
+	return nil
+}
+
+// consume drops the first n held chains (pushed by the caller), keeping the
+// rest in order at the front. The Chain values rotate rather than being
+// overwritten so every Segs backing array is kept: no allocation.
+func (rx *queue) consume(n int) {
+	held := rx.nstash
+	if n >= held {
+		rx.nstash = 0
+		return
+	}
+	s := rx.stash[:held]
+	reverseChains(s[:n])
+	reverseChains(s[n:])
+	reverseChains(s)
+	rx.nstash = held - n
+}
+
+func reverseChains(s []vring.Chain) {
+	for i, j := 0, len(s)-1; i < j; i, j = i+1, j-1 {
+		s[i], s[j] = s[j], s[i]
+	}
+}
+
+// scatterAt copies p into c's writable segments starting at byte offset
+// off of the writable area and returns the bytes copied.
+func scatterAt(c *vring.Chain, off uint64, p []byte) int {
+	done := 0
+	for i := c.Readable; i < len(c.Segs) && done < len(p); i++ {
+		b := c.Segs[i].Buf
+		if off >= uint64(len(b)) {
+			off -= uint64(len(b))
+			continue
+		}
+		done += copy(b[off:], p[done:])
+		off = 0
+	}
+	return done
+}
+
+// accept applies the receive filter (virtio 1.2 §5.1.6.5.1 and .2).
+func (d *Device) accept(frame []byte) bool {
+	mode := d.rxMode.Load()
+	if mode&rxPromisc != 0 || len(frame) < 6 {
+		return true
+	}
+	dst := frame[:6]
+	if dst[0]&1 != 0 {
+		if dst[0]&dst[1]&dst[2]&dst[3]&dst[4]&dst[5] == 0xff {
+			return mode&rxNoBcast == 0
+		}
+		if mode&rxNoMulti != 0 {
+			return false
+		}
+		if mode&rxAllMulti != 0 {
+			return true
+		}
+		return inTable(d.tables.Load().multi, dst)
+	}
+	if mode&rxNoUni != 0 {
+		return false
+	}
+	if mode&rxAllUni != 0 || macToU64(dst) == d.mac.Load() {
+		return true
+	}
+	return inTable(d.tables.Load().uni, dst)
+}
+
+func inTable(t [][6]byte, m []byte) bool {
+	for i := range t {
+		if string(t[i][:]) == string(m) {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,98 @@
+package softnet
+
+import (
+	"fmt"
+	"sync/atomic"
+)
+
+// DropReason says why a frame was not delivered.
+type DropReason int
+
+// Drop reasons.
+const (
+	// DropTxShort: a transmit chain shorter than the virtio-net header.
+	DropTxShort DropReason = iota
+	// DropTxTooBig: a transmitted frame larger than MaxFrame.
+	DropTxTooBig
+	// DropRxTooBig: a frame to deliver larger than MaxFrame.
+	DropRxTooBig
+	// DropRxNoBuffer: the receive queue had no (or not enough) buffers.
+	DropRxNoBuffer
+	// DropRxTooSmall: a receive chain too small for the header (or, without
+	// MRG_RXBUF, for the whole frame).
+	DropRxTooSmall
+	// DropRxNotReady: the receive queue is not started or is broken.
+	DropRxNotReady
+	// DropFiltered: rejected by the receive filter (MAC, rx mode).
+	DropFiltered
+	// DropLinkDown: the link is down.
+	DropLinkDown
+	numDropReasons
+)
+
+var dropNames = [...]string{"tx_short", "tx_too_big", "rx_too_big", "rx_no_buffer", "rx_too_small",
+	"rx_not_ready", "filtered", "link_down"}
+
+func (r DropReason) String() string {
+	if r >= 0 && r < numDropReasons {
+		return dropNames[r]
+	}
+	return fmt.Sprintf("drop(%d)", int(r))
+}
+
+type dropCounters [numDropReasons]atomic.Uint64
+
+func (c *dropCounters) add(r DropReason) { c[r].Add(1) }
+
+// QueueStats counts the frames and bytes (without headers) that went
+// through one virtqueue: transmitted on a transmit queue, delivered on a
+// receive queue.
+type QueueStats struct {
+	Frames uint64
+	Bytes  uint64
+}
+
+// Stats is a snapshot of the device's counters.
+type Stats struct {
+	// Queues is indexed by virtqueue: receiveq k at 2k, transmitq k at 2k+1.
+	Queues []QueueStats
+	// Drops is indexed by DropReason.
+	Drops [numDropReasons]uint64
+	// CtrlOK and CtrlErr count control commands acknowledged with
+	// VIRTIO_NET_OK and VIRTIO_NET_ERR.
+	CtrlOK, CtrlErr uint64
+}
+
+// Drop returns the count for one reason.
+func (s *Stats) Drop(r DropReason) uint64 {
+	if r < 0 || r >= numDropReasons {
+		return 0
+	}
+	return s.Drops[r]
+}
+
+// Rx and Tx sum the receive and transmit queue counters.
+func (s *Stats) Rx() QueueStats { return s.sum(0) }
+func (s *Stats) Tx() QueueStats { return s.sum(1) }
+
+func (s *Stats) sum(parity int) QueueStats {
+	var t QueueStats
+	for i := parity; i < len(s.Queues); i += 2 {
+		t.Frames += s.Queues[i].Frames
+		t.Bytes += s.Queues[i].Bytes
+	}
+	return t
+}
+
+// Stats returns a snapshot of the counters.
+func (d *Device) Stats() Stats {
+	n := 2 * int(d.opts.MaxQueuePairs)
+	s := Stats{Queues: make([]QueueStats, n), CtrlOK: d.ctrlOK.Load(), CtrlErr: d.ctrlEr.Load()}
+	for i := 0; i < n; i++ {
+		s.Queues[i] = QueueStats{Frames: d.queues[i].frames.Load(), Bytes: d.queues[i].bytes.Load()}
+	}
+	for i := range s.Drops {
+		s.Drops[i] = d.drops[i].Load()
+	}
+	return s
+}
