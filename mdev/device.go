@@ -1,0 +1,901 @@
+package mdev
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"math/bits"
+	"sync"
+
+	"github.com/vdpakit/vdpakit/vdpa"
+	"github.com/vdpakit/vdpakit/virtio"
+	"github.com/vdpakit/vdpakit/vring"
+)
+
+// Transport feature bits this emulation never offers: it implements split
+// rings only, no notification data, no per-queue reset, and the vhost-only
+// bits are not virtio features at all.
+const unsupportedFeatures = virtio.Features(1)<<virtio.FRingPacked |
+	virtio.Features(1)<<virtio.FNotificationData |
+	virtio.Features(1)<<virtio.FRingReset |
+	virtio.Features(1)<<virtio.FLogAll |
+	virtio.Features(1)<<virtio.FProtocolFeat |
+	virtio.Features(1)<<virtio.FSRIOV
+
+// maxQueueSize is the largest split-ring size (virtio 1.2 §2.7).
+const maxQueueSize = 32768
+
+// maxQueues bounds the queue count of a device (and of a state stream).
+const maxQueues = 1024
+
+// maxConfigSize bounds the device configuration space.
+const maxConfigSize = 1024
+
+// Options configure NewDevice. A nil *Options means defaults.
+type Options struct {
+	// Memory is the guest memory the guest's rings and buffers live in. It
+	// is handed to the backing device (SetMemory) at DRIVER_OK and used to
+	// validate ring addresses. Required for the device to go live.
+	Memory *vring.Memory
+	// Features, when non-zero, masks the features offered to the guest
+	// (offered = backing features & Features, minus transport features this
+	// emulation does not implement).
+	Features virtio.Features
+	// MaxQueueSize caps the queue size offered (default: the backing
+	// device's maximum).
+	MaxQueueSize uint16
+	// MSIXVectors is the MSI-X table size (default: one per queue plus one
+	// for configuration changes).
+	MSIXVectors int
+	// Vector, when set, returns the VMM's irqfd for an MSI-X vector. Queue
+	// interrupts are then wired from the backing device straight to it.
+	// When nil, the device creates one call EventFD per queue (CallFD) and
+	// one for configuration changes (ConfigFD) for the VMM to route.
+	Vector func(vector uint16) *vdpa.EventFD
+	// Backend names the kind of backing device ("software", "vhost-vdpa",
+	// "vhost-user", "vduse"), recorded in the migration state.
+	Backend string
+	// SubsystemVendorID and SubsystemID fill the PCI subsystem fields
+	// (defaults 0x1af4 and 0x1100).
+	SubsystemVendorID uint16
+	SubsystemID       uint16
+	// DirtyMode selects how guest-memory writes are tracked during
+	// migration (default DirtyAuto).
+	DirtyMode DirtyMode
+}
+
+// queue is the per-virtqueue register state.
+type queue struct {
+	size    uint16
+	vector  uint16
+	enabled bool
+	desc    uint64
+	driver  uint64
+	device  uint64
+	// base is the ring position the backing device starts from: zero after
+	// reset, the read-back position after a suspend, the restored position
+	// after a migration.
+	base vring.QueueState
+}
+
+// Device is a mediated virtio-pci device: an emulated virtio 1.x modern PCI
+// control path in front of a backing vdpa.Device. A VMM forwards its MMIO
+// traps to Read and Write (or ReadBAR and WriteBAR); when the guest sets
+// DRIVER_OK the backing device is programmed with the guest's rings, kick
+// and interrupt eventfds, and from then on processes the data path itself.
+//
+// All methods are safe for concurrent use.
+type Device struct {
+	mu      sync.Mutex
+	backing vdpa.Device
+	opts    Options
+
+	devID     virtio.DeviceID
+	offered   virtio.Features
+	numQueues int
+	maxQueue  uint16
+	cfgSize   int
+	layout    Layout
+	pci       pciConfig
+	msix      []byte
+
+	// Common configuration registers.
+	dfSelect       uint32
+	gfSelect       uint32
+	driverFeatures virtio.Features
+	extraAccepted  bool // the driver set bits in a feature window >= 2
+	msixConfig     uint16
+	status         virtio.Status
+	generation     uint8
+	queueSelect    uint16
+	queues         []queue
+	isr            uint8
+	cfgSnapshot    []byte
+
+	kicks    []*vdpa.EventFD
+	calls    []*vdpa.EventFD
+	configFD *vdpa.EventFD
+
+	// live: the backing device is programmed and processing the rings.
+	live bool
+	// negotiated: the backing device has accepted driverFeatures
+	// (FEATURES_OK) for the current driver session.
+	negotiated bool
+	lastErr    error
+
+	mig    migState
+	closed bool
+	// relay is non-nil while the data path runs through the shadow relay.
+	relay *relay
+	// tracking is the dirty-tracking mode in effect (DirtyAuto: none).
+	tracking DirtyMode
+}
+
+// NewDevice creates a mediated device in front of backing, which it resets.
+// The Device does not take ownership of backing: Close leaves it open.
+func NewDevice(backing vdpa.Device, opts *Options) (*Device, error) {
+	if backing == nil {
+		return nil, fmt.Errorf("%w: nil backing device", ErrInvalidOptions)
+	}
+	d := &Device{backing: backing}
+	if opts != nil {
+		d.opts = *opts
+	}
+	if d.opts.SubsystemVendorID == 0 {
+		d.opts.SubsystemVendorID = PCIVendorID
+	}
+	if d.opts.SubsystemID == 0 {
+		d.opts.SubsystemID = defaultSubsysID
+	}
+	var err error
+	if d.devID, err = backing.DeviceID(); err != nil {
+		return nil, backingErr("device id", err)
+	}
+	if d.offered, err = backing.Features(); err != nil {
+		return nil, backingErr("features", err)
+	}
+	if d.opts.Features != 0 {
+		d.offered &= d.opts.Features
+	}
+	d.offered &^= unsupportedFeatures
+	if !d.offered.Has(virtio.FVersion1) {
+		return nil, fmt.Errorf("%w: backing device does not offer VERSION_1", ErrInvalidOptions)
+	}
+	if d.numQueues, err = backing.NumQueues(); err != nil {
+		return nil, backingErr("num queues", err)
+	}
+	if d.numQueues < 1 || d.numQueues > maxQueues {
+		return nil, fmt.Errorf("%w: backing device has %d queues (1..%d)", ErrInvalidOptions, d.numQueues, maxQueues)
+	}
+	if d.maxQueue, err = backing.MaxQueueSize(); err != nil {
+		return nil, backingErr("max queue size", err)
+	}
+	if d.opts.MaxQueueSize != 0 && d.opts.MaxQueueSize < d.maxQueue {
+		d.maxQueue = d.opts.MaxQueueSize
+	}
+	if d.maxQueue == 0 || d.maxQueue > maxQueueSize {
+		return nil, fmt.Errorf("%w: queue size %d", ErrInvalidOptions, d.maxQueue)
+	}
+	// Offer the largest power of two not above the maximum.
+	d.maxQueue = uint16(1) << (bits.Len16(d.maxQueue) - 1)
+	if d.cfgSize, err = backing.ConfigSize(); err != nil {
+		return nil, backingErr("config size", err)
+	}
+	if d.cfgSize < 0 || d.cfgSize > maxConfigSize {
+		return nil, fmt.Errorf("%w: config size %d", ErrInvalidOptions, d.cfgSize)
+	}
+	if d.opts.MSIXVectors == 0 {
+		d.opts.MSIXVectors = d.numQueues + 1
+	}
+	if d.opts.MSIXVectors < 1 || d.opts.MSIXVectors > 2048 {
+		return nil, fmt.Errorf("%w: %d MSI-X vectors (1..2048)", ErrInvalidOptions, d.opts.MSIXVectors)
+	}
+	if err := backing.SetStatus(0); err != nil {
+		return nil, backingErr("reset", err)
+	}
+	d.computeLayout()
+	d.buildPCIConfig()
+	d.msix = make([]byte, d.layout.MSIXPBA+uint32((d.opts.MSIXVectors+63)/64*8))
+	for v := 0; v < d.opts.MSIXVectors; v++ {
+		d.msix[v*msixTableEntrySize+12] = 1 // vector control: masked
+	}
+	d.queues = make([]queue, d.numQueues)
+	d.kicks = make([]*vdpa.EventFD, d.numQueues)
+	if d.opts.Vector == nil {
+		d.calls = make([]*vdpa.EventFD, d.numQueues)
+	}
+	cleanup := func() {
+		for _, e := range append(append([]*vdpa.EventFD(nil), d.kicks...), d.calls...) {
+			if e != nil {
+				_ = e.Close()
+			}
+		}
+		if d.configFD != nil {
+			_ = d.configFD.Close()
+		}
+	}
+	for q := range d.kicks {
+		if d.kicks[q], err = vdpa.NewEventFD(); err != nil {
+			cleanup()
+			return nil, err
+		}
+		if d.calls != nil {
+			if d.calls[q], err = vdpa.NewEventFD(); err != nil {
+				cleanup()
+				return nil, err
+			}
+		}
+	}
+	if d.opts.Vector == nil {
+		if d.configFD, err = vdpa.NewEventFD(); err != nil {
+			cleanup()
+			return nil, err
+		}
+	}
+	d.resetRegisters()
+	d.cfgSnapshot = d.readBackingConfig()
+	d.mig.state = MigRunning
+	return d, nil
+}
+
+// Close stops the data path (resetting the backing device if it was live)
+// and releases the device's eventfds. The backing device stays open.
+func (d *Device) Close() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return nil
+	}
+	d.closed = true
+	d.stopRelay()
+	var err error
+	if d.live || d.negotiated {
+		err = backingErr("reset", d.backing.SetStatus(0))
+	}
+	for _, e := range append(append([]*vdpa.EventFD(nil), d.kicks...), d.calls...) {
+		if e != nil {
+			_ = e.Close()
+		}
+	}
+	if d.configFD != nil {
+		_ = d.configFD.Close()
+	}
+	return err
+}
+
+// DeviceID is the virtio device type of the backing device.
+func (d *Device) DeviceID() virtio.DeviceID { return d.devID }
+
+// OfferedFeatures are the features the guest sees in device_feature.
+func (d *Device) OfferedFeatures() virtio.Features { return d.offered }
+
+// NumQueues is the number of virtqueues (num_queues).
+func (d *Device) NumQueues() int { return d.numQueues }
+
+// Status returns the device status byte as the guest reads it.
+func (d *Device) Status() virtio.Status {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.status
+}
+
+// DriverFeatures returns the features the driver has accepted.
+func (d *Device) DriverFeatures() virtio.Features {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.driverFeatures
+}
+
+// Err returns the backing-device error that set NEEDS_RESET, if any.
+func (d *Device) Err() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.lastErr
+}
+
+// KickFD returns queue q's kick eventfd. A write to the queue's notification
+// address signals it; a VMM can instead register it directly as a KVM
+// ioeventfd for that address, so guest kicks reach the backing device
+// without a trap.
+func (d *Device) KickFD(q int) *vdpa.EventFD {
+	if q < 0 || q >= len(d.kicks) {
+		return nil
+	}
+	return d.kicks[q]
+}
+
+// CallFD returns queue q's interrupt eventfd when Options.Vector is nil (the
+// VMM routes it to the MSI-X vector QueueVector(q) reports, e.g. as a KVM
+// irqfd). It is nil when Options.Vector supplies per-vector irqfds.
+func (d *Device) CallFD(q int) *vdpa.EventFD {
+	if q < 0 || q >= len(d.calls) {
+		return nil
+	}
+	return d.calls[q]
+}
+
+// ConfigFD returns the configuration-change interrupt eventfd when
+// Options.Vector is nil.
+func (d *Device) ConfigFD() *vdpa.EventFD { return d.configFD }
+
+// QueueVector returns the MSI-X vector the guest assigned to queue q.
+func (d *Device) QueueVector(q int) uint16 {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if q < 0 || q >= len(d.queues) {
+		return NoVector
+	}
+	return d.queues[q].vector
+}
+
+// resetRegisters returns every register to its reset value (virtio 1.2
+// §4.1.4.3.1: queue_size holds the maximum, vectors hold NO_VECTOR).
+func (d *Device) resetRegisters() {
+	d.dfSelect, d.gfSelect = 0, 0
+	d.driverFeatures = 0
+	d.extraAccepted = false
+	d.msixConfig = NoVector
+	d.status = 0
+	d.queueSelect = 0
+	d.isr = 0
+	for i := range d.queues {
+		d.queues[i] = queue{size: d.maxQueue, vector: NoVector}
+	}
+	d.negotiated = false
+	d.lastErr = nil
+}
+
+func (d *Device) readBackingConfig() []byte {
+	b := make([]byte, d.cfgSize)
+	if d.cfgSize > 0 {
+		if err := d.backing.ReadConfig(0, b); err != nil {
+			return d.cfgSnapshot
+		}
+	}
+	return b
+}
+
+// refreshGeneration compares the backing device's configuration with the
+// last snapshot and bumps config_generation on a change (§2.5.1: the device
+// changes config_generation whenever the configuration changes).
+func (d *Device) refreshGeneration() {
+	cur := d.readBackingConfig()
+	if !bytes.Equal(cur, d.cfgSnapshot) {
+		d.cfgSnapshot = cur
+		d.generation++
+	}
+}
+
+// ConfigChanged tells the device that the backing device's configuration
+// may have changed (link status, for example). If it did, the device bumps
+// config_generation, sets the ISR configuration bit and raises the
+// configuration interrupt (§2.5.1, §4.1.4.5).
+func (d *Device) ConfigChanged() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	old := d.generation
+	d.refreshGeneration()
+	if d.generation != old && d.status&virtio.StatusDriverOK != 0 {
+		d.configInterrupt()
+	}
+}
+
+// BackingFailed reports that the backing device failed while live. The
+// device sets DEVICE_NEEDS_RESET and raises the configuration interrupt
+// (§2.1.2); the driver must reset it.
+func (d *Device) BackingFailed(err error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.needsReset(backingErr("data path", err))
+}
+
+func (d *Device) needsReset(err error) {
+	d.lastErr = err
+	if d.status&virtio.StatusDeviceNeedsReset != 0 {
+		return
+	}
+	d.status |= virtio.StatusDeviceNeedsReset
+	if d.status&virtio.StatusDriverOK != 0 {
+		d.configInterrupt()
+	}
+}
+
+func (d *Device) configInterrupt() {
+	d.isr |= ISRConfig
+	if fd := d.vectorFD(d.msixConfig, d.configFD); fd != nil {
+		_ = fd.Signal()
+	}
+}
+
+// vectorFD returns the eventfd that raises vector v: the VMM's irqfd when
+// Options.Vector is set, otherwise fallback.
+func (d *Device) vectorFD(v uint16, fallback *vdpa.EventFD) *vdpa.EventFD {
+	if d.opts.Vector != nil {
+		if v == NoVector {
+			return nil
+		}
+		return d.opts.Vector(v)
+	}
+	return fallback
+}
+
+func (d *Device) queueCallFD(q int) *vdpa.EventFD {
+	var fb *vdpa.EventFD
+	if d.calls != nil {
+		fb = d.calls[q]
+	}
+	return d.vectorFD(d.queues[q].vector, fb)
+}
+
+// Read performs a guest read of size bytes at offset within region.
+func (d *Device) Read(region Region, offset uint64, size int) (uint64, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	v, err := d.readLocked(region, offset, size)
+	if err != nil {
+		return 0, &AccessError{Region: region, Offset: offset, Size: size, Err: err}
+	}
+	return v, nil
+}
+
+// Write performs a guest write of the low size bytes of value at offset
+// within region. Writes the spec forbids in the current state are ignored
+// (the register keeps its value), as the spec requires of a device; only
+// malformed accesses (wrong width, out of range) return an error.
+func (d *Device) Write(region Region, offset uint64, size int, value uint64) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if err := d.writeLocked(region, offset, size, value); err != nil {
+		return &AccessError{Region: region, Offset: offset, Size: size, Write: true, Err: err}
+	}
+	return nil
+}
+
+func (d *Device) readLocked(region Region, off uint64, size int) (uint64, error) {
+	switch region {
+	case RegionCommon:
+		return d.commonRead(off, size)
+	case RegionNotify:
+		if err := d.notifyCheck(off, size); err != nil {
+			return 0, err
+		}
+		return 0, nil
+	case RegionISR:
+		if off != 0 {
+			return 0, ErrOutOfRange
+		}
+		if size != 1 {
+			return 0, ErrAccessSize
+		}
+		v := d.isr
+		d.isr = 0 // §4.1.4.5: reading the ISR status resets it to 0
+		return uint64(v), nil
+	case RegionDevice:
+		if !validSize(size, 4) {
+			return 0, ErrAccessSize
+		}
+		if off+uint64(size) > uint64(d.cfgSize) {
+			return 0, ErrOutOfRange
+		}
+		var b [4]byte
+		if err := d.backing.ReadConfig(int(off), b[:size]); err != nil {
+			return 0, backingErr("read config", err)
+		}
+		return readLE(b[:], size), nil
+	case RegionPCIConfig:
+		return d.pciRead(off, size)
+	case RegionMSIX:
+		if !validSize(size, 8) || off%uint64(size) != 0 {
+			return 0, ErrAccessSize
+		}
+		if off+uint64(size) > uint64(len(d.msix)) {
+			if off < d.layout.BARs[0].Size {
+				return 0, nil
+			}
+			return 0, ErrOutOfRange
+		}
+		return readLE(d.msix[off:], size), nil
+	}
+	return 0, ErrRegion
+}
+
+func (d *Device) writeLocked(region Region, off uint64, size int, v uint64) error {
+	switch region {
+	case RegionCommon:
+		return d.commonWrite(off, size, v)
+	case RegionNotify:
+		if err := d.notifyCheck(off, size); err != nil {
+			return err
+		}
+		d.notify(int(off / NotifyOffMultiplier))
+		return nil
+	case RegionISR:
+		if off != 0 {
+			return ErrOutOfRange
+		}
+		if size != 1 {
+			return ErrAccessSize
+		}
+		return nil // read-only
+	case RegionDevice:
+		if !validSize(size, 4) {
+			return ErrAccessSize
+		}
+		if off+uint64(size) > uint64(d.cfgSize) {
+			return ErrOutOfRange
+		}
+		var b [4]byte
+		writeLE(b[:], size, v)
+		if err := d.backing.WriteConfig(int(off), b[:size]); err != nil {
+			return backingErr("write config", err)
+		}
+		return nil
+	case RegionPCIConfig:
+		return d.pciWrite(off, size, v)
+	case RegionMSIX:
+		if !validSize(size, 8) || off%uint64(size) != 0 {
+			return ErrAccessSize
+		}
+		if off+uint64(size) > uint64(d.layout.MSIXPBA) {
+			if off < d.layout.BARs[0].Size {
+				return nil // PBA is read-only
+			}
+			return ErrOutOfRange
+		}
+		writeLE(d.msix[off:], size, v)
+		return nil
+	}
+	return ErrRegion
+}
+
+// notifyCheck validates an access to the notification area: the driver
+// writes a 16-bit queue index at the queue's slot, queue_notify_off *
+// notify_off_multiplier (§4.1.4.4).
+func (d *Device) notifyCheck(off uint64, size int) error {
+	if off >= uint64(d.numQueues*NotifyOffMultiplier) {
+		return ErrOutOfRange
+	}
+	if size != 2 && size != 4 {
+		return ErrAccessSize
+	}
+	if off%NotifyOffMultiplier+uint64(size) > NotifyOffMultiplier {
+		return ErrOutOfRange
+	}
+	return nil
+}
+
+// notify delivers a guest kick for queue q to the queue's kick eventfd,
+// which the backing device (or the relay) waits on.
+func (d *Device) notify(q int) {
+	if q < 0 || q >= len(d.kicks) {
+		return
+	}
+	_ = d.kicks[q].Signal()
+}
+
+// field widths of the common configuration structure, indexed by offset of
+// the field's first byte.
+var commonFieldWidth = map[uint64]int{
+	OffDeviceFeatureSelect: 4, OffDeviceFeature: 4, OffDriverFeatureSelect: 4, OffDriverFeature: 4,
+	OffMSIXConfig: 2, OffNumQueues: 2, OffDeviceStatus: 1, OffConfigGeneration: 1,
+	OffQueueSelect: 2, OffQueueSize: 2, OffQueueMSIXVector: 2, OffQueueEnable: 2, OffQueueNotifyOff: 2,
+	OffQueueDesc: 8, OffQueueDriver: 8, OffQueueDevice: 8,
+}
+
+// commonField resolves an access to a field start and validates its width:
+// each field is accessed with its natural width, and a 64-bit field either
+// whole or as its low and high 32-bit halves (§4.1.3.1).
+func commonField(off uint64, size int) (start uint64, err error) {
+	if off+uint64(size) > CommonCfgLen || !validSize(size, 8) {
+		if off >= CommonCfgLen {
+			return 0, ErrOutOfRange
+		}
+		return 0, ErrAccessSize
+	}
+	if w, ok := commonFieldWidth[off]; ok {
+		if w == size || (w == 8 && size == 4) {
+			return off, nil
+		}
+		return 0, ErrAccessSize
+	}
+	if w, ok := commonFieldWidth[off-4]; ok && w == 8 && size == 4 {
+		return off - 4, nil
+	}
+	return 0, ErrAccessSize
+}
+
+func (d *Device) selectedQueue() *queue {
+	if int(d.queueSelect) >= len(d.queues) {
+		return nil
+	}
+	return &d.queues[d.queueSelect]
+}
+
+func (d *Device) commonRead(off uint64, size int) (uint64, error) {
+	start, err := commonField(off, size)
+	if err != nil {
+		return 0, err
+	}
+	q := d.selectedQueue()
+	var v uint64
+	switch start {
+	case OffDeviceFeatureSelect:
+		v = uint64(d.dfSelect)
+	case OffDeviceFeature:
+		if d.dfSelect < 2 {
+			v = uint64(d.offered) >> (32 * d.dfSelect) & 0xffffffff
+		}
+	case OffDriverFeatureSelect:
+		v = uint64(d.gfSelect)
+	case OffDriverFeature:
+		if d.gfSelect < 2 {
+			v = uint64(d.driverFeatures) >> (32 * d.gfSelect) & 0xffffffff
+		}
+	case OffMSIXConfig:
+		v = uint64(d.msixConfig)
+	case OffNumQueues:
+		v = uint64(d.numQueues)
+	case OffDeviceStatus:
+		v = uint64(d.status)
+	case OffConfigGeneration:
+		d.refreshGeneration()
+		v = uint64(d.generation)
+	case OffQueueSelect:
+		v = uint64(d.queueSelect)
+	case OffQueueSize:
+		// §4.1.4.3: a queue_size of 0 means the selected queue is
+		// unavailable.
+		if q != nil {
+			v = uint64(q.size)
+		}
+	case OffQueueMSIXVector:
+		v = uint64(NoVector)
+		if q != nil {
+			v = uint64(q.vector)
+		}
+	case OffQueueEnable:
+		if q != nil && q.enabled {
+			v = 1
+		}
+	case OffQueueNotifyOff:
+		if q != nil {
+			v = uint64(d.queueSelect)
+		}
+	case OffQueueDesc, OffQueueDriver, OffQueueDevice:
+		if q != nil {
+			v = *q.addrField(start)
+		}
+	}
+	if start != off { // high half of a 64-bit field
+		v >>= 32
+	}
+	if size < 8 {
+		v &= 1<<(8*size) - 1
+	}
+	return v, nil
+}
+
+func (q *queue) addrField(start uint64) *uint64 {
+	switch start {
+	case OffQueueDesc:
+		return &q.desc
+	case OffQueueDriver:
+		return &q.driver
+	}
+	return &q.device
+}
+
+func (d *Device) commonWrite(off uint64, size int, v uint64) error {
+	start, err := commonField(off, size)
+	if err != nil {
+		return err
+	}
+	featuresOK := d.status&virtio.StatusFeaturesOK != 0
+	driverOK := d.status&virtio.StatusDriverOK != 0
+	q := d.selectedQueue()
+	switch start {
+	case OffDeviceFeatureSelect:
+		d.dfSelect = uint32(v)
+	case OffDriverFeatureSelect:
+		d.gfSelect = uint32(v)
+	case OffDriverFeature:
+		// §3.1.1: features are fixed once FEATURES_OK is set.
+		if featuresOK {
+			return nil
+		}
+		switch d.gfSelect {
+		case 0:
+			d.driverFeatures = d.driverFeatures&^0xffffffff | virtio.Features(uint32(v))
+		case 1:
+			d.driverFeatures = d.driverFeatures&0xffffffff | virtio.Features(uint32(v))<<32
+		default:
+			// No feature bits exist beyond 63: accepting one makes
+			// FEATURES_OK fail.
+			if uint32(v) != 0 {
+				d.extraAccepted = true
+			}
+		}
+	case OffMSIXConfig:
+		d.msixConfig = d.mapVector(uint16(v))
+	case OffDeviceStatus:
+		d.setStatus(virtio.Status(v))
+	case OffQueueSelect:
+		d.queueSelect = uint16(v)
+	case OffQueueSize:
+		// §4.1.4.3.2: the driver may reduce queue_size to a power of two
+		// before enabling the queue; anything else is ignored.
+		n := uint16(v)
+		if q == nil || q.enabled || driverOK || n == 0 || n > d.maxQueue || n&(n-1) != 0 {
+			return nil
+		}
+		q.size = n
+	case OffQueueMSIXVector:
+		if q == nil {
+			return nil
+		}
+		q.vector = d.mapVector(uint16(v))
+		if d.live {
+			if err := d.rewireCall(int(d.queueSelect)); err != nil {
+				d.needsReset(err)
+			}
+		}
+	case OffQueueEnable:
+		// §4.1.4.3.2: the driver must not write 0 to queue_enable (no
+		// VIRTIO_F_RING_RESET); enabling after DRIVER_OK is not allowed
+		// either.
+		if q == nil || driverOK || uint16(v) != 1 {
+			return nil
+		}
+		q.enabled = true
+	case OffQueueDesc, OffQueueDriver, OffQueueDevice:
+		if q == nil || q.enabled || driverOK {
+			return nil
+		}
+		p := q.addrField(start)
+		switch {
+		case size == 8:
+			*p = v
+		case start == off:
+			*p = *p&^0xffffffff | v&0xffffffff
+		default:
+			*p = *p&0xffffffff | (v&0xffffffff)<<32
+		}
+	}
+	// device_feature, num_queues, config_generation and queue_notify_off
+	// are read-only: writes are ignored.
+	return nil
+}
+
+// mapVector returns v if the MSI-X table has it, else NO_VECTOR (§4.1.5.1.2:
+// the device answers NO_VECTOR when it cannot map the vector).
+func (d *Device) mapVector(v uint16) uint16 {
+	if v == NoVector || int(v) >= d.opts.MSIXVectors {
+		return NoVector
+	}
+	return v
+}
+
+const statusKnown = virtio.StatusAcknowledge | virtio.StatusDriver | virtio.StatusFeaturesOK |
+	virtio.StatusDriverOK | virtio.StatusDeviceNeedsReset | virtio.StatusFailed
+
+// setStatus applies a driver write to device_status (virtio 1.2 §2.1, §3.1).
+func (d *Device) setStatus(v virtio.Status) {
+	if v == 0 {
+		d.reset()
+		return
+	}
+	old := d.status
+	// DEVICE_NEEDS_RESET is owned by the device: the driver's copy of it
+	// is neither set nor cleared by the write.
+	v = v&^virtio.StatusDeviceNeedsReset | old&virtio.StatusDeviceNeedsReset
+	if v&^statusKnown != 0 {
+		return // reserved bits
+	}
+	if old&^v != 0 {
+		return // §2.1.2: the driver must not clear a status bit
+	}
+	set := v &^ old
+	if set == 0 {
+		return
+	}
+	if set&virtio.StatusFailed != 0 {
+		// The driver gave up on the device: stop the data path.
+		d.status |= virtio.StatusFailed
+		d.stopRelay()
+		if d.live || d.negotiated {
+			_ = d.backing.SetStatus(0)
+		}
+		d.live, d.negotiated = false, false
+		set &^= virtio.StatusFailed
+		if set == 0 {
+			return
+		}
+	}
+	if d.status&virtio.StatusFailed != 0 {
+		return
+	}
+	// §3.1.1: the bits are set in order.
+	need := map[virtio.Status]virtio.Status{
+		virtio.StatusDriver:     virtio.StatusAcknowledge,
+		virtio.StatusFeaturesOK: virtio.StatusDriver,
+		virtio.StatusDriverOK:   virtio.StatusFeaturesOK,
+	}
+	for bit, pre := range need {
+		if set&bit != 0 && v&pre == 0 {
+			return
+		}
+	}
+	if v&virtio.StatusDeviceNeedsReset != 0 && set&(virtio.StatusFeaturesOK|virtio.StatusDriverOK) != 0 {
+		return // a device that needs reset accepts nothing more
+	}
+	if set&virtio.StatusFeaturesOK != 0 && !d.acceptFeatures() {
+		// §3.1.1 step 6: FEATURES_OK stays clear when the device does
+		// not support the accepted subset; the driver reads it back.
+		set &^= virtio.StatusFeaturesOK
+		if set&virtio.StatusDriverOK != 0 {
+			return
+		}
+	}
+	d.status |= set
+	if set&virtio.StatusDriverOK != 0 {
+		if err := d.goLive(); err != nil {
+			d.needsReset(err)
+		}
+	}
+}
+
+// acceptFeatures checks the driver's accepted features and negotiates them
+// with the backing device.
+func (d *Device) acceptFeatures() bool {
+	f := d.driverFeatures
+	if d.extraAccepted || f&^d.offered != 0 || !f.Has(virtio.FVersion1) {
+		return false
+	}
+	if err := d.negotiateBacking(); err != nil {
+		d.lastErr = err
+		return false
+	}
+	return true
+}
+
+// negotiateBacking takes the backing device from reset to FEATURES_OK with
+// the driver's features.
+func (d *Device) negotiateBacking() error {
+	b := d.backing
+	if err := b.SetStatus(0); err != nil {
+		return backingErr("reset", err)
+	}
+	st := virtio.StatusAcknowledge | virtio.StatusDriver
+	if err := b.SetStatus(st); err != nil {
+		return backingErr("set status", err)
+	}
+	if err := b.SetFeatures(d.driverFeatures); err != nil {
+		return backingErr("set features", err)
+	}
+	if err := b.SetStatus(st | virtio.StatusFeaturesOK); err != nil {
+		return backingErr("set status FEATURES_OK", err)
+	}
+	got, err := b.Status()
+	if err != nil {
+		return backingErr("status", err)
+	}
+	if got&virtio.StatusFeaturesOK == 0 {
+		return backingErr("set status", errors.New("FEATURES_OK refused"))
+	}
+	d.negotiated = true
+	return nil
+}
+
+// reset performs a device reset (§2.4): registers return to their initial
+// values and the backing device is reset.
+func (d *Device) reset() {
+	d.stopRelay()
+	if d.live || d.negotiated {
+		_ = d.backing.SetStatus(0)
+	}
+	d.live = false
+	d.resetRegisters()
+	for _, k := range d.kicks {
+		_, _ = k.TryWait()
+	}
+}

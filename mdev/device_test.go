@@ -1,0 +1,497 @@
+package mdev
+
+import (
+	"encoding/binary"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/vdpakit/vdpakit/virtio"
+	"github.com/vdpakit/vdpakit/vring"
+)
+
+const (
+	sAck = virtio.StatusAcknowledge
+	sDrv = virtio.StatusDriver
+	sFOK = virtio.StatusFeaturesOK
+	sDOK = virtio.StatusDriverOK
+	sNR  = virtio.StatusDeviceNeedsReset
+	sF   = virtio.StatusFailed
+)
+
+func TestCommonConfigResetValues(t *testing.T) {
+	f := newFakeBacking()
+	d := newTestDevice(t, f, nil)
+	g := driver{t, d}
+	// §4.1.4.3.1: on reset queue_size holds the maximum, vectors NO_VECTOR.
+	assert.EqualValues(t, 2, g.r(OffNumQueues, 2))
+	assert.EqualValues(t, 0, g.status())
+	assert.EqualValues(t, NoVector, g.r(OffMSIXConfig, 2))
+	for q := 0; q < 2; q++ {
+		g.w(OffQueueSelect, 2, uint64(q))
+		assert.EqualValues(t, 256, g.r(OffQueueSize, 2))
+		assert.EqualValues(t, NoVector, g.r(OffQueueMSIXVector, 2))
+		assert.EqualValues(t, 0, g.r(OffQueueEnable, 2))
+		assert.EqualValues(t, q, g.r(OffQueueNotifyOff, 2))
+	}
+	// §4.1.4.3: queue_size 0 for a queue that does not exist.
+	g.w(OffQueueSelect, 2, 2)
+	assert.EqualValues(t, 0, g.r(OffQueueSize, 2))
+}
+
+func TestDeviceFeatureWindows(t *testing.T) {
+	f := newFakeBacking()
+	d := newTestDevice(t, f, nil)
+	g := driver{t, d}
+	got := g.readFeatures()
+	// The transport features this emulation does not implement are never
+	// offered, whatever the backing device offers.
+	want := f.features &^ virtio.Features(0).With(virtio.FRingPacked, virtio.FLogAll)
+	assert.Equal(t, want, got)
+	g.w(OffDeviceFeatureSelect, 4, 2)
+	assert.EqualValues(t, 0, g.r(OffDeviceFeature, 4), "feature window 2 has no bits")
+	assert.EqualValues(t, 2, g.r(OffDeviceFeatureSelect, 4))
+	// device_feature is read-only.
+	g.w(OffDeviceFeatureSelect, 4, 0)
+	g.w(OffDeviceFeature, 4, 0)
+	assert.EqualValues(t, uint64(want)&0xffffffff, g.r(OffDeviceFeature, 4))
+}
+
+func TestAccessWidthRules(t *testing.T) {
+	d := newTestDevice(t, newFakeBacking(), nil)
+	for _, tc := range []struct {
+		name string
+		off  uint64
+		size int
+		ok   bool
+	}{
+		{"4.1.3.1 32-bit field with 32-bit access", OffDeviceFeature, 4, true},
+		{"4.1.3.1 32-bit field with 16-bit access rejected", OffDeviceFeature, 2, false},
+		{"4.1.3.1 16-bit field with 16-bit access", OffNumQueues, 2, true},
+		{"4.1.3.1 16-bit field with 32-bit access rejected", OffQueueSelect, 4, false},
+		{"4.1.3.1 8-bit device_status with 8-bit access", OffDeviceStatus, 1, true},
+		{"4.1.3.1 device_status with 16-bit access rejected", OffDeviceStatus, 2, false},
+		{"4.1.3.1 8-bit config_generation", OffConfigGeneration, 1, true},
+		{"4.1.3.1 64-bit queue_desc low half", OffQueueDesc, 4, true},
+		{"4.1.3.1 64-bit queue_desc high half", OffQueueDesc + 4, 4, true},
+		{"4.1.3.1 64-bit queue_device whole", OffQueueDevice, 8, true},
+		{"4.1.3.1 misaligned access inside a field rejected", OffQueueDesc + 2, 2, false},
+		{"4.1.3.1 access straddling two fields rejected", OffMSIXConfig, 4, false},
+		{"access past the structure rejected", CommonCfgLen, 1, false},
+		{"odd access size rejected", OffDeviceFeature, 3, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := d.Read(RegionCommon, tc.off, tc.size)
+			if tc.ok {
+				require.NoError(t, err)
+				return
+			}
+			require.Error(t, err)
+			var ae *AccessError
+			require.ErrorAs(t, err, &ae)
+			assert.True(t, errorsIsAny(err, ErrAccessSize, ErrOutOfRange), "%v", err)
+		})
+	}
+}
+
+func errorsIsAny(err error, targets ...error) bool {
+	for _, t := range targets {
+		if isErr(err, t) {
+			return true
+		}
+	}
+	return false
+}
+
+func TestStatusStateMachine(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		writes []virtio.Status
+		want   virtio.Status
+	}{
+		{"3.1.1 ACKNOWLEDGE first", []virtio.Status{sAck}, sAck},
+		{"3.1.1 DRIVER after ACKNOWLEDGE", []virtio.Status{sAck, sAck | sDrv}, sAck | sDrv},
+		{"3.1.1 DRIVER without ACKNOWLEDGE ignored", []virtio.Status{sDrv}, 0},
+		{"3.1.1 FEATURES_OK without DRIVER ignored", []virtio.Status{sAck, sAck | sFOK}, sAck},
+		{"3.1.1 DRIVER_OK without FEATURES_OK ignored", []virtio.Status{sAck, sAck | sDrv, sAck | sDrv | sDOK}, sAck | sDrv},
+		{"3.1.1 full sequence", []virtio.Status{sAck, sAck | sDrv, sAck | sDrv | sFOK, sAck | sDrv | sFOK | sDOK}, sAck | sDrv | sFOK | sDOK},
+		{"3.1.1 bits set together in order", []virtio.Status{sAck | sDrv}, sAck | sDrv},
+		{"2.1.2 driver must not clear a bit: write ignored", []virtio.Status{sAck, sAck | sDrv, sAck}, sAck | sDrv},
+		{"2.1 reserved bits ignored", []virtio.Status{sAck, sAck | 0x10}, sAck},
+		{"2.1 FAILED may be set at any time", []virtio.Status{sAck, sAck | sF}, sAck | sF},
+		{"2.1 nothing but reset after FAILED", []virtio.Status{sAck, sAck | sF, sAck | sF | sDrv}, sAck | sF},
+		{"2.1.2 driver cannot set NEEDS_RESET", []virtio.Status{sAck, sAck | sNR}, sAck},
+		{"2.4 writing 0 resets", []virtio.Status{sAck, sAck | sDrv, 0}, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFakeBacking()
+			d := newTestDevice(t, f, nil)
+			g := driver{t, d}
+			g.writeFeatures(netFeatures)
+			for _, s := range tc.writes {
+				g.setStatus(s)
+			}
+			assert.Equal(t, tc.want, g.status())
+		})
+	}
+}
+
+func TestFeaturesOKNegotiation(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		accept  virtio.Features
+		extra   bool // write a bit in feature window 2
+		refuse  bool // backing refuses FEATURES_OK
+		wantFOK bool
+	}{
+		{"3.1.1 subset of offered features accepted", netFeatures, false, false, true},
+		{"3.1.1 feature not offered: FEATURES_OK refused", netFeatures.With(virtio.FRingPacked), false, false, false},
+		{"3.1.1 feature bit beyond 63: FEATURES_OK refused", netFeatures, true, false, false},
+		{"6.1 modern device without VERSION_1: FEATURES_OK refused", virtio.Features(0).With(virtio.NetFMAC), false, false, false},
+		{"3.1.1 backing device refuses: FEATURES_OK refused", netFeatures, false, true, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFakeBacking()
+			f.refuseFOK = tc.refuse
+			d := newTestDevice(t, f, nil)
+			g := driver{t, d}
+			g.setStatus(sAck | sDrv)
+			g.writeFeatures(tc.accept)
+			if tc.extra {
+				g.w(OffDriverFeatureSelect, 4, 2)
+				g.w(OffDriverFeature, 4, 1)
+			}
+			g.setStatus(sAck | sDrv | sFOK)
+			assert.Equal(t, tc.wantFOK, g.status()&sFOK != 0)
+			if tc.wantFOK {
+				assert.Equal(t, tc.accept, f.accepted, "backing device got the negotiated features")
+			}
+		})
+	}
+}
+
+func TestDriverFeaturesFrozenAfterFeaturesOK(t *testing.T) {
+	d := newTestDevice(t, newFakeBacking(), nil)
+	g := driver{t, d}
+	g.setStatus(sAck | sDrv)
+	g.writeFeatures(netFeatures)
+	g.setStatus(sAck | sDrv | sFOK)
+	g.writeFeatures(netFeatures.With(virtio.NetFStatus))
+	assert.Equal(t, netFeatures, d.DriverFeatures(), "3.1.1: features fixed once FEATURES_OK is set")
+}
+
+func TestQueueRegisterRules(t *testing.T) {
+	d := newTestDevice(t, newFakeBacking(), nil)
+	g := driver{t, d}
+	g.w(OffQueueSelect, 2, 0)
+	for _, tc := range []struct {
+		name string
+		size uint64
+		want uint64
+	}{
+		{"4.1.4.3.2 smaller power of two accepted", 64, 64},
+		{"4.1.4.3.2 non-power-of-two ignored", 100, 64},
+		{"4.1.4.3.2 larger than maximum ignored", 512, 64},
+		{"4.1.4.3.2 zero ignored", 0, 64},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			g.w(OffQueueSize, 2, tc.size)
+			assert.Equal(t, tc.want, g.r(OffQueueSize, 2))
+		})
+	}
+	t.Run("4.1.5.1.2 vector beyond the MSI-X table reads NO_VECTOR", func(t *testing.T) {
+		g.w(OffQueueMSIXVector, 2, 3) // table has 3 vectors: 0..2
+		assert.EqualValues(t, NoVector, g.r(OffQueueMSIXVector, 2))
+		g.w(OffQueueMSIXVector, 2, 2)
+		assert.EqualValues(t, 2, g.r(OffQueueMSIXVector, 2))
+		g.w(OffMSIXConfig, 2, 7)
+		assert.EqualValues(t, NoVector, g.r(OffMSIXConfig, 2))
+	})
+	t.Run("4.1.3.1 64-bit address written as two halves", func(t *testing.T) {
+		g.w(OffQueueDesc, 4, 0x89abcdf0)
+		g.w(OffQueueDesc+4, 4, 0x01234567)
+		assert.EqualValues(t, uint64(0x0123456789abcdf0), g.r(OffQueueDesc, 8))
+		assert.EqualValues(t, 0x01234567, g.r(OffQueueDesc+4, 4))
+	})
+	t.Run("4.1.4.3.2 writing 0 to queue_enable ignored", func(t *testing.T) {
+		g.w(OffQueueEnable, 2, 1)
+		g.w(OffQueueEnable, 2, 0)
+		assert.EqualValues(t, 1, g.r(OffQueueEnable, 2))
+	})
+	t.Run("queue configuration frozen once enabled", func(t *testing.T) {
+		g.w(OffQueueSize, 2, 32)
+		assert.EqualValues(t, 64, g.r(OffQueueSize, 2))
+		g.w(OffQueueDesc, 4, 0)
+		assert.EqualValues(t, 0x89abcdf0, g.r(OffQueueDesc, 4))
+	})
+	t.Run("read-only fields ignore writes", func(t *testing.T) {
+		g.w(OffNumQueues, 2, 9)
+		assert.EqualValues(t, 2, g.r(OffNumQueues, 2))
+		g.w(OffQueueNotifyOff, 2, 9)
+		assert.EqualValues(t, 0, g.r(OffQueueNotifyOff, 2))
+	})
+}
+
+func TestDriverOKProgramsBacking(t *testing.T) {
+	f := newFakeBacking()
+	d := newTestDevice(t, f, nil)
+	g := driver{t, d}
+	g.bringUp(netFeatures)
+	require.Equal(t, sAck|sDrv|sFOK|sDOK, g.status(), "err: %v", d.Err())
+	assert.Equal(t, sAck|sDrv|sFOK|sDOK, f.status)
+	assert.Equal(t, netFeatures, f.accepted)
+	assert.NotNil(t, f.mem)
+	for q := 0; q < 2; q++ {
+		desc, drv, dev := ringAddrs(q, 128)
+		assert.EqualValues(t, 128, f.num[q])
+		assert.EqualValues(t, desc, f.addr[q].Desc)
+		assert.EqualValues(t, drv, f.addr[q].Avail)
+		assert.EqualValues(t, dev, f.addr[q].Used)
+		assert.Equal(t, vring.QueueState{}, f.base[q])
+		assert.Same(t, d.KickFD(q), f.kick[q], "guest kick eventfd handed straight to the backing device")
+		assert.Same(t, d.CallFD(q), f.call[q], "backing interrupts go straight to the call eventfd")
+		assert.True(t, f.enabled[q])
+	}
+	// The last operation sets DRIVER_OK on the backing device.
+	ops := f.opsCopy()
+	assert.Equal(t, "SetStatus(ACKNOWLEDGE|DRIVER|FEATURES_OK|DRIVER_OK)", ops[len(ops)-1])
+}
+
+func TestDriverOKWithVectorIrqfds(t *testing.T) {
+	f := newFakeBacking()
+	irq := map[uint16]*eventfdT{}
+	d := newTestDevice(t, f, &Options{Vector: func(v uint16) *eventfdT {
+		if irq[v] == nil {
+			e := mustEventFD(t)
+			irq[v] = e
+		}
+		return irq[v]
+	}})
+	g := driver{t, d}
+	g.bringUp(netFeatures)
+	require.Zero(t, g.status()&sNR, "%v", d.Err())
+	assert.Same(t, irq[1], f.call[0], "queue 0 uses vector 1's irqfd")
+	assert.Same(t, irq[2], f.call[1], "queue 1 uses vector 2's irqfd")
+	assert.Nil(t, d.CallFD(0))
+}
+
+func TestNotifyKicksQueueEventfd(t *testing.T) {
+	f := newFakeBacking()
+	d := newTestDevice(t, f, nil)
+	require.NoError(t, d.Write(RegionNotify, 1*NotifyOffMultiplier, 2, 1))
+	n, err := d.KickFD(1).TryWait()
+	require.NoError(t, err)
+	assert.EqualValues(t, 1, n)
+	n, err = d.KickFD(0).TryWait()
+	require.NoError(t, err)
+	assert.EqualValues(t, 0, n, "4.1.4.4: only the written queue's slot is notified")
+	assert.ErrorIs(t, d.Write(RegionNotify, 2*NotifyOffMultiplier, 2, 2), ErrOutOfRange)
+	assert.ErrorIs(t, d.Write(RegionNotify, 0, 1, 0), ErrAccessSize)
+}
+
+func TestInvalidQueueLayoutSetsNeedsReset(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		off  uint64
+		v    uint64
+	}{
+		{"2.7 descriptor table 16-byte aligned", OffQueueDesc, 0x10008},
+		{"2.7 used ring 4-byte aligned", OffQueueDevice, 0x18002},
+		{"ring outside guest memory", OffQueueDriver, 1 << 40},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFakeBacking()
+			d := newTestDevice(t, f, nil)
+			g := driver{t, d}
+			g.setStatus(sAck | sDrv)
+			g.writeFeatures(netFeatures)
+			g.setStatus(sAck | sDrv | sFOK)
+			g.w(OffMSIXConfig, 2, 0)
+			g.w(OffQueueSelect, 2, 0)
+			desc, drv, dev := ringAddrs(0, 128)
+			g.w(OffQueueSize, 2, 128)
+			g.w(OffQueueDesc, 8, desc)
+			g.w(OffQueueDriver, 8, drv)
+			g.w(OffQueueDevice, 8, dev)
+			g.w(tc.off, 8, tc.v)
+			g.w(OffQueueEnable, 2, 1)
+			g.setStatus(sAck | sDrv | sFOK | sDOK)
+			assert.Equal(t, sAck|sDrv|sFOK|sDOK|sNR, g.status())
+			assert.ErrorIs(t, d.Err(), ErrQueueLayout)
+			n, err := d.ConfigFD().TryWait()
+			require.NoError(t, err)
+			assert.EqualValues(t, 1, n, "2.1.2: NEEDS_RESET raises the config interrupt")
+			isr, err := d.Read(RegionISR, 0, 1)
+			require.NoError(t, err)
+			assert.EqualValues(t, ISRConfig, isr)
+		})
+	}
+}
+
+func TestBackingFailureSetsNeedsReset(t *testing.T) {
+	f := newFakeBacking()
+	f.failOn["SetQueueAddr(1)"] = true
+	d := newTestDevice(t, f, nil)
+	g := driver{t, d}
+	g.bringUp(netFeatures)
+	assert.Equal(t, sAck|sDrv|sFOK|sDOK|sNR, g.status())
+	assert.ErrorIs(t, d.Err(), ErrBacking)
+	assert.ErrorIs(t, d.Err(), errInjected)
+	assert.EqualValues(t, 0, f.status, "backing device reset after the failed programming")
+
+	// §2.4: writing 0 clears NEEDS_RESET, and the device works again.
+	g.setStatus(0)
+	assert.EqualValues(t, 0, g.status())
+	delete(f.failOn, "SetQueueAddr(1)")
+	g.bringUp(netFeatures)
+	assert.Equal(t, sAck|sDrv|sFOK|sDOK, g.status())
+
+	// A data-path failure reported later also sets NEEDS_RESET.
+	d.BackingFailed(errInjected)
+	assert.Equal(t, sAck|sDrv|sFOK|sDOK|sNR, g.status())
+	// The driver's writes do not clear NEEDS_RESET.
+	g.setStatus(sAck | sDrv | sFOK | sDOK)
+	assert.Equal(t, sAck|sDrv|sFOK|sDOK|sNR, g.status())
+}
+
+func TestResetClearsEverything(t *testing.T) {
+	f := newFakeBacking()
+	d := newTestDevice(t, f, nil)
+	g := driver{t, d}
+	g.bringUp(netFeatures)
+	g.w(OffMSIXConfig, 2, 0)
+	g.setStatus(0)
+	assert.EqualValues(t, 0, g.status())
+	assert.EqualValues(t, 0, f.status, "backing device reset")
+	assert.EqualValues(t, 0, d.DriverFeatures())
+	assert.EqualValues(t, NoVector, g.r(OffMSIXConfig, 2))
+	for q := 0; q < 2; q++ {
+		g.w(OffQueueSelect, 2, uint64(q))
+		assert.EqualValues(t, 256, g.r(OffQueueSize, 2))
+		assert.EqualValues(t, 0, g.r(OffQueueEnable, 2))
+		assert.EqualValues(t, 0, g.r(OffQueueDesc, 8))
+		assert.EqualValues(t, NoVector, g.r(OffQueueMSIXVector, 2))
+	}
+}
+
+func TestISRReadClears(t *testing.T) {
+	f := newFakeBacking()
+	d := newTestDevice(t, f, nil)
+	g := driver{t, d}
+	g.bringUp(netFeatures)
+	f.setConfig(6, []byte{0, 0}) // link down
+	d.ConfigChanged()
+	v, err := d.Read(RegionISR, 0, 1)
+	require.NoError(t, err)
+	assert.EqualValues(t, ISRConfig, v, "4.1.4.5: config change sets bit 1")
+	v, err = d.Read(RegionISR, 0, 1)
+	require.NoError(t, err)
+	assert.EqualValues(t, 0, v, "4.1.4.5: reading ISR clears it")
+}
+
+func TestConfigGenerationBumpsOnChange(t *testing.T) {
+	f := newFakeBacking()
+	d := newTestDevice(t, f, nil)
+	g := driver{t, d}
+	gen0 := g.r(OffConfigGeneration, 1)
+	assert.Equal(t, gen0, g.r(OffConfigGeneration, 1), "2.5.1: unchanged config, same generation")
+	mac, err := d.Read(RegionDevice, 0, 4)
+	require.NoError(t, err)
+	assert.EqualValues(t, 0x12005452, mac)
+	f.setConfig(6, []byte{0, 0})
+	gen1 := g.r(OffConfigGeneration, 1)
+	assert.NotEqual(t, gen0, gen1, "2.5.1: changed config, new generation")
+	st, err := d.Read(RegionDevice, 6, 2)
+	require.NoError(t, err)
+	assert.EqualValues(t, 0, st)
+	_, err = d.Read(RegionDevice, 11, 2)
+	assert.ErrorIs(t, err, ErrOutOfRange)
+}
+
+func TestPCIConfigSpace(t *testing.T) {
+	d := newTestDevice(t, newFakeBacking(), nil)
+	rd := func(off uint64, size int) uint64 {
+		v, err := d.Read(RegionPCIConfig, off, size)
+		require.NoError(t, err)
+		return v
+	}
+	assert.EqualValues(t, 0x1af4, rd(0x00, 2), "4.1.2: vendor")
+	assert.EqualValues(t, 0x1041, rd(0x02, 2), "4.1.2: device 0x1040 + virtio id 1")
+	assert.EqualValues(t, 1, rd(0x08, 1), "4.1.2: revision 1 for modern devices")
+	assert.EqualValues(t, 0x020000, rd(0x08, 4)>>8, "class: ethernet controller")
+	assert.NotZero(t, rd(0x06, 2)&0x10, "capability list present")
+
+	// Walk the capability list.
+	type capInfo struct {
+		bar         uint8
+		offset, len uint32
+		mult        uint32
+	}
+	caps := map[uint8]capInfo{}
+	seen := map[uint64]bool{}
+	msix := false
+	for p := rd(0x34, 1); p != 0; p = rd(p+1, 1) {
+		require.False(t, seen[p], "capability loop")
+		seen[p] = true
+		switch rd(p, 1) {
+		case 0x09:
+			ct := uint8(rd(p+3, 1))
+			ci := capInfo{bar: uint8(rd(p+4, 1)), offset: uint32(rd(p+8, 4)), len: uint32(rd(p+12, 4))}
+			if ct == CapNotifyCfg {
+				ci.mult = uint32(rd(p+16, 4))
+			}
+			caps[ct] = ci
+		case 0x11:
+			msix = true
+			assert.EqualValues(t, 2, rd(p+2, 2)&0x7ff, "table size N-1")
+		}
+	}
+	assert.True(t, msix)
+	require.Len(t, caps, 5)
+	assert.Equal(t, capInfo{bar: 4, offset: 0, len: 0x38}, caps[CapCommonCfg])
+	assert.Equal(t, capInfo{bar: 4, offset: 0x3000, len: 8, mult: 4}, caps[CapNotifyCfg])
+	assert.Equal(t, capInfo{bar: 4, offset: 0x1000, len: 1}, caps[CapISRCfg])
+	assert.Equal(t, capInfo{bar: 4, offset: 0x2000, len: 12}, caps[CapDeviceCfg])
+
+	// BAR sizing: write all ones, read back the size mask.
+	require.NoError(t, d.Write(RegionPCIConfig, 0x20, 4, 0xffffffff))
+	assert.EqualValues(t, 0xffffc00c, rd(0x20, 4), "BAR4: 16 KiB, 64-bit prefetchable")
+	// Vendor and device IDs are read-only.
+	require.NoError(t, d.Write(RegionPCIConfig, 0x00, 2, 0x1234))
+	assert.EqualValues(t, 0x1af4, rd(0x00, 2))
+}
+
+func TestPCICfgCapabilityWindow(t *testing.T) {
+	d := newTestDevice(t, newFakeBacking(), nil)
+	// §4.1.4.9: select BAR 4, offset of num_queues, length 2, read data.
+	w := func(off uint64, size int, v uint64) { require.NoError(t, d.Write(RegionPCIConfig, off, size, v)) }
+	w(capOffPCICfg+4, 1, 4)
+	w(capOffPCICfg+8, 4, OffNumQueues)
+	w(capOffPCICfg+12, 4, 2)
+	v, err := d.Read(RegionPCIConfig, capOffPCICfg+16, 4)
+	require.NoError(t, err)
+	assert.EqualValues(t, 2, v)
+	// Write device_status through the window.
+	w(capOffPCICfg+8, 4, OffDeviceStatus)
+	w(capOffPCICfg+12, 4, 1)
+	w(capOffPCICfg+16, 4, uint64(sAck))
+	assert.Equal(t, sAck, d.Status())
+}
+
+func TestBARMapping(t *testing.T) {
+	d := newTestDevice(t, newFakeBacking(), nil)
+	v, err := d.ReadBAR(ModernBAR, BarOffCommon+OffNumQueues, 2)
+	require.NoError(t, err)
+	assert.EqualValues(t, 2, v)
+	v, err = d.ReadBAR(ModernBAR, BarOffDevice+10, 2)
+	require.NoError(t, err)
+	assert.EqualValues(t, 1500, v)
+	_, err = d.ReadBAR(ModernBAR, 0x1800, 1)
+	assert.ErrorIs(t, err, ErrOutOfRange)
+	require.NoError(t, d.WriteBAR(MSIXBAR, 0, 4, 0xfee00000))
+	v, err = d.ReadBAR(MSIXBAR, 0, 4)
+	require.NoError(t, err)
+	assert.EqualValues(t, 0xfee00000, v)
+	assert.EqualValues(t, 1, binary.LittleEndian.Uint32(d.msix[12:]), "vector control starts masked")
+}

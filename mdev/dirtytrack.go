@@ -1,0 +1,121 @@
+package mdev
+
+import (
+	"fmt"
+
+	"github.com/vdpakit/vdpakit/dirty"
+	"github.com/vdpakit/vdpakit/vdpa"
+)
+
+// DirtyMode is how guest-memory writes by the data path are tracked while
+// the device is passed through.
+type DirtyMode int
+
+const (
+	// DirtyAuto uses DirtyDeviceLog when the backing device implements
+	// vdpa.Logger, DirtyRelay otherwise.
+	DirtyAuto DirtyMode = iota
+	// DirtyDeviceLog: the backing device logs its own writes into the
+	// bitmap (vhost log, vhost-user LOG_BASE, the software device).
+	DirtyDeviceLog
+	// DirtyRelay: the backing device is moved onto shadow rings and a relay
+	// forwards the guest's chains, marking every page written.
+	DirtyRelay
+)
+
+func (m DirtyMode) String() string {
+	switch m {
+	case DirtyAuto:
+		return "auto"
+	case DirtyDeviceLog:
+		return "device-log"
+	case DirtyRelay:
+		return "relay"
+	}
+	return fmt.Sprintf("DirtyMode(%d)", int(m))
+}
+
+// StartDirtyTracking makes every guest-memory write of the data path mark
+// log (indexed by guest address), using Options.DirtyMode, and returns the
+// mode in effect. The device may be live: switching into relay mode
+// suspends the backing device, reads its ring positions and reprograms it
+// onto shadow rings, losing and duplicating nothing.
+func (d *Device) StartDirtyTracking(log *dirty.Bitmap) (DirtyMode, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if log == nil {
+		return 0, fmt.Errorf("%w: nil dirty bitmap", ErrInvalidOptions)
+	}
+	if d.tracking != DirtyAuto {
+		return d.tracking, fmt.Errorf("%w: dirty tracking already on (%s)", ErrInvalidOptions, d.tracking)
+	}
+	mode := d.opts.DirtyMode
+	lg, canLog := d.backing.(vdpa.Logger)
+	if mode == DirtyAuto {
+		mode = DirtyRelay
+		if canLog {
+			mode = DirtyDeviceLog
+		}
+	}
+	switch mode {
+	case DirtyDeviceLog:
+		if !canLog {
+			return 0, fmt.Errorf("%w: dirty logging", ErrNotSupported)
+		}
+		if err := lg.SetLog(log); err != nil {
+			return 0, backingErr("set log", err)
+		}
+	case DirtyRelay:
+		if err := d.switchRelay(&relay{log: log}); err != nil {
+			return 0, err
+		}
+	default:
+		return 0, fmt.Errorf("%w: dirty mode %s", ErrInvalidOptions, mode)
+	}
+	d.tracking = mode
+	return mode, nil
+}
+
+// StopDirtyTracking ends dirty tracking; in relay mode the backing device
+// goes back to the guest's rings (passthrough) at the exact ring positions
+// the relay reached.
+func (d *Device) StopDirtyTracking() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	mode := d.tracking
+	d.tracking = DirtyAuto
+	switch mode {
+	case DirtyDeviceLog:
+		return backingErr("set log", d.backing.(vdpa.Logger).SetLog(nil))
+	case DirtyRelay:
+		return d.switchRelay(nil)
+	}
+	return nil
+}
+
+// DataPath reports whether the data path currently runs through the shadow
+// relay.
+func (d *Device) DataPath() DirtyMode {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.tracking
+}
+
+// switchRelay moves a live device into (r != nil) or out of relay mode.
+func (d *Device) switchRelay(r *relay) error {
+	wasLive := d.live
+	if wasLive {
+		if err := d.quiesce(); err != nil {
+			d.needsReset(err)
+			return err
+		}
+	}
+	d.relay = r
+	if wasLive {
+		if err := d.goLive(); err != nil {
+			d.needsReset(err)
+			return err
+		}
+	}
+	return nil
+}

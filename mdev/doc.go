@@ -1,0 +1,49 @@
+// Package mdev is a mediated virtio-net VF: an emulated virtio 1.x modern
+// PCI control path in front of any vdpa.Device, with a passthrough data path
+// and live migration.
+//
+// # Control path
+//
+// A VMM exposes a Device on its PCI bus using Layout and the configuration
+// space image (RegionPCIConfig: vendor 0x1af4, device 0x1040+id, the
+// virtio vendor capabilities COMMON/NOTIFY/ISR/DEVICE/PCI_CFG and MSI-X),
+// and forwards the guest's accesses to Read and Write (or ReadBAR and
+// WriteBAR). The device implements the common configuration structure, the
+// notification area, the ISR byte and the device configuration as virtio 1.2
+// §4.1 specifies, and the status state machine of §2.1 and §3.1: features
+// are negotiated through the select windows, FEATURES_OK is refused (reads
+// back clear) when the driver accepted something not offered, writes the
+// spec forbids in the current state are ignored, writing 0 resets, and a
+// backing device failure sets DEVICE_NEEDS_RESET and raises the
+// configuration interrupt.
+//
+// # Passthrough
+//
+// When the driver sets DRIVER_OK the device validates every enabled queue
+// and programs the backing device with the negotiated features, the guest
+// memory and each queue's size, ring addresses and position. The queue's
+// kick eventfd (KickFD, which a VMM can register as a KVM ioeventfd) is
+// handed to the backing device, and the backing device signals the VMM's
+// irqfd (Options.Vector, or CallFD) directly: the data path never passes
+// through this package.
+//
+// # Migration
+//
+// SetMigrationState implements the VFIO migration v2 state machine
+// (MigrationPath gives its arcs). Entering STOP suspends the backing device
+// and reads back its ring positions; STOP_COPY captures the device state
+// (SaveState) as a versioned, length-bounded, CRC32C-checksummed stream
+// (EncodeState); RESUMING accepts a stream (LoadState), which is validated
+// whole — framing, checksum, the spec's rules, compatibility with this
+// device — before anything is applied, and the device restarts from the
+// restored positions on its way back to RUNNING.
+//
+// While the device is passed through, StartDirtyTracking tracks the pages
+// the data path writes either by the backing device's own log
+// (vdpa.Logger) or by a shadow relay (see DirtyRelay) that forwards the
+// guest's chains to shadow rings and marks every page written. Switching in
+// and out of relay mode while traffic flows loses and duplicates nothing.
+//
+// Sysfs manages VFIO mediated devices of real hardware (parents, supported
+// types, create and remove by UUID) under a configurable sysfs root.
+package mdev

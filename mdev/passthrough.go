@@ -1,0 +1,208 @@
+package mdev
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/vdpakit/vdpakit/vdpa"
+	"github.com/vdpakit/vdpakit/virtio"
+	"github.com/vdpakit/vdpakit/vring"
+)
+
+// ErrQueueLayout: a queue the driver enabled has a size or ring address the
+// spec forbids (§2.7: power-of-two size, 16/2/4 alignment) or that lies
+// outside guest memory. The device sets DEVICE_NEEDS_RESET.
+var ErrQueueLayout = errors.New("mdev: invalid queue layout")
+
+// ErrNoMemory: the device went live without Options.Memory.
+var ErrNoMemory = errors.New("mdev: no guest memory")
+
+// splitSizes returns the byte sizes of a split ring's three areas
+// (§2.7: descriptor table 16*n; available ring 6+2*n; used ring 6+8*n, each
+// including the event-index field).
+func splitSizes(n uint16) (desc, avail, used uint64) {
+	return 16 * uint64(n), 6 + 2*uint64(n), 6 + 8*uint64(n)
+}
+
+// validateQueue checks an enabled queue's layout against the spec and guest
+// memory.
+func (d *Device) validateQueue(i int) error {
+	q := &d.queues[i]
+	if q.size == 0 || q.size&(q.size-1) != 0 || q.size > d.maxQueue {
+		return fmt.Errorf("%w: queue %d size %d", ErrQueueLayout, i, q.size)
+	}
+	ds, as, us := splitSizes(q.size)
+	for _, a := range []struct {
+		name  string
+		addr  uint64
+		align uint64
+		size  uint64
+	}{{"desc", q.desc, 16, ds}, {"driver", q.driver, 2, as}, {"device", q.device, 4, us}} {
+		if a.addr%a.align != 0 {
+			return fmt.Errorf("%w: queue %d %s area %#x not %d-aligned", ErrQueueLayout, i, a.name, a.addr, a.align)
+		}
+		if a.addr+a.size < a.addr {
+			return fmt.Errorf("%w: queue %d %s area %#x overflows", ErrQueueLayout, i, a.name, a.addr)
+		}
+		if _, err := d.opts.Memory.Slice(vring.GuestAddr(a.addr), a.size); err != nil {
+			return fmt.Errorf("%w: queue %d %s area %#x+%d: %w", ErrQueueLayout, i, a.name, a.addr, a.size, err)
+		}
+	}
+	return nil
+}
+
+// goLive runs when the driver sets DRIVER_OK (or when a migrated device
+// resumes): it validates every enabled queue and programs the backing device
+// so the data path runs without this layer.
+func (d *Device) goLive() error {
+	if d.opts.Memory == nil {
+		return ErrNoMemory
+	}
+	for i := range d.queues {
+		if d.queues[i].enabled {
+			if err := d.validateQueue(i); err != nil {
+				return err
+			}
+		}
+	}
+	if !d.negotiated {
+		if err := d.negotiateBacking(); err != nil {
+			return err
+		}
+	}
+	if err := d.programBacking(); err != nil {
+		_ = d.backing.SetStatus(0)
+		d.negotiated = false
+		return err
+	}
+	d.live = true
+	return nil
+}
+
+// programBacking hands the backing device the guest memory and every
+// enabled queue, then sets DRIVER_OK on it. In relay mode the backing device
+// gets the shadow rings instead and the relay serves the guest's rings.
+func (d *Device) programBacking() error {
+	b := d.backing
+	if d.relay != nil {
+		if err := d.relay.program(d); err != nil {
+			return err
+		}
+	} else {
+		if err := b.SetMemory(d.opts.Memory); err != nil {
+			return backingErr("set memory", err)
+		}
+		for i := range d.queues {
+			q := &d.queues[i]
+			if !q.enabled {
+				continue
+			}
+			addr := vdpa.QueueAddr{Desc: vring.GuestAddr(q.desc), Avail: vring.GuestAddr(q.driver), Used: vring.GuestAddr(q.device)}
+			if err := d.programQueue(i, q.size, addr, q.base, d.kicks[i], d.queueCallFD(i)); err != nil {
+				return err
+			}
+		}
+	}
+	st := virtio.StatusAcknowledge | virtio.StatusDriver | virtio.StatusFeaturesOK | virtio.StatusDriverOK
+	if err := b.SetStatus(st); err != nil {
+		return backingErr("set status DRIVER_OK", err)
+	}
+	// Kick every queue once: a notification the guest sent while the
+	// device was stopped (migration, relay switch) must not be lost.
+	for i := range d.queues {
+		if d.queues[i].enabled {
+			_ = d.kicks[i].Signal()
+		}
+	}
+	return nil
+}
+
+func (d *Device) programQueue(i int, size uint16, addr vdpa.QueueAddr, base vring.QueueState, kick, call *vdpa.EventFD) error {
+	b := d.backing
+	if err := b.SetQueueNum(i, size); err != nil {
+		return backingErr(fmt.Sprintf("queue %d num", i), err)
+	}
+	if err := b.SetQueueAddr(i, addr); err != nil {
+		return backingErr(fmt.Sprintf("queue %d addr", i), err)
+	}
+	if err := b.SetQueueBase(i, base); err != nil {
+		return backingErr(fmt.Sprintf("queue %d base", i), err)
+	}
+	if err := b.SetQueueKick(i, kick); err != nil {
+		return backingErr(fmt.Sprintf("queue %d kick", i), err)
+	}
+	if err := b.SetQueueCall(i, call); err != nil {
+		return backingErr(fmt.Sprintf("queue %d call", i), err)
+	}
+	if err := b.EnableQueue(i, true); err != nil {
+		return backingErr(fmt.Sprintf("queue %d enable", i), err)
+	}
+	return nil
+}
+
+// rewireCall points the backing device's interrupt for queue q at the
+// eventfd of the queue's current vector.
+func (d *Device) rewireCall(q int) error {
+	if d.relay != nil {
+		d.relay.setGuestCall(q, d.queueCallFD(q))
+		return nil
+	}
+	return backingErr(fmt.Sprintf("queue %d call", q), d.backing.SetQueueCall(q, d.queueCallFD(q)))
+}
+
+// quiesce stops the data path at a consistent point and records every
+// enabled queue's position in queues[].base. It uses the backing device's
+// Suspender when it has one; otherwise it reads the positions (which stops
+// vhost rings) and resets the backing device.
+func (d *Device) quiesce() error {
+	if !d.live {
+		return nil
+	}
+	if d.relay != nil {
+		if err := d.relay.stop(d); err != nil {
+			return err
+		}
+		d.live = false
+		return nil
+	}
+	s, canSuspend := d.backing.(vdpa.Suspender)
+	if canSuspend {
+		if err := s.Suspend(); err != nil {
+			return backingErr("suspend", err)
+		}
+	}
+	for i := range d.queues {
+		if !d.queues[i].enabled {
+			continue
+		}
+		st, err := d.backing.QueueBase(i)
+		if err != nil {
+			return backingErr(fmt.Sprintf("queue %d base", i), err)
+		}
+		// A chain the device consumed but did not complete would be lost
+		// when the device restarts from this position.
+		if st.NextAvail != st.NextUsed {
+			return fmt.Errorf("%w: queue %d next avail %d, next used %d", ErrInFlight, i, st.NextAvail, st.NextUsed)
+		}
+		d.queues[i].base = st
+	}
+	// Whether suspended or not, the backing device is re-programmed from
+	// scratch when the data path restarts, so that the same path serves a
+	// resume on the source, a relay switch and a restore on the
+	// destination.
+	if err := d.backing.SetStatus(0); err != nil {
+		return backingErr("reset", err)
+	}
+	d.live = false
+	d.negotiated = false
+	return nil
+}
+
+// restart resumes the data path after quiesce, from the recorded queue
+// positions.
+func (d *Device) restart() error {
+	if d.live || d.status&virtio.StatusDriverOK == 0 || d.status&(virtio.StatusDeviceNeedsReset|virtio.StatusFailed) != 0 {
+		return nil
+	}
+	return d.goLive()
+}

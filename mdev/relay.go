@@ -1,0 +1,374 @@
+package mdev
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+
+	"github.com/vdpakit/vdpakit/dirty"
+	"github.com/vdpakit/vdpakit/vdpa"
+	"github.com/vdpakit/vdpakit/virtio"
+	"github.com/vdpakit/vdpakit/vring"
+)
+
+// Relay errors.
+var (
+	// ErrRelayChain: a guest chain has more buffers than the shadow ring
+	// can ever hold.
+	ErrRelayChain = errors.New("mdev: guest chain too long for the shadow ring")
+	// ErrInFlight: the backing device stopped with chains it consumed but
+	// did not complete, so its position cannot be handed over without
+	// losing them.
+	ErrInFlight = errors.New("mdev: backing device stopped with chains in flight")
+)
+
+// shadowAlign aligns the shadow rings' address space above guest memory.
+const shadowAlign = 1 << 21
+
+// relay is the shadow virtqueue data path used for dirty tracking when the
+// backing device cannot log its writes.
+//
+// Design: the backing device is programmed with shadow rings that live in a
+// memfd region placed just above the highest guest address, and with a
+// memory map made of the guest's regions plus that region. The relay is the
+// driver of each shadow ring and the device of the matching guest ring: it
+// pops the guest's chains and adds them to the shadow ring with the very
+// same guest buffer addresses (no bounce buffers: the backing device can see
+// guest memory, since it could before), and when the backing device uses a
+// shadow chain it pushes the guest chain to the guest's used ring with the
+// same length. The guest side is a vring.DeviceQueue whose WriteLogger is the
+// dirty bitmap, so the used-ring writes and the first `len` bytes of each
+// chain's writable buffers — exactly what the backing device wrote — are
+// marked.
+//
+// Handover (in and out) happens with the backing device stopped: its ring
+// position is read back, and chains the relay had taken from the guest but
+// the backing device never consumed are given back by rewinding the guest
+// queue's next-avail index, so nothing is lost or done twice.
+type relay struct {
+	log *dirty.Bitmap
+	run *relayRun
+}
+
+type relayRun struct {
+	region *vring.Region
+	mem    *vring.Memory // guest regions + shadow region (does not own the guest's)
+	queues []*relayQueue // by queue index; nil for disabled queues
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	failed atomic.Pointer[error]
+}
+
+type relayQueue struct {
+	mu         sync.Mutex
+	idx        int
+	guest      *vring.DeviceQueue
+	shadow     *vring.DriverQueue
+	guestKick  *vdpa.EventFD
+	guestCall  atomic.Pointer[vdpa.EventFD]
+	shadowKick *vdpa.EventFD
+	shadowCall *vdpa.EventFD
+	inflight   []vring.Chain // guest chain by shadow head
+	pending    vring.Chain   // popped from the guest, not yet in the shadow ring
+	hasPending bool
+	bufs       []vring.Buffer
+}
+
+// program builds the shadow rings and programs the backing device with
+// them. Called with d.mu held, after feature negotiation.
+func (r *relay) program(d *Device) error {
+	if r.run != nil {
+		r.teardown()
+	}
+	guest := d.opts.Memory
+	var top uint64
+	for _, g := range guest.Regions() {
+		top = max(top, uint64(g.End()))
+	}
+	base := (top + shadowAlign - 1) &^ (shadowAlign - 1)
+	var size uint64
+	for i := range d.queues {
+		if d.queues[i].enabled {
+			size += (vring.ContiguousLayoutBytes(d.queues[i].size) + 4095) &^ 4095
+		}
+	}
+	if size == 0 {
+		size = 4096
+	}
+	region, err := vring.NewMemfdRegion(vring.GuestAddr(base), size, &vring.RegionOptions{Name: "mdev-shadow"})
+	if err != nil {
+		return fmt.Errorf("mdev: shadow rings: %w", err)
+	}
+	mem, err := vring.NewMemory(append(guest.Regions(), region)...)
+	if err != nil {
+		_ = region.Close()
+		return fmt.Errorf("mdev: shadow memory map: %w", err)
+	}
+	run := &relayRun{region: region, mem: mem, queues: make([]*relayQueue, len(d.queues))}
+	r.run = run
+	fail := func(err error) error {
+		r.teardown()
+		return err
+	}
+	if err := d.backing.SetMemory(mem); err != nil {
+		return fail(backingErr("set memory", err))
+	}
+	var logger vring.WriteLogger
+	if r.log != nil {
+		logger = r.log
+	}
+	shadowFeatures := d.driverFeatures & virtio.FEventIdx.Bit()
+	next := vring.GuestAddr(base)
+	for i := range d.queues {
+		q := &d.queues[i]
+		if !q.enabled {
+			continue
+		}
+		gl := vring.Layout{Size: q.size, Desc: vring.GuestAddr(q.desc), Avail: vring.GuestAddr(q.driver), Used: vring.GuestAddr(q.device)}
+		gq, err := vring.NewDeviceQueue(guest, vring.DeviceQueueOptions{
+			Index: i, Layout: gl, Features: d.driverFeatures, Log: logger, State: q.base,
+		})
+		if err != nil {
+			return fail(fmt.Errorf("%w: %w", ErrQueueLayout, err))
+		}
+		sl := vring.ContiguousLayout(next, q.size)
+		next += vring.GuestAddr((vring.ContiguousLayoutBytes(q.size) + 4095) &^ 4095)
+		sq, err := vring.NewDriverQueue(mem, vring.DriverQueueOptions{Index: i, Layout: sl, Features: shadowFeatures})
+		if err != nil {
+			return fail(fmt.Errorf("mdev: shadow queue %d: %w", i, err))
+		}
+		rq := &relayQueue{idx: i, guest: gq, shadow: sq, guestKick: d.kicks[i],
+			inflight: make([]vring.Chain, q.size), bufs: make([]vring.Buffer, 0, 8)}
+		rq.guestCall.Store(d.queueCallFD(i))
+		if rq.shadowKick, err = vdpa.NewEventFD(); err != nil {
+			return fail(err)
+		}
+		if rq.shadowCall, err = vdpa.NewEventFD(); err != nil {
+			_ = rq.shadowKick.Close()
+			return fail(err)
+		}
+		run.queues[i] = rq
+		addr := vdpa.QueueAddr{Desc: sl.Desc, Avail: sl.Avail, Used: sl.Used}
+		if err := d.programQueue(i, q.size, addr, vring.QueueState{}, rq.shadowKick, rq.shadowCall); err != nil {
+			return fail(err)
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	run.cancel = cancel
+	for _, rq := range run.queues {
+		if rq == nil {
+			continue
+		}
+		run.wg.Add(2)
+		go run.loop(ctx, d, rq, rq.guestKick, false)
+		go run.loop(ctx, d, rq, rq.shadowCall, true)
+	}
+	return nil
+}
+
+// loop waits on one eventfd and services the queue: guest kicks forward
+// chains to the shadow ring; shadow interrupts complete chains back to the
+// guest (and then forward more, descriptors having been freed).
+func (run *relayRun) loop(ctx context.Context, d *Device, rq *relayQueue, ev *vdpa.EventFD, completions bool) {
+	defer run.wg.Done()
+	for {
+		if _, err := ev.Wait(ctx); err != nil {
+			return // cancelled or closed: the relay is stopping
+		}
+		rq.mu.Lock()
+		var err error
+		if completions {
+			err = rq.complete()
+		}
+		if err == nil {
+			err = rq.forward()
+		}
+		rq.mu.Unlock()
+		if err != nil {
+			if run.failed.CompareAndSwap(nil, &err) {
+				// Reported without d.mu held by this goroutine: stop()
+				// may hold d.mu while waiting for us.
+				go d.BackingFailed(err)
+			}
+			return
+		}
+	}
+}
+
+// forward moves available guest chains to the shadow ring. Caller holds
+// rq.mu.
+func (rq *relayQueue) forward() error {
+	added := false
+	for {
+		if !rq.hasPending {
+			ok, err := rq.guest.Pop(&rq.pending)
+			if err != nil {
+				return err
+			}
+			if !ok {
+				break
+			}
+			rq.hasPending = true
+		}
+		c := &rq.pending
+		if len(c.Segs) > int(rq.shadow.Size()) || len(c.Segs) == 0 {
+			return fmt.Errorf("%w: queue %d head %d has %d buffers, shadow ring %d",
+				ErrRelayChain, rq.idx, c.Head, len(c.Segs), rq.shadow.Size())
+		}
+		if rq.shadow.NumFree() < len(c.Segs) {
+			break // wait for completions to free descriptors
+		}
+		rq.bufs = rq.bufs[:0]
+		for _, s := range c.Segs {
+			rq.bufs = append(rq.bufs, vring.Buffer{Addr: s.Addr, Len: s.Len, Writable: s.Writable})
+		}
+		head, err := rq.shadow.Add(rq.bufs)
+		if err != nil {
+			return err
+		}
+		dst := &rq.inflight[head]
+		dst.Head, dst.Readable, dst.ReadableLen, dst.WritableLen = c.Head, c.Readable, c.ReadableLen, c.WritableLen
+		dst.Segs = append(dst.Segs[:0], c.Segs...)
+		rq.hasPending = false
+		added = true
+	}
+	if added {
+		rq.shadow.Publish()
+		if rq.shadow.NeedsKick() {
+			return rq.shadowKick.Signal()
+		}
+	}
+	return nil
+}
+
+// complete returns every chain the backing device used to the guest's used
+// ring (logging the written bytes) and interrupts the guest if it asked.
+// Caller holds rq.mu.
+func (rq *relayQueue) complete() error {
+	pushed := false
+	for {
+		head, n, ok, err := rq.shadow.Reclaim()
+		if err != nil {
+			return err
+		}
+		if !ok {
+			break
+		}
+		if err := rq.guest.PushChain(&rq.inflight[head], n); err != nil {
+			return err
+		}
+		pushed = true
+	}
+	if pushed && rq.guest.NeedsInterrupt() {
+		if fd := rq.guestCall.Load(); fd != nil {
+			return fd.Signal()
+		}
+	}
+	return nil
+}
+
+// setGuestCall changes the guest interrupt of queue q (a new MSI-X vector).
+func (r *relay) setGuestCall(q int, fd *vdpa.EventFD) {
+	if r.run != nil && q < len(r.run.queues) && r.run.queues[q] != nil {
+		r.run.queues[q].guestCall.Store(fd)
+	}
+}
+
+// stop hands the data path back: the relay's goroutines stop, the backing
+// device is suspended (or its rings stopped) and reset, the completions it
+// made are delivered to the guest, and each guest queue's position —
+// rewound over chains the backing device never consumed — is recorded in
+// d.queues[].base for the next programming. Called with d.mu held.
+func (r *relay) stop(d *Device) error {
+	run := r.run
+	if run == nil {
+		return nil
+	}
+	run.cancel()
+	run.wg.Wait()
+	if p := run.failed.Load(); p != nil {
+		r.teardown()
+		_ = d.backing.SetStatus(0)
+		return *p
+	}
+	if s, ok := d.backing.(vdpa.Suspender); ok {
+		if err := s.Suspend(); err != nil {
+			r.teardown()
+			return backingErr("suspend", err)
+		}
+	}
+	var firstErr error
+	for _, rq := range run.queues {
+		if rq == nil {
+			continue
+		}
+		st, err := d.backing.QueueBase(rq.idx)
+		if err != nil {
+			firstErr = backingErr(fmt.Sprintf("queue %d base", rq.idx), err)
+			break
+		}
+		if err := rq.complete(); err != nil {
+			firstErr = err
+			break
+		}
+		if st.NextAvail != st.NextUsed && firstErr == nil {
+			firstErr = fmt.Errorf("%w: queue %d shadow next avail %d, next used %d", ErrInFlight, rq.idx, st.NextAvail, st.NextUsed)
+			break
+		}
+		// Everything the backing device consumed is now complete; what
+		// remains outstanding on the shadow ring (and a chain popped but
+		// not yet added) goes back to the guest ring.
+		back := uint16(rq.shadow.Outstanding())
+		if rq.hasPending {
+			back++
+		}
+		gs := rq.guest.State()
+		gs.NextAvail -= back
+		if gs.NextAvail != gs.NextUsed {
+			firstErr = fmt.Errorf("%w: queue %d guest next avail %d, next used %d", ErrInFlight, rq.idx, gs.NextAvail, gs.NextUsed)
+			break
+		}
+		d.queues[rq.idx].base = gs
+	}
+	if err := d.backing.SetStatus(0); err != nil && firstErr == nil {
+		firstErr = backingErr("reset", err)
+	}
+	d.negotiated = false
+	r.teardown()
+	return firstErr
+}
+
+// teardown stops the goroutines (if running) and frees the shadow rings.
+func (r *relay) teardown() {
+	run := r.run
+	if run == nil {
+		return
+	}
+	r.run = nil
+	if run.cancel != nil {
+		run.cancel()
+		run.wg.Wait()
+	}
+	for _, rq := range run.queues {
+		if rq == nil {
+			continue
+		}
+		if rq.shadowKick != nil {
+			_ = rq.shadowKick.Close()
+		}
+		if rq.shadowCall != nil {
+			_ = rq.shadowCall.Close()
+		}
+	}
+	_ = run.region.Close()
+}
+
+// stopRelay abandons a running relay (device reset, FAILED, Close): the
+// backing device is reset by the caller, so no state is read back.
+func (d *Device) stopRelay() {
+	if d.relay != nil {
+		d.relay.teardown()
+	}
+}
