@@ -329,9 +329,6 @@ func (b *Bitmap) DirtyRuns() iter.Seq2[uint64, uint64] {
 					}
 					start, n = p, uint64(ones)
 				}
-				if tz+ones >= 64 {
-					break
-				}
 				w &^= (1<<ones - 1) << tz
 			}
 		}
