@@ -1,0 +1,227 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"time"
+
+	"github.com/vdpakit/vdpakit/dirty"
+)
+
+// Dirty runs the dirty-tracking suite: Mark cost, harvest scan speed against
+// guest size for clean, 1 % and 50 % dirty bitmaps, and the overhead of
+// logging on ring processing.
+func (h *Harness) Dirty(ctx context.Context) {
+	const suite = "dirty"
+	h.benchMark(ctx, suite)
+	for _, size := range h.cfg.scanSizes {
+		for _, frac := range []float64{0, 0.01, 0.5} {
+			if ctx.Err() != nil {
+				return
+			}
+			h.benchHarvest(ctx, suite, size, frac)
+		}
+	}
+	for _, descs := range []int{1, 4} {
+		for _, b := range []int{1, maxInt(h.cfg.Batches)} {
+			if ctx.Err() != nil {
+				return
+			}
+			h.benchLogOverhead(ctx, suite, descs, b)
+			if b == 1 && maxInt(h.cfg.Batches) == 1 {
+				break
+			}
+		}
+	}
+}
+
+// benchMark measures Mark of one page and of a 64 KiB range, walking a
+// 1 GiB span so the words touched are not all in one cache line.
+func (h *Harness) benchMark(ctx context.Context, suite string) {
+	const span = 1 << 30
+	for _, length := range []uint64{1, 64 << 10} {
+		name := fmt.Sprintf("Mark %s, uncontended", map[uint64]string{1: "1 page", 64 << 10: "64 KiB range"}[length])
+		p := map[string]any{"span": formatSize(span), "length": length, "page_size": dirty.DefaultPageSize}
+		h.prog.Step("dirty: %s", name)
+		bm, err := dirty.New(span, nil)
+		if err != nil {
+			h.fail(suite, name, p, err)
+			continue
+		}
+		// A stride of 7 pages plus the range visits every page, in an order
+		// that defeats a simple next-line prefetch.
+		stride := uint64(7*dirty.DefaultPageSize) + length
+		var addr uint64
+		n, el, err := timeLoopAllocs(ctx, h.cfg.duration, func(n int) error {
+			for i := 0; i < n; i++ {
+				if err := bm.Mark(addr, length); err != nil {
+					return err
+				}
+				addr += stride
+				if addr+length > span {
+					addr = (addr + length) % span % stride
+				}
+			}
+			return nil
+		})
+		bm.Close()
+		if err != nil {
+			h.fail(suite, name, p, err)
+			continue
+		}
+		p["ops"] = n
+		h.add(Result{Suite: suite, Name: name, Params: p, Metrics: []Metric{
+			{"ns_per_op", nsPer(n, el), "ns/op"},
+			{"mops", mppsOf(n, el), "Mops/s"},
+		}})
+	}
+}
+
+// dirtyPattern returns bitmap bytes with each of pages bits set with
+// probability frac (a fixed seed: every run scans the same pattern).
+func dirtyPattern(size int, pages uint64, frac float64) []byte {
+	b := make([]byte, size)
+	if frac <= 0 {
+		return b
+	}
+	rng := rand.New(rand.NewPCG(1, uint64(frac*1e6)))
+	if frac >= 0.5 {
+		for i := range b {
+			b[i] = byte(rng.Uint32())
+		}
+	} else {
+		// Geometric gaps between dirty pages: cheap for small fractions.
+		want := uint64(float64(pages) * frac)
+		for i := uint64(0); i < want; i++ {
+			pg := rng.Uint64N(pages)
+			b[pg/8] |= 1 << (pg % 8)
+		}
+	}
+	// Bits past the last page name nothing; keep them clear.
+	for pg := pages; pg < uint64(size)*8; pg++ {
+		b[pg/8] &^= 1 << (pg % 8)
+	}
+	return b
+}
+
+// benchHarvest measures Harvest scan speed over a bitmap covering guest
+// bytes of guest space with frac of its pages dirty. The pattern is copied
+// back into the log before each harvest, untimed.
+func (h *Harness) benchHarvest(ctx context.Context, suite string, guest uint64, frac float64) {
+	name := fmt.Sprintf("harvest %s guest, %s dirty", formatSize(guest), fracLabel(frac))
+	p := map[string]any{"guest_size": formatSize(guest), "guest_bytes": guest, "dirty_fraction": frac, "page_size": dirty.DefaultPageSize}
+	h.prog.Step("dirty: %s", name)
+	src, err := dirty.New(guest, nil)
+	if err != nil {
+		h.fail(suite, name, p, err)
+		return
+	}
+	defer src.Close()
+	dst, err := dirty.New(guest, nil)
+	if err != nil {
+		h.fail(suite, name, p, err)
+		return
+	}
+	defer dst.Close()
+	pattern := dirtyPattern(src.Size(), src.NumPages(), frac)
+	want := src.NumPages()
+	var expect uint64
+	for _, c := range pattern {
+		for ; c != 0; c &= c - 1 {
+			expect++
+		}
+	}
+	_ = want
+	log := src.Bytes()
+	var total time.Duration
+	scans := 0
+	minScans := 3
+	if h.cfg.Short {
+		minScans = 1
+	}
+	for (total < h.cfg.duration || scans < minScans) && ctx.Err() == nil {
+		copy(log, pattern)
+		start := time.Now()
+		got, err := src.Harvest(dst)
+		total += time.Since(start)
+		if err != nil {
+			h.fail(suite, name, p, err)
+			return
+		}
+		if got != expect {
+			h.fail(suite, name, p, fmt.Errorf("harvest took %d pages, pattern has %d", got, expect))
+			return
+		}
+		scans++
+		if scans >= 10000 {
+			break
+		}
+	}
+	per := total / time.Duration(scans)
+	p["scans"] = scans
+	p["bitmap_bytes"] = src.Size()
+	p["dirty_pages"] = expect
+	h.add(Result{Suite: suite, Name: name, Params: p, Metrics: []Metric{
+		{"ms", float64(per.Nanoseconds()) / 1e6, "ms/scan"},
+		{"gbps", float64(src.Size()) / per.Seconds() / 1e9, "GB/s of bitmap"},
+	}})
+}
+
+func fracLabel(f float64) string {
+	if f == 0 {
+		return "clean"
+	}
+	return fmt.Sprintf("%g%%", f*100)
+}
+
+// benchLogOverhead measures device-side pop+push with and without dirty
+// logging (used ring entries, used.idx and the chain's written bytes marked
+// in a bitmap) and reports the ratio logged/unlogged.
+func (h *Harness) benchLogOverhead(ctx context.Context, suite string, descs, batch int) {
+	name := fmt.Sprintf("logging overhead on pop+push, %s, batch %d", chainLabel(descs), batch)
+	p := map[string]any{"descs": descs, "batch": batch, "ring_size": h.cfg.RingSize}
+	h.prog.Step("dirty: %s", name)
+	bm, err := dirty.New(ringMemSize, nil)
+	if err != nil {
+		h.fail(suite, name, p, err)
+		return
+	}
+	defer bm.Close()
+	// Alternate plain and logged runs and keep the best of each, so load
+	// from other processes does not land on one side only.
+	var plain, logged []float64
+	rounds := 3
+	if h.cfg.Short {
+		rounds = 1
+	}
+	for r := 0; r < rounds; r++ {
+		n, el, err := benchDevice(ctx, h.cfg.duration/2, h.cfg.RingSize, descs, batch, nil)
+		if err != nil {
+			h.fail(suite, name, p, err)
+			return
+		}
+		plain = append(plain, nsPer(n, el))
+		n, el, err = benchDevice(ctx, h.cfg.duration/2, h.cfg.RingSize, descs, batch, bm)
+		if err != nil {
+			h.fail(suite, name, p, err)
+			return
+		}
+		logged = append(logged, nsPer(n, el))
+	}
+	a, b := minF(plain), minF(logged)
+	p["rounds"] = rounds
+	h.add(Result{Suite: suite, Name: name, Params: p, Metrics: []Metric{
+		{"ratio", ratio(b, a), "x"},
+		{"plain", a, "ns/chain"},
+		{"logged", b, "ns/chain"},
+	}})
+}
+
+func minF(v []float64) float64 {
+	m := v[0]
+	for _, x := range v[1:] {
+		m = min(m, x)
+	}
+	return m
+}

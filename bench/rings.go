@@ -1,0 +1,516 @@
+package main
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"runtime"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vdpakit/vdpakit/vring"
+)
+
+// Ring benchmarks use one guest-memory region: the split ring at guest
+// address 0, then a buffer area. Every chain points at the same buffers
+// (the ring code under test never touches buffer contents beyond mapping
+// them), so the measurement is the ring protocol itself.
+const (
+	ringBufBase = 1 << 20 // buffers start at 1 MiB
+	ringBufLen  = 64      // bytes per descriptor buffer
+	ringMemSize = 2 << 20
+)
+
+// chainBuffers returns the buffers of one chain with descs descriptors:
+// a 1-descriptor chain is one readable buffer (a transmitted frame); a
+// longer chain is half readable, half writable (a request and its reply).
+func chainBuffers(descs int) []vring.Buffer {
+	bufs := make([]vring.Buffer, descs)
+	for i := range bufs {
+		bufs[i] = vring.Buffer{Addr: vring.GuestAddr(ringBufBase + i*ringBufLen), Len: ringBufLen}
+		if descs > 1 && i >= descs/2 {
+			bufs[i].Writable = true
+		}
+	}
+	return bufs
+}
+
+// writtenFor is what the device reports written for a chain of bufs.
+func writtenFor(bufs []vring.Buffer) uint32 {
+	var n uint32
+	for _, b := range bufs {
+		if b.Writable {
+			n += b.Len
+		}
+	}
+	return n
+}
+
+// ringEnv is guest memory with one split ring laid out in it.
+type ringEnv struct {
+	region *vring.Region
+	mem    *vring.Memory
+	layout vring.Layout
+}
+
+func newRingEnv(ringSize int) (*ringEnv, error) {
+	if vring.ContiguousLayoutBytes(uint16(ringSize)) > ringBufBase {
+		return nil, fmt.Errorf("ring size %d does not fit below the buffer area", ringSize)
+	}
+	r, err := vring.NewMemfdRegion(0, ringMemSize, &vring.RegionOptions{Name: "vdpakit-bench"})
+	if err != nil {
+		return nil, err
+	}
+	mem, err := vring.NewMemory(r)
+	if err != nil {
+		r.Close()
+		return nil, err
+	}
+	return &ringEnv{region: r, mem: mem, layout: vring.ContiguousLayout(0, uint16(ringSize))}, nil
+}
+
+func (e *ringEnv) Close() { e.mem.Close() }
+
+// idxField returns the 2-byte index field (avail.idx or used.idx) of a ring.
+func (e *ringEnv) idxField(ringAddr vring.GuestAddr) ([]byte, error) {
+	return e.mem.Slice(ringAddr+2, 2)
+}
+
+// benchDevice measures device-side pop+push per chain in one goroutine. The
+// driver fills the whole ring once; afterwards each lap of size chains is
+// replayed by advancing avail.idx by the queue size (the avail ring and the
+// descriptors stay valid), so only device work is timed.
+func benchDevice(ctx context.Context, d time.Duration, ringSize, descs, batch int, log vring.WriteLogger) (int, time.Duration, error) {
+	e, err := newRingEnv(ringSize)
+	if err != nil {
+		return 0, 0, err
+	}
+	defer e.Close()
+	drv, err := vring.NewDriverQueue(e.mem, vring.DriverQueueOptions{Layout: e.layout})
+	if err != nil {
+		return 0, 0, err
+	}
+	bufs := chainBuffers(descs)
+	var heads []uint16
+	for drv.NumFree() >= descs {
+		h, err := drv.Add(bufs)
+		if err != nil {
+			return 0, 0, err
+		}
+		heads = append(heads, h)
+	}
+	// Fill every avail slot (chains of several descriptors leave slots
+	// unused) so each lap of ringSize entries names valid chains.
+	_, availSz, _ := vring.SplitSizes(uint16(ringSize))
+	avail, err := e.mem.Slice(e.layout.Avail, availSz)
+	if err != nil {
+		return 0, 0, err
+	}
+	for i := 0; i < ringSize; i++ {
+		binary.LittleEndian.PutUint16(avail[4+2*i:], heads[i%len(heads)])
+	}
+	laps := ringSize
+	dev, err := vring.NewDeviceQueue(e.mem, vring.DeviceQueueOptions{Layout: e.layout, Log: log})
+	if err != nil {
+		return 0, 0, err
+	}
+	dev.DisableNotify()
+	availIdx, err := e.idxField(e.layout.Avail)
+	if err != nil {
+		return 0, 0, err
+	}
+	written := writtenFor(bufs)
+	chains := make([]vring.Chain, batch)
+	elems := make([]vring.UsedElem, batch)
+	var idx uint16 // avail.idx as last stored; the device starts at 0
+	left := 0      // chains still available in the current lap
+	f := func(n int) error {
+		for done := 0; done < n; {
+			if left == 0 {
+				idx += uint16(laps)
+				binary.LittleEndian.PutUint16(availIdx, idx)
+				left = laps
+			}
+			want := min(batch, left, n-done)
+			k, err := dev.PopBatch(chains[:want])
+			if err != nil {
+				return err
+			}
+			if k != want {
+				return fmt.Errorf("popped %d chains, want %d", k, want)
+			}
+			if batch == 1 {
+				// PushChain logs the written bytes when a log is set.
+				err = dev.PushChain(&chains[0], written)
+			} else {
+				for i := 0; i < k && err == nil; i++ {
+					if log != nil {
+						err = logWritten(log, &chains[i], written)
+					}
+					elems[i] = vring.UsedElem{Head: chains[i].Head, Len: written}
+				}
+				if err == nil {
+					err = dev.PushBatch(elems[:k])
+				}
+			}
+			if err != nil {
+				return err
+			}
+			left -= k
+			done += k
+		}
+		return nil
+	}
+	return timeLoopAllocs(ctx, d, f)
+}
+
+// logWritten logs the first written bytes of c's writable segments, as
+// PushChain does, for a device that publishes with PushBatch.
+func logWritten(log vring.WriteLogger, c *vring.Chain, written uint32) error {
+	left := uint64(written)
+	for i := c.Readable; i < len(c.Segs) && left > 0; i++ {
+		k := min(uint64(c.Segs[i].Len), left)
+		if err := log.LogWrite(uint64(c.Segs[i].Addr), k); err != nil {
+			return err
+		}
+		left -= k
+	}
+	return nil
+}
+
+// benchDriver measures driver-side add+publish+reclaim per chain in one
+// goroutine. A minimal in-line completer writes the used entries directly
+// (two stores per chain), so the time is the driver's.
+func benchDriver(ctx context.Context, d time.Duration, ringSize, descs, batch int) (int, time.Duration, error) {
+	e, err := newRingEnv(ringSize)
+	if err != nil {
+		return 0, 0, err
+	}
+	defer e.Close()
+	drv, err := vring.NewDriverQueue(e.mem, vring.DriverQueueOptions{Layout: e.layout})
+	if err != nil {
+		return 0, 0, err
+	}
+	bufs := chainBuffers(descs)
+	written := writtenFor(bufs)
+	_, _, usedSz := vring.SplitSizes(uint16(ringSize))
+	used, err := e.mem.Slice(e.layout.Used, usedSz)
+	if err != nil {
+		return 0, 0, err
+	}
+	mask := uint16(ringSize - 1)
+	var usedIdx uint16
+	heads := make([]uint16, batch)
+	f := func(n int) error {
+		for done := 0; done < n; {
+			want := min(batch, n-done, drv.NumFree()/descs)
+			for i := 0; i < want; i++ {
+				h, err := drv.Add(bufs)
+				if err != nil {
+					return err
+				}
+				heads[i] = h
+			}
+			drv.Publish()
+			for i := 0; i < want; i++ {
+				off := 4 + 8*int(usedIdx&mask)
+				binary.LittleEndian.PutUint32(used[off:], uint32(heads[i]))
+				binary.LittleEndian.PutUint32(used[off+4:], written)
+				usedIdx++
+			}
+			binary.LittleEndian.PutUint16(used[2:], usedIdx)
+			for i := 0; i < want; i++ {
+				if _, _, ok, err := drv.Reclaim(); err != nil || !ok {
+					return fmt.Errorf("reclaim: ok=%v err=%v", ok, err)
+				}
+			}
+			done += want
+		}
+		return nil
+	}
+	return timeLoopAllocs(ctx, d, f)
+}
+
+// timeLoopAllocs is timeLoop that also fails if the timed loop allocates in
+// steady state (the library promises zero allocations per chain).
+func timeLoopAllocs(ctx context.Context, d time.Duration, f func(n int) error) (int, time.Duration, error) {
+	if err := f(1024); err != nil { // warm up
+		return 0, 0, err
+	}
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	n, el, err := timeLoop(ctx, d, f)
+	runtime.ReadMemStats(&after)
+	if err == nil && after.Mallocs-before.Mallocs > 64 {
+		err = fmt.Errorf("hot path allocated: %d allocations over the run", after.Mallocs-before.Mallocs)
+	}
+	return n, el, err
+}
+
+// crossOptions configure a driver/device pair on two threads or processes.
+type crossOptions struct {
+	RingSize, Descs, Batch, Chains int
+	HostCPU, GuestCPU              int
+}
+
+// pinThread locks the calling goroutine to its OS thread and that thread to
+// cpu. The returned function restores the thread's CPU mask and unlocks it;
+// call it when the goroutine is done (threads must not exit, or child
+// processes started with Pdeathsig from that thread would be killed).
+func pinThread(cpu int) (unpin func(), err error) {
+	runtime.LockOSThread()
+	var old unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &old); err != nil {
+		runtime.UnlockOSThread()
+		return nil, fmt.Errorf("read cpu mask: %w", err)
+	}
+	var set unix.CPUSet
+	set.Set(cpu)
+	if err := unix.SchedSetaffinity(0, &set); err != nil {
+		runtime.UnlockOSThread()
+		return nil, fmt.Errorf("pin to cpu %d: %w", cpu, err)
+	}
+	return func() {
+		if unix.SchedSetaffinity(0, &old) == nil {
+			runtime.UnlockOSThread()
+		}
+		// If the mask cannot be restored the thread stays locked and
+		// exits with its goroutine.
+	}, nil
+}
+
+// errAborted stops one side when the other failed.
+var errAborted = errors.New("aborted: the other side failed")
+
+// driveChains is the driver side of a cross-thread or cross-process run: it
+// adds chains in batches, publishes each batch with one avail.idx store,
+// and reclaims everything used, busy-polling, until n chains came back.
+func driveChains(drv *vring.DriverQueue, bufs []vring.Buffer, batch, n int, abort *atomic.Bool, deadline time.Time) error {
+	added, done, pending := 0, 0, 0
+	descs := len(bufs)
+	for spins := 0; done < n; spins++ {
+		for pending < batch && added < n && drv.NumFree() >= descs {
+			if _, err := drv.Add(bufs); err != nil {
+				return err
+			}
+			added++
+			pending++
+		}
+		if pending > 0 && (pending >= batch || added == n || drv.NumFree() < descs) {
+			drv.Publish()
+			pending = 0
+		}
+		for {
+			_, _, ok, err := drv.Reclaim()
+			if err != nil {
+				return err
+			}
+			if !ok {
+				break
+			}
+			done++
+		}
+		if spins&0xffff == 0 {
+			if abort.Load() {
+				return errAborted
+			}
+			if time.Now().After(deadline) {
+				return fmt.Errorf("driver: %d of %d chains back after the deadline", done, n)
+			}
+		}
+	}
+	return nil
+}
+
+// serveChains is the device side: pop up to batch chains, push them with
+// one used.idx store, busy-polling, until n chains were served.
+func serveChains(dev *vring.DeviceQueue, batch, n int, written uint32, abort *atomic.Bool, deadline time.Time) error {
+	chains := make([]vring.Chain, batch)
+	elems := make([]vring.UsedElem, batch)
+	done := 0
+	for spins := 0; done < n; spins++ {
+		k, err := dev.PopBatch(chains[:min(batch, n-done)])
+		if err != nil {
+			return err
+		}
+		if k == 0 {
+			if spins&0xffff == 0 {
+				if abort != nil && abort.Load() {
+					return errAborted
+				}
+				if time.Now().After(deadline) {
+					return fmt.Errorf("device: %d of %d chains served by the deadline", done, n)
+				}
+			}
+			continue
+		}
+		for i := 0; i < k; i++ {
+			elems[i] = vring.UsedElem{Head: chains[i].Head, Len: written}
+		}
+		if err := dev.PushBatch(elems[:k]); err != nil {
+			return err
+		}
+		done += k
+	}
+	return nil
+}
+
+// crossDeadline bounds a cross run so a stuck peer cannot hang the harness.
+func crossDeadline(chains int) time.Time {
+	return time.Now().Add(30*time.Second + time.Duration(chains)*2*time.Microsecond)
+}
+
+// libCrossThread runs opts.Chains chains between a driver goroutine pinned
+// to GuestCPU and a device goroutine pinned to HostCPU, both busy-polling,
+// and returns the wall time from start to the last reclaim.
+func libCrossThread(ctx context.Context, o crossOptions) (time.Duration, error) {
+	e, err := newRingEnv(o.RingSize)
+	if err != nil {
+		return 0, err
+	}
+	defer e.Close()
+	drv, err := vring.NewDriverQueue(e.mem, vring.DriverQueueOptions{Layout: e.layout})
+	if err != nil {
+		return 0, err
+	}
+	dev, err := vring.NewDeviceQueue(e.mem, vring.DeviceQueueOptions{Layout: e.layout})
+	if err != nil {
+		return 0, err
+	}
+	drv.DisableInterrupts()
+	dev.DisableNotify()
+	bufs := chainBuffers(o.Descs)
+	written := writtenFor(bufs)
+	deadline := crossDeadline(o.Chains)
+	var abort atomic.Bool
+	devErr := make(chan error, 1)
+	ready := make(chan error, 1)
+	go func() {
+		unpin, err := pinThread(o.HostCPU)
+		if err != nil {
+			ready <- err
+			devErr <- err
+			return
+		}
+		defer unpin()
+		ready <- nil
+		err = serveChains(dev, o.Batch, o.Chains, written, &abort, deadline)
+		if err != nil {
+			abort.Store(true)
+		}
+		devErr <- err
+	}()
+	if err := <-ready; err != nil {
+		return 0, err
+	}
+	type res struct {
+		el  time.Duration
+		err error
+	}
+	drvRes := make(chan res, 1)
+	go func() {
+		unpin, err := pinThread(o.GuestCPU)
+		if err != nil {
+			abort.Store(true)
+			drvRes <- res{err: err}
+			return
+		}
+		defer unpin()
+		start := time.Now()
+		err = driveChains(drv, bufs, o.Batch, o.Chains, &abort, deadline)
+		el := time.Since(start)
+		if err != nil {
+			abort.Store(true)
+		}
+		drvRes <- res{el, err}
+	}()
+	stop := context.AfterFunc(ctx, func() { abort.Store(true) })
+	defer stop()
+	r := <-drvRes
+	derr := <-devErr
+	if r.err != nil {
+		if errors.Is(r.err, errAborted) && derr != nil {
+			return 0, fmt.Errorf("device: %w", derr)
+		}
+		return 0, fmt.Errorf("driver: %w", r.err)
+	}
+	if derr != nil {
+		return 0, fmt.Errorf("device: %w", derr)
+	}
+	return r.el, nil
+}
+
+// Rings runs the ring suite.
+func (h *Harness) Rings(ctx context.Context) {
+	const suite = "rings"
+	for _, descs := range []int{1, 4} {
+		for _, b := range h.cfg.Batches {
+			if ctx.Err() != nil {
+				return
+			}
+			p := map[string]any{"descs": descs, "batch": b, "ring_size": h.cfg.RingSize}
+			name := fmt.Sprintf("device pop+push, %s, batch %d, same goroutine", chainLabel(descs), b)
+			h.prog.Step("rings: %s", name)
+			n, el, err := benchDevice(ctx, h.cfg.duration, h.cfg.RingSize, descs, b, nil)
+			h.addRate(suite, name, p, n, el, err)
+
+			name = fmt.Sprintf("driver add+reclaim, %s, batch %d, same goroutine", chainLabel(descs), b)
+			h.prog.Step("rings: %s", name)
+			n, el, err = benchDriver(ctx, h.cfg.duration, h.cfg.RingSize, descs, b)
+			h.addRate(suite, name, p, n, el, err)
+		}
+	}
+	for _, mode := range []string{"cross-goroutine", "cross-process"} {
+		for _, descs := range []int{1, 4} {
+			for _, b := range h.cfg.Batches {
+				if ctx.Err() != nil {
+					return
+				}
+				p := map[string]any{"descs": descs, "batch": b, "ring_size": h.cfg.RingSize,
+					"host_cpu": h.cfg.HostCPU, "guest_cpu": h.cfg.GuestCPU, "pinned": true, "busy_poll": true}
+				name := fmt.Sprintf("%s driver->device, %s, batch %d", mode, chainLabel(descs), b)
+				h.prog.Step("rings: %s", name)
+				o := crossOptions{RingSize: h.cfg.RingSize, Descs: descs, Batch: b, HostCPU: h.cfg.HostCPU, GuestCPU: h.cfg.GuestCPU}
+				runOnce := libCrossThread
+				if mode == "cross-process" {
+					runOnce = libCrossProcess
+				}
+				n, el, err := calibratedCross(ctx, h.cfg.duration, o, runOnce)
+				p["chains"] = n
+				h.addRate(suite, name, p, n, el, err)
+			}
+		}
+	}
+}
+
+// calibratedCross runs a short calibration, then one run sized to last d.
+func calibratedCross(ctx context.Context, d time.Duration, o crossOptions, f func(context.Context, crossOptions) (time.Duration, error)) (int, time.Duration, error) {
+	o.Chains = 20000
+	el, err := f(ctx, o)
+	if err != nil {
+		return 0, 0, err
+	}
+	n := int(float64(o.Chains) * d.Seconds() / el.Seconds())
+	o.Chains = max(20000, min(n, 200_000_000))
+	el, err = f(ctx, o)
+	return o.Chains, el, err
+}
+
+// addRate records a per-chain measurement (or its failure).
+func (h *Harness) addRate(suite, name string, p map[string]any, n int, el time.Duration, err error) {
+	if err != nil {
+		if ctx := context.Canceled; errors.Is(err, ctx) {
+			return
+		}
+		h.fail(suite, name, p, err)
+		return
+	}
+	p["chains"] = n
+	h.add(Result{Suite: suite, Name: name, Params: p, Metrics: []Metric{
+		{"ns_per_chain", nsPer(n, el), "ns/chain"},
+		{"mpps", mppsOf(n, el), "Mpps"},
+	}})
+}
