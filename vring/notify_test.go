@@ -323,3 +323,5 @@ func TestPushMisuse(t *testing.T) {
 	require.NoError(t, dev.Err(), "caller misuse does not break the queue")
 	require.NoError(t, dev.PushChain(&c, 16))
 }
+
+func featuresOf(v uint64) virtio.Features { return virtio.Features(v) }
