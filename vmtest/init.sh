@@ -46,6 +46,12 @@ while read -r mod; do
 done </vmtest/modules.list
 echo "vmtest: modules loaded: $(cut -d' ' -f1 /proc/modules | sort | tr '\n' ' ')"
 
+# Environment for the test binaries (run.sh -env), one NAME=VALUE a line.
+while IFS= read -r kv; do
+	[ -n "$kv" ] && export "$kv"
+done </vmtest/env
+export VDPAKIT_VMTEST=1
+
 # Extra arguments for every test binary, one per line.
 set --
 while IFS= read -r arg; do
@@ -57,7 +63,7 @@ while read -r idx pkg; do
 	dir=/vmtest/pkg/$idx
 	echo "vmtest: === package $pkg"
 	start=$(date +%s)
-	(cd "$dir/src" && VDPAKIT_VMTEST=1 "$dir/test" -test.v "$@")
+	(cd "$dir/src" && "$dir/test" -test.v "$@")
 	rc=$?
 	secs=$(($(date +%s) - start))
 	if [ "$rc" = 0 ]; then
@@ -70,7 +76,7 @@ mark DONE
 
 if [ "$VMTEST_SHELL" = 1 ]; then
 	echo "vmtest: debug shell (exit or Ctrl-D powers off; VDPAKIT_VMTEST=1 is set)"
-	VDPAKIT_VMTEST=1 setsid cttyhack sh -l
+	setsid cttyhack sh -l
 fi
 sync
 poweroff -f

@@ -21,6 +21,7 @@ options:
   -run REGEX        passed to every test binary as -test.run
   -v                verbose: kernel info messages and a traced guest init
   -log FILE         console log (default: $CACHE/last-console.log)
+  -env NAME=VALUE   set an environment variable for the test binaries (repeatable)
   --shell           after the tests, an interactive shell on the console
   --prepare         populate the cache (kernel, modules, tools) and exit
   --refresh         look for a newer 6.12 kernel even if one is cached
@@ -47,11 +48,16 @@ REFRESH=0
 LOG=""
 PKGS=()
 TESTARGS=()
+TESTENV=()
 while [ $# -gt 0 ]; do
 	case "$1" in
 	-timeout | --timeout) [ $# -ge 2 ] || usage; TIMEOUT=$2; shift 2 ;;
 	-run | --run) [ $# -ge 2 ] || usage; RUN=$2; shift 2 ;;
 	-log | --log) [ $# -ge 2 ] || usage; LOG=$2; shift 2 ;;
+	-env | --env)
+		[ $# -ge 2 ] || usage
+		[[ "$2" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "-env wants NAME=VALUE, got '$2'"
+		TESTENV+=("$2"); shift 2 ;;
 	-v | --v | -verbose) VERBOSE=1; shift ;;
 	--shell | -shell) SHELL_MODE=1; shift ;;
 	--prepare | -prepare) PREPARE_ONLY=1; shift ;;
@@ -247,6 +253,7 @@ KBUILD
 	rm -rf "$tmp/root" "$tmp/debs" "$tmp/src" "$tmp/build"
 	rm -rf "$dst"
 	mv "$tmp" "$dst"
+	echo "include $dst/usr/src/linux-headers-$abi-common/Makefile" >"$dst/usr/src/linux-headers-$kv/Makefile"
 	echo "$abi" >"$CACHE/current"
 	say "kernel $kv prepared in $((SECONDS - t0)) s"
 }
@@ -349,6 +356,8 @@ make_initramfs() {
 		[ -n "$RUN" ] && echo "-test.run=$RUN"
 		[ ${#TESTARGS[@]} -gt 0 ] && printf '%s\n' "${TESTARGS[@]}"
 	} >"$root/vmtest/args"
+	: >"$root/vmtest/env"
+	[ ${#TESTENV[@]} -gt 0 ] && printf '%s\n' "${TESTENV[@]}" >"$root/vmtest/env"
 	build_tests "$work" "$root"
 	(cd "$root" && find . | busybox cpio -o -H newc -R 0:0 2>/dev/null | gzip -1 >"$work/initramfs.gz")
 }
@@ -393,7 +402,9 @@ if [ "$SHELL_MODE" = 1 ]; then
 	timeout -k 10 "$TIMEOUT" "${QEMU[@]}" 2>&1 | tee "$LOG"
 	QEMU_RC=${PIPESTATUS[0]}
 else
-	timeout -k 10 "$TIMEOUT" "${QEMU[@]}" </dev/null 2>&1 | tr -d '\r' | tee "$LOG"
+	# sed -u: stream line by line; drop carriage returns and the firmware's
+	# terminal control sequences.
+	timeout -k 10 "$TIMEOUT" "${QEMU[@]}" </dev/null 2>&1 | sed -u -E 's/\x1b(\[[0-9;?]*[A-Za-z]|c)//g; s/\r//g' | tee "$LOG"
 	QEMU_RC=${PIPESTATUS[0]}
 fi
 set -e
