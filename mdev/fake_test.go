@@ -292,3 +292,7 @@ func mustEventFD(t testing.TB) *vdpa.EventFD {
 }
 
 func isErr(err, target error) bool { return errors.Is(err, target) }
+
+func stateAt(avail, used uint16) vring.QueueState {
+	return vring.QueueState{NextAvail: avail, NextUsed: used}
+}

@@ -47,6 +47,7 @@ const (
 	stateTrailer   = 4             // CRC32C
 	maxBackendName = 64
 	maxMSIXBytes   = 2048*16 + 256
+	queueRecordLen = 2 + 1 + 2 + 3*8 + 2 + 2
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
@@ -96,7 +97,24 @@ func EncodeState(s *State) ([]byte, error) {
 	if err := s.Validate(); err != nil {
 		return nil, err
 	}
-	p := make([]byte, 0, 128+len(s.Config)+len(s.PCIConfig)+len(s.MSIX)+len(s.Queues)*32)
+	p := encodePayload(s)
+	le := binary.LittleEndian
+	if len(p) > MaxStateSize {
+		return nil, stateErr(ErrStateTooLarge, "payload %d bytes > %d", len(p), MaxStateSize)
+	}
+	out := make([]byte, 0, stateHeaderLen+len(p)+stateTrailer)
+	out = append(out, stateMagic...)
+	out = le.AppendUint16(out, StateVersion)
+	out = le.AppendUint16(out, 0)
+	out = le.AppendUint32(out, uint32(len(p)))
+	out = append(out, p...)
+	out = le.AppendUint32(out, crc32.Checksum(out, castagnoli))
+	return out, nil
+}
+
+// encodePayload lays out s's fields (s must be valid).
+func encodePayload(s *State) []byte {
+	p := make([]byte, 0, 128+len(s.Config)+len(s.PCIConfig)+len(s.MSIX)+len(s.Queues)*queueRecordLen)
 	le := binary.LittleEndian
 	p = append(p, byte(len(s.Backend)))
 	p = append(p, s.Backend...)
@@ -129,17 +147,7 @@ func EncodeState(s *State) ([]byte, error) {
 		p = le.AppendUint16(p, q.NextAvail)
 		p = le.AppendUint16(p, q.NextUsed)
 	}
-	if len(p) > MaxStateSize {
-		return nil, stateErr(ErrStateTooLarge, "payload %d bytes > %d", len(p), MaxStateSize)
-	}
-	out := make([]byte, 0, stateHeaderLen+len(p)+stateTrailer)
-	out = append(out, stateMagic...)
-	out = le.AppendUint16(out, StateVersion)
-	out = le.AppendUint16(out, 0)
-	out = le.AppendUint32(out, uint32(len(p)))
-	out = append(out, p...)
-	out = le.AppendUint32(out, crc32.Checksum(out, castagnoli))
-	return out, nil
+	return p
 }
 
 // ReadState reads exactly one encoded state stream from r (never more than
@@ -222,7 +230,7 @@ func DecodeState(b []byte) (*State, error) {
 	if d.err == nil && nq > maxQueues {
 		return nil, stateErr(ErrStateInvalid, "queue count %d > %d", nq, maxQueues)
 	}
-	if d.err == nil && nq*31 > len(d.b) {
+	if d.err == nil && nq*queueRecordLen > len(d.b) {
 		return nil, stateErr(ErrStateCorrupt, "queue count %d exceeds payload", nq)
 	}
 	if d.err == nil {

@@ -1,0 +1,44 @@
+package mdev
+
+import (
+	"bytes"
+	"errors"
+	"testing"
+)
+
+// FuzzDecodeState feeds arbitrary bytes to the device state decoder. It must
+// never panic; every rejection must wrap one of the ErrState sentinels; and
+// whatever it accepts must be valid and re-encode to the identical stream
+// (the encoding is canonical), so nothing is silently dropped.
+func FuzzDecodeState(f *testing.F) {
+	if b, err := EncodeState(sampleState()); err == nil {
+		f.Add(b)
+	}
+	f.Add([]byte("VDPAKMDV"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		s, err := DecodeState(b)
+		if err != nil {
+			for _, sentinel := range []error{ErrStateTruncated, ErrStateCorrupt, ErrStateTooLarge,
+				ErrStateVersion, ErrStateInvalid} {
+				if errors.Is(err, sentinel) {
+					return
+				}
+			}
+			t.Fatalf("untyped error: %v", err)
+		}
+		if err := s.Validate(); err != nil {
+			t.Fatalf("accepted an invalid state: %v", err)
+		}
+		out, err := EncodeState(s)
+		if err != nil {
+			t.Fatalf("re-encode: %v", err)
+		}
+		if !bytes.Equal(out, b) {
+			t.Fatalf("re-encoding differs:\n in %x\nout %x", b, out)
+		}
+		// ReadState agrees with DecodeState.
+		if _, err := ReadState(bytes.NewReader(b)); err != nil {
+			t.Fatalf("ReadState rejects what DecodeState accepts: %v", err)
+		}
+	})
+}

@@ -1,0 +1,149 @@
+package mdev
+
+import (
+	"fmt"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+var allMigStates = []MigState{MigError, MigStop, MigRunning, MigStopCopy, MigResuming, MigRunningP2P, MigPreCopy, MigPreCopyP2P}
+
+// The single arcs linux/vfio.h lists in its comment on enum
+// vfio_device_mig_state, written out by hand.
+var vfioArcs = map[[2]MigState]bool{
+	{MigRunningP2P, MigStop}:       true,
+	{MigStopCopy, MigStop}:         true,
+	{MigResuming, MigStop}:         true,
+	{MigPreCopy, MigRunning}:       true,
+	{MigRunningP2P, MigRunning}:    true,
+	{MigRunning, MigRunningP2P}:    true,
+	{MigStop, MigRunningP2P}:       true,
+	{MigPreCopyP2P, MigRunningP2P}: true,
+	{MigRunning, MigPreCopy}:       true,
+	{MigPreCopyP2P, MigPreCopy}:    true,
+	{MigRunningP2P, MigPreCopyP2P}: true,
+	{MigPreCopy, MigPreCopyP2P}:    true,
+	{MigStop, MigStopCopy}:         true,
+	{MigPreCopyP2P, MigStopCopy}:   true,
+	{MigStop, MigResuming}:         true,
+}
+
+func TestLegalArcsAllPairs(t *testing.T) {
+	for _, from := range allMigStates {
+		for _, to := range allMigStates {
+			assert.Equal(t, vfioArcs[[2]MigState{from, to}], LegalArc(from, to), "%s -> %s", from, to)
+		}
+	}
+}
+
+// Expected paths for every pair, as vfio_mig_get_next_state walks them
+// (written by hand from the kernel's FSM rules). nil with ok=false means the
+// request fails.
+func TestMigrationPathAllPairs(t *testing.T) {
+	const (
+		S  = MigStop
+		R  = MigRunning
+		SC = MigStopCopy
+		RS = MigResuming
+		RP = MigRunningP2P
+		PC = MigPreCopy
+		PP = MigPreCopyP2P
+	)
+	type want struct {
+		path []MigState
+		ok   bool
+	}
+	p := func(s ...MigState) want { return want{s, true} }
+	bad := want{nil, false}
+	table := map[MigState]map[MigState]want{
+		S:  {S: p(), R: p(RP, R), SC: p(SC), RS: p(RS), RP: p(RP), PC: p(RP, R, PC), PP: p(RP, PP)},
+		R:  {S: p(RP, S), R: p(), SC: p(RP, S, SC), RS: p(RP, S, RS), RP: p(RP), PC: p(PC), PP: p(RP, PP)},
+		SC: {S: p(S), R: p(S, RP, R), SC: p(), RS: p(S, RS), RP: p(S, RP), PC: bad, PP: bad},
+		RS: {S: p(S), R: p(S, RP, R), SC: p(S, SC), RS: p(), RP: p(S, RP), PC: bad, PP: bad},
+		RP: {S: p(S), R: p(R), SC: p(S, SC), RS: p(S, RS), RP: p(), PC: p(R, PC), PP: p(PP)},
+		PC: {S: p(R, RP, S), R: p(R), SC: p(PP, SC), RS: p(R, RP, S, RS), RP: p(R, RP), PC: p(), PP: p(PP)},
+		PP: {S: p(RP, S), R: p(RP, R), SC: p(SC), RS: p(RP, S, RS), RP: p(RP), PC: p(PC), PP: p()},
+	}
+	for _, from := range allMigStates {
+		for _, to := range allMigStates {
+			t.Run(fmt.Sprintf("%s->%s", from, to), func(t *testing.T) {
+				path, err := MigrationPath(from, to)
+				w, listed := table[from][to]
+				if from == MigError || to == MigError || !listed || !w.ok {
+					require.ErrorIs(t, err, ErrMigrationState)
+					var te *TransitionError
+					require.ErrorAs(t, err, &te)
+					assert.Equal(t, from, te.From)
+					return
+				}
+				require.NoError(t, err)
+				if len(w.path) == 0 {
+					assert.Empty(t, path)
+				} else {
+					assert.Equal(t, w.path, path)
+				}
+				// Every step is a legal single arc.
+				cur := from
+				for _, s := range path {
+					assert.True(t, LegalArc(cur, s), "%s -> %s", cur, s)
+					cur = s
+				}
+			})
+		}
+	}
+	_, err := MigrationPath(MigState(8), MigStop)
+	assert.ErrorIs(t, err, ErrMigrationState)
+}
+
+func TestDeviceMigrationStateWalk(t *testing.T) {
+	f := newFakeBacking()
+	d := newTestDevice(t, f, nil)
+	g := driver{t, d}
+	g.bringUp(netFeatures)
+	assert.Equal(t, MigRunning, d.MigrationState())
+	_, err := d.SaveState()
+	assert.ErrorIs(t, err, ErrMigrationState, "no save session while RUNNING")
+
+	f.mu.Lock()
+	f.base[0] = stateAt(7, 7)
+	f.base[1] = stateAt(3, 3)
+	f.mu.Unlock()
+	require.NoError(t, d.SetMigrationState(MigStopCopy))
+	assert.Equal(t, MigStopCopy, d.MigrationState())
+	assert.Contains(t, f.opsCopy(), "Suspend")
+	assert.EqualValues(t, 0, f.status, "backing stopped and reset after reading positions")
+	b, err := d.SaveState()
+	require.NoError(t, err)
+	s, err := DecodeState(b)
+	require.NoError(t, err)
+	assert.EqualValues(t, 7, s.Queues[0].NextAvail)
+	assert.EqualValues(t, 3, s.Queues[1].NextUsed)
+	assert.Equal(t, sAck|sDrv|sFOK|sDOK, s.Status)
+
+	// Back to RUNNING (migration aborted): the backing device restarts from
+	// the positions read back.
+	require.NoError(t, d.SetMigrationState(MigRunning))
+	assert.Equal(t, sAck|sDrv|sFOK|sDOK, f.status)
+	assert.Equal(t, stateAt(7, 7), f.base[0])
+	assert.Equal(t, stateAt(3, 3), f.base[1])
+
+	require.ErrorIs(t, d.SetMigrationState(MigError), ErrMigrationState)
+	assert.Equal(t, MigRunning, d.MigrationState())
+}
+
+func TestInFlightChainsFailStop(t *testing.T) {
+	f := newFakeBacking()
+	d := newTestDevice(t, f, nil)
+	driver{t, d}.bringUp(netFeatures)
+	f.mu.Lock()
+	f.base[0] = stateAt(9, 7)
+	f.mu.Unlock()
+	err := d.SetMigrationState(MigStop)
+	require.ErrorIs(t, err, ErrInFlight)
+	assert.Equal(t, MigError, d.MigrationState())
+	d.ResetMigration()
+	assert.Equal(t, MigRunning, d.MigrationState())
+	assert.EqualValues(t, 0, d.Status())
+}
