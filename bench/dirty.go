@@ -109,7 +109,7 @@ func dirtyPattern(size int, pages uint64, frac float64) []byte {
 // bytes of guest space with frac of its pages dirty. The pattern is copied
 // back into the log before each harvest, untimed.
 func (h *Harness) benchHarvest(ctx context.Context, suite string, guest uint64, frac float64) {
-	name := fmt.Sprintf("harvest %s guest, %s dirty", formatSize(guest), fracLabel(frac))
+	name := fmt.Sprintf("harvest %s guest, %s", formatSize(guest), fracLabel(frac))
 	p := map[string]any{"guest_size": formatSize(guest), "guest_bytes": guest, "dirty_fraction": frac, "page_size": dirty.DefaultPageSize}
 	h.prog.Step("dirty: %s", name)
 	src, err := dirty.New(guest, nil)
@@ -172,7 +172,7 @@ func fracLabel(f float64) string {
 	if f == 0 {
 		return "clean"
 	}
-	return fmt.Sprintf("%g%%", f*100)
+	return fmt.Sprintf("%g%% dirty", f*100)
 }
 
 // benchLogOverhead measures device-side pop+push with and without dirty

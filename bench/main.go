@@ -80,6 +80,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if isRingChild() {
 		return ringChildMain()
 	}
+	if isVhostChild() {
+		return vhostChildMain()
+	}
 	cfg, err := parseArgs(args, stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return 0
@@ -204,7 +207,7 @@ func parseArgs(args []string, stderr io.Writer) (*Config, error) {
 	rates := fs.String("dirty-rates", "0,64,256,1024", "guest dirty rates for migration, MiB/s")
 	fs.IntVar(&cfg.HostCPU, "host-cpu", 0, "CPU for the device (host) side of cross-thread benchmarks")
 	fs.IntVar(&cfg.GuestCPU, "guest-cpu", 1, "CPU for the driver (guest) side of cross-thread benchmarks")
-	fs.IntVar(&cfg.PeerRounds, "peer-rounds", 3, "interleaved rounds of each peer comparison (median reported)")
+	fs.IntVar(&cfg.PeerRounds, "peer-rounds", 2, "interleaved rounds of each peer comparison (median reported)")
 	fs.StringVar(&cfg.CacheDir, "cache", defCache, "cache for the linux-source package and the built ringtest ($VDPAKIT_CACHE)")
 	fs.StringVar(&cfg.JSONPath, "json", "", "write all results and the machine description to this JSON file")
 	fs.StringVar(&cfg.PlotDir, "plot", "", "write charts (SVG and PNG) into this directory")

@@ -451,7 +451,7 @@ func (h *Harness) Rings(ctx context.Context) {
 			if ctx.Err() != nil {
 				return
 			}
-			p := map[string]any{"descs": descs, "batch": b, "ring_size": h.cfg.RingSize}
+			p := map[string]any{"kind": "device, same goroutine", "descs": descs, "batch": b, "ring_size": h.cfg.RingSize}
 			name := fmt.Sprintf("device pop+push, %s, batch %d, same goroutine", chainLabel(descs), b)
 			h.prog.Step("rings: %s", name)
 			n, el, err := benchDevice(ctx, h.cfg.duration, h.cfg.RingSize, descs, b, nil)
@@ -460,6 +460,8 @@ func (h *Harness) Rings(ctx context.Context) {
 			name = fmt.Sprintf("driver add+reclaim, %s, batch %d, same goroutine", chainLabel(descs), b)
 			h.prog.Step("rings: %s", name)
 			n, el, err = benchDriver(ctx, h.cfg.duration, h.cfg.RingSize, descs, b)
+			p = copyParams(p)
+			p["kind"] = "driver, same goroutine"
 			h.addRate(suite, name, p, n, el, err)
 		}
 	}
@@ -469,7 +471,7 @@ func (h *Harness) Rings(ctx context.Context) {
 				if ctx.Err() != nil {
 					return
 				}
-				p := map[string]any{"descs": descs, "batch": b, "ring_size": h.cfg.RingSize,
+				p := map[string]any{"kind": mode, "descs": descs, "batch": b, "ring_size": h.cfg.RingSize,
 					"host_cpu": h.cfg.HostCPU, "guest_cpu": h.cfg.GuestCPU, "pinned": true, "busy_poll": true}
 				name := fmt.Sprintf("%s driver->device, %s, batch %d", mode, chainLabel(descs), b)
 				h.prog.Step("rings: %s", name)
