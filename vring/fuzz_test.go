@@ -1,0 +1,288 @@
+package vring
+
+import (
+	"encoding/binary"
+	"errors"
+	"testing"
+
+	"github.com/vdpakit/vdpakit/virtio"
+)
+
+// FuzzDeviceWalk treats the input as guest memory holding a ring and lets
+// the device side walk it: whatever the bytes, Pop must return chains whose
+// every segment lies in guest memory, or a *QueueError after which the queue
+// stays broken; it must never panic, loop forever, or touch memory outside
+// the regions.
+//
+// Input: [0] size exponent, [1] features and mode bits, [2:4] initial
+// NextAvail, [4:] the contents of two adjacent 4 KiB regions at 0x1000
+// (the ring is at 0x1000; buffers may point anywhere).
+func FuzzDeviceWalk(f *testing.F) {
+	f.Add([]byte{2, 3, 0, 0})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		if len(data) < 4 {
+			return
+		}
+		size := uint16(1) << (data[0] % 6)
+		var feat virtio.Features
+		if data[1]&1 != 0 {
+			feat = feat.With(virtio.FIndirectDesc)
+		}
+		if data[1]&2 != 0 {
+			feat = feat.With(virtio.FEventIdx)
+		}
+		start := binary.LittleEndian.Uint16(data[2:4])
+		backing := make([]byte, 0x2000)
+		copy(backing, data[4:])
+		r1, _ := NewRegion(0x1000, backing[:0x1000:0x1000], nil)
+		r2, _ := NewRegion(0x2000, backing[0x1000:], nil)
+		mem, err := NewMemory(r1, r2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		l := ContiguousLayout(0x1000, size)
+		if data[1]&4 != 0 { // only 2-aligned available ring
+			d, a, _ := SplitSizes(size)
+			l.Avail += 2
+			l.Used = (l.Desc + GuestAddr(d+a) + 2 + 3) &^ 3
+		}
+		dev, err := NewDeviceQueue(mem, DeviceQueueOptions{Layout: l, Features: feat,
+			State: QueueState{NextAvail: start, NextUsed: start}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var c Chain
+		for i := 0; i < 2*int(size)+2; i++ {
+			ok, err := dev.Pop(&c)
+			if err != nil {
+				var qe *QueueError
+				if !errors.As(err, &qe) {
+					t.Fatalf("error is not a *QueueError: %v", err)
+				}
+				if _, err2 := dev.Pop(&c); !errors.Is(err2, ErrQueueBroken) || !errors.Is(err2, qe.Err) {
+					t.Fatalf("queue not broken after %v: %v", err, err2)
+				}
+				return
+			}
+			if !ok {
+				if _, err := dev.EnableNotify(); err != nil {
+					var qe *QueueError
+					if !errors.As(err, &qe) {
+						t.Fatal(err)
+					}
+				}
+				return
+			}
+			if c.Head >= size {
+				t.Fatalf("head %d >= size %d", c.Head, size)
+			}
+			var rl, wl uint64
+			for j, s := range c.Segs {
+				if s.Writable != (j >= c.Readable) {
+					t.Fatalf("segment %d writable=%v with %d readable", j, s.Writable, c.Readable)
+				}
+				if uint64(len(s.Buf)) != uint64(s.Len) {
+					t.Fatalf("segment %d: len(Buf) %d != Len %d", j, len(s.Buf), s.Len)
+				}
+				if s.Len > 0 && !mem.Contains(s.Addr, uint64(s.Len)) {
+					t.Fatalf("segment %d %v+%#x outside memory", j, s.Addr, s.Len)
+				}
+				if s.Writable {
+					wl += uint64(s.Len)
+				} else {
+					rl += uint64(s.Len)
+				}
+			}
+			if rl != c.ReadableLen || wl != c.WritableLen {
+				t.Fatalf("lengths %d/%d, chain says %d/%d", rl, wl, c.ReadableLen, c.WritableLen)
+			}
+			if err := dev.PushChain(&c, uint32(min(wl, 7))); err != nil {
+				t.Fatal(err)
+			}
+			dev.NeedsInterrupt()
+		}
+	})
+}
+
+// FuzzOps decodes the input as a sequence of driver and device operations
+// and checks both sides against a FIFO model: the device sees exactly the
+// chains the driver published, in order, and the driver reclaims exactly
+// what the device pushed; free descriptors are never lost.
+func FuzzOps(f *testing.F) {
+	f.Add([]byte{0x13, 0, 1, 2, 3, 4, 6, 0, 0, 2, 3, 5, 6})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		if len(data) < 1 {
+			return
+		}
+		p := 0
+		next := func() byte {
+			if p >= len(data) {
+				return 0
+			}
+			p++
+			return data[p-1]
+		}
+		cfg := next()
+		size := uint16(2) << (cfg % 4)
+		var feat virtio.Features
+		if cfg&0x10 != 0 {
+			feat = feat.With(virtio.FIndirectDesc)
+		}
+		if cfg&0x20 != 0 {
+			feat = feat.With(virtio.FEventIdx)
+		}
+		backing := make([]byte, 0x10000)
+		reg, _ := NewRegion(0, backing, nil)
+		mem, _ := NewMemory(reg)
+		l := ContiguousLayout(0, size)
+		drv, err := NewDriverQueue(mem, DriverQueueOptions{Layout: l, Features: feat})
+		if err != nil {
+			t.Fatal(err)
+		}
+		dev, err := NewDeviceQueue(mem, DeviceQueueOptions{Layout: l, Features: feat})
+		if err != nil {
+			t.Fatal(err)
+		}
+		type chain struct {
+			head     uint16
+			bufs     []Buffer
+			ndesc    int
+			writable uint64
+			used     uint32
+		}
+		var added, popped, used []chain
+		published := 0 // of added
+		descInUse := 0
+		var c Chain
+		seq := 0
+		for p < len(data) {
+			switch op := next() % 8; op {
+			case 0, 1: // add / add indirect
+				n := 1 + int(next()%4)
+				nw := int(next()) % (n + 1)
+				bufs := make([]Buffer, n)
+				var w uint64
+				for i := range bufs {
+					bufs[i] = Buffer{Addr: GuestAddr(0x8000 + 64*(seq%64) + 8*i), Len: uint32(1 + i), Writable: i >= n-nw}
+					if bufs[i].Writable {
+						w += uint64(bufs[i].Len)
+					}
+				}
+				seq++
+				ch := chain{bufs: bufs, ndesc: n, writable: w}
+				var h uint16
+				var err error
+				if op == 1 && feat.Has(virtio.FIndirectDesc) {
+					ch.ndesc = 1
+					h, err = drv.AddIndirect(GuestAddr(0x4000+64*(seq%64)), bufs)
+					if n > int(size) {
+						if !errors.Is(err, ErrBadChain) {
+							t.Fatalf("indirect chain of %d in size-%d queue: %v", n, size, err)
+						}
+						continue
+					}
+				} else {
+					h, err = drv.Add(bufs)
+				}
+				if size-uint16(descInUse) < uint16(ch.ndesc) {
+					if !errors.Is(err, ErrNoSpace) {
+						t.Fatalf("add with %d free: %v", size-uint16(descInUse), err)
+					}
+					continue
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+				ch.head = h
+				descInUse += ch.ndesc
+				added = append(added, ch)
+			case 2:
+				drv.Publish()
+				published = len(added)
+				drv.NeedsKick()
+			case 3: // pop
+				ok, err := dev.Pop(&c)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if ok != (published > 0) {
+					t.Fatalf("pop ok=%v with %d published", ok, published)
+				}
+				if !ok {
+					continue
+				}
+				want := added[0]
+				added, published = added[1:], published-1
+				if c.Head != want.head || len(c.Segs) != len(want.bufs) {
+					t.Fatalf("popped head %d with %d segs, want %d with %d", c.Head, len(c.Segs), want.head, len(want.bufs))
+				}
+				for i, s := range c.Segs {
+					b := want.bufs[i]
+					if s.Addr != b.Addr || s.Len != b.Len || s.Writable != b.Writable {
+						t.Fatalf("segment %d: %+v, want %+v", i, s, b)
+					}
+				}
+				popped = append(popped, want)
+			case 4, 5: // push one, or push all as a batch
+				if len(popped) == 0 {
+					if err := dev.Push(0, 0); !errors.Is(err, ErrNotInFlight) {
+						t.Fatalf("push with nothing in flight: %v", err)
+					}
+					continue
+				}
+				k := 1
+				if op == 5 {
+					k = len(popped)
+				}
+				elems := make([]UsedElem, k)
+				for i := range k {
+					popped[i].used = uint32(uint64(next()) % (popped[i].writable + 1))
+					elems[i] = UsedElem{popped[i].head, popped[i].used}
+				}
+				if err := dev.PushBatch(elems); err != nil {
+					t.Fatal(err)
+				}
+				used = append(used, popped[:k]...)
+				popped = popped[k:]
+				dev.NeedsInterrupt()
+			case 6: // reclaim
+				h, n, ok, err := drv.Reclaim()
+				if err != nil {
+					t.Fatal(err)
+				}
+				if ok != (len(used) > 0) {
+					t.Fatalf("reclaim ok=%v with %d used", ok, len(used))
+				}
+				if !ok {
+					continue
+				}
+				if h != used[0].head || n != used[0].used {
+					t.Fatalf("reclaimed %d/%d, want %d/%d", h, n, used[0].head, used[0].used)
+				}
+				descInUse -= used[0].ndesc
+				used = used[1:]
+			case 7: // notification toggles
+				switch next() % 4 {
+				case 0:
+					dev.DisableNotify()
+				case 1:
+					if _, err := dev.EnableNotify(); err != nil {
+						t.Fatal(err)
+					}
+				case 2:
+					drv.DisableInterrupts()
+				case 3:
+					if _, err := drv.EnableInterrupts(); err != nil {
+						t.Fatal(err)
+					}
+				}
+			}
+			if drv.NumFree() != int(size)-descInUse {
+				t.Fatalf("NumFree %d, model %d", drv.NumFree(), int(size)-descInUse)
+			}
+			if inFlight := dev.State().NextAvail - dev.State().NextUsed; int(inFlight) != len(popped) {
+				t.Fatalf("device in flight %d, model %d", inFlight, len(popped))
+			}
+		}
+	})
+}
