@@ -187,14 +187,17 @@ build_kernel() {
 		"linux-kbuild-$abi=$ver" "linux-source-6.12=$ver" >&2)
 
 	say "unpacking"
+	# Only vdpa_sim and vringh are needed from the (large) source tarball;
+	# decompressing it is the slowest step, so it runs beside the other unpacking.
+	dpkg-deb --fsys-tarfile "$tmp"/debs/linux-source-6.12_*.deb |
+		tar -xO ./usr/src/linux-source-6.12.tar.xz | xz -dc |
+		tar -x -C "$tmp/src" --wildcards 'linux-source-6.12/drivers/vdpa/vdpa_sim/*' linux-source-6.12/drivers/vhost/vringh.c &
+	local srcpid=$!
 	local d
 	for d in "$tmp"/debs/linux-headers-*.deb "$tmp"/debs/linux-kbuild-*.deb "$tmp"/debs/linux-image-*.deb; do
 		dpkg-deb -x "$d" "$tmp/root"
 	done
-	# Only vdpa_sim and vringh are needed from the (large) source tarball.
-	dpkg-deb --fsys-tarfile "$tmp"/debs/linux-source-6.12_*.deb |
-		tar -xO ./usr/src/linux-source-6.12.tar.xz | xz -dc |
-		tar -x -C "$tmp/src" --wildcards 'linux-source-6.12/drivers/vdpa/vdpa_sim/*' linux-source-6.12/drivers/vhost/vringh.c
+	wait "$srcpid" || die "extracting vdpa_sim and vringh from linux-source-6.12 failed"
 
 	say "building vringh, vdpa_sim, vdpa_sim_net, vdpa_sim_blk out of tree"
 	local hdr=$tmp/root/usr/src/linux-headers-$kv
