@@ -1,0 +1,616 @@
+package kernel
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+
+	"github.com/vdpakit/vdpakit/internal/vhostsys"
+	"github.com/vdpakit/vdpakit/vdpa"
+	"github.com/vdpakit/vdpakit/virtio"
+	"github.com/vdpakit/vdpakit/vring"
+)
+
+// Options configures Open. A nil *Options means defaults.
+type Options struct {
+	// BackendFeatures, when non-zero, limits the backend features
+	// negotiated to this set (intersected with Supported and with what the
+	// kernel offers). IOTLB_MSG_V2 is always required and always taken.
+	BackendFeatures BackendFeatures
+}
+
+// Device is an open /dev/vhost-vdpa-N. It implements vdpa.Device and
+// vdpa.Suspender.
+//
+// Like every vdpa.Device it is not meant for concurrent control calls; it
+// serializes them with a mutex anyway, so a racing Close is safe. The data
+// path (kick and call eventfds) runs independently.
+type Device struct {
+	mu      sync.Mutex
+	f       *vhostsys.File
+	closed  bool
+	backend BackendFeatures
+	offered BackendFeatures
+	nvqs    int
+	cfgSize int
+	iova    vhostsys.IOVARange
+	queues  []queue
+	// mem is the memory given to SetMemory; maps are the IOTLB mappings
+	// this Device made, per address space, in the order made.
+	mem     *vring.Memory
+	maps    map[uint32][]Mapping
+	memASID map[uint32][]Mapping // the mappings MapMemory made, per ASID
+}
+
+type queue struct {
+	num  uint16
+	addr vdpa.QueueAddr
+	set  bool // addr was set
+}
+
+var (
+	_ vdpa.Device    = (*Device)(nil)
+	_ vdpa.Suspender = (*Device)(nil)
+)
+
+// Open opens a vhost-vdpa character device, becomes its owner and
+// negotiates backend features. Opening resets the device (the kernel sets
+// status 0 on open).
+func Open(path string, opts *Options) (*Device, error) {
+	f, err := vhostsys.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	d := &Device{f: f, maps: map[uint32][]Mapping{}, memASID: map[uint32][]Mapping{}}
+	if err := d.init(opts); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return d, nil
+}
+
+func (d *Device) init(opts *Options) error {
+	if err := d.f.SetOwner(); err != nil {
+		return err
+	}
+	off, err := d.f.GetBackendFeatures()
+	if err != nil {
+		return err
+	}
+	d.offered = BackendFeatures(off)
+	if !d.offered.Has(BackendIOTLBMsgV2) {
+		return fmt.Errorf("%w (offered %v)", ErrNoIOTLBv2, d.offered)
+	}
+	want := d.offered & Supported
+	if opts != nil && opts.BackendFeatures != 0 {
+		want &= opts.BackendFeatures
+	}
+	want = want.With(BackendIOTLBMsgV2)
+	if !want.Has(BackendIOTLBASID) {
+		want &^= BackendDescASID.Bit()
+	}
+	if err := d.f.SetBackendFeatures(uint64(want)); err != nil {
+		return err
+	}
+	d.backend = want
+	n, err := d.f.VDPAGetVQsCount()
+	if err != nil {
+		return err
+	}
+	if n > 1<<16 {
+		return fmt.Errorf("vdpa/kernel: device reports %d virtqueues", n)
+	}
+	d.nvqs = int(n)
+	d.queues = make([]queue, n)
+	cs, err := d.f.VDPAGetConfigSize()
+	if err != nil {
+		return err
+	}
+	if cs > 1<<20 {
+		return fmt.Errorf("vdpa/kernel: device reports a %d-byte config space", cs)
+	}
+	d.cfgSize = int(cs)
+	if d.iova, err = d.f.VDPAGetIOVARange(); err != nil {
+		return err
+	}
+	return nil
+}
+
+// lock takes the mutex and fails after Close.
+func (d *Device) lock() error {
+	d.mu.Lock()
+	if d.closed {
+		d.mu.Unlock()
+		return ErrClosed
+	}
+	return nil
+}
+
+// closedErr maps the file's "closed" error to ErrClosed.
+func closedErr(err error) error {
+	if errors.Is(err, os.ErrClosed) {
+		return ErrClosed
+	}
+	return err
+}
+
+func (d *Device) checkQueue(q int) error {
+	if q < 0 || q >= d.nvqs {
+		return fmt.Errorf("%w: queue %d of %d", ErrQueueIndex, q, d.nvqs)
+	}
+	return nil
+}
+
+// Path is the device node the Device was opened from.
+func (d *Device) Path() string { return d.f.Name() }
+
+// BackendFeatures are the negotiated backend features.
+func (d *Device) BackendFeatures() BackendFeatures { return d.backend }
+
+// OfferedBackendFeatures are the backend features the kernel offered.
+func (d *Device) OfferedBackendFeatures() BackendFeatures { return d.offered }
+
+// DeviceID is VHOST_VDPA_GET_DEVICE_ID.
+func (d *Device) DeviceID() (virtio.DeviceID, error) {
+	if err := d.lock(); err != nil {
+		return 0, err
+	}
+	defer d.mu.Unlock()
+	id, err := d.f.VDPAGetDeviceID()
+	return virtio.DeviceID(id), closedErr(err)
+}
+
+// Features is VHOST_GET_FEATURES: the device's offered features.
+func (d *Device) Features() (virtio.Features, error) {
+	if err := d.lock(); err != nil {
+		return 0, err
+	}
+	defer d.mu.Unlock()
+	f, err := d.f.GetFeatures()
+	return virtio.Features(f), closedErr(err)
+}
+
+// SetFeatures is VHOST_SET_FEATURES. f must be a subset of Features; the
+// kernel refuses changes once FEATURES_OK is set (EBUSY).
+func (d *Device) SetFeatures(f virtio.Features) error {
+	if err := d.lock(); err != nil {
+		return err
+	}
+	defer d.mu.Unlock()
+	off, err := d.f.GetFeatures()
+	if err != nil {
+		return closedErr(err)
+	}
+	if extra := uint64(f) &^ off; extra != 0 {
+		return fmt.Errorf("%w: %s not offered", ErrFeatures, virtio.Features(extra).Format(virtio.DeviceNet))
+	}
+	return closedErr(d.f.SetFeatures(uint64(f)))
+}
+
+// Status is VHOST_VDPA_GET_STATUS.
+func (d *Device) Status() (virtio.Status, error) {
+	if err := d.lock(); err != nil {
+		return 0, err
+	}
+	defer d.mu.Unlock()
+	s, err := d.f.VDPAGetStatus()
+	return virtio.Status(s), closedErr(err)
+}
+
+// SetStatus is VHOST_VDPA_SET_STATUS. Status 0 resets the device; the
+// kernel refuses to clear bits otherwise (EINVAL). Setting FEATURES_OK
+// re-reads the status, as the virtio spec requires of a driver, and
+// returns ErrFeatures when the device did not accept the features. A reset
+// without IOTLB_PERSIST drops the device's mappings; SetStatus(0) then
+// replays the mappings this Device made, so the memory stays mapped.
+func (d *Device) SetStatus(s virtio.Status) error {
+	if err := d.lock(); err != nil {
+		return err
+	}
+	defer d.mu.Unlock()
+	if err := d.f.VDPASetStatus(uint8(s)); err != nil {
+		return closedErr(err)
+	}
+	if s == 0 {
+		for i := range d.queues {
+			d.queues[i] = queue{}
+		}
+		if !d.backend.Has(BackendIOTLBPersist) {
+			return d.replayMaps()
+		}
+		return nil
+	}
+	if s&virtio.StatusFeaturesOK != 0 {
+		got, err := d.f.VDPAGetStatus()
+		if err != nil {
+			return closedErr(err)
+		}
+		if virtio.Status(got)&virtio.StatusFeaturesOK == 0 {
+			return fmt.Errorf("%w: FEATURES_OK not set after writing %v (status %v)", ErrFeatures, s, virtio.Status(got))
+		}
+	}
+	return nil
+}
+
+// Negotiate runs the feature handshake: ACKNOWLEDGE|DRIVER, features =
+// offered ∩ want, FEATURES_OK (checked). It returns the negotiated set.
+func (d *Device) Negotiate(want virtio.Features) (virtio.Features, error) {
+	off, err := d.Features()
+	if err != nil {
+		return 0, err
+	}
+	f := off & want
+	if err := d.SetStatus(virtio.StatusAcknowledge | virtio.StatusDriver); err != nil {
+		return 0, err
+	}
+	if err := d.SetFeatures(f); err != nil {
+		return 0, err
+	}
+	if err := d.SetStatus(virtio.StatusAcknowledge | virtio.StatusDriver | virtio.StatusFeaturesOK); err != nil {
+		return 0, err
+	}
+	return f, nil
+}
+
+// ConfigSize is VHOST_VDPA_GET_CONFIG_SIZE (read at Open).
+func (d *Device) ConfigSize() (int, error) {
+	if err := d.lock(); err != nil {
+		return 0, err
+	}
+	defer d.mu.Unlock()
+	return d.cfgSize, nil
+}
+
+func (d *Device) checkConfig(off int, n int) error {
+	if off < 0 || n < 0 || off > d.cfgSize || n > d.cfgSize-off {
+		return fmt.Errorf("%w: [%d, %d+%d) of %d bytes", ErrConfigRange, off, off, n, d.cfgSize)
+	}
+	return nil
+}
+
+// ReadConfig is VHOST_VDPA_GET_CONFIG.
+func (d *Device) ReadConfig(off int, p []byte) error {
+	if err := d.lock(); err != nil {
+		return err
+	}
+	defer d.mu.Unlock()
+	if err := d.checkConfig(off, len(p)); err != nil {
+		return err
+	}
+	if len(p) == 0 {
+		return nil
+	}
+	return closedErr(d.f.VDPAGetConfig(uint32(off), p))
+}
+
+// WriteConfig is VHOST_VDPA_SET_CONFIG.
+func (d *Device) WriteConfig(off int, p []byte) error {
+	if err := d.lock(); err != nil {
+		return err
+	}
+	defer d.mu.Unlock()
+	if err := d.checkConfig(off, len(p)); err != nil {
+		return err
+	}
+	if len(p) == 0 {
+		return nil
+	}
+	return closedErr(d.f.VDPASetConfig(uint32(off), p))
+}
+
+// NumQueues is VHOST_VDPA_GET_VQS_COUNT (read at Open).
+func (d *Device) NumQueues() (int, error) {
+	if err := d.lock(); err != nil {
+		return 0, err
+	}
+	defer d.mu.Unlock()
+	return d.nvqs, nil
+}
+
+// MaxQueueSize is VHOST_VDPA_GET_VRING_NUM.
+func (d *Device) MaxQueueSize() (uint16, error) {
+	if err := d.lock(); err != nil {
+		return 0, err
+	}
+	defer d.mu.Unlock()
+	n, err := d.f.VDPAGetVringNum()
+	return n, closedErr(err)
+}
+
+// QueueSize is VHOST_VDPA_GET_VRING_SIZE (Linux 6.8+): queue q's own
+// maximum size. Older kernels fail with ENOTTY.
+func (d *Device) QueueSize(q int) (uint16, error) {
+	if err := d.lock(); err != nil {
+		return 0, err
+	}
+	defer d.mu.Unlock()
+	if err := d.checkQueue(q); err != nil {
+		return 0, err
+	}
+	n, err := d.f.VDPAGetVringSize(uint32(q))
+	if err != nil {
+		return 0, closedErr(err)
+	}
+	if n > vring.MaxQueueSize {
+		return 0, fmt.Errorf("vdpa/kernel: queue %d reports size %d", q, n)
+	}
+	return uint16(n), nil
+}
+
+// SetQueueNum is VHOST_SET_VRING_NUM.
+func (d *Device) SetQueueNum(q int, size uint16) error {
+	if err := d.lock(); err != nil {
+		return err
+	}
+	defer d.mu.Unlock()
+	if err := d.checkQueue(q); err != nil {
+		return err
+	}
+	if !vring.ValidQueueSize(size) {
+		return fmt.Errorf("%w: queue %d size %d is not a power of two in 1..%d", ErrQueueLayout, q, size, vring.MaxQueueSize)
+	}
+	if err := d.f.SetVringNum(uint32(q), uint32(size)); err != nil {
+		return closedErr(err)
+	}
+	d.queues[q].num = size
+	return nil
+}
+
+// SetQueueAddr is VHOST_SET_VRING_ADDR. The addresses are IOVAs, that is
+// guest addresses of the memory given to SetMemory. When the queue size and
+// memory are known, the areas are checked for alignment and against guest
+// memory first.
+func (d *Device) SetQueueAddr(q int, a vdpa.QueueAddr) error {
+	if err := d.lock(); err != nil {
+		return err
+	}
+	defer d.mu.Unlock()
+	if err := d.checkQueue(q); err != nil {
+		return err
+	}
+	if n := d.queues[q].num; n != 0 {
+		l := vring.Layout{Size: n, Desc: a.Desc, Avail: a.Avail, Used: a.Used}
+		if err := l.Validate(); err != nil {
+			return fmt.Errorf("%w: queue %d: %w", ErrQueueLayout, q, err)
+		}
+		if d.mem != nil {
+			ds, as, us := vring.SplitSizes(n)
+			if !d.mem.Contains(a.Desc, ds) || !d.mem.Contains(a.Avail, as) || !d.mem.Contains(a.Used, us) {
+				return fmt.Errorf("%w: queue %d rings outside guest memory", ErrQueueLayout, q)
+			}
+		}
+	}
+	err := d.f.SetVringAddr(vhostsys.VringAddr{
+		Index:         uint32(q),
+		DescUserAddr:  uint64(a.Desc),
+		UsedUserAddr:  uint64(a.Used),
+		AvailUserAddr: uint64(a.Avail),
+	})
+	if err != nil {
+		return closedErr(err)
+	}
+	d.queues[q].addr, d.queues[q].set = a, true
+	return nil
+}
+
+// SetQueueBase is VHOST_SET_VRING_BASE. vhost-vdpa restores only the
+// available index of a split ring and restarts the used index from it, so
+// a state with NextUsed != NextAvail is refused with ErrInFlight.
+func (d *Device) SetQueueBase(q int, st vdpa.QueueState) error {
+	if err := d.lock(); err != nil {
+		return err
+	}
+	defer d.mu.Unlock()
+	if err := d.checkQueue(q); err != nil {
+		return err
+	}
+	if st.NextUsed != st.NextAvail {
+		return fmt.Errorf("%w: queue %d next avail %d, next used %d", ErrInFlight, q, st.NextAvail, st.NextUsed)
+	}
+	return closedErr(d.f.SetVringBase(uint32(q), uint32(st.NextAvail)))
+}
+
+// QueueBase reads queue q's position: NextAvail from VHOST_GET_VRING_BASE,
+// NextUsed from the used ring's idx in guest memory (the device publishes
+// it there). Call it on a suspended device for a stable answer.
+func (d *Device) QueueBase(q int) (vdpa.QueueState, error) {
+	if err := d.lock(); err != nil {
+		return vdpa.QueueState{}, err
+	}
+	defer d.mu.Unlock()
+	if err := d.checkQueue(q); err != nil {
+		return vdpa.QueueState{}, err
+	}
+	n, err := d.f.GetVringBase(uint32(q))
+	if err != nil {
+		return vdpa.QueueState{}, closedErr(err)
+	}
+	st := vdpa.QueueState{NextAvail: uint16(n), NextUsed: uint16(n)}
+	if qs := d.queues[q]; qs.set && d.mem != nil {
+		var b [2]byte
+		if err := d.mem.Read(qs.addr.Used+2, b[:]); err != nil {
+			return vdpa.QueueState{}, fmt.Errorf("vdpa/kernel: queue %d: reading used idx: %w", q, err)
+		}
+		st.NextUsed = binary.LittleEndian.Uint16(b[:])
+	}
+	return st, nil
+}
+
+func fdOf(e *vdpa.EventFD) int {
+	if e == nil {
+		return vhostsys.FileUnbind
+	}
+	return e.Fd()
+}
+
+// SetQueueKick is VHOST_SET_VRING_KICK: the kernel polls kick and notifies
+// the device. nil unbinds.
+func (d *Device) SetQueueKick(q int, kick *vdpa.EventFD) error {
+	if err := d.lock(); err != nil {
+		return err
+	}
+	defer d.mu.Unlock()
+	if err := d.checkQueue(q); err != nil {
+		return err
+	}
+	return closedErr(d.f.SetVringKick(uint32(q), fdOf(kick)))
+}
+
+// SetQueueCall is VHOST_SET_VRING_CALL: the kernel signals call when the
+// device interrupts. nil unbinds.
+func (d *Device) SetQueueCall(q int, call *vdpa.EventFD) error {
+	if err := d.lock(); err != nil {
+		return err
+	}
+	defer d.mu.Unlock()
+	if err := d.checkQueue(q); err != nil {
+		return err
+	}
+	return closedErr(d.f.SetVringCall(uint32(q), fdOf(call)))
+}
+
+// SetConfigCall is VHOST_VDPA_SET_CONFIG_CALL: signalled when the device's
+// configuration changes. nil unbinds.
+func (d *Device) SetConfigCall(call *vdpa.EventFD) error {
+	if err := d.lock(); err != nil {
+		return err
+	}
+	defer d.mu.Unlock()
+	return closedErr(d.f.VDPASetConfigCall(fdOf(call)))
+}
+
+// EnableQueue is VHOST_VDPA_SET_VRING_ENABLE.
+func (d *Device) EnableQueue(q int, enable bool) error {
+	if err := d.lock(); err != nil {
+		return err
+	}
+	defer d.mu.Unlock()
+	if err := d.checkQueue(q); err != nil {
+		return err
+	}
+	return closedErr(d.f.VDPASetVringEnable(uint32(q), enable))
+}
+
+// SetupQueue configures and enables queue q from a ring layout in one
+// call: num, addresses, base, kick, call, enable.
+func (d *Device) SetupQueue(q int, l vring.Layout, st vdpa.QueueState, kick, call *vdpa.EventFD) error {
+	if err := d.SetQueueNum(q, l.Size); err != nil {
+		return err
+	}
+	if err := d.SetQueueAddr(q, vdpa.QueueAddr{Desc: l.Desc, Avail: l.Avail, Used: l.Used}); err != nil {
+		return err
+	}
+	if err := d.SetQueueBase(q, st); err != nil {
+		return err
+	}
+	if err := d.SetQueueKick(q, kick); err != nil {
+		return err
+	}
+	if err := d.SetQueueCall(q, call); err != nil {
+		return err
+	}
+	return d.EnableQueue(q, true)
+}
+
+// Suspend is VHOST_VDPA_SUSPEND: the device stops processing its queues
+// and keeps their state, which QueueBase then reads. It needs the SUSPEND
+// backend feature.
+func (d *Device) Suspend() error {
+	if err := d.lock(); err != nil {
+		return err
+	}
+	defer d.mu.Unlock()
+	if !d.backend.Has(BackendSuspend) {
+		return fmt.Errorf("VHOST_VDPA_SUSPEND: %w", ErrNotSupported)
+	}
+	return closedErr(d.f.VDPASuspend())
+}
+
+// Resume is VHOST_VDPA_RESUME: a suspended device continues where it
+// stopped. It needs the RESUME backend feature.
+func (d *Device) Resume() error {
+	if err := d.lock(); err != nil {
+		return err
+	}
+	defer d.mu.Unlock()
+	if !d.backend.Has(BackendResume) {
+		return fmt.Errorf("VHOST_VDPA_RESUME: %w", ErrNotSupported)
+	}
+	return closedErr(d.f.VDPAResume())
+}
+
+// NumGroups is VHOST_VDPA_GET_GROUP_NUM: the number of virtqueue groups.
+func (d *Device) NumGroups() (int, error) {
+	if err := d.lock(); err != nil {
+		return 0, err
+	}
+	defer d.mu.Unlock()
+	n, err := d.f.VDPAGetGroupNum()
+	return int(n), closedErr(err)
+}
+
+// NumAddressSpaces is VHOST_VDPA_GET_AS_NUM.
+func (d *Device) NumAddressSpaces() (int, error) {
+	if err := d.lock(); err != nil {
+		return 0, err
+	}
+	defer d.mu.Unlock()
+	n, err := d.f.VDPAGetASNum()
+	return int(n), closedErr(err)
+}
+
+// QueueGroup is VHOST_VDPA_GET_VRING_GROUP: the group queue q belongs to.
+func (d *Device) QueueGroup(q int) (int, error) {
+	if err := d.lock(); err != nil {
+		return 0, err
+	}
+	defer d.mu.Unlock()
+	if err := d.checkQueue(q); err != nil {
+		return 0, err
+	}
+	g, err := d.f.VDPAGetVringGroup(uint32(q))
+	return int(g), closedErr(err)
+}
+
+// QueueDescGroup is VHOST_VDPA_GET_VRING_DESC_GROUP (Linux 6.7+): the
+// group of queue q's rings when they may be bound apart from its buffers.
+// Devices without that capability fail with EOPNOTSUPP.
+func (d *Device) QueueDescGroup(q int) (int, error) {
+	if err := d.lock(); err != nil {
+		return 0, err
+	}
+	defer d.mu.Unlock()
+	if err := d.checkQueue(q); err != nil {
+		return 0, err
+	}
+	g, err := d.f.VDPAGetVringDescGroup(uint32(q))
+	return int(g), closedErr(err)
+}
+
+// SetGroupASID is VHOST_VDPA_SET_GROUP_ASID: binds a virtqueue group to an
+// address space. It needs the IOTLB_ASID backend feature.
+func (d *Device) SetGroupASID(group, asid uint32) error {
+	if err := d.lock(); err != nil {
+		return err
+	}
+	defer d.mu.Unlock()
+	if !d.backend.Has(BackendIOTLBASID) {
+		return fmt.Errorf("VHOST_VDPA_SET_GROUP_ASID: %w", ErrNotSupported)
+	}
+	return closedErr(d.f.VDPASetGroupASID(group, asid))
+}
+
+// Close closes the device node; the kernel resets the device and drops
+// every mapping. The memory given to SetMemory is not closed.
+func (d *Device) Close() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return ErrClosed
+	}
+	d.closed = true
+	d.mem = nil
+	return d.f.Close()
+}

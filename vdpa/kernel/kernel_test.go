@@ -1,0 +1,110 @@
+package kernel
+
+import (
+	"errors"
+	"os"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
+
+	"github.com/vdpakit/vdpakit/internal/vhostsys"
+	"github.com/vdpakit/vdpakit/vring"
+)
+
+func TestBackendFeaturesFormat(t *testing.T) {
+	s := BackendFeatures(0).With(BackendIOTLBMsgV2, BackendSuspend, BackendIOTLBPersist)
+	assert.True(t, s.Has(BackendIOTLBMsgV2, BackendSuspend))
+	assert.False(t, s.Has(BackendResume))
+	assert.Equal(t, "0x112 (IOTLB_MSG_V2|SUSPEND|IOTLB_PERSIST)", s.String())
+	assert.Equal(t, "BIT_40", BackendFeature(40).String())
+}
+
+func TestOpenMissingNodeIsNotExist(t *testing.T) {
+	_, err := Open("/dev/vhost-vdpa-does-not-exist", nil)
+	assert.ErrorIs(t, err, os.ErrNotExist)
+}
+
+// A node that is not a vhost device fails at the first ioctl, named.
+func TestOpenNonVhostNodeNamesSetOwner(t *testing.T) {
+	_, err := Open("/dev/null", nil)
+	require.Error(t, err)
+	assert.ErrorIs(t, err, unix.ENOTTY)
+	var oe *OpError
+	require.ErrorAs(t, err, &oe)
+	assert.Equal(t, "VHOST_SET_OWNER", oe.Op)
+}
+
+// fakeDevice builds a Device around /dev/null with the given geometry, for
+// the checks that run before any ioctl.
+func fakeDevice(t *testing.T, backend BackendFeatures) *Device {
+	f, err := vhostsys.Open("/dev/null")
+	require.NoError(t, err)
+	d := &Device{f: f, backend: backend, nvqs: 3, cfgSize: 12, queues: make([]queue, 3),
+		iova: vhostsys.IOVARange{First: 0x1000, Last: 0xffff_ffff},
+		maps: map[uint32][]Mapping{}, memASID: map[uint32][]Mapping{}}
+	t.Cleanup(func() { d.Close() })
+	return d
+}
+
+func TestMappingValidation(t *testing.T) {
+	d := fakeDevice(t, BackendIOTLBMsgV2.Bit())
+	for _, tc := range []struct {
+		name string
+		m    Mapping
+		want error
+	}{
+		{"empty mapping", Mapping{IOVA: 0x2000, Size: 0, Perm: PermRW}, ErrIOVARange},
+		{"below the IOVA range", Mapping{IOVA: 0, Size: 0x1000, Perm: PermRW}, ErrIOVARange},
+		{"past the IOVA range", Mapping{IOVA: 0xffff_f000, Size: 0x2000, Perm: PermRW}, ErrIOVARange},
+		{"wrapping the address space", Mapping{IOVA: ^vring.GuestAddr(0), Size: 2, Perm: PermRW}, ErrIOVARange},
+		{"ASID without IOTLB_ASID", Mapping{ASID: 1, IOVA: 0x2000, Size: 0x1000, Perm: PermRW}, ErrNotSupported},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			assert.ErrorIs(t, d.MapDMA(tc.m), tc.want)
+		})
+	}
+	assert.Error(t, d.MapDMA(Mapping{IOVA: 0x2000, Size: 0x1000, Perm: 0}), "permission 0")
+	assert.Empty(t, d.Mappings(), "nothing recorded for refused mappings")
+}
+
+func TestQueueAndConfigBoundsAreCheckedBeforeTheKernel(t *testing.T) {
+	d := fakeDevice(t, BackendIOTLBMsgV2.Bit())
+	assert.ErrorIs(t, d.SetQueueNum(3, 64), ErrQueueIndex)
+	assert.ErrorIs(t, d.SetQueueNum(-1, 64), ErrQueueIndex)
+	assert.ErrorIs(t, d.SetQueueNum(0, 48), ErrQueueLayout, "not a power of two")
+	_, err := d.QueueBase(7)
+	assert.ErrorIs(t, err, ErrQueueIndex)
+	assert.ErrorIs(t, d.ReadConfig(10, make([]byte, 4)), ErrConfigRange)
+	assert.ErrorIs(t, d.WriteConfig(-1, make([]byte, 1)), ErrConfigRange)
+	assert.NoError(t, d.ReadConfig(12, nil), "an empty access at the end is in range")
+	assert.ErrorIs(t, d.SetQueueBase(0, vring.QueueState{NextAvail: 5, NextUsed: 3}), ErrInFlight)
+}
+
+func TestBackendOperationsNeedTheirFeature(t *testing.T) {
+	d := fakeDevice(t, BackendIOTLBMsgV2.Bit())
+	assert.ErrorIs(t, d.Suspend(), ErrNotSupported)
+	assert.ErrorIs(t, d.Resume(), ErrNotSupported)
+	assert.ErrorIs(t, d.SetGroupASID(1, 1), ErrNotSupported)
+	assert.True(t, errors.Is(d.Suspend(), errors.ErrUnsupported))
+}
+
+func TestAnonymousMemoryIsRefused(t *testing.T) {
+	d := fakeDevice(t, BackendIOTLBMsgV2.Bit())
+	r, err := vring.NewRegion(0x10000, make([]byte, 0x1000), nil)
+	require.NoError(t, err)
+	mem, err := vring.NewMemory(r)
+	require.NoError(t, err)
+	defer mem.Close()
+	assert.ErrorIs(t, d.SetMemory(mem), ErrMemoryNotShared)
+}
+
+func TestClosedDeviceReturnsErrClosed(t *testing.T) {
+	d := fakeDevice(t, BackendIOTLBMsgV2.Bit())
+	require.NoError(t, d.Close())
+	_, err := d.Status()
+	assert.ErrorIs(t, err, ErrClosed)
+	assert.ErrorIs(t, d.SetStatus(0), ErrClosed)
+	assert.ErrorIs(t, d.Close(), ErrClosed)
+}
