@@ -26,7 +26,7 @@ type queue struct {
 	kick    *vdpa.EventFD
 	call    *vdpa.EventFD
 	running atomic.Bool
-	cancel  context.CancelFunc
+	stopReq atomic.Bool // tells the worker to finish its batch and exit
 	done    chan struct{}
 	err     atomic.Pointer[error]
 
@@ -51,10 +51,8 @@ func newQueue(idx, size, batch int) *queue {
 			q.stash[i].Segs = make([]vring.Segment, 0, 4)
 		}
 		q.lens = make([]uint32, size)
-	} else {
-		q.gather = make([]byte, virtio.NetHdrSize+MaxFrame)
-		q.chain.Segs = make([]vring.Segment, 0, 8)
 	}
+	q.chain.Segs = make([]vring.Segment, 0, 8)
 	return q
 }
 
@@ -87,22 +85,32 @@ type batchFunc func(q *queue) (int, error)
 func (q *queue) startWorker(d *Device, dq *vring.DeviceQueue, kick, call *vdpa.EventFD, process batchFunc) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	ctx, cancel := context.WithCancel(context.Background())
+	if q.gather == nil {
+		// Transmit and control queues (the control queue may have an even
+		// index) gather split frames and commands here.
+		q.gather = make([]byte, virtio.NetHdrSize+MaxFrame)
+	}
 	q.dq, q.kick, q.call = dq, kick, call
-	q.cancel = cancel
+	q.stopReq.Store(false)
 	q.done = make(chan struct{})
 	q.err.Store(nil)
 	q.tx = Tx{dev: d, pair: q.idx / 2}
 	q.running.Store(true)
-	go d.run(ctx, q, process)
+	go d.run(q, process)
 }
 
 // stop ends processing and returns the exact queue state.
 func (q *queue) stop() vring.QueueState {
-	if q.cancel != nil {
-		q.cancel()
+	if q.done != nil {
+		// The worker is woken by a kick of its own: a spurious kick is
+		// harmless (the driver's kicks are hints too), and it avoids
+		// tearing down a Wait on an eventfd that the next worker reuses.
+		q.stopReq.Store(true)
+		if q.kick != nil {
+			_ = q.kick.Signal()
+		}
 		<-q.done
-		q.cancel = nil
+		q.done = nil
 	}
 	q.mu.Lock()
 	defer q.mu.Unlock()
@@ -119,15 +127,16 @@ func (q *queue) stop() vring.QueueState {
 }
 
 // run is a transmit or control queue's goroutine.
-func (d *Device) run(ctx context.Context, q *queue, process batchFunc) {
+func (d *Device) run(q *queue, process batchFunc) {
 	defer close(q.done)
 	batch := d.opts.BatchSize
 	if d.opts.Mode == ModePoll || q.kick == nil {
-		d.poll(ctx, q, process)
+		d.poll(q, process)
 		return
 	}
+	ctx := context.Background()
 	for {
-		if ctx.Err() != nil {
+		if q.stopReq.Load() {
 			return
 		}
 		n, err := process(q)
@@ -147,9 +156,7 @@ func (d *Device) run(ctx context.Context, q *queue, process batchFunc) {
 		}
 		if !pending {
 			if _, err := q.kick.Wait(ctx); err != nil {
-				if ctx.Err() == nil {
-					q.setErr(err)
-				}
+				q.setErr(err)
 				return
 			}
 		}
@@ -157,15 +164,13 @@ func (d *Device) run(ctx context.Context, q *queue, process batchFunc) {
 	}
 }
 
-func (d *Device) poll(ctx context.Context, q *queue, process batchFunc) {
+func (d *Device) poll(q *queue, process batchFunc) {
 	q.dq.DisableNotify()
 	spins := d.opts.PollSpins
 	idle := 0
 	for {
-		select {
-		case <-ctx.Done():
+		if q.stopReq.Load() {
 			return
-		default:
 		}
 		n, err := process(q)
 		if err != nil {

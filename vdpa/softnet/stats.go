@@ -64,7 +64,7 @@ type Stats struct {
 }
 
 // Drop returns the count for one reason.
-func (s *Stats) Drop(r DropReason) uint64 {
+func (s Stats) Drop(r DropReason) uint64 {
 	if r < 0 || r >= numDropReasons {
 		return 0
 	}
@@ -72,10 +72,10 @@ func (s *Stats) Drop(r DropReason) uint64 {
 }
 
 // Rx and Tx sum the receive and transmit queue counters.
-func (s *Stats) Rx() QueueStats { return s.sum(0) }
-func (s *Stats) Tx() QueueStats { return s.sum(1) }
+func (s Stats) Rx() QueueStats { return s.sum(0) }
+func (s Stats) Tx() QueueStats { return s.sum(1) }
 
-func (s *Stats) sum(parity int) QueueStats {
+func (s Stats) sum(parity int) QueueStats {
 	var t QueueStats
 	for i := parity; i < len(s.Queues); i += 2 {
 		t.Frames += s.Queues[i].Frames
