@@ -145,23 +145,65 @@ func LoadGolden(t testing.TB, path string) map[string]uint64 {
 	return m
 }
 
-// UAPI612Dir locates 6.12 uapi headers (a usr/include tree from Debian's
-// linux-libc-dev 6.12): $VDPAKIT_UAPI_6_12, else
-// <user cache>/vdpakit-vmtest/uapi-6.12/usr/include. It returns "" when
-// neither holds linux/vhost.h.
-func UAPI612Dir() string {
+// overlayHeaders are the uapi headers vdpakit checks that changed after
+// 6.1; an overlay of them over the system's headers is a 6.12 view.
+var overlayHeaders = []string{"vhost.h", "vhost_types.h", "vdpa.h"}
+
+// UAPI612Dir locates 6.12 uapi headers. $VDPAKIT_UAPI_6_12 names a full
+// usr/include tree (Debian's linux-libc-dev 6.12 unpacked). Otherwise the
+// real-kernel harness's cache (vmtest/run.sh --prepare) holds the 6.12
+// kernel headers, whose raw uapi tree cannot be compiled against directly;
+// UAPI612Dir copies linux/vhost.h, vhost_types.h and vdpa.h from it into a
+// temporary overlay searched before the system headers. It returns "" when
+// neither is there.
+func UAPI612Dir(t testing.TB) string {
+	t.Helper()
 	if d := os.Getenv("VDPAKIT_UAPI_6_12"); d != "" {
 		return d
 	}
-	cache, err := os.UserCacheDir()
-	if err != nil {
+	cache := os.Getenv("VDPAKIT_CACHE")
+	if cache == "" {
+		uc, err := os.UserCacheDir()
+		if err != nil {
+			return ""
+		}
+		cache = filepath.Join(uc, "vdpakit-vmtest")
+	}
+	srcs, _ := filepath.Glob(filepath.Join(cache, "kernel-6.12*", "usr", "src", "linux-headers-6.12*-common", "include", "uapi", "linux"))
+	if len(srcs) == 0 {
 		return ""
 	}
-	d := filepath.Join(cache, "vdpakit-vmtest", "uapi-6.12", "usr", "include")
-	if _, err := os.Stat(filepath.Join(d, "linux", "vhost.h")); err != nil {
-		return ""
+	sort.Strings(srcs)
+	src := srcs[len(srcs)-1]
+	dir := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(dir, "linux"), 0o755); err != nil {
+		t.Fatal(err)
 	}
-	return d
+	for _, h := range overlayHeaders {
+		data, err := os.ReadFile(filepath.Join(src, h))
+		if err != nil {
+			t.Fatalf("6.12 headers in %s: %v", src, err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, "linux", h), sanitize(data), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Logf("6.12 headers: %s, %v", src, overlayHeaders)
+	return dir
+}
+
+// sanitize does the part of the kernel's headers_install these headers
+// need: it drops the kernel-internal #include <linux/compiler.h> and the
+// __user annotation.
+func sanitize(data []byte) []byte {
+	var out []byte
+	for _, line := range bytes.SplitAfter(data, []byte("\n")) {
+		if bytes.HasPrefix(bytes.TrimSpace(line), []byte("#include <linux/compiler.h>")) {
+			continue
+		}
+		out = append(out, bytes.ReplaceAll(line, []byte("__user "), nil)...)
+	}
+	return out
 }
 
 // CheckHeaders compiles the entries against the system headers and, when
@@ -189,10 +231,10 @@ func CheckHeaders(t *testing.T, headers []string, entries []Entry, golden61, gol
 		}
 	}
 	t.Run("system", func(t *testing.T) { check(t, golden61, false) })
-	if d := UAPI612Dir(); d != "" {
+	if d := UAPI612Dir(t); d != "" {
 		t.Run("6.12", func(t *testing.T) { check(t, golden612, true, d) })
 	} else {
-		t.Log("6.12 uapi headers not found (set VDPAKIT_UAPI_6_12); 6.12-only values are checked only against " + golden612)
+		t.Log("6.12 uapi headers not found (set VDPAKIT_UAPI_6_12 or run vmtest/run.sh --prepare); 6.12-only values are checked only against " + golden612)
 	}
 }
 

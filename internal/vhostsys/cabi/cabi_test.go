@@ -48,3 +48,8 @@ func TestRunCompilesAgainstHeaders(t *testing.T) {
 	assert.Equal(t, uint64(4), m["sizeof(int)"])
 	assert.False(t, strings.Contains(src, "NEW"))
 }
+
+func TestSanitizeDropsKernelOnlyConstructs(t *testing.T) {
+	in := "#include <linux/types.h>\n#include <linux/compiler.h>\nint f(void __user *p);\n"
+	assert.Equal(t, "#include <linux/types.h>\nint f(void *p);\n", string(sanitize([]byte(in))))
+}
