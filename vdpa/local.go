@@ -269,9 +269,14 @@ func (l *Local) stopLocked(i int) error {
 	return nil
 }
 
+// stopAllLocked stops every queue, highest index first: in virtio-net
+// (and other devices with queue pairs) the transmit queue of a pair follows
+// its receive queue, so a device that loops or forwards transmitted data
+// stops producing before the queue it produces into stops, and nothing is
+// dropped for lack of a running receive queue.
 func (l *Local) stopAllLocked() error {
 	var errs []error
-	for i := range l.queues {
+	for i := len(l.queues) - 1; i >= 0; i-- {
 		if err := l.stopLocked(i); err != nil {
 			errs = append(errs, err)
 		}
@@ -475,7 +480,7 @@ func (l *Local) SetLog(log *dirty.Bitmap) error {
 	}
 	defer l.mu.Unlock()
 	var restart []int
-	for i := range l.queues {
+	for i := len(l.queues) - 1; i >= 0; i-- {
 		if l.queues[i].running {
 			if err := l.stopLocked(i); err != nil {
 				return err
@@ -485,7 +490,8 @@ func (l *Local) SetLog(log *dirty.Bitmap) error {
 	}
 	l.log = log
 	var errs []error
-	for _, i := range restart {
+	for k := len(restart) - 1; k >= 0; k-- {
+		i := restart[k]
 		if err := l.startLocked(i); err != nil {
 			errs = append(errs, err)
 		}
