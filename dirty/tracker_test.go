@@ -85,7 +85,7 @@ func TestTrackerDecisions(t *testing.T) {
 			opts: dirty.TrackerOptions{Bandwidth: 1e6, DowntimeTarget: time.Millisecond, StallRounds: 2},
 			rounds: []round{
 				{time.Second, 1000, dirty.Continue},
-				{time.Second, 1200, dirty.Continue}, // not below 1000: stall 1
+				{time.Second, 1200, dirty.Continue},          // not below 1000: stall 1
 				{time.Second, 1000, dirty.StopNoConvergence}, // equal is not progress: stall 2
 			},
 		},
