@@ -52,6 +52,19 @@ func (c *Chain) Scatter(p []byte) int {
 	return n
 }
 
+// grow extends Segs by one element and returns it. Fields are then set one
+// by one: building a Segment value and copying it costs a store-forwarding
+// stall on the hot path.
+func (c *Chain) grow() *Segment {
+	n := len(c.Segs)
+	if n < cap(c.Segs) {
+		c.Segs = c.Segs[:n+1]
+	} else {
+		c.Segs = append(c.Segs, Segment{})
+	}
+	return &c.Segs[n]
+}
+
 // UsedElem is one used-ring entry for PushBatch.
 type UsedElem struct {
 	Head uint16 // chain head (Chain.Head)
@@ -107,7 +120,9 @@ type DeviceQueue struct {
 	availEvent uint16 // shadow of avail_event
 	eventValid bool   // availEvent holds what memory holds
 	notify     bool   // notifications enabled
-	hint       uint32 // last region hit for buffer translation
+	hint       uint32 // index of the last region hit for buffer translation
+	cBase      GuestAddr
+	cMem       []byte // that region's base and bytes (the fast path)
 	init       QueueState
 	err        error // *brokenError once broken
 }
@@ -223,6 +238,31 @@ func (q *DeviceQueue) Pop(c *Chain) (bool, error) {
 	}
 	slot := 4 + 2*int(q.lastAvail&q.r.mask)
 	head := binary.LittleEndian.Uint16(q.r.avail[slot : slot+2])
+	// Fast path: a single direct descriptor inside the cached region.
+	if head < q.r.size {
+		d := q.r.desc[int(head)*16 : int(head)*16+16 : int(head)*16+16]
+		flags := binary.LittleEndian.Uint16(d[12:14])
+		addr := GuestAddr(binary.LittleEndian.Uint64(d[0:8]))
+		length := binary.LittleEndian.Uint32(d[8:12])
+		off := uint64(addr - q.cBase)
+		if flags&(DescFNext|DescFIndirect) == 0 && addr >= q.cBase && off < uint64(len(q.cMem)) &&
+			uint64(length) <= uint64(len(q.cMem))-off && length != 0 {
+			end := off + uint64(length)
+			c.Head = head
+			c.Segs = c.Segs[:0]
+			seg := c.grow()
+			seg.Addr, seg.Len, seg.Buf = addr, length, q.cMem[off:end:end]
+			if flags&DescFWrite != 0 {
+				seg.Writable = true
+				c.Readable, c.ReadableLen, c.WritableLen = 0, 0, uint64(length)
+			} else {
+				seg.Writable = false
+				c.Readable, c.ReadableLen, c.WritableLen = 1, uint64(length), 0
+			}
+			q.lastAvail++
+			return true, nil
+		}
+	}
 	if err := q.walk(head, c); err != nil {
 		return false, err
 	}
@@ -316,6 +356,25 @@ func (q *DeviceQueue) walk(head uint16, c *Chain) error {
 // appendSegs translates one descriptor's buffer, splitting it at boundaries
 // between adjacent regions.
 func (q *DeviceQueue) appendSegs(c *Chain, addr GuestAddr, length uint32, w bool) error {
+	// Fast path: the whole buffer lies in the region of the previous hit.
+	// (A range inside a region cannot overflow: regions do not.)
+	if off := uint64(addr - q.cBase); addr >= q.cBase && off < uint64(len(q.cMem)) &&
+		uint64(length) <= uint64(len(q.cMem))-off && length != 0 {
+		end := off + uint64(length)
+		seg := c.grow()
+		seg.Addr, seg.Len, seg.Writable, seg.Buf = addr, length, w, q.cMem[off:end:end]
+		if w {
+			c.WritableLen += uint64(length)
+		} else {
+			c.ReadableLen += uint64(length)
+			c.Readable++
+		}
+		return nil
+	}
+	return q.appendSegsSlow(c, addr, length, w)
+}
+
+func (q *DeviceQueue) appendSegsSlow(c *Chain, addr GuestAddr, length uint32, w bool) error {
 	if err := checkRange(addr, uint64(length)); err != nil {
 		return err
 	}
@@ -338,6 +397,7 @@ func (q *DeviceQueue) appendSegs(c *Chain, addr GuestAddr, length uint32, w bool
 		}
 		q.hint = uint32(i)
 		r := q.mem.regions[i]
+		q.cBase, q.cMem = r.base, r.mem
 		off := uint64(addr - r.base)
 		k := min(uint64(len(r.mem))-off, left)
 		if !first && !w {
@@ -505,6 +565,19 @@ func (q *DeviceQueue) PushBatch(elems []UsedElem) error {
 		if e.Head >= q.r.size {
 			return fmt.Errorf("%w: queue %d head %d", ErrNotInFlight, q.index, e.Head)
 		}
+	}
+	if q.log == nil {
+		used, mask, idx := q.r.used, q.r.mask, q.usedIdx
+		for _, e := range elems {
+			off := 4 + 8*int(idx&mask)
+			u := used[off : off+8 : off+8]
+			binary.LittleEndian.PutUint32(u[0:4], uint32(e.Head))
+			binary.LittleEndian.PutUint32(u[4:8], e.Len)
+			idx++
+		}
+		q.usedIdx = idx
+		q.r.storeUsedWord(q.usedFlags, idx)
+		return nil
 	}
 	for _, e := range elems {
 		if err := q.writeUsed(e.Head, e.Len); err != nil {
