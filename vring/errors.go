@@ -3,6 +3,7 @@ package vring
 import (
 	"errors"
 	"fmt"
+	"strings"
 )
 
 // Errors about guest memory and layouts. They are returned as is (or wrapped
@@ -111,7 +112,7 @@ func (e *QueueError) Error() string {
 	if e.Indirect {
 		where = "indirect index"
 	}
-	return fmt.Sprintf("vring: queue %d %s %d: %v", e.Queue, where, e.Index, e.Err)
+	return fmt.Sprintf("vring: queue %d %s %d: %s", e.Queue, where, e.Index, strings.TrimPrefix(e.Err.Error(), "vring: "))
 }
 
 // Unwrap returns the underlying error.

@@ -68,7 +68,10 @@ func TestWriteFuzzSeeds(t *testing.T) {
 		f(b[4:])
 		write("FuzzDeviceWalk", name, b)
 	}
-	mut("loop", valid, func(d []byte) { binary.LittleEndian.PutUint16(d[14:], 0); binary.LittleEndian.PutUint16(d[12:], DescFNext) })
+	mut("loop", valid, func(d []byte) {
+		binary.LittleEndian.PutUint16(d[14:], 0)
+		binary.LittleEndian.PutUint16(d[12:], DescFNext)
+	})
 	mut("next-out-of-range", valid, func(d []byte) { binary.LittleEndian.PutUint16(d[14:], 99) })
 	mut("indirect-with-next", valid, func(d []byte) { binary.LittleEndian.PutUint16(d[12:], DescFIndirect|DescFNext) })
 	mut("indirect-bad-size", valid, func(d []byte) {

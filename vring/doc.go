@@ -1,0 +1,85 @@
+// Package vring is guest memory and virtio 1.x split virtqueues, from both
+// ends: the device side (what a device or a vhost back-end does) and the
+// driver side (what a guest driver, a VMM test or a shadow relay does).
+//
+// # Guest memory
+//
+// A Memory is a set of non-overlapping Regions mapping guest addresses
+// (guest-physical addresses or IOVAs, GuestAddr) to host bytes.
+// NewMemfdRegion backs a region with a memfd mapped MAP_SHARED and exposes
+// its fd, offset and host address, which is what vhost-vdpa (the kernel
+// ignores anonymous private memory) and vhost-user peers need; NewFdRegion
+// maps an fd received from a peer; NewRegion wraps memory mapped elsewhere.
+// Every translation is overflow- and bounds-checked: Slice returns zero-copy
+// bytes of a range inside one region, Read/Write/ReadAt/WriteAt copy and may
+// cross adjacent regions, and no guest address becomes a host access
+// without those checks. The last region hit is cached.
+//
+// # Queues
+//
+// A Layout (size and the guest addresses of the descriptor table,
+// available ring and used ring) and a QueueState (next available and next
+// used index) are plain, untrusted data. A live queue exists only through
+// NewDeviceQueue or NewDriverQueue, which validate the layout (power-of-two
+// size up to 32768, alignments 16/2/4, no overflow or overlap, each area
+// inside one region and host-aligned) once, so the hot paths work on
+// validated slices.
+//
+// Device side lifecycle:
+//
+//	q, err := vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Layout: l, Features: f, Log: bitmap})
+//	for {
+//		for ok, err := q.Pop(&c); ok; ok, err = q.Pop(&c) { ...; q.PushChain(&c, n) }
+//		if q.NeedsInterrupt() { call.Signal() }
+//		if pending, _ := q.EnableNotify(); !pending { kick.Wait(ctx) }
+//		q.DisableNotify()
+//	}
+//	st := q.State() // migration: save; DeviceQueueOptions.State restores
+//
+// Pop walks NEXT chains and INDIRECT tables and presents the readable
+// segments, then the writable ones, as zero-copy slices; PopBatch and
+// PushBatch amortise the index accesses. NeedsInterrupt and NeedsKick
+// implement VIRTIO_F_EVENT_IDX and the NO_INTERRUPT/NO_NOTIFY flags;
+// EnableNotify and EnableInterrupts handle the "enable notifications, then
+// re-check the ring" race (see EnableNotify).
+//
+// With a WriteLogger (a dirty-page bitmap), the device side logs every
+// guest write it makes: used entries, used.flags/idx, avail_event, and the
+// bytes PushChain reports as written. DeviceQueueOptions.UsedLogAddr logs
+// used-ring writes at a different guest address than the ring is accessed
+// at, like vhost's log_guest_addr. Without a logger, logging costs one nil
+// check.
+//
+// # Hostile input
+//
+// Ring contents come from the other side and are never trusted. Each
+// broken rule is a distinct sentinel (ErrHeadOutOfRange, ErrNextOutOfRange,
+// ErrChainLoop, ErrChainTooLong, ErrNestedIndirect, ErrIndirectWithNext,
+// ErrIndirectSize, ErrReadableAfterWritable, ErrBufferOutOfRange,
+// ErrAvailIdxJump on the device side; ErrUsedIDNotOutstanding,
+// ErrUsedLenTooLarge, ErrUsedIdxJump on the driver side) returned inside a
+// *QueueError that names the queue and the descriptor or ring index. After
+// one, the queue is broken, like a device that set NEEDS_RESET: every call
+// returns an error matching both ErrQueueBroken and the original until
+// Reset. No input makes a queue panic, loop or access memory outside guest
+// memory; every walk is bounded by the queue size.
+//
+// # Ownership and concurrency
+//
+// A DeviceQueue or DriverQueue is owned by one goroutine: its methods are
+// not safe for concurrent use. The other side of the ring may be anywhere:
+// another goroutine, another process mapping the same memfd, the kernel, or
+// a guest. The index fields shared with it are accessed with atomics in the
+// order the virtio specification requires (the protocol is written down in
+// ring.go). A Memory is safe for concurrent use by many queues. Zero-copy
+// segment buffers alias guest memory; the other side may change them at any
+// time, so a device must copy (or validate after copying) anything it
+// parses. Memory.Close must not race with queue use.
+//
+// Queues on Go-heap memory (NewRegion over a make([]byte)) are for
+// single-goroutine tests and fuzzing; rings shared between goroutines should
+// live in mapped memory (NewMemfdRegion), as real rings do.
+//
+// The package assumes a little-endian host (virtio 1.x rings are
+// little-endian); amd64 and arm64 use assembly 16-bit atomics.
+package vring

@@ -1,0 +1,138 @@
+package vring_test
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/vdpakit/vdpakit/virtio"
+	"github.com/vdpakit/vdpakit/vring"
+)
+
+// Example moves one request through a ring: the driver side adds a chain
+// with a readable request and a writable response buffer, the device side
+// pops it, answers, and pushes it back.
+func Example() {
+	region, err := vring.NewMemfdRegion(0, 1<<20, &vring.RegionOptions{Name: "example"})
+	if err != nil {
+		panic(err)
+	}
+	mem, err := vring.NewMemory(region)
+	if err != nil {
+		panic(err)
+	}
+	defer mem.Close()
+	layout := vring.ContiguousLayout(0, 16)
+	feat := virtio.Features(0).With(virtio.FEventIdx)
+
+	drv, err := vring.NewDriverQueue(mem, vring.DriverQueueOptions{Layout: layout, Features: feat})
+	if err != nil {
+		panic(err)
+	}
+	dev, err := vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Layout: layout, Features: feat})
+	if err != nil {
+		panic(err)
+	}
+
+	// Driver: request at 0x10000, 64 bytes of response space at 0x20000.
+	_ = mem.Write(0x10000, []byte("what is 6*7?"))
+	head, _ := drv.Add([]vring.Buffer{
+		{Addr: 0x10000, Len: 12},
+		{Addr: 0x20000, Len: 64, Writable: true},
+	})
+	drv.Publish()
+	fmt.Println("kick:", drv.NeedsKick())
+
+	// Device: pop, read, answer, push.
+	var c vring.Chain
+	ok, err := dev.Pop(&c)
+	if !ok || err != nil {
+		panic(err)
+	}
+	req := make([]byte, c.ReadableLen)
+	c.Gather(req)
+	n := c.Scatter([]byte("42"))
+	_ = dev.PushChain(&c, uint32(n))
+	fmt.Printf("device: head %d, request %q, interrupt: %v\n", c.Head, req, dev.NeedsInterrupt())
+
+	// Driver: reclaim.
+	h, length, _, _ := drv.Reclaim()
+	resp := make([]byte, length)
+	_ = mem.Read(0x20000, resp)
+	fmt.Printf("driver: head %d (added %d), response %q\n", h, head, resp)
+	// Output:
+	// kick: true
+	// device: head 0, request "what is 6*7?", interrupt: true
+	// driver: head 0 (added 0), response "42"
+}
+
+// ExampleDeviceQueue_Pop shows what a hostile chain does to a device queue:
+// a typed error naming the queue and descriptor, then a broken queue until
+// Reset.
+func ExampleDeviceQueue_Pop() {
+	region, _ := vring.NewMemfdRegion(0, 1<<16, nil)
+	mem, _ := vring.NewMemory(region)
+	defer mem.Close()
+	layout := vring.ContiguousLayout(0, 4)
+	dev, _ := vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Index: 1, Layout: layout})
+
+	// A guest writes descriptor 0 pointing at itself with NEXT, and
+	// makes it available.
+	desc := []byte{0, 0x10, 0, 0, 0, 0, 0, 0 /* addr */, 8, 0, 0, 0 /* len */, 1, 0 /* NEXT */, 0, 0 /* next=0 */}
+	_ = mem.Write(layout.Desc, desc)
+	_ = mem.Write(layout.Avail+2, []byte{1, 0}) // avail.idx = 1
+
+	var c vring.Chain
+	_, err := dev.Pop(&c)
+	fmt.Println(err)
+	fmt.Println(errors.Is(err, vring.ErrChainLoop))
+	_, err = dev.Pop(&c)
+	fmt.Println(errors.Is(err, vring.ErrQueueBroken), errors.Is(err, vring.ErrChainLoop))
+	// Output:
+	// vring: queue 1 index 0: loop in descriptor chain
+	// true
+	// true true
+}
+
+// ExampleMemory_Slice shows bounds-checked zero-copy translation.
+func ExampleMemory_Slice() {
+	low, _ := vring.NewMemfdRegion(0, 0x1000, nil)
+	high, _ := vring.NewMemfdRegion(0x1000, 0x1000, nil)
+	mem, _ := vring.NewMemory(low, high)
+	defer mem.Close()
+
+	b, err := mem.Slice(0x800, 16)
+	fmt.Println(len(b), err)
+	_, err = mem.Slice(0xff8, 16) // crosses into the adjacent region
+	fmt.Println(errors.Is(err, vring.ErrSpansRegions))
+	fmt.Println(mem.Write(0xff8, make([]byte, 16))) // copying may cross
+	_, err = mem.Slice(0x1ff8, 16) // runs past the end of memory
+	fmt.Println(errors.Is(err, vring.ErrOutOfRange))
+	// Output:
+	// 16 <nil>
+	// true
+	// <nil>
+	// true
+}
+
+// ExampleDeviceQueue_EnableNotify is the wait loop of a device that sleeps
+// between bursts: enable notifications, and only sleep if the re-check
+// finds nothing.
+func ExampleDeviceQueue_EnableNotify() {
+	region, _ := vring.NewMemfdRegion(0, 1<<16, nil)
+	mem, _ := vring.NewMemory(region)
+	defer mem.Close()
+	layout := vring.ContiguousLayout(0, 8)
+	drv, _ := vring.NewDriverQueue(mem, vring.DriverQueueOptions{Layout: layout})
+	dev, _ := vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Layout: layout})
+
+	dev.DisableNotify() // busy processing: no kicks wanted
+	_, _ = drv.Add([]vring.Buffer{{Addr: 0x8000, Len: 4}})
+	drv.Publish()
+	fmt.Println("driver kicks:", drv.NeedsKick())
+
+	pending, _ := dev.EnableNotify() // about to sleep: re-check first
+	fmt.Println("pending after enable:", pending)
+	// Output:
+	// driver kicks: false
+	// pending after enable: true
+}
