@@ -125,14 +125,12 @@ func (h *Harness) benchHarvest(ctx context.Context, suite string, guest uint64, 
 	}
 	defer dst.Close()
 	pattern := dirtyPattern(src.Size(), src.NumPages(), frac)
-	want := src.NumPages()
 	var expect uint64
 	for _, c := range pattern {
 		for ; c != 0; c &= c - 1 {
 			expect++
 		}
 	}
-	_ = want
 	log := src.Bytes()
 	var total time.Duration
 	scans := 0

@@ -208,4 +208,3 @@ func (l *libVhost) Stop() (uint64, uint64, error) {
 	}
 	return st.Rx, st.Tx, nil
 }
-

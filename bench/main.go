@@ -24,6 +24,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -206,7 +207,7 @@ func parseArgs(args []string, stderr io.Writer) (*Config, error) {
 	gsizes := fs.String("guest-sizes", "256MiB,1GiB", "guest sizes for migration")
 	rates := fs.String("dirty-rates", "0,64,256,1024", "guest dirty rates for migration, MiB/s")
 	fs.IntVar(&cfg.HostCPU, "host-cpu", 0, "CPU for the device (host) side of cross-thread benchmarks")
-	fs.IntVar(&cfg.GuestCPU, "guest-cpu", 1, "CPU for the driver (guest) side of cross-thread benchmarks")
+	fs.IntVar(&cfg.GuestCPU, "guest-cpu", min(1, runtime.NumCPU()-1), "CPU for the driver (guest) side of cross-thread benchmarks")
 	fs.IntVar(&cfg.PeerRounds, "peer-rounds", 2, "interleaved rounds of each peer comparison (median reported)")
 	fs.StringVar(&cfg.CacheDir, "cache", defCache, "cache for the linux-source package and the built ringtest ($VDPAKIT_CACHE)")
 	fs.StringVar(&cfg.JSONPath, "json", "", "write all results and the machine description to this JSON file")

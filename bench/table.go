@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"io"
 	"math"
-	"sort"
 	"strings"
 	"unicode/utf8"
 )
@@ -17,6 +16,8 @@ func formatValue(v float64) string {
 		return fmt.Sprint(v)
 	case a == 0:
 		return "0"
+	case v == math.Trunc(v) && a < 1e9:
+		return fmt.Sprintf("%.0f", v)
 	case a >= 100:
 		return fmt.Sprintf("%.0f", v)
 	case a >= 10:
@@ -33,12 +34,12 @@ func formatMetrics(ms []Metric) string {
 	parts := make([]string, 0, len(ms))
 	for _, m := range ms {
 		s := formatValue(m.Value)
-		if m.Unit != "" {
-			if m.Unit == "x" {
-				s += "x"
-			} else {
-				s += " " + m.Unit
-			}
+		switch m.Unit {
+		case "":
+		case "x":
+			s += "x"
+		default:
+			s += " " + m.Unit
 		}
 		if m.Name != "" && m.Name != m.Unit && !isDefaultMetricName(m.Name) {
 			s = m.Name + " " + s
@@ -56,20 +57,6 @@ func isDefaultMetricName(name string) bool {
 		return true
 	}
 	return false
-}
-
-// formatParams renders parameters as sorted key=value pairs.
-func formatParams(p map[string]any) string {
-	keys := make([]string, 0, len(p))
-	for k := range p {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	parts := make([]string, 0, len(keys))
-	for _, k := range keys {
-		parts = append(parts, fmt.Sprintf("%s=%v", k, p[k]))
-	}
-	return strings.Join(parts, " ")
 }
 
 // tableRows turns results into rows of (suite, case, result).

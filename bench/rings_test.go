@@ -1,0 +1,98 @@
+package main
+
+import (
+	"context"
+	"os"
+	"runtime"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/vdpakit/vdpakit/dirty"
+)
+
+// TestMain lets the test binary serve as the re-executed child of the
+// cross-process ring benchmark and of the vhost-user back-end peer.
+func TestMain(m *testing.M) {
+	if isRingChild() {
+		os.Exit(ringChildMain())
+	}
+	if isVhostChild() {
+		os.Exit(vhostChildMain())
+	}
+	os.Exit(m.Run())
+}
+
+func TestChainBuffers(t *testing.T) {
+	one := chainBuffers(1)
+	require.Len(t, one, 1)
+	assert.False(t, one[0].Writable, "a 1-descriptor chain is a readable frame")
+	assert.Zero(t, writtenFor(one))
+	four := chainBuffers(4)
+	require.Len(t, four, 4)
+	assert.Equal(t, []bool{false, false, true, true}, []bool{four[0].Writable, four[1].Writable, four[2].Writable, four[3].Writable},
+		"readable descriptors come before writable ones")
+	assert.Equal(t, uint32(2*ringBufLen), writtenFor(four))
+}
+
+// The single-goroutine loops must do exactly the work asked, without
+// allocating (timeLoopAllocs fails the run otherwise).
+func TestSameGoroutineLoopsRun(t *testing.T) {
+	ctx := context.Background()
+	for _, descs := range []int{1, 4} {
+		for _, batch := range []int{1, 8, 32} {
+			n, _, err := benchDevice(ctx, time.Millisecond, 64, descs, batch, nil)
+			require.NoError(t, err, "device descs=%d batch=%d", descs, batch)
+			assert.Positive(t, n)
+			n, _, err = benchDriver(ctx, time.Millisecond, 64, descs, batch)
+			require.NoError(t, err, "driver descs=%d batch=%d", descs, batch)
+			assert.Positive(t, n)
+		}
+	}
+}
+
+// With a log, every used-ring write and every written buffer byte is
+// marked: the used ring's page and the writable buffers' page.
+func TestDeviceLoopLogs(t *testing.T) {
+	bm, err := dirty.New(ringMemSize, nil)
+	require.NoError(t, err)
+	defer bm.Close()
+	_, _, err = benchDevice(context.Background(), time.Millisecond, 64, 4, 8, bm)
+	require.NoError(t, err)
+	assert.True(t, bm.PageDirty(ringBufBase/dirty.DefaultPageSize), "written buffers are logged")
+	assert.Positive(t, bm.Count())
+}
+
+func TestCrossThreadMovesAllChains(t *testing.T) {
+	for _, batch := range []int{1, 32} {
+		el, err := libCrossThread(context.Background(), crossOptions{RingSize: 64, Descs: 4, Batch: batch, Chains: 5000, HostCPU: 0, GuestCPU: otherCPU()})
+		require.NoError(t, err)
+		assert.Positive(t, el)
+	}
+}
+
+func TestCrossProcessMovesAllChains(t *testing.T) {
+	el, err := libCrossProcess(context.Background(), crossOptions{RingSize: 64, Descs: 1, Batch: 8, Chains: 5000, HostCPU: 0, GuestCPU: otherCPU()})
+	require.NoError(t, err)
+	assert.Positive(t, el)
+}
+
+// otherCPU is a second CPU when there is one: two busy-polling threads on
+// one CPU only progress at scheduler-tick pace.
+func otherCPU() int {
+	if runtime.NumCPU() > 1 {
+		return 1
+	}
+	return 0
+}
+
+func TestPinThreadRejectsBadCPU(t *testing.T) {
+	done := make(chan error, 1)
+	go func() {
+		_, err := pinThread(1 << 20)
+		done <- err
+	}()
+	assert.Error(t, <-done)
+}
