@@ -105,7 +105,7 @@ func ExampleMemory_Slice() {
 	_, err = mem.Slice(0xff8, 16) // crosses into the adjacent region
 	fmt.Println(errors.Is(err, vring.ErrSpansRegions))
 	fmt.Println(mem.Write(0xff8, make([]byte, 16))) // copying may cross
-	_, err = mem.Slice(0x1ff8, 16) // runs past the end of memory
+	_, err = mem.Slice(0x1ff8, 16)                  // runs past the end of memory
 	fmt.Println(errors.Is(err, vring.ErrOutOfRange))
 	// Output:
 	// 16 <nil>

@@ -48,7 +48,6 @@ func (o *DriverOptions) DataBytes() uint64 {
 
 type slotInfo struct {
 	slot     uint16
-	writable []vring.Buffer
 	nw       int
 	bufs     [MaxSegs]vring.Buffer
 }
