@@ -1,0 +1,688 @@
+//go:build linux
+
+package vduse
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vdpakit/vdpakit/vdpa"
+	"github.com/vdpakit/vdpakit/virtio"
+	"github.com/vdpakit/vdpakit/vring"
+)
+
+// Options configure a VDUSE device.
+type Options struct {
+	// Name is the device name: /dev/vduse/NAME and the vDPA device name
+	// for `vdpa dev add name NAME mgmtdev vduse`. Required.
+	Name string
+	// VendorID is the virtio vendor id (default 0).
+	VendorID uint32
+	// VQAlign is the alignment of the rings the kernel allocates (default
+	// 4096).
+	VQAlign uint32
+	// ControlPath is the VDUSE control device (default /dev/vduse/control)
+	// and DevDir the directory of device nodes (default /dev/vduse).
+	ControlPath string
+	DevDir      string
+	// SysfsRoot is where sysfs is mounted (default /sys).
+	SysfsRoot string
+	// Logf, when set, receives one line per request and every failure.
+	Logf func(format string, args ...any)
+}
+
+func (o *Options) defaults() {
+	if o.VQAlign == 0 {
+		o.VQAlign = 4096
+	}
+	if o.ControlPath == "" {
+		o.ControlPath = "/dev/vduse/control"
+	}
+	if o.DevDir == "" {
+		o.DevDir = "/dev/vduse"
+	}
+	if o.SysfsRoot == "" {
+		o.SysfsRoot = "/sys"
+	}
+}
+
+// Available reports whether VDUSE can be used: nil, or an error wrapping
+// ErrUnavailable that says why.
+func Available(opts *Options) error {
+	var o Options
+	if opts != nil {
+		o = *opts
+	}
+	o.defaults()
+	fd, err := unix.Open(o.ControlPath, unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("%w: open %s: %w (is the vduse module loaded? are you root?)", ErrUnavailable, o.ControlPath, err)
+	}
+	unix.Close(fd)
+	return nil
+}
+
+type vq struct {
+	maxSize uint16
+	running bool
+	state   vring.QueueState
+	stopped bool // state holds a position read back by GET_VQ_STATE or a stop
+	kick    *vdpa.EventFD
+	call    *vdpa.EventFD
+	irqDone chan struct{}
+	layout  vring.Layout
+}
+
+// Device is a VDUSE device serving a vdpa.Handler. Serve runs the request
+// loop; the other methods may be called concurrently with it.
+type Device struct {
+	h    vdpa.Handler
+	opts Options
+	ctl  int // /dev/vduse/control
+	fd   int // /dev/vduse/NAME, non-blocking, for ioctls
+	file *os.File
+
+	mu       sync.Mutex
+	status   virtio.Status
+	features virtio.Features
+	mem      *vring.Memory
+	maps     [][]byte
+	queues   []vq
+	closed   bool
+}
+
+// Create creates the VDUSE device for h: VDUSE_SET_API_VERSION,
+// VDUSE_CREATE_DEV with h's features, queue count and configuration space,
+// open /dev/vduse/NAME, and VDUSE_VQ_SETUP for every queue. The device is
+// not yet on the vDPA bus: run Serve, then add it (`vdpa dev add name NAME
+// mgmtdev vduse`).
+func Create(h vdpa.Handler, opts *Options) (*Device, error) {
+	var o Options
+	if opts != nil {
+		o = *opts
+	}
+	o.defaults()
+	f := h.Features()
+	if !f.Has(virtio.FVersion1) {
+		return nil, fmt.Errorf("%w: VDUSE requires VIRTIO_F_VERSION_1 in %s", ErrHandler, f.Format(h.DeviceID()))
+	}
+	if h.DeviceID() == virtio.DeviceNet {
+		if !f.Has(virtio.FAccessPlatform) {
+			return nil, fmt.Errorf("%w: a VDUSE net device must offer ACCESS_PLATFORM", ErrHandler)
+		}
+		if f.Has(virtio.NetFCtrlVQ) {
+			return nil, fmt.Errorf("%w: VDUSE net devices may not have a control queue (Linux < 6.13)", ErrHandler)
+		}
+	}
+	n := h.NumQueues()
+	if n <= 0 || n > 0xffff {
+		return nil, fmt.Errorf("%w: %d queues", ErrHandler, n)
+	}
+	cfg := make([]byte, h.ConfigSize())
+	h.ReadConfig(0, cfg)
+	dc := devConfig{Name: o.Name, VendorID: o.VendorID, DeviceID: uint32(h.DeviceID()), Features: uint64(f),
+		VQNum: uint32(n), VQAlign: o.VQAlign, ConfigData: cfg}
+	b, err := dc.encode()
+	if err != nil {
+		return nil, err
+	}
+	ctl, err := unix.Open(o.ControlPath, unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("%w: open %s: %w", ErrUnavailable, o.ControlPath, err)
+	}
+	if _, err := ioctlU64(ctl, ioctlSetAPIVersion, APIVersion, "VDUSE_SET_API_VERSION"); err != nil {
+		unix.Close(ctl)
+		return nil, err
+	}
+	if err := ioctlBuf(ctl, ioctlCreateDev, b, sizeDevConfig, "VDUSE_CREATE_DEV"); err != nil {
+		unix.Close(ctl)
+		return nil, err
+	}
+	d := &Device{h: h, opts: o, ctl: ctl, fd: -1, queues: make([]vq, n)}
+	path := filepath.Join(o.DevDir, o.Name)
+	fd, err := openRetry(path)
+	if err != nil {
+		d.destroy()
+		return nil, &OpError{Op: "open " + path, Err: err}
+	}
+	d.fd = fd
+	d.file = os.NewFile(uintptr(fd), path)
+	max := h.MaxQueueSize()
+	for i := 0; i < n; i++ {
+		var c [sizeVQConfig]byte
+		binary.LittleEndian.PutUint32(c[0:], uint32(i))
+		binary.LittleEndian.PutUint16(c[4:], max)
+		if err := ioctlBuf(fd, ioctlVQSetup, c[:], sizeVQConfig, "VDUSE_VQ_SETUP"); err != nil {
+			d.file.Close()
+			d.destroy()
+			return nil, err
+		}
+		d.queues[i].maxSize = max
+	}
+	return d, nil
+}
+
+// openRetry opens the device node, which udev/devtmpfs creates shortly
+// after VDUSE_CREATE_DEV returns.
+func openRetry(path string) (int, error) {
+	var err error
+	for i := 0; i < 100; i++ {
+		var fd int
+		fd, err = unix.Open(path, unix.O_RDWR|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+		if err == nil {
+			return fd, nil
+		}
+		if !errors.Is(err, unix.ENOENT) {
+			return -1, err
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return -1, err
+}
+
+func (d *Device) destroy() error {
+	var name [nameMax]byte
+	copy(name[:], d.opts.Name)
+	err := ioctlBuf(d.ctl, ioctlDestroyDev, name[:], nameMax, "VDUSE_DESTROY_DEV")
+	unix.Close(d.ctl)
+	return err
+}
+
+// Name returns the device name.
+func (d *Device) Name() string { return d.opts.Name }
+
+func (d *Device) logf(format string, args ...any) {
+	if d.opts.Logf != nil {
+		d.opts.Logf(format, args...)
+	}
+}
+
+// Serve answers the kernel's requests until ctx ends (it returns ctx.Err())
+// or the device is closed (ErrClosed). Every request gets a response.
+func (d *Device) Serve(ctx context.Context) error {
+	stop := context.AfterFunc(ctx, func() { _ = d.file.SetReadDeadline(time.Unix(1, 0)) })
+	defer stop()
+	buf := make([]byte, sizeDevRequest)
+	resp := make([]byte, sizeDevResponse)
+	for {
+		n, err := d.file.Read(buf)
+		if err != nil {
+			switch {
+			case ctx.Err() != nil:
+				return ctx.Err()
+			case errors.Is(err, os.ErrClosed):
+				return ErrClosed
+			}
+			return &OpError{Op: "read request", Err: err}
+		}
+		req, err := decodeRequest(buf[:n])
+		if err != nil {
+			// Without a whole request there is no id to answer.
+			d.logf("vduse %s: %v", d.opts.Name, err)
+			continue
+		}
+		result, vqIdx, avail := d.handle(req)
+		encodeResponse(resp, req.ID, result, vqIdx, avail)
+		if _, err := d.file.Write(resp); err != nil {
+			if errors.Is(err, os.ErrClosed) {
+				return ErrClosed
+			}
+			return &OpError{Op: "write response", Err: err}
+		}
+	}
+}
+
+func (d *Device) handle(req request) (result, vqIdx uint32, avail uint16) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var err error
+	switch req.Type {
+	case reqGetVQState:
+		vqIdx = req.VQIndex
+		avail, err = d.vqStateLocked(int(req.VQIndex))
+		d.logf("vduse %s: GET_VQ_STATE %d -> avail %d (%v)", d.opts.Name, req.VQIndex, avail, err)
+	case reqSetStatus:
+		err = d.setStatusLocked(virtio.Status(req.Status))
+		d.logf("vduse %s: SET_STATUS %v (%v)", d.opts.Name, virtio.Status(req.Status), err)
+	case reqUpdateIOTLB:
+		err = d.updateIOTLBLocked(req.IOVAStart, req.IOVALast)
+		d.logf("vduse %s: UPDATE_IOTLB [%#x, %#x] (%v)", d.opts.Name, req.IOVAStart, req.IOVALast, err)
+	default:
+		err = fmt.Errorf("%w: type %d", ErrBadRequest, req.Type)
+		d.logf("vduse %s: %v", d.opts.Name, err)
+	}
+	if err != nil {
+		return resultFailed, vqIdx, avail
+	}
+	return resultOK, vqIdx, avail
+}
+
+// vqStateLocked stops queue i if it runs (GET_VQ_STATE is the vhost
+// GET_VRING_BASE path) and returns its next available index.
+func (d *Device) vqStateLocked(i int) (uint16, error) {
+	if i < 0 || i >= len(d.queues) {
+		return 0, fmt.Errorf("%w: queue %d of %d", ErrBadRequest, i, len(d.queues))
+	}
+	q := &d.queues[i]
+	if q.running {
+		if err := d.stopQueueLocked(i); err != nil {
+			return 0, err
+		}
+	}
+	if q.stopped {
+		return q.state.NextAvail, nil
+	}
+	info, err := d.vqInfo(i)
+	if err != nil {
+		return 0, err
+	}
+	return info.AvailIndex, nil
+}
+
+func (d *Device) vqInfo(i int) (vqInfo, error) {
+	var b [sizeVQInfo]byte
+	binary.LittleEndian.PutUint32(b[0:], uint32(i))
+	if err := ioctlBuf(d.fd, ioctlVQGetInfo, b[:], sizeVQInfo, "VDUSE_VQ_GET_INFO"); err != nil {
+		return vqInfo{}, err
+	}
+	return decodeVQInfo(b[:]), nil
+}
+
+func (d *Device) setStatusLocked(s virtio.Status) error {
+	if s == 0 {
+		d.resetLocked()
+		return nil
+	}
+	added := s &^ d.status
+	if added&virtio.StatusFeaturesOK != 0 {
+		v, err := ioctlU64(d.fd, ioctlDevGetFeatures, 0, "VDUSE_DEV_GET_FEATURES")
+		if err != nil {
+			return err
+		}
+		f := virtio.Features(v)
+		if err := d.h.SetFeatures(f); err != nil {
+			return err
+		}
+		d.features = f
+	}
+	if added&virtio.StatusDriverOK != 0 {
+		if err := d.startLocked(); err != nil {
+			d.stopAllLocked()
+			return err
+		}
+	}
+	d.status = s
+	return nil
+}
+
+func (d *Device) resetLocked() {
+	d.stopAllLocked()
+	d.h.Reset()
+	for i := range d.queues {
+		q := &d.queues[i]
+		d.releaseEventFDs(i)
+		*q = vq{maxSize: q.maxSize}
+	}
+	d.unmapLocked()
+	d.status = 0
+	d.features = 0
+}
+
+// startLocked maps the IOTLB and starts every ready queue.
+func (d *Device) startLocked() error {
+	if d.mem == nil {
+		if err := d.mapLocked(); err != nil {
+			return err
+		}
+	}
+	for i := range d.queues {
+		q := &d.queues[i]
+		if q.running {
+			continue
+		}
+		info, err := d.vqInfo(i)
+		if err != nil {
+			return err
+		}
+		if !info.Ready {
+			continue
+		}
+		if info.Num == 0 || info.Num > uint32(q.maxSize) {
+			return fmt.Errorf("%w: queue %d size %d (max %d)", ErrBadRequest, i, info.Num, q.maxSize)
+		}
+		q.layout = vring.Layout{Size: uint16(info.Num), Desc: vring.GuestAddr(info.DescAddr),
+			Avail: vring.GuestAddr(info.DriverAddr), Used: vring.GuestAddr(info.DeviceAddr)}
+		if !q.stopped {
+			// A fresh start: the kernel's avail index (set by
+			// SET_VRING_BASE on vhost-vdpa) and the used index the ring
+			// holds (equal to it once every chain was completed).
+			var u [2]byte
+			if err := d.mem.Read(q.layout.Used+2, u[:]); err != nil {
+				return fmt.Errorf("vduse: queue %d used ring: %w", i, err)
+			}
+			q.state = vring.QueueState{NextAvail: info.AvailIndex, NextUsed: binary.LittleEndian.Uint16(u[:])}
+		}
+		if err := d.startQueueLocked(i); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (d *Device) startQueueLocked(i int) error {
+	q := &d.queues[i]
+	if q.kick == nil {
+		kick, err := vdpa.NewEventFD()
+		if err != nil {
+			return err
+		}
+		var b [sizeVQEventfd]byte
+		binary.LittleEndian.PutUint32(b[0:], uint32(i))
+		binary.LittleEndian.PutUint32(b[4:], uint32(int32(kick.Fd())))
+		if err := ioctlBuf(d.fd, ioctlVQSetupKickFD, b[:], sizeVQEventfd, "VDUSE_VQ_SETUP_KICKFD"); err != nil {
+			kick.Close()
+			return err
+		}
+		q.kick = kick
+	}
+	if q.call == nil {
+		call, err := vdpa.NewEventFD()
+		if err != nil {
+			return err
+		}
+		q.call = call
+		q.irqDone = make(chan struct{})
+		go d.forwardIRQ(i, call, q.irqDone)
+	}
+	dq, err := vring.NewDeviceQueue(d.mem, vring.DeviceQueueOptions{Index: i, Layout: q.layout,
+		Features: d.features, State: q.state})
+	if err != nil {
+		return fmt.Errorf("vduse: queue %d: %w", i, err)
+	}
+	if err := d.h.StartQueue(i, dq, q.kick, q.call); err != nil {
+		return fmt.Errorf("vduse: start queue %d: %w", i, err)
+	}
+	q.running = true
+	return nil
+}
+
+// forwardIRQ turns the handler's call signals into VDUSE_VQ_INJECT_IRQ
+// until the eventfd is closed.
+func (d *Device) forwardIRQ(i int, call *vdpa.EventFD, done chan struct{}) {
+	defer close(done)
+	for {
+		if _, err := call.Wait(context.Background()); err != nil {
+			return
+		}
+		if err := ioctlU32(d.fd, ioctlVQInjectIRQ, uint32(i), "VDUSE_VQ_INJECT_IRQ"); err != nil {
+			d.logf("vduse %s: queue %d: %v", d.opts.Name, i, err)
+		}
+	}
+}
+
+func (d *Device) stopQueueLocked(i int) error {
+	q := &d.queues[i]
+	if !q.running {
+		return nil
+	}
+	st, err := d.h.StopQueue(i)
+	q.running = false
+	if err != nil {
+		return err
+	}
+	q.state, q.stopped = st, true
+	return nil
+}
+
+// stopAllLocked stops queues highest index first (transmit before receive).
+func (d *Device) stopAllLocked() {
+	for i := len(d.queues) - 1; i >= 0; i-- {
+		if err := d.stopQueueLocked(i); err != nil {
+			d.logf("vduse %s: stop queue %d: %v", d.opts.Name, i, err)
+		}
+	}
+}
+
+func (d *Device) releaseEventFDs(i int) {
+	q := &d.queues[i]
+	if q.kick != nil {
+		var b [sizeVQEventfd]byte
+		binary.LittleEndian.PutUint32(b[0:], uint32(i))
+		binary.LittleEndian.PutUint32(b[4:], uint32(0xffffffff)) // VDUSE_EVENTFD_DEASSIGN
+		_ = ioctlBuf(d.fd, ioctlVQSetupKickFD, b[:], sizeVQEventfd, "VDUSE_VQ_SETUP_KICKFD")
+		q.kick.Close()
+		q.kick = nil
+	}
+	if q.call != nil {
+		q.call.Close()
+		<-q.irqDone
+		q.call = nil
+	}
+}
+
+// updateIOTLBLocked drops the mappings and, if queues run, re-maps and
+// restarts them at their exact position.
+func (d *Device) updateIOTLBLocked(start, last uint64) error {
+	if d.mem == nil {
+		return nil
+	}
+	overlaps := false
+	for _, r := range d.mem.Regions() {
+		if uint64(r.Base()) <= last && start <= uint64(r.End())-1 {
+			overlaps = true
+		}
+	}
+	if !overlaps {
+		return nil
+	}
+	var running []int
+	for i := len(d.queues) - 1; i >= 0; i-- {
+		if d.queues[i].running {
+			if err := d.stopQueueLocked(i); err != nil {
+				return err
+			}
+			running = append(running, i)
+		}
+	}
+	d.unmapLocked()
+	if len(running) == 0 {
+		return nil
+	}
+	if err := d.mapLocked(); err != nil {
+		return err
+	}
+	for k := len(running) - 1; k >= 0; k-- {
+		if err := d.startQueueLocked(running[k]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// mapLocked builds the IOVA memory from the kernel's IOTLB.
+func (d *Device) mapLocked() error {
+	var regions []*vring.Region
+	var domainFd = -1
+	defer func() {
+		if domainFd >= 0 {
+			unix.Close(domainFd)
+		}
+	}()
+	start := uint64(0)
+	for {
+		var b [sizeIOTLBEntry]byte
+		e := iotlbEntry{Start: start, Last: ^uint64(0)}
+		e.encode(b[:])
+		fd, err := ioctlRetFD(d.fd, ioctlIOTLBGetFD, b[:], sizeIOTLBEntry, "VDUSE_IOTLB_GET_FD")
+		if errors.Is(err, unix.EINVAL) {
+			break // no mapping at or above start
+		}
+		if err != nil {
+			d.unmapRegions(regions)
+			return err
+		}
+		e = decodeIOTLBEntry(b[:])
+		r, err := d.mapEntry(fd, e)
+		if err != nil {
+			unix.Close(fd)
+			d.unmapRegions(regions)
+			return err
+		}
+		regions = append(regions, r)
+		if domainFd < 0 {
+			domainFd = fd
+		} else {
+			unix.Close(fd)
+		}
+		if e.Last == ^uint64(0) || e.Last < start {
+			break
+		}
+		start = e.Last + 1
+	}
+	if r, err := d.mapBounce(domainFd, regions); err != nil {
+		d.unmapRegions(regions)
+		return err
+	} else if r != nil {
+		regions = append(regions, r)
+	}
+	mem, err := vring.NewMemory(regions...)
+	if err != nil {
+		d.unmapRegions(regions)
+		return err
+	}
+	d.mem = mem
+	return nil
+}
+
+func (d *Device) mapEntry(fd int, e iotlbEntry) (*vring.Region, error) {
+	size := e.Last - e.Start + 1
+	if e.Last < e.Start || size == 0 || size > 1<<40 || e.Offset%uint64(os.Getpagesize()) != 0 {
+		return nil, fmt.Errorf("%w: IOTLB entry [%#x, %#x] offset %#x", ErrBadRequest, e.Start, e.Last, e.Offset)
+	}
+	prot := unix.PROT_READ | unix.PROT_WRITE
+	m, err := unix.Mmap(fd, int64(e.Offset), int(size), prot, unix.MAP_SHARED)
+	if err != nil && e.Perm == accessRO {
+		m, err = unix.Mmap(fd, int64(e.Offset), int(size), unix.PROT_READ, unix.MAP_SHARED)
+	}
+	if err != nil {
+		return nil, &OpError{Op: fmt.Sprintf("mmap IOVA [%#x, %#x]", e.Start, e.Last), Err: err}
+	}
+	r, err := vring.NewRegion(vring.GuestAddr(e.Start), m, &vring.RegionOptions{Name: "vduse-iova"})
+	if err != nil {
+		unix.Munmap(m)
+		return nil, err
+	}
+	d.maps = append(d.maps, m)
+	return r, nil
+}
+
+// mapBounce maps the bounce-buffer area [0, bounce_size) of a device bound
+// to virtio_vdpa from the IOVA domain file when the kernel has not put it
+// in the IOTLB yet (it does so on the first streaming DMA mapping, without
+// a VDUSE_UPDATE_IOTLB). The domain file maps IOVA x at file offset x.
+func (d *Device) mapBounce(domainFd int, have []*vring.Region) (*vring.Region, error) {
+	if domainFd < 0 {
+		return nil, nil
+	}
+	drv, _ := os.Readlink(filepath.Join(d.opts.SysfsRoot, "bus/vdpa/devices", d.opts.Name, "driver"))
+	if filepath.Base(drv) != "virtio_vdpa" {
+		return nil, nil
+	}
+	size := uint64(64 << 20) // VDUSE_BOUNCE_SIZE, the default
+	if b, err := os.ReadFile(filepath.Join(d.opts.SysfsRoot, "class/vduse", d.opts.Name, "bounce_size")); err == nil {
+		if v, err := strconv.ParseUint(strings.TrimSpace(string(b)), 0, 64); err == nil && v > 0 {
+			size = v
+		}
+	}
+	for _, r := range have {
+		if uint64(r.Base()) < size {
+			return nil, nil // the kernel already mapped (part of) it
+		}
+	}
+	return d.mapEntry(domainFd, iotlbEntry{Offset: 0, Start: 0, Last: size - 1, Perm: accessRW})
+}
+
+func (d *Device) unmapRegions(rs []*vring.Region) {
+	for _, r := range rs {
+		for k, m := range d.maps {
+			if len(m) > 0 && &m[0] == &r.Bytes()[0] {
+				unix.Munmap(m)
+				d.maps = append(d.maps[:k], d.maps[k+1:]...)
+				break
+			}
+		}
+	}
+}
+
+func (d *Device) unmapLocked() {
+	if d.mem != nil {
+		d.mem.Close()
+		d.mem = nil
+	}
+	for _, m := range d.maps {
+		unix.Munmap(m)
+	}
+	d.maps = nil
+}
+
+// ConfigChanged re-reads the handler's configuration space, hands it to the
+// kernel (VDUSE_DEV_SET_CONFIG) and raises a configuration change interrupt
+// (VDUSE_DEV_INJECT_CONFIG_IRQ). Wire it to softnet.Options.OnConfigChange.
+func (d *Device) ConfigChanged() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return ErrClosed
+	}
+	n := d.h.ConfigSize()
+	b := make([]byte, sizeConfigData+n)
+	binary.LittleEndian.PutUint32(b[0:], 0)
+	binary.LittleEndian.PutUint32(b[4:], uint32(n))
+	d.h.ReadConfig(0, b[sizeConfigData:])
+	if err := ioctlBuf(d.fd, ioctlDevSetConfig, b, sizeConfigData, "VDUSE_DEV_SET_CONFIG"); err != nil {
+		return err
+	}
+	if d.status&virtio.StatusDriverOK == 0 {
+		return nil // nobody to interrupt yet
+	}
+	return ioctlNoArg(d.fd, ioctlInjectConfigIRQ, "VDUSE_DEV_INJECT_CONFIG_IRQ")
+}
+
+// Status returns the device status the kernel last set.
+func (d *Device) Status() virtio.Status {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.status
+}
+
+// Close stops the queues, closes /dev/vduse/NAME (ending Serve) and
+// destroys the device (VDUSE_DESTROY_DEV). Delete the vDPA device first
+// (`vdpa dev del NAME`): the kernel refuses to destroy a device in use.
+func (d *Device) Close() error {
+	d.mu.Lock()
+	if d.closed {
+		d.mu.Unlock()
+		return ErrClosed
+	}
+	d.closed = true
+	d.stopAllLocked()
+	d.h.Reset()
+	for i := range d.queues {
+		d.releaseEventFDs(i)
+	}
+	d.unmapLocked()
+	d.mu.Unlock()
+	ferr := d.file.Close()
+	derr := d.destroy()
+	return errors.Join(ferr, derr)
+}
