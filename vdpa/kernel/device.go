@@ -37,11 +37,14 @@ type Device struct {
 	cfgSize int
 	iova    vhostsys.IOVARange
 	queues  []queue
-	// mem is the memory given to SetMemory; maps are the IOTLB mappings
-	// this Device made, per address space, in the order made.
-	mem     *vring.Memory
-	maps    map[uint32][]Mapping
-	memASID map[uint32][]Mapping // the mappings MapMemory made, per ASID
+	// mems is the memory MapMemory put in each address space; maps are
+	// the IOTLB mappings this Device made, per address space, in the order
+	// made; memASID the subset MapMemory made. groupASID records
+	// SetGroupASID (groups not in it are in address space 0).
+	mems      map[uint32]*vring.Memory
+	maps      map[uint32][]Mapping
+	memASID   map[uint32][]Mapping
+	groupASID map[uint32]uint32
 }
 
 type queue struct {
@@ -63,7 +66,8 @@ func Open(path string, opts *Options) (*Device, error) {
 	if err != nil {
 		return nil, err
 	}
-	d := &Device{f: f, maps: map[uint32][]Mapping{}, memASID: map[uint32][]Mapping{}}
+	d := &Device{f: f, maps: map[uint32][]Mapping{}, memASID: map[uint32][]Mapping{},
+		mems: map[uint32]*vring.Memory{}, groupASID: map[uint32]uint32{}}
 	if err := d.init(opts); err != nil {
 		f.Close()
 		return nil, err
@@ -217,6 +221,8 @@ func (d *Device) SetStatus(s virtio.Status) error {
 		for i := range d.queues {
 			d.queues[i] = queue{}
 		}
+		// A reset binds every group to address space 0 again.
+		clear(d.groupASID)
 		if !d.backend.Has(BackendIOTLBPersist) {
 			return d.replayMaps()
 		}
@@ -375,10 +381,10 @@ func (d *Device) SetQueueAddr(q int, a vdpa.QueueAddr) error {
 		if err := l.Validate(); err != nil {
 			return fmt.Errorf("%w: queue %d: %w", ErrQueueLayout, q, err)
 		}
-		if d.mem != nil {
+		if mem, asid := d.memFor(q); mem != nil {
 			ds, as, us := vring.SplitSizes(n)
-			if !d.mem.Contains(a.Desc, ds) || !d.mem.Contains(a.Avail, as) || !d.mem.Contains(a.Used, us) {
-				return fmt.Errorf("%w: queue %d rings outside guest memory", ErrQueueLayout, q)
+			if !mem.Contains(a.Desc, ds) || !mem.Contains(a.Avail, as) || !mem.Contains(a.Used, us) {
+				return fmt.Errorf("%w: queue %d rings outside the memory of its address space %d", ErrQueueLayout, q, asid)
 			}
 		}
 	}
@@ -428,9 +434,9 @@ func (d *Device) QueueBase(q int) (vdpa.QueueState, error) {
 		return vdpa.QueueState{}, closedErr(err)
 	}
 	st := vdpa.QueueState{NextAvail: uint16(n), NextUsed: uint16(n)}
-	if qs := d.queues[q]; qs.set && d.mem != nil {
+	if mem, _ := d.memFor(q); d.queues[q].set && mem != nil {
 		var b [2]byte
-		if err := d.mem.Read(qs.addr.Used+2, b[:]); err != nil {
+		if err := mem.Read(d.queues[q].addr.Used+2, b[:]); err != nil {
 			return vdpa.QueueState{}, fmt.Errorf("vdpa/kernel: queue %d: reading used idx: %w", q, err)
 		}
 		st.NextUsed = binary.LittleEndian.Uint16(b[:])
@@ -599,7 +605,23 @@ func (d *Device) SetGroupASID(group, asid uint32) error {
 	if !d.backend.Has(BackendIOTLBASID) {
 		return fmt.Errorf("VHOST_VDPA_SET_GROUP_ASID: %w", ErrNotSupported)
 	}
-	return closedErr(d.f.VDPASetGroupASID(group, asid))
+	if err := d.f.VDPASetGroupASID(group, asid); err != nil {
+		return closedErr(err)
+	}
+	d.groupASID[group] = asid
+	return nil
+}
+
+// memFor returns the memory mapped in queue q's address space (its group's
+// ASID), nil when none is known.
+func (d *Device) memFor(q int) (*vring.Memory, uint32) {
+	var asid uint32
+	if len(d.groupASID) > 0 {
+		if g, err := d.f.VDPAGetVringGroup(uint32(q)); err == nil {
+			asid = d.groupASID[g]
+		}
+	}
+	return d.mems[asid], asid
 }
 
 // Close closes the device node; the kernel resets the device and drops
@@ -611,6 +633,6 @@ func (d *Device) Close() error {
 		return ErrClosed
 	}
 	d.closed = true
-	d.mem = nil
+	clear(d.mems)
 	return d.f.Close()
 }

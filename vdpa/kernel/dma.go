@@ -210,8 +210,8 @@ func (d *Device) SetMemory(mem *vring.Memory) error { return d.MapMemory(0, mem)
 // address (IOVA = Region.Base, user address = Region.HostAddr, read-write),
 // replacing the memory an earlier MapMemory put there. Regions must be
 // shared and file-backed (ErrMemoryNotShared otherwise). The Device keeps
-// mem to read used indices (QueueBase) and check ring layouts; it does not
-// close it.
+// mem to check the ring layouts of the queues whose group is bound to asid
+// and to read their used indices (QueueBase); it does not close it.
 func (d *Device) MapMemory(asid uint32, mem *vring.Memory) error {
 	if err := d.lock(); err != nil {
 		return err
@@ -236,13 +236,12 @@ func (d *Device) MapMemory(asid uint32, mem *vring.Memory) error {
 		}
 	}
 	delete(d.memASID, asid)
+	delete(d.mems, asid)
 	if err := d.mapDMA(ms); err != nil {
 		return err
 	}
 	d.memASID[asid] = ms
-	if asid == 0 || d.mem == nil {
-		d.mem = mem
-	}
+	d.mems[asid] = mem
 	return nil
 }
 

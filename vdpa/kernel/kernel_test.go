@@ -43,7 +43,8 @@ func fakeDevice(t *testing.T, backend BackendFeatures) *Device {
 	require.NoError(t, err)
 	d := &Device{f: f, backend: backend, nvqs: 3, cfgSize: 12, queues: make([]queue, 3),
 		iova: vhostsys.IOVARange{First: 0x1000, Last: 0xffff_ffff},
-		maps: map[uint32][]Mapping{}, memASID: map[uint32][]Mapping{}}
+		maps: map[uint32][]Mapping{}, memASID: map[uint32][]Mapping{},
+		mems: map[uint32]*vring.Memory{}, groupASID: map[uint32]uint32{}}
 	t.Cleanup(func() { d.Close() })
 	return d
 }
