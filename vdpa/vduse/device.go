@@ -586,16 +586,19 @@ func (d *Device) mapEntry(fd int, e iotlbEntry) (*vring.Region, error) {
 	return r, nil
 }
 
-// mapBounce maps the bounce-buffer area [0, bounce_size) of a device bound
-// to virtio_vdpa from the IOVA domain file when the kernel has not put it
-// in the IOTLB yet (it does so on the first streaming DMA mapping, without
-// a VDUSE_UPDATE_IOTLB). The domain file maps IOVA x at file offset x.
-func (d *Device) mapBounce(domainFd int, have []*vring.Region) (*vring.Region, error) {
-	if domainFd < 0 {
+// mapBounce maps the bounce-buffer area [0, bounce_size) of the kernel's
+// IOVA domain (a device bound to virtio_vdpa) when the kernel has not put it
+// in the IOTLB yet: it does so on the first streaming DMA mapping, without
+// a VDUSE_UPDATE_IOTLB. fd is a descriptor the IOTLB returned; only when it
+// is the domain file ("anon_inode:[vduse-domain]", which maps IOVA x at file
+// offset x) is anything mapped. Under vhost_vdpa the IOTLB holds the user's
+// own files instead and nothing is added.
+func (d *Device) mapBounce(fd int, have []*vring.Region) (*vring.Region, error) {
+	if fd < 0 {
 		return nil, nil
 	}
-	drv, _ := os.Readlink(filepath.Join(d.opts.SysfsRoot, "bus/vdpa/devices", d.opts.Name, "driver"))
-	if filepath.Base(drv) != "virtio_vdpa" {
+	target, err := os.Readlink("/proc/self/fd/" + strconv.Itoa(fd))
+	if err != nil || target != "anon_inode:[vduse-domain]" {
 		return nil, nil
 	}
 	size := uint64(64 << 20) // VDUSE_BOUNCE_SIZE, the default
@@ -609,7 +612,8 @@ func (d *Device) mapBounce(domainFd int, have []*vring.Region) (*vring.Region, e
 			return nil, nil // the kernel already mapped (part of) it
 		}
 	}
-	return d.mapEntry(domainFd, iotlbEntry{Offset: 0, Start: 0, Last: size - 1, Perm: accessRW})
+	d.logf("vduse %s: mapping the bounce area [0, %#x] from the IOVA domain", d.opts.Name, size-1)
+	return d.mapEntry(fd, iotlbEntry{Offset: 0, Start: 0, Last: size - 1, Perm: accessRW})
 }
 
 func (d *Device) unmapRegions(rs []*vring.Region) {

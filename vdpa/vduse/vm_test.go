@@ -1,0 +1,203 @@
+//go:build linux
+
+package vduse_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/vdpakit/vdpakit/internal/testenv"
+	"github.com/vdpakit/vdpakit/vdpa"
+	"github.com/vdpakit/vdpakit/vdpa/kernel"
+	"github.com/vdpakit/vdpakit/vdpa/softnet"
+	"github.com/vdpakit/vdpakit/vdpa/vduse"
+	"github.com/vdpakit/vdpakit/virtio"
+	"github.com/vdpakit/vdpakit/vring"
+)
+
+var (
+	devMAC  = [6]byte{0x02, 0x00, 0x00, 0x00, 0x00, 0x01}
+	peerMAC = [6]byte{0x02, 0x11, 0x22, 0x33, 0x44, 0x55}
+)
+
+func requireVDUSE(t *testing.T) {
+	t.Helper()
+	testenv.RequireRoot(t)
+	testenv.RequireModule(t, "vduse")
+	testenv.RequireFile(t, "/dev/vduse/control")
+	testenv.RequireVM(t) // creates and binds kernel devices
+}
+
+// serve creates a VDUSE device for h, serves it, adds it to the vDPA bus
+// (bound to vhost_vdpa), and tears everything down at the end.
+func serve(t *testing.T, name string, h vdpa.Handler) *vduse.Device {
+	t.Helper()
+	vd, err := vduse.Create(h, &vduse.Options{Name: name, Logf: t.Logf})
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- vd.Serve(ctx) }()
+	t.Cleanup(func() {
+		// Runs after AddVDPA's cleanup (LIFO) deleted the vDPA device.
+		cancel()
+		<-done
+		assert.NoError(t, vd.Close())
+	})
+	testenv.AddVDPA(t, name, "vduse")
+	return vd
+}
+
+// (a) The device bound to vhost_vdpa, driven by the library's kernel
+// backend with driver-side rings: frames go through the Go device.
+func TestVhostVDPADrivesGoDevice(t *testing.T) {
+	requireVDUSE(t)
+	testenv.RequireModule(t, "vhost_vdpa")
+	dev, err := softnet.New(&softnet.Options{MAC: devMAC, AccessPlatform: true, NoCtrlVQ: true, MaxQueueSize: 256})
+	require.NoError(t, err)
+	const name = "vduse-vhost"
+	vd := serve(t, name, dev)
+
+	kd, err := kernel.Open(testenv.VhostVDPAPath(t, name), nil)
+	require.NoError(t, err)
+	defer kd.Close()
+	want := virtio.Features(0).With(virtio.FVersion1, virtio.FAccessPlatform, virtio.NetFMAC, virtio.NetFMrgRxbuf)
+	got, err := kd.Negotiate(want)
+	require.NoError(t, err)
+	require.Equal(t, want, got)
+
+	const base, qsize = vring.GuestAddr(0x4000_0000), 64
+	reg, err := vring.NewMemfdRegion(base, 4<<20, &vring.RegionOptions{Name: "vduse-test"})
+	require.NoError(t, err)
+	mem, err := vring.NewMemory(reg)
+	require.NoError(t, err)
+	defer mem.Close()
+	require.NoError(t, kd.SetMemory(mem))
+	var q [2]*vring.DriverQueue
+	var kick, call [2]*vdpa.EventFD
+	for i := range 2 {
+		l := vring.ContiguousLayout(base+vring.GuestAddr(i)*0x10000, qsize)
+		q[i], err = vring.NewDriverQueue(mem, vring.DriverQueueOptions{Index: i, Layout: l, Features: got})
+		require.NoError(t, err)
+		kick[i], err = vdpa.NewEventFD()
+		require.NoError(t, err)
+		call[i], err = vdpa.NewEventFD()
+		require.NoError(t, err)
+		defer kick[i].Close()
+		defer call[i].Close()
+		require.NoError(t, kd.SetupQueue(i, l, vdpa.QueueState{}, kick[i], call[i]))
+	}
+	require.NoError(t, kd.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK|virtio.StatusDriverOK))
+	assert.NotZero(t, vd.Status()&virtio.StatusDriverOK)
+
+	rxBuf := base + 0x100000
+	txBuf := base + 0x200000
+	const n = 8
+	for i := range n {
+		_, err := q[0].Add([]vring.Buffer{{Addr: rxBuf + vring.GuestAddr(i*2048), Len: 2048, Writable: true}})
+		require.NoError(t, err)
+	}
+	q[0].Publish()
+	require.NoError(t, kick[0].Signal())
+	var sent [][]byte
+	for i := range n {
+		f := make([]byte, 14+100+i)
+		copy(f, devMAC[:])
+		copy(f[6:], peerMAC[:])
+		binary.BigEndian.PutUint16(f[12:], 0x88b5)
+		for k := 14; k < len(f); k++ {
+			f[k] = byte(i + k)
+		}
+		pkt := append(make([]byte, virtio.NetHdrSize), f...)
+		require.NoError(t, mem.Write(txBuf+vring.GuestAddr(i*2048), pkt))
+		_, err := q[1].Add([]vring.Buffer{{Addr: txBuf + vring.GuestAddr(i*2048), Len: uint32(len(pkt))}})
+		require.NoError(t, err)
+		sent = append(sent, f)
+	}
+	q[1].Publish()
+	require.NoError(t, kick[1].Signal())
+
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for i := 0; i < n; {
+		head, length, ok, err := q[0].Reclaim()
+		require.NoError(t, err)
+		if !ok {
+			_, err := call[0].Wait(ctx)
+			require.NoError(t, err, "waiting for frame %d", i)
+			continue
+		}
+		b := make([]byte, length)
+		require.NoError(t, mem.Read(rxBuf+vring.GuestAddr(int(head)*2048), b))
+		h, err := virtio.DecodeNetHdr(b, virtio.NetHdrSize)
+		require.NoError(t, err)
+		assert.Equal(t, uint16(1), h.NumBuffers)
+		assert.True(t, bytes.Equal(sent[i], b[virtio.NetHdrSize:]), "frame %d differs", i)
+		i++
+	}
+	st := dev.Stats()
+	assert.Equal(t, uint64(n), st.Tx().Frames)
+	assert.Equal(t, uint64(n), st.Rx().Frames)
+
+	// Reset through vhost-vdpa reaches the handler.
+	require.NoError(t, kd.SetStatus(0))
+	assert.Zero(t, dev.NegotiatedFeatures())
+}
+
+// (b) The device bound to virtio_vdpa: the Linux virtio-net driver drives
+// the Go device as a network interface; ARP and ICMP echo are answered by
+// the responder, and both sides count the same frames.
+func TestVirtioNetDriverPingsResponder(t *testing.T) {
+	requireVDUSE(t)
+	testenv.RequireModule(t, "virtio_vdpa")
+	testenv.RequireModule(t, "virtio_net")
+	peerIP := netip.MustParseAddr("192.0.2.1")
+	r, err := softnet.NewResponder(peerMAC, peerIP)
+	require.NoError(t, err)
+	dev, err := softnet.New(&softnet.Options{MAC: devMAC, AccessPlatform: true, NoCtrlVQ: true, Handler: r, MaxQueueSize: 256})
+	require.NoError(t, err)
+	const name = "vduse-virtio"
+	serve(t, name, dev)
+	testenv.BindVDPA(t, name, testenv.DriverVirtioVDPA)
+
+	ifaces, err := filepath.Glob(filepath.Join("/sys/bus/vdpa/devices", name, "virtio*", "net", "*"))
+	require.NoError(t, err)
+	require.Len(t, ifaces, 1, "virtio_net created one interface")
+	ifc := filepath.Base(ifaces[0])
+	testenv.Command(t, "ip", "addr", "add", "192.0.2.2/24", "dev", ifc)
+	testenv.Command(t, "ip", "link", "set", ifc, "up")
+
+	ping := []string{"ping", "-c", "3", "-W", "10", peerIP.String()}
+	if _, err := exec.LookPath("ping"); err != nil {
+		ping = append([]string{"busybox"}, ping...)
+	}
+	out := testenv.Command(t, ping[0], ping[1:]...)
+	t.Logf("%s", out)
+	assert.Contains(t, out, "3 packets received")
+
+	rs := r.Stats()
+	assert.GreaterOrEqual(t, rs.ARPReplies, uint64(1))
+	assert.Equal(t, uint64(3), rs.EchoReplies)
+	stat := func(n string) uint64 {
+		b, err := os.ReadFile(filepath.Join("/sys/class/net", ifc, "statistics", n))
+		require.NoError(t, err)
+		v, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+		require.NoError(t, err)
+		return v
+	}
+	ds := dev.Stats()
+	assert.Equal(t, stat("tx_packets"), ds.Tx().Frames, "every frame the driver sent reached the device")
+	assert.Equal(t, stat("rx_packets"), ds.Rx().Frames, "every frame the device delivered reached the driver")
+	assert.GreaterOrEqual(t, ds.Rx().Frames, uint64(4), "an ARP reply and three echo replies")
+}
