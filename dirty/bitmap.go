@@ -1,6 +1,7 @@
 package dirty
 
 import (
+	"math"
 	"math/bits"
 	"sync/atomic"
 )
@@ -74,7 +75,7 @@ func geometry(span, pageSize uint64) (shift uint, pages, words uint64, err error
 		pages++
 	}
 	words = pages/64 + boolU64(pages%64 != 0)
-	if words > MaxSize/8 {
+	if words > MaxSize/8 || words > math.MaxInt/8 { // the latter on 32-bit hosts
 		return 0, 0, 0, ErrSpan
 	}
 	return shift, pages, words, nil
@@ -189,7 +190,7 @@ func AttachFd(fd int, offset, size uint64, opts *Options) (*Bitmap, error) {
 		return nil, ErrPageSize
 	}
 	words := size / 8
-	if words == 0 || size > MaxSize || offset%8 != 0 {
+	if words == 0 || size > MaxSize || size > math.MaxInt/2 || offset%8 != 0 {
 		return nil, &OpError{Op: "attach", Err: ErrMemory}
 	}
 	shift := uint(bits.TrailingZeros64(pageSize))
