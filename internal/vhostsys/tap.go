@@ -72,3 +72,16 @@ func SetLinkUp(name string, up bool) error {
 	}
 	return nil
 }
+
+// SetTapVnetHdrSize is TUNSETVNETHDRSZ on an open tap queue.
+func SetTapVnetHdrSize(tap *os.File, n int) error {
+	rc, err := tap.SyscallConn()
+	if err != nil {
+		return &OpError{Op: "TUNSETVNETHDRSZ", Err: err}
+	}
+	var ierr error
+	if err := rc.Control(func(fd uintptr) { ierr = unix.IoctlSetPointerInt(int(fd), unix.TUNSETVNETHDRSZ, n) }); err != nil {
+		return &OpError{Op: "TUNSETVNETHDRSZ", Err: os.ErrClosed}
+	}
+	return opErr("TUNSETVNETHDRSZ", ierr)
+}

@@ -1,0 +1,72 @@
+package vhostnet
+
+import (
+	"os"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/vdpakit/vdpakit/dirty"
+	"github.com/vdpakit/vdpakit/internal/vhostsys"
+	"github.com/vdpakit/vdpakit/vdpa"
+	"github.com/vdpakit/vdpakit/virtio"
+)
+
+// fakeDevice builds a Device around /dev/null for the checks that happen
+// before any ioctl.
+func fakeDevice(t *testing.T) *Device {
+	f, err := vhostsys.Open("/dev/null")
+	require.NoError(t, err)
+	tap, err := os.Open("/dev/null")
+	require.NoError(t, err)
+	d := &Device{f: f, tap: tap, offered: virtio.Features(0).With(virtio.FVersion1, virtio.NetFMAC, virtio.NetFStatus)}
+	d.cfg.MAC = [6]byte{2, 0, 0, 0, 0, 1}
+	d.cfg.Status = virtio.NetSLinkUp
+	d.cfg.MaxVirtqueuePairs = 1
+	t.Cleanup(func() { d.Close() })
+	return d
+}
+
+func TestConfigSpaceRules(t *testing.T) {
+	d := fakeDevice(t)
+	n, err := d.ConfigSize()
+	require.NoError(t, err)
+	raw := make([]byte, n)
+	require.NoError(t, d.ReadConfig(0, raw))
+	assert.Equal(t, []byte{2, 0, 0, 0, 0, 1, 1, 0, 1, 0, 0, 0}, raw, "mac, status LINK_UP, one queue pair, mtu 0 (le16)")
+	assert.ErrorIs(t, d.ReadConfig(10, make([]byte, 4)), ErrConfigRange)
+	assert.ErrorIs(t, d.WriteConfig(virtio.NetCfgStatus, []byte{0, 0}), ErrReadOnlyConfig)
+	require.NoError(t, d.WriteConfig(virtio.NetCfgMAC+4, []byte{0xab, 0xcd}))
+	require.NoError(t, d.ReadConfig(0, raw[:6]))
+	assert.Equal(t, []byte{2, 0, 0, 0, 0xab, 0xcd}, raw[:6], "a legacy driver may write the MAC")
+}
+
+func TestChecksBeforeTheKernel(t *testing.T) {
+	d := fakeDevice(t)
+	assert.ErrorIs(t, d.SetFeatures(virtio.Features(0).With(virtio.FRingPacked)), ErrFeatures)
+	assert.ErrorIs(t, d.SetQueueNum(2, 64), ErrQueueIndex)
+	assert.ErrorIs(t, d.SetQueueNum(0, 100), ErrQueueLayout)
+	assert.ErrorIs(t, d.SetQueueAddr(0, vdpa.QueueAddr{}), ErrQueueLayout, "size first")
+	assert.ErrorIs(t, d.SetQueueBase(1, vdpa.QueueState{NextAvail: 2, NextUsed: 1}), ErrInFlight)
+	d.status = virtio.StatusAcknowledge | virtio.StatusDriver
+	assert.ErrorIs(t, d.SetStatus(virtio.StatusAcknowledge), ErrStatus, "clearing bits without a reset")
+	log, err := dirty.New(1<<20, &dirty.Options{PageSize: 8192})
+	require.NoError(t, err)
+	defer log.Close()
+	assert.ErrorIs(t, d.SetLog(log), ErrLog, "vhost logs 4 KiB pages")
+	n, err := d.NumQueues()
+	require.NoError(t, err)
+	assert.Equal(t, 2, n)
+	id, err := d.DeviceID()
+	require.NoError(t, err)
+	assert.Equal(t, virtio.DeviceNet, id)
+}
+
+func TestClosedDevice(t *testing.T) {
+	d := fakeDevice(t)
+	require.NoError(t, d.Close())
+	_, err := d.Status()
+	assert.ErrorIs(t, err, ErrClosed)
+	assert.ErrorIs(t, d.Close(), ErrClosed)
+}

@@ -1,0 +1,356 @@
+package vhostnet_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"net"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/google/gopacket"
+	"github.com/google/gopacket/layers"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
+
+	"github.com/vdpakit/vdpakit/dirty"
+	"github.com/vdpakit/vdpakit/internal/testenv"
+	"github.com/vdpakit/vdpakit/vdpa"
+	"github.com/vdpakit/vdpakit/vdpa/vhostnet"
+	"github.com/vdpakit/vdpakit/virtio"
+	"github.com/vdpakit/vdpakit/vring"
+)
+
+const (
+	memBase  = vring.GuestAddr(0x10_0000)
+	memSize  = 4 << 20
+	logSpan  = uint64(memBase) + memSize
+	qsize    = 64
+	pageSize = 4096
+	// One buffer per page, so the pages the kernel dirties name the buffers.
+	bufSize   = pageSize
+	rxRing    = memBase
+	txRing    = memBase + 0x1000
+	rxBufBase = memBase + 0x10_0000
+	txBufBase = memBase + 0x20_0000
+	hdrLen    = virtio.NetHdrSize
+)
+
+var (
+	guestMAC = net.HardwareAddr{0x02, 0x00, 0x00, 0x00, 0x00, 0x10}
+	hostMAC  = net.HardwareAddr{0x02, 0x00, 0x00, 0x00, 0x00, 0x20}
+)
+
+func requireVhostNet(t *testing.T) {
+	t.Helper()
+	testenv.RequireRoot(t)
+	testenv.RequireModule(t, "vhost_net")
+	testenv.RequireFile(t, "/dev/vhost-net")
+	testenv.RequireFile(t, "/dev/net/tun")
+}
+
+// rig is a vhost-net device on a tap, driven with the library's
+// driver-side rings, plus an AF_PACKET socket on the tap (the "host" side).
+type rig struct {
+	t    *testing.T
+	dev  *vhostnet.Device
+	mem  *vring.Memory
+	q    [2]*vring.DriverQueue
+	kick [2]*vdpa.EventFD
+	call [2]*vdpa.EventFD
+	bufs [2]map[uint16]vring.GuestAddr
+	next [2]int
+	sock int
+	idx  int
+}
+
+func newRig(t *testing.T, name string) *rig {
+	requireVhostNet(t)
+	dev, err := vhostnet.Open(&vhostnet.Options{TapName: name, MAC: guestMAC, MTU: 1500})
+	require.NoError(t, err)
+	t.Cleanup(func() { dev.Close() })
+	assert.Equal(t, name, dev.TapName())
+
+	reg, err := vring.NewMemfdRegion(memBase, memSize, nil)
+	require.NoError(t, err)
+	mem, err := vring.NewMemory(reg)
+	require.NoError(t, err)
+	t.Cleanup(func() { mem.Close() })
+
+	r := &rig{t: t, dev: dev, mem: mem}
+	want := virtio.Features(0).With(virtio.FVersion1, virtio.NetFMAC, virtio.NetFStatus, virtio.NetFMTU)
+	require.NoError(t, dev.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver))
+	require.NoError(t, dev.SetFeatures(want))
+	require.NoError(t, dev.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK))
+	require.NoError(t, dev.SetMemory(mem))
+	for q, base := range []vring.GuestAddr{rxRing, txRing} {
+		l := vring.ContiguousLayout(base, qsize)
+		dq, err := vring.NewDriverQueue(mem, vring.DriverQueueOptions{Index: q, Layout: l, Features: want})
+		require.NoError(t, err)
+		r.q[q] = dq
+		r.kick[q], r.call[q] = newEventFD(t), newEventFD(t)
+		r.bufs[q] = map[uint16]vring.GuestAddr{}
+		require.NoError(t, dev.SetupQueue(q, l, vdpa.QueueState{}, r.kick[q], r.call[q]))
+	}
+	require.NoError(t, dev.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK|virtio.StatusDriverOK))
+
+	ifi, err := net.InterfaceByName(name)
+	require.NoError(t, err)
+	r.idx = ifi.Index
+	s, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, int(htons(unix.ETH_P_ALL)))
+	require.NoError(t, err)
+	t.Cleanup(func() { unix.Close(s) })
+	require.NoError(t, unix.Bind(s, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ALL), Ifindex: r.idx}))
+	// A safety net so a missing frame fails the test instead of hanging it.
+	require.NoError(t, unix.SetsockoptTimeval(s, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Sec: 20}))
+	r.sock = s
+	return r
+}
+
+func htons(v uint16) uint16 { return v<<8 | v>>8 }
+
+func newEventFD(t *testing.T) *vdpa.EventFD {
+	e, err := vdpa.NewEventFD()
+	require.NoError(t, err)
+	t.Cleanup(func() { e.Close() })
+	return e
+}
+
+func (r *rig) bufAddr(q int) vring.GuestAddr {
+	a := []vring.GuestAddr{rxBufBase, txBufBase}[q] + vring.GuestAddr(r.next[q]%qsize*bufSize)
+	r.next[q]++
+	return a
+}
+
+func (r *rig) postRx(n int) []vring.GuestAddr {
+	var addrs []vring.GuestAddr
+	for range n {
+		a := r.bufAddr(vhostnet.RxQueue)
+		head, err := r.q[vhostnet.RxQueue].Add([]vring.Buffer{{Addr: a, Len: bufSize, Writable: true}})
+		require.NoError(r.t, err)
+		r.bufs[vhostnet.RxQueue][head] = a
+		addrs = append(addrs, a)
+	}
+	r.q[vhostnet.RxQueue].Publish()
+	if r.q[vhostnet.RxQueue].NeedsKick() {
+		require.NoError(r.t, r.kick[vhostnet.RxQueue].Signal())
+	}
+	return addrs
+}
+
+type used struct {
+	addr vring.GuestAddr
+	data []byte
+}
+
+func (r *rig) reclaim(q, n int) []used {
+	r.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	var out []used
+	for len(out) < n {
+		head, length, ok, err := r.q[q].Reclaim()
+		require.NoError(r.t, err)
+		if !ok {
+			_, err := r.call[q].Wait(ctx)
+			require.NoError(r.t, err, "waiting for %d used entries on queue %d, have %d", n, q, len(out))
+			continue
+		}
+		a, known := r.bufs[q][head]
+		require.True(r.t, known, "queue %d: used head %d was never added", q, head)
+		delete(r.bufs[q], head)
+		u := used{addr: a, data: make([]byte, length)}
+		if q == vhostnet.RxQueue {
+			require.LessOrEqual(r.t, length, uint32(bufSize))
+			require.NoError(r.t, r.mem.Read(a, u.data))
+		}
+		out = append(out, u)
+	}
+	return out
+}
+
+// hostSend transmits frame on the tap from the host side: the kernel hands
+// it to vhost-net's receive ring.
+func (r *rig) hostSend(frame []byte) {
+	require.NoError(r.t, unix.Sendto(r.sock, frame, 0, &unix.SockaddrLinklayer{Ifindex: r.idx, Halen: 6,
+		Addr: [8]byte{frame[0], frame[1], frame[2], frame[3], frame[4], frame[5]}}))
+}
+
+// hostRecv reads the next frame the tap received from the guest side
+// (frames the host itself sent show up as PACKET_OUTGOING and are skipped).
+func (r *rig) hostRecv() []byte {
+	buf := make([]byte, 65536)
+	for {
+		n, from, err := unix.Recvfrom(r.sock, buf, 0)
+		require.NoError(r.t, err, "no frame from the guest side")
+		if ll, ok := from.(*unix.SockaddrLinklayer); ok && ll.Pkttype == unix.PACKET_OUTGOING {
+			continue
+		}
+		return slices.Clone(buf[:n])
+	}
+}
+
+// guestSend puts frames (behind a zero virtio-net header) on the transmit
+// ring and kicks.
+func (r *rig) guestSend(frames ...[]byte) {
+	for _, f := range frames {
+		a := r.bufAddr(vhostnet.TxQueue)
+		pkt := append(make([]byte, hdrLen), f...)
+		require.NoError(r.t, r.mem.Write(a, pkt))
+		head, err := r.q[vhostnet.TxQueue].Add([]vring.Buffer{{Addr: a, Len: uint32(len(pkt))}})
+		require.NoError(r.t, err)
+		r.bufs[vhostnet.TxQueue][head] = a
+	}
+	r.q[vhostnet.TxQueue].Publish()
+	if r.q[vhostnet.TxQueue].NeedsKick() {
+		require.NoError(r.t, r.kick[vhostnet.TxQueue].Signal())
+	}
+}
+
+func udpFrame(t *testing.T, dst, src net.HardwareAddr, seq int) []byte {
+	t.Helper()
+	eth := &layers.Ethernet{SrcMAC: src, DstMAC: dst, EthernetType: layers.EthernetTypeIPv4}
+	ip := &layers.IPv4{Version: 4, TTL: 64, Protocol: layers.IPProtocolUDP,
+		SrcIP: net.IPv4(198, 51, 100, 1), DstIP: net.IPv4(198, 51, 100, 2), Id: uint16(seq)}
+	udp := &layers.UDP{SrcPort: 4000, DstPort: layers.UDPPort(6000 + seq)}
+	require.NoError(t, udp.SetNetworkLayerForChecksum(ip))
+	payload := make([]byte, 100+seq*13)
+	for i := range payload {
+		payload[i] = byte(seq*17 + i)
+	}
+	buf := gopacket.NewSerializeBuffer()
+	require.NoError(t, gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true},
+		eth, ip, udp, gopacket.Payload(payload)))
+	return buf.Bytes()
+}
+
+func pageOf(a uint64) uint64 { return a / pageSize }
+
+// pagesOf lists the pages [a, a+n) touches.
+func pagesOf(a, n uint64) []uint64 {
+	var ps []uint64
+	for p := pageOf(a); p <= pageOf(a+n-1); p++ {
+		ps = append(ps, p)
+	}
+	return ps
+}
+
+func harvest(t *testing.T, log *dirty.Bitmap) []uint64 {
+	t.Helper()
+	dst, err := dirty.New(log.Span(), nil)
+	require.NoError(t, err)
+	defer dst.Close()
+	_, err = log.Harvest(dst)
+	require.NoError(t, err)
+	return slices.Collect(dst.DirtyPages())
+}
+
+// Frames cross vhost-net both ways byte for byte, and the pages the kernel
+// marks in the dirty log are exactly the receive buffers it wrote and the
+// used rings.
+func TestFramesBothWaysAndDirtyLog(t *testing.T) {
+	r := newRig(t, "vdpakit-vn0")
+	log, err := dirty.New(logSpan, nil)
+	require.NoError(t, err)
+	defer log.Close()
+	require.NoError(t, r.dev.SetLog(log))
+
+	// Host -> guest: 3 frames into 8 posted buffers.
+	r.postRx(8)
+	in := [][]byte{
+		udpFrame(t, guestMAC, hostMAC, 1),
+		udpFrame(t, guestMAC, hostMAC, 2),
+		udpFrame(t, net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, hostMAC, 3),
+	}
+	for _, f := range in {
+		r.hostSend(f)
+	}
+	got := r.reclaim(vhostnet.RxQueue, len(in))
+	want := map[uint64]bool{}
+	for i, u := range got {
+		require.Equal(t, hdrLen+len(in[i]), len(u.data), "frame %d length", i)
+		assert.True(t, bytes.Equal(in[i], u.data[hdrLen:]), "frame %d differs", i)
+		hdr, err := virtio.DecodeNetHdr(u.data[:hdrLen], hdrLen)
+		require.NoError(t, err)
+		assert.Zero(t, hdr.Flags, "no offloads on the tap")
+		assert.Equal(t, virtio.NetHdrGSONone, hdr.GSOType)
+		for _, p := range pagesOf(uint64(u.addr), uint64(len(u.data))) {
+			want[p] = true
+		}
+	}
+	want[pageOf(uint64(vring.ContiguousLayout(rxRing, qsize).Used))] = true
+	assert.Equal(t, sortedKeys(want), harvest(t, log), "dirty pages after receiving: the written rx buffers and the rx used ring")
+
+	// Guest -> host.
+	out := [][]byte{udpFrame(t, hostMAC, guestMAC, 4), udpFrame(t, hostMAC, guestMAC, 5)}
+	r.guestSend(out...)
+	for i := range out {
+		assert.Equal(t, out[i], r.hostRecv(), "frame %d on the tap", i)
+	}
+	r.reclaim(vhostnet.TxQueue, len(out))
+	assert.Equal(t, []uint64{pageOf(uint64(vring.ContiguousLayout(txRing, qsize).Used))}, harvest(t, log),
+		"dirty pages after transmitting: only the tx used ring (tx buffers are only read)")
+
+	// Stopping the log: nothing more is marked.
+	require.NoError(t, r.dev.SetLog(nil))
+	r.hostSend(udpFrame(t, guestMAC, hostMAC, 6))
+	r.reclaim(vhostnet.RxQueue, 1)
+	assert.Empty(t, harvest(t, log), "no marks with logging off")
+}
+
+func sortedKeys(m map[uint64]bool) []uint64 {
+	ks := make([]uint64, 0, len(m))
+	for k := range m {
+		ks = append(ks, k)
+	}
+	slices.Sort(ks)
+	return ks
+}
+
+// Suspend drains and detaches the rings; QueueBase then reports the ring
+// positions; frames sent meanwhile wait in the tap and arrive after Resume.
+func TestSuspendResumeKeepsIndices(t *testing.T) {
+	r := newRig(t, "vdpakit-vn1")
+	r.postRx(8)
+	for i := range 3 {
+		r.hostSend(udpFrame(t, guestMAC, hostMAC, i))
+	}
+	r.reclaim(vhostnet.RxQueue, 3)
+	require.NoError(t, r.dev.Suspend())
+	st, err := r.dev.QueueBase(vhostnet.RxQueue)
+	require.NoError(t, err)
+	assert.Equal(t, vdpa.QueueState{NextAvail: 3, NextUsed: 3}, st)
+
+	f := udpFrame(t, guestMAC, hostMAC, 9)
+	r.hostSend(f)
+	st, err = r.dev.QueueBase(vhostnet.RxQueue)
+	require.NoError(t, err)
+	assert.Equal(t, vdpa.QueueState{NextAvail: 3, NextUsed: 3}, st, "nothing received while suspended")
+
+	require.NoError(t, r.dev.Resume())
+	got := r.reclaim(vhostnet.RxQueue, 1)
+	assert.Equal(t, f, got[0].data[hdrLen:])
+	require.NoError(t, r.dev.Suspend())
+	st, err = r.dev.QueueBase(vhostnet.RxQueue)
+	require.NoError(t, err)
+	assert.Equal(t, vdpa.QueueState{NextAvail: 4, NextUsed: 4}, st)
+}
+
+// The emulated config space carries Options' MAC, MTU and link status.
+func TestEmulatedConfig(t *testing.T) {
+	r := newRig(t, "vdpakit-vn2")
+	raw := make([]byte, 12)
+	require.NoError(t, r.dev.ReadConfig(0, raw))
+	cfg, err := virtio.DecodeNetConfig(raw)
+	require.NoError(t, err)
+	assert.Equal(t, guestMAC, net.HardwareAddr(cfg.MAC[:]))
+	assert.Equal(t, uint16(1500), cfg.MTU)
+	assert.Equal(t, virtio.NetSLinkUp, cfg.Status)
+	assert.Equal(t, uint16(1), binary.LittleEndian.Uint16(raw[virtio.NetCfgMaxVirtqueuePairs:]))
+	f, err := r.dev.Features()
+	require.NoError(t, err)
+	assert.True(t, f.Has(virtio.FVersion1, virtio.FLogAll, virtio.NetFMAC, virtio.NetFMTU, virtio.NetFStatus), f.Format(virtio.DeviceNet))
+	assert.False(t, f.Has(virtio.FAccessPlatform), "no device IOTLB")
+}
