@@ -46,7 +46,10 @@ type Options struct {
 // other method. The geometry accessors (Span, PageSize, Size, ...) never
 // change after construction.
 type Bitmap struct {
-	words []uint64 // the log, as stored: little-endian u64 words
+	// words is the log as stored: little-endian u64 words. Invariant:
+	// len(words) == ceil(pages/64), so every word but the last is all
+	// pages, and only the last can hold slack bits (see lastMask).
+	words []uint64
 	span  uint64   // valid addresses are [0, span)
 	pages uint64   // pages covered: ceil(span / page size)
 	shift uint     // log2(page size)
@@ -198,8 +201,10 @@ func AttachFd(fd int, offset, size uint64, opts *Options) (*Bitmap, error) {
 	if err != nil {
 		return nil, err
 	}
+	// With a huge page size the span caps at 2^64-1 and needs fewer words
+	// than were mapped; the bitmap uses only those.
 	span := spanFor(words, shift)
-	_, pages, _, _ := geometry(span, pageSize)
+	_, pages, words, _ := geometry(span, pageSize)
 	return &Bitmap{
 		words: bytesAsWords(view[:words*8]),
 		span:  span, pages: pages, shift: shift,

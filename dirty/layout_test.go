@@ -292,6 +292,18 @@ func TestAttachFd(t *testing.T) {
 		pages := collect(owner)
 		assert.Equal(t, []uint64{(8192 + 24) * 8}, pages)
 	})
+	t.Run("huge pages: the span caps at 2^64-1", func(t *testing.T) {
+		b, err := dirty.AttachFd(owner.Fd(), 0, 16, &dirty.Options{PageSize: 1 << 63})
+		require.NoError(t, err)
+		defer b.Close()
+		assert.Equal(t, uint64(math.MaxUint64), b.Span())
+		assert.Equal(t, uint64(2), b.NumPages())
+		assert.Equal(t, 1, b.Words(), "only the words the span needs")
+		owner.Bytes()[0] = 0xff // pages 0..7 of the attached log: 2..7 are slack
+		assert.Equal(t, []uint64{0, 1}, collect(b))
+		_, err = owner.HarvestWords(make([]uint64, owner.Words()))
+		require.NoError(t, err)
+	})
 	rejects := []struct {
 		name         string
 		offset, size uint64
