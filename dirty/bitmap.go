@@ -50,9 +50,9 @@ type Bitmap struct {
 	// len(words) == ceil(pages/64), so every word but the last is all
 	// pages, and only the last can hold slack bits (see lastMask).
 	words []uint64
-	span  uint64   // valid addresses are [0, span)
-	pages uint64   // pages covered: ceil(span / page size)
-	shift uint     // log2(page size)
+	span  uint64 // valid addresses are [0, span)
+	pages uint64 // pages covered: ceil(span / page size)
+	shift uint   // log2(page size)
 
 	mapping  []byte // the whole mmap'd range to unmap on Close, or nil
 	fd       int    // memfd or dup of a peer's fd; -1 if none
