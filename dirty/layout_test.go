@@ -497,3 +497,51 @@ func TestPageHelpers(t *testing.T) {
 	require.NoError(t, b.Mark(b.Span()-1, 1))
 	assert.True(t, b.PageDirty(b.NumPages()-1))
 }
+
+// TestAttachFdHostilePeer checks what a peer's fd can and cannot do to us.
+func TestAttachFdHostilePeer(t *testing.T) {
+	t.Run("a shrinkable memfd is sealed against shrinking", func(t *testing.T) {
+		fd, err := unix.MemfdCreate("peer-log", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
+		require.NoError(t, err)
+		defer unix.Close(fd)
+		require.NoError(t, unix.Ftruncate(fd, 4096))
+		b, err := dirty.AttachFd(fd, 0, 4096, nil)
+		require.NoError(t, err)
+		defer b.Close()
+		// The peer now tries to pull the memory from under our mapping.
+		require.ErrorIs(t, unix.Ftruncate(fd, 0), unix.EPERM)
+		require.NoError(t, b.Mark(0, 1))
+	})
+	t.Run("a memfd that cannot be sealed is still size-checked", func(t *testing.T) {
+		fd, err := unix.MemfdCreate("peer-log", unix.MFD_CLOEXEC) // F_SEAL_SEAL set
+		require.NoError(t, err)
+		defer unix.Close(fd)
+		require.NoError(t, unix.Ftruncate(fd, 4096))
+		_, err = dirty.AttachFd(fd, 0, 8192, nil)
+		require.ErrorIs(t, err, dirty.ErrMemory)
+		b, err := dirty.AttachFd(fd, 0, 4096, nil)
+		require.NoError(t, err)
+		require.NoError(t, b.Close())
+	})
+	t.Run("an fd that cannot be mapped", func(t *testing.T) {
+		p, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		require.NoError(t, err)
+		defer unix.Close(p[0])
+		defer unix.Close(p[1])
+		_, err = dirty.AttachFd(p[0], 0, 4096, nil)
+		var op *dirty.OpError
+		require.ErrorAs(t, err, &op)
+		assert.Equal(t, "mmap", op.Op)
+		assert.ErrorIs(t, err, unix.ENODEV)
+	})
+	t.Run("a read-only fd", func(t *testing.T) {
+		owner, err := dirty.New(1<<20, &dirty.Options{Shared: true})
+		require.NoError(t, err)
+		defer owner.Close()
+		ro, err := unix.Open("/proc/self/fd/"+itoa(owner.Fd()), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		require.NoError(t, err)
+		defer unix.Close(ro)
+		_, err = dirty.AttachFd(ro, 0, uint64(owner.Size()), nil)
+		require.ErrorIs(t, err, unix.EACCES)
+	})
+}
