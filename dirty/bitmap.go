@@ -293,8 +293,9 @@ func (b *Bitmap) Mark(addr, length uint64) error {
 	// (length-1 < span-addr, with addr < span so neither side wraps) that
 	// stays within one page. Everything else goes to markSlow.
 	if addr < b.span && length-1 < b.span-addr {
-		p := addr >> b.shift
-		if (addr+length-1)>>b.shift == p {
+		sh := b.shift & 63 // always < 64; the mask spares the compiler a range check
+		p := addr >> sh
+		if (addr+length-1)>>sh == p {
 			// Ordering: the atomic OR is sequentially consistent, so writes
 			// this goroutine made before it happen before any Harvest swap
 			// that returns the bit.

@@ -33,6 +33,23 @@
 // it back with Union (or UnionWords). DirtyPages and DirtyRuns iterate
 // pages and runs of pages; Count counts them.
 //
+// # Memory ordering
+//
+// Marks are atomic ORs and harvests atomic swaps, both sequentially
+// consistent under the Go memory model; everything else reads the words with
+// atomic loads. A writer that stores into guest memory and then marks the
+// page is therefore seen completely by a harvester whose swap returned the
+// bit: the harvester may read the page right after harvesting. Mark after the
+// write it records, never before. Writers outside the Go program (the kernel,
+// a peer process) use locked or byte-atomic ORs of their own on the shared
+// memory, which the swap takes just the same.
+//
+// # Platforms
+//
+// Shared (memfd) bitmaps and AttachFd need Linux; elsewhere they report
+// ErrUnsupported. On a big-endian host the package converts each word so
+// that the memory still holds the little-endian log format.
+//
 // # Pre-copy
 //
 // A Tracker drives iterative pre-copy: the first round sends all of guest

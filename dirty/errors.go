@@ -5,8 +5,10 @@ import (
 	"fmt"
 )
 
-// Sentinel errors. Every error the package returns matches one of them with
-// errors.Is; richer error types (RangeError, GeometryError) carry the details.
+// Sentinel errors. Every validation error the package returns matches one of
+// them with errors.Is; richer error types (RangeError, GeometryError) carry
+// the details. A failed system call is an *OpError naming the call and
+// wrapping its errno (errors.Is(err, unix.EACCES) works).
 var (
 	// ErrOutOfSpan reports a Mark (or LogWrite) whose byte range does not lie
 	// entirely inside the bitmap's span. The range is not marked at all.
