@@ -56,6 +56,11 @@ type Options struct {
 	// AccessPlatform offers VIRTIO_F_ACCESS_PLATFORM (buffer addresses are
 	// IOVAs): required by VDUSE.
 	AccessPlatform bool
+	// InOrder offers VIRTIO_F_IN_ORDER. Every queue of this device
+	// completes chains in the order it took them (receive chains held for
+	// a later frame are the newest ones and are pushed before any newer
+	// chain), which is what the feature promises the driver.
+	InOrder bool
 	// Disable removes features from the offer.
 	Disable virtio.Features
 	// LinkDown starts the device with the link down.
@@ -204,6 +209,9 @@ func New(opts *Options) (*Device, error) {
 		virtio.NetFMAC, virtio.NetFStatus, virtio.NetFMTU, virtio.NetFMrgRxbuf)
 	if o.AccessPlatform {
 		f = f.With(virtio.FAccessPlatform)
+	}
+	if o.InOrder {
+		f = f.With(virtio.FInOrder)
 	}
 	if !o.NoCtrlVQ {
 		f = f.With(virtio.NetFCtrlVQ, virtio.NetFCtrlRx, virtio.NetFCtrlMACAddr)

@@ -165,10 +165,12 @@ func TestVirtioNetDriverPingsResponder(t *testing.T) {
 	peerIP := netip.MustParseAddr("192.0.2.1")
 	r, err := softnet.NewResponder(peerMAC, peerIP)
 	require.NoError(t, err)
-	dev, err := softnet.New(&softnet.Options{MAC: devMAC, AccessPlatform: true, NoCtrlVQ: true, Handler: r, MaxQueueSize: 256})
+	var vd *vduse.Device
+	dev, err := softnet.New(&softnet.Options{MAC: devMAC, AccessPlatform: true, NoCtrlVQ: true, Handler: r, MaxQueueSize: 256,
+		OnConfigChange: func() { assert.NoError(t, vd.ConfigChanged()) }})
 	require.NoError(t, err)
 	const name = "vduse-virtio"
-	serve(t, name, dev)
+	vd = serve(t, name, dev)
 	testenv.BindVDPA(t, name, testenv.DriverVirtioVDPA)
 
 	ifaces, err := filepath.Glob(filepath.Join("/sys/bus/vdpa/devices", name, "virtio*", "net", "*"))
@@ -200,4 +202,19 @@ func TestVirtioNetDriverPingsResponder(t *testing.T) {
 	assert.Equal(t, stat("tx_packets"), ds.Tx().Frames, "every frame the driver sent reached the device")
 	assert.Equal(t, stat("rx_packets"), ds.Rx().Frames, "every frame the device delivered reached the driver")
 	assert.GreaterOrEqual(t, ds.Rx().Frames, uint64(4), "an ARP reply and three echo replies")
+
+	// Link down: VDUSE_DEV_SET_CONFIG + VDUSE_DEV_INJECT_CONFIG_IRQ make the
+	// driver re-read the status field and drop the carrier.
+	carrier := func() string {
+		b, err := os.ReadFile(filepath.Join("/sys/class/net", ifc, "carrier"))
+		require.NoError(t, err)
+		return strings.TrimSpace(string(b))
+	}
+	assert.Equal(t, "1", carrier())
+	dev.SetLinkUp(false)
+	deadline := time.Now().Add(10 * time.Second)
+	for carrier() != "0" && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	assert.Equal(t, "0", carrier(), "config interrupt delivered the link state")
 }
