@@ -51,7 +51,6 @@ func BenchmarkMarkRange64K(b *testing.B) {
 	bm, err := dirty.New(1<<30, nil)
 	require.NoError(b, err)
 	b.ReportAllocs()
-	b.SetBytes(64 << 10)
 	for b.Loop() {
 		if err := bm.Mark(0x3f800, 64<<10); err != nil {
 			b.Fatal(err)
@@ -96,16 +95,9 @@ func BenchmarkHarvestWordsClean1TiB(b *testing.B) {
 // pages dirty (scattered at random), re-marking them between iterations with
 // the timer stopped.
 func BenchmarkHarvest1TiB1Percent(b *testing.B) {
-	src, err := dirty.New(tib, nil)
-	require.NoError(b, err)
+	src, dirtyPages := onePercent(b)
 	dst, err := dirty.New(tib, nil)
 	require.NoError(b, err)
-	pages := src.NumPages()
-	dirtyPages := make([]uint64, pages/100)
-	r := rand.New(rand.NewPCG(3, 4))
-	for i := range dirtyPages {
-		dirtyPages[i] = r.Uint64N(pages)
-	}
 	b.ReportAllocs()
 	b.SetBytes(int64(src.Size()))
 	for b.Loop() {
@@ -118,4 +110,54 @@ func BenchmarkHarvest1TiB1Percent(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+}
+
+// onePercent returns a 1 TiB log and 1% of its pages, scattered at random.
+func onePercent(b *testing.B) (*dirty.Bitmap, []uint64) {
+	src, err := dirty.New(tib, nil)
+	require.NoError(b, err)
+	pages := src.NumPages()
+	dirtyPages := make([]uint64, pages/100)
+	r := rand.New(rand.NewPCG(3, 4))
+	for i := range dirtyPages {
+		dirtyPages[i] = r.Uint64N(pages)
+	}
+	return src, dirtyPages
+}
+
+// BenchmarkHarvestWords1TiB1Percent is BenchmarkHarvest1TiB1Percent into a
+// []uint64 (plain stores into the destination).
+func BenchmarkHarvestWords1TiB1Percent(b *testing.B) {
+	src, dirtyPages := onePercent(b)
+	dst := make([]uint64, src.Words())
+	b.ReportAllocs()
+	b.SetBytes(int64(src.Size()))
+	for b.Loop() {
+		b.StopTimer()
+		for _, p := range dirtyPages {
+			_ = src.Mark(p*dirty.DefaultPageSize, 1)
+		}
+		b.StartTimer()
+		if _, err := src.HarvestWords(dst); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkIterate1TiB1Percent walks the runs of a 1 TiB log with 1% of its
+// pages dirty, as a sender does after a harvest.
+func BenchmarkIterate1TiB1Percent(b *testing.B) {
+	src, dirtyPages := onePercent(b)
+	for _, p := range dirtyPages {
+		_ = src.Mark(p*dirty.DefaultPageSize, 1)
+	}
+	b.ReportAllocs()
+	b.SetBytes(int64(src.Size()))
+	var sink uint64
+	for b.Loop() {
+		for first, n := range src.DirtyRuns() {
+			sink += first + n
+		}
+	}
+	_ = sink
 }
