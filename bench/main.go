@@ -205,7 +205,7 @@ func parseArgs(args []string, stderr io.Writer) (*Config, error) {
 	batches := fs.String("batches", "1,8,32", "batch sizes for ring benchmarks")
 	scan := fs.String("scan-sizes", "1GiB,16GiB,256GiB,1TiB", "guest sizes for the harvest scan")
 	gsizes := fs.String("guest-sizes", "256MiB,1GiB", "guest sizes for migration")
-	rates := fs.String("dirty-rates", "0,64,256,1024", "guest dirty rates for migration, MiB/s")
+	rates := fs.String("dirty-rates", "0,64,256", "guest dirty rates for migration, MiB/s")
 	fs.IntVar(&cfg.HostCPU, "host-cpu", 0, "CPU for the device (host) side of cross-thread benchmarks")
 	fs.IntVar(&cfg.GuestCPU, "guest-cpu", min(1, runtime.NumCPU()-1), "CPU for the driver (guest) side of cross-thread benchmarks")
 	fs.IntVar(&cfg.PeerRounds, "peer-rounds", 2, "interleaved rounds of each peer comparison (median reported)")
@@ -258,6 +258,9 @@ func parseArgs(args []string, stderr io.Writer) (*Config, error) {
 		}
 		if !set["peer-rounds"] {
 			cfg.PeerRounds = 1
+		}
+		if !set["batches"] {
+			*batches = "1,32"
 		}
 	}
 	if cfg.duration <= 0 {

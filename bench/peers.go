@@ -293,9 +293,9 @@ func (h *Harness) peerDPDK(ctx context.Context) {
 		h.skip(suite, "DPDK testpmd", nil, "dpdk-testpmd not installed (Debian package dpdk-dev)")
 		return
 	}
-	runFor := 3 * time.Second
+	runFor := 2500 * time.Millisecond
 	if !h.cfg.Short {
-		runFor = max(4*time.Second, 12*h.cfg.duration)
+		runFor = max(3500*time.Millisecond, 12*h.cfg.duration)
 	}
 	backends := []vhostBackend{&dpdkVhost{bin: bin}}
 	lib, libErr := newLibVhost()
