@@ -1,0 +1,5 @@
+package mgmt_test
+
+import "golang.org/x/sys/unix"
+
+var errEEXIST = unix.EEXIST
