@@ -7,10 +7,10 @@ import (
 )
 
 // Harvesting and the whole-bitmap operations scan the log in blocks of
-// scanBlock words. A block is first read with plain atomic loads OR-ed
-// together; only a block with a bit set is looked at word by word, and only
-// a non-zero word is swapped. A clean log is therefore read once, at memory
-// speed, and never written.
+// scanBlock words (two cache lines, 1024 pages). A block is first read with
+// atomic loads OR-ed together; only a block with a bit set is looked at word
+// by word, and only a non-zero word is swapped. A clean log is therefore read
+// once, at close to memory speed, and never written.
 //
 // Memory ordering: Mark sets bits with an atomic OR and harvesting takes
 // them with an atomic swap (sequentially consistent under the Go memory
@@ -18,21 +18,33 @@ import (
 // the swap — then the swap returns its bit, and everything the marker wrote
 // before marking happens before the harvester's later reads — or after it,
 // and the bit stays in the word for the next harvest. No bit is lost and
-// none is taken twice. The skip test's plain loads may miss a bit set an
-// instant later; that bit is simply left for the next harvest.
-const scanBlock = 8
+// none is taken twice. The skip test's loads may miss a bit set an instant
+// later; that bit is simply left for the next harvest.
+const scanBlock = 16
 
-// blockZero reports whether the scanBlock words of s all read zero. The loads
-// are atomic (the words are shared with markers) and OR-ed in two
-// independent chains so that they issue in parallel: this loop is what a
-// harvest of a clean log costs.
-func blockZero(s []uint64) bool {
-	s = s[:scanBlock:scanBlock]
-	a := atomic.LoadUint64(&s[0]) | atomic.LoadUint64(&s[1]) |
-		atomic.LoadUint64(&s[2]) | atomic.LoadUint64(&s[3])
-	c := atomic.LoadUint64(&s[4]) | atomic.LoadUint64(&s[5]) |
-		atomic.LoadUint64(&s[6]) | atomic.LoadUint64(&s[7])
-	return a|c == 0
+// nextBlock returns the index of the first block at or after i (a multiple
+// of scanBlock) holding a non-zero word, or, when there is none, the index
+// where the trailing partial block starts (len(ws) rounded down to
+// scanBlock, which may be len(ws) itself). Callers then go through the
+// block's words one by one. The loads are atomic (the words are shared with
+// markers) and OR-ed in four independent chains so that they issue in
+// parallel: this loop is what a harvest of a clean log costs.
+func nextBlock(ws []uint64, i int) int {
+	for ; i+scanBlock <= len(ws); i += scanBlock {
+		s := ws[i : i+scanBlock : i+scanBlock]
+		a := atomic.LoadUint64(&s[0]) | atomic.LoadUint64(&s[1]) |
+			atomic.LoadUint64(&s[2]) | atomic.LoadUint64(&s[3])
+		b := atomic.LoadUint64(&s[4]) | atomic.LoadUint64(&s[5]) |
+			atomic.LoadUint64(&s[6]) | atomic.LoadUint64(&s[7])
+		c := atomic.LoadUint64(&s[8]) | atomic.LoadUint64(&s[9]) |
+			atomic.LoadUint64(&s[10]) | atomic.LoadUint64(&s[11])
+		d := atomic.LoadUint64(&s[12]) | atomic.LoadUint64(&s[13]) |
+			atomic.LoadUint64(&s[14]) | atomic.LoadUint64(&s[15])
+		if a|b|c|d != 0 {
+			return i
+		}
+	}
+	return i
 }
 
 // lastMask returns the mask of the last word's bits that belong to pages
@@ -110,26 +122,14 @@ func (b *Bitmap) HarvestWords(dst []uint64) (uint64, error) {
 // atomically into dst (len(dst) >= len(src)). Words stay in log (LE) form.
 func harvestIntoAtomic(src, dst []uint64) (taken uint64) {
 	dst = dst[:len(src)]
-	i := 0
-	for ; i+scanBlock <= len(src); i += scanBlock {
-		s := src[i : i+scanBlock : i+scanBlock]
-		if blockZero(s) {
-			continue
-		}
-		d := dst[i : i+scanBlock : i+scanBlock]
-		for j := range s {
-			if atomic.LoadUint64(&s[j]) != 0 {
-				w := atomic.SwapUint64(&s[j], 0)
-				atomic.OrUint64(&d[j], w)
+	for i := nextBlock(src, 0); i < len(src); i = nextBlock(src, i) {
+		end := min(i+scanBlock, len(src))
+		for ; i < end; i++ {
+			if atomic.LoadUint64(&src[i]) != 0 {
+				w := atomic.SwapUint64(&src[i], 0)
+				atomic.OrUint64(&dst[i], w)
 				taken += uint64(bits.OnesCount64(w))
 			}
-		}
-	}
-	for ; i < len(src); i++ {
-		if atomic.LoadUint64(&src[i]) != 0 {
-			w := atomic.SwapUint64(&src[i], 0)
-			atomic.OrUint64(&dst[i], w)
-			taken += uint64(bits.OnesCount64(w))
 		}
 	}
 	return taken
@@ -139,26 +139,14 @@ func harvestIntoAtomic(src, dst []uint64) (taken uint64) {
 // integer form, into the caller-owned dst (len(dst) >= len(src)).
 func harvestIntoSlice(src, dst []uint64) (taken uint64) {
 	dst = dst[:len(src)]
-	i := 0
-	for ; i+scanBlock <= len(src); i += scanBlock {
-		s := src[i : i+scanBlock : i+scanBlock]
-		if blockZero(s) {
-			continue
-		}
-		d := dst[i : i+scanBlock : i+scanBlock]
-		for j := range s {
-			if atomic.LoadUint64(&s[j]) != 0 {
-				w := toLE(atomic.SwapUint64(&s[j], 0))
-				d[j] |= w
+	for i := nextBlock(src, 0); i < len(src); i = nextBlock(src, i) {
+		end := min(i+scanBlock, len(src))
+		for ; i < end; i++ {
+			if atomic.LoadUint64(&src[i]) != 0 {
+				w := toLE(atomic.SwapUint64(&src[i], 0))
+				dst[i] |= w
 				taken += uint64(bits.OnesCount64(w))
 			}
-		}
-	}
-	for ; i < len(src); i++ {
-		if atomic.LoadUint64(&src[i]) != 0 {
-			w := toLE(atomic.SwapUint64(&src[i], 0))
-			dst[i] |= w
-			taken += uint64(bits.OnesCount64(w))
 		}
 	}
 	return taken
@@ -234,21 +222,12 @@ func (b *Bitmap) Clear() error {
 		return err
 	}
 	ws := b.words
-	i := 0
-	for ; i+scanBlock <= len(ws); i += scanBlock {
-		s := ws[i : i+scanBlock : i+scanBlock]
-		if blockZero(s) {
-			continue
-		}
-		for j := range s {
-			if atomic.LoadUint64(&s[j]) != 0 {
-				atomic.StoreUint64(&s[j], 0)
+	for i := nextBlock(ws, 0); i < len(ws); i = nextBlock(ws, i) {
+		end := min(i+scanBlock, len(ws))
+		for ; i < end; i++ {
+			if atomic.LoadUint64(&ws[i]) != 0 {
+				atomic.StoreUint64(&ws[i], 0)
 			}
-		}
-	}
-	for ; i < len(ws); i++ {
-		if atomic.LoadUint64(&ws[i]) != 0 {
-			atomic.StoreUint64(&ws[i], 0)
 		}
 	}
 	return nil
@@ -267,9 +246,12 @@ func (b *Bitmap) word(i int) uint64 {
 // not be counted. A closed bitmap counts 0.
 func (b *Bitmap) Count() uint64 {
 	var n uint64
-	for i := range b.words {
-		if w := b.word(i); w != 0 {
-			n += uint64(bits.OnesCount64(w))
+	ws := b.words
+	for i := nextBlock(ws, 0); i < len(ws); i = nextBlock(ws, i) {
+		for end := min(i+scanBlock, len(ws)); i < end; i++ {
+			if w := b.word(i); w != 0 {
+				n += uint64(bits.OnesCount64(w))
+			}
 		}
 	}
 	return n
@@ -280,14 +262,17 @@ func (b *Bitmap) Count() uint64 {
 // harvested bitmap for a consistent set. It allocates nothing.
 func (b *Bitmap) DirtyPages() iter.Seq[uint64] {
 	return func(yield func(uint64) bool) {
-		for i := range b.words {
-			w := b.word(i)
-			base := uint64(i) * 64
-			for w != 0 {
-				if !yield(base + uint64(bits.TrailingZeros64(w))) {
-					return
+		ws := b.words
+		for i := nextBlock(ws, 0); i < len(ws); i = nextBlock(ws, i) {
+			for end := min(i+scanBlock, len(ws)); i < end; i++ {
+				w := b.word(i)
+				base := uint64(i) * 64
+				for w != 0 {
+					if !yield(base + uint64(bits.TrailingZeros64(w))) {
+						return
+					}
+					w &= w - 1
 				}
-				w &= w - 1
 			}
 		}
 	}
@@ -300,36 +285,38 @@ func (b *Bitmap) DirtyPages() iter.Seq[uint64] {
 func (b *Bitmap) DirtyRuns() iter.Seq2[uint64, uint64] {
 	return func(yield func(first, n uint64) bool) {
 		var start, n uint64 // the run being built; n == 0: none
-		for i := range b.words {
-			w := b.word(i)
-			base := uint64(i) * 64
-			switch w {
-			case 0:
-				continue
-			case ^uint64(0):
-				if n != 0 && start+n == base {
-					n += 64
-					continue
-				}
-				if n != 0 && !yield(start, n) {
-					return
-				}
-				start, n = base, 64
-				continue
+		// add extends the run with ones pages from p, or yields the run and
+		// starts a new one; it reports false when the consumer stopped.
+		add := func(p, ones uint64) bool {
+			if n != 0 && start+n == p {
+				n += ones
+				return true
 			}
-			for w != 0 {
-				tz := uint(bits.TrailingZeros64(w))
-				ones := uint(bits.TrailingZeros64(^(w >> tz))) // < 64: w is not all ones
-				p := base + uint64(tz)
-				if n != 0 && start+n == p {
-					n += uint64(ones)
-				} else {
-					if n != 0 && !yield(start, n) {
+			if n != 0 && !yield(start, n) {
+				return false
+			}
+			start, n = p, ones
+			return true
+		}
+		ws := b.words
+		for i := nextBlock(ws, 0); i < len(ws); i = nextBlock(ws, i) {
+			for end := min(i+scanBlock, len(ws)); i < end; i++ {
+				w := b.word(i)
+				base := uint64(i) * 64
+				if w == ^uint64(0) {
+					if !add(base, 64) {
 						return
 					}
-					start, n = p, uint64(ones)
+					continue
 				}
-				w &^= (1<<ones - 1) << tz
+				for w != 0 {
+					tz := uint(bits.TrailingZeros64(w))
+					ones := uint(bits.TrailingZeros64(^(w >> tz))) // < 64: w is not all ones
+					if !add(base+uint64(tz), uint64(ones)) {
+						return
+					}
+					w &^= (1<<ones - 1) << tz
+				}
 			}
 		}
 		if n != 0 {

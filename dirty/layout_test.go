@@ -545,3 +545,33 @@ func TestAttachFdHostilePeer(t *testing.T) {
 		require.ErrorIs(t, err, unix.EACCES)
 	})
 }
+
+// TestIteratorsStopEarly checks that breaking out of a range loop stops the
+// iterators (a yield after false would panic).
+func TestIteratorsStopEarly(t *testing.T) {
+	b := mustNew(t, 1<<30)
+	for _, r := range [][2]uint64{{0, 1}, {62, 70}, {200, 1}, {1000, 64}, {5000, 3}} {
+		require.NoError(t, b.Mark(r[0]*4096, r[1]*4096))
+	}
+	var pages []uint64
+	for p := range b.DirtyPages() {
+		if len(pages) == 3 {
+			break
+		}
+		pages = append(pages, p)
+	}
+	assert.Equal(t, []uint64{0, 62, 63}, pages)
+	var runs [][2]uint64
+	for f, n := range b.DirtyRuns() {
+		runs = append(runs, [2]uint64{f, n})
+		if len(runs) == 3 {
+			break
+		}
+	}
+	assert.Equal(t, [][2]uint64{{0, 1}, {62, 70}, {200, 1}}, runs)
+	runs = runs[:0]
+	for f, n := range b.DirtyRuns() {
+		runs = append(runs, [2]uint64{f, n})
+	}
+	assert.Equal(t, [][2]uint64{{0, 1}, {62, 70}, {200, 1}, {1000, 64}, {5000, 3}}, runs)
+}
