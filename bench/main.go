@@ -33,27 +33,29 @@ import (
 
 // Config holds every knob of a run; it is recorded in the JSON report.
 type Config struct {
-	Suites       []string `json:"suites"`
-	Duration     string   `json:"duration"`
-	Short        bool     `json:"short"`
-	Peers        []string `json:"peers"`
-	RingSize     int      `json:"ring_size"`
-	Batches      []int    `json:"batches"`
-	ScanSizes    []string `json:"scan_sizes"`
-	GuestSizes   []string `json:"migrate_guest_sizes"`
-	DirtyRates   []string `json:"migrate_dirty_rates"`
-	HostCPU      int      `json:"host_cpu"`
-	GuestCPU     int      `json:"guest_cpu"`
-	PeerRounds   int      `json:"peer_rounds"`
-	CacheDir     string   `json:"cache_dir"`
-	JSONPath     string   `json:"-"`
-	PlotDir      string   `json:"-"`
-	MarkdownPath string   `json:"-"`
+	Suites         []string `json:"suites"`
+	Duration       string   `json:"duration"`
+	Short          bool     `json:"short"`
+	Peers          []string `json:"peers"`
+	RingSize       int      `json:"ring_size"`
+	Batches        []int    `json:"batches"`
+	ScanSizes      []string `json:"scan_sizes"`
+	GuestSizes     []string `json:"migrate_guest_sizes"`
+	DirtyRates     []string `json:"migrate_dirty_rates"`
+	DowntimeTarget string   `json:"downtime_target"`
+	HostCPU        int      `json:"host_cpu"`
+	GuestCPU       int      `json:"guest_cpu"`
+	PeerRounds     int      `json:"peer_rounds"`
+	CacheDir       string   `json:"cache_dir"`
+	JSONPath       string   `json:"-"`
+	PlotDir        string   `json:"-"`
+	MarkdownPath   string   `json:"-"`
 
 	duration  time.Duration
 	scanSizes []uint64
 	guestSize []uint64
 	rates     []float64 // MiB/s
+	downtime  time.Duration
 }
 
 var suites = []string{"rings", "dirty", "migrate", "peers"}
@@ -206,6 +208,7 @@ func parseArgs(args []string, stderr io.Writer) (*Config, error) {
 	scan := fs.String("scan-sizes", "1GiB,16GiB,256GiB,1TiB", "guest sizes for the harvest scan")
 	gsizes := fs.String("guest-sizes", "256MiB,1GiB", "guest sizes for migration")
 	rates := fs.String("dirty-rates", "0,64,256", "guest dirty rates for migration, MiB/s")
+	fs.DurationVar(&cfg.downtime, "downtime-target", 5*time.Millisecond, "pre-copy stops when the remaining pages fit in this downtime")
 	fs.IntVar(&cfg.HostCPU, "host-cpu", 0, "CPU for the device (host) side of cross-thread benchmarks")
 	fs.IntVar(&cfg.GuestCPU, "guest-cpu", min(1, runtime.NumCPU()-1), "CPU for the driver (guest) side of cross-thread benchmarks")
 	fs.IntVar(&cfg.PeerRounds, "peer-rounds", 2, "interleaved rounds of each peer comparison (median reported)")
@@ -267,6 +270,10 @@ func parseArgs(args []string, stderr io.Writer) (*Config, error) {
 		return nil, fmt.Errorf("-duration must be positive")
 	}
 	cfg.Duration = cfg.duration.String()
+	if cfg.downtime <= 0 {
+		return nil, fmt.Errorf("-downtime-target must be positive")
+	}
+	cfg.DowntimeTarget = cfg.downtime.String()
 	if cfg.RingSize < 2 || cfg.RingSize > 32768 || cfg.RingSize&(cfg.RingSize-1) != 0 {
 		return nil, fmt.Errorf("-ring-size %d: want a power of two from 2 to 32768", cfg.RingSize)
 	}

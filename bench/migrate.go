@@ -166,7 +166,7 @@ type migResult struct {
 // memory at rate bytes/s, migrates it over TCP loopback to a destination
 // with mdev.MigrateSource/MigrateDestination, and lets it run there
 // briefly to check that traffic continues with no frame lost or repeated.
-func migrateOnce(ctx context.Context, size uint64, mode mdev.DirtyMode, rate float64, bandwidth float64, warm time.Duration) (*migResult, error) {
+func migrateOnce(ctx context.Context, size uint64, mode mdev.DirtyMode, rate float64, bandwidth float64, target, warm time.Duration) (*migResult, error) {
 	src, err := newMigNode(size, mode)
 	if err != nil {
 		return nil, err
@@ -238,7 +238,7 @@ func migrateOnce(ctx context.Context, size uint64, mode mdev.DirtyMode, rate flo
 	start := time.Now()
 	rep, err := mdev.MigrateSource(ctx, a, mdev.SourceOptions{
 		Device: src.dev, Memory: src.mem, Log: log,
-		Tracker: dirty.TrackerOptions{Bandwidth: bandwidth},
+		Tracker: dirty.TrackerOptions{Bandwidth: bandwidth, DowntimeTarget: target},
 		StopGuest: func() error {
 			stopped = true
 			err := rg.stop()
@@ -277,7 +277,7 @@ func migrateOnce(ctx context.Context, size uint64, mode mdev.DirtyMode, rate flo
 	if after <= before && !dstGuest.g.Done() {
 		return nil, fmt.Errorf("no traffic on the destination (received %d before, %d after)", before, after)
 	}
-	res := &migResult{mode: rep.Mode, rounds: len(rep.Rounds), downtime: rep.Downtime, total: total,
+	res := &migResult{precopyRoundPages: []uint64{}, mode: rep.Mode, rounds: len(rep.Rounds), downtime: rep.Downtime, total: total,
 		totalBytes: rep.TotalBytes, finalPages: rep.Final.Pages, decision: rep.Final.Decision,
 		framesBefore: before, framesAfter: after - before, written: dirtier.Written(), stateBytes: rep.StateBytes}
 	for _, r := range rep.Rounds[1:] {
@@ -358,9 +358,9 @@ func (h *Harness) Migrate(ctx context.Context) {
 				}
 				name := fmt.Sprintf("pre-copy %s guest, %s MiB/s dirty, %s", formatSize(size), formatValue(rate), mode)
 				p := map[string]any{"guest_size": formatSize(size), "guest_bytes": size, "dirty_rate_mibs": rate, "mode": mode.String(),
-					"link": "TCP loopback", "planning_bandwidth_Bps": bw, "downtime_target": dirty.DefaultDowntimeTarget.String(), "traffic": "loopback frames"}
+					"link": "TCP loopback", "planning_bandwidth_Bps": bw, "downtime_target": h.cfg.downtime.String(), "traffic": "loopback frames"}
 				h.prog.Step("migrate: %s", name)
-				res, err := migrateOnce(ctx, size, mode, rate*(1<<20), bw, warm)
+				res, err := migrateOnce(ctx, size, mode, rate*(1<<20), bw, h.cfg.downtime, warm)
 				if err != nil {
 					if !errors.Is(err, context.Canceled) {
 						h.fail(suite, name, p, err)
