@@ -63,7 +63,15 @@ while read -r idx pkg; do
 	dir=/vmtest/pkg/$idx
 	echo "vmtest: === package $pkg"
 	start=$(date +%s)
-	(cd "$dir/src" && "$dir/test" -test.v "$@")
+	# The guest clock runs in step with the host's under TCG, so the uptime
+	# tells how much of run.sh's -timeout is left. Each binary gets that
+	# less a margin as -test.timeout: a hung test then panics with every
+	# goroutine's stack before QEMU is killed. A -test.timeout among the
+	# extra arguments comes later and wins.
+	up=$(cut -d. -f1 /proc/uptime)
+	left=$((VMTEST_TIMEOUT - up - 20))
+	[ "$left" -ge 10 ] || left=10
+	(cd "$dir/src" && "$dir/test" -test.v "-test.timeout=${left}s" "$@")
 	rc=$?
 	secs=$(($(date +%s) - start))
 	if [ "$rc" = 0 ]; then

@@ -19,6 +19,7 @@ usage: vmtest/run.sh [options] PKG... [-- TESTARGS...]
 options:
   -timeout SECONDS  whole VM run, boot included (default 900)
   -run REGEX        passed to every test binary as -test.run
+  -race             build the test binaries with the race detector (cgo; slow under TCG)
   -v                verbose: kernel info messages and a traced guest init
   -log FILE         console log (default: $CACHE/last-console.log)
   -env NAME=VALUE   set an environment variable for the test binaries (repeatable)
@@ -41,6 +42,7 @@ EOF
 TIMEOUT=900
 RUN=""
 VERBOSE=0
+RACE=0
 SHELL_MODE=0
 PREPARE_ONLY=0
 PRINT_HEADERS=0
@@ -59,6 +61,7 @@ while [ $# -gt 0 ]; do
 		[[ "$2" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "-env wants NAME=VALUE, got '$2'"
 		TESTENV+=("$2"); shift 2 ;;
 	-v | --v | -verbose) VERBOSE=1; shift ;;
+	-race | --race) RACE=1; shift ;;
 	--shell | -shell) SHELL_MODE=1; shift ;;
 	--prepare | -prepare) PREPARE_ONLY=1; shift ;;
 	--refresh | -refresh) REFRESH=1; shift ;;
@@ -177,7 +180,9 @@ resolve_kernel() {
 # modules.list (load order), usr/ (headers + kbuild of that kernel), VERSION.
 build_kernel() {
 	local abi=$1 ver=$2 kv=$1-amd64
-	local dst=$CACHE/kernel-$1 tmp=$CACHE/kernel-$1.tmp
+	# The work dir's name does not match kernel-*, so nothing globbing for a
+	# finished cache (e.g. the header checks) picks up a half-built one.
+	local dst=$CACHE/kernel-$1 tmp=$CACHE/.build-kernel-$1
 	rm -rf "$tmp"
 	mkdir -p "$tmp"/{debs,root,src,build,modules}
 	local t0=$SECONDS
@@ -292,25 +297,37 @@ prepare() {
 # copy_bin SRC DST_ROOT: copy a dynamically linked program and everything ldd
 # says it needs, at the same paths, into the initramfs tree.
 copy_bin() {
-	local src=$1 root=$2 lib
+	local src=$1 root=$2
 	mkdir -p "$root$(dirname "$src")"
 	cp -L "$src" "$root$src"
+	copy_libs "$src" "$root"
+}
+
+# copy_libs BIN DST_ROOT: copy the shared libraries and the loader BIN needs.
+copy_libs() {
+	local bin=$1 root=$2 lib
 	while read -r lib; do
 		[ -n "$lib" ] || continue
 		mkdir -p "$root$(dirname "$lib")"
 		[ -e "$root$lib" ] || cp -L "$lib" "$root$lib"
-	done < <(ldd "$src" | awk '/=> \// {print $3} /^[ \t]*\// {print $1}')
+	done < <(ldd "$bin" 2>/dev/null | awk '/=> \// {print $3} /^[ \t]*\// {print $1}')
 }
 
 build_tests() {
-	local work=$1 root=$2
+	local root=$1
 	: >"$root/vmtest/packages"
 	BUILD_FAILED=()
 	local listing
 	listing=$(cd "$REPO" && go list -e -f '{{.ImportPath}}|{{.Dir}}|{{len .TestGoFiles}}|{{len .XTestGoFiles}}|{{if .Error}}{{.Error}}{{end}}' "${PKGS[@]}") ||
 		die "go list ${PKGS[*]} failed"
-	local ip dir nt nx err idx=0
+	local build=(env CGO_ENABLED=0 go test -c)
+	[ "$RACE" = 1 ] && build=(env CGO_ENABLED=1 go test -race -c)
+	# Build the test binaries nproc at a time (linking dominates); the go build
+	# cache shares the compiled dependencies between them.
+	local ip dir nt nx err idx=0 running=0
+	local -a ips=() dirs=()
 	while IFS='|' read -r ip dir nt nx err; do
+		[ -n "$ip" ] || continue
 		if [ -n "$err" ]; then
 			say "go list: $ip: $err"
 			BUILD_FAILED+=("$ip")
@@ -321,17 +338,36 @@ build_tests() {
 			continue
 		fi
 		idx=$((idx + 1))
-		local pdir=$root/vmtest/pkg/$idx
-		mkdir -p "$pdir/src"
-		if ! (cd "$REPO" && CGO_ENABLED=0 go test -c -o "$pdir/test" "$ip") >&2; then
-			say "$ip: test binary failed to build"
-			BUILD_FAILED+=("$ip")
+		ips[idx]=$ip
+		dirs[idx]=$dir
+		mkdir -p "$root/vmtest/pkg/$idx/src"
+		if [ "$running" -ge "$(nproc)" ]; then
+			wait -n || true
+			running=$((running - 1))
+		fi
+		(
+			if (cd "$REPO" && "${build[@]}" -o "$root/vmtest/pkg/$idx/test" "$ip") >&2; then
+				echo ok >"$root/vmtest/pkg/$idx/built"
+			fi
+		) &
+		running=$((running + 1))
+	done <<<"$listing"
+	wait
+	local i pdir
+	for ((i = 1; i <= idx; i++)); do
+		pdir=$root/vmtest/pkg/$i
+		if [ ! -f "$pdir/built" ] || [ ! -x "$pdir/test" ]; then
+			say "${ips[i]}: test binary failed to build"
+			BUILD_FAILED+=("${ips[i]}")
 			rm -rf "$pdir"
 			continue
 		fi
-		[ -d "$dir/testdata" ] && cp -a "$dir/testdata" "$pdir/src/"
-		echo "$idx $ip" >>"$root/vmtest/packages"
-	done <<<"$listing"
+		rm -f "$pdir/built"
+		[ "$RACE" = 1 ] && copy_libs "$pdir/test" "$root"
+		[ -d "${dirs[i]}/testdata" ] && cp -a "${dirs[i]}/testdata" "$pdir/src/"
+		echo "$i ${ips[i]}" >>"$root/vmtest/packages"
+	done
+	return 0
 }
 
 make_initramfs() {
@@ -352,16 +388,15 @@ make_initramfs() {
 		echo "VMTEST_NONCE=$NONCE"
 		echo "VMTEST_VERBOSE=$VERBOSE"
 		echo "VMTEST_SHELL=$SHELL_MODE"
+		echo "VMTEST_TIMEOUT=$TIMEOUT"
 	} >"$root/vmtest/config"
 	{
-		# A hung test panics with all goroutine stacks well before QEMU is killed.
-		echo "-test.timeout=$((TIMEOUT > 120 ? TIMEOUT - 60 : TIMEOUT - 20))s"
 		[ -n "$RUN" ] && echo "-test.run=$RUN"
 		[ ${#TESTARGS[@]} -gt 0 ] && printf '%s\n' "${TESTARGS[@]}"
 	} >"$root/vmtest/args"
 	: >"$root/vmtest/env"
 	[ ${#TESTENV[@]} -gt 0 ] && printf '%s\n' "${TESTENV[@]}" >"$root/vmtest/env"
-	build_tests "$work" "$root"
+	build_tests "$root"
 	(cd "$root" && find . | busybox cpio -o -H newc -R 0:0 2>/dev/null | gzip -1 >"$work/initramfs.gz")
 }
 
