@@ -22,6 +22,22 @@ const (
 	respSeedSalt = 0x9e3779b97f4a7c15
 )
 
+// idler backs off a polling loop that found nothing to do: it yields at
+// first and then sleeps briefly, so a poller does not starve its peer on a
+// loaded machine. It affects speed only, never correctness.
+type idler struct{ n int }
+
+func (i *idler) idle() {
+	i.n++
+	if i.n < 64 {
+		runtime.Gosched()
+		return
+	}
+	time.Sleep(20 * time.Microsecond)
+}
+
+func (i *idler) busy() { i.n = 0 }
+
 type gen struct{ r *rand.Rand }
 
 func newGen(seed uint64) gen { return gen{rand.New(rand.NewPCG(seed, seed^0xdeadbeef))} }
@@ -88,6 +104,7 @@ func runDriver(mem *Memory, q *DriverQueue, o trafficOpts) error {
 	var bufs [maxReadable + 1]Buffer
 	scratch := make([]byte, maxWritable)
 	sent, recvd := 0, 0
+	var idl idler
 	for recvd < o.n {
 		progress := false
 		for sent < o.n && q.NumFree() > maxReadable && q.Outstanding() < size {
@@ -151,10 +168,11 @@ func runDriver(mem *Memory, q *DriverQueue, o trafficOpts) error {
 			progress = true
 		}
 		if progress {
+			idl.busy()
 			continue
 		}
 		if o.waitIntr == nil {
-			runtime.Gosched()
+			idl.idle()
 			continue
 		}
 		pending, err := q.EnableInterrupts()
@@ -181,6 +199,7 @@ func runDevice(q *DeviceQueue, o trafficOpts) error {
 	scratch := make([]byte, maxSegLen)
 	wbuf := make([]byte, maxWritable)
 	done := 0
+	var idl idler
 	if o.waitKick != nil {
 		q.DisableNotify()
 	}
@@ -191,7 +210,7 @@ func runDevice(q *DeviceQueue, o trafficOpts) error {
 		}
 		if k == 0 {
 			if o.waitKick == nil {
-				runtime.Gosched()
+				idl.idle()
 				continue
 			}
 			pending, err := q.EnableNotify()
@@ -236,6 +255,7 @@ func runDevice(q *DeviceQueue, o trafficOpts) error {
 			return err
 		}
 		done += k
+		idl.busy()
 		if q.NeedsInterrupt() && o.interrupt != nil {
 			o.interrupt()
 		}

@@ -47,9 +47,9 @@ func (o *DriverOptions) DataBytes() uint64 {
 }
 
 type slotInfo struct {
-	slot     uint16
-	nw       int
-	bufs     [MaxSegs]vring.Buffer
+	slot uint16
+	nw   int
+	bufs [MaxSegs]vring.Buffer
 }
 
 // Driver is the driver side of a queue with buffer management: each chain

@@ -1,0 +1,5 @@
+//go:build !race
+
+package vring
+
+const raceEnabled = false
