@@ -311,7 +311,8 @@ func (l *Local) NumQueues() (int, error) { return len(l.queues), nil }
 func (l *Local) MaxQueueSize() (uint16, error) { return l.h.MaxQueueSize(), nil }
 
 // SetMemory implements Device. The memory must not change under running
-// queues; Local does not take ownership (the caller closes it).
+// queues. Local does not take ownership: the caller closes it, and only
+// after Close, a reset or Suspend, since running queues access it.
 func (l *Local) SetMemory(mem *vring.Memory) error {
 	if err := l.lock(); err != nil {
 		return err

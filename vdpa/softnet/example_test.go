@@ -14,13 +14,13 @@ import (
 // through the vdpa.Device interface with driver-side rings: the frame the
 // driver transmits comes back on its receive queue.
 func Example() {
+	region, _ := vring.NewMemfdRegion(0, 1<<20, nil)
+	mem, _ := vring.NewMemory(region)
+	defer mem.Close() // deferred first, so it runs after d.Close: the device stops using it first
+
 	dev, _ := softnet.New(&softnet.Options{MaxQueueSize: 64})
 	var d vdpa.Device = vdpa.NewLocal(dev, nil)
 	defer d.Close()
-
-	region, _ := vring.NewMemfdRegion(0, 1<<20, nil)
-	mem, _ := vring.NewMemory(region)
-	defer mem.Close()
 
 	features := virtio.Features(0).With(virtio.FVersion1, virtio.NetFMAC)
 	_ = d.SetStatus(virtio.StatusAcknowledge | virtio.StatusDriver)
