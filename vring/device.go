@@ -91,7 +91,9 @@ type DeviceQueueOptions struct {
 	UsedLogAddr GuestAddr
 	// State is the position to start from (zero for a new queue, the saved
 	// state on migration). NextAvail-NextUsed (in-flight chains) must not
-	// exceed Layout.Size.
+	// exceed Layout.Size. NextUsed must equal used.idx in guest memory (the
+	// index the device last published); the queue does not rewrite it until
+	// its next push.
 	State QueueState
 }
 
@@ -435,9 +437,9 @@ func (q *DeviceQueue) enable() error {
 		return nil
 	}
 	q.usedFlags &^= UsedFNoNotify
-	q.r.storeUsedWord(q.usedFlags, q.usedIdx)
+	store16(q.r.usedFlags, q.usedFlags)
 	if q.log != nil {
-		return q.logWrite(q.usedLog, 4)
+		return q.logWrite(q.usedLog, 2)
 	}
 	return nil
 }
@@ -480,9 +482,9 @@ func (q *DeviceQueue) DisableNotify() {
 		return
 	}
 	q.usedFlags |= UsedFNoNotify
-	q.r.storeUsedWord(q.usedFlags, q.usedIdx)
+	store16(q.r.usedFlags, q.usedFlags)
 	if q.log != nil {
-		_ = q.logWrite(q.usedLog, 4)
+		_ = q.logWrite(q.usedLog, 2)
 	}
 }
 

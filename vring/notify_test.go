@@ -220,7 +220,7 @@ func TestWriteLogging(t *testing.T) {
 				base = uint64(tc.usedLog)
 			}
 			availEvent := [2]uint64{base + 4 + 8*8, 2}
-			flagsIdx := [2]uint64{base, 4}
+			flagsIdx := [2]uint64{base, 2}
 			if tc.feat.Has(virtio.FEventIdx) {
 				assert.Equal(t, [][2]uint64{availEvent}, log.writes, "creation arms avail_event")
 			} else {
@@ -325,3 +325,14 @@ func TestPushMisuse(t *testing.T) {
 }
 
 func featuresOf(v uint64) virtio.Features { return virtio.Features(v) }
+
+func TestCreationDoesNotRewriteUsedIdx(t *testing.T) {
+	mem, _, dev := newPair(t, 8, 0)
+	l := dev.Layout()
+	require.NoError(t, mem.Write(l.Used, []byte{1, 0, 7, 0})) // NO_NOTIFY, used.idx 7
+	_, err := NewDeviceQueue(mem, DeviceQueueOptions{Layout: l, State: QueueState{NextAvail: 7, NextUsed: 7}})
+	require.NoError(t, err)
+	var b [4]byte
+	require.NoError(t, mem.Read(l.Used, b[:]))
+	assert.Equal(t, []byte{0, 0, 7, 0}, b[:], "flags cleared, used.idx untouched")
+}

@@ -45,8 +45,10 @@ import (
 //     and the device loads it with atomic.LoadUint32 and extracts idx.
 //   - used.flags and used.idx (offsets 0 and 2, area 4-aligned) form one word
 //     written only by the device, which keeps both in shadow copies and
-//     stores them together with atomic.StoreUint32; the driver loads the
-//     word with atomic.LoadUint32.
+//     publishes used.idx by storing the word with atomic.StoreUint32; the
+//     driver loads the word with atomic.LoadUint32. Changing only the flags
+//     (notification enable/disable) is a 16-bit store16 of used.flags, so
+//     used.idx in memory is never rewritten from a shadow outside publish.
 //   - avail.flags, used_event (end of the available ring) and avail_event
 //     (the last 2 bytes of the used ring): the containing 4-aligned word may
 //     extend past the ring, so a 32-bit access there could read or write
@@ -69,6 +71,7 @@ type ring struct {
 	availIdxWord  *uint32 // 4-aligned word containing avail.idx
 	availIdxShift uint32  // bit position of avail.idx in that word
 	usedWord      *uint32 // used.flags | used.idx<<16
+	usedFlags     *uint16 // used.flags alone (the low half of usedWord)
 	availFlags    *uint16
 	usedEvent     *uint16 // avail ring: used_event
 	availEvent    *uint16 // used ring: avail_event
@@ -116,6 +119,9 @@ func newRing(mem *Memory, l Layout) (ring, error) {
 		return r, err
 	}
 	if r.usedWord, err = ptr32(r.used, 0); err != nil {
+		return r, err
+	}
+	if r.usedFlags, err = ptr16(r.used, 0); err != nil {
 		return r, err
 	}
 	if r.availEvent, err = ptr16(r.used, 4+8*n); err != nil {
