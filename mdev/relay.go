@@ -56,13 +56,18 @@ type relayRun struct {
 	region *vring.Region
 	mem    *vring.Memory // guest regions + shadow region (does not own the guest's)
 	queues []*relayQueue // by queue index; nil for disabled queues
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
-	failed atomic.Pointer[error]
+	// stopping tells the goroutines to exit; they are woken by a Signal
+	// on the eventfds they wait on. (They wait with context.Background():
+	// cancelling an EventFD.Wait through a context leaves a read deadline
+	// on the shared descriptor, which would break the next waiter.)
+	stopping atomic.Bool
+	started  bool
+	wake     chan struct{} // capacity 1: a pass is due
+	wg       sync.WaitGroup
+	failed   atomic.Pointer[error]
 }
 
 type relayQueue struct {
-	mu         sync.Mutex
 	idx        int
 	guest      *vring.DeviceQueue
 	shadow     *vring.DriverQueue
@@ -73,6 +78,7 @@ type relayQueue struct {
 	inflight   []vring.Chain // guest chain by shadow head
 	pending    vring.Chain   // popped from the guest, not yet in the shadow ring
 	hasPending bool
+	added      bool // chains added to the shadow ring since the last publish
 	bufs       []vring.Buffer
 }
 
@@ -155,38 +161,63 @@ func (r *relay) program(d *Device) error {
 			return fail(err)
 		}
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	run.cancel = cancel
+	run.started = true
+	run.wake = make(chan struct{}, 1)
 	for _, rq := range run.queues {
 		if rq == nil {
 			continue
 		}
 		run.wg.Add(2)
-		go run.loop(ctx, d, rq, rq.guestKick, false)
-		go run.loop(ctx, d, rq, rq.shadowCall, true)
+		go run.waiter(rq.guestKick)
+		go run.waiter(rq.shadowCall)
 	}
+	run.wg.Add(1)
+	go run.worker(d)
 	return nil
 }
 
-// loop waits on one eventfd and services the queue: guest kicks forward
-// chains to the shadow ring; shadow interrupts complete chains back to the
-// guest (and then forward more, descriptors having been freed).
-func (run *relayRun) loop(ctx context.Context, d *Device, rq *relayQueue, ev *vdpa.EventFD, completions bool) {
+// halt stops the goroutines and waits for them.
+func (run *relayRun) halt() {
+	if !run.started {
+		return
+	}
+	run.started = false
+	run.stopping.Store(true)
+	for _, rq := range run.queues {
+		if rq != nil {
+			_ = rq.guestKick.Signal()
+			_ = rq.shadowCall.Signal()
+		}
+	}
+	select {
+	case run.wake <- struct{}{}:
+	default:
+	}
+	run.wg.Wait()
+}
+
+// waiter turns signals on one eventfd into wake-ups of the worker.
+func (run *relayRun) waiter(ev *vdpa.EventFD) {
 	defer run.wg.Done()
 	for {
-		if _, err := ev.Wait(ctx); err != nil {
-			return // cancelled or closed: the relay is stopping
+		if _, err := ev.Wait(context.Background()); err != nil || run.stopping.Load() {
+			return // closed or stopping
 		}
-		rq.mu.Lock()
-		var err error
-		if completions {
-			err = rq.complete()
+		select {
+		case run.wake <- struct{}{}:
+		default: // a pass is already due
 		}
-		if err == nil {
-			err = rq.forward()
+	}
+}
+
+// worker runs relay passes, one per wake-up, until the relay stops.
+func (run *relayRun) worker(d *Device) {
+	defer run.wg.Done()
+	for range run.wake {
+		if run.stopping.Load() {
+			return
 		}
-		rq.mu.Unlock()
-		if err != nil {
+		if err := run.pass(); err != nil {
 			if run.failed.CompareAndSwap(nil, &err) {
 				// Reported without d.mu held by this goroutine: stop()
 				// may hold d.mu while waiting for us.
@@ -197,10 +228,48 @@ func (run *relayRun) loop(ctx context.Context, d *Device, rq *relayQueue, ev *vd
 	}
 }
 
-// forward moves available guest chains to the shadow ring. Caller holds
-// rq.mu.
+// pass completes what the backing device used, then forwards what the
+// guest made available.
+//
+// Cross-queue order: a driver may make buffers available on one queue and
+// then chains on another that depend on them (virtio-net posts receive
+// buffers, then transmits frames the device loops back into them). The
+// relay must not let the backing device see the second before the first.
+// It pops the guest queues in descending index order and publishes the
+// shadow rings in ascending order: a chain popped from a higher queue was
+// published by the guest before the relay's (later) look at the lower
+// queues, so whatever the guest published on those before it is forwarded
+// in the same pass, and its shadow ring is published first. virtio-net
+// numbers receive queues below their transmit queues, which is the order
+// this serves.
+func (run *relayRun) pass() error {
+	for _, rq := range run.queues {
+		if rq != nil {
+			if err := rq.complete(); err != nil {
+				return err
+			}
+		}
+	}
+	for i := len(run.queues) - 1; i >= 0; i-- {
+		if rq := run.queues[i]; rq != nil {
+			if err := rq.forward(); err != nil {
+				return err
+			}
+		}
+	}
+	for _, rq := range run.queues {
+		if rq != nil {
+			if err := rq.publish(); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// forward moves available guest chains to the shadow ring (unpublished).
+// Only the relay's worker (or stop, after it) calls it.
 func (rq *relayQueue) forward() error {
-	added := false
 	for {
 		if !rq.hasPending {
 			ok, err := rq.guest.Pop(&rq.pending)
@@ -232,20 +301,27 @@ func (rq *relayQueue) forward() error {
 		dst.Head, dst.Readable, dst.ReadableLen, dst.WritableLen = c.Head, c.Readable, c.ReadableLen, c.WritableLen
 		dst.Segs = append(dst.Segs[:0], c.Segs...)
 		rq.hasPending = false
-		added = true
+		rq.added = true
 	}
-	if added {
-		rq.shadow.Publish()
-		if rq.shadow.NeedsKick() {
-			return rq.shadowKick.Signal()
-		}
+	return nil
+}
+
+// publish makes the added chains visible to the backing device and kicks
+// it if it asks to be.
+func (rq *relayQueue) publish() error {
+	if !rq.added {
+		return nil
+	}
+	rq.added = false
+	rq.shadow.Publish()
+	if rq.shadow.NeedsKick() {
+		return rq.shadowKick.Signal()
 	}
 	return nil
 }
 
 // complete returns every chain the backing device used to the guest's used
 // ring (logging the written bytes) and interrupts the guest if it asked.
-// Caller holds rq.mu.
 func (rq *relayQueue) complete() error {
 	pushed := false
 	for {
@@ -286,8 +362,7 @@ func (r *relay) stop(d *Device) error {
 	if run == nil {
 		return nil
 	}
-	run.cancel()
-	run.wg.Wait()
+	run.halt()
 	if p := run.failed.Load(); p != nil {
 		r.teardown()
 		_ = d.backing.SetStatus(0)
@@ -320,6 +395,8 @@ func (r *relay) stop(d *Device) error {
 		// Everything the backing device consumed is now complete; what
 		// remains outstanding on the shadow ring (and a chain popped but
 		// not yet added) goes back to the guest ring.
+		// Chains added but never published were never seen by the backing
+		// device either.
 		back := uint16(rq.shadow.Outstanding())
 		if rq.hasPending {
 			back++
@@ -347,10 +424,7 @@ func (r *relay) teardown() {
 		return
 	}
 	r.run = nil
-	if run.cancel != nil {
-		run.cancel()
-		run.wg.Wait()
-	}
+	run.halt()
 	for _, rq := range run.queues {
 		if rq == nil {
 			continue

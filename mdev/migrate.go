@@ -1,0 +1,512 @@
+package mdev
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/vdpakit/vdpakit/dirty"
+	"github.com/vdpakit/vdpakit/vring"
+)
+
+// Migration stream errors.
+var (
+	// ErrProtocol: the peer sent a malformed, oversized, unexpected or
+	// out-of-range message.
+	ErrProtocol = errors.New("mdev: migration protocol error")
+	// ErrPeer: the peer reported a failure.
+	ErrPeer = errors.New("mdev: migration peer failed")
+	// ErrMemoryLayout: source and destination guest memory differ.
+	ErrMemoryLayout = errors.New("mdev: guest memory layouts differ")
+)
+
+// Wire format: every message is
+//
+//	type u8 | length u32 LE | payload[length]
+//
+// with length bounded by maxMsg. Payloads:
+//
+//	msgHello    version u16 | page size u32 | regions u16 | {base u64, size u64}...
+//	msgHelloAck (empty)
+//	msgPages    guest addr u64 | page data (whole pages)
+//	msgRound    round u32 | pages u64 (end of a pre-copy round, informational)
+//	msgState    the device state stream (EncodeState)
+//	msgDone     (empty): the source is stopped, everything was sent
+//	msgResumed  (empty): the destination is running
+//	msgError    UTF-8 text
+const (
+	msgHello byte = iota + 1
+	msgHelloAck
+	msgPages
+	msgRound
+	msgState
+	msgDone
+	msgResumed
+	msgError
+
+	protoVersion  = 1
+	maxMsg        = 1<<20 + 64
+	pagesPerChunk = 256
+	maxRegions    = 64
+)
+
+type wire struct {
+	r   *bufio.Reader
+	w   *bufio.Writer
+	hdr [5]byte
+}
+
+func newWire(rw io.ReadWriter) *wire {
+	return &wire{r: bufio.NewReaderSize(rw, 1<<20), w: bufio.NewWriterSize(rw, 1<<20)}
+}
+
+func (c *wire) send(typ byte, parts ...[]byte) error {
+	n := 0
+	for _, p := range parts {
+		n += len(p)
+	}
+	if n > maxMsg {
+		return fmt.Errorf("%w: message of %d bytes", ErrProtocol, n)
+	}
+	c.hdr[0] = typ
+	binary.LittleEndian.PutUint32(c.hdr[1:], uint32(n))
+	if _, err := c.w.Write(c.hdr[:]); err != nil {
+		return err
+	}
+	for _, p := range parts {
+		if _, err := c.w.Write(p); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (c *wire) flush() error { return c.w.Flush() }
+
+// recv reads one message into buf (grown as needed) and returns its type
+// and payload.
+func (c *wire) recv(buf []byte) (byte, []byte, error) {
+	if _, err := io.ReadFull(c.r, c.hdr[:]); err != nil {
+		return 0, nil, fmt.Errorf("mdev: migration stream: %w", err)
+	}
+	n := binary.LittleEndian.Uint32(c.hdr[1:])
+	if n > maxMsg {
+		return 0, nil, fmt.Errorf("%w: message of %d bytes > %d", ErrProtocol, n, maxMsg)
+	}
+	if cap(buf) < int(n) {
+		buf = make([]byte, n)
+	}
+	buf = buf[:n]
+	if _, err := io.ReadFull(c.r, buf); err != nil {
+		return 0, nil, fmt.Errorf("%w: truncated message: %w", ErrProtocol, err)
+	}
+	if c.hdr[0] == msgError {
+		return 0, nil, fmt.Errorf("%w: %s", ErrPeer, buf)
+	}
+	return c.hdr[0], buf, nil
+}
+
+// watch makes blocking I/O on rw end when ctx does, for connections with
+// deadlines (net.Conn).
+func watch(ctx context.Context, rw io.ReadWriter) (stop func() bool) {
+	type deadliner interface{ SetDeadline(time.Time) error }
+	d, ok := rw.(deadliner)
+	if !ok {
+		return func() bool { return true }
+	}
+	return context.AfterFunc(ctx, func() { _ = d.SetDeadline(time.Unix(1, 0)) })
+}
+
+// SourceOptions configure MigrateSource.
+type SourceOptions struct {
+	// Device is the mediated device being migrated (RUNNING).
+	Device *Device
+	// Memory is the guest memory.
+	Memory *vring.Memory
+	// Log is the guest's dirty bitmap, indexed by guest address: the VMM's
+	// vCPU write tracking marks it, and the device's data path is made to
+	// mark it too (StartDirtyTracking).
+	Log *dirty.Bitmap
+	// Tracker configures the pre-copy convergence decisions.
+	Tracker dirty.TrackerOptions
+	// StopGuest pauses the guest's vCPUs; called at the start of the
+	// stop-and-copy phase. Required.
+	StopGuest func() error
+	// OnRound, when set, is called after each pre-copy round is sent.
+	OnRound func(RoundReport)
+}
+
+// RoundReport describes one pre-copy round.
+type RoundReport struct {
+	dirty.Round
+	Sent     uint64        // bytes of page data sent
+	SendTime time.Duration // time to send them
+}
+
+// SourceReport summarizes a migration from the source's side.
+type SourceReport struct {
+	Mode   DirtyMode
+	Rounds []RoundReport // round 0 (the full copy) first, then pre-copy rounds
+	Final  RoundReport   // the stop-and-copy harvest
+	// Downtime runs from stopping the guest to the destination reporting
+	// it runs again.
+	Downtime   time.Duration
+	StateBytes int
+	TotalBytes uint64
+}
+
+// MigrateSource migrates the guest memory and the device to a destination
+// running MigrateDestination at the other end of conn: iterative pre-copy
+// driven by a dirty.Tracker while the guest runs, then stop-and-copy of the
+// remaining pages and the device state. On success the device is left in
+// STOP (the guest runs on the destination).
+func MigrateSource(ctx context.Context, conn io.ReadWriter, opts SourceOptions) (*SourceReport, error) {
+	if opts.Device == nil || opts.Memory == nil || opts.Log == nil || opts.StopGuest == nil {
+		return nil, fmt.Errorf("%w: MigrateSource needs Device, Memory, Log and StopGuest", ErrInvalidOptions)
+	}
+	defer watch(ctx, conn)()
+	c := newWire(conn)
+	regions := opts.Memory.Regions()
+	hello := binary.LittleEndian.AppendUint16(nil, protoVersion)
+	hello = binary.LittleEndian.AppendUint32(hello, uint32(opts.Log.PageSize()))
+	hello = binary.LittleEndian.AppendUint16(hello, uint16(len(regions)))
+	for _, r := range regions {
+		hello = binary.LittleEndian.AppendUint64(hello, uint64(r.Base()))
+		hello = binary.LittleEndian.AppendUint64(hello, r.Size())
+	}
+	if err := c.send(msgHello, hello); err != nil {
+		return nil, err
+	}
+	if err := c.flush(); err != nil {
+		return nil, err
+	}
+	if typ, _, err := c.recv(nil); err != nil {
+		return nil, err
+	} else if typ != msgHelloAck {
+		return nil, fmt.Errorf("%w: expected hello ack, got type %d", ErrProtocol, typ)
+	}
+
+	rep := &SourceReport{}
+	mode, err := opts.Device.StartDirtyTracking(opts.Log)
+	if err != nil {
+		return nil, err
+	}
+	rep.Mode = mode
+	tracking := true
+	defer func() {
+		if tracking {
+			_ = opts.Device.StopDirtyTracking()
+		}
+	}()
+	tr, err := dirty.NewTracker(opts.Log, &opts.Tracker)
+	if err != nil {
+		return nil, err
+	}
+	if err := opts.Device.SetMigrationState(MigPreCopy); err != nil {
+		return nil, err
+	}
+	fail := func(err error) (*SourceReport, error) {
+		_ = c.send(msgError, []byte(err.Error()))
+		_ = c.flush()
+		_ = opts.Device.SetMigrationState(MigRunning)
+		return nil, err
+	}
+	if err := tr.Begin(); err != nil {
+		return fail(err)
+	}
+	// Round 0: all of guest memory.
+	start := time.Now()
+	var sent uint64
+	for _, r := range regions {
+		n, err := sendRange(c, r.Bytes(), uint64(r.Base()), opts.Log.PageSize())
+		if err != nil {
+			return fail(err)
+		}
+		sent += n
+	}
+	if err := sendRound(c, 0, sent/opts.Log.PageSize()); err != nil {
+		return fail(err)
+	}
+	r0 := RoundReport{Sent: sent, SendTime: time.Since(start)}
+	r0.Pages, r0.Bytes = sent/opts.Log.PageSize(), sent
+	rep.Rounds = append(rep.Rounds, r0)
+	rep.TotalBytes += sent
+	if opts.OnRound != nil {
+		opts.OnRound(r0)
+	}
+	dst, err := dirty.New(opts.Log.Span(), &dirty.Options{PageSize: opts.Log.PageSize()})
+	if err != nil {
+		return fail(err)
+	}
+	defer dst.Close()
+	for {
+		if err := ctx.Err(); err != nil {
+			return fail(err)
+		}
+		round, err := tr.Next(dst)
+		if err != nil {
+			return fail(err)
+		}
+		if round.Decision != dirty.Continue {
+			break
+		}
+		rr, err := sendDirty(c, opts.Memory, dst, round)
+		if err != nil {
+			return fail(err)
+		}
+		rep.Rounds = append(rep.Rounds, rr)
+		rep.TotalBytes += rr.Sent
+		if opts.OnRound != nil {
+			opts.OnRound(rr)
+		}
+		if err := dst.Clear(); err != nil {
+			return fail(err)
+		}
+	}
+
+	// Stop and copy.
+	t0 := time.Now()
+	if err := opts.StopGuest(); err != nil {
+		return fail(err)
+	}
+	if err := opts.Device.SetMigrationState(MigStopCopy); err != nil {
+		return fail(err)
+	}
+	final, err := tr.Final(dst)
+	if err != nil {
+		return fail(err)
+	}
+	fr, err := sendDirty(c, opts.Memory, dst, final)
+	if err != nil {
+		return fail(err)
+	}
+	rep.Final = fr
+	rep.TotalBytes += fr.Sent
+	state, err := opts.Device.SaveState()
+	if err != nil {
+		return fail(err)
+	}
+	rep.StateBytes = len(state)
+	if err := c.send(msgState, state); err != nil {
+		return fail(err)
+	}
+	if err := c.send(msgDone); err != nil {
+		return fail(err)
+	}
+	if err := c.flush(); err != nil {
+		return fail(err)
+	}
+	typ, _, err := c.recv(nil)
+	if err != nil {
+		return nil, err
+	}
+	if typ != msgResumed {
+		return nil, fmt.Errorf("%w: expected resumed, got type %d", ErrProtocol, typ)
+	}
+	rep.Downtime = time.Since(t0)
+	tracking = false
+	if err := opts.Device.StopDirtyTracking(); err != nil {
+		return rep, err
+	}
+	return rep, opts.Device.SetMigrationState(MigStop)
+}
+
+func sendRound(c *wire, n int, pages uint64) error {
+	var b [12]byte
+	binary.LittleEndian.PutUint32(b[0:], uint32(n))
+	binary.LittleEndian.PutUint64(b[4:], pages)
+	return c.send(msgRound, b[:])
+}
+
+// sendRange sends mem (at guest address base) in page chunks.
+func sendRange(c *wire, mem []byte, base, pageSize uint64) (uint64, error) {
+	chunk := pagesPerChunk * pageSize
+	var hdr [8]byte
+	for off := uint64(0); off < uint64(len(mem)); off += chunk {
+		end := min(off+chunk, uint64(len(mem)))
+		binary.LittleEndian.PutUint64(hdr[:], base+off)
+		if err := c.send(msgPages, hdr[:], mem[off:end]); err != nil {
+			return 0, err
+		}
+	}
+	return uint64(len(mem)), nil
+}
+
+// sendDirty sends every page set in dst.
+func sendDirty(c *wire, mem *vring.Memory, dst *dirty.Bitmap, round dirty.Round) (RoundReport, error) {
+	start := time.Now()
+	ps := dst.PageSize()
+	var sent uint64
+	var err error
+	for first, n := range dst.DirtyRuns() {
+		for n > 0 {
+			k := min(n, pagesPerChunk)
+			addr := first * ps
+			b, serr := mem.Slice(vring.GuestAddr(addr), k*ps)
+			if serr != nil {
+				err = fmt.Errorf("mdev: dirty page %#x outside guest memory: %w", addr, serr)
+				break
+			}
+			if _, err = sendRange(c, b, addr, ps); err != nil {
+				break
+			}
+			sent += k * ps
+			first += k
+			n -= k
+		}
+		if err != nil {
+			return RoundReport{}, err
+		}
+	}
+	if err := sendRound(c, round.N, sent/ps); err != nil {
+		return RoundReport{}, err
+	}
+	if err := c.flush(); err != nil {
+		return RoundReport{}, err
+	}
+	return RoundReport{Round: round, Sent: sent, SendTime: time.Since(start)}, nil
+}
+
+// DestOptions configure MigrateDestination.
+type DestOptions struct {
+	// Device is the destination's mediated device, compatible with the
+	// source's; it is put into RESUMING.
+	Device *Device
+	// Memory is the destination guest memory, laid out like the source's.
+	Memory *vring.Memory
+	// Loaded, when set, is called once all pages and the device state are
+	// in, before the device and the guest run (to inspect the memory the
+	// guest resumes from, for example).
+	Loaded func() error
+	// StartGuest resumes the guest's vCPUs once the device runs.
+	StartGuest func() error
+}
+
+// DestReport summarizes a migration from the destination's side.
+type DestReport struct {
+	Rounds     int
+	PageBytes  uint64
+	StateBytes int
+}
+
+// MigrateDestination receives a migration from MigrateSource. Every
+// message is validated (types, sizes, page addresses inside guest memory);
+// the device state is loaded only as a whole (LoadState). On success the
+// device and the guest run.
+func MigrateDestination(ctx context.Context, conn io.ReadWriter, opts DestOptions) (*DestReport, error) {
+	if opts.Device == nil || opts.Memory == nil {
+		return nil, fmt.Errorf("%w: MigrateDestination needs Device and Memory", ErrInvalidOptions)
+	}
+	defer watch(ctx, conn)()
+	c := newWire(conn)
+	fail := func(err error) (*DestReport, error) {
+		_ = c.send(msgError, []byte(err.Error()))
+		_ = c.flush()
+		return nil, err
+	}
+	buf := make([]byte, maxMsg)
+	typ, p, err := c.recv(buf)
+	if err != nil {
+		return nil, err
+	}
+	if typ != msgHello {
+		return fail(fmt.Errorf("%w: expected hello, got type %d", ErrProtocol, typ))
+	}
+	pageSize, err := checkHello(p, opts.Memory)
+	if err != nil {
+		return fail(err)
+	}
+	if err := c.send(msgHelloAck); err != nil {
+		return nil, err
+	}
+	if err := c.flush(); err != nil {
+		return nil, err
+	}
+	if err := opts.Device.SetMigrationState(MigResuming); err != nil {
+		return fail(err)
+	}
+	rep := &DestReport{}
+	for {
+		typ, p, err := c.recv(buf)
+		if err != nil {
+			return nil, err
+		}
+		switch typ {
+		case msgPages:
+			if len(p) < 8 || (len(p)-8)%int(pageSize) != 0 {
+				return fail(fmt.Errorf("%w: pages message of %d bytes", ErrProtocol, len(p)))
+			}
+			addr := binary.LittleEndian.Uint64(p)
+			if addr%pageSize != 0 {
+				return fail(fmt.Errorf("%w: unaligned page address %#x", ErrProtocol, addr))
+			}
+			if err := opts.Memory.Write(vring.GuestAddr(addr), p[8:]); err != nil {
+				return fail(fmt.Errorf("%w: pages at %#x+%d: %w", ErrProtocol, addr, len(p)-8, err))
+			}
+			rep.PageBytes += uint64(len(p) - 8)
+		case msgRound:
+			if len(p) != 12 {
+				return fail(fmt.Errorf("%w: round message of %d bytes", ErrProtocol, len(p)))
+			}
+			rep.Rounds++
+		case msgState:
+			if err := opts.Device.LoadState(p); err != nil {
+				return fail(err)
+			}
+			rep.StateBytes = len(p)
+		case msgDone:
+			if opts.Loaded != nil {
+				if err := opts.Loaded(); err != nil {
+					return fail(err)
+				}
+			}
+			if err := opts.Device.SetMigrationState(MigRunning); err != nil {
+				return fail(err)
+			}
+			if opts.StartGuest != nil {
+				if err := opts.StartGuest(); err != nil {
+					return fail(err)
+				}
+			}
+			if err := c.send(msgResumed); err != nil {
+				return rep, err
+			}
+			return rep, c.flush()
+		default:
+			return fail(fmt.Errorf("%w: unexpected message type %d", ErrProtocol, typ))
+		}
+	}
+}
+
+func checkHello(p []byte, mem *vring.Memory) (uint64, error) {
+	if len(p) < 8 {
+		return 0, fmt.Errorf("%w: hello of %d bytes", ErrProtocol, len(p))
+	}
+	if v := binary.LittleEndian.Uint16(p); v != protoVersion {
+		return 0, fmt.Errorf("%w: protocol version %d (want %d)", ErrProtocol, v, protoVersion)
+	}
+	ps := uint64(binary.LittleEndian.Uint32(p[2:]))
+	if ps < 512 || ps > 1<<16 || ps&(ps-1) != 0 {
+		return 0, fmt.Errorf("%w: page size %d", ErrProtocol, ps)
+	}
+	n := int(binary.LittleEndian.Uint16(p[6:]))
+	if n > maxRegions || len(p) != 8+16*n {
+		return 0, fmt.Errorf("%w: hello with %d regions in %d bytes", ErrProtocol, n, len(p))
+	}
+	regions := mem.Regions()
+	if n != len(regions) {
+		return 0, fmt.Errorf("%w: source has %d regions, destination %d", ErrMemoryLayout, n, len(regions))
+	}
+	for i, r := range regions {
+		base := binary.LittleEndian.Uint64(p[8+16*i:])
+		size := binary.LittleEndian.Uint64(p[16+16*i:])
+		if base != uint64(r.Base()) || size != r.Size() {
+			return 0, fmt.Errorf("%w: source region %d is %#x+%#x, destination %v", ErrMemoryLayout, i, base, size, r)
+		}
+	}
+	return ps, nil
+}

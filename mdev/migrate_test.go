@@ -1,0 +1,231 @@
+package mdev_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/vdpakit/vdpakit/dirty"
+	"github.com/vdpakit/vdpakit/mdev"
+	"github.com/vdpakit/vdpakit/mdev/mdevtest"
+	"github.com/vdpakit/vdpakit/vdpa"
+	"github.com/vdpakit/vdpakit/vdpa/softnet"
+	"github.com/vdpakit/vdpakit/vring"
+)
+
+const testGuestMem = 16 << 20
+
+type side struct {
+	mem *vring.Memory
+	sn  *softnet.Device
+	dev *mdev.Device
+}
+
+func newSide(t testing.TB, size uint64, mode mdev.DirtyMode) *side {
+	t.Helper()
+	r, err := vring.NewMemfdRegion(0, size, &vring.RegionOptions{Name: "guest"})
+	require.NoError(t, err)
+	mem, err := vring.NewMemory(r)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = mem.Close() })
+	sn, err := softnet.New(nil)
+	require.NoError(t, err)
+	local := vdpa.NewLocal(sn, nil)
+	t.Cleanup(func() { _ = local.Close() })
+	dev, err := mdev.NewDevice(local, &mdev.Options{Memory: mem, DirtyMode: mode, Backend: "software"})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = dev.Close() })
+	return &side{mem: mem, sn: sn, dev: dev}
+}
+
+func memHash(mem *vring.Memory) [32]byte {
+	h := sha256.New()
+	for _, r := range mem.Regions() {
+		h.Write(r.Bytes())
+	}
+	var out [32]byte
+	copy(out[:], h.Sum(nil))
+	return out
+}
+
+// vcpus runs the guest driver and the memory dirtier until stopped.
+type vcpus struct {
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+func startVCPUs(t testing.TB, g *mdevtest.Guest, d *mdevtest.Dirtier) *vcpus {
+	ctx, cancel := context.WithCancel(context.Background())
+	v := &vcpus{cancel: cancel}
+	v.wg.Add(2)
+	go func() { defer v.wg.Done(); _ = g.Run(ctx) }()
+	go func() { defer v.wg.Done(); d.Run(ctx) }()
+	t.Cleanup(func() { _ = v.stop() }) // before the memory is unmapped
+	return v
+}
+
+func (v *vcpus) stop() error { v.cancel(); v.wg.Wait(); return nil }
+
+const waitLimit = 60 * time.Second
+
+func msg(s string) func() string { return func() string { return s } }
+
+// waitFor steps until cond holds; the deadline only guards against a hang.
+func waitFor(t *testing.T, what func() string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(waitLimit)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("gave up waiting for %s", what())
+		}
+		time.Sleep(200 * time.Microsecond)
+	}
+}
+
+func TestMigrateUnderTraffic(t *testing.T) {
+	for _, mode := range []mdev.DirtyMode{mdev.DirtyDeviceLog, mdev.DirtyRelay} {
+		for seed := uint64(1); seed <= 3; seed++ {
+			t.Run(fmt.Sprintf("%s/seed%d", mode, seed), func(t *testing.T) {
+				migrateOnce(t, mode, seed)
+			})
+		}
+	}
+}
+
+func migrateOnce(t *testing.T, mode mdev.DirtyMode, seed uint64) {
+	rng := rand.New(rand.NewPCG(seed, 77))
+	const frames = 20000
+	src := newSide(t, testGuestMem, mode)
+	dst := newSide(t, testGuestMem, mode)
+	g, err := mdevtest.Boot(src.dev, src.mem, frames, nil)
+	require.NoError(t, err)
+	scratch := mdevtest.Layout(nil)
+	rate := float64(1000 + rng.IntN(20000)) // pages per second
+	dirtier, err := mdevtest.NewDirtier(src.mem, scratch, testGuestMem, rate, seed)
+	require.NoError(t, err)
+	log, err := dirty.New(testGuestMem, nil)
+	require.NoError(t, err)
+	defer log.Close()
+	g.SetLog(log)
+	dirtier.SetLog(log)
+	v := startVCPUs(t, g, dirtier)
+	// Random switch point: migrate after a random amount of traffic.
+	at := uint64(rng.IntN(frames / 2))
+	waitFor(t, msg("traffic"), func() bool { s, _, _, _ := g.Stats(); return s >= at })
+
+	c1, c2 := net.Pipe()
+	defer c1.Close()
+	defer c2.Close()
+	var dstHash [32]byte
+	var dg *mdevtest.Guest
+	var dv *vcpus
+	destErr := make(chan error, 1)
+	go func() {
+		_, err := mdev.MigrateDestination(context.Background(), c2, mdev.DestOptions{
+			Device: dst.dev, Memory: dst.mem,
+			Loaded: func() error { dstHash = memHash(dst.mem); return nil },
+			StartGuest: func() error {
+				var err error
+				if dg, err = mdevtest.Attach(dst.dev, dst.mem); err != nil {
+					return err
+				}
+				d2, err := mdevtest.NewDirtier(dst.mem, scratch, testGuestMem, rate, seed+100)
+				if err != nil {
+					return err
+				}
+				dv = startVCPUs(t, dg, d2)
+				return nil
+			},
+		})
+		destErr <- err
+	}()
+	rep, err := mdev.MigrateSource(context.Background(), c1, mdev.SourceOptions{
+		Device: src.dev, Memory: src.mem, Log: log,
+		Tracker:   dirty.TrackerOptions{Bandwidth: 2e9, DowntimeTarget: 2 * time.Millisecond, MaxRounds: 8},
+		StopGuest: v.stop,
+	})
+	require.NoError(t, err)
+	require.NoError(t, <-destErr)
+	assert.Equal(t, mode, rep.Mode)
+	assert.Equal(t, mdev.MigStop, src.dev.MigrationState())
+	assert.Equal(t, mdev.MigRunning, dst.dev.MigrationState())
+	// The source is stopped: its memory is what the destination started
+	// from, byte for byte.
+	assert.Equal(t, memHash(src.mem), dstHash, "guest memory identical at switchover")
+
+	waitFor(t, func() string { return fmt.Sprint(dg.Stats()) }, dg.Done)
+	require.NoError(t, dv.stop())
+	require.NoError(t, dg.Verify())
+	sent, received, _, _ := dg.Stats()
+	assert.EqualValues(t, frames, sent)
+	assert.EqualValues(t, frames, received)
+	t.Logf("%s: switch at frame %d, dirty rate %.0f pages/s, %d rounds, downtime %v, final %d pages",
+		mode, at, rate, len(rep.Rounds), rep.Downtime, rep.Final.Pages)
+}
+
+func TestRelaySwitchUnderTraffic(t *testing.T) {
+	for seed := uint64(1); seed <= 3; seed++ {
+		t.Run(fmt.Sprintf("seed%d", seed), func(t *testing.T) {
+			rng := rand.New(rand.NewPCG(seed, 5))
+			const frames = 30000
+			s := newSide(t, testGuestMem, mdev.DirtyRelay)
+			g, err := mdevtest.Boot(s.dev, s.mem, frames, nil)
+			require.NoError(t, err)
+			log, err := dirty.New(testGuestMem, nil)
+			require.NoError(t, err)
+			defer log.Close()
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan struct{})
+			go func() { defer close(done); _ = g.Run(ctx) }()
+			defer func() { cancel(); <-done }()
+			for i := 0; i < 6; i++ {
+				at := uint64((i + 1) * frames / 8)
+				at += uint64(rng.IntN(frames / 16))
+				waitFor(t, func() string {
+					st := s.dev.State()
+					return fmt.Sprint("switch ", i, " ", s.dev.Err(), " ", s.dev.Status(), " ", st.Queues[0], st.Queues[1], s.sn.Stats(), fmt.Sprint(g.Stats()), s.sn.QueueErr(0), s.sn.QueueErr(1))
+				}, func() bool { s, _, _, _ := g.Stats(); return s >= at })
+				if i%2 == 0 {
+					mode, err := s.dev.StartDirtyTracking(log)
+					require.NoError(t, err)
+					require.Equal(t, mdev.DirtyRelay, mode)
+				} else {
+					require.NoError(t, s.dev.StopDirtyTracking())
+				}
+			}
+			waitFor(t, func() string { return fmt.Sprint(g.Stats()) }, g.Done)
+			require.NoError(t, g.Verify())
+			assert.NotZero(t, log.Count(), "relay marked the pages the device wrote")
+			assert.Zero(t, s.dev.Status()&0x40, "no NEEDS_RESET: %v", s.dev.Err())
+		})
+	}
+}
+
+func TestDestinationRejectsBadPages(t *testing.T) {
+	dst := newSide(t, 1<<20, mdev.DirtyAuto)
+	c1, c2 := net.Pipe()
+	defer c1.Close()
+	errc := make(chan error, 1)
+	go func() {
+		_, err := mdev.MigrateDestination(context.Background(), c2, mdev.DestOptions{Device: dst.dev, Memory: dst.mem})
+		errc <- err
+	}()
+	// A hello for a different memory layout.
+	var buf bytes.Buffer
+	buf.Write([]byte{1, 8 + 16, 0, 0, 0, 1, 0, 0x00, 0x10, 0, 0, 1, 0})
+	buf.Write(make([]byte, 8))
+	buf.Write([]byte{0, 0, 0x20, 0, 0, 0, 0, 0}) // 2 MiB
+	go func() { _, _ = c1.Write(buf.Bytes()); _, _ = c1.Read(make([]byte, 256)) }()
+	err := <-errc
+	require.ErrorIs(t, err, mdev.ErrMemoryLayout)
+	assert.Equal(t, mdev.MigRunning, dst.dev.MigrationState(), "destination untouched")
+}
