@@ -15,7 +15,7 @@ import (
 
 	"github.com/vdpakit/vdpakit/dirty"
 	"github.com/vdpakit/vdpakit/vdpa"
-	"github.com/vdpakit/vdpakit/vdpa/vhostuser/internal/nethandler"
+	"github.com/vdpakit/vdpakit/vdpa/vhostuser/vhostusertest"
 	"github.com/vdpakit/vdpakit/virtio"
 	"github.com/vdpakit/vdpakit/vring"
 )
@@ -166,7 +166,7 @@ func (d *testDriver) reclaim(q, n int) [][2]uint32 {
 }
 
 func TestBackendFrontendLoopback(t *testing.T) {
-	h := nethandler.New(nethandler.Loopback, [6]byte{2, 0, 0, 0, 0, 1})
+	h := vhostusertest.New(vhostusertest.Loopback, [6]byte{2, 0, 0, 0, 0, 1})
 	be, uc, _ := startBackend(t, h, nil)
 	d := newTestDriver(t, uc, h.Features())
 	require.Equal(t, SupportedProtocolFeatures, d.fe.ProtocolFeatures())
@@ -214,7 +214,7 @@ func TestBackendFrontendLoopback(t *testing.T) {
 
 func TestBackendConfig(t *testing.T) {
 	mac := [6]byte{2, 1, 2, 3, 4, 5}
-	h := nethandler.New(nethandler.Sink, mac)
+	h := vhostusertest.New(vhostusertest.Sink, mac)
 	_, uc, _ := startBackend(t, h, nil)
 	d := newTestDriver(t, uc, h.Features())
 	p := make([]byte, 6)
@@ -231,7 +231,7 @@ func TestBackendConfig(t *testing.T) {
 }
 
 func TestBackendSuspendResume(t *testing.T) {
-	h := nethandler.New(nethandler.Sink, [6]byte{})
+	h := vhostusertest.New(vhostusertest.Sink, [6]byte{})
 	be, uc, _ := startBackend(t, h, nil)
 	d := newTestDriver(t, uc, h.Features())
 	d.startQueue(0)
@@ -251,7 +251,7 @@ func TestBackendSuspendResume(t *testing.T) {
 }
 
 func TestBackendDirtyLog(t *testing.T) {
-	h := nethandler.New(nethandler.Loopback, [6]byte{})
+	h := vhostusertest.New(vhostusertest.Loopback, [6]byte{})
 	_, uc, _ := startBackend(t, h, nil)
 	d := newTestDriver(t, uc, h.Features().With(virtio.FLogAll))
 	bm, err := dirty.New(8<<20, &dirty.Options{Shared: true})
@@ -278,7 +278,7 @@ func TestBackendReconnect(t *testing.T) {
 	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	require.NoError(t, err)
 	defer l.Close()
-	h := nethandler.New(nethandler.Sink, [6]byte{})
+	h := vhostusertest.New(vhostusertest.Sink, [6]byte{})
 	be := NewBackend(h, &BackendOptions{ReconnectInterval: 10 * time.Millisecond})
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
@@ -303,7 +303,7 @@ func TestBackendReconnect(t *testing.T) {
 // one after the first disconnects.
 func TestBackendServerMode(t *testing.T) {
 	path := t.TempDir() + "/vu.sock"
-	h := nethandler.New(nethandler.Sink, [6]byte{})
+	h := vhostusertest.New(vhostusertest.Sink, [6]byte{})
 	be := NewBackend(h, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
@@ -382,7 +382,7 @@ func TestBackendBadInput(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			before := countFds(t)
-			h := nethandler.New(nethandler.Sink, [6]byte{})
+			h := vhostusertest.New(vhostusertest.Sink, [6]byte{})
 			a, b := socketpair(t)
 			done := make(chan error, 1)
 			go func() { done <- NewBackend(h, nil).ServeConn(context.Background(), b) }()
@@ -419,7 +419,7 @@ func TestBackendBadInput(t *testing.T) {
 // TestBackendReplyAckFailure: with REPLY_ACK a request that fails gets a
 // non-zero acknowledgement before the session closes.
 func TestBackendReplyAckFailure(t *testing.T) {
-	h := nethandler.New(nethandler.Sink, [6]byte{})
+	h := vhostusertest.New(vhostusertest.Sink, [6]byte{})
 	_, uc, done := startBackend(t, h, nil)
 	c := newConn(uc)
 	require.NoError(t, c.write(Header{Request: ReqSetProtocolFeatures, Flags: Version}, u64p(uint64(ProtocolFeatures(0).With(PFReplyAck))), nil))

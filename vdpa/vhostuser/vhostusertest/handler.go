@@ -1,14 +1,17 @@
-// Package nethandler is a small virtio-net vdpa.Handler used by the
-// vhost-user tests, DPDK interop tests and the vhost-user-net example: one
-// queue pair (queue 0 receive, queue 1 transmit) processed by one
-// goroutine that busy-polls with notification suppression and sleeps on the
-// kick eventfds when idle.
+// Package vhostusertest is a test kit for vhost-user peers. Handler is a
+// small virtio-net vdpa.Handler used by the vhost-user tests, the DPDK
+// interop tests and the vhost-user-net example: one queue pair (queue 0
+// receive, queue 1 transmit) processed by one goroutine that busy-polls
+// with notification suppression (NO_NOTIFY while polling, so a polling
+// driver such as DPDK's virtio-user never needs to kick) and sleeps on the
+// kick eventfds after a spell of idle polls. The full-featured software
+// device (multi-queue, control queue) is vdpa/softnet.
 //
 // Modes: Loopback writes every transmitted frame back into a receive
-// buffer (like vdpa_sim_net); Sink counts and discards; Source also
-// generates frames towards the driver (Inject) with back-pressure, so none
-// is lost.
-package nethandler
+// buffer (like vdpa_sim_net); Sink counts and discards; Responder answers
+// ARP requests and ICMP echo requests for its IPv4 address. In every mode
+// Inject delivers frames to the driver with back-pressure, so none is lost.
+package vhostusertest
 
 import (
 	"context"
@@ -26,8 +29,9 @@ import (
 type Mode int
 
 const (
-	Loopback Mode = iota // echo transmitted frames to the receive queue
-	Sink                 // count and drop transmitted frames
+	Loopback  Mode = iota // echo transmitted frames to the receive queue
+	Sink                  // count and drop transmitted frames
+	Responder             // answer ARP and ICMP echo requests for SetIPv4's address
 )
 
 // Counters are cumulative traffic counters.
@@ -53,7 +57,28 @@ type Handler struct {
 
 	inject   chan []byte
 	injected atomic.Uint64
+	ip       atomic.Uint32
+	errMu    sync.Mutex
+	err      error
 }
+
+func (h *Handler) setErr(err error) {
+	h.errMu.Lock()
+	if h.err == nil {
+		h.err = err
+	}
+	h.errMu.Unlock()
+}
+
+// Err returns the first ring error the handler met (a broken queue), or nil.
+func (h *Handler) Err() error {
+	h.errMu.Lock()
+	defer h.errMu.Unlock()
+	return h.err
+}
+
+// SetIPv4 sets the address the Responder answers for.
+func (h *Handler) SetIPv4(ip [4]byte) { h.ip.Store(binary.BigEndian.Uint32(ip[:])) }
 
 type queue struct {
 	dq         *vring.DeviceQueue
@@ -77,7 +102,7 @@ func (h *Handler) Features() virtio.Features {
 // SetFeatures implements vdpa.Handler.
 func (h *Handler) SetFeatures(f virtio.Features) error {
 	if f&^h.Features() != 0 {
-		return errors.New("nethandler: features not offered")
+		return errors.New("vhostusertest: features not offered")
 	}
 	h.mu.Lock()
 	h.features = f
@@ -112,7 +137,7 @@ func (h *Handler) MaxQueueSize() uint16 { return 4096 }
 // StartQueue implements vdpa.Handler.
 func (h *Handler) StartQueue(q int, dq *vring.DeviceQueue, kick, call *vdpa.EventFD) error {
 	if q < 0 || q > 1 {
-		return errors.New("nethandler: no such queue")
+		return errors.New("vhostusertest: no such queue")
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -125,7 +150,7 @@ func (h *Handler) StartQueue(q int, dq *vring.DeviceQueue, kick, call *vdpa.Even
 // StopQueue implements vdpa.Handler.
 func (h *Handler) StopQueue(q int) (vring.QueueState, error) {
 	if q < 0 || q > 1 {
-		return vring.QueueState{}, errors.New("nethandler: no such queue")
+		return vring.QueueState{}, errors.New("vhostusertest: no such queue")
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -134,7 +159,7 @@ func (h *Handler) StopQueue(q int) (vring.QueueState, error) {
 	h.queues[q] = nil
 	h.startWorker()
 	if qq == nil {
-		return vring.QueueState{}, errors.New("nethandler: queue not started")
+		return vring.QueueState{}, errors.New("vhostusertest: queue not started")
 	}
 	return qq.dq.State(), nil
 }
@@ -190,14 +215,15 @@ func (h *Handler) startWorker() {
 }
 
 type worker struct {
-	h       *Handler
-	rx, tx  *queue
-	hdrLen  int
-	wake    chan struct{}
-	chains  [32]vring.Chain
-	rxChain vring.Chain
-	buf     [65536 + 12]byte
-	pending []byte // an injected frame waiting for a receive buffer
+	h        *Handler
+	rx, tx   *queue
+	hdrLen   int
+	wake     chan struct{}
+	chains   [32]vring.Chain
+	rxChain  vring.Chain
+	buf      [65536 + 12]byte
+	pending  []byte   // an injected frame waiting for a receive buffer
+	pending2 [][]byte // responder replies waiting for receive buffers
 }
 
 // spinRounds is how many empty polls the worker makes before re-enabling
@@ -281,7 +307,7 @@ func (w *worker) suppress(on bool) bool {
 			continue
 		}
 		// The receive queue matters only when something waits for it.
-		if q == w.rx && w.pending == nil && len(w.h.inject) == 0 {
+		if q == w.rx && w.pending == nil && len(w.pending2) == 0 && len(w.h.inject) == 0 {
 			if _, err := q.dq.EnableNotify(); err != nil {
 				return false
 			}
@@ -339,13 +365,24 @@ func scatter(c *vring.Chain, parts ...[]byte) {
 func (w *worker) poll() int {
 	work := 0
 	if w.tx != nil {
-		n, _ := w.tx.dq.PopBatch(w.chains[:])
+		n, err := w.tx.dq.PopBatch(w.chains[:])
+		if err != nil {
+			w.h.setErr(err)
+		}
 		rxUsed := false
 		for i := 0; i < n; i++ {
 			c := &w.chains[i]
 			plen := c.ReadableLen - uint64(min(uint64(w.hdrLen), c.ReadableLen))
 			w.h.txFrames.Add(1)
 			w.h.txBytes.Add(plen)
+			if w.h.mode == Responder {
+				m := c.Gather(w.buf[:])
+				if m > w.hdrLen {
+					if reply := w.h.respond(w.buf[w.hdrLen:m]); reply != nil {
+						w.pending2 = append(w.pending2, reply)
+					}
+				}
+			}
 			if w.h.mode == Loopback {
 				if w.rx != nil {
 					ok, err := w.rx.dq.Pop(&w.rxChain)
@@ -376,6 +413,9 @@ func (w *worker) poll() int {
 	if w.rx != nil {
 		delivered := 0
 		for delivered < 32 {
+			if w.pending == nil && len(w.pending2) > 0 {
+				w.pending, w.pending2 = w.pending2[0], w.pending2[1:]
+			}
 			if w.pending == nil {
 				select {
 				case f := <-w.h.inject:
@@ -401,4 +441,81 @@ func (w *worker) poll() int {
 		}
 	}
 	return work
+}
+
+// respond builds the reply to an ARP request or ICMP echo request for the
+// handler's address, or returns nil.
+func (h *Handler) respond(f []byte) []byte {
+	ip := h.ip.Load()
+	if ip == 0 || len(f) < 14 {
+		return nil
+	}
+	var myIP [4]byte
+	binary.BigEndian.PutUint32(myIP[:], ip)
+	switch binary.BigEndian.Uint16(f[12:]) {
+	case 0x0806: // ARP
+		a := f[14:]
+		if len(a) < 28 || binary.BigEndian.Uint16(a[0:]) != 1 || binary.BigEndian.Uint16(a[2:]) != 0x0800 ||
+			a[4] != 6 || a[5] != 4 || binary.BigEndian.Uint16(a[6:]) != 1 || [4]byte(a[24:28]) != myIP {
+			return nil
+		}
+		r := make([]byte, 42)
+		copy(r[0:], a[8:14]) // to the sender's MAC
+		copy(r[6:], h.mac[:])
+		binary.BigEndian.PutUint16(r[12:], 0x0806)
+		ra := r[14:]
+		copy(ra, a[:6])
+		binary.BigEndian.PutUint16(ra[6:], 2) // reply
+		copy(ra[8:], h.mac[:])
+		copy(ra[14:], myIP[:])
+		copy(ra[18:], a[8:18]) // target = the requester's MAC and IP
+		return r
+	case 0x0800: // IPv4
+		p := f[14:]
+		if len(p) < 20 || p[0]>>4 != 4 {
+			return nil
+		}
+		ihl := int(p[0]&0xf) * 4
+		tot := int(binary.BigEndian.Uint16(p[2:]))
+		if ihl < 20 || tot < ihl+8 || tot > len(p) || p[9] != 1 || [4]byte(p[16:20]) != myIP {
+			return nil
+		}
+		icmp := p[ihl:tot]
+		if icmp[0] != 8 { // echo request
+			return nil
+		}
+		r := make([]byte, 14+tot)
+		copy(r[0:], f[6:12])
+		copy(r[6:], h.mac[:])
+		binary.BigEndian.PutUint16(r[12:], 0x0800)
+		rp := r[14:]
+		copy(rp, p[:tot])
+		copy(rp[12:], p[16:20]) // swap addresses
+		copy(rp[16:], p[12:16])
+		rp[8] = 64 // TTL
+		rp[10], rp[11] = 0, 0
+		binary.BigEndian.PutUint16(rp[10:], checksum(rp[:ihl]))
+		ri := rp[ihl:]
+		ri[0] = 0 // echo reply
+		ri[2], ri[3] = 0, 0
+		binary.BigEndian.PutUint16(ri[2:], checksum(ri))
+		return r
+	}
+	return nil
+}
+
+// checksum is the Internet checksum (RFC 1071).
+func checksum(b []byte) uint16 {
+	var s uint32
+	for len(b) >= 2 {
+		s += uint32(binary.BigEndian.Uint16(b))
+		b = b[2:]
+	}
+	if len(b) == 1 {
+		s += uint32(b[0]) << 8
+	}
+	for s>>16 != 0 {
+		s = s&0xffff + s>>16
+	}
+	return ^uint16(s)
 }

@@ -1,0 +1,439 @@
+package vhostuser
+
+// Interop tests against DPDK 22.11's dpdk-testpmd (Debian package dpdk):
+// net_virtio_user is a vhost-user front-end that drives our Backend, and
+// net_vhost is a vhost-user back-end our Frontend drives. They run without
+// hugepages. Gated by VDPAKIT_DPDK=1: skipped without it, failed when it is
+// set and dpdk-testpmd is missing.
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/vdpakit/vdpakit/vdpa"
+	"github.com/vdpakit/vdpakit/vdpa/vhostuser/vhostusertest"
+	"github.com/vdpakit/vdpakit/virtio"
+	"github.com/vdpakit/vdpakit/vring"
+)
+
+func requireTestpmd(t *testing.T) string {
+	t.Helper()
+	if os.Getenv("VDPAKIT_DPDK") != "1" {
+		t.Skip("DPDK interop test: set VDPAKIT_DPDK=1 to run it (needs dpdk-testpmd from Debian's dpdk package)")
+	}
+	p, err := exec.LookPath("dpdk-testpmd")
+	if err != nil {
+		t.Fatalf("VDPAKIT_DPDK=1 but dpdk-testpmd is not installed: %v", err)
+	}
+	return p
+}
+
+// lockedBuffer collects a process's output.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// testpmd is one interactive dpdk-testpmd process in its own process group.
+type testpmd struct {
+	t     *testing.T
+	cmd   *exec.Cmd
+	stdin io.WriteCloser
+	out   *lockedBuffer
+	done  chan struct{}
+}
+
+type testpmdConfig struct {
+	lcores string // --lcores, e.g. "0@0,1@0"
+	prefix string // --file-prefix, unique per process
+	vdev   string
+	fwd    string // forward mode
+	extra  []string
+}
+
+func startTestpmd(t *testing.T, bin string, c testpmdConfig) *testpmd {
+	t.Helper()
+	args := []string{"--lcores", c.lcores, "--no-pci", "--no-huge", "-m", "256", "--file-prefix=" + c.prefix,
+		"--vdev", c.vdev, "--", "-i", "--nb-cores=1", "--no-mlockall", "--total-num-mbufs=16384",
+		"--forward-mode=" + c.fwd}
+	args = append(args, c.extra...)
+	// testpmd's stdout is a pipe here, which stdio fully buffers; stdbuf
+	// makes it line-buffered so statistics arrive when printed.
+	cmd := exec.Command(bin, args...)
+	if sb, err := exec.LookPath("stdbuf"); err == nil {
+		cmd = exec.Command(sb, append([]string{"-oL", "-eL", bin}, args...)...)
+	}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	out := &lockedBuffer{}
+	cmd.Stdout, cmd.Stderr = out, out
+	stdin, err := cmd.StdinPipe()
+	require.NoError(t, err)
+	require.NoError(t, cmd.Start())
+	p := &testpmd{t: t, cmd: cmd, stdin: stdin, out: out, done: make(chan struct{})}
+	go func() { _ = cmd.Wait(); close(p.done) }()
+	t.Cleanup(func() {
+		p.quit()
+		if t.Failed() {
+			t.Logf("testpmd %s output:\n%s", c.prefix, out.String())
+		}
+	})
+	return p
+}
+
+func (p *testpmd) command(s string) {
+	_, _ = io.WriteString(p.stdin, s+"\n")
+}
+
+// quit asks testpmd to exit and kills its process group (only the
+// processes this test started) if it does not within 10s.
+func (p *testpmd) quit() {
+	select {
+	case <-p.done:
+		return
+	default:
+	}
+	p.command("quit")
+	_ = p.stdin.Close()
+	select {
+	case <-p.done:
+	case <-time.After(10 * time.Second):
+		_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+		<-p.done
+	}
+}
+
+// waitOutput waits until the output contains s at least n times.
+func (p *testpmd) waitOutput(ctx context.Context, s string, n int) error {
+	for {
+		if bytes.Count([]byte(p.out.String()), []byte(s)) >= n {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for %q x%d: %w", s, n, ctx.Err())
+		case <-p.done:
+			return fmt.Errorf("testpmd exited while waiting for %q", s)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+var (
+	nicStatsRe = regexp.MustCompile(`(?s)NIC statistics for port 0.*?RX-packets:\s+(\d+).*?TX-packets:\s+(\d+)`)
+	fwdStatsRe = regexp.MustCompile(`(?s)Forward statistics for port 0.*?RX-packets:\s+(\d+)\s+RX-dropped:\s+(\d+).*?TX-packets:\s+(\d+)\s+TX-dropped:\s+(\d+)`)
+)
+
+// portStats runs "show port stats 0" and returns the RX and TX packet
+// counters of the NIC statistics it prints.
+func (p *testpmd) portStats(ctx context.Context) (rx, tx uint64, err error) {
+	n := bytes.Count([]byte(p.out.String()), []byte("NIC statistics for port 0"))
+	p.command("show port stats 0")
+	if err := p.waitOutput(ctx, "Throughput (since last show)", n+1); err != nil {
+		return 0, 0, err
+	}
+	all := nicStatsRe.FindAllStringSubmatch(p.out.String(), -1)
+	if len(all) == 0 {
+		return 0, 0, fmt.Errorf("no port statistics in testpmd output")
+	}
+	m := all[len(all)-1]
+	rx, _ = strconv.ParseUint(m[1], 10, 64)
+	tx, _ = strconv.ParseUint(m[2], 10, 64)
+	return rx, tx, nil
+}
+
+// stopForwarding runs "stop" and returns the forward statistics of port 0:
+// received, dropped on receive, transmitted, dropped on transmit.
+func (p *testpmd) stopForwarding(ctx context.Context) (rx, rxDrop, tx, txDrop uint64, err error) {
+	p.command("stop")
+	if err := p.waitOutput(ctx, "Accumulated forward statistics", 1); err != nil {
+		return 0, 0, 0, 0, err
+	}
+	m := fwdStatsRe.FindStringSubmatch(p.out.String())
+	if m == nil {
+		return 0, 0, 0, 0, fmt.Errorf("no forward statistics in testpmd output")
+	}
+	v := make([]uint64, 4)
+	for i := range v {
+		v[i], _ = strconv.ParseUint(m[i+1], 10, 64)
+	}
+	return v[0], v[1], v[2], v[3], nil
+}
+
+func waitFile(ctx context.Context, path string) error {
+	for {
+		if _, err := os.Stat(path); err == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for %s: %w", path, ctx.Err())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+func waitCond(ctx context.Context, f func() bool) bool {
+	for !f() {
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	return true
+}
+
+func uniquePrefix(t *testing.T, what string) string {
+	return fmt.Sprintf("vdpakit-%s-%d-%d", what, os.Getpid(), time.Now().UnixNano()%1e9)
+}
+
+// serveBackend runs our back-end in server mode at a fresh socket path.
+func serveBackend(t *testing.T, ctx context.Context, h vdpa.Handler) (string, *Backend) {
+	path := filepath.Join(t.TempDir(), "vu.sock")
+	be := NewBackend(h, nil)
+	done := make(chan error, 1)
+	sctx, cancel := context.WithCancel(ctx)
+	go func() { done <- be.ListenAndServe(sctx, path) }()
+	t.Cleanup(func() { cancel(); <-done })
+	require.NoError(t, waitFile(ctx, path))
+	return path, be
+}
+
+// TestDPDKVirtioUserTxonly: DPDK's virtio-user front-end transmits to our
+// back-end (server mode) as fast as it can; every frame testpmd counts as
+// transmitted is counted by our handler, none lost.
+func TestDPDKVirtioUserTxonly(t *testing.T) {
+	bin := requireTestpmd(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	h := vhostusertest.New(vhostusertest.Sink, [6]byte{2, 0, 0, 0, 0, 1})
+	path, be := serveBackend(t, ctx, h)
+	p := startTestpmd(t, bin, testpmdConfig{lcores: "0@0,1@0", prefix: uniquePrefix(t, "txonly"),
+		vdev: "net_virtio_user0,path=" + path + ",queues=1", fwd: "txonly"})
+	require.NoError(t, p.waitOutput(ctx, "testpmd>", 1))
+	p.command("start")
+	require.True(t, waitCond(ctx, func() bool { return h.Counters().TxFrames > 100000 }), "no frames arrived")
+	_, _, tx, _, err := p.stopForwarding(ctx)
+	require.NoError(t, err)
+	require.NotZero(t, tx)
+	assert.True(t, waitCond(ctx, func() bool { return h.Counters().TxFrames == tx }),
+		"testpmd transmitted %d, back-end counted %d", tx, h.Counters().TxFrames)
+	info := be.Info()
+	assert.True(t, info.Features.Has(virtio.FVersion1, virtio.FProtocolFeat), "features %s", info.Features.Format(virtio.DeviceNet))
+	t.Logf("testpmd TX %d = back-end received %d; negotiated %s, protocol %v", tx, h.Counters().TxFrames,
+		info.Features.Format(virtio.DeviceNet), info.ProtocolFeatures)
+}
+
+// TestDPDKVirtioUserBothDirections: our back-end runs in client mode
+// against testpmd's virtio-user in server mode, forwarding in io mode: we
+// inject N frames on the receive queue at a paced rate, testpmd receives
+// each and sends it back on its transmit queue, and both sides count all N
+// in both directions.
+func TestDPDKVirtioUserBothDirections(t *testing.T) {
+	bin := requireTestpmd(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	path := filepath.Join(t.TempDir(), "vu.sock")
+	p := startTestpmd(t, bin, testpmdConfig{lcores: "0@0,1@0", prefix: uniquePrefix(t, "io"),
+		vdev: "net_virtio_user0,path=" + path + ",queues=1,server=1", fwd: "io",
+		extra: []string{"--port-topology=loop"}})
+	require.NoError(t, waitFile(ctx, path))
+
+	h := vhostusertest.New(vhostusertest.Sink, [6]byte{2, 0, 0, 0, 0, 1})
+	be := NewBackend(h, &BackendOptions{ReconnectInterval: 20 * time.Millisecond})
+	sctx, scancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- be.DialAndServe(sctx, path) }()
+	defer func() { scancel(); <-done }()
+
+	require.NoError(t, p.waitOutput(ctx, "testpmd>", 1))
+	require.True(t, waitCond(ctx, func() bool { return be.Info().RunningQueues == 2 }), "rings did not start")
+	// Retry transmits for a while when testpmd's transmit ring is full
+	// instead of dropping (testpmd's "io retry" forwarding).
+	p.command("set fwd io retry")
+	p.command("start")
+	// testpmd flushes its receive queues when forwarding starts: inject
+	// only after the start banner.
+	require.NoError(t, p.waitOutput(ctx, "forwards packets on", 1))
+
+	const frames = 20000
+	frame := make([]byte, 64)
+	copy(frame, []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 2, 0, 0, 0, 0, 1, 0x88, 0xb5})
+	for i := 0; i < frames; i++ {
+		require.NoError(t, h.Inject(ctx, frame))
+		if i%64 == 63 {
+			// Pace: at most 128 frames in flight through testpmd.
+			waitCond(ctx, func() bool { c := h.Counters(); return c.TxFrames+128 >= c.RxFrames })
+		}
+	}
+	ok := waitCond(ctx, func() bool { c := h.Counters(); return c.RxFrames == frames && c.TxFrames == frames })
+	c := h.Counters()
+	require.True(t, ok, "back-end delivered %d and got back %d of %d", c.RxFrames, c.TxFrames, frames)
+	rx, rxDrop, tx, txDrop, err := p.stopForwarding(ctx)
+	require.NoError(t, err)
+	assert.Equal(t, uint64(frames), rx, "testpmd received")
+	assert.Equal(t, uint64(frames), tx, "testpmd transmitted")
+	assert.Zero(t, rxDrop+txDrop, "testpmd dropped")
+	t.Logf("back-end delivered %d, testpmd rx %d tx %d, back-end received %d", c.RxFrames, rx, tx, c.TxFrames)
+}
+
+// TestDPDKFrontendNetVhost: our front-end drives DPDK's net_vhost back-end
+// in macswap mode: frames we transmit are counted by testpmd and come back
+// on our receive queue with the MAC addresses swapped.
+func TestDPDKFrontendNetVhost(t *testing.T) {
+	bin := requireTestpmd(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	path := filepath.Join(t.TempDir(), "vhost.sock")
+	p := startTestpmd(t, bin, testpmdConfig{lcores: "0@0,1@0", prefix: uniquePrefix(t, "vhost"),
+		vdev: "net_vhost0,iface=" + path + ",queues=1", fwd: "macswap",
+		extra: []string{"--port-topology=loop"}})
+	require.NoError(t, p.waitOutput(ctx, "testpmd>", 1))
+	require.NoError(t, waitFile(ctx, path))
+	p.command("start")
+	require.NoError(t, p.waitOutput(ctx, "forwards packets on", 1))
+
+	fe, err := Dial(ctx, path, nil)
+	require.NoError(t, err)
+	defer fe.Close()
+	t.Logf("net_vhost protocol features %v", fe.ProtocolFeatures())
+	d := &testDriver{t: t, fe: fe}
+	reg, err := vring.NewMemfdRegion(0x100000, 8<<20, nil)
+	require.NoError(t, err)
+	d.mem, err = vring.NewMemory(reg)
+	require.NoError(t, err)
+	defer d.mem.Close()
+	offered, err := fe.Features()
+	require.NoError(t, err)
+	require.True(t, offered.Has(virtio.FVersion1), "net_vhost offers %s", offered.Format(virtio.DeviceNet))
+	d.features = virtio.Features(0).With(virtio.FVersion1)
+	d.hdrLen = virtio.NetHdrLen(d.features)
+	require.NoError(t, fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver))
+	require.NoError(t, fe.SetFeatures(d.features))
+	require.NoError(t, fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK))
+	require.NoError(t, fe.SetMemory(d.mem))
+	ringBytes := (vring.ContiguousLayoutBytes(testQueueSize) + 4095) &^ 4095
+	for q := 0; q < 2; q++ {
+		d.layouts[q] = vring.ContiguousLayout(vring.GuestAddr(0x100000+uint64(q)*ringBytes), testQueueSize)
+		d.dqs[q], err = vring.NewDriverQueue(d.mem, vring.DriverQueueOptions{Index: q, Layout: d.layouts[q], Features: d.features})
+		require.NoError(t, err)
+		d.kicks[q], err = vdpa.NewEventFD()
+		require.NoError(t, err)
+		d.calls[q], err = vdpa.NewEventFD()
+		require.NoError(t, err)
+		defer d.kicks[q].Close()
+		defer d.calls[q].Close()
+	}
+	d.bufBase = vring.GuestAddr(0x100000 + 2*ringBytes)
+	d.nextBuf = d.bufBase
+	// Receive buffers: a fixed pool, re-posted as they come back.
+	rxAddr := map[uint16]vring.GuestAddr{}
+	for i := 0; i < testQueueSize; i++ {
+		a := d.alloc()
+		head, err := d.dqs[0].Add([]vring.Buffer{{Addr: a, Len: bufSize, Writable: true}})
+		require.NoError(t, err)
+		rxAddr[head] = a
+	}
+	d.dqs[0].Publish()
+	d.startQueue(0)
+	d.startQueue(1)
+	require.NoError(t, fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK|virtio.StatusDriverOK))
+
+	// Transmit buffers: a fixed pool of 128 frames.
+	src := [6]byte{2, 0, 0, 0, 0, 0xaa}
+	dst := [6]byte{2, 0, 0, 0, 0, 0xbb}
+	txAddr := make([]vring.GuestAddr, 128)
+	for i := range txAddr {
+		txAddr[i] = d.alloc()
+		b := make([]byte, d.hdrLen+64)
+		copy(b[d.hdrLen:], dst[:])
+		copy(b[d.hdrLen+6:], src[:])
+		b[d.hdrLen+12], b[d.hdrLen+13] = 0x88, 0xb5
+		require.NoError(t, d.mem.Write(txAddr[i], b))
+	}
+	const frames = 20000
+	sent, txDone, received := 0, 0, 0
+	inFlight := 0
+	deadline := time.Now().Add(60 * time.Second)
+	for (txDone < frames || received < frames) && time.Now().Before(deadline) {
+		progress := false
+		for sent < frames && inFlight < len(txAddr) && sent-received < 200 {
+			_, err := d.dqs[1].Add([]vring.Buffer{{Addr: txAddr[sent%len(txAddr)], Len: uint32(d.hdrLen + 64)}})
+			require.NoError(t, err)
+			sent++
+			inFlight++
+			progress = true
+		}
+		d.dqs[1].Publish()
+		if d.dqs[1].NeedsKick() {
+			require.NoError(t, d.kicks[1].Signal())
+		}
+		for {
+			_, _, ok, err := d.dqs[1].Reclaim()
+			require.NoError(t, err)
+			if !ok {
+				break
+			}
+			txDone++
+			inFlight--
+			progress = true
+		}
+		for {
+			head, n, ok, err := d.dqs[0].Reclaim()
+			require.NoError(t, err)
+			if !ok {
+				break
+			}
+			b := make([]byte, n)
+			require.NoError(t, d.mem.Read(rxAddr[head], b))
+			require.GreaterOrEqual(t, int(n), d.hdrLen+14)
+			assert.Equal(t, src[:], b[d.hdrLen:d.hdrLen+6], "macswap destination")
+			assert.Equal(t, dst[:], b[d.hdrLen+6:d.hdrLen+12], "macswap source")
+			received++
+			h2, err := d.dqs[0].Add([]vring.Buffer{{Addr: rxAddr[head], Len: bufSize, Writable: true}})
+			require.NoError(t, err)
+			rxAddr[h2] = rxAddr[head]
+			progress = true
+		}
+		d.dqs[0].Publish()
+		if d.dqs[0].NeedsKick() {
+			require.NoError(t, d.kicks[0].Signal())
+		}
+		if !progress {
+			time.Sleep(50 * time.Microsecond)
+		}
+	}
+	require.Equal(t, frames, txDone, "transmitted frames completed by net_vhost")
+	require.Equal(t, frames, received, "frames returned by macswap")
+	rx, _, tx, _, err := p.stopForwarding(ctx)
+	require.NoError(t, err)
+	assert.Equal(t, uint64(frames), rx, "testpmd received")
+	assert.Equal(t, uint64(frames), tx, "testpmd transmitted")
+	t.Logf("front-end sent %d, testpmd rx %d tx %d, front-end received %d", frames, rx, tx, received)
+}
