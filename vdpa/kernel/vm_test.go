@@ -403,3 +403,10 @@ func readFile(t *testing.T, path string) string {
 	require.NoError(t, err)
 	return string(b)
 }
+
+func TestDevicePathMatchesSysfsNode(t *testing.T) {
+	path := addSim(t, "vdpa-path", "mac", simMAC.String())
+	got, err := kernel.DevicePath("vdpa-path")
+	require.NoError(t, err)
+	assert.Equal(t, path, got)
+}
