@@ -552,7 +552,9 @@ func (q *DeviceQueue) PushChain(c *Chain, written uint32) error {
 }
 
 // PushBatch writes all elems to the used ring and publishes them with one
-// used.idx store.
+// used.idx store. It logs the used-ring writes but not buffer contents: a
+// caller with a WriteLogger logs what it wrote into the chains (or uses
+// PushChain).
 func (q *DeviceQueue) PushBatch(elems []UsedElem) error {
 	if q.err != nil {
 		return q.err
