@@ -120,14 +120,14 @@ const (
 // rig drives a vdpa_sim_net device's rx and tx queues with the library's
 // driver-side rings.
 type rig struct {
-	t      *testing.T
-	dev    *kernel.Device
-	mem    *vring.Memory
-	q      [2]*vring.DriverQueue
-	kick   [2]*vdpa.EventFD
-	call   [2]*vdpa.EventFD
-	bufs   [2]map[uint16]vring.GuestAddr // head -> buffer
-	free   [2][]int                      // free buffer slots
+	t    *testing.T
+	dev  *kernel.Device
+	mem  *vring.Memory
+	q    [2]*vring.DriverQueue
+	kick [2]*vdpa.EventFD
+	call [2]*vdpa.EventFD
+	bufs [2]map[uint16]vring.GuestAddr // head -> buffer
+	free [2][]int                      // free buffer slots
 }
 
 func newRig(t *testing.T, path string, opts *kernel.Options, want virtio.Features) *rig {
