@@ -150,6 +150,24 @@ func TestVhostVDPADrivesGoDevice(t *testing.T) {
 	assert.Equal(t, uint64(n), st.Tx().Frames)
 	assert.Equal(t, uint64(n), st.Rx().Frames)
 
+	// GET_VRING_BASE reaches the device as VDUSE_GET_VQ_STATE: it stops the
+	// queue and reports its exact position (every chain completed).
+	for qi, want := range []uint16{n, n} {
+		// Transmit completions are published before the receive frame of
+		// the next chain is read back, but wait for them to be sure.
+		for q[qi].Outstanding() > 0 {
+			if _, _, ok, err := q[qi].Reclaim(); err != nil || !ok {
+				require.NoError(t, err)
+				_, _ = call[qi].Wait(ctx)
+			}
+		}
+		st, err := kd.QueueBase(qi)
+		require.NoError(t, err)
+		assert.Equal(t, vdpa.QueueState{NextAvail: want, NextUsed: want}, st, "queue %d", qi)
+	}
+	_, err = dev.StopQueue(1)
+	assert.ErrorIs(t, err, softnet.ErrQueueStopped, "GET_VQ_STATE stopped the queue, like vhost's GET_VRING_BASE")
+
 	// Reset through vhost-vdpa reaches the handler.
 	require.NoError(t, kd.SetStatus(0))
 	assert.Zero(t, dev.NegotiatedFeatures())
