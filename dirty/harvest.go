@@ -124,6 +124,10 @@ func harvestIntoAtomic(src, dst []uint64) (taken uint64) {
 	dst = dst[:len(src)]
 	for i := nextBlock(src, 0); i < len(src); i = nextBlock(src, i) {
 		end := min(i+scanBlock, len(src))
+		// Bring the destination block's cache lines in with plain loads,
+		// which overlap, before the locked ORs, which would each wait for
+		// their line in turn.
+		sinkLoad(dst[i:end])
 		for ; i < end; i++ {
 			if atomic.LoadUint64(&src[i]) != 0 {
 				w := atomic.SwapUint64(&src[i], 0)
@@ -150,6 +154,17 @@ func harvestIntoSlice(src, dst []uint64) (taken uint64) {
 		}
 	}
 	return taken
+}
+
+// sinkLoad loads one word per cache line of ws (atomically: ws is shared).
+//
+//go:noinline
+func sinkLoad(ws []uint64) uint64 {
+	var x uint64
+	for i := 0; i < len(ws); i += 8 {
+		x |= atomic.LoadUint64(&ws[i])
+	}
+	return x
 }
 
 func geometryMismatch(op string, src, dst *Bitmap) error {
