@@ -154,7 +154,12 @@ type SourceReport struct {
 	Final  RoundReport   // the stop-and-copy harvest
 	// Downtime runs from stopping the guest to the destination reporting
 	// it runs again.
-	Downtime   time.Duration
+	Downtime time.Duration
+	// Breakdown of Downtime.
+	StopGuest  time.Duration // pausing the vCPUs
+	StopDevice time.Duration // suspending the device, reading its state
+	FinalCopy  time.Duration // harvesting and sending the last pages and the state
+	Resume     time.Duration // until the destination reports it runs
 	StateBytes int
 	TotalBytes uint64
 }
@@ -273,9 +278,13 @@ func MigrateSource(ctx context.Context, conn io.ReadWriter, opts SourceOptions) 
 	if err := opts.StopGuest(); err != nil {
 		return fail(err)
 	}
+	t1 := time.Now()
+	rep.StopGuest = t1.Sub(t0)
 	if err := opts.Device.SetMigrationState(MigStopCopy); err != nil {
 		return fail(err)
 	}
+	t2 := time.Now()
+	rep.StopDevice = t2.Sub(t1)
 	final, err := tr.Final(dst)
 	if err != nil {
 		return fail(err)
@@ -300,6 +309,8 @@ func MigrateSource(ctx context.Context, conn io.ReadWriter, opts SourceOptions) 
 	if err := c.flush(); err != nil {
 		return fail(err)
 	}
+	t3 := time.Now()
+	rep.FinalCopy = t3.Sub(t2)
 	typ, _, err := c.recv(nil)
 	if err != nil {
 		return nil, err
@@ -307,6 +318,7 @@ func MigrateSource(ctx context.Context, conn io.ReadWriter, opts SourceOptions) 
 	if typ != msgResumed {
 		return nil, fmt.Errorf("%w: expected resumed, got type %d", ErrProtocol, typ)
 	}
+	rep.Resume = time.Since(t3)
 	rep.Downtime = time.Since(t0)
 	tracking = false
 	if err := opts.Device.StopDirtyTracking(); err != nil {
