@@ -326,8 +326,15 @@ func (b *Bitmap) markSlow(addr, length uint64) error {
 }
 
 // LogWrite is Mark under the name vring's WriteLogger interface uses, so a
-// *Bitmap can be a device queue's write logger directly.
-func (b *Bitmap) LogWrite(addr, length uint64) error { return b.Mark(addr, length) }
+// *Bitmap can be a device queue's write logger directly. On a nil *Bitmap
+// (a typed nil stored in a WriteLogger) it reports ErrClosed rather than
+// panicking, so the queue fails loudly and drops nothing silently.
+func (b *Bitmap) LogWrite(addr, length uint64) error {
+	if b == nil {
+		return ErrClosed
+	}
+	return b.Mark(addr, length)
+}
 
 // markPages sets the bits of pages first..last (inclusive, first < last,
 // last < NumPages) with one atomic OR per word touched.

@@ -56,9 +56,9 @@ func (b *Bitmap) lastMask() uint64 {
 	return ^uint64(0)
 }
 
-// checkOpen reports ErrClosed for a closed bitmap.
+// checkOpen reports ErrClosed for a closed (or nil) bitmap.
 func (b *Bitmap) checkOpen() error {
-	if b.closed {
+	if b == nil || b.closed {
 		return ErrClosed
 	}
 	return nil

@@ -427,6 +427,14 @@ func TestClosed(t *testing.T) {
 	assert.False(t, b.PageDirty(0))
 	assert.Zero(t, b.Addr())
 	assert.Nil(t, b.Bytes())
+
+	// A nil bitmap (a typed nil in a WriteLogger, or a nil argument) fails
+	// like a closed one instead of panicking.
+	var null *dirty.Bitmap
+	require.ErrorIs(t, null.LogWrite(0, 1), dirty.ErrClosed)
+	_, err = other.Harvest(null)
+	require.ErrorIs(t, err, dirty.ErrClosed)
+	require.ErrorIs(t, other.Union(null), dirty.ErrClosed)
 }
 
 func TestGeometryMismatch(t *testing.T) {
