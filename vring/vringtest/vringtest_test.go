@@ -63,3 +63,33 @@ func Example() {
 	fmt.Printf("device got %q, driver got %q\n", req, comp.Data)
 	// Output: device got "ping", driver got "PONG"
 }
+
+func TestRawRingFeedsHostileChains(t *testing.T) {
+	h, err := vringtest.New(&vringtest.Options{Size: 8})
+	require.NoError(t, err)
+	defer h.Close()
+	raw, err := vringtest.NewRawRing(h.Mem, h.Layout)
+	require.NoError(t, err)
+	// A valid chain, then one that loops.
+	require.NoError(t, raw.WriteDesc(h.Layout.Desc, 0, 0x4000, 16, vring.DescFWrite, 0))
+	require.NoError(t, raw.WriteDesc(h.Layout.Desc, 1, 0x4000, 16, vring.DescFNext, 1))
+	require.NoError(t, raw.SetAvail(0, 0))
+	require.NoError(t, raw.SetAvail(1, 1))
+	require.NoError(t, raw.SetAvailIdx(2))
+	var c vring.Chain
+	ok, err := h.Device.Pop(&c)
+	require.NoError(t, err)
+	require.True(t, ok)
+	require.NoError(t, h.Device.Push(c.Head, 5))
+	flags, idx, err := raw.UsedIdx()
+	require.NoError(t, err)
+	require.Equal(t, uint16(0), flags)
+	require.Equal(t, uint16(1), idx)
+	id, n, err := raw.Used(0)
+	require.NoError(t, err)
+	require.Equal(t, []uint32{0, 5}, []uint32{id, n})
+	_, err = h.Device.Pop(&c)
+	require.ErrorIs(t, err, vring.ErrChainLoop)
+	_, err = vringtest.NewRawRing(h.Mem, vring.ContiguousLayout(1<<40, 8))
+	require.ErrorIs(t, err, vring.ErrOutOfRange)
+}
