@@ -215,6 +215,9 @@ type Options struct {
 	Log vring.WriteLogger
 	// Base is the guest address of guest memory (default 0).
 	Base vring.GuestAddr
+	// NoDevice leaves Harness.Device nil, for tests that attach their own
+	// device side to Harness.Mem and Harness.Layout.
+	NoDevice bool
 }
 
 // Harness is a ring in memfd-backed guest memory with both sides attached.
@@ -257,12 +260,15 @@ func New(opts *Options) (*Harness, error) {
 		mem.Close()
 		return nil, err
 	}
-	dev, err := vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Layout: layout, Features: o.Features, Log: o.Log})
-	if err != nil {
-		mem.Close()
-		return nil, err
+	h := &Harness{Mem: mem, Layout: layout, Driver: drv}
+	if !o.NoDevice {
+		h.Device, err = vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Layout: layout, Features: o.Features, Log: o.Log})
+		if err != nil {
+			mem.Close()
+			return nil, err
+		}
 	}
-	return &Harness{Mem: mem, Layout: layout, Driver: drv, Device: dev}, nil
+	return h, nil
 }
 
 // Close releases the guest memory.
