@@ -196,19 +196,18 @@ func (b *Backend) ServeConn(ctx context.Context, uc *net.UnixConn) error {
 
 // vq is the back-end's view of one virtqueue.
 type vq struct {
-	num      uint16
-	addr     VringAddr
-	addrSet  bool
-	base     uint16
-	saved    *vring.QueueState // state from a disable, reused on enable
-	kick     *vdpa.EventFD
-	call     *vdpa.EventFD
-	errFd    *vdpa.EventFD
-	kicked   bool // SET_VRING_KICK received since the ring last stopped
-	enabled  bool
-	running  bool
-	dq       *vring.DeviceQueue
-	features virtio.Features // negotiated features the running ring uses
+	num     uint16
+	addr    VringAddr
+	addrSet bool
+	base    uint16
+	saved   *vring.QueueState // state from a disable, reused on enable
+	kick    *vdpa.EventFD
+	call    *vdpa.EventFD
+	errFd   *vdpa.EventFD
+	kicked  bool // SET_VRING_KICK received since the ring last stopped
+	enabled bool
+	running bool
+	dq      *vring.DeviceQueue
 }
 
 type session struct {

@@ -25,18 +25,17 @@ const testQueueSize = 256
 // testDriver is the guest side of one front-end session: memory, driver
 // queues and eventfds.
 type testDriver struct {
-	t          *testing.T
-	fe         *Frontend
-	mem        *vring.Memory
-	layouts    [2]vring.Layout
-	dqs        [2]*vring.DriverQueue
-	kicks      [2]*vdpa.EventFD
-	calls      [2]*vdpa.EventFD
-	bufBase    vring.GuestAddr
-	features   virtio.Features
-	hdrLen     int
-	nextBuf    vring.GuestAddr
-	memRegions []*vring.Region
+	t        *testing.T
+	fe       *Frontend
+	mem      *vring.Memory
+	layouts  [2]vring.Layout
+	dqs      [2]*vring.DriverQueue
+	kicks    [2]*vdpa.EventFD
+	calls    [2]*vdpa.EventFD
+	bufBase  vring.GuestAddr
+	features virtio.Features
+	hdrLen   int
+	nextBuf  vring.GuestAddr
 }
 
 const bufSize = 4096 // one page each, so dirty-log checks can tell buffers apart

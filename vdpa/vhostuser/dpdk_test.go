@@ -437,3 +437,60 @@ func TestDPDKFrontendNetVhost(t *testing.T) {
 	assert.Equal(t, uint64(frames), tx, "testpmd transmitted")
 	t.Logf("front-end sent %d, testpmd rx %d tx %d, front-end received %d", frames, rx, tx, received)
 }
+
+// measureTxMpps starts forwarding on a virtio-user testpmd, lets it warm
+// up, and returns the rate of its TX-packets counter (frames the back-end
+// accepted) over window.
+func measureTxMpps(t *testing.T, ctx context.Context, p *testpmd, window time.Duration) float64 {
+	t.Helper()
+	p.command("start")
+	require.NoError(t, p.waitOutput(ctx, "forwards packets on", 1))
+	time.Sleep(time.Second)
+	_, tx1, err := p.portStats(ctx)
+	require.NoError(t, err)
+	t1 := time.Now()
+	time.Sleep(window)
+	_, tx2, err := p.portStats(ctx)
+	require.NoError(t, err)
+	dt := time.Since(t1)
+	_, _, _, _, err = p.stopForwarding(ctx)
+	require.NoError(t, err)
+	require.Greater(t, tx2, tx1, "no frames transmitted during the window")
+	return float64(tx2-tx1) / dt.Seconds() / 1e6
+}
+
+// TestDPDKThroughput reports (t.Log) the rate DPDK's virtio-user reaches in
+// txonly mode against our back-end and against DPDK's own net_vhost
+// back-end (testpmd rxonly), measured one after the other in the same run
+// with the same testpmd options. virtio-user runs on CPU 0; net_vhost's
+// testpmd on CPU 1; our back-end's goroutines are not pinned. It asserts
+// only that frames flowed: the figures depend on the machine.
+func TestDPDKThroughput(t *testing.T) {
+	bin := requireTestpmd(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	const window = 3 * time.Second
+
+	h := vhostusertest.New(vhostusertest.Sink, [6]byte{2, 0, 0, 0, 0, 1})
+	path, _ := serveBackend(t, ctx, h)
+	p := startTestpmd(t, bin, testpmdConfig{lcores: "0@0,1@0", prefix: uniquePrefix(t, "perf-ours"),
+		vdev: "net_virtio_user0,path=" + path + ",queues=1", fwd: "txonly"})
+	require.NoError(t, p.waitOutput(ctx, "testpmd>", 1))
+	ours := measureTxMpps(t, ctx, p, window)
+	p.quit()
+
+	vpath := filepath.Join(t.TempDir(), "vhost.sock")
+	v := startTestpmd(t, bin, testpmdConfig{lcores: "0@1,1@1", prefix: uniquePrefix(t, "perf-vhost"),
+		vdev: "net_vhost0,iface=" + vpath + ",queues=1", fwd: "rxonly"})
+	require.NoError(t, v.waitOutput(ctx, "testpmd>", 1))
+	require.NoError(t, waitFile(ctx, vpath))
+	v.command("start")
+	u := startTestpmd(t, bin, testpmdConfig{lcores: "0@0,1@0", prefix: uniquePrefix(t, "perf-vu"),
+		vdev: "net_virtio_user0,path=" + vpath + ",queues=1", fwd: "txonly"})
+	require.NoError(t, u.waitOutput(ctx, "testpmd>", 1))
+	dpdk := measureTxMpps(t, ctx, u, window)
+
+	t.Logf("virtio-user txonly (64-byte frames, burst 32) -> vdpakit back-end: %.2f Mpps", ours)
+	t.Logf("virtio-user txonly (64-byte frames, burst 32) -> DPDK net_vhost:    %.2f Mpps", dpdk)
+	fmt.Printf("DPDK-THROUGHPUT vdpakit=%.2fMpps net_vhost=%.2fMpps\n", ours, dpdk)
+}

@@ -1,8 +1,6 @@
 package vhostuser
 
 import (
-	"fmt"
-
 	"golang.org/x/sys/unix"
 
 	"github.com/vdpakit/vdpakit/vring"
@@ -112,8 +110,4 @@ func userToGuest(mem *vring.Memory, what string, q int, a uint64) (vring.GuestAd
 		return 0, msgErr(ReqSetVringAddr, ErrAddrNotMapped, "queue %d %s address %#x", q, what, a)
 	}
 	return g, nil
-}
-
-func errorf(sentinel error, format string, args ...any) error {
-	return fmt.Errorf("%w: "+format, append([]any{sentinel}, args...)...)
 }
