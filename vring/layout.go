@@ -56,19 +56,21 @@ func SplitSizes(size uint16) (desc, avail, used uint64) {
 }
 
 // ContiguousLayout places a queue of the given size at base (which should be
-// 16-aligned): the descriptor table, then the available ring, then the used
-// ring at the next 4-aligned address.
+// 64-aligned): the descriptor table, then the available ring, then the used
+// ring at the next 64-byte boundary. The spec only needs 4; starting the
+// used ring (written by the device) on its own cache line keeps it from
+// sharing a line with the end of the available ring (written by the driver).
 func ContiguousLayout(base GuestAddr, size uint16) Layout {
 	d, a, _ := SplitSizes(size)
-	used := (uint64(base) + d + a + 3) &^ 3
+	used := (uint64(base) + d + a + 63) &^ 63
 	return Layout{Size: size, Desc: base, Avail: base + GuestAddr(d), Used: GuestAddr(used)}
 }
 
 // ContiguousLayoutBytes is the number of bytes ContiguousLayout uses from a
-// 16-aligned base.
+// 64-aligned base.
 func ContiguousLayoutBytes(size uint16) uint64 {
 	d, a, u := SplitSizes(size)
-	return (d+a+3)&^3 + u
+	return (d+a+63)&^63 + u
 }
 
 // ValidQueueSize reports whether size is a valid split queue size.

@@ -188,8 +188,8 @@ func TestLayoutValidate(t *testing.T) {
 	assert.Equal(t, []uint64{4096, 6 + 512, 6 + 2048}, []uint64{d, a, u})
 	l := ContiguousLayout(0x10000, 256)
 	require.NoError(t, l.Validate())
-	assert.Equal(t, Layout{Size: 256, Desc: 0x10000, Avail: 0x11000, Used: 0x11000 + 520}, l)
-	assert.Equal(t, uint64(4096+520+6+2048), ContiguousLayoutBytes(256))
+	assert.Equal(t, Layout{Size: 256, Desc: 0x10000, Avail: 0x11000, Used: 0x11000 + 576}, l)
+	assert.Equal(t, uint64(4096+576+6+2048), ContiguousLayoutBytes(256))
 }
 
 func TestQueueRejectsRingOutsideMemory(t *testing.T) {
