@@ -77,6 +77,7 @@ type vq struct {
 	running bool
 	state   vring.QueueState
 	stopped bool // state holds a position read back by GET_VQ_STATE or a stop
+	paused  bool // stopped by an IOTLB update, to restart once memory is back
 	kick    *vdpa.EventFD
 	call    *vdpa.EventFD
 	irqDone chan struct{}
@@ -279,6 +280,7 @@ func (d *Device) vqStateLocked(i int) (uint16, error) {
 			return 0, err
 		}
 	}
+	q.paused = false
 	if q.stopped {
 		return q.state.NextAvail, nil
 	}
@@ -470,41 +472,64 @@ func (d *Device) releaseEventFDs(i int) {
 	}
 }
 
-// updateIOTLBLocked drops the mappings and, if queues run, re-maps and
-// restarts them at their exact position.
+// updateIOTLBLocked handles VDUSE_UPDATE_IOTLB for [start, last]: running
+// queues whose memory is affected stop (keeping their exact state), the
+// mappings are dropped, and once the kernel's IOTLB again covers the rings
+// (vhost-vdpa sends one update for the unmap and another for the new map)
+// the paused queues restart where they stopped.
 func (d *Device) updateIOTLBLocked(start, last uint64) error {
-	if d.mem == nil {
-		return nil
-	}
-	overlaps := false
-	for _, r := range d.mem.Regions() {
-		if uint64(r.Base()) <= last && start <= uint64(r.End())-1 {
-			overlaps = true
-		}
-	}
-	if !overlaps {
-		return nil
-	}
-	var running []int
-	for i := len(d.queues) - 1; i >= 0; i-- {
-		if d.queues[i].running {
-			if err := d.stopQueueLocked(i); err != nil {
-				return err
+	if d.mem != nil {
+		overlaps := false
+		for _, r := range d.mem.Regions() {
+			if uint64(r.Base()) <= last && start <= uint64(r.End())-1 {
+				overlaps = true
 			}
-			running = append(running, i)
+		}
+		if overlaps {
+			for i := len(d.queues) - 1; i >= 0; i-- {
+				if d.queues[i].running {
+					if err := d.stopQueueLocked(i); err != nil {
+						return err
+					}
+					d.queues[i].paused = true
+				}
+			}
+			d.unmapLocked()
 		}
 	}
-	d.unmapLocked()
-	if len(running) == 0 {
+	if d.status&virtio.StatusDriverOK == 0 {
+		return nil // mapped at DRIVER_OK
+	}
+	if err := d.resumePausedLocked(); err != nil {
+		// Not an error of this update: the memory is incomplete until the
+		// next one. The queues stay paused.
+		d.logf("vduse %s: queues stay paused: %v", d.opts.Name, err)
+	}
+	return nil
+}
+
+// resumePausedLocked maps the IOTLB if needed and restarts paused queues.
+func (d *Device) resumePausedLocked() error {
+	any := false
+	for i := range d.queues {
+		any = any || d.queues[i].paused
+	}
+	if !any {
 		return nil
 	}
-	if err := d.mapLocked(); err != nil {
-		return err
-	}
-	for k := len(running) - 1; k >= 0; k-- {
-		if err := d.startQueueLocked(running[k]); err != nil {
+	if d.mem == nil {
+		if err := d.mapLocked(); err != nil {
 			return err
 		}
+	}
+	for i := range d.queues {
+		if !d.queues[i].paused {
+			continue
+		}
+		if err := d.startQueueLocked(i); err != nil {
+			return err
+		}
+		d.queues[i].paused = false
 	}
 	return nil
 }

@@ -104,63 +104,73 @@ func TestVhostVDPADrivesGoDevice(t *testing.T) {
 	rxBuf := base + 0x100000
 	txBuf := base + 0x200000
 	const n = 8
-	for i := range n {
-		_, err := q[0].Add([]vring.Buffer{{Addr: rxBuf + vring.GuestAddr(i*2048), Len: 2048, Writable: true}})
-		require.NoError(t, err)
-	}
-	q[0].Publish()
-	require.NoError(t, kick[0].Signal())
-	var sent [][]byte
-	for i := range n {
-		f := make([]byte, 14+100+i)
-		copy(f, devMAC[:])
-		copy(f[6:], peerMAC[:])
-		binary.BigEndian.PutUint16(f[12:], 0x88b5)
-		for k := 14; k < len(f); k++ {
-			f[k] = byte(i + k)
-		}
-		pkt := append(make([]byte, virtio.NetHdrSize), f...)
-		require.NoError(t, mem.Write(txBuf+vring.GuestAddr(i*2048), pkt))
-		_, err := q[1].Add([]vring.Buffer{{Addr: txBuf + vring.GuestAddr(i*2048), Len: uint32(len(pkt))}})
-		require.NoError(t, err)
-		sent = append(sent, f)
-	}
-	q[1].Publish()
-	require.NoError(t, kick[1].Signal())
-
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	for i := 0; i < n; {
-		head, length, ok, err := q[0].Reclaim()
-		require.NoError(t, err)
-		if !ok {
-			_, err := call[0].Wait(ctx)
-			require.NoError(t, err, "waiting for frame %d", i)
-			continue
+	reclaim := func(qi int) (uint16, uint32) {
+		for {
+			head, length, ok, err := q[qi].Reclaim()
+			require.NoError(t, err)
+			if ok {
+				return head, length
+			}
+			_, err = call[qi].Wait(ctx)
+			require.NoError(t, err, "waiting for a used entry on queue %d", qi)
 		}
-		b := make([]byte, length)
-		require.NoError(t, mem.Read(rxBuf+vring.GuestAddr(int(head)*2048), b))
-		h, err := virtio.DecodeNetHdr(b, virtio.NetHdrSize)
-		require.NoError(t, err)
-		assert.Equal(t, uint16(1), h.NumBuffers)
-		assert.True(t, bytes.Equal(sent[i], b[virtio.NetHdrSize:]), "frame %d differs", i)
-		i++
 	}
+	round := func(r int) {
+		rxAddr := map[uint16]vring.GuestAddr{}
+		for i := range n {
+			a := rxBuf + vring.GuestAddr(i*2048)
+			h, err := q[0].Add([]vring.Buffer{{Addr: a, Len: 2048, Writable: true}})
+			require.NoError(t, err)
+			rxAddr[h] = a
+		}
+		q[0].Publish()
+		require.NoError(t, kick[0].Signal())
+		var sent [][]byte
+		for i := range n {
+			f := make([]byte, 14+100+i)
+			copy(f, devMAC[:])
+			copy(f[6:], peerMAC[:])
+			binary.BigEndian.PutUint16(f[12:], 0x88b5)
+			for k := 14; k < len(f); k++ {
+				f[k] = byte(r + i + k)
+			}
+			pkt := append(make([]byte, virtio.NetHdrSize), f...)
+			require.NoError(t, mem.Write(txBuf+vring.GuestAddr(i*2048), pkt))
+			_, err := q[1].Add([]vring.Buffer{{Addr: txBuf + vring.GuestAddr(i*2048), Len: uint32(len(pkt))}})
+			require.NoError(t, err)
+			sent = append(sent, f)
+		}
+		q[1].Publish()
+		require.NoError(t, kick[1].Signal())
+		for i := range n {
+			head, length := reclaim(0)
+			b := make([]byte, length)
+			require.NoError(t, mem.Read(rxAddr[head], b))
+			h, err := virtio.DecodeNetHdr(b, virtio.NetHdrSize)
+			require.NoError(t, err)
+			assert.Equal(t, uint16(1), h.NumBuffers)
+			assert.True(t, bytes.Equal(sent[i], b[virtio.NetHdrSize:]), "round %d frame %d differs", r, i)
+		}
+		for range n {
+			_, length := reclaim(1)
+			assert.Zero(t, length)
+		}
+	}
+	round(0)
+	// Re-mapping guest memory while the device runs: VDUSE_UPDATE_IOTLB
+	// makes the server stop the queues, re-map and restart them at their
+	// exact position.
+	require.NoError(t, kd.SetMemory(mem))
+	round(1)
 	st := dev.Stats()
-	assert.Equal(t, uint64(n), st.Tx().Frames)
-	assert.Equal(t, uint64(n), st.Rx().Frames)
+	assert.Equal(t, uint64(2*n), st.Tx().Frames)
+	assert.Equal(t, uint64(2*n), st.Rx().Frames)
 
 	// GET_VRING_BASE reaches the device as VDUSE_GET_VQ_STATE: it stops the
 	// queue and reports its exact position (every chain completed).
-	for qi, want := range []uint16{n, n} {
-		// Transmit completions are published before the receive frame of
-		// the next chain is read back, but wait for them to be sure.
-		for q[qi].Outstanding() > 0 {
-			if _, _, ok, err := q[qi].Reclaim(); err != nil || !ok {
-				require.NoError(t, err)
-				_, _ = call[qi].Wait(ctx)
-			}
-		}
+	for qi, want := range []uint16{2 * n, 2 * n} {
 		st, err := kd.QueueBase(qi)
 		require.NoError(t, err)
 		assert.Equal(t, vdpa.QueueState{NextAvail: want, NextUsed: want}, st, "queue %d", qi)
