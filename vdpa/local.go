@@ -30,6 +30,15 @@ var (
 	ErrNoMemory = errors.New("vdpa: no guest memory set")
 )
 
+// QueueErrReporter is implemented by handlers that can report a queue
+// whose processing stopped on an error (a ring rule broken by the driver, a
+// failed dirty-log write). Local turns such an error into the
+// DEVICE_NEEDS_RESET status bit (virtio 1.2 §2.1.2). softnet.Device
+// implements it.
+type QueueErrReporter interface {
+	QueueErr(q int) error
+}
+
 // LocalOptions configure a Local device. A nil *LocalOptions means
 // defaults.
 type LocalOptions struct {
@@ -129,13 +138,40 @@ func (l *Local) SetFeatures(f virtio.Features) error {
 	return nil
 }
 
-// Status implements Device.
+// Status implements Device. A running queue the handler reports broken
+// (QueueErrReporter) sets DEVICE_NEEDS_RESET.
 func (l *Local) Status() (virtio.Status, error) {
 	if err := l.lock(); err != nil {
 		return 0, err
 	}
 	defer l.mu.Unlock()
+	if r, ok := l.h.(QueueErrReporter); ok {
+		for i := range l.queues {
+			if l.queues[i].running && r.QueueErr(i) != nil {
+				l.status |= virtio.StatusDeviceNeedsReset
+			}
+		}
+	}
 	return l.status, nil
+}
+
+// QueueErr returns the error that stopped queue i: a failed start (invalid
+// rings) or, from a QueueErrReporter handler, a data-path error.
+func (l *Local) QueueErr(i int) error {
+	if err := l.lock(); err != nil {
+		return err
+	}
+	defer l.mu.Unlock()
+	if i < 0 || i >= len(l.queues) {
+		return fmt.Errorf("%w: queue %d of %d", ErrBadQueue, i, len(l.queues))
+	}
+	if l.queues[i].err != nil {
+		return l.queues[i].err
+	}
+	if r, ok := l.h.(QueueErrReporter); ok && l.queues[i].running {
+		return r.QueueErr(i)
+	}
+	return nil
 }
 
 // SetStatus implements Device. Zero resets the device (every queue stops,

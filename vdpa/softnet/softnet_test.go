@@ -3,6 +3,7 @@ package softnet_test
 import (
 	"encoding/binary"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -567,4 +568,32 @@ func TestInOrderCompletions(t *testing.T) {
 	h, err := virtio.DecodeNetHdr(got[0].Data, virtio.NetHdrSize)
 	require.NoError(t, err)
 	assert.Equal(t, uint16(2), h.NumBuffers)
+}
+
+func TestHostileRingSetsNeedsReset(t *testing.T) {
+	// §2.1.2: a device that enters an error state sets DEVICE_NEEDS_RESET.
+	// The driver here publishes avail.idx far beyond the queue size.
+	s := newStack(t, stackOptions{features: base})
+	var idx [2]byte
+	binary.LittleEndian.PutUint16(idx[:], 1000)
+	require.NoError(t, s.mem.Write(s.layouts[1].Avail+2, idx[:]))
+	require.NoError(t, s.kick[1].Signal())
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		st, err := s.local.Status()
+		require.NoError(t, err)
+		if st&virtio.StatusDeviceNeedsReset != 0 {
+			break
+		}
+		require.True(t, time.Now().Before(deadline), "status %v", st)
+		time.Sleep(time.Millisecond)
+	}
+	err := s.local.QueueErr(1)
+	assert.ErrorIs(t, err, vring.ErrAvailIdxJump)
+	assert.ErrorIs(t, s.dev.QueueErr(1), vring.ErrAvailIdxJump)
+	// A reset brings the device back.
+	require.NoError(t, s.local.SetStatus(0))
+	st, err := s.local.Status()
+	require.NoError(t, err)
+	assert.Zero(t, st)
 }
