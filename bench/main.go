@@ -124,9 +124,11 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	prog.Done()
 	rep.Finished = time.Now().UTC()
+	rep.LoadAvgEnd = loadAvg()
 	rep.Results = h.results
 
-	fmt.Fprintf(stdout, "vdpakit bench — %s, %d cores, %s, %s\n\n", rep.Machine.CPUModel, rep.Machine.Cores, kernelRelease(rep.Machine.Kernel), rep.Machine.GoVersion)
+	fmt.Fprintf(stdout, "vdpakit bench — %s, %d cores, %s, %s, load %s -> %s\n\n", rep.Machine.CPUModel, rep.Machine.Cores,
+		kernelRelease(rep.Machine.Kernel), rep.Machine.GoVersion, rep.Machine.LoadAvg, rep.LoadAvgEnd)
 	if err := WriteTable(stdout, h.results); err != nil {
 		fmt.Fprintln(stderr, "bench:", err)
 		return 1

@@ -67,6 +67,9 @@ type Report struct {
 	Started  time.Time `json:"started"`
 	Finished time.Time `json:"finished"`
 	Machine  Machine   `json:"machine"`
+	// LoadAvgEnd is /proc/loadavg when the run finished: with the start
+	// value in Machine it tells how busy the machine was.
+	LoadAvgEnd string `json:"load_avg_at_end,omitempty"`
 	Config   Config    `json:"config"`
 	Results  []Result  `json:"results"`
 }
@@ -89,12 +92,7 @@ func DescribeMachine() Machine {
 	if b, err := os.ReadFile("/proc/meminfo"); err == nil {
 		m.MemTotal = parseMemTotal(b)
 	}
-	if b, err := os.ReadFile("/proc/loadavg"); err == nil {
-		f := strings.Fields(string(b))
-		if len(f) >= 3 {
-			m.LoadAvg = strings.Join(f[:3], " ")
-		}
-	}
+	m.LoadAvg = loadAvg()
 	var u unix.Utsname
 	if err := unix.Uname(&u); err == nil {
 		m.Kernel = strings.TrimSpace(unix.ByteSliceToString(u.Sysname[:]) + " " +
@@ -107,6 +105,19 @@ func DescribeMachine() Machine {
 		m.GoVersion = bi.GoVersion
 	}
 	return m
+}
+
+// loadAvg returns the 1, 5 and 15 minute load averages.
+func loadAvg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return ""
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return ""
+	}
+	return strings.Join(f[:3], " ")
 }
 
 // parseCPUModel returns the first "model name" of a /proc/cpuinfo text.
