@@ -154,10 +154,13 @@ func (f *Frontend) handshake() error {
 		if f.opts.ProtocolFeatures != 0 {
 			want &= f.opts.ProtocolFeatures
 		}
-		f.proto = ProtocolFeatures(p) & want
-		if err := f.send(ReqSetProtocolFeatures, putU64(uint64(f.proto)), nil, false); err != nil {
+		// Sent before REPLY_ACK is in effect (as QEMU and DPDK do): no
+		// acknowledgement is asked for this one.
+		proto := ProtocolFeatures(p) & want
+		if err := f.send(ReqSetProtocolFeatures, putU64(uint64(proto)), nil, false); err != nil {
 			return err
 		}
+		f.proto = proto
 		if f.proto.Has(PFMQ) {
 			n, err := f.getU64(ReqGetQueueNum)
 			if err != nil {
