@@ -69,9 +69,9 @@ type Report struct {
 	Machine  Machine   `json:"machine"`
 	// LoadAvgEnd is /proc/loadavg when the run finished: with the start
 	// value in Machine it tells how busy the machine was.
-	LoadAvgEnd string `json:"load_avg_at_end,omitempty"`
-	Config   Config    `json:"config"`
-	Results  []Result  `json:"results"`
+	LoadAvgEnd string   `json:"load_avg_at_end,omitempty"`
+	Config     Config   `json:"config"`
+	Results    []Result `json:"results"`
 }
 
 // reportSchema is bumped when the JSON shape changes incompatibly.
