@@ -185,6 +185,15 @@ func TestAddShowDeleteMatchVdpaTool(t *testing.T) {
 	require.NoError(t, err)
 	assert.Len(t, cfgs, len(devs))
 
+	// VDPA_CMD_DEV_ATTR_SET changes the MAC; iproute2 sees the new one.
+	mac2 := net.HardwareAddr{0x02, 0x21, 0x43, 0x65, 0x87, 0xa9}
+	require.NoError(t, c.SetMAC(ctx, "vdpa-nl", mac2))
+	cfg, err = c.DeviceConfig(ctx, "vdpa-nl")
+	require.NoError(t, err)
+	assert.Equal(t, mac2, cfg.MAC)
+	checkDeviceAgainstTool(t, c, "vdpa-nl")
+	assert.ErrorIs(t, c.SetMAC(ctx, "vdpa-none", mac2), mgmt.ErrNotFound)
+
 	require.NoError(t, c.DeleteDevice(ctx, "vdpa-nl"))
 	assert.NotContains(t, obj(t, vdpaJSON(t, "dev", "show"), "dev"), "vdpa-nl")
 	assert.ErrorIs(t, c.DeleteDevice(ctx, "vdpa-nl"), mgmt.ErrNotFound)

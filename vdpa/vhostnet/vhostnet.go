@@ -54,11 +54,17 @@ var (
 	ErrStatus = errors.New("vhostnet: invalid status transition")
 )
 
-// Features the kernel's vhost-net handles that this device offers. The
-// rest of what VHOST_GET_FEATURES reports is vhost-internal
-// (VHOST_NET_F_VIRTIO_NET_HDR) or needs machinery vhostnet does not drive
+// Features the kernel's vhost-net handles that this device offers and
+// passes to VHOST_SET_FEATURES. The rest of what VHOST_GET_FEATURES reports
+// is vhost-internal or needs machinery vhostnet does not drive
 // (ACCESS_PLATFORM with a device IOTLB, RING_RESET).
-var kernelOffer = virtio.Features(0).With(virtio.FNotifyOnEmpty, virtio.FAnyLayout, virtio.FIndirectDesc,
+//
+// Bit 27 is VIRTIO_F_ANY_LAYOUT for the driver but VHOST_NET_F_VIRTIO_NET_HDR
+// for vhost-net ("vhost adds the virtio-net header"); passing it would make
+// vhost-net write headers while the tap writes them too. So ANY_LAYOUT is
+// offered to the driver (vhost-net copies through iovec iterators and takes
+// any descriptor layout) but never handed to the kernel.
+var kernelOffer = virtio.Features(0).With(virtio.FNotifyOnEmpty, virtio.FIndirectDesc,
 	virtio.FEventIdx, virtio.FVersion1, virtio.NetFMrgRxbuf, virtio.FLogAll)
 
 // configSize covers mac, status, max_virtqueue_pairs and mtu.
@@ -158,7 +164,7 @@ func (d *Device) init(o Options) error {
 	if err != nil {
 		return err
 	}
-	d.offered = virtio.Features(kf)&kernelOffer | virtio.NetFStatus.Bit()
+	d.offered = virtio.Features(kf)&kernelOffer | virtio.FAnyLayout.Bit() | virtio.NetFStatus.Bit()
 	if o.MAC != nil {
 		d.offered |= virtio.NetFMAC.Bit()
 		copy(d.cfg.MAC[:], o.MAC)

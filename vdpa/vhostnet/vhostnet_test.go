@@ -70,3 +70,14 @@ func TestClosedDevice(t *testing.T) {
 	assert.ErrorIs(t, err, ErrClosed)
 	assert.ErrorIs(t, d.Close(), ErrClosed)
 }
+
+// Bit 27 means ANY_LAYOUT to the driver and VHOST_NET_F_VIRTIO_NET_HDR to
+// vhost-net: it is never passed to the kernel.
+func TestAnyLayoutNeverReachesVhost(t *testing.T) {
+	d := fakeDevice(t)
+	k := d.kernelFeatures(virtio.Features(0).With(virtio.FAnyLayout, virtio.FVersion1))
+	assert.Zero(t, k&(1<<vhostsys.VHOST_NET_F_VIRTIO_NET_HDR))
+	assert.Equal(t, uint64(virtio.FVersion1.Bit()), k)
+	d.log = &dirty.Bitmap{}
+	assert.Equal(t, uint64(virtio.FVersion1.Bit()|virtio.FLogAll.Bit()), d.kernelFeatures(virtio.FVersion1.Bit()), "LOG_ALL while logging")
+}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"fmt"
 	"net"
 	"slices"
 	"testing"
@@ -67,6 +68,10 @@ type rig struct {
 }
 
 func newRig(t *testing.T, name string) *rig {
+	return newRigFeatures(t, name, virtio.Features(0).With(virtio.FVersion1, virtio.NetFMAC, virtio.NetFStatus, virtio.NetFMTU))
+}
+
+func newRigFeatures(t *testing.T, name string, want virtio.Features) *rig {
 	requireVhostNet(t)
 	dev, err := vhostnet.Open(&vhostnet.Options{TapName: name, MAC: guestMAC, MTU: 1500})
 	require.NoError(t, err)
@@ -80,7 +85,6 @@ func newRig(t *testing.T, name string) *rig {
 	t.Cleanup(func() { mem.Close() })
 
 	r := &rig{t: t, dev: dev, mem: mem}
-	want := virtio.Features(0).With(virtio.FVersion1, virtio.NetFMAC, virtio.NetFStatus, virtio.NetFMTU)
 	require.NoError(t, dev.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver))
 	require.NoError(t, dev.SetFeatures(want))
 	require.NoError(t, dev.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK))
@@ -353,4 +357,40 @@ func TestEmulatedConfig(t *testing.T) {
 	require.NoError(t, err)
 	assert.True(t, f.Has(virtio.FVersion1, virtio.FLogAll, virtio.NetFMAC, virtio.NetFMTU, virtio.NetFStatus), f.Format(virtio.DeviceNet))
 	assert.False(t, f.Has(virtio.FAccessPlatform), "no device IOTLB")
+}
+
+// The virtio-net header on the receive ring has the size the negotiated
+// features call for (virtio 1.2 §5.1.6: 12 bytes with VERSION_1 or
+// MRG_RXBUF, 10 without), and with MRG_RXBUF num_buffers counts the
+// buffers used.
+func TestRxHeaderFollowsFeatures(t *testing.T) {
+	for i, tc := range []struct {
+		name     string
+		features virtio.Features
+		hdr      int
+	}{
+		{"VERSION_1: virtio_net_hdr_v1", virtio.Features(0).With(virtio.FVersion1), 12},
+		{"MRG_RXBUF: num_buffers set", virtio.Features(0).With(virtio.FVersion1, virtio.NetFMrgRxbuf), 12},
+		{"legacy: virtio_net_hdr", virtio.Features(0), 10},
+		// ANY_LAYOUT shares bit 27 with VHOST_NET_F_VIRTIO_NET_HDR; the
+		// device must not pass it on, or vhost-net and the tap would both
+		// handle the header and no frame would arrive.
+		{"ANY_LAYOUT: same header, bit 27 kept from vhost", virtio.Features(0).With(virtio.FVersion1, virtio.FAnyLayout), 12},
+		{"legacy ANY_LAYOUT|MRG_RXBUF", virtio.Features(0).With(virtio.FAnyLayout, virtio.NetFMrgRxbuf), 12},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newRigFeatures(t, fmt.Sprintf("vdpakit-vh%d", i), tc.features)
+			r.postRx(2)
+			f := udpFrame(t, guestMAC, hostMAC, 40+i)
+			r.hostSend(f)
+			got := r.reclaim(vhostnet.RxQueue, 1)[0].data
+			require.Equal(t, tc.hdr+len(f), len(got))
+			assert.Equal(t, f, got[tc.hdr:])
+			if tc.features.Has(virtio.NetFMrgRxbuf) {
+				h, err := virtio.DecodeNetHdr(got[:tc.hdr], tc.hdr)
+				require.NoError(t, err)
+				assert.Equal(t, uint16(1), h.NumBuffers)
+			}
+		})
+	}
 }
