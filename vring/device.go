@@ -393,12 +393,12 @@ func (q *DeviceQueue) appendSegsSlow(c *Chain, addr GuestAddr, length uint32, w 
 	left := uint64(length)
 	first := true
 	for left > 0 {
-		i := q.mem.lookup(addr, q.hint)
+		rs, i, ferr := q.mem.find(addr, left, q.hint)
 		if i < 0 {
-			return ErrOutOfRange
+			return missErr(ferr)
 		}
 		q.hint = uint32(i)
-		r := q.mem.regions[i]
+		r := rs[i]
 		q.cBase, q.cMem = r.base, r.mem
 		off := uint64(addr - r.base)
 		k := min(uint64(len(r.mem))-off, left)

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"sort"
+	"sync"
 	"sync/atomic"
 )
 
@@ -110,18 +111,43 @@ func (r *Region) offset(addr GuestAddr) (uint64, bool) {
 }
 
 // Memory is guest memory: a set of non-overlapping regions. Its methods are
-// safe for concurrent use (the last-hit cache is an atomic index); they must
-// not race with Close. All translations are overflow- and bounds-checked; no
-// guest address is ever turned into a host access outside a region.
+// safe for concurrent use (the region table is an immutable slice behind an
+// atomic pointer, replaced copy-on-write when a fault adds a region; the
+// last-hit cache is an atomic index); they must not race with Close or
+// RemoveRange. All translations are overflow- and bounds-checked; no guest
+// address is ever turned into a host access outside a region.
 type Memory struct {
-	regions []*Region // sorted by base
-	last    atomic.Uint32
+	tab   atomic.Pointer[[]*Region] // sorted by base
+	last  atomic.Uint32
+	fault func(addr GuestAddr, n uint64) (*Region, error)
+	mu    sync.Mutex // serializes table changes
+}
+
+// MemoryOptions are optional parameters of a Memory.
+type MemoryOptions struct {
+	// Fault, when set, is called on a translation miss for [addr, addr+n)
+	// (for example VDUSE, whose IOVA mappings appear lazily). It returns a
+	// region covering addr, which the Memory then owns and keeps, or an error;
+	// the access then fails with ErrOutOfRange wrapping it. Calls are
+	// serialized. A returned region that does not cover addr or overlaps an
+	// existing one is closed and the access fails.
+	Fault func(addr GuestAddr, n uint64) (*Region, error)
 }
 
 // NewMemory builds guest memory from regions, which must not overlap. The
 // Memory takes ownership: Memory.Close closes them.
 func NewMemory(regions ...*Region) (*Memory, error) {
-	if len(regions) == 0 {
+	return NewMemoryWithOptions(nil, regions...)
+}
+
+// NewMemoryWithOptions is NewMemory with options. With a Fault function the
+// region list may start empty.
+func NewMemoryWithOptions(opts *MemoryOptions, regions ...*Region) (*Memory, error) {
+	m := &Memory{}
+	if opts != nil {
+		m.fault = opts.Fault
+	}
+	if len(regions) == 0 && m.fault == nil {
 		return nil, fmt.Errorf("%w: no regions", ErrInvalidRegion)
 	}
 	rs := make([]*Region, len(regions))
@@ -141,20 +167,25 @@ func NewMemory(regions ...*Region) (*Memory, error) {
 			return nil, fmt.Errorf("%w: %v and %v", ErrRegionOverlap, rs[i-1], rs[i])
 		}
 	}
-	return &Memory{regions: rs}, nil
+	m.tab.Store(&rs)
+	return m, nil
 }
+
+// table is the current region table (immutable).
+func (m *Memory) table() []*Region { return *m.tab.Load() }
 
 // Regions returns the regions sorted by guest address. The slice is a copy.
 func (m *Memory) Regions() []*Region {
-	out := make([]*Region, len(m.regions))
-	copy(out, m.regions)
+	rs := m.table()
+	out := make([]*Region, len(rs))
+	copy(out, rs)
 	return out
 }
 
 // Close closes every region.
 func (m *Memory) Close() error {
 	var errs []error
-	for _, r := range m.regions {
+	for _, r := range m.table() {
 		if err := r.Close(); err != nil {
 			errs = append(errs, err)
 		}
@@ -162,10 +193,98 @@ func (m *Memory) Close() error {
 	return errors.Join(errs...)
 }
 
-// lookup finds the region holding addr, starting with the region at *hint.
+// RemoveRange drops the regions overlapping [start, last] from the table and
+// closes them (releasing owned mappings). The caller guarantees that nothing
+// uses the Memory meanwhile; queues created before the call hold slices of
+// the old regions and must be re-created (from their State) afterwards.
+func (m *Memory) RemoveRange(start, last GuestAddr) error {
+	if last < start {
+		return fmt.Errorf("%w: remove range %v..%v", ErrInvalidRegion, start, last)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	old := m.table()
+	keep := make([]*Region, 0, len(old))
+	var gone []*Region
+	for _, r := range old {
+		rLast := r.base + GuestAddr(len(r.mem)-1)
+		if r.base <= last && start <= rLast {
+			gone = append(gone, r)
+		} else {
+			keep = append(keep, r)
+		}
+	}
+	m.tab.Store(&keep)
+	m.last.Store(0)
+	var errs []error
+	for _, r := range gone {
+		if err := r.Close(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// find looks addr up in the current table and, on a miss, asks the fault
+// function. It returns the table the index refers to, the index (or -1) and
+// the fault error, if any.
+func (m *Memory) find(addr GuestAddr, n uint64, hint uint32) ([]*Region, int, error) {
+	rs := m.table()
+	if i := lookupIn(rs, addr, hint); i >= 0 || m.fault == nil {
+		return rs, i, nil
+	}
+	return m.faultIn(addr, n)
+}
+
+func (m *Memory) faultIn(addr GuestAddr, n uint64) ([]*Region, int, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	rs := m.table()
+	if i := lookupIn(rs, addr, 0); i >= 0 {
+		return rs, i, nil // another goroutine faulted it in
+	}
+	r, err := m.fault(addr, n)
+	if err != nil {
+		return rs, -1, err
+	}
+	if r == nil || len(r.mem) == 0 || r.closed.Load() {
+		return rs, -1, fmt.Errorf("%w: fault returned an unusable region", ErrInvalidRegion)
+	}
+	if _, ok := r.offset(addr); !ok {
+		r.Close()
+		return rs, -1, fmt.Errorf("%w: fault for %v returned %v", ErrInvalidRegion, addr, r)
+	}
+	rLast := uint64(r.base) + uint64(len(r.mem)) - 1
+	at := len(rs)
+	for i, x := range rs {
+		xLast := uint64(x.base) + uint64(len(x.mem)) - 1
+		if uint64(x.base) <= rLast && uint64(r.base) <= xLast {
+			r.Close()
+			return rs, -1, fmt.Errorf("%w: faulted %v and %v", ErrRegionOverlap, r, x)
+		}
+		if x.base > r.base && at == len(rs) {
+			at = i
+		}
+	}
+	nt := make([]*Region, 0, len(rs)+1)
+	nt = append(nt, rs[:at]...)
+	nt = append(nt, r)
+	nt = append(nt, rs[at:]...)
+	m.tab.Store(&nt)
+	return nt, at, nil
+}
+
+// missErr is the error for a range whose start is in no region.
+func missErr(ferr error) error {
+	if ferr != nil {
+		return &wrap2{ErrOutOfRange, ferr}
+	}
+	return ErrOutOfRange
+}
+
+// lookupIn finds the region of rs holding addr, trying index hint first.
 // It returns the region's index, or -1.
-func (m *Memory) lookup(addr GuestAddr, hint uint32) int {
-	rs := m.regions
+func lookupIn(rs []*Region, addr GuestAddr, hint uint32) int {
 	if int(hint) < len(rs) {
 		if _, ok := rs[hint].offset(addr); ok {
 			return int(hint)
@@ -202,16 +321,16 @@ func (m *Memory) slice(addr GuestAddr, n uint64, hint *uint32) ([]byte, error) {
 	if err := checkRange(addr, n); err != nil {
 		return nil, err
 	}
-	i := m.lookup(addr, *hint)
+	rs, i, ferr := m.find(addr, n, *hint)
 	if i < 0 {
-		return nil, ErrOutOfRange
+		return nil, missErr(ferr)
 	}
 	*hint = uint32(i)
-	r := m.regions[i]
+	r := rs[i]
 	off := uint64(addr - r.base)
 	if n > uint64(len(r.mem))-off {
 		// Tell "not in memory at all" from "crosses into the next region".
-		if last := m.lookup(addr+GuestAddr(n-1), *hint); last >= 0 && m.contiguous(i, last) {
+		if last := lookupIn(rs, addr+GuestAddr(n-1), *hint); last >= 0 && contiguous(rs, i, last) {
 			return nil, ErrSpansRegions
 		}
 		return nil, ErrOutOfRange
@@ -219,13 +338,14 @@ func (m *Memory) slice(addr GuestAddr, n uint64, hint *uint32) ([]byte, error) {
 	return r.mem[off : off+n : off+n], nil
 }
 
-// contiguous reports whether regions i..j are adjacent in guest address space.
-func (m *Memory) contiguous(i, j int) bool {
+// contiguous reports whether regions i..j of rs are adjacent in guest
+// address space.
+func contiguous(rs []*Region, i, j int) bool {
 	if j <= i {
 		return false
 	}
 	for k := i + 1; k <= j; k++ {
-		if m.regions[k-1].End() != m.regions[k].base {
+		if rs[k-1].End() != rs[k].base {
 			return false
 		}
 	}
@@ -241,10 +361,11 @@ func (m *Memory) Slice(addr GuestAddr, n uint64) ([]byte, error) {
 	var b []byte
 	var err error
 	if n == 0 {
-		if i := m.lookup(addr, hint); i >= 0 {
+		_, i, ferr := m.find(addr, 1, hint)
+		if i >= 0 {
 			return []byte{}, nil
 		}
-		err = ErrOutOfRange
+		err = missErr(ferr)
 	} else {
 		old := hint
 		b, err = m.slice(addr, n, &hint)
@@ -274,20 +395,19 @@ func (m *Memory) walk(addr GuestAddr, n uint64, fn func(b []byte, done uint64)) 
 	if n == 0 {
 		return nil
 	}
-	// Validate.
+	// Validate (faulting in missing pieces).
 	hint := m.last.Load()
-	first := -1
+	var rs []*Region
 	a, left := addr, n
 	for left > 0 {
-		i := m.lookup(a, hint)
+		var i int
+		var ferr error
+		rs, i, ferr = m.find(a, left, hint)
 		if i < 0 {
-			return ErrOutOfRange
-		}
-		if first < 0 {
-			first = i
+			return missErr(ferr)
 		}
 		hint = uint32(i)
-		r := m.regions[i]
+		r := rs[i]
 		avail := uint64(len(r.mem)) - uint64(a-r.base)
 		if avail >= left {
 			break
@@ -295,11 +415,12 @@ func (m *Memory) walk(addr GuestAddr, n uint64, fn func(b []byte, done uint64)) 
 		left -= avail
 		a += GuestAddr(avail)
 	}
-	// Copy.
+	// Copy. rs holds every piece (faults only add regions), and adjacent
+	// pieces are consecutive in the sorted table.
 	a, left = addr, n
 	var done uint64
-	for i := first; left > 0; i++ {
-		r := m.regions[i]
+	for i := lookupIn(rs, addr, 0); left > 0; i++ {
+		r := rs[i]
 		off := uint64(a - r.base)
 		k := min(uint64(len(r.mem))-off, left)
 		fn(r.mem[off:off+k], done)
@@ -363,7 +484,7 @@ var (
 // UserToGuest translates an address in the peer's process (vhost-user ring
 // and memory-table addresses) to a guest address using the regions' UserAddr.
 func (m *Memory) UserToGuest(h HostAddr) (GuestAddr, error) {
-	for _, r := range m.regions {
+	for _, r := range m.table() {
 		if h >= r.userAddr && uint64(h-r.userAddr) < uint64(len(r.mem)) {
 			return r.base + GuestAddr(h-r.userAddr), nil
 		}
@@ -374,9 +495,10 @@ func (m *Memory) UserToGuest(h HostAddr) (GuestAddr, error) {
 // GuestToHost translates a guest address to this process' virtual address
 // (for vhost-kernel ring addresses).
 func (m *Memory) GuestToHost(g GuestAddr) (HostAddr, error) {
-	if i := m.lookup(g, m.last.Load()); i >= 0 {
-		r := m.regions[i]
+	rs, i, ferr := m.find(g, 1, m.last.Load())
+	if i >= 0 {
+		r := rs[i]
 		return r.hostAddr + HostAddr(g-r.base), nil
 	}
-	return 0, fmt.Errorf("vring: guest address %v: %w", g, ErrOutOfRange)
+	return 0, fmt.Errorf("vring: guest address %v: %w", g, missErr(ferr))
 }
