@@ -13,7 +13,9 @@
 // Every translation is overflow- and bounds-checked: Slice returns zero-copy
 // bytes of a range inside one region, Read/Write/ReadAt/WriteAt copy and may
 // cross adjacent regions, and no guest address becomes a host access
-// without those checks. The last region hit is cached.
+// without those checks. The last region hit is cached. NewMemoryWithOptions
+// can add regions on demand (MemoryOptions.Fault, for IOVA spaces that grow
+// lazily, like VDUSE's) and RemoveRange drops them again.
 //
 // # Queues
 //
