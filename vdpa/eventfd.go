@@ -65,24 +65,39 @@ func (e *EventFD) Signal() error {
 // Wait blocks until the counter is non-zero, resets it and returns its value
 // (the number of signals coalesced). It returns ctx.Err() when ctx ends first
 // and ErrClosed once the EventFD is closed.
+//
+// Wait is meant for one waiter at a time (the queue's owner): it uses the
+// descriptor's read deadline to honour ctx. A context that can never be
+// cancelled (context.Background) costs no allocation.
 func (e *EventFD) Wait(ctx context.Context) (uint64, error) {
 	if err := ctx.Err(); err != nil {
 		return 0, err
 	}
-	if dl, ok := ctx.Deadline(); ok {
-		_ = e.f.SetReadDeadline(dl)
-		defer e.f.SetReadDeadline(time.Time{})
+	// Always start from the context's own deadline (or none), so that a
+	// previous Wait whose context was cancelled cannot leave a past deadline
+	// behind, and always clear it on the way out.
+	dl, _ := ctx.Deadline()
+	if err := e.f.SetReadDeadline(dl); err != nil {
+		return 0, ErrClosed
 	}
-	stop := context.AfterFunc(ctx, func() { _ = e.f.SetReadDeadline(time.Unix(1, 0)) })
-	defer stop()
+	defer e.f.SetReadDeadline(time.Time{})
+	if ctx.Done() != nil {
+		stop := context.AfterFunc(ctx, func() { _ = e.f.SetReadDeadline(time.Unix(1, 0)) })
+		defer stop()
+	}
 	var b [8]byte
 	_, err := e.f.Read(b[:])
 	if err != nil {
 		switch {
-		case ctx.Err() != nil:
-			return 0, ctx.Err()
 		case errors.Is(err, os.ErrClosed):
 			return 0, ErrClosed
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			// The deadline is only ever ctx's: report it as such even if the
+			// context's own timer has not fired yet.
+			if cerr := ctx.Err(); cerr != nil {
+				return 0, cerr
+			}
+			return 0, context.DeadlineExceeded
 		}
 		return 0, fmt.Errorf("eventfd wait: %w", err)
 	}
