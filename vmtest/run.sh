@@ -3,11 +3,14 @@
 # kernel booted with QEMU (TCG) with the vhost/vDPA modules loaded, as root.
 # See vmtest/README.md for the design and the environment contract.
 #
-#   vmtest/run.sh [-timeout SECONDS] [-run REGEX] [-v] [-log FILE] PKG... [-- TESTARGS...]
+#   vmtest/run.sh [-timeout SECONDS] [-run REGEX] [-v] [-race] [-env N=V] [-log FILE] PKG... [-- TESTARGS...]
 #   vmtest/run.sh --prepare         # only download and build the kernel cache
 #   vmtest/run.sh --shell [PKG...]  # run the packages, then an interactive shell
 #   vmtest/run.sh --print-headers   # print the 6.12 kernel headers include dir
 set -euo pipefail
+# The whole script is one compound command, parsed before it runs: editing
+# this file while a run is in progress cannot change what that run does.
+{
 
 die() { echo "vmtest: error: $*" >&2; exit 2; }
 say() { echo "vmtest: $*" >&2; }
@@ -402,6 +405,9 @@ make_initramfs() {
 
 # ---------------------------------------------------------------- main
 ensure_host_tools
+if [ "$PREPARE_ONLY" = 0 ] && [ "$PRINT_HEADERS" = 0 ]; then
+	command -v go >/dev/null 2>&1 || die "go not found in PATH (needed to build the test binaries)"
+fi
 prepare
 if [ "$PRINT_HEADERS" = 1 ]; then
 	echo "$KDIR/usr/src/linux-headers-$KV/include"
@@ -417,12 +423,7 @@ fi
 
 T_START=$SECONDS
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/vdpakit-vmtest.XXXXXX")
-QEMU_PID=""
-cleanup() {
-	[ -n "$QEMU_PID" ] && kill "$QEMU_PID" 2>/dev/null || true
-	rm -rf "$WORK"
-}
-trap cleanup EXIT
+trap 'rm -rf "$WORK"' EXIT
 NONCE=$(od -An -N8 -tx8 /dev/urandom | tr -d ' \n')
 make_initramfs "$WORK"
 say "initramfs $(du -h "$WORK/initramfs.gz" | cut -f1) built in $((SECONDS - T_START)) s; booting $KV under QEMU/TCG (timeout ${TIMEOUT}s)"
@@ -497,3 +498,5 @@ if [ -n "$BAD" ]; then
 fi
 echo "vmtest: $PASSED passed, $FAILED failed"
 [ "$FAILED" = 0 ]
+exit
+}
