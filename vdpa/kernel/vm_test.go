@@ -3,6 +3,7 @@ package kernel_test
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"net"
 	"os"
 	"strings"
@@ -193,8 +194,20 @@ func TestKernelErrorsNameTheIoctl(t *testing.T) {
 // and come back on the receive queue byte for byte; frames for another
 // unicast MAC are dropped by the device.
 func TestTrafficLoopsBackByteIdentical(t *testing.T) {
-	path := addSim(t, "vdpa-traffic", "mac", simMAC.String())
-	r := newRig(t, path, nil, netFeatures)
+	for i, opts := range []*kernel.Options{
+		nil, // everything offered: batched IOTLB updates
+		{BackendFeatures: kernel.BackendIOTLBMsgV2.Bit()}, // one update per message, no batching
+	} {
+		t.Run(fmt.Sprintf("backend=%d", i), func(t *testing.T) { testTraffic(t, fmt.Sprintf("vdpa-traffic%d", i), opts) })
+	}
+}
+
+func testTraffic(t *testing.T, name string, opts *kernel.Options) {
+	path := addSim(t, name, "mac", simMAC.String())
+	r := newRig(t, path, opts, netFeatures)
+	if opts != nil {
+		require.Equal(t, opts.BackendFeatures, r.dev.BackendFeatures())
+	}
 	r.postRx(16)
 
 	frames := [][]byte{
@@ -221,7 +234,7 @@ func TestTrafficLoopsBackByteIdentical(t *testing.T) {
 	nl, err := mgmt.Dial(nil)
 	require.NoError(t, err)
 	defer nl.Close()
-	rx, err := nl.QueueStats(context.Background(), "vdpa-traffic", rxQ)
+	rx, err := nl.QueueStats(context.Background(), name, rxQ)
 	require.NoError(t, err)
 	stat := func(s mgmt.QueueStats, name string) uint64 {
 		v, ok := s.Get(name)
@@ -230,7 +243,7 @@ func TestTrafficLoopsBackByteIdentical(t *testing.T) {
 	}
 	assert.EqualValues(t, 5, stat(rx, "rx packets"))
 	assert.EqualValues(t, 1, stat(rx, "rx drops"), "the frame for another MAC")
-	tx, err := nl.QueueStats(context.Background(), "vdpa-traffic", txQ)
+	tx, err := nl.QueueStats(context.Background(), name, txQ)
 	require.NoError(t, err)
 	assert.EqualValues(t, 6, stat(tx, "tx packets"))
 	var bytesSent uint64
