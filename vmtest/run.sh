@@ -82,7 +82,7 @@ fi
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
-CACHE=${VDPAKIT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vdpakit-vmtest}
+CACHE=${VDPAKIT_CACHE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/vdpakit-vmtest}
 mkdir -p "$CACHE"
 CACHE=$(cd "$CACHE" && pwd)
 
@@ -438,19 +438,20 @@ QEMU=(qemu-system-x86_64 -accel tcg -cpu max -M q35 -smp "${VDPAKIT_VMTEST_SMP:-
 T_BOOT=$SECONDS
 set +e
 if [ "$SHELL_MODE" = 1 ]; then
-	timeout -k 10 "$TIMEOUT" "${QEMU[@]}" 2>&1 | tee "$LOG"
+	timeout -k 10 "$TIMEOUT" "${QEMU[@]}" 2>&1 | tee "$WORK/console.raw" "$LOG"
 	QEMU_RC=${PIPESTATUS[0]}
 else
 	# sed -u: stream line by line; drop carriage returns and the firmware's
 	# terminal control sequences.
-	timeout -k 10 "$TIMEOUT" "${QEMU[@]}" </dev/null 2>&1 | sed -u -E 's/\x1b(\[[0-9;?]*[A-Za-z]|c)//g; s/\r//g' | tee "$LOG"
+	timeout -k 10 "$TIMEOUT" "${QEMU[@]}" </dev/null 2>&1 | sed -u -E 's/\x1b(\[[0-9;?]*[A-Za-z]|c)//g; s/\r//g' | tee "$WORK/console.raw" "$LOG"
 	QEMU_RC=${PIPESTATUS[0]}
 fi
 set -e
 T_VM=$((SECONDS - T_BOOT))
 
 # ---------------------------------------------------------------- verdict
-tr -d '\r' <"$LOG" >"$WORK/console.txt"
+# The verdict reads this run's own copy: another run may share $LOG.
+tr -d '\r' <"$WORK/console.raw" >"$WORK/console.txt"
 echo
 echo "vmtest: ---- summary (kernel $KV, VM ${T_VM}s, total $((SECONDS - T_START))s, log $LOG)"
 FAILED=0
