@@ -85,20 +85,7 @@ func newRigFeatures(t *testing.T, name string, want virtio.Features) *rig {
 	t.Cleanup(func() { mem.Close() })
 
 	r := &rig{t: t, dev: dev, mem: mem}
-	require.NoError(t, dev.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver))
-	require.NoError(t, dev.SetFeatures(want))
-	require.NoError(t, dev.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK))
-	require.NoError(t, dev.SetMemory(mem))
-	for q, base := range []vring.GuestAddr{rxRing, txRing} {
-		l := vring.ContiguousLayout(base, qsize)
-		dq, err := vring.NewDriverQueue(mem, vring.DriverQueueOptions{Index: q, Layout: l, Features: want})
-		require.NoError(t, err)
-		r.q[q] = dq
-		r.kick[q], r.call[q] = newEventFD(t), newEventFD(t)
-		r.bufs[q] = map[uint16]vring.GuestAddr{}
-		require.NoError(t, dev.SetupQueue(q, l, vdpa.QueueState{}, r.kick[q], r.call[q]))
-	}
-	require.NoError(t, dev.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK|virtio.StatusDriverOK))
+	r.setup(want)
 
 	ifi, err := net.InterfaceByName(name)
 	require.NoError(t, err)
@@ -111,6 +98,28 @@ func newRigFeatures(t *testing.T, name string, want virtio.Features) *rig {
 	require.NoError(t, unix.SetsockoptTimeval(s, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Sec: 20}))
 	r.sock = s
 	return r
+}
+
+// setup negotiates want, installs the memory table and sets up both
+// rings from scratch, then sets DRIVER_OK.
+func (r *rig) setup(want virtio.Features) {
+	t, dev, mem := r.t, r.dev, r.mem
+	require.NoError(t, dev.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver))
+	require.NoError(t, dev.SetFeatures(want))
+	require.NoError(t, dev.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK))
+	require.NoError(t, dev.SetMemory(mem))
+	for q, base := range []vring.GuestAddr{rxRing, txRing} {
+		l := vring.ContiguousLayout(base, qsize)
+		dq, err := vring.NewDriverQueue(mem, vring.DriverQueueOptions{Index: q, Layout: l, Features: want})
+		require.NoError(t, err)
+		r.q[q] = dq
+		if r.kick[q] == nil {
+			r.kick[q], r.call[q] = newEventFD(t), newEventFD(t)
+		}
+		r.bufs[q] = map[uint16]vring.GuestAddr{}
+		require.NoError(t, dev.SetupQueue(q, l, vdpa.QueueState{}, r.kick[q], r.call[q]))
+	}
+	require.NoError(t, dev.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK|virtio.StatusDriverOK))
 }
 
 func htons(v uint16) uint16 { return v<<8 | v>>8 }
@@ -392,5 +401,35 @@ func TestRxHeaderFollowsFeatures(t *testing.T) {
 				assert.Equal(t, uint16(1), h.NumBuffers)
 			}
 		})
+	}
+}
+
+// A reset (status 0) detaches the rings and resets vhost-net's ownership;
+// the device can then be set up from scratch and carries frames again.
+func TestResetAndSetUpAgain(t *testing.T) {
+	r := newRig(t, "vdpakit-vn3")
+	r.postRx(2)
+	r.hostSend(udpFrame(t, guestMAC, hostMAC, 1))
+	r.reclaim(vhostnet.RxQueue, 1)
+
+	require.NoError(t, r.dev.SetStatus(0))
+	st, err := r.dev.Status()
+	require.NoError(t, err)
+	assert.Equal(t, virtio.Status(0), st)
+
+	r.setup(virtio.Features(0).With(virtio.FVersion1))
+	r.postRx(2)
+	f := udpFrame(t, guestMAC, hostMAC, 2)
+	r.hostSend(f)
+	got := r.reclaim(vhostnet.RxQueue, 1)
+	assert.Equal(t, f, got[0].data[hdrLen:])
+	out := udpFrame(t, hostMAC, guestMAC, 3)
+	r.guestSend(out)
+	assert.Equal(t, out, r.hostRecv())
+	r.reclaim(vhostnet.TxQueue, 1)
+	for q := range 2 {
+		st, err := r.dev.QueueBase(q)
+		require.NoError(t, err)
+		assert.Equal(t, vdpa.QueueState{NextAvail: 1, NextUsed: 1}, st, "queue %d counts from the reset", q)
 	}
 }
