@@ -191,7 +191,10 @@ func (q *DeviceQueue) Err() error { return q.err }
 // writes nothing to guest memory; the driver re-initializes the ring.
 func (q *DeviceQueue) Reset() { q.reset(q.init) }
 
-// fail breaks the queue with err at index and returns err.
+// fail breaks the queue with err at index and returns err. It is kept out
+// of line: it is the cold path of every check in walk.
+//
+//go:noinline
 func (q *DeviceQueue) fail(index uint16, indirect bool, err error) error {
 	e := qerr(q.index, index, indirect, err)
 	q.err = &brokenError{cause: e}
@@ -275,13 +278,60 @@ func (q *DeviceQueue) Pop(c *Chain) (bool, error) {
 // PopBatch pops up to len(cs) chains into cs and returns how many it popped.
 // On an error it returns the chains popped before it and the error.
 func (q *DeviceQueue) PopBatch(cs []Chain) (int, error) {
-	for i := range cs {
+	i := 0
+	for i < len(cs) {
+		// Chains already known to be available are taken in a tight loop
+		// while they are single direct descriptors inside the cached
+		// region; anything else goes through Pop.
+		n := min(int(q.availSeen-q.lastAvail), len(cs)-i)
+		if q.err != nil {
+			n = 0
+		}
+		avail, desc, mask, size := q.r.avail, q.r.desc, q.r.mask, q.r.size
+		base, mem := q.cBase, q.cMem
+		next := q.lastAvail
+		for ; n > 0; n-- {
+			slot := 4 + 2*int(next&mask)
+			head := binary.LittleEndian.Uint16(avail[slot : slot+2])
+			if head >= size {
+				break
+			}
+			d := desc[int(head)*16 : int(head)*16+16 : int(head)*16+16]
+			flags := binary.LittleEndian.Uint16(d[12:14])
+			addr := GuestAddr(binary.LittleEndian.Uint64(d[0:8]))
+			length := binary.LittleEndian.Uint32(d[8:12])
+			off := uint64(addr - base)
+			if flags&(DescFNext|DescFIndirect) != 0 || addr < base || off >= uint64(len(mem)) ||
+				uint64(length) > uint64(len(mem))-off || length == 0 {
+				break
+			}
+			c := &cs[i]
+			end := off + uint64(length)
+			c.Head = head
+			c.Segs = c.Segs[:0]
+			seg := c.grow()
+			seg.Addr, seg.Len, seg.Buf = addr, length, mem[off:end:end]
+			if flags&DescFWrite != 0 {
+				seg.Writable = true
+				c.Readable, c.ReadableLen, c.WritableLen = 0, 0, uint64(length)
+			} else {
+				seg.Writable = false
+				c.Readable, c.ReadableLen, c.WritableLen = 1, uint64(length), 0
+			}
+			next++
+			i++
+		}
+		q.lastAvail = next
+		if i == len(cs) {
+			break
+		}
 		ok, err := q.Pop(&cs[i])
 		if err != nil || !ok {
 			return i, err
 		}
+		i++
 	}
-	return len(cs), nil
+	return i, nil
 }
 
 // walk follows the chain at head into c, validating every rule.
@@ -342,7 +392,19 @@ func (q *DeviceQueue) walk(head uint16, c *Chain) error {
 			return q.fail(idx, indirect, ErrReadableAfterWritable)
 		}
 		writable = w
-		if err := q.appendSegs(c, GuestAddr(addr), length, w); err != nil {
+		// The fast path of appendSegs, inline.
+		if off := uint64(GuestAddr(addr) - q.cBase); GuestAddr(addr) >= q.cBase && off < uint64(len(q.cMem)) &&
+			uint64(length) <= uint64(len(q.cMem))-off && length != 0 {
+			end := off + uint64(length)
+			seg := c.grow()
+			seg.Addr, seg.Len, seg.Writable, seg.Buf = GuestAddr(addr), length, w, q.cMem[off:end:end]
+			if w {
+				c.WritableLen += uint64(length)
+			} else {
+				c.ReadableLen += uint64(length)
+				c.Readable++
+			}
+		} else if err := q.appendSegsSlow(c, GuestAddr(addr), length, w); err != nil {
 			return q.fail(idx, indirect, &wrap2{ErrBufferOutOfRange, err})
 		}
 		if flags&DescFNext == 0 {
@@ -565,14 +627,14 @@ func (q *DeviceQueue) PushBatch(elems []UsedElem) error {
 	if len(elems) > int(q.lastAvail-q.usedIdx) {
 		return fmt.Errorf("%w: queue %d: pushing %d with %d in flight", ErrNotInFlight, q.index, len(elems), q.lastAvail-q.usedIdx)
 	}
-	for _, e := range elems {
-		if e.Head >= q.r.size {
-			return fmt.Errorf("%w: queue %d head %d", ErrNotInFlight, q.index, e.Head)
-		}
-	}
 	if q.log == nil {
-		used, mask, idx := q.r.used, q.r.mask, q.usedIdx
+		// Entries past used.idx are invisible to the driver, so a bad head
+		// found midway needs no undo: used.idx is not moved.
+		used, mask, idx, size := q.r.used, q.r.mask, q.usedIdx, q.r.size
 		for _, e := range elems {
+			if e.Head >= size {
+				return fmt.Errorf("%w: queue %d head %d", ErrNotInFlight, q.index, e.Head)
+			}
 			off := 4 + 8*int(idx&mask)
 			u := used[off : off+8 : off+8]
 			binary.LittleEndian.PutUint32(u[0:4], uint32(e.Head))
@@ -582,6 +644,11 @@ func (q *DeviceQueue) PushBatch(elems []UsedElem) error {
 		q.usedIdx = idx
 		q.r.storeUsedWord(q.usedFlags, idx)
 		return nil
+	}
+	for _, e := range elems {
+		if e.Head >= q.r.size {
+			return fmt.Errorf("%w: queue %d head %d", ErrNotInFlight, q.index, e.Head)
+		}
 	}
 	for _, e := range elems {
 		if err := q.writeUsed(e.Head, e.Len); err != nil {
