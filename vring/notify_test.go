@@ -336,3 +336,27 @@ func TestCreationDoesNotRewriteUsedIdx(t *testing.T) {
 	require.NoError(t, mem.Read(l.Used, b[:]))
 	assert.Equal(t, []byte{0, 0, 7, 0}, b[:], "flags cleared, used.idx untouched")
 }
+
+func TestPushBatchWithBadHeadPublishesNothing(t *testing.T) {
+	_, drv, dev := newPair(t, 8, 0)
+	var cs [2]Chain
+	addOne(t, drv)
+	addOne(t, drv)
+	n, err := dev.PopBatch(cs[:])
+	require.NoError(t, err)
+	require.Equal(t, 2, n)
+	err = dev.PushBatch([]UsedElem{{cs[0].Head, 1}, {99, 1}})
+	assert.ErrorIs(t, err, ErrNotInFlight)
+	assert.Equal(t, QueueState{NextAvail: 2, NextUsed: 0}, dev.State())
+	_, _, ok, err := drv.Reclaim()
+	require.NoError(t, err)
+	assert.False(t, ok, "nothing was published")
+	require.NoError(t, dev.PushBatch([]UsedElem{{cs[0].Head, 1}, {cs[1].Head, 2}}))
+	for i := range 2 {
+		h, l, ok, err := drv.Reclaim()
+		require.NoError(t, err)
+		require.True(t, ok)
+		assert.Equal(t, cs[i].Head, h)
+		assert.Equal(t, uint32(i+1), l)
+	}
+}
