@@ -216,7 +216,9 @@ func (d *Device) DeviceID() (virtio.DeviceID, error) { return virtio.DeviceNet, 
 
 // Features are the offered features: what vhost-net handles (of
 // NOTIFY_ON_EMPTY, ANY_LAYOUT, INDIRECT_DESC, EVENT_IDX, VERSION_1,
-// MRG_RXBUF and LOG_ALL) plus the emulated STATUS, MAC and MTU.
+// MRG_RXBUF and LOG_ALL) plus the emulated STATUS, MAC and MTU. LOG_ALL is
+// accepted from the driver, but logging follows SetLog: the kernel gets
+// VHOST_F_LOG_ALL exactly while a log is set.
 func (d *Device) Features() (virtio.Features, error) {
 	if err := d.lock(); err != nil {
 		return 0, err
@@ -226,9 +228,10 @@ func (d *Device) Features() (virtio.Features, error) {
 }
 
 // kernelFeatures is what VHOST_SET_FEATURES gets: the ring features of f,
-// plus LOG_ALL while a log is set.
+// plus LOG_ALL exactly while a log is set (a driver's LOG_ALL without a log
+// base would have vhost log into address 0).
 func (d *Device) kernelFeatures(f virtio.Features) uint64 {
-	k := f & kernelOffer
+	k := f & kernelOffer &^ virtio.FLogAll.Bit()
 	if d.log != nil {
 		k |= virtio.FLogAll.Bit()
 	}

@@ -78,6 +78,8 @@ func TestAnyLayoutNeverReachesVhost(t *testing.T) {
 	k := d.kernelFeatures(virtio.Features(0).With(virtio.FAnyLayout, virtio.FVersion1))
 	assert.Zero(t, k&(1<<vhostsys.VHOST_NET_F_VIRTIO_NET_HDR))
 	assert.Equal(t, uint64(virtio.FVersion1.Bit()), k)
+	assert.Equal(t, uint64(virtio.FVersion1.Bit()), d.kernelFeatures(virtio.FVersion1.Bit()|virtio.FLogAll.Bit()),
+		"no LOG_ALL for the kernel without a log base")
 	d.log = &dirty.Bitmap{}
 	assert.Equal(t, uint64(virtio.FVersion1.Bit()|virtio.FLogAll.Bit()), d.kernelFeatures(virtio.FVersion1.Bit()), "LOG_ALL while logging")
 }
