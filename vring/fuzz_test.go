@@ -51,15 +51,25 @@ func FuzzDeviceWalk(f *testing.F) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		var c Chain
+		var cs [1]Chain
+		c := &cs[0]
+		batch := data[1]&8 != 0 // exercise PopBatch's own fast loop
 		for i := 0; i < 2*int(size)+2; i++ {
-			ok, err := dev.Pop(&c)
+			var ok bool
+			var err error
+			if batch {
+				var k int
+				k, err = dev.PopBatch(cs[:])
+				ok = k == 1
+			} else {
+				ok, err = dev.Pop(c)
+			}
 			if err != nil {
 				var qe *QueueError
 				if !errors.As(err, &qe) {
 					t.Fatalf("error is not a *QueueError: %v", err)
 				}
-				if _, err2 := dev.Pop(&c); !errors.Is(err2, ErrQueueBroken) || !errors.Is(err2, qe.Err) {
+				if _, err2 := dev.Pop(c); !errors.Is(err2, ErrQueueBroken) || !errors.Is(err2, qe.Err) {
 					t.Fatalf("queue not broken after %v: %v", err, err2)
 				}
 				return
@@ -96,7 +106,7 @@ func FuzzDeviceWalk(f *testing.F) {
 			if rl != c.ReadableLen || wl != c.WritableLen {
 				t.Fatalf("lengths %d/%d, chain says %d/%d", rl, wl, c.ReadableLen, c.WritableLen)
 			}
-			if err := dev.PushChain(&c, uint32(min(wl, 7))); err != nil {
+			if err := dev.PushChain(c, uint32(min(wl, 7))); err != nil {
 				t.Fatal(err)
 			}
 			dev.NeedsInterrupt()

@@ -62,6 +62,11 @@ func TestWriteFuzzSeeds(t *testing.T) {
 		}
 	})
 	write("FuzzDeviceWalk", "valid-full-ring", full)
+	for name, img := range map[string][]byte{"valid-direct-indirect-crossing-batch": valid, "valid-full-ring-batch": full} {
+		b := append([]byte(nil), img...)
+		b[1] |= 8 // PopBatch mode
+		write("FuzzDeviceWalk", name, b)
+	}
 	// Hostile mutations of the first descriptor (at data offset 4).
 	mut := func(name string, base []byte, f func(d []byte)) {
 		b := append([]byte(nil), base...)
