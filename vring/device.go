@@ -417,27 +417,10 @@ func (q *DeviceQueue) walk(head uint16, c *Chain) error {
 	}
 }
 
-// appendSegs translates one descriptor's buffer, splitting it at boundaries
-// between adjacent regions.
-func (q *DeviceQueue) appendSegs(c *Chain, addr GuestAddr, length uint32, w bool) error {
-	// Fast path: the whole buffer lies in the region of the previous hit.
-	// (A range inside a region cannot overflow: regions do not.)
-	if off := uint64(addr - q.cBase); addr >= q.cBase && off < uint64(len(q.cMem)) &&
-		uint64(length) <= uint64(len(q.cMem))-off && length != 0 {
-		end := off + uint64(length)
-		seg := c.grow()
-		seg.Addr, seg.Len, seg.Writable, seg.Buf = addr, length, w, q.cMem[off:end:end]
-		if w {
-			c.WritableLen += uint64(length)
-		} else {
-			c.ReadableLen += uint64(length)
-			c.Readable++
-		}
-		return nil
-	}
-	return q.appendSegsSlow(c, addr, length, w)
-}
-
+// appendSegsSlow translates one descriptor's buffer through the region
+// table (faulting in regions if configured), splitting it at boundaries
+// between adjacent regions, and caches the last region for walk's inline
+// fast path.
 func (q *DeviceQueue) appendSegsSlow(c *Chain, addr GuestAddr, length uint32, w bool) error {
 	if err := checkRange(addr, uint64(length)); err != nil {
 		return err
