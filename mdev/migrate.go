@@ -403,6 +403,11 @@ type DestReport struct {
 	Rounds     int
 	PageBytes  uint64
 	StateBytes int
+	// Restart is how long the device took to leave RESUMING and run
+	// (applying the state, programming the backing device); StartGuest
+	// how long the StartGuest callback took.
+	Restart    time.Duration
+	StartGuest time.Duration
 }
 
 // MigrateDestination receives a migration from MigrateSource. Every
@@ -476,14 +481,18 @@ func MigrateDestination(ctx context.Context, conn io.ReadWriter, opts DestOption
 					return fail(err)
 				}
 			}
+			t0 := time.Now()
 			if err := opts.Device.SetMigrationState(MigRunning); err != nil {
 				return fail(err)
 			}
+			t1 := time.Now()
+			rep.Restart = t1.Sub(t0)
 			if opts.StartGuest != nil {
 				if err := opts.StartGuest(); err != nil {
 					return fail(err)
 				}
 			}
+			rep.StartGuest = time.Since(t1)
 			if err := c.send(msgResumed); err != nil {
 				return rep, err
 			}
