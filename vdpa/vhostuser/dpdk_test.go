@@ -274,8 +274,9 @@ func TestDPDKVirtioUserBothDirections(t *testing.T) {
 
 	require.NoError(t, p.waitOutput(ctx, "testpmd>", 1))
 	require.True(t, waitCond(ctx, func() bool { return be.Info().RunningQueues == 2 }), "rings did not start")
-	// Retry transmits for a while when testpmd's transmit ring is full
-	// instead of dropping (testpmd's "io retry" forwarding).
+	// Retry transmits for up to 100ms when testpmd's transmit ring is full
+	// (a starved process on busy shared CPUs) instead of dropping.
+	p.command("set burst tx delay 10 retry 10000")
 	p.command("set fwd io retry")
 	p.command("start")
 	// testpmd flushes its receive queues when forwarding starts: inject
@@ -286,10 +287,16 @@ func TestDPDKVirtioUserBothDirections(t *testing.T) {
 	frame := make([]byte, 64)
 	copy(frame, []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 2, 0, 0, 0, 0, 1, 0x88, 0xb5})
 	for i := 0; i < frames; i++ {
-		require.NoError(t, h.Inject(ctx, frame))
-		if i%64 == 63 {
-			// Pace: at most 128 frames in flight through testpmd.
-			waitCond(ctx, func() bool { c := h.Counters(); return c.TxFrames+128 >= c.RxFrames })
+		if err := h.Inject(ctx, frame); err != nil {
+			rx, tx, _ := p.portStats(context.Background())
+			t.Fatalf("inject frame %d: %v; back-end %+v; testpmd rx %d tx %d", i, err, h.Counters(), rx, tx)
+		}
+		if i%32 == 31 {
+			// Pace: at most 64 frames in flight through testpmd.
+			if !waitCond(ctx, func() bool { c := h.Counters(); return c.TxFrames+64 >= c.RxFrames }) {
+				rx, tx, _ := p.portStats(context.Background())
+				t.Fatalf("frames stopped coming back after %d: back-end %+v; testpmd rx %d tx %d", i, h.Counters(), rx, tx)
+			}
 		}
 	}
 	ok := waitCond(ctx, func() bool { c := h.Counters(); return c.RxFrames == frames && c.TxFrames == frames })
@@ -493,4 +500,38 @@ func TestDPDKThroughput(t *testing.T) {
 	t.Logf("virtio-user txonly (64-byte frames, burst 32) -> vdpakit back-end: %.2f Mpps", ours)
 	t.Logf("virtio-user txonly (64-byte frames, burst 32) -> DPDK net_vhost:    %.2f Mpps", dpdk)
 	fmt.Printf("DPDK-THROUGHPUT vdpakit=%.2fMpps net_vhost=%.2fMpps\n", ours, dpdk)
+}
+
+// TestDPDKReconnect: our back-end in client mode survives the front-end
+// restarting: a second testpmd (virtio-user in server mode at the same
+// path) gets served after the first quits, and traffic flows both times.
+func TestDPDKReconnect(t *testing.T) {
+	bin := requireTestpmd(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	path := filepath.Join(t.TempDir(), "vu.sock")
+	h := vhostusertest.New(vhostusertest.Sink, [6]byte{2, 0, 0, 0, 0, 1})
+	be := NewBackend(h, &BackendOptions{ReconnectInterval: 20 * time.Millisecond})
+	sctx, scancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- be.DialAndServe(sctx, path) }()
+	defer func() { scancel(); <-done }()
+
+	var total uint64
+	for round := 1; round <= 2; round++ {
+		p := startTestpmd(t, bin, testpmdConfig{lcores: "0@0,1@0", prefix: uniquePrefix(t, fmt.Sprintf("reconnect%d", round)),
+			vdev: "net_virtio_user0,path=" + path + ",queues=1,server=1", fwd: "txonly"})
+		require.NoError(t, p.waitOutput(ctx, "testpmd>", 1))
+		require.True(t, waitCond(ctx, func() bool { i := be.Info(); return i.Sessions == round && i.RunningQueues == 2 }),
+			"round %d: back-end did not (re)connect: %+v", round, be.Info())
+		p.command("start")
+		require.True(t, waitCond(ctx, func() bool { return h.Counters().TxFrames > total+10000 }), "round %d: no traffic", round)
+		_, _, tx, _, err := p.stopForwarding(ctx)
+		require.NoError(t, err)
+		total += tx
+		assert.True(t, waitCond(ctx, func() bool { return h.Counters().TxFrames == total }),
+			"round %d: testpmd sent %d in total, back-end counted %d", round, total, h.Counters().TxFrames)
+		p.quit()
+		_ = os.Remove(path)
+	}
 }
