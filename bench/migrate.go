@@ -160,6 +160,7 @@ type migResult struct {
 	written           uint64  // pages written by the vCPU writer
 	stateBytes        int
 	precopyRoundPages []uint64
+	breakdown         map[string]float64 // downtime phases, ms
 }
 
 // migrateOnce boots a guest with traffic on a source device, dirties its
@@ -280,6 +281,9 @@ func migrateOnce(ctx context.Context, size uint64, mode mdev.DirtyMode, rate flo
 	res := &migResult{precopyRoundPages: []uint64{}, mode: rep.Mode, rounds: len(rep.Rounds), downtime: rep.Downtime, total: total,
 		totalBytes: rep.TotalBytes, finalPages: rep.Final.Pages, decision: rep.Final.Decision,
 		framesBefore: before, framesAfter: after - before, written: dirtier.Written(), stateBytes: rep.StateBytes}
+	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1e3 }
+	res.breakdown = map[string]float64{"stop_guest_ms": ms(rep.StopGuest), "stop_device_ms": ms(rep.StopDevice),
+		"final_copy_ms": ms(rep.FinalCopy), "resume_ms": ms(rep.Resume)}
 	for _, r := range rep.Rounds[1:] {
 		res.precopyRoundPages = append(res.precopyRoundPages, r.Pages)
 		res.dirtyRate = r.ByteRate
@@ -376,6 +380,7 @@ func (h *Harness) Migrate(ctx context.Context) {
 				p["pages_written_by_guest"] = res.written
 				p["frames_before"] = res.framesBefore
 				p["frames_after_on_destination"] = res.framesAfter
+				p["downtime_breakdown"] = res.breakdown
 				h.add(Result{Suite: suite, Name: name, Params: p, Metrics: []Metric{
 					{"downtime", float64(res.downtime.Microseconds()) / 1e3, "ms"},
 					{"total", float64(res.total.Microseconds()) / 1e3, "ms"},
