@@ -147,6 +147,9 @@ func (r *relay) program(d *Device) error {
 		}
 		rq := &relayQueue{idx: i, guest: gq, shadow: sq, guestKick: d.kicks[i],
 			inflight: make([]vring.Chain, q.size), bufs: make([]vring.Buffer, 0, 8)}
+		for j := range rq.inflight {
+			rq.inflight[j].Segs = make([]vring.Segment, 0, 4)
+		}
 		rq.guestCall.Store(d.queueCallFD(i))
 		if rq.shadowKick, err = vdpa.NewEventFD(); err != nil {
 			return fail(err)
@@ -218,13 +221,19 @@ func (run *relayRun) worker(d *Device) {
 			return
 		}
 		if err := run.pass(); err != nil {
-			if run.failed.CompareAndSwap(nil, &err) {
-				// Reported without d.mu held by this goroutine: stop()
-				// may hold d.mu while waiting for us.
-				go d.BackingFailed(err)
-			}
+			run.fail(d, err)
 			return
 		}
+	}
+}
+
+// fail records the relay's first error and reports it to the device. It is
+// a separate function so that the error escapes only on this path.
+func (run *relayRun) fail(d *Device, err error) {
+	if run.failed.CompareAndSwap(nil, &err) {
+		// Reported without d.mu held by this goroutine: stop() may hold
+		// d.mu while waiting for us.
+		go d.BackingFailed(err)
 	}
 }
 
