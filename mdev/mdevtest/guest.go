@@ -76,6 +76,9 @@ type Options struct {
 	// MaxFrames is how many frames the driver can number (one byte of
 	// guest memory each; default 1<<20).
 	MaxFrames uint64
+	// Features are accepted in addition to VERSION_1 when the device
+	// offers them (vdpa_sim needs VIRTIO_F_ACCESS_PLATFORM, for example).
+	Features virtio.Features
 }
 
 // Guest is the driver. Step and Run must not be called concurrently.
@@ -175,7 +178,7 @@ func Boot(dev *mdev.Device, mem *vring.Memory, limit uint64, opts *Options) (*Gu
 
 	w := func(off uint64, size int, v uint64) error { return dev.Write(mdev.RegionCommon, off, size, v) }
 	st := func(s virtio.Status) error { return w(mdev.OffDeviceStatus, 1, uint64(s)) }
-	feat := virtio.FVersion1.Bit()
+	feat := virtio.FVersion1.Bit() | o.Features&dev.OfferedFeatures()
 	steps := []error{
 		st(0),
 		st(virtio.StatusAcknowledge),
