@@ -44,6 +44,24 @@
 // guest's chains to shadow rings and marks every page written. Switching in
 // and out of relay mode while traffic flows loses and duplicates nothing.
 //
+// MigrateSource and MigrateDestination drive a whole migration over an
+// io.ReadWriter (a TCP connection, typically) with a small framed protocol:
+// iterative pre-copy of guest memory driven by a dirty.Tracker while the
+// guest runs, then stop-and-copy of the last dirty pages and the device
+// state, and restore on the destination, which validates every message
+// (page addresses inside its guest memory, sizes bounded) and loads the
+// device state only whole. Package mdevtest provides a guest-side driver
+// whose state lives entirely in guest memory, for tests and the
+// examples/migrate demo.
+//
+// Limits: split virtqueues only (no RING_PACKED, NOTIFICATION_DATA,
+// RING_RESET); legacy and transitional interfaces are not emulated; the
+// relay needs a backing device that can reach a memory region placed above
+// guest memory and that completes the chains it consumed before Suspend
+// returns (or before GET_VRING_BASE), which vhost-net, vdpa_sim and the
+// software device do — a device that cannot is reported with ErrInFlight
+// rather than losing chains.
+//
 // Sysfs manages VFIO mediated devices of real hardware (parents, supported
 // types, create and remove by UUID) under a configurable sysfs root.
 package mdev
