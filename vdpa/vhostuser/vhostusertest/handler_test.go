@@ -1,0 +1,108 @@
+package vhostusertest
+
+import (
+	"net"
+	"testing"
+
+	"github.com/google/gopacket"
+	"github.com/google/gopacket/layers"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+var (
+	devMAC  = [6]byte{2, 0, 0, 0, 0, 1}
+	peerMAC = net.HardwareAddr{2, 0, 0, 0, 0, 2}
+	devIP   = net.IP{10, 0, 0, 1}
+	peerIP  = net.IP{10, 0, 0, 2}
+)
+
+func serialize(t *testing.T, ls ...gopacket.SerializableLayer) []byte {
+	buf := gopacket.NewSerializeBuffer()
+	require.NoError(t, gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true}, ls...))
+	return buf.Bytes()
+}
+
+func newResponder() *Handler {
+	h := New(Responder, devMAC)
+	h.SetIPv4([4]byte(devIP))
+	return h
+}
+
+// RFC 826: a request for our address gets a reply with our hardware address,
+// sent to the requester.
+func TestResponderAnswersARPRequest(t *testing.T) {
+	req := serialize(t,
+		&layers.Ethernet{SrcMAC: peerMAC, DstMAC: layers.EthernetBroadcast, EthernetType: layers.EthernetTypeARP},
+		&layers.ARP{AddrType: layers.LinkTypeEthernet, Protocol: layers.EthernetTypeIPv4, HwAddressSize: 6, ProtAddressSize: 4,
+			Operation: layers.ARPRequest, SourceHwAddress: peerMAC, SourceProtAddress: peerIP,
+			DstHwAddress: make([]byte, 6), DstProtAddress: devIP})
+	rep := newResponder().respond(req)
+	require.NotNil(t, rep)
+	p := gopacket.NewPacket(rep, layers.LayerTypeEthernet, gopacket.Default)
+	eth := p.Layer(layers.LayerTypeEthernet).(*layers.Ethernet)
+	assert.Equal(t, peerMAC, eth.DstMAC)
+	assert.Equal(t, net.HardwareAddr(devMAC[:]), eth.SrcMAC)
+	arp := p.Layer(layers.LayerTypeARP).(*layers.ARP)
+	assert.Equal(t, uint16(layers.ARPReply), arp.Operation)
+	assert.Equal(t, []byte(devMAC[:]), arp.SourceHwAddress)
+	assert.Equal(t, []byte(devIP), arp.SourceProtAddress)
+	assert.Equal(t, []byte(peerMAC), arp.DstHwAddress)
+	assert.Equal(t, []byte(peerIP), arp.DstProtAddress)
+
+	// A request for another address is not answered.
+	other := append([]byte(nil), req...)
+	other[14+24+3] = 99
+	assert.Nil(t, newResponder().respond(other))
+}
+
+// RFC 792: an echo request to our address gets an echo reply with the same
+// identifier, sequence and data, and valid IPv4 and ICMP checksums.
+func TestResponderAnswersICMPEcho(t *testing.T) {
+	payload := []byte("vdpakit ping payload")
+	req := serialize(t,
+		&layers.Ethernet{SrcMAC: peerMAC, DstMAC: net.HardwareAddr(devMAC[:]), EthernetType: layers.EthernetTypeIPv4},
+		&layers.IPv4{Version: 4, TTL: 64, Protocol: layers.IPProtocolICMPv4, SrcIP: peerIP, DstIP: devIP, Id: 7},
+		&layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(layers.ICMPv4TypeEchoRequest, 0), Id: 0x1234, Seq: 9},
+		gopacket.Payload(payload))
+	rep := newResponder().respond(req)
+	require.NotNil(t, rep)
+	p := gopacket.NewPacket(rep, layers.LayerTypeEthernet, gopacket.Default)
+	require.Nil(t, p.ErrorLayer())
+	ip := p.Layer(layers.LayerTypeIPv4).(*layers.IPv4)
+	assert.Equal(t, devIP.To4(), ip.SrcIP.To4())
+	assert.Equal(t, peerIP.To4(), ip.DstIP.To4())
+	icmp := p.Layer(layers.LayerTypeICMPv4).(*layers.ICMPv4)
+	assert.Equal(t, uint8(layers.ICMPv4TypeEchoReply), icmp.TypeCode.Type())
+	assert.Equal(t, uint16(0x1234), icmp.Id)
+	assert.Equal(t, uint16(9), icmp.Seq)
+	assert.Equal(t, payload, icmp.Payload)
+
+	// Checksums: a correct header sums to 0xffff (folded to zero here).
+	ipHdr := rep[14 : 14+20]
+	assert.Equal(t, uint16(0), checksumOK(ipHdr), "IPv4 header checksum")
+	assert.Equal(t, uint16(0), checksumOK(rep[14+20:]), "ICMP checksum")
+
+	// Not for us: no reply.
+	ip2 := serialize(t,
+		&layers.Ethernet{SrcMAC: peerMAC, DstMAC: net.HardwareAddr(devMAC[:]), EthernetType: layers.EthernetTypeIPv4},
+		&layers.IPv4{Version: 4, TTL: 64, Protocol: layers.IPProtocolICMPv4, SrcIP: peerIP, DstIP: net.IP{10, 0, 0, 9}},
+		&layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(layers.ICMPv4TypeEchoRequest, 0)})
+	assert.Nil(t, newResponder().respond(ip2))
+}
+
+// checksumOK folds the one's-complement sum over b: zero when b carries a
+// correct Internet checksum (an independent check, RFC 1071 §1).
+func checksumOK(b []byte) uint16 {
+	var s uint32
+	for i := 0; i+1 < len(b); i += 2 {
+		s += uint32(b[i])<<8 | uint32(b[i+1])
+	}
+	if len(b)%2 == 1 {
+		s += uint32(b[len(b)-1]) << 8
+	}
+	for s>>16 != 0 {
+		s = s&0xffff + s>>16
+	}
+	return ^uint16(s)
+}
