@@ -636,6 +636,15 @@ func (d *Device) commonRead(off uint64, size int) (uint64, error) {
 	case OffNumQueues:
 		v = uint64(d.numQueues)
 	case OffDeviceStatus:
+		if d.live && d.status&virtio.StatusDeviceNeedsReset == 0 {
+			// The backing device may have given up on its own (a broken
+			// ring): the guest learns it here.
+			if st, err := d.backing.Status(); err != nil {
+				d.needsReset(backingErr("status", err))
+			} else if st&(virtio.StatusDeviceNeedsReset|virtio.StatusFailed) != 0 {
+				d.needsReset(backingErr("status", fmt.Errorf("backing device status %s", st)))
+			}
+		}
 		v = uint64(d.status)
 	case OffConfigGeneration:
 		d.refreshGeneration()

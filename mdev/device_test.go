@@ -495,3 +495,19 @@ func TestBARMapping(t *testing.T) {
 	assert.EqualValues(t, 0xfee00000, v)
 	assert.EqualValues(t, 1, binary.LittleEndian.Uint32(d.msix[12:]), "vector control starts masked")
 }
+
+func TestBackingNeedsResetPropagates(t *testing.T) {
+	f := newFakeBacking()
+	d := newTestDevice(t, f, nil)
+	g := driver{t, d}
+	g.bringUp(netFeatures)
+	require.Equal(t, sAck|sDrv|sFOK|sDOK, g.status())
+	f.mu.Lock()
+	f.status |= sNR
+	f.mu.Unlock()
+	assert.Equal(t, sAck|sDrv|sFOK|sDOK|sNR, g.status(), "2.1.2: the backing device's NEEDS_RESET reaches the guest")
+	assert.ErrorIs(t, d.Err(), ErrBacking)
+	n, err := d.ConfigFD().TryWait()
+	require.NoError(t, err)
+	assert.EqualValues(t, 1, n)
+}

@@ -19,6 +19,7 @@ import (
 	"github.com/vdpakit/vdpakit/mdev/mdevtest"
 	"github.com/vdpakit/vdpakit/vdpa"
 	"github.com/vdpakit/vdpakit/vdpa/softnet"
+	"github.com/vdpakit/vdpakit/virtio"
 	"github.com/vdpakit/vdpakit/vring"
 )
 
@@ -228,4 +229,34 @@ func TestDestinationRejectsBadPages(t *testing.T) {
 	err := <-errc
 	require.ErrorIs(t, err, mdev.ErrMemoryLayout)
 	assert.Equal(t, mdev.MigRunning, dst.dev.MigrationState(), "destination untouched")
+}
+
+// A guest that breaks the ring rules while the relay serves it (here:
+// avail.idx jumps by more than the queue size, virtio 1.2 §2.7.13.3) gets
+// DEVICE_NEEDS_RESET with the ring error, never a panic or a hang.
+func TestRelayHostileGuestNeedsReset(t *testing.T) {
+	s := newSide(t, testGuestMem, mdev.DirtyRelay)
+	g, err := mdevtest.Boot(s.dev, s.mem, 100, nil)
+	require.NoError(t, err)
+	log, err := dirty.New(testGuestMem, nil)
+	require.NoError(t, err)
+	defer log.Close()
+	_, err = s.dev.StartDirtyTracking(log)
+	require.NoError(t, err)
+	for !g.Done() {
+		g.Step()
+	}
+	// transmitq0's avail.idx lives at its avail ring + 2 (guest layout of
+	// mdevtest: the TX ring at 0x11000, desc table 16*256 bytes).
+	availIdx := vring.GuestAddr(0x11000 + 16*256 + 2)
+	require.NoError(t, s.mem.Write(availIdx, []byte{0x00, 0x40}))
+	require.NoError(t, s.dev.Write(mdev.RegionNotify, 1*mdev.NotifyOffMultiplier, 2, 1))
+	waitFor(t, msg("NEEDS_RESET"), func() bool {
+		st, _ := s.dev.Read(mdev.RegionCommon, mdev.OffDeviceStatus, 1)
+		return virtio.Status(st)&virtio.StatusDeviceNeedsReset != 0
+	})
+	assert.ErrorIs(t, s.dev.Err(), vring.ErrAvailIdxJump)
+	// Reset recovers the device.
+	require.NoError(t, s.dev.Write(mdev.RegionCommon, mdev.OffDeviceStatus, 1, 0))
+	assert.EqualValues(t, 0, s.dev.Status())
 }
