@@ -18,12 +18,15 @@ func TestRelayDataPathAllocatesNothing(t *testing.T) {
 	if testing.Short() {
 		t.Skip("runs traffic")
 	}
+	if raceEnabled {
+		t.Skip("the race detector allocates on synchronization")
+	}
 	s := newSide(t, testGuestMem, mdev.DirtyRelay)
 	g, err := mdevtest.Boot(s.dev, s.mem, 0, nil)
 	require.NoError(t, err)
 	log, err := dirty.New(testGuestMem, nil)
 	require.NoError(t, err)
-	defer log.Close()
+	closeLogAfter(t, log, s)
 	_, err = s.dev.StartDirtyTracking(log)
 	require.NoError(t, err)
 	step := func(n uint64) {

@@ -39,7 +39,8 @@ func (m DirtyMode) String() string {
 // log (indexed by guest address), using Options.DirtyMode, and returns the
 // mode in effect. The device may be live: switching into relay mode
 // suspends the backing device, reads its ring positions and reprograms it
-// onto shadow rings, losing and duplicating nothing.
+// onto shadow rings, losing and duplicating nothing. log must stay open
+// until StopDirtyTracking or Close returns.
 func (d *Device) StartDirtyTracking(log *dirty.Bitmap) (DirtyMode, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()

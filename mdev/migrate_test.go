@@ -48,6 +48,18 @@ func newSide(t testing.TB, size uint64, mode mdev.DirtyMode) *side {
 	return &side{mem: mem, sn: sn, dev: dev}
 }
 
+// closeLogAfter closes log when the test ends, after the devices that may
+// still write into it (a relay or a logging backing device) are closed.
+func closeLogAfter(tb testing.TB, log *dirty.Bitmap, sides ...*side) {
+	tb.Helper()
+	tb.Cleanup(func() {
+		for _, s := range sides {
+			_ = s.dev.Close()
+		}
+		_ = log.Close()
+	})
+}
+
 func memHash(mem *vring.Memory) [32]byte {
 	h := sha256.New()
 	for _, r := range mem.Regions() {
@@ -115,7 +127,7 @@ func migrateOnce(t *testing.T, mode mdev.DirtyMode, seed uint64) {
 	require.NoError(t, err)
 	log, err := dirty.New(testGuestMem, nil)
 	require.NoError(t, err)
-	defer log.Close()
+	closeLogAfter(t, log, src, dst)
 	g.SetLog(log)
 	dirtier.SetLog(log)
 	v := startVCPUs(t, g, dirtier)
@@ -183,7 +195,7 @@ func TestRelaySwitchUnderTraffic(t *testing.T) {
 			require.NoError(t, err)
 			log, err := dirty.New(testGuestMem, nil)
 			require.NoError(t, err)
-			defer log.Close()
+			closeLogAfter(t, log, s)
 			ctx, cancel := context.WithCancel(context.Background())
 			done := make(chan struct{})
 			go func() { defer close(done); _ = g.Run(ctx) }()
@@ -240,7 +252,7 @@ func TestRelayHostileGuestNeedsReset(t *testing.T) {
 	require.NoError(t, err)
 	log, err := dirty.New(testGuestMem, nil)
 	require.NoError(t, err)
-	defer log.Close()
+	closeLogAfter(t, log, s)
 	_, err = s.dev.StartDirtyTracking(log)
 	require.NoError(t, err)
 	for !g.Done() {

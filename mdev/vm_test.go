@@ -58,7 +58,7 @@ func TestVMMigrateVdpaSimNet(t *testing.T) {
 	require.NoError(t, err)
 	log, err := dirty.New(size, nil)
 	require.NoError(t, err)
-	defer log.Close()
+	closeLogAfter(t, log, src, dst)
 	g.SetLog(log)
 	dirtier.SetLog(log)
 	v := startVCPUs(t, g, dirtier)
