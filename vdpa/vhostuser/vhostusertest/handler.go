@@ -220,6 +220,7 @@ type worker struct {
 	hdrLen   int
 	wake     chan struct{}
 	chains   [32]vring.Chain
+	used     [32]vring.UsedElem
 	rxChain  vring.Chain
 	buf      [65536 + 12]byte
 	pending  []byte   // an injected frame waiting for a receive buffer
@@ -370,11 +371,11 @@ func (w *worker) poll() int {
 			w.h.setErr(err)
 		}
 		rxUsed := false
+		var bytes uint64
 		for i := 0; i < n; i++ {
 			c := &w.chains[i]
-			plen := c.ReadableLen - uint64(min(uint64(w.hdrLen), c.ReadableLen))
-			w.h.txFrames.Add(1)
-			w.h.txBytes.Add(plen)
+			bytes += c.ReadableLen - uint64(min(uint64(w.hdrLen), c.ReadableLen))
+			w.used[i] = vring.UsedElem{Head: c.Head}
 			if w.h.mode == Responder {
 				m := c.Gather(w.buf[:])
 				if m > w.hdrLen {
@@ -400,9 +401,14 @@ func (w *worker) poll() int {
 					w.h.rxDropped.Add(1)
 				}
 			}
-			_ = w.tx.dq.Push(c.Head, 0)
 		}
 		if n > 0 {
+			// One used.idx store for the whole burst.
+			if err := w.tx.dq.PushBatch(w.used[:n]); err != nil {
+				w.h.setErr(err)
+			}
+			w.h.txFrames.Add(uint64(n))
+			w.h.txBytes.Add(bytes)
 			w.interrupt(w.tx)
 			work += n
 		}
