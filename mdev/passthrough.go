@@ -165,19 +165,16 @@ func (d *Device) quiesce() error {
 		d.live = false
 		return nil
 	}
-	s, canSuspend := d.backing.(vdpa.Suspender)
-	if canSuspend {
-		if err := s.Suspend(); err != nil {
-			return backingErr("suspend", err)
-		}
+	if err := d.suspendBacking(); err != nil {
+		return err
 	}
-	for i := range d.queues {
+	bases, err := d.readBases()
+	if err != nil {
+		return err
+	}
+	for i, st := range bases {
 		if !d.queues[i].enabled {
 			continue
-		}
-		st, err := d.backing.QueueBase(i)
-		if err != nil {
-			return backingErr(fmt.Sprintf("queue %d base", i), err)
 		}
 		// A chain the device consumed but did not complete would be lost
 		// when the device restarts from this position.
@@ -196,6 +193,41 @@ func (d *Device) quiesce() error {
 	d.live = false
 	d.negotiated = false
 	return nil
+}
+
+// suspendBacking stops the backing device's data path without a reset when
+// it can (vdpa.Suspender). A device without suspend support (VDUSE behind
+// vhost-vdpa, older kernels) is stopped queue by queue by readBases
+// instead.
+func (d *Device) suspendBacking() error {
+	s, ok := d.backing.(vdpa.Suspender)
+	if !ok {
+		return nil
+	}
+	if err := s.Suspend(); err != nil && !errors.Is(err, errors.ErrUnsupported) {
+		return backingErr("suspend", err)
+	}
+	return nil
+}
+
+// readBases reads every enabled queue's position. On vhost devices this
+// stops each queue (GET_VRING_BASE), so it goes from the highest queue
+// down: for virtio-net the transmit queue (odd) stops before its receive
+// queue, and a frame transmitted before the stop still finds its receive
+// queue running.
+func (d *Device) readBases() ([]vring.QueueState, error) {
+	bases := make([]vring.QueueState, len(d.queues))
+	for i := len(d.queues) - 1; i >= 0; i-- {
+		if !d.queues[i].enabled {
+			continue
+		}
+		st, err := d.backing.QueueBase(i)
+		if err != nil {
+			return nil, backingErr(fmt.Sprintf("queue %d base", i), err)
+		}
+		bases[i] = st
+	}
+	return bases, nil
 }
 
 // restart resumes the data path after quiesce, from the recorded queue

@@ -377,27 +377,25 @@ func (r *relay) stop(d *Device) error {
 		_ = d.backing.SetStatus(0)
 		return *p
 	}
-	if s, ok := d.backing.(vdpa.Suspender); ok {
-		if err := s.Suspend(); err != nil {
-			r.teardown()
-			return backingErr("suspend", err)
-		}
+	if err := d.suspendBacking(); err != nil {
+		r.teardown()
+		return err
 	}
+	bases, err := d.readBases()
 	var firstErr error
+	if err != nil {
+		firstErr = err
+	}
 	for _, rq := range run.queues {
-		if rq == nil {
+		if rq == nil || firstErr != nil {
 			continue
 		}
-		st, err := d.backing.QueueBase(rq.idx)
-		if err != nil {
-			firstErr = backingErr(fmt.Sprintf("queue %d base", rq.idx), err)
-			break
-		}
+		st := bases[rq.idx]
 		if err := rq.complete(); err != nil {
 			firstErr = err
 			break
 		}
-		if st.NextAvail != st.NextUsed && firstErr == nil {
+		if st.NextAvail != st.NextUsed {
 			firstErr = fmt.Errorf("%w: queue %d shadow next avail %d, next used %d", ErrInFlight, rq.idx, st.NextAvail, st.NextUsed)
 			break
 		}

@@ -14,6 +14,8 @@ import (
 	"github.com/vdpakit/vdpakit/mdev"
 	"github.com/vdpakit/vdpakit/mdev/mdevtest"
 	"github.com/vdpakit/vdpakit/vdpa/kernel"
+	"github.com/vdpakit/vdpakit/vdpa/softnet"
+	"github.com/vdpakit/vdpakit/vdpa/vduse"
 	"github.com/vdpakit/vdpakit/virtio"
 	"github.com/vdpakit/vdpakit/vring"
 )
@@ -27,6 +29,38 @@ func simSide(t *testing.T, name string, size uint64) *side {
 	testenv.RequireModule(t, "vhost_vdpa")
 	testenv.RequireModule(t, "vdpa_sim_net")
 	testenv.AddVDPA(t, name, "vdpasim_net", "mac", "02:00:00:00:00:01")
+	return kernelSide(t, name, size)
+}
+
+// vduseSide is a mediated device backed by a VDUSE device served by the
+// software virtio-net device, bound to vhost_vdpa: guest -> mdev ->
+// /dev/vhost-vdpa-N -> kernel -> VDUSE -> softnet, and back.
+func vduseSide(t *testing.T, name string, size uint64) *side {
+	t.Helper()
+	testenv.RequireVM(t)
+	testenv.RequireRoot(t)
+	testenv.RequireModule(t, "vduse")
+	testenv.RequireModule(t, "vhost_vdpa")
+	testenv.RequireFile(t, "/dev/vduse/control")
+	sn, err := softnet.New(&softnet.Options{AccessPlatform: true, NoCtrlVQ: true, MaxQueueSize: 256})
+	require.NoError(t, err)
+	vd, err := vduse.Create(sn, &vduse.Options{Name: name, Logf: t.Logf})
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- vd.Serve(ctx) }()
+	t.Cleanup(func() {
+		// After AddVDPA's cleanup (LIFO) deleted the vDPA device.
+		cancel()
+		<-done
+		assert.NoError(t, vd.Close())
+	})
+	testenv.AddVDPA(t, name, "vduse")
+	return kernelSide(t, name, size)
+}
+
+func kernelSide(t *testing.T, name string, size uint64) *side {
+	t.Helper()
 	path := testenv.VhostVDPAPath(t, name)
 	kd, err := kernel.Open(path, nil)
 	require.NoError(t, err)
@@ -46,10 +80,19 @@ func simSide(t *testing.T, name string, size uint64) *side {
 // traffic: vhost-vdpa cannot log, so dirty tracking runs through the shadow
 // relay, whose shadow rings the kernel device reaches through its IOTLB.
 func TestVMMigrateVdpaSimNet(t *testing.T) {
-	const size = 16 << 20
+	migrateKernel(t, simSide(t, "mdev-src", vmGuestMem), simSide(t, "mdev-dst", vmGuestMem))
+}
+
+// The same over VDUSE devices served by the software device.
+func TestVMMigrateVDUSE(t *testing.T) {
+	migrateKernel(t, vduseSide(t, "mdev-vduse-src", vmGuestMem), vduseSide(t, "mdev-vduse-dst", vmGuestMem))
+}
+
+const vmGuestMem = 16 << 20
+
+func migrateKernel(t *testing.T, src, dst *side) {
+	const size = vmGuestMem
 	const frames = 3000
-	src := simSide(t, "mdev-src", size)
-	dst := simSide(t, "mdev-dst", size)
 	opts := &mdevtest.Options{Features: virtio.FAccessPlatform.Bit(), MaxFrames: frames}
 	g, err := mdevtest.Boot(src.dev, src.mem, frames, opts)
 	require.NoError(t, err)
