@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/vdpakit/vdpakit/dirty"
@@ -171,6 +172,12 @@ func (b *Backend) ServeConn(ctx context.Context, uc *net.UnixConn) error {
 	stop := context.AfterFunc(ctx, func() { uc.Close() })
 	defer stop()
 	defer s.teardown()
+	if r, ok := b.h.(vdpa.QueueErrReporter); ok {
+		wctx, cancel := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() { defer close(done); s.watchErrors(wctx, r) }()
+		defer func() { cancel(); <-done }()
+	}
 	for {
 		m, err := s.c.read()
 		if err != nil {
@@ -224,15 +231,23 @@ type session struct {
 	mem         *peerMemory
 	log         *dirty.Bitmap
 	queues      []vq
+
+	// errFds publishes, per queue, the SET_VRING_ERR eventfd of a running
+	// queue (nil otherwise) to the watcher goroutine that signals it when
+	// a vdpa.QueueErrReporter handler reports the queue broken.
+	errFds atomic.Pointer[[]*vdpa.EventFD]
 }
 
 func (s *session) update() {
 	n := 0
+	fds := make([]*vdpa.EventFD, len(s.queues))
 	for i := range s.queues {
 		if s.queues[i].running {
 			n++
+			fds[i] = s.queues[i].errFd
 		}
 	}
+	s.errFds.Store(&fds)
 	s.b.mu.Lock()
 	s.b.info.Features, s.b.info.ProtocolFeatures, s.b.info.Status = s.features, s.proto, s.status
 	s.b.info.RunningQueues = n
@@ -494,6 +509,15 @@ func (s *session) dispatch(m *Message) (reply []byte, hasReply bool, err error) 
 	case ReqGetStatus:
 		if err := needProto(PFStatus); err != nil {
 			return nil, true, err
+		}
+		// A running queue the handler reports broken sets
+		// DEVICE_NEEDS_RESET (virtio 1.2 §2.1.2).
+		if r, ok := s.h.(vdpa.QueueErrReporter); ok && s.status != 0 {
+			for i := range s.queues {
+				if s.queues[i].running && r.QueueErr(i) != nil {
+					s.status |= virtio.StatusDeviceNeedsReset
+				}
+			}
 		}
 		return putU64(uint64(s.status)), true, nil
 	}
@@ -795,11 +819,57 @@ func (s *session) halt(i int) (vring.QueueState, bool) {
 		s.signalErr(q)
 		return dq.State(), true
 	}
-	if dq.Err() != nil {
-		s.b.log.Warn("vhost-user: queue failed", "queue", i, "err", dq.Err())
+	qerr := dq.Err()
+	if r, ok := s.h.(vdpa.QueueErrReporter); ok && qerr == nil {
+		qerr = r.QueueErr(i)
+	}
+	if qerr != nil {
+		s.b.log.Warn("vhost-user: queue failed", "queue", i, "err", qerr)
 		s.signalErr(q)
 	}
 	return st, true
+}
+
+// errWatchInterval is how often the watcher asks a QueueErrReporter
+// handler about running queues that have a SET_VRING_ERR eventfd.
+const errWatchInterval = 50 * time.Millisecond
+
+// watchErrors signals a running queue's error eventfd once when the
+// handler reports the queue broken. It reads only the published errFds
+// snapshot; signalling an eventfd the session closed meanwhile fails
+// harmlessly.
+func (s *session) watchErrors(ctx context.Context, r vdpa.QueueErrReporter) {
+	t := time.NewTicker(errWatchInterval)
+	defer t.Stop()
+	var signalled []*vdpa.EventFD
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		p := s.errFds.Load()
+		if p == nil {
+			continue
+		}
+		fds := *p
+		if len(signalled) != len(fds) {
+			signalled = make([]*vdpa.EventFD, len(fds))
+		}
+		for q, e := range fds {
+			if e == nil {
+				signalled[q] = nil // stopped: re-armed for its next run
+				continue
+			}
+			if signalled[q] == e {
+				continue
+			}
+			if r.QueueErr(q) != nil {
+				_ = e.Signal()
+				signalled[q] = e
+			}
+		}
+	}
 }
 
 func (s *session) signalErr(q *vq) {
