@@ -224,21 +224,11 @@ func (q *DeviceQueue) refresh() (uint16, error) {
 // writes avail_event = next avail index and re-checks (see EnableNotify).
 // Any rule broken by the driver returns a *QueueError and breaks the queue.
 func (q *DeviceQueue) Pop(c *Chain) (bool, error) {
-	if q.err != nil {
-		return false, q.err
-	}
-	if q.lastAvail == q.availSeen {
-		n, err := q.refresh()
-		if err != nil {
+	// Chains up to availSeen (the avail.idx last loaded, rule 2) are known
+	// to be available: avail.idx is loaded again only once they are used up.
+	if q.lastAvail == q.availSeen || q.err != nil {
+		if ok, err := q.wait(); !ok {
 			return false, err
-		}
-		if n == 0 {
-			if !q.notify || !q.eventIdx || (q.eventValid && q.availEvent == q.lastAvail) {
-				return false, nil
-			}
-			if n, err = q.armAndRecheck(); err != nil || n == 0 {
-				return false, err
-			}
 		}
 	}
 	slot := 4 + 2*int(q.lastAvail&q.r.mask)
@@ -250,20 +240,11 @@ func (q *DeviceQueue) Pop(c *Chain) (bool, error) {
 		addr := GuestAddr(binary.LittleEndian.Uint64(d[0:8]))
 		length := binary.LittleEndian.Uint32(d[8:12])
 		off := uint64(addr - q.cBase)
-		if flags&(DescFNext|DescFIndirect) == 0 && addr >= q.cBase && off < uint64(len(q.cMem)) &&
-			uint64(length) <= uint64(len(q.cMem))-off && length != 0 {
+		// As in PopBatch: in the cached region, non-empty, ending inside.
+		if flags&(DescFNext|DescFIndirect) == 0 && off < uint64(len(q.cMem)) &&
+			uint64(length)-1 < uint64(len(q.cMem))-off && cap(c.Segs) != 0 {
 			end := off + uint64(length)
-			c.Head = head
-			c.Segs = c.Segs[:0]
-			seg := c.grow()
-			seg.Addr, seg.Len, seg.Buf = addr, length, q.cMem[off:end:end]
-			if flags&DescFWrite != 0 {
-				seg.Writable = true
-				c.Readable, c.ReadableLen, c.WritableLen = 0, 0, uint64(length)
-			} else {
-				seg.Writable = false
-				c.Readable, c.ReadableLen, c.WritableLen = 1, uint64(length), 0
-			}
+			c.fill1(head, addr, length, flags, q.cMem[off:end:end])
 			q.lastAvail++
 			return true, nil
 		}
@@ -273,6 +254,46 @@ func (q *DeviceQueue) Pop(c *Chain) (bool, error) {
 	}
 	q.lastAvail++
 	return true, nil
+}
+
+// wait is Pop's slow start: the queue is broken or every chain seen
+// available has been taken. It reloads avail.idx (re-arming avail_event
+// first when notifications are on with EVENT_IDX and the ring is empty) and
+// reports whether a chain is available now.
+func (q *DeviceQueue) wait() (bool, error) {
+	if q.err != nil {
+		return false, q.err
+	}
+	n, err := q.refresh()
+	if err != nil {
+		return false, err
+	}
+	if n == 0 {
+		if !q.notify || !q.eventIdx || (q.eventValid && q.availEvent == q.lastAvail) {
+			return false, nil
+		}
+		if n, err = q.armAndRecheck(); err != nil || n == 0 {
+			return false, err
+		}
+	}
+	return true, nil
+}
+
+// fill1 makes c the one-segment chain head -> buf (cap(c.Segs) != 0).
+// Fields are set one by one: building a Segment value and copying it costs
+// a store-forwarding stall on the hot path.
+func (c *Chain) fill1(head uint16, addr GuestAddr, length uint32, flags uint16, buf []byte) {
+	c.Head = head
+	c.Segs = c.Segs[:1]
+	seg := &c.Segs[0]
+	seg.Addr, seg.Len, seg.Buf = addr, length, buf
+	if flags&DescFWrite != 0 {
+		seg.Writable = true
+		c.Readable, c.ReadableLen, c.WritableLen = 0, 0, uint64(length)
+	} else {
+		seg.Writable = false
+		c.Readable, c.ReadableLen, c.WritableLen = 1, uint64(length), 0
+	}
 }
 
 // PopBatch pops up to len(cs) chains into cs and returns how many it popped.
@@ -289,9 +310,11 @@ func (q *DeviceQueue) PopBatch(cs []Chain) (int, error) {
 		}
 		avail, desc, mask, size := q.r.avail, q.r.desc, q.r.mask, q.r.size
 		base, mem := q.cBase, q.cMem
-		next := q.lastAvail
-		for ; n > 0; n-- {
-			slot := 4 + 2*int(next&mask)
+		start := q.lastAvail
+		batch := cs[i : i+n]
+		k := 0
+		for ; k < len(batch); k++ {
+			slot := 4 + 2*int((start+uint16(k))&mask)
 			head := binary.LittleEndian.Uint16(avail[slot : slot+2])
 			if head >= size {
 				break
@@ -300,28 +323,19 @@ func (q *DeviceQueue) PopBatch(cs []Chain) (int, error) {
 			flags := binary.LittleEndian.Uint16(d[12:14])
 			addr := GuestAddr(binary.LittleEndian.Uint64(d[0:8]))
 			length := binary.LittleEndian.Uint32(d[8:12])
+			c := &batch[k]
+			// In the cached region (off wraps past len(mem) when addr <
+			// base), non-empty (length-1 wraps when 0) and ending inside.
 			off := uint64(addr - base)
-			if flags&(DescFNext|DescFIndirect) != 0 || addr < base || off >= uint64(len(mem)) ||
-				uint64(length) > uint64(len(mem))-off || length == 0 {
+			if flags&(DescFNext|DescFIndirect) != 0 || off >= uint64(len(mem)) ||
+				uint64(length)-1 >= uint64(len(mem))-off || cap(c.Segs) == 0 {
 				break
 			}
-			c := &cs[i]
 			end := off + uint64(length)
-			c.Head = head
-			c.Segs = c.Segs[:0]
-			seg := c.grow()
-			seg.Addr, seg.Len, seg.Buf = addr, length, mem[off:end:end]
-			if flags&DescFWrite != 0 {
-				seg.Writable = true
-				c.Readable, c.ReadableLen, c.WritableLen = 0, 0, uint64(length)
-			} else {
-				seg.Writable = false
-				c.Readable, c.ReadableLen, c.WritableLen = 1, uint64(length), 0
-			}
-			next++
-			i++
+			c.fill1(head, addr, length, flags, mem[off:end:end])
 		}
-		q.lastAvail = next
+		q.lastAvail = start + uint16(k)
+		i += k
 		if i == len(cs) {
 			break
 		}
@@ -533,42 +547,67 @@ func (q *DeviceQueue) DisableNotify() {
 	}
 }
 
-// writeUsed writes used entry usedIdx without publishing it.
-func (q *DeviceQueue) writeUsed(head uint16, written uint32) error {
-	off := 4 + 8*int(q.usedIdx&q.r.mask)
-	e := q.r.used[off : off+8 : off+8]
-	binary.LittleEndian.PutUint32(e[0:4], uint32(head))
-	binary.LittleEndian.PutUint32(e[4:8], written)
-	if q.log != nil {
-		return q.logWrite(q.usedLog+GuestAddr(off), 8)
+// logPage is the granularity below which logging a few bytes more than were
+// written cannot mark an extra page: vhost's dirty log (VHOST_LOG_PAGE) and
+// dirty.Bitmap's default page are 4 KiB.
+const logPage = 4096
+
+// logUsed logs the used-ring writes of a push that wrote entries at byte
+// offsets [first, end) of the used ring (end <= first when they wrapped:
+// [first, len) and [4, end)) and stored used.idx (offset 2). The used.idx
+// field and the entries are logged as one range when that range stays in
+// the 4 KiB page of used.idx (the bytes in between are ring bytes, so the
+// extra marking costs nothing); otherwise separately. Logging follows the
+// writes (and the used.idx store, a full barrier), so a harvest that sees
+// the log sees the data.
+func (q *DeviceQueue) logUsed(first, end int) error {
+	base := q.usedLog
+	if end <= first { // wrapped: the tail of the ring, then its start
+		if err := q.logWrite(base+GuestAddr(first), uint64(4+8*int(q.r.size)-first)); err != nil {
+			return err
+		}
+		first = 4
 	}
-	return nil
+	if (base+2)/logPage == (base+GuestAddr(end-1))/logPage {
+		return q.logWrite(base+2, uint64(end-2))
+	}
+	if err := q.logWrite(base+GuestAddr(first), uint64(end-first)); err != nil {
+		return err
+	}
+	return q.logWrite(base+2, 2)
 }
 
-// publish stores used.idx (release) and logs it.
-func (q *DeviceQueue) publish() error {
-	q.r.storeUsedWord(q.usedFlags, q.usedIdx)
-	if q.log != nil {
-		return q.logWrite(q.usedLog+2, 2)
+// pushErr is Push's cold path: the error for a push it refused.
+//
+//go:noinline
+func (q *DeviceQueue) pushErr(head uint16) error {
+	if q.err != nil {
+		return q.err
 	}
-	return nil
+	return fmt.Errorf("%w: queue %d head %d", ErrNotInFlight, q.index, head)
 }
 
 // Push returns the chain with the given head to the driver with the number
 // of bytes written into its writable buffers, and publishes used.idx. The
 // caller logs its own buffer writes (or uses PushChain).
 func (q *DeviceQueue) Push(head uint16, written uint32) error {
-	if q.err != nil {
-		return q.err
+	if q.err != nil || q.usedIdx == q.lastAvail || head >= q.r.size {
+		return q.pushErr(head)
 	}
-	if q.usedIdx == q.lastAvail || head >= q.r.size {
-		return fmt.Errorf("%w: queue %d head %d", ErrNotInFlight, q.index, head)
+	idx := q.usedIdx
+	off := 4 + 8*int(idx&q.r.mask)
+	// One 64-bit store of the entry {id, len} (little-endian).
+	binary.LittleEndian.PutUint64(q.r.used[off:off+8:off+8], uint64(head)|uint64(written)<<32)
+	idx++
+	q.usedIdx = idx
+	// Rule 3: the entry (plain stores) before used.idx (atomic store,
+	// release; on amd64 and arm64 also the full barrier NeedsInterrupt
+	// relies on).
+	q.r.storeUsedWord(q.usedFlags, idx)
+	if q.log != nil {
+		return q.logUsed(off, off+8)
 	}
-	if err := q.writeUsed(head, written); err != nil {
-		return err
-	}
-	q.usedIdx++
-	return q.publish()
+	return nil
 }
 
 // PushChain logs the first written bytes of c's writable segments to the
@@ -610,36 +649,33 @@ func (q *DeviceQueue) PushBatch(elems []UsedElem) error {
 	if len(elems) > int(q.lastAvail-q.usedIdx) {
 		return fmt.Errorf("%w: queue %d: pushing %d with %d in flight", ErrNotInFlight, q.index, len(elems), q.lastAvail-q.usedIdx)
 	}
-	if q.log == nil {
-		// Entries past used.idx are invisible to the driver, so a bad head
-		// found midway needs no undo: used.idx is not moved.
-		used, mask, idx, size := q.r.used, q.r.mask, q.usedIdx, q.r.size
+	// Entries past used.idx are invisible to the driver, so a bad head
+	// found midway needs no undo: used.idx is not moved.
+	used, mask, idx, size := q.r.used, q.r.mask, q.usedIdx, q.r.size
+	first := 4 + 8*int(idx&mask)
+	if q.log != nil {
+		// Logged queues write nothing unless every head is valid: every
+		// guest write must be logged, and the log is written after used.idx.
 		for _, e := range elems {
 			if e.Head >= size {
-				return fmt.Errorf("%w: queue %d head %d", ErrNotInFlight, q.index, e.Head)
+				return q.pushErr(e.Head)
 			}
-			off := 4 + 8*int(idx&mask)
-			u := used[off : off+8 : off+8]
-			binary.LittleEndian.PutUint32(u[0:4], uint32(e.Head))
-			binary.LittleEndian.PutUint32(u[4:8], e.Len)
-			idx++
-		}
-		q.usedIdx = idx
-		q.r.storeUsedWord(q.usedFlags, idx)
-		return nil
-	}
-	for _, e := range elems {
-		if e.Head >= q.r.size {
-			return fmt.Errorf("%w: queue %d head %d", ErrNotInFlight, q.index, e.Head)
 		}
 	}
 	for _, e := range elems {
-		if err := q.writeUsed(e.Head, e.Len); err != nil {
-			return err
+		if e.Head >= size {
+			return q.pushErr(e.Head)
 		}
-		q.usedIdx++
+		off := 4 + 8*int(idx&mask)
+		binary.LittleEndian.PutUint64(used[off:off+8:off+8], uint64(e.Head)|uint64(e.Len)<<32)
+		idx++
 	}
-	return q.publish()
+	q.usedIdx = idx
+	q.r.storeUsedWord(q.usedFlags, idx) // rule 3, as in Push
+	if q.log != nil {
+		return q.logUsed(first, 4+8*int((idx-1)&mask)+8)
+	}
+	return nil
 }
 
 // NeedsInterrupt reports whether the driver wants an interrupt for the used

@@ -237,8 +237,7 @@ func TestWriteLogging(t *testing.T) {
 			require.NoError(t, dev.PushChain(&c, 150))
 			assert.Equal(t, [][2]uint64{
 				{0x200000, 100}, {0x300000, 50}, // written bytes
-				{base + 4, 8}, // used entry 0
-				{base + 2, 2}, // used.idx
+				{base + 2, 2 + 8}, // used.idx and used entry 0, one range
 			}, log.writes)
 			log.writes = nil
 			ok, err = dev.Pop(&c)
@@ -358,5 +357,63 @@ func TestPushBatchWithBadHeadPublishesNothing(t *testing.T) {
 		require.True(t, ok)
 		assert.Equal(t, cs[i].Head, h)
 		assert.Equal(t, uint32(i+1), l)
+	}
+}
+
+// TestUsedRingLogRanges checks which guest ranges a push logs: every used
+// entry written and used.idx, as one range when they share used.idx's 4 KiB
+// page (vhost's log page), as separate ranges otherwise.
+func TestUsedRingLogRanges(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		size     uint16
+		st       QueueState // used.idx in memory is st.NextUsed
+		heads    []uint16   // one Push when len 1, else a PushBatch
+		wantLogs func(base uint64) [][2]uint64
+	}{
+		{"entry in used.idx's page: one range from used.idx to the entry's end", 8,
+			QueueState{NextAvail: 3, NextUsed: 2}, []uint16{5},
+			func(b uint64) [][2]uint64 { return [][2]uint64{{b + 2, 4 + 8*2 + 8 - 2}} }},
+		{"entry in a later page: entry and used.idx logged separately", 1024,
+			QueueState{NextAvail: 601, NextUsed: 600}, []uint16{7},
+			func(b uint64) [][2]uint64 { return [][2]uint64{{b + 4 + 8*600, 8}, {b + 2, 2}} }},
+		{"batch in one page: one range over used.idx and all entries", 8,
+			QueueState{NextAvail: 4, NextUsed: 1}, []uint16{1, 2, 3},
+			func(b uint64) [][2]uint64 { return [][2]uint64{{b + 2, 4 + 8*3 + 8 - 2}} }},
+		{"batch wrapping the ring end: the tail, then used.idx through the wrapped entries", 8,
+			QueueState{NextAvail: 9, NextUsed: 6}, []uint16{1, 2, 3},
+			func(b uint64) [][2]uint64 { return [][2]uint64{{b + 4 + 8*6, 16}, {b + 2, 4 + 8 - 2}} }},
+		{"batch across pages: entries range, then used.idx", 1024,
+			QueueState{NextAvail: 602, NextUsed: 600}, []uint16{1, 2},
+			func(b uint64) [][2]uint64 { return [][2]uint64{{b + 4 + 8*600, 16}, {b + 2, 2}} }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r, err := NewMemfdRegion(0, 1<<20, nil)
+			require.NoError(t, err)
+			mem, err := NewMemory(r)
+			require.NoError(t, err)
+			defer mem.Close()
+			l := ContiguousLayout(0x10000, tc.size)
+			require.NoError(t, mem.Write(l.Used+2, []byte{byte(tc.st.NextUsed), byte(tc.st.NextUsed >> 8)}))
+			log := &recLog{}
+			dev, err := NewDeviceQueue(mem, DeviceQueueOptions{Layout: l, Log: log, State: tc.st})
+			require.NoError(t, err)
+			log.writes = nil
+			if len(tc.heads) == 1 {
+				require.NoError(t, dev.Push(tc.heads[0], 0))
+			} else {
+				var elems []UsedElem
+				for _, h := range tc.heads {
+					elems = append(elems, UsedElem{Head: h})
+				}
+				require.NoError(t, dev.PushBatch(elems))
+			}
+			assert.Equal(t, tc.wantLogs(uint64(l.Used)), log.writes)
+			for i, h := range tc.heads {
+				var e [8]byte
+				require.NoError(t, mem.Read(l.Used+GuestAddr(4+8*((int(tc.st.NextUsed)+i)%int(tc.size))), e[:]))
+				assert.Equal(t, []byte{byte(h), 0, 0, 0, 0, 0, 0, 0}, e[:], "used entry %d", i)
+			}
+		})
 	}
 }
