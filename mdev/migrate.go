@@ -38,6 +38,9 @@ var (
 //	msgDone     (empty): the source is stopped, everything was sent
 //	msgResumed  (empty): the destination is running
 //	msgError    UTF-8 text
+//	msgSync     (empty): the destination answers msgSyncAck once it has
+//	            applied everything before it
+//	msgSyncAck  (empty)
 const (
 	msgHello byte = iota + 1
 	msgHelloAck
@@ -47,6 +50,8 @@ const (
 	msgDone
 	msgResumed
 	msgError
+	msgSync
+	msgSyncAck
 
 	protoVersion  = 1
 	maxMsg        = 1<<20 + 64
@@ -273,6 +278,20 @@ func MigrateSource(ctx context.Context, conn io.ReadWriter, opts SourceOptions) 
 		}
 	}
 
+	// Let the destination drain what was sent so far, so that the
+	// downtime does not include a backlog of earlier rounds.
+	if err := c.send(msgSync); err != nil {
+		return fail(err)
+	}
+	if err := c.flush(); err != nil {
+		return fail(err)
+	}
+	if typ, _, err := c.recv(nil); err != nil {
+		return nil, err
+	} else if typ != msgSyncAck {
+		return fail(fmt.Errorf("%w: expected sync ack, got type %d", ErrProtocol, typ))
+	}
+
 	// Stop and copy.
 	t0 := time.Now()
 	if err := opts.StopGuest(); err != nil {
@@ -470,6 +489,16 @@ func MigrateDestination(ctx context.Context, conn io.ReadWriter, opts DestOption
 				return fail(fmt.Errorf("%w: round message of %d bytes", ErrProtocol, len(p)))
 			}
 			rep.Rounds++
+		case msgSync:
+			if len(p) != 0 {
+				return fail(fmt.Errorf("%w: sync message of %d bytes", ErrProtocol, len(p)))
+			}
+			if err := c.send(msgSyncAck); err != nil {
+				return rep, err
+			}
+			if err := c.flush(); err != nil {
+				return rep, err
+			}
 		case msgState:
 			if err := opts.Device.LoadState(p); err != nil {
 				return fail(err)
