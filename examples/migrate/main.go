@@ -97,6 +97,12 @@ func main() {
 	}
 }
 
+// guestOptions lays out the guest driver's memory: one counter byte per
+// frame, the vCPU dirtier writes above them.
+func (c config) guestOptions() *mdevtest.Options {
+	return &mdevtest.Options{MaxFrames: c.frames}
+}
+
 func fatal(err error) {
 	fmt.Fprintln(os.Stderr, "migrate:", err)
 	os.Exit(1)
@@ -258,7 +264,7 @@ func runSource(c config) error {
 		}
 		child = exec.Command(exe, "-role", "dest", "-addr", ln.Addr().String(),
 			"-guest-mem", strconv.FormatUint(c.guestMem, 10), "-dirty-rate", fmt.Sprint(c.dirtyRate),
-			"-backend", c.destBackend, "-mode", c.mode, fmt.Sprintf("-verify-memory=%v", c.verifyMemory))
+			"-frames", strconv.FormatUint(c.frames, 10), "-backend", c.destBackend, "-mode", c.mode, fmt.Sprintf("-verify-memory=%v", c.verifyMemory))
 		child.Stdout, child.Stderr = os.Stdout, os.Stderr
 		if err := child.Start(); err != nil {
 			return fmt.Errorf("start destination process: %w", err)
@@ -290,11 +296,11 @@ func runSource(c config) error {
 		return fmt.Errorf("source: %w", err)
 	}
 	defer src.close()
-	g, err := mdevtest.Boot(src.dev, src.mem, c.frames, &mdevtest.Options{MaxFrames: c.frames})
+	g, err := mdevtest.Boot(src.dev, src.mem, c.frames, c.guestOptions())
 	if err != nil {
 		return fmt.Errorf("guest boot: %w", err)
 	}
-	dirtier, err := mdevtest.NewDirtier(src.mem, mdevtest.Layout(nil), c.guestMem, c.dirtyRate, 1)
+	dirtier, err := mdevtest.NewDirtier(src.mem, mdevtest.Layout(c.guestOptions()), c.guestMem, c.dirtyRate, 1)
 	if err != nil {
 		return err
 	}
@@ -413,7 +419,7 @@ func runDest(c config, addr string) error {
 			if g, err = mdevtest.Attach(m.dev, m.mem); err != nil {
 				return err
 			}
-			d, err := mdevtest.NewDirtier(m.mem, mdevtest.Layout(nil), c.guestMem, c.dirtyRate, 2)
+			d, err := mdevtest.NewDirtier(m.mem, mdevtest.Layout(c.guestOptions()), c.guestMem, c.dirtyRate, 2)
 			if err != nil {
 				return err
 			}
