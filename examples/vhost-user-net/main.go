@@ -1,15 +1,26 @@
 // Command vhost-user-net is a vhost-user network back-end built on vdpakit:
-// DPDK's virtio-user (net_virtio_user) or QEMU (-netdev vhost-user)
-// attaches to it. It prints the negotiated features and traffic counters
+// DPDK's virtio-user (net_virtio_user) or QEMU (-netdev vhost-user) attaches
+// to it. It prints the negotiated features and traffic counters
 // periodically and exits on SIGINT/SIGTERM or after -duration.
 //
-//	vhost-user-net -socket /tmp/vu.sock                 # server mode, loopback
-//	vhost-user-net -socket /tmp/vu.sock -client         # connect to a server-mode front-end
-//	vhost-user-net -socket /tmp/vu.sock -handler sink   # count and drop
+//	vhost-user-net -socket /tmp/vu.sock                  # server mode, softnet loopback
+//	vhost-user-net -socket /tmp/vu.sock -client          # connect to a server-mode front-end
+//	vhost-user-net -socket /tmp/vu.sock -handler sink    # count and drop
+//	vhost-user-net -handler responder -ip 10.0.0.1       # answer ARP and ping
+//	vhost-user-net -device simple                        # the small busy-polling test device
 //
-// Handlers: loopback returns every transmitted frame on the receive queue
-// (like vdpa_sim_net); sink counts and drops; responder answers ARP requests
-// and ICMP echo requests for -ip.
+// Devices: softnet is vdpa/softnet, the full software virtio-net device
+// (control queue, event-driven or -poll mode); simple is
+// vhostuser/vhostusertest's one-pair device that busy-polls with
+// notification suppression. Handlers: loopback returns every transmitted
+// frame on the receive queue (like vdpa_sim_net); sink counts and drops;
+// responder answers ARP requests and ICMP echo requests for -ip.
+//
+// With QEMU, guest memory must be shareable, for example:
+//
+//	-object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem
+//	-chardev socket,id=vu,path=/tmp/vu.sock -netdev vhost-user,id=n0,chardev=vu
+//	-device virtio-net-pci,netdev=n0
 package main
 
 import (
@@ -18,59 +29,123 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"os/signal"
 	"syscall"
 	"time"
 
+	"github.com/vdpakit/vdpakit/vdpa"
+	"github.com/vdpakit/vdpakit/vdpa/softnet"
 	"github.com/vdpakit/vdpakit/vdpa/vhostuser"
 	"github.com/vdpakit/vdpakit/vdpa/vhostuser/vhostusertest"
 	"github.com/vdpakit/vdpakit/virtio"
 )
 
+type config struct {
+	socket, device, handler, mac, ip string
+	client, poll, debug              bool
+	interval, duration               time.Duration
+}
+
 func main() {
-	var (
-		socket   = flag.String("socket", "/tmp/vhost-user-net.sock", "vhost-user unix socket path")
-		client   = flag.Bool("client", false, "connect to the socket (front-end is the server) instead of listening")
-		handler  = flag.String("handler", "loopback", "frame handler: loopback, sink or responder")
-		macStr   = flag.String("mac", "02:00:00:00:00:01", "device MAC address (config space)")
-		ipStr    = flag.String("ip", "10.0.0.1", "IPv4 address the responder answers for")
-		interval = flag.Duration("interval", time.Second, "counter print interval (0: never)")
-		duration = flag.Duration("duration", 0, "exit after this long (0: run until SIGINT)")
-		debug    = flag.Bool("debug", false, "log every vhost-user message")
-	)
+	var c config
+	flag.StringVar(&c.socket, "socket", "/tmp/vhost-user-net.sock", "vhost-user unix socket path")
+	flag.BoolVar(&c.client, "client", false, "connect to the socket (the front-end listens) instead of listening")
+	flag.StringVar(&c.device, "device", "softnet", "device: softnet or simple")
+	flag.StringVar(&c.handler, "handler", "loopback", "frame handler: loopback, sink or responder")
+	flag.StringVar(&c.mac, "mac", "02:00:00:00:00:01", "device MAC address (config space)")
+	flag.StringVar(&c.ip, "ip", "10.0.0.1", "IPv4 address the responder answers for")
+	flag.BoolVar(&c.poll, "poll", false, "softnet: busy-poll the rings (notifications off) instead of sleeping on kicks")
+	flag.DurationVar(&c.interval, "interval", time.Second, "counter print interval (0: never)")
+	flag.DurationVar(&c.duration, "duration", 0, "exit after this long (0: run until SIGINT)")
+	flag.BoolVar(&c.debug, "debug", false, "log every vhost-user message")
 	flag.Parse()
-	if err := run(*socket, *client, *handler, *macStr, *ipStr, *interval, *duration, *debug); err != nil {
+	if err := run(c); err != nil {
 		fmt.Fprintln(os.Stderr, "vhost-user-net:", err)
 		os.Exit(1)
 	}
 }
 
-func run(socket string, client bool, handler, macStr, ipStr string, interval, duration time.Duration, debug bool) error {
-	hw, err := net.ParseMAC(macStr)
+// counters is what the example prints, whatever the device.
+type counters struct{ tx, rx, drops uint64 }
+
+func newDevice(c config) (vdpa.Handler, func() counters, error) {
+	hw, err := net.ParseMAC(c.mac)
 	if err != nil || len(hw) != 6 {
-		return fmt.Errorf("bad -mac %q", macStr)
+		return nil, nil, fmt.Errorf("bad -mac %q", c.mac)
 	}
-	var mac [6]byte
-	copy(mac[:], hw)
-	var h *vhostusertest.Handler
-	switch handler {
-	case "loopback":
-		h = vhostusertest.New(vhostusertest.Loopback, mac)
-	case "sink":
-		h = vhostusertest.New(vhostusertest.Sink, mac)
-	case "responder":
-		ip := net.ParseIP(ipStr).To4()
-		if ip == nil {
-			return fmt.Errorf("bad -ip %q", ipStr)
+	mac := [6]byte(hw)
+	ip, err := netip.ParseAddr(c.ip)
+	if err != nil || !ip.Is4() {
+		return nil, nil, fmt.Errorf("bad -ip %q", c.ip)
+	}
+	switch c.device {
+	case "softnet":
+		opts := &softnet.Options{MAC: mac, MaxQueueSize: 1024}
+		if c.poll {
+			opts.Mode = softnet.ModePoll
 		}
-		h = vhostusertest.New(vhostusertest.Responder, mac)
-		h.SetIPv4([4]byte(ip))
-	default:
-		return fmt.Errorf("unknown -handler %q (loopback, sink, responder)", handler)
+		switch c.handler {
+		case "loopback":
+		case "sink":
+			opts.Handler = softnet.FrameHandlerFunc(func(*softnet.Tx, []byte) {})
+		case "responder":
+			r, err := softnet.NewResponder(mac, ip)
+			if err != nil {
+				return nil, nil, err
+			}
+			opts.Handler = r
+		default:
+			return nil, nil, fmt.Errorf("unknown -handler %q (loopback, sink, responder)", c.handler)
+		}
+		d, err := softnet.New(opts)
+		if err != nil {
+			return nil, nil, err
+		}
+		return d, func() counters {
+			s := d.Stats()
+			var out counters
+			for i, q := range s.Queues {
+				if i%2 == 0 {
+					out.rx += q.Frames
+				} else {
+					out.tx += q.Frames
+				}
+			}
+			for _, n := range s.Drops {
+				out.drops += n
+			}
+			return out
+		}, nil
+	case "simple":
+		var h *vhostusertest.Handler
+		switch c.handler {
+		case "loopback":
+			h = vhostusertest.New(vhostusertest.Loopback, mac)
+		case "sink":
+			h = vhostusertest.New(vhostusertest.Sink, mac)
+		case "responder":
+			h = vhostusertest.New(vhostusertest.Responder, mac)
+			h.SetIPv4(ip.As4())
+		default:
+			return nil, nil, fmt.Errorf("unknown -handler %q (loopback, sink, responder)", c.handler)
+		}
+		return h, func() counters {
+			k := h.Counters()
+			return counters{tx: k.TxFrames, rx: k.RxFrames, drops: k.RxDropped}
+		}, nil
+	}
+	return nil, nil, fmt.Errorf("unknown -device %q (softnet, simple)", c.device)
+}
+
+func run(c config) error {
+	h, count, err := newDevice(c)
+	if err != nil {
+		return err
 	}
 	level := slog.LevelInfo
-	if debug {
+	if c.debug {
 		level = slog.LevelDebug
 	}
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
@@ -78,63 +153,63 @@ func run(socket string, client bool, handler, macStr, ipStr string, interval, du
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if duration > 0 {
+	if c.duration > 0 {
 		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, duration)
+		ctx, cancel = context.WithTimeout(ctx, c.duration)
 		defer cancel()
 	}
 	done := make(chan error, 1)
 	go func() {
-		if client {
-			done <- be.DialAndServe(ctx, socket)
+		if c.client {
+			done <- be.DialAndServe(ctx, c.socket)
 		} else {
-			done <- be.ListenAndServe(ctx, socket)
+			done <- be.ListenAndServe(ctx, c.socket)
 		}
 	}()
 	mode := "server"
-	if client {
+	if c.client {
 		mode = "client"
 	}
-	fmt.Printf("vhost-user-net: %s mode on %s, handler %s, offering %s\n", mode, socket, handler,
-		h.Features().With(virtio.FProtocolFeat, virtio.FLogAll).Format(virtio.DeviceNet))
+	fmt.Printf("vhost-user-net: %s mode on %s, device %s, handler %s\n  offering %s\n  protocol %v\n",
+		mode, c.socket, c.device, c.handler,
+		h.Features().With(virtio.FProtocolFeat, virtio.FLogAll).Format(virtio.DeviceNet), vhostuser.SupportedProtocolFeatures)
 
 	var tick <-chan time.Time
-	if interval > 0 {
-		t := time.NewTicker(interval)
+	if c.interval > 0 {
+		t := time.NewTicker(c.interval)
 		defer t.Stop()
 		tick = t.C
 	}
 	var last vhostuser.SessionInfo
-	var prev vhostusertest.Counters
-	prevT := time.Now()
+	prev, prevT := count(), time.Now()
 	for {
 		select {
 		case err := <-done:
-			printCounters(h.Counters(), prev, time.Since(prevT))
+			printCounters(count(), prev, time.Since(prevT))
 			if ctx.Err() != nil {
 				return nil
 			}
 			return err
 		case now := <-tick:
 			info := be.Info()
-			if info.Features != last.Features || info.ProtocolFeatures != last.ProtocolFeatures || info.Connected != last.Connected {
-				fmt.Printf("session %d connected=%v features %s protocol %v status %v\n", info.Sessions, info.Connected,
-					info.Features.Format(virtio.DeviceNet), info.ProtocolFeatures, info.Status)
+			if info.Features != last.Features || info.ProtocolFeatures != last.ProtocolFeatures ||
+				info.Connected != last.Connected || info.Sessions != last.Sessions {
+				fmt.Printf("session %d connected=%v\n  features %s\n  protocol %v\n  status %v\n", info.Sessions,
+					info.Connected, info.Features.Format(virtio.DeviceNet), info.ProtocolFeatures, info.Status)
 				last = info
 			}
-			c := h.Counters()
-			printCounters(c, prev, now.Sub(prevT))
-			prev, prevT = c, now
+			k := count()
+			printCounters(k, prev, now.Sub(prevT))
+			prev, prevT = k, now
 		}
 	}
 }
 
-func printCounters(c, prev vhostusertest.Counters, dt time.Duration) {
+func printCounters(c, prev counters, dt time.Duration) {
 	s := dt.Seconds()
 	if s <= 0 {
 		s = 1
 	}
-	fmt.Printf("tx %d frames (%.3f Mpps)  rx %d frames (%.3f Mpps)  rx dropped %d  kicks %d  calls %d\n",
-		c.TxFrames, float64(c.TxFrames-prev.TxFrames)/s/1e6, c.RxFrames, float64(c.RxFrames-prev.RxFrames)/s/1e6,
-		c.RxDropped, c.Kicks, c.Calls)
+	fmt.Printf("tx %d frames (%.3f Mpps)  rx %d frames (%.3f Mpps)  dropped %d\n",
+		c.tx, float64(c.tx-prev.tx)/s/1e6, c.rx, float64(c.rx-prev.rx)/s/1e6, c.drops)
 }
