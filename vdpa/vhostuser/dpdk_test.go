@@ -24,6 +24,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/vdpakit/vdpakit/dirty"
 	"github.com/vdpakit/vdpakit/vdpa"
 	"github.com/vdpakit/vdpakit/vdpa/softnet"
 	"github.com/vdpakit/vdpakit/vdpa/vhostuser/vhostusertest"
@@ -340,12 +341,21 @@ func TestDPDKFrontendNetVhost(t *testing.T) {
 	offered, err := fe.Features()
 	require.NoError(t, err)
 	require.True(t, offered.Has(virtio.FVersion1), "net_vhost offers %s", offered.Format(virtio.DeviceNet))
-	d.features = virtio.Features(0).With(virtio.FVersion1)
+	// Dirty logging with DPDK's vhost library as the peer: a shared log
+	// (LOG_SHMFD) and LOG_ALL, so every write net_vhost makes into our
+	// memory must show up in the bitmap.
+	require.True(t, offered.Has(virtio.FLogAll), "net_vhost offers %s", offered.Format(virtio.DeviceNet))
+	require.True(t, fe.ProtocolFeatures().Has(PFLogShmfd))
+	bm, err := dirty.New(0x100000+8<<20, &dirty.Options{Shared: true})
+	require.NoError(t, err)
+	defer bm.Close()
+	d.features = virtio.Features(0).With(virtio.FVersion1, virtio.FLogAll)
 	d.hdrLen = virtio.NetHdrLen(d.features)
 	require.NoError(t, fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver))
 	require.NoError(t, fe.SetFeatures(d.features))
 	require.NoError(t, fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK))
 	require.NoError(t, fe.SetMemory(d.mem))
+	require.NoError(t, fe.SetLog(bm))
 	ringBytes := (vring.ContiguousLayoutBytes(testQueueSize) + 4095) &^ 4095
 	for q := 0; q < 2; q++ {
 		d.layouts[q] = vring.ContiguousLayout(vring.GuestAddr(0x100000+uint64(q)*ringBytes), testQueueSize)
@@ -444,6 +454,22 @@ func TestDPDKFrontendNetVhost(t *testing.T) {
 	assert.Equal(t, uint64(frames), rx, "testpmd received")
 	assert.Equal(t, uint64(frames), tx, "testpmd transmitted")
 	t.Logf("front-end sent %d, testpmd rx %d tx %d, front-end received %d", frames, rx, tx, received)
+
+	// net_vhost wrote both used rings and every receive buffer (all were
+	// used: 20000 frames through 256 buffers); it only read the transmit
+	// buffers.
+	page := func(a vring.GuestAddr) uint64 { return uint64(a) / dirty.DefaultPageSize }
+	assert.True(t, bm.PageDirty(page(d.layouts[0].Used)), "receive used ring logged")
+	assert.True(t, bm.PageDirty(page(d.layouts[1].Used)), "transmit used ring logged")
+	for head, a := range rxAddr {
+		if !bm.PageDirty(page(a)) {
+			t.Errorf("receive buffer %d at %v not logged", head, a)
+			break
+		}
+	}
+	for _, a := range txAddr {
+		assert.False(t, bm.PageDirty(page(a)), "transmit buffer at %v is only read", a)
+	}
 }
 
 // measureTxMpps starts forwarding on a virtio-user testpmd, lets it warm
