@@ -1,9 +1,9 @@
 package vring
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
+	"sync/atomic"
 
 	"github.com/vdpakit/vdpakit/virtio"
 )
@@ -127,6 +127,9 @@ type DeviceQueue struct {
 	cMem       []byte // that region's base and bytes (the fast path)
 	init       QueueState
 	err        error // *brokenError once broken
+	// flagsWord is the avail.idx word when NeedsInterrupt can read
+	// avail.flags as its low half (no EVENT_IDX, ring 4-aligned), else nil.
+	flagsWord *uint32
 }
 
 // NewDeviceQueue validates opts against mem and returns the device side of
@@ -149,6 +152,9 @@ func NewDeviceQueue(mem *Memory, opts DeviceQueueOptions) (*DeviceQueue, error) 
 	}
 	if q.usedLog == 0 {
 		q.usedLog = opts.Layout.Used
+	}
+	if !q.eventIdx && r.availIdxShift == 16 {
+		q.flagsWord = r.availIdxWord
 	}
 	q.reset(opts.State)
 	if err := q.enable(); err != nil {
@@ -231,20 +237,17 @@ func (q *DeviceQueue) Pop(c *Chain) (bool, error) {
 			return false, err
 		}
 	}
-	slot := 4 + 2*int(q.lastAvail&q.r.mask)
-	head := binary.LittleEndian.Uint16(q.r.avail[slot : slot+2])
+	head := q.r.availRing[q.lastAvail&q.r.mask]
 	// Fast path: a single direct descriptor inside the cached region.
-	if head < q.r.size {
-		d := q.r.desc[int(head)*16 : int(head)*16+16 : int(head)*16+16]
-		flags := binary.LittleEndian.Uint16(d[12:14])
-		addr := GuestAddr(binary.LittleEndian.Uint64(d[0:8]))
-		length := binary.LittleEndian.Uint32(d[8:12])
+	if descs := q.r.descs; int(head) < len(descs) {
+		d := &descs[head]
+		flags, addr, length := d.flags, GuestAddr(d.addr), d.len
 		off := uint64(addr - q.cBase)
 		// As in PopBatch: in the cached region, non-empty, ending inside.
-		if flags&(DescFNext|DescFIndirect) == 0 && off < uint64(len(q.cMem)) &&
-			uint64(length)-1 < uint64(len(q.cMem))-off && cap(c.Segs) != 0 {
+		if segs := c.Segs; flags&(DescFNext|DescFIndirect) == 0 && off < uint64(len(q.cMem)) &&
+			uint64(length)-1 < uint64(len(q.cMem))-off && cap(segs) != 0 {
 			end := off + uint64(length)
-			c.fill1(head, addr, length, flags, q.cMem[off:end:end])
+			c.fill1(segs[:1], head, addr, length, flags, q.cMem[off:end:end])
 			q.lastAvail++
 			return true, nil
 		}
@@ -279,13 +282,14 @@ func (q *DeviceQueue) wait() (bool, error) {
 	return true, nil
 }
 
-// fill1 makes c the one-segment chain head -> buf (cap(c.Segs) != 0).
-// Fields are set one by one: building a Segment value and copying it costs
-// a store-forwarding stall on the hot path.
-func (c *Chain) fill1(head uint16, addr GuestAddr, length uint32, flags uint16, buf []byte) {
+// fill1 makes c the one-segment chain head -> buf, with segs (c.Segs
+// re-sliced to length 1 by the caller) as its Segs. Fields are set one by
+// one: building a Segment value and copying it costs a store-forwarding
+// stall on the hot path.
+func (c *Chain) fill1(segs []Segment, head uint16, addr GuestAddr, length uint32, flags uint16, buf []byte) {
 	c.Head = head
-	c.Segs = c.Segs[:1]
-	seg := &c.Segs[0]
+	c.Segs = segs
+	seg := &segs[0]
 	seg.Addr, seg.Len, seg.Buf = addr, length, buf
 	if flags&DescFWrite != 0 {
 		seg.Writable = true
@@ -308,31 +312,31 @@ func (q *DeviceQueue) PopBatch(cs []Chain) (int, error) {
 		if q.err != nil {
 			n = 0
 		}
-		avail, desc, mask, size := q.r.avail, q.r.desc, q.r.mask, q.r.size
+		avail, descs := q.r.availRing, q.r.descs
 		base, mem := q.cBase, q.cMem
 		start := q.lastAvail
 		batch := cs[i : i+n]
 		k := 0
-		for ; k < len(batch); k++ {
-			slot := 4 + 2*int((start+uint16(k))&mask)
-			head := binary.LittleEndian.Uint16(avail[slot : slot+2])
-			if head >= size {
-				break
+		if len(avail) != 0 { // always (len is the queue size); lets the compiler drop a bounds check
+			for ; k < len(batch); k++ {
+				head := avail[int(start+uint16(k))&(len(avail)-1)]
+				if int(head) >= len(descs) {
+					break
+				}
+				d := &descs[head]
+				flags, addr, length := d.flags, GuestAddr(d.addr), d.len
+				c := &batch[k]
+				// In the cached region (off wraps past len(mem) when addr <
+				// base), non-empty (length-1 wraps when 0) and ending inside.
+				off := uint64(addr - base)
+				segs := c.Segs
+				if flags&(DescFNext|DescFIndirect) != 0 || off >= uint64(len(mem)) ||
+					uint64(length)-1 >= uint64(len(mem))-off || cap(segs) == 0 {
+					break
+				}
+				end := off + uint64(length)
+				c.fill1(segs[:1], head, addr, length, flags, mem[off:end:end])
 			}
-			d := desc[int(head)*16 : int(head)*16+16 : int(head)*16+16]
-			flags := binary.LittleEndian.Uint16(d[12:14])
-			addr := GuestAddr(binary.LittleEndian.Uint64(d[0:8]))
-			length := binary.LittleEndian.Uint32(d[8:12])
-			c := &batch[k]
-			// In the cached region (off wraps past len(mem) when addr <
-			// base), non-empty (length-1 wraps when 0) and ending inside.
-			off := uint64(addr - base)
-			if flags&(DescFNext|DescFIndirect) != 0 || off >= uint64(len(mem)) ||
-				uint64(length)-1 >= uint64(len(mem))-off || cap(c.Segs) == 0 {
-				break
-			}
-			end := off + uint64(length)
-			c.fill1(head, addr, length, flags, mem[off:end:end])
 		}
 		q.lastAvail = start + uint16(k)
 		i += k
@@ -595,9 +599,9 @@ func (q *DeviceQueue) Push(head uint16, written uint32) error {
 		return q.pushErr(head)
 	}
 	idx := q.usedIdx
-	off := 4 + 8*int(idx&q.r.mask)
-	// One 64-bit store of the entry {id, len} (little-endian).
-	binary.LittleEndian.PutUint64(q.r.used[off:off+8:off+8], uint64(head)|uint64(written)<<32)
+	slot := int(idx & q.r.mask)
+	e := &q.r.usedRing[slot]
+	e.id, e.len = uint32(head), written
 	idx++
 	q.usedIdx = idx
 	// Rule 3: the entry (plain stores) before used.idx (atomic store,
@@ -605,7 +609,7 @@ func (q *DeviceQueue) Push(head uint16, written uint32) error {
 	// relies on).
 	q.r.storeUsedWord(q.usedFlags, idx)
 	if q.log != nil {
-		return q.logUsed(off, off+8)
+		return q.logUsed(4+8*slot, 4+8*slot+8)
 	}
 	return nil
 }
@@ -651,8 +655,11 @@ func (q *DeviceQueue) PushBatch(elems []UsedElem) error {
 	}
 	// Entries past used.idx are invisible to the driver, so a bad head
 	// found midway needs no undo: used.idx is not moved.
-	used, mask, idx, size := q.r.used, q.r.mask, q.usedIdx, q.r.size
+	used, mask, idx, size := q.r.usedRing, q.r.mask, q.usedIdx, q.r.size
 	first := 4 + 8*int(idx&mask)
+	if len(used) == 0 { // never (len is the queue size); lets the compiler drop the bounds check below
+		return q.pushErr(0)
+	}
 	if q.log != nil {
 		// Logged queues write nothing unless every head is valid: every
 		// guest write must be logged, and the log is written after used.idx.
@@ -666,8 +673,8 @@ func (q *DeviceQueue) PushBatch(elems []UsedElem) error {
 		if e.Head >= size {
 			return q.pushErr(e.Head)
 		}
-		off := 4 + 8*int(idx&mask)
-		binary.LittleEndian.PutUint64(used[off:off+8:off+8], uint64(e.Head)|uint64(e.Len)<<32)
+		u := &used[int(idx)&(len(used)-1)]
+		u.id, u.len = uint32(e.Head), e.Len
 		idx++
 	}
 	q.usedIdx = idx
@@ -682,14 +689,28 @@ func (q *DeviceQueue) PushBatch(elems []UsedElem) error {
 // entries published since the previous call: with EVENT_IDX when used.idx
 // passed used_event, otherwise unless the driver set NO_INTERRUPT. Call it
 // after pushing (it relies on the used.idx store preceding its load).
+//
+// Ordering (rule 5): the used.idx store of the push precedes the load of
+// used_event or avail.flags here. That store is sync/atomic's StoreUint32:
+// on amd64 an XCHG, on arm64 an STLR followed by this LDAR/LDARH; either is
+// the full store->load barrier the driver's "store used_event/flags, then
+// load used.idx" pairs with, so no further fence is needed here.
 func (q *DeviceQueue) NeedsInterrupt() bool {
-	if q.err != nil {
+	newIdx := q.usedIdx
+	if newIdx == q.signalled || q.err != nil {
 		return false
 	}
+	if w := q.flagsWord; w != nil {
+		q.signalled = newIdx
+		return atomic.LoadUint32(w)&uint32(AvailFNoInterrupt) == 0
+	}
+	return q.needsInterruptSlow()
+}
+
+// needsInterruptSlow is NeedsInterrupt for EVENT_IDX and for an available
+// ring that is only 2-aligned (avail.flags then has its own 16-bit load).
+func (q *DeviceQueue) needsInterruptSlow() bool {
 	newIdx, old := q.usedIdx, q.signalled
-	if newIdx == old {
-		return false
-	}
 	q.signalled = newIdx
 	if q.eventIdx {
 		return needEvent(load16(q.r.usedEvent), newIdx, old)

@@ -68,6 +68,12 @@ type ring struct {
 	avail      []byte // 6+2*size bytes
 	used       []byte // 6+8*size bytes
 
+	// Typed views of the same memory (ringViews), len size each: the hot
+	// paths index them with idx&mask or a checked head, one bounds check.
+	descs     []descEntry
+	availRing []uint16    // avail.ring[]
+	usedRing  []usedEntry // used.ring[]
+
 	availIdxWord  *uint32 // 4-aligned word containing avail.idx
 	availIdxShift uint32  // bit position of avail.idx in that word
 	usedWord      *uint32 // used.flags | used.idx<<16
@@ -104,6 +110,9 @@ func newRing(mem *Memory, l Layout) (ring, error) {
 	}
 	r.size, r.mask = l.Size, l.Size-1
 	n := int(l.Size)
+	if r.descs, r.availRing, r.usedRing, err = ringViews(r.desc, r.avail, r.used, n); err != nil {
+		return r, err
+	}
 	idxWordOff := 0
 	r.availIdxShift = 16
 	if hostMisalign(r.avail, 4) == 2 {

@@ -49,3 +49,41 @@ func ptr32(b []byte, off int) (*uint32, error) {
 func hostMisalign(b []byte, m uintptr) uintptr {
 	return uintptr(unsafe.Pointer(unsafe.SliceData(b))) % m
 }
+
+// descEntry is a split-ring descriptor as it lies in guest memory (virtio
+// 1.x §2.7.5: le64 addr, le32 len, le16 flags, le16 next; the package
+// assumes a little-endian host, see the package doc).
+type descEntry struct {
+	addr  uint64
+	len   uint32
+	flags uint16
+	next  uint16
+}
+
+// usedEntry is a used-ring element (§2.7.8: le32 id, le32 len).
+type usedEntry struct {
+	id  uint32
+	len uint32
+}
+
+// ringViews returns typed views of a validated ring's n descriptors, n
+// available-ring entries (avail[4:4+2n]) and n used-ring elements
+// (used[4:4+8n]). The element types hold no pointers and are no more
+// aligned than the areas (descriptor table 16, available ring 2, used ring
+// 4, checked by newRing), and each view is taken from a bounds-checked
+// sub-slice of exactly its size, so it covers only bytes of its area.
+func ringViews(desc, avail, used []byte, n int) ([]descEntry, []uint16, []usedEntry, error) {
+	if n <= 0 || len(desc) < 16*n || len(avail) < 4+2*n || len(used) < 4+8*n {
+		return nil, nil, nil, fmt.Errorf("vring: internal: ring areas %d/%d/%d bytes too small for %d entries", len(desc), len(avail), len(used), n)
+	}
+	if hostMisalign(desc, 16) != 0 || hostMisalign(avail, 2) != 0 || hostMisalign(used, 4) != 0 {
+		return nil, nil, nil, fmt.Errorf("%w: ring areas at host addresses %#x/%#x/%#x", ErrMisaligned,
+			hostAddrOf(desc), hostAddrOf(avail), hostAddrOf(used))
+	}
+	d := desc[: 16*n : 16*n]
+	a := avail[4 : 4+2*n : 4+2*n]
+	u := used[4 : 4+8*n : 4+8*n]
+	return unsafe.Slice((*descEntry)(unsafe.Pointer(&d[0])), n),
+		unsafe.Slice((*uint16)(unsafe.Pointer(&a[0])), n),
+		unsafe.Slice((*usedEntry)(unsafe.Pointer(&u[0])), n), nil
+}
