@@ -7,7 +7,9 @@
 #
 # Marker lines (the host parses them; NONCE is fresh for every run so test
 # output cannot forge them):
+#   VMTEST-<nonce> BOOTED                      (userspace reached: init runs)
 #   VMTEST-<nonce> MODULE-FAIL <module> exit=<code>
+#   VMTEST-<nonce> TESTS-START                 (just before the first test binary)
 #   VMTEST-<nonce> RESULT <import path> PASS|FAIL exit=<code> seconds=<n>
 #   VMTEST-<nonce> DONE
 
@@ -30,6 +32,7 @@ ip link set lo up
 # shellcheck disable=SC1091
 . /vmtest/config
 mark() { printf '\nVMTEST-%s %s\n' "$VMTEST_NONCE" "$*"; }
+mark BOOTED
 
 [ "$VMTEST_VERBOSE" = 1 ] && set -x
 
@@ -58,6 +61,20 @@ while IFS= read -r arg; do
 	set -- "$@" "$arg"
 done </vmtest/args
 
+# Test-only (vmtest/selftest.sh): run.sh puts vmtest.selftest_early_panic=1
+# on the kernel command line of the boots that should crash here, after the
+# modules and before TESTS-START, to prove that an oops before any test ran
+# makes run.sh boot again. The kernel keeps "vmtest.*" parameters to itself
+# (unknown module parameters), so they show only in /proc/cmdline.
+if grep -q -w -F 'vmtest.selftest_early_panic=1' /proc/cmdline; then
+	echo "vmtest: selftest: crashing the kernel before any test runs (vmtest.selftest_early_panic=1)"
+	echo c >/proc/sysrq-trigger
+	sleep 3600
+fi
+
+# Everything before this marker is boot; an oops before it is retried by
+# run.sh (known TCG boot race), one after it fails the run.
+mark TESTS-START
 while read -r idx pkg; do
 	[ -n "$idx" ] || continue
 	dir=/vmtest/pkg/$idx
