@@ -1,0 +1,5 @@
+//go:build !race
+
+package vdpa_test
+
+const raceEnabled = false
