@@ -65,8 +65,10 @@ type wire struct {
 	hdr [5]byte
 }
 
-func newWire(rw io.ReadWriter) *wire {
-	return &wire{r: bufio.NewReaderSize(rw, 1<<20), w: bufio.NewWriterSize(rw, 1<<20)}
+// newWire buffers rw: rsize bytes for reading, wsize for writing (the side
+// that sends pages wants a large write buffer, the other a large read one).
+func newWire(rw io.ReadWriter, rsize, wsize int) *wire {
+	return &wire{r: bufio.NewReaderSize(rw, rsize), w: bufio.NewWriterSize(rw, wsize)}
 }
 
 func (c *wire) send(typ byte, parts ...[]byte) error {
@@ -179,7 +181,7 @@ func MigrateSource(ctx context.Context, conn io.ReadWriter, opts SourceOptions) 
 		return nil, fmt.Errorf("%w: MigrateSource needs Device, Memory, Log and StopGuest", ErrInvalidOptions)
 	}
 	defer watch(ctx, conn)()
-	c := newWire(conn)
+	c := newWire(conn, 4096, 1<<20)
 	regions := opts.Memory.Regions()
 	hello := binary.LittleEndian.AppendUint16(nil, protoVersion)
 	hello = binary.LittleEndian.AppendUint32(hello, uint32(opts.Log.PageSize()))
@@ -438,13 +440,13 @@ func MigrateDestination(ctx context.Context, conn io.ReadWriter, opts DestOption
 		return nil, fmt.Errorf("%w: MigrateDestination needs Device and Memory", ErrInvalidOptions)
 	}
 	defer watch(ctx, conn)()
-	c := newWire(conn)
+	c := newWire(conn, 1<<20, 4096)
 	fail := func(err error) (*DestReport, error) {
 		_ = c.send(msgError, []byte(err.Error()))
 		_ = c.flush()
 		return nil, err
 	}
-	buf := make([]byte, maxMsg)
+	var buf []byte // grows to the largest message received
 	typ, p, err := c.recv(buf)
 	if err != nil {
 		return nil, err
@@ -471,6 +473,7 @@ func MigrateDestination(ctx context.Context, conn io.ReadWriter, opts DestOption
 		if err != nil {
 			return nil, err
 		}
+		buf = p[:0]
 		switch typ {
 		case msgPages:
 			if len(p) < 8 || (len(p)-8)%int(pageSize) != 0 {
