@@ -94,9 +94,10 @@ func (d *Device) StopDirtyTracking() error {
 	return nil
 }
 
-// DataPath reports whether the data path currently runs through the shadow
-// relay.
-func (d *Device) DataPath() DirtyMode {
+// DirtyTracking reports the dirty-tracking mode in effect: DirtyRelay when
+// the data path runs through the shadow relay, DirtyDeviceLog when the
+// backing device logs, DirtyAuto when tracking is off.
+func (d *Device) DirtyTracking() DirtyMode {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return d.tracking
