@@ -175,7 +175,9 @@ type SourceReport struct {
 // running MigrateDestination at the other end of conn: iterative pre-copy
 // driven by a dirty.Tracker while the guest runs, then stop-and-copy of the
 // remaining pages and the device state. On success the device is left in
-// STOP (the guest runs on the destination).
+// STOP (the guest runs on the destination). On failure the device is taken
+// back to RUNNING on the source and the error is sent to the destination;
+// if StopGuest had already run, restarting the vCPUs is the caller's job.
 func MigrateSource(ctx context.Context, conn io.ReadWriter, opts SourceOptions) (*SourceReport, error) {
 	if opts.Device == nil || opts.Memory == nil || opts.Log == nil || opts.StopGuest == nil {
 		return nil, fmt.Errorf("%w: MigrateSource needs Device, Memory, Log and StopGuest", ErrInvalidOptions)
