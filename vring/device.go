@@ -204,6 +204,11 @@ func (q *DeviceQueue) Reset() { q.reset(q.init) }
 func (q *DeviceQueue) fail(index uint16, indirect bool, err error) error {
 	e := qerr(q.index, index, indirect, err)
 	q.err = &brokenError{cause: e}
+	// Forget the chains known to be available, so that Pop and PopBatch,
+	// which check q.err only when they run out of those, stop here.
+	q.availSeen = q.lastAvail
+	// Likewise NeedsInterrupt (Push cannot move usedIdx while broken): a broken queue reports no interrupt.
+	q.signalled = q.usedIdx
 	return e
 }
 
@@ -231,27 +236,38 @@ func (q *DeviceQueue) refresh() (uint16, error) {
 // Any rule broken by the driver returns a *QueueError and breaks the queue.
 func (q *DeviceQueue) Pop(c *Chain) (bool, error) {
 	// Chains up to availSeen (the avail.idx last loaded, rule 2) are known
-	// to be available: avail.idx is loaded again only once they are used up.
-	if q.lastAvail == q.availSeen || q.err != nil {
+	// to be available: avail.idx is loaded again only once they are used
+	// up. A broken queue has none (fail clears them).
+	if q.lastAvail != q.availSeen {
+		head := q.r.availRing[q.lastAvail&q.r.mask]
+		// Fast path: a single direct descriptor inside the cached region.
+		if descs := q.r.descs; int(head) < len(descs) {
+			d := &descs[head]
+			flags, addr, length := d.flags, GuestAddr(d.addr), d.len
+			mem := q.cMem
+			off := uint64(addr - q.cBase)
+			// As in PopBatch: in the cached region, non-empty, ending inside.
+			if segs := c.Segs; flags&(DescFNext|DescFIndirect) == 0 && off < uint64(len(mem)) &&
+				uint64(length)-1 < uint64(len(mem))-off && cap(segs) != 0 {
+				c.fill1(segs[:1], head, addr, length, flags, bufAt(mem, off, length))
+				q.lastAvail++
+				return true, nil
+			}
+		}
+	}
+	return q.popSlow(c)
+}
+
+// popSlow is Pop for everything but the fast path: a broken queue, no
+// chain known to be available, or a chain that needs walk.
+func (q *DeviceQueue) popSlow(c *Chain) (bool, error) {
+	if q.lastAvail == q.availSeen {
 		if ok, err := q.wait(); !ok {
 			return false, err
 		}
+		return q.Pop(c) // now lastAvail != availSeen: Pop comes back here only to walk
 	}
 	head := q.r.availRing[q.lastAvail&q.r.mask]
-	// Fast path: a single direct descriptor inside the cached region.
-	if descs := q.r.descs; int(head) < len(descs) {
-		d := &descs[head]
-		flags, addr, length := d.flags, GuestAddr(d.addr), d.len
-		off := uint64(addr - q.cBase)
-		// As in PopBatch: in the cached region, non-empty, ending inside.
-		if segs := c.Segs; flags&(DescFNext|DescFIndirect) == 0 && off < uint64(len(q.cMem)) &&
-			uint64(length)-1 < uint64(len(q.cMem))-off && cap(segs) != 0 {
-			end := off + uint64(length)
-			c.fill1(segs[:1], head, addr, length, flags, q.cMem[off:end:end])
-			q.lastAvail++
-			return true, nil
-		}
-	}
 	if err := q.walk(head, c); err != nil {
 		return false, err
 	}
@@ -308,10 +324,7 @@ func (q *DeviceQueue) PopBatch(cs []Chain) (int, error) {
 		// Chains already known to be available are taken in a tight loop
 		// while they are single direct descriptors inside the cached
 		// region; anything else goes through Pop.
-		n := min(int(q.availSeen-q.lastAvail), len(cs)-i)
-		if q.err != nil {
-			n = 0
-		}
+		n := min(int(q.availSeen-q.lastAvail), len(cs)-i) // 0 when broken
 		avail, descs := q.r.availRing, q.r.descs
 		base, mem := q.cBase, q.cMem
 		start := q.lastAvail
@@ -334,8 +347,7 @@ func (q *DeviceQueue) PopBatch(cs []Chain) (int, error) {
 					uint64(length)-1 >= uint64(len(mem))-off || cap(segs) == 0 {
 					break
 				}
-				end := off + uint64(length)
-				c.fill1(segs[:1], head, addr, length, flags, mem[off:end:end])
+				c.fill1(segs[:1], head, addr, length, flags, bufAt(mem, off, length))
 			}
 		}
 		q.lastAvail = start + uint16(k)
@@ -697,7 +709,7 @@ func (q *DeviceQueue) PushBatch(elems []UsedElem) error {
 // load used.idx" pairs with, so no further fence is needed here.
 func (q *DeviceQueue) NeedsInterrupt() bool {
 	newIdx := q.usedIdx
-	if newIdx == q.signalled || q.err != nil {
+	if newIdx == q.signalled { // always when broken (fail)
 		return false
 	}
 	if w := q.flagsWord; w != nil {

@@ -87,3 +87,11 @@ func ringViews(desc, avail, used []byte, n int) ([]descEntry, []uint16, []usedEn
 		unsafe.Slice((*uint16)(unsafe.Pointer(&a[0])), n),
 		unsafe.Slice((*usedEntry)(unsafe.Pointer(&u[0])), n), nil
 }
+
+// bufAt returns mem[off:off+n:off+n] for a range the caller has checked
+// (off < len(mem), n <= len(mem)-off, n > 0), without the re-check and the
+// zero-length pointer masking of the slice expression. The result lies
+// inside mem.
+func bufAt(mem []byte, off uint64, n uint32) []byte {
+	return unsafe.Slice(&mem[off], n)
+}
