@@ -335,11 +335,13 @@ func MigrateSource(ctx context.Context, conn io.ReadWriter, opts SourceOptions) 
 	t3 := time.Now()
 	rep.FinalCopy = t3.Sub(t2)
 	typ, _, err := c.recv(nil)
-	if err != nil {
-		return nil, err
+	if err == nil && typ != msgResumed {
+		err = fmt.Errorf("%w: expected resumed, got type %d", ErrProtocol, typ)
 	}
-	if typ != msgResumed {
-		return nil, fmt.Errorf("%w: expected resumed, got type %d", ErrProtocol, typ)
+	if err != nil {
+		// The destination did not take over: the device runs here again.
+		_ = opts.Device.SetMigrationState(MigRunning)
+		return nil, err
 	}
 	rep.Resume = time.Since(t3)
 	rep.Downtime = time.Since(t0)

@@ -272,3 +272,55 @@ func TestRelayHostileGuestNeedsReset(t *testing.T) {
 	require.NoError(t, s.dev.Write(mdev.RegionCommon, mdev.OffDeviceStatus, 1, 0))
 	assert.EqualValues(t, 0, s.dev.Status())
 }
+
+// A destination that cannot take the device (another MAC address) refuses
+// the state; the source gets the reason, its device runs again and the
+// guest, resumed on the source, loses no frame.
+func TestMigrationRefusedByDestinationRollsBack(t *testing.T) {
+	const frames = 5000
+	src := newSide(t, testGuestMem, mdev.DirtyDeviceLog)
+	r, err := vring.NewMemfdRegion(0, testGuestMem, nil)
+	require.NoError(t, err)
+	dmem, err := vring.NewMemory(r)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = dmem.Close() })
+	sn, err := softnet.New(&softnet.Options{MAC: [6]byte{0x02, 0, 0, 0, 0, 0x99}})
+	require.NoError(t, err)
+	local := vdpa.NewLocal(sn, nil)
+	t.Cleanup(func() { _ = local.Close() })
+	ddev, err := mdev.NewDevice(local, &mdev.Options{Memory: dmem})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = ddev.Close() })
+
+	g, err := mdevtest.Boot(src.dev, src.mem, frames, nil)
+	require.NoError(t, err)
+	log, err := dirty.New(testGuestMem, nil)
+	require.NoError(t, err)
+	closeLogAfter(t, log, src)
+	g.SetLog(log)
+	for s, _, _, _ := g.Stats(); s < frames/2; s, _, _, _ = g.Stats() {
+		g.Step()
+	}
+	c1, c2 := net.Pipe()
+	defer c1.Close()
+	defer c2.Close()
+	errc := make(chan error, 1)
+	go func() {
+		_, err := mdev.MigrateDestination(context.Background(), c2, mdev.DestOptions{Device: ddev, Memory: dmem})
+		errc <- err
+	}()
+	_, err = mdev.MigrateSource(context.Background(), c1, mdev.SourceOptions{
+		Device: src.dev, Memory: src.mem, Log: log,
+		Tracker:   dirty.TrackerOptions{Bandwidth: 1e9},
+		StopGuest: func() error { return nil },
+	})
+	require.ErrorIs(t, err, mdev.ErrPeer)
+	assert.Contains(t, err.Error(), "device config differs")
+	require.ErrorIs(t, <-errc, mdev.ErrStateIncompatible)
+	assert.Equal(t, mdev.MigRunning, src.dev.MigrationState())
+	assert.Equal(t, mdev.DirtyAuto, src.dev.DirtyTracking())
+	for !g.Done() {
+		g.Step()
+	}
+	require.NoError(t, g.Verify())
+}
