@@ -324,3 +324,41 @@ func TestMigrationRefusedByDestinationRollsBack(t *testing.T) {
 	}
 	require.NoError(t, g.Verify())
 }
+
+// The software device's link going down reaches the guest as a
+// configuration change: new config_generation, ISR bit 1 and the config
+// interrupt (virtio 1.2 §2.5.1, §4.1.4.5), with the new status in the
+// device configuration.
+func TestLinkChangeRaisesConfigInterrupt(t *testing.T) {
+	r, err := vring.NewMemfdRegion(0, testGuestMem, nil)
+	require.NoError(t, err)
+	mem, err := vring.NewMemory(r)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = mem.Close() })
+	var dev *mdev.Device
+	sn, err := softnet.New(&softnet.Options{OnConfigChange: func() { dev.ConfigChanged() }})
+	require.NoError(t, err)
+	local := vdpa.NewLocal(sn, nil)
+	t.Cleanup(func() { _ = local.Close() })
+	dev, err = mdev.NewDevice(local, &mdev.Options{Memory: mem})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = dev.Close() })
+	_, err = mdevtest.Boot(dev, mem, 1, nil)
+	require.NoError(t, err)
+	gen0, err := dev.Read(mdev.RegionCommon, mdev.OffConfigGeneration, 1)
+	require.NoError(t, err)
+
+	sn.SetLinkUp(false)
+	n, err := dev.ConfigFD().TryWait()
+	require.NoError(t, err)
+	assert.EqualValues(t, 1, n, "config interrupt")
+	isr, err := dev.Read(mdev.RegionISR, 0, 1)
+	require.NoError(t, err)
+	assert.EqualValues(t, mdev.ISRConfig, isr)
+	gen1, err := dev.Read(mdev.RegionCommon, mdev.OffConfigGeneration, 1)
+	require.NoError(t, err)
+	assert.NotEqual(t, gen0, gen1)
+	st, err := dev.Read(mdev.RegionDevice, 6, 2) // virtio_net_config.status
+	require.NoError(t, err)
+	assert.Zero(t, st&1, "VIRTIO_NET_S_LINK_UP clear")
+}
