@@ -3,6 +3,7 @@ package vring
 import (
 	"testing"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"github.com/vdpakit/vdpakit/virtio"
 )
@@ -57,5 +58,105 @@ func TestBasicRoundTrip(t *testing.T) {
 		require.NoError(t, mem.Read(0x200000, got))
 		require.Equal(t, "abc", string(got))
 		require.Equal(t, QueueState{NextAvail: 1, NextUsed: 1}, dev.State())
+	}
+}
+
+// TestDriverQueueReset: after a device reset the driver re-initializes the
+// queue (virtio 1.2 §3.1.1: the rings are set up again): Reset zeroes the
+// ring areas, frees every descriptor, restarts the indexes and clears a
+// broken state, and a device side started from a zero state works with it.
+func TestDriverQueueReset(t *testing.T) {
+	mem, drv, dev := newPair(t, 8, 0)
+	l := dev.Layout()
+	addOne(t, drv)
+	addOne(t, drv)
+	var c Chain
+	ok, err := dev.Pop(&c)
+	require.NoError(t, err)
+	require.True(t, ok)
+	require.NoError(t, dev.Push(c.Head, 4))
+	_, _, ok, err = drv.Reclaim()
+	require.NoError(t, err)
+	require.True(t, ok)
+	// The device returns a head the driver never made available: the
+	// driver side breaks.
+	ok, err = dev.Pop(&c)
+	require.NoError(t, err)
+	require.True(t, ok)
+	require.NoError(t, dev.Push(7, 0))
+	_, _, _, err = drv.Reclaim()
+	require.ErrorIs(t, err, ErrUsedIDNotOutstanding)
+	require.ErrorIs(t, drv.Err(), ErrQueueBroken)
+
+	drv.Reset()
+	require.NoError(t, drv.Err())
+	assert.Equal(t, 8, drv.NumFree())
+	assert.Equal(t, 0, drv.Outstanding())
+	d, a, u := SplitSizes(8)
+	for _, area := range []struct {
+		name string
+		addr GuestAddr
+		n    uint64
+	}{{"descriptor table", l.Desc, d}, {"available ring", l.Avail, a}, {"used ring", l.Used, u}} {
+		b, err := mem.Slice(area.addr, area.n)
+		require.NoError(t, err)
+		assert.Equal(t, make([]byte, area.n), b, "%s zeroed", area.name)
+	}
+
+	dev2, err := NewDeviceQueue(mem, DeviceQueueOptions{Layout: l})
+	require.NoError(t, err)
+	h := addOne(t, drv)
+	assert.Equal(t, uint16(0), h, "free list starts again at descriptor 0")
+	ok, err = dev2.Pop(&c)
+	require.NoError(t, err)
+	require.True(t, ok)
+	assert.Equal(t, h, c.Head)
+	require.NoError(t, dev2.Push(c.Head, 16))
+	head, n, ok, err := drv.Reclaim()
+	require.NoError(t, err)
+	require.True(t, ok)
+	assert.Equal(t, h, head)
+	assert.Equal(t, uint32(16), n)
+	assert.Equal(t, 8, drv.NumFree())
+}
+
+// TestDriverAddChecksBuffers: the driver side only makes available buffers
+// that lie in guest memory, also after earlier buffers made it cache a
+// region (the cache must not accept a buffer running past it).
+func TestDriverAddChecksBuffers(t *testing.T) {
+	r1, err := NewMemfdRegion(0, 1<<20, nil)
+	require.NoError(t, err)
+	r2, err := NewMemfdRegion(1<<20, 1<<20, nil) // adjacent to r1
+	require.NoError(t, err)
+	r3, err := NewMemfdRegion(4<<20, 1<<20, nil) // a hole before it
+	require.NoError(t, err)
+	mem, err := NewMemory(r1, r2, r3)
+	require.NoError(t, err)
+	defer mem.Close()
+	drv, err := NewDriverQueue(mem, DriverQueueOptions{Layout: ContiguousLayout(0, 8)})
+	require.NoError(t, err)
+	for _, tc := range []struct {
+		name string
+		buf  Buffer
+		ok   bool
+	}{
+		{"inside the first region", Buffer{Addr: 0x10000, Len: 100}, true},
+		{"running past the cached region into an adjacent one", Buffer{Addr: 1<<20 - 50, Len: 100}, true},
+		{"inside the second region", Buffer{Addr: 1<<20 + 10, Len: 100}, true},
+		{"running past the cached region into a hole", Buffer{Addr: 2<<20 - 50, Len: 100}, false},
+		{"in the hole", Buffer{Addr: 3 << 20, Len: 1}, false},
+		{"inside the third region", Buffer{Addr: 4<<20 + 10, Len: 100}, true},
+		{"past the end of memory", Buffer{Addr: 5<<20 - 1, Len: 2}, false},
+		{"below the cached region, in the hole", Buffer{Addr: 4<<20 - 1, Len: 1}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := drv.Add([]Buffer{tc.buf}) // 8 descriptors: enough for every ok case
+			if !tc.ok {
+				require.ErrorIs(t, err, ErrBadChain)
+				assert.ErrorIs(t, err, ErrOutOfRange)
+				return
+			}
+			require.NoError(t, err)
+		})
 	}
 }

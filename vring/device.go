@@ -105,6 +105,7 @@ var ErrInvalidState = errors.New("vring: invalid queue state")
 // method is safe for concurrent use); the driver it talks to may run
 // anywhere (another goroutine, process, the kernel or a guest).
 type DeviceQueue struct {
+	_        [64]byte // keep the fields off cache lines shared with other allocations (the driver side may be next door)
 	mem      *Memory
 	r        ring
 	index    int
@@ -130,6 +131,7 @@ type DeviceQueue struct {
 	// flagsWord is the avail.idx word when NeedsInterrupt can read
 	// avail.flags as its low half (no EVENT_IDX, ring 4-aligned), else nil.
 	flagsWord *uint32
+	_         [64]byte
 }
 
 // NewDeviceQueue validates opts against mem and returns the device side of

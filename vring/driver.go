@@ -1,7 +1,6 @@
 package vring
 
 import (
-	"encoding/binary"
 	"fmt"
 
 	"github.com/vdpakit/vdpakit/virtio"
@@ -38,6 +37,7 @@ type chainInfo struct {
 // private, so a misbehaving device cannot corrupt it. A DriverQueue is owned
 // by one goroutine; the device may run anywhere.
 type DriverQueue struct {
+	_        [64]byte // keep the fields off cache lines shared with other allocations (the device side may be next door)
 	mem      *Memory
 	r        ring
 	index    int
@@ -58,6 +58,10 @@ type DriverQueue struct {
 	usedEvent   uint16 // shadow of used_event
 	intr        bool   // interrupts enabled
 	err         error
+	hint        uint32    // index of the last region hit (checkBufs)
+	cBase       GuestAddr // that region's base and bytes: buffers inside
+	cMem        []byte    // it are checked without a table lookup
+	_           [64]byte
 }
 
 // NewDriverQueue validates opts against mem, zeroes the ring areas (as a
@@ -68,21 +72,38 @@ func NewDriverQueue(mem *Memory, opts DriverQueueOptions) (*DriverQueue, error) 
 	if err != nil {
 		return nil, fmt.Errorf("vring: queue %d: %w", opts.Index, err)
 	}
-	clear(r.desc)
-	clear(r.avail)
-	clear(r.used)
 	n := int(opts.Layout.Size)
 	q := &DriverQueue{
 		mem: mem, r: r, index: opts.Index,
 		eventIdx: opts.Features.Has(virtio.FEventIdx),
 		indirect: opts.Features.Has(virtio.FIndirectDesc),
-		freeNext: make([]uint16, n), numFree: n,
-		chains: make([]chainInfo, n), intr: true,
+		freeNext: make([]uint16, n), chains: make([]chainInfo, n),
 	}
+	q.Reset()
+	return q, nil
+}
+
+// Reset re-initializes the driver side as after NewDriverQueue, as a driver
+// does after a device reset before setting the queue up again: it zeroes
+// the descriptor table and both rings in guest memory, frees every
+// descriptor (chains not reclaimed are dropped), starts the indexes from 0,
+// enables interrupts and clears a broken state. No device may be using the
+// ring meanwhile; a device side must start again from a zero QueueState
+// (a new DeviceQueue, or Reset of one created with a zero state).
+func (q *DriverQueue) Reset() {
+	clear(q.r.desc)
+	clear(q.r.avail)
+	clear(q.r.used)
 	for i := range q.freeNext {
 		q.freeNext[i] = uint16(i + 1)
 	}
-	return q, nil
+	clear(q.chains)
+	q.freeHead, q.numFree = 0, len(q.freeNext)
+	q.availIdx, q.published, q.kicked = 0, 0, 0
+	q.lastUsed, q.usedSeen, q.outstanding = 0, 0, 0
+	q.availFlags, q.usedEvent = 0, 0
+	q.intr = true
+	q.err = nil
 }
 
 // Size is the queue size.
@@ -116,7 +137,8 @@ func (q *DriverQueue) checkBufs(bufs []Buffer) (uint64, error) {
 			return 0, fmt.Errorf("%w: queue %d: buffer %d readable after writable", ErrBadChain, q.index, i)
 		}
 		w = b.Writable
-		if !q.mem.Contains(b.Addr, uint64(b.Len)) {
+		if off := uint64(b.Addr - q.cBase); (off >= uint64(len(q.cMem)) || uint64(b.Len) > uint64(len(q.cMem))-off) &&
+			!q.contains(b.Addr, b.Len) {
 			return 0, fmt.Errorf("%w: queue %d: buffer %d %v+%#x: %w", ErrBadChain, q.index, i, b.Addr, b.Len, ErrOutOfRange)
 		}
 		if w {
@@ -124,6 +146,20 @@ func (q *DriverQueue) checkBufs(bufs []Buffer) (uint64, error) {
 		}
 	}
 	return writable, nil
+}
+
+// contains is checkBufs' slow path: a buffer outside the cached region.
+// It checks the buffer against the memory table and caches the region that
+// holds its first byte.
+func (q *DriverQueue) contains(addr GuestAddr, n uint32) bool {
+	if !q.mem.Contains(addr, uint64(n)) {
+		return false
+	}
+	if rs, i, _ := q.mem.find(addr, 1, q.hint); i >= 0 {
+		q.hint = uint32(i)
+		q.cBase, q.cMem = rs[i].base, rs[i].mem
+	}
+	return true
 }
 
 // Add writes a chain of buffers (readable first, then writable) into free
@@ -142,17 +178,20 @@ func (q *DriverQueue) Add(bufs []Buffer) (uint16, error) {
 	}
 	head := q.freeHead
 	cur := head
+	descs := q.r.descs
 	for i, b := range bufs {
 		var flags uint16
 		if b.Writable {
 			flags = DescFWrite
 		}
+		d := &descs[cur]
+		d.addr, d.len = uint64(b.Addr), b.Len
 		if i == len(bufs)-1 {
-			writeDesc(q.r.desc, cur, uint64(b.Addr), b.Len, flags, 0)
+			d.flags, d.next = flags, 0
 			break
 		}
 		next := q.freeNext[cur]
-		writeDesc(q.r.desc, cur, uint64(b.Addr), b.Len, flags|DescFNext, next)
+		d.flags, d.next = flags|DescFNext, next
 		cur = next
 	}
 	q.freeHead = q.freeNext[cur]
@@ -209,8 +248,7 @@ func (q *DriverQueue) AddIndirect(table GuestAddr, bufs []Buffer) (uint16, error
 }
 
 func (q *DriverQueue) makeAvail(head uint16) {
-	slot := 4 + 2*int(q.availIdx&q.r.mask)
-	binary.LittleEndian.PutUint16(q.r.avail[slot:slot+2], head)
+	q.r.availRing[q.availIdx&q.r.mask] = head
 	q.availIdx++
 	q.outstanding++
 }
@@ -267,10 +305,8 @@ func (q *DriverQueue) Reclaim() (head uint16, length uint32, ok bool, err error)
 			}
 		}
 	}
-	off := 4 + 8*int(q.lastUsed&q.r.mask)
-	e := q.r.used[off : off+8 : off+8]
-	id := binary.LittleEndian.Uint32(e[0:4])
-	length = binary.LittleEndian.Uint32(e[4:8])
+	e := &q.r.usedRing[q.lastUsed&q.r.mask]
+	id, length := e.id, e.len
 	if id >= uint32(q.r.size) || !q.chains[id].inflight {
 		return 0, 0, false, q.fail(q.lastUsed, ErrUsedIDNotOutstanding)
 	}
