@@ -327,33 +327,7 @@ func (q *DeviceQueue) PopBatch(cs []Chain) (int, error) {
 		// while they are single direct descriptors inside the cached
 		// region; anything else goes through Pop.
 		n := min(int(q.availSeen-q.lastAvail), len(cs)-i) // 0 when broken
-		avail, descs := q.r.availRing, q.r.descs
-		base, mem := q.cBase, q.cMem
-		start := q.lastAvail
-		batch := cs[i : i+n]
-		k := 0
-		if len(avail) != 0 { // always (len is the queue size); lets the compiler drop a bounds check
-			for ; k < len(batch); k++ {
-				head := avail[int(start+uint16(k))&(len(avail)-1)]
-				if int(head) >= len(descs) {
-					break
-				}
-				d := &descs[head]
-				flags, addr, length := d.flags, GuestAddr(d.addr), d.len
-				c := &batch[k]
-				// In the cached region (off wraps past len(mem) when addr <
-				// base), non-empty (length-1 wraps when 0) and ending inside.
-				off := uint64(addr - base)
-				segs := c.Segs
-				if flags&(DescFNext|DescFIndirect) != 0 || off >= uint64(len(mem)) ||
-					uint64(length)-1 >= uint64(len(mem))-off || cap(segs) == 0 {
-					break
-				}
-				c.fill1(segs[:1], head, addr, length, flags, bufAt(mem, off, length))
-			}
-		}
-		q.lastAvail = start + uint16(k)
-		i += k
+		i += q.popRun(cs[i : i+n])
 		if i == len(cs) {
 			break
 		}
@@ -364,6 +338,40 @@ func (q *DeviceQueue) PopBatch(cs []Chain) (int, error) {
 		i++
 	}
 	return i, nil
+}
+
+// popRun is PopBatch's tight loop: it pops chains known to be available
+// (len(batch) <= availSeen-lastAvail) into batch while they are single
+// direct descriptors inside the cached region, and returns how many. It is
+// a function of its own so that its loop, which calls nothing, keeps its
+// values in registers.
+func (q *DeviceQueue) popRun(batch []Chain) int {
+	avail, descs := q.r.availRing, q.r.descs
+	base, mem := q.cBase, q.cMem
+	start := q.lastAvail
+	k := 0
+	if len(avail) != 0 { // always (len is the queue size); lets the compiler drop a bounds check
+		for ; k < len(batch); k++ {
+			head := avail[int(start+uint16(k))&(len(avail)-1)]
+			if int(head) >= len(descs) {
+				break
+			}
+			d := &descs[head]
+			flags, addr, length := d.flags, GuestAddr(d.addr), d.len
+			c := &batch[k]
+			// In the cached region (off wraps past len(mem) when addr <
+			// base), non-empty (length-1 wraps when 0) and ending inside.
+			off := uint64(addr - base)
+			segs := c.Segs
+			if flags&(DescFNext|DescFIndirect) != 0 || off >= uint64(len(mem)) ||
+				uint64(length)-1 >= uint64(len(mem))-off || cap(segs) == 0 {
+				break
+			}
+			c.fill1(segs[:1], head, addr, length, flags, bufAt(mem, off, length))
+		}
+	}
+	q.lastAvail = start + uint16(k)
+	return k
 }
 
 // walk follows the chain at head into c, validating every rule.
