@@ -129,6 +129,9 @@ type Device struct {
 	relay *relay
 	// tracking is the dirty-tracking mode in effect (DirtyAuto: none).
 	tracking DirtyMode
+	// canLogAll: the backing device offers VHOST_F_LOG_ALL, which must be
+	// negotiated for its log to take effect (vhost-net, vhost-user).
+	canLogAll bool
 }
 
 // NewDevice creates a mediated device in front of backing, which it resets.
@@ -154,6 +157,7 @@ func NewDevice(backing vdpa.Device, opts *Options) (*Device, error) {
 	if d.offered, err = backing.Features(); err != nil {
 		return nil, backingErr("features", err)
 	}
+	d.canLogAll = d.offered.Has(virtio.FLogAll)
 	if d.opts.Features != 0 {
 		d.offered &= d.opts.Features
 	}
@@ -233,7 +237,13 @@ func NewDevice(backing vdpa.Device, opts *Options) (*Device, error) {
 		}
 	}
 	d.resetRegisters()
-	d.cfgSnapshot = d.readBackingConfig()
+	d.cfgSnapshot = make([]byte, d.cfgSize)
+	if d.cfgSize > 0 {
+		if err := backing.ReadConfig(0, d.cfgSnapshot); err != nil {
+			cleanup()
+			return nil, backingErr(fmt.Sprintf("read %d bytes of config", d.cfgSize), err)
+		}
+	}
 	d.mig.state = MigRunning
 	return d, nil
 }
@@ -345,11 +355,14 @@ func (d *Device) resetRegisters() {
 	d.lastErr = nil
 }
 
+// readBackingConfig reads the backing device's whole configuration; if the
+// read fails (a device stopped mid-migration, for example) it returns the
+// last configuration read, which NewDevice guarantees exists.
 func (d *Device) readBackingConfig() []byte {
 	b := make([]byte, d.cfgSize)
 	if d.cfgSize > 0 {
 		if err := d.backing.ReadConfig(0, b); err != nil {
-			return d.cfgSnapshot
+			return append([]byte(nil), d.cfgSnapshot...)
 		}
 	}
 	return b
@@ -878,7 +891,7 @@ func (d *Device) negotiateBacking() error {
 	if err := b.SetStatus(st); err != nil {
 		return backingErr("set status", err)
 	}
-	if err := b.SetFeatures(d.driverFeatures); err != nil {
+	if err := b.SetFeatures(d.backingFeatures()); err != nil {
 		return backingErr("set features", err)
 	}
 	if err := b.SetStatus(st | virtio.StatusFeaturesOK); err != nil {
@@ -893,6 +906,16 @@ func (d *Device) negotiateBacking() error {
 	}
 	d.negotiated = true
 	return nil
+}
+
+// backingFeatures are the features programmed into the backing device: the
+// driver's, plus LOG_ALL while the device logs its writes for migration.
+func (d *Device) backingFeatures() virtio.Features {
+	f := d.driverFeatures
+	if d.tracking == DirtyDeviceLog && d.canLogAll {
+		f = f.With(virtio.FLogAll)
+	}
+	return f
 }
 
 // reset performs a device reset (§2.4): registers return to their initial

@@ -7,6 +7,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/vdpakit/vdpakit/dirty"
 	"github.com/vdpakit/vdpakit/virtio"
 	"github.com/vdpakit/vdpakit/vring"
 )
@@ -510,4 +511,32 @@ func TestBackingNeedsResetPropagates(t *testing.T) {
 	n, err := d.ConfigFD().TryWait()
 	require.NoError(t, err)
 	assert.EqualValues(t, 1, n)
+}
+
+// loggingBacking is a fake that can log (vdpa.Logger).
+type loggingBacking struct {
+	*fakeBacking
+	log *dirty.Bitmap
+}
+
+func (l *loggingBacking) SetLog(b *dirty.Bitmap) error { l.log = b; return nil }
+
+func TestDeviceLogNegotiatesLogAll(t *testing.T) {
+	f := &loggingBacking{fakeBacking: newFakeBacking()}
+	d, err := NewDevice(f, &Options{Memory: testMemory(t)})
+	require.NoError(t, err)
+	defer d.Close()
+	driver{t, d}.bringUp(netFeatures)
+	assert.False(t, d.OfferedFeatures().Has(virtio.FLogAll), "LOG_ALL is not a virtio feature")
+	bm, err := dirty.New(1<<20, nil)
+	require.NoError(t, err)
+	defer bm.Close()
+	mode, err := d.StartDirtyTracking(bm)
+	require.NoError(t, err)
+	assert.Equal(t, DirtyDeviceLog, mode)
+	assert.Same(t, bm, f.log)
+	assert.Equal(t, netFeatures.With(virtio.FLogAll), f.accepted, "vhost logs only with LOG_ALL negotiated")
+	require.NoError(t, d.StopDirtyTracking())
+	assert.Nil(t, f.log)
+	assert.Equal(t, netFeatures, f.accepted)
 }

@@ -66,6 +66,16 @@ func (d *Device) StartDirtyTracking(log *dirty.Bitmap) (DirtyMode, error) {
 		if err := lg.SetLog(log); err != nil {
 			return 0, backingErr("set log", err)
 		}
+		d.tracking = DirtyDeviceLog
+		// vhost devices log only while LOG_ALL is negotiated; vhost
+		// accepts the change on a running device.
+		if d.canLogAll && d.negotiated {
+			if err := d.backing.SetFeatures(d.backingFeatures()); err != nil {
+				d.tracking = DirtyAuto
+				_ = lg.SetLog(nil)
+				return 0, backingErr("set features LOG_ALL", err)
+			}
+		}
 	case DirtyRelay:
 		if err := d.switchRelay(&relay{log: log}); err != nil {
 			return 0, err
@@ -87,6 +97,11 @@ func (d *Device) StopDirtyTracking() error {
 	d.tracking = DirtyAuto
 	switch mode {
 	case DirtyDeviceLog:
+		if d.canLogAll && d.negotiated {
+			if err := d.backing.SetFeatures(d.backingFeatures()); err != nil {
+				return backingErr("set features", err)
+			}
+		}
 		return backingErr("set log", d.backing.(vdpa.Logger).SetLog(nil))
 	case DirtyRelay:
 		return d.switchRelay(nil)

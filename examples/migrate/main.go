@@ -44,6 +44,7 @@ import (
 	"github.com/vdpakit/vdpakit/vdpa/kernel"
 	"github.com/vdpakit/vdpakit/vdpa/softnet"
 	"github.com/vdpakit/vdpakit/vdpa/vhostuser"
+	"github.com/vdpakit/vdpakit/virtio"
 	"github.com/vdpakit/vdpakit/vring"
 )
 
@@ -173,7 +174,10 @@ func newMachine(c config, spec string) (*machine, error) {
 		kind = "vhost-user"
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		if backing, err = vhostuser.Dial(ctx, strings.TrimPrefix(spec, "vhost-user:"), nil); err != nil {
+		// The virtio-net configuration is what the guest reads; vhost-user
+		// does not say how large the back-end's is.
+		opts := &vhostuser.FrontendOptions{ConfigSize: virtio.NetConfigSize}
+		if backing, err = vhostuser.Dial(ctx, strings.TrimPrefix(spec, "vhost-user:"), opts); err != nil {
 			return nil, err
 		}
 	default:
@@ -304,7 +308,9 @@ func runSource(c config) error {
 	if err != nil {
 		return err
 	}
-	log, err := dirty.New(c.guestMem, nil)
+	// Shared (memfd-backed), so a vhost-user back-end can map it
+	// (VHOST_USER_SET_LOG_BASE).
+	log, err := dirty.New(c.guestMem, &dirty.Options{Shared: true, Name: "guest-dirty-log"})
 	if err != nil {
 		return err
 	}
