@@ -66,9 +66,11 @@ func (e *EventFD) Signal() error {
 // (the number of signals coalesced). It returns ctx.Err() when ctx ends first
 // and ErrClosed once the EventFD is closed.
 //
-// Wait is meant for one waiter at a time (the queue's owner): it uses the
-// descriptor's read deadline to honour ctx. A context that can never be
-// cancelled (context.Background) costs no allocation.
+// Wait honours ctx through the descriptor's read deadline, so an EventFD has
+// one waiter at a time (its queue's owner): os.File serialises concurrent
+// reads, and a second waiter would not see its own context end. Hand each
+// consumer its own EventFD instead. A context that can never be cancelled
+// (context.Background) costs no allocation.
 func (e *EventFD) Wait(ctx context.Context) (uint64, error) {
 	if err := ctx.Err(); err != nil {
 		return 0, err
@@ -86,22 +88,30 @@ func (e *EventFD) Wait(ctx context.Context) (uint64, error) {
 		defer stop()
 	}
 	var b [8]byte
-	_, err := e.f.Read(b[:])
-	if err != nil {
+	for {
+		_, err := e.f.Read(b[:])
 		switch {
+		case err == nil:
+			return binary.NativeEndian.Uint64(b[:]), nil
 		case errors.Is(err, os.ErrClosed):
 			return 0, ErrClosed
 		case errors.Is(err, os.ErrDeadlineExceeded):
-			// The deadline is only ever ctx's: report it as such even if the
-			// context's own timer has not fired yet.
 			if cerr := ctx.Err(); cerr != nil {
 				return 0, cerr
 			}
-			return 0, context.DeadlineExceeded
+			if !dl.IsZero() && !time.Now().Before(dl) {
+				return 0, context.DeadlineExceeded
+			}
+			// Not our deadline: the cancellation callback of an earlier Wait
+			// fired late, after that Wait had returned. Restore ours and keep
+			// waiting.
+			if err := e.f.SetReadDeadline(dl); err != nil {
+				return 0, ErrClosed
+			}
+		default:
+			return 0, fmt.Errorf("eventfd wait: %w", err)
 		}
-		return 0, fmt.Errorf("eventfd wait: %w", err)
 	}
-	return binary.NativeEndian.Uint64(b[:]), nil
 }
 
 // TryWait consumes pending signals without blocking; it reports zero when

@@ -89,3 +89,4 @@ func TestEventFDWaitBackgroundAllocatesNothing(t *testing.T) {
 	})
 	assert.Zero(t, allocs)
 }
+
