@@ -89,4 +89,3 @@ func TestEventFDWaitBackgroundAllocatesNothing(t *testing.T) {
 	})
 	assert.Zero(t, allocs)
 }
-
