@@ -10,6 +10,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 	"github.com/vdpakit/vdpakit/virtio"
+	"golang.org/x/sys/unix"
 )
 
 // chainCount is a million chains, fewer with -short or the race detector.
@@ -121,7 +122,14 @@ func TestCrossProcess(t *testing.T) {
 
 	exe, err := os.Executable()
 	require.NoError(t, err)
-	f := os.NewFile(uintptr(r.Fd()), "memfd")
+	// The child gets its own duplicate of the memfd, owned by f and closed
+	// here: an *os.File wrapping the region's own fd would close that fd
+	// number again from its finalizer, after mem.Close, when it may already
+	// belong to another test's memfd.
+	dupFd, err := unix.Dup(r.Fd())
+	require.NoError(t, err)
+	f := os.NewFile(uintptr(dupFd), "memfd")
+	defer f.Close()
 	cmd := exec.Command(exe, "-test.run=^TestCrossProcess$", "-test.v")
 	cmd.Env = append(os.Environ(), "VRING_XPROC_CHILD=1",
 		"VRING_XPROC_N="+strconv.Itoa(n), "VRING_XPROC_SIZE="+strconv.FormatUint(r.Size(), 10))
