@@ -331,7 +331,9 @@ func (q *DeviceQueue) PopBatch(cs []Chain) (int, error) {
 		if i == len(cs) {
 			break
 		}
-		ok, err := q.Pop(&cs[i])
+		// popRun stopped at a chain it does not take (or ran out of known
+		// ones): popSlow walks it (or reloads avail.idx and Pops).
+		ok, err := q.popSlow(&cs[i])
 		if err != nil || !ok {
 			return i, err
 		}
