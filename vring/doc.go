@@ -49,8 +49,9 @@
 // guest write it makes: used entries, used.flags/idx, avail_event, and the
 // bytes PushChain reports as written. DeviceQueueOptions.UsedLogAddr logs
 // used-ring writes at a different guest address than the ring is accessed
-// at, like vhost's log_guest_addr. Without a logger, logging costs one nil
-// check.
+// at, like vhost's log_guest_addr. A push logs used.idx and the entries it
+// wrote as one range when they share used.idx's 4 KiB page. Without a
+// logger, logging costs one nil check.
 //
 // # Hostile input
 //
@@ -63,7 +64,8 @@
 // *QueueError that names the queue and the descriptor or ring index. After
 // one, the queue is broken, like a device that set NEEDS_RESET: every call
 // returns an error matching both ErrQueueBroken and the original until
-// Reset. No input makes a queue panic, loop or access memory outside guest
+// Reset (DriverQueue.Reset also re-initializes the rings, as a driver does
+// after a device reset). No input makes a queue panic, loop or access memory outside guest
 // memory; every walk is bounded by the queue size.
 //
 // # Ownership and concurrency
@@ -83,5 +85,7 @@
 // live in mapped memory (NewMemfdRegion), as real rings do.
 //
 // The package assumes a little-endian host (virtio 1.x rings are
-// little-endian); amd64 and arm64 use assembly 16-bit atomics.
+// little-endian: the hot paths access descriptors and ring entries through
+// typed views of the ring memory); amd64 and arm64 use assembly 16-bit
+// atomics.
 package vring
