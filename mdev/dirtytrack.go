@@ -67,13 +67,15 @@ func (d *Device) StartDirtyTracking(log *dirty.Bitmap) (DirtyMode, error) {
 			return 0, backingErr("set log", err)
 		}
 		d.tracking = DirtyDeviceLog
-		// vhost devices log only while LOG_ALL is negotiated; vhost
-		// accepts the change on a running device.
-		if d.canLogAll && d.negotiated {
-			if err := d.backing.SetFeatures(d.backingFeatures()); err != nil {
+		// vhost devices log only while LOG_ALL is negotiated. Rather than
+		// toggling features under a running data path, the device goes
+		// through the same stop / read positions / reprogram cycle as a
+		// relay switch, and is renegotiated with LOG_ALL.
+		if d.canLogAll {
+			if err := d.renegotiate(); err != nil {
 				d.tracking = DirtyAuto
 				_ = lg.SetLog(nil)
-				return 0, backingErr("set features LOG_ALL", err)
+				return 0, err
 			}
 		}
 	case DirtyRelay:
@@ -97,9 +99,9 @@ func (d *Device) StopDirtyTracking() error {
 	d.tracking = DirtyAuto
 	switch mode {
 	case DirtyDeviceLog:
-		if d.canLogAll && d.negotiated {
-			if err := d.backing.SetFeatures(d.backingFeatures()); err != nil {
-				return backingErr("set features", err)
+		if d.canLogAll {
+			if err := d.renegotiate(); err != nil {
+				return err
 			}
 		}
 		return backingErr("set log", d.backing.(vdpa.Logger).SetLog(nil))
@@ -116,6 +118,22 @@ func (d *Device) DirtyTracking() DirtyMode {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return d.tracking
+}
+
+// renegotiate reprograms the backing device with backingFeatures: a live
+// device is stopped at a consistent point and restarted from its positions;
+// one that has only negotiated is renegotiated.
+func (d *Device) renegotiate() error {
+	switch {
+	case d.live:
+		return d.switchRelay(d.relay)
+	case d.negotiated:
+		if err := d.negotiateBacking(); err != nil {
+			d.needsReset(err)
+			return err
+		}
+	}
+	return nil
 }
 
 // switchRelay moves a live device into (r != nil) or out of relay mode.
