@@ -86,7 +86,7 @@ type relayQueue struct {
 // them. Called with d.mu held, after feature negotiation.
 func (r *relay) program(d *Device) error {
 	if r.run != nil {
-		r.teardown()
+		r.teardown(d)
 	}
 	guest := d.opts.Memory
 	var top uint64
@@ -115,7 +115,7 @@ func (r *relay) program(d *Device) error {
 	run := &relayRun{region: region, mem: mem, queues: make([]*relayQueue, len(d.queues))}
 	r.run = run
 	fail := func(err error) error {
-		r.teardown()
+		r.teardown(d)
 		return err
 	}
 	if err := d.backing.SetMemory(mem); err != nil {
@@ -373,12 +373,11 @@ func (r *relay) stop(d *Device) error {
 	}
 	run.halt()
 	if p := run.failed.Load(); p != nil {
-		r.teardown()
-		_ = d.backing.SetStatus(0)
+		r.teardown(d)
 		return *p
 	}
 	if err := d.suspendBacking(); err != nil {
-		r.teardown()
+		r.teardown(d)
 		return err
 	}
 	bases, err := d.readBases()
@@ -420,18 +419,22 @@ func (r *relay) stop(d *Device) error {
 		firstErr = backingErr("reset", err)
 	}
 	d.negotiated = false
-	r.teardown()
+	r.teardown(d)
 	return firstErr
 }
 
-// teardown stops the goroutines (if running) and frees the shadow rings.
-func (r *relay) teardown() {
+// teardown stops the relay goroutines, resets the backing device and frees
+// the shadow rings, in that order: the backing device processes the shadow
+// rings until it is reset, so unmapping them first would pull its memory
+// from under it. A reset of an already reset device is harmless.
+func (r *relay) teardown(d *Device) {
 	run := r.run
 	if run == nil {
 		return
 	}
 	r.run = nil
 	run.halt()
+	_ = d.backing.SetStatus(0)
 	for _, rq := range run.queues {
 		if rq == nil {
 			continue
@@ -450,6 +453,6 @@ func (r *relay) teardown() {
 // backing device is reset by the caller, so no state is read back.
 func (d *Device) stopRelay() {
 	if d.relay != nil {
-		d.relay.teardown()
+		d.relay.teardown(d)
 	}
 }
