@@ -68,6 +68,30 @@
 // after a device reset). No input makes a queue panic, loop or access memory outside guest
 // memory; every walk is bounded by the queue size.
 //
+// # Untrusted memory
+//
+// Guest memory mapped from a peer's file (NewFdRegion for a vhost-user
+// memory table or a VDUSE IOTLB fd) can be taken away by that peer: after
+// it truncates the file, touching a page past the new end raises SIGBUS,
+// which by default kills the whole process. Two defences:
+//
+//   - At mapping time, NewFdRegion keeps the file from shrinking where it
+//     can (SealShrink): a memfd already sealed with F_SEAL_SHRINK (QEMU's
+//     memory-backend-memfd seals by default) is safe; an unsealed memfd whose
+//     seals are not locked gets F_SEAL_SHRINK added, which only forbids what
+//     the peer must not do anyway (opt out with RegionOptions.NoSeal). Other
+//     files (locked seals, memfds made without MFD_ALLOW_SEALING, hugetlbfs
+//     or tmpfs files) cannot be protected. Region.Sealed tells which case a
+//     region is in. NewMemfdRegion seals its own memfds.
+//   - At run time, code that touches guest memory runs on goroutines with
+//     runtime/debug.SetPanicOnFault(true) (it applies to the calling
+//     goroutine only) under a deferred CatchFault, which turns the fault into
+//     a *FaultError matching ErrMemoryFault; Guard does both for a single
+//     call. Memory.Read and Write guard themselves. The interrupted work is
+//     left half done, so the queues using that memory must be stopped and
+//     reported broken (NEEDS_RESET), not continued. Workers set this up once
+//     per goroutine or batch, not per buffer: the hot paths stay as they are.
+//
 // # Ownership and concurrency
 //
 // A DeviceQueue or DriverQueue is owned by one goroutine: its methods are

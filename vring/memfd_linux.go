@@ -10,7 +10,10 @@ import (
 // a memfd mapped MAP_SHARED (what vhost-vdpa and vhost-user peers need: the
 // kernel ignores anonymous private memory, and a peer maps the same fd).
 // Fd, FdOffset (0) and HostAddr describe it; Close unmaps and closes the fd.
-// Only opts.Name and opts.UserAddr are used.
+// Only opts.Name and opts.UserAddr are used. The memfd is sealed against
+// shrinking (F_SEAL_SHRINK; it may still grow and more seals may be added),
+// so a peer it is passed to cannot take pages away from under this
+// process's mapping: Sealed reports true.
 func NewMemfdRegion(base GuestAddr, size uint64, opts *RegionOptions) (*Region, error) {
 	if size == 0 || size > 1<<46 {
 		return nil, fmt.Errorf("%w: memfd size %#x", ErrInvalidRegion, size)
@@ -26,7 +29,7 @@ func NewMemfdRegion(base GuestAddr, size uint64, opts *RegionOptions) (*Region, 
 		}
 		user = opts.UserAddr
 	}
-	fd, err := unix.MemfdCreate(name, unix.MFD_CLOEXEC)
+	fd, err := unix.MemfdCreate(name, unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
 	if err != nil {
 		return nil, fmt.Errorf("vring: memfd_create: %w", err)
 	}
@@ -34,13 +37,27 @@ func NewMemfdRegion(base GuestAddr, size uint64, opts *RegionOptions) (*Region, 
 		unix.Close(fd)
 		return nil, fmt.Errorf("vring: ftruncate memfd to %#x: %w", size, err)
 	}
-	return mapFd(base, size, fd, 0, user)
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, unix.F_SEAL_SHRINK); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("vring: seal memfd against shrinking: %w", err)
+	}
+	return mapFd(base, size, fd, 0, user, true)
 }
 
 // NewFdRegion maps size bytes of fd at offset (MAP_SHARED, read-write) as
 // guest memory at base: what a vhost-user back-end does with a memory-table
 // entry. The region keeps its own duplicate of fd; the caller may close its
 // copy. Close unmaps and closes the duplicate.
+//
+// The file belongs to a peer that may truncate it while it is mapped, after
+// which accesses to the lost pages fault. NewFdRegion first protects the
+// mapping where it can (SealShrink: a memfd already sealed with
+// F_SEAL_SHRINK, as QEMU's memory-backend-memfd creates them, is fine; an
+// unsealed memfd whose seals are not locked gets F_SEAL_SHRINK added,
+// unless opts.NoSeal), then checks that a regular file is long enough for
+// [offset, offset+size) (ErrInvalidRegion otherwise: the mapping would
+// fault). Region.Sealed reports the outcome; accesses to an unsealed
+// region should be made under CatchFault or Guard.
 func NewFdRegion(base GuestAddr, size uint64, fd int, offset uint64, opts *RegionOptions) (*Region, error) {
 	if size == 0 || size > 1<<46 || offset > 1<<62 {
 		return nil, fmt.Errorf("%w: fd region size %#x offset %#x", ErrInvalidRegion, size, offset)
@@ -56,20 +73,79 @@ func NewFdRegion(base GuestAddr, size uint64, fd int, offset uint64, opts *Regio
 		return nil, fmt.Errorf("vring: dup fd %d: %w", fd, err)
 	}
 	var user HostAddr
+	noSeal := false
 	if opts != nil {
-		user = opts.UserAddr
+		user, noSeal = opts.UserAddr, opts.NoSeal
 	}
-	return mapFd(base, size, dup, offset, user)
+	sealed, err := sealShrink(dup, !noSeal)
+	if err != nil {
+		unix.Close(dup)
+		return nil, err
+	}
+	// Checked after sealing: a sealed file cannot shrink below this size
+	// afterwards.
+	var st unix.Stat_t
+	if err := unix.Fstat(dup, &st); err != nil {
+		unix.Close(dup)
+		return nil, fmt.Errorf("vring: fstat fd %d: %w", fd, err)
+	}
+	if st.Mode&unix.S_IFMT == unix.S_IFREG && (st.Size < 0 || uint64(st.Size) < offset+size) {
+		unix.Close(dup)
+		return nil, fmt.Errorf("%w: fd %d is %d bytes, region needs %#x at %#x", ErrInvalidRegion, fd, st.Size, size, offset)
+	}
+	return mapFd(base, size, dup, offset, user, sealed)
+}
+
+// SealShrink protects fd's file against shrinking, where that is possible,
+// and reports whether it is protected. A file already sealed with
+// F_SEAL_SHRINK is; a file that supports sealing and whose seals are not
+// locked (F_SEAL_SEAL clear: a memfd created with MFD_ALLOW_SEALING) gets
+// F_SEAL_SHRINK added; any other file (sealing locked without
+// F_SEAL_SHRINK, a memfd created without MFD_ALLOW_SEALING, a file system
+// without seals) is not protected, and false is returned with a nil error.
+//
+// Adding the seal is permanent and affects the peer that owns the file: it
+// can no longer shrink it, even after this process unmaps it. That is the
+// one thing the peer must not do while the memory is in use anyway, and it
+// may still grow the file, write to it and punch holes into it, so a
+// device adds it (NewFdRegion does, unless RegionOptions.NoSeal).
+func SealShrink(fd int) (bool, error) { return sealShrink(fd, true) }
+
+func sealShrink(fd int, add bool) (bool, error) {
+	seals, err := unix.FcntlInt(uintptr(fd), unix.F_GET_SEALS, 0)
+	if err == unix.EINVAL {
+		return false, nil // the file system does not support sealing
+	}
+	if err != nil {
+		return false, fmt.Errorf("vring: get seals of fd %d: %w", fd, err)
+	}
+	if seals&unix.F_SEAL_SHRINK != 0 {
+		return true, nil
+	}
+	if !add || seals&unix.F_SEAL_SEAL != 0 {
+		return false, nil
+	}
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, unix.F_SEAL_SHRINK); err != nil {
+		// EPERM: the owner locked the seals meanwhile (perhaps with
+		// F_SEAL_SHRINK among them: look again), or the fd is not open
+		// for writing.
+		if err == unix.EPERM {
+			seals, err = unix.FcntlInt(uintptr(fd), unix.F_GET_SEALS, 0)
+			return err == nil && seals&unix.F_SEAL_SHRINK != 0, nil
+		}
+		return false, fmt.Errorf("vring: seal fd %d against shrinking: %w", fd, err)
+	}
+	return true, nil
 }
 
 // mapFd maps fd and builds an owning region; it closes fd on failure.
-func mapFd(base GuestAddr, size uint64, fd int, offset uint64, user HostAddr) (*Region, error) {
+func mapFd(base GuestAddr, size uint64, fd int, offset uint64, user HostAddr, sealed bool) (*Region, error) {
 	mem, err := unix.Mmap(fd, int64(offset), int(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
 	if err != nil {
 		unix.Close(fd)
 		return nil, fmt.Errorf("vring: mmap %#x bytes of fd %d at %#x: %w", size, fd, offset, err)
 	}
-	r := &Region{base: base, mem: mem, fd: fd, fdOffset: offset, hostAddr: hostAddrOf(mem), owned: true}
+	r := &Region{base: base, mem: mem, fd: fd, fdOffset: offset, hostAddr: hostAddrOf(mem), owned: true, sealed: sealed}
 	r.userAddr = user
 	if r.userAddr == 0 {
 		r.userAddr = r.hostAddr

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime/debug"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -24,6 +25,15 @@ type RegionOptions struct {
 	// UserAddr is the address of this region in the peer's process (the
 	// vhost-user memory table's userspace_addr). Zero means the local address.
 	UserAddr HostAddr
+	// Sealed records, for NewRegion, that the wrapped memory is protected
+	// against its file shrinking (the caller checked or added the seal with
+	// SealShrink, or the memory is not file-backed); Region.Sealed reports
+	// it. NewMemfdRegion and NewFdRegion find this out themselves.
+	Sealed bool
+	// NoSeal stops NewFdRegion from adding F_SEAL_SHRINK to the file of
+	// an unsealed memfd it maps (see NewFdRegion); Region.Sealed then
+	// reports only a seal the file already had.
+	NoSeal bool
 }
 
 // Region is one contiguous range of guest memory backed by host bytes.
@@ -37,6 +47,7 @@ type Region struct {
 	userAddr HostAddr
 	hostAddr HostAddr
 	owned    bool // mem is our mapping and fd our descriptor: Close releases them
+	sealed   bool // the backing file cannot shrink (F_SEAL_SHRINK)
 	closed   atomic.Bool
 }
 
@@ -57,6 +68,7 @@ func NewRegion(base GuestAddr, mem []byte, opts *RegionOptions) (*Region, error)
 			r.fdOffset = opts.FdOffset
 		}
 		r.userAddr = opts.UserAddr
+		r.sealed = opts.Sealed
 	}
 	if r.userAddr == 0 {
 		r.userAddr = r.hostAddr
@@ -89,6 +101,14 @@ func (r *Region) HostAddr() HostAddr { return r.hostAddr }
 // UserAddr is the address of the region's first byte in the peer's process
 // (RegionOptions.UserAddr, defaulting to HostAddr).
 func (r *Region) UserAddr() HostAddr { return r.userAddr }
+
+// Sealed reports whether the region is protected against its backing file
+// shrinking under the mapping: true for NewMemfdRegion, for NewFdRegion when
+// the file has (or was given) F_SEAL_SHRINK, and for NewRegion when
+// RegionOptions.Sealed said so. An unsealed region's owner may truncate the
+// file at any time; accesses to the lost pages then fault (see CatchFault
+// and ErrMemoryFault).
+func (r *Region) Sealed() bool { return r.sealed }
 
 func (r *Region) String() string {
 	return fmt.Sprintf("region[%v..%v) size %#x fd %d", r.base, r.base+GuestAddr(len(r.mem)), len(r.mem), r.fd)
@@ -431,10 +451,21 @@ func (m *Memory) walk(addr GuestAddr, n uint64, fn func(b []byte, done uint64)) 
 	return nil
 }
 
+// guardedWalk is walk with memory faults turned into a *FaultError (Guard
+// without the closure): a mapping truncated by its owner fails the copy
+// instead of ending the process. The copy may then be partly done.
+func (m *Memory) guardedWalk(addr GuestAddr, n uint64, fn func(b []byte, done uint64)) (err error) {
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer CatchFault(&err)
+	return m.walk(addr, n, fn)
+}
+
 // Read copies len(p) bytes of guest memory at addr into p. The range may span
-// adjacent regions; nothing is copied when any part is outside memory.
+// adjacent regions; nothing is copied when any part is outside memory. A
+// memory fault (a peer truncated the file behind a region) returns an error
+// matching ErrMemoryFault, with p partly filled.
 func (m *Memory) Read(addr GuestAddr, p []byte) error {
-	err := m.walk(addr, uint64(len(p)), func(b []byte, done uint64) { copy(p[done:], b) })
+	err := m.guardedWalk(addr, uint64(len(p)), func(b []byte, done uint64) { copy(p[done:], b) })
 	if err != nil {
 		return fmt.Errorf("vring: read %v+%#x: %w", addr, len(p), err)
 	}
@@ -443,9 +474,10 @@ func (m *Memory) Read(addr GuestAddr, p []byte) error {
 
 // Write copies p into guest memory at addr. The range may span adjacent
 // regions; nothing is written when any part is outside memory. Writes are not
-// logged.
+// logged. A memory fault returns an error matching ErrMemoryFault, with the
+// range partly written.
 func (m *Memory) Write(addr GuestAddr, p []byte) error {
-	err := m.walk(addr, uint64(len(p)), func(b []byte, done uint64) { copy(b, p[done:]) })
+	err := m.guardedWalk(addr, uint64(len(p)), func(b []byte, done uint64) { copy(b, p[done:]) })
 	if err != nil {
 		return fmt.Errorf("vring: write %v+%#x: %w", addr, len(p), err)
 	}
