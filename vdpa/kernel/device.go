@@ -1,12 +1,10 @@
 package kernel
 
 import (
-	"encoding/binary"
-	"errors"
 	"fmt"
-	"os"
 	"sync"
 
+	"github.com/vdpakit/vdpakit/internal/vhostcore"
 	"github.com/vdpakit/vdpakit/internal/vhostsys"
 	"github.com/vdpakit/vdpakit/vdpa"
 	"github.com/vdpakit/vdpakit/virtio"
@@ -132,14 +130,6 @@ func (d *Device) lock() error {
 	return nil
 }
 
-// closedErr maps the file's "closed" error to ErrClosed.
-func closedErr(err error) error {
-	if errors.Is(err, os.ErrClosed) {
-		return ErrClosed
-	}
-	return err
-}
-
 func (d *Device) checkQueue(q int) error {
 	if q < 0 || q >= d.nvqs {
 		return fmt.Errorf("%w: queue %d of %d", ErrQueueIndex, q, d.nvqs)
@@ -163,7 +153,7 @@ func (d *Device) DeviceID() (virtio.DeviceID, error) {
 	}
 	defer d.mu.Unlock()
 	id, err := d.f.VDPAGetDeviceID()
-	return virtio.DeviceID(id), closedErr(err)
+	return virtio.DeviceID(id), vhostcore.ClosedErr(err)
 }
 
 // Features is VHOST_GET_FEATURES: the device's offered features.
@@ -173,7 +163,7 @@ func (d *Device) Features() (virtio.Features, error) {
 	}
 	defer d.mu.Unlock()
 	f, err := d.f.GetFeatures()
-	return virtio.Features(f), closedErr(err)
+	return virtio.Features(f), vhostcore.ClosedErr(err)
 }
 
 // SetFeatures is VHOST_SET_FEATURES. f must be a subset of Features; the
@@ -185,12 +175,12 @@ func (d *Device) SetFeatures(f virtio.Features) error {
 	defer d.mu.Unlock()
 	off, err := d.f.GetFeatures()
 	if err != nil {
-		return closedErr(err)
+		return vhostcore.ClosedErr(err)
 	}
 	if extra := uint64(f) &^ off; extra != 0 {
 		return fmt.Errorf("%w: %s not offered", ErrFeatures, virtio.Features(extra).Format(virtio.DeviceNet))
 	}
-	return closedErr(d.f.SetFeatures(uint64(f)))
+	return vhostcore.ClosedErr(d.f.SetFeatures(uint64(f)))
 }
 
 // Status is VHOST_VDPA_GET_STATUS.
@@ -200,7 +190,7 @@ func (d *Device) Status() (virtio.Status, error) {
 	}
 	defer d.mu.Unlock()
 	s, err := d.f.VDPAGetStatus()
-	return virtio.Status(s), closedErr(err)
+	return virtio.Status(s), vhostcore.ClosedErr(err)
 }
 
 // SetStatus is VHOST_VDPA_SET_STATUS. Status 0 resets the device; the
@@ -215,7 +205,7 @@ func (d *Device) SetStatus(s virtio.Status) error {
 	}
 	defer d.mu.Unlock()
 	if err := d.f.VDPASetStatus(uint8(s)); err != nil {
-		return closedErr(err)
+		return vhostcore.ClosedErr(err)
 	}
 	if s == 0 {
 		for i := range d.queues {
@@ -231,7 +221,7 @@ func (d *Device) SetStatus(s virtio.Status) error {
 	if s&virtio.StatusFeaturesOK != 0 {
 		got, err := d.f.VDPAGetStatus()
 		if err != nil {
-			return closedErr(err)
+			return vhostcore.ClosedErr(err)
 		}
 		if virtio.Status(got)&virtio.StatusFeaturesOK == 0 {
 			return fmt.Errorf("%w: FEATURES_OK not set after writing %v (status %v)", ErrFeatures, s, virtio.Status(got))
@@ -288,7 +278,7 @@ func (d *Device) ReadConfig(off int, p []byte) error {
 	if len(p) == 0 {
 		return nil
 	}
-	return closedErr(d.f.VDPAGetConfig(uint32(off), p))
+	return vhostcore.ClosedErr(d.f.VDPAGetConfig(uint32(off), p))
 }
 
 // WriteConfig is VHOST_VDPA_SET_CONFIG.
@@ -303,7 +293,7 @@ func (d *Device) WriteConfig(off int, p []byte) error {
 	if len(p) == 0 {
 		return nil
 	}
-	return closedErr(d.f.VDPASetConfig(uint32(off), p))
+	return vhostcore.ClosedErr(d.f.VDPASetConfig(uint32(off), p))
 }
 
 // NumQueues is VHOST_VDPA_GET_VQS_COUNT (read at Open).
@@ -322,7 +312,7 @@ func (d *Device) MaxQueueSize() (uint16, error) {
 	}
 	defer d.mu.Unlock()
 	n, err := d.f.VDPAGetVringNum()
-	return n, closedErr(err)
+	return n, vhostcore.ClosedErr(err)
 }
 
 // QueueSize is VHOST_VDPA_GET_VRING_SIZE (Linux 6.8+): queue q's own
@@ -337,7 +327,7 @@ func (d *Device) QueueSize(q int) (uint16, error) {
 	}
 	n, err := d.f.VDPAGetVringSize(uint32(q))
 	if err != nil {
-		return 0, closedErr(err)
+		return 0, vhostcore.ClosedErr(err)
 	}
 	if n > vring.MaxQueueSize {
 		return 0, fmt.Errorf("vdpa/kernel: queue %d reports size %d", q, n)
@@ -358,7 +348,7 @@ func (d *Device) SetQueueNum(q int, size uint16) error {
 		return fmt.Errorf("%w: queue %d size %d is not a power of two in 1..%d", ErrQueueLayout, q, size, vring.MaxQueueSize)
 	}
 	if err := d.f.SetVringNum(uint32(q), uint32(size)); err != nil {
-		return closedErr(err)
+		return vhostcore.ClosedErr(err)
 	}
 	d.queues[q].num = size
 	return nil
@@ -395,7 +385,7 @@ func (d *Device) SetQueueAddr(q int, a vdpa.QueueAddr) error {
 		AvailUserAddr: uint64(a.Avail),
 	})
 	if err != nil {
-		return closedErr(err)
+		return vhostcore.ClosedErr(err)
 	}
 	d.queues[q].addr, d.queues[q].set = a, true
 	return nil
@@ -415,7 +405,7 @@ func (d *Device) SetQueueBase(q int, st vdpa.QueueState) error {
 	if st.NextUsed != st.NextAvail {
 		return fmt.Errorf("%w: queue %d next avail %d, next used %d", ErrInFlight, q, st.NextAvail, st.NextUsed)
 	}
-	return closedErr(d.f.SetVringBase(uint32(q), uint32(st.NextAvail)))
+	return vhostcore.ClosedErr(d.f.SetVringBase(uint32(q), uint32(st.NextAvail)))
 }
 
 // QueueBase reads queue q's position: NextAvail from VHOST_GET_VRING_BASE,
@@ -431,24 +421,17 @@ func (d *Device) QueueBase(q int) (vdpa.QueueState, error) {
 	}
 	n, err := d.f.GetVringBase(uint32(q))
 	if err != nil {
-		return vdpa.QueueState{}, closedErr(err)
+		return vdpa.QueueState{}, vhostcore.ClosedErr(err)
 	}
 	st := vdpa.QueueState{NextAvail: uint16(n), NextUsed: uint16(n)}
 	if mem, _ := d.memFor(q); d.queues[q].set && mem != nil {
-		var b [2]byte
-		if err := mem.Read(d.queues[q].addr.Used+2, b[:]); err != nil {
-			return vdpa.QueueState{}, fmt.Errorf("vdpa/kernel: queue %d: reading used idx: %w", q, err)
+		used, err := vhostcore.UsedIdx(mem, d.queues[q].addr.Used)
+		if err != nil {
+			return vdpa.QueueState{}, fmt.Errorf("vdpa/kernel: queue %d: %w", q, err)
 		}
-		st.NextUsed = binary.LittleEndian.Uint16(b[:])
+		st.NextUsed = used
 	}
 	return st, nil
-}
-
-func fdOf(e *vdpa.EventFD) int {
-	if e == nil {
-		return vhostsys.FileUnbind
-	}
-	return e.Fd()
 }
 
 // SetQueueKick is VHOST_SET_VRING_KICK: the kernel polls kick and notifies
@@ -461,7 +444,7 @@ func (d *Device) SetQueueKick(q int, kick *vdpa.EventFD) error {
 	if err := d.checkQueue(q); err != nil {
 		return err
 	}
-	return closedErr(d.f.SetVringKick(uint32(q), fdOf(kick)))
+	return vhostcore.ClosedErr(d.f.SetVringKick(uint32(q), vhostcore.Fd(kick)))
 }
 
 // SetQueueCall is VHOST_SET_VRING_CALL: the kernel signals call when the
@@ -474,7 +457,7 @@ func (d *Device) SetQueueCall(q int, call *vdpa.EventFD) error {
 	if err := d.checkQueue(q); err != nil {
 		return err
 	}
-	return closedErr(d.f.SetVringCall(uint32(q), fdOf(call)))
+	return vhostcore.ClosedErr(d.f.SetVringCall(uint32(q), vhostcore.Fd(call)))
 }
 
 // SetConfigCall is VHOST_VDPA_SET_CONFIG_CALL: signalled when the device's
@@ -484,7 +467,7 @@ func (d *Device) SetConfigCall(call *vdpa.EventFD) error {
 		return err
 	}
 	defer d.mu.Unlock()
-	return closedErr(d.f.VDPASetConfigCall(fdOf(call)))
+	return vhostcore.ClosedErr(d.f.VDPASetConfigCall(vhostcore.Fd(call)))
 }
 
 // EnableQueue is VHOST_VDPA_SET_VRING_ENABLE.
@@ -496,28 +479,13 @@ func (d *Device) EnableQueue(q int, enable bool) error {
 	if err := d.checkQueue(q); err != nil {
 		return err
 	}
-	return closedErr(d.f.VDPASetVringEnable(uint32(q), enable))
+	return vhostcore.ClosedErr(d.f.VDPASetVringEnable(uint32(q), enable))
 }
 
 // SetupQueue configures and enables queue q from a ring layout in one
 // call: num, addresses, base, kick, call, enable.
 func (d *Device) SetupQueue(q int, l vring.Layout, st vdpa.QueueState, kick, call *vdpa.EventFD) error {
-	if err := d.SetQueueNum(q, l.Size); err != nil {
-		return err
-	}
-	if err := d.SetQueueAddr(q, vdpa.QueueAddr{Desc: l.Desc, Avail: l.Avail, Used: l.Used}); err != nil {
-		return err
-	}
-	if err := d.SetQueueBase(q, st); err != nil {
-		return err
-	}
-	if err := d.SetQueueKick(q, kick); err != nil {
-		return err
-	}
-	if err := d.SetQueueCall(q, call); err != nil {
-		return err
-	}
-	return d.EnableQueue(q, true)
+	return vhostcore.SetupQueue(d, q, l, st, kick, call)
 }
 
 // Suspend is VHOST_VDPA_SUSPEND: the device stops processing its queues
@@ -531,7 +499,7 @@ func (d *Device) Suspend() error {
 	if !d.backend.Has(BackendSuspend) {
 		return fmt.Errorf("VHOST_VDPA_SUSPEND: %w", ErrNotSupported)
 	}
-	return closedErr(d.f.VDPASuspend())
+	return vhostcore.ClosedErr(d.f.VDPASuspend())
 }
 
 // Resume is VHOST_VDPA_RESUME: a suspended device continues where it
@@ -544,7 +512,7 @@ func (d *Device) Resume() error {
 	if !d.backend.Has(BackendResume) {
 		return fmt.Errorf("VHOST_VDPA_RESUME: %w", ErrNotSupported)
 	}
-	return closedErr(d.f.VDPAResume())
+	return vhostcore.ClosedErr(d.f.VDPAResume())
 }
 
 // NumGroups is VHOST_VDPA_GET_GROUP_NUM: the number of virtqueue groups.
@@ -554,7 +522,7 @@ func (d *Device) NumGroups() (int, error) {
 	}
 	defer d.mu.Unlock()
 	n, err := d.f.VDPAGetGroupNum()
-	return int(n), closedErr(err)
+	return int(n), vhostcore.ClosedErr(err)
 }
 
 // NumAddressSpaces is VHOST_VDPA_GET_AS_NUM.
@@ -564,7 +532,7 @@ func (d *Device) NumAddressSpaces() (int, error) {
 	}
 	defer d.mu.Unlock()
 	n, err := d.f.VDPAGetASNum()
-	return int(n), closedErr(err)
+	return int(n), vhostcore.ClosedErr(err)
 }
 
 // QueueGroup is VHOST_VDPA_GET_VRING_GROUP: the group queue q belongs to.
@@ -577,7 +545,7 @@ func (d *Device) QueueGroup(q int) (int, error) {
 		return 0, err
 	}
 	g, err := d.f.VDPAGetVringGroup(uint32(q))
-	return int(g), closedErr(err)
+	return int(g), vhostcore.ClosedErr(err)
 }
 
 // QueueDescGroup is VHOST_VDPA_GET_VRING_DESC_GROUP (Linux 6.7+): the
@@ -592,7 +560,7 @@ func (d *Device) QueueDescGroup(q int) (int, error) {
 		return 0, err
 	}
 	g, err := d.f.VDPAGetVringDescGroup(uint32(q))
-	return int(g), closedErr(err)
+	return int(g), vhostcore.ClosedErr(err)
 }
 
 // SetGroupASID is VHOST_VDPA_SET_GROUP_ASID: binds a virtqueue group to an
@@ -606,7 +574,7 @@ func (d *Device) SetGroupASID(group, asid uint32) error {
 		return fmt.Errorf("VHOST_VDPA_SET_GROUP_ASID: %w", ErrNotSupported)
 	}
 	if err := d.f.VDPASetGroupASID(group, asid); err != nil {
-		return closedErr(err)
+		return vhostcore.ClosedErr(err)
 	}
 	d.groupASID[group] = asid
 	return nil

@@ -5,6 +5,7 @@ import (
 	"maps"
 	"slices"
 
+	"github.com/vdpakit/vdpakit/internal/vhostcore"
 	"github.com/vdpakit/vdpakit/internal/vhostsys"
 	"github.com/vdpakit/vdpakit/vring"
 )
@@ -79,7 +80,7 @@ func (d *Device) msg(asid uint32, typ uint8, m Mapping) error {
 			IOVA: uint64(m.IOVA), Size: m.Size, UAddr: uint64(m.UAddr), Perm: uint8(m.Perm), Type: typ,
 		},
 	})
-	return closedErr(err)
+	return vhostcore.ClosedErr(err)
 }
 
 func (d *Device) batch(asid uint32, typ uint8) error {

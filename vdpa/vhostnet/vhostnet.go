@@ -1,7 +1,6 @@
 package vhostnet
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -9,6 +8,7 @@ import (
 	"sync"
 
 	"github.com/vdpakit/vdpakit/dirty"
+	"github.com/vdpakit/vdpakit/internal/vhostcore"
 	"github.com/vdpakit/vdpakit/internal/vhostsys"
 	"github.com/vdpakit/vdpakit/vdpa"
 	"github.com/vdpakit/vdpakit/virtio"
@@ -194,13 +194,6 @@ func (d *Device) lock() error {
 	return nil
 }
 
-func closedErr(err error) error {
-	if errors.Is(err, os.ErrClosed) {
-		return ErrClosed
-	}
-	return err
-}
-
 func checkQueue(q int) error {
 	if q != RxQueue && q != TxQueue {
 		return fmt.Errorf("%w: queue %d of 2", ErrQueueIndex, q)
@@ -255,7 +248,7 @@ func (d *Device) SetFeatures(f virtio.Features) error {
 		return err
 	}
 	if err := d.f.SetFeatures(d.kernelFeatures(f)); err != nil {
-		return closedErr(err)
+		return vhostcore.ClosedErr(err)
 	}
 	d.features = f
 	return nil
@@ -305,10 +298,10 @@ func (d *Device) reset() error {
 		}
 	}
 	if err := d.f.ResetOwner(); err != nil {
-		return closedErr(err)
+		return vhostcore.ClosedErr(err)
 	}
 	if err := d.f.SetOwner(); err != nil {
-		return closedErr(err)
+		return vhostcore.ClosedErr(err)
 	}
 	d.queues = [2]queue{}
 	d.features, d.status, d.mem, d.log, d.suspended = 0, 0, nil, nil, false
@@ -320,7 +313,7 @@ func (d *Device) attach(q int) error {
 		return nil
 	}
 	if err := d.f.NetSetBackend(uint32(q), int(d.tap.Fd())); err != nil {
-		return closedErr(err)
+		return vhostcore.ClosedErr(err)
 	}
 	d.queues[q].attached = true
 	return nil
@@ -333,7 +326,7 @@ func (d *Device) detach(q int) error {
 		return nil
 	}
 	if err := d.f.NetSetBackend(uint32(q), vhostsys.FileUnbind); err != nil {
-		return closedErr(err)
+		return vhostcore.ClosedErr(err)
 	}
 	d.queues[q].attached = false
 	return nil
@@ -402,7 +395,7 @@ func (d *Device) SetMemory(mem *vring.Memory) error {
 		rs = append(rs, vhostsys.MemoryRegion{GuestPhysAddr: uint64(r.Base()), MemorySize: r.Size(), UserspaceAddr: uint64(r.HostAddr())})
 	}
 	if err := d.f.SetMemTable(rs); err != nil {
-		return closedErr(err)
+		return vhostcore.ClosedErr(err)
 	}
 	d.mem = mem
 	return nil
@@ -421,7 +414,7 @@ func (d *Device) SetQueueNum(q int, size uint16) error {
 		return fmt.Errorf("%w: queue %d size %d", ErrQueueLayout, q, size)
 	}
 	if err := d.f.SetVringNum(uint32(q), uint32(size)); err != nil {
-		return closedErr(err)
+		return vhostcore.ClosedErr(err)
 	}
 	d.queues[q].num = size
 	return nil
@@ -483,7 +476,7 @@ func (d *Device) setAddr(q int, a vdpa.QueueAddr) error {
 	if d.log != nil {
 		va.Flags = 1 << vhostsys.VHOST_VRING_F_LOG
 	}
-	return closedErr(d.f.SetVringAddr(va))
+	return vhostcore.ClosedErr(d.f.SetVringAddr(va))
 }
 
 // SetQueueBase is VHOST_SET_VRING_BASE. vhost takes the used index from the
@@ -499,7 +492,7 @@ func (d *Device) SetQueueBase(q int, st vdpa.QueueState) error {
 	if st.NextUsed != st.NextAvail {
 		return fmt.Errorf("%w: queue %d next avail %d, next used %d", ErrInFlight, q, st.NextAvail, st.NextUsed)
 	}
-	return closedErr(d.f.SetVringBase(uint32(q), uint32(st.NextAvail)))
+	return vhostcore.ClosedErr(d.f.SetVringBase(uint32(q), uint32(st.NextAvail)))
 }
 
 // QueueBase stops queue q (detaches it from the tap, which drains vhost's
@@ -519,24 +512,17 @@ func (d *Device) QueueBase(q int) (vdpa.QueueState, error) {
 	}
 	n, err := d.f.GetVringBase(uint32(q))
 	if err != nil {
-		return vdpa.QueueState{}, closedErr(err)
+		return vdpa.QueueState{}, vhostcore.ClosedErr(err)
 	}
 	st := vdpa.QueueState{NextAvail: uint16(n), NextUsed: uint16(n)}
 	if d.queues[q].addrSet && d.mem != nil {
-		var b [2]byte
-		if err := d.mem.Read(d.queues[q].addr.Used+2, b[:]); err != nil {
-			return vdpa.QueueState{}, fmt.Errorf("vhostnet: queue %d: reading used idx: %w", q, err)
+		used, err := vhostcore.UsedIdx(d.mem, d.queues[q].addr.Used)
+		if err != nil {
+			return vdpa.QueueState{}, fmt.Errorf("vhostnet: queue %d: %w", q, err)
 		}
-		st.NextUsed = binary.LittleEndian.Uint16(b[:])
+		st.NextUsed = used
 	}
 	return st, nil
-}
-
-func fdOf(e *vdpa.EventFD) int {
-	if e == nil {
-		return vhostsys.FileUnbind
-	}
-	return e.Fd()
 }
 
 // SetQueueKick is VHOST_SET_VRING_KICK (nil unbinds).
@@ -548,7 +534,7 @@ func (d *Device) SetQueueKick(q int, kick *vdpa.EventFD) error {
 	if err := checkQueue(q); err != nil {
 		return err
 	}
-	return closedErr(d.f.SetVringKick(uint32(q), fdOf(kick)))
+	return vhostcore.ClosedErr(d.f.SetVringKick(uint32(q), vhostcore.Fd(kick)))
 }
 
 // SetQueueCall is VHOST_SET_VRING_CALL (nil unbinds).
@@ -560,7 +546,7 @@ func (d *Device) SetQueueCall(q int, call *vdpa.EventFD) error {
 	if err := checkQueue(q); err != nil {
 		return err
 	}
-	return closedErr(d.f.SetVringCall(uint32(q), fdOf(call)))
+	return vhostcore.ClosedErr(d.f.SetVringCall(uint32(q), vhostcore.Fd(call)))
 }
 
 // EnableQueue marks queue q enabled; once DRIVER_OK is set an enabled queue
@@ -586,22 +572,7 @@ func (d *Device) EnableQueue(q int, enable bool) error {
 
 // SetupQueue configures and enables queue q in one call.
 func (d *Device) SetupQueue(q int, l vring.Layout, st vdpa.QueueState, kick, call *vdpa.EventFD) error {
-	if err := d.SetQueueNum(q, l.Size); err != nil {
-		return err
-	}
-	if err := d.SetQueueAddr(q, vdpa.QueueAddr{Desc: l.Desc, Avail: l.Avail, Used: l.Used}); err != nil {
-		return err
-	}
-	if err := d.SetQueueBase(q, st); err != nil {
-		return err
-	}
-	if err := d.SetQueueKick(q, kick); err != nil {
-		return err
-	}
-	if err := d.SetQueueCall(q, call); err != nil {
-		return err
-	}
-	return d.EnableQueue(q, true)
+	return vhostcore.SetupQueue(d, q, l, st, kick, call)
 }
 
 // Suspend detaches both rings from the tap; vhost finishes the work in
@@ -664,7 +635,7 @@ func (d *Device) SetLog(log *dirty.Bitmap) error {
 			}
 		}
 		if err := d.f.SetLogBase(uint64(log.Addr())); err != nil {
-			return closedErr(err)
+			return vhostcore.ClosedErr(err)
 		}
 	}
 	prev := d.log
@@ -696,7 +667,7 @@ func (d *Device) reprogramRings() error {
 }
 
 func (d *Device) reprogramFeatures() error {
-	return closedErr(d.f.SetFeatures(d.kernelFeatures(d.features)))
+	return vhostcore.ClosedErr(d.f.SetFeatures(d.kernelFeatures(d.features)))
 }
 
 // Close detaches the rings and closes vhost-net and the tap (the tap
