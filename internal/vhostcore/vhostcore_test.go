@@ -46,7 +46,9 @@ func (r *recorder) SetQueueKick(q int, e *vdpa.EventFD) error {
 func (r *recorder) SetQueueCall(q int, e *vdpa.EventFD) error {
 	return r.rec(fmt.Sprintf("call %d %d", q, vhostcore.Fd(e)))
 }
-func (r *recorder) EnableQueue(q int, on bool) error { return r.rec(fmt.Sprintf("enable %d %v", q, on)) }
+func (r *recorder) EnableQueue(q int, on bool) error {
+	return r.rec(fmt.Sprintf("enable %d %v", q, on))
+}
 
 // Queue setup follows the virtio initialization order (virtio 1.2
 // §3.1.1 step 7, as vhost takes it: size, addresses, base, notifiers,
