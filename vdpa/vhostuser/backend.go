@@ -255,9 +255,7 @@ func (s *session) update() {
 }
 
 func (s *session) teardown() {
-	for i := range s.queues {
-		s.stopQueue(i)
-	}
+	s.stopAll()
 	s.h.Reset()
 	for i := range s.queues {
 		q := &s.queues[i]
@@ -338,8 +336,8 @@ func (s *session) dispatch(m *Message) (reply []byte, hasReply bool, err error) 
 		return nil, false, nil
 	case ReqResetOwner:
 		// Deprecated; the spec recommends disabling all rings.
+		s.stopAll()
 		for i := range s.queues {
-			s.stopQueue(i)
 			s.queues[i].kicked = false
 		}
 		return nil, false, nil
@@ -557,10 +555,35 @@ func (s *session) setFeatures(f virtio.Features) error {
 	return s.restart(running)
 }
 
-// stopAllRunning pauses every running queue, keeping its state for restart.
+// Stop and restart order. A device may feed one of its queues from
+// another: softnet's loopback (and any virtio-net device replying to a
+// frame) completes a transmit chain after writing the frame into the
+// receive queue of the same pair. Stopping the receive queue while its
+// transmit queue still runs would let the transmit worker complete chains
+// whose frames the stopped receive queue then drops. So whenever the
+// back-end stops queues on its own account (a restart to apply a new
+// memory table, log, features, ring address or eventfd, or a reset), it
+// stops every running queue from the highest index down (virtio-net:
+// transmitq k before receiveq k) and starts them again from the lowest up
+// (receive buffers are served before the frames that need them), as
+// vdpa.Local does. Messages that stop one ring by the front-end's explicit
+// request (GET_VRING_BASE, SET_VRING_ENABLE 0) stop only that ring: the
+// order is then the front-end's to choose.
+
+// stopAll stops every running queue, highest index first, keeping each
+// one's next avail index as its base.
+func (s *session) stopAll() {
+	for i := len(s.queues) - 1; i >= 0; i-- {
+		s.stopQueue(i)
+	}
+}
+
+// stopAllRunning pauses every running queue, highest index first, keeping
+// its state for restart. The result lists the paused queues in that
+// (descending) order.
 func (s *session) stopAllRunning() []int {
 	var running []int
-	for i := range s.queues {
+	for i := len(s.queues) - 1; i >= 0; i-- {
 		if s.queues[i].running {
 			s.pauseQueue(i)
 			running = append(running, i)
@@ -569,9 +592,11 @@ func (s *session) stopAllRunning() []int {
 	return running
 }
 
+// restart starts the queues stopAllRunning paused again, lowest index
+// first.
 func (s *session) restart(qs []int) error {
-	for _, i := range qs {
-		if err := s.tryStart(i); err != nil {
+	for k := len(qs) - 1; k >= 0; k-- {
+		if err := s.tryStart(qs[k]); err != nil {
 			return err
 		}
 	}
@@ -579,8 +604,8 @@ func (s *session) restart(qs []int) error {
 }
 
 func (s *session) reset() {
+	s.stopAll()
 	for i := range s.queues {
-		s.stopQueue(i)
 		q := &s.queues[i]
 		q.saved = nil
 		q.base = 0
@@ -633,24 +658,22 @@ func (s *session) setVringAddr(a VringAddr) error {
 	if a.Flags&^uint32(VringFLog) != 0 {
 		return msgErr(ReqSetVringAddr, ErrProtocol, "queue %d unknown flags %#x", a.Index, a.Flags)
 	}
-	wasRunning := q.running
-	if wasRunning {
+	var running []int
+	if q.running {
 		// QEMU toggles VHOST_VRING_F_LOG on live rings when migration
-		// starts or ends: restart the ring with the new addresses.
-		s.pauseQueue(i)
+		// starts or ends: restart the ring with the new addresses (with
+		// every running ring, in the order that loses nothing).
+		running = s.stopAllRunning()
 	}
 	prev, prevSet := q.addr, q.addrSet
 	q.addr, q.addrSet = a, true
 	if s.mem != nil {
 		if _, err := s.layout(i); err != nil {
 			q.addr, q.addrSet = prev, prevSet
-			return err
+			return err // the session ends; teardown stops the rest
 		}
 	}
-	if wasRunning {
-		return s.tryStart(i)
-	}
-	return nil
+	return s.restart(running)
 }
 
 func (s *session) setVringFd(m *Message) error {
@@ -677,24 +700,24 @@ func (s *session) setVringFd(m *Message) error {
 		swap(&q.errFd)
 		return nil
 	case ReqSetVringCall:
-		wasRunning := q.running
-		if wasRunning {
-			s.pauseQueue(i)
+		var running []int
+		if q.running {
+			running = s.stopAllRunning()
 		}
 		swap(&q.call)
-		if wasRunning {
-			return s.tryStart(i)
-		}
-		return nil
+		return s.restart(running)
 	}
 	// SET_VRING_KICK starts the ring (spec: "start ring upon receiving a
 	// kick"; a kick without descriptor means the back-end polls).
-	wasRunning := q.running
-	if wasRunning {
-		s.pauseQueue(i)
+	var running []int
+	if q.running {
+		running = s.stopAllRunning()
 	}
 	swap(&q.kick)
 	q.kicked = true
+	if err := s.restart(running); err != nil {
+		return err
+	}
 	return s.tryStart(i)
 }
 

@@ -308,7 +308,7 @@ func (f *Frontend) SetStatus(st virtio.Status) error {
 			return err
 		}
 	case st == 0:
-		for i := range f.queues {
+		for i := len(f.queues) - 1; i >= 0; i-- { // highest first, as Suspend
 			if f.queues[i].kickSet {
 				if _, err := f.getBase(i); err != nil {
 					return err
@@ -612,6 +612,12 @@ func (f *Frontend) EnableQueue(q int, enable bool) error {
 
 // Suspend stops every started ring with GET_VRING_BASE and remembers its
 // state; QueueBase then returns it without stopping again.
+//
+// The rings stop from the highest index down: a virtio-net back-end that
+// answers transmitted frames on the receive queue (a loopback, a responder,
+// a switch port looped back) completes a transmit chain only after placing
+// the reply, so with transmitq k stopped before receiveq k no frame is
+// transmitted into a receive ring that is already stopped.
 func (f *Frontend) Suspend() error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -619,8 +625,10 @@ func (f *Frontend) Suspend() error {
 		return nil
 	}
 	for i := range f.queues {
+		f.queues[i].suspOK = false
+	}
+	for i := len(f.queues) - 1; i >= 0; i-- {
 		fq := &f.queues[i]
-		fq.suspOK = false
 		if !fq.kickSet {
 			continue
 		}
