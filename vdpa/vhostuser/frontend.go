@@ -29,8 +29,13 @@ type FrontendOptions struct {
 	// MaxQueueSize is reported by MaxQueueSize (vhost-user has no query);
 	// 1024 if zero.
 	MaxQueueSize uint16
-	// ConfigSize is the device configuration size; with zero,
-	// ConfigSize reports MaxConfigSize when CONFIG is negotiated.
+	// ConfigSize is the device configuration size (vhost-user has no
+	// message that reports it, and a back-end answers GET_CONFIG only for
+	// reads within its configuration space). Zero means the size of the
+	// device type's configuration layout where this package knows it
+	// (virtio.NetConfigSize for virtio.DeviceNet); for other types, when
+	// CONFIG is negotiated, the size is probed once: the longest read
+	// from offset 0 the back-end answers (at most MaxConfigSize).
 	ConfigSize int
 	// Timeout bounds each request/reply exchange (10s if zero).
 	Timeout time.Duration
@@ -63,6 +68,7 @@ type Frontend struct {
 	queues  []feQueue
 	closed  bool
 	suspend bool
+	cfgSize int // probed configuration size, -1 until probed
 }
 
 type feQueue struct {
@@ -104,7 +110,7 @@ func Dial(ctx context.Context, path string, opts *FrontendOptions) (*Frontend, e
 // one accepted from a back-end running in client mode). On error the
 // caller still owns uc.
 func NewFrontend(ctx context.Context, uc *net.UnixConn, opts *FrontendOptions) (*Frontend, error) {
-	f := &Frontend{c: newConn(uc)}
+	f := &Frontend{c: newConn(uc), cfgSize: -1}
 	if opts != nil {
 		f.opts = *opts
 	}
@@ -327,21 +333,71 @@ func (f *Frontend) SetStatus(st virtio.Status) error {
 	return nil
 }
 
-// ConfigSize implements vdpa.Device.
+// knownConfigSize is the size of a device type's configuration layout,
+// or 0 when this package does not know it.
+func knownConfigSize(id virtio.DeviceID) int {
+	if id == virtio.DeviceNet {
+		return virtio.NetConfigSize
+	}
+	return 0
+}
+
+// ConfigSize implements vdpa.Device: FrontendOptions.ConfigSize, else the
+// device type's configuration size, else (CONFIG negotiated) the probed
+// size; 0 without CONFIG.
 func (f *Frontend) ConfigSize() (int, error) {
 	if f.opts.ConfigSize > 0 {
 		return f.opts.ConfigSize, nil
 	}
-	if f.proto.Has(PFConfig) {
-		return MaxConfigSize, nil
+	if !f.proto.Has(PFConfig) {
+		return 0, nil
 	}
-	return 0, nil
+	if n := knownConfigSize(f.opts.DeviceID); n > 0 {
+		return n, nil
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.cfgSize < 0 {
+		n, err := f.probeConfigSize()
+		if err != nil {
+			return 0, err
+		}
+		f.cfgSize = n
+	}
+	return f.cfgSize, nil
+}
+
+// probeConfigSize finds the longest GET_CONFIG read from offset 0 the
+// back-end answers, by bisection over [0, MaxConfigSize]: a back-end
+// answers every read within its configuration space and fails (an empty
+// or wrongly sized reply) every read beyond it. Errors other than a failed
+// read (the connection broke) are returned.
+func (f *Frontend) probeConfigSize() (int, error) {
+	var buf [MaxConfigSize]byte
+	lo, hi := 0, MaxConfigSize+1 // a read of lo bytes succeeds, of hi fails
+	for hi-lo > 1 {
+		mid := lo + (hi-lo)/2
+		err := f.readConfig(0, buf[:mid])
+		switch {
+		case err == nil:
+			lo = mid
+		case errors.Is(err, ErrReplyFailed) || errors.Is(err, ErrBadSize):
+			hi = mid
+		default:
+			return 0, err
+		}
+	}
+	return lo, nil
 }
 
 // ReadConfig implements vdpa.Device with GET_CONFIG.
 func (f *Frontend) ReadConfig(off int, p []byte) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	return f.readConfig(off, p)
+}
+
+func (f *Frontend) readConfig(off int, p []byte) error {
 	if !f.proto.Has(PFConfig) {
 		return fmt.Errorf("%w: CONFIG not negotiated", ErrUnsupported)
 	}

@@ -69,3 +69,49 @@ func TestBackendSignalsBrokenQueue(t *testing.T) {
 	require.NoError(t, err)
 	assert.NotZero(t, st&virtio.StatusDeviceNeedsReset, "status %v", st)
 }
+
+// vhost-user has no message reporting the configuration size, and a
+// back-end answers GET_CONFIG only within its configuration space (the
+// spec: the reply's payload size must match the request, a zero-length
+// one signals failure). The front-end's ConfigSize is therefore the device
+// type's layout size (struct virtio_net_config for net) or, for a type it
+// does not know, the longest read the back-end answers: a caller reading
+// "the whole configuration space" succeeds either way.
+func TestFrontendConfigSize(t *testing.T) {
+	mac := [6]byte{2, 0, 0, 0, 0, 0x2a}
+	tests := []struct {
+		name string
+		opts *FrontendOptions
+		want int
+	}{
+		{"net device: struct virtio_net_config", nil, virtio.NetConfigSize},
+		{"unknown layout: probed from the back-end", &FrontendOptions{DeviceID: virtio.DeviceConsole}, virtio.NetConfigSize},
+		{"explicit size wins", &FrontendOptions{ConfigSize: 8}, 8},
+		{"no CONFIG protocol feature: no configuration space", &FrontendOptions{ProtocolFeatures: SupportedProtocolFeatures &^ (1 << PFConfig)}, 0},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			dev, err := softnet.New(&softnet.Options{MAC: mac})
+			require.NoError(t, err)
+			_, uc, _ := startBackend(t, dev, nil)
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			fe, err := NewFrontend(ctx, uc, tc.opts)
+			require.NoError(t, err)
+			t.Cleanup(func() { fe.Close() })
+			n, err := fe.ConfigSize()
+			require.NoError(t, err)
+			require.Equal(t, tc.want, n)
+			if n == 0 {
+				return
+			}
+			cfg := make([]byte, n)
+			require.NoError(t, fe.ReadConfig(0, cfg), "reading the whole configuration space")
+			assert.Equal(t, mac[:], cfg[:6])
+			// The session survived the probe's failed reads.
+			n2, err := fe.ConfigSize()
+			require.NoError(t, err)
+			assert.Equal(t, n, n2)
+		})
+	}
+}
