@@ -11,11 +11,11 @@ import (
 
 	"github.com/vdpakit/vdpakit/dirty"
 	"github.com/vdpakit/vdpakit/internal/testenv"
+	"github.com/vdpakit/vdpakit/internal/vmrig"
 	"github.com/vdpakit/vdpakit/mdev"
 	"github.com/vdpakit/vdpakit/mdev/mdevtest"
 	"github.com/vdpakit/vdpakit/vdpa/kernel"
 	"github.com/vdpakit/vdpakit/vdpa/softnet"
-	"github.com/vdpakit/vdpakit/vdpa/vduse"
 	"github.com/vdpakit/vdpakit/virtio"
 	"github.com/vdpakit/vdpakit/vring"
 )
@@ -24,12 +24,7 @@ import (
 // (through /dev/vhost-vdpa-N).
 func simSide(t *testing.T, name string, size uint64) *side {
 	t.Helper()
-	testenv.RequireVM(t)
-	testenv.RequireRoot(t)
-	testenv.RequireModule(t, "vhost_vdpa")
-	testenv.RequireModule(t, "vdpa_sim_net")
-	testenv.AddVDPA(t, name, "vdpasim_net", "mac", "02:00:00:00:00:01")
-	return kernelSide(t, name, size)
+	return kernelSide(t, name, vmrig.AddSimNet(t, name, "mac", "02:00:00:00:00:01"), size)
 }
 
 // vduseSide is a mediated device backed by a VDUSE device served by the
@@ -44,24 +39,14 @@ func vduseSide(t *testing.T, name string, size uint64) *side {
 	testenv.RequireFile(t, "/dev/vduse/control")
 	sn, err := softnet.New(&softnet.Options{AccessPlatform: true, NoCtrlVQ: true, MaxQueueSize: 256})
 	require.NoError(t, err)
-	vd, err := vduse.Create(sn, &vduse.Options{Name: name, Logf: t.Logf})
-	require.NoError(t, err)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- vd.Serve(ctx) }()
-	t.Cleanup(func() {
-		// After AddVDPA's cleanup (LIFO) deleted the vDPA device.
-		cancel()
-		<-done
-		assert.NoError(t, vd.Close())
-	})
-	testenv.AddVDPA(t, name, "vduse")
-	return kernelSide(t, name, size)
+	vmrig.ServeVDUSE(t, name, sn)
+	return kernelSide(t, name, testenv.VhostVDPAPath(t, name), size)
 }
 
-func kernelSide(t *testing.T, name string, size uint64) *side {
+// kernelSide is a mediated device over the vDPA device name, bound to
+// vhost_vdpa at path.
+func kernelSide(t *testing.T, name, path string, size uint64) *side {
 	t.Helper()
-	path := testenv.VhostVDPAPath(t, name)
 	kd, err := kernel.Open(path, nil)
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = kd.Close() })

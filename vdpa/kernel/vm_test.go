@@ -14,6 +14,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
 
+	"github.com/vdpakit/vdpakit/internal/vmrig"
 	"github.com/vdpakit/vdpakit/vdpa"
 	"github.com/vdpakit/vdpakit/vdpa/kernel"
 	"github.com/vdpakit/vdpakit/vdpa/mgmt"
@@ -39,12 +40,12 @@ var netFeatures = virtio.Features(0).With(virtio.FVersion1, virtio.FAccessPlatfo
 // Every query ioctl of a vdpa_sim_net device answers what the kernel's own
 // management interface (iproute2's vdpa tool) says about the device.
 func TestProbeMatchesVdpaTool(t *testing.T) {
-	path := addSim(t, "vdpa-probe", "mac", simMAC.String(), "mtu", "1400")
+	path := vmrig.AddSimNet(t, "vdpa-probe", "mac", simMAC.String(), "mtu", "1400")
 	dev, err := kernel.Open(path, nil)
 	require.NoError(t, err)
 	defer dev.Close()
 
-	show := obj(t, vdpaJSON(t, "dev", "show", "vdpa-probe"), "dev", "vdpa-probe")
+	show := vmrig.Obj(t, vmrig.VdpaJSON(t, "dev", "show", "vdpa-probe"), "dev", "vdpa-probe")
 	assert.Equal(t, "network", show["type"])
 	assert.Equal(t, "vdpasim_net", show["mgmtdev"])
 
@@ -72,10 +73,10 @@ func TestProbeMatchesVdpaTool(t *testing.T) {
 		assert.Equal(t, maxq, n, "VHOST_VDPA_GET_VRING_SIZE(%d) before DRIVER_OK", q)
 	}
 
-	mgmtdev := obj(t, vdpaJSON(t, "mgmtdev", "show", "vdpasim_net"), "mgmtdev", "vdpasim_net")
+	mgmtdev := vmrig.Obj(t, vmrig.VdpaJSON(t, "mgmtdev", "show", "vdpasim_net"), "mgmtdev", "vdpasim_net")
 	feat, err := dev.Features()
 	require.NoError(t, err)
-	assert.Equal(t, featureList(t, mgmtdev["dev_features"]).Format(virtio.DeviceNet), feat.Format(virtio.DeviceNet),
+	assert.Equal(t, vmrig.FeatureList(t, mgmtdev["dev_features"]).Format(virtio.DeviceNet), feat.Format(virtio.DeviceNet),
 		"VHOST_GET_FEATURES vs mgmtdev dev_features")
 	assert.True(t, feat.Has(virtio.FAccessPlatform, virtio.FVersion1))
 
@@ -94,7 +95,7 @@ func TestProbeMatchesVdpaTool(t *testing.T) {
 	require.NoError(t, dev.ReadConfig(0, raw))
 	cfg, err := virtio.DecodeNetConfig(raw)
 	require.NoError(t, err)
-	cshow := obj(t, vdpaJSON(t, "dev", "config", "show", "vdpa-probe"), "config", "vdpa-probe")
+	cshow := vmrig.Obj(t, vmrig.VdpaJSON(t, "dev", "config", "show", "vdpa-probe"), "config", "vdpa-probe")
 	assert.Equal(t, cshow["mac"], net.HardwareAddr(cfg.MAC[:]).String(), "config mac vs vdpa dev config show")
 	assert.EqualValues(t, cshow["mtu"], cfg.MTU, "config mtu vs vdpa dev config show")
 	assert.Equal(t, cshow["link"] == "up", cfg.Status&virtio.NetSLinkUp != 0, "config status vs link")
@@ -133,8 +134,8 @@ func TestProbeMatchesVdpaTool(t *testing.T) {
 	st, err = dev.Status()
 	require.NoError(t, err)
 	assert.Equal(t, virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK, st)
-	cshow = obj(t, vdpaJSON(t, "dev", "config", "show", "vdpa-probe"), "config", "vdpa-probe")
-	assert.Equal(t, got.Format(virtio.DeviceNet), featureList(t, cshow["negotiated_features"]).Format(virtio.DeviceNet))
+	cshow = vmrig.Obj(t, vmrig.VdpaJSON(t, "dev", "config", "show", "vdpa-probe"), "config", "vdpa-probe")
+	assert.Equal(t, got.Format(virtio.DeviceNet), vmrig.FeatureList(t, cshow["negotiated_features"]).Format(virtio.DeviceNet))
 
 	nl, err := mgmt.Dial(nil)
 	require.NoError(t, err)
@@ -148,7 +149,7 @@ func TestProbeMatchesVdpaTool(t *testing.T) {
 
 // The kernel's refusals reach the caller named and errors.Is-able.
 func TestKernelErrorsNameTheIoctl(t *testing.T) {
-	path := addSim(t, "vdpa-errs", "mac", simMAC.String())
+	path := vmrig.AddSimNet(t, "vdpa-errs", "mac", simMAC.String())
 	dev, err := kernel.Open(path, nil)
 	require.NoError(t, err)
 	defer dev.Close()
@@ -203,33 +204,33 @@ func TestTrafficLoopsBackByteIdentical(t *testing.T) {
 }
 
 func testTraffic(t *testing.T, name string, opts *kernel.Options) {
-	path := addSim(t, name, "mac", simMAC.String())
+	path := vmrig.AddSimNet(t, name, "mac", simMAC.String())
 	r := newRig(t, path, opts, netFeatures)
 	if opts != nil {
 		require.Equal(t, opts.BackendFeatures, r.dev.BackendFeatures())
 	}
-	r.postRx(16)
+	r.PostRx(16)
 
 	frames := [][]byte{
-		udpFrame(t, bcastMAC, peerMAC, 1),
-		udpFrame(t, simMAC, peerMAC, 2),
-		udpFrame(t, net.HardwareAddr{0x01, 0x00, 0x5e, 0x00, 0x00, 0x01}, peerMAC, 3), // multicast
-		udpFrame(t, simMAC, peerMAC, 4),
+		vmrig.UDPFrame(t, bcastMAC, peerMAC, 1),
+		vmrig.UDPFrame(t, simMAC, peerMAC, 2),
+		vmrig.UDPFrame(t, net.HardwareAddr{0x01, 0x00, 0x5e, 0x00, 0x00, 0x01}, peerMAC, 3), // multicast
+		vmrig.UDPFrame(t, simMAC, peerMAC, 4),
 	}
-	sent := r.send(frames...)
-	got := r.reclaim(rxQ, len(frames))
+	sent := r.Send(frames...)
+	got := r.Reclaim(rxQ, len(frames))
 	for i := range sent {
-		assert.True(t, bytes.Equal(sent[i], got[i]), "frame %d came back different:\nsent %x\ngot  %x", i, sent[i], got[i])
+		assert.True(t, bytes.Equal(sent[i], got[i].Data), "frame %d came back different:\nsent %x\ngot  %x", i, sent[i], got[i].Data)
 	}
-	r.reclaim(txQ, len(frames))
+	r.Reclaim(txQ, len(frames))
 
 	// A frame for someone else is consumed from tx and never received.
-	r.send(udpFrame(t, otherMAC, peerMAC, 5))
-	r.reclaim(txQ, 1)
-	r.send(udpFrame(t, bcastMAC, peerMAC, 6))
-	got = r.reclaim(rxQ, 1)
-	assert.Equal(t, udpFrame(t, bcastMAC, peerMAC, 6), got[0][hdrLen:], "the next received frame is the broadcast one")
-	r.reclaim(txQ, 1)
+	r.Send(vmrig.UDPFrame(t, otherMAC, peerMAC, 5))
+	r.Reclaim(txQ, 1)
+	r.Send(vmrig.UDPFrame(t, bcastMAC, peerMAC, 6))
+	got = r.Reclaim(rxQ, 1)
+	assert.Equal(t, vmrig.UDPFrame(t, bcastMAC, peerMAC, 6), got[0].Data[hdrLen:], "the next received frame is the broadcast one")
+	r.Reclaim(txQ, 1)
 
 	nl, err := mgmt.Dial(nil)
 	require.NoError(t, err)
@@ -247,7 +248,7 @@ func testTraffic(t *testing.T, name string, opts *kernel.Options) {
 	require.NoError(t, err)
 	assert.EqualValues(t, 6, stat(tx, "tx packets"))
 	var bytesSent uint64
-	for _, f := range append(frames, udpFrame(t, otherMAC, peerMAC, 5), udpFrame(t, bcastMAC, peerMAC, 6)) {
+	for _, f := range append(frames, vmrig.UDPFrame(t, otherMAC, peerMAC, 5), vmrig.UDPFrame(t, bcastMAC, peerMAC, 6)) {
 		bytesSent += uint64(hdrLen + len(f))
 	}
 	assert.Equal(t, bytesSent, stat(tx, "tx bytes"))
@@ -257,15 +258,15 @@ func testTraffic(t *testing.T, name string, opts *kernel.Options) {
 // queued while suspended is processed after Resume, and the positions
 // continue from where they were.
 func TestSuspendResumeKeepsRingIndices(t *testing.T) {
-	path := addSim(t, "vdpa-suspend", "mac", simMAC.String())
+	path := vmrig.AddSimNet(t, "vdpa-suspend", "mac", simMAC.String())
 	r := newRig(t, path, nil, netFeatures)
-	r.postRx(32)
+	r.PostRx(32)
 	const first = 5
 	for i := range first {
-		r.send(udpFrame(t, simMAC, peerMAC, i))
+		r.Send(vmrig.UDPFrame(t, simMAC, peerMAC, i))
 	}
-	r.reclaim(rxQ, first)
-	r.reclaim(txQ, first)
+	r.Reclaim(rxQ, first)
+	r.Reclaim(txQ, first)
 
 	require.NoError(t, r.dev.Suspend())
 	for q := range 2 {
@@ -276,21 +277,21 @@ func TestSuspendResumeKeepsRingIndices(t *testing.T) {
 
 	const more = 3
 	for i := range more {
-		r.send(udpFrame(t, bcastMAC, peerMAC, 10+i))
+		r.Send(vmrig.UDPFrame(t, bcastMAC, peerMAC, 10+i))
 	}
 	for q := range 2 {
 		st, err := r.dev.QueueBase(q)
 		require.NoError(t, err)
 		assert.Equal(t, vdpa.QueueState{NextAvail: first, NextUsed: first}, st, "queue %d while suspended", q)
-		assert.Equal(t, uint16(first), r.usedIdx(q), "queue %d used.idx moved while suspended", q)
+		assert.Equal(t, uint16(first), r.UsedIdx(q), "queue %d used.idx moved while suspended", q)
 	}
 
 	require.NoError(t, r.dev.Resume())
-	got := r.reclaim(rxQ, more)
+	got := r.Reclaim(rxQ, more)
 	for i := range more {
-		assert.Equal(t, udpFrame(t, bcastMAC, peerMAC, 10+i), got[i][hdrLen:])
+		assert.Equal(t, vmrig.UDPFrame(t, bcastMAC, peerMAC, 10+i), got[i].Data[hdrLen:])
 	}
-	r.reclaim(txQ, more)
+	r.Reclaim(txQ, more)
 	require.NoError(t, r.dev.Suspend())
 	for q := range 2 {
 		st, err := r.dev.QueueBase(q)
@@ -304,32 +305,25 @@ func TestSuspendResumeKeepsRingIndices(t *testing.T) {
 // Device replays its mappings, so after a reset and a new setup traffic
 // flows again through the same IOVAs.
 func TestResetWithoutPersistReplaysMappings(t *testing.T) {
-	path := addSim(t, "vdpa-reset", "mac", simMAC.String())
+	path := vmrig.AddSimNet(t, "vdpa-reset", "mac", simMAC.String())
 	opts := &kernel.Options{BackendFeatures: kernel.Supported &^ kernel.BackendIOTLBPersist.Bit()}
 	r := newRig(t, path, opts, netFeatures)
 	require.False(t, r.dev.BackendFeatures().Has(kernel.BackendIOTLBPersist))
-	r.postRx(4)
-	r.send(udpFrame(t, simMAC, peerMAC, 1))
-	r.reclaim(rxQ, 1)
-	r.reclaim(txQ, 1)
+	r.PostRx(4)
+	r.Send(vmrig.UDPFrame(t, simMAC, peerMAC, 1))
+	r.Reclaim(rxQ, 1)
+	r.Reclaim(txQ, 1)
 
 	require.NoError(t, r.dev.SetStatus(0))
-	_, err := r.dev.Negotiate(netFeatures)
+	neg, err := r.dev.Negotiate(netFeatures)
 	require.NoError(t, err)
-	r.bufs = [2]map[uint16]vring.GuestAddr{{}, {}}
-	r.free = [2][]int{}
-	for q := range 2 {
-		for s := range qsize {
-			r.free[q] = append(r.free[q], s)
-		}
-	}
-	r.setupQueues(vdpa.QueueState{}, vdpa.QueueState{})
+	r.Setup(r.dev, neg, vdpa.QueueState{}, vdpa.QueueState{})
 	require.NoError(t, r.dev.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK|virtio.StatusDriverOK))
-	r.postRx(4)
-	f := udpFrame(t, simMAC, peerMAC, 2)
-	r.send(f)
-	got := r.reclaim(rxQ, 1)
-	assert.Equal(t, f, got[0][hdrLen:])
+	r.PostRx(4)
+	f := vmrig.UDPFrame(t, simMAC, peerMAC, 2)
+	r.Send(f)
+	got := r.Reclaim(rxQ, 1)
+	assert.Equal(t, f, got[0].Data[hdrLen:])
 }
 
 // The control queue lives in its own group; bound to address space 1 with
@@ -337,7 +331,7 @@ func TestResetWithoutPersistReplaysMappings(t *testing.T) {
 // which proves VHOST_VDPA_SET_GROUP_ASID and the per-ASID IOTLB did what
 // they claim.
 func TestControlQueueInSecondAddressSpace(t *testing.T) {
-	path := addSim(t, "vdpa-asid", "mac", simMAC.String())
+	path := vmrig.AddSimNet(t, "vdpa-asid", "mac", simMAC.String())
 	want := netFeatures.With(virtio.NetFCtrlVQ, virtio.NetFCtrlMACAddr)
 
 	const ctlBase = vring.GuestAddr(0x8000_0000)
@@ -347,7 +341,7 @@ func TestControlQueueInSecondAddressSpace(t *testing.T) {
 	require.NoError(t, err)
 	defer ctl.Close()
 	l := vring.ContiguousLayout(ctlBase, 16)
-	kick, call := newEventFD(t), newEventFD(t)
+	kick, call := vmrig.NewEventFD(t), vmrig.NewEventFD(t)
 	var cq *vring.DriverQueue
 
 	// rx/tx in ASID 0; the control queue's group in ASID 1, set up before
@@ -399,15 +393,15 @@ func TestControlQueueInSecondAddressSpace(t *testing.T) {
 	raw := make([]byte, 6)
 	require.NoError(t, dev.ReadConfig(virtio.NetCfgMAC, raw))
 	assert.Equal(t, newMAC, net.HardwareAddr(raw))
-	cshow := obj(t, vdpaJSON(t, "dev", "config", "show", "vdpa-asid"), "config", "vdpa-asid")
+	cshow := vmrig.Obj(t, vmrig.VdpaJSON(t, "dev", "config", "show", "vdpa-asid"), "config", "vdpa-asid")
 	assert.Equal(t, newMAC.String(), cshow["mac"])
 
 	// The data path still works in ASID 0, to the new MAC.
-	r.postRx(2)
-	f := udpFrame(t, newMAC, peerMAC, 9)
-	r.send(f)
-	got := r.reclaim(rxQ, 1)
-	assert.Equal(t, f, got[0][hdrLen:])
+	r.PostRx(2)
+	f := vmrig.UDPFrame(t, newMAC, peerMAC, 9)
+	r.Send(f)
+	got := r.Reclaim(rxQ, 1)
+	assert.Equal(t, f, got[0].Data[hdrLen:])
 }
 
 func readFile(t *testing.T, path string) string {
@@ -418,7 +412,7 @@ func readFile(t *testing.T, path string) string {
 }
 
 func TestDevicePathMatchesSysfsNode(t *testing.T) {
-	path := addSim(t, "vdpa-path", "mac", simMAC.String())
+	path := vmrig.AddSimNet(t, "vdpa-path", "mac", simMAC.String())
 	got, err := kernel.DevicePath("vdpa-path")
 	require.NoError(t, err)
 	assert.Equal(t, path, got)
@@ -427,7 +421,7 @@ func TestDevicePathMatchesSysfsNode(t *testing.T) {
 // VHOST_VDPA_SET_CONFIG reaches the device's config space: a MAC written
 // through it is what the device, and iproute2, report afterwards.
 func TestConfigWriteReachesDevice(t *testing.T) {
-	path := addSim(t, "vdpa-cfgw", "mac", simMAC.String())
+	path := vmrig.AddSimNet(t, "vdpa-cfgw", "mac", simMAC.String())
 	dev, err := kernel.Open(path, nil)
 	require.NoError(t, err)
 	defer dev.Close()
@@ -436,11 +430,11 @@ func TestConfigWriteReachesDevice(t *testing.T) {
 	got := make([]byte, 6)
 	require.NoError(t, dev.ReadConfig(virtio.NetCfgMAC, got))
 	assert.Equal(t, newMAC, net.HardwareAddr(got))
-	cshow := obj(t, vdpaJSON(t, "dev", "config", "show", "vdpa-cfgw"), "config", "vdpa-cfgw")
+	cshow := vmrig.Obj(t, vmrig.VdpaJSON(t, "dev", "config", "show", "vdpa-cfgw"), "config", "vdpa-cfgw")
 	assert.Equal(t, newMAC.String(), cshow["mac"])
 	assert.ErrorIs(t, dev.WriteConfig(virtio.NetCfgMAC, make([]byte, 64)), kernel.ErrConfigRange)
 
-	ev := newEventFD(t)
+	ev := vmrig.NewEventFD(t)
 	require.NoError(t, dev.SetConfigCall(ev))
 	require.NoError(t, dev.SetConfigCall(nil))
 }

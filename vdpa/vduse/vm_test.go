@@ -19,6 +19,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/vdpakit/vdpakit/internal/testenv"
+	"github.com/vdpakit/vdpakit/internal/vmrig"
 	"github.com/vdpakit/vdpakit/vdpa"
 	"github.com/vdpakit/vdpakit/vdpa/kernel"
 	"github.com/vdpakit/vdpakit/vdpa/softnet"
@@ -40,25 +41,6 @@ func requireVDUSE(t *testing.T) {
 	testenv.RequireVM(t) // creates and binds kernel devices
 }
 
-// serve creates a VDUSE device for h, serves it, adds it to the vDPA bus
-// (bound to vhost_vdpa), and tears everything down at the end.
-func serve(t *testing.T, name string, h vdpa.Handler) *vduse.Device {
-	t.Helper()
-	vd, err := vduse.Create(h, &vduse.Options{Name: name, Logf: t.Logf})
-	require.NoError(t, err)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- vd.Serve(ctx) }()
-	t.Cleanup(func() {
-		// Runs after AddVDPA's cleanup (LIFO) deleted the vDPA device.
-		cancel()
-		<-done
-		assert.NoError(t, vd.Close())
-	})
-	testenv.AddVDPA(t, name, "vduse")
-	return vd
-}
-
 // (a) The device bound to vhost_vdpa, driven by the library's kernel
 // backend with driver-side rings: frames go through the Go device.
 func TestVhostVDPADrivesGoDevice(t *testing.T) {
@@ -67,7 +49,7 @@ func TestVhostVDPADrivesGoDevice(t *testing.T) {
 	dev, err := softnet.New(&softnet.Options{MAC: devMAC, AccessPlatform: true, NoCtrlVQ: true, MaxQueueSize: 256})
 	require.NoError(t, err)
 	const name = "vduse-vhost"
-	vd := serve(t, name, dev)
+	vd := vmrig.ServeVDUSE(t, name, dev)
 
 	kd, err := kernel.Open(testenv.VhostVDPAPath(t, name), nil)
 	require.NoError(t, err)
@@ -198,7 +180,7 @@ func TestVirtioNetDriverPingsResponder(t *testing.T) {
 		OnConfigChange: func() { assert.NoError(t, vd.ConfigChanged()) }})
 	require.NoError(t, err)
 	const name = "vduse-virtio"
-	vd = serve(t, name, dev)
+	vd = vmrig.ServeVDUSE(t, name, dev)
 	testenv.BindVDPA(t, name, testenv.DriverVirtioVDPA)
 
 	ifaces, err := filepath.Glob(filepath.Join("/sys/bus/vdpa/devices", name, "virtio*", "net", "*"))

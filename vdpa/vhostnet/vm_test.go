@@ -2,22 +2,19 @@ package vhostnet_test
 
 import (
 	"bytes"
-	"context"
 	"encoding/binary"
 	"fmt"
 	"net"
 	"slices"
 	"testing"
-	"time"
 
-	"github.com/google/gopacket"
-	"github.com/google/gopacket/layers"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
 
 	"github.com/vdpakit/vdpakit/dirty"
 	"github.com/vdpakit/vdpakit/internal/testenv"
+	"github.com/vdpakit/vdpakit/internal/vmrig"
 	"github.com/vdpakit/vdpakit/vdpa"
 	"github.com/vdpakit/vdpakit/vdpa/vhostnet"
 	"github.com/vdpakit/vdpakit/virtio"
@@ -30,14 +27,19 @@ const (
 	logSpan  = uint64(memBase) + memSize
 	qsize    = 64
 	pageSize = 4096
-	// One buffer per page, so the pages the kernel dirties name the buffers.
-	bufSize   = pageSize
-	rxRing    = memBase
-	txRing    = memBase + 0x1000
-	rxBufBase = memBase + 0x10_0000
-	txBufBase = memBase + 0x20_0000
-	hdrLen    = virtio.NetHdrSize
+	rxRing   = memBase
+	txRing   = memBase + 0x1000
+	hdrLen   = virtio.NetHdrSize
 )
+
+// ringLayout: rx and tx rings, then one buffer per page, so the pages the
+// kernel dirties name the buffers.
+var ringLayout = vmrig.RingLayout{
+	Ring:      [2]vring.GuestAddr{rxRing, txRing},
+	Buf:       [2]vring.GuestAddr{memBase + 0x10_0000, memBase + 0x20_0000},
+	BufSize:   pageSize,
+	QueueSize: qsize,
+}
 
 var (
 	guestMAC = net.HardwareAddr{0x02, 0x00, 0x00, 0x00, 0x00, 0x10}
@@ -55,14 +57,9 @@ func requireVhostNet(t *testing.T) {
 // rig is a vhost-net device on a tap, driven with the library's
 // driver-side rings, plus an AF_PACKET socket on the tap (the "host" side).
 type rig struct {
+	*vmrig.Rings
 	t    *testing.T
 	dev  *vhostnet.Device
-	mem  *vring.Memory
-	q    [2]*vring.DriverQueue
-	kick [2]*vdpa.EventFD
-	call [2]*vdpa.EventFD
-	bufs [2]map[uint16]vring.GuestAddr
-	next [2]int
 	sock int
 	idx  int
 }
@@ -84,7 +81,7 @@ func newRigFeatures(t *testing.T, name string, want virtio.Features) *rig {
 	require.NoError(t, err)
 	t.Cleanup(func() { mem.Close() })
 
-	r := &rig{t: t, dev: dev, mem: mem}
+	r := &rig{Rings: vmrig.NewRings(t, mem, ringLayout), t: t, dev: dev}
 	r.setup(want)
 
 	ifi, err := net.InterfaceByName(name)
@@ -103,86 +100,16 @@ func newRigFeatures(t *testing.T, name string, want virtio.Features) *rig {
 // setup negotiates want, installs the memory table and sets up both
 // rings from scratch, then sets DRIVER_OK.
 func (r *rig) setup(want virtio.Features) {
-	t, dev, mem := r.t, r.dev, r.mem
+	t, dev := r.t, r.dev
 	require.NoError(t, dev.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver))
 	require.NoError(t, dev.SetFeatures(want))
 	require.NoError(t, dev.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK))
-	require.NoError(t, dev.SetMemory(mem))
-	for q, base := range []vring.GuestAddr{rxRing, txRing} {
-		l := vring.ContiguousLayout(base, qsize)
-		dq, err := vring.NewDriverQueue(mem, vring.DriverQueueOptions{Index: q, Layout: l, Features: want})
-		require.NoError(t, err)
-		r.q[q] = dq
-		if r.kick[q] == nil {
-			r.kick[q], r.call[q] = newEventFD(t), newEventFD(t)
-		}
-		r.bufs[q] = map[uint16]vring.GuestAddr{}
-		require.NoError(t, dev.SetupQueue(q, l, vdpa.QueueState{}, r.kick[q], r.call[q]))
-	}
+	require.NoError(t, dev.SetMemory(r.Mem))
+	r.Setup(dev, want, vdpa.QueueState{}, vdpa.QueueState{})
 	require.NoError(t, dev.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK|virtio.StatusDriverOK))
 }
 
 func htons(v uint16) uint16 { return v<<8 | v>>8 }
-
-func newEventFD(t *testing.T) *vdpa.EventFD {
-	e, err := vdpa.NewEventFD()
-	require.NoError(t, err)
-	t.Cleanup(func() { e.Close() })
-	return e
-}
-
-func (r *rig) bufAddr(q int) vring.GuestAddr {
-	a := []vring.GuestAddr{rxBufBase, txBufBase}[q] + vring.GuestAddr(r.next[q]%qsize*bufSize)
-	r.next[q]++
-	return a
-}
-
-func (r *rig) postRx(n int) []vring.GuestAddr {
-	var addrs []vring.GuestAddr
-	for range n {
-		a := r.bufAddr(vhostnet.RxQueue)
-		head, err := r.q[vhostnet.RxQueue].Add([]vring.Buffer{{Addr: a, Len: bufSize, Writable: true}})
-		require.NoError(r.t, err)
-		r.bufs[vhostnet.RxQueue][head] = a
-		addrs = append(addrs, a)
-	}
-	r.q[vhostnet.RxQueue].Publish()
-	if r.q[vhostnet.RxQueue].NeedsKick() {
-		require.NoError(r.t, r.kick[vhostnet.RxQueue].Signal())
-	}
-	return addrs
-}
-
-type used struct {
-	addr vring.GuestAddr
-	data []byte
-}
-
-func (r *rig) reclaim(q, n int) []used {
-	r.t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	var out []used
-	for len(out) < n {
-		head, length, ok, err := r.q[q].Reclaim()
-		require.NoError(r.t, err)
-		if !ok {
-			_, err := r.call[q].Wait(ctx)
-			require.NoError(r.t, err, "waiting for %d used entries on queue %d, have %d", n, q, len(out))
-			continue
-		}
-		a, known := r.bufs[q][head]
-		require.True(r.t, known, "queue %d: used head %d was never added", q, head)
-		delete(r.bufs[q], head)
-		u := used{addr: a, data: make([]byte, length)}
-		if q == vhostnet.RxQueue {
-			require.LessOrEqual(r.t, length, uint32(bufSize))
-			require.NoError(r.t, r.mem.Read(a, u.data))
-		}
-		out = append(out, u)
-	}
-	return out
-}
 
 // hostSend transmits frame on the tap from the host side: the kernel hands
 // it to vhost-net's receive ring.
@@ -203,40 +130,6 @@ func (r *rig) hostRecv() []byte {
 		}
 		return slices.Clone(buf[:n])
 	}
-}
-
-// guestSend puts frames (behind a zero virtio-net header) on the transmit
-// ring and kicks.
-func (r *rig) guestSend(frames ...[]byte) {
-	for _, f := range frames {
-		a := r.bufAddr(vhostnet.TxQueue)
-		pkt := append(make([]byte, hdrLen), f...)
-		require.NoError(r.t, r.mem.Write(a, pkt))
-		head, err := r.q[vhostnet.TxQueue].Add([]vring.Buffer{{Addr: a, Len: uint32(len(pkt))}})
-		require.NoError(r.t, err)
-		r.bufs[vhostnet.TxQueue][head] = a
-	}
-	r.q[vhostnet.TxQueue].Publish()
-	if r.q[vhostnet.TxQueue].NeedsKick() {
-		require.NoError(r.t, r.kick[vhostnet.TxQueue].Signal())
-	}
-}
-
-func udpFrame(t *testing.T, dst, src net.HardwareAddr, seq int) []byte {
-	t.Helper()
-	eth := &layers.Ethernet{SrcMAC: src, DstMAC: dst, EthernetType: layers.EthernetTypeIPv4}
-	ip := &layers.IPv4{Version: 4, TTL: 64, Protocol: layers.IPProtocolUDP,
-		SrcIP: net.IPv4(198, 51, 100, 1), DstIP: net.IPv4(198, 51, 100, 2), Id: uint16(seq)}
-	udp := &layers.UDP{SrcPort: 4000, DstPort: layers.UDPPort(6000 + seq)}
-	require.NoError(t, udp.SetNetworkLayerForChecksum(ip))
-	payload := make([]byte, 100+seq*13)
-	for i := range payload {
-		payload[i] = byte(seq*17 + i)
-	}
-	buf := gopacket.NewSerializeBuffer()
-	require.NoError(t, gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true},
-		eth, ip, udp, gopacket.Payload(payload)))
-	return buf.Bytes()
 }
 
 func pageOf(a uint64) uint64 { return a / pageSize }
@@ -271,25 +164,25 @@ func TestFramesBothWaysAndDirtyLog(t *testing.T) {
 	require.NoError(t, r.dev.SetLog(log))
 
 	// Host -> guest: 3 frames into 8 posted buffers.
-	r.postRx(8)
+	r.PostRx(8)
 	in := [][]byte{
-		udpFrame(t, guestMAC, hostMAC, 1),
-		udpFrame(t, guestMAC, hostMAC, 2),
-		udpFrame(t, net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, hostMAC, 3),
+		vmrig.UDPFrame(t, guestMAC, hostMAC, 1),
+		vmrig.UDPFrame(t, guestMAC, hostMAC, 2),
+		vmrig.UDPFrame(t, net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, hostMAC, 3),
 	}
 	for _, f := range in {
 		r.hostSend(f)
 	}
-	got := r.reclaim(vhostnet.RxQueue, len(in))
+	got := r.Reclaim(vhostnet.RxQueue, len(in))
 	want := map[uint64]bool{}
 	for i, u := range got {
-		require.Equal(t, hdrLen+len(in[i]), len(u.data), "frame %d length", i)
-		assert.True(t, bytes.Equal(in[i], u.data[hdrLen:]), "frame %d differs", i)
-		hdr, err := virtio.DecodeNetHdr(u.data[:hdrLen], hdrLen)
+		require.Equal(t, hdrLen+len(in[i]), len(u.Data), "frame %d length", i)
+		assert.True(t, bytes.Equal(in[i], u.Data[hdrLen:]), "frame %d differs", i)
+		hdr, err := virtio.DecodeNetHdr(u.Data[:hdrLen], hdrLen)
 		require.NoError(t, err)
 		assert.Zero(t, hdr.Flags, "no offloads on the tap")
 		assert.Equal(t, virtio.NetHdrGSONone, hdr.GSOType)
-		for _, p := range pagesOf(uint64(u.addr), uint64(len(u.data))) {
+		for _, p := range pagesOf(uint64(u.Addr), uint64(len(u.Data))) {
 			want[p] = true
 		}
 	}
@@ -297,19 +190,19 @@ func TestFramesBothWaysAndDirtyLog(t *testing.T) {
 	assert.Equal(t, sortedKeys(want), harvest(t, log), "dirty pages after receiving: the written rx buffers and the rx used ring")
 
 	// Guest -> host.
-	out := [][]byte{udpFrame(t, hostMAC, guestMAC, 4), udpFrame(t, hostMAC, guestMAC, 5)}
-	r.guestSend(out...)
+	out := [][]byte{vmrig.UDPFrame(t, hostMAC, guestMAC, 4), vmrig.UDPFrame(t, hostMAC, guestMAC, 5)}
+	r.Send(out...)
 	for i := range out {
 		assert.Equal(t, out[i], r.hostRecv(), "frame %d on the tap", i)
 	}
-	r.reclaim(vhostnet.TxQueue, len(out))
+	r.Reclaim(vhostnet.TxQueue, len(out))
 	assert.Equal(t, []uint64{pageOf(uint64(vring.ContiguousLayout(txRing, qsize).Used))}, harvest(t, log),
 		"dirty pages after transmitting: only the tx used ring (tx buffers are only read)")
 
 	// Stopping the log: nothing more is marked.
 	require.NoError(t, r.dev.SetLog(nil))
-	r.hostSend(udpFrame(t, guestMAC, hostMAC, 6))
-	r.reclaim(vhostnet.RxQueue, 1)
+	r.hostSend(vmrig.UDPFrame(t, guestMAC, hostMAC, 6))
+	r.Reclaim(vhostnet.RxQueue, 1)
 	assert.Empty(t, harvest(t, log), "no marks with logging off")
 }
 
@@ -326,25 +219,25 @@ func sortedKeys(m map[uint64]bool) []uint64 {
 // positions; frames sent meanwhile wait in the tap and arrive after Resume.
 func TestSuspendResumeKeepsIndices(t *testing.T) {
 	r := newRig(t, "vdpakit-vn1")
-	r.postRx(8)
+	r.PostRx(8)
 	for i := range 3 {
-		r.hostSend(udpFrame(t, guestMAC, hostMAC, i))
+		r.hostSend(vmrig.UDPFrame(t, guestMAC, hostMAC, i))
 	}
-	r.reclaim(vhostnet.RxQueue, 3)
+	r.Reclaim(vhostnet.RxQueue, 3)
 	require.NoError(t, r.dev.Suspend())
 	st, err := r.dev.QueueBase(vhostnet.RxQueue)
 	require.NoError(t, err)
 	assert.Equal(t, vdpa.QueueState{NextAvail: 3, NextUsed: 3}, st)
 
-	f := udpFrame(t, guestMAC, hostMAC, 9)
+	f := vmrig.UDPFrame(t, guestMAC, hostMAC, 9)
 	r.hostSend(f)
 	st, err = r.dev.QueueBase(vhostnet.RxQueue)
 	require.NoError(t, err)
 	assert.Equal(t, vdpa.QueueState{NextAvail: 3, NextUsed: 3}, st, "nothing received while suspended")
 
 	require.NoError(t, r.dev.Resume())
-	got := r.reclaim(vhostnet.RxQueue, 1)
-	assert.Equal(t, f, got[0].data[hdrLen:])
+	got := r.Reclaim(vhostnet.RxQueue, 1)
+	assert.Equal(t, f, got[0].Data[hdrLen:])
 	require.NoError(t, r.dev.Suspend())
 	st, err = r.dev.QueueBase(vhostnet.RxQueue)
 	require.NoError(t, err)
@@ -389,10 +282,10 @@ func TestRxHeaderFollowsFeatures(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := newRigFeatures(t, fmt.Sprintf("vdpakit-vh%d", i), tc.features)
-			r.postRx(2)
-			f := udpFrame(t, guestMAC, hostMAC, 40+i)
+			r.PostRx(2)
+			f := vmrig.UDPFrame(t, guestMAC, hostMAC, 40+i)
 			r.hostSend(f)
-			got := r.reclaim(vhostnet.RxQueue, 1)[0].data
+			got := r.Reclaim(vhostnet.RxQueue, 1)[0].Data
 			require.Equal(t, tc.hdr+len(f), len(got))
 			assert.Equal(t, f, got[tc.hdr:])
 			if tc.features.Has(virtio.NetFMrgRxbuf) {
@@ -408,9 +301,9 @@ func TestRxHeaderFollowsFeatures(t *testing.T) {
 // the device can then be set up from scratch and carries frames again.
 func TestResetAndSetUpAgain(t *testing.T) {
 	r := newRig(t, "vdpakit-vn3")
-	r.postRx(2)
-	r.hostSend(udpFrame(t, guestMAC, hostMAC, 1))
-	r.reclaim(vhostnet.RxQueue, 1)
+	r.PostRx(2)
+	r.hostSend(vmrig.UDPFrame(t, guestMAC, hostMAC, 1))
+	r.Reclaim(vhostnet.RxQueue, 1)
 
 	require.NoError(t, r.dev.SetStatus(0))
 	st, err := r.dev.Status()
@@ -418,15 +311,15 @@ func TestResetAndSetUpAgain(t *testing.T) {
 	assert.Equal(t, virtio.Status(0), st)
 
 	r.setup(virtio.Features(0).With(virtio.FVersion1))
-	r.postRx(2)
-	f := udpFrame(t, guestMAC, hostMAC, 2)
+	r.PostRx(2)
+	f := vmrig.UDPFrame(t, guestMAC, hostMAC, 2)
 	r.hostSend(f)
-	got := r.reclaim(vhostnet.RxQueue, 1)
-	assert.Equal(t, f, got[0].data[hdrLen:])
-	out := udpFrame(t, hostMAC, guestMAC, 3)
-	r.guestSend(out)
+	got := r.Reclaim(vhostnet.RxQueue, 1)
+	assert.Equal(t, f, got[0].Data[hdrLen:])
+	out := vmrig.UDPFrame(t, hostMAC, guestMAC, 3)
+	r.Send(out)
 	assert.Equal(t, out, r.hostRecv())
-	r.reclaim(vhostnet.TxQueue, 1)
+	r.Reclaim(vhostnet.TxQueue, 1)
 	for q := range 2 {
 		st, err := r.dev.QueueBase(q)
 		require.NoError(t, err)
