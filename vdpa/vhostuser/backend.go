@@ -436,7 +436,10 @@ func (s *session) dispatch(m *Message) (reply []byte, hasReply bool, err error) 
 		return nil, false, s.setVringFd(m)
 	case ReqSetVringEnable:
 		st, _ := DecodeVringState(m.Payload)
-		if !s.features.Has(virtio.FProtocolFeat) {
+		// QEMU enables rings right after SET_PROTOCOL_FEATURES, before
+		// SET_FEATURES; the bit is only known to be declined once
+		// SET_FEATURES arrives without it.
+		if s.featuresSet && !s.features.Has(virtio.FProtocolFeat) {
 			return nil, false, msgErr(r, ErrProtocol, "PROTOCOL_FEATURES not negotiated")
 		}
 		q, i, err := s.queue(r, st.Index)
