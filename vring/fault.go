@@ -58,7 +58,10 @@ func faultOf(r any) (*FaultError, bool) {
 // the process before any recover runs). On a fault it recovers, sets *errp
 // to a *FaultError (matching ErrMemoryFault) and the function returns
 // normally; any other panic continues unchanged. It must be the deferred
-// function itself: recover only works there.
+// function itself: recover only works there. A *FaultError that inner code
+// caught and panics with again (to hand the fault to an outer guard, say
+// because the faulting memory belongs to its caller) is caught the same
+// way.
 //
 // Every fault at a non-nil address in the protected code is reported, so
 // a wild pointer in unsafe code would be reported too; guest memory is the
@@ -73,9 +76,11 @@ func CatchFault(errp *error) {
 	if r == nil {
 		return
 	}
-	fe, ok := faultOf(r)
+	fe, ok := r.(*FaultError)
 	if !ok {
-		panic(r)
+		if fe, ok = faultOf(r); !ok {
+			panic(r)
+		}
 	}
 	*errp = fe
 }

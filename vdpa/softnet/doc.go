@@ -26,6 +26,16 @@
 // notifications off and polls, yielding and then sleeping a bounded time
 // when idle.
 //
+// Guest memory may come from a peer that truncates the file behind it
+// (vring's "Untrusted memory"). Every goroutine of the device that touches
+// guest memory runs with runtime/debug.SetPanicOnFault on and a
+// vring.CatchFault set up once per worker (per call for Deliver), so a
+// fault on a lost page breaks the queue whose memory faulted with an error
+// matching vring.ErrMemoryFault: QueueErr reports it, vdpa.Local and the
+// vhost-user back-end turn it into DEVICE_NEEDS_RESET, and the process
+// lives on. A fault reading a transmitted frame breaks the transmit queue,
+// even when it happens while the frame is copied into a receive queue.
+//
 // Device is safe for concurrent use: control calls come from the server,
 // data-path work runs on per-queue goroutines, and Deliver may be called
 // from any goroutine.

@@ -1,6 +1,11 @@
 package softnet
 
-import "fmt"
+import (
+	"fmt"
+	"runtime/debug"
+
+	"github.com/vdpakit/vdpakit/vring"
+)
 
 // FrameHandler receives the frames the driver transmits.
 //
@@ -52,11 +57,18 @@ func (t *Tx) Reply(frame []byte) error {
 // Deliver writes frame to the driver's receive queue of queue pair pair
 // (mod the active pairs) and raises the receive interrupt if the driver
 // wants one. It is safe for concurrent use and copies frame before
-// returning.
-func (d *Device) Deliver(pair int, frame []byte) error {
+// returning. If guest memory faults (its owner truncated the file behind
+// it), the receive queue breaks (QueueErr) and Deliver returns an error
+// matching vring.ErrMemoryFault; a fault reading frame itself returns such
+// an error too, with the receive queue intact. The calling goroutine's
+// runtime/debug.SetPanicOnFault setting is turned on for the call and
+// restored.
+func (d *Device) Deliver(pair int, frame []byte) (err error) {
 	if pair < 0 {
 		return fmt.Errorf("%w: pair %d", ErrQueueIndex, pair)
 	}
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer vring.CatchFault(&err) // a fault reading frame itself
 	return d.deliver(d.steer(pair), frame, false)
 }
 
@@ -78,8 +90,16 @@ var Discard FrameHandler = FrameHandlerFunc(func(*Tx, []byte) {})
 
 // ForwardTo returns a handler that delivers every transmitted frame to
 // peer, on the same queue pair number: a cable from this device to peer.
+// A memory fault reading the frame (this device's guest memory) breaks
+// this device's transmit queue, not peer's receive queue.
 func ForwardTo(peer *Device) FrameHandler {
-	return FrameHandlerFunc(func(tx *Tx, frame []byte) { _ = peer.Deliver(tx.Pair(), frame) })
+	return FrameHandlerFunc(func(tx *Tx, frame []byte) {
+		if err := peer.Deliver(tx.Pair(), frame); err != nil {
+			if fe, ok := err.(*vring.FaultError); ok && inSlice(frame, fe.Addr) {
+				panic(fe) // to the transmit worker's guard
+			}
+		}
+	})
 }
 
 // Link connects a and b in both directions with ForwardTo.

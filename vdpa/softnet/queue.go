@@ -3,9 +3,11 @@ package softnet
 import (
 	"context"
 	"runtime"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"github.com/vdpakit/vdpakit/vdpa"
 	"github.com/vdpakit/vdpakit/virtio"
@@ -75,8 +77,12 @@ func (q *queue) startRx(dq *vring.DeviceQueue, call *vdpa.EventFD) {
 	q.irq = false
 	q.err.Store(nil)
 	// Receive buffers are consumed when frames arrive; the device never
-	// needs to be told that the driver added some.
-	dq.DisableNotify()
+	// needs to be told that the driver added some. This writes guest
+	// memory from the caller's goroutine: guarded, a fault breaks the
+	// queue (reported by QueueErr) rather than the process.
+	if err := vring.Guard(func() error { dq.DisableNotify(); return nil }); err != nil {
+		q.setErr(err)
+	}
 	q.running.Store(true)
 }
 
@@ -127,22 +133,41 @@ func (q *queue) stop() vring.QueueState {
 }
 
 // run is a transmit or control queue's goroutine.
+//
+// Guest memory may be a peer's file that the peer truncates under the
+// mapping (see vring's "Untrusted memory"). The goroutine turns on
+// runtime/debug.SetPanicOnFault for itself, and its loop defers
+// vring.CatchFault once for the worker's lifetime (nothing per frame), so
+// a fault on a lost page ends the worker with an error matching
+// vring.ErrMemoryFault: the queue is reported broken (QueueErr, hence
+// DEVICE_NEEDS_RESET) and the process lives on.
 func (d *Device) run(q *queue, process batchFunc) {
 	defer close(q.done)
-	batch := d.opts.BatchSize
+	debug.SetPanicOnFault(true) // this goroutine only; it ends with the worker
+	var err error
 	if d.opts.Mode == ModePoll || q.kick == nil {
-		d.poll(q, process)
-		return
+		err = d.poll(q, process)
+	} else {
+		err = d.wait(q, process)
 	}
+	if err != nil {
+		q.setErr(err)
+	}
+}
+
+// wait processes batches, sleeping on the kick eventfd when the ring is
+// empty, until a stop request (nil) or an error.
+func (d *Device) wait(q *queue, process batchFunc) (err error) {
+	defer vring.CatchFault(&err)
+	batch := d.opts.BatchSize
 	ctx := context.Background()
 	for {
 		if q.stopReq.Load() {
-			return
+			return nil
 		}
 		n, err := process(q)
 		if err != nil {
-			q.setErr(err)
-			return
+			return err
 		}
 		if n == batch {
 			continue
@@ -151,31 +176,31 @@ func (d *Device) run(q *queue, process batchFunc) {
 		// chains published before the driver could see the request).
 		pending, err := q.dq.EnableNotify()
 		if err != nil {
-			q.setErr(err)
-			return
+			return err
 		}
 		if !pending {
 			if _, err := q.kick.Wait(ctx); err != nil {
-				q.setErr(err)
-				return
+				return err
 			}
 		}
 		q.dq.DisableNotify()
 	}
 }
 
-func (d *Device) poll(q *queue, process batchFunc) {
+// poll processes batches without notifications until a stop request (nil)
+// or an error.
+func (d *Device) poll(q *queue, process batchFunc) (err error) {
+	defer vring.CatchFault(&err)
 	q.dq.DisableNotify()
 	spins := d.opts.PollSpins
 	idle := 0
 	for {
 		if q.stopReq.Load() {
-			return
+			return nil
 		}
 		n, err := process(q)
 		if err != nil {
-			q.setErr(err)
-			return
+			return err
 		}
 		if n > 0 {
 			idle = 0
@@ -279,11 +304,21 @@ func (d *Device) flushRx(pair int) {
 	}
 	rx := d.queues[2*pair]
 	rx.mu.Lock()
+	defer rx.mu.Unlock()
 	if rx.irq && rx.dq != nil {
 		rx.irq = false
-		rx.signal()
+		if err := rx.signalGuarded(); err != nil {
+			_ = d.ringErr(rx, err)
+		}
 	}
-	rx.mu.Unlock()
+}
+
+// signalGuarded is signal for a receive queue from a transmit worker: a
+// memory fault reading the ring breaks the receive queue, not the worker's.
+func (q *queue) signalGuarded() (err error) {
+	defer vring.CatchFault(&err)
+	q.signal()
+	return nil
 }
 
 // deliver writes frame into pair's receive queue. With deferIRQ the
@@ -308,7 +343,39 @@ func (d *Device) deliver(pair int, frame []byte, deferIRQ bool) error {
 		d.drops.add(DropRxNotReady)
 		return ErrRxNotReady
 	}
-	var err error
+	if err := d.deliverLocked(rx, frame, deferIRQ); err != nil {
+		if fe, ok := err.(*vring.FaultError); ok {
+			if inSlice(frame, fe.Addr) {
+				// The frame's own memory faulted (a transmit buffer of the
+				// caller's queue), not the receive queue's: it holds the
+				// chains it popped for the next frame, and the fault goes
+				// on to the caller's guard (rx.mu is released on the way).
+				panic(fe)
+			}
+			return d.ringErr(rx, err)
+		}
+		return err
+	}
+	return nil
+}
+
+// inSlice reports whether host address a lies in b.
+func inSlice(b []byte, a uintptr) bool {
+	if len(b) == 0 {
+		return false
+	}
+	p := uintptr(unsafe.Pointer(unsafe.SliceData(b)))
+	return a >= p && a-p < uintptr(len(b))
+}
+
+// deliverLocked writes frame into rx's chains and raises its interrupt. The
+// calling goroutine has SetPanicOnFault on (a transmit worker, or
+// Deliver), so a memory fault (guest memory truncated by its owner) is
+// recovered here and returned as a *vring.FaultError, which breaks the
+// receive queue (its chains are half written) and not the caller's. The
+// deferred recover costs a few nanoseconds per frame and allocates nothing.
+func (d *Device) deliverLocked(rx *queue, frame []byte, deferIRQ bool) (err error) {
+	defer vring.CatchFault(&err)
 	if d.mrg.Load() {
 		err = d.writeMergeable(rx, frame)
 	} else {
@@ -334,17 +401,21 @@ func (d *Device) ringErr(rx *queue, err error) error {
 	return err
 }
 
-// writeSingle places hdr+frame in one receive chain (no MRG_RXBUF).
+// writeSingle places hdr+frame in one receive chain (no MRG_RXBUF). The
+// chain is held (nstash 1) until it is pushed, so that one whose frame
+// could not be read (a fault on the frame's memory) serves the next frame.
 func (d *Device) writeSingle(rx *queue, frame []byte) error {
-	// Without MRG_RXBUF no chain is ever held between frames.
 	c := &rx.stash[0]
-	ok, err := rx.dq.Pop(c)
-	if err != nil {
-		return d.ringErr(rx, err)
-	}
-	if !ok {
-		d.drops.add(DropRxNoBuffer)
-		return ErrNoBuffer
+	if rx.nstash == 0 {
+		ok, err := rx.dq.Pop(c)
+		if err != nil {
+			return d.ringErr(rx, err)
+		}
+		if !ok {
+			d.drops.add(DropRxNoBuffer)
+			return ErrNoBuffer
+		}
+		rx.nstash = 1
 	}
 	hdrLen := int(d.hdrLen.Load())
 	need := uint64(hdrLen + len(frame))
@@ -352,6 +423,7 @@ func (d *Device) writeSingle(rx *queue, frame []byte) error {
 		// The kernel's vdpa_sim_net and QEMU drop too; the chain goes back
 		// empty so the driver can recycle it.
 		d.drops.add(DropRxTooSmall)
+		rx.nstash = 0
 		if err := rx.dq.PushChain(c, 0); err != nil {
 			return d.ringErr(rx, err)
 		}
@@ -361,6 +433,7 @@ func (d *Device) writeSingle(rx *queue, frame []byte) error {
 	_ = h.Encode(rx.hdr[:], hdrLen)
 	scatterAt(c, 0, rx.hdr[:hdrLen])
 	scatterAt(c, uint64(hdrLen), frame)
+	rx.nstash = 0
 	if err := rx.dq.PushChain(c, uint32(need)); err != nil {
 		return d.ringErr(rx, err)
 	}

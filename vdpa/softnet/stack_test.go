@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 
 	"github.com/vdpakit/vdpakit/vdpa"
 	"github.com/vdpakit/vdpakit/vdpa/softnet"
@@ -31,6 +32,8 @@ type stack struct {
 	layouts  []vring.Layout
 	kick     []*vdpa.EventFD
 	call     []*vdpa.EventFD
+	fds      []int // peerFiles: the file behind each queue's region
+	ringSize uint64
 }
 
 type stackOptions struct {
@@ -40,6 +43,10 @@ type stackOptions struct {
 	slot     uint32
 	indirect bool
 	base     vring.GuestAddr
+	// peerFiles gives each queue (rings, then data) its own memfd region
+	// mapped with NewFdRegion and left unsealed, like memory from a peer
+	// that may truncate it: stack.fds holds the files.
+	peerFiles bool
 }
 
 func newStack(t testing.TB, so stackOptions) *stack {
@@ -72,10 +79,27 @@ func newStack(t testing.TB, so stackOptions) *stack {
 	ringBytes := (vring.ContiguousLayoutBytes(so.size) + 4095) &^ 4095
 	dopts := vringtest.DriverOptions{Layout: vring.Layout{Size: so.size}, SlotSize: so.slot}
 	per := ringBytes + (dopts.DataBytes()+4095)&^4095
-	region, err := vring.NewMemfdRegion(so.base, uint64(nq)*per, &vring.RegionOptions{Name: "softnet-test"})
-	require.NoError(t, err)
-	s.mem, err = vring.NewMemory(region)
-	require.NoError(t, err)
+	s.ringSize = ringBytes
+	if so.peerFiles {
+		var regions []*vring.Region
+		for i := 0; i < nq; i++ {
+			fd, err := unix.MemfdCreate("softnet-peer", unix.MFD_CLOEXEC)
+			require.NoError(t, err)
+			t.Cleanup(func() { unix.Close(fd) })
+			require.NoError(t, unix.Ftruncate(fd, int64(per)))
+			r, err := vring.NewFdRegion(so.base+vring.GuestAddr(uint64(i)*per), per, fd, 0, &vring.RegionOptions{NoSeal: true})
+			require.NoError(t, err)
+			regions = append(regions, r)
+			s.fds = append(s.fds, fd)
+		}
+		s.mem, err = vring.NewMemory(regions...)
+		require.NoError(t, err)
+	} else {
+		region, err := vring.NewMemfdRegion(so.base, uint64(nq)*per, &vring.RegionOptions{Name: "softnet-test"})
+		require.NoError(t, err)
+		s.mem, err = vring.NewMemory(region)
+		require.NoError(t, err)
+	}
 	t.Cleanup(func() { s.mem.Close() })
 
 	require.NoError(t, l.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver))
