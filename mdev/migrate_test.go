@@ -104,6 +104,105 @@ func waitFor(t *testing.T, what func() string, cond func() bool) {
 	}
 }
 
+// migration is a source guest under traffic with a memory dirtier, both
+// marking one dirty log, ready to migrate from src to dst.
+type migration struct {
+	t        *testing.T
+	o        migrationOptions
+	src, dst *side
+	scratch  uint64 // where the dirtiers write (after the guest's rings and buffers)
+	g        *mdevtest.Guest
+	log      *dirty.Bitmap
+	v        *vcpus
+	// The destination's guest and vCPUs, started by switchOver.
+	dg *mdevtest.Guest
+	dv *vcpus
+}
+
+type migrationOptions struct {
+	size    uint64            // guest memory of both sides
+	frames  uint64            // frames each guest sends and expects back
+	guest   *mdevtest.Options // nil for mdevtest's defaults
+	rate    float64           // pages per second each dirtier writes
+	seed    uint64            // the source dirtier's seed
+	dstSeed uint64            // the destination dirtier's seed
+	log     *dirty.Options    // the dirty log's options
+}
+
+// startMigration boots the guest on src and starts it and its dirtier,
+// logging into a new dirty log closed after both sides.
+func startMigration(t *testing.T, src, dst *side, o migrationOptions) *migration {
+	t.Helper()
+	m := &migration{t: t, o: o, src: src, dst: dst}
+	var err error
+	m.g, err = mdevtest.Boot(src.dev, src.mem, o.frames, o.guest)
+	require.NoError(t, err)
+	m.scratch = mdevtest.Layout(o.guest)
+	dirtier, err := mdevtest.NewDirtier(src.mem, m.scratch, o.size, o.rate, o.seed)
+	require.NoError(t, err)
+	m.log, err = dirty.New(o.size, o.log)
+	require.NoError(t, err)
+	closeLogAfter(t, m.log, src, dst)
+	m.g.SetLog(m.log)
+	dirtier.SetLog(m.log)
+	m.v = startVCPUs(t, m.g, dirtier)
+	return m
+}
+
+// switchOver migrates src to dst over a pipe with tracker's settings,
+// stopping the source's vCPUs at the switch-over; the destination attaches
+// a guest to what it loaded and starts it with its own dirtier. Both ends
+// must succeed and the destination must have loaded the source's memory
+// byte for byte.
+func (m *migration) switchOver(tracker dirty.TrackerOptions) *mdev.SourceReport {
+	t, src, dst := m.t, m.src, m.dst
+	t.Helper()
+	c1, c2 := net.Pipe()
+	defer c1.Close()
+	defer c2.Close()
+	var dstHash [32]byte
+	destErr := make(chan error, 1)
+	go func() {
+		_, err := mdev.MigrateDestination(context.Background(), c2, mdev.DestOptions{
+			Device: dst.dev, Memory: dst.mem,
+			Loaded: func() error { dstHash = memHash(dst.mem); return nil },
+			StartGuest: func() error {
+				var err error
+				if m.dg, err = mdevtest.Attach(dst.dev, dst.mem); err != nil {
+					return err
+				}
+				d2, err := mdevtest.NewDirtier(dst.mem, m.scratch, m.o.size, m.o.rate, m.o.dstSeed)
+				if err != nil {
+					return err
+				}
+				m.dv = startVCPUs(t, m.dg, d2)
+				return nil
+			},
+		})
+		destErr <- err
+	}()
+	rep, err := mdev.MigrateSource(context.Background(), c1, mdev.SourceOptions{
+		Device: src.dev, Memory: src.mem, Log: m.log,
+		Tracker:   tracker,
+		StopGuest: m.v.stop,
+	})
+	require.NoError(t, err)
+	require.NoError(t, <-destErr)
+	// The source is stopped: its memory is what the destination started
+	// from, byte for byte.
+	assert.Equal(t, memHash(src.mem), dstHash, "guest memory identical at switchover")
+	return rep
+}
+
+// finish waits for the destination guest to complete its traffic, stops
+// it and verifies every frame it got back.
+func (m *migration) finish() {
+	m.t.Helper()
+	waitFor(m.t, func() string { return fmt.Sprint(m.dg.Stats()) }, m.dg.Done)
+	require.NoError(m.t, m.dv.stop())
+	require.NoError(m.t, m.dg.Verify())
+}
+
 func TestMigrateUnderTraffic(t *testing.T) {
 	for _, mode := range []mdev.DirtyMode{mdev.DirtyDeviceLog, mdev.DirtyRelay} {
 		for seed := uint64(1); seed <= 3; seed++ {
@@ -119,66 +218,20 @@ func migrateOnce(t *testing.T, mode mdev.DirtyMode, seed uint64) {
 	const frames = 20000
 	src := newSide(t, testGuestMem, mode)
 	dst := newSide(t, testGuestMem, mode)
-	g, err := mdevtest.Boot(src.dev, src.mem, frames, nil)
-	require.NoError(t, err)
-	scratch := mdevtest.Layout(nil)
 	rate := float64(1000 + rng.IntN(20000)) // pages per second
-	dirtier, err := mdevtest.NewDirtier(src.mem, scratch, testGuestMem, rate, seed)
-	require.NoError(t, err)
-	log, err := dirty.New(testGuestMem, nil)
-	require.NoError(t, err)
-	closeLogAfter(t, log, src, dst)
-	g.SetLog(log)
-	dirtier.SetLog(log)
-	v := startVCPUs(t, g, dirtier)
+	m := startMigration(t, src, dst, migrationOptions{size: testGuestMem, frames: frames,
+		rate: rate, seed: seed, dstSeed: seed + 100})
 	// Random switch point: migrate after a random amount of traffic.
 	at := uint64(rng.IntN(frames / 2))
-	waitFor(t, msg("traffic"), func() bool { s, _, _, _ := g.Stats(); return s >= at })
+	waitFor(t, msg("traffic"), func() bool { s, _, _, _ := m.g.Stats(); return s >= at })
 
-	c1, c2 := net.Pipe()
-	defer c1.Close()
-	defer c2.Close()
-	var dstHash [32]byte
-	var dg *mdevtest.Guest
-	var dv *vcpus
-	destErr := make(chan error, 1)
-	go func() {
-		_, err := mdev.MigrateDestination(context.Background(), c2, mdev.DestOptions{
-			Device: dst.dev, Memory: dst.mem,
-			Loaded: func() error { dstHash = memHash(dst.mem); return nil },
-			StartGuest: func() error {
-				var err error
-				if dg, err = mdevtest.Attach(dst.dev, dst.mem); err != nil {
-					return err
-				}
-				d2, err := mdevtest.NewDirtier(dst.mem, scratch, testGuestMem, rate, seed+100)
-				if err != nil {
-					return err
-				}
-				dv = startVCPUs(t, dg, d2)
-				return nil
-			},
-		})
-		destErr <- err
-	}()
-	rep, err := mdev.MigrateSource(context.Background(), c1, mdev.SourceOptions{
-		Device: src.dev, Memory: src.mem, Log: log,
-		Tracker:   dirty.TrackerOptions{Bandwidth: 2e9, DowntimeTarget: 2 * time.Millisecond, MaxRounds: 8},
-		StopGuest: v.stop,
-	})
-	require.NoError(t, err)
-	require.NoError(t, <-destErr)
+	rep := m.switchOver(dirty.TrackerOptions{Bandwidth: 2e9, DowntimeTarget: 2 * time.Millisecond, MaxRounds: 8})
 	assert.Equal(t, mode, rep.Mode)
 	assert.Equal(t, mdev.MigStop, src.dev.MigrationState())
 	assert.Equal(t, mdev.MigRunning, dst.dev.MigrationState())
-	// The source is stopped: its memory is what the destination started
-	// from, byte for byte.
-	assert.Equal(t, memHash(src.mem), dstHash, "guest memory identical at switchover")
 
-	waitFor(t, func() string { return fmt.Sprint(dg.Stats()) }, dg.Done)
-	require.NoError(t, dv.stop())
-	require.NoError(t, dg.Verify())
-	sent, received, _, _ := dg.Stats()
+	m.finish()
+	sent, received, _, _ := m.dg.Stats()
 	assert.EqualValues(t, frames, sent)
 	assert.EqualValues(t, frames, received)
 	t.Logf("%s: switch at frame %d, dirty rate %.0f pages/s, %d rounds, downtime %v, final %d pages",

@@ -2,7 +2,6 @@ package mdev_test
 
 import (
 	"context"
-	"fmt"
 	"net"
 	"path/filepath"
 	"testing"
@@ -13,7 +12,6 @@ import (
 
 	"github.com/vdpakit/vdpakit/dirty"
 	"github.com/vdpakit/vdpakit/mdev"
-	"github.com/vdpakit/vdpakit/mdev/mdevtest"
 	"github.com/vdpakit/vdpakit/vdpa/softnet"
 	"github.com/vdpakit/vdpakit/vdpa/vhostuser"
 	"github.com/vdpakit/vdpakit/virtio"
@@ -59,57 +57,13 @@ func TestMigrateVhostUser(t *testing.T) {
 			const frames = 20000
 			src := vhostUserSide(t, testGuestMem, mode)
 			dst := vhostUserSide(t, testGuestMem, mode)
-			g, err := mdevtest.Boot(src.dev, src.mem, frames, nil)
-			require.NoError(t, err)
-			scratch := mdevtest.Layout(nil)
-			dirtier, err := mdevtest.NewDirtier(src.mem, scratch, testGuestMem, 5000, 3)
-			require.NoError(t, err)
-			log, err := dirty.New(testGuestMem, &dirty.Options{Shared: true})
-			require.NoError(t, err)
-			closeLogAfter(t, log, src, dst)
-			g.SetLog(log)
-			dirtier.SetLog(log)
-			v := startVCPUs(t, g, dirtier)
-			waitFor(t, msg("traffic"), func() bool { s, _, _, _ := g.Stats(); return s >= frames/4 })
+			m := startMigration(t, src, dst, migrationOptions{size: testGuestMem, frames: frames,
+				rate: 5000, seed: 3, dstSeed: 4, log: &dirty.Options{Shared: true}})
+			waitFor(t, msg("traffic"), func() bool { s, _, _, _ := m.g.Stats(); return s >= frames/4 })
 
-			c1, c2 := net.Pipe()
-			defer c1.Close()
-			defer c2.Close()
-			var dstHash [32]byte
-			var dg *mdevtest.Guest
-			var dv *vcpus
-			errc := make(chan error, 1)
-			go func() {
-				_, err := mdev.MigrateDestination(context.Background(), c2, mdev.DestOptions{
-					Device: dst.dev, Memory: dst.mem,
-					Loaded: func() error { dstHash = memHash(dst.mem); return nil },
-					StartGuest: func() error {
-						var err error
-						if dg, err = mdevtest.Attach(dst.dev, dst.mem); err != nil {
-							return err
-						}
-						d2, err := mdevtest.NewDirtier(dst.mem, scratch, testGuestMem, 5000, 4)
-						if err != nil {
-							return err
-						}
-						dv = startVCPUs(t, dg, d2)
-						return nil
-					},
-				})
-				errc <- err
-			}()
-			rep, err := mdev.MigrateSource(context.Background(), c1, mdev.SourceOptions{
-				Device: src.dev, Memory: src.mem, Log: log,
-				Tracker:   dirty.TrackerOptions{Bandwidth: 2e9, DowntimeTarget: 2 * time.Millisecond, MaxRounds: 8},
-				StopGuest: v.stop,
-			})
-			require.NoError(t, err)
-			require.NoError(t, <-errc)
+			rep := m.switchOver(dirty.TrackerOptions{Bandwidth: 2e9, DowntimeTarget: 2 * time.Millisecond, MaxRounds: 8})
 			assert.Equal(t, mode, rep.Mode)
-			assert.Equal(t, memHash(src.mem), dstHash, "guest memory identical at switchover")
-			waitFor(t, func() string { return fmt.Sprint(dg.Stats()) }, dg.Done)
-			require.NoError(t, dv.stop())
-			require.NoError(t, dg.Verify())
+			m.finish()
 		})
 	}
 }

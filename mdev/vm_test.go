@@ -1,8 +1,6 @@
 package mdev_test
 
 import (
-	"context"
-	"net"
 	"testing"
 	"time"
 
@@ -76,59 +74,14 @@ func TestVMMigrateVDUSE(t *testing.T) {
 const vmGuestMem = 16 << 20
 
 func migrateKernel(t *testing.T, src, dst *side) {
-	const size = vmGuestMem
 	const frames = 3000
-	opts := &mdevtest.Options{Features: virtio.FAccessPlatform.Bit(), MaxFrames: frames}
-	g, err := mdevtest.Boot(src.dev, src.mem, frames, opts)
-	require.NoError(t, err)
-	scratch := mdevtest.Layout(opts)
-	dirtier, err := mdevtest.NewDirtier(src.mem, scratch, size, 2000, 1)
-	require.NoError(t, err)
-	log, err := dirty.New(size, nil)
-	require.NoError(t, err)
-	closeLogAfter(t, log, src, dst)
-	g.SetLog(log)
-	dirtier.SetLog(log)
-	v := startVCPUs(t, g, dirtier)
-	waitFor(t, msg("traffic on the source"), func() bool { s, _, _, _ := g.Stats(); return s >= frames/3 })
+	m := startMigration(t, src, dst, migrationOptions{size: vmGuestMem, frames: frames,
+		guest: &mdevtest.Options{Features: virtio.FAccessPlatform.Bit(), MaxFrames: frames},
+		rate:  2000, seed: 1, dstSeed: 2})
+	waitFor(t, msg("traffic on the source"), func() bool { s, _, _, _ := m.g.Stats(); return s >= frames/3 })
 
-	c1, c2 := net.Pipe()
-	defer c1.Close()
-	defer c2.Close()
-	var dstHash [32]byte
-	var dg *mdevtest.Guest
-	var dv *vcpus
-	errc := make(chan error, 1)
-	go func() {
-		_, err := mdev.MigrateDestination(context.Background(), c2, mdev.DestOptions{
-			Device: dst.dev, Memory: dst.mem,
-			Loaded: func() error { dstHash = memHash(dst.mem); return nil },
-			StartGuest: func() error {
-				var err error
-				if dg, err = mdevtest.Attach(dst.dev, dst.mem); err != nil {
-					return err
-				}
-				d2, err := mdevtest.NewDirtier(dst.mem, scratch, size, 2000, 2)
-				if err != nil {
-					return err
-				}
-				dv = startVCPUs(t, dg, d2)
-				return nil
-			},
-		})
-		errc <- err
-	}()
-	rep, err := mdev.MigrateSource(context.Background(), c1, mdev.SourceOptions{
-		Device: src.dev, Memory: src.mem, Log: log,
-		Tracker:   dirty.TrackerOptions{Bandwidth: 1e8, DowntimeTarget: 50 * time.Millisecond, MaxRounds: 5},
-		StopGuest: v.stop,
-	})
-	require.NoError(t, err)
-	require.NoError(t, <-errc)
+	rep := m.switchOver(dirty.TrackerOptions{Bandwidth: 1e8, DowntimeTarget: 50 * time.Millisecond, MaxRounds: 5})
 	assert.Equal(t, mdev.DirtyRelay, rep.Mode)
-	assert.Equal(t, memHash(src.mem), dstHash, "guest memory identical at switchover")
-	waitFor(t, msg("destination traffic"), dg.Done)
-	require.NoError(t, dv.stop())
-	require.NoError(t, dg.Verify())
+	m.finish()
 	t.Logf("downtime %v, %d rounds", rep.Downtime, len(rep.Rounds))
 }
