@@ -162,8 +162,8 @@ func (l *Local) QueueErr(i int) error {
 		return err
 	}
 	defer l.mu.Unlock()
-	if i < 0 || i >= len(l.queues) {
-		return fmt.Errorf("%w: queue %d of %d", ErrBadQueue, i, len(l.queues))
+	if err := l.checkIndex(i); err != nil {
+		return err
 	}
 	if l.queues[i].err != nil {
 		return l.queues[i].err
@@ -363,105 +363,71 @@ func (l *Local) SetMemory(mem *vring.Memory) error {
 	return nil
 }
 
-// queueLocked checks i and that the queue is not running.
-func (l *Local) queueLocked(i int) (*localQueue, error) {
+// checkIndex checks that i names one of the device's queues.
+func (l *Local) checkIndex(i int) error {
 	if i < 0 || i >= len(l.queues) {
-		return nil, fmt.Errorf("%w: queue %d of %d", ErrBadQueue, i, len(l.queues))
+		return fmt.Errorf("%w: queue %d of %d", ErrBadQueue, i, len(l.queues))
 	}
-	q := &l.queues[i]
-	if q.running {
-		return nil, fmt.Errorf("%w: queue %d", ErrQueueBusy, i)
-	}
-	return q, nil
+	return nil
 }
 
-// SetQueueNum implements Device: a power of two up to MaxQueueSize.
-func (l *Local) SetQueueNum(i int, size uint16) error {
+// configureQueue runs set on queue i with the device locked, after
+// checking that i names a queue and that the queue is not running: queue
+// configuration changes only while a queue is stopped.
+func (l *Local) configureQueue(i int, set func(q *localQueue) error) error {
 	if err := l.lock(); err != nil {
 		return err
 	}
 	defer l.mu.Unlock()
-	q, err := l.queueLocked(i)
-	if err != nil {
+	if err := l.checkIndex(i); err != nil {
 		return err
 	}
-	if !vring.ValidQueueSize(size) || size > l.h.MaxQueueSize() {
-		return fmt.Errorf("%w: queue %d size %d (power of two up to %d)", ErrBadQueue, i, size, l.h.MaxQueueSize())
+	q := &l.queues[i]
+	if q.running {
+		return fmt.Errorf("%w: queue %d", ErrQueueBusy, i)
 	}
-	q.num = size
-	return nil
+	return set(q)
+}
+
+// SetQueueNum implements Device: a power of two up to MaxQueueSize.
+func (l *Local) SetQueueNum(i int, size uint16) error {
+	return l.configureQueue(i, func(q *localQueue) error {
+		if !vring.ValidQueueSize(size) || size > l.h.MaxQueueSize() {
+			return fmt.Errorf("%w: queue %d size %d (power of two up to %d)", ErrBadQueue, i, size, l.h.MaxQueueSize())
+		}
+		q.num = size
+		return nil
+	})
 }
 
 // SetQueueAddr implements Device. Addresses are validated when the queue
 // starts, against the memory current then.
 func (l *Local) SetQueueAddr(i int, addr QueueAddr) error {
-	if err := l.lock(); err != nil {
-		return err
-	}
-	defer l.mu.Unlock()
-	q, err := l.queueLocked(i)
-	if err != nil {
-		return err
-	}
-	q.addr = addr
-	return nil
+	return l.configureQueue(i, func(q *localQueue) error { q.addr = addr; return nil })
 }
 
 // SetQueueBase implements Device.
 func (l *Local) SetQueueBase(i int, st QueueState) error {
-	if err := l.lock(); err != nil {
-		return err
-	}
-	defer l.mu.Unlock()
-	q, err := l.queueLocked(i)
-	if err != nil {
-		return err
-	}
-	q.state = st
-	return nil
+	return l.configureQueue(i, func(q *localQueue) error { q.state = st; return nil })
 }
 
 // QueueBase implements Device. The queue must not be running (Suspend
 // first): unlike vhost, Local does not stop a queue as a side effect of
 // reading its position.
 func (l *Local) QueueBase(i int) (QueueState, error) {
-	if err := l.lock(); err != nil {
-		return QueueState{}, err
-	}
-	defer l.mu.Unlock()
-	q, err := l.queueLocked(i)
-	if err != nil {
-		return QueueState{}, err
-	}
-	return q.state, nil
+	var st QueueState
+	err := l.configureQueue(i, func(q *localQueue) error { st = q.state; return nil })
+	return st, err
 }
 
 // SetQueueKick implements Device.
 func (l *Local) SetQueueKick(i int, kick *EventFD) error {
-	if err := l.lock(); err != nil {
-		return err
-	}
-	defer l.mu.Unlock()
-	q, err := l.queueLocked(i)
-	if err != nil {
-		return err
-	}
-	q.kick = kick
-	return nil
+	return l.configureQueue(i, func(q *localQueue) error { q.kick = kick; return nil })
 }
 
 // SetQueueCall implements Device.
 func (l *Local) SetQueueCall(i int, call *EventFD) error {
-	if err := l.lock(); err != nil {
-		return err
-	}
-	defer l.mu.Unlock()
-	q, err := l.queueLocked(i)
-	if err != nil {
-		return err
-	}
-	q.call = call
-	return nil
+	return l.configureQueue(i, func(q *localQueue) error { q.call = call; return nil })
 }
 
 // EnableQueue implements Device. Enabling a queue of a DRIVER_OK device
@@ -471,8 +437,8 @@ func (l *Local) EnableQueue(i int, enable bool) error {
 		return err
 	}
 	defer l.mu.Unlock()
-	if i < 0 || i >= len(l.queues) {
-		return fmt.Errorf("%w: queue %d of %d", ErrBadQueue, i, len(l.queues))
+	if err := l.checkIndex(i); err != nil {
+		return err
 	}
 	q := &l.queues[i]
 	if !enable {
