@@ -11,12 +11,17 @@
 // buffer (like vdpa_sim_net); Sink counts and discards; Responder answers
 // ARP requests and ICMP echo requests for its IPv4 address. In every mode
 // Inject delivers frames to the driver with back-pressure, so none is lost.
+//
+// Guest memory that faults (the front-end truncated its memory file) stops
+// the worker with an error matching vring.ErrMemoryFault, which the
+// handler reports through vdpa.QueueErrReporter; the process lives on.
 package vhostusertest
 
 import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 
@@ -60,10 +65,34 @@ type Handler struct {
 	ip       atomic.Uint32
 	errMu    sync.Mutex
 	err      error
+	fault    error // the memory fault that stopped the worker, or nil
 }
 
 func (h *Handler) setErr(err error) {
 	h.errMu.Lock()
+	if h.err == nil {
+		h.err = err
+	}
+	h.errMu.Unlock()
+}
+
+// QueueErr implements vdpa.QueueErrReporter: once guest memory faulted
+// (the front-end truncated the file behind it), the worker serving both
+// queues has stopped, and QueueErr returns the fault (matching
+// vring.ErrMemoryFault) for either queue until the queues are restarted or
+// the handler is reset.
+func (h *Handler) QueueErr(q int) error {
+	if q < 0 || q > 1 {
+		return errors.New("vhostusertest: no such queue")
+	}
+	h.errMu.Lock()
+	defer h.errMu.Unlock()
+	return h.fault
+}
+
+func (h *Handler) setFault(err error) {
+	h.errMu.Lock()
+	h.fault = err
 	if h.err == nil {
 		h.err = err
 	}
@@ -84,6 +113,8 @@ type queue struct {
 	dq         *vring.DeviceQueue
 	kick, call *vdpa.EventFD
 }
+
+var _ vdpa.QueueErrReporter = (*Handler)(nil)
 
 // New returns a handler in the given mode.
 func New(mode Mode, mac [6]byte) *Handler {
@@ -171,6 +202,9 @@ func (h *Handler) Reset() {
 	h.stopWorker()
 	h.queues = [2]*queue{}
 	h.features = 0
+	h.errMu.Lock()
+	h.fault = nil
+	h.errMu.Unlock()
 }
 
 // Counters returns the traffic counters.
@@ -204,6 +238,9 @@ func (h *Handler) stopWorker() {
 }
 
 func (h *Handler) startWorker() {
+	h.errMu.Lock()
+	h.fault = nil
+	h.errMu.Unlock()
 	if h.queues[0] == nil && h.queues[1] == nil {
 		return
 	}
@@ -254,6 +291,19 @@ func (w *worker) run(ctx context.Context, done chan struct{}) {
 		}
 	}
 	defer wg.Wait()
+	// Guest memory is the front-end's file, which it may truncate under
+	// the mapping: this goroutine turns the SIGBUS of a lost page into a
+	// panic, which loop recovers (once, for its whole run) into an error
+	// that stops the worker and is reported through QueueErr.
+	debug.SetPanicOnFault(true)
+	if err := w.loop(ctx); err != nil {
+		w.h.setFault(err)
+	}
+}
+
+// loop polls and sleeps until ctx ends (nil) or guest memory faults.
+func (w *worker) loop(ctx context.Context) (err error) {
+	defer vring.CatchFault(&err)
 	w.suppress(true)
 	idle := 0
 	for ctx.Err() == nil {
@@ -293,6 +343,7 @@ func (w *worker) run(ctx context.Context, done chan struct{}) {
 		w.suppress(true)
 		idle = 0
 	}
+	return nil
 }
 
 // suppress disables (on) or enables (off) driver notifications on both
