@@ -130,6 +130,36 @@ func (d *Device) lock() error {
 	return nil
 }
 
+// lockedCall runs fn with the device locked (ErrClosed after Close) and
+// maps the error of a call on the closed file to ErrClosed.
+func lockedCall[T any](d *Device, fn func() (T, error)) (T, error) {
+	if err := d.lock(); err != nil {
+		var zero T
+		return zero, err
+	}
+	defer d.mu.Unlock()
+	v, err := fn()
+	return v, vhostcore.ClosedErr(err)
+}
+
+// queueCall is lockedCall for an operation on queue q, which it checks
+// first.
+func queueCall[T any](d *Device, q int, fn func(q uint32) (T, error)) (T, error) {
+	return lockedCall(d, func() (T, error) {
+		if err := d.checkQueue(q); err != nil {
+			var zero T
+			return zero, err
+		}
+		return fn(uint32(q))
+	})
+}
+
+// queueDo is queueCall for an operation that returns only an error.
+func queueDo(d *Device, q int, fn func(q uint32) error) error {
+	_, err := queueCall(d, q, func(q uint32) (struct{}, error) { return struct{}{}, fn(q) })
+	return err
+}
+
 func (d *Device) checkQueue(q int) error {
 	if q < 0 || q >= d.nvqs {
 		return fmt.Errorf("%w: queue %d of %d", ErrQueueIndex, q, d.nvqs)
@@ -148,22 +178,14 @@ func (d *Device) OfferedBackendFeatures() BackendFeatures { return d.offered }
 
 // DeviceID is VHOST_VDPA_GET_DEVICE_ID.
 func (d *Device) DeviceID() (virtio.DeviceID, error) {
-	if err := d.lock(); err != nil {
-		return 0, err
-	}
-	defer d.mu.Unlock()
-	id, err := d.f.VDPAGetDeviceID()
-	return virtio.DeviceID(id), vhostcore.ClosedErr(err)
+	id, err := lockedCall(d, d.f.VDPAGetDeviceID)
+	return virtio.DeviceID(id), err
 }
 
 // Features is VHOST_GET_FEATURES: the device's offered features.
 func (d *Device) Features() (virtio.Features, error) {
-	if err := d.lock(); err != nil {
-		return 0, err
-	}
-	defer d.mu.Unlock()
-	f, err := d.f.GetFeatures()
-	return virtio.Features(f), vhostcore.ClosedErr(err)
+	f, err := lockedCall(d, d.f.GetFeatures)
+	return virtio.Features(f), err
 }
 
 // SetFeatures is VHOST_SET_FEATURES. f must be a subset of Features; the
@@ -185,12 +207,8 @@ func (d *Device) SetFeatures(f virtio.Features) error {
 
 // Status is VHOST_VDPA_GET_STATUS.
 func (d *Device) Status() (virtio.Status, error) {
-	if err := d.lock(); err != nil {
-		return 0, err
-	}
-	defer d.mu.Unlock()
-	s, err := d.f.VDPAGetStatus()
-	return virtio.Status(s), vhostcore.ClosedErr(err)
+	s, err := lockedCall(d, d.f.VDPAGetStatus)
+	return virtio.Status(s), err
 }
 
 // SetStatus is VHOST_VDPA_SET_STATUS. Status 0 resets the device; the
@@ -252,11 +270,7 @@ func (d *Device) Negotiate(want virtio.Features) (virtio.Features, error) {
 
 // ConfigSize is VHOST_VDPA_GET_CONFIG_SIZE (read at Open).
 func (d *Device) ConfigSize() (int, error) {
-	if err := d.lock(); err != nil {
-		return 0, err
-	}
-	defer d.mu.Unlock()
-	return d.cfgSize, nil
+	return lockedCall(d, func() (int, error) { return d.cfgSize, nil })
 }
 
 func (d *Device) checkConfig(off int, n int) error {
@@ -298,36 +312,20 @@ func (d *Device) WriteConfig(off int, p []byte) error {
 
 // NumQueues is VHOST_VDPA_GET_VQS_COUNT (read at Open).
 func (d *Device) NumQueues() (int, error) {
-	if err := d.lock(); err != nil {
-		return 0, err
-	}
-	defer d.mu.Unlock()
-	return d.nvqs, nil
+	return lockedCall(d, func() (int, error) { return d.nvqs, nil })
 }
 
 // MaxQueueSize is VHOST_VDPA_GET_VRING_NUM.
 func (d *Device) MaxQueueSize() (uint16, error) {
-	if err := d.lock(); err != nil {
-		return 0, err
-	}
-	defer d.mu.Unlock()
-	n, err := d.f.VDPAGetVringNum()
-	return n, vhostcore.ClosedErr(err)
+	return lockedCall(d, d.f.VDPAGetVringNum)
 }
 
 // QueueSize is VHOST_VDPA_GET_VRING_SIZE (Linux 6.8+): queue q's own
 // maximum size. Older kernels fail with ENOTTY.
 func (d *Device) QueueSize(q int) (uint16, error) {
-	if err := d.lock(); err != nil {
-		return 0, err
-	}
-	defer d.mu.Unlock()
-	if err := d.checkQueue(q); err != nil {
-		return 0, err
-	}
-	n, err := d.f.VDPAGetVringSize(uint32(q))
+	n, err := queueCall(d, q, d.f.VDPAGetVringSize)
 	if err != nil {
-		return 0, vhostcore.ClosedErr(err)
+		return 0, err
 	}
 	if n > vring.MaxQueueSize {
 		return 0, fmt.Errorf("vdpa/kernel: queue %d reports size %d", q, n)
@@ -437,27 +435,13 @@ func (d *Device) QueueBase(q int) (vdpa.QueueState, error) {
 // SetQueueKick is VHOST_SET_VRING_KICK: the kernel polls kick and notifies
 // the device. nil unbinds.
 func (d *Device) SetQueueKick(q int, kick *vdpa.EventFD) error {
-	if err := d.lock(); err != nil {
-		return err
-	}
-	defer d.mu.Unlock()
-	if err := d.checkQueue(q); err != nil {
-		return err
-	}
-	return vhostcore.ClosedErr(d.f.SetVringKick(uint32(q), vhostcore.Fd(kick)))
+	return queueDo(d, q, func(q uint32) error { return d.f.SetVringKick(q, vhostcore.Fd(kick)) })
 }
 
 // SetQueueCall is VHOST_SET_VRING_CALL: the kernel signals call when the
 // device interrupts. nil unbinds.
 func (d *Device) SetQueueCall(q int, call *vdpa.EventFD) error {
-	if err := d.lock(); err != nil {
-		return err
-	}
-	defer d.mu.Unlock()
-	if err := d.checkQueue(q); err != nil {
-		return err
-	}
-	return vhostcore.ClosedErr(d.f.SetVringCall(uint32(q), vhostcore.Fd(call)))
+	return queueDo(d, q, func(q uint32) error { return d.f.SetVringCall(q, vhostcore.Fd(call)) })
 }
 
 // SetConfigCall is VHOST_VDPA_SET_CONFIG_CALL: signalled when the device's
@@ -472,14 +456,7 @@ func (d *Device) SetConfigCall(call *vdpa.EventFD) error {
 
 // EnableQueue is VHOST_VDPA_SET_VRING_ENABLE.
 func (d *Device) EnableQueue(q int, enable bool) error {
-	if err := d.lock(); err != nil {
-		return err
-	}
-	defer d.mu.Unlock()
-	if err := d.checkQueue(q); err != nil {
-		return err
-	}
-	return vhostcore.ClosedErr(d.f.VDPASetVringEnable(uint32(q), enable))
+	return queueDo(d, q, func(q uint32) error { return d.f.VDPASetVringEnable(q, enable) })
 }
 
 // SetupQueue configures and enables queue q from a ring layout in one
@@ -517,50 +494,28 @@ func (d *Device) Resume() error {
 
 // NumGroups is VHOST_VDPA_GET_GROUP_NUM: the number of virtqueue groups.
 func (d *Device) NumGroups() (int, error) {
-	if err := d.lock(); err != nil {
-		return 0, err
-	}
-	defer d.mu.Unlock()
-	n, err := d.f.VDPAGetGroupNum()
-	return int(n), vhostcore.ClosedErr(err)
+	n, err := lockedCall(d, d.f.VDPAGetGroupNum)
+	return int(n), err
 }
 
 // NumAddressSpaces is VHOST_VDPA_GET_AS_NUM.
 func (d *Device) NumAddressSpaces() (int, error) {
-	if err := d.lock(); err != nil {
-		return 0, err
-	}
-	defer d.mu.Unlock()
-	n, err := d.f.VDPAGetASNum()
-	return int(n), vhostcore.ClosedErr(err)
+	n, err := lockedCall(d, d.f.VDPAGetASNum)
+	return int(n), err
 }
 
 // QueueGroup is VHOST_VDPA_GET_VRING_GROUP: the group queue q belongs to.
 func (d *Device) QueueGroup(q int) (int, error) {
-	if err := d.lock(); err != nil {
-		return 0, err
-	}
-	defer d.mu.Unlock()
-	if err := d.checkQueue(q); err != nil {
-		return 0, err
-	}
-	g, err := d.f.VDPAGetVringGroup(uint32(q))
-	return int(g), vhostcore.ClosedErr(err)
+	g, err := queueCall(d, q, d.f.VDPAGetVringGroup)
+	return int(g), err
 }
 
 // QueueDescGroup is VHOST_VDPA_GET_VRING_DESC_GROUP (Linux 6.7+): the
 // group of queue q's rings when they may be bound apart from its buffers.
 // Devices without that capability fail with EOPNOTSUPP.
 func (d *Device) QueueDescGroup(q int) (int, error) {
-	if err := d.lock(); err != nil {
-		return 0, err
-	}
-	defer d.mu.Unlock()
-	if err := d.checkQueue(q); err != nil {
-		return 0, err
-	}
-	g, err := d.f.VDPAGetVringDescGroup(uint32(q))
-	return int(g), vhostcore.ClosedErr(err)
+	g, err := queueCall(d, q, d.f.VDPAGetVringDescGroup)
+	return int(g), err
 }
 
 // SetGroupASID is VHOST_VDPA_SET_GROUP_ASID: binds a virtqueue group to an
