@@ -142,6 +142,12 @@ func lockedCall[T any](d *Device, fn func() (T, error)) (T, error) {
 	return v, vhostcore.ClosedErr(err)
 }
 
+// lockedDo is lockedCall for an operation that returns only an error.
+func lockedDo(d *Device, fn func() error) error {
+	_, err := lockedCall(d, func() (struct{}, error) { return struct{}{}, fn() })
+	return err
+}
+
 // queueCall is lockedCall for an operation on queue q, which it checks
 // first.
 func queueCall[T any](d *Device, q int, fn func(q uint32) (T, error)) (T, error) {
@@ -191,18 +197,16 @@ func (d *Device) Features() (virtio.Features, error) {
 // SetFeatures is VHOST_SET_FEATURES. f must be a subset of Features; the
 // kernel refuses changes once FEATURES_OK is set (EBUSY).
 func (d *Device) SetFeatures(f virtio.Features) error {
-	if err := d.lock(); err != nil {
-		return err
-	}
-	defer d.mu.Unlock()
-	off, err := d.f.GetFeatures()
-	if err != nil {
-		return vhostcore.ClosedErr(err)
-	}
-	if extra := uint64(f) &^ off; extra != 0 {
-		return fmt.Errorf("%w: %s not offered", ErrFeatures, virtio.Features(extra).Format(virtio.DeviceNet))
-	}
-	return vhostcore.ClosedErr(d.f.SetFeatures(uint64(f)))
+	return lockedDo(d, func() error {
+		off, err := d.f.GetFeatures()
+		if err != nil {
+			return err
+		}
+		if extra := uint64(f) &^ off; extra != 0 {
+			return fmt.Errorf("%w: %s not offered", ErrFeatures, virtio.Features(extra).Format(virtio.DeviceNet))
+		}
+		return d.f.SetFeatures(uint64(f))
+	})
 }
 
 // Status is VHOST_VDPA_GET_STATUS.
@@ -282,32 +286,28 @@ func (d *Device) checkConfig(off int, n int) error {
 
 // ReadConfig is VHOST_VDPA_GET_CONFIG.
 func (d *Device) ReadConfig(off int, p []byte) error {
-	if err := d.lock(); err != nil {
-		return err
-	}
-	defer d.mu.Unlock()
-	if err := d.checkConfig(off, len(p)); err != nil {
-		return err
-	}
-	if len(p) == 0 {
-		return nil
-	}
-	return vhostcore.ClosedErr(d.f.VDPAGetConfig(uint32(off), p))
+	return lockedDo(d, func() error {
+		if err := d.checkConfig(off, len(p)); err != nil {
+			return err
+		}
+		if len(p) == 0 {
+			return nil
+		}
+		return d.f.VDPAGetConfig(uint32(off), p)
+	})
 }
 
 // WriteConfig is VHOST_VDPA_SET_CONFIG.
 func (d *Device) WriteConfig(off int, p []byte) error {
-	if err := d.lock(); err != nil {
-		return err
-	}
-	defer d.mu.Unlock()
-	if err := d.checkConfig(off, len(p)); err != nil {
-		return err
-	}
-	if len(p) == 0 {
-		return nil
-	}
-	return vhostcore.ClosedErr(d.f.VDPASetConfig(uint32(off), p))
+	return lockedDo(d, func() error {
+		if err := d.checkConfig(off, len(p)); err != nil {
+			return err
+		}
+		if len(p) == 0 {
+			return nil
+		}
+		return d.f.VDPASetConfig(uint32(off), p)
+	})
 }
 
 // NumQueues is VHOST_VDPA_GET_VQS_COUNT (read at Open).
@@ -335,21 +335,16 @@ func (d *Device) QueueSize(q int) (uint16, error) {
 
 // SetQueueNum is VHOST_SET_VRING_NUM.
 func (d *Device) SetQueueNum(q int, size uint16) error {
-	if err := d.lock(); err != nil {
-		return err
-	}
-	defer d.mu.Unlock()
-	if err := d.checkQueue(q); err != nil {
-		return err
-	}
-	if !vring.ValidQueueSize(size) {
-		return fmt.Errorf("%w: queue %d size %d is not a power of two in 1..%d", ErrQueueLayout, q, size, vring.MaxQueueSize)
-	}
-	if err := d.f.SetVringNum(uint32(q), uint32(size)); err != nil {
-		return vhostcore.ClosedErr(err)
-	}
-	d.queues[q].num = size
-	return nil
+	return queueDo(d, q, func(uint32) error {
+		if !vring.ValidQueueSize(size) {
+			return fmt.Errorf("%w: queue %d size %d is not a power of two in 1..%d", ErrQueueLayout, q, size, vring.MaxQueueSize)
+		}
+		if err := d.f.SetVringNum(uint32(q), uint32(size)); err != nil {
+			return err
+		}
+		d.queues[q].num = size
+		return nil
+	})
 }
 
 // SetQueueAddr is VHOST_SET_VRING_ADDR. The addresses are IOVAs, that is
@@ -357,79 +352,64 @@ func (d *Device) SetQueueNum(q int, size uint16) error {
 // memory are known, the areas are checked for alignment and against guest
 // memory first.
 func (d *Device) SetQueueAddr(q int, a vdpa.QueueAddr) error {
-	if err := d.lock(); err != nil {
-		return err
-	}
-	defer d.mu.Unlock()
-	if err := d.checkQueue(q); err != nil {
-		return err
-	}
-	if n := d.queues[q].num; n != 0 {
-		l := vring.Layout{Size: n, Desc: a.Desc, Avail: a.Avail, Used: a.Used}
-		if err := l.Validate(); err != nil {
-			return fmt.Errorf("%w: queue %d: %w", ErrQueueLayout, q, err)
-		}
-		if mem, asid := d.memFor(q); mem != nil {
-			ds, as, us := vring.SplitSizes(n)
-			if !mem.Contains(a.Desc, ds) || !mem.Contains(a.Avail, as) || !mem.Contains(a.Used, us) {
-				return fmt.Errorf("%w: queue %d rings outside the memory of its address space %d", ErrQueueLayout, q, asid)
+	return queueDo(d, q, func(uint32) error {
+		if n := d.queues[q].num; n != 0 {
+			l := vring.Layout{Size: n, Desc: a.Desc, Avail: a.Avail, Used: a.Used}
+			if err := l.Validate(); err != nil {
+				return fmt.Errorf("%w: queue %d: %w", ErrQueueLayout, q, err)
+			}
+			if mem, asid := d.memFor(q); mem != nil {
+				ds, as, us := vring.SplitSizes(n)
+				if !mem.Contains(a.Desc, ds) || !mem.Contains(a.Avail, as) || !mem.Contains(a.Used, us) {
+					return fmt.Errorf("%w: queue %d rings outside the memory of its address space %d", ErrQueueLayout, q, asid)
+				}
 			}
 		}
-	}
-	err := d.f.SetVringAddr(vhostsys.VringAddr{
-		Index:         uint32(q),
-		DescUserAddr:  uint64(a.Desc),
-		UsedUserAddr:  uint64(a.Used),
-		AvailUserAddr: uint64(a.Avail),
+		err := d.f.SetVringAddr(vhostsys.VringAddr{
+			Index:         uint32(q),
+			DescUserAddr:  uint64(a.Desc),
+			UsedUserAddr:  uint64(a.Used),
+			AvailUserAddr: uint64(a.Avail),
+		})
+		if err != nil {
+			return err
+		}
+		d.queues[q].addr, d.queues[q].set = a, true
+		return nil
 	})
-	if err != nil {
-		return vhostcore.ClosedErr(err)
-	}
-	d.queues[q].addr, d.queues[q].set = a, true
-	return nil
 }
 
 // SetQueueBase is VHOST_SET_VRING_BASE. vhost-vdpa restores only the
 // available index of a split ring and restarts the used index from it, so
 // a state with NextUsed != NextAvail is refused with ErrInFlight.
 func (d *Device) SetQueueBase(q int, st vdpa.QueueState) error {
-	if err := d.lock(); err != nil {
-		return err
-	}
-	defer d.mu.Unlock()
-	if err := d.checkQueue(q); err != nil {
-		return err
-	}
-	if st.NextUsed != st.NextAvail {
-		return fmt.Errorf("%w: queue %d next avail %d, next used %d", ErrInFlight, q, st.NextAvail, st.NextUsed)
-	}
-	return vhostcore.ClosedErr(d.f.SetVringBase(uint32(q), uint32(st.NextAvail)))
+	return queueDo(d, q, func(uint32) error {
+		if st.NextUsed != st.NextAvail {
+			return fmt.Errorf("%w: queue %d next avail %d, next used %d", ErrInFlight, q, st.NextAvail, st.NextUsed)
+		}
+		return d.f.SetVringBase(uint32(q), uint32(st.NextAvail))
+	})
 }
 
 // QueueBase reads queue q's position: NextAvail from VHOST_GET_VRING_BASE,
 // NextUsed from the used ring's idx in guest memory (the device publishes
 // it there). Call it on a suspended device for a stable answer.
 func (d *Device) QueueBase(q int) (vdpa.QueueState, error) {
-	if err := d.lock(); err != nil {
-		return vdpa.QueueState{}, err
-	}
-	defer d.mu.Unlock()
-	if err := d.checkQueue(q); err != nil {
-		return vdpa.QueueState{}, err
-	}
-	n, err := d.f.GetVringBase(uint32(q))
-	if err != nil {
-		return vdpa.QueueState{}, vhostcore.ClosedErr(err)
-	}
-	st := vdpa.QueueState{NextAvail: uint16(n), NextUsed: uint16(n)}
-	if mem, _ := d.memFor(q); d.queues[q].set && mem != nil {
-		used, err := vhostcore.UsedIdx(mem, d.queues[q].addr.Used)
+	return queueCall(d, q, func(uint32) (vdpa.QueueState, error) {
+		n, err := d.f.GetVringBase(uint32(q))
 		if err != nil {
-			return vdpa.QueueState{}, fmt.Errorf("vdpa/kernel: queue %d: %w", q, err)
+			return vdpa.QueueState{}, err
 		}
-		st.NextUsed = used
-	}
-	return st, nil
+		st := vdpa.QueueState{NextAvail: uint16(n), NextUsed: uint16(n)}
+		if mem, _ := d.memFor(q); d.queues[q].set && mem != nil {
+			used, err := vhostcore.UsedIdx(mem, d.queues[q].addr.Used)
+			if err != nil {
+				return vdpa.QueueState{}, fmt.Errorf("vdpa/kernel: queue %d: %w", q, err)
+			}
+			st.NextUsed = used
+		}
+		return st, nil
+	})
 }
 
 // SetQueueKick is VHOST_SET_VRING_KICK: the kernel polls kick and notifies
@@ -447,11 +427,9 @@ func (d *Device) SetQueueCall(q int, call *vdpa.EventFD) error {
 // SetConfigCall is VHOST_VDPA_SET_CONFIG_CALL: signalled when the device's
 // configuration changes. nil unbinds.
 func (d *Device) SetConfigCall(call *vdpa.EventFD) error {
-	if err := d.lock(); err != nil {
-		return err
-	}
-	defer d.mu.Unlock()
-	return vhostcore.ClosedErr(d.f.VDPASetConfigCall(vhostcore.Fd(call)))
+	return lockedDo(d, func() error {
+		return d.f.VDPASetConfigCall(vhostcore.Fd(call))
+	})
 }
 
 // EnableQueue is VHOST_VDPA_SET_VRING_ENABLE.
@@ -469,27 +447,23 @@ func (d *Device) SetupQueue(q int, l vring.Layout, st vdpa.QueueState, kick, cal
 // and keeps their state, which QueueBase then reads. It needs the SUSPEND
 // backend feature.
 func (d *Device) Suspend() error {
-	if err := d.lock(); err != nil {
-		return err
-	}
-	defer d.mu.Unlock()
-	if !d.backend.Has(BackendSuspend) {
-		return fmt.Errorf("VHOST_VDPA_SUSPEND: %w", ErrNotSupported)
-	}
-	return vhostcore.ClosedErr(d.f.VDPASuspend())
+	return lockedDo(d, func() error {
+		if !d.backend.Has(BackendSuspend) {
+			return fmt.Errorf("VHOST_VDPA_SUSPEND: %w", ErrNotSupported)
+		}
+		return d.f.VDPASuspend()
+	})
 }
 
 // Resume is VHOST_VDPA_RESUME: a suspended device continues where it
 // stopped. It needs the RESUME backend feature.
 func (d *Device) Resume() error {
-	if err := d.lock(); err != nil {
-		return err
-	}
-	defer d.mu.Unlock()
-	if !d.backend.Has(BackendResume) {
-		return fmt.Errorf("VHOST_VDPA_RESUME: %w", ErrNotSupported)
-	}
-	return vhostcore.ClosedErr(d.f.VDPAResume())
+	return lockedDo(d, func() error {
+		if !d.backend.Has(BackendResume) {
+			return fmt.Errorf("VHOST_VDPA_RESUME: %w", ErrNotSupported)
+		}
+		return d.f.VDPAResume()
+	})
 }
 
 // NumGroups is VHOST_VDPA_GET_GROUP_NUM: the number of virtqueue groups.
@@ -521,18 +495,16 @@ func (d *Device) QueueDescGroup(q int) (int, error) {
 // SetGroupASID is VHOST_VDPA_SET_GROUP_ASID: binds a virtqueue group to an
 // address space. It needs the IOTLB_ASID backend feature.
 func (d *Device) SetGroupASID(group, asid uint32) error {
-	if err := d.lock(); err != nil {
-		return err
-	}
-	defer d.mu.Unlock()
-	if !d.backend.Has(BackendIOTLBASID) {
-		return fmt.Errorf("VHOST_VDPA_SET_GROUP_ASID: %w", ErrNotSupported)
-	}
-	if err := d.f.VDPASetGroupASID(group, asid); err != nil {
-		return vhostcore.ClosedErr(err)
-	}
-	d.groupASID[group] = asid
-	return nil
+	return lockedDo(d, func() error {
+		if !d.backend.Has(BackendIOTLBASID) {
+			return fmt.Errorf("VHOST_VDPA_SET_GROUP_ASID: %w", ErrNotSupported)
+		}
+		if err := d.f.VDPASetGroupASID(group, asid); err != nil {
+			return err
+		}
+		d.groupASID[group] = asid
+		return nil
+	})
 }
 
 // memFor returns the memory mapped in queue q's address space (its group's
