@@ -158,20 +158,15 @@ func (l *Local) Status() (virtio.Status, error) {
 // QueueErr returns the error that stopped queue i: a failed start (invalid
 // rings) or, from a QueueErrReporter handler, a data-path error.
 func (l *Local) QueueErr(i int) error {
-	if err := l.lock(); err != nil {
-		return err
-	}
-	defer l.mu.Unlock()
-	if err := l.checkIndex(i); err != nil {
-		return err
-	}
-	if l.queues[i].err != nil {
-		return l.queues[i].err
-	}
-	if r, ok := l.h.(QueueErrReporter); ok && l.queues[i].running {
-		return r.QueueErr(i)
-	}
-	return nil
+	return l.withQueue(i, func(q *localQueue) error {
+		if q.err != nil {
+			return q.err
+		}
+		if r, ok := l.h.(QueueErrReporter); ok && q.running {
+			return r.QueueErr(i)
+		}
+		return nil
+	})
 }
 
 // SetStatus implements Device. Zero resets the device (every queue stops,
@@ -363,30 +358,28 @@ func (l *Local) SetMemory(mem *vring.Memory) error {
 	return nil
 }
 
-// checkIndex checks that i names one of the device's queues.
-func (l *Local) checkIndex(i int) error {
-	if i < 0 || i >= len(l.queues) {
-		return fmt.Errorf("%w: queue %d of %d", ErrBadQueue, i, len(l.queues))
-	}
-	return nil
-}
-
-// configureQueue runs set on queue i with the device locked, after
-// checking that i names a queue and that the queue is not running: queue
-// configuration changes only while a queue is stopped.
-func (l *Local) configureQueue(i int, set func(q *localQueue) error) error {
+// withQueue runs fn on queue i with the device locked, after checking that
+// i names one of its queues.
+func (l *Local) withQueue(i int, fn func(q *localQueue) error) error {
 	if err := l.lock(); err != nil {
 		return err
 	}
 	defer l.mu.Unlock()
-	if err := l.checkIndex(i); err != nil {
-		return err
+	if i < 0 || i >= len(l.queues) {
+		return fmt.Errorf("%w: queue %d of %d", ErrBadQueue, i, len(l.queues))
 	}
-	q := &l.queues[i]
-	if q.running {
-		return fmt.Errorf("%w: queue %d", ErrQueueBusy, i)
-	}
-	return set(q)
+	return fn(&l.queues[i])
+}
+
+// configureQueue is withQueue for a queue that must not be running: queue
+// configuration changes only while a queue is stopped.
+func (l *Local) configureQueue(i int, set func(q *localQueue) error) error {
+	return l.withQueue(i, func(q *localQueue) error {
+		if q.running {
+			return fmt.Errorf("%w: queue %d", ErrQueueBusy, i)
+		}
+		return set(q)
+	})
 }
 
 // SetQueueNum implements Device: a power of two up to MaxQueueSize.
@@ -433,23 +426,17 @@ func (l *Local) SetQueueCall(i int, call *EventFD) error {
 // EnableQueue implements Device. Enabling a queue of a DRIVER_OK device
 // starts it; disabling stops it and keeps its state for QueueBase.
 func (l *Local) EnableQueue(i int, enable bool) error {
-	if err := l.lock(); err != nil {
-		return err
-	}
-	defer l.mu.Unlock()
-	if err := l.checkIndex(i); err != nil {
-		return err
-	}
-	q := &l.queues[i]
-	if !enable {
-		q.enabled = false
-		return l.stopLocked(i)
-	}
-	q.enabled = true
-	if l.live() && !q.running {
-		return l.startLocked(i)
-	}
-	return nil
+	return l.withQueue(i, func(q *localQueue) error {
+		if !enable {
+			q.enabled = false
+			return l.stopLocked(i)
+		}
+		q.enabled = true
+		if l.live() && !q.running {
+			return l.startLocked(i)
+		}
+		return nil
+	})
 }
 
 // Suspend implements Suspender: every running queue stops with its state
