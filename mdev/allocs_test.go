@@ -4,11 +4,6 @@ import (
 	"testing"
 
 	"github.com/stretchr/testify/assert"
-	"github.com/stretchr/testify/require"
-
-	"github.com/vdpakit/vdpakit/dirty"
-	"github.com/vdpakit/vdpakit/mdev"
-	"github.com/vdpakit/vdpakit/mdev/mdevtest"
 )
 
 // The shadow relay's data path (complete, forward, publish for every frame)
@@ -21,14 +16,7 @@ func TestRelayDataPathAllocatesNothing(t *testing.T) {
 	if raceEnabled {
 		t.Skip("the race detector allocates on synchronization")
 	}
-	s := newSide(t, testGuestMem, mdev.DirtyRelay)
-	g, err := mdevtest.Boot(s.dev, s.mem, 0, nil)
-	require.NoError(t, err)
-	log, err := dirty.New(testGuestMem, nil)
-	require.NoError(t, err)
-	closeLogAfter(t, log, s)
-	_, err = s.dev.StartDirtyTracking(log)
-	require.NoError(t, err)
+	_, g := trackedSide(t, 0)
 	step := func(n uint64) {
 		s0, _, _, _ := g.Stats()
 		for {

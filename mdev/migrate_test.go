@@ -48,6 +48,22 @@ func newSide(t testing.TB, size uint64, mode mdev.DirtyMode) *side {
 	return &side{mem: mem, sn: sn, dev: dev}
 }
 
+// trackedSide is a software-backed side in relay mode with a guest booted
+// for frames and dirty tracking started into a log over all its memory,
+// closed after the side.
+func trackedSide(t testing.TB, frames uint64) (*side, *mdevtest.Guest) {
+	t.Helper()
+	s := newSide(t, testGuestMem, mdev.DirtyRelay)
+	g, err := mdevtest.Boot(s.dev, s.mem, frames, nil)
+	require.NoError(t, err)
+	log, err := dirty.New(testGuestMem, nil)
+	require.NoError(t, err)
+	closeLogAfter(t, log, s)
+	_, err = s.dev.StartDirtyTracking(log)
+	require.NoError(t, err)
+	return s, g
+}
+
 // closeLogAfter closes log when the test ends, after the devices that may
 // still write into it (a relay or a logging backing device) are closed.
 func closeLogAfter(tb testing.TB, log *dirty.Bitmap, sides ...*side) {
@@ -300,14 +316,7 @@ func TestDestinationRejectsBadPages(t *testing.T) {
 // avail.idx jumps by more than the queue size, virtio 1.2 §2.7.13.3) gets
 // DEVICE_NEEDS_RESET with the ring error, never a panic or a hang.
 func TestRelayHostileGuestNeedsReset(t *testing.T) {
-	s := newSide(t, testGuestMem, mdev.DirtyRelay)
-	g, err := mdevtest.Boot(s.dev, s.mem, 100, nil)
-	require.NoError(t, err)
-	log, err := dirty.New(testGuestMem, nil)
-	require.NoError(t, err)
-	closeLogAfter(t, log, s)
-	_, err = s.dev.StartDirtyTracking(log)
-	require.NoError(t, err)
+	s, g := trackedSide(t, 100)
 	for !g.Done() {
 		g.Step()
 	}
