@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 
@@ -214,17 +215,33 @@ func (run *relayRun) waiter(ev *vdpa.EventFD) {
 }
 
 // worker runs relay passes, one per wake-up, until the relay stops.
+//
+// Guest memory may be a file its owner (a VMM, a vhost-user front-end)
+// truncates under the mapping. The worker turns on
+// runtime/debug.SetPanicOnFault for its goroutine and loop recovers a
+// fault once for the worker's lifetime (nothing per pass or chain): it
+// fails the relay with an error matching vring.ErrMemoryFault, reported
+// like any relay error, and the process lives on.
 func (run *relayRun) worker(d *Device) {
 	defer run.wg.Done()
+	debug.SetPanicOnFault(true) // this goroutine only; it ends with the relay
+	if err := run.loop(); err != nil {
+		run.fail(d, err)
+	}
+}
+
+// loop runs the passes until the relay stops (nil) or one fails.
+func (run *relayRun) loop() (err error) {
+	defer vring.CatchFault(&err)
 	for range run.wake {
 		if run.stopping.Load() {
-			return
+			return nil
 		}
 		if err := run.pass(); err != nil {
-			run.fail(d, err)
-			return
+			return err
 		}
 	}
+	return nil
 }
 
 // fail records the relay's first error and reports it to the device. It is
@@ -390,7 +407,8 @@ func (r *relay) stop(d *Device) error {
 			continue
 		}
 		st := bases[rq.idx]
-		if err := rq.complete(); err != nil {
+		// On the caller's goroutine: guarded against a memory fault.
+		if err := vring.Guard(rq.complete); err != nil {
 			firstErr = err
 			break
 		}
