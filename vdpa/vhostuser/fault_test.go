@@ -1,0 +1,124 @@
+package vhostuser
+
+import (
+	"context"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
+
+	"github.com/vdpakit/vdpakit/vdpa"
+	"github.com/vdpakit/vdpakit/vdpa/softnet"
+	"github.com/vdpakit/vdpakit/vdpa/vhostuser/vhostusertest"
+	"github.com/vdpakit/vdpakit/virtio"
+	"github.com/vdpakit/vdpakit/vring"
+)
+
+// newShrinkableDriver is newTestDriver with guest memory in a memfd made
+// without MFD_ALLOW_SEALING (as some front-ends make them): nobody can seal
+// it, and the returned fd lets the test truncate it after SET_MEM_TABLE.
+func newShrinkableDriver(t *testing.T, uc *net.UnixConn, want virtio.Features) (*testDriver, int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	fe, err := NewFrontend(ctx, uc, nil)
+	require.NoError(t, err)
+	t.Cleanup(func() { fe.Close() })
+	d := &testDriver{t: t, fe: fe}
+	fd, err := unix.MemfdCreate("front-end", unix.MFD_CLOEXEC)
+	require.NoError(t, err)
+	t.Cleanup(func() { unix.Close(fd) })
+	require.NoError(t, unix.Ftruncate(fd, 4<<20))
+	reg, err := vring.NewFdRegion(0x100000, 4<<20, fd, 0, nil)
+	require.NoError(t, err)
+	require.False(t, reg.Sealed())
+	d.mem, err = vring.NewMemory(reg)
+	require.NoError(t, err)
+	t.Cleanup(func() { d.mem.Close() })
+
+	offered, err := fe.Features()
+	require.NoError(t, err)
+	d.features = offered & want
+	d.hdrLen = virtio.NetHdrLen(d.features)
+	require.NoError(t, fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver))
+	require.NoError(t, fe.SetFeatures(d.features))
+	require.NoError(t, fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK))
+	require.NoError(t, fe.SetMemory(d.mem))
+	ringBytes := vring.ContiguousLayoutBytes(testQueueSize)
+	for q := 0; q < 2; q++ {
+		base := vring.GuestAddr(0x100000 + uint64(q)*((ringBytes+4095)&^4095))
+		d.layouts[q] = vring.ContiguousLayout(base, testQueueSize)
+		d.dqs[q], err = vring.NewDriverQueue(d.mem, vring.DriverQueueOptions{Index: q, Layout: d.layouts[q], Features: d.features})
+		require.NoError(t, err)
+		d.kicks[q], err = vdpa.NewEventFD()
+		require.NoError(t, err)
+		d.calls[q], err = vdpa.NewEventFD()
+		require.NoError(t, err)
+		k, c := d.kicks[q], d.calls[q]
+		t.Cleanup(func() { k.Close(); c.Close() })
+		d.bufBase = base + vring.GuestAddr((ringBytes+4095)&^4095)
+	}
+	d.nextBuf = d.bufBase
+	return d, fd
+}
+
+// A front-end truncates its guest memory file after SET_MEM_TABLE, while
+// the back-end's device runs. The device's next access faults; instead of
+// the back-end process dying of SIGBUS, the queue is reported broken: the
+// SET_VRING_ERR eventfd is signalled and GET_STATUS shows
+// DEVICE_NEEDS_RESET (virtio 1.2 §2.1.2), and the back-end keeps serving.
+func TestBackendSurvivesTruncatedMemory(t *testing.T) {
+	handlers := []struct {
+		name string
+		h    func(t *testing.T) vdpa.Handler
+	}{
+		{"softnet", func(t *testing.T) vdpa.Handler {
+			dev, err := softnet.New(&softnet.Options{MaxQueueSize: 1024})
+			require.NoError(t, err)
+			return dev
+		}},
+		{"vhostusertest", func(*testing.T) vdpa.Handler {
+			return vhostusertest.New(vhostusertest.Loopback, [6]byte{2, 0, 0, 0, 0, 1})
+		}},
+	}
+	for _, tc := range handlers {
+		t.Run(tc.name, func(t *testing.T) {
+			h := tc.h(t)
+			_, uc, _ := startBackend(t, h, nil)
+			d, fd := newShrinkableDriver(t, uc, virtio.Features(0).With(virtio.FVersion1, virtio.NetFMAC))
+			errFd, err := vdpa.NewEventFD()
+			require.NoError(t, err)
+			defer errFd.Close()
+			require.NoError(t, d.fe.SetQueueErr(1, errFd))
+			d.startQueue(0)
+			d.startQueue(1)
+			require.NoError(t, d.fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK|virtio.StatusDriverOK))
+			d.postRx(4)
+			frame := make([]byte, 60)
+			copy(frame, []byte{2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x88, 0xb5})
+			d.send(frame)
+			d.reclaim(1, 1)
+			d.reclaim(0, 1)
+
+			// The whole file goes; the driver kicks the transmit queue.
+			require.NoError(t, unix.Ftruncate(fd, 0))
+			require.NoError(t, d.kicks[1].Signal())
+
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			_, err = errFd.Wait(ctx)
+			require.NoError(t, err, "SET_VRING_ERR eventfd not signalled")
+			st, err := d.fe.Status()
+			require.NoError(t, err)
+			assert.NotZero(t, st&virtio.StatusDeviceNeedsReset, "status %v", st)
+			r, ok := h.(vdpa.QueueErrReporter)
+			require.True(t, ok)
+			assert.ErrorIs(t, r.QueueErr(1), vring.ErrMemoryFault)
+			// The session is alive: a reset is answered.
+			require.NoError(t, d.fe.SetStatus(0))
+		})
+	}
+}
