@@ -136,7 +136,9 @@ type DeviceQueue struct {
 
 // NewDeviceQueue validates opts against mem and returns the device side of
 // the queue. It enables notifications (clears NO_NOTIFY; with EVENT_IDX
-// writes avail_event = State.NextAvail) like vhost does on start.
+// writes avail_event = State.NextAvail) like vhost does on start; a memory
+// fault doing so (ring pages truncated away by the memory's owner) is an
+// error matching ErrMemoryFault.
 func NewDeviceQueue(mem *Memory, opts DeviceQueueOptions) (*DeviceQueue, error) {
 	r, err := newRing(mem, opts.Layout)
 	if err != nil {
@@ -159,7 +161,13 @@ func NewDeviceQueue(mem *Memory, opts DeviceQueueOptions) (*DeviceQueue, error) 
 		q.flagsWord = r.availIdxWord
 	}
 	q.reset(opts.State)
-	if err := q.enable(); err != nil {
+	// The first write to the ring, on the caller's (server's) goroutine:
+	// guarded, so ring pages a peer already truncated away fail the call
+	// with ErrMemoryFault instead of killing the process.
+	if err := Guard(q.enable); err != nil {
+		if _, ok := err.(*FaultError); ok {
+			return nil, fmt.Errorf("vring: queue %d: enable notifications: %w", opts.Index, err)
+		}
 		return nil, err
 	}
 	return q, nil

@@ -8,6 +8,8 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
+
+	"github.com/vdpakit/vdpakit/virtio"
 )
 
 // peerMemfd creates a memfd of size bytes the way a peer might: flags
@@ -183,4 +185,20 @@ func TestTruncatedRingFaultIsError(t *testing.T) {
 	})
 	assert.ErrorIs(t, err, ErrMemoryFault)
 	assert.ErrorIs(t, Guard(func() error { _, err := dq.EnableNotify(); return err }), ErrMemoryFault)
+}
+
+// TestNewDeviceQueueOnTruncatedRing: a server creating a queue whose ring
+// pages are already gone gets an error, not a SIGBUS.
+func TestNewDeviceQueueOnTruncatedRing(t *testing.T) {
+	for _, f := range []virtio.Features{0, virtio.Features(0).With(virtio.FEventIdx)} {
+		fd := peerMemfd(t, 4*4096, 0)
+		r, err := NewFdRegion(0, 4*4096, fd, 0, nil)
+		require.NoError(t, err)
+		mem, err := NewMemory(r)
+		require.NoError(t, err)
+		require.NoError(t, unix.Ftruncate(fd, 0))
+		_, err = NewDeviceQueue(mem, DeviceQueueOptions{Layout: ContiguousLayout(0, 16), Features: f})
+		assert.ErrorIs(t, err, ErrMemoryFault, "features %v", f)
+		require.NoError(t, mem.Close())
+	}
 }
