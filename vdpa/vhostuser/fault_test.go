@@ -122,3 +122,26 @@ func TestBackendSurvivesTruncatedMemory(t *testing.T) {
 		})
 	}
 }
+
+// A front-end that truncates its memory before the rings start: starting
+// the ring reads used.idx (and then writes the ring) on the back-end's
+// session goroutine, which faults; vring's guarded Memory.Read and
+// NewDeviceQueue turn that into an error. The back-end answers the message with a failure instead of
+// dying, and goes on serving the session.
+func TestBackendSurvivesMemoryTruncatedBeforeStart(t *testing.T) {
+	dev, err := softnet.New(&softnet.Options{MaxQueueSize: 1024})
+	require.NoError(t, err)
+	be, uc, _ := startBackend(t, dev, nil)
+	d, fd := newShrinkableDriver(t, uc, virtio.Features(0).With(virtio.FVersion1, virtio.NetFMAC))
+	require.NoError(t, unix.Ftruncate(fd, 0))
+	l := d.layouts[1]
+	require.NoError(t, d.fe.SetQueueNum(1, l.Size))
+	require.NoError(t, d.fe.SetQueueAddr(1, vdpa.QueueAddr{Desc: l.Desc, Avail: l.Avail, Used: l.Used}))
+	require.NoError(t, d.fe.SetQueueBase(1, vdpa.QueueState{}))
+	require.NoError(t, d.fe.SetQueueCall(1, d.calls[1]))
+	require.NoError(t, d.fe.SetQueueKick(1, d.kicks[1]))
+	assert.Error(t, d.fe.EnableQueue(1, true), "the ring cannot start")
+	assert.Zero(t, be.Info().RunningQueues)
+	_, err = d.fe.Features()
+	assert.NoError(t, err, "the session goes on")
+}
