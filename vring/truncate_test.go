@@ -202,3 +202,20 @@ func TestNewDeviceQueueOnTruncatedRing(t *testing.T) {
 		require.NoError(t, mem.Close())
 	}
 }
+
+// BenchmarkMemoryRead64 measures a 64-byte Memory.Read, which runs under
+// its own fault guard (SetPanicOnFault on and off, a deferred recover).
+func BenchmarkMemoryRead64(b *testing.B) {
+	r, err := NewMemfdRegion(0, 1<<16, nil)
+	require.NoError(b, err)
+	mem, err := NewMemory(r)
+	require.NoError(b, err)
+	defer mem.Close()
+	p := make([]byte, 64)
+	b.ReportAllocs()
+	for b.Loop() {
+		if err := mem.Read(0x100, p); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
