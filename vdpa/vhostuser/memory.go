@@ -62,6 +62,14 @@ func mapMemTable(rs []MemoryRegion, fds []int) (*peerMemory, error) {
 				return nil, msgErr(ReqSetMemTable, ErrBadRegion, "regions %d and %d overlap in user address space", j, i)
 			}
 		}
+		// Seal against shrinking before the size check, so the size seen
+		// stays true for as long as the mapping lives (a truncated region
+		// would fault on access). Files that cannot be sealed are still
+		// accepted; accesses to them are fault-guarded (vring.CatchFault).
+		sealed, err := vring.SealShrink(fds[i])
+		if err != nil {
+			return nil, msgErr(ReqSetMemTable, ErrBadRegion, "region %d: seal: %v", i, err)
+		}
 		var st unix.Stat_t
 		if err := unix.Fstat(fds[i], &st); err != nil {
 			return nil, msgErr(ReqSetMemTable, ErrBadRegion, "region %d: fstat: %v", i, err)
@@ -88,7 +96,7 @@ func mapMemTable(rs []MemoryRegion, fds []int) (*peerMemory, error) {
 		pm.mappings = append(pm.mappings, m)
 		view := m[r.MmapOffset-start:][:r.MemorySize]
 		reg, err := vring.NewRegion(vring.GuestAddr(r.GuestPhysAddr), view,
-			&vring.RegionOptions{UserAddr: vring.HostAddr(r.UserspaceAddr)})
+			&vring.RegionOptions{UserAddr: vring.HostAddr(r.UserspaceAddr), Sealed: sealed})
 		if err != nil {
 			return nil, msgErr(ReqSetMemTable, ErrBadRegion, "region %d: %v", i, err)
 		}

@@ -1,0 +1,43 @@
+package vhostuser
+
+import (
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
+)
+
+// A front-end's memfd is sealed against shrinking when the back-end maps it,
+// so the peer cannot truncate guest memory out from under the rings.
+func TestMapMemTableSealsPeerMemfd(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		flags      int
+		wantSealed bool
+	}{
+		{"sealable memfd gets F_SEAL_SHRINK", unix.MFD_ALLOW_SEALING, true},
+		{"memfd without sealing support is mapped unsealed", 0, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fd, err := unix.MemfdCreate("peer-guest", unix.MFD_CLOEXEC|tc.flags)
+			require.NoError(t, err)
+			defer unix.Close(fd)
+			require.NoError(t, unix.Ftruncate(fd, 1<<20))
+			dup, err := unix.Dup(fd) // mapMemTable takes ownership of its fds
+			require.NoError(t, err)
+
+			pm, err := mapMemTable([]MemoryRegion{{GuestPhysAddr: 0, MemorySize: 1 << 20, UserspaceAddr: 0x7f0000000000}}, []int{dup})
+			require.NoError(t, err)
+			defer pm.close()
+			assert.Equal(t, tc.wantSealed, pm.mem.Regions()[0].Sealed())
+
+			err = unix.Ftruncate(fd, 4096)
+			if tc.wantSealed {
+				assert.ErrorIs(t, err, unix.EPERM, "the peer must not be able to shrink sealed guest memory")
+			} else {
+				assert.NoError(t, err)
+			}
+		})
+	}
+}
