@@ -594,6 +594,11 @@ func (d *Device) mapEntry(fd int, e iotlbEntry) (*vring.Region, error) {
 	if e.Last < e.Start || size == 0 || size > 1<<40 || e.Offset%uint64(os.Getpagesize()) != 0 {
 		return nil, fmt.Errorf("%w: IOTLB entry [%#x, %#x] offset %#x", ErrBadRequest, e.Start, e.Last, e.Offset)
 	}
+	// The file behind an IOVA range can be a VMM's memfd (vhost-vdpa
+	// users): seal it against shrinking where it allows, so the mapping
+	// cannot be truncated away. The kernel's own bounce-buffer file cannot
+	// be sealed; accesses stay fault-guarded either way.
+	sealed, _ := vring.SealShrink(fd)
 	prot := unix.PROT_READ | unix.PROT_WRITE
 	m, err := unix.Mmap(fd, int64(e.Offset), int(size), prot, unix.MAP_SHARED)
 	if err != nil && e.Perm == accessRO {
@@ -602,7 +607,7 @@ func (d *Device) mapEntry(fd int, e iotlbEntry) (*vring.Region, error) {
 	if err != nil {
 		return nil, &OpError{Op: fmt.Sprintf("mmap IOVA [%#x, %#x]", e.Start, e.Last), Err: err}
 	}
-	r, err := vring.NewRegion(vring.GuestAddr(e.Start), m, &vring.RegionOptions{Name: "vduse-iova"})
+	r, err := vring.NewRegion(vring.GuestAddr(e.Start), m, &vring.RegionOptions{Name: "vduse-iova", Sealed: sealed})
 	if err != nil {
 		unix.Munmap(m)
 		return nil, err
