@@ -429,8 +429,12 @@ func (d *Device) StopQueue(q int) (vring.QueueState, error) {
 func (d *Device) Reset() {
 	d.ctl.Lock()
 	defer d.ctl.Unlock()
-	for _, q := range d.queues {
-		if q.isRunning() {
+	// Highest index first, as everywhere else: a transmit queue stops
+	// before the receive queue its loopback replies go to. (A reset
+	// discards every frame anyway; the order keeps the workers from
+	// seeing a half-stopped pair.)
+	for i := len(d.queues) - 1; i >= 0; i-- {
+		if q := d.queues[i]; q.isRunning() {
 			q.stop()
 		}
 	}
