@@ -176,6 +176,9 @@ func kernelRelease(k string) string {
 }
 
 func writeMarkdownFile(path string, rep *Report) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return err
+	}
 	f, err := os.Create(path)
 	if err != nil {
 		return err

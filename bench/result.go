@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"runtime"
 	"runtime/debug"
 	"strings"
@@ -152,6 +153,9 @@ func (r *Report) WriteJSON(w io.Writer) error {
 
 // WriteJSONFile writes the report to path.
 func (r *Report) WriteJSONFile(path string) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return fmt.Errorf("bench: json: %w", err)
+	}
 	f, err := os.Create(path)
 	if err != nil {
 		return fmt.Errorf("bench: json: %w", err)
