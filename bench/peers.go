@@ -115,7 +115,7 @@ func (h *Harness) peerRingtest(ctx context.Context) {
 	}
 	for _, p := range ringtestPrograms {
 		m := median(kernel[p])
-		h.add(Result{Suite: suite, Name: "kernel ringtest " + p, Params: params(map[string]any{"batch": 1, "program": p}),
+		h.add(Result{Suite: suite, Name: "kernel ringtest " + p, Params: params(map[string]any{"batch": 1, "program": p, "samples_mpps": kernel[p]}),
 			Metrics: []Metric{{"mpps", m, "Mpps"}, {"ns_per_chain", 1e3 / m, "ns/chain"}},
 			Note:    "C, busy-polling, one thread per CPU"})
 	}
@@ -126,7 +126,7 @@ func (h *Harness) peerRingtest(ctx context.Context) {
 			continue
 		}
 		m := median(lib[b])
-		h.add(Result{Suite: suite, Name: name, Params: params(map[string]any{"batch": b, "descs": 1}),
+		h.add(Result{Suite: suite, Name: name, Params: params(map[string]any{"batch": b, "descs": 1, "samples_mpps": lib[b]}),
 			Metrics: []Metric{{"mpps", m, "Mpps"}, {"ns_per_chain", 1e3 / m, "ns/chain"}}})
 		for _, p := range ringtestPrograms {
 			note := ""
@@ -353,6 +353,7 @@ func (h *Harness) peerDPDK(ctx context.Context) {
 				continue
 			}
 			v := median(rates[key])
+			p["samples_mpps"] = rates[key]
 			h.add(Result{Suite: suite, Name: "testpmd " + m.name + " vs " + name, Params: p, Metrics: []Metric{{"mpps", v, "Mpps"}}})
 			if i == 0 {
 				dpdkRate = v
