@@ -64,6 +64,11 @@ func TestTruncatedMemoryStopsWorker(t *testing.T) {
 	_, err = drv[1].Add([][]byte{make([]byte, 12), []byte("before")}, nil)
 	require.NoError(t, err)
 	drv[1].Queue.Publish()
+	// Kick as a driver must: an idle worker sleeps on its kick eventfd
+	// (on a slow machine it is asleep before the first frame arrives).
+	if drv[1].Queue.NeedsKick() {
+		require.NoError(t, kicks[1].Signal())
+	}
 	waitFor(t, func() bool { return h.Counters().TxFrames == 1 })
 	assert.NoError(t, h.QueueErr(1))
 
