@@ -211,6 +211,27 @@ func waitCond(ctx context.Context, f func() bool) bool {
 	return true
 }
 
+// waitProgress waits until cond holds, like waitCond, but gives up early
+// when progress (a counter) has not moved for stall: a stall watchdog, so
+// that a stuck test reports the state it is stuck in (both sides' counters
+// and rings) while that state is still there.
+func waitProgress(ctx context.Context, cond func() bool, progress func() uint64, stall time.Duration) bool {
+	last, since := progress(), time.Now()
+	for !cond() {
+		if p := progress(); p != last {
+			last, since = p, time.Now()
+		} else if time.Since(since) > stall {
+			return false
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	return true
+}
+
 func uniquePrefix(t *testing.T, what string) string {
 	return fmt.Sprintf("vdpakit-%s-%d-%d", what, os.Getpid(), time.Now().UnixNano()%1e9)
 }
@@ -264,7 +285,12 @@ func TestDPDKVirtioUserBothDirections(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "vu.sock")
 	p := startTestpmd(t, bin, testpmdConfig{lcores: "0@0,1@0", prefix: uniquePrefix(t, "io"),
 		vdev: "net_virtio_user0,path=" + path + ",queues=1,server=1", fwd: "io",
-		extra: []string{"--port-topology=loop"}})
+		// --no-flush-rx: "start" first prints its "forwards packets on"
+		// banner and then drains and frees whatever its receive queues
+		// hold, for as long as frames keep arriving; frames injected in
+		// that window were counted by the port but never forwarded, and
+		// the test waited for them forever.
+		extra: []string{"--port-topology=loop", "--no-flush-rx"}})
 	require.NoError(t, waitFile(ctx, path))
 
 	h := vhostusertest.New(vhostusertest.Sink, [6]byte{2, 0, 0, 0, 0, 1})
@@ -281,8 +307,8 @@ func TestDPDKVirtioUserBothDirections(t *testing.T) {
 	p.command("set burst tx delay 10 retry 10000")
 	p.command("set fwd io retry")
 	p.command("start")
-	// testpmd flushes its receive queues when forwarding starts: inject
-	// only after the start banner.
+	// Inject once forwarding has started (with --no-flush-rx, frames
+	// arriving earlier would wait in the receive ring, not be lost).
 	require.NoError(t, p.waitOutput(ctx, "forwards packets on", 1))
 
 	const frames = 20000
@@ -295,9 +321,14 @@ func TestDPDKVirtioUserBothDirections(t *testing.T) {
 		}
 		if i%32 == 31 {
 			// Pace: at most 64 frames in flight through testpmd.
-			if !waitCond(ctx, func() bool { c := h.Counters(); return c.TxFrames+64 >= c.RxFrames }) {
+			if !waitProgress(ctx, func() bool { c := h.Counters(); return c.TxFrames+64 >= c.RxFrames },
+				func() uint64 { c := h.Counters(); return c.TxFrames + c.RxFrames }, 5*time.Second) {
+				rings := h.Rings()
 				rx, tx, _ := p.portStats(context.Background())
-				t.Fatalf("frames stopped coming back after %d: back-end %+v; testpmd rx %d tx %d", i, h.Counters(), rx, tx)
+				frx, rxDrop, ftx, txDrop, _ := p.stopForwarding(context.Background())
+				t.Fatalf("frames stopped coming back after %d: back-end %+v; testpmd port rx %d tx %d, forwarding engine rx %d (dropped %d) tx %d (dropped %d); "+
+					"back-end's view of the receive ring %v, transmit ring %v",
+					i, h.Counters(), rx, tx, frx, rxDrop, ftx, txDrop, rings[0], rings[1])
 			}
 		}
 	}
@@ -322,7 +353,9 @@ func TestDPDKFrontendNetVhost(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "vhost.sock")
 	p := startTestpmd(t, bin, testpmdConfig{lcores: "0@0,1@0", prefix: uniquePrefix(t, "vhost"),
 		vdev: "net_vhost0,iface=" + path + ",queues=1", fwd: "macswap",
-		extra: []string{"--port-topology=loop"}})
+		// --no-flush-rx: see TestDPDKVirtioUserBothDirections; frames we
+		// send while "start" still drains the receive queue would be lost.
+		extra: []string{"--port-topology=loop", "--no-flush-rx"}})
 	require.NoError(t, p.waitOutput(ctx, "testpmd>", 1))
 	require.NoError(t, waitFile(ctx, path))
 	p.command("start")

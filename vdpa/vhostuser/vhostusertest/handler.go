@@ -216,6 +216,21 @@ func (h *Handler) Counters() Counters {
 	}
 }
 
+// Rings returns the guest-memory view of the receive (0) and transmit (1)
+// rings (zero for a queue not started): a diagnostic for stalls, safe to
+// call while the worker runs.
+func (h *Handler) Rings() [2]vring.RingSnapshot {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var s [2]vring.RingSnapshot
+	for i, q := range h.queues {
+		if q != nil {
+			s[i] = q.dq.Snapshot()
+		}
+	}
+	return s
+}
+
 // Inject queues frame (without virtio-net header) for delivery to the
 // driver; it is delivered as soon as a receive buffer is available, never
 // dropped. It blocks while 1024 frames are already waiting.

@@ -1,0 +1,44 @@
+package vhostusertest
+
+import (
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/vdpakit/vdpakit/virtio"
+	"github.com/vdpakit/vdpakit/vring"
+	"github.com/vdpakit/vdpakit/vring/vringtest"
+)
+
+// TestRingsShowsGuestMemoryView: Rings reports the transmit ring's indices
+// as they lie in guest memory once the worker consumed a frame, and a zero
+// snapshot for the receive queue, which was never started.
+func TestRingsShowsGuestMemoryView(t *testing.T) {
+	const size = 64
+	r, err := vring.NewMemfdRegion(0, 1<<20, nil)
+	require.NoError(t, err)
+	mem, err := vring.NewMemory(r)
+	require.NoError(t, err)
+	t.Cleanup(func() { mem.Close() })
+	f := virtio.Features(0).With(virtio.FVersion1, virtio.FEventIdx)
+	h := New(Sink, devMAC)
+	require.NoError(t, h.SetFeatures(f))
+	l := vring.ContiguousLayout(0, size)
+	drv, err := vringtest.NewDriver(mem, vringtest.DriverOptions{Index: 1, Layout: l, Features: f,
+		Data: 0x10000, SlotSize: 2048})
+	require.NoError(t, err)
+	dq, err := vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Index: 1, Layout: l, Features: f})
+	require.NoError(t, err)
+	require.NoError(t, h.StartQueue(1, dq, nil, nil))
+	defer h.Reset()
+
+	_, err = drv.Add([][]byte{make([]byte, 12), []byte("frame")}, nil)
+	require.NoError(t, err)
+	drv.Queue.Publish()
+	waitFor(t, func() bool { return h.Counters().TxFrames == 1 })
+	rings := h.Rings()
+	assert.Equal(t, vring.RingSnapshot{}, rings[0], "receive queue not started")
+	assert.Equal(t, uint16(1), rings[1].AvailIdx)
+	assert.Equal(t, uint16(1), rings[1].UsedIdx)
+}
