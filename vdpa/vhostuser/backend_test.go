@@ -63,6 +63,16 @@ func startBackend(t *testing.T, h vdpa.Handler, opts *BackendOptions) (*Backend,
 
 func newTestDriver(t *testing.T, uc *net.UnixConn, want virtio.Features) *testDriver {
 	t.Helper()
+	reg, err := vring.NewMemfdRegion(0x100000, 4<<20, nil)
+	require.NoError(t, err)
+	return newTestDriverOn(t, uc, want, reg)
+}
+
+// newTestDriverOn connects a front-end over uc, negotiates want, hands it
+// guest memory made of reg (which must start at 0x100000 and hold 4 MiB) and
+// sets up the two driver rings at the start of it.
+func newTestDriverOn(t *testing.T, uc *net.UnixConn, want virtio.Features, reg *vring.Region) *testDriver {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	fe, err := NewFrontend(ctx, uc, nil)
@@ -70,8 +80,6 @@ func newTestDriver(t *testing.T, uc *net.UnixConn, want virtio.Features) *testDr
 	t.Cleanup(func() { fe.Close() })
 	d := &testDriver{t: t, fe: fe}
 
-	reg, err := vring.NewMemfdRegion(0x100000, 4<<20, nil)
-	require.NoError(t, err)
 	d.mem, err = vring.NewMemory(reg)
 	require.NoError(t, err)
 	t.Cleanup(func() { d.mem.Close() })

@@ -22,12 +22,6 @@ import (
 // it, and the returned fd lets the test truncate it after SET_MEM_TABLE.
 func newShrinkableDriver(t *testing.T, uc *net.UnixConn, want virtio.Features) (*testDriver, int) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	fe, err := NewFrontend(ctx, uc, nil)
-	require.NoError(t, err)
-	t.Cleanup(func() { fe.Close() })
-	d := &testDriver{t: t, fe: fe}
 	fd, err := unix.MemfdCreate("front-end", unix.MFD_CLOEXEC)
 	require.NoError(t, err)
 	t.Cleanup(func() { unix.Close(fd) })
@@ -35,34 +29,7 @@ func newShrinkableDriver(t *testing.T, uc *net.UnixConn, want virtio.Features) (
 	reg, err := vring.NewFdRegion(0x100000, 4<<20, fd, 0, nil)
 	require.NoError(t, err)
 	require.False(t, reg.Sealed())
-	d.mem, err = vring.NewMemory(reg)
-	require.NoError(t, err)
-	t.Cleanup(func() { d.mem.Close() })
-
-	offered, err := fe.Features()
-	require.NoError(t, err)
-	d.features = offered & want
-	d.hdrLen = virtio.NetHdrLen(d.features)
-	require.NoError(t, fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver))
-	require.NoError(t, fe.SetFeatures(d.features))
-	require.NoError(t, fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK))
-	require.NoError(t, fe.SetMemory(d.mem))
-	ringBytes := vring.ContiguousLayoutBytes(testQueueSize)
-	for q := 0; q < 2; q++ {
-		base := vring.GuestAddr(0x100000 + uint64(q)*((ringBytes+4095)&^4095))
-		d.layouts[q] = vring.ContiguousLayout(base, testQueueSize)
-		d.dqs[q], err = vring.NewDriverQueue(d.mem, vring.DriverQueueOptions{Index: q, Layout: d.layouts[q], Features: d.features})
-		require.NoError(t, err)
-		d.kicks[q], err = vdpa.NewEventFD()
-		require.NoError(t, err)
-		d.calls[q], err = vdpa.NewEventFD()
-		require.NoError(t, err)
-		k, c := d.kicks[q], d.calls[q]
-		t.Cleanup(func() { k.Close(); c.Close() })
-		d.bufBase = base + vring.GuestAddr((ringBytes+4095)&^4095)
-	}
-	d.nextBuf = d.bufBase
-	return d, fd
+	return newTestDriverOn(t, uc, want, reg), fd
 }
 
 // A front-end truncates its guest memory file after SET_MEM_TABLE, while
