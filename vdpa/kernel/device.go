@@ -33,6 +33,11 @@ type Device struct {
 	offered BackendFeatures
 	nvqs    int
 	cfgSize int
+	// maxNum is VHOST_VDPA_GET_VRING_NUM, the largest queue size; ngroups
+	// is VHOST_VDPA_GET_GROUP_NUM (0 when the kernel cannot say). Both are
+	// read at Open.
+	maxNum  uint16
+	ngroups uint32
 	iova    vhostsys.IOVARange
 	queues  []queue
 	// mems is the memory MapMemory put in each address space; maps are
@@ -116,6 +121,14 @@ func (d *Device) init(opts *Options) error {
 	d.cfgSize = int(cs)
 	if d.iova, err = d.f.VDPAGetIOVARange(); err != nil {
 		return err
+	}
+	if d.maxNum, err = d.f.VDPAGetVringNum(); err != nil {
+		return err
+	}
+	// VHOST_VDPA_GET_GROUP_NUM is Linux 5.17+; without it SetGroupASID
+	// (same vintage) leaves the group check to the kernel.
+	if g, err := d.f.VDPAGetGroupNum(); err == nil {
+		d.ngroups = g
 	}
 	return nil
 }
@@ -333,11 +346,16 @@ func (d *Device) QueueSize(q int) (uint16, error) {
 	return uint16(n), nil
 }
 
-// SetQueueNum is VHOST_SET_VRING_NUM.
+// SetQueueNum is VHOST_SET_VRING_NUM. The size must be a power of two no
+// larger than the queue's maximum (VHOST_VDPA_GET_VRING_SIZE where the
+// kernel has it, else MaxQueueSize); the kernel itself checks only the
+// power of two. A refused size is ErrQueueLayout and, as with vdpa.Local,
+// vdpa.ErrBadQueue.
 func (d *Device) SetQueueNum(q int, size uint16) error {
 	return queueDo(d, q, func(uint32) error {
-		if !vring.ValidQueueSize(size) {
-			return fmt.Errorf("%w: queue %d size %d is not a power of two in 1..%d", ErrQueueLayout, q, size, vring.MaxQueueSize)
+		limit := d.queueMax(q)
+		if !vring.ValidQueueSize(size) || size > limit {
+			return fmt.Errorf("%w: %w: queue %d size %d (power of two up to %d)", ErrQueueLayout, vdpa.ErrBadQueue, q, size, limit)
 		}
 		if err := d.f.SetVringNum(uint32(q), uint32(size)); err != nil {
 			return err
@@ -345,6 +363,16 @@ func (d *Device) SetQueueNum(q int, size uint16) error {
 		d.queues[q].num = size
 		return nil
 	})
+}
+
+// queueMax is queue q's largest size: its own (Linux 6.8+) when the kernel
+// reports one, else the device's. Called with d.mu held.
+func (d *Device) queueMax(q int) uint16 {
+	limit := d.maxNum
+	if n, err := d.f.VDPAGetVringSize(uint32(q)); err == nil && n != 0 && n < uint32(limit) {
+		limit = uint16(n)
+	}
+	return limit
 }
 
 // SetQueueAddr is VHOST_SET_VRING_ADDR. The addresses are IOVAs, that is
@@ -493,11 +521,15 @@ func (d *Device) QueueDescGroup(q int) (int, error) {
 }
 
 // SetGroupASID is VHOST_VDPA_SET_GROUP_ASID: binds a virtqueue group to an
-// address space. It needs the IOTLB_ASID backend feature.
+// address space. It needs the IOTLB_ASID backend feature; a group outside
+// [0, NumGroups) is ErrGroupIndex.
 func (d *Device) SetGroupASID(group, asid uint32) error {
 	return lockedDo(d, func() error {
 		if !d.backend.Has(BackendIOTLBASID) {
 			return fmt.Errorf("VHOST_VDPA_SET_GROUP_ASID: %w", ErrNotSupported)
+		}
+		if d.ngroups != 0 && group >= d.ngroups {
+			return fmt.Errorf("%w: group %d of %d", ErrGroupIndex, group, d.ngroups)
 		}
 		if err := d.f.VDPASetGroupASID(group, asid); err != nil {
 			return err

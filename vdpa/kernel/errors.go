@@ -33,8 +33,14 @@ var (
 	// not offer, and by SetStatus when the device clears FEATURES_OK.
 	ErrFeatures = errors.New("vdpa/kernel: features not accepted by the device")
 	// ErrQueueLayout is returned by SetQueueAddr for ring areas that are
-	// misaligned or not in the memory given to SetMemory.
+	// misaligned or not in the memory given to SetMemory, and by
+	// SetQueueNum for a size that is not a power of two or is above the
+	// device's maximum (that error also matches vdpa.ErrBadQueue, as
+	// vdpa.Local's does).
 	ErrQueueLayout = errors.New("vdpa/kernel: invalid queue layout")
+	// ErrGroupIndex is returned by SetGroupASID for a virtqueue group
+	// outside [0, NumGroups).
+	ErrGroupIndex = errors.New("vdpa/kernel: virtqueue group index out of range")
 	// ErrInFlight is returned by SetQueueBase for a state with buffers in
 	// flight (NextUsed != NextAvail): vhost-vdpa restores only the avail
 	// index and restarts the used index from it, so those buffers would

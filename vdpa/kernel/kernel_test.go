@@ -2,6 +2,7 @@ package kernel
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"testing"
 
@@ -10,6 +11,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/vdpakit/vdpakit/internal/vhostsys"
+	"github.com/vdpakit/vdpakit/vdpa"
 	"github.com/vdpakit/vdpakit/vring"
 )
 
@@ -42,6 +44,7 @@ func fakeDevice(t *testing.T, backend BackendFeatures) *Device {
 	f, err := vhostsys.Open("/dev/null")
 	require.NoError(t, err)
 	d := &Device{f: f, backend: backend, nvqs: 3, cfgSize: 12, queues: make([]queue, 3),
+		maxNum: 256, ngroups: 2,
 		iova: vhostsys.IOVARange{First: 0x1000, Last: 0xffff_ffff},
 		maps: map[uint32][]Mapping{}, memASID: map[uint32][]Mapping{},
 		mems: map[uint32]*vring.Memory{}, groupASID: map[uint32]uint32{}}
@@ -108,4 +111,50 @@ func TestClosedDeviceReturnsErrClosed(t *testing.T) {
 	assert.ErrorIs(t, err, ErrClosed)
 	assert.ErrorIs(t, d.SetStatus(0), ErrClosed)
 	assert.ErrorIs(t, d.Close(), ErrClosed)
+}
+
+// SetQueueNum refuses what vdpa.Local refuses, with the same typed error,
+// before the kernel (which only checks for a power of two) sees it.
+func TestQueueSizeIsCheckedAgainstTheDeviceMaximum(t *testing.T) {
+	d := fakeDevice(t, BackendIOTLBMsgV2.Bit())
+	for _, tc := range []struct {
+		size uint16
+		ok   bool
+	}{
+		{0, false},
+		{1, true},
+		{48, false},
+		{128, true},
+		{256, true}, // the device's maximum
+		{512, false},
+		{32768, false},
+	} {
+		t.Run(fmt.Sprint(tc.size), func(t *testing.T) {
+			err := d.SetQueueNum(0, tc.size)
+			if tc.ok {
+				// Accepted by the check; /dev/null then refuses the ioctl.
+				assert.ErrorIs(t, err, unix.ENOTTY)
+				return
+			}
+			assert.ErrorIs(t, err, vdpa.ErrBadQueue)
+			assert.ErrorIs(t, err, ErrQueueLayout)
+		})
+	}
+}
+
+func TestGroupIndexIsCheckedBeforeTheKernel(t *testing.T) {
+	d := fakeDevice(t, BackendFeatures(0).With(BackendIOTLBMsgV2, BackendIOTLBASID))
+	for _, tc := range []struct {
+		group uint32
+		want  error
+	}{
+		{0, unix.ENOTTY}, // in range: /dev/null refuses the ioctl
+		{1, unix.ENOTTY},
+		{2, ErrGroupIndex},
+		{^uint32(0), ErrGroupIndex},
+	} {
+		t.Run(fmt.Sprint(tc.group), func(t *testing.T) {
+			assert.ErrorIs(t, d.SetGroupASID(tc.group, 1), tc.want)
+		})
+	}
 }

@@ -438,3 +438,34 @@ func TestConfigWriteReachesDevice(t *testing.T) {
 	require.NoError(t, dev.SetConfigCall(ev))
 	require.NoError(t, dev.SetConfigCall(nil))
 }
+
+// The queue size and virtqueue group limits are checked against the
+// device's own: vdpa_sim_net's queues hold at most 256 entries (the kernel
+// itself only checks for a power of two), and its groups are numbered below
+// VHOST_VDPA_GET_GROUP_NUM (the kernel answers ENOBUFS past them). Both
+// errors are typed, the size one as vdpa.NewLocal's.
+func TestQueueSizeAndGroupAreCheckedAgainstTheDevice(t *testing.T) {
+	path := vmrig.AddSimNet(t, "vdpa-limits", "mac", simMAC.String())
+	dev, err := kernel.Open(path, nil)
+	require.NoError(t, err)
+	defer dev.Close()
+
+	maxSize, err := dev.MaxQueueSize()
+	require.NoError(t, err)
+	require.Equal(t, uint16(256), maxSize, "vdpa_sim_net's queue size")
+	require.NoError(t, dev.SetQueueNum(0, maxSize), "the maximum itself")
+	err = dev.SetQueueNum(0, 2*maxSize)
+	assert.ErrorIs(t, err, vdpa.ErrBadQueue, "twice the maximum")
+	assert.ErrorIs(t, err, kernel.ErrQueueLayout)
+
+	groups, err := dev.NumGroups()
+	require.NoError(t, err)
+	require.Positive(t, groups)
+	require.True(t, dev.BackendFeatures().Has(kernel.BackendIOTLBASID), "vdpa_sim offers IOTLB_ASID")
+	require.NoError(t, dev.SetGroupASID(uint32(groups-1), 0), "the last group")
+	for _, g := range []uint32{uint32(groups), uint32(groups) + 1, ^uint32(0)} {
+		err := dev.SetGroupASID(g, 0)
+		assert.ErrorIs(t, err, kernel.ErrGroupIndex, "group %d of %d", g, groups)
+		assert.NotErrorIs(t, err, unix.ENOBUFS, "checked before the kernel")
+	}
+}
