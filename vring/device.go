@@ -249,7 +249,7 @@ func (q *DeviceQueue) Pop(c *Chain) (bool, error) {
 	// to be available: avail.idx is loaded again only once they are used
 	// up. A broken queue has none (fail clears them).
 	if q.lastAvail != q.availSeen {
-		head := q.r.availRing[q.lastAvail&q.r.mask]
+		head := q.r.availEntry(q.lastAvail)
 		// Fast path: a single direct descriptor inside the cached region.
 		if descs := q.r.descs; int(head) < len(descs) {
 			d := &descs[head]
@@ -277,7 +277,7 @@ func (q *DeviceQueue) popSlow(c *Chain) (bool, error) {
 		}
 		return q.Pop(c) // now lastAvail != availSeen: Pop comes back here only to walk
 	}
-	head := q.r.availRing[q.lastAvail&q.r.mask]
+	head := q.r.availEntry(q.lastAvail)
 	if err := q.walk(head, c); err != nil {
 		return false, err
 	}
@@ -359,10 +359,19 @@ func (q *DeviceQueue) popRun(batch []Chain) int {
 	avail, descs := q.r.availRing, q.r.descs
 	base, mem := q.cBase, q.cMem
 	start := q.lastAvail
+	// ring0 is set when avail.ring[0] shares the atomic avail.idx word
+	// (a 2-aligned ring): slot 0 is then read through availEntry.
+	ring0 := q.r.availIdxShift == 0
 	k := 0
 	if len(avail) != 0 { // always (len is the queue size); lets the compiler drop a bounds check
 		for ; k < len(batch); k++ {
-			head := avail[int(start+uint16(k))&(len(avail)-1)]
+			slot := int(start+uint16(k)) & (len(avail) - 1)
+			var head uint16
+			if slot == 0 && ring0 {
+				head = q.r.availEntry(0)
+			} else {
+				head = avail[slot]
+			}
 			if int(head) >= len(descs) {
 				break
 			}

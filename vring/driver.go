@@ -248,7 +248,7 @@ func (q *DriverQueue) AddIndirect(table GuestAddr, bufs []Buffer) (uint16, error
 }
 
 func (q *DriverQueue) makeAvail(head uint16) {
-	q.r.availRing[q.availIdx&q.r.mask] = head
+	q.r.setAvailEntry(q.availIdx, head)
 	q.availIdx++
 	q.outstanding++
 }

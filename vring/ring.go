@@ -43,6 +43,10 @@ import (
 //     only by the driver, so the driver stores the whole word with
 //     atomic.StoreUint32 (the other half re-read from its own last write)
 //     and the device loads it with atomic.LoadUint32 and extracts idx.
+//     When the word is [idx, ring[0]], ring[0] is accessed only through
+//     the word, on both sides (availEntry, setAvailEntry): a plain 16-bit
+//     access to it would race, under the Go memory model, with the other
+//     side's 32-bit atomic access to the same bytes.
 //   - used.flags and used.idx (offsets 0 and 2, area 4-aligned) form one word
 //     written only by the device, which keeps both in shadow copies and
 //     publishes used.idx by storing the word with atomic.StoreUint32; the
@@ -57,8 +61,16 @@ import (
 //     arm64 (LDARH / STLRH) with the same ordering as sync/atomic's 32-bit
 //     operations on those architectures (atomic16_*.s).
 //
-// The Go race detector sees the sync/atomic operations on the index words,
-// so plain descriptor and entry accesses are ordered by them for it too.
+// The Go race detector does not check this protocol on guest memory as
+// devices use it: it sees only accesses to the Go heap, stacks and globals,
+// never those to mmap'd memory (memfd regions, peer mappings), racy or not.
+// On a region over a Go heap slice (NewRegion) it does: there the
+// sync/atomic operations on the index words are what orders the plain
+// descriptor, ring entry and buffer accesses for it, and the tests run the
+// cross-goroutine traffic over such a region too (TestCrossGoroutine's
+// heap variants, TestRaceDetectorSeesHeapRings). The 16-bit assembly
+// accesses (load16, store16) are invisible to it everywhere; they carry
+// notification state only, never data another access depends on.
 
 // ring holds a validated split ring's three areas and pointers to its shared
 // fields.
@@ -137,6 +149,29 @@ func newRing(mem *Memory, l Layout) (ring, error) {
 		return r, err
 	}
 	return r, nil
+}
+
+// availEntry reads avail.ring[i&mask]: through the atomic avail.idx word
+// when that word holds ring[0] (a 2-aligned ring), plainly otherwise.
+func (r *ring) availEntry(i uint16) uint16 {
+	slot := i & r.mask
+	if slot == 0 && r.availIdxShift == 0 {
+		return uint16(atomic.LoadUint32(r.availIdxWord) >> 16)
+	}
+	return r.availRing[slot]
+}
+
+// setAvailEntry is driver-only: it writes avail.ring[i&mask] as availEntry
+// reads it, keeping avail.idx (the other half of the word, driver-owned) as
+// it is in memory.
+func (r *ring) setAvailEntry(i, head uint16) {
+	slot := i & r.mask
+	if slot == 0 && r.availIdxShift == 0 {
+		w := atomic.LoadUint32(r.availIdxWord)
+		atomic.StoreUint32(r.availIdxWord, w&0xffff|uint32(head)<<16)
+		return
+	}
+	r.availRing[slot] = head
 }
 
 func (r *ring) loadAvailIdx() uint16 {
