@@ -214,7 +214,12 @@ type vq struct {
 	kicked  bool // SET_VRING_KICK received since the ring last stopped
 	enabled bool
 	running bool
-	dq      *vring.DeviceQueue
+	// broken: the handler failed to stop the ring (StopQueue returned an
+	// error), so it may still own the DeviceQueue. The back-end never
+	// reads that queue's state again and does not start the ring until a
+	// reset (RESET_DEVICE, RESET_OWNER) or the end of the session.
+	broken bool
+	dq     *vring.DeviceQueue
 }
 
 type session struct {
@@ -285,6 +290,9 @@ func (s *session) replyAck(m *Message) bool {
 }
 
 func (s *session) reply(m *Message, payload []byte) error {
+	if s.b.log.Enabled(context.Background(), slog.LevelDebug) {
+		s.b.log.Debug("vhost-user reply", "req", m.Request, "msg", describeReply(m.Request, payload))
+	}
 	return s.c.write(Header{Request: m.Request, Flags: Version | FlagReply}, payload, nil)
 }
 
@@ -292,7 +300,10 @@ func (s *session) reply(m *Message, payload []byte) error {
 // before that, a front-end waiting for an acknowledgement gets a failure
 // status so it does not hang.
 func (s *session) handle(m *Message) error {
-	s.b.log.Debug("vhost-user request", "req", m.Request, "flags", uint32(m.Flags), "size", m.Size, "fds", len(m.Fds))
+	if s.b.log.Enabled(context.Background(), slog.LevelDebug) {
+		s.b.log.Debug("vhost-user request", "req", m.Request, "flags", uint32(m.Flags), "size", m.Size, "fds", len(m.Fds),
+			"msg", describe(m))
+	}
 	if err := Validate(m); err != nil {
 		if s.replyAck(m) {
 			_ = s.reply(m, putU64(1))
@@ -330,16 +341,20 @@ func (s *session) dispatch(m *Message) (reply []byte, hasReply bool, err error) 
 		}
 		return nil
 	}
+	if !s.owner && needsOwner(r) {
+		return nil, false, msgErr(r, ErrNotOwner, "no SET_OWNER on this connection yet")
+	}
 	switch r {
 	case ReqSetOwner:
+		// QEMU sends one SET_OWNER per queue pair (one vhost_dev each)
+		// on the same connection: a repeat is not an error.
 		s.owner = true
 		return nil, false, nil
 	case ReqResetOwner:
-		// Deprecated; the spec recommends disabling all rings.
-		s.stopAll()
-		for i := range s.queues {
-			s.queues[i].kicked = false
-		}
+		// Deprecated. Like the kernel's VHOST_RESET_OWNER and DPDK's
+		// vhost library: give up ownership and reset the device.
+		s.reset()
+		s.owner = false
 		return nil, false, nil
 	case ReqGetFeatures:
 		return putU64(uint64(s.b.offeredFeatures())), true, nil
@@ -425,6 +440,15 @@ func (s *session) dispatch(m *Message) (reply []byte, hasReply bool, err error) 
 			q.base = q.saved.NextAvail
 			q.saved = nil
 		}
+		if q.broken {
+			// The handler may still own the ring: report the position
+			// the device last published (used.idx), as QEMU does for
+			// a back-end that cannot answer; chains taken but not
+			// completed are offered again rather than lost.
+			if u, err := s.usedIdx(i); err == nil {
+				q.base = u
+			}
+		}
 		// The ring is stopped until the next SET_VRING_KICK.
 		q.kicked = false
 		if q.kick != nil {
@@ -495,7 +519,14 @@ func (s *session) dispatch(m *Message) (reply []byte, hasReply bool, err error) 
 		}
 		st := virtio.Status(v)
 		if st == 0 {
-			s.reset()
+			// QEMU's vhost_dev_stop (monitor stop, the stop-and-copy
+			// of every migration) sends SET_STATUS 0 and then
+			// GET_VRING_BASE, and resumes with the base it got back.
+			// So status 0 suspends: the rings stop and keep their
+			// positions (as DPDK's vhost library does), nothing is
+			// reset.
+			s.stopAllRunning()
+			s.status = 0
 			return nil, false, nil
 		}
 		s.status = st
@@ -520,9 +551,29 @@ func (s *session) dispatch(m *Message) (reply []byte, hasReply bool, err error) 
 				}
 			}
 		}
+		for i := range s.queues {
+			if s.queues[i].broken && s.status != 0 {
+				s.status |= virtio.StatusDeviceNeedsReset
+			}
+		}
 		return putU64(uint64(s.status)), true, nil
 	}
 	return nil, false, msgErr(r, ErrUnsupported, "not implemented by this back-end")
+}
+
+// needsOwner reports whether request r is only served after SET_OWNER.
+// The spec makes SET_OWNER the session's start; QEMU negotiates features
+// and protocol features (vhost_user_backend_init) before it sends
+// SET_OWNER (vhost_dev_init), so the requests that only read the device,
+// and SET_PROTOCOL_FEATURES, are served before it. Everything that
+// configures or drives the device needs an owner.
+func needsOwner(r Request) bool {
+	switch r {
+	case ReqSetOwner, ReqGetFeatures, ReqGetProtocolFeatures, ReqSetProtocolFeatures, ReqGetQueueNum,
+		ReqGetConfig, ReqGetStatus, ReqGetMaxMemSlots:
+		return false
+	}
+	return true
 }
 
 // queueNum is GET_QUEUE_NUM's answer: queue pairs for a net device (what
@@ -612,8 +663,12 @@ func (s *session) reset() {
 		q := &s.queues[i]
 		q.saved = nil
 		q.base = 0
+		q.kicked = false
 	}
 	s.h.Reset()
+	for i := range s.queues {
+		s.queues[i].broken = false // Reset stopped whatever the handler still ran
+	}
 	s.handlerSet = false
 	s.status = 0
 }
@@ -763,7 +818,7 @@ func (s *session) layout(i int) (vring.Layout, error) {
 // polling), enabled, sized, addressed, memory mapped, features set.
 func (s *session) tryStart(i int) error {
 	q := &s.queues[i]
-	if q.running || !q.kicked || !q.enabled || q.num == 0 || !q.addrSet || s.mem == nil || !s.featuresSet {
+	if q.running || q.broken || !q.kicked || !q.enabled || q.num == 0 || !q.addrSet || s.mem == nil || !s.featuresSet {
 		return nil
 	}
 	if !s.handlerSet {
@@ -783,11 +838,25 @@ func (s *session) tryStart(i int) error {
 	} else {
 		// vhost-user carries only the avail index; the used index is
 		// what the used ring says (the front-end restores it there).
-		var b [2]byte
-		if err := s.mem.mem.Read(l.Used+2, b[:]); err != nil {
+		u, err := s.usedIdx(i)
+		if err != nil {
 			return msgErr(ReqSetVringKick, ErrAddrNotMapped, "queue %d used.idx: %v", i, err)
 		}
-		st.NextUsed = uint16(b[0]) | uint16(b[1])<<8
+		st.NextUsed = u
+		if st.NextAvail != u {
+			// A fresh ring has no chains in flight, so a base that
+			// disagrees with used.idx cannot be resumed as is: DPDK's
+			// virtio-user (server=1) reconnecting sends base 0 while
+			// used.idx holds the old position; a base ahead of used.idx
+			// names chains a previous back-end took and never
+			// completed (they would never come back). Resynchronise
+			// from used.idx, as DPDK's vhost library does; the driver
+			// sees those chains served again.
+			s.b.log.Warn("vhost-user: ring base disagrees with used.idx; resynchronised from used.idx",
+				"queue", i, "base", st.NextAvail, "used_idx", u)
+			st.NextAvail = u
+			q.base = u
+		}
 	}
 	opts := vring.DeviceQueueOptions{Index: i, Layout: l, Features: s.features, State: st}
 	if s.features.Has(virtio.FLogAll) && s.log != nil {
@@ -808,6 +877,23 @@ func (s *session) tryStart(i int) error {
 	}
 	q.dq, q.running, q.saved = dq, true, nil
 	return nil
+}
+
+// usedIdx reads queue i's used.idx from guest memory.
+func (s *session) usedIdx(i int) (uint16, error) {
+	q := &s.queues[i]
+	if s.mem == nil || !q.addrSet {
+		return 0, fmt.Errorf("queue %d not addressed", i)
+	}
+	l, err := s.layout(i)
+	if err != nil {
+		return 0, err
+	}
+	var b [2]byte
+	if err := s.mem.mem.Read(l.Used+2, b[:]); err != nil {
+		return 0, err
+	}
+	return uint16(b[0]) | uint16(b[1])<<8, nil
 }
 
 // pauseQueue stops queue i and keeps its full state for a restart.
@@ -841,9 +927,13 @@ func (s *session) halt(i int) (vring.QueueState, bool) {
 	dq := q.dq
 	q.running, q.dq = false, nil
 	if err != nil {
-		s.b.log.Warn("vhost-user: stop queue", "queue", i, "err", err)
+		// The handler may still be using dq: reading its state would
+		// race with it and save a position nobody vouches for. The
+		// queue is broken until a reset.
+		s.b.log.Warn("vhost-user: stop queue failed; queue broken until reset", "queue", i, "err", err)
+		q.broken, q.saved = true, nil
 		s.signalErr(q)
-		return dq.State(), true
+		return vring.QueueState{}, false
 	}
 	qerr := dq.Err()
 	if r, ok := s.h.(vdpa.QueueErrReporter); ok && qerr == nil {

@@ -393,6 +393,9 @@ func TestBackendBadInput(t *testing.T) {
 			a, b := socketpair(t)
 			done := make(chan error, 1)
 			go func() { done <- NewBackend(h, nil).ServeConn(context.Background(), b) }()
+			// Every session starts with SET_OWNER, so each case fails on
+			// its own fault (TestBackendOwner covers a missing owner).
+			sendRaw(t, a, m(ReqSetOwner, nil), nil)
 			for _, s := range tc.steps {
 				var fds []int
 				if s.fds != nil {
@@ -429,6 +432,7 @@ func TestBackendReplyAckFailure(t *testing.T) {
 	h := vhostusertest.New(vhostusertest.Sink, [6]byte{})
 	_, uc, done := startBackend(t, h, nil)
 	c := newConn(uc)
+	require.NoError(t, c.write(Header{Request: ReqSetOwner, Flags: Version}, nil, nil))
 	require.NoError(t, c.write(Header{Request: ReqSetProtocolFeatures, Flags: Version}, u64p(uint64(ProtocolFeatures(0).With(PFReplyAck))), nil))
 	require.NoError(t, c.write(Header{Request: ReqSetVringNum, Flags: Version | FlagNeedReply}, VringState{Index: 9, Num: 8}.Encode(), nil))
 	r, err := c.read()

@@ -16,15 +16,66 @@
 //     vdpa.Logger over a socket (Dial, NewFrontend): memory regions travel
 //     with their fds, ring addresses as this process's addresses.
 //
-// Ring life cycle in the back-end follows the spec's ring states: a ring
-// starts when it has received SET_VRING_KICK (with a descriptor, or the
-// invalid-fd flag meaning "poll") and is enabled (at once without
-// PROTOCOL_FEATURES, else by SET_VRING_ENABLE 1), and stops on
-// GET_VRING_BASE. A disabled ring is stopped rather than run "without side
-// effects": the Handler contract has no such state, and a stopped ring
-// loses nothing. Changes a running ring cannot absorb (a new call or kick
-// descriptor, new addresses, LOG_ALL toggled, a new memory table or log)
-// stop it, keeping its state, and start it again.
+// # Session life cycle
+//
+// The back-end's session state machine follows the spec's ring states and
+// what QEMU 7.2/11 and DPDK 22.11 actually send (recorded sequences:
+// testdata/lifecycle). Ring positions are the invariant it protects.
+//
+//   - SET_OWNER starts the session. Requests that configure or drive the
+//     device before it end the session with ErrNotOwner; QEMU negotiates
+//     first, so GET_FEATURES, GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES,
+//     GET_QUEUE_NUM, GET_CONFIG, GET_STATUS and GET_MAX_MEM_SLOTS are
+//     served without an owner. SET_OWNER may repeat (QEMU sends one per
+//     queue pair on the same connection).
+//   - Start: a ring starts when it has received SET_VRING_KICK (with a
+//     descriptor, or the invalid-fd flag meaning "poll") and is enabled
+//     (at once without PROTOCOL_FEATURES, else by SET_VRING_ENABLE 1), and
+//     is sized, addressed and mapped. SET_STATUS with DRIVER_OK starts
+//     every ring that is ready.
+//   - Suspend (position kept, ring restartable without a new kick):
+//     SET_VRING_ENABLE 0 and SET_STATUS 0. QEMU's vhost_dev_stop (monitor
+//     stop, the stop-and-copy of every migration) sends SET_STATUS 0 and
+//     then GET_VRING_BASE, so status 0 is a stop, not a reset: the device
+//     (negotiated features, MAC, filters) is kept, as DPDK's net_vhost
+//     does. SET_VRING_ENABLE 1 or SET_STATUS DRIVER_OK resumes.
+//   - Stop: GET_VRING_BASE stops the ring and answers its next avail
+//     index; after SET_STATUS 0 or SET_VRING_ENABLE 0 that is still the
+//     real position (not 0). The ring stays stopped until the next
+//     SET_VRING_KICK.
+//   - Reset (positions back to 0, handler reset, kick needed again):
+//     RESET_DEVICE, and RESET_OWNER, which also gives up ownership (as the
+//     kernel's VHOST_RESET_OWNER and DPDK's vhost library do). A
+//     GET_VRING_BASE after either answers 0.
+//   - Restart (position kept): a change a running ring cannot absorb (a new
+//     call or kick descriptor, new addresses, LOG_ALL toggled, a new memory
+//     table or log, SET_FEATURES) stops every running ring, highest index
+//     first, and starts them again, lowest first.
+//   - SET_VRING_BASE sets the position a stopped ring starts from. The used
+//     index is what used.idx in guest memory says. A fresh ring has no
+//     chains in flight, so a base that disagrees with used.idx cannot be
+//     resumed as is: DPDK's virtio-user in server mode sends base 0 when
+//     a restarted back-end reconnects, while used.idx holds the old
+//     position; a base ahead of used.idx names chains a previous back-end
+//     took and never completed. The back-end then starts from used.idx
+//     (avail and used), logs a warning with both values and keeps serving,
+//     as DPDK's vhost library does; the session never ends over it.
+//     QEMU's cont and migration destination send the saved base, which
+//     agrees.
+//   - A handler whose StopQueue fails may still own the ring: the ring is
+//     marked broken, its state is never read, GET_VRING_BASE answers
+//     used.idx (the position the device last published), the ring does
+//     not start again, and GET_STATUS reports DEVICE_NEEDS_RESET until a
+//     reset.
+//   - The end of the connection stops every ring and resets the handler;
+//     client mode (DialAndServe) dials again after ReconnectInterval.
+//
+// A disabled ring is stopped rather than run "without side effects": the
+// Handler contract has no such state, and a stopped ring loses nothing.
+//
+// With BackendOptions' Logger at debug level every request is logged in
+// the line format of the recorded fixtures ("msg" attribute), and every
+// reply.
 //
 // Hostile input: every message is checked against its type (payload size,
 // descriptor count, the 8-region and 256-byte limits, queue indexes and
