@@ -178,7 +178,6 @@ func FuzzOps(f *testing.F) {
 						w += uint64(bufs[i].Len)
 					}
 				}
-				seq++
 				ch := chain{bufs: bufs, ndesc: n, writable: w}
 				var h uint16
 				var err error
@@ -203,6 +202,11 @@ func FuzzOps(f *testing.F) {
 				if err != nil {
 					t.Fatal(err)
 				}
+				// Only a chain that was added consumes a buffer and table
+				// slot: a failed add must not advance seq, or enough
+				// failures would wrap it onto the slots of a chain still
+				// waiting to be popped and rewrite its indirect table.
+				seq++
 				ch.head = h
 				descInUse += ch.ndesc
 				added = append(added, ch)
