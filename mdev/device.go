@@ -52,6 +52,12 @@ type Options struct {
 	// When nil, the device creates one call EventFD per queue (CallFD) and
 	// one for configuration changes (ConfigFD) for the VMM to route.
 	Vector func(vector uint16) *vdpa.EventFD
+	// INTx, used only with Vector, is the eventfd raised for interrupts
+	// that have no MSI-X vector (NO_VECTOR: the guest uses the line
+	// interrupt). The VMM that waits on it sets the ISR queue bit with
+	// RaiseISR before asserting the line (the configuration bit is set by
+	// the device itself).
+	INTx *vdpa.EventFD
 	// Backend names the kind of backing device ("software", "vhost-vdpa",
 	// "vhost-user", "vduse"), recorded in the migration state.
 	Backend string
@@ -425,7 +431,7 @@ func (d *Device) configInterrupt() {
 func (d *Device) vectorFD(v uint16, fallback *vdpa.EventFD) *vdpa.EventFD {
 	if d.opts.Vector != nil {
 		if v == NoVector {
-			return nil
+			return d.opts.INTx
 		}
 		return d.opts.Vector(v)
 	}

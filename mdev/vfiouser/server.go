@@ -1,0 +1,357 @@
+package vfiouser
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vdpakit/vdpakit/mdev"
+	"github.com/vdpakit/vdpakit/vdpa"
+	"github.com/vdpakit/vdpakit/virtio"
+	"github.com/vdpakit/vdpakit/vring"
+)
+
+// Options configure New. A nil *Options means defaults.
+type Options struct {
+	// Device configures the mediated device. Memory, Vector and INTx are
+	// owned by the server (guest memory is what the client DMA-maps,
+	// interrupts are the eventfds it registers) and must be left zero.
+	Device mdev.Options
+	// Logger receives session events and rejected client input (default:
+	// discard).
+	Logger *slog.Logger
+}
+
+// Server serves one mdev.Device to vfio-user clients, one session at a
+// time.
+type Server struct {
+	dev  *mdev.Device
+	mem  *vring.Memory
+	log  *slog.Logger
+	intx *vdpa.EventFD // given to the device as Options.INTx; relayed to the client's INTx
+
+	mu  sync.Mutex // guards dma
+	dma dmaTable
+
+	irqMu sync.Mutex // guards irq; never held across a call into dev
+	irq   irqState
+
+	sessMu sync.Mutex
+	conns  map[*net.UnixConn]struct{}
+	closed bool
+
+	// inProcess: the backing device signals interrupts through our
+	// descriptors (vdpa.Local), so dup3 onto them re-targets it; other
+	// backings took their own reference and are re-wired.
+	inProcess bool
+
+	stop    context.CancelFunc
+	relayWG sync.WaitGroup
+	stats   Stats
+}
+
+// Stats counts what the server did.
+type Stats struct {
+	Messages, Errors, Sessions uint64
+	IntxTriggers               uint64
+}
+
+// irqState is the interrupt configuration the client set.
+type irqState struct {
+	// msix holds one stable eventfd per MSI-X vector, the one the backing
+	// device signals. The client's trigger eventfd for the vector is
+	// dup3'ed onto it, so the backing device signals the client directly
+	// and a change of eventfd (QEMU re-registers them while the data path
+	// runs) needs no re-wiring; a de-assigned vector gets a private
+	// eventfd nobody waits on.
+	msix        []*vdpa.EventFD
+	assigned    []bool
+	intx        *vdpa.EventFD   // the client's INTx trigger eventfd
+	intxMasked  bool
+	intxPending bool
+}
+
+// New creates a mediated device in front of backing and a server for it.
+// The server does not take ownership of backing.
+func New(backing vdpa.Device, opts *Options) (*Server, error) {
+	s := &Server{conns: map[*net.UnixConn]struct{}{}}
+	var o Options
+	if opts != nil {
+		o = *opts
+	}
+	if o.Device.Memory != nil || o.Device.Vector != nil || o.Device.INTx != nil {
+		return nil, fmt.Errorf("%w: Device.Memory, Vector and INTx belong to the server", mdev.ErrInvalidOptions)
+	}
+	s.log = o.Logger
+	if s.log == nil {
+		s.log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	mem, err := vring.NewMemoryWithOptions(&vring.MemoryOptions{Fault: s.fault})
+	if err != nil {
+		return nil, err
+	}
+	s.mem = mem
+	if s.intx, err = vdpa.NewEventFD(); err != nil {
+		return nil, err
+	}
+	do := o.Device
+	do.Memory, do.Vector, do.INTx = mem, s.vector, s.intx
+	if s.dev, err = mdev.NewDevice(backing, &do); err != nil {
+		_ = s.intx.Close()
+		return nil, err
+	}
+	n := s.dev.Layout().MSIXVectors
+	s.irq.msix = make([]*vdpa.EventFD, n)
+	s.irq.assigned = make([]bool, n)
+	for i := range s.irq.msix {
+		if s.irq.msix[i], err = vdpa.NewEventFD(); err != nil {
+			closeFDs(s.irq.msix)
+			_ = s.dev.Close()
+			_ = s.intx.Close()
+			return nil, err
+		}
+	}
+	_, s.inProcess = backing.(*vdpa.Local)
+	ctx, cancel := context.WithCancel(context.Background())
+	s.stop = cancel
+	s.relayWG.Add(1)
+	go s.relayINTx(ctx)
+	return s, nil
+}
+
+// Device returns the mediated device the server serves.
+func (s *Server) Device() *mdev.Device { return s.dev }
+
+// Memory returns the guest memory: the windows the client DMA-mapped with
+// descriptors.
+func (s *Server) Memory() *vring.Memory { return s.mem }
+
+// vector is mdev's Options.Vector: the client's MSI-X eventfd.
+func (s *Server) vector(v uint16) *vdpa.EventFD {
+	s.irqMu.Lock()
+	defer s.irqMu.Unlock()
+	if int(v) < len(s.irq.msix) {
+		return s.irq.msix[v]
+	}
+	return nil
+}
+
+// relayINTx turns the device's line-interrupt eventfd into the client's
+// INTx trigger, honouring the automask.
+func (s *Server) relayINTx(ctx context.Context) {
+	defer s.relayWG.Done()
+	for {
+		if _, err := s.intx.Wait(ctx); err != nil {
+			return
+		}
+		s.dev.RaiseISR(mdev.ISRQueue)
+		s.assertINTx()
+	}
+}
+
+// assertINTx signals the client's INTx eventfd unless the line is masked
+// (then it stays pending until an unmask).
+func (s *Server) assertINTx() {
+	s.irqMu.Lock()
+	fd := s.irq.intx
+	if fd == nil {
+		s.irqMu.Unlock()
+		return
+	}
+	if s.irq.intxMasked {
+		s.irq.intxPending = true
+		s.irqMu.Unlock()
+		return
+	}
+	s.irq.intxMasked = true // VFIO_IRQ_INFO_AUTOMASKED
+	s.stats.IntxTriggers++
+	_ = fd.Signal()
+	s.irqMu.Unlock()
+}
+
+// fault is the guest memory's translation-miss handler: it returns the
+// DMA window holding addr.
+func (s *Server) fault(addr vring.GuestAddr, n uint64) (*vring.Region, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m := s.dma.find(uint64(addr))
+	if m == nil {
+		return nil, fmt.Errorf("%w: %v", ErrNotMapped, addr)
+	}
+	if m.region == nil {
+		return nil, fmt.Errorf("%w: %v is in a window without a descriptor", ErrNotMapped, addr)
+	}
+	return vring.NewRegion(m.region.Base(), m.region.Bytes(), &vring.RegionOptions{
+		Fd: m.region.Fd(), FdOffset: m.region.FdOffset(), Sealed: m.region.Sealed()})
+}
+
+// live reports whether the backing device may be touching guest memory.
+func (s *Server) live() bool {
+	return s.dev.Status()&virtio.StatusDriverOK != 0
+}
+
+// Close ends every session, closes the device and releases guest memory.
+// The backing device stays open.
+func (s *Server) Close() error {
+	s.sessMu.Lock()
+	if s.closed {
+		s.sessMu.Unlock()
+		return nil
+	}
+	s.closed = true
+	for c := range s.conns {
+		_ = c.Close()
+	}
+	s.sessMu.Unlock()
+	s.stop()
+	err := s.dev.Close()
+	_ = s.intx.Close()
+	s.relayWG.Wait()
+	s.unmapAll(true)
+	s.mu.Lock()
+	for _, r := range s.dma.graveyard {
+		_ = r.Close()
+	}
+	s.dma.graveyard = nil
+	s.mu.Unlock()
+	s.dropIRQs()
+	closeFDs(s.irq.msix)
+	return err
+}
+
+// Serve accepts connections on ln and serves them one at a time until ctx
+// is cancelled, the listener fails or the server is closed.
+func (s *Server) Serve(ctx context.Context, ln *net.UnixListener) error {
+	stop := context.AfterFunc(ctx, func() { _ = ln.Close() })
+	defer stop()
+	for {
+		c, err := ln.AcceptUnix()
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			return err
+		}
+		if err := s.ServeConn(ctx, c); err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, ErrClosed) {
+			s.log.Info("vfio-user session ended", "err", err)
+		}
+	}
+}
+
+// ServeConn serves one client connection until it closes, breaks the
+// protocol beyond recovery or ctx is cancelled. On return every DMA window
+// is unmapped and every interrupt eventfd of the client is closed; the
+// device keeps its state (vfio-user.rst "Client Disconnection"). It closes
+// conn.
+func (s *Server) ServeConn(ctx context.Context, conn *net.UnixConn) error {
+	s.sessMu.Lock()
+	if s.closed {
+		s.sessMu.Unlock()
+		_ = conn.Close()
+		return ErrClosed
+	}
+	s.conns[conn] = struct{}{}
+	s.stats.Sessions++
+	s.sessMu.Unlock()
+	stop := context.AfterFunc(ctx, func() { _ = conn.Close() })
+	defer func() {
+		stop()
+		_ = conn.Close()
+		s.sessMu.Lock()
+		delete(s.conns, conn)
+		s.sessMu.Unlock()
+		s.unmapAll(false)
+		s.dropIRQs()
+	}()
+	ss := &session{s: s, conn: conn}
+	err := ss.run()
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	return err
+}
+
+// unmapAll drops every DMA window.
+func (s *Server) unmapAll(closing bool) {
+	s.mu.Lock()
+	maps := s.dma.maps
+	s.dma.maps = nil
+	s.mu.Unlock()
+	if len(maps) == 0 {
+		return
+	}
+	_ = s.mem.RemoveRange(0, ^vring.GuestAddr(0))
+	s.release(maps, closing)
+}
+
+// release frees unmapped windows: at once when the data path cannot be
+// touching them, otherwise through the graveyard.
+func (s *Server) release(maps []*mapping, force bool) {
+	live := !force && s.live()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !live {
+		for _, r := range s.dma.graveyard {
+			_ = r.Close()
+		}
+		s.dma.graveyard = nil
+	}
+	for _, m := range maps {
+		if m.region == nil {
+			continue
+		}
+		if live {
+			retire(m.region)
+			s.dma.graveyard = append(s.dma.graveyard, m.region)
+		} else {
+			_ = m.region.Close()
+		}
+	}
+}
+
+// dropIRQs closes every interrupt eventfd of the client.
+func (s *Server) dropIRQs() {
+	s.setIRQFds(IRQMSIX, 0, make([]*vdpa.EventFD, len(s.irq.msix)))
+	s.setIRQFds(IRQIntx, 0, make([]*vdpa.EventFD, 1))
+}
+
+func closeFDs(fds []*vdpa.EventFD) {
+	for _, e := range fds {
+		if e != nil {
+			_ = e.Close()
+		}
+	}
+}
+
+// Stats returns the server's counters.
+func (s *Server) Stats() Stats {
+	s.sessMu.Lock()
+	defer s.sessMu.Unlock()
+	st := s.stats
+	s.irqMu.Lock()
+	st.IntxTriggers = s.stats.IntxTriggers
+	s.irqMu.Unlock()
+	return st
+}
+
+func (s *Server) count(err error) {
+	s.sessMu.Lock()
+	s.stats.Messages++
+	if err != nil {
+		s.stats.Errors++
+	}
+	s.sessMu.Unlock()
+}
+
+// closeAll closes raw descriptors.
+func closeAll(fds []int) {
+	for _, fd := range fds {
+		_ = unix.Close(fd)
+	}
+}
