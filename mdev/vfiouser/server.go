@@ -42,6 +42,9 @@ type Server struct {
 	irqMu sync.Mutex // guards irq; never held across a call into dev
 	irq   irqState
 
+	pauseMu sync.Mutex
+	paused  bool // the data path was stopped for a memory change
+
 	sessMu sync.Mutex
 	conns  map[*net.UnixConn]struct{}
 	closed bool
@@ -277,23 +280,68 @@ func (s *Server) ServeConn(ctx context.Context, conn *net.UnixConn) error {
 	return err
 }
 
-// unmapAll drops every DMA window.
+// unmapAll drops every DMA window. The data path, if running, is stopped
+// first (and stays stopped until the client maps memory and touches the
+// device again).
 func (s *Server) unmapAll(closing bool) {
+	s.mu.Lock()
+	n := len(s.dma.maps)
+	s.mu.Unlock()
+	if n == 0 {
+		return
+	}
+	stopped := closing || s.pause()
 	s.mu.Lock()
 	maps := s.dma.maps
 	s.dma.maps = nil
 	s.mu.Unlock()
-	if len(maps) == 0 {
+	_ = s.mem.RemoveRange(0, ^vring.GuestAddr(0))
+	s.release(maps, stopped)
+}
+
+// pause stops a live data path through mdev's migration state machine
+// (RUNNING -> STOP records every queue's position), so guest memory can
+// change under it. It reports whether the data path is now stopped.
+func (s *Server) pause() bool {
+	s.pauseMu.Lock()
+	defer s.pauseMu.Unlock()
+	if s.paused {
+		return true
+	}
+	if !s.live() || s.dev.MigrationState() != mdev.MigRunning {
+		return !s.live()
+	}
+	if err := s.dev.SetMigrationState(mdev.MigStop); err != nil {
+		s.log.Warn("vfio-user: stopping the data path for a memory change failed", "err", err)
+		return false
+	}
+	s.paused = true
+	return true
+}
+
+// resume restarts a data path pause stopped, once guest memory is mapped.
+func (s *Server) resume() {
+	s.pauseMu.Lock()
+	defer s.pauseMu.Unlock()
+	if !s.paused {
 		return
 	}
-	_ = s.mem.RemoveRange(0, ^vring.GuestAddr(0))
-	s.release(maps, closing)
+	s.mu.Lock()
+	n := len(s.dma.maps)
+	s.mu.Unlock()
+	if n == 0 {
+		return
+	}
+	s.paused = false
+	if err := s.dev.SetMigrationState(mdev.MigRunning); err != nil {
+		s.log.Warn("vfio-user: restarting the data path failed", "err", err)
+	}
 }
 
 // release frees unmapped windows: at once when the data path cannot be
-// touching them, otherwise through the graveyard.
-func (s *Server) release(maps []*mapping, force bool) {
-	live := !force && s.live()
+// touching them (stopped), otherwise through the graveyard.
+func (s *Server) release(maps []*mapping, stopped bool) {
+	live := !stopped && s.live()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if !live {

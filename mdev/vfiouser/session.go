@@ -151,6 +151,10 @@ func (ss *session) handle(h Header, p []byte) ([]byte, error) {
 		return nil, perr(h.Command, ErrFds, "%d unexpected descriptors", len(ss.fds))
 	}
 	switch h.Command {
+	case CmdRegionRead, CmdRegionWrite, CmdRegionWriteMulti, CmdDeviceSetIRQs, CmdDeviceReset:
+		ss.s.resume() // after a reconnect: the client has mapped memory again
+	}
+	switch h.Command {
 	case CmdVersion:
 		return ss.handleVersion(p)
 	case CmdDMAMap:
@@ -293,13 +297,23 @@ func (ss *session) handleDMAUnmap(p []byte) ([]byte, error) {
 		return u.Marshal(), nil
 	}
 	s.mu.Lock()
-	m := s.dma.remove(u.Address, u.Size)
+	found := false
+	for _, m := range s.dma.maps {
+		found = found || m.addr == u.Address && m.size == u.Size
+	}
 	s.mu.Unlock()
-	if m == nil {
+	if !found {
 		return nil, perr(CmdDMAUnmap, ErrNotMapped, "%#x+%#x", u.Address, u.Size)
 	}
-	_ = s.mem.RemoveRange(toGuest(m.addr), toGuest(m.last()))
-	s.release([]*mapping{m}, false)
+	stopped := s.pause()
+	s.mu.Lock()
+	m := s.dma.remove(u.Address, u.Size)
+	s.mu.Unlock()
+	if m != nil {
+		_ = s.mem.RemoveRange(toGuest(m.addr), toGuest(m.last()))
+		s.release([]*mapping{m}, stopped)
+	}
+	s.resume()
 	u.Argsz = DMAUnmapSize
 	return u.Marshal(), nil
 }

@@ -1,0 +1,77 @@
+// Package vfiouser serves an mdev.Device to a VMM over vfio-user, the
+// protocol QEMU (>= 10.1, -device vfio-user-pci) uses to talk to a PCI
+// device implemented in another process (QEMU's docs/interop/vfio-user.rst,
+// modelled on the VFIO ioctls of linux/vfio.h).
+//
+// # What the server does
+//
+//   - VERSION: protocol 0.0 (what QEMU 11.1 proposes); the reply announces
+//     max_msg_fds, max_data_xfer_size, max_dma_maps and pgsizes.
+//   - DEVICE_GET_INFO: a resettable PCI device with the 9 PCI regions and 5
+//     IRQ indices.
+//   - DEVICE_GET_REGION_INFO: region 7 is the 256-byte configuration space;
+//     the BARs are those mdev.Layout describes (BAR 1: MSI-X table and PBA,
+//     BAR 4: the virtio structures); every other region is empty. No region
+//     is mappable (every register has side effects), so no sparse-mmap
+//     capability is sent; the codec encodes and parses one.
+//   - REGION_READ / REGION_WRITE / REGION_WRITE_MULTI, with or without
+//     No_reply: config space accesses of any length are split into natural
+//     1/2/4-byte accesses; BAR accesses keep the guest's width (1, 2, 4 or
+//     8), which the device checks. A write to the notification area kicks
+//     the backing device's kick eventfd; the path allocates nothing.
+//   - DMA_MAP / DMA_UNMAP: windows with a descriptor are mapped (memfds are
+//     sealed against shrinking) and become the device's guest memory
+//     (Server.Memory, a vring.Memory whose regions appear on first use);
+//     windows without one are recorded but are not memory the data path
+//     can use. Overlapping maps fail with EEXIST, unmaps must match a map
+//     exactly (ENOENT). When memory changes under a running data path, the
+//     server stops it through mdev's migration state machine (RUNNING ->
+//     STOP records every ring position) and restarts it afterwards.
+//   - DEVICE_GET_IRQ_INFO / DEVICE_SET_IRQS: INTx (1, maskable, automasked),
+//     MSI-X (one vector per queue plus one for configuration changes); MSI
+//     and the error/request indices have no interrupts. MSI-X interrupts
+//     bypass the server: the backing device signals a per-vector eventfd
+//     onto which the client's eventfd is dup3'ed, so QEMU re-registering
+//     its eventfds while the data path runs (it does, when the guest
+//     unmasks vectors) changes the target without touching the backing
+//     device. MSI-X is not maskable through SET_IRQS (as with kernel VFIO,
+//     the client masks vectors in its own emulation of the MSI-X table;
+//     QEMU 11.1 never sends MSI-X mask/unmask). INTx goes through the
+//     server: the device's line-interrupt eventfd (mdev.Options.INTx) sets
+//     the ISR and signals the client's eventfd, masked until the client's
+//     UNMASK (which QEMU sends at the guest's EOI), re-asserted then if the
+//     ISR is still set.
+//   - DEVICE_RESET: a virtio reset of the device.
+//   - Disconnect: every DMA window is unmapped and every descriptor of the
+//     client closed; the device keeps its state, and the data path resumes
+//     when a new client has mapped memory and touches the device.
+//
+// Not implemented: DMA_READ / DMA_WRITE (server-initiated accesses to
+// windows without descriptors), GET_REGION_IO_FDS (ENOSYS: QEMU 11.1 does
+// not ask) and DEVICE_FEATURE (migration; ENOTTY, which QEMU 11.1 takes as
+// "no migration").
+//
+// # Hostile clients
+//
+// Every message is decoded by the parsers of this package (Decode, fuzzed
+// by FuzzDecode): sizes, argsz, flags, indices, ranges and descriptor
+// counts are checked before anything is acted on. A bad message gets an
+// error reply with an errno (*Error, wrapping one of the Err* sentinels);
+// a framing error (a size below the header or above MaxMessage, reserved
+// header flags), too many descriptors, a failed VERSION or any message
+// before VERSION closes the session. Descriptors a message should not
+// carry are closed.
+//
+// # QEMU 11.1
+//
+// Only the JSON form of -device works, and guest memory must be shareable:
+//
+//	-object memory-backend-memfd,id=mem,size=512M,share=on -machine q35,memory-backend=mem
+//	-device '{"driver":"vfio-user-pci","id":"n0","socket":{"path":"/tmp/vfu.sock","type":"unix"}}'
+//
+// QEMU 11.1's client DMA-maps guest RAM with memfd descriptors, reads the
+// whole configuration space, registers MSI-X eventfds when the guest
+// enables MSI-X and again when it unmasks vectors (after DRIVER_OK), and
+// prints "Could not enable error recovery for the device" because the
+// error IRQ index has no interrupts.
+package vfiouser

@@ -1,0 +1,378 @@
+package vfiouser_test
+
+import (
+	"context"
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
+
+	"github.com/vdpakit/vdpakit/mdev"
+	"github.com/vdpakit/vdpakit/mdev/vfiouser"
+	"github.com/vdpakit/vdpakit/mdev/vfiouser/vfiousertest"
+	"github.com/vdpakit/vdpakit/vdpa"
+	"github.com/vdpakit/vdpakit/vdpa/softnet"
+)
+
+// rig is a server for a softnet-backed device listening on a socket.
+type rig struct {
+	sn     *softnet.Device
+	srv    *vfiouser.Server
+	path   string
+	cancel context.CancelFunc
+	done   chan error
+}
+
+func newRig(t *testing.T, sopts *softnet.Options) *rig {
+	t.Helper()
+	r := &rig{}
+	if sopts == nil {
+		sopts = &softnet.Options{}
+	}
+	o := *sopts
+	o.OnConfigChange = func() {
+		if r.srv != nil {
+			r.srv.Device().ConfigChanged()
+		}
+	}
+	sn, err := softnet.New(&o)
+	require.NoError(t, err)
+	r.sn = sn
+	backing := vdpa.NewLocal(sn, nil)
+	t.Cleanup(func() { _ = backing.Close() })
+	r.srv, err = vfiouser.New(backing, &vfiouser.Options{Device: mdev.Options{Backend: "software"}})
+	require.NoError(t, err)
+	r.path = filepath.Join(t.TempDir(), "vfu.sock")
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: r.path, Net: "unix"})
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	r.cancel, r.done = cancel, make(chan error, 1)
+	go func() { r.done <- r.srv.Serve(ctx, ln) }()
+	t.Cleanup(func() {
+		cancel()
+		<-r.done
+		require.NoError(t, r.srv.Close())
+	})
+	return r
+}
+
+func (r *rig) dial(t *testing.T) *vfiousertest.Client {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := vfiousertest.Dial(ctx, r.path)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = c.Close() })
+	return c
+}
+
+func testCtx(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// frames returns n frames of mixed sizes from a broadcast source.
+func frames(n int, seed int) [][]byte {
+	out := make([][]byte, n)
+	for i := range out {
+		size := 60 + (i*37+seed)%1400
+		f := make([]byte, size)
+		copy(f, []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x52, 0x54, 0, 0x12, 0x34, 0x56, 0x88, 0xb5})
+		for j := 14; j < size; j++ {
+			f[j] = byte(i + j)
+		}
+		out[i] = f
+	}
+	return out
+}
+
+func softnetCounts(sn *softnet.Device) (tx, rx uint64) {
+	for i, q := range sn.Stats().Queues {
+		if i%2 == 0 {
+			rx += q.Frames
+		} else {
+			tx += q.Frames
+		}
+	}
+	return tx, rx
+}
+
+func TestBringUpAndTraffic(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		intx bool
+	}{{"msix", false}, {"intx", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newRig(t, nil)
+			c := r.dial(t)
+			ctx := testCtx(t)
+			d, err := vfiousertest.NewDriver(ctx, c, &vfiousertest.DriverOptions{INTx: tc.intx})
+			require.NoError(t, err)
+			defer d.Close()
+
+			// The configuration space the client reads is mdev.Layout's.
+			l := r.srv.Device().Layout()
+			require.Len(t, d.Caps, len(l.Capabilities))
+			for i, cp := range l.Capabilities {
+				assert.Equal(t, cp.ConfigOffset, d.Caps[i].Offset)
+				assert.Equal(t, cp.CfgType, d.Caps[i].CfgType)
+				assert.Equal(t, cp.Bar, d.Caps[i].Bar)
+				assert.Equal(t, cp.Offset, d.Caps[i].BarOffset)
+				assert.Equal(t, cp.Length, d.Caps[i].Length)
+			}
+			require.NotZero(t, d.MSIXCap)
+			for _, b := range l.BARs {
+				ri, err := c.RegionInfo(ctx, uint32(b.Index))
+				require.NoError(t, err)
+				assert.Equal(t, b.Size, ri.Size, "BAR %d", b.Index)
+			}
+
+			const n = 300
+			fs := frames(n, 0)
+			var got [][]byte
+			for i := 0; i < n; i += 32 {
+				require.NoError(t, d.SendFrames(fs[i:min(i+32, n)]))
+				require.NoError(t, d.Receive(ctx, uint64(min(i+32, n)), func(f []byte) { got = append(got, f) }))
+			}
+			require.Len(t, got, n)
+			for i := range fs {
+				require.Equal(t, fs[i], got[i], "frame %d", i)
+			}
+			tx, rx := softnetCounts(r.sn)
+			assert.Equal(t, d.Sent, tx, "frames the guest sent = frames the device took")
+			assert.Equal(t, d.Received, rx, "frames the guest received = frames the device delivered")
+			assert.Equal(t, uint64(n), tx)
+			if tc.intx {
+				assert.NotZero(t, r.srv.Stats().IntxTriggers)
+			}
+		})
+	}
+}
+
+func TestLinkChangeRaisesConfigInterrupt(t *testing.T) {
+	r := newRig(t, nil)
+	c := r.dial(t)
+	ctx := testCtx(t)
+	d, err := vfiousertest.NewDriver(ctx, c, nil)
+	require.NoError(t, err)
+	defer d.Close()
+	_, _ = d.IRQ(0).TryWait()
+	r.sn.SetLinkUp(false)
+	wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	_, err = d.IRQ(0).Wait(wctx)
+	require.NoError(t, err, "config interrupt on MSI-X vector 0")
+	isr, err := d.ReadISR(ctx)
+	require.NoError(t, err)
+	assert.Equal(t, mdev.ISRConfig, isr&mdev.ISRConfig)
+}
+
+func TestDisconnectKeepsDeviceStateAndReconnects(t *testing.T) {
+	r := newRig(t, nil)
+	c := r.dial(t)
+	ctx := testCtx(t)
+	d, err := vfiousertest.NewDriver(ctx, c, nil)
+	require.NoError(t, err)
+	defer d.Close()
+	require.NoError(t, d.SendFrames(frames(4, 1)))
+	require.NoError(t, d.Receive(ctx, 4, nil))
+	require.NoError(t, c.Close())
+	require.Eventually(t, func() bool { return len(r.srv.Memory().Regions()) == 0 }, 5*time.Second, 10*time.Millisecond)
+	assert.NotZero(t, r.srv.Device().Status()&0x04, "device state kept across the disconnect")
+
+	// A new client re-establishes memory and interrupts and the data path
+	// continues where it was.
+	c2 := r.dial(t)
+	_, err = c2.Negotiate(ctx)
+	require.NoError(t, err)
+	require.NoError(t, c2.DMAMap(ctx, 0, vfiousertest.GuestMemSize, d.Region.Fd(), 0))
+	fds := make([]int, 0, 3)
+	for v := 0; v < 3; v++ {
+		fds = append(fds, d.IRQ(v).Fd())
+	}
+	require.NoError(t, c2.SetIRQEventfds(ctx, vfiouser.IRQMSIX, 0, 3, fds))
+	d.C = c2
+	require.NoError(t, d.SendFrames(frames(4, 2)))
+	require.NoError(t, d.Receive(ctx, 8, nil))
+}
+
+func fdCount(t *testing.T) int {
+	ents, err := os.ReadDir("/proc/self/fd")
+	require.NoError(t, err)
+	return len(ents)
+}
+
+func TestHostileInput(t *testing.T) {
+	type tc struct {
+		name    string
+		cmd     vfiouser.Command
+		payload []byte
+		fds     int // eventfds to attach
+		errno   unix.Errno
+		closes  bool // the server ends the session
+	}
+	le32 := func(vs ...uint32) []byte {
+		b := make([]byte, 4*len(vs))
+		for i, v := range vs {
+			b[4*i], b[4*i+1], b[4*i+2], b[4*i+3] = byte(v), byte(v>>8), byte(v>>16), byte(v>>24)
+		}
+		return b
+	}
+	access := func(off uint64, region, count uint32, data []byte) []byte {
+		b := make([]byte, vfiouser.RegionAccessSize, vfiouser.RegionAccessSize+len(data))
+		vfiouser.RegionAccess{Offset: off, Region: region, Count: count}.Put(b)
+		return append(b, data...)
+	}
+	dmaMap := func(addr, size uint64) []byte {
+		return vfiouser.DMAMap{Argsz: 32, Flags: 3, Address: addr, Size: size}.Marshal()
+	}
+	cases := []tc{
+		{"unknown command", 99, nil, 0, unix.ENOSYS, false},
+		{"region io fds unsupported", vfiouser.CmdGetRegionIOFDs, le32(16, 0, 0, 0), 0, unix.ENOSYS, false},
+		{"device info truncated", vfiouser.CmdDeviceGetInfo, le32(16), 0, unix.EINVAL, false},
+		{"device info bad argsz", vfiouser.CmdDeviceGetInfo, le32(8, 0, 0, 0), 0, unix.EINVAL, false},
+		{"region info index", vfiouser.CmdDeviceGetRegionInfo, append(le32(32, 0, 9, 0), make([]byte, 16)...), 0, unix.EINVAL, false},
+		{"irq info index", vfiouser.CmdDeviceGetIRQInfo, le32(16, 0, 5, 0), 0, unix.EINVAL, false},
+		{"set irqs index", vfiouser.CmdDeviceSetIRQs, le32(20, vfiouser.IRQSetDataNone|vfiouser.IRQSetActionTrigger, 7, 0, 1), 0, unix.EINVAL, false},
+		{"set irqs past the vectors", vfiouser.CmdDeviceSetIRQs, le32(20, vfiouser.IRQSetDataNone|vfiouser.IRQSetActionTrigger, 2, 2, 5), 0, unix.EINVAL, false},
+		{"set irqs two data flags", vfiouser.CmdDeviceSetIRQs, le32(20, 3|vfiouser.IRQSetActionTrigger, 2, 0, 1), 0, unix.EINVAL, false},
+		{"set irqs fewer fds than count", vfiouser.CmdDeviceSetIRQs, le32(20, vfiouser.IRQSetDataEventfd|vfiouser.IRQSetActionTrigger, 2, 0, 3), 2, unix.EBADF, false},
+		{"set irqs bool argsz", vfiouser.CmdDeviceSetIRQs, le32(20, vfiouser.IRQSetDataBool|vfiouser.IRQSetActionTrigger, 2, 0, 3), 0, unix.EINVAL, false},
+		{"mask msix", vfiouser.CmdDeviceSetIRQs, le32(20, vfiouser.IRQSetDataNone|vfiouser.IRQSetActionMask, 2, 0, 1), 0, unix.EINVAL, false},
+		{"fds on a read", vfiouser.CmdRegionRead, access(0, vfiouser.RegionConfig, 4, nil), 1, unix.EBADF, false},
+		{"read past config", vfiouser.CmdRegionRead, access(254, vfiouser.RegionConfig, 4, nil), 0, unix.EINVAL, false},
+		{"read empty region", vfiouser.CmdRegionRead, access(0, 0, 4, nil), 0, unix.EINVAL, false},
+		{"read region 12", vfiouser.CmdRegionRead, access(0, 12, 4, nil), 0, unix.EINVAL, false},
+		{"read odd size in a BAR", vfiouser.CmdRegionRead, access(0, 4, 3, nil), 0, unix.EINVAL, false},
+		{"read huge count", vfiouser.CmdRegionRead, access(0, 4, 1<<30, nil), 0, unix.E2BIG, false},
+		{"read offset overflow", vfiouser.CmdRegionRead, access(^uint64(0)-1, 4, 4, nil), 0, unix.EINVAL, false},
+		{"write count mismatch", vfiouser.CmdRegionWrite, access(0, 4, 4, []byte{1, 2}), 0, unix.EINVAL, false},
+		{"write misaligned register", vfiouser.CmdRegionWrite, access(1, 4, 2, []byte{1, 2}), 0, unix.EINVAL, false},
+		{"write past BAR", vfiouser.CmdRegionWrite, access(1<<30, 4, 4, []byte{1, 2, 3, 4}), 0, unix.EINVAL, false},
+		{"write multi zero", vfiouser.CmdRegionWriteMulti, make([]byte, 8), 0, unix.E2BIG, false},
+		{"dma map without fd is accepted but overlapping one is not", vfiouser.CmdDMAMap, dmaMap(0x1000_0000, 0x1000), 0, 0, false},
+		{"dma map overlap", vfiouser.CmdDMAMap, dmaMap(0x1000_0800, 0x1000), 0, unix.EEXIST, false},
+		{"dma map overflow", vfiouser.CmdDMAMap, dmaMap(^uint64(0)-0xfff, 0x2000), 0, unix.EINVAL, false},
+		{"dma map zero size", vfiouser.CmdDMAMap, dmaMap(0x2000_0000, 0), 0, unix.EINVAL, false},
+		{"dma map bad argsz", vfiouser.CmdDMAMap, vfiouser.DMAMap{Argsz: 8, Flags: 3, Address: 0x3000_0000, Size: 0x1000}.Marshal(), 0, unix.EINVAL, false},
+		{"dma map eventfd is not memory", vfiouser.CmdDMAMap, dmaMap(0x4000_0000, 0x1000), 1, unix.EINVAL, false},
+		{"dma map two fds", vfiouser.CmdDMAMap, dmaMap(0x5000_0000, 0x1000), 2, unix.EBADF, false},
+		{"dma unmap unknown", vfiouser.CmdDMAUnmap, vfiouser.DMAUnmap{Argsz: 24, Address: 0x7000_0000, Size: 0x1000}.Marshal(), 0, unix.ENOENT, false},
+		{"dma unmap partial", vfiouser.CmdDMAUnmap, vfiouser.DMAUnmap{Argsz: 24, Address: 0x1000_0000, Size: 0x800}.Marshal(), 0, unix.ENOENT, false},
+		{"dma unmap dirty bitmap", vfiouser.CmdDMAUnmap, vfiouser.DMAUnmap{Argsz: 24, Flags: 1, Address: 0x1000_0000, Size: 0x1000}.Marshal(), 0, unix.EINVAL, false},
+		{"reset with payload", vfiouser.CmdDeviceReset, []byte{1}, 0, unix.EINVAL, false},
+		{"device feature", vfiouser.CmdDeviceFeature, le32(16, vfiouser.FeatureGet|1), 0, unix.ENOTTY, false},
+		{"second version", vfiouser.CmdVersion, vfiouser.Version{}.Marshal(), 0, unix.ENOTSUP, true},
+	}
+	r := newRig(t, nil)
+	other := newRig(t, nil) // another server whose client keeps its traffic going
+	ctx := testCtx(t)
+	oc := other.dial(t)
+	od, err := vfiousertest.NewDriver(ctx, oc, nil)
+	require.NoError(t, err)
+	defer od.Close()
+
+	before := fdCount(t)
+	c := r.dial(t)
+	_, err = c.Negotiate(ctx)
+	require.NoError(t, err)
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			var fds []int
+			for i := 0; i < tc.fds; i++ {
+				e, err := vdpa.NewEventFD()
+				require.NoError(t, err)
+				defer e.Close()
+				fds = append(fds, e.Fd())
+			}
+			_, err := c.Call(ctx, tc.cmd, tc.payload, fds)
+			if tc.errno == 0 {
+				require.NoError(t, err)
+				return
+			}
+			require.Error(t, err)
+			assert.True(t, vfiousertest.IsErrno(err, tc.errno), "want errno %v, got %v", tc.errno, err)
+			if tc.closes {
+				_, _, err := c.ReadReply(ctx)
+				require.Error(t, err, "session closed")
+				return
+			}
+			_, err = c.DeviceInfo(ctx)
+			require.NoError(t, err, "session survives")
+		})
+		// The other server's client is unharmed.
+		require.NoError(t, od.SendFrames(frames(2, 3)))
+		require.NoError(t, od.Receive(ctx, od.Sent, nil))
+	}
+	require.NoError(t, c.Close())
+	require.Eventually(t, func() bool { return fdCount(t) <= before }, 5*time.Second, 10*time.Millisecond,
+		"descriptors leaked: %d before, %d after", before, fdCount(t))
+}
+
+func TestFramingErrorsCloseTheSession(t *testing.T) {
+	r := newRig(t, nil)
+	ctx := testCtx(t)
+	for _, tc := range []struct {
+		name string
+		msg  []byte
+	}{
+		{"size below the header", func() []byte {
+			b := make([]byte, 16)
+			vfiouser.Header{ID: 1, Command: vfiouser.CmdVersion, Size: 8}.Put(b)
+			return b
+		}()},
+		{"oversized", func() []byte {
+			b := make([]byte, 16)
+			vfiouser.Header{ID: 1, Command: vfiouser.CmdRegionWrite, Size: 64 << 20}.Put(b)
+			return b
+		}()},
+		{"reserved flags", func() []byte {
+			b := make([]byte, 16)
+			vfiouser.Header{ID: 1, Command: vfiouser.CmdDeviceGetInfo, Size: 16, Flags: 1 << 9}.Put(b)
+			return b
+		}()},
+		{"command before version", vfiousertest.Message(1, vfiouser.CmdDeviceGetInfo, 0, make([]byte, 16))},
+		{"version major 1", vfiousertest.Message(1, vfiouser.CmdVersion, 0, vfiouser.Version{Major: 1}.Marshal())},
+		{"version json not terminated", vfiousertest.Message(1, vfiouser.CmdVersion, 0, []byte{0, 0, 0, 0, '{', '}'})},
+		{"version json garbage", vfiousertest.Message(1, vfiouser.CmdVersion, 0, []byte{0, 0, 0, 0, '{', 0})},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := r.dial(t)
+			require.NoError(t, c.SendRaw(tc.msg, nil))
+			h, _, err := c.ReadReply(ctx)
+			if err == nil {
+				assert.NotZero(t, h.Flags&vfiouser.FlagError, "an error reply")
+				_, _, err = c.ReadReply(ctx)
+			}
+			require.Error(t, err, "the server closed the session")
+		})
+	}
+	// A truncated message followed by a hang-up.
+	c := r.dial(t)
+	_, err := c.Negotiate(ctx)
+	require.NoError(t, err)
+	require.NoError(t, c.SendRaw(vfiousertest.Message(2, vfiouser.CmdDeviceGetInfo, 0, make([]byte, 16))[:20], nil))
+	require.NoError(t, c.Close())
+	// The server still serves the next client.
+	c = r.dial(t)
+	_, err = c.Negotiate(ctx)
+	require.NoError(t, err)
+	_, err = c.DeviceInfo(ctx)
+	require.NoError(t, err)
+}
+
+func TestNewRejectsServerOwnedOptions(t *testing.T) {
+	sn, err := softnet.New(nil)
+	require.NoError(t, err)
+	backing := vdpa.NewLocal(sn, nil)
+	defer backing.Close()
+	_, err = vfiouser.New(backing, &vfiouser.Options{Device: mdev.Options{Vector: func(uint16) *vdpa.EventFD { return nil }}})
+	require.True(t, errors.Is(err, mdev.ErrInvalidOptions))
+}
