@@ -75,7 +75,7 @@ type irqState struct {
 	// eventfd nobody waits on.
 	msix        []*vdpa.EventFD
 	assigned    []bool
-	intx        *vdpa.EventFD   // the client's INTx trigger eventfd
+	intx        *vdpa.EventFD // the client's INTx trigger eventfd
 	intxMasked  bool
 	intxPending bool
 }
