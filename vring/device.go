@@ -484,6 +484,11 @@ func (q *DeviceQueue) appendSegsSlow(c *Chain, addr GuestAddr, length uint32, w 
 	if err := checkRange(addr, uint64(length)); err != nil {
 		return err
 	}
+	if length == 0 {
+		if err := q.mem.checkEmpty(addr, q.hint); err != nil {
+			return err
+		}
+	}
 	if w {
 		c.WritableLen += uint64(length)
 	} else {

@@ -148,10 +148,15 @@ func (q *DriverQueue) checkBufs(bufs []Buffer) (uint64, error) {
 	return writable, nil
 }
 
-// contains is checkBufs' slow path: a buffer outside the cached region.
+// contains is checkBufs' slow path: a buffer outside the cached region
+// (or a zero-length one at its end).
 // It checks the buffer against the memory table and caches the region that
 // holds its first byte.
 func (q *DriverQueue) contains(addr GuestAddr, n uint32) bool {
+	if n == 0 {
+		// As the device checks it: in a region or at the end of one.
+		return q.mem.checkEmpty(addr, q.hint) == nil
+	}
 	if !q.mem.Contains(addr, uint64(n)) {
 		return false
 	}

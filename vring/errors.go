@@ -60,7 +60,9 @@ var (
 	// device-writable one in a chain (§2.7.4.2).
 	ErrReadableAfterWritable = errors.New("vring: readable descriptor after writable descriptor")
 	// ErrBufferOutOfRange: a descriptor's buffer (or indirect table) is not in
-	// guest memory or its address+length overflows. The QueueError also wraps
+	// guest memory or its address+length overflows. A zero-length buffer is
+	// in guest memory when its address is in a region or is the end of one
+	// (addr <= end of memory, as Linux vhost checks it). The QueueError also wraps
 	// ErrOutOfRange, ErrOverflow or ErrSpansRegions.
 	ErrBufferOutOfRange = errors.New("vring: descriptor buffer outside guest memory")
 	// ErrAvailIdxJump: avail.idx is more than the queue size ahead of the

@@ -150,6 +150,25 @@ func TestHostileDeviceInput(t *testing.T) {
 			r.desc(d, 0, rawMem-4, 8, 0, 0)
 			r.publish(0, 0)
 		}, ErrOutOfRange, 0, false},
+		{"zero-length buffer must not lie past the end of guest memory", allFeat, func(r *rawRing) {
+			r.desc(d, 0, rawMem+1, 0, 0, 0)
+			r.publish(0, 0)
+		}, ErrOutOfRange, 0, false},
+		{"zero-length buffer far outside guest memory", allFeat, func(r *rawRing) {
+			r.desc(d, 0, 0xdeadbeef00000000, 0, 0, 0)
+			r.publish(0, 0)
+		}, ErrOutOfRange, 0, false},
+		{"zero-length writable buffer past guest memory after a readable one", allFeat, func(r *rawRing) {
+			r.desc(d, 0, rawData, 8, N, 1)
+			r.desc(d, 1, ^uint64(0), 0, W, 0)
+			r.publish(0, 0)
+		}, ErrOutOfRange, 1, false},
+		{"zero-length buffer past guest memory inside an indirect table", allFeat, func(r *rawRing) {
+			r.desc(d, 0, rawTable, 32, I, 0)
+			r.desc(rawTable, 0, rawData, 8, N, 1)
+			r.desc(rawTable, 1, 2*rawMem, 0, W, 0)
+			r.publish(0, 0)
+		}, ErrOutOfRange, 1, true},
 		{"buffer address plus length must not overflow", allFeat, func(r *rawRing) {
 			r.desc(d, 0, ^uint64(0)-2, 8, 0, 0)
 			r.publish(0, 0)
@@ -255,17 +274,33 @@ func TestValidDeviceInput(t *testing.T) {
 		assert.Equal(t, GuestAddr(rawData+16), c.Segs[2].Addr)
 		assert.Equal(t, uint64(12), c.WritableLen)
 	})
-	t.Run("zero-length descriptor is an empty segment", func(t *testing.T) {
-		r := newRawRing(t, allFeat)
-		r.desc(d, 0, 0xdeadbeef00000000, 0, 0, 0)
-		r.publish(0, 0)
-		var c Chain
-		ok, err := r.dev.Pop(&c)
-		require.NoError(t, err)
-		require.True(t, ok)
-		require.Len(t, c.Segs, 1)
-		assert.Empty(t, c.Segs[0].Buf)
-	})
+	// A zero-length buffer is an empty segment wherever a buffer of guest
+	// memory could start or end: inside it or exactly at its end (the
+	// addr == end case of vhost's "addr <= end of memory").
+	for _, tc := range []struct {
+		name  string
+		addr  uint64
+		flags uint16
+	}{
+		{"at the start of guest memory", 0, 0},
+		{"inside guest memory", rawData, 0},
+		{"inside guest memory, writable", rawData + 3, W},
+		{"at the last byte of guest memory", rawMem - 1, 0},
+		{"exactly at the end of guest memory", rawMem, W},
+	} {
+		t.Run("zero-length descriptor "+tc.name+" is an empty segment", func(t *testing.T) {
+			r := newRawRing(t, allFeat)
+			r.desc(d, 0, tc.addr, 0, tc.flags, 0)
+			r.publish(0, 0)
+			var c Chain
+			ok, err := r.dev.Pop(&c)
+			require.NoError(t, err)
+			require.True(t, ok)
+			require.Len(t, c.Segs, 1)
+			assert.Equal(t, GuestAddr(tc.addr), c.Segs[0].Addr)
+			assert.Empty(t, c.Segs[0].Buf)
+		})
+	}
 }
 
 func TestBufferAcrossAdjacentRegionsIsSplit(t *testing.T) {
@@ -353,6 +388,38 @@ func TestHostileDriverSideInput(t *testing.T) {
 			assert.ErrorIs(t, err, tc.want)
 			_, err = drv.Add([]Buffer{{Addr: rawData, Len: 8}})
 			assert.ErrorIs(t, err, ErrQueueBroken)
+		})
+	}
+}
+
+// The driver side holds zero-length buffers to the device side's rule: in
+// guest memory or exactly at its end.
+func TestDriverZeroLengthBufferBounds(t *testing.T) {
+	for _, tc := range []struct {
+		addr GuestAddr
+		ok   bool
+	}{
+		{0, true},
+		{rawData, true},
+		{rawMem, true},
+		{rawMem + 1, false},
+		{0xdeadbeef00000000, false},
+	} {
+		t.Run(tc.addr.String(), func(t *testing.T) {
+			reg, err := NewMemfdRegion(0, rawMem, nil)
+			require.NoError(t, err)
+			mem, err := NewMemory(reg)
+			require.NoError(t, err)
+			defer mem.Close()
+			drv, err := NewDriverQueue(mem, DriverQueueOptions{Layout: ContiguousLayout(rawRingAt, rawSize)})
+			require.NoError(t, err)
+			_, err = drv.Add([]Buffer{{Addr: tc.addr, Len: 0, Writable: true}})
+			if tc.ok {
+				require.NoError(t, err)
+				return
+			}
+			assert.ErrorIs(t, err, ErrBadChain)
+			assert.ErrorIs(t, err, ErrOutOfRange)
 		})
 	}
 }

@@ -327,6 +327,21 @@ func lookupIn(rs []*Region, addr GuestAddr, hint uint32) int {
 	return -1
 }
 
+// checkEmpty validates a zero-length range at addr: addr must lie in a
+// region or be the end of one (addr <= end of memory, as Linux vhost checks
+// a zero-length buffer), faulting in as find does. It returns ErrOutOfRange
+// (wrapping the fault's error) otherwise.
+func (m *Memory) checkEmpty(addr GuestAddr, hint uint32) error {
+	_, i, ferr := m.find(addr, 1, hint)
+	if i < 0 && addr != 0 {
+		_, i, _ = m.find(addr-1, 1, hint)
+	}
+	if i < 0 {
+		return missErr(ferr)
+	}
+	return nil
+}
+
 // checkRange validates [addr, addr+n) for overflow.
 func checkRange(addr GuestAddr, n uint64) error {
 	if n != 0 && uint64(addr)+n-1 < uint64(addr) {
