@@ -97,6 +97,10 @@ func FuzzDeviceWalk(f *testing.F) {
 				if s.Len > 0 && !mem.Contains(s.Addr, uint64(s.Len)) {
 					t.Fatalf("segment %d %v+%#x outside memory", j, s.Addr, s.Len)
 				}
+				// A zero-length one in a region or at the end of one.
+				if s.Len == 0 && (s.Addr < 0x1000 || s.Addr > 0x3000) {
+					t.Fatalf("empty segment %d at %v outside memory", j, s.Addr)
+				}
 				if s.Writable {
 					wl += uint64(s.Len)
 				} else {
