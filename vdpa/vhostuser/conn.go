@@ -5,9 +5,17 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
+
+// scmMaxFd is the most descriptors one sendmsg can carry on Linux
+// (SCM_MAX_FD). The receive buffer has room for that many, so MSG_CTRUNC
+// never means "the peer sent more than MaxFds" (those arrive and are
+// closed here): it means this process could not take them.
+const scmMaxFd = 253
 
 // conn frames vhost-user messages on a unix stream socket and carries file
 // descriptors in SCM_RIGHTS control messages. The socket goes through the
@@ -16,17 +24,55 @@ type conn struct {
 	uc  *net.UnixConn
 	hdr [HeaderSize]byte
 	oob []byte
+
+	// msgTimeout bounds the rest of a message once its first byte has
+	// arrived (0: no bound). Between messages a connection may idle.
+	msgTimeout time.Duration
+	// deadline is the owner's read deadline (zero: none), restored after
+	// a message's own deadline.
+	deadline time.Time
+	// msgDeadline is the deadline of the message being read (zero: none
+	// set).
+	msgDeadline time.Time
 }
 
 func newConn(uc *net.UnixConn) *conn {
-	// Room for MaxFds descriptors and no more: a peer sending more gets
-	// MSG_CTRUNC, and the kernel closes the descriptors that did not fit.
-	return &conn{uc: uc, oob: make([]byte, unix.CmsgSpace(MaxFds*4))}
+	return &conn{uc: uc, oob: make([]byte, unix.CmsgSpace(scmMaxFd*4))}
+}
+
+// setDeadline sets the owner's read and write deadline.
+func (c *conn) setDeadline(t time.Time) {
+	c.deadline = t
+	_ = c.uc.SetDeadline(t)
+}
+
+// startMessage arms the message deadline when the first bytes of a
+// message have arrived.
+func (c *conn) startMessage() {
+	if c.msgTimeout <= 0 || !c.msgDeadline.IsZero() {
+		return
+	}
+	d := time.Now().Add(c.msgTimeout)
+	if !c.deadline.IsZero() && c.deadline.Before(d) {
+		return // the owner's deadline comes first
+	}
+	c.msgDeadline = d
+	_ = c.uc.SetReadDeadline(d)
+}
+
+// endMessage restores the owner's read deadline.
+func (c *conn) endMessage() {
+	if !c.msgDeadline.IsZero() {
+		c.msgDeadline = time.Time{}
+		_ = c.uc.SetReadDeadline(c.deadline)
+	}
 }
 
 // readFull fills b, collecting every descriptor that arrives with any part
-// of it into *fds. It returns io.EOF when the peer closed before the first
-// byte, ErrTruncated when it closed part way.
+// of it into *fds; more than MaxFds for the message is an error as soon as
+// they arrive (the excess is closed at once). It returns io.EOF when the
+// peer closed before the first byte, ErrTruncated when it closed part way,
+// ErrStalled when the message timeout passed part way.
 func (c *conn) readFull(b []byte, fds *[]int, started bool) error {
 	got := 0
 	for got < len(b) {
@@ -37,15 +83,26 @@ func (c *conn) readFull(b []byte, fds *[]int, started bool) error {
 			}
 		}
 		if flags&unix.MSG_CTRUNC != 0 && err == nil {
-			err = fmt.Errorf("%w: more than %d descriptors (control data truncated)", ErrFdCount, MaxFds)
+			err = fmt.Errorf("%w: control data truncated (MSG_CTRUNC) with %d descriptors taken: RLIMIT_NOFILE reached?",
+				ErrFdsExhausted, len(*fds))
 		}
 		got += n
+		if n > 0 && !started {
+			started = true
+			c.startMessage()
+		}
+		if err == nil && len(*fds) > MaxFds {
+			err = fmt.Errorf("%w: more than %d descriptors for one message", ErrFdCount, MaxFds)
+		}
 		if err != nil {
 			if errors.Is(err, io.EOF) {
 				if got == 0 && !started {
 					return io.EOF
 				}
 				return fmt.Errorf("%w: peer closed after %d of %d bytes", ErrTruncated, got, len(b))
+			}
+			if errors.Is(err, os.ErrDeadlineExceeded) && !c.msgDeadline.IsZero() && !time.Now().Before(c.msgDeadline) {
+				return fmt.Errorf("%w: %d of %d bytes within %v", ErrStalled, got, len(b), c.msgTimeout)
 			}
 			return err
 		}
@@ -64,17 +121,28 @@ func parseRights(oob []byte, fds *[]int) error {
 	if err != nil {
 		return fmt.Errorf("%w: control message: %v", ErrFdCount, err)
 	}
+	var perr error
 	for i := range cmsgs {
 		if cmsgs[i].Header.Level != unix.SOL_SOCKET || cmsgs[i].Header.Type != unix.SCM_RIGHTS {
 			continue
 		}
 		got, err := unix.ParseUnixRights(&cmsgs[i])
-		*fds = append(*fds, got...)
-		if err != nil {
-			return fmt.Errorf("%w: %v", ErrFdCount, err)
+		for _, fd := range got {
+			if len(*fds) < MaxFds {
+				*fds = append(*fds, fd)
+				continue
+			}
+			// Over the limit: close now, report once.
+			_ = unix.Close(fd)
+			if perr == nil {
+				perr = fmt.Errorf("%w: more than %d descriptors for one message", ErrFdCount, MaxFds)
+			}
+		}
+		if err != nil && perr == nil {
+			perr = fmt.Errorf("%w: %v", ErrFdCount, err)
 		}
 	}
-	return nil
+	return perr
 }
 
 // read reads one message. The header is checked (version, size cap); the
@@ -83,6 +151,7 @@ func parseRights(oob []byte, fds *[]int) error {
 // connection cleanly between messages.
 func (c *conn) read() (*Message, error) {
 	var fds []int
+	defer c.endMessage()
 	if err := c.readFull(c.hdr[:], &fds, false); err != nil {
 		closeFds(fds)
 		return nil, err
@@ -99,10 +168,6 @@ func (c *conn) read() (*Message, error) {
 			closeFds(fds)
 			return nil, &MessageError{Request: h.Request, Err: err}
 		}
-	}
-	if len(fds) > MaxFds {
-		closeFds(fds)
-		return nil, msgErr(h.Request, ErrFdCount, "%d descriptors > %d", len(fds), MaxFds)
 	}
 	m.Fds = fds
 	return m, nil

@@ -21,6 +21,14 @@ var (
 	// ErrFdCount: the message carries a number of file descriptors the
 	// request does not allow.
 	ErrFdCount = errors.New("vhost-user: wrong number of file descriptors")
+	// ErrFdsExhausted: descriptors that came with a message were lost
+	// because this process could not take them (its descriptor table is
+	// full: RLIMIT_NOFILE); the kernel reported MSG_CTRUNC. Not the peer's
+	// fault, unlike ErrFdCount.
+	ErrFdsExhausted = errors.New("vhost-user: descriptors lost: this process is out of file descriptors")
+	// ErrStalled: the peer started a message and did not finish it within
+	// the message timeout.
+	ErrStalled = errors.New("vhost-user: peer stalled inside a message")
 	// ErrUnknownRequest: the request type is not defined by the protocol.
 	ErrUnknownRequest = errors.New("vhost-user: unknown request")
 	// ErrUnsupported: a defined request that was not negotiated or that

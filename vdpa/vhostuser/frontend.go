@@ -199,8 +199,8 @@ func (f *Frontend) exchange(r Request, payload []byte, fds []int, want bool) (*M
 	if ack {
 		h.Flags |= FlagNeedReply
 	}
-	_ = f.c.uc.SetDeadline(time.Now().Add(f.opts.Timeout))
-	defer f.c.uc.SetDeadline(time.Time{})
+	f.c.setDeadline(time.Now().Add(f.opts.Timeout))
+	defer f.c.setDeadline(time.Time{})
 	if err := f.c.write(h, payload, fds); err != nil {
 		return nil, &MessageError{Request: r, Err: err}
 	}

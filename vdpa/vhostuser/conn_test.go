@@ -1,0 +1,168 @@
+package vhostuser
+
+import (
+	"errors"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
+)
+
+// childEnv names the test a re-executed test binary runs as a child
+// process (tests that lower RLIMIT_NOFILE must not do it to the whole test
+// binary).
+const childEnv = "VDPAKIT_VHOSTUSER_CHILD"
+
+// inChild runs body in a child process: the test binary re-executed with
+// only the calling (top-level) test selected. It reports whether this
+// process is that child; the parent asserts the child passed.
+func inChild(t *testing.T, body func(t *testing.T)) {
+	t.Helper()
+	if os.Getenv(childEnv) == t.Name() {
+		body(t)
+		return
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^"+t.Name()+"$", "-test.v", "-test.count=1", "-test.timeout=60s")
+	cmd.Env = append(os.Environ(), childEnv+"="+t.Name())
+	out, err := cmd.CombinedOutput()
+	require.NoError(t, err, "child process:\n%s", out)
+	require.Contains(t, string(out), "--- PASS: "+t.Name(), "child process did not run the test:\n%s", out)
+}
+
+// fillFdTable lowers RLIMIT_NOFILE to a little above the descriptors open
+// now and opens descriptors until the table is full, then closes free of
+// them. release closes the rest (the limit stays low: call it only in a
+// child process).
+func fillFdTable(t *testing.T, free int) (release func()) {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	require.NoError(t, err)
+	high := 0
+	for _, e := range ents {
+		var n int
+		for _, c := range e.Name() {
+			n = n*10 + int(c-'0')
+		}
+		high = max(high, n)
+	}
+	var lim unix.Rlimit
+	require.NoError(t, unix.Getrlimit(unix.RLIMIT_NOFILE, &lim))
+	lim.Cur = uint64(high + 1 + 32)
+	require.NoError(t, unix.Setrlimit(unix.RLIMIT_NOFILE, &lim))
+	var fill []int
+	for {
+		fd, err := unix.Open("/dev/null", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			require.ErrorIs(t, err, unix.EMFILE)
+			break
+		}
+		fill = append(fill, fd)
+	}
+	require.Greater(t, len(fill), free)
+	closeFds(fill[len(fill)-free:])
+	fill = fill[:len(fill)-free]
+	return func() { closeFds(fill) }
+}
+
+// A peer that sends one byte with MaxFds descriptors per sendmsg must not
+// make the reader hold more than MaxFds descriptors: the limit holds as
+// descriptors arrive, not when the message is complete.
+func TestConnFdLimitAsFdsArrive(t *testing.T) {
+	a, b := socketpair(t)
+	fds := pipeFds(t, MaxFds)
+	defer closeFds(fds)
+	msg := rawMsg(ReqSetFeatures, Version, 8, u64p(0))
+	for i := 0; i < len(msg)-1; i++ { // all but the last byte
+		sendRaw(t, a, msg[i:i+1], fds)
+	}
+	before := countFds(t)
+	errc := make(chan error, 1)
+	go func() {
+		_, err := newConn(b).read()
+		errc <- err
+	}()
+	peak := before
+	var err error
+	deadline := time.After(2 * time.Second)
+wait:
+	for {
+		peak = max(peak, countFds(t))
+		select {
+		case err = <-errc:
+			break wait
+		case <-deadline:
+			peak = max(peak, countFds(t))
+			a.Close() // unblock the reader
+			err = <-errc
+			before-- // a's descriptor
+			break wait
+		case <-time.After(time.Millisecond):
+		}
+	}
+	assert.ErrorIs(t, err, ErrFdCount)
+	assert.LessOrEqual(t, peak, before+MaxFds, "descriptors held for one message")
+	assert.Equal(t, before, countFds(t), "descriptors leaked")
+}
+
+// MSG_CTRUNC because this process's descriptor table is full is not the
+// peer sending too many descriptors.
+func TestConnFdsExhausted(t *testing.T) {
+	inChild(t, func(t *testing.T) {
+		a, b := socketpair(t)
+		fds := pipeFds(t, 1)
+		sendRaw(t, a, rawMsg(ReqSetVringCall, Version, 8, u64p(0)), fds)
+		closeFds(fds)
+		c := newConn(b)
+		release := fillFdTable(t, 0)
+		_, err := c.read()
+		release()
+		require.Error(t, err)
+		assert.ErrorIs(t, err, ErrFdsExhausted)
+		assert.False(t, errors.Is(err, ErrFdCount), "reported as the peer's fault: %v", err)
+		assert.True(t, strings.Contains(err.Error(), "MSG_CTRUNC"), "%v", err)
+	})
+}
+
+// Once a message has started, the rest of it must arrive within the
+// message timeout; between messages a connection may idle.
+func TestConnStalledMessage(t *testing.T) {
+	t.Run("half header", func(t *testing.T) {
+		a, b := socketpair(t)
+		sendRaw(t, a, []byte{1, 0, 0, 0, 1}, nil)
+		c := newConn(b)
+		c.msgTimeout = 50 * time.Millisecond
+		start := time.Now()
+		_, err := c.read()
+		assert.ErrorIs(t, err, ErrStalled)
+		assert.Less(t, time.Since(start), 2*time.Second)
+	})
+	t.Run("half payload closes its descriptors", func(t *testing.T) {
+		a, b := socketpair(t)
+		fds := pipeFds(t, 1)
+		sendRaw(t, a, rawMsg(ReqSetMemTable, Version, 40, memTablePayload(1, 1)[:20]), fds)
+		closeFds(fds)
+		before := countFds(t)
+		c := newConn(b)
+		c.msgTimeout = 50 * time.Millisecond
+		_, err := c.read()
+		assert.ErrorIs(t, err, ErrStalled)
+		assert.Equal(t, before, countFds(t))
+	})
+	t.Run("idle between messages is no stall", func(t *testing.T) {
+		a, b := socketpair(t)
+		c := newConn(b)
+		c.msgTimeout = 20 * time.Millisecond
+		go func() {
+			time.Sleep(100 * time.Millisecond)
+			sendRaw(t, a, rawMsg(ReqGetFeatures, Version, 0, nil), nil)
+		}()
+		m, err := c.read()
+		require.NoError(t, err)
+		assert.Equal(t, ReqGetFeatures, m.Request)
+	})
+}
