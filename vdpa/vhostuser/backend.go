@@ -10,6 +10,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/vdpakit/vdpakit/dirty"
@@ -23,6 +24,9 @@ import (
 const SupportedProtocolFeatures = ProtocolFeatures(1)<<PFMQ | 1<<PFLogShmfd | 1<<PFReplyAck |
 	1<<PFConfig | 1<<PFResetDevice | 1<<PFStatus
 
+// DefaultMessageTimeout is BackendOptions.MessageTimeout's default.
+const DefaultMessageTimeout = 10 * time.Second
+
 // BackendOptions configure a Backend. A nil *BackendOptions means all
 // defaults.
 type BackendOptions struct {
@@ -35,6 +39,11 @@ type BackendOptions struct {
 	// Logger receives connection events and per-message debug records;
 	// nil discards them.
 	Logger *slog.Logger
+	// MessageTimeout bounds how long the rest of a message may take once
+	// its first byte has arrived: a front-end that stalls inside a message
+	// ends its session with ErrStalled. A connection may idle between
+	// messages for any time. 10s if zero; negative: no bound.
+	MessageTimeout time.Duration
 }
 
 // Backend serves a vdpa.Handler to one vhost-user front-end at a time (QEMU,
@@ -49,6 +58,7 @@ type Backend struct {
 	offerP ProtocolFeatures
 	retry  time.Duration
 	log    *slog.Logger
+	msgTO  time.Duration
 
 	mu   sync.Mutex
 	info SessionInfo
@@ -70,7 +80,7 @@ func NewBackend(h vdpa.Handler, opts *BackendOptions) *Backend {
 	if opts != nil {
 		o = *opts
 	}
-	b := &Backend{h: h, offerP: SupportedProtocolFeatures, retry: o.ReconnectInterval, log: o.Logger}
+	b := &Backend{h: h, offerP: SupportedProtocolFeatures, retry: o.ReconnectInterval, log: o.Logger, msgTO: o.MessageTimeout}
 	if o.ProtocolFeatures != 0 {
 		b.offerP &= o.ProtocolFeatures
 	}
@@ -79,6 +89,12 @@ func NewBackend(h vdpa.Handler, opts *BackendOptions) *Backend {
 	}
 	if b.log == nil {
 		b.log = slog.New(slog.DiscardHandler)
+	}
+	switch {
+	case b.msgTO == 0:
+		b.msgTO = DefaultMessageTimeout
+	case b.msgTO < 0:
+		b.msgTO = 0
 	}
 	return b
 }
@@ -111,18 +127,37 @@ func (b *Backend) ListenAndServe(ctx context.Context, path string) error {
 
 // Serve accepts front-ends on l one at a time, serving each until it
 // disconnects, until ctx ends. It closes l.
+//
+// A temporary accept failure (this process or the system out of
+// descriptors or memory, a connection aborted before it was accepted) is
+// logged and retried after a back-off of 5ms doubling to 1s, as net/http
+// does; any other accept error ends Serve.
 func (b *Backend) Serve(ctx context.Context, l *net.UnixListener) error {
 	stop := context.AfterFunc(ctx, func() { l.Close() })
 	defer stop()
 	defer l.Close()
+	var delay time.Duration
 	for {
 		uc, err := l.AcceptUnix()
 		if err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
-			return fmt.Errorf("vhost-user: accept: %w", err)
+			if !temporaryAcceptError(err) {
+				return fmt.Errorf("vhost-user: accept: %w", err)
+			}
+			delay = min(max(2*delay, acceptRetryMin), acceptRetryMax)
+			b.log.Warn("vhost-user: accept failed; retrying", "err", err, "delay", delay)
+			t := time.NewTimer(delay)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return ctx.Err()
+			case <-t.C:
+			}
+			continue
 		}
+		delay = 0
 		if err := b.ServeConn(ctx, uc); err != nil && ctx.Err() == nil {
 			b.log.Warn("vhost-user session ended", "err", err)
 		}
@@ -130,6 +165,24 @@ func (b *Backend) Serve(ctx context.Context, l *net.UnixListener) error {
 			return ctx.Err()
 		}
 	}
+}
+
+// Back-off bounds for temporary accept failures.
+const (
+	acceptRetryMin = 5 * time.Millisecond
+	acceptRetryMax = time.Second
+)
+
+// temporaryAcceptError reports whether an accept error is worth retrying:
+// the process or the system is out of descriptors or memory, or the
+// connection was aborted before it was accepted.
+func temporaryAcceptError(err error) bool {
+	for _, e := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.ECONNABORTED} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
 }
 
 // DialAndServe connects to a front-end listening at path (client mode) and
@@ -164,6 +217,7 @@ func (b *Backend) DialAndServe(ctx context.Context, path string) error {
 // received is closed before it returns.
 func (b *Backend) ServeConn(ctx context.Context, uc *net.UnixConn) error {
 	s := &session{b: b, h: b.h, c: newConn(uc)}
+	s.c.msgTimeout = b.msgTO
 	s.queues = make([]vq, min(b.h.NumQueues(), MaxQueues))
 	b.mu.Lock()
 	b.info = SessionInfo{Connected: true, Sessions: b.info.Sessions + 1}

@@ -1,0 +1,156 @@
+package vhostuser
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/vdpakit/vdpakit/vdpa/vhostuser/vhostusertest"
+	"github.com/vdpakit/vdpakit/virtio"
+)
+
+// errLogRecorder is a slog.Handler keeping each record's message and "err"
+// attribute.
+type errLogRecorder struct {
+	mu   sync.Mutex
+	recs []errLogRecord
+}
+
+type errLogRecord struct {
+	msg string
+	err error
+}
+
+func (r *errLogRecorder) Enabled(context.Context, slog.Level) bool { return true }
+func (r *errLogRecorder) WithAttrs([]slog.Attr) slog.Handler       { return r }
+func (r *errLogRecorder) WithGroup(string) slog.Handler            { return r }
+func (r *errLogRecorder) Handle(_ context.Context, rec slog.Record) error {
+	lr := errLogRecord{msg: rec.Message}
+	rec.Attrs(func(a slog.Attr) bool {
+		if e, ok := a.Value.Any().(error); ok && a.Key == "err" {
+			lr.err = e
+		}
+		return true
+	})
+	r.mu.Lock()
+	r.recs = append(r.recs, lr)
+	r.mu.Unlock()
+	return nil
+}
+
+// find returns the first record whose error matches target.
+func (r *errLogRecorder) find(target error) (errLogRecord, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, lr := range r.recs {
+		if errors.Is(lr.err, target) {
+			return lr, true
+		}
+	}
+	return errLogRecord{}, false
+}
+
+// serveOn runs ListenAndServe at a fresh path and waits for the socket.
+func serveOn(t *testing.T, ctx context.Context, opts *BackendOptions) (path string, done <-chan error) {
+	t.Helper()
+	path = t.TempDir() + "/vu.sock"
+	h := vhostusertest.New(vhostusertest.Sink, [6]byte{})
+	be := NewBackend(h, opts)
+	errc := make(chan error, 1)
+	go func() { errc <- be.ListenAndServe(ctx, path) }()
+	require.Eventually(t, func() bool { _, err := os.Stat(path); return err == nil }, 5*time.Second, time.Millisecond)
+	return path, errc
+}
+
+// A front-end that sends half a header and holds the connection open: the
+// session ends with ErrStalled once the message timeout passes, and the
+// server goes on to serve the next front-end.
+func TestBackendStalledHalfHeader(t *testing.T) {
+	t.Run("ServeConn", func(t *testing.T) {
+		h := vhostusertest.New(vhostusertest.Sink, [6]byte{})
+		_, a, done := startBackend(t, h, &BackendOptions{MessageTimeout: 50 * time.Millisecond})
+		sendRaw(t, a, rawMsg(ReqGetFeatures, Version, 0, nil)[:5], nil)
+		select {
+		case err := <-done:
+			assert.ErrorIs(t, err, ErrStalled)
+		case <-time.After(5 * time.Second):
+			t.Fatal("session still blocked on a half-sent header")
+		}
+	})
+	t.Run("Serve", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		rec := &errLogRecorder{}
+		path, done := serveOn(t, ctx, &BackendOptions{MessageTimeout: 50 * time.Millisecond, Logger: slog.New(rec)})
+		stalled, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: path, Net: "unix"})
+		require.NoError(t, err)
+		defer stalled.Close()
+		_, err = stalled.Write(rawMsg(ReqGetFeatures, Version, 0, nil)[:5])
+		require.NoError(t, err)
+
+		dctx, dcancel := context.WithTimeout(ctx, 5*time.Second)
+		defer dcancel()
+		fe, err := Dial(dctx, path, nil)
+		require.NoError(t, err, "the server is still stuck on the stalled session")
+		f, err := fe.Features()
+		require.NoError(t, err)
+		assert.True(t, f.Has(virtio.FVersion1))
+		require.NoError(t, fe.Close())
+		_, ok := rec.find(ErrStalled)
+		assert.True(t, ok, "the stalled session's end was not logged with ErrStalled")
+		cancel()
+		assert.ErrorIs(t, <-done, context.Canceled)
+	})
+}
+
+// At the descriptor limit accept fails with EMFILE; the server backs off
+// and serves again once descriptors are free (net/http's behaviour). Runs
+// in a child process: it lowers RLIMIT_NOFILE.
+func TestServeRetriesAcceptAtFdLimit(t *testing.T) {
+	inChild(t, func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		rec := &errLogRecorder{}
+		path, done := serveOn(t, ctx, &BackendOptions{Logger: slog.New(rec)})
+
+		release := fillFdTable(t, 1)
+		uc, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: path, Net: "unix"}) // takes the last slot
+		if err != nil {
+			release()
+			require.NoError(t, err)
+		}
+		var logged bool
+		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+			if _, logged = rec.find(syscall.EMFILE); logged {
+				break
+			}
+		}
+		// Let the back-off run a few rounds at the limit.
+		time.Sleep(50 * time.Millisecond)
+		release()
+		require.True(t, logged, "no accept failure with EMFILE logged")
+		select {
+		case err := <-done:
+			t.Fatalf("Serve returned at the descriptor limit: %v", err)
+		default:
+		}
+
+		fe, err := NewFrontend(ctx, uc, nil)
+		require.NoError(t, err, "the server did not serve again once descriptors were free")
+		f, err := fe.Features()
+		require.NoError(t, err)
+		assert.True(t, f.Has(virtio.FVersion1))
+		require.NoError(t, fe.Close())
+		cancel()
+		assert.ErrorIs(t, <-done, context.Canceled)
+	})
+}
