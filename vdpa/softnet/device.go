@@ -49,6 +49,20 @@ type Options struct {
 	MaxQueuePairs uint16
 	// MaxQueueSize bounds every queue's size. Zero means 256.
 	MaxQueueSize uint16
+	// FrontendCtrl says the driver-facing control queue is run by the
+	// front-end between the driver and this device, as QEMU and DPDK's
+	// virtio-user do for a vhost-user back-end: they negotiate MQ,
+	// CTRL_RX, CTRL_MAC_ADDR and CTRL_VLAN with the guest, handle its
+	// control commands themselves, and pass those features on without
+	// CTRL_VQ. With FrontendCtrl, SetFeatures accepts them without
+	// CTRL_VQ (CTRL_VLAN is offered too), and with MQ every queue pair
+	// is active: the front-end enables and disables pairs itself
+	// (SET_VRING_ENABLE), and what a pair transmits is answered on the
+	// receive queue of the same pair. Without it (a driver that talks to
+	// the device directly: mdev, VDUSE, vdpa.Local) the virtio-net feature
+	// dependencies of virtio 1.2 §5.1.3.1 are enforced. The
+	// examples/vhost-user-net back-end sets it.
+	FrontendCtrl bool
 	// NoCtrlVQ removes the control queue and the features that need it
 	// (CTRL_VQ, CTRL_RX, CTRL_MAC_ADDR, MQ): VDUSE before Linux 6.13
 	// refuses net devices with a control queue.
@@ -182,7 +196,7 @@ func New(opts *Options) (*Device, error) {
 	if o.MaxQueuePairs > virtio.NetCtrlMQPairsMax {
 		return nil, fmt.Errorf("softnet: %d queue pairs, at most %d", o.MaxQueuePairs, virtio.NetCtrlMQPairsMax)
 	}
-	if o.MaxQueuePairs > 1 && o.NoCtrlVQ {
+	if o.MaxQueuePairs > 1 && o.NoCtrlVQ && !o.FrontendCtrl {
 		return nil, fmt.Errorf("softnet: %d queue pairs need the control queue (MQ depends on CTRL_VQ)", o.MaxQueuePairs)
 	}
 	if o.MaxQueueSize == 0 {
@@ -215,9 +229,12 @@ func New(opts *Options) (*Device, error) {
 	}
 	if !o.NoCtrlVQ {
 		f = f.With(virtio.NetFCtrlVQ, virtio.NetFCtrlRx, virtio.NetFCtrlMACAddr)
-		if o.MaxQueuePairs > 1 {
-			f = f.With(virtio.NetFMQ)
-		}
+	}
+	if o.FrontendCtrl {
+		f = f.With(virtio.NetFCtrlRx, virtio.NetFCtrlMACAddr, virtio.NetFCtrlVLAN)
+	}
+	if o.MaxQueuePairs > 1 && (!o.NoCtrlVQ || o.FrontendCtrl) {
+		f = f.With(virtio.NetFMQ)
 	}
 	f &^= o.Disable
 
@@ -274,16 +291,19 @@ func (d *Device) Features() virtio.Features { return d.offered }
 func (d *Device) NegotiatedFeatures() virtio.Features { return virtio.Features(d.features.Load()) }
 
 // SetFeatures implements vdpa.Handler. It rejects features that were not
-// offered and combinations the virtio-net feature dependencies forbid.
+// offered and, unless Options.FrontendCtrl is set, combinations the
+// virtio-net feature dependencies forbid.
 func (d *Device) SetFeatures(f virtio.Features) error {
 	d.ctl.Lock()
 	defer d.ctl.Unlock()
 	if extra := f &^ d.offered; extra != 0 {
 		return fmt.Errorf("%w: not offered: %s", ErrFeatures, extra.Format(virtio.DeviceNet))
 	}
-	for _, dep := range []virtio.Feature{virtio.NetFCtrlRx, virtio.NetFMQ, virtio.NetFCtrlMACAddr} {
-		if f.Has(dep) && !f.Has(virtio.NetFCtrlVQ) {
-			return fmt.Errorf("%w: %s requires CTRL_VQ", ErrFeatures, dep.Name(virtio.DeviceNet))
+	if !d.opts.FrontendCtrl {
+		for _, dep := range []virtio.Feature{virtio.NetFCtrlRx, virtio.NetFMQ, virtio.NetFCtrlMACAddr, virtio.NetFCtrlVLAN} {
+			if f.Has(dep) && !f.Has(virtio.NetFCtrlVQ) {
+				return fmt.Errorf("%w: %s requires CTRL_VQ", ErrFeatures, dep.Name(virtio.DeviceNet))
+			}
 		}
 	}
 	for _, q := range d.queues {
@@ -292,6 +312,11 @@ func (d *Device) SetFeatures(f virtio.Features) error {
 		}
 	}
 	d.features.Store(uint64(f))
+	if f.Has(virtio.NetFMQ) && !f.Has(virtio.NetFCtrlVQ) {
+		// The front-end runs the control queue: no VQ_PAIRS_SET will
+		// come, every pair is in use (FrontendCtrl).
+		d.activePairs.Store(uint32(d.opts.MaxQueuePairs))
+	}
 	d.hdrLen.Store(int32(virtio.NetHdrLen(f)))
 	d.mrg.Store(f.Has(virtio.NetFMrgRxbuf))
 	return nil

@@ -10,6 +10,13 @@
 // promiscuous and all-multicast modes, MAC tables) that the driver programs
 // over the control virtqueue.
 //
+// Behind a vhost-user back-end the front-end (QEMU, DPDK's virtio-user)
+// runs the driver's control queue itself and passes MQ, CTRL_RX,
+// CTRL_MAC_ADDR and CTRL_VLAN on without CTRL_VQ; Options.FrontendCtrl
+// makes the device accept that, with every queue pair active. A driver
+// that talks to the device directly (mdev, VDUSE, vdpa.Local) gets the
+// feature dependencies of virtio 1.2 §5.1.3.1 enforced.
+//
 // Queue layout (virtio 1.2 §5.1.2): receiveq k is queue 2k, transmitq k is
 // queue 2k+1, and the control queue is queue 2N when VIRTIO_NET_F_MQ is
 // negotiated (N = max_virtqueue_pairs), queue 2 otherwise.

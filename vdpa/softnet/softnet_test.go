@@ -207,27 +207,67 @@ func TestConfigSpace(t *testing.T) {
 }
 
 func TestFeatureDependencies(t *testing.T) {
-	dev, err := softnet.New(nil)
+	direct, err := softnet.New(&softnet.Options{MaxQueuePairs: 2})
 	require.NoError(t, err)
+	fe, err := softnet.New(&softnet.Options{MaxQueuePairs: 2, FrontendCtrl: true})
+	require.NoError(t, err)
+	assert.False(t, direct.Features().Has(virtio.NetFCtrlVLAN), "no VLAN filter of its own")
+	assert.True(t, fe.Features().Has(virtio.NetFCtrlVLAN), "the front-end filters VLANs")
 	tests := []struct {
-		name string
-		f    virtio.Features
-		ok   bool
+		name         string
+		f            virtio.Features
+		direct, fctl bool // accepted by a device driven directly / with FrontendCtrl
 	}{
-		{"CTRL_RX requires CTRL_VQ (§5.1.3.1)", base.With(virtio.NetFCtrlRx), false},
-		{"CTRL_MAC_ADDR requires CTRL_VQ (§5.1.3.1)", base.With(virtio.NetFCtrlMACAddr), false},
-		{"features not offered are rejected", base.With(virtio.NetFGuestTSO4), false},
-		{"CTRL_VQ with CTRL_RX is fine", base.With(virtio.NetFCtrlVQ, virtio.NetFCtrlRx), true},
+		{"CTRL_RX requires CTRL_VQ (§5.1.3.1)", base.With(virtio.NetFCtrlRx), false, true},
+		{"CTRL_MAC_ADDR requires CTRL_VQ (§5.1.3.1)", base.With(virtio.NetFCtrlMACAddr), false, true},
+		{"MQ requires CTRL_VQ (§5.1.3.1)", base.With(virtio.NetFMQ), false, true},
+		{"CTRL_VLAN is not offered to a direct driver", base.With(virtio.NetFCtrlVLAN, virtio.NetFCtrlVQ), false, true},
+		{"QEMU's set: MQ, CTRL_RX, CTRL_MAC_ADDR, CTRL_VLAN without CTRL_VQ",
+			base.With(virtio.NetFMQ, virtio.NetFCtrlRx, virtio.NetFCtrlMACAddr, virtio.NetFCtrlVLAN), false, true},
+		{"features not offered are rejected", base.With(virtio.NetFGuestTSO4), false, false},
+		{"CTRL_VQ with CTRL_RX is fine", base.With(virtio.NetFCtrlVQ, virtio.NetFCtrlRx), true, true},
+		{"CTRL_VQ with MQ is fine", base.With(virtio.NetFCtrlVQ, virtio.NetFMQ), true, true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			err := dev.SetFeatures(tt.f)
-			if tt.ok {
-				assert.NoError(t, err)
-			} else {
-				assert.ErrorIs(t, err, softnet.ErrFeatures)
+			for _, c := range []struct {
+				dev *softnet.Device
+				ok  bool
+			}{{direct, tt.direct}, {fe, tt.fctl}} {
+				err := c.dev.SetFeatures(tt.f)
+				if c.ok {
+					assert.NoError(t, err)
+				} else {
+					assert.ErrorIs(t, err, softnet.ErrFeatures)
+				}
 			}
 		})
+	}
+}
+
+// TestFrontendCtrlMultiQueue: with FrontendCtrl and MQ negotiated without
+// CTRL_VQ (QEMU, DPDK virtio-user with queues=N), every pair is active
+// without VQ_PAIRS_SET and each pair's frames come back on its own
+// receive queue.
+func TestFrontendCtrlMultiQueue(t *testing.T) {
+	f := base.With(virtio.NetFMQ, virtio.NetFCtrlRx, virtio.NetFMrgRxbuf)
+	s := newStack(t, stackOptions{dev: softnet.Options{MaxQueuePairs: 3, FrontendCtrl: true}, features: f})
+	require.Len(t, s.drv, 6, "no control queue started")
+	assert.Equal(t, 3, s.dev.ActivePairs())
+	for p := 0; p < 3; p++ {
+		s.postRx(2*p, 4, 2048)
+	}
+	for p := 0; p < 3; p++ {
+		s.send(2*p+1, frame(s.dev.MAC(), uint32(p), 64+p))
+	}
+	for p := 0; p < 3; p++ {
+		_, got := s.recvFrame(2 * p)
+		assert.Equal(t, uint32(p), seqOf(got), "pair %d loops back on its own receive queue", p)
+	}
+	st := s.dev.Stats()
+	for p := 0; p < 3; p++ {
+		assert.Equal(t, uint64(1), st.Queues[2*p].Frames, "rx %d", p)
+		assert.Equal(t, uint64(1), st.Queues[2*p+1].Frames, "tx %d", p)
 	}
 }
 
