@@ -281,7 +281,8 @@ type session struct {
 	h vdpa.Handler
 	c *conn
 
-	owner       bool
+	owner       bool // SET_OWNER received (and no RESET_OWNER since)
+	ownerNoted  bool // a device request without an owner was logged
 	features    virtio.Features
 	featuresSet bool
 	handlerSet  bool // handler.SetFeatures called since the last reset
@@ -395,8 +396,10 @@ func (s *session) dispatch(m *Message) (reply []byte, hasReply bool, err error) 
 		}
 		return nil
 	}
-	if !s.owner && needsOwner(r) {
-		return nil, false, msgErr(r, ErrNotOwner, "no SET_OWNER on this connection yet")
+	if !s.owner && !s.ownerNoted && needsOwner(r) {
+		// Served anyway (see needsOwner); noted once per session.
+		s.ownerNoted = true
+		s.b.log.Info("vhost-user: front-end configures the device without SET_OWNER", "req", r)
 	}
 	switch r {
 	case ReqSetOwner:
@@ -408,7 +411,7 @@ func (s *session) dispatch(m *Message) (reply []byte, hasReply bool, err error) 
 		// Deprecated. Like the kernel's VHOST_RESET_OWNER and DPDK's
 		// vhost library: give up ownership and reset the device.
 		s.reset()
-		s.owner = false
+		s.owner, s.ownerNoted = false, false
 		return nil, false, nil
 	case ReqGetFeatures:
 		return putU64(uint64(s.b.offeredFeatures())), true, nil
@@ -615,12 +618,18 @@ func (s *session) dispatch(m *Message) (reply []byte, hasReply bool, err error) 
 	return nil, false, msgErr(r, ErrUnsupported, "not implemented by this back-end")
 }
 
-// needsOwner reports whether request r is only served after SET_OWNER.
-// The spec makes SET_OWNER the session's start; QEMU negotiates features
-// and protocol features (vhost_user_backend_init) before it sends
-// SET_OWNER (vhost_dev_init), so the requests that only read the device,
-// and SET_PROTOCOL_FEATURES, are served before it. Everything that
-// configures or drives the device needs an owner.
+// needsOwner reports whether request r configures or drives the device,
+// which a front-end would do after SET_OWNER. The spec only says SET_OWNER
+// "is issued when a new connection is established" and "can be used on the
+// back-end as a session start flag"; it does not have the back-end refuse
+// requests before it, and real front-ends rely on that: QEMU negotiates
+// features and protocol features (vhost_user_backend_init) before its
+// first SET_OWNER (vhost_dev_init) and sends one SET_OWNER per queue pair
+// on the same connection; DPDK 22.11's virtio-user in server mode never
+// sends SET_OWNER when a back-end reconnects (recorded in
+// testdata/lifecycle/dpdk-reconnect.vu), and starts with SET_VRING_ENABLE 0
+// and GET_VRING_BASE. So the back-end serves these requests without an
+// owner and notes it in the log once per session.
 func needsOwner(r Request) bool {
 	switch r {
 	case ReqSetOwner, ReqGetFeatures, ReqGetProtocolFeatures, ReqSetProtocolFeatures, ReqGetQueueNum,

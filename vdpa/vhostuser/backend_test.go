@@ -393,8 +393,7 @@ func TestBackendBadInput(t *testing.T) {
 			a, b := socketpair(t)
 			done := make(chan error, 1)
 			go func() { done <- NewBackend(h, nil).ServeConn(context.Background(), b) }()
-			// Every session starts with SET_OWNER, so each case fails on
-			// its own fault (TestBackendOwner covers a missing owner).
+			// Sessions start with SET_OWNER, as QEMU's and DPDK's do.
 			sendRaw(t, a, m(ReqSetOwner, nil), nil)
 			for _, s := range tc.steps {
 				var fds []int

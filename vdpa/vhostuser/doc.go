@@ -22,12 +22,14 @@
 // what QEMU 7.2/11 and DPDK 22.11 actually send (recorded sequences:
 // testdata/lifecycle). Ring positions are the invariant it protects.
 //
-//   - SET_OWNER starts the session. Requests that configure or drive the
-//     device before it end the session with ErrNotOwner; QEMU negotiates
-//     first, so GET_FEATURES, GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES,
-//     GET_QUEUE_NUM, GET_CONFIG, GET_STATUS and GET_MAX_MEM_SLOTS are
-//     served without an owner. SET_OWNER may repeat (QEMU sends one per
-//     queue pair on the same connection).
+//   - SET_OWNER marks the session's start, as the spec puts it; it does
+//     not gate anything. The spec does not have the back-end refuse
+//     requests before it, and real front-ends depend on that: QEMU
+//     negotiates features before its first SET_OWNER and sends one per
+//     queue pair on the same connection, and DPDK 22.11's virtio-user in
+//     server mode never sends SET_OWNER when a back-end reconnects. A
+//     session that configures the device without it is served and noted
+//     in the log once.
 //   - Start: a ring starts when it has received SET_VRING_KICK (with a
 //     descriptor, or the invalid-fd flag meaning "poll") and is enabled
 //     (at once without PROTOCOL_FEATURES, else by SET_VRING_ENABLE 1), and

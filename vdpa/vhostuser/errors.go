@@ -47,9 +47,6 @@ var (
 	// ErrProtocol: a request out of sequence or with values the protocol
 	// forbids (features not offered, ring configured while running, ...).
 	ErrProtocol = errors.New("vhost-user: protocol violation")
-	// ErrNotOwner: a request that configures or drives the device before
-	// SET_OWNER (or after RESET_OWNER). It wraps ErrProtocol.
-	ErrNotOwner = fmt.Errorf("%w: no owner (SET_OWNER not sent)", ErrProtocol)
 	// ErrReplyFailed: the back-end acknowledged a request with a non-zero
 	// status (REPLY_ACK) or an empty config reply.
 	ErrReplyFailed = errors.New("vhost-user: back-end reported failure")
