@@ -1,9 +1,11 @@
 // Command vhost-user-net is a vhost-user network back-end built on vdpakit:
 // DPDK's virtio-user (net_virtio_user) or QEMU (-netdev vhost-user) attaches
 // to it. It prints the negotiated features and traffic counters
-// periodically and exits on SIGINT/SIGTERM or after -duration.
+// periodically and exits on SIGINT/SIGTERM or after -duration, printing the
+// negotiated features and per-pair counters at the end.
 //
 //	vhost-user-net -socket /tmp/vu.sock                  # server mode, softnet loopback
+//	vhost-user-net -socket /tmp/vu.sock -pairs 2         # two queue pairs (QEMU queues=2, DPDK queues=2)
 //	vhost-user-net -socket /tmp/vu.sock -client          # connect to a server-mode front-end
 //	vhost-user-net -socket /tmp/vu.sock -handler sink    # count and drop
 //	vhost-user-net -handler responder -ip 10.0.0.1       # answer ARP and ping
@@ -15,6 +17,13 @@
 // notification suppression. Handlers: loopback returns every transmitted
 // frame on the receive queue (like vdpa_sim_net); sink counts and drops;
 // responder answers ARP requests and ICMP echo requests for -ip.
+//
+// QEMU and DPDK's virtio-user run the virtio-net control queue themselves
+// (MQ, receive filters, MAC address), so the softnet device is created with
+// softnet.Options.FrontendCtrl: it serves every pair the front-end enables
+// and answers each pair's frames on the receive queue of the same pair.
+// With QEMU, -pairs N goes with -netdev vhost-user,queues=N and
+// -device virtio-net-pci,mq=on.
 //
 // With QEMU, guest memory must be shareable, for example:
 //
@@ -45,6 +54,7 @@ import (
 type config struct {
 	socket, device, handler, mac, ip string
 	client, poll, debug              bool
+	pairs                            int
 	interval, duration               time.Duration
 }
 
@@ -54,6 +64,7 @@ func main() {
 	flag.BoolVar(&c.client, "client", false, "connect to the socket (the front-end listens) instead of listening")
 	flag.StringVar(&c.device, "device", "softnet", "device: softnet or simple")
 	flag.StringVar(&c.handler, "handler", "loopback", "frame handler: loopback, sink or responder")
+	flag.IntVar(&c.pairs, "pairs", 1, "softnet: queue pairs (max_virtqueue_pairs)")
 	flag.StringVar(&c.mac, "mac", "02:00:00:00:00:01", "device MAC address (config space)")
 	flag.StringVar(&c.ip, "ip", "10.0.0.1", "IPv4 address the responder answers for")
 	flag.BoolVar(&c.poll, "poll", false, "softnet: busy-poll the rings (notifications off) instead of sleeping on kicks")
@@ -67,8 +78,13 @@ func main() {
 	}
 }
 
-// counters is what the example prints, whatever the device.
-type counters struct{ tx, rx, drops uint64 }
+// counters is what the example prints, whatever the device: totals and,
+// per queue pair, frames transmitted by the driver (tx) and delivered to
+// it (rx).
+type counters struct {
+	tx, rx, drops uint64
+	pairTx, pairRx []uint64
+}
 
 func newDevice(c config) (vdpa.Handler, func() counters, error) {
 	hw, err := net.ParseMAC(c.mac)
@@ -80,9 +96,12 @@ func newDevice(c config) (vdpa.Handler, func() counters, error) {
 	if err != nil || !ip.Is4() {
 		return nil, nil, fmt.Errorf("bad -ip %q", c.ip)
 	}
+	if c.pairs < 1 || c.pairs > int(virtio.NetCtrlMQPairsMax) {
+		return nil, nil, fmt.Errorf("bad -pairs %d", c.pairs)
+	}
 	switch c.device {
 	case "softnet":
-		opts := &softnet.Options{MAC: mac, MaxQueueSize: 1024}
+		opts := &softnet.Options{MAC: mac, MaxQueueSize: 1024, MaxQueuePairs: uint16(c.pairs), FrontendCtrl: true}
 		if c.poll {
 			opts.Mode = softnet.ModePoll
 		}
@@ -105,12 +124,17 @@ func newDevice(c config) (vdpa.Handler, func() counters, error) {
 		}
 		return d, func() counters {
 			s := d.Stats()
-			var out counters
+			out := counters{pairTx: make([]uint64, c.pairs), pairRx: make([]uint64, c.pairs)}
 			for i, q := range s.Queues {
+				if i >= 2*c.pairs {
+					break // the control queue
+				}
 				if i%2 == 0 {
 					out.rx += q.Frames
+					out.pairRx[i/2] = q.Frames
 				} else {
 					out.tx += q.Frames
+					out.pairTx[i/2] = q.Frames
 				}
 			}
 			for _, n := range s.Drops {
@@ -119,6 +143,9 @@ func newDevice(c config) (vdpa.Handler, func() counters, error) {
 			return out
 		}, nil
 	case "simple":
+		if c.pairs != 1 {
+			return nil, nil, fmt.Errorf("-device simple has one queue pair")
+		}
 		var h *vhostusertest.Handler
 		switch c.handler {
 		case "loopback":
@@ -133,7 +160,8 @@ func newDevice(c config) (vdpa.Handler, func() counters, error) {
 		}
 		return h, func() counters {
 			k := h.Counters()
-			return counters{tx: k.TxFrames, rx: k.RxFrames, drops: k.RxDropped}
+			return counters{tx: k.TxFrames, rx: k.RxFrames, drops: k.RxDropped,
+				pairTx: []uint64{k.TxFrames}, pairRx: []uint64{k.RxFrames}}
 		}, nil
 	}
 	return nil, nil, fmt.Errorf("unknown -device %q (softnet, simple)", c.device)
@@ -170,8 +198,8 @@ func run(c config) error {
 	if c.client {
 		mode = "client"
 	}
-	fmt.Printf("vhost-user-net: %s mode on %s, device %s, handler %s\n  offering %s\n  protocol %v\n",
-		mode, c.socket, c.device, c.handler,
+	fmt.Printf("vhost-user-net: %s mode on %s, device %s, handler %s, %d queue pair(s)\n  offering %s\n  protocol %v\n",
+		mode, c.socket, c.device, c.handler, c.pairs,
 		h.Features().With(virtio.FProtocolFeat, virtio.FLogAll).Format(virtio.DeviceNet), vhostuser.SupportedProtocolFeatures)
 
 	var tick <-chan time.Time
@@ -185,7 +213,9 @@ func run(c config) error {
 	for {
 		select {
 		case err := <-done:
-			printCounters(count(), prev, time.Since(prevT))
+			k := count()
+			printCounters(k, prev, time.Since(prevT))
+			printSummary(be.Info(), k)
 			if ctx.Err() != nil {
 				return nil
 			}
@@ -212,4 +242,15 @@ func printCounters(c, prev counters, dt time.Duration) {
 	}
 	fmt.Printf("tx %d frames (%.3f Mpps)  rx %d frames (%.3f Mpps)  dropped %d\n",
 		c.tx, float64(c.tx-prev.tx)/s/1e6, c.rx, float64(c.rx-prev.rx)/s/1e6, c.drops)
+}
+
+// printSummary prints the negotiated features of the last session and the
+// per-pair counters.
+func printSummary(info vhostuser.SessionInfo, c counters) {
+	fmt.Printf("summary: %d session(s)\n  negotiated features %s\n  protocol %v\n",
+		info.Sessions, info.Features.Format(virtio.DeviceNet), info.ProtocolFeatures)
+	for p := range c.pairTx {
+		fmt.Printf("  pair %d: tx %d rx %d\n", p, c.pairTx[p], c.pairRx[p])
+	}
+	fmt.Printf("  total: tx %d rx %d dropped %d\n", c.tx, c.rx, c.drops)
 }
