@@ -43,7 +43,7 @@ up() {
 pings() {
 	tx=0
 	rx=0
-	for size in 56 1 200 1000 1472 64; do
+	for size in 56 1 200 1000 1372 64; do
 		out=$(ping -c "$PING_COUNT" -s $size -i 0.05 -W 5 -w 30 "$PEER_IP")
 		t=$(echo "$out" | sed -n 's/^\([0-9]*\) packets transmitted.*/\1/p')
 		r=$(echo "$out" | sed -n 's/.* \([0-9]*\) packets received.*/\1/p')
