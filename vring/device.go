@@ -140,7 +140,7 @@ type DeviceQueue struct {
 // fault doing so (ring pages truncated away by the memory's owner) is an
 // error matching ErrMemoryFault.
 func NewDeviceQueue(mem *Memory, opts DeviceQueueOptions) (*DeviceQueue, error) {
-	r, err := newRing(mem, opts.Layout)
+	r, err := newRing(mem, opts.Layout, opts.Features)
 	if err != nil {
 		return nil, fmt.Errorf("vring: queue %d: %w", opts.Index, err)
 	}

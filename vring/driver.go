@@ -68,7 +68,7 @@ type DriverQueue struct {
 // driver does before handing a queue to a device) and returns the driver
 // side with interrupts enabled. Only one agent may be the driver of a ring.
 func NewDriverQueue(mem *Memory, opts DriverQueueOptions) (*DriverQueue, error) {
-	r, err := newRing(mem, opts.Layout)
+	r, err := newRing(mem, opts.Layout, opts.Features)
 	if err != nil {
 		return nil, fmt.Errorf("vring: queue %d: %w", opts.Index, err)
 	}

@@ -1,6 +1,10 @@
 package vring
 
-import "fmt"
+import (
+	"fmt"
+
+	"github.com/vdpakit/vdpakit/virtio"
+)
 
 // MaxQueueSize is the largest split virtqueue size (virtio 1.2 §2.7).
 const MaxQueueSize = 32768
@@ -31,8 +35,8 @@ const (
 type Layout struct {
 	Size  uint16    // number of descriptors: a power of two, 1..32768
 	Desc  GuestAddr // descriptor table: Size*16 bytes, 16-aligned
-	Avail GuestAddr // available ring: 6+2*Size bytes, 2-aligned
-	Used  GuestAddr // used ring: 6+8*Size bytes, 4-aligned
+	Avail GuestAddr // available ring: 4+2*Size bytes (6+2*Size with EVENT_IDX), 2-aligned
+	Used  GuestAddr // used ring: 4+8*Size bytes (6+8*Size with EVENT_IDX), 4-aligned
 }
 
 // QueueState is a split virtqueue's device-side position: the next available
@@ -46,13 +50,25 @@ type QueueState struct {
 
 // SplitSizes returns the byte sizes of the descriptor table, available ring
 // (flags, idx, ring[size], used_event) and used ring (flags, idx,
-// ring[size] of {id, len}, avail_event) for a queue of the given size.
+// ring[size] of {id, len}, avail_event) for a queue of the given size: the
+// areas as large as any features make them (RingSizes with EVENT_IDX).
 func SplitSizes(size uint16) (desc, avail, used uint64) {
 	n := uint64(size)
-	if size == 0 {
-		n = 0
-	}
 	return 16 * n, 6 + 2*n, 6 + 8*n
+}
+
+// RingSizes returns the byte sizes of the three areas of a queue of the
+// given size with the negotiated features f: the event fields (used_event
+// at the end of the available ring, avail_event at the end of the used
+// ring) are part of the rings only with VIRTIO_F_EVENT_IDX (virtio 1.2
+// §2.7.6, §2.7.8), as Linux vhost sizes them. The queue constructors check
+// exactly these bytes against guest memory.
+func RingSizes(size uint16, f virtio.Features) (desc, avail, used uint64) {
+	d, a, u := SplitSizes(size)
+	if !f.Has(virtio.FEventIdx) {
+		a, u = a-2, u-2
+	}
+	return d, a, u
 }
 
 // ContiguousLayout places a queue of the given size at base (which should be
@@ -77,9 +93,16 @@ func ContiguousLayoutBytes(size uint16) uint64 {
 func ValidQueueSize(size uint16) bool { return size != 0 && size&(size-1) == 0 }
 
 // Validate checks the size, the alignments and that the three areas neither
-// overflow the address space nor overlap. It does not check that they lie in
-// guest memory; the queue constructors do.
+// overflow the address space nor overlap, with the areas as large as any
+// features make them (ValidateFor with EVENT_IDX). It does not check that
+// they lie in guest memory; the queue constructors do.
 func (l Layout) Validate() error {
+	return l.ValidateFor(virtio.Features(0).With(virtio.FEventIdx))
+}
+
+// ValidateFor is Validate with the areas sized for the negotiated features
+// f (RingSizes).
+func (l Layout) ValidateFor(f virtio.Features) error {
 	if !ValidQueueSize(l.Size) {
 		return fmt.Errorf("%w: %d", ErrQueueSize, l.Size)
 	}
@@ -92,7 +115,7 @@ func (l Layout) Validate() error {
 	if l.Used%UsedAlign != 0 {
 		return fmt.Errorf("%w: used ring %v not %d-aligned", ErrMisaligned, l.Used, UsedAlign)
 	}
-	d, a, u := SplitSizes(l.Size)
+	d, a, u := RingSizes(l.Size, f)
 	areas := [3]struct {
 		name string
 		addr GuestAddr

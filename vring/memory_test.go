@@ -6,6 +6,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"github.com/vdpakit/vdpakit/virtio"
 )
 
 func TestMemoryTranslation(t *testing.T) {
@@ -278,5 +279,83 @@ func TestRingFieldsStayInsideTheRing(t *testing.T) {
 		for i, b := range append(backing[:16:16], backing[16+total:]...) {
 			require.Equal(t, byte(0xa5), b, "guard byte %d", i)
 		}
+	}
+}
+
+// The ring areas are as large as the negotiated features make them (virtio
+// 1.2 §2.7.6, §2.7.8): used_event ends the available ring and avail_event
+// the used ring only with EVENT_IDX. A ring flush against the end of its
+// regions is accepted with the features it was sized for (as Linux vhost
+// accepts it) and refused, 2 bytes short, with EVENT_IDX when it was sized
+// without.
+func TestRingFlushAgainstTheEndOfItsRegions(t *testing.T) {
+	const size = 8
+	eventIdx := virtio.Features(0).With(virtio.FEventIdx)
+	for _, tc := range []struct {
+		name         string
+		sizedFor     virtio.Features // the features the placement is computed for
+		feat         virtio.Features // the features the queues are built with
+		wantAvailLen uint64
+		wantUsedLen  uint64
+		want         error
+	}{
+		{"without EVENT_IDX", 0, 0, 4 + 2*size, 4 + 8*size, nil},
+		{"with EVENT_IDX", eventIdx, eventIdx, 6 + 2*size, 6 + 8*size, nil},
+		{"placed without EVENT_IDX, built with it", 0, eventIdx, 4 + 2*size, 4 + 8*size, ErrOutOfRange},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d, a, u := RingSizes(size, tc.sizedFor)
+			require.Equal(t, []uint64{16 * size, tc.wantAvailLen, tc.wantUsedLen}, []uint64{d, a, u})
+			// Region A holds the descriptor table and ends with the
+			// available ring; region B ends with the used ring (its size
+			// keeps the used ring 4-aligned).
+			ra, err := NewRegion(0, heapBytes(0x1000), nil)
+			require.NoError(t, err)
+			rb, err := NewRegion(0x10000, heapBytes(0x1000+u%4), nil)
+			require.NoError(t, err)
+			mem, err := NewMemory(ra, rb)
+			require.NoError(t, err)
+			defer mem.Close()
+			l := Layout{Size: size, Desc: 0, Avail: ra.End() - GuestAddr(a), Used: rb.End() - GuestAddr(u)}
+			require.NoError(t, l.ValidateFor(tc.sizedFor))
+
+			drv, derr := NewDriverQueue(mem, DriverQueueOptions{Layout: l, Features: tc.feat})
+			dev, verr := NewDeviceQueue(mem, DeviceQueueOptions{Layout: l, Features: tc.feat})
+			if tc.want != nil {
+				assert.ErrorIs(t, derr, tc.want)
+				assert.ErrorIs(t, verr, tc.want)
+				return
+			}
+			require.NoError(t, derr)
+			require.NoError(t, verr)
+			// Every path that touches the ring's last fields: publish,
+			// notifications both ways, pop, push, reclaim, a snapshot.
+			for i := range 3 * size {
+				_, err := drv.Add([]Buffer{{Addr: 0x200, Len: 8}, {Addr: 0x300, Len: 8, Writable: true}})
+				require.NoError(t, err)
+				drv.Publish()
+				drv.NeedsKick()
+				var c Chain
+				ok, err := dev.Pop(&c)
+				require.NoError(t, err)
+				require.True(t, ok)
+				ok, err = dev.Pop(&c)
+				require.NoError(t, err)
+				require.False(t, ok, "round %d", i)
+				_, err = dev.EnableNotify()
+				require.NoError(t, err)
+				require.NoError(t, dev.PushChain(&c, 8))
+				dev.NeedsInterrupt()
+				_, n, ok, err := drv.Reclaim()
+				require.NoError(t, err)
+				require.True(t, ok)
+				assert.Equal(t, uint32(8), n)
+				_, err = drv.EnableInterrupts()
+				require.NoError(t, err)
+			}
+			s := dev.Snapshot()
+			assert.Equal(t, uint16(3*size), s.AvailIdx)
+			assert.Equal(t, uint16(3*size), s.UsedIdx)
+		})
 	}
 }

@@ -4,6 +4,8 @@ import (
 	"encoding/binary"
 	"fmt"
 	"sync/atomic"
+
+	"github.com/vdpakit/vdpakit/virtio"
 )
 
 // Memory ordering protocol
@@ -77,8 +79,8 @@ import (
 type ring struct {
 	size, mask uint16
 	desc       []byte // 16*size bytes
-	avail      []byte // 6+2*size bytes
-	used       []byte // 6+8*size bytes
+	avail      []byte // 4+2*size bytes, 6+2*size with EVENT_IDX
+	used       []byte // 4+8*size bytes, 6+8*size with EVENT_IDX
 
 	// Typed views of the same memory (ringViews), len size each: the hot
 	// paths index them with idx&mask or a checked head, one bounds check.
@@ -91,21 +93,24 @@ type ring struct {
 	usedWord      *uint32 // used.flags | used.idx<<16
 	usedFlags     *uint16 // used.flags alone (the low half of usedWord)
 	availFlags    *uint16
-	usedEvent     *uint16 // avail ring: used_event
-	availEvent    *uint16 // used ring: avail_event
+	// The event fields, nil without EVENT_IDX (the rings then end before
+	// them, RingSizes).
+	usedEvent  *uint16 // avail ring: used_event
+	availEvent *uint16 // used ring: avail_event
 }
 
-// newRing validates l against mem and builds the ring. Each area must lie in
-// a single region and be host-aligned like its guest alignment.
-func newRing(mem *Memory, l Layout) (ring, error) {
+// newRing validates l, sized for the features f, against mem and builds
+// the ring. Each area must lie in a single region and be host-aligned like
+// its guest alignment.
+func newRing(mem *Memory, l Layout, f virtio.Features) (ring, error) {
 	var r ring
 	if mem == nil {
 		return r, fmt.Errorf("%w: nil memory", ErrInvalidRegion)
 	}
-	if err := l.Validate(); err != nil {
+	if err := l.ValidateFor(f); err != nil {
 		return r, fmt.Errorf("vring: layout: %w", err)
 	}
-	d, a, u := SplitSizes(l.Size)
+	d, a, u := RingSizes(l.Size, f)
 	var hint uint32
 	var err error
 	if r.desc, err = mem.slice(l.Desc, d, &hint); err != nil {
@@ -136,17 +141,19 @@ func newRing(mem *Memory, l Layout) (ring, error) {
 	if r.availFlags, err = ptr16(r.avail, 0); err != nil {
 		return r, err
 	}
-	if r.usedEvent, err = ptr16(r.avail, 4+2*n); err != nil {
-		return r, err
-	}
 	if r.usedWord, err = ptr32(r.used, 0); err != nil {
 		return r, err
 	}
 	if r.usedFlags, err = ptr16(r.used, 0); err != nil {
 		return r, err
 	}
-	if r.availEvent, err = ptr16(r.used, 4+8*n); err != nil {
-		return r, err
+	if f.Has(virtio.FEventIdx) {
+		if r.usedEvent, err = ptr16(r.avail, 4+2*n); err != nil {
+			return r, err
+		}
+		if r.availEvent, err = ptr16(r.used, 4+8*n); err != nil {
+			return r, err
+		}
 	}
 	return r, nil
 }

@@ -5,6 +5,9 @@ import "fmt"
 // RingSnapshot is the state of a split ring's shared index and
 // notification fields as they lie in guest memory, for diagnostics (a stall
 // watchdog dumping both sides' view of a ring).
+//
+// Without EVENT_IDX the rings have no event fields; UsedEvent and
+// AvailEvent are then 0.
 type RingSnapshot struct {
 	AvailFlags, AvailIdx, UsedEvent uint16 // written by the driver
 	UsedFlags, UsedIdx, AvailEvent  uint16 // written by the device
@@ -23,8 +26,12 @@ func (s RingSnapshot) String() string {
 // Guard).
 func (q *DeviceQueue) Snapshot() RingSnapshot {
 	uf, ui := q.r.loadUsedWord()
-	return RingSnapshot{
-		AvailFlags: q.r.loadAvailFlags(), AvailIdx: q.r.loadAvailIdx(), UsedEvent: load16(q.r.usedEvent),
-		UsedFlags: uf, UsedIdx: ui, AvailEvent: load16(q.r.availEvent),
+	s := RingSnapshot{
+		AvailFlags: q.r.loadAvailFlags(), AvailIdx: q.r.loadAvailIdx(),
+		UsedFlags: uf, UsedIdx: ui,
 	}
+	if q.r.usedEvent != nil { // EVENT_IDX: the rings hold the event fields
+		s.UsedEvent, s.AvailEvent = load16(q.r.usedEvent), load16(q.r.availEvent)
+	}
+	return s
 }
