@@ -38,6 +38,9 @@ type Device struct {
 	// read at Open.
 	maxNum  uint16
 	ngroups uint32
+	// features are the features last given to SetFeatures: they size the
+	// rings SetQueueAddr checks (vring.RingSizes).
+	features virtio.Features
 	iova    vhostsys.IOVARange
 	queues  []queue
 	// mems is the memory MapMemory put in each address space; maps are
@@ -218,7 +221,11 @@ func (d *Device) SetFeatures(f virtio.Features) error {
 		if extra := uint64(f) &^ off; extra != 0 {
 			return fmt.Errorf("%w: %s not offered", ErrFeatures, virtio.Features(extra).Format(virtio.DeviceNet))
 		}
-		return d.f.SetFeatures(uint64(f))
+		if err := d.f.SetFeatures(uint64(f)); err != nil {
+			return err
+		}
+		d.features = f
+		return nil
 	})
 }
 
@@ -383,11 +390,11 @@ func (d *Device) SetQueueAddr(q int, a vdpa.QueueAddr) error {
 	return queueDo(d, q, func(uint32) error {
 		if n := d.queues[q].num; n != 0 {
 			l := vring.Layout{Size: n, Desc: a.Desc, Avail: a.Avail, Used: a.Used}
-			if err := l.Validate(); err != nil {
+			if err := l.ValidateFor(d.features); err != nil {
 				return fmt.Errorf("%w: queue %d: %w", ErrQueueLayout, q, err)
 			}
 			if mem, asid := d.memFor(q); mem != nil {
-				ds, as, us := vring.SplitSizes(n)
+				ds, as, us := vring.RingSizes(n, d.features)
 				if !mem.Contains(a.Desc, ds) || !mem.Contains(a.Avail, as) || !mem.Contains(a.Used, us) {
 					return fmt.Errorf("%w: queue %d rings outside the memory of its address space %d", ErrQueueLayout, q, asid)
 				}

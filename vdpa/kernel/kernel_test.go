@@ -12,6 +12,7 @@ import (
 
 	"github.com/vdpakit/vdpakit/internal/vhostsys"
 	"github.com/vdpakit/vdpakit/vdpa"
+	"github.com/vdpakit/vdpakit/virtio"
 	"github.com/vdpakit/vdpakit/vring"
 )
 
@@ -155,6 +156,35 @@ func TestGroupIndexIsCheckedBeforeTheKernel(t *testing.T) {
 	} {
 		t.Run(fmt.Sprint(tc.group), func(t *testing.T) {
 			assert.ErrorIs(t, d.SetGroupASID(tc.group, 1), tc.want)
+		})
+	}
+}
+
+// SetQueueAddr checks the ring areas as large as the features set with
+// SetFeatures make them: a used ring flush against the end of guest memory
+// passes without EVENT_IDX (and reaches the kernel, here /dev/null's
+// ENOTTY) and is refused with it.
+func TestRingAtTheEndOfMemoryIsSizedByFeatures(t *testing.T) {
+	const size = 8
+	for _, tc := range []struct {
+		name string
+		feat virtio.Features
+		want error
+	}{
+		{"without EVENT_IDX", 0, unix.ENOTTY},
+		{"with EVENT_IDX", virtio.Features(0).With(virtio.FEventIdx), ErrQueueLayout},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := fakeDevice(t, BackendIOTLBMsgV2.Bit())
+			r, err := vring.NewRegion(0x10000, make([]byte, 0x2000), nil)
+			require.NoError(t, err)
+			mem, err := vring.NewMemory(r)
+			require.NoError(t, err)
+			d.mems[0], d.features = mem, tc.feat
+			d.queues[0].num = size
+			_, _, u := vring.RingSizes(size, 0)
+			a := vdpa.QueueAddr{Desc: 0x10000, Avail: 0x11000, Used: r.End() - vring.GuestAddr(u)}
+			assert.ErrorIs(t, d.SetQueueAddr(0, a), tc.want)
 		})
 	}
 }

@@ -439,7 +439,7 @@ func (d *Device) SetQueueAddr(q int, a vdpa.QueueAddr) error {
 		return ErrNoMemory
 	}
 	l := vring.Layout{Size: d.queues[q].num, Desc: a.Desc, Avail: a.Avail, Used: a.Used}
-	if err := l.Validate(); err != nil {
+	if err := l.ValidateFor(d.features); err != nil {
 		return fmt.Errorf("%w: queue %d: %w", ErrQueueLayout, q, err)
 	}
 	if err := d.setAddr(q, a); err != nil {
@@ -451,7 +451,8 @@ func (d *Device) SetQueueAddr(q int, a vdpa.QueueAddr) error {
 
 // setAddr issues VHOST_SET_VRING_ADDR for a (already validated).
 func (d *Device) setAddr(q int, a vdpa.QueueAddr) error {
-	ds, as, us := vring.SplitSizes(d.queues[q].num)
+	// Sized by the negotiated features, as vhost's vq_access_ok sizes them.
+	ds, as, us := vring.RingSizes(d.queues[q].num, d.features)
 	var hv [3]vring.HostAddr
 	for i, area := range []struct {
 		g vring.GuestAddr

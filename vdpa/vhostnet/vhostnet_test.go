@@ -6,11 +6,13 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 
 	"github.com/vdpakit/vdpakit/dirty"
 	"github.com/vdpakit/vdpakit/internal/vhostsys"
 	"github.com/vdpakit/vdpakit/vdpa"
 	"github.com/vdpakit/vdpakit/virtio"
+	"github.com/vdpakit/vdpakit/vring"
 )
 
 // fakeDevice builds a Device around /dev/null for the checks that happen
@@ -82,4 +84,33 @@ func TestAnyLayoutNeverReachesVhost(t *testing.T) {
 		"no LOG_ALL for the kernel without a log base")
 	d.log = &dirty.Bitmap{}
 	assert.Equal(t, uint64(virtio.FVersion1.Bit()|virtio.FLogAll.Bit()), d.kernelFeatures(virtio.FVersion1.Bit()), "LOG_ALL while logging")
+}
+
+// The ring areas are checked as large as the negotiated features make them,
+// as vhost itself sizes them: a used ring flush against the end of guest
+// memory is accepted without EVENT_IDX (and reaches the kernel, here
+// /dev/null's ENOTTY) and refused with it.
+func TestRingAtTheEndOfMemoryIsSizedByFeatures(t *testing.T) {
+	const size = 8
+	for _, tc := range []struct {
+		name string
+		feat virtio.Features
+		want error
+	}{
+		{"without EVENT_IDX", 0, unix.ENOTTY},
+		{"with EVENT_IDX", virtio.Features(0).With(virtio.FEventIdx), ErrQueueLayout},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := fakeDevice(t)
+			r, err := vring.NewRegion(0, make([]byte, 0x2000), nil)
+			require.NoError(t, err)
+			mem, err := vring.NewMemory(r)
+			require.NoError(t, err)
+			d.mem, d.features = mem, tc.feat
+			d.queues[0].num = size
+			_, _, u := vring.RingSizes(size, 0)
+			a := vdpa.QueueAddr{Desc: 0, Avail: 0x1000, Used: r.End() - vring.GuestAddr(u)}
+			assert.ErrorIs(t, d.SetQueueAddr(0, a), tc.want)
+		})
+	}
 }
