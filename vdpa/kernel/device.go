@@ -41,8 +41,8 @@ type Device struct {
 	// features are the features last given to SetFeatures: they size the
 	// rings SetQueueAddr checks (vring.RingSizes).
 	features virtio.Features
-	iova    vhostsys.IOVARange
-	queues  []queue
+	iova     vhostsys.IOVARange
+	queues   []queue
 	// mems is the memory MapMemory put in each address space; maps are
 	// the IOTLB mappings this Device made, per address space, in the order
 	// made; memASID the subset MapMemory made. groupASID records
