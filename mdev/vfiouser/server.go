@@ -53,6 +53,8 @@ type Server struct {
 	// descriptors (vdpa.Local), so dup3 onto them re-targets it; other
 	// backings took their own reference and are re-wired.
 	inProcess bool
+	// regionSizes is the size of each vfio region (0: empty).
+	regionSizes [NumPCIRegions]uint64
 
 	stop    context.CancelFunc
 	relayWG sync.WaitGroup
@@ -121,6 +123,10 @@ func New(backing vdpa.Device, opts *Options) (*Server, error) {
 		}
 	}
 	_, s.inProcess = backing.(*vdpa.Local)
+	s.regionSizes[RegionConfig] = 256
+	for _, b := range s.dev.Layout().BARs {
+		s.regionSizes[b.Index] = b.Size
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s.stop = cancel
 	s.relayWG.Add(1)

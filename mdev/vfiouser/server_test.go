@@ -29,7 +29,13 @@ type rig struct {
 	done   chan error
 }
 
-func newRig(t *testing.T, sopts *softnet.Options) *rig {
+func newRig(t *testing.T, sopts *softnet.Options) *rig { return newRigTB(t, sopts) }
+
+func newRigB(b *testing.B) *rig { return newRigTB(b, nil) }
+
+func (r *rig) dialB(b *testing.B) *vfiousertest.Client { return r.dialTB(b) }
+
+func newRigTB(t testing.TB, sopts *softnet.Options) *rig {
 	t.Helper()
 	r := &rig{}
 	if sopts == nil {
@@ -62,7 +68,9 @@ func newRig(t *testing.T, sopts *softnet.Options) *rig {
 	return r
 }
 
-func (r *rig) dial(t *testing.T) *vfiousertest.Client {
+func (r *rig) dial(t *testing.T) *vfiousertest.Client { return r.dialTB(t) }
+
+func (r *rig) dialTB(t testing.TB) *vfiousertest.Client {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()

@@ -107,8 +107,7 @@ func (ss *session) run() error {
 		if !h.NoReply() {
 			ss.reply(h, reply, err)
 		}
-		var f fatal
-		if errors.As(err, &f) {
+		if f, ok := err.(fatal); ok {
 			return f.error
 		}
 	}
@@ -337,15 +336,10 @@ func (ss *session) handleRegionInfo(p []byte) ([]byte, error) {
 // regionSize is the size of vfio region idx: the config space or a BAR of
 // mdev.Layout (the upper half of a 64-bit BAR is empty).
 func (s *Server) regionSize(idx uint32) uint64 {
-	if idx == RegionConfig {
-		return 256
+	if idx >= NumPCIRegions {
+		return 0
 	}
-	for _, b := range s.dev.Layout().BARs {
-		if uint32(b.Index) == idx {
-			return b.Size
-		}
-	}
-	return 0
+	return s.regionSizes[idx]
 }
 
 func (ss *session) handleIRQInfo(p []byte) ([]byte, error) {
