@@ -85,11 +85,22 @@ APT::Sandbox::User "root";
 
 const debianKeyring = "/usr/share/keyrings/debian-archive-keyring.gpg"
 
-// debianMirror returns the host's Debian mirror (from its deb822 .sources
-// or one-line sources.list), or deb.debian.org.
-func debianMirror() string {
+// debianMirror returns the host's Debian mirror (see debianMirrorFrom).
+func debianMirror() (string, error) {
 	files, _ := filepath.Glob("/etc/apt/sources.list.d/*.sources")
-	files = append(files, "/etc/apt/sources.list")
+	more, _ := filepath.Glob("/etc/apt/sources.list.d/*.list")
+	files = append(append(files, "/etc/apt/sources.list"), more...)
+	return debianMirrorFrom(files)
+}
+
+// debianMirrorFrom returns $VDPAKIT_VMTEST_MIRROR if set, else the first
+// http(s) Debian mirror (a URI ending in /debian) named in the apt source
+// files (deb822 .sources or one-line format), without a trailing slash.
+// With none it fails: the repository names no mirror of its own.
+func debianMirrorFrom(files []string) (string, error) {
+	if m := os.Getenv("VDPAKIT_VMTEST_MIRROR"); m != "" {
+		return strings.TrimSuffix(m, "/"), nil
+	}
 	for _, f := range files {
 		b, err := os.ReadFile(f)
 		if err != nil {
@@ -102,12 +113,12 @@ func debianMirror() string {
 			}
 			for _, u := range fields[1:] {
 				if (strings.HasPrefix(u, "http://") || strings.HasPrefix(u, "https://")) && strings.HasSuffix(strings.TrimSuffix(u, "/"), "/debian") {
-					return strings.TrimSuffix(u, "/")
+					return strings.TrimSuffix(u, "/"), nil
 				}
 			}
 		}
 	}
-	return "http://deb.debian.org/debian"
+	return "", fmt.Errorf("no Debian mirror found in the apt sources (%s); set VDPAKIT_VMTEST_MIRROR to one", strings.Join(files, ", "))
 }
 
 // fetchLinuxSource downloads the linux-source package with a private apt
@@ -136,7 +147,11 @@ func fetchLinuxSource(ctx context.Context, cache string, prog *Progress) (string
 	if _, err := os.Stat(debianKeyring); err == nil {
 		signed = "[signed-by=" + debianKeyring + "] "
 	}
-	src := "deb " + signed + debianMirror() + " " + linuxSourceSuite + " main\n"
+	mirror, err := debianMirror()
+	if err != nil {
+		return "", fmt.Errorf("fetching %s: %w", linuxSourcePkg, err)
+	}
+	src := "deb " + signed + mirror + " " + linuxSourceSuite + " main\n"
 	if err := os.WriteFile(filepath.Join(aptDir, "sources.list"), []byte(src), 0o644); err != nil {
 		return "", err
 	}

@@ -36,7 +36,7 @@ TESTARGS are passed to every test binary (e.g. -test.bench=. -test.benchtime=1x)
 environment:
   VDPAKIT_CACHE            cache dir (default ${XDG_CACHE_HOME:-$HOME/.cache}/vdpakit-vmtest)
   VDPAKIT_VMTEST_KERNEL    pin a kernel ABI name, e.g. 6.12.95+deb12
-  VDPAKIT_VMTEST_MIRROR    Debian mirror URL (default: taken from the host's apt sources)
+  VDPAKIT_VMTEST_MIRROR    Debian mirror URL (default: taken from the host's apt sources; none there is an error)
   VDPAKIT_VMTEST_MEM       guest memory (default 1G)
   VDPAKIT_VMTEST_SMP       guest CPUs (default 2)
   VDPAKIT_VMTEST_TCG_THREAD  QEMU TCG threading: single (default) or multi
@@ -134,7 +134,8 @@ setup_apt() {
 		mirror=$(cat /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '/^URIs:/ {for (i = 2; i <= NF; i++) if ($i ~ /\/debian\/?$/) {print $i; exit}}' || true)
 		[ -n "$mirror" ] || mirror=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
 			awk '$1 == "deb" {for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\/.*\/debian\/?$/) {print $i; exit}}' || true)
-		[ -n "$mirror" ] || mirror=http://deb.debian.org/debian
+		# No built-in fallback: the repository names no mirror of its own.
+		[ -n "$mirror" ] || die "no Debian mirror found in /etc/apt/sources.list{,.d}; set VDPAKIT_VMTEST_MIRROR to one"
 	fi
 	local keyring=/usr/share/keyrings/debian-archive-keyring.gpg signed=""
 	[ -r "$keyring" ] && signed="[signed-by=$keyring] "
