@@ -1,8 +1,10 @@
 package vdpa_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"runtime"
 	"testing"
 	"time"
 
@@ -38,15 +40,89 @@ func TestEventFDWaitAfterCancelledWait(t *testing.T) {
 	require.ErrorIs(t, err, context.Canceled)
 
 	// A later Wait must block until signalled, not fail on a stale deadline.
-	done := make(chan error, 1)
-	go func() { _, err := e.Wait(context.Background()); done <- err }()
-	select {
-	case err := <-done:
-		t.Fatalf("Wait returned before any signal: %v", err)
-	case <-time.After(20 * time.Millisecond):
-	}
+	w := startParkedWaiter(t, e)
 	require.NoError(t, e.Signal())
-	require.NoError(t, <-done)
+	n, err := w.result(t)
+	require.NoError(t, err)
+	assert.Equal(t, uint64(1), n)
+}
+
+// waiter is a goroutine blocked in EventFD.Wait(context.Background()).
+type waiter struct {
+	done chan waitResult
+}
+
+type waitResult struct {
+	n   uint64
+	err error
+}
+
+// startParkedWaiter starts a goroutine waiting on e and returns once that
+// goroutine is parked in the runtime poller inside EventFD.Wait (its stack,
+// from runtime.Stack, is in "IO wait" under EventFD.Wait below
+// parkedWaiter), failing the test if it is not parked within 10 s or
+// returns instead. So Wait provably blocked: it did not return early and
+// is not spinning.
+func startParkedWaiter(t *testing.T, e *vdpa.EventFD) *waiter {
+	t.Helper()
+	w := &waiter{done: make(chan waitResult, 1)}
+	go parkedWaiter(e, w.done)
+	deadline := time.Now().Add(10 * time.Second)
+	buf := make([]byte, 1<<20)
+	for {
+		select {
+		case r := <-w.done:
+			t.Fatalf("Wait returned (%d, %v) instead of blocking", r.n, r.err)
+		default:
+		}
+		if goroutineParkedIn(buf[:runtime.Stack(buf, true)], "vdpa_test.parkedWaiter", "vdpa.(*EventFD).Wait", "[IO wait") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the waiter never parked in EventFD.Wait")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	select {
+	case r := <-w.done:
+		t.Fatalf("Wait returned (%d, %v) instead of blocking", r.n, r.err)
+	default:
+	}
+	return w
+}
+
+// parkedWaiter is the waiter goroutine's body, named so that
+// startParkedWaiter can find its stack.
+//
+//go:noinline
+func parkedWaiter(e *vdpa.EventFD, done chan<- waitResult) {
+	n, err := e.Wait(context.Background())
+	done <- waitResult{n, err}
+}
+
+// goroutineParkedIn reports whether one goroutine in the runtime.Stack dump
+// has state in its header line and both frames in its stack.
+func goroutineParkedIn(dump []byte, body, frame, state string) bool {
+	for _, g := range bytes.Split(dump, []byte("\n\n")) {
+		header, _, _ := bytes.Cut(g, []byte("\n"))
+		if bytes.Contains(header, []byte(state)) && bytes.Contains(g, []byte(body)) && bytes.Contains(g, []byte(frame)) {
+			return true
+		}
+	}
+	return false
+}
+
+// result is what the parked Wait returned, which it must do promptly once
+// woken.
+func (w *waiter) result(t *testing.T) (uint64, error) {
+	t.Helper()
+	select {
+	case r := <-w.done:
+		return r.n, r.err
+	case <-time.After(5 * time.Second):
+		t.Fatal("the parked Wait was not woken")
+		return 0, nil
+	}
 }
 
 func TestEventFDDeadlineIsContextError(t *testing.T) {
@@ -62,17 +138,23 @@ func TestEventFDDeadlineIsContextError(t *testing.T) {
 func TestEventFDCloseUnblocksWait(t *testing.T) {
 	e, err := vdpa.NewEventFD()
 	require.NoError(t, err)
-	done := make(chan error, 1)
-	go func() { _, err := e.Wait(context.Background()); done <- err }()
-	time.Sleep(10 * time.Millisecond)
+	w := startParkedWaiter(t, e)
 	require.NoError(t, e.Close())
-	select {
-	case err := <-done:
-		assert.True(t, errors.Is(err, vdpa.ErrClosed), "got %v", err)
-	case <-time.After(5 * time.Second):
-		t.Fatal("Close did not unblock Wait")
-	}
+	n, err := w.result(t)
+	assert.True(t, errors.Is(err, vdpa.ErrClosed), "got %v", err)
+	assert.Zero(t, n)
 	assert.ErrorIs(t, e.Signal(), vdpa.ErrClosed)
+}
+
+func TestEventFDSignalWakesParkedWait(t *testing.T) {
+	e, err := vdpa.NewEventFD()
+	require.NoError(t, err)
+	defer e.Close()
+	w := startParkedWaiter(t, e)
+	require.NoError(t, e.Signal())
+	n, err := w.result(t)
+	require.NoError(t, err)
+	assert.Equal(t, uint64(1), n)
 }
 
 func TestEventFDWaitBackgroundAllocatesNothing(t *testing.T) {
