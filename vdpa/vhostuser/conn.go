@@ -26,11 +26,9 @@ type conn struct {
 	oob []byte
 
 	// msgTimeout bounds the rest of a message once its first byte has
-	// arrived (0: no bound). Between messages a connection may idle.
+	// arrived (0: no bound). Between messages a connection may idle. The
+	// owner must not set read deadlines of its own when it is set.
 	msgTimeout time.Duration
-	// deadline is the owner's read deadline (zero: none), restored after
-	// a message's own deadline.
-	deadline time.Time
 	// msgDeadline is the deadline of the message being read (zero: none
 	// set).
 	msgDeadline time.Time
@@ -40,31 +38,21 @@ func newConn(uc *net.UnixConn) *conn {
 	return &conn{uc: uc, oob: make([]byte, unix.CmsgSpace(scmMaxFd*4))}
 }
 
-// setDeadline sets the owner's read and write deadline.
-func (c *conn) setDeadline(t time.Time) {
-	c.deadline = t
-	_ = c.uc.SetDeadline(t)
-}
-
 // startMessage arms the message deadline when the first bytes of a
 // message have arrived.
 func (c *conn) startMessage() {
 	if c.msgTimeout <= 0 || !c.msgDeadline.IsZero() {
 		return
 	}
-	d := time.Now().Add(c.msgTimeout)
-	if !c.deadline.IsZero() && c.deadline.Before(d) {
-		return // the owner's deadline comes first
-	}
-	c.msgDeadline = d
-	_ = c.uc.SetReadDeadline(d)
+	c.msgDeadline = time.Now().Add(c.msgTimeout)
+	_ = c.uc.SetReadDeadline(c.msgDeadline)
 }
 
-// endMessage restores the owner's read deadline.
+// endMessage clears the message deadline.
 func (c *conn) endMessage() {
 	if !c.msgDeadline.IsZero() {
 		c.msgDeadline = time.Time{}
-		_ = c.uc.SetReadDeadline(c.deadline)
+		_ = c.uc.SetReadDeadline(time.Time{})
 	}
 }
 

@@ -53,6 +53,10 @@ var (
 	// ErrUnexpectedReply: a reply for another request, or without the
 	// reply flag.
 	ErrUnexpectedReply = errors.New("vhost-user: unexpected reply")
+	// ErrSessionBroken: a front-end request was interrupted (its context
+	// ended, the socket failed) and the session is out of step; the
+	// connection is closed. Errors wrapping it also wrap the cause.
+	ErrSessionBroken = errors.New("vhost-user: session broken by an interrupted request")
 	// ErrDeviceFailed: the device handler rejected a well-formed request.
 	ErrDeviceFailed = errors.New("vhost-user: device rejected request")
 )

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/vdpakit/vdpakit/dirty"
@@ -37,7 +38,9 @@ type FrontendOptions struct {
 	// CONFIG is negotiated, the size is probed once: the longest read
 	// from offset 0 the back-end answers (at most MaxConfigSize).
 	ConfigSize int
-	// Timeout bounds each request/reply exchange (10s if zero).
+	// Timeout bounds each request/reply exchange on top of the caller's
+	// context (10s if zero). An exchange that runs out of time breaks the
+	// session (ErrSessionBroken).
 	Timeout time.Duration
 }
 
@@ -51,24 +54,44 @@ type FrontendOptions struct {
 // translated from guest addresses through the Memory given to SetMemory,
 // whose regions must be fd-backed (vring.NewMemfdRegion).
 //
-// Control methods are serialized internally; like any vdpa.Device the
-// caller should not interleave configuration sequences from several
-// goroutines.
+// # Blocking, contexts and Close
+//
+// Every method that talks to the back-end has a form taking a
+// context.Context (SetFeaturesContext, QueueBaseContext, ...); the
+// vdpa.Device methods are those with context.Background(). Each exchange is
+// also bounded by FrontendOptions.Timeout. Requests are serialized (the
+// protocol has one request outstanding at a time): a caller waiting for its
+// turn gives up when its context ends, without harm. A context that ends
+// while its request is on the socket interrupts it; since vhost-user
+// replies carry no request id, the session is then out of step, so the
+// connection is closed and every later request fails with ErrSessionBroken
+// (wrapping the cause). Close never waits for a request: it closes the
+// socket, and a request in flight returns an error wrapping vdpa.ErrClosed.
+//
+// Like any vdpa.Device the caller should not interleave configuration
+// sequences from several goroutines.
 type Frontend struct {
-	mu      sync.Mutex
-	c       *conn
-	opts    FrontendOptions
-	devF    virtio.Features // back-end's offer
-	proto   ProtocolFeatures
+	c    *conn
+	opts FrontendOptions
+	// Set by the handshake, then read-only.
+	devF  virtio.Features // back-end's offer
+	proto ProtocolFeatures
+	nq    int
+
+	// turn is held (a token in the channel) by the request on the socket;
+	// it guards the session state below.
+	turn    chan struct{}
 	acked   virtio.Features
 	status  virtio.Status
-	nq      int
 	mem     *vring.Memory
 	log     *dirty.Bitmap
 	queues  []feQueue
-	closed  bool
 	suspend bool
 	cfgSize int // probed configuration size, -1 until probed
+
+	done      chan struct{} // closed by Close
+	closeOnce sync.Once
+	broken    atomic.Pointer[error] // why the session is out of step
 }
 
 type feQueue struct {
@@ -107,10 +130,12 @@ func Dial(ctx context.Context, path string, opts *FrontendOptions) (*Frontend, e
 }
 
 // NewFrontend starts a session on an established connection (for example
-// one accepted from a back-end running in client mode). On error the
-// caller still owns uc.
+// one accepted from a back-end running in client mode). ctx (and
+// FrontendOptions.Timeout, per exchange) bounds the handshake. On error the
+// caller still owns uc and should close it (an interrupted handshake has
+// closed it already).
 func NewFrontend(ctx context.Context, uc *net.UnixConn, opts *FrontendOptions) (*Frontend, error) {
-	f := &Frontend{c: newConn(uc), cfgSize: -1}
+	f := &Frontend{c: newConn(uc), cfgSize: -1, turn: make(chan struct{}, 1), done: make(chan struct{})}
 	if opts != nil {
 		f.opts = *opts
 	}
@@ -126,33 +151,27 @@ func NewFrontend(ctx context.Context, uc *net.UnixConn, opts *FrontendOptions) (
 	if f.opts.Timeout == 0 {
 		f.opts.Timeout = 10 * time.Second
 	}
-	if dl, ok := ctx.Deadline(); ok {
-		_ = uc.SetDeadline(dl)
-		defer uc.SetDeadline(time.Time{})
-	}
-	stop := context.AfterFunc(ctx, func() { _ = uc.SetDeadline(time.Unix(1, 0)) })
-	defer stop()
-	if err := f.handshake(); err != nil {
-		if ctx.Err() != nil {
-			return nil, ctx.Err()
+	if err := f.handshake(ctx); err != nil {
+		if ctx.Err() != nil && !errors.Is(err, ctx.Err()) {
+			return nil, fmt.Errorf("%w: %w", err, ctx.Err())
 		}
 		return nil, err
 	}
 	return f, nil
 }
 
-func (f *Frontend) handshake() error {
-	if err := f.send(ReqSetOwner, nil, nil, false); err != nil {
+func (f *Frontend) handshake(ctx context.Context) error {
+	if err := f.send(ctx, ReqSetOwner, nil, nil); err != nil {
 		return err
 	}
-	v, err := f.getU64(ReqGetFeatures)
+	v, err := f.getU64(ctx, ReqGetFeatures)
 	if err != nil {
 		return err
 	}
 	f.devF = virtio.Features(v)
 	f.nq = f.opts.NumQueues
 	if f.devF.Has(virtio.FProtocolFeat) {
-		p, err := f.getU64(ReqGetProtocolFeatures)
+		p, err := f.getU64(ctx, ReqGetProtocolFeatures)
 		if err != nil {
 			return err
 		}
@@ -163,12 +182,12 @@ func (f *Frontend) handshake() error {
 		// Sent before REPLY_ACK is in effect (as QEMU and DPDK do): no
 		// acknowledgement is asked for this one.
 		proto := ProtocolFeatures(p) & want
-		if err := f.send(ReqSetProtocolFeatures, putU64(uint64(proto)), nil, false); err != nil {
+		if err := f.send(ctx, ReqSetProtocolFeatures, putU64(uint64(proto)), nil); err != nil {
 			return err
 		}
 		f.proto = proto
 		if f.proto.Has(PFMQ) {
-			n, err := f.getU64(ReqGetQueueNum)
+			n, err := f.getU64(ctx, ReqGetQueueNum)
 			if err != nil {
 				return err
 			}
@@ -188,28 +207,93 @@ func (f *Frontend) handshake() error {
 // ProtocolFeatures returns the negotiated protocol features.
 func (f *Frontend) ProtocolFeatures() ProtocolFeatures { return f.proto }
 
-// exchange sends a request and, when want is true or REPLY_ACK applies,
-// reads its reply. It holds no lock; callers hold f.mu.
-func (f *Frontend) exchange(r Request, payload []byte, fds []int, want bool) (*Message, error) {
-	if f.closed {
-		return nil, vdpa.ErrClosed
+// acquire waits for the turn to use the socket; release gives it back.
+func (f *Frontend) acquire(ctx context.Context) error {
+	if err := f.usable(); err != nil {
+		return err
 	}
+	select {
+	case f.turn <- struct{}{}:
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-f.done:
+		return vdpa.ErrClosed
+	}
+	if err := f.usable(); err != nil {
+		f.release()
+		return err
+	}
+	return nil
+}
+
+func (f *Frontend) release() { <-f.turn }
+
+// usable returns why no request can be sent: vdpa.ErrClosed after Close,
+// ErrSessionBroken after an interrupted exchange.
+func (f *Frontend) usable() error {
+	select {
+	case <-f.done:
+		return vdpa.ErrClosed
+	default:
+	}
+	if p := f.broken.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// breakSession records why the session is out of step and closes the
+// connection, so the back-end resets and no late reply is taken for the
+// answer to a later request.
+func (f *Frontend) breakSession(cause error) {
+	err := fmt.Errorf("%w: %w", ErrSessionBroken, cause)
+	if f.broken.CompareAndSwap(nil, &err) {
+		_ = f.c.close()
+	}
+}
+
+// exchange sends a request and, when want is true or REPLY_ACK applies,
+// reads its reply. The caller holds the turn (acquire). ctx and
+// FrontendOptions.Timeout bound the socket I/O: when either ends first the
+// connection is closed under the request, which returns an error wrapping
+// ctx's error, and the session is broken. A failure to read or write the
+// socket breaks the session too.
+func (f *Frontend) exchange(ctx context.Context, r Request, payload []byte, fds []int, want bool) (*Message, error) {
 	ack := !want && f.proto.Has(PFReplyAck)
 	h := Header{Request: r, Flags: Version}
 	if ack {
 		h.Flags |= FlagNeedReply
 	}
-	f.c.setDeadline(time.Now().Add(f.opts.Timeout))
-	defer f.c.setDeadline(time.Time{})
-	if err := f.c.write(h, payload, fds); err != nil {
+	ctx, cancel := context.WithTimeout(ctx, f.opts.Timeout)
+	defer cancel()
+	if err := ctx.Err(); err != nil {
 		return nil, &MessageError{Request: r, Err: err}
 	}
-	if !want && !ack {
-		return nil, nil
+	// Runs when ctx ends mid-exchange: interrupt the I/O.
+	stop := context.AfterFunc(ctx, func() { _ = f.c.close() })
+	m, err := f.roundTrip(h, payload, fds, want || ack)
+	if !stop() {
+		// The I/O was (or is being) interrupted: whatever happened on
+		// the socket, the session is out of step.
+		if m != nil {
+			m.Close()
+		}
+		cause := ctx.Err()
+		if isClosed(f.done) {
+			cause = vdpa.ErrClosed
+		}
+		f.breakSession(cause)
+		return nil, &MessageError{Request: r, Err: cause}
 	}
-	m, err := f.c.read()
 	if err != nil {
+		if isClosed(f.done) {
+			return nil, &MessageError{Request: r, Err: fmt.Errorf("%w: %w", vdpa.ErrClosed, err)}
+		}
+		f.breakSession(err)
 		return nil, &MessageError{Request: r, Err: err}
+	}
+	if m == nil {
+		return nil, nil
 	}
 	if len(m.Fds) > 0 {
 		m.Close()
@@ -230,13 +314,33 @@ func (f *Frontend) exchange(r Request, payload []byte, fds []int, want bool) (*M
 	return m, nil
 }
 
-func (f *Frontend) send(r Request, payload []byte, fds []int, _ bool) error {
-	_, err := f.exchange(r, payload, fds, false)
+// roundTrip writes one message and, with reply, reads one.
+func (f *Frontend) roundTrip(h Header, payload []byte, fds []int, reply bool) (*Message, error) {
+	if err := f.c.write(h, payload, fds); err != nil {
+		return nil, err
+	}
+	if !reply {
+		return nil, nil
+	}
+	return f.c.read()
+}
+
+func isClosed(c <-chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
+	}
+}
+
+func (f *Frontend) send(ctx context.Context, r Request, payload []byte, fds []int) error {
+	_, err := f.exchange(ctx, r, payload, fds, false)
 	return err
 }
 
-func (f *Frontend) getU64(r Request) (uint64, error) {
-	m, err := f.exchange(r, nil, nil, true)
+func (f *Frontend) getU64(ctx context.Context, r Request) (uint64, error) {
+	m, err := f.exchange(ctx, r, nil, nil, true)
 	if err != nil {
 		return 0, err
 	}
@@ -267,21 +371,29 @@ func (f *Frontend) Features() (virtio.Features, error) {
 // offers it). Toggling LOG_ALL re-sends the ring addresses so their log
 // flag follows.
 func (f *Frontend) SetFeatures(fs virtio.Features) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	return f.SetFeaturesContext(context.Background(), fs)
+}
+
+// SetFeaturesContext is SetFeatures with ctx bounding the wait for the socket and
+// the exchange.
+func (f *Frontend) SetFeaturesContext(ctx context.Context, fs virtio.Features) error {
+	if err := f.acquire(ctx); err != nil {
+		return err
+	}
+	defer f.release()
 	if fs&^f.devF != 0 {
 		return fmt.Errorf("%w: features %#x not offered", ErrProtocol, uint64(fs&^f.devF))
 	}
 	if f.devF.Has(virtio.FProtocolFeat) {
 		fs = fs.With(virtio.FProtocolFeat)
 	}
-	if err := f.send(ReqSetFeatures, putU64(uint64(fs)), nil, false); err != nil {
+	if err := f.send(ctx, ReqSetFeatures, putU64(uint64(fs)), nil); err != nil {
 		return err
 	}
 	logChanged := f.acked.Has(virtio.FLogAll) != fs.Has(virtio.FLogAll)
 	f.acked = fs
 	if logChanged {
-		return f.resendAddrs()
+		return f.resendAddrs(ctx)
 	}
 	return nil
 }
@@ -289,10 +401,18 @@ func (f *Frontend) SetFeatures(fs virtio.Features) error {
 // Status implements vdpa.Device: GET_STATUS with the STATUS protocol
 // feature, else the last status set.
 func (f *Frontend) Status() (virtio.Status, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	return f.StatusContext(context.Background())
+}
+
+// StatusContext is Status with ctx bounding the wait for the socket and
+// the exchange.
+func (f *Frontend) StatusContext(ctx context.Context) (virtio.Status, error) {
+	if err := f.acquire(ctx); err != nil {
+		return 0, err
+	}
+	defer f.release()
 	if f.proto.Has(PFStatus) {
-		v, err := f.getU64(ReqGetStatus)
+		v, err := f.getU64(ctx, ReqGetStatus)
 		return virtio.Status(v), err
 	}
 	return f.status, nil
@@ -302,21 +422,29 @@ func (f *Frontend) Status() (virtio.Status, error) {
 // 0 with the STATUS feature, RESET_DEVICE with that feature, else every
 // ring is stopped with GET_VRING_BASE.
 func (f *Frontend) SetStatus(st virtio.Status) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	return f.SetStatusContext(context.Background(), st)
+}
+
+// SetStatusContext is SetStatus with ctx bounding the wait for the socket and
+// the exchange.
+func (f *Frontend) SetStatusContext(ctx context.Context, st virtio.Status) error {
+	if err := f.acquire(ctx); err != nil {
+		return err
+	}
+	defer f.release()
 	switch {
 	case f.proto.Has(PFStatus):
-		if err := f.send(ReqSetStatus, putU64(uint64(st)), nil, false); err != nil {
+		if err := f.send(ctx, ReqSetStatus, putU64(uint64(st)), nil); err != nil {
 			return err
 		}
 	case st == 0 && f.proto.Has(PFResetDevice):
-		if err := f.send(ReqResetDevice, nil, nil, false); err != nil {
+		if err := f.send(ctx, ReqResetDevice, nil, nil); err != nil {
 			return err
 		}
 	case st == 0:
 		for i := len(f.queues) - 1; i >= 0; i-- { // highest first, as Suspend
 			if f.queues[i].kickSet {
-				if _, err := f.getBase(i); err != nil {
+				if _, err := f.getBase(ctx, i); err != nil {
 					return err
 				}
 			}
@@ -346,6 +474,11 @@ func knownConfigSize(id virtio.DeviceID) int {
 // device type's configuration size, else (CONFIG negotiated) the probed
 // size; 0 without CONFIG.
 func (f *Frontend) ConfigSize() (int, error) {
+	return f.ConfigSizeContext(context.Background())
+}
+
+// ConfigSizeContext is ConfigSize with ctx bounding the probe.
+func (f *Frontend) ConfigSizeContext(ctx context.Context) (int, error) {
 	if f.opts.ConfigSize > 0 {
 		return f.opts.ConfigSize, nil
 	}
@@ -355,10 +488,12 @@ func (f *Frontend) ConfigSize() (int, error) {
 	if n := knownConfigSize(f.opts.DeviceID); n > 0 {
 		return n, nil
 	}
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	if err := f.acquire(ctx); err != nil {
+		return 0, err
+	}
+	defer f.release()
 	if f.cfgSize < 0 {
-		n, err := f.probeConfigSize()
+		n, err := f.probeConfigSize(ctx)
 		if err != nil {
 			return 0, err
 		}
@@ -372,12 +507,12 @@ func (f *Frontend) ConfigSize() (int, error) {
 // answers every read within its configuration space and fails (an empty
 // or wrongly sized reply) every read beyond it. Errors other than a failed
 // read (the connection broke) are returned.
-func (f *Frontend) probeConfigSize() (int, error) {
+func (f *Frontend) probeConfigSize(ctx context.Context) (int, error) {
 	var buf [MaxConfigSize]byte
 	lo, hi := 0, MaxConfigSize+1 // a read of lo bytes succeeds, of hi fails
 	for hi-lo > 1 {
 		mid := lo + (hi-lo)/2
-		err := f.readConfig(0, buf[:mid])
+		err := f.readConfig(ctx, 0, buf[:mid])
 		switch {
 		case err == nil:
 			lo = mid
@@ -392,19 +527,27 @@ func (f *Frontend) probeConfigSize() (int, error) {
 
 // ReadConfig implements vdpa.Device with GET_CONFIG.
 func (f *Frontend) ReadConfig(off int, p []byte) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return f.readConfig(off, p)
+	return f.ReadConfigContext(context.Background(), off, p)
 }
 
-func (f *Frontend) readConfig(off int, p []byte) error {
+// ReadConfigContext is ReadConfig with ctx bounding the wait for the socket and
+// the exchange.
+func (f *Frontend) ReadConfigContext(ctx context.Context, off int, p []byte) error {
+	if err := f.acquire(ctx); err != nil {
+		return err
+	}
+	defer f.release()
+	return f.readConfig(ctx, off, p)
+}
+
+func (f *Frontend) readConfig(ctx context.Context, off int, p []byte) error {
 	if !f.proto.Has(PFConfig) {
 		return fmt.Errorf("%w: CONFIG not negotiated", ErrUnsupported)
 	}
 	if off < 0 || len(p) > MaxConfigSize || off > 1<<31 {
 		return fmt.Errorf("%w: config read %d+%d", ErrProtocol, off, len(p))
 	}
-	m, err := f.exchange(ReqGetConfig, Config{Offset: uint32(off), Data: make([]byte, len(p))}.Encode(), nil, true)
+	m, err := f.exchange(ctx, ReqGetConfig, Config{Offset: uint32(off), Data: make([]byte, len(p))}.Encode(), nil, true)
 	if err != nil {
 		return err
 	}
@@ -421,15 +564,23 @@ func (f *Frontend) readConfig(off int, p []byte) error {
 
 // WriteConfig implements vdpa.Device with SET_CONFIG.
 func (f *Frontend) WriteConfig(off int, p []byte) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	return f.WriteConfigContext(context.Background(), off, p)
+}
+
+// WriteConfigContext is WriteConfig with ctx bounding the wait for the socket and
+// the exchange.
+func (f *Frontend) WriteConfigContext(ctx context.Context, off int, p []byte) error {
+	if err := f.acquire(ctx); err != nil {
+		return err
+	}
+	defer f.release()
 	if !f.proto.Has(PFConfig) {
 		return fmt.Errorf("%w: CONFIG not negotiated", ErrUnsupported)
 	}
 	if off < 0 || len(p) > MaxConfigSize || off > 1<<31 {
 		return fmt.Errorf("%w: config write %d+%d", ErrProtocol, off, len(p))
 	}
-	return f.send(ReqSetConfig, Config{Offset: uint32(off), Flags: ConfigFlagWritable, Data: p}.Encode(), nil, false)
+	return f.send(ctx, ReqSetConfig, Config{Offset: uint32(off), Flags: ConfigFlagWritable, Data: p}.Encode(), nil)
 }
 
 // NumQueues implements vdpa.Device.
@@ -441,8 +592,16 @@ func (f *Frontend) MaxQueueSize() (uint16, error) { return f.opts.MaxQueueSize, 
 // SetMemory sends the memory table: each region's guest address, size,
 // this process's address and its fd and offset.
 func (f *Frontend) SetMemory(mem *vring.Memory) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	return f.SetMemoryContext(context.Background(), mem)
+}
+
+// SetMemoryContext is SetMemory with ctx bounding the wait for the socket and
+// the exchange.
+func (f *Frontend) SetMemoryContext(ctx context.Context, mem *vring.Memory) error {
+	if err := f.acquire(ctx); err != nil {
+		return err
+	}
+	defer f.release()
 	regs := mem.Regions()
 	if len(regs) > MaxRegions {
 		return fmt.Errorf("%w: %d regions", ErrTooManyRegions, len(regs))
@@ -457,7 +616,7 @@ func (f *Frontend) SetMemory(mem *vring.Memory) error {
 			UserspaceAddr: uint64(r.HostAddr()), MmapOffset: r.FdOffset()}
 		fds[i] = r.Fd()
 	}
-	if err := f.send(ReqSetMemTable, EncodeMemTable(rs), fds, false); err != nil {
+	if err := f.send(ctx, ReqSetMemTable, EncodeMemTable(rs), fds); err != nil {
 		return err
 	}
 	f.mem = mem
@@ -466,13 +625,21 @@ func (f *Frontend) SetMemory(mem *vring.Memory) error {
 
 // SetQueueNum implements vdpa.Device.
 func (f *Frontend) SetQueueNum(q int, size uint16) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	return f.SetQueueNumContext(context.Background(), q, size)
+}
+
+// SetQueueNumContext is SetQueueNum with ctx bounding the wait for the socket and
+// the exchange.
+func (f *Frontend) SetQueueNumContext(ctx context.Context, q int, size uint16) error {
+	if err := f.acquire(ctx); err != nil {
+		return err
+	}
+	defer f.release()
 	fq, err := f.queue(q)
 	if err != nil {
 		return err
 	}
-	if err := f.send(ReqSetVringNum, VringState{Index: uint32(q), Num: uint32(size)}.Encode(), nil, false); err != nil {
+	if err := f.send(ctx, ReqSetVringNum, VringState{Index: uint32(q), Num: uint32(size)}.Encode(), nil); err != nil {
 		return err
 	}
 	fq.num = size
@@ -511,8 +678,16 @@ func (f *Frontend) vringAddr(q int, a vdpa.QueueAddr) (VringAddr, error) {
 
 // SetQueueAddr sends the ring addresses as this process's addresses.
 func (f *Frontend) SetQueueAddr(q int, a vdpa.QueueAddr) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	return f.SetQueueAddrContext(context.Background(), q, a)
+}
+
+// SetQueueAddrContext is SetQueueAddr with ctx bounding the wait for the socket and
+// the exchange.
+func (f *Frontend) SetQueueAddrContext(ctx context.Context, q int, a vdpa.QueueAddr) error {
+	if err := f.acquire(ctx); err != nil {
+		return err
+	}
+	defer f.release()
 	fq, err := f.queue(q)
 	if err != nil {
 		return err
@@ -521,14 +696,14 @@ func (f *Frontend) SetQueueAddr(q int, a vdpa.QueueAddr) error {
 	if err != nil {
 		return err
 	}
-	if err := f.send(ReqSetVringAddr, va.Encode(), nil, false); err != nil {
+	if err := f.send(ctx, ReqSetVringAddr, va.Encode(), nil); err != nil {
 		return err
 	}
 	fq.addr, fq.addrSet = a, true
 	return nil
 }
 
-func (f *Frontend) resendAddrs() error {
+func (f *Frontend) resendAddrs(ctx context.Context) error {
 	for i := range f.queues {
 		if !f.queues[i].addrSet {
 			continue
@@ -537,7 +712,7 @@ func (f *Frontend) resendAddrs() error {
 		if err != nil {
 			return err
 		}
-		if err := f.send(ReqSetVringAddr, va.Encode(), nil, false); err != nil {
+		if err := f.send(ctx, ReqSetVringAddr, va.Encode(), nil); err != nil {
 			return err
 		}
 	}
@@ -547,17 +722,25 @@ func (f *Frontend) resendAddrs() error {
 // SetQueueBase sends SET_VRING_BASE with st.NextAvail (vhost-user carries
 // no used index; the used ring in memory holds it).
 func (f *Frontend) SetQueueBase(q int, st vdpa.QueueState) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	return f.SetQueueBaseContext(context.Background(), q, st)
+}
+
+// SetQueueBaseContext is SetQueueBase with ctx bounding the wait for the socket and
+// the exchange.
+func (f *Frontend) SetQueueBaseContext(ctx context.Context, q int, st vdpa.QueueState) error {
+	if err := f.acquire(ctx); err != nil {
+		return err
+	}
+	defer f.release()
 	if _, err := f.queue(q); err != nil {
 		return err
 	}
-	return f.send(ReqSetVringBase, VringState{Index: uint32(q), Num: uint32(st.NextAvail)}.Encode(), nil, false)
+	return f.send(ctx, ReqSetVringBase, VringState{Index: uint32(q), Num: uint32(st.NextAvail)}.Encode(), nil)
 }
 
-func (f *Frontend) getBase(q int) (vring.QueueState, error) {
+func (f *Frontend) getBase(ctx context.Context, q int) (vring.QueueState, error) {
 	fq := &f.queues[q]
-	m, err := f.exchange(ReqGetVringBase, VringState{Index: uint32(q)}.Encode(), nil, true)
+	m, err := f.exchange(ctx, ReqGetVringBase, VringState{Index: uint32(q)}.Encode(), nil, true)
 	if err != nil {
 		return vring.QueueState{}, err
 	}
@@ -566,32 +749,43 @@ func (f *Frontend) getBase(q int) (vring.QueueState, error) {
 		return vring.QueueState{}, msgErr(ReqGetVringBase, ErrUnexpectedReply, "reply %+v for queue %d", st, q)
 	}
 	out := vring.QueueState{NextAvail: uint16(st.Num)}
-	if fq.addrSet && f.mem != nil {
-		var b [2]byte
-		if err := f.mem.Read(fq.addr.Used+2, b[:]); err == nil {
-			out.NextUsed = uint16(b[0]) | uint16(b[1])<<8
-		}
-	}
+	// The ring is stopped either way.
 	fq.kickSet = false
 	fq.lastBase = out.NextAvail
+	if fq.addrSet && f.mem != nil {
+		var b [2]byte
+		if err := f.mem.Read(fq.addr.Used+2, b[:]); err != nil {
+			return vring.QueueState{}, msgErr(ReqGetVringBase, ErrAddrNotMapped,
+				"queue %d stopped at avail %d, but its used.idx at %v cannot be read: %v", q, out.NextAvail, fq.addr.Used+2, err)
+		}
+		out.NextUsed = uint16(b[0]) | uint16(b[1])<<8
+	}
 	return out, nil
 }
 
 // QueueBase sends GET_VRING_BASE, which stops the ring; NextUsed is read
 // from the used ring.
 func (f *Frontend) QueueBase(q int) (vdpa.QueueState, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	return f.QueueBaseContext(context.Background(), q)
+}
+
+// QueueBaseContext is QueueBase with ctx bounding the wait for the socket and
+// the exchange.
+func (f *Frontend) QueueBaseContext(ctx context.Context, q int) (vdpa.QueueState, error) {
+	if err := f.acquire(ctx); err != nil {
+		return vdpa.QueueState{}, err
+	}
+	defer f.release()
 	if _, err := f.queue(q); err != nil {
 		return vdpa.QueueState{}, err
 	}
 	if fq := &f.queues[q]; f.suspend && fq.suspOK {
 		return fq.suspSt, nil
 	}
-	return f.getBase(q)
+	return f.getBase(ctx, q)
 }
 
-func (f *Frontend) setFd(r Request, q int, e *vdpa.EventFD) error {
+func (f *Frontend) setFd(ctx context.Context, r Request, q int, e *vdpa.EventFD) error {
 	v := uint64(q)
 	var fds []int
 	if e == nil {
@@ -599,19 +793,27 @@ func (f *Frontend) setFd(r Request, q int, e *vdpa.EventFD) error {
 	} else {
 		fds = []int{e.Fd()}
 	}
-	return f.send(r, putU64(v), fds, false)
+	return f.send(ctx, r, putU64(v), fds)
 }
 
 // SetQueueKick sends SET_VRING_KICK (a nil kick asks the back-end to poll).
 // The back-end starts the ring on it.
 func (f *Frontend) SetQueueKick(q int, kick *vdpa.EventFD) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	return f.SetQueueKickContext(context.Background(), q, kick)
+}
+
+// SetQueueKickContext is SetQueueKick with ctx bounding the wait for the socket and
+// the exchange.
+func (f *Frontend) SetQueueKickContext(ctx context.Context, q int, kick *vdpa.EventFD) error {
+	if err := f.acquire(ctx); err != nil {
+		return err
+	}
+	defer f.release()
 	fq, err := f.queue(q)
 	if err != nil {
 		return err
 	}
-	if err := f.setFd(ReqSetVringKick, q, kick); err != nil {
+	if err := f.setFd(ctx, ReqSetVringKick, q, kick); err != nil {
 		return err
 	}
 	fq.kick, fq.kickSet = kick, true
@@ -620,30 +822,54 @@ func (f *Frontend) SetQueueKick(q int, kick *vdpa.EventFD) error {
 
 // SetQueueCall sends SET_VRING_CALL (nil: the driver polls).
 func (f *Frontend) SetQueueCall(q int, call *vdpa.EventFD) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	return f.SetQueueCallContext(context.Background(), q, call)
+}
+
+// SetQueueCallContext is SetQueueCall with ctx bounding the wait for the socket and
+// the exchange.
+func (f *Frontend) SetQueueCallContext(ctx context.Context, q int, call *vdpa.EventFD) error {
+	if err := f.acquire(ctx); err != nil {
+		return err
+	}
+	defer f.release()
 	if _, err := f.queue(q); err != nil {
 		return err
 	}
-	return f.setFd(ReqSetVringCall, q, call)
+	return f.setFd(ctx, ReqSetVringCall, q, call)
 }
 
 // SetQueueErr sends SET_VRING_ERR: the back-end signals err when the ring
 // fails.
 func (f *Frontend) SetQueueErr(q int, e *vdpa.EventFD) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	return f.SetQueueErrContext(context.Background(), q, e)
+}
+
+// SetQueueErrContext is SetQueueErr with ctx bounding the wait for the socket and
+// the exchange.
+func (f *Frontend) SetQueueErrContext(ctx context.Context, q int, e *vdpa.EventFD) error {
+	if err := f.acquire(ctx); err != nil {
+		return err
+	}
+	defer f.release()
 	if _, err := f.queue(q); err != nil {
 		return err
 	}
-	return f.setFd(ReqSetVringErr, q, e)
+	return f.setFd(ctx, ReqSetVringErr, q, e)
 }
 
 // EnableQueue sends SET_VRING_ENABLE. Without PROTOCOL_FEATURES rings are
 // enabled from the start and cannot be disabled.
 func (f *Frontend) EnableQueue(q int, enable bool) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	return f.EnableQueueContext(context.Background(), q, enable)
+}
+
+// EnableQueueContext is EnableQueue with ctx bounding the wait for the socket and
+// the exchange.
+func (f *Frontend) EnableQueueContext(ctx context.Context, q int, enable bool) error {
+	if err := f.acquire(ctx); err != nil {
+		return err
+	}
+	defer f.release()
 	fq, err := f.queue(q)
 	if err != nil {
 		return err
@@ -659,7 +885,7 @@ func (f *Frontend) EnableQueue(q int, enable bool) error {
 	if enable {
 		n = 1
 	}
-	if err := f.send(ReqSetVringEnable, VringState{Index: uint32(q), Num: n}.Encode(), nil, false); err != nil {
+	if err := f.send(ctx, ReqSetVringEnable, VringState{Index: uint32(q), Num: n}.Encode(), nil); err != nil {
 		return err
 	}
 	fq.enabled = enable
@@ -675,8 +901,16 @@ func (f *Frontend) EnableQueue(q int, enable bool) error {
 // the reply, so with transmitq k stopped before receiveq k no frame is
 // transmitted into a receive ring that is already stopped.
 func (f *Frontend) Suspend() error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	return f.SuspendContext(context.Background())
+}
+
+// SuspendContext is Suspend with ctx bounding the wait for the socket and
+// the exchange.
+func (f *Frontend) SuspendContext(ctx context.Context) error {
+	if err := f.acquire(ctx); err != nil {
+		return err
+	}
+	defer f.release()
 	if f.suspend {
 		return nil
 	}
@@ -688,7 +922,7 @@ func (f *Frontend) Suspend() error {
 		if !fq.kickSet {
 			continue
 		}
-		st, err := f.getBase(i)
+		st, err := f.getBase(ctx, i)
 		if err != nil {
 			return err
 		}
@@ -701,8 +935,16 @@ func (f *Frontend) Suspend() error {
 // Resume restarts the rings Suspend stopped: SET_VRING_BASE with the saved
 // index, then SET_VRING_KICK with the same kick descriptor.
 func (f *Frontend) Resume() error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	return f.ResumeContext(context.Background())
+}
+
+// ResumeContext is Resume with ctx bounding the wait for the socket and
+// the exchange.
+func (f *Frontend) ResumeContext(ctx context.Context) error {
+	if err := f.acquire(ctx); err != nil {
+		return err
+	}
+	defer f.release()
 	if !f.suspend {
 		return nil
 	}
@@ -711,10 +953,10 @@ func (f *Frontend) Resume() error {
 		if !fq.suspOK {
 			continue
 		}
-		if err := f.send(ReqSetVringBase, VringState{Index: uint32(i), Num: uint32(fq.suspSt.NextAvail)}.Encode(), nil, false); err != nil {
+		if err := f.send(ctx, ReqSetVringBase, VringState{Index: uint32(i), Num: uint32(fq.suspSt.NextAvail)}.Encode(), nil); err != nil {
 			return err
 		}
-		if err := f.setFd(ReqSetVringKick, i, fq.kick); err != nil {
+		if err := f.setFd(ctx, ReqSetVringKick, i, fq.kick); err != nil {
 			return err
 		}
 		fq.kickSet, fq.suspOK = true, false
@@ -728,11 +970,19 @@ func (f *Frontend) Resume() error {
 // negotiated (SetFeatures). nil stops used-ring logging on every ring
 // (vhost-user has no message to withdraw the log itself).
 func (f *Frontend) SetLog(log *dirty.Bitmap) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	return f.SetLogContext(context.Background(), log)
+}
+
+// SetLogContext is SetLog with ctx bounding the wait for the socket and
+// the exchange.
+func (f *Frontend) SetLogContext(ctx context.Context, log *dirty.Bitmap) error {
+	if err := f.acquire(ctx); err != nil {
+		return err
+	}
+	defer f.release()
 	if log == nil {
 		f.log = nil
-		return f.resendAddrs()
+		return f.resendAddrs(ctx)
 	}
 	if !f.proto.Has(PFLogShmfd) {
 		return fmt.Errorf("%w: LOG_SHMFD not negotiated", ErrUnsupported)
@@ -740,7 +990,7 @@ func (f *Frontend) SetLog(log *dirty.Bitmap) error {
 	if log.Fd() < 0 {
 		return fmt.Errorf("%w: dirty bitmap is not shared (dirty.Options.Shared)", ErrBadRegion)
 	}
-	m, err := f.exchange(ReqSetLogBase, Log{MmapSize: uint64(log.Size()), MmapOffset: log.FdOffset()}.Encode(),
+	m, err := f.exchange(ctx, ReqSetLogBase, Log{MmapSize: uint64(log.Size()), MmapOffset: log.FdOffset()}.Encode(),
 		[]int{log.Fd()}, true)
 	if err != nil {
 		return err
@@ -749,21 +999,25 @@ func (f *Frontend) SetLog(log *dirty.Bitmap) error {
 		return msgErr(ReqSetLogBase, ErrReplyFailed, "status %d", m.U64())
 	}
 	f.log = log
-	return f.resendAddrs()
+	return f.resendAddrs(ctx)
 }
 
 // Close closes the connection; the back-end stops its rings and releases
-// the memory.
+// the memory. It does not wait for a request in flight: that request
+// returns an error wrapping vdpa.ErrClosed. A second Close returns
+// vdpa.ErrClosed.
 func (f *Frontend) Close() error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if f.closed {
+	first := false
+	f.closeOnce.Do(func() {
+		first = true
+		close(f.done)
+	})
+	if !first {
 		return vdpa.ErrClosed
 	}
-	f.closed = true
 	err := f.c.close()
 	if errors.Is(err, net.ErrClosed) {
-		return nil
+		return nil // closed already when the session broke
 	}
 	return err
 }

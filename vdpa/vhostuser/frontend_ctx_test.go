@@ -1,0 +1,176 @@
+package vhostuser
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/vdpakit/vdpakit/vdpa"
+	"github.com/vdpakit/vdpakit/vring"
+)
+
+// hungBackend answers the handshake (with STATUS) and never answers
+// GET_STATUS; got receives each GET_STATUS as it arrives.
+func hungBackend(t *testing.T) (f *Frontend, got <-chan struct{}, before int) {
+	t.Helper()
+	before = countFds(t)
+	gotc := make(chan struct{}, 8)
+	c, done := fakeBackend(t, func(m *Message) *fakeReply {
+		if m.Request == ReqGetStatus {
+			gotc <- struct{}{}
+			return nil // never answers
+		}
+		return standard(m, ProtocolFeatures(0).With(PFStatus))
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	f, err := NewFrontend(ctx, c.uc, &FrontendOptions{Timeout: time.Minute})
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		_ = f.Close()
+		<-done
+	})
+	return f, gotc, before
+}
+
+// returnsWithin runs fn and fails the test if it takes longer than d.
+func returnsWithin(t *testing.T, d time.Duration, what string, fn func() error) error {
+	t.Helper()
+	errc := make(chan error, 1)
+	go func() { errc <- fn() }()
+	select {
+	case err := <-errc:
+		return err
+	case <-time.After(d):
+		t.Fatalf("%s still blocked after %v", what, d)
+		return nil
+	}
+}
+
+// Close must not wait behind a request the back-end never answers: it
+// closes the socket, and the request returns vdpa.ErrClosed.
+func TestFrontendCloseDoesNotWaitForHungBackend(t *testing.T) {
+	f, got, _ := hungBackend(t)
+	errc := make(chan error, 1)
+	go func() { _, err := f.Status(); errc <- err }()
+	<-got
+	err := returnsWithin(t, 2*time.Second, "Close", f.Close)
+	assert.NoError(t, err)
+	select {
+	case err := <-errc:
+		require.Error(t, err)
+		assert.ErrorIs(t, err, vdpa.ErrClosed)
+		var me *MessageError
+		if assert.ErrorAs(t, err, &me) {
+			assert.Equal(t, ReqGetStatus, me.Request)
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("the in-flight request did not return after Close")
+	}
+	assert.ErrorIs(t, f.SetStatus(0), vdpa.ErrClosed)
+}
+
+// A request whose context is cancelled while the back-end does not answer
+// returns promptly with an error wrapping context.Canceled; the session is
+// then out of step (vhost-user replies carry no request id) and every later
+// request fails with ErrSessionBroken.
+func TestFrontendContextCancelsRequest(t *testing.T) {
+	f, got, _ := hungBackend(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() { <-got; cancel() }()
+	err := returnsWithin(t, 2*time.Second, "StatusContext", func() error {
+		_, err := f.StatusContext(ctx)
+		return err
+	})
+	require.Error(t, err)
+	assert.ErrorIs(t, err, context.Canceled)
+	err = f.SetStatusContext(context.Background(), 0)
+	assert.ErrorIs(t, err, ErrSessionBroken)
+	assert.ErrorIs(t, err, context.Canceled, "the cause is kept")
+	assert.NoError(t, f.Close())
+}
+
+// A deadline applies to the socket I/O like cancellation.
+func TestFrontendContextDeadline(t *testing.T) {
+	f, _, _ := hungBackend(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	err := returnsWithin(t, 2*time.Second, "StatusContext", func() error {
+		_, err := f.StatusContext(ctx)
+		return err
+	})
+	assert.ErrorIs(t, err, context.DeadlineExceeded)
+}
+
+// A caller waiting for its turn behind a hung request honours its own
+// context and Close, and does not break the session by giving up.
+func TestFrontendWaitingCallerGivesUp(t *testing.T) {
+	f, got, _ := hungBackend(t)
+	first := make(chan error, 1)
+	go func() { _, err := f.Status(); first <- err }()
+	<-got
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	err := returnsWithin(t, 2*time.Second, "waiting SetStatusContext", func() error {
+		return f.SetStatusContext(ctx, 0)
+	})
+	assert.ErrorIs(t, err, context.DeadlineExceeded)
+	assert.False(t, errors.Is(err, ErrSessionBroken))
+
+	waiting := make(chan error, 1)
+	go func() { waiting <- f.SetStatus(0) }()
+	time.Sleep(20 * time.Millisecond)
+	assert.NoError(t, returnsWithin(t, 2*time.Second, "Close", f.Close))
+	for _, c := range []chan error{first, waiting} {
+		select {
+		case err := <-c:
+			assert.ErrorIs(t, err, vdpa.ErrClosed)
+		case <-time.After(2 * time.Second):
+			t.Fatal("a request still blocked after Close")
+		}
+	}
+}
+
+// QueueBase reads NextUsed from the used ring; when that read fails the
+// error is returned, not a NextUsed of 0.
+func TestFrontendQueueBaseUsedIdxUnreadable(t *testing.T) {
+	c, done := fakeBackend(t, func(m *Message) *fakeReply {
+		if m.Request == ReqGetVringBase {
+			st, _ := DecodeVringState(m.Payload)
+			return &fakeReply{payload: VringState{Index: st.Index, Num: 7}.Encode()}
+		}
+		return standard(m, 0)
+	})
+	defer func() { c.close(); <-done }()
+	f, err := NewFrontend(context.Background(), c.uc, nil)
+	require.NoError(t, err)
+	defer f.Close()
+
+	memAt := func(base vring.GuestAddr) *vring.Memory {
+		reg, err := vring.NewMemfdRegion(base, 1<<20, nil)
+		require.NoError(t, err)
+		mem, err := vring.NewMemory(reg)
+		require.NoError(t, err)
+		t.Cleanup(func() { mem.Close() })
+		return mem
+	}
+	require.NoError(t, f.SetMemory(memAt(0x100000)))
+	l := vring.ContiguousLayout(0x100000, 256)
+	require.NoError(t, f.SetQueueNum(0, 256))
+	require.NoError(t, f.SetQueueAddr(0, vdpa.QueueAddr{Desc: l.Desc, Avail: l.Avail, Used: l.Used}))
+	require.NoError(t, f.SetQueueKick(0, nil))
+	// New guest memory that no longer holds the ring.
+	require.NoError(t, f.SetMemory(memAt(0x800000)))
+
+	st, err := f.QueueBase(0)
+	require.Error(t, err, "got %+v", st)
+	assert.ErrorIs(t, err, ErrAddrNotMapped)
+	var me *MessageError
+	if assert.ErrorAs(t, err, &me) {
+		assert.Equal(t, ReqGetVringBase, me.Request)
+	}
+}
