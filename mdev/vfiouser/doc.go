@@ -46,10 +46,19 @@
 //     client closed; the device keeps its state, and the data path resumes
 //     when a new client has mapped memory and touches the device.
 //
+//   - Migration (VFIO migration v2 over DEVICE_FEATURE): MIGRATION offers
+//     STOP_COPY and P2P; MIG_DEVICE_STATE walks mdev's state machine
+//     (mdev.Device.SetMigrationState); MIG_DATA_READ streams the state
+//     captured on entering STOP_COPY (nothing in PRE_COPY), MIG_DATA_WRITE
+//     collects the stream in RESUMING (at most 1 MiB), which is validated
+//     and loaded when the device leaves RESUMING; DMA_LOGGING_START / STOP /
+//     REPORT run mdev's dirty tracking (device log or shadow relay) into a
+//     4 KiB-page bitmap, reported and cleared per range at any power-of-two
+//     page size. DEVICE_RESET also leaves the ERROR state.
+//
 // Not implemented: DMA_READ / DMA_WRITE (server-initiated accesses to
-// windows without descriptors), GET_REGION_IO_FDS (ENOSYS: QEMU 11.1 does
-// not ask) and DEVICE_FEATURE (migration; ENOTTY, which QEMU 11.1 takes as
-// "no migration").
+// windows without descriptors) and GET_REGION_IO_FDS (ENOSYS: QEMU 11.1 does
+// not ask).
 //
 // # Hostile clients
 //
@@ -74,4 +83,14 @@
 // enables MSI-X and again when it unmasks vectors (after DRIVER_OK), and
 // prints "Could not enable error recovery for the device" because the
 // error IRQ index has no interrupts.
+//
+// QEMU 11.1's vfio-user client has no migration support ("No live migration
+// support yet" in its source): it live-migrates a VM with a vfio-user-pci
+// device without any error and without asking for device state
+// (query-migrate ends "completed" with "vfio": {"transferred": 0}), so the
+// destination's device starts fresh and the guest's NIC stalls there. The
+// server cannot tell a migration from a shutdown; when a client disconnects
+// while the device is running it logs a warning saying so. The migration
+// implemented here is driven by other clients, such as vfiousertest's
+// Driver.Migrate.
 package vfiouser

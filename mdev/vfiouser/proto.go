@@ -837,6 +837,10 @@ func Decode(b []byte, nfds int) (Message, error) {
 	case CmdDeviceReset:
 	case CmdDeviceFeature:
 		_, err = ParseDeviceFeature(p)
+	case CmdMigDataRead, CmdMigDataWrite:
+		if len(p) < 8 {
+			err = perr(h.Command, ErrTruncated, "payload of %d bytes", len(p))
+		}
 	default:
 		err = perr(h.Command, ErrCommand, "command %d", uint16(h.Command))
 	}

@@ -42,6 +42,9 @@ type Server struct {
 	irqMu sync.Mutex // guards irq; never held across a call into dev
 	irq   irqState
 
+	migMu sync.Mutex
+	mig   migSession
+
 	pauseMu sync.Mutex
 	paused  bool // the data path was stopped for a memory change
 
@@ -219,6 +222,7 @@ func (s *Server) Close() error {
 	}
 	s.sessMu.Unlock()
 	s.stop()
+	_ = s.stopLogging()
 	err := s.dev.Close()
 	_ = s.intx.Close()
 	s.relayWG.Wait()
@@ -272,6 +276,12 @@ func (s *Server) ServeConn(ctx context.Context, conn *net.UnixConn) error {
 	defer func() {
 		stop()
 		_ = conn.Close()
+		if s.live() && s.dev.MigrationState() == mdev.MigRunning {
+			// QEMU 11.1 live-migrates a vfio-user device without asking
+			// for its state: the destination's device starts fresh and
+			// the guest's NIC stalls there. Make that visible.
+			s.log.Warn("vfio-user: client disconnected while the device was running; if the VM was migrated without device state (QEMU 11.1 does that), the destination device is not this one's state")
+		}
 		s.sessMu.Lock()
 		delete(s.conns, conn)
 		s.sessMu.Unlock()

@@ -276,7 +276,11 @@ func TestHostileInput(t *testing.T) {
 		{"dma unmap partial", vfiouser.CmdDMAUnmap, vfiouser.DMAUnmap{Argsz: 24, Address: 0x1000_0000, Size: 0x800}.Marshal(), 0, unix.ENOENT, false},
 		{"dma unmap dirty bitmap", vfiouser.CmdDMAUnmap, vfiouser.DMAUnmap{Argsz: 24, Flags: 1, Address: 0x1000_0000, Size: 0x1000}.Marshal(), 0, unix.EINVAL, false},
 		{"reset with payload", vfiouser.CmdDeviceReset, []byte{1}, 0, unix.EINVAL, false},
-		{"device feature", vfiouser.CmdDeviceFeature, le32(16, vfiouser.FeatureGet|1), 0, unix.ENOTTY, false},
+		{"device feature unknown", vfiouser.CmdDeviceFeature, le32(16, vfiouser.FeatureGet|3), 0, unix.ENOTTY, false},
+		{"mig state error", vfiouser.CmdDeviceFeature, append(le32(16, vfiouser.FeatureSet|2), le32(0, 0)...), 0, unix.EINVAL, false},
+		{"mig data read while running", vfiouser.CmdMigDataRead, le32(64, 16), 0, unix.EINVAL, false},
+		{"mig data write while running", vfiouser.CmdMigDataWrite, le32(64, 2, 0), 0, unix.EINVAL, false},
+		{"logging report before start", vfiouser.CmdDeviceFeature, append(le32(64, vfiouser.FeatureGet|8), make([]byte, 24)...), 0, unix.EINVAL, false},
 		{"second version", vfiouser.CmdVersion, vfiouser.Version{}.Marshal(), 0, unix.ENOTSUP, true},
 	}
 	r := newRig(t, nil)

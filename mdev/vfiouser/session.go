@@ -210,8 +210,11 @@ func (ss *session) handle(h Header, p []byte) ([]byte, error) {
 		if err != nil {
 			return nil, err
 		}
-		return nil, &Error{Cmd: CmdDeviceFeature, Errno: unix.ENOTTY,
-			Err: fmt.Errorf("%w: device feature %d", ErrCommand, f.Flags&FeatureMask)}
+		return ss.s.deviceFeature(f)
+	case CmdMigDataRead:
+		return ss.s.migDataRead(p)
+	case CmdMigDataWrite:
+		return nil, ss.s.migDataWrite(p)
 	}
 	return nil, perr(h.Command, ErrCommand, "command %d", uint16(h.Command))
 }
@@ -532,9 +535,21 @@ func (s *Server) unmaskINTx() {
 	}
 }
 
-// reset is DEVICE_RESET: a virtio reset of the device and the INTx line.
+// reset is DEVICE_RESET: a virtio reset of the device and the INTx line;
+// it also returns the migration state machine to RUNNING (the only way out
+// of ERROR).
 func (s *Server) reset() {
-	_ = s.dev.Write(mdev.RegionCommon, mdev.OffDeviceStatus, 1, 0)
+	s.migMu.Lock()
+	if s.dev.MigrationState() != mdev.MigRunning {
+		s.dev.ResetMigration()
+	} else {
+		_ = s.dev.Write(mdev.RegionCommon, mdev.OffDeviceStatus, 1, 0)
+	}
+	s.mig.out, s.mig.outPos, s.mig.in = nil, 0, nil
+	s.migMu.Unlock()
+	s.pauseMu.Lock()
+	s.paused = false
+	s.pauseMu.Unlock()
 	s.irqMu.Lock()
 	s.irq.intxMasked, s.irq.intxPending = false, false
 	s.irqMu.Unlock()

@@ -1,0 +1,319 @@
+package vfiouser
+
+import (
+	"fmt"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vdpakit/vdpakit/dirty"
+	"github.com/vdpakit/vdpakit/mdev"
+)
+
+// Device features (VFIO_DEVICE_FEATURE_*).
+const (
+	FeatureMigration       = 1
+	FeatureMigDeviceState  = 2
+	FeatureDMALoggingStart = 6
+	FeatureDMALoggingStop  = 7
+	FeatureDMALoggingRep   = 8
+)
+
+// VFIO_MIGRATION_* flags of the MIGRATION feature.
+const (
+	MigrationStopCopy uint64 = 1 << 0
+	MigrationP2P      uint64 = 1 << 1
+	MigrationPreCopy  uint64 = 1 << 2
+)
+
+// Limits of the migration data path.
+const (
+	// maxMigState bounds the device state a destination accepts.
+	maxMigState = 1 << 20
+	// maxLogRanges bounds DMA_LOGGING_START's ranges.
+	maxLogRanges = 1024
+	// maxLogSpan bounds the address span dirty logging covers (1 TiB).
+	maxLogSpan = 1 << 40
+)
+
+// migSession is the migration data stream state. Guarded by Server.migMu.
+type migSession struct {
+	out    []byte // saved state being read (STOP_COPY)
+	outPos int
+	in     []byte // state being written (RESUMING)
+	log    *dirty.Bitmap
+	// pending holds bits harvested from log and not reported yet.
+	pending []uint64
+}
+
+func featureErr(errno unix.Errno, format string, args ...any) error {
+	return &Error{Cmd: CmdDeviceFeature, Errno: errno, Err: fmt.Errorf("%w: "+format, append([]any{ErrCommand}, args...)...)}
+}
+
+// deviceFeature serves DEVICE_FEATURE: migration (MIGRATION,
+// MIG_DEVICE_STATE) on mdev's state machine and DMA logging on its dirty
+// tracking.
+func (s *Server) deviceFeature(f DeviceFeature) ([]byte, error) {
+	idx := f.Flags & FeatureMask
+	get, set, probe := f.Flags&FeatureGet != 0, f.Flags&FeatureSet != 0, f.Flags&FeatureProbe != 0
+	head := func(extra int) []byte {
+		b := make([]byte, 8, 8+extra)
+		le.PutUint32(b, uint32(8+extra))
+		le.PutUint32(b[4:], f.Flags)
+		return b
+	}
+	switch idx {
+	case FeatureMigration:
+		if set {
+			return nil, featureErr(unix.EINVAL, "MIGRATION cannot be set")
+		}
+		if probe {
+			return head(0), nil
+		}
+		if !get {
+			return nil, featureErr(unix.EINVAL, "flags %#x", f.Flags)
+		}
+		b := head(8)
+		b = le.AppendUint64(b, MigrationStopCopy|MigrationP2P)
+		return b, nil
+	case FeatureMigDeviceState:
+		if probe {
+			return head(0), nil
+		}
+		if get {
+			b := head(8)
+			b = le.AppendUint32(b, uint32(s.dev.MigrationState()))
+			return le.AppendUint32(b, ^uint32(0)), nil
+		}
+		if !set || len(f.Data) < 8 {
+			return nil, featureErr(unix.EINVAL, "MIG_DEVICE_STATE flags %#x with %d data bytes", f.Flags, len(f.Data))
+		}
+		if err := s.setMigState(mdev.MigState(le.Uint32(f.Data))); err != nil {
+			return nil, err
+		}
+		b := head(8)
+		b = le.AppendUint32(b, uint32(s.dev.MigrationState()))
+		return le.AppendUint32(b, ^uint32(0)), nil
+	case FeatureDMALoggingStart, FeatureDMALoggingStop:
+		if probe {
+			return head(0), nil
+		}
+		if !set {
+			return nil, featureErr(unix.EINVAL, "DMA logging flags %#x", f.Flags)
+		}
+		if idx == FeatureDMALoggingStop {
+			return head(0), s.stopLogging()
+		}
+		return s.startLogging(f, head)
+	case FeatureDMALoggingRep:
+		if probe {
+			return head(0), nil
+		}
+		if !get {
+			return nil, featureErr(unix.EINVAL, "DMA_LOGGING_REPORT flags %#x", f.Flags)
+		}
+		return s.reportLogging(f, head)
+	}
+	return nil, featureErr(unix.ENOTTY, "device feature %d", idx)
+}
+
+// setMigState walks mdev's migration state machine to target, loading the
+// written state when leaving RESUMING and capturing it on entering
+// STOP_COPY.
+func (s *Server) setMigState(target mdev.MigState) error {
+	if target == mdev.MigError || target > mdev.MigPreCopyP2P {
+		return featureErr(unix.EINVAL, "device state %d", uint32(target))
+	}
+	s.migMu.Lock()
+	defer s.migMu.Unlock()
+	cur := s.dev.MigrationState()
+	if cur == mdev.MigResuming && target != mdev.MigResuming {
+		if err := s.dev.LoadState(s.mig.in); err != nil {
+			s.mig.in = nil
+			return &Error{Cmd: CmdDeviceFeature, Errno: unix.EINVAL, Err: fmt.Errorf("%w: loading device state: %w", ErrDevice, err)}
+		}
+		s.mig.in = nil
+	}
+	if err := s.dev.SetMigrationState(target); err != nil {
+		return &Error{Cmd: CmdDeviceFeature, Errno: unix.EINVAL, Err: fmt.Errorf("%w: %w", ErrDevice, err)}
+	}
+	switch target {
+	case mdev.MigStopCopy:
+		out, err := s.dev.SaveState()
+		if err != nil {
+			return &Error{Cmd: CmdDeviceFeature, Errno: unix.EIO, Err: fmt.Errorf("%w: %w", ErrDevice, err)}
+		}
+		s.mig.out, s.mig.outPos = out, 0
+	case mdev.MigResuming:
+		s.mig.in = s.mig.in[:0]
+	default:
+		s.mig.out, s.mig.outPos = nil, 0
+	}
+	return nil
+}
+
+// migDataRead serves MIG_DATA_READ: the next bytes of the saved state.
+func (s *Server) migDataRead(p []byte) ([]byte, error) {
+	if len(p) < 8 {
+		return nil, perr(CmdMigDataRead, ErrTruncated, "payload of %d bytes", len(p))
+	}
+	argsz, size := le.Uint32(p), le.Uint32(p[4:])
+	if argsz < 8 {
+		return nil, perr(CmdMigDataRead, ErrArgsz, "argsz %d", argsz)
+	}
+	if size > MaxDataXfer {
+		return nil, perr(CmdMigDataRead, ErrTooLarge, "size %d", size)
+	}
+	s.migMu.Lock()
+	defer s.migMu.Unlock()
+	st := s.dev.MigrationState()
+	var chunk []byte
+	switch st {
+	case mdev.MigStopCopy:
+		n := min(int(size), len(s.mig.out)-s.mig.outPos, int(argsz)-8)
+		chunk = s.mig.out[s.mig.outPos : s.mig.outPos+n]
+		s.mig.outPos += n
+	case mdev.MigPreCopy, mdev.MigPreCopyP2P:
+		// No pre-copy data: the device state is small and taken at once.
+	default:
+		return nil, &Error{Cmd: CmdMigDataRead, Errno: unix.EINVAL, Err: fmt.Errorf("%w: MIG_DATA_READ in %s", ErrDevice, st)}
+	}
+	b := make([]byte, 8, 8+len(chunk))
+	le.PutUint32(b, uint32(8+len(chunk)))
+	le.PutUint32(b[4:], uint32(len(chunk)))
+	return append(b, chunk...), nil
+}
+
+// migDataWrite serves MIG_DATA_WRITE: more of the state being loaded.
+func (s *Server) migDataWrite(p []byte) error {
+	if len(p) < 8 {
+		return perr(CmdMigDataWrite, ErrTruncated, "payload of %d bytes", len(p))
+	}
+	size := le.Uint32(p[4:])
+	if uint64(size) != uint64(len(p)-8) {
+		return perr(CmdMigDataWrite, ErrTruncated, "size %d with %d data bytes", size, len(p)-8)
+	}
+	s.migMu.Lock()
+	defer s.migMu.Unlock()
+	if st := s.dev.MigrationState(); st != mdev.MigResuming {
+		return &Error{Cmd: CmdMigDataWrite, Errno: unix.EINVAL, Err: fmt.Errorf("%w: MIG_DATA_WRITE in %s", ErrDevice, st)}
+	}
+	if len(s.mig.in)+int(size) > maxMigState {
+		return perr(CmdMigDataWrite, ErrTooLarge, "device state above %d bytes", maxMigState)
+	}
+	s.mig.in = append(s.mig.in, p[8:]...)
+	return nil
+}
+
+// startLogging serves DMA_LOGGING_START: the device marks every page it
+// writes in a bitmap covering the ranges (page size 4096).
+func (s *Server) startLogging(f DeviceFeature, head func(int) []byte) ([]byte, error) {
+	d := f.Data
+	if len(d) < 16 {
+		return nil, perr(CmdDeviceFeature, ErrTruncated, "DMA_LOGGING_START with %d data bytes", len(d))
+	}
+	n := le.Uint32(d[8:])
+	if n > maxLogRanges || uint64(len(d)) < 16+16*uint64(n) {
+		return nil, perr(CmdDeviceFeature, ErrRange, "%d ranges in %d bytes", n, len(d))
+	}
+	span := uint64(0)
+	for i := uint32(0); i < n; i++ {
+		iova, length := le.Uint64(d[16+16*i:]), le.Uint64(d[24+16*i:])
+		if length == 0 || iova+length < iova || iova+length > maxLogSpan {
+			return nil, perr(CmdDeviceFeature, ErrRange, "range %#x+%#x", iova, length)
+		}
+		span = max(span, iova+length)
+	}
+	if n == 0 {
+		s.mu.Lock()
+		for _, m := range s.dma.maps {
+			span = max(span, m.addr+m.size)
+		}
+		s.mu.Unlock()
+	}
+	if span == 0 || span > maxLogSpan {
+		return nil, perr(CmdDeviceFeature, ErrRange, "logging span %#x", span)
+	}
+	s.migMu.Lock()
+	defer s.migMu.Unlock()
+	if s.mig.log != nil {
+		return nil, &Error{Cmd: CmdDeviceFeature, Errno: unix.EBUSY, Err: fmt.Errorf("%w: DMA logging already started", ErrDevice)}
+	}
+	log, err := dirty.New(span, nil)
+	if err != nil {
+		return nil, &Error{Cmd: CmdDeviceFeature, Errno: unix.ENOMEM, Err: fmt.Errorf("%w: %w", ErrDevice, err)}
+	}
+	if _, err := s.dev.StartDirtyTracking(log); err != nil {
+		_ = log.Close()
+		return nil, &Error{Cmd: CmdDeviceFeature, Errno: unix.EIO, Err: fmt.Errorf("%w: %w", ErrDevice, err)}
+	}
+	s.mig.log = log
+	s.mig.pending = make([]uint64, log.Words())
+	b := head(len(d))
+	b = append(b, d...)
+	le.PutUint64(b[8:], log.PageSize())
+	return b, nil
+}
+
+func (s *Server) stopLogging() error {
+	s.migMu.Lock()
+	defer s.migMu.Unlock()
+	if s.mig.log == nil {
+		return nil
+	}
+	err := s.dev.StopDirtyTracking()
+	_ = s.mig.log.Close()
+	s.mig.log, s.mig.pending = nil, nil
+	if err != nil {
+		return &Error{Cmd: CmdDeviceFeature, Errno: unix.EIO, Err: fmt.Errorf("%w: %w", ErrDevice, err)}
+	}
+	return nil
+}
+
+// reportLogging serves DMA_LOGGING_REPORT: the pages of [iova,
+// iova+length) written since the last report, at the requested page size;
+// reported bits are cleared.
+func (s *Server) reportLogging(f DeviceFeature, head func(int) []byte) ([]byte, error) {
+	d := f.Data
+	if len(d) < 24 {
+		return nil, perr(CmdDeviceFeature, ErrTruncated, "DMA_LOGGING_REPORT with %d data bytes", len(d))
+	}
+	iova, length, ps := le.Uint64(d), le.Uint64(d[8:]), le.Uint64(d[16:])
+	if ps < 4096 || ps&(ps-1) != 0 || length == 0 || iova+length < iova || iova%ps != 0 {
+		return nil, perr(CmdDeviceFeature, ErrRange, "report %#x+%#x page size %#x", iova, length, ps)
+	}
+	pages := (length + ps - 1) / ps
+	words := (pages + 63) / 64
+	if 8+24+words*8 > MaxDataXfer || words*8 > uint64(f.Argsz) {
+		return nil, perr(CmdDeviceFeature, ErrTooLarge, "a %d-page bitmap", pages)
+	}
+	s.migMu.Lock()
+	defer s.migMu.Unlock()
+	if s.mig.log == nil {
+		return nil, &Error{Cmd: CmdDeviceFeature, Errno: unix.EINVAL, Err: fmt.Errorf("%w: DMA logging not started", ErrDevice)}
+	}
+	if _, err := s.mig.log.HarvestWords(s.mig.pending); err != nil {
+		return nil, &Error{Cmd: CmdDeviceFeature, Errno: unix.EIO, Err: fmt.Errorf("%w: %w", ErrDevice, err)}
+	}
+	out := make([]uint64, words)
+	logPS := s.mig.log.PageSize()
+	for p := uint64(0); p < pages; p++ {
+		start, end := iova+p*ps, min(iova+(p+1)*ps, iova+length)
+		for a := start &^ (logPS - 1); a < end; a += logPS {
+			bit := a / logPS
+			w := bit / 64
+			if w >= uint64(len(s.mig.pending)) {
+				break
+			}
+			if s.mig.pending[w]&(1<<(bit%64)) != 0 {
+				out[p/64] |= 1 << (p % 64)
+				s.mig.pending[w] &^= 1 << (bit % 64)
+			}
+		}
+	}
+	b := head(24 + int(words)*8)
+	b = append(b, d[:24]...)
+	for _, w := range out {
+		b = le.AppendUint64(b, w)
+	}
+	return b, nil
+}

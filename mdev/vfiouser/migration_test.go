@@ -1,0 +1,99 @@
+package vfiouser_test
+
+import (
+	"math/bits"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
+
+	"github.com/vdpakit/vdpakit/mdev"
+	"github.com/vdpakit/vdpakit/mdev/vfiouser"
+	"github.com/vdpakit/vdpakit/mdev/vfiouser/vfiousertest"
+)
+
+// TestMigrationBetweenServers: a driver runs traffic on server A with DMA
+// logging on (the pages the device wrote are reported), A is stopped and
+// its device state read over MIG_DATA_READ, server B loads it over
+// MIG_DATA_WRITE and runs, and the traffic continues on B with no frame
+// lost or duplicated.
+func TestMigrationBetweenServers(t *testing.T) {
+	a, b := newRig(t, nil), newRig(t, nil)
+	ctx := testCtx(t)
+	ca, cb := a.dial(t), b.dial(t)
+	d, err := vfiousertest.NewDriver(ctx, ca, nil)
+	require.NoError(t, err)
+	defer d.Close()
+
+	flags, err := ca.Feature(ctx, vfiouser.FeatureGet|vfiouser.FeatureMigration, nil, 8)
+	require.NoError(t, err)
+	require.Len(t, flags, 8)
+	assert.NotZero(t, flags[0]&byte(vfiouser.MigrationStopCopy))
+
+	require.NoError(t, ca.StartDMALogging(ctx, 4096, 0, vfiousertest.GuestMemSize))
+	fs := frames(100, 5)
+	var got [][]byte
+	require.NoError(t, d.SendFrames(fs[:50]))
+	require.NoError(t, d.Receive(ctx, 50, func(f []byte) { got = append(got, f) }))
+	bm, err := ca.DMALoggingReport(ctx, 0, vfiousertest.GuestMemSize, 4096)
+	require.NoError(t, err)
+	dirtyPages := 0
+	for _, w := range bm {
+		dirtyPages += bits.OnesCount64(w)
+	}
+	assert.NotZero(t, dirtyPages, "the device's writes (used ring, receive buffers) are reported")
+	// Reported bits are cleared.
+	bm, err = ca.DMALoggingReport(ctx, 0, vfiousertest.GuestMemSize, 4096)
+	require.NoError(t, err)
+	for _, w := range bm {
+		assert.Zero(t, w)
+	}
+	// Frames in flight at the switch-over: sent on A, received on B.
+	require.NoError(t, d.SendFrames(fs[50:60]))
+	require.NoError(t, ca.StopDMALogging(ctx))
+
+	require.NoError(t, d.Migrate(ctx, cb))
+	st, err := cb.MigState(ctx)
+	require.NoError(t, err)
+	assert.Equal(t, uint32(mdev.MigRunning), st)
+	require.NoError(t, d.SendFrames(fs[60:]))
+	require.NoError(t, d.Receive(ctx, 100, func(f []byte) { got = append(got, f) }))
+	require.Len(t, got, len(fs))
+	for i := range fs {
+		require.Equal(t, fs[i], got[i], "frame %d", i)
+	}
+	atx, arx := softnetCounts(a.sn)
+	btx, brx := softnetCounts(b.sn)
+	assert.Equal(t, uint64(100), atx+btx, "every frame transmitted once")
+	assert.Equal(t, uint64(100), arx+brx, "every frame received once")
+	assert.NotZero(t, btx, "the destination carried traffic")
+	t.Logf("source took %d and delivered %d frames, destination %d and %d", atx, arx, btx, brx)
+}
+
+func TestMigrationHostile(t *testing.T) {
+	r := newRig(t, nil)
+	ctx := testCtx(t)
+	c := r.dial(t)
+	d, err := vfiousertest.NewDriver(ctx, c, nil)
+	require.NoError(t, err)
+	defer d.Close()
+	// STOP_COPY -> PRE_COPY is not an arc.
+	require.NoError(t, c.SetMigState(ctx, uint32(mdev.MigStopCopy)))
+	err = c.SetMigState(ctx, uint32(mdev.MigPreCopy))
+	assert.True(t, vfiousertest.IsErrno(err, unix.EINVAL), "%v", err)
+	// A garbage state stream is refused when leaving RESUMING.
+	require.NoError(t, c.SetMigState(ctx, uint32(mdev.MigStop)))
+	require.NoError(t, c.SetMigState(ctx, uint32(mdev.MigResuming)))
+	require.NoError(t, c.WriteMigData(ctx, []byte("not a device state"), 7))
+	err = c.SetMigState(ctx, uint32(mdev.MigStop))
+	assert.True(t, vfiousertest.IsErrno(err, unix.EINVAL), "%v", err)
+	// DEVICE_RESET returns the state machine to RUNNING.
+	require.NoError(t, c.Reset(ctx))
+	st, err := c.MigState(ctx)
+	require.NoError(t, err)
+	assert.Equal(t, uint32(mdev.MigRunning), st)
+	// Logging ranges that overflow.
+	err = c.StartDMALogging(ctx, 4096, ^uint64(0)-4095, 8192)
+	assert.True(t, vfiousertest.IsErrno(err, unix.EINVAL), "%v", err)
+}
