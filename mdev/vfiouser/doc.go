@@ -7,18 +7,22 @@
 //
 //   - VERSION: protocol 0.0 (what QEMU 11.1 proposes); the reply announces
 //     max_msg_fds, max_data_xfer_size, max_dma_maps and pgsizes.
+//
 //   - DEVICE_GET_INFO: a resettable PCI device with the 9 PCI regions and 5
 //     IRQ indices.
+//
 //   - DEVICE_GET_REGION_INFO: region 7 is the 256-byte configuration space;
 //     the BARs are those mdev.Layout describes (BAR 1: MSI-X table and PBA,
 //     BAR 4: the virtio structures); every other region is empty. No region
 //     is mappable (every register has side effects), so no sparse-mmap
 //     capability is sent; the codec encodes and parses one.
+//
 //   - REGION_READ / REGION_WRITE / REGION_WRITE_MULTI, with or without
 //     No_reply: config space accesses of any length are split into natural
 //     1/2/4-byte accesses; BAR accesses keep the guest's width (1, 2, 4 or
 //     8), which the device checks. A write to the notification area kicks
 //     the backing device's kick eventfd; the path allocates nothing.
+//
 //   - DMA_MAP / DMA_UNMAP: windows with a descriptor are mapped (memfds are
 //     sealed against shrinking) and become the device's guest memory
 //     (Server.Memory, a vring.Memory whose regions appear on first use);
@@ -27,6 +31,7 @@
 //     exactly (ENOENT). When memory changes under a running data path, the
 //     server stops it through mdev's migration state machine (RUNNING ->
 //     STOP records every ring position) and restarts it afterwards.
+//
 //   - DEVICE_GET_IRQ_INFO / DEVICE_SET_IRQS: INTx (1, maskable, automasked),
 //     MSI-X (one vector per queue plus one for configuration changes); MSI
 //     and the error/request indices have no interrupts. MSI-X interrupts
@@ -41,7 +46,9 @@
 //     the ISR and signals the client's eventfd, masked until the client's
 //     UNMASK (which QEMU sends at the guest's EOI), re-asserted then if the
 //     ISR is still set.
+//
 //   - DEVICE_RESET: a virtio reset of the device.
+//
 //   - Disconnect: every DMA window is unmapped and every descriptor of the
 //     client closed; the device keeps its state, and the data path resumes
 //     when a new client has mapped memory and touches the device.
