@@ -3,8 +3,20 @@ package vhostuser
 // Interop tests against DPDK 22.11's dpdk-testpmd (Debian package dpdk):
 // net_virtio_user is a vhost-user front-end that drives our Backend, and
 // net_vhost is a vhost-user back-end our Frontend drives. They run without
-// hugepages. Gated by VDPAKIT_DPDK=1: skipped without it, failed when it is
-// set and dpdk-testpmd is missing.
+// hugepages.
+//
+// When they run (requireTestpmd):
+//   - VDPAKIT_DPDK unset: the interop tests run wherever dpdk-testpmd is on
+//     PATH (they skip, saying so, where it is not) and skip with -short.
+//     Together they take about 20 s on a 2-core VM, so `go test ./...` on a
+//     machine with DPDK installed still finishes in a few minutes.
+//     TestDPDKThroughput, a ~25 s measurement that asserts only that frames
+//     flowed and whose figures mean nothing while other packages' tests
+//     share the cores, is left out: the benchmark harness (bench/) makes
+//     the comparisons that count.
+//   - VDPAKIT_DPDK=1: every DPDK test must run, -short or not, and fails
+//     when dpdk-testpmd is missing (CI's DPDK step).
+//   - VDPAKIT_DPDK=0: every DPDK test skips.
 
 import (
 	"bytes"
@@ -32,14 +44,43 @@ import (
 	"github.com/vdpakit/vdpakit/vring"
 )
 
-func requireTestpmd(t *testing.T) string {
+// dpdkTest says whether a DPDK test is a measurement (run only when asked
+// for with VDPAKIT_DPDK=1) or an interop test (run where the tool is).
+type dpdkTest int
+
+const (
+	dpdkInterop dpdkTest = iota
+	dpdkMeasurement
+)
+
+// requireTestpmd returns dpdk-testpmd's path or skips (fails with
+// VDPAKIT_DPDK=1) as the file comment describes.
+func requireTestpmd(t *testing.T, kind dpdkTest) string {
 	t.Helper()
-	if os.Getenv("VDPAKIT_DPDK") != "1" {
-		t.Skip("DPDK interop test: set VDPAKIT_DPDK=1 to run it (needs dpdk-testpmd from Debian's dpdk package)")
+	env := os.Getenv("VDPAKIT_DPDK")
+	switch env {
+	case "", "0", "1":
+	default:
+		t.Fatalf("VDPAKIT_DPDK=%q: want 1 (must run), 0 (skip) or unset (run where dpdk-testpmd is installed)", env)
+	}
+	if env == "0" {
+		t.Skip("DPDK interop test: VDPAKIT_DPDK=0")
 	}
 	p, err := exec.LookPath("dpdk-testpmd")
+	if env == "1" {
+		if err != nil {
+			t.Fatalf("VDPAKIT_DPDK=1 but dpdk-testpmd is not installed (apt-get install dpdk): %v", err)
+		}
+		return p
+	}
 	if err != nil {
-		t.Fatalf("VDPAKIT_DPDK=1 but dpdk-testpmd is not installed: %v", err)
+		t.Skip("DPDK interop test: dpdk-testpmd is not on PATH (install Debian's dpdk package; VDPAKIT_DPDK=1 makes this a failure)")
+	}
+	if kind == dpdkMeasurement {
+		t.Skip("DPDK throughput measurement: runs only with VDPAKIT_DPDK=1 (about 25 s of busy-polling; the bench harness makes the comparisons)")
+	}
+	if testing.Short() {
+		t.Skip("DPDK interop test: skipped with -short (dpdk-testpmd is installed; about 5 s each)")
 	}
 	return p
 }
@@ -252,7 +293,7 @@ func serveBackend(t *testing.T, ctx context.Context, h vdpa.Handler) (string, *B
 // back-end (server mode) as fast as it can; every frame testpmd counts as
 // transmitted is counted by our handler, none lost.
 func TestDPDKVirtioUserTxonly(t *testing.T) {
-	bin := requireTestpmd(t)
+	bin := requireTestpmd(t, dpdkInterop)
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
 	h := vhostusertest.New(vhostusertest.Sink, [6]byte{2, 0, 0, 0, 0, 1})
@@ -279,7 +320,7 @@ func TestDPDKVirtioUserTxonly(t *testing.T) {
 // each and sends it back on its transmit queue, and both sides count all N
 // in both directions.
 func TestDPDKVirtioUserBothDirections(t *testing.T) {
-	bin := requireTestpmd(t)
+	bin := requireTestpmd(t, dpdkInterop)
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
 	path := filepath.Join(t.TempDir(), "vu.sock")
@@ -347,7 +388,7 @@ func TestDPDKVirtioUserBothDirections(t *testing.T) {
 // in macswap mode: frames we transmit are counted by testpmd and come back
 // on our receive queue with the MAC addresses swapped.
 func TestDPDKFrontendNetVhost(t *testing.T) {
-	bin := requireTestpmd(t)
+	bin := requireTestpmd(t, dpdkInterop)
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
 	path := filepath.Join(t.TempDir(), "vhost.sock")
@@ -533,7 +574,7 @@ func measureTxMpps(t *testing.T, ctx context.Context, p *testpmd, window time.Du
 // testpmd on CPU 1; our back-end's goroutines are not pinned. It asserts
 // only that frames flowed: the figures depend on the machine.
 func TestDPDKThroughput(t *testing.T) {
-	bin := requireTestpmd(t)
+	bin := requireTestpmd(t, dpdkMeasurement)
 	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
 	defer cancel()
 	const window = 3 * time.Second
@@ -579,7 +620,7 @@ func TestDPDKThroughput(t *testing.T) {
 // restarting: a second testpmd (virtio-user in server mode at the same
 // path) gets served after the first quits, and traffic flows both times.
 func TestDPDKReconnect(t *testing.T) {
-	bin := requireTestpmd(t)
+	bin := requireTestpmd(t, dpdkInterop)
 	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
 	defer cancel()
 	path := filepath.Join(t.TempDir(), "vu.sock")
