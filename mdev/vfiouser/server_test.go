@@ -18,6 +18,8 @@ import (
 	"github.com/vdpakit/vdpakit/mdev/vfiouser/vfiousertest"
 	"github.com/vdpakit/vdpakit/vdpa"
 	"github.com/vdpakit/vdpakit/vdpa/softnet"
+	"github.com/vdpakit/vdpakit/vdpa/vhostuser"
+	"github.com/vdpakit/vdpakit/virtio"
 )
 
 // rig is a server for a softnet-backed device listening on a socket.
@@ -50,9 +52,16 @@ func newRigTB(t testing.TB, sopts *softnet.Options) *rig {
 	sn, err := softnet.New(&o)
 	require.NoError(t, err)
 	r.sn = sn
-	backing := vdpa.NewLocal(sn, nil)
-	t.Cleanup(func() { _ = backing.Close() })
-	r.srv, err = vfiouser.New(backing, &vfiouser.Options{Device: mdev.Options{Backend: "software"}})
+	var backing vdpa.Device
+	kind := "software"
+	if vhostUserBacking {
+		backing, kind = vhostUserFrontend(t, sn), "vhost-user"
+	} else {
+		l := vdpa.NewLocal(sn, nil)
+		t.Cleanup(func() { _ = l.Close() })
+		backing = l
+	}
+	r.srv, err = vfiouser.New(backing, &vfiouser.Options{Device: mdev.Options{Backend: kind}})
 	require.NoError(t, err)
 	r.path = filepath.Join(t.TempDir(), "vfu.sock")
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: r.path, Net: "unix"})
@@ -112,16 +121,40 @@ func softnetCounts(sn *softnet.Device) (tx, rx uint64) {
 	return tx, rx
 }
 
+// vhostUserBacking makes newRig put a vhost-user back-end (softnet behind
+// vhostuser.Backend, reached through vhostuser.Frontend) behind the server.
+var vhostUserBacking bool
+
+func vhostUserFrontend(t testing.TB, sn *softnet.Device) vdpa.Device {
+	be := vhostuser.NewBackend(sn, nil)
+	path := filepath.Join(t.TempDir(), "vu.sock")
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- be.Serve(ctx, l) }()
+	t.Cleanup(func() { cancel(); <-done })
+	dctx, dcancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer dcancel()
+	fe, err := vhostuser.Dial(dctx, path, &vhostuser.FrontendOptions{ConfigSize: virtio.NetConfigSize})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = fe.Close() })
+	return fe
+}
+
 func TestBringUpAndTraffic(t *testing.T) {
 	for _, tc := range []struct {
-		name string
-		intx bool
-	}{{"msix", false}, {"intx", true}} {
+		name      string
+		intx      bool
+		vhostUser bool
+	}{{"msix", false, false}, {"intx", true, false}, {"vhost-user/msix", false, true}, {"vhost-user/intx", true, true}} {
 		t.Run(tc.name, func(t *testing.T) {
+			vhostUserBacking = tc.vhostUser
+			defer func() { vhostUserBacking = false }()
 			r := newRig(t, nil)
 			c := r.dial(t)
 			ctx := testCtx(t)
-			d, err := vfiousertest.NewDriver(ctx, c, &vfiousertest.DriverOptions{INTx: tc.intx})
+			d, err := vfiousertest.NewDriver(ctx, c, &vfiousertest.DriverOptions{INTx: tc.intx, ReplaceIRQs: true})
 			require.NoError(t, err)
 			defer d.Close()
 

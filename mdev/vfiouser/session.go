@@ -285,6 +285,14 @@ func (ss *session) handleDMAMap(p []byte) error {
 		return perr(CmdDMAMap, ErrExists, "%#x+%#x", m.Address, m.Size)
 	}
 	s.dma.insert(mp)
+	s.mu.Unlock()
+	if mp.region != nil {
+		// Enter the window into guest memory now (it would otherwise appear
+		// on first use), so a backing device that takes the whole memory
+		// table at DRIVER_OK (vhost-user, vhost-vdpa) sees every window.
+		_, _ = s.mem.Slice(toGuest(m.Address), 1)
+	}
+	s.mu.Lock()
 	return nil
 }
 

@@ -39,6 +39,10 @@ type Cap struct {
 type DriverOptions struct {
 	// INTx uses the line interrupt instead of MSI-X.
 	INTx bool
+	// ReplaceIRQs registers new interrupt eventfds after DRIVER_OK (QEMU
+	// re-registers its MSI-X eventfds when the guest unmasks vectors, while
+	// the data path runs).
+	ReplaceIRQs bool
 }
 
 // Driver is a virtio-net driver running over vfio-user with guest memory
@@ -66,9 +70,11 @@ type Driver struct {
 // device up to DRIVER_OK the way Linux's virtio_pci and virtio_net do.
 func NewDriver(ctx context.Context, c *Client, opts *DriverOptions) (*Driver, error) {
 	d := &Driver{C: c}
+	var o DriverOptions
 	if opts != nil {
-		d.intx = opts.INTx
+		o = *opts
 	}
+	d.intx = o.INTx
 	if _, err := c.Negotiate(ctx); err != nil {
 		return nil, err
 	}
@@ -88,6 +94,12 @@ func NewDriver(ctx context.Context, c *Client, opts *DriverOptions) (*Driver, er
 	if err := d.bringUp(ctx); err != nil {
 		d.Close()
 		return nil, err
+	}
+	if o.ReplaceIRQs {
+		if err := d.replaceIRQs(ctx); err != nil {
+			d.Close()
+			return nil, err
+		}
 	}
 	return d, nil
 }
@@ -284,6 +296,38 @@ func (d *Driver) bringUp(ctx context.Context) error {
 }
 
 const mdevOffStatus = 0x14
+
+// replaceIRQs registers fresh eventfds for every interrupt and closes the
+// old ones.
+func (d *Driver) replaceIRQs(ctx context.Context) error {
+	fresh := make([]*vdpa.EventFD, len(d.irqs))
+	fds := make([]int, len(d.irqs))
+	for i := range fresh {
+		e, err := vdpa.NewEventFD()
+		if err != nil {
+			for _, f := range fresh[:i] {
+				_ = f.Close()
+			}
+			return err
+		}
+		fresh[i], fds[i] = e, e.Fd()
+	}
+	index := uint32(vfiouser.IRQMSIX)
+	if d.intx {
+		index = vfiouser.IRQIntx
+	}
+	if err := d.C.SetIRQEventfds(ctx, index, 0, uint32(len(fds)), fds); err != nil {
+		for _, f := range fresh {
+			_ = f.Close()
+		}
+		return err
+	}
+	for _, e := range d.irqs {
+		_ = e.Close()
+	}
+	d.irqs = fresh
+	return nil
+}
 
 // Kick notifies queue q with a posted write, as QEMU forwards doorbells.
 func (d *Driver) Kick(q int) error {
