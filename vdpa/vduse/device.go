@@ -161,8 +161,8 @@ func Create(h vdpa.Handler, opts *Options) (*Device, error) {
 	max := h.MaxQueueSize()
 	for i := 0; i < n; i++ {
 		var c [sizeVQConfig]byte
-		binary.LittleEndian.PutUint32(c[0:], uint32(i))
-		binary.LittleEndian.PutUint16(c[4:], max)
+		binary.LittleEndian.PutUint32(c[offVQConfigIndex:], uint32(i))
+		binary.LittleEndian.PutUint16(c[offVQConfigMaxSize:], max)
 		if err := ioctlBuf(fd, ioctlVQSetup, c[:], sizeVQConfig, "VDUSE_VQ_SETUP"); err != nil {
 			d.file.Close()
 			d.destroy()
@@ -293,7 +293,7 @@ func (d *Device) vqStateLocked(i int) (uint16, error) {
 
 func (d *Device) vqInfo(i int) (vqInfo, error) {
 	var b [sizeVQInfo]byte
-	binary.LittleEndian.PutUint32(b[0:], uint32(i))
+	binary.LittleEndian.PutUint32(b[offVQInfoIndex:], uint32(i))
 	if err := ioctlBuf(d.fd, ioctlVQGetInfo, b[:], sizeVQInfo, "VDUSE_VQ_GET_INFO"); err != nil {
 		return vqInfo{}, err
 	}
@@ -389,8 +389,8 @@ func (d *Device) startQueueLocked(i int) error {
 			return err
 		}
 		var b [sizeVQEventfd]byte
-		binary.LittleEndian.PutUint32(b[0:], uint32(i))
-		binary.LittleEndian.PutUint32(b[4:], uint32(int32(kick.Fd())))
+		binary.LittleEndian.PutUint32(b[offVQEventfdIndex:], uint32(i))
+		binary.LittleEndian.PutUint32(b[offVQEventfdFd:], uint32(int32(kick.Fd())))
 		if err := ioctlBuf(d.fd, ioctlVQSetupKickFD, b[:], sizeVQEventfd, "VDUSE_VQ_SETUP_KICKFD"); err != nil {
 			kick.Close()
 			return err
@@ -459,8 +459,8 @@ func (d *Device) releaseEventFDs(i int) {
 	q := &d.queues[i]
 	if q.kick != nil {
 		var b [sizeVQEventfd]byte
-		binary.LittleEndian.PutUint32(b[0:], uint32(i))
-		binary.LittleEndian.PutUint32(b[4:], uint32(0xffffffff)) // VDUSE_EVENTFD_DEASSIGN
+		binary.LittleEndian.PutUint32(b[offVQEventfdIndex:], uint32(i))
+		binary.LittleEndian.PutUint32(b[offVQEventfdFd:], eventfdDeassignU32)
 		_ = ioctlBuf(d.fd, ioctlVQSetupKickFD, b[:], sizeVQEventfd, "VDUSE_VQ_SETUP_KICKFD")
 		q.kick.Close()
 		q.kick = nil
@@ -680,9 +680,9 @@ func (d *Device) ConfigChanged() error {
 	}
 	n := d.h.ConfigSize()
 	b := make([]byte, sizeConfigData+n)
-	binary.LittleEndian.PutUint32(b[0:], 0)
-	binary.LittleEndian.PutUint32(b[4:], uint32(n))
-	d.h.ReadConfig(0, b[sizeConfigData:])
+	binary.LittleEndian.PutUint32(b[offConfigDataOffset:], 0)
+	binary.LittleEndian.PutUint32(b[offConfigDataLength:], uint32(n))
+	d.h.ReadConfig(0, b[offConfigDataBuffer:])
 	if err := ioctlBuf(d.fd, ioctlDevSetConfig, b, sizeConfigData, "VDUSE_DEV_SET_CONFIG"); err != nil {
 		return err
 	}

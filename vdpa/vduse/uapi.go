@@ -8,8 +8,10 @@ import (
 // The VDUSE user API (include/uapi/linux/vduse.h, API version 0, Linux
 // 5.15+). Struct layouts are encoded by hand, little-endian (VDUSE exists
 // on little-endian hosts vdpakit supports; the fields are native-endian
-// __u32/__u64), and their sizes are checked against the header in
-// uapi_test.go.
+// __u32/__u64), at the named offsets below. abi_test.go checks every size,
+// offset, ioctl number and constant here against the header (compiled with
+// gcc where there is one, and against the golden files it printed,
+// testdata/abi-*.txt, everywhere).
 
 // ioctl request numbers: _IOC(dir, 0x81, nr, size).
 const (
@@ -31,6 +33,59 @@ const (
 	sizeDevRequest  = 152 // struct vduse_dev_request
 	sizeDevResponse = 152 // struct vduse_dev_response
 	nameMax         = 256 // VDUSE_NAME_MAX
+)
+
+// Field offsets (offsetof in the header's structures).
+const (
+	offDevConfigName       = 0   // vduse_dev_config.name
+	offDevConfigVendorID   = 256 // .vendor_id
+	offDevConfigDeviceID   = 260 // .device_id
+	offDevConfigFeatures   = 264 // .features
+	offDevConfigVQNum      = 272 // .vq_num
+	offDevConfigVQAlign    = 276 // .vq_align
+	offDevConfigReserved   = 280 // .reserved[13]
+	offDevConfigConfigSize = 332 // .config_size
+	offDevConfigConfig     = 336 // .config[]
+
+	offIOTLBOffset = 0  // vduse_iotlb_entry.offset
+	offIOTLBStart  = 8  // .start
+	offIOTLBLast   = 16 // .last
+	offIOTLBPerm   = 24 // .perm
+
+	offConfigDataOffset = 0 // vduse_config_data.offset
+	offConfigDataLength = 4 // .length
+	offConfigDataBuffer = 8 // .buffer[]
+
+	offVQConfigIndex   = 0 // vduse_vq_config.index
+	offVQConfigMaxSize = 4 // .max_size (__u16)
+
+	offVQInfoIndex          = 0  // vduse_vq_info.index
+	offVQInfoNum            = 4  // .num
+	offVQInfoDescAddr       = 8  // .desc_addr
+	offVQInfoDriverAddr     = 16 // .driver_addr
+	offVQInfoDeviceAddr     = 24 // .device_addr
+	offVQInfoSplitAvailIdx  = 32 // .split.avail_index (__u16)
+	offVQInfoReady          = 40 // .ready (__u8)
+	offVQEventfdIndex       = 0  // vduse_vq_eventfd.index
+	offVQEventfdFd          = 4  // .fd
+	offRequestType          = 0  // vduse_dev_request.type
+	offRequestID            = 4  // .request_id
+	offRequestUnion         = 24 // the union: .vq_state, .s, .iova
+	offRequestVQStateIndex  = 24 // .vq_state.index
+	offRequestStatus        = 24 // .s.status (__u8)
+	offRequestIOVAStart     = 24 // .iova.start
+	offRequestIOVALast      = 32 // .iova.last
+	offResponseID           = 0  // vduse_dev_response.request_id
+	offResponseResult       = 4  // .result
+	offResponseVQStateIndex = 24 // .vq_state.index
+	offResponseVQStateAvail = 28 // .vq_state.split.avail_index (__u16)
+)
+
+// eventfdDeassign is VDUSE_EVENTFD_DEASSIGN, a __s32 fd; eventfdDeassignU32
+// is its bit pattern as written into struct vduse_vq_eventfd.
+const (
+	eventfdDeassign    = -1
+	eventfdDeassignU32 = uint32(1<<32 + eventfdDeassign)
 )
 
 var (
@@ -94,16 +149,16 @@ func (c *devConfig) encode() ([]byte, error) {
 		}
 	}
 	b := make([]byte, sizeDevConfig+len(c.ConfigData))
-	copy(b, c.Name)
+	copy(b[offDevConfigName:], c.Name)
 	le := binary.LittleEndian
-	le.PutUint32(b[256:], c.VendorID)
-	le.PutUint32(b[260:], c.DeviceID)
-	le.PutUint64(b[264:], c.Features)
-	le.PutUint32(b[272:], c.VQNum)
-	le.PutUint32(b[276:], c.VQAlign)
-	// reserved[13] at 280..332 stays zero.
-	le.PutUint32(b[332:], uint32(len(c.ConfigData)))
-	copy(b[sizeDevConfig:], c.ConfigData)
+	le.PutUint32(b[offDevConfigVendorID:], c.VendorID)
+	le.PutUint32(b[offDevConfigDeviceID:], c.DeviceID)
+	le.PutUint64(b[offDevConfigFeatures:], c.Features)
+	le.PutUint32(b[offDevConfigVQNum:], c.VQNum)
+	le.PutUint32(b[offDevConfigVQAlign:], c.VQAlign)
+	// reserved[13] (offDevConfigReserved up to config_size) stays zero.
+	le.PutUint32(b[offDevConfigConfigSize:], uint32(len(c.ConfigData)))
+	copy(b[offDevConfigConfig:], c.ConfigData)
 	return b, nil
 }
 
@@ -118,15 +173,16 @@ type iotlbEntry struct {
 func (e *iotlbEntry) encode(b []byte) {
 	le := binary.LittleEndian
 	clear(b[:sizeIOTLBEntry])
-	le.PutUint64(b[0:], e.Offset)
-	le.PutUint64(b[8:], e.Start)
-	le.PutUint64(b[16:], e.Last)
-	b[24] = e.Perm
+	le.PutUint64(b[offIOTLBOffset:], e.Offset)
+	le.PutUint64(b[offIOTLBStart:], e.Start)
+	le.PutUint64(b[offIOTLBLast:], e.Last)
+	b[offIOTLBPerm] = e.Perm
 }
 
 func decodeIOTLBEntry(b []byte) iotlbEntry {
 	le := binary.LittleEndian
-	return iotlbEntry{Offset: le.Uint64(b[0:]), Start: le.Uint64(b[8:]), Last: le.Uint64(b[16:]), Perm: b[24]}
+	return iotlbEntry{Offset: le.Uint64(b[offIOTLBOffset:]), Start: le.Uint64(b[offIOTLBStart:]),
+		Last: le.Uint64(b[offIOTLBLast:]), Perm: b[offIOTLBPerm]}
 }
 
 // vqInfo is struct vduse_vq_info for a split ring.
@@ -143,9 +199,10 @@ type vqInfo struct {
 func decodeVQInfo(b []byte) vqInfo {
 	le := binary.LittleEndian
 	return vqInfo{
-		Index: le.Uint32(b[0:]), Num: le.Uint32(b[4:]),
-		DescAddr: le.Uint64(b[8:]), DriverAddr: le.Uint64(b[16:]), DeviceAddr: le.Uint64(b[24:]),
-		AvailIndex: le.Uint16(b[32:]), Ready: b[40] != 0,
+		Index: le.Uint32(b[offVQInfoIndex:]), Num: le.Uint32(b[offVQInfoNum:]),
+		DescAddr: le.Uint64(b[offVQInfoDescAddr:]), DriverAddr: le.Uint64(b[offVQInfoDriverAddr:]),
+		DeviceAddr: le.Uint64(b[offVQInfoDeviceAddr:]),
+		AvailIndex: le.Uint16(b[offVQInfoSplitAvailIdx:]), Ready: b[offVQInfoReady] != 0,
 	}
 }
 
@@ -164,15 +221,14 @@ func decodeRequest(b []byte) (request, error) {
 		return request{}, fmt.Errorf("vduse: request of %d bytes, want %d", len(b), sizeDevRequest)
 	}
 	le := binary.LittleEndian
-	r := request{Type: le.Uint32(b[0:]), ID: le.Uint32(b[4:])}
-	u := b[24:] // the union, after type, request_id and reserved[4]
+	r := request{Type: le.Uint32(b[offRequestType:]), ID: le.Uint32(b[offRequestID:])}
 	switch r.Type {
 	case reqGetVQState:
-		r.VQIndex = le.Uint32(u[0:])
+		r.VQIndex = le.Uint32(b[offRequestVQStateIndex:])
 	case reqSetStatus:
-		r.Status = u[0]
+		r.Status = b[offRequestStatus]
 	case reqUpdateIOTLB:
-		r.IOVAStart, r.IOVALast = le.Uint64(u[0:]), le.Uint64(u[8:])
+		r.IOVAStart, r.IOVALast = le.Uint64(b[offRequestIOVAStart:]), le.Uint64(b[offRequestIOVALast:])
 	}
 	return r, nil
 }
@@ -182,8 +238,8 @@ func decodeRequest(b []byte) (request, error) {
 func encodeResponse(b []byte, id, result uint32, vq uint32, availIndex uint16) {
 	clear(b[:sizeDevResponse])
 	le := binary.LittleEndian
-	le.PutUint32(b[0:], id)
-	le.PutUint32(b[4:], result)
-	le.PutUint32(b[24:], vq)
-	le.PutUint16(b[28:], availIndex)
+	le.PutUint32(b[offResponseID:], id)
+	le.PutUint32(b[offResponseResult:], result)
+	le.PutUint32(b[offResponseVQStateIndex:], vq)
+	le.PutUint16(b[offResponseVQStateAvail:], availIndex)
 }

@@ -165,7 +165,7 @@ func LoadGolden(t testing.TB, path string) map[string]uint64 {
 
 // overlayHeaders are the uapi headers vdpakit checks that changed after
 // 6.1; an overlay of them over the system's headers is a 6.12 view.
-var overlayHeaders = []string{"vhost.h", "vhost_types.h", "vdpa.h"}
+var overlayHeaders = []string{"vhost.h", "vhost_types.h", "vdpa.h", "vduse.h"}
 
 // UAPI612Dir locates 6.12 uapi headers. $VDPAKIT_UAPI_6_12 names a full
 // usr/include tree (Debian's linux-libc-dev 6.12 unpacked). Otherwise the
