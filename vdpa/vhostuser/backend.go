@@ -62,6 +62,11 @@ type Backend struct {
 
 	mu   sync.Mutex
 	info SessionInfo
+
+	// logHook, set only by tests before serving, sees the dirty log each
+	// logged queue starts with and returns the one the queue uses (a tee,
+	// or nil to hide the log: the dirty-log tests' negative control).
+	logHook func(queue int, l vring.WriteLogger) vring.WriteLogger
 }
 
 // SessionInfo describes the current (or last) front-end session.
@@ -926,6 +931,11 @@ func (s *session) tryStart(i int) error {
 		opts.Log = s.log
 		if q.addr.Flags&VringFLog != 0 {
 			opts.UsedLogAddr = vring.GuestAddr(q.addr.Log)
+		}
+		if s.b.logHook != nil {
+			if opts.Log = s.b.logHook(i, opts.Log); opts.Log == nil {
+				opts.UsedLogAddr = 0
+			}
 		}
 	}
 	dq, err := vring.NewDeviceQueue(s.mem.mem, opts)

@@ -3,7 +3,9 @@
 # the init of vmtest/qemu-guest.sh. Environment (from the test): GUEST_NONCE,
 # GUEST_MAC, GUEST_ADDR (a.b.c.d/len), PEER_IP, PING_COUNT, GUEST_MODE
 # (ping: PING_COUNT pings, then counters; stream: pings every 100 ms until
-# the VM is stopped). Prints QEMUGUEST-<nonce> markers the test parses.
+# the VM is stopped; serve: paced pingers driven by commands the test writes
+# to the console, see below), PING_INTERVAL (serve). Prints
+# QEMUGUEST-<nonce> markers the test parses.
 mark() { printf '\nQEMUGUEST-%s %s\n' "$GUEST_NONCE" "$*"; }
 
 dev=""
@@ -27,6 +29,72 @@ while [ "$(cat /sys/class/net/"$dev"/carrier 2>/dev/null)" != 1 ] && [ $i -lt 50
 	i=$((i + 1))
 done
 mark CARRIER "$(cat /sys/class/net/"$dev"/carrier 2>/dev/null)"
+
+# serve: the test writes commands to the serial console (QEMU's stdin; after
+# a migration, the destination QEMU's), one a line:
+#   start N   N pingers (busybox ping -i PING_INTERVAL), pinger k pinned to
+#             CPU k mod ncpu (virtio_net's XPS maps CPU k to transmitq k)
+#   stop ID   SIGINT every pinger; per pinger RESULT ID pinger=k tx= rx=
+#             dup= lost= inflight= (lost: sequence numbers below the last one
+#             sent never answered; inflight: the last one, possibly cut off
+#             by the SIGINT), then SNMP ID (the kernel's IP/ICMP error
+#             counters: a corrupt frame fails a checksum there), STATS ID and
+#             STOPPED ID
+#   quit      leave
+if [ "$GUEST_MODE" = serve ]; then
+	ncpu=$(grep -c '^processor' /proc/cpuinfo)
+	mark READY "ncpu=$ncpu" "queues=$(ls -d /sys/class/net/"$dev"/queues/tx-* | wc -l)"
+	pids=""
+	n=0
+	while read -r cmd arg; do
+		case "$cmd" in
+		start)
+			n=${arg:-1}
+			pids=""
+			k=0
+			while [ $k -lt "$n" ]; do
+				taskset -c $((k % ncpu)) ping -i "$PING_INTERVAL" "$PEER_IP" >/tmp/ping.$k 2>&1 &
+				pids="$pids $!"
+				k=$((k + 1))
+			done
+			mark STARTED "$n"
+			;;
+		stop)
+			# shellcheck disable=SC2086
+			kill -INT $pids
+			wait
+			k=0
+			while [ $k -lt "$n" ]; do
+				awk -v m="QEMUGUEST-$GUEST_NONCE" -v id="$arg" -v k=$k '
+					/ bytes from .*seq=/ {
+						for (f = 1; f <= NF; f++) if ($f ~ /^seq=/) s = substr($f, 5) + 0
+						if ((s in seen) || $0 ~ /DUP!/) dup++; else { seen[s] = 1; rx++ }
+					}
+					/packets transmitted/ { tx = $1 + 0 }
+					END {
+						lost = 0
+						for (s = 0; s < tx - 1; s++) if (!(s in seen)) lost++
+						inflight = (tx > 0 && !((tx - 1) in seen)) ? 1 : 0
+						printf "\n%s RESULT %s pinger=%d tx=%d rx=%d dup=%d lost=%d inflight=%d\n", m, id, k, tx, rx, dup, lost, inflight
+					}' /tmp/ping.$k
+				k=$((k + 1))
+			done
+			mark SNMP "$arg" $(awk 'NR % 2 == 1 { split($0, h) } NR % 2 == 0 && ($1 == "Ip:" || $1 == "Icmp:") {
+				p = tolower(substr($1, 1, length($1) - 1))
+				for (i = 2; i <= NF; i++) printf "%s_%s=%s ", p, h[i], $i }' /proc/net/snmp)
+			s=/sys/class/net/$dev/statistics
+			mark STATS "$arg" "rx_packets=$(cat $s/rx_packets)" "tx_packets=$(cat $s/tx_packets)" \
+				"rx_dropped=$(cat $s/rx_dropped)" "tx_dropped=$(cat $s/tx_dropped)" \
+				"rx_errors=$(cat $s/rx_errors)" "tx_errors=$(cat $s/tx_errors)" \
+				"rx_length_errors=$(cat $s/rx_length_errors)" "rx_crc_errors=$(cat $s/rx_crc_errors)" \
+				"rx_frame_errors=$(cat $s/rx_frame_errors)"
+			mark STOPPED "$arg"
+			;;
+		quit) break ;;
+		esac
+	done
+	exit 0
+fi
 
 if [ "$GUEST_MODE" = stream ]; then
 	mark STREAMING
