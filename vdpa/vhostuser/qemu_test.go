@@ -33,6 +33,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -101,6 +102,15 @@ func qemuGate(t *testing.T) (helper string) {
 		t.Fatalf("VDPAKIT_QEMU=1 but the guest helper is missing: %v", err)
 	}
 	return helper
+}
+
+// qemuKnownBroken skips a test that fails for a known back-end defect
+// named in reason, unless VDPAKIT_QEMU_KNOWN_BROKEN=1 (to check a fix).
+func qemuKnownBroken(t *testing.T, reason string) {
+	t.Helper()
+	if os.Getenv("VDPAKIT_QEMU_KNOWN_BROKEN") != "1" {
+		t.Skipf("known back-end defect, test kept to check the fix (VDPAKIT_QEMU_KNOWN_BROKEN=1 runs it): %s", reason)
+	}
 }
 
 // qemu11Cached is the QEMU 11 wrapper vmtest/qemu11.sh leaves in its cache,
@@ -290,7 +300,9 @@ func (r *qemuRig) kill(t *testing.T) {
 	select {
 	case <-r.served:
 	case <-time.After(10 * time.Second):
-		t.Errorf("back-end %s did not stop within 10s of its context ending", r.name)
+		var b strings.Builder
+		_ = pprof.Lookup("goroutine").WriteTo(&b, 2)
+		t.Errorf("back-end %s did not stop within 10s of its context ending; goroutines:\n%s", r.name, b.String())
 	}
 }
 
@@ -454,11 +466,6 @@ type qemuConfig struct {
 	incoming  string
 	paused    bool
 	reconnect bool // redial a lost back-end (qemuPeer.reconnect)
-}
-
-func startQEMU(t *testing.T, bin string, c qemuConfig) *qemuVM {
-	t.Helper()
-	return startQEMUPeer(t, qemuPeer{name: "qemu7.2", bin: bin, reconnect: "reconnect=1"}, c)
 }
 
 func startQEMUPeer(t *testing.T, q qemuPeer, c qemuConfig) *qemuVM {
