@@ -88,6 +88,23 @@
 // one; every descriptor received is closed on every path. FuzzDecode and
 // FuzzBackendSession exercise the decoder and the back-end's state machine.
 //
+// # Transport
+//
+//   - A message carries at most MaxFds descriptors; more are closed as they
+//     arrive and end the session (ErrFdCount). Descriptors the kernel could
+//     not install because this process is at its descriptor limit
+//     (MSG_CTRUNC) are reported as ErrFdsExhausted, not as the peer's fault.
+//   - Once the first byte of a message has arrived the rest must follow
+//     within BackendOptions.MessageTimeout (10s by default), or the session
+//     ends with ErrStalled; between messages a connection may idle.
+//   - Serve retries temporary accept failures (EMFILE, ENFILE, ENOBUFS,
+//     ENOMEM, ECONNABORTED) after a back-off of 5ms doubling to 1s, logging
+//     each, so a back-end at its descriptor limit serves again once
+//     descriptors are free.
+//   - Frontend: every blocking method has a Context form; Close never waits
+//     for a request in flight, and a request interrupted on the socket
+//     breaks the session (ErrSessionBroken). See Frontend.
+//
 // Package vhostusertest holds a small virtio-net Handler (loopback, sink,
 // ARP/ICMP responder) for tests, DPDK interop and examples.
 package vhostuser

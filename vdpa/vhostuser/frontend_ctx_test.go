@@ -14,10 +14,11 @@ import (
 )
 
 // hungBackend answers the handshake (with STATUS) and never answers
-// GET_STATUS; got receives each GET_STATUS as it arrives.
-func hungBackend(t *testing.T) (f *Frontend, got <-chan struct{}, before int) {
+// GET_STATUS; got receives each GET_STATUS as it arrives. Cleanup checks
+// that no descriptor leaked.
+func hungBackend(t *testing.T) (f *Frontend, got <-chan struct{}) {
 	t.Helper()
-	before = countFds(t)
+	before := countFds(t)
 	gotc := make(chan struct{}, 8)
 	c, done := fakeBackend(t, func(m *Message) *fakeReply {
 		if m.Request == ReqGetStatus {
@@ -33,8 +34,9 @@ func hungBackend(t *testing.T) (f *Frontend, got <-chan struct{}, before int) {
 	t.Cleanup(func() {
 		_ = f.Close()
 		<-done
+		assert.Equal(t, before, countFds(t), "descriptors leaked")
 	})
-	return f, gotc, before
+	return f, gotc
 }
 
 // returnsWithin runs fn and fails the test if it takes longer than d.
@@ -54,7 +56,7 @@ func returnsWithin(t *testing.T, d time.Duration, what string, fn func() error) 
 // Close must not wait behind a request the back-end never answers: it
 // closes the socket, and the request returns vdpa.ErrClosed.
 func TestFrontendCloseDoesNotWaitForHungBackend(t *testing.T) {
-	f, got, _ := hungBackend(t)
+	f, got := hungBackend(t)
 	errc := make(chan error, 1)
 	go func() { _, err := f.Status(); errc <- err }()
 	<-got
@@ -79,7 +81,7 @@ func TestFrontendCloseDoesNotWaitForHungBackend(t *testing.T) {
 // then out of step (vhost-user replies carry no request id) and every later
 // request fails with ErrSessionBroken.
 func TestFrontendContextCancelsRequest(t *testing.T) {
-	f, got, _ := hungBackend(t)
+	f, got := hungBackend(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	go func() { <-got; cancel() }()
 	err := returnsWithin(t, 2*time.Second, "StatusContext", func() error {
@@ -96,7 +98,7 @@ func TestFrontendContextCancelsRequest(t *testing.T) {
 
 // A deadline applies to the socket I/O like cancellation.
 func TestFrontendContextDeadline(t *testing.T) {
-	f, _, _ := hungBackend(t)
+	f, _ := hungBackend(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
 	err := returnsWithin(t, 2*time.Second, "StatusContext", func() error {
@@ -109,7 +111,7 @@ func TestFrontendContextDeadline(t *testing.T) {
 // A caller waiting for its turn behind a hung request honours its own
 // context and Close, and does not break the session by giving up.
 func TestFrontendWaitingCallerGivesUp(t *testing.T) {
-	f, got, _ := hungBackend(t)
+	f, got := hungBackend(t)
 	first := make(chan error, 1)
 	go func() { _, err := f.Status(); first <- err }()
 	<-got
