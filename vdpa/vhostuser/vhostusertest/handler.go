@@ -25,6 +25,7 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/vdpakit/vdpakit/internal/netreply"
 	"github.com/vdpakit/vdpakit/vdpa"
 	"github.com/vdpakit/vdpakit/virtio"
 	"github.com/vdpakit/vdpakit/vring"
@@ -516,78 +517,18 @@ func (w *worker) poll() int {
 }
 
 // respond builds the reply to an ARP request or ICMP echo request for the
-// handler's address, or returns nil.
+// handler's address (internal/netreply, the responder softnet.Responder
+// uses too), or returns nil.
 func (h *Handler) respond(f []byte) []byte {
 	ip := h.ip.Load()
-	if ip == 0 || len(f) < 14 {
+	if ip == 0 {
 		return nil
 	}
 	var myIP [4]byte
 	binary.BigEndian.PutUint32(myIP[:], ip)
-	switch binary.BigEndian.Uint16(f[12:]) {
-	case 0x0806: // ARP
-		a := f[14:]
-		if len(a) < 28 || binary.BigEndian.Uint16(a[0:]) != 1 || binary.BigEndian.Uint16(a[2:]) != 0x0800 ||
-			a[4] != 6 || a[5] != 4 || binary.BigEndian.Uint16(a[6:]) != 1 || [4]byte(a[24:28]) != myIP {
-			return nil
-		}
-		r := make([]byte, 42)
-		copy(r[0:], a[8:14]) // to the sender's MAC
-		copy(r[6:], h.mac[:])
-		binary.BigEndian.PutUint16(r[12:], 0x0806)
-		ra := r[14:]
-		copy(ra, a[:6])
-		binary.BigEndian.PutUint16(ra[6:], 2) // reply
-		copy(ra[8:], h.mac[:])
-		copy(ra[14:], myIP[:])
-		copy(ra[18:], a[8:18]) // target = the requester's MAC and IP
-		return r
-	case 0x0800: // IPv4
-		p := f[14:]
-		if len(p) < 20 || p[0]>>4 != 4 {
-			return nil
-		}
-		ihl := int(p[0]&0xf) * 4
-		tot := int(binary.BigEndian.Uint16(p[2:]))
-		if ihl < 20 || tot < ihl+8 || tot > len(p) || p[9] != 1 || [4]byte(p[16:20]) != myIP {
-			return nil
-		}
-		icmp := p[ihl:tot]
-		if icmp[0] != 8 { // echo request
-			return nil
-		}
-		r := make([]byte, 14+tot)
-		copy(r[0:], f[6:12])
-		copy(r[6:], h.mac[:])
-		binary.BigEndian.PutUint16(r[12:], 0x0800)
-		rp := r[14:]
-		copy(rp, p[:tot])
-		copy(rp[12:], p[16:20]) // swap addresses
-		copy(rp[16:], p[12:16])
-		rp[8] = 64 // TTL
-		rp[10], rp[11] = 0, 0
-		binary.BigEndian.PutUint16(rp[10:], checksum(rp[:ihl]))
-		ri := rp[ihl:]
-		ri[0] = 0 // echo reply
-		ri[2], ri[3] = 0, 0
-		binary.BigEndian.PutUint16(ri[2:], checksum(ri))
-		return r
+	r, k := netreply.Append(nil, h.mac, myIP, f)
+	if k == netreply.None {
+		return nil
 	}
-	return nil
-}
-
-// checksum is the Internet checksum (RFC 1071).
-func checksum(b []byte) uint16 {
-	var s uint32
-	for len(b) >= 2 {
-		s += uint32(binary.BigEndian.Uint16(b))
-		b = b[2:]
-	}
-	if len(b) == 1 {
-		s += uint32(b[0]) << 8
-	}
-	for s>>16 != 0 {
-		s = s&0xffff + s>>16
-	}
-	return ^uint16(s)
+	return r
 }
