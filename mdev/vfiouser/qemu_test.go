@@ -13,6 +13,8 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"io"
+	"log/slog"
 	"net"
 	"net/netip"
 	"os"
@@ -197,6 +199,13 @@ type qemuRig struct {
 }
 
 func startServer(t *testing.T, ctx context.Context, sock string, pairs int) *qemuRig {
+	return startServerBacking(t, ctx, sock, pairs, false)
+}
+
+// startServerBacking is startServer with, when vhostUser is set, the
+// software device behind a vhost-user back-end the server reaches through
+// vhostuser.Frontend.
+func startServerBacking(t *testing.T, ctx context.Context, sock string, pairs int, vhostUser bool) *qemuRig {
 	t.Helper()
 	r := &qemuRig{}
 	resp, err := softnet.NewResponder([6]byte{0x02, 0, 0, 0, 0, 0x02}, netip.MustParseAddr(qPeerIP))
@@ -204,7 +213,9 @@ func startServer(t *testing.T, ctx context.Context, sock string, pairs int) *qem
 	mac, _ := net.ParseMAC(qGuestMAC)
 	var m [6]byte
 	copy(m[:], mac)
-	sn, err := softnet.New(&softnet.Options{MAC: m, MTU: qMTU, MaxQueuePairs: uint16(pairs), Handler: resp,
+	// Behind vhost-user the control queue stays out of the data path (as
+	// QEMU's own vhost-user front-end keeps it): no CTRL_VQ.
+	sn, err := softnet.New(&softnet.Options{MAC: m, MTU: qMTU, MaxQueuePairs: uint16(pairs), Handler: resp, NoCtrlVQ: vhostUser,
 		OnConfigChange: func() {
 			if r.srv != nil {
 				r.srv.Device().ConfigChanged()
@@ -212,9 +223,20 @@ func startServer(t *testing.T, ctx context.Context, sock string, pairs int) *qem
 		}})
 	require.NoError(t, err)
 	r.sn = sn
-	backing := vdpa.NewLocal(sn, nil)
-	t.Cleanup(func() { _ = backing.Close() })
-	r.srv, err = vfiouser.New(backing, &vfiouser.Options{Device: mdev.Options{Backend: "software"}})
+	var backing vdpa.Device
+	kind := "software"
+	if vhostUser {
+		backing, kind = vhostUserFrontend(t, sn), "vhost-user"
+	} else {
+		l := vdpa.NewLocal(sn, nil)
+		t.Cleanup(func() { _ = l.Close() })
+		backing = l
+	}
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	if testing.Verbose() {
+		log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	r.srv, err = vfiouser.New(backing, &vfiouser.Options{Device: mdev.Options{Backend: kind}, Logger: log})
 	require.NoError(t, err)
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
 	require.NoError(t, err)
@@ -362,4 +384,17 @@ func TestQEMUMultiQueueRebind(t *testing.T) {
 	irq, err := v.wait(ctx, "IRQ", 1)
 	require.NoError(t, err)
 	assert.Equal(t, uint64(1+2*2), kvs(irq)["msix"], "MSI-X vectors in use")
+}
+
+// TestQEMUVhostUserBacking: the data path of the guest's NIC runs in a
+// vhost-user back-end; the server hands it the guest memory QEMU mapped and
+// the MSI-X eventfds QEMU registered.
+func TestQEMUVhostUserBacking(t *testing.T) {
+	qemu, helper := requireQEMU11(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	sock := filepath.Join(t.TempDir(), "vfu.sock")
+	r := startServerBacking(t, ctx, sock, 1, true)
+	v := bootQEMU(t, ctx, qemu, helper, sock, "rebind", false)
+	rebindCounts(t, ctx, v, r)
 }

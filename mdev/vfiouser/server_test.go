@@ -3,6 +3,7 @@ package vfiouser_test
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -126,7 +127,11 @@ func softnetCounts(sn *softnet.Device) (tx, rx uint64) {
 var vhostUserBacking bool
 
 func vhostUserFrontend(t testing.TB, sn *softnet.Device) vdpa.Device {
-	be := vhostuser.NewBackend(sn, nil)
+	var bo *vhostuser.BackendOptions
+	if testing.Verbose() && os.Getenv("VDPAKIT_QEMU") == "1" {
+		bo = &vhostuser.BackendOptions{Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))}
+	}
+	be := vhostuser.NewBackend(sn, bo)
 	path := filepath.Join(t.TempDir(), "vu.sock")
 	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	require.NoError(t, err)
@@ -136,7 +141,7 @@ func vhostUserFrontend(t testing.TB, sn *softnet.Device) vdpa.Device {
 	t.Cleanup(func() { cancel(); <-done })
 	dctx, dcancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer dcancel()
-	fe, err := vhostuser.Dial(dctx, path, &vhostuser.FrontendOptions{ConfigSize: virtio.NetConfigSize})
+	fe, err := vhostuser.Dial(dctx, path, &vhostuser.FrontendOptions{ConfigSize: virtio.NetConfigSize, NumQueues: sn.NumQueues(), MaxQueueSize: sn.MaxQueueSize()})
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = fe.Close() })
 	return fe
