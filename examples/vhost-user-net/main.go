@@ -82,7 +82,7 @@ func main() {
 // per queue pair, frames transmitted by the driver (tx) and delivered to
 // it (rx).
 type counters struct {
-	tx, rx, drops uint64
+	tx, rx, drops  uint64
 	pairTx, pairRx []uint64
 }
 
