@@ -426,3 +426,48 @@ func TestNewRejectsServerOwnedOptions(t *testing.T) {
 	_, err = vfiouser.New(backing, &vfiouser.Options{Device: mdev.Options{Vector: func(uint16) *vdpa.EventFD { return nil }}})
 	require.True(t, errors.Is(err, mdev.ErrInvalidOptions))
 }
+
+// TestDMAChangesUnderTraffic: windows mapped and unmapped while the data
+// path runs (QEMU does this for memory hot-plug and PCI holes) stop and
+// restart it without losing a frame; a window whose file is too short is
+// refused; no descriptor leaks.
+func TestDMAChangesUnderTraffic(t *testing.T) {
+	r := newRig(t, nil)
+	ctx := testCtx(t)
+	before := fdCount(t)
+	c := r.dial(t)
+	d, err := vfiousertest.NewDriver(ctx, c, nil)
+	require.NoError(t, err)
+	fs := frames(60, 9)
+	require.NoError(t, d.SendFrames(fs[:20]))
+	require.NoError(t, d.Receive(ctx, 20, nil))
+
+	extra, err := unix.MemfdCreate("extra", unix.MFD_CLOEXEC)
+	require.NoError(t, err)
+	require.NoError(t, unix.Ftruncate(extra, 1<<20))
+	const base = 0x1_0000_0000
+	require.NoError(t, c.DMAMap(ctx, base, 1<<20, extra, 0))
+	// In flight across the unmap: sent before, received after.
+	require.NoError(t, d.SendFrames(fs[20:40]))
+	require.NoError(t, c.DMAUnmap(ctx, base, 1<<20))
+	require.NoError(t, d.Receive(ctx, 40, nil))
+
+	// A window longer than its file would fault: refused.
+	err = c.DMAMap(ctx, base, 2<<20, extra, 0)
+	assert.True(t, vfiousertest.IsErrno(err, unix.EINVAL), "%v", err)
+	// Unmapping the window the rings live in stops the data path until
+	// memory is mapped again and the client touches the device.
+	require.NoError(t, c.DMAUnmap(ctx, 0, vfiousertest.GuestMemSize))
+	require.NoError(t, c.DMAMap(ctx, 0, vfiousertest.GuestMemSize, d.Region.Fd(), 0))
+	require.NoError(t, d.SendFrames(fs[40:]))
+	require.NoError(t, d.Receive(ctx, 60, nil))
+	tx, rx := softnetCounts(r.sn)
+	assert.Equal(t, uint64(60), tx)
+	assert.Equal(t, uint64(60), rx)
+
+	require.NoError(t, unix.Close(extra))
+	d.Close()
+	require.NoError(t, c.Close())
+	require.Eventually(t, func() bool { return fdCount(t) <= before }, 5*time.Second, 10*time.Millisecond,
+		"descriptors leaked: %d before, %d after", before, fdCount(t))
+}
