@@ -867,10 +867,16 @@ func (s *session) layout(i int) (vring.Layout, error) {
 	if q.num == 0 {
 		return l, nil // size not yet known: checked at start
 	}
-	if err := l.Validate(); err != nil {
+	// The rings are as large as the negotiated features make them (as
+	// Linux vhost sizes them); before SET_FEATURES, as large as any do.
+	f := virtio.Features(0).With(virtio.FEventIdx)
+	if s.featuresSet {
+		f = s.features
+	}
+	if err := l.ValidateFor(f); err != nil {
 		return l, msgErr(ReqSetVringAddr, ErrAddrNotMapped, "queue %d: %v", i, err)
 	}
-	ds, as, us := vring.SplitSizes(q.num)
+	ds, as, us := vring.RingSizes(q.num, f)
 	for _, a := range []struct {
 		g vring.GuestAddr
 		n uint64

@@ -441,3 +441,35 @@ func TestBackendReplyAckFailure(t *testing.T) {
 	assert.NotZero(t, r.U64())
 	assert.ErrorIs(t, <-done, ErrBadQueue)
 }
+
+// The back-end checks ring areas as large as the negotiated features make
+// them (vring.RingSizes), as Linux vhost does: a used ring flush against
+// the end of guest memory is accepted without EVENT_IDX and refused with
+// it (the event field would lie past memory).
+func TestBackendRingAtTheEndOfMemoryIsSizedByFeatures(t *testing.T) {
+	const size = 8
+	for _, tc := range []struct {
+		name     string
+		eventIdx bool
+	}{{"without EVENT_IDX", false}, {"with EVENT_IDX", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := vhostusertest.New(vhostusertest.Loopback, [6]byte{2, 0, 0, 0, 0, 1})
+			_, uc, _ := startBackend(t, h, nil)
+			want := h.Features().With(virtio.FEventIdx)
+			if !tc.eventIdx {
+				want &^= virtio.FEventIdx.Bit()
+			}
+			d := newTestDriver(t, uc, want)
+			require.Equal(t, tc.eventIdx, d.features.Has(virtio.FEventIdx))
+			end := vring.GuestAddr(0x100000 + 4<<20)
+			_, _, u := vring.RingSizes(size, 0)
+			require.NoError(t, d.fe.SetQueueNum(0, size))
+			err := d.fe.SetQueueAddr(0, vdpa.QueueAddr{Desc: 0x100000, Avail: 0x101000, Used: end - vring.GuestAddr(u)})
+			if tc.eventIdx {
+				assert.ErrorIs(t, err, ErrReplyFailed, "the back-end refuses it (REPLY_ACK)")
+			} else {
+				assert.NoError(t, err)
+			}
+		})
+	}
+}
