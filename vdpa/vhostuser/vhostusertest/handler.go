@@ -24,6 +24,7 @@ import (
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/vdpakit/vdpakit/internal/netreply"
 	"github.com/vdpakit/vdpakit/vdpa"
@@ -350,16 +351,42 @@ func (w *worker) loop(ctx context.Context) (err error) {
 		if w.pending == nil {
 			injectCh = w.h.inject
 		}
+		// A queue started without a kick eventfd must be polled
+		// (vdpa.Handler): nothing would wake the worker for it.
+		var pollC <-chan time.Time
+		var pollT *time.Timer
+		if w.mustPoll() {
+			pollT = time.NewTimer(pollSleep)
+			pollC = pollT.C
+		}
 		select {
 		case <-ctx.Done():
 		case <-w.wake:
+		case <-pollC:
 		case f := <-injectCh:
 			w.pending = f
+		}
+		if pollT != nil {
+			pollT.Stop()
 		}
 		w.suppress(true)
 		idle = 0
 	}
 	return nil
+}
+
+// pollSleep is how long an idle worker sleeps between polls when a queue
+// has no kick eventfd.
+const pollSleep = 100 * time.Microsecond
+
+// mustPoll reports whether a started queue has no kick eventfd.
+func (w *worker) mustPoll() bool {
+	for _, q := range []*queue{w.rx, w.tx} {
+		if q != nil && q.kick == nil {
+			return true
+		}
+	}
+	return false
 }
 
 // suppress disables (on) or enables (off) driver notifications on both

@@ -2,6 +2,7 @@ package vhostusertest
 
 import (
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -33,6 +34,9 @@ func TestRingsShowsGuestMemoryView(t *testing.T) {
 	require.NoError(t, h.StartQueue(1, dq, nil, nil))
 	defer h.Reset()
 
+	// No kick eventfd: the handler must poll. Let the worker go idle
+	// first, so the frame arrives while it sleeps.
+	time.Sleep(50 * time.Millisecond)
 	_, err = drv.Add([][]byte{make([]byte, 12), []byte("frame")}, nil)
 	require.NoError(t, err)
 	drv.Queue.Publish()
