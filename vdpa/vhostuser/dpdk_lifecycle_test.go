@@ -3,7 +3,7 @@ package vhostuser
 // DPDK 22.11 interop for the session life cycle: multi-queue with the
 // control queue run by virtio-user (queues=2, cq=1), and our back-end
 // restarted under traffic while virtio-user (server=1) keeps running.
-// Gated like dpdk_test.go (VDPAKIT_DPDK=1).
+// Gated like the other interop tests of dpdk_test.go.
 
 import (
 	"context"
@@ -61,7 +61,7 @@ func TestDPDKMultiQueue(t *testing.T) {
 		{"queues2-cq1", "queues=2,cq=1"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			bin := requireTestpmd(t)
+			bin := requireTestpmd(t, dpdkInterop)
 			ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 			defer cancel()
 			const pairs = 2
@@ -135,7 +135,7 @@ func TestDPDKMultiQueue(t *testing.T) {
 // resumes within seconds; the session stays up (no redial loop) and no
 // descriptor leaks.
 func TestDPDKBackendRestart(t *testing.T) {
-	bin := requireTestpmd(t)
+	bin := requireTestpmd(t, dpdkInterop)
 	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
 	defer cancel()
 	path := filepath.Join(t.TempDir(), "vu.sock")
