@@ -113,7 +113,11 @@ func TestDPDKMultiQueue(t *testing.T) {
 					}
 				}
 			}
-			time.Sleep(200 * time.Millisecond)
+			// testpmd polls its receive queues on its own time.
+			assert.True(t, waitCond(ctx, func() bool {
+				rx, _, err := p.portStats(ctx)
+				return err == nil && rx >= pairs*perPair
+			}), "testpmd did not receive every frame")
 			rx, _, err := p.streamStats(ctx, pairs)
 			require.NoError(t, err)
 			s := dev.Stats()

@@ -148,6 +148,18 @@ func (g *lcGuest) connect(h vdpa.Handler) *lcConn {
 	return &lcConn{t: g.t, g: g, c: newConn(uc), be: be, done: done, log: rec}
 }
 
+// hangUp closes the front-end's end and waits until the back-end ended
+// the session (stopped its rings): a back-end that went away.
+func (c *lcConn) hangUp() {
+	c.t.Helper()
+	require.NoError(c.t, c.c.close())
+	select {
+	case <-c.done:
+	case <-time.After(10 * time.Second):
+		c.t.Fatal("session did not end")
+	}
+}
+
 func (c *lcConn) send(r Request, p []byte, fds ...int) {
 	c.t.Helper()
 	require.NoError(c.t, c.c.write(Header{Request: r, Flags: Version}, p, fds))
@@ -284,7 +296,7 @@ func TestLifecycleMigration(t *testing.T) {
 	src.send(ReqSetStatus, putU64(0))
 	saved := src.base()
 	require.Equal(t, uint16(9), saved)
-	require.NoError(t, src.c.close())
+	src.hangUp()
 
 	dst := g.connect(lcDevice(t))
 	dst.negotiate()
@@ -318,7 +330,7 @@ func TestLifecycleBaseDisagreesWithUsed(t *testing.T) {
 			first.negotiate()
 			first.startRing(0)
 			g.traffic(used)
-			require.NoError(t, first.c.close()) // the front-end or back-end went away
+			first.hangUp() // the front-end or back-end went away
 
 			c := g.connect(lcDevice(t))
 			c.negotiate()
