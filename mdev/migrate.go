@@ -53,11 +53,35 @@ const (
 	msgSync
 	msgSyncAck
 
-	protoVersion  = 1
-	maxMsg        = 1<<20 + 64
-	pagesPerChunk = 256
-	maxRegions    = 64
+	protoVersion = 1
+	maxMsg       = 1<<20 + 64
+	// pagesBytes bounds the page data of one msgPages: whole pages, as
+	// many as fit (one page of the largest size, minPageSize..maxPageSize,
+	// always does), so that every message stays within maxMsg whatever
+	// the page size.
+	pagesBytes  = 1 << 20
+	minPageSize = 512
+	maxPageSize = 1 << 16
+	maxRegions  = 64
 )
+
+// pagesPerMsg is how many pages of pageSize bytes one msgPages carries.
+func pagesPerMsg(pageSize uint64) uint64 { return max(1, pagesBytes/pageSize) }
+
+// checkPageSize checks a dirty-log page size against what the protocol can
+// carry and guest memory against it: every region must start and end on a
+// page boundary, so that a page never straddles a region edge.
+func checkPageSize(ps uint64, regions []*vring.Region) error {
+	if ps < minPageSize || ps > maxPageSize || ps&(ps-1) != 0 {
+		return fmt.Errorf("page size %d (a power of two, %d..%d)", ps, minPageSize, maxPageSize)
+	}
+	for i, r := range regions {
+		if uint64(r.Base())%ps != 0 || r.Size()%ps != 0 {
+			return fmt.Errorf("region %d %v not aligned to the %d-byte page size", i, r, ps)
+		}
+	}
+	return nil
+}
 
 type wire struct {
 	r   *bufio.Reader
@@ -175,33 +199,117 @@ type SourceReport struct {
 // running MigrateDestination at the other end of conn: iterative pre-copy
 // driven by a dirty.Tracker while the guest runs, then stop-and-copy of the
 // remaining pages and the device state. On success the device is left in
-// STOP (the guest runs on the destination). On failure the device is taken
-// back to RUNNING on the source and the error is sent to the destination;
-// if StopGuest had already run, restarting the vCPUs is the caller's job.
+// STOP (the guest runs on the destination). On any failure the device is
+// taken back to RUNNING on the source with dirty tracking off, and the error
+// is sent to the destination (unless the connection is gone); if StopGuest
+// had already run, restarting the vCPUs is the caller's job. A failure to
+// get the device running again is joined to the returned error.
+//
+// Guest memory regions must be aligned to the dirty log's page size, a
+// power of two from 512 bytes to 64 KiB.
 func MigrateSource(ctx context.Context, conn io.ReadWriter, opts SourceOptions) (*SourceReport, error) {
 	if opts.Device == nil || opts.Memory == nil || opts.Log == nil || opts.StopGuest == nil {
 		return nil, fmt.Errorf("%w: MigrateSource needs Device, Memory, Log and StopGuest", ErrInvalidOptions)
 	}
+	regions := opts.Memory.Regions()
+	ps := opts.Log.PageSize()
+	if err := checkPageSize(ps, regions); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrInvalidOptions, err)
+	}
+	if len(regions) > maxRegions {
+		return nil, fmt.Errorf("%w: %d memory regions (at most %d)", ErrInvalidOptions, len(regions), maxRegions)
+	}
 	defer watch(ctx, conn)()
 	c := newWire(conn, 4096, 1<<20)
-	regions := opts.Memory.Regions()
+	s := &sourceRun{c: c, opts: &opts}
+	rep, err := s.run(ctx, regions)
+	if err == nil {
+		return rep, nil
+	}
+	if !s.handedOver {
+		// The guest keeps running here: tell the destination, and take
+		// the device back to RUNNING with dirty tracking off.
+		if !s.connBroken {
+			_ = c.send(msgError, []byte(err.Error()))
+			_ = c.flush()
+		}
+		if s.touched {
+			if rerr := opts.Device.SetMigrationState(MigRunning); rerr != nil {
+				err = errors.Join(err, fmt.Errorf("mdev: source device not running again: %w", rerr))
+			}
+		}
+	}
+	if s.tracking {
+		if terr := opts.Device.StopDirtyTracking(); terr != nil {
+			err = errors.Join(err, terr)
+		}
+	}
+	return rep, err
+}
+
+// sourceRun is one MigrateSource: what it has done so far decides how a
+// failure is undone.
+type sourceRun struct {
+	c    *wire
+	opts *SourceOptions
+	// touched: the device left RUNNING.
+	touched bool
+	// tracking: dirty tracking is on.
+	tracking bool
+	// connBroken: a read or write on the connection failed, or the peer
+	// reported its own failure, so no error message is sent to it.
+	connBroken bool
+	// handedOver: the destination reported that it runs the guest; the
+	// device stays stopped here whatever happens next.
+	handedOver bool
+}
+
+// io wraps the connection's errors so that a broken connection is
+// remembered.
+func (s *sourceRun) io(err error) error {
+	if err != nil {
+		s.connBroken = true
+	}
+	return err
+}
+
+func (s *sourceRun) send(typ byte, parts ...[]byte) error { return s.io(s.c.send(typ, parts...)) }
+func (s *sourceRun) flush() error                         { return s.io(s.c.flush()) }
+
+// expect reads the peer's next message, which must be of type want.
+func (s *sourceRun) expect(want byte, what string) error {
+	typ, _, err := s.c.recv(nil)
+	if err != nil {
+		// The connection broke, or the peer failed and sent its error:
+		// either way nothing more is sent to it (a peer that failed may
+		// no longer be reading).
+		s.connBroken = true
+		return err
+	}
+	if typ != want {
+		return fmt.Errorf("%w: expected %s, got type %d", ErrProtocol, what, typ)
+	}
+	return nil
+}
+
+func (s *sourceRun) run(ctx context.Context, regions []*vring.Region) (*SourceReport, error) {
+	c, opts := s.c, s.opts
+	ps := opts.Log.PageSize()
 	hello := binary.LittleEndian.AppendUint16(nil, protoVersion)
-	hello = binary.LittleEndian.AppendUint32(hello, uint32(opts.Log.PageSize()))
+	hello = binary.LittleEndian.AppendUint32(hello, uint32(ps))
 	hello = binary.LittleEndian.AppendUint16(hello, uint16(len(regions)))
 	for _, r := range regions {
 		hello = binary.LittleEndian.AppendUint64(hello, uint64(r.Base()))
 		hello = binary.LittleEndian.AppendUint64(hello, r.Size())
 	}
-	if err := c.send(msgHello, hello); err != nil {
+	if err := s.send(msgHello, hello); err != nil {
 		return nil, err
 	}
-	if err := c.flush(); err != nil {
+	if err := s.flush(); err != nil {
 		return nil, err
 	}
-	if typ, _, err := c.recv(nil); err != nil {
+	if err := s.expect(msgHelloAck, "hello ack"); err != nil {
 		return nil, err
-	} else if typ != msgHelloAck {
-		return nil, fmt.Errorf("%w: expected hello ack, got type %d", ErrProtocol, typ)
 	}
 
 	rep := &SourceReport{}
@@ -209,68 +317,58 @@ func MigrateSource(ctx context.Context, conn io.ReadWriter, opts SourceOptions) 
 	if err != nil {
 		return nil, err
 	}
+	s.tracking = true
 	rep.Mode = mode
-	tracking := true
-	defer func() {
-		if tracking {
-			_ = opts.Device.StopDirtyTracking()
-		}
-	}()
 	tr, err := dirty.NewTracker(opts.Log, &opts.Tracker)
 	if err != nil {
 		return nil, err
 	}
+	s.touched = true // a failed transition may leave it anywhere
 	if err := opts.Device.SetMigrationState(MigPreCopy); err != nil {
 		return nil, err
 	}
-	fail := func(err error) (*SourceReport, error) {
-		_ = c.send(msgError, []byte(err.Error()))
-		_ = c.flush()
-		_ = opts.Device.SetMigrationState(MigRunning)
-		return nil, err
-	}
 	if err := tr.Begin(); err != nil {
-		return fail(err)
+		return nil, err
 	}
 	// Round 0: all of guest memory.
 	start := time.Now()
 	var sent uint64
 	for _, r := range regions {
-		n, err := sendRange(c, r.Bytes(), uint64(r.Base()), opts.Log.PageSize())
+		n, err := sendRange(c, r.Bytes(), uint64(r.Base()), ps)
 		if err != nil {
-			return fail(err)
+			return nil, s.io(err)
 		}
 		sent += n
 	}
-	if err := sendRound(c, 0, sent/opts.Log.PageSize()); err != nil {
-		return fail(err)
+	if err := s.io(sendRound(c, 0, sent/ps)); err != nil {
+		return nil, err
 	}
 	r0 := RoundReport{Sent: sent, SendTime: time.Since(start)}
-	r0.Pages, r0.Bytes = sent/opts.Log.PageSize(), sent
+	r0.Pages, r0.Bytes = sent/ps, sent
 	rep.Rounds = append(rep.Rounds, r0)
 	rep.TotalBytes += sent
 	if opts.OnRound != nil {
 		opts.OnRound(r0)
 	}
-	dst, err := dirty.New(opts.Log.Span(), &dirty.Options{PageSize: opts.Log.PageSize()})
+	dst, err := dirty.New(opts.Log.Span(), &dirty.Options{PageSize: ps})
 	if err != nil {
-		return fail(err)
+		return nil, err
 	}
 	defer dst.Close()
 	for {
 		if err := ctx.Err(); err != nil {
-			return fail(err)
+			return nil, err
 		}
 		round, err := tr.Next(dst)
 		if err != nil {
-			return fail(err)
+			return nil, err
 		}
 		if round.Decision != dirty.Continue {
 			break
 		}
-		rr, err := sendDirty(c, opts.Memory, dst, round)
+		rr, err := s.sendDirty(dst, round)
 		if err != nil {
-			return fail(err)
+			return nil, err
 		}
 		rep.Rounds = append(rep.Rounds, rr)
 		rep.TotalBytes += rr.Sent
@@ -278,78 +376,71 @@ func MigrateSource(ctx context.Context, conn io.ReadWriter, opts SourceOptions) 
 			opts.OnRound(rr)
 		}
 		if err := dst.Clear(); err != nil {
-			return fail(err)
+			return nil, err
 		}
 	}
 
 	// Let the destination drain what was sent so far, so that the
 	// downtime does not include a backlog of earlier rounds.
-	if err := c.send(msgSync); err != nil {
-		return fail(err)
-	}
-	if err := c.flush(); err != nil {
-		return fail(err)
-	}
-	if typ, _, err := c.recv(nil); err != nil {
+	if err := s.send(msgSync); err != nil {
 		return nil, err
-	} else if typ != msgSyncAck {
-		return fail(fmt.Errorf("%w: expected sync ack, got type %d", ErrProtocol, typ))
+	}
+	if err := s.flush(); err != nil {
+		return nil, err
+	}
+	if err := s.expect(msgSyncAck, "sync ack"); err != nil {
+		return nil, err
 	}
 
 	// Stop and copy.
 	t0 := time.Now()
 	if err := opts.StopGuest(); err != nil {
-		return fail(err)
+		return nil, err
 	}
 	t1 := time.Now()
 	rep.StopGuest = t1.Sub(t0)
 	if err := opts.Device.SetMigrationState(MigStopCopy); err != nil {
-		return fail(err)
+		return nil, err
 	}
 	t2 := time.Now()
 	rep.StopDevice = t2.Sub(t1)
 	final, err := tr.Final(dst)
 	if err != nil {
-		return fail(err)
+		return nil, err
 	}
-	fr, err := sendDirty(c, opts.Memory, dst, final)
+	fr, err := s.sendDirty(dst, final)
 	if err != nil {
-		return fail(err)
+		return nil, err
 	}
 	rep.Final = fr
 	rep.TotalBytes += fr.Sent
 	state, err := opts.Device.SaveState()
 	if err != nil {
-		return fail(err)
+		return nil, err
 	}
 	rep.StateBytes = len(state)
-	if err := c.send(msgState, state); err != nil {
-		return fail(err)
+	if err := s.send(msgState, state); err != nil {
+		return nil, err
 	}
-	if err := c.send(msgDone); err != nil {
-		return fail(err)
+	if err := s.send(msgDone); err != nil {
+		return nil, err
 	}
-	if err := c.flush(); err != nil {
-		return fail(err)
+	if err := s.flush(); err != nil {
+		return nil, err
 	}
 	t3 := time.Now()
 	rep.FinalCopy = t3.Sub(t2)
-	typ, _, err := c.recv(nil)
-	if err == nil && typ != msgResumed {
-		err = fmt.Errorf("%w: expected resumed, got type %d", ErrProtocol, typ)
-	}
-	if err != nil {
-		// The destination did not take over: the device runs here again.
-		_ = opts.Device.SetMigrationState(MigRunning)
+	if err := s.expect(msgResumed, "resumed"); err != nil {
 		return nil, err
 	}
+	// The guest runs on the destination: from here on the device stays
+	// stopped whatever fails.
+	s.handedOver = true
 	rep.Resume = time.Since(t3)
 	rep.Downtime = time.Since(t0)
-	tracking = false
-	if err := opts.Device.StopDirtyTracking(); err != nil {
-		return rep, err
-	}
-	return rep, opts.Device.SetMigrationState(MigStop)
+	s.tracking = false
+	err = opts.Device.StopDirtyTracking()
+	return rep, errors.Join(err, opts.Device.SetMigrationState(MigStop))
 }
 
 func sendRound(c *wire, n int, pages uint64) error {
@@ -359,9 +450,10 @@ func sendRound(c *wire, n int, pages uint64) error {
 	return c.send(msgRound, b[:])
 }
 
-// sendRange sends mem (at guest address base) in page chunks.
+// sendRange sends mem (at guest address base, both page-aligned) in
+// messages of whole pages, at most pagesBytes of data each.
 func sendRange(c *wire, mem []byte, base, pageSize uint64) (uint64, error) {
-	chunk := pagesPerChunk * pageSize
+	chunk := pagesPerMsg(pageSize) * pageSize
 	var hdr [8]byte
 	for off := uint64(0); off < uint64(len(mem)); off += chunk {
 		end := min(off+chunk, uint64(len(mem)))
@@ -373,39 +465,53 @@ func sendRange(c *wire, mem []byte, base, pageSize uint64) (uint64, error) {
 	return uint64(len(mem)), nil
 }
 
-// sendDirty sends every page set in dst.
-func sendDirty(c *wire, mem *vring.Memory, dst *dirty.Bitmap, round dirty.Round) (RoundReport, error) {
+// sendDirty sends every page set in dst. A run of dirty pages is split at
+// guest-memory region boundaries (regions are page-aligned, checked by
+// MigrateSource); a page outside guest memory fails the migration.
+func (s *sourceRun) sendDirty(dst *dirty.Bitmap, round dirty.Round) (RoundReport, error) {
+	c, mem := s.c, s.opts.Memory
 	start := time.Now()
 	ps := dst.PageSize()
 	var sent uint64
-	var err error
 	for first, n := range dst.DirtyRuns() {
-		for n > 0 {
-			k := min(n, pagesPerChunk)
-			addr := first * ps
-			b, serr := mem.Slice(vring.GuestAddr(addr), k*ps)
-			if serr != nil {
-				err = fmt.Errorf("mdev: dirty page %#x outside guest memory: %w", addr, serr)
-				break
+		addr, left := first*ps, n*ps
+		for left > 0 {
+			b, err := regionPiece(mem, addr, left)
+			if err != nil {
+				return RoundReport{}, fmt.Errorf("mdev: dirty page %#x outside guest memory: %w", addr, err)
 			}
-			if _, err = sendRange(c, b, addr, ps); err != nil {
-				break
+			if _, err := sendRange(c, b, addr, ps); err != nil {
+				return RoundReport{}, s.io(err)
 			}
-			sent += k * ps
-			first += k
-			n -= k
-		}
-		if err != nil {
-			return RoundReport{}, err
+			k := uint64(len(b))
+			sent += k
+			addr += k
+			left -= k
 		}
 	}
 	if err := sendRound(c, round.N, sent/ps); err != nil {
-		return RoundReport{}, err
+		return RoundReport{}, s.io(err)
 	}
-	if err := c.flush(); err != nil {
+	if err := s.flush(); err != nil {
 		return RoundReport{}, err
 	}
 	return RoundReport{Round: round, Sent: sent, SendTime: time.Since(start)}, nil
+}
+
+// regionPiece returns the host bytes of the longest prefix of
+// [addr, addr+n) that lies in one guest-memory region.
+func regionPiece(mem *vring.Memory, addr, n uint64) ([]byte, error) {
+	// One byte first: it validates addr (and faults a lazily mapped
+	// region in) before the region table is consulted.
+	if _, err := mem.Slice(vring.GuestAddr(addr), 1); err != nil {
+		return nil, err
+	}
+	for _, r := range mem.Regions() {
+		if b, e := uint64(r.Base()), uint64(r.End()); addr >= b && addr < e {
+			return mem.Slice(vring.GuestAddr(addr), min(n, e-addr))
+		}
+	}
+	return nil, fmt.Errorf("%w: %#x", vring.ErrOutOfRange, addr)
 }
 
 // DestOptions configure MigrateDestination.
@@ -547,7 +653,7 @@ func checkHello(p []byte, mem *vring.Memory) (uint64, error) {
 		return 0, fmt.Errorf("%w: protocol version %d (want %d)", ErrProtocol, v, protoVersion)
 	}
 	ps := uint64(binary.LittleEndian.Uint32(p[2:]))
-	if ps < 512 || ps > 1<<16 || ps&(ps-1) != 0 {
+	if ps < minPageSize || ps > maxPageSize || ps&(ps-1) != 0 {
 		return 0, fmt.Errorf("%w: page size %d", ErrProtocol, ps)
 	}
 	n := int(binary.LittleEndian.Uint16(p[6:]))
@@ -564,6 +670,9 @@ func checkHello(p []byte, mem *vring.Memory) (uint64, error) {
 		if base != uint64(r.Base()) || size != r.Size() {
 			return 0, fmt.Errorf("%w: source region %d is %#x+%#x, destination %v", ErrMemoryLayout, i, base, size, r)
 		}
+	}
+	if err := checkPageSize(ps, regions); err != nil {
+		return 0, fmt.Errorf("%w: %w", ErrMemoryLayout, err)
 	}
 	return ps, nil
 }
