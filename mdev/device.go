@@ -133,6 +133,9 @@ type Device struct {
 	closed bool
 	// relay is non-nil while the data path runs through the shadow relay.
 	relay *relay
+	// relayGen counts relay runs programmed and torn down; a run's
+	// failure report is current only while relayGen is the run's gen.
+	relayGen uint64
 	// tracking is the dirty-tracking mode in effect (DirtyAuto: none).
 	tracking DirtyMode
 	// canLogAll: the backing device offers VHOST_F_LOG_ALL, which must be

@@ -66,6 +66,12 @@ type relayRun struct {
 	wake     chan struct{} // capacity 1: a pass is due
 	wg       sync.WaitGroup
 	failed   atomic.Pointer[error]
+	// gen is the device's relayGen when this run was programmed: a
+	// failure report from a run that is no longer current is dropped.
+	gen uint64
+	// reported is closed once the run's failure report was delivered or
+	// dropped.
+	reported chan struct{}
 }
 
 type relayQueue struct {
@@ -113,7 +119,9 @@ func (r *relay) program(d *Device) error {
 		_ = region.Close()
 		return fmt.Errorf("mdev: shadow memory map: %w", err)
 	}
-	run := &relayRun{region: region, mem: mem, queues: make([]*relayQueue, len(d.queues))}
+	d.relayGen++
+	run := &relayRun{region: region, mem: mem, queues: make([]*relayQueue, len(d.queues)),
+		gen: d.relayGen, reported: make(chan struct{})}
 	r.run = run
 	fail := func(err error) error {
 		r.teardown(d)
@@ -249,8 +257,13 @@ func (run *relayRun) loop() (err error) {
 func (run *relayRun) fail(d *Device, err error) {
 	if run.failed.CompareAndSwap(nil, &err) {
 		// Reported without d.mu held by this goroutine: stop() may hold
-		// d.mu while waiting for us.
-		go d.BackingFailed(err)
+		// d.mu while waiting for us. By the time the report gets the lock
+		// the run may be gone (device reset, closed, relay stopped or
+		// reprogrammed): relayFailed drops it then.
+		go func() {
+			defer close(run.reported)
+			d.relayFailed(run.gen, err)
+		}()
 	}
 }
 
@@ -451,6 +464,7 @@ func (r *relay) teardown(d *Device) {
 		return
 	}
 	r.run = nil
+	d.relayGen++ // reports from run are stale from now on
 	run.halt()
 	_ = d.backing.SetStatus(0)
 	for _, rq := range run.queues {
@@ -465,6 +479,17 @@ func (r *relay) teardown(d *Device) {
 		}
 	}
 	_ = run.region.Close()
+}
+
+// relayFailed reports the failure of relay run gen, unless that run is no
+// longer the device's current one.
+func (d *Device) relayFailed(gen uint64, err error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed || d.relay == nil || d.relay.run == nil || d.relayGen != gen {
+		return
+	}
+	d.needsReset(backingErr("data path", err))
 }
 
 // stopRelay abandons a running relay (device reset, FAILED, Close): the
