@@ -1,0 +1,10 @@
+package mdev
+
+// testdata/compat holds frozen byte streams of the current device-state
+// (StateVersion) and migration-stream (protocol version 1) formats, written
+// once by internal/genstreams, which encodes them by hand from the format
+// descriptions, independently of this package. The compatibility tests
+// decode them and check every field, so a change that breaks either format
+// fails even when the encoder and the decoder change together. Regenerate
+// only when adding a new version (next to, never over, the old files).
+//go:generate go run ./internal/genstreams -dir testdata/compat
