@@ -2,6 +2,7 @@ package mdev
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"math/bits"
@@ -90,10 +91,14 @@ type queue struct {
 // DRIVER_OK the backing device is programmed with the guest's rings, kick
 // and interrupt eventfds, and from then on processes the data path itself.
 //
-// All methods are safe for concurrent use.
+// All methods are safe for concurrent use. Back-end operations run
+// without the register lock held (see oplock.go): a slow backing device
+// does not stall the guest's register reads.
 type Device struct {
 	mu      sync.Mutex
-	backing vdpa.Device
+	ops     opLock          // serialises back-end operations; taken before mu
+	backing vdpa.Device     // NewDevice only; operations go through bk
+	bk      unlockedBacking // the backing device, called with mu released
 	opts    Options
 
 	devID     virtio.DeviceID
@@ -149,7 +154,8 @@ func NewDevice(backing vdpa.Device, opts *Options) (*Device, error) {
 	if backing == nil {
 		return nil, fmt.Errorf("%w: nil backing device", ErrInvalidOptions)
 	}
-	d := &Device{backing: backing}
+	d := &Device{backing: backing, ops: newOpLock()}
+	d.bk = unlockedBacking{d: d, b: backing}
 	if opts != nil {
 		d.opts = *opts
 	}
@@ -260,8 +266,8 @@ func NewDevice(backing vdpa.Device, opts *Options) (*Device, error) {
 // Close stops the data path (resetting the backing device if it was live)
 // and releases the device's eventfds. The backing device stays open.
 func (d *Device) Close() error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	_ = d.begin(context.Background())
+	defer d.end()
 	if d.closed {
 		return nil
 	}
@@ -269,7 +275,7 @@ func (d *Device) Close() error {
 	d.stopRelay()
 	var err error
 	if d.live || d.negotiated {
-		err = backingErr("reset", d.backing.SetStatus(0))
+		err = backingErr("reset", d.bk.SetStatus(0))
 	}
 	for _, e := range append(append([]*vdpa.EventFD(nil), d.kicks...), d.calls...) {
 		if e != nil {
@@ -366,11 +372,12 @@ func (d *Device) resetRegisters() {
 
 // readBackingConfig reads the backing device's whole configuration; if the
 // read fails (a device stopped mid-migration, for example) it returns the
-// last configuration read, which NewDevice guarantees exists.
+// last configuration read, which NewDevice guarantees exists. Caller holds
+// d.ops and d.mu.
 func (d *Device) readBackingConfig() []byte {
 	b := make([]byte, d.cfgSize)
 	if d.cfgSize > 0 {
-		if err := d.backing.ReadConfig(0, b); err != nil {
+		if err := d.bk.ReadConfig(0, b); err != nil {
 			return append([]byte(nil), d.cfgSnapshot...)
 		}
 	}
@@ -379,7 +386,8 @@ func (d *Device) readBackingConfig() []byte {
 
 // refreshGeneration compares the backing device's configuration with the
 // last snapshot and bumps config_generation on a change (§2.5.1: the device
-// changes config_generation whenever the configuration changes).
+// changes config_generation whenever the configuration changes). Caller
+// holds d.ops and d.mu.
 func (d *Device) refreshGeneration() {
 	cur := d.readBackingConfig()
 	if !bytes.Equal(cur, d.cfgSnapshot) {
@@ -393,8 +401,8 @@ func (d *Device) refreshGeneration() {
 // config_generation, sets the ISR configuration bit and raises the
 // configuration interrupt (§2.5.1, §4.1.4.5).
 func (d *Device) ConfigChanged() {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	_ = d.begin(context.Background())
+	defer d.end()
 	old := d.generation
 	d.refreshGeneration()
 	if d.generation != old && d.status&virtio.StatusDriverOK != 0 {
@@ -449,11 +457,18 @@ func (d *Device) queueCallFD(q int) *vdpa.EventFD {
 	return d.vectorFD(d.queues[q].vector, fb)
 }
 
-// Read performs a guest read of size bytes at offset within region.
+// Read performs a guest read of size bytes at offset within region. It never
+// waits for a back-end operation in progress: registers that mirror the
+// backing device (the device configuration, a failure it reports through
+// its status) are then answered from what the device last read.
 func (d *Device) Read(region Region, offset uint64, size int) (uint64, error) {
+	withBacking := readMayUseBacking(region) && d.ops.tryLock()
 	d.mu.Lock()
-	defer d.mu.Unlock()
-	v, err := d.readLocked(region, offset, size)
+	v, err := d.readLocked(region, offset, size, withBacking)
+	d.mu.Unlock()
+	if withBacking {
+		d.ops.unlock()
+	}
 	if err != nil {
 		return 0, &AccessError{Region: region, Offset: offset, Size: size, Err: err}
 	}
@@ -465,18 +480,59 @@ func (d *Device) Read(region Region, offset uint64, size int) (uint64, error) {
 // (the register keeps its value), as the spec requires of a device; only
 // malformed accesses (wrong width, out of range) return an error.
 func (d *Device) Write(region Region, offset uint64, size int, value uint64) error {
+	return d.WriteContext(context.Background(), region, offset, size, value)
+}
+
+// WriteContext is Write for a write that may need the backing device
+// (device_status, queue_msix_vector, the device configuration, the PCI
+// configuration space): ctx bounds the wait for a back-end operation
+// already in progress. Giving up returns an *AccessError wrapping ctx's
+// error, with the register unchanged.
+func (d *Device) WriteContext(ctx context.Context, region Region, offset uint64, size int, value uint64) error {
+	needOps := writeMayUseBacking(region, offset)
+	if needOps {
+		if err := d.ops.lock(ctx); err != nil {
+			return &AccessError{Region: region, Offset: offset, Size: size, Write: true, Err: err}
+		}
+	}
 	d.mu.Lock()
-	defer d.mu.Unlock()
-	if err := d.writeLocked(region, offset, size, value); err != nil {
+	err := d.writeLocked(region, offset, size, value)
+	d.mu.Unlock()
+	if needOps {
+		d.ops.unlock()
+	}
+	if err != nil {
 		return &AccessError{Region: region, Offset: offset, Size: size, Write: true, Err: err}
 	}
 	return nil
 }
 
-func (d *Device) readLocked(region Region, off uint64, size int) (uint64, error) {
+// readMayUseBacking reports whether a read of region may consult the
+// backing device.
+func readMayUseBacking(region Region) bool {
+	return region == RegionCommon || region == RegionDevice || region == RegionPCIConfig
+}
+
+// writeMayUseBacking reports whether a write at off of region may call the
+// backing device (and so must hold d.ops): status changes, interrupt
+// re-wiring, device configuration writes, and the PCI configuration space
+// (its PCI_CFG window reaches all of them).
+func writeMayUseBacking(region Region, off uint64) bool {
 	switch region {
 	case RegionCommon:
-		return d.commonRead(off, size)
+		return off == OffDeviceStatus || off == OffQueueMSIXVector
+	case RegionDevice, RegionPCIConfig:
+		return true
+	}
+	return false
+}
+
+// readLocked performs a guest read; withBacking says that the caller holds
+// d.ops, so the backing device may be consulted.
+func (d *Device) readLocked(region Region, off uint64, size int, withBacking bool) (uint64, error) {
+	switch region {
+	case RegionCommon:
+		return d.commonRead(off, size, withBacking)
 	case RegionNotify:
 		if err := d.notifyCheck(off, size); err != nil {
 			return 0, err
@@ -500,12 +556,16 @@ func (d *Device) readLocked(region Region, off uint64, size int) (uint64, error)
 			return 0, ErrOutOfRange
 		}
 		var b [4]byte
-		if err := d.backing.ReadConfig(int(off), b[:size]); err != nil {
+		if !withBacking {
+			// A back-end operation is in progress: the configuration
+			// as last read.
+			copy(b[:size], d.cfgSnapshot[off:])
+		} else if err := d.bk.ReadConfig(int(off), b[:size]); err != nil {
 			return 0, backingErr("read config", err)
 		}
 		return readLE(b[:], size), nil
 	case RegionPCIConfig:
-		return d.pciRead(off, size)
+		return d.pciRead(off, size, withBacking)
 	case RegionMSIX:
 		if !validSize(size, 8) || off%uint64(size) != 0 {
 			return 0, ErrAccessSize
@@ -548,7 +608,7 @@ func (d *Device) writeLocked(region Region, off uint64, size int, v uint64) erro
 		}
 		var b [4]byte
 		writeLE(b[:], size, v)
-		if err := d.backing.WriteConfig(int(off), b[:size]); err != nil {
+		if err := d.bk.WriteConfig(int(off), b[:size]); err != nil {
 			return backingErr("write config", err)
 		}
 		return nil
@@ -633,7 +693,7 @@ func (d *Device) selectedQueue() *queue {
 	return &d.queues[d.queueSelect]
 }
 
-func (d *Device) commonRead(off uint64, size int) (uint64, error) {
+func (d *Device) commonRead(off uint64, size int, withBacking bool) (uint64, error) {
 	start, err := commonField(off, size)
 	if err != nil {
 		return 0, err
@@ -658,10 +718,10 @@ func (d *Device) commonRead(off uint64, size int) (uint64, error) {
 	case OffNumQueues:
 		v = uint64(d.numQueues)
 	case OffDeviceStatus:
-		if d.live && d.status&virtio.StatusDeviceNeedsReset == 0 {
+		if withBacking && d.live && d.status&virtio.StatusDeviceNeedsReset == 0 {
 			// The backing device may have given up on its own (a broken
 			// ring): the guest learns it here.
-			if st, err := d.backing.Status(); err != nil {
+			if st, err := d.bk.Status(); err != nil {
 				d.needsReset(backingErr("status", err))
 			} else if st&(virtio.StatusDeviceNeedsReset|virtio.StatusFailed) != 0 {
 				d.needsReset(backingErr("status", fmt.Errorf("backing device status %s", st)))
@@ -669,7 +729,9 @@ func (d *Device) commonRead(off uint64, size int) (uint64, error) {
 		}
 		v = uint64(d.status)
 	case OffConfigGeneration:
-		d.refreshGeneration()
+		if withBacking {
+			d.refreshGeneration()
+		}
 		v = uint64(d.generation)
 	case OffQueueSelect:
 		v = uint64(d.queueSelect)
@@ -834,7 +896,7 @@ func (d *Device) setStatus(v virtio.Status) {
 		d.status |= virtio.StatusFailed
 		d.stopRelay()
 		if d.live || d.negotiated {
-			_ = d.backing.SetStatus(0)
+			_ = d.bk.SetStatus(0)
 		}
 		d.live, d.negotiated = false, false
 		set &^= virtio.StatusFailed
@@ -886,13 +948,17 @@ func (d *Device) acceptFeatures() bool {
 		d.lastErr = err
 		return false
 	}
-	return true
+	// The register lock was released during the negotiation: a driver
+	// that changed its features meanwhile (another vCPU, against §3.1.1)
+	// does not get FEATURES_OK for features the backing device was not
+	// given.
+	return d.driverFeatures == f && !d.extraAccepted
 }
 
 // negotiateBacking takes the backing device from reset to FEATURES_OK with
 // the driver's features.
 func (d *Device) negotiateBacking() error {
-	b := d.backing
+	b := d.bk
 	if err := b.SetStatus(0); err != nil {
 		return backingErr("reset", err)
 	}
@@ -932,7 +998,7 @@ func (d *Device) backingFeatures() virtio.Features {
 func (d *Device) reset() {
 	d.stopRelay()
 	if d.live || d.negotiated {
-		_ = d.backing.SetStatus(0)
+		_ = d.bk.SetStatus(0)
 	}
 	d.live = false
 	d.resetRegisters()

@@ -1,6 +1,7 @@
 package mdev
 
 import (
+	"context"
 	"fmt"
 
 	"github.com/vdpakit/vdpakit/dirty"
@@ -42,8 +43,16 @@ func (m DirtyMode) String() string {
 // onto shadow rings, losing and duplicating nothing. log must stay open
 // until StopDirtyTracking or Close returns.
 func (d *Device) StartDirtyTracking(log *dirty.Bitmap) (DirtyMode, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	return d.StartDirtyTrackingContext(context.Background(), log)
+}
+
+// StartDirtyTrackingContext is StartDirtyTracking with ctx bounding the wait
+// for a back-end operation in progress.
+func (d *Device) StartDirtyTrackingContext(ctx context.Context, log *dirty.Bitmap) (DirtyMode, error) {
+	if err := d.begin(ctx); err != nil {
+		return 0, err
+	}
+	defer d.end()
 	if log == nil {
 		return 0, fmt.Errorf("%w: nil dirty bitmap", ErrInvalidOptions)
 	}
@@ -51,7 +60,7 @@ func (d *Device) StartDirtyTracking(log *dirty.Bitmap) (DirtyMode, error) {
 		return d.tracking, fmt.Errorf("%w: dirty tracking already on (%s)", ErrInvalidOptions, d.tracking)
 	}
 	mode := d.opts.DirtyMode
-	lg, canLog := d.backing.(vdpa.Logger)
+	_, canLog := d.backing.(vdpa.Logger)
 	if mode == DirtyAuto {
 		mode = DirtyRelay
 		if canLog {
@@ -63,7 +72,7 @@ func (d *Device) StartDirtyTracking(log *dirty.Bitmap) (DirtyMode, error) {
 		if !canLog {
 			return 0, fmt.Errorf("%w: dirty logging", ErrNotSupported)
 		}
-		if err := lg.SetLog(log); err != nil {
+		if err := d.bk.SetLog(log); err != nil {
 			return 0, backingErr("set log", err)
 		}
 		d.tracking = DirtyDeviceLog
@@ -74,7 +83,7 @@ func (d *Device) StartDirtyTracking(log *dirty.Bitmap) (DirtyMode, error) {
 		if d.canLogAll {
 			if err := d.renegotiate(); err != nil {
 				d.tracking = DirtyAuto
-				_ = lg.SetLog(nil)
+				_ = d.bk.SetLog(nil)
 				return 0, err
 			}
 		}
@@ -93,8 +102,16 @@ func (d *Device) StartDirtyTracking(log *dirty.Bitmap) (DirtyMode, error) {
 // goes back to the guest's rings (passthrough) at the exact ring positions
 // the relay reached.
 func (d *Device) StopDirtyTracking() error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	return d.StopDirtyTrackingContext(context.Background())
+}
+
+// StopDirtyTrackingContext is StopDirtyTracking with ctx bounding the wait
+// for a back-end operation in progress.
+func (d *Device) StopDirtyTrackingContext(ctx context.Context) error {
+	if err := d.begin(ctx); err != nil {
+		return err
+	}
+	defer d.end()
 	mode := d.tracking
 	d.tracking = DirtyAuto
 	switch mode {
@@ -104,7 +121,7 @@ func (d *Device) StopDirtyTracking() error {
 				return err
 			}
 		}
-		return backingErr("set log", d.backing.(vdpa.Logger).SetLog(nil))
+		return backingErr("set log", d.bk.SetLog(nil))
 	case DirtyRelay:
 		return d.switchRelay(nil)
 	}

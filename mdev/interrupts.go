@@ -1,5 +1,7 @@
 package mdev
 
+import "context"
+
 // RaiseISR sets bits (ISRQueue, ISRConfig) in the ISR status register. A
 // VMM delivering the line interrupt (Options.INTx) calls it before asserting
 // the line, so the guest's handler, which reads and thereby clears the ISR
@@ -15,8 +17,16 @@ func (d *Device) RaiseISR(bits uint8) {
 // its MSI-X irqfds. While the data path is live every enabled queue's
 // interrupt is re-wired to the current eventfd.
 func (d *Device) VectorsChanged() error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	return d.VectorsChangedContext(context.Background())
+}
+
+// VectorsChangedContext is VectorsChanged with ctx bounding the wait for a
+// back-end operation in progress.
+func (d *Device) VectorsChangedContext(ctx context.Context) error {
+	if err := d.begin(ctx); err != nil {
+		return err
+	}
+	defer d.end()
 	if !d.live || d.closed {
 		return nil
 	}

@@ -2,6 +2,7 @@ package mdev
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 
@@ -43,9 +44,21 @@ func (d *Device) MigrationState() MigState {
 // peer-to-peer DMA). When an action fails the device stays in the last
 // state it reached, unless its state is then unknown, in which case it
 // enters ERROR (leave it with ResetMigration).
+//
+// The device's registers stay readable by the guest while the backing device
+// works (see oplock.go).
 func (d *Device) SetMigrationState(target MigState) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	return d.SetMigrationStateContext(context.Background(), target)
+}
+
+// SetMigrationStateContext is SetMigrationState with ctx bounding the wait
+// for a back-end operation in progress; giving up leaves the state as it
+// was.
+func (d *Device) SetMigrationStateContext(ctx context.Context, target MigState) error {
+	if err := d.begin(ctx); err != nil {
+		return err
+	}
+	defer d.end()
 	if d.closed {
 		return ErrClosed
 	}
@@ -103,10 +116,19 @@ func (d *Device) migArc(from, to MigState) error {
 // reset (as if the driver wrote 0 to device_status) and returns to RUNNING.
 // It is the only way out of ERROR.
 func (d *Device) ResetMigration() {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	_ = d.ResetMigrationContext(context.Background())
+}
+
+// ResetMigrationContext is ResetMigration with ctx bounding the wait for a
+// back-end operation in progress (its only error).
+func (d *Device) ResetMigrationContext(ctx context.Context) error {
+	if err := d.begin(ctx); err != nil {
+		return err
+	}
+	defer d.end()
 	d.reset()
 	d.mig = migState{state: MigRunning}
+	return nil
 }
 
 // SaveState returns the device state captured on entering STOP_COPY.
@@ -125,8 +147,16 @@ func (d *Device) SaveState() ([]byte, error) {
 // any error the device is untouched. The state takes effect when the device
 // leaves RESUMING.
 func (d *Device) LoadState(b []byte) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	return d.LoadStateContext(context.Background(), b)
+}
+
+// LoadStateContext is LoadState with ctx bounding the wait for a back-end
+// operation in progress.
+func (d *Device) LoadStateContext(ctx context.Context, b []byte) error {
+	if err := d.begin(ctx); err != nil {
+		return err
+	}
+	defer d.end()
 	if d.mig.state != MigResuming {
 		return fmt.Errorf("%w: LoadState in %s (want RESUMING)", ErrMigrationState, d.mig.state)
 	}
@@ -145,8 +175,8 @@ func (d *Device) LoadState(b []byte) error {
 // queue positions are those last recorded (meaningful once the device is
 // stopped).
 func (d *Device) State() *State {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	_ = d.begin(context.Background())
+	defer d.end()
 	return d.snapshot()
 }
 

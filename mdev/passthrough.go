@@ -71,7 +71,7 @@ func (d *Device) goLive() error {
 		}
 	}
 	if err := d.programBacking(); err != nil {
-		_ = d.backing.SetStatus(0)
+		_ = d.bk.SetStatus(0)
 		d.negotiated = false
 		return err
 	}
@@ -83,7 +83,7 @@ func (d *Device) goLive() error {
 // enabled queue, then sets DRIVER_OK on it. In relay mode the backing device
 // gets the shadow rings instead and the relay serves the guest's rings.
 func (d *Device) programBacking() error {
-	b := d.backing
+	b := d.bk
 	if d.relay != nil {
 		if err := d.relay.program(d); err != nil {
 			return err
@@ -118,7 +118,7 @@ func (d *Device) programBacking() error {
 }
 
 func (d *Device) programQueue(i int, size uint16, addr vdpa.QueueAddr, base vring.QueueState, kick, call *vdpa.EventFD) error {
-	b := d.backing
+	b := d.bk
 	if err := b.SetQueueNum(i, size); err != nil {
 		return backingErr(fmt.Sprintf("queue %d num", i), err)
 	}
@@ -147,7 +147,7 @@ func (d *Device) rewireCall(q int) error {
 		d.relay.setGuestCall(q, d.queueCallFD(q))
 		return nil
 	}
-	return backingErr(fmt.Sprintf("queue %d call", q), d.backing.SetQueueCall(q, d.queueCallFD(q)))
+	return backingErr(fmt.Sprintf("queue %d call", q), d.bk.SetQueueCall(q, d.queueCallFD(q)))
 }
 
 // quiesce stops the data path at a consistent point and records every
@@ -187,7 +187,7 @@ func (d *Device) quiesce() error {
 	// scratch when the data path restarts, so that the same path serves a
 	// resume on the source, a relay switch and a restore on the
 	// destination.
-	if err := d.backing.SetStatus(0); err != nil {
+	if err := d.bk.SetStatus(0); err != nil {
 		return backingErr("reset", err)
 	}
 	d.live = false
@@ -200,11 +200,7 @@ func (d *Device) quiesce() error {
 // vhost-vdpa, older kernels) is stopped queue by queue by readBases
 // instead.
 func (d *Device) suspendBacking() error {
-	s, ok := d.backing.(vdpa.Suspender)
-	if !ok {
-		return nil
-	}
-	if err := s.Suspend(); err != nil && !errors.Is(err, errors.ErrUnsupported) {
+	if _, err := d.bk.Suspend(); err != nil && !errors.Is(err, errors.ErrUnsupported) {
 		return backingErr("suspend", err)
 	}
 	return nil
@@ -221,7 +217,7 @@ func (d *Device) readBases() ([]vring.QueueState, error) {
 		if !d.queues[i].enabled {
 			continue
 		}
-		st, err := d.backing.QueueBase(i)
+		st, err := d.bk.QueueBase(i)
 		if err != nil {
 			return nil, backingErr(fmt.Sprintf("queue %d base", i), err)
 		}

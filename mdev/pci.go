@@ -1,6 +1,7 @@
 package mdev
 
 import (
+	"context"
 	"encoding/binary"
 	"fmt"
 
@@ -331,11 +332,17 @@ func (d *Device) ReadBAR(bar int, off uint64, size int) (uint64, error) {
 
 // WriteBAR writes size bytes at offset off of BAR bar.
 func (d *Device) WriteBAR(bar int, off uint64, size int, v uint64) error {
+	return d.WriteBARContext(context.Background(), bar, off, size, v)
+}
+
+// WriteBARContext is WriteBAR with ctx bounding the wait for a back-end
+// operation in progress (see WriteContext).
+func (d *Device) WriteBARContext(ctx context.Context, bar int, off uint64, size int, v uint64) error {
 	r, o, err := d.RegionAt(bar, off)
 	if err != nil {
 		return err
 	}
-	return d.Write(r, o, size, v)
+	return d.WriteContext(ctx, r, o, size, v)
 }
 
 func readLE(b []byte, size int) uint64 {
@@ -364,7 +371,7 @@ func writeLE(b []byte, size int, v uint64) {
 }
 
 // pciRead reads the configuration space. Caller holds d.mu.
-func (d *Device) pciRead(off uint64, size int) (uint64, error) {
+func (d *Device) pciRead(off uint64, size int, withBacking bool) (uint64, error) {
 	if !validSize(size, 4) || off%uint64(size) != 0 {
 		return 0, ErrAccessSize
 	}
@@ -374,7 +381,7 @@ func (d *Device) pciRead(off uint64, size int) (uint64, error) {
 	// pci_cfg_data of the PCI_CFG capability: a window onto the BAR.
 	data := uint64(capOffPCICfg + 16)
 	if off >= data && off < data+4 {
-		d.pciCfgWindowRead()
+		d.pciCfgWindowRead(withBacking)
 	}
 	return readLE(d.pci.img[off:], size), nil
 }
@@ -411,13 +418,13 @@ func (d *Device) pciCfgWindow() (bar int, off uint64, size int, ok bool) {
 	return bar, off, size, size == 1 || size == 2 || size == 4
 }
 
-func (d *Device) pciCfgWindowRead() {
+func (d *Device) pciCfgWindowRead(withBacking bool) {
 	dataOff := capOffPCICfg + 16
 	bar, off, size, ok := d.pciCfgWindow()
 	var v uint64
 	if ok {
 		if r, ro, err := d.RegionAt(bar, off); err == nil {
-			v, _ = d.readLocked(r, ro, size)
+			v, _ = d.readLocked(r, ro, size, withBacking)
 		}
 	}
 	binary.LittleEndian.PutUint32(d.pci.img[dataOff:], uint32(v))

@@ -127,7 +127,7 @@ func (r *relay) program(d *Device) error {
 		r.teardown(d)
 		return err
 	}
-	if err := d.backing.SetMemory(mem); err != nil {
+	if err := d.bk.SetMemory(mem); err != nil {
 		return fail(backingErr("set memory", err))
 	}
 	var logger vring.WriteLogger
@@ -446,7 +446,7 @@ func (r *relay) stop(d *Device) error {
 		}
 		d.queues[rq.idx].base = gs
 	}
-	if err := d.backing.SetStatus(0); err != nil && firstErr == nil {
+	if err := d.bk.SetStatus(0); err != nil && firstErr == nil {
 		firstErr = backingErr("reset", err)
 	}
 	d.negotiated = false
@@ -466,7 +466,7 @@ func (r *relay) teardown(d *Device) {
 	r.run = nil
 	d.relayGen++ // reports from run are stale from now on
 	run.halt()
-	_ = d.backing.SetStatus(0)
+	_ = d.bk.SetStatus(0)
 	for _, rq := range run.queues {
 		if rq == nil {
 			continue

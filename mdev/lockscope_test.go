@@ -1,0 +1,257 @@
+package mdev
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/vdpakit/vdpakit/dirty"
+	"github.com/vdpakit/vdpakit/vdpa"
+	"github.com/vdpakit/vdpakit/virtio"
+)
+
+// gatedBacking is a backing device whose control operations, once armed,
+// block until the test releases them: a slow back-end (a vhost-user peer
+// taking its time to answer, for example).
+type gatedBacking struct {
+	*fakeBacking
+	gmu     sync.Mutex
+	armed   bool
+	entered chan string
+	release chan struct{}
+}
+
+func newGatedBacking() *gatedBacking {
+	return &gatedBacking{fakeBacking: newFakeBacking(), entered: make(chan string, 1), release: make(chan struct{})}
+}
+
+func (g *gatedBacking) gate(op string) {
+	g.gmu.Lock()
+	armed := g.armed
+	g.armed = false // only the first operation blocks
+	g.gmu.Unlock()
+	if armed {
+		g.entered <- op
+		<-g.release
+	}
+}
+
+func (g *gatedBacking) arm() { g.gmu.Lock(); g.armed = true; g.gmu.Unlock() }
+
+func (g *gatedBacking) SetFeatures(x virtio.Features) error {
+	g.gate("SetFeatures")
+	return g.fakeBacking.SetFeatures(x)
+}
+func (g *gatedBacking) Status() (virtio.Status, error) {
+	g.gate("Status")
+	return g.fakeBacking.Status()
+}
+func (g *gatedBacking) SetStatus(s virtio.Status) error {
+	g.gate(fmt.Sprintf("SetStatus(%s)", s))
+	return g.fakeBacking.SetStatus(s)
+}
+func (g *gatedBacking) ReadConfig(off int, p []byte) error {
+	g.gate("ReadConfig")
+	return g.fakeBacking.ReadConfig(off, p)
+}
+func (g *gatedBacking) WriteConfig(off int, p []byte) error {
+	g.gate("WriteConfig")
+	return g.fakeBacking.WriteConfig(off, p)
+}
+func (g *gatedBacking) SetQueueCall(q int, e *vdpa.EventFD) error {
+	g.gate("SetQueueCall")
+	return g.fakeBacking.SetQueueCall(q, e)
+}
+func (g *gatedBacking) Suspend() error {
+	g.gate("Suspend")
+	return g.fakeBacking.Suspend()
+}
+
+// guestReadsComplete checks that the guest's register reads, and writes
+// that need no back-end, complete while a back-end operation is blocked,
+// and that they see consistent values.
+func guestReadsComplete(t *testing.T, d *Device, wantStatus virtio.Status, wantQSize uint64) (done chan struct{}) {
+	t.Helper()
+	done = make(chan struct{})
+	go func() {
+		defer close(done)
+		g := driver{t, d}
+		assert.Equal(t, wantStatus, g.status())
+		assert.Equal(t, d.OfferedFeatures(), g.readFeatures())
+		assert.EqualValues(t, 2, g.r(OffNumQueues, 2))
+		g.w(OffQueueSelect, 2, 1)
+		assert.EqualValues(t, 1, g.r(OffQueueSelect, 2))
+		assert.EqualValues(t, wantQSize, g.r(OffQueueSize, 2))
+		g.r(OffConfigGeneration, 1)
+		mac0, err := d.Read(RegionDevice, 0, 1)
+		assert.NoError(t, err)
+		assert.EqualValues(t, 0x52, mac0)
+		_, err = d.Read(RegionISR, 0, 1)
+		assert.NoError(t, err)
+		vendor, err := d.Read(RegionPCIConfig, 0, 2)
+		assert.NoError(t, err)
+		assert.EqualValues(t, PCIVendorID, vendor)
+		_, err = d.Read(RegionMSIX, 0, 4)
+		assert.NoError(t, err)
+		// A kick goes through.
+		assert.NoError(t, d.Write(RegionNotify, 0, 2, 0))
+	}()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Error("guest register accesses blocked behind a back-end operation")
+	}
+	return done
+}
+
+// The device lock is not held across back-end calls: while a back-end
+// operation started by the guest (status writes) or by the VMM (migration,
+// dirty tracking) is blocked in the back-end, the guest's register reads
+// complete.
+func TestRegisterAccessDuringSlowBackend(t *testing.T) {
+	live := sAck | sDrv | sFOK | sDOK
+	for _, tc := range []struct {
+		name string
+		// setup brings the device to where the operation starts.
+		setup func(t *testing.T, d *Device)
+		// op is the operation that blocks in the back-end.
+		op func(d *Device) error
+		// status is what the guest reads meanwhile.
+		status virtio.Status
+	}{
+		{"guest sets FEATURES_OK", func(t *testing.T, d *Device) {
+			g := driver{t, d}
+			g.setStatus(sAck)
+			g.setStatus(sAck | sDrv)
+			g.writeFeatures(netFeatures)
+		}, func(d *Device) error {
+			return d.Write(RegionCommon, OffDeviceStatus, 1, uint64(sAck|sDrv|sFOK))
+		}, sAck | sDrv},
+		{"guest sets DRIVER_OK", func(t *testing.T, d *Device) {
+			g := driver{t, d}
+			g.setStatus(sAck)
+			g.setStatus(sAck | sDrv)
+			g.writeFeatures(netFeatures)
+			g.setStatus(sAck | sDrv | sFOK)
+			for q := 0; q < d.NumQueues(); q++ {
+				g.setupQueue(q, 128, uint16(q+1))
+			}
+		}, func(d *Device) error {
+			return d.Write(RegionCommon, OffDeviceStatus, 1, uint64(live))
+		}, live},
+		{"guest resets", func(t *testing.T, d *Device) { driver{t, d}.bringUp(netFeatures) }, func(d *Device) error {
+			return d.Write(RegionCommon, OffDeviceStatus, 1, 0)
+		}, live},
+		{"guest changes a queue vector", func(t *testing.T, d *Device) { driver{t, d}.bringUp(netFeatures) }, func(d *Device) error {
+			if err := d.Write(RegionCommon, OffQueueSelect, 2, 0); err != nil {
+				return err
+			}
+			return d.Write(RegionCommon, OffQueueMSIXVector, 2, 2)
+		}, live},
+		{"guest writes device config", func(t *testing.T, d *Device) { driver{t, d}.bringUp(netFeatures) }, func(d *Device) error {
+			return d.Write(RegionDevice, 0, 1, 0x52)
+		}, live},
+		{"migration to STOP_COPY", func(t *testing.T, d *Device) { driver{t, d}.bringUp(netFeatures) }, func(d *Device) error {
+			return d.SetMigrationState(MigStopCopy)
+		}, live},
+		{"dirty tracking starts a relay", func(t *testing.T, d *Device) { driver{t, d}.bringUp(netFeatures) }, func(d *Device) error {
+			log, err := dirty.New(1<<20, nil)
+			if err != nil {
+				return err
+			}
+			t.Cleanup(func() { _ = d.Close(); _ = log.Close() })
+			_, err = d.StartDirtyTracking(log)
+			return err
+		}, live},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := newGatedBacking()
+			d, err := NewDevice(b, &Options{Memory: testMemory(t), DirtyMode: DirtyRelay})
+			require.NoError(t, err)
+			t.Cleanup(func() { _ = d.Close() })
+			tc.setup(t, d)
+			b.arm()
+			opErr := make(chan error, 1)
+			go func() { opErr <- tc.op(d) }()
+			var op string
+			select {
+			case op = <-b.entered:
+			case err := <-opErr:
+				t.Fatalf("the operation never reached the back-end: %v", err)
+			}
+			t.Logf("blocked in %s", op)
+			qsize := uint64(128)
+			if tc.status&sFOK == 0 {
+				qsize = 256 // not set up yet: the maximum
+			}
+			done := guestReadsComplete(t, d, tc.status, qsize)
+			close(b.release)
+			<-done
+			require.NoError(t, <-opErr)
+		})
+	}
+}
+
+// While a back-end operation is blocked, callers of the Context variants
+// can give up waiting for it (typed: the context's error), and nothing
+// changes.
+func TestBlockingCallsHonourContext(t *testing.T) {
+	b := newGatedBacking()
+	d, err := NewDevice(b, &Options{Memory: testMemory(t), DirtyMode: DirtyRelay})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = d.Close() })
+	driver{t, d}.bringUp(netFeatures)
+	b.arm()
+	opErr := make(chan error, 1)
+	go func() { opErr <- d.SetMigrationState(MigStopCopy) }()
+	require.Equal(t, "Suspend", <-b.entered)
+
+	log, err := dirty.New(1<<20, nil)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = log.Close() })
+	cancelled, cancel := context.WithCancel(context.Background())
+	cancel()
+	for _, tc := range []struct {
+		name string
+		call func(ctx context.Context) error
+	}{
+		{"SetMigrationStateContext", func(ctx context.Context) error { return d.SetMigrationStateContext(ctx, MigRunning) }},
+		{"StartDirtyTrackingContext", func(ctx context.Context) error { _, err := d.StartDirtyTrackingContext(ctx, log); return err }},
+		{"StopDirtyTrackingContext", func(ctx context.Context) error { return d.StopDirtyTrackingContext(ctx) }},
+		{"ResetMigrationContext", func(ctx context.Context) error { return d.ResetMigrationContext(ctx) }},
+		{"LoadStateContext", func(ctx context.Context) error { return d.LoadStateContext(ctx, nil) }},
+		{"VectorsChangedContext", func(ctx context.Context) error { return d.VectorsChangedContext(ctx) }},
+		{"WriteContext device_status", func(ctx context.Context) error {
+			return d.WriteContext(ctx, RegionCommon, OffDeviceStatus, 1, 0)
+		}},
+		{"WriteBARContext queue_msix_vector", func(ctx context.Context) error {
+			return d.WriteBARContext(ctx, ModernBAR, BarOffCommon+OffQueueMSIXVector, 2, 1)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			require.ErrorIs(t, tc.call(cancelled), context.Canceled)
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+			defer cancel()
+			err := tc.call(ctx)
+			require.ErrorIs(t, err, context.DeadlineExceeded)
+			var ae *AccessError
+			if errors.As(err, &ae) {
+				assert.True(t, ae.Write)
+			}
+		})
+	}
+	// Nothing changed meanwhile.
+	assert.Equal(t, sAck|sDrv|sFOK|sDOK, d.Status())
+	// The transition is on its RUNNING_P2P -> STOP arc (suspending).
+	assert.Equal(t, MigRunningP2P, d.MigrationState())
+	close(b.release)
+	require.NoError(t, <-opErr)
+	assert.Equal(t, MigStopCopy, d.MigrationState())
+	assert.Equal(t, sAck|sDrv|sFOK|sDOK, d.Status(), "a status write given up on did not reset the device")
+}
