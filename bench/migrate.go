@@ -310,14 +310,14 @@ func trafficRate(ctx context.Context, mode mdev.DirtyMode, track bool, d time.Du
 			return 0, err
 		}
 		defer log.Close()
-		got, err := n.dev.StartDirtyTracking(log)
+		got, err := n.dev.StartDirtyTrackingContext(ctx, log)
 		if err != nil {
 			return 0, err
 		}
 		if got != mode {
 			return 0, fmt.Errorf("dirty tracking runs in %s mode, want %s", got, mode)
 		}
-		defer n.dev.StopDirtyTracking()
+		defer func() { _ = n.dev.StopDirtyTrackingContext(context.WithoutCancel(ctx)) }()
 	}
 	rg := startGuest(g, nil)
 	time.Sleep(min(d/4, 50*time.Millisecond))

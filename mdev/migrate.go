@@ -226,6 +226,8 @@ func MigrateSource(ctx context.Context, conn io.ReadWriter, opts SourceOptions) 
 	if err == nil {
 		return rep, nil
 	}
+	// Undoing does not stop when ctx has ended: the device must run again.
+	undo := context.WithoutCancel(ctx)
 	if !s.handedOver {
 		// The guest keeps running here: tell the destination, and take
 		// the device back to RUNNING with dirty tracking off.
@@ -234,13 +236,13 @@ func MigrateSource(ctx context.Context, conn io.ReadWriter, opts SourceOptions) 
 			_ = c.flush()
 		}
 		if s.touched {
-			if rerr := opts.Device.SetMigrationState(MigRunning); rerr != nil {
+			if rerr := opts.Device.SetMigrationStateContext(undo, MigRunning); rerr != nil {
 				err = errors.Join(err, fmt.Errorf("mdev: source device not running again: %w", rerr))
 			}
 		}
 	}
 	if s.tracking {
-		if terr := opts.Device.StopDirtyTracking(); terr != nil {
+		if terr := opts.Device.StopDirtyTrackingContext(undo); terr != nil {
 			err = errors.Join(err, terr)
 		}
 	}
@@ -313,7 +315,7 @@ func (s *sourceRun) run(ctx context.Context, regions []*vring.Region) (*SourceRe
 	}
 
 	rep := &SourceReport{}
-	mode, err := opts.Device.StartDirtyTracking(opts.Log)
+	mode, err := opts.Device.StartDirtyTrackingContext(ctx, opts.Log)
 	if err != nil {
 		return nil, err
 	}
@@ -324,7 +326,7 @@ func (s *sourceRun) run(ctx context.Context, regions []*vring.Region) (*SourceRe
 		return nil, err
 	}
 	s.touched = true // a failed transition may leave it anywhere
-	if err := opts.Device.SetMigrationState(MigPreCopy); err != nil {
+	if err := opts.Device.SetMigrationStateContext(ctx, MigPreCopy); err != nil {
 		return nil, err
 	}
 	if err := tr.Begin(); err != nil {
@@ -399,7 +401,7 @@ func (s *sourceRun) run(ctx context.Context, regions []*vring.Region) (*SourceRe
 	}
 	t1 := time.Now()
 	rep.StopGuest = t1.Sub(t0)
-	if err := opts.Device.SetMigrationState(MigStopCopy); err != nil {
+	if err := opts.Device.SetMigrationStateContext(ctx, MigStopCopy); err != nil {
 		return nil, err
 	}
 	t2 := time.Now()
@@ -439,8 +441,9 @@ func (s *sourceRun) run(ctx context.Context, regions []*vring.Region) (*SourceRe
 	rep.Resume = time.Since(t3)
 	rep.Downtime = time.Since(t0)
 	s.tracking = false
-	err = opts.Device.StopDirtyTracking()
-	return rep, errors.Join(err, opts.Device.SetMigrationState(MigStop))
+	done := context.WithoutCancel(ctx)
+	err = opts.Device.StopDirtyTrackingContext(done)
+	return rep, errors.Join(err, opts.Device.SetMigrationStateContext(done, MigStop))
 }
 
 func sendRound(c *wire, n int, pages uint64) error {
@@ -574,7 +577,7 @@ func MigrateDestination(ctx context.Context, conn io.ReadWriter, opts DestOption
 	if err := c.flush(); err != nil {
 		return nil, err
 	}
-	if err := opts.Device.SetMigrationState(MigResuming); err != nil {
+	if err := opts.Device.SetMigrationStateContext(ctx, MigResuming); err != nil {
 		return fail(err)
 	}
 	rep := &DestReport{}
@@ -613,7 +616,7 @@ func MigrateDestination(ctx context.Context, conn io.ReadWriter, opts DestOption
 				return rep, err
 			}
 		case msgState:
-			if err := opts.Device.LoadState(p); err != nil {
+			if err := opts.Device.LoadStateContext(ctx, p); err != nil {
 				return fail(err)
 			}
 			rep.StateBytes = len(p)
@@ -624,7 +627,7 @@ func MigrateDestination(ctx context.Context, conn io.ReadWriter, opts DestOption
 				}
 			}
 			t0 := time.Now()
-			if err := opts.Device.SetMigrationState(MigRunning); err != nil {
+			if err := opts.Device.SetMigrationStateContext(ctx, MigRunning); err != nil {
 				return fail(err)
 			}
 			t1 := time.Now()

@@ -457,3 +457,36 @@ func TestMigrateSourceStopGuestFails(t *testing.T) {
 	assert.Contains(t, derr.Error(), boom.Error())
 	sourceRollsBack(t, src, g)
 }
+
+// A migration cancelled through its context mid-way rolls back too: the
+// rollback itself is not cancelled.
+func TestMigrateSourceCancelledRollsBack(t *testing.T) {
+	const mem = 4 << 20
+	for _, mode := range []mdev.DirtyMode{mdev.DirtyDeviceLog, mdev.DirtyRelay} {
+		t.Run(mode.String(), func(t *testing.T) {
+			src := newSide(t, mem, mode)
+			dst := newSide(t, mem, mode)
+			g, err := mdevtest.Boot(src.dev, src.mem, 100, nil)
+			require.NoError(t, err)
+			log, err := dirty.New(mem, nil)
+			require.NoError(t, err)
+			closeLogAfter(t, log, src, dst)
+			c1, c2 := net.Pipe()
+			defer c1.Close()
+			defer c2.Close()
+			go func() {
+				_, _ = mdev.MigrateDestination(context.Background(), c2, mdev.DestOptions{Device: dst.dev, Memory: dst.mem})
+			}()
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			_, err = mdev.MigrateSource(ctx, c1, mdev.SourceOptions{
+				Device: src.dev, Memory: src.mem, Log: log,
+				Tracker:   dirty.TrackerOptions{Bandwidth: 1e6, MaxRounds: 3},
+				OnRound:   func(mdev.RoundReport) { _ = log.Mark(3<<20, 4096); cancel() },
+				StopGuest: func() error { return nil },
+			})
+			require.ErrorIs(t, err, context.Canceled)
+			sourceRollsBack(t, src, g)
+		})
+	}
+}
