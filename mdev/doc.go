@@ -50,9 +50,25 @@
 // guest runs, then stop-and-copy of the last dirty pages and the device
 // state, and restore on the destination, which validates every message
 // (page addresses inside its guest memory, sizes bounded) and loads the
-// device state only whole. Package mdevtest provides a guest-side driver
-// whose state lives entirely in guest memory, for tests and the
+// device state only whole. Pages travel in messages of at most 1 MiB of
+// whole pages, for any dirty-log page size from 512 bytes to 64 KiB
+// (guest-memory regions aligned to it); dirty runs are split at region
+// boundaries. Any failure of MigrateSource leaves the device RUNNING with
+// tracking off and tells the destination. The formats are frozen per
+// version under testdata/compat. Package mdevtest provides a guest-side
+// driver whose state lives entirely in guest memory, for tests and the
 // examples/migrate demo.
+//
+// # Concurrency
+//
+// Back-end operations (status transitions, migration arcs, dirty-tracking
+// switches, Close) are serialised by a lock of their own and call the
+// backing device with the register lock released, so a slow back-end never
+// stalls the guest's register reads; a read that would consult the backing
+// device during such an operation answers from the device's last copy. The
+// blocking calls have Context variants (SetMigrationStateContext,
+// StartDirtyTrackingContext, WriteContext, ...) whose ctx bounds the wait
+// for an operation in progress.
 //
 // Limits: split virtqueues only (no RING_PACKED, NOTIFICATION_DATA,
 // RING_RESET); legacy and transitional interfaces are not emulated; the
