@@ -136,6 +136,9 @@ type Device struct {
 
 	mig    migState
 	closed bool
+	// cfgPending: ConfigChanged was called while an operation held ops;
+	// the operation's end handles it.
+	cfgPending bool
 	// relay is non-nil while the data path runs through the shadow relay.
 	relay *relay
 	// relayGen counts relay runs programmed and torn down; a run's
@@ -400,9 +403,30 @@ func (d *Device) refreshGeneration() {
 // may have changed (link status, for example). If it did, the device bumps
 // config_generation, sets the ISR configuration bit and raises the
 // configuration interrupt (§2.5.1, §4.1.4.5).
+//
+// It never waits for a back-end operation in progress (it may be called
+// from the back-end itself): the operation handles the change when it ends.
 func (d *Device) ConfigChanged() {
-	_ = d.begin(context.Background())
-	defer d.end()
+	if !d.ops.tryLock() {
+		d.mu.Lock()
+		d.cfgPending = true
+		d.mu.Unlock()
+		// The operation may have ended meanwhile (see end).
+		if !d.ops.tryLock() {
+			return
+		}
+	}
+	d.mu.Lock()
+	d.cfgPending = true
+	d.end()
+}
+
+// configChanged is ConfigChanged's work. Caller holds d.ops and d.mu.
+func (d *Device) configChanged() {
+	d.cfgPending = false
+	if d.closed {
+		return
+	}
 	old := d.generation
 	d.refreshGeneration()
 	if d.generation != old && d.status&virtio.StatusDriverOK != 0 {

@@ -255,3 +255,40 @@ func TestBlockingCallsHonourContext(t *testing.T) {
 	assert.Equal(t, MigStopCopy, d.MigrationState())
 	assert.Equal(t, sAck|sDrv|sFOK|sDOK, d.Status(), "a status write given up on did not reset the device")
 }
+
+// ConfigChanged during a blocked back-end operation (the back-end may
+// report a change from inside a call) returns at once; the change reaches
+// the guest when the operation ends.
+func TestConfigChangedDuringSlowBackend(t *testing.T) {
+	b := newGatedBacking()
+	d, err := NewDevice(b, &Options{Memory: testMemory(t)})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = d.Close() })
+	driver{t, d}.bringUp(netFeatures)
+	gen0 := driver{t, d}.r(OffConfigGeneration, 1)
+	_, err = d.ConfigFD().TryWait()
+	require.NoError(t, err)
+	b.arm()
+	opErr := make(chan error, 1)
+	go func() { opErr <- d.SetMigrationState(MigStopCopy) }()
+	require.Equal(t, "Suspend", <-b.entered)
+
+	b.setConfig(6, []byte{0}) // link down
+	returned := make(chan struct{})
+	go func() { d.ConfigChanged(); close(returned) }()
+	select {
+	case <-returned:
+	case <-time.After(5 * time.Second):
+		t.Error("ConfigChanged waited for the back-end operation")
+	}
+	close(b.release)
+	<-returned
+	require.NoError(t, <-opErr)
+	n, err := d.ConfigFD().TryWait()
+	require.NoError(t, err)
+	assert.EqualValues(t, 1, n, "config interrupt once the operation ended")
+	assert.NotEqual(t, gen0, driver{t, d}.r(OffConfigGeneration, 1))
+	st, err := d.Read(RegionDevice, 6, 2)
+	require.NoError(t, err)
+	assert.Zero(t, st&1, "link down")
+}

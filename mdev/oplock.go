@@ -75,10 +75,23 @@ func (d *Device) begin(ctx context.Context) error {
 	return nil
 }
 
-// end ends an operation started with begin.
+// end ends an operation started with begin, first handling a
+// configuration change reported meanwhile (ConfigChanged does not wait for
+// operations). A report that comes in after that check, once the register
+// lock is released, either finds ops free or is seen by the second check.
 func (d *Device) end() {
+	if d.cfgPending {
+		d.configChanged()
+	}
 	d.mu.Unlock()
 	d.ops.unlock()
+	d.mu.Lock()
+	again := d.cfgPending
+	d.mu.Unlock()
+	if again && d.ops.tryLock() {
+		d.mu.Lock()
+		d.end()
+	}
 }
 
 // unlockedBacking calls the backing device with d.mu released. Callers hold
