@@ -140,6 +140,10 @@ type lcConn struct {
 	be   *Backend
 	done <-chan error
 	log  *logRecorder
+	// proto is what the front-end sent in SET_PROTOCOL_FEATURES (replay).
+	proto ProtocolFeatures
+	// kicked lists the queues given a kick in this session (replay).
+	kicked map[int]bool
 }
 
 func (g *lcGuest) connect(h vdpa.Handler) *lcConn {
