@@ -40,9 +40,10 @@ type BackendOptions struct {
 	// nil discards them.
 	Logger *slog.Logger
 	// MessageTimeout bounds how long the rest of a message may take once
-	// its first byte has arrived: a front-end that stalls inside a message
-	// ends its session with ErrStalled. A connection may idle between
-	// messages for any time. 10s if zero; negative: no bound.
+	// its first byte has arrived, and how long writing a reply may take: a
+	// front-end that stalls inside a message, or stops reading the replies
+	// it asked for, ends its session with ErrStalled. A connection may idle
+	// between messages for any time. 10s if zero; negative: no bound.
 	MessageTimeout time.Duration
 }
 

@@ -26,8 +26,9 @@ type conn struct {
 	oob []byte
 
 	// msgTimeout bounds the rest of a message once its first byte has
-	// arrived (0: no bound). Between messages a connection may idle. The
-	// owner must not set read deadlines of its own when it is set.
+	// arrived, and the writing of a message (0: no bound). Between
+	// messages a connection may idle. The owner must not set deadlines of
+	// its own when it is set.
 	msgTimeout time.Duration
 	// msgDeadline is the deadline of the message being read (zero: none
 	// set).
@@ -169,18 +170,24 @@ func (c *conn) write(h Header, payload []byte, fds []int) error {
 	if len(fds) > 0 {
 		oob = unix.UnixRights(fds...)
 	}
-	n, _, err := c.uc.WriteMsgUnix(b, oob, nil)
-	if err != nil {
-		return err
+	if c.msgTimeout > 0 {
+		// A peer that does not read what it asked for must not block
+		// us for good.
+		_ = c.uc.SetWriteDeadline(time.Now().Add(c.msgTimeout))
+		defer c.uc.SetWriteDeadline(time.Time{})
 	}
-	if n < len(b) {
+	n, _, err := c.uc.WriteMsgUnix(b, oob, nil)
+	if err == nil && n < len(b) {
 		// A stream socket may accept part of the data; the
 		// descriptors went with the first part.
-		if _, err := c.uc.Write(b[n:]); err != nil {
-			return err
-		}
+		var m int
+		m, err = c.uc.Write(b[n:])
+		n += m
 	}
-	return nil
+	if errors.Is(err, os.ErrDeadlineExceeded) && c.msgTimeout > 0 {
+		return fmt.Errorf("%w: peer read %d of %d bytes within %v", ErrStalled, n, len(b), c.msgTimeout)
+	}
+	return err
 }
 
 func (c *conn) close() error { return c.uc.Close() }

@@ -95,8 +95,9 @@
 //     not install because this process is at its descriptor limit
 //     (MSG_CTRUNC) are reported as ErrFdsExhausted, not as the peer's fault.
 //   - Once the first byte of a message has arrived the rest must follow
-//     within BackendOptions.MessageTimeout (10s by default), or the session
-//     ends with ErrStalled; between messages a connection may idle.
+//     within BackendOptions.MessageTimeout (10s by default), and a reply
+//     must be taken by the front-end within it, or the session ends with
+//     ErrStalled; between messages a connection may idle.
 //   - Serve retries temporary accept failures (EMFILE, ENFILE, ENOBUFS,
 //     ENOMEM, ECONNABORTED) after a back-off of 5ms doubling to 1s, logging
 //     each, so a back-end at its descriptor limit serves again once

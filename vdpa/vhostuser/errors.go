@@ -26,8 +26,8 @@ var (
 	// full: RLIMIT_NOFILE); the kernel reported MSG_CTRUNC. Not the peer's
 	// fault, unlike ErrFdCount.
 	ErrFdsExhausted = errors.New("vhost-user: descriptors lost: this process is out of file descriptors")
-	// ErrStalled: the peer started a message and did not finish it within
-	// the message timeout.
+	// ErrStalled: the peer started a message and did not finish it, or
+	// did not read a message sent to it, within the message timeout.
 	ErrStalled = errors.New("vhost-user: peer stalled inside a message")
 	// ErrUnknownRequest: the request type is not defined by the protocol.
 	ErrUnknownRequest = errors.New("vhost-user: unknown request")

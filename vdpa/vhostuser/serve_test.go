@@ -154,3 +154,28 @@ func TestServeRetriesAcceptAtFdLimit(t *testing.T) {
 		assert.ErrorIs(t, <-done, context.Canceled)
 	})
 }
+
+// A front-end that sends requests but never reads the replies fills the
+// socket; the back-end's reply write then blocks. It gives up after the
+// message timeout and ends the session with ErrStalled.
+func TestBackendPeerStopsReading(t *testing.T) {
+	h := vhostusertest.New(vhostusertest.Sink, [6]byte{})
+	_, a, done := startBackend(t, h, &BackendOptions{MessageTimeout: 100 * time.Millisecond})
+	req := rawMsg(ReqGetFeatures, Version, 0, nil)
+	go func() {
+		// Until the back-end stops reading (its reply write is blocked)
+		// and this write blocks too, or the connection ends.
+		for {
+			if _, err := a.Write(req); err != nil {
+				return
+			}
+		}
+	}()
+	select {
+	case err := <-done:
+		assert.ErrorIs(t, err, ErrStalled)
+	case <-time.After(10 * time.Second):
+		a.Close()
+		t.Fatal("session still blocked writing replies nobody reads")
+	}
+}
