@@ -72,6 +72,14 @@
 //   - The end of the connection stops every ring and resets the handler;
 //     client mode (DialAndServe) dials again after ReconnectInterval.
 //
+// Multi-queue: GET_QUEUE_NUM answers the device's queue pairs; every ring
+// the front-end enables with SET_VRING_ENABLE is served, pair by pair. QEMU
+// and DPDK's virtio-user run the virtio-net control queue themselves and
+// negotiate MQ, CTRL_RX, CTRL_MAC_ADDR and CTRL_VLAN without CTRL_VQ: a
+// vdpa/softnet device served here should be created with
+// softnet.Options.FrontendCtrl (examples/vhost-user-net does), which
+// accepts that and answers each pair on its own receive queue.
+//
 // A disabled ring is stopped rather than run "without side effects": the
 // Handler contract has no such state, and a stopped ring loses nothing.
 //
