@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"sync"
 	"testing"
 	"time"
@@ -291,4 +292,52 @@ func TestConfigChangedDuringSlowBackend(t *testing.T) {
 	st, err := d.Read(RegionDevice, 6, 2)
 	require.NoError(t, err)
 	assert.Zero(t, st&1, "link down")
+}
+
+// A migration whose context is cancelled while another back-end operation
+// is in progress still rolls back: undoing waits for that operation rather
+// than giving up with the context.
+func TestMigrateSourceRollbackWaitsForOperation(t *testing.T) {
+	b := newGatedBacking()
+	src, err := NewDevice(b, &Options{Memory: testMemory(t)})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = src.Close() })
+	driver{t, src}.bringUp(netFeatures)
+	dst := newTestDevice(t, newFakeBacking(), nil)
+	log, err := dirty.New(1<<20, nil)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = src.Close(); _ = log.Close() })
+
+	c1, c2 := net.Pipe()
+	defer c1.Close()
+	defer c2.Close()
+	go func() {
+		_, _ = MigrateDestination(context.Background(), c2, DestOptions{Device: dst, Memory: dst.opts.Memory})
+	}()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	writeErr := make(chan error, 1)
+	fired := false
+	_, err = MigrateSource(ctx, c1, SourceOptions{
+		Device: src, Memory: src.opts.Memory, Log: log,
+		Tracker: dirty.TrackerOptions{Bandwidth: 1e6, MaxRounds: 3},
+		OnRound: func(RoundReport) {
+			if fired {
+				return
+			}
+			fired = true
+			// The guest writes the device configuration; the back-end
+			// takes its time. The migration is cancelled meanwhile.
+			b.arm()
+			go func() { writeErr <- src.Write(RegionDevice, 0, 1, 0x52) }()
+			<-b.entered
+			cancel()
+			time.AfterFunc(50*time.Millisecond, func() { close(b.release) })
+		},
+		StopGuest: func() error { return nil },
+	})
+	require.ErrorIs(t, err, context.Canceled)
+	require.NoError(t, <-writeErr)
+	assert.Equal(t, MigRunning, src.MigrationState())
+	assert.Equal(t, DirtyAuto, src.DirtyTracking())
 }
