@@ -168,6 +168,16 @@ func newDevice(c config) (vdpa.Handler, func() counters, error) {
 }
 
 func run(c config) error {
+	if _, _, err := newDevice(c); err != nil {
+		return err // before any signal handling
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	return serve(ctx, c)
+}
+
+// serve runs the back-end until ctx ends or -duration passed.
+func serve(ctx context.Context, c config) error {
 	h, count, err := newDevice(c)
 	if err != nil {
 		return err
@@ -178,9 +188,6 @@ func run(c config) error {
 	}
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	be := vhostuser.NewBackend(h, &vhostuser.BackendOptions{Logger: logger})
-
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
 	if c.duration > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, c.duration)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"io"
 	"os"
 	"os/exec"
@@ -9,6 +10,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -46,15 +48,17 @@ func TestPairsWithDPDK(t *testing.T) {
 				"--", "-i", "--rxq=2", "--txq=2", "--nb-cores=1", "--no-mlockall", "--total-num-mbufs=16384",
 				"--forward-mode=txonly")
 			cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-			var pmdOut bytes.Buffer
-			cmd.Stdout, cmd.Stderr = &pmdOut, &pmdOut
+			pmdOut := &lockedBuffer{}
+			cmd.Stdout, cmd.Stderr = pmdOut, pmdOut
 			stdin, err := cmd.StdinPipe()
 			require.NoError(t, err)
 			c := config{socket: sock, client: client, device: "softnet", handler: "sink", mac: "02:00:00:00:00:01",
-				ip: "10.0.0.1", pairs: 2, duration: 6 * time.Second}
+				ip: "10.0.0.1", pairs: 2, duration: 60 * time.Second}
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
 			var runErr error
 			outCh := make(chan string, 1)
-			go func() { outCh <- captureStdout(func() { runErr = run(c) }) }()
+			go func() { outCh <- captureStdout(func() { runErr = serve(ctx, c) }) }()
 			if !client {
 				// testpmd connects to our server once it listens.
 				deadline := time.Now().Add(10 * time.Second)
@@ -72,8 +76,15 @@ func TestPairsWithDPDK(t *testing.T) {
 				_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 				_ = cmd.Wait()
 			}()
-			time.Sleep(2 * time.Second)
+			// testpmd prompts once the port is up (slow on a loaded machine).
+			deadline := time.Now().Add(40 * time.Second)
+			for !strings.Contains(pmdOut.String(), "testpmd>") {
+				require.True(t, time.Now().Before(deadline), "testpmd did not come up:\n%s", pmdOut.String())
+				time.Sleep(20 * time.Millisecond)
+			}
 			_, _ = io.WriteString(stdin, "start\n")
+			time.Sleep(3 * time.Second)
+			cancel()
 			out := <-outCh
 			require.NoError(t, runErr)
 			t.Logf("example output:\n%s", out)
@@ -90,6 +101,23 @@ func TestPairsWithDPDK(t *testing.T) {
 			}
 		})
 	}
+}
+
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 // captureStdout runs f with os.Stdout redirected and returns what it
