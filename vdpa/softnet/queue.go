@@ -105,15 +105,31 @@ func (q *queue) startWorker(d *Device, dq *vring.DeviceQueue, kick, call *vdpa.E
 	go d.run(q, process)
 }
 
+// stopKickInterval is how long stop waits for the worker before kicking
+// it again.
+const stopKickInterval = 20 * time.Millisecond
+
 // stop ends processing and returns the exact queue state.
 func (q *queue) stop() vring.QueueState {
 	if q.done != nil {
 		// The worker is woken by a kick of its own: a spurious kick is
 		// harmless (the driver's kicks are hints too), and it avoids
 		// tearing down a Wait on an eventfd that the next worker reuses.
+		//
+		// The kick eventfd is shared with the driver's side, which may
+		// read it too: QEMU drains a vhost-user ring's kick eventfd when
+		// it takes the ring back (its back-end gone, or the device
+		// stopping), and can swallow this kick before the worker sees it.
+		// So the kick is repeated until the worker has stopped.
 		q.stopReq.Store(true)
-		if q.kick != nil {
+		for q.kick != nil {
 			_ = q.kick.Signal()
+			select {
+			case <-q.done:
+			case <-time.After(stopKickInterval):
+				continue
+			}
+			break
 		}
 		<-q.done
 		q.done = nil

@@ -246,3 +246,46 @@ func frame(dst [6]byte, seq uint32, n int) []byte {
 func seqOf(f []byte) uint32 { return binary.BigEndian.Uint32(f[14:]) }
 
 var bcast = [6]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}
+
+// TestStopWithPeerDrainingKick stops a transmit queue whose worker sleeps
+// on a kick eventfd that the driver's side keeps reading, as QEMU does
+// with a vhost-user ring's kick eventfd when it takes the ring back: the
+// kick that stop sends to wake the worker can be swallowed, and StopQueue
+// must still return.
+func TestStopWithPeerDrainingKick(t *testing.T) {
+	for round := 0; round < 20; round++ {
+		s := newStack(t, stackOptions{})
+		fd, err := unix.Dup(s.kick[1].Fd())
+		require.NoError(t, err)
+		stop := make(chan struct{})
+		drained := make(chan struct{})
+		go func() {
+			defer close(drained)
+			var b [8]byte
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				// Blocking or not (Fd above may have made the shared
+				// description blocking), this swallows kicks.
+				_, _ = unix.Read(fd, b[:])
+				time.Sleep(50 * time.Microsecond)
+			}
+		}()
+		time.Sleep(2 * time.Millisecond) // the worker is asleep in its kick's Wait
+		done := make(chan error, 1)
+		go func() { _, err := s.dev.StopQueue(1); done <- err }()
+		select {
+		case err := <-done:
+			require.NoError(t, err)
+		case <-time.After(5 * time.Second):
+			t.Fatalf("round %d: StopQueue did not return with the peer draining the kick eventfd", round)
+		}
+		close(stop)
+		require.NoError(t, s.kick[1].Signal()) // unblocks the peer's read
+		<-drained
+		unix.Close(fd)
+	}
+}
