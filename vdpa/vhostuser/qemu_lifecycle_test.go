@@ -673,7 +673,6 @@ func TestQEMUDirtyLog(t *testing.T) {
 // MQ without CTRL_VQ. Every pair must carry frames both ways (the device's
 // per-queue counters), with nothing lost, duplicated or corrupt.
 func TestQEMUMultiQueue(t *testing.T) {
-	qemuKnownBroken(t, "softnet rejects MQ without CTRL_VQ (QEMU runs the control queue itself): SET_FEATURES fails with \"MQ requires CTRL_VQ\"; the fix is softnet.Options.FrontendCtrl (branch h1-lifecycle, not on main yet), which the rig must then set")
 	forEachQEMU(t, func(t *testing.T, q qemuPeer, helper string) {
 		for _, pairs := range []int{2, 4} {
 			t.Run(fmt.Sprintf("pairs%d", pairs), func(t *testing.T) {
@@ -736,7 +735,6 @@ func openFds(t *testing.T) map[string]string {
 // nothing is duplicated or corrupt; QEMU and the guest keep running; the
 // test process holds no more descriptors than before.
 func TestQEMUReconnect(t *testing.T) {
-	qemuKnownBroken(t, "killing the back-end while QEMU takes its rings back can hang the session's teardown forever: softnet's queue.stop wakes the transmit worker by signalling the kick eventfd, which is shared with QEMU, and QEMU consumes the counter when it reclaims the host notifier, so the worker never wakes (seen on QEMU 7.2 and 11: StopQueue blocked in <-q.done, worker in EventFD.Wait; the stuck session keeps its 6 eventfds)")
 	forEachQEMU(t, func(t *testing.T, q qemuPeer, helper string) {
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 		defer cancel()

@@ -104,15 +104,6 @@ func qemuGate(t *testing.T) (helper string) {
 	return helper
 }
 
-// qemuKnownBroken skips a test that fails for a known back-end defect
-// named in reason, unless VDPAKIT_QEMU_KNOWN_BROKEN=1 (to check a fix).
-func qemuKnownBroken(t *testing.T, reason string) {
-	t.Helper()
-	if os.Getenv("VDPAKIT_QEMU_KNOWN_BROKEN") != "1" {
-		t.Skipf("known back-end defect, test kept to check the fix (VDPAKIT_QEMU_KNOWN_BROKEN=1 runs it): %s", reason)
-	}
-}
-
 // qemu11Cached is the QEMU 11 wrapper vmtest/qemu11.sh leaves in its cache,
 // if it is there (found without running the script, which would build it).
 func qemu11Cached() string {
@@ -258,7 +249,10 @@ func startRig(t *testing.T, ctx context.Context, dir string, o rigOptions) *qemu
 	require.NoError(t, err)
 	hw, err := net.ParseMAC(qemuGuestMAC)
 	require.NoError(t, err)
-	dev, err := softnet.New(&softnet.Options{MAC: [6]byte(hw), Handler: resp, MaxQueueSize: 1024, MaxQueuePairs: uint16(o.pairs)})
+	// FrontendCtrl: QEMU runs the control queue itself and passes MQ and
+	// CTRL_RX/CTRL_MAC_ADDR/CTRL_VLAN on without CTRL_VQ.
+	dev, err := softnet.New(&softnet.Options{MAC: [6]byte(hw), Handler: resp, MaxQueueSize: 1024,
+		MaxQueuePairs: uint16(o.pairs), FrontendCtrl: true})
 	require.NoError(t, err)
 	rec := &msgRecorder{}
 	ring := &ringTracker{Device: dev}
