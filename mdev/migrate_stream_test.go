@@ -212,26 +212,26 @@ func TestMigrateDirtyRunsAcrossRegions(t *testing.T) {
 // cutProxy relays the migration stream between the source and the
 // destination, message by message, and makes the destination vanish at
 // message cut of the conversation (both directions, counted from 0 in the
-// order they happen): it closes both connections instead of forwarding
-// it, or after forwarding its header and half of its payload (mid).
+// order they happen): it closes both connections after forwarding the
+// first at(len) bytes of that message (at nil: none of it).
 type cutProxy struct {
 	mu   sync.Mutex
 	n    int
 	cut  int
-	mid  bool
+	at   func(n int) int
 	done bool
 	// seen records the types the source sent, after the cut point too
 	// when corrupt is set (then nothing is cut).
 	seen    []byte
-	corrupt int // with mid unset: the destination's reply number corrupt (1-based) is replaced by an unexpected type
+	corrupt int // the destination's reply number corrupt (1-based) is replaced by an unexpected type
 	replies int
 	a, b    net.Conn // the proxy's ends towards source and destination
 }
 
-func newCutProxy(cut int, mid bool) (srcEnd, dstEnd net.Conn, p *cutProxy) {
+func newCutProxy(cut int, at func(n int) int) (srcEnd, dstEnd net.Conn, p *cutProxy) {
 	s1, s2 := net.Pipe()
 	d1, d2 := net.Pipe()
-	p = &cutProxy{cut: cut, mid: mid, corrupt: -1, a: s2, b: d1}
+	p = &cutProxy{cut: cut, at: at, corrupt: -1, a: s2, b: d1}
 	go p.relay(s2, d1, true)
 	go p.relay(d1, s2, false)
 	return s1, d2, p
@@ -279,12 +279,10 @@ func (p *cutProxy) relay(from, to net.Conn, fromSource bool) {
 		n := p.n
 		p.n++
 		if n == p.cut {
-			if p.mid {
-				if len(payload) == 0 {
-					_, _ = to.Write(hdr[:3])
-				} else {
-					_, _ = to.Write(hdr[:])
-					_, _ = to.Write(payload[:len(payload)/2])
+			if p.at != nil {
+				msg := append(hdr[:], payload...)
+				if k := p.at(len(msg)); k > 0 {
+					_, _ = to.Write(msg[:k])
 				}
 			}
 			p.hangUp()
@@ -318,14 +316,23 @@ func sourceRollsBack(t *testing.T, s *side, g *mdevtest.Guest) {
 	require.NoError(t, g.Verify())
 }
 
-// The destination vanishing at any point of the stream — before or in the
-// middle of any message, in either direction — fails MigrateSource with
+// The destination vanishing at any point of the stream — before any
+// message in either direction, after its first byte, in its middle or
+// before its last byte — fails MigrateSource with
 // the device back in RUNNING and its guest running on.
 func TestMigrateSourcePeerVanishes(t *testing.T) {
 	const mem = 4 << 20
 	for _, mode := range []mdev.DirtyMode{mdev.DirtyDeviceLog, mdev.DirtyRelay} {
-		for _, mid := range []bool{false, true} {
-			t.Run(fmt.Sprintf("%s/mid=%v", mode, mid), func(t *testing.T) {
+		for _, where := range []struct {
+			name string
+			at   func(n int) int // bytes of the message forwarded
+		}{
+			{"before", nil},
+			{"after 1 byte", func(int) int { return 1 }},
+			{"in the middle", func(n int) int { return n / 2 }},
+			{"before the last byte", func(n int) int { return n - 1 }},
+		} {
+			t.Run(fmt.Sprintf("%s/%s", mode, where.name), func(t *testing.T) {
 				for cut := 0; ; cut++ {
 					end, ran := false, false
 					ok := t.Run(fmt.Sprint("cut", cut), func(t *testing.T) {
@@ -342,7 +349,7 @@ func TestMigrateSourcePeerVanishes(t *testing.T) {
 						require.NoError(t, err)
 						closeLogAfter(t, log, src, dst)
 						g.SetLog(log)
-						se, de, p := newCutProxy(cut, mid)
+						se, de, p := newCutProxy(cut, where.at)
 						defer se.Close()
 						defer de.Close()
 						destErr := make(chan error, 1)
@@ -401,7 +408,7 @@ func TestMigrateSourceSendsErrorToPeer(t *testing.T) {
 			log, err := dirty.New(mem, nil)
 			require.NoError(t, err)
 			closeLogAfter(t, log, src, dst)
-			se, de, p := newCutProxy(-1, false)
+			se, de, p := newCutProxy(-1, nil)
 			p.corrupt = reply
 			defer se.Close()
 			defer de.Close()
