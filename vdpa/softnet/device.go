@@ -423,6 +423,12 @@ func (d *Device) StartQueue(q int, dq *vring.DeviceQueue, kick, call *vdpa.Event
 	switch kind {
 	case kindRx:
 		qu.startRx(dq, call)
+		if qu.rxHeld.Swap(false) {
+			// Transmit workers held while this queue was stopped sleep on
+			// their kick: wake them (a spurious kick is harmless). They
+			// read rxHeld after waking, so none misses the restart.
+			d.kickTx()
+		}
 	case kindTx:
 		qu.startWorker(d, dq, kick, call, d.txBatch)
 	case kindCtrl:
@@ -434,7 +440,9 @@ func (d *Device) StartQueue(q int, dq *vring.DeviceQueue, kick, call *vdpa.Event
 // StopQueue implements vdpa.Handler. Every chain the queue popped has been
 // completed (or, for receive chains held for a later frame, given back by
 // moving NextAvail back) when it returns, so the state restarts the queue
-// exactly.
+// exactly. Stopping a receive queue also holds the transmit queues that
+// reply into it until it starts again (package documentation, "Receive
+// queue stopped").
 func (d *Device) StopQueue(q int) (vring.QueueState, error) {
 	d.ctl.Lock()
 	defer d.ctl.Unlock()
@@ -445,7 +453,35 @@ func (d *Device) StopQueue(q int) (vring.QueueState, error) {
 	if !qu.isRunning() {
 		return vring.QueueState{}, fmt.Errorf("%w: %d", ErrQueueStopped, q)
 	}
+	if kind, err := d.kindOf(q); err == nil && kind == kindRx {
+		// Hold the transmit queues that reply here before the receive
+		// queue stops: a batch that started before rxHeld was set ends
+		// first (its replies are delivered), later ones consume nothing
+		// until StartQueue of this queue.
+		qu.rxHeld.Store(true)
+		d.waitTxBatches()
+	}
 	return qu.stop(), nil
+}
+
+// waitTxBatches waits for the batch each running transmit worker is in.
+func (d *Device) waitTxBatches() {
+	for _, t := range d.queues {
+		if kind, err := d.kindOf(t.idx); err == nil && kind == kindTx && t.isRunning() {
+			t.batchMu.Lock()
+			//lint:ignore SA2001 the empty critical section waits for the worker's batch
+			t.batchMu.Unlock()
+		}
+	}
+}
+
+// kickTx wakes every running transmit worker that sleeps on a kick.
+func (d *Device) kickTx() {
+	for _, t := range d.queues {
+		if kind, err := d.kindOf(t.idx); err == nil && kind == kindTx && t.isRunning() && t.kick != nil {
+			_ = t.kick.Signal()
+		}
+	}
 }
 
 // Reset implements vdpa.Handler: it stops every queue and returns the
@@ -462,6 +498,9 @@ func (d *Device) Reset() {
 		if q := d.queues[i]; q.isRunning() {
 			q.stop()
 		}
+	}
+	for _, q := range d.queues {
+		q.rxHeld.Store(false)
 	}
 	d.resetState()
 }

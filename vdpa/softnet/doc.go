@@ -46,4 +46,26 @@
 // Device is safe for concurrent use: control calls come from the server,
 // data-path work runs on per-queue goroutines, and Deliver may be called
 // from any goroutine.
+//
+// # Receive queue stopped
+//
+// A transmitted frame may be answered inside the device (Loopback,
+// Responder) on the receive queue of its pair. So while the driver has a
+// receive queue stopped (StopQueue, which a vhost-user back-end calls on
+// SET_VRING_ENABLE 0, GET_VRING_BASE and SET_STATUS 0), the transmit queues
+// whose replies go there consume nothing: their chains stay in the avail
+// ring, part of the ring state that StopQueue of the transmit queue returns
+// (its NextAvail is the first chain not consumed) and that migrates.
+// StartQueue of the receive queue lets them go on (it kicks their workers).
+// StopQueue of a receive queue first waits for the batch each transmit
+// worker is in, so no reply of a frame consumed before the stop is lost
+// either (a worker checks at the start of each batch under a mutex of its
+// own: per batch, one uncontended lock and one atomic load, no allocation).
+// QEMU stops a device's rings in index order (receiveq k before transmitq
+// k); without this rule the frames transmitted in between were consumed and
+// their replies dropped (DropRxNotReady). The rule holds whatever the
+// handler (ForwardTo too): the device cannot tell which frames will be
+// answered. Reset lifts every hold. A receive
+// queue that was never started holds nothing: frames are consumed, and
+// their replies dropped as before.
 package softnet

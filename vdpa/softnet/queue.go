@@ -2,6 +2,7 @@ package softnet
 
 import (
 	"context"
+	"errors"
 	"runtime"
 	"runtime/debug"
 	"sync"
@@ -30,6 +31,15 @@ type queue struct {
 	running atomic.Bool
 	stopReq atomic.Bool // tells the worker to finish its batch and exit
 	done    chan struct{}
+	// rxHeld (receive queue): the driver stopped this queue (StopQueue)
+	// and has not started it again; transmit queues whose replies go
+	// here consume nothing meanwhile (see "Receive queue stopped" in the
+	// package documentation).
+	rxHeld atomic.Bool
+	// batchMu (transmit queue): held by the worker for one batch, from
+	// the rxHeld check to its last push, so that StopQueue of a receive
+	// queue can wait for a batch that started before it set rxHeld.
+	batchMu sync.Mutex
 	err     atomic.Pointer[error]
 
 	frames atomic.Uint64
@@ -182,6 +192,16 @@ func (d *Device) wait(q *queue, process batchFunc) (err error) {
 			return nil
 		}
 		n, err := process(q)
+		if err == errTxHeld {
+			// The receive queue the replies go to is stopped: sleep until
+			// a kick (the one StartQueue of that receive queue sends, a
+			// stop's, or the driver's), then check again. Notifications
+			// are left as they are: chains that arrive meanwhile wait.
+			if _, err := q.kick.Wait(ctx); err != nil {
+				return err
+			}
+			continue
+		}
 		if err != nil {
 			return err
 		}
@@ -215,6 +235,9 @@ func (d *Device) poll(q *queue, process batchFunc) (err error) {
 			return nil
 		}
 		n, err := process(q)
+		if err == errTxHeld {
+			n, err = 0, nil // idle until the receive queue starts again
+		}
 		if err != nil {
 			return err
 		}
@@ -240,8 +263,18 @@ func (q *queue) signal() {
 	}
 }
 
-// txBatch processes up to BatchSize transmitted chains.
+// errTxHeld: txBatch consumed nothing because the receive queue its
+// replies go to is stopped (rxHeld).
+var errTxHeld = errors.New("softnet: transmit held while its receive queue is stopped")
+
+// txBatch processes up to BatchSize transmitted chains, or none (errTxHeld)
+// while the receive queue that replies go to is stopped by the driver.
 func (d *Device) txBatch(q *queue) (int, error) {
+	q.batchMu.Lock()
+	defer q.batchMu.Unlock()
+	if d.queues[2*d.steer(q.tx.pair)].rxHeld.Load() {
+		return 0, errTxHeld
+	}
 	batch := d.opts.BatchSize
 	hdrLen := int(d.hdrLen.Load())
 	h := d.handler.Load().h
