@@ -691,7 +691,9 @@ func (s *session) setFeatures(f virtio.Features) error {
 // (receive buffers are served before the frames that need them), as
 // vdpa.Local does. Messages that stop one ring by the front-end's explicit
 // request (GET_VRING_BASE, SET_VRING_ENABLE 0) stop only that ring: the
-// order is then the front-end's to choose.
+// order is then the front-end's to choose. QEMU chooses receiveq k first;
+// a vdpa/softnet handler holds transmitq k meanwhile (it consumes nothing
+// until receiveq k starts again), so nothing is dropped then either.
 
 // stopAll stops every running queue, highest index first, keeping each
 // one's next avail index as its base.

@@ -41,6 +41,15 @@
 //     then GET_VRING_BASE, so status 0 is a stop, not a reset: the device
 //     (negotiated features, MAC, filters) is kept, as DPDK's net_vhost
 //     does. SET_VRING_ENABLE 1 or SET_STATUS DRIVER_OK resumes.
+//   - Receive before transmit: QEMU disables and stops a device's rings in
+//     index order, receiveq k (SET_VRING_ENABLE 0, GET_VRING_BASE) before
+//     transmitq k, while the guest may still be transmitting. The
+//     back-end stops the rings in the front-end's order; a vdpa/softnet
+//     handler then consumes nothing from transmitq k until receiveq k
+//     starts again (softnet's "Receive queue stopped"), so no frame is
+//     taken whose reply, generated in the device, has no receive queue to
+//     go to: the chains stay in the ring, and transmitq k's
+//     GET_VRING_BASE answers the first one not consumed, which migrates.
 //   - Stop: GET_VRING_BASE stops the ring and answers its next avail
 //     index; after SET_STATUS 0 or SET_VRING_ENABLE 0 that is still the
 //     real position (not 0). The ring stays stopped until the next
