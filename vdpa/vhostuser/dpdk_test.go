@@ -27,6 +27,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"sync"
 	"syscall"
@@ -118,20 +119,30 @@ type testpmdConfig struct {
 	vdev   string
 	fwd    string // forward mode
 	extra  []string
+	vdevs  []string // more --vdev arguments, after vdev
+	// wrap runs testpmd under these commands (each execs the next, so the
+	// process is testpmd's), e.g. ip netns exec NS nice -n 19.
+	wrap []string
 }
 
 func startTestpmd(t *testing.T, bin string, c testpmdConfig) *testpmd {
 	t.Helper()
 	args := []string{"--lcores", c.lcores, "--no-pci", "--no-huge", "-m", "256", "--file-prefix=" + c.prefix,
-		"--vdev", c.vdev, "--", "-i", "--nb-cores=1", "--no-mlockall", "--total-num-mbufs=16384",
-		"--forward-mode=" + c.fwd}
+		"--vdev", c.vdev}
+	for _, v := range c.vdevs {
+		args = append(args, "--vdev", v)
+	}
+	args = append(args, "--", "-i", "--nb-cores=1", "--no-mlockall", "--total-num-mbufs=16384",
+		"--forward-mode="+c.fwd)
 	args = append(args, c.extra...)
 	// testpmd's stdout is a pipe here, which stdio fully buffers; stdbuf
 	// makes it line-buffered so statistics arrive when printed.
-	cmd := exec.Command(bin, args...)
+	argv := append([]string{bin}, args...)
 	if sb, err := exec.LookPath("stdbuf"); err == nil {
-		cmd = exec.Command(sb, append([]string{"-oL", "-eL", bin}, args...)...)
+		argv = append([]string{sb, "-oL", "-eL"}, argv...)
 	}
+	argv = append(slices.Clone(c.wrap), argv...)
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	out := &lockedBuffer{}
 	cmd.Stdout, cmd.Stderr = out, out

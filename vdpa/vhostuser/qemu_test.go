@@ -223,6 +223,10 @@ type qemuRig struct {
 	served chan error
 	cancel context.CancelFunc
 	closed bool
+	// nv, when set, is the back-end kind "DPDK net_vhost" (the baseline,
+	// qemu_netvhost_test.go): then dev, resp, ring, be and rec are nil and
+	// the peer at qemuPeerIP is the kernel of nv's network namespace.
+	nv *netVhost
 }
 
 type rigOptions struct {
@@ -290,6 +294,10 @@ func (r *qemuRig) kill(t *testing.T) {
 		return
 	}
 	r.closed = true
+	if r.nv != nil {
+		r.nv.kill()
+		return
+	}
 	r.cancel()
 	select {
 	case <-r.served:
@@ -346,6 +354,9 @@ func (r *ringTracker) StopQueue(q int) (vring.QueueState, error) {
 }
 
 func (r *ringTracker) snapshot() []ringEvent {
+	if r == nil { // a net_vhost rig
+		return nil
+	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return slices.Clone(r.events)
