@@ -203,8 +203,19 @@ func checkPingRound(t *testing.T, what string, p pingTotals, lossOK bool, rigs .
 	// (receiveq k before transmitq k): softnet consumes nothing from
 	// transmitq k while receiveq k is stopped, so no reply is dropped at a
 	// ring stop (DropRxNotReady, in drops above) and none is lost.
-	assert.Zero(t, p.lost, "%s: lost echo requests or replies", what)
 	assert.Equal(t, e, kIn, "%s: replies the responders sent vs replies the guest kernel received (more: lost; fewer: duplicated)", what)
+	// The device-level invariant is the two equalities above, on exact
+	// counters. A pinger can still miss a reply its kernel received:
+	// busybox ping sizes its socket's receive buffer for a few replies,
+	// and a TCG vCPU stalled behind a loaded host (QEMU downtimes of
+	// 100+ ms) lets a burst overflow it. Such a loss is the guest's, not
+	// the device's; any loss the guest kernel's counters do not explain
+	// (kIn - p.rx: replies the kernel took that no pinger reported) is a
+	// lost frame and fails.
+	if p.lost > 0 {
+		t.Logf("%s: pingers missed %d replies; guest kernel received %d, pingers %d (guest socket drops)", what, p.lost, kIn, p.rx)
+	}
+	assert.LessOrEqual(t, p.lost, kIn-min(kIn, p.rx), "%s: lost echo requests or replies that the guest kernel never received", what)
 }
 
 // qmpStatus is query-status's run state.
