@@ -400,6 +400,8 @@ func migrate(t *testing.T, ctx context.Context, q qemuPeer, g guestImage, dir st
 	qmpPath := filepath.Join(dir, fmt.Sprintf("qmp-%d.sock", h.n))
 	migSock := filepath.Join(dir, fmt.Sprintf("mig-%d.sock", h.n))
 	h.toEventsBefore = len(h.to.ring.snapshot())
+	h.from.mark("hop %d: migration source", h.n)
+	h.to.mark("hop %d: migration destination", h.n)
 	h.dst = startQEMUPeer(t, q, qemuConfig{name: fmt.Sprintf("%s-hop%d-dst", q.name, h.n), guest: g, sock: h.to.sock,
 		qmp: qmpPath, timeout: 200 * time.Second, mem: qemuLifecycleMem, ramFile: h.dstRAM,
 		incoming: "unix:" + migSock, paused: true})
@@ -435,6 +437,7 @@ func migrate(t *testing.T, ctx context.Context, q qemuPeer, g guestImage, dir st
 	if ramOnly {
 		return
 	}
+	h.to.mark("hop %d: cont on the destination", h.n)
 	_, err = h.dstQMP.do("cont", nil)
 	require.NoError(t, err)
 	_, err = h.srcQMP.do("quit", nil)
@@ -522,6 +525,7 @@ func TestQEMUStopCont(t *testing.T) {
 
 		mark := len(rig.ring.snapshot())
 		for round := 1; round <= 2; round++ {
+			rig.mark("stop %d", round)
 			_, err = qm.do("stop", nil)
 			require.NoError(t, err)
 			time.Sleep(300 * time.Millisecond)
@@ -532,6 +536,7 @@ func TestQEMUStopCont(t *testing.T) {
 			st, err := qmpStatus(qm)
 			require.NoError(t, err)
 			assert.Equal(t, "paused", st)
+			rig.mark("cont %d", round)
 			_, err = qm.do("cont", nil)
 			require.NoError(t, err)
 			took, err := waitEchoes(ctx, e2+20, 20*time.Second, rig)

@@ -171,6 +171,40 @@ type msgRecorder struct {
 	mu    sync.Mutex
 	msgs  []msgRecord
 	warns []string
+	// fixture, when set (VDPAKIT_RECORD_DIR), gets every request and
+	// reply in the testdata/lifecycle fixture format: one request a line,
+	// its reply as a "# -> " comment, connects, disconnects and the test's
+	// event marks as comments.
+	fixture *os.File
+	pending string // the last request's line, until its reply or the next record
+}
+
+func (r *msgRecorder) flushLocked() {
+	if r.fixture != nil && r.pending != "" {
+		fmt.Fprintln(r.fixture, r.pending)
+	}
+	r.pending = ""
+}
+
+// mark writes a comment line to the fixture recording, if any.
+func (r *msgRecorder) mark(format string, args ...any) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.fixture == nil {
+		return
+	}
+	r.flushLocked()
+	fmt.Fprintf(r.fixture, "# === "+format+"\n", args...)
+}
+
+func (r *msgRecorder) closeFixture() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.fixture != nil {
+		r.flushLocked()
+		_ = r.fixture.Close()
+		r.fixture = nil
+	}
 }
 
 func (r *msgRecorder) Enabled(context.Context, slog.Level) bool { return true }
@@ -185,6 +219,26 @@ func (r *msgRecorder) Handle(_ context.Context, rec slog.Record) error {
 		sb.WriteString(rec.Message)
 		rec.Attrs(func(a slog.Attr) bool { fmt.Fprintf(&sb, " %s=%v", a.Key, a.Value); return true })
 		r.warns = append(r.warns, sb.String())
+	}
+	if r.fixture != nil {
+		var desc string
+		rec.Attrs(func(a slog.Attr) bool {
+			if a.Key == "msg" {
+				desc = a.Value.String()
+			}
+			return true
+		})
+		switch {
+		case rec.Message == "vhost-user request":
+			r.flushLocked()
+			r.pending = desc
+		case rec.Message == "vhost-user reply" && r.pending != "":
+			r.pending += "  # -> " + desc
+			r.flushLocked()
+		case rec.Level >= slog.LevelInfo:
+			r.flushLocked()
+			fmt.Fprintf(r.fixture, "# back-end: %v %s\n", rec.Level, rec.Message)
+		}
 	}
 	if rec.Message != "vhost-user request" {
 		return nil
@@ -259,6 +313,15 @@ func startRig(t *testing.T, ctx context.Context, dir string, o rigOptions) *qemu
 		MaxQueuePairs: uint16(o.pairs), FrontendCtrl: true})
 	require.NoError(t, err)
 	rec := &msgRecorder{}
+	if d := os.Getenv("VDPAKIT_RECORD_DIR"); d != "" {
+		// Test-only recording hook (testdata/lifecycle/README.md): this
+		// back-end's requests and replies in the fixture format.
+		name := strings.NewReplacer("/", "_", " ", "_").Replace(t.Name()) + "-" + o.name + ".log"
+		f, err := os.Create(filepath.Join(d, name))
+		require.NoError(t, err)
+		rec.fixture = f
+		t.Cleanup(rec.closeFixture)
+	}
 	ring := &ringTracker{Device: dev}
 	be := NewBackend(ring, &BackendOptions{Logger: slog.New(rec)})
 	be.logHook = o.logHook
@@ -283,6 +346,14 @@ func startRig(t *testing.T, ctx context.Context, dir string, o rigOptions) *qemu
 		r.kill(t)
 	})
 	return r
+}
+
+// mark writes an event comment into the back-end's fixture recording
+// (VDPAKIT_RECORD_DIR), if any.
+func (r *qemuRig) mark(format string, args ...any) {
+	if r.rec != nil {
+		r.rec.mark(format, args...)
+	}
 }
 
 // kill ends the back-end as a crash would, for the front-end: its listener

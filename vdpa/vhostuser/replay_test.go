@@ -318,6 +318,15 @@ func TestReplayFixtures(t *testing.T) {
 		{"QEMU 7.2 migration, twice (A to B to A)", []step{
 			fx("qemu72-start.vu"), tx(1, 45), fx("qemu72-migrate-src.vu"), {hangUp: true}, fx("qemu72-migrate-dst.vu"), tx(1, 12),
 			fx("qemu72-migrate-src.vu"), {hangUp: true}, fx("qemu72-migrate-dst.vu"), tx(1, 9)}, 0},
+		{"QEMU 11 stop and cont, twice", []step{
+			fx("qemu11-start.vu"), tx(1, 33), fx("qemu11-stop.vu"), fx("qemu11-cont.vu"), tx(1, 20),
+			fx("qemu11-stop.vu"), fx("qemu11-cont.vu"), tx(1, 7)}, 0},
+		{"QEMU 11 migration source to destination", []step{
+			fx("qemu11-start.vu"), tx(1, 45), fx("qemu11-migrate-src.vu"), {hangUp: true}, fx("qemu11-migrate-dst.vu"), tx(1, 12)}, 0},
+		{"QEMU 11 migration, three times (A to B to A to B)", []step{
+			fx("qemu11-start.vu"), tx(1, 45), fx("qemu11-migrate-src.vu"), {hangUp: true}, fx("qemu11-migrate-dst.vu"), tx(1, 12),
+			fx("qemu11-migrate-src.vu"), {hangUp: true}, fx("qemu11-migrate-dst.vu"), tx(1, 9),
+			fx("qemu11-migrate-src.vu"), {hangUp: true}, fx("qemu11-migrate-dst.vu"), tx(1, 5)}, 0},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
