@@ -878,3 +878,90 @@ func TestQEMUBackendKilledDuringMigration(t *testing.T) {
 		assert.Zero(t, p.corrupt, "corrupt frames")
 	})
 }
+
+// TestQEMUSourceBackendKilledDuringMigration is the source side of
+// TestQEMUBackendKilledDuringMigration: the source's back-end is killed
+// while a (throttled) migration runs and restarted a second later; the
+// source QEMU redials (reconnect). The migration must end, completed or
+// failed (not hang), and the guest must keep running and answering on one
+// side: the destination if the migration completed, else the source (on
+// the restarted back-end), with nothing duplicated or corrupt.
+func TestQEMUSourceBackendKilledDuringMigration(t *testing.T) {
+	forEachQEMU(t, func(t *testing.T, q qemuPeer, helper string) {
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+		defer cancel()
+		start := time.Now()
+		dir := t.TempDir()
+		g := buildGuestEnv(t, ctx, helper, dir, "serve")
+		a := startRig(t, ctx, dir, rigOptions{name: "a"})
+		b := startRig(t, ctx, dir, rigOptions{name: "b"})
+		srcQMPPath := filepath.Join(dir, "qmp-src.sock")
+		src := bootServe(t, ctx, q, g, a, qemuConfig{name: q.name + "-src", qmp: srcQMPPath, reconnect: true}, 1)
+		sq, err := dialQMP(ctx, srcQMPPath)
+		require.NoError(t, err)
+		defer sq.c.Close()
+		dstQMPPath := filepath.Join(dir, "qmp-dst.sock")
+		migSock := filepath.Join(dir, "mig.sock")
+		dst := startQEMUPeer(t, q, qemuConfig{name: q.name + "-dst", guest: g, sock: b.sock, qmp: dstQMPPath,
+			timeout: 200 * time.Second, mem: qemuLifecycleMem, incoming: "unix:" + migSock})
+		dq, err := dialQMP(ctx, dstQMPPath)
+		require.NoError(t, err)
+		defer dq.c.Close()
+		_, err = sq.do("migrate-set-parameters", map[string]any{"max-bandwidth": 8 << 20})
+		require.NoError(t, err)
+		_, err = sq.do("migrate", map[string]any{"uri": "unix:" + migSock})
+		require.NoError(t, err)
+		time.Sleep(time.Second)
+		m, err := queryMigrate(sq)
+		require.NoError(t, err)
+		t.Logf("killing source back-end a with the migration %s (%d bytes sent)", m.Status, m.RAM.Transferred)
+		a.kill(t)
+		time.Sleep(time.Second)
+		a2 := startRig(t, ctx, dir, rigOptions{name: "a"})
+		_, err = sq.do("migrate-set-parameters", map[string]any{"max-bandwidth": 1 << 30})
+		require.NoError(t, err)
+		m, err = waitMigration(ctx, sq, 90*time.Second)
+		require.NoError(t, err, "the migration must end, completed or failed")
+		require.Contains(t, []string{"completed", "failed"}, m.Status, "migration end state (%s)", m.ErrorDesc)
+		t.Logf("migration %s (%s), QEMU downtime %d ms", m.Status, m.ErrorDesc, m.Downtime)
+		live, liveQ, liveRig := src, sq, a2
+		if m.Status == "completed" {
+			live, liveQ, liveRig = dst, dq, b
+			st, err := waitStatusNot(ctx, dq, "inmigrate", 30*time.Second)
+			require.NoError(t, err, "destination after the migration completed")
+			require.Equal(t, "running", st, "destination after the migration completed")
+			_, _ = sq.do("quit", nil)
+		}
+		st, err := qmpStatus(liveQ)
+		require.NoError(t, err)
+		require.Equal(t, "running", st, "the side that should run the guest (%s)", live.name)
+		before := echoes(liveRig)
+		took, err := waitEchoes(ctx, before+10, 20*time.Second, liveRig)
+		relinked := false
+		if err != nil && q.name == "qemu7.2" && m.Status == "completed" {
+			// QEMU 7.2: the source set the NIC's link down when its
+			// back-end went away and, though it redialled, did not start
+			// the device on the new back-end before the migration ended;
+			// the destination inherits the link down and never starts
+			// the device (its back-end sees no SET_FEATURES or
+			// SET_MEM_TABLE). Seen in about 1 of 6 runs; an operator's
+			// set_link brings it up. Not seen with QEMU 11 (5 runs), where
+			// a dead NIC fails the test: this branch is 7.2's only.
+			t.Logf("%s: no traffic on the destination (%v); QMP set_link net0 off, on", q.name, err)
+			relinked = true
+			for _, up := range []bool{false, true} {
+				_, err := liveQ.do("set_link", map[string]any{"name": "net0", "up": up})
+				require.NoError(t, err)
+			}
+			took, err = waitEchoes(ctx, before+10, 20*time.Second, liveRig)
+		}
+		require.NoError(t, err, "guest traffic on %s after the migration %s", live.name, m.Status)
+		p := stopPingers(t, ctx, live, g.nonce, "final")
+		t.Logf("RESULT %s source back-end killed during migration: migration %s, guest answers on %s (traffic %v after, set_link needed: %v), guest %v, QEMU downtime %d ms, run time %v",
+			q.name, m.Status, live.name, took.Round(time.Millisecond), relinked, p, m.Downtime, time.Since(start).Round(time.Millisecond))
+		assert.Positive(t, p.rx, "echo replies reached the guest")
+		assert.Zero(t, p.dup, "duplicated replies")
+		assert.Zero(t, p.corrupt, "corrupt frames")
+		noWarnings(t, b, a2)
+	})
+}
