@@ -5,7 +5,6 @@ import (
 	"errors"
 	"log/slog"
 	"net"
-	"os"
 	"sync"
 	"syscall"
 	"testing"
@@ -59,15 +58,21 @@ func (r *errLogRecorder) find(target error) (errLogRecord, bool) {
 	return errLogRecord{}, false
 }
 
-// serveOn runs ListenAndServe at a fresh path and waits for the socket.
+// serveOn listens at a fresh path and runs Serve on it. The socket is
+// listening when serveOn returns: waiting for the socket file of
+// ListenAndServe instead would race the gap between bind (the file
+// appears) and listen (connections are accepted), which a slow machine
+// (the TCG guest of vmtest) hits as "connection refused".
 func serveOn(t *testing.T, ctx context.Context, opts *BackendOptions) (path string, done <-chan error) {
 	t.Helper()
 	path = t.TempDir() + "/vu.sock"
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	require.NoError(t, err)
+	l.SetUnlinkOnClose(true)
 	h := vhostusertest.New(vhostusertest.Sink, [6]byte{})
 	be := NewBackend(h, opts)
 	errc := make(chan error, 1)
-	go func() { errc <- be.ListenAndServe(ctx, path) }()
-	require.Eventually(t, func() bool { _, err := os.Stat(path); return err == nil }, 5*time.Second, time.Millisecond)
+	go func() { errc <- be.Serve(ctx, l) }()
 	return path, errc
 }
 
