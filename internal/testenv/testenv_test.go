@@ -142,3 +142,34 @@ func TestRequireModuleLooksInSysModule(t *testing.T) {
 	assert.True(t, r.skipped)
 	assert.Contains(t, r.msg, "/sys/module/vdpakit_no_such_module")
 }
+
+func TestQEMUInteropGate(t *testing.T) {
+	for _, tc := range []struct {
+		name         string
+		vm, env      string
+		missing      []string
+		wantRequired bool
+		wantSkipped  bool
+		wantInMsg    string
+	}{
+		{"VDPAKIT_QEMU=1 must run even with peers missing", "", "1", []string{"QEMU"}, true, false, ""},
+		{"VDPAKIT_QEMU=0 skips with everything present", "", "0", nil, false, true, "VDPAKIT_QEMU=0"},
+		{"unset with everything present runs", "", "", nil, false, false, ""},
+		{"unset with a peer missing skips and names it", "", "", []string{"the guest kernel"}, false, true, "missing the guest kernel"},
+		{"inside the harness VM it always skips", "1", "1", nil, false, true, "not inside the real-kernel harness"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if testing.Short() && tc.env == "" && !tc.wantSkipped {
+				t.Skip("with -short the gate skips every QEMU test")
+			}
+			t.Setenv(EnvVar, tc.vm)
+			t.Setenv(QEMUEnvVar, tc.env)
+			r := &recorder{TB: t}
+			got := QEMUInterop(r, tc.missing)
+			assert.Equal(t, tc.wantRequired, got, "required")
+			assert.Equal(t, tc.wantSkipped, r.skipped, "skipped: %s", r.msg)
+			assert.False(t, r.failed)
+			assert.Contains(t, r.msg, tc.wantInMsg)
+		})
+	}
+}

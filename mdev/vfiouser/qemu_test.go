@@ -30,6 +30,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/vdpakit/vdpakit/internal/testenv"
 	"github.com/vdpakit/vdpakit/mdev"
 	"github.com/vdpakit/vdpakit/mdev/vfiouser"
 	"github.com/vdpakit/vdpakit/mdev/vfiouser/vfiousertest"
@@ -47,9 +48,17 @@ const (
 
 func requireQEMU11(t *testing.T) (qemu, helper string) {
 	t.Helper()
-	if os.Getenv("VDPAKIT_QEMU") != "1" {
-		t.Skip("QEMU 11 vfio-user interop test: set VDPAKIT_QEMU=1 to run it (needs vmtest/qemu11.sh's QEMU 11 and vmtest's kernel cache)")
+	// testenv.QEMUInterop: VDPAKIT_QEMU=1 must run (failing on anything
+	// missing); unset, it runs where QEMU 11 and the guest kernel are
+	// cached, unless -short; VDPAKIT_QEMU=0 skips.
+	var missing []string
+	if testenv.QEMU11Cached() == "" {
+		missing = append(missing, "QEMU 11 (vmtest/qemu11.sh prepare)")
 	}
+	if !testenv.GuestKernelCached() {
+		missing = append(missing, "the guest kernel (vmtest/run.sh --prepare)")
+	}
+	testenv.QEMUInterop(t, missing)
 	helper, err := filepath.Abs(filepath.Join("..", "..", "vmtest", "qemu-guest.sh"))
 	require.NoError(t, err)
 	q11, err := filepath.Abs(filepath.Join("..", "..", "vmtest", "qemu11.sh"))

@@ -264,7 +264,7 @@ func checkNetVhostRound(t *testing.T, what string, p pingTotals, rigs ...*qemuRi
 // or switch-over, guest pages that differ after a hop, and a hop after
 // which the guest's traffic did not resume.
 func TestQEMUNetVhostBaseline(t *testing.T) {
-	qemuGate(t) // the QEMU gate first: without VDPAKIT_QEMU=1 it skips
+	qemuGate(t) // the QEMU gate first (testenv.QEMUInterop)
 	bin := netVhostGate(t)
 	forEachQEMU(t, func(t *testing.T, q qemuPeer, helper string) {
 		t.Run("ping", func(t *testing.T) { testNetVhostPing(t, q, helper, bin) })

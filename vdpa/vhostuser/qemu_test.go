@@ -9,11 +9,14 @@ package vhostuser
 // Debian kernel (vmtest/qemu-guest.sh builds its initramfs around
 // testdata/qemu/guest.sh).
 //
-// Gate: VDPAKIT_QEMU=1 runs them and fails when a QEMU or the kernel cache
-// is missing (CI). Without it they skip, saying which tools are present:
-// they boot several TCG guests per QEMU version (minutes on a shared
-// 2-core machine), too slow for every `go test ./...` and the -race run that
-// CI does besides. VDPAKIT_QEMU_VERSIONS=7.2 or 11 narrows the table.
+// Gate (testenv.QEMUInterop): VDPAKIT_QEMU=1 runs them and fails when a
+// QEMU or the kernel cache is missing (CI's interop step). Unset, they run
+// wherever the guest kernel is cached (vmtest/run.sh --prepare) and a QEMU
+// is installed, per version present, and skip saying what is missing
+// otherwise; -short or VDPAKIT_QEMU=0 skips them. They boot several TCG
+// guests per QEMU version (minutes on a shared 2-core machine), so CI's go
+// test and -race steps set VDPAKIT_QEMU=0 and its interop step runs them
+// once. VDPAKIT_QEMU_VERSIONS=7.2 or 11 narrows the table.
 // Inside the harness VM (VDPAKIT_VMTEST=1) they always skip; the harness's
 // CI line leaves them out with -test.skip QEMU.
 
@@ -45,6 +48,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/vdpakit/vdpakit/internal/testenv"
 	"github.com/vdpakit/vdpakit/vdpa"
 	"github.com/vdpakit/vdpakit/vdpa/softnet"
 	"github.com/vdpakit/vdpakit/virtio"
@@ -76,61 +80,37 @@ type qemuPeer struct {
 	reconnect string
 }
 
-// qemuGate skips (or, with VDPAKIT_QEMU=1, fails) the test unless the guest
-// helper can run; it returns the helper's path.
-func qemuGate(t *testing.T) (helper string) {
+// qemuGate applies testenv.QEMUInterop: the test runs with VDPAKIT_QEMU=1
+// (failing on anything missing), or where the guest kernel cache and at
+// least one QEMU are present and the run is not -short; otherwise it skips
+// saying what is missing. It returns the guest helper's path and whether
+// the run is required.
+func qemuGate(t *testing.T) (helper string, required bool) {
 	t.Helper()
-	if os.Getenv("VDPAKIT_VMTEST") == "1" {
-		t.Skip("QEMU interop test: runs on the host, not inside the real-kernel harness VM (leave it out with -test.skip QEMU)")
-	}
 	helper, err := filepath.Abs(filepath.Join("..", "..", "vmtest", "qemu-guest.sh"))
 	require.NoError(t, err)
-	if os.Getenv("VDPAKIT_QEMU") != "1" {
-		var have []string
-		if p, err := exec.LookPath("qemu-system-x86_64"); err == nil {
-			have = append(have, "QEMU 7.2 at "+p)
-		}
-		if p := qemu11Cached(); p != "" {
-			have = append(have, "QEMU 11 at "+p)
-		}
-		if len(have) == 0 {
-			have = append(have, "no QEMU found")
-		}
-		t.Skipf("QEMU interop test: set VDPAKIT_QEMU=1 to run it (boots TCG guests for minutes; %s; the kernel comes from vmtest/qemu-guest.sh)", strings.Join(have, ", "))
+	var missing []string
+	if !testenv.GuestKernelCached() {
+		missing = append(missing, "the guest kernel (vmtest/run.sh --prepare)")
 	}
+	_, err7 := exec.LookPath("qemu-system-x86_64")
+	if err7 != nil && testenv.QEMU11Cached() == "" {
+		missing = append(missing, "QEMU (qemu-system-x86_64 7.2, or QEMU 11 from vmtest/qemu11.sh prepare)")
+	}
+	required = testenv.QEMUInterop(t, missing)
 	if _, err := os.Stat(helper); err != nil {
-		t.Fatalf("VDPAKIT_QEMU=1 but the guest helper is missing: %v", err)
+		t.Fatalf("the guest helper is missing: %v", err)
 	}
-	return helper
-}
-
-// qemu11Cached is the QEMU 11 wrapper vmtest/qemu11.sh leaves in its cache,
-// if it is there (found without running the script, which would build it).
-func qemu11Cached() string {
-	cache := os.Getenv("VDPAKIT_QEMU11_CACHE")
-	if cache == "" {
-		home, err := os.UserHomeDir()
-		if err != nil {
-			return ""
-		}
-		cache = filepath.Join(home, ".cache", "vdpakit-vmtest", "qemu11")
-	}
-	p := filepath.Join(cache, "qemu-system-x86_64")
-	if _, err := os.Stat(filepath.Join(cache, ".ready-v2")); err != nil {
-		return ""
-	}
-	if st, err := os.Stat(p); err != nil || st.Mode()&0o111 == 0 {
-		return ""
-	}
-	return p
+	return helper, required
 }
 
 // forEachQEMU runs fn as a subtest per QEMU version (VDPAKIT_QEMU_VERSIONS,
-// e.g. "7.2" or "11", narrows the table). A version whose QEMU cannot be
-// found or built fails its subtest (the gate already required
-// VDPAKIT_QEMU=1).
+// e.g. "7.2" or "11", narrows the table). With VDPAKIT_QEMU=1 a version
+// whose QEMU cannot be found or built fails its subtest; without it, a
+// version that is not installed (QEMU 11: not in vmtest/qemu11.sh's cache)
+// skips its subtest.
 func forEachQEMU(t *testing.T, fn func(t *testing.T, q qemuPeer, helper string)) {
-	helper := qemuGate(t)
+	helper, required := qemuGate(t)
 	want := os.Getenv("VDPAKIT_QEMU_VERSIONS")
 	for _, v := range []string{"7.2", "11"} {
 		if want != "" && !slices.Contains(strings.Fields(strings.ReplaceAll(want, ",", " ")), v) {
@@ -141,11 +121,17 @@ func forEachQEMU(t *testing.T, fn func(t *testing.T, q qemuPeer, helper string))
 			switch v {
 			case "7.2":
 				bin, err := exec.LookPath("qemu-system-x86_64")
+				if err != nil && !required {
+					t.Skip("QEMU 7.2 (qemu-system-x86_64) is not installed")
+				}
 				if err != nil {
 					t.Fatalf("VDPAKIT_QEMU=1 but qemu-system-x86_64 (QEMU 7.2) is not installed: %v", err)
 				}
 				q = qemuPeer{name: "qemu7.2", bin: bin, reconnect: "reconnect=1"}
 			case "11":
+				if !required && testenv.QEMU11Cached() == "" {
+					t.Skip("QEMU 11 is not prepared (vmtest/qemu11.sh prepare)")
+				}
 				script, err := filepath.Abs(filepath.Join("..", "..", "vmtest", "qemu11.sh"))
 				require.NoError(t, err)
 				out, err := exec.Command(script, "path").Output()

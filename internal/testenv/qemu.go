@@ -1,0 +1,99 @@
+package testenv
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// QEMUEnvVar selects the QEMU interop tests (vdpa/vhostuser, mdev/vfiouser):
+// "1" means they must run and fail when a peer is missing (CI's interop
+// step), "0" skips them; unset, they run wherever their peers are present
+// and the run is not -short.
+const QEMUEnvVar = "VDPAKIT_QEMU"
+
+// QEMUInterop gates a QEMU interop test, which boots TCG guests for tens of
+// seconds each. missing names the peers the test needs that are absent
+// (empty: all present). It returns true when the test must run with
+// VDPAKIT_QEMU=1 (the caller then fails on anything missing); otherwise it
+// skips the test, saying why, or returns false and the test runs because
+// every peer is there. Inside the real-kernel harness VM it always skips:
+// the interop tests run on the host.
+func QEMUInterop(t testing.TB, missing []string) (required bool) {
+	t.Helper()
+	if InVM() {
+		t.Skipf("QEMU interop test: runs on the host, not inside the real-kernel harness VM (leave it out with -test.skip QEMU)")
+		return false
+	}
+	switch os.Getenv(QEMUEnvVar) {
+	case "1":
+		return true
+	case "0":
+		t.Skipf("QEMU interop test: %s=0", QEMUEnvVar)
+		return false
+	}
+	if testing.Short() {
+		t.Skipf("QEMU interop test: slow (TCG guests), skipped with -short")
+		return false
+	}
+	if len(missing) > 0 {
+		t.Skipf("QEMU interop test: missing %s (%s=1 makes that a failure)", strings.Join(missing, ", "), QEMUEnvVar)
+	}
+	return false
+}
+
+// VMTestCache is the real-kernel harness's cache directory (vmtest/run.sh's
+// VDPAKIT_CACHE, default ~/.cache/vdpakit-vmtest).
+func VMTestCache() string {
+	if c := os.Getenv("VDPAKIT_CACHE"); c != "" {
+		return c
+	}
+	base := os.Getenv("XDG_CACHE_HOME")
+	if base == "" {
+		home, err := os.UserHomeDir()
+		if err != nil {
+			return ""
+		}
+		base = filepath.Join(home, ".cache")
+	}
+	return filepath.Join(base, "vdpakit-vmtest")
+}
+
+// GuestKernelCached reports whether the harness's Debian kernel is in the
+// cache (vmtest/run.sh --prepare fills it), so a test can boot a guest
+// without downloading anything.
+func GuestKernelCached() bool {
+	cache := VMTestCache()
+	if cache == "" {
+		return false
+	}
+	cur, err := os.ReadFile(filepath.Join(cache, "current"))
+	if err != nil {
+		return false
+	}
+	_, err = os.Stat(filepath.Join(cache, "kernel-"+strings.TrimSpace(string(cur)), "vmlinuz"))
+	return err == nil
+}
+
+// QEMU11Cached is the QEMU 11 wrapper vmtest/qemu11.sh leaves in its cache
+// (VDPAKIT_QEMU11_CACHE, default ~/.cache/vdpakit-vmtest/qemu11), or "" if
+// it is not there. It does not run the script, which would build it.
+func QEMU11Cached() string {
+	cache := os.Getenv("VDPAKIT_QEMU11_CACHE")
+	if cache == "" {
+		home, err := os.UserHomeDir()
+		if err != nil {
+			return ""
+		}
+		cache = filepath.Join(home, ".cache", "vdpakit-vmtest", "qemu11")
+	}
+	p := filepath.Join(cache, "qemu-system-x86_64")
+	if _, err := os.Stat(filepath.Join(cache, ".ready-v2")); err != nil {
+		return ""
+	}
+	if st, err := os.Stat(p); err != nil || st.Mode()&0o111 == 0 {
+		return ""
+	}
+	return p
+}
