@@ -823,13 +823,13 @@ func TestQEMUReconnect(t *testing.T) {
 // destination if it completed, else the source.
 func TestQEMUBackendKilledDuringMigration(t *testing.T) {
 	forEachQEMU(t, func(t *testing.T, q qemuPeer, helper string) {
-		if q.name == "qemu7.2" && os.Getenv("VDPAKIT_QEMU72_SOURCE_KILL") != "1" {
+		if q.name == "qemu7.2" && os.Getenv("VDPAKIT_QEMU72_BACKEND_KILL") != "1" {
 			// Seen in CI: with the destination's back-end killed and
 			// restarted mid-migration, QEMU 7.2's destination at times
 			// never restarts its NIC (tx timeouts in the guest; a
 			// set_link off/on revives it), the same 7.2 re-attach
 			// behaviour as the source-kill variant below.
-			t.Skip("QEMU 7.2 at times leaves the destination NIC stopped after its back-end is re-attached mid-migration; VDPAKIT_QEMU72_SOURCE_KILL=1 runs it")
+			t.Skip("QEMU 7.2 at times leaves the destination NIC stopped after its back-end is re-attached mid-migration; VDPAKIT_QEMU72_BACKEND_KILL=1 runs it")
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 		defer cancel()
@@ -896,7 +896,7 @@ func TestQEMUBackendKilledDuringMigration(t *testing.T) {
 // the restarted back-end), with nothing duplicated or corrupt.
 func TestQEMUSourceBackendKilledDuringMigration(t *testing.T) {
 	forEachQEMU(t, func(t *testing.T, q qemuPeer, helper string) {
-		if q.name == "qemu7.2" && os.Getenv("VDPAKIT_QEMU72_SOURCE_KILL") != "1" {
+		if q.name == "qemu7.2" && os.Getenv("VDPAKIT_QEMU72_BACKEND_KILL") != "1" {
 			// Seen in CI: the restarted source back-end gets SET_FEATURES
 			// with LOG_ALL and its rings started before SET_LOG_BASE,
 			// so its first writes go unlogged; the destination resumed
@@ -904,7 +904,7 @@ func TestQEMUSourceBackendKilledDuringMigration(t *testing.T) {
 			// earlier runs never restarted its NIC). The back-end should
 			// hold rings until the log arrives; until then this variant
 			// runs only on request.
-			t.Skip("QEMU 7.2 re-attaches a restarted back-end mid-migration with rings started before SET_LOG_BASE (unlogged writes; the back-end does not yet hold rings until the log arrives); VDPAKIT_QEMU72_SOURCE_KILL=1 runs it")
+			t.Skip("QEMU 7.2 re-attaches a restarted back-end mid-migration with rings started before SET_LOG_BASE (unlogged writes; the back-end does not yet hold rings until the log arrives); VDPAKIT_QEMU72_BACKEND_KILL=1 runs it")
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 		defer cancel()
