@@ -24,11 +24,15 @@ type Segment struct {
 // across Pop calls: Segs keeps its capacity, so steady-state popping does not
 // allocate.
 type Chain struct {
-	Head        uint16    // head descriptor index: the id to Push
+	Head        uint16    // head descriptor index (packed: the buffer id): the id to Push
 	Segs        []Segment // Segs[:Readable] readable, Segs[Readable:] writable
 	Readable    int       // number of readable segments
 	ReadableLen uint64    // total readable bytes
 	WritableLen uint64    // total writable bytes
+	// Descs is the number of ring descriptors a packed chain occupies (1
+	// for an indirect chain): the device's used position moves by it when
+	// the chain is pushed. It is 0 on a split queue.
+	Descs uint16
 }
 
 // Gather copies the chain's readable bytes into p and returns how many it
@@ -88,9 +92,25 @@ type DeviceQueueOptions struct {
 	// writes instead of Layout.Used (vhost's log_guest_addr: the ring may be
 	// addressed by IOVA or host address while the log is indexed by
 	// guest-physical address).
+	//
+	// For a packed queue (VIRTIO_F_RING_PACKED) the device writes used
+	// descriptors into the descriptor ring, so UsedLogAddr is the guest
+	// address of the descriptor ring for logging (zero: Layout.Desc), and
+	// DeviceEventLogAddr that of the device event suppression area (zero:
+	// Layout.Used). See the package doc, "Dirty logging".
 	UsedLogAddr GuestAddr
-	// State is the position to start from (zero for a new queue, the saved
-	// state on migration). NextAvail-NextUsed (in-flight chains) must not
+	// DeviceEventLogAddr, for a packed queue, is the guest address at
+	// which writes to the device event suppression area are logged (zero:
+	// Layout.Used). Unused for a split queue.
+	DeviceEventLogAddr GuestAddr
+	// State is the position to start from (zero for a new split queue,
+	// InitialState(Features) for any new queue, the saved state on
+	// migration). For a packed queue it is in the vhost encoding (index |
+	// wrap counter << 15, see QueueState): both indexes below the size,
+	// NextAvail at most one lap ahead of NextUsed; the ring descriptors in
+	// between are chains in flight whose ids the restored queue does not
+	// know (it cannot push them; they keep their descriptors, as in the
+	// driver's count). NextAvail-NextUsed (in-flight chains) must not
 	// exceed Layout.Size. NextUsed must equal used.idx in guest memory (the
 	// index the device last published); the queue does not rewrite it until
 	// its next push.
@@ -131,7 +151,9 @@ type DeviceQueue struct {
 	// flagsWord is the avail.idx word when NeedsInterrupt can read
 	// avail.flags as its low half (no EVENT_IDX, ring 4-aligned), else nil.
 	flagsWord *uint32
-	_         [64]byte
+
+	pk *packedDevice // the packed ring's state, nil for a split queue (packed_device.go)
+	_  [64]byte
 }
 
 // NewDeviceQueue validates opts against mem and returns the device side of
@@ -140,6 +162,9 @@ type DeviceQueue struct {
 // fault doing so (ring pages truncated away by the memory's owner) is an
 // error matching ErrMemoryFault.
 func NewDeviceQueue(mem *Memory, opts DeviceQueueOptions) (*DeviceQueue, error) {
+	if isPacked(opts.Features) {
+		return newPackedDeviceQueue(mem, opts)
+	}
 	r, err := newRing(mem, opts.Layout, opts.Features)
 	if err != nil {
 		return nil, fmt.Errorf("vring: queue %d: %w", opts.Index, err)
@@ -195,6 +220,9 @@ func (q *DeviceQueue) Index() int { return q.index }
 // index to consume and the next used index to publish. Chains popped but not
 // pushed are NextAvail-NextUsed; a device should push them before saving.
 func (q *DeviceQueue) State() QueueState {
+	if q.pk != nil {
+		return q.packedState()
+	}
 	return QueueState{NextAvail: q.lastAvail, NextUsed: q.usedIdx}
 }
 
@@ -205,7 +233,13 @@ func (q *DeviceQueue) Err() error { return q.err }
 // created with (DeviceQueueOptions.State), with notifications enabled, as
 // after a device reset followed by re-initialization of the same ring. It
 // writes nothing to guest memory; the driver re-initializes the ring.
-func (q *DeviceQueue) Reset() { q.reset(q.init) }
+func (q *DeviceQueue) Reset() {
+	if q.pk != nil {
+		q.packedReset(q.init)
+		return
+	}
+	q.reset(q.init)
+}
 
 // fail breaks the queue with err at index and returns err. It is kept out
 // of line: it is the cold path of every check in walk.
@@ -245,6 +279,9 @@ func (q *DeviceQueue) refresh() (uint16, error) {
 // writes avail_event = next avail index and re-checks (see EnableNotify).
 // Any rule broken by the driver returns a *QueueError and breaks the queue.
 func (q *DeviceQueue) Pop(c *Chain) (bool, error) {
+	if q.pk != nil {
+		return q.packedPop(c)
+	}
 	// Chains up to availSeen (the avail.idx last loaded, rule 2) are known
 	// to be available: avail.idx is loaded again only once they are used
 	// up. A broken queue has none (fail clears them).
@@ -329,6 +366,9 @@ func (c *Chain) fill1(segs []Segment, head uint16, addr GuestAddr, length uint32
 // PopBatch pops up to len(cs) chains into cs and returns how many it popped.
 // On an error it returns the chains popped before it and the error.
 func (q *DeviceQueue) PopBatch(cs []Chain) (int, error) {
+	if q.pk != nil {
+		return q.packedPopBatch(cs)
+	}
 	i := 0
 	for i < len(cs) {
 		// Chains already known to be available are taken in a tight loop
@@ -565,6 +605,9 @@ func (q *DeviceQueue) enable() error {
 // atomics, so at least one of them sees the other's store). When pending is
 // true the caller must keep processing instead of sleeping.
 func (q *DeviceQueue) EnableNotify() (pending bool, err error) {
+	if q.pk != nil {
+		return q.packedEnableNotify()
+	}
 	if q.err != nil {
 		return false, q.err
 	}
@@ -583,6 +626,10 @@ func (q *DeviceQueue) EnableNotify() (pending bool, err error) {
 // driver kicks at most once more. It is a hint; the driver may still kick. A
 // failure to log the flag write breaks the queue (see Err).
 func (q *DeviceQueue) DisableNotify() {
+	if q.pk != nil {
+		q.packedDisableNotify()
+		return
+	}
 	if q.err != nil {
 		return
 	}
@@ -641,6 +688,9 @@ func (q *DeviceQueue) pushErr(head uint16) error {
 // of bytes written into its writable buffers, and publishes used.idx. The
 // caller logs its own buffer writes (or uses PushChain).
 func (q *DeviceQueue) Push(head uint16, written uint32) error {
+	if q.pk != nil {
+		return q.packedPush(head, written)
+	}
 	if q.err != nil || q.usedIdx == q.lastAvail || head >= q.r.size {
 		return q.pushErr(head)
 	}
@@ -663,6 +713,9 @@ func (q *DeviceQueue) Push(head uint16, written uint32) error {
 // PushChain logs the first written bytes of c's writable segments to the
 // WriteLogger (if any) and pushes c.Head with written.
 func (q *DeviceQueue) PushChain(c *Chain, written uint32) error {
+	if q.pk != nil {
+		return q.packedPushChain(c, written)
+	}
 	if q.err != nil {
 		return q.err
 	}
@@ -690,6 +743,9 @@ func (q *DeviceQueue) PushChain(c *Chain, written uint32) error {
 // caller with a WriteLogger logs what it wrote into the chains (or uses
 // PushChain).
 func (q *DeviceQueue) PushBatch(elems []UsedElem) error {
+	if q.pk != nil {
+		return q.packedPushBatch(elems)
+	}
 	if q.err != nil {
 		return q.err
 	}
@@ -742,6 +798,9 @@ func (q *DeviceQueue) PushBatch(elems []UsedElem) error {
 // the full store->load barrier the driver's "store used_event/flags, then
 // load used.idx" pairs with, so no further fence is needed here.
 func (q *DeviceQueue) NeedsInterrupt() bool {
+	if q.pk != nil {
+		return q.packedNeedsInterrupt()
+	}
 	newIdx := q.usedIdx
 	if newIdx == q.signalled { // always when broken (fail)
 		return false

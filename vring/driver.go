@@ -61,13 +61,18 @@ type DriverQueue struct {
 	hint        uint32    // index of the last region hit (checkBufs)
 	cBase       GuestAddr // that region's base and bytes: buffers inside
 	cMem        []byte    // it are checked without a table lookup
-	_           [64]byte
+
+	pk *packedDriver // the packed ring's state, nil for a split queue (packed_driver.go)
+	_  [64]byte
 }
 
 // NewDriverQueue validates opts against mem, zeroes the ring areas (as a
 // driver does before handing a queue to a device) and returns the driver
 // side with interrupts enabled. Only one agent may be the driver of a ring.
 func NewDriverQueue(mem *Memory, opts DriverQueueOptions) (*DriverQueue, error) {
+	if isPacked(opts.Features) {
+		return newPackedDriverQueue(mem, opts)
+	}
 	r, err := newRing(mem, opts.Layout, opts.Features)
 	if err != nil {
 		return nil, fmt.Errorf("vring: queue %d: %w", opts.Index, err)
@@ -91,6 +96,10 @@ func NewDriverQueue(mem *Memory, opts DriverQueueOptions) (*DriverQueue, error) 
 // ring meanwhile; a device side must start again from a zero QueueState
 // (a new DeviceQueue, or Reset of one created with a zero state).
 func (q *DriverQueue) Reset() {
+	if q.pk != nil {
+		q.packedReset()
+		return
+	}
 	clear(q.r.desc)
 	clear(q.r.avail)
 	clear(q.r.used)
@@ -110,7 +119,12 @@ func (q *DriverQueue) Reset() {
 func (q *DriverQueue) Size() uint16 { return q.r.size }
 
 // NumFree is the number of free descriptors.
-func (q *DriverQueue) NumFree() int { return q.numFree }
+func (q *DriverQueue) NumFree() int {
+	if q.pk != nil {
+		return q.pk.numFree
+	}
+	return q.numFree
+}
 
 // Outstanding is the number of chains added and not yet reclaimed.
 func (q *DriverQueue) Outstanding() int { return q.outstanding }
@@ -169,8 +183,13 @@ func (q *DriverQueue) contains(addr GuestAddr, n uint32) bool {
 
 // Add writes a chain of buffers (readable first, then writable) into free
 // descriptors and the available ring, and returns its head. The chain is
-// visible to the device after Publish.
+// visible to the device after Publish. On a packed queue it writes the
+// chain into the next ring descriptors and returns its buffer id; Publish
+// then stores the heads' flags.
 func (q *DriverQueue) Add(bufs []Buffer) (uint16, error) {
+	if q.pk != nil {
+		return q.packedAdd(bufs)
+	}
 	if q.err != nil {
 		return 0, q.err
 	}
@@ -211,6 +230,9 @@ func (q *DriverQueue) Add(bufs []Buffer) (uint16, error) {
 // until the chain is reclaimed) and adds a single descriptor pointing to it.
 // It needs VIRTIO_F_INDIRECT_DESC.
 func (q *DriverQueue) AddIndirect(table GuestAddr, bufs []Buffer) (uint16, error) {
+	if q.pk != nil {
+		return q.packedAddIndirect(table, bufs)
+	}
 	if q.err != nil {
 		return 0, q.err
 	}
@@ -261,6 +283,10 @@ func (q *DriverQueue) makeAvail(head uint16) {
 // Publish makes every chain added so far visible to the device (one atomic
 // avail.idx store, release-ordered after the descriptors and ring entries).
 func (q *DriverQueue) Publish() {
+	if q.pk != nil {
+		q.packedPublish()
+		return
+	}
 	if q.published == q.availIdx {
 		return
 	}
@@ -273,6 +299,9 @@ func (q *DriverQueue) Publish() {
 // avail_event, otherwise unless the device set NO_NOTIFY. Call it after
 // Publish (it relies on the avail.idx store preceding its load).
 func (q *DriverQueue) NeedsKick() bool {
+	if q.pk != nil {
+		return q.packedNeedsKick()
+	}
 	newIdx, old := q.published, q.kicked
 	if newIdx == old {
 		return false
@@ -291,6 +320,9 @@ func (q *DriverQueue) NeedsKick() bool {
 // used index and re-checks (see EnableInterrupts). A device breaking the
 // rules returns a *QueueError and breaks the queue.
 func (q *DriverQueue) Reclaim() (head uint16, length uint32, ok bool, err error) {
+	if q.pk != nil {
+		return q.packedReclaim()
+	}
 	if q.err != nil {
 		return 0, 0, false, q.err
 	}
@@ -344,6 +376,9 @@ func (q *DriverQueue) refresh() (uint16, error) {
 // pending: the mirror image of DeviceQueue.EnableNotify, with the same race
 // and the same store-then-load answer.
 func (q *DriverQueue) EnableInterrupts() (pending bool, err error) {
+	if q.pk != nil {
+		return q.packedEnableInterrupts()
+	}
 	if q.err != nil {
 		return false, q.err
 	}
@@ -366,6 +401,10 @@ func (q *DriverQueue) EnableInterrupts() (pending bool, err error) {
 // sets NO_INTERRUPT, or with EVENT_IDX stops moving used_event forward. It is
 // a hint.
 func (q *DriverQueue) DisableInterrupts() {
+	if q.pk != nil {
+		q.packedDisableInterrupts()
+		return
+	}
 	q.intr = false
 	if q.eventIdx || q.availFlags&AvailFNoInterrupt != 0 {
 		return

@@ -23,7 +23,8 @@ var (
 	// ErrInvalidRegion: a region's parameters are unusable (zero size, base+size
 	// overflow, nil region, closed region).
 	ErrInvalidRegion = errors.New("vring: invalid memory region")
-	// ErrQueueSize: a queue size is zero, not a power of two, or above 32768.
+	// ErrQueueSize: a queue size is zero, above 32768 or, for a split
+	// queue, not a power of two.
 	ErrQueueSize = errors.New("vring: queue size must be a power of two in 1..32768")
 	// ErrMisaligned: a ring area violates the virtio alignment (descriptor
 	// table 16, available ring 2, used ring 4), in guest or in host address space.
@@ -46,7 +47,9 @@ var (
 	// ErrChainLoop: following NEXT revisits a descriptor.
 	ErrChainLoop = errors.New("vring: loop in descriptor chain")
 	// ErrChainTooLong: a chain (counting indirect entries) has more
-	// descriptors than the queue size (§2.7.5.3.1).
+	// descriptors than the queue size (§2.7.5.3.1). On a packed ring also a
+	// chain that runs into descriptors still in flight (longer than the
+	// ring's free descriptors).
 	ErrChainTooLong = errors.New("vring: descriptor chain longer than queue size")
 	// ErrNestedIndirect: an INDIRECT descriptor inside an indirect table.
 	ErrNestedIndirect = errors.New("vring: indirect descriptor inside indirect table")
@@ -76,6 +79,18 @@ var (
 	ErrUsedIDNotOutstanding = errors.New("vring: used id not outstanding")
 	// ErrUsedLenTooLarge: a used entry's length exceeds the chain's writable bytes.
 	ErrUsedLenTooLarge = errors.New("vring: used length larger than chain's writable bytes")
+	// ErrBufferIDOutOfRange: a packed chain's buffer id (the id field of
+	// its last ring descriptor, virtio 1.2 §2.8.6) is >= the queue size.
+	ErrBufferIDOutOfRange = errors.New("vring: buffer id out of range")
+	// ErrBufferIDInFlight: a packed chain's buffer id names a chain the
+	// device popped and has not returned yet.
+	ErrBufferIDInFlight = errors.New("vring: buffer id already in flight")
+	// ErrDescNotAvailable: a descriptor of a packed chain after its head
+	// (reached through NEXT) is not marked available for its position's
+	// wrap counter (AVAIL bit equal to it, USED bit not), although the
+	// head is: the driver makes the head available last (§2.8.6), so the
+	// rest must already be available.
+	ErrDescNotAvailable = errors.New("vring: chain descriptor not marked available")
 	// ErrLogWrite: the WriteLogger failed to log a write the device made.
 	ErrLogWrite = errors.New("vring: dirty log write failed")
 	// ErrQueueBroken: the queue saw one of the errors above and refuses work

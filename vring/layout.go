@@ -29,9 +29,14 @@ const (
 	UsedAlign  = 4
 )
 
-// Layout is where a split virtqueue lives in guest memory. It is plain,
+// Layout is where a virtqueue lives in guest memory. It is plain,
 // untrusted data (it comes from the driver); Validate checks it and the queue
-// constructors check it again against guest memory.
+// constructors check it again against guest memory. The comments give the
+// split ring's meaning; for a packed queue (VIRTIO_F_RING_PACKED) Desc is
+// the descriptor ring (16*Size bytes, 16-aligned), Avail the driver event
+// suppression area and Used the device event suppression area (4 bytes,
+// 4-aligned each), and Size is 1..32768, not necessarily a power of two
+// (see packed.go, ValidateFor).
 type Layout struct {
 	Size  uint16    // number of descriptors: a power of two, 1..32768
 	Desc  GuestAddr // descriptor table: Size*16 bytes, 16-aligned
@@ -39,10 +44,12 @@ type Layout struct {
 	Used  GuestAddr // used ring: 4+8*Size bytes (6+8*Size with EVENT_IDX), 4-aligned
 }
 
-// QueueState is a split virtqueue's device-side position: the next available
+// QueueState is a virtqueue's device-side position: the next available
 // ring index the device will consume and the next used ring index it will
 // publish. It is what migration saves and restores (vhost's VRING_BASE holds
-// NextAvail). Like Layout it is plain, untrusted data.
+// NextAvail). Like Layout it is plain, untrusted data. For a packed queue
+// each field is a ring index (bits 0..14) with its wrap counter in bit 15,
+// the vhost encoding (PackedIndex, InitialState).
 type QueueState struct {
 	NextAvail uint16
 	NextUsed  uint16
@@ -64,6 +71,9 @@ func SplitSizes(size uint16) (desc, avail, used uint64) {
 // §2.7.6, §2.7.8), as Linux vhost sizes them. The queue constructors check
 // exactly these bytes against guest memory.
 func RingSizes(size uint16, f virtio.Features) (desc, avail, used uint64) {
+	if f.Has(virtio.FRingPacked) {
+		return PackedSizes(size) // packed: descriptor ring, driver and device event suppression
+	}
 	d, a, u := SplitSizes(size)
 	if !f.Has(virtio.FEventIdx) {
 		a, u = a-2, u-2
@@ -101,8 +111,13 @@ func (l Layout) Validate() error {
 }
 
 // ValidateFor is Validate with the areas sized for the negotiated features
-// f (RingSizes).
+// f (RingSizes). With VIRTIO_F_RING_PACKED in f it applies the packed
+// rules: size 1..32768, descriptor ring 16-aligned, event suppression
+// areas 4-aligned.
 func (l Layout) ValidateFor(f virtio.Features) error {
+	if f.Has(virtio.FRingPacked) {
+		return l.validatePacked()
+	}
 	if !ValidQueueSize(l.Size) {
 		return fmt.Errorf("%w: %d", ErrQueueSize, l.Size)
 	}

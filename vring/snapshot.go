@@ -8,12 +8,22 @@ import "fmt"
 //
 // Without EVENT_IDX the rings have no event fields; UsedEvent and
 // AvailEvent are then 0.
+//
+// For a packed queue (Packed set) the fields hold the event suppression
+// structures: AvailFlags and UsedEvent the driver area's desc_event_flags
+// and desc_event_off_wrap, UsedFlags and AvailEvent the device area's;
+// AvailIdx and UsedIdx are 0 (a packed ring has no index fields).
 type RingSnapshot struct {
 	AvailFlags, AvailIdx, UsedEvent uint16 // written by the driver
 	UsedFlags, UsedIdx, AvailEvent  uint16 // written by the device
+	Packed                          bool
 }
 
 func (s RingSnapshot) String() string {
+	if s.Packed {
+		return fmt.Sprintf("packed driver event{flags %#x off_wrap %#x} device event{flags %#x off_wrap %#x}",
+			s.AvailFlags, s.UsedEvent, s.UsedFlags, s.AvailEvent)
+	}
 	return fmt.Sprintf("avail{flags %#x idx %d used_event %d} used{flags %#x idx %d avail_event %d}",
 		s.AvailFlags, s.AvailIdx, s.UsedEvent, s.UsedFlags, s.UsedIdx, s.AvailEvent)
 }
@@ -25,6 +35,9 @@ func (s RingSnapshot) String() string {
 // any ring access it faults if the ring's pages were truncated away (see
 // Guard).
 func (q *DeviceQueue) Snapshot() RingSnapshot {
+	if q.pk != nil {
+		return q.packedSnapshot()
+	}
 	uf, ui := q.r.loadUsedWord()
 	s := RingSnapshot{
 		AvailFlags: q.r.loadAvailFlags(), AvailIdx: q.r.loadAvailIdx(),

@@ -1,0 +1,652 @@
+package vring
+
+import (
+	"fmt"
+	"sync/atomic"
+
+	"github.com/vdpakit/vdpakit/virtio"
+)
+
+// packedDevice is the device side of a packed ring (DeviceQueue.pk). The
+// DeviceQueue's shared fields (mem, index, log, hint, cBase/cMem, err,
+// notify, eventIdx, indirect, init) keep their meaning.
+type packedDevice struct {
+	r packedRing
+
+	nextAvail uint16 // ring index of the next descriptor to pop
+	availBits uint16 // AVAIL|USED bits of an available descriptor at nextAvail: DescFAvail for wrap 1, DescFUsed for wrap 0
+	nextUsed  uint16 // ring index of the next used descriptor to write
+	usedBits  uint16 // AVAIL|USED bits of a used descriptor written at nextUsed: both for wrap 1, none for wrap 0
+	inflight  uint16 // ring descriptors popped and not returned: from nextUsed to nextAvail
+
+	ids []packedID // by buffer id
+
+	// In-order batching (VIRTIO_F_IN_ORDER): chains are numbered in pop
+	// order (popSeq); pushSeq is the number of the next chain to push when
+	// the device pushes in pop order. ordered is cleared by a push out of
+	// that order (then PushBatch writes a used descriptor per chain) and
+	// set again when nothing is in flight.
+	inOrder bool
+	ordered bool
+	popSeq  uint32
+	pushSeq uint32
+	batch   uint32 // PushBatch's generation, marks the ids of one batch
+
+	sinceSignal uint32 // descriptors used since the last NeedsInterrupt
+
+	devEvent    uint32 // shadow of the device event suppression word
+	devEventSet bool   // devEvent holds what memory holds
+	devEventLog GuestAddr
+	descLog     GuestAddr // guest address of the descriptor ring for logging
+	// lost is the number of ring descriptors of chains that were in
+	// flight when the queue was restored (DeviceQueueOptions.State): the
+	// device does not know their ids, so it cannot push them. Without
+	// IN_ORDER they stay in flight, as in the driver's own count; with
+	// IN_ORDER the first used descriptor written covers them (the driver
+	// takes every chain it added before that id as used), so the used
+	// position moves past them then.
+	lost uint16
+}
+
+// packedID is what the device knows of a buffer id.
+type packedID struct {
+	writable uint64 // the chain's writable bytes
+	seq      uint32 // pop order
+	mark     uint32 // PushBatch generation
+	ndesc    uint16 // ring descriptors of the chain
+	inflight bool
+}
+
+func setWrapBits(avail, used bool) (availBits, usedBits uint16) {
+	availBits, usedBits = DescFUsed, 0
+	if avail {
+		availBits = DescFAvail
+	}
+	if used {
+		usedBits = availUsed
+	}
+	return
+}
+
+// newPackedDeviceQueue is NewDeviceQueue for VIRTIO_F_RING_PACKED.
+func newPackedDeviceQueue(mem *Memory, opts DeviceQueueOptions) (*DeviceQueue, error) {
+	r, err := newPackedRing(mem, opts.Layout)
+	if err != nil {
+		return nil, fmt.Errorf("vring: queue %d: %w", opts.Index, err)
+	}
+	if err := validatePackedState(opts.State, opts.Layout.Size); err != nil {
+		return nil, fmt.Errorf("vring: queue %d: %w", opts.Index, err)
+	}
+	p := &packedDevice{
+		r: r, ids: make([]packedID, opts.Layout.Size),
+		inOrder:     opts.Features.Has(virtio.FInOrder),
+		descLog:     opts.UsedLogAddr,
+		devEventLog: opts.DeviceEventLogAddr,
+	}
+	if p.descLog == 0 {
+		p.descLog = opts.Layout.Desc
+	}
+	if p.devEventLog == 0 {
+		p.devEventLog = opts.Layout.Used
+	}
+	q := &DeviceQueue{
+		mem: mem, index: opts.Index, layout: opts.Layout,
+		eventIdx: opts.Features.Has(virtio.FEventIdx),
+		indirect: opts.Features.Has(virtio.FIndirectDesc),
+		log:      opts.Log, usedLog: p.descLog, init: opts.State,
+		pk: p,
+	}
+	q.r.size = opts.Layout.Size // Size() works on both formats
+	q.packedReset(opts.State)
+	if err := Guard(q.packedEnable); err != nil {
+		if _, ok := err.(*FaultError); ok {
+			return nil, fmt.Errorf("vring: queue %d: enable notifications: %w", opts.Index, err)
+		}
+		return nil, err
+	}
+	return q, nil
+}
+
+func (q *DeviceQueue) packedReset(st QueueState) {
+	p := q.pk
+	var aw, uw bool
+	p.nextAvail, aw = PackedPosition(st.NextAvail)
+	p.nextUsed, uw = PackedPosition(st.NextUsed)
+	p.availBits, p.usedBits = setWrapBits(aw, uw)
+	n, _ := st.PackedInFlight(p.r.size) // validated by the constructor
+	p.inflight = n
+	// Chains in flight at a restore are known by their descriptor count
+	// only (the ring no longer tells which ids they were once the device
+	// completed chains out of order): see packedDevice.lost.
+	p.lost = n
+	clear(p.ids)
+	p.ordered, p.popSeq, p.pushSeq = true, 0, 0
+	p.sinceSignal = 0
+	p.devEventSet = false
+	q.notify = true
+	q.err = nil
+}
+
+// Packed reports whether the queue is a packed virtqueue
+// (VIRTIO_F_RING_PACKED).
+func (q *DeviceQueue) Packed() bool { return q.pk != nil }
+
+func (q *DeviceQueue) packedState() QueueState {
+	p := q.pk
+	return QueueState{
+		NextAvail: PackedIndex(p.nextAvail, p.availBits == DescFAvail),
+		NextUsed:  PackedIndex(p.nextUsed, p.usedBits != 0),
+	}
+}
+
+// packedFail breaks the queue with err found at ring (or table) index.
+//
+//go:noinline
+func (q *DeviceQueue) packedFail(index uint16, indirect bool, err error) error {
+	e := qerr(q.index, index, indirect, err)
+	q.err = &brokenError{cause: e}
+	q.pk.sinceSignal = 0 // a broken queue reports no interrupt
+	return e
+}
+
+func (q *DeviceQueue) packedLogWrite(addr GuestAddr, n uint64) error {
+	if err := q.log.LogWrite(uint64(addr), n); err != nil {
+		return q.packedFail(q.pk.nextUsed, false, &wrap2{ErrLogWrite, err})
+	}
+	return nil
+}
+
+// storeDevEvent writes the device event suppression word (and logs it).
+func (q *DeviceQueue) storeDevEvent(w uint32) error {
+	p := q.pk
+	if p.devEventSet && p.devEvent == w {
+		return nil
+	}
+	atomic.StoreUint32(p.r.devEvent, w)
+	p.devEvent, p.devEventSet = w, true
+	if q.log != nil {
+		return q.packedLogWrite(p.devEventLog, 4)
+	}
+	return nil
+}
+
+// armWord is the device event word asking for a kick at the next avail
+// position: DESC with that offset and wrap counter under EVENT_IDX,
+// ENABLE otherwise.
+func (p *packedDevice) armWord(eventIdx bool) uint32 {
+	if eventIdx {
+		return eventWord(PackedIndex(p.nextAvail, p.availBits == DescFAvail), EventFlagsDesc)
+	}
+	return eventWord(0, EventFlagsEnable)
+}
+
+func (q *DeviceQueue) packedEnable() error {
+	q.notify = true
+	return q.storeDevEvent(q.pk.armWord(q.eventIdx))
+}
+
+// headAvailable loads the flags word at nextAvail and reports whether it
+// is an available descriptor of the current lap. A descriptor whose
+// AVAIL/USED bits do not say so is simply not available (yet): a used
+// descriptor, a stale one from the previous lap or the zeroed ring.
+func (p *packedDevice) headAvailable() (flags uint16, ok bool) {
+	_, flags = p.r.loadWord(p.nextAvail)
+	return flags, flags&availUsed == p.availBits
+}
+
+func (q *DeviceQueue) packedPop(c *Chain) (bool, error) {
+	if q.err != nil {
+		return false, q.err
+	}
+	p := q.pk
+	flags, ok := p.headAvailable()
+	if !ok {
+		// Empty. With notifications on and EVENT_IDX, move the event
+		// offset to the next avail position and re-check (EnableNotify's
+		// race, as the split ring's Pop does).
+		if !q.notify || !q.eventIdx {
+			return false, nil
+		}
+		w := p.armWord(true)
+		if p.devEventSet && p.devEvent == w {
+			return false, nil
+		}
+		if err := q.storeDevEvent(w); err != nil {
+			return false, err
+		}
+		if flags, ok = p.headAvailable(); !ok {
+			return false, nil
+		}
+	}
+	// Fast path: one direct descriptor inside the cached region.
+	i := p.nextAvail
+	d := &p.r.descs[i]
+	addr, length, id := GuestAddr(d.addr), d.len, d.id
+	mem := q.cMem
+	off := uint64(addr - q.cBase)
+	if segs := c.Segs; flags&(DescFNext|DescFIndirect) == 0 && off < uint64(len(mem)) &&
+		uint64(length)-1 < uint64(len(mem))-off && cap(segs) != 0 && int(id) < len(p.ids) &&
+		!p.ids[id].inflight && p.inflight < p.r.size {
+		c.fill1(segs[:1], id, addr, length, flags, bufAt(mem, off, length))
+		c.Descs = 1
+		p.take(id, 1, c.WritableLen)
+		return true, nil
+	}
+	if err := q.packedWalk(c, flags); err != nil {
+		return false, err
+	}
+	return true, nil
+}
+
+// take records a popped chain of n ring descriptors with buffer id id and
+// moves nextAvail past it.
+func (p *packedDevice) take(id, n uint16, writable uint64) {
+	e := &p.ids[id]
+	e.inflight, e.ndesc, e.writable, e.seq = true, n, writable, p.popSeq
+	p.popSeq++
+	p.inflight += n
+	next := uint32(p.nextAvail) + uint32(n)
+	if next >= uint32(p.r.size) {
+		next -= uint32(p.r.size)
+		p.availBits ^= availUsed
+	}
+	p.nextAvail = uint16(next)
+}
+
+// packedWalk follows the chain whose head (at nextAvail, flags headFlags)
+// is available, validating every rule, and takes it.
+//
+// The rules (virtio 1.2 §2.8.5-2.8.8, §2.8.14-2.8.17):
+//   - The chain is the run of ring descriptors from the head while NEXT is
+//     set. Each after the head must be available for its own position's
+//     wrap counter (the chain may wrap around the ring end): the driver
+//     makes the head available last, so the rest already is
+//     (ErrDescNotAvailable otherwise).
+//   - It may not run into descriptors in flight: at most size - in-flight
+//     ring descriptors (ErrChainTooLong; a chain longer than the ring is
+//     the case of nothing in flight).
+//   - An INDIRECT descriptor needs VIRTIO_F_INDIRECT_DESC, may not have
+//     NEXT (ErrIndirectWithNext) and must be the chain's only ring
+//     descriptor (direct descriptors with INDIRECT in a NEXT list are
+//     forbidden for packed rings, §2.8.17: ErrIndirectWithNext too); its
+//     table is len/16 descriptors in order (len a non-zero multiple of 16,
+//     ErrIndirectSize; at most the queue size, ErrChainTooLong), where
+//     WRITE is the only flag that counts: NEXT, AVAIL, USED and the id are
+//     reserved and ignored (DPDK's driver sets NEXT there), except INDIRECT,
+//     which is refused (ErrNestedIndirect).
+//   - Readable descriptors come before writable ones
+//     (ErrReadableAfterWritable); every buffer lies in guest memory
+//     (ErrBufferOutOfRange).
+//   - The buffer id is the last ring descriptor's id (§2.8.6): < size
+//     (ErrBufferIDOutOfRange) and not in flight (ErrBufferIDInFlight).
+func (q *DeviceQueue) packedWalk(c *Chain, headFlags uint16) error {
+	p := q.pk
+	c.Segs = c.Segs[:0]
+	c.Readable = 0
+	c.ReadableLen, c.WritableLen = 0, 0
+	size := p.r.size
+	limit := size - p.inflight // ring descriptors this chain may use
+	pos, bits := p.nextAvail, p.availBits
+	flags := headFlags
+	n := uint16(0)
+	writable := false
+	var id uint16
+	for {
+		if n == limit {
+			return q.packedFail(pos, false, ErrChainTooLong)
+		}
+		d := &p.r.descs[pos]
+		if n > 0 {
+			if flags&availUsed != bits {
+				return q.packedFail(pos, false, ErrDescNotAvailable)
+			}
+		}
+		n++
+		addr, length := GuestAddr(d.addr), d.len
+		id = d.id
+		at := pos
+		if pos++; pos == size {
+			pos, bits = 0, bits^availUsed
+		}
+		if flags&DescFIndirect != 0 {
+			if !q.indirect {
+				return q.packedFail(at, false, ErrIndirectNotNegotiated)
+			}
+			if flags&DescFNext != 0 || n > 1 {
+				return q.packedFail(at, false, ErrIndirectWithNext)
+			}
+			if err := q.packedWalkTable(c, at, addr, length); err != nil {
+				return err
+			}
+			break
+		}
+		w := flags&DescFWrite != 0
+		if !w && writable {
+			return q.packedFail(at, false, ErrReadableAfterWritable)
+		}
+		writable = w
+		if err := q.appendSeg(c, addr, length, w); err != nil {
+			return q.packedFail(at, false, &wrap2{ErrBufferOutOfRange, err})
+		}
+		if flags&DescFNext == 0 {
+			break
+		}
+		// The next descriptor's flags word, loaded atomically: it is
+		// checked for AVAIL/USED at the top of the loop.
+		_, flags = p.r.loadWord(pos)
+	}
+	last := pos - 1
+	if pos == 0 {
+		last = size - 1
+	}
+	if id >= size {
+		return q.packedFail(last, false, ErrBufferIDOutOfRange)
+	}
+	if p.ids[id].inflight {
+		return q.packedFail(last, false, ErrBufferIDInFlight)
+	}
+	c.Head, c.Descs = id, n
+	p.take(id, n, c.WritableLen)
+	return nil
+}
+
+// packedWalkTable appends the segments of the indirect table at addr
+// (length bytes) named by ring descriptor at.
+func (q *DeviceQueue) packedWalkTable(c *Chain, at uint16, addr GuestAddr, length uint32) error {
+	if length == 0 || length%16 != 0 {
+		return q.packedFail(at, false, ErrIndirectSize)
+	}
+	nt := length / 16
+	if nt > uint32(q.pk.r.size) {
+		return q.packedFail(at, false, ErrChainTooLong)
+	}
+	t, err := q.mem.slice(addr, uint64(length), &q.hint)
+	if err != nil {
+		return q.packedFail(at, false, &wrap2{ErrBufferOutOfRange, err})
+	}
+	writable := false
+	for k := uint32(0); k < nt; k++ {
+		a, l, _, flags := readDesc(t, uint16(k)) // packed layout: id at 12, flags at 14
+		if flags&DescFIndirect != 0 {
+			return q.packedFail(uint16(k), true, ErrNestedIndirect)
+		}
+		w := flags&DescFWrite != 0
+		if !w && writable {
+			return q.packedFail(uint16(k), true, ErrReadableAfterWritable)
+		}
+		writable = w
+		if err := q.appendSeg(c, GuestAddr(a), l, w); err != nil {
+			return q.packedFail(uint16(k), true, &wrap2{ErrBufferOutOfRange, err})
+		}
+	}
+	return nil
+}
+
+// appendSeg appends one descriptor's buffer to c: inline for the cached
+// region, else through appendSegsSlow (region table, splitting, empty
+// buffers).
+func (q *DeviceQueue) appendSeg(c *Chain, addr GuestAddr, length uint32, w bool) error {
+	if off := uint64(addr - q.cBase); addr >= q.cBase && off < uint64(len(q.cMem)) &&
+		uint64(length) <= uint64(len(q.cMem))-off && length != 0 {
+		end := off + uint64(length)
+		seg := c.grow()
+		seg.Addr, seg.Len, seg.Writable, seg.Buf = addr, length, w, q.cMem[off:end:end]
+		if w {
+			c.WritableLen += uint64(length)
+		} else {
+			c.ReadableLen += uint64(length)
+			c.Readable++
+		}
+		return nil
+	}
+	return q.appendSegsSlow(c, addr, length, w)
+}
+
+func (q *DeviceQueue) packedPopBatch(cs []Chain) (int, error) {
+	for i := range cs {
+		ok, err := q.packedPop(&cs[i])
+		if err != nil || !ok {
+			return i, err
+		}
+	}
+	return len(cs), nil
+}
+
+// pushCheck reports whether id can be pushed.
+func (p *packedDevice) pushable(id uint16) bool {
+	return int(id) < len(p.ids) && p.ids[id].inflight
+}
+
+//go:noinline
+func (q *DeviceQueue) packedPushErr(id uint16) error {
+	if q.err != nil {
+		return q.err
+	}
+	if q.pk.lost != 0 && int(id) < len(q.pk.ids) {
+		return fmt.Errorf("%w: queue %d buffer id %d (restored with chains in flight whose ids are unknown)", ErrNotInFlight, q.index, id)
+	}
+	return fmt.Errorf("%w: queue %d buffer id %d", ErrNotInFlight, q.index, id)
+}
+
+// release returns id's ring descriptors: the used position moves past
+// them. It returns the ring index where id's used descriptor goes.
+func (p *packedDevice) release(id uint16) (at uint16, bits uint16) {
+	e := &p.ids[id]
+	e.inflight = false
+	at, bits = p.nextUsed, p.usedBits
+	if p.inOrder {
+		if e.seq == p.pushSeq {
+			p.pushSeq++
+		} else {
+			p.ordered = false
+		}
+	}
+	n := e.ndesc
+	if p.inOrder && p.lost != 0 {
+		n += p.lost // see lost
+		p.lost = 0
+	}
+	p.inflight -= n
+	p.sinceSignal += uint32(n)
+	next := uint32(p.nextUsed) + uint32(n)
+	if next >= uint32(p.r.size) {
+		next -= uint32(p.r.size)
+		p.usedBits ^= availUsed
+	}
+	p.nextUsed = uint16(next)
+	if p.inflight == 0 {
+		p.ordered, p.pushSeq = true, p.popSeq
+	}
+	return at, bits
+}
+
+// usedFlags is the flags of a used descriptor: AVAIL and USED equal to
+// the used wrap counter, WRITE when the device wrote into the buffer
+// (§2.8.4: len is only meaningful with WRITE) or the chain has writable
+// buffers (as QEMU sets it).
+func usedFlags(bits uint16, written uint32, writable uint64) uint16 {
+	if written != 0 || writable != 0 {
+		return bits | DescFWrite
+	}
+	return bits
+}
+
+func (q *DeviceQueue) packedPush(id uint16, written uint32) error {
+	p := q.pk
+	if q.err != nil || !p.pushable(id) {
+		return q.packedPushErr(id)
+	}
+	writable := p.ids[id].writable
+	at, bits := p.release(id)
+	d := &p.r.descs[at]
+	// Rule 3: len (plain store), then the id|flags word (release).
+	d.len = written
+	p.r.storeWord(at, id, usedFlags(bits, written, writable))
+	if q.log != nil {
+		return q.packedLogWrite(p.descLog+GuestAddr(16*uint64(at)+8), 8)
+	}
+	return nil
+}
+
+func (q *DeviceQueue) packedPushChain(c *Chain, written uint32) error {
+	if q.err != nil {
+		return q.err
+	}
+	if uint64(written) > c.WritableLen {
+		return fmt.Errorf("%w: queue %d buffer id %d: %d > %d", ErrWrittenTooLarge, q.index, c.Head, written, c.WritableLen)
+	}
+	if !q.pk.pushable(c.Head) {
+		return q.packedPushErr(c.Head)
+	}
+	if q.log != nil {
+		left := uint64(written)
+		for i := c.Readable; i < len(c.Segs) && left > 0; i++ {
+			k := min(uint64(c.Segs[i].Len), left)
+			if k == 0 {
+				continue
+			}
+			if err := q.packedLogWrite(c.Segs[i].Addr, k); err != nil {
+				return err
+			}
+			left -= k
+		}
+	}
+	return q.packedPush(c.Head, written)
+}
+
+// packedPushBatch writes used descriptors for elems and publishes them
+// with the first one's flags word stored last. With VIRTIO_F_IN_ORDER,
+// while the device has pushed every chain in pop order, an element that
+// is not the batch's last and whose Len is its chain's whole writable
+// length (0 for a chain with nothing writable: a transmitted frame) gets
+// no used descriptor of its own: the next one written covers it (§2.8.8:
+// skipped buffers count as used completely).
+func (q *DeviceQueue) packedPushBatch(elems []UsedElem) error {
+	if q.err != nil {
+		return q.err
+	}
+	if len(elems) == 0 {
+		return nil
+	}
+	p := q.pk
+	// Check everything first: nothing is written unless every element is
+	// a distinct buffer id in flight.
+	p.batch++
+	if p.batch == 0 {
+		for i := range p.ids {
+			p.ids[i].mark = 0
+		}
+		p.batch = 1
+	}
+	for _, e := range elems {
+		if !p.pushable(e.Head) || p.ids[e.Head].mark == p.batch {
+			if p.pushable(e.Head) {
+				return fmt.Errorf("%w: queue %d buffer id %d twice in one batch", ErrNotInFlight, q.index, e.Head)
+			}
+			return q.packedPushErr(e.Head)
+		}
+		p.ids[e.Head].mark = p.batch
+	}
+	// In-order skipping only for a batch that continues the pop order
+	// exactly: a used descriptor tells an IN_ORDER driver that every chain
+	// it added before that one is used.
+	inOrder := p.inOrder && p.ordered
+	if inOrder {
+		for i, e := range elems {
+			if p.ids[e.Head].seq != p.pushSeq+uint32(i) {
+				inOrder = false
+				break
+			}
+		}
+	}
+	first, firstID, firstFlags := uint16(0), uint16(0), uint16(0)
+	wrote := false
+	// Logging: the used descriptors written lie in [logFrom, ...] ring
+	// order from the batch's first used position; logged as at most two
+	// ranges (before and after the ring end).
+	start := p.nextUsed
+	var count uint32 // ring descriptors the batch moves the used position by
+	for i, e := range elems {
+		ent := &p.ids[e.Head]
+		if p.inOrder && p.lost != 0 {
+			count += uint32(p.lost) // release moves past them (see lost)
+		}
+		skip := inOrder && i < len(elems)-1 && uint64(e.Len) == ent.writable
+		writable := ent.writable
+		count += uint32(ent.ndesc)
+		at, bits := p.release(e.Head)
+		if skip {
+			continue
+		}
+		d := &p.r.descs[at]
+		d.len = e.Len
+		fl := usedFlags(bits, e.Len, writable)
+		if !wrote {
+			first, firstID, firstFlags, wrote = at, e.Head, fl, true
+			continue
+		}
+		p.r.storeWord(at, e.Head, fl)
+	}
+	// The last element always gets a descriptor, so wrote is true.
+	p.r.storeWord(first, firstID, firstFlags)
+	if q.log != nil {
+		// From the first used descriptor's len to the end of the last
+		// one written: at most count descriptors from start.
+		size := uint32(p.r.size)
+		s := uint32(start)
+		end := s + count // exclusive, in descriptors, may pass size
+		if end <= size {
+			return q.packedLogWrite(p.descLog+GuestAddr(16*uint64(s)+8), 16*uint64(end-s)-8)
+		}
+		if err := q.packedLogWrite(p.descLog+GuestAddr(16*uint64(s)+8), 16*uint64(size-s)-8); err != nil {
+			return err
+		}
+		return q.packedLogWrite(p.descLog, 16*uint64(min(end-size, size)))
+	}
+	return nil
+}
+
+func (q *DeviceQueue) packedNeedsInterrupt() bool {
+	p := q.pk
+	n := p.sinceSignal
+	if n == 0 { // always when broken
+		return false
+	}
+	p.sinceSignal = 0
+	w := atomic.LoadUint32(p.r.drvEvent)
+	return eventWanted(w, q.eventIdx, p.r.size, p.nextUsed, p.usedBits != 0, n)
+}
+
+func (q *DeviceQueue) packedEnableNotify() (bool, error) {
+	if q.err != nil {
+		return false, q.err
+	}
+	if err := q.packedEnable(); err != nil {
+		return false, err
+	}
+	// The store above is sequentially consistent; this load sees a
+	// descriptor the driver made available before it, or the driver's
+	// later load of the device event word sees our store and kicks.
+	_, ok := q.pk.headAvailable()
+	return ok, nil
+}
+
+func (q *DeviceQueue) packedDisableNotify() {
+	if q.err != nil {
+		return
+	}
+	q.notify = false
+	_ = q.storeDevEvent(eventWord(0, EventFlagsDisable))
+}
+
+// packedSnapshot: the event suppression words (the only shared fields
+// that are not descriptors).
+func (q *DeviceQueue) packedSnapshot() RingSnapshot {
+	p := q.pk
+	drv, dev := atomic.LoadUint32(p.r.drvEvent), atomic.LoadUint32(p.r.devEvent)
+	return RingSnapshot{
+		Packed:     true,
+		AvailFlags: uint16(drv >> 16), UsedEvent: uint16(drv),
+		UsedFlags: uint16(dev >> 16), AvailEvent: uint16(dev),
+	}
+}
