@@ -24,7 +24,8 @@ type DriverOptions struct {
 	Index int
 	// Layout is the ring; it must lie in Mem.
 	Layout vring.Layout
-	// Features are the negotiated features (EVENT_IDX, INDIRECT_DESC).
+	// Features are the negotiated features (EVENT_IDX, INDIRECT_DESC,
+	// RING_PACKED, IN_ORDER).
 	Features virtio.Features
 	// Data is the guest address of the buffer area: Layout.Size slots of
 	// SlotSize bytes, followed by Layout.Size indirect tables of MaxSegs*16
@@ -54,7 +55,8 @@ type slotInfo struct {
 
 // Driver is the driver side of a queue with buffer management: each chain
 // gets a private slot of buffer space, so chains can carry real content.
-// A Driver is owned by one goroutine.
+// It writes split or packed chains, as the features say (heads are buffer
+// ids on a packed queue). A Driver is owned by one goroutine.
 type Driver struct {
 	Queue *vring.DriverQueue
 	Mem   *vring.Memory
@@ -203,9 +205,12 @@ func (d *Driver) Receive() (Completion, bool, error) {
 
 // Options configure a Harness.
 type Options struct {
-	// Size is the queue size (default 256).
+	// Size is the queue size (default 256). A packed queue's size need not
+	// be a power of two.
 	Size uint16
-	// Features are the negotiated features.
+	// Features are the negotiated features. With VIRTIO_F_RING_PACKED the
+	// ring is a packed one (vring.ContiguousPackedLayout) and the device
+	// side starts from vring.InitialState.
 	Features virtio.Features
 	// SlotSize is the buffer space per chain (default 4096).
 	SlotSize uint32
@@ -220,7 +225,8 @@ type Options struct {
 	NoDevice bool
 }
 
-// Harness is a ring in memfd-backed guest memory with both sides attached.
+// Harness is a ring (split or packed) in memfd-backed guest memory with
+// both sides attached.
 type Harness struct {
 	Mem    *vring.Memory
 	Layout vring.Layout
@@ -241,8 +247,8 @@ func New(opts *Options) (*Harness, error) {
 	if o.SlotSize == 0 {
 		o.SlotSize = 4096
 	}
-	ringBytes := (vring.ContiguousLayoutBytes(o.Size) + 4095) &^ 4095
-	layout := vring.ContiguousLayout(o.Base, o.Size)
+	ringBytes := (vring.LayoutBytesFor(o.Size, o.Features) + 4095) &^ 4095
+	layout := vring.LayoutFor(o.Base, o.Size, o.Features)
 	dopts := DriverOptions{Layout: layout, Features: o.Features, Data: o.Base + vring.GuestAddr(ringBytes),
 		SlotSize: o.SlotSize, Indirect: o.Indirect}
 	total := ringBytes + dopts.DataBytes()
@@ -262,7 +268,8 @@ func New(opts *Options) (*Harness, error) {
 	}
 	h := &Harness{Mem: mem, Layout: layout, Driver: drv}
 	if !o.NoDevice {
-		h.Device, err = vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Layout: layout, Features: o.Features, Log: o.Log})
+		h.Device, err = vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Layout: layout, Features: o.Features, Log: o.Log,
+			State: vring.InitialState(o.Features)})
 		if err != nil {
 			mem.Close()
 			return nil, err

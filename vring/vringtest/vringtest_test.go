@@ -93,3 +93,69 @@ func TestRawRingFeedsHostileChains(t *testing.T) {
 	_, err = vringtest.NewRawRing(h.Mem, vring.ContiguousLayout(1<<40, 8))
 	require.ErrorIs(t, err, vring.ErrOutOfRange)
 }
+
+func TestHarnessEchoPacked(t *testing.T) {
+	for _, indirect := range []bool{false, true} {
+		for _, size := range []uint16{3, 5, 256} {
+			f := virtio.Features(0).With(virtio.FIndirectDesc, virtio.FRingPacked)
+			h, err := vringtest.New(&vringtest.Options{Size: size, Features: f, Indirect: indirect})
+			require.NoError(t, err)
+			defer h.Close()
+			require.True(t, h.Device.Packed())
+			for i := range 3 * int(size) { // wraps the ring several times
+				msg := fmt.Sprintf("frame %d", i)
+				_, kick, err := h.Driver.Send([][]byte{[]byte("hdr:"), []byte(msg)}, []uint32{64})
+				require.NoError(t, err)
+				require.True(t, kick)
+				var c vring.Chain
+				ok, err := h.Device.Pop(&c)
+				require.NoError(t, err)
+				require.True(t, ok)
+				buf := make([]byte, c.ReadableLen)
+				c.Gather(buf)
+				require.Equal(t, "hdr:"+msg, string(buf))
+				n := c.Scatter(buf)
+				require.NoError(t, h.Device.PushChain(&c, uint32(n)))
+				comp, ok, err := h.Driver.Receive()
+				require.NoError(t, err)
+				require.True(t, ok)
+				require.Equal(t, c.Head, comp.Head)
+				require.Equal(t, "hdr:"+msg, string(comp.Data))
+			}
+		}
+	}
+}
+
+// TestRawPackedRing feeds a device a chain written byte by byte and reads
+// back the used descriptor and the device event structure.
+func TestRawPackedRing(t *testing.T) {
+	f := virtio.Features(0).With(virtio.FRingPacked, virtio.FEventIdx)
+	h, err := vringtest.New(&vringtest.Options{Size: 4, Features: f})
+	require.NoError(t, err)
+	defer h.Close()
+	r, err := vringtest.NewRawPackedRing(h.Mem, h.Layout)
+	require.NoError(t, err)
+	data := h.Layout.Desc + 0x2000
+	require.NoError(t, h.Mem.Write(data, []byte("raw")))
+	require.NoError(t, r.WritePackedDesc(h.Layout.Desc, 1, data+16, 8, 3, vringtest.PackedAvail(true)|vring.DescFWrite))
+	require.NoError(t, r.WritePackedDesc(h.Layout.Desc, 0, data, 3, 0, vringtest.PackedAvail(true)|vring.DescFNext))
+	var c vring.Chain
+	ok, err := h.Device.Pop(&c)
+	require.NoError(t, err)
+	require.True(t, ok)
+	require.Equal(t, uint16(3), c.Head, "the id of the last descriptor")
+	require.Equal(t, "raw", string(c.Segs[0].Buf))
+	require.NoError(t, h.Device.Push(c.Head, 5))
+	_, n, id, flags, err := r.PackedDesc(0)
+	require.NoError(t, err)
+	require.Equal(t, uint32(5), n)
+	require.Equal(t, uint16(3), id)
+	require.Equal(t, vringtest.PackedUsed(true)|vring.DescFWrite, flags)
+	ok, err = h.Device.Pop(&c)
+	require.NoError(t, err)
+	require.False(t, ok)
+	off, fl, err := r.DeviceEvent()
+	require.NoError(t, err)
+	require.Equal(t, vring.EventFlagsDesc, fl)
+	require.Equal(t, vring.PackedIndex(2, true), off, "kick wanted at the next avail position")
+}
