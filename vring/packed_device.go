@@ -566,6 +566,11 @@ func (q *DeviceQueue) packedPushBatch(elems []UsedElem) error {
 	// ranges (before and after the ring end).
 	start := p.nextUsed
 	var count uint32 // ring descriptors the batch moves the used position by
+	// A group is the skipped elements and the one that ends them: its
+	// used descriptor goes where the group's first chain began, which is
+	// where the driver looks next.
+	grouped := false
+	var gAt, gBits uint16
 	for i, e := range elems {
 		ent := &p.ids[e.Head]
 		if p.inOrder && p.lost != 0 {
@@ -575,9 +580,16 @@ func (q *DeviceQueue) packedPushBatch(elems []UsedElem) error {
 		writable := ent.writable
 		count += uint32(ent.ndesc)
 		at, bits := p.release(e.Head)
+		if grouped {
+			at, bits = gAt, gBits
+		}
 		if skip {
+			if !grouped {
+				gAt, gBits, grouped = at, bits, true
+			}
 			continue
 		}
+		grouped = false
 		d := &p.r.descs[at]
 		d.len = e.Len
 		fl := usedFlags(bits, e.Len, writable)
