@@ -412,6 +412,34 @@ func (q *DeviceQueue) packedPopBatch(cs []Chain) (int, error) {
 	return len(cs), nil
 }
 
+// AdoptInFlight declares a chain that was in flight when a packed queue
+// was restored (DeviceQueueOptions.State with NextAvail ahead of
+// NextUsed): its buffer id and the number of ring descriptors it
+// occupies, as the device recorded them before the save (Chain.Head and
+// Chain.Descs; vhost-user's inflight area carries the same). The chain
+// can then be pushed like a popped one. Its writable length is unknown,
+// so it is never skipped by in-order batching. It fails (without breaking
+// the queue) on a split queue, for an id out of range or in flight, and
+// for more descriptors than the restored state has in flight unadopted.
+func (q *DeviceQueue) AdoptInFlight(id, descs uint16) error {
+	p := q.pk
+	if p == nil {
+		return fmt.Errorf("%w: queue %d: AdoptInFlight on a split queue", ErrNotInFlight, q.index)
+	}
+	if q.err != nil {
+		return q.err
+	}
+	if int(id) >= len(p.ids) || p.ids[id].inflight || descs == 0 || descs > p.lost {
+		return fmt.Errorf("%w: queue %d: adopt buffer id %d of %d descriptors (%d restored in flight unadopted)",
+			ErrNotInFlight, q.index, id, descs, p.lost)
+	}
+	p.lost -= descs
+	p.ids[id] = packedID{writable: ^uint64(0), ndesc: descs, inflight: true, seq: p.popSeq}
+	p.popSeq++
+	p.ordered = false // its place in the pop order is unknown
+	return nil
+}
+
 // pushCheck reports whether id can be pushed.
 func (p *packedDevice) pushable(id uint16) bool {
 	return int(id) < len(p.ids) && p.ids[id].inflight

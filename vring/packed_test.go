@@ -1,0 +1,705 @@
+package vring
+
+import (
+	"errors"
+	"fmt"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"github.com/vdpakit/vdpakit/virtio"
+)
+
+func TestPackedLayoutValidate(t *testing.T) {
+	f := fPacked
+	ok := ContiguousPackedLayout(0x10000, 3)
+	require.NoError(t, ok.ValidateFor(f))
+	assert.Error(t, ok.Validate(), "as a split layout: size 3 is not a power of two")
+	for _, size := range []uint16{1, 3, 5, 255, 1000, 32767, 32768} {
+		assert.NoError(t, ContiguousPackedLayout(0, size).ValidateFor(f), "size %d", size)
+		assert.True(t, ValidPackedQueueSize(size))
+	}
+	for _, size := range []uint16{0, 32769, 65535} {
+		assert.ErrorIs(t, ContiguousPackedLayout(0, size).ValidateFor(f), ErrQueueSize, "size %d", size)
+		assert.False(t, ValidPackedQueueSize(size))
+	}
+	for name, tc := range map[string]struct {
+		l    Layout
+		want error
+	}{
+		"descriptor ring 16-aligned":         {Layout{Size: 4, Desc: 0x1008, Avail: 0x2000, Used: 0x3000}, ErrMisaligned},
+		"driver area 4-aligned":              {Layout{Size: 4, Desc: 0x1000, Avail: 0x2002, Used: 0x3000}, ErrMisaligned},
+		"device area 4-aligned":              {Layout{Size: 4, Desc: 0x1000, Avail: 0x2000, Used: 0x3001}, ErrMisaligned},
+		"driver area inside descriptor ring": {Layout{Size: 4, Desc: 0x1000, Avail: 0x1030, Used: 0x3000}, ErrRingOverlap},
+		"device area on driver area":         {Layout{Size: 4, Desc: 0x1000, Avail: 0x2000, Used: 0x2000}, ErrRingOverlap},
+		"descriptor ring overflows":          {Layout{Size: 4, Desc: ^GuestAddr(0) &^ 15, Avail: 0x2000, Used: 0x3000}, ErrOverflow},
+	} {
+		assert.ErrorIs(t, tc.l.ValidateFor(f), tc.want, name)
+	}
+	// Areas sized 16*n, 4, 4: adjacent areas are fine.
+	require.NoError(t, Layout{Size: 2, Desc: 0x1000, Avail: 0x1020, Used: 0x1024}.ValidateFor(f))
+	d, a, u := RingSizes(7, f)
+	assert.Equal(t, [3]uint64{112, 4, 4}, [3]uint64{d, a, u})
+	l := ContiguousPackedLayout(0x40000, 5)
+	assert.Equal(t, Layout{Size: 5, Desc: 0x40000, Avail: 0x40080, Used: 0x400c0}, l)
+	assert.Equal(t, uint64(0xc4), ContiguousPackedLayoutBytes(5))
+	assert.Equal(t, l, LayoutFor(0x40000, 5, f))
+	assert.Equal(t, ContiguousLayout(0x40000, 8), LayoutFor(0x40000, 8, 0))
+}
+
+func TestPackedStateEncoding(t *testing.T) {
+	assert.Equal(t, QueueState{}, InitialState(0))
+	assert.Equal(t, QueueState{NextAvail: 0x8000, NextUsed: 0x8000}, InitialState(fPacked))
+	assert.Equal(t, uint16(0x8005), PackedIndex(5, true))
+	assert.Equal(t, uint16(0x7fff), PackedIndex(0x7fff, false))
+	idx, wrap := PackedPosition(0x8123)
+	assert.Equal(t, uint16(0x123), idx)
+	assert.True(t, wrap)
+	st := QueueState{NextAvail: PackedIndex(3, false), NextUsed: PackedIndex(9, true)}
+	assert.Equal(t, uint16(3), st.AvailIndex())
+	assert.False(t, st.AvailWrap())
+	assert.Equal(t, uint16(9), st.UsedIndex())
+	assert.True(t, st.UsedWrap())
+	for _, tc := range []struct {
+		avail, used uint16
+		size        uint16
+		n           uint16
+		ok          bool
+	}{
+		{0x8000, 0x8000, 4, 0, true},
+		{0x8003, 0x8001, 4, 2, true},
+		{0x0001, 0x8003, 4, 2, true}, // avail wrapped, used not yet
+		{0x0003, 0x8003, 4, 4, true}, // a full ring in flight
+		{0x0000, 0x0000, 4, 0, true}, // index 0 after an odd number of laps
+		{0x0004, 0x0000, 4, 0, false}, // index >= size
+		{0x8000, 0x8004, 4, 0, false},
+		{0x8001, 0x8003, 4, 0, false}, // avail behind used
+		{0x0003, 0x8001, 4, 0, false}, // more than a lap ahead
+		{0x8000, 0x8000, 0, 0, false},
+	} {
+		st := QueueState{NextAvail: tc.avail, NextUsed: tc.used}
+		n, ok := st.PackedInFlight(tc.size)
+		assert.Equal(t, tc.ok, ok, "%+v size %d", st, tc.size)
+		assert.Equal(t, tc.n, n, "%+v size %d", st, tc.size)
+	}
+}
+
+func TestPackedConstructorChecks(t *testing.T) {
+	mem, _, _ := newPackedPair(t, 4, 0)
+	l := ContiguousPackedLayout(0x1000, 4)
+	_, err := NewDeviceQueue(mem, DeviceQueueOptions{Layout: l, Features: fPacked, State: QueueState{NextAvail: 0x8001, NextUsed: 0x8002}})
+	assert.ErrorIs(t, err, ErrInvalidState)
+	_, err = NewDeviceQueue(mem, DeviceQueueOptions{Layout: l, Features: fPacked, State: QueueState{NextAvail: 4, NextUsed: 4}})
+	assert.ErrorIs(t, err, ErrInvalidState, "index >= size")
+	_, err = NewDeviceQueue(mem, DeviceQueueOptions{Layout: ContiguousPackedLayout(4<<20-64, 4), Features: fPacked})
+	assert.ErrorIs(t, err, ErrOutOfRange)
+	_, err = NewDriverQueue(mem, DriverQueueOptions{Layout: Layout{Size: 4, Desc: 0x1000, Avail: 0x1002, Used: 0x2000}, Features: fPacked})
+	assert.ErrorIs(t, err, ErrMisaligned)
+	_, err = NewDeviceQueue(nil, DeviceQueueOptions{Layout: l, Features: fPacked})
+	assert.ErrorIs(t, err, ErrInvalidRegion)
+}
+
+// popAll pops every available chain.
+func popAll(t *testing.T, dev *DeviceQueue) []Chain {
+	t.Helper()
+	var out []Chain
+	for {
+		var c Chain
+		ok, err := dev.Pop(&c)
+		require.NoError(t, err)
+		if !ok {
+			return out
+		}
+		out = append(out, c)
+	}
+}
+
+func addN(t *testing.T, drv *DriverQueue, ndesc int, writable uint32) uint16 {
+	t.Helper()
+	bufs := make([]Buffer, ndesc)
+	for i := range bufs {
+		bufs[i] = Buffer{Addr: GuestAddr(0x100000 + 0x1000*i), Len: 16}
+	}
+	bufs[ndesc-1] = Buffer{Addr: 0x200000, Len: writable, Writable: true}
+	id, err := drv.Add(bufs)
+	require.NoError(t, err)
+	return id
+}
+
+// TestPackedOutOfOrderCompletion: chains used in another order than made
+// available; the driver follows the used descriptors by id and skips by
+// each chain's descriptor count.
+func TestPackedOutOfOrderCompletion(t *testing.T) {
+	for _, size := range []uint16{7, 8, 9} {
+		t.Run(fmt.Sprint(size), func(t *testing.T) {
+			_, drv, dev := newPackedPair(t, size, 0)
+			for round := range 30 {
+				a := addN(t, drv, 2, 10)
+				b := addN(t, drv, 1, 20)
+				c := addN(t, drv, 3, 30)
+				drv.Publish()
+				cs := popAll(t, dev)
+				require.Len(t, cs, 3)
+				require.Equal(t, []uint16{2, 1, 3}, []uint16{cs[0].Descs, cs[1].Descs, cs[2].Descs})
+				// Complete c, a, b.
+				require.NoError(t, dev.Push(c, 3))
+				require.NoError(t, dev.PushBatch([]UsedElem{{a, 1}, {b, 2}}))
+				for _, want := range []struct {
+					id uint16
+					n  uint32
+				}{{c, 3}, {a, 1}, {b, 2}} {
+					id, n, ok, err := drv.Reclaim()
+					require.NoError(t, err, "round %d", round)
+					require.True(t, ok)
+					require.Equal(t, want.id, id)
+					require.Equal(t, want.n, n)
+				}
+				_, _, ok, err := drv.Reclaim()
+				require.NoError(t, err)
+				require.False(t, ok)
+				require.Equal(t, int(size), drv.NumFree())
+			}
+		})
+	}
+}
+
+// TestPackedInOrderBatch: with IN_ORDER, PushBatch writes one used
+// descriptor for a run of chains used completely, and the driver returns
+// each of them.
+func TestPackedInOrderBatch(t *testing.T) {
+	f := virtio.Features(0).With(virtio.FInOrder)
+	mem, drv, dev := newPackedPair(t, 10, f)
+	raw := mem.Regions()[0].Bytes()
+	l := ContiguousPackedLayout(0x1000, 10)
+	usedFlagsAt := func(i int) uint16 {
+		return uint16(raw[int(l.Desc)+16*i+14]) | uint16(raw[int(l.Desc)+16*i+15])<<8
+	}
+	for round := range 7 { // 7 rounds of 9 descriptors on a size-10 ring
+		tx1 := addN(t, drv, 2, 0) // nothing writable: "used completely" with 0
+		tx2 := addN(t, drv, 1, 0)
+		rx := addN(t, drv, 2, 64)
+		tx3 := addN(t, drv, 2, 0)
+		rx2 := addN(t, drv, 2, 64)
+		drv.Publish()
+		cs := popAll(t, dev)
+		require.Len(t, cs, 5)
+		before := dev.State()
+		// rx is only partly written: it needs a descriptor of its own; the
+		// tx chains before it are covered by it. rx2, the last, gets one.
+		require.NoError(t, dev.PushBatch([]UsedElem{{tx1, 0}, {tx2, 0}, {rx, 10}, {tx3, 0}, {rx2, 64}}))
+		// Two used descriptors: rx's at the batch's start (covering tx1
+		// and tx2), rx2's where tx3 began (covering tx3).
+		idAt := func(i int) uint16 { return uint16(raw[int(l.Desc)+16*i+12]) | uint16(raw[int(l.Desc)+16*i+13])<<8 }
+		s := int(before.UsedIndex())
+		for _, u := range []struct {
+			pos int
+			id  uint16
+		}{{s, rx}, {(s + 5) % 10, rx2}} {
+			wrap := before.UsedWrap() != (u.pos < s)
+			want := uint16(0)
+			if wrap {
+				want = DescFAvail | DescFUsed
+			}
+			assert.Equal(t, want, usedFlagsAt(u.pos)&(DescFAvail|DescFUsed), "round %d pos %d", round, u.pos)
+			assert.Equal(t, u.id, idAt(u.pos), "round %d pos %d", round, u.pos)
+		}
+		for _, want := range []struct {
+			id uint16
+			n  uint32
+		}{{tx1, 0}, {tx2, 0}, {rx, 10}, {tx3, 0}, {rx2, 64}} {
+			id, n, ok, err := drv.Reclaim()
+			require.NoError(t, err, "round %d", round)
+			require.True(t, ok)
+			require.Equal(t, want.id, id, "round %d", round)
+			require.Equal(t, want.n, n)
+		}
+		_, _, ok, err := drv.Reclaim()
+		require.NoError(t, err)
+		require.False(t, ok)
+		require.Equal(t, 10, drv.NumFree())
+		require.Equal(t, dev.State().NextAvail, dev.State().NextUsed)
+	}
+	// A batch out of pop order is written one descriptor per chain.
+	a, b := addN(t, drv, 1, 0), addN(t, drv, 1, 0)
+	drv.Publish()
+	require.Len(t, popAll(t, dev), 2)
+	st := dev.State()
+	require.NoError(t, dev.PushBatch([]UsedElem{{b, 0}, {a, 0}}))
+	ui := int(st.UsedIndex())
+	id0 := uint16(raw[int(l.Desc)+16*ui+12]) | uint16(raw[int(l.Desc)+16*ui+13])<<8
+	assert.Equal(t, b, id0, "b's descriptor first")
+}
+
+// TestPackedInOrderDriverSkips: an IN_ORDER device's single used
+// descriptor for several chains, written by hand.
+func TestPackedInOrderDriverSkips(t *testing.T) {
+	f := virtio.Features(0).With(virtio.FInOrder)
+	mem, drv, _ := newPackedPair(t, 8, f)
+	raw := mem.Regions()[0].Bytes()
+	l := ContiguousPackedLayout(0x1000, 8)
+	a := addN(t, drv, 2, 32)
+	b := addN(t, drv, 1, 0)
+	c := addN(t, drv, 3, 64)
+	drv.Publish()
+	// One used descriptor, at the first chain's slot, naming c.
+	o := int(l.Desc)
+	raw[o+8], raw[o+12], raw[o+13] = 5, byte(c), byte(c>>8)
+	raw[o+14], raw[o+15] = byte(DescFAvail|DescFWrite), byte((DescFAvail|DescFUsed)>>8)
+	for _, want := range []struct {
+		id uint16
+		n  uint32
+	}{{a, 32}, {b, 0}, {c, 5}} { // skipped chains count as used completely
+		id, n, ok, err := drv.Reclaim()
+		require.NoError(t, err)
+		require.True(t, ok)
+		require.Equal(t, want.id, id)
+		require.Equal(t, want.n, n)
+	}
+	require.Equal(t, 8, drv.NumFree())
+	// The next used descriptor is expected at slot 6.
+	d := addN(t, drv, 1, 8)
+	drv.Publish()
+	o = int(l.Desc) + 16*6
+	raw[o+12], raw[o+13] = byte(d), byte(d>>8)
+	raw[o+14], raw[o+15] = byte(DescFAvail), byte((DescFAvail|DescFUsed)>>8)
+	id, n, ok, err := drv.Reclaim()
+	require.NoError(t, err)
+	require.True(t, ok)
+	require.Equal(t, d, id)
+	require.Zero(t, n)
+}
+
+// TestPackedPushMisuse: the device's own mistakes do not break the queue.
+func TestPackedPushMisuse(t *testing.T) {
+	_, drv, dev := newPackedPair(t, 4, 0)
+	assert.ErrorIs(t, dev.Push(0, 0), ErrNotInFlight)
+	addN(t, drv, 1, 16)
+	drv.Publish()
+	var c Chain
+	ok, err := dev.Pop(&c)
+	require.True(t, ok)
+	require.NoError(t, err)
+	assert.ErrorIs(t, dev.Push(4, 0), ErrNotInFlight)
+	assert.ErrorIs(t, dev.Push(c.Head+1, 0), ErrNotInFlight)
+	assert.ErrorIs(t, dev.PushChain(&c, 17), ErrWrittenTooLarge)
+	assert.ErrorIs(t, dev.PushBatch([]UsedElem{{c.Head, 0}, {c.Head, 0}}), ErrNotInFlight)
+	assert.ErrorIs(t, dev.PushBatch([]UsedElem{{c.Head, 0}, {3, 0}}), ErrNotInFlight)
+	assert.ErrorIs(t, dev.AdoptInFlight(1, 1), ErrNotInFlight, "nothing restored in flight")
+	require.NoError(t, dev.Err(), "caller misuse does not break the queue")
+	require.NoError(t, dev.PushChain(&c, 16))
+	assert.ErrorIs(t, dev.Push(c.Head, 0), ErrNotInFlight, "pushed twice")
+	_, dsplit := func() (*DriverQueue, *DeviceQueue) { _, d, v := newPair(t, 4, 0); return d, v }()
+	assert.ErrorIs(t, dsplit.AdoptInFlight(0, 1), ErrNotInFlight)
+}
+
+// TestPackedSaveRestore: State and DeviceQueueOptions.State reproduce the
+// exact position, chains in flight included.
+func TestPackedSaveRestore(t *testing.T) {
+	for _, f := range []virtio.Features{0, virtio.Features(0).With(virtio.FInOrder)} {
+		t.Run(fmt.Sprintf("%#x", uint64(f)), func(t *testing.T) {
+			mem, drv, dev := newPackedPair(t, 6, f)
+			f = f.With(virtio.FRingPacked)
+			// Move both positions around the ring a few times.
+			for range 7 {
+				addN(t, drv, 2, 8)
+				drv.Publish()
+				for _, c := range popAll(t, dev) {
+					require.NoError(t, dev.Push(c.Head, 1))
+				}
+				_, _, ok, err := drv.Reclaim()
+				require.NoError(t, err)
+				require.True(t, ok)
+			}
+			// Two chains in flight (3 descriptors), one more available.
+			a := addN(t, drv, 2, 8)
+			b := addN(t, drv, 1, 8)
+			drv.Publish()
+			cs := popAll(t, dev)
+			require.Len(t, cs, 2)
+			c := addN(t, drv, 2, 8)
+			drv.Publish()
+			st := dev.State()
+			n, ok := st.PackedInFlight(6)
+			require.True(t, ok)
+			require.Equal(t, uint16(3), n)
+
+			// The destination resumes from the state.
+			dev2, err := NewDeviceQueue(mem, DeviceQueueOptions{Layout: dev.Layout(), Features: f, State: st})
+			require.NoError(t, err)
+			assert.Equal(t, st, dev2.State(), "exact position")
+			assert.ErrorIs(t, dev2.Push(a, 1), ErrNotInFlight, "ids of chains in flight are unknown")
+			require.NoError(t, dev2.AdoptInFlight(a, 2))
+			require.NoError(t, dev2.AdoptInFlight(b, 1))
+			assert.ErrorIs(t, dev2.AdoptInFlight(c, 1), ErrNotInFlight, "no more in flight")
+			got := popAll(t, dev2)
+			require.Len(t, got, 1)
+			require.Equal(t, c, got[0].Head)
+			require.NoError(t, dev2.Push(a, 2))
+			require.NoError(t, dev2.Push(b, 3))
+			require.NoError(t, dev2.Push(c, 4))
+			for i, want := range []uint16{a, b, c} {
+				id, n, ok, err := drv.Reclaim()
+				require.NoError(t, err)
+				require.True(t, ok)
+				require.Equal(t, want, id)
+				require.Equal(t, uint32(i+2), n)
+			}
+			st2 := dev2.State()
+			assert.Equal(t, st2.NextAvail, st2.NextUsed)
+			dev2.Reset()
+			assert.Equal(t, st, dev2.State(), "Reset returns to the restored state")
+		})
+	}
+}
+
+// TestPackedNotifications: NeedsInterrupt and NeedsKick against the
+// ENABLE/DISABLE/DESC flags, with event offsets on both sides of a wrap.
+func TestPackedNotifications(t *testing.T) {
+	t.Run("flags", func(t *testing.T) {
+		r := newRawPacked(t, 0)
+		r.desc(rawRingAt, 0, rawData, 8, 0, A1)
+		var c Chain
+		_, err := r.dev.Pop(&c)
+		require.NoError(t, err)
+		assert.False(t, r.dev.NeedsInterrupt(), "nothing used yet")
+		require.NoError(t, r.dev.Push(0, 0))
+		r.driverEvent(0, EventFlagsDisable)
+		assert.False(t, r.dev.NeedsInterrupt())
+		r.desc(rawRingAt, 1, rawData, 8, 1, A1)
+		_, err = r.dev.Pop(&c)
+		require.NoError(t, err)
+		require.NoError(t, r.dev.Push(1, 0))
+		r.driverEvent(0, EventFlagsEnable)
+		assert.True(t, r.dev.NeedsInterrupt())
+		assert.False(t, r.dev.NeedsInterrupt(), "once per push")
+		r.desc(rawRingAt, 2, rawData, 8, 2, A1)
+		_, err = r.dev.Pop(&c)
+		require.NoError(t, err)
+		require.NoError(t, r.dev.Push(2, 0))
+		r.driverEvent(PackedIndex(4, true), EventFlagsDesc)
+		assert.True(t, r.dev.NeedsInterrupt(), "DESC without EVENT_IDX means ENABLE")
+		_, fl := r.deviceEvent()
+		assert.Equal(t, EventFlagsEnable, fl)
+		r.dev.DisableNotify()
+		_, fl = r.deviceEvent()
+		assert.Equal(t, EventFlagsDisable, fl)
+		pending, err := r.dev.EnableNotify()
+		require.NoError(t, err)
+		assert.False(t, pending)
+		_, fl = r.deviceEvent()
+		assert.Equal(t, EventFlagsEnable, fl)
+	})
+	t.Run("event offsets across a wrap", func(t *testing.T) {
+		// Device used position at 3 (wrap 1) on a size-5 ring; it pushes
+		// 4 descriptors: positions 3, 4, 0, 1 (the last two in lap 2).
+		for _, tc := range []struct {
+			off  uint16
+			want bool
+		}{
+			{PackedIndex(2, true), false},  // before the batch
+			{PackedIndex(3, true), true},   // its first
+			{PackedIndex(4, true), true},   // lap 1's last
+			{PackedIndex(0, false), true},  // lap 2's first
+			{PackedIndex(1, false), true},  // the batch's last
+			{PackedIndex(2, false), false}, // not used yet
+			{PackedIndex(3, false), false}, // next lap
+			{PackedIndex(0, true), false},  // lap 1's 0: long ago
+		} {
+			r := newRawPacked(t, allPacked)
+			r.dev.pk.nextAvail, r.dev.pk.nextUsed = 3, 3
+			for i, pos := range []int{3, 4, 0, 1} {
+				bits := A1
+				if pos < 3 {
+					bits = A0
+				}
+				r.desc(rawRingAt, pos, rawData, 8, uint16(i), bits)
+			}
+			cs := make([]Chain, 4)
+			n, err := r.dev.PopBatch(cs)
+			require.NoError(t, err)
+			require.Equal(t, 4, n)
+			r.driverEvent(tc.off, EventFlagsDesc)
+			require.NoError(t, r.dev.PushBatch([]UsedElem{{0, 0}, {1, 0}, {2, 0}, {3, 0}}))
+			assert.Equal(t, tc.want, r.dev.NeedsInterrupt(), "off_wrap %#x", tc.off)
+		}
+	})
+	t.Run("driver side", func(t *testing.T) {
+		for _, tc := range []struct {
+			flags, off uint16
+			want       bool
+		}{
+			{EventFlagsDisable, 0, false},
+			{EventFlagsEnable, 0, true},
+			{EventFlagsDesc, PackedIndex(3, true), true}, // the batch's first
+			{EventFlagsDesc, PackedIndex(0, false), true},
+			{EventFlagsDesc, PackedIndex(1, false), false}, // past the batch
+			{EventFlagsDesc, PackedIndex(2, true), false},  // before it
+		} {
+			mem, drv, dev := newPackedPair(t, 4, virtio.Features(0).With(virtio.FEventIdx))
+			// Move the driver to position 3.
+			addN(t, drv, 3, 8)
+			drv.Publish()
+			require.True(t, drv.NeedsKick())
+			for _, c := range popAll(t, dev) {
+				require.NoError(t, dev.Push(c.Head, 0))
+			}
+			_, _, ok, err := drv.Reclaim()
+			require.NoError(t, err)
+			require.True(t, ok)
+			addN(t, drv, 2, 8) // positions 3 and 0 (lap 2)
+			drv.Publish()
+			w := eventWord(tc.off, tc.flags)
+			require.NoError(t, mem.Write(ContiguousPackedLayout(0x1000, 4).Used, []byte{byte(w), byte(w >> 8), byte(w >> 16), byte(w >> 24)}))
+			assert.Equal(t, tc.want, drv.NeedsKick(), "flags %d off_wrap %#x", tc.flags, tc.off)
+			assert.False(t, drv.NeedsKick(), "once per publish")
+		}
+	})
+	t.Run("EVENT_IDX: an empty Pop arms the event offset at the next avail position", func(t *testing.T) {
+		r := newRawPacked(t, allPacked)
+		off, fl := r.deviceEvent()
+		assert.Equal(t, EventFlagsDesc, fl)
+		assert.Equal(t, PackedIndex(0, true), off)
+		for i := range 7 {
+			pos := i % rawPSize
+			bits := A1
+			if i >= rawPSize {
+				bits = A0
+			}
+			r.desc(rawRingAt, pos, rawData, 8, uint16(i%rawPSize), bits)
+			var c Chain
+			ok, err := r.dev.Pop(&c)
+			require.NoError(t, err)
+			require.True(t, ok)
+			require.NoError(t, r.dev.Push(c.Head, 0))
+			ok, err = r.dev.Pop(&c)
+			require.NoError(t, err)
+			require.False(t, ok)
+			off, fl = r.deviceEvent()
+			assert.Equal(t, EventFlagsDesc, fl)
+			assert.Equal(t, PackedIndex(uint16((i+1)%rawPSize), i+1 < rawPSize), off)
+		}
+		r.dev.DisableNotify()
+		_, fl = r.deviceEvent()
+		assert.Equal(t, EventFlagsDisable, fl)
+		var c Chain
+		ok, err := r.dev.Pop(&c)
+		require.NoError(t, err)
+		require.False(t, ok)
+		_, fl = r.deviceEvent()
+		assert.Equal(t, EventFlagsDisable, fl, "an empty Pop with notifications off writes nothing")
+	})
+	t.Run("enable then re-check", func(t *testing.T) {
+		for _, f := range []virtio.Features{0, virtio.Features(0).With(virtio.FEventIdx)} {
+			_, drv, dev := newPackedPair(t, 4, f)
+			dev.DisableNotify()
+			addN(t, drv, 1, 8)
+			drv.Publish()
+			assert.False(t, drv.NeedsKick(), "device disabled kicks")
+			pending, err := dev.EnableNotify()
+			require.NoError(t, err)
+			assert.True(t, pending, "published before the enable: the re-check sees it")
+			require.Len(t, popAll(t, dev), 1)
+			pending, err = dev.EnableNotify()
+			require.NoError(t, err)
+			assert.False(t, pending)
+			addN(t, drv, 1, 8)
+			drv.Publish()
+			assert.True(t, drv.NeedsKick(), "published after the enable: the driver kicks")
+		}
+	})
+	t.Run("driver interrupts enable then re-check", func(t *testing.T) {
+		for _, f := range []virtio.Features{0, virtio.Features(0).With(virtio.FEventIdx)} {
+			_, drv, dev := newPackedPair(t, 4, f)
+			drv.DisableInterrupts()
+			id := addN(t, drv, 1, 8)
+			drv.Publish()
+			require.Len(t, popAll(t, dev), 1)
+			require.NoError(t, dev.Push(id, 0))
+			assert.False(t, dev.NeedsInterrupt(), "driver disabled interrupts")
+			pending, err := drv.EnableInterrupts()
+			require.NoError(t, err)
+			assert.True(t, pending)
+			_, _, ok, err := drv.Reclaim()
+			require.NoError(t, err)
+			require.True(t, ok)
+			pending, err = drv.EnableInterrupts()
+			require.NoError(t, err)
+			assert.False(t, pending)
+			id = addN(t, drv, 1, 8)
+			drv.Publish()
+			require.Len(t, popAll(t, dev), 1)
+			require.NoError(t, dev.Push(id, 0))
+			assert.True(t, dev.NeedsInterrupt())
+		}
+	})
+}
+
+// TestPackedWriteLogging: every guest write of the device side is logged:
+// used descriptors (at UsedLogAddr, the descriptor ring's guest address
+// for logging), device event suppression writes (at DeviceEventLogAddr)
+// and PushChain's written bytes.
+func TestPackedWriteLogging(t *testing.T) {
+	for _, tc := range []struct {
+		name          string
+		feat          virtio.Features
+		descLog, devL GuestAddr
+	}{
+		{"at the ring's guest addresses", 0, 0, 0},
+		{"at UsedLogAddr and DeviceEventLogAddr", 0, 0x7770000, 0x8880000},
+		{"EVENT_IDX", virtio.Features(0).With(virtio.FEventIdx), 0, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r, err := NewMemfdRegion(0, 4<<20, nil)
+			require.NoError(t, err)
+			mem, err := NewMemory(r)
+			require.NoError(t, err)
+			defer mem.Close()
+			f := tc.feat.With(virtio.FRingPacked)
+			l := ContiguousPackedLayout(0x1000, 5)
+			drv, err := NewDriverQueue(mem, DriverQueueOptions{Layout: l, Features: f})
+			require.NoError(t, err)
+			log := &recLog{}
+			dev, err := NewDeviceQueue(mem, DeviceQueueOptions{Layout: l, Features: f, Log: log, State: InitialState(f),
+				UsedLogAddr: tc.descLog, DeviceEventLogAddr: tc.devL})
+			require.NoError(t, err)
+			descBase, devBase := uint64(l.Desc), uint64(l.Used)
+			if tc.descLog != 0 {
+				descBase, devBase = uint64(tc.descLog), uint64(tc.devL)
+			}
+			devEvent := [2]uint64{devBase, 4}
+			assert.Equal(t, [][2]uint64{devEvent}, log.writes, "creation enables notifications")
+			log.writes = nil
+			for round := range 3 {
+				_, err = drv.Add([]Buffer{{Addr: 0x100000, Len: 10}, {Addr: 0x200000, Len: 100, Writable: true}, {Addr: 0x300000, Len: 100, Writable: true}})
+				require.NoError(t, err)
+				drv.Publish()
+				var c Chain
+				ok, err := dev.Pop(&c)
+				require.NoError(t, err)
+				require.True(t, ok)
+				at := uint64(3*round) % 5
+				require.NoError(t, dev.PushChain(&c, 150))
+				assert.Equal(t, [][2]uint64{
+					{0x200000, 100}, {0x300000, 50}, // written bytes
+					{descBase + 16*at + 8, 8}, // the used descriptor's len, id, flags
+				}, log.writes)
+				log.writes = nil
+				ok, err = dev.Pop(&c)
+				require.NoError(t, err)
+				require.False(t, ok)
+				if tc.feat.Has(virtio.FEventIdx) {
+					assert.Equal(t, [][2]uint64{devEvent}, log.writes, "re-arming the event offset is logged")
+				} else {
+					assert.Empty(t, log.writes)
+				}
+				log.writes = nil
+				_, _, ok, err = drv.Reclaim()
+				require.NoError(t, err)
+				require.True(t, ok)
+			}
+			dev.DisableNotify()
+			assert.Equal(t, [][2]uint64{devEvent}, log.writes, "DISABLE is logged")
+			log.writes = nil
+			dev.DisableNotify()
+			assert.Empty(t, log.writes, "no write, no log")
+
+			// A batch wrapping the ring end: position 4, then 0, 1.
+			ids := []uint16{}
+			for range 3 {
+				id, err := drv.Add([]Buffer{{Addr: 0x200000, Len: 8, Writable: true}})
+				require.NoError(t, err)
+				ids = append(ids, id)
+			}
+			drv.Publish()
+			require.Len(t, popAll(t, dev), 3)
+			log.writes = nil
+			require.NoError(t, dev.PushBatch([]UsedElem{{ids[0], 1}, {ids[1], 1}, {ids[2], 1}}))
+			assert.Equal(t, [][2]uint64{{descBase + 16*4 + 8, 8}, {descBase, 32}}, log.writes)
+		})
+	}
+	t.Run("a failing logger breaks the queue with ErrLogWrite", func(t *testing.T) {
+		_, drv, dev := newPackedPair(t, 4, 0)
+		bad := errors.New("log full")
+		log := &recLog{}
+		dev.log = log
+		addN(t, drv, 1, 8)
+		drv.Publish()
+		var c Chain
+		ok, err := dev.Pop(&c)
+		require.True(t, ok)
+		require.NoError(t, err)
+		log.fail = bad
+		err = dev.PushChain(&c, 1)
+		assert.ErrorIs(t, err, ErrLogWrite)
+		assert.ErrorIs(t, err, bad)
+		assert.ErrorIs(t, dev.Push(0, 0), ErrQueueBroken)
+	})
+}
+
+func TestPackedSnapshot(t *testing.T) {
+	r := newRawPacked(t, allPacked)
+	r.driverEvent(PackedIndex(3, false), EventFlagsDesc)
+	s := r.dev.Snapshot()
+	assert.Equal(t, RingSnapshot{Packed: true, AvailFlags: EventFlagsDesc, UsedEvent: 3,
+		UsedFlags: EventFlagsDesc, AvailEvent: PackedIndex(0, true)}, s)
+	assert.Contains(t, s.String(), "packed")
+}
+
+func TestPackedDriverReset(t *testing.T) {
+	_, drv, dev := newPackedPair(t, 3, 0)
+	addN(t, drv, 2, 8)
+	drv.Publish()
+	require.Len(t, popAll(t, dev), 1)
+	drv.Reset()
+	assert.Equal(t, 3, drv.NumFree())
+	assert.Zero(t, drv.Outstanding())
+	dev.Reset()
+	for range 5 {
+		id := addN(t, drv, 3, 8)
+		drv.Publish()
+		cs := popAll(t, dev)
+		require.Len(t, cs, 1)
+		require.NoError(t, dev.Push(id, 8))
+		got, n, ok, err := drv.Reclaim()
+		require.NoError(t, err)
+		require.True(t, ok)
+		require.Equal(t, id, got)
+		require.Equal(t, uint32(8), n)
+	}
+}
+
+// TestPackedDriverAdd: the driver side writes chains as §2.8.21 says.
+func TestPackedDriverAdd(t *testing.T) {
+	mem, drv, _ := newPackedPair(t, 4, virtio.Features(0).With(virtio.FIndirectDesc))
+	raw := mem.Regions()[0].Bytes()
+	l := ContiguousPackedLayout(0x1000, 4)
+	rd := func(i int) (uint64, uint32, uint16, uint16) {
+		b := raw[int(l.Desc)+16*i:]
+		return uint64(b[0]) | uint64(b[1])<<8 | uint64(b[2])<<16, uint32(b[8]) | uint32(b[9])<<8,
+			uint16(b[12]) | uint16(b[13])<<8, uint16(b[14]) | uint16(b[15])<<8
+	}
+	id, err := drv.Add([]Buffer{{Addr: 0x10000, Len: 5}, {Addr: 0x20000, Len: 6, Writable: true}})
+	require.NoError(t, err)
+	_, _, _, f0 := rd(0)
+	assert.Zero(t, f0, "the head is not available before Publish")
+	a1, n1, id1, f1 := rd(1)
+	assert.Equal(t, [4]uint64{0x20000, 6, uint64(id), uint64(DescFAvail | DescFWrite)}, [4]uint64{a1, uint64(n1), uint64(id1), uint64(f1)})
+	drv.Publish()
+	a0, n0, id0, f0 := rd(0)
+	assert.Equal(t, [4]uint64{0x10000, 5, uint64(id), uint64(DescFAvail | DescFNext)}, [4]uint64{a0, uint64(n0), uint64(id0), uint64(f0)})
+	assert.Equal(t, 2, drv.NumFree())
+	_, err = drv.Add([]Buffer{{Addr: 0x10000, Len: 5}, {Addr: 0x10000, Len: 5}, {Addr: 0x20000, Len: 6, Writable: true}})
+	assert.ErrorIs(t, err, ErrNoSpace)
+	id2, err := drv.AddIndirect(0x30000, []Buffer{{Addr: 0x10000, Len: 5}, {Addr: 0x20000, Len: 6, Writable: true}})
+	require.NoError(t, err)
+	drv.Publish()
+	a2, n2, id2b, f2 := rd(2)
+	assert.Equal(t, [4]uint64{0x30000, 32, uint64(id2), uint64(DescFAvail | DescFIndirect)}, [4]uint64{a2, uint64(n2), uint64(id2b), uint64(f2)})
+	tb := raw[0x30000:]
+	assert.Equal(t, uint16(DescFWrite), uint16(tb[16+14])|uint16(tb[16+15])<<8, "WRITE is the only flag in a table")
+	assert.Zero(t, uint16(tb[14])|uint16(tb[15])<<8)
+	assert.Equal(t, 1, drv.NumFree())
+	assert.Equal(t, 2, drv.Outstanding())
+	_, err = drv.Add(nil)
+	assert.ErrorIs(t, err, ErrBadChain)
+}
