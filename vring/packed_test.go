@@ -68,9 +68,9 @@ func TestPackedStateEncoding(t *testing.T) {
 	}{
 		{0x8000, 0x8000, 4, 0, true},
 		{0x8003, 0x8001, 4, 2, true},
-		{0x0001, 0x8003, 4, 2, true}, // avail wrapped, used not yet
-		{0x0003, 0x8003, 4, 4, true}, // a full ring in flight
-		{0x0000, 0x0000, 4, 0, true}, // index 0 after an odd number of laps
+		{0x0001, 0x8003, 4, 2, true},  // avail wrapped, used not yet
+		{0x0003, 0x8003, 4, 4, true},  // a full ring in flight
+		{0x0000, 0x0000, 4, 0, true},  // index 0 after an odd number of laps
 		{0x0004, 0x0000, 4, 0, false}, // index >= size
 		{0x8000, 0x8004, 4, 0, false},
 		{0x8001, 0x8003, 4, 0, false}, // avail behind used
