@@ -1,8 +1,9 @@
 // Command genseeds writes the seed corpora of the vring fuzz targets under
 // testdata/fuzz (run it with go generate in package vring). The
-// FuzzDeviceWalk seeds are ring images built by the driver side (valid
-// chains, indirect tables, chains crossing the region boundary) plus hostile
-// mutations of them; the FuzzOps seeds are operation sequences.
+// FuzzDeviceWalk and FuzzPackedDeviceWalk seeds are ring images built by
+// the driver side (valid chains, indirect tables, chains crossing the
+// region boundary) plus hostile mutations of them; the FuzzOps and
+// FuzzPackedOps seeds are operation sequences.
 //
 // TestSeedsAreUpToDate checks that the committed corpora are what this
 // program writes.
@@ -136,5 +137,5 @@ func seeds() []seed {
 	add("FuzzOps", "indirect-eventidx", []byte{0x31, 1, 3, 1, 0, 1, 2, 2, 2, 3, 3, 3, 5, 9, 9, 9, 6, 6, 6, 7, 1, 7, 3})
 	add("FuzzOps", "fill-and-drain", []byte{0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 3, 3, 3, 3, 3, 3, 5, 1, 2, 3, 4, 5, 6, 6, 6, 6, 6, 6, 6, 0, 0, 0, 2, 3, 4, 1, 6})
 	add("FuzzOps", "notify-toggles", []byte{0x22, 7, 0, 7, 2, 0, 1, 1, 2, 7, 1, 3, 4, 0, 7, 3, 6, 6})
-	return out
+	return append(out, packedSeeds()...)
 }
