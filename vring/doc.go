@@ -1,6 +1,7 @@
-// Package vring is guest memory and virtio 1.x split virtqueues, from both
-// ends: the device side (what a device or a vhost back-end does) and the
-// driver side (what a guest driver, a VMM test or a shadow relay does).
+// Package vring is guest memory and virtio 1.x virtqueues, split and packed,
+// from both ends: the device side (what a device or a vhost back-end does)
+// and the driver side (what a guest driver, a VMM test or a shadow relay
+// does).
 //
 // # Guest memory
 //
@@ -26,6 +27,28 @@
 // size up to 32768, alignments 16/2/4, no overflow or overlap, each area
 // inside one region and host-aligned) once, so the hot paths work on
 // validated slices.
+//
+// The same two types handle packed virtqueues (virtio 1.2 §2.8): with
+// VIRTIO_F_RING_PACKED in the features the constructors build a packed
+// queue (Packed reports it) and every method keeps its signature with the
+// packed meaning. The Layout's three addresses are then the descriptor
+// ring (16*Size bytes, 16-aligned), the driver event suppression area and
+// the device event suppression area (4 bytes, 4-aligned each): virtio-pci's
+// queue_desc, queue_driver and queue_device, vhost's desc, avail and used
+// addresses. The size is 1..32768, not necessarily a power of two
+// (ContiguousPackedLayout, ValidPackedQueueSize). A QueueState holds, per
+// side, the ring index in bits 0..14 and the wrap counter in bit 15 (the
+// encoding of vhost-user's GET/SET_VRING_BASE, vhost-vdpa and QEMU); a
+// fresh packed queue starts at InitialState (index 0, wrap counters 1), not
+// at the zero QueueState. Chain.Head is the buffer id (the id of the
+// chain's last ring descriptor) and Chain.Descs the number of ring
+// descriptors the chain occupies; the device may complete chains in any
+// order, and the driver side follows the used descriptors by id. With
+// VIRTIO_F_IN_ORDER, PushBatch writes one used descriptor for a run of
+// chains the device used completely (§2.8.8) and the driver side returns
+// each chain of such a run. DeviceQueue.AdoptInFlight re-declares chains
+// that were in flight when a packed queue's state was saved, so the
+// restored queue can push them.
 //
 // Device side lifecycle:
 //
@@ -53,6 +76,27 @@
 // wrote as one range when they share used.idx's 4 KiB page. Without a
 // logger, logging costs one nil check.
 //
+// # Dirty logging of packed queues
+//
+// A packed queue's device side writes used descriptors into the
+// descriptor ring (len, id and flags: bytes 8..15 of each) and the device
+// event suppression structure; it logs each of those writes, and
+// PushChain's written bytes. The rule it implements: UsedLogAddr is the
+// guest-physical address of the descriptor ring (zero: Layout.Desc) and
+// DeviceEventLogAddr that of the device event suppression area (zero:
+// Layout.Used). That is how DPDK's vhost library reads vhost-user's
+// log_guest_addr for a packed ring (it logs a used descriptor at
+// log_guest_addr + 16*index). QEMU, however, sends log_guest_addr = the
+// guest address of the ring's "used" area whatever the format
+// (vhost_virtqueue_set_addr: used_phys), which for a packed ring is the
+// device event suppression area. A vhost-user back-end therefore should
+// not pass log_guest_addr through for a packed ring: it should translate
+// the ring's desc and used user addresses through the memory table
+// (Memory.UserToGuest) and pass those as UsedLogAddr and
+// DeviceEventLogAddr, which is right whatever the front-end sent; and a
+// front-end talking to DPDK should send the descriptor ring's
+// guest-physical address as log_guest_addr.
+//
 // # Hostile input
 //
 // Ring contents come from the other side and are never trusted. Each
@@ -61,7 +105,13 @@
 // ErrIndirectSize, ErrReadableAfterWritable, ErrBufferOutOfRange,
 // ErrAvailIdxJump on the device side; ErrUsedIDNotOutstanding,
 // ErrUsedLenTooLarge, ErrUsedIdxJump on the driver side) returned inside a
-// *QueueError that names the queue and the descriptor or ring index. After
+// *QueueError that names the queue and the descriptor or ring index.
+// Packed rings add ErrBufferIDOutOfRange, ErrBufferIDInFlight and
+// ErrDescNotAvailable (a chain's later descriptor not marked available
+// for its lap while its head is: the driver makes the head available
+// last, so that is hostile; a head not marked available is simply not
+// available yet, never an error); a packed chain running into descriptors
+// in flight is ErrChainTooLong (the rules are listed at packedWalk). After
 // one, the queue is broken, like a device that set NEEDS_RESET: every call
 // returns an error matching both ErrQueueBroken and the original until
 // Reset (DriverQueue.Reset also re-initializes the rings, as a driver does
@@ -102,7 +152,9 @@
 // another goroutine, another process mapping the same memfd, the kernel, or
 // a guest. The index fields shared with it are accessed with atomics in the
 // order the virtio specification requires (the protocol is written down in
-// ring.go). A Memory is safe for concurrent use by many queues. Zero-copy
+// ring.go, and for packed rings in packed_ring.go: there a descriptor's
+// 32-bit id|flags word is what publishes it, in either direction). A
+// Memory is safe for concurrent use by many queues. Zero-copy
 // segment buffers alias guest memory; the other side may change them at any
 // time, so a device must copy (or validate after copying) anything it
 // parses. Memory.Close must not race with queue use.

@@ -11,6 +11,7 @@ import (
 // DeviceQueue's shared fields (mem, index, log, hint, cBase/cMem, err,
 // notify, eventIdx, indirect, init) keep their meaning.
 type packedDevice struct {
+	_ [64]byte // off cache lines shared with other allocations (the driver side may be next door)
 	r packedRing
 
 	nextAvail uint16 // ring index of the next descriptor to pop
@@ -46,6 +47,7 @@ type packedDevice struct {
 	// takes every chain it added before that id as used), so the used
 	// position moves past them then.
 	lost uint16
+	_    [64]byte
 }
 
 // packedID is what the device knows of a buffer id.
@@ -625,7 +627,7 @@ func (q *DeviceQueue) packedPushBatch(elems []UsedElem) error {
 			first, firstID, firstFlags, wrote = at, e.Head, fl, true
 			continue
 		}
-		p.r.storeWord(at, e.Head, fl)
+		p.r.setWord(at, e.Head, fl) // released by the first one's store below
 	}
 	// The last element always gets a descriptor, so wrote is true.
 	p.r.storeWord(first, firstID, firstFlags)

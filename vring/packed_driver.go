@@ -11,6 +11,7 @@ import (
 // DriverQueue's shared fields (mem, index, eventIdx, indirect, err, intr,
 // outstanding, hint/cBase/cMem) keep their meaning.
 type packedDriver struct {
+	_ [64]byte // off cache lines shared with other allocations (the device side may be next door)
 	r packedRing
 
 	nextAvail uint16 // ring index of the next descriptor to fill
@@ -44,6 +45,7 @@ type packedDriver struct {
 	skipping  bool
 	drvEvent  uint32 // shadow of the driver event suppression word
 	drvEventV bool
+	_         [64]byte
 }
 
 type drvID struct {
@@ -225,10 +227,12 @@ func (q *DriverQueue) packedPublish() {
 	if n == 0 {
 		return
 	}
-	for i := n - 1; i >= 0; i-- {
+	for i := n - 1; i > 0; i-- {
 		h := p.pending[i]
-		p.r.storeWord(h.pos, h.id, h.flags)
+		p.r.setWord(h.pos, h.id, h.flags) // released by the first head's store
 	}
+	h := p.pending[0]
+	p.r.storeWord(h.pos, h.id, h.flags)
 	p.sinceKick += p.added
 	p.added = 0
 	p.pending = p.pending[:0]

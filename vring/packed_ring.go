@@ -131,6 +131,15 @@ func (r *packedRing) storeWord(i, id, flags uint16) {
 	atomic.StoreUint32(r.word(i), uint32(id)|uint32(flags)<<16)
 }
 
+// setWord writes descriptor i's id|flags word with a plain store: for
+// the words of a batch that a later storeWord (the batch's first
+// descriptor, published last) releases. The other side reads them only
+// after it loaded that word, so the plain store never races with its
+// atomic load.
+func (r *packedRing) setWord(i, id, flags uint16) {
+	*r.word(i) = uint32(id) | uint32(flags)<<16
+}
+
 // eventWord builds an event suppression word.
 func eventWord(offWrap, flags uint16) uint32 { return uint32(offWrap) | uint32(flags)<<16 }
 

@@ -703,3 +703,60 @@ func TestPackedDriverAdd(t *testing.T) {
 	_, err = drv.Add(nil)
 	assert.ErrorIs(t, err, ErrBadChain)
 }
+
+// TestPackedHotPathsDoNotAllocate asserts zero allocations per operation
+// in steady state on a packed ring: pop, push, batch pop/push, add,
+// publish, kick, reclaim, the notification calls, with logging and with
+// in-order batching.
+func TestPackedHotPathsDoNotAllocate(t *testing.T) {
+	for _, feat := range []virtio.Features{0, virtio.Features(0).With(virtio.FEventIdx, virtio.FInOrder)} {
+		_, drv, dev := newPackedPair(t, 61, feat)
+		dev.log = &nopLog{}
+		bufs := []Buffer{{Addr: 0x100000, Len: 64}, {Addr: 0x100100, Len: 64, Writable: true}}
+		cs := make([]Chain, 8)
+		elems := make([]UsedElem, 8)
+		round := func() {
+			for range 8 {
+				if _, err := drv.Add(bufs); err != nil {
+					t.Fatal(err)
+				}
+			}
+			drv.Publish()
+			drv.NeedsKick()
+			if ok, err := dev.Pop(&cs[0]); !ok || err != nil {
+				t.Fatal(ok, err)
+			}
+			if err := dev.PushChain(&cs[0], 10); err != nil {
+				t.Fatal(err)
+			}
+			n, err := dev.PopBatch(cs[1:])
+			if n != 7 || err != nil {
+				t.Fatal(n, err)
+			}
+			for i := range n {
+				elems[i] = UsedElem{cs[1+i].Head, uint32(64 * (i % 2))}
+			}
+			if err := dev.PushBatch(elems[:n]); err != nil {
+				t.Fatal(err)
+			}
+			dev.NeedsInterrupt()
+			for range 8 {
+				if _, _, ok, err := drv.Reclaim(); !ok || err != nil {
+					t.Fatal(ok, err)
+				}
+			}
+			drv.Reclaim()
+			dev.Pop(&cs[0])
+			dev.DisableNotify()
+			if _, err := dev.EnableNotify(); err != nil {
+				t.Fatal(err)
+			}
+			drv.DisableInterrupts()
+			if _, err := drv.EnableInterrupts(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		round() // grow Chain.Segs once
+		require.Zero(t, testing.AllocsPerRun(100, round))
+	}
+}
