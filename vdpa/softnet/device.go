@@ -49,6 +49,17 @@ type Options struct {
 	MaxQueuePairs uint16
 	// MaxQueueSize bounds every queue's size. Zero means 256.
 	MaxQueueSize uint16
+	// MaxQueueMemory bounds, in bytes, the queue state the device may
+	// allocate: what it holds once the driver has started every queue at
+	// MaxQueueSize (per receive queue entry a chain and its segments, per
+	// transmit and control queue a gather buffer of a whole frame). The
+	// state is allocated when a queue starts and released on Reset, so a
+	// device with many pairs costs little until they are used; New refuses
+	// MaxQueuePairs × MaxQueueSize beyond this bound with an error matching
+	// ErrTooLarge, so that no configuration can make the process run out
+	// of memory later. Zero means a quarter of the machine's physical
+	// memory (1 GiB where it cannot be read). See QueueMemory.
+	MaxQueueMemory uint64
 	// FrontendCtrl says the driver-facing control queue is run by the
 	// front-end between the driver and this device, as QEMU and DPDK's
 	// virtio-user do for a vhost-user back-end: they negotiate MQ,
@@ -122,6 +133,9 @@ var (
 	ErrLinkDown = errors.New("softnet: link down")
 	// ErrFrameTooBig: a frame larger than MaxFrame.
 	ErrFrameTooBig = errors.New("softnet: frame too big")
+	// ErrTooLarge: New got MaxQueuePairs × MaxQueueSize whose queue state
+	// would exceed Options.MaxQueueMemory.
+	ErrTooLarge = errors.New("softnet: queue state larger than the memory bound")
 )
 
 // MaxFrame is the largest frame (without the virtio-net header) the device
@@ -238,6 +252,16 @@ func New(opts *Options) (*Device, error) {
 	}
 	f &^= o.Disable
 
+	need := QueueMemory(o.MaxQueuePairs, o.MaxQueueSize, !o.NoCtrlVQ)
+	limit := o.MaxQueueMemory
+	if limit == 0 {
+		limit = defaultQueueMemory()
+	}
+	if need > limit {
+		return nil, fmt.Errorf("%w: %d queue pairs of size %d need up to %d bytes, bound %d (Options.MaxQueueMemory)",
+			ErrTooLarge, o.MaxQueuePairs, o.MaxQueueSize, need, limit)
+	}
+
 	d := &Device{opts: o, offered: f, cfgMAC: o.MAC}
 	h := o.Handler
 	if h == nil {
@@ -250,7 +274,7 @@ func New(opts *Options) (*Device, error) {
 	}
 	d.queues = make([]*queue, n)
 	for i := range d.queues {
-		d.queues[i] = newQueue(i, int(o.MaxQueueSize), o.BatchSize)
+		d.queues[i] = &queue{idx: i}
 	}
 	d.linkUp.Store(!o.LinkDown)
 	d.resetState()
@@ -501,6 +525,7 @@ func (d *Device) Reset() {
 	}
 	for _, q := range d.queues {
 		q.rxHeld.Store(false)
+		q.release()
 	}
 	d.resetState()
 }

@@ -24,7 +24,12 @@
 // The data path allocates nothing per frame: each queue owns its chain
 // buffers and a gather buffer for frames split across descriptors, and a
 // frame is copied once, from the transmit chain (or the handler's buffer)
-// into the receive chain(s). With VIRTIO_NET_F_MRG_RXBUF a frame may fill
+// into the receive chain(s). A queue's buffers are allocated when the
+// driver starts it (sized by the ring it set up), kept across a stop and
+// start, and released by Reset: a device offering many queue pairs costs
+// little until they are used. New bounds what they can grow to
+// (Options.MaxQueueMemory, QueueMemory), so no queue count or size makes
+// the process run out of memory. With VIRTIO_NET_F_MRG_RXBUF a frame may fill
 // several receive chains; num_buffers in the first header says how many.
 //
 // Two processing modes: ModeEvent waits on the kick eventfd with driver

@@ -10,12 +10,15 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/vdpakit/vdpakit/internal/sysmem"
 	"github.com/vdpakit/vdpakit/vdpa"
 	"github.com/vdpakit/vdpakit/virtio"
 	"github.com/vdpakit/vdpakit/vring"
 )
 
-// queue is one virtqueue of the device with its preallocated buffers.
+// queue is one virtqueue of the device. Its chain and gather buffers are
+// allocated when the queue starts (kept across stop and start, released
+// on Reset), so that the data path allocates nothing.
 //
 // Ownership: a transmit or control queue's DeviceQueue and buffers belong to
 // its worker goroutine between start and stop. A receive queue has no
@@ -55,17 +58,71 @@ type queue struct {
 	tx     Tx
 }
 
-func newQueue(idx, size, batch int) *queue {
-	q := &queue{idx: idx}
-	if idx%2 == 0 {
-		q.stash = make([]vring.Chain, size)
-		for i := range q.stash {
-			q.stash[i].Segs = make([]vring.Segment, 0, 4)
-		}
-		q.lens = make([]uint32, size)
+// Per-queue state sizes, for QueueMemory. A receive queue holds, per entry
+// of its ring, a Chain with room for rxSegs segments and a length; a
+// transmit or control queue a Chain with room for workerSegs segments and
+// a gather buffer of a header and a whole frame.
+const (
+	rxSegs     = 4
+	workerSegs = 8
+	gatherLen  = virtio.NetHdrSize + MaxFrame
+)
+
+var (
+	rxEntryBytes = uint64(unsafe.Sizeof(vring.Chain{})) + rxSegs*uint64(unsafe.Sizeof(vring.Segment{})) + 4
+	workerBytes  = workerSegs*uint64(unsafe.Sizeof(vring.Segment{})) + gatherLen
+	queueBytes   = uint64(unsafe.Sizeof(queue{}))
+)
+
+// QueueMemory returns the most queue state, in bytes, a device with pairs
+// queue pairs (and a control queue if ctrl) of at most size entries holds:
+// what it has allocated once the driver has started every queue at that
+// size. New compares it with Options.MaxQueueMemory.
+func QueueMemory(pairs, size uint16, ctrl bool) uint64 {
+	p, n := uint64(pairs), uint64(size)
+	workers := p // transmit queues, and the control queue
+	if ctrl {
+		workers++
 	}
-	q.chain.Segs = make([]vring.Segment, 0, 8)
-	return q
+	rx := p
+	return (rx+workers)*queueBytes + rx*n*rxEntryBytes + workers*workerBytes
+}
+
+// defaultQueueMemory is Options.MaxQueueMemory's default: a quarter of the
+// machine's physical memory, or 1 GiB where that is unknown.
+func defaultQueueMemory() uint64 {
+	if t := sysmem.Total(); t != 0 {
+		return t / 4
+	}
+	return 1 << 30
+}
+
+// allocRx gives a receive queue its chain state for a ring of size entries,
+// keeping what it has when the size is unchanged (a queue stopped and
+// started again, as at every vhost-user stop/cont). The segments of all
+// chains share one backing array: two allocations per start, not one per
+// entry. Called with q.mu held and the queue stopped.
+func (q *queue) allocRx(size int) {
+	if len(q.stash) == size {
+		return
+	}
+	q.stash = make([]vring.Chain, size)
+	segs := make([]vring.Segment, size*rxSegs)
+	for i := range q.stash {
+		q.stash[i].Segs = segs[i*rxSegs : i*rxSegs : (i+1)*rxSegs]
+	}
+	q.lens = make([]uint32, size)
+}
+
+// release drops the queue's chain and gather state (Reset): a device
+// whose driver went away holds only its queue structs. The next start
+// allocates again. Called with the queue stopped.
+func (q *queue) release() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.stash, q.lens, q.nstash = nil, nil, 0
+	q.gather = nil
+	q.chain = vring.Chain{}
 }
 
 func (q *queue) isRunning() bool { return q.running.Load() }
@@ -82,6 +139,7 @@ func (q *queue) setErr(err error) { q.err.Store(&err) }
 func (q *queue) startRx(dq *vring.DeviceQueue, call *vdpa.EventFD) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
+	q.allocRx(int(dq.Size()))
 	q.dq, q.call, q.kick = dq, call, nil
 	q.nstash = 0
 	q.irq = false
@@ -104,7 +162,10 @@ func (q *queue) startWorker(d *Device, dq *vring.DeviceQueue, kick, call *vdpa.E
 	if q.gather == nil {
 		// Transmit and control queues (the control queue may have an even
 		// index) gather split frames and commands here.
-		q.gather = make([]byte, virtio.NetHdrSize+MaxFrame)
+		q.gather = make([]byte, gatherLen)
+	}
+	if q.chain.Segs == nil {
+		q.chain.Segs = make([]vring.Segment, 0, workerSegs)
 	}
 	q.dq, q.kick, q.call = dq, kick, call
 	q.stopReq.Store(false)
