@@ -86,6 +86,16 @@ type Options struct {
 	// a later frame are the newest ones and are pushed before any newer
 	// chain), which is what the feature promises the driver.
 	InOrder bool
+	// Offload offers the checksum and segmentation offloads in both
+	// directions (HostOffloads and GuestOffloads: CSUM, HOST_TSO4/6,
+	// HOST_ECN, HOST_USO, GUEST_CSUM, GUEST_TSO4/6, GUEST_ECN,
+	// GUEST_USO4/6), with their dependencies of virtio 1.2 §5.1.3.1
+	// enforced in SetFeatures. Transmitted headers are validated and
+	// reach an OffloadHandler; what the handler does not take (and every
+	// offload, for a plain FrameHandler) the device does in software. On
+	// receive, DeliverHdr does in software what the driver did not
+	// negotiate. Disable removes single offloads.
+	Offload bool
 	// Disable removes features from the offer.
 	Disable virtio.Features
 	// LinkDown starts the device with the link down.
@@ -139,9 +149,10 @@ var (
 )
 
 // MaxFrame is the largest frame (without the virtio-net header) the device
-// transmits or receives: no GSO features are offered, so this bounds frames
-// even when the driver ignores the MTU advice.
-const MaxFrame = 65535
+// transmits or receives, whatever the MTU advice: a GSO frame of the
+// largest IPv6 packet without jumbo payload (40 + 65535 bytes) behind an
+// Ethernet header with a VLAN tag (18 bytes).
+const MaxFrame = 18 + 40 + 65535
 
 // rx mode bits.
 const (
@@ -250,6 +261,9 @@ func New(opts *Options) (*Device, error) {
 	if o.MaxQueuePairs > 1 && (!o.NoCtrlVQ || o.FrontendCtrl) {
 		f = f.With(virtio.NetFMQ)
 	}
+	if o.Offload {
+		f |= HostOffloads | GuestOffloads
+	}
 	f &^= o.Disable
 
 	need := QueueMemory(o.MaxQueuePairs, o.MaxQueueSize, !o.NoCtrlVQ)
@@ -329,6 +343,11 @@ func (d *Device) SetFeatures(f virtio.Features) error {
 				return fmt.Errorf("%w: %s requires CTRL_VQ", ErrFeatures, dep.Name(virtio.DeviceNet))
 			}
 		}
+	}
+	// The offload dependencies hold behind a front-end too: it negotiated
+	// them with a driver that obeys them.
+	if err := checkOffloadDeps(f); err != nil {
+		return err
 	}
 	for _, q := range d.queues {
 		if q.isRunning() {

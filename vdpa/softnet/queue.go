@@ -56,6 +56,21 @@ type queue struct {
 	hdr    [virtio.NetHdrSize]byte
 	irq    bool // rx: used entries published since the last interrupt check
 	tx     Tx
+	// vh (rx) is the header of the frame being written, num_buffers
+	// aside.
+	vh virtio.NetHdr
+	// seg holds a frame the device completes the checksum of, or one
+	// segment of a frame it segments (tx: for the handler; rx: for the
+	// driver). Made on first use: MaxFrame bytes per queue that needs it.
+	seg []byte
+}
+
+// segBuf returns the queue's segment buffer.
+func (q *queue) segBuf() []byte {
+	if q.seg == nil {
+		q.seg = make([]byte, MaxFrame)
+	}
+	return q.seg
 }
 
 // Per-queue state sizes, for QueueMemory. A receive queue holds, per entry
@@ -339,6 +354,12 @@ func (d *Device) txBatch(q *queue) (int, error) {
 	batch := d.opts.BatchSize
 	hdrLen := int(d.hdrLen.Load())
 	h := d.handler.Load().h
+	oh, _ := h.(OffloadHandler)
+	var acc virtio.Features
+	if oh != nil {
+		acc = oh.TxOffloads() & HostOffloads
+	}
+	f := d.NegotiatedFeatures()
 	n := 0
 	var err error
 	q.tx.rxPair = -1
@@ -348,7 +369,7 @@ func (d *Device) txBatch(q *queue) (int, error) {
 		if err != nil || !ok {
 			break
 		}
-		d.transmit(q, h, hdrLen)
+		d.transmit(q, h, oh, acc, f, hdrLen)
 		// Transmit buffers are device-readable only: nothing written.
 		if err = q.dq.Push(q.chain.Head, 0); err != nil {
 			break
@@ -362,8 +383,9 @@ func (d *Device) txBatch(q *queue) (int, error) {
 	return n, err
 }
 
-// transmit hands one chain's frame to the handler.
-func (d *Device) transmit(q *queue, h FrameHandler, hdrLen int) {
+// transmit hands one chain's frame to the handler (oh when it is an
+// OffloadHandler taking the offloads acc; f are the negotiated features).
+func (d *Device) transmit(q *queue, h FrameHandler, oh OffloadHandler, acc, f virtio.Features, hdrLen int) {
 	c := &q.chain
 	total := c.ReadableLen
 	if total < uint64(hdrLen) {
@@ -379,13 +401,85 @@ func (d *Device) transmit(q *queue, h FrameHandler, hdrLen int) {
 		return
 	}
 	frame := frameSlice(c, hdrLen, int(total)-hdrLen)
-	if frame == nil {
+	gathered := frame == nil
+	if gathered {
 		n := c.Gather(q.gather[:total])
 		frame = q.gather[hdrLen:n]
 	}
+	var hdr virtio.NetHdr
+	if d.offered&HostOffloads != 0 {
+		// A device without transmit offloads ignores the header, which
+		// the driver must leave zero (§5.1.6.2.1); one with them checks
+		// it against what the driver negotiated.
+		hdr = readHdr(c, hdrLen, &q.hdr)
+		hdr.NumBuffers = 0
+		hdr.Flags &^= virtio.NetHdrFDataValid // the driver must not set it; ignored
+		p, err := checkHdr(&hdr, frame, f, true)
+		if err != nil {
+			d.drops.add(DropTxBadHeader)
+			return
+		}
+		if !txOffloadOK(&hdr, acc) {
+			q.frames.Add(1)
+			q.bytes.Add(uint64(len(frame)))
+			d.txSoftware(q, h, oh, &hdr, &p, frame, gathered)
+			return
+		}
+	}
 	q.frames.Add(1)
 	q.bytes.Add(uint64(len(frame)))
+	if oh != nil {
+		oh.HandleOffload(&q.tx, hdr, frame)
+		return
+	}
 	h.HandleFrame(&q.tx, frame)
+}
+
+// readHdr decodes the virtio-net header at the start of c's readable
+// bytes (which hold at least hdrLen), gathering it into buf when the
+// first segment is shorter.
+func readHdr(c *vring.Chain, hdrLen int, buf *[virtio.NetHdrSize]byte) virtio.NetHdr {
+	var b []byte
+	if c.Readable > 0 {
+		b = c.Segs[0].Buf
+	}
+	if len(b) < hdrLen {
+		var got int
+		for i := 0; i < c.Readable && got < hdrLen; i++ {
+			got += copy(buf[got:hdrLen], c.Segs[i].Buf)
+		}
+		b = buf[:hdrLen]
+	}
+	h, _ := virtio.DecodeNetHdr(b, hdrLen)
+	return h
+}
+
+// txSoftware does for the handler the offloads it does not take: it
+// completes the checksum of a NEEDS_CSUM frame in the device's copy (the
+// transmit buffer is the driver's, read-only to the device), or cuts a GSO
+// frame into segments, and hands the result over with a zero header.
+func (d *Device) txSoftware(q *queue, h FrameHandler, oh OffloadHandler, hdr *virtio.NetHdr, p *gsoPacket, frame []byte, gathered bool) {
+	hand := func(fr []byte) {
+		if oh != nil {
+			oh.HandleOffload(&q.tx, virtio.NetHdr{}, fr)
+		} else {
+			h.HandleFrame(&q.tx, fr)
+		}
+	}
+	if gsoKind(hdr) == virtio.NetHdrGSONone {
+		if !gathered {
+			frame = q.segBuf()[:copy(q.segBuf(), frame)]
+		}
+		completeCsum(hdr, frame)
+		hand(frame)
+		return
+	}
+	var s segmenter
+	s.init(frame, *p, hdr.GSOSize)
+	buf := q.segBuf()
+	for seg := s.next(buf); seg != nil; seg = s.next(buf) {
+		hand(seg)
+	}
 }
 
 // frameSlice returns the n frame bytes after hdrLen bytes of the chain's
@@ -431,9 +525,9 @@ func (q *queue) signalGuarded() (err error) {
 	return nil
 }
 
-// deliver writes frame into pair's receive queue. With deferIRQ the
-// interrupt is left for flushRx.
-func (d *Device) deliver(pair int, frame []byte, deferIRQ bool) error {
+// deliver writes frame, with hdr if not nil, into pair's receive queue.
+// With deferIRQ the interrupt is left for flushRx.
+func (d *Device) deliver(pair int, hdr *virtio.NetHdr, frame []byte, deferIRQ bool) error {
 	if !d.linkUp.Load() {
 		d.drops.add(DropLinkDown)
 		return ErrLinkDown
@@ -441,6 +535,19 @@ func (d *Device) deliver(pair int, frame []byte, deferIRQ bool) error {
 	if len(frame) > MaxFrame {
 		d.drops.add(DropRxTooBig)
 		return ErrFrameTooBig
+	}
+	var p gsoPacket
+	if hdr != nil {
+		hdr.NumBuffers = 0
+		if *hdr == (virtio.NetHdr{}) {
+			hdr = nil
+		} else {
+			var err error
+			if p, err = checkHdr(hdr, frame, 0, false); err != nil {
+				d.drops.add(DropRxBadHeader)
+				return err
+			}
+		}
 	}
 	if !d.accept(frame) {
 		d.drops.add(DropFiltered)
@@ -453,7 +560,7 @@ func (d *Device) deliver(pair int, frame []byte, deferIRQ bool) error {
 		d.drops.add(DropRxNotReady)
 		return ErrRxNotReady
 	}
-	if err := d.deliverLocked(rx, frame, deferIRQ); err != nil {
+	if err := d.deliverLocked(rx, hdr, &p, frame, deferIRQ); err != nil {
 		if fe, ok := err.(*vring.FaultError); ok {
 			if inSlice(frame, fe.Addr) {
 				// The frame's own memory faulted (a transmit buffer of the
@@ -478,14 +585,52 @@ func inSlice(b []byte, a uintptr) bool {
 	return a >= p && a-p < uintptr(len(b))
 }
 
-// deliverLocked writes frame into rx's chains and raises its interrupt. The
-// calling goroutine has SetPanicOnFault on (a transmit worker, or
-// Deliver), so a memory fault (guest memory truncated by its owner) is
-// recovered here and returned as a *vring.FaultError, which breaks the
-// receive queue (its chains are half written) and not the caller's. The
-// deferred recover costs a few nanoseconds per frame and allocates nothing.
-func (d *Device) deliverLocked(rx *queue, frame []byte, deferIRQ bool) (err error) {
+// deliverLocked writes frame (with hdr, validated, packet p, when not nil)
+// into rx's chains and raises its interrupt. The calling goroutine has
+// SetPanicOnFault on (a transmit worker, or Deliver), so a memory fault
+// (guest memory truncated by its owner) is recovered here and returned as
+// a *vring.FaultError, which breaks the receive queue (its chains are half
+// written) and not the caller's. The deferred recover costs a few
+// nanoseconds per frame and allocates nothing.
+func (d *Device) deliverLocked(rx *queue, hdr *virtio.NetHdr, p *gsoPacket, frame []byte, deferIRQ bool) (err error) {
 	defer vring.CatchFault(&err)
+	rx.vh = virtio.NetHdr{}
+	if hdr != nil {
+		f := d.NegotiatedFeatures()
+		h := *hdr
+		if !f.Has(virtio.NetFGuestCsum) {
+			h.Flags &^= virtio.NetHdrFDataValid
+		}
+		if !rxOffloadOK(&h, p, f) {
+			return d.rxSoftware(rx, &h, p, frame, deferIRQ)
+		}
+		rx.vh = h
+	}
+	return d.writeFrame(rx, frame, deferIRQ)
+}
+
+// rxSoftware does for the driver the offloads it did not negotiate (see
+// DeliverHdr): a completed checksum, or the segments of a GSO frame, each
+// with a zero header.
+func (d *Device) rxSoftware(rx *queue, hdr *virtio.NetHdr, p *gsoPacket, frame []byte, deferIRQ bool) error {
+	buf := rx.segBuf()
+	if gsoKind(hdr) == virtio.NetHdrGSONone {
+		fr := buf[:copy(buf, frame)]
+		completeCsum(hdr, fr)
+		return d.writeFrame(rx, fr, deferIRQ)
+	}
+	var s segmenter
+	s.init(frame, *p, hdr.GSOSize)
+	for seg := s.next(buf); seg != nil; seg = s.next(buf) {
+		if err := d.writeFrame(rx, seg, deferIRQ); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// writeFrame writes frame with the header rx.vh into rx's chains.
+func (d *Device) writeFrame(rx *queue, frame []byte, deferIRQ bool) (err error) {
 	if d.mrg.Load() {
 		err = d.writeMergeable(rx, frame)
 	} else {
@@ -539,7 +684,8 @@ func (d *Device) writeSingle(rx *queue, frame []byte) error {
 		}
 		return ErrBufferTooSmall
 	}
-	h := virtio.NetHdr{NumBuffers: 1}
+	h := rx.vh
+	h.NumBuffers = 1
 	_ = h.Encode(rx.hdr[:], hdrLen)
 	scatterAt(c, 0, rx.hdr[:hdrLen])
 	scatterAt(c, uint64(hdrLen), frame)
@@ -590,7 +736,8 @@ func (d *Device) writeMergeable(rx *queue, frame []byte) error {
 		got += c.WritableLen
 	}
 	var off uint64
-	h := virtio.NetHdr{NumBuffers: uint16(n)}
+	h := rx.vh
+	h.NumBuffers = uint16(n)
 	_ = h.Encode(rx.hdr[:], hdrLen)
 	for i := 0; i < n; i++ {
 		c := &rx.stash[i]
