@@ -72,8 +72,8 @@ func (h *Harness) benchMark(ctx context.Context, suite string) {
 		}
 		p["ops"] = n
 		h.add(Result{Suite: suite, Name: name, Params: p, Metrics: []Metric{
-			{"ns_per_op", nsPer(n, el), "ns/op"},
-			{"mops", mppsOf(n, el), "Mops/s"},
+			{Name: "ns_per_op", Value: nsPer(n, el), Unit: "ns/op"},
+			{Name: "mops", Value: mppsOf(n, el), Unit: "Mops/s"},
 		}})
 	}
 }
@@ -161,8 +161,8 @@ func (h *Harness) benchHarvest(ctx context.Context, suite string, guest uint64, 
 	p["bitmap_bytes"] = src.Size()
 	p["dirty_pages"] = expect
 	h.add(Result{Suite: suite, Name: name, Params: p, Metrics: []Metric{
-		{"ms", float64(per.Nanoseconds()) / 1e6, "ms/scan"},
-		{"gbps", float64(src.Size()) / per.Seconds() / 1e9, "GB/s of bitmap"},
+		{Name: "ms", Value: float64(per.Nanoseconds()) / 1e6, Unit: "ms/scan"},
+		{Name: "gbps", Value: float64(src.Size()) / per.Seconds() / 1e9, Unit: "GB/s of bitmap"},
 	}})
 }
 
@@ -210,9 +210,9 @@ func (h *Harness) benchLogOverhead(ctx context.Context, suite string, descs, bat
 	a, b := minF(plain), minF(logged)
 	p["rounds"] = rounds
 	h.add(Result{Suite: suite, Name: name, Params: p, Metrics: []Metric{
-		{"ratio", ratio(b, a), "x"},
-		{"plain", a, "ns/chain"},
-		{"logged", b, "ns/chain"},
+		{Name: "ratio", Value: ratio(b, a), Unit: "x"},
+		{Name: "plain", Value: a, Unit: "ns/chain"},
+		{Name: "logged", Value: b, Unit: "ns/chain"},
 	}})
 }
 

@@ -31,6 +31,7 @@ const vhostChildEnv = "VDPAKIT_BENCH_VHOST_CHILD"
 type vhostChildParams struct {
 	Sock     string `json:"sock"`
 	Loopback bool   `json:"loopback"`
+	Queues   int    `json:"queues"`
 	CPU      int    `json:"cpu"`
 }
 
@@ -96,7 +97,10 @@ func vhostChildMain() int {
 	if p.Loopback {
 		handler = softnet.Loopback
 	}
-	dev, err := softnet.New(&softnet.Options{Handler: handler, Mode: softnet.ModePoll, MaxQueueSize: 1024})
+	// FrontendCtrl: testpmd's virtio-user runs the control queue itself
+	// and enables the queue pairs it uses, as for DPDK's net_vhost.
+	dev, err := softnet.New(&softnet.Options{Handler: handler, Mode: softnet.ModePoll, MaxQueueSize: 1024,
+		MaxQueuePairs: uint16(max(1, p.Queues)), FrontendCtrl: true})
 	if err != nil {
 		return fail(err)
 	}
@@ -149,8 +153,10 @@ func (w lockedWriter) Write(p []byte) (int, error) {
 	return w.b.Write(p)
 }
 
-func (l *libVhost) Start(ctx context.Context, sock string, loopback bool, cpu int) error {
-	params, err := json.Marshal(vhostChildParams{Sock: sock, Loopback: loopback, CPU: cpu})
+func (l *libVhost) Pid() int { return l.cmd.Process.Pid }
+
+func (l *libVhost) Start(ctx context.Context, sock string, loopback bool, queues, cpu int) error {
+	params, err := json.Marshal(vhostChildParams{Sock: sock, Loopback: loopback, Queues: queues, CPU: cpu})
 	if err != nil {
 		return err
 	}
@@ -161,7 +167,7 @@ func (l *libVhost) Start(ctx context.Context, sock string, loopback bool, cpu in
 	l.cmd.Stdout = lockedWriter{&l.mu, &l.stdout}
 	l.cmd.Stderr = lockedWriter{&l.mu, &l.stderr}
 	l.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := l.cmd.Start(); err != nil {
+	if err := startPinned(l.cmd, cpu); err != nil {
 		return err
 	}
 	l.done = make(chan error, 1)

@@ -46,6 +46,7 @@ type Config struct {
 	HostCPU        int      `json:"host_cpu"`
 	GuestCPU       int      `json:"guest_cpu"`
 	PeerRounds     int      `json:"peer_rounds"`
+	QueuePairs     []int    `json:"queue_pairs"`
 	CacheDir       string   `json:"cache_dir"`
 	JSONPath       string   `json:"-"`
 	PlotDir        string   `json:"-"`
@@ -216,7 +217,8 @@ func parseArgs(args []string, stderr io.Writer) (*Config, error) {
 	fs.DurationVar(&cfg.downtime, "downtime-target", 5*time.Millisecond, "pre-copy stops when the remaining pages fit in this downtime")
 	fs.IntVar(&cfg.HostCPU, "host-cpu", 0, "CPU for the device (host) side of cross-thread benchmarks")
 	fs.IntVar(&cfg.GuestCPU, "guest-cpu", min(1, runtime.NumCPU()-1), "CPU for the driver (guest) side of cross-thread benchmarks")
-	fs.IntVar(&cfg.PeerRounds, "peer-rounds", 2, "interleaved rounds of each peer comparison (median reported)")
+	fs.IntVar(&cfg.PeerRounds, "peer-rounds", 5, "interleaved rounds of each peer comparison (median and range reported)")
+	qps := fs.String("queue-pairs", "1,2", "queue pairs for the DPDK testpmd comparisons")
 	fs.StringVar(&cfg.CacheDir, "cache", defCache, "cache for the linux-source package and the built ringtest ($VDPAKIT_CACHE)")
 	fs.StringVar(&cfg.JSONPath, "json", "", "write all results and the machine description to this JSON file")
 	fs.StringVar(&cfg.PlotDir, "plot", "", "write charts (SVG and PNG) into this directory")
@@ -270,6 +272,9 @@ func parseArgs(args []string, stderr io.Writer) (*Config, error) {
 		if !set["batches"] {
 			*batches = "1,32"
 		}
+		if !set["queue-pairs"] {
+			*qps = "1"
+		}
 	}
 	if cfg.duration <= 0 {
 		return nil, fmt.Errorf("-duration must be positive")
@@ -292,6 +297,14 @@ func parseArgs(args []string, stderr io.Writer) (*Config, error) {
 	for _, b := range cfg.Batches {
 		if b < 1 || b > cfg.RingSize {
 			return nil, fmt.Errorf("-batches: %d outside 1..ring size %d", b, cfg.RingSize)
+		}
+	}
+	if cfg.QueuePairs, err = parseInts(*qps); err != nil {
+		return nil, fmt.Errorf("-queue-pairs: %w", err)
+	}
+	for _, q := range cfg.QueuePairs {
+		if q < 1 || q > 8 {
+			return nil, fmt.Errorf("-queue-pairs: %d outside 1..8", q)
 		}
 	}
 	if cfg.scanSizes, cfg.ScanSizes, err = parseSizes(*scan); err != nil {

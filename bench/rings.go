@@ -521,7 +521,7 @@ func (h *Harness) addRate(suite, name string, p map[string]any, n int, el time.D
 	}
 	p["chains"] = n
 	h.add(Result{Suite: suite, Name: name, Params: p, Metrics: []Metric{
-		{"ns_per_chain", nsPer(n, el), "ns/chain"},
-		{"mpps", mppsOf(n, el), "Mpps"},
+		{Name: "ns_per_chain", Value: nsPer(n, el), Unit: "ns/chain"},
+		{Name: "mpps", Value: mppsOf(n, el), Unit: "Mpps"},
 	}})
 }

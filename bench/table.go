@@ -41,6 +41,9 @@ func formatMetrics(ms []Metric) string {
 		default:
 			s += " " + m.Unit
 		}
+		if m.N > 1 {
+			s += " [" + formatValue(m.Min) + "–" + formatValue(m.Max) + "]"
+		}
 		if m.Name != "" && m.Name != m.Unit && !isDefaultMetricName(m.Name) {
 			s = m.Name + " " + s
 		}
