@@ -56,9 +56,9 @@ type TapOptions struct {
 // change is completed or segmented by the device.
 //
 // Back-pressure: writes never block. A write the tap refuses because its
-// queue is full (EAGAIN) is a counted drop (TapStats.TxDropped); a
+// queue is full (EAGAIN) is a counted drop (Stats.TxDropped); a
 // received frame the driver has no buffer for is dropped by the device
-// and counted (TapStats.RxDropped). One goroutine per queue reads the tap
+// and counted (Stats.RxDropped). One goroutine per queue reads the tap
 // into a buffer of its own, so a received frame is copied once, from that
 // buffer into the driver's. Nothing is allocated per frame.
 //
@@ -98,8 +98,8 @@ type tapQueue struct {
 	rxBuf []byte
 }
 
-// TapStats counts what a Tap moved.
-type TapStats struct {
+// Stats counts what a Tap or a Packet moved.
+type Stats struct {
 	// TxFrames and TxBytes: frames written to the tap (headers
 	// excluded); TxGSO of them carried a GSO header.
 	TxFrames, TxBytes, TxGSO uint64
@@ -332,8 +332,8 @@ func (q *tapQueue) receiveOne(dev *softnet.Device) error {
 }
 
 // Stats returns a snapshot of the counters.
-func (t *Tap) Stats() TapStats {
-	return TapStats{
+func (t *Tap) Stats() Stats {
+	return Stats{
 		TxFrames: t.txFrames.Load(), TxBytes: t.txBytes.Load(), TxGSO: t.txGSO.Load(),
 		TxDropped: t.txDropped.Load(), TxErrors: t.txErrors.Load(),
 		RxFrames: t.rxFrames.Load(), RxBytes: t.rxBytes.Load(), RxGSO: t.rxGSO.Load(),
