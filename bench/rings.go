@@ -135,6 +135,31 @@ func benchDevice(ctx context.Context, d time.Duration, ringSize, descs, batch in
 				left = laps
 			}
 			want := min(batch, left, n-done)
+			if batch == 1 {
+				// One chain at a time: Pop, Push (PushChain when logging,
+				// which logs the written bytes) and the interrupt check, as
+				// a device serving one chain per kick does; the same loop
+				// as vring's BenchmarkDevicePopPush1Desc.
+				ok, err := dev.Pop(&chains[0])
+				if err != nil {
+					return err
+				}
+				if !ok {
+					return errors.New("ring empty")
+				}
+				if log != nil {
+					err = dev.PushChain(&chains[0], written)
+				} else {
+					err = dev.Push(chains[0].Head, written)
+				}
+				if err != nil {
+					return err
+				}
+				dev.NeedsInterrupt()
+				left--
+				done++
+				continue
+			}
 			k, err := dev.PopBatch(chains[:want])
 			if err != nil {
 				return err
@@ -142,23 +167,19 @@ func benchDevice(ctx context.Context, d time.Duration, ringSize, descs, batch in
 			if k != want {
 				return fmt.Errorf("popped %d chains, want %d", k, want)
 			}
-			if batch == 1 {
-				// PushChain logs the written bytes when a log is set.
-				err = dev.PushChain(&chains[0], written)
-			} else {
-				for i := 0; i < k && err == nil; i++ {
-					if log != nil {
-						err = logWritten(log, &chains[i], written)
-					}
-					elems[i] = vring.UsedElem{Head: chains[i].Head, Len: written}
+			for i := 0; i < k && err == nil; i++ {
+				if log != nil {
+					err = logWritten(log, &chains[i], written)
 				}
-				if err == nil {
-					err = dev.PushBatch(elems[:k])
-				}
+				elems[i] = vring.UsedElem{Head: chains[i].Head, Len: written}
+			}
+			if err == nil {
+				err = dev.PushBatch(elems[:k])
 			}
 			if err != nil {
 				return err
 			}
+			dev.NeedsInterrupt() // once per batch, as a device signals after a burst
 			left -= k
 			done += k
 		}
