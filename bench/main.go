@@ -51,6 +51,7 @@ type Config struct {
 	JSONPath       string   `json:"-"`
 	PlotDir        string   `json:"-"`
 	MarkdownPath   string   `json:"-"`
+	ProfileDir     string   `json:"-"`
 
 	duration  time.Duration
 	scanSizes []uint64
@@ -112,6 +113,11 @@ func run(args []string, stdout, stderr io.Writer) int {
 		if ctx.Err() != nil {
 			break
 		}
+		stopProf, err := startSuiteProfile(cfg.ProfileDir, s)
+		if err != nil {
+			fmt.Fprintln(stderr, "bench:", err)
+			return 1
+		}
 		switch s {
 		case "rings":
 			h.Rings(ctx)
@@ -122,6 +128,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		case "peers":
 			h.Peers(ctx)
 		}
+		stopProf()
 	}
 	prog.Done()
 	rep.Finished = time.Now().UTC()
@@ -223,6 +230,7 @@ func parseArgs(args []string, stderr io.Writer) (*Config, error) {
 	fs.StringVar(&cfg.JSONPath, "json", "", "write all results and the machine description to this JSON file")
 	fs.StringVar(&cfg.PlotDir, "plot", "", "write charts (SVG and PNG) into this directory")
 	fs.StringVar(&cfg.MarkdownPath, "markdown", "", "write the summary table as Markdown to this file")
+	fs.StringVar(&cfg.ProfileDir, "profile", "", "write CPU profiles into this directory: one per suite of this process (SUITE.pprof) and one per run of the vhost-user back-end child")
 
 	var pos []string
 	rest := args

@@ -381,7 +381,7 @@ func (h *Harness) peerDPDK(ctx context.Context) {
 		runFor = max(3500*time.Millisecond, 12*h.cfg.duration)
 	}
 	dpdk := &dpdkVhost{bin: bin}
-	lib, libErr := newLibVhost()
+	lib, libErr := newLibVhost(h.cfg.ProfileDir)
 	var scenarios []scenario
 	for _, q := range h.cfg.QueuePairs {
 		scenarios = append(scenarios, scenario{false, q}, scenario{true, q})

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"runtime/pprof"
 	"sort"
 	"strings"
 )
@@ -80,4 +82,28 @@ func pinSummary(masks map[string]string) string {
 	}
 	sort.Strings(parts)
 	return "threads " + strings.Join(parts, ", ")
+}
+
+// startSuiteProfile starts a CPU profile of this process into
+// dir/suite.pprof and returns the function that stops it; with no dir it
+// does nothing.
+func startSuiteProfile(dir, suite string) (stop func(), err error) {
+	if dir == "" {
+		return func() {}, nil
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	f, err := os.Create(filepath.Join(dir, suite+".pprof"))
+	if err != nil {
+		return nil, err
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return func() {
+		pprof.StopCPUProfile()
+		f.Close()
+	}, nil
 }

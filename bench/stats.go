@@ -53,8 +53,9 @@ type Comparison struct {
 	// ranges (0 when they are disjoint); Gap is |median(A) - median(B)|.
 	Overlap, Gap float64
 	// Inconclusive is set when the ranges overlap by more than the medians
-	// differ (Overlap > Gap), when the medians are equal, or when there are
-	// fewer than minRounds round pairs; Why says which, in words.
+	// differ (Overlap > Gap), when the medians are equal, when one range
+	// contains the other, or when there are fewer than minRounds round
+	// pairs; Why says which, in words.
 	Inconclusive bool
 	Why          string
 }
@@ -73,8 +74,11 @@ type Comparison struct {
 // shared stretch is longer than the distance between medians, the
 // run-to-run noise is as large as the effect and no ratio decides
 // anything. Equal medians (a zero difference) decide nothing either, even
-// when both ranges are single points. Fewer than minRounds round pairs are
-// always inconclusive.
+// when both ranges are single points. Nor does a comparison where one
+// side's range contains the other's (however short the overlap measured
+// on the inner range): the outer side's rounds fell on both sides of every
+// round of the inner one. Fewer than minRounds round pairs are always
+// inconclusive.
 func Compare(a, b []float64) Comparison {
 	c := Comparison{A: spreadOf(a), B: spreadOf(b)}
 	var ratios []float64
@@ -102,8 +106,16 @@ func Compare(a, b []float64) Comparison {
 	case c.Gap == 0:
 		c.Inconclusive = true
 		c.Why = "equal medians"
+	case contains(c.A, c.B) || contains(c.B, c.A):
+		c.Inconclusive = true
+		c.Why = "one side's range contains the other's"
 	}
 	return c
+}
+
+// contains reports whether outer's min–max range contains inner's.
+func contains(outer, inner Spread) bool {
+	return outer.Min <= inner.Min && inner.Max <= outer.Max
 }
 
 // Verdict is the word printed with a comparison: "inconclusive", or

@@ -88,6 +88,13 @@ func TestCompare(t *testing.T) {
 			overlap: 1, gap: 1, verdict: "behind",
 		},
 		{
+			name: "one range inside the other with a short overlap: inconclusive",
+			// A [2.16,2.45] inside B [0.45,9.30]: overlap 0.29 < gap 3.08.
+			a: []float64{2.44, 2.16, 2.45}, b: []float64{5.52, 0.45, 9.30},
+			ratio:   Spread{N: 3, Median: 2.44 / 5.52, Min: 2.45 / 9.30, Max: 2.16 / 0.45},
+			overlap: 0.29, gap: 5.52 - 2.44, inconclusive: true, verdict: "inconclusive",
+		},
+		{
 			name: "equal medians decide nothing, even as single points",
 			a:    []float64{4, 4, 4}, b: []float64{4, 4, 4},
 			ratio:   Spread{N: 3, Median: 1, Min: 1, Max: 1},

@@ -21,7 +21,8 @@ const (
 	ModeEvent Mode = iota
 	// ModePoll keeps driver notifications disabled and polls the rings:
 	// PollSpins empty polls, then as many runtime.Gosched rounds, then
-	// sleeps of PollSleep between polls until work appears.
+	// sleeps of PollSleep between polls until work appears (or, with
+	// PollNoSleep, runtime.Gosched rounds for good).
 	ModePoll
 )
 
@@ -110,6 +111,13 @@ type Options struct {
 	// PollSleep is the sleep between idle polls in ModePoll, bounded to
 	// [1µs, 1ms]. Zero means 20µs.
 	PollSleep time.Duration
+	// PollNoSleep keeps an idle ModePoll queue polling for good: after
+	// PollSpins empty polls it yields (runtime.Gosched) between polls and
+	// never sleeps, so a device given its own CPU polls continuously, as
+	// DPDK's lcores do. A timer sleep lasts well over PollSleep (timer
+	// slack, scheduler wake-up), long enough for a fast driver to fill
+	// the ring meanwhile; PollNoSleep trades that for a CPU kept busy.
+	PollNoSleep bool
 	// BatchSize is the most chains a queue goroutine processes before it
 	// signals interrupts and checks for a stop. Zero means 64.
 	BatchSize int

@@ -302,6 +302,11 @@ func (d *Device) wait(q *queue, process batchFunc) (err error) {
 // poll processes batches without notifications until a stop request (nil)
 // or an error.
 func (d *Device) poll(q *queue, process batchFunc) (err error) {
+	return d.pollWith(q, process, time.Sleep)
+}
+
+// pollWith is poll with the function it sleeps with (tests count sleeps).
+func (d *Device) pollWith(q *queue, process batchFunc, sleep func(time.Duration)) (err error) {
 	defer vring.CatchFault(&err)
 	q.dq.DisableNotify()
 	spins := d.opts.PollSpins
@@ -324,10 +329,10 @@ func (d *Device) poll(q *queue, process batchFunc) (err error) {
 		idle++
 		switch {
 		case idle < spins:
-		case idle < 2*spins:
+		case idle < 2*spins || d.opts.PollNoSleep:
 			runtime.Gosched()
 		default:
-			time.Sleep(d.opts.PollSleep)
+			sleep(d.opts.PollSleep)
 		}
 	}
 }
