@@ -235,7 +235,7 @@ func TestReportJSONShape(t *testing.T) {
 func TestParseArgs(t *testing.T) {
 	cfg, err := parseArgs([]string{"all", "-short", "-json", "/tmp/x.json"}, io.Discard)
 	require.NoError(t, err)
-	assert.Equal(t, []string{"rings", "dirty", "migrate", "peers"}, cfg.Suites)
+	assert.Equal(t, []string{"rings", "dirty", "migrate", "peers", "scale"}, cfg.Suites)
 	assert.True(t, cfg.Short)
 	assert.Equal(t, "/tmp/x.json", cfg.JSONPath)
 	assert.Equal(t, 40*time.Millisecond, cfg.duration, "-short shortens the default duration")
@@ -249,11 +249,14 @@ func TestParseArgs(t *testing.T) {
 
 	cfg, err = parseArgs(nil, io.Discard)
 	require.NoError(t, err)
-	assert.Equal(t, []string{"rings", "dirty", "migrate", "peers"}, cfg.Suites, "no subcommand means all")
+	assert.Equal(t, []string{"rings", "dirty", "migrate", "peers", "scale"}, cfg.Suites, "no subcommand means all")
 	assert.Equal(t, []uint64{1 << 30, 16 << 30, 256 << 30, 1 << 40}, cfg.scanSizes)
 	assert.Equal(t, []int{1, 8, 32}, cfg.Batches)
 	assert.Equal(t, 5, cfg.PeerRounds, "at least 5 interleaved rounds by default")
 	assert.Equal(t, []int{1, 2}, cfg.QueuePairs)
+	assert.Equal(t, []int{1, 64, 1024, 4096}, cfg.scaleDevices)
+	assert.Equal(t, []int{1, 64, 512, 2048}, cfg.scaleSessions)
+	assert.Equal(t, 256, cfg.ScaleRxSlots)
 
 	cfg, err = parseArgs([]string{"peers", "-peers", ""}, io.Discard)
 	require.NoError(t, err)
@@ -263,6 +266,7 @@ func TestParseArgs(t *testing.T) {
 		{"bogus"}, {"-ring-size", "300"}, {"-batches", "0"}, {"-batches", "512"}, {"-peers", "qemu"},
 		{"-scan-sizes", "1XB"}, {"-dirty-rates", "-5"}, {"-duration", "0s"}, {"-peer-rounds", "0"},
 		{"-queue-pairs", "0"}, {"-queue-pairs", "9"},
+		{"-scale-devices", "0"}, {"-scale-sessions", "40000"}, {"-scale-pairs", "x"}, {"-scale-rx-buffers", "0"},
 	} {
 		_, err := parseArgs(bad, io.Discard)
 		assert.Error(t, err, "%q", bad)
