@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
@@ -22,7 +21,6 @@ import (
 	"github.com/vdpakit/vdpakit/vdpa/vhostuser"
 	"github.com/vdpakit/vdpakit/virtio"
 	"github.com/vdpakit/vdpakit/vring"
-	"github.com/vdpakit/vdpakit/vring/vringtest"
 )
 
 // The scale suite measures what one more device costs, with the public API
@@ -37,10 +35,6 @@ import (
 
 // scaleQueueSize is the ring size of every queue the suite sets up.
 const scaleQueueSize = 256
-
-// queueStride is the guest memory of one queue: its ring, then the
-// driver's buffers.
-const queueStride = 0x40000
 
 // procUsage is a snapshot of what the process holds.
 type procUsage struct {
@@ -129,25 +123,27 @@ func raiseNofile() (limit uint64, note string) {
 }
 
 // scaleDev is one device the suite set up, with what the embedder made
-// for it.
+// for it: guest memory, the driver side of its two queues, and three
+// eventfds (a kick per queue, which vhost-user needs to start a ring, and
+// the receive queue's interrupt; the driver polls for transmit
+// completions).
 type scaleDev struct {
 	dev     vdpa.Device
 	sw      *softnet.Device
 	mem     *vring.Memory
 	efds    []*vdpa.EventFD
-	drivers [2]*vringtest.Driver
-	kick    *vdpa.EventFD // transmitq's kick
+	rx, tx  *vring.DriverQueue
+	kick    *vdpa.EventFD
 	closers []func() error
 }
 
-var scaleFeatures = virtio.Features(0).With(virtio.FVersion1, virtio.NetFMAC, virtio.NetFMrgRxbuf)
+var scaleFeatures = virtio.Features(0).With(virtio.FVersion1, virtio.NetFMAC)
 
 // startDevice runs the virtio initialization sequence on d for one queue
-// pair over fresh memfd guest memory: ring, kick and call eventfds per
-// queue, DRIVER_OK.
+// pair over fresh memfd guest memory, then DRIVER_OK.
 func startDevice(sd *scaleDev) error {
 	d := sd.dev
-	region, err := vring.NewMemfdRegion(0, 2*queueStride, nil)
+	region, err := vring.NewMemfdRegion(0, 2*scaleStride, nil)
 	if err != nil {
 		return err
 	}
@@ -158,98 +154,96 @@ func startDevice(sd *scaleDev) error {
 	}
 	sd.mem = mem
 	st := virtio.StatusAcknowledge | virtio.StatusDriver
-	if err := d.SetStatus(st); err != nil {
-		return err
-	}
-	if err := d.SetFeatures(scaleFeatures); err != nil {
-		return err
-	}
-	st |= virtio.StatusFeaturesOK
-	if err := d.SetStatus(st); err != nil {
-		return err
-	}
-	if err := d.SetMemory(mem); err != nil {
+	if err := errors.Join(d.SetStatus(st), d.SetFeatures(scaleFeatures), d.SetStatus(st|virtio.StatusFeaturesOK), d.SetMemory(mem)); err != nil {
 		return err
 	}
 	for q := range 2 {
-		base := vring.GuestAddr(q) * queueStride
+		base := vring.GuestAddr(q) * scaleStride
 		layout := vring.ContiguousLayout(base, scaleQueueSize)
-		drv, err := vringtest.NewDriver(mem, vringtest.DriverOptions{Index: q, Layout: layout,
-			Features: scaleFeatures, Data: base + 0x4000, SlotSize: 512})
+		dq, err := vring.NewDriverQueue(mem, vring.DriverQueueOptions{Index: q, Layout: layout, Features: scaleFeatures})
 		if err != nil {
 			return err
 		}
-		sd.drivers[q] = drv
 		kick, err := vdpa.NewEventFD()
 		if err != nil {
 			return err
 		}
 		sd.efds = append(sd.efds, kick)
-		call, err := vdpa.NewEventFD()
-		if err != nil {
-			return err
-		}
-		sd.efds = append(sd.efds, call)
-		if q == 1 {
-			sd.kick = kick
-		}
-		for _, err := range []error{
-			d.SetQueueNum(q, scaleQueueSize),
-			d.SetQueueAddr(q, vdpa.QueueAddr{Desc: layout.Desc, Avail: layout.Avail, Used: layout.Used}),
-			d.SetQueueKick(q, kick),
-			d.SetQueueCall(q, call),
-			d.EnableQueue(q, true),
-		} {
+		bind := d.SetQueueKick(q, kick)
+		if q == 0 {
+			// The receive queue's interrupt; transmit completions are
+			// polled.
+			call, err := vdpa.NewEventFD()
 			if err != nil {
 				return err
 			}
+			sd.efds = append(sd.efds, call)
+			bind = errors.Join(bind, d.SetQueueCall(q, call))
+			sd.rx = dq
+		} else {
+			sd.tx, sd.kick = dq, kick
+		}
+		if err := errors.Join(bind, d.SetQueueNum(q, scaleQueueSize),
+			d.SetQueueAddr(q, vdpa.QueueAddr{Desc: layout.Desc, Avail: layout.Avail, Used: layout.Used}),
+			d.EnableQueue(q, true)); err != nil {
+			return err
 		}
 	}
-	return d.SetStatus(st | virtio.StatusDriverOK)
+	return d.SetStatus(st | virtio.StatusFeaturesOK | virtio.StatusDriverOK)
 }
+
+// scaleStride is the guest memory of one queue of startDevice: the ring
+// (16 KiB), then one buffer page.
+const scaleStride = 0x5000
 
 // ping sends one frame through the device and waits for its loopback.
 func (sd *scaleDev) ping(ctx context.Context, seq uint32) error {
-	if _, _, err := sd.drivers[0].Send(nil, []uint32{512}); err != nil {
-		return err
-	}
+	rxBuf := vring.GuestAddr(0x4000)
+	txBuf := scaleStride + vring.GuestAddr(0x4000)
 	mac := sd.sw.MAC()
 	frame := make([]byte, virtio.NetHdrLen(scaleFeatures), 80)
 	frame = append(frame, mac[:]...)
 	frame = append(frame, 0x02, 0, 0, 0, 0, 0x09, 0x88, 0xb5, byte(seq>>24), byte(seq>>16), byte(seq>>8), byte(seq))
-	if _, _, err := sd.drivers[1].Send([][]byte{frame}, nil); err != nil {
+	if err := sd.mem.Write(txBuf, frame); err != nil {
 		return err
 	}
+	if _, err := sd.rx.Add([]vring.Buffer{{Addr: rxBuf, Len: 512, Writable: true}}); err != nil {
+		return err
+	}
+	sd.rx.Publish()
+	if _, err := sd.tx.Add([]vring.Buffer{{Addr: txBuf, Len: uint32(len(frame))}}); err != nil {
+		return err
+	}
+	sd.tx.Publish()
 	if err := sd.kick.Signal(); err != nil {
 		return err
 	}
-	for {
-		c, ok, err := sd.drivers[0].Receive()
-		if err != nil {
-			return err
-		}
-		if ok {
-			if string(c.Data[len(c.Data)-4:]) != string(frame[len(frame)-4:]) {
-				return fmt.Errorf("frame %d came back as %x", seq, c.Data)
+	for _, q := range []*vring.DriverQueue{sd.rx, sd.tx} {
+		for {
+			_, n, ok, err := q.Reclaim()
+			if err != nil {
+				return err
 			}
-			break
+			if ok {
+				if q == sd.rx {
+					got := make([]byte, n)
+					if err := sd.mem.Read(rxBuf, got); err != nil {
+						return err
+					}
+					hdr := virtio.NetHdrLen(scaleFeatures)
+					if len(got) != len(frame) || string(got[hdr:]) != string(frame[hdr:]) {
+						return fmt.Errorf("frame %d came back as %x", seq, got)
+					}
+				}
+				break
+			}
+			if ctx.Err() != nil {
+				return fmt.Errorf("frame %d: queue %d not completed: %w", seq, map[bool]int{true: 0, false: 1}[q == sd.rx], ctx.Err())
+			}
+			time.Sleep(20 * time.Microsecond)
 		}
-		if ctx.Err() != nil {
-			return fmt.Errorf("frame %d: no loopback: %w", seq, ctx.Err())
-		}
-		time.Sleep(20 * time.Microsecond)
 	}
-	// Reclaim the transmit chain.
-	for {
-		_, ok, err := sd.drivers[1].Receive()
-		if err != nil || ok {
-			return err
-		}
-		if ctx.Err() != nil {
-			return fmt.Errorf("frame %d: transmit chain not completed: %w", seq, ctx.Err())
-		}
-		time.Sleep(20 * time.Microsecond)
-	}
+	return nil
 }
 
 // close releases the device and everything made for it, device first.
@@ -271,7 +265,7 @@ func (sd *scaleDev) close() error {
 }
 
 // newLocalDevice is a softnet device behind vdpa.NewLocal.
-func newLocalDevice(ctx context.Context, i int, _ string) (*scaleDev, error) {
+func newLocalDevice(context.Context, int) (*scaleDev, error) {
 	sw, err := softnet.New(&softnet.Options{MaxQueueSize: scaleQueueSize})
 	if err != nil {
 		return nil, err
@@ -279,33 +273,49 @@ func newLocalDevice(ctx context.Context, i int, _ string) (*scaleDev, error) {
 	return &scaleDev{sw: sw, dev: vdpa.NewLocal(sw, nil)}, nil
 }
 
-// newVhostSession is a vhost-user back-end serving a softnet device on
-// its own socket, and a Frontend connected to it.
-func newVhostSession(ctx context.Context, i int, dir string) (*scaleDev, error) {
+// newVhostSession is a vhost-user back-end serving a softnet device, and a
+// Frontend driving it, over the two ends of a socketpair: the per-session
+// cost, without a listening socket per back-end.
+func newVhostSession(ctx context.Context, i int) (*scaleDev, error) {
 	sw, err := softnet.New(&softnet.Options{MaxQueueSize: scaleQueueSize})
 	if err != nil {
 		return nil, err
 	}
-	path := filepath.Join(dir, fmt.Sprintf("s%d.sock", i))
-	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, err
 	}
-	l.SetUnlinkOnClose(true)
+	ends := [2]*net.UnixConn{}
+	for k, fd := range fds {
+		f := os.NewFile(uintptr(fd), fmt.Sprintf("vhost-user-%d-%d", i, k))
+		c, err := net.FileConn(f) // a duplicate of fd
+		f.Close()
+		if err != nil {
+			if k == 1 {
+				ends[0].Close()
+			} else {
+				unix.Close(fds[1])
+			}
+			return nil, err
+		}
+		ends[k] = c.(*net.UnixConn)
+	}
 	sctx, cancel := context.WithCancel(ctx)
-	be := vhostuser.NewBackend(sw, nil)
 	served := make(chan error, 1)
-	go func() { served <- be.Serve(sctx, l) }()
+	go func() { served <- vhostuser.NewBackend(sw, nil).ServeConn(sctx, ends[1]) }()
 	sd := &scaleDev{sw: sw}
 	sd.closers = append(sd.closers, func() error {
+		// The Frontend was closed first: the session ends with the
+		// connection (nil), or with the cancelled context.
 		cancel()
 		if err := <-served; err != nil && !errors.Is(err, context.Canceled) {
 			return err
 		}
 		return nil
 	})
-	f, err := vhostuser.Dial(ctx, path, &vhostuser.FrontendOptions{MaxQueueSize: scaleQueueSize})
+	f, err := vhostuser.NewFrontend(ctx, ends[0], &vhostuser.FrontendOptions{MaxQueueSize: scaleQueueSize})
 	if err != nil {
+		ends[0].Close()
 		sd.close()
 		return nil, err
 	}
@@ -321,20 +331,20 @@ func (h *Harness) Scale(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
-		h.scaleCount(ctx, "softnet devices (vdpa.NewLocal)", n, 5, limit, newLocalDevice)
+		h.scaleCount(ctx, "softnet devices (vdpa.NewLocal)", n, 4, limit, newLocalDevice)
 	}
 	for _, n := range h.cfg.scaleSessions {
 		if ctx.Err() != nil {
 			return
 		}
-		h.scaleCount(ctx, "vhost-user sessions (Backend + Frontend)", n, 14, limit, newVhostSession)
+		h.scaleCount(ctx, "vhost-user sessions (Backend + Frontend)", n, 9, limit, newVhostSession)
 	}
 	h.scaleThroughput(ctx)
 }
 
 // scaleCount creates, starts, pings and closes n devices made by mk.
 func (h *Harness) scaleCount(ctx context.Context, what string, n, fdsEach int, limit uint64,
-	mk func(context.Context, int, string) (*scaleDev, error)) {
+	mk func(context.Context, int) (*scaleDev, error)) {
 	const suite = "scale"
 	name := fmt.Sprintf("%s ×%d", what, n)
 	params := map[string]any{"count": n, "queue_size": scaleQueueSize}
@@ -343,12 +353,6 @@ func (h *Harness) scaleCount(ctx context.Context, what string, n, fdsEach int, l
 		return
 	}
 	h.prog.Step("scale: %s", name)
-	dir, err := os.MkdirTemp("", "vdpakit-scale-")
-	if err != nil {
-		h.fail(suite, name, params, err)
-		return
-	}
-	defer os.RemoveAll(dir)
 	before := takeUsage()
 	devs := make([]*scaleDev, 0, n)
 	closeAll := func() error {
@@ -361,7 +365,7 @@ func (h *Harness) scaleCount(ctx context.Context, what string, n, fdsEach int, l
 	}
 	start := time.Now()
 	for i := range n {
-		sd, err := mk(ctx, i, dir)
+		sd, err := mk(ctx, i)
 		if err == nil {
 			devs = append(devs, sd)
 			err = startDevice(sd)

@@ -20,8 +20,8 @@ func TestScaleSmoke(t *testing.T) {
 	require.NoError(t, err)
 	h := &Harness{cfg: cfg, prog: NewProgress(io.Discard, false, false)}
 	ctx := context.Background()
-	h.scaleCount(ctx, "softnet", 4, 5, 0, newLocalDevice)
-	h.scaleCount(ctx, "vhost-user", 3, 14, 0, newVhostSession)
+	h.scaleCount(ctx, "softnet", 4, 3, 0, newLocalDevice)
+	h.scaleCount(ctx, "vhost-user", 3, 8, 0, newVhostSession)
 	require.Zero(t, h.failed, "%+v", h.results)
 	for _, r := range h.results {
 		for _, name := range []string{"leaked goroutines", "leaked fds"} {
