@@ -53,7 +53,8 @@ type Options struct {
 	// MaxQueueMemory bounds, in bytes, the queue state the device may
 	// allocate: what it holds once the driver has started every queue at
 	// MaxQueueSize (per receive queue entry a chain and its segments, per
-	// transmit and control queue a gather buffer of a whole frame). The
+	// transmit and control queue a gather buffer of a whole frame, and with
+	// Offload a segment buffer per receive and transmit queue). The
 	// state is allocated when a queue starts and released on Reset, so a
 	// device with many pairs costs little until they are used; New refuses
 	// MaxQueuePairs × MaxQueueSize beyond this bound with an error matching
@@ -274,7 +275,7 @@ func New(opts *Options) (*Device, error) {
 	}
 	f &^= o.Disable
 
-	need := QueueMemory(o.MaxQueuePairs, o.MaxQueueSize, !o.NoCtrlVQ)
+	need := QueueMemory(o.MaxQueuePairs, o.MaxQueueSize, !o.NoCtrlVQ, o.Offload)
 	limit := o.MaxQueueMemory
 	if limit == 0 {
 		limit = defaultQueueMemory()

@@ -18,22 +18,26 @@ const minRxEntry = 4 * (8 + 4 + 24)
 
 func TestNewBoundsQueueMemory(t *testing.T) {
 	tests := []struct {
-		name  string
-		pairs uint16
-		size  uint16
-		bound uint64
-		ok    bool
+		name    string
+		pairs   uint16
+		size    uint16
+		bound   uint64
+		ok      bool
+		offload bool
 	}{
-		{"one pair within 1 MiB", 1, 256, 1 << 20, true},
-		{"one pair of 32768 entries beyond 1 MiB", 1, 32768, 1 << 20, false},
-		{"one pair beyond 4 KiB", 1, 256, 4 << 10, false},
-		{"0x8000 pairs of 256 beyond 1 GiB", 0x8000, 256, 1 << 30, false},
-		{"0x8000 pairs of 256 within 8 GiB (allocated on start only)", 0x8000, 256, 8 << 30, true},
-		{"0x8000 pairs of 32768 beyond 64 GiB", 0x8000, 32768, 64 << 30, false},
+		{"one pair within 1 MiB", 1, 256, 1 << 20, true, false},
+		{"one pair of 32768 entries beyond 1 MiB", 1, 32768, 1 << 20, false, false},
+		{"one pair beyond 4 KiB", 1, 256, 4 << 10, false, false},
+		{"0x8000 pairs of 256 beyond 1 GiB", 0x8000, 256, 1 << 30, false, false},
+		{"0x8000 pairs of 256 within 8 GiB (allocated on start only)", 0x8000, 256, 8 << 30, true, false},
+		{"0x8000 pairs of 32768 beyond 64 GiB", 0x8000, 32768, 64 << 30, false, false},
+		{"one pair within 256 KiB", 1, 256, 256 << 10, true, false},
+		// Two segment buffers of MaxFrame (64 KiB) more do not fit.
+		{"one pair with offloads beyond 256 KiB", 1, 256, 256 << 10, false, true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			d, err := New(&Options{MaxQueuePairs: tt.pairs, MaxQueueSize: tt.size, MaxQueueMemory: tt.bound})
+			d, err := New(&Options{MaxQueuePairs: tt.pairs, MaxQueueSize: tt.size, MaxQueueMemory: tt.bound, Offload: tt.offload})
 			if tt.ok {
 				require.NoError(t, err)
 				require.Equal(t, 2*int(tt.pairs)+1, d.NumQueues())
@@ -130,7 +134,9 @@ func TestWorkerStateReleasedOnReset(t *testing.T) {
 	require.Nil(t, tx.gather)
 	require.NoError(t, d.StartQueue(1, deviceQueue(t, 32), nil, nil))
 	require.Len(t, tx.gather, virtio.NetHdrSize+MaxFrame)
+	require.Len(t, tx.segBuf(), MaxFrame)
 	d.Reset()
 	require.Nil(t, tx.gather)
+	require.Nil(t, tx.seg, "the offload segment buffer goes too")
 	require.Nil(t, tx.chain.Segs)
 }

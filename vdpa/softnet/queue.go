@@ -92,15 +92,21 @@ var (
 // QueueMemory returns the most queue state, in bytes, a device with pairs
 // queue pairs (and a control queue if ctrl) of at most size entries holds:
 // what it has allocated once the driver has started every queue at that
-// size. New compares it with Options.MaxQueueMemory.
-func QueueMemory(pairs, size uint16, ctrl bool) uint64 {
+// size (and, with offload, once every receive and transmit queue has
+// needed its segment buffer for a checksum or a segmentation). New
+// compares it with Options.MaxQueueMemory.
+func QueueMemory(pairs, size uint16, ctrl, offload bool) uint64 {
 	p, n := uint64(pairs), uint64(size)
 	workers := p // transmit queues, and the control queue
 	if ctrl {
 		workers++
 	}
 	rx := p
-	return (rx+workers)*queueBytes + rx*n*rxEntryBytes + workers*workerBytes
+	m := (rx+workers)*queueBytes + rx*n*rxEntryBytes + workers*workerBytes
+	if offload {
+		m += 2 * p * MaxFrame
+	}
+	return m
 }
 
 // defaultQueueMemory is Options.MaxQueueMemory's default: a quarter of the
@@ -136,7 +142,7 @@ func (q *queue) release() {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	q.stash, q.lens, q.nstash = nil, nil, 0
-	q.gather = nil
+	q.gather, q.seg = nil, nil
 	q.chain = vring.Chain{}
 }
 
