@@ -305,7 +305,7 @@ func parseArgs(args []string, stderr io.Writer) (*Config, error) {
 			*scaleSess = "1,16"
 		}
 		if !set["scale-pairs"] {
-			*scalePairs = "1,2,16"
+			*scalePairs = "2,16"
 		}
 	}
 	if cfg.duration <= 0 {

@@ -415,19 +415,18 @@ func (h *Harness) scaleCount(ctx context.Context, what string, n, fdsEach int, l
 	h.add(r)
 }
 
-// scaleThroughput measures the frames/s of one device with N queue pairs,
-// one driver goroutine per pair, against one pair per core: the same
-// device with as many pairs as GOMAXPROCS. Both sides are event-driven
-// (softnet ModeEvent waiting on kicks, the driver on receive interrupts)
-// or both busy-poll (ModePoll, the driver yielding when idle).
+// scaleThroughput measures the frames/s and CPU per frame of one device
+// with N queue pairs, one driver goroutine per pair, against one pair per
+// core: the same device with as many pairs as GOMAXPROCS, in interleaved
+// rounds (reference, N pairs, reference, ...) so that the machine's load
+// hits both alike. Both sides are event-driven (softnet ModeEvent waiting
+// on kicks, the driver on receive interrupts) or both busy-poll (ModePoll,
+// the driver yielding when idle).
 func (h *Harness) scaleThroughput(ctx context.Context) {
 	const suite = "scale"
 	procs := runtime.GOMAXPROCS(0)
 	defer runtime.GOMAXPROCS(procs)
-	d := 4 * h.cfg.duration
-	if h.cfg.Short {
-		d = 2 * h.cfg.duration
-	}
+	d := 2 * h.cfg.duration
 	cores := []int{1}
 	if procs > 1 {
 		cores = append(cores, procs)
@@ -435,41 +434,54 @@ func (h *Harness) scaleThroughput(ctx context.Context) {
 	for _, mode := range []softnet.Mode{softnet.ModeEvent, softnet.ModePoll} {
 		for _, p := range cores {
 			runtime.GOMAXPROCS(p)
-			ref, refCPU := 0.0, 0.0
-			for _, pairs := range append([]int{p}, h.cfg.scalePairs...) {
+			for _, pairs := range h.cfg.scalePairs {
 				if ctx.Err() != nil {
 					return
 				}
-				if pairs < p || (pairs == p && ref > 0) {
+				if pairs <= p {
 					continue
 				}
-				name := fmt.Sprintf("frames/s, %s mode, %d pairs on %d core(s)", mode, pairs, p)
-				params := map[string]any{"pairs": pairs, "gomaxprocs": p, "frame_bytes": 64, "mode": mode.String(), "batch": 32,
-					"rx_buffers_per_pair": h.cfg.ScaleRxSlots, "rounds": h.cfg.PeerRounds}
+				name := fmt.Sprintf("%s mode, %d pairs against %d on %d core(s)", mode, pairs, p, p)
+				params := map[string]any{"pairs": pairs, "reference_pairs": p, "gomaxprocs": p, "frame_bytes": 64,
+					"mode": mode.String(), "driver_batch": 32, "rx_buffers_per_pair": h.cfg.ScaleRxSlots, "seconds_per_run": d.Seconds()}
 				h.prog.Step("scale: %s", name)
-				var rates, cpus, perKick []float64
+				var ref, test []tpResult
 				var err error
-				for r := 0; r < h.cfg.PeerRounds && err == nil; r++ {
-					var res tpResult
-					res, err = pairThroughput(ctx, mode, pairs, h.cfg.ScaleRxSlots, d)
-					rates, cpus, perKick = append(rates, res.fps), append(cpus, res.cpuNs), append(perKick, res.perKick)
+				for r := 0; r < h.cfg.PeerRounds && err == nil && ctx.Err() == nil; r++ {
+					var a, b tpResult
+					if a, err = pairThroughput(ctx, mode, p, h.cfg.ScaleRxSlots, d); err == nil {
+						b, err = pairThroughput(ctx, mode, pairs, h.cfg.ScaleRxSlots, d)
+					}
+					ref, test = append(ref, a), append(test, b)
 				}
 				if err != nil {
 					h.fail(suite, name, params, err)
 					continue
 				}
-				fps, cpu := median(rates), median(cpus)
-				ms := []Metric{{Name: "aggregate", Value: fps / 1e6, Unit: "Mfps"}, {Name: "CPU", Value: cpu, Unit: "ns/frame"}}
-				if mode == softnet.ModeEvent {
-					ms = append(ms, Metric{Name: "frames per kick", Value: median(perKick), Unit: ""})
+				col := func(rs []tpResult, f func(tpResult) float64) []float64 {
+					out := make([]float64, len(rs))
+					for i, r := range rs {
+						out[i] = f(r)
+					}
+					return out
 				}
-				if pairs == p {
-					ref, refCPU = fps, cpu
-				} else if ref > 0 {
-					ms = append(ms, Metric{Name: fmt.Sprintf("frames/s vs %d pair(s)", p), Value: fps / ref, Unit: "x"},
-						Metric{Name: fmt.Sprintf("frames per CPU-s vs %d pair(s)", p), Value: refCPU / cpu, Unit: "x"})
+				mfps := func(r tpResult) float64 { return r.fps / 1e6 }
+				cpu := func(r tpResult) float64 { return r.cpuNs }
+				ms := []Metric{
+					spreadMetric(fmt.Sprintf("%d pairs", pairs), "Mfps", spreadOf(col(test, mfps))),
+					spreadMetric(fmt.Sprintf("%d pair(s)", p), "Mfps", spreadOf(col(ref, mfps))),
+					spreadMetric(fmt.Sprintf("CPU, %d pairs", pairs), "ns/frame", spreadOf(col(test, cpu))),
+					spreadMetric(fmt.Sprintf("CPU, %d pair(s)", p), "ns/frame", spreadOf(col(ref, cpu))),
+				}
+				if mode == softnet.ModeEvent {
+					perKick := func(r tpResult) float64 { return r.perKick }
+					ms = append(ms, spreadMetric(fmt.Sprintf("frames per kick, %d pairs", pairs), "", spreadOf(col(test, perKick))),
+						spreadMetric(fmt.Sprintf("frames per kick, %d pair(s)", p), "", spreadOf(col(ref, perKick))))
 				}
 				h.add(Result{Suite: suite, Name: name, Params: params, Metrics: ms})
+				perCPU := func(r tpResult) float64 { return 1e9 / r.cpuNs }
+				h.addComparison(suite, name+": frames/s ratio", params, Compare(col(test, mfps), col(ref, mfps)), "")
+				h.addComparison(suite, name+": frames per CPU-second ratio", params, Compare(col(test, perCPU), col(ref, perCPU)), "")
 			}
 		}
 	}
