@@ -13,6 +13,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/vdpakit/vdpakit/dirty"
 	"github.com/vdpakit/vdpakit/vdpa"
 	"github.com/vdpakit/vdpakit/vdpa/softnet"
 	"github.com/vdpakit/vdpakit/virtio"
@@ -225,4 +226,67 @@ func TestManyDevicesLeakNothing(t *testing.T) {
 			requireNothingLeaked(t, goroutines, fds)
 		})
 	}
+}
+
+// TestBackendHugeMemoryTableLogRefused: a front-end whose memory table
+// reaches guest address 2^50 and that negotiates LOG_ALL before sending a
+// log makes the back-end log into a pending bitmap for the whole table:
+// 32 GiB of log, beyond what dirty.New creates on any machine with less
+// than 128 GiB of RAM. The session ends with a protocol error instead of
+// the process dying of a runtime out-of-memory error, and the back-end's
+// goroutines and descriptors are released.
+func TestBackendHugeMemoryTableLogRefused(t *testing.T) {
+	const far = 1 << 50
+	if need := uint64(far / dirty.DefaultPageSize / 8); need <= dirty.MemoryLimit() {
+		t.Skipf("this machine would accept a %d-byte log", need)
+	}
+	e, err := vdpa.NewEventFD()
+	require.NoError(t, err)
+	require.NoError(t, e.Close())
+	goroutines, fds := runtime.NumGoroutine(), fdCount(t)
+
+	func() {
+		sw, err := softnet.New(&softnet.Options{MaxQueueSize: 64})
+		require.NoError(t, err)
+		a, b := socketpair(t)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		done := make(chan error, 1)
+		go func() { done <- NewBackend(sw, nil).ServeConn(ctx, b) }()
+		fe, err := NewFrontend(ctx, a, nil)
+		require.NoError(t, err)
+		defer fe.Close()
+		low, err := vring.NewMemfdRegion(0x100000, 1<<20, nil)
+		require.NoError(t, err)
+		high, err := vring.NewMemfdRegion(far, 4096, nil)
+		require.NoError(t, err)
+		mem, err := vring.NewMemory(low, high)
+		require.NoError(t, err)
+		defer mem.Close()
+		offered, err := fe.Features()
+		require.NoError(t, err)
+		f := offered & virtio.Features(0).With(virtio.FVersion1, virtio.FLogAll, virtio.NetFMAC)
+		require.True(t, f.Has(virtio.FLogAll))
+		require.NoError(t, fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver))
+		require.NoError(t, fe.SetFeatures(f))
+		require.NoError(t, fe.SetMemory(mem))
+		l := vring.ContiguousLayout(0x100000, 64)
+		kick, err := vdpa.NewEventFD()
+		require.NoError(t, err)
+		defer kick.Close()
+		// Starting the ring needs the pending log: the back-end refuses it
+		// and ends the session, so one of these calls fails.
+		err = errors.Join(fe.SetQueueNum(0, 64), fe.SetQueueAddr(0, vdpa.QueueAddr{Desc: l.Desc, Avail: l.Avail, Used: l.Used}),
+			fe.SetQueueBase(0, vdpa.QueueState{}), fe.SetQueueKick(0, kick), fe.EnableQueue(0, true),
+			fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK|virtio.StatusDriverOK))
+		select {
+		case serr := <-done:
+			require.ErrorIs(t, serr, ErrProtocol)
+			require.ErrorContains(t, serr, "pending dirty log")
+			require.Error(t, err, "the front-end saw the session end")
+		case <-time.After(10 * time.Second):
+			t.Fatalf("the session did not end (front-end calls: %v)", err)
+		}
+	}()
+	requireNothingLeaked(t, goroutines, fds)
 }
