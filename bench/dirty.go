@@ -53,7 +53,7 @@ func (h *Harness) benchMark(ctx context.Context, suite string) {
 		// that defeats a simple next-line prefetch.
 		stride := uint64(7*dirty.DefaultPageSize) + length
 		var addr uint64
-		n, el, err := timeLoopAllocs(ctx, h.cfg.duration, func(n int) error {
+		t, err := timeLoopAllocs(ctx, h.cfg.duration, func(n int) error {
 			for i := 0; i < n; i++ {
 				if err := bm.Mark(addr, length); err != nil {
 					return err
@@ -70,10 +70,11 @@ func (h *Harness) benchMark(ctx context.Context, suite string) {
 			h.fail(suite, name, p, err)
 			continue
 		}
-		p["ops"] = n
+		p["ops"] = t.N
 		h.add(Result{Suite: suite, Name: name, Params: p, Metrics: []Metric{
-			{Name: "ns_per_op", Value: nsPer(n, el), Unit: "ns/op"},
-			{Name: "mops", Value: mppsOf(n, el), Unit: "Mops/s"},
+			{Name: "ns_per_op", Value: nsPer(t.N, t.Wall), Unit: "ns/op"},
+			{Name: "mops", Value: mppsOf(t.N, t.Wall), Unit: "Mops/s"},
+			{Name: "cpu", Value: nsPer(t.N, t.CPU), Unit: "cpu-ns/op"},
 		}})
 	}
 }
@@ -194,18 +195,18 @@ func (h *Harness) benchLogOverhead(ctx context.Context, suite string, descs, bat
 		rounds = 1
 	}
 	for r := 0; r < rounds; r++ {
-		n, el, err := benchDevice(ctx, h.cfg.duration/2, h.cfg.RingSize, descs, batch, nil)
+		t, err := benchDevice(ctx, h.cfg.duration/2, h.cfg.RingSize, descs, batch, nil)
 		if err != nil {
 			h.fail(suite, name, p, err)
 			return
 		}
-		plain = append(plain, nsPer(n, el))
-		n, el, err = benchDevice(ctx, h.cfg.duration/2, h.cfg.RingSize, descs, batch, bm)
+		plain = append(plain, nsPer(t.N, t.Wall))
+		t, err = benchDevice(ctx, h.cfg.duration/2, h.cfg.RingSize, descs, batch, bm)
 		if err != nil {
 			h.fail(suite, name, p, err)
 			return
 		}
-		logged = append(logged, nsPer(n, el))
+		logged = append(logged, nsPer(t.N, t.Wall))
 	}
 	a, b := minF(plain), minF(logged)
 	p["rounds"] = rounds

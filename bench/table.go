@@ -56,7 +56,7 @@ func formatMetrics(ms []Metric) string {
 // and need not be printed in the table.
 func isDefaultMetricName(name string) bool {
 	switch name {
-	case "ns_per_chain", "ns_per_op", "mpps", "mops", "gbps", "ratio", "ms":
+	case "ns_per_chain", "ns_per_op", "mpps", "mops", "gbps", "ratio", "ms", "cpu":
 		return true
 	}
 	return false
