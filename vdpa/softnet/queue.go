@@ -48,9 +48,10 @@ type queue struct {
 	frames atomic.Uint64
 	bytes  atomic.Uint64
 
-	chain  vring.Chain   // tx/ctrl: the chain being processed
-	gather []byte        // tx/ctrl: frame or command split across segments
-	stash  []vring.Chain // rx: popped chains, stash[:nstash] held for the next frame
+	chain  vring.Chain      // tx/ctrl: the chain being processed
+	used   []vring.UsedElem // tx: chains of the current batch, published together
+	gather []byte           // tx/ctrl: frame or command split across segments
+	stash  []vring.Chain    // rx: popped chains, stash[:nstash] held for the next frame
 	nstash int
 	lens   []uint32 // rx: bytes written per chain of one frame
 	hdr    [virtio.NetHdrSize]byte
@@ -143,6 +144,7 @@ func (q *queue) release() {
 	defer q.mu.Unlock()
 	q.stash, q.lens, q.nstash = nil, nil, 0
 	q.gather, q.seg = nil, nil
+	q.used = nil
 	q.chain = vring.Chain{}
 }
 
@@ -371,6 +373,10 @@ func (d *Device) txBatch(q *queue) (int, error) {
 		acc = oh.TxOffloads() & HostOffloads
 	}
 	f := d.NegotiatedFeatures()
+	if cap(q.used) < batch { // the queue's first batch (or BatchSize grew)
+		q.used = make([]vring.UsedElem, batch)
+	}
+	used := q.used[:batch]
 	n := 0
 	var err error
 	q.tx.rxPair = -1
@@ -381,13 +387,17 @@ func (d *Device) txBatch(q *queue) (int, error) {
 			break
 		}
 		d.transmit(q, h, oh, acc, f, hdrLen)
-		// Transmit buffers are device-readable only: nothing written.
-		if err = q.dq.Push(q.chain.Head, 0); err != nil {
-			break
-		}
+		// Transmit buffers are device-readable only: nothing written. The
+		// chains of a batch are returned together, in the order they were
+		// taken (IN_ORDER holds), with one used.idx store: a store that
+		// is a full barrier, paid once per batch rather than per frame.
+		used[n] = vring.UsedElem{Head: q.chain.Head}
 		n++
 	}
 	if n > 0 {
+		if perr := q.dq.PushBatch(used[:n]); perr != nil && err == nil {
+			err = perr
+		}
 		q.signal()
 		d.flushRx(q.tx.rxPair)
 	}
