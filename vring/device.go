@@ -299,14 +299,13 @@ func (q *DeviceQueue) popSlow(c *Chain) (bool, error) {
 func (q *DeviceQueue) walkDirect(head uint16, c *Chain) bool {
 	descs, mem, base := q.r.descs, q.cMem, q.cBase
 	segs := c.Segs[:cap(c.Segs)]
-	// More descriptors than the table holds is a loop; more than segs
-	// holds is for walk (which grows Segs).
-	limit := min(len(segs), len(descs))
 	idx := int(head)
 	n, readable := 0, 0
 	var rlen, wlen uint64
 	for {
-		if idx >= len(descs) || n >= limit {
+		// More descriptors than the table holds is a loop; more than segs
+		// holds is for walk (which grows Segs).
+		if idx >= len(descs) || n >= len(segs) || n >= len(descs) {
 			return false
 		}
 		d := &descs[idx]
@@ -391,6 +390,19 @@ func (q *DeviceQueue) PopBatch(cs []Chain) (int, error) {
 		// region; anything else goes through Pop.
 		n := min(int(q.availSeen-q.lastAvail), len(cs)-i) // 0 when broken
 		i += q.popRun(cs[i : i+n])
+		if i == len(cs) {
+			break
+		}
+		// Chains of several direct descriptors (or anything else popRun
+		// does not take) that are known to be available: walkDirect in a
+		// loop of their own, without going back through popRun for each.
+		for i < len(cs) && q.lastAvail != q.availSeen {
+			if !q.walkDirect(q.r.availEntry(q.lastAvail), &cs[i]) {
+				break
+			}
+			q.lastAvail++
+			i++
+		}
 		if i == len(cs) {
 			break
 		}
