@@ -1,6 +1,7 @@
 package hostnet_test
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -78,13 +79,16 @@ func (n *netns) run(fn func()) {
 	defer f.Close()
 	done := make(chan error, 1)
 	go func() {
+		// fn may end this goroutine (a failed require calls
+		// runtime.Goexit): the deferred send still reports it.
+		err := errors.New("the function run in the namespace did not return")
+		defer func() { done <- err }()
 		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
-		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
-			done <- err
+		if err = unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
 			return
 		}
 		fn()
-		done <- nil
+		err = nil
 	}()
 	require.NoError(n.t, <-done)
 }
