@@ -53,7 +53,7 @@ func (h *Harness) benchMark(ctx context.Context, suite string) {
 		// that defeats a simple next-line prefetch.
 		stride := uint64(7*dirty.DefaultPageSize) + length
 		var addr uint64
-		n, el, err := timeLoopAllocs(ctx, h.cfg.duration, func(n int) error {
+		t, err := timeLoopAllocs(ctx, h.cfg.duration, func(n int) error {
 			for i := 0; i < n; i++ {
 				if err := bm.Mark(addr, length); err != nil {
 					return err
@@ -70,10 +70,11 @@ func (h *Harness) benchMark(ctx context.Context, suite string) {
 			h.fail(suite, name, p, err)
 			continue
 		}
-		p["ops"] = n
+		p["ops"] = t.N
 		h.add(Result{Suite: suite, Name: name, Params: p, Metrics: []Metric{
-			{"ns_per_op", nsPer(n, el), "ns/op"},
-			{"mops", mppsOf(n, el), "Mops/s"},
+			{Name: "ns_per_op", Value: nsPer(t.N, t.Wall), Unit: "ns/op"},
+			{Name: "mops", Value: mppsOf(t.N, t.Wall), Unit: "Mops/s"},
+			{Name: "cpu", Value: nsPer(t.N, t.CPU), Unit: "cpu-ns/op"},
 		}})
 	}
 }
@@ -161,8 +162,8 @@ func (h *Harness) benchHarvest(ctx context.Context, suite string, guest uint64, 
 	p["bitmap_bytes"] = src.Size()
 	p["dirty_pages"] = expect
 	h.add(Result{Suite: suite, Name: name, Params: p, Metrics: []Metric{
-		{"ms", float64(per.Nanoseconds()) / 1e6, "ms/scan"},
-		{"gbps", float64(src.Size()) / per.Seconds() / 1e9, "GB/s of bitmap"},
+		{Name: "ms", Value: float64(per.Nanoseconds()) / 1e6, Unit: "ms/scan"},
+		{Name: "gbps", Value: float64(src.Size()) / per.Seconds() / 1e9, Unit: "GB/s of bitmap"},
 	}})
 }
 
@@ -194,25 +195,25 @@ func (h *Harness) benchLogOverhead(ctx context.Context, suite string, descs, bat
 		rounds = 1
 	}
 	for r := 0; r < rounds; r++ {
-		n, el, err := benchDevice(ctx, h.cfg.duration/2, h.cfg.RingSize, descs, batch, nil)
+		t, err := benchDevice(ctx, h.cfg.duration/2, h.cfg.RingSize, descs, batch, nil)
 		if err != nil {
 			h.fail(suite, name, p, err)
 			return
 		}
-		plain = append(plain, nsPer(n, el))
-		n, el, err = benchDevice(ctx, h.cfg.duration/2, h.cfg.RingSize, descs, batch, bm)
+		plain = append(plain, nsPer(t.N, t.Wall))
+		t, err = benchDevice(ctx, h.cfg.duration/2, h.cfg.RingSize, descs, batch, bm)
 		if err != nil {
 			h.fail(suite, name, p, err)
 			return
 		}
-		logged = append(logged, nsPer(n, el))
+		logged = append(logged, nsPer(t.N, t.Wall))
 	}
 	a, b := minF(plain), minF(logged)
 	p["rounds"] = rounds
 	h.add(Result{Suite: suite, Name: name, Params: p, Metrics: []Metric{
-		{"ratio", ratio(b, a), "x"},
-		{"plain", a, "ns/chain"},
-		{"logged", b, "ns/chain"},
+		{Name: "ratio", Value: ratio(b, a), Unit: "x"},
+		{Name: "plain", Value: a, Unit: "ns/chain"},
+		{Name: "logged", Value: b, Unit: "ns/chain"},
 	}})
 }
 

@@ -68,6 +68,14 @@ func TestSteadyRate(t *testing.T) {
 	}
 }
 
+func TestTestpmdArgvQueues(t *testing.T) {
+	a := TestpmdArgs{CPU: 0, FilePrefix: "fp", Vdev: "net_vhost0,iface=/s,queues=2", Forward: "io", Queues: 2}
+	argv := a.Argv()
+	assert.Equal(t, []string{"--rxq=2", "--txq=2"}, argv[len(argv)-2:], "both queue counts follow the vdev's")
+	a.Queues = 1
+	assert.NotContains(t, a.Argv(), "--rxq=1", "one queue is testpmd's default")
+}
+
 func TestTestpmdArgv(t *testing.T) {
 	a := TestpmdArgs{CPU: 1, FilePrefix: "fp", Vdev: "net_vhost0,iface=/s,queues=1", Forward: "macswap", TxFirst: true}
 	assert.Equal(t, []string{
@@ -157,13 +165,13 @@ func sampleResults() []Result {
 	return []Result{
 		{Suite: "rings", Name: "device pop+push, 1-desc, batch 8, same goroutine",
 			Params:  map[string]any{"kind": "device, same goroutine", "descs": 1, "batch": 8},
-			Metrics: []Metric{{"ns_per_chain", 12.34, "ns/chain"}, {"mpps", 81.04, "Mpps"}}},
+			Metrics: []Metric{{Name: "ns_per_chain", Value: 12.34, Unit: "ns/chain"}, {Name: "mpps", Value: 81.04, Unit: "Mpps"}}},
 		{Suite: "rings", Name: "device pop+push, 1-desc, batch 32, same goroutine",
 			Params:  map[string]any{"kind": "device, same goroutine", "descs": 1, "batch": 32},
-			Metrics: []Metric{{"ns_per_chain", 10, "ns/chain"}, {"mpps", 100, "Mpps"}}},
-		{Suite: "peers", Name: "ratio vdpakit / kernel", Metrics: []Metric{{"ratio", 1.5, "x"}}, Note: "same cores"},
+			Metrics: []Metric{{Name: "ns_per_chain", Value: 10, Unit: "ns/chain"}, {Name: "mpps", Value: 100, Unit: "Mpps"}}},
+		{Suite: "peers", Name: "ratio vdpakit / kernel", Metrics: []Metric{{Name: "ratio", Value: 1.5, Unit: "x"}}, Note: "same cores"},
 		{Suite: "peers", Name: "testpmd | odd", Skipped: true, Reason: "dpdk-testpmd not installed"},
-		{Suite: "migrate", Name: "pre-copy", Metrics: []Metric{{"downtime", 3.2, "ms"}, {"rounds", 2, ""}}},
+		{Suite: "migrate", Name: "pre-copy", Metrics: []Metric{{Name: "downtime", Value: 3.2, Unit: "ms"}, {Name: "rounds", Value: 2, Unit: ""}}},
 	}
 }
 
@@ -227,7 +235,7 @@ func TestReportJSONShape(t *testing.T) {
 func TestParseArgs(t *testing.T) {
 	cfg, err := parseArgs([]string{"all", "-short", "-json", "/tmp/x.json"}, io.Discard)
 	require.NoError(t, err)
-	assert.Equal(t, []string{"rings", "dirty", "migrate", "peers"}, cfg.Suites)
+	assert.Equal(t, []string{"rings", "dirty", "migrate", "peers", "scale"}, cfg.Suites)
 	assert.True(t, cfg.Short)
 	assert.Equal(t, "/tmp/x.json", cfg.JSONPath)
 	assert.Equal(t, 40*time.Millisecond, cfg.duration, "-short shortens the default duration")
@@ -241,9 +249,14 @@ func TestParseArgs(t *testing.T) {
 
 	cfg, err = parseArgs(nil, io.Discard)
 	require.NoError(t, err)
-	assert.Equal(t, []string{"rings", "dirty", "migrate", "peers"}, cfg.Suites, "no subcommand means all")
+	assert.Equal(t, []string{"rings", "dirty", "migrate", "peers", "scale"}, cfg.Suites, "no subcommand means all")
 	assert.Equal(t, []uint64{1 << 30, 16 << 30, 256 << 30, 1 << 40}, cfg.scanSizes)
 	assert.Equal(t, []int{1, 8, 32}, cfg.Batches)
+	assert.Equal(t, 5, cfg.PeerRounds, "at least 5 interleaved rounds by default")
+	assert.Equal(t, []int{1, 2}, cfg.QueuePairs)
+	assert.Equal(t, []int{1, 64, 1024, 4096}, cfg.scaleDevices)
+	assert.Equal(t, []int{1, 64, 512, 2048}, cfg.scaleSessions)
+	assert.Equal(t, 256, cfg.ScaleRxSlots)
 
 	cfg, err = parseArgs([]string{"peers", "-peers", ""}, io.Discard)
 	require.NoError(t, err)
@@ -252,6 +265,8 @@ func TestParseArgs(t *testing.T) {
 	for _, bad := range [][]string{
 		{"bogus"}, {"-ring-size", "300"}, {"-batches", "0"}, {"-batches", "512"}, {"-peers", "qemu"},
 		{"-scan-sizes", "1XB"}, {"-dirty-rates", "-5"}, {"-duration", "0s"}, {"-peer-rounds", "0"},
+		{"-queue-pairs", "0"}, {"-queue-pairs", "9"},
+		{"-scale-devices", "0"}, {"-scale-sessions", "40000"}, {"-scale-pairs", "x"}, {"-scale-rx-buffers", "0"},
 	} {
 		_, err := parseArgs(bad, io.Discard)
 		assert.Error(t, err, "%q", bad)
@@ -260,9 +275,9 @@ func TestParseArgs(t *testing.T) {
 
 func TestBuildCharts(t *testing.T) {
 	rs := append(sampleResults(),
-		Result{Suite: "dirty", Name: "h", Params: map[string]any{"guest_bytes": uint64(1 << 40), "dirty_fraction": 0.01}, Metrics: []Metric{{"ms", 2.5, "ms/scan"}}},
-		Result{Suite: "dirty", Name: "h", Params: map[string]any{"guest_bytes": float64(1 << 30), "dirty_fraction": 0.01}, Metrics: []Metric{{"ms", 0.01, "ms/scan"}}},
-		Result{Suite: "migrate", Name: "m", Params: map[string]any{"dirty_rate_mibs": 64.0, "mode": "relay", "guest_size": "1GiB"}, Metrics: []Metric{{"downtime", 4, "ms"}}},
+		Result{Suite: "dirty", Name: "h", Params: map[string]any{"guest_bytes": uint64(1 << 40), "dirty_fraction": 0.01}, Metrics: []Metric{{Name: "ms", Value: 2.5, Unit: "ms/scan"}}},
+		Result{Suite: "dirty", Name: "h", Params: map[string]any{"guest_bytes": float64(1 << 30), "dirty_fraction": 0.01}, Metrics: []Metric{{Name: "ms", Value: 0.01, Unit: "ms/scan"}}},
+		Result{Suite: "migrate", Name: "m", Params: map[string]any{"dirty_rate_mibs": 64.0, "mode": "relay", "guest_size": "1GiB"}, Metrics: []Metric{{Name: "downtime", Value: 4, Unit: "ms"}}},
 		Result{Suite: "rings", Name: "skipped", Skipped: true, Params: map[string]any{"kind": "x", "descs": 1, "batch": 1}},
 	)
 	charts := buildCharts(rs)

@@ -9,6 +9,8 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"path/filepath"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"sync"
@@ -31,7 +33,10 @@ const vhostChildEnv = "VDPAKIT_BENCH_VHOST_CHILD"
 type vhostChildParams struct {
 	Sock     string `json:"sock"`
 	Loopback bool   `json:"loopback"`
-	CPU      int    `json:"cpu"`
+	Queues   int    `json:"queues"`
+	// Profile, when set, is a file the child writes its CPU profile to.
+	Profile string `json:"profile,omitempty"`
+	CPU     int    `json:"cpu"`
 }
 
 type vhostChildStats struct {
@@ -87,6 +92,17 @@ func vhostChildMain() int {
 	if err := pinProcess(p.CPU); err != nil {
 		return fail(err)
 	}
+	if p.Profile != "" {
+		f, err := os.Create(p.Profile)
+		if err != nil {
+			return fail(err)
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return fail(err)
+		}
+		defer pprof.StopCPUProfile()
+	}
 	// The sink copies every frame out of guest memory, as testpmd's rxonly
 	// receives each one into an mbuf; loopback replies straight from the
 	// transmit buffer into a receive buffer (one copy; DPDK's io forward
@@ -96,7 +112,13 @@ func vhostChildMain() int {
 	if p.Loopback {
 		handler = softnet.Loopback
 	}
-	dev, err := softnet.New(&softnet.Options{Handler: handler, Mode: softnet.ModePoll, MaxQueueSize: 1024})
+	// FrontendCtrl: testpmd's virtio-user runs the control queue itself
+	// and enables the queue pairs it uses, as for DPDK's net_vhost.
+	// PollNoSleep: the back-end has CPU H to itself and polls it
+	// continuously, as net_vhost's forwarding lcore does; sleeping when
+	// idle lets the front-end fill the ring meanwhile.
+	dev, err := softnet.New(&softnet.Options{Handler: handler, Mode: softnet.ModePoll, PollNoSleep: true, MaxQueueSize: 1024,
+		MaxQueuePairs: uint16(max(1, p.Queues)), FrontendCtrl: true})
 	if err != nil {
 		return fail(err)
 	}
@@ -120,20 +142,24 @@ func vhostChildMain() int {
 // libVhost runs the library's back-end (vdpa/vhostuser serving
 // vdpa/softnet) in a pinned child process.
 type libVhost struct {
-	self   string
-	cmd    *exec.Cmd
-	mu     sync.Mutex
-	stdout strings.Builder
-	stderr strings.Builder
-	done   chan error
+	self string
+	// profileDir, when set, receives a CPU profile of every run
+	// (vhost-<n>.pprof, n counting runs).
+	profileDir string
+	runs       int
+	cmd        *exec.Cmd
+	mu         sync.Mutex
+	stdout     strings.Builder
+	stderr     strings.Builder
+	done       chan error
 }
 
-func newLibVhost() (vhostBackend, error) {
+func newLibVhost(profileDir string) (*libVhost, error) {
 	self, err := os.Executable()
 	if err != nil {
 		return nil, err
 	}
-	return &libVhost{self: self}, nil
+	return &libVhost{self: self, profileDir: profileDir}, nil
 }
 
 func (l *libVhost) Name() string { return "vdpakit vhost-user" }
@@ -149,8 +175,19 @@ func (w lockedWriter) Write(p []byte) (int, error) {
 	return w.b.Write(p)
 }
 
-func (l *libVhost) Start(ctx context.Context, sock string, loopback bool, cpu int) error {
-	params, err := json.Marshal(vhostChildParams{Sock: sock, Loopback: loopback, CPU: cpu})
+func (l *libVhost) Pid() int { return l.cmd.Process.Pid }
+
+func (l *libVhost) Start(ctx context.Context, sock string, loopback bool, queues, cpu int) error {
+	l.runs++
+	cp := vhostChildParams{Sock: sock, Loopback: loopback, Queues: queues, CPU: cpu}
+	if l.profileDir != "" {
+		mode := "txonly"
+		if loopback {
+			mode = "loopback"
+		}
+		cp.Profile = filepath.Join(l.profileDir, fmt.Sprintf("vhost-%s-%dq-%d.pprof", mode, queues, l.runs))
+	}
+	params, err := json.Marshal(cp)
 	if err != nil {
 		return err
 	}
@@ -161,7 +198,7 @@ func (l *libVhost) Start(ctx context.Context, sock string, loopback bool, cpu in
 	l.cmd.Stdout = lockedWriter{&l.mu, &l.stdout}
 	l.cmd.Stderr = lockedWriter{&l.mu, &l.stderr}
 	l.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := l.cmd.Start(); err != nil {
+	if err := startPinned(l.cmd, cpu); err != nil {
 		return err
 	}
 	l.done = make(chan error, 1)

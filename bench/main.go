@@ -46,21 +46,29 @@ type Config struct {
 	HostCPU        int      `json:"host_cpu"`
 	GuestCPU       int      `json:"guest_cpu"`
 	PeerRounds     int      `json:"peer_rounds"`
+	QueuePairs     []int    `json:"queue_pairs"`
+	ScaleDevices   []int    `json:"scale_devices"`
+	ScaleSessions  []int    `json:"scale_sessions"`
+	ScalePairs     []int    `json:"scale_pairs"`
+	ScaleRxSlots   int      `json:"scale_rx_buffers"`
 	CacheDir       string   `json:"cache_dir"`
 	JSONPath       string   `json:"-"`
 	PlotDir        string   `json:"-"`
 	MarkdownPath   string   `json:"-"`
+	ProfileDir     string   `json:"-"`
 
 	duration  time.Duration
 	scanSizes []uint64
 	guestSize []uint64
 	rates     []float64 // MiB/s
 	downtime  time.Duration
+
+	scaleDevices, scaleSessions, scalePairs []int
 }
 
-var suites = []string{"rings", "dirty", "migrate", "peers"}
+var suites = []string{"rings", "dirty", "migrate", "peers", "scale"}
 
-const usage = `usage: bench [all|rings|dirty|migrate|peers ...] [flags]
+const usage = `usage: bench [all|rings|dirty|migrate|peers|scale ...] [flags]
 
 Subcommands select suites (default all):
   rings    vring device-side pop+push, driver-side add+reclaim; same goroutine,
@@ -69,6 +77,9 @@ Subcommands select suites (default all):
   migrate  pre-copy migration: downtime and total time against dirty rate and
            guest size, relay mode against device logging
   peers    the kernel's tools/virtio/ringtest and DPDK testpmd, as ratios
+  scale    per-device cost (time, goroutines, fds, memory, leaks after close)
+           of softnet devices and vhost-user sessions, 1 to thousands; frames/s
+           of one device across N queue pairs against one pair per core
 
 Flags:
 `
@@ -111,6 +122,11 @@ func run(args []string, stdout, stderr io.Writer) int {
 		if ctx.Err() != nil {
 			break
 		}
+		stopProf, err := startSuiteProfile(cfg.ProfileDir, s)
+		if err != nil {
+			fmt.Fprintln(stderr, "bench:", err)
+			return 1
+		}
 		switch s {
 		case "rings":
 			h.Rings(ctx)
@@ -120,7 +136,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 			h.Migrate(ctx)
 		case "peers":
 			h.Peers(ctx)
+		case "scale":
+			h.Scale(ctx)
 		}
+		stopProf()
 	}
 	prog.Done()
 	rep.Finished = time.Now().UTC()
@@ -216,11 +235,17 @@ func parseArgs(args []string, stderr io.Writer) (*Config, error) {
 	fs.DurationVar(&cfg.downtime, "downtime-target", 5*time.Millisecond, "pre-copy stops when the remaining pages fit in this downtime")
 	fs.IntVar(&cfg.HostCPU, "host-cpu", 0, "CPU for the device (host) side of cross-thread benchmarks")
 	fs.IntVar(&cfg.GuestCPU, "guest-cpu", min(1, runtime.NumCPU()-1), "CPU for the driver (guest) side of cross-thread benchmarks")
-	fs.IntVar(&cfg.PeerRounds, "peer-rounds", 2, "interleaved rounds of each peer comparison (median reported)")
+	fs.IntVar(&cfg.PeerRounds, "peer-rounds", 5, "interleaved rounds of each peer comparison (median and range reported)")
+	qps := fs.String("queue-pairs", "1,2", "queue pairs for the DPDK testpmd comparisons")
+	scaleDevs := fs.String("scale-devices", "1,64,1024,4096", "scale: softnet device counts")
+	scaleSess := fs.String("scale-sessions", "1,64,512,2048", "scale: vhost-user session counts")
+	scalePairs := fs.String("scale-pairs", "1,2,16,64,256", "scale: queue pair counts of the frames/s comparison")
+	fs.IntVar(&cfg.ScaleRxSlots, "scale-rx-buffers", 256, "scale: receive buffers (512 bytes) each pair's driver cycles through (1..256)")
 	fs.StringVar(&cfg.CacheDir, "cache", defCache, "cache for the linux-source package and the built ringtest ($VDPAKIT_CACHE)")
 	fs.StringVar(&cfg.JSONPath, "json", "", "write all results and the machine description to this JSON file")
 	fs.StringVar(&cfg.PlotDir, "plot", "", "write charts (SVG and PNG) into this directory")
 	fs.StringVar(&cfg.MarkdownPath, "markdown", "", "write the summary table as Markdown to this file")
+	fs.StringVar(&cfg.ProfileDir, "profile", "", "write CPU profiles into this directory: one per suite of this process (SUITE.pprof) and one per run of the vhost-user back-end child")
 
 	var pos []string
 	rest := args
@@ -238,10 +263,10 @@ func parseArgs(args []string, stderr io.Writer) (*Config, error) {
 		switch p {
 		case "all":
 			cfg.Suites = append(cfg.Suites, suites...)
-		case "rings", "dirty", "migrate", "peers":
+		case "rings", "dirty", "migrate", "peers", "scale":
 			cfg.Suites = append(cfg.Suites, p)
 		default:
-			return nil, fmt.Errorf("unknown subcommand %q (want all, rings, dirty, migrate or peers)", p)
+			return nil, fmt.Errorf("unknown subcommand %q (want all, rings, dirty, migrate, peers or scale)", p)
 		}
 	}
 	if len(cfg.Suites) == 0 {
@@ -270,6 +295,18 @@ func parseArgs(args []string, stderr io.Writer) (*Config, error) {
 		if !set["batches"] {
 			*batches = "1,32"
 		}
+		if !set["queue-pairs"] {
+			*qps = "1"
+		}
+		if !set["scale-devices"] {
+			*scaleDevs = "1,64"
+		}
+		if !set["scale-sessions"] {
+			*scaleSess = "1,16"
+		}
+		if !set["scale-pairs"] {
+			*scalePairs = "2,16"
+		}
 	}
 	if cfg.duration <= 0 {
 		return nil, fmt.Errorf("-duration must be positive")
@@ -293,6 +330,32 @@ func parseArgs(args []string, stderr io.Writer) (*Config, error) {
 		if b < 1 || b > cfg.RingSize {
 			return nil, fmt.Errorf("-batches: %d outside 1..ring size %d", b, cfg.RingSize)
 		}
+	}
+	if cfg.QueuePairs, err = parseInts(*qps); err != nil {
+		return nil, fmt.Errorf("-queue-pairs: %w", err)
+	}
+	for _, q := range cfg.QueuePairs {
+		if q < 1 || q > 8 {
+			return nil, fmt.Errorf("-queue-pairs: %d outside 1..8", q)
+		}
+	}
+	for _, sc := range []struct {
+		flag string
+		in   *string
+		out  *[]int
+	}{{"-scale-devices", scaleDevs, &cfg.ScaleDevices}, {"-scale-sessions", scaleSess, &cfg.ScaleSessions}, {"-scale-pairs", scalePairs, &cfg.ScalePairs}} {
+		if *sc.out, err = parseInts(*sc.in); err != nil {
+			return nil, fmt.Errorf("%s: %w", sc.flag, err)
+		}
+		for _, v := range *sc.out {
+			if v < 1 || v > 0x8000 {
+				return nil, fmt.Errorf("%s: %d outside 1..32768", sc.flag, v)
+			}
+		}
+	}
+	cfg.scaleDevices, cfg.scaleSessions, cfg.scalePairs = cfg.ScaleDevices, cfg.ScaleSessions, cfg.ScalePairs
+	if cfg.ScaleRxSlots < 1 || cfg.ScaleRxSlots > 256 {
+		return nil, fmt.Errorf("-scale-rx-buffers %d: want 1..256", cfg.ScaleRxSlots)
 	}
 	if cfg.scanSizes, cfg.ScanSizes, err = parseSizes(*scan); err != nil {
 		return nil, fmt.Errorf("-scan-sizes: %w", err)

@@ -351,7 +351,7 @@ func (h *Harness) Migrate(ctx context.Context) {
 		return
 	}
 	h.add(Result{Suite: suite, Name: "TCP loopback link (pre-copy planning bandwidth)", Params: map[string]any{"transfer": "256MiB"},
-		Metrics: []Metric{{"bandwidth", bw / 1e9, "GB/s"}}})
+		Metrics: []Metric{{Name: "bandwidth", Value: bw / 1e9, Unit: "GB/s"}}})
 	warm := 50 * time.Millisecond
 	modes := []mdev.DirtyMode{mdev.DirtyDeviceLog, mdev.DirtyRelay}
 	for _, size := range h.cfg.guestSize {
@@ -382,9 +382,9 @@ func (h *Harness) Migrate(ctx context.Context) {
 				p["frames_after_on_destination"] = res.framesAfter
 				p["downtime_breakdown"] = res.breakdown
 				h.add(Result{Suite: suite, Name: name, Params: p, Metrics: []Metric{
-					{"downtime", float64(res.downtime.Microseconds()) / 1e3, "ms"},
-					{"total", float64(res.total.Microseconds()) / 1e3, "ms"},
-					{"rounds", float64(res.rounds), ""},
+					{Name: "downtime", Value: float64(res.downtime.Microseconds()) / 1e3, Unit: "ms"},
+					{Name: "total", Value: float64(res.total.Microseconds()) / 1e3, Unit: "ms"},
+					{Name: "rounds", Value: float64(res.rounds), Unit: ""},
 				}})
 			}
 		}
@@ -419,9 +419,9 @@ func (h *Harness) Migrate(ctx context.Context) {
 	for _, x := range runs {
 		m := median(rates[x.name])
 		p := map[string]any{"mode": x.name, "rounds": rounds, "duration": d.String(), "queue_size": 256, "frame_bytes": "22-1021"}
-		ms := []Metric{{"mpps", m / 1e6, "Mpps"}}
+		ms := []Metric{{Name: "mpps", Value: m / 1e6, Unit: "Mpps"}}
 		if x.track {
-			ms = append(ms, Metric{"vs passthrough", ratio(m, base), "x"})
+			ms = append(ms, Metric{Name: "vs passthrough", Value: ratio(m, base), Unit: "x"})
 		}
 		h.add(Result{Suite: suite, Name: "guest traffic, " + x.name, Params: p, Metrics: ms})
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -42,12 +43,15 @@ func (h *Harness) peerTime() time.Duration {
 }
 
 // peerRingtest compares the library's cross-thread split ring with the
-// kernel's tools/virtio/ringtest: the same CPUs, ring size, batch and number
-// of chains, rounds interleaved so that load from other processes on a
-// shared machine hits both alike; the median of the rounds is reported.
+// kernel's tools/virtio/ringtest: the same CPUs, ring size and number of
+// chains, in interleaved rounds (kernel, library, kernel, library, ...) so
+// that load from other processes on a shared machine hits both alike. Each
+// comparison reports the median and range of both sides and of the
+// per-round ratio, and says when it is inconclusive (see Compare).
 func (h *Harness) peerRingtest(ctx context.Context) {
 	const suite = "peers"
-	base := map[string]any{"ring_size": h.cfg.RingSize, "host_cpu": h.cfg.HostCPU, "guest_cpu": h.cfg.GuestCPU}
+	base := map[string]any{"ring_size": h.cfg.RingSize, "host_cpu": h.cfg.HostCPU, "guest_cpu": h.cfg.GuestCPU,
+		"pinning": fmt.Sprintf("device/host thread on CPU %d, driver/guest thread on CPU %d, both sides", h.cfg.HostCPU, h.cfg.GuestCPU)}
 	h.prog.Step("peers: preparing the kernel's tools/virtio/ringtest")
 	dir, err := ensureRingtest(ctx, h.cfg.CacheDir, h.prog)
 	if err != nil {
@@ -70,41 +74,46 @@ func (h *Harness) peerRingtest(ctx context.Context) {
 	n = max(50000, min(n, 50_000_000))
 	args.RunCycles = n
 
-	batches := []int{1}
-	if mb := maxInt(h.cfg.Batches); mb > 1 {
-		batches = append(batches, mb)
-	}
+	// Each kernel program is paired with the library run it is compared
+	// with: virtio_ring_0_9 (the virtio layout, one buffer published at a
+	// time) with the library publishing per chain, and ring (no virtio
+	// layout: the cross-core limit) with the library batching.
+	batchN := max(1, maxInt(h.cfg.Batches))
+	pairs := []struct {
+		prog  string
+		batch int
+	}{{"virtio_ring_0_9", 1}, {"ring", batchN}}
 	kernel := map[string][]float64{}
 	lib := map[int][]float64{}
 	var libErr error
 	for r := 0; r < h.cfg.PeerRounds && ctx.Err() == nil; r++ {
-		for _, p := range ringtestPrograms {
-			h.prog.Step("peers: round %d/%d kernel ringtest %s, %d chains", r+1, h.cfg.PeerRounds, p, n)
-			el, err := runRingtest(ctx, filepath.Join(dir, p), args)
+		for _, pr := range pairs {
+			h.prog.Step("peers: round %d/%d kernel ringtest %s, %d chains", r+1, h.cfg.PeerRounds, pr.prog, n)
+			el, err := runRingtest(ctx, filepath.Join(dir, pr.prog), args)
 			if err != nil {
-				h.fail(suite, "kernel ringtest "+p, base, err)
+				h.fail(suite, "kernel ringtest "+pr.prog, base, err)
 				return
 			}
-			kernel[p] = append(kernel[p], mppsOf(n, el))
-		}
-		if libErr != nil {
-			continue
-		}
-		for _, b := range batches {
-			h.prog.Step("peers: round %d/%d vdpakit cross-thread batch %d, %d chains", r+1, h.cfg.PeerRounds, b, n)
-			el, err := libCrossThread(ctx, crossOptions{
-				RingSize: h.cfg.RingSize, Descs: 1, Batch: b, Chains: n,
+			kernel[pr.prog] = append(kernel[pr.prog], mppsOf(n, el))
+			if libErr != nil {
+				continue
+			}
+			h.prog.Step("peers: round %d/%d vdpakit cross-thread batch %d, %d chains", r+1, h.cfg.PeerRounds, pr.batch, n)
+			el, err = libCrossThread(ctx, crossOptions{
+				RingSize: h.cfg.RingSize, Descs: 1, Batch: pr.batch, Chains: n,
 				HostCPU: h.cfg.HostCPU, GuestCPU: h.cfg.GuestCPU,
 			})
 			if err != nil {
 				libErr = err
-				break
+				continue
 			}
-			lib[b] = append(lib[b], mppsOf(n, el))
+			// Round r of the kernel program and of its library partner
+			// are sample r of each side: one pair per round.
+			lib[pr.batch] = append(lib[pr.batch], mppsOf(n, el))
 		}
 	}
 	params := func(extra map[string]any) map[string]any {
-		p := map[string]any{"run_cycles": n, "rounds": len(kernel["virtio_ring_0_9"])}
+		p := map[string]any{"run_cycles": n}
 		for k, v := range base {
 			p[k] = v
 		}
@@ -113,30 +122,54 @@ func (h *Harness) peerRingtest(ctx context.Context) {
 		}
 		return p
 	}
-	for _, p := range ringtestPrograms {
-		m := median(kernel[p])
-		h.add(Result{Suite: suite, Name: "kernel ringtest " + p, Params: params(map[string]any{"batch": 1, "program": p, "samples_mpps": kernel[p]}),
-			Metrics: []Metric{{"mpps", m, "Mpps"}, {"ns_per_chain", 1e3 / m, "ns/chain"}},
+	for _, pr := range pairs {
+		ks := spreadOf(kernel[pr.prog])
+		h.add(Result{Suite: suite, Name: "kernel ringtest " + pr.prog,
+			Params:  params(map[string]any{"batch": 1, "program": pr.prog, "samples_mpps": kernel[pr.prog]}),
+			Metrics: []Metric{spreadMetric("mpps", "Mpps", ks)},
 			Note:    "C, busy-polling, one thread per CPU"})
-	}
-	for _, b := range batches {
-		name := fmt.Sprintf("vdpakit cross-thread, batch %d", b)
+		name := fmt.Sprintf("vdpakit cross-thread, batch %d", pr.batch)
 		if libErr != nil {
-			h.skip(suite, name, params(map[string]any{"batch": b}), libErr.Error())
+			h.skip(suite, name, params(map[string]any{"batch": pr.batch}), libErr.Error())
 			continue
 		}
-		m := median(lib[b])
-		h.add(Result{Suite: suite, Name: name, Params: params(map[string]any{"batch": b, "descs": 1, "samples_mpps": lib[b]}),
-			Metrics: []Metric{{"mpps", m, "Mpps"}, {"ns_per_chain", 1e3 / m, "ns/chain"}}})
-		for _, p := range ringtestPrograms {
-			note := ""
-			if b > 1 {
-				note = "ringtest publishes each buffer; vdpakit batches"
-			}
-			h.add(Result{Suite: suite, Name: fmt.Sprintf("ratio vdpakit(batch %d) / kernel %s", b, p), Params: params(map[string]any{"batch": b}),
-				Metrics: []Metric{{"ratio", ratio(m, median(kernel[p])), "x"}}, Note: note})
+		c := Compare(lib[pr.batch], kernel[pr.prog])
+		h.add(Result{Suite: suite, Name: name, Params: params(map[string]any{"batch": pr.batch, "descs": 1, "samples_mpps": lib[pr.batch]}),
+			Metrics: []Metric{spreadMetric("mpps", "Mpps", c.A)}})
+		note := ""
+		if pr.batch > 1 {
+			note = "ringtest publishes each buffer; vdpakit batches"
 		}
+		h.addComparison(suite, fmt.Sprintf("ratio vdpakit(batch %d) / kernel %s", pr.batch, pr.prog), params(map[string]any{"batch": pr.batch}), c, note)
 	}
+}
+
+// addComparison records the per-round ratio of a comparison, with its
+// range and verdict.
+func (h *Harness) addComparison(suite, name string, params map[string]any, c Comparison, note string) {
+	p := copyParams(params)
+	p["verdict"] = c.Verdict()
+	p["inconclusive"] = c.Inconclusive
+	if c.Why != "" {
+		p["inconclusive_why"] = c.Why
+	}
+	p["round_pairs"] = c.Ratio.N
+	if !math.IsNaN(c.Overlap) {
+		p["range_overlap"] = c.Overlap
+		p["median_gap"] = c.Gap
+	}
+	if c.Ratio.N == 0 {
+		h.fail(suite, name, p, errors.New("no round produced both sides"))
+		return
+	}
+	v := "conclusive"
+	if c.Inconclusive {
+		v = "INCONCLUSIVE: " + c.Why
+	}
+	if note != "" {
+		v = note + "; " + v
+	}
+	h.add(Result{Suite: suite, Name: name, Params: p, Metrics: []Metric{spreadMetric("ratio", "x", c.Ratio)}, Note: v})
 }
 
 func maxInt(v []int) int {
@@ -151,10 +184,13 @@ func maxInt(v []int) int {
 // front-end connects to: DPDK's own net_vhost, or the library's.
 type vhostBackend interface {
 	Name() string
-	// Start listens on sock (server mode). loopback selects whether frames
-	// the front-end transmits come back on its receive queue (io forward)
-	// or are consumed and dropped (rxonly).
-	Start(ctx context.Context, sock string, loopback bool, cpu int) error
+	// Start listens on sock (server mode) with the given number of queue
+	// pairs, every thread of the back-end pinned to cpu. loopback selects
+	// whether frames the front-end transmits come back on its receive
+	// queue (io forward) or are consumed and dropped (rxonly).
+	Start(ctx context.Context, sock string, loopback bool, queues, cpu int) error
+	// Pid is the back-end's process id while it runs.
+	Pid() int
 	// Alive returns an error if the back-end has died.
 	Alive() error
 	// Stop ends the back-end and reports frames it received and sent.
@@ -172,7 +208,9 @@ type dpdkVhost struct {
 
 func (d *dpdkVhost) Name() string { return "DPDK net_vhost" }
 
-func (d *dpdkVhost) Start(ctx context.Context, sock string, loopback bool, cpu int) error {
+func (d *dpdkVhost) Pid() int { return d.p.cmd.Process.Pid }
+
+func (d *dpdkVhost) Start(ctx context.Context, sock string, loopback bool, queues, cpu int) error {
 	d.seq++
 	d.fwd = "rxonly"
 	if loopback {
@@ -181,8 +219,9 @@ func (d *dpdkVhost) Start(ctx context.Context, sock string, loopback bool, cpu i
 	p, err := startTestpmd(d.bin, TestpmdArgs{
 		CPU:        cpu,
 		FilePrefix: fmt.Sprintf("vdpakit-bench-%d-be%d", os.Getpid(), d.seq),
-		Vdev:       fmt.Sprintf("net_vhost0,iface=%s,queues=1", sock),
+		Vdev:       fmt.Sprintf("net_vhost0,iface=%s,queues=%d", sock, queues),
 		Forward:    d.fwd,
+		Queues:     queues,
 	})
 	if err != nil {
 		return err
@@ -208,18 +247,41 @@ func (d *dpdkVhost) Stop() (uint64, uint64, error) {
 	return st.FwdRx, st.FwdTx, nil
 }
 
+// scenario is one testpmd virtio-user run: the mode and the number of
+// queue pairs.
+type scenario struct {
+	loopback bool
+	queues   int
+}
+
+func (sc scenario) mode() string {
+	if sc.loopback {
+		return "macswap loopback"
+	}
+	return "txonly"
+}
+
+// scenarioRun is what one run measured: the front-end's steady rate and
+// where the threads of both processes were allowed to run.
+type scenarioRun struct {
+	mpps              float64
+	frontPin, backPin string
+}
+
 // dpdkScenario runs testpmd's virtio-user front-end against a back-end for
 // runFor and returns the front-end's steady rate in Mpps: transmit rate in
-// txonly mode, receive rate in macswap loopback mode.
-func dpdkScenario(ctx context.Context, bin string, be vhostBackend, loopback bool, runFor time.Duration, hostCPU, guestCPU int, seq int) (float64, error) {
+// txonly mode, receive rate in macswap loopback mode. The back-end is
+// pinned (every thread) to hostCPU, the front-end to guestCPU.
+func dpdkScenario(ctx context.Context, bin string, be vhostBackend, sc scenario, runFor time.Duration, hostCPU, guestCPU int, seq int) (scenarioRun, error) {
+	var run scenarioRun
 	dir, err := os.MkdirTemp("", "vdpakit-bench-vu-")
 	if err != nil {
-		return 0, err
+		return run, err
 	}
 	defer os.RemoveAll(dir)
 	sock := filepath.Join(dir, "vhost.sock")
-	if err := be.Start(ctx, sock, loopback, hostCPU); err != nil {
-		return 0, fmt.Errorf("%s: %w", be.Name(), err)
+	if err := be.Start(ctx, sock, sc.loopback, sc.queues, hostCPU); err != nil {
+		return run, fmt.Errorf("%s: %w", be.Name(), err)
 	}
 	beStopped := false
 	defer func() {
@@ -228,44 +290,62 @@ func dpdkScenario(ctx context.Context, bin string, be vhostBackend, loopback boo
 		}
 	}()
 	if err := waitForSocket(ctx, sock, 15*time.Second, be.Alive); err != nil {
-		return 0, fmt.Errorf("%s: %w", be.Name(), err)
+		return run, fmt.Errorf("%s: %w", be.Name(), err)
 	}
 	fa := TestpmdArgs{
 		CPU:        guestCPU,
 		FilePrefix: fmt.Sprintf("vdpakit-bench-%d-fe%d", os.Getpid(), seq),
-		Vdev:       fmt.Sprintf("net_virtio_user0,path=%s,queues=1", sock),
+		Vdev:       fmt.Sprintf("net_virtio_user0,path=%s,queues=%d", sock, sc.queues),
 		Forward:    "txonly",
+		Queues:     sc.queues,
 	}
-	if loopback {
+	if sc.loopback {
 		fa.Forward, fa.TxFirst = "macswap", true
 	}
 	fe, err := startTestpmd(bin, fa)
 	if err != nil {
-		return 0, err
+		return run, err
 	}
-	select {
-	case <-ctx.Done():
-	case <-time.After(runFor):
-	case <-fe.done:
-		fe.done <- nil
+	// Record where every thread may run once both sides are up (half-way
+	// through the run): the pinning is printed with the result.
+	half := time.After(runFor / 2)
+	end := time.After(runFor)
+wait:
+	for {
+		select {
+		case <-ctx.Done():
+			break wait
+		case <-half:
+			if m, err := cpusAllowed(fe.cmd.Process.Pid); err == nil {
+				run.frontPin = pinSummary(m)
+			}
+			if m, err := cpusAllowed(be.Pid()); err == nil {
+				run.backPin = pinSummary(m)
+			}
+		case <-end:
+			break wait
+		case err := <-fe.done:
+			fe.done <- err
+			break wait
+		}
 	}
 	early, _ := fe.exited()
 	out := fe.stop(10 * time.Second)
 	beStopped = true
 	rx, tx, beErr := be.Stop()
 	if ctx.Err() != nil {
-		return 0, ctx.Err()
+		return run, ctx.Err()
 	}
 	if early {
-		return 0, fmt.Errorf("testpmd virtio-user exited early: %s", tailLines(out, 8))
+		return run, fmt.Errorf("testpmd virtio-user exited early: %s", tailLines(out, 8))
 	}
 	st := ParseTestpmd(out)
 	samples := st.TxPPS
-	if loopback {
+	if sc.loopback {
 		samples = st.RxPPS
 	}
 	if beErr != nil {
-		return 0, fmt.Errorf("%s: %w", be.Name(), beErr)
+		return run, fmt.Errorf("%s: %w", be.Name(), beErr)
 	}
 	rate := SteadyRate(samples)
 	if rate == 0 {
@@ -273,19 +353,22 @@ func dpdkScenario(ctx context.Context, bin string, be vhostBackend, loopback boo
 		// fall back to the front-end's total over the whole run, a lower
 		// bound.
 		total := st.FwdTx
-		if loopback {
+		if sc.loopback {
 			total = st.FwdRx
 		}
 		rate = float64(total) / runFor.Seconds()
 	}
 	if rate == 0 {
-		return 0, fmt.Errorf("no traffic against %s (back-end rx %d tx %d): %s", be.Name(), rx, tx, tailLines(out, 8))
+		return run, fmt.Errorf("no traffic against %s (back-end rx %d tx %d): %s", be.Name(), rx, tx, tailLines(out, 8))
 	}
-	return rate / 1e6, nil
+	run.mpps = rate / 1e6
+	return run, nil
 }
 
 // peerDPDK measures testpmd's virtio-user against DPDK's net_vhost and
-// against the library's vhost-user back-end, interleaved round by round.
+// against the library's vhost-user back-end, interleaved: in every round,
+// for every mode and queue-pair count, net_vhost and then vdpakit, with the
+// same pinning and duration.
 func (h *Harness) peerDPDK(ctx context.Context) {
 	const suite = "peers"
 	bin, err := exec.LookPath("dpdk-testpmd")
@@ -297,72 +380,91 @@ func (h *Harness) peerDPDK(ctx context.Context) {
 	if !h.cfg.Short {
 		runFor = max(3500*time.Millisecond, 12*h.cfg.duration)
 	}
-	backends := []vhostBackend{&dpdkVhost{bin: bin}}
-	lib, libErr := newLibVhost()
-	if libErr == nil {
-		backends = append(backends, lib)
+	dpdk := &dpdkVhost{bin: bin}
+	lib, libErr := newLibVhost(h.cfg.ProfileDir)
+	var scenarios []scenario
+	for _, q := range h.cfg.QueuePairs {
+		scenarios = append(scenarios, scenario{false, q}, scenario{true, q})
 	}
-	modes := []struct {
-		name     string
-		loopback bool
-	}{{"txonly", false}, {"macswap loopback", true}}
+	key := func(sc scenario, be vhostBackend) string {
+		return fmt.Sprintf("%s|%d|%s", sc.mode(), sc.queues, be.Name())
+	}
+	// rates[key] has one entry per round (NaN when that run failed), so
+	// index r of both back-ends is round r.
 	rates := map[string][]float64{}
+	pins := map[string]scenarioRun{}
 	failed := map[string]error{}
 	seq := 0
 	for r := 0; r < h.cfg.PeerRounds && ctx.Err() == nil; r++ {
-		for _, m := range modes {
-			for _, be := range backends {
-				key := m.name + "|" + be.Name()
-				if failed[key] != nil {
+		for _, sc := range scenarios {
+			bes := []vhostBackend{dpdk}
+			if libErr == nil {
+				bes = append(bes, lib)
+			}
+			for _, be := range bes {
+				k := key(sc, be)
+				if failed[k] != nil {
+					rates[k] = append(rates[k], math.NaN())
 					continue
 				}
 				seq++
-				h.prog.Step("peers: round %d/%d testpmd virtio-user %s against %s (%v)", r+1, h.cfg.PeerRounds, m.name, be.Name(), runFor)
-				v, err := dpdkScenario(ctx, bin, be, m.loopback, runFor, h.cfg.HostCPU, h.cfg.GuestCPU, seq)
+				h.prog.Step("peers: round %d/%d testpmd virtio-user %s, %d queue pair(s), against %s (%v)", r+1, h.cfg.PeerRounds, sc.mode(), sc.queues, be.Name(), runFor)
+				run, err := dpdkScenario(ctx, bin, be, sc, runFor, h.cfg.HostCPU, h.cfg.GuestCPU, seq)
 				if err != nil {
-					failed[key] = err
+					failed[k] = err
+					rates[k] = append(rates[k], math.NaN())
 					continue
 				}
-				rates[key] = append(rates[key], v)
+				rates[k] = append(rates[k], run.mpps)
+				pins[k] = run
 			}
 		}
 	}
-	for _, m := range modes {
-		params := map[string]any{"mode": m.name, "run_for": runFor.String(), "frontend_cpu": h.cfg.GuestCPU, "backend_cpu": h.cfg.HostCPU, "frame_bytes": 64, "queues": 1}
-		var dpdkRate float64
-		for i, be := range append(backends, nil) {
-			var name string
-			if be == nil {
-				if libErr == nil {
-					continue
-				}
-				name = "vdpakit vhost-user"
-				h.skip(suite, "testpmd "+m.name+" vs "+name, params, libErr.Error())
-				continue
-			}
-			name = be.Name()
-			key := m.name + "|" + name
+	for _, sc := range scenarios {
+		params := map[string]any{"mode": sc.mode(), "queues": sc.queues, "run_for": runFor.String(),
+			"frontend_cpu": h.cfg.GuestCPU, "backend_cpu": h.cfg.HostCPU, "frame_bytes": 64}
+		label := fmt.Sprintf("testpmd %s, %dq", sc.mode(), sc.queues)
+		one := func(be vhostBackend) (Spread, bool) {
+			k := key(sc, be)
 			p := copyParams(params)
-			p["backend"] = name
-			p["rounds"] = len(rates[key])
-			if err := failed[key]; err != nil {
-				if errors.Is(err, context.Canceled) {
-					continue
-				}
-				h.fail(suite, "testpmd "+m.name+" vs "+name, p, err)
-				continue
+			p["backend"] = be.Name()
+			p["samples_mpps"] = finite(rates[k])
+			if run, ok := pins[k]; ok {
+				p["pinning"] = fmt.Sprintf("front-end testpmd: %s; back-end: %s", run.frontPin, run.backPin)
 			}
-			v := median(rates[key])
-			p["samples_mpps"] = rates[key]
-			h.add(Result{Suite: suite, Name: "testpmd " + m.name + " vs " + name, Params: p, Metrics: []Metric{{"mpps", v, "Mpps"}}})
-			if i == 0 {
-				dpdkRate = v
-			} else if dpdkRate > 0 {
-				h.add(Result{Suite: suite, Name: "ratio " + m.name + ": " + name + " / DPDK net_vhost", Params: p,
-					Metrics: []Metric{{"ratio", ratio(v, dpdkRate), "x"}}})
+			if err := failed[k]; err != nil && !errors.Is(err, context.Canceled) {
+				h.fail(suite, label+" vs "+be.Name(), p, err)
+				return Spread{}, false
 			}
+			s := spreadOf(rates[k])
+			if s.N == 0 {
+				return s, false
+			}
+			h.add(Result{Suite: suite, Name: label + " vs " + be.Name(), Params: p, Metrics: []Metric{spreadMetric("mpps", "Mpps", s)}})
+			return s, true
+		}
+		_, dpdkOK := one(dpdk)
+		if libErr != nil {
+			h.skip(suite, label+" vs vdpakit vhost-user", params, libErr.Error())
+			continue
+		}
+		if _, ok := one(lib); ok && dpdkOK {
+			c := Compare(rates[key(sc, lib)], rates[key(sc, dpdk)])
+			h.addComparison(suite, "ratio "+label+": vdpakit / DPDK net_vhost", params, c, "")
 		}
 	}
+}
+
+// finite returns v without its NaN entries (rounds that did not run), for
+// the JSON report.
+func finite(v []float64) []float64 {
+	out := make([]float64, 0, len(v))
+	for _, x := range v {
+		if !math.IsNaN(x) {
+			out = append(out, x)
+		}
+	}
+	return out
 }
 
 func copyParams(p map[string]any) map[string]any {

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strconv"
+	"strings"
 
 	"gonum.org/v1/plot"
 	"gonum.org/v1/plot/plotter"
@@ -183,5 +184,103 @@ func WritePlots(dir string, results []Result) ([]string, error) {
 			files = append(files, f)
 		}
 	}
+	if rp := peerRatios(results); rp.Len() > 0 {
+		p, err := renderRatios(rp)
+		if err != nil {
+			return files, fmt.Errorf("peer_ratios: %w", err)
+		}
+		for _, ext := range []string{".svg", ".png"} {
+			f := filepath.Join(dir, "peer_ratios"+ext)
+			if err := p.Save(20*vg.Centimeter, 12*vg.Centimeter, f); err != nil {
+				return files, fmt.Errorf("%s: %w", f, err)
+			}
+			files = append(files, f)
+		}
+		// The numbers on the x axis name the comparisons in this list.
+		var legend strings.Builder
+		for i, n := range rp.names {
+			fmt.Fprintf(&legend, "%d. %s: %sx [%s–%s]\n", i+1, n, formatValue(rp.med[i]), formatValue(rp.lo[i]), formatValue(rp.hi[i]))
+		}
+		f := filepath.Join(dir, "peer_ratios.txt")
+		if err := os.WriteFile(f, []byte(legend.String()), 0o644); err != nil {
+			return files, err
+		}
+		files = append(files, f)
+	}
 	return files, nil
+}
+
+// ratioPoints are the per-round ratios of the peer comparisons, one point
+// per comparison at x = 1, 2, ...: the median with the min–max range as an
+// error bar.
+type ratioPoints struct {
+	names        []string
+	med, lo, hi  []float64
+	inconclusive []bool
+}
+
+func (r *ratioPoints) Len() int                    { return len(r.med) }
+func (r *ratioPoints) XY(i int) (float64, float64) { return float64(i + 1), r.med[i] }
+func (r *ratioPoints) YError(i int) (float64, float64) {
+	return r.med[i] - r.lo[i], r.hi[i] - r.med[i]
+}
+
+// peerRatios collects the ratio results of the peers suite.
+func peerRatios(results []Result) *ratioPoints {
+	rp := &ratioPoints{}
+	for _, r := range results {
+		if r.Skipped || r.Suite != "peers" {
+			continue
+		}
+		m, ok := r.Metric("ratio")
+		if !ok || m.N == 0 || math.IsNaN(m.Value) {
+			continue
+		}
+		inc, _ := r.Params["inconclusive"].(bool)
+		rp.names = append(rp.names, r.Name)
+		rp.med = append(rp.med, m.Value)
+		rp.lo = append(rp.lo, m.Min)
+		rp.hi = append(rp.hi, m.Max)
+		rp.inconclusive = append(rp.inconclusive, inc)
+	}
+	return rp
+}
+
+// renderRatios draws the peer comparisons: each ratio's median and the
+// range of its rounds, a line at 1.0 (parity), and the comparisons listed
+// below the x axis by number (inconclusive ones marked "?").
+func renderRatios(rp *ratioPoints) (*plot.Plot, error) {
+	p := plot.New()
+	p.Title.Text = "vdpakit / peer, per interleaved round: median and min–max"
+	p.Y.Label.Text = "ratio (x)"
+	p.X.Label.Text = "comparison (? = inconclusive)"
+	p.Add(plotter.NewGrid())
+	sc, err := plotter.NewScatter(rp)
+	if err != nil {
+		return nil, err
+	}
+	eb, err := plotter.NewYErrorBars(rp)
+	if err != nil {
+		return nil, err
+	}
+	parity, err := plotter.NewLine(plotter.XYs{{X: 0.5, Y: 1}, {X: float64(rp.Len()) + 0.5, Y: 1}})
+	if err != nil {
+		return nil, err
+	}
+	parity.Dashes = []vg.Length{vg.Points(4), vg.Points(3)}
+	p.Add(parity, eb, sc)
+	var ticks []plot.Tick
+	maxY := 1.0
+	for i := range rp.med {
+		l := strconv.Itoa(i + 1)
+		if rp.inconclusive[i] {
+			l += "?"
+		}
+		ticks = append(ticks, plot.Tick{Value: float64(i + 1), Label: l})
+		maxY = math.Max(maxY, rp.hi[i])
+	}
+	p.X.Tick.Marker = plot.ConstantTicks(ticks)
+	p.X.Min, p.X.Max = 0.5, float64(rp.Len())+0.5
+	p.Y.Min, p.Y.Max = 0, maxY*1.1
+	return p, nil
 }

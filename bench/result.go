@@ -18,10 +18,16 @@ import (
 
 // Metric is one measured quantity of a result, with its unit
 // ("ns/chain", "Mpps", "GB/s", "ms", "x" for ratios, ...).
+//
+// A metric taken over several rounds has N > 1: Value is then the median
+// of the rounds and Min and Max their range.
 type Metric struct {
 	Name  string  `json:"name"`
 	Value float64 `json:"value"`
 	Unit  string  `json:"unit"`
+	N     int     `json:"rounds,omitempty"`
+	Min   float64 `json:"min,omitempty"`
+	Max   float64 `json:"max,omitempty"`
 }
 
 // Result is one measurement: which suite and case it belongs to, the

@@ -43,10 +43,13 @@ func TestSameGoroutineLoopsRun(t *testing.T) {
 	ctx := context.Background()
 	for _, descs := range []int{1, 4} {
 		for _, batch := range []int{1, 8, 32} {
-			n, _, err := benchDevice(ctx, time.Millisecond, 64, descs, batch, nil)
+			t1, err := benchDevice(ctx, time.Millisecond, 64, descs, batch, nil)
+			n := t1.N
 			require.NoError(t, err, "device descs=%d batch=%d", descs, batch)
 			assert.Positive(t, n)
-			n, _, err = benchDriver(ctx, time.Millisecond, 64, descs, batch)
+			assert.Positive(t, t1.CPU, "the thread's CPU time is measured")
+			t2, err := benchDriver(ctx, time.Millisecond, 64, descs, batch)
+			n = t2.N
 			require.NoError(t, err, "driver descs=%d batch=%d", descs, batch)
 			assert.Positive(t, n)
 		}
@@ -59,7 +62,7 @@ func TestDeviceLoopLogs(t *testing.T) {
 	bm, err := dirty.New(ringMemSize, nil)
 	require.NoError(t, err)
 	defer bm.Close()
-	_, _, err = benchDevice(context.Background(), time.Millisecond, 64, 4, 8, bm)
+	_, err = benchDevice(context.Background(), time.Millisecond, 64, 4, 8, bm)
 	require.NoError(t, err)
 	assert.True(t, bm.PageDirty(ringBufBase/dirty.DefaultPageSize), "written buffers are logged")
 	assert.Positive(t, bm.Count())

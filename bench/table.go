@@ -41,6 +41,9 @@ func formatMetrics(ms []Metric) string {
 		default:
 			s += " " + m.Unit
 		}
+		if m.N > 1 {
+			s += " [" + formatValue(m.Min) + "–" + formatValue(m.Max) + "]"
+		}
 		if m.Name != "" && m.Name != m.Unit && !isDefaultMetricName(m.Name) {
 			s = m.Name + " " + s
 		}
@@ -53,7 +56,7 @@ func formatMetrics(ms []Metric) string {
 // and need not be printed in the table.
 func isDefaultMetricName(name string) bool {
 	switch name {
-	case "ns_per_chain", "ns_per_op", "mpps", "mops", "gbps", "ratio", "ms":
+	case "ns_per_chain", "ns_per_op", "mpps", "mops", "gbps", "ratio", "ms", "cpu":
 		return true
 	}
 	return false

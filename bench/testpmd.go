@@ -116,11 +116,12 @@ func (p *testpmdProc) output() []byte {
 // TestpmdArgs are the options of one testpmd instance: the invocation that
 // works without hugepages on these machines.
 type TestpmdArgs struct {
-	CPU        int    // both lcores (main and forwarding) on this CPU
+	CPU        int    // both lcores (main and forwarding), and every other thread, on this CPU
 	FilePrefix string // distinct per instance
 	Vdev       string
 	Forward    string // txonly, rxonly, io, macswap
 	TxFirst    bool
+	Queues     int // receive and transmit queues per port; 0 means 1
 }
 
 // Argv renders the EAL and application arguments.
@@ -138,6 +139,9 @@ func (a TestpmdArgs) Argv() []string {
 	if a.TxFirst {
 		argv = append(argv, "--tx-first")
 	}
+	if a.Queues > 1 {
+		argv = append(argv, fmt.Sprintf("--rxq=%d", a.Queues), fmt.Sprintf("--txq=%d", a.Queues))
+	}
 	return argv
 }
 
@@ -147,7 +151,7 @@ func startTestpmd(bin string, a TestpmdArgs) (*testpmdProc, error) {
 	p.cmd.Stdout = p
 	p.cmd.Stderr = p
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := p.cmd.Start(); err != nil {
+	if err := startPinned(p.cmd, a.CPU); err != nil {
 		return nil, err
 	}
 	go func() { p.done <- p.cmd.Wait() }()

@@ -167,3 +167,52 @@ func BenchmarkIterate1TiB1Percent(b *testing.B) {
 	}
 	_ = sink
 }
+
+// newSharedTouched is newTouched for a shared (memfd) log: every page of it
+// exists, so a scan reads one data run.
+func newSharedTouched(b *testing.B, span uint64) *dirty.Bitmap {
+	bm, err := dirty.New(span, &dirty.Options{Shared: true})
+	require.NoError(b, err)
+	b.Cleanup(func() { bm.Close() })
+	require.NoError(b, bm.Mark(0, span))
+	require.NoError(b, bm.Clear())
+	return bm
+}
+
+// BenchmarkHarvestCleanShared1TiB is BenchmarkHarvestClean1TiB for a shared
+// log whose every page was written once: the cost of asking the memfd for
+// its data runs (SEEK_DATA, SEEK_HOLE) on top of the scan.
+func BenchmarkHarvestCleanShared1TiB(b *testing.B) {
+	src, dst := newSharedTouched(b, tib), newTouched(b, tib)
+	b.ReportAllocs()
+	b.SetBytes(int64(src.Size()))
+	for b.Loop() {
+		n, err := src.Harvest(dst)
+		if err != nil || n != 0 {
+			b.Fatal(n, err)
+		}
+	}
+}
+
+// BenchmarkHarvestSparseShared1TiB harvests a clean shared 1 TiB log of
+// which every other page exists (a page of log written, then one never
+// written): the worst case for skipping holes, one data run per log page.
+func BenchmarkHarvestSparseShared1TiB(b *testing.B) {
+	src, err := dirty.New(tib, &dirty.Options{Shared: true})
+	require.NoError(b, err)
+	b.Cleanup(func() { src.Close() })
+	const logPage = 4096 * 8 * dirty.DefaultPageSize // guest bytes per page of log
+	for a := uint64(0); a < tib; a += 2 * logPage {
+		require.NoError(b, src.Mark(a, 1))
+	}
+	require.NoError(b, src.Clear())
+	dst := newTouched(b, tib)
+	b.ReportAllocs()
+	b.SetBytes(int64(src.Size()))
+	for b.Loop() {
+		n, err := src.Harvest(dst)
+		if err != nil || n != 0 {
+			b.Fatal(n, err)
+		}
+	}
+}

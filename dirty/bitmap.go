@@ -57,7 +57,10 @@ type Bitmap struct {
 	mapping  []byte // the whole mmap'd range to unmap on Close, or nil
 	fd       int    // memfd or dup of a peer's fd; -1 if none
 	fdOffset uint64 // offset of word 0 within fd
-	closed   bool
+	// sparse: the words are a mapping of fd, whose holes (file pages never
+	// written) scans skip rather than fault in (see dataWords).
+	sparse bool
+	closed bool
 }
 
 // geometry validates a page size and span and returns log2(page size), the
@@ -101,10 +104,29 @@ func spanFor(words uint64, shift uint) uint64 {
 	return pages << shift
 }
 
+// MemoryLimit returns the largest log New creates on this machine, in
+// bytes: a quarter of its physical memory (MaxSize where that cannot be
+// read, and never more than MaxSize). A log covers 32768 times its size of
+// guest memory with 4 KiB pages, so a quarter of 16 GiB is a log for 128
+// TiB of guest: a larger one is a mistake, and a private bitmap that size
+// would kill the process with a runtime out-of-memory error on first use.
+func MemoryLimit() uint64 {
+	if m := physMem(); m != 0 {
+		return min(m/4, MaxSize)
+	}
+	return MaxSize
+}
+
 // New returns a clean bitmap covering guest addresses [0, span). With
 // opts.Shared it lives in a memfd mapped MAP_SHARED (see Fd); otherwise in
 // ordinary memory. Its Size is the span's page count rounded up to whole
-// 64-page words, times 8 bytes.
+// 64-page words, times 8 bytes. A bitmap larger than MemoryLimit is
+// refused with a *SizeError matching ErrTooLarge.
+//
+// A shared bitmap takes memory only for the pages of its memfd that were
+// written (by Mark here or by a peer): the scans (Harvest, Count, Clear,
+// the iterators) skip the file's holes, so a large, sparsely written log
+// costs what is written, and harvesting a clean one reads nothing.
 func New(span uint64, opts *Options) (*Bitmap, error) {
 	var o Options
 	if opts != nil {
@@ -113,6 +135,9 @@ func New(span uint64, opts *Options) (*Bitmap, error) {
 	shift, pages, words, err := geometry(span, o.PageSize)
 	if err != nil {
 		return nil, err
+	}
+	if limit := MemoryLimit(); words*8 > limit {
+		return nil, &SizeError{Size: words * 8, Limit: limit}
 	}
 	b := &Bitmap{span: span, pages: pages, shift: shift, fd: -1}
 	if !o.Shared {
@@ -127,7 +152,7 @@ func New(span uint64, opts *Options) (*Bitmap, error) {
 	if err != nil {
 		return nil, err
 	}
-	b.mapping, b.fd = mapping, fd
+	b.mapping, b.fd, b.sparse = mapping, fd, true
 	b.words = bytesAsWords(mapping[:words*8])
 	return b, nil
 }
@@ -173,7 +198,8 @@ func Attach(mem []byte, span uint64, opts *Options) (*Bitmap, error) {
 // VHOST_USER_SET_LOG_BASE message describes it (fd, mmap_size, mmap_offset),
 // and returns a bitmap over it covering the largest span the log describes:
 // size/8 whole words, each 64 pages of opts.PageSize. Only opts.PageSize is
-// used.
+// used. As with a shared New, the scans skip the file's holes: harvesting
+// the log reads only pages someone wrote.
 //
 // The fd is duplicated: the caller keeps ownership of fd and may close it.
 // The bitmap's Fd returns the duplicate, which Close closes. When fd is a
@@ -208,7 +234,7 @@ func AttachFd(fd int, offset, size uint64, opts *Options) (*Bitmap, error) {
 	return &Bitmap{
 		words: bytesAsWords(view[:words*8]),
 		span:  span, pages: pages, shift: shift,
-		mapping: mapping, fd: dup, fdOffset: offset,
+		mapping: mapping, fd: dup, fdOffset: offset, sparse: true,
 	}, nil
 }
 

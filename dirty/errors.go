@@ -31,6 +31,10 @@ var (
 	// ErrUnsupported reports a shared (memfd) bitmap on a platform without
 	// memfd and mmap.
 	ErrUnsupported = errors.New("dirty: not supported on this platform")
+	// ErrTooLarge reports a bitmap New will not create: larger than
+	// MemoryLimit, a bound relative to the machine's memory. It is always
+	// returned inside a *SizeError.
+	ErrTooLarge = errors.New("dirty: log too large for this machine")
 	// ErrTracker reports misuse of a Tracker (invalid options, rounds after
 	// the final round, a round before Begin).
 	ErrTracker = errors.New("dirty: tracker")
@@ -59,6 +63,20 @@ func (e *RangeError) Error() string {
 func (e *RangeError) Is(target error) bool {
 	return target == ErrOutOfSpan || (target == ErrAddrOverflow && e.Wraps())
 }
+
+// SizeError describes a log New refused because it is larger than
+// MemoryLimit. It matches ErrTooLarge.
+type SizeError struct {
+	Size  uint64 // bytes of log the span needs
+	Limit uint64 // MemoryLimit when it was refused
+}
+
+func (e *SizeError) Error() string {
+	return fmt.Sprintf("dirty: %d bytes of log exceed this machine's limit of %d (MemoryLimit)", e.Size, e.Limit)
+}
+
+// Is makes errors.Is(err, ErrTooLarge) true.
+func (e *SizeError) Is(target error) bool { return target == ErrTooLarge }
 
 // GeometryError describes two bitmaps (or a bitmap and a word slice) that
 // cannot be combined. It matches ErrGeometry.

@@ -47,6 +47,49 @@ func nextBlock(ws []uint64, i int) int {
 	return i
 }
 
+// dataWords returns the first run [lo, hi) of words at or after word i
+// that can hold set bits, or lo == hi == Words() when none can. For a
+// bitmap in ordinary memory that is every word from i on. For one mapped
+// from a file (a shared New, AttachFd) it is the next run of file pages
+// that hold data: a page of the file that no one ever wrote (a hole) holds
+// only zero bits, and reading it through the mapping would allocate it
+// (shmem gives a read fault on a hole a fresh page), so a harvest of a
+// large clean log would bring the whole log into memory. Each run costs
+// two lseek calls (SEEK_DATA, SEEK_HOLE); a log written densely is one
+// run.
+//
+// Ordering: a bit set by a Mark (here or in a peer) that completed before
+// the scan started is in a page that existed before it, so the scan
+// visits it; a page that appears during the scan holds bits set during
+// the scan, which a harvest may leave for the next one anyway.
+func (b *Bitmap) dataWords(i int) (lo, hi int) {
+	n := len(b.words)
+	if i >= n {
+		return n, n
+	}
+	if !b.sparse {
+		return i, n
+	}
+	start, end, ok := seekData(b.fd, int64(b.fdOffset+uint64(i)*8))
+	if !ok {
+		return n, n
+	}
+	// Word w is the 8 bytes at fdOffset+8w; round outwards so a word that
+	// straddles a run's edge is kept (they do not: runs are page-aligned
+	// and words 8-aligned).
+	lo = max(i, int((uint64(start)-b.fdOffset)/8))
+	if lo >= n {
+		return n, n
+	}
+	hi = n
+	if end >= 0 {
+		if e := (uint64(end) - b.fdOffset + 7) / 8; e < uint64(n) {
+			hi = int(e)
+		}
+	}
+	return lo, hi
+}
+
 // lastMask returns the mask of the last word's bits that belong to pages
 // (all ones when NumPages is a multiple of 64).
 func (b *Bitmap) lastMask() uint64 {
@@ -85,13 +128,18 @@ func (b *Bitmap) Harvest(dst *Bitmap) (uint64, error) {
 		return 0, geometryMismatch("harvest", b, dst)
 	}
 	n := len(b.words)
-	src, out := b.words[:n-1], dst.words[:n-1]
-	taken := harvestIntoAtomic(src, out)
-	// The last word: bits past NumPages name no page; they are cleared with
-	// the rest of the word and dropped.
-	if w := toLE(atomic.SwapUint64(&b.words[n-1], 0)) & b.lastMask(); w != 0 {
-		atomic.OrUint64(&dst.words[n-1], toLE(w))
-		taken += uint64(bits.OnesCount64(w))
+	var taken uint64
+	for lo, hi := b.dataWords(0); lo < hi; lo, hi = b.dataWords(hi) {
+		m := min(hi, n-1)
+		taken += harvestIntoAtomic(b.words[lo:m], dst.words[lo:m])
+		// The last word: bits past NumPages name no page; they are
+		// cleared with the rest of the word and dropped.
+		if hi == n && atomic.LoadUint64(&b.words[n-1]) != 0 {
+			if w := toLE(atomic.SwapUint64(&b.words[n-1], 0)) & b.lastMask(); w != 0 {
+				atomic.OrUint64(&dst.words[n-1], toLE(w))
+				taken += uint64(bits.OnesCount64(w))
+			}
+		}
 	}
 	return taken, nil
 }
@@ -110,10 +158,16 @@ func (b *Bitmap) HarvestWords(dst []uint64) (uint64, error) {
 	if len(dst) < n {
 		return 0, &GeometryError{Op: "harvest", Reason: "destination slice shorter than the bitmap"}
 	}
-	taken := harvestIntoSlice(b.words[:n-1], dst[:n-1])
-	if w := toLE(atomic.SwapUint64(&b.words[n-1], 0)) & b.lastMask(); w != 0 {
-		dst[n-1] |= w
-		taken += uint64(bits.OnesCount64(w))
+	var taken uint64
+	for lo, hi := b.dataWords(0); lo < hi; lo, hi = b.dataWords(hi) {
+		m := min(hi, n-1)
+		taken += harvestIntoSlice(b.words[lo:m], dst[lo:m])
+		if hi == n && atomic.LoadUint64(&b.words[n-1]) != 0 {
+			if w := toLE(atomic.SwapUint64(&b.words[n-1], 0)) & b.lastMask(); w != 0 {
+				dst[n-1] |= w
+				taken += uint64(bits.OnesCount64(w))
+			}
+		}
 	}
 	return taken, nil
 }
@@ -194,13 +248,15 @@ func (b *Bitmap) Union(src *Bitmap) error {
 	}
 	n := len(src.words)
 	last := src.lastMask()
-	for i := range src.words {
-		w := atomic.LoadUint64(&src.words[i])
-		if i == n-1 {
-			w = toLE(toLE(w) & last)
-		}
-		if w != 0 {
-			atomic.OrUint64(&b.words[i], w)
+	for lo, hi := src.dataWords(0); lo < hi; lo, hi = src.dataWords(hi) {
+		for i := lo; i < hi; i++ {
+			w := atomic.LoadUint64(&src.words[i])
+			if i == n-1 {
+				w = toLE(toLE(w) & last)
+			}
+			if w != 0 {
+				atomic.OrUint64(&b.words[i], w)
+			}
 		}
 	}
 	return nil
@@ -236,12 +292,14 @@ func (b *Bitmap) Clear() error {
 	if err := b.checkOpen(); err != nil {
 		return err
 	}
-	ws := b.words
-	for i := nextBlock(ws, 0); i < len(ws); i = nextBlock(ws, i) {
-		end := min(i+scanBlock, len(ws))
-		for ; i < end; i++ {
-			if atomic.LoadUint64(&ws[i]) != 0 {
-				atomic.StoreUint64(&ws[i], 0)
+	for lo, hi := b.dataWords(0); lo < hi; lo, hi = b.dataWords(hi) {
+		ws := b.words[:hi]
+		for i := nextBlock(ws, lo); i < hi; i = nextBlock(ws, i) {
+			end := min(i+scanBlock, hi)
+			for ; i < end; i++ {
+				if atomic.LoadUint64(&ws[i]) != 0 {
+					atomic.StoreUint64(&ws[i], 0)
+				}
 			}
 		}
 	}
@@ -261,11 +319,13 @@ func (b *Bitmap) word(i int) uint64 {
 // not be counted. A closed bitmap counts 0.
 func (b *Bitmap) Count() uint64 {
 	var n uint64
-	ws := b.words
-	for i := nextBlock(ws, 0); i < len(ws); i = nextBlock(ws, i) {
-		for end := min(i+scanBlock, len(ws)); i < end; i++ {
-			if w := b.word(i); w != 0 {
-				n += uint64(bits.OnesCount64(w))
+	for lo, hi := b.dataWords(0); lo < hi; lo, hi = b.dataWords(hi) {
+		ws := b.words[:hi]
+		for i := nextBlock(ws, lo); i < hi; i = nextBlock(ws, i) {
+			for end := min(i+scanBlock, hi); i < end; i++ {
+				if w := b.word(i); w != 0 {
+					n += uint64(bits.OnesCount64(w))
+				}
 			}
 		}
 	}
@@ -277,16 +337,18 @@ func (b *Bitmap) Count() uint64 {
 // harvested bitmap for a consistent set. It allocates nothing.
 func (b *Bitmap) DirtyPages() iter.Seq[uint64] {
 	return func(yield func(uint64) bool) {
-		ws := b.words
-		for i := nextBlock(ws, 0); i < len(ws); i = nextBlock(ws, i) {
-			for end := min(i+scanBlock, len(ws)); i < end; i++ {
-				w := b.word(i)
-				base := uint64(i) * 64
-				for w != 0 {
-					if !yield(base + uint64(bits.TrailingZeros64(w))) {
-						return
+		for lo, hi := b.dataWords(0); lo < hi; lo, hi = b.dataWords(hi) {
+			ws := b.words[:hi]
+			for i := nextBlock(ws, lo); i < hi; i = nextBlock(ws, i) {
+				for end := min(i+scanBlock, hi); i < end; i++ {
+					w := b.word(i)
+					base := uint64(i) * 64
+					for w != 0 {
+						if !yield(base + uint64(bits.TrailingZeros64(w))) {
+							return
+						}
+						w &= w - 1
 					}
-					w &= w - 1
 				}
 			}
 		}
@@ -313,24 +375,26 @@ func (b *Bitmap) DirtyRuns() iter.Seq2[uint64, uint64] {
 			start, n = p, ones
 			return true
 		}
-		ws := b.words
-		for i := nextBlock(ws, 0); i < len(ws); i = nextBlock(ws, i) {
-			for end := min(i+scanBlock, len(ws)); i < end; i++ {
-				w := b.word(i)
-				base := uint64(i) * 64
-				if w == ^uint64(0) {
-					if !add(base, 64) {
-						return
+		for lo, hi := b.dataWords(0); lo < hi; lo, hi = b.dataWords(hi) {
+			ws := b.words[:hi]
+			for i := nextBlock(ws, lo); i < hi; i = nextBlock(ws, i) {
+				for end := min(i+scanBlock, hi); i < end; i++ {
+					w := b.word(i)
+					base := uint64(i) * 64
+					if w == ^uint64(0) {
+						if !add(base, 64) {
+							return
+						}
+						continue
 					}
-					continue
-				}
-				for w != 0 {
-					tz := uint(bits.TrailingZeros64(w))
-					ones := uint(bits.TrailingZeros64(^(w >> tz))) // < 64: w is not all ones
-					if !add(base+uint64(tz), uint64(ones)) {
-						return
+					for w != 0 {
+						tz := uint(bits.TrailingZeros64(w))
+						ones := uint(bits.TrailingZeros64(^(w >> tz))) // < 64: w is not all ones
+						if !add(base+uint64(tz), uint64(ones)) {
+							return
+						}
+						w &^= (1<<ones - 1) << tz
 					}
-					w &^= (1<<ones - 1) << tz
 				}
 			}
 		}

@@ -7,8 +7,10 @@ import (
 )
 
 // This file holds every system call of the package: creating and mapping a
-// memfd for a shared bitmap, and mapping a log fd a peer sent. Callers
-// validate sizes; errors are wrapped in *OpError with the call's name.
+// memfd for a shared bitmap, mapping a log fd a peer sent, finding the parts
+// of such a file that hold data, and reading the machine's memory size.
+// Callers validate sizes; errors are wrapped in *OpError with the call's
+// name.
 
 // mapShared creates a memfd named name of exactly size bytes, seals its size
 // so no process sharing it can shrink it under our mapping (which would turn
@@ -89,4 +91,39 @@ func closeFd(fd int) error {
 		return &OpError{Op: "close", Err: err}
 	}
 	return nil
+}
+
+// physMem returns the machine's physical memory in bytes, or 0 when
+// sysinfo(2) fails.
+func physMem() uint64 {
+	var si unix.Sysinfo_t
+	if err := unix.Sysinfo(&si); err != nil {
+		return 0
+	}
+	return uint64(si.Totalram) * max(uint64(si.Unit), 1)
+}
+
+// seekData returns the first range [start, end) of fd's file at or after
+// off that holds data (lseek SEEK_DATA, then SEEK_HOLE). ok is false when
+// there is no data at or after off (ENXIO). On a file that cannot tell
+// (another error) the whole rest of the file is data: end is -1.
+//
+// A memfd (shmem) reports a page as data once it exists: written by any
+// process, or swapped out (a swapped page is data too, so a dirty word on
+// it is never skipped). A page that was never touched is a hole. The
+// calls move the file offset of the shared file description, which no one
+// uses: logs are only ever mapped.
+func seekData(fd int, off int64) (start, end int64, ok bool) {
+	start, err := unix.Seek(fd, off, unix.SEEK_DATA)
+	if err == unix.ENXIO {
+		return 0, 0, false
+	}
+	if err != nil {
+		return off, -1, true
+	}
+	end, err = unix.Seek(fd, start, unix.SEEK_HOLE)
+	if err != nil {
+		return start, -1, true
+	}
+	return start, end, true
 }

@@ -57,6 +57,9 @@ const (
 	NetFGuestAnnounce     Feature = 21
 	NetFMQ                Feature = 22
 	NetFCtrlMACAddr       Feature = 23
+	NetFGuestUSO4         Feature = 54 // VIRTIO_NET_F_GUEST_USO4
+	NetFGuestUSO6         Feature = 55 // VIRTIO_NET_F_GUEST_USO6
+	NetFHostUSO           Feature = 56 // VIRTIO_NET_F_HOST_USO
 	NetFSpeedDuplex       Feature = 63
 )
 
@@ -96,7 +99,8 @@ var netNames = map[Feature]string{
 	NetFHostTSO6: "HOST_TSO6", NetFHostECN: "HOST_ECN", NetFHostUFO: "HOST_UFO",
 	NetFMrgRxbuf: "MRG_RXBUF", NetFStatus: "STATUS", NetFCtrlVQ: "CTRL_VQ", NetFCtrlRx: "CTRL_RX",
 	NetFCtrlVLAN: "CTRL_VLAN", NetFGuestAnnounce: "GUEST_ANNOUNCE", NetFMQ: "MQ",
-	NetFCtrlMACAddr: "CTRL_MAC_ADDR", NetFSpeedDuplex: "SPEED_DUPLEX",
+	NetFCtrlMACAddr: "CTRL_MAC_ADDR", NetFGuestUSO4: "GUEST_USO4", NetFGuestUSO6: "GUEST_USO6",
+	NetFHostUSO: "HOST_USO", NetFSpeedDuplex: "SPEED_DUPLEX",
 }
 
 // Name returns the feature's specification name for a device of the given

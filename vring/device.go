@@ -315,11 +315,65 @@ func (q *DeviceQueue) popSlow(c *Chain) (bool, error) {
 		return q.Pop(c) // now lastAvail != availSeen: Pop comes back here only to walk
 	}
 	head := q.r.availEntry(q.lastAvail)
-	if err := q.walk(head, c); err != nil {
-		return false, err
+	if !q.walkDirect(head, c) {
+		if err := q.walk(head, c); err != nil {
+			return false, err
+		}
 	}
 	q.lastAvail++
 	return true, nil
+}
+
+// walkDirect is walk's fast path: a chain of direct descriptors whose
+// buffers are non-empty and lie inside the cached region, readable ones
+// before writable ones, no longer than c.Segs's capacity. It reads the
+// descriptors through the typed table view, each descriptor once (into
+// locals), and checks every value it uses on what it read. For any other
+// chain it returns false, leaving c's contents unspecified, and the caller
+// walks the chain with walk, which starts over from head and applies every
+// rule with its typed errors (a driver changing the chain in between is
+// judged on what walk reads).
+func (q *DeviceQueue) walkDirect(head uint16, c *Chain) bool {
+	descs, mem, base := q.r.descs, q.cMem, q.cBase
+	segs := c.Segs[:cap(c.Segs)]
+	idx := int(head)
+	n, readable := 0, 0
+	var rlen, wlen uint64
+	for {
+		// More descriptors than the table holds is a loop; more than segs
+		// holds is for walk (which grows Segs).
+		if idx >= len(descs) || n >= len(segs) || n >= len(descs) {
+			return false
+		}
+		d := &descs[idx]
+		flags, addr, length, next := d.flags, GuestAddr(d.addr), d.len, d.next
+		// In the cached region (off wraps past len(mem) when addr < base),
+		// non-empty (length-1 wraps when 0) and ending inside.
+		off := uint64(addr - base)
+		if flags&DescFIndirect != 0 || off >= uint64(len(mem)) || uint64(length)-1 >= uint64(len(mem))-off {
+			return false
+		}
+		s := &segs[n]
+		s.Addr, s.Len, s.Buf = addr, length, bufAt(mem, off, length)
+		if flags&DescFWrite != 0 {
+			s.Writable = true
+			wlen += uint64(length)
+		} else {
+			if wlen != 0 { // readable after writable
+				return false
+			}
+			s.Writable = false
+			rlen += uint64(length)
+			readable++
+		}
+		n++
+		if flags&DescFNext == 0 {
+			break
+		}
+		idx = int(next)
+	}
+	c.Head, c.Segs, c.Readable, c.ReadableLen, c.WritableLen = head, segs[:n], readable, rlen, wlen
+	return true
 }
 
 // wait is Pop's slow start: the queue is broken or every chain seen
@@ -376,6 +430,19 @@ func (q *DeviceQueue) PopBatch(cs []Chain) (int, error) {
 		// region; anything else goes through Pop.
 		n := min(int(q.availSeen-q.lastAvail), len(cs)-i) // 0 when broken
 		i += q.popRun(cs[i : i+n])
+		if i == len(cs) {
+			break
+		}
+		// Chains of several direct descriptors (or anything else popRun
+		// does not take) that are known to be available: walkDirect in a
+		// loop of their own, without going back through popRun for each.
+		for i < len(cs) && q.lastAvail != q.availSeen {
+			if !q.walkDirect(q.r.availEntry(q.lastAvail), &cs[i]) {
+				break
+			}
+			q.lastAvail++
+			i++
+		}
 		if i == len(cs) {
 			break
 		}

@@ -10,6 +10,9 @@
 //	vhost-user-net -socket /tmp/vu.sock -handler sink    # count and drop
 //	vhost-user-net -handler responder -ip 10.0.0.1       # answer ARP and ping
 //	vhost-user-net -device simple                        # the small busy-polling test device
+//	vhost-user-net -tap vu0                              # frames to and from tap device vu0
+//	vhost-user-net -tap vu0 -netns /var/run/netns/test   # the tap in a network namespace
+//	vhost-user-net -packet eth1                          # attach to interface eth1 (AF_PACKET)
 //
 // Devices: softnet is vdpa/softnet, the full software virtio-net device
 // (control queue, event-driven or -poll mode); simple is
@@ -17,6 +20,14 @@
 // notification suppression. Handlers: loopback returns every transmitted
 // frame on the receive queue (like vdpa_sim_net); sink counts and drops;
 // responder answers ARP requests and ICMP echo requests for -ip.
+//
+// Host networks: -tap NAME connects the softnet device to a Linux tap device
+// (created if it does not exist; one tap queue per pair), -packet IFNAME to
+// an existing interface through an AF_PACKET socket (vdpa/hostnet); -netns
+// names the network namespace either lives in. The device then offers the
+// checksum and segmentation offloads (CSUM, GUEST_CSUM, HOST/GUEST_TSO4/6,
+// ECN, USO; -offload=false turns them off), which pass between the guest and
+// the host with their virtio-net headers. -tap and -packet replace -handler.
 //
 // QEMU and DPDK's virtio-user run the virtio-net control queue themselves
 // (MQ, receive filters, MAC address), so the softnet device is created with
@@ -45,6 +56,7 @@ import (
 	"time"
 
 	"github.com/vdpakit/vdpakit/vdpa"
+	"github.com/vdpakit/vdpakit/vdpa/hostnet"
 	"github.com/vdpakit/vdpakit/vdpa/softnet"
 	"github.com/vdpakit/vdpakit/vdpa/vhostuser"
 	"github.com/vdpakit/vdpakit/vdpa/vhostuser/vhostusertest"
@@ -53,7 +65,8 @@ import (
 
 type config struct {
 	socket, device, handler, mac, ip string
-	client, poll, debug              bool
+	tap, packet, netns               string
+	client, poll, debug, offload     bool
 	pairs                            int
 	interval, duration               time.Duration
 }
@@ -71,6 +84,10 @@ func main() {
 	flag.DurationVar(&c.interval, "interval", time.Second, "counter print interval (0: never)")
 	flag.DurationVar(&c.duration, "duration", 0, "exit after this long (0: run until SIGINT)")
 	flag.BoolVar(&c.debug, "debug", false, "log every vhost-user message")
+	flag.StringVar(&c.tap, "tap", "", "softnet: exchange frames with this tap device (replaces -handler)")
+	flag.StringVar(&c.packet, "packet", "", "softnet: exchange frames with this interface over AF_PACKET (replaces -handler)")
+	flag.StringVar(&c.netns, "netns", "", "network namespace path of -tap or -packet (default: this process's)")
+	flag.BoolVar(&c.offload, "offload", true, "with -tap or -packet: offer the checksum and segmentation offloads")
 	flag.Parse()
 	if err := run(c); err != nil {
 		fmt.Fprintln(os.Stderr, "vhost-user-net:", err)
@@ -99,9 +116,16 @@ func newDevice(c config) (vdpa.Handler, func() counters, error) {
 	if c.pairs < 1 || c.pairs > int(virtio.NetCtrlMQPairsMax) {
 		return nil, nil, fmt.Errorf("bad -pairs %d", c.pairs)
 	}
+	if c.tap != "" && c.packet != "" {
+		return nil, nil, fmt.Errorf("-tap and -packet exclude each other")
+	}
+	if (c.tap != "" || c.packet != "") && c.device != "softnet" {
+		return nil, nil, fmt.Errorf("-tap and -packet need -device softnet")
+	}
 	switch c.device {
 	case "softnet":
-		opts := &softnet.Options{MAC: mac, MaxQueueSize: 1024, MaxQueuePairs: uint16(c.pairs), FrontendCtrl: true}
+		opts := &softnet.Options{MAC: mac, MaxQueueSize: 1024, MaxQueuePairs: uint16(c.pairs), FrontendCtrl: true,
+			Offload: c.offload && (c.tap != "" || c.packet != "")}
 		if c.poll {
 			opts.Mode = softnet.ModePoll
 		}
@@ -176,11 +200,58 @@ func run(c config) error {
 	return serve(ctx, c)
 }
 
+// hostBackend is a vdpa/hostnet back-end.
+type hostBackend interface {
+	Attach(*softnet.Device) error
+	Stats() hostnet.Stats
+	Close(context.Context) error
+}
+
+// attachHost connects the softnet device to -tap or -packet, if given.
+func attachHost(c config, h vdpa.Handler) (hostBackend, error) {
+	var be hostBackend
+	switch {
+	case c.tap != "":
+		t, err := hostnet.OpenTap(c.tap, &hostnet.TapOptions{Queues: c.pairs, NetNS: c.netns, NoOffload: !c.offload})
+		if err != nil {
+			return nil, err
+		}
+		fmt.Printf("tap %s: %d queue(s), USO %v\n", t.Name(), c.pairs, t.USO())
+		be = t
+	case c.packet != "":
+		p, err := hostnet.OpenPacket(c.packet, &hostnet.PacketOptions{NetNS: c.netns, NoOffload: !c.offload})
+		if err != nil {
+			return nil, err
+		}
+		fmt.Printf("AF_PACKET on %s\n", c.packet)
+		be = p
+	default:
+		return nil, nil
+	}
+	if err := be.Attach(h.(*softnet.Device)); err != nil {
+		_ = be.Close(context.Background())
+		return nil, err
+	}
+	return be, nil
+}
+
 // serve runs the back-end until ctx ends or -duration passed.
 func serve(ctx context.Context, c config) error {
 	h, count, err := newDevice(c)
 	if err != nil {
 		return err
+	}
+	host, err := attachHost(c, h)
+	if err != nil {
+		return err
+	}
+	if host != nil {
+		defer func() {
+			cctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			_ = host.Close(cctx)
+			fmt.Printf("host back-end: %+v\n", host.Stats())
+		}()
 	}
 	level := slog.LevelInfo
 	if c.debug {
@@ -205,8 +276,15 @@ func serve(ctx context.Context, c config) error {
 	if c.client {
 		mode = "client"
 	}
+	handler := c.handler
+	switch {
+	case c.tap != "":
+		handler = "tap " + c.tap
+	case c.packet != "":
+		handler = "packet " + c.packet
+	}
 	fmt.Printf("vhost-user-net: %s mode on %s, device %s, handler %s, %d queue pair(s)\n  offering %s\n  protocol %v\n",
-		mode, c.socket, c.device, c.handler, c.pairs,
+		mode, c.socket, c.device, handler, c.pairs,
 		h.Features().With(virtio.FProtocolFeat, virtio.FLogAll).Format(virtio.DeviceNet), vhostuser.SupportedProtocolFeatures)
 
 	var tick <-chan time.Time

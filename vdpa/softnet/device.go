@@ -21,7 +21,8 @@ const (
 	ModeEvent Mode = iota
 	// ModePoll keeps driver notifications disabled and polls the rings:
 	// PollSpins empty polls, then as many runtime.Gosched rounds, then
-	// sleeps of PollSleep between polls until work appears.
+	// sleeps of PollSleep between polls until work appears (or, with
+	// PollNoSleep, runtime.Gosched rounds for good).
 	ModePoll
 )
 
@@ -49,6 +50,18 @@ type Options struct {
 	MaxQueuePairs uint16
 	// MaxQueueSize bounds every queue's size. Zero means 256.
 	MaxQueueSize uint16
+	// MaxQueueMemory bounds, in bytes, the queue state the device may
+	// allocate: what it holds once the driver has started every queue at
+	// MaxQueueSize (per receive queue entry a chain and its segments, per
+	// transmit and control queue a gather buffer of a whole frame, and with
+	// Offload a segment buffer per receive and transmit queue). The
+	// state is allocated when a queue starts and released on Reset, so a
+	// device with many pairs costs little until they are used; New refuses
+	// MaxQueuePairs × MaxQueueSize beyond this bound with an error matching
+	// ErrTooLarge, so that no configuration can make the process run out
+	// of memory later. Zero means a quarter of the machine's physical
+	// memory (1 GiB where it cannot be read). See QueueMemory.
+	MaxQueueMemory uint64
 	// FrontendCtrl says the driver-facing control queue is run by the
 	// front-end between the driver and this device, as QEMU and DPDK's
 	// virtio-user do for a vhost-user back-end: they negotiate MQ,
@@ -75,6 +88,16 @@ type Options struct {
 	// a later frame are the newest ones and are pushed before any newer
 	// chain), which is what the feature promises the driver.
 	InOrder bool
+	// Offload offers the checksum and segmentation offloads in both
+	// directions (HostOffloads and GuestOffloads: CSUM, HOST_TSO4/6,
+	// HOST_ECN, HOST_USO, GUEST_CSUM, GUEST_TSO4/6, GUEST_ECN,
+	// GUEST_USO4/6), with their dependencies of virtio 1.2 §5.1.3.1
+	// enforced in SetFeatures. Transmitted headers are validated and
+	// reach an OffloadHandler; what the handler does not take (and every
+	// offload, for a plain FrameHandler) the device does in software. On
+	// receive, DeliverHdr does in software what the driver did not
+	// negotiate. Disable removes single offloads.
+	Offload bool
 	// Disable removes features from the offer.
 	Disable virtio.Features
 	// LinkDown starts the device with the link down.
@@ -89,6 +112,13 @@ type Options struct {
 	// PollSleep is the sleep between idle polls in ModePoll, bounded to
 	// [1µs, 1ms]. Zero means 20µs.
 	PollSleep time.Duration
+	// PollNoSleep keeps an idle ModePoll queue polling for good: after
+	// PollSpins empty polls it yields (runtime.Gosched) between polls and
+	// never sleeps, so a device given its own CPU polls continuously, as
+	// DPDK's lcores do. A timer sleep lasts well over PollSleep (timer
+	// slack, scheduler wake-up), long enough for a fast driver to fill
+	// the ring meanwhile; PollNoSleep trades that for a CPU kept busy.
+	PollNoSleep bool
 	// BatchSize is the most chains a queue goroutine processes before it
 	// signals interrupts and checks for a stop. Zero means 64.
 	BatchSize int
@@ -122,12 +152,16 @@ var (
 	ErrLinkDown = errors.New("softnet: link down")
 	// ErrFrameTooBig: a frame larger than MaxFrame.
 	ErrFrameTooBig = errors.New("softnet: frame too big")
+	// ErrTooLarge: New got MaxQueuePairs × MaxQueueSize whose queue state
+	// would exceed Options.MaxQueueMemory.
+	ErrTooLarge = errors.New("softnet: queue state larger than the memory bound")
 )
 
 // MaxFrame is the largest frame (without the virtio-net header) the device
-// transmits or receives: no GSO features are offered, so this bounds frames
-// even when the driver ignores the MTU advice.
-const MaxFrame = 65535
+// transmits or receives, whatever the MTU advice: a GSO frame of the
+// largest IPv6 packet without jumbo payload (40 + 65535 bytes) behind an
+// Ethernet header with a VLAN tag (18 bytes).
+const MaxFrame = 18 + 40 + 65535
 
 // rx mode bits.
 const (
@@ -236,7 +270,20 @@ func New(opts *Options) (*Device, error) {
 	if o.MaxQueuePairs > 1 && (!o.NoCtrlVQ || o.FrontendCtrl) {
 		f = f.With(virtio.NetFMQ)
 	}
+	if o.Offload {
+		f |= HostOffloads | GuestOffloads
+	}
 	f &^= o.Disable
+
+	need := QueueMemory(o.MaxQueuePairs, o.MaxQueueSize, !o.NoCtrlVQ, o.Offload)
+	limit := o.MaxQueueMemory
+	if limit == 0 {
+		limit = defaultQueueMemory()
+	}
+	if need > limit {
+		return nil, fmt.Errorf("%w: %d queue pairs of size %d need up to %d bytes, bound %d (Options.MaxQueueMemory)",
+			ErrTooLarge, o.MaxQueuePairs, o.MaxQueueSize, need, limit)
+	}
 
 	d := &Device{opts: o, offered: f, cfgMAC: o.MAC}
 	h := o.Handler
@@ -250,7 +297,7 @@ func New(opts *Options) (*Device, error) {
 	}
 	d.queues = make([]*queue, n)
 	for i := range d.queues {
-		d.queues[i] = newQueue(i, int(o.MaxQueueSize), o.BatchSize)
+		d.queues[i] = &queue{idx: i}
 	}
 	d.linkUp.Store(!o.LinkDown)
 	d.resetState()
@@ -305,6 +352,11 @@ func (d *Device) SetFeatures(f virtio.Features) error {
 				return fmt.Errorf("%w: %s requires CTRL_VQ", ErrFeatures, dep.Name(virtio.DeviceNet))
 			}
 		}
+	}
+	// The offload dependencies hold behind a front-end too: it negotiated
+	// them with a driver that obeys them.
+	if err := checkOffloadDeps(f); err != nil {
+		return err
 	}
 	for _, q := range d.queues {
 		if q.isRunning() {
@@ -501,6 +553,7 @@ func (d *Device) Reset() {
 	}
 	for _, q := range d.queues {
 		q.rxHeld.Store(false)
+		q.release()
 	}
 	d.resetState()
 }

@@ -24,8 +24,33 @@
 // The data path allocates nothing per frame: each queue owns its chain
 // buffers and a gather buffer for frames split across descriptors, and a
 // frame is copied once, from the transmit chain (or the handler's buffer)
-// into the receive chain(s). With VIRTIO_NET_F_MRG_RXBUF a frame may fill
+// into the receive chain(s). A queue's buffers are allocated when the
+// driver starts it (sized by the ring it set up), kept across a stop and
+// start, and released by Reset: a device offering many queue pairs costs
+// little until they are used. New bounds what they can grow to
+// (Options.MaxQueueMemory, QueueMemory), so no queue count or size makes
+// the process run out of memory. With VIRTIO_NET_F_MRG_RXBUF a frame may fill
 // several receive chains; num_buffers in the first header says how many.
+//
+// # Offloads
+//
+// With Options.Offload the device offers the checksum and segmentation
+// offloads of both directions (HostOffloads, GuestOffloads) and enforces
+// their dependencies (§5.1.3.1). The virtio-net header of every transmitted
+// frame is validated against the frame; one that lies is a counted drop
+// (DropTxBadHeader). An OffloadHandler (Loopback, ForwardTo, a host
+// back-end such as a tap device) gets the header with the frame; Tx.ReplyHdr
+// and Device.DeliverHdr take one back towards the driver. Whatever the
+// other side cannot take, the device does in software, and only then copies
+// the frame once more: for a handler, checksum completion (NEEDS_CSUM
+// without CSUM in its TxOffloads) and TCP/UDP segmentation (GSO without its
+// HOST_TSO4/6, HOST_USO, HOST_ECN); for a driver, the same for what it did
+// not negotiate (GUEST_CSUM, GUEST_TSO4/6, GUEST_USO4/6, GUEST_ECN).
+// Segmentation works on TCP and UDP over IPv4 and IPv6 behind up to two
+// VLAN tags, without IPv6 extension headers or IP fragments. A 64 KiB frame
+// needs MRG_RXBUF or receive buffers that big (a driver with GUEST_TSO and
+// without MRG_RXBUF posts them); MaxFrame bounds every frame. Nothing is
+// allocated per frame on these paths either.
 //
 // Two processing modes: ModeEvent waits on the kick eventfd with driver
 // notifications enabled and re-checks the ring after enabling them (the

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"runtime/debug"
 
+	"github.com/vdpakit/vdpakit/virtio"
 	"github.com/vdpakit/vdpakit/vring"
 )
 
@@ -24,6 +25,33 @@ type FrameHandlerFunc func(tx *Tx, frame []byte)
 
 // HandleFrame calls f.
 func (f FrameHandlerFunc) HandleFrame(tx *Tx, frame []byte) { f(tx, frame) }
+
+// OffloadHandler is a FrameHandler that also takes transmitted frames
+// with their virtio-net header, so that checksum and segmentation offloads
+// reach a back-end that does them itself (a tap device, another device's
+// driver) instead of being done by this device.
+//
+// When the device's handler is an OffloadHandler, every transmitted frame
+// goes to HandleOffload, with a zero header when there is nothing to do.
+// The header has been validated against the frame (a header that lies is
+// dropped and counted as DropTxBadHeader before any handler sees it):
+// csum_start+csum_offset+2 lies within the frame, gso_type is NONE, TCPV4,
+// TCPV6 or UDP_L4 (possibly with the ECN bit) of a feature the driver
+// negotiated, gso_size is not zero, and the frame is the TCP or UDP packet
+// over IPv4 or IPv6 its gso_type says, with csum_start at its transport
+// header. num_buffers is zero and DATA_VALID is clear.
+//
+// TxOffloads returns the offloads (a subset of HostOffloads) the handler
+// takes as they come: the device completes the checksum of a NEEDS_CSUM
+// frame when CSUM is not in it, and segments a GSO frame whose HOST_TSO4,
+// HOST_TSO6, HOST_USO (or, with the ECN bit, HOST_ECN) is not in it; the
+// handler then gets the resulting frames with a zero header, checksums
+// complete. It is called once per transmit batch.
+type OffloadHandler interface {
+	FrameHandler
+	TxOffloads() virtio.Features
+	HandleOffload(tx *Tx, hdr virtio.NetHdr, frame []byte)
+}
 
 // Tx is the context of a transmitted frame: the device and queue pair it
 // came from. It is owned by the transmit queue; do not keep it after
@@ -51,7 +79,20 @@ func (t *Tx) Reply(frame []byte) error {
 		t.dev.flushRx(t.rxPair)
 	}
 	t.rxPair = p
-	return t.dev.deliver(p, frame, true)
+	return t.dev.deliver(p, nil, frame, true)
+}
+
+// ReplyHdr is Reply for a frame with a virtio-net header: a partial
+// checksum (NEEDS_CSUM) or a GSO frame reaches a driver that negotiated
+// the matching GUEST_* offload as it is, and is completed or segmented by
+// the device for one that did not (as DeliverHdr does).
+func (t *Tx) ReplyHdr(hdr virtio.NetHdr, frame []byte) error {
+	p := t.dev.steer(t.pair)
+	if t.rxPair >= 0 && t.rxPair != p {
+		t.dev.flushRx(t.rxPair)
+	}
+	t.rxPair = p
+	return t.dev.deliver(p, &hdr, frame, true)
 }
 
 // Deliver writes frame to the driver's receive queue of queue pair pair
@@ -69,7 +110,32 @@ func (d *Device) Deliver(pair int, frame []byte) (err error) {
 	}
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	defer vring.CatchFault(&err) // a fault reading frame itself
-	return d.deliver(d.steer(pair), frame, false)
+	return d.deliver(d.steer(pair), nil, frame, false)
+}
+
+// DeliverHdr is Deliver for a frame with a virtio-net header, as a host
+// back-end (a tap device) hands them over. The header is validated against
+// the frame first: one that lies (csum_start or csum_offset beyond the
+// frame, an unknown gso_type, gso_size 0 with a gso_type, hdr_len beyond
+// the frame, a frame that is not the packet its gso_type says) is dropped,
+// counted as DropRxBadHeader, and an error matching ErrBadHeader returned.
+// num_buffers is ignored (the device sets it).
+//
+// What the driver negotiated decides the rest: with GUEST_CSUM, NEEDS_CSUM
+// and DATA_VALID reach it as they are, and a GSO frame whose GUEST_TSO4,
+// GUEST_TSO6, GUEST_USO4/6 (and, with the ECN bit, GUEST_ECN) it
+// negotiated reaches it whole. Otherwise the device does the offload in
+// software: it completes the checksum, or segments the frame into gso_size
+// payloads with every header and checksum rewritten (the segments count as
+// delivered frames; the first that finds no buffer ends the frame with one
+// drop), and the driver sees a zero header.
+func (d *Device) DeliverHdr(pair int, hdr virtio.NetHdr, frame []byte) (err error) {
+	if pair < 0 {
+		return fmt.Errorf("%w: pair %d", ErrQueueIndex, pair)
+	}
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer vring.CatchFault(&err) // a fault reading frame itself
+	return d.deliver(d.steer(pair), &hdr, frame, false)
 }
 
 func (d *Device) steer(pair int) int {
@@ -81,8 +147,19 @@ func (d *Device) steer(pair int) int {
 }
 
 // Loopback sends every transmitted frame back to the driver on the same
-// queue pair, like the kernel's vdpa_sim_net.
-var Loopback FrameHandler = FrameHandlerFunc(func(tx *Tx, frame []byte) { _ = tx.Reply(frame) })
+// queue pair, like the kernel's vdpa_sim_net. It is an OffloadHandler that
+// takes every offload: a header the driver transmits comes back with the
+// frame (ReplyHdr), so a GSO frame reaches a driver with the GUEST_*
+// offloads whole and is segmented for one without.
+var Loopback FrameHandler = loopback{}
+
+type loopback struct{}
+
+func (loopback) HandleFrame(tx *Tx, frame []byte) { _ = tx.Reply(frame) }
+func (loopback) TxOffloads() virtio.Features      { return HostOffloads }
+func (loopback) HandleOffload(tx *Tx, hdr virtio.NetHdr, frame []byte) {
+	_ = tx.ReplyHdr(hdr, frame)
+}
 
 // Discard drops every transmitted frame (it is still counted as
 // transmitted).
@@ -90,16 +167,26 @@ var Discard FrameHandler = FrameHandlerFunc(func(*Tx, []byte) {})
 
 // ForwardTo returns a handler that delivers every transmitted frame to
 // peer, on the same queue pair number: a cable from this device to peer.
-// A memory fault reading the frame (this device's guest memory) breaks
-// this device's transmit queue, not peer's receive queue.
-func ForwardTo(peer *Device) FrameHandler {
-	return FrameHandlerFunc(func(tx *Tx, frame []byte) {
-		if err := peer.Deliver(tx.Pair(), frame); err != nil {
-			if fe, ok := err.(*vring.FaultError); ok && inSlice(frame, fe.Addr) {
-				panic(fe) // to the transmit worker's guard
-			}
-		}
-	})
+// It is an OffloadHandler taking every offload: headers go to peer with
+// their frames (DeliverHdr). A memory fault reading the frame (this
+// device's guest memory) breaks this device's transmit queue, not peer's
+// receive queue.
+func ForwardTo(peer *Device) FrameHandler { return forwarder{peer} }
+
+type forwarder struct{ peer *Device }
+
+func (f forwarder) HandleFrame(tx *Tx, frame []byte) {
+	forwardErr(frame, f.peer.Deliver(tx.Pair(), frame))
+}
+func (f forwarder) TxOffloads() virtio.Features { return HostOffloads }
+func (f forwarder) HandleOffload(tx *Tx, hdr virtio.NetHdr, frame []byte) {
+	forwardErr(frame, f.peer.DeliverHdr(tx.Pair(), hdr, frame))
+}
+
+func forwardErr(frame []byte, err error) {
+	if fe, ok := err.(*vring.FaultError); ok && inSlice(frame, fe.Addr) {
+		panic(fe) // to the transmit worker's guard
+	}
 }
 
 // Link connects a and b in both directions with ForwardTo.

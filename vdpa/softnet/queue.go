@@ -10,12 +10,15 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/vdpakit/vdpakit/internal/sysmem"
 	"github.com/vdpakit/vdpakit/vdpa"
 	"github.com/vdpakit/vdpakit/virtio"
 	"github.com/vdpakit/vdpakit/vring"
 )
 
-// queue is one virtqueue of the device with its preallocated buffers.
+// queue is one virtqueue of the device. Its chain and gather buffers are
+// allocated when the queue starts (kept across stop and start, released
+// on Reset), so that the data path allocates nothing.
 //
 // Ownership: a transmit or control queue's DeviceQueue and buffers belong to
 // its worker goroutine between start and stop. A receive queue has no
@@ -45,27 +48,104 @@ type queue struct {
 	frames atomic.Uint64
 	bytes  atomic.Uint64
 
-	chain  vring.Chain   // tx/ctrl: the chain being processed
-	gather []byte        // tx/ctrl: frame or command split across segments
-	stash  []vring.Chain // rx: popped chains, stash[:nstash] held for the next frame
+	chain  vring.Chain      // tx/ctrl: the chain being processed
+	used   []vring.UsedElem // tx: chains of the current batch, published together
+	gather []byte           // tx/ctrl: frame or command split across segments
+	stash  []vring.Chain    // rx: popped chains, stash[:nstash] held for the next frame
 	nstash int
 	lens   []uint32 // rx: bytes written per chain of one frame
 	hdr    [virtio.NetHdrSize]byte
 	irq    bool // rx: used entries published since the last interrupt check
 	tx     Tx
+	// vh (rx) is the header of the frame being written, num_buffers
+	// aside.
+	vh virtio.NetHdr
+	// seg holds a frame the device completes the checksum of, or one
+	// segment of a frame it segments (tx: for the handler; rx: for the
+	// driver). Made on first use: MaxFrame bytes per queue that needs it.
+	seg []byte
 }
 
-func newQueue(idx, size, batch int) *queue {
-	q := &queue{idx: idx}
-	if idx%2 == 0 {
-		q.stash = make([]vring.Chain, size)
-		for i := range q.stash {
-			q.stash[i].Segs = make([]vring.Segment, 0, 4)
-		}
-		q.lens = make([]uint32, size)
+// segBuf returns the queue's segment buffer.
+func (q *queue) segBuf() []byte {
+	if q.seg == nil {
+		q.seg = make([]byte, MaxFrame)
 	}
-	q.chain.Segs = make([]vring.Segment, 0, 8)
-	return q
+	return q.seg
+}
+
+// Per-queue state sizes, for QueueMemory. A receive queue holds, per entry
+// of its ring, a Chain with room for rxSegs segments and a length; a
+// transmit or control queue a Chain with room for workerSegs segments and
+// a gather buffer of a header and a whole frame.
+const (
+	rxSegs     = 4
+	workerSegs = 8
+	gatherLen  = virtio.NetHdrSize + MaxFrame
+)
+
+var (
+	rxEntryBytes = uint64(unsafe.Sizeof(vring.Chain{})) + rxSegs*uint64(unsafe.Sizeof(vring.Segment{})) + 4
+	workerBytes  = workerSegs*uint64(unsafe.Sizeof(vring.Segment{})) + gatherLen
+	queueBytes   = uint64(unsafe.Sizeof(queue{}))
+)
+
+// QueueMemory returns the most queue state, in bytes, a device with pairs
+// queue pairs (and a control queue if ctrl) of at most size entries holds:
+// what it has allocated once the driver has started every queue at that
+// size (and, with offload, once every receive and transmit queue has
+// needed its segment buffer for a checksum or a segmentation). New
+// compares it with Options.MaxQueueMemory.
+func QueueMemory(pairs, size uint16, ctrl, offload bool) uint64 {
+	p, n := uint64(pairs), uint64(size)
+	workers := p // transmit queues, and the control queue
+	if ctrl {
+		workers++
+	}
+	rx := p
+	m := (rx+workers)*queueBytes + rx*n*rxEntryBytes + workers*workerBytes
+	if offload {
+		m += 2 * p * MaxFrame
+	}
+	return m
+}
+
+// defaultQueueMemory is Options.MaxQueueMemory's default: a quarter of the
+// machine's physical memory, or 1 GiB where that is unknown.
+func defaultQueueMemory() uint64 {
+	if t := sysmem.Total(); t != 0 {
+		return t / 4
+	}
+	return 1 << 30
+}
+
+// allocRx gives a receive queue its chain state for a ring of size entries,
+// keeping what it has when the size is unchanged (a queue stopped and
+// started again, as at every vhost-user stop/cont). The segments of all
+// chains share one backing array: two allocations per start, not one per
+// entry. Called with q.mu held and the queue stopped.
+func (q *queue) allocRx(size int) {
+	if len(q.stash) == size {
+		return
+	}
+	q.stash = make([]vring.Chain, size)
+	segs := make([]vring.Segment, size*rxSegs)
+	for i := range q.stash {
+		q.stash[i].Segs = segs[i*rxSegs : i*rxSegs : (i+1)*rxSegs]
+	}
+	q.lens = make([]uint32, size)
+}
+
+// release drops the queue's chain and gather state (Reset): a device
+// whose driver went away holds only its queue structs. The next start
+// allocates again. Called with the queue stopped.
+func (q *queue) release() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.stash, q.lens, q.nstash = nil, nil, 0
+	q.gather, q.seg = nil, nil
+	q.used = nil
+	q.chain = vring.Chain{}
 }
 
 func (q *queue) isRunning() bool { return q.running.Load() }
@@ -82,6 +162,7 @@ func (q *queue) setErr(err error) { q.err.Store(&err) }
 func (q *queue) startRx(dq *vring.DeviceQueue, call *vdpa.EventFD) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
+	q.allocRx(int(dq.Size()))
 	q.dq, q.call, q.kick = dq, call, nil
 	q.nstash = 0
 	q.irq = false
@@ -104,7 +185,10 @@ func (q *queue) startWorker(d *Device, dq *vring.DeviceQueue, kick, call *vdpa.E
 	if q.gather == nil {
 		// Transmit and control queues (the control queue may have an even
 		// index) gather split frames and commands here.
-		q.gather = make([]byte, virtio.NetHdrSize+MaxFrame)
+		q.gather = make([]byte, gatherLen)
+	}
+	if q.chain.Segs == nil {
+		q.chain.Segs = make([]vring.Segment, 0, workerSegs)
 	}
 	q.dq, q.kick, q.call = dq, kick, call
 	q.stopReq.Store(false)
@@ -226,6 +310,11 @@ func (d *Device) wait(q *queue, process batchFunc) (err error) {
 // poll processes batches without notifications until a stop request (nil)
 // or an error.
 func (d *Device) poll(q *queue, process batchFunc) (err error) {
+	return d.pollWith(q, process, time.Sleep)
+}
+
+// pollWith is poll with the function it sleeps with (tests count sleeps).
+func (d *Device) pollWith(q *queue, process batchFunc, sleep func(time.Duration)) (err error) {
 	defer vring.CatchFault(&err)
 	q.dq.DisableNotify()
 	spins := d.opts.PollSpins
@@ -248,10 +337,10 @@ func (d *Device) poll(q *queue, process batchFunc) (err error) {
 		idle++
 		switch {
 		case idle < spins:
-		case idle < 2*spins:
+		case idle < 2*spins || d.opts.PollNoSleep:
 			runtime.Gosched()
 		default:
-			time.Sleep(d.opts.PollSleep)
+			sleep(d.opts.PollSleep)
 		}
 	}
 }
@@ -278,6 +367,16 @@ func (d *Device) txBatch(q *queue) (int, error) {
 	batch := d.opts.BatchSize
 	hdrLen := int(d.hdrLen.Load())
 	h := d.handler.Load().h
+	oh, _ := h.(OffloadHandler)
+	var acc virtio.Features
+	if oh != nil {
+		acc = oh.TxOffloads() & HostOffloads
+	}
+	f := d.NegotiatedFeatures()
+	if cap(q.used) < batch { // the queue's first batch (or BatchSize grew)
+		q.used = make([]vring.UsedElem, batch)
+	}
+	used := q.used[:batch]
 	n := 0
 	var err error
 	q.tx.rxPair = -1
@@ -287,22 +386,27 @@ func (d *Device) txBatch(q *queue) (int, error) {
 		if err != nil || !ok {
 			break
 		}
-		d.transmit(q, h, hdrLen)
-		// Transmit buffers are device-readable only: nothing written.
-		if err = q.dq.Push(q.chain.Head, 0); err != nil {
-			break
-		}
+		d.transmit(q, h, oh, acc, f, hdrLen)
+		// Transmit buffers are device-readable only: nothing written. The
+		// chains of a batch are returned together, in the order they were
+		// taken (IN_ORDER holds), with one used.idx store: a store that
+		// is a full barrier, paid once per batch rather than per frame.
+		used[n] = vring.UsedElem{Head: q.chain.Head}
 		n++
 	}
 	if n > 0 {
+		if perr := q.dq.PushBatch(used[:n]); perr != nil && err == nil {
+			err = perr
+		}
 		q.signal()
 		d.flushRx(q.tx.rxPair)
 	}
 	return n, err
 }
 
-// transmit hands one chain's frame to the handler.
-func (d *Device) transmit(q *queue, h FrameHandler, hdrLen int) {
+// transmit hands one chain's frame to the handler (oh when it is an
+// OffloadHandler taking the offloads acc; f are the negotiated features).
+func (d *Device) transmit(q *queue, h FrameHandler, oh OffloadHandler, acc, f virtio.Features, hdrLen int) {
 	c := &q.chain
 	total := c.ReadableLen
 	if total < uint64(hdrLen) {
@@ -318,13 +422,85 @@ func (d *Device) transmit(q *queue, h FrameHandler, hdrLen int) {
 		return
 	}
 	frame := frameSlice(c, hdrLen, int(total)-hdrLen)
-	if frame == nil {
+	gathered := frame == nil
+	if gathered {
 		n := c.Gather(q.gather[:total])
 		frame = q.gather[hdrLen:n]
 	}
+	var hdr virtio.NetHdr
+	if d.offered&HostOffloads != 0 {
+		// A device without transmit offloads ignores the header, which
+		// the driver must leave zero (§5.1.6.2.1); one with them checks
+		// it against what the driver negotiated.
+		hdr = readHdr(c, hdrLen, &q.hdr)
+		hdr.NumBuffers = 0
+		hdr.Flags &^= virtio.NetHdrFDataValid // the driver must not set it; ignored
+		p, err := checkHdr(&hdr, frame, f, true)
+		if err != nil {
+			d.drops.add(DropTxBadHeader)
+			return
+		}
+		if !txOffloadOK(&hdr, acc) {
+			q.frames.Add(1)
+			q.bytes.Add(uint64(len(frame)))
+			d.txSoftware(q, h, oh, &hdr, &p, frame, gathered)
+			return
+		}
+	}
 	q.frames.Add(1)
 	q.bytes.Add(uint64(len(frame)))
+	if oh != nil {
+		oh.HandleOffload(&q.tx, hdr, frame)
+		return
+	}
 	h.HandleFrame(&q.tx, frame)
+}
+
+// readHdr decodes the virtio-net header at the start of c's readable
+// bytes (which hold at least hdrLen), gathering it into buf when the
+// first segment is shorter.
+func readHdr(c *vring.Chain, hdrLen int, buf *[virtio.NetHdrSize]byte) virtio.NetHdr {
+	var b []byte
+	if c.Readable > 0 {
+		b = c.Segs[0].Buf
+	}
+	if len(b) < hdrLen {
+		var got int
+		for i := 0; i < c.Readable && got < hdrLen; i++ {
+			got += copy(buf[got:hdrLen], c.Segs[i].Buf)
+		}
+		b = buf[:hdrLen]
+	}
+	h, _ := virtio.DecodeNetHdr(b, hdrLen)
+	return h
+}
+
+// txSoftware does for the handler the offloads it does not take: it
+// completes the checksum of a NEEDS_CSUM frame in the device's copy (the
+// transmit buffer is the driver's, read-only to the device), or cuts a GSO
+// frame into segments, and hands the result over with a zero header.
+func (d *Device) txSoftware(q *queue, h FrameHandler, oh OffloadHandler, hdr *virtio.NetHdr, p *gsoPacket, frame []byte, gathered bool) {
+	hand := func(fr []byte) {
+		if oh != nil {
+			oh.HandleOffload(&q.tx, virtio.NetHdr{}, fr)
+		} else {
+			h.HandleFrame(&q.tx, fr)
+		}
+	}
+	if gsoKind(hdr) == virtio.NetHdrGSONone {
+		if !gathered {
+			frame = q.segBuf()[:copy(q.segBuf(), frame)]
+		}
+		completeCsum(hdr, frame)
+		hand(frame)
+		return
+	}
+	var s segmenter
+	s.init(frame, *p, hdr.GSOSize)
+	buf := q.segBuf()
+	for seg := s.next(buf); seg != nil; seg = s.next(buf) {
+		hand(seg)
+	}
 }
 
 // frameSlice returns the n frame bytes after hdrLen bytes of the chain's
@@ -370,9 +546,9 @@ func (q *queue) signalGuarded() (err error) {
 	return nil
 }
 
-// deliver writes frame into pair's receive queue. With deferIRQ the
-// interrupt is left for flushRx.
-func (d *Device) deliver(pair int, frame []byte, deferIRQ bool) error {
+// deliver writes frame, with hdr if not nil, into pair's receive queue.
+// With deferIRQ the interrupt is left for flushRx.
+func (d *Device) deliver(pair int, hdr *virtio.NetHdr, frame []byte, deferIRQ bool) error {
 	if !d.linkUp.Load() {
 		d.drops.add(DropLinkDown)
 		return ErrLinkDown
@@ -380,6 +556,19 @@ func (d *Device) deliver(pair int, frame []byte, deferIRQ bool) error {
 	if len(frame) > MaxFrame {
 		d.drops.add(DropRxTooBig)
 		return ErrFrameTooBig
+	}
+	var p gsoPacket
+	if hdr != nil {
+		hdr.NumBuffers = 0
+		if *hdr == (virtio.NetHdr{}) {
+			hdr = nil
+		} else {
+			var err error
+			if p, err = checkHdr(hdr, frame, 0, false); err != nil {
+				d.drops.add(DropRxBadHeader)
+				return err
+			}
+		}
 	}
 	if !d.accept(frame) {
 		d.drops.add(DropFiltered)
@@ -392,7 +581,7 @@ func (d *Device) deliver(pair int, frame []byte, deferIRQ bool) error {
 		d.drops.add(DropRxNotReady)
 		return ErrRxNotReady
 	}
-	if err := d.deliverLocked(rx, frame, deferIRQ); err != nil {
+	if err := d.deliverLocked(rx, hdr, &p, frame, deferIRQ); err != nil {
 		if fe, ok := err.(*vring.FaultError); ok {
 			if inSlice(frame, fe.Addr) {
 				// The frame's own memory faulted (a transmit buffer of the
@@ -417,14 +606,52 @@ func inSlice(b []byte, a uintptr) bool {
 	return a >= p && a-p < uintptr(len(b))
 }
 
-// deliverLocked writes frame into rx's chains and raises its interrupt. The
-// calling goroutine has SetPanicOnFault on (a transmit worker, or
-// Deliver), so a memory fault (guest memory truncated by its owner) is
-// recovered here and returned as a *vring.FaultError, which breaks the
-// receive queue (its chains are half written) and not the caller's. The
-// deferred recover costs a few nanoseconds per frame and allocates nothing.
-func (d *Device) deliverLocked(rx *queue, frame []byte, deferIRQ bool) (err error) {
+// deliverLocked writes frame (with hdr, validated, packet p, when not nil)
+// into rx's chains and raises its interrupt. The calling goroutine has
+// SetPanicOnFault on (a transmit worker, or Deliver), so a memory fault
+// (guest memory truncated by its owner) is recovered here and returned as
+// a *vring.FaultError, which breaks the receive queue (its chains are half
+// written) and not the caller's. The deferred recover costs a few
+// nanoseconds per frame and allocates nothing.
+func (d *Device) deliverLocked(rx *queue, hdr *virtio.NetHdr, p *gsoPacket, frame []byte, deferIRQ bool) (err error) {
 	defer vring.CatchFault(&err)
+	rx.vh = virtio.NetHdr{}
+	if hdr != nil {
+		f := d.NegotiatedFeatures()
+		h := *hdr
+		if !f.Has(virtio.NetFGuestCsum) {
+			h.Flags &^= virtio.NetHdrFDataValid
+		}
+		if !rxOffloadOK(&h, p, f) {
+			return d.rxSoftware(rx, &h, p, frame, deferIRQ)
+		}
+		rx.vh = h
+	}
+	return d.writeFrame(rx, frame, deferIRQ)
+}
+
+// rxSoftware does for the driver the offloads it did not negotiate (see
+// DeliverHdr): a completed checksum, or the segments of a GSO frame, each
+// with a zero header.
+func (d *Device) rxSoftware(rx *queue, hdr *virtio.NetHdr, p *gsoPacket, frame []byte, deferIRQ bool) error {
+	buf := rx.segBuf()
+	if gsoKind(hdr) == virtio.NetHdrGSONone {
+		fr := buf[:copy(buf, frame)]
+		completeCsum(hdr, fr)
+		return d.writeFrame(rx, fr, deferIRQ)
+	}
+	var s segmenter
+	s.init(frame, *p, hdr.GSOSize)
+	for seg := s.next(buf); seg != nil; seg = s.next(buf) {
+		if err := d.writeFrame(rx, seg, deferIRQ); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// writeFrame writes frame with the header rx.vh into rx's chains.
+func (d *Device) writeFrame(rx *queue, frame []byte, deferIRQ bool) (err error) {
 	if d.mrg.Load() {
 		err = d.writeMergeable(rx, frame)
 	} else {
@@ -478,7 +705,8 @@ func (d *Device) writeSingle(rx *queue, frame []byte) error {
 		}
 		return ErrBufferTooSmall
 	}
-	h := virtio.NetHdr{NumBuffers: 1}
+	h := rx.vh
+	h.NumBuffers = 1
 	_ = h.Encode(rx.hdr[:], hdrLen)
 	scatterAt(c, 0, rx.hdr[:hdrLen])
 	scatterAt(c, uint64(hdrLen), frame)
@@ -529,7 +757,8 @@ func (d *Device) writeMergeable(rx *queue, frame []byte) error {
 		got += c.WritableLen
 	}
 	var off uint64
-	h := virtio.NetHdr{NumBuffers: uint16(n)}
+	h := rx.vh
+	h.NumBuffers = uint16(n)
 	_ = h.Encode(rx.hdr[:], hdrLen)
 	for i := 0; i < n; i++ {
 		c := &rx.stash[i]

@@ -27,11 +27,17 @@ const (
 	DropFiltered
 	// DropLinkDown: the link is down.
 	DropLinkDown
+	// DropTxBadHeader: a transmitted frame whose virtio-net header lies
+	// (ErrBadHeader: see OffloadHandler for what is checked).
+	DropTxBadHeader
+	// DropRxBadHeader: a frame given to DeliverHdr (or Tx.ReplyHdr) whose
+	// header lies.
+	DropRxBadHeader
 	numDropReasons
 )
 
 var dropNames = [...]string{"tx_short", "tx_too_big", "rx_too_big", "rx_no_buffer", "rx_too_small",
-	"rx_not_ready", "filtered", "link_down"}
+	"rx_not_ready", "filtered", "link_down", "tx_bad_header", "rx_bad_header"}
 
 func (r DropReason) String() string {
 	if r >= 0 && r < numDropReasons {

@@ -296,7 +296,11 @@ type session struct {
 	status      virtio.Status
 	mem         *peerMemory
 	log         *dirty.Bitmap
-	queues      []vq
+	// pending logs the rings' writes while LOG_ALL is negotiated and no
+	// SET_LOG_BASE has arrived yet; setLog merges it into the log. See
+	// ringLog.
+	pending *dirty.Bitmap
+	queues  []vq
 
 	// errFds publishes, per queue, the SET_VRING_ERR eventfd of a running
 	// queue (nil otherwise) to the watcher goroutine that signals it when
@@ -338,6 +342,7 @@ func (s *session) teardown() {
 		_ = s.log.Close()
 		s.log = nil
 	}
+	s.dropPending()
 	_ = s.c.close()
 	s.b.mu.Lock()
 	s.b.info.Connected = false
@@ -663,6 +668,9 @@ func (s *session) setFeatures(f virtio.Features) error {
 	old := s.features &^ virtio.FProtocolFeat.Bit() &^ virtio.FLogAll.Bit()
 	running := s.stopAllRunning()
 	s.features, s.featuresSet = f, true
+	if !f.Has(virtio.FLogAll) {
+		s.dropPending()
+	}
 	if !s.handlerSet || dev != old {
 		if err := s.h.SetFeatures(dev); err != nil {
 			return &MessageError{Request: ReqSetFeatures, Err: fmt.Errorf("%w: %w", ErrDeviceFailed, err)}
@@ -776,7 +784,110 @@ func (s *session) setLog(l Log, fd int) error {
 		_ = s.log.Close()
 	}
 	s.log = bm
+	if err := s.mergePending(); err != nil {
+		return err
+	}
 	return s.restart(running)
+}
+
+// Dirty logging before the log exists.
+//
+// Once LOG_ALL is negotiated every write the device makes to guest memory
+// must reach the log, but front-ends do not always send SET_LOG_BASE before
+// the rings run: QEMU's vhost_dev_start sets the features (with LOG_ALL
+// while migrating), the memory table and every ring, kicks included, and
+// only then SET_LOG_BASE. That is the order when a back-end that was
+// restarted during a migration is attached again. Rings that start in that
+// window and served the guest without logging would leave pages dirty that
+// the migration never sends again (the destination then runs on stale
+// memory). Holding the rings until the log arrives is no answer either:
+// nothing obliges a front-end to ever send one.
+//
+// So a ring started with LOG_ALL and no log logs into a private pending
+// bitmap covering the memory table, and SET_LOG_BASE ORs it into the log
+// before the rings restart with the real log: every write is in the log
+// the front-end reads, and the rings never wait. The pending bitmap is
+// dropped when LOG_ALL is turned off (nobody asked for those pages) and at
+// the end of the session; it survives a device reset (the pages were
+// written all the same); a new memory table grows it.
+
+// ringLog returns the log a ring starting now must write: the front-end's
+// log, or the pending bitmap while LOG_ALL is on without one, or nil.
+func (s *session) ringLog() (*dirty.Bitmap, error) {
+	if !s.features.Has(virtio.FLogAll) {
+		s.dropPending()
+		return nil, nil
+	}
+	if s.log != nil {
+		return s.log, nil
+	}
+	span := s.memSpan()
+	if s.pending != nil && s.pending.Span() >= span {
+		return s.pending, nil
+	}
+	bm, err := dirty.New(span, nil)
+	if err != nil {
+		return nil, msgErr(ReqSetFeatures, ErrProtocol, "pending dirty log for %#x bytes of guest memory: %v", span, err)
+	}
+	if s.pending != nil {
+		if err := bm.Union(s.pending); err != nil {
+			_ = bm.Close()
+			return nil, msgErr(ReqSetMemTable, ErrProtocol, "growing the pending dirty log: %v", err)
+		}
+		_ = s.pending.Close()
+	} else {
+		s.b.log.Info("vhost-user: LOG_ALL negotiated before SET_LOG_BASE; logging into a pending bitmap until the log arrives")
+	}
+	s.pending = bm
+	return bm, nil
+}
+
+// memSpan is the end of the highest guest-physical region of the memory
+// table: the span a log for this memory must cover.
+func (s *session) memSpan() uint64 {
+	var end uint64
+	if s.mem != nil && s.mem.mem != nil {
+		for _, r := range s.mem.mem.Regions() {
+			end = max(end, uint64(r.End()))
+		}
+	}
+	return max(end, 1)
+}
+
+// mergePending ORs the pending bitmap into the front-end's log and drops
+// it. Every running ring is stopped (setLog stopped them), so no write
+// lands in the pending bitmap after the merge.
+func (s *session) mergePending() error {
+	if s.pending == nil {
+		return nil
+	}
+	defer s.dropPending()
+	n := s.pending.Count()
+	words := make([]uint64, s.pending.Words())
+	if _, err := s.pending.HarvestWords(words); err != nil {
+		return msgErr(ReqSetLogBase, ErrProtocol, "reading the pending dirty log: %v", err)
+	}
+	if w := s.log.Words(); len(words) > w {
+		for _, x := range words[w:] {
+			if x != 0 {
+				return msgErr(ReqSetLogBase, ErrProtocol,
+					"log of %#x bytes does not cover pages the rings wrote before it arrived", s.log.Span())
+			}
+		}
+		words = words[:w]
+	}
+	if err := s.log.UnionWords(words); err != nil {
+		return msgErr(ReqSetLogBase, ErrProtocol, "merging the pending dirty log: %v", err)
+	}
+	s.b.log.Info("vhost-user: pending dirty log merged into the front-end's log", "pages", n)
+	return nil
+}
+
+func (s *session) dropPending() {
+	if s.pending != nil {
+		_ = s.pending.Close()
+		s.pending = nil
+	}
 }
 
 func (s *session) setVringAddr(a VringAddr) error {
@@ -936,8 +1047,12 @@ func (s *session) tryStart(i int) error {
 		}
 	}
 	opts := vring.DeviceQueueOptions{Index: i, Layout: l, Features: s.features, State: st}
-	if s.features.Has(virtio.FLogAll) && s.log != nil {
-		opts.Log = s.log
+	rl, err := s.ringLog()
+	if err != nil {
+		return err
+	}
+	if rl != nil {
+		opts.Log = rl
 		if q.addr.Flags&VringFLog != 0 {
 			opts.UsedLogAddr = vring.GuestAddr(q.addr.Log)
 		}

@@ -823,14 +823,6 @@ func TestQEMUReconnect(t *testing.T) {
 // destination if it completed, else the source.
 func TestQEMUBackendKilledDuringMigration(t *testing.T) {
 	forEachQEMU(t, func(t *testing.T, q qemuPeer, helper string) {
-		if q.name == "qemu7.2" && os.Getenv("VDPAKIT_QEMU72_BACKEND_KILL") != "1" {
-			// Seen in CI: with the destination's back-end killed and
-			// restarted mid-migration, QEMU 7.2's destination at times
-			// never restarts its NIC (tx timeouts in the guest; a
-			// set_link off/on revives it), the same 7.2 re-attach
-			// behaviour as the source-kill variant below.
-			t.Skip("QEMU 7.2 at times leaves the destination NIC stopped after its back-end is re-attached mid-migration; VDPAKIT_QEMU72_BACKEND_KILL=1 runs it")
-		}
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 		defer cancel()
 		start := time.Now()
@@ -861,6 +853,14 @@ func TestQEMUBackendKilledDuringMigration(t *testing.T) {
 		b.kill(t)
 		time.Sleep(time.Second)
 		b2 := startRig(t, ctx, dir, rigOptions{name: "b"})
+		// The incoming QEMU redials within its reconnect interval; let
+		// it be attached again before the migration may finish. (A
+		// migration that ends while the destination has no back-end
+		// leaves QEMU 7.2's NIC stopped: it does not start the device
+		// when the back-end comes later. QEMU's behaviour, not this
+		// test's subject.)
+		require.Eventually(t, func() bool { return b2.be.Info().Connected }, 60*time.Second, 50*time.Millisecond,
+			"destination re-attached to the restarted back-end during the migration")
 		_, err = sq.do("migrate-set-parameters", map[string]any{"max-bandwidth": 1 << 30})
 		require.NoError(t, err)
 		m, err = waitMigration(ctx, sq, 90*time.Second)
@@ -896,16 +896,6 @@ func TestQEMUBackendKilledDuringMigration(t *testing.T) {
 // the restarted back-end), with nothing duplicated or corrupt.
 func TestQEMUSourceBackendKilledDuringMigration(t *testing.T) {
 	forEachQEMU(t, func(t *testing.T, q qemuPeer, helper string) {
-		if q.name == "qemu7.2" && os.Getenv("VDPAKIT_QEMU72_BACKEND_KILL") != "1" {
-			// Seen in CI: the restarted source back-end gets SET_FEATURES
-			// with LOG_ALL and its rings started before SET_LOG_BASE,
-			// so its first writes go unlogged; the destination resumed
-			// with stale used rings and its guest oopsed (and in 2 of 7
-			// earlier runs never restarted its NIC). The back-end should
-			// hold rings until the log arrives; until then this variant
-			// runs only on request.
-			t.Skip("QEMU 7.2 re-attaches a restarted back-end mid-migration with rings started before SET_LOG_BASE (unlogged writes; the back-end does not yet hold rings until the log arrives); VDPAKIT_QEMU72_BACKEND_KILL=1 runs it")
-		}
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 		defer cancel()
 		start := time.Now()
@@ -936,6 +926,19 @@ func TestQEMUSourceBackendKilledDuringMigration(t *testing.T) {
 		a.kill(t)
 		time.Sleep(time.Second)
 		a2 := startRig(t, ctx, dir, rigOptions{name: "a"})
+		// Let the source re-attach its device to the restarted back-end
+		// before the migration may finish. If it ends while the source's
+		// back-end is away, QEMU has set the NIC's link down, and the
+		// destination takes the link state over from the migrated
+		// virtio-net status (virtio_net_post_load_device): its device
+		// then never starts without an operator's set_link. That is
+		// QEMU's rule, not the back-end's, and not what this test is
+		// about: the re-attach during a migration is (QEMU sends LOG_ALL
+		// and starts the rings before SET_LOG_BASE; the back-end must log
+		// those writes all the same).
+		require.Eventually(t, func() bool { return a2.be.Info().RunningQueues == 2 }, 60*time.Second, 50*time.Millisecond,
+			"source re-attached to the restarted back-end during the migration")
+		t.Logf("source re-attached to the restarted back-end during the migration")
 		_, err = sq.do("migrate-set-parameters", map[string]any{"max-bandwidth": 1 << 30})
 		require.NoError(t, err)
 		m, err = waitMigration(ctx, sq, 90*time.Second)
@@ -955,28 +958,11 @@ func TestQEMUSourceBackendKilledDuringMigration(t *testing.T) {
 		require.Equal(t, "running", st, "the side that should run the guest (%s)", live.name)
 		before := echoes(liveRig)
 		took, err := waitEchoes(ctx, before+10, 20*time.Second, liveRig)
-		relinked := false
-		if err != nil && q.name == "qemu7.2" && m.Status == "completed" {
-			// QEMU 7.2: the source set the NIC's link down when its
-			// back-end went away and, though it redialled, did not start
-			// the device on the new back-end before the migration ended;
-			// the destination inherits the link down and never starts
-			// the device (its back-end sees no SET_FEATURES or
-			// SET_MEM_TABLE). Seen in about 1 of 6 runs; an operator's
-			// set_link brings it up. Not seen with QEMU 11 (5 runs), where
-			// a dead NIC fails the test: this branch is 7.2's only.
-			t.Logf("%s: no traffic on the destination (%v); QMP set_link net0 off, on", q.name, err)
-			relinked = true
-			for _, up := range []bool{false, true} {
-				_, err := liveQ.do("set_link", map[string]any{"name": "net0", "up": up})
-				require.NoError(t, err)
-			}
-			took, err = waitEchoes(ctx, before+10, 20*time.Second, liveRig)
-		}
 		require.NoError(t, err, "guest traffic on %s after the migration %s", live.name, m.Status)
 		p := stopPingers(t, ctx, live, g.nonce, "final")
-		t.Logf("RESULT %s source back-end killed during migration: migration %s, guest answers on %s (traffic %v after, set_link needed: %v), guest %v, QEMU downtime %d ms, run time %v",
-			q.name, m.Status, live.name, took.Round(time.Millisecond), relinked, p, m.Downtime, time.Since(start).Round(time.Millisecond))
+		t.Logf("restarted back-end's notes: %q", a2.rec.notes())
+		t.Logf("RESULT %s source back-end killed during migration: migration %s, guest answers on %s (traffic %v after), guest %v, QEMU downtime %d ms, run time %v",
+			q.name, m.Status, live.name, took.Round(time.Millisecond), p, m.Downtime, time.Since(start).Round(time.Millisecond))
 		assert.Positive(t, p.rx, "echo replies reached the guest")
 		assert.Zero(t, p.dup, "duplicated replies")
 		assert.Zero(t, p.corrupt, "corrupt frames")

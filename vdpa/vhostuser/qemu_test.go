@@ -157,6 +157,7 @@ type msgRecorder struct {
 	mu    sync.Mutex
 	msgs  []msgRecord
 	warns []string
+	infos []string // info-level notes (e.g. the pending dirty log merged)
 	// fixture, when set (VDPAKIT_RECORD_DIR), gets every request and
 	// reply in the testdata/lifecycle fixture format: one request a line,
 	// its reply as a "# -> " comment, connects, disconnects and the test's
@@ -200,11 +201,15 @@ func (r *msgRecorder) WithGroup(string) slog.Handler            { return r }
 func (r *msgRecorder) Handle(_ context.Context, rec slog.Record) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if rec.Level >= slog.LevelWarn {
+	if rec.Level >= slog.LevelInfo && !strings.HasPrefix(rec.Message, "vhost-user front-end") {
 		var sb strings.Builder
 		sb.WriteString(rec.Message)
 		rec.Attrs(func(a slog.Attr) bool { fmt.Fprintf(&sb, " %s=%v", a.Key, a.Value); return true })
-		r.warns = append(r.warns, sb.String())
+		if rec.Level >= slog.LevelWarn {
+			r.warns = append(r.warns, sb.String())
+		} else {
+			r.infos = append(r.infos, sb.String())
+		}
 	}
 	if r.fixture != nil {
 		var desc string
@@ -241,6 +246,13 @@ func (r *msgRecorder) Handle(_ context.Context, rec slog.Record) error {
 	})
 	r.msgs = append(r.msgs, m)
 	return nil
+}
+
+// notes returns the info-level notes so far.
+func (r *msgRecorder) notes() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]string(nil), r.infos...)
 }
 
 func (r *msgRecorder) snapshot() ([]msgRecord, []string) {

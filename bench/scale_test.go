@@ -1,0 +1,41 @@
+package main
+
+import (
+	"context"
+	"io"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/vdpakit/vdpakit/vdpa/softnet"
+)
+
+// TestScaleSmoke runs the scale suite's pieces at tiny counts: every
+// device and session answers its ping, nothing is left behind after
+// close, and the throughput runs move frames in both modes.
+func TestScaleSmoke(t *testing.T) {
+	cfg, err := parseArgs([]string{"scale", "-short"}, io.Discard)
+	require.NoError(t, err)
+	h := &Harness{cfg: cfg, prog: NewProgress(io.Discard, false, false)}
+	ctx := context.Background()
+	h.scaleCount(ctx, "softnet", 4, 3, 0, newLocalDevice)
+	h.scaleCount(ctx, "vhost-user", 3, 8, 0, newVhostSession)
+	require.Zero(t, h.failed, "%+v", h.results)
+	for _, r := range h.results {
+		for _, name := range []string{"leaked goroutines", "leaked fds"} {
+			m, ok := r.Metric(name)
+			require.True(t, ok, "%s has %s", r.Name, name)
+			assert.Zero(t, m.Value, "%s: %s", r.Name, name)
+		}
+		m, _ := r.Metric("fds")
+		assert.Positive(t, m.Value, "%s: the embedder's descriptors are counted", r.Name)
+	}
+	for _, mode := range []softnet.Mode{softnet.ModeEvent, softnet.ModePoll} {
+		res, err := pairThroughput(ctx, mode, 3, 16, 50*time.Millisecond)
+		require.NoError(t, err, "%v", mode)
+		assert.Positive(t, res.fps, "%v", mode)
+		assert.Positive(t, res.cpuNs, "%v", mode)
+	}
+}

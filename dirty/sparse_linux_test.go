@@ -1,0 +1,226 @@
+package dirty_test
+
+import (
+	"bufio"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
+
+	"github.com/vdpakit/vdpakit/dirty"
+)
+
+// resident returns how many pages of the log's mapping are in memory: the
+// Rss of its mapping in /proc/self/smaps, divided by the page size. It is
+// the test's own view of which pages of a shared log exist, through a
+// different interface than the lseek calls the package makes.
+func resident(t *testing.T, b *dirty.Bitmap) int {
+	t.Helper()
+	addr := uint64(b.Addr())
+	f, err := os.Open("/proc/self/smaps")
+	require.NoError(t, err)
+	defer f.Close()
+	s := bufio.NewScanner(f)
+	in := false
+	for s.Scan() {
+		line := s.Text()
+		if r, _, ok := strings.Cut(line, " "); ok && strings.Contains(r, "-") && !strings.HasSuffix(r, ":") {
+			lo, hi, _ := strings.Cut(r, "-")
+			l, err1 := strconv.ParseUint(lo, 16, 64)
+			h, err2 := strconv.ParseUint(hi, 16, 64)
+			in = err1 == nil && err2 == nil && l <= addr && addr < h
+			continue
+		}
+		if in && strings.HasPrefix(line, "Rss:") {
+			kb, err := strconv.ParseUint(strings.TrimSpace(strings.TrimSuffix(strings.TrimPrefix(line, "Rss:"), "kB")), 10, 64)
+			require.NoError(t, err)
+			return int(kb << 10 / uint64(os.Getpagesize()))
+		}
+	}
+	t.Fatalf("no mapping at %#x in /proc/self/smaps", addr)
+	return 0
+}
+
+// procStatus returns a field of /proc/self/status in bytes (kB values).
+func procStatus(t *testing.T, field string) uint64 {
+	t.Helper()
+	f, err := os.Open("/proc/self/status")
+	require.NoError(t, err)
+	defer f.Close()
+	s := bufio.NewScanner(f)
+	for s.Scan() {
+		k, v, ok := strings.Cut(s.Text(), ":")
+		if ok && k == field {
+			kb, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+			require.NoError(t, err)
+			return kb << 10
+		}
+	}
+	t.Fatalf("no %s in /proc/self/status", field)
+	return 0
+}
+
+// memTotal is MemTotal of /proc/meminfo in bytes.
+func memTotal(t *testing.T) uint64 {
+	t.Helper()
+	b, err := os.ReadFile("/proc/meminfo")
+	require.NoError(t, err)
+	for line := range strings.Lines(string(b)) {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == "MemTotal:" {
+			kb, err := strconv.ParseUint(f[1], 10, 64)
+			require.NoError(t, err)
+			return kb << 10
+		}
+	}
+	t.Fatal("no MemTotal in /proc/meminfo")
+	return 0
+}
+
+// hugeSparseLog returns a shared log of up to 1 GiB (a 32 TiB guest),
+// within what New accepts on this machine.
+func hugeSparseLog(t *testing.T) *dirty.Bitmap {
+	t.Helper()
+	size := min(uint64(1<<30), memTotal(t)/8) &^ (1<<20 - 1)
+	b, err := dirty.New(size*8*dirty.DefaultPageSize, &dirty.Options{Shared: true})
+	require.NoError(t, err)
+	t.Cleanup(func() { b.Close() })
+	require.Equal(t, int(size), b.Size())
+	return b
+}
+
+// TestHugeSparseSharedLogHarvestsWhatIsWritten: harvesting, counting,
+// clearing and iterating a huge clean shared log brings none of it into
+// memory, and a sparsely written one only the pages written: the process's
+// shared memory (RssShmem) stays within a few MiB of where it started.
+func TestHugeSparseSharedLogHarvestsWhatIsWritten(t *testing.T) {
+	src, dst := hugeSparseLog(t), hugeSparseLog(t)
+	rss0 := procStatus(t, "RssShmem")
+	require.Zero(t, resident(t, src), "a new log holds no pages")
+
+	n, err := src.Harvest(dst)
+	require.NoError(t, err)
+	require.Zero(t, n)
+	require.Zero(t, src.Count())
+	require.NoError(t, src.Clear())
+	for range src.DirtyPages() {
+		t.Fatal("a clean log has no dirty page")
+	}
+	for range src.DirtyRuns() {
+		t.Fatal("a clean log has no dirty run")
+	}
+	require.NoError(t, dst.Union(src))
+	assert.Zero(t, resident(t, src), "a clean harvest touched the log")
+	assert.Zero(t, resident(t, dst), "a clean harvest touched its destination")
+
+	// Mark pages scattered over the whole span: each lands on its own
+	// page of log (a log page holds 32768 guest pages).
+	const marks = 200
+	step := src.NumPages() / marks
+	var want []uint64
+	for i := range uint64(marks) {
+		p := i*step + i%7
+		want = append(want, p)
+		require.NoError(t, src.Mark(src.PageAddr(p)+17, 1))
+	}
+	logPages := resident(t, src)
+	require.LessOrEqual(t, logPages, marks)
+	n, err = src.Harvest(dst)
+	require.NoError(t, err)
+	require.Equal(t, uint64(marks), n)
+	assert.Equal(t, want, slices.Collect(dst.DirtyPages()))
+	assert.Equal(t, logPages, resident(t, src), "the harvest touched only pages written")
+	assert.LessOrEqual(t, resident(t, dst), marks, "the destination took only the pages it got bits for")
+	n, err = src.Harvest(dst)
+	require.NoError(t, err)
+	require.Zero(t, n, "a second harvest finds nothing")
+	assert.Less(t, procStatus(t, "RssShmem")-rss0, uint64(8<<20), "shared memory grew")
+}
+
+// TestResidencyCheckSeesReadFaults is the negative control of the test
+// above: reading holes of a shared log through its mapping (what a scan
+// that does not skip them does) brings them into memory, and resident
+// counts them.
+func TestResidencyCheckSeesReadFaults(t *testing.T) {
+	b := hugeSparseLog(t)
+	mem := b.Bytes()
+	const touched = 64
+	stride := len(mem) / touched
+	var sum byte
+	for i := range touched {
+		sum |= mem[i*stride]
+	}
+	require.Zero(t, sum)
+	require.GreaterOrEqual(t, resident(t, b), touched, "reads of holes fault pages in")
+}
+
+// TestAttachFdHarvestSkipsHoles: a peer's log file with data pages here and
+// there (written with pwrite) and an offset: AttachFd's harvest returns
+// exactly the bits written, whichever side of a hole they lie.
+func TestAttachFdHarvestSkipsHoles(t *testing.T) {
+	pg := os.Getpagesize()
+	fd, err := unix.MemfdCreate("peer-log", unix.MFD_CLOEXEC)
+	require.NoError(t, err)
+	defer unix.Close(fd)
+	const logPages = 64
+	offset := uint64(3*pg + 24) // the log starts mid-page
+	size := uint64(logPages * pg)
+	require.NoError(t, unix.Ftruncate(fd, int64(offset+size)))
+	// Bits at the first word, the last word, words either side of a page
+	// boundary, and one in the middle of a long hole's neighbour.
+	lastWord := size/8 - 1
+	set := map[uint64]uint64{0: 1 << 3, lastWord: 1 << 63, 511: 1, 512: 1 << 7, 40 * 512: 0xf0}
+	for w, v := range set {
+		var buf [8]byte
+		for i := range buf {
+			buf[i] = byte(v >> (8 * i))
+		}
+		_, err := unix.Pwrite(fd, buf[:], int64(offset+8*w))
+		require.NoError(t, err)
+	}
+	b, err := dirty.AttachFd(fd, offset, size, nil)
+	require.NoError(t, err)
+	defer b.Close()
+	var want []uint64
+	for w, v := range set {
+		for bit := range uint64(64) {
+			if v&(1<<bit) != 0 {
+				want = append(want, w*64+bit)
+			}
+		}
+	}
+	slices.Sort(want)
+	assert.Equal(t, want, slices.Collect(b.DirtyPages()))
+	assert.Equal(t, uint64(len(want)), b.Count())
+	dst := make([]uint64, b.Words())
+	n, err := b.HarvestWords(dst)
+	require.NoError(t, err)
+	assert.Equal(t, uint64(len(want)), n)
+	for w := range dst {
+		assert.Equal(t, set[uint64(w)], dst[w], "word %d", w)
+	}
+	assert.Zero(t, b.Count())
+}
+
+// TestNewRefusesLogBeyondMachine: a log larger than a quarter of the
+// machine's memory is an error matching ErrTooLarge, not a runtime
+// out-of-memory failure when it is first used.
+func TestNewRefusesLogBeyondMachine(t *testing.T) {
+	quarter := memTotal(t) / 4
+	for _, shared := range []bool{false, true} {
+		big := (quarter + 1<<20) * 8 * dirty.DefaultPageSize
+		_, err := dirty.New(big, &dirty.Options{Shared: shared})
+		require.ErrorIs(t, err, dirty.ErrTooLarge, "shared %v", shared)
+		var se *dirty.SizeError
+		require.ErrorAs(t, err, &se)
+		assert.Equal(t, quarter+1<<20, se.Size)
+
+		b, err := dirty.New((quarter-1<<20)*8*dirty.DefaultPageSize, &dirty.Options{Shared: shared})
+		require.NoError(t, err, "a log just within the limit (never touched)")
+		require.NoError(t, b.Close())
+	}
+}

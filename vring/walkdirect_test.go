@@ -1,0 +1,87 @@
+package vring
+
+import (
+	"math/rand/v2"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+)
+
+// TestWalkDirectAgreesWithWalk checks walk's fast path against walk itself
+// on random descriptor tables, mostly well-formed chains with every kind of
+// defect mixed in: whenever walkDirect accepts a chain, walk accepts it too
+// and builds the same Chain; whatever walkDirect declines, walk decides.
+func TestWalkDirectAgreesWithWalk(t *testing.T) {
+	const size = 16
+	rng := rand.New(rand.NewPCG(14, 1))
+	accepted, declined := 0, 0
+	for iter := 0; iter < 20000; iter++ {
+		backing := make([]byte, 0x4000)
+		r1, err := NewRegion(0x1000, backing[:0x2000:0x2000], nil)
+		require.NoError(t, err)
+		r2, err := NewRegion(0x3000, backing[0x2000:], nil) // a second region
+		require.NoError(t, err)
+		mem, err := NewMemory(r1, r2)
+		require.NoError(t, err)
+		l := ContiguousLayout(0x1000, size)
+		g := backing[:0x2000]
+		for i := 0; i < size; i++ {
+			addr := uint64(0x1800 + rng.IntN(0x700))
+			length := uint32(1 + rng.IntN(64))
+			flags := uint16(0)
+			next := uint16(i + 1)
+			if rng.IntN(3) != 0 {
+				flags |= DescFNext
+			}
+			if i >= size/2 || rng.IntN(8) == 0 {
+				flags |= DescFWrite
+			}
+			switch rng.IntN(24) {
+			case 0:
+				length = 0
+			case 1:
+				addr = 0x3000 + uint64(rng.IntN(0x2000)) // the other region, or past it
+			case 2:
+				addr = 0x1fff0 // nowhere
+			case 3:
+				flags |= DescFIndirect
+			case 4:
+				next = uint16(rng.IntN(2 * size)) // anywhere, also out of range or backwards (a loop)
+			case 5:
+				addr, length = 0x2ff0, 64 // crosses the region's end
+			}
+			writeDesc(g[l.Desc-0x1000:], uint16(i), addr, length, flags, next)
+		}
+		head := uint16(rng.IntN(size + 2))
+		var seed Chain
+		if rng.IntN(4) != 0 {
+			seed.Segs = make([]Segment, 0, rng.IntN(size+1))
+		}
+		newQ := func() *DeviceQueue {
+			q, err := NewDeviceQueue(mem, DeviceQueueOptions{Layout: l})
+			require.NoError(t, err)
+			if rng.IntN(2) == 0 { // a queue whose region cache is warm
+				q.cBase, q.cMem = 0x1000, backing[:0x2000]
+			}
+			return q
+		}
+		fast, slow := seed, seed
+		fast.Segs = make([]Segment, 0, cap(seed.Segs))
+		slow.Segs = make([]Segment, 0, cap(seed.Segs))
+		q := newQ()
+		if !q.walkDirect(head, &fast) {
+			declined++
+			mem.Close()
+			continue
+		}
+		accepted++
+		q2, err := NewDeviceQueue(mem, DeviceQueueOptions{Layout: l})
+		require.NoError(t, err)
+		require.NoError(t, q2.walk(head, &slow), "iteration %d: walkDirect accepted a chain walk refuses", iter)
+		require.Equal(t, slow, fast, "iteration %d", iter)
+		mem.Close()
+	}
+	t.Logf("walkDirect accepted %d chains, declined %d", accepted, declined)
+	require.NotZero(t, accepted)
+	require.NotZero(t, declined)
+}
