@@ -47,10 +47,6 @@ func (r *rawPacked) desc(table GuestAddr, i int, addr uint64, n uint32, id, flag
 	binary.LittleEndian.PutUint16(b[14:], flags)
 }
 
-func (r *rawPacked) flags(i int) uint16 {
-	return binary.LittleEndian.Uint16(r.region[int(r.l.Desc)+16*i+14:])
-}
-
 func (r *rawPacked) used(i int) (id uint16, n uint32, flags uint16) {
 	b := r.region[int(r.l.Desc)+16*i:]
 	return binary.LittleEndian.Uint16(b[12:]), binary.LittleEndian.Uint32(b[8:]), binary.LittleEndian.Uint16(b[14:])
