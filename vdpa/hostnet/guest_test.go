@@ -57,6 +57,13 @@ const (
 // tapName in ns, which gets address addr (CIDR).
 func newKernelGuest(t testing.TB, dev *softnet.Device, f virtio.Features, ns *netns, tapName, addr string) *kernelGuest {
 	t.Helper()
+	return newKernelGuestOnPair(t, dev, f, ns, tapName, addr, 0)
+}
+
+// newKernelGuestOnPair is newKernelGuest driving queue pair pair only
+// (receiveq 2*pair and transmitq 2*pair+1).
+func newKernelGuestOnPair(t testing.TB, dev *softnet.Device, f virtio.Features, ns *netns, tapName, addr string, pair int) *kernelGuest {
+	t.Helper()
 	g := &kernelGuest{t: t, dev: dev, features: f, ns: ns}
 	l := vdpa.NewLocal(dev, nil)
 	g.local = l
@@ -78,7 +85,8 @@ func newKernelGuest(t testing.TB, dev *softnet.Device, f virtio.Features, ns *ne
 	for i := 0; i < 2; i++ {
 		base := vring.GuestAddr(uint64(i) * per)
 		layout := vring.ContiguousLayout(base, guestQueueSize)
-		d, err := vringtest.NewDriver(mem, vringtest.DriverOptions{Index: i, Layout: layout, Features: f,
+		q := 2*pair + i
+		d, err := vringtest.NewDriver(mem, vringtest.DriverOptions{Index: q, Layout: layout, Features: f,
 			Data: base + vring.GuestAddr(ringBytes), SlotSize: guestSlot})
 		require.NoError(t, err)
 		g.drv[i] = d
@@ -86,11 +94,11 @@ func newKernelGuest(t testing.TB, dev *softnet.Device, f virtio.Features, ns *ne
 		require.NoError(t, err)
 		g.call[i], err = vdpa.NewEventFD()
 		require.NoError(t, err)
-		require.NoError(t, l.SetQueueNum(i, guestQueueSize))
-		require.NoError(t, l.SetQueueAddr(i, vdpa.QueueAddr{Desc: layout.Desc, Avail: layout.Avail, Used: layout.Used}))
-		require.NoError(t, l.SetQueueKick(i, g.kick[i]))
-		require.NoError(t, l.SetQueueCall(i, g.call[i]))
-		require.NoError(t, l.EnableQueue(i, true))
+		require.NoError(t, l.SetQueueNum(q, guestQueueSize))
+		require.NoError(t, l.SetQueueAddr(q, vdpa.QueueAddr{Desc: layout.Desc, Avail: layout.Avail, Used: layout.Used}))
+		require.NoError(t, l.SetQueueKick(q, g.kick[i]))
+		require.NoError(t, l.SetQueueCall(q, g.call[i]))
+		require.NoError(t, l.EnableQueue(q, true))
 	}
 	require.NoError(t, l.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK|virtio.StatusDriverOK))
 

@@ -2,6 +2,7 @@ package hostnet_test
 
 import (
 	"context"
+	"net"
 	"testing"
 	"time"
 
@@ -64,4 +65,45 @@ func TestPacketCloseLeaksNothing(t *testing.T) {
 	_, err = hostnet.OpenPacket("nosuchif0", &hostnet.PacketOptions{NetNS: ns.path})
 	assert.Error(t, err)
 	assert.Equal(t, before, countFDs(t), "a failed open leaks nothing")
+}
+
+// TestPacketPathsAllocateNothing: sending a frame with its header and
+// reading a ring block and delivering its frames allocate nothing.
+func TestPacketPathsAllocateNothing(t *testing.T) {
+	requireNetAdmin(t)
+	ns := newNetNS(t)
+	ns.ip("link", "add", "vdpk0", "type", "veth", "peer", "name", "vdpk1")
+	ns.ip("link", "set", "vdpk0", "up")
+	ns.ip("addr", "add", "10.79.0.1/24", "dev", "vdpk1")
+	ns.ip("link", "set", "vdpk1", "up")
+	ns.ip("neigh", "add", "10.79.0.2", "lladdr", "02:00:00:00:00:02", "dev", "vdpk1")
+	p, err := hostnet.OpenPacket("vdpk0", &hostnet.PacketOptions{NetNS: ns.path})
+	require.NoError(t, err)
+	defer p.Close(context.Background())
+	dev, err := softnet.New(nil)
+	require.NoError(t, err)
+
+	frame := make([]byte, 1000)
+	copy(frame, []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 2, 0, 0, 0, 0, 1, 0x88, 0xb5})
+	tx := &softnet.Tx{}
+	p.HandleOffload(tx, virtio.NetHdr{}, frame)
+	assert.Zero(t, testing.AllocsPerRun(200, func() { p.HandleOffload(tx, virtio.NetHdr{}, frame) }), "send")
+
+	var c *net.UDPConn
+	ns.run(func() {
+		c, err = net.DialUDP("udp4", nil, &net.UDPAddr{IP: net.IP{10, 79, 0, 2}, Port: 9})
+		require.NoError(t, err)
+	})
+	defer c.Close()
+	payload := make([]byte, 1000)
+	round := func() {
+		_, err := c.Write(payload) // out of vdpk1, into vdpk0's ring
+		require.NoError(t, err)
+		require.NoError(t, p.ReceiveBlock(dev))
+	}
+	round()
+	assert.Zero(t, testing.AllocsPerRun(50, round), "receive")
+	st := p.Stats()
+	assert.GreaterOrEqual(t, st.RxFrames+st.RxDropped, uint64(52), "every frame read accounted for: %+v", st)
+	assert.Equal(t, uint64(202), st.TxFrames+st.TxDropped, "every send accounted for: %+v", st)
 }

@@ -474,7 +474,13 @@ func (d *Device) StartQueue(q int, dq *vring.DeviceQueue, kick, call *vdpa.Event
 	}
 	switch kind {
 	case kindRx:
-		qu.startRx(dq, call)
+		// Features cannot change while a queue runs (SetFeatures), so
+		// the chains one frame may take are fixed until the next start.
+		chains := int(dq.Size())
+		if !d.mrg.Load() {
+			chains = 1
+		}
+		qu.startRx(dq, call, chains)
 		if qu.rxHeld.Swap(false) {
 			// Transmit workers held while this queue was stopped sleep on
 			// their kick: wake them (a spurious kick is harmless). They

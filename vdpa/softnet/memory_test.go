@@ -87,8 +87,8 @@ var base1 = virtio.Features(0).With(virtio.FVersion1)
 
 // TestQueueStateAllocatedOnStart: New commits only the queue structs;
 // a receive queue gets its chain state (sized by the driver's ring, not
-// MaxQueueSize) when it starts, keeps it across stop and start, and
-// gives it back on Reset.
+// MaxQueueSize, with MRG_RXBUF; one chain without) when it starts, keeps
+// it across stop and start, and gives it back on Reset.
 func TestQueueStateAllocatedOnStart(t *testing.T) {
 	before := heapInUse()
 	d, err := New(&Options{MaxQueuePairs: 0x8000, MaxQueueSize: 256, MaxQueueMemory: 8 << 30})
@@ -102,7 +102,7 @@ func TestQueueStateAllocatedOnStart(t *testing.T) {
 		require.Nil(t, q.stash)
 		require.Nil(t, q.gather)
 	}
-	require.NoError(t, d.SetFeatures(base1))
+	require.NoError(t, d.SetFeatures(base1.With(virtio.NetFMrgRxbuf)))
 
 	rx := d.queues[0]
 	require.NoError(t, d.StartQueue(0, deviceQueue(t, 64), nil, nil))
@@ -122,6 +122,12 @@ func TestQueueStateAllocatedOnStart(t *testing.T) {
 	require.Nil(t, rx.stash, "Reset releases receive state")
 	require.Nil(t, rx.lens)
 	require.False(t, rx.isRunning())
+
+	// Without MRG_RXBUF a frame fills one chain: one is all the queue
+	// keeps, whatever the ring's size.
+	require.NoError(t, d.SetFeatures(base1))
+	require.NoError(t, d.StartQueue(0, deviceQueue(t, 128), nil, nil))
+	require.Len(t, rx.stash, 1)
 }
 
 // TestWorkerStateReleasedOnReset: a transmit queue's gather buffer comes

@@ -119,11 +119,11 @@ func defaultQueueMemory() uint64 {
 	return 1 << 30
 }
 
-// allocRx gives a receive queue its chain state for a ring of size entries,
-// keeping what it has when the size is unchanged (a queue stopped and
-// started again, as at every vhost-user stop/cont). The segments of all
-// chains share one backing array: two allocations per start, not one per
-// entry. Called with q.mu held and the queue stopped.
+// allocRx gives a receive queue its chain state for size chains, keeping
+// what it has when the size is unchanged (a queue stopped and started
+// again, as at every vhost-user stop/cont). The segments of all chains
+// share one backing array: two allocations per start, not one per entry.
+// Called with q.mu held and the queue stopped.
 func (q *queue) allocRx(size int) {
 	if len(q.stash) == size {
 		return
@@ -159,10 +159,13 @@ func (q *queue) loadErr() error {
 
 func (q *queue) setErr(err error) { q.err.Store(&err) }
 
-func (q *queue) startRx(dq *vring.DeviceQueue, call *vdpa.EventFD) {
+// startRx starts a receive queue that holds up to chains popped chains at
+// once: a frame spread over several (MRG_RXBUF) may take every entry of
+// the ring; without MRG_RXBUF a frame takes one chain.
+func (q *queue) startRx(dq *vring.DeviceQueue, call *vdpa.EventFD, chains int) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	q.allocRx(int(dq.Size()))
+	q.allocRx(chains)
 	q.dq, q.call, q.kick = dq, call, nil
 	q.nstash = 0
 	q.irq = false
