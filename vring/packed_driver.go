@@ -52,6 +52,10 @@ type drvID struct {
 	writable uint64
 	ndesc    uint16
 	inflight bool
+	// published is set by Publish: only a published chain can be used (a
+	// device naming a chain still pending would have the driver free it
+	// and then publish a freed slot).
+	published bool
 }
 
 type pendingHead struct {
@@ -233,6 +237,9 @@ func (q *DriverQueue) packedPublish() {
 	}
 	h := p.pending[0]
 	p.r.storeWord(h.pos, h.id, h.flags)
+	for _, h := range p.pending {
+		p.ids[h.id].published = true
+	}
 	p.sinceKick += p.added
 	p.added = 0
 	p.pending = p.pending[:0]
@@ -277,7 +284,7 @@ func (p *packedDriver) storeDrvEvent(w uint32) {
 // free returns id's chain: its ring descriptors and the id.
 func (p *packedDriver) free(id uint16) {
 	e := &p.ids[id]
-	e.inflight = false
+	e.inflight, e.published = false, false
 	p.numFree += int(e.ndesc)
 	next := uint32(p.nextUsed) + uint32(e.ndesc)
 	if next >= uint32(p.r.size) {
@@ -319,7 +326,7 @@ func (q *DriverQueue) packedReclaim() (uint16, uint32, bool, error) {
 	if flags&DescFWrite == 0 {
 		length = 0
 	}
-	if int(id) >= len(p.ids) || !p.ids[id].inflight {
+	if int(id) >= len(p.ids) || !p.ids[id].published {
 		return 0, 0, false, q.packedFail(p.nextUsed, ErrUsedIDNotOutstanding)
 	}
 	if uint64(length) > p.ids[id].writable {

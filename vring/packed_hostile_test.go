@@ -383,6 +383,19 @@ func TestPackedHostileDriverSideInput(t *testing.T) {
 			assert.Equal(t, rawPSize, s.drv.NumFree())
 		})
 	}
+	t.Run("a used id of a chain added but not published", func(t *testing.T) {
+		s := mk(t)
+		a, err := s.drv.Add([]Buffer{{Addr: 0x100000, Len: 64}})
+		require.NoError(t, err)
+		s.drv.Publish()
+		b, err := s.drv.Add([]Buffer{{Addr: 0x100000, Len: 64}})
+		require.NoError(t, err)
+		require.NotEqual(t, a, b)
+		forge(s, 0, b, 0, U1) // b's descriptors are in the ring, its head not published
+		_, _, ok, err := s.drv.Reclaim()
+		require.False(t, ok)
+		require.ErrorIs(t, err, ErrUsedIDNotOutstanding)
+	})
 	t.Run("without WRITE the used length is ignored", func(t *testing.T) {
 		s := mk(t)
 		id, err := s.drv.Add([]Buffer{{Addr: 0x100000, Len: 64}})
