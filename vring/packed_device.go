@@ -31,7 +31,6 @@ type packedDevice struct {
 	ordered bool
 	popSeq  uint32
 	pushSeq uint32
-	batch   uint32 // PushBatch's generation, marks the ids of one batch
 
 	sinceSignal uint32 // descriptors used since the last NeedsInterrupt
 
@@ -54,7 +53,6 @@ type packedDevice struct {
 type packedID struct {
 	writable uint64 // the chain's writable bytes
 	seq      uint32 // pop order
-	mark     uint32 // PushBatch generation
 	ndesc    uint16 // ring descriptors of the chain
 	inflight bool
 }
@@ -293,11 +291,13 @@ func (q *DeviceQueue) packedWalk(c *Chain, headFlags uint16) error {
 	n := uint16(0)
 	writable := false
 	var id uint16
+	descs := p.r.descs
+	base, mem := q.cBase, q.cMem // the cached region, in registers
 	for {
 		if n == limit {
 			return q.packedFail(pos, false, ErrChainTooLong)
 		}
-		d := &p.r.descs[pos]
+		d := &descs[pos]
 		if n > 0 {
 			if flags&availUsed != bits {
 				return q.packedFail(pos, false, ErrDescNotAvailable)
@@ -327,15 +327,28 @@ func (q *DeviceQueue) packedWalk(c *Chain, headFlags uint16) error {
 			return q.packedFail(at, false, ErrReadableAfterWritable)
 		}
 		writable = w
-		if err := q.appendSeg(c, addr, length, w); err != nil {
-			return q.packedFail(at, false, &wrap2{ErrBufferOutOfRange, err})
+		// appendSeg's fast path, inline: non-empty, inside the cached region.
+		if off := uint64(addr - base); off < uint64(len(mem)) && uint64(length)-1 < uint64(len(mem))-off {
+			seg := c.grow()
+			seg.Addr, seg.Len, seg.Writable, seg.Buf = addr, length, w, bufAt(mem, off, length)
+			if w {
+				c.WritableLen += uint64(length)
+			} else {
+				c.ReadableLen += uint64(length)
+				c.Readable++
+			}
+		} else {
+			if err := q.appendSegsSlow(c, addr, length, w); err != nil {
+				return q.packedFail(at, false, &wrap2{ErrBufferOutOfRange, err})
+			}
+			base, mem = q.cBase, q.cMem // appendSegsSlow may have cached another region
 		}
 		if flags&DescFNext == 0 {
 			break
 		}
 		// The next descriptor's flags word, loaded atomically: it is
 		// checked for AVAIL/USED at the top of the loop.
-		_, flags = p.r.loadWord(pos)
+		flags = uint16(atomic.LoadUint32(descWord(&descs[pos])) >> 16)
 	}
 	last := pos - 1
 	if pos == 0 {
@@ -405,13 +418,68 @@ func (q *DeviceQueue) appendSeg(c *Chain, addr GuestAddr, length uint32, w bool)
 }
 
 func (q *DeviceQueue) packedPopBatch(cs []Chain) (int, error) {
-	for i := range cs {
+	i := 0
+	for i < len(cs) {
+		if q.err == nil {
+			i += q.packedPopRun(cs[i:])
+			if i == len(cs) {
+				break
+			}
+		}
+		// packedPopRun stopped at a chain it does not take (or the ring
+		// is empty, or the queue broken): packedPop walks it (or arms the
+		// event and re-checks).
 		ok, err := q.packedPop(&cs[i])
 		if err != nil || !ok {
 			return i, err
 		}
+		i++
 	}
-	return len(cs), nil
+	return i, nil
+}
+
+// packedPopRun is PackedPopBatch's tight loop: it pops available chains
+// into batch while they are single direct descriptors inside the cached
+// region with a free buffer id, and returns how many. Anything else (and
+// the end of the available chains) stops it; packedPop takes over.
+func (q *DeviceQueue) packedPopRun(batch []Chain) int {
+	p := q.pk
+	descs, ids := p.r.descs, p.ids
+	base, mem := q.cBase, q.cMem
+	pos, bits := p.nextAvail, p.availBits
+	room := p.r.size - p.inflight
+	seq := p.popSeq
+	k := 0
+	for ; k < len(batch) && uint16(k) < room; k++ {
+		if int(pos) >= len(descs) { // never (pos < size); lets the compiler drop the bounds checks below
+			break
+		}
+		d := &descs[pos]
+		// Rule 2: the flags word (acquire), then addr and len.
+		w := atomic.LoadUint32(descWord(d))
+		id, flags := uint16(w), uint16(w>>16)
+		if flags&availUsed != bits || flags&(DescFNext|DescFIndirect) != 0 || int(id) >= len(ids) || ids[id].inflight {
+			break
+		}
+		addr, length := GuestAddr(d.addr), d.len
+		c := &batch[k]
+		off := uint64(addr - base)
+		segs := c.Segs
+		if off >= uint64(len(mem)) || uint64(length)-1 >= uint64(len(mem))-off || cap(segs) == 0 {
+			break
+		}
+		c.fill1(segs[:1], id, addr, length, flags, bufAt(mem, off, length))
+		c.Descs = 1
+		e := &ids[id]
+		e.inflight, e.ndesc, e.writable, e.seq = true, 1, c.WritableLen, seq
+		seq++
+		if pos++; pos == uint16(len(descs)) {
+			pos, bits = 0, bits^availUsed
+		}
+	}
+	p.nextAvail, p.availBits, p.popSeq = pos, bits, seq
+	p.inflight += uint16(k)
+	return k
 }
 
 // AdoptInFlight declares a chain that was in flight when a packed queue
@@ -459,22 +527,15 @@ func (q *DeviceQueue) packedPushErr(id uint16) error {
 }
 
 // release returns id's ring descriptors: the used position moves past
-// them. It returns the ring index where id's used descriptor goes.
+// them. It returns the ring index where id's used descriptor goes and the
+// used wrap bits there.
 func (p *packedDevice) release(id uint16) (at uint16, bits uint16) {
 	e := &p.ids[id]
 	e.inflight = false
 	at, bits = p.nextUsed, p.usedBits
-	if p.inOrder {
-		if e.seq == p.pushSeq {
-			p.pushSeq++
-		} else {
-			p.ordered = false
-		}
-	}
 	n := e.ndesc
-	if p.inOrder && p.lost != 0 {
-		n += p.lost // see lost
-		p.lost = 0
+	if p.inOrder {
+		n = p.releaseInOrder(e.seq, n)
 	}
 	p.inflight -= n
 	p.sinceSignal += uint32(n)
@@ -484,10 +545,26 @@ func (p *packedDevice) release(id uint16) (at uint16, bits uint16) {
 		p.usedBits ^= availUsed
 	}
 	p.nextUsed = uint16(next)
-	if p.inflight == 0 {
-		p.ordered, p.pushSeq = true, p.popSeq
-	}
 	return at, bits
+}
+
+// releaseInOrder is release's IN_ORDER bookkeeping for a chain of seq
+// and n descriptors: the push order, and the lost chains the first used
+// descriptor covers. It returns the descriptors the used position moves.
+func (p *packedDevice) releaseInOrder(seq uint32, n uint16) uint16 {
+	if seq == p.pushSeq {
+		p.pushSeq++
+	} else {
+		p.ordered = false
+	}
+	if p.lost != 0 {
+		n += p.lost // see lost
+		p.lost = 0
+	}
+	if p.inflight == n {
+		p.ordered, p.pushSeq = true, p.popSeq // nothing left in flight
+	}
+	return n
 }
 
 // usedFlags is the flags of a used descriptor: AVAIL and USED equal to
@@ -560,22 +637,25 @@ func (q *DeviceQueue) packedPushBatch(elems []UsedElem) error {
 	}
 	p := q.pk
 	// Check everything first: nothing is written unless every element is
-	// a distinct buffer id in flight.
-	p.batch++
-	if p.batch == 0 {
-		for i := range p.ids {
-			p.ids[i].mark = 0
-		}
-		p.batch = 1
-	}
-	for _, e := range elems {
-		if !p.pushable(e.Head) || p.ids[e.Head].mark == p.batch {
-			if p.pushable(e.Head) {
-				return fmt.Errorf("%w: queue %d buffer id %d twice in one batch", ErrNotInFlight, q.index, e.Head)
+	// a distinct buffer id in flight. The check takes each id out of
+	// flight (a repeated id then fails) and puts them back on failure.
+	ids := p.ids
+	for i, e := range elems {
+		if int(e.Head) >= len(ids) || !ids[e.Head].inflight {
+			for _, u := range elems[:i] {
+				ids[u.Head].inflight = true
+			}
+			for _, u := range elems[:i] {
+				if u.Head == e.Head {
+					return fmt.Errorf("%w: queue %d buffer id %d twice in one batch", ErrNotInFlight, q.index, e.Head)
+				}
 			}
 			return q.packedPushErr(e.Head)
 		}
-		p.ids[e.Head].mark = p.batch
+		ids[e.Head].inflight = false
+	}
+	if !p.inOrder {
+		return q.packedPushBatchAny(elems)
 	}
 	// In-order skipping only for a batch that continues the pop order
 	// exactly: a used descriptor tells an IN_ORDER driver that every chain
@@ -632,20 +712,67 @@ func (q *DeviceQueue) packedPushBatch(elems []UsedElem) error {
 	// The last element always gets a descriptor, so wrote is true.
 	p.r.storeWord(first, firstID, firstFlags)
 	if q.log != nil {
-		// From the first used descriptor's len to the end of the last
-		// one written: at most count descriptors from start.
-		size := uint32(p.r.size)
-		s := uint32(start)
-		end := s + count // exclusive, in descriptors, may pass size
-		if end <= size {
-			return q.packedLogWrite(p.descLog+GuestAddr(16*uint64(s)+8), 16*uint64(end-s)-8)
-		}
-		if err := q.packedLogWrite(p.descLog+GuestAddr(16*uint64(s)+8), 16*uint64(size-s)-8); err != nil {
-			return err
-		}
-		return q.packedLogWrite(p.descLog, 16*uint64(min(end-size, size)))
+		return q.logUsedRange(uint32(start), count)
 	}
 	return nil
+}
+
+// packedPushBatchAny is packedPushBatch without IN_ORDER, once the ids
+// are checked (and out of flight): a used descriptor per element, at
+// consecutive used positions, the first one's word stored last.
+func (q *DeviceQueue) packedPushBatchAny(elems []UsedElem) error {
+	p := q.pk
+	ids, descs := p.ids, p.r.descs
+	size := uint32(len(descs))
+	start := uint32(p.nextUsed)
+	pos, bits := start, p.usedBits
+	var count uint32
+	var firstWord uint32
+	for i, e := range elems {
+		ent := &ids[e.Head]
+		if pos >= size { // never; lets the compiler drop the bounds check below
+			break
+		}
+		d := &descs[pos]
+		d.len = e.Len
+		w := uint32(e.Head) | uint32(usedFlags(bits, e.Len, ent.writable))<<16
+		if i == 0 {
+			firstWord = w
+		} else {
+			*descWord(d) = w // released by the first one's store below
+		}
+		n := uint32(ent.ndesc)
+		count += n
+		if pos += n; pos >= size {
+			pos -= size
+			bits ^= availUsed
+		}
+	}
+	// Rule 3: the batch's first used descriptor last (release).
+	atomic.StoreUint32(descWord(&descs[start]), firstWord)
+	p.nextUsed, p.usedBits = uint16(pos), bits
+	p.inflight -= uint16(count)
+	p.sinceSignal += count
+	if q.log != nil {
+		return q.logUsedRange(start, count)
+	}
+	return nil
+}
+
+// logUsedRange logs the used descriptors written from ring index start
+// over count descriptors (the len, id and flags bytes from the first to
+// the end of the range, in at most two pieces around the ring end).
+func (q *DeviceQueue) logUsedRange(start, count uint32) error {
+	p := q.pk
+	size := uint32(p.r.size)
+	end := start + count // exclusive, in descriptors, may pass size
+	if end <= size {
+		return q.packedLogWrite(p.descLog+GuestAddr(16*uint64(start)+8), 16*uint64(end-start)-8)
+	}
+	if err := q.packedLogWrite(p.descLog+GuestAddr(16*uint64(start)+8), 16*uint64(size-start)-8); err != nil {
+		return err
+	}
+	return q.packedLogWrite(p.descLog, 16*uint64(end-size))
 }
 
 func (q *DeviceQueue) packedNeedsInterrupt() bool {

@@ -3,7 +3,6 @@ package vring
 import (
 	"fmt"
 	"sync/atomic"
-	"unsafe"
 
 	"github.com/vdpakit/vdpakit/virtio"
 )
@@ -106,19 +105,16 @@ func newPackedRing(mem *Memory, l Layout) (packedRing, error) {
 	if r.devEvent, err = ptr32(dev, 0); err != nil {
 		return r, err
 	}
-	n := int(l.Size)
-	b := r.desc[: 16*n : 16*n]
-	r.descs = unsafe.Slice((*packedDesc)(unsafe.Pointer(&b[0])), n)
+	if r.descs, err = packedDescs(r.desc, int(l.Size)); err != nil {
+		return r, err
+	}
 	r.size = l.Size
 	return r, nil
 }
 
-// word returns a pointer to descriptor i's id|flags word (offset 12,
-// 4-aligned since the ring is 16-aligned). i < size, checked by the caller
-// (the index expression re-checks).
-func (r *packedRing) word(i uint16) *uint32 {
-	return (*uint32)(unsafe.Pointer(&r.descs[i].id))
-}
+// word returns a pointer to descriptor i's id|flags word. i < size,
+// checked by the caller (the index expression re-checks).
+func (r *packedRing) word(i uint16) *uint32 { return descWord(&r.descs[i]) }
 
 // loadWord loads descriptor i's id|flags word (acquire): id, flags.
 func (r *packedRing) loadWord(i uint16) (id, flags uint16) {
