@@ -250,8 +250,12 @@ func TestSparseScansMatchHeap(t *testing.T) {
 		t.Cleanup(func() { b.Close() })
 		return b
 	}
+	seeds := uint64(8)
+	if testing.Short() {
+		seeds = 2
+	}
 	for name, mk := range map[string]func(*testing.T) *dirty.Bitmap{"memfd": shared, "attach at an offset": attached} {
-		for seed := range uint64(8) {
+		for seed := range seeds {
 			t.Run(fmt.Sprintf("%s/seed %d", name, seed), func(t *testing.T) {
 				sut := mk(t)
 				oracle, err := dirty.New(sut.Span(), nil)
