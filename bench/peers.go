@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -306,6 +307,13 @@ func dpdkScenario(ctx context.Context, bin string, be vhostBackend, sc scenario,
 	if err != nil {
 		return run, err
 	}
+	// The run is timed from when the front-end starts forwarding: on a
+	// loaded machine EAL initialisation and the vhost-user handshake can
+	// take seconds, which must not come out of the measured window.
+	if err := waitForOutput(ctx, fe, "start packet forwarding", 30*time.Second); err != nil {
+		fe.stop(10 * time.Second)
+		return run, err
+	}
 	// Record where every thread may run once both sides are up (half-way
 	// through the run): the pinning is printed with the result.
 	half := time.After(runFor / 2)
@@ -473,4 +481,24 @@ func copyParams(p map[string]any) map[string]any {
 		out[k] = v
 	}
 	return out
+}
+
+// waitForOutput waits until testpmd p has printed marker, p exits, the
+// context ends or timeout passes.
+func waitForOutput(ctx context.Context, p *testpmdProc, marker string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for !bytes.Contains(p.output(), []byte(marker)) {
+		if ok, err := p.exited(); ok {
+			return fmt.Errorf("testpmd virtio-user exited before forwarding (%v): %s", err, tailLines(p.output(), 8))
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("testpmd virtio-user did not start forwarding within %v: %s", timeout, tailLines(p.output(), 8))
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	return nil
 }

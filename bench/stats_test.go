@@ -2,6 +2,8 @@ package main
 
 import (
 	"bytes"
+	"context"
+	"errors"
 	"io"
 	"math"
 	"os"
@@ -10,6 +12,7 @@ import (
 	"runtime"
 	"strconv"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -185,4 +188,24 @@ func TestPeerRatiosPlot(t *testing.T) {
 	legend, err := os.ReadFile(filepath.Join(dir, "peer_ratios.txt"))
 	require.NoError(t, err)
 	assert.Equal(t, "1. ratio x / y: 1x [0.79–1.19]\n", string(legend))
+}
+
+func TestWaitForOutput(t *testing.T) {
+	ctx := context.Background()
+	p := &testpmdProc{done: make(chan error, 1)}
+	go func() {
+		time.Sleep(20 * time.Millisecond)
+		p.Write([]byte("Done\nNo commandline core given, start packet forwarding\n"))
+	}()
+	require.NoError(t, waitForOutput(ctx, p, "start packet forwarding", 10*time.Second))
+
+	exited := &testpmdProc{done: make(chan error, 1)}
+	exited.Write([]byte("EAL: Cannot create lock\n"))
+	exited.done <- errors.New("exit status 1")
+	err := waitForOutput(ctx, exited, "start packet forwarding", 10*time.Second)
+	require.ErrorContains(t, err, "exited before forwarding")
+	assert.ErrorContains(t, err, "Cannot create lock", "its last output is in the error")
+
+	silent := &testpmdProc{done: make(chan error, 1)}
+	assert.ErrorContains(t, waitForOutput(ctx, silent, "start packet forwarding", 30*time.Millisecond), "did not start forwarding")
 }

@@ -2,6 +2,8 @@ package dirty_test
 
 import (
 	"bufio"
+	"fmt"
+	"math/rand/v2"
 	"os"
 	"slices"
 	"strconv"
@@ -222,5 +224,101 @@ func TestNewRefusesLogBeyondMachine(t *testing.T) {
 		b, err := dirty.New((quarter-1<<20)*8*dirty.DefaultPageSize, &dirty.Options{Shared: shared})
 		require.NoError(t, err, "a log just within the limit (never touched)")
 		require.NoError(t, b.Close())
+	}
+}
+
+// TestSparseScansMatchHeap: a log mapped from a file (a shared New, and
+// AttachFd at an offset that is not page-aligned) whose pages are written
+// here and there gives the same answers as a heap bitmap that took the
+// same marks, through every scan that skips holes: Harvest, HarvestWords,
+// Count, the iterators, Clear and Union from it.
+func TestSparseScansMatchHeap(t *testing.T) {
+	const logPages = 48 // 192 KiB of log: 48 file pages, most of them holes
+	const wordsPerPage = 4096 / 8
+	shared := func(t *testing.T) *dirty.Bitmap {
+		b, err := dirty.New(logPages*4096*8*dirty.DefaultPageSize, &dirty.Options{Shared: true})
+		require.NoError(t, err)
+		t.Cleanup(func() { b.Close() })
+		return b
+	}
+	attached := func(t *testing.T) *dirty.Bitmap {
+		owner, err := dirty.New((logPages+2)*4096*8*dirty.DefaultPageSize, &dirty.Options{Shared: true})
+		require.NoError(t, err)
+		t.Cleanup(func() { owner.Close() })
+		b, err := dirty.AttachFd(owner.Fd(), 4096+8*37, logPages*4096, nil)
+		require.NoError(t, err)
+		t.Cleanup(func() { b.Close() })
+		return b
+	}
+	seeds := uint64(8)
+	if testing.Short() {
+		seeds = 2
+	}
+	for name, mk := range map[string]func(*testing.T) *dirty.Bitmap{"memfd": shared, "attach at an offset": attached} {
+		for seed := range seeds {
+			t.Run(fmt.Sprintf("%s/seed %d", name, seed), func(t *testing.T) {
+				sut := mk(t)
+				oracle, err := dirty.New(sut.Span(), nil)
+				require.NoError(t, err)
+				r := rand.New(rand.NewPCG(seed, 7))
+				// A few log pages receive marks; the others stay holes.
+				var hot []uint64
+				for range 1 + r.IntN(6) {
+					hot = append(hot, uint64(r.IntN(logPages)))
+				}
+				pagesPerLogPage := uint64(wordsPerPage * 64)
+				for round := range 6 {
+					for range r.IntN(40) {
+						lp := hot[r.IntN(len(hot))]
+						page := lp*pagesPerLogPage + uint64(r.IntN(int(pagesPerLogPage)))
+						n := uint64(1 + r.IntN(3000)) // up to a few words' worth of pages
+						addr := sut.PageAddr(page) + uint64(r.IntN(4096))
+						length := min(n*dirty.DefaultPageSize, sut.Span()-addr)
+						require.NoError(t, sut.Mark(addr, length))
+						require.NoError(t, oracle.Mark(addr, length))
+					}
+					require.Equal(t, oracle.Count(), sut.Count(), "round %d", round)
+					require.Equal(t, slices.Collect(oracle.DirtyPages()), slices.Collect(sut.DirtyPages()))
+					type run struct{ first, n uint64 }
+					var want, got []run
+					for f, n := range oracle.DirtyRuns() {
+						want = append(want, run{f, n})
+					}
+					for f, n := range sut.DirtyRuns() {
+						got = append(got, run{f, n})
+					}
+					require.Equal(t, want, got)
+					u, err := dirty.New(sut.Span(), nil)
+					require.NoError(t, err)
+					require.NoError(t, u.Union(sut))
+					require.Equal(t, slices.Collect(oracle.DirtyPages()), slices.Collect(u.DirtyPages()), "Union from the sparse log")
+					switch round % 3 {
+					case 0:
+						wantW, gotW := make([]uint64, oracle.Words()), make([]uint64, sut.Words())
+						n1, err := oracle.HarvestWords(wantW)
+						require.NoError(t, err)
+						n2, err := sut.HarvestWords(gotW)
+						require.NoError(t, err)
+						require.Equal(t, n1, n2)
+						require.Equal(t, wantW, gotW)
+					case 1:
+						d1, err := dirty.New(sut.Span(), nil)
+						require.NoError(t, err)
+						d2, err := dirty.New(sut.Span(), nil)
+						require.NoError(t, err)
+						n1, err := oracle.Harvest(d1)
+						require.NoError(t, err)
+						n2, err := sut.Harvest(d2)
+						require.NoError(t, err)
+						require.Equal(t, n1, n2)
+						require.Equal(t, slices.Collect(d1.DirtyPages()), slices.Collect(d2.DirtyPages()))
+					case 2:
+						require.NoError(t, oracle.Clear())
+						require.NoError(t, sut.Clear())
+					}
+					require.Zero(t, sut.Count())
+				}
+			})
+		}
 	}
 }

@@ -786,23 +786,40 @@ func (q *DeviceQueue) PushChain(c *Chain, written uint32) error {
 	if q.err != nil {
 		return q.err
 	}
+	if err := q.LogChain(c, written); err != nil {
+		return err
+	}
+	return q.Push(c.Head, written)
+}
+
+// LogChain does the logging half of PushChain without pushing: it checks
+// written against c's writable bytes and logs the first written bytes of
+// c's writable segments to the WriteLogger, if the queue has one. A device
+// that returns a run of chains with one PushBatch calls it for each chain
+// (after writing the chain, before the PushBatch), so that every guest
+// write is logged before used.idx makes it visible.
+func (q *DeviceQueue) LogChain(c *Chain, written uint32) error {
+	if q.err != nil {
+		return q.err
+	}
 	if uint64(written) > c.WritableLen {
 		return fmt.Errorf("%w: queue %d head %d: %d > %d", ErrWrittenTooLarge, q.index, c.Head, written, c.WritableLen)
 	}
-	if q.log != nil {
-		left := uint64(written)
-		for i := c.Readable; i < len(c.Segs) && left > 0; i++ {
-			k := min(uint64(c.Segs[i].Len), left)
-			if k == 0 {
-				continue
-			}
-			if err := q.logWrite(c.Segs[i].Addr, k); err != nil {
-				return err
-			}
-			left -= k
-		}
+	if q.log == nil {
+		return nil
 	}
-	return q.Push(c.Head, written)
+	left := uint64(written)
+	for i := c.Readable; i < len(c.Segs) && left > 0; i++ {
+		k := min(uint64(c.Segs[i].Len), left)
+		if k == 0 {
+			continue
+		}
+		if err := q.logWrite(c.Segs[i].Addr, k); err != nil {
+			return err
+		}
+		left -= k
+	}
+	return nil
 }
 
 // PushBatch writes all elems to the used ring and publishes them with one

@@ -42,6 +42,10 @@ type kernelGuest struct {
 	mu         sync.Mutex
 	txFrames   int // frames the kernel sent into the device
 	txGSO      int
+	txUSO      int // of txGSO, UDP_L4
+	// uso: the guest's tap hands over UDP_L4 frames (HOST_USO negotiated
+	// and the kernel's tap knows USO, Linux 6.2 and later).
+	uso bool
 	rxFrames   int // frames the device delivered to the kernel
 	rxGSO      int
 	maxRxFrame int
@@ -124,11 +128,12 @@ func newKernelGuestOnPair(t testing.TB, dev *softnet.Device, f virtio.Features, 
 			if f.Has(virtio.NetFHostECN) {
 				off |= unix.TUN_F_TSO_ECN
 			}
-			if f.Has(virtio.NetFHostUSO) {
-				off |= unix.TUN_F_USO4 | unix.TUN_F_USO6
-			}
 		}
-		require.NoError(t, unix.IoctlSetInt(fd, unix.TUNSETOFFLOAD, off))
+		if f.Has(virtio.NetFHostUSO) && unix.IoctlSetInt(fd, unix.TUNSETOFFLOAD, off|unix.TUN_F_USO4|unix.TUN_F_USO6) == nil {
+			g.uso = true
+		} else {
+			require.NoError(t, unix.IoctlSetInt(fd, unix.TUNSETOFFLOAD, off))
+		}
 		fdc <- fd
 	})
 	g.tap = os.NewFile(uintptr(<-fdc), "guest-tap")
@@ -194,6 +199,9 @@ func (g *kernelGuest) txPump() {
 		if h.GSOType != 0 {
 			g.txGSO++
 		}
+		if h.GSOType == virtio.NetHdrGSOUDPL4 {
+			g.txUSO++
+		}
 		g.mu.Unlock()
 	}
 }
@@ -255,10 +263,10 @@ func (g *kernelGuest) rxPump(ctx context.Context) {
 	}
 }
 
-type guestCounts struct{ txFrames, txGSO, rxFrames, rxGSO, maxRxFrame int }
+type guestCounts struct{ txFrames, txGSO, txUSO, rxFrames, rxGSO, maxRxFrame int }
 
 func (g *kernelGuest) counts() guestCounts {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	return guestCounts{g.txFrames, g.txGSO, g.rxFrames, g.rxGSO, g.maxRxFrame}
+	return guestCounts{g.txFrames, g.txGSO, g.txUSO, g.rxFrames, g.rxGSO, g.maxRxFrame}
 }

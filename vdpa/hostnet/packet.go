@@ -87,7 +87,7 @@ func OpenPacket(ifname string, opts *PacketOptions) (*Packet, error) {
 	p.file = os.NewFile(uintptr(p.fd), "packet:"+ifname)
 	if p.rc, err = p.file.SyscallConn(); err != nil {
 		p.file.Close()
-		_ = unix.Munmap(p.ring)
+		_ = unmapRing(p.ring)
 		return nil, fmt.Errorf("hostnet: packet %s: %w", ifname, err)
 	}
 	p.writeFn = p.write
@@ -245,7 +245,7 @@ func (p *Packet) Close(ctx context.Context) error {
 		// The ring stays mapped: the reader may still touch it.
 		return fmt.Errorf("hostnet: packet %s: reader still running: %w", p.ifname, ctx.Err())
 	}
-	if merr := unix.Munmap(p.ring); err == nil {
+	if merr := unmapRing(p.ring); err == nil {
 		err = merr
 	}
 	return err

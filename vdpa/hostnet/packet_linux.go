@@ -104,3 +104,7 @@ func loadBlockStatus(ring []byte, b int) uint32 { return atomic.LoadUint32(block
 func releaseBlock(ring []byte, b int) {
 	atomic.StoreUint32(blockStatus(ring, b), unix.TP_STATUS_KERNEL)
 }
+
+// unmapRing unmaps the receive ring (after the socket is closed and the
+// reader has returned).
+func unmapRing(ring []byte) error { return unix.Munmap(ring) }

@@ -56,7 +56,12 @@ type queue struct {
 	lens   []uint32 // rx: bytes written per chain of one frame
 	hdr    [virtio.NetHdrSize]byte
 	irq    bool // rx: used entries published since the last interrupt check
-	tx     Tx
+	// pending (rx) are receive chains written and logged but not yet
+	// published, in the order they were popped: publishRx returns them
+	// with one PushBatch (one used.idx store, a full barrier) per
+	// transmit batch, or per frame for a delivery that signals at once.
+	pending []vring.UsedElem
+	tx      Tx
 	// vh (rx) is the header of the frame being written, num_buffers
 	// aside.
 	vh virtio.NetHdr
@@ -144,7 +149,7 @@ func (q *queue) release() {
 	defer q.mu.Unlock()
 	q.stash, q.lens, q.nstash = nil, nil, 0
 	q.gather, q.seg = nil, nil
-	q.used = nil
+	q.used, q.pending = nil, nil
 	q.chain = vring.Chain{}
 }
 
@@ -166,6 +171,10 @@ func (q *queue) startRx(dq *vring.DeviceQueue, call *vdpa.EventFD, chains int) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	q.allocRx(chains)
+	if q.pending == nil {
+		q.pending = make([]vring.UsedElem, 0, rxPendingMax)
+	}
+	q.pending = q.pending[:0]
 	q.dq, q.call, q.kick = dq, call, nil
 	q.nstash = 0
 	q.irq = false
@@ -233,6 +242,15 @@ func (q *queue) stop() vring.QueueState {
 	}
 	q.mu.Lock()
 	defer q.mu.Unlock()
+	// Receive chains written but not yet published go out first, so that
+	// every chain before the held ones has been pushed (below). A fault
+	// here leaves them unpublished, on a queue that is broken anyway.
+	if len(q.pending) > 0 {
+		if err := vring.Guard(q.publishRx); err != nil {
+			q.setErr(err)
+			q.pending = q.pending[:0]
+		}
+	}
 	st := q.dq.State()
 	// Receive chains held for a later frame are the last ones popped, and
 	// every chain before them has been pushed (receive chains are pushed in
@@ -533,12 +551,50 @@ func (d *Device) flushRx(pair int) {
 	rx := d.queues[2*pair]
 	rx.mu.Lock()
 	defer rx.mu.Unlock()
-	if rx.irq && rx.dq != nil {
+	if rx.dq == nil {
+		return
+	}
+	if len(rx.pending) > 0 {
+		if err := vring.Guard(rx.publishRx); err != nil {
+			rx.pending = rx.pending[:0]
+			_ = d.ringErr(rx, err)
+			return
+		}
+	}
+	if rx.irq {
 		rx.irq = false
 		if err := rx.signalGuarded(); err != nil {
 			_ = d.ringErr(rx, err)
 		}
 	}
+}
+
+// rxPendingMax bounds the receive chains a queue holds written but
+// unpublished; completeRx publishes when it is reached.
+const rxPendingMax = 64
+
+// completeRx returns receive chain c with written bytes: it logs the
+// bytes written (if the queue logs) and queues the used entry for the
+// next publishRx. Called with rx.mu held.
+func (rx *queue) completeRx(c *vring.Chain, written uint32) error {
+	if err := rx.dq.LogChain(c, written); err != nil {
+		return err
+	}
+	if len(rx.pending) == cap(rx.pending) {
+		if err := rx.publishRx(); err != nil {
+			return err
+		}
+	}
+	rx.pending = append(rx.pending, vring.UsedElem{Head: c.Head, Len: written})
+	return nil
+}
+
+// publishRx publishes the pending receive chains with one used.idx
+// store. Called with rx.mu held.
+func (rx *queue) publishRx() error {
+	err := rx.dq.PushBatch(rx.pending)
+	rx.pending = rx.pending[:0]
+	return err
 }
 
 // signalGuarded is signal for a receive queue from a transmit worker: a
@@ -618,6 +674,18 @@ func inSlice(b []byte, a uintptr) bool {
 // nanoseconds per frame and allocates nothing.
 func (d *Device) deliverLocked(rx *queue, hdr *virtio.NetHdr, p *gsoPacket, frame []byte, deferIRQ bool) (err error) {
 	defer vring.CatchFault(&err)
+	if !deferIRQ {
+		// A delivery that signals at once publishes what it completed
+		// even when the frame itself was dropped (an empty chain given
+		// back); deferred ones are published by flushRx.
+		defer func() {
+			if len(rx.pending) > 0 && rx.loadErr() == nil {
+				if perr := rx.publishRx(); perr != nil {
+					err = d.ringErr(rx, perr)
+				}
+			}
+		}()
+	}
 	rx.vh = virtio.NetHdr{}
 	if hdr != nil {
 		f := d.NegotiatedFeatures()
@@ -667,6 +735,9 @@ func (d *Device) writeFrame(rx *queue, frame []byte, deferIRQ bool) (err error) 
 	rx.bytes.Add(uint64(len(frame)))
 	rx.irq = true
 	if !deferIRQ {
+		if err := rx.publishRx(); err != nil {
+			return d.ringErr(rx, err)
+		}
 		rx.irq = false
 		rx.signal()
 	}
@@ -703,7 +774,7 @@ func (d *Device) writeSingle(rx *queue, frame []byte) error {
 		// empty so the driver can recycle it.
 		d.drops.add(DropRxTooSmall)
 		rx.nstash = 0
-		if err := rx.dq.PushChain(c, 0); err != nil {
+		if err := rx.completeRx(c, 0); err != nil {
 			return d.ringErr(rx, err)
 		}
 		return ErrBufferTooSmall
@@ -714,7 +785,7 @@ func (d *Device) writeSingle(rx *queue, frame []byte) error {
 	scatterAt(c, 0, rx.hdr[:hdrLen])
 	scatterAt(c, uint64(hdrLen), frame)
 	rx.nstash = 0
-	if err := rx.dq.PushChain(c, uint32(need)); err != nil {
+	if err := rx.completeRx(c, uint32(need)); err != nil {
 		return d.ringErr(rx, err)
 	}
 	return nil
@@ -751,7 +822,7 @@ func (d *Device) writeMergeable(rx *queue, frame []byte) error {
 			// The header must fit in the first buffer (§5.1.6.3.1): give
 			// this chain back empty, keep the others.
 			d.drops.add(DropRxTooSmall)
-			if err := rx.dq.PushChain(c, 0); err != nil {
+			if err := rx.completeRx(c, 0); err != nil {
 				return d.ringErr(rx, err)
 			}
 			rx.consume(1)
@@ -779,7 +850,7 @@ func (d *Device) writeMergeable(rx *queue, frame []byte) error {
 		off += take
 	}
 	for i := 0; i < n; i++ {
-		if err := rx.dq.PushChain(&rx.stash[i], rx.lens[i]); err != nil {
+		if err := rx.completeRx(&rx.stash[i], rx.lens[i]); err != nil {
 			return d.ringErr(rx, err)
 		}
 	}
