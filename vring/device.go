@@ -799,6 +799,9 @@ func (q *DeviceQueue) PushChain(c *Chain, written uint32) error {
 // (after writing the chain, before the PushBatch), so that every guest
 // write is logged before used.idx makes it visible.
 func (q *DeviceQueue) LogChain(c *Chain, written uint32) error {
+	if q.pk != nil {
+		return q.packedLogChain(c, written)
+	}
 	if q.err != nil {
 		return q.err
 	}

@@ -760,3 +760,36 @@ func TestPackedHotPathsDoNotAllocate(t *testing.T) {
 		require.Zero(t, testing.AllocsPerRun(100, round))
 	}
 }
+
+// TestPackedLogChain: LogChain logs a packed chain's written bytes like
+// PushChain, and a failing logger breaks the packed queue.
+func TestPackedLogChain(t *testing.T) {
+	_, drv, dev := newPackedPair(t, 4, 0)
+	log := &recLog{}
+	dev.log = log
+	_, err := drv.Add([]Buffer{{Addr: 0x100000, Len: 8}, {Addr: 0x200000, Len: 64, Writable: true}, {Addr: 0x300000, Len: 64, Writable: true}})
+	require.NoError(t, err)
+	drv.Publish()
+	var c Chain
+	ok, err := dev.Pop(&c)
+	require.NoError(t, err)
+	require.True(t, ok)
+	assert.ErrorIs(t, dev.LogChain(&c, 129), ErrWrittenTooLarge)
+	log.writes = nil
+	require.NoError(t, dev.LogChain(&c, 100))
+	assert.Equal(t, [][2]uint64{{0x200000, 64}, {0x300000, 36}}, log.writes)
+	require.NoError(t, dev.PushBatch([]UsedElem{{c.Head, 100}}))
+	_, n, ok, err := drv.Reclaim()
+	require.NoError(t, err)
+	require.True(t, ok)
+	require.Equal(t, uint32(100), n)
+	log.fail = errors.New("log full")
+	addN(t, drv, 2, 8)
+	drv.Publish()
+	ok, err = dev.Pop(&c)
+	require.NoError(t, err)
+	require.True(t, ok)
+	assert.ErrorIs(t, dev.LogChain(&c, 8), ErrLogWrite)
+	assert.ErrorIs(t, dev.Err(), ErrLogWrite)
+	assert.False(t, dev.NeedsInterrupt(), "broken")
+}
