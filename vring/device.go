@@ -31,7 +31,7 @@ type Chain struct {
 	WritableLen uint64    // total writable bytes
 	// Descs is the number of ring descriptors a packed chain occupies (1
 	// for an indirect chain): the device's used position moves by it when
-	// the chain is pushed. It is 0 on a split queue.
+	// the chain is pushed. Only a packed queue's Pop sets it.
 	Descs uint16
 }
 
