@@ -281,31 +281,33 @@ func (p *packedDevice) take(id, n uint16, writable uint64) {
 //     (ErrBufferIDOutOfRange) and not in flight (ErrBufferIDInFlight).
 func (q *DeviceQueue) packedWalk(c *Chain, headFlags uint16) error {
 	p := q.pk
-	c.Segs = c.Segs[:0]
-	c.Readable = 0
-	c.ReadableLen, c.WritableLen = 0, 0
 	size := p.r.size
 	limit := size - p.inflight // ring descriptors this chain may use
 	pos, bits := p.nextAvail, p.availBits
 	flags := headFlags
 	n := uint16(0)
 	writable := false
-	var id uint16
 	descs := p.r.descs
+	id := descs[pos].id          // the head's (read after its flags word, rule 2)
 	base, mem := q.cBase, q.cMem // the cached region, in registers
+	// The chain is built in locals and stored into c once (or around the
+	// slow paths, which append to c themselves).
+	segs := c.Segs[:0]
+	readable := 0
+	var rlen, wlen uint64
 	for {
 		if n == limit {
 			return q.packedFail(pos, false, ErrChainTooLong)
 		}
+		if int(pos) >= len(descs) { // never (pos < size); lets the compiler drop the bounds check below
+			return q.packedFail(pos, false, ErrChainTooLong)
+		}
 		d := &descs[pos]
-		if n > 0 {
-			if flags&availUsed != bits {
-				return q.packedFail(pos, false, ErrDescNotAvailable)
-			}
+		if n > 0 && flags&availUsed != bits {
+			return q.packedFail(pos, false, ErrDescNotAvailable)
 		}
 		n++
 		addr, length := GuestAddr(d.addr), d.len
-		id = d.id
 		at := pos
 		if pos++; pos == size {
 			pos, bits = 0, bits^availUsed
@@ -317,9 +319,11 @@ func (q *DeviceQueue) packedWalk(c *Chain, headFlags uint16) error {
 			if flags&DescFNext != 0 || n > 1 {
 				return q.packedFail(at, false, ErrIndirectWithNext)
 			}
+			c.Segs, c.Readable, c.ReadableLen, c.WritableLen = segs, readable, rlen, wlen
 			if err := q.packedWalkTable(c, at, addr, length); err != nil {
 				return err
 			}
+			segs, readable, rlen, wlen = c.Segs, c.Readable, c.ReadableLen, c.WritableLen
 			break
 		}
 		w := flags&DescFWrite != 0
@@ -329,27 +333,37 @@ func (q *DeviceQueue) packedWalk(c *Chain, headFlags uint16) error {
 		writable = w
 		// appendSeg's fast path, inline: non-empty, inside the cached region.
 		if off := uint64(addr - base); off < uint64(len(mem)) && uint64(length)-1 < uint64(len(mem))-off {
-			seg := c.grow()
+			k := len(segs)
+			if k < cap(segs) {
+				segs = segs[:k+1]
+			} else {
+				segs = append(segs, Segment{})
+			}
+			seg := &segs[k]
 			seg.Addr, seg.Len, seg.Writable, seg.Buf = addr, length, w, bufAt(mem, off, length)
 			if w {
-				c.WritableLen += uint64(length)
+				wlen += uint64(length)
 			} else {
-				c.ReadableLen += uint64(length)
-				c.Readable++
+				rlen += uint64(length)
+				readable++
 			}
 		} else {
+			c.Segs, c.Readable, c.ReadableLen, c.WritableLen = segs, readable, rlen, wlen
 			if err := q.appendSegsSlow(c, addr, length, w); err != nil {
 				return q.packedFail(at, false, &wrap2{ErrBufferOutOfRange, err})
 			}
+			segs, readable, rlen, wlen = c.Segs, c.Readable, c.ReadableLen, c.WritableLen
 			base, mem = q.cBase, q.cMem // appendSegsSlow may have cached another region
 		}
 		if flags&DescFNext == 0 {
 			break
 		}
-		// The next descriptor's flags word, loaded atomically: it is
-		// checked for AVAIL/USED at the top of the loop.
-		flags = uint16(atomic.LoadUint32(descWord(&descs[pos])) >> 16)
+		// The next descriptor's id|flags word, loaded atomically: its
+		// flags are checked for AVAIL/USED at the top of the loop.
+		wd := atomic.LoadUint32(descWord(&descs[pos]))
+		id, flags = uint16(wd), uint16(wd>>16)
 	}
+	c.Segs, c.Readable, c.ReadableLen, c.WritableLen = segs, readable, rlen, wlen
 	last := pos - 1
 	if pos == 0 {
 		last = size - 1
@@ -361,7 +375,7 @@ func (q *DeviceQueue) packedWalk(c *Chain, headFlags uint16) error {
 		return q.packedFail(last, false, ErrBufferIDInFlight)
 	}
 	c.Head, c.Descs = id, n
-	p.take(id, n, c.WritableLen)
+	p.take(id, n, wlen)
 	return nil
 }
 
@@ -418,19 +432,31 @@ func (q *DeviceQueue) appendSeg(c *Chain, addr GuestAddr, length uint32, w bool)
 }
 
 func (q *DeviceQueue) packedPopBatch(cs []Chain) (int, error) {
+	p := q.pk
 	i := 0
 	for i < len(cs) {
-		if q.err == nil {
-			i += q.packedPopRun(cs[i:])
-			if i == len(cs) {
-				break
+		if q.err != nil {
+			return i, q.err
+		}
+		flags, ok := p.headAvailable()
+		if !ok {
+			// Empty: packedPop arms the event offset (EVENT_IDX) and
+			// re-checks.
+			ok, err := q.packedPop(&cs[i])
+			if err != nil || !ok {
+				return i, err
+			}
+			i++
+			continue
+		}
+		if flags&(DescFNext|DescFIndirect) == 0 {
+			if k := q.packedPopRun(cs[i:]); k > 0 {
+				i += k
+				continue
 			}
 		}
-		// packedPopRun stopped at a chain it does not take (or the ring
-		// is empty, or the queue broken): packedPop walks it (or arms the
-		// event and re-checks).
-		ok, err := q.packedPop(&cs[i])
-		if err != nil || !ok {
+		// A chain packedPopRun does not take: walk it.
+		if err := q.packedWalk(&cs[i], flags); err != nil {
 			return i, err
 		}
 		i++
@@ -438,7 +464,7 @@ func (q *DeviceQueue) packedPopBatch(cs []Chain) (int, error) {
 	return i, nil
 }
 
-// packedPopRun is PackedPopBatch's tight loop: it pops available chains
+// packedPopRun is packedPopBatch's tight loop: it pops available chains
 // into batch while they are single direct descriptors inside the cached
 // region with a free buffer id, and returns how many. Anything else (and
 // the end of the available chains) stops it; packedPop takes over.
