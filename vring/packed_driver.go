@@ -233,13 +233,12 @@ func (q *DriverQueue) packedPublish() {
 	}
 	for i := n - 1; i > 0; i-- {
 		h := p.pending[i]
+		p.ids[h.id].published = true
 		p.r.setWord(h.pos, h.id, h.flags) // released by the first head's store
 	}
 	h := p.pending[0]
+	p.ids[h.id].published = true
 	p.r.storeWord(h.pos, h.id, h.flags)
-	for _, h := range p.pending {
-		p.ids[h.id].published = true
-	}
 	p.sinceKick += p.added
 	p.added = 0
 	p.pending = p.pending[:0]
