@@ -157,7 +157,8 @@ func TestVQInfoAndIOTLBLayout(t *testing.T) {
 	le.PutUint16(b[32:], 9)
 	b[40] = 1
 	assert.Equal(t, vqInfo{Index: 1, Num: 256, DescAddr: 0x10000, DriverAddr: 0x11000, DeviceAddr: 0x12000,
-		AvailIndex: 9, Packed: vring.QueueState{NextAvail: 9, NextUsed: 0}, Ready: true}, decodeVQInfo(b))
+		AvailIndex: 9, Packed: vring.QueueState{NextAvail: 0x8000}, Ready: true}, decodeVQInfo(b),
+		"the packed view of the same union: last_avail_counter 9 masked to 1, last_avail_idx 0")
 
 	e := iotlbEntry{Offset: 0x2000, Start: 0x4000, Last: 0x7fff, Perm: accessRW}
 	var eb [32]byte
