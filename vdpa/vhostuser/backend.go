@@ -534,6 +534,12 @@ func (s *session) dispatch(m *Message) (reply []byte, hasReply bool, err error) 
 				q.base, q.baseSet = uint32(u), true
 			}
 		}
+		if !q.baseSet {
+			// Never set nor started since the reset: the fresh
+			// position (a packed ring's wrap counters start at 1).
+			f := s.ringFeatures()
+			q.base = vhostcore.VringBase(vring.InitialState(f), f)
+		}
 		// The ring is stopped until the next SET_VRING_KICK.
 		q.kicked = false
 		if q.kick != nil {
