@@ -94,6 +94,7 @@ func newLCGuestWith(t *testing.T, f virtio.Features) *lcGuest {
 	dq, err := vring.NewDriverQueue(mem, vring.DriverQueueOptions{Index: lcQueue, Features: f,
 		Layout: vring.Layout{Size: lcSize, Desc: 0, Avail: 0x1000, Used: 0x2000}})
 	require.NoError(t, err)
+	require.Equal(t, f.Has(virtio.FRingPacked), dq.Packed(), "ring format")
 	kick, err := vdpa.NewEventFD()
 	require.NoError(t, err)
 	t.Cleanup(func() { kick.Close() })
