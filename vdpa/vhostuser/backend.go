@@ -481,10 +481,9 @@ func (s *session) dispatch(m *Message) (reply []byte, hasReply bool, err error) 
 			return nil, false, err
 		}
 		// A split ring's size is a power of two; a packed ring's is
-		// any size up to 32768 (virtio 1.2 §2.8). Before SET_FEATURES
-		// the looser rule of what is offered applies; the layout check
-		// at start applies the negotiated one.
-		if st.Num == 0 || st.Num > uint32(s.h.MaxQueueSize()) || !vring.ValidQueueSizeFor(uint16(st.Num), s.ringFeatures()) {
+		// any size up to 32768 (virtio 1.2 §2.8), once RING_PACKED is
+		// negotiated (QEMU and DPDK send SET_FEATURES first).
+		if st.Num == 0 || st.Num > uint32(s.h.MaxQueueSize()) || !vring.ValidQueueSizeFor(uint16(st.Num), s.features) {
 			return nil, false, msgErr(r, ErrBadQueue, "queue %d size %d (max %d; a power of two unless RING_PACKED)", st.Index, st.Num, s.h.MaxQueueSize())
 		}
 		if q.running {
@@ -506,7 +505,7 @@ func (s *session) dispatch(m *Message) (reply []byte, hasReply bool, err error) 
 		}
 		// A packed ring's base carries the used position in bits
 		// 16..31 (vhostcore.VringBase); a split ring's is 16 bits.
-		if st.Num > 0xffff && !s.ringFeatures().Has(virtio.FRingPacked) {
+		if st.Num > 0xffff && !s.features.Has(virtio.FRingPacked) {
 			return nil, false, msgErr(r, ErrProtocol, "queue %d base %#x beyond 16 bits", st.Index, st.Num)
 		}
 		q.base, q.baseSet, q.saved = st.Num, true, nil
@@ -534,11 +533,12 @@ func (s *session) dispatch(m *Message) (reply []byte, hasReply bool, err error) 
 				q.base, q.baseSet = uint32(u), true
 			}
 		}
-		if !q.baseSet {
+		if !q.baseSet && s.featuresSet {
 			// Never set nor started since the reset: the fresh
-			// position (a packed ring's wrap counters start at 1).
-			f := s.ringFeatures()
-			q.base = vhostcore.VringBase(vring.InitialState(f), f)
+			// position of the negotiated format (a packed ring's wrap
+			// counters start at 1). Before SET_FEATURES the format
+			// is unknown and the answer stays 0.
+			q.base = vhostcore.VringBase(vring.InitialState(s.features), s.features)
 		}
 		// The ring is stopped until the next SET_VRING_KICK.
 		q.kicked = false
@@ -1109,15 +1109,6 @@ func (s *session) tryStart(i int) error {
 	}
 	q.dq, q.running, q.saved = dq, true, nil
 	return nil
-}
-
-// ringFeatures are the features that decide ring formats and sizes: the
-// negotiated ones, or before SET_FEATURES every one offered.
-func (s *session) ringFeatures() virtio.Features {
-	if s.featuresSet {
-		return s.features
-	}
-	return s.b.offeredFeatures()
 }
 
 // packedStart is the state a packed ring starts at from the SET_VRING_BASE

@@ -27,7 +27,9 @@ import (
 func TestDPDKVirtioUserPacked(t *testing.T) {
 	for _, inOrder := range []int{0, 1} {
 		for _, mrg := range []int{0, 1} {
-			t.Run(fmt.Sprintf("in_order=%d,mrg_rxbuf=%d", inOrder, mrg), func(t *testing.T) {
+			// No "=" or "," in the name: the socket path (t.TempDir) goes into
+			// virtio-user's key=value,... argument.
+			t.Run(fmt.Sprintf("in_order%d-mrg_rxbuf%d", inOrder, mrg), func(t *testing.T) {
 				bin := requireTestpmd(t, dpdkInterop)
 				ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 				defer cancel()
@@ -88,3 +90,9 @@ func TestDPDKVirtioUserPacked(t *testing.T) {
 		}
 	}
 }
+
+// TestDPDKFrontendNetVhostPacked: our front-end drives DPDK's net_vhost
+// (macswap) on packed rings, both directions, with dirty logging: every
+// page of both descriptor rings (where net_vhost writes used descriptors)
+// and every receive buffer page is logged, no transmit buffer page is.
+func TestDPDKFrontendNetVhostPacked(t *testing.T) { testDPDKFrontendNetVhost(t, true) }

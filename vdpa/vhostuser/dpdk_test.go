@@ -398,7 +398,11 @@ func TestDPDKVirtioUserBothDirections(t *testing.T) {
 // TestDPDKFrontendNetVhost: our front-end drives DPDK's net_vhost back-end
 // in macswap mode: frames we transmit are counted by testpmd and come back
 // on our receive queue with the MAC addresses swapped.
-func TestDPDKFrontendNetVhost(t *testing.T) {
+func TestDPDKFrontendNetVhost(t *testing.T) { testDPDKFrontendNetVhost(t, false) }
+
+// testDPDKFrontendNetVhost is TestDPDKFrontendNetVhost on split rings or,
+// with packed, on packed rings (RING_PACKED negotiated with net_vhost).
+func testDPDKFrontendNetVhost(t *testing.T, packed bool) {
 	bin := requireTestpmd(t, dpdkInterop)
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
@@ -435,17 +439,22 @@ func TestDPDKFrontendNetVhost(t *testing.T) {
 	require.NoError(t, err)
 	defer bm.Close()
 	d.features = virtio.Features(0).With(virtio.FVersion1, virtio.FLogAll)
+	if packed {
+		require.True(t, offered.Has(virtio.FRingPacked), "net_vhost offers %s", offered.Format(virtio.DeviceNet))
+		d.features = d.features.With(virtio.FRingPacked)
+	}
 	d.hdrLen = virtio.NetHdrLen(d.features)
 	require.NoError(t, fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver))
 	require.NoError(t, fe.SetFeatures(d.features))
 	require.NoError(t, fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK))
 	require.NoError(t, fe.SetMemory(d.mem))
 	require.NoError(t, fe.SetLog(bm))
-	ringBytes := (vring.ContiguousLayoutBytes(testQueueSize) + 4095) &^ 4095
+	ringBytes := (vring.LayoutBytesFor(testQueueSize, d.features) + 4095) &^ 4095
 	for q := 0; q < 2; q++ {
-		d.layouts[q] = vring.ContiguousLayout(vring.GuestAddr(0x100000+uint64(q)*ringBytes), testQueueSize)
+		d.layouts[q] = vring.LayoutFor(vring.GuestAddr(0x100000+uint64(q)*ringBytes), testQueueSize, d.features)
 		d.dqs[q], err = vring.NewDriverQueue(d.mem, vring.DriverQueueOptions{Index: q, Layout: d.layouts[q], Features: d.features})
 		require.NoError(t, err)
+		require.Equal(t, packed, d.dqs[q].Packed())
 		d.kicks[q], err = vdpa.NewEventFD()
 		require.NoError(t, err)
 		d.calls[q], err = vdpa.NewEventFD()
@@ -542,10 +551,21 @@ func TestDPDKFrontendNetVhost(t *testing.T) {
 
 	// net_vhost wrote both used rings and every receive buffer (all were
 	// used: 20000 frames through 256 buffers); it only read the transmit
-	// buffers.
+	// buffers. A packed ring's used descriptors are written into the
+	// descriptor ring: every page of it was written (20000 frames wrap the
+	// ring many times) and must be logged.
 	page := func(a vring.GuestAddr) uint64 { return uint64(a) / dirty.DefaultPageSize }
-	assert.True(t, bm.PageDirty(page(d.layouts[0].Used)), "receive used ring logged")
-	assert.True(t, bm.PageDirty(page(d.layouts[1].Used)), "transmit used ring logged")
+	if packed {
+		for q := 0; q < 2; q++ {
+			ds, _, _ := vring.RingSizes(testQueueSize, d.features)
+			for pg := page(d.layouts[q].Desc); pg <= page(d.layouts[q].Desc+vring.GuestAddr(ds)-1); pg++ {
+				assert.True(t, bm.PageDirty(pg), "queue %d: descriptor ring page %#x (used descriptors) logged", q, pg*dirty.DefaultPageSize)
+			}
+		}
+	} else {
+		assert.True(t, bm.PageDirty(page(d.layouts[0].Used)), "receive used ring logged")
+		assert.True(t, bm.PageDirty(page(d.layouts[1].Used)), "transmit used ring logged")
+	}
 	for head, a := range rxAddr {
 		if !bm.PageDirty(page(a)) {
 			t.Errorf("receive buffer %d at %v not logged", head, a)
