@@ -469,7 +469,6 @@ func (d *Device) transmit(q *queue, h FrameHandler, oh OffloadHandler, acc, f vi
 		// it against what the driver negotiated.
 		hdr = readHdr(c, hdrLen, &q.hdr)
 		hdr.NumBuffers = 0
-		hdr.Flags &^= virtio.NetHdrFDataValid // the driver must not set it; ignored
 		p, err := checkHdr(&hdr, frame, f, true)
 		if err != nil {
 			d.drops.add(DropTxBadHeader)
