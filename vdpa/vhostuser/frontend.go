@@ -101,6 +101,8 @@ type feQueue struct {
 	addrSet  bool
 	kick     *vdpa.EventFD
 	kickSet  bool
+	call     *vdpa.EventFD // the last SET_VRING_CALL's (nil: unbound), for Resume
+	callSet  bool
 	enabled  bool
 	suspSt   vring.QueueState
 	suspOK   bool
@@ -856,10 +858,15 @@ func (f *Frontend) SetQueueCallContext(ctx context.Context, q int, call *vdpa.Ev
 		return err
 	}
 	defer f.release()
-	if _, err := f.queue(q); err != nil {
+	fq, err := f.queue(q)
+	if err != nil {
 		return err
 	}
-	return f.setFd(ctx, ReqSetVringCall, q, call)
+	if err := f.setFd(ctx, ReqSetVringCall, q, call); err != nil {
+		return err
+	}
+	fq.call, fq.callSet = call, true
+	return nil
 }
 
 // SetQueueErr sends SET_VRING_ERR: the back-end signals err when the ring
@@ -956,8 +963,10 @@ func (f *Frontend) SuspendContext(ctx context.Context) error {
 	return nil
 }
 
-// Resume restarts the rings Suspend stopped: SET_VRING_BASE with the saved
-// index, then SET_VRING_KICK with the same kick descriptor.
+// Resume restarts the rings Suspend stopped: SET_VRING_NUM and
+// SET_VRING_ADDR again, SET_VRING_BASE with the saved position,
+// SET_VRING_CALL with the call descriptor last set, then SET_VRING_KICK
+// with the same kick descriptor (QEMU's order when it restarts a ring).
 func (f *Frontend) Resume() error {
 	return f.ResumeContext(context.Background())
 }
@@ -977,8 +986,31 @@ func (f *Frontend) ResumeContext(ctx context.Context) error {
 		if !fq.suspOK {
 			continue
 		}
+		// Size and addresses again before the base, as QEMU's
+		// vhost_virtqueue_start sends them: DPDK's vhost library
+		// forgets a ring's addresses on GET_VRING_BASE and would not
+		// take the ring up again without them.
+		if err := f.send(ctx, ReqSetVringNum, VringState{Index: uint32(i), Num: uint32(fq.num)}.Encode(), nil); err != nil {
+			return err
+		}
+		if fq.addrSet {
+			va, err := f.vringAddr(i, fq.addr)
+			if err != nil {
+				return err
+			}
+			if err := f.send(ctx, ReqSetVringAddr, va.Encode(), nil); err != nil {
+				return err
+			}
+		}
 		if err := f.send(ctx, ReqSetVringBase, VringState{Index: uint32(i), Num: vhostcore.VringBase(fq.suspSt, f.acked)}.Encode(), nil); err != nil {
 			return err
+		}
+		// DPDK's vhost library also closes a ring's call descriptor on
+		// GET_VRING_BASE: the same one again.
+		if fq.callSet {
+			if err := f.setFd(ctx, ReqSetVringCall, i, fq.call); err != nil {
+				return err
+			}
 		}
 		if err := f.setFd(ctx, ReqSetVringKick, i, fq.kick); err != nil {
 			return err
