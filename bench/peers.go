@@ -248,18 +248,24 @@ func (d *dpdkVhost) Stop() (uint64, uint64, error) {
 	return st.FwdRx, st.FwdTx, nil
 }
 
-// scenario is one testpmd virtio-user run: the mode and the number of
-// queue pairs.
+// scenario is one testpmd virtio-user run: the mode, the number of queue
+// pairs and the ring format (packed: virtio-user packed_vq=1; both
+// back-ends offer RING_PACKED).
 type scenario struct {
 	loopback bool
 	queues   int
+	packed   bool
 }
 
 func (sc scenario) mode() string {
+	m := "txonly"
 	if sc.loopback {
-		return "macswap loopback"
+		m = "macswap loopback"
 	}
-	return "txonly"
+	if sc.packed {
+		m += " packed"
+	}
+	return m
 }
 
 // scenarioRun is what one run measured: the front-end's steady rate and
@@ -296,7 +302,7 @@ func dpdkScenario(ctx context.Context, bin string, be vhostBackend, sc scenario,
 	fa := TestpmdArgs{
 		CPU:        guestCPU,
 		FilePrefix: fmt.Sprintf("vdpakit-bench-%d-fe%d", os.Getpid(), seq),
-		Vdev:       fmt.Sprintf("net_virtio_user0,path=%s,queues=%d", sock, sc.queues),
+		Vdev:       fmt.Sprintf("net_virtio_user0,path=%s,queues=%d", sock, sc.queues) + map[bool]string{true: ",packed_vq=1"}[sc.packed],
 		Forward:    "txonly",
 		Queues:     sc.queues,
 	}
@@ -392,8 +398,11 @@ func (h *Harness) peerDPDK(ctx context.Context) {
 	lib, libErr := newLibVhost(h.cfg.ProfileDir)
 	var scenarios []scenario
 	for _, q := range h.cfg.QueuePairs {
-		scenarios = append(scenarios, scenario{false, q}, scenario{true, q})
+		scenarios = append(scenarios, scenario{false, q, false}, scenario{true, q, false})
 	}
+	// Packed rings, one queue pair, both modes: interleaved with the
+	// split runs round by round, so the formats compare in the same run.
+	scenarios = append(scenarios, scenario{false, 1, true}, scenario{true, 1, true})
 	key := func(sc scenario, be vhostBackend) string {
 		return fmt.Sprintf("%s|%d|%s", sc.mode(), sc.queues, be.Name())
 	}
@@ -429,7 +438,7 @@ func (h *Harness) peerDPDK(ctx context.Context) {
 		}
 	}
 	for _, sc := range scenarios {
-		params := map[string]any{"mode": sc.mode(), "queues": sc.queues, "run_for": runFor.String(),
+		params := map[string]any{"mode": sc.mode(), "queues": sc.queues, "packed": sc.packed, "run_for": runFor.String(),
 			"frontend_cpu": h.cfg.GuestCPU, "backend_cpu": h.cfg.HostCPU, "frame_bytes": 64}
 		label := fmt.Sprintf("testpmd %s, %dq", sc.mode(), sc.queues)
 		one := func(be vhostBackend) (Spread, bool) {

@@ -48,14 +48,18 @@ type LocalOptions struct {
 }
 
 type localQueue struct {
-	num     uint16
-	addr    QueueAddr
-	state   QueueState
-	kick    *EventFD
-	call    *EventFD
-	enabled bool
-	running bool
-	err     error // the last start failure
+	num   uint16
+	addr  QueueAddr
+	state QueueState
+	// stateSet: state came from SetQueueBase or a stop since the reset;
+	// otherwise the queue starts fresh (vring.InitialState: a packed
+	// queue's positions start with their wrap counters set).
+	stateSet bool
+	kick     *EventFD
+	call     *EventFD
+	enabled  bool
+	running  bool
+	err      error // the last start failure
 }
 
 // Local is an in-process Device that serves a Handler directly: it runs the
@@ -271,6 +275,9 @@ func (l *Local) buildAndStart(i int, q *localQueue) error {
 		Features: l.features,
 		State:    q.state,
 	}
+	if !q.stateSet {
+		opts.State = vring.InitialState(l.features)
+	}
 	if l.log != nil {
 		opts.Log = l.log
 	}
@@ -296,7 +303,7 @@ func (l *Local) stopLocked(i int) error {
 	if err != nil {
 		return fmt.Errorf("vdpa: local: stop queue %d: %w", i, err)
 	}
-	q.state = st
+	q.state, q.stateSet = st, true
 	return nil
 }
 
@@ -382,11 +389,12 @@ func (l *Local) configureQueue(i int, set func(q *localQueue) error) error {
 	})
 }
 
-// SetQueueNum implements Device: a power of two up to MaxQueueSize.
+// SetQueueNum implements Device: up to MaxQueueSize, a power of two unless
+// RING_PACKED was set with SetFeatures (virtio 1.2 §2.8: any size).
 func (l *Local) SetQueueNum(i int, size uint16) error {
 	return l.configureQueue(i, func(q *localQueue) error {
-		if !vring.ValidQueueSize(size) || size > l.h.MaxQueueSize() {
-			return fmt.Errorf("%w: queue %d size %d (power of two up to %d)", ErrBadQueue, i, size, l.h.MaxQueueSize())
+		if !vring.ValidQueueSizeFor(size, l.features) || size > l.h.MaxQueueSize() {
+			return fmt.Errorf("%w: queue %d size %d (up to %d; a power of two unless RING_PACKED)", ErrBadQueue, i, size, l.h.MaxQueueSize())
 		}
 		q.num = size
 		return nil
@@ -401,7 +409,7 @@ func (l *Local) SetQueueAddr(i int, addr QueueAddr) error {
 
 // SetQueueBase implements Device.
 func (l *Local) SetQueueBase(i int, st QueueState) error {
-	return l.configureQueue(i, func(q *localQueue) error { q.state = st; return nil })
+	return l.configureQueue(i, func(q *localQueue) error { q.state, q.stateSet = st, true; return nil })
 }
 
 // QueueBase implements Device. The queue must not be running (Suspend
@@ -409,7 +417,13 @@ func (l *Local) SetQueueBase(i int, st QueueState) error {
 // reading its position.
 func (l *Local) QueueBase(i int) (QueueState, error) {
 	var st QueueState
-	err := l.configureQueue(i, func(q *localQueue) error { st = q.state; return nil })
+	err := l.configureQueue(i, func(q *localQueue) error {
+		st = q.state
+		if !q.stateSet {
+			st = vring.InitialState(l.features)
+		}
+		return nil
+	})
 	return st, err
 }
 

@@ -797,7 +797,8 @@ func (q *DeviceQueue) PushChain(c *Chain, written uint32) error {
 // c's writable segments to the WriteLogger, if the queue has one. A device
 // that returns a run of chains with one PushBatch calls it for each chain
 // (after writing the chain, before the PushBatch), so that every guest
-// write is logged before used.idx makes it visible.
+// write is logged before used.idx (packed: the used descriptor's flags)
+// makes it visible. It works on split and packed queues alike.
 func (q *DeviceQueue) LogChain(c *Chain, written uint32) error {
 	if q.pk != nil {
 		return q.packedLogChain(c, written)
@@ -817,7 +818,13 @@ func (q *DeviceQueue) LogChain(c *Chain, written uint32) error {
 		if k == 0 {
 			continue
 		}
-		if err := q.logWrite(c.Segs[i].Addr, k); err != nil {
+		var err error
+		if q.pk != nil {
+			err = q.packedLogWrite(c.Segs[i].Addr, k)
+		} else {
+			err = q.logWrite(c.Segs[i].Addr, k)
+		}
+		if err != nil {
 			return err
 		}
 		left -= k

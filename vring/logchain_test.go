@@ -1,7 +1,10 @@
 package vring
 
 import (
+	"fmt"
 	"testing"
+
+	"github.com/vdpakit/vdpakit/virtio"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -28,25 +31,34 @@ func TestLogChain(t *testing.T) {
 		{"every writable byte", 128, [][2]uint64{{0x2000, 64}, {0x3000, 64}}, nil},
 		{"more than the chain can hold", 129, nil, ErrWrittenTooLarge},
 	} {
-		t.Run(tc.name, func(t *testing.T) {
-			r, err := NewMemfdRegion(0, 1<<16, nil)
-			require.NoError(t, err)
-			mem, err := NewMemory(r)
-			require.NoError(t, err)
-			defer mem.Close()
-			log := &recLog{}
-			q, err := NewDeviceQueue(mem, DeviceQueueOptions{Layout: ContiguousLayout(0x8000, 8), Log: log})
-			require.NoError(t, err)
-			log.writes = nil // what enabling notifications logged
-			err = q.LogChain(c, tc.written)
-			if tc.err != nil {
-				require.ErrorIs(t, err, tc.err)
-				return
-			}
-			require.NoError(t, err)
-			assert.Equal(t, tc.want, log.writes)
-			assert.Equal(t, QueueState{}, q.State(), "nothing pushed")
-		})
+		for _, packed := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s, packed %v", tc.name, packed), func(t *testing.T) {
+				r, err := NewMemfdRegion(0, 1<<16, nil)
+				require.NoError(t, err)
+				mem, err := NewMemory(r)
+				require.NoError(t, err)
+				defer mem.Close()
+				log := &recLog{}
+				opts := DeviceQueueOptions{Layout: ContiguousLayout(0x8000, 8), Log: log}
+				if packed {
+					opts.Layout = ContiguousPackedLayout(0x8000, 8)
+					opts.Features = virtio.Features(0).With(virtio.FRingPacked)
+					opts.State = InitialState(opts.Features)
+				}
+				q, err := NewDeviceQueue(mem, opts)
+				require.NoError(t, err)
+				before := q.State()
+				log.writes = nil // what enabling notifications logged
+				err = q.LogChain(c, tc.written)
+				if tc.err != nil {
+					require.ErrorIs(t, err, tc.err)
+					return
+				}
+				require.NoError(t, err)
+				assert.Equal(t, tc.want, log.writes)
+				assert.Equal(t, before, q.State(), "nothing pushed")
+			})
+		}
 	}
 	t.Run("a queue without a log only checks the length", func(t *testing.T) {
 		r, err := NewMemfdRegion(0, 1<<16, nil)

@@ -14,6 +14,7 @@ import (
 
 	"github.com/vdpakit/vdpakit/internal/vhostsys"
 	"github.com/vdpakit/vdpakit/vdpa"
+	"github.com/vdpakit/vdpakit/virtio"
 	"github.com/vdpakit/vdpakit/vring"
 )
 
@@ -67,4 +68,38 @@ func UsedIdx(mem *vring.Memory, used vring.GuestAddr) (uint16, error) {
 		return 0, fmt.Errorf("reading used idx: %w", err)
 	}
 	return binary.LittleEndian.Uint16(b[:]), nil
+}
+
+// ErrBaseRange is returned by BaseState for a split queue's
+// VHOST_GET_VRING_BASE answer that does not fit the 16-bit avail index.
+var ErrBaseRange = errors.New("vhostcore: vring base beyond 16 bits for a split ring")
+
+// VringBase is the num of VHOST_SET_VRING_BASE (and of vhost-user's
+// SET_VRING_BASE) for a queue at st with the negotiated features f.
+//
+// Split ring: the next avail index; the used index is not carried (the
+// used ring's idx in guest memory holds it). Packed ring (Linux
+// drivers/vhost/vhost.c, QEMU's virtio_queue_get_last_avail_idx): bits
+// 0..15 are the next avail position, bits 16..31 the next used position,
+// each in the 16-bit encoding of vring.QueueState for packed queues (bits
+// 0..14 the descriptor ring index, bit 15 the wrap counter).
+func VringBase(st vdpa.QueueState, f virtio.Features) uint32 {
+	if f.Has(virtio.FRingPacked) {
+		return uint32(st.NextAvail) | uint32(st.NextUsed)<<16
+	}
+	return uint32(st.NextAvail)
+}
+
+// BaseState decodes the num of VHOST_GET_VRING_BASE for features f, the
+// inverse of VringBase. For a split ring NextUsed is left equal to
+// NextAvail: the caller reads the used ring's idx (UsedIdx) for the real
+// value. A split num beyond 16 bits is ErrBaseRange.
+func BaseState(num uint32, f virtio.Features) (vdpa.QueueState, error) {
+	if f.Has(virtio.FRingPacked) {
+		return vdpa.QueueState{NextAvail: uint16(num), NextUsed: uint16(num >> 16)}, nil
+	}
+	if num > 0xffff {
+		return vdpa.QueueState{}, fmt.Errorf("%w: %#x", ErrBaseRange, num)
+	}
+	return vdpa.QueueState{NextAvail: uint16(num), NextUsed: uint16(num)}, nil
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/vdpakit/vdpakit/internal/vhostcore"
 	"github.com/vdpakit/vdpakit/internal/vhostsys"
 	"github.com/vdpakit/vdpakit/vdpa"
+	"github.com/vdpakit/vdpakit/virtio"
 	"github.com/vdpakit/vdpakit/vring"
 )
 
@@ -102,4 +103,37 @@ func TestUsedIdx(t *testing.T) {
 	assert.ErrorIs(t, err, vring.ErrOutOfRange)
 	_, err = vhostcore.UsedIdx(mem, 0x4000)
 	assert.ErrorIs(t, err, vring.ErrOutOfRange)
+}
+
+// The vhost base word, written out from the encoding Linux vhost and QEMU
+// use: split carries the avail index alone; packed carries avail (bits
+// 0..14 index, bit 15 wrap counter) in the low half and used in the high.
+func TestVringBaseEncoding(t *testing.T) {
+	packed := virtio.Features(0).With(virtio.FRingPacked, virtio.FVersion1)
+	split := virtio.Features(0).With(virtio.FVersion1)
+	for _, tc := range []struct {
+		name string
+		st   vdpa.QueueState
+		f    virtio.Features
+		num  uint32
+	}{
+		{"split fresh", vdpa.QueueState{}, split, 0},
+		{"split wrapped", vdpa.QueueState{NextAvail: 0xfffe, NextUsed: 0xfffe}, split, 0xfffe},
+		{"packed fresh: both wrap counters 1", vdpa.QueueState{NextAvail: 0x8000, NextUsed: 0x8000}, packed, 0x8000_8000},
+		{"packed avail 5 wrap 1, used 3 wrap 0", vdpa.QueueState{NextAvail: 1<<15 | 5, NextUsed: 3}, packed, 0x0003_8005},
+		{"packed last slot of 32768", vdpa.QueueState{NextAvail: 0x7fff, NextUsed: 1<<15 | 0x7fff}, packed, 0xffff_7fff},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			assert.Equal(t, tc.num, vhostcore.VringBase(tc.st, tc.f))
+			got, err := vhostcore.BaseState(tc.num, tc.f)
+			require.NoError(t, err)
+			if tc.f.Has(virtio.FRingPacked) {
+				assert.Equal(t, tc.st, got)
+			} else {
+				assert.Equal(t, tc.st.NextAvail, got.NextAvail)
+			}
+		})
+	}
+	_, err := vhostcore.BaseState(0x1_0000, split)
+	require.ErrorIs(t, err, vhostcore.ErrBaseRange)
 }

@@ -39,13 +39,13 @@ type kernelGuest struct {
 	cancel   context.CancelFunc
 	wg       sync.WaitGroup
 
-	mu         sync.Mutex
-	txFrames   int // frames the kernel sent into the device
-	txGSO      int
-	txUSO      int // of txGSO, UDP_L4
+	mu       sync.Mutex
+	txFrames int // frames the kernel sent into the device
+	txGSO    int
+	txUSO    int // of txGSO, UDP_L4
 	// uso: the guest's tap hands over UDP_L4 frames (HOST_USO negotiated
 	// and the kernel's tap knows USO, Linux 6.2 and later).
-	uso bool
+	uso        bool
 	rxFrames   int // frames the device delivered to the kernel
 	rxGSO      int
 	maxRxFrame int

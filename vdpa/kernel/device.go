@@ -361,8 +361,8 @@ func (d *Device) QueueSize(q int) (uint16, error) {
 func (d *Device) SetQueueNum(q int, size uint16) error {
 	return queueDo(d, q, func(uint32) error {
 		limit := d.queueMax(q)
-		if !vring.ValidQueueSize(size) || size > limit {
-			return fmt.Errorf("%w: %w: queue %d size %d (power of two up to %d)", ErrQueueLayout, vdpa.ErrBadQueue, q, size, limit)
+		if !vring.ValidQueueSizeFor(size, d.features) || size > limit {
+			return fmt.Errorf("%w: %w: queue %d size %d (up to %d; a power of two unless RING_PACKED)", ErrQueueLayout, vdpa.ErrBadQueue, q, size, limit)
 		}
 		if err := d.f.SetVringNum(uint32(q), uint32(size)); err != nil {
 			return err
@@ -416,26 +416,39 @@ func (d *Device) SetQueueAddr(q int, a vdpa.QueueAddr) error {
 
 // SetQueueBase is VHOST_SET_VRING_BASE. vhost-vdpa restores only the
 // available index of a split ring and restarts the used index from it, so
-// a state with NextUsed != NextAvail is refused with ErrInFlight.
+// a split state with NextUsed != NextAvail is refused with ErrInFlight. A
+// packed ring's base carries both positions with their wrap counters
+// (vhostcore.VringBase), so any packed state is restored as it is.
 func (d *Device) SetQueueBase(q int, st vdpa.QueueState) error {
 	return queueDo(d, q, func(uint32) error {
-		if st.NextUsed != st.NextAvail {
+		// A packed ring's base carries both positions (avail in bits
+		// 0..15, used in 16..31, each with its wrap counter in bit 15:
+		// vhostcore.VringBase, which vhost-vdpa splits into struct
+		// vdpa_vq_state_packed); a split ring's carries avail alone.
+		if !d.features.Has(virtio.FRingPacked) && st.NextUsed != st.NextAvail {
 			return fmt.Errorf("%w: queue %d next avail %d, next used %d", ErrInFlight, q, st.NextAvail, st.NextUsed)
 		}
-		return d.f.SetVringBase(uint32(q), uint32(st.NextAvail))
+		return d.f.SetVringBase(uint32(q), vhostcore.VringBase(st, d.features))
 	})
 }
 
 // QueueBase reads queue q's position: NextAvail from VHOST_GET_VRING_BASE,
 // NextUsed from the used ring's idx in guest memory (the device publishes
-// it there). Call it on a suspended device for a stable answer.
+// it there) for a split ring, from the base's bits 16..31 for a packed one.
+// Call it on a suspended device for a stable answer.
 func (d *Device) QueueBase(q int) (vdpa.QueueState, error) {
 	return queueCall(d, q, func(uint32) (vdpa.QueueState, error) {
 		n, err := d.f.GetVringBase(uint32(q))
 		if err != nil {
 			return vdpa.QueueState{}, err
 		}
-		st := vdpa.QueueState{NextAvail: uint16(n), NextUsed: uint16(n)}
+		st, err := vhostcore.BaseState(n, d.features)
+		if err != nil {
+			return vdpa.QueueState{}, fmt.Errorf("vdpa/kernel: queue %d: %w", q, err)
+		}
+		if d.features.Has(virtio.FRingPacked) {
+			return st, nil // both positions are in the base
+		}
 		if mem, _ := d.memFor(q); d.queues[q].set && mem != nil {
 			used, err := vhostcore.UsedIdx(mem, d.queues[q].addr.Used)
 			if err != nil {

@@ -25,8 +25,9 @@ func (d *Device) ctrlBatch(q *queue) (int, error) {
 		c := &q.chain
 		written := uint32(0)
 		ack := virtio.NetCtrlErr
-		if c.ReadableLen <= uint64(len(q.gather)) {
-			cmd, perr := virtio.ParseNetCtrl(q.gather[:c.Gather(q.gather)])
+		if c.ReadableLen <= gatherLen {
+			buf := q.gatherBuf(int(c.ReadableLen))
+			cmd, perr := virtio.ParseNetCtrl(buf[:c.Gather(buf)])
 			if perr == nil && d.applyCtrl(cmd) == nil {
 				ack = virtio.NetCtrlOK
 			}

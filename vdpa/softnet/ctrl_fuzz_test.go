@@ -39,7 +39,7 @@ func FuzzControlQueue(f *testing.F) {
 		}
 		drv, err := vring.NewDriverQueue(mem, vring.DriverQueueOptions{Layout: l, Features: feat})
 		require.NoError(t, err)
-		dq, err := vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Layout: l, Features: feat})
+		dq, err := vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Layout: l, Features: feat, State: vring.InitialState(feat)})
 		require.NoError(t, err)
 		q.dq = dq
 		require.NoError(t, mem.Write(data, cmd))

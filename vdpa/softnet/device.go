@@ -253,7 +253,7 @@ func New(opts *Options) (*Device, error) {
 		return nil, fmt.Errorf("softnet: unknown mode %v", o.Mode)
 	}
 
-	f := virtio.Features(0).With(virtio.FVersion1, virtio.FEventIdx, virtio.FIndirectDesc,
+	f := virtio.Features(0).With(virtio.FVersion1, virtio.FEventIdx, virtio.FIndirectDesc, virtio.FRingPacked,
 		virtio.NetFMAC, virtio.NetFStatus, virtio.NetFMTU, virtio.NetFMrgRxbuf)
 	if o.AccessPlatform {
 		f = f.With(virtio.FAccessPlatform)

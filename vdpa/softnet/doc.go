@@ -17,6 +17,12 @@
 // that talks to the device directly (mdev, VDUSE, vdpa.Local) gets the
 // feature dependencies of virtio 1.2 §5.1.3.1 enforced.
 //
+// Ring formats: the device offers VIRTIO_F_RING_PACKED next to the split
+// ring; the driver picks one by negotiating it or not. The queue workers
+// are format-blind: vring.DeviceQueue walks either (the server builds a
+// packed queue when the feature is negotiated), so everything below holds
+// for both. Options.Disable with RING_PACKED keeps a driver on split rings.
+//
 // Queue layout (virtio 1.2 §5.1.2): receiveq k is queue 2k, transmitq k is
 // queue 2k+1, and the control queue is queue 2N when VIRTIO_NET_F_MQ is
 // negotiated (N = max_virtqueue_pairs), queue 2 otherwise.

@@ -38,8 +38,11 @@ func (f FrameHandlerFunc) HandleFrame(tx *Tx, frame []byte) { f(tx, frame) }
 // csum_start+csum_offset+2 lies within the frame, gso_type is NONE, TCPV4,
 // TCPV6 or UDP_L4 (possibly with the ECN bit) of a feature the driver
 // negotiated, gso_size is not zero, and the frame is the TCP or UDP packet
-// over IPv4 or IPv6 its gso_type says, with csum_start at its transport
-// header. num_buffers is zero and DATA_VALID is clear.
+// over IPv4 or IPv6 its gso_type says, with csum_start and csum_offset at
+// its transport checksum. num_buffers is zero, flags hold NEEDS_CSUM or
+// nothing (the device ignores the others, §5.1.6.2.2), and hdr_len is the
+// length of a GSO frame's headers as the device parsed them (the driver's
+// value is a hint), zero for a frame without GSO whose hint exceeded it.
 //
 // TxOffloads returns the offloads (a subset of HostOffloads) the handler
 // takes as they come: the device completes the checksum of a NEEDS_CSUM
@@ -115,16 +118,19 @@ func (d *Device) Deliver(pair int, frame []byte) (err error) {
 
 // DeliverHdr is Deliver for a frame with a virtio-net header, as a host
 // back-end (a tap device) hands them over. The header is validated against
-// the frame first: one that lies (csum_start or csum_offset beyond the
-// frame, an unknown gso_type, gso_size 0 with a gso_type, hdr_len beyond
-// the frame, a frame that is not the packet its gso_type says) is dropped,
-// counted as DropRxBadHeader, and an error matching ErrBadHeader returned.
-// num_buffers is ignored (the device sets it).
+// the frame first: one that lies (an unknown flag, csum_start or
+// csum_offset beyond the frame, an unknown gso_type, gso_size 0 with a
+// gso_type, a frame that is not the packet its gso_type says or a partial
+// checksum that is not its transport checksum) is dropped, counted as
+// DropRxBadHeader, and an error matching ErrBadHeader returned.
+// num_buffers is ignored (the device sets it); hdr_len is set to the
+// length of a GSO frame's headers (§5.1.6.4.2: not less than them).
 //
 // What the driver negotiated decides the rest: with GUEST_CSUM, NEEDS_CSUM
 // and DATA_VALID reach it as they are, and a GSO frame whose GUEST_TSO4,
 // GUEST_TSO6, GUEST_USO4/6 (and, with the ECN bit, GUEST_ECN) it
-// negotiated reaches it whole. Otherwise the device does the offload in
+// negotiated reaches it whole, provided it has NEEDS_CSUM (a device MUST
+// set it on a GSO frame, §5.1.6.4.2). Otherwise the device does the offload in
 // software: it completes the checksum, or segments the frame into gso_size
 // payloads with every header and checksum rewritten (the segments count as
 // delivered frames; the first that finds no buffer ends the frame with one

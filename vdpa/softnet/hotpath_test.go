@@ -38,9 +38,9 @@ func newLoop(tb testing.TB, f virtio.Features, frameLen int) *loop {
 	require.NoError(tb, err)
 	txq, err := vring.NewDriverQueue(mem, vring.DriverQueueOptions{Index: 1, Layout: txL, Features: f})
 	require.NoError(tb, err)
-	rxd, err := vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Layout: rxL, Features: f})
+	rxd, err := vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Layout: rxL, Features: f, State: vring.InitialState(f)})
 	require.NoError(tb, err)
-	txd, err := vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Index: 1, Layout: txL, Features: f})
+	txd, err := vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Index: 1, Layout: txL, Features: f, State: vring.InitialState(f)})
 	require.NoError(tb, err)
 	require.NoError(tb, d.StartQueue(0, rxd, nil, nil))
 	tx := d.queues[1]
@@ -87,8 +87,11 @@ func TestLoopbackPathAllocatesNothing(t *testing.T) {
 	for _, f := range []virtio.Features{
 		virtio.Features(0).With(virtio.FVersion1),
 		virtio.Features(0).With(virtio.FVersion1, virtio.NetFMrgRxbuf, virtio.FEventIdx),
+		virtio.Features(0).With(virtio.FVersion1, virtio.FRingPacked),
+		virtio.Features(0).With(virtio.FVersion1, virtio.NetFMrgRxbuf, virtio.FEventIdx, virtio.FRingPacked),
 	} {
 		l := newLoop(t, f, 1500-18)
+		require.Equal(t, f.Has(virtio.FRingPacked), l.txq.Packed())
 		l.round(t, 32)
 		allocs := testing.AllocsPerRun(100, func() { l.round(t, 32) })
 		require.Zero(t, allocs, "features %s", f.Format(virtio.DeviceNet))
@@ -117,4 +120,6 @@ func BenchmarkLoopback(b *testing.B) {
 	b.Run("64B", func(b *testing.B) { benchLoop(b, v1, 64) })
 	b.Run("1500B", func(b *testing.B) { benchLoop(b, v1, 1500) })
 	b.Run("64B-mrg", func(b *testing.B) { benchLoop(b, v1.With(virtio.NetFMrgRxbuf), 64) })
+	b.Run("64B-packed", func(b *testing.B) { benchLoop(b, v1.With(virtio.FRingPacked), 64) })
+	b.Run("64B-mrg-packed", func(b *testing.B) { benchLoop(b, v1.With(virtio.NetFMrgRxbuf, virtio.FRingPacked), 64) })
 }

@@ -139,10 +139,30 @@ func TestWorkerStateReleasedOnReset(t *testing.T) {
 	tx := d.queues[1]
 	require.Nil(t, tx.gather)
 	require.NoError(t, d.StartQueue(1, deviceQueue(t, 32), nil, nil))
-	require.Len(t, tx.gather, virtio.NetHdrSize+MaxFrame)
+	require.Len(t, tx.gather, gatherInit)
 	require.Len(t, tx.segBuf(), MaxFrame)
 	d.Reset()
 	require.Nil(t, tx.gather)
 	require.Nil(t, tx.seg, "the offload segment buffer goes too")
 	require.Nil(t, tx.chain.Segs)
+}
+
+// TestGatherGrowsToTheLargestFrame: a transmit queue starts with a gather
+// buffer for the usual MTU, grows it (doubling, capped at a header and
+// MaxFrame) when a larger split frame comes, and then allocates nothing.
+func TestGatherGrowsToTheLargestFrame(t *testing.T) {
+	d, err := New(nil)
+	require.NoError(t, err)
+	require.NoError(t, d.SetFeatures(base1))
+	require.NoError(t, d.StartQueue(1, deviceQueue(t, 32), nil, nil))
+	defer d.Reset()
+	tx := d.queues[1]
+	require.Len(t, tx.gather, gatherInit)
+	require.Len(t, tx.gatherBuf(9000), 9000)
+	require.Len(t, tx.gather, 9000, "doubling 2048 is not enough: the frame's size")
+	require.Len(t, tx.gatherBuf(10000), 10000)
+	require.Len(t, tx.gather, 18000, "doubled")
+	require.Len(t, tx.gatherBuf(virtio.NetHdrSize+MaxFrame), virtio.NetHdrSize+MaxFrame)
+	require.Len(t, tx.gather, virtio.NetHdrSize+MaxFrame, "capped at a header and MaxFrame")
+	require.Zero(t, testing.AllocsPerRun(100, func() { tx.gatherBuf(virtio.NetHdrSize + MaxFrame) }))
 }

@@ -15,6 +15,14 @@ import (
 // A header is validated against its frame before anything uses it: a header
 // that lies is dropped and counted (DropTxBadHeader for what the driver
 // transmits, DropRxBadHeader for what DeliverHdr is given), never trusted.
+// Two fields are not grounds for a drop: flag bits other than NEEDS_CSUM
+// in what the driver transmits are ignored (§5.1.6.2.2: the device MUST
+// ignore flag bits it does not recognize; DATA_VALID and RSC_INFO the
+// driver must not set), and hdr_len, a hint the device MUST NOT rely on
+// (§5.1.6.2.2; GUEST_HDRLEN is not offered), is replaced by the length the
+// device parsed: the headers of a GSO frame, zero for a hint longer than a
+// frame without one. A header handed on (to an OffloadHandler or to the
+// driver) thus never carries a hint a kernel would reject.
 // Every value derived from a frame that may lie in guest memory is read once
 // into a local, so a driver rewriting the frame while the device works on it
 // can garble its own frame but not move a bound the device checked.
@@ -32,7 +40,6 @@ var (
 	ErrHdrGSOFeat    = fmt.Errorf("%w: gso_type of a feature not negotiated", ErrBadHeader)
 	ErrHdrGSOSize    = fmt.Errorf("%w: gso_size 0 with a gso_type", ErrBadHeader)
 	ErrHdrGSOCsum    = fmt.Errorf("%w: gso_type without NEEDS_CSUM", ErrBadHeader)
-	ErrHdrLen        = fmt.Errorf("%w: hdr_len beyond the frame", ErrBadHeader)
 	ErrHdrGSOPacket  = fmt.Errorf("%w: frame is not the packet its gso_type says", ErrBadHeader)
 	ErrHdrGSOPayload = fmt.Errorf("%w: segmentation with no payload", ErrBadHeader)
 )
@@ -113,18 +120,31 @@ type gsoPacket struct {
 	tcpFlags        uint8
 }
 
+// csumOff is the offset of the transport checksum field in the transport
+// header: 6 in UDP's, 16 in TCP's.
+func (p *gsoPacket) csumOff() int {
+	if p.udp {
+		return 6
+	}
+	return 16
+}
+
 // gsoKind returns the segmentation a header asks for (gso_type without the
 // ECN bit).
 func gsoKind(h *virtio.NetHdr) uint8 { return h.GSOType &^ virtio.NetHdrGSOECN }
 
 // checkHdr validates h against frame. fromDriver applies the driver's rules
-// of §5.1.6.2.1 (features negotiated in f; NEEDS_CSUM with every gso_type);
-// a header from a host back-end (DeliverHdr) needs no feature, since the
-// device completes or segments in software what the driver did not
-// negotiate. For a gso_type it returns the parsed packet.
+// of §5.1.6.2.1 (features negotiated in f; NEEDS_CSUM with every gso_type)
+// and clears every flag but NEEDS_CSUM (§5.1.6.2.2); a header from a host
+// back-end (DeliverHdr) needs no feature, since the device completes or
+// segments in software what the driver did not negotiate, and may carry
+// DATA_VALID but no unknown flag. hdr_len is set to what the device parsed
+// (see above). For a gso_type it returns the parsed packet.
 func checkHdr(h *virtio.NetHdr, frame []byte, f virtio.Features, fromDriver bool) (gsoPacket, error) {
 	var p gsoPacket
-	if h.Flags&^(virtio.NetHdrFNeedsCsum|virtio.NetHdrFDataValid) != 0 {
+	if fromDriver {
+		h.Flags &= virtio.NetHdrFNeedsCsum
+	} else if h.Flags&^(virtio.NetHdrFNeedsCsum|virtio.NetHdrFDataValid) != 0 {
 		return p, ErrHdrFlags
 	}
 	n := len(frame)
@@ -140,6 +160,9 @@ func checkHdr(h *virtio.NetHdr, frame []byte, f virtio.Features, fromDriver bool
 	if kind == virtio.NetHdrGSONone {
 		if h.GSOType != virtio.NetHdrGSONone {
 			return p, ErrHdrGSOType // the ECN bit alone
+		}
+		if int(h.HdrLen) > n {
+			h.HdrLen = 0
 		}
 		return p, nil
 	}
@@ -165,15 +188,16 @@ func checkHdr(h *virtio.NetHdr, frame []byte, f virtio.Features, fromDriver bool
 	if h.GSOSize == 0 {
 		return p, ErrHdrGSOSize
 	}
-	if int(h.HdrLen) > n {
-		return p, ErrHdrLen
-	}
 	if err := parseGSO(&p, kind, frame); err != nil {
 		return p, err
 	}
-	if h.Flags&virtio.NetHdrFNeedsCsum != 0 && int(h.CsumStart) != p.l4 {
+	if h.Flags&virtio.NetHdrFNeedsCsum != 0 && (int(h.CsumStart) != p.l4 || int(h.CsumOffset) != p.csumOff()) {
+		// The partial checksum of a GSO frame is its transport
+		// checksum: anything else would have a kernel taking the frame
+		// (a tap) write the segments' sums over their payload.
 		return p, ErrHdrGSOPacket
 	}
+	h.HdrLen = uint16(p.payload)
 	return p, nil
 }
 
@@ -328,10 +352,9 @@ func (s *segmenter) next(buf []byte) []byte {
 		ip[10], ip[11] = 0, 0
 		binary.BigEndian.PutUint16(ip[10:], csumFold(csumAdd(0, ip)))
 	}
-	var csumAt int
+	csumAt := p.l4 + p.csumOff()
 	if p.udp {
 		binary.BigEndian.PutUint16(seg[p.l4+4:], uint16(l4len))
-		csumAt = p.l4 + 6
 	} else {
 		binary.BigEndian.PutUint32(seg[p.l4+4:], p.seq+uint32(s.off-p.payload))
 		fl := p.tcpFlags
@@ -342,7 +365,6 @@ func (s *segmenter) next(buf []byte) []byte {
 			fl &^= tcpFlagCWR
 		}
 		seg[p.l4+13] = fl
-		csumAt = p.l4 + 16
 	}
 	seg[csumAt], seg[csumAt+1] = 0, 0
 	sum := pseudoSum(seg, p, l4len)
@@ -373,7 +395,14 @@ func rxOffloadOK(h *virtio.NetHdr, p *gsoPacket, f virtio.Features) bool {
 	if h.Flags&virtio.NetHdrFNeedsCsum != 0 && !f.Has(virtio.NetFGuestCsum) {
 		return false
 	}
-	switch gsoKind(h) {
+	kind := gsoKind(h)
+	if kind != virtio.NetHdrGSONone && h.Flags&virtio.NetHdrFNeedsCsum == 0 {
+		// A device that hands over a GSO frame MUST set NEEDS_CSUM
+		// (§5.1.6.4.2); one from a host back-end without it has its
+		// checksums unset or complete, so it is segmented instead.
+		return false
+	}
+	switch kind {
 	case virtio.NetHdrGSONone:
 		return true
 	case virtio.NetHdrGSOTCPv4:

@@ -166,7 +166,8 @@ func BenchmarkOffload(b *testing.B) {
 // checkHdr never panics; a header it accepts is safe to act on (the
 // checksum field lies in the frame; segmentation produces segments no
 // longer than headers plus gso_size whose payloads concatenate to the
-// frame's); one it rejects matches ErrBadHeader. The accepted ones then go
+// frame's; hdr_len within the frame, the headers' length for GSO; no
+// flag but NEEDS_CSUM from a driver); one it rejects matches ErrBadHeader. The accepted ones then go
 // through the device (transmit, loopback, receive into a driver without
 // the GUEST_* offloads), which must not drop them for a bad header.
 func FuzzOffloadHeader(f *testing.F) {
@@ -193,6 +194,12 @@ func FuzzOffloadHeader(f *testing.F) {
 				require.ErrorIs(t, err, ErrBadHeader)
 				continue
 			}
+			// What is handed on never carries a hint a kernel rejects,
+			// nor a flag the device ignored.
+			require.LessOrEqual(t, int(h.HdrLen), len(frame), "hdr_len handed on")
+			if fromDriver {
+				require.Zero(t, h.Flags&^virtio.NetHdrFNeedsCsum, "flags handed on")
+			}
 			if h.Flags&virtio.NetHdrFNeedsCsum != 0 {
 				require.LessOrEqual(t, int(h.CsumStart)+int(h.CsumOffset)+2, len(frame))
 				cp := append([]byte(nil), frame...)
@@ -201,6 +208,7 @@ func FuzzOffloadHeader(f *testing.F) {
 			if gsoKind(&h) == virtio.NetHdrGSONone {
 				continue
 			}
+			require.Equal(t, p.payload, int(h.HdrLen), "hdr_len of a GSO frame")
 			var s segmenter
 			s.init(frame, p, h.GSOSize)
 			var total int

@@ -389,44 +389,42 @@ func TestHandlerOffloads(t *testing.T) {
 	}
 }
 
-// headerLies are headers that do not describe their frame (a TCPv4 GSO
-// frame of 5000 bytes of payload, or a driver that negotiated only hostOnly
-// &^ HOST_USO), each with the error it must give.
-func headerLies(t *testing.T) []struct {
+// headerLie is a header that does not describe its frame, with the error
+// it must give.
+type headerLie struct {
 	name     string
 	h        virtio.NetHdr
 	frame    []byte
 	err      error
 	txOnly   bool // a driver-side rule (features, NEEDS_CSUM with GSO)
 	features virtio.Features
-} {
+}
+
+// headerLies are headers that do not describe their frame (a TCPv4 GSO
+// frame of 5000 bytes of payload, or a driver that negotiated only hostOnly
+// &^ HOST_USO), each with the error it must give. hdr_len and the flags
+// other than NEEDS_CSUM are not among them on the transmit side: the
+// device ignores them (TestTransmitIgnoresFlagsAndHdrLen).
+func headerLies(t *testing.T) []headerLie {
 	h, f := gsoSpec{payload: 5000, mss: 1000}.build(t)
 	with := func(mod func(*virtio.NetHdr)) virtio.NetHdr { x := h; mod(&x); return x }
 	h6, f6 := gsoSpec{v6: true, payload: 3000, mss: 1000}.build(t)
 	hu, fu := gsoSpec{udp: true, payload: 3000, mss: 1000}.build(t)
-	type lie = struct {
-		name     string
-		h        virtio.NetHdr
-		frame    []byte
-		err      error
-		txOnly   bool
-		features virtio.Features
-	}
+	type lie = headerLie
 	return []lie{
 		{"csum_start past the frame", with(func(x *virtio.NetHdr) { x.CsumStart = uint16(len(f)) }), f, softnet.ErrHdrCsum, false, 0},
 		{"csum_offset past the frame", with(func(x *virtio.NetHdr) { x.CsumOffset = uint16(len(f)) - x.CsumStart - 1 }), f, softnet.ErrHdrCsum, false, 0},
 		{"csum_start+csum_offset overflows 16 bits", with(func(x *virtio.NetHdr) { x.CsumStart, x.CsumOffset = 0xffff, 0xffff }), f, softnet.ErrHdrCsum, false, 0},
 		{"gso_size 0 with a gso_type", with(func(x *virtio.NetHdr) { x.GSOSize = 0 }), f, softnet.ErrHdrGSOSize, false, 0},
-		{"hdr_len beyond the frame", with(func(x *virtio.NetHdr) { x.HdrLen = uint16(len(f) + 1) }), f, softnet.ErrHdrLen, false, 0},
 		{"unknown gso_type 2", with(func(x *virtio.NetHdr) { x.GSOType = 2 }), f, softnet.ErrHdrGSOType, false, 0},
 		{"unknown gso_type 0x7f", with(func(x *virtio.NetHdr) { x.GSOType = 0x7f }), f, softnet.ErrHdrGSOType, false, 0},
 		{"UFO (gso_type UDP) is not offered", with(func(x *virtio.NetHdr) { x.GSOType = virtio.NetHdrGSOUDP }), f, softnet.ErrHdrGSOType, false, 0},
 		{"ECN bit without a gso_type", with(func(x *virtio.NetHdr) { x.GSOType = virtio.NetHdrGSOECN }), f, softnet.ErrHdrGSOType, false, 0},
-		{"unknown flag", with(func(x *virtio.NetHdr) { x.Flags |= 0x40 }), f, softnet.ErrHdrFlags, false, 0},
-		{"RSC_INFO flag", with(func(x *virtio.NetHdr) { x.Flags |= virtio.NetHdrFRscInfo }), f, softnet.ErrHdrFlags, false, 0},
 		{"TCPV4 on an IPv6 frame", with(func(x *virtio.NetHdr) { x.CsumStart = h6.CsumStart }), f6, softnet.ErrHdrGSOPacket, false, 0},
 		{"TCPV6 on an IPv4 frame", with(func(x *virtio.NetHdr) { x.GSOType = virtio.NetHdrGSOTCPv6 }), f, softnet.ErrHdrGSOPacket, false, 0},
 		{"UDP_L4 on a TCP frame", with(func(x *virtio.NetHdr) { x.GSOType = virtio.NetHdrGSOUDPL4 }), f, softnet.ErrHdrGSOPacket, false, 0},
+		{"csum_offset not at the TCP checksum", with(func(x *virtio.NetHdr) { x.CsumOffset = 10 }), f, softnet.ErrHdrGSOPacket, false, 0},
+		{"csum_offset of TCP on a UDP frame", func() virtio.NetHdr { x := hu; x.CsumOffset = 16; return x }(), fu, softnet.ErrHdrGSOPacket, false, 0},
 		{"csum_start not at the transport header", with(func(x *virtio.NetHdr) { x.CsumStart -= 4; x.CsumOffset += 4 }), f, softnet.ErrHdrGSOPacket, false, 0},
 		{"GSO frame cut inside the TCP header", h, f[:h.CsumStart+10], softnet.ErrHdrCsum, false, 0},
 		{"GSO frame without payload", with(func(x *virtio.NetHdr) { x.HdrLen = 0 }), f[:h.HdrLen], softnet.ErrHdrGSOPayload, false, 0},
@@ -465,9 +463,16 @@ func TestTransmittedHeaderLiesAreDropped(t *testing.T) {
 	}
 }
 
-// TestDeliveredHeaderLiesAreDropped: the same lies from a host back-end.
+// TestDeliveredHeaderLiesAreDropped: the same lies from a host back-end,
+// and flags the device does not know (a host back-end's header goes on to
+// the driver; only a transmitted one has its unknown flags ignored).
 func TestDeliveredHeaderLiesAreDropped(t *testing.T) {
-	for _, tt := range headerLies(t) {
+	h, f := gsoSpec{payload: 5000, mss: 1000}.build(t)
+	lies := append(headerLies(t),
+		headerLie{"unknown flag", virtio.NetHdr{Flags: 0x40}, f, softnet.ErrHdrFlags, false, 0},
+		headerLie{"RSC_INFO flag", virtio.NetHdr{Flags: h.Flags | virtio.NetHdrFRscInfo, GSOType: h.GSOType, GSOSize: h.GSOSize,
+			CsumStart: h.CsumStart, CsumOffset: h.CsumOffset}, f, softnet.ErrHdrFlags, false, 0})
+	for _, tt := range lies {
 		if tt.txOnly {
 			continue
 		}
@@ -502,4 +507,100 @@ func TestDeliverHdrDataValid(t *testing.T) {
 		}
 		assert.Equal(t, want, h)
 	}
+}
+
+// TestTransmitIgnoresFlagsAndHdrLen: §5.1.6.2.2 — the device ignores flag
+// bits it does not recognize (and DATA_VALID/RSC_INFO, which the driver
+// must not set), and must not rely on hdr_len. Such frames are not
+// dropped: a handler taking the offloads gets NEEDS_CSUM alone and the
+// hdr_len the device parsed; one taking none gets the wire segments.
+func TestTransmitIgnoresFlagsAndHdrLen(t *testing.T) {
+	g := gsoSpec{payload: 5000, mss: 1000, tcpFlags: 0x08}
+	h, f := g.build(t)
+	hl := h.HdrLen // the true length of the headers
+	for _, tt := range []struct {
+		name string
+		mod  func(*virtio.NetHdr)
+	}{
+		{"unknown flag 0x40", func(x *virtio.NetHdr) { x.Flags |= 0x40 }},
+		{"RSC_INFO", func(x *virtio.NetHdr) { x.Flags |= virtio.NetHdrFRscInfo }},
+		{"DATA_VALID", func(x *virtio.NetHdr) { x.Flags |= virtio.NetHdrFDataValid }},
+		{"every flag bit", func(x *virtio.NetHdr) { x.Flags = 0xff }},
+		{"hdr_len beyond the frame", func(x *virtio.NetHdr) { x.HdrLen = uint16(len(f) + 1) }},
+		{"hdr_len 0xffff", func(x *virtio.NetHdr) { x.HdrLen = 0xffff }},
+		{"hdr_len 0", func(x *virtio.NetHdr) { x.HdrLen = 0 }},
+		{"hdr_len inside the TCP header", func(x *virtio.NetHdr) { x.HdrLen = x.CsumStart + 4 }},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			sent := h
+			tt.mod(&sent)
+			for _, acc := range []virtio.Features{softnet.HostOffloads, 0} {
+				r := &recorder{acc: acc}
+				s := newStack(t, stackOptions{dev: softnet.Options{Offload: true, Handler: r}, features: hostOnly, slot: 1 << 14})
+				s.sendHdr(1, sent, f)
+				s.wait(1)
+				hdrs, frames := r.got()
+				assert.Zero(t, s.dev.Stats().Drop(softnet.DropTxBadHeader))
+				if acc != 0 {
+					require.Len(t, frames, 1)
+					assert.Equal(t, f, frames[0])
+					want := h
+					want.HdrLen = hl
+					assert.Equal(t, want, hdrs[0])
+					continue
+				}
+				for _, x := range hdrs {
+					assert.Equal(t, virtio.NetHdr{}, x)
+				}
+				checkSegments(t, g, h, f, frames)
+			}
+		})
+	}
+	t.Run("hdr_len beyond a frame without GSO", func(t *testing.T) {
+		r := &recorder{acc: softnet.HostOffloads}
+		s := newStack(t, stackOptions{dev: softnet.Options{Offload: true, Handler: r}, features: hostOnly, slot: 1 << 14})
+		sent := virtio.NetHdr{Flags: virtio.NetHdrFNeedsCsum, CsumStart: h.CsumStart, CsumOffset: h.CsumOffset, HdrLen: 0xffff}
+		s.sendHdr(1, sent, f[:200])
+		s.wait(1)
+		hdrs, frames := r.got()
+		require.Len(t, frames, 1)
+		sent.HdrLen = 0
+		assert.Equal(t, sent, hdrs[0])
+	})
+}
+
+// TestDeliverHdrGSO: §5.1.6.4.2 — a GSO frame reaches the driver with
+// NEEDS_CSUM and an hdr_len not less than its headers, whatever hdr_len
+// the host back-end gave; one without NEEDS_CSUM is segmented instead of
+// handed over with a header the spec forbids.
+func TestDeliverHdrGSO(t *testing.T) {
+	g := gsoSpec{payload: 5000, mss: 1000}
+	h, f := g.build(t)
+	hl := h.HdrLen
+	for _, give := range []uint16{0, 14, hl, uint16(len(f))} {
+		s := newStack(t, stackOptions{dev: softnet.Options{Offload: true}, features: allOffloads})
+		s.postRx(0, 8, 2048)
+		sent := h
+		sent.HdrLen = give
+		require.NoError(t, s.dev.DeliverHdr(0, sent, f))
+		got, data := s.recvFrame(0)
+		assert.Equal(t, f, data)
+		want := h
+		want.HdrLen = hl
+		want.NumBuffers = got.NumBuffers
+		assert.Equal(t, want, got, "hdr_len given %d", give)
+	}
+	s := newStack(t, stackOptions{dev: softnet.Options{Offload: true}, features: allOffloads})
+	n := (g.payload + int(g.mss) - 1) / int(g.mss)
+	s.postRx(0, n, 2048)
+	sent := h
+	sent.Flags = 0
+	require.NoError(t, s.dev.DeliverHdr(0, sent, f))
+	var segs [][]byte
+	for range n {
+		got, data := s.recvFrame(0)
+		assert.Equal(t, virtio.NetHdr{NumBuffers: got.NumBuffers}, got, "zero header: segmented")
+		segs = append(segs, data)
+	}
+	checkSegments(t, g, h, f, segs)
 }

@@ -87,7 +87,19 @@ const (
 	rxSegs     = 4
 	workerSegs = 8
 	gatherLen  = virtio.NetHdrSize + MaxFrame
+	gatherInit = 2048 // a header and a 1514-byte frame
 )
+
+// gatherBuf returns n bytes (n <= gatherLen) of the queue's gather buffer,
+// growing it first if it is shorter: the first frame or command larger
+// than any before allocates, at most a few times per queue (the buffer
+// doubles), and the steady state allocates nothing.
+func (q *queue) gatherBuf(n int) []byte {
+	if n > len(q.gather) {
+		q.gather = make([]byte, min(max(2*len(q.gather), n), gatherLen))
+	}
+	return q.gather[:n]
+}
 
 var (
 	rxEntryBytes = uint64(unsafe.Sizeof(vring.Chain{})) + rxSegs*uint64(unsafe.Sizeof(vring.Segment{})) + 4
@@ -196,8 +208,10 @@ func (q *queue) startWorker(d *Device, dq *vring.DeviceQueue, kick, call *vdpa.E
 	defer q.mu.Unlock()
 	if q.gather == nil {
 		// Transmit and control queues (the control queue may have an even
-		// index) gather split frames and commands here.
-		q.gather = make([]byte, gatherLen)
+		// index) gather split frames and commands here. It starts with
+		// room for a frame of the usual MTU and grows (gatherBuf) to the
+		// largest one gathered, at most gatherLen.
+		q.gather = make([]byte, gatherInit)
 	}
 	if q.chain.Segs == nil {
 		q.chain.Segs = make([]vring.Segment, 0, workerSegs)
@@ -445,8 +459,8 @@ func (d *Device) transmit(q *queue, h FrameHandler, oh OffloadHandler, acc, f vi
 	frame := frameSlice(c, hdrLen, int(total)-hdrLen)
 	gathered := frame == nil
 	if gathered {
-		n := c.Gather(q.gather[:total])
-		frame = q.gather[hdrLen:n]
+		buf := q.gatherBuf(int(total))
+		frame = buf[hdrLen:c.Gather(buf)]
 	}
 	var hdr virtio.NetHdr
 	if d.offered&HostOffloads != 0 {
@@ -455,7 +469,6 @@ func (d *Device) transmit(q *queue, h FrameHandler, oh OffloadHandler, acc, f vi
 		// it against what the driver negotiated.
 		hdr = readHdr(c, hdrLen, &q.hdr)
 		hdr.NumBuffers = 0
-		hdr.Flags &^= virtio.NetHdrFDataValid // the driver must not set it; ignored
 		p, err := checkHdr(&hdr, frame, f, true)
 		if err != nil {
 			d.drops.add(DropTxBadHeader)

@@ -13,6 +13,7 @@ import (
 	"github.com/vdpakit/vdpakit/vdpa/softnet"
 	"github.com/vdpakit/vdpakit/virtio"
 	"github.com/vdpakit/vdpakit/vring"
+	"github.com/vdpakit/vdpakit/vring/vringtest"
 )
 
 var base = virtio.Features(0).With(virtio.FVersion1, virtio.NetFMAC, virtio.NetFStatus, virtio.NetFMTU)
@@ -636,4 +637,38 @@ func TestHostileRingSetsNeedsReset(t *testing.T) {
 	st, err := s.local.Status()
 	require.NoError(t, err)
 	assert.Zero(t, st)
+}
+
+// TestLargeSplitFramesGathered: frames larger than the transmit queue's
+// initial gather buffer, split across descriptors, come back whole, before
+// and after the buffer has grown, and so do small ones after that.
+func TestLargeSplitFramesGathered(t *testing.T) {
+	s := newStack(t, stackOptions{features: base.With(virtio.NetFMrgRxbuf), slot: 65536})
+	for i, n := range []int{700, 9000, 9000, 60000 - 14, 100} {
+		f := frame(s.dev.MAC(), uint32(i), n)
+		segs := [][]byte{s.hdr()}
+		for off := 0; off < len(f); off += 1000 {
+			segs = append(segs, f[off:min(off+1000, len(f))])
+		}
+		if len(segs) > vringtest.MaxSegs {
+			// One descriptor per 5000 bytes for the largest frame.
+			segs = [][]byte{s.hdr()}
+			for off := 0; off < len(f); off += 5000 {
+				segs = append(segs, f[off:min(off+5000, len(f))])
+			}
+		}
+		need := (virtio.NetHdrSize + len(f) + 4095) / 4096
+		s.postRx(0, need, 4096)
+		_, err := s.drv[1].Add(segs, nil)
+		require.NoError(t, err)
+		s.drv[1].Queue.Publish()
+		require.NoError(t, s.kick[1].Signal())
+		cs := s.waitN(0, need)
+		var all []byte
+		for _, c := range cs {
+			all = append(all, c.Data...)
+		}
+		require.Equal(t, f, all[virtio.NetHdrSize:], "frame %d of %d bytes in %d descriptors", i, n, len(segs))
+		s.wait(1)
+	}
 }

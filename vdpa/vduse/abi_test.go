@@ -91,6 +91,10 @@ func goABI() []cabi.Entry {
 	o("vduse_vq_info", "driver_addr", offVQInfoDriverAddr)
 	o("vduse_vq_info", "device_addr", offVQInfoDeviceAddr)
 	o("vduse_vq_info", "split.avail_index", offVQInfoSplitAvailIdx)
+	o("vduse_vq_info", "packed.last_avail_counter", offVQInfoPackedAvailCtr)
+	o("vduse_vq_info", "packed.last_avail_idx", offVQInfoPackedAvailIdx)
+	o("vduse_vq_info", "packed.last_used_counter", offVQInfoPackedUsedCtr)
+	o("vduse_vq_info", "packed.last_used_idx", offVQInfoPackedUsedIdx)
 	o("vduse_vq_info", "ready", offVQInfoReady)
 
 	s("vduse_vq_eventfd", sizeVQEventfd)
@@ -111,6 +115,11 @@ func goABI() []cabi.Entry {
 	o("vduse_dev_response", "result", offResponseResult)
 	o("vduse_dev_response", "vq_state.index", offResponseVQStateIndex)
 	o("vduse_dev_response", "vq_state.split.avail_index", offResponseVQStateAvail)
+	o("vduse_dev_response", "vq_state.packed.last_avail_counter", offResponsePackedAvailC)
+	o("vduse_dev_response", "vq_state.packed.last_avail_idx", offResponsePackedAvailI)
+	o("vduse_dev_response", "vq_state.packed.last_used_counter", offResponsePackedUsedC)
+	o("vduse_dev_response", "vq_state.packed.last_used_idx", offResponsePackedUsedI)
+	s("vduse_vq_state_packed", sizeVQStatePacked)
 	// Scalars the ioctls take by value: their sizes are in the numbers above.
 	return out
 }

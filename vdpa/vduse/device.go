@@ -232,8 +232,8 @@ func (d *Device) Serve(ctx context.Context) error {
 			d.logf("vduse %s: %v", d.opts.Name, err)
 			continue
 		}
-		result, vqIdx, avail := d.handle(req)
-		encodeResponse(resp, req.ID, result, vqIdx, avail)
+		result, vqIdx, st, packed := d.handle(req)
+		encodeResponse(resp, req.ID, result, vqIdx, st, packed)
 		if _, err := d.file.Write(resp); err != nil {
 			if errors.Is(err, os.ErrClosed) {
 				return ErrClosed
@@ -243,15 +243,16 @@ func (d *Device) Serve(ctx context.Context) error {
 	}
 }
 
-func (d *Device) handle(req request) (result, vqIdx uint32, avail uint16) {
+func (d *Device) handle(req request) (result, vqIdx uint32, st vring.QueueState, packed bool) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	var err error
+	packed = d.features.Has(virtio.FRingPacked)
 	switch req.Type {
 	case reqGetVQState:
 		vqIdx = req.VQIndex
-		avail, err = d.vqStateLocked(int(req.VQIndex))
-		d.logf("vduse %s: GET_VQ_STATE %d -> avail %d (%v)", d.opts.Name, req.VQIndex, avail, err)
+		st, err = d.vqStateLocked(int(req.VQIndex))
+		d.logf("vduse %s: GET_VQ_STATE %d -> avail %#x used %#x (%v)", d.opts.Name, req.VQIndex, st.NextAvail, st.NextUsed, err)
 	case reqSetStatus:
 		err = d.setStatusLocked(virtio.Status(req.Status))
 		d.logf("vduse %s: SET_STATUS %v (%v)", d.opts.Name, virtio.Status(req.Status), err)
@@ -263,32 +264,34 @@ func (d *Device) handle(req request) (result, vqIdx uint32, avail uint16) {
 		d.logf("vduse %s: %v", d.opts.Name, err)
 	}
 	if err != nil {
-		return resultFailed, vqIdx, avail
+		return resultFailed, vqIdx, st, packed
 	}
-	return resultOK, vqIdx, avail
+	return resultOK, vqIdx, st, packed
 }
 
 // vqStateLocked stops queue i if it runs (GET_VQ_STATE is the vhost
-// GET_VRING_BASE path) and returns its next available index.
-func (d *Device) vqStateLocked(i int) (uint16, error) {
+// GET_VRING_BASE path) and returns its state: the next available index
+// of a split ring (NextUsed is not reported: the used ring holds it), both
+// positions with their wrap counters for a packed one.
+func (d *Device) vqStateLocked(i int) (vring.QueueState, error) {
 	if i < 0 || i >= len(d.queues) {
-		return 0, fmt.Errorf("%w: queue %d of %d", ErrBadRequest, i, len(d.queues))
+		return vring.QueueState{}, fmt.Errorf("%w: queue %d of %d", ErrBadRequest, i, len(d.queues))
 	}
 	q := &d.queues[i]
 	if q.running {
 		if err := d.stopQueueLocked(i); err != nil {
-			return 0, err
+			return vring.QueueState{}, err
 		}
 	}
 	q.paused = false
 	if q.stopped {
-		return q.state.NextAvail, nil
+		return q.state, nil
 	}
 	info, err := d.vqInfo(i)
 	if err != nil {
-		return 0, err
+		return vring.QueueState{}, err
 	}
-	return info.AvailIndex, nil
+	return info.state(d.features), nil
 }
 
 func (d *Device) vqInfo(i int) (vqInfo, error) {
@@ -364,7 +367,14 @@ func (d *Device) startLocked() error {
 		}
 		q.layout = vring.Layout{Size: uint16(info.Num), Desc: vring.GuestAddr(info.DescAddr),
 			Avail: vring.GuestAddr(info.DriverAddr), Used: vring.GuestAddr(info.DeviceAddr)}
-		if !q.stopped {
+		if !q.stopped && d.features.Has(virtio.FRingPacked) {
+			// A fresh packed start: both positions with their wrap
+			// counters, as the driver set them (virtio_vdpa sets
+			// both counters to 1; vhost-vdpa's SET_VRING_BASE
+			// splits its base word into them). A packed ring has
+			// no index in guest memory to read.
+			q.state = info.state(d.features)
+		} else if !q.stopped {
 			// A fresh start: the kernel's avail index (set by
 			// SET_VRING_BASE on vhost-vdpa) and the used index the ring
 			// holds (equal to it once every chain was completed).

@@ -3,6 +3,9 @@ package vduse
 import (
 	"encoding/binary"
 	"fmt"
+
+	"github.com/vdpakit/vdpakit/virtio"
+	"github.com/vdpakit/vdpakit/vring"
 )
 
 // The VDUSE user API (include/uapi/linux/vduse.h, API version 0, Linux
@@ -24,15 +27,16 @@ func ioc(dir, nr, size uintptr) uintptr { return dir<<30 | size<<16 | vduseBase<
 
 // Structure sizes (x86-64 and arm64 agree: natural alignment, no packing).
 const (
-	sizeDevConfig   = 336 // struct vduse_dev_config without the config[] tail
-	sizeIOTLBEntry  = 32  // struct vduse_iotlb_entry
-	sizeConfigData  = 8   // struct vduse_config_data without buffer[]
-	sizeVQConfig    = 32  // struct vduse_vq_config
-	sizeVQInfo      = 48  // struct vduse_vq_info
-	sizeVQEventfd   = 8   // struct vduse_vq_eventfd
-	sizeDevRequest  = 152 // struct vduse_dev_request
-	sizeDevResponse = 152 // struct vduse_dev_response
-	nameMax         = 256 // VDUSE_NAME_MAX
+	sizeDevConfig     = 336 // struct vduse_dev_config without the config[] tail
+	sizeIOTLBEntry    = 32  // struct vduse_iotlb_entry
+	sizeConfigData    = 8   // struct vduse_config_data without buffer[]
+	sizeVQConfig      = 32  // struct vduse_vq_config
+	sizeVQInfo        = 48  // struct vduse_vq_info
+	sizeVQStatePacked = 8   // struct vduse_vq_state_packed
+	sizeVQEventfd     = 8   // struct vduse_vq_eventfd
+	sizeDevRequest    = 152 // struct vduse_dev_request
+	sizeDevResponse   = 152 // struct vduse_dev_response
+	nameMax           = 256 // VDUSE_NAME_MAX
 )
 
 // Field offsets (offsetof in the header's structures).
@@ -65,6 +69,10 @@ const (
 	offVQInfoDriverAddr     = 16 // .driver_addr
 	offVQInfoDeviceAddr     = 24 // .device_addr
 	offVQInfoSplitAvailIdx  = 32 // .split.avail_index (__u16)
+	offVQInfoPackedAvailCtr = 32 // .packed.last_avail_counter (__u16)
+	offVQInfoPackedAvailIdx = 34 // .packed.last_avail_idx (__u16)
+	offVQInfoPackedUsedCtr  = 36 // .packed.last_used_counter (__u16)
+	offVQInfoPackedUsedIdx  = 38 // .packed.last_used_idx (__u16)
 	offVQInfoReady          = 40 // .ready (__u8)
 	offVQEventfdIndex       = 0  // vduse_vq_eventfd.index
 	offVQEventfdFd          = 4  // .fd
@@ -79,6 +87,10 @@ const (
 	offResponseResult       = 4  // .result
 	offResponseVQStateIndex = 24 // .vq_state.index
 	offResponseVQStateAvail = 28 // .vq_state.split.avail_index (__u16)
+	offResponsePackedAvailC = 28 // .vq_state.packed.last_avail_counter (__u16)
+	offResponsePackedAvailI = 30 // .vq_state.packed.last_avail_idx (__u16)
+	offResponsePackedUsedC  = 32 // .vq_state.packed.last_used_counter (__u16)
+	offResponsePackedUsedI  = 34 // .vq_state.packed.last_used_idx (__u16)
 )
 
 // eventfdDeassign is VDUSE_EVENTFD_DEASSIGN, a __s32 fd; eventfdDeassignU32
@@ -185,7 +197,10 @@ func decodeIOTLBEntry(b []byte) iotlbEntry {
 		Last: le.Uint64(b[offIOTLBLast:]), Perm: b[offIOTLBPerm]}
 }
 
-// vqInfo is struct vduse_vq_info for a split ring.
+// vqInfo is struct vduse_vq_info. Its union holds the split state
+// (split.avail_index) or, with RING_PACKED negotiated, the packed one
+// (struct vduse_vq_state_packed); decodeVQInfo reads both views and
+// State picks the one the features select.
 type vqInfo struct {
 	Index      uint32
 	Num        uint32
@@ -193,6 +208,7 @@ type vqInfo struct {
 	DriverAddr uint64
 	DeviceAddr uint64
 	AvailIndex uint16 // split.avail_index
+	Packed     vring.QueueState
 	Ready      bool
 }
 
@@ -202,9 +218,35 @@ func decodeVQInfo(b []byte) vqInfo {
 		Index: le.Uint32(b[offVQInfoIndex:]), Num: le.Uint32(b[offVQInfoNum:]),
 		DescAddr: le.Uint64(b[offVQInfoDescAddr:]), DriverAddr: le.Uint64(b[offVQInfoDriverAddr:]),
 		DeviceAddr: le.Uint64(b[offVQInfoDeviceAddr:]),
-		AvailIndex: le.Uint16(b[offVQInfoSplitAvailIdx:]), Ready: b[offVQInfoReady] != 0,
+		AvailIndex: le.Uint16(b[offVQInfoSplitAvailIdx:]),
+		Packed: vring.QueueState{
+			NextAvail: packedPos(le.Uint16(b[offVQInfoPackedAvailIdx:]), le.Uint16(b[offVQInfoPackedAvailCtr:])),
+			NextUsed:  packedPos(le.Uint16(b[offVQInfoPackedUsedIdx:]), le.Uint16(b[offVQInfoPackedUsedCtr:])),
+		},
+		Ready: b[offVQInfoReady] != 0,
 	}
 }
+
+// state is the queue state the info's union holds for features f: the
+// split avail index (NextUsed left 0: the used ring holds it) or both
+// packed positions.
+func (i vqInfo) state(f virtio.Features) vring.QueueState {
+	if f.Has(virtio.FRingPacked) {
+		return i.Packed
+	}
+	return vring.QueueState{NextAvail: i.AvailIndex}
+}
+
+// packedPos is a packed ring position in vring.QueueState's encoding (bits
+// 0..14 the index, bit 15 the wrap counter) from VDUSE's separate index
+// and counter fields. The kernel keeps the index to 15 bits and the
+// counter to one (vduse_dev.c masks what a device answers), and so does
+// this.
+func packedPos(idx, counter uint16) uint16 { return idx&0x7fff | (counter&1)<<15 }
+
+// packedFields splits a position in vring.QueueState's packed encoding
+// into VDUSE's index and counter fields.
+func packedFields(pos uint16) (idx, counter uint16) { return pos & 0x7fff, pos >> 15 }
 
 // request is struct vduse_dev_request, decoded by type.
 type request struct {
@@ -234,12 +276,23 @@ func decodeRequest(b []byte) (request, error) {
 }
 
 // encodeResponse fills struct vduse_dev_response. For GET_VQ_STATE the
-// union carries struct vduse_vq_state {index, split.avail_index}.
-func encodeResponse(b []byte, id, result uint32, vq uint32, availIndex uint16) {
+// union carries struct vduse_vq_state: {index, split.avail_index} (st's
+// NextAvail) for a split ring, {index, packed.{last_avail_counter,
+// last_avail_idx, last_used_counter, last_used_idx}} for a packed one.
+func encodeResponse(b []byte, id, result uint32, vq uint32, st vring.QueueState, packed bool) {
 	clear(b[:sizeDevResponse])
 	le := binary.LittleEndian
 	le.PutUint32(b[offResponseID:], id)
 	le.PutUint32(b[offResponseResult:], result)
 	le.PutUint32(b[offResponseVQStateIndex:], vq)
-	le.PutUint16(b[offResponseVQStateAvail:], availIndex)
+	if !packed {
+		le.PutUint16(b[offResponseVQStateAvail:], st.NextAvail)
+		return
+	}
+	ai, ac := packedFields(st.NextAvail)
+	ui, uc := packedFields(st.NextUsed)
+	le.PutUint16(b[offResponsePackedAvailC:], ac)
+	le.PutUint16(b[offResponsePackedAvailI:], ai)
+	le.PutUint16(b[offResponsePackedUsedC:], uc)
+	le.PutUint16(b[offResponsePackedUsedI:], ui)
 }

@@ -6,6 +6,9 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/vdpakit/vdpakit/virtio"
+	"github.com/vdpakit/vdpakit/vring"
 )
 
 // The expected values are the kernel's: <linux/vduse.h> compiled with gcc on
@@ -90,12 +93,57 @@ func TestRequestResponseLayout(t *testing.T) {
 	for i := range resp {
 		resp[i] = 0xee
 	}
-	encodeResponse(resp, 77, resultOK, 3, 0x1234)
+	encodeResponse(resp, 77, resultOK, 3, vring.QueueState{NextAvail: 0x1234, NextUsed: 0x1200}, false)
 	want := make([]byte, 152)
 	le.PutUint32(want[0:], 77)
 	le.PutUint32(want[24:], 3)
 	le.PutUint16(want[28:], 0x1234)
 	assert.Equal(t, want, resp, "request_id, result 0, reserved zero, vq_state{index, split.avail_index}, padding zero")
+
+	// Packed: struct vduse_vq_state_packed {last_avail_counter,
+	// last_avail_idx, last_used_counter, last_used_idx} after the index.
+	encodeResponse(resp, 78, resultOK, 2, vring.QueueState{NextAvail: 1<<15 | 300, NextUsed: 299}, true)
+	want = make([]byte, 152)
+	le.PutUint32(want[0:], 78)
+	le.PutUint32(want[24:], 2)
+	le.PutUint16(want[28:], 1)   // avail wrap counter
+	le.PutUint16(want[30:], 300) // avail index
+	le.PutUint16(want[32:], 0)   // used wrap counter
+	le.PutUint16(want[34:], 299) // used index
+	assert.Equal(t, want, resp, "vq_state{index, packed{avail counter, avail idx, used counter, used idx}}")
+}
+
+// The packed view of vduse_vq_info's union, as the kernel fills it: the
+// counters are 0 or 1 and the indices 15 bits; state picks the view the
+// features select.
+func TestVQInfoPackedState(t *testing.T) {
+	b := make([]byte, 48)
+	le := binary.LittleEndian
+	le.PutUint32(b[4:], 1000)
+	le.PutUint16(b[32:], 1)   // last_avail_counter
+	le.PutUint16(b[34:], 999) // last_avail_idx
+	le.PutUint16(b[36:], 0)   // last_used_counter
+	le.PutUint16(b[38:], 7)   // last_used_idx
+	info := decodeVQInfo(b)
+	packed := virtio.Features(0).With(virtio.FVersion1, virtio.FRingPacked)
+	assert.Equal(t, vring.QueueState{NextAvail: 0x8000 | 999, NextUsed: 7}, info.state(packed))
+	assert.Equal(t, vring.QueueState{NextAvail: 1}, info.state(virtio.Features(0).With(virtio.FVersion1)),
+		"split reads the same bytes as split.avail_index")
+
+	// A fresh packed queue as virtio_vdpa sets it: both counters 1.
+	clear(b)
+	le.PutUint16(b[32:], 1)
+	le.PutUint16(b[36:], 1)
+	assert.Equal(t, vring.InitialState(packed), decodeVQInfo(b).state(packed))
+
+	// Round trip through the response encoding for every corner.
+	for _, st := range []vring.QueueState{{NextAvail: 0, NextUsed: 0}, {NextAvail: 0xffff, NextUsed: 0x7fff}, {NextAvail: 0x8000, NextUsed: 0x8001}} {
+		resp := make([]byte, 152)
+		encodeResponse(resp, 1, resultOK, 0, st, true)
+		got := vring.QueueState{NextAvail: packedPos(le.Uint16(resp[30:]), le.Uint16(resp[28:])),
+			NextUsed: packedPos(le.Uint16(resp[34:]), le.Uint16(resp[32:]))}
+		assert.Equal(t, st, got)
+	}
 }
 
 func TestVQInfoAndIOTLBLayout(t *testing.T) {
@@ -109,7 +157,8 @@ func TestVQInfoAndIOTLBLayout(t *testing.T) {
 	le.PutUint16(b[32:], 9)
 	b[40] = 1
 	assert.Equal(t, vqInfo{Index: 1, Num: 256, DescAddr: 0x10000, DriverAddr: 0x11000, DeviceAddr: 0x12000,
-		AvailIndex: 9, Ready: true}, decodeVQInfo(b))
+		AvailIndex: 9, Packed: vring.QueueState{NextAvail: 0x8000}, Ready: true}, decodeVQInfo(b),
+		"the packed view of the same union: last_avail_counter 9 masked to 1, last_avail_idx 0")
 
 	e := iotlbEntry{Offset: 0x2000, Start: 0x4000, Last: 0x7fff, Perm: accessRW}
 	var eb [32]byte

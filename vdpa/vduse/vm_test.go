@@ -44,17 +44,33 @@ func requireVDUSE(t *testing.T) {
 // (a) The device bound to vhost_vdpa, driven by the library's kernel
 // backend with driver-side rings: frames go through the Go device.
 func TestVhostVDPADrivesGoDevice(t *testing.T) {
+	t.Run("split", func(t *testing.T) { testVhostVDPADrivesGoDevice(t, false) })
+	// vdpa_sim has no packed rings; a VDUSE device does, so this is where
+	// vhost-vdpa's packed base word (avail | used << 16, wrap counters in
+	// bit 15 of each) meets a real kernel: SET_VRING_BASE reaches the
+	// device as VDUSE_VQ_GET_INFO's packed state, GET_VRING_BASE as
+	// VDUSE_GET_VQ_STATE's.
+	t.Run("packed", func(t *testing.T) { testVhostVDPADrivesGoDevice(t, true) })
+}
+
+func testVhostVDPADrivesGoDevice(t *testing.T, packed bool) {
 	requireVDUSE(t)
 	testenv.RequireModule(t, "vhost_vdpa")
 	dev, err := softnet.New(&softnet.Options{MAC: devMAC, AccessPlatform: true, NoCtrlVQ: true, MaxQueueSize: 256})
 	require.NoError(t, err)
-	const name = "vduse-vhost"
+	name := "vduse-vhost"
+	if packed {
+		name = "vduse-vhost-pk"
+	}
 	vd := vmrig.ServeVDUSE(t, name, dev)
 
 	kd, err := kernel.Open(testenv.VhostVDPAPath(t, name), nil)
 	require.NoError(t, err)
 	defer kd.Close()
 	want := virtio.Features(0).With(virtio.FVersion1, virtio.FAccessPlatform, virtio.NetFMAC, virtio.NetFMrgRxbuf)
+	if packed {
+		want = want.With(virtio.FRingPacked)
+	}
 	got, err := kd.Negotiate(want)
 	require.NoError(t, err)
 	require.Equal(t, want, got)
@@ -69,16 +85,17 @@ func TestVhostVDPADrivesGoDevice(t *testing.T) {
 	var q [2]*vring.DriverQueue
 	var kick, call [2]*vdpa.EventFD
 	for i := range 2 {
-		l := vring.ContiguousLayout(base+vring.GuestAddr(i)*0x10000, qsize)
+		l := vring.LayoutFor(base+vring.GuestAddr(i)*0x10000, qsize, got)
 		q[i], err = vring.NewDriverQueue(mem, vring.DriverQueueOptions{Index: i, Layout: l, Features: got})
 		require.NoError(t, err)
+		require.Equal(t, packed, q[i].Packed())
 		kick[i], err = vdpa.NewEventFD()
 		require.NoError(t, err)
 		call[i], err = vdpa.NewEventFD()
 		require.NoError(t, err)
 		defer kick[i].Close()
 		defer call[i].Close()
-		require.NoError(t, kd.SetupQueue(i, l, vdpa.QueueState{}, kick[i], call[i]))
+		require.NoError(t, kd.SetupQueue(i, l, vring.InitialState(got), kick[i], call[i]))
 	}
 	require.NoError(t, kd.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK|virtio.StatusDriverOK))
 	assert.NotZero(t, vd.Status()&virtio.StatusDriverOK)
@@ -145,17 +162,27 @@ func TestVhostVDPADrivesGoDevice(t *testing.T) {
 	// makes the server stop the queues, re-map and restart them at their
 	// exact position.
 	require.NoError(t, kd.SetMemory(mem))
-	round(1)
+	// Ten rounds of 8 one-descriptor chains: 80 > 64, so each ring wraps.
+	const rounds = 10
+	for r := 1; r < rounds; r++ {
+		round(r)
+	}
 	st := dev.Stats()
-	assert.Equal(t, uint64(2*n), st.Tx().Frames)
-	assert.Equal(t, uint64(2*n), st.Rx().Frames)
+	assert.Equal(t, uint64(rounds*n), st.Tx().Frames)
+	assert.Equal(t, uint64(rounds*n), st.Rx().Frames)
 
 	// GET_VRING_BASE reaches the device as VDUSE_GET_VQ_STATE: it stops the
-	// queue and reports its exact position (every chain completed).
-	for qi, want := range []uint16{2 * n, 2 * n} {
+	// queue and reports its exact position (every chain completed). Split:
+	// the free-running index. Packed: index 80 mod 64 with the wrap
+	// counter, which started at 1 and flipped once.
+	pos := uint16(rounds * n)
+	if packed {
+		pos = vring.PackedIndex(rounds*n%qsize, (rounds*n/qsize)%2 == 0)
+	}
+	for qi := range 2 {
 		st, err := kd.QueueBase(qi)
 		require.NoError(t, err)
-		assert.Equal(t, vdpa.QueueState{NextAvail: want, NextUsed: want}, st, "queue %d", qi)
+		assert.Equal(t, vdpa.QueueState{NextAvail: pos, NextUsed: pos}, st, "queue %d", qi)
 	}
 	_, err = dev.StopQueue(1)
 	assert.ErrorIs(t, err, softnet.ErrQueueStopped, "GET_VQ_STATE stopped the queue, like vhost's GET_VRING_BASE")
@@ -167,8 +194,20 @@ func TestVhostVDPADrivesGoDevice(t *testing.T) {
 
 // (b) The device bound to virtio_vdpa: the Linux virtio-net driver drives
 // the Go device as a network interface; ARP and ICMP echo are answered by
-// the responder, and both sides count the same frames.
+// the responder, and both sides count the same frames. On split rings (the
+// device does not offer RING_PACKED) and on packed rings (offered: the
+// driver takes it, and the VDUSE queue state is the packed one).
 func TestVirtioNetDriverPingsResponder(t *testing.T) {
+	for _, packed := range []bool{false, true} {
+		name := "split"
+		if packed {
+			name = "packed"
+		}
+		t.Run(name, func(t *testing.T) { testVirtioNetDriverPingsResponder(t, packed) })
+	}
+}
+
+func testVirtioNetDriverPingsResponder(t *testing.T, packed bool) {
 	requireVDUSE(t)
 	testenv.RequireModule(t, "virtio_vdpa")
 	testenv.RequireModule(t, "virtio_net")
@@ -176,12 +215,31 @@ func TestVirtioNetDriverPingsResponder(t *testing.T) {
 	r, err := softnet.NewResponder(peerMAC, peerIP)
 	require.NoError(t, err)
 	var vd *vduse.Device
+	var disable virtio.Features
+	if !packed {
+		disable = virtio.FRingPacked.Bit()
+	}
 	dev, err := softnet.New(&softnet.Options{MAC: devMAC, AccessPlatform: true, NoCtrlVQ: true, Handler: r, MaxQueueSize: 256,
-		OnConfigChange: func() { assert.NoError(t, vd.ConfigChanged()) }})
+		Disable: disable, OnConfigChange: func() { assert.NoError(t, vd.ConfigChanged()) }})
 	require.NoError(t, err)
-	const name = "vduse-virtio"
+	name := "vduse-virtio"
+	if packed {
+		name = "vduse-virtio-pk"
+	}
 	vd = vmrig.ServeVDUSE(t, name, dev)
 	testenv.BindVDPA(t, name, testenv.DriverVirtioVDPA)
+
+	// The driver's features (/sys/bus/virtio/devices/*/features, one
+	// character per bit from bit 0): bit 34 is RING_PACKED.
+	ff, err := filepath.Glob(filepath.Join("/sys/bus/vdpa/devices", name, "virtio*", "features"))
+	require.NoError(t, err)
+	require.Len(t, ff, 1)
+	fb, err := os.ReadFile(ff[0])
+	require.NoError(t, err)
+	bits := strings.TrimSpace(string(fb))
+	require.Greater(t, len(bits), int(virtio.FRingPacked), "features %q", bits)
+	assert.Equal(t, packed, bits[virtio.FRingPacked] == '1', "the virtio driver's RING_PACKED bit (features %s)", bits)
+	assert.Equal(t, packed, dev.NegotiatedFeatures().Has(virtio.FRingPacked), "the device's negotiated RING_PACKED")
 
 	ifaces, err := filepath.Glob(filepath.Join("/sys/bus/vdpa/devices", name, "virtio*", "net", "*"))
 	require.NoError(t, err)

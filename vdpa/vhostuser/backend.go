@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/vdpakit/vdpakit/dirty"
+	"github.com/vdpakit/vdpakit/internal/vhostcore"
 	"github.com/vdpakit/vdpakit/vdpa"
 	"github.com/vdpakit/vdpakit/virtio"
 	"github.com/vdpakit/vdpakit/vring"
@@ -266,7 +267,14 @@ type vq struct {
 	num     uint16
 	addr    VringAddr
 	addrSet bool
-	base    uint16
+	// base is the ring position as SET_VRING_BASE carries it (and
+	// GET_VRING_BASE returns it): vhostcore.VringBase's encoding, the
+	// next avail index for a split ring, avail and used positions with
+	// their wrap counters for a packed one. baseSet: a SET_VRING_BASE or
+	// a stop gave it since the last reset (a packed ring that never got
+	// one starts at vring.InitialState, not at the zero word).
+	base    uint32
+	baseSet bool
 	saved   *vring.QueueState // state from a disable, reused on enable
 	kick    *vdpa.EventFD
 	call    *vdpa.EventFD
@@ -472,8 +480,11 @@ func (s *session) dispatch(m *Message) (reply []byte, hasReply bool, err error) 
 		if err != nil {
 			return nil, false, err
 		}
-		if st.Num == 0 || st.Num > uint32(s.h.MaxQueueSize()) || st.Num&(st.Num-1) != 0 {
-			return nil, false, msgErr(r, ErrBadQueue, "queue %d size %d (max %d, power of two)", st.Index, st.Num, s.h.MaxQueueSize())
+		// A split ring's size is a power of two; a packed ring's is
+		// any size up to 32768 (virtio 1.2 §2.8), once RING_PACKED is
+		// negotiated (QEMU and DPDK send SET_FEATURES first).
+		if st.Num == 0 || st.Num > uint32(s.h.MaxQueueSize()) || !vring.ValidQueueSizeFor(uint16(st.Num), s.features) {
+			return nil, false, msgErr(r, ErrBadQueue, "queue %d size %d (max %d; a power of two unless RING_PACKED)", st.Index, st.Num, s.h.MaxQueueSize())
 		}
 		if q.running {
 			return nil, false, msgErr(r, ErrProtocol, "queue %d resized while running", st.Index)
@@ -492,10 +503,12 @@ func (s *session) dispatch(m *Message) (reply []byte, hasReply bool, err error) 
 		if q.running {
 			return nil, false, msgErr(r, ErrProtocol, "queue %d base set while running", st.Index)
 		}
-		if st.Num > 0xffff {
-			return nil, false, msgErr(r, ErrProtocol, "queue %d base %d beyond 16 bits", st.Index, st.Num)
+		// A packed ring's base carries the used position in bits
+		// 16..31 (vhostcore.VringBase); a split ring's is 16 bits.
+		if st.Num > 0xffff && !s.features.Has(virtio.FRingPacked) {
+			return nil, false, msgErr(r, ErrProtocol, "queue %d base %#x beyond 16 bits", st.Index, st.Num)
 		}
-		q.base, q.saved = uint16(st.Num), nil
+		q.base, q.baseSet, q.saved = st.Num, true, nil
 		return nil, false, nil
 	case ReqGetVringBase:
 		st, _ := DecodeVringState(m.Payload)
@@ -505,17 +518,27 @@ func (s *session) dispatch(m *Message) (reply []byte, hasReply bool, err error) 
 		}
 		s.stopQueue(i)
 		if q.saved != nil {
-			q.base = q.saved.NextAvail
+			q.base, q.baseSet = vhostcore.VringBase(*q.saved, s.features), true
 			q.saved = nil
 		}
-		if q.broken {
+		if q.broken && !s.features.Has(virtio.FRingPacked) {
 			// The handler may still own the ring: report the position
 			// the device last published (used.idx), as QEMU does for
 			// a back-end that cannot answer; chains taken but not
-			// completed are offered again rather than lost.
+			// completed are offered again rather than lost. A packed
+			// ring publishes no index in memory (used descriptors
+			// overwrite available ones in place), so a broken packed
+			// ring reports the position it started from.
 			if u, err := s.usedIdx(i); err == nil {
-				q.base = u
+				q.base, q.baseSet = uint32(u), true
 			}
+		}
+		if !q.baseSet && s.featuresSet {
+			// Never set nor started since the reset: the fresh
+			// position of the negotiated format (a packed ring's wrap
+			// counters start at 1). Before SET_FEATURES the format
+			// is unknown and the answer stays 0.
+			q.base = vhostcore.VringBase(vring.InitialState(s.features), s.features)
 		}
 		// The ring is stopped until the next SET_VRING_KICK.
 		q.kicked = false
@@ -523,7 +546,7 @@ func (s *session) dispatch(m *Message) (reply []byte, hasReply bool, err error) 
 			_ = q.kick.Close()
 			q.kick = nil
 		}
-		return VringState{Index: st.Index, Num: uint32(q.base)}.Encode(), true, nil
+		return VringState{Index: st.Index, Num: q.base}.Encode(), true, nil
 	case ReqSetVringKick, ReqSetVringCall, ReqSetVringErr:
 		return nil, false, s.setVringFd(m)
 	case ReqSetVringEnable:
@@ -741,7 +764,7 @@ func (s *session) reset() {
 	for i := range s.queues {
 		q := &s.queues[i]
 		q.saved = nil
-		q.base = 0
+		q.base, q.baseSet = 0, false
 		q.kicked = false
 	}
 	s.h.Reset()
@@ -1020,10 +1043,16 @@ func (s *session) tryStart(i int) error {
 	if err != nil {
 		return err
 	}
-	st := vring.QueueState{NextAvail: q.base}
+	var st vring.QueueState
 	if q.saved != nil {
 		st = *q.saved
+	} else if s.features.Has(virtio.FRingPacked) {
+		st = packedStart(q.base, q.baseSet, s.features)
 	} else {
+		if q.base > 0xffff {
+			return msgErr(ReqSetVringBase, ErrProtocol, "queue %d base %#x beyond 16 bits for a split ring", i, q.base)
+		}
+		st.NextAvail = uint16(q.base)
 		// vhost-user carries only the avail index; the used index is
 		// what the used ring says (the front-end restores it there).
 		u, err := s.usedIdx(i)
@@ -1043,7 +1072,7 @@ func (s *session) tryStart(i int) error {
 			s.b.log.Warn("vhost-user: ring base disagrees with used.idx; resynchronised from used.idx",
 				"queue", i, "base", st.NextAvail, "used_idx", u)
 			st.NextAvail = u
-			q.base = u
+			q.base = uint32(u)
 		}
 	}
 	opts := vring.DeviceQueueOptions{Index: i, Layout: l, Features: s.features, State: st}
@@ -1053,7 +1082,13 @@ func (s *session) tryStart(i int) error {
 	}
 	if rl != nil {
 		opts.Log = rl
-		if q.addr.Flags&VringFLog != 0 {
+		// log_guest_addr relocates the logging of used-ring writes
+		// (split). A packed ring's used descriptors are written into
+		// the descriptor ring, which is not where log_guest_addr
+		// points (QEMU sends the device area's address), and the ring
+		// addresses here are guest-physical already (no IOTLB), so a
+		// packed ring logs its writes at their own guest addresses.
+		if q.addr.Flags&VringFLog != 0 && !s.features.Has(virtio.FRingPacked) {
 			opts.UsedLogAddr = vring.GuestAddr(q.addr.Log)
 		}
 		if s.b.logHook != nil {
@@ -1074,6 +1109,32 @@ func (s *session) tryStart(i int) error {
 	}
 	q.dq, q.running, q.saved = dq, true, nil
 	return nil
+}
+
+// packedStart is the state a packed ring starts at from the SET_VRING_BASE
+// word base (set reports whether one came since the last reset).
+//
+// Bits 0..15 are the next avail position (index and wrap counter) in the
+// vhost-user and vhost encodings alike. Bits 16..31 are the used position
+// as QEMU and Linux vhost send them; DPDK (virtio-user and its vhost
+// library) leaves them zero and means "used equals avail": a stopped ring
+// has no chains in flight. Zero there is therefore read as "same as
+// avail"; the one real position it could also name (index 0, wrap counter
+// 0, with chains still in flight) never reaches a back-end that completes
+// every chain before GET_VRING_BASE answers, as this one does. A packed
+// ring publishes no index in guest memory, so there is no used.idx to
+// resynchronise from as a split ring does; a driver that reconnects with
+// a fresh ring (DPDK's virtio-user in server mode resets its packed rings)
+// sends the fresh base.
+func packedStart(base uint32, set bool, f virtio.Features) vring.QueueState {
+	if !set {
+		return vring.InitialState(f)
+	}
+	st := vring.QueueState{NextAvail: uint16(base), NextUsed: uint16(base >> 16)}
+	if base>>16 == 0 {
+		st.NextUsed = st.NextAvail
+	}
+	return st
 }
 
 // usedIdx reads queue i's used.idx from guest memory.
@@ -1113,7 +1174,7 @@ func (s *session) stopQueue(i int) {
 		return
 	}
 	if st, ok := s.halt(i); ok {
-		q.base = st.NextAvail
+		q.base, q.baseSet = vhostcore.VringBase(st, s.features), true
 	}
 	q.saved = nil
 }

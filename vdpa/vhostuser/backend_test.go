@@ -116,7 +116,7 @@ func (d *testDriver) startQueue(q int) {
 	l := d.layouts[q]
 	require.NoError(t, fe.SetQueueNum(q, l.Size))
 	require.NoError(t, fe.SetQueueAddr(q, vdpa.QueueAddr{Desc: l.Desc, Avail: l.Avail, Used: l.Used}))
-	require.NoError(t, fe.SetQueueBase(q, vdpa.QueueState{}))
+	require.NoError(t, fe.SetQueueBase(q, vring.InitialState(d.features)))
 	require.NoError(t, fe.SetQueueCall(q, d.calls[q]))
 	require.NoError(t, fe.SetQueueKick(q, d.kicks[q]))
 	require.NoError(t, fe.EnableQueue(q, true))
@@ -172,10 +172,33 @@ func (d *testDriver) reclaim(q, n int) [][2]uint32 {
 	return got
 }
 
+// ringFormats runs fn for split rings and for packed rings: want is the
+// handler's features without or with RING_PACKED.
+func ringFormats(t *testing.T, offered virtio.Features, fn func(t *testing.T, want virtio.Features)) {
+	t.Run("split", func(t *testing.T) { fn(t, offered&^virtio.FRingPacked.Bit()) })
+	t.Run("packed", func(t *testing.T) { fn(t, offered.With(virtio.FRingPacked)) })
+}
+
+// positionAfter is a queue position (vring.QueueState's field encoding)
+// after n one-descriptor chains from a fresh ring of size testQueueSize:
+// the free-running index for a split ring; for a packed ring the index
+// n mod size with the wrap counter, which starts at 1 and flips per lap.
+func positionAfter(f virtio.Features, n int) uint16 {
+	if f.Has(virtio.FRingPacked) {
+		return vring.PackedIndex(uint16(n%testQueueSize), (n/testQueueSize)%2 == 0)
+	}
+	return uint16(n)
+}
+
 func TestBackendFrontendLoopback(t *testing.T) {
+	ringFormats(t, vhostusertest.New(vhostusertest.Loopback, [6]byte{}).Features(), testBackendFrontendLoopback)
+}
+
+func testBackendFrontendLoopback(t *testing.T, want virtio.Features) {
 	h := vhostusertest.New(vhostusertest.Loopback, [6]byte{2, 0, 0, 0, 0, 1})
 	be, uc, _ := startBackend(t, h, nil)
-	d := newTestDriver(t, uc, h.Features())
+	d := newTestDriver(t, uc, want)
+	require.Equal(t, want.Has(virtio.FRingPacked), d.dqs[0].Packed())
 	require.Equal(t, SupportedProtocolFeatures, d.fe.ProtocolFeatures())
 	d.startQueue(0)
 	d.startQueue(1)
@@ -215,7 +238,8 @@ func TestBackendFrontendLoopback(t *testing.T) {
 	// GET_VRING_BASE stops the ring and reports the next avail index.
 	qs, err := d.fe.QueueBase(1)
 	require.NoError(t, err)
-	assert.Equal(t, vring.QueueState{NextAvail: frames, NextUsed: frames}, qs)
+	pos := positionAfter(d.features, frames)
+	assert.Equal(t, vring.QueueState{NextAvail: pos, NextUsed: pos}, qs)
 	assert.Equal(t, 1, be.Info().RunningQueues)
 }
 
@@ -238,9 +262,13 @@ func TestBackendConfig(t *testing.T) {
 }
 
 func TestBackendSuspendResume(t *testing.T) {
+	ringFormats(t, vhostusertest.New(vhostusertest.Sink, [6]byte{}).Features(), testBackendSuspendResume)
+}
+
+func testBackendSuspendResume(t *testing.T, want virtio.Features) {
 	h := vhostusertest.New(vhostusertest.Sink, [6]byte{})
 	be, uc, _ := startBackend(t, h, nil)
-	d := newTestDriver(t, uc, h.Features())
+	d := newTestDriver(t, uc, want)
 	d.startQueue(0)
 	d.startQueue(1)
 	d.send(make([]byte, 64))
@@ -249,7 +277,8 @@ func TestBackendSuspendResume(t *testing.T) {
 	assert.Equal(t, 0, be.Info().RunningQueues)
 	st, err := d.fe.QueueBase(1)
 	require.NoError(t, err)
-	assert.Equal(t, vring.QueueState{NextAvail: 1, NextUsed: 1}, st)
+	pos := positionAfter(d.features, 1)
+	assert.Equal(t, vring.QueueState{NextAvail: pos, NextUsed: pos}, st)
 	require.NoError(t, d.fe.Resume())
 	assert.Equal(t, 2, be.Info().RunningQueues)
 	d.send(make([]byte, 64))
@@ -258,9 +287,13 @@ func TestBackendSuspendResume(t *testing.T) {
 }
 
 func TestBackendDirtyLog(t *testing.T) {
+	ringFormats(t, vhostusertest.New(vhostusertest.Loopback, [6]byte{}).Features(), testBackendDirtyLog)
+}
+
+func testBackendDirtyLog(t *testing.T, want virtio.Features) {
 	h := vhostusertest.New(vhostusertest.Loopback, [6]byte{})
 	_, uc, _ := startBackend(t, h, nil)
-	d := newTestDriver(t, uc, h.Features().With(virtio.FLogAll))
+	d := newTestDriver(t, uc, want.With(virtio.FLogAll))
 	bm, err := dirty.New(8<<20, &dirty.Options{Shared: true})
 	require.NoError(t, err)
 	t.Cleanup(func() { bm.Close() })
@@ -270,11 +303,17 @@ func TestBackendDirtyLog(t *testing.T) {
 	rx := d.postRx(1)
 	d.send(make([]byte, 100))
 	d.reclaim(0, 1)
-	// The device wrote the receive buffer and both used rings: all logged.
+	// The device wrote the receive buffer and both used rings (a packed
+	// ring's used descriptors: in its descriptor ring): all logged.
 	page := func(a vring.GuestAddr) uint64 { return uint64(a) / dirty.DefaultPageSize }
 	assert.True(t, bm.PageDirty(page(rx[0])), "rx buffer page")
-	assert.True(t, bm.PageDirty(page(d.layouts[0].Used)), "rx used ring page")
-	assert.True(t, bm.PageDirty(page(d.layouts[1].Used)), "tx used ring page")
+	if d.features.Has(virtio.FRingPacked) {
+		assert.True(t, bm.PageDirty(page(d.layouts[0].Desc)), "rx descriptor ring page")
+		assert.True(t, bm.PageDirty(page(d.layouts[1].Desc)), "tx descriptor ring page")
+	} else {
+		assert.True(t, bm.PageDirty(page(d.layouts[0].Used)), "rx used ring page")
+		assert.True(t, bm.PageDirty(page(d.layouts[1].Used)), "tx used ring page")
+	}
 	assert.False(t, bm.PageDirty(page(d.bufBase+vring.GuestAddr(bufSize))), "tx buffer page is only read")
 }
 
@@ -434,7 +473,7 @@ func TestBackendBadInput(t *testing.T) {
 			step{msg: m(ReqSetVringAddr, VringAddr{Index: 1, Desc: 0x7f0000000000 + 1<<20 - 16, Avail: 0x7f0000001000, Used: 0x7f0000002000}.Encode())}), ErrAddrNotMapped},
 		{"queue index beyond the device", []step{{msg: m(ReqSetVringNum, VringState{Index: 7, Num: 256}.Encode())}}, ErrBadQueue},
 		{"queue size not a power of two", []step{{msg: m(ReqSetVringNum, VringState{Index: 0, Num: 100}.Encode())}}, ErrBadQueue},
-		{"features not offered", []step{{msg: m(ReqSetFeatures, u64p(1<<virtio.FRingPacked))}}, ErrProtocol},
+		{"features not offered", []step{{msg: m(ReqSetFeatures, u64p(1<<virtio.FRingReset))}}, ErrProtocol},
 		{"protocol features not offered", []step{{msg: m(ReqSetProtocolFeatures, u64p(1<<PFInbandNotifications))}}, ErrProtocol},
 		{"SET_STATUS without the STATUS feature", []step{{msg: m(ReqSetStatus, u64p(1))}}, ErrUnsupported},
 		{"close inside the payload", []step{{msg: rawMsg(ReqSetVringAddr, Version, 40, make([]byte, 20))}}, ErrTruncated},
@@ -508,7 +547,7 @@ func TestBackendRingAtTheEndOfMemoryIsSizedByFeatures(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			h := vhostusertest.New(vhostusertest.Loopback, [6]byte{2, 0, 0, 0, 0, 1})
 			_, uc, _ := startBackend(t, h, nil)
-			want := h.Features().With(virtio.FEventIdx)
+			want := h.Features().With(virtio.FEventIdx) &^ virtio.FRingPacked.Bit()
 			if !tc.eventIdx {
 				want &^= virtio.FEventIdx.Bit()
 			}

@@ -81,6 +81,34 @@
 //   - The end of the connection stops every ring and resets the handler;
 //     client mode (DialAndServe) dials again after ReconnectInterval.
 //
+// # Packed rings
+//
+// VIRTIO_F_RING_PACKED is negotiated like any device feature (the back-end
+// offers it when the Handler does); the back-end then builds packed
+// vring.DeviceQueues and the front-end packed rings. What changes on the
+// wire:
+//
+//   - SET_VRING_NUM: any size up to 32768 once RING_PACKED is negotiated,
+//     a power of two otherwise (and before SET_FEATURES).
+//   - SET_VRING_ADDR: desc, avail and used are the descriptor ring, the
+//     driver event suppression area and the device event suppression area.
+//     log_guest_addr is not used for a packed ring: its used descriptors
+//     land in the descriptor ring, which the back-end logs at its own
+//     guest address (QEMU sends the device area's address there); the
+//     front-end sends the descriptor ring's address, where DPDK's vhost
+//     library logs used descriptors.
+//   - SET_VRING_BASE / GET_VRING_BASE: bits 0..15 are the next avail
+//     position and bits 16..31 the next used position, each a ring index
+//     (bits 0..14) with its wrap counter (bit 15), as QEMU and Linux vhost
+//     encode them (internal/vhostcore.VringBase). DPDK sends and answers
+//     bits 0..15 only; a zero upper half is read as "used equals avail",
+//     which is what a stopped ring without chains in flight has. A ring
+//     that never got a base starts fresh (both wrap counters 1).
+//   - A packed ring publishes no index in guest memory, so the split
+//     ring's resynchronisation from used.idx has no packed counterpart: the
+//     base word is the position. DPDK's virtio-user in server mode resets
+//     its packed rings when a back-end reconnects and sends the fresh base.
+//
 // Multi-queue: GET_QUEUE_NUM answers the device's queue pairs; every ring
 // the front-end enables with SET_VRING_ENABLE is served, pair by pair. QEMU
 // and DPDK's virtio-user run the virtio-net control queue themselves and

@@ -398,7 +398,11 @@ func TestDPDKVirtioUserBothDirections(t *testing.T) {
 // TestDPDKFrontendNetVhost: our front-end drives DPDK's net_vhost back-end
 // in macswap mode: frames we transmit are counted by testpmd and come back
 // on our receive queue with the MAC addresses swapped.
-func TestDPDKFrontendNetVhost(t *testing.T) {
+func TestDPDKFrontendNetVhost(t *testing.T) { testDPDKFrontendNetVhost(t, false) }
+
+// testDPDKFrontendNetVhost is TestDPDKFrontendNetVhost on split rings or,
+// with packed, on packed rings (RING_PACKED negotiated with net_vhost).
+func testDPDKFrontendNetVhost(t *testing.T, packed bool) {
 	bin := requireTestpmd(t, dpdkInterop)
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
@@ -435,17 +439,22 @@ func TestDPDKFrontendNetVhost(t *testing.T) {
 	require.NoError(t, err)
 	defer bm.Close()
 	d.features = virtio.Features(0).With(virtio.FVersion1, virtio.FLogAll)
+	if packed {
+		require.True(t, offered.Has(virtio.FRingPacked), "net_vhost offers %s", offered.Format(virtio.DeviceNet))
+		d.features = d.features.With(virtio.FRingPacked)
+	}
 	d.hdrLen = virtio.NetHdrLen(d.features)
 	require.NoError(t, fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver))
 	require.NoError(t, fe.SetFeatures(d.features))
 	require.NoError(t, fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK))
 	require.NoError(t, fe.SetMemory(d.mem))
 	require.NoError(t, fe.SetLog(bm))
-	ringBytes := (vring.ContiguousLayoutBytes(testQueueSize) + 4095) &^ 4095
+	ringBytes := (vring.LayoutBytesFor(testQueueSize, d.features) + 4095) &^ 4095
 	for q := 0; q < 2; q++ {
-		d.layouts[q] = vring.ContiguousLayout(vring.GuestAddr(0x100000+uint64(q)*ringBytes), testQueueSize)
+		d.layouts[q] = vring.LayoutFor(vring.GuestAddr(0x100000+uint64(q)*ringBytes), testQueueSize, d.features)
 		d.dqs[q], err = vring.NewDriverQueue(d.mem, vring.DriverQueueOptions{Index: q, Layout: d.layouts[q], Features: d.features})
 		require.NoError(t, err)
+		require.Equal(t, packed, d.dqs[q].Packed())
 		d.kicks[q], err = vdpa.NewEventFD()
 		require.NoError(t, err)
 		d.calls[q], err = vdpa.NewEventFD()
@@ -542,10 +551,21 @@ func TestDPDKFrontendNetVhost(t *testing.T) {
 
 	// net_vhost wrote both used rings and every receive buffer (all were
 	// used: 20000 frames through 256 buffers); it only read the transmit
-	// buffers.
+	// buffers. A packed ring's used descriptors are written into the
+	// descriptor ring: every page of it was written (20000 frames wrap the
+	// ring many times) and must be logged.
 	page := func(a vring.GuestAddr) uint64 { return uint64(a) / dirty.DefaultPageSize }
-	assert.True(t, bm.PageDirty(page(d.layouts[0].Used)), "receive used ring logged")
-	assert.True(t, bm.PageDirty(page(d.layouts[1].Used)), "transmit used ring logged")
+	if packed {
+		for q := 0; q < 2; q++ {
+			ds, _, _ := vring.RingSizes(testQueueSize, d.features)
+			for pg := page(d.layouts[q].Desc); pg <= page(d.layouts[q].Desc+vring.GuestAddr(ds)-1); pg++ {
+				assert.True(t, bm.PageDirty(pg), "queue %d: descriptor ring page %#x (used descriptors) logged", q, pg*dirty.DefaultPageSize)
+			}
+		}
+	} else {
+		assert.True(t, bm.PageDirty(page(d.layouts[0].Used)), "receive used ring logged")
+		assert.True(t, bm.PageDirty(page(d.layouts[1].Used)), "transmit used ring logged")
+	}
 	for head, a := range rxAddr {
 		if !bm.PageDirty(page(a)) {
 			t.Errorf("receive buffer %d at %v not logged", head, a)
@@ -555,6 +575,49 @@ func TestDPDKFrontendNetVhost(t *testing.T) {
 	for _, a := range txAddr {
 		assert.False(t, bm.PageDirty(page(a)), "transmit buffer at %v is only read", a)
 	}
+
+	// Suspend and resume through net_vhost's GET_VRING_BASE and
+	// SET_VRING_BASE. Every chain was completed, so both rings stopped
+	// after `frames` chains: the position is the same on both sides (a
+	// split ring's NextUsed comes from used.idx; net_vhost answers a
+	// packed ring's base with bits 0..15 only, read as used = avail).
+	require.NoError(t, fe.Suspend())
+	want := positionAfter(d.features, frames)
+	for q := 0; q < 2; q++ {
+		st, err := fe.QueueBase(q)
+		require.NoError(t, err)
+		assert.Equal(t, vring.QueueState{NextAvail: want, NextUsed: want}, st, "queue %d stopped at the position after %d chains", q, frames)
+	}
+	require.NoError(t, fe.Resume())
+	p.command("start")
+	require.NoError(t, p.waitOutput(ctx, "forwards packets on", 2))
+	const more = 64
+	for i := 0; i < more; i++ {
+		_, err := d.dqs[1].Add([]vring.Buffer{{Addr: txAddr[i%len(txAddr)], Len: uint32(d.hdrLen + 64)}})
+		require.NoError(t, err)
+	}
+	d.dqs[1].Publish()
+	require.NoError(t, d.kicks[1].Signal())
+	txBack, rxBack := 0, 0
+	deadline = time.Now().Add(30 * time.Second)
+	for (txBack < more || rxBack < more) && time.Now().Before(deadline) {
+		if _, _, ok, err := d.dqs[1].Reclaim(); err == nil && ok {
+			txBack++
+			continue
+		}
+		if head, _, ok, err := d.dqs[0].Reclaim(); err == nil && ok {
+			rxBack++
+			h2, err := d.dqs[0].Add([]vring.Buffer{{Addr: rxAddr[head], Len: bufSize, Writable: true}})
+			require.NoError(t, err)
+			rxAddr[h2] = rxAddr[head]
+			d.dqs[0].Publish()
+			require.NoError(t, d.kicks[0].Signal())
+			continue
+		}
+		time.Sleep(100 * time.Microsecond)
+	}
+	assert.Equal(t, more, txBack, "transmitted after the resume")
+	assert.Equal(t, more, rxBack, "returned by macswap after the resume")
 }
 
 // measureTxMpps starts forwarding on a virtio-user testpmd, lets it warm
@@ -586,16 +649,30 @@ func measureTxMpps(t *testing.T, ctx context.Context, p *testpmd, window time.Du
 // only that frames flowed: the figures depend on the machine.
 func TestDPDKThroughput(t *testing.T) {
 	bin := requireTestpmd(t, dpdkMeasurement)
-	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
-	defer cancel()
-	const window = 3 * time.Second
+	// Split rings, then packed rings (virtio-user packed_vq=1; DPDK's
+	// net_vhost and our back-end both offer RING_PACKED), in the same run.
+	for _, ring := range []struct{ name, vdev string }{{"split", ""}, {"packed", ",packed_vq=1"}} {
+		ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+		ours, soft, dpdk := dpdkThroughput(t, ctx, bin, ring.vdev)
+		cancel()
+		t.Logf("%s rings: virtio-user txonly (64-byte frames, burst 32) -> vdpakit back-end, vhostusertest sink: %.2f Mpps", ring.name, ours)
+		t.Logf("%s rings: virtio-user txonly (64-byte frames, burst 32) -> vdpakit back-end, softnet (poll):   %.2f Mpps", ring.name, soft)
+		t.Logf("%s rings: virtio-user txonly (64-byte frames, burst 32) -> DPDK net_vhost (testpmd rxonly):    %.2f Mpps", ring.name, dpdk)
+		fmt.Printf("DPDK-THROUGHPUT ring=%s vdpakit=%.2fMpps vdpakit+softnet=%.2fMpps net_vhost=%.2fMpps\n", ring.name, ours, soft, dpdk)
+	}
+}
 
+// dpdkThroughput measures virtio-user's txonly rate, with vdevArgs added to
+// its vdev, against our back-end with the vhostusertest sink, against our
+// back-end with softnet, and against DPDK's net_vhost.
+func dpdkThroughput(t *testing.T, ctx context.Context, bin, vdevArgs string) (ours, soft, dpdk float64) {
+	const window = 3 * time.Second
 	h := vhostusertest.New(vhostusertest.Sink, [6]byte{2, 0, 0, 0, 0, 1})
 	path, _ := serveBackend(t, ctx, h)
 	p := startTestpmd(t, bin, testpmdConfig{lcores: "0@0,1@0", prefix: uniquePrefix(t, "perf-ours"),
-		vdev: "net_virtio_user0,path=" + path + ",queues=1", fwd: "txonly"})
+		vdev: "net_virtio_user0,path=" + path + ",queues=1" + vdevArgs, fwd: "txonly"})
 	require.NoError(t, p.waitOutput(ctx, "testpmd>", 1))
-	ours := measureTxMpps(t, ctx, p, window)
+	ours = measureTxMpps(t, ctx, p, window)
 	p.quit()
 
 	// The full software device (vdpa/softnet, busy-poll mode, frames
@@ -605,9 +682,9 @@ func TestDPDKThroughput(t *testing.T) {
 	require.NoError(t, err)
 	spath, _ := serveBackend(t, ctx, sn)
 	sp := startTestpmd(t, bin, testpmdConfig{lcores: "0@0,1@0", prefix: uniquePrefix(t, "perf-softnet"),
-		vdev: "net_virtio_user0,path=" + spath + ",queues=1", fwd: "txonly"})
+		vdev: "net_virtio_user0,path=" + spath + ",queues=1" + vdevArgs, fwd: "txonly"})
 	require.NoError(t, sp.waitOutput(ctx, "testpmd>", 1))
-	soft := measureTxMpps(t, ctx, sp, window)
+	soft = measureTxMpps(t, ctx, sp, window)
 	sp.quit()
 
 	vpath := filepath.Join(t.TempDir(), "vhost.sock")
@@ -617,14 +694,12 @@ func TestDPDKThroughput(t *testing.T) {
 	require.NoError(t, waitFile(ctx, vpath))
 	v.command("start")
 	u := startTestpmd(t, bin, testpmdConfig{lcores: "0@0,1@0", prefix: uniquePrefix(t, "perf-vu"),
-		vdev: "net_virtio_user0,path=" + vpath + ",queues=1", fwd: "txonly"})
+		vdev: "net_virtio_user0,path=" + vpath + ",queues=1" + vdevArgs, fwd: "txonly"})
 	require.NoError(t, u.waitOutput(ctx, "testpmd>", 1))
-	dpdk := measureTxMpps(t, ctx, u, window)
-
-	t.Logf("virtio-user txonly (64-byte frames, burst 32) -> vdpakit back-end, vhostusertest sink: %.2f Mpps", ours)
-	t.Logf("virtio-user txonly (64-byte frames, burst 32) -> vdpakit back-end, softnet (poll):   %.2f Mpps", soft)
-	t.Logf("virtio-user txonly (64-byte frames, burst 32) -> DPDK net_vhost (testpmd rxonly):    %.2f Mpps", dpdk)
-	fmt.Printf("DPDK-THROUGHPUT vdpakit=%.2fMpps vdpakit+softnet=%.2fMpps net_vhost=%.2fMpps\n", ours, soft, dpdk)
+	dpdk = measureTxMpps(t, ctx, u, window)
+	u.quit()
+	v.quit()
+	return ours, soft, dpdk
 }
 
 // TestDPDKReconnect: our back-end in client mode survives the front-end

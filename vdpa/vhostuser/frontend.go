@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/vdpakit/vdpakit/dirty"
+	"github.com/vdpakit/vdpakit/internal/vhostcore"
 	"github.com/vdpakit/vdpakit/vdpa"
 	"github.com/vdpakit/vdpakit/virtio"
 	"github.com/vdpakit/vdpakit/vring"
@@ -100,6 +101,8 @@ type feQueue struct {
 	addrSet  bool
 	kick     *vdpa.EventFD
 	kickSet  bool
+	call     *vdpa.EventFD // the last SET_VRING_CALL's (nil: unbound), for Resume
+	callSet  bool
 	enabled  bool
 	suspSt   vring.QueueState
 	suspOK   bool
@@ -669,7 +672,15 @@ func (f *Frontend) vringAddr(q int, a vdpa.QueueAddr) (VringAddr, error) {
 	if va.Used, err = tr(a.Used); err != nil {
 		return va, err
 	}
+	// log_guest_addr is where the back-end logs the device's ring
+	// writes: the used ring of a split queue. A packed queue's device
+	// writes used descriptors into the descriptor ring, and DPDK's vhost
+	// library logs them at log_guest_addr plus their offset in that
+	// ring, so for packed it is the descriptor ring's guest address.
 	va.Log = uint64(a.Used)
+	if f.acked.Has(virtio.FRingPacked) {
+		va.Log = uint64(a.Desc)
+	}
 	if f.acked.Has(virtio.FLogAll) && f.log != nil {
 		va.Flags = VringFLog
 	}
@@ -719,8 +730,10 @@ func (f *Frontend) resendAddrs(ctx context.Context) error {
 	return nil
 }
 
-// SetQueueBase sends SET_VRING_BASE with st.NextAvail (vhost-user carries
-// no used index; the used ring in memory holds it).
+// SetQueueBase sends SET_VRING_BASE: st.NextAvail for a split ring
+// (vhost-user carries no used index for it; the used ring in memory holds
+// it), NextAvail in bits 0..15 and NextUsed in bits 16..31 for a packed
+// ring, as QEMU sends them (vhostcore.VringBase).
 func (f *Frontend) SetQueueBase(q int, st vdpa.QueueState) error {
 	return f.SetQueueBaseContext(context.Background(), q, st)
 }
@@ -735,7 +748,7 @@ func (f *Frontend) SetQueueBaseContext(ctx context.Context, q int, st vdpa.Queue
 	if _, err := f.queue(q); err != nil {
 		return err
 	}
-	return f.send(ctx, ReqSetVringBase, VringState{Index: uint32(q), Num: uint32(st.NextAvail)}.Encode(), nil)
+	return f.send(ctx, ReqSetVringBase, VringState{Index: uint32(q), Num: vhostcore.VringBase(st, f.acked)}.Encode(), nil)
 }
 
 func (f *Frontend) getBase(ctx context.Context, q int) (vring.QueueState, error) {
@@ -745,13 +758,24 @@ func (f *Frontend) getBase(ctx context.Context, q int) (vring.QueueState, error)
 		return vring.QueueState{}, err
 	}
 	st, err := DecodeVringState(m.Payload)
-	if err != nil || st.Index != uint32(q) || st.Num > 0xffff {
+	packed := f.acked.Has(virtio.FRingPacked)
+	if err != nil || st.Index != uint32(q) || (st.Num > 0xffff && !packed) {
 		return vring.QueueState{}, msgErr(ReqGetVringBase, ErrUnexpectedReply, "reply %+v for queue %d", st, q)
 	}
 	out := vring.QueueState{NextAvail: uint16(st.Num)}
 	// The ring is stopped either way.
 	fq.kickSet = false
 	fq.lastBase = out.NextAvail
+	if packed {
+		// Bits 16..31 are the used position (QEMU, Linux vhost and this
+		// package's back-end); DPDK's vhost library leaves them zero, its
+		// rings having nothing in flight once stopped: used = avail.
+		out.NextUsed = uint16(st.Num >> 16)
+		if st.Num>>16 == 0 {
+			out.NextUsed = out.NextAvail
+		}
+		return out, nil
+	}
 	if fq.addrSet && f.mem != nil {
 		var b [2]byte
 		if err := f.mem.Read(fq.addr.Used+2, b[:]); err != nil {
@@ -763,8 +787,10 @@ func (f *Frontend) getBase(ctx context.Context, q int) (vring.QueueState, error)
 	return out, nil
 }
 
-// QueueBase sends GET_VRING_BASE, which stops the ring; NextUsed is read
-// from the used ring.
+// QueueBase sends GET_VRING_BASE, which stops the ring; for a split ring
+// NextUsed is read from the used ring, for a packed ring it is in the
+// reply's bits 16..31 (or equal to NextAvail when the back-end leaves them
+// zero, as DPDK's does).
 func (f *Frontend) QueueBase(q int) (vdpa.QueueState, error) {
 	return f.QueueBaseContext(context.Background(), q)
 }
@@ -832,10 +858,15 @@ func (f *Frontend) SetQueueCallContext(ctx context.Context, q int, call *vdpa.Ev
 		return err
 	}
 	defer f.release()
-	if _, err := f.queue(q); err != nil {
+	fq, err := f.queue(q)
+	if err != nil {
 		return err
 	}
-	return f.setFd(ctx, ReqSetVringCall, q, call)
+	if err := f.setFd(ctx, ReqSetVringCall, q, call); err != nil {
+		return err
+	}
+	fq.call, fq.callSet = call, true
+	return nil
 }
 
 // SetQueueErr sends SET_VRING_ERR: the back-end signals err when the ring
@@ -932,8 +963,10 @@ func (f *Frontend) SuspendContext(ctx context.Context) error {
 	return nil
 }
 
-// Resume restarts the rings Suspend stopped: SET_VRING_BASE with the saved
-// index, then SET_VRING_KICK with the same kick descriptor.
+// Resume restarts the rings Suspend stopped: SET_VRING_NUM and
+// SET_VRING_ADDR again, SET_VRING_BASE with the saved position,
+// SET_VRING_CALL with the call descriptor last set, then SET_VRING_KICK
+// with the same kick descriptor (QEMU's order when it restarts a ring).
 func (f *Frontend) Resume() error {
 	return f.ResumeContext(context.Background())
 }
@@ -953,8 +986,31 @@ func (f *Frontend) ResumeContext(ctx context.Context) error {
 		if !fq.suspOK {
 			continue
 		}
-		if err := f.send(ctx, ReqSetVringBase, VringState{Index: uint32(i), Num: uint32(fq.suspSt.NextAvail)}.Encode(), nil); err != nil {
+		// Size and addresses again before the base, as QEMU's
+		// vhost_virtqueue_start sends them: DPDK's vhost library
+		// forgets a ring's addresses on GET_VRING_BASE and would not
+		// take the ring up again without them.
+		if err := f.send(ctx, ReqSetVringNum, VringState{Index: uint32(i), Num: uint32(fq.num)}.Encode(), nil); err != nil {
 			return err
+		}
+		if fq.addrSet {
+			va, err := f.vringAddr(i, fq.addr)
+			if err != nil {
+				return err
+			}
+			if err := f.send(ctx, ReqSetVringAddr, va.Encode(), nil); err != nil {
+				return err
+			}
+		}
+		if err := f.send(ctx, ReqSetVringBase, VringState{Index: uint32(i), Num: vhostcore.VringBase(fq.suspSt, f.acked)}.Encode(), nil); err != nil {
+			return err
+		}
+		// DPDK's vhost library also closes a ring's call descriptor on
+		// GET_VRING_BASE: the same one again.
+		if fq.callSet {
+			if err := f.setFd(ctx, ReqSetVringCall, i, fq.call); err != nil {
+				return err
+			}
 		}
 		if err := f.setFd(ctx, ReqSetVringKick, i, fq.kick); err != nil {
 			return err

@@ -76,7 +76,12 @@ type lcGuest struct {
 
 const lcQueue, lcSize = 1, 64
 
-func newLCGuest(t *testing.T) *lcGuest {
+func newLCGuest(t *testing.T) *lcGuest { return newLCGuestWith(t, 0) }
+
+// newLCGuestWith is newLCGuest with the ring format of features f (a
+// packed ring with RING_PACKED: descriptor ring at 0, driver area at
+// 0x1000, device area at 0x2000).
+func newLCGuestWith(t *testing.T, f virtio.Features) *lcGuest {
 	fd, err := unix.MemfdCreate("lifecycle", unix.MFD_CLOEXEC)
 	require.NoError(t, err)
 	t.Cleanup(func() { unix.Close(fd) })
@@ -86,9 +91,10 @@ func newLCGuest(t *testing.T) *lcGuest {
 	mem, err := vring.NewMemory(reg)
 	require.NoError(t, err)
 	t.Cleanup(func() { mem.Close() })
-	dq, err := vring.NewDriverQueue(mem, vring.DriverQueueOptions{Index: lcQueue,
+	dq, err := vring.NewDriverQueue(mem, vring.DriverQueueOptions{Index: lcQueue, Features: f,
 		Layout: vring.Layout{Size: lcSize, Desc: 0, Avail: 0x1000, Used: 0x2000}})
 	require.NoError(t, err)
+	require.Equal(t, f.Has(virtio.FRingPacked), dq.Packed(), "ring format")
 	kick, err := vdpa.NewEventFD()
 	require.NoError(t, err)
 	t.Cleanup(func() { kick.Close() })

@@ -377,6 +377,7 @@ type migrationHop struct {
 	srcQMP   *qmpClient
 	srcRAM   string
 	from, to *qemuRig
+	packed   bool // the destination's device offers packed rings, as the source's
 	// filled in by migrate
 	dst                        *qemuVM
 	dstQMP                     *qmpClient
@@ -404,7 +405,7 @@ func migrate(t *testing.T, ctx context.Context, q qemuPeer, g guestImage, dir st
 	h.to.mark("hop %d: migration destination", h.n)
 	h.dst = startQEMUPeer(t, q, qemuConfig{name: fmt.Sprintf("%s-hop%d-dst", q.name, h.n), guest: g, sock: h.to.sock,
 		qmp: qmpPath, timeout: 200 * time.Second, mem: qemuLifecycleMem, ramFile: h.dstRAM,
-		incoming: "unix:" + migSock, paused: true})
+		incoming: "unix:" + migSock, paused: true, packed: h.packed})
 	var err error
 	h.dstQMP, err = dialQMP(ctx, qmpPath)
 	require.NoError(t, err)

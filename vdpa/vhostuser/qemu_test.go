@@ -380,9 +380,10 @@ func (r *qemuRig) kill(t *testing.T) {
 // ringEvent is one queue start or stop the back-end asked of the device,
 // with the ring positions (next avail, next used) at that point.
 type ringEvent struct {
-	start bool
-	q     int
-	st    vring.QueueState
+	start  bool
+	packed bool // the started ring is a packed one (starts only)
+	q      int
+	st     vring.QueueState
 }
 
 func (e ringEvent) String() string {
@@ -407,7 +408,7 @@ func (r *ringTracker) StartQueue(q int, dq *vring.DeviceQueue, kick, call *vdpa.
 		return err
 	}
 	r.mu.Lock()
-	r.events = append(r.events, ringEvent{start: true, q: q, st: st})
+	r.events = append(r.events, ringEvent{start: true, packed: dq.Packed(), q: q, st: st})
 	r.mu.Unlock()
 	return nil
 }
@@ -540,6 +541,7 @@ type qemuConfig struct {
 	incoming  string
 	paused    bool
 	reconnect bool // redial a lost back-end (qemuPeer.reconnect)
+	packed    bool // virtio-net-pci,packed=on: offer the guest packed rings
 }
 
 func startQEMUPeer(t *testing.T, q qemuPeer, c qemuConfig) *qemuVM {
@@ -578,6 +580,9 @@ func startQEMUPeer(t *testing.T, q qemuPeer, c qemuConfig) *qemuVM {
 	netdev := "type=vhost-user,id=net0,chardev=chr0"
 	// romfile=: no option ROM, the kernel is booted directly.
 	device := "virtio-net-pci,netdev=net0,mac=" + qemuGuestMAC + ",romfile="
+	if c.packed {
+		device += ",packed=on"
+	}
 	if c.pairs > 1 {
 		netdev += ",queues=" + strconv.Itoa(c.pairs)
 		device += ",mq=on"
@@ -740,6 +745,13 @@ func TestQEMUVirtioNetPing(t *testing.T) {
 }
 
 func testQEMUVirtioNetPing(t *testing.T, q qemuPeer, helper string) {
+	testQEMUVirtioNetPingWith(t, q, helper, false)
+}
+
+// testQEMUVirtioNetPingWith is testQEMUVirtioNetPing with the device
+// offering packed rings to the guest (packed=on) or not; with packed, the
+// guest driver and the back-end must both have negotiated RING_PACKED.
+func testQEMUVirtioNetPingWith(t *testing.T, q qemuPeer, helper string, packed bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	dir := t.TempDir()
@@ -747,7 +759,7 @@ func testQEMUVirtioNetPing(t *testing.T, q qemuPeer, helper string) {
 	g := buildGuest(t, ctx, helper, dir, "ping")
 	t.Logf("guest image ready in %v", time.Since(start).Round(time.Millisecond))
 	rig := startQEMURig(t, ctx, dir)
-	vm := startQEMUPeer(t, q, qemuConfig{guest: g, sock: rig.sock, timeout: 150 * time.Second})
+	vm := startQEMUPeer(t, q, qemuConfig{guest: g, sock: rig.sock, timeout: 150 * time.Second, packed: packed})
 
 	require.NoError(t, vm.wait(ctx), "QEMU (exit status 124: timed out)")
 	t.Logf("QEMU ran %v", time.Since(start).Round(time.Millisecond))
@@ -806,7 +818,9 @@ func testQEMUVirtioNetPing(t *testing.T, q qemuPeer, helper string) {
 	assert.True(t, info.Features.Has(virtio.FProtocolFeat), "QEMU uses PROTOCOL_FEATURES")
 	assert.False(t, info.Features.Has(virtio.FLogAll), "no LOG_ALL outside migration")
 	assert.Zero(t, dev&^gf, "back-end features %s not negotiated by the guest driver", (dev &^ gf).Format(virtio.DeviceNet))
-	for _, f := range []virtio.Feature{virtio.FEventIdx, virtio.FIndirectDesc, virtio.NetFMrgRxbuf} {
+	assert.Equal(t, packed, gf.Has(virtio.FRingPacked), "guest driver negotiated RING_PACKED (bit 34 of its features)")
+	assert.Equal(t, packed, info.Features.Has(virtio.FRingPacked), "back-end got RING_PACKED")
+	for _, f := range []virtio.Feature{virtio.FEventIdx, virtio.FIndirectDesc, virtio.NetFMrgRxbuf, virtio.FRingPacked} {
 		assert.Equal(t, gf.Has(f), dev.Has(f), "%v: guest driver and back-end agree", f)
 	}
 	assert.True(t, info.ProtocolFeatures.Has(PFReplyAck), "protocol features %v", info.ProtocolFeatures)

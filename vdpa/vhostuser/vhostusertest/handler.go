@@ -129,7 +129,7 @@ func (h *Handler) DeviceID() virtio.DeviceID { return virtio.DeviceNet }
 // Features implements vdpa.Handler.
 func (h *Handler) Features() virtio.Features {
 	return virtio.Features(0).With(virtio.FVersion1, virtio.NetFMAC, virtio.NetFStatus, virtio.NetFMrgRxbuf,
-		virtio.FIndirectDesc, virtio.FEventIdx)
+		virtio.FIndirectDesc, virtio.FEventIdx, virtio.FRingPacked)
 }
 
 // SetFeatures implements vdpa.Handler.
