@@ -131,23 +131,5 @@ func (l Layout) ValidateFor(f virtio.Features) error {
 		return fmt.Errorf("%w: used ring %v not %d-aligned", ErrMisaligned, l.Used, UsedAlign)
 	}
 	d, a, u := RingSizes(l.Size, f)
-	areas := [3]struct {
-		name string
-		addr GuestAddr
-		n    uint64
-	}{{"descriptor table", l.Desc, d}, {"available ring", l.Avail, a}, {"used ring", l.Used, u}}
-	for _, ar := range areas {
-		if err := checkRange(ar.addr, ar.n); err != nil {
-			return fmt.Errorf("%s %v+%#x: %w", ar.name, ar.addr, ar.n, err)
-		}
-	}
-	for i := range areas {
-		for j := i + 1; j < len(areas); j++ {
-			x, y := areas[i], areas[j]
-			if uint64(x.addr) <= uint64(y.addr)+y.n-1 && uint64(y.addr) <= uint64(x.addr)+x.n-1 {
-				return fmt.Errorf("%w: %s %v+%#x and %s %v+%#x", ErrRingOverlap, x.name, x.addr, x.n, y.name, y.addr, y.n)
-			}
-		}
-	}
-	return nil
+	return checkAreas([3]area{{"descriptor table", l.Desc, d}, {"available ring", l.Avail, a}, {"used ring", l.Used, u}})
 }

@@ -116,6 +116,7 @@ func (l Layout) validatePacked() error {
 		{"device event suppression area", l.Used, u}})
 }
 
+// area is one of a layout's three areas, for checkAreas.
 type area struct {
 	name string
 	addr GuestAddr
@@ -123,7 +124,7 @@ type area struct {
 }
 
 // checkAreas checks that no area overflows the address space and that no
-// two overlap.
+// two overlap (ValidateFor, split and packed).
 func checkAreas(areas [3]area) error {
 	for _, ar := range areas {
 		if err := checkRange(ar.addr, ar.n); err != nil {
