@@ -257,6 +257,9 @@ func (q *DeviceQueue) fail(index uint16, indirect bool, err error) error {
 }
 
 func (q *DeviceQueue) logWrite(addr GuestAddr, n uint64) error {
+	if q.pk != nil {
+		return q.packedLogWrite(addr, n)
+	}
 	if err := q.log.LogWrite(uint64(addr), n); err != nil {
 		return q.fail(q.usedIdx, false, &wrap2{ErrLogWrite, err})
 	}
@@ -800,9 +803,6 @@ func (q *DeviceQueue) PushChain(c *Chain, written uint32) error {
 // write is logged before used.idx (packed: the used descriptor's flags)
 // makes it visible. It works on split and packed queues alike.
 func (q *DeviceQueue) LogChain(c *Chain, written uint32) error {
-	if q.pk != nil {
-		return q.packedLogChain(c, written)
-	}
 	if q.err != nil {
 		return q.err
 	}

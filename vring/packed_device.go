@@ -625,37 +625,12 @@ func (q *DeviceQueue) packedPushChain(c *Chain, written uint32) error {
 	if !q.pk.pushable(c.Head) && q.err == nil && uint64(written) <= c.WritableLen {
 		return q.packedPushErr(c.Head) // before logging: nothing to push
 	}
-	if err := q.packedLogChain(c, written); err != nil {
+	if err := q.LogChain(c, written); err != nil {
 		return err
 	}
 	return q.packedPush(c.Head, written)
 }
 
-// packedLogChain is LogChain for a packed queue: a failed log write breaks
-// the queue the packed way.
-func (q *DeviceQueue) packedLogChain(c *Chain, written uint32) error {
-	if q.err != nil {
-		return q.err
-	}
-	if uint64(written) > c.WritableLen {
-		return fmt.Errorf("%w: queue %d buffer id %d: %d > %d", ErrWrittenTooLarge, q.index, c.Head, written, c.WritableLen)
-	}
-	if q.log == nil {
-		return nil
-	}
-	left := uint64(written)
-	for i := c.Readable; i < len(c.Segs) && left > 0; i++ {
-		k := min(uint64(c.Segs[i].Len), left)
-		if k == 0 {
-			continue
-		}
-		if err := q.packedLogWrite(c.Segs[i].Addr, k); err != nil {
-			return err
-		}
-		left -= k
-	}
-	return nil
-}
 
 // packedPushBatch writes used descriptors for elems and publishes them
 // with the first one's flags word stored last. With VIRTIO_F_IN_ORDER,

@@ -20,10 +20,16 @@ type RawRing struct {
 
 // NewRawRing checks that layout is valid and lies in mem.
 func NewRawRing(mem *vring.Memory, layout vring.Layout) (*RawRing, error) {
-	if err := layout.Validate(); err != nil {
+	// The areas as large as any features make them (Validate's sizes).
+	return newRawRing(mem, layout, virtio.Features(0).With(virtio.FEventIdx))
+}
+
+// newRawRing checks layout for the format and sizes f selects.
+func newRawRing(mem *vring.Memory, layout vring.Layout, f virtio.Features) (*RawRing, error) {
+	if err := layout.ValidateFor(f); err != nil {
 		return nil, err
 	}
-	d, a, u := vring.SplitSizes(layout.Size)
+	d, a, u := vring.RingSizes(layout.Size, f)
 	for _, ar := range []struct {
 		addr vring.GuestAddr
 		n    uint64
@@ -111,19 +117,7 @@ func (r *RawRing) AvailEvent() (uint16, error) {
 // NewRawPackedRing checks that layout is a valid packed layout and lies in
 // mem.
 func NewRawPackedRing(mem *vring.Memory, layout vring.Layout) (*RawRing, error) {
-	if err := layout.ValidateFor(virtio.Features(0).With(virtio.FRingPacked)); err != nil {
-		return nil, err
-	}
-	d, a, u := vring.PackedSizes(layout.Size)
-	for _, ar := range []struct {
-		addr vring.GuestAddr
-		n    uint64
-	}{{layout.Desc, d}, {layout.Avail, a}, {layout.Used, u}} {
-		if !mem.Contains(ar.addr, ar.n) {
-			return nil, fmt.Errorf("vringtest: ring area %v+%#x: %w", ar.addr, ar.n, vring.ErrOutOfRange)
-		}
-	}
-	return &RawRing{Mem: mem, Layout: layout}, nil
+	return newRawRing(mem, layout, virtio.Features(0).With(virtio.FRingPacked))
 }
 
 // PackedAvail is the AVAIL/USED bits of a descriptor the driver makes
