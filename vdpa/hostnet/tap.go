@@ -55,6 +55,10 @@ type TapOptions struct {
 // on every received frame with one atomic load; a frame read before a
 // change is completed or segmented by the device.
 //
+// A tap deleted while open (ip link del) ends the readers (its reads fail
+// with EBADFD, counted once per queue in Stats.RxErrors); writes then
+// count as Stats.TxErrors until Close.
+//
 // Back-pressure: writes never block. A write the tap refuses because its
 // queue is full (EAGAIN) is a counted drop (Stats.TxDropped); a
 // received frame the driver has no buffer for is dropped by the device
@@ -290,7 +294,7 @@ func (t *Tap) syncOffloads(dev *softnet.Device) {
 
 // readLoop reads frames from the queue's tap fd (through the runtime
 // poller: Close unblocks it) and delivers them to the driver of pair
-// q.idx until the tap is closed.
+// q.idx until the tap is closed or its reads fail (see receiveOne).
 func (q *tapQueue) readLoop(dev *softnet.Device) {
 	defer q.t.wg.Done()
 	for {
@@ -300,8 +304,12 @@ func (q *tapQueue) readLoop(dev *softnet.Device) {
 	}
 }
 
-// receiveOne reads and delivers one frame; it returns an error only when
-// the tap is closed.
+// receiveOne reads and delivers one frame; it returns an error when the
+// reader must end: the tap is closed (ErrClosed), or a read failed. A tap
+// read fails only for good: EBADFD once the interface was deleted under
+// the descriptor (which stays readable, so a reader carrying on would
+// spin); EINVAL and EFAULT cannot come with the queue's own buffer; the
+// poller absorbs EAGAIN and the runtime EINTR.
 func (q *tapQueue) receiveOne(dev *softnet.Device) error {
 	t := q.t
 	n, err := q.file.Read(q.rxBuf)
@@ -310,7 +318,7 @@ func (q *tapQueue) receiveOne(dev *softnet.Device) error {
 			return ErrClosed
 		}
 		t.rxErrors.Add(1)
-		return nil
+		return fmt.Errorf("hostnet: tap %s queue %d: %w", t.name, q.idx, err)
 	}
 	if n < vnetHdrLen {
 		t.rxErrors.Add(1)
