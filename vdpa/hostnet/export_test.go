@@ -17,3 +17,10 @@ func (p *Packet) ReceiveBlock(dev *softnet.Device) error {
 	p.next = (p.next + 1) % ringBlocks
 	return nil
 }
+
+// ReadersDone is closed when every reader goroutine of t has returned.
+func (t *Tap) ReadersDone() <-chan struct{} {
+	done := make(chan struct{})
+	go func() { t.wg.Wait(); close(done) }()
+	return done
+}

@@ -3,11 +3,8 @@ package hostnet
 import (
 	"context"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"os"
-	"sync"
-	"sync/atomic"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -50,20 +47,10 @@ type Packet struct {
 	ring   []byte
 	next   int // next block to read (reader goroutine)
 	noOff  bool
-	dev    atomic.Pointer[softnet.Device]
-	closed atomic.Bool
-	wg     sync.WaitGroup
-
-	txMu    sync.Mutex
-	txHdr   [legacyVnet]byte
-	txFrame []byte
-	txErr   error
-	iov     [2]unix.Iovec
-	writeFn func(uintptr) bool
-	readFn  func(uintptr) bool
-
-	txFrames, txBytes, txDropped, txErrors, txGSO atomic.Uint64
-	rxFrames, rxBytes, rxDropped, rxErrors, rxGSO atomic.Uint64
+	tx     sender
+	readFn func(uintptr) bool
+	attachment
+	counters
 }
 
 // OpenPacket opens an AF_PACKET socket on interface ifname.
@@ -90,24 +77,19 @@ func OpenPacket(ifname string, opts *PacketOptions) (*Packet, error) {
 		_ = unmapRing(p.ring)
 		return nil, fmt.Errorf("hostnet: packet %s: %w", ifname, err)
 	}
-	p.writeFn = p.write
+	p.tx.init(p.rc, legacyVnet)
 	p.readFn = p.ready
 	return p, nil
 }
 
 // Attach makes p dev's frame handler and starts delivering the interface's
-// frames to dev's queue pair 0.
+// frames to dev's queue pair 0. A Packet attaches to one device, once
+// (ErrAttached), and not after Close (ErrClosed).
 func (p *Packet) Attach(dev *softnet.Device) error {
-	if p.closed.Load() {
-		return ErrClosed
-	}
-	if !p.dev.CompareAndSwap(nil, dev) {
-		return errors.New("hostnet: packet socket already attached")
-	}
-	dev.SetHandler(p)
-	p.wg.Add(1)
-	go p.readLoop(dev)
-	return nil
+	return p.attach(dev, p, func() {
+		p.wg.Add(1)
+		go p.readLoop(dev)
+	})
 }
 
 // HandleFrame implements softnet.FrameHandler.
@@ -126,33 +108,7 @@ func (p *Packet) TxOffloads() virtio.Features {
 // HandleOffload implements softnet.OffloadHandler: one non-blocking send
 // of hdr (as struct virtio_net_hdr) and frame.
 func (p *Packet) HandleOffload(_ *softnet.Tx, hdr virtio.NetHdr, frame []byte) {
-	p.txMu.Lock()
-	_ = hdr.Encode(p.txHdr[:], legacyVnet)
-	p.txFrame = frame
-	p.txErr = nil
-	err := p.rc.Write(p.writeFn)
-	if err == nil {
-		err = p.txErr
-	}
-	p.txFrame = nil
-	p.txMu.Unlock()
-	switch {
-	case err == nil:
-		p.txFrames.Add(1)
-		p.txBytes.Add(uint64(len(frame)))
-		if hdr.GSOType != virtio.NetHdrGSONone {
-			p.txGSO.Add(1)
-		}
-	case err == unix.EAGAIN || err == unix.ENOBUFS:
-		p.txDropped.Add(1)
-	default:
-		p.txErrors.Add(1)
-	}
-}
-
-func (p *Packet) write(fd uintptr) bool {
-	p.txErr = writev2(int(fd), &p.iov, p.txHdr[:], p.txFrame)
-	return true
+	p.sent(&hdr, frame, p.tx.send(hdr, frame))
 }
 
 // ready is the RawConn read callback: true when the next block is the
@@ -199,16 +155,7 @@ func (p *Packet) deliverBlock(dev *softnet.Device, b int) {
 			p.rxDropped.Add(1) // truncated: larger than a ring block holds
 		default:
 			hdr, _ := virtio.DecodeNetHdr(pkt[mac-legacyVnet:mac], legacyVnet)
-			frame := pkt[mac : mac+snap]
-			if err := dev.DeliverHdr(0, hdr, frame); err != nil {
-				p.rxDropped.Add(1)
-			} else {
-				p.rxFrames.Add(1)
-				p.rxBytes.Add(uint64(len(frame)))
-				if hdr.GSOType != virtio.NetHdrGSONone {
-					p.rxGSO.Add(1)
-				}
-			}
+			p.deliver(dev, 0, hdr, pkt[mac:mac+snap])
 		}
 		if next == 0 {
 			return
@@ -218,32 +165,15 @@ func (p *Packet) deliverBlock(dev *softnet.Device, b int) {
 }
 
 // Stats returns a snapshot of the counters (OffloadSets is always zero).
-func (p *Packet) Stats() Stats {
-	return Stats{
-		TxFrames: p.txFrames.Load(), TxBytes: p.txBytes.Load(), TxGSO: p.txGSO.Load(),
-		TxDropped: p.txDropped.Load(), TxErrors: p.txErrors.Load(),
-		RxFrames: p.rxFrames.Load(), RxBytes: p.rxBytes.Load(), RxGSO: p.rxGSO.Load(),
-		RxDropped: p.rxDropped.Load(), RxErrors: p.rxErrors.Load(),
-	}
-}
+func (p *Packet) Stats() Stats { return p.stats() }
 
 // Close detaches the socket from its device, closes it, waits (up to ctx's
-// end) for the reader, and unmaps the ring.
+// end) for the reader, and unmaps the ring. When the reader outlives ctx
+// the ring stays mapped (the reader may still touch it).
 func (p *Packet) Close(ctx context.Context) error {
-	if p.closed.Swap(true) {
-		return ErrClosed
-	}
-	if dev := p.dev.Load(); dev != nil {
-		dev.SetHandler(softnet.Discard)
-	}
-	err := p.file.Close()
-	done := make(chan struct{})
-	go func() { p.wg.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-ctx.Done():
-		// The ring stays mapped: the reader may still touch it.
-		return fmt.Errorf("hostnet: packet %s: reader still running: %w", p.ifname, ctx.Err())
+	stopped, err := p.close(ctx, "packet "+p.ifname, p.file.Close)
+	if !stopped {
+		return err
 	}
 	if merr := unmapRing(p.ring); err == nil {
 		err = merr

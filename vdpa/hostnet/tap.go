@@ -20,9 +20,6 @@ import (
 // size the driver negotiated; the fields are the same.
 const vnetHdrLen = virtio.NetHdrSize
 
-// ErrClosed: the back-end is closed.
-var ErrClosed = errors.New("hostnet: closed")
-
 // TapOptions configure a Tap. The zero value (or nil) is a single queue tap
 // named by the kernel in the caller's network namespace.
 type TapOptions struct {
@@ -55,6 +52,10 @@ type TapOptions struct {
 // on every received frame with one atomic load; a frame read before a
 // change is completed or segmented by the device.
 //
+// A tap deleted while open (ip link del) ends the readers (its reads fail
+// with EBADFD, counted once per queue in Stats.RxErrors); writes then
+// count as Stats.TxErrors until Close.
+//
 // Back-pressure: writes never block. A write the tap refuses because its
 // queue is full (EAGAIN) is a counted drop (Stats.TxDropped); a
 // received frame the driver has no buffer for is dropped by the device
@@ -70,15 +71,10 @@ type Tap struct {
 	noOff  bool
 	txAcc  virtio.Features
 	usoOK  bool
-	dev    atomic.Pointer[softnet.Device]
 	offMu  sync.Mutex
 	offSet atomic.Uint64 // GUEST_* offloads applied with TUNSETOFFLOAD, +1 (0: none yet)
-	closed atomic.Bool
-	wg     sync.WaitGroup
-
-	txFrames, txBytes, txDropped, txErrors, txGSO atomic.Uint64
-	rxFrames, rxBytes, rxDropped, rxErrors, rxGSO atomic.Uint64
-	offloadSets                                   atomic.Uint64
+	attachment
+	counters
 }
 
 type tapQueue struct {
@@ -87,35 +83,9 @@ type tapQueue struct {
 	fd   int // owned by file; used only inside rc callbacks
 	file *os.File
 	rc   syscall.RawConn
-
-	txMu    sync.Mutex
-	txHdr   [vnetHdrLen]byte
-	txFrame []byte
-	txErr   error
-	iov     [2]unix.Iovec
-	writeFn func(uintptr) bool // q.write, bound once
+	tx   sender
 
 	rxBuf []byte
-}
-
-// Stats counts what a Tap or a Packet moved.
-type Stats struct {
-	// TxFrames and TxBytes: frames written to the tap (headers
-	// excluded); TxGSO of them carried a GSO header.
-	TxFrames, TxBytes, TxGSO uint64
-	// TxDropped: writes refused with EAGAIN (the tap's queue is full).
-	// TxErrors: other write errors (a header the kernel rejects, EFAULT
-	// on guest memory).
-	TxDropped, TxErrors uint64
-	// RxFrames and RxBytes: frames read from the tap and delivered to the
-	// driver; RxGSO of them carried a GSO header.
-	RxFrames, RxBytes, RxGSO uint64
-	// RxDropped: frames read and not delivered (no receive buffer, queue
-	// stopped, link down, a header the device rejects). RxErrors: read
-	// errors other than the tap's closing.
-	RxDropped, RxErrors uint64
-	// OffloadSets counts TUNSETOFFLOAD calls.
-	OffloadSets uint64
 }
 
 // OpenTap creates (or attaches to) tap device name with opts.Queues
@@ -144,7 +114,7 @@ func OpenTap(name string, opts *TapOptions) (*Tap, error) {
 				return fmt.Errorf("hostnet: tap %s: %w", ifname, err)
 			}
 			q := &tapQueue{t: t, idx: i, fd: fd, file: f, rc: rc, rxBuf: make([]byte, vnetHdrLen+softnet.MaxFrame)}
-			q.writeFn = q.write
+			q.tx.init(rc, vnetHdrLen)
 			t.queues = append(t.queues, q)
 		}
 		return nil
@@ -176,21 +146,16 @@ func (t *Tap) Name() string { return t.name }
 func (t *Tap) USO() bool { return t.usoOK }
 
 // Attach makes t dev's frame handler and starts reading the tap into dev's
-// receive queues. A Tap attaches to one device, once.
+// receive queues. A Tap attaches to one device, once (ErrAttached), and
+// not after Close (ErrClosed).
 func (t *Tap) Attach(dev *softnet.Device) error {
-	if t.closed.Load() {
-		return ErrClosed
-	}
-	if !t.dev.CompareAndSwap(nil, dev) {
-		return errors.New("hostnet: tap already attached")
-	}
-	dev.SetHandler(t)
-	t.syncOffloads(dev)
-	for _, q := range t.queues {
-		t.wg.Add(1)
-		go q.readLoop(dev)
-	}
-	return nil
+	return t.attach(dev, t, func() {
+		t.syncOffloads(dev)
+		for _, q := range t.queues {
+			t.wg.Add(1)
+			go q.readLoop(dev)
+		}
+	})
 }
 
 // HandleFrame implements softnet.FrameHandler.
@@ -205,35 +170,7 @@ func (t *Tap) TxOffloads() virtio.Features { return t.txAcc }
 // to the tap queue of tx's pair without blocking.
 func (t *Tap) HandleOffload(tx *softnet.Tx, hdr virtio.NetHdr, frame []byte) {
 	q := t.queues[tx.Pair()%len(t.queues)]
-	hdr.NumBuffers = 0
-	q.txMu.Lock()
-	_ = hdr.Encode(q.txHdr[:], vnetHdrLen)
-	q.txFrame = frame
-	q.txErr = nil
-	err := q.rc.Write(q.writeFn)
-	if err == nil {
-		err = q.txErr
-	}
-	q.txFrame = nil
-	q.txMu.Unlock()
-	switch {
-	case err == nil:
-		t.txFrames.Add(1)
-		t.txBytes.Add(uint64(len(frame)))
-		if hdr.GSOType != virtio.NetHdrGSONone {
-			t.txGSO.Add(1)
-		}
-	case err == unix.EAGAIN:
-		t.txDropped.Add(1)
-	default:
-		t.txErrors.Add(1)
-	}
-}
-
-// write is the RawConn callback: one writev, never a wait for room.
-func (q *tapQueue) write(fd uintptr) bool {
-	q.txErr = writev2(int(fd), &q.iov, q.txHdr[:], q.txFrame)
-	return true
+	t.sent(&hdr, frame, q.tx.send(hdr, frame))
 }
 
 // syncOffloads sets the tap's TUNSETOFFLOAD to the GUEST_* offloads dev's
@@ -290,7 +227,7 @@ func (t *Tap) syncOffloads(dev *softnet.Device) {
 
 // readLoop reads frames from the queue's tap fd (through the runtime
 // poller: Close unblocks it) and delivers them to the driver of pair
-// q.idx until the tap is closed.
+// q.idx until the tap is closed or its reads fail (see receiveOne).
 func (q *tapQueue) readLoop(dev *softnet.Device) {
 	defer q.t.wg.Done()
 	for {
@@ -300,8 +237,12 @@ func (q *tapQueue) readLoop(dev *softnet.Device) {
 	}
 }
 
-// receiveOne reads and delivers one frame; it returns an error only when
-// the tap is closed.
+// receiveOne reads and delivers one frame; it returns an error when the
+// reader must end: the tap is closed (ErrClosed), or a read failed. A tap
+// read fails only for good: EBADFD once the interface was deleted under
+// the descriptor (which stays readable, so a reader carrying on would
+// spin); EINVAL and EFAULT cannot come with the queue's own buffer; the
+// poller absorbs EAGAIN and the runtime EINTR.
 func (q *tapQueue) receiveOne(dev *softnet.Device) error {
 	t := q.t
 	n, err := q.file.Read(q.rxBuf)
@@ -310,7 +251,7 @@ func (q *tapQueue) receiveOne(dev *softnet.Device) error {
 			return ErrClosed
 		}
 		t.rxErrors.Add(1)
-		return nil
+		return fmt.Errorf("hostnet: tap %s queue %d: %w", t.name, q.idx, err)
 	}
 	if n < vnetHdrLen {
 		t.rxErrors.Add(1)
@@ -318,47 +259,18 @@ func (q *tapQueue) receiveOne(dev *softnet.Device) error {
 	}
 	t.syncOffloads(dev)
 	hdr, _ := virtio.DecodeNetHdr(q.rxBuf[:vnetHdrLen], vnetHdrLen)
-	frame := q.rxBuf[vnetHdrLen:n]
-	if err := dev.DeliverHdr(q.idx, hdr, frame); err != nil {
-		t.rxDropped.Add(1)
-		return nil
-	}
-	t.rxFrames.Add(1)
-	t.rxBytes.Add(uint64(len(frame)))
-	if hdr.GSOType != virtio.NetHdrGSONone {
-		t.rxGSO.Add(1)
-	}
+	t.deliver(dev, q.idx, hdr, q.rxBuf[vnetHdrLen:n])
 	return nil
 }
 
 // Stats returns a snapshot of the counters.
-func (t *Tap) Stats() Stats {
-	return Stats{
-		TxFrames: t.txFrames.Load(), TxBytes: t.txBytes.Load(), TxGSO: t.txGSO.Load(),
-		TxDropped: t.txDropped.Load(), TxErrors: t.txErrors.Load(),
-		RxFrames: t.rxFrames.Load(), RxBytes: t.rxBytes.Load(), RxGSO: t.rxGSO.Load(),
-		RxDropped: t.rxDropped.Load(), RxErrors: t.rxErrors.Load(), OffloadSets: t.offloadSets.Load(),
-	}
-}
+func (t *Tap) Stats() Stats { return t.stats() }
 
 // Close detaches the tap from its device (which then discards what the
 // driver transmits), closes every queue's file descriptor and waits, up
 // to ctx's end, for the reading goroutines to return.
 func (t *Tap) Close(ctx context.Context) error {
-	if t.closed.Swap(true) {
-		return ErrClosed
-	}
-	if dev := t.dev.Load(); dev != nil {
-		dev.SetHandler(softnet.Discard)
-	}
-	err := t.closeFiles()
-	done := make(chan struct{})
-	go func() { t.wg.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-ctx.Done():
-		return fmt.Errorf("hostnet: tap %s: readers still running: %w", t.name, ctx.Err())
-	}
+	_, err := t.close(ctx, "tap "+t.name, t.closeFiles)
 	return err
 }
 

@@ -289,14 +289,41 @@ func TestTapCloseLeaksNothing(t *testing.T) {
 	require.NoError(t, err)
 	assert.NotEmpty(t, tap.Name())
 	require.NoError(t, tap.Attach(dev))
+	assert.ErrorIs(t, tap.Attach(dev), hostnet.ErrAttached)
 	assert.Equal(t, before+4, countFDs(t), "one descriptor per queue")
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	require.NoError(t, tap.Close(ctx))
 	assert.ErrorIs(t, tap.Close(ctx), hostnet.ErrClosed)
+	assert.ErrorIs(t, tap.Attach(dev), hostnet.ErrClosed)
 	assert.Equal(t, before, countFDs(t))
 	out, err := ns.exec("ip", "link", "show", tap.Name())
 	assert.Error(t, err, "the tap outlived its descriptors: %s", out)
+}
+
+// TestTapDeletedUnderIt: a tap interface deleted while open (ip link del)
+// leaves descriptors whose reads fail at once (EBADFD) instead of waiting:
+// the readers end on it rather than spinning on the failing read, and
+// what the driver transmits is counted as write errors.
+func TestTapDeletedUnderIt(t *testing.T) {
+	requireNetAdmin(t)
+	ns := newNetNS(t)
+	dev, err := softnet.New(&softnet.Options{MaxQueuePairs: 2})
+	require.NoError(t, err)
+	tap, err := hostnet.OpenTap("", &hostnet.TapOptions{Queues: 2, NetNS: ns.path})
+	require.NoError(t, err)
+	require.NoError(t, tap.Attach(dev))
+	ns.ip("link", "del", tap.Name())
+	select {
+	case <-tap.ReadersDone():
+	case <-time.After(10 * time.Second):
+		t.Fatalf("readers still running 10 s after the tap was deleted: %+v", tap.Stats())
+	}
+	st := tap.Stats()
+	assert.Equal(t, uint64(2), st.RxErrors, "one read error per queue: %+v", st)
+	tap.HandleOffload(&softnet.Tx{}, virtio.NetHdr{}, make([]byte, 60))
+	assert.Equal(t, uint64(1), tap.Stats().TxErrors)
+	require.NoError(t, tap.Close(context.Background()))
 }
 
 func countFDs(t *testing.T) int {

@@ -332,40 +332,50 @@ func TestBackendDirtyLogBeforeLogBase(t *testing.T) {
 		{"LOG_ALL turned off before the log", true, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			h := vhostusertest.New(vhostusertest.Loopback, [6]byte{})
-			_, uc, _ := startBackend(t, h, nil)
-			d := newTestDriver(t, uc, h.Features().With(virtio.FLogAll))
-			require.True(t, d.features.Has(virtio.FLogAll))
-			d.startQueue(0)
-			d.startQueue(1)
-			rx := d.postRx(2)
-			d.send(make([]byte, 100))
-			d.reclaim(1, 1)
-			d.reclaim(0, 1)
-			if tc.logAllOff {
-				require.NoError(t, d.fe.SetFeatures(d.features&^virtio.FLogAll.Bit()))
-				require.NoError(t, d.fe.SetFeatures(d.features))
-			}
-			bm, err := dirty.New(8<<20, &dirty.Options{Shared: true})
-			require.NoError(t, err)
-			t.Cleanup(func() { bm.Close() })
-			require.NoError(t, d.fe.SetLog(bm))
-			// Written before the log existed.
-			assert.Equal(t, tc.wantLogged, bm.PageDirty(page(rx[0])), "rx buffer written before SET_LOG_BASE")
-			if tc.wantLogged {
-				// (Restarting a ring writes its used ring, so these are
-				// dirty in the other case too.)
-				assert.True(t, bm.PageDirty(page(d.layouts[0].Used)), "rx used ring")
-				assert.True(t, bm.PageDirty(page(d.layouts[1].Used)), "tx used ring")
-			}
-			assert.False(t, bm.PageDirty(page(d.bufBase+vring.GuestAddr(2*bufSize))), "tx buffer page is only read")
-			// Written after: in the log directly.
-			require.NoError(t, bm.Clear())
-			d.send(make([]byte, 100))
-			d.reclaim(1, 1)
-			d.reclaim(0, 1)
-			assert.True(t, bm.PageDirty(page(rx[1])), "rx buffer written after SET_LOG_BASE")
-			assert.True(t, bm.PageDirty(page(d.layouts[0].Used)), "rx used ring after SET_LOG_BASE")
+			ringFormats(t, vhostusertest.New(vhostusertest.Loopback, [6]byte{}).Features(), func(t *testing.T, want virtio.Features) {
+				h := vhostusertest.New(vhostusertest.Loopback, [6]byte{})
+				_, uc, _ := startBackend(t, h, nil)
+				d := newTestDriver(t, uc, want.With(virtio.FLogAll))
+				require.True(t, d.features.Has(virtio.FLogAll))
+				// Where the device's used-ring writes land: the used ring, or
+				// a packed ring's descriptor ring.
+				usedPage := func(q int) uint64 {
+					if d.features.Has(virtio.FRingPacked) {
+						return page(d.layouts[q].Desc)
+					}
+					return page(d.layouts[q].Used)
+				}
+				d.startQueue(0)
+				d.startQueue(1)
+				rx := d.postRx(2)
+				d.send(make([]byte, 100))
+				d.reclaim(1, 1)
+				d.reclaim(0, 1)
+				if tc.logAllOff {
+					require.NoError(t, d.fe.SetFeatures(d.features&^virtio.FLogAll.Bit()))
+					require.NoError(t, d.fe.SetFeatures(d.features))
+				}
+				bm, err := dirty.New(8<<20, &dirty.Options{Shared: true})
+				require.NoError(t, err)
+				t.Cleanup(func() { bm.Close() })
+				require.NoError(t, d.fe.SetLog(bm))
+				// Written before the log existed.
+				assert.Equal(t, tc.wantLogged, bm.PageDirty(page(rx[0])), "rx buffer written before SET_LOG_BASE")
+				if tc.wantLogged {
+					// (Restarting a ring writes its used ring, so these are
+					// dirty in the other case too.)
+					assert.True(t, bm.PageDirty(usedPage(0)), "rx used ring")
+					assert.True(t, bm.PageDirty(usedPage(1)), "tx used ring")
+				}
+				assert.False(t, bm.PageDirty(page(d.bufBase+vring.GuestAddr(2*bufSize))), "tx buffer page is only read")
+				// Written after: in the log directly.
+				require.NoError(t, bm.Clear())
+				d.send(make([]byte, 100))
+				d.reclaim(1, 1)
+				d.reclaim(0, 1)
+				assert.True(t, bm.PageDirty(page(rx[1])), "rx buffer written after SET_LOG_BASE")
+				assert.True(t, bm.PageDirty(usedPage(0)), "rx used ring after SET_LOG_BASE")
+			})
 		})
 	}
 }
