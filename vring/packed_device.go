@@ -631,7 +631,6 @@ func (q *DeviceQueue) packedPushChain(c *Chain, written uint32) error {
 	return q.packedPush(c.Head, written)
 }
 
-
 // packedPushBatch writes used descriptors for elems and publishes them
 // with the first one's flags word stored last. With VIRTIO_F_IN_ORDER,
 // while the device has pushed every chain in pop order, an element that
