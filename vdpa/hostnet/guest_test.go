@@ -68,7 +68,18 @@ func newKernelGuest(t testing.TB, dev *softnet.Device, f virtio.Features, ns *ne
 // (receiveq 2*pair and transmitq 2*pair+1).
 func newKernelGuestOnPair(t testing.TB, dev *softnet.Device, f virtio.Features, ns *netns, tapName, addr string, pair int) *kernelGuest {
 	t.Helper()
-	g := &kernelGuest{t: t, dev: dev, features: f, ns: ns}
+	g := startDriver(t, dev, f, pair)
+	g.ns = ns
+	g.attachTap(t, f, ns, tapName, addr)
+	return g
+}
+
+// startDriver negotiates f with dev and starts a vringtest driver on queue
+// pair pair (receiveq 2*pair, transmitq 2*pair+1), with no buffers
+// posted; the pumps are not started.
+func startDriver(t testing.TB, dev *softnet.Device, f virtio.Features, pair int) *kernelGuest {
+	t.Helper()
+	g := &kernelGuest{t: t, dev: dev, features: f}
 	l := vdpa.NewLocal(dev, nil)
 	g.local = l
 	ringBytes := (vring.ContiguousLayoutBytes(guestQueueSize) + 4095) &^ 4095
@@ -105,7 +116,33 @@ func newKernelGuestOnPair(t testing.TB, dev *softnet.Device, f virtio.Features, 
 		require.NoError(t, l.EnableQueue(q, true))
 	}
 	require.NoError(t, l.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK|virtio.StatusDriverOK))
+	t.Cleanup(func() { // after the pumps' (cleanups run last first)
+		_ = g.local.Close()
+		for i := range g.kick {
+			g.kick[i].Close()
+			g.call[i].Close()
+		}
+	})
+	return g
+}
 
+// postRx posts n receive buffers of guestRxBuf bytes to receiveq and
+// kicks the device if it wants it.
+func (g *kernelGuest) postRx(n int) error {
+	for range n {
+		if _, err := g.drv[0].Add(nil, []uint32{guestRxBuf}); err != nil {
+			return err
+		}
+	}
+	g.drv[0].Queue.Publish()
+	if g.drv[0].Queue.NeedsKick() {
+		return g.kick[0].Signal()
+	}
+	return nil
+}
+
+// newKernelGuestOnPair, continued: the tap and the pumps.
+func (g *kernelGuest) attachTap(t testing.TB, f virtio.Features, ns *netns, tapName, addr string) {
 	// The guest's own tap, with the offloads the driver may transmit.
 	fdc := make(chan int, 1)
 	ns.run(func() {
@@ -146,18 +183,12 @@ func newKernelGuestOnPair(t testing.TB, dev *softnet.Device, f virtio.Features, 
 	go g.txPump()
 	go g.rxPump(ctx)
 	t.Cleanup(g.close)
-	return g
 }
 
 func (g *kernelGuest) close() {
 	g.cancel()
 	g.tap.Close()
 	g.wg.Wait()
-	_ = g.local.Close()
-	for i := range g.kick {
-		g.kick[i].Close()
-		g.call[i].Close()
-	}
 }
 
 // txPump moves what the kernel sends out of its tap to transmitq 0.
@@ -212,15 +243,8 @@ func (g *kernelGuest) rxPump(ctx context.Context) {
 	defer g.wg.Done()
 	hdrLen := virtio.NetHdrLen(g.features)
 	post := func(n int) {
-		for range n {
-			if _, err := g.drv[0].Add(nil, []uint32{guestRxBuf}); err != nil {
-				g.t.Errorf("post rx: %v", err)
-				return
-			}
-		}
-		g.drv[0].Queue.Publish()
-		if g.drv[0].Queue.NeedsKick() {
-			_ = g.kick[0].Signal()
+		if err := g.postRx(n); err != nil {
+			g.t.Errorf("post rx: %v", err)
 		}
 	}
 	post(guestQueueSize)

@@ -84,8 +84,12 @@ func TestPacketPathsAllocateNothing(t *testing.T) {
 	p, err := hostnet.OpenPacket("vdpk0", &hostnet.PacketOptions{NetNS: ns.path})
 	require.NoError(t, err)
 	defer p.Close(context.Background())
-	dev, err := softnet.New(nil)
+	// A started device with a driver and its receive buffers posted, so
+	// that receiving measures the delivery into them, not a drop.
+	dev, err := softnet.New(&softnet.Options{Offload: true})
 	require.NoError(t, err)
+	g := startDriver(t, dev, guestBase, 0)
+	require.NoError(t, g.postRx(guestQueueSize))
 
 	frame := make([]byte, 1000)
 	copy(frame, []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 2, 0, 0, 0, 0, 1, 0x88, 0xb5})
@@ -106,8 +110,9 @@ func TestPacketPathsAllocateNothing(t *testing.T) {
 		require.NoError(t, p.ReceiveBlock(dev))
 	}
 	round()
-	assert.Zero(t, testing.AllocsPerRun(50, round), "receive")
+	assert.Zero(t, testing.AllocsPerRun(40, round), "receive") // 42 frames and the kernel's few IPv6 ones fit the 64 buffers
 	st := p.Stats()
-	assert.GreaterOrEqual(t, st.RxFrames+st.RxDropped, uint64(52), "every frame read accounted for: %+v", st)
+	assert.GreaterOrEqual(t, st.RxFrames, uint64(42), "every frame read delivered: %+v", st)
+	assert.Zero(t, st.RxDropped, "every frame read delivered: %+v", st)
 	assert.Equal(t, uint64(202), st.TxFrames+st.TxDropped, "every send accounted for: %+v", st)
 }
