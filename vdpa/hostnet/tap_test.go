@@ -2,10 +2,10 @@ package hostnet_test
 
 import (
 	"bytes"
-	"encoding/binary"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"encoding/binary"
 	"io"
 	"net"
 	"os"
