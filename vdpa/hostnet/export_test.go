@@ -18,9 +18,10 @@ func (p *Packet) ReceiveBlock(dev *softnet.Device) error {
 	return nil
 }
 
-// ReadersDone is closed when every reader goroutine of t has returned.
-func (t *Tap) ReadersDone() <-chan struct{} {
+// ReadersDone is closed when every reader goroutine of the back-end has
+// returned.
+func (a *attachment) ReadersDone() <-chan struct{} {
 	done := make(chan struct{})
-	go func() { t.wg.Wait(); close(done) }()
+	go func() { a.wg.Wait(); close(done) }()
 	return done
 }
