@@ -22,12 +22,30 @@ type loop struct {
 
 func newLoop(tb testing.TB, f virtio.Features, frameLen int) *loop {
 	tb.Helper()
+	return newLoopFrame(tb, f, false, virtio.NetHdr{}, func(d *Device) []byte {
+		fr := make([]byte, frameLen)
+		copy(fr, d.cfgMAC[:])
+		return fr
+	}, 4096)
+}
+
+// newLoopFrame builds a loop on a device (with Options.Offload if offload)
+// that negotiated f, transmitting the frame frameFor returns, with header
+// h, into receive buffers of rxLen bytes.
+func newLoopFrame(tb testing.TB, f virtio.Features, offload bool, h virtio.NetHdr, frameFor func(*Device) []byte, rxLen uint32) *loop {
+	tb.Helper()
 	const size = 256
-	d, err := New(&Options{MaxQueueSize: size})
+	d, err := New(&Options{MaxQueueSize: size, Offload: offload})
 	require.NoError(tb, err)
 	require.NoError(tb, d.SetFeatures(f))
+	frame := frameFor(d)
+	hdrLen := virtio.NetHdrLen(f)
+	hb := make([]byte, hdrLen)
+	require.NoError(tb, h.Encode(hb, hdrLen))
 	ringBytes := (vring.ContiguousLayoutBytes(size) + 4095) &^ 4095
-	r, err := vring.NewMemfdRegion(0, 2*ringBytes+2*4096, nil)
+	data := vring.GuestAddr(2 * ringBytes)
+	rxData := data + vring.GuestAddr((hdrLen+len(frame)+4095)&^4095)
+	r, err := vring.NewMemfdRegion(0, uint64(rxData)+uint64(rxLen), nil)
 	require.NoError(tb, err)
 	mem, err := vring.NewMemory(r)
 	require.NoError(tb, err)
@@ -47,14 +65,10 @@ func newLoop(tb testing.TB, f virtio.Features, frameLen int) *loop {
 	tx.gather = make([]byte, virtio.NetHdrSize+MaxFrame)
 	tx.dq = txd
 	tx.tx = Tx{dev: d, pair: 0}
-	data := vring.GuestAddr(2 * ringBytes)
-	hdrLen := virtio.NetHdrLen(f)
-	f0 := make([]byte, hdrLen+frameLen)
-	copy(f0[hdrLen:], d.cfgMAC[:])
-	require.NoError(tb, mem.Write(data, f0))
+	require.NoError(tb, mem.Write(data, append(hb, frame...)))
 	return &loop{d: d, tx: tx, txq: txq, rxq: rxq,
-		txBufs: []vring.Buffer{{Addr: data, Len: uint32(hdrLen)}, {Addr: data + vring.GuestAddr(hdrLen), Len: uint32(frameLen)}},
-		rxBufs: []vring.Buffer{{Addr: data + 4096, Len: 4096, Writable: true}}}
+		txBufs: []vring.Buffer{{Addr: data, Len: uint32(hdrLen)}, {Addr: data + vring.GuestAddr(hdrLen), Len: uint32(len(frame))}},
+		rxBufs: []vring.Buffer{{Addr: rxData, Len: rxLen, Writable: true}}}
 }
 
 // round moves n frames through the device.

@@ -7,7 +7,6 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/vdpakit/vdpakit/virtio"
-	"github.com/vdpakit/vdpakit/vring"
 )
 
 // tcp4GSO returns a TCPv4 GSO frame with payload bytes of payload and its
@@ -33,40 +32,7 @@ func tcp4GSO(dst [6]byte, payload int, mss uint16) (virtio.NetHdr, []byte) {
 // fixed frame with header h, and receive buffers of rxLen bytes.
 func newOffloadLoop(tb testing.TB, f virtio.Features, h virtio.NetHdr, frame []byte, rxLen uint32) *loop {
 	tb.Helper()
-	const size = 256
-	d, err := New(&Options{MaxQueueSize: size, Offload: true})
-	require.NoError(tb, err)
-	require.NoError(tb, d.SetFeatures(f))
-	ringBytes := (vring.ContiguousLayoutBytes(size) + 4095) &^ 4095
-	data := vring.GuestAddr(2 * ringBytes)
-	rxData := data + 1<<17
-	r, err := vring.NewMemfdRegion(0, uint64(rxData)+uint64(rxLen), nil)
-	require.NoError(tb, err)
-	mem, err := vring.NewMemory(r)
-	require.NoError(tb, err)
-	tb.Cleanup(func() { mem.Close() })
-	rxL := vring.ContiguousLayout(0, size)
-	txL := vring.ContiguousLayout(vring.GuestAddr(ringBytes), size)
-	rxq, err := vring.NewDriverQueue(mem, vring.DriverQueueOptions{Layout: rxL, Features: f})
-	require.NoError(tb, err)
-	txq, err := vring.NewDriverQueue(mem, vring.DriverQueueOptions{Index: 1, Layout: txL, Features: f})
-	require.NoError(tb, err)
-	rxd, err := vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Layout: rxL, Features: f})
-	require.NoError(tb, err)
-	txd, err := vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Index: 1, Layout: txL, Features: f})
-	require.NoError(tb, err)
-	require.NoError(tb, d.StartQueue(0, rxd, nil, nil))
-	tx := d.queues[1]
-	tx.gather = make([]byte, virtio.NetHdrSize+MaxFrame)
-	tx.dq = txd
-	tx.tx = Tx{dev: d, pair: 0}
-	hdrLen := virtio.NetHdrLen(f)
-	hb := make([]byte, hdrLen)
-	require.NoError(tb, h.Encode(hb, hdrLen))
-	require.NoError(tb, mem.Write(data, append(hb, frame...)))
-	return &loop{d: d, tx: tx, txq: txq, rxq: rxq,
-		txBufs: []vring.Buffer{{Addr: data, Len: uint32(hdrLen)}, {Addr: data + vring.GuestAddr(hdrLen), Len: uint32(len(frame))}},
-		rxBufs: []vring.Buffer{{Addr: rxData, Len: rxLen, Writable: true}}}
+	return newLoopFrame(tb, f, true, h, func(*Device) []byte { return frame }, rxLen)
 }
 
 // TestOffloadPathsAllocateNothing: a 64 KiB TSO frame passed through to a
