@@ -159,8 +159,10 @@ func TestQEMUInteropGate(t *testing.T) {
 		{"inside the harness VM it always skips", "1", "1", nil, false, true, "not inside the real-kernel harness"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if testing.Short() && tc.env == "" && !tc.wantSkipped {
-				t.Skip("with -short the gate skips every QEMU test")
+			if testing.Short() && tc.env == "" && tc.vm == "" {
+				// The -short rule comes first, so neither the run nor
+				// the reason named for a missing peer can be seen.
+				t.Skip("with -short the gate skips every QEMU test outside the harness VM when VDPAKIT_QEMU is unset")
 			}
 			t.Setenv(EnvVar, tc.vm)
 			t.Setenv(QEMUEnvVar, tc.env)
