@@ -430,11 +430,15 @@ func (d *Device) txBatch(q *queue) (int, error) {
 		n++
 	}
 	if n > 0 {
+		// Replies first: the receive chains the batch wrote are published
+		// before the transmit chains that caused them are returned, so a
+		// driver that sees a transmit completion finds its reply already
+		// there (the causal order the unbatched device kept).
+		d.flushRx(q.tx.rxPair)
 		if perr := q.dq.PushBatch(used[:n]); perr != nil && err == nil {
 			err = perr
 		}
 		q.signal()
-		d.flushRx(q.tx.rxPair)
 	}
 	return n, err
 }
