@@ -51,8 +51,19 @@ func newNetNS(t testing.TB) *netns {
 	if err != nil {
 		t.Skipf("cannot create a network namespace (ip netns add): %v: %s", err, out)
 	}
-	n := &netns{t: t, name: name, path: "/var/run/netns/" + name}
 	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", name).Run() })
+	// iproute2 keeps the namespace file in its NETNS_RUN_DIR: /var/run/netns
+	// or /run/netns, the same directory where /var/run links to /run (not
+	// so in the real-kernel harness's initramfs).
+	var path string
+	for _, dir := range []string{"/run/netns/", "/var/run/netns/"} {
+		if _, err := os.Stat(dir + name); err == nil {
+			path = dir + name
+			break
+		}
+	}
+	require.NotEmpty(t, path, "ip netns add %s made no file under /run/netns or /var/run/netns", name)
+	n := &netns{t: t, name: name, path: path}
 	n.ip("link", "set", "lo", "up")
 	return n
 }
@@ -62,6 +73,14 @@ func (n *netns) ip(args ...string) {
 	n.t.Helper()
 	out, err := exec.Command("ip", append([]string{"-n", n.name}, args...)...).CombinedOutput()
 	require.NoError(n.t, err, "ip -n %s %s: %s", n.name, strings.Join(args, " "), out)
+}
+
+// mac returns the hardware address of interface ifname in the namespace.
+func (n *netns) mac(ifname string) string {
+	n.t.Helper()
+	o, err := n.exec("cat", "/sys/class/net/"+ifname+"/address")
+	require.NoError(n.t, err, "%s: %s", ifname, o)
+	return strings.TrimSpace(o)
 }
 
 // exec runs a command inside the namespace and returns its output.
