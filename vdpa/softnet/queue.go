@@ -61,7 +61,13 @@ type queue struct {
 	// with one PushBatch (one used.idx store, a full barrier) per
 	// transmit batch, or per frame for a delivery that signals at once.
 	pending []vring.UsedElem
-	tx      Tx
+	// pendFrames and pendBytes (rx) count the frames written into the
+	// pending chains; publishRx adds them to frames and bytes. Counting
+	// with plain adds per frame and one atomic add per run keeps locked
+	// instructions off the per-frame path: the first one after a frame is
+	// written into guest memory waits for all of its stores to drain.
+	pendFrames, pendBytes uint64
+	tx                    Tx
 	// vh (rx) is the header of the frame being written, num_buffers
 	// aside.
 	vh virtio.NetHdr
@@ -187,6 +193,7 @@ func (q *queue) startRx(dq *vring.DeviceQueue, call *vdpa.EventFD, chains int) {
 		q.pending = make([]vring.UsedElem, 0, rxPendingMax)
 	}
 	q.pending = q.pending[:0]
+	q.countPending()
 	q.dq, q.call, q.kick = dq, call, nil
 	q.nstash = 0
 	q.irq = false
@@ -263,6 +270,7 @@ func (q *queue) stop() vring.QueueState {
 		if err := vring.Guard(q.publishRx); err != nil {
 			q.setErr(err)
 			q.pending = q.pending[:0]
+			q.countPending()
 		}
 	}
 	st := q.dq.State()
@@ -574,6 +582,7 @@ func (d *Device) flushRx(pair int) {
 	if len(rx.pending) > 0 {
 		if err := vring.Guard(rx.publishRx); err != nil {
 			rx.pending = rx.pending[:0]
+			rx.countPending()
 			_ = d.ringErr(rx, err)
 			return
 		}
@@ -609,9 +618,23 @@ func (rx *queue) completeRx(c *vring.Chain, written uint32) error {
 // publishRx publishes the pending receive chains with one used.idx
 // store. Called with rx.mu held.
 func (rx *queue) publishRx() error {
+	// Counted before they are visible: a driver that sees a frame finds
+	// it in Stats.
+	rx.countPending()
 	err := rx.dq.PushBatch(rx.pending)
 	rx.pending = rx.pending[:0]
 	return err
+}
+
+// countPending adds the frames written since the last call to the
+// queue's counters (as soon as they are written, they count, whether or
+// not their chains can be published).
+func (rx *queue) countPending() {
+	if rx.pendFrames != 0 {
+		rx.frames.Add(rx.pendFrames)
+		rx.bytes.Add(rx.pendBytes)
+		rx.pendFrames, rx.pendBytes = 0, 0
+	}
 }
 
 // signalGuarded is signal for a receive queue from a transmit worker: a
@@ -748,8 +771,8 @@ func (d *Device) writeFrame(rx *queue, frame []byte, deferIRQ bool) (err error) 
 	if err != nil {
 		return err
 	}
-	rx.frames.Add(1)
-	rx.bytes.Add(uint64(len(frame)))
+	rx.pendFrames++
+	rx.pendBytes += uint64(len(frame))
 	rx.irq = true
 	if !deferIRQ {
 		if err := rx.publishRx(); err != nil {
