@@ -271,6 +271,11 @@ func NewDevice(backing vdpa.Device, opts *Options) (*Device, error) {
 func (d *Device) Close() error {
 	_ = d.begin(context.Background())
 	defer d.end()
+	return d.closeLocked()
+}
+
+// closeLocked is Close's work, with the device's locks held.
+func (d *Device) closeLocked() error {
 	if d.closed {
 		return nil
 	}

@@ -38,9 +38,10 @@ func TestRelayStaleFailureReportDropped(t *testing.T) {
 			assert.NoError(t, d.Err())
 		}},
 		{"close", func(t *testing.T, d *Device) {
-			d.mu.Unlock()
-			require.NoError(t, d.Close())
-			d.mu.Lock()
+			// Close's work without letting go of d.mu: releasing it
+			// here would let the report in before the close, where it
+			// is not stale (and correctly sets NEEDS_RESET).
+			require.NoError(t, d.closeLocked())
 		}, func(t *testing.T, d *Device) {
 			assert.Zero(t, d.Status()&virtio.StatusDeviceNeedsReset)
 			assert.NoError(t, d.Err())
