@@ -143,3 +143,55 @@ func TestMigrationStreamVersion1Compat(t *testing.T) {
 	assert.Equal(t, stateAt(65535, 65530), f.base[1])
 	assert.EqualValues(t, 0x20400, f.addr[1].Avail)
 }
+
+// compatStateV2 is what testdata/compat/state-v2.bin holds: the version 1
+// stream's device with packed rings negotiated.
+func compatStateV2() *State {
+	s := compatStateV1()
+	s.DeviceFeatures = s.DeviceFeatures.With(virtio.FRingPacked)
+	s.DriverFeatures = s.DriverFeatures.With(virtio.FRingPacked)
+	s.Queues = []QueueRecord{
+		{Size: 200, Enabled: true, Vector: 1, Desc: 0x10000, Driver: 0x10c84, Device: 0x18004, NextAvail: 0x8005, NextUsed: 0x8005},
+		{Size: 100, Enabled: true, Vector: 2, Desc: 0x20000, Driver: 0x20800, Device: 0x28000, NextAvail: 3, NextUsed: 0x8061},
+	}
+	return s
+}
+
+// The frozen version 2 stream decodes to the literal packed state, this
+// encoder writes it byte for byte, and a device restored from it programs
+// the backing device with the packed positions (wrap counters included).
+func TestStateVersion2Compat(t *testing.T) {
+	b := readCompat(t, "state-v2.bin")
+	require.Len(t, b, 464)
+	want := compatStateV2()
+	require.EqualValues(t, 1<<34, uint64(virtio.FRingPacked.Bit()), "RING_PACKED is bit 34")
+	got, err := DecodeState(b)
+	require.NoError(t, err)
+	assert.Equal(t, want, got)
+	enc, err := EncodeState(want)
+	require.NoError(t, err)
+	assert.Equal(t, b, enc)
+
+	r, err := vring.NewMemfdRegion(0, 0x100000, nil)
+	require.NoError(t, err)
+	mem, err := vring.NewMemory(r)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = mem.Close() })
+	f := newFakeBacking()
+	d := newTestDevice(t, f, &Options{Memory: mem, Backend: "software"})
+	require.NoError(t, d.SetMigrationState(MigStop))
+	require.NoError(t, d.SetMigrationState(MigResuming))
+	require.NoError(t, d.LoadState(b))
+	require.NoError(t, d.SetMigrationState(MigStop))
+	require.NoError(t, d.SetMigrationState(MigRunning))
+	require.NoError(t, d.Err())
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	assert.Equal(t, want.DriverFeatures, f.accepted)
+	assert.EqualValues(t, 200, f.num[0])
+	assert.EqualValues(t, 100, f.num[1])
+	assert.Equal(t, stateAt(vring.PackedIndex(5, true), vring.PackedIndex(5, true)), f.base[0])
+	assert.Equal(t, stateAt(vring.PackedIndex(3, false), vring.PackedIndex(97, true)), f.base[1])
+	assert.EqualValues(t, 0x20800, f.addr[1].Avail)
+	assert.EqualValues(t, 0x28000, f.addr[1].Used)
+}

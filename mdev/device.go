@@ -13,17 +13,17 @@ import (
 	"github.com/vdpakit/vdpakit/vring"
 )
 
-// Transport feature bits this emulation never offers: it implements split
-// rings only, no notification data, no per-queue reset, and the vhost-only
-// bits are not virtio features at all.
-const unsupportedFeatures = virtio.Features(1)<<virtio.FRingPacked |
-	virtio.Features(1)<<virtio.FNotificationData |
+// Transport feature bits this emulation never offers: no notification data,
+// no per-queue reset, and the vhost-only bits are not virtio features at all.
+// RING_PACKED is offered when the backing device offers it.
+const unsupportedFeatures = virtio.Features(1)<<virtio.FNotificationData |
 	virtio.Features(1)<<virtio.FRingReset |
 	virtio.Features(1)<<virtio.FLogAll |
 	virtio.Features(1)<<virtio.FProtocolFeat |
 	virtio.Features(1)<<virtio.FSRIOV
 
-// maxQueueSize is the largest split-ring size (virtio 1.2 §2.7).
+// maxQueueSize is the largest queue size, split (virtio 1.2 §2.7) or packed
+// (§2.8).
 const maxQueueSize = 32768
 
 // maxQueues bounds the queue count of a device (and of a state stream).
@@ -79,9 +79,11 @@ type queue struct {
 	desc    uint64
 	driver  uint64
 	device  uint64
-	// base is the ring position the backing device starts from: zero after
-	// reset, the read-back position after a suspend, the restored position
-	// after a migration.
+	// base is the ring position the backing device starts from:
+	// vring.InitialState of the negotiated features for a fresh queue
+	// (FEATURES_OK sets it), the read-back position after a suspend, the
+	// restored position after a migration. A packed queue's is in the
+	// vhost encoding (index | wrap counter << 15).
 	base vring.QueueState
 }
 
@@ -844,10 +846,12 @@ func (d *Device) commonWrite(off uint64, size int, v uint64) error {
 	case OffQueueSelect:
 		d.queueSelect = uint16(v)
 	case OffQueueSize:
-		// §4.1.4.3.2: the driver may reduce queue_size to a power of two
-		// before enabling the queue; anything else is ignored.
+		// §4.1.4.3.2: the driver may reduce queue_size before enabling
+		// the queue: to a power of two for split rings (§2.7), to any
+		// size from 1 for packed ones (§2.8); anything else is ignored.
 		n := uint16(v)
-		if q == nil || q.enabled || driverOK || n == 0 || n > d.maxQueue || n&(n-1) != 0 {
+		if q == nil || q.enabled || driverOK || n == 0 || n > d.maxQueue ||
+			!vring.ValidQueueSizeFor(n, d.driverFeatures) {
 			return nil
 		}
 		q.size = n
@@ -981,7 +985,15 @@ func (d *Device) acceptFeatures() bool {
 	// that changed its features meanwhile (another vCPU, against §3.1.1)
 	// does not get FEATURES_OK for features the backing device was not
 	// given.
-	return d.driverFeatures == f && !d.extraAccepted
+	if d.driverFeatures != f || d.extraAccepted {
+		return false
+	}
+	// Fresh queues start at the format's initial position (a packed
+	// ring at index 0 with both wrap counters 1, §2.8.1).
+	for i := range d.queues {
+		d.queues[i].base = vring.InitialState(f)
+	}
+	return true
 }
 
 // negotiateBacking takes the backing device from reset to FEATURES_OK with

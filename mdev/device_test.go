@@ -8,6 +8,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/vdpakit/vdpakit/dirty"
+	"github.com/vdpakit/vdpakit/vdpa"
 	"github.com/vdpakit/vdpakit/virtio"
 	"github.com/vdpakit/vdpakit/vring"
 )
@@ -47,9 +48,15 @@ func TestDeviceFeatureWindows(t *testing.T) {
 	g := driver{t, d}
 	got := g.readFeatures()
 	// The transport features this emulation does not implement are never
-	// offered, whatever the backing device offers.
-	want := f.features &^ virtio.Features(0).With(virtio.FRingPacked, virtio.FLogAll)
+	// offered, whatever the backing device offers; RING_PACKED is, when
+	// the backing device offers it.
+	want := f.features &^ virtio.Features(0).With(virtio.FLogAll)
 	assert.Equal(t, want, got)
+	assert.True(t, got.Has(virtio.FRingPacked))
+	f2 := newFakeBacking()
+	f2.features &^= virtio.FRingPacked.Bit()
+	assert.False(t, newTestDevice(t, f2, nil).OfferedFeatures().Has(virtio.FRingPacked),
+		"RING_PACKED only when the backing device offers it")
 	g.w(OffDeviceFeatureSelect, 4, 2)
 	assert.EqualValues(t, 0, g.r(OffDeviceFeature, 4), "feature window 2 has no bits")
 	assert.EqualValues(t, 2, g.r(OffDeviceFeatureSelect, 4))
@@ -147,7 +154,8 @@ func TestFeaturesOKNegotiation(t *testing.T) {
 		wantFOK bool
 	}{
 		{"3.1.1 subset of offered features accepted", netFeatures, false, false, true},
-		{"3.1.1 feature not offered: FEATURES_OK refused", netFeatures.With(virtio.FRingPacked), false, false, false},
+		{"3.1.1 feature not offered: FEATURES_OK refused", netFeatures.With(virtio.FNotificationData), false, false, false},
+		{"3.1.1 RING_PACKED offered by the backing device accepted", netFeatures.With(virtio.FRingPacked), false, false, true},
 		{"3.1.1 feature bit beyond 63: FEATURES_OK refused", netFeatures, true, false, false},
 		{"6.1 modern device without VERSION_1: FEATURES_OK refused", virtio.Features(0).With(virtio.NetFMAC), false, false, false},
 		{"3.1.1 backing device refuses: FEATURES_OK refused", netFeatures, false, true, false},
@@ -234,6 +242,68 @@ func TestQueueRegisterRules(t *testing.T) {
 	})
 }
 
+// Packed queues (virtio 1.2 §2.8, §4.1.4.3.2): with RING_PACKED negotiated
+// queue_size takes any size from 1 to the maximum.
+func TestPackedQueueSizeRules(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		features virtio.Features
+		size     uint64
+		want     uint64
+	}{
+		{"2.7 split: non-power-of-two ignored", netFeatures, 100, 256},
+		{"2.8 packed: non-power-of-two accepted", netFeatures.With(virtio.FRingPacked), 100, 100},
+		{"2.8 packed: size 1 accepted", netFeatures.With(virtio.FRingPacked), 1, 1},
+		{"2.8 packed: zero ignored", netFeatures.With(virtio.FRingPacked), 0, 256},
+		{"2.8 packed: larger than maximum ignored", netFeatures.With(virtio.FRingPacked), 257, 256},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := newTestDevice(t, newFakeBacking(), nil)
+			g := driver{t, d}
+			g.setStatus(sAck | sDrv)
+			g.writeFeatures(tc.features)
+			g.setStatus(sAck | sDrv | sFOK)
+			require.NotZero(t, g.status()&sFOK)
+			g.w(OffQueueSelect, 2, 0)
+			g.w(OffQueueSize, 2, tc.size)
+			assert.Equal(t, tc.want, g.r(OffQueueSize, 2))
+		})
+	}
+}
+
+// With RING_PACKED, queue_desc is the descriptor ring and queue_driver and
+// queue_device the driver and device event suppression areas (§2.8.10,
+// 4-aligned, 4 bytes): the backing device gets them as the ring addresses,
+// a fresh packed queue at vring.InitialState (index 0, wrap counters 1).
+func TestDriverOKProgramsBackingPacked(t *testing.T) {
+	f := newFakeBacking()
+	d := newTestDevice(t, f, nil)
+	g := driver{t, d}
+	feat := netFeatures.With(virtio.FRingPacked)
+	g.setStatus(sAck | sDrv)
+	g.writeFeatures(feat)
+	g.setStatus(sAck | sDrv | sFOK)
+	for q := 0; q < 2; q++ {
+		base := uint64(0x10000 * (q + 1))
+		g.w(OffQueueSelect, 2, uint64(q))
+		g.w(OffQueueSize, 2, 100)
+		g.w(OffQueueMSIXVector, 2, uint64(q+1))
+		g.w(OffQueueDesc, 8, base)
+		g.w(OffQueueDriver, 8, base+0x1004) // 4-aligned: enough for an event area
+		g.w(OffQueueDevice, 8, base+0x2008)
+		g.w(OffQueueEnable, 2, 1)
+	}
+	g.setStatus(sAck | sDrv | sFOK | sDOK)
+	require.Equal(t, sAck|sDrv|sFOK|sDOK, g.status(), "err: %v", d.Err())
+	assert.Equal(t, feat, f.accepted)
+	for q := 0; q < 2; q++ {
+		base := vring.GuestAddr(0x10000 * (q + 1))
+		assert.EqualValues(t, 100, f.num[q])
+		assert.Equal(t, vdpa.QueueAddr{Desc: base, Avail: base + 0x1004, Used: base + 0x2008}, f.addr[q])
+		assert.Equal(t, vring.QueueState{NextAvail: 0x8000, NextUsed: 0x8000}, f.base[q], "§2.8.1: wrap counters start at 1")
+	}
+}
+
 func TestDriverOKProgramsBacking(t *testing.T) {
 	f := newFakeBacking()
 	d := newTestDevice(t, f, nil)
@@ -296,17 +366,22 @@ func TestInvalidQueueLayoutSetsNeedsReset(t *testing.T) {
 		name string
 		off  uint64
 		v    uint64
+		feat virtio.Features
 	}{
-		{"2.7 descriptor table 16-byte aligned", OffQueueDesc, 0x10008},
-		{"2.7 used ring 4-byte aligned", OffQueueDevice, 0x18002},
-		{"ring outside guest memory", OffQueueDriver, 1 << 40},
+		{"2.7 descriptor table 16-byte aligned", OffQueueDesc, 0x10008, netFeatures},
+		{"2.7 used ring 4-byte aligned", OffQueueDevice, 0x18002, netFeatures},
+		{"ring outside guest memory", OffQueueDriver, 1 << 40, netFeatures},
+		{"2.8.10.1 packed descriptor ring 16-byte aligned", OffQueueDesc, 0x10008, netFeatures.With(virtio.FRingPacked)},
+		{"2.8.10.1 packed driver event area 4-byte aligned", OffQueueDriver, 0x10802, netFeatures.With(virtio.FRingPacked)},
+		{"2.8.10.1 packed device event area 4-byte aligned", OffQueueDevice, 0x18002, netFeatures.With(virtio.FRingPacked)},
+		{"packed ring outside guest memory", OffQueueDevice, 1 << 40, netFeatures.With(virtio.FRingPacked)},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			f := newFakeBacking()
 			d := newTestDevice(t, f, nil)
 			g := driver{t, d}
 			g.setStatus(sAck | sDrv)
-			g.writeFeatures(netFeatures)
+			g.writeFeatures(tc.feat)
 			g.setStatus(sAck | sDrv | sFOK)
 			g.w(OffMSIXConfig, 2, 0)
 			g.w(OffQueueSelect, 2, 0)

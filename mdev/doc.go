@@ -70,9 +70,24 @@
 // StartDirtyTrackingContext, WriteContext, ...) whose ctx bounds the wait
 // for an operation in progress.
 //
-// Limits: split virtqueues only (no RING_PACKED, NOTIFICATION_DATA,
-// RING_RESET); legacy and transitional interfaces are not emulated; the
-// relay needs a backing device that can reach a memory region placed above
+// # Packed virtqueues
+//
+// When the backing device offers VIRTIO_F_RING_PACKED the device offers it
+// too. With it negotiated, queue_size takes any size from 1 to the maximum
+// (virtio 1.2 §2.8; split rings keep the power-of-two rule), queue_desc is
+// the descriptor ring (16-aligned), queue_driver the driver event
+// suppression area and queue_device the device event suppression area
+// (4-aligned, 4 bytes each), and a fresh queue starts at vring.InitialState
+// (index 0, wrap counters 1). Ring positions — read back on suspend, handed
+// to the backing device, carried in the state stream (version 2) — are
+// packed positions in the vhost encoding: ring index in bits 0..14, wrap
+// counter in bit 15. Dirty tracking of a packed guest needs a backing
+// device that logs its own writes (DirtyDeviceLog): the shadow relay
+// forwards split guest rings only and refuses a packed one with
+// ErrRelayPacked.
+//
+// Limits: no NOTIFICATION_DATA or RING_RESET; legacy and transitional
+// interfaces are not emulated; the relay needs a backing device that can reach a memory region placed above
 // guest memory and that completes the chains it consumed before Suspend
 // returns (or before GET_VRING_BASE), which vhost-net, vdpa_sim and the
 // software device do — a device that cannot is reported with ErrInFlight

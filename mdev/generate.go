@@ -1,7 +1,8 @@
 package mdev
 
-// testdata/compat holds frozen byte streams of the current device-state
-// (StateVersion) and migration-stream (protocol version 1) formats, written
+// testdata/compat holds frozen byte streams of every device-state version
+// (state-v1.bin, state-v2.bin) and the migration-stream format (protocol
+// version 1), written
 // once by internal/genstreams, which encodes them by hand from the format
 // descriptions, independently of this package. The compatibility tests
 // decode them and check every field, so a change that breaks either format

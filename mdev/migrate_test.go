@@ -219,23 +219,39 @@ func (m *migration) finish() {
 	require.NoError(m.t, m.dg.Verify())
 }
 
+// ringFormats are the guest ring formats the traffic and migration tests run
+// on: split rings (mdevtest's defaults) and packed rings of a size that is
+// not a power of two.
+var ringFormats = []struct {
+	name  string
+	guest *mdevtest.Options
+}{
+	{"split", nil},
+	{"packed", &mdevtest.Options{QueueSize: 200, Features: virtio.FRingPacked.Bit()}},
+}
+
 func TestMigrateUnderTraffic(t *testing.T) {
-	for _, mode := range []mdev.DirtyMode{mdev.DirtyDeviceLog, mdev.DirtyRelay} {
-		for seed := uint64(1); seed <= 3; seed++ {
-			t.Run(fmt.Sprintf("%s/seed%d", mode, seed), func(t *testing.T) {
-				migrateOnce(t, mode, seed)
-			})
+	for _, rf := range ringFormats {
+		for _, mode := range []mdev.DirtyMode{mdev.DirtyDeviceLog, mdev.DirtyRelay} {
+			if mode == mdev.DirtyRelay && rf.guest != nil {
+				continue // the relay refuses packed guests: TestRelayRefusesPackedGuest
+			}
+			for seed := uint64(1); seed <= 3; seed++ {
+				t.Run(fmt.Sprintf("%s/%s/seed%d", rf.name, mode, seed), func(t *testing.T) {
+					migrateOnce(t, mode, seed, rf.guest)
+				})
+			}
 		}
 	}
 }
 
-func migrateOnce(t *testing.T, mode mdev.DirtyMode, seed uint64) {
+func migrateOnce(t *testing.T, mode mdev.DirtyMode, seed uint64, guest *mdevtest.Options) {
 	rng := rand.New(rand.NewPCG(seed, 77))
 	const frames = 20000
 	src := newSide(t, testGuestMem, mode)
 	dst := newSide(t, testGuestMem, mode)
 	rate := float64(1000 + rng.IntN(20000)) // pages per second
-	m := startMigration(t, src, dst, migrationOptions{size: testGuestMem, frames: frames,
+	m := startMigration(t, src, dst, migrationOptions{size: testGuestMem, frames: frames, guest: guest,
 		rate: rate, seed: seed, dstSeed: seed + 100})
 	// Random switch point: migrate after a random amount of traffic.
 	at := uint64(rng.IntN(frames / 2))
@@ -250,6 +266,8 @@ func migrateOnce(t *testing.T, mode mdev.DirtyMode, seed uint64) {
 	sent, received, _, _ := m.dg.Stats()
 	assert.EqualValues(t, frames, sent)
 	assert.EqualValues(t, frames, received)
+	packed := guest != nil && guest.Features.Has(virtio.FRingPacked)
+	assert.Equal(t, packed, dst.dev.DriverFeatures().Has(virtio.FRingPacked), "ring format on the destination")
 	t.Logf("%s: switch at frame %d, dirty rate %.0f pages/s, %d rounds, downtime %v, final %d pages",
 		mode, at, rate, len(rep.Rounds), rep.Downtime, rep.Final.Pages)
 }
@@ -333,6 +351,44 @@ func TestRelayHostileGuestNeedsReset(t *testing.T) {
 	// Reset recovers the device.
 	require.NoError(t, s.dev.Write(mdev.RegionCommon, mdev.OffDeviceStatus, 1, 0))
 	assert.EqualValues(t, 0, s.dev.Status())
+}
+
+// The shadow relay forwards split guest rings only: asked for a packed
+// guest it refuses with ErrRelayPacked (also ErrNotSupported) and leaves
+// the device running as it was; a packed guest that comes up while relay
+// tracking is on gets NEEDS_RESET with the same error.
+func TestRelayRefusesPackedGuest(t *testing.T) {
+	packed := &mdevtest.Options{QueueSize: 200, MaxFrames: 2000, Features: virtio.FRingPacked.Bit()}
+	t.Run("tracking started on a packed guest", func(t *testing.T) {
+		s := newSide(t, testGuestMem, mdev.DirtyRelay)
+		g, err := mdevtest.Boot(s.dev, s.mem, 2000, packed)
+		require.NoError(t, err)
+		log, err := dirty.New(testGuestMem, nil)
+		require.NoError(t, err)
+		closeLogAfter(t, log, s)
+		_, err = s.dev.StartDirtyTracking(log)
+		require.ErrorIs(t, err, mdev.ErrRelayPacked)
+		require.ErrorIs(t, err, mdev.ErrNotSupported)
+		assert.Equal(t, mdev.DirtyAuto, s.dev.DirtyTracking())
+		for i := 0; !g.Done() && i < 1_000_000; i++ {
+			g.Step()
+		}
+		require.NoError(t, g.Verify())
+		assert.Zero(t, s.dev.Status()&virtio.StatusDeviceNeedsReset)
+	})
+	t.Run("packed guest boots under relay tracking", func(t *testing.T) {
+		s := newSide(t, testGuestMem, mdev.DirtyRelay)
+		log, err := dirty.New(testGuestMem, nil)
+		require.NoError(t, err)
+		closeLogAfter(t, log, s)
+		mode, err := s.dev.StartDirtyTracking(log)
+		require.NoError(t, err)
+		require.Equal(t, mdev.DirtyRelay, mode)
+		_, err = mdevtest.Boot(s.dev, s.mem, 10, packed)
+		require.ErrorIs(t, err, mdevtest.ErrDevice)
+		assert.NotZero(t, s.dev.Status()&virtio.StatusDeviceNeedsReset)
+		assert.ErrorIs(t, s.dev.Err(), mdev.ErrRelayPacked)
+	})
 }
 
 // A destination that cannot take the device (another MAC address) refuses

@@ -10,42 +10,51 @@ import (
 )
 
 // ErrQueueLayout: a queue the driver enabled has a size or ring address the
-// spec forbids (§2.7: power-of-two size, 16/2/4 alignment) or that lies
-// outside guest memory. The device sets DEVICE_NEEDS_RESET.
+// spec forbids (§2.7 split rings: power-of-two size, 16/2/4 alignment;
+// §2.8 packed rings: size 1..32768, 16/4/4 alignment) or that lies outside
+// guest memory. The device sets DEVICE_NEEDS_RESET.
 var ErrQueueLayout = errors.New("mdev: invalid queue layout")
 
 // ErrNoMemory: the device went live without Options.Memory.
 var ErrNoMemory = errors.New("mdev: no guest memory")
 
-// splitSizes returns the byte sizes of a split ring's three areas
-// (§2.7: descriptor table 16*n; available ring 6+2*n; used ring 6+8*n, each
-// including the event-index field).
-func splitSizes(n uint16) (desc, avail, used uint64) {
-	return 16 * uint64(n), 6 + 2*uint64(n), 6 + 8*uint64(n)
+// ringAreas returns the byte sizes and alignments of a queue's three areas
+// (queue_desc, queue_driver, queue_device) for the features f. Split rings
+// (§2.7): descriptor table 16*n, available ring 6+2*n, used ring 6+8*n (each
+// with its event-index field), aligned 16/2/4. Packed rings (§2.8.10.1):
+// descriptor ring 16*n, driver and device event suppression structures of 4
+// bytes each, aligned 16/4/4.
+func ringAreas(n uint16, f virtio.Features) (size, align [3]uint64) {
+	if f.Has(virtio.FRingPacked) {
+		ds, drv, dev := vring.PackedSizes(n)
+		return [3]uint64{ds, drv, dev}, [3]uint64{vring.PackedDescAlign, vring.PackedEventAlign, vring.PackedEventAlign}
+	}
+	ds, as, us := vring.SplitSizes(n)
+	return [3]uint64{ds, as, us}, [3]uint64{16, 2, 4}
 }
 
 // validateQueue checks an enabled queue's layout against the spec and guest
 // memory.
 func (d *Device) validateQueue(i int) error {
 	q := &d.queues[i]
-	if q.size == 0 || q.size&(q.size-1) != 0 || q.size > d.maxQueue {
+	f := d.driverFeatures
+	if q.size == 0 || q.size > d.maxQueue || !vring.ValidQueueSizeFor(q.size, f) {
 		return fmt.Errorf("%w: queue %d size %d", ErrQueueLayout, i, q.size)
 	}
-	ds, as, us := splitSizes(q.size)
-	for _, a := range []struct {
-		name  string
-		addr  uint64
-		align uint64
-		size  uint64
-	}{{"desc", q.desc, 16, ds}, {"driver", q.driver, 2, as}, {"device", q.device, 4, us}} {
-		if a.addr%a.align != 0 {
-			return fmt.Errorf("%w: queue %d %s area %#x not %d-aligned", ErrQueueLayout, i, a.name, a.addr, a.align)
+	sizes, aligns := ringAreas(q.size, f)
+	for j, a := range []struct {
+		name string
+		addr uint64
+	}{{"desc", q.desc}, {"driver", q.driver}, {"device", q.device}} {
+		align, size := aligns[j], sizes[j]
+		if a.addr%align != 0 {
+			return fmt.Errorf("%w: queue %d %s area %#x not %d-aligned", ErrQueueLayout, i, a.name, a.addr, align)
 		}
-		if a.addr+a.size < a.addr {
+		if a.addr+size < a.addr {
 			return fmt.Errorf("%w: queue %d %s area %#x overflows", ErrQueueLayout, i, a.name, a.addr)
 		}
-		if _, err := d.opts.Memory.Slice(vring.GuestAddr(a.addr), a.size); err != nil {
-			return fmt.Errorf("%w: queue %d %s area %#x+%d: %w", ErrQueueLayout, i, a.name, a.addr, a.size, err)
+		if _, err := d.opts.Memory.Slice(vring.GuestAddr(a.addr), size); err != nil {
+			return fmt.Errorf("%w: queue %d %s area %#x+%d: %w", ErrQueueLayout, i, a.name, a.addr, size, err)
 		}
 	}
 	return nil

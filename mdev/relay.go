@@ -95,6 +95,10 @@ func (r *relay) program(d *Device) error {
 	if r.run != nil {
 		r.teardown(d)
 	}
+	// A guest that negotiated packed rings after tracking started.
+	if d.driverFeatures.Has(virtio.FRingPacked) {
+		return ErrRelayPacked
+	}
 	guest := d.opts.Memory
 	var top uint64
 	for _, g := range guest.Regions() {

@@ -8,6 +8,7 @@ import (
 	"io"
 
 	"github.com/vdpakit/vdpakit/virtio"
+	"github.com/vdpakit/vdpakit/vring"
 )
 
 // Device state stream errors. Every decoding failure wraps exactly one of
@@ -38,8 +39,18 @@ func stateErr(err error, format string, args ...any) error {
 
 // Stream format constants.
 const (
-	// StateVersion is the version this package writes and reads.
-	StateVersion = 1
+	// StateVersion is the newest version this package writes and reads.
+	// Version 2 has version 1's layout and adds packed virtqueues: with
+	// VIRTIO_F_RING_PACKED in the driver features, a queue's size is any
+	// value from 1 (§2.8) and NextAvail/NextUsed are packed positions in
+	// the vhost encoding (ring index in bits 0..14, wrap counter in bit
+	// 15; vring.PackedIndex). EncodeState writes the oldest version that
+	// describes the state — version 1 for split rings, which releases that
+	// know only version 1 read — and DecodeState reads both; a version 1
+	// stream with RING_PACKED is rejected.
+	StateVersion = 2
+	// stateVersionSplit is the first version, split rings only.
+	stateVersionSplit = 1
 	// MaxStateSize bounds the payload of a state stream.
 	MaxStateSize   = 1 << 20
 	stateMagic     = "VDPAKMDV"
@@ -91,8 +102,9 @@ type State struct {
 //	magic "VDPAKMDV" | version u16 | reserved u16 | payload length u32 |
 //	payload | CRC32C(u32) of everything before it
 //
-// all little-endian. It validates s first, so a stream it writes always
-// decodes.
+// all little-endian; version is 1 for split rings and 2 when the driver
+// negotiated RING_PACKED (see StateVersion). It validates s first, so a
+// stream it writes always decodes.
 func EncodeState(s *State) ([]byte, error) {
 	if err := s.Validate(); err != nil {
 		return nil, err
@@ -104,12 +116,20 @@ func EncodeState(s *State) ([]byte, error) {
 	}
 	out := make([]byte, 0, stateHeaderLen+len(p)+stateTrailer)
 	out = append(out, stateMagic...)
-	out = le.AppendUint16(out, StateVersion)
+	out = le.AppendUint16(out, s.streamVersion())
 	out = le.AppendUint16(out, 0)
 	out = le.AppendUint32(out, uint32(len(p)))
 	out = append(out, p...)
 	out = le.AppendUint32(out, crc32.Checksum(out, castagnoli))
 	return out, nil
+}
+
+// streamVersion is the oldest stream version that describes s.
+func (s *State) streamVersion() uint16 {
+	if s.DriverFeatures.Has(virtio.FRingPacked) {
+		return StateVersion
+	}
+	return stateVersionSplit
 }
 
 // encodePayload lays out s's fields (s must be valid).
@@ -157,7 +177,7 @@ func ReadState(r io.Reader) (*State, error) {
 	if _, err := io.ReadFull(r, hdr); err != nil {
 		return nil, stateErr(ErrStateTruncated, "header: %v", err)
 	}
-	n, err := checkHeader(hdr)
+	n, _, err := checkHeader(hdr)
 	if err != nil {
 		return nil, err
 	}
@@ -169,22 +189,25 @@ func ReadState(r io.Reader) (*State, error) {
 	return DecodeState(buf)
 }
 
-func checkHeader(b []byte) (int, error) {
+// checkHeader validates a stream header and returns the payload length and
+// the stream version.
+func checkHeader(b []byte) (int, uint16, error) {
 	if string(b[:8]) != stateMagic {
-		return 0, stateErr(ErrStateCorrupt, "magic %q", b[:8])
+		return 0, 0, stateErr(ErrStateCorrupt, "magic %q", b[:8])
 	}
 	le := binary.LittleEndian
-	if v := le.Uint16(b[8:]); v != StateVersion {
-		return 0, stateErr(ErrStateVersion, "version %d (want %d)", v, StateVersion)
+	v := le.Uint16(b[8:])
+	if v < stateVersionSplit || v > StateVersion {
+		return 0, 0, stateErr(ErrStateVersion, "version %d (want %d..%d)", v, stateVersionSplit, StateVersion)
 	}
 	if r := le.Uint16(b[10:]); r != 0 {
-		return 0, stateErr(ErrStateCorrupt, "reserved header field %#x", r)
+		return 0, 0, stateErr(ErrStateCorrupt, "reserved header field %#x", r)
 	}
 	n := le.Uint32(b[12:])
 	if n > MaxStateSize {
-		return 0, stateErr(ErrStateTooLarge, "payload %d bytes > %d", n, MaxStateSize)
+		return 0, 0, stateErr(ErrStateTooLarge, "payload %d bytes > %d", n, MaxStateSize)
 	}
-	return int(n), nil
+	return int(n), v, nil
 }
 
 // DecodeState parses and validates a whole stream. Any defect — truncation,
@@ -195,7 +218,7 @@ func DecodeState(b []byte) (*State, error) {
 	if len(b) < stateHeaderLen {
 		return nil, stateErr(ErrStateTruncated, "header: %d of %d bytes", len(b), stateHeaderLen)
 	}
-	n, err := checkHeader(b[:stateHeaderLen])
+	n, version, err := checkHeader(b[:stateHeaderLen])
 	if err != nil {
 		return nil, err
 	}
@@ -264,6 +287,9 @@ func DecodeState(b []byte) (*State, error) {
 	if err := s.Validate(); err != nil {
 		return nil, err
 	}
+	if version < s.streamVersion() {
+		return nil, stateErr(ErrStateInvalid, "version %d stream with RING_PACKED (needs version %d)", version, s.streamVersion())
+	}
 	return s, nil
 }
 
@@ -313,22 +339,32 @@ func (s *State) Validate() error {
 	if s.ISR&^(ISRQueue|ISRConfig) != 0 {
 		return stateErr(ErrStateInvalid, "isr %#x", s.ISR)
 	}
+	packed := s.DriverFeatures.Has(virtio.FRingPacked)
 	for i, q := range s.Queues {
-		if q.Size > maxQueueSize || q.Size&(q.Size-1) != 0 || (q.Enabled && q.Size == 0) {
+		// §2.7: a split ring's size is a power of two; §2.8: a packed
+		// ring's any size from 1. A disabled queue may hold size 0.
+		if q.Size > maxQueueSize || (q.Size != 0 && !vring.ValidQueueSizeFor(q.Size, s.DriverFeatures)) ||
+			(q.Enabled && q.Size == 0) {
 			return stateErr(ErrStateInvalid, "queue %d size %d", i, q.Size)
 		}
 		if !q.Enabled {
 			continue
 		}
-		if q.Desc%16 != 0 || q.Driver%2 != 0 || q.Device%4 != 0 {
+		sizes, aligns := ringAreas(q.Size, s.DriverFeatures)
+		if q.Desc%aligns[0] != 0 || q.Driver%aligns[1] != 0 || q.Device%aligns[2] != 0 {
 			return stateErr(ErrStateInvalid, "queue %d ring addresses misaligned", i)
 		}
-		ds, as, us := splitSizes(q.Size)
-		if q.Desc+ds < q.Desc || q.Driver+as < q.Driver || q.Device+us < q.Device {
+		if q.Desc+sizes[0] < q.Desc || q.Driver+sizes[1] < q.Driver || q.Device+sizes[2] < q.Device {
 			return stateErr(ErrStateInvalid, "queue %d ring addresses overflow", i)
 		}
 		// The device cannot have used more than it took.
-		if uint16(q.NextAvail-q.NextUsed) > q.Size {
+		if packed {
+			st := vring.QueueState{NextAvail: q.NextAvail, NextUsed: q.NextUsed}
+			if _, ok := st.PackedInFlight(q.Size); !ok {
+				return stateErr(ErrStateInvalid, "queue %d packed next avail %#x, next used %#x: not positions of a ring of %d",
+					i, q.NextAvail, q.NextUsed, q.Size)
+			}
+		} else if uint16(q.NextAvail-q.NextUsed) > q.Size {
 			return stateErr(ErrStateInvalid, "queue %d next avail %d, next used %d: more than %d in flight",
 				i, q.NextAvail, q.NextUsed, q.Size)
 		}

@@ -10,6 +10,14 @@
 // and counts, in a byte per frame number in guest memory, how many times
 // each came back on receiveq0 (the software device loops frames back), so
 // Verify can check that every frame sent was received exactly once.
+//
+// With VIRTIO_F_RING_PACKED in Options.Features (and offered by the device)
+// the driver runs both queues as packed virtqueues (virtio 1.2 §2.8) of any
+// size: its ring positions, kept in guest memory like the split ones, are
+// packed positions (index | wrap counter << 15, vring.PackedIndex). It
+// expects transmitted chains back in the order it made them available, as
+// the software device returns them; a transmit completion out of that order
+// is counted as corrupt.
 package mdevtest
 
 import (
@@ -67,6 +75,16 @@ const (
 	offLimit    = 0x30
 	offQSize    = 0x38
 	offMaxFr    = 0x40
+	offPacked   = 0x48 // 1: the queues are packed virtqueues
+)
+
+// Packed descriptor flags (virtio 1.2 §2.8.1): a descriptor is available
+// when its AVAIL bit equals the driver's wrap counter and its USED bit
+// does not; used when both equal the used wrap counter.
+const (
+	pdescWrite = 1 << 1
+	pdescAvail = 1 << 7
+	pdescUsed  = 1 << 15
 )
 
 // Options configure a Guest.
@@ -78,19 +96,22 @@ type Options struct {
 	MaxFrames uint64
 	// Features are accepted in addition to VERSION_1 when the device
 	// offers them (vdpa_sim needs VIRTIO_F_ACCESS_PLATFORM, for example).
+	// With VIRTIO_F_RING_PACKED accepted the queues are packed, and
+	// QueueSize need not be a power of two.
 	Features virtio.Features
 }
 
 // Guest is the driver. Step and Run must not be called concurrently.
 type Guest struct {
-	dev  *mdev.Device
-	mem  *vring.Memory
-	ram  []byte
-	q    uint16
-	maxF uint64
-	rx   vring.Layout
-	tx   vring.Layout
-	log  atomic.Pointer[dirty.Bitmap]
+	dev    *mdev.Device
+	mem    *vring.Memory
+	ram    []byte
+	q      uint16
+	maxF   uint64
+	packed bool
+	rx     vring.Layout
+	tx     vring.Layout
+	log    atomic.Pointer[dirty.Bitmap]
 
 	rxAvail, rxUsed, txAvail, txUsed *uint32
 	frame                            []byte
@@ -119,21 +140,27 @@ func withDefaults(opts *Options) Options {
 
 func (g *Guest) countsAddr() uint64 { return bufAddr + 2*uint64(g.q)*bufSize }
 
-func setup(dev *mdev.Device, mem *vring.Memory, o Options) (*Guest, error) {
+// setup places the driver's rings; f are the features it will run with
+// (only RING_PACKED matters here).
+func setup(dev *mdev.Device, mem *vring.Memory, o Options, f virtio.Features) (*Guest, error) {
 	rs := mem.Regions()
 	if len(rs) == 0 || rs[0].Base() != 0 {
 		return nil, fmt.Errorf("%w: need a region at guest address 0", ErrLayout)
 	}
-	if o.QueueSize > 4096 || o.QueueSize&(o.QueueSize-1) != 0 {
+	// Each ring must fit below the next one.
+	if !vring.ValidQueueSizeFor(o.QueueSize, f) || vring.LayoutBytesFor(o.QueueSize, f) > txRingAddr-rxRingAddr {
 		return nil, fmt.Errorf("%w: queue size %d", ErrLayout, o.QueueSize)
 	}
 	g := &Guest{dev: dev, mem: mem, ram: rs[0].Bytes(), q: o.QueueSize, maxF: o.MaxFrames,
-		frame: make([]byte, bufSize)}
+		packed: f.Has(virtio.FRingPacked), frame: make([]byte, bufSize)}
 	if uint64(len(g.ram)) < Layout(&o) {
 		return nil, fmt.Errorf("%w: %d bytes, need at least %d", ErrLayout, len(g.ram), Layout(&o))
 	}
-	g.rx = vring.ContiguousLayout(rxRingAddr, g.q)
-	g.tx = vring.ContiguousLayout(txRingAddr, g.q)
+	g.rx = vring.LayoutFor(rxRingAddr, g.q, f)
+	g.tx = vring.LayoutFor(txRingAddr, g.q, f)
+	if g.packed {
+		return g, nil // the packed driver publishes through each descriptor's id|flags word
+	}
 	var err error
 	for _, w := range []struct {
 		p    **uint32
@@ -151,7 +178,8 @@ func setup(dev *mdev.Device, mem *vring.Memory, o Options) (*Guest, error) {
 // the number of frames to send (0: MaxFrames).
 func Boot(dev *mdev.Device, mem *vring.Memory, limit uint64, opts *Options) (*Guest, error) {
 	o := withDefaults(opts)
-	g, err := setup(dev, mem, o)
+	feat := virtio.FVersion1.Bit() | o.Features&dev.OfferedFeatures()
+	g, err := setup(dev, mem, o, feat)
 	if err != nil {
 		return nil, err
 	}
@@ -164,7 +192,11 @@ func Boot(dev *mdev.Device, mem *vring.Memory, limit uint64, opts *Options) (*Gu
 	le.PutUint64(g.ram[offLimit:], limit)
 	le.PutUint64(g.ram[offQSize:], uint64(g.q))
 	le.PutUint64(g.ram[offMaxFr:], g.maxF)
-	for i := uint16(0); i < g.q; i++ {
+	if g.packed {
+		le.PutUint64(g.ram[offPacked:], 1)
+		g.bootPacked()
+	}
+	for i := uint16(0); i < g.q && !g.packed; i++ {
 		rd := g.ram[int(g.rx.Desc)+16*int(i):]
 		le.PutUint64(rd, bufAddr+uint64(i)*bufSize)
 		le.PutUint32(rd[8:], bufSize)
@@ -173,12 +205,13 @@ func Boot(dev *mdev.Device, mem *vring.Memory, limit uint64, opts *Options) (*Gu
 		td := g.ram[int(g.tx.Desc)+16*int(i):]
 		le.PutUint64(td, bufAddr+uint64(g.q+i)*bufSize)
 	}
-	g.setU16(offRxAvail, g.q)
-	store32(g.rxAvail, uint32(g.q)<<16)
+	if !g.packed {
+		g.setU16(offRxAvail, g.q)
+		store32(g.rxAvail, uint32(g.q)<<16)
+	}
 
 	w := func(off uint64, size int, v uint64) error { return dev.Write(mdev.RegionCommon, off, size, v) }
 	st := func(s virtio.Status) error { return w(mdev.OffDeviceStatus, 1, uint64(s)) }
-	feat := virtio.FVersion1.Bit() | o.Features&dev.OfferedFeatures()
 	steps := []error{
 		st(0),
 		st(virtio.StatusAcknowledge),
@@ -230,7 +263,11 @@ func Attach(dev *mdev.Device, mem *vring.Memory) (*Guest, error) {
 		return nil, ErrNotBooted
 	}
 	o := Options{QueueSize: uint16(le.Uint64(ram[offQSize:])), MaxFrames: le.Uint64(ram[offMaxFr:])}
-	return setup(dev, mem, o)
+	var f virtio.Features
+	if le.Uint64(ram[offPacked:]) == 1 {
+		f = f.With(virtio.FRingPacked)
+	}
+	return setup(dev, mem, o, f)
 }
 
 // SetLog makes the driver mark everything it writes in log (nil: stop).
@@ -273,6 +310,9 @@ func (g *Guest) Done() bool {
 // than QueueSize frames are on their way. It reports whether anything
 // happened.
 func (g *Guest) Step() bool {
+	if g.packed {
+		return g.stepPacked()
+	}
 	progress := false
 	le := binary.LittleEndian
 	// Transmit completions: the chains are reused in ring order.
@@ -346,6 +386,165 @@ func (g *Guest) Step() bool {
 		g.setU64(offSent, sent)
 		store32(g.txAvail, uint32(txAvail)<<16)
 		g.mark(uint64(g.tx.Avail), 4)
+		g.kick(txQ)
+		progress = true
+	}
+	return progress
+}
+
+// bootPacked fills receiveq0 with every buffer (ids 0..q-1 in ring order,
+// so the avail position wraps to index 0 with wrap counter 0) and sets
+// both queues' positions; the rings were cleared. The device is not
+// running yet, so the order of the stores does not matter here.
+func (g *Guest) bootPacked() {
+	for i := uint16(0); i < g.q; i++ {
+		g.postPacked(g.rx, i, i, bufAddr+uint64(i)*bufSize, bufSize, pdescWrite, true)
+	}
+	g.setU16(offRxAvail, vring.PackedIndex(0, false))
+	g.setU16(offRxUsed, vring.PackedIndex(0, true))
+	g.setU16(offTxAvail, vring.PackedIndex(0, true))
+	g.setU16(offTxUsed, vring.PackedIndex(0, true))
+}
+
+// postPacked makes buffer id (one descriptor: addr, n bytes, flags) available
+// at ring index idx of ring l for avail wrap counter wrap. The descriptor's
+// addr and len are written first and its id|flags word last, with one atomic
+// store: that store publishes the descriptor (§2.8.21.1), and the device's
+// atomic load of the same word orders its reads of addr and len after it.
+func (g *Guest) postPacked(l vring.Layout, idx, id uint16, addr uint64, n uint32, flags uint16, wrap bool) {
+	if wrap {
+		flags |= pdescAvail
+	} else {
+		flags |= pdescUsed
+	}
+	d := int(l.Desc) + 16*int(idx)
+	le := binary.LittleEndian
+	le.PutUint64(g.ram[d:], addr)
+	le.PutUint32(g.ram[d+8:], n)
+	w, err := word32(g.ram, d+12)
+	if err != nil {
+		panic(err) // the ring is 16-aligned in a page-aligned mapping (setup)
+	}
+	store32(w, uint32(id)|uint32(flags)<<16)
+	g.mark(uint64(d), 16)
+}
+
+// usedPacked reports whether ring index idx of l holds a used descriptor
+// for used wrap counter wrap, with its buffer id and written length. The
+// atomic load of the id|flags word orders the read of len after it.
+func (g *Guest) usedPacked(l vring.Layout, idx uint16, wrap bool) (id uint16, n uint32, ok bool) {
+	d := int(l.Desc) + 16*int(idx)
+	w, err := word32(g.ram, d+12)
+	if err != nil {
+		panic(err)
+	}
+	v := load32(w)
+	flags := uint16(v >> 16)
+	if (flags&pdescAvail != 0) != wrap || (flags&pdescUsed != 0) != wrap {
+		return 0, 0, false
+	}
+	return uint16(v), binary.LittleEndian.Uint32(g.ram[d+8:]), true
+}
+
+// advance moves a packed position one descriptor on in a ring of q.
+func advance(pos, q uint16) uint16 {
+	idx, wrap := vring.PackedPosition(pos)
+	if idx++; idx == q {
+		idx, wrap = 0, !wrap
+	}
+	return vring.PackedIndex(idx, wrap)
+}
+
+// stepPacked is Step for packed rings. Transmit buffer ids are ring indexes:
+// a chain made available at index i uses buffer q+i and id i, and its used
+// descriptor is expected at index i too (in-order completion).
+func (g *Guest) stepPacked() bool {
+	progress := false
+	// Transmit completions.
+	txUsed, txAvail := g.u16(offTxUsed), g.u16(offTxAvail)
+	bad := g.u64(offBad)
+	badBefore := bad
+	for txUsed != txAvail {
+		idx, wrap := vring.PackedPosition(txUsed)
+		id, _, ok := g.usedPacked(g.tx, idx, wrap)
+		if !ok {
+			break
+		}
+		if id != idx {
+			bad++
+		}
+		txUsed = advance(txUsed, g.q)
+		progress = true
+	}
+	if progress {
+		g.setU16(offTxUsed, txUsed)
+	}
+	// Receive: every buffer is reposted at the avail position, which is
+	// the index just consumed (the whole ring is posted: avail is one lap
+	// ahead of used).
+	rxUsed, rxAvail := g.u16(offRxUsed), g.u16(offRxAvail)
+	received, dup := g.u64(offReceived), g.u64(offDup)
+	sent := g.u64(offSent)
+	reposted := false
+	for {
+		idx, wrap := vring.PackedPosition(rxUsed)
+		id, n, ok := g.usedPacked(g.rx, idx, wrap)
+		if !ok {
+			break
+		}
+		rxUsed = advance(rxUsed, g.q)
+		if id >= g.q {
+			bad++
+			continue
+		}
+		if seq, ok := g.checkFrame(uint32(id), n, sent); ok {
+			c := g.countsAddr() + seq
+			if g.ram[c] != 0 {
+				dup++
+			}
+			if g.ram[c] < 255 {
+				g.ram[c]++
+				g.mark(c, 1)
+			}
+			received++
+		} else {
+			bad++
+		}
+		aidx, awrap := vring.PackedPosition(rxAvail)
+		g.postPacked(g.rx, aidx, id, bufAddr+uint64(id)*bufSize, bufSize, pdescWrite, awrap)
+		rxAvail = advance(rxAvail, g.q)
+		reposted = true
+	}
+	if reposted {
+		g.setU16(offRxUsed, rxUsed)
+		g.setU16(offRxAvail, rxAvail)
+		g.setU64(offReceived, received)
+		g.setU64(offDup, dup)
+		g.kick(rxQ)
+		progress = true
+	}
+	if bad != badBefore {
+		g.setU64(offBad, bad)
+	}
+	// Transmit.
+	limit := g.u64(offLimit)
+	added := false
+	inFlight := func() uint16 {
+		n, _ := vring.QueueState{NextAvail: txAvail, NextUsed: txUsed}.PackedInFlight(g.q)
+		return n
+	}
+	for sent < limit && sent-received < uint64(g.q) && inFlight() < g.q {
+		idx, wrap := vring.PackedPosition(txAvail)
+		addr := bufAddr + uint64(g.q+idx)*bufSize
+		n := g.buildFrame(sent, addr)
+		g.postPacked(g.tx, idx, idx, addr, uint32(hdrLen+n), 0, wrap)
+		txAvail = advance(txAvail, g.q)
+		sent++
+		added = true
+	}
+	if added {
+		g.setU16(offTxAvail, txAvail)
+		g.setU64(offSent, sent)
 		g.kick(txQ)
 		progress = true
 	}

@@ -10,6 +10,7 @@ import (
 	"github.com/vdpakit/vdpakit/mdev/mdevtest"
 	"github.com/vdpakit/vdpakit/vdpa"
 	"github.com/vdpakit/vdpakit/vdpa/softnet"
+	"github.com/vdpakit/vdpakit/virtio"
 	"github.com/vdpakit/vdpakit/vring"
 )
 
@@ -31,11 +32,25 @@ func newDevice(t *testing.T, size uint64) (*mdev.Device, *vring.Memory) {
 }
 
 func TestGuestTrafficAndVerify(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		opts mdevtest.Options
+	}{
+		{"split", mdevtest.Options{MaxFrames: 1000}},
+		// 256 buffers in the accounting below; the ring itself is any size.
+		{"packed", mdevtest.Options{MaxFrames: 1000, Features: virtio.FRingPacked.Bit()}},
+	} {
+		t.Run(tc.name, func(t *testing.T) { guestTraffic(t, tc.opts) })
+	}
+}
+
+func guestTraffic(t *testing.T, opts mdevtest.Options) {
 	dev, mem := newDevice(t, 8<<20)
 	_, err := mdevtest.Attach(dev, mem)
 	require.ErrorIs(t, err, mdevtest.ErrNotBooted)
-	g, err := mdevtest.Boot(dev, mem, 1000, &mdevtest.Options{MaxFrames: 1000})
+	g, err := mdevtest.Boot(dev, mem, 1000, &opts)
 	require.NoError(t, err)
+	assert.Equal(t, opts.Features.Has(virtio.FRingPacked), dev.DriverFeatures().Has(virtio.FRingPacked))
 	for !g.Done() {
 		g.Step()
 	}
@@ -53,6 +68,39 @@ func TestGuestTrafficAndVerify(t *testing.T) {
 	counts := vring.GuestAddr(0x100000 + 2*256*2048)
 	require.NoError(t, mem.Write(counts+17, []byte{2}))
 	assert.ErrorIs(t, g2.Verify(), mdevtest.ErrVerify)
+}
+
+// A packed guest runs a ring whose size is not a power of two (virtio 1.2
+// §2.8), through several wraps of both rings, and resumes by Attach.
+func TestGuestPackedOddQueueSize(t *testing.T) {
+	dev, mem := newDevice(t, 8<<20)
+	const frames = 2000
+	g, err := mdevtest.Boot(dev, mem, frames, &mdevtest.Options{QueueSize: 200, MaxFrames: frames,
+		Features: virtio.FRingPacked.Bit()})
+	require.NoError(t, err)
+	require.True(t, dev.DriverFeatures().Has(virtio.FRingPacked))
+	for i := 0; !g.Done() && i < frames; i++ {
+		g.Step()
+	}
+	g2, err := mdevtest.Attach(dev, mem)
+	require.NoError(t, err)
+	for !g2.Done() {
+		g2.Step()
+	}
+	require.NoError(t, g2.Verify())
+	sent, received, _, _ := g2.Stats()
+	assert.EqualValues(t, frames, sent)
+	assert.EqualValues(t, frames, received)
+	st := dev.State()
+	assert.EqualValues(t, 200, st.Queues[0].Size)
+	assert.EqualValues(t, 200, st.Queues[1].Size)
+}
+
+// A split guest still needs a power-of-two size.
+func TestGuestSplitOddQueueSize(t *testing.T) {
+	dev, mem := newDevice(t, 8<<20)
+	_, err := mdevtest.Boot(dev, mem, 10, &mdevtest.Options{QueueSize: 200})
+	assert.ErrorIs(t, err, mdevtest.ErrLayout)
 }
 
 func TestGuestRejectsSmallMemory(t *testing.T) {

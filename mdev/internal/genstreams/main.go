@@ -2,6 +2,9 @@
 // under mdev/testdata/compat (run it with go generate in package mdev):
 //
 //   - state-v1.bin: a device state stream, version 1 (mdev.EncodeState);
+//   - state-v2.bin: a device state stream, version 2: the version 1 layout
+//     with packed virtqueues (RING_PACKED negotiated, sizes not powers of
+//     two, positions as index | wrap counter << 15);
 //   - migration-v1.bin: what MigrateSource sends in protocol version 1 for a
 //     small migration (hello, pages, rounds, sync, device state, done).
 //
@@ -32,6 +35,7 @@ func main() {
 	state := stateV1()
 	for name, b := range map[string][]byte{
 		"state-v1.bin":     state,
+		"state-v2.bin":     stateV2(),
 		"migration-v1.bin": migrationV1(state),
 	} {
 		if err := os.WriteFile(filepath.Join(*dir, name), b, 0o644); err != nil {
@@ -48,7 +52,17 @@ const (
 	fIndirectDesc = 1 << 28
 	fEventIdx     = 1 << 29
 	fVersion1     = 1 << 32
+	fRingPacked   = 1 << 34
 )
+
+// queue is one queue record of a device state stream.
+type queue struct {
+	size                 uint16
+	enabled              byte
+	vector               uint16
+	desc, driver, device uint64
+	avail, used          uint16
+}
 
 // stateV1 is a version 1 device state stream:
 //
@@ -66,13 +80,40 @@ const (
 // The values describe a virtio-net device with two queues that the mdev
 // package's test fake (fakeBacking) can take.
 func stateV1() []byte {
+	return stateStream(1, fVersion1|fEventIdx|fIndirectDesc|fNetMAC|fNetStatus|fNetMTU,
+		fVersion1|fEventIdx|fNetMAC, []queue{
+			{128, 1, 1, 0x10000, 0x10800, 0x18000, 5, 5},
+			{64, 1, 2, 0x20000, 0x20400, 0x28000, 65535, 65530},
+		})
+}
+
+// stateV2 is a version 2 device state stream: the version 1 layout, with
+// RING_PACKED offered and negotiated. Queue sizes are any value from 1
+// (virtio 1.2 §2.8); desc is the descriptor ring, driver and device the
+// event suppression areas (4-aligned); next avail and next used are packed
+// positions, the ring index in bits 0..14 and the wrap counter in bit 15.
+// Queue 0 is at index 5 of its second lap (wrap counters 1, nothing in
+// flight); queue 1's avail position (index 3, wrap 0) is one lap ahead of
+// its used position (index 97, wrap 1).
+func stateV2() []byte {
+	return stateStream(2, fVersion1|fEventIdx|fIndirectDesc|fNetMAC|fNetStatus|fNetMTU|fRingPacked,
+		fVersion1|fEventIdx|fNetMAC|fRingPacked, []queue{
+			{200, 1, 1, 0x10000, 0x10c84, 0x18004, 0x8000 | 5, 0x8000 | 5},
+			{100, 1, 2, 0x20000, 0x20800, 0x28000, 3, 0x8000 | 97},
+		})
+}
+
+// stateStream encodes a device state stream of the given version with the
+// devices features, driver features and queues; the other fields are the
+// same in every version's frozen stream.
+func stateStream(version uint16, devFeatures, drvFeatures uint64, queues []queue) []byte {
 	var p []byte
 	backend := "software"
 	p = append(p, byte(len(backend)))
 	p = append(p, backend...)
 	p = le.AppendUint32(p, 1) // virtio-net
-	p = le.AppendUint64(p, fVersion1|fEventIdx|fIndirectDesc|fNetMAC|fNetStatus|fNetMTU)
-	p = le.AppendUint64(p, fVersion1|fEventIdx|fNetMAC)
+	p = le.AppendUint64(p, devFeatures)
+	p = le.AppendUint64(p, drvFeatures)
 	p = append(p, 0x0f, 7, 3) // ACK|DRIVER|DRIVER_OK|FEATURES_OK, generation 7, ISR queue|config
 	p = le.AppendUint16(p, 0) // msix config vector
 	p = le.AppendUint32(p, 1) // device_feature_select
@@ -93,17 +134,6 @@ func stateV1() []byte {
 	}
 	p = le.AppendUint32(p, uint32(len(msix)))
 	p = append(p, msix...)
-	type queue struct {
-		size                 uint16
-		enabled              byte
-		vector               uint16
-		desc, driver, device uint64
-		avail, used          uint16
-	}
-	queues := []queue{
-		{128, 1, 1, 0x10000, 0x10800, 0x18000, 5, 5},
-		{64, 1, 2, 0x20000, 0x20400, 0x28000, 65535, 65530},
-	}
 	p = le.AppendUint16(p, uint16(len(queues)))
 	for _, q := range queues {
 		p = le.AppendUint16(p, q.size)
@@ -116,7 +146,7 @@ func stateV1() []byte {
 		p = le.AppendUint16(p, q.used)
 	}
 	out := []byte("VDPAKMDV")
-	out = le.AppendUint16(out, 1)
+	out = le.AppendUint16(out, version)
 	out = le.AppendUint16(out, 0)
 	out = le.AppendUint32(out, uint32(len(p)))
 	out = append(out, p...)
