@@ -11,20 +11,37 @@ import (
 	"github.com/vdpakit/vdpakit/mdev"
 	"github.com/vdpakit/vdpakit/mdev/vfiouser"
 	"github.com/vdpakit/vdpakit/mdev/vfiouser/vfiousertest"
+	"github.com/vdpakit/vdpakit/virtio"
 )
 
 // TestMigrationBetweenServers: a driver runs traffic on server A with DMA
 // logging on (the pages the device wrote are reported), A is stopped and
 // its device state read over MIG_DATA_READ, server B loads it over
 // MIG_DATA_WRITE and runs, and the traffic continues on B with no frame
-// lost or duplicated.
+// lost or duplicated. It runs on split rings and on packed rings of a
+// size that is not a power of two (the state stream carries the packed
+// positions with their wrap counters).
 func TestMigrationBetweenServers(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		opts *vfiousertest.DriverOptions
+	}{
+		{"split", nil},
+		{"packed", &vfiousertest.DriverOptions{Packed: true, QueueSize: 100}},
+	} {
+		t.Run(tc.name, func(t *testing.T) { migrateBetweenServers(t, tc.opts) })
+	}
+}
+
+func migrateBetweenServers(t *testing.T, opts *vfiousertest.DriverOptions) {
 	a, b := newRig(t, nil), newRig(t, nil)
 	ctx := testCtx(t)
 	ca, cb := a.dial(t), b.dial(t)
-	d, err := vfiousertest.NewDriver(ctx, ca, nil)
+	d, err := vfiousertest.NewDriver(ctx, ca, opts)
 	require.NoError(t, err)
 	defer d.Close()
+	packed := opts != nil && opts.Packed
+	require.Equal(t, packed, a.srv.Device().DriverFeatures().Has(virtio.FRingPacked))
 
 	flags, err := ca.Feature(ctx, vfiouser.FeatureGet|vfiouser.FeatureMigration, nil, 8)
 	require.NoError(t, err)
@@ -57,6 +74,7 @@ func TestMigrationBetweenServers(t *testing.T) {
 	st, err := cb.MigState(ctx)
 	require.NoError(t, err)
 	assert.Equal(t, uint32(mdev.MigRunning), st)
+	assert.Equal(t, packed, b.srv.Device().DriverFeatures().Has(virtio.FRingPacked), "the destination runs the same ring format")
 	require.NoError(t, d.SendFrames(fs[60:]))
 	require.NoError(t, d.Receive(ctx, 100, func(f []byte) { got = append(got, f) }))
 	require.Len(t, got, len(fs))

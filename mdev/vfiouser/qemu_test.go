@@ -36,6 +36,7 @@ import (
 	"github.com/vdpakit/vdpakit/mdev/vfiouser/vfiousertest"
 	"github.com/vdpakit/vdpakit/vdpa"
 	"github.com/vdpakit/vdpakit/vdpa/softnet"
+	"github.com/vdpakit/vdpakit/virtio"
 )
 
 const (
@@ -208,13 +209,15 @@ type qemuRig struct {
 }
 
 func startServer(t *testing.T, ctx context.Context, sock string, pairs int) *qemuRig {
-	return startServerBacking(t, ctx, sock, pairs, false)
+	return startServerBacking(t, ctx, sock, pairs, false, false)
 }
 
 // startServerBacking is startServer with, when vhostUser is set, the
 // software device behind a vhost-user back-end the server reaches through
-// vhostuser.Frontend.
-func startServerBacking(t *testing.T, ctx context.Context, sock string, pairs int, vhostUser bool) *qemuRig {
+// vhostuser.Frontend. The device offers VIRTIO_F_RING_PACKED (the software
+// device does, so the guest's virtio_pci runs packed rings) unless split is
+// set.
+func startServerBacking(t *testing.T, ctx context.Context, sock string, pairs int, vhostUser, split bool) *qemuRig {
 	t.Helper()
 	r := &qemuRig{}
 	resp, err := softnet.NewResponder([6]byte{0x02, 0, 0, 0, 0, 0x02}, netip.MustParseAddr(qPeerIP))
@@ -245,7 +248,11 @@ func startServerBacking(t *testing.T, ctx context.Context, sock string, pairs in
 	if testing.Verbose() {
 		log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
-	r.srv, err = vfiouser.New(backing, &vfiouser.Options{Device: mdev.Options{Backend: kind}, Logger: log})
+	devOpts := mdev.Options{Backend: kind}
+	if split {
+		devOpts.Features = ^virtio.FRingPacked.Bit()
+	}
+	r.srv, err = vfiouser.New(backing, &vfiouser.Options{Device: devOpts, Logger: log})
 	require.NoError(t, err)
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
 	require.NoError(t, err)
@@ -285,18 +292,41 @@ func checkCounts(t *testing.T, v *vm, r *qemuRig, which string, base [2]uint64) 
 	assert.Zero(t, s["rx_errors"]+s["tx_errors"]+s["rx_dropped"]+s["tx_dropped"])
 }
 
+// TestQEMUMSIXConfigSpaceAndLink runs on split rings (the device does not
+// offer RING_PACKED) and on packed rings (it does, and the guest's
+// virtio_pci negotiates it: virtio 1.2 §2.8 on the guest's own driver).
 func TestQEMUMSIXConfigSpaceAndLink(t *testing.T) {
 	qemu, helper := requireQEMU11(t)
+	for _, tc := range []struct {
+		name  string
+		split bool
+	}{{"split", true}, {"packed", false}} {
+		t.Run(tc.name, func(t *testing.T) { qemuMSIXConfigSpaceAndLink(t, qemu, helper, tc.split) })
+	}
+}
+
+func qemuMSIXConfigSpaceAndLink(t *testing.T, qemu, helper string, split bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	sock := filepath.Join(t.TempDir(), "vfu.sock")
-	r := startServer(t, ctx, sock, 1)
+	r := startServerBacking(t, ctx, sock, 1, false, split)
 	v := bootQEMU(t, ctx, qemu, helper, sock, "link", false)
 
 	iface, err := v.wait(ctx, "IFACE", 1)
 	require.NoError(t, err)
 	f := kvs(iface)
 	assert.Contains(t, iface, "driver=virtio_net")
+	// The guest's negotiated features (sysfs: one character per bit) and
+	// the device's agree on the ring format.
+	var guestFeatures string
+	for _, kv := range iface {
+		if v, ok := strings.CutPrefix(kv, "features="); ok {
+			guestFeatures = v
+		}
+	}
+	require.Greater(t, len(guestFeatures), int(virtio.FRingPacked), "features %q", guestFeatures)
+	assert.Equal(t, !split, guestFeatures[virtio.FRingPacked] == '1', "guest RING_PACKED: features %s", guestFeatures)
+	assert.Equal(t, !split, r.srv.Device().DriverFeatures().Has(virtio.FRingPacked))
 	assert.Equal(t, uint64(qMTU), f["mtu"], "the configured MTU")
 
 	// The configuration space as the guest reads it from sysfs.
@@ -403,7 +433,7 @@ func TestQEMUVhostUserBacking(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	sock := filepath.Join(t.TempDir(), "vfu.sock")
-	r := startServerBacking(t, ctx, sock, 1, true)
+	r := startServerBacking(t, ctx, sock, 1, true, false)
 	v := bootQEMU(t, ctx, qemu, helper, sock, "rebind", false)
 	rebindCounts(t, ctx, v, r)
 }

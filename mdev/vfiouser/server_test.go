@@ -152,16 +152,30 @@ func TestBringUpAndTraffic(t *testing.T) {
 		name      string
 		intx      bool
 		vhostUser bool
-	}{{"msix", false, false}, {"intx", true, false}, {"vhost-user/msix", false, true}, {"vhost-user/intx", true, true}} {
+		packed    bool
+	}{
+		{"msix", false, false, false}, {"intx", true, false, false},
+		{"vhost-user/msix", false, true, false}, {"vhost-user/intx", true, true, false},
+		{"packed/msix", false, false, true}, {"packed/intx", true, false, true},
+		{"vhost-user/packed/msix", false, true, true},
+	} {
 		t.Run(tc.name, func(t *testing.T) {
 			vhostUserBacking = tc.vhostUser
 			defer func() { vhostUserBacking = false }()
 			r := newRig(t, nil)
 			c := r.dial(t)
 			ctx := testCtx(t)
-			d, err := vfiousertest.NewDriver(ctx, c, &vfiousertest.DriverOptions{INTx: tc.intx, ReplaceIRQs: true})
+			o := &vfiousertest.DriverOptions{INTx: tc.intx, ReplaceIRQs: true}
+			if tc.packed {
+				// Packed rings (virtio 1.2 §2.8) of a size that is not a
+				// power of two: 300 frames wrap them several times.
+				o.Packed, o.QueueSize = true, 50
+			}
+			d, err := vfiousertest.NewDriver(ctx, c, o)
 			require.NoError(t, err)
 			defer d.Close()
+			assert.Equal(t, tc.packed, d.Features.Has(virtio.FRingPacked))
+			assert.Equal(t, tc.packed, r.srv.Device().DriverFeatures().Has(virtio.FRingPacked))
 
 			// The configuration space the client reads is mdev.Layout's.
 			l := r.srv.Device().Layout()

@@ -23,7 +23,8 @@ const (
 	rxBufs       = 0x100000
 	txBufs       = 0x200000
 	bufSize      = 2048
-	queueSize    = 64
+	queueSize    = 64  // default ring size
+	maxQueueSize = 256 // buffers per queue the layout holds
 	netHdrLen    = 12
 )
 
@@ -43,6 +44,13 @@ type DriverOptions struct {
 	// re-registers its MSI-X eventfds when the guest unmasks vectors, while
 	// the data path runs).
 	ReplaceIRQs bool
+	// Packed negotiates VIRTIO_F_RING_PACKED and runs both queues as
+	// packed virtqueues (virtio 1.2 §2.8); bring-up fails with ErrDriver
+	// when the device does not offer it.
+	Packed bool
+	// QueueSize is both queues' size (default 64, at most 256); a packed
+	// queue's need not be a power of two.
+	QueueSize uint16
 }
 
 // Driver is a virtio-net driver running over vfio-user with guest memory
@@ -58,6 +66,9 @@ type Driver struct {
 	irqs     []*vdpa.EventFD // per MSI-X vector, or [0] = INTx
 	intx     bool
 	rx, tx   *vring.DriverQueue
+	packed   bool
+	qsize    uint16
+	rxAddr   []vring.GuestAddr // receive buffer by buffer id (head)
 	common   Cap
 	notify   Cap
 	isr      Cap
@@ -75,6 +86,14 @@ func NewDriver(ctx context.Context, c *Client, opts *DriverOptions) (*Driver, er
 		o = *opts
 	}
 	d.intx = o.INTx
+	d.packed = o.Packed
+	d.qsize = o.QueueSize
+	if d.qsize == 0 {
+		d.qsize = queueSize
+	}
+	if d.qsize > maxQueueSize {
+		return nil, fmt.Errorf("%w: queue size %d > %d", ErrDriver, d.qsize, maxQueueSize)
+	}
 	if _, err := c.Negotiate(ctx); err != nil {
 		return nil, err
 	}
@@ -232,7 +251,16 @@ func (d *Driver) bringUp(ctx context.Context) error {
 		offered |= virtio.Features(v) << (32 * sel)
 	}
 	want := virtio.Features(0).With(virtio.FVersion1).With(virtio.NetFMAC).With(virtio.NetFStatus).With(virtio.NetFMTU)
+	if d.packed {
+		want = want.With(virtio.FRingPacked)
+	}
 	d.Features = offered & want
+	if d.packed && !d.Features.Has(virtio.FRingPacked) {
+		return fmt.Errorf("%w: device does not offer RING_PACKED", ErrDriver)
+	}
+	if !vring.ValidQueueSizeFor(d.qsize, d.Features) {
+		return fmt.Errorf("%w: queue size %d", ErrDriver, d.qsize)
+	}
 	for sel := uint64(0); sel < 2; sel++ {
 		if err := d.wc(ctx, 0x08, 4, sel); err != nil {
 			return err
@@ -254,7 +282,7 @@ func (d *Driver) bringUp(ctx context.Context) error {
 		}
 	}
 	for q, base := range []uint64{rxRing, txRing} {
-		l := vring.ContiguousLayout(vring.GuestAddr(base), queueSize)
+		l := vring.LayoutFor(vring.GuestAddr(base), d.qsize, d.Features)
 		dq, err := vring.NewDriverQueue(d.Mem, vring.DriverQueueOptions{Index: q, Layout: l, Features: d.Features})
 		if err != nil {
 			return err
@@ -272,7 +300,7 @@ func (d *Driver) bringUp(ctx context.Context) error {
 			off  uint64
 			size int
 			v    uint64
-		}{{0x16, 2, uint64(q)}, {0x18, 2, queueSize}, {0x1a, 2, vec},
+		}{{0x16, 2, uint64(q)}, {0x18, 2, uint64(d.qsize)}, {0x1a, 2, vec},
 			{0x20, 8, uint64(l.Desc)}, {0x28, 8, uint64(l.Avail)}, {0x30, 8, uint64(l.Used)}, {0x1c, 2, 1}} {
 			if err := d.wc(ctx, w.off, w.size, w.v); err != nil {
 				return err
@@ -285,14 +313,32 @@ func (d *Driver) bringUp(ctx context.Context) error {
 	if v, err := d.rc(ctx, mdevOffStatus, 1); err != nil || virtio.Status(v)&virtio.StatusDeviceNeedsReset != 0 {
 		return fmt.Errorf("%w: DRIVER_OK: status %v, %v", ErrDriver, virtio.Status(v), err)
 	}
+	if v, err := d.rc(ctx, 0x18, 2); err != nil || uint16(v) != d.qsize {
+		return fmt.Errorf("%w: queue_size %d not taken (reads %d, %v)", ErrDriver, d.qsize, v, err)
+	}
 	// Fill the receive queue.
-	for i := 0; i < queueSize; i++ {
-		if _, err := d.rx.Add([]vring.Buffer{{Addr: vring.GuestAddr(rxBufs + i*bufSize), Len: bufSize, Writable: true}}); err != nil {
+	d.rxAddr = make([]vring.GuestAddr, d.qsize)
+	for i := 0; i < int(d.qsize); i++ {
+		if err := d.postRx(vring.GuestAddr(rxBufs + i*bufSize)); err != nil {
 			return err
 		}
 	}
 	d.rx.Publish()
 	return d.Kick(0)
+}
+
+// postRx adds the receive buffer at addr and remembers it by the id (the
+// head, a packed ring's buffer id) the queue gave it.
+func (d *Driver) postRx(addr vring.GuestAddr) error {
+	id, err := d.rx.Add([]vring.Buffer{{Addr: addr, Len: bufSize, Writable: true}})
+	if err != nil {
+		return err
+	}
+	if int(id) >= len(d.rxAddr) {
+		return fmt.Errorf("%w: receive buffer id %d beyond the ring", ErrDriver, id)
+	}
+	d.rxAddr[id] = addr
+	return nil
 }
 
 const mdevOffStatus = 0x14
@@ -354,7 +400,7 @@ func (d *Driver) SendFrames(frames [][]byte) error {
 				return fmt.Errorf("%w: transmit queue full", ErrDriver)
 			}
 		}
-		i := d.Sent % queueSize
+		i := d.Sent % uint64(d.qsize)
 		addr := vring.GuestAddr(txBufs + i*bufSize)
 		buf := make([]byte, netHdrLen+len(f))
 		copy(buf[netHdrLen:], f)
@@ -385,7 +431,10 @@ func (d *Driver) Receive(ctx context.Context, want uint64, fn func(frame []byte)
 				break
 			}
 			got = true
-			addr := vring.GuestAddr(rxBufs + uint64(head)*bufSize)
+			if int(head) >= len(d.rxAddr) {
+				return fmt.Errorf("%w: receive id %d beyond the ring", ErrDriver, head)
+			}
+			addr := d.rxAddr[head]
 			if n >= netHdrLen && fn != nil {
 				b := make([]byte, n)
 				if err := d.Mem.Read(addr, b); err != nil {
@@ -394,7 +443,7 @@ func (d *Driver) Receive(ctx context.Context, want uint64, fn func(frame []byte)
 				fn(b[netHdrLen:])
 			}
 			d.Received++
-			if _, err := d.rx.Add([]vring.Buffer{{Addr: addr, Len: bufSize, Writable: true}}); err != nil {
+			if err := d.postRx(addr); err != nil {
 				return err
 			}
 		}
