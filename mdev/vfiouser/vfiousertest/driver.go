@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/vdpakit/vdpakit/mdev/vfiouser"
 	"github.com/vdpakit/vdpakit/vdpa"
@@ -390,15 +391,30 @@ func (d *Driver) ReadISR(ctx context.Context) (uint8, error) {
 }
 
 // SendFrames transmits frames (each prefixed with a zero virtio-net
-// header), reclaiming completed ones as it goes.
+// header), reclaiming completed ones as it goes. When the transmit queue is
+// full it publishes what it added, kicks, and waits for completions (up to
+// the client's Timeout: a device that never completes is an error).
 func (d *Driver) SendFrames(frames [][]byte) error {
 	for _, f := range frames {
+		var deadline time.Time
 		for d.tx.NumFree() == 0 {
-			if _, _, ok, err := d.tx.Reclaim(); err != nil {
+			_, _, ok, err := d.tx.Reclaim()
+			if err != nil {
 				return err
-			} else if !ok {
-				return fmt.Errorf("%w: transmit queue full", ErrDriver)
 			}
+			if ok {
+				continue
+			}
+			if deadline.IsZero() {
+				deadline = time.Now().Add(d.C.Timeout)
+				d.tx.Publish()
+				if err := d.Kick(1); err != nil {
+					return err
+				}
+			} else if time.Now().After(deadline) {
+				return fmt.Errorf("%w: transmit queue full, no completion in %v", ErrDriver, d.C.Timeout)
+			}
+			time.Sleep(50 * time.Microsecond)
 		}
 		i := d.Sent % uint64(d.qsize)
 		addr := vring.GuestAddr(txBufs + i*bufSize)
