@@ -508,6 +508,15 @@ func (s *session) dispatch(m *Message) (reply []byte, hasReply bool, err error) 
 		if st.Num > 0xffff && !s.features.Has(virtio.FRingPacked) {
 			return nil, false, msgErr(r, ErrProtocol, "queue %d base %#x beyond 16 bits", st.Index, st.Num)
 		}
+		// A packed word no queue of the size already set can be at (an
+		// index >= size, used ahead of avail, more than a ring in
+		// flight) is refused here rather than when the ring starts.
+		if s.features.Has(virtio.FRingPacked) && q.num != 0 {
+			if _, ok := packedStart(st.Num, true, s.features).PackedInFlight(q.num); !ok {
+				return nil, false, msgErr(r, ErrProtocol, "queue %d packed base %#x for size %d: %w",
+					st.Index, st.Num, q.num, vring.ErrInvalidState)
+			}
+		}
 		q.base, q.baseSet, q.saved = st.Num, true, nil
 		return nil, false, nil
 	case ReqGetVringBase:

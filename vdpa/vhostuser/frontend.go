@@ -774,6 +774,16 @@ func (f *Frontend) getBase(ctx context.Context, q int) (vring.QueueState, error)
 		if st.Num>>16 == 0 {
 			out.NextUsed = out.NextAvail
 		}
+		// A hostile back-end's word must not become a state no queue of
+		// this size can be at (an index >= size, used ahead of avail,
+		// more than a ring in flight): it would be handed on to a
+		// migration stream or a restarted queue.
+		if fq.num != 0 {
+			if _, ok := out.PackedInFlight(fq.num); !ok {
+				return vring.QueueState{}, msgErr(ReqGetVringBase, ErrUnexpectedReply,
+					"queue %d: packed base %#x impossible for a queue of size %d", q, st.Num, fq.num)
+			}
+		}
 		return out, nil
 	}
 	if fq.addrSet && f.mem != nil {

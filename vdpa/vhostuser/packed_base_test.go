@@ -1,0 +1,113 @@
+package vhostuser
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/vdpakit/vdpakit/virtio"
+	"github.com/vdpakit/vdpakit/vring"
+)
+
+// packedBaseWord builds a packed base word (avail position in bits 0..15,
+// used position in bits 16..31, each index | wrap<<15).
+func packedBaseWord(ai uint16, aw bool, ui uint16, uw bool) uint32 {
+	return uint32(vring.PackedIndex(ai, aw)) | uint32(vring.PackedIndex(ui, uw))<<16
+}
+
+// hostilePackedBases are GET/SET_VRING_BASE words no packed queue of size
+// 8 can be at.
+var hostilePackedBases = []struct {
+	name string
+	word uint32
+}{
+	{"avail index = size", packedBaseWord(8, true, 0, true)},
+	{"avail index beyond size", packedBaseWord(0x7fff, true, 0x7fff, true)},
+	{"used index = size", packedBaseWord(1, true, 8, true)},
+	{"used ahead of avail in the same lap", packedBaseWord(2, true, 5, true)},
+	{"avail more than a lap ahead of used", packedBaseWord(6, false, 3, true)},
+}
+
+// A hostile back-end's GET_VRING_BASE answer for a packed ring that no
+// queue of the negotiated size can be at is ErrUnexpectedReply, not a
+// state handed on to a migration stream or a restarted queue.
+func TestFrontendPackedQueueBaseHostile(t *testing.T) {
+	const size = 8
+	packedF := virtio.Features(0).With(virtio.FVersion1, virtio.FProtocolFeat, virtio.FRingPacked)
+	for _, tc := range append(hostilePackedBases, struct {
+		name string
+		word uint32
+	}{"valid: 5 in flight across the ring end", packedBaseWord(2, false, 5, true)}) {
+		t.Run(tc.name, func(t *testing.T) {
+			c, done := fakeBackend(t, func(m *Message) *fakeReply {
+				switch m.Request {
+				case ReqGetFeatures:
+					return &fakeReply{payload: putU64(uint64(packedF))}
+				case ReqGetVringBase:
+					st, _ := DecodeVringState(m.Payload)
+					return &fakeReply{payload: VringState{Index: st.Index, Num: tc.word}.Encode()}
+				}
+				return standard(m, 0)
+			})
+			defer func() { c.close(); <-done }()
+			f, err := NewFrontend(context.Background(), c.uc, nil)
+			require.NoError(t, err)
+			defer f.Close()
+			require.NoError(t, f.SetFeatures(packedF))
+			require.NoError(t, f.SetQueueNum(0, size))
+			st, err := f.QueueBase(0)
+			if tc.name[:6] == "valid:" {
+				require.NoError(t, err)
+				n, ok := st.PackedInFlight(size)
+				require.True(t, ok)
+				assert.Equal(t, uint16(5), n)
+				return
+			}
+			require.Error(t, err, "got %+v", st)
+			assert.ErrorIs(t, err, ErrUnexpectedReply)
+			var me *MessageError
+			if assert.ErrorAs(t, err, &me) {
+				assert.Equal(t, ReqGetVringBase, me.Request)
+			}
+		})
+	}
+}
+
+// A front-end's SET_VRING_BASE word for a packed ring that no queue of
+// the size it set can be at ends the session with ErrProtocol naming
+// SET_VRING_BASE (and vring.ErrInvalidState), before any ring starts.
+func TestBackendPackedSetVringBaseHostile(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		word uint32
+	}{
+		{"avail index = size", packedBaseWord(lcSize, true, 0, true)},
+		{"avail index beyond size, used half zero (DPDK form)", uint32(vring.PackedIndex(0x7fff, true))},
+		{"used index = size", packedBaseWord(1, true, lcSize, true)},
+		{"used ahead of avail in the same lap", packedBaseWord(2, true, 5, true)},
+		{"avail more than a lap ahead of used", packedBaseWord(lcSize-2, false, 3, true)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			g := newLCGuestWith(t, lcPackedFeatures)
+			c := g.connect(lcDevice(t))
+			c.negotiatePacked()
+			c.send(ReqSetVringNum, VringState{Index: lcQueue, Num: lcSize}.Encode())
+			c.send(ReqSetVringBase, VringState{Index: lcQueue, Num: tc.word}.Encode())
+			select {
+			case err := <-c.done:
+				require.ErrorIs(t, err, ErrProtocol)
+				assert.ErrorIs(t, err, vring.ErrInvalidState)
+				var me *MessageError
+				if assert.ErrorAs(t, err, &me) {
+					assert.Equal(t, ReqSetVringBase, me.Request)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("session not ended")
+			}
+			assert.Zero(t, c.be.Info().RunningQueues)
+		})
+	}
+}
