@@ -1025,9 +1025,14 @@ func (d *Device) negotiateBacking() error {
 }
 
 // backingFeatures are the features programmed into the backing device: the
-// driver's, plus LOG_ALL while the device logs its writes for migration.
+// driver's, plus LOG_ALL while the device logs its writes for migration,
+// minus RING_PACKED while the relay runs (its shadow rings are split rings,
+// whatever the guest's format).
 func (d *Device) backingFeatures() virtio.Features {
 	f := d.driverFeatures
+	if d.relay != nil {
+		f &^= virtio.FRingPacked.Bit()
+	}
 	if d.tracking == DirtyDeviceLog && d.canLogAll {
 		f = f.With(virtio.FLogAll)
 	}

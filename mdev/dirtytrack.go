@@ -6,7 +6,6 @@ import (
 
 	"github.com/vdpakit/vdpakit/dirty"
 	"github.com/vdpakit/vdpakit/vdpa"
-	"github.com/vdpakit/vdpakit/virtio"
 )
 
 // DirtyMode is how guest-memory writes by the data path are tracked while
@@ -89,9 +88,6 @@ func (d *Device) StartDirtyTrackingContext(ctx context.Context, log *dirty.Bitma
 			}
 		}
 	case DirtyRelay:
-		if d.driverFeatures.Has(virtio.FRingPacked) {
-			return 0, ErrRelayPacked
-		}
 		if err := d.switchRelay(&relay{log: log}); err != nil {
 			return 0, err
 		}

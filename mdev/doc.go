@@ -81,10 +81,12 @@
 // (index 0, wrap counters 1). Ring positions — read back on suspend, handed
 // to the backing device, carried in the state stream (version 2) — are
 // packed positions in the vhost encoding: ring index in bits 0..14, wrap
-// counter in bit 15. Dirty tracking of a packed guest needs a backing
-// device that logs its own writes (DirtyDeviceLog): the shadow relay
-// forwards split guest rings only and refuses a packed one with
-// ErrRelayPacked.
+// counter in bit 15. The shadow relay serves a packed guest ring too: its
+// shadow rings stay split (the backing device is negotiated without
+// RING_PACKED while the relay runs, and a shadow ring's size is the next
+// power of two), completions go back to the guest by buffer id, and on stop
+// the guest queue is rewound by the descriptors of the chains the backing
+// device never consumed.
 //
 // Limits: no NOTIFICATION_DATA or RING_RESET; legacy and transitional
 // interfaces are not emulated; the relay needs a backing device that can reach a memory region placed above

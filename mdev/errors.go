@@ -29,11 +29,6 @@ var (
 	ErrNotSupported = errors.New("mdev: not supported by the backing device")
 	// ErrClosed: the device was closed.
 	ErrClosed = errors.New("mdev: device closed")
-	// ErrRelayPacked: dirty tracking by the shadow relay (DirtyRelay) was
-	// asked for a guest that negotiated VIRTIO_F_RING_PACKED; the relay
-	// forwards split guest rings only. It also matches ErrNotSupported.
-	// Use a backing device that logs its own writes (DirtyDeviceLog).
-	ErrRelayPacked = fmt.Errorf("%w: shadow relay with a packed guest ring", ErrNotSupported)
 )
 
 // AccessError describes a rejected register access.

@@ -85,6 +85,10 @@ type relayQueue struct {
 	inflight   []vring.Chain // guest chain by shadow head
 	pending    vring.Chain   // popped from the guest, not yet in the shadow ring
 	hasPending bool
+	// inflightDescs is the number of guest ring descriptors of the chains
+	// in the shadow ring (Chain.Descs: packed guest rings only, 0 for
+	// split ones), by which stop rewinds a packed guest queue.
+	inflightDescs uint32
 	added      bool // chains added to the shadow ring since the last publish
 	bufs       []vring.Buffer
 }
@@ -95,10 +99,6 @@ func (r *relay) program(d *Device) error {
 	if r.run != nil {
 		r.teardown(d)
 	}
-	// A guest that negotiated packed rings after tracking started.
-	if d.driverFeatures.Has(virtio.FRingPacked) {
-		return ErrRelayPacked
-	}
 	guest := d.opts.Memory
 	var top uint64
 	for _, g := range guest.Regions() {
@@ -108,7 +108,7 @@ func (r *relay) program(d *Device) error {
 	var size uint64
 	for i := range d.queues {
 		if d.queues[i].enabled {
-			size += (vring.ContiguousLayoutBytes(d.queues[i].size) + 4095) &^ 4095
+			size += (vring.ContiguousLayoutBytes(shadowSize(d.queues[i].size)) + 4095) &^ 4095
 		}
 	}
 	if size == 0 {
@@ -152,14 +152,15 @@ func (r *relay) program(d *Device) error {
 		if err != nil {
 			return fail(fmt.Errorf("%w: %w", ErrQueueLayout, err))
 		}
-		sl := vring.ContiguousLayout(next, q.size)
-		next += vring.GuestAddr((vring.ContiguousLayoutBytes(q.size) + 4095) &^ 4095)
+		ss := shadowSize(q.size)
+		sl := vring.ContiguousLayout(next, ss)
+		next += vring.GuestAddr((vring.ContiguousLayoutBytes(ss) + 4095) &^ 4095)
 		sq, err := vring.NewDriverQueue(mem, vring.DriverQueueOptions{Index: i, Layout: sl, Features: shadowFeatures})
 		if err != nil {
 			return fail(fmt.Errorf("mdev: shadow queue %d: %w", i, err))
 		}
 		rq := &relayQueue{idx: i, guest: gq, shadow: sq, guestKick: d.kicks[i],
-			inflight: make([]vring.Chain, q.size), bufs: make([]vring.Buffer, 0, 8)}
+			inflight: make([]vring.Chain, ss), bufs: make([]vring.Buffer, 0, 8)}
 		for j := range rq.inflight {
 			rq.inflight[j].Segs = make([]vring.Segment, 0, 4)
 		}
@@ -173,7 +174,7 @@ func (r *relay) program(d *Device) error {
 		}
 		run.queues[i] = rq
 		addr := vdpa.QueueAddr{Desc: sl.Desc, Avail: sl.Avail, Used: sl.Used}
-		if err := d.programQueue(i, q.size, addr, vring.QueueState{}, rq.shadowKick, rq.shadowCall); err != nil {
+		if err := d.programQueue(i, ss, addr, vring.QueueState{}, rq.shadowKick, rq.shadowCall); err != nil {
 			return fail(err)
 		}
 	}
@@ -190,6 +191,18 @@ func (r *relay) program(d *Device) error {
 	run.wg.Add(1)
 	go run.worker(d)
 	return nil
+}
+
+// shadowSize is the size of the split shadow ring serving a guest queue of
+// size n: n itself, or for a packed guest ring (any size, §2.8) the next
+// power of two (§2.7), which the backing device takes, since the device's
+// maximum queue size is a power of two not below n.
+func shadowSize(n uint16) uint16 {
+	s := uint16(1)
+	for s < n {
+		s <<= 1
+	}
+	return s
 }
 
 // halt stops the goroutines and waits for them.
@@ -342,7 +355,9 @@ func (rq *relayQueue) forward() error {
 		}
 		dst := &rq.inflight[head]
 		dst.Head, dst.Readable, dst.ReadableLen, dst.WritableLen = c.Head, c.Readable, c.ReadableLen, c.WritableLen
+		dst.Descs = c.Descs
 		dst.Segs = append(dst.Segs[:0], c.Segs...)
+		rq.inflightDescs += uint32(c.Descs)
 		rq.hasPending = false
 		rq.added = true
 	}
@@ -375,9 +390,11 @@ func (rq *relayQueue) complete() error {
 		if !ok {
 			break
 		}
-		if err := rq.guest.PushChain(&rq.inflight[head], n); err != nil {
+		c := &rq.inflight[head]
+		if err := rq.guest.PushChain(c, n); err != nil {
 			return err
 		}
+		rq.inflightDescs -= uint32(c.Descs)
 		pushed = true
 	}
 	if pushed && rq.guest.NeedsInterrupt() {
@@ -438,14 +455,9 @@ func (r *relay) stop(d *Device) error {
 		// not yet added) goes back to the guest ring.
 		// Chains added but never published were never seen by the backing
 		// device either.
-		back := uint16(rq.shadow.Outstanding())
-		if rq.hasPending {
-			back++
-		}
-		gs := rq.guest.State()
-		gs.NextAvail -= back
-		if gs.NextAvail != gs.NextUsed {
-			firstErr = fmt.Errorf("%w: queue %d guest next avail %d, next used %d", ErrInFlight, rq.idx, gs.NextAvail, gs.NextUsed)
+		gs, err := rq.rewind()
+		if err != nil {
+			firstErr = err
 			break
 		}
 		d.queues[rq.idx].base = gs
@@ -456,6 +468,41 @@ func (r *relay) stop(d *Device) error {
 	d.negotiated = false
 	r.teardown(d)
 	return firstErr
+}
+
+// rewind returns the guest queue's position with the chains the relay took
+// but the backing device never consumed given back: those outstanding on
+// the shadow ring and a chain popped but not yet added. Every other chain
+// the relay took was pushed, so the rewound avail position must equal the
+// used position. A split guest ring rewinds by chain count (one avail ring
+// entry each); a packed one by descriptor count (Chain.Descs each, §2.8:
+// the driver's ring position moves by the descriptors a chain occupies),
+// and its positions carry wrap counters, so it is checked through
+// PackedInFlight rather than subtracted.
+func (rq *relayQueue) rewind() (vring.QueueState, error) {
+	gs := rq.guest.State()
+	if rq.guest.Packed() {
+		back := rq.inflightDescs
+		if rq.hasPending {
+			back += uint32(rq.pending.Descs)
+		}
+		n, ok := gs.PackedInFlight(rq.guest.Size())
+		if !ok || uint32(n) != back {
+			return gs, fmt.Errorf("%w: queue %d guest next avail %#x, next used %#x, %d descriptors given back",
+				ErrInFlight, rq.idx, gs.NextAvail, gs.NextUsed, back)
+		}
+		gs.NextAvail = gs.NextUsed
+		return gs, nil
+	}
+	back := uint16(rq.shadow.Outstanding())
+	if rq.hasPending {
+		back++
+	}
+	gs.NextAvail -= back
+	if gs.NextAvail != gs.NextUsed {
+		return gs, fmt.Errorf("%w: queue %d guest next avail %d, next used %d", ErrInFlight, rq.idx, gs.NextAvail, gs.NextUsed)
+	}
+	return gs, nil
 }
 
 // teardown stops the relay goroutines, resets the backing device and frees
