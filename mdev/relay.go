@@ -89,8 +89,8 @@ type relayQueue struct {
 	// in the shadow ring (Chain.Descs: packed guest rings only, 0 for
 	// split ones), by which stop rewinds a packed guest queue.
 	inflightDescs uint32
-	added      bool // chains added to the shadow ring since the last publish
-	bufs       []vring.Buffer
+	added         bool // chains added to the shadow ring since the last publish
+	bufs          []vring.Buffer
 }
 
 // program builds the shadow rings and programs the backing device with
