@@ -418,9 +418,18 @@ func (d *Device) SetQueueAddr(q int, a vdpa.QueueAddr) error {
 // available index of a split ring and restarts the used index from it, so
 // a split state with NextUsed != NextAvail is refused with ErrInFlight. A
 // packed ring's base carries both positions with their wrap counters
-// (vhostcore.VringBase), so any packed state is restored as it is.
+// (vhostcore.VringBase), so a packed state is restored as it is, once
+// checked against the queue size set (vhost-vdpa hands it to the device
+// unchecked): one no queue of that size can be at is refused with
+// vring.ErrInvalidState.
 func (d *Device) SetQueueBase(q int, st vdpa.QueueState) error {
 	return queueDo(d, q, func(uint32) error {
+		if n := d.queues[q].num; n != 0 && d.features.Has(virtio.FRingPacked) {
+			if _, ok := st.PackedInFlight(n); !ok {
+				return fmt.Errorf("%w: queue %d size %d: packed next avail %#x, next used %#x",
+					vring.ErrInvalidState, q, n, st.NextAvail, st.NextUsed)
+			}
+		}
 		// A packed ring's base carries both positions (avail in bits
 		// 0..15, used in 16..31, each with its wrap counter in bit 15:
 		// vhostcore.VringBase, which vhost-vdpa splits into struct

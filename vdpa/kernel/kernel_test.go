@@ -218,3 +218,32 @@ func TestPackedQueueSizeAndBase(t *testing.T) {
 		})
 	}
 }
+
+// A packed base no queue of the size set can be at (an index >= size,
+// used ahead of avail, more than a ring in flight) is refused with
+// vring.ErrInvalidState before it reaches the kernel, which hands it to
+// the device unchecked; a possible one reaches the kernel (/dev/null's
+// ENOTTY).
+func TestPackedQueueBaseImpossible(t *testing.T) {
+	packed := virtio.Features(0).With(virtio.FVersion1, virtio.FRingPacked)
+	const size = 48
+	for _, tc := range []struct {
+		name string
+		st   vdpa.QueueState
+		want error
+	}{
+		{"avail index = size", vdpa.QueueState{NextAvail: vring.PackedIndex(size, true), NextUsed: vring.PackedIndex(0, true)}, vring.ErrInvalidState},
+		{"used index beyond size", vdpa.QueueState{NextAvail: vring.PackedIndex(0, true), NextUsed: 0x7fff}, vring.ErrInvalidState},
+		{"used ahead of avail", vdpa.QueueState{NextAvail: vring.PackedIndex(3, true), NextUsed: vring.PackedIndex(5, true)}, vring.ErrInvalidState},
+		{"more than a ring in flight", vdpa.QueueState{NextAvail: vring.PackedIndex(5, true), NextUsed: vring.PackedIndex(3, false)}, vring.ErrInvalidState},
+		{"a ring in flight across the end", vdpa.QueueState{NextAvail: vring.PackedIndex(3, true), NextUsed: vring.PackedIndex(5, false)}, unix.ENOTTY},
+		{"fresh", vring.InitialState(packed), unix.ENOTTY},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := fakeDevice(t, BackendIOTLBMsgV2.Bit())
+			d.features = packed
+			d.queues[0].num = size // SetQueueNum's ioctl fails on /dev/null
+			assert.ErrorIs(t, d.SetQueueBase(0, tc.st), tc.want)
+		})
+	}
+}
