@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"fmt"
 	"math/rand/v2"
 	"net"
@@ -356,6 +357,43 @@ func TestRelayHostileGuestNeedsReset(t *testing.T) {
 	})
 	assert.ErrorIs(t, s.dev.Err(), vring.ErrAvailIdxJump)
 	// Reset recovers the device.
+	require.NoError(t, s.dev.Write(mdev.RegionCommon, mdev.OffDeviceStatus, 1, 0))
+	assert.EqualValues(t, 0, s.dev.Status())
+}
+
+// A packed guest ring under the relay that makes a descriptor available
+// with a buffer id beyond the ring (virtio 1.2 §2.8.6) breaks only that
+// device: NEEDS_RESET with the ring's typed error, and reset recovers it.
+func TestRelayHostilePackedGuestNeedsReset(t *testing.T) {
+	s := newSide(t, testGuestMem, mdev.DirtyRelay)
+	g, err := mdevtest.Boot(s.dev, s.mem, 100, &mdevtest.Options{QueueSize: 200, Features: virtio.FRingPacked.Bit()})
+	require.NoError(t, err)
+	log, err := dirty.New(testGuestMem, nil)
+	require.NoError(t, err)
+	closeLogAfter(t, log, s)
+	mode, err := s.dev.StartDirtyTracking(log)
+	require.NoError(t, err)
+	require.Equal(t, mdev.DirtyRelay, mode)
+	for !g.Done() {
+		g.Step()
+	}
+	require.NoError(t, g.Verify())
+	// transmitq0 (mdevtest: ring at 0x11000) made 100 chains available
+	// from index 0 on lap 1: index 100 is next. Its id|flags word: id 500,
+	// AVAIL set and USED clear for wrap counter 1.
+	desc := vring.GuestAddr(0x11000 + 16*100)
+	d := make([]byte, 16)
+	binary.LittleEndian.PutUint64(d, 0x100000)
+	binary.LittleEndian.PutUint32(d[8:], 64)
+	binary.LittleEndian.PutUint16(d[12:], 500)
+	binary.LittleEndian.PutUint16(d[14:], 1<<7)
+	require.NoError(t, s.mem.Write(desc, d))
+	require.NoError(t, s.dev.Write(mdev.RegionNotify, 1*mdev.NotifyOffMultiplier, 2, 1))
+	waitFor(t, msg("NEEDS_RESET"), func() bool {
+		st, _ := s.dev.Read(mdev.RegionCommon, mdev.OffDeviceStatus, 1)
+		return virtio.Status(st)&virtio.StatusDeviceNeedsReset != 0
+	})
+	assert.ErrorIs(t, s.dev.Err(), vring.ErrBufferIDOutOfRange)
 	require.NoError(t, s.dev.Write(mdev.RegionCommon, mdev.OffDeviceStatus, 1, 0))
 	assert.EqualValues(t, 0, s.dev.Status())
 }

@@ -85,6 +85,12 @@
 //	-object memory-backend-memfd,id=mem,size=512M,share=on -machine q35,memory-backend=mem
 //	-device '{"driver":"vfio-user-pci","id":"n0","socket":{"path":"/tmp/vfu.sock","type":"unix"}}'
 //
+// The guest's own virtio_pci driver chooses the ring format: the device
+// offers VIRTIO_F_RING_PACKED whenever mdev does (its backing device offers
+// it), so a Linux guest runs packed rings (there is no packed=on property
+// on vfio-user-pci; mask the bit with mdev.Options.Features for split
+// rings). vfiousertest's Driver does either (DriverOptions.Packed).
+//
 // QEMU 11.1's client DMA-maps guest RAM with memfd descriptors, reads the
 // whole configuration space, registers MSI-X eventfds when the guest
 // enables MSI-X and again when it unmasks vectors (after DRIVER_OK), and
