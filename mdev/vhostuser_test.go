@@ -50,20 +50,38 @@ func vhostUserSide(t *testing.T, size uint64, mode mdev.DirtyMode) *side {
 
 // Migration between two vhost-user back-ends under traffic: with the
 // back-end's own log (SET_LOG_BASE with a shared bitmap, LOG_ALL
-// negotiated) and with the relay.
+// negotiated) and with the relay, on split and packed guest rings (packed:
+// the back-end logs used descriptors in the descriptor ring; the relay runs
+// split shadow rings behind the packed guest ring).
 func TestMigrateVhostUser(t *testing.T) {
-	for _, mode := range []mdev.DirtyMode{mdev.DirtyDeviceLog, mdev.DirtyRelay} {
-		t.Run(mode.String(), func(t *testing.T) {
-			const frames = 20000
-			src := vhostUserSide(t, testGuestMem, mode)
-			dst := vhostUserSide(t, testGuestMem, mode)
-			m := startMigration(t, src, dst, migrationOptions{size: testGuestMem, frames: frames,
-				rate: 5000, seed: 3, dstSeed: 4, log: &dirty.Options{Shared: true}})
-			waitFor(t, msg("traffic"), func() bool { s, _, _, _ := m.g.Stats(); return s >= frames/4 })
+	for _, rf := range ringFormats {
+		for _, mode := range []mdev.DirtyMode{mdev.DirtyDeviceLog, mdev.DirtyRelay} {
+			t.Run(rf.name+"/"+mode.String(), func(t *testing.T) {
+				if rf.guest != nil && mode == mdev.DirtyRelay {
+					// Switching into the relay renegotiates the back-end
+					// without RING_PACKED; vhostuser's back-end keeps the
+					// suspended packed rings' size-200 configuration over
+					// SET_STATUS 0 and re-validates it under the new
+					// (split) features at SET_MEM_TABLE, which it refuses
+					// (vdpa/vhostuser backend.go setMemTable). The relay
+					// itself runs packed guests (TestRelaySwitchUnderTraffic,
+					// TestMigrateUnderTraffic on vdpa.Local).
+					t.Skip("vhostuser back-end refuses SET_MEM_TABLE after a RING_PACKED -> split renegotiation with an odd-sized ring configured")
+				}
+				const frames = 20000
+				src := vhostUserSide(t, testGuestMem, mode)
+				dst := vhostUserSide(t, testGuestMem, mode)
+				m := startMigration(t, src, dst, migrationOptions{size: testGuestMem, frames: frames, guest: rf.guest,
+					rate: 5000, seed: 3, dstSeed: 4, log: &dirty.Options{Shared: true}})
+				packed := rf.guest != nil
+				require.Equal(t, packed, src.dev.DriverFeatures().Has(virtio.FRingPacked))
+				waitFor(t, msg("traffic"), func() bool { s, _, _, _ := m.g.Stats(); return s >= frames/4 })
 
-			rep := m.switchOver(dirty.TrackerOptions{Bandwidth: 2e9, DowntimeTarget: 2 * time.Millisecond, MaxRounds: 8})
-			assert.Equal(t, mode, rep.Mode)
-			m.finish()
-		})
+				rep := m.switchOver(dirty.TrackerOptions{Bandwidth: 2e9, DowntimeTarget: 2 * time.Millisecond, MaxRounds: 8})
+				assert.Equal(t, mode, rep.Mode)
+				m.finish()
+				assert.Equal(t, packed, dst.dev.DriverFeatures().Has(virtio.FRingPacked))
+			})
+		}
 	}
 }
