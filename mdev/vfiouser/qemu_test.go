@@ -406,6 +406,7 @@ func TestQEMUINTxRebind(t *testing.T) {
 	assert.Zero(t, kvs(irq)["msix"], "pci=nomsi: the line interrupt")
 	rebindCounts(t, ctx, v, r)
 	assert.NotZero(t, r.srv.Stats().IntxTriggers)
+	assert.True(t, r.srv.Device().DriverFeatures().Has(virtio.FRingPacked), "the guest runs packed rings")
 }
 
 func TestQEMUMultiQueueRebind(t *testing.T) {
@@ -436,4 +437,7 @@ func TestQEMUVhostUserBacking(t *testing.T) {
 	r := startServerBacking(t, ctx, sock, 1, true, false)
 	v := bootQEMU(t, ctx, qemu, helper, sock, "rebind", false)
 	rebindCounts(t, ctx, v, r)
+	// The device offered RING_PACKED (the vhost-user back-end does): the
+	// guest runs packed rings over the vhost-user backing.
+	assert.True(t, r.srv.Device().DriverFeatures().Has(virtio.FRingPacked))
 }
