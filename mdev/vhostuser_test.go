@@ -57,17 +57,6 @@ func TestMigrateVhostUser(t *testing.T) {
 	for _, rf := range ringFormats {
 		for _, mode := range []mdev.DirtyMode{mdev.DirtyDeviceLog, mdev.DirtyRelay} {
 			t.Run(rf.name+"/"+mode.String(), func(t *testing.T) {
-				if rf.guest != nil && mode == mdev.DirtyRelay {
-					// Switching into the relay renegotiates the back-end
-					// without RING_PACKED; vhostuser's back-end keeps the
-					// suspended packed rings' size-200 configuration over
-					// SET_STATUS 0 and re-validates it under the new
-					// (split) features at SET_MEM_TABLE, which it refuses
-					// (vdpa/vhostuser backend.go setMemTable). The relay
-					// itself runs packed guests (TestRelaySwitchUnderTraffic,
-					// TestMigrateUnderTraffic on vdpa.Local).
-					t.Skip("vhostuser back-end refuses SET_MEM_TABLE after a RING_PACKED -> split renegotiation with an odd-sized ring configured")
-				}
 				const frames = 20000
 				src := vhostUserSide(t, testGuestMem, mode)
 				dst := vhostUserSide(t, testGuestMem, mode)

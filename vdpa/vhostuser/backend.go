@@ -699,9 +699,26 @@ func (s *session) setFeatures(f virtio.Features) error {
 	dev := f &^ virtio.FProtocolFeat.Bit() &^ virtio.FLogAll.Bit()
 	old := s.features &^ virtio.FProtocolFeat.Bit() &^ virtio.FLogAll.Bit()
 	running := s.stopAllRunning()
+	formatChanged := s.featuresSet && f.Has(virtio.FRingPacked) != s.features.Has(virtio.FRingPacked)
 	s.features, s.featuresSet = f, true
 	if !f.Has(virtio.FLogAll) {
 		s.dropPending()
+	}
+	if formatChanged {
+		// A ring's size, addresses and position mean different things
+		// in the split and the packed format (a packed size need not be
+		// a power of two, the areas differ, the base word differs), so a
+		// front-end that renegotiates the format (mdev switching a
+		// packed guest onto split shadow rings, a driver reset) sets each
+		// ring up again; what was configured before is dropped rather
+		// than re-read under the new rules. The eventfds stay.
+		for i := range s.queues {
+			q := &s.queues[i]
+			q.num, q.addr, q.addrSet = 0, VringAddr{}, false
+			q.base, q.baseSet, q.saved, q.kicked = 0, false, nil, false
+		}
+		running = nil
+		s.b.log.Info("vhost-user: ring format renegotiated; ring configuration dropped", "packed", f.Has(virtio.FRingPacked))
 	}
 	if !s.handlerSet || dev != old {
 		if err := s.h.SetFeatures(dev); err != nil {
