@@ -116,6 +116,12 @@ func (n *netns) run(fn func()) {
 // socket and returns how many were answered (each waited for up to 5 s).
 func (n *netns) ping(dst string, count int) int {
 	n.t.Helper()
+	return n.pingWait(dst, count, 5*time.Second)
+}
+
+// pingWait is ping with each reply waited for up to wait.
+func (n *netns) pingWait(dst string, count int, wait time.Duration) int {
+	n.t.Helper()
 	var c net.PacketConn
 	n.run(func() {
 		var err error
@@ -131,7 +137,7 @@ func (n *netns) ping(dst string, count int) int {
 			Id: id, Seq: uint16(seq)}, []byte("vdpakit hostnet ping"))
 		_, err := c.WriteTo(req, &net.IPAddr{IP: net.ParseIP(dst)})
 		require.NoError(n.t, err)
-		require.NoError(n.t, c.SetReadDeadline(time.Now().Add(5*time.Second)))
+		require.NoError(n.t, c.SetReadDeadline(time.Now().Add(wait)))
 		for {
 			k, _, err := c.ReadFrom(buf)
 			if err != nil {
