@@ -26,6 +26,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -127,7 +128,7 @@ func runHostTap(t *testing.T, q qemuPeer, helper, bin string, v hostTapVariant) 
 		err    error
 		nbytes int64
 	}
-	var backendPid int
+	var backendPid atomic.Int64 // set once the back-end starts, read by the upload goroutine
 	upc := make(chan upload, 1)
 	go func() {
 		c, err := up.Accept()
@@ -141,8 +142,8 @@ func runHostTap(t *testing.T, q qemuPeer, helper, bin string, v hostTapVariant) 
 		var u upload
 		n, err := io.ReadFull(c, buf[:1])
 		u.start = time.Now()
-		if backendPid != 0 {
-			u.cpu0 = procCPU(backendPid)
+		if pid := int(backendPid.Load()); pid != 0 {
+			u.cpu0 = procCPU(pid)
 		}
 		if err == nil {
 			h.Write(buf[:n])
@@ -151,8 +152,8 @@ func runHostTap(t *testing.T, q qemuPeer, helper, bin string, v hostTapVariant) 
 			u.nbytes = m + 1
 		}
 		u.dur = time.Since(u.start)
-		if backendPid != 0 {
-			u.cpu1 = procCPU(backendPid)
+		if pid := int(backendPid.Load()); pid != 0 {
+			u.cpu1 = procCPU(pid)
 		}
 		u.sum, u.err = hex.EncodeToString(h.Sum(nil)), err
 		upc <- u
@@ -189,7 +190,7 @@ func runHostTap(t *testing.T, q qemuPeer, helper, bin string, v hostTapVariant) 
 		be.Stdout, be.Stderr = beOut, beOut
 		be.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 		require.NoError(t, be.Start())
-		backendPid = be.Process.Pid
+		backendPid.Store(int64(be.Process.Pid))
 		beDone := make(chan struct{})
 		go func() { _ = be.Wait(); close(beDone) }()
 		t.Cleanup(func() {
