@@ -61,11 +61,13 @@ type queue struct {
 	// with one PushBatch (one used.idx store, a full barrier) per
 	// transmit batch, or per frame for a delivery that signals at once.
 	pending []vring.UsedElem
-	// pendFrames and pendBytes (rx) count the frames written into the
-	// pending chains; publishRx adds them to frames and bytes. Counting
-	// with plain adds per frame and one atomic add per run keeps locked
-	// instructions off the per-frame path: the first one after a frame is
-	// written into guest memory waits for all of its stores to drain.
+	// pendFrames and pendBytes count the frames written into the pending
+	// chains (rx; publishRx adds them to frames and bytes) or transmitted
+	// in the current batch (tx; added once per batch). Counting with plain
+	// adds per frame and one atomic add per run keeps locked instructions
+	// off the per-frame path: the first one after a frame is written into
+	// guest memory waits for all of its stores to drain, and in a loopback
+	// those stores go to cache lines the driver's CPU owns.
 	pendFrames, pendBytes uint64
 	tx                    Tx
 	// vh (rx) is the header of the frame being written, num_buffers
@@ -411,6 +413,14 @@ func (d *Device) txBatch(q *queue) (int, error) {
 	hdrLen := int(d.hdrLen.Load())
 	h := d.handler.Load().h
 	oh, _ := h.(OffloadHandler)
+	defer q.endBatch() // also when a memory fault ends the batch
+	// The built-in Loopback replies to every frame and runs nothing else
+	// between replies, so its replies take the receive queue's lock once
+	// for the batch instead of once per frame: each lock and unlock is a
+	// locked instruction, which waits for the stores of the frame just
+	// written (to cache lines the driver's CPU owns) to drain. No handler
+	// of the embedder's runs while it is held.
+	_, q.tx.hold = h.(loopback)
 	var acc virtio.Features
 	if oh != nil {
 		acc = oh.TxOffloads() & HostOffloads
@@ -442,13 +452,25 @@ func (d *Device) txBatch(q *queue) (int, error) {
 		// before the transmit chains that caused them are returned, so a
 		// driver that sees a transmit completion finds its reply already
 		// there (the causal order the unbatched device kept).
-		d.flushRx(q.tx.rxPair)
+		// Counted before the replies are visible: a driver that sees a
+		// reply finds the frame that caused it in Stats.
+		q.countPending()
+		q.tx.flush()
 		if perr := q.dq.PushBatch(used[:n]); perr != nil && err == nil {
 			err = perr
 		}
 		q.signal()
 	}
 	return n, err
+}
+
+// endBatch ends a transmit batch however it ended: the frames it
+// transmitted are counted and a receive queue held for it is released
+// (unpublished replies stay pending for the receive queue's next
+// publication).
+func (q *queue) endBatch() {
+	q.tx.release()
+	q.countPending()
 }
 
 // transmit hands one chain's frame to the handler (oh when it is an
@@ -487,14 +509,14 @@ func (d *Device) transmit(q *queue, h FrameHandler, oh OffloadHandler, acc, f vi
 			return
 		}
 		if !txOffloadOK(&hdr, acc) {
-			q.frames.Add(1)
-			q.bytes.Add(uint64(len(frame)))
+			q.pendFrames++
+			q.pendBytes += uint64(len(frame))
 			d.txSoftware(q, h, oh, &hdr, &p, frame, gathered)
 			return
 		}
 	}
-	q.frames.Add(1)
-	q.bytes.Add(uint64(len(frame)))
+	q.pendFrames++
+	q.pendBytes += uint64(len(frame))
 	if oh != nil {
 		oh.HandleOffload(&q.tx, hdr, frame)
 		return
@@ -576,6 +598,11 @@ func (d *Device) flushRx(pair int) {
 	rx := d.queues[2*pair]
 	rx.mu.Lock()
 	defer rx.mu.Unlock()
+	d.flushLocked(rx)
+}
+
+// flushLocked is flushRx with rx.mu held.
+func (d *Device) flushLocked(rx *queue) {
 	if rx.dq == nil {
 		return
 	}
@@ -648,6 +675,12 @@ func (q *queue) signalGuarded() (err error) {
 // deliver writes frame, with hdr if not nil, into pair's receive queue.
 // With deferIRQ the interrupt is left for flushRx.
 func (d *Device) deliver(pair int, hdr *virtio.NetHdr, frame []byte, deferIRQ bool) error {
+	return d.deliverVia(nil, pair, hdr, frame, deferIRQ)
+}
+
+// deliverVia is deliver by a transmit worker that holds held's lock for
+// its batch (nil: none).
+func (d *Device) deliverVia(held *queue, pair int, hdr *virtio.NetHdr, frame []byte, deferIRQ bool) error {
 	if !d.linkUp.Load() {
 		d.drops.add(DropLinkDown)
 		return ErrLinkDown
@@ -674,13 +707,20 @@ func (d *Device) deliver(pair int, hdr *virtio.NetHdr, frame []byte, deferIRQ bo
 		return ErrFiltered
 	}
 	rx := d.queues[2*pair]
-	rx.mu.Lock()
-	defer rx.mu.Unlock()
+	if rx != held {
+		rx.mu.Lock()
+		defer rx.mu.Unlock()
+	}
+	return d.deliverTo(rx, hdr, &p, frame, deferIRQ)
+}
+
+// deliverTo is deliver after the checks, with rx.mu held.
+func (d *Device) deliverTo(rx *queue, hdr *virtio.NetHdr, p *gsoPacket, frame []byte, deferIRQ bool) error {
 	if rx.dq == nil || rx.loadErr() != nil {
 		d.drops.add(DropRxNotReady)
 		return ErrRxNotReady
 	}
-	if err := d.deliverLocked(rx, hdr, &p, frame, deferIRQ); err != nil {
+	if err := d.deliverLocked(rx, hdr, p, frame, deferIRQ); err != nil {
 		if fe, ok := err.(*vring.FaultError); ok {
 			if inSlice(frame, fe.Addr) {
 				// The frame's own memory faulted (a transmit buffer of the
