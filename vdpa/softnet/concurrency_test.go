@@ -51,23 +51,8 @@ func TestConcurrentLoopbackAndDeliver(t *testing.T) {
 						s.send(2*p+1, frame(s.dev.MAC(), uint32(sent), 100))
 						sent++
 					}
-					for {
-						c, ok, err := s.drv[2*p+1].Receive()
-						require.NoError(t, err)
-						if !ok {
-							break
-						}
-						assert.Zero(t, c.Len)
-					}
-					for {
-						_, ok, err := s.drv[2*p].Receive()
-						require.NoError(t, err)
-						if !ok {
-							break
-						}
-						received++
-						s.postRx(2*p, 1, 2048)
-					}
+					s.reclaimTx(p)
+					received += s.reclaimRx(p)
 				}
 			}
 			wg.Wait()
@@ -77,15 +62,7 @@ func TestConcurrentLoopbackAndDeliver(t *testing.T) {
 				st := s.dev.Stats()
 				done := st.Tx().Frames == uint64(sent)
 				for p := 0; p < 2; p++ {
-					for {
-						_, ok, err := s.drv[2*p].Receive()
-						require.NoError(t, err)
-						if !ok {
-							break
-						}
-						received++
-						s.postRx(2*p, 1, 2048)
-					}
+					received += s.reclaimRx(p)
 				}
 				st = s.dev.Stats()
 				total := uint64(sent + 2*perSender)
@@ -280,23 +257,8 @@ func TestLoopbackWhileActivePairsChange(t *testing.T) {
 			received := [2]int{}
 			reclaim := func() {
 				for p := 0; p < 2; p++ {
-					for {
-						c, ok, err := s.drv[2*p+1].Receive()
-						require.NoError(t, err)
-						if !ok {
-							break
-						}
-						assert.Zero(t, c.Len)
-					}
-					for {
-						_, ok, err := s.drv[2*p].Receive()
-						require.NoError(t, err)
-						if !ok {
-							break
-						}
-						received[p]++
-						s.postRx(2*p, 1, 2048)
-					}
+					s.reclaimTx(p)
+					received[p] += s.reclaimRx(p)
 				}
 			}
 			for p := 0; p < 2; p++ {
@@ -332,5 +294,35 @@ func TestLoopbackWhileActivePairsChange(t *testing.T) {
 			assert.NotZero(t, received[0], "replies steered to pair 0 while one pair was active")
 			assert.NotZero(t, received[1], "replies on pair 1 while two were active")
 		})
+	}
+}
+
+// reclaimTx takes back pair p's used transmit chains (the device writes
+// nothing into them).
+func (s *stack) reclaimTx(p int) {
+	s.t.Helper()
+	for {
+		c, ok, err := s.drv[2*p+1].Receive()
+		require.NoError(s.t, err)
+		if !ok {
+			return
+		}
+		assert.Zero(s.t, c.Len)
+	}
+}
+
+// reclaimRx takes pair p's received frames, posts a 2048-byte buffer for
+// each, and returns how many there were.
+func (s *stack) reclaimRx(p int) int {
+	s.t.Helper()
+	n := 0
+	for {
+		_, ok, err := s.drv[2*p].Receive()
+		require.NoError(s.t, err)
+		if !ok {
+			return n
+		}
+		n++
+		s.postRx(2*p, 1, 2048)
 	}
 }
