@@ -788,7 +788,14 @@ func (s *session) restart(qs []int) error {
 func (s *session) reset() {
 	s.stopAll()
 	for i := range s.queues {
+		// A reset device has no ring configuration: the size, addresses
+		// and position go (the front-end sends them again before it
+		// starts a ring, as QEMU, DPDK and Frontend do). A size kept over
+		// the reset would check the next SET_VRING_BASE of a packed ring
+		// against the old size. The kick and call eventfds and the enable
+		// state stay: they belong to the connection's setup.
 		q := &s.queues[i]
+		q.num, q.addr, q.addrSet = 0, VringAddr{}, false
 		q.saved = nil
 		q.base, q.baseSet = 0, false
 		q.kicked = false

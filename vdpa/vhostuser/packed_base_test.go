@@ -111,3 +111,28 @@ func TestBackendPackedSetVringBaseHostile(t *testing.T) {
 		})
 	}
 }
+
+// RESET_DEVICE forgets the rings' size, addresses and position: a packed
+// SET_VRING_BASE that only a larger ring can be at, sent before that
+// ring's SET_VRING_NUM, is accepted after a reset (it was refused against
+// the size from before the reset), and a kick without the configuration
+// sent again does not start the ring.
+func TestBackendResetDeviceForgetsRingConfiguration(t *testing.T) {
+	g := newLCGuestWith(t, lcPackedFeatures)
+	c := g.connect(lcDevice(t))
+	c.negotiatePacked()
+	c.send(ReqSetVringNum, VringState{Index: lcQueue, Num: lcSize}.Encode())
+	c.send(ReqResetDevice, nil)
+	c.send(ReqSetFeatures, putU64(uint64(lcPackedFeatures)))
+	word := packedBaseWord(lcSize+10, true, lcSize+10, true) // a position only a ring of more than lcSize+10 can be at
+	c.send(ReqSetVringBase, VringState{Index: lcQueue, Num: word}.Encode())
+	c.send(ReqSetVringNum, VringState{Index: lcQueue, Num: 2 * lcSize}.Encode())
+	c.send(ReqSetVringKick, putU64(lcQueue), g.kick.Fd())
+	assert.Equal(t, 0, c.running(), "no addresses since the reset: the ring does not start")
+	assert.Equal(t, word, c.base32(), "GET_VRING_BASE answers the position set after the reset")
+	select {
+	case err := <-c.done:
+		t.Fatalf("session ended: %v", err)
+	default:
+	}
+}
