@@ -409,6 +409,9 @@ func (h *Harness) peerDPDK(ctx context.Context) {
 	// rates[key] has one entry per round (NaN when that run failed), so
 	// index r of both back-ends is round r.
 	rates := map[string][]float64{}
+	// probes[key] has the cross-CPU round trip (ns) measured just before
+	// each round's run, index r for round r, as rates.
+	probes := map[string][]float64{}
 	pins := map[string]scenarioRun{}
 	failed := map[string]error{}
 	seq := 0
@@ -422,8 +425,10 @@ func (h *Harness) peerDPDK(ctx context.Context) {
 				k := key(sc, be)
 				if failed[k] != nil {
 					rates[k] = append(rates[k], math.NaN())
+					probes[k] = append(probes[k], math.NaN())
 					continue
 				}
+				probes[k] = append(probes[k], probeState(h.cfg.HostCPU, h.cfg.GuestCPU))
 				seq++
 				h.prog.Step("peers: round %d/%d testpmd virtio-user %s, %d queue pair(s), against %s (%v)", r+1, h.cfg.PeerRounds, sc.mode(), sc.queues, be.Name(), runFor)
 				run, err := dpdkScenario(ctx, bin, be, sc, runFor, h.cfg.HostCPU, h.cfg.GuestCPU, seq)
@@ -446,6 +451,7 @@ func (h *Harness) peerDPDK(ctx context.Context) {
 			p := copyParams(params)
 			p["backend"] = be.Name()
 			p["samples_mpps"] = finite(rates[k])
+			p["xcpu_round_trip_ns"] = finite(probes[k])
 			if run, ok := pins[k]; ok {
 				p["pinning"] = fmt.Sprintf("front-end testpmd: %s; back-end: %s", run.frontPin, run.backPin)
 			}
@@ -467,7 +473,22 @@ func (h *Harness) peerDPDK(ctx context.Context) {
 		}
 		if _, ok := one(lib); ok && dpdkOK {
 			c := Compare(rates[key(sc, lib)], rates[key(sc, dpdk)])
-			h.addComparison(suite, "ratio "+label+": vdpakit / DPDK net_vhost", params, c, "")
+			// Rounds that ran in different machine states (see xcpu.go)
+			// compare nothing: the state moves both sides by more than
+			// the difference being measured.
+			changed, span := stateChanged(append(append([]float64(nil), probes[key(sc, lib)]...), probes[key(sc, dpdk)]...))
+			p := copyParams(params)
+			p["xcpu_round_trip"] = span
+			if changed && !c.Inconclusive {
+				c.Inconclusive = true
+				c.Why = fmt.Sprintf("the machine changed state between rounds (%s, more than %.1fx)", span, stateShift)
+			}
+			note := span
+			if bs := byState(rates[key(sc, lib)], rates[key(sc, dpdk)], probes[key(sc, lib)], probes[key(sc, dpdk)]); bs != "" {
+				note += "; " + bs
+				p["by_state"] = bs
+			}
+			h.addComparison(suite, "ratio "+label+": vdpakit / DPDK net_vhost", p, c, note)
 		}
 	}
 }
