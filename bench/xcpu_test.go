@@ -30,8 +30,9 @@ func TestStateChanged(t *testing.T) {
 		changed bool
 	}{
 		{"one state", []float64{210, 230, 220, 215}, false},
-		{"just within", []float64{200, 299}, false},
-		{"two states", []float64{120, 125, 210, 118}, true},
+		{"the slow state's two levels", []float64{440, 970, 460}, false},
+		{"just within", []float64{200, 499}, false},
+		{"two states", []float64{120, 125, 450, 118}, true},
 		{"unprobed rounds ignored", []float64{nan, 200, nan, 210}, false},
 		{"none probed", []float64{nan, nan}, false},
 		{"empty", nil, false},
@@ -52,7 +53,7 @@ func TestByState(t *testing.T) {
 	pa := []float64{100, 110, 480, 500, 840}
 	pb := []float64{95, 130, 480, 590, 120}
 	got := byState(a, b, pa, pb)
-	assert.Contains(t, got, "fast (round trip ≤ 142 ns) 1.11x [0.93–1.29] over 2 round pair(s)")
+	assert.Contains(t, got, "fast (round trip ≤ 238 ns) 1.11x [0.93–1.29] over 2 round pair(s)")
 	assert.Contains(t, got, "slow 0.83x [0.75–0.92] over 2")
 	assert.Empty(t, byState(a, b, []float64{100, 100, 100, 100, 100}, []float64{100, 100, 100, 100, 100}), "one state")
 	assert.Empty(t, byState(a, b, []float64{nan, nan}, []float64{nan, nan}), "not probed")
