@@ -334,19 +334,7 @@ func (g *Guest) Step() bool {
 			bad++
 			continue
 		}
-		if seq, ok := g.checkFrame(id, n, sent); ok {
-			c := g.countsAddr() + seq
-			if g.ram[c] != 0 {
-				dup++
-			}
-			if g.ram[c] < 255 {
-				g.ram[c]++
-				g.mark(c, 1)
-			}
-			received++
-		} else {
-			bad++
-		}
+		g.tally(id, n, sent, &received, &dup, &bad)
 		slot := int(g.rx.Avail) + 4 + 2*int(rxAvail%g.q)
 		le.PutUint16(g.ram[slot:], uint16(id))
 		g.mark(uint64(slot), 2)
@@ -497,19 +485,7 @@ func (g *Guest) stepPacked() bool {
 			bad++
 			continue
 		}
-		if seq, ok := g.checkFrame(uint32(id), n, sent); ok {
-			c := g.countsAddr() + seq
-			if g.ram[c] != 0 {
-				dup++
-			}
-			if g.ram[c] < 255 {
-				g.ram[c]++
-				g.mark(c, 1)
-			}
-			received++
-		} else {
-			bad++
-		}
+		g.tally(uint32(id), n, sent, &received, &dup, &bad)
 		aidx, awrap := vring.PackedPosition(rxAvail)
 		g.postPacked(g.rx, aidx, id, bufAddr+uint64(id)*bufSize, bufSize, pdescWrite, awrap)
 		rxAvail = advance(rxAvail, g.q)
@@ -576,6 +552,27 @@ func (g *Guest) buildFrame(seq uint64, addr uint64) int {
 }
 
 // checkFrame validates the frame in receive buffer id (n bytes written).
+// tally checks the frame received in buffer id (n bytes written) and
+// counts it: received (and dup when its sequence number came before) or
+// bad. Each sequence number's count lives in guest memory (logged dirty),
+// so that a migrated guest keeps it.
+func (g *Guest) tally(id, n uint32, sent uint64, received, dup, bad *uint64) {
+	seq, ok := g.checkFrame(id, n, sent)
+	if !ok {
+		*bad++
+		return
+	}
+	c := g.countsAddr() + seq
+	if g.ram[c] != 0 {
+		*dup++
+	}
+	if g.ram[c] < 255 {
+		g.ram[c]++
+		g.mark(c, 1)
+	}
+	*received++
+}
+
 func (g *Guest) checkFrame(id, n uint32, sent uint64) (uint64, bool) {
 	if n < hdrLen+minFrame || n > bufSize {
 		return 0, false
