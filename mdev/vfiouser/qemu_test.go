@@ -160,8 +160,12 @@ func bootQEMU(t *testing.T, ctx context.Context, qemu, helper, sock, mode string
 // markers returns the fields of every "QEMUGUEST-<nonce> word ..." line.
 func (v *vm) markers(word string) [][]string {
 	prefix := "QEMUGUEST-" + v.nonce + " " + word
+	// Only complete lines: the console is read while the guest writes it,
+	// and a marker cut after its word would read as one without fields.
+	out := v.out.String()
+	out = out[:strings.LastIndexByte(out, '\n')+1]
 	var all [][]string
-	sc := bufio.NewScanner(strings.NewReader(v.out.String()))
+	sc := bufio.NewScanner(strings.NewReader(out))
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
 		line := strings.TrimRight(sc.Text(), "\r")

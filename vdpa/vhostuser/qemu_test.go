@@ -678,22 +678,19 @@ func (vm *qemuVM) waitMarker(ctx context.Context, nonce, word string) ([]string,
 }
 
 func findMarker(console, nonce, word string) ([]string, bool) {
-	prefix := "QEMUGUEST-" + nonce + " " + word
-	sc := bufio.NewScanner(strings.NewReader(console))
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		line := strings.TrimRight(sc.Text(), "\r")
-		if line == prefix || strings.HasPrefix(line, prefix+" ") {
-			return strings.Fields(line)[2:], true
-		}
+	if all := findMarkers(console, nonce, word); len(all) > 0 {
+		return all[0], true
 	}
 	return nil, false
 }
 
 // findMarkers returns the fields after the word of every marker line
-// "QEMUGUEST-<nonce> <word> ...".
+// "QEMUGUEST-<nonce> <word> ...". Only complete lines count: the console
+// is read while the guest writes it, and a marker cut after its word
+// would read as one without fields.
 func findMarkers(console, nonce, word string) [][]string {
 	prefix := "QEMUGUEST-" + nonce + " " + word
+	console = console[:strings.LastIndexByte(console, '\n')+1]
 	var all [][]string
 	for _, line := range strings.Split(console, "\n") {
 		line = strings.TrimRight(line, "\r")
