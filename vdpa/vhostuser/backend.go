@@ -230,8 +230,16 @@ func (b *Backend) ServeConn(ctx context.Context, uc *net.UnixConn) error {
 	b.info = SessionInfo{Connected: true, Sessions: b.info.Sessions + 1}
 	b.mu.Unlock()
 	b.log.Info("vhost-user front-end connected")
-	stop := context.AfterFunc(ctx, func() { uc.Close() })
-	defer stop()
+	// ctx's end closes uc from another goroutine. If that close has
+	// started, wait for it: a second Close returns at once, before the
+	// descriptor is released, and ServeConn promises it is gone.
+	closing := make(chan struct{})
+	stop := context.AfterFunc(ctx, func() { defer close(closing); uc.Close() })
+	defer func() {
+		if !stop() {
+			<-closing
+		}
+	}()
 	defer s.teardown()
 	if r, ok := b.h.(vdpa.QueueErrReporter); ok {
 		wctx, cancel := context.WithCancel(ctx)
