@@ -19,9 +19,16 @@ import (
 // with a plain load: the atomic OR / atomic swap pair must order the two
 // (the race detector checks it, the value check catches a stale read), and
 // the union of all harvests must be every page marked, each harvested once.
+// With "cache", each marker marks through its own Cache and flushes every
+// few marks and at its end: the flush's atomic ORs must order the content
+// stores before the bits just as Mark does.
 func TestConcurrentMarkHarvest(t *testing.T) {
-	for _, into := range []string{"bitmap", "words"} {
-		t.Run(into, func(t *testing.T) {
+	for _, mode := range []string{"bitmap", "words", "cache"} {
+		into := mode
+		if mode == "cache" {
+			into = "bitmap"
+		}
+		t.Run(mode, func(t *testing.T) {
 			const (
 				pages   = 1 << 16
 				markers = 8
@@ -46,14 +53,28 @@ func TestConcurrentMarkHarvest(t *testing.T) {
 						own = append(own, p)
 					}
 					r.Shuffle(len(own), func(i, j int) { own[i], own[j] = own[j], own[i] })
-					for _, p := range own {
+					var mark func(addr, n uint64) error = log.Mark
+					cache := log.NewCache()
+					if mode == "cache" {
+						mark = cache.Mark
+					}
+					for k, p := range own {
 						content[p] = p*2654435761 + 1 // plain store, then mark
 						off := r.Uint64N(dirty.DefaultPageSize)
 						n := 1 + r.Uint64N(dirty.DefaultPageSize-off)
-						if err := log.Mark(p*dirty.DefaultPageSize+off, n); err != nil {
+						if err := mark(p*dirty.DefaultPageSize+off, n); err != nil {
 							t.Error(err)
 							return
 						}
+						if k%(1+int(p%29)) == 0 {
+							if err := cache.Flush(); err != nil {
+								t.Error(err)
+								return
+							}
+						}
+					}
+					if err := cache.Flush(); err != nil {
+						t.Error(err)
 					}
 				}()
 			}

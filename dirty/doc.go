@@ -33,6 +33,15 @@
 // it back with Union (or UnionWords). DirtyPages and DirtyRuns iterate
 // pages and runs of pages; Count counts them.
 //
+// A Cache (Bitmap.NewCache) batches one writer's marks: a mark into a word
+// it already holds is a plain OR, and Flush applies each word with one
+// atomic OR. A device queue's burst of buffers, used entries and used index
+// then costs an atomic per distinct word instead of one per mark. A Cache
+// belongs to one goroutine, and its marks reach the log only when it is
+// flushed (see Cache for who flushes when); vring's DeviceQueue flushes one
+// given as its logger at every push, and the servers in package vdpa give
+// each ring its own.
+//
 // # Size and memory
 //
 // New refuses a log larger than MemoryLimit, a quarter of the machine's

@@ -50,6 +50,27 @@ func ExampleBitmap_Mark() {
 	// <nil>
 }
 
+// A device queue's goroutine batches its marks in a Cache and flushes them
+// once per burst, after the writes and before the log is read.
+func ExampleCache() {
+	log, _ := dirty.New(1<<30, nil)
+	c := log.NewCache()
+
+	// A burst: 32 receive buffers of 2 KiB in 16 consecutive pages, and
+	// the used ring's page.
+	for i := range uint64(32) {
+		_ = c.Mark(0x10_0000+i*2048, 1500)
+	}
+	_ = c.Mark(0x2000, 8)
+	fmt.Println("cached words:", c.Pending(), "in the log:", log.Count())
+
+	_ = c.Flush() // one atomic OR per word
+	fmt.Println("cached words:", c.Pending(), "in the log:", log.Count())
+	// Output:
+	// cached words: 2 in the log: 0
+	// cached words: 0 in the log: 17
+}
+
 // A consumer that fails to send what it harvested puts it back, so the
 // next harvest returns it again.
 func ExampleBitmap_Union() {

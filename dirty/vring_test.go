@@ -9,6 +9,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/vdpakit/vdpakit/dirty"
+	"github.com/vdpakit/vdpakit/virtio"
 	"github.com/vdpakit/vdpakit/vring"
 	"github.com/vdpakit/vdpakit/vring/vringtest"
 )
@@ -116,16 +117,31 @@ type ringBench struct {
 	dev  *vring.DeviceQueue
 	bufs []vring.Buffer
 	c    vring.Chain
+	// With burst > 0, batch pops burst chains at a time, logs each with
+	// LogChain and returns them with one PushBatch, as softnet's receive
+	// path does.
+	burst int
+	cs    []vring.Chain
+	elems []vring.UsedElem
 }
 
-func newRingBench(tb testing.TB, logged bool) *ringBench {
+// The loggers of a ringBench.
+const (
+	unlogged = iota
+	logged   // a *Bitmap
+	cached   // a *Cache on a Bitmap
+)
+
+func newRingBench(tb testing.TB, mode int) *ringBench {
 	h, err := vringtest.New(&vringtest.Options{Size: 256})
 	require.NoError(tb, err)
 	tb.Cleanup(func() { h.Close() })
 	var logger vring.WriteLogger
-	if logged {
-		log := mustNew(tb, regionSize(tb, h.Mem))
-		logger = log
+	switch mode {
+	case logged:
+		logger = mustNew(tb, regionSize(tb, h.Mem))
+	case cached:
+		logger = mustNew(tb, regionSize(tb, h.Mem)).NewCache()
 	}
 	dev, err := vring.NewDeviceQueue(h.Mem, vring.DeviceQueueOptions{Layout: h.Layout, Log: logger})
 	require.NoError(tb, err)
@@ -152,7 +168,7 @@ func (r *ringBench) batch(tb testing.TB, n int, timed func(on bool)) {
 	}
 	r.drv.Publish()
 	timed(true)
-	for range n {
+	for k := 0; k < n && r.burst == 0; k++ {
 		ok, err := r.dev.Pop(&r.c)
 		if err != nil || !ok {
 			tb.Fatal(ok, err)
@@ -160,6 +176,23 @@ func (r *ringBench) batch(tb testing.TB, n int, timed func(on bool)) {
 		if err := r.dev.PushChain(&r.c, 1500); err != nil {
 			tb.Fatal(err)
 		}
+	}
+	for k := 0; k < n && r.burst > 0; {
+		cs := r.cs[:min(r.burst, n-k)]
+		got, err := r.dev.PopBatch(cs)
+		if err != nil || got != len(cs) {
+			tb.Fatal(got, err)
+		}
+		for i := range cs {
+			if err := r.dev.LogChain(&cs[i], 1500); err != nil {
+				tb.Fatal(err)
+			}
+			r.elems[i] = vring.UsedElem{Head: cs[i].Head, Len: 1500}
+		}
+		if err := r.dev.PushBatch(r.elems[:len(cs)]); err != nil {
+			tb.Fatal(err)
+		}
+		k += len(cs)
 	}
 	timed(false)
 	for range n {
@@ -171,16 +204,12 @@ func (r *ringBench) batch(tb testing.TB, n int, timed func(on bool)) {
 
 // BenchmarkRingPopPush measures the device side of a split ring, Pop then
 // PushChain (used entry, used.idx, and 1500 written bytes), without a
-// logger and with a *Bitmap as the logger. The driver side runs with the
-// timer stopped.
+// logger, with a *Bitmap as the logger, and with a *Cache. The driver side
+// runs with the timer stopped.
 func BenchmarkRingPopPush(b *testing.B) {
-	for _, logged := range []bool{false, true} {
-		name := "unlogged"
-		if logged {
-			name = "logged"
-		}
+	for mode, name := range []string{"unlogged", "logged", "cached"} {
 		b.Run(name, func(b *testing.B) {
-			r := newRingBench(b, logged)
+			r := newRingBench(b, mode)
 			b.ReportAllocs()
 			timer := func(on bool) {
 				if on {
@@ -206,9 +235,18 @@ func BenchmarkRingPopPush(b *testing.B) {
 // logged/unlogged (medians, because a shared machine's spikes would swamp
 // means).
 func BenchmarkRingLogOverhead(b *testing.B) {
+	b.Run("per-chain", func(b *testing.B) { benchLogOverhead(b, 0) })
+	b.Run("burst32", func(b *testing.B) { benchLogOverhead(b, 32) })
+}
+
+func benchLogOverhead(b *testing.B, burst int) {
 	const batch = 128
-	plain, logged := newRingBench(b, false), newRingBench(b, true)
-	var tPlain, tLogged []time.Duration
+	rings := []*ringBench{newRingBench(b, unlogged), newRingBench(b, logged), newRingBench(b, cached)}
+	for _, r := range rings {
+		r.burst, r.cs, r.elems = burst, make([]vring.Chain, burst), make([]vring.UsedElem, burst)
+		r.batch(b, batch, func(bool) {}) // warm up the chains' segment slices
+	}
+	times := make([][]time.Duration, len(rings))
 	stopwatch := func(acc *[]time.Duration) func(bool) {
 		var start time.Time
 		return func(on bool) {
@@ -219,17 +257,119 @@ func BenchmarkRingLogOverhead(b *testing.B) {
 			}
 		}
 	}
-	swPlain, swLogged := stopwatch(&tPlain), stopwatch(&tLogged)
+	sws := make([]func(bool), len(rings))
+	for i := range rings {
+		sws[i] = stopwatch(&times[i])
+	}
 	for b.Loop() {
-		plain.batch(b, batch, swPlain)
-		logged.batch(b, batch, swLogged)
+		for i, r := range rings {
+			r.batch(b, batch, sws[i])
+		}
 	}
 	median := func(ds []time.Duration) float64 {
 		slices.Sort(ds)
 		return float64(ds[len(ds)/2].Nanoseconds()) / batch
 	}
-	mp, ml := median(tPlain), median(tLogged)
+	mp, ml, mc := median(times[0]), median(times[1]), median(times[2])
 	b.ReportMetric(mp, "unlogged-ns/chain")
 	b.ReportMetric(ml, "logged-ns/chain")
+	b.ReportMetric(mc, "cached-ns/chain")
 	b.ReportMetric(ml/mp, "logged/unlogged")
+	b.ReportMetric(mc/mp, "cached/unlogged")
+}
+
+// TestVringCacheFlushesAtPublication checks a device queue whose logger is
+// a dirty.Cache, split and packed: the queue's setup leaves nothing cached;
+// LogChain's marks wait in the cache until the push that publishes the
+// chain (or FlushLog), and that push applies them together with the ring's
+// own writes; notification changes flush their marks; and a flush into a
+// log closed meanwhile fails the push with ErrLogWrite and breaks the queue
+// rather than dropping the marks silently.
+func TestVringCacheFlushesAtPublication(t *testing.T) {
+	for _, packed := range []bool{false, true} {
+		name := "split"
+		var f virtio.Features
+		if packed {
+			name, f = "packed", virtio.FRingPacked.Bit()|virtio.FEventIdx.Bit()
+		}
+		t.Run(name, func(t *testing.T) {
+			h, err := vringtest.New(&vringtest.Options{Size: 16, SlotSize: 8192, Features: f, NoDevice: true})
+			require.NoError(t, err)
+			defer h.Close()
+			log, err := dirty.New(regionSize(t, h.Mem), &dirty.Options{Shared: true})
+			require.NoError(t, err)
+			cache := log.NewCache()
+			dev, err := vring.NewDeviceQueue(h.Mem, vring.DeviceQueueOptions{
+				Layout: h.Layout, Features: f, Log: cache, State: vring.InitialState(f)})
+			require.NoError(t, err)
+			require.Zero(t, cache.Pending(), "queue setup left marks cached")
+			_, err = log.Harvest(mustNew(t, log.Span()))
+			require.NoError(t, err)
+
+			pagesOf := func(s vring.Segment, n uint64) []uint64 {
+				var ps []uint64
+				for p := uint64(s.Addr) / 4096; p <= (uint64(s.Addr)+n-1)/4096; p++ {
+					ps = append(ps, p)
+				}
+				return ps
+			}
+			pop := func() vring.Chain {
+				_, _, err := h.Driver.Send([][]byte{make([]byte, 10)}, []uint32{6000})
+				require.NoError(t, err)
+				var c vring.Chain
+				ok, err := dev.Pop(&c)
+				require.NoError(t, err)
+				require.True(t, ok)
+				require.Len(t, c.Segs, 2)
+				return c
+			}
+
+			// LogChain, then PushBatch.
+			c := pop()
+			const written = 5000
+			require.NoError(t, dev.LogChain(&c, written))
+			assert.NotZero(t, cache.Pending())
+			assert.Zero(t, log.Count(), "LogChain's marks reached the log before the push")
+			require.NoError(t, dev.PushBatch([]vring.UsedElem{{Head: c.Head, Len: written}}))
+			assert.Zero(t, cache.Pending())
+			got := collect(log)
+			for _, p := range pagesOf(c.Segs[1], written) {
+				assert.Contains(t, got, p, "written page missing after the push")
+			}
+			ringPage := uint64(h.Layout.Desc) / 4096 // packed: used descriptors
+			if !packed {
+				ringPage = uint64(h.Layout.Used) / 4096
+			}
+			assert.Contains(t, got, ringPage, "ring write missing after the push")
+			_, err = log.Harvest(mustNew(t, log.Span()))
+			require.NoError(t, err)
+
+			// LogChain, then FlushLog (a queue stopped before the push).
+			c = pop()
+			require.NoError(t, dev.LogChain(&c, 100))
+			require.NoError(t, dev.FlushLog())
+			assert.Equal(t, pagesOf(c.Segs[1], 100), collect(log))
+			require.NoError(t, dev.PushChain(&c, 100))
+			assert.Zero(t, cache.Pending())
+
+			// Notification changes flush what they wrote.
+			_, err = dev.EnableNotify()
+			require.NoError(t, err)
+			assert.Zero(t, cache.Pending())
+			dev.DisableNotify()
+			assert.Zero(t, cache.Pending())
+
+			// The log closes with marks cached: the push fails loudly.
+			c = pop()
+			require.NoError(t, dev.LogChain(&c, 100))
+			require.NoError(t, log.Close())
+			err = dev.PushChain(&c, 100)
+			if err == nil { // packed PushChain logs the chain itself: it flushed into the closed log
+				t.Fatal("push after the log closed succeeded")
+			}
+			require.ErrorIs(t, err, vring.ErrLogWrite)
+			require.ErrorIs(t, err, dirty.ErrClosed)
+			require.ErrorIs(t, dev.Err(), vring.ErrLogWrite, "the queue is broken")
+		})
+	}
 }

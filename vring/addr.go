@@ -24,10 +24,24 @@ func (a HostAddr) String() string  { return fmt.Sprintf("hva:%#x", uint64(a)) }
 // written into writable descriptor buffers. A dirty.Bitmap satisfies it, so
 // vring never imports dirty (and dirty never imports vring).
 //
-// LogWrite must be safe for concurrent use by many queues. It returns an error
-// when the range cannot be logged (for example it lies outside the log's
-// span); the queue reports that error to its caller rather than dropping the
-// mark.
+// LogWrite must be safe for concurrent use by many queues, unless the logger
+// is a LogFlusher (below). It returns an error when the range cannot be
+// logged (for example it lies outside the log's span); the queue reports that
+// error to its caller rather than dropping the mark.
 type WriteLogger interface {
 	LogWrite(addr uint64, length uint64) error
+}
+
+// LogFlusher is implemented by a WriteLogger that holds marks back and
+// applies them in bulk (dirty.Cache): one logger per queue, used only by the
+// goroutine that drives the queue. A DeviceQueue whose logger is a
+// LogFlusher calls FlushLog at the end of every Push, PushChain, PushBatch,
+// EnableNotify and DisableNotify, so that marks wait at most until the
+// queue's next publication; the marks of LogChain and of Pop (avail_event)
+// wait for the next of those. Whoever stops the queue calls DeviceQueue.FlushLog once the queue is
+// no longer driven (the servers in package vdpa do, after the handler's
+// StopQueue or Reset), so that a log harvested after the device stopped
+// holds every write. A FlushLog error breaks the queue with ErrLogWrite.
+type LogFlusher interface {
+	FlushLog() error
 }

@@ -133,6 +133,7 @@ type DeviceQueue struct {
 	eventIdx bool
 	indirect bool
 	log      WriteLogger
+	flusher  LogFlusher // log, if it caches marks (see LogFlusher); else nil
 	usedLog  GuestAddr
 
 	lastAvail  uint16 // next avail ring index to consume
@@ -182,6 +183,7 @@ func NewDeviceQueue(mem *Memory, opts DeviceQueueOptions) (*DeviceQueue, error) 
 	if q.usedLog == 0 {
 		q.usedLog = opts.Layout.Used
 	}
+	q.flusher, _ = opts.Log.(LogFlusher)
 	if !q.eventIdx && r.availIdxShift == 16 {
 		q.flagsWord = r.availIdxWord
 	}
@@ -189,7 +191,7 @@ func NewDeviceQueue(mem *Memory, opts DeviceQueueOptions) (*DeviceQueue, error) 
 	// The first write to the ring, on the caller's (server's) goroutine:
 	// guarded, so ring pages a peer already truncated away fail the call
 	// with ErrMemoryFault instead of killing the process.
-	if err := Guard(q.enable); err != nil {
+	if err := Guard(func() error { return q.endLog(q.enable()) }); err != nil {
 		if _, ok := err.(*FaultError); ok {
 			return nil, fmt.Errorf("vring: queue %d: enable notifications: %w", opts.Index, err)
 		}
@@ -255,6 +257,40 @@ func (q *DeviceQueue) fail(index uint16, indirect bool, err error) error {
 	q.signalled = q.usedIdx
 	return e
 }
+
+// endLog ends an operation that may have logged: with a caching logger
+// (LogFlusher) it applies the marks — also after err, since the writes
+// were made — and returns err, or the flush's error if err is nil. Without
+// one it returns err (inlined: one nil check).
+func (q *DeviceQueue) endLog(err error) error {
+	if q.flusher == nil {
+		return err
+	}
+	return q.flushLog(err)
+}
+
+func (q *DeviceQueue) flushLog(err error) error {
+	ferr := q.flusher.FlushLog()
+	if ferr == nil || err != nil {
+		return err
+	}
+	if q.err != nil {
+		return q.err
+	}
+	if q.pk != nil {
+		return q.packedFail(q.pk.nextUsed, false, &wrap2{ErrLogWrite, ferr})
+	}
+	return q.fail(q.usedIdx, false, &wrap2{ErrLogWrite, ferr})
+}
+
+// FlushLog applies the marks a caching logger (LogFlusher) holds for this
+// queue; without one it does nothing. The queue flushes at the end of each
+// publication on its own; call FlushLog when the queue stops being driven
+// (after the handler has stopped it), so that a final harvest of the log
+// sees every write, including LogChain's for chains never pushed. It must
+// not run concurrently with the queue's other methods. A flush failure
+// breaks the queue with ErrLogWrite.
+func (q *DeviceQueue) FlushLog() error { return q.endLog(nil) }
 
 func (q *DeviceQueue) logWrite(addr GuestAddr, n uint64) error {
 	if q.pk != nil {
@@ -676,12 +712,13 @@ func (q *DeviceQueue) enable() error {
 // true the caller must keep processing instead of sleeping.
 func (q *DeviceQueue) EnableNotify() (pending bool, err error) {
 	if q.pk != nil {
-		return q.packedEnableNotify()
+		pending, err = q.packedEnableNotify()
+		return pending, q.endLog(err)
 	}
 	if q.err != nil {
 		return false, q.err
 	}
-	if err := q.enable(); err != nil {
+	if err := q.endLog(q.enable()); err != nil {
 		return false, err
 	}
 	if q.lastAvail != q.availSeen {
@@ -698,6 +735,7 @@ func (q *DeviceQueue) EnableNotify() (pending bool, err error) {
 func (q *DeviceQueue) DisableNotify() {
 	if q.pk != nil {
 		q.packedDisableNotify()
+		_ = q.endLog(nil)
 		return
 	}
 	if q.err != nil {
@@ -710,7 +748,7 @@ func (q *DeviceQueue) DisableNotify() {
 	q.usedFlags |= UsedFNoNotify
 	store16(q.r.usedFlags, q.usedFlags)
 	if q.log != nil {
-		_ = q.logWrite(q.usedLog, 2)
+		_ = q.endLog(q.logWrite(q.usedLog, 2))
 	}
 }
 
@@ -759,7 +797,7 @@ func (q *DeviceQueue) pushErr(head uint16) error {
 // caller logs its own buffer writes (or uses PushChain).
 func (q *DeviceQueue) Push(head uint16, written uint32) error {
 	if q.pk != nil {
-		return q.packedPush(head, written)
+		return q.endLog(q.packedPush(head, written))
 	}
 	if q.err != nil || q.usedIdx == q.lastAvail || head >= q.r.size {
 		return q.pushErr(head)
@@ -775,7 +813,7 @@ func (q *DeviceQueue) Push(head uint16, written uint32) error {
 	// relies on).
 	q.r.storeUsedWord(q.usedFlags, idx)
 	if q.log != nil {
-		return q.logUsed(4+8*slot, 4+8*slot+8)
+		return q.endLog(q.logUsed(4+8*slot, 4+8*slot+8))
 	}
 	return nil
 }
@@ -784,7 +822,7 @@ func (q *DeviceQueue) Push(head uint16, written uint32) error {
 // WriteLogger (if any) and pushes c.Head with written.
 func (q *DeviceQueue) PushChain(c *Chain, written uint32) error {
 	if q.pk != nil {
-		return q.packedPushChain(c, written)
+		return q.endLog(q.packedPushChain(c, written))
 	}
 	if q.err != nil {
 		return q.err
@@ -838,7 +876,7 @@ func (q *DeviceQueue) LogChain(c *Chain, written uint32) error {
 // PushChain).
 func (q *DeviceQueue) PushBatch(elems []UsedElem) error {
 	if q.pk != nil {
-		return q.packedPushBatch(elems)
+		return q.endLog(q.packedPushBatch(elems))
 	}
 	if q.err != nil {
 		return q.err
@@ -876,7 +914,7 @@ func (q *DeviceQueue) PushBatch(elems []UsedElem) error {
 	q.usedIdx = idx
 	q.r.storeUsedWord(q.usedFlags, idx) // rule 3, as in Push
 	if q.log != nil {
-		return q.logUsed(first, 4+8*int((idx-1)&mask)+8)
+		return q.endLog(q.logUsed(first, 4+8*int((idx-1)&mask)+8))
 	}
 	return nil
 }

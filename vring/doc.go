@@ -74,7 +74,10 @@
 // used-ring writes at a different guest address than the ring is accessed
 // at, like vhost's log_guest_addr. A push logs used.idx and the entries it
 // wrote as one range when they share used.idx's 4 KiB page. Without a
-// logger, logging costs one nil check.
+// logger, logging costs one nil check. A logger that is also a LogFlusher
+// (dirty.Cache) holds marks back and is flushed by the queue at the end of
+// every push and notification change, and by the queue's owner
+// (DeviceQueue.FlushLog) when the queue stops.
 //
 // # Dirty logging of packed queues
 //

@@ -96,9 +96,10 @@ func newPackedDeviceQueue(mem *Memory, opts DeviceQueueOptions) (*DeviceQueue, e
 		log:      opts.Log, usedLog: p.descLog, init: opts.State,
 		pk: p,
 	}
+	q.flusher, _ = opts.Log.(LogFlusher)
 	q.r.size = opts.Layout.Size // Size() works on both formats
 	q.packedReset(opts.State)
-	if err := Guard(q.packedEnable); err != nil {
+	if err := Guard(func() error { return q.endLog(q.packedEnable()) }); err != nil {
 		if _, ok := err.(*FaultError); ok {
 			return nil, fmt.Errorf("vring: queue %d: enable notifications: %w", opts.Index, err)
 		}
