@@ -60,6 +60,10 @@ type localQueue struct {
 	enabled  bool
 	running  bool
 	err      error // the last start failure
+	// dq is the running queue (nil when stopped), or, after a StopQueue
+	// that failed, the queue whose cached dirty-log marks resetLocked
+	// flushes once the handler's Reset has stopped it.
+	dq *vring.DeviceQueue
 }
 
 // Local is an in-process Device that serves a Handler directly: it runs the
@@ -223,6 +227,9 @@ func (l *Local) SetStatus(s virtio.Status) error {
 func (l *Local) resetLocked() {
 	_ = l.stopAllLocked()
 	l.h.Reset()
+	for i := range l.queues {
+		_ = l.flushLog(i) // queues whose StopQueue failed
+	}
 	l.status = 0
 	l.features, l.featSet = 0, false
 	l.suspended = false
@@ -279,7 +286,9 @@ func (l *Local) buildAndStart(i int, q *localQueue) error {
 		opts.State = vring.InitialState(l.features)
 	}
 	if l.log != nil {
-		opts.Log = l.log
+		// Each queue logs through its own cache, applied at every push
+		// and flushed by stopLocked once the handler has stopped it.
+		opts.Log = l.log.NewCache()
 	}
 	dq, err := vring.NewDeviceQueue(l.mem, opts)
 	if err != nil {
@@ -288,7 +297,7 @@ func (l *Local) buildAndStart(i int, q *localQueue) error {
 	if err := l.h.StartQueue(i, dq, q.kick, q.call); err != nil {
 		return fmt.Errorf("vdpa: local: start queue %d: %w", i, err)
 	}
-	q.running = true
+	q.running, q.dq = true, dq
 	return nil
 }
 
@@ -301,9 +310,26 @@ func (l *Local) stopLocked(i int) error {
 	st, err := l.h.StopQueue(i)
 	q.running = false
 	if err != nil {
+		// The handler may still drive q.dq: it is flushed after Reset.
 		return fmt.Errorf("vdpa: local: stop queue %d: %w", i, err)
 	}
 	q.state, q.stateSet = st, true
+	return l.flushLog(i)
+}
+
+// flushLog applies the dirty-log marks that stopped queue i's logger still
+// caches (see vring.LogFlusher), so that a log harvested after the stop
+// holds every write the queue made.
+func (l *Local) flushLog(i int) error {
+	q := &l.queues[i]
+	dq := q.dq
+	q.dq = nil
+	if dq == nil {
+		return nil
+	}
+	if err := dq.FlushLog(); err != nil {
+		return fmt.Errorf("vdpa: local: queue %d: flushing the dirty log: %w", i, err)
+	}
 	return nil
 }
 

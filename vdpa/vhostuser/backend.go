@@ -296,6 +296,10 @@ type vq struct {
 	// reset (RESET_DEVICE, RESET_OWNER) or the end of the session.
 	broken bool
 	dq     *vring.DeviceQueue
+	// orphan is the DeviceQueue of a ring whose handler failed to stop
+	// it: its cached dirty-log marks are flushed after the next handler
+	// Reset, when nothing drives it any more.
+	orphan *vring.DeviceQueue
 }
 
 type session struct {
@@ -342,7 +346,7 @@ func (s *session) update() {
 
 func (s *session) teardown() {
 	s.stopAll()
-	s.h.Reset()
+	s.handlerReset()
 	for i := range s.queues {
 		q := &s.queues[i]
 		for _, e := range []*vdpa.EventFD{q.kick, q.call, q.errFd} {
@@ -808,7 +812,7 @@ func (s *session) reset() {
 		q.base, q.baseSet = 0, false
 		q.kicked = false
 	}
-	s.h.Reset()
+	s.handlerReset()
 	for i := range s.queues {
 		s.queues[i].broken = false // Reset stopped whatever the handler still ran
 	}
@@ -1122,7 +1126,9 @@ func (s *session) tryStart(i int) error {
 		return err
 	}
 	if rl != nil {
-		opts.Log = rl
+		// Each ring logs through its own cache, applied at every push
+		// and flushed by halt once the handler has stopped the ring.
+		opts.Log = rl.NewCache()
 		// log_guest_addr relocates the logging of used-ring writes
 		// (split). A packed ring's used descriptors are written into
 		// the descriptor ring, which is not where log_guest_addr
@@ -1207,6 +1213,27 @@ func (s *session) pauseQueue(i int) {
 	}
 }
 
+// flushLog applies the dirty-log marks the stopped ring i's logger still
+// caches (see vring.LogFlusher), so that a log the front-end reads after
+// the stop holds every write the ring made.
+func (s *session) flushLog(i int, dq *vring.DeviceQueue) {
+	if err := dq.FlushLog(); err != nil {
+		s.b.log.Warn("vhost-user: flushing the ring's dirty-log marks failed", "queue", i, "err", err)
+	}
+}
+
+// handlerReset resets the handler, which stops every ring, and then
+// flushes the marks of rings whose StopQueue had failed.
+func (s *session) handlerReset() {
+	s.h.Reset()
+	for i := range s.queues {
+		if q := &s.queues[i]; q.orphan != nil {
+			s.flushLog(i, q.orphan)
+			q.orphan = nil
+		}
+	}
+}
+
 // stopQueue stops queue i (GET_VRING_BASE, reset, disconnect); its next
 // avail index becomes the base.
 func (s *session) stopQueue(i int) {
@@ -1230,10 +1257,11 @@ func (s *session) halt(i int) (vring.QueueState, bool) {
 		// race with it and save a position nobody vouches for. The
 		// queue is broken until a reset.
 		s.b.log.Warn("vhost-user: stop queue failed; queue broken until reset", "queue", i, "err", err)
-		q.broken, q.saved = true, nil
+		q.broken, q.saved, q.orphan = true, nil, dq
 		s.signalErr(q)
 		return vring.QueueState{}, false
 	}
+	s.flushLog(i, dq)
 	qerr := dq.Err()
 	if r, ok := s.h.(vdpa.QueueErrReporter); ok && qerr == nil {
 		qerr = r.QueueErr(i)

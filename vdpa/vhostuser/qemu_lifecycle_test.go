@@ -355,6 +355,15 @@ func (w teeLogger) LogWrite(addr, n uint64) error {
 	return err
 }
 
+// FlushLog forwards to the back-end's logger, which caches its marks per
+// ring (dirty.Cache): without it the ring would never apply them.
+func (w teeLogger) FlushLog() error {
+	if f, ok := w.l.(vring.LogFlusher); ok {
+		return f.FlushLog()
+	}
+	return nil
+}
+
 func newLogTee(t *testing.T, ramBytes uint64, hidden bool) *logTee {
 	bm, err := dirty.New(ramBytes+1<<30, nil) // room for anything QEMU's log covers
 	require.NoError(t, err)

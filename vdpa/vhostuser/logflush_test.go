@@ -1,0 +1,96 @@
+package vhostuser
+
+import (
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/vdpakit/vdpakit/dirty"
+	"github.com/vdpakit/vdpakit/vdpa"
+	"github.com/vdpakit/vdpakit/vdpa/vhostuser/vhostusertest"
+	"github.com/vdpakit/vdpakit/virtio"
+	"github.com/vdpakit/vdpakit/vring"
+)
+
+// handDriven is a handler whose data path the test drives: StartQueue
+// hands each queue to the test through started; StopQueue reports the
+// queue's state once the test has given it back through done.
+type handDriven struct {
+	features virtio.Features
+	started  chan *vring.DeviceQueue
+	done     chan struct{}
+	dqs      map[int]*vring.DeviceQueue
+}
+
+func (h *handDriven) DeviceID() virtio.DeviceID         { return virtio.DeviceNet }
+func (h *handDriven) Features() virtio.Features         { return h.features }
+func (h *handDriven) SetFeatures(virtio.Features) error { return nil }
+func (h *handDriven) ConfigSize() int                   { return 0 }
+func (h *handDriven) ReadConfig(int, []byte)            {}
+func (h *handDriven) WriteConfig(int, []byte) error     { return nil }
+func (h *handDriven) NumQueues() int                    { return 2 }
+func (h *handDriven) MaxQueueSize() uint16              { return 256 }
+func (h *handDriven) Reset()                            { clear(h.dqs) }
+func (h *handDriven) StartQueue(q int, dq *vring.DeviceQueue, _, _ *vdpa.EventFD) error {
+	h.dqs[q] = dq
+	if q == 0 {
+		h.started <- dq
+	}
+	return nil
+}
+
+func (h *handDriven) StopQueue(q int) (vring.QueueState, error) {
+	dq := h.dqs[q]
+	delete(h.dqs, q)
+	if q == 0 {
+		<-h.done
+	}
+	return dq.State(), nil
+}
+
+// TestBackendFlushesCachedLogAtStop: the back-end gives each ring a
+// caching dirty logger (dirty.Cache), so marks for a chain the handler
+// wrote but has not pushed wait in the cache. GET_VRING_BASE (the stop of
+// a migration's last phase) must leave them in the front-end's log: every
+// page the device wrote is in the log once the ring has stopped.
+func TestBackendFlushesCachedLogAtStop(t *testing.T) {
+	h := &handDriven{
+		features: vhostusertest.New(vhostusertest.Loopback, [6]byte{}).Features(),
+		started:  make(chan *vring.DeviceQueue, 1),
+		done:     make(chan struct{}),
+		dqs:      map[int]*vring.DeviceQueue{},
+	}
+	_, uc, _ := startBackend(t, h, nil)
+	d := newTestDriver(t, uc, h.features.With(virtio.FLogAll)&^virtio.FRingPacked.Bit())
+	require.True(t, d.features.Has(virtio.FLogAll))
+	bm, err := dirty.New(8<<20, &dirty.Options{Shared: true})
+	require.NoError(t, err)
+	t.Cleanup(func() { bm.Close() })
+	require.NoError(t, d.fe.SetLog(bm))
+	d.startQueue(0)
+	var dq *vring.DeviceQueue
+	select {
+	case dq = <-h.started:
+	case <-time.After(10 * time.Second):
+		t.Fatal("queue 0 never started")
+	}
+	rx := d.postRx(1)
+
+	// The "device" writes the buffer and logs it, without pushing. The
+	// test owns dq until it closes done.
+	var c vring.Chain
+	ok, err := dq.Pop(&c)
+	require.NoError(t, err)
+	require.True(t, ok)
+	copy(c.Segs[0].Buf, "written by the device")
+	require.NoError(t, dq.LogChain(&c, 21))
+	page := uint64(rx[0]) / dirty.DefaultPageSize
+	assert.False(t, bm.PageDirty(page), "the mark was expected to wait in the ring's cache")
+	close(h.done)
+
+	_, err = d.fe.QueueBase(0) // GET_VRING_BASE: the back-end stops the ring
+	require.NoError(t, err)
+	assert.True(t, bm.PageDirty(page), "a page the device wrote is missing from the log after GET_VRING_BASE")
+}
