@@ -58,32 +58,43 @@ func (h *Harness) benchMark(ctx context.Context, suite string) {
 			h.fail(suite, name, p, err)
 			continue
 		}
-		mark := bm.Mark
 		cache := bm.NewCache()
-		if c.cached {
-			mark = cache.Mark
-		}
 		// A stride of 7 pages plus the range visits every page, in an order
 		// that defeats a simple next-line prefetch.
 		stride := uint64(7*dirty.DefaultPageSize) + length
 		var addr uint64
-		t, err := timeLoopAllocs(ctx, h.cfg.duration, func(n int) error {
+		next := func() {
+			addr += stride
+			if addr+length > span {
+				addr = (addr + length) % span % stride
+			}
+		}
+		loop := func(n int) error {
 			for i := 0; i < n; i++ {
-				if err := mark(addr, length); err != nil {
+				if err := bm.Mark(addr, length); err != nil {
 					return err
 				}
-				if i&31 == 31 {
-					if err := cache.Flush(); err != nil {
+				next()
+			}
+			return nil
+		}
+		if c.cached {
+			loop = func(n int) error {
+				for i := 0; i < n; i++ {
+					if err := cache.Mark(addr, length); err != nil {
 						return err
 					}
+					if i&31 == 31 {
+						if err := cache.Flush(); err != nil {
+							return err
+						}
+					}
+					next()
 				}
-				addr += stride
-				if addr+length > span {
-					addr = (addr + length) % span % stride
-				}
+				return cache.Flush()
 			}
-			return cache.Flush()
-		})
+		}
+		t, err := timeLoopAllocs(ctx, h.cfg.duration, loop)
 		bm.Close()
 		if err != nil {
 			h.fail(suite, name, p, err)
