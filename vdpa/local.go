@@ -60,9 +60,7 @@ type localQueue struct {
 	enabled  bool
 	running  bool
 	err      error // the last start failure
-	// dq is the running queue (nil when stopped), or, after a StopQueue
-	// that failed, the queue whose cached dirty-log marks resetLocked
-	// flushes once the handler's Reset has stopped it.
+	// dq is the running queue; nil when stopped.
 	dq *vring.DeviceQueue
 }
 
@@ -92,6 +90,12 @@ type Local struct {
 	suspended bool
 	closed    bool
 	queues    []localQueue
+	// orphans are queues whose handler failed to stop them: their cached
+	// dirty-log marks are applied after the handler's next Reset. Marks
+	// cached against a log closed before then are lost; until the Reset
+	// the handler may still be driving the queue, so they cannot be
+	// applied earlier.
+	orphans []*vring.DeviceQueue
 }
 
 var (
@@ -227,9 +231,13 @@ func (l *Local) SetStatus(s virtio.Status) error {
 func (l *Local) resetLocked() {
 	_ = l.stopAllLocked()
 	l.h.Reset()
-	for i := range l.queues {
-		_ = l.flushLog(i) // queues whose StopQueue failed
+	// Queues whose StopQueue failed are stopped now: apply what their
+	// loggers still cache.
+	for _, dq := range l.orphans {
+		_ = dq.FlushLog()
 	}
+	clear(l.orphans)
+	l.orphans = l.orphans[:0]
 	l.status = 0
 	l.features, l.featSet = 0, false
 	l.suspended = false
@@ -308,30 +316,31 @@ func (l *Local) stopLocked(i int) error {
 		return nil
 	}
 	st, err := l.h.StopQueue(i)
-	q.running = false
+	dq := q.dq
+	q.running, q.dq = false, nil
 	if err != nil {
-		// The handler may still drive q.dq: it is flushed after Reset.
+		// The handler may still drive dq: its cached dirty-log marks are
+		// applied after the handler's Reset (resetLocked), even if the
+		// queue is started again meanwhile.
+		l.orphans = append(l.orphans, dq)
 		return fmt.Errorf("vdpa: local: stop queue %d: %w", i, err)
 	}
 	q.state, q.stateSet = st, true
-	return l.flushLog(i)
-}
-
-// flushLog applies the dirty-log marks that stopped queue i's logger still
-// caches (see vring.LogFlusher), so that a log harvested after the stop
-// holds every write the queue made.
-func (l *Local) flushLog(i int) error {
-	q := &l.queues[i]
-	dq := q.dq
-	q.dq = nil
-	if dq == nil {
-		return nil
-	}
+	// Apply the dirty-log marks the queue's logger still caches (see
+	// vring.LogFlusher), so that a log harvested after the stop holds
+	// every write the queue made. It fails only on a log closed under
+	// the running queue; the queue is stopped all the same.
 	if err := dq.FlushLog(); err != nil {
-		return fmt.Errorf("vdpa: local: queue %d: flushing the dirty log: %w", i, err)
+		return &flushError{fmt.Errorf("vdpa: local: queue %d stopped, but applying its dirty-log marks failed: %w", i, err)}
 	}
 	return nil
 }
+
+// flushError is stopLocked's error for a queue that stopped but whose
+// cached dirty-log marks could not be applied.
+type flushError struct{ error }
+
+func (e *flushError) Unwrap() error { return e.error }
 
 // stopAllLocked stops every queue, highest index first: in virtio-net
 // (and other devices with queue pairs) the transmit queue of a pair follows
@@ -510,16 +519,20 @@ func (l *Local) SetLog(log *dirty.Bitmap) error {
 	}
 	defer l.mu.Unlock()
 	var restart []int
+	var errs []error
 	for i := len(l.queues) - 1; i >= 0; i-- {
 		if l.queues[i].running {
 			if err := l.stopLocked(i); err != nil {
-				return err
+				var fe *flushError
+				if !errors.As(err, &fe) {
+					return err
+				}
+				errs = append(errs, err) // stopped: it restarts on the new log
 			}
 			restart = append(restart, i)
 		}
 	}
 	l.log = log
-	var errs []error
 	for k := len(restart) - 1; k >= 0; k-- {
 		i := restart[k]
 		if err := l.startLocked(i); err != nil {

@@ -47,15 +47,20 @@ func (h *logOnlyHandler) StopQueue(q int) (vring.QueueState, error) {
 // TestLocalFlushesCachedLogAtStop: Local gives each queue a caching dirty
 // logger, so marks the handler made for a chain it had not pushed yet wait
 // in the cache. A log harvested after Suspend (or after Close, when the
-// handler failed to stop the queue) must still hold that write: the page
-// a device wrote is in the log once the device has stopped.
+// handler failed to stop the queue, also when the queue was started again
+// in between) must still hold that write: the page a device wrote is in
+// the log once the device has stopped.
 func TestLocalFlushesCachedLogAtStop(t *testing.T) {
-	for _, failStop := range []bool{false, true} {
-		name := "suspend"
-		if failStop {
-			name = "stop fails, then close"
-		}
-		t.Run(name, func(t *testing.T) {
+	for _, tc := range []struct {
+		name              string
+		failStop, restart bool
+	}{
+		{name: "suspend"},
+		{name: "stop fails, then close", failStop: true},
+		{name: "stop fails, queue restarted, then close", failStop: true, restart: true},
+	} {
+		failStop := tc.failStop
+		t.Run(tc.name, func(t *testing.T) {
 			h := &logOnlyHandler{dqs: map[int]*vring.DeviceQueue{}}
 			l := vdpa.NewLocal(h, nil)
 			r, err := vring.NewMemfdRegion(0x10000, 1<<20, nil)
@@ -93,9 +98,16 @@ func TestLocalFlushesCachedLogAtStop(t *testing.T) {
 
 			if failStop {
 				h.failStop = errors.New("handler cannot stop")
-				require.ErrorIs(t, l.Suspend(), h.failStop)
+				if tc.restart {
+					require.ErrorIs(t, l.EnableQueue(0, false), h.failStop)
+					h.failStop = nil
+					require.NoError(t, l.EnableQueue(0, true))
+					require.NotSame(t, dq, h.dqs[0], "a new queue was started")
+				} else {
+					require.ErrorIs(t, l.Suspend(), h.failStop)
+					h.failStop = nil
+				}
 				assert.False(t, log.PageDirty(log.PageOf(buf)), "flushed while the handler may still drive the queue")
-				h.failStop = nil
 				require.NoError(t, l.Close())
 			} else {
 				require.NoError(t, l.Suspend())

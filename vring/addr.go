@@ -33,13 +33,15 @@ type WriteLogger interface {
 }
 
 // LogFlusher is implemented by a WriteLogger that holds marks back and
-// applies them in bulk (dirty.Cache): one logger per queue, used only by the
-// goroutine that drives the queue. A DeviceQueue whose logger is a
-// LogFlusher calls FlushLog at the end of every Push, PushChain, PushBatch,
-// EnableNotify and DisableNotify, so that marks wait at most until the
-// queue's next publication; the marks of LogChain and of Pop (avail_event)
-// wait for the next of those. Whoever stops the queue calls DeviceQueue.FlushLog once the queue is
-// no longer driven (the servers in package vdpa do, after the handler's
+// applies them in bulk (dirty.Cache): one logger per queue, used only by
+// the goroutine that drives the queue. A DeviceQueue whose logger is a
+// LogFlusher calls FlushLog at the end of every Push, PushChain,
+// PushBatch, EnableNotify and DisableNotify that writes to the ring, so
+// that marks wait at most until the queue's next publication; the marks of
+// LogChain and of Pop (avail_event) wait for the next of those. (A call
+// that writes nothing, such as a refused push, may skip the flush.)
+// Whoever stops the queue calls DeviceQueue.FlushLog once the queue is no
+// longer driven (the servers in package vdpa do, after the handler's
 // StopQueue or Reset), so that a log harvested after the device stopped
 // holds every write. A FlushLog error breaks the queue with ErrLogWrite.
 type LogFlusher interface {

@@ -764,7 +764,8 @@ const logPage = 4096
 // the 4 KiB page of used.idx (the bytes in between are ring bytes, so the
 // extra marking costs nothing); otherwise separately. Logging follows the
 // writes (and the used.idx store, a full barrier), so a harvest that sees
-// the log sees the data.
+// the log sees the data; a caching logger applies the marks at the
+// flush that ends the push, later still.
 func (q *DeviceQueue) logUsed(first, end int) error {
 	base := q.usedLog
 	if end <= first { // wrapped: the tail of the ring, then its start
@@ -839,7 +840,11 @@ func (q *DeviceQueue) PushChain(c *Chain, written uint32) error {
 // that returns a run of chains with one PushBatch calls it for each chain
 // (after writing the chain, before the PushBatch), so that every guest
 // write is logged before used.idx (packed: the used descriptor's flags)
-// makes it visible. It works on split and packed queues alike.
+// makes it visible. With a caching logger (LogFlusher) the marks are
+// applied by the PushBatch's flush, just after that store instead: still
+// after the writes, which is the order a harvest needs (the kernel's vhost
+// logs receive buffers after publishing them too). It works on split and
+// packed queues alike.
 func (q *DeviceQueue) LogChain(c *Chain, written uint32) error {
 	if q.err != nil {
 		return q.err

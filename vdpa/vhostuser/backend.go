@@ -298,7 +298,10 @@ type vq struct {
 	dq     *vring.DeviceQueue
 	// orphan is the DeviceQueue of a ring whose handler failed to stop
 	// it: its cached dirty-log marks are flushed after the next handler
-	// Reset, when nothing drives it any more.
+	// Reset, when nothing drives it any more. Marks it cached against a
+	// log closed before that Reset (a new SET_LOG_BASE, the pending log
+	// dropped or grown) are lost: while the handler may still be driving
+	// the queue they cannot be applied earlier.
 	orphan *vring.DeviceQueue
 }
 
