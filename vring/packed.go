@@ -174,6 +174,21 @@ func PackedPosition(v uint16) (idx uint16, wrap bool) {
 	return v &^ PackedWrapBit, v&PackedWrapBit != 0
 }
 
+// PackedBack returns the packed position v moved back by n descriptors on
+// a ring of size descriptors: the wrap counter flips where the move
+// crosses the ring's start. It gives chains back (a device that popped
+// chains and stops before using them moves its avail position back by the
+// descriptors they occupy, Chain.Descs). n must not exceed size, nor v's
+// index be size or more.
+func PackedBack(v, n, size uint16) uint16 {
+	idx, wrap := PackedPosition(v)
+	if n > idx {
+		idx += size
+		wrap = !wrap
+	}
+	return PackedIndex(idx-n, wrap)
+}
+
 // InitialState is the QueueState of a queue that has not been used yet:
 // {0, 0} for a split queue, {0x8000, 0x8000} (index 0, wrap counters 1)
 // with VIRTIO_F_RING_PACKED in f.

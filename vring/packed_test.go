@@ -84,6 +84,37 @@ func TestPackedStateEncoding(t *testing.T) {
 	}
 }
 
+// TestPackedBack: moving a packed position back by n descriptors stays in
+// the lap while the index allows it and flips the wrap counter where it
+// crosses the ring's start; moving forward by the same amount (as a device
+// popping those descriptors again would, PackedInFlight from the moved-back
+// position) comes back to where it started.
+func TestPackedBack(t *testing.T) {
+	w := PackedWrapBit
+	cases := []struct {
+		name       string
+		v, n, size uint16
+		want       uint16
+	}{
+		{"nothing", w | 3, 0, 7, w | 3},
+		{"within the lap", w | 5, 2, 7, w | 3},
+		{"to index 0", 4, 4, 7, 0},
+		{"across the start, wrap 1 to 0", w | 0, 1, 7, 6},
+		{"across the start, wrap 0 to 1", 1, 3, 7, w | 5},
+		{"a whole ring", w | 2, 7, 7, 2},
+		{"largest ring", 0, 1, 32768, w | 32767},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			got := PackedBack(tc.v, tc.n, tc.size)
+			assert.Equal(t, tc.want, got, "PackedBack(%#x, %d, %d)", tc.v, tc.n, tc.size)
+			n, ok := QueueState{NextAvail: tc.v, NextUsed: got}.PackedInFlight(tc.size)
+			require.True(t, ok)
+			assert.Equal(t, tc.n, n, "descriptors between the moved-back position and the start")
+		})
+	}
+}
+
 func TestPackedConstructorChecks(t *testing.T) {
 	mem, _, _ := newPackedPair(t, 4, 0)
 	l := ContiguousPackedLayout(0x1000, 4)

@@ -279,8 +279,18 @@ func (q *queue) stop() vring.QueueState {
 	// Receive chains held for a later frame are the last ones popped, and
 	// every chain before them has been pushed (receive chains are pushed in
 	// the order they were popped), so giving them back is moving NextAvail
-	// back: a restarted queue pops the same chains again.
-	st.NextAvail -= uint16(q.nstash)
+	// back: a restarted queue pops the same chains again. A split ring's
+	// position counts chains; a packed ring's counts descriptors and
+	// carries a wrap counter, which flips if the move crosses the start.
+	if q.dq.Packed() {
+		var descs uint16
+		for i := range q.nstash {
+			descs += q.stash[i].Descs
+		}
+		st.NextAvail = vring.PackedBack(st.NextAvail, descs, q.dq.Size())
+	} else {
+		st.NextAvail -= uint16(q.nstash)
+	}
 	q.nstash = 0
 	q.dq, q.kick, q.call = nil, nil, nil
 	q.running.Store(false)

@@ -78,7 +78,7 @@ func newStack(t testing.TB, so stackOptions) *stack {
 		nq-- // the front-end runs the control queue (FrontendCtrl)
 	}
 	s := &stack{t: t, dev: dev, local: l, features: f, hdrLen: virtio.NetHdrLen(f)}
-	ringBytes := (vring.ContiguousLayoutBytes(so.size) + 4095) &^ 4095
+	ringBytes := (vring.LayoutBytesFor(so.size, f) + 4095) &^ 4095
 	dopts := vringtest.DriverOptions{Layout: vring.Layout{Size: so.size}, SlotSize: so.slot}
 	per := ringBytes + (dopts.DataBytes()+4095)&^4095
 	s.ringSize = ringBytes
@@ -113,7 +113,7 @@ func newStack(t testing.TB, so stackOptions) *stack {
 	require.NoError(t, l.SetMemory(s.mem))
 	for i := 0; i < nq; i++ {
 		base := so.base + vring.GuestAddr(uint64(i)*per)
-		layout := vring.ContiguousLayout(base, so.size)
+		layout := vring.LayoutFor(base, so.size, f)
 		d, err := vringtest.NewDriver(s.mem, vringtest.DriverOptions{Index: i, Layout: layout, Features: f,
 			Data: base + vring.GuestAddr(ringBytes), SlotSize: so.slot, Indirect: so.indirect})
 		require.NoError(t, err)
