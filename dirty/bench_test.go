@@ -36,9 +36,9 @@ func BenchmarkMarkPage(b *testing.B) {
 	}
 }
 
-// BenchmarkMarkPageSpread marks one page per call at pseudo-random addresses
-// of a 64 GiB guest (2 MiB of bitmap: the word is usually not in L1).
-func BenchmarkMarkPageSpread(b *testing.B) {
+// spread returns a 64 GiB guest's log and 4096 pseudo-random addresses in
+// it (a fixed seed: every run marks the same pages).
+func spread(b *testing.B) (*dirty.Bitmap, []uint64) {
 	const span = 64 << 30
 	bm, err := dirty.New(span, nil)
 	require.NoError(b, err)
@@ -47,6 +47,13 @@ func BenchmarkMarkPageSpread(b *testing.B) {
 	for i := range addrs {
 		addrs[i] = r.Uint64N(span - 64)
 	}
+	return bm, addrs
+}
+
+// BenchmarkMarkPageSpread marks one page per call at pseudo-random addresses
+// of a 64 GiB guest (2 MiB of bitmap: the word is usually not in L1).
+func BenchmarkMarkPageSpread(b *testing.B) {
+	bm, addrs := spread(b)
 	b.ReportAllocs()
 	i := 0
 	for b.Loop() {
@@ -82,15 +89,8 @@ func BenchmarkCacheMarkPage(b *testing.B) {
 // mark is a word of its own, so this is the cache's worst case (its scan
 // plus the same atomic per page).
 func BenchmarkCacheMarkPageSpread(b *testing.B) {
-	const span = 64 << 30
-	bm, err := dirty.New(span, nil)
-	require.NoError(b, err)
+	bm, addrs := spread(b)
 	c := bm.NewCache()
-	addrs := make([]uint64, 4096)
-	r := rand.New(rand.NewPCG(1, 2))
-	for i := range addrs {
-		addrs[i] = r.Uint64N(span - 64)
-	}
 	b.ReportAllocs()
 	i := 0
 	for b.Loop() {
