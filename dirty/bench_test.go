@@ -86,8 +86,8 @@ func BenchmarkCacheMarkPage(b *testing.B) {
 
 // BenchmarkCacheMarkPageSpread is BenchmarkMarkPageSpread through a Cache
 // flushed every 32 marks: with random pages of a 64 GiB guest nearly every
-// mark is a word of its own, so this is the cache's worst case (its scan
-// plus the same atomic per page).
+// mark is a word of its own, so this is the cache's worst case (an eviction
+// and the same atomic per page).
 func BenchmarkCacheMarkPageSpread(b *testing.B) {
 	bm, addrs := spread(b)
 	c := bm.NewCache()
