@@ -105,10 +105,10 @@ func (c *Cache) add(w, bit uint64) {
 	c.used |= 1 << i
 }
 
-// markSlow is Mark for zero-length, multi-page and rejected ranges. Ranges of up to four
-// words go through the cache; longer ones (bulk writes, where one atomic
-// per word is cheap next to the write) are ORed into the log directly,
-// which is as ordered as a flush.
+// markSlow is Mark for zero-length, multi-page and rejected ranges.
+// Ranges of up to four words go through the cache; longer ones (bulk
+// writes, where one atomic per word is cheap next to the write) are ORed
+// into the log directly, which is as ordered as a flush.
 //
 //go:noinline
 func (c *Cache) markSlow(addr, length uint64) error {
