@@ -99,7 +99,7 @@ func TestPackedBack(t *testing.T) {
 		{"nothing", w | 3, 0, 7, w | 3},
 		{"within the lap", w | 5, 2, 7, w | 3},
 		{"to index 0", 4, 4, 7, 0},
-		{"across the start, wrap 1 to 0", w | 0, 1, 7, 6},
+		{"across the start, wrap 1 to 0", w, 1, 7, 6},
 		{"across the start, wrap 0 to 1", 1, 3, 7, w | 5},
 		{"a whole ring", w | 2, 7, 7, 2},
 		{"largest ring", 0, 1, 32768, w | 32767},
