@@ -798,7 +798,7 @@ func (q *DeviceQueue) pushErr(head uint16) error {
 // caller logs its own buffer writes (or uses PushChain).
 func (q *DeviceQueue) Push(head uint16, written uint32) error {
 	if q.pk != nil {
-		return q.endLog(q.packedPush(head, written))
+		return q.packedPush(head, written)
 	}
 	if q.err != nil || q.usedIdx == q.lastAvail || head >= q.r.size {
 		return q.pushErr(head)
@@ -823,7 +823,7 @@ func (q *DeviceQueue) Push(head uint16, written uint32) error {
 // WriteLogger (if any) and pushes c.Head with written.
 func (q *DeviceQueue) PushChain(c *Chain, written uint32) error {
 	if q.pk != nil {
-		return q.endLog(q.packedPushChain(c, written))
+		return q.packedPushChain(c, written)
 	}
 	if q.err != nil {
 		return q.err
@@ -881,7 +881,7 @@ func (q *DeviceQueue) LogChain(c *Chain, written uint32) error {
 // PushChain).
 func (q *DeviceQueue) PushBatch(elems []UsedElem) error {
 	if q.pk != nil {
-		return q.endLog(q.packedPushBatch(elems))
+		return q.packedPushBatch(elems)
 	}
 	if q.err != nil {
 		return q.err

@@ -617,7 +617,7 @@ func (q *DeviceQueue) packedPush(id uint16, written uint32) error {
 	d.len = written
 	p.r.storeWord(at, id, usedFlags(bits, written, writable))
 	if q.log != nil {
-		return q.packedLogWrite(p.descLog+GuestAddr(16*uint64(at)+8), 8)
+		return q.endLog(q.packedLogWrite(p.descLog+GuestAddr(16*uint64(at)+8), 8))
 	}
 	return nil
 }
@@ -723,7 +723,7 @@ func (q *DeviceQueue) packedPushBatch(elems []UsedElem) error {
 	// The last element always gets a descriptor, so wrote is true.
 	p.r.storeWord(first, firstID, firstFlags)
 	if q.log != nil {
-		return q.logUsedRange(uint32(start), count)
+		return q.endLog(q.logUsedRange(uint32(start), count))
 	}
 	return nil
 }
@@ -765,7 +765,7 @@ func (q *DeviceQueue) packedPushBatchAny(elems []UsedElem) error {
 	p.inflight -= uint16(count)
 	p.sinceSignal += count
 	if q.log != nil {
-		return q.logUsedRange(start, count)
+		return q.endLog(q.logUsedRange(start, count))
 	}
 	return nil
 }
