@@ -266,8 +266,14 @@ func runHostTap(t *testing.T, q qemuPeer, helper, bin string, v hostTapVariant) 
 		for _, f := range offl {
 			assert.True(t, res.features.Has(f), "the guest driver negotiated %s", f.Name(virtio.DeviceNet))
 		}
-		// A 16 MiB upload with TSO: far fewer packets than MSS-sized ones.
-		assert.Less(t, a["tx_packets"]-b["tx_packets"], uint64(hostTapMB<<20/1448/2), "the guest sent GSO packets")
+		// A 16 MiB upload with TSO: fewer packets than MSS-sized ones. How
+		// many fewer depends on the machine: TCP sizes its TSO segments by
+		// its pacing rate (tcp_tso_autosize), so a loaded host gets smaller
+		// ones. The back-end counted 3927 frames (1131 GSO) in a CI run
+		// alone, 7136 (1901 GSO) in a run beside other tests, and 15612
+		// without the offloads. The back-end's TxGSO count below is the
+		// direct evidence.
+		assert.Less(t, a["tx_packets"]-b["tx_packets"], uint64(hostTapMB<<20/1448), "the guest sent GSO packets")
 	case v.vdpakit:
 		for _, f := range offl {
 			assert.False(t, res.features.Has(f), "%s offered with -offload=false", f.Name(virtio.DeviceNet))
