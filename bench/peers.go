@@ -476,7 +476,7 @@ func (h *Harness) peerDPDK(ctx context.Context) {
 			// Rounds that ran in different machine states (see xcpu.go)
 			// compare nothing: the state moves both sides by more than
 			// the difference being measured.
-			changed, span := stateChanged(append(append([]float64(nil), probes[key(sc, lib)]...), probes[key(sc, dpdk)]...))
+			changed, span := stateChanged(probes[key(sc, lib)], probes[key(sc, dpdk)])
 			p := copyParams(params)
 			p["xcpu_round_trip"] = span
 			if changed && !c.Inconclusive {

@@ -79,17 +79,25 @@ func crossCPURoundTrip(a, b, n int) (time.Duration, error) {
 // in throughput, so the threshold sits between the two.
 const stateShift = 2.5
 
-// stateChanged reports whether the cross-CPU round trips measured before a
-// comparison's rounds (ns; NaN for a round not probed) span more than
-// stateShift, and describes the span.
-func stateChanged(probes []float64) (bool, string) {
-	lo, hi := math.Inf(1), math.Inf(-1)
-	for _, p := range probes {
-		if math.IsNaN(p) || p <= 0 {
-			continue
+// probeRange returns the fastest and slowest of the probes in sets (ns),
+// skipping NaN (a round not probed); lo is +Inf when there are none.
+func probeRange(sets ...[]float64) (lo, hi float64) {
+	lo, hi = math.Inf(1), math.Inf(-1)
+	for _, probes := range sets {
+		for _, p := range probes {
+			if !math.IsNaN(p) && p > 0 {
+				lo, hi = math.Min(lo, p), math.Max(hi, p)
+			}
 		}
-		lo, hi = math.Min(lo, p), math.Max(hi, p)
 	}
+	return lo, hi
+}
+
+// stateChanged reports whether the cross-CPU round trips measured before a
+// comparison's rounds (ns; NaN for a round not probed; one slice per side)
+// span more than stateShift, and describes the span.
+func stateChanged(probes ...[]float64) (bool, string) {
+	lo, hi := probeRange(probes...)
 	if math.IsInf(lo, 1) {
 		return false, "not probed"
 	}
@@ -119,12 +127,7 @@ func probeState(a, b int) float64 {
 // state, and a pair that straddles the two is left out. It describes the
 // ratio in each state that has rounds ("" when all ran in one state).
 func byState(a, b, pa, pb []float64) string {
-	lo := math.Inf(1)
-	for _, p := range append(append([]float64(nil), pa...), pb...) {
-		if !math.IsNaN(p) && p > 0 {
-			lo = math.Min(lo, p)
-		}
-	}
+	lo, _ := probeRange(pa, pb)
 	if math.IsInf(lo, 1) {
 		return ""
 	}
