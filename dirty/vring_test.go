@@ -283,8 +283,8 @@ func benchLogOverhead(b *testing.B, burst int) {
 // LogChain's marks wait in the cache until the push that publishes the
 // chain (or FlushLog), and that push applies them together with the ring's
 // own writes; notification changes flush their marks; and a flush into a
-// log closed meanwhile fails the push with ErrLogWrite and breaks the queue
-// rather than dropping the marks silently.
+// log closed meanwhile fails with ErrLogWrite and breaks the queue rather
+// than dropping the marks silently.
 func TestVringCacheFlushesAtPublication(t *testing.T) {
 	for _, packed := range []bool{false, true} {
 		name := "split"
@@ -359,17 +359,18 @@ func TestVringCacheFlushesAtPublication(t *testing.T) {
 			dev.DisableNotify()
 			assert.Zero(t, cache.Pending())
 
-			// The log closes with marks cached: the push fails loudly.
+			// The log closes with marks cached: the flush that would apply
+			// them fails loudly and breaks the queue, and so does a later
+			// push (its own marks are refused by the closed log).
 			c = pop()
 			require.NoError(t, dev.LogChain(&c, 100))
+			require.NotZero(t, cache.Pending())
 			require.NoError(t, log.Close())
-			err = dev.PushChain(&c, 100)
-			if err == nil { // packed PushChain logs the chain itself: it flushed into the closed log
-				t.Fatal("push after the log closed succeeded")
-			}
+			err = dev.FlushLog()
 			require.ErrorIs(t, err, vring.ErrLogWrite)
 			require.ErrorIs(t, err, dirty.ErrClosed)
 			require.ErrorIs(t, dev.Err(), vring.ErrLogWrite, "the queue is broken")
+			require.ErrorIs(t, dev.PushChain(&c, 100), vring.ErrQueueBroken)
 		})
 	}
 }
