@@ -1,6 +1,7 @@
 package vhostuser
 
 import (
+	"sync"
 	"testing"
 	"time"
 
@@ -63,6 +64,12 @@ func TestBackendFlushesCachedLogAtStop(t *testing.T) {
 		dqs:      map[int]*vring.DeviceQueue{},
 	}
 	_, uc, _ := startBackend(t, h, nil)
+	// StopQueue(0) waits for done: release it however the test ends, or
+	// the back-end's teardown would wait for ever (cleanups run last
+	// registered first, so this one runs before the back-end's).
+	var once sync.Once
+	release := func() { once.Do(func() { close(h.done) }) }
+	t.Cleanup(release)
 	d := newTestDriver(t, uc, h.features.With(virtio.FLogAll)&^virtio.FRingPacked.Bit())
 	require.True(t, d.features.Has(virtio.FLogAll))
 	bm, err := dirty.New(8<<20, &dirty.Options{Shared: true})
@@ -88,7 +95,7 @@ func TestBackendFlushesCachedLogAtStop(t *testing.T) {
 	require.NoError(t, dq.LogChain(&c, 21))
 	page := uint64(rx[0]) / dirty.DefaultPageSize
 	assert.False(t, bm.PageDirty(page), "the mark was expected to wait in the ring's cache")
-	close(h.done)
+	release()
 
 	_, err = d.fe.QueueBase(0) // GET_VRING_BASE: the back-end stops the ring
 	require.NoError(t, err)
