@@ -3,6 +3,7 @@ package vring
 import (
 	"encoding/binary"
 	"errors"
+	"reflect"
 	"testing"
 
 	"github.com/vdpakit/vdpakit/virtio"
@@ -54,9 +55,19 @@ func FuzzDeviceWalk(f *testing.F) {
 		var cs [1]Chain
 		c := &cs[0]
 		batch := data[1]&8 != 0 // exercise PopBatch's own fast loop
+		prefetch := data[1]&16 != 0
 		for i := 0; i < 2*int(size)+2; i++ {
 			var ok bool
 			var err error
+			if prefetch { // a hint: it must change nothing Pop sees
+				before := *dev
+				if n := dev.Prefetch(int(size)); n < 0 || n > int(size) {
+					t.Fatalf("Prefetch(%d) = %d", size, n)
+				}
+				if !reflect.DeepEqual(before, *dev) {
+					t.Fatal("Prefetch changed the queue")
+				}
+			}
 			if batch {
 				var k int
 				k, err = dev.PopBatch(cs[:])

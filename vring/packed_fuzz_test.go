@@ -3,6 +3,7 @@ package vring
 import (
 	"encoding/binary"
 	"errors"
+	"reflect"
 	"testing"
 
 	"github.com/vdpakit/vdpakit/virtio"
@@ -40,6 +41,7 @@ func FuzzPackedDeviceWalk(f *testing.F) {
 			feat = feat.With(virtio.FInOrder)
 		}
 		batch := data[1]&8 != 0
+		prefetch := data[1]&16 != 0
 		raw := binary.LittleEndian.Uint16(data[2:4])
 		start := PackedIndex((raw&^PackedWrapBit)%size, raw&PackedWrapBit != 0)
 		backing := make([]byte, 0x2000)
@@ -60,6 +62,15 @@ func FuzzPackedDeviceWalk(f *testing.F) {
 		for i := 0; i < 2*int(size)+2; i++ {
 			var k int
 			var err error
+			if prefetch { // a hint: it must change nothing Pop sees
+				before := *dev
+				if n := dev.Prefetch(int(size)); n < 0 || n > int(size) {
+					t.Fatalf("Prefetch(%d) = %d", size, n)
+				}
+				if !reflect.DeepEqual(before, *dev) {
+					t.Fatal("Prefetch changed the queue")
+				}
+			}
 			if batch {
 				k, err = dev.PopBatch(cs[:])
 			} else {

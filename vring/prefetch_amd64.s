@@ -1,0 +1,40 @@
+#include "textflag.h"
+
+// func prefetchLines(p *byte, lines int, write bool)
+// Hints the CPU to bring into its cache the line holding p and the
+// lines-1 lines after it: PREFETCHW (0F 0D /1, a writable copy) when write
+// is set and the CPU has it (hasPrefetchW), PREFETCHT0 otherwise. A
+// prefetch never faults and changes no memory.
+TEXT ·prefetchLines(SB), NOSPLIT, $0-17
+	MOVQ p+0(FP), AX
+	MOVQ lines+8(FP), CX
+	TESTQ CX, CX
+	JLE done
+	MOVBLZX write+16(FP), DX
+	ANDB ·hasPrefetchW(SB), DX
+	TESTB DX, DX
+	JNE writable
+readable:
+	PREFETCHT0 (AX)
+	ANDQ $~63, AX
+	ADDQ $64, AX
+	DECQ CX
+	JNE readable
+	RET
+writable:
+	BYTE $0x0F; BYTE $0x0D; BYTE $0x08 // PREFETCHW (AX)
+	ANDQ $~63, AX
+	ADDQ $64, AX
+	DECQ CX
+	JNE writable
+done:
+	RET
+
+// func cpuid(leaf uint32) (eax, ecx uint32)
+TEXT ·cpuid(SB), NOSPLIT, $0-16
+	MOVL leaf+0(FP), AX
+	XORL CX, CX
+	CPUID
+	MOVL AX, eax+8(FP)
+	MOVL CX, ecx+12(FP)
+	RET

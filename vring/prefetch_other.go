@@ -1,0 +1,6 @@
+//go:build !amd64 && !arm64
+
+package vring
+
+// prefetchLines does nothing where vring has no prefetch instruction.
+func prefetchLines(p *byte, lines int, write bool) {}

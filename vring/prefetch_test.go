@@ -1,0 +1,211 @@
+package vring
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+	"github.com/vdpakit/vdpakit/virtio"
+)
+
+// TestPrefetchRange is the table of what Prefetch asks for of one
+// descriptor's buffer: the lines of its first 128 bytes, counted on host
+// addresses, never a line past the region, nothing for what Pop's fast
+// path would not read directly.
+func TestPrefetchRange(t *testing.T) {
+	const base, size = GuestAddr(0x10000), 0x1000
+	for _, tc := range []struct {
+		name   string
+		host   uint64 // the region's host address
+		addr   GuestAddr
+		length uint32
+		flags  uint16
+		off    uint64
+		lines  int
+		ok     bool
+	}{
+		{"one byte at a line start", 0x7f0000000000, base, 1, 0, 0, 1, true},
+		{"a line exactly", 0x7f0000000000, base + 0x40, 64, 0, 0x40, 1, true},
+		{"header and 64-byte frame from a line start", 0x7f0000000000, base, 76, 0, 0, 2, true},
+		{"header and 64-byte frame from byte 52 (a mergeable receive buffer)", 0x7f0000000000, base + 0x34, 2048, DescFWrite, 0x34, 3, true},
+		{"a long buffer from a line start: two lines", 0x7f0000000000, base + 0x80, 1500, 0, 0x80, 2, true},
+		{"a long buffer from the last byte of a line: three lines", 0x7f0000000000, base + 0x3f, 1500, DescFWrite, 0x3f, 3, true},
+		{"lines follow the host address, not the guest address", 0x7f0000000010, base + 0x30, 16, 0, 0x30, 1, true},
+		{"same, crossing on the host", 0x7f0000000010, base + 0x2c, 8, 0, 0x2c, 2, true},
+		{"clamped at the region's end", 0x7f0000000000, base + size - 1, 4096, DescFWrite, size - 1, 1, true},
+		{"clamped at the region's end, two lines left", 0x7f0000000000, base + size - 0x41, 4096, 0, size - 0x41, 2, true},
+		{"next flag is irrelevant", 0x7f0000000000, base, 64, DescFNext, 0, 1, true},
+		{"empty buffer", 0x7f0000000000, base, 0, 0, 0, 0, false},
+		{"indirect table", 0x7f0000000000, base, 64, DescFIndirect, 0, 0, false},
+		{"before the region", 0x7f0000000000, base - 1, 64, 0, 0, 0, false},
+		{"at the region's end", 0x7f0000000000, base + size, 64, 0, 0, 0, false},
+		{"far past it", 0x7f0000000000, ^GuestAddr(0), 0xffffffff, DescFWrite, 0, 0, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			off, lines, ok := prefetchRange(size, tc.host, base, tc.addr, tc.length, tc.flags)
+			require.Equal(t, tc.ok, ok)
+			if !ok {
+				return
+			}
+			require.Equal(t, tc.off, off)
+			require.Equal(t, tc.lines, lines)
+			// The invariant behind the table: the last line asked for
+			// starts inside the region (the first holds byte off).
+			first := (tc.host + off) &^ (cacheLine - 1)
+			last := first + uint64(lines-1)*cacheLine
+			require.Less(t, last, tc.host+size)
+			require.LessOrEqual(t, first, tc.host+off)
+		})
+	}
+}
+
+// TestPrefetchCounts checks what Prefetch reports on split and packed
+// queues: the chains available and not yet taken, at most n, each chain
+// once however many descriptors it has, nothing on a broken queue.
+func TestPrefetchCounts(t *testing.T) {
+	for _, packed := range []bool{false, true} {
+		t.Run(map[bool]string{false: "split", true: "packed"}[packed], func(t *testing.T) {
+			var drv *DriverQueue
+			var dev *DeviceQueue
+			if packed {
+				_, drv, dev = newPackedPair(t, 8, 0)
+			} else {
+				_, drv, dev = newPair(t, 8, 0)
+			}
+			require.Zero(t, dev.Prefetch(4), "empty ring")
+			tx := []Buffer{{Addr: 0x100000, Len: 76}}
+			req := []Buffer{{Addr: 0x100100, Len: 16}, {Addr: 0x100200, Len: 32, Writable: true}, {Addr: 0x100300, Len: 8, Writable: true}}
+			for _, bufs := range [][]Buffer{tx, req, tx} { // 5 descriptors, 3 chains
+				_, err := drv.Add(bufs)
+				require.NoError(t, err)
+			}
+			require.Zero(t, dev.Prefetch(4), "added but not published")
+			drv.Publish()
+			require.Equal(t, 3, dev.Prefetch(4))
+			require.Equal(t, 2, dev.Prefetch(2))
+			require.Equal(t, 1, dev.Prefetch(1))
+			require.Zero(t, dev.Prefetch(0))
+			require.Zero(t, dev.Prefetch(-1))
+			var c Chain
+			ok, err := dev.Pop(&c)
+			require.NoError(t, err)
+			require.True(t, ok)
+			require.Equal(t, 2, dev.Prefetch(4), "one taken")
+			ok, err = dev.Pop(&c)
+			require.NoError(t, err)
+			require.True(t, ok)
+			require.Len(t, c.Segs, 3, "the three-descriptor chain")
+			require.Equal(t, 1, dev.Prefetch(4))
+			// Round the ring several times: the count follows wraps.
+			for round := 0; round < 10; round++ {
+				ok, err = dev.Pop(&c)
+				require.NoError(t, err)
+				require.True(t, ok)
+				require.NoError(t, dev.PushChain(&c, 0))
+				for {
+					_, _, ok, err := drv.Reclaim()
+					require.NoError(t, err)
+					if !ok {
+						break
+					}
+				}
+				for _, bufs := range [][]Buffer{tx, req} {
+					_, err := drv.Add(bufs)
+					require.NoError(t, err)
+				}
+				drv.Publish()
+				require.Equal(t, 2, dev.Prefetch(8), "round %d", round)
+				ok, err = dev.Pop(&c)
+				require.NoError(t, err)
+				require.True(t, ok)
+				require.NoError(t, dev.PushChain(&c, 0))
+				require.Equal(t, 1, dev.Prefetch(8), "round %d", round)
+			}
+		})
+	}
+}
+
+// TestPrefetchLeavesRuleBreakingToPop: an avail.idx that jumps past the
+// ring is not Prefetch's to report. It prefetches nothing and the queue
+// stays as it was, and the next Pop reports the jump.
+func TestPrefetchLeavesRuleBreakingToPop(t *testing.T) {
+	mem, _, dev := newPair(t, 8, 0)
+	l := ContiguousLayout(0x1000, 8)
+	var idx [2]byte
+	binary.LittleEndian.PutUint16(idx[:], 9) // 9 chains on a ring of 8
+	require.NoError(t, mem.Write(l.Avail+2, idx[:]))
+	before := *dev
+	require.Zero(t, dev.Prefetch(4))
+	require.Equal(t, before, *dev)
+	var c Chain
+	_, err := dev.Pop(&c)
+	require.ErrorIs(t, err, ErrAvailIdxJump)
+	require.Zero(t, dev.Prefetch(4), "broken queue")
+}
+
+// TestPrefetchChangesNothing runs Prefetch on random rings full of hostile
+// descriptors (addresses anywhere, empty and indirect buffers, heads and
+// links out of range, loops), split and packed: it never panics, never
+// writes guest memory and leaves the queue exactly as it was, so Pop and
+// its errors are the same with or without it.
+func TestPrefetchChangesNothing(t *testing.T) {
+	rng := rand.New(rand.NewPCG(21, 4))
+	for iter := 0; iter < 4000; iter++ {
+		packed := iter%2 == 1
+		size := uint16(1) << rng.IntN(5)
+		backing := make([]byte, 0x4000)
+		for i := range backing[:0x2000] {
+			backing[i] = byte(rng.Uint32())
+		}
+		r1, err := NewRegion(0x1000, backing[:0x2000:0x2000], nil)
+		require.NoError(t, err)
+		r2, err := NewRegion(0x3000, backing[0x2000:], nil)
+		require.NoError(t, err)
+		mem, err := NewMemory(r1, r2)
+		require.NoError(t, err)
+		feat := virtio.Features(0).With(virtio.FIndirectDesc)
+		var l Layout
+		var state QueueState
+		if packed {
+			feat = feat.With(virtio.FRingPacked)
+			l = ContiguousPackedLayout(0x1000, size)
+			state.NextAvail = PackedIndex(uint16(rng.IntN(int(size))), rng.IntN(2) == 0)
+			state.NextUsed = state.NextAvail
+		} else {
+			l = ContiguousLayout(0x1000, size)
+			state.NextAvail = uint16(rng.Uint32())
+			state.NextUsed = state.NextAvail
+			// avail.idx near the start, sometimes past the ring.
+			binary.LittleEndian.PutUint16(backing[l.Avail-0x1000+2:], state.NextAvail+uint16(rng.IntN(int(size)+3)))
+		}
+		dev, err := NewDeviceQueue(mem, DeviceQueueOptions{Layout: l, Features: feat, State: state})
+		require.NoError(t, err)
+		var c Chain
+		for step := 0; step < 2*int(size)+2; step++ {
+			snapshot := bytes.Clone(backing)
+			before := *dev
+			n := rng.IntN(int(size) + 2)
+			got := dev.Prefetch(n)
+			require.GreaterOrEqual(t, got, 0)
+			require.LessOrEqual(t, got, max(n, 0))
+			require.Equal(t, before, *dev, "iteration %d step %d: Prefetch changed the queue", iter, step)
+			require.Equal(t, snapshot, backing, "iteration %d step %d: Prefetch wrote guest memory", iter, step)
+			ok, err := dev.Pop(&c)
+			if err != nil {
+				var qe *QueueError
+				require.True(t, errors.As(err, &qe), "%v", err)
+				require.Zero(t, dev.Prefetch(n), "broken queue")
+				break
+			}
+			if !ok {
+				break
+			}
+			if got == 0 && n > 0 && !packed {
+				t.Fatalf("iteration %d step %d: Pop took a chain Prefetch did not count", iter, step)
+			}
+		}
+	}
+}
