@@ -101,7 +101,7 @@ func (q *DeviceQueue) packedPrefetch(n int) int {
 // prefetchRange chooses them.
 func prefetchBuf(mem []byte, base GuestAddr, addr GuestAddr, length uint32, flags uint16) {
 	if off, lines, ok := prefetchRange(len(mem), uint64(hostAddrOf(mem)), base, addr, length, flags); ok {
-		prefetchLines(&mem[off], lines, flags&DescFWrite != 0)
+		prefetchLines(&mem[off], lines, flags&DescFWrite != 0 && hasPrefetchW)
 	}
 }
 

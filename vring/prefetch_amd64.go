@@ -2,7 +2,7 @@ package vring
 
 // hasPrefetchW reports whether the CPU has PREFETCHW (CPUID
 // 0x80000001:ECX bit 8, "3DNowPrefetch"). Set once at start-up and only
-// read after; without it prefetchLines uses PREFETCHT0 for writes too.
+// read after; without it Prefetch uses PREFETCHT0 for writable buffers too.
 var hasPrefetchW = detectPrefetchW()
 
 func detectPrefetchW() bool {

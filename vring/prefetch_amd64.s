@@ -3,15 +3,14 @@
 // func prefetchLines(p *byte, lines int, write bool)
 // Hints the CPU to bring into its cache the line holding p and the
 // lines-1 lines after it: PREFETCHW (0F 0D /1, a writable copy) when write
-// is set and the CPU has it (hasPrefetchW), PREFETCHT0 otherwise. A
-// prefetch never faults and changes no memory.
+// is set, PREFETCHT0 otherwise. The caller sets write only when the CPU has
+// PREFETCHW (hasPrefetchW). A prefetch never faults and changes no memory.
 TEXT ·prefetchLines(SB), NOSPLIT, $0-17
 	MOVQ p+0(FP), AX
 	MOVQ lines+8(FP), CX
 	TESTQ CX, CX
 	JLE done
 	MOVBLZX write+16(FP), DX
-	ANDB ·hasPrefetchW(SB), DX
 	TESTB DX, DX
 	JNE writable
 readable:

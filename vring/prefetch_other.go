@@ -4,3 +4,6 @@ package vring
 
 // prefetchLines does nothing where vring has no prefetch instruction.
 func prefetchLines(p *byte, lines int, write bool) {}
+
+// hasPrefetchW: no prefetch instructions here.
+const hasPrefetchW = false
