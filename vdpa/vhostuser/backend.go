@@ -221,7 +221,9 @@ func (b *Backend) DialAndServe(ctx context.Context, path string) error {
 // bad input (a *MessageError wrapping one of the sentinel errors) or ctx
 // ends. It closes uc. Whatever the outcome, every queue is stopped, the
 // handler is reset, the front-end's memory is unmapped and every descriptor
-// received is closed before it returns.
+// received is closed before it returns. When ctx ends, the queues are
+// stopped before uc is closed: the front-end sees the connection end only
+// once the rings have stopped moving.
 func (b *Backend) ServeConn(ctx context.Context, uc *net.UnixConn) error {
 	s := &session{b: b, h: b.h, c: newConn(uc)}
 	s.c.msgTimeout = b.msgTO
@@ -230,16 +232,15 @@ func (b *Backend) ServeConn(ctx context.Context, uc *net.UnixConn) error {
 	b.info = SessionInfo{Connected: true, Sessions: b.info.Sessions + 1}
 	b.mu.Unlock()
 	b.log.Info("vhost-user front-end connected")
-	// ctx's end closes uc from another goroutine. If that close has
-	// started, wait for it: a second Close returns at once, before the
-	// descriptor is released, and ServeConn promises it is gone.
-	closing := make(chan struct{})
-	stop := context.AfterFunc(ctx, func() { defer close(closing); uc.Close() })
-	defer func() {
-		if !stop() {
-			<-closing
-		}
-	}()
+	// ctx's end interrupts the session's socket I/O but does not close
+	// uc: the session returns, teardown stops every queue, and only then
+	// closes uc. A front-end that sees the connection end takes the rings'
+	// positions from guest memory (QEMU's ring restore, when it cannot
+	// send GET_VRING_BASE) and gives them to the next back-end, so the
+	// rings must not move once it has seen it: a ring still running after
+	// the close would make the next back-end process chains again.
+	stop := context.AfterFunc(ctx, s.c.interrupt)
+	defer stop()
 	defer s.teardown()
 	if r, ok := b.h.(vdpa.QueueErrReporter); ok {
 		wctx, cancel := context.WithCancel(ctx)

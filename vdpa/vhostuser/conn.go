@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -33,6 +34,39 @@ type conn struct {
 	// msgDeadline is the deadline of the message being read (zero: none
 	// set).
 	msgDeadline time.Time
+	// interrupted is set by interrupt: every read and write returns at
+	// once from then on.
+	interrupted atomic.Bool
+}
+
+// interrupt makes a pending read or write, and every later one, return at
+// once with a deadline error (a deadline in 1970), leaving the socket open: its owner can stop
+// what it runs before it closes it. Safe to call from any goroutine.
+//
+// Ordering: interrupt stores the flag, then sets the past deadlines; the
+// connection's own deadline changes set theirs, then load the flag and
+// set the past ones again if it is up. Either the load sees the flag or
+// interrupt's deadlines are set after the connection's: the deadlines end
+// past either way.
+func (c *conn) interrupt() {
+	c.interrupted.Store(true)
+	_ = c.uc.SetDeadline(time.Unix(1, 0))
+}
+
+// setReadDeadline and setWriteDeadline set the socket's deadlines unless
+// the connection is interrupted.
+func (c *conn) setReadDeadline(t time.Time) {
+	_ = c.uc.SetReadDeadline(t)
+	if c.interrupted.Load() {
+		_ = c.uc.SetReadDeadline(time.Unix(1, 0))
+	}
+}
+
+func (c *conn) setWriteDeadline(t time.Time) {
+	_ = c.uc.SetWriteDeadline(t)
+	if c.interrupted.Load() {
+		_ = c.uc.SetWriteDeadline(time.Unix(1, 0))
+	}
 }
 
 func newConn(uc *net.UnixConn) *conn {
@@ -46,14 +80,14 @@ func (c *conn) startMessage() {
 		return
 	}
 	c.msgDeadline = time.Now().Add(c.msgTimeout)
-	_ = c.uc.SetReadDeadline(c.msgDeadline)
+	c.setReadDeadline(c.msgDeadline)
 }
 
 // endMessage clears the message deadline.
 func (c *conn) endMessage() {
 	if !c.msgDeadline.IsZero() {
 		c.msgDeadline = time.Time{}
-		_ = c.uc.SetReadDeadline(time.Time{})
+		c.setReadDeadline(time.Time{})
 	}
 }
 
@@ -173,8 +207,8 @@ func (c *conn) write(h Header, payload []byte, fds []int) error {
 	if c.msgTimeout > 0 {
 		// A peer that does not read what it asked for must not block
 		// us for good.
-		_ = c.uc.SetWriteDeadline(time.Now().Add(c.msgTimeout))
-		defer c.uc.SetWriteDeadline(time.Time{})
+		c.setWriteDeadline(time.Now().Add(c.msgTimeout))
+		defer c.setWriteDeadline(time.Time{})
 	}
 	n, _, err := c.uc.WriteMsgUnix(b, oob, nil)
 	if err == nil && n < len(b) {

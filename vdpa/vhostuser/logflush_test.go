@@ -1,6 +1,9 @@
 package vhostuser
 
 import (
+	"context"
+	"io"
+	"os"
 	"sync"
 	"testing"
 	"time"
@@ -100,4 +103,66 @@ func TestBackendFlushesCachedLogAtStop(t *testing.T) {
 	_, err = d.fe.QueueBase(0) // GET_VRING_BASE: the back-end stops the ring
 	require.NoError(t, err)
 	assert.True(t, bm.PageDirty(page), "a page the device wrote is missing from the log after GET_VRING_BASE")
+}
+
+// TestBackendStopsQueuesBeforeClosingOnCancel: when ServeConn's context
+// ends, the front-end must not see the connection end while a ring still
+// runs. QEMU then takes the rings' positions from guest memory and hands
+// them to the next back-end; a ring that moved after that would have its
+// chains processed twice (duplicated frames after a reconnect). The
+// handler's StopQueue is held by the test: the socket must stay open
+// until it is released, then close.
+func TestBackendStopsQueuesBeforeClosingOnCancel(t *testing.T) {
+	h := &handDriven{
+		features: vhostusertest.New(vhostusertest.Loopback, [6]byte{}).Features(),
+		started:  make(chan *vring.DeviceQueue, 1),
+		done:     make(chan struct{}),
+		dqs:      map[int]*vring.DeviceQueue{},
+	}
+	fe, be := socketpair(t)
+	backend := NewBackend(h, nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	served, finished := make(chan error, 1), make(chan struct{})
+	go func() { served <- backend.ServeConn(ctx, be); close(finished) }()
+	var once sync.Once
+	release := func() { once.Do(func() { close(h.done) }) }
+	t.Cleanup(func() {
+		release()
+		cancel()
+		select {
+		case <-finished:
+		case <-time.After(10 * time.Second):
+			t.Error("ServeConn did not return")
+		}
+	})
+	d := newTestDriver(t, fe, h.features&^virtio.FRingPacked.Bit())
+	d.startQueue(0)
+	select {
+	case <-h.started:
+	case <-time.After(10 * time.Second):
+		t.Fatal("queue 0 never started")
+	}
+
+	cancel() // StopQueue(0) now waits for the test
+	buf := make([]byte, 64)
+	require.NoError(t, fe.SetReadDeadline(time.Now().Add(300*time.Millisecond)))
+	_, err := fe.Read(buf)
+	require.ErrorIs(t, err, os.ErrDeadlineExceeded, "the connection ended while queue 0 was still being stopped")
+	select {
+	case err := <-served:
+		t.Fatalf("ServeConn returned before its queues stopped: %v", err)
+	default:
+	}
+
+	release()
+	require.NoError(t, fe.SetReadDeadline(time.Now().Add(10*time.Second)))
+	_, err = fe.Read(buf)
+	require.ErrorIs(t, err, io.EOF, "the connection closes once the queues have stopped")
+	select {
+	case err := <-served:
+		require.ErrorIs(t, err, context.Canceled)
+	case <-time.After(10 * time.Second):
+		t.Fatal("ServeConn did not return")
+	}
 }
