@@ -154,7 +154,11 @@ type DeviceQueue struct {
 	flagsWord *uint32
 
 	pk *packedDevice // the packed ring's state, nil for a split queue (packed_device.go)
-	_  [64]byte
+
+	// prefetchTrace, when set (by tests), sees every buffer Prefetch
+	// asks for: its guest address, cache lines and direction.
+	prefetchTrace func(addr GuestAddr, lines int, write bool)
+	_             [64]byte
 }
 
 // NewDeviceQueue validates opts against mem and returns the device side of

@@ -18,9 +18,10 @@ package vring
 // Prefetch reads the available ring and descriptors but changes nothing
 // in the queue or in guest memory, so Pop returns the same chains whether
 // or not it was called. It uses only the chains' first descriptors that
-// are direct and inside the queue's cached memory region, and ignores
-// anything else, including descriptors that break the ring's rules: Pop
-// judges those. A prefetch instruction never faults, and it is only given
+// are direct and start inside the queue's cached memory region (the region
+// of the last buffer Pop translated through the memory table: none before
+// the queue's first chain), and ignores anything else, including
+// descriptors that break the ring's rules: Pop judges those. A prefetch instruction never faults, and it is only given
 // addresses inside guest memory. Its reads of the ring can fault as Pop's
 // can (guest memory truncated by its owner), so call it where Pop would be
 // called, under the same CatchFault. Where vring has no prefetch instruction
@@ -60,7 +61,7 @@ func (q *DeviceQueue) Prefetch(n int) int {
 		}
 		if int(head) < len(descs) {
 			d := &descs[head]
-			prefetchBuf(mem, base, GuestAddr(d.addr), d.len, d.flags)
+			q.prefetchBuf(mem, base, GuestAddr(d.addr), d.len, d.flags)
 		}
 	}
 	return n
@@ -81,7 +82,7 @@ func (q *DeviceQueue) packedPrefetch(n int) int {
 		}
 		if first {
 			d := &p.r.descs[i]
-			prefetchBuf(mem, base, GuestAddr(d.addr), d.len, flags)
+			q.prefetchBuf(mem, base, GuestAddr(d.addr), d.len, flags)
 		}
 		first = flags&DescFNext == 0
 		if first {
@@ -99,9 +100,13 @@ func (q *DeviceQueue) packedPrefetch(n int) int {
 // prefetchBuf prefetches the first bytes of the buffer of one descriptor
 // (of its flags) in mem, the cached region at guest address base, as
 // prefetchRange chooses them.
-func prefetchBuf(mem []byte, base GuestAddr, addr GuestAddr, length uint32, flags uint16) {
+func (q *DeviceQueue) prefetchBuf(mem []byte, base GuestAddr, addr GuestAddr, length uint32, flags uint16) {
 	if off, lines, ok := prefetchRange(len(mem), uint64(hostAddrOf(mem)), base, addr, length, flags); ok {
-		prefetchLines(&mem[off], lines, flags&DescFWrite != 0 && hasPrefetchW)
+		write := flags&DescFWrite != 0
+		if q.prefetchTrace != nil {
+			q.prefetchTrace(base+GuestAddr(off), lines, write)
+		}
+		prefetchLines(&mem[off], lines, write && hasPrefetchW)
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"math/rand/v2"
+	"slices"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -137,9 +138,9 @@ func TestPrefetchLeavesRuleBreakingToPop(t *testing.T) {
 	var idx [2]byte
 	binary.LittleEndian.PutUint16(idx[:], 9) // 9 chains on a ring of 8
 	require.NoError(t, mem.Write(l.Avail+2, idx[:]))
-	before := *dev
+	before := snapshotQueue(dev)
 	require.Zero(t, dev.Prefetch(4))
-	require.Equal(t, before, *dev)
+	require.Equal(t, before, snapshotQueue(dev))
 	var c Chain
 	_, err := dev.Pop(&c)
 	require.ErrorIs(t, err, ErrAvailIdxJump)
@@ -186,12 +187,12 @@ func TestPrefetchChangesNothing(t *testing.T) {
 		var c Chain
 		for step := 0; step < 2*int(size)+2; step++ {
 			snapshot := bytes.Clone(backing)
-			before := *dev
+			before := snapshotQueue(dev)
 			n := rng.IntN(int(size) + 2)
 			got := dev.Prefetch(n)
 			require.GreaterOrEqual(t, got, 0)
 			require.LessOrEqual(t, got, max(n, 0))
-			require.Equal(t, before, *dev, "iteration %d step %d: Prefetch changed the queue", iter, step)
+			require.Equal(t, before, snapshotQueue(dev), "iteration %d step %d: Prefetch changed the queue", iter, step)
 			require.Equal(t, snapshot, backing, "iteration %d step %d: Prefetch wrote guest memory", iter, step)
 			ok, err := dev.Pop(&c)
 			if err != nil {
@@ -207,5 +208,96 @@ func TestPrefetchChangesNothing(t *testing.T) {
 				t.Fatalf("iteration %d step %d: Pop took a chain Prefetch did not count", iter, step)
 			}
 		}
+	}
+}
+
+// queueSnapshot is a DeviceQueue's state by value: the queue struct and,
+// for a packed queue, its packedDevice with its own copy of the ids table
+// (the struct alone holds pointers, which compare equal whatever they
+// point to now).
+type queueSnapshot struct {
+	q   DeviceQueue
+	pk  packedDevice
+	ids []packedID
+}
+
+func snapshotQueue(q *DeviceQueue) queueSnapshot {
+	s := queueSnapshot{q: *q}
+	s.q.pk = nil
+	if q.pk != nil {
+		s.pk = *q.pk
+		s.ids = slices.Clone(q.pk.ids)
+		s.pk.ids = nil
+	}
+	return s
+}
+
+// TestPrefetchTargets checks what Prefetch asks for, chain by chain, on
+// split and packed rings: the first buffer of each chain (readable or
+// writable, as its descriptor says), the lines of its first 128 bytes,
+// nothing for an indirect chain (counted all the same), nothing before
+// the queue has a cached region.
+func TestPrefetchTargets(t *testing.T) {
+	type target struct {
+		addr  GuestAddr
+		lines int
+		write bool
+	}
+	for _, packed := range []bool{false, true} {
+		t.Run(map[bool]string{false: "split", true: "packed"}[packed], func(t *testing.T) {
+			feat := virtio.Features(0).With(virtio.FIndirectDesc)
+			var drv *DriverQueue
+			var dev *DeviceQueue
+			if packed {
+				_, drv, dev = newPackedPair(t, 16, feat)
+			} else {
+				_, drv, dev = newPair(t, 16, feat)
+			}
+			var got []target
+			dev.prefetchTrace = func(addr GuestAddr, lines int, write bool) {
+				got = append(got, target{addr, lines, write})
+			}
+			add := func(bufs ...Buffer) {
+				t.Helper()
+				_, err := drv.Add(bufs)
+				require.NoError(t, err)
+			}
+			add(Buffer{Addr: 0x100000, Len: 64})
+			drv.Publish()
+			require.Equal(t, 1, dev.Prefetch(8))
+			require.Empty(t, got, "no cached region before the first walk")
+			var c Chain
+			ok, err := dev.Pop(&c)
+			require.NoError(t, err)
+			require.True(t, ok)
+
+			add(Buffer{Addr: 0x100034, Len: 76})                                                  // header and frame from byte 52: 2 lines
+			add(Buffer{Addr: 0x100834, Len: 2048, Writable: true})                                // a receive buffer: 3 lines, for writing
+			add(Buffer{Addr: 0x101000, Len: 16}, Buffer{Addr: 0x102000, Len: 64, Writable: true}) // first descriptor only
+			_, err = drv.AddIndirect(0x103000, []Buffer{{Addr: 0x104000, Len: 64}})
+			require.NoError(t, err)
+			add(Buffer{Addr: 0x105000, Len: 4096, Writable: true}) // from a line start: 2 lines
+			drv.Publish()
+			require.Equal(t, 5, dev.Prefetch(8))
+			require.Equal(t, []target{
+				{0x100034, 2, false},
+				{0x100834, 3, true},
+				{0x101000, 1, false},
+				{0x105000, 2, true},
+			}, got)
+
+			got = nil
+			require.Equal(t, 2, dev.Prefetch(2), "n bounds the chains")
+			require.Equal(t, []target{{0x100034, 2, false}, {0x100834, 3, true}}, got)
+
+			got = nil
+			for range 3 {
+				ok, err := dev.Pop(&c)
+				require.NoError(t, err)
+				require.True(t, ok)
+			}
+			require.Equal(t, 2, dev.Prefetch(8), "from the next chain Pop takes")
+			require.Equal(t, []target{{0x105000, 2, true}}, got)
+		})
 	}
 }

@@ -203,7 +203,16 @@ func runDevice(q *DeviceQueue, o trafficOpts) error {
 	if o.waitKick != nil {
 		q.DisableNotify()
 	}
-	for done < o.n {
+	for round := 0; done < o.n; round++ {
+		if round%2 == 0 {
+			// Prefetch on every other round, as a device does at the
+			// start of a batch: it reads the ring the driver is writing
+			// (under -race, with plain reads ordered as Pop's are) and
+			// must change nothing Pop then sees.
+			if n := q.Prefetch(o.batch); n < 0 || n > o.batch {
+				return fmt.Errorf("Prefetch(%d) = %d", o.batch, n)
+			}
+		}
 		k, err := q.PopBatch(cs)
 		if err != nil {
 			return fmt.Errorf("pop after %d chains: %w", done, err)
