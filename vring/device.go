@@ -138,6 +138,7 @@ type DeviceQueue struct {
 
 	lastAvail  uint16 // next avail ring index to consume
 	availSeen  uint16 // avail.idx at the last load
+	prefetched uint16 // avail index up to which Prefetch has asked for buffers (see Prefetch)
 	usedIdx    uint16 // next used index to publish (== used.idx in memory)
 	usedFlags  uint16 // shadow of used.flags
 	signalled  uint16 // used index at the last NeedsInterrupt
@@ -205,7 +206,7 @@ func NewDeviceQueue(mem *Memory, opts DeviceQueueOptions) (*DeviceQueue, error) 
 }
 
 func (q *DeviceQueue) reset(st QueueState) {
-	q.lastAvail, q.availSeen = st.NextAvail, st.NextAvail
+	q.lastAvail, q.availSeen, q.prefetched = st.NextAvail, st.NextAvail, st.NextAvail
 	q.usedIdx, q.signalled = st.NextUsed, st.NextUsed
 	q.usedFlags = 0
 	q.eventValid = false

@@ -34,6 +34,14 @@ type packedDevice struct {
 
 	sinceSignal uint32 // descriptors used since the last NeedsInterrupt
 
+	// Prefetch's frontier: the chain numbered pfSeq (popSeq's numbering)
+	// starts at ring index pfIdx with AVAIL|USED bits pfBits, and the
+	// chains before it have been asked for. Current while
+	// 0 < pfSeq-popSeq <= ring size.
+	pfSeq  uint32
+	pfIdx  uint16
+	pfBits uint16
+
 	devEvent    uint32 // shadow of the device event suppression word
 	devEventSet bool   // devEvent holds what memory holds
 	devEventLog GuestAddr
@@ -122,6 +130,7 @@ func (q *DeviceQueue) packedReset(st QueueState) {
 	p.lost = n
 	clear(p.ids)
 	p.ordered, p.popSeq, p.pushSeq = true, 0, 0
+	p.pfSeq = 0 // not current: pfSeq == popSeq
 	p.sinceSignal = 0
 	p.devEventSet = false
 	q.notify = true

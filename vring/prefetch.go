@@ -6,8 +6,11 @@ package vring
 // (a transmitted frame), for writing when it is device-writable (a
 // receive buffer). It returns how many chains it found, at most n.
 //
-// A device that works in batches calls it at the start of a batch, for the
-// chains the batch will take. When the driver runs on another CPU, those
+// The queue remembers how far it has asked: a later call asks only for
+// chains beyond that. A device that calls Prefetch(d) after every Pop
+// keeps the next d chains asked for, one new chain a call, so each one's
+// lines are on their way d chains before it is taken; a device that works
+// in batches can instead ask for a whole batch at its start. When the driver runs on another CPU, those
 // cache lines are in the driver's cache: taken one by one as the device
 // copies each frame, every transfer waits in turn (and a store to a line
 // not yet here holds up every later store); asked for together, they
@@ -16,8 +19,9 @@ package vring
 // a chain on the machine of docs/performance (BenchmarkPrefetch32).
 //
 // Prefetch reads the available ring and descriptors but changes nothing
-// in the queue or in guest memory, so Pop returns the same chains whether
-// or not it was called. It uses only the chains' first descriptors that
+// in guest memory and nothing Pop reads (only its own record of how far
+// it has asked), so Pop returns the same chains whether or not it was
+// called. It uses only the chains' first descriptors that
 // are direct and start inside the queue's cached memory region (the region
 // of the last buffer Pop translated through the memory table: none before
 // the queue's first chain), and ignores anything else, including
@@ -33,26 +37,41 @@ func (q *DeviceQueue) Prefetch(n int) int {
 	if q.pk != nil {
 		return q.packedPrefetch(n)
 	}
-	// The chains known available (availSeen, rule 2); when there are
-	// none, avail.idx is read again (acquire, as refresh does) but not
-	// recorded: a value that breaks the rules is left for Pop to report.
+	// The chains known available (availSeen, rule 2); when they are
+	// fewer than n, avail.idx is read again (acquire, as refresh does) but
+	// not recorded: a value that breaks the rules is left for Pop to
+	// report.
 	known := q.availSeen - q.lastAvail
-	if known == 0 {
-		known = q.r.loadAvailIdx() - q.lastAvail
-		if known > q.r.size {
-			return 0
+	if int(known) < n {
+		if fresh := q.r.loadAvailIdx() - q.lastAvail; fresh <= q.r.size && fresh > known {
+			known = fresh
 		}
 	}
+	if known == 0 {
+		return 0
+	}
 	n = min(n, int(known))
+	// Chains from lastAvail to prefetched were asked for by an earlier
+	// call. prefetched-lastAvail is at most a ring's worth while that is
+	// current; otherwise (pops went past it, a reset) it is stale.
+	start := q.lastAvail
+	if ahead := q.prefetched - q.lastAvail; ahead <= q.r.size {
+		if int(ahead) >= n {
+			return n
+		}
+		start = q.prefetched
+	}
+	end := q.lastAvail + uint16(n)
+	q.prefetched = end
 	mem, base := q.cMem, q.cBase
-	avail, descs, start := q.r.availRing, q.r.descs, q.lastAvail
+	avail, descs := q.r.availRing, q.r.descs
 	// ring0: avail.ring[0] shares the atomic avail.idx word (as in popRun).
 	ring0 := q.r.availIdxShift == 0
 	if len(avail) == 0 { // never (len is the queue size); drops a bounds check
 		return 0
 	}
-	for k := range n {
-		slot := int(start+uint16(k)) & (len(avail) - 1)
+	for i := start; i != end; i++ {
+		slot := int(i) & (len(avail) - 1)
 		var head uint16
 		if slot == 0 && ring0 {
 			head = q.r.availEntry(0)
@@ -68,14 +87,24 @@ func (q *DeviceQueue) Prefetch(n int) int {
 }
 
 // packedPrefetch is Prefetch on a packed ring: it follows the available
-// descriptors from nextAvail (each one's flags word loaded with acquire,
-// as Pop does) and prefetches the first buffer of each chain.
+// descriptors (each one's flags word loaded with acquire, as Pop does)
+// from nextAvail, or from the frontier an earlier call left, and
+// prefetches the first buffer of each chain.
 func (q *DeviceQueue) packedPrefetch(n int) int {
 	mem, base := q.cMem, q.cBase
 	p := q.pk
-	i, bits, size := p.nextAvail, p.availBits, p.r.size
-	found, first := 0, true
+	i, bits, seq := p.nextAvail, p.availBits, p.popSeq
+	if ahead := p.pfSeq - p.popSeq; ahead != 0 && ahead <= uint32(p.r.size) {
+		if int(ahead) >= n {
+			return n
+		}
+		i, bits, seq = p.pfIdx, p.pfBits, p.pfSeq
+	}
+	size, first := p.r.size, true
 	for range size { // a ring's worth of descriptors at most
+		if int(seq-p.popSeq) == n {
+			break
+		}
 		_, flags := p.r.loadWord(i)
 		if flags&availUsed != bits {
 			break
@@ -84,17 +113,16 @@ func (q *DeviceQueue) packedPrefetch(n int) int {
 			d := &p.r.descs[i]
 			q.prefetchBuf(mem, base, GuestAddr(d.addr), d.len, flags)
 		}
-		first = flags&DescFNext == 0
-		if first {
-			if found++; found == n {
-				break
-			}
-		}
 		if i++; i == size {
 			i, bits = 0, bits^availUsed
 		}
+		first = flags&DescFNext == 0
+		if first { // a chain ends: the frontier moves past it
+			seq++
+			p.pfSeq, p.pfIdx, p.pfBits = seq, i, bits
+		}
 	}
-	return found
+	return int(seq - p.popSeq)
 }
 
 // prefetchBuf prefetches the first bytes of the buffer of one descriptor

@@ -211,10 +211,10 @@ func TestPrefetchChangesNothing(t *testing.T) {
 	}
 }
 
-// queueSnapshot is a DeviceQueue's state by value: the queue struct and,
-// for a packed queue, its packedDevice with its own copy of the ids table
-// (the struct alone holds pointers, which compare equal whatever they
-// point to now).
+// queueSnapshot is a DeviceQueue's state by value, but for Prefetch's
+// record of how far it has asked: the queue struct and, for a packed
+// queue, its packedDevice with its own copy of the ids table (the struct
+// alone holds pointers, which compare equal whatever they point to now).
 type queueSnapshot struct {
 	q   DeviceQueue
 	pk  packedDevice
@@ -224,10 +224,12 @@ type queueSnapshot struct {
 func snapshotQueue(q *DeviceQueue) queueSnapshot {
 	s := queueSnapshot{q: *q}
 	s.q.pk = nil
+	s.q.prefetched = 0 // Prefetch's own record
 	if q.pk != nil {
 		s.pk = *q.pk
 		s.ids = slices.Clone(q.pk.ids)
 		s.pk.ids = nil
+		s.pk.pfSeq, s.pk.pfIdx, s.pk.pfBits = 0, 0, 0
 	}
 	return s
 }
@@ -288,16 +290,82 @@ func TestPrefetchTargets(t *testing.T) {
 
 			got = nil
 			require.Equal(t, 2, dev.Prefetch(2), "n bounds the chains")
-			require.Equal(t, []target{{0x100034, 2, false}, {0x100834, 3, true}}, got)
+			require.Empty(t, got, "asked for already")
+			require.Equal(t, 5, dev.Prefetch(8))
+			require.Empty(t, got, "asked for already")
 
-			got = nil
 			for range 3 {
 				ok, err := dev.Pop(&c)
 				require.NoError(t, err)
 				require.True(t, ok)
 			}
 			require.Equal(t, 2, dev.Prefetch(8), "from the next chain Pop takes")
-			require.Equal(t, []target{{0x105000, 2, true}}, got)
+			require.Empty(t, got, "asked for already")
+		})
+	}
+}
+
+// TestPrefetchKeepsADistance: Prefetch(d) after every Pop asks for exactly
+// one new chain each time, d chains ahead of the one taken, on split and
+// packed rings and across the ring's wrap; a reset forgets how far it had
+// asked.
+func TestPrefetchKeepsADistance(t *testing.T) {
+	for _, packed := range []bool{false, true} {
+		t.Run(map[bool]string{false: "split", true: "packed"}[packed], func(t *testing.T) {
+			const size, d = 8, 3
+			var drv *DriverQueue
+			var dev *DeviceQueue
+			if packed {
+				_, drv, dev = newPackedPair(t, size, 0)
+			} else {
+				_, drv, dev = newPair(t, size, 0)
+			}
+			var got []GuestAddr
+			dev.prefetchTrace = func(addr GuestAddr, _ int, _ bool) { got = append(got, addr) }
+			addrOf := func(k int) GuestAddr { return GuestAddr(0x100000 + 0x100*(k%64)) }
+			added, popped := 0, 0
+			fill := func() {
+				for drv.NumFree() > 0 {
+					_, err := drv.Add([]Buffer{{Addr: addrOf(added), Len: 64, Writable: true}})
+					require.NoError(t, err)
+					added++
+				}
+				drv.Publish()
+			}
+			fill()
+			var c Chain
+			ok, err := dev.Pop(&c) // the first walk sets the cached region
+			require.NoError(t, err)
+			require.True(t, ok)
+			require.NoError(t, dev.PushChain(&c, 0))
+			popped++
+			require.Equal(t, d, dev.Prefetch(d))
+			require.Equal(t, []GuestAddr{addrOf(1), addrOf(2), addrOf(3)}, got)
+			for round := 0; round < 5*size; round++ {
+				got = nil
+				ok, err := dev.Pop(&c)
+				require.NoError(t, err)
+				require.True(t, ok)
+				require.Equal(t, addrOf(popped), c.Segs[0].Addr)
+				popped++
+				require.Equal(t, d, dev.Prefetch(d), "round %d", round)
+				require.Equal(t, []GuestAddr{addrOf(popped + d - 1)}, got, "round %d: one new chain, %d ahead", round, d)
+				require.NoError(t, dev.PushChain(&c, 0))
+				for {
+					_, _, ok, err := drv.Reclaim()
+					require.NoError(t, err)
+					if !ok {
+						break
+					}
+				}
+				fill()
+			}
+			dev.Reset()
+			if packed {
+				require.Equal(t, dev.pk.popSeq, dev.pk.pfSeq, "a reset forgets how far Prefetch had asked")
+			} else {
+				require.Equal(t, dev.lastAvail, dev.prefetched, "a reset forgets how far Prefetch had asked")
+			}
 		})
 	}
 }
