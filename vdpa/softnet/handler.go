@@ -68,9 +68,6 @@ type Tx struct {
 	// replies); held is the receive queue so locked, or nil.
 	hold bool
 	held *queue
-	// expect: the frames the batch is known to hold, for the first
-	// reply's receive-buffer prefetch (0 once it is done).
-	expect int
 }
 
 // flush publishes the replies of the batch so far and raises the receive
@@ -111,9 +108,7 @@ func (t *Tx) reply(hdr *virtio.NetHdr, frame []byte) error {
 		t.held = rx
 	}
 	t.rxPair = p
-	prefetch := t.expect
-	t.expect = 0
-	return t.dev.deliverVia(t.held, p, hdr, frame, true, prefetch)
+	return t.dev.deliverVia(t.held, p, hdr, frame, true)
 }
 
 // Device returns the device that transmitted the frame.

@@ -407,6 +407,16 @@ func (q *queue) signal() {
 	}
 }
 
+// prefetchAhead is how many chains ahead of the one being processed the
+// transmit worker keeps asked for (vring's Prefetch), on the transmit ring
+// and on the receive ring its replies go to.
+const prefetchAhead = 16
+
+// prefetchStride: Prefetch is called on every prefetchStride-th frame
+// only, so that its call costs a fraction per frame; the distance stays
+// between prefetchAhead-prefetchStride and prefetchAhead.
+const prefetchStride = 4
+
 // errTxHeld: txBatch consumed nothing because the receive queue its
 // replies go to is stopped (rxHeld).
 var errTxHeld = errors.New("softnet: transmit held while its receive queue is stopped")
@@ -442,19 +452,19 @@ func (d *Device) txBatch(q *queue) (int, error) {
 	used := q.used[:batch]
 	n := 0
 	var err error
-	q.tx.rxPair, q.tx.expect = -1, 0
+	q.tx.rxPair = -1
 	for n < batch {
 		var ok bool
 		ok, err = q.dq.Pop(&q.chain)
 		if err != nil || !ok {
 			break
 		}
-		if n == 0 {
-			// The batch has work: start bringing the rest of its frames
-			// from the driver's CPU now, all at once, rather than one by
-			// one as each frame is read. The first reply asks the same
-			// for the receive buffers (Tx.expect).
-			q.tx.expect = 1 + q.dq.Prefetch(batch-1)
+		// Keep the next frames' lines on their way from the driver's CPU
+		// (prefetchAhead chains ahead), rather than taking each frame's
+		// lines in turn as it is read. Replies do the same for the
+		// receive buffers (deliverLocked).
+		if n%prefetchStride == 0 {
+			q.dq.Prefetch(prefetchAhead)
 		}
 		d.transmit(q, h, oh, acc, f, hdrLen)
 		// Transmit buffers are device-readable only: nothing written. The
@@ -692,12 +702,12 @@ func (q *queue) signalGuarded() (err error) {
 // deliver writes frame, with hdr if not nil, into pair's receive queue.
 // With deferIRQ the interrupt is left for flushRx.
 func (d *Device) deliver(pair int, hdr *virtio.NetHdr, frame []byte, deferIRQ bool) error {
-	return d.deliverVia(nil, pair, hdr, frame, deferIRQ, 0)
+	return d.deliverVia(nil, pair, hdr, frame, deferIRQ)
 }
 
 // deliverVia is deliver by a transmit worker that holds held's lock for
 // its batch (nil: none).
-func (d *Device) deliverVia(held *queue, pair int, hdr *virtio.NetHdr, frame []byte, deferIRQ bool, prefetch int) error {
+func (d *Device) deliverVia(held *queue, pair int, hdr *virtio.NetHdr, frame []byte, deferIRQ bool) error {
 	if !d.linkUp.Load() {
 		d.drops.add(DropLinkDown)
 		return ErrLinkDown
@@ -728,17 +738,16 @@ func (d *Device) deliverVia(held *queue, pair int, hdr *virtio.NetHdr, frame []b
 		rx.mu.Lock()
 		defer rx.mu.Unlock()
 	}
-	return d.deliverTo(rx, hdr, &p, frame, deferIRQ, prefetch)
+	return d.deliverTo(rx, hdr, &p, frame, deferIRQ)
 }
 
-// deliverTo is deliver after the checks, with rx.mu held. prefetch is
-// how many receive chains to prefetch first (deliverLocked).
-func (d *Device) deliverTo(rx *queue, hdr *virtio.NetHdr, p *gsoPacket, frame []byte, deferIRQ bool, prefetch int) error {
+// deliverTo is deliver after the checks, with rx.mu held.
+func (d *Device) deliverTo(rx *queue, hdr *virtio.NetHdr, p *gsoPacket, frame []byte, deferIRQ bool) error {
 	if rx.dq == nil || rx.loadErr() != nil {
 		d.drops.add(DropRxNotReady)
 		return ErrRxNotReady
 	}
-	if err := d.deliverLocked(rx, hdr, p, frame, deferIRQ, prefetch); err != nil {
+	if err := d.deliverLocked(rx, hdr, p, frame, deferIRQ); err != nil {
 		if fe, ok := err.(*vring.FaultError); ok {
 			if inSlice(frame, fe.Addr) {
 				// The frame's own memory faulted (a transmit buffer of the
@@ -771,15 +780,15 @@ func inSlice(b []byte, a uintptr) bool {
 // written) and not the caller's. The deferred recover costs a few
 // nanoseconds per frame and allocates nothing.
 //
-// A transmit batch's first reply passes prefetch, the frames the batch is
-// known to hold: the receive buffers their replies will be written to are
-// asked for all at once (vring's Prefetch), so that each frame's stores do
-// not wait for their lines in turn, holding up every later store
-// meanwhile. The ring reads that takes are under the same fault guard.
-func (d *Device) deliverLocked(rx *queue, hdr *virtio.NetHdr, p *gsoPacket, frame []byte, deferIRQ bool, prefetch int) (err error) {
+// A reply from a transmit batch (deferIRQ) keeps the next receive buffers
+// asked for, prefetchAhead chains ahead (vring's Prefetch), so that each
+// frame's stores find their lines here rather than each waiting for its
+// own in turn, holding up every later store meanwhile. The ring reads that
+// takes are under the same fault guard.
+func (d *Device) deliverLocked(rx *queue, hdr *virtio.NetHdr, p *gsoPacket, frame []byte, deferIRQ bool) (err error) {
 	defer vring.CatchFault(&err)
-	if prefetch > 0 {
-		rx.dq.Prefetch(prefetch)
+	if deferIRQ && rx.pendFrames%prefetchStride == 0 {
+		rx.dq.Prefetch(prefetchAhead)
 	}
 	if !deferIRQ {
 		// A delivery that signals at once publishes what it completed
