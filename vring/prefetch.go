@@ -7,29 +7,31 @@ package vring
 // receive buffer). It returns how many chains it found, at most n.
 //
 // The queue remembers how far it has asked: a later call asks only for
-// chains beyond that. A device that calls Prefetch(d) after every Pop
-// keeps the next d chains asked for, one new chain a call, so each one's
-// lines are on their way d chains before it is taken; a device that works
-// in batches can instead ask for a whole batch at its start. When the driver runs on another CPU, those
+// chains beyond that. A device that calls Prefetch(d) as it pops keeps the
+// next d chains asked for, so each one's lines are on their way well
+// before it is taken; a device that works in batches can instead ask for a
+// whole batch at its start. When the driver runs on another CPU, those
 // cache lines are in the driver's cache: taken one by one as the device
 // copies each frame, every transfer waits in turn (and a store to a line
-// not yet here holds up every later store); asked for together, they
-// travel at once. Where the lines are already in this CPU's cache (a
-// driver on the same CPU), Prefetch only costs its own work: about 2.7 ns
-// a chain on the machine of docs/performance (BenchmarkPrefetch32).
+// not yet here holds up every later store); asked for ahead, they travel
+// together. Where the lines are already in this CPU's cache (a driver on
+// the same CPU), Prefetch only costs its own work: about 2.7 ns a chain on
+// the machine of docs/performance (BenchmarkPrefetch32).
 //
 // Prefetch reads the available ring and descriptors but changes nothing
 // in guest memory and nothing Pop reads (only its own record of how far
 // it has asked), so Pop returns the same chains whether or not it was
-// called. It uses only the chains' first descriptors that
-// are direct and start inside the queue's cached memory region (the region
-// of the last buffer Pop translated through the memory table: none before
-// the queue's first chain), and ignores anything else, including
-// descriptors that break the ring's rules: Pop judges those. A prefetch instruction never faults, and it is only given
-// addresses inside guest memory. Its reads of the ring can fault as Pop's
-// can (guest memory truncated by its owner), so call it where Pop would be
-// called, under the same CatchFault. Where vring has no prefetch instruction
-// (architectures other than amd64 and arm64) it still returns the count.
+// called. It uses only the chains' first descriptors that are direct and
+// start inside the queue's cached memory region (the region of the last
+// buffer Pop translated through the memory table: none before the queue's
+// first chain), and ignores anything else, including descriptors that
+// break the ring's rules: Pop judges those. When fewer than n chains are
+// known available it reads avail.idx again, without recording it. A
+// prefetch instruction never faults, and it is only given addresses inside
+// guest memory. Its reads of the ring can fault as Pop's can (guest memory
+// truncated by its owner), so call it where Pop would be called, under the
+// same CatchFault. Where vring has no prefetch instruction (architectures
+// other than amd64 and arm64) it still returns the count.
 func (q *DeviceQueue) Prefetch(n int) int {
 	if n <= 0 || q.err != nil {
 		return 0
