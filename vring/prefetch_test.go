@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"math/rand/v2"
+	"reflect"
 	"slices"
 	"testing"
 
@@ -106,13 +107,7 @@ func TestPrefetchCounts(t *testing.T) {
 				require.NoError(t, err)
 				require.True(t, ok)
 				require.NoError(t, dev.PushChain(&c, 0))
-				for {
-					_, _, ok, err := drv.Reclaim()
-					require.NoError(t, err)
-					if !ok {
-						break
-					}
-				}
+				reclaimAll(t, drv)
 				for _, bufs := range [][]Buffer{tx, req} {
 					_, err := drv.Add(bufs)
 					require.NoError(t, err)
@@ -351,13 +346,7 @@ func TestPrefetchKeepsADistance(t *testing.T) {
 				require.Equal(t, d, dev.Prefetch(d), "round %d", round)
 				require.Equal(t, []GuestAddr{addrOf(popped + d - 1)}, got, "round %d: one new chain, %d ahead", round, d)
 				require.NoError(t, dev.PushChain(&c, 0))
-				for {
-					_, _, ok, err := drv.Reclaim()
-					require.NoError(t, err)
-					if !ok {
-						break
-					}
-				}
+				reclaimAll(t, drv)
 				fill()
 			}
 			dev.Reset()
@@ -367,5 +356,31 @@ func TestPrefetchKeepsADistance(t *testing.T) {
 				require.Equal(t, dev.lastAvail, dev.prefetched, "a reset forgets how far Prefetch had asked")
 			}
 		})
+	}
+}
+
+// reclaimAll reclaims every chain the device has used.
+func reclaimAll(t *testing.T, drv *DriverQueue) {
+	t.Helper()
+	for {
+		_, _, ok, err := drv.Reclaim()
+		require.NoError(t, err)
+		if !ok {
+			return
+		}
+	}
+}
+
+// checkPrefetch calls dev.Prefetch(n) and fails t unless the count is in
+// range and the queue's state, but for Prefetch's own record, is as it was:
+// a hint must change nothing Pop sees (the ring-walk fuzzers call it).
+func checkPrefetch(t *testing.T, dev *DeviceQueue, n int) {
+	t.Helper()
+	before := snapshotQueue(dev)
+	if got := dev.Prefetch(n); got < 0 || got > n {
+		t.Fatalf("Prefetch(%d) = %d", n, got)
+	}
+	if !reflect.DeepEqual(before, snapshotQueue(dev)) {
+		t.Fatal("Prefetch changed the queue")
 	}
 }
