@@ -124,7 +124,7 @@ func (c *conn) readFull(b []byte, fds *[]int, started bool) error {
 				}
 				return fmt.Errorf("%w: peer closed after %d of %d bytes", ErrTruncated, got, len(b))
 			}
-			if errors.Is(err, os.ErrDeadlineExceeded) && !c.msgDeadline.IsZero() && !time.Now().Before(c.msgDeadline) {
+			if errors.Is(err, os.ErrDeadlineExceeded) && !c.msgDeadline.IsZero() && !time.Now().Before(c.msgDeadline) && !c.interrupted.Load() {
 				return fmt.Errorf("%w: %d of %d bytes within %v", ErrStalled, got, len(b), c.msgTimeout)
 			}
 			return err
@@ -218,7 +218,7 @@ func (c *conn) write(h Header, payload []byte, fds []int) error {
 		m, err = c.uc.Write(b[n:])
 		n += m
 	}
-	if errors.Is(err, os.ErrDeadlineExceeded) && c.msgTimeout > 0 {
+	if errors.Is(err, os.ErrDeadlineExceeded) && c.msgTimeout > 0 && !c.interrupted.Load() {
 		return fmt.Errorf("%w: peer read %d of %d bytes within %v", ErrStalled, n, len(b), c.msgTimeout)
 	}
 	return err

@@ -166,3 +166,51 @@ func TestConnStalledMessage(t *testing.T) {
 		assert.Equal(t, ReqGetFeatures, m.Request)
 	})
 }
+
+// TestConnInterruptSticks: once interrupted, a connection's reads and
+// writes return at once, even after its own per-message deadline handling
+// sets or clears the deadlines (a message that ends clears the read
+// deadline; a write clears the write deadline when done), and the socket
+// stays open.
+func TestConnInterruptSticks(t *testing.T) {
+	t.Run("read, after the connection clears its deadline", func(t *testing.T) {
+		a, b := socketpair(t)
+		c := newConn(b)
+		c.msgTimeout = time.Minute
+		c.interrupt()
+		c.startMessage() // as read does once bytes arrive
+		c.endMessage()   // and when the message is complete
+		sendRaw(t, a, rawMsg(ReqGetFeatures, Version, 0, nil), nil)
+		start := time.Now()
+		_, err := c.read()
+		require.ErrorIs(t, err, os.ErrDeadlineExceeded)
+		assert.Less(t, time.Since(start), 2*time.Second)
+	})
+	t.Run("read blocked when interrupted", func(t *testing.T) {
+		_, b := socketpair(t)
+		c := newConn(b)
+		done := make(chan error, 1)
+		go func() { _, err := c.read(); done <- err }()
+		time.Sleep(20 * time.Millisecond)
+		c.interrupt()
+		select {
+		case err := <-done:
+			require.ErrorIs(t, err, os.ErrDeadlineExceeded)
+		case <-time.After(5 * time.Second):
+			t.Fatal("a blocked read did not return after interrupt")
+		}
+	})
+	t.Run("write, after the connection clears its deadline", func(t *testing.T) {
+		a, b := socketpair(t)
+		c := newConn(b)
+		c.msgTimeout = time.Minute
+		c.interrupt()
+		c.setWriteDeadline(time.Time{}) // as write does when it is done
+		err := c.write(Header{Request: ReqGetFeatures, Flags: Version}, nil, nil)
+		require.ErrorIs(t, err, os.ErrDeadlineExceeded)
+		// The socket is still open: the peer sees no end.
+		require.NoError(t, a.SetReadDeadline(time.Now().Add(50*time.Millisecond)))
+		_, err = a.Read(make([]byte, 1))
+		require.ErrorIs(t, err, os.ErrDeadlineExceeded)
+	})
+}

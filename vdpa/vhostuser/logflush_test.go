@@ -25,6 +25,7 @@ type handDriven struct {
 	features virtio.Features
 	started  chan *vring.DeviceQueue
 	done     chan struct{}
+	stopping chan struct{} // if not nil, told (without blocking) when StopQueue(0) starts waiting
 	dqs      map[int]*vring.DeviceQueue
 }
 
@@ -49,6 +50,10 @@ func (h *handDriven) StopQueue(q int) (vring.QueueState, error) {
 	dq := h.dqs[q]
 	delete(h.dqs, q)
 	if q == 0 {
+		select {
+		case h.stopping <- struct{}{}:
+		default:
+		}
 		<-h.done
 	}
 	return dq.State(), nil
@@ -117,6 +122,7 @@ func TestBackendStopsQueuesBeforeClosingOnCancel(t *testing.T) {
 		features: vhostusertest.New(vhostusertest.Loopback, [6]byte{}).Features(),
 		started:  make(chan *vring.DeviceQueue, 1),
 		done:     make(chan struct{}),
+		stopping: make(chan struct{}, 1),
 		dqs:      map[int]*vring.DeviceQueue{},
 	}
 	fe, be := socketpair(t)
@@ -144,7 +150,12 @@ func TestBackendStopsQueuesBeforeClosingOnCancel(t *testing.T) {
 		t.Fatal("queue 0 never started")
 	}
 
-	cancel() // StopQueue(0) now waits for the test
+	cancel()
+	select { // the session's teardown has reached StopQueue(0), which waits for the test
+	case <-h.stopping:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the back-end did not stop queue 0 after its context ended")
+	}
 	buf := make([]byte, 64)
 	require.NoError(t, fe.SetReadDeadline(time.Now().Add(300*time.Millisecond)))
 	_, err := fe.Read(buf)
