@@ -7,7 +7,9 @@ package vring
 // receive buffer). It returns how many chains it found, at most n.
 //
 // The queue remembers how far it has asked: a later call asks only for
-// chains beyond that. A device that calls Prefetch(d) as it pops keeps the
+// chains beyond that (until pops pass that point; after 65536-size pops
+// without a call in between, the record can look current again and the
+// next size chains go unasked: a hint lost, nothing else). A device that calls Prefetch(d) as it pops keeps the
 // next d chains asked for, so each one's lines are on their way well
 // before it is taken; a device that works in batches can instead ask for a
 // whole batch at its start. When the driver runs on another CPU, those

@@ -69,7 +69,10 @@ type queue struct {
 	// guest memory waits for all of its stores to drain, and in a loopback
 	// those stores go to cache lines the driver's CPU owns.
 	pendFrames, pendBytes uint64
-	tx                    Tx
+	// replies (rx) counts the transmit workers' replies, for the
+	// prefetch stride (deliverLocked).
+	replies uint32
+	tx      Tx
 	// vh (rx) is the header of the frame being written, num_buffers
 	// aside.
 	vh virtio.NetHdr
@@ -787,8 +790,11 @@ func inSlice(b []byte, a uintptr) bool {
 // takes are under the same fault guard.
 func (d *Device) deliverLocked(rx *queue, hdr *virtio.NetHdr, p *gsoPacket, frame []byte, deferIRQ bool) (err error) {
 	defer vring.CatchFault(&err)
-	if deferIRQ && rx.pendFrames%prefetchStride == 0 {
-		rx.dq.Prefetch(prefetchAhead)
+	if deferIRQ {
+		if rx.replies%prefetchStride == 0 {
+			rx.dq.Prefetch(prefetchAhead)
+		}
+		rx.replies++
 	}
 	if !deferIRQ {
 		// A delivery that signals at once publishes what it completed
