@@ -431,7 +431,8 @@ func (h *Harness) scaleCount(ctx context.Context, what string, n, fdsEach int, l
 // rounds (reference, N pairs, reference, ...) so that the machine's load
 // hits both alike. Both sides are event-driven (softnet ModeEvent waiting
 // on kicks, the driver on receive interrupts) or both busy-poll (ModePoll,
-// the driver yielding when idle).
+// the driver yielding when idle), the device's queues each on a goroutine
+// of its own or all on a softnet.PollGroup of one worker per core.
 func (h *Harness) scaleThroughput(ctx context.Context) {
 	const suite = "scale"
 	procs := runtime.GOMAXPROCS(0)
@@ -441,7 +442,8 @@ func (h *Harness) scaleThroughput(ctx context.Context) {
 	if procs > 1 {
 		cores = append(cores, procs)
 	}
-	for _, mode := range []softnet.Mode{softnet.ModeEvent, softnet.ModePoll} {
+	for _, sm := range scaleModes {
+		mode := sm.mode
 		for _, p := range cores {
 			runtime.GOMAXPROCS(p)
 			for _, pairs := range h.cfg.scalePairs {
@@ -451,16 +453,23 @@ func (h *Harness) scaleThroughput(ctx context.Context) {
 				if pairs <= p {
 					continue
 				}
-				name := fmt.Sprintf("%s mode, %d pairs against %d on %d core(s)", mode, pairs, p, p)
+				name := fmt.Sprintf("%s mode, %d pairs against %d on %d core(s)", sm.name, pairs, p, p)
 				params := map[string]any{"pairs": pairs, "reference_pairs": p, "gomaxprocs": p, "frame_bytes": 64,
-					"mode": mode.String(), "driver_batch": 32, "rx_buffers_per_pair": h.cfg.ScaleRxSlots, "seconds_per_run": d.Seconds()}
+					"mode": mode.String(), "poll_group_workers": sm.workers(p), "driver_batch": 32, "rx_buffers_per_pair": h.cfg.ScaleRxSlots, "seconds_per_run": d.Seconds()}
 				h.prog.Step("scale: %s", name)
-				var ref, test []tpResult
+				// In poll-group mode each round also runs the same pairs with
+				// a goroutine per queue (poll mode), so that the group is
+				// compared with what it replaces in the same minutes.
+				var ref, test, own []tpResult
 				var err error
 				for r := 0; r < h.cfg.PeerRounds && err == nil && ctx.Err() == nil; r++ {
-					var a, b tpResult
-					if a, err = pairThroughput(ctx, mode, p, h.cfg.ScaleRxSlots, d); err == nil {
-						b, err = pairThroughput(ctx, mode, pairs, h.cfg.ScaleRxSlots, d)
+					var a, b, c tpResult
+					if a, err = pairThroughput(ctx, sm, p, h.cfg.ScaleRxSlots, d); err == nil {
+						b, err = pairThroughput(ctx, sm, pairs, h.cfg.ScaleRxSlots, d)
+					}
+					if err == nil && sm.group {
+						c, err = pairThroughput(ctx, scaleMode{"poll", softnet.ModePoll, false}, pairs, h.cfg.ScaleRxSlots, d)
+						own = append(own, c)
 					}
 					ref, test = append(ref, a), append(test, b)
 				}
@@ -492,9 +501,44 @@ func (h *Harness) scaleThroughput(ctx context.Context) {
 				perCPU := func(r tpResult) float64 { return 1e9 / r.cpuNs }
 				h.addComparison(suite, name+": frames/s ratio", params, Compare(col(test, mfps), col(ref, mfps)), "")
 				h.addComparison(suite, name+": frames per CPU-second ratio", params, Compare(col(test, perCPU), col(ref, perCPU)), "")
+				if sm.group {
+					vs := fmt.Sprintf("poll group against a goroutine per queue, %d pairs on %d core(s)", pairs, p)
+					h.add(Result{Suite: suite, Name: vs, Params: params, Metrics: []Metric{
+						spreadMetric("poll group", "Mfps", spreadOf(col(test, mfps))),
+						spreadMetric("goroutine per queue", "Mfps", spreadOf(col(own, mfps))),
+						spreadMetric("CPU, poll group", "ns/frame", spreadOf(col(test, cpu))),
+						spreadMetric("CPU, goroutine per queue", "ns/frame", spreadOf(col(own, cpu))),
+					}})
+					h.addComparison(suite, vs+": frames/s ratio", params, Compare(col(test, mfps), col(own, mfps)), "")
+					h.addComparison(suite, vs+": frames per CPU-second ratio", params, Compare(col(test, perCPU), col(own, perCPU)), "")
+				}
 			}
 		}
 	}
+}
+
+// scaleMode is how the device of a pair comparison processes its queues.
+type scaleMode struct {
+	name string
+	mode softnet.Mode
+	// group: ModePoll with the transmit queues on a softnet.PollGroup of
+	// one worker per core, rather than a goroutine per queue.
+	group bool
+}
+
+// workers is the poll group's worker count on cores cores (0: no group).
+func (m scaleMode) workers(cores int) int {
+	if !m.group {
+		return 0
+	}
+	return cores
+}
+
+// scaleModes are the modes the pair comparison runs in.
+var scaleModes = []scaleMode{
+	{"event", softnet.ModeEvent, false},
+	{"poll", softnet.ModePoll, false},
+	{"poll-group", softnet.ModePoll, true},
 }
 
 // throughputPair is one queue pair's driver side.
@@ -509,9 +553,14 @@ type throughputPair struct {
 // pairThroughput runs one device with pairs queue pairs (loopback,
 // EVENT_IDX) for d, a driver goroutine per pair sending 64-byte frames and
 // reclaiming their loopback, and returns frames/s received.
-func pairThroughput(ctx context.Context, mode softnet.Mode, pairs, rxSlots int, d time.Duration) (tpResult, error) {
+func pairThroughput(ctx context.Context, sm scaleMode, pairs, rxSlots int, d time.Duration) (tpResult, error) {
+	mode := sm.mode
+	var group *softnet.PollGroup
+	if n := sm.workers(runtime.GOMAXPROCS(0)); n > 0 {
+		group = softnet.NewPollGroup(&softnet.PollGroupOptions{Workers: n})
+	}
 	sw, err := softnet.New(&softnet.Options{MaxQueuePairs: uint16(pairs), MaxQueueSize: scaleQueueSize,
-		FrontendCtrl: pairs > 1, NoCtrlVQ: true, Mode: mode})
+		FrontendCtrl: pairs > 1, NoCtrlVQ: true, Mode: mode, PollGroup: group})
 	if err != nil {
 		return tpResult{}, err
 	}

@@ -9,7 +9,6 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/vdpakit/vdpakit/vdpa/softnet"
 )
 
 // TestScaleSmoke runs the scale suite's pieces at tiny counts: every
@@ -32,10 +31,10 @@ func TestScaleSmoke(t *testing.T) {
 		m, _ := r.Metric("fds")
 		assert.Positive(t, m.Value, "%s: the embedder's descriptors are counted", r.Name)
 	}
-	for _, mode := range []softnet.Mode{softnet.ModeEvent, softnet.ModePoll} {
-		res, err := pairThroughput(ctx, mode, 3, 16, 50*time.Millisecond)
-		require.NoError(t, err, "%v", mode)
-		assert.Positive(t, res.fps, "%v", mode)
-		assert.Positive(t, res.cpuNs, "%v", mode)
+	for _, sm := range scaleModes {
+		res, err := pairThroughput(ctx, sm, 3, 16, 50*time.Millisecond)
+		require.NoError(t, err, "%v", sm.name)
+		assert.Positive(t, res.fps, "%v", sm.name)
+		assert.Positive(t, res.cpuNs, "%v", sm.name)
 	}
 }

@@ -17,10 +17,10 @@ import (
 // Deliver into the same receive queues and read counters: run with -race.
 // Every frame is either delivered exactly once or counted as a drop.
 func TestConcurrentLoopbackAndDeliver(t *testing.T) {
-	for _, mode := range []softnet.Mode{softnet.ModeEvent, softnet.ModePoll} {
-		t.Run(mode.String(), func(t *testing.T) {
+	for _, mc := range modeCases() {
+		t.Run(mc.name, func(t *testing.T) {
 			f := base.With(virtio.NetFCtrlVQ, virtio.NetFMQ, virtio.NetFMrgRxbuf, virtio.FEventIdx)
-			s := newStack(t, stackOptions{dev: softnet.Options{MaxQueuePairs: 2, Mode: mode}, features: f, size: 256})
+			s := newStack(t, stackOptions{dev: softnet.Options{MaxQueuePairs: 2, Mode: mc.mode, PollGroup: mc.group()}, features: f, size: 256})
 			require.Equal(t, virtio.NetCtrlOK, s.sendCtrl(4, ctrlCmd(virtio.NetCtrlMQ, virtio.NetCtrlMQVQPairsSet, 2, 0)))
 			const perSender = 200
 			var wg sync.WaitGroup
@@ -238,10 +238,10 @@ func TestConcurrentDeliverHdr(t *testing.T) {
 // receive queues meanwhile. Run with -race: nothing deadlocks, and every
 // frame is delivered once or counted as a drop.
 func TestLoopbackWhileActivePairsChange(t *testing.T) {
-	for _, mode := range []softnet.Mode{softnet.ModeEvent, softnet.ModePoll} {
-		t.Run(mode.String(), func(t *testing.T) {
+	for _, mc := range modeCases() {
+		t.Run(mc.name, func(t *testing.T) {
 			f := base.With(virtio.NetFCtrlVQ, virtio.NetFMQ, virtio.NetFMrgRxbuf, virtio.FEventIdx)
-			s := newStack(t, stackOptions{dev: softnet.Options{MaxQueuePairs: 2, Mode: mode, BatchSize: 8}, features: f, size: 256})
+			s := newStack(t, stackOptions{dev: softnet.Options{MaxQueuePairs: 2, Mode: mc.mode, PollGroup: mc.group(), BatchSize: 8}, features: f, size: 256})
 			require.Equal(t, virtio.NetCtrlOK, s.sendCtrl(4, ctrlCmd(virtio.NetCtrlMQ, virtio.NetCtrlMQVQPairsSet, 2, 0)))
 			const perSender, toSend = 300, 2000
 			var wg sync.WaitGroup

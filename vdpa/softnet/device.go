@@ -120,6 +120,12 @@ type Options struct {
 	// slack, scheduler wake-up), long enough for a fast driver to fill
 	// the ring meanwhile; PollNoSleep trades that for a CPU kept busy.
 	PollNoSleep bool
+	// PollGroup, with ModePoll, runs the device's transmit and control
+	// queues on the group's worker goroutines instead of one goroutine
+	// per queue (see PollGroup); the group's idle policy then applies,
+	// not PollSpins, PollSleep and PollNoSleep. Nil gives each queue its
+	// own goroutine.
+	PollGroup *PollGroup
 	// BatchSize is the most chains a queue goroutine processes before it
 	// signals interrupts and checks for a stop. Zero means 64.
 	BatchSize int
@@ -259,6 +265,9 @@ func New(opts *Options) (*Device, error) {
 	}
 	if o.Mode != ModeEvent && o.Mode != ModePoll {
 		return nil, fmt.Errorf("softnet: unknown mode %v", o.Mode)
+	}
+	if o.PollGroup != nil && o.Mode != ModePoll {
+		return nil, fmt.Errorf("%w: mode %v", ErrPollGroup, o.Mode)
 	}
 
 	f := virtio.Features(0).With(virtio.FVersion1, virtio.FEventIdx, virtio.FIndirectDesc, virtio.FRingPacked,

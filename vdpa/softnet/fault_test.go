@@ -42,9 +42,9 @@ func (s *stack) lose(q int) {
 // is reported broken and the device sets DEVICE_NEEDS_RESET (virtio 1.2
 // §2.1.2); the process, the receive queue and a device reset still work.
 func TestTruncatedTxMemoryBreaksQueue(t *testing.T) {
-	for _, mode := range []softnet.Mode{softnet.ModeEvent, softnet.ModePoll} {
-		t.Run(mode.String(), func(t *testing.T) {
-			s := newStack(t, stackOptions{dev: softnet.Options{Mode: mode}, features: base, peerFiles: true})
+	for _, mc := range modeCases() {
+		t.Run(mc.name, func(t *testing.T) {
+			s := newStack(t, stackOptions{dev: softnet.Options{Mode: mc.mode, PollGroup: mc.group()}, features: base, peerFiles: true})
 			mac := s.dev.MAC()
 			s.postRx(0, 8, 2048)
 			f := frame(mac, 1, 100)

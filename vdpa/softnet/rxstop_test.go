@@ -21,9 +21,9 @@ import (
 // not consumed. When receiveq 0 starts again every pending frame is
 // answered exactly once.
 func TestTxHeldWhileRxStopped(t *testing.T) {
-	for _, mode := range []softnet.Mode{softnet.ModeEvent, softnet.ModePoll} {
-		t.Run(mode.String(), func(t *testing.T) {
-			s := newStack(t, stackOptions{dev: softnet.Options{Mode: mode}, features: base.With(virtio.FEventIdx), size: 64})
+	for _, mc := range modeCases() {
+		t.Run(mc.name, func(t *testing.T) {
+			s := newStack(t, stackOptions{dev: softnet.Options{Mode: mc.mode, PollGroup: mc.group()}, features: base.With(virtio.FEventIdx), size: 64})
 			mac := s.dev.MAC()
 			usedIdx := func(q int) uint16 {
 				var b [2]byte

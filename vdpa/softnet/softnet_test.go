@@ -24,17 +24,20 @@ func TestLoopbackByteIdentical(t *testing.T) {
 		features virtio.Features
 		mode     softnet.Mode
 		indirect bool
+		grouped  bool // on a PollGroup of one worker
 	}{
-		{"VERSION_1 header is 12 bytes with num_buffers 1", base, softnet.ModeEvent, false},
-		{"MRG_RXBUF with VERSION_1", base.With(virtio.NetFMrgRxbuf), softnet.ModeEvent, false},
-		{"legacy 10-byte header without VERSION_1 or MRG_RXBUF", virtio.Features(0).With(virtio.NetFMAC), softnet.ModeEvent, false},
-		{"EVENT_IDX notification suppression", base.With(virtio.FEventIdx, virtio.NetFMrgRxbuf), softnet.ModeEvent, false},
-		{"INDIRECT_DESC chains", base.With(virtio.FIndirectDesc), softnet.ModeEvent, true},
-		{"busy-poll mode", base.With(virtio.FEventIdx, virtio.NetFMrgRxbuf), softnet.ModePoll, false},
+		{"VERSION_1 header is 12 bytes with num_buffers 1", base, softnet.ModeEvent, false, false},
+		{"MRG_RXBUF with VERSION_1", base.With(virtio.NetFMrgRxbuf), softnet.ModeEvent, false, false},
+		{"legacy 10-byte header without VERSION_1 or MRG_RXBUF", virtio.Features(0).With(virtio.NetFMAC), softnet.ModeEvent, false, false},
+		{"EVENT_IDX notification suppression", base.With(virtio.FEventIdx, virtio.NetFMrgRxbuf), softnet.ModeEvent, false, false},
+		{"INDIRECT_DESC chains", base.With(virtio.FIndirectDesc), softnet.ModeEvent, true, false},
+		{"busy-poll mode", base.With(virtio.FEventIdx, virtio.NetFMrgRxbuf), softnet.ModePoll, false, false},
+		{"busy-poll mode on a poll group", base.With(virtio.FEventIdx, virtio.NetFMrgRxbuf), softnet.ModePoll, false, true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			s := newStack(t, stackOptions{dev: softnet.Options{Mode: tt.mode}, features: tt.features, indirect: tt.indirect})
+			mc := modeCase{mode: tt.mode, grouped: tt.grouped}
+			s := newStack(t, stackOptions{dev: softnet.Options{Mode: tt.mode, PollGroup: mc.group()}, features: tt.features, indirect: tt.indirect})
 			mac := s.dev.MAC()
 			sizes := []int{0, 1, 46, 100, 1000, 1500 - 18}
 			s.postRx(0, 2*len(sizes), 2048)
