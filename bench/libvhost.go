@@ -37,6 +37,9 @@ type vhostChildParams struct {
 	// Profile, when set, is a file the child writes its CPU profile to.
 	Profile string `json:"profile,omitempty"`
 	CPU     int    `json:"cpu"`
+	// PollGroup polls every queue on one softnet.PollGroup worker
+	// instead of a goroutine per queue.
+	PollGroup bool `json:"poll_group,omitempty"`
 }
 
 type vhostChildStats struct {
@@ -117,8 +120,12 @@ func vhostChildMain() int {
 	// PollNoSleep: the back-end has CPU H to itself and polls it
 	// continuously, as net_vhost's forwarding lcore does; sleeping when
 	// idle lets the front-end fill the ring meanwhile.
+	var group *softnet.PollGroup
+	if p.PollGroup {
+		group = softnet.NewPollGroup(&softnet.PollGroupOptions{Workers: 1, PollNoSleep: true})
+	}
 	dev, err := softnet.New(&softnet.Options{Handler: handler, Mode: softnet.ModePoll, PollNoSleep: true, MaxQueueSize: 1024,
-		MaxQueuePairs: uint16(max(1, p.Queues)), FrontendCtrl: true})
+		MaxQueuePairs: uint16(max(1, p.Queues)), FrontendCtrl: true, PollGroup: group})
 	if err != nil {
 		return fail(err)
 	}

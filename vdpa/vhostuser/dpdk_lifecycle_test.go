@@ -56,16 +56,26 @@ func (p *testpmd) streamStats(ctx context.Context, queues int) (rx, tx []uint64,
 // carries frames in both directions, and the per-pair counters of both
 // sides agree.
 func TestDPDKMultiQueue(t *testing.T) {
-	for _, tc := range []struct{ name, vdev string }{
-		{"queues2", "queues=2"},
-		{"queues2-cq1", "queues=2,cq=1"},
+	for _, tc := range []struct {
+		name, vdev string
+		group      bool // busy-poll both transmit queues on one PollGroup worker
+	}{
+		{"queues2", "queues=2", false},
+		{"queues2-cq1", "queues=2,cq=1", false},
+		{"queues2-pollgroup", "queues=2", true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			bin := requireTestpmd(t, dpdkInterop)
 			ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 			defer cancel()
 			const pairs = 2
-			dev, err := softnet.New(&softnet.Options{MaxQueuePairs: pairs, FrontendCtrl: true, MaxQueueSize: 1024, Handler: softnet.Discard})
+			opts := softnet.Options{MaxQueuePairs: pairs, FrontendCtrl: true, MaxQueueSize: 1024, Handler: softnet.Discard}
+			var group *softnet.PollGroup
+			if tc.group {
+				group = softnet.NewPollGroup(&softnet.PollGroupOptions{Workers: 1})
+				opts.Mode, opts.PollGroup = softnet.ModePoll, group
+			}
+			dev, err := softnet.New(&opts)
 			require.NoError(t, err)
 			path, be := serveBackend(t, ctx, dev)
 			p := startTestpmd(t, bin, testpmdConfig{lcores: "0@0,1@0", prefix: uniquePrefix(t, "mq"),
@@ -79,6 +89,9 @@ func TestDPDKMultiQueue(t *testing.T) {
 				"rings did not start: %+v", be.Info())
 			info := be.Info()
 			t.Logf("negotiated %s; protocol %v", info.Features.Format(virtio.DeviceNet), info.ProtocolFeatures)
+			if group != nil {
+				assert.Equal(t, []int{pairs}, group.Queues(), "both transmit queues on the one worker")
+			}
 			assert.True(t, info.Features.Has(virtio.NetFMQ), "MQ negotiated")
 			assert.False(t, info.Features.Has(virtio.NetFCtrlVQ), "the front-end runs the control queue")
 
@@ -141,7 +154,18 @@ func TestDPDKMultiQueue(t *testing.T) {
 // position; the new back-end resynchronises from used.idx and traffic
 // resumes within seconds; the session stays up (no redial loop) and no
 // descriptor leaks.
-func TestDPDKBackendRestart(t *testing.T) { testDPDKBackendRestart(t, false) }
+func TestDPDKBackendRestart(t *testing.T) { testDPDKBackendRestart(t, false, nil) }
+
+// TestDPDKBackendRestartPollGroup is TestDPDKBackendRestart with both
+// back-ends busy-polling on one softnet.PollGroup worker: the first
+// back-end's queue leaves the group when it goes away under traffic, the
+// second's joins it, and nothing is left in the group at the end.
+func TestDPDKBackendRestartPollGroup(t *testing.T) {
+	g := softnet.NewPollGroup(&softnet.PollGroupOptions{Workers: 1})
+	testDPDKBackendRestart(t, false, g)
+	assert.Equal(t, []int{0}, g.Queues(), "queues left in the group")
+	assert.Zero(t, g.Running(), "worker goroutines left running")
+}
 
 // TestDPDKBackendRestartPacked is TestDPDKBackendRestart with packed rings
 // (packed_vq=1). A packed ring has no used.idx to resynchronise from:
@@ -149,9 +173,11 @@ func TestDPDKBackendRestart(t *testing.T) { testDPDKBackendRestart(t, false) }
 // sends the fresh base, which the new back-end starts from. The frames
 // still queued in the ring when it was reset are dropped by virtio-user
 // (observed: exactly the 256 of a full ring under txonly).
-func TestDPDKBackendRestartPacked(t *testing.T) { testDPDKBackendRestart(t, true) }
+func TestDPDKBackendRestartPacked(t *testing.T) { testDPDKBackendRestart(t, true, nil) }
 
-func testDPDKBackendRestart(t *testing.T, packed bool) {
+// testDPDKBackendRestart runs the restart; a non-nil group makes both
+// back-ends' devices busy-poll on it.
+func testDPDKBackendRestart(t *testing.T, packed bool, group *softnet.PollGroup) {
 	bin := requireTestpmd(t, dpdkInterop)
 	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
 	defer cancel()
@@ -168,7 +194,11 @@ func testDPDKBackendRestart(t *testing.T, packed bool) {
 		stop func()
 	}
 	start := func() *run {
-		dev, err := softnet.New(&softnet.Options{FrontendCtrl: true, MaxQueueSize: 1024, Handler: softnet.Discard})
+		opts := softnet.Options{FrontendCtrl: true, MaxQueueSize: 1024, Handler: softnet.Discard}
+		if group != nil {
+			opts.Mode, opts.PollGroup = softnet.ModePoll, group
+		}
+		dev, err := softnet.New(&opts)
 		require.NoError(t, err)
 		rec := &logRecorder{level: slog.LevelInfo}
 		be := NewBackend(dev, &BackendOptions{ReconnectInterval: 20 * time.Millisecond, Logger: slog.New(rec)})

@@ -519,14 +519,25 @@ func noWarnings(t *testing.T, rigs ...*qemuRig) {
 // and starts it again with the bases it read: traffic must resume, nothing
 // lost, duplicated or corrupt, and every ring must restart at the positions
 // it stopped at.
-func TestQEMUStopCont(t *testing.T) {
+func TestQEMUStopCont(t *testing.T) { testQEMUStopCont(t, false) }
+
+// TestQEMUStopContPollGroup is TestQEMUStopCont with the device
+// busy-polling on a softnet.PollGroup of one worker: each stop takes the
+// transmit queue out of the group and each cont puts it back.
+func TestQEMUStopContPollGroup(t *testing.T) { testQEMUStopCont(t, true) }
+
+func testQEMUStopCont(t *testing.T, grouped bool) {
 	forEachQEMU(t, func(t *testing.T, q qemuPeer, helper string) {
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 		defer cancel()
 		start := time.Now()
 		dir := t.TempDir()
 		g := buildGuestEnv(t, ctx, helper, dir, "serve")
-		rig := startRig(t, ctx, dir, rigOptions{name: "a"})
+		var group *softnet.PollGroup
+		if grouped {
+			group = softnet.NewPollGroup(&softnet.PollGroupOptions{Workers: 1})
+		}
+		rig := startRig(t, ctx, dir, rigOptions{name: "a", pollGroup: group})
 		qmpPath := filepath.Join(dir, "qmp.sock")
 		vm := bootServe(t, ctx, q, g, rig, qemuConfig{name: q.name, qmp: qmpPath}, 1)
 		qm, err := dialQMP(ctx, qmpPath)
@@ -546,6 +557,9 @@ func TestQEMUStopCont(t *testing.T) {
 			st, err := qmpStatus(qm)
 			require.NoError(t, err)
 			assert.Equal(t, "paused", st)
+			if group != nil {
+				assert.Equal(t, []int{0}, group.Queues(), "round %d: the stopped transmit queue left the group", round)
+			}
 			rig.mark("cont %d", round)
 			_, err = qm.do("cont", nil)
 			require.NoError(t, err)
@@ -724,14 +738,24 @@ func TestQEMUDirtyLog(t *testing.T) {
 // per-queue counters), with nothing lost, duplicated or corrupt.
 func TestQEMUMultiQueue(t *testing.T) {
 	forEachQEMU(t, func(t *testing.T, q qemuPeer, helper string) {
-		for _, pairs := range []int{2, 4} {
-			t.Run(fmt.Sprintf("pairs%d", pairs), func(t *testing.T) {
+		for _, tc := range []struct {
+			pairs   int
+			grouped bool // busy-poll every transmit queue on one PollGroup worker
+		}{{2, false}, {4, false}, {4, true}} {
+			pairs := tc.pairs
+			name := fmt.Sprintf("pairs%d", pairs)
+			var group *softnet.PollGroup
+			if tc.grouped {
+				name += "-pollgroup"
+				group = softnet.NewPollGroup(&softnet.PollGroupOptions{Workers: 1})
+			}
+			t.Run(name, func(t *testing.T) {
 				ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 				defer cancel()
 				start := time.Now()
 				dir := t.TempDir()
 				g := buildGuestEnv(t, ctx, helper, dir, "serve")
-				rig := startRig(t, ctx, dir, rigOptions{name: "a", pairs: pairs})
+				rig := startRig(t, ctx, dir, rigOptions{name: "a", pairs: pairs, pollGroup: group})
 				vm := bootServe(t, ctx, q, g, rig, qemuConfig{name: q.name, smp: pairs, pairs: pairs}, pairs)
 				busy := func() bool {
 					st := rig.dev.Stats()
@@ -756,9 +780,12 @@ func TestQEMUMultiQueue(t *testing.T) {
 				}
 				info := rig.be.Info()
 				t.Logf("back-end features %s; active pairs %d; per pair: %s", info.Features.Format(virtio.DeviceNet), rig.dev.ActivePairs(), strings.Join(per, ", "))
+				if group != nil {
+					assert.Equal(t, []int{pairs}, group.Queues(), "every transmit queue on the one worker")
+				}
 				noWarnings(t, rig)
-				checkPingRound(t, fmt.Sprintf("%s multi-queue %d pairs", q.name, pairs), p, false, rig)
-				t.Logf("RESULT %s multi-queue %d pairs: %s; run time %v", q.name, pairs, strings.Join(per, ", "), time.Since(start).Round(time.Millisecond))
+				checkPingRound(t, fmt.Sprintf("%s multi-queue %s", q.name, name), p, false, rig)
+				t.Logf("RESULT %s multi-queue %s: %s; run time %v", q.name, name, strings.Join(per, ", "), time.Since(start).Round(time.Millisecond))
 			})
 		}
 	})

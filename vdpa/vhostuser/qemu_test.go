@@ -284,6 +284,9 @@ type qemuRig struct {
 type rigOptions struct {
 	name  string // socket file name without ".sock"; "vu" if empty
 	pairs int    // queue pairs (softnet MaxQueuePairs); 1 if zero
+	// pollGroup, when set, makes the device busy-poll (ModePoll) with
+	// its transmit queues on this softnet.PollGroup.
+	pollGroup *softnet.PollGroup
 	// logHook is installed as the Backend's logHook.
 	logHook func(queue int, l vring.WriteLogger) vring.WriteLogger
 }
@@ -307,8 +310,12 @@ func startRig(t *testing.T, ctx context.Context, dir string, o rigOptions) *qemu
 	require.NoError(t, err)
 	// FrontendCtrl: QEMU runs the control queue itself and passes MQ and
 	// CTRL_RX/CTRL_MAC_ADDR/CTRL_VLAN on without CTRL_VQ.
-	dev, err := softnet.New(&softnet.Options{MAC: [6]byte(hw), Handler: resp, MaxQueueSize: 1024,
-		MaxQueuePairs: uint16(o.pairs), FrontendCtrl: true})
+	opts := softnet.Options{MAC: [6]byte(hw), Handler: resp, MaxQueueSize: 1024,
+		MaxQueuePairs: uint16(o.pairs), FrontendCtrl: true}
+	if o.pollGroup != nil {
+		opts.Mode, opts.PollGroup = softnet.ModePoll, o.pollGroup
+	}
+	dev, err := softnet.New(&opts)
 	require.NoError(t, err)
 	rec := &msgRecorder{}
 	if d := os.Getenv("VDPAKIT_RECORD_DIR"); d != "" {
