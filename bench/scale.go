@@ -278,6 +278,20 @@ func newLocalDevice(context.Context, int) (*scaleDev, error) {
 	return &scaleDev{sw: sw, dev: vdpa.NewLocal(sw, nil)}, nil
 }
 
+// groupedDevices returns a maker of busy-poll softnet devices behind
+// vdpa.NewLocal whose queues all run on one softnet.PollGroup of
+// GOMAXPROCS workers.
+func groupedDevices() func(context.Context, int) (*scaleDev, error) {
+	g := softnet.NewPollGroup(nil)
+	return func(context.Context, int) (*scaleDev, error) {
+		sw, err := softnet.New(&softnet.Options{MaxQueueSize: scaleQueueSize, Mode: softnet.ModePoll, PollGroup: g})
+		if err != nil {
+			return nil, err
+		}
+		return &scaleDev{sw: sw, dev: vdpa.NewLocal(sw, nil)}, nil
+	}
+}
+
 // newVhostSession is a vhost-user back-end serving a softnet device, and a
 // Frontend driving it, over the two ends of a socketpair: the per-session
 // cost, without a listening socket per back-end.
@@ -338,6 +352,12 @@ func (h *Harness) Scale(ctx context.Context) {
 			return
 		}
 		h.scaleCount(ctx, "softnet devices (vdpa.NewLocal)", n, 4, limit, newLocalDevice)
+	}
+	for _, n := range h.cfg.scaleDevices {
+		if ctx.Err() != nil {
+			return
+		}
+		h.scaleCount(ctx, "busy-poll softnet devices on one PollGroup (vdpa.NewLocal)", n, 4, limit, groupedDevices())
 	}
 	for _, n := range h.cfg.scaleSessions {
 		if ctx.Err() != nil {

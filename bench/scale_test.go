@@ -20,6 +20,7 @@ func TestScaleSmoke(t *testing.T) {
 	ctx := context.Background()
 	h.scaleCount(ctx, "softnet", 4, 3, 0, newLocalDevice)
 	h.scaleCount(ctx, "vhost-user", 3, 8, 0, newVhostSession)
+	h.scaleCount(ctx, "softnet on a poll group", 5, 3, 0, groupedDevices())
 	require.Zero(t, h.failed, "%+v", h.results)
 	for _, r := range h.results {
 		for _, name := range []string{"leaked goroutines", "leaked fds"} {

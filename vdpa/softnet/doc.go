@@ -62,7 +62,11 @@
 // notifications enabled and re-checks the ring after enabling them (the
 // race vring's EnableNotify reports as pending); ModePoll keeps
 // notifications off and polls, yielding and then sleeping a bounded time
-// when idle.
+// when idle. Each transmit and control queue has a goroutine of its own,
+// unless the device joins a PollGroup (Options.PollGroup, ModePoll only):
+// the group's fixed set of worker goroutines then polls the queues of all
+// its devices in turn, as a DPDK lcore polls many ports, so hundreds of
+// queue pairs or devices cost a few goroutines.
 //
 // Guest memory may come from a peer that truncates the file behind it
 // (vring's "Untrusted memory"). Every goroutine of the device that touches
@@ -75,7 +79,8 @@
 // even when it happens while the frame is copied into a receive queue.
 //
 // Device is safe for concurrent use: control calls come from the server,
-// data-path work runs on per-queue goroutines, and Deliver may be called
+// data-path work runs on per-queue goroutines (or a PollGroup's workers),
+// and Deliver may be called
 // from any goroutine.
 //
 // # Receive queue stopped

@@ -19,9 +19,11 @@ type PollGroupOptions struct {
 	Workers int
 	// PollSpins, PollSleep and PollNoSleep are the idle policy of a
 	// worker whose queues are all empty, as the Options fields of the
-	// same names are for a queue of its own: PollSpins empty rounds, then
-	// as many rounds with runtime.Gosched between them, then sleeps of
-	// PollSleep (or, with PollNoSleep, Gosched for good). Zero means 64
+	// same names are for a queue of its own, counted in empty polls of a
+	// queue (a round over n idle queues is n of them): up to PollSpins
+	// empty polls, then rounds with runtime.Gosched between them until
+	// twice that, then sleeps of PollSleep between rounds (or, with
+	// PollNoSleep, Gosched for good). Zero means 64
 	// spins (1 with PollNoSleep) and 20µs; PollSleep is bounded to
 	// [1µs, 1ms].
 	PollSpins   int
@@ -70,9 +72,10 @@ type pollWorker struct {
 	running bool
 	queues  []*pollEntry
 	// changed tells the goroutine that queues changed (an entry added) or
-	// that an entry is to be taken off (stopped or failed): it re-reads
-	// them under g.mu. Set with or after the change, cleared by the
-	// goroutine under g.mu before it reads, so no change is missed.
+	// that an entry is to be taken off (stopped, failed): it re-reads
+	// them under g.mu. Set with or after the change (queue.stop sets it
+	// after stopReq), cleared by the goroutine under g.mu before it
+	// reads, so no change is missed.
 	changed atomic.Bool
 }
 
@@ -160,6 +163,7 @@ func (g *PollGroup) add(e *pollEntry) {
 		}
 	}
 	w.queues = append(w.queues, e)
+	e.q.poller = w
 	w.changed.Store(true)
 	if !w.running {
 		w.running = true
@@ -234,18 +238,17 @@ func (w *pollWorker) serve(qs []*pollEntry) (i int, err error) {
 	g := w.g
 	idle := 0
 	for {
-		if w.changed.Load() {
-			return -1, nil
-		}
 		work := false
 		for i = range qs {
+			// Checked before every queue, not once per round: a round over
+			// thousands of queues is long, and a stop (which sets changed
+			// after stopReq) waits for the worker to let go of its queue.
+			if w.changed.Load() {
+				return -1, nil
+			}
 			e := qs[i]
 			if e.failed {
 				continue
-			}
-			if e.q.stopReq.Load() {
-				w.changed.Store(true)
-				return -1, nil
 			}
 			n, err := e.process(e.q)
 			if err == errTxHeld {
@@ -262,7 +265,11 @@ func (w *pollWorker) serve(qs []*pollEntry) (i int, err error) {
 			idle = 0
 			continue
 		}
-		idle++
+		// The idle policy counts empty polls, as a queue's own goroutine
+		// does, not rounds: a round over thousands of idle queues is
+		// itself a long spin, and the worker must not keep its CPU from
+		// other goroutines for PollSpins of them.
+		idle += len(qs)
 		switch {
 		case idle < g.spins:
 		case idle < 2*g.spins || g.noSleep:

@@ -34,6 +34,10 @@ type queue struct {
 	running atomic.Bool
 	stopReq atomic.Bool // tells the worker to finish its batch and exit
 	done    chan struct{}
+	// poller is the PollGroup worker serving this transmit or control
+	// queue (set when it joins, under the group's lock, before StartQueue
+	// returns; cleared by stop), or nil.
+	poller *pollWorker
 	// rxHeld (receive queue): the driver stopped this queue (StopQueue)
 	// and has not started it again; transmit queues whose replies go
 	// here consume nothing meanwhile (see "Receive queue stopped" in the
@@ -258,6 +262,12 @@ func (q *queue) stop() vring.QueueState {
 		// stopping), and can swallow this kick before the worker sees it.
 		// So the kick is repeated until the worker has stopped.
 		q.stopReq.Store(true)
+		if w := q.poller; w != nil {
+			// A PollGroup worker re-reads its queues when changed is set
+			// (after stopReq, which it then sees), before its next queue.
+			w.changed.Store(true)
+			q.poller = nil
+		}
 		for q.kick != nil {
 			_ = q.kick.Signal()
 			select {
