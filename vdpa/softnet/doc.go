@@ -71,7 +71,8 @@
 // Guest memory may come from a peer that truncates the file behind it
 // (vring's "Untrusted memory"). Every goroutine of the device that touches
 // guest memory runs with runtime/debug.SetPanicOnFault on and a
-// vring.CatchFault set up once per worker (per call for Deliver), so a
+// vring.CatchFault set up once per worker (once per stretch of polling on
+// a PollGroup worker, per call for Deliver), so a
 // fault on a lost page breaks the queue whose memory faulted with an error
 // matching vring.ErrMemoryFault: QueueErr reports it, vdpa.Local and the
 // vhost-user back-end turn it into DEVICE_NEEDS_RESET, and the process

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -15,7 +16,7 @@ import (
 // PollGroupOptions configures a PollGroup.
 type PollGroupOptions struct {
 	// Workers is the most goroutines the group polls with. Zero means
-	// runtime.GOMAXPROCS(0) at NewPollGroup.
+	// runtime.GOMAXPROCS(0) at NewPollGroup; at most MaxPollWorkers.
 	Workers int
 	// PollSpins, PollSleep and PollNoSleep are the idle policy of a
 	// worker whose queues are all empty, as the Options fields of the
@@ -30,6 +31,9 @@ type PollGroupOptions struct {
 	PollSleep   time.Duration
 	PollNoSleep bool
 }
+
+// MaxPollWorkers bounds PollGroupOptions.Workers.
+const MaxPollWorkers = 1024
 
 // PollGroup runs the transmit and control queues of ModePoll devices on a
 // fixed number of goroutines, instead of one goroutine per queue: each
@@ -48,9 +52,18 @@ type PollGroupOptions struct {
 // Everything per queue holds as for a queue of its own: StopQueue returns
 // the exact ring state once the worker has finished the queue's batch, a
 // memory fault or a broken ring rule breaks that queue only (QueueErr) and
-// the worker goes on with its other queues. What is shared is time: a
-// FrameHandler that blocks holds up every queue of its worker, so handlers
-// of grouped devices should hand frames off rather than wait.
+// the worker goes on with its other queues. After its queues change (one
+// starts or stops), a worker goes on from the queue it had reached, so
+// frequent starts and stops of some queues starve none of the others.
+//
+// What is shared is time, and the worker's goroutine. A FrameHandler that
+// blocks holds up every queue of its worker, so handlers of grouped
+// devices should hand frames off rather than wait. And a handler runs on
+// the worker, so it must not stop, reset or close a device whose queues
+// may be on the same group (StopQueue, Reset, vdpa.Local's Close and
+// SetStatus 0 wait for the worker, which is busy in the handler): that
+// waits for ever, as a handler stopping its own device's queue does with
+// a goroutine per queue.
 //
 // A PollGroup is safe for concurrent use and may be shared by any number
 // of devices.
@@ -77,6 +90,9 @@ type pollWorker struct {
 	// after stopReq), cleared by the goroutine under g.mu before it
 	// reads, so no change is missed.
 	changed atomic.Bool
+	// idle (the goroutine's own) counts empty polls since the last one
+	// that found work, across changes of the entries.
+	idle int
 }
 
 // pollEntry is one started queue in a group.
@@ -91,8 +107,9 @@ type pollEntry struct {
 	adopted, failed bool
 }
 
-// ErrPollGroup: Options.PollGroup with a mode other than ModePoll.
-var ErrPollGroup = errors.New("softnet: a poll group serves ModePoll devices only")
+// ErrPollGroup: Options.PollGroup with a mode other than ModePoll (the
+// zero Mode is ModeEvent, so a group needs Mode set).
+var ErrPollGroup = errors.New("softnet: Options.PollGroup needs Mode: ModePoll")
 
 // NewPollGroup returns a group configured by opts (nil means defaults).
 // It starts no goroutine until a queue joins it.
@@ -104,6 +121,7 @@ func NewPollGroup(opts *PollGroupOptions) *PollGroup {
 	if o.Workers <= 0 {
 		o.Workers = runtime.GOMAXPROCS(0)
 	}
+	o.Workers = min(o.Workers, MaxPollWorkers)
 	if o.PollSpins <= 0 {
 		o.PollSpins = 64
 		if o.PollNoSleep {
@@ -178,6 +196,12 @@ func (g *PollGroup) add(e *pollEntry) {
 func (w *pollWorker) run() {
 	debug.SetPanicOnFault(true) // this goroutine only; it ends with the worker
 	var qs []*pollEntry
+	// next is the entry to serve first after the entries change, pos its
+	// index then: each stretch of polling resumes where the last one
+	// stopped, so queues at the end of a worker's list are not starved
+	// by others starting and stopping faster than a round takes.
+	var next *pollEntry
+	pos := 0
 	for {
 		if qs = w.sync(qs); qs == nil {
 			return
@@ -191,9 +215,16 @@ func (w *pollWorker) run() {
 				}
 			}
 		}
-		if i, err := w.serve(qs); err != nil {
-			w.fail(qs[i], err)
+		start := slices.Index(qs, next)
+		if start < 0 { // taken off: whatever moved into its place
+			start = min(pos, len(qs)-1)
 		}
+		i, err := w.serve(qs, start)
+		if err != nil {
+			w.fail(qs[i], err)
+			i = (i + 1) % len(qs)
+		}
+		next, pos = qs[i], i
 	}
 }
 
@@ -230,49 +261,48 @@ func (w *pollWorker) sync(qs []*pollEntry) []*pollEntry {
 	return append(qs[:0], keep...)
 }
 
-// serve polls qs in turn until the entries change (nil error, i < 0) or
-// processing entry i fails (a ring error, a failed log write, a memory
-// fault caught here).
-func (w *pollWorker) serve(qs []*pollEntry) (i int, err error) {
+// serve polls qs in turn from qs[start] until the entries change (nil
+// error; qs[i] is the next entry it would have served) or processing qs[i]
+// fails (a ring error, a failed log write, a memory fault caught here).
+func (w *pollWorker) serve(qs []*pollEntry, start int) (i int, err error) {
 	defer vring.CatchFault(&err)
 	g := w.g
-	idle := 0
+	i = start
 	for {
 		work := false
-		for i = range qs {
+		for range len(qs) {
 			// Checked before every queue, not once per round: a round over
 			// thousands of queues is long, and a stop (which sets changed
 			// after stopReq) waits for the worker to let go of its queue.
 			if w.changed.Load() {
-				return -1, nil
+				return i, nil
 			}
-			e := qs[i]
-			if e.failed {
-				continue
+			if e := qs[i]; !e.failed {
+				// errTxHeld: idle until the receive queue starts again.
+				n, err := e.process(e.q)
+				if err != nil && err != errTxHeld {
+					return i, err
+				}
+				if n > 0 {
+					work = true
+				}
 			}
-			n, err := e.process(e.q)
-			if err == errTxHeld {
-				continue // idle until the receive queue starts again
-			}
-			if err != nil {
-				return i, err
-			}
-			if n > 0 {
-				work = true
+			if i++; i == len(qs) {
+				i = 0
 			}
 		}
 		if work {
-			idle = 0
+			w.idle = 0
 			continue
 		}
 		// The idle policy counts empty polls, as a queue's own goroutine
 		// does, not rounds: a round over thousands of idle queues is
 		// itself a long spin, and the worker must not keep its CPU from
 		// other goroutines for PollSpins of them.
-		idle += len(qs)
+		w.idle += len(qs)
 		switch {
-		case idle < g.spins:
-		case idle < 2*g.spins || g.noSleep:
+		case w.idle < g.spins:
+		case w.idle < 2*g.spins || g.noSleep:
 			runtime.Gosched()
 		default:
 			time.Sleep(g.sleep)

@@ -1,6 +1,7 @@
 package softnet_test
 
 import (
+	"encoding/binary"
 	"runtime"
 	"slices"
 	"testing"
@@ -157,7 +158,10 @@ func TestPollGroupSpreadsQueues(t *testing.T) {
 func TestPollGroupFaultBreaksOneQueue(t *testing.T) {
 	g := softnet.NewPollGroup(&softnet.PollGroupOptions{Workers: 1})
 	opts := stackOptions{dev: softnet.Options{Mode: softnet.ModePoll, PollGroup: g}, features: base, peerFiles: true}
-	a, b := newStack(t, opts), newStack(t, opts)
+	// The healthy device joins first: the broken queue is not the
+	// worker's first, so the fault must be pinned on the right entry.
+	b := newStack(t, opts)
+	a := newStack(t, opts)
 	assert.Equal(t, []int{2}, g.Queues())
 	a.postRx(0, 8, 2048)
 	b.postRx(0, 64, 2048)
@@ -194,4 +198,71 @@ func TestPollGroupNeedsPollMode(t *testing.T) {
 	require.NoError(t, err)
 	assert.NotNil(t, d)
 	assert.Len(t, softnet.NewPollGroup(nil).Queues(), runtime.GOMAXPROCS(0), "zero workers means GOMAXPROCS")
+}
+
+// TestPollGroupHostileRingBreaksOneQueue: the second device on a worker
+// gets an avail.idx far beyond its ring (a broken ring rule, not a fault):
+// that queue alone breaks with vring.ErrAvailIdxJump and leaves the group.
+func TestPollGroupHostileRingBreaksOneQueue(t *testing.T) {
+	g := softnet.NewPollGroup(&softnet.PollGroupOptions{Workers: 1})
+	opts := stackOptions{dev: softnet.Options{Mode: softnet.ModePoll, PollGroup: g}, features: base}
+	good := newStack(t, opts)
+	bad := newStack(t, opts)
+	good.postRx(0, 64, 2048)
+	var idx [2]byte
+	binary.LittleEndian.PutUint16(idx[:], 1000)
+	require.NoError(t, bad.mem.Write(bad.layouts[1].Avail+2, idx[:]))
+	bad.waitNeedsReset()
+	assert.ErrorIs(t, bad.dev.QueueErr(1), vring.ErrAvailIdxJump)
+	waitFor(t, func() bool { return slices.Equal(g.Queues(), []int{1}) }, "the broken queue leaves the group: %v", g.Queues())
+	var seq uint32
+	for range 5 {
+		echoBurst(t, good, 1, 4, &seq)
+		good.postRx(0, 4, 2048)
+	}
+	assert.NoError(t, good.dev.QueueErr(1))
+}
+
+// TestPollGroupForwardsBetweenDevices: two linked devices on one worker
+// forward frames to each other (a transmit batch of one writes into the
+// other's receive queue); then the sender's frame memory goes away while
+// it forwards, and only the sender's transmit queue breaks.
+func TestPollGroupForwardsBetweenDevices(t *testing.T) {
+	g := softnet.NewPollGroup(&softnet.PollGroupOptions{Workers: 1})
+	a := newStack(t, stackOptions{dev: softnet.Options{Mode: softnet.ModePoll, PollGroup: g}, features: base, peerFiles: true})
+	b := newStack(t, stackOptions{dev: softnet.Options{Mode: softnet.ModePoll, PollGroup: g, MAC: [6]byte{0x02, 0, 0, 0, 0, 2}},
+		features: base, peerFiles: true})
+	softnet.Link(a.dev, b.dev)
+	assert.Equal(t, []int{2}, g.Queues())
+	a.postRx(0, 32, 2048)
+	b.postRx(0, 32, 2048)
+	for i := range 10 {
+		fa := frame(b.dev.MAC(), uint32(2*i), 200)
+		a.send(1, fa)
+		_, got := b.recvFrame(0)
+		require.Equal(t, fa, got)
+		fb := frame(a.dev.MAC(), uint32(2*i+1), 300)
+		b.send(1, fb)
+		_, got = a.recvFrame(0)
+		require.Equal(t, fb, got)
+	}
+
+	// b's transmit queue joined second: the sender that breaks is the
+	// worker's second entry.
+	_, err := b.drv[1].Add([][]byte{b.hdr(), frame(a.dev.MAC(), 99, 100)}, nil)
+	require.NoError(t, err)
+	b.lose(1)
+	b.drv[1].Queue.Publish()
+	b.waitNeedsReset()
+	assert.ErrorIs(t, b.local.QueueErr(1), vring.ErrMemoryFault)
+	assert.NoError(t, a.dev.QueueErr(0), "the receiver is not broken")
+	st, err := a.local.Status()
+	require.NoError(t, err)
+	assert.Zero(t, st&virtio.StatusDeviceNeedsReset)
+	waitFor(t, func() bool { return slices.Equal(g.Queues(), []int{1}) }, "the broken sender leaves the group: %v", g.Queues())
+	// a still forwards to b's receive queue, on the same worker.
+	fa := frame(b.dev.MAC(), 1000, 64)
+	a.send(1, fa)
+	_, got := b.recvFrame(0)
+	assert.Equal(t, fa, got)
 }
