@@ -24,9 +24,8 @@ type PollGroupOptions struct {
 	// queue (a round over n idle queues is n of them): up to PollSpins
 	// empty polls, then rounds with runtime.Gosched between them until
 	// twice that, then sleeps of PollSleep between rounds (or, with
-	// PollNoSleep, Gosched for good). Zero means 64
-	// spins (1 with PollNoSleep) and 20µs; PollSleep is bounded to
-	// [1µs, 1ms].
+	// PollNoSleep, Gosched for good). Zero means 64 spins (1 with
+	// PollNoSleep) and 20µs; PollSleep is bounded to [1µs, 1ms].
 	PollSpins   int
 	PollSleep   time.Duration
 	PollNoSleep bool
@@ -90,14 +89,13 @@ type pollWorker struct {
 	// after stopReq), cleared by the goroutine under g.mu before it
 	// reads, so no change is missed.
 	changed atomic.Bool
-	// idle (the goroutine's own) counts empty polls since the last one
-	// that found work, across changes of the entries.
+	// idle (the running goroutine's own) counts empty polls since the
+	// last one that found work, across changes of the entries.
 	idle int
 }
 
 // pollEntry is one started queue in a group.
 type pollEntry struct {
-	d       *Device
 	q       *queue
 	process batchFunc
 	done    chan struct{} // q.done of this start: closed when the entry is taken off
@@ -202,6 +200,7 @@ func (w *pollWorker) run() {
 	// by others starting and stopping faster than a round takes.
 	var next *pollEntry
 	pos := 0
+	w.idle = 0
 	for {
 		if qs = w.sync(qs); qs == nil {
 			return

@@ -239,7 +239,7 @@ func (q *queue) startWorker(d *Device, dq *vring.DeviceQueue, kick, call *vdpa.E
 	q.tx = Tx{dev: d, pair: q.idx / 2}
 	q.running.Store(true)
 	if g := d.opts.PollGroup; g != nil {
-		g.add(&pollEntry{d: d, q: q, process: process, done: q.done})
+		g.add(&pollEntry{q: q, process: process, done: q.done})
 		return
 	}
 	go d.run(q, process)
