@@ -6,6 +6,7 @@
 //
 //	vhost-user-net -socket /tmp/vu.sock                  # server mode, softnet loopback
 //	vhost-user-net -socket /tmp/vu.sock -pairs 2         # two queue pairs (QEMU queues=2, DPDK queues=2)
+//	vhost-user-net -pairs 8 -poll -poll-workers 2        # busy-poll 8 pairs on 2 goroutines (softnet.PollGroup)
 //	vhost-user-net -socket /tmp/vu.sock -client          # connect to a server-mode front-end
 //	vhost-user-net -socket /tmp/vu.sock -handler sink    # count and drop
 //	vhost-user-net -handler responder -ip 10.0.0.1       # answer ARP and ping
@@ -67,7 +68,7 @@ type config struct {
 	socket, device, handler, mac, ip string
 	tap, packet, netns               string
 	client, poll, debug, offload     bool
-	pairs                            int
+	pairs, pollWorkers               int
 	interval, duration               time.Duration
 }
 
@@ -81,6 +82,7 @@ func main() {
 	flag.StringVar(&c.mac, "mac", "02:00:00:00:00:01", "device MAC address (config space)")
 	flag.StringVar(&c.ip, "ip", "10.0.0.1", "IPv4 address the responder answers for")
 	flag.BoolVar(&c.poll, "poll", false, "softnet: busy-poll the rings (notifications off) instead of sleeping on kicks")
+	flag.IntVar(&c.pollWorkers, "poll-workers", 0, "softnet with -poll: poll every queue on this many goroutines of one softnet.PollGroup (0: a goroutine per queue)")
 	flag.DurationVar(&c.interval, "interval", time.Second, "counter print interval (0: never)")
 	flag.DurationVar(&c.duration, "duration", 0, "exit after this long (0: run until SIGINT)")
 	flag.BoolVar(&c.debug, "debug", false, "log every vhost-user message")
@@ -128,6 +130,12 @@ func newDevice(c config) (vdpa.Handler, func() counters, error) {
 			Offload: c.offload && (c.tap != "" || c.packet != "")}
 		if c.poll {
 			opts.Mode = softnet.ModePoll
+		}
+		if c.pollWorkers < 0 || (c.pollWorkers > 0 && !c.poll) {
+			return nil, nil, fmt.Errorf("-poll-workers %d: want 0, or a count with -poll", c.pollWorkers)
+		}
+		if c.pollWorkers > 0 {
+			opts.PollGroup = softnet.NewPollGroup(&softnet.PollGroupOptions{Workers: c.pollWorkers})
 		}
 		switch c.handler {
 		case "loopback":

@@ -20,7 +20,8 @@ import (
 )
 
 // TestPairsWithDPDK runs the example as a user would (-pairs 2, server and
-// client mode, -handler sink, -duration) against DPDK's virtio-user with
+// client mode, -handler sink, -duration; client mode with -poll
+// -poll-workers 1) against DPDK's virtio-user with
 // two queue pairs, and checks the summary it prints at the end: the
 // negotiated features and frames on every pair. It runs where
 // dpdk-testpmd is installed (not with -short).
@@ -54,6 +55,11 @@ func TestPairsWithDPDK(t *testing.T) {
 			require.NoError(t, err)
 			c := config{socket: sock, client: client, device: "softnet", handler: "sink", mac: "02:00:00:00:00:01",
 				ip: "10.0.0.1", pairs: 2, duration: 60 * time.Second}
+			if client {
+				// Client mode also busy-polls both pairs on one
+				// softnet.PollGroup goroutine.
+				c.poll, c.pollWorkers = true, 1
+			}
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
 			var runErr error
