@@ -423,11 +423,14 @@ func TestSuspendResumeStateExact(t *testing.T) {
 	for _, tc := range []struct {
 		name        string
 		mrg, packed bool
+		grouped     bool // busy-poll on a one-worker PollGroup: every Suspend takes the queue out of it
 	}{
-		{"single buffer", false, false},
-		{"mergeable", true, false},
-		{"single buffer, packed", false, true},
-		{"mergeable, packed", true, true},
+		{"single buffer", false, false, false},
+		{"mergeable", true, false, false},
+		{"single buffer, packed", false, true, false},
+		{"mergeable, packed", true, true, false},
+		{"mergeable, poll group", true, false, true},
+		{"mergeable, packed, poll group", true, true, true},
 	} {
 		mrg := tc.mrg
 		f := base.With(virtio.FEventIdx)
@@ -445,7 +448,11 @@ func TestSuspendResumeStateExact(t *testing.T) {
 				// given back across the wrap.
 				size = 7
 			}
-			s := newStack(t, stackOptions{features: f, size: size})
+			mc := modeCase{mode: softnet.ModeEvent}
+			if tc.grouped {
+				mc = modeCase{mode: softnet.ModePoll, grouped: true}
+			}
+			s := newStack(t, stackOptions{dev: softnet.Options{Mode: mc.mode, PollGroup: mc.group()}, features: f, size: size})
 			var seq, next uint32
 			bufSize := uint32(2048)
 			if mrg {
