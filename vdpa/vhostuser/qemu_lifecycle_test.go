@@ -598,7 +598,16 @@ func testQEMUStopCont(t *testing.T, grouped bool) {
 // started where the source stopped it, and that traffic resumed. At the
 // end: nothing lost, duplicated or corrupt, counted by the guest and by
 // both responders.
-func TestQEMUMigration(t *testing.T) {
+func TestQEMUMigration(t *testing.T) { testQEMUMigration(t, false) }
+
+// TestQEMUMigrationPollGroup is TestQEMUMigration with both back-ends'
+// devices busy-polling on one softnet.PollGroup worker: at each hop the
+// transmit queue leaves the group with the source and joins it with the
+// destination, and every page the worker's queues wrote must still be in
+// the dirty log (no guest page differs).
+func TestQEMUMigrationPollGroup(t *testing.T) { testQEMUMigration(t, true) }
+
+func testQEMUMigration(t *testing.T, grouped bool) {
 	forEachQEMU(t, func(t *testing.T, q qemuPeer, helper string) {
 		hops := 2
 		if q.msix {
@@ -609,8 +618,12 @@ func TestQEMUMigration(t *testing.T) {
 		start := time.Now()
 		dir := shmDir(t)
 		g := buildGuestEnv(t, ctx, helper, dir, "serve")
-		a := startRig(t, ctx, dir, rigOptions{name: "a"})
-		b := startRig(t, ctx, dir, rigOptions{name: "b"})
+		var group *softnet.PollGroup
+		if grouped {
+			group = softnet.NewPollGroup(&softnet.PollGroupOptions{Workers: 1})
+		}
+		a := startRig(t, ctx, dir, rigOptions{name: "a", pollGroup: group})
+		b := startRig(t, ctx, dir, rigOptions{name: "b", pollGroup: group})
 		ram := filepath.Join(dir, "ram-0")
 		qmpPath := filepath.Join(dir, "qmp-0.sock")
 		vm := bootServe(t, ctx, q, g, a, qemuConfig{name: q.name + "-boot", qmp: qmpPath, ramFile: ram}, 1)
@@ -632,6 +645,9 @@ func TestQEMUMigration(t *testing.T) {
 				break
 			}
 			t.Logf("hop %d: traffic resumed on %s within %v of cont", n, to.name, took.Round(time.Millisecond))
+			if group != nil {
+				assert.Equal(t, []int{1}, group.Queues(), "hop %d: only the destination's transmit queue is in the group", n)
+			}
 			vm, qm, ram = h.dst, h.dstQMP, h.dstRAM
 			from, to = to, from
 		}
