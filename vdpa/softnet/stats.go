@@ -52,7 +52,12 @@ func (c *dropCounters) add(r DropReason) { c[r].Add(1) }
 
 // QueueStats counts the frames and bytes (without headers) that went
 // through one virtqueue: transmitted on a transmit queue, delivered on a
-// receive queue.
+// receive queue. A transmit queue adds a batch's frames when the batch
+// ends, after its handler has run, with one atomic add (none per frame).
+// Replies made through Tx (Loopback, Responder, Tx.Reply) are published
+// with the batch, after it is counted; a frame handed to another device
+// (ForwardTo, Deliver) may reach that device's driver before its
+// transmit queue counts it.
 type QueueStats struct {
 	Frames uint64
 	Bytes  uint64
