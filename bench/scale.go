@@ -475,7 +475,7 @@ func (h *Harness) scaleThroughput(ctx context.Context) {
 				}
 				name := fmt.Sprintf("%s mode, %d pairs against %d on %d core(s)", sm.name, pairs, p, p)
 				params := map[string]any{"pairs": pairs, "reference_pairs": p, "gomaxprocs": p, "frame_bytes": 64,
-					"mode": mode.String(), "poll_group_workers": sm.workers(p), "driver_batch": 32, "rx_buffers_per_pair": h.cfg.ScaleRxSlots, "seconds_per_run": d.Seconds()}
+					"mode": mode.String(), "poll_group_workers": sm.workers(p), "driver_goroutines": driverGoroutines(sm, pairs, p), "driver_batch": 32, "rx_buffers_per_pair": h.cfg.ScaleRxSlots, "seconds_per_run": d.Seconds()}
 				h.prog.Step("scale: %s", name)
 				// In poll-group mode each round also runs the same pairs with
 				// a goroutine per queue (poll mode), so that the group is
@@ -488,7 +488,7 @@ func (h *Harness) scaleThroughput(ctx context.Context) {
 						b, err = pairThroughput(ctx, sm, pairs, h.cfg.ScaleRxSlots, d)
 					}
 					if err == nil && sm.group {
-						c, err = pairThroughput(ctx, scaleMode{"poll", softnet.ModePoll, false}, pairs, h.cfg.ScaleRxSlots, d)
+						c, err = pairThroughput(ctx, scaleMode{"poll", softnet.ModePoll, false, sm.coreDrivers}, pairs, h.cfg.ScaleRxSlots, d)
 						own = append(own, c)
 					}
 					ref, test = append(ref, a), append(test, b)
@@ -523,6 +523,9 @@ func (h *Harness) scaleThroughput(ctx context.Context) {
 				h.addComparison(suite, name+": frames per CPU-second ratio", params, Compare(col(test, perCPU), col(ref, perCPU)), "")
 				if sm.group {
 					vs := fmt.Sprintf("poll group against a goroutine per queue, %d pairs on %d core(s)", pairs, p)
+					if sm.coreDrivers {
+						vs += ", driver per core"
+					}
 					h.add(Result{Suite: suite, Name: vs, Params: params, Metrics: []Metric{
 						spreadMetric("poll group", "Mfps", spreadOf(col(test, mfps))),
 						spreadMetric("goroutine per queue", "Mfps", spreadOf(col(own, mfps))),
@@ -537,13 +540,20 @@ func (h *Harness) scaleThroughput(ctx context.Context) {
 	}
 }
 
-// scaleMode is how the device of a pair comparison processes its queues.
+// scaleMode is how the device of a pair comparison processes its queues,
+// and how its driver side runs.
 type scaleMode struct {
 	name string
 	mode softnet.Mode
 	// group: ModePoll with the transmit queues on a softnet.PollGroup of
 	// one worker per core, rather than a goroutine per queue.
 	group bool
+	// coreDrivers: the pairs' drivers run on one busy-polling goroutine per
+	// core, each driving its share of the pairs in turn (as a guest's vCPUs
+	// run the NAPI polls of the queues they own), rather than on a
+	// goroutine per pair. Poll mode only: such a driver takes no
+	// interrupts.
+	coreDrivers bool
 }
 
 // workers is the poll group's worker count on cores cores (0: no group).
@@ -554,11 +564,30 @@ func (m scaleMode) workers(cores int) int {
 	return cores
 }
 
+// drivers is how many driver goroutines share the pairs on cores cores (0:
+// one per pair).
+func (m scaleMode) drivers(cores int) int {
+	if !m.coreDrivers {
+		return 0
+	}
+	return cores
+}
+
+// driverGoroutines is how many driver goroutines a run of pairs pairs on
+// cores cores has in mode m.
+func driverGoroutines(m scaleMode, pairs, cores int) int {
+	if n := m.drivers(cores); n > 0 {
+		return min(n, pairs)
+	}
+	return pairs
+}
+
 // scaleModes are the modes the pair comparison runs in.
 var scaleModes = []scaleMode{
-	{"event", softnet.ModeEvent, false},
-	{"poll", softnet.ModePoll, false},
-	{"poll-group", softnet.ModePoll, true},
+	{"event", softnet.ModeEvent, false, false},
+	{"poll", softnet.ModePoll, false, false},
+	{"poll-group", softnet.ModePoll, true, false},
+	{"poll-group, driver per core", softnet.ModePoll, true, true},
 }
 
 // throughputPair is one queue pair's driver side.
@@ -568,13 +597,21 @@ type throughputPair struct {
 	rxData     vring.GuestAddr
 	rxSlots    int // receive buffers the driver cycles through
 	txBuf      []vring.Buffer
+	rxBuf      [1]vring.Buffer // the next receive buffer to add
+	slot       int             // receive buffers added so far
+	frames     uint64          // frames received
+	kicks      uint64          // kicks sent
 }
 
 // pairThroughput runs one device with pairs queue pairs (loopback,
-// EVENT_IDX) for d, a driver goroutine per pair sending 64-byte frames and
-// reclaiming their loopback, and returns frames/s received.
+// EVENT_IDX) for d, with a driver goroutine per pair (or per core, see
+// scaleMode.coreDrivers) sending 64-byte frames and reclaiming their
+// loopback, and returns frames/s received.
 func pairThroughput(ctx context.Context, sm scaleMode, pairs, rxSlots int, d time.Duration) (tpResult, error) {
 	mode := sm.mode
+	if sm.coreDrivers && mode != softnet.ModePoll {
+		return tpResult{}, fmt.Errorf("scale mode %q: a driver per core busy-polls and needs a polling device", sm.name)
+	}
 	var group *softnet.PollGroup
 	if n := sm.workers(runtime.GOMAXPROCS(0)); n > 0 {
 		group = softnet.NewPollGroup(&softnet.PollGroupOptions{Workers: n})
@@ -641,6 +678,7 @@ func pairThroughput(ctx context.Context, sm scaleMode, pairs, rxSlots int, d tim
 			data := base + 0x4000
 			if q%2 == 0 {
 				ps[i].rx, ps[i].rxData, ps[i].call, ps[i].rxSlots = dq, data, efd, rxSlots
+				ps[i].rxBuf[0] = vring.Buffer{Len: 512, Writable: true}
 				continue
 			}
 			ps[i].tx, ps[i].kick = dq, efd
@@ -660,18 +698,38 @@ func pairThroughput(ctx context.Context, sm scaleMode, pairs, rxSlots int, d tim
 	var wg sync.WaitGroup
 	errc := make(chan error, pairs)
 	start := make(chan struct{})
-	for i := range ps {
-		wg.Add(1)
-		go func(p *throughputPair) {
-			defer wg.Done()
-			<-start
-			n, k, err := p.drive(mode == softnet.ModeEvent, &stop)
-			total.Add(n)
-			kicks.Add(k)
-			if err != nil {
-				errc <- err
-			}
-		}(&ps[i])
+	if drivers := sm.drivers(runtime.GOMAXPROCS(0)); drivers > 0 {
+		sets := make([][]*throughputPair, min(drivers, pairs))
+		for i := range ps {
+			sets[i%len(sets)] = append(sets[i%len(sets)], &ps[i])
+		}
+		for _, set := range sets {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				<-start
+				n, k, err := driveAll(set, &stop)
+				total.Add(n)
+				kicks.Add(k)
+				if err != nil {
+					errc <- err
+				}
+			}()
+		}
+	} else {
+		for i := range ps {
+			wg.Add(1)
+			go func(p *throughputPair) {
+				defer wg.Done()
+				<-start
+				n, k, err := p.drive(mode == softnet.ModeEvent, &stop)
+				total.Add(n)
+				kicks.Add(k)
+				if err != nil {
+					errc <- err
+				}
+			}(&ps[i])
+		}
 	}
 	cpu0 := cpuTime()
 	t0 := time.Now()
@@ -719,59 +777,12 @@ func cpuTime() time.Duration {
 // interrupt (wait) or yields. It returns the frames received and the kicks
 // it sent.
 func (p *throughputPair) drive(wait bool, stop *atomic.Bool) (frames, kicks uint64, err error) {
-	const batch = 32
-	rx, tx := p.rx, p.tx
-	size := int(rx.Size())
-	rxBuf := []vring.Buffer{{Len: 512, Writable: true}}
-	slot := 0
-	rx.DisableInterrupts()
-	tx.DisableInterrupts()
+	p.rx.DisableInterrupts()
+	p.tx.DisableInterrupts()
 	for !stop.Load() {
-		for rx.Outstanding() < size/2 {
-			rxBuf[0].Addr = p.rxData + vring.GuestAddr(slot%p.rxSlots)*512
-			slot++
-			if _, err := rx.Add(rxBuf); err != nil {
-				return frames, kicks, err
-			}
-		}
-		rx.Publish()
-		added := 0
-		for added < batch && tx.Outstanding() < size/2 {
-			if _, err := tx.Add(p.txBuf); err != nil {
-				return frames, kicks, err
-			}
-			added++
-		}
-		if added > 0 {
-			tx.Publish()
-			if tx.NeedsKick() {
-				kicks++
-				if err := p.kick.Signal(); err != nil {
-					return frames, kicks, err
-				}
-			}
-		}
-		progress := false
-		for {
-			_, _, ok, err := tx.Reclaim()
-			if err != nil {
-				return frames, kicks, err
-			}
-			if !ok {
-				break
-			}
-			progress = true
-		}
-		for {
-			_, _, ok, err := rx.Reclaim()
-			if err != nil {
-				return frames, kicks, err
-			}
-			if !ok {
-				break
-			}
-			frames++
-			progress = true
+		progress, err := p.step()
+		if err != nil {
+			return p.frames, p.kicks, err
 		}
 		if progress {
 			continue
@@ -780,16 +791,102 @@ func (p *throughputPair) drive(wait bool, stop *atomic.Bool) (frames, kicks uint
 			runtime.Gosched()
 			continue
 		}
-		pending, err := rx.EnableInterrupts()
+		pending, err := p.rx.EnableInterrupts()
 		if err != nil {
-			return frames, kicks, err
+			return p.frames, p.kicks, err
 		}
 		if !pending {
 			if _, err := p.call.Wait(context.Background()); err != nil {
-				return frames, kicks, err
+				return p.frames, p.kicks, err
 			}
 		}
-		rx.DisableInterrupts()
+		p.rx.DisableInterrupts()
 	}
-	return frames, kicks, nil
+	return p.frames, p.kicks, nil
+}
+
+// driveAll is the driver of several pairs on one goroutine, as a guest's
+// vCPU runs the NAPI polls of the queues it owns: one step of each pair in
+// turn, yielding when a whole round made no progress. It busy-polls (no
+// interrupts) and returns the frames received and the kicks sent.
+func driveAll(ps []*throughputPair, stop *atomic.Bool) (frames, kicks uint64, err error) {
+	for _, p := range ps {
+		p.rx.DisableInterrupts()
+		p.tx.DisableInterrupts()
+	}
+	defer func() {
+		for _, p := range ps {
+			frames += p.frames
+			kicks += p.kicks
+		}
+	}()
+	for !stop.Load() {
+		progress := false
+		for _, p := range ps {
+			ok, err := p.step()
+			if err != nil {
+				return 0, 0, err
+			}
+			progress = progress || ok
+		}
+		if !progress {
+			runtime.Gosched()
+		}
+	}
+	return 0, 0, nil
+}
+
+// step is one pass of a pair's driver: stock the receive ring to half,
+// transmit up to a batch of 32 (kicking when the device asks), and reclaim
+// both rings. It reports whether anything was reclaimed.
+func (p *throughputPair) step() (progress bool, err error) {
+	const batch = 32
+	rx, tx := p.rx, p.tx
+	size := int(rx.Size())
+	for rx.Outstanding() < size/2 {
+		p.rxBuf[0].Addr = p.rxData + vring.GuestAddr(p.slot%p.rxSlots)*512
+		p.slot++
+		if _, err := rx.Add(p.rxBuf[:]); err != nil {
+			return false, err
+		}
+	}
+	rx.Publish()
+	added := 0
+	for added < batch && tx.Outstanding() < size/2 {
+		if _, err := tx.Add(p.txBuf); err != nil {
+			return false, err
+		}
+		added++
+	}
+	if added > 0 {
+		tx.Publish()
+		if tx.NeedsKick() {
+			p.kicks++
+			if err := p.kick.Signal(); err != nil {
+				return false, err
+			}
+		}
+	}
+	for {
+		_, _, ok, err := tx.Reclaim()
+		if err != nil {
+			return false, err
+		}
+		if !ok {
+			break
+		}
+		progress = true
+	}
+	for {
+		_, _, ok, err := rx.Reclaim()
+		if err != nil {
+			return false, err
+		}
+		if !ok {
+			break
+		}
+		p.frames++
+		progress = true
+	}
+	return progress, nil
 }

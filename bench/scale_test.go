@@ -8,6 +8,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/vdpakit/vdpakit/vdpa/softnet"
 )
 
 // TestScaleSmoke runs the scale suite's pieces at tiny counts: every
@@ -37,4 +39,6 @@ func TestScaleSmoke(t *testing.T) {
 		assert.Positive(t, res.fps, "%v", sm.name)
 		assert.Positive(t, res.cpuNs, "%v", sm.name)
 	}
+	_, err = pairThroughput(ctx, scaleMode{name: "event, driver per core", mode: softnet.ModeEvent, coreDrivers: true}, 3, 16, 50*time.Millisecond)
+	assert.ErrorContains(t, err, "needs a polling device", "a busy-polling driver per core takes no interrupts")
 }
