@@ -3,6 +3,7 @@ package vfiouser_test
 import (
 	"context"
 	"errors"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -430,6 +431,78 @@ func TestFramingErrorsCloseTheSession(t *testing.T) {
 	require.NoError(t, err)
 	_, err = c.DeviceInfo(ctx)
 	require.NoError(t, err)
+}
+
+// TestTooManyDescriptorsCloseTheSession: a message with more descriptors
+// than the max_msg_fds the server announced gets an EBADF error reply and
+// ends the session, whatever the message. The kernel closes the
+// descriptors that do not fit the server's buffer and flags the message
+// MSG_CTRUNC; the server must not serve the message with those that fit
+// (it used to: a SET_IRQS with one eventfd too many was answered as a
+// count mismatch and the session went on). Found by FuzzServerSession.
+func TestTooManyDescriptorsCloseTheSession(t *testing.T) {
+	r := newRig(t, nil)
+	ctx := testCtx(t)
+	irqs := func(count uint32) []byte {
+		return vfiouser.IRQSet{Flags: vfiouser.IRQSetDataEventfd | vfiouser.IRQSetActionTrigger,
+			Index: vfiouser.IRQMSIX, Count: count}.Marshal()
+	}
+	for _, tc := range []struct {
+		name      string
+		cmd       vfiouser.Command
+		flags     uint32
+		payload   []byte
+		fds       int
+		closes    bool
+		negotiate bool
+	}{
+		{"max_msg_fds is accepted", vfiouser.CmdDeviceSetIRQs, 0, irqs(vfiouser.MaxMsgFds), vfiouser.MaxMsgFds, false, true},
+		{"set irqs", vfiouser.CmdDeviceSetIRQs, 0, irqs(vfiouser.MaxMsgFds + 1), vfiouser.MaxMsgFds + 1, true, true},
+		{"dma map", vfiouser.CmdDMAMap, 0, vfiouser.DMAMap{Argsz: 32, Flags: 3, Size: 4096}.Marshal(), vfiouser.MaxMsgFds + 4, true, true},
+		{"no reply wanted", vfiouser.CmdDeviceReset, vfiouser.FlagNoReply, nil, vfiouser.MaxMsgFds + 1, true, true},
+		{"before version", vfiouser.CmdVersion, 0, vfiouser.Version{}.Marshal(), vfiouser.MaxMsgFds + 1, true, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			before := fdCount(t)
+			c := r.dial(t)
+			c.Timeout = 2 * time.Second
+			if tc.negotiate {
+				_, err := c.Negotiate(ctx)
+				require.NoError(t, err)
+			}
+			var efds []*vdpa.EventFD
+			var fds []int
+			for i := 0; i < tc.fds; i++ {
+				e, err := vdpa.NewEventFD()
+				require.NoError(t, err)
+				efds = append(efds, e)
+				fds = append(fds, e.Fd())
+			}
+			require.NoError(t, c.SendRaw(vfiousertest.Message(7, tc.cmd, tc.flags, tc.payload), fds))
+			for _, e := range efds {
+				require.NoError(t, e.Close())
+			}
+			h, _, err := c.ReadReply(ctx)
+			require.NoError(t, err, "a reply, even to a No_reply command")
+			assert.Equal(t, uint16(7), h.ID)
+			require.NotZero(t, h.Flags&vfiouser.FlagError, "an error reply")
+			if !tc.closes {
+				// count 16 on an index with 3 vectors: refused, but
+				// only for the range.
+				assert.Equal(t, uint32(unix.EINVAL), h.Error)
+				_, err = c.DeviceInfo(ctx)
+				require.NoError(t, err, "the session goes on")
+			} else {
+				assert.Equal(t, uint32(unix.EBADF), h.Error)
+				// Closed, not just quiet: a read timeout does not count.
+				_, _, err = c.ReadReply(ctx)
+				require.True(t, errors.Is(err, io.EOF) || errors.Is(err, unix.ECONNRESET), "the server closed the session: %v", err)
+			}
+			require.NoError(t, c.Close())
+			require.Eventually(t, func() bool { return fdCount(t) <= before }, 5*time.Second, 10*time.Millisecond,
+				"descriptors leaked: %d before, %d after", before, fdCount(t))
+		})
+	}
 }
 
 func TestNewRejectsServerOwnedOptions(t *testing.T) {

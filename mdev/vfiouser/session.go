@@ -24,6 +24,9 @@ type session struct {
 	out      []byte // reply buffer
 	multi    []WriteMultiEntry
 	multiOut []byte
+	// ctrunc: the kernel cut the descriptors of the current message short
+	// (MSG_CTRUNC): it carried more than oob holds, MaxMsgFds.
+	ctrunc bool
 }
 
 // fatal marks errors after which the session is closed.
@@ -34,9 +37,16 @@ func (f fatal) Unwrap() error { return f.error }
 // readFull reads exactly len(b) bytes, collecting descriptors.
 func (ss *session) readFull(b []byte) error {
 	for len(b) > 0 {
-		n, oobn, _, _, err := ss.conn.ReadMsgUnix(b, ss.oob)
+		n, oobn, flags, _, err := ss.conn.ReadMsgUnix(b, ss.oob)
 		if oobn > 0 {
 			ss.collectFds(ss.oob[:oobn])
+		}
+		// Descriptors beyond what oob holds are closed by the kernel, which
+		// only says so with MSG_CTRUNC: without it, a message with more
+		// than MaxMsgFds descriptors would be served with the first
+		// MaxMsgFds of them.
+		if flags&unix.MSG_CTRUNC != 0 {
+			ss.ctrunc = true
 		}
 		if err != nil {
 			return err
@@ -68,6 +78,7 @@ func (ss *session) run() error {
 	for {
 		closeAll(ss.fds)
 		ss.fds = ss.fds[:0]
+		ss.ctrunc = false
 		if err := ss.readFull(ss.hdr[:]); err != nil {
 			if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
 				return io.EOF
@@ -89,8 +100,8 @@ func (ss *session) run() error {
 		if err := ss.readFull(p); err != nil {
 			return err
 		}
-		if len(ss.fds) > MaxMsgFds {
-			err := perr(h.Command, ErrFds, "%d descriptors (max %d)", len(ss.fds), MaxMsgFds)
+		if len(ss.fds) > MaxMsgFds || ss.ctrunc {
+			err := perr(h.Command, ErrFds, "more than %d descriptors (%d received)", MaxMsgFds, len(ss.fds))
 			ss.reply(h, nil, err)
 			return err
 		}
