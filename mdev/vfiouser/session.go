@@ -106,7 +106,14 @@ func (ss *session) run() error {
 			return err
 		}
 		if h.IsReply() {
-			// This server sends no commands: an unsolicited reply.
+			// This server sends no commands: an unsolicited reply. Before
+			// VERSION it ends the session like any other message (the
+			// client must open with VERSION); after it, it is ignored.
+			if !ss.version {
+				err := perr(h.Command, ErrVersion, "a reply before VERSION")
+				ss.s.count(err)
+				return err
+			}
 			ss.s.count(nil)
 			continue
 		}
