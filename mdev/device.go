@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math/bits"
 	"sync"
+	"time"
 
 	"github.com/vdpakit/vdpakit/vdpa"
 	"github.com/vdpakit/vdpakit/virtio"
@@ -69,6 +70,14 @@ type Options struct {
 	// DirtyMode selects how guest-memory writes are tracked during
 	// migration (default DirtyAuto).
 	DirtyMode DirtyMode
+	// HealthInterval is how often a live device asks its backing device
+	// whether the data path has failed on its own (a broken ring, a
+	// back-end gone), so that the guest gets DEVICE_NEEDS_RESET with the
+	// configuration change notification §2.1.2 requires, without first
+	// reading device_status. Default DefaultHealthInterval; negative:
+	// never (the guest then learns it at its next device_status read).
+	// One goroutine per live device does it.
+	HealthInterval time.Duration
 }
 
 // queue is the per-virtqueue register state.
@@ -151,6 +160,10 @@ type Device struct {
 	// canLogAll: the backing device offers VHOST_F_LOG_ALL, which must be
 	// negotiated for its log to take effect (vhost-net, vhost-user).
 	canLogAll bool
+	// watchStop, closed to stop it, and watchDone, closed when it has
+	// ended, belong to the running health watcher (health.go); nil when
+	// none runs.
+	watchStop, watchDone chan struct{}
 }
 
 // NewDevice creates a mediated device in front of backing, which it resets.
@@ -272,8 +285,13 @@ func NewDevice(backing vdpa.Device, opts *Options) (*Device, error) {
 // and releases the device's eventfds. The backing device stays open.
 func (d *Device) Close() error {
 	_ = d.begin(context.Background())
-	defer d.end()
-	return d.closeLocked()
+	err := d.closeLocked()
+	watcher := d.stopWatch()
+	d.end()
+	if watcher != nil {
+		<-watcher // after the locks are released: it may be taking them to look once more
+	}
+	return err
 }
 
 // closeLocked is Close's work, with the device's locks held.
@@ -749,14 +767,10 @@ func (d *Device) commonRead(off uint64, size int, withBacking bool) (uint64, err
 	case OffNumQueues:
 		v = uint64(d.numQueues)
 	case OffDeviceStatus:
-		if withBacking && d.live && d.status&virtio.StatusDeviceNeedsReset == 0 {
+		if withBacking {
 			// The backing device may have given up on its own (a broken
-			// ring): the guest learns it here.
-			if st, err := d.bk.Status(); err != nil {
-				d.needsReset(backingErr("status", err))
-			} else if st&(virtio.StatusDeviceNeedsReset|virtio.StatusFailed) != 0 {
-				d.needsReset(backingErr("status", fmt.Errorf("backing device status %s", st)))
-			}
+			// ring): the guest learns it here at the latest (health.go).
+			d.checkBacking()
 		}
 		v = uint64(d.status)
 	case OffConfigGeneration:

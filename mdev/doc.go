@@ -15,7 +15,12 @@
 // back clear) when the driver accepted something not offered, writes the
 // spec forbids in the current state are ignored, writing 0 resets, and a
 // backing device failure sets DEVICE_NEEDS_RESET and raises the
-// configuration interrupt.
+// configuration interrupt. A backing device that gives up on its own while
+// live (a software device breaks a queue whose ring the guest made invalid,
+// a vhost-user back-end goes away) is noticed by a watcher goroutine that
+// asks it for its status every Options.HealthInterval (50 ms by default)
+// while the device is live, so the guest is notified without having to
+// read device_status first.
 //
 // # Passthrough
 //

@@ -85,6 +85,7 @@ func (d *Device) goLive() error {
 		return err
 	}
 	d.live = true
+	d.startWatch()
 	return nil
 }
 

@@ -1,0 +1,143 @@
+package mdev
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// watching reports whether a health watcher runs, and its done channel.
+func (d *Device) watching() (bool, chan struct{}) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.watchStop != nil, d.watchDone
+}
+
+// waitConfigSignal waits until the device's configuration eventfd is
+// signalled and returns its count.
+func waitConfigSignal(t *testing.T, d *Device, limit time.Duration) uint64 {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), limit)
+	defer cancel()
+	n, err := d.ConfigFD().Wait(ctx)
+	require.NoError(t, err, "no configuration change notification within %v", limit)
+	return n
+}
+
+// TestHealthWatcherReportsBackingFailure: a backing device that fails on
+// its own while live (its status shows DEVICE_NEEDS_RESET) makes the device
+// set NEEDS_RESET and send the configuration change notification (§2.1.2:
+// a device with DRIVER_OK that sets DEVICE_NEEDS_RESET MUST send it),
+// without the guest reading device_status first. Before this watcher the
+// guest learned it only by reading device_status, which a driver does only
+// when notified.
+func TestHealthWatcherReportsBackingFailure(t *testing.T) {
+	f := newFakeBacking()
+	d := newTestDevice(t, f, &Options{HealthInterval: time.Millisecond})
+	g := driver{t, d}
+	on, _ := d.watching()
+	assert.False(t, on, "no watcher before DRIVER_OK")
+	g.bringUp(netFeatures)
+	on, done := d.watching()
+	require.True(t, on, "a live device is watched")
+
+	f.mu.Lock()
+	f.status |= sNR
+	f.mu.Unlock()
+	assert.EqualValues(t, 1, waitConfigSignal(t, d, 10*time.Second))
+	assert.Equal(t, sAck|sDrv|sFOK|sDOK|sNR, d.Status(), "without a device_status read")
+	assert.Equal(t, ISRConfig, d.ISRPending()&ISRConfig)
+	assert.ErrorIs(t, d.Err(), ErrBacking)
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the watcher goes on after NEEDS_RESET")
+	}
+	on, _ = d.watching()
+	assert.False(t, on)
+	assert.Equal(t, sAck|sDrv|sFOK|sDOK|sNR, g.status(), "the guest's read agrees")
+	n, err := d.ConfigFD().TryWait()
+	require.NoError(t, err)
+	assert.Zero(t, n, "one notification, not one per look")
+
+	// Reset and a new driver session: watched again, and a second failure
+	// is reported again.
+	g.setStatus(0)
+	assert.Zero(t, g.status())
+	g.bringUp(netFeatures)
+	on, _ = d.watching()
+	require.True(t, on, "watched again after a reset and DRIVER_OK")
+	f.mu.Lock()
+	f.status |= sNR
+	f.mu.Unlock()
+	assert.EqualValues(t, 1, waitConfigSignal(t, d, 10*time.Second))
+	assert.NotZero(t, d.Status()&sNR)
+}
+
+// TestHealthWatcherLifetime: the watcher runs only while the device is
+// live, not at all with a negative interval, and Close ends it before it
+// returns.
+func TestHealthWatcherLifetime(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		interval time.Duration
+		watched  bool
+	}{
+		{"default", 0, true},
+		{"one millisecond", time.Millisecond, true},
+		{"disabled", -1, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFakeBacking()
+			d, err := NewDevice(f, &Options{Memory: testMemory(t), HealthInterval: tc.interval})
+			require.NoError(t, err)
+			g := driver{t, d}
+			g.bringUp(netFeatures)
+			on, done := d.watching()
+			require.Equal(t, tc.watched, on)
+			if !tc.watched {
+				// The guest still learns of the failure by reading.
+				f.mu.Lock()
+				f.status |= sNR
+				f.mu.Unlock()
+				assert.NotZero(t, g.status()&sNR)
+				require.NoError(t, d.Close())
+				return
+			}
+			require.NoError(t, d.Close())
+			select {
+			case <-done:
+			default:
+				t.Fatal("Close returned with the watcher running")
+			}
+			on, _ = d.watching()
+			assert.False(t, on)
+		})
+	}
+}
+
+// TestHealthWatcherEndsWhenNotLive: a reset takes the device out of live;
+// the watcher ends at its next look rather than polling an idle backing
+// device.
+func TestHealthWatcherEndsWhenNotLive(t *testing.T) {
+	f := newFakeBacking()
+	d := newTestDevice(t, f, &Options{HealthInterval: time.Millisecond})
+	g := driver{t, d}
+	g.bringUp(netFeatures)
+	on, done := d.watching()
+	require.True(t, on)
+	g.setStatus(0)
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the watcher of a reset device goes on")
+	}
+	on, _ = d.watching()
+	assert.False(t, on)
+	n, err := d.ConfigFD().TryWait()
+	require.NoError(t, err)
+	assert.Zero(t, n, "a healthy device sends no notification")
+}
