@@ -509,14 +509,27 @@ func (d *Device) queueCallFD(q int) *vdpa.EventFD {
 // Read performs a guest read of size bytes at offset within region. It never
 // waits for a back-end operation in progress: registers that mirror the
 // backing device (the device configuration, a failure it reports through
-// its status) are then answered from what the device last read.
+// its status) are then answered from what the device last read. After
+// Close every access fails with ErrClosed.
 func (d *Device) Read(region Region, offset uint64, size int) (uint64, error) {
 	withBacking := readMayUseBacking(region) && d.ops.tryLock()
 	d.mu.Lock()
-	v, err := d.readLocked(region, offset, size, withBacking)
-	d.mu.Unlock()
+	var v uint64
+	var err error
+	if d.closed {
+		err = ErrClosed // see WriteContext
+	} else {
+		v, err = d.readLocked(region, offset, size, withBacking)
+	}
 	if withBacking {
-		d.ops.unlock()
+		// Holding ops makes this read a back-end operation: like every
+		// other, it handles on its way out a ConfigChanged that came in
+		// meanwhile (ConfigChanged does not wait for it, see end), or
+		// the change would reach the guest only at the next begin/end
+		// operation, which may never come.
+		d.end()
+	} else {
+		d.mu.Unlock()
 	}
 	if err != nil {
 		return 0, &AccessError{Region: region, Offset: offset, Size: size, Err: err}
@@ -527,7 +540,8 @@ func (d *Device) Read(region Region, offset uint64, size int) (uint64, error) {
 // Write performs a guest write of the low size bytes of value at offset
 // within region. Writes the spec forbids in the current state are ignored
 // (the register keeps its value), as the spec requires of a device; only
-// malformed accesses (wrong width, out of range) return an error.
+// malformed accesses (wrong width, out of range) return an error, and,
+// after Close, every access (ErrClosed).
 func (d *Device) Write(region Region, offset uint64, size int, value uint64) error {
 	return d.WriteContext(context.Background(), region, offset, size, value)
 }
@@ -545,10 +559,20 @@ func (d *Device) WriteContext(ctx context.Context, region Region, offset uint64,
 		}
 	}
 	d.mu.Lock()
-	err := d.writeLocked(region, offset, size, value)
-	d.mu.Unlock()
+	var err error
+	if d.closed {
+		// A vCPU may still trap into the device while the VMM tears it
+		// down. Close has reset the back-end and released the eventfds
+		// a DRIVER_OK would hand it, and nothing would reset it again:
+		// the access must not reach it.
+		err = ErrClosed
+	} else {
+		err = d.writeLocked(region, offset, size, value)
+	}
 	if needOps {
-		d.ops.unlock()
+		d.end() // handles a ConfigChanged that came in meanwhile (see Read)
+	} else {
+		d.mu.Unlock()
 	}
 	if err != nil {
 		return &AccessError{Region: region, Offset: offset, Size: size, Write: true, Err: err}
@@ -601,7 +625,7 @@ func (d *Device) readLocked(region Region, off uint64, size int, withBacking boo
 		if !validSize(size, 4) {
 			return 0, ErrAccessSize
 		}
-		if off+uint64(size) > uint64(d.cfgSize) {
+		if !fits(off, size, uint64(d.cfgSize)) {
 			return 0, ErrOutOfRange
 		}
 		var b [4]byte
@@ -619,7 +643,7 @@ func (d *Device) readLocked(region Region, off uint64, size int, withBacking boo
 		if !validSize(size, 8) || off%uint64(size) != 0 {
 			return 0, ErrAccessSize
 		}
-		if off+uint64(size) > uint64(len(d.msix)) {
+		if !fits(off, size, uint64(len(d.msix))) {
 			if off < d.layout.BARs[0].Size {
 				return 0, nil
 			}
@@ -652,7 +676,7 @@ func (d *Device) writeLocked(region Region, off uint64, size int, v uint64) erro
 		if !validSize(size, 4) {
 			return ErrAccessSize
 		}
-		if off+uint64(size) > uint64(d.cfgSize) {
+		if !fits(off, size, uint64(d.cfgSize)) {
 			return ErrOutOfRange
 		}
 		var b [4]byte
@@ -667,7 +691,7 @@ func (d *Device) writeLocked(region Region, off uint64, size int, v uint64) erro
 		if !validSize(size, 8) || off%uint64(size) != 0 {
 			return ErrAccessSize
 		}
-		if off+uint64(size) > uint64(d.layout.MSIXPBA) {
+		if !fits(off, size, uint64(d.layout.MSIXPBA)) {
 			if off < d.layout.BARs[0].Size {
 				return nil // PBA is read-only
 			}
@@ -717,7 +741,7 @@ var commonFieldWidth = map[uint64]int{
 // each field is accessed with its natural width, and a 64-bit field either
 // whole or as its low and high 32-bit halves (§4.1.3.1).
 func commonField(off uint64, size int) (start uint64, err error) {
-	if off+uint64(size) > CommonCfgLen || !validSize(size, 8) {
+	if !fits(off, size, CommonCfgLen) || !validSize(size, 8) {
 		if off >= CommonCfgLen {
 			return 0, ErrOutOfRange
 		}

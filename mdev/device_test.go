@@ -615,3 +615,84 @@ func TestDeviceLogNegotiatesLogAll(t *testing.T) {
 	assert.Nil(t, f.log)
 	assert.Equal(t, netFeatures, f.accepted)
 }
+
+// An access lies within its region (§4.1.4: the capability's length bounds
+// the structure; the PCI configuration space is 256 bytes) whatever its
+// offset. The offset is the VMM's 64-bit value, and one just below 2^64
+// makes offset+size wrap around: found by FuzzGuestAccess, such an access
+// passed the bounds check and panicked indexing the register image, with
+// the device's locks held.
+func TestAccessOffsetWrapsAround(t *testing.T) {
+	d := newTestDevice(t, newFakeBacking(), nil)
+	for _, tc := range []struct {
+		name   string
+		region Region
+		size   int
+	}{
+		{"4.1.4.3 common configuration", RegionCommon, 1},
+		{"4.1.4.3 common configuration, 64-bit field", RegionCommon, 8},
+		{"4.1.4.4 notification area", RegionNotify, 2},
+		{"4.1.4.5 ISR", RegionISR, 1},
+		{"4.1.4.6 device configuration", RegionDevice, 4},
+		{"PCI configuration space", RegionPCIConfig, 2},
+		{"MSI-X table and PBA", RegionMSIX, 8},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			// Offsets from 2^64-size (aligned: the access ends exactly at
+			// 2^64) to 2^64-1. A misaligned one may be refused for its
+			// alignment first.
+			for back := 1; back <= tc.size; back++ {
+				off := -uint64(back)
+				_, rerr := d.Read(tc.region, off, tc.size)
+				werr := d.Write(tc.region, off, tc.size, 0)
+				if back == tc.size {
+					assert.ErrorIs(t, rerr, ErrOutOfRange, "read at %#x", off)
+					assert.ErrorIs(t, werr, ErrOutOfRange, "write at %#x", off)
+					continue
+				}
+				assert.True(t, errorsIsAny(rerr, ErrOutOfRange, ErrAccessSize), "read at %#x: %v", off, rerr)
+				assert.True(t, errorsIsAny(werr, ErrOutOfRange, ErrAccessSize), "write at %#x: %v", off, werr)
+			}
+		})
+	}
+	// The device still works.
+	driver{t, d}.bringUp(netFeatures)
+	assert.Equal(t, sAck|sDrv|sFOK|sDOK, d.Status())
+}
+
+// A vCPU may still trap into the device while the VMM tears it down. After
+// Close, which reset the back-end and released the eventfds, no access may
+// reach the back-end (a driver's §3.1.1 sequence would otherwise set it
+// running again, with nothing left to stop it): every access fails with
+// ErrClosed. Found by FuzzGuestAccess.
+func TestAccessAfterClose(t *testing.T) {
+	f := newFakeBacking()
+	d := newTestDevice(t, f, nil)
+	driver{t, d}.bringUp(netFeatures)
+	require.NoError(t, d.Close())
+	ops := len(f.opsCopy())
+	for _, tc := range []struct {
+		name   string
+		access func() error
+	}{
+		{"3.1.1 ACKNOWLEDGE", func() error { return d.Write(RegionCommon, OffDeviceStatus, 1, uint64(sAck)) }},
+		{"3.1.1 DRIVER_OK", func() error { return d.Write(RegionCommon, OffDeviceStatus, 1, uint64(sAck|sDrv|sFOK|sDOK)) }},
+		{"4.1.4.3 queue_select", func() error { return d.Write(RegionCommon, OffQueueSelect, 2, 1) }},
+		{"4.1.4.3 device_status read", func() error { _, err := d.Read(RegionCommon, OffDeviceStatus, 1); return err }},
+		{"4.1.4.4 notification", func() error { return d.Write(RegionNotify, 0, 2, 0) }},
+		{"4.1.4.6 device configuration read", func() error { _, err := d.Read(RegionDevice, 0, 4); return err }},
+		{"4.1.4.6 device configuration write", func() error { return d.Write(RegionDevice, 0, 1, 0) }},
+		{"4.1.4.9 PCI_CFG window", func() error { return d.Write(RegionPCIConfig, capOffPCICfg+16, 4, 0) }},
+		{"BAR 4 device_status", func() error { return d.WriteBAR(ModernBAR, BarOffCommon+OffDeviceStatus, 1, uint64(sAck)) }},
+		{"BAR 1 MSI-X table", func() error { _, err := d.ReadBAR(MSIXBAR, 0, 4); return err }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := tc.access()
+			require.ErrorIs(t, err, ErrClosed)
+			var ae *AccessError
+			assert.ErrorAs(t, err, &ae)
+		})
+	}
+	assert.Len(t, f.opsCopy(), ops, "the back-end was called after Close")
+	assert.Zero(t, f.status, "the back-end stays reset")
+}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -340,4 +341,108 @@ func TestMigrateSourceRollbackWaitsForOperation(t *testing.T) {
 	require.NoError(t, <-writeErr)
 	assert.Equal(t, MigRunning, src.MigrationState())
 	assert.Equal(t, DirtyAuto, src.DirtyTracking())
+}
+
+// configGateBacking blocks, once armed, the first device configuration
+// read or write until released. Only those: the health watcher's status
+// polls must not take the gate.
+type configGateBacking struct {
+	*fakeBacking
+	armed   atomic.Bool
+	entered chan string
+	release chan struct{}
+}
+
+func (c *configGateBacking) gate(op string) {
+	if c.armed.CompareAndSwap(true, false) {
+		c.entered <- op
+		<-c.release
+	}
+}
+
+func (c *configGateBacking) ReadConfig(off int, p []byte) error {
+	c.gate("ReadConfig")
+	return c.fakeBacking.ReadConfig(off, p)
+}
+
+func (c *configGateBacking) WriteConfig(off int, p []byte) error {
+	c.gate("WriteConfig")
+	return c.fakeBacking.WriteConfig(off, p)
+}
+
+// §4.1.4.5, §2.5.1: a configuration change the back-end reports while a
+// guest register access holds the back-end (it is reading or writing the
+// device configuration) raises the configuration interrupt when that access
+// ends, as it does after any other back-end operation. Found by
+// FuzzGuestAccess: the change used to stay pending until the next
+// migration or dirty-tracking operation, so the driver of a running guest
+// never heard of it.
+func TestConfigChangedDuringGuestAccess(t *testing.T) {
+	pciCfgWindow := func(d *Device) {
+		// §4.1.4.9: the PCI_CFG window on virtio_net_config.status.
+		require.NoError(t, d.Write(RegionPCIConfig, capOffPCICfg+4, 1, ModernBAR))
+		require.NoError(t, d.Write(RegionPCIConfig, capOffPCICfg+8, 4, BarOffDevice+6))
+		require.NoError(t, d.Write(RegionPCIConfig, capOffPCICfg+12, 4, 2))
+	}
+	for _, tc := range []struct {
+		name   string
+		window bool // set the PCI_CFG window up first
+		access func(d *Device) error
+	}{
+		{"4.1.4.6 guest reads the device configuration", false, func(d *Device) error {
+			_, err := d.Read(RegionDevice, 6, 2)
+			return err
+		}},
+		{"4.1.4.6 guest writes the device configuration", false, func(d *Device) error {
+			return d.Write(RegionDevice, 0, 1, 0x52)
+		}},
+		{"4.1.4.9 guest reads the device configuration through PCI_CFG", true, func(d *Device) error {
+			_, err := d.Read(RegionPCIConfig, capOffPCICfg+16, 4)
+			return err
+		}},
+		{"4.1.4.9 guest writes the device configuration through PCI_CFG", true, func(d *Device) error {
+			return d.Write(RegionPCIConfig, capOffPCICfg+16, 2, 1)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := &configGateBacking{fakeBacking: newFakeBacking(), entered: make(chan string, 1), release: make(chan struct{})}
+			d, err := NewDevice(b, &Options{Memory: testMemory(t)})
+			require.NoError(t, err)
+			t.Cleanup(func() { _ = d.Close() })
+			driver{t, d}.bringUp(netFeatures)
+			if tc.window {
+				pciCfgWindow(d)
+			}
+			_, err = d.ConfigFD().TryWait()
+			require.NoError(t, err)
+			_, err = d.Read(RegionISR, 0, 1)
+			require.NoError(t, err)
+
+			// A guest read takes the back-end only when no operation holds
+			// it (a status poll of the health watcher, rarely): try again
+			// until the access is the one in the back-end.
+			accessErr := make(chan error, 1)
+			for entered := false; !entered; {
+				b.armed.Store(true)
+				go func() { accessErr <- tc.access(d) }()
+				select {
+				case <-b.entered:
+					entered = true
+				case err := <-accessErr:
+					require.NoError(t, err)
+				}
+			}
+			b.setConfig(6, []byte{0}) // link down
+			d.ConfigChanged()         // returns at once: the access holds the back-end
+			close(b.release)
+			require.NoError(t, <-accessErr)
+
+			n, err := d.ConfigFD().TryWait()
+			require.NoError(t, err)
+			assert.EqualValues(t, 1, n, "configuration interrupt once the access ended")
+			isr, err := d.Read(RegionISR, 0, 1)
+			require.NoError(t, err)
+			assert.EqualValues(t, ISRConfig, isr)
+		})
+	}
 }

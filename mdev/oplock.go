@@ -75,8 +75,9 @@ func (d *Device) begin(ctx context.Context) error {
 	return nil
 }
 
-// end ends an operation started with begin, first handling a
-// configuration change reported meanwhile (ConfigChanged does not wait for
+// end ends an operation started with begin (or a guest access that took
+// ops and mu itself), first handling a configuration change reported
+// meanwhile (ConfigChanged does not wait for
 // operations). A report that comes in after that check, once the register
 // lock is released, either finds ops free or is seen by the second check.
 func (d *Device) end() {

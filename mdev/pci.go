@@ -375,7 +375,7 @@ func (d *Device) pciRead(off uint64, size int, withBacking bool) (uint64, error)
 	if !validSize(size, 4) || off%uint64(size) != 0 {
 		return 0, ErrAccessSize
 	}
-	if off+uint64(size) > pciConfigSize {
+	if !fits(off, size, pciConfigSize) {
 		return 0, ErrOutOfRange
 	}
 	// pci_cfg_data of the PCI_CFG capability: a window onto the BAR.
@@ -392,7 +392,7 @@ func (d *Device) pciWrite(off uint64, size int, v uint64) error {
 	if !validSize(size, 4) || off%uint64(size) != 0 {
 		return ErrAccessSize
 	}
-	if off+uint64(size) > pciConfigSize {
+	if !fits(off, size, pciConfigSize) {
 		return ErrOutOfRange
 	}
 	c := &d.pci
@@ -440,6 +440,16 @@ func (d *Device) pciCfgWindowWrite() {
 	if r, ro, err := d.RegionAt(bar, off); err == nil {
 		_ = d.writeLocked(r, ro, size, v)
 	}
+}
+
+// fits reports whether size bytes at off lie within a region of limit
+// bytes, without computing off+size: the offset of a guest access can be
+// anything up to 2^64-1, and one just below it would wrap off+size around
+// to a small number, pass a plain `off+size > limit` test and index far
+// outside the region (a panic, with the device's locks held). size is
+// positive (validSize).
+func fits(off uint64, size int, limit uint64) bool {
+	return off <= limit && uint64(size) <= limit-off
 }
 
 func validSize(size, maxSize int) bool {
