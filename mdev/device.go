@@ -413,14 +413,22 @@ func (d *Device) readBackingConfig() []byte {
 }
 
 // refreshGeneration compares the backing device's configuration with the
-// last snapshot and bumps config_generation on a change (§2.5.1: the device
-// changes config_generation whenever the configuration changes). Caller
-// holds d.ops and d.mu.
+// last snapshot and, on a change, bumps config_generation (§2.5.1: the
+// device changes config_generation whenever the configuration changes)
+// and, with DRIVER_OK set, sends the configuration change notification
+// (§4.1.4.5). Whoever notices the change first notifies: a guest reading
+// config_generation before the back-end's ConfigChanged arrives takes the
+// change into the snapshot, and ConfigChanged then finds nothing new, so
+// leaving the notification to it alone would lose it. Caller holds d.ops
+// and d.mu.
 func (d *Device) refreshGeneration() {
 	cur := d.readBackingConfig()
 	if !bytes.Equal(cur, d.cfgSnapshot) {
 		d.cfgSnapshot = cur
 		d.generation++
+		if d.status&virtio.StatusDriverOK != 0 {
+			d.configInterrupt()
+		}
 	}
 }
 
@@ -452,11 +460,7 @@ func (d *Device) configChanged() {
 	if d.closed {
 		return
 	}
-	old := d.generation
 	d.refreshGeneration()
-	if d.generation != old && d.status&virtio.StatusDriverOK != 0 {
-		d.configInterrupt()
-	}
 }
 
 // BackingFailed reports that the backing device failed while live. The

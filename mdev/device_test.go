@@ -466,6 +466,43 @@ func TestISRReadClears(t *testing.T) {
 	assert.EqualValues(t, 0, v, "4.1.4.5: reading ISR clears it")
 }
 
+// TestConfigChangeSeenFirstByTheGuest: the guest reads config_generation
+// after the back-end's configuration changed (link down) but before the
+// back-end's ConfigChanged call arrives. The change must still be
+// notified, once: the read takes it into the device's snapshot, so a
+// notification left to ConfigChanged alone (which then finds nothing new)
+// was lost, and a driver that reads the link status only when notified
+// never learnt of it. Found by FuzzGuestAccess's helper.
+func TestConfigChangeSeenFirstByTheGuest(t *testing.T) {
+	f := newFakeBacking()
+	d := newTestDevice(t, f, &Options{HealthInterval: -1})
+	g := driver{t, d}
+	g.bringUp(netFeatures)
+	gen0 := g.r(OffConfigGeneration, 1)
+	f.setConfig(6, []byte{0, 0}) // link down
+	assert.NotEqual(t, gen0, g.r(OffConfigGeneration, 1), "2.5.1: a new generation")
+	d.ConfigChanged() // the back-end's report, after the guest's read
+	n, err := d.ConfigFD().TryWait()
+	require.NoError(t, err)
+	assert.EqualValues(t, 1, n, "4.1.4.5: one configuration change notification")
+	v, err := d.Read(RegionISR, 0, 1)
+	require.NoError(t, err)
+	assert.EqualValues(t, ISRConfig, v)
+	status, err := d.Read(RegionDevice, 6, 2)
+	require.NoError(t, err)
+	assert.EqualValues(t, 0, status, "the driver reads the link down")
+
+	// Before DRIVER_OK a change bumps the generation and notifies nothing.
+	g.setStatus(0)
+	g.setStatus(sAck)
+	gen1 := g.r(OffConfigGeneration, 1)
+	f.setConfig(6, []byte{1, 0})
+	assert.NotEqual(t, gen1, g.r(OffConfigGeneration, 1))
+	n, err = d.ConfigFD().TryWait()
+	require.NoError(t, err)
+	assert.Zero(t, n, "no notification before DRIVER_OK")
+}
+
 func TestConfigGenerationBumpsOnChange(t *testing.T) {
 	f := newFakeBacking()
 	d := newTestDevice(t, f, nil)
