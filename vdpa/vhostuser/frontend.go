@@ -194,13 +194,16 @@ func (f *Frontend) handshake(ctx context.Context) error {
 			if err != nil {
 				return err
 			}
+			per := uint64(1)
 			if f.opts.DeviceID == virtio.DeviceNet {
-				n *= 2 // queue pairs
+				per = 2 // a net back-end counts queue pairs
 			}
-			if n == 0 || n > MaxQueues {
-				return msgErr(ReqGetQueueNum, ErrProtocol, "back-end reports %d queues", n)
+			// Bounded before it is scaled: a hostile 2^63+1 pairs
+			// would wrap to 2 queues and pass a check made after.
+			if n == 0 || n > MaxQueues/per {
+				return msgErr(ReqGetQueueNum, ErrProtocol, "back-end reports %d (times %d) queues, at most %d", n, per, MaxQueues)
 			}
-			f.nq = int(n)
+			f.nq = int(n * per)
 		}
 	}
 	f.queues = make([]feQueue, f.nq)
@@ -298,9 +301,9 @@ func (f *Frontend) exchange(ctx context.Context, r Request, payload []byte, fds 
 	if m == nil {
 		return nil, nil
 	}
-	if len(m.Fds) > 0 {
-		m.Close()
-		return nil, msgErr(r, ErrFdCount, "reply carries %d descriptors", len(m.Fds))
+	if n := len(m.Fds); n > 0 {
+		m.Close() // empties m.Fds: report n
+		return nil, msgErr(r, ErrFdCount, "reply carries %d descriptors", n)
 	}
 	if !m.IsReply() || m.Request != r {
 		return nil, msgErr(r, ErrUnexpectedReply, "got %v flags %#x", m.Request, uint32(m.Flags))
@@ -416,7 +419,17 @@ func (f *Frontend) StatusContext(ctx context.Context) (virtio.Status, error) {
 	defer f.release()
 	if f.proto.Has(PFStatus) {
 		v, err := f.getU64(ctx, ReqGetStatus)
-		return virtio.Status(v), err
+		if err != nil {
+			return 0, err
+		}
+		// The device status is 8 bits (the virtio status field,
+		// VHOST_VDPA_GET_STATUS's __u8; the Backend refuses a wider
+		// SET_STATUS): a wider reply is no status, and truncating it
+		// would report another one (0x100 would read as a reset).
+		if v > 0xff {
+			return 0, msgErr(ReqGetStatus, ErrProtocol, "status %#x beyond 8 bits", v)
+		}
+		return virtio.Status(v), nil
 	}
 	return f.status, nil
 }
@@ -777,12 +790,18 @@ func (f *Frontend) getBase(ctx context.Context, q int) (vring.QueueState, error)
 		// A hostile back-end's word must not become a state no queue of
 		// this size can be at (an index >= size, used ahead of avail,
 		// more than a ring in flight): it would be handed on to a
-		// migration stream or a restarted queue.
-		if fq.num != 0 {
-			if _, ok := out.PackedInFlight(fq.num); !ok {
-				return vring.QueueState{}, msgErr(ReqGetVringBase, ErrUnexpectedReply,
-					"queue %d: packed base %#x impossible for a queue of size %d", q, st.Num, fq.num)
-			}
+		// migration stream or a restarted queue. A queue whose size
+		// is not known here (its SET_VRING_NUM failed, or none was
+		// sent since a reset) is held to the largest packed ring, 2^15
+		// entries: that still refuses used ahead of avail, which no
+		// queue of any size can be at.
+		size := fq.num
+		if size == 0 {
+			size = 1 << 15 // positions are 15 bits and a wrap bit
+		}
+		if _, ok := out.PackedInFlight(size); !ok {
+			return vring.QueueState{}, msgErr(ReqGetVringBase, ErrUnexpectedReply,
+				"queue %d: packed base %#x impossible for a queue of size %d", q, st.Num, size)
 		}
 		return out, nil
 	}

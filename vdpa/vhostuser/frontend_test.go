@@ -3,6 +3,7 @@ package vhostuser
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"testing"
 	"time"
@@ -118,6 +119,14 @@ func TestFrontendRejectsBadReplies(t *testing.T) {
 			}
 			return standard(m, 0)
 		}, ErrBadSize},
+		// 2^63+1 queue pairs: doubled in 64 bits it wraps to 2 queues,
+		// which passed a bound checked after the doubling.
+		{"queue pair count that wraps when doubled", func(m *Message) *fakeReply {
+			if m.Request == ReqGetQueueNum {
+				return &fakeReply{payload: putU64(1<<63 | 1)}
+			}
+			return standard(m, ProtocolFeatures(0).With(PFMQ))
+		}, ErrProtocol},
 		{"zero queues", func(m *Message) *fakeReply {
 			if m.Request == ReqGetQueueNum {
 				return &fakeReply{payload: putU64(0)}
@@ -162,4 +171,66 @@ func TestFrontendAfterClose(t *testing.T) {
 	require.NoError(t, f.Close())
 	assert.Error(t, f.SetFeatures(0))
 	assert.Error(t, f.Close())
+}
+
+// GET_STATUS answers the virtio device status, an 8-bit field: a reply
+// beyond 8 bits is refused, not truncated into another status (0x10b would
+// read as FEATURES_OK|DRIVER|ACKNOWLEDGE, 0x100 as a reset). Values within
+// 8 bits come through whole.
+func TestFrontendStatusBeyond8Bits(t *testing.T) {
+	for _, tc := range []struct {
+		reply uint64
+		want  error
+	}{
+		{0x0b, nil},
+		{0xff, nil},
+		{0x10b, ErrProtocol},
+		{0x100, ErrProtocol},
+		{^uint64(0), ErrProtocol},
+	} {
+		t.Run(fmt.Sprintf("%#x", tc.reply), func(t *testing.T) {
+			c, done := fakeBackend(t, func(m *Message) *fakeReply {
+				if m.Request == ReqGetStatus {
+					return &fakeReply{payload: putU64(tc.reply)}
+				}
+				return standard(m, ProtocolFeatures(0).With(PFStatus))
+			})
+			f, err := NewFrontend(context.Background(), c.uc, nil)
+			require.NoError(t, err)
+			st, err := f.Status()
+			if tc.want == nil {
+				require.NoError(t, err)
+				assert.Equal(t, virtio.Status(tc.reply), st)
+			} else {
+				require.ErrorIs(t, err, tc.want)
+				var me *MessageError
+				require.ErrorAs(t, err, &me)
+				assert.Equal(t, ReqGetStatus, me.Request)
+				assert.Zero(t, st)
+				// The reply was read whole: the session goes on.
+				_, err = f.Status()
+				assert.ErrorIs(t, err, tc.want)
+			}
+			require.NoError(t, f.Close())
+			<-done
+		})
+	}
+}
+
+// A reply with descriptors attached is refused and the error says how many
+// came (they are closed before the error is built).
+func TestFrontendReplyDescriptorCount(t *testing.T) {
+	before := countFds(t)
+	c, done := fakeBackend(t, func(m *Message) *fakeReply {
+		if m.Request == ReqGetFeatures {
+			return &fakeReply{payload: putU64(0), fds: pipeFds(t, 3)}
+		}
+		return standard(m, 0)
+	})
+	_, err := NewFrontend(context.Background(), c.uc, nil)
+	require.ErrorIs(t, err, ErrFdCount)
+	assert.ErrorContains(t, err, "reply carries 3 descriptors")
+	c.close()
+	<-done
+	assert.Equal(t, before, countFds(t), "descriptors leaked")
 }

@@ -76,6 +76,62 @@ func TestFrontendPackedQueueBaseHostile(t *testing.T) {
 	}
 }
 
+// When the Frontend does not know a packed queue's size (SET_VRING_NUM
+// refused by the back-end, or not sent since a reset) a GET_VRING_BASE
+// answer is still refused if no queue of any size can be at it (used ahead
+// of avail, avail more than a lap ahead), and positions only a larger
+// queue than usual can be at are accepted. The fuzzer found the first
+// case handed on unchecked.
+func TestFrontendPackedQueueBaseSizeUnknown(t *testing.T) {
+	packedF := virtio.Features(0).With(virtio.FVersion1, virtio.FProtocolFeat, virtio.FRingPacked)
+	for _, tc := range []struct {
+		name  string
+		word  uint32
+		reset bool // SET_STATUS 0 before: the size set before is forgotten
+		ok    bool
+	}{
+		{"used ahead of avail in the same lap", packedBaseWord(3, true, 5, true), false, false},
+		{"avail more than a lap ahead of used", packedBaseWord(6, false, 3, true), false, false},
+		{"used ahead of avail after a reset", packedBaseWord(3, true, 5, true), true, false},
+		{"valid: 10 in flight at index 1000", packedBaseWord(1000, true, 990, true), false, true},
+		{"valid: DPDK form, used half zero", uint32(vring.PackedIndex(0x7fff, false)), false, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, done := fakeBackend(t, func(m *Message) *fakeReply {
+				switch m.Request {
+				case ReqGetFeatures:
+					return &fakeReply{payload: putU64(uint64(packedF))}
+				case ReqGetVringBase:
+					st, _ := DecodeVringState(m.Payload)
+					return &fakeReply{payload: VringState{Index: st.Index, Num: tc.word}.Encode()}
+				}
+				return standard(m, ProtocolFeatures(0).With(PFStatus))
+			})
+			defer func() { c.close(); <-done }()
+			f, err := NewFrontend(context.Background(), c.uc, nil)
+			require.NoError(t, err)
+			defer f.Close()
+			require.NoError(t, f.SetFeatures(packedF))
+			if tc.reset {
+				require.NoError(t, f.SetQueueNum(0, 8))
+				require.NoError(t, f.SetStatus(0))
+			}
+			st, err := f.QueueBase(0)
+			if tc.ok {
+				require.NoError(t, err)
+				_, ok := st.PackedInFlight(1 << 15)
+				assert.True(t, ok, "%+v", st)
+				return
+			}
+			require.ErrorIs(t, err, ErrUnexpectedReply, "got %+v", st)
+			var me *MessageError
+			if assert.ErrorAs(t, err, &me) {
+				assert.Equal(t, ReqGetVringBase, me.Request)
+			}
+		})
+	}
+}
+
 // A front-end's SET_VRING_BASE word for a packed ring that no queue of
 // the size it set can be at ends the session with ErrProtocol naming
 // SET_VRING_BASE (and vring.ErrInvalidState), before any ring starts.
