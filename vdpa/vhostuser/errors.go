@@ -54,7 +54,8 @@ var (
 	// reply flag.
 	ErrUnexpectedReply = errors.New("vhost-user: unexpected reply")
 	// ErrSessionBroken: a front-end request was interrupted (its context
-	// ended, the socket failed) and the session is out of step; the
+	// ended, the socket failed) or answered by a message it did not ask
+	// for (ErrUnexpectedReply), and the session is out of step; the
 	// connection is closed. Errors wrapping it also wrap the cause.
 	ErrSessionBroken = errors.New("vhost-user: session broken by an interrupted request")
 	// ErrDeviceFailed: the device handler rejected a well-formed request.

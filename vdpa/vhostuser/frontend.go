@@ -66,7 +66,9 @@ type FrontendOptions struct {
 // while its request is on the socket interrupts it; since vhost-user
 // replies carry no request id, the session is then out of step, so the
 // connection is closed and every later request fails with ErrSessionBroken
-// (wrapping the cause). Close never waits for a request: it closes the
+// (wrapping the cause). A reply to another request, or a message that is
+// not a reply, breaks the session the same way (ErrUnexpectedReply): the
+// awaited reply may still be on its way. Close never waits for a request: it closes the
 // socket, and a request in flight returns an error wrapping vdpa.ErrClosed.
 //
 // Like any vdpa.Device the caller should not interleave configuration
@@ -235,7 +237,7 @@ func (f *Frontend) acquire(ctx context.Context) error {
 func (f *Frontend) release() { <-f.turn }
 
 // usable returns why no request can be sent: vdpa.ErrClosed after Close,
-// ErrSessionBroken after an interrupted exchange.
+// ErrSessionBroken after an interrupted or out-of-step exchange.
 func (f *Frontend) usable() error {
 	select {
 	case <-f.done:
@@ -306,7 +308,13 @@ func (f *Frontend) exchange(ctx context.Context, r Request, payload []byte, fds 
 		return nil, msgErr(r, ErrFdCount, "reply carries %d descriptors", n)
 	}
 	if !m.IsReply() || m.Request != r {
-		return nil, msgErr(r, ErrUnexpectedReply, "got %v flags %#x", m.Request, uint32(m.Flags))
+		// Not the answer to r: the back-end sent a message nobody asked
+		// for, and r's reply (if any) is still to come, where it would
+		// be taken for the answer to the next request. The session is
+		// out of step.
+		err := msgErr(r, ErrUnexpectedReply, "got %v flags %#x", m.Request, uint32(m.Flags))
+		f.breakSession(err)
+		return nil, err
 	}
 	if ack {
 		if len(m.Payload) != u64Size {

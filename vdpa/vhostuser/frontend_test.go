@@ -21,6 +21,8 @@ type fakeReply struct {
 	payload []byte
 	fds     []int
 	close   bool
+	// stray is sent first, unasked (it carries no descriptors).
+	stray *fakeReply
 }
 
 func fakeBackend(t *testing.T, fn func(m *Message) *fakeReply) (*conn, <-chan struct{}) {
@@ -43,6 +45,9 @@ func fakeBackend(t *testing.T, fn func(m *Message) *fakeReply) (*conn, <-chan st
 			}
 			if r.hdr.Flags == 0 {
 				r.hdr = Header{Request: m.Request, Flags: Version | FlagReply}
+			}
+			if r.stray != nil {
+				_ = bc.write(r.stray.hdr, r.stray.payload, nil)
 			}
 			_ = bc.write(r.hdr, r.payload, r.fds)
 			closeFds(r.fds)
@@ -153,6 +158,38 @@ func TestFrontendRejectsBadReplies(t *testing.T) {
 			assert.Equal(t, before, countFds(t), "descriptors leaked")
 		})
 	}
+}
+
+// TestFrontendStrayMessageBreaksSession: a back-end that sends a message
+// nobody asked for (here a reply to GET_FEATURES) ahead of the reply to
+// GET_STATUS puts the session out of step: the real reply is still queued
+// and would be taken for the answer to the next request. The request
+// fails with ErrUnexpectedReply and the session breaks, so the next
+// request fails with ErrSessionBroken instead of returning the stale
+// status. Found by FuzzFrontendSession's helper.
+func TestFrontendStrayMessageBreaksSession(t *testing.T) {
+	calls := 0
+	c, done := fakeBackend(t, func(m *Message) *fakeReply {
+		if m.Request != ReqGetStatus {
+			return standard(m, ProtocolFeatures(0).With(PFStatus))
+		}
+		calls++
+		if calls == 1 {
+			return &fakeReply{payload: putU64(0x0f), stray: &fakeReply{
+				hdr: Header{Request: ReqGetFeatures, Flags: Version | FlagReply}, payload: putU64(0)}}
+		}
+		return &fakeReply{payload: putU64(0x07)}
+	})
+	defer func() { c.close(); <-done }()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	f, err := NewFrontend(ctx, c.uc, nil)
+	require.NoError(t, err)
+	defer f.Close()
+	_, err = f.StatusContext(ctx)
+	require.ErrorIs(t, err, ErrUnexpectedReply)
+	st, err := f.StatusContext(ctx)
+	require.ErrorIs(t, err, ErrSessionBroken, "not the stale reply's status %#x", st)
 }
 
 func TestFrontendTimeout(t *testing.T) {
