@@ -582,6 +582,12 @@ func (f *Frontend) readConfig(ctx context.Context, off int, p []byte) error {
 	if len(c.Data) != len(p) {
 		return msgErr(ReqGetConfig, ErrBadSize, "reply %d bytes, asked %d", len(c.Data), len(p))
 	}
+	// The reply echoes the request's region (vhost-user: "the same
+	// virtio_device_config_space" layout): bytes for another offset are
+	// not the bytes asked for.
+	if c.Offset != uint32(off) {
+		return msgErr(ReqGetConfig, ErrProtocol, "reply for offset %d, asked %d", c.Offset, off)
+	}
 	copy(p, c.Data)
 	return nil
 }

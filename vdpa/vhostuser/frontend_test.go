@@ -271,3 +271,57 @@ func TestFrontendReplyDescriptorCount(t *testing.T) {
 	<-done
 	assert.Equal(t, before, countFds(t), "descriptors leaked")
 }
+
+// GET_CONFIG's reply carries the offset it answers for; a reply of the
+// right length for another offset is refused instead of copied into the
+// caller's buffer as the bytes asked for. The reply was read whole, so the
+// session goes on.
+func TestFrontendConfigReplyOffset(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		shift uint32
+		want  error
+	}{
+		{"same offset", 0, nil},
+		{"another offset", 4, ErrProtocol},
+		{"offset wrapped", ^uint32(0), ErrProtocol},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, done := fakeBackend(t, func(m *Message) *fakeReply {
+				if m.Request == ReqGetConfig {
+					req, err := DecodeConfig(m.Payload)
+					if err != nil {
+						return &fakeReply{payload: Config{}.Encode()[:configHeaderSize]}
+					}
+					data := make([]byte, len(req.Data))
+					for i := range data {
+						data[i] = byte(req.Offset) + byte(i) + 1
+					}
+					return &fakeReply{payload: Config{Offset: req.Offset + tc.shift, Data: data}.Encode()}
+				}
+				return standard(m, ProtocolFeatures(0).With(PFConfig))
+			})
+			f, err := NewFrontend(context.Background(), c.uc, nil)
+			require.NoError(t, err)
+			p := make([]byte, 6)
+			err = f.ReadConfig(8, p)
+			if tc.want == nil {
+				require.NoError(t, err)
+				assert.Equal(t, []byte{9, 10, 11, 12, 13, 14}, p)
+			} else {
+				require.ErrorIs(t, err, tc.want)
+				var me *MessageError
+				require.ErrorAs(t, err, &me)
+				assert.Equal(t, ReqGetConfig, me.Request)
+				assert.Equal(t, make([]byte, 6), p, "the caller's buffer was written")
+				// The session is still in step: the next exchange gets
+				// its own reply, refused for the same reason.
+				err = f.ReadConfig(8, p)
+				assert.ErrorIs(t, err, tc.want)
+				assert.NotErrorIs(t, err, ErrSessionBroken)
+			}
+			require.NoError(t, f.Close())
+			<-done
+		})
+	}
+}
