@@ -143,7 +143,13 @@ type Device struct {
 	// negotiated: the backing device has accepted driverFeatures
 	// (FEATURES_OK) for the current driver session.
 	negotiated bool
-	lastErr    error
+	// resetPending: the guest reset the device but the backing device
+	// refused its reset, so it may still be processing the rings in guest
+	// memory. device_status reads DEVICE_NEEDS_RESET instead of 0 (the
+	// driver waits for 0 before it reuses the device, §2.4, §4.1.4.3.2)
+	// and each status read retries the backing reset.
+	resetPending bool
+	lastErr      error
 
 	mig    migState
 	closed bool
@@ -302,7 +308,7 @@ func (d *Device) closeLocked() error {
 	d.closed = true
 	d.stopRelay()
 	var err error
-	if d.live || d.negotiated {
+	if d.live || d.negotiated || d.resetPending {
 		err = backingErr("reset", d.bk.SetStatus(0))
 	}
 	for _, e := range append(append([]*vdpa.EventFD(nil), d.kicks...), d.calls...) {
@@ -339,7 +345,9 @@ func (d *Device) DriverFeatures() virtio.Features {
 	return d.driverFeatures
 }
 
-// Err returns the backing-device error that set NEEDS_RESET, if any.
+// Err returns the backing-device error that set NEEDS_RESET, or that keeps
+// a guest reset pending (the backing device refused its reset; see
+// device_status in the package documentation), if any.
 func (d *Device) Err() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -799,6 +807,7 @@ func (d *Device) commonRead(off uint64, size int, withBacking bool) (uint64, err
 			// The backing device may have given up on its own (a broken
 			// ring): the guest learns it here at the latest (health.go).
 			d.checkBacking()
+			d.retryReset()
 		}
 		v = uint64(d.status)
 	case OffConfigGeneration:
@@ -952,6 +961,9 @@ func (d *Device) setStatus(v virtio.Status) {
 		d.reset()
 		return
 	}
+	if d.resetPending {
+		return // the reset is not complete: the driver waits for status 0
+	}
 	old := d.status
 	// DEVICE_NEEDS_RESET is owned by the device: the driver's copy of it
 	// is neither set nor cleared by the write.
@@ -1083,14 +1095,49 @@ func (d *Device) backingFeatures() virtio.Features {
 
 // reset performs a device reset (§2.4): registers return to their initial
 // values and the backing device is reset.
+//
+// A backing device that refuses its reset may still be processing the
+// rings; the reset is then not complete: device_status reads
+// DEVICE_NEEDS_RESET rather than 0, Err reports the failure, and every
+// status read (and another write of 0) tries the backing reset again. A
+// backing device that is gone (vdpa.ErrClosed) no longer processes
+// anything, and its reset counts as done.
 func (d *Device) reset() {
 	d.stopRelay()
-	if d.live || d.negotiated {
-		_ = d.bk.SetStatus(0)
+	var err error
+	if d.live || d.negotiated || d.resetPending {
+		err = d.bk.SetStatus(0)
 	}
 	d.live = false
 	d.resetRegisters()
 	for _, k := range d.kicks {
 		_, _ = k.TryWait()
 	}
+	d.resetFailed(err)
+}
+
+// resetFailed records the outcome of the backing reset a guest reset
+// made: with an error the reset stays pending (see reset).
+func (d *Device) resetFailed(err error) {
+	if err == nil || errors.Is(err, vdpa.ErrClosed) {
+		d.resetPending = false
+		return
+	}
+	d.resetPending = true
+	d.status = virtio.StatusDeviceNeedsReset
+	d.lastErr = backingErr("reset", err)
+}
+
+// retryReset is a status read's retry of a pending backing reset.
+func (d *Device) retryReset() {
+	if !d.resetPending {
+		return
+	}
+	if err := d.bk.SetStatus(0); err != nil && !errors.Is(err, vdpa.ErrClosed) {
+		d.lastErr = backingErr("reset", err)
+		return
+	}
+	d.resetPending = false
+	d.status = 0
+	d.lastErr = nil
 }

@@ -15,7 +15,10 @@
 // back clear) when the driver accepted something not offered, writes the
 // spec forbids in the current state are ignored, writing 0 resets, and a
 // backing device failure sets DEVICE_NEEDS_RESET and raises the
-// configuration interrupt. A backing device that gives up on its own while
+// configuration interrupt. A reset completes (device_status reads 0, which
+// the driver waits for before it reuses its rings, §2.4) only once the
+// backing device has reset too: while it refuses, device_status reads
+// DEVICE_NEEDS_RESET, Err says why, and each status read tries again. A backing device that gives up on its own while
 // live (a software device breaks a queue whose ring the guest made invalid,
 // a vhost-user back-end goes away) is noticed by a watcher goroutine that
 // asks it for its status every Options.HealthInterval (50 ms by default)

@@ -180,13 +180,24 @@ func (d *Device) State() *State {
 	return d.snapshot()
 }
 
+// migratedStatus is device_status as the destination presents it. A reset
+// whose backing reset is still pending here (see reset) is complete there:
+// the destination's backing device is another one, programmed only when
+// the driver sets DRIVER_OK again.
+func (d *Device) migratedStatus() virtio.Status {
+	if d.resetPending {
+		return 0
+	}
+	return d.status
+}
+
 func (d *Device) snapshot() *State {
 	s := &State{
 		Backend:             d.opts.Backend,
 		DeviceID:            d.devID,
 		DeviceFeatures:      d.offered,
 		DriverFeatures:      d.driverFeatures,
-		Status:              d.status,
+		Status:              d.migratedStatus(),
 		ConfigGeneration:    d.generation,
 		ISR:                 d.isr,
 		MSIXConfig:          d.msixConfig,
