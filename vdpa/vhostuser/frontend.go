@@ -66,9 +66,10 @@ type FrontendOptions struct {
 // while its request is on the socket interrupts it; since vhost-user
 // replies carry no request id, the session is then out of step, so the
 // connection is closed and every later request fails with ErrSessionBroken
-// (wrapping the cause). A reply to another request, or a message that is
-// not a reply, breaks the session the same way (ErrUnexpectedReply): the
-// awaited reply may still be on its way. Close never waits for a request: it closes the
+// (wrapping the cause, and vdpa.ErrClosed: the back-end has stopped). A
+// reply to another request, or a message that is not a reply, breaks the
+// session the same way (ErrUnexpectedReply): the awaited reply may still
+// be on its way. Close never waits for a request: it closes the
 // socket, and a request in flight returns an error wrapping vdpa.ErrClosed.
 //
 // Like any vdpa.Device the caller should not interleave configuration
@@ -252,9 +253,12 @@ func (f *Frontend) usable() error {
 
 // breakSession records why the session is out of step and closes the
 // connection, so the back-end resets and no late reply is taken for the
-// answer to a later request.
+// answer to a later request. The error matches vdpa.ErrClosed too: like a
+// closed device, the back-end has stopped (a disconnected vhost-user
+// back-end stops its rings), which a caller resetting the device (mdev)
+// counts as a completed reset.
 func (f *Frontend) breakSession(cause error) {
-	err := fmt.Errorf("%w: %w", ErrSessionBroken, cause)
+	err := fmt.Errorf("%w (connection closed, %w): %w", ErrSessionBroken, vdpa.ErrClosed, cause)
 	if f.broken.CompareAndSwap(nil, &err) {
 		_ = f.c.close()
 	}

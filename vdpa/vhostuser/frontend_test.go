@@ -11,6 +11,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/vdpakit/vdpakit/vdpa"
 	"github.com/vdpakit/vdpakit/virtio"
 )
 
@@ -190,6 +191,10 @@ func TestFrontendStrayMessageBreaksSession(t *testing.T) {
 	require.ErrorIs(t, err, ErrUnexpectedReply)
 	st, err := f.StatusContext(ctx)
 	require.ErrorIs(t, err, ErrSessionBroken, "not the stale reply's status %#x", st)
+	// The connection is closed: the back-end has stopped, as a closed
+	// device has (mdev counts a reset failing so as done).
+	require.ErrorIs(t, err, vdpa.ErrClosed)
+	require.ErrorIs(t, f.SetStatus(0), vdpa.ErrClosed)
 }
 
 func TestFrontendTimeout(t *testing.T) {
