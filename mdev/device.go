@@ -1052,11 +1052,18 @@ func (d *Device) acceptFeatures() bool {
 
 // negotiateBacking takes the backing device from reset to FEATURES_OK with
 // the driver's features.
-func (d *Device) negotiateBacking() error {
+func (d *Device) negotiateBacking() (err error) {
 	b := d.bk
 	if err := b.SetStatus(0); err != nil {
 		return backingErr("reset", err)
 	}
+	defer func() {
+		if err != nil {
+			// Leave the backing device reset, not half set up with
+			// features of a negotiation that failed.
+			_ = b.SetStatus(0)
+		}
+	}()
 	st := virtio.StatusAcknowledge | virtio.StatusDriver
 	if err := b.SetStatus(st); err != nil {
 		return backingErr("set status", err)

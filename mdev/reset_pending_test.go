@@ -106,3 +106,40 @@ func (c *closedBacking) SetStatus(s virtio.Status) error {
 	}
 	return c.fakeBacking.SetStatus(s)
 }
+
+// A negotiation the backing device fails part-way (features refused,
+// FEATURES_OK refused or not kept) leaves it reset, not half set up: the
+// guest reads FEATURES_OK clear and the backing device holds no status
+// or features of the failed attempt.
+func TestFailedNegotiationResetsBacking(t *testing.T) {
+	for _, fault := range []string{
+		"SetFeatures",
+		fmt.Sprintf("SetStatus(%s)", virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK),
+		"refuse FEATURES_OK",
+	} {
+		t.Run(fault, func(t *testing.T) {
+			f := newFakeBacking()
+			d := newTestDevice(t, f, nil)
+			g := driver{t, d}
+			f.mu.Lock()
+			if fault == "refuse FEATURES_OK" {
+				f.refuseFOK = true
+			} else {
+				f.failOn[fault] = true
+			}
+			f.mu.Unlock()
+			g.setStatus(virtio.StatusAcknowledge)
+			g.setStatus(virtio.StatusAcknowledge | virtio.StatusDriver)
+			g.writeFeatures(netFeatures)
+			g.setStatus(virtio.StatusAcknowledge | virtio.StatusDriver | virtio.StatusFeaturesOK)
+			assert.Zero(t, g.status()&virtio.StatusFeaturesOK, "FEATURES_OK kept")
+			f.mu.Lock()
+			assert.Equal(t, virtio.Status(0), f.status, "backing device status")
+			assert.Zero(t, f.accepted, "backing device features")
+			ops := append([]string(nil), f.ops...)
+			f.mu.Unlock()
+			require.NotEmpty(t, ops)
+			assert.Equal(t, fmt.Sprintf("SetStatus(%s)", virtio.Status(0)), ops[len(ops)-1], "last operation")
+		})
+	}
+}
