@@ -127,6 +127,7 @@ var ErrInvalidState = errors.New("vring: invalid queue state")
 type DeviceQueue struct {
 	_        [64]byte // keep the fields off cache lines shared with other allocations (the driver side may be next door)
 	mem      *Memory
+	fence    uint32 // storeLoadFence's private word (NeedsInterrupt)
 	r        ring
 	index    int
 	layout   Layout
@@ -814,9 +815,8 @@ func (q *DeviceQueue) Push(head uint16, written uint32) error {
 	e.id, e.len = uint32(head), written
 	idx++
 	q.usedIdx = idx
-	// Rule 3: the entry (plain stores) before used.idx (atomic store,
-	// release; on amd64 and arm64 also the full barrier NeedsInterrupt
-	// relies on).
+	// Rule 3: the entry (plain stores) before used.idx (release store;
+	// NeedsInterrupt adds the store->load barrier of rule 5).
 	q.r.storeUsedWord(q.usedFlags, idx)
 	if q.log != nil {
 		return q.endLog(q.logUsed(4+8*slot, 4+8*slot+8))
@@ -934,11 +934,11 @@ func (q *DeviceQueue) PushBatch(elems []UsedElem) error {
 // passed used_event, otherwise unless the driver set NO_INTERRUPT. Call it
 // after pushing (it relies on the used.idx store preceding its load).
 //
-// Ordering (rule 5): the used.idx store of the push precedes the load of
-// used_event or avail.flags here. That store is sync/atomic's StoreUint32:
-// on amd64 an XCHG, on arm64 an STLR followed by this LDAR/LDARH; either is
-// the full store->load barrier the driver's "store used_event/flags, then
-// load used.idx" pairs with, so no further fence is needed here.
+// Ordering (rule 5): a full barrier separates the used.idx store of the
+// push (a release store, not a barrier) from the load of used_event or
+// avail.flags here; it pairs with the driver's "store used_event/flags,
+// then load used.idx". A device that pushes often and checks once per
+// burst pays for it once per burst, as vhost and DPDK's vhost do.
 func (q *DeviceQueue) NeedsInterrupt() bool {
 	if q.pk != nil {
 		return q.packedNeedsInterrupt()
@@ -947,6 +947,7 @@ func (q *DeviceQueue) NeedsInterrupt() bool {
 	if newIdx == q.signalled { // always when broken (fail)
 		return false
 	}
+	storeLoadFence(&q.fence)
 	if w := q.flagsWord; w != nil {
 		q.signalled = newIdx
 		return atomic.LoadUint32(w)&uint32(AvailFNoInterrupt) == 0

@@ -39,6 +39,7 @@ type chainInfo struct {
 type DriverQueue struct {
 	_        [64]byte // keep the fields off cache lines shared with other allocations (the device side may be next door)
 	mem      *Memory
+	fence    uint32 // storeLoadFence's private word (NeedsKick)
 	r        ring
 	index    int
 	eventIdx bool
@@ -282,6 +283,9 @@ func (q *DriverQueue) makeAvail(head uint16) {
 
 // Publish makes every chain added so far visible to the device (one atomic
 // avail.idx store, release-ordered after the descriptors and ring entries).
+// It is not a full barrier: a driver that publishes often and decides on a
+// notification once per batch (NeedsKick) pays for the store->load fence
+// once per batch, as Linux's virtio drivers do with xmit_more.
 func (q *DriverQueue) Publish() {
 	if q.pk != nil {
 		q.packedPublish()
@@ -297,7 +301,13 @@ func (q *DriverQueue) Publish() {
 // NeedsKick reports whether the device wants a notification for the chains
 // published since the previous call: with EVENT_IDX when avail.idx passed
 // avail_event, otherwise unless the device set NO_NOTIFY. Call it after
-// Publish (it relies on the avail.idx store preceding its load).
+// Publish.
+//
+// Ordering (rule 5): a full barrier separates the avail.idx store of
+// Publish from the load of avail_event or used.flags here, so that of the
+// driver ("store avail.idx, load the device's field") and a device
+// re-enabling notifications ("store its field, load avail.idx") at least
+// one sees the other's store.
 func (q *DriverQueue) NeedsKick() bool {
 	if q.pk != nil {
 		return q.packedNeedsKick()
@@ -307,6 +317,7 @@ func (q *DriverQueue) NeedsKick() bool {
 		return false
 	}
 	q.kicked = newIdx
+	storeLoadFence(&q.fence)
 	if q.eventIdx {
 		return needEvent(load16(q.r.availEvent), newIdx, old)
 	}

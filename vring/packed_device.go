@@ -769,7 +769,7 @@ func (q *DeviceQueue) packedPushBatchAny(elems []UsedElem) error {
 		}
 	}
 	// Rule 3: the batch's first used descriptor last (release).
-	atomic.StoreUint32(descWord(&descs[start]), firstWord)
+	storeRelease32(descWord(&descs[start]), firstWord)
 	p.nextUsed, p.usedBits = uint16(pos), bits
 	p.inflight -= uint16(count)
 	p.sinceSignal += count
@@ -802,6 +802,7 @@ func (q *DeviceQueue) packedNeedsInterrupt() bool {
 		return false
 	}
 	p.sinceSignal = 0
+	storeLoadFence(&q.fence) // rule 5: the used descriptor's store before this load
 	w := atomic.LoadUint32(p.r.drvEvent)
 	return eventWanted(w, q.eventIdx, p.r.size, p.nextUsed, p.usedBits != 0, n)
 }

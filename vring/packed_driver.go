@@ -252,6 +252,7 @@ func (q *DriverQueue) packedNeedsKick() bool {
 		return false
 	}
 	p.sinceKick = 0
+	storeLoadFence(&q.fence) // rule 5: the head's store before this load
 	w := atomic.LoadUint32(p.r.devEvent)
 	return eventWanted(w, q.eventIdx, p.r.size, p.pubIdx, p.pubWrap, n)
 }

@@ -15,12 +15,12 @@ import (
 // direction, is its flags word: the little-endian 32-bit word at offset
 // 12 of the 16-byte descriptor, id (offset 12) | flags (offset 14) << 16.
 // It is 4-aligned (the ring is 16-aligned, checked host-side too), so it
-// is accessed with sync/atomic's 32-bit operations: no 16-bit atomics are
+// is accessed with 32-bit atomic operations: no 16-bit atomics are
 // needed.
 //
 //  1. Driver publishes: write addr, len, id and flags of every descriptor
 //     of the chain but the head's flags word (plain stores), then store
-//     the head's id|flags word with atomic.StoreUint32 (release: the rest
+//     the head's id|flags word with storeRelease32 (release: the rest
 //     of the chain becomes visible no later than the head). A batch of
 //     chains (DriverQueue.Publish) stores its later heads first and its
 //     first head last, so one release publishes the batch.
@@ -39,12 +39,14 @@ import (
 //  5. Notification suppression: each event suppression structure is one
 //     4-aligned 32-bit word, off_wrap | flags << 16, stored whole with
 //     atomic.StoreUint32 by its writer and loaded with atomic.LoadUint32 by
-//     the other side. As in the split ring (ring.go rule 5) every store is
-//     sequentially consistent (amd64 XCHG, arm64 STLR) and every load an
-//     acquire load ordered after it, so of two agents each doing "store
-//     mine, load theirs" (publish a descriptor then read the other's event
-//     structure; enable events then re-check the descriptor) at least one
-//     sees the other's store.
+//     the other side. As in the split ring (ring.go rule 5), the event
+//     word stores are sequentially consistent (amd64 XCHG, arm64 STLR),
+//     the publications of rules 1 and 3 are releases that NeedsKick and
+//     NeedsInterrupt follow with a full barrier (storeLoadFence) before
+//     they load the other side's event word, and every load is an acquire
+//     load, so of two agents each doing "store mine, load theirs" (publish
+//     a descriptor then read the other's event structure; enable events
+//     then re-check the descriptor) at least one sees the other's store.
 //
 // A descriptor changes hands with its flags word: the driver writes a
 // slot only after loading a used word there (or before it ever made the
@@ -122,9 +124,10 @@ func (r *packedRing) loadWord(i uint16) (id, flags uint16) {
 	return uint16(w), uint16(w >> 16)
 }
 
-// storeWord stores descriptor i's id|flags word (release).
+// storeWord stores descriptor i's id|flags word (release only: rules 1
+// and 3; the notification decisions fence, rule 5).
 func (r *packedRing) storeWord(i, id, flags uint16) {
-	atomic.StoreUint32(r.word(i), uint32(id)|uint32(flags)<<16)
+	storeRelease32(r.word(i), uint32(id)|uint32(flags)<<16)
 }
 
 // setWord writes descriptor i's id|flags word with a plain store: for

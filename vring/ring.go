@@ -17,22 +17,28 @@ import (
 // rules are those of virtio 1.2 §2.7.13 and §2.7.7-2.7.10:
 //
 //  1. Driver publishes: write descriptors and the avail ring entry (plain
-//     stores), then store avail.idx with an atomic store (release: the
-//     entries become visible no later than the index).
+//     stores), then store avail.idx with an atomic release store
+//     (storeRelease32: the entries become visible no later than the index).
 //  2. Device consumes: load avail.idx atomically (acquire), then read the
 //     entries it covers and the descriptors they name (plain loads).
 //  3. Device completes: write used ring entries (plain stores), then store
-//     used.idx atomically (release).
+//     used.idx with an atomic release store.
 //  4. Driver reclaims: load used.idx atomically (acquire), then read entries.
 //  5. Notification suppression needs store->load ordering: the device stores
 //     used.idx and then loads avail.flags/used_event; the driver stores
 //     avail.idx and then loads used.flags/avail_event; a side re-enabling
 //     notifications stores its flag/event field and then re-loads the other
-//     side's index. All stores below are sequentially consistent (amd64
-//     XCHG, arm64 STLR) and all loads are acquire loads that are ordered
-//     after them (amd64 TSO with locked stores, arm64 LDAR after STLR), so
-//     of two agents each doing "store mine; load theirs", at least one sees
-//     the other's store: no lost notification.
+//     side's index. The index stores of rules 1 and 3 are releases only, so
+//     NeedsInterrupt and NeedsKick run a full barrier (storeLoadFence)
+//     before their load; the flag and event stores of a side re-enabling
+//     notifications are sequentially consistent (store16: amd64 XCHG, arm64
+//     STLR, which a later LDAR is ordered after). So of two agents each
+//     doing "store mine; load theirs", at least one sees the other's store:
+//     no lost notification. The barrier sits where the load is, not in the
+//     index store, as in Linux's virtio_ring and vhost: a side that publishes
+//     per chain but decides on a notification per burst pays it per burst,
+//     and two agents that both poll (no notification decisions at all) pay
+//     it never.
 //
 // sync/atomic has no 16-bit operations, so the fields are accessed as follows
 // (offsets are into the area; areas are validated host-aligned to their
@@ -43,7 +49,7 @@ import (
 //     when the ring is 4-aligned and [idx, ring[0]] when it is only
 //     2-aligned (ring[0] exists since size >= 1). Both halves are written
 //     only by the driver, so the driver stores the whole word with
-//     atomic.StoreUint32 (the other half re-read from its own last write)
+//     storeRelease32 (the other half re-read from its own last write)
 //     and the device loads it with atomic.LoadUint32 and extracts idx.
 //     When the word is [idx, ring[0]], ring[0] is accessed only through
 //     the word, on both sides (availEntry, setAvailEntry): a plain 16-bit
@@ -51,7 +57,7 @@ import (
 //     side's 32-bit atomic access to the same bytes.
 //   - used.flags and used.idx (offsets 0 and 2, area 4-aligned) form one word
 //     written only by the device, which keeps both in shadow copies and
-//     publishes used.idx by storing the word with atomic.StoreUint32; the
+//     publishes used.idx by storing the word with storeRelease32; the
 //     driver loads the word with atomic.LoadUint32. Changing only the flags
 //     (notification enable/disable) is a 16-bit store16 of used.flags, so
 //     used.idx in memory is never rewritten from a shadow outside publish.
@@ -186,10 +192,12 @@ func (r *ring) loadAvailIdx() uint16 {
 }
 
 // storeAvailIdx is driver-only: the other half of the word is driver-owned.
+// The store is a release (rule 1); NeedsKick fences before it loads
+// (rule 5).
 func (r *ring) storeAvailIdx(v uint16) {
 	w := atomic.LoadUint32(r.availIdxWord)
 	w = w&^(0xffff<<r.availIdxShift) | uint32(v)<<r.availIdxShift
-	atomic.StoreUint32(r.availIdxWord, w)
+	storeRelease32(r.availIdxWord, w)
 }
 
 func (r *ring) loadAvailFlags() uint16 {
@@ -199,9 +207,10 @@ func (r *ring) loadAvailFlags() uint16 {
 	return load16(r.availFlags)
 }
 
-// storeUsedWord is device-only.
+// storeUsedWord is device-only. The store is a release (rule 3);
+// NeedsInterrupt fences before it loads (rule 5).
 func (r *ring) storeUsedWord(flags, idx uint16) {
-	atomic.StoreUint32(r.usedWord, uint32(flags)|uint32(idx)<<16)
+	storeRelease32(r.usedWord, uint32(flags)|uint32(idx)<<16)
 }
 
 func (r *ring) loadUsedWord() (flags, idx uint16) {
