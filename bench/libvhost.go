@@ -153,12 +153,14 @@ type libVhost struct {
 	// profileDir, when set, receives a CPU profile of every run
 	// (vhost-<n>.pprof, n counting runs).
 	profileDir string
-	runs       int
-	cmd        *exec.Cmd
-	mu         sync.Mutex
-	stdout     strings.Builder
-	stderr     strings.Builder
-	done       chan error
+	// pollGroup: the child polls every queue on one PollGroup worker.
+	pollGroup bool
+	runs      int
+	cmd       *exec.Cmd
+	mu        sync.Mutex
+	stdout    strings.Builder
+	stderr    strings.Builder
+	done      chan error
 }
 
 func newLibVhost(profileDir string) (*libVhost, error) {
@@ -186,7 +188,7 @@ func (l *libVhost) Pid() int { return l.cmd.Process.Pid }
 
 func (l *libVhost) Start(ctx context.Context, sock string, loopback bool, queues, cpu int) error {
 	l.runs++
-	cp := vhostChildParams{Sock: sock, Loopback: loopback, Queues: queues, CPU: cpu}
+	cp := vhostChildParams{Sock: sock, Loopback: loopback, Queues: queues, CPU: cpu, PollGroup: l.pollGroup}
 	if l.profileDir != "" {
 		mode := "txonly"
 		if loopback {

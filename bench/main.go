@@ -47,6 +47,7 @@ type Config struct {
 	GuestCPU       int      `json:"guest_cpu"`
 	PeerRounds     int      `json:"peer_rounds"`
 	QueuePairs     []int    `json:"queue_pairs"`
+	VhostPollGroup bool     `json:"vhost_poll_group,omitempty"`
 	ScaleDevices   []int    `json:"scale_devices"`
 	ScaleSessions  []int    `json:"scale_sessions"`
 	ScalePairs     []int    `json:"scale_pairs"`
@@ -237,6 +238,7 @@ func parseArgs(args []string, stderr io.Writer) (*Config, error) {
 	fs.IntVar(&cfg.GuestCPU, "guest-cpu", min(1, runtime.NumCPU()-1), "CPU for the driver (guest) side of cross-thread benchmarks")
 	fs.IntVar(&cfg.PeerRounds, "peer-rounds", 5, "interleaved rounds of each peer comparison (median and range reported)")
 	qps := fs.String("queue-pairs", "1,2", "queue pairs for the DPDK testpmd comparisons")
+	fs.BoolVar(&cfg.VhostPollGroup, "vhost-poll-group", false, "DPDK comparisons: the vdpakit back-end polls all its queues on one softnet.PollGroup worker (as net_vhost's one lcore does) instead of a goroutine per queue")
 	scaleDevs := fs.String("scale-devices", "1,64,1024,4096", "scale: softnet device counts")
 	scaleSess := fs.String("scale-sessions", "1,64,512,2048", "scale: vhost-user session counts")
 	scalePairs := fs.String("scale-pairs", "1,2,16,64,256", "scale: queue pair counts of the frames/s comparison")

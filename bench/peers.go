@@ -396,6 +396,9 @@ func (h *Harness) peerDPDK(ctx context.Context) {
 	}
 	dpdk := &dpdkVhost{bin: bin}
 	lib, libErr := newLibVhost(h.cfg.ProfileDir)
+	if lib != nil {
+		lib.pollGroup = h.cfg.VhostPollGroup
+	}
 	var scenarios []scenario
 	for _, q := range h.cfg.QueuePairs {
 		scenarios = append(scenarios, scenario{false, q, false}, scenario{true, q, false})
@@ -445,6 +448,11 @@ func (h *Harness) peerDPDK(ctx context.Context) {
 	for _, sc := range scenarios {
 		params := map[string]any{"mode": sc.mode(), "queues": sc.queues, "packed": sc.packed, "run_for": runFor.String(),
 			"frontend_cpu": h.cfg.GuestCPU, "backend_cpu": h.cfg.HostCPU, "frame_bytes": 64}
+		if h.cfg.VhostPollGroup {
+			params["vdpakit_polling"] = "every queue on one softnet.PollGroup worker"
+		} else {
+			params["vdpakit_polling"] = "a goroutine per transmit queue"
+		}
 		label := fmt.Sprintf("testpmd %s, %dq", sc.mode(), sc.queues)
 		one := func(be vhostBackend) (Spread, bool) {
 			k := key(sc, be)
