@@ -713,8 +713,10 @@ func (q *DeviceQueue) enable() error {
 // EVENT_IDX set avail_event to its next avail index) and only then look at
 // avail.idx again. A driver that published in between either sees the
 // request and kicks, or published before the device's re-check and the
-// re-check sees it (both sides store then load with sequentially consistent
-// atomics, so at least one of them sees the other's store). When pending is
+// re-check sees it (this side stores with a sequentially consistent store
+// and then loads; the driver's NeedsKick puts a full barrier between its
+// avail.idx store and its load: at least one of them sees the other's
+// store). When pending is
 // true the caller must keep processing instead of sleeping.
 func (q *DeviceQueue) EnableNotify() (pending bool, err error) {
 	if q.pk != nil {
@@ -769,9 +771,10 @@ const logPage = 4096
 // field and the entries are logged as one range when that range stays in
 // the 4 KiB page of used.idx (the bytes in between are ring bytes, so the
 // extra marking costs nothing); otherwise separately. Logging follows the
-// writes (and the used.idx store, a full barrier), so a harvest that sees
-// the log sees the data; a caching logger applies the marks at the
-// flush that ends the push, later still.
+// writes and the used.idx store, and each mark is an atomic OR (a full
+// barrier) or a store after them, so a harvest that sees the log sees the
+// data; a caching logger applies the marks at the flush that ends the
+// push, later still.
 func (q *DeviceQueue) logUsed(first, end int) error {
 	base := q.usedLog
 	if end <= first { // wrapped: the tail of the ring, then its start
@@ -934,11 +937,17 @@ func (q *DeviceQueue) PushBatch(elems []UsedElem) error {
 // passed used_event, otherwise unless the driver set NO_INTERRUPT. Call it
 // after pushing (it relies on the used.idx store preceding its load).
 //
-// Ordering (rule 5): a full barrier separates the used.idx store of the
-// push (a release store, not a barrier) from the load of used_event or
-// avail.flags here; it pairs with the driver's "store used_event/flags,
-// then load used.idx". A device that pushes often and checks once per
-// burst pays for it once per burst, as vhost and DPDK's vhost do.
+// Ordering (rule 5): a "no" needs a full barrier between the used.idx
+// store of the push (a release store, not a barrier) and the load of
+// used_event or avail.flags that decides it; it pairs with the driver's
+// "store used_event/flags, then load used.idx". A device that pushes often
+// and checks once per burst pays for it once per burst, as vhost and
+// DPDK's vhost do. A "yes" needs none: a load before the barrier that
+// finds an interrupt wanted can only be older than the truth, and an
+// interrupt the driver no longer wanted is a spurious one, which drivers
+// must handle (virtio 1.2 §2.7.7.2). So the field is read first without
+// the barrier, and the barrier and a second read are paid only when the
+// first says no (the driver is suppressing interrupts, i.e. polling).
 func (q *DeviceQueue) NeedsInterrupt() bool {
 	if q.pk != nil {
 		return q.packedNeedsInterrupt()
@@ -947,9 +956,12 @@ func (q *DeviceQueue) NeedsInterrupt() bool {
 	if newIdx == q.signalled { // always when broken (fail)
 		return false
 	}
-	storeLoadFence(&q.fence)
 	if w := q.flagsWord; w != nil {
 		q.signalled = newIdx
+		if atomic.LoadUint32(w)&uint32(AvailFNoInterrupt) == 0 {
+			return true
+		}
+		storeLoadFence(&q.fence)
 		return atomic.LoadUint32(w)&uint32(AvailFNoInterrupt) == 0
 	}
 	return q.needsInterruptSlow()
@@ -960,6 +972,16 @@ func (q *DeviceQueue) NeedsInterrupt() bool {
 func (q *DeviceQueue) needsInterruptSlow() bool {
 	newIdx, old := q.usedIdx, q.signalled
 	q.signalled = newIdx
+	if q.interruptWanted(newIdx, old) {
+		return true
+	}
+	storeLoadFence(&q.fence)
+	return q.interruptWanted(newIdx, old)
+}
+
+// interruptWanted reads the driver's suppression field: whether it wants
+// an interrupt for used.idx moving from old to newIdx.
+func (q *DeviceQueue) interruptWanted(newIdx, old uint16) bool {
 	if q.eventIdx {
 		return needEvent(load16(q.r.usedEvent), newIdx, old)
 	}

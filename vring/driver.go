@@ -303,11 +303,15 @@ func (q *DriverQueue) Publish() {
 // avail_event, otherwise unless the device set NO_NOTIFY. Call it after
 // Publish.
 //
-// Ordering (rule 5): a full barrier separates the avail.idx store of
-// Publish from the load of avail_event or used.flags here, so that of the
-// driver ("store avail.idx, load the device's field") and a device
-// re-enabling notifications ("store its field, load avail.idx") at least
-// one sees the other's store.
+// Ordering (rule 5): a "no" needs a full barrier between the avail.idx
+// store of Publish and the load of avail_event or used.flags that decides
+// it, so that of the driver ("store avail.idx, load the device's field")
+// and a device re-enabling notifications ("store its field, load
+// avail.idx") at least one sees the other's store. A "yes" needs none: a
+// read before the barrier can only be older than the truth, and a kick
+// the device no longer wanted is a spurious one, which costs it a look at
+// its ring. So the field is read once without the barrier, and the
+// barrier and a second read are paid only when that read says no.
 func (q *DriverQueue) NeedsKick() bool {
 	if q.pk != nil {
 		return q.packedNeedsKick()
@@ -317,7 +321,16 @@ func (q *DriverQueue) NeedsKick() bool {
 		return false
 	}
 	q.kicked = newIdx
+	if q.kickWanted(newIdx, old) {
+		return true
+	}
 	storeLoadFence(&q.fence)
+	return q.kickWanted(newIdx, old)
+}
+
+// kickWanted reads the device's suppression field: whether it wants a
+// notification for avail.idx moving from old to newIdx.
+func (q *DriverQueue) kickWanted(newIdx, old uint16) bool {
 	if q.eventIdx {
 		return needEvent(load16(q.r.availEvent), newIdx, old)
 	}

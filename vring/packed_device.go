@@ -802,9 +802,14 @@ func (q *DeviceQueue) packedNeedsInterrupt() bool {
 		return false
 	}
 	p.sinceSignal = 0
-	storeLoadFence(&q.fence) // rule 5: the used descriptor's store before this load
-	w := atomic.LoadUint32(p.r.drvEvent)
-	return eventWanted(w, q.eventIdx, p.r.size, p.nextUsed, p.usedBits != 0, n)
+	// Rule 5: a "no" needs the used descriptor's store ordered before the
+	// load that decides it; a "yes" read without the barrier is at worst
+	// spurious (see the split ring's NeedsInterrupt).
+	if eventWanted(atomic.LoadUint32(p.r.drvEvent), q.eventIdx, p.r.size, p.nextUsed, p.usedBits != 0, n) {
+		return true
+	}
+	storeLoadFence(&q.fence)
+	return eventWanted(atomic.LoadUint32(p.r.drvEvent), q.eventIdx, p.r.size, p.nextUsed, p.usedBits != 0, n)
 }
 
 func (q *DeviceQueue) packedEnableNotify() (bool, error) {

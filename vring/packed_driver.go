@@ -252,9 +252,14 @@ func (q *DriverQueue) packedNeedsKick() bool {
 		return false
 	}
 	p.sinceKick = 0
-	storeLoadFence(&q.fence) // rule 5: the head's store before this load
-	w := atomic.LoadUint32(p.r.devEvent)
-	return eventWanted(w, q.eventIdx, p.r.size, p.pubIdx, p.pubWrap, n)
+	// Rule 5: a "no" needs the head's store ordered before the load that
+	// decides it; a "yes" read without the barrier is at worst spurious
+	// (see the split ring's NeedsKick).
+	if eventWanted(atomic.LoadUint32(p.r.devEvent), q.eventIdx, p.r.size, p.pubIdx, p.pubWrap, n) {
+		return true
+	}
+	storeLoadFence(&q.fence)
+	return eventWanted(atomic.LoadUint32(p.r.devEvent), q.eventIdx, p.r.size, p.pubIdx, p.pubWrap, n)
 }
 
 // usedAt loads the flags word at nextUsed and reports whether it is a used

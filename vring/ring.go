@@ -30,7 +30,10 @@ import (
 //     notifications stores its flag/event field and then re-loads the other
 //     side's index. The index stores of rules 1 and 3 are releases only, so
 //     NeedsInterrupt and NeedsKick run a full barrier (storeLoadFence)
-//     before their load; the flag and event stores of a side re-enabling
+//     before the load that decides a "no" (a first load without it that
+//     says "yes" is at worst stale, which makes a spurious notification:
+//     drivers must handle those, §2.7.7, and a spurious kick costs a device
+//     a look at its ring); the flag and event stores of a side re-enabling
 //     notifications are sequentially consistent (store16: amd64 XCHG, arm64
 //     STLR, which a later LDAR is ordered after). So of two agents each
 //     doing "store mine; load theirs", at least one sees the other's store:
@@ -74,7 +77,9 @@ import (
 // never those to mmap'd memory (memfd regions, peer mappings), racy or not.
 // On a region over a Go heap slice (NewRegion) it does: there the
 // sync/atomic operations on the index words are what orders the plain
-// descriptor, ring entry and buffer accesses for it, and the tests run the
+// descriptor, ring entry and buffer accesses for it (a race build
+// publishes the indexes with sync/atomic's store, not storeRelease32's
+// assembly, for this reason), and the tests run the
 // cross-goroutine traffic over such a region too (TestCrossGoroutine's
 // heap variants, TestRaceDetectorSeesHeapRings). The 16-bit assembly
 // accesses (load16, store16) are invisible to it everywhere; they carry

@@ -62,8 +62,9 @@ type queue struct {
 	irq    bool // rx: used entries published since the last interrupt check
 	// pending (rx) are receive chains written and logged but not yet
 	// published, in the order they were popped: publishRx returns them
-	// with one PushBatch (one used.idx store, a full barrier) per
-	// transmit batch, or per frame for a delivery that signals at once.
+	// with one PushBatch (one used.idx store; the interrupt check after it
+	// adds the one full barrier) per transmit batch, or per frame for a
+	// delivery that signals at once.
 	pending []vring.UsedElem
 	// pendFrames and pendBytes count the frames written into the pending
 	// chains (rx; publishRx adds them to frames and bytes) or transmitted
@@ -486,8 +487,9 @@ func (d *Device) txBatch(q *queue) (int, error) {
 		d.transmit(q, h, oh, acc, f, hdrLen)
 		// Transmit buffers are device-readable only: nothing written. The
 		// chains of a batch are returned together, in the order they were
-		// taken (IN_ORDER holds), with one used.idx store: a store that
-		// is a full barrier, paid once per batch rather than per frame.
+		// taken (IN_ORDER holds), with one used.idx store and one
+		// interrupt check (its full barrier), per batch rather than per
+		// frame.
 		used[n] = vring.UsedElem{Head: q.chain.Head}
 		n++
 	}
