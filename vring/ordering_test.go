@@ -73,24 +73,18 @@ var litmusFormats = []litmusFormat{
 	{"packed event idx", virtio.Features(0).With(virtio.FRingPacked, virtio.FEventIdx)},
 }
 
-// litmusQueues is a driver and a device queue of size 16 over fresh
-// memory, and a buffer address.
+// litmusQueues is a driver and a device queue of size 16 (newPair,
+// newPackedPair) and a buffer address in their data area.
 func litmusQueues(t *testing.T, feat virtio.Features) (*DriverQueue, *DeviceQueue, GuestAddr) {
 	t.Helper()
-	r, err := NewMemfdRegion(0, 1<<20, &RegionOptions{Name: "vring-litmus"})
-	require.NoError(t, err)
-	mem, err := NewMemory(r)
-	require.NoError(t, err)
-	t.Cleanup(func() { mem.Close() })
-	l := ContiguousLayout(0x1000, 16)
+	var drv *DriverQueue
+	var dev *DeviceQueue
 	if feat.Has(virtio.FRingPacked) {
-		l = ContiguousPackedLayout(0x1000, 16)
+		_, drv, dev = newPackedPair(t, 16, feat)
+	} else {
+		_, drv, dev = newPair(t, 16, feat)
 	}
-	drv, err := NewDriverQueue(mem, DriverQueueOptions{Layout: l, Features: feat})
-	require.NoError(t, err)
-	dev, err := NewDeviceQueue(mem, DeviceQueueOptions{Layout: l, Features: feat, State: InitialState(feat)})
-	require.NoError(t, err)
-	return drv, dev, 0x80000
+	return drv, dev, 0x100000
 }
 
 // runLitmus runs side a on this goroutine and side b on another, each
