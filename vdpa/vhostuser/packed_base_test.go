@@ -31,6 +31,21 @@ var hostilePackedBases = []struct {
 	{"avail more than a lap ahead of used", packedBaseWord(6, false, 3, true)},
 }
 
+// packedBaseBackend is a fake back-end offering features f and protocol
+// features proto that answers every GET_VRING_BASE with word.
+func packedBaseBackend(t *testing.T, f virtio.Features, word uint32, proto ProtocolFeatures) (*conn, <-chan struct{}) {
+	return fakeBackend(t, func(m *Message) *fakeReply {
+		switch m.Request {
+		case ReqGetFeatures:
+			return &fakeReply{payload: putU64(uint64(f))}
+		case ReqGetVringBase:
+			st, _ := DecodeVringState(m.Payload)
+			return &fakeReply{payload: VringState{Index: st.Index, Num: word}.Encode()}
+		}
+		return standard(m, proto)
+	})
+}
+
 // A hostile back-end's GET_VRING_BASE answer for a packed ring that no
 // queue of the negotiated size can be at is ErrUnexpectedReply, not a
 // state handed on to a migration stream or a restarted queue.
@@ -42,16 +57,7 @@ func TestFrontendPackedQueueBaseHostile(t *testing.T) {
 		word uint32
 	}{"valid: 5 in flight across the ring end", packedBaseWord(2, false, 5, true)}) {
 		t.Run(tc.name, func(t *testing.T) {
-			c, done := fakeBackend(t, func(m *Message) *fakeReply {
-				switch m.Request {
-				case ReqGetFeatures:
-					return &fakeReply{payload: putU64(uint64(packedF))}
-				case ReqGetVringBase:
-					st, _ := DecodeVringState(m.Payload)
-					return &fakeReply{payload: VringState{Index: st.Index, Num: tc.word}.Encode()}
-				}
-				return standard(m, 0)
-			})
+			c, done := packedBaseBackend(t, packedF, tc.word, 0)
 			defer func() { c.close(); <-done }()
 			f, err := NewFrontend(context.Background(), c.uc, nil)
 			require.NoError(t, err)
@@ -97,16 +103,7 @@ func TestFrontendPackedQueueBaseSizeUnknown(t *testing.T) {
 		{"valid: DPDK form, used half zero", uint32(vring.PackedIndex(0x7fff, false)), false, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			c, done := fakeBackend(t, func(m *Message) *fakeReply {
-				switch m.Request {
-				case ReqGetFeatures:
-					return &fakeReply{payload: putU64(uint64(packedF))}
-				case ReqGetVringBase:
-					st, _ := DecodeVringState(m.Payload)
-					return &fakeReply{payload: VringState{Index: st.Index, Num: tc.word}.Encode()}
-				}
-				return standard(m, ProtocolFeatures(0).With(PFStatus))
-			})
+			c, done := packedBaseBackend(t, packedF, tc.word, ProtocolFeatures(0).With(PFStatus))
 			defer func() { c.close(); <-done }()
 			f, err := NewFrontend(context.Background(), c.uc, nil)
 			require.NoError(t, err)
