@@ -1120,12 +1120,12 @@ func (d *Device) reset() {
 	for _, k := range d.kicks {
 		_, _ = k.TryWait()
 	}
-	d.resetFailed(err)
+	d.settleReset(err)
 }
 
-// resetFailed records the outcome of the backing reset a guest reset
+// settleReset records the outcome of the backing reset a guest reset
 // made: with an error the reset stays pending (see reset).
-func (d *Device) resetFailed(err error) {
+func (d *Device) settleReset(err error) {
 	if err == nil || errors.Is(err, vdpa.ErrClosed) {
 		d.resetPending = false
 		return
