@@ -60,6 +60,19 @@ type Bitmap struct {
 	// sparse: the words are a mapping of fd, whose holes (file pages never
 	// written) scans skip rather than fault in (see dataWords).
 	sparse bool
+	// probe: Mark loads a word first and skips the atomic OR when its
+	// bits are already set. Set only by New (every harvest of such a
+	// bitmap runs in this process, through Harvest or HarvestWords) where
+	// membarrier(2) is available. Ordering: a skipped mark has no store
+	// that a harvester's swap could synchronise with, so a harvest that
+	// takes bits ends with processBarrier. Either the marking thread's
+	// barrier point falls after its write to guest memory (the write is
+	// then visible before the harvest returns), or it falls before its
+	// load of the word (the load then sees the swap's zero, and the mark
+	// ORs). A skipped mark's write is thus seen by whoever reads the page
+	// after the harvest that took the bit, as an ORed one is. Logs that
+	// others harvest (Attach, AttachFd) never skip.
+	probe  bool
 	closed bool
 }
 
@@ -140,6 +153,7 @@ func New(span uint64, opts *Options) (*Bitmap, error) {
 		return nil, &SizeError{Size: words * 8, Limit: limit}
 	}
 	b := &Bitmap{span: span, pages: pages, shift: shift, fd: -1}
+	b.probe = probeMarks && registerBarrier()
 	if !o.Shared {
 		b.words = make([]uint64, words)
 		return b, nil
@@ -313,9 +327,12 @@ func (b *Bitmap) PageAddr(page uint64) uint64 { return page << b.shift }
 // Mark is atomic per word and safe for concurrent use with every other
 // method but Close. Call it after the write it records: a Harvest that
 // observes the bit then also observes the write (the atomic OR publishes
-// everything the marking goroutine wrote before it).
+// everything the marking goroutine wrote before it). On a bitmap from New,
+// a mark whose bits are already set costs one load and no locked
+// instruction; the harvest that takes the bits pays for the ordering
+// instead, with one membarrier(2) (see the package doc).
 func (b *Bitmap) Mark(addr, length uint64) error {
-	// Fast path, small enough to inline: a non-empty range inside the span
+	// Fast path: a non-empty range inside the span
 	// (length-1 < span-addr, with addr < span so neither side wraps) that
 	// stays within one page. Everything else goes to markSlow.
 	if addr < b.span && length-1 < b.span-addr {
@@ -324,8 +341,12 @@ func (b *Bitmap) Mark(addr, length uint64) error {
 		if (addr+length-1)>>sh == p {
 			// Ordering: the atomic OR is sequentially consistent, so writes
 			// this goroutine made before it happen before any Harvest swap
-			// that returns the bit.
-			atomic.OrUint64(&b.words[p>>6], toLE(1<<(p&63)))
+			// that returns the bit. A mark that finds its bit set skips
+			// the OR only when b.probe says the harvest fences instead.
+			w, bit := &b.words[p>>6], toLE(1<<(p&63))
+			if !b.probe || atomic.LoadUint64(w)&bit == 0 {
+				atomic.OrUint64(w, bit)
+			}
 			return nil
 		}
 	}
@@ -370,15 +391,23 @@ func (b *Bitmap) markPages(first, last uint64) {
 	hi := ^uint64(0) >> (63 - last&63)
 	ws := b.words[w0 : w1+1]
 	if len(ws) == 1 {
-		atomic.OrUint64(&ws[0], toLE(lo&hi))
+		b.orWord(&ws[0], toLE(lo&hi))
 		return
 	}
-	atomic.OrUint64(&ws[0], toLE(lo))
+	b.orWord(&ws[0], toLE(lo))
 	mid := ws[1 : len(ws)-1]
 	for i := range mid {
-		atomic.OrUint64(&mid[i], ^uint64(0))
+		b.orWord(&mid[i], ^uint64(0))
 	}
-	atomic.OrUint64(&ws[len(ws)-1], toLE(hi))
+	b.orWord(&ws[len(ws)-1], toLE(hi))
+}
+
+// orWord ORs bits (in log form) into the word at w: atomically, and only
+// when some of them are clear if b.probe allows skipping (see probe).
+func (b *Bitmap) orWord(w *uint64, bits uint64) {
+	if !b.probe || atomic.LoadUint64(w)&bits != bits {
+		atomic.OrUint64(w, bits)
+	}
 }
 
 // PageDirty reports whether page's bit is set. Pages past NumPages report

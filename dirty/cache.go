@@ -16,6 +16,9 @@ const CacheWords = 16
 // word instead of one per mark. A device that logs a burst of buffers, used
 // entries and the used index into a few pages pays the locked instruction
 // once per word and burst; a mark into a word already cached is a plain OR.
+// On a bitmap from New, a one-page mark whose bit the bitmap already holds
+// is dropped at once, as Bitmap.Mark would skip it, so a steady stream of
+// marks into pages dirty since the last harvest leaves nothing to flush.
 //
 // Ordering: a mark reaches the log at Flush, or earlier when another word
 // evicts it. Those atomic ORs are sequentially consistent, so every write
@@ -74,6 +77,11 @@ func (c *Cache) Mark(addr, length uint64) error {
 		p := addr >> sh
 		if (addr+length-1)>>sh == p {
 			w, bit := p>>6, uint64(1)<<(p&63)
+			if b.probe && atomic.LoadUint64(&b.words[w])&toLE(bit) != 0 {
+				// Set already, and the bitmap allows skipping it (see
+				// Bitmap.probe): nothing to cache or flush.
+				return nil
+			}
 			if i := w & (CacheWords - 1); c.word[i] == w {
 				c.bits[i] |= bit
 				c.used |= 1 << i

@@ -141,7 +141,7 @@ func (b *Bitmap) Harvest(dst *Bitmap) (uint64, error) {
 			}
 		}
 	}
-	return taken, nil
+	return taken, b.harvested(taken)
 }
 
 // HarvestWords is Harvest into a plain word slice: it atomically takes every
@@ -169,7 +169,20 @@ func (b *Bitmap) HarvestWords(dst []uint64) (uint64, error) {
 			}
 		}
 	}
-	return taken, nil
+	return taken, b.harvested(taken)
+}
+
+// harvested ends a harvest that took taken bits. On a bitmap whose marks
+// may skip their atomic OR (b.probe), it runs the process-wide barrier
+// that orders every write a skipped mark recorded before the caller's
+// reads of the harvested pages. Its error, which a kernel that accepted
+// the registration does not return, leaves the taken bits in the
+// destination: the caller can put them back with Union.
+func (b *Bitmap) harvested(taken uint64) error {
+	if taken == 0 || !b.probe {
+		return nil
+	}
+	return processBarrier()
 }
 
 // harvestIntoAtomic swaps every non-zero word of src with zero and ORs it
