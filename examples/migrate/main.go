@@ -356,10 +356,18 @@ func runSource(c config) error {
 	if res.Err != "" {
 		return fmt.Errorf("destination: %s", res.Err)
 	}
+	// Each part is measured where it happens: stopping on the source,
+	// resuming on the destination. The last pages and state take the rest:
+	// the source's harvest and send and the destination's receive. (Taking
+	// the destination's part from the source's clock instead subtracts the
+	// destination's hashing from an interval the source may have begun
+	// after it: on a loaded machine that came out negative.)
 	down := rep.Downtime - res.HashTime
+	destResume := res.Restart + res.StartGuest
+	lastCopy := down - rep.StopGuest - rep.StopDevice - destResume
 	fmt.Printf("downtime: %v (stop guest %v, stop device %v, last pages+state %v, destination resume %v)\n",
 		down.Round(time.Microsecond), rep.StopGuest.Round(time.Microsecond), rep.StopDevice.Round(time.Microsecond),
-		rep.FinalCopy.Round(time.Microsecond), (rep.Resume - res.HashTime).Round(time.Microsecond))
+		lastCopy.Round(time.Microsecond), destResume.Round(time.Microsecond))
 	fmt.Printf("          destination: device restart %v, guest start %v\n", res.Restart.Round(time.Microsecond), res.StartGuest.Round(time.Microsecond))
 	if res.HashTime > 0 {
 		fmt.Printf("          (the destination's %v of verification hashing is excluded)\n", res.HashTime.Round(time.Microsecond))
