@@ -472,7 +472,7 @@ func (f *Frontend) SetStatusContext(ctx context.Context, st virtio.Status) error
 	case st == 0:
 		for i := len(f.queues) - 1; i >= 0; i-- { // highest first, as Suspend
 			if f.queues[i].kickSet {
-				if _, err := f.getBase(ctx, i); err != nil {
+				if _, err := f.getBase(ctx, i, true); err != nil {
 					return err
 				}
 			}
@@ -782,7 +782,11 @@ func (f *Frontend) SetQueueBaseContext(ctx context.Context, q int, st vdpa.Queue
 	return f.send(ctx, ReqSetVringBase, VringState{Index: uint32(q), Num: vhostcore.VringBase(st, f.acked)}.Encode(), nil)
 }
 
-func (f *Frontend) getBase(ctx context.Context, q int) (vring.QueueState, error) {
+// getBase stops queue q with GET_VRING_BASE and returns the position the
+// back-end stopped at, checked against what the queue can be at. With
+// discard (a reset, which forgets the position) only the reply's form is
+// checked: the ring is stopped whatever position it names.
+func (f *Frontend) getBase(ctx context.Context, q int, discard bool) (vring.QueueState, error) {
 	fq := &f.queues[q]
 	m, err := f.exchange(ctx, ReqGetVringBase, VringState{Index: uint32(q)}.Encode(), nil, true)
 	if err != nil {
@@ -797,6 +801,9 @@ func (f *Frontend) getBase(ctx context.Context, q int) (vring.QueueState, error)
 	// The ring is stopped either way.
 	fq.kickSet = false
 	fq.lastBase = out.NextAvail
+	if discard {
+		return out, nil
+	}
 	if packed {
 		// Bits 16..31 are the used position (QEMU, Linux vhost and this
 		// package's back-end); DPDK's vhost library leaves them zero, its
@@ -830,6 +837,22 @@ func (f *Frontend) getBase(ctx context.Context, q int) (vring.QueueState, error)
 				"queue %d stopped at avail %d, but its used.idx at %v cannot be read: %v", q, out.NextAvail, fq.addr.Used+2, err)
 		}
 		out.NextUsed = uint16(b[0]) | uint16(b[1])<<8
+		// A split ring cannot have more chains in flight (taken from the
+		// avail ring, not yet in the used ring) than it has entries. A
+		// back-end's avail index that says otherwise, or one behind
+		// used.idx, is no state a queue can be restarted or migrated at
+		// (vring refuses it with ErrInvalidState): say so here, naming
+		// the message, rather than hand it on. The size is the largest
+		// split ring's when none is known.
+		size := uint32(fq.num)
+		if size == 0 {
+			size = 1 << 15
+		}
+		if n := uint32(out.NextAvail - out.NextUsed); n > size {
+			return vring.QueueState{}, msgErr(ReqGetVringBase, ErrUnexpectedReply,
+				"queue %d stopped at avail %d with used.idx %d: %d chains in flight, more than a queue of size %d holds",
+				q, out.NextAvail, out.NextUsed, n, size)
+		}
 	}
 	return out, nil
 }
@@ -855,7 +878,7 @@ func (f *Frontend) QueueBaseContext(ctx context.Context, q int) (vdpa.QueueState
 	if fq := &f.queues[q]; f.suspend && fq.suspOK {
 		return fq.suspSt, nil
 	}
-	return f.getBase(ctx, q)
+	return f.getBase(ctx, q, false)
 }
 
 func (f *Frontend) setFd(ctx context.Context, r Request, q int, e *vdpa.EventFD) error {
@@ -1000,7 +1023,7 @@ func (f *Frontend) SuspendContext(ctx context.Context) error {
 		if !fq.kickSet {
 			continue
 		}
-		st, err := f.getBase(ctx, i)
+		st, err := f.getBase(ctx, i, false)
 		if err != nil {
 			return err
 		}

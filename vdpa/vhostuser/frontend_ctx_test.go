@@ -3,6 +3,7 @@ package vhostuser
 import (
 	"context"
 	"errors"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -175,4 +176,95 @@ func TestFrontendQueueBaseUsedIdxUnreadable(t *testing.T) {
 	if assert.ErrorAs(t, err, &me) {
 		assert.Equal(t, ReqGetVringBase, me.Request)
 	}
+}
+
+// A split ring's GET_VRING_BASE answer is checked against used.idx in
+// guest memory: a back-end that says it took more chains than the ring
+// holds, or fewer than the used ring already returned, gets
+// ErrUnexpectedReply naming GET_VRING_BASE instead of a state that no
+// queue can be restarted or migrated at.
+func TestFrontendSplitQueueBaseInFlight(t *testing.T) {
+	const size = 256
+	for _, tc := range []struct {
+		name        string
+		avail, used uint16
+		ok          bool
+	}{
+		{"valid: 7 in flight", 7, 0, true},
+		{"valid: 9 in flight across the index wrap", 3, 65530, true},
+		{"valid: the whole ring in flight", 1000 + size, 1000, true},
+		{"valid: nothing in flight", 500, 500, true},
+		{"one more than the ring holds", 1000 + size + 1, 1000, false},
+		{"avail behind used.idx", 5, 10, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, done := fakeBackend(t, func(m *Message) *fakeReply {
+				if m.Request == ReqGetVringBase {
+					st, _ := DecodeVringState(m.Payload)
+					return &fakeReply{payload: VringState{Index: st.Index, Num: uint32(tc.avail)}.Encode()}
+				}
+				return standard(m, 0)
+			})
+			defer func() { c.close(); <-done }()
+			f, err := NewFrontend(context.Background(), c.uc, nil)
+			require.NoError(t, err)
+			defer f.Close()
+			reg, err := vring.NewMemfdRegion(0x100000, 1<<20, nil)
+			require.NoError(t, err)
+			mem, err := vring.NewMemory(reg)
+			require.NoError(t, err)
+			defer mem.Close()
+			require.NoError(t, f.SetMemory(mem))
+			l := vring.ContiguousLayout(0x100000, size)
+			require.NoError(t, f.SetQueueNum(0, size))
+			require.NoError(t, f.SetQueueAddr(0, vdpa.QueueAddr{Desc: l.Desc, Avail: l.Avail, Used: l.Used}))
+			require.NoError(t, f.SetQueueKick(0, nil))
+			require.NoError(t, mem.Write(l.Used+2, []byte{byte(tc.used), byte(tc.used >> 8)}))
+
+			st, err := f.QueueBase(0)
+			if tc.ok {
+				require.NoError(t, err)
+				assert.Equal(t, vring.QueueState{NextAvail: tc.avail, NextUsed: tc.used}, st)
+				return
+			}
+			require.ErrorIs(t, err, ErrUnexpectedReply, "got %+v", st)
+			var me *MessageError
+			if assert.ErrorAs(t, err, &me) {
+				assert.Equal(t, ReqGetVringBase, me.Request)
+			}
+		})
+	}
+}
+
+// A reset without SET_STATUS or RESET_DEVICE stops each ring with
+// GET_VRING_BASE and forgets its position, so a position no queue can be
+// at does not fail the reset: the ring is stopped all the same.
+func TestFrontendResetStopsRingWhateverItsPosition(t *testing.T) {
+	var gets atomic.Int32
+	c, done := fakeBackend(t, func(m *Message) *fakeReply {
+		if m.Request == ReqGetVringBase {
+			gets.Add(1)
+			st, _ := DecodeVringState(m.Payload)
+			return &fakeReply{payload: VringState{Index: st.Index, Num: 1000 + 300}.Encode()}
+		}
+		return standard(m, 0)
+	})
+	defer func() { c.close(); <-done }()
+	f, err := NewFrontend(context.Background(), c.uc, nil)
+	require.NoError(t, err)
+	defer f.Close()
+	reg, err := vring.NewMemfdRegion(0x100000, 1<<20, nil)
+	require.NoError(t, err)
+	mem, err := vring.NewMemory(reg)
+	require.NoError(t, err)
+	defer mem.Close()
+	require.NoError(t, f.SetMemory(mem))
+	l := vring.ContiguousLayout(0x100000, 256)
+	require.NoError(t, f.SetQueueNum(0, 256))
+	require.NoError(t, f.SetQueueAddr(0, vdpa.QueueAddr{Desc: l.Desc, Avail: l.Avail, Used: l.Used}))
+	require.NoError(t, f.SetQueueKick(0, nil))
+	require.NoError(t, mem.Write(l.Used+2, []byte{1000 & 0xff, 1000 >> 8}))
+
+	require.NoError(t, f.SetStatus(0))
+	assert.Equal(t, int32(1), gets.Load(), "the reset stopped the ring")
 }
