@@ -61,17 +61,20 @@ type Bitmap struct {
 	// written) scans skip rather than fault in (see dataWords).
 	sparse bool
 	// probe: Mark loads a word first and skips the atomic OR when its
-	// bits are already set. Set only by New (every harvest of such a
-	// bitmap runs in this process, through Harvest or HarvestWords) where
+	// bits are already set. Set only by New for a private bitmap (its
+	// memory is this process's alone, so every operation that takes bits
+	// out of it runs here: Harvest, HarvestWords, Clear) where
 	// membarrier(2) is available. Ordering: a skipped mark has no store
-	// that a harvester's swap could synchronise with, so a harvest that
-	// takes bits ends with processBarrier. Either the marking thread's
-	// barrier point falls after its write to guest memory (the write is
-	// then visible before the harvest returns), or it falls before its
-	// load of the word (the load then sees the swap's zero, and the mark
-	// ORs). A skipped mark's write is thus seen by whoever reads the page
-	// after the harvest that took the bit, as an ORed one is. Logs that
-	// others harvest (Attach, AttachFd) never skip.
+	// that a harvester's swap could synchronise with, so an operation
+	// that takes bits ends with processBarrier. Either the marking
+	// thread's barrier point falls after its write to guest memory (the
+	// write is then visible before the harvest returns), or it falls
+	// before its load of the word (the load then sees the swap's zero,
+	// and the mark ORs). A skipped mark's write is thus seen by whoever
+	// reads the page after the harvest that took the bit, as an ORed one
+	// is. Logs that may be shared with another process (a shared New,
+	// Attach, AttachFd) never skip: that process could take bits without
+	// the barrier.
 	probe  bool
 	closed bool
 }
@@ -153,9 +156,9 @@ func New(span uint64, opts *Options) (*Bitmap, error) {
 		return nil, &SizeError{Size: words * 8, Limit: limit}
 	}
 	b := &Bitmap{span: span, pages: pages, shift: shift, fd: -1}
-	b.probe = probeMarks && registerBarrier()
 	if !o.Shared {
 		b.words = make([]uint64, words)
+		b.probe = probeMarks && registerBarrier()
 		return b, nil
 	}
 	name := o.Name
@@ -327,10 +330,10 @@ func (b *Bitmap) PageAddr(page uint64) uint64 { return page << b.shift }
 // Mark is atomic per word and safe for concurrent use with every other
 // method but Close. Call it after the write it records: a Harvest that
 // observes the bit then also observes the write (the atomic OR publishes
-// everything the marking goroutine wrote before it). On a bitmap from New,
-// a mark whose bits are already set costs one load and no locked
-// instruction; the harvest that takes the bits pays for the ordering
-// instead, with one membarrier(2) (see the package doc).
+// everything the marking goroutine wrote before it). On a private bitmap
+// (New without Options.Shared), a mark whose bits are already set costs
+// one load and no locked instruction; the harvest that takes the bits pays
+// for the ordering instead, with one membarrier(2) (see the package doc).
 func (b *Bitmap) Mark(addr, length uint64) error {
 	// Fast path: a non-empty range inside the span
 	// (length-1 < span-addr, with addr < span so neither side wraps) that

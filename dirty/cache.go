@@ -16,14 +16,17 @@ const CacheWords = 16
 // word instead of one per mark. A device that logs a burst of buffers, used
 // entries and the used index into a few pages pays the locked instruction
 // once per word and burst; a mark into a word already cached is a plain OR.
-// On a bitmap from New, a one-page mark whose bit the bitmap already holds
-// is dropped at once, as Bitmap.Mark would skip it, so a steady stream of
-// marks into pages dirty since the last harvest leaves nothing to flush.
+// On a private bitmap (New without Options.Shared), a one-page mark whose
+// bit the bitmap already holds is dropped at once, as Bitmap.Mark would
+// skip it, so a steady stream of marks into pages dirty since the last
+// harvest leaves nothing to flush.
 //
 // Ordering: a mark reaches the log at Flush, or earlier when another word
 // evicts it. Those atomic ORs are sequentially consistent, so every write
 // the goroutine made before them happens before any Harvest swap that
 // returns their bits — the guarantee Bitmap.Mark gives, moved to the flush.
+// A dropped mark is ordered as a Bitmap.Mark that skipped its OR is: by
+// the barrier that ends the harvest taking the bit (see the package doc).
 // The owner must therefore Flush after the writes it marked and before the
 // log is harvested for the last time (when the device has stopped). A
 // pre-copy harvest that runs while marks are still cached is safe: the

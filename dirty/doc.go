@@ -20,8 +20,9 @@
 //
 // Mark(addr, len) sets the bit of every page the byte range touches with one
 // atomic OR per 64-page word, so any number of goroutines (and the kernel, and
-// peers sharing the memory) can mark at once. On a bitmap made by New, a
-// word whose bits are all set already is only loaded: a device marks the
+// peers sharing the memory) can mark at once. On a private bitmap (New
+// without Options.Shared), a word whose bits are all set already is only
+// loaded: a device marks the
 // same ring and buffer pages over and over between harvests, and the
 // locked instruction is most of a mark's cost. A range outside the span is an
 // error (ErrOutOfSpan), never dropped. LogWrite is Mark under the name of
@@ -74,20 +75,25 @@
 // a peer process) use locked or byte-atomic ORs of their own on the shared
 // memory, which the swap takes just the same.
 //
-// A mark that skips its OR because the bit is set (bitmaps from New only)
+// A mark that skips its OR because the bit is set (private bitmaps only)
 // stores nothing, so nothing orders its write to guest memory before the
 // load that found the bit, and a harvest could take the bit and read the
-// page before the write lands. A harvest of such a bitmap that takes any
-// bit therefore ends with membarrier(2) (MEMBARRIER_CMD_PRIVATE_EXPEDITED),
-// a full barrier on every CPU running a thread of the process: it costs
-// the harvest about 1.5 µs, and returns only once every write a skipped
-// mark recorded is visible. That is why only bitmaps from New skip: every
-// harvest of them goes through this package in this process, while a log
-// that another process harvests (Attach, AttachFd: the vhost-user
-// front-end's) is always ORed. Where membarrier is unavailable (kernels
-// before 4.14, a seccomp filter), or under the race detector, every mark
-// ORs.
-//
+// page before the write lands. Every operation that takes bits out of such
+// a bitmap (Harvest, HarvestWords, Clear) therefore ends, when it took
+// any, with membarrier(2) (MEMBARRIER_CMD_PRIVATE_EXPEDITED): a full
+// barrier on every CPU running a thread of the process, which returns only
+// once every write a skipped mark recorded is visible. It costs the harvest
+// 1.5 µs with no other thread running, and tens of µs in a virtual machine
+// whose other CPUs run the process's threads (an interrupt to each). That
+// is why only private bitmaps skip: every harvest of them goes through
+// this package in this process, while a log that another process may
+// harvest (a shared New, Attach, AttachFd: the vhost-user front-end's) is
+// always ORed. Where membarrier is unavailable (kernels before 4.14, or a
+// seccomp filter that refuses it with an error), or under the race
+// detector, every mark ORs. A private New registers the process for
+// membarrier's expedited command once it is called (a filter that kills on
+// an unlisted system call must list membarrier).
+
 // # Platforms
 //
 // Shared (memfd) bitmaps and AttachFd need Linux; elsewhere they report

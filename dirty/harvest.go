@@ -19,7 +19,10 @@ import (
 // before marking happens before the harvester's later reads — or after it,
 // and the bit stays in the word for the next harvest. No bit is lost and
 // none is taken twice. The skip test's loads may miss a bit set an instant
-// later; that bit is simply left for the next harvest.
+// later; that bit is simply left for the next harvest. A mark that found
+// its bit set and skipped the OR (Bitmap.probe) has no store in that
+// order; for it, every operation that takes bits out of the log (Harvest,
+// HarvestWords, Clear) ends with a process-wide barrier (harvested).
 const scanBlock = 16
 
 // nextBlock returns the index of the first block at or after i (a multiple
@@ -172,7 +175,7 @@ func (b *Bitmap) HarvestWords(dst []uint64) (uint64, error) {
 	return taken, b.harvested(taken)
 }
 
-// harvested ends a harvest that took taken bits. On a bitmap whose marks
+// harvested ends a harvest (or a Clear) that took taken bits. On a bitmap whose marks
 // may skip their atomic OR (b.probe), it runs the process-wide barrier
 // that orders every write a skipped mark recorded before the caller's
 // reads of the harvested pages. Its error, which a kernel that accepted
@@ -300,23 +303,28 @@ func (b *Bitmap) UnionWords(src []uint64) error {
 
 // Clear clears every bit. Bits set concurrently may survive (a Mark after
 // the word was cleared). Clearing discards dirty information: clear a
-// harvest destination after consuming it, not a live log (harvest that).
+// harvest destination after consuming it, or a live log only when every
+// page will be read afterwards anyway (Tracker.Begin, before the full
+// copy). A write whose mark the clear removed is then seen by those reads,
+// as it would be by the reads after a harvest (Clear ends with the same
+// barrier).
 func (b *Bitmap) Clear() error {
 	if err := b.checkOpen(); err != nil {
 		return err
 	}
+	var cleared uint64
 	for lo, hi := b.dataWords(0); lo < hi; lo, hi = b.dataWords(hi) {
 		ws := b.words[:hi]
 		for i := nextBlock(ws, lo); i < hi; i = nextBlock(ws, i) {
 			end := min(i+scanBlock, hi)
 			for ; i < end; i++ {
 				if atomic.LoadUint64(&ws[i]) != 0 {
-					atomic.StoreUint64(&ws[i], 0)
+					cleared += uint64(bits.OnesCount64(atomic.SwapUint64(&ws[i], 0)))
 				}
 			}
 		}
 	}
-	return nil
+	return b.harvested(cleared)
 }
 
 // word returns word i in integer form, masked to the pages it covers.
