@@ -39,6 +39,34 @@ type QueueErrReporter interface {
 	QueueErr(q int) error
 }
 
+// QueueErrNotifier is a QueueErrReporter that also announces a queue error
+// when it happens, so that whoever watches the device waits for the
+// announcement instead of asking QueueErr on a timer. softnet.Device
+// implements it.
+type QueueErrNotifier interface {
+	QueueErrReporter
+	// QueueErrNotify returns the channel that receives after a queue
+	// stops on an error. It has room for one value: announcements made
+	// while one is waiting merge into it, so a receiver asks QueueErr
+	// about every queue it cares for. The channel is the same for the
+	// handler's life and is never closed; one watcher at a time receives
+	// from it.
+	QueueErrNotify() <-chan struct{}
+}
+
+// FailureNotifier is implemented by devices that can announce that their
+// data path may have failed on its own, so that a caller watching for
+// DEVICE_NEEDS_RESET need not poll Status. Local implements it when its
+// handler is a QueueErrNotifier.
+type FailureNotifier interface {
+	// FailureNotify returns a channel that receives after the device
+	// may have failed (Status then says whether it did), or nil when the
+	// device cannot announce failures and must be polled. The channel
+	// has room for one value, is never closed, and has one receiver at a
+	// time.
+	FailureNotify() <-chan struct{}
+}
+
 // LocalOptions configure a Local device. A nil *LocalOptions means
 // defaults.
 type LocalOptions struct {
@@ -165,6 +193,16 @@ func (l *Local) Status() (virtio.Status, error) {
 		}
 	}
 	return l.status, nil
+}
+
+// FailureNotify implements FailureNotifier: the handler's QueueErrNotify
+// channel when it is a QueueErrNotifier (a queue it stops on an error is
+// what sets DEVICE_NEEDS_RESET in Status), otherwise nil.
+func (l *Local) FailureNotify() <-chan struct{} {
+	if n, ok := l.h.(QueueErrNotifier); ok {
+		return n.QueueErrNotify()
+	}
+	return nil
 }
 
 // QueueErr returns the error that stopped queue i: a failed start (invalid

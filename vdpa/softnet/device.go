@@ -203,15 +203,19 @@ type Device struct {
 	activePairs atomic.Uint32
 	linkUp      atomic.Bool
 
-	queues []*queue
-	drops  dropCounters
-	ctrlOK atomic.Uint64
-	ctrlEr atomic.Uint64
+	queues  []*queue
+	errNote chan struct{} // QueueErrNotify
+	drops   dropCounters
+	ctrlOK  atomic.Uint64
+	ctrlEr  atomic.Uint64
 }
 
 type handlerBox struct{ h FrameHandler }
 
-var _ vdpa.Handler = (*Device)(nil)
+var (
+	_ vdpa.Handler          = (*Device)(nil)
+	_ vdpa.QueueErrNotifier = (*Device)(nil)
+)
 
 // New returns a device configured by opts (nil means defaults).
 func New(opts *Options) (*Device, error) {
@@ -313,8 +317,9 @@ func New(opts *Options) (*Device, error) {
 		n++
 	}
 	d.queues = make([]*queue, n)
+	d.errNote = make(chan struct{}, 1)
 	for i := range d.queues {
-		d.queues[i] = &queue{idx: i}
+		d.queues[i] = &queue{idx: i, note: d.errNote}
 	}
 	d.linkUp.Store(!o.LinkDown)
 	d.resetState()
@@ -580,6 +585,11 @@ func (d *Device) Reset() {
 	}
 	d.resetState()
 }
+
+// QueueErrNotify implements vdpa.QueueErrNotifier: the returned channel
+// receives after a queue stops on an error (QueueErr then reports it).
+// Announcements made while one waits merge into it.
+func (d *Device) QueueErrNotify() <-chan struct{} { return d.errNote }
 
 // QueueErr returns the error that stopped queue q's processing (a ring
 // rule broken by the driver, a failed dirty-log write), or nil.

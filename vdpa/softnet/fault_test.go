@@ -51,6 +51,11 @@ func TestTruncatedTxMemoryBreaksQueue(t *testing.T) {
 			s.send(1, f)
 			_, got := s.recvFrame(0)
 			require.Equal(t, f, got, "traffic flows before the truncation")
+			select {
+			case <-s.dev.QueueErrNotify():
+				t.Fatal("a queue error announced while every queue is healthy")
+			default:
+			}
 
 			// The frames are written into the buffers, then the buffers go
 			// away, then the driver publishes them.
@@ -62,6 +67,11 @@ func TestTruncatedTxMemoryBreaksQueue(t *testing.T) {
 			s.drv[1].Queue.Publish()
 			require.NoError(t, s.kick[1].Signal())
 
+			select {
+			case <-s.dev.QueueErrNotify(): // and Local announces it to its watcher
+			case <-time.After(10 * time.Second):
+				t.Fatal("the queue error was not announced (QueueErrNotify)")
+			}
 			s.waitNeedsReset()
 			err := s.local.QueueErr(1)
 			require.ErrorIs(t, err, vring.ErrMemoryFault)

@@ -25,7 +25,8 @@ import (
 // goroutine; mu serializes every delivery into it (from transmit workers of
 // this or another device, or Deliver callers) with start and stop.
 type queue struct {
-	idx int
+	idx  int
+	note chan struct{} // the device's QueueErrNotify channel
 
 	mu      sync.Mutex
 	dq      *vring.DeviceQueue
@@ -190,7 +191,16 @@ func (q *queue) loadErr() error {
 	return nil
 }
 
-func (q *queue) setErr(err error) { q.err.Store(&err) }
+// setErr records the error that stopped the queue and announces it on
+// the device's QueueErrNotify channel (q.note; nil in tests that build a
+// queue alone).
+func (q *queue) setErr(err error) {
+	q.err.Store(&err)
+	select {
+	case q.note <- struct{}{}:
+	default: // one is waiting already: the receiver looks at every queue
+	}
+}
 
 // startRx starts a receive queue that holds up to chains popped chains at
 // once: a frame spread over several (MRG_RXBUF) may take every entry of
