@@ -76,7 +76,10 @@ type Options struct {
 	// configuration change notification §2.1.2 requires, without first
 	// reading device_status. Default DefaultHealthInterval; negative:
 	// never (the guest then learns it at its next device_status read).
-	// One goroutine per live device does it.
+	// One goroutine per live device does it. A backing device that
+	// announces its failures (vdpa.FailureNotifier: vdpa.Local over
+	// softnet) is not asked on a timer but when it announces one; the
+	// interval then only spaces a look from an operation in progress.
 	HealthInterval time.Duration
 }
 

@@ -22,8 +22,10 @@
 // live (a software device breaks a queue whose ring the guest made invalid,
 // a vhost-user back-end goes away) is noticed by a watcher goroutine that
 // asks it for its status every Options.HealthInterval (50 ms by default)
-// while the device is live, so the guest is notified without having to
-// read device_status first.
+// while the device is live, or, when the backing device announces its
+// failures (vdpa.FailureNotifier, as vdpa.Local over softnet does), each
+// time it announces one, so the guest is notified without having to read
+// device_status first.
 //
 // # Passthrough
 //

@@ -2,11 +2,14 @@ package mdev
 
 import (
 	"context"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/vdpakit/vdpakit/virtio"
 )
 
 // watching reports whether a health watcher runs, and its done channel.
@@ -140,4 +143,56 @@ func TestHealthWatcherEndsWhenNotLive(t *testing.T) {
 	n, err := d.ConfigFD().TryWait()
 	require.NoError(t, err)
 	assert.Zero(t, n, "a healthy device sends no notification")
+}
+
+// notifyingBacking is a fakeBacking that announces failures
+// (vdpa.FailureNotifier) and counts the watcher's looks (Status calls).
+type notifyingBacking struct {
+	*fakeBacking
+	ch    chan struct{}
+	looks atomic.Int32
+}
+
+func (n *notifyingBacking) FailureNotify() <-chan struct{} { return n.ch }
+
+func (n *notifyingBacking) Status() (virtio.Status, error) {
+	n.looks.Add(1)
+	return n.fakeBacking.Status()
+}
+
+// TestHealthWatcherAnnouncedNotPolled: a backing device that announces its
+// failures is looked at once after DRIVER_OK (for a failure announced
+// before the watcher started) and then only when it announces one, however
+// short the interval; an announcement is acted on at once.
+func TestHealthWatcherAnnouncedNotPolled(t *testing.T) {
+	f := &notifyingBacking{fakeBacking: newFakeBacking(), ch: make(chan struct{}, 1)}
+	d, err := NewDevice(f, &Options{Memory: testMemory(t), HealthInterval: time.Millisecond})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = d.Close() })
+	g := driver{t, d}
+	g.bringUp(netFeatures)
+	on, _ := d.watching()
+	require.True(t, on)
+	require.Eventually(t, func() bool { return f.looks.Load() >= 1 }, 10*time.Second, time.Millisecond,
+		"the first look, an interval after the watcher starts")
+	// The driver's own status reads (bringUp) also ask the backing
+	// device; let the watcher's first look (or its retry, if it found
+	// bringUp in progress) pass too.
+	time.Sleep(50 * time.Millisecond)
+	before := f.looks.Load()
+	time.Sleep(200 * time.Millisecond) // 200 intervals
+	assert.Equal(t, before, f.looks.Load(), "looks without an announcement")
+
+	// A healthy announcement (a queue error elsewhere, already gone) is a
+	// look that finds nothing.
+	f.ch <- struct{}{}
+	require.Eventually(t, func() bool { return f.looks.Load() == before+1 }, 10*time.Second, time.Millisecond)
+	assert.Zero(t, d.Status()&sNR)
+
+	f.mu.Lock()
+	f.status |= sNR
+	f.mu.Unlock()
+	f.ch <- struct{}{}
+	assert.EqualValues(t, 1, waitConfigSignal(t, d, 10*time.Second))
+	assert.NotZero(t, d.Status()&sNR)
 }
