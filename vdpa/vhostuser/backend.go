@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -225,7 +226,7 @@ func (b *Backend) DialAndServe(ctx context.Context, path string) error {
 // stopped before uc is closed: the front-end sees the connection end only
 // once the rings have stopped moving.
 func (b *Backend) ServeConn(ctx context.Context, uc *net.UnixConn) error {
-	s := &session{b: b, h: b.h, c: newConn(uc)}
+	s := &session{b: b, h: b.h, c: newConn(uc), errWake: make(chan struct{}, 1)}
 	s.c.msgTimeout = b.msgTO
 	s.queues = make([]vq, min(b.h.NumQueues(), MaxQueues))
 	b.mu.Lock()
@@ -330,6 +331,8 @@ type session struct {
 	// queue (nil otherwise) to the watcher goroutine that signals it when
 	// a vdpa.QueueErrReporter handler reports the queue broken.
 	errFds atomic.Pointer[[]*vdpa.EventFD]
+	// errWake wakes the watcher when errFds changes (room for one).
+	errWake chan struct{}
 }
 
 func (s *session) update() {
@@ -341,7 +344,13 @@ func (s *session) update() {
 			fds[i] = s.queues[i].errFd
 		}
 	}
-	s.errFds.Store(&fds)
+	if old := s.errFds.Load(); old == nil || !slices.Equal(*old, fds) {
+		s.errFds.Store(&fds)
+		select {
+		case s.errWake <- struct{}{}:
+		default: // a wake is pending already
+		}
+	}
 	s.b.mu.Lock()
 	s.b.info.Features, s.b.info.ProtocolFeatures, s.b.info.Status = s.features, s.proto, s.status
 	s.b.info.RunningQueues = n
@@ -1278,22 +1287,36 @@ func (s *session) halt(i int) (vring.QueueState, bool) {
 }
 
 // errWatchInterval is how often the watcher asks a QueueErrReporter
-// handler about running queues that have a SET_VRING_ERR eventfd.
+// handler that does not announce errors (vdpa.QueueErrNotifier) about
+// running queues that have a SET_VRING_ERR eventfd.
 const errWatchInterval = 50 * time.Millisecond
 
 // watchErrors signals a running queue's error eventfd once when the
 // handler reports the queue broken. It reads only the published errFds
 // snapshot; signalling an eventfd the session closed meanwhile fails
-// harmlessly.
+// harmlessly. It looks when the handler announces an error (a
+// vdpa.QueueErrNotifier, such as softnet.Device) or, for a handler that
+// cannot, every errWatchInterval; and whenever the snapshot changes, so
+// that a queue that broke before its eventfd was published, or before the
+// front-end sent one, is signalled when it is.
 func (s *session) watchErrors(ctx context.Context, r vdpa.QueueErrReporter) {
-	t := time.NewTicker(errWatchInterval)
-	defer t.Stop()
+	var notify <-chan struct{}
+	var ticks <-chan time.Time
+	if n, ok := r.(vdpa.QueueErrNotifier); ok {
+		notify = n.QueueErrNotify()
+	} else {
+		t := time.NewTicker(errWatchInterval)
+		defer t.Stop()
+		ticks = t.C
+	}
 	var signalled []*vdpa.EventFD
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-t.C:
+		case <-ticks:
+		case <-notify:
+		case <-s.errWake:
 		}
 		p := s.errFds.Load()
 		if p == nil {

@@ -112,3 +112,29 @@ func TestBackendSurvivesMemoryTruncatedBeforeStart(t *testing.T) {
 	_, err = d.fe.Features()
 	assert.NoError(t, err, "the session goes on")
 }
+
+// A queue that breaks before the front-end has sent its SET_VRING_ERR
+// eventfd: the eventfd is signalled when it arrives. With a handler that
+// announces its errors (softnet), the watcher is not polling; it looks
+// again when the session's set of eventfds changes.
+func TestBackendSignalsErrFdSentAfterTheError(t *testing.T) {
+	h, err := softnet.New(&softnet.Options{MaxQueueSize: 1024})
+	require.NoError(t, err)
+	_, uc, _ := startBackend(t, h, nil)
+	d, fd := newShrinkableDriver(t, uc, virtio.Features(0).With(virtio.FVersion1, virtio.NetFMAC))
+	d.startQueue(0)
+	d.startQueue(1)
+	require.NoError(t, d.fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK|virtio.StatusDriverOK))
+	require.NoError(t, unix.Ftruncate(fd, 0))
+	require.NoError(t, d.kicks[1].Signal())
+	require.Eventually(t, func() bool { return h.QueueErr(1) != nil }, 10*time.Second, time.Millisecond, "the transmit queue breaks")
+
+	errFd, err := vdpa.NewEventFD()
+	require.NoError(t, err)
+	defer errFd.Close()
+	require.NoError(t, d.fe.SetQueueErr(1, errFd))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err = errFd.Wait(ctx)
+	require.NoError(t, err, "SET_VRING_ERR eventfd sent after the error not signalled")
+}
