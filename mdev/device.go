@@ -78,8 +78,11 @@ type Options struct {
 	// never (the guest then learns it at its next device_status read).
 	// One goroutine per live device does it. A backing device that
 	// announces its failures (vdpa.FailureNotifier: vdpa.Local over
-	// softnet) is not asked on a timer but when it announces one; the
-	// interval then only spaces a look from an operation in progress.
+	// softnet) is not asked on a timer but when it announces one, by one
+	// goroutine from the device's first DRIVER_OK until Close; the
+	// interval is then not used. Such a backing device serves one Device
+	// at a time: Close the Device before handing the backing device to
+	// another, which would otherwise compete for its announcements.
 	HealthInterval time.Duration
 }
 
@@ -159,6 +162,9 @@ type Device struct {
 	// cfgPending: ConfigChanged was called while an operation held ops;
 	// the operation's end handles it.
 	cfgPending bool
+	// lookPending: the backing device is to be looked at (checkBacking)
+	// when the operation holding ops ends (health.go).
+	lookPending bool
 	// relay is non-nil while the data path runs through the shadow relay.
 	relay *relay
 	// relayGen counts relay runs programmed and torn down; a run's
@@ -171,7 +177,8 @@ type Device struct {
 	canLogAll bool
 	// watchStop, closed to stop it, and watchDone, closed when it has
 	// ended, belong to the running health watcher (health.go); nil when
-	// none runs.
+	// none runs. A watcher of an announcing backing device runs until
+	// Close.
 	watchStop, watchDone chan struct{}
 }
 

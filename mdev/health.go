@@ -19,26 +19,37 @@ const DefaultHealthInterval = 50 * time.Millisecond
 // DEVICE_NEEDS_RESET and, with DRIVER_OK set, to send a configuration
 // change notification (§2.1.2). A guest learns of it by reading
 // device_status (commonRead asks the backing device then), but a driver
-// reads it only when told to, so while the device is live a watcher
-// goroutine asks the backing device and, when it reports
-// DEVICE_NEEDS_RESET or FAILED, sets NEEDS_RESET here, which raises the
-// configuration interrupt.
+// reads it only when told to, so a watcher goroutine asks the backing
+// device and, when it reports DEVICE_NEEDS_RESET or FAILED, sets
+// NEEDS_RESET here, which raises the configuration interrupt.
 //
-// It asks when the backing device announces a possible failure (a
-// vdpa.FailureNotifier with a channel: vdpa.Local over softnet), and
-// otherwise every HealthInterval. A device that announces costs nothing
-// while healthy and is noticed at once; the others cost a look per
-// interval.
+// A backing device that announces possible failures (a
+// vdpa.FailureNotifier with a channel: vdpa.Local over softnet) is asked
+// when it announces one. Its watcher starts when the device first goes
+// live and runs until Close, so that one receiver, always the same, takes
+// the announcements: one that comes while the device is not live is a look
+// that finds nothing. Any other backing device is asked every
+// HealthInterval while the device is live; its watcher starts when the
+// device goes live and ends at the first look that finds it otherwise.
 //
-// The watcher runs only while the device is live and not yet NEEDS_RESET:
-// goLive starts it, and it ends itself at the first look that finds the
-// device otherwise (or when Close stops it). It never waits for a back-end
-// operation: when one is in progress it looks again an interval later.
+// A look never waits for an operation: when one is in progress the
+// watcher leaves the look to it (lookPending, done by end), so an
+// announcement is acted on as soon as the operation ends. The same flag
+// makes an operation look when it made the device live (a failure may have
+// been announced before the watcher could hear it), and when a call to the
+// backing device failed (the backing device may have set
+// DEVICE_NEEDS_RESET itself, which it does not announce: vdpa.Local
+// failing to restart a queue for a new dirty log).
 
-// startWatch starts the health watcher unless one runs or it is disabled.
-// The caller holds ops and mu.
+// startWatch has the backing device looked at once the current operation
+// ends, and starts the health watcher unless one runs or it is disabled.
+// goLive calls it; the caller holds ops and mu.
 func (d *Device) startWatch() {
-	if d.opts.HealthInterval < 0 || d.watchStop != nil || d.closed {
+	if d.opts.HealthInterval < 0 || d.closed {
+		return
+	}
+	d.lookPending = true
+	if d.watchStop != nil {
 		return
 	}
 	every := d.opts.HealthInterval
@@ -67,20 +78,15 @@ func (d *Device) stopWatch() chan struct{} {
 	return done
 }
 
-// watch is the watcher: it looks at the backing device at every tick, or,
-// with notify, at every announcement, and an interval after a look that
-// found an operation in progress. With notify it also looks once an
-// interval after it starts, for a failure announced before (its
-// announcement may have gone to the previous watcher).
+// watch is the watcher: it looks at the backing device at every
+// announcement on notify or, without one, at every tick.
 func (d *Device) watch(every time.Duration, notify <-chan struct{}, stop, done chan struct{}) {
 	defer close(done)
-	var tick, retry <-chan time.Time
+	var tick <-chan time.Time
 	if notify == nil {
 		t := time.NewTicker(every)
 		defer t.Stop()
 		tick = t.C
-	} else {
-		retry = time.After(every)
 	}
 	for {
 		select {
@@ -88,41 +94,42 @@ func (d *Device) watch(every time.Duration, notify <-chan struct{}, stop, done c
 			return
 		case <-tick:
 		case <-notify:
-		case <-retry:
 		}
-		retry = nil
-		goOn, busy := d.lookAtBacking(stop)
-		if !goOn {
+		if !d.lookAtBacking(stop, notify != nil) {
 			return
-		}
-		if busy && notify != nil {
-			retry = time.After(every)
 		}
 	}
 }
 
 // lookAtBacking is one look of the watcher whose stop channel is stop. It
-// reports whether the watcher goes on, and whether it could not look
-// because an operation was in progress.
-func (d *Device) lookAtBacking(stop chan struct{}) (goOn, busy bool) {
+// reports whether the watcher goes on: until Close for an announcing
+// backing device (untilClose), otherwise while the device is live.
+func (d *Device) lookAtBacking(stop chan struct{}, untilClose bool) bool {
 	if !d.ops.tryLock() {
-		return true, true // an operation is in progress: later
+		// An operation is in progress: its end looks.
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		if d.watchStop != stop {
+			return false
+		}
+		d.lookPending = true
+		return true
 	}
 	d.mu.Lock()
 	if d.watchStop != stop { // stopped (Close) meanwhile
 		d.mu.Unlock()
 		d.ops.unlock()
-		return false, false
+		return false
 	}
 	d.checkBacking()
-	if !d.live || d.status&virtio.StatusDeviceNeedsReset != 0 {
+	if !untilClose && (!d.live || d.status&virtio.StatusDeviceNeedsReset != 0) {
 		// Nothing more to watch until the device goes live again.
 		d.watchStop, d.watchDone = nil, nil
 		d.end()
-		return false, false
+		return false
 	}
 	d.end()
-	return true, false
+	return true
 }
 
 // checkBacking asks a live backing device for its status and sets

@@ -8,6 +8,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/vdpakit/vdpakit/dirty"
 	"github.com/vdpakit/vdpakit/mdev"
 	"github.com/vdpakit/vdpakit/mdev/mdevtest"
 	"github.com/vdpakit/vdpakit/vdpa"
@@ -62,4 +63,48 @@ func TestHealthWatcherWaitsForAnnouncedFailure(t *testing.T) {
 	// A reset recovers the device, and it is watched again.
 	require.NoError(t, dev.Write(mdev.RegionCommon, mdev.OffDeviceStatus, 1, 0))
 	assert.EqualValues(t, 0, dev.Status())
+}
+
+// A failure the backing device causes itself while an operation calls it
+// is not announced (vdpa.Local does not announce its own state): here
+// Local restarts its queues for a new dirty log too small for the rings,
+// one fails to start, and Local sets DEVICE_NEEDS_RESET. The failed call
+// makes the operation look at the backing device when it ends, so the
+// guest still gets DEVICE_NEEDS_RESET and the configuration change
+// notification, as it did when the watcher polled.
+func TestFailedBackingCallLooksAtBacking(t *testing.T) {
+	r, err := vring.NewMemfdRegion(0, testGuestMem, &vring.RegionOptions{Name: "guest"})
+	require.NoError(t, err)
+	mem, err := vring.NewMemory(r)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = mem.Close() })
+	sn, err := softnet.New(nil)
+	require.NoError(t, err)
+	local := vdpa.NewLocal(sn, nil)
+	t.Cleanup(func() { _ = local.Close() })
+	dev, err := mdev.NewDevice(local, &mdev.Options{Memory: mem, DirtyMode: mdev.DirtyDeviceLog, HealthInterval: time.Hour})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = dev.Close() })
+	g, err := mdevtest.Boot(dev, mem, 50, nil)
+	require.NoError(t, err)
+	for !g.Done() {
+		g.Step()
+	}
+	require.NoError(t, g.Verify())
+
+	log, err := dirty.New(64<<10, nil) // the first 64 KiB of guest memory: the rings lie beyond it
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = log.Close() })
+	_, err = dev.StartDirtyTracking(log)
+	require.Error(t, err)
+	st, err := local.Status()
+	require.NoError(t, err)
+	require.NotZero(t, st&virtio.StatusDeviceNeedsReset, "the backing device set NEEDS_RESET itself")
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	n, err := dev.ConfigFD().Wait(ctx)
+	require.NoError(t, err, "no configuration change notification")
+	assert.EqualValues(t, 1, n)
+	assert.NotZero(t, dev.Status()&virtio.StatusDeviceNeedsReset)
 }

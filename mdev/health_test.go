@@ -161,9 +161,11 @@ func (n *notifyingBacking) Status() (virtio.Status, error) {
 }
 
 // TestHealthWatcherAnnouncedNotPolled: a backing device that announces its
-// failures is looked at once after DRIVER_OK (for a failure announced
-// before the watcher started) and then only when it announces one, however
-// short the interval; an announcement is acted on at once.
+// failures is looked at when the device goes live (by the operation that
+// makes it live, for a failure announced before) and then only when it
+// announces one, however short the interval; an announcement is acted on
+// at once; and the watcher stays for the device's next session, so that
+// the announcements have one receiver until Close.
 func TestHealthWatcherAnnouncedNotPolled(t *testing.T) {
 	f := &notifyingBacking{fakeBacking: newFakeBacking(), ch: make(chan struct{}, 1)}
 	d, err := NewDevice(f, &Options{Memory: testMemory(t), HealthInterval: time.Millisecond})
@@ -171,20 +173,14 @@ func TestHealthWatcherAnnouncedNotPolled(t *testing.T) {
 	t.Cleanup(func() { _ = d.Close() })
 	g := driver{t, d}
 	g.bringUp(netFeatures)
-	on, _ := d.watching()
+	on, done := d.watching()
 	require.True(t, on)
-	require.Eventually(t, func() bool { return f.looks.Load() >= 1 }, 10*time.Second, time.Millisecond,
-		"the first look, an interval after the watcher starts")
-	// The driver's own status reads (bringUp) also ask the backing
-	// device; let the watcher's first look (or its retry, if it found
-	// bringUp in progress) pass too.
-	time.Sleep(50 * time.Millisecond)
 	before := f.looks.Load()
+	require.NotZero(t, before, "looked at when going live")
 	time.Sleep(200 * time.Millisecond) // 200 intervals
 	assert.Equal(t, before, f.looks.Load(), "looks without an announcement")
 
-	// A healthy announcement (a queue error elsewhere, already gone) is a
-	// look that finds nothing.
+	// An announcement that finds the backing device healthy is one look.
 	f.ch <- struct{}{}
 	require.Eventually(t, func() bool { return f.looks.Load() == before+1 }, 10*time.Second, time.Millisecond)
 	assert.Zero(t, d.Status()&sNR)
@@ -193,6 +189,71 @@ func TestHealthWatcherAnnouncedNotPolled(t *testing.T) {
 	f.status |= sNR
 	f.mu.Unlock()
 	f.ch <- struct{}{}
+	assert.EqualValues(t, 1, waitConfigSignal(t, d, 10*time.Second))
+	assert.NotZero(t, d.Status()&sNR)
+
+	// Reset: the watcher stays (an announcement now is a look at a device
+	// that is not live), and the next session is watched by it.
+	g.setStatus(0)
+	f.mu.Lock()
+	f.status = 0
+	f.mu.Unlock()
+	f.ch <- struct{}{}
+	time.Sleep(20 * time.Millisecond)
+	n, err := d.ConfigFD().TryWait()
+	require.NoError(t, err)
+	assert.Zero(t, n, "no notification for a device that is not live")
+	g.bringUp(netFeatures)
+	on, done2 := d.watching()
+	require.True(t, on)
+	assert.Equal(t, done, done2, "the same watcher")
+	f.mu.Lock()
+	f.status |= sNR
+	f.mu.Unlock()
+	f.ch <- struct{}{}
+	assert.EqualValues(t, 1, waitConfigSignal(t, d, 10*time.Second))
+	require.NoError(t, d.Close())
+	select {
+	case <-done:
+	default:
+		t.Fatal("Close returned with the watcher running")
+	}
+}
+
+// An announcement while an operation holds the device is acted on when
+// that operation ends, not an interval later.
+func TestHealthWatcherAnnouncementDuringOperation(t *testing.T) {
+	f := &notifyingBacking{fakeBacking: newFakeBacking(), ch: make(chan struct{}, 1)}
+	d, err := NewDevice(f, &Options{Memory: testMemory(t), HealthInterval: time.Hour})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = d.Close() })
+	g := driver{t, d}
+	g.bringUp(netFeatures)
+	// An operation in progress, calling the backing device (mu released,
+	// as unlockedBacking does).
+	require.NoError(t, d.begin(context.Background()))
+	d.mu.Unlock()
+	ended := false
+	defer func() { // a failed check must not leave Close waiting for ops
+		if !ended {
+			d.mu.Lock()
+			d.end()
+		}
+	}()
+	f.mu.Lock()
+	f.status |= sNR
+	f.mu.Unlock()
+	looks := f.looks.Load()
+	f.ch <- struct{}{}
+	require.Eventually(t, func() bool {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		return d.lookPending
+	}, 10*time.Second, time.Millisecond, "the watcher leaves the look to the operation")
+	assert.Equal(t, looks, f.looks.Load(), "no look while the operation runs")
+	d.mu.Lock()
+	ended = true
+	d.end()
 	assert.EqualValues(t, 1, waitConfigSignal(t, d, 10*time.Second))
 	assert.NotZero(t, d.Status()&sNR)
 }

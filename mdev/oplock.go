@@ -81,13 +81,17 @@ func (d *Device) begin(ctx context.Context) error {
 // operations). A report that comes in after that check, once the register
 // lock is released, either finds ops free or is seen by the second check.
 func (d *Device) end() {
+	if d.lookPending {
+		d.lookPending = false
+		d.checkBacking()
+	}
 	if d.cfgPending {
 		d.configChanged()
 	}
 	d.mu.Unlock()
 	d.ops.unlock()
 	d.mu.Lock()
-	again := d.cfgPending
+	again := d.cfgPending || d.lookPending
 	d.mu.Unlock()
 	if again && d.ops.tryLock() {
 		d.mu.Lock()
@@ -105,9 +109,16 @@ type unlockedBacking struct {
 	b vdpa.Device
 }
 
-func (u unlockedBacking) call(fn func() error) error {
+func (u unlockedBacking) call(fn func() error) (err error) {
 	u.d.mu.Unlock()
-	defer u.d.mu.Lock()
+	defer func() {
+		u.d.mu.Lock()
+		if err != nil {
+			// The backing device may have failed: look at it when this
+			// operation ends (health.go).
+			u.d.lookPending = true
+		}
+	}()
 	return fn()
 }
 

@@ -59,11 +59,13 @@ type QueueErrNotifier interface {
 // DEVICE_NEEDS_RESET need not poll Status. Local implements it when its
 // handler is a QueueErrNotifier.
 type FailureNotifier interface {
-	// FailureNotify returns a channel that receives after the device
-	// may have failed (Status then says whether it did), or nil when the
-	// device cannot announce failures and must be polled. The channel
-	// has room for one value, is never closed, and has one receiver at a
-	// time.
+	// FailureNotify returns a channel that receives after the device's
+	// data path may have failed on its own (Status then says whether it
+	// did), or nil when the device cannot announce failures and must be
+	// polled. A failure the device reports from a call (an error from
+	// SetLog, SetStatus...) is not announced: the caller has the error.
+	// The channel has room for one value, is never closed, and must have
+	// one receiver at a time. FailureNotify does not block.
 	FailureNotify() <-chan struct{}
 }
 
@@ -197,7 +199,9 @@ func (l *Local) Status() (virtio.Status, error) {
 
 // FailureNotify implements FailureNotifier: the handler's QueueErrNotify
 // channel when it is a QueueErrNotifier (a queue it stops on an error is
-// what sets DEVICE_NEEDS_RESET in Status), otherwise nil.
+// what sets DEVICE_NEEDS_RESET in Status), otherwise nil. It is the
+// handler's own channel: a watcher of the Local and one of the handler
+// would take each other's announcements, so watch one or the other.
 func (l *Local) FailureNotify() <-chan struct{} {
 	if n, ok := l.h.(QueueErrNotifier); ok {
 		return n.QueueErrNotify()

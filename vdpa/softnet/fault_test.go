@@ -68,7 +68,7 @@ func TestTruncatedTxMemoryBreaksQueue(t *testing.T) {
 			require.NoError(t, s.kick[1].Signal())
 
 			select {
-			case <-s.dev.QueueErrNotify(): // and Local announces it to its watcher
+			case <-s.dev.QueueErrNotify():
 			case <-time.After(10 * time.Second):
 				t.Fatal("the queue error was not announced (QueueErrNotify)")
 			}
