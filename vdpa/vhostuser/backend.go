@@ -292,6 +292,7 @@ type vq struct {
 	kicked  bool // SET_VRING_KICK received since the ring last stopped
 	enabled bool
 	running bool
+	runs    uint64 // times the ring has started: tells one run from the next
 	// broken: the handler failed to stop the ring (StopQueue returned an
 	// error), so it may still own the DeviceQueue. The back-end never
 	// reads that queue's state again and does not start the ring until a
@@ -330,18 +331,18 @@ type session struct {
 	// errFds publishes, per queue, the SET_VRING_ERR eventfd of a running
 	// queue (nil otherwise) to the watcher goroutine that signals it when
 	// a vdpa.QueueErrReporter handler reports the queue broken.
-	errFds atomic.Pointer[[]*vdpa.EventFD]
+	errFds atomic.Pointer[[]errWatch]
 	// errWake wakes the watcher when errFds changes (room for one).
 	errWake chan struct{}
 }
 
 func (s *session) update() {
 	n := 0
-	fds := make([]*vdpa.EventFD, len(s.queues))
+	fds := make([]errWatch, len(s.queues))
 	for i := range s.queues {
-		if s.queues[i].running {
+		if q := &s.queues[i]; q.running {
 			n++
-			fds[i] = s.queues[i].errFd
+			fds[i] = errWatch{q.errFd, q.runs}
 		}
 	}
 	if old := s.errFds.Load(); old == nil || !slices.Equal(*old, fds) {
@@ -1168,6 +1169,7 @@ func (s *session) tryStart(i int) error {
 		return &MessageError{Request: ReqSetVringKick, Err: fmt.Errorf("%w: start queue %d: %w", ErrDeviceFailed, i, err)}
 	}
 	q.dq, q.running, q.saved = dq, true, nil
+	q.runs++
 	return nil
 }
 
@@ -1286,6 +1288,16 @@ func (s *session) halt(i int) (vring.QueueState, bool) {
 	return st, true
 }
 
+// errWatch is what the error watcher knows of a queue: its SET_VRING_ERR
+// eventfd (nil: none, or the queue is not running) and which run of the
+// queue it is for, so that a queue restarted with the same eventfd (a
+// SET_MEM_TABLE, SET_VRING_CALL or SET_LOG_BASE restarts it) is signalled
+// again when its new run breaks.
+type errWatch struct {
+	fd  *vdpa.EventFD
+	run uint64
+}
+
 // errWatchInterval is how often the watcher asks a QueueErrReporter
 // handler that does not announce errors (vdpa.QueueErrNotifier) about
 // running queues that have a SET_VRING_ERR eventfd.
@@ -1309,7 +1321,7 @@ func (s *session) watchErrors(ctx context.Context, r vdpa.QueueErrReporter) {
 		defer t.Stop()
 		ticks = t.C
 	}
-	var signalled []*vdpa.EventFD
+	var signalled []errWatch
 	for {
 		select {
 		case <-ctx.Done():
@@ -1324,18 +1336,14 @@ func (s *session) watchErrors(ctx context.Context, r vdpa.QueueErrReporter) {
 		}
 		fds := *p
 		if len(signalled) != len(fds) {
-			signalled = make([]*vdpa.EventFD, len(fds))
+			signalled = make([]errWatch, len(fds))
 		}
 		for q, e := range fds {
-			if e == nil {
-				signalled[q] = nil // stopped: re-armed for its next run
-				continue
-			}
-			if signalled[q] == e {
-				continue
+			if e.fd == nil || signalled[q] == e {
+				continue // nothing to signal, or signalled in this run
 			}
 			if r.QueueErr(q) != nil {
-				_ = e.Signal()
+				_ = e.fd.Signal()
 				signalled[q] = e
 			}
 		}
