@@ -369,6 +369,10 @@ func (h *Harness) Scale(ctx context.Context) {
 }
 
 // scaleCount creates, starts, pings and closes n devices made by mk.
+// scaleIdleWindow is how long scaleCount leaves its devices idle to
+// measure what they cost doing nothing.
+const scaleIdleWindow = 500 * time.Millisecond
+
 func (h *Harness) scaleCount(ctx context.Context, what string, n, fdsEach int, limit uint64,
 	mk func(context.Context, int) (*scaleDev, error)) {
 	const suite = "scale"
@@ -414,6 +418,14 @@ func (h *Harness) scaleCount(ctx context.Context, what string, n, fdsEach int, l
 		}
 	}
 	cancel()
+	// Idle cost: the process's CPU time while every device is up and no
+	// frame moves (timers, watchers, pollers that wake with nothing to do).
+	idle0, idleStart := cpuTime(), time.Now()
+	select {
+	case <-ctx.Done():
+	case <-time.After(scaleIdleWindow):
+	}
+	idleCPU, idleEl := cpuTime()-idle0, time.Since(idleStart)
 	closeStart := time.Now()
 	if err := closeAll(); err != nil {
 		h.fail(suite, name, params, fmt.Errorf("close: %w", err))
@@ -429,6 +441,7 @@ func (h *Harness) scaleCount(ctx context.Context, what string, n, fdsEach int, l
 		{Name: "fds", Value: per(uint64(up.fds), uint64(before.fds)), Unit: "/dev"},
 		{Name: "Go heap", Value: per(up.heap, before.heap) / 1024, Unit: "KiB/dev"},
 		{Name: "outside Go heap (shared memory: guest memory, rings)", Value: per(up.shmem, before.shmem) / 1024, Unit: "KiB/dev"},
+		{Name: "idle CPU", Value: float64(idleCPU.Nanoseconds()) / idleEl.Seconds() / float64(n) / 1e3, Unit: "µs/s/dev"},
 		{Name: "close", Value: nsPer(n, closeEl) / 1e6, Unit: "ms/dev"},
 		{Name: "leaked goroutines", Value: float64(g - before.goroutines), Unit: ""},
 		{Name: "leaked fds", Value: float64(after.fds - before.fds), Unit: ""},
