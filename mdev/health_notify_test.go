@@ -17,12 +17,10 @@ import (
 	"github.com/vdpakit/vdpakit/vring"
 )
 
-// A backing device that announces its failures (vdpa.Local over softnet,
-// a vdpa.FailureNotifier) is not polled: with an hour between looks, a
-// guest that breaks its transmit ring under the software device still
-// gets DEVICE_NEEDS_RESET and the configuration change notification
-// (§2.1.2) at once, without reading device_status.
-func TestHealthWatcherWaitsForAnnouncedFailure(t *testing.T) {
+// softnetDevice is an mdev device over vdpa.Local over softnet, on
+// testGuestMem of guest memory, with opts (Memory is set here).
+func softnetDevice(t *testing.T, opts *mdev.Options) (*mdev.Device, *vring.Memory, *vdpa.Local) {
+	t.Helper()
 	r, err := vring.NewMemfdRegion(0, testGuestMem, &vring.RegionOptions{Name: "guest"})
 	require.NoError(t, err)
 	mem, err := vring.NewMemory(r)
@@ -32,10 +30,22 @@ func TestHealthWatcherWaitsForAnnouncedFailure(t *testing.T) {
 	require.NoError(t, err)
 	local := vdpa.NewLocal(sn, nil)
 	t.Cleanup(func() { _ = local.Close() })
-	require.NotNil(t, local.FailureNotify(), "Local over softnet announces failures")
-	dev, err := mdev.NewDevice(local, &mdev.Options{Memory: mem, HealthInterval: time.Hour})
+	o := *opts
+	o.Memory = mem
+	dev, err := mdev.NewDevice(local, &o)
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = dev.Close() })
+	return dev, mem, local
+}
+
+// A backing device that announces its failures (vdpa.Local over softnet,
+// a vdpa.FailureNotifier) is not polled: with an hour between looks, a
+// guest that breaks its transmit ring under the software device still
+// gets DEVICE_NEEDS_RESET and the configuration change notification
+// (§2.1.2) at once, without reading device_status.
+func TestHealthWatcherWaitsForAnnouncedFailure(t *testing.T) {
+	dev, mem, local := softnetDevice(t, &mdev.Options{HealthInterval: time.Hour})
+	require.NotNil(t, local.FailureNotify(), "Local over softnet announces failures")
 
 	g, err := mdevtest.Boot(dev, mem, 100, nil)
 	require.NoError(t, err)
@@ -73,18 +83,7 @@ func TestHealthWatcherWaitsForAnnouncedFailure(t *testing.T) {
 // guest still gets DEVICE_NEEDS_RESET and the configuration change
 // notification, as it did when the watcher polled.
 func TestFailedBackingCallLooksAtBacking(t *testing.T) {
-	r, err := vring.NewMemfdRegion(0, testGuestMem, &vring.RegionOptions{Name: "guest"})
-	require.NoError(t, err)
-	mem, err := vring.NewMemory(r)
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = mem.Close() })
-	sn, err := softnet.New(nil)
-	require.NoError(t, err)
-	local := vdpa.NewLocal(sn, nil)
-	t.Cleanup(func() { _ = local.Close() })
-	dev, err := mdev.NewDevice(local, &mdev.Options{Memory: mem, DirtyMode: mdev.DirtyDeviceLog, HealthInterval: time.Hour})
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = dev.Close() })
+	dev, mem, local := softnetDevice(t, &mdev.Options{DirtyMode: mdev.DirtyDeviceLog, HealthInterval: time.Hour})
 	g, err := mdevtest.Boot(dev, mem, 50, nil)
 	require.NoError(t, err)
 	for !g.Done() {

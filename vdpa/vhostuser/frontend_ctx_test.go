@@ -178,6 +178,23 @@ func TestFrontendQueueBaseUsedIdxUnreadable(t *testing.T) {
 	}
 }
 
+// startSplitQueue gives f 1 MiB of guest memory at 0x100000 and starts its
+// queue 0 there as a split ring of size entries whose used.idx is used.
+func startSplitQueue(t *testing.T, f *Frontend, size, used uint16) {
+	t.Helper()
+	reg, err := vring.NewMemfdRegion(0x100000, 1<<20, nil)
+	require.NoError(t, err)
+	mem, err := vring.NewMemory(reg)
+	require.NoError(t, err)
+	t.Cleanup(func() { mem.Close() })
+	require.NoError(t, f.SetMemory(mem))
+	l := vring.ContiguousLayout(0x100000, size)
+	require.NoError(t, f.SetQueueNum(0, size))
+	require.NoError(t, f.SetQueueAddr(0, vdpa.QueueAddr{Desc: l.Desc, Avail: l.Avail, Used: l.Used}))
+	require.NoError(t, f.SetQueueKick(0, nil))
+	require.NoError(t, mem.Write(l.Used+2, []byte{byte(used), byte(used >> 8)}))
+}
+
 // A split ring's GET_VRING_BASE answer is checked against used.idx in
 // guest memory: a back-end that says it took more chains than the ring
 // holds, or fewer than the used ring already returned, gets
@@ -209,17 +226,7 @@ func TestFrontendSplitQueueBaseInFlight(t *testing.T) {
 			f, err := NewFrontend(context.Background(), c.uc, nil)
 			require.NoError(t, err)
 			defer f.Close()
-			reg, err := vring.NewMemfdRegion(0x100000, 1<<20, nil)
-			require.NoError(t, err)
-			mem, err := vring.NewMemory(reg)
-			require.NoError(t, err)
-			defer mem.Close()
-			require.NoError(t, f.SetMemory(mem))
-			l := vring.ContiguousLayout(0x100000, size)
-			require.NoError(t, f.SetQueueNum(0, size))
-			require.NoError(t, f.SetQueueAddr(0, vdpa.QueueAddr{Desc: l.Desc, Avail: l.Avail, Used: l.Used}))
-			require.NoError(t, f.SetQueueKick(0, nil))
-			require.NoError(t, mem.Write(l.Used+2, []byte{byte(tc.used), byte(tc.used >> 8)}))
+			startSplitQueue(t, f, size, tc.used)
 
 			st, err := f.QueueBase(0)
 			if tc.ok {
@@ -253,17 +260,7 @@ func TestFrontendResetStopsRingWhateverItsPosition(t *testing.T) {
 	f, err := NewFrontend(context.Background(), c.uc, nil)
 	require.NoError(t, err)
 	defer f.Close()
-	reg, err := vring.NewMemfdRegion(0x100000, 1<<20, nil)
-	require.NoError(t, err)
-	mem, err := vring.NewMemory(reg)
-	require.NoError(t, err)
-	defer mem.Close()
-	require.NoError(t, f.SetMemory(mem))
-	l := vring.ContiguousLayout(0x100000, 256)
-	require.NoError(t, f.SetQueueNum(0, 256))
-	require.NoError(t, f.SetQueueAddr(0, vdpa.QueueAddr{Desc: l.Desc, Avail: l.Avail, Used: l.Used}))
-	require.NoError(t, f.SetQueueKick(0, nil))
-	require.NoError(t, mem.Write(l.Used+2, []byte{1000 & 0xff, 1000 >> 8}))
+	startSplitQueue(t, f, 256, 1000)
 
 	require.NoError(t, f.SetStatus(0))
 	assert.Equal(t, int32(1), gets.Load(), "the reset stopped the ring")
