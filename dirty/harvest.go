@@ -175,12 +175,13 @@ func (b *Bitmap) HarvestWords(dst []uint64) (uint64, error) {
 	return taken, b.harvested(taken)
 }
 
-// harvested ends a harvest (or a Clear) that took taken bits. On a bitmap whose marks
-// may skip their atomic OR (b.probe), it runs the process-wide barrier
-// that orders every write a skipped mark recorded before the caller's
-// reads of the harvested pages. Its error, which a kernel that accepted
-// the registration does not return, leaves the taken bits in the
-// destination: the caller can put them back with Union.
+// harvested ends a harvest (or a Clear) that took taken bits. On a bitmap
+// whose marks may skip their atomic OR (b.probe), it runs the
+// process-wide barrier that orders every write a skipped mark recorded
+// before the caller's reads of the harvested pages. Its error, which a
+// kernel that accepted the registration does not return, leaves a
+// harvest's bits in its destination: the caller can put them back with
+// Union.
 func (b *Bitmap) harvested(taken uint64) error {
 	if taken == 0 || !b.probe {
 		return nil

@@ -31,8 +31,9 @@ func registerBarrier() bool {
 // running passed one when it was switched out. When it returns, every store
 // any thread of the process made before its barrier point is visible to
 // every CPU, and every load a thread makes after its barrier point sees
-// every store the caller made before the call. It takes about 1.5 µs on
-// a 2-CPU machine.
+// every store the caller made before the call. It takes about 1.5 µs when
+// no other thread of the process runs, and tens of µs in a virtual machine
+// when they do (an interrupt to each of their CPUs).
 func processBarrier() error {
 	if _, _, errno := unix.Syscall(unix.SYS_MEMBARRIER, membarrierPrivateExpedited, 0, 0); errno != 0 {
 		return &OpError{Op: "membarrier", Err: errno}

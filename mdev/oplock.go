@@ -83,7 +83,9 @@ func (d *Device) begin(ctx context.Context) error {
 func (d *Device) end() {
 	if d.lookPending {
 		d.lookPending = false
-		d.checkBacking()
+		if d.opts.HealthInterval >= 0 { // negative: the guest's status reads only
+			d.checkBacking()
+		}
 	}
 	if d.cfgPending {
 		d.configChanged()
