@@ -11,32 +11,9 @@ import (
 	"github.com/vdpakit/vdpakit/dirty"
 	"github.com/vdpakit/vdpakit/mdev"
 	"github.com/vdpakit/vdpakit/mdev/mdevtest"
-	"github.com/vdpakit/vdpakit/vdpa"
-	"github.com/vdpakit/vdpakit/vdpa/softnet"
 	"github.com/vdpakit/vdpakit/virtio"
 	"github.com/vdpakit/vdpakit/vring"
 )
-
-// softnetDevice is an mdev device over vdpa.Local over softnet, on
-// testGuestMem of guest memory, with opts (Memory is set here).
-func softnetDevice(t *testing.T, opts *mdev.Options) (*mdev.Device, *vring.Memory, *vdpa.Local) {
-	t.Helper()
-	r, err := vring.NewMemfdRegion(0, testGuestMem, &vring.RegionOptions{Name: "guest"})
-	require.NoError(t, err)
-	mem, err := vring.NewMemory(r)
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = mem.Close() })
-	sn, err := softnet.New(nil)
-	require.NoError(t, err)
-	local := vdpa.NewLocal(sn, nil)
-	t.Cleanup(func() { _ = local.Close() })
-	o := *opts
-	o.Memory = mem
-	dev, err := mdev.NewDevice(local, &o)
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = dev.Close() })
-	return dev, mem, local
-}
 
 // A backing device that announces its failures (vdpa.Local over softnet,
 // a vdpa.FailureNotifier) is not polled: with an hour between looks, a
@@ -44,7 +21,8 @@ func softnetDevice(t *testing.T, opts *mdev.Options) (*mdev.Device, *vring.Memor
 // gets DEVICE_NEEDS_RESET and the configuration change notification
 // (§2.1.2) at once, without reading device_status.
 func TestHealthWatcherWaitsForAnnouncedFailure(t *testing.T) {
-	dev, mem, local := softnetDevice(t, &mdev.Options{HealthInterval: time.Hour})
+	s := newSideWith(t, testGuestMem, &mdev.Options{HealthInterval: time.Hour})
+	dev, mem, local := s.dev, s.mem, s.local
 	require.NotNil(t, local.FailureNotify(), "Local over softnet announces failures")
 
 	g, err := mdevtest.Boot(dev, mem, 100, nil)
@@ -83,7 +61,8 @@ func TestHealthWatcherWaitsForAnnouncedFailure(t *testing.T) {
 // guest still gets DEVICE_NEEDS_RESET and the configuration change
 // notification, as it did when the watcher polled.
 func TestFailedBackingCallLooksAtBacking(t *testing.T) {
-	dev, mem, local := softnetDevice(t, &mdev.Options{DirtyMode: mdev.DirtyDeviceLog, HealthInterval: time.Hour})
+	s := newSideWith(t, testGuestMem, &mdev.Options{DirtyMode: mdev.DirtyDeviceLog, HealthInterval: time.Hour})
+	dev, mem, local := s.dev, s.mem, s.local
 	g, err := mdevtest.Boot(dev, mem, 50, nil)
 	require.NoError(t, err)
 	for !g.Done() {

@@ -155,6 +155,17 @@ type notifyingBacking struct {
 
 func (n *notifyingBacking) FailureNotify() <-chan struct{} { return n.ch }
 
+// newNotifyingDevice is a device over a new notifyingBacking, with the
+// given health interval.
+func newNotifyingDevice(t *testing.T, every time.Duration) (*notifyingBacking, *Device) {
+	t.Helper()
+	f := &notifyingBacking{fakeBacking: newFakeBacking(), ch: make(chan struct{}, 1)}
+	d, err := NewDevice(f, &Options{Memory: testMemory(t), HealthInterval: every})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = d.Close() })
+	return f, d
+}
+
 func (n *notifyingBacking) Status() (virtio.Status, error) {
 	n.looks.Add(1)
 	return n.fakeBacking.Status()
@@ -167,10 +178,7 @@ func (n *notifyingBacking) Status() (virtio.Status, error) {
 // at once; and the watcher stays for the device's next session, so that
 // the announcements have one receiver until Close.
 func TestHealthWatcherAnnouncedNotPolled(t *testing.T) {
-	f := &notifyingBacking{fakeBacking: newFakeBacking(), ch: make(chan struct{}, 1)}
-	d, err := NewDevice(f, &Options{Memory: testMemory(t), HealthInterval: time.Millisecond})
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = d.Close() })
+	f, d := newNotifyingDevice(t, time.Millisecond)
 	g := driver{t, d}
 	g.bringUp(netFeatures)
 	on, done := d.watching()
@@ -223,10 +231,7 @@ func TestHealthWatcherAnnouncedNotPolled(t *testing.T) {
 // An announcement while an operation holds the device is acted on when
 // that operation ends, not an interval later.
 func TestHealthWatcherAnnouncementDuringOperation(t *testing.T) {
-	f := &notifyingBacking{fakeBacking: newFakeBacking(), ch: make(chan struct{}, 1)}
-	d, err := NewDevice(f, &Options{Memory: testMemory(t), HealthInterval: time.Hour})
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = d.Close() })
+	f, d := newNotifyingDevice(t, time.Hour)
 	g := driver{t, d}
 	g.bringUp(netFeatures)
 	// An operation in progress, calling the backing device (mu released,

@@ -27,12 +27,19 @@ import (
 const testGuestMem = 16 << 20
 
 type side struct {
-	mem *vring.Memory
-	sn  *softnet.Device
-	dev *mdev.Device
+	mem   *vring.Memory
+	sn    *softnet.Device
+	local *vdpa.Local
+	dev   *mdev.Device
 }
 
 func newSide(t testing.TB, size uint64, mode mdev.DirtyMode) *side {
+	t.Helper()
+	return newSideWith(t, size, &mdev.Options{DirtyMode: mode, Backend: "software"})
+}
+
+// newSideWith is newSide with the device's options (Memory is set here).
+func newSideWith(t testing.TB, size uint64, opts *mdev.Options) *side {
 	t.Helper()
 	r, err := vring.NewMemfdRegion(0, size, &vring.RegionOptions{Name: "guest"})
 	require.NoError(t, err)
@@ -43,10 +50,12 @@ func newSide(t testing.TB, size uint64, mode mdev.DirtyMode) *side {
 	require.NoError(t, err)
 	local := vdpa.NewLocal(sn, nil)
 	t.Cleanup(func() { _ = local.Close() })
-	dev, err := mdev.NewDevice(local, &mdev.Options{Memory: mem, DirtyMode: mode, Backend: "software"})
+	o := *opts
+	o.Memory = mem
+	dev, err := mdev.NewDevice(local, &o)
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = dev.Close() })
-	return &side{mem: mem, sn: sn, dev: dev}
+	return &side{mem: mem, sn: sn, local: local, dev: dev}
 }
 
 // trackedSide is a software-backed side in relay mode with a guest booted
