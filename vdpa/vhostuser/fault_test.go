@@ -145,26 +145,11 @@ func TestBackendSignalsErrFdSentAfterTheError(t *testing.T) {
 // re-arm only when it saw the queue stopped, which a restart inside one
 // message never shows it.)
 func TestBackendSignalsErrFdForEachRun(t *testing.T) {
-	h, err := softnet.New(&softnet.Options{MaxQueueSize: 1024})
-	require.NoError(t, err)
-	_, uc, _ := startBackend(t, h, nil)
-	d := newTestDriver(t, uc, virtio.Features(0).With(virtio.FVersion1, virtio.NetFMAC))
-	errFd, err := vdpa.NewEventFD()
-	require.NoError(t, err)
-	defer errFd.Close()
-	require.NoError(t, d.fe.SetQueueErr(1, errFd))
-	d.startQueue(0)
-	d.startQueue(1)
-	require.NoError(t, d.fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK|virtio.StatusDriverOK))
-	// The transmit ring's avail.idx jumps past the ring (§2.7.13.3).
-	jump := func() {
-		require.NoError(t, d.mem.Write(d.layouts[1].Avail+2, []byte{0x00, 0x40}))
-		require.NoError(t, d.kicks[1].Signal())
-	}
-	jump()
+	h, d, errFd := runningWithErrFd(t, virtio.Features(0).With(virtio.FVersion1, virtio.NetFMAC))
+	d.jumpAvail(1, 0x4000) // the transmit ring's avail.idx jumps past the ring
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	_, err = errFd.Wait(ctx)
+	_, err := errFd.Wait(ctx)
 	require.NoError(t, err, "first run: SET_VRING_ERR eventfd not signalled")
 	require.ErrorIs(t, h.QueueErr(1), vring.ErrAvailIdxJump)
 
@@ -177,7 +162,7 @@ func TestBackendSignalsErrFdForEachRun(t *testing.T) {
 	require.NoError(t, h.QueueErr(1), "the restarted ring runs")
 	_, err = errFd.TryWait() // stopping the broken ring signalled it once more
 	require.NoError(t, err)
-	jump() // and breaks again
+	d.jumpAvail(1, 0x4000) // and breaks again
 	_, err = errFd.Wait(ctx)
 	require.NoError(t, err, "second run: SET_VRING_ERR eventfd not signalled")
 }

@@ -39,31 +39,45 @@ func TestBackendServesSoftnet(t *testing.T) {
 	assert.Equal(t, []byte{2, 0, 0, 0, 0, 1}, mac)
 }
 
+// runningWithErrFd serves a softnet device to a test driver offering
+// want, with a SET_VRING_ERR eventfd on the transmit queue (1), both
+// queues started and DRIVER_OK set.
+func runningWithErrFd(t *testing.T, want virtio.Features) (*softnet.Device, *testDriver, *vdpa.EventFD) {
+	t.Helper()
+	h, err := softnet.New(&softnet.Options{MaxQueueSize: 1024})
+	require.NoError(t, err)
+	_, uc, _ := startBackend(t, h, nil)
+	d := newTestDriver(t, uc, want)
+	errFd, err := vdpa.NewEventFD()
+	require.NoError(t, err)
+	t.Cleanup(func() { errFd.Close() })
+	require.NoError(t, d.fe.SetQueueErr(1, errFd))
+	d.startQueue(0)
+	d.startQueue(1)
+	require.NoError(t, d.fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK|virtio.StatusDriverOK))
+	return h, d, errFd
+}
+
+// jumpAvail breaks queue q's ring rules (virtio 1.2 §2.7.13.3): it sets
+// its avail.idx to idx, more than the queue size ahead, and kicks.
+func (d *testDriver) jumpAvail(q int, idx uint16) {
+	var b [2]byte
+	binary.LittleEndian.PutUint16(b[:], idx)
+	require.NoError(d.t, d.mem.Write(d.layouts[q].Avail+2, b[:]))
+	require.NoError(d.t, d.kicks[q].Signal())
+}
+
 // A driver that breaks a ring rule (avail.idx jumping by more than the
 // queue size, virtio 1.2 §2.7.13.3): the device reports the queue broken,
 // the back-end signals the SET_VRING_ERR eventfd and GET_STATUS shows
 // DEVICE_NEEDS_RESET.
 func TestBackendSignalsBrokenQueue(t *testing.T) {
-	dev, err := softnet.New(&softnet.Options{MaxQueueSize: 1024})
-	require.NoError(t, err)
-	_, uc, _ := startBackend(t, dev, nil)
-	d := newTestDriver(t, uc, virtio.Features(0).With(virtio.FVersion1))
-	errFd, err := vdpa.NewEventFD()
-	require.NoError(t, err)
-	defer errFd.Close()
-	require.NoError(t, d.fe.SetQueueErr(1, errFd))
-	d.startQueue(0)
-	d.startQueue(1)
-	require.NoError(t, d.fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK|virtio.StatusDriverOK))
-
-	var idx [2]byte
-	binary.LittleEndian.PutUint16(idx[:], testQueueSize+5)
-	require.NoError(t, d.mem.Write(d.layouts[1].Avail+2, idx[:]))
-	require.NoError(t, d.kicks[1].Signal())
+	_, d, errFd := runningWithErrFd(t, virtio.Features(0).With(virtio.FVersion1))
+	d.jumpAvail(1, testQueueSize+5)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	_, err = errFd.Wait(ctx)
+	_, err := errFd.Wait(ctx)
 	require.NoError(t, err, "SET_VRING_ERR eventfd not signalled")
 	st, err := d.fe.Status()
 	require.NoError(t, err)
