@@ -2,11 +2,11 @@ package dirty
 
 import (
 	"errors"
-	"runtime"
-	"sync/atomic"
 	"testing"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/vdpakit/vdpakit/internal/litmus"
 )
 
 // A mark that finds its bit already set skips the atomic OR (Bitmap.probe),
@@ -25,27 +25,6 @@ import (
 // case failed in each of 3 runs of 40,000 rounds (1 to 416 rounds each,
 // most in the tens); with Clear alone left without it, its case failed 3
 // runs of 3 (37 to 124 rounds). A run here is 20,000 rounds per case.
-
-var errSkipAborted = errors.New("the other side stopped")
-
-// skipBarrier releases its two parties together, round after round.
-type skipBarrier struct {
-	n       atomic.Uint64
-	aborted atomic.Bool
-}
-
-func (b *skipBarrier) await(k uint64) error {
-	b.n.Add(1)
-	for spins := 0; b.n.Load() < 2*k; spins++ {
-		if b.aborted.Load() {
-			return errSkipAborted
-		}
-		if spins&1023 == 1023 {
-			runtime.Gosched() // a loaded or single-CPU machine
-		}
-	}
-	return nil
-}
 
 func TestSkippedMarkSeenByHarvest(t *testing.T) {
 	if !probeMarks {
@@ -107,24 +86,24 @@ func skipLitmus(t *testing.T, take func(*Bitmap, []uint64) (bool, error)) {
 		v uint64
 		_ [64]byte
 	}
-	var bar skipBarrier
+	var bar litmus.Barrier
 	missed, skipped := 0, 0
 	marker := func() error {
 		for r := range rounds {
-			if err := bar.await(uint64(3*r + 1)); err != nil {
+			if err := bar.Await(uint64(3*r + 1)); err != nil {
 				return err
 			}
 			if b.PageDirty(skipPage) { // the word, into this CPU's cache
 				skipped++ // the bit is set: Mark will skip unless a harvest was first
 			}
-			if err := bar.await(uint64(3*r + 2)); err != nil {
+			if err := bar.Await(uint64(3*r + 2)); err != nil {
 				return err
 			}
 			contents.v = uint64(2*r + 1) // the write
 			if err := b.Mark(skipPage*DefaultPageSize, 8); err != nil {
 				return err
 			}
-			if err := bar.await(uint64(3*r + 3)); err != nil {
+			if err := bar.Await(uint64(3*r + 3)); err != nil {
 				return err
 			}
 		}
@@ -138,10 +117,10 @@ func skipLitmus(t *testing.T, take func(*Bitmap, []uint64) (bool, error)) {
 			if err := b.Mark(skipPage*DefaultPageSize, 8); err != nil {
 				return err
 			}
-			if err := bar.await(uint64(3*r + 1)); err != nil {
+			if err := bar.Await(uint64(3*r + 1)); err != nil {
 				return err
 			}
-			if err := bar.await(uint64(3*r + 2)); err != nil {
+			if err := bar.Await(uint64(3*r + 2)); err != nil {
 				return err
 			}
 			took, err := take(b, words)
@@ -149,7 +128,7 @@ func skipLitmus(t *testing.T, take func(*Bitmap, []uint64) (bool, error)) {
 				return err
 			}
 			seen := contents.v // the copy, after the harvest that took the bit
-			if err := bar.await(uint64(3*r + 3)); err != nil {
+			if err := bar.Await(uint64(3*r + 3)); err != nil {
 				return err
 			}
 			if !took {
@@ -165,24 +144,9 @@ func skipLitmus(t *testing.T, take func(*Bitmap, []uint64) (bool, error)) {
 		}
 		return nil
 	}
-	done := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		defer runtime.UnlockOSThread()
-		err := marker()
-		if err != nil {
-			bar.aborted.Store(true)
-		}
-		done <- err
-	}()
-	runtime.LockOSThread()
-	errH := harvester()
-	runtime.UnlockOSThread()
-	if errH != nil {
-		bar.aborted.Store(true)
-	}
+	errH, errM := litmus.Run(&bar, harvester, marker)
 	require.NoError(t, errH)
-	require.NoError(t, <-done)
+	require.NoError(t, errM)
 	t.Logf("%d of %d marks found their bit set", skipped, rounds)
 	require.Zero(t, missed, "rounds of %d where the harvest took the bit, read the page before the marker's write, and no bit was left", rounds)
 }

@@ -1,13 +1,12 @@
 package vring
 
 import (
-	"errors"
 	"fmt"
-	"runtime"
-	"sync/atomic"
 	"testing"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/vdpakit/vdpakit/internal/litmus"
 	"github.com/vdpakit/vdpakit/virtio"
 )
 
@@ -37,30 +36,6 @@ func litmusRounds() int {
 	return 100_000
 }
 
-var errLitmusAborted = errors.New("the other side stopped")
-
-// spinBarrier releases its two parties together, round after round; a
-// party that stops aborts it so the other does not spin for ever.
-type spinBarrier struct {
-	n       atomic.Uint64
-	aborted atomic.Bool
-}
-
-// await is barrier k (k counts from 1, the same sequence for both
-// parties).
-func (b *spinBarrier) await(k uint64) error {
-	b.n.Add(1)
-	for spins := 0; b.n.Load() < 2*k; spins++ {
-		if b.aborted.Load() {
-			return errLitmusAborted
-		}
-		if spins&1023 == 1023 {
-			runtime.Gosched() // a loaded or single-CPU machine
-		}
-	}
-	return nil
-}
-
 type litmusFormat struct {
 	name string
 	feat virtio.Features
@@ -87,28 +62,6 @@ func litmusQueues(t *testing.T, feat virtio.Features) (*DriverQueue, *DeviceQueu
 	return drv, dev, 0x100000
 }
 
-// runLitmus runs side a on this goroutine and side b on another, each
-// locked to its thread, and returns both errors once both have returned.
-func runLitmus(bar *spinBarrier, a, b func() error) (errA, errB error) {
-	done := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		defer runtime.UnlockOSThread()
-		err := b()
-		if err != nil {
-			bar.aborted.Store(true)
-		}
-		done <- err
-	}()
-	runtime.LockOSThread()
-	errA = a()
-	runtime.UnlockOSThread()
-	if errA != nil {
-		bar.aborted.Store(true)
-	}
-	return errA, <-done
-}
-
 func TestInterruptDecisionNeverMissed(t *testing.T) {
 	for _, f := range litmusFormats {
 		t.Run(f.name, func(t *testing.T) {
@@ -116,7 +69,7 @@ func TestInterruptDecisionNeverMissed(t *testing.T) {
 			dev.DisableNotify()
 			rounds := litmusRounds()
 			wants := make([]bool, rounds)
-			var bar spinBarrier
+			var bar litmus.Barrier
 			missed := 0
 			device := func() error {
 				var c Chain
@@ -129,11 +82,11 @@ func TestInterruptDecisionNeverMissed(t *testing.T) {
 						if ok {
 							break
 						}
-						if bar.aborted.Load() {
-							return errLitmusAborted
+						if bar.Aborted() {
+							return litmus.ErrAborted
 						}
 					}
-					if err := bar.await(uint64(2*r + 1)); err != nil {
+					if err := bar.Await(uint64(2*r + 1)); err != nil {
 						return err
 					}
 					// Publish the used entry, then decide.
@@ -141,7 +94,7 @@ func TestInterruptDecisionNeverMissed(t *testing.T) {
 						return err
 					}
 					wants[r] = dev.NeedsInterrupt()
-					if err := bar.await(uint64(2*r + 2)); err != nil {
+					if err := bar.Await(uint64(2*r + 2)); err != nil {
 						return err
 					}
 				}
@@ -154,7 +107,7 @@ func TestInterruptDecisionNeverMissed(t *testing.T) {
 						return err
 					}
 					drv.Publish()
-					if err := bar.await(uint64(2*r + 1)); err != nil {
+					if err := bar.Await(uint64(2*r + 1)); err != nil {
 						return err
 					}
 					// Re-enable interrupts, then look for used entries.
@@ -162,7 +115,7 @@ func TestInterruptDecisionNeverMissed(t *testing.T) {
 					if err != nil {
 						return err
 					}
-					if err := bar.await(uint64(2*r + 2)); err != nil {
+					if err := bar.Await(uint64(2*r + 2)); err != nil {
 						return err
 					}
 					if !pending && !wants[r] {
@@ -178,7 +131,7 @@ func TestInterruptDecisionNeverMissed(t *testing.T) {
 				}
 				return nil
 			}
-			errDrv, errDev := runLitmus(&bar, driver, device)
+			errDrv, errDev := litmus.Run(&bar, driver, device)
 			require.NoError(t, errDrv)
 			require.NoError(t, errDev)
 			require.Zero(t, missed, "rounds of %d where the driver slept on a used entry and the device raised no interrupt", rounds)
@@ -193,20 +146,20 @@ func TestKickDecisionNeverMissed(t *testing.T) {
 			drv.DisableInterrupts()
 			rounds := litmusRounds()
 			kicks := make([]bool, rounds)
-			var bar spinBarrier
+			var bar litmus.Barrier
 			missed := 0
 			driver := func() error {
 				for r := range rounds {
 					if _, err := drv.Add([]Buffer{{Addr: buf, Len: 64, Writable: true}}); err != nil {
 						return err
 					}
-					if err := bar.await(uint64(2*r + 1)); err != nil {
+					if err := bar.Await(uint64(2*r + 1)); err != nil {
 						return err
 					}
 					// Publish the chain, then decide.
 					drv.Publish()
 					kicks[r] = drv.NeedsKick()
-					if err := bar.await(uint64(2*r + 2)); err != nil {
+					if err := bar.Await(uint64(2*r + 2)); err != nil {
 						return err
 					}
 					// The device pushes the chain back after the barrier.
@@ -218,8 +171,8 @@ func TestKickDecisionNeverMissed(t *testing.T) {
 						if ok {
 							break
 						}
-						if bar.aborted.Load() {
-							return errLitmusAborted
+						if bar.Aborted() {
+							return litmus.ErrAborted
 						}
 					}
 				}
@@ -229,7 +182,7 @@ func TestKickDecisionNeverMissed(t *testing.T) {
 				var c Chain
 				for r := range rounds {
 					dev.DisableNotify()
-					if err := bar.await(uint64(2*r + 1)); err != nil {
+					if err := bar.Await(uint64(2*r + 1)); err != nil {
 						return err
 					}
 					// Re-enable notifications, then look for chains.
@@ -237,7 +190,7 @@ func TestKickDecisionNeverMissed(t *testing.T) {
 					if err != nil {
 						return err
 					}
-					if err := bar.await(uint64(2*r + 2)); err != nil {
+					if err := bar.Await(uint64(2*r + 2)); err != nil {
 						return err
 					}
 					if !pending && !kicks[r] {
@@ -256,7 +209,7 @@ func TestKickDecisionNeverMissed(t *testing.T) {
 				}
 				return nil
 			}
-			errDev, errDrv := runLitmus(&bar, device, driver)
+			errDev, errDrv := litmus.Run(&bar, device, driver)
 			require.NoError(t, errDrv)
 			require.NoError(t, errDev)
 			require.Zero(t, missed, "rounds of %d where the device slept on a chain and the driver sent no kick", rounds)
