@@ -600,8 +600,10 @@ func (d *Device) QueueErr(q int) error {
 	return d.queues[q].loadErr()
 }
 
-// SetHandler replaces the frame handler; frames already in a handler call
-// finish with the old one.
+// SetHandler replaces the frame handler. Every frame the driver makes
+// available after SetHandler returns goes to h (nil means Loopback); frames
+// already in a handler call finish with the old one, and frames made
+// available before may go to either.
 func (d *Device) SetHandler(h FrameHandler) {
 	if h == nil {
 		h = Loopback

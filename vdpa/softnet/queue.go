@@ -459,20 +459,9 @@ func (d *Device) txBatch(q *queue) (int, error) {
 	}
 	batch := d.opts.BatchSize
 	hdrLen := int(d.hdrLen.Load())
-	h := d.handler.Load().h
-	oh, _ := h.(OffloadHandler)
+	box := d.handler.Load()
+	h, oh, acc := d.useHandler(q, box)
 	defer q.endBatch() // also when a memory fault ends the batch
-	// The built-in Loopback replies to every frame and runs nothing else
-	// between replies, so its replies take the receive queue's lock once
-	// for the batch instead of once per frame: each lock and unlock is a
-	// locked instruction, which waits for the stores of the frame just
-	// written (to cache lines the driver's CPU owns) to drain. No handler
-	// of the embedder's runs while it is held.
-	_, q.tx.hold = h.(loopback)
-	var acc virtio.Features
-	if oh != nil {
-		acc = oh.TxOffloads() & HostOffloads
-	}
 	f := d.NegotiatedFeatures()
 	if cap(q.used) < batch { // the queue's first batch (or BatchSize grew)
 		q.used = make([]vring.UsedElem, batch)
@@ -493,6 +482,16 @@ func (d *Device) txBatch(q *queue) (int, error) {
 		// receive buffers (deliverLocked).
 		if n%prefetchStride == 0 {
 			q.dq.Prefetch(prefetchAhead)
+		}
+		// A frame the driver made available after SetHandler returned
+		// goes to the new handler, even in a batch that began before: the
+		// handler is checked after each Pop (whose acquire load of
+		// avail.idx orders this load after the driver's publication, and
+		// so after a SetHandler that preceded it). One pointer compare.
+		if b := d.handler.Load(); b != box {
+			q.tx.flush() // the old handler's replies go out first
+			box = b
+			h, oh, acc = d.useHandler(q, box)
 		}
 		d.transmit(q, h, oh, acc, f, hdrLen)
 		// Transmit buffers are device-readable only: nothing written. The
@@ -518,6 +517,26 @@ func (d *Device) txBatch(q *queue) (int, error) {
 		q.signal()
 	}
 	return n, err
+}
+
+// useHandler prepares a transmit batch for the handler in box: it returns
+// the handler, the OffloadHandler it is (or nil) and the offloads that one
+// takes, and sets whether replies hold the receive queue.
+func (d *Device) useHandler(q *queue, box *handlerBox) (FrameHandler, OffloadHandler, virtio.Features) {
+	h := box.h
+	// The built-in Loopback replies to every frame and runs nothing else
+	// between replies, so its replies take the receive queue's lock once
+	// for the batch instead of once per frame: each lock and unlock is a
+	// locked instruction, which waits for the stores of the frame just
+	// written (to cache lines the driver's CPU owns) to drain. No handler
+	// of the embedder's runs while it is held.
+	_, q.tx.hold = h.(loopback)
+	oh, _ := h.(OffloadHandler)
+	var acc virtio.Features
+	if oh != nil {
+		acc = oh.TxOffloads() & HostOffloads
+	}
+	return h, oh, acc
 }
 
 // endBatch ends a transmit batch however it ended: the frames it

@@ -2,6 +2,7 @@ package softnet_test
 
 import (
 	"encoding/binary"
+	"sync"
 	"testing"
 	"time"
 
@@ -414,6 +415,50 @@ func TestForwarderLinksTwoDevices(t *testing.T) {
 	// the receiver may see the frame first (QueueStats).
 	waitFor(t, func() bool { return a.dev.Stats().Tx().Frames == 1 }, "a's transmit count: %+v", a.dev.Stats().Queues)
 	assert.Equal(t, uint64(1), b.dev.Stats().Rx().Frames)
+}
+
+// A frame made available after SetHandler returns goes to the new handler,
+// even when the transmit batch it is popped in began under the old one (a
+// PollGroup test saw a forwarded frame looped back instead: Link ran while
+// the worker was in a batch begun under the default Loopback).
+func TestSetHandlerDuringBatch(t *testing.T) {
+	for _, mode := range []softnet.Mode{softnet.ModeEvent, softnet.ModePoll} {
+		t.Run(mode.String(), func(t *testing.T) {
+			s := newStack(t, stackOptions{features: base, dev: softnet.Options{Mode: mode}})
+			s.postRx(0, 4, 2048)
+			inOld := make(chan uint32, 4)
+			release := make(chan struct{})
+			var gotNew []uint32
+			var mu sync.Mutex
+			s.dev.SetHandler(softnet.FrameHandlerFunc(func(tx *softnet.Tx, f []byte) {
+				inOld <- seqOf(f)
+				<-release
+				require.NoError(t, tx.Reply(f))
+			}))
+			first := frame(s.dev.MAC(), 1, 64)
+			s.send(1, first)
+			require.Equal(t, uint32(1), <-inOld, "the old handler has the first frame")
+			// The batch is in the old handler's call: replace the handler,
+			// then make the second frame available. The batch pops it when
+			// the call returns.
+			s.dev.SetHandler(softnet.FrameHandlerFunc(func(tx *softnet.Tx, f []byte) {
+				mu.Lock()
+				gotNew = append(gotNew, seqOf(f))
+				mu.Unlock()
+			}))
+			s.send(1, frame(s.dev.MAC(), 2, 64))
+			close(release)
+			// The first frame's reply comes back (the old handler finishes
+			// its call); the second reaches the new handler, never the old.
+			_, got := s.recvFrame(0)
+			assert.Equal(t, first, got)
+			waitFor(t, func() bool { mu.Lock(); defer mu.Unlock(); return len(gotNew) == 1 }, "no frame reached the new handler")
+			mu.Lock()
+			assert.Equal(t, []uint32{2}, gotNew)
+			mu.Unlock()
+			assert.Empty(t, inOld, "no frame after SetHandler reached the old handler")
+		})
+	}
 }
 
 func TestSuspendResumeStateExact(t *testing.T) {

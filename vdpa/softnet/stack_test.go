@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"os"
+	"runtime"
 	"testing"
 	"time"
 
@@ -192,7 +193,15 @@ func (s *stack) wait(q int) vringtest.Completion {
 		if ok {
 			return c
 		}
-		require.True(s.t, time.Now().Before(deadline), "queue %d: no completion", q)
+		if time.Now().After(deadline) {
+			// What the device saw, so that a rare miss can be told apart:
+			// a frame dropped (and why), never transmitted, or written but
+			// not published.
+			buf := make([]byte, 1<<20)
+			os.Stderr.Write(buf[:runtime.Stack(buf, true)])
+			s.t.Fatalf("queue %d: no completion in 10s; device stats %+v; queue error %v",
+				q, s.dev.Stats(), s.dev.QueueErr(q))
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Millisecond)
 		_, err = s.call[q].Wait(ctx)
 		cancel()
