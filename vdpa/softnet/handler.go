@@ -49,8 +49,8 @@ func (f FrameHandlerFunc) HandleFrame(tx *Tx, frame []byte) { f(tx, frame) }
 // frame when CSUM is not in it, and segments a GSO frame whose HOST_TSO4,
 // HOST_TSO6, HOST_USO (or, with the ECN bit, HOST_ECN) is not in it; the
 // handler then gets the resulting frames with a zero header, checksums
-// complete. It is called once per transmit batch (again when SetHandler
-// replaces the handler during one).
+// complete. It is called once per transmit batch, and again after any
+// SetHandler call during one (even one that sets the same handler).
 type OffloadHandler interface {
 	FrameHandler
 	TxOffloads() virtio.Features

@@ -489,7 +489,10 @@ func (d *Device) txBatch(q *queue) (int, error) {
 		// avail.idx orders this load after the driver's publication, and
 		// so after a SetHandler that preceded it). One pointer compare.
 		if b := d.handler.Load(); b != box {
-			q.tx.flush() // the old handler's replies go out first
+			// The old handler's replies go out first, counted before
+			// they are visible as at the batch's end (Stats).
+			q.countPending()
+			q.tx.flush()
 			box = b
 			h, oh, acc = d.useHandler(q, box)
 		}
@@ -526,7 +529,8 @@ func (d *Device) useHandler(q *queue, box *handlerBox) (FrameHandler, OffloadHan
 	h := box.h
 	// The built-in Loopback replies to every frame and runs nothing else
 	// between replies, so its replies take the receive queue's lock once
-	// for the batch instead of once per frame: each lock and unlock is a
+	// for the batch (until the batch ends or the handler changes) instead
+	// of once per frame: each lock and unlock is a
 	// locked instruction, which waits for the stores of the frame just
 	// written (to cache lines the driver's CPU owns) to drain. No handler
 	// of the embedder's runs while it is held.

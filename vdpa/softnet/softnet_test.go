@@ -427,17 +427,17 @@ func TestSetHandlerDuringBatch(t *testing.T) {
 			s := newStack(t, stackOptions{features: base, dev: softnet.Options{Mode: mode}})
 			s.postRx(0, 4, 2048)
 			inOld := make(chan uint32, 4)
-			release := make(chan struct{})
+			release := releaser(t)
 			var gotNew []uint32
 			var mu sync.Mutex
 			s.dev.SetHandler(softnet.FrameHandlerFunc(func(tx *softnet.Tx, f []byte) {
 				inOld <- seqOf(f)
-				<-release
-				require.NoError(t, tx.Reply(f))
+				<-release.c
+				assert.NoError(t, tx.Reply(f))
 			}))
 			first := frame(s.dev.MAC(), 1, 64)
 			s.send(1, first)
-			require.Equal(t, uint32(1), <-inOld, "the old handler has the first frame")
+			require.Equal(t, uint32(1), recvWithin(t, inOld), "the old handler has the first frame")
 			// The batch is in the old handler's call: replace the handler,
 			// then make the second frame available. The batch pops it when
 			// the call returns.
@@ -447,7 +447,7 @@ func TestSetHandlerDuringBatch(t *testing.T) {
 				mu.Unlock()
 			}))
 			s.send(1, frame(s.dev.MAC(), 2, 64))
-			close(release)
+			release.do()
 			// The first frame's reply comes back (the old handler finishes
 			// its call); the second reaches the new handler, never the old.
 			_, got := s.recvFrame(0)
@@ -458,6 +458,72 @@ func TestSetHandlerDuringBatch(t *testing.T) {
 			mu.Unlock()
 			assert.Empty(t, inOld, "no frame after SetHandler reached the old handler")
 		})
+	}
+}
+
+// A handler replaced in the middle of a batch (here by itself, during its
+// first frame) has its replies published at once, before the batch goes on
+// with the new handler, and counted first: a driver that sees a reply finds
+// the frame that caused it in Stats, as at the end of a batch.
+func TestSetHandlerDuringBatchPublishesOldReplies(t *testing.T) {
+	for _, mode := range []softnet.Mode{softnet.ModeEvent, softnet.ModePoll} {
+		t.Run(mode.String(), func(t *testing.T) {
+			s := newStack(t, stackOptions{features: base, dev: softnet.Options{Mode: mode}})
+			s.postRx(0, 4, 2048)
+			inNew := make(chan uint32, 4)
+			release := releaser(t)
+			blocking := softnet.FrameHandlerFunc(func(tx *softnet.Tx, f []byte) {
+				inNew <- seqOf(f)
+				<-release.c
+				assert.NoError(t, tx.Reply(f))
+			})
+			var oldSaw []uint32 // the batch's goroutine only, until inNew receives
+			s.dev.SetHandler(softnet.FrameHandlerFunc(func(tx *softnet.Tx, f []byte) {
+				oldSaw = append(oldSaw, seqOf(f))
+				assert.NoError(t, tx.Reply(f))
+				s.dev.SetHandler(blocking)
+			}))
+			f1, f2 := frame(s.dev.MAC(), 1, 64), frame(s.dev.MAC(), 2, 64)
+			s.send(1, f1, f2) // one publication: both in the first batch
+			require.Equal(t, uint32(2), recvWithin(t, inNew), "the second frame reaches the new handler")
+			// The batch waits in the new handler's call; the old handler's
+			// reply is out, and its frame counted.
+			_, got := s.recvFrame(0)
+			assert.Equal(t, f1, got)
+			assert.Equal(t, []uint32{1}, oldSaw)
+			assert.Equal(t, uint64(1), s.dev.Stats().Tx().Frames, "the replied frame is counted before its reply is visible")
+			release.do()
+			_, got = s.recvFrame(0)
+			assert.Equal(t, f2, got)
+			waitFor(t, func() bool { return s.dev.Stats().Tx().Frames == 2 }, "both frames counted: %+v", s.dev.Stats().Queues)
+		})
+	}
+}
+
+// release is a channel closed once, by do or at the test's end, so that a
+// handler waiting on it never outlives a failed test.
+type release struct {
+	c    chan struct{}
+	once sync.Once
+}
+
+func releaser(t *testing.T) *release {
+	r := &release{c: make(chan struct{})}
+	t.Cleanup(r.do)
+	return r
+}
+
+func (r *release) do() { r.once.Do(func() { close(r.c) }) }
+
+// recvWithin receives from c, failing the test after 10 s.
+func recvWithin[T any](t *testing.T, c <-chan T) T {
+	t.Helper()
+	select {
+	case v := <-c:
+		return v
+	case <-time.After(10 * time.Second):
+		t.Fatal("nothing received in 10s")
+		panic("unreachable")
 	}
 }
 
