@@ -99,3 +99,50 @@ func TestPinThreadRejectsBadCPU(t *testing.T) {
 	}()
 	assert.Error(t, <-done)
 }
+
+// The allocation check of the timed loops fails a loop that allocates per
+// operation or per batch, and not one whose run saw a few allocations of
+// the harness's other goroutines (a profile writer, the runtime).
+func TestAllocFailed(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		allocs uint64
+		ops    int
+		want   bool
+	}{
+		{"none", 0, 30_000_000, false},
+		{"background over a long run", 66, 30_000_000, false},
+		{"background up to the floor over a short run", 64, 1024, false},
+		{"one per operation", 30_000_000, 30_000_000, true},
+		{"one per batch of 32", 1_000_000, 32_000_000, true},
+		{"one per batch of 1024", 29_297, 30_000_000, true},
+		{"one per batch of 4096", 7_325, 30_000_000, false},
+		{"above the floor over a short run", 65, 1024, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			assert.Equal(t, tc.want, allocFailed(tc.allocs, tc.ops))
+		})
+	}
+}
+
+// A loop that allocates fails timeLoopAllocs; one that does not passes.
+func TestTimeLoopAllocsCatchesAllocation(t *testing.T) {
+	var sink []byte
+	_, err := timeLoopAllocs(context.Background(), 20*time.Millisecond, func(n int) error {
+		for range n {
+			sink = make([]byte, 64)
+		}
+		return nil
+	})
+	require.ErrorContains(t, err, "hot path allocated")
+	_ = sink
+	_, err = timeLoopAllocs(context.Background(), 20*time.Millisecond, func(n int) error {
+		x := 0
+		for i := range n {
+			x += i
+		}
+		_ = x
+		return nil
+	})
+	require.NoError(t, err)
+}
