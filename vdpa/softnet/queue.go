@@ -530,10 +530,10 @@ func (d *Device) useHandler(q *queue, box *handlerBox) (FrameHandler, OffloadHan
 	// The built-in Loopback replies to every frame and runs nothing else
 	// between replies, so its replies take the receive queue's lock once
 	// for the batch (until the batch ends or the handler changes) instead
-	// of once per frame: each lock and unlock is a
-	// locked instruction, which waits for the stores of the frame just
-	// written (to cache lines the driver's CPU owns) to drain. No handler
-	// of the embedder's runs while it is held.
+	// of once per frame: each lock and unlock is a locked instruction,
+	// which waits for the stores of the frame just written (to cache
+	// lines the driver's CPU owns) to drain. No handler of the embedder's
+	// runs while it is held.
 	_, q.tx.hold = h.(loopback)
 	oh, _ := h.(OffloadHandler)
 	var acc virtio.Features
