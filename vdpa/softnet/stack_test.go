@@ -194,9 +194,10 @@ func (s *stack) wait(q int) vringtest.Completion {
 			return c
 		}
 		if time.Now().After(deadline) {
-			// What the device saw, so that a rare miss can be told apart:
-			// a frame dropped (and why), never transmitted, or written but
-			// not published.
+			// What the device saw and where every goroutine is, so that a
+			// rare miss can be told apart: a frame dropped (and why), never
+			// transmitted (a worker waiting, or polling other queues), or
+			// written but not published.
 			buf := make([]byte, 1<<20)
 			os.Stderr.Write(buf[:runtime.Stack(buf, true)])
 			s.t.Fatalf("queue %d: no completion in 10s; device stats %+v; queue error %v",
