@@ -61,7 +61,10 @@ type Server struct {
 
 	stop    context.CancelFunc
 	relayWG sync.WaitGroup
-	stats   Stats
+	// stats is under sessMu, except IntxTriggers, which stays zero there:
+	// the INTx relay counts under irqMu, in intxTriggers.
+	stats        Stats
+	intxTriggers uint64
 }
 
 // Stats counts what the server did.
@@ -182,7 +185,7 @@ func (s *Server) assertINTx() {
 		return
 	}
 	s.irq.intxMasked = true // VFIO_IRQ_INFO_AUTOMASKED
-	s.stats.IntxTriggers++
+	s.intxTriggers++
 	_ = fd.Signal()
 	s.irqMu.Unlock()
 }
@@ -399,7 +402,7 @@ func (s *Server) Stats() Stats {
 	defer s.sessMu.Unlock()
 	st := s.stats
 	s.irqMu.Lock()
-	st.IntxTriggers = s.stats.IntxTriggers
+	st.IntxTriggers = s.intxTriggers
 	s.irqMu.Unlock()
 	return st
 }
