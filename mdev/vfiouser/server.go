@@ -86,6 +86,10 @@ type irqState struct {
 	intx        *vdpa.EventFD // the client's INTx trigger eventfd
 	intxMasked  bool
 	intxPending bool
+	// closed: Close closed msix. A session still ending installs nothing
+	// after it (its eventfds are closed instead): a dup3 onto a closed
+	// stable eventfd's number could land on whatever file reused it.
+	closed bool
 }
 
 // New creates a mediated device in front of backing and a server for it.
@@ -237,7 +241,10 @@ func (s *Server) Close() error {
 	s.dma.graveyard = nil
 	s.mu.Unlock()
 	s.dropIRQs()
+	s.irqMu.Lock()
+	s.irq.closed = true
 	closeFDs(s.irq.msix)
+	s.irqMu.Unlock()
 	return err
 }
 

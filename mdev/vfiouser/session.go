@@ -480,6 +480,13 @@ func (s *Server) setIRQFds(index, start uint32, efds []*vdpa.EventFD) {
 	}
 	rewire := false
 	s.irqMu.Lock()
+	if s.irq.closed {
+		// The server closed while a session was still ending (Close does
+		// not wait for ServeConn): take the eventfds and install nothing.
+		s.irqMu.Unlock()
+		closeFDs(efds)
+		return
+	}
 	switch index {
 	case IRQMSIX:
 		for i, e := range efds {
