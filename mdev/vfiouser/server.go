@@ -240,10 +240,18 @@ func (s *Server) Close() error {
 	}
 	s.dma.graveyard = nil
 	s.mu.Unlock()
-	s.dropIRQs()
+	// The client's eventfds go with the stable ones, in one step under
+	// irqMu: a session still ending (Close does not wait for ServeConn)
+	// finds the state closed and installs nothing (setIRQFds), so none
+	// lands between a release and the close.
 	s.irqMu.Lock()
 	s.irq.closed = true
 	closeFDs(s.irq.msix)
+	if s.irq.intx != nil {
+		_ = s.irq.intx.Close()
+		s.irq.intx = nil
+	}
+	clear(s.irq.assigned)
 	s.irqMu.Unlock()
 	return err
 }
