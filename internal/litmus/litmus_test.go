@@ -14,35 +14,26 @@ func TestRunReleasesInStep(t *testing.T) {
 	const rounds = 1000
 	var bar Barrier
 	var a, b [rounds]int
-	errA, errB := Run(&bar, func() error {
-		for r := range rounds {
-			a[r] = r + 1
-			if err := bar.Await(uint64(2*r + 1)); err != nil {
-				return err
+	// side writes mine each round and checks, between the round's two
+	// barriers, that the other side's write of the round is there.
+	side := func(mine, theirs *[rounds]int, name string) func() error {
+		return func() error {
+			for r := range rounds {
+				mine[r] = r + 1
+				if err := bar.Await(uint64(2*r + 1)); err != nil {
+					return err
+				}
+				if theirs[r] != r+1 {
+					return errors.New(name + " released before the other side's write")
+				}
+				if err := bar.Await(uint64(2*r + 2)); err != nil {
+					return err
+				}
 			}
-			if b[r] != r+1 {
-				return errors.New("A released before B's write")
-			}
-			if err := bar.Await(uint64(2*r + 2)); err != nil {
-				return err
-			}
+			return nil
 		}
-		return nil
-	}, func() error {
-		for r := range rounds {
-			b[r] = r + 1
-			if err := bar.Await(uint64(2*r + 1)); err != nil {
-				return err
-			}
-			if a[r] != r+1 {
-				return errors.New("B released before A's write")
-			}
-			if err := bar.Await(uint64(2*r + 2)); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
+	}
+	errA, errB := Run(&bar, side(&a, &b, "A"), side(&b, &a, "B"))
 	require.NoError(t, errA)
 	require.NoError(t, errB)
 }

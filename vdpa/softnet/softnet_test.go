@@ -422,43 +422,35 @@ func TestForwarderLinksTwoDevices(t *testing.T) {
 // PollGroup test saw a forwarded frame looped back instead: Link ran while
 // the worker was in a batch begun under the default Loopback).
 func TestSetHandlerDuringBatch(t *testing.T) {
-	for _, mode := range []softnet.Mode{softnet.ModeEvent, softnet.ModePoll} {
-		t.Run(mode.String(), func(t *testing.T) {
-			s := newStack(t, stackOptions{features: base, dev: softnet.Options{Mode: mode}})
-			s.postRx(0, 4, 2048)
-			inOld := make(chan uint32, 4)
-			release := releaser(t)
-			var gotNew []uint32
-			var mu sync.Mutex
-			s.dev.SetHandler(softnet.FrameHandlerFunc(func(tx *softnet.Tx, f []byte) {
-				inOld <- seqOf(f)
-				<-release.c
-				assert.NoError(t, tx.Reply(f))
-			}))
-			first := frame(s.dev.MAC(), 1, 64)
-			s.send(1, first)
-			require.Equal(t, uint32(1), recvWithin(t, inOld), "the old handler has the first frame")
-			// The batch is in the old handler's call: replace the handler,
-			// then make the second frame available. The batch pops it when
-			// the call returns.
-			s.dev.SetHandler(softnet.FrameHandlerFunc(func(tx *softnet.Tx, f []byte) {
-				mu.Lock()
-				gotNew = append(gotNew, seqOf(f))
-				mu.Unlock()
-			}))
-			s.send(1, frame(s.dev.MAC(), 2, 64))
-			release.do()
-			// The first frame's reply comes back (the old handler finishes
-			// its call); the second reaches the new handler, never the old.
-			_, got := s.recvFrame(0)
-			assert.Equal(t, first, got)
-			waitFor(t, func() bool { mu.Lock(); defer mu.Unlock(); return len(gotNew) == 1 }, "no frame reached the new handler")
+	inEachMode(t, func(t *testing.T, s *stack) {
+		inOld := make(chan uint32, 4)
+		release := releaser(t)
+		var gotNew []uint32
+		var mu sync.Mutex
+		s.dev.SetHandler(holdingHandler(t, inOld, release))
+		first := frame(s.dev.MAC(), 1, 64)
+		s.send(1, first)
+		require.Equal(t, uint32(1), recvWithin(t, inOld), "the old handler has the first frame")
+		// The batch is in the old handler's call: replace the handler,
+		// then make the second frame available. The batch pops it when
+		// the call returns.
+		s.dev.SetHandler(softnet.FrameHandlerFunc(func(tx *softnet.Tx, f []byte) {
 			mu.Lock()
-			assert.Equal(t, []uint32{2}, gotNew)
+			gotNew = append(gotNew, seqOf(f))
 			mu.Unlock()
-			assert.Empty(t, inOld, "no frame after SetHandler reached the old handler")
-		})
-	}
+		}))
+		s.send(1, frame(s.dev.MAC(), 2, 64))
+		release.do()
+		// The first frame's reply comes back (the old handler finishes
+		// its call); the second reaches the new handler, never the old.
+		_, got := s.recvFrame(0)
+		assert.Equal(t, first, got)
+		waitFor(t, func() bool { mu.Lock(); defer mu.Unlock(); return len(gotNew) == 1 }, "no frame reached the new handler")
+		mu.Lock()
+		assert.Equal(t, []uint32{2}, gotNew)
+		mu.Unlock()
+		assert.Empty(t, inOld, "no frame after SetHandler reached the old handler")
+	})
 }
 
 // A handler replaced in the middle of a batch (here by itself, during its
@@ -466,38 +458,54 @@ func TestSetHandlerDuringBatch(t *testing.T) {
 // with the new handler, and counted first: a driver that sees a reply finds
 // the frame that caused it in Stats, as at the end of a batch.
 func TestSetHandlerDuringBatchPublishesOldReplies(t *testing.T) {
+	inEachMode(t, func(t *testing.T, s *stack) {
+		inNew := make(chan uint32, 4)
+		release := releaser(t)
+		blocking := holdingHandler(t, inNew, release)
+		var oldSaw []uint32 // the batch's goroutine only, until inNew receives
+		s.dev.SetHandler(softnet.FrameHandlerFunc(func(tx *softnet.Tx, f []byte) {
+			oldSaw = append(oldSaw, seqOf(f))
+			assert.NoError(t, tx.Reply(f))
+			s.dev.SetHandler(blocking)
+		}))
+		f1, f2 := frame(s.dev.MAC(), 1, 64), frame(s.dev.MAC(), 2, 64)
+		s.send(1, f1, f2) // one publication: both in the first batch
+		require.Equal(t, uint32(2), recvWithin(t, inNew), "the second frame reaches the new handler")
+		// The batch waits in the new handler's call; the old handler's
+		// reply is out, and its frame counted.
+		_, got := s.recvFrame(0)
+		assert.Equal(t, f1, got)
+		assert.Equal(t, []uint32{1}, oldSaw)
+		assert.Equal(t, uint64(1), s.dev.Stats().Tx().Frames, "the replied frame is counted before its reply is visible")
+		release.do()
+		_, got = s.recvFrame(0)
+		assert.Equal(t, f2, got)
+		waitFor(t, func() bool { return s.dev.Stats().Tx().Frames == 2 }, "both frames counted: %+v", s.dev.Stats().Queues)
+	})
+}
+
+// inEachMode runs body on a fresh stack with four receive buffers posted,
+// once per transmit mode (a queue's own goroutine woken by kicks, and
+// polling), each as a subtest.
+func inEachMode(t *testing.T, body func(t *testing.T, s *stack)) {
 	for _, mode := range []softnet.Mode{softnet.ModeEvent, softnet.ModePoll} {
 		t.Run(mode.String(), func(t *testing.T) {
 			s := newStack(t, stackOptions{features: base, dev: softnet.Options{Mode: mode}})
 			s.postRx(0, 4, 2048)
-			inNew := make(chan uint32, 4)
-			release := releaser(t)
-			blocking := softnet.FrameHandlerFunc(func(tx *softnet.Tx, f []byte) {
-				inNew <- seqOf(f)
-				<-release.c
-				assert.NoError(t, tx.Reply(f))
-			})
-			var oldSaw []uint32 // the batch's goroutine only, until inNew receives
-			s.dev.SetHandler(softnet.FrameHandlerFunc(func(tx *softnet.Tx, f []byte) {
-				oldSaw = append(oldSaw, seqOf(f))
-				assert.NoError(t, tx.Reply(f))
-				s.dev.SetHandler(blocking)
-			}))
-			f1, f2 := frame(s.dev.MAC(), 1, 64), frame(s.dev.MAC(), 2, 64)
-			s.send(1, f1, f2) // one publication: both in the first batch
-			require.Equal(t, uint32(2), recvWithin(t, inNew), "the second frame reaches the new handler")
-			// The batch waits in the new handler's call; the old handler's
-			// reply is out, and its frame counted.
-			_, got := s.recvFrame(0)
-			assert.Equal(t, f1, got)
-			assert.Equal(t, []uint32{1}, oldSaw)
-			assert.Equal(t, uint64(1), s.dev.Stats().Tx().Frames, "the replied frame is counted before its reply is visible")
-			release.do()
-			_, got = s.recvFrame(0)
-			assert.Equal(t, f2, got)
-			waitFor(t, func() bool { return s.dev.Stats().Tx().Frames == 2 }, "both frames counted: %+v", s.dev.Stats().Queues)
+			body(t, s)
 		})
 	}
+}
+
+// holdingHandler sends each frame's sequence number to seen, waits for
+// release, then replies with the frame: a batch held inside a handler
+// call for as long as the test wants.
+func holdingHandler(t *testing.T, seen chan<- uint32, release *release) softnet.FrameHandler {
+	return softnet.FrameHandlerFunc(func(tx *softnet.Tx, f []byte) {
+		seen <- seqOf(f)
+		<-release.c
+		assert.NoError(t, tx.Reply(f))
+	})
 }
 
 // release is a channel closed once, by do or at the test's end, so that a
