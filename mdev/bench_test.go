@@ -67,26 +67,22 @@ func benchMigrate(b *testing.B, size uint64, mode mdev.DirtyMode, rate float64) 
 	dirtier.SetLog(log)
 	v := startVCPUs(b, g, dirtier)
 	c1, c2 := tcpPair(b)
-	errc := make(chan error, 1)
 	var dv *vcpus
-	go func() {
-		_, err := mdev.MigrateDestination(context.Background(), c2, mdev.DestOptions{
-			Device: dst.dev, Memory: dst.mem,
-			StartGuest: func() error {
-				dg, err := mdevtest.Attach(dst.dev, dst.mem)
-				if err != nil {
-					return err
-				}
-				d2, err := mdevtest.NewDirtier(dst.mem, scratch, size, rate, 2)
-				if err != nil {
-					return err
-				}
-				dv = startVCPUs(b, dg, d2)
-				return nil
-			},
-		})
-		errc <- err
-	}()
+	errc := goDestination(b, c2, mdev.DestOptions{
+		Device: dst.dev, Memory: dst.mem,
+		StartGuest: func() error {
+			dg, err := mdevtest.Attach(dst.dev, dst.mem)
+			if err != nil {
+				return err
+			}
+			d2, err := mdevtest.NewDirtier(dst.mem, scratch, size, rate, 2)
+			if err != nil {
+				return err
+			}
+			dv = startVCPUs(b, dg, d2)
+			return nil
+		},
+	})
 	rep, err := mdev.MigrateSource(context.Background(), c1, mdev.SourceOptions{
 		Device: src.dev, Memory: src.mem, Log: log,
 		Tracker:   dirty.TrackerOptions{Bandwidth: 1e9, DowntimeTarget: time.Millisecond, MaxRounds: 10},

@@ -312,9 +312,14 @@ func TestMigrateSourceRollbackWaitsForOperation(t *testing.T) {
 	c1, c2 := net.Pipe()
 	defer c1.Close()
 	defer c2.Close()
+	destDone := make(chan struct{})
 	go func() {
+		defer close(destDone)
 		_, _ = MigrateDestination(context.Background(), c2, DestOptions{Device: dst, Memory: dst.opts.Memory})
 	}()
+	// The destination writes pages into its guest memory: it must be done
+	// before the cleanups unmap that memory (see goDestination).
+	t.Cleanup(func() { _ = c2.Close(); <-destDone })
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	writeErr := make(chan error, 1)

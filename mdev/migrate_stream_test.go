@@ -102,14 +102,10 @@ func scriptedMigration(t *testing.T, src, dst *side, pageSize uint64, dirtyAt fu
 	defer c1.Close()
 	defer c2.Close()
 	var loaded []byte
-	destErr := make(chan error, 1)
-	go func() {
-		_, err := mdev.MigrateDestination(context.Background(), c2, mdev.DestOptions{
-			Device: dst.dev, Memory: dst.mem,
-			Loaded: func() error { loaded = memBytes(dst.mem); return nil },
-		})
-		destErr <- err
-	}()
+	destErr := goDestination(t, c2, mdev.DestOptions{
+		Device: dst.dev, Memory: dst.mem,
+		Loaded: func() error { loaded = memBytes(dst.mem); return nil },
+	})
 	round := 0
 	dirtyRanges := func(at int) {
 		if dirtyAt == nil {
@@ -352,11 +348,7 @@ func TestMigrateSourcePeerVanishes(t *testing.T) {
 						se, de, p := newCutProxy(cut, where.at)
 						defer se.Close()
 						defer de.Close()
-						destErr := make(chan error, 1)
-						go func() {
-							_, err := mdev.MigrateDestination(context.Background(), de, mdev.DestOptions{Device: dst.dev, Memory: dst.mem})
-							destErr <- err
-						}()
+						destErr := goDestination(t, de, mdev.DestOptions{Device: dst.dev, Memory: dst.mem})
 						stopped := false
 						_, err = mdev.MigrateSource(context.Background(), se, mdev.SourceOptions{
 							Device: src.dev, Memory: src.mem, Log: log,
@@ -412,9 +404,7 @@ func TestMigrateSourceSendsErrorToPeer(t *testing.T) {
 			p.corrupt = reply
 			defer se.Close()
 			defer de.Close()
-			go func() {
-				_, _ = mdev.MigrateDestination(context.Background(), de, mdev.DestOptions{Device: dst.dev, Memory: dst.mem})
-			}()
+			goDestination(t, de, mdev.DestOptions{Device: dst.dev, Memory: dst.mem})
 			_, err = mdev.MigrateSource(context.Background(), se, mdev.SourceOptions{
 				Device: src.dev, Memory: src.mem, Log: log,
 				Tracker:   dirty.TrackerOptions{Bandwidth: 1e9},
@@ -447,11 +437,7 @@ func TestMigrateSourceStopGuestFails(t *testing.T) {
 	c1, c2 := net.Pipe()
 	defer c1.Close()
 	defer c2.Close()
-	destErr := make(chan error, 1)
-	go func() {
-		_, err := mdev.MigrateDestination(context.Background(), c2, mdev.DestOptions{Device: dst.dev, Memory: dst.mem})
-		destErr <- err
-	}()
+	destErr := goDestination(t, c2, mdev.DestOptions{Device: dst.dev, Memory: dst.mem})
 	boom := errors.New("vCPUs will not stop")
 	_, err = mdev.MigrateSource(context.Background(), c1, mdev.SourceOptions{
 		Device: src.dev, Memory: src.mem, Log: log,
@@ -483,9 +469,7 @@ func TestMigrateSourceCancelledRollsBack(t *testing.T) {
 			c1, c2 := net.Pipe()
 			defer c1.Close()
 			defer c2.Close()
-			go func() {
-				_, _ = mdev.MigrateDestination(context.Background(), c2, mdev.DestOptions{Device: dst.dev, Memory: dst.mem})
-			}()
+			goDestination(t, c2, mdev.DestOptions{Device: dst.dev, Memory: dst.mem})
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
 			_, err = mdev.MigrateSource(ctx, c1, mdev.SourceOptions{

@@ -74,6 +74,30 @@ func trackedSide(t testing.TB, frames uint64) (*side, *mdevtest.Guest) {
 	return s, g
 }
 
+// goDestination runs MigrateDestination on conn in a goroutine of its own
+// and returns the channel its error arrives on. When the test ends, and
+// before the cleanups registered earlier run (those of the destination's
+// device and guest memory among them), conn is closed and the goroutine is
+// waited for. A destination still loading pages would otherwise write them
+// into guest memory that is being unmapped, and once the address is reused
+// by another mapping (another test's memory, a thread's stack) the write
+// corrupts it silently.
+func goDestination(tb testing.TB, conn net.Conn, opts mdev.DestOptions) <-chan error {
+	tb.Helper()
+	errc := make(chan error, 1)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_, err := mdev.MigrateDestination(context.Background(), conn, opts)
+		errc <- err
+	}()
+	tb.Cleanup(func() {
+		_ = conn.Close()
+		<-done
+	})
+	return errc
+}
+
 // closeLogAfter closes log when the test ends, after the devices that may
 // still write into it (a relay or a logging backing device) are closed.
 func closeLogAfter(tb testing.TB, log *dirty.Bitmap, sides ...*side) {
@@ -187,26 +211,22 @@ func (m *migration) switchOver(tracker dirty.TrackerOptions) *mdev.SourceReport 
 	defer c1.Close()
 	defer c2.Close()
 	var dstHash [32]byte
-	destErr := make(chan error, 1)
-	go func() {
-		_, err := mdev.MigrateDestination(context.Background(), c2, mdev.DestOptions{
-			Device: dst.dev, Memory: dst.mem,
-			Loaded: func() error { dstHash = memHash(dst.mem); return nil },
-			StartGuest: func() error {
-				var err error
-				if m.dg, err = mdevtest.Attach(dst.dev, dst.mem); err != nil {
-					return err
-				}
-				d2, err := mdevtest.NewDirtier(dst.mem, m.scratch, m.o.size, m.o.rate, m.o.dstSeed)
-				if err != nil {
-					return err
-				}
-				m.dv = startVCPUs(t, m.dg, d2)
-				return nil
-			},
-		})
-		destErr <- err
-	}()
+	destErr := goDestination(t, c2, mdev.DestOptions{
+		Device: dst.dev, Memory: dst.mem,
+		Loaded: func() error { dstHash = memHash(dst.mem); return nil },
+		StartGuest: func() error {
+			var err error
+			if m.dg, err = mdevtest.Attach(dst.dev, dst.mem); err != nil {
+				return err
+			}
+			d2, err := mdevtest.NewDirtier(dst.mem, m.scratch, m.o.size, m.o.rate, m.o.dstSeed)
+			if err != nil {
+				return err
+			}
+			m.dv = startVCPUs(t, m.dg, d2)
+			return nil
+		},
+	})
 	rep, err := mdev.MigrateSource(context.Background(), c1, mdev.SourceOptions{
 		Device: src.dev, Memory: src.mem, Log: m.log,
 		Tracker:   tracker,
@@ -331,11 +351,7 @@ func TestDestinationRejectsBadPages(t *testing.T) {
 	dst := newSide(t, 1<<20, mdev.DirtyAuto)
 	c1, c2 := net.Pipe()
 	defer c1.Close()
-	errc := make(chan error, 1)
-	go func() {
-		_, err := mdev.MigrateDestination(context.Background(), c2, mdev.DestOptions{Device: dst.dev, Memory: dst.mem})
-		errc <- err
-	}()
+	errc := goDestination(t, c2, mdev.DestOptions{Device: dst.dev, Memory: dst.mem})
 	// A hello for a different memory layout.
 	var buf bytes.Buffer
 	buf.Write([]byte{1, 8 + 16, 0, 0, 0, 1, 0, 0x00, 0x10, 0, 0, 1, 0})
@@ -438,11 +454,7 @@ func TestMigrationRefusedByDestinationRollsBack(t *testing.T) {
 	c1, c2 := net.Pipe()
 	defer c1.Close()
 	defer c2.Close()
-	errc := make(chan error, 1)
-	go func() {
-		_, err := mdev.MigrateDestination(context.Background(), c2, mdev.DestOptions{Device: ddev, Memory: dmem})
-		errc <- err
-	}()
+	errc := goDestination(t, c2, mdev.DestOptions{Device: ddev, Memory: dmem})
 	_, err = mdev.MigrateSource(context.Background(), c1, mdev.SourceOptions{
 		Device: src.dev, Memory: src.mem, Log: log,
 		Tracker:   dirty.TrackerOptions{Bandwidth: 1e9},
