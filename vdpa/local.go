@@ -121,10 +121,10 @@ type Local struct {
 	closed    bool
 	queues    []localQueue
 	// orphans are queues whose handler failed to stop them: their cached
-	// dirty-log marks are applied after the handler's next Reset. Marks
-	// cached against a log closed before then are lost; until the Reset
-	// the handler may still be driving the queue, so they cannot be
-	// applied earlier.
+	// dirty-log marks are applied after the handler's next Reset (until
+	// then the handler may still be driving the queue, so they cannot be
+	// applied earlier). Until then SetMemory and SetLog refuse: the
+	// caller would release memory or a log still in use.
 	orphans []*vring.DeviceQueue
 }
 
@@ -427,7 +427,9 @@ func (l *Local) MaxQueueSize() (uint16, error) { return l.h.MaxQueueSize(), nil 
 
 // SetMemory implements Device. The memory must not change under running
 // queues. Local does not take ownership: the caller closes it, and only
-// after Close, a reset or Suspend, since running queues access it.
+// after Close, a reset or Suspend, since running queues access it. After a
+// queue's StopQueue failed (the handler may still drive it), SetMemory
+// returns ErrQueueBusy until a reset.
 func (l *Local) SetMemory(mem *vring.Memory) error {
 	if err := l.lock(); err != nil {
 		return err
@@ -438,8 +440,22 @@ func (l *Local) SetMemory(mem *vring.Memory) error {
 			return fmt.Errorf("%w: queue %d: suspend before changing memory", ErrQueueBusy, i)
 		}
 	}
+	if err := l.orphanedLocked("changing memory"); err != nil {
+		return err
+	}
 	l.mem = mem
 	return nil
+}
+
+// orphanedLocked returns an ErrQueueBusy error while a queue whose
+// StopQueue failed may still be driven by the handler: until a reset, its
+// guest memory and dirty log stay in use, so the caller must neither
+// replace (and then release) them nor be told it may.
+func (l *Local) orphanedLocked(what string) error {
+	if len(l.orphans) == 0 {
+		return nil
+	}
+	return fmt.Errorf("%w: %d queue(s) the handler failed to stop may still run: reset the device before %s", ErrQueueBusy, len(l.orphans), what)
 }
 
 // withQueue runs fn on queue i with the device locked, after checking that
@@ -554,12 +570,17 @@ func (l *Local) Resume() error {
 
 // SetLog implements Logger: every write the handler's queues make to guest
 // memory is marked in log from now on (nil stops logging). Running queues
-// restart with the new logger at their exact position.
+// restart with the new logger at their exact position. After a queue's
+// StopQueue failed, SetLog returns ErrQueueBusy until a reset, as
+// SetMemory does: the old log may still be marked.
 func (l *Local) SetLog(log *dirty.Bitmap) error {
 	if err := l.lock(); err != nil {
 		return err
 	}
 	defer l.mu.Unlock()
+	if err := l.orphanedLocked("changing the log"); err != nil {
+		return err
+	}
 	var restart []int
 	var errs []error
 	for i := len(l.queues) - 1; i >= 0; i-- {

@@ -190,3 +190,22 @@ func TestLocalFeatureMask(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, feat, f)
 }
+
+// A queue whose StopQueue failed may still be driven by the handler, in its
+// guest memory and into its dirty log. Until a reset stops the handler,
+// Local refuses to replace either, since the caller would then release
+// what the queue may still touch.
+func TestLocalKeepsMemoryAndLogOfAQueueThatFailedToStop(t *testing.T) {
+	l, dev, mem := newLocal(t)
+	require.NoError(t, setup(t, l, mem, [2]vdpa.QueueAddr{ringAt(0x20000), ringAt(0x30000)}))
+	_, err := dev.StopQueue(1) // behind Local's back: Local's own stop of queue 1 fails
+	require.NoError(t, err)
+	require.ErrorIs(t, l.Suspend(), softnet.ErrQueueStopped)
+
+	assert.ErrorIs(t, l.SetMemory(mem), vdpa.ErrQueueBusy)
+	assert.ErrorIs(t, l.SetLog(nil), vdpa.ErrQueueBusy)
+
+	require.NoError(t, l.SetStatus(0)) // reset
+	assert.NoError(t, l.SetMemory(mem))
+	assert.NoError(t, l.SetLog(nil))
+}

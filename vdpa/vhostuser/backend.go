@@ -302,9 +302,11 @@ type vq struct {
 	// orphan is the DeviceQueue of a ring whose handler failed to stop
 	// it: its cached dirty-log marks are flushed after the next handler
 	// Reset, when nothing drives it any more. Marks it cached against a
-	// log closed before that Reset (a new SET_LOG_BASE, the pending log
-	// dropped or grown) are lost: while the handler may still be driving
-	// the queue they cannot be applied earlier.
+	// log replaced before that Reset (a new SET_LOG_BASE, the pending log
+	// dropped or grown) go to the replaced log, which stays mapped until
+	// then (session.retired), and are lost to the new one: while the
+	// handler may still be driving the queue they cannot be applied
+	// earlier.
 	orphan *vring.DeviceQueue
 }
 
@@ -327,6 +329,13 @@ type session struct {
 	// ringLog.
 	pending *dirty.Bitmap
 	queues  []vq
+	// retired holds the releases (unmapping guest memory, closing a log)
+	// of what a new memory table, log or feature set replaced while an
+	// orphan queue existed: its handler may still read and write that
+	// memory and mark that log, so they run after the next handler Reset
+	// (handlerReset) instead. Unmapping under a running worker would send
+	// its writes into whatever mapping reuses the addresses.
+	retired []func()
 
 	// errFds publishes, per queue, the SET_VRING_ERR eventfd of a running
 	// queue (nil otherwise) to the watcher goroutine that signals it when
@@ -840,7 +849,7 @@ func (s *session) setMemTable(rs []MemoryRegion, fds []int) error {
 		return err
 	}
 	running := s.stopAllRunning()
-	s.mem.close()
+	s.release(s.mem.close)
 	s.mem = pm
 	// Rings already configured must still lie in the new memory.
 	for i := range s.queues {
@@ -862,8 +871,8 @@ func (s *session) setLog(l Log, fd int) error {
 		return msgErr(ReqSetLogBase, ErrBadRegion, "log mapping: %v", err)
 	}
 	running := s.stopAllRunning()
-	if s.log != nil {
-		_ = s.log.Close()
+	if old := s.log; old != nil {
+		s.release(func() { _ = old.Close() })
 	}
 	s.log = bm
 	if err := s.mergePending(); err != nil {
@@ -916,7 +925,8 @@ func (s *session) ringLog() (*dirty.Bitmap, error) {
 			_ = bm.Close()
 			return nil, msgErr(ReqSetMemTable, ErrProtocol, "growing the pending dirty log: %v", err)
 		}
-		_ = s.pending.Close()
+		old := s.pending
+		s.release(func() { _ = old.Close() })
 	} else {
 		s.b.log.Info("vhost-user: LOG_ALL negotiated before SET_LOG_BASE; logging into a pending bitmap until the log arrives")
 	}
@@ -966,8 +976,8 @@ func (s *session) mergePending() error {
 }
 
 func (s *session) dropPending() {
-	if s.pending != nil {
-		_ = s.pending.Close()
+	if old := s.pending; old != nil {
+		s.release(func() { _ = old.Close() })
 		s.pending = nil
 	}
 }
@@ -1247,6 +1257,24 @@ func (s *session) handlerReset() {
 			q.orphan = nil
 		}
 	}
+	for _, release := range s.retired {
+		release()
+	}
+	clear(s.retired)
+	s.retired = s.retired[:0]
+}
+
+// release runs fn, which unmaps guest memory or closes a dirty log the
+// session no longer uses, now, or after the next handler Reset while a
+// queue's handler may still be using it (see retired).
+func (s *session) release(fn func()) {
+	for i := range s.queues {
+		if s.queues[i].orphan != nil {
+			s.retired = append(s.retired, fn)
+			return
+		}
+	}
+	fn()
 }
 
 // stopQueue stops queue i (GET_VRING_BASE, reset, disconnect); its next

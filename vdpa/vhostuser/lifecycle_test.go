@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -429,6 +431,22 @@ type failStop struct {
 	*softnet.Device
 	mu   sync.Mutex
 	fail bool
+	dq   *vring.DeviceQueue // of the last StartQueue of lcQueue
+}
+
+func (f *failStop) StartQueue(q int, dq *vring.DeviceQueue, kick, call *vdpa.EventFD) error {
+	if q == lcQueue {
+		f.mu.Lock()
+		f.dq = dq
+		f.mu.Unlock()
+	}
+	return f.Device.StartQueue(q, dq, kick, call)
+}
+
+func (f *failStop) started() *vring.DeviceQueue {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.dq
 }
 
 func (f *failStop) StopQueue(q int) (vring.QueueState, error) {
@@ -440,6 +458,57 @@ func (f *failStop) StopQueue(q int) (vring.QueueState, error) {
 		return vring.QueueState{}, errors.New("stuck")
 	}
 	return f.Device.StopQueue(q)
+}
+
+// mappingsOf counts this process's mappings of the file open as fd.
+func mappingsOf(t *testing.T, fd int) int {
+	t.Helper()
+	var st unix.Stat_t
+	require.NoError(t, unix.Fstat(fd, &st))
+	b, err := os.ReadFile("/proc/self/maps")
+	require.NoError(t, err)
+	n := 0
+	for _, line := range strings.Split(string(b), "\n") {
+		// address perms offset dev inode path
+		if f := strings.Fields(line); len(f) >= 5 && f[4] == strconv.FormatUint(st.Ino, 10) {
+			n++
+		}
+	}
+	return n
+}
+
+// A handler whose StopQueue failed may still drive the queue, in the
+// guest memory it was started on. A new memory table (or log) replaces the
+// back-end's mapping, but the old one stays mapped, and usable by the
+// handler, until a reset stops the handler; then it goes. (Unmapped at
+// once, a worker still writing would land in whatever mapping reuses the
+// addresses.)
+func TestLifecycleStopQueueFailsKeepsMemoryUntilReset(t *testing.T) {
+	g := newLCGuest(t)
+	h := &failStop{Device: lcDevice(t), fail: true}
+	c := g.connect(h)
+	c.negotiate()
+	c.startRing(0)
+	g.traffic(4)
+	ours := mappingsOf(t, g.memfd) // the test's mapping and the back-end's
+	c.base()                       // StopQueue fails: the queue is an orphan
+	require.NotEmpty(t, c.log.find("queue broken until reset"))
+	orphan := h.started()
+	require.NotNil(t, orphan)
+
+	c.send(ReqSetMemTable, EncodeMemTable([]MemoryRegion{{GuestPhysAddr: 0, MemorySize: 1 << 20, UserspaceAddr: rawUA}}), g.memfd)
+	c.call(ReqGetFeatures, nil) // the back-end serves in order
+	assert.Equal(t, ours+1, mappingsOf(t, g.memfd), "the orphan's memory stays mapped beside the new table")
+	require.NoError(t, vring.Guard(func() error { _ = orphan.Snapshot(); return nil }),
+		"the handler can still reach its queue's memory")
+
+	c.send(ReqResetDevice, nil)
+	c.call(ReqGetFeatures, nil)
+	assert.Equal(t, ours, mappingsOf(t, g.memfd), "after the reset the old mapping is gone")
+	c.send(ReqSetFeatures, putU64(uint64(lcFeatures)))
+	c.startRing(4)
+	g.traffic(2)
+	assert.Equal(t, uint16(6), g.usedIdx())
 }
 
 // TestLifecycleStopQueueFails: a handler whose StopQueue fails may still
