@@ -177,12 +177,12 @@ func TestConnStalledMessage(t *testing.T) {
 		fds := pipeFds(t, 1)
 		sendRaw(t, a, rawMsg(ReqSetMemTable, Version, 40, memTablePayload(1, 1)[:20]), fds)
 		closeFds(fds)
-		before := countFds(t)
+		before := openFdSet(t)
 		c := newConn(b)
 		c.msgTimeout = 50 * time.Millisecond
 		_, err := c.read()
 		assert.ErrorIs(t, err, ErrStalled)
-		assert.Equal(t, before, countFds(t))
+		assert.Empty(t, leakedSince(t, before))
 	})
 	t.Run("idle between messages is no stall", func(t *testing.T) {
 		a, b := socketpair(t)

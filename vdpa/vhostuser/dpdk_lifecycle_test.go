@@ -185,7 +185,7 @@ func testDPDKBackendRestart(t *testing.T, packed bool, group *softnet.PollGroup)
 	p := startTestpmd(t, bin, testpmdConfig{lcores: "0@0,1@0", prefix: uniquePrefix(t, "restart"),
 		vdev: "net_virtio_user0,path=" + path + ",queues=1,server=1" + map[bool]string{true: ",packed_vq=1"}[packed], fwd: "txonly"})
 	require.NoError(t, waitFile(ctx, path))
-	fdsBefore := countFds(t)
+	fdsBefore := openFdSet(t)
 
 	type run struct {
 		dev  *softnet.Device
@@ -247,7 +247,7 @@ func testDPDKBackendRestart(t *testing.T, packed bool, group *softnet.PollGroup)
 	secondTx := tx(second)
 	second.stop()
 	second = nil
-	assert.Equal(t, fdsBefore, countFds(t), "descriptors leaked across the restart")
+	assert.Empty(t, leakedSince(t, fdsBefore), "descriptors leaked across the restart")
 	if packed {
 		// virtio-user resets a packed ring on reconnect and frees the
 		// frames still queued in it (testpmd counted them as sent):

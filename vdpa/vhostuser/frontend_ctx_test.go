@@ -19,7 +19,7 @@ import (
 // that no descriptor leaked.
 func hungBackend(t *testing.T) (f *Frontend, got <-chan struct{}) {
 	t.Helper()
-	before := countFds(t)
+	before := openFdSet(t)
 	gotc := make(chan struct{}, 8)
 	c, done := fakeBackend(t, func(m *Message) *fakeReply {
 		if m.Request == ReqGetStatus {
@@ -35,7 +35,7 @@ func hungBackend(t *testing.T) (f *Frontend, got <-chan struct{}) {
 	t.Cleanup(func() {
 		_ = f.Close()
 		<-done
-		assert.Equal(t, before, countFds(t), "descriptors leaked")
+		assert.Empty(t, leakedSince(t, before), "descriptors leaked")
 	})
 	return f, gotc
 }

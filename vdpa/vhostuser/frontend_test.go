@@ -142,7 +142,7 @@ func TestFrontendRejectsBadReplies(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			before := countFds(t)
+			before := openFdSet(t)
 			c, done := fakeBackend(t, tc.fn)
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
@@ -156,7 +156,7 @@ func TestFrontendRejectsBadReplies(t *testing.T) {
 			assert.ErrorIs(t, err, tc.want)
 			c.close()
 			<-done
-			assert.Equal(t, before, countFds(t), "descriptors leaked")
+			assert.Empty(t, leakedSince(t, before), "descriptors leaked")
 		})
 	}
 }
@@ -262,7 +262,7 @@ func TestFrontendStatusBeyond8Bits(t *testing.T) {
 // A reply with descriptors attached is refused and the error says how many
 // came (they are closed before the error is built).
 func TestFrontendReplyDescriptorCount(t *testing.T) {
-	before := countFds(t)
+	before := openFdSet(t)
 	c, done := fakeBackend(t, func(m *Message) *fakeReply {
 		if m.Request == ReqGetFeatures {
 			return &fakeReply{payload: putU64(0), fds: pipeFds(t, 3)}
@@ -274,7 +274,7 @@ func TestFrontendReplyDescriptorCount(t *testing.T) {
 	assert.ErrorContains(t, err, "reply carries 3 descriptors")
 	c.close()
 	<-done
-	assert.Equal(t, before, countFds(t), "descriptors leaked")
+	assert.Empty(t, leakedSince(t, before), "descriptors leaked")
 }
 
 // GET_CONFIG's reply carries the offset it answers for; a reply of the

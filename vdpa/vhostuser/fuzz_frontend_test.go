@@ -721,7 +721,7 @@ func (s *feSession) call(what string, fn func(ctx context.Context) error) error 
 func runFrontendSession(t *testing.T, in []byte, timeout time.Duration) feResult {
 	t.Helper()
 	// Counted before anything of this session exists.
-	goroutines, fds := runtime.NumGoroutine(), countFds(t)
+	goroutines, fds := runtime.NumGoroutine(), openFdSet(t)
 	var opts byte
 	if len(in) > 0 {
 		opts, in = in[0], in[1:]
@@ -733,14 +733,14 @@ func runFrontendSession(t *testing.T, in []byte, timeout time.Duration) feResult
 	// the goroutines that were ending have ended (a closed socket's
 	// poller wake-ups, timers' AfterFunc).
 	deadline := time.Now().Add(5 * time.Second)
-	for (runtime.NumGoroutine() > goroutines || countFds(t) != fds) && time.Now().Before(deadline) {
+	for (runtime.NumGoroutine() > goroutines || len(leakedSince(t, fds)) != 0) && time.Now().Before(deadline) {
 		time.Sleep(time.Millisecond)
 	}
 	if n := runtime.NumGoroutine(); n > goroutines {
 		buf := make([]byte, 1<<20)
 		t.Fatalf("%d goroutines left after Close (had %d):\n%s", n-goroutines, goroutines, buf[:runtime.Stack(buf, true)])
 	}
-	require.Equal(t, fds, countFds(t), "descriptors after Close")
+	require.Empty(t, leakedSince(t, fds), "descriptors after Close")
 	return res
 }
 

@@ -104,7 +104,7 @@ func FuzzBackendSession(f *testing.F) {
 	f.Add(fuzzSessionSeed())
 	f.Add(Encode(nil, Header{Request: ReqSetMemTable, Flags: Version}, memTablePayload(9, 8)))
 	f.Fuzz(func(t *testing.T, in []byte) {
-		before := countFds(t)
+		before := openFdSet(t)
 		a, b := socketpair(t)
 		// Replies are discarded by a reader so the back-end never blocks.
 		go func() { _, _ = io.Copy(io.Discard, a) }()
@@ -163,8 +163,8 @@ func FuzzBackendSession(f *testing.F) {
 		}
 		_ = a.Close()
 		_ = b.Close()
-		if got := countFds(t); got != before {
-			t.Fatalf("descriptors: %d before, %d after", before, got)
+		if leaked := leakedSince(t, before); len(leaked) != 0 {
+			t.Fatalf("descriptors leaked: %v", leaked)
 		}
 	})
 }

@@ -3,9 +3,11 @@ package vhostuser
 import (
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
+	"strconv"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -13,12 +15,44 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// countFds counts this process's open descriptors.
-func countFds(t testing.TB) int {
+// fdSet is this process's open descriptors, each with the identity
+// (device, inode) of the file it refers to.
+type fdSet map[int][2]uint64
+
+// openFdSet returns the process's open descriptors now. A descriptor closed
+// while it is looked at is left out.
+func openFdSet(t testing.TB) fdSet {
 	t.Helper()
 	ents, err := os.ReadDir("/proc/self/fd")
 	require.NoError(t, err)
-	return len(ents)
+	set := make(fdSet, len(ents))
+	for _, e := range ents {
+		fd, err := strconv.Atoi(e.Name())
+		require.NoError(t, err)
+		var st unix.Stat_t
+		if unix.Stat("/proc/self/fd/"+e.Name(), &st) == nil {
+			set[fd] = [2]uint64{st.Dev, st.Ino}
+		}
+	}
+	return set
+}
+
+// leakedSince lists the descriptors open now that were not open, or
+// referred to another file, at before: what a test leaked. Unlike a
+// count, it does not mistake a descriptor that something else in the
+// process (an earlier test's goroutine still ending) closed meanwhile
+// for one the test's own leaked descriptor made up for. The list names
+// each with its target, for the failure message.
+func leakedSince(t testing.TB, before fdSet) []string {
+	t.Helper()
+	var leaked []string
+	for fd, id := range openFdSet(t) {
+		if old, ok := before[fd]; !ok || old != id {
+			target, _ := os.Readlink("/proc/self/fd/" + strconv.Itoa(fd))
+			leaked = append(leaked, fmt.Sprintf("%d -> %s", fd, target))
+		}
+	}
+	return leaked
 }
 
 // pipeFds returns n fresh descriptors (read ends of pipes; write ends
@@ -255,20 +289,20 @@ func TestConnFraming(t *testing.T) {
 		sendRaw(t, a, rawMsg(ReqSetMemTable, Version, 40, memTablePayload(1, 1)[:20]), fds)
 		closeFds(fds)
 		require.NoError(t, a.Close())
-		before := countFds(t) // the descriptor in flight is in no table
+		before := openFdSet(t) // the descriptor in flight is in no table
 		_, err := newConn(b).read()
 		assert.ErrorIs(t, err, ErrTruncated)
-		assert.Equal(t, before, countFds(t))
+		assert.Empty(t, leakedSince(t, before))
 	})
 	t.Run("more than 8 fds", func(t *testing.T) {
 		a, b := socketpair(t)
 		fds := pipeFds(t, 12)
 		sendRaw(t, a, rawMsg(ReqSetMemTable, Version, 8, memTablePayload(0, 0)), fds)
 		closeFds(fds)
-		before := countFds(t)
+		before := openFdSet(t)
 		_, err := newConn(b).read()
 		assert.ErrorIs(t, err, ErrFdCount)
-		assert.Equal(t, before, countFds(t))
+		assert.Empty(t, leakedSince(t, before))
 	})
 	t.Run("oversized size field", func(t *testing.T) {
 		a, b := socketpair(t)
