@@ -644,10 +644,16 @@ func (q *DeviceQueue) packedPushChain(c *Chain, written uint32) error {
 // packedPushBatch writes used descriptors for elems and publishes them
 // with the first one's flags word stored last. With VIRTIO_F_IN_ORDER,
 // while the device has pushed every chain in pop order, an element that
-// is not the batch's last and whose Len is its chain's whole writable
-// length (0 for a chain with nothing writable: a transmitted frame) gets
-// no used descriptor of its own: the next one written covers it (§2.8.8:
-// skipped buffers count as used completely).
+// is not the batch's last and whose chain has nothing writable (a
+// transmitted frame; its Len is 0) gets no used descriptor of its own: the
+// next one written covers it (§2.8.8: skipped buffers count as used
+// completely).
+//
+// The spec would allow skipping any chain written completely, receive
+// buffers included, but drivers do not all follow a used descriptor over
+// receive buffers: DPDK's packed receive paths take one buffer per used
+// descriptor and would stall on the slot after a skipped one. DPDK's own
+// vhost back-end groups transmit completions only; so does this.
 func (q *DeviceQueue) packedPushBatch(elems []UsedElem) error {
 	if q.err != nil {
 		return q.err
@@ -706,7 +712,7 @@ func (q *DeviceQueue) packedPushBatch(elems []UsedElem) error {
 		if p.inOrder && p.lost != 0 {
 			count += uint32(p.lost) // release moves past them (see lost)
 		}
-		skip := inOrder && i < len(elems)-1 && uint64(e.Len) == ent.writable
+		skip := inOrder && i < len(elems)-1 && ent.writable == 0 && e.Len == 0
 		writable := ent.writable
 		count += uint32(ent.ndesc)
 		at, bits := p.release(e.Head)

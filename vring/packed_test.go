@@ -1,6 +1,7 @@
 package vring
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"testing"
@@ -259,6 +260,49 @@ func TestPackedInOrderBatch(t *testing.T) {
 	ui := int(st.UsedIndex())
 	id0 := uint16(raw[int(l.Desc)+16*ui+12]) | uint16(raw[int(l.Desc)+16*ui+13])<<8
 	assert.Equal(t, b, id0, "b's descriptor first")
+}
+
+// With IN_ORDER, receive chains written completely still get a used
+// descriptor each, in their own slots: DPDK's packed receive paths read
+// one buffer per used descriptor and would stall on a skipped slot. Only
+// chains with nothing writable are grouped.
+func TestPackedInOrderKeepsReceiveDescriptors(t *testing.T) {
+	f := virtio.Features(0).With(virtio.FInOrder)
+	mem, drv, dev := newPackedPair(t, 16, f)
+	raw := mem.Regions()[0].Bytes()
+	l := ContiguousPackedLayout(0x1000, 16)
+	at := func(i int) (id uint16, n uint32, flags uint16) {
+		o := int(l.Desc) + 16*i
+		return binary.LittleEndian.Uint16(raw[o+12:]), binary.LittleEndian.Uint32(raw[o+8:]), binary.LittleEndian.Uint16(raw[o+14:])
+	}
+	rx1 := addN(t, drv, 1, 64)
+	rx2 := addN(t, drv, 2, 64) // two descriptors, 64 bytes writable
+	rx3 := addN(t, drv, 1, 64)
+	tx1 := addN(t, drv, 1, 0)
+	tx2 := addN(t, drv, 1, 0)
+	drv.Publish()
+	require.Len(t, popAll(t, dev), 5)
+	require.NoError(t, dev.PushBatch([]UsedElem{{rx1, 64}, {rx2, 64}, {rx3, 10}, {tx1, 0}, {tx2, 0}}))
+	for _, want := range []struct {
+		pos int
+		id  uint16
+		n   uint32
+	}{{0, rx1, 64}, {1, rx2, 64}, {3, rx3, 10}, {4, tx2, 0}} {
+		id, n, flags := at(want.pos)
+		assert.Equal(t, want.id, id, "slot %d", want.pos)
+		assert.Equal(t, want.n, n, "slot %d", want.pos)
+		assert.Equal(t, DescFAvail|DescFUsed, flags&(DescFAvail|DescFUsed), "slot %d used", want.pos)
+	}
+	for _, want := range []struct {
+		id uint16
+		n  uint32
+	}{{rx1, 64}, {rx2, 64}, {rx3, 10}, {tx1, 0}, {tx2, 0}} {
+		id, n, ok, err := drv.Reclaim()
+		require.NoError(t, err)
+		require.True(t, ok)
+		require.Equal(t, want.id, id)
+		require.Equal(t, want.n, n)
+	}
 }
 
 // TestPackedInOrderDriverSkips: an IN_ORDER device's single used
