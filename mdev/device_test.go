@@ -2,6 +2,7 @@ package mdev
 
 import (
 	"encoding/binary"
+	"fmt"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -732,4 +733,65 @@ func TestAccessAfterClose(t *testing.T) {
 	}
 	assert.Len(t, f.opsCopy(), ops, "the back-end was called after Close")
 	assert.Zero(t, f.status, "the back-end stays reset")
+}
+
+// busyLogBacking logs, and refuses to let go of its log (vdpa.ErrQueueBusy)
+// until a reset, as vdpa.Local does after a queue failed to stop.
+type busyLogBacking struct {
+	*fakeBacking
+	log   *dirty.Bitmap
+	stuck bool
+}
+
+func (b *busyLogBacking) SetLog(l *dirty.Bitmap) error {
+	b.mu.Lock()
+	stuck := b.stuck
+	b.mu.Unlock()
+	if stuck {
+		return fmt.Errorf("%w: a queue failed to stop", vdpa.ErrQueueBusy)
+	}
+	b.log = l
+	return nil
+}
+
+func (b *busyLogBacking) SetStatus(s virtio.Status) error {
+	if s == 0 {
+		b.mu.Lock()
+		b.stuck = false
+		b.mu.Unlock()
+	}
+	return b.fakeBacking.SetStatus(s)
+}
+
+// Stopping dirty tracking must leave the backing without the log, since
+// the caller may close it when StopDirtyTracking returns, even when a
+// backing queue fails to stop: the renegotiation without LOG_ALL fails,
+// the backing keeps the log until a reset, and the device resets it to
+// release the log. The guest is told (DEVICE_NEEDS_RESET).
+func TestStopDirtyTrackingReleasesALogTheBackingHolds(t *testing.T) {
+	f := &busyLogBacking{fakeBacking: newFakeBacking()}
+	d, err := NewDevice(f, &Options{Memory: testMemory(t)})
+	require.NoError(t, err)
+	defer d.Close()
+	g := driver{t, d}
+	g.bringUp(netFeatures)
+	bm, err := dirty.New(1<<20, nil)
+	require.NoError(t, err)
+	defer bm.Close()
+	mode, err := d.StartDirtyTracking(bm)
+	require.NoError(t, err)
+	require.Equal(t, DirtyDeviceLog, mode)
+	require.Same(t, bm, f.log)
+
+	f.mu.Lock()
+	f.stuck = true // a queue failed to stop: the log stays until a reset
+	f.failOn = map[string]bool{"Suspend": true}
+	f.mu.Unlock()
+	err = d.StopDirtyTracking()
+	assert.ErrorIs(t, err, errInjected, "the failed stop is reported")
+	assert.Nil(t, f.log, "the backing no longer holds the log")
+	assert.NotZero(t, g.status()&sNR, "DEVICE_NEEDS_RESET")
+	assert.Equal(t, DirtyAuto, d.DirtyTracking())
+	ops := f.opsCopy()
+	assert.Equal(t, "SetStatus(RESET)", ops[len(ops)-1], "the backing was reset to release the log: %v", ops)
 }

@@ -2,6 +2,7 @@ package mdev
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"github.com/vdpakit/vdpakit/dirty"
@@ -116,16 +117,36 @@ func (d *Device) StopDirtyTrackingContext(ctx context.Context) error {
 	d.tracking = DirtyAuto
 	switch mode {
 	case DirtyDeviceLog:
+		// The backing must let go of the log even when the
+		// renegotiation fails: the caller may close the log once this
+		// returns.
+		var rerr error
 		if d.canLogAll {
-			if err := d.renegotiate(); err != nil {
-				return err
-			}
+			rerr = d.renegotiate()
 		}
-		return backingErr("set log", d.bk.SetLog(nil))
+		return errors.Join(rerr, d.releaseLog())
 	case DirtyRelay:
 		return d.switchRelay(nil)
 	}
 	return nil
+}
+
+// releaseLog takes the dirty log away from the backing device. A backing
+// that keeps it because one of its queues failed to stop and may still be
+// marking it (vdpa.ErrQueueBusy, as vdpa.Local answers until a reset) is
+// reset, which stops everything, and asked again; the guest sees
+// DEVICE_NEEDS_RESET.
+func (d *Device) releaseLog() error {
+	err := d.bk.SetLog(nil)
+	if errors.Is(err, vdpa.ErrQueueBusy) {
+		d.needsReset(backingErr("set log", err))
+		if rerr := d.bk.SetStatus(0); rerr != nil {
+			return backingErr("reset to release the log", rerr)
+		}
+		d.live, d.negotiated = false, false
+		err = d.bk.SetLog(nil)
+	}
+	return backingErr("set log", err)
 }
 
 // DirtyTracking reports the dirty-tracking mode in effect: DirtyRelay when
