@@ -93,7 +93,13 @@ func goDestination(tb testing.TB, conn net.Conn, opts mdev.DestOptions) <-chan e
 	}()
 	tb.Cleanup(func() {
 		_ = conn.Close()
-		<-done
+		select {
+		case <-done:
+		case <-time.After(30 * time.Second):
+			// Its guest memory is about to be unmapped under it.
+			tb.Errorf("the migration destination did not end within 30s of its connection closing")
+			<-done
+		}
 	})
 	return errc
 }
