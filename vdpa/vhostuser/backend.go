@@ -308,6 +308,11 @@ type vq struct {
 	// handler may still be driving the queue they cannot be applied
 	// earlier.
 	orphan *vring.DeviceQueue
+	// orphanUses is what the orphan's handler may still touch: the memory
+	// table and the logs (front-end's and pending) current when the ring
+	// broke. A ring that runs is stopped before any of them is replaced,
+	// so these are the ones it was started with.
+	orphanUses [3]any
 }
 
 type session struct {
@@ -330,11 +335,12 @@ type session struct {
 	pending *dirty.Bitmap
 	queues  []vq
 	// retired holds the releases (unmapping guest memory, closing a log)
-	// of what a new memory table, log or feature set replaced while an
-	// orphan queue existed: its handler may still read and write that
-	// memory and mark that log, so they run after the next handler Reset
-	// (handlerReset) instead. Unmapping under a running worker would send
-	// its writes into whatever mapping reuses the addresses.
+	// of what an orphan queue's handler may still read, write or mark
+	// (vq.orphanUses) when a new memory table, log or feature set replaces
+	// it: they run after the next handler Reset (handlerReset) instead.
+	// Unmapping under a running worker would send its writes into
+	// whatever mapping reuses the addresses. Each orphan holds back at
+	// most one memory table and two logs.
 	retired []func()
 
 	// errFds publishes, per queue, the SET_VRING_ERR eventfd of a running
@@ -849,7 +855,7 @@ func (s *session) setMemTable(rs []MemoryRegion, fds []int) error {
 		return err
 	}
 	running := s.stopAllRunning()
-	s.release(s.mem.close)
+	s.release(s.mem, s.mem.close)
 	s.mem = pm
 	// Rings already configured must still lie in the new memory.
 	for i := range s.queues {
@@ -872,7 +878,7 @@ func (s *session) setLog(l Log, fd int) error {
 	}
 	running := s.stopAllRunning()
 	if old := s.log; old != nil {
-		s.release(func() { _ = old.Close() })
+		s.release(old, func() { _ = old.Close() })
 	}
 	s.log = bm
 	if err := s.mergePending(); err != nil {
@@ -926,7 +932,7 @@ func (s *session) ringLog() (*dirty.Bitmap, error) {
 			return nil, msgErr(ReqSetMemTable, ErrProtocol, "growing the pending dirty log: %v", err)
 		}
 		old := s.pending
-		s.release(func() { _ = old.Close() })
+		s.release(old, func() { _ = old.Close() })
 	} else {
 		s.b.log.Info("vhost-user: LOG_ALL negotiated before SET_LOG_BASE; logging into a pending bitmap until the log arrives")
 	}
@@ -977,7 +983,7 @@ func (s *session) mergePending() error {
 
 func (s *session) dropPending() {
 	if old := s.pending; old != nil {
-		s.release(func() { _ = old.Close() })
+		s.release(old, func() { _ = old.Close() })
 		s.pending = nil
 	}
 }
@@ -1254,7 +1260,7 @@ func (s *session) handlerReset() {
 	for i := range s.queues {
 		if q := &s.queues[i]; q.orphan != nil {
 			s.flushLog(i, q.orphan)
-			q.orphan = nil
+			q.orphan, q.orphanUses = nil, [3]any{}
 		}
 	}
 	for _, release := range s.retired {
@@ -1264,12 +1270,12 @@ func (s *session) handlerReset() {
 	s.retired = s.retired[:0]
 }
 
-// release runs fn, which unmaps guest memory or closes a dirty log the
-// session no longer uses, now, or after the next handler Reset while a
-// queue's handler may still be using it (see retired).
-func (s *session) release(fn func()) {
+// release runs fn, which unmaps guest memory or closes a dirty log (res)
+// the session no longer uses, now, or after the next handler Reset while
+// an orphan queue's handler may still be using res (see retired).
+func (s *session) release(res any, fn func()) {
 	for i := range s.queues {
-		if s.queues[i].orphan != nil {
+		if q := &s.queues[i]; q.orphan != nil && slices.Contains(q.orphanUses[:], res) {
 			s.retired = append(s.retired, fn)
 			return
 		}
@@ -1301,6 +1307,7 @@ func (s *session) halt(i int) (vring.QueueState, bool) {
 		// queue is broken until a reset.
 		s.b.log.Warn("vhost-user: stop queue failed; queue broken until reset", "queue", i, "err", err)
 		q.broken, q.saved, q.orphan = true, nil, dq
+		q.orphanUses = [3]any{s.mem, s.log, s.pending}
 		s.signalErr(q)
 		return vring.QueueState{}, false
 	}
