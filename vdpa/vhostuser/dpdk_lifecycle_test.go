@@ -172,7 +172,9 @@ func TestDPDKBackendRestartPollGroup(t *testing.T) {
 // virtio-user resets its packed rings when the back-end reconnects and
 // sends the fresh base, which the new back-end starts from. The frames
 // still queued in the ring when it was reset are dropped by virtio-user
-// (observed: exactly the 256 of a full ring under txonly).
+// (observed: exactly the 256 of a full ring under txonly). testpmd's
+// forwarding pauses across the reconnect, around a virtio-user race
+// (see testDPDKBackendRestart).
 func TestDPDKBackendRestartPacked(t *testing.T) { testDPDKBackendRestart(t, true, nil) }
 
 // testDPDKBackendRestart runs the restart; a non-nil group makes both
@@ -200,7 +202,8 @@ func testDPDKBackendRestart(t *testing.T, packed bool, group *softnet.PollGroup)
 		}
 		dev, err := softnet.New(&opts)
 		require.NoError(t, err)
-		rec := &logRecorder{level: slog.LevelInfo}
+		// Debug: a failure lists every message of the second session.
+		rec := &logRecorder{level: slog.LevelDebug}
 		be := NewBackend(dev, &BackendOptions{ReconnectInterval: 20 * time.Millisecond, Logger: slog.New(rec)})
 		sctx, scancel := context.WithCancel(ctx)
 		done := make(chan error, 1)
@@ -217,6 +220,22 @@ func testDPDKBackendRestart(t *testing.T, packed bool, group *softnet.PollGroup)
 	require.True(t, waitCond(ctx, func() bool { return tx(first) > 50000 }), "no traffic to the first back-end")
 	first.stop() // the back-end goes away under traffic
 	firstTx := tx(first)
+	var pausedSent, pausedDropped uint64
+	if packed {
+		// virtio-user 22.11 resets a packed ring when a back-end
+		// reconnects (virtio_user_dev_reset_queues_packed): it clears
+		// hw->started, waits 1 ms for the datapath, rewrites the ring and
+		// frees its mbufs; the transmit path checks started only on entry.
+		// A forwarding lcore preempted inside a burst for longer than
+		// that runs on the ring under the reset, and testpmd can die
+		// mid-reconnect (seen on this 2-core machine under load).
+		// Forwarding pauses across the reconnect instead; the back-end
+		// still went away under traffic. (Starting again resets testpmd's
+		// counters: the two parts add up.)
+		var err error
+		_, _, pausedSent, pausedDropped, err = p.stopForwarding(ctx)
+		require.NoError(t, err)
+	}
 
 	t0 := time.Now()
 	second := start()
@@ -226,24 +245,33 @@ func testDPDKBackendRestart(t *testing.T, packed bool, group *softnet.PollGroup)
 		}
 	}()
 	rctx, rcancel := context.WithTimeout(ctx, 10*time.Second)
+	if packed {
+		require.True(t, waitCond(rctx, func() bool { return second.be.Info().RunningQueues == 2 }),
+			"second back-end: rings did not start within 10s (%s): %+v; log %v", p.state(), second.be.Info(), second.log.find(""))
+		p.command("start")
+	}
 	resumed := waitCond(rctx, func() bool { return tx(second) > 10000 })
 	rcancel()
 	resume := time.Since(t0)
-	require.True(t, resumed, "traffic did not resume within 10s: %+v; log %v", second.be.Info(), second.log.find(""))
+	require.True(t, resumed, "traffic did not resume within 10s (%s): %+v; log %v", p.state(), second.be.Info(), second.log.find(""))
 	time.Sleep(2 * time.Second) // still one session: no redial loop
 	info := second.be.Info()
 	assert.Equal(t, 1, info.Sessions, "sessions of the second back-end")
 	assert.True(t, info.Connected)
 	assert.Equal(t, 2, info.RunningQueues)
 	assert.Equal(t, packed, info.Features.Has(virtio.FRingPacked), "ring format negotiated")
+	// virtio-user reconnects a split ring with a base that usually
+	// disagrees with used.idx (the back-end then resynchronises from
+	// used.idx, and logs it); when the first back-end happened to go away
+	// with every available chain used, the two agree and nothing is
+	// logged. Either way the frame count below must hold.
 	resync := second.log.find("resynchronised")
 	if packed {
 		assert.Empty(t, resync, "a packed ring is not resynchronised")
-	} else {
-		assert.NotEmpty(t, resync, "virtio-user reconnected with a base that disagrees with used.idx")
 	}
 	_, _, sent, dropped, err := p.stopForwarding(ctx)
 	require.NoError(t, err)
+	sent, dropped = sent+pausedSent, dropped+pausedDropped
 	secondTx := tx(second)
 	second.stop()
 	second = nil

@@ -106,11 +106,26 @@ func (l *lockedBuffer) String() string {
 
 // testpmd is one interactive dpdk-testpmd process in its own process group.
 type testpmd struct {
-	t     *testing.T
-	cmd   *exec.Cmd
-	stdin io.WriteCloser
-	out   *lockedBuffer
-	done  chan struct{}
+	t       *testing.T
+	cmd     *exec.Cmd
+	stdin   io.WriteCloser
+	out     *lockedBuffer
+	done    chan struct{}
+	waitErr error // how the process ended, once done is closed
+}
+
+// state says whether testpmd still runs, or how it ended (a signal shows
+// as such: a crash of the peer, not a failure of ours to read).
+func (p *testpmd) state() string {
+	select {
+	case <-p.done:
+		if p.waitErr != nil {
+			return "testpmd ended: " + p.waitErr.Error()
+		}
+		return "testpmd exited normally"
+	default:
+		return "testpmd running"
+	}
 }
 
 type testpmdConfig struct {
@@ -150,11 +165,12 @@ func startTestpmd(t *testing.T, bin string, c testpmdConfig) *testpmd {
 	require.NoError(t, err)
 	require.NoError(t, cmd.Start())
 	p := &testpmd{t: t, cmd: cmd, stdin: stdin, out: out, done: make(chan struct{})}
-	go func() { _ = cmd.Wait(); close(p.done) }()
+	go func() { p.waitErr = cmd.Wait(); close(p.done) }()
 	t.Cleanup(func() {
+		st := p.state() // before quit: how it was when the test ended
 		p.quit()
 		if t.Failed() {
-			t.Logf("testpmd %s output:\n%s", c.prefix, out.String())
+			t.Logf("testpmd %s (%s at the end of the test) output:\n%s", c.prefix, st, out.String())
 		}
 	})
 	return p
@@ -224,14 +240,17 @@ func (p *testpmd) portStats(ctx context.Context) (rx, tx uint64, err error) {
 // stopForwarding runs "stop" and returns the forward statistics of port 0:
 // received, dropped on receive, transmitted, dropped on transmit.
 func (p *testpmd) stopForwarding(ctx context.Context) (rx, rxDrop, tx, txDrop uint64, err error) {
+	const statsEnd = "Accumulated forward statistics"
+	n := bytes.Count([]byte(p.out.String()), []byte(statsEnd))
 	p.command("stop")
-	if err := p.waitOutput(ctx, "Accumulated forward statistics", 1); err != nil {
+	if err := p.waitOutput(ctx, statsEnd, n+1); err != nil {
 		return 0, 0, 0, 0, err
 	}
-	m := fwdStatsRe.FindStringSubmatch(p.out.String())
-	if m == nil {
+	all := fwdStatsRe.FindAllStringSubmatch(p.out.String(), -1)
+	if len(all) == 0 {
 		return 0, 0, 0, 0, fmt.Errorf("no forward statistics in testpmd output")
 	}
+	m := all[len(all)-1] // this stop's (start resets them)
 	v := make([]uint64, 4)
 	for i := range v {
 		v[i], _ = strconv.ParseUint(m[i+1], 10, 64)
