@@ -427,9 +427,9 @@ func (l *Local) MaxQueueSize() (uint16, error) { return l.h.MaxQueueSize(), nil 
 
 // SetMemory implements Device. The memory must not change under running
 // queues. Local does not take ownership: the caller closes it, and only
-// after Close, a reset or Suspend, since running queues access it. After a
-// queue's StopQueue failed (the handler may still drive it), SetMemory
-// returns ErrQueueBusy until a reset.
+// after Close, a reset or a successful Suspend, since running queues
+// access it. After a queue's StopQueue failed (the handler may still
+// drive it), SetMemory returns ErrQueueBusy until a reset.
 func (l *Local) SetMemory(mem *vring.Memory) error {
 	if err := l.lock(); err != nil {
 		return err

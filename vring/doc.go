@@ -47,9 +47,9 @@
 // VIRTIO_F_IN_ORDER, PushBatch writes one used descriptor for a run of
 // chains with nothing writable (transmitted frames, used completely by
 // §2.8.8; written receive buffers always get their own, as drivers such as
-// DPDK's expect) and the driver side returns each chain of any such run. DeviceQueue.AdoptInFlight re-declares chains
-// that were in flight when a packed queue's state was saved, so the
-// restored queue can push them.
+// DPDK's expect) and the driver side returns each chain of any such run.
+// DeviceQueue.AdoptInFlight re-declares chains that were in flight when a
+// packed queue's state was saved, so the restored queue can push them.
 //
 // Device side lifecycle:
 //

@@ -647,7 +647,7 @@ func (q *DeviceQueue) packedPushChain(c *Chain, written uint32) error {
 // is not the batch's last and whose chain has nothing writable (a
 // transmitted frame; its Len is 0) gets no used descriptor of its own: the
 // next one written covers it (§2.8.8: skipped buffers count as used
-// completely).
+// completely), whatever that one's chain is.
 //
 // The spec would allow skipping any chain written completely, receive
 // buffers included, but drivers do not all follow a used descriptor over
