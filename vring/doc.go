@@ -43,11 +43,10 @@
 // at the zero QueueState. Chain.Head is the buffer id (the id of the
 // chain's last ring descriptor) and Chain.Descs the number of ring
 // descriptors the chain occupies; the device may complete chains in any
-// order, and the driver side follows the used descriptors by id. With
-// VIRTIO_F_IN_ORDER, PushBatch writes one used descriptor for a run of
-// chains with nothing writable (transmitted frames, used completely by
-// §2.8.8; written receive buffers always get their own, as drivers such as
-// DPDK's expect) and the driver side returns each chain of any such run.
+// order, and the driver side follows the used descriptors by id. The
+// device side writes a used descriptor per chain, with VIRTIO_F_IN_ORDER
+// too; the driver side also follows a device that writes one for a run of
+// chains (§2.8.8) and returns each chain of the run.
 // DeviceQueue.AdoptInFlight re-declares chains that were in flight when a
 // packed queue's state was saved, so the restored queue can push them.
 //
