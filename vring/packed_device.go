@@ -657,48 +657,23 @@ func (q *DeviceQueue) packedPushBatch(elems []UsedElem) error {
 		}
 		ids[e.Head].inflight = false
 	}
-	if !p.inOrder {
-		return q.packedPushBatchAny(elems)
-	}
-	first, firstID, firstFlags := uint16(0), uint16(0), uint16(0)
-	// Logging: the used descriptors written lie in ring order from the
-	// batch's first used position; logged as at most two ranges (before
-	// and after the ring end).
-	start := p.nextUsed
-	var count uint32 // ring descriptors the batch moves the used position by
-	for i, e := range elems {
-		ent := &p.ids[e.Head]
-		if p.lost != 0 {
-			count += uint32(p.lost) // release moves past them (see lost)
-		}
-		count += uint32(ent.ndesc)
-		at, bits := p.release(e.Head)
-		d := &p.r.descs[at]
-		d.len = e.Len
-		fl := usedFlags(bits, e.Len, ent.writable)
-		if i == 0 {
-			first, firstID, firstFlags = at, e.Head, fl
-			continue
-		}
-		p.r.setWord(at, e.Head, fl) // released by the first one's store below
-	}
-	p.r.storeWord(first, firstID, firstFlags)
-	if q.log != nil {
-		return q.endLog(q.logUsedRange(uint32(start), count))
-	}
-	return nil
+	return q.packedWriteUsed(elems)
 }
 
-// packedPushBatchAny is packedPushBatch without IN_ORDER, once the ids
-// are checked (and out of flight): a used descriptor per element, at
-// consecutive used positions, the first one's word stored last.
-func (q *DeviceQueue) packedPushBatchAny(elems []UsedElem) error {
+// packedWriteUsed is packedPushBatch once the ids are checked (and out of
+// flight): a used descriptor per element, at consecutive used positions,
+// the first one's word stored last. With IN_ORDER the first one also
+// covers the chains in flight at a restore whose ids are unknown (lost).
+func (q *DeviceQueue) packedWriteUsed(elems []UsedElem) error {
 	p := q.pk
 	ids, descs := p.ids, p.r.descs
 	size := uint32(len(descs))
 	start := uint32(p.nextUsed)
 	pos, bits := start, p.usedBits
-	var count uint32
+	var count, lost uint32
+	if p.inOrder {
+		lost, p.lost = uint32(p.lost), 0 // see lost
+	}
 	var firstWord uint32
 	for i, e := range elems {
 		ent := &ids[e.Head]
@@ -708,12 +683,13 @@ func (q *DeviceQueue) packedPushBatchAny(elems []UsedElem) error {
 		d := &descs[pos]
 		d.len = e.Len
 		w := uint32(e.Head) | uint32(usedFlags(bits, e.Len, ent.writable))<<16
+		n := uint32(ent.ndesc)
 		if i == 0 {
 			firstWord = w
+			n += lost
 		} else {
 			*descWord(d) = w // released by the first one's store below
 		}
-		n := uint32(ent.ndesc)
 		count += n
 		if pos += n; pos >= size {
 			pos -= size
