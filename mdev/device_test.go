@@ -634,19 +634,28 @@ type loggingBacking struct {
 
 func (l *loggingBacking) SetLog(b *dirty.Bitmap) error { l.log = b; return nil }
 
-func TestDeviceLogNegotiatesLogAll(t *testing.T) {
-	f := &loggingBacking{fakeBacking: newFakeBacking()}
-	d, err := NewDevice(f, &Options{Memory: testMemory(t)})
+// trackingWithDeviceLog brings up a device on a logging backing b and
+// starts dirty tracking, which must use the backing's log.
+func trackingWithDeviceLog(t *testing.T, b vdpa.Device) (*Device, driver, *dirty.Bitmap) {
+	t.Helper()
+	d, err := NewDevice(b, &Options{Memory: testMemory(t)})
 	require.NoError(t, err)
-	defer d.Close()
-	driver{t, d}.bringUp(netFeatures)
-	assert.False(t, d.OfferedFeatures().Has(virtio.FLogAll), "LOG_ALL is not a virtio feature")
+	t.Cleanup(func() { _ = d.Close() })
+	g := driver{t, d}
+	g.bringUp(netFeatures)
 	bm, err := dirty.New(1<<20, nil)
 	require.NoError(t, err)
-	defer bm.Close()
+	t.Cleanup(func() { _ = bm.Close() })
 	mode, err := d.StartDirtyTracking(bm)
 	require.NoError(t, err)
-	assert.Equal(t, DirtyDeviceLog, mode)
+	require.Equal(t, DirtyDeviceLog, mode)
+	return d, g, bm
+}
+
+func TestDeviceLogNegotiatesLogAll(t *testing.T) {
+	f := &loggingBacking{fakeBacking: newFakeBacking()}
+	d, _, bm := trackingWithDeviceLog(t, f)
+	assert.False(t, d.OfferedFeatures().Has(virtio.FLogAll), "LOG_ALL is not a virtio feature")
 	assert.Same(t, bm, f.log)
 	assert.Equal(t, netFeatures.With(virtio.FLogAll), f.accepted, "vhost logs only with LOG_ALL negotiated")
 	require.NoError(t, d.StopDirtyTracking())
@@ -770,24 +779,14 @@ func (b *busyLogBacking) SetStatus(s virtio.Status) error {
 // release the log. The guest is told (DEVICE_NEEDS_RESET).
 func TestStopDirtyTrackingReleasesALogTheBackingHolds(t *testing.T) {
 	f := &busyLogBacking{fakeBacking: newFakeBacking()}
-	d, err := NewDevice(f, &Options{Memory: testMemory(t)})
-	require.NoError(t, err)
-	defer d.Close()
-	g := driver{t, d}
-	g.bringUp(netFeatures)
-	bm, err := dirty.New(1<<20, nil)
-	require.NoError(t, err)
-	defer bm.Close()
-	mode, err := d.StartDirtyTracking(bm)
-	require.NoError(t, err)
-	require.Equal(t, DirtyDeviceLog, mode)
+	d, g, bm := trackingWithDeviceLog(t, f)
 	require.Same(t, bm, f.log)
 
 	f.mu.Lock()
 	f.stuck = true // a queue failed to stop: the log stays until a reset
 	f.failOn = map[string]bool{"Suspend": true}
 	f.mu.Unlock()
-	err = d.StopDirtyTracking()
+	err := d.StopDirtyTracking()
 	assert.ErrorIs(t, err, errInjected, "the failed stop is reported")
 	assert.Nil(t, f.log, "the backing no longer holds the log")
 	assert.NotZero(t, g.status()&sNR, "DEVICE_NEEDS_RESET")

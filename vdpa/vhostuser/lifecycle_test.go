@@ -460,6 +460,19 @@ func (f *failStop) StopQueue(q int) (vring.QueueState, error) {
 	return f.Device.StopQueue(q)
 }
 
+// failingStopAfterTraffic connects a guest to a handler whose next
+// StopQueue of the guest's queue fails, and runs 4 chains through it.
+func failingStopAfterTraffic(t *testing.T) (*lcGuest, *failStop, *lcConn) {
+	t.Helper()
+	g := newLCGuest(t)
+	h := &failStop{Device: lcDevice(t), fail: true}
+	c := g.connect(h)
+	c.negotiate()
+	c.startRing(0)
+	g.traffic(4)
+	return g, h, c
+}
+
 // mappingsOf counts this process's mappings of the file open as fd.
 func mappingsOf(t *testing.T, fd int) int {
 	t.Helper()
@@ -485,12 +498,7 @@ func mappingsOf(t *testing.T, fd int) int {
 // once, a worker still writing would land in whatever mapping reuses the
 // addresses.)
 func TestLifecycleStopQueueFailsKeepsMemoryUntilReset(t *testing.T) {
-	g := newLCGuest(t)
-	h := &failStop{Device: lcDevice(t), fail: true}
-	c := g.connect(h)
-	c.negotiate()
-	c.startRing(0)
-	g.traffic(4)
+	g, h, c := failingStopAfterTraffic(t)
 	ours := mappingsOf(t, g.memfd) // the test's mapping and the back-end's
 	c.base()                       // StopQueue fails: the queue is an orphan
 	require.NotEmpty(t, c.log.find("queue broken until reset"))
@@ -527,12 +535,7 @@ func TestLifecycleStopQueueFailsKeepsMemoryUntilReset(t *testing.T) {
 // still runs it), and reports DEVICE_NEEDS_RESET until RESET_DEVICE; the
 // session lives on.
 func TestLifecycleStopQueueFails(t *testing.T) {
-	g := newLCGuest(t)
-	h := &failStop{Device: lcDevice(t), fail: true}
-	c := g.connect(h)
-	c.negotiate()
-	c.startRing(0)
-	g.traffic(4)
+	g, _, c := failingStopAfterTraffic(t)
 	assert.Equal(t, uint16(4), c.base(), "used.idx")
 	require.NotEmpty(t, c.log.find("queue broken until reset"))
 	c.send(ReqSetVringKick, putU64(lcQueue), g.kick.Fd())
