@@ -97,7 +97,8 @@ func (q *queue) segBuf() []byte {
 }
 
 // Per-queue state sizes, for QueueMemory. A receive queue holds, per entry
-// of its ring, a Chain with room for rxSegs segments and a length; a
+// of its ring, a Chain with room for rxSegs segments, a length and a used
+// entry waiting to be published (and rxPendingMax more of those); a
 // transmit or control queue a Chain with room for workerSegs segments and
 // a gather buffer of a header and a whole frame.
 const (
@@ -119,7 +120,8 @@ func (q *queue) gatherBuf(n int) []byte {
 }
 
 var (
-	rxEntryBytes = uint64(unsafe.Sizeof(vring.Chain{})) + rxSegs*uint64(unsafe.Sizeof(vring.Segment{})) + 4
+	usedBytes    = uint64(unsafe.Sizeof(vring.UsedElem{}))
+	rxEntryBytes = uint64(unsafe.Sizeof(vring.Chain{})) + rxSegs*uint64(unsafe.Sizeof(vring.Segment{})) + 4 + usedBytes
 	workerBytes  = workerSegs*uint64(unsafe.Sizeof(vring.Segment{})) + gatherLen
 	queueBytes   = uint64(unsafe.Sizeof(queue{}))
 )
@@ -137,7 +139,7 @@ func QueueMemory(pairs, size uint16, ctrl, offload bool) uint64 {
 		workers++
 	}
 	rx := p
-	m := (rx+workers)*queueBytes + rx*n*rxEntryBytes + workers*workerBytes
+	m := (rx+workers)*queueBytes + rx*(n*rxEntryBytes+rxPendingMax*usedBytes) + workers*workerBytes
 	if offload {
 		m += 2 * p * MaxFrame
 	}
@@ -209,8 +211,8 @@ func (q *queue) startRx(dq *vring.DeviceQueue, call *vdpa.EventFD, chains int) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	q.allocRx(chains)
-	if q.pending == nil {
-		q.pending = make([]vring.UsedElem, 0, rxPendingMax)
+	if cap(q.pending) != rxPendingMax+chains {
+		q.pending = make([]vring.UsedElem, 0, rxPendingMax+chains)
 	}
 	q.pending = q.pending[:0]
 	q.countPending()
@@ -701,9 +703,26 @@ func (d *Device) flushLocked(rx *queue) {
 	}
 }
 
-// rxPendingMax bounds the receive chains a queue holds written but
-// unpublished; completeRx publishes when it is reached.
-const rxPendingMax = 64
+// rxPendingMax is how many receive chains a queue holds written but
+// unpublished before it publishes them: writeFrame publishes once a
+// frame ends with at least that many waiting, also in the middle of a
+// transmit batch that replies into the queue.
+//
+// It is small on purpose. A driver that forwards what it receives (a
+// guest's bridge, testpmd's macswap) and a device that replies to what
+// it is sent form a loop: replies held until the end of a batch make the
+// two sides take turns, each waiting while the other works through a
+// whole batch. Published every few chains, the driver starts on the
+// first replies while the device writes the rest. Eight chains are about
+// a cache line of split used-ring entries (two of packed descriptors),
+// and one release store per eight frames costs little. See
+// docs/performance, "Replies published as they are written".
+//
+// The chains of one frame (MRG_RXBUF) are published together (§5.1.6.4:
+// a driver may drop a frame whose num_buffers buffers are not all used
+// when it looks), so the queue's pending list has room for rxPendingMax
+// chains and then a whole frame's.
+const rxPendingMax = 8
 
 // completeRx returns receive chain c with written bytes: it logs the
 // bytes written (if the queue logs) and queues the used entry for the
@@ -713,6 +732,9 @@ func (rx *queue) completeRx(c *vring.Chain, written uint32) error {
 		return err
 	}
 	if len(rx.pending) == cap(rx.pending) {
+		// Never for a frame that began with fewer than rxPendingMax
+		// chains waiting (writeFrame sees to it): the list has room
+		// for those and for a frame taking every chain of the ring.
 		if err := rx.publishRx(); err != nil {
 			return err
 		}
@@ -894,6 +916,14 @@ func (d *Device) rxSoftware(rx *queue, hdr *virtio.NetHdr, p *gsoPacket, frame [
 
 // writeFrame writes frame with the header rx.vh into rx's chains.
 func (d *Device) writeFrame(rx *queue, frame []byte, deferIRQ bool) (err error) {
+	if len(rx.pending) >= rxPendingMax {
+		// Chains given back empty by frames dropped since the last
+		// publication: out first, so the frame's own chains fit the
+		// pending list together (see rxPendingMax).
+		if err := rx.publishRx(); err != nil {
+			return d.ringErr(rx, err)
+		}
+	}
 	if d.mrg.Load() {
 		err = d.writeMergeable(rx, frame)
 	} else {
@@ -905,12 +935,20 @@ func (d *Device) writeFrame(rx *queue, frame []byte, deferIRQ bool) (err error) 
 	rx.pendFrames++
 	rx.pendBytes += uint64(len(frame))
 	rx.irq = true
-	if !deferIRQ {
+	switch {
+	case !deferIRQ:
 		if err := rx.publishRx(); err != nil {
 			return d.ringErr(rx, err)
 		}
 		rx.irq = false
 		rx.signal()
+	case len(rx.pending) >= rxPendingMax:
+		// A reply in a transmit batch: published now rather than at
+		// the batch's end (see rxPendingMax); the interrupt waits for
+		// flushRx.
+		if err := rx.publishRx(); err != nil {
+			return d.ringErr(rx, err)
+		}
 	}
 	return nil
 }
