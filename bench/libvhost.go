@@ -157,7 +157,7 @@ func vhostChildMain() int {
 type libVhost struct {
 	self string
 	// profileDir, when set, receives a CPU profile of every run
-	// (vhost-<n>.pprof, n counting runs).
+	// (vhost-<mode>-<pairs>q-<n>.pprof, n counting runs).
 	profileDir string
 	// pollGroup: the child polls every queue on one PollGroup worker.
 	pollGroup bool
@@ -192,15 +192,14 @@ func (w lockedWriter) Write(p []byte) (int, error) {
 
 func (l *libVhost) Pid() int { return l.cmd.Process.Pid }
 
-func (l *libVhost) Start(ctx context.Context, sock string, loopback bool, queues, cpu int) error {
+func (l *libVhost) Start(ctx context.Context, sock string, sc scenario, cpu int) error {
 	l.runs++
-	cp := vhostChildParams{Sock: sock, Loopback: loopback, Queues: queues, CPU: cpu, PollGroup: l.pollGroup}
+	cp := vhostChildParams{Sock: sock, Loopback: sc.loopback, Queues: sc.queues, CPU: cpu, PollGroup: l.pollGroup}
 	if l.profileDir != "" {
-		mode := "txonly"
-		if loopback {
-			mode = "loopback"
-		}
-		cp.Profile = filepath.Join(l.profileDir, fmt.Sprintf("vhost-%s-%dq-%d.pprof", mode, queues, l.runs))
+		// vhost-<mode>-<pairs>q-<run>.pprof, the mode as the results
+		// name it: txonly, macswap-loopback, txonly-packed, ...
+		mode := strings.ReplaceAll(sc.mode(), " ", "-")
+		cp.Profile = filepath.Join(l.profileDir, fmt.Sprintf("vhost-%s-%dq-%d.pprof", mode, sc.queues, l.runs))
 	}
 	params, err := json.Marshal(cp)
 	if err != nil {

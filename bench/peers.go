@@ -185,11 +185,12 @@ func maxInt(v []int) int {
 // front-end connects to: DPDK's own net_vhost, or the library's.
 type vhostBackend interface {
 	Name() string
-	// Start listens on sock (server mode) with the given number of queue
-	// pairs, every thread of the back-end pinned to cpu. loopback selects
+	// Start listens on sock (server mode) with sc.queues queue pairs,
+	// every thread of the back-end pinned to cpu. sc.loopback selects
 	// whether frames the front-end transmits come back on its receive
-	// queue (io forward) or are consumed and dropped (rxonly).
-	Start(ctx context.Context, sock string, loopback bool, queues, cpu int) error
+	// queue (io forward) or are consumed and dropped (rxonly); the ring
+	// format is the front-end's choice (both back-ends offer both).
+	Start(ctx context.Context, sock string, sc scenario, cpu int) error
 	// Pid is the back-end's process id while it runs.
 	Pid() int
 	// Alive returns an error if the back-end has died.
@@ -211,18 +212,18 @@ func (d *dpdkVhost) Name() string { return "DPDK net_vhost" }
 
 func (d *dpdkVhost) Pid() int { return d.p.cmd.Process.Pid }
 
-func (d *dpdkVhost) Start(ctx context.Context, sock string, loopback bool, queues, cpu int) error {
+func (d *dpdkVhost) Start(ctx context.Context, sock string, sc scenario, cpu int) error {
 	d.seq++
 	d.fwd = "rxonly"
-	if loopback {
+	if sc.loopback {
 		d.fwd = "io"
 	}
 	p, err := startTestpmd(d.bin, TestpmdArgs{
 		CPU:        cpu,
 		FilePrefix: fmt.Sprintf("vdpakit-bench-%d-be%d", os.Getpid(), d.seq),
-		Vdev:       fmt.Sprintf("net_vhost0,iface=%s,queues=%d", sock, queues),
+		Vdev:       fmt.Sprintf("net_vhost0,iface=%s,queues=%d", sock, sc.queues),
 		Forward:    d.fwd,
-		Queues:     queues,
+		Queues:     sc.queues,
 	})
 	if err != nil {
 		return err
@@ -287,7 +288,7 @@ func dpdkScenario(ctx context.Context, bin string, be vhostBackend, sc scenario,
 	}
 	defer os.RemoveAll(dir)
 	sock := filepath.Join(dir, "vhost.sock")
-	if err := be.Start(ctx, sock, sc.loopback, sc.queues, hostCPU); err != nil {
+	if err := be.Start(ctx, sock, sc, hostCPU); err != nil {
 		return run, fmt.Errorf("%s: %w", be.Name(), err)
 	}
 	beStopped := false
