@@ -62,6 +62,7 @@ type OffloadHandler interface {
 // HandleFrame returns.
 type Tx struct {
 	dev    *Device
+	q      *queue // the transmit queue whose batch this is
 	pair   int
 	rxPair int // receive pair with a deferred interrupt, or -1
 	// hold: replies keep the receive queue's lock until the end of the
@@ -109,7 +110,7 @@ func (t *Tx) reply(hdr *virtio.NetHdr, frame []byte) error {
 		t.held = rx
 	}
 	t.rxPair = p
-	return t.dev.deliverVia(t.held, p, hdr, frame, true)
+	return t.dev.deliverVia(t.q, t.held, p, hdr, frame)
 }
 
 // Device returns the device that transmitted the frame.
@@ -146,7 +147,7 @@ func (d *Device) Deliver(pair int, frame []byte) (err error) {
 	}
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	defer vring.CatchFault(&err) // a fault reading frame itself
-	return d.deliver(d.steer(pair), nil, frame, false)
+	return d.deliver(d.steer(pair), nil, frame)
 }
 
 // DeliverHdr is Deliver for a frame with a virtio-net header, as a host
@@ -174,7 +175,7 @@ func (d *Device) DeliverHdr(pair int, hdr virtio.NetHdr, frame []byte) (err erro
 	}
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	defer vring.CatchFault(&err) // a fault reading frame itself
-	return d.deliver(d.steer(pair), &hdr, frame, false)
+	return d.deliver(d.steer(pair), &hdr, frame)
 }
 
 func (d *Device) steer(pair int) int {

@@ -64,7 +64,7 @@ func newLoopFrame(tb testing.TB, f virtio.Features, offload bool, h virtio.NetHd
 	tx := d.queues[1]
 	tx.gather = make([]byte, virtio.NetHdrSize+MaxFrame)
 	tx.dq = txd
-	tx.tx = Tx{dev: d, pair: 0}
+	tx.tx = Tx{dev: d, pair: 0, q: tx}
 	require.NoError(tb, mem.Write(data, append(hb, frame...)))
 	return &loop{d: d, tx: tx, txq: txq, rxq: rxq,
 		txBufs: []vring.Buffer{{Addr: data, Len: uint32(hdrLen)}, {Addr: data + vring.GuestAddr(hdrLen), Len: uint32(len(frame))}},

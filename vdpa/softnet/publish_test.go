@@ -14,8 +14,9 @@ import (
 // transmit batch become visible to the driver while the batch goes on,
 // every few chains (rxPendingMax) rather than at its end, and never part
 // of a frame: with MRG_RXBUF, all num_buffers chains of a frame are used
-// together (§5.1.6.4). The handler looks at the receive ring after each
-// reply, as a driver on another CPU could at any moment.
+// together (§5.1.6.4). A visible reply is counted in Stats, and so is the
+// transmitted frame that caused it. The handler looks at the receive ring
+// after each reply, as a driver on another CPU could at any moment.
 func TestRepliesPublishedInRunsOfWholeFrames(t *testing.T) {
 	const frames = 32
 	for _, packed := range []bool{false, true} {
@@ -57,6 +58,12 @@ func TestRepliesPublishedInRunsOfWholeFrames(t *testing.T) {
 					require.NoError(t, tx.Reply(frame))
 					drain()
 					seen = append(seen, len(lens))
+					// A driver that sees a reply finds the frame that
+					// caused it, and the reply, in Stats.
+					st := l.d.Stats()
+					visible := uint64(len(lens) / perFrame)
+					assert.GreaterOrEqual(t, st.Queues[1].Frames, visible, "transmitted frames counted when %d replies are visible", visible)
+					assert.GreaterOrEqual(t, st.Queues[0].Frames, visible, "received frames counted when %d replies are visible", visible)
 				}))
 				for range frames * perFrame {
 					_, err := l.rxq.Add(l.rxBufs)

@@ -63,9 +63,10 @@ type queue struct {
 	irq    bool // rx: used entries published since the last interrupt check
 	// pending (rx) are receive chains written and logged but not yet
 	// published, in the order they were popped: publishRx returns them
-	// with one PushBatch (one used.idx store; the interrupt check after it
-	// adds the one full barrier) per transmit batch, or per frame for a
-	// delivery that signals at once.
+	// with one PushBatch (one used.idx store) every rxPendingMax chains or
+	// so and at the end of a transmit batch (where the interrupt check
+	// adds the one full barrier), or per frame for a delivery that
+	// signals at once.
 	pending []vring.UsedElem
 	// pendFrames and pendBytes count the frames written into the pending
 	// chains (rx; publishRx adds them to frames and bytes) or transmitted
@@ -249,7 +250,7 @@ func (q *queue) startWorker(d *Device, dq *vring.DeviceQueue, kick, call *vdpa.E
 	q.stopReq.Store(false)
 	q.done = make(chan struct{})
 	q.err.Store(nil)
-	q.tx = Tx{dev: d, pair: q.idx / 2}
+	q.tx = Tx{dev: d, pair: q.idx / 2, q: q}
 	q.running.Store(true)
 	if g := d.opts.PollGroup; g != nil {
 		g.add(&pollEntry{q: q, process: process, done: q.done})
@@ -297,9 +298,13 @@ func (q *queue) stop() vring.QueueState {
 	defer q.mu.Unlock()
 	// Receive chains written but not yet published go out first, so that
 	// every chain before the held ones has been pushed (below). A fault
-	// here leaves them unpublished, on a queue that is broken anyway.
+	// here leaves them unpublished, on a queue that is broken anyway; a
+	// queue already broken publishes nothing (see flushLocked).
 	if len(q.pending) > 0 {
-		if err := vring.Guard(q.publishRx); err != nil {
+		if q.loadErr() != nil {
+			q.pending = q.pending[:0]
+			q.countPending()
+		} else if err := vring.Guard(q.publishRx); err != nil {
 			q.setErr(err)
 			q.pending = q.pending[:0]
 			q.countPending()
@@ -688,6 +693,13 @@ func (d *Device) flushLocked(rx *queue) {
 		return
 	}
 	if len(rx.pending) > 0 {
+		if rx.loadErr() != nil {
+			// Broken part-way through a frame: its first chains may
+			// be here without the rest; nothing more is published.
+			rx.pending = rx.pending[:0]
+			rx.countPending()
+			return
+		}
 		if err := vring.Guard(rx.publishRx); err != nil {
 			rx.pending = rx.pending[:0]
 			rx.countPending()
@@ -749,9 +761,12 @@ func (rx *queue) publishRx() error {
 	// Counted before they are visible: a driver that sees a frame finds
 	// it in Stats.
 	rx.countPending()
-	err := rx.dq.PushBatch(rx.pending)
+	// Emptied before the push: a push that fails or faults part-way
+	// (after its used-index store, logging the used ring) must not leave
+	// the chains to be pushed again by a later publication.
+	p := rx.pending
 	rx.pending = rx.pending[:0]
-	return err
+	return rx.dq.PushBatch(p)
 }
 
 // countPending adds the frames written since the last call to the
@@ -773,15 +788,16 @@ func (q *queue) signalGuarded() (err error) {
 	return nil
 }
 
-// deliver writes frame, with hdr if not nil, into pair's receive queue.
-// With deferIRQ the interrupt is left for flushRx.
-func (d *Device) deliver(pair int, hdr *virtio.NetHdr, frame []byte, deferIRQ bool) error {
-	return d.deliverVia(nil, pair, hdr, frame, deferIRQ)
+// deliver writes frame, with hdr if not nil, into pair's receive queue,
+// publishes it and raises the receive interrupt if the driver wants one.
+func (d *Device) deliver(pair int, hdr *virtio.NetHdr, frame []byte) error {
+	return d.deliverVia(nil, nil, pair, hdr, frame)
 }
 
-// deliverVia is deliver by a transmit worker that holds held's lock for
-// its batch (nil: none).
-func (d *Device) deliverVia(held *queue, pair int, hdr *virtio.NetHdr, frame []byte, deferIRQ bool) error {
+// deliverVia is deliver, or with from a reply of from's transmit batch
+// (the interrupt is left for flushRx; the batch's transmit worker may
+// hold held's lock for it, nil: none).
+func (d *Device) deliverVia(from, held *queue, pair int, hdr *virtio.NetHdr, frame []byte) error {
 	if !d.linkUp.Load() {
 		d.drops.add(DropLinkDown)
 		return ErrLinkDown
@@ -812,16 +828,16 @@ func (d *Device) deliverVia(held *queue, pair int, hdr *virtio.NetHdr, frame []b
 		rx.mu.Lock()
 		defer rx.mu.Unlock()
 	}
-	return d.deliverTo(rx, hdr, &p, frame, deferIRQ)
+	return d.deliverTo(rx, from, hdr, &p, frame)
 }
 
 // deliverTo is deliver after the checks, with rx.mu held.
-func (d *Device) deliverTo(rx *queue, hdr *virtio.NetHdr, p *gsoPacket, frame []byte, deferIRQ bool) error {
+func (d *Device) deliverTo(rx, from *queue, hdr *virtio.NetHdr, p *gsoPacket, frame []byte) error {
 	if rx.dq == nil || rx.loadErr() != nil {
 		d.drops.add(DropRxNotReady)
 		return ErrRxNotReady
 	}
-	if err := d.deliverLocked(rx, hdr, p, frame, deferIRQ); err != nil {
+	if err := d.deliverLocked(rx, from, hdr, p, frame); err != nil {
 		if fe, ok := err.(*vring.FaultError); ok {
 			if inSlice(frame, fe.Addr) {
 				// The frame's own memory faulted (a transmit buffer of the
@@ -854,23 +870,24 @@ func inSlice(b []byte, a uintptr) bool {
 // written) and not the caller's. The deferred recover costs a few
 // nanoseconds per frame and allocates nothing.
 //
-// A reply from a transmit batch (deferIRQ) keeps the next receive buffers
+// A reply from a transmit batch (from, not nil) keeps the next receive buffers
 // asked for, prefetchAhead chains ahead (vring's Prefetch), so that each
 // frame's stores find their lines here rather than each waiting for its
 // own in turn, holding up every later store meanwhile. The ring reads that
 // takes are under the same fault guard.
-func (d *Device) deliverLocked(rx *queue, hdr *virtio.NetHdr, p *gsoPacket, frame []byte, deferIRQ bool) (err error) {
+func (d *Device) deliverLocked(rx, from *queue, hdr *virtio.NetHdr, p *gsoPacket, frame []byte) (err error) {
 	defer vring.CatchFault(&err)
-	if deferIRQ {
+	if from != nil {
 		if rx.replies%prefetchStride == 0 {
 			rx.dq.Prefetch(prefetchAhead)
 		}
 		rx.replies++
 	}
-	if !deferIRQ {
+	if from == nil {
 		// A delivery that signals at once publishes what it completed
 		// even when the frame itself was dropped (an empty chain given
-		// back); deferred ones are published by flushRx.
+		// back); replies are published by writeFrame every few chains
+		// and by flushRx at the batch's end.
 		defer func() {
 			if len(rx.pending) > 0 && rx.loadErr() == nil {
 				if perr := rx.publishRx(); perr != nil {
@@ -887,40 +904,43 @@ func (d *Device) deliverLocked(rx *queue, hdr *virtio.NetHdr, p *gsoPacket, fram
 			h.Flags &^= virtio.NetHdrFDataValid
 		}
 		if !rxOffloadOK(&h, p, f) {
-			return d.rxSoftware(rx, &h, p, frame, deferIRQ)
+			return d.rxSoftware(rx, from, &h, p, frame)
 		}
 		rx.vh = h
 	}
-	return d.writeFrame(rx, frame, deferIRQ)
+	return d.writeFrame(rx, from, frame)
 }
 
 // rxSoftware does for the driver the offloads it did not negotiate (see
 // DeliverHdr): a completed checksum, or the segments of a GSO frame, each
 // with a zero header.
-func (d *Device) rxSoftware(rx *queue, hdr *virtio.NetHdr, p *gsoPacket, frame []byte, deferIRQ bool) error {
+func (d *Device) rxSoftware(rx, from *queue, hdr *virtio.NetHdr, p *gsoPacket, frame []byte) error {
 	buf := rx.segBuf()
 	if gsoKind(hdr) == virtio.NetHdrGSONone {
 		fr := buf[:copy(buf, frame)]
 		completeCsum(hdr, fr)
-		return d.writeFrame(rx, fr, deferIRQ)
+		return d.writeFrame(rx, from, fr)
 	}
 	var s segmenter
 	s.init(frame, *p, hdr.GSOSize)
 	for seg := s.next(buf); seg != nil; seg = s.next(buf) {
-		if err := d.writeFrame(rx, seg, deferIRQ); err != nil {
+		if err := d.writeFrame(rx, from, seg); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-// writeFrame writes frame with the header rx.vh into rx's chains.
-func (d *Device) writeFrame(rx *queue, frame []byte, deferIRQ bool) (err error) {
+// writeFrame writes frame with the header rx.vh into rx's chains, and
+// publishes them: at once for a delivery (from nil), or, for a reply of
+// from's transmit batch, once rxPendingMax chains wait (the interrupt
+// then waits for flushRx).
+func (d *Device) writeFrame(rx, from *queue, frame []byte) (err error) {
 	if len(rx.pending) >= rxPendingMax {
 		// Chains given back empty by frames dropped since the last
 		// publication: out first, so the frame's own chains fit the
 		// pending list together (see rxPendingMax).
-		if err := rx.publishRx(); err != nil {
+		if err := rx.publishReplies(from); err != nil {
 			return d.ringErr(rx, err)
 		}
 	}
@@ -936,7 +956,7 @@ func (d *Device) writeFrame(rx *queue, frame []byte, deferIRQ bool) (err error) 
 	rx.pendBytes += uint64(len(frame))
 	rx.irq = true
 	switch {
-	case !deferIRQ:
+	case from == nil:
 		if err := rx.publishRx(); err != nil {
 			return d.ringErr(rx, err)
 		}
@@ -944,13 +964,24 @@ func (d *Device) writeFrame(rx *queue, frame []byte, deferIRQ bool) (err error) 
 		rx.signal()
 	case len(rx.pending) >= rxPendingMax:
 		// A reply in a transmit batch: published now rather than at
-		// the batch's end (see rxPendingMax); the interrupt waits for
-		// flushRx.
-		if err := rx.publishRx(); err != nil {
+		// the batch's end (see rxPendingMax).
+		if err := rx.publishReplies(from); err != nil {
 			return d.ringErr(rx, err)
 		}
 	}
 	return nil
+}
+
+// publishReplies is publishRx in the middle of from's transmit batch (nil:
+// not in one). The frames the batch transmitted so far are counted first:
+// a driver that sees a reply finds the frame that caused it in Stats, as
+// when replies are published at the batch's end. from's pending counts
+// are its own worker's (this goroutine's) to add.
+func (rx *queue) publishReplies(from *queue) error {
+	if from != nil {
+		from.countPending()
+	}
+	return rx.publishRx()
 }
 
 // ringErr records a ring error that stops the receive queue.
