@@ -53,9 +53,12 @@ func (c *dropCounters) add(r DropReason) { c[r].Add(1) }
 // QueueStats counts the frames and bytes (without headers) that went
 // through one virtqueue: transmitted on a transmit queue, delivered on a
 // receive queue. A transmit queue adds a batch's frames when the batch
-// ends, after its handler has run, with one atomic add (none per frame).
+// ends, after its handler has run, with one atomic add (none per frame),
+// or earlier for replies (below).
 // Replies made through Tx (Loopback, Responder, Tx.Reply) are published
-// with the batch, after it is counted; a frame handed to another device
+// during the batch, every few replies, and at its end, each time after the
+// frames the batch has transmitted so far are counted (adding them then
+// rather than at the batch's end); a frame handed to another device
 // (ForwardTo, Deliver) may reach that device's driver before its
 // transmit queue counts it.
 type QueueStats struct {
