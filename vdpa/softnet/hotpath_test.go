@@ -71,18 +71,27 @@ func newLoopFrame(tb testing.TB, f virtio.Features, offload bool, h virtio.NetHd
 		rxBufs: []vring.Buffer{{Addr: rxData, Len: rxLen, Writable: true}}}
 }
 
-// round moves n frames through the device.
-func (l *loop) round(tb testing.TB, n int) {
-	for i := 0; i < n; i++ {
+// post makes rx receive buffers and tx transmit chains available and
+// publishes both rings.
+func (l *loop) post(tb testing.TB, rx, tx int) {
+	tb.Helper()
+	for range rx {
 		if _, err := l.rxq.Add(l.rxBufs); err != nil {
 			tb.Fatal(err)
 		}
+	}
+	for range tx {
 		if _, err := l.txq.Add(l.txBufs); err != nil {
 			tb.Fatal(err)
 		}
 	}
 	l.rxq.Publish()
 	l.txq.Publish()
+}
+
+// round moves n frames through the device.
+func (l *loop) round(tb testing.TB, n int) {
+	l.post(tb, n, n)
 	got, err := l.d.txBatch(l.tx)
 	if err != nil || got != n {
 		tb.Fatalf("txBatch: %d, %v", got, err)

@@ -62,14 +62,7 @@ func TestOffloadPathsAllocateNothing(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			l := newOffloadLoop(t, tt.f, tt.h, tt.frame, tt.rxLen)
 			round := func() {
-				for range tt.rxPerF {
-					_, err := l.rxq.Add(l.rxBufs)
-					require.NoError(t, err)
-				}
-				_, err := l.txq.Add(l.txBufs)
-				require.NoError(t, err)
-				l.rxq.Publish()
-				l.txq.Publish()
+				l.post(t, tt.rxPerF, 1)
 				n, err := l.d.txBatch(l.tx)
 				require.NoError(t, err)
 				require.Equal(t, 1, n)
@@ -106,16 +99,7 @@ func BenchmarkOffload(b *testing.B) {
 			b.ReportAllocs()
 			b.SetBytes(int64(len(f)))
 			for b.Loop() {
-				for range bc.rxPerF {
-					if _, err := l.rxq.Add(l.rxBufs); err != nil {
-						b.Fatal(err)
-					}
-				}
-				if _, err := l.txq.Add(l.txBufs); err != nil {
-					b.Fatal(err)
-				}
-				l.rxq.Publish()
-				l.txq.Publish()
+				l.post(b, bc.rxPerF, 1)
 				if n, err := l.d.txBatch(l.tx); n != 1 || err != nil {
 					b.Fatal(n, err)
 				}
@@ -189,14 +173,7 @@ func FuzzOffloadHeader(f *testing.F) {
 			return
 		}
 		l := newOffloadLoop(t, feat, h, frame, 1<<15)
-		for range 8 {
-			_, err := l.rxq.Add(l.rxBufs)
-			require.NoError(t, err)
-		}
-		_, err = l.txq.Add(l.txBufs)
-		require.NoError(t, err)
-		l.rxq.Publish()
-		l.txq.Publish()
+		l.post(t, 8, 1)
 		n, err := l.d.txBatch(l.tx)
 		require.NoError(t, err)
 		require.Equal(t, 1, n)

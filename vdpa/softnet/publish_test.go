@@ -65,16 +65,7 @@ func TestRepliesPublishedInRunsOfWholeFrames(t *testing.T) {
 					assert.GreaterOrEqual(t, st.Queues[1].Frames, visible, "transmitted frames counted when %d replies are visible", visible)
 					assert.GreaterOrEqual(t, st.Queues[0].Frames, visible, "received frames counted when %d replies are visible", visible)
 				}))
-				for range frames * perFrame {
-					_, err := l.rxq.Add(l.rxBufs)
-					require.NoError(t, err)
-				}
-				for range frames {
-					_, err := l.txq.Add(l.txBufs)
-					require.NoError(t, err)
-				}
-				l.rxq.Publish()
-				l.txq.Publish()
+				l.post(t, frames*perFrame, frames)
 				got, err := l.d.txBatch(l.tx)
 				require.NoError(t, err)
 				require.Equal(t, frames, got)
