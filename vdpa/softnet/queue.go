@@ -743,14 +743,9 @@ func (rx *queue) completeRx(c *vring.Chain, written uint32) error {
 	if err := rx.dq.LogChain(c, written); err != nil {
 		return err
 	}
-	if len(rx.pending) == cap(rx.pending) {
-		// Never for a frame that began with fewer than rxPendingMax
-		// chains waiting (writeFrame sees to it): the list has room
-		// for those and for a frame taking every chain of the ring.
-		if err := rx.publishRx(); err != nil {
-			return err
-		}
-	}
+	// Never grows: a frame begins with fewer than rxPendingMax chains
+	// waiting (writeFrame sees to it), and the list has room for those
+	// and for a frame taking every chain of the ring.
 	rx.pending = append(rx.pending, vring.UsedElem{Head: c.Head, Len: written})
 	return nil
 }
