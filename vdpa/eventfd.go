@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strconv"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -18,7 +20,8 @@ import (
 // Signal and Wait are safe for concurrent use. The same descriptor can be
 // handed to the kernel (SET_VRING_KICK/CALL) or to a vhost-user peer.
 type EventFD struct {
-	f *os.File
+	f  *os.File
+	rc syscall.RawConn // f's, for Signal's raw write
 }
 
 // ErrClosed is returned by operations on a closed EventFD or device.
@@ -30,36 +33,90 @@ func NewEventFD() (*EventFD, error) {
 	if err != nil {
 		return nil, fmt.Errorf("eventfd: %w", err)
 	}
-	return &EventFD{f: os.NewFile(uintptr(fd), "eventfd")}, nil
+	return newEventFD(fd)
 }
 
-// EventFDFromFd adopts fd (received from a peer, for example). The EventFD
-// takes ownership and sets it non-blocking.
+// ErrNotEventFD is returned by EventFDFromFd for a descriptor that is not
+// an eventfd (a pipe, a socket, a file, another anonymous inode).
+var ErrNotEventFD = errors.New("vdpa: not an eventfd")
+
+// EventFDFromFd adopts fd (received from a peer, for example). It checks
+// that fd is an eventfd and sets it non-blocking; on success the EventFD
+// owns fd. On error fd stays the caller's to close.
+//
+// A peer chooses what it sends: a pipe or a socket in place of an eventfd
+// is refused here, and an eventfd the peer filled to its limit makes
+// Signal report success without writing (the waiter is due anyway)
+// instead of blocking.
 func EventFDFromFd(fd int) (*EventFD, error) {
-	if err := unix.SetNonblock(fd, true); err != nil {
-		return nil, fmt.Errorf("eventfd: set nonblock: %w", err)
+	if err := checkEventFD(fd); err != nil {
+		return nil, err
 	}
-	return &EventFD{f: os.NewFile(uintptr(fd), "eventfd")}, nil
+	if err := unix.SetNonblock(fd, true); err != nil { // O_PATH descriptors refuse it
+		return nil, fmt.Errorf("%w: descriptor %d: set non-blocking: %w", ErrNotEventFD, fd, err)
+	}
+	return newEventFD(fd)
+}
+
+// checkEventFD reports whether fd is an eventfd: an anonymous inode (no
+// file type in its mode) whose /proc/self/fd link names eventfd. Without
+// /proc the mode check alone decides.
+func checkEventFD(fd int) error {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return fmt.Errorf("%w: descriptor %d: fstat: %w", ErrNotEventFD, fd, err)
+	}
+	if t := st.Mode & unix.S_IFMT; t != 0 && t != unix.S_IFREG {
+		return fmt.Errorf("%w: descriptor %d has file type %#o", ErrNotEventFD, fd, t)
+	}
+	link, err := os.Readlink("/proc/self/fd/" + strconv.Itoa(fd))
+	if err != nil {
+		if st.Mode&unix.S_IFMT != 0 {
+			return fmt.Errorf("%w: descriptor %d is a regular file", ErrNotEventFD, fd)
+		}
+		return nil
+	}
+	if link != "anon_inode:[eventfd]" {
+		return fmt.Errorf("%w: descriptor %d is %s", ErrNotEventFD, fd, link)
+	}
+	return nil
+}
+
+// newEventFD wraps the non-blocking eventfd fd, which it owns from now on.
+func newEventFD(fd int) (*EventFD, error) {
+	f := os.NewFile(uintptr(fd), "eventfd")
+	rc, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("eventfd: %w", err)
+	}
+	return &EventFD{f: f, rc: rc}, nil
 }
 
 // Fd returns the descriptor number. It stays owned by the EventFD.
 func (e *EventFD) Fd() int { return int(e.f.Fd()) }
 
-// Signal adds one to the counter, waking a waiter.
+// Signal adds one to the counter, waking a waiter. It never blocks: when
+// the counter is at its limit (a peer may fill the eventfd it handed over)
+// the write fails with EAGAIN, and the waiter is already due, so Signal
+// reports success. The write goes through the raw descriptor because
+// os.File.Write would wait for the descriptor to become writable.
 func (e *EventFD) Signal() error {
-	var b [8]byte
-	binary.NativeEndian.PutUint64(b[:], 1)
-	if _, err := e.f.Write(b[:]); err != nil {
-		if errors.Is(err, os.ErrClosed) {
-			return ErrClosed
-		}
-		// EAGAIN means the counter is saturated: the waiter is already due.
-		if errors.Is(err, unix.EAGAIN) {
-			return nil
-		}
-		return fmt.Errorf("eventfd signal: %w", err)
+	if err := e.rc.Write(signalFd); err != nil {
+		return ErrClosed
 	}
 	return nil
+}
+
+// signalFd writes 1 to the eventfd fd, once, without waiting for it to
+// become writable. Its only failure on an eventfd opened non-blocking is
+// EAGAIN, a counter at its limit: the waiter is due, nothing is lost.
+// (A plain function, not a closure: Signal allocates nothing.)
+func signalFd(fd uintptr) bool {
+	var one [8]byte
+	binary.NativeEndian.PutUint64(one[:], 1)
+	_, _ = unix.Write(int(fd), one[:])
+	return true
 }
 
 // Wait blocks until the counter is non-zero, resets it and returns its value

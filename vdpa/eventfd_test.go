@@ -3,6 +3,7 @@ package vdpa_test
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"runtime"
 	"testing"
@@ -12,6 +13,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/vdpakit/vdpakit/vdpa"
+	"golang.org/x/sys/unix"
 )
 
 func TestEventFDSignalsCoalesce(t *testing.T) {
@@ -170,4 +172,91 @@ func TestEventFDWaitBackgroundAllocatesNothing(t *testing.T) {
 		_, _ = e.Wait(ctx)
 	})
 	assert.Zero(t, allocs)
+}
+
+// TestEventFDFromPeer: a descriptor from a peer is adopted only if it is
+// an eventfd; anything else is refused with ErrNotEventFD and stays the
+// caller's (still open, for the caller to close).
+func TestEventFDFromPeer(t *testing.T) {
+	var p [2]int
+	require.NoError(t, unix.Pipe2(p[:], unix.O_CLOEXEC))
+	defer unix.Close(p[0])
+	s, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	require.NoError(t, err)
+	defer unix.Close(s[1])
+	mfd, err := unix.MemfdCreate("not-an-eventfd", unix.MFD_CLOEXEC)
+	require.NoError(t, err)
+	tfd, err := unix.TimerfdCreate(unix.CLOCK_MONOTONIC, unix.TFD_CLOEXEC)
+	require.NoError(t, err)
+	for _, tc := range []struct {
+		name string
+		fd   int
+	}{{"pipe", p[1]}, {"socket", s[0]}, {"memfd", mfd}, {"timerfd (another anonymous inode)", tfd}, {"closed descriptor", 1 << 20}} {
+		t.Run(tc.name, func(t *testing.T) {
+			e, err := vdpa.EventFDFromFd(tc.fd)
+			require.ErrorIs(t, err, vdpa.ErrNotEventFD)
+			require.Nil(t, e)
+			if tc.fd < 1<<20 {
+				_, err := unix.FcntlInt(uintptr(tc.fd), unix.F_GETFD, 0)
+				require.NoError(t, err, "the refused descriptor is still open")
+				require.NoError(t, unix.Close(tc.fd))
+			}
+		})
+	}
+	fd, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+	require.NoError(t, err)
+	e, err := vdpa.EventFDFromFd(fd)
+	require.NoError(t, err)
+	require.NoError(t, e.Signal())
+	n, err := e.Wait(context.Background())
+	require.NoError(t, err)
+	assert.Equal(t, uint64(1), n)
+	require.NoError(t, e.Close())
+}
+
+// TestEventFDSignalSaturatedDoesNotBlock: a peer may fill the eventfd it
+// handed over to its limit (0xfffffffffffffffe) and never read it. A
+// write would then block; Signal must return at once, reporting success
+// (the waiter is due), and never wait for the peer.
+func TestEventFDSignalSaturatedDoesNotBlock(t *testing.T) {
+	fd, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+	require.NoError(t, err)
+	var max [8]byte
+	binary.NativeEndian.PutUint64(max[:], 0xfffffffffffffffe)
+	_, err = unix.Write(fd, max[:])
+	require.NoError(t, err)
+	e, err := vdpa.EventFDFromFd(fd)
+	require.NoError(t, err)
+	defer e.Close()
+	done := make(chan error, 1)
+	go func() {
+		var err error
+		for i := 0; i < 3 && err == nil; i++ {
+			err = e.Signal()
+		}
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		require.NoError(t, err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("Signal blocked on a saturated eventfd")
+	}
+	n, err := e.TryWait()
+	require.NoError(t, err)
+	assert.Equal(t, uint64(0xfffffffffffffffe), n, "the counter kept its value")
+	require.NoError(t, e.Signal(), "drained, it takes signals again")
+	n, err = e.TryWait()
+	require.NoError(t, err)
+	assert.Equal(t, uint64(1), n)
+}
+
+func TestEventFDSignalAllocatesNothing(t *testing.T) {
+	if raceEnabled {
+		t.Skip("allocation counts are not meaningful under the race detector")
+	}
+	e, err := vdpa.NewEventFD()
+	require.NoError(t, err)
+	defer e.Close()
+	assert.Zero(t, testing.AllocsPerRun(1000, func() { _ = e.Signal() }))
 }

@@ -1022,10 +1022,13 @@ func (s *session) setVringFd(m *Message) error {
 	}
 	var e *vdpa.EventFD
 	if v&VringNoFd == 0 {
-		e, err = vdpa.EventFDFromFd(m.TakeFd(0))
+		// Taken from the message only once adopted: a descriptor refused
+		// (not an eventfd) stays with the message, which closes it.
+		e, err = vdpa.EventFDFromFd(m.Fds[0])
 		if err != nil {
 			return &MessageError{Request: m.Request, Err: err}
 		}
+		m.TakeFd(0)
 	}
 	swap := func(slot **vdpa.EventFD) {
 		if *slot != nil {
