@@ -1,6 +1,7 @@
 package vring
 
 import (
+	"fmt"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -158,5 +159,97 @@ func TestDriverAddChecksBuffers(t *testing.T) {
 			}
 			require.NoError(t, err)
 		})
+	}
+}
+
+// TestDriverRejectedChainLeavesNoTrace: Add checks each buffer as it
+// writes it into a free descriptor, so a chain rejected at its second or
+// third buffer has already written the first. Nothing of it may be seen:
+// the free count, the outstanding count and the ring stay as they were,
+// and the next chain added is the one the device pops, whole. A chain that
+// is both bad and too long for the free descriptors reports the bad
+// buffer, not the lack of space.
+func TestDriverRejectedChainLeavesNoTrace(t *testing.T) {
+	good := []Buffer{{Addr: 0x100000, Len: 5}, {Addr: 0x101000, Len: 7}, {Addr: 0x200000, Len: 64, Writable: true}}
+	for _, tc := range []struct {
+		name string
+		bufs []Buffer
+		want []error
+	}{
+		{"readable after writable", []Buffer{{Addr: 0x100000, Len: 5}, {Addr: 0x200000, Len: 8, Writable: true}, {Addr: 0x100100, Len: 5}},
+			[]error{ErrBadChain}},
+		{"second buffer outside memory", []Buffer{{Addr: 0x100000, Len: 5}, {Addr: 8 << 20, Len: 8}},
+			[]error{ErrBadChain, ErrOutOfRange}},
+		{"third buffer runs past the end of memory", []Buffer{{Addr: 0x100000, Len: 5}, {Addr: 0x100100, Len: 5}, {Addr: 4<<20 - 4, Len: 8, Writable: true}},
+			[]error{ErrBadChain, ErrOutOfRange}},
+		{"empty chain", nil, []error{ErrBadChain}},
+		{"bad and longer than the free descriptors", append(make([]Buffer, 8), Buffer{Addr: 8 << 20, Len: 1}),
+			[]error{ErrBadChain, ErrOutOfRange}},
+		{"too long", make([]Buffer, 9), []error{ErrNoSpace}},
+	} {
+		for _, packed := range []bool{false, true} {
+			pair := newPair
+			if packed {
+				pair = newPackedPair
+			}
+			t.Run(fmt.Sprintf("%s/packed=%v", tc.name, packed), func(t *testing.T) {
+				bufs := tc.bufs
+				for i := range bufs {
+					if bufs[i].Len == 0 && bufs[i].Addr == 0 {
+						bufs[i] = Buffer{Addr: 0x100000 + GuestAddr(i)*0x100, Len: 16}
+					}
+				}
+				_, drv, dev := pair(t, 8, 0)
+				// One chain in flight first, so the rejected one starts
+				// past descriptor 0.
+				first, err := drv.Add(good[:1])
+				require.NoError(t, err)
+				free, out := drv.NumFree(), drv.Outstanding()
+
+				_, err = drv.Add(bufs)
+				for _, want := range tc.want {
+					require.ErrorIs(t, err, want)
+				}
+				assert.Equal(t, free, drv.NumFree(), "free descriptors")
+				assert.Equal(t, out, drv.Outstanding(), "outstanding chains")
+				require.NoError(t, drv.Err(), "a rejected chain does not break the queue")
+
+				// Every descriptor is still there: the good chain and
+				// then one-buffer chains until none is free, each popped
+				// by the device as it was added.
+				heads := []uint16{first}
+				head, err := drv.Add(good)
+				require.NoError(t, err)
+				heads = append(heads, head)
+				for drv.NumFree() > 0 {
+					h, err := drv.Add([]Buffer{{Addr: 0x300000, Len: 32, Writable: true}})
+					require.NoError(t, err)
+					heads = append(heads, h)
+				}
+				assert.Len(t, heads, 2+free-len(good), "chains that fit in the free descriptors")
+				drv.Publish()
+				var c Chain
+				seen := map[uint16]bool{}
+				for i, want := range heads {
+					ok, err := dev.Pop(&c)
+					require.NoError(t, err)
+					require.True(t, ok)
+					require.Equal(t, want, c.Head)
+					require.False(t, seen[c.Head], "head %d popped twice", c.Head)
+					seen[c.Head] = true
+					if i == 1 {
+						require.Len(t, c.Segs, len(good))
+						for k, s := range c.Segs {
+							assert.Equal(t, good[k].Addr, s.Addr, "segment %d", k)
+							assert.Equal(t, good[k].Len, s.Len, "segment %d", k)
+							assert.Equal(t, good[k].Writable, s.Writable, "segment %d", k)
+						}
+					}
+				}
+				ok, err := dev.Pop(&c)
+				require.NoError(t, err)
+				require.False(t, ok, "only the chains added are available")
+			})
+		}
 	}
 }

@@ -194,20 +194,35 @@ func (q *DriverQueue) Add(bufs []Buffer) (uint16, error) {
 	if q.err != nil {
 		return 0, q.err
 	}
-	writable, err := q.checkBufs(bufs)
-	if err != nil {
-		return 0, err
-	}
-	if len(bufs) > q.numFree {
+	if len(bufs) == 0 || len(bufs) > q.numFree {
+		// The errors in checkBufs' order: a bad chain before no space.
+		if _, err := q.checkBufs(bufs); err != nil {
+			return 0, err
+		}
 		return 0, fmt.Errorf("%w: queue %d: need %d, have %d", ErrNoSpace, q.index, len(bufs), q.numFree)
 	}
+	// One pass: each buffer is checked as checkBufs does and written into
+	// a free descriptor. Free descriptors are the driver's own and
+	// invisible to the device, so a chain rejected midway leaves nothing
+	// to undo: the free list and the ring move only once it is complete.
 	head := q.freeHead
 	cur := head
 	descs := q.r.descs
+	var writable uint64
+	w := false
 	for i, b := range bufs {
+		if w && !b.Writable {
+			return 0, fmt.Errorf("%w: queue %d: buffer %d readable after writable", ErrBadChain, q.index, i)
+		}
+		w = b.Writable
+		if off := uint64(b.Addr - q.cBase); (off >= uint64(len(q.cMem)) || uint64(b.Len) > uint64(len(q.cMem))-off) &&
+			!q.contains(b.Addr, b.Len) {
+			return 0, fmt.Errorf("%w: queue %d: buffer %d %v+%#x: %w", ErrBadChain, q.index, i, b.Addr, b.Len, ErrOutOfRange)
+		}
 		var flags uint16
-		if b.Writable {
+		if w {
 			flags = DescFWrite
+			writable += uint64(b.Len)
 		}
 		d := &descs[cur]
 		d.addr, d.len = uint64(b.Addr), b.Len
