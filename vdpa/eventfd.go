@@ -175,13 +175,9 @@ func (e *EventFD) Wait(ctx context.Context) (uint64, error) {
 // none were pending.
 func (e *EventFD) TryWait() (uint64, error) {
 	var b [8]byte
-	rc, err := e.f.SyscallConn()
-	if err != nil {
-		return 0, ErrClosed
-	}
 	var n int
 	var rerr error
-	if err := rc.Read(func(fd uintptr) bool {
+	if err := e.rc.Read(func(fd uintptr) bool {
 		n, rerr = unix.Read(int(fd), b[:])
 		return true
 	}); err != nil {
