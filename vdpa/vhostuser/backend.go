@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/vdpakit/vdpakit/dirty"
 	"github.com/vdpakit/vdpakit/internal/vhostcore"
 	"github.com/vdpakit/vdpakit/vdpa"
@@ -349,6 +351,13 @@ type session struct {
 	errFds atomic.Pointer[[]errWatch]
 	// errWake wakes the watcher when errFds changes (room for one).
 	errWake chan struct{}
+
+	// logFault is set when an access to the front-end's dirty log from
+	// the session goroutine faulted: the front-end truncated the log's
+	// file under the mapping. The log can no longer be written, so the
+	// request being served fails with it and the session ends (see
+	// flushLog).
+	logFault error
 }
 
 func (s *session) update() {
@@ -426,6 +435,14 @@ func (s *session) handle(m *Message) error {
 		return err
 	}
 	payload, hasReply, err := s.dispatch(m)
+	if s.logFault != nil {
+		// The log faulted while this request was served: the session
+		// ends with that, unless the request failed on its own account.
+		var me *MessageError
+		if !errors.As(err, &me) {
+			err = &MessageError{Request: m.Request, Err: s.logFault}
+		}
+	}
 	s.update() // before replying: the front-end may look right after
 	switch {
 	case err != nil:
@@ -872,6 +889,17 @@ func (s *session) setLog(l Log, fd int) error {
 	if l.MmapSize == 0 || l.MmapSize > dirty.MaxSize {
 		return msgErr(ReqSetLogBase, ErrProtocol, "log size %#x", l.MmapSize)
 	}
+	// A memfd or a file: dirty.AttachFd checks that it is as long as the
+	// log and seals it against shrinking where it can. Anything else
+	// (a device node, say) is refused: its size cannot be checked, and
+	// a mapping past its end faults.
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return msgErr(ReqSetLogBase, ErrBadRegion, "log descriptor: %v", err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return msgErr(ReqSetLogBase, ErrBadRegion, "log descriptor is not a regular file or memfd (mode %#o)", st.Mode)
+	}
 	bm, err := dirty.AttachFd(fd, l.MmapOffset, l.MmapSize, nil)
 	if err != nil {
 		return msgErr(ReqSetLogBase, ErrBadRegion, "log mapping: %v", err)
@@ -974,7 +1002,12 @@ func (s *session) mergePending() error {
 		}
 		words = words[:w]
 	}
-	if err := s.log.UnionWords(words); err != nil {
+	// The log is the front-end's file: a front-end that truncates it
+	// makes the writes fault (see flushLog).
+	if err := vring.Guard(func() error { return s.log.UnionWords(words) }); err != nil {
+		if errors.Is(err, vring.ErrMemoryFault) {
+			return msgErr(ReqSetLogBase, ErrBadRegion, "merging the pending dirty log: log no longer backed by its file: %w", err)
+		}
 		return msgErr(ReqSetLogBase, ErrProtocol, "merging the pending dirty log: %v", err)
 	}
 	s.b.log.Info("vhost-user: pending dirty log merged into the front-end's log", "pages", n)
@@ -1106,6 +1139,9 @@ func (s *session) layout(i int) (vring.Layout, error) {
 // tryStart starts queue i when the spec's conditions hold: kicked (or
 // polling), enabled, sized, addressed, memory mapped, features set.
 func (s *session) tryStart(i int) error {
+	if s.logFault != nil {
+		return s.logFault // no ring starts with a log that faults
+	}
 	q := &s.queues[i]
 	if q.running || q.broken || !q.kicked || !q.enabled || q.num == 0 || !q.addrSet || s.mem == nil || !s.featuresSet {
 		return nil
@@ -1250,9 +1286,24 @@ func (s *session) pauseQueue(i int) {
 // flushLog applies the dirty-log marks the stopped ring i's logger still
 // caches (see vring.LogFlusher), so that a log the front-end reads after
 // the stop holds every write the ring made.
+//
+// The log is mapped from the front-end's file, which the front-end can
+// truncate under the mapping when the file cannot be sealed against
+// shrinking (a memfd made without MFD_ALLOW_SEALING, a tmpfs file): the
+// write then faults (SIGBUS). The data path's workers recover such a
+// fault (vring.CatchFault); here, on the session goroutine, the flush runs
+// under vring.Guard, and a fault is recorded in logFault, which fails the
+// request being served and ends the session, instead of killing the
+// process. The marks are lost with the log.
 func (s *session) flushLog(i int, dq *vring.DeviceQueue) {
-	if err := dq.FlushLog(); err != nil {
-		s.b.log.Warn("vhost-user: flushing the ring's dirty-log marks failed", "queue", i, "err", err)
+	err := vring.Guard(dq.FlushLog)
+	if err == nil {
+		return
+	}
+	s.b.log.Warn("vhost-user: flushing the ring's dirty-log marks failed", "queue", i, "err", err)
+	if errors.Is(err, vring.ErrMemoryFault) && s.logFault == nil {
+		s.logFault = fmt.Errorf("%w: queue %d: dirty log no longer backed by its file (truncated by the front-end?): %w",
+			ErrBadRegion, i, err)
 	}
 }
 

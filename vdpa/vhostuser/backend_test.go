@@ -490,6 +490,14 @@ func TestBackendBadInput(t *testing.T) {
 		{"features not offered", []step{{msg: m(ReqSetFeatures, u64p(1<<virtio.FRingReset))}}, ErrProtocol},
 		{"protocol features not offered", []step{{msg: m(ReqSetProtocolFeatures, u64p(1<<PFInbandNotifications))}}, ErrProtocol},
 		{"SET_STATUS without the STATUS feature", []step{{msg: m(ReqSetStatus, u64p(1))}}, ErrUnsupported},
+		{"log descriptor a device node, not a file", []step{
+			{msg: m(ReqSetProtocolFeatures, u64p(uint64(ProtocolFeatures(0).With(PFLogShmfd))))},
+			{msg: m(ReqSetLogBase, Log{MmapSize: 4096}.Encode()), fds: func(t *testing.T) []int {
+				// Maps fine, but no size can be checked nor sealed.
+				fd, err := unix.Open("/dev/zero", unix.O_RDWR|unix.O_CLOEXEC, 0)
+				require.NoError(t, err)
+				return []int{fd}
+			}}}, ErrBadRegion},
 		{"close inside the payload", []step{{msg: rawMsg(ReqSetVringAddr, Version, 40, make([]byte, 20))}}, ErrTruncated},
 	}
 	for _, tc := range tests {
