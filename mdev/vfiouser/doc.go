@@ -55,7 +55,8 @@
 //
 //   - Migration (VFIO migration v2 over DEVICE_FEATURE): MIGRATION offers
 //     STOP_COPY and P2P; MIG_DEVICE_STATE walks mdev's state machine
-//     (mdev.Device.SetMigrationState); MIG_DATA_READ streams the state
+//     (mdev.Device.SetMigrationState; setting the current state again
+//     changes nothing); MIG_DATA_READ streams the state
 //     captured on entering STOP_COPY (nothing in PRE_COPY), MIG_DATA_WRITE
 //     collects the stream in RESUMING (at most 1 MiB), which is validated
 //     and loaded when the device leaves RESUMING; DMA_LOGGING_START / STOP /

@@ -118,7 +118,7 @@ func (s *Server) deviceFeature(f DeviceFeature) ([]byte, error) {
 
 // setMigState walks mdev's migration state machine to target, loading the
 // written state when leaving RESUMING and capturing it on entering
-// STOP_COPY.
+// STOP_COPY. Setting the current state again changes nothing.
 func (s *Server) setMigState(target mdev.MigState) error {
 	if target == mdev.MigError || target > mdev.MigPreCopyP2P {
 		return featureErr(unix.EINVAL, "device state %d", uint32(target))
@@ -126,6 +126,10 @@ func (s *Server) setMigState(target mdev.MigState) error {
 	s.migMu.Lock()
 	defer s.migMu.Unlock()
 	cur := s.dev.MigrationState()
+	if target == cur {
+		// No arc: a save or load session in progress goes on.
+		return nil
+	}
 	if cur == mdev.MigResuming && target != mdev.MigResuming {
 		if err := s.dev.LoadState(s.mig.in); err != nil {
 			s.mig.in = nil

@@ -1,6 +1,8 @@
 package vfiouser_test
 
 import (
+	"context"
+	"encoding/binary"
 	"math/bits"
 	"testing"
 	"time"
@@ -130,4 +132,67 @@ func TestMigrationHostile(t *testing.T) {
 	// Logging ranges that overflow.
 	err = c.StartDMALogging(ctx, 4096, ^uint64(0)-4095, 8192)
 	assert.True(t, vfiousertest.IsErrno(err, unix.EINVAL), "%v", err)
+}
+
+// TestSetCurrentMigrationStateKeepsTheStream: setting the state the device
+// is in again is a successful no-op (the kernel's FSM has no arc there).
+// It used to restart the stream: STOP_COPY again rewound the read position
+// (the stream's start came twice), RESUMING again dropped what had been
+// written.
+func TestSetCurrentMigrationStateKeepsTheStream(t *testing.T) {
+	r := newRig(t, nil)
+	ctx := testCtx(t)
+	c := r.dial(t)
+	d, err := vfiousertest.NewDriver(ctx, c, nil)
+	require.NoError(t, err)
+	defer d.Close()
+	require.NoError(t, d.SendFrames(frames(8, 2)))
+	require.NoError(t, d.Receive(ctx, 8, nil))
+	migrateTo(t, ctx, c, mdev.MigStopCopy)
+	whole, err := c.ReadMigData(ctx, 64)
+	require.NoError(t, err)
+	require.Greater(t, len(whole), 64)
+	migrateTo(t, ctx, c, mdev.MigStop)
+
+	t.Run("STOP_COPY", func(t *testing.T) {
+		migrateTo(t, ctx, c, mdev.MigStopCopy)
+		head := readMig(t, c, 32)
+		migrateTo(t, ctx, c, mdev.MigStopCopy)
+		rest, err := c.ReadMigData(ctx, 64)
+		require.NoError(t, err)
+		assert.Equal(t, whole, append(head, rest...), "the stream goes on where it was")
+		migrateTo(t, ctx, c, mdev.MigStop)
+	})
+	t.Run("RESUMING", func(t *testing.T) {
+		migrateTo(t, ctx, c, mdev.MigResuming)
+		half := len(whole) / 2
+		require.NoError(t, c.WriteMigData(ctx, whole[:half], 50))
+		migrateTo(t, ctx, c, mdev.MigResuming)
+		require.NoError(t, c.WriteMigData(ctx, whole[half:], 50))
+		migrateTo(t, ctx, c, mdev.MigStop) // loads the state: all of it arrived
+		migrateTo(t, ctx, c, mdev.MigRunning)
+		require.NoError(t, d.SendFrames(frames(4, 3)))
+		require.NoError(t, d.Receive(ctx, 12, nil))
+	})
+}
+
+// readMig reads n bytes of the migration stream with one MIG_DATA_READ.
+func readMig(t *testing.T, c *vfiousertest.Client, n uint32) []byte {
+	t.Helper()
+	req := make([]byte, 8)
+	binary.LittleEndian.PutUint32(req, 8+n)
+	binary.LittleEndian.PutUint32(req[4:], n)
+	p, err := c.Call(testCtx(t), vfiouser.CmdMigDataRead, req, nil)
+	require.NoError(t, err)
+	require.Len(t, p, 8+int(n))
+	return p[8:]
+}
+
+// migrateTo sets the migration state and checks the client sees it.
+func migrateTo(t *testing.T, ctx context.Context, c *vfiousertest.Client, st mdev.MigState) {
+	t.Helper()
+	require.NoError(t, c.SetMigState(ctx, uint32(st)), "SET %s", st)
+	got, err := c.MigState(ctx)
+	require.NoError(t, err)
+	require.Equal(t, uint32(st), got, "the state the client set")
 }
