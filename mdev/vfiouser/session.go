@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"slices"
 
 	"golang.org/x/sys/unix"
 
@@ -416,8 +417,7 @@ func (ss *session) handleSetIRQs(p []byte) error {
 		if set.Start != 0 {
 			return perr(CmdDeviceSetIRQs, ErrRange, "disable with start %d", set.Start)
 		}
-		s.setIRQFds(set.Index, 0, make([]*vdpa.EventFD, n))
-		return nil
+		return s.setIRQFds(set.Index, 0, make([]*vdpa.EventFD, n))
 	}
 	if set.Count == 0 || set.Start+set.Count > n {
 		return perr(CmdDeviceSetIRQs, ErrRange, "index %d start %d count %d (the device has %d)", set.Index, set.Start, set.Count, n)
@@ -436,8 +436,7 @@ func (ss *session) handleSetIRQs(p []byte) error {
 				}
 				efds[i] = e
 			}
-			s.setIRQFds(set.Index, set.Start, efds)
-			return nil
+			return s.setIRQFds(set.Index, set.Start, efds)
 		}
 		// The client triggers the interrupts itself.
 		for i := uint32(0); i < set.Count; i++ {
@@ -471,8 +470,10 @@ func (ss *session) handleSetIRQs(p []byte) error {
 
 // setIRQFds installs the client's eventfds for index at start (nil entries
 // de-assign) and takes ownership of them. Enabling one index disables the
-// others, as VFIO does.
-func (s *Server) setIRQFds(index, start uint32, efds []*vdpa.EventFD) {
+// others, as VFIO does. An MSI-X vector that cannot be re-targeted ends
+// the installation: its eventfd and those after it are closed and the
+// error (ErrDevice) is returned; the vectors before it stay installed.
+func (s *Server) setIRQFds(index, start uint32, efds []*vdpa.EventFD) error {
 	var old []*vdpa.EventFD
 	assign := false
 	for _, e := range efds {
@@ -485,8 +486,9 @@ func (s *Server) setIRQFds(index, start uint32, efds []*vdpa.EventFD) {
 		// not wait for ServeConn): take the eventfds and install nothing.
 		s.irqMu.Unlock()
 		closeFDs(efds)
-		return
+		return nil
 	}
+	var failed error
 	switch index {
 	case IRQMSIX:
 		for i, e := range efds {
@@ -496,7 +498,10 @@ func (s *Server) setIRQFds(index, start uint32, efds []*vdpa.EventFD) {
 			}
 			if err := s.retarget(v, e); err != nil {
 				s.log.Warn("vfio-user: MSI-X vector", "vector", v, "err", err)
-				continue
+				failed = &Error{Cmd: CmdDeviceSetIRQs, Errno: unix.EIO, Err: fmt.Errorf("%w: MSI-X vector %d: %w", ErrDevice, v, err)}
+				old = append(old, efds[i:]...) // not installed: closed below
+				assign = assign && slices.ContainsFunc(efds[:i], func(e *vdpa.EventFD) bool { return e != nil })
+				break
 			}
 			old = append(old, e)
 			s.irq.assigned[v] = e != nil
@@ -523,6 +528,7 @@ func (s *Server) setIRQFds(index, start uint32, efds []*vdpa.EventFD) {
 	if index == IRQIntx && s.dev.ISRPending() != 0 {
 		s.assertINTx()
 	}
+	return failed
 }
 
 // retarget points vector v's stable eventfd at e's file, or at a fresh
