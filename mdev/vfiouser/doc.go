@@ -62,7 +62,10 @@
 //     and loaded when the device leaves RESUMING; DMA_LOGGING_START / STOP /
 //     REPORT run mdev's dirty tracking (device log or shadow relay) into a
 //     4 KiB-page bitmap, reported and cleared per range at any power-of-two
-//     page size. DEVICE_RESET also leaves the ERROR state.
+//     page size. DEVICE_RESET also leaves the ERROR state. A PROBE
+//     succeeds only if the feature supports every method (GET, SET) it
+//     names; a request whose reply would not fit its argsz is refused with
+//     EINVAL, MIG_DATA_READ's included (a short read would end the stream).
 //
 // Not implemented: DMA_READ / DMA_WRITE (server-initiated accesses to
 // windows without descriptors) and GET_REGION_IO_FDS (ENOSYS: QEMU 11.1 does

@@ -45,75 +45,82 @@ type migSession struct {
 	pending []uint64
 }
 
+// featureOps are the methods (GET, SET) each device feature supports.
+var featureOps = map[uint32]uint32{
+	FeatureMigration:       FeatureGet,
+	FeatureMigDeviceState:  FeatureGet | FeatureSet,
+	FeatureDMALoggingStart: FeatureSet,
+	FeatureDMALoggingStop:  FeatureSet,
+	FeatureDMALoggingRep:   FeatureGet,
+}
+
 func featureErr(errno unix.Errno, format string, args ...any) error {
 	return &Error{Cmd: CmdDeviceFeature, Errno: errno, Err: fmt.Errorf("%w: "+format, append([]any{ErrCommand}, args...)...)}
 }
 
 // deviceFeature serves DEVICE_FEATURE: migration (MIGRATION,
 // MIG_DEVICE_STATE) on mdev's state machine and DMA logging on its dirty
-// tracking.
+// tracking. A PROBE succeeds when the feature supports every method (GET,
+// SET) it names. No reply is longer than the request's argsz: a request
+// whose reply would be is refused (ErrArgsz) before anything is done.
 func (s *Server) deviceFeature(f DeviceFeature) ([]byte, error) {
 	idx := f.Flags & FeatureMask
-	get, set, probe := f.Flags&FeatureGet != 0, f.Flags&FeatureSet != 0, f.Flags&FeatureProbe != 0
+	ops, ok := featureOps[idx]
+	if !ok {
+		return nil, featureErr(unix.ENOTTY, "device feature %d", idx)
+	}
+	asked := f.Flags & (FeatureGet | FeatureSet)
+	if asked&^ops != 0 {
+		return nil, featureErr(unix.EINVAL, "device feature %d does not support flags %#x", idx, f.Flags)
+	}
 	head := func(extra int) []byte {
 		b := make([]byte, 8, 8+extra)
 		le.PutUint32(b, uint32(8+extra))
 		le.PutUint32(b[4:], f.Flags)
 		return b
 	}
+	if f.Flags&FeatureProbe != 0 {
+		return head(0), nil
+	}
+	if asked == 0 {
+		return nil, featureErr(unix.EINVAL, "device feature %d flags %#x: neither GET nor SET", idx, f.Flags)
+	}
+	room := func(extra int) error {
+		if uint64(f.Argsz) < 8+uint64(extra) {
+			return perr(CmdDeviceFeature, ErrArgsz, "argsz %d for a %d-byte reply", f.Argsz, 8+extra)
+		}
+		return nil
+	}
 	switch idx {
 	case FeatureMigration:
-		if set {
-			return nil, featureErr(unix.EINVAL, "MIGRATION cannot be set")
-		}
-		if probe {
-			return head(0), nil
-		}
-		if !get {
-			return nil, featureErr(unix.EINVAL, "flags %#x", f.Flags)
-		}
-		b := head(8)
-		b = le.AppendUint64(b, MigrationStopCopy|MigrationP2P)
-		return b, nil
-	case FeatureMigDeviceState:
-		if probe {
-			return head(0), nil
-		}
-		if get {
-			b := head(8)
-			b = le.AppendUint32(b, uint32(s.dev.MigrationState()))
-			return le.AppendUint32(b, ^uint32(0)), nil
-		}
-		if !set || len(f.Data) < 8 {
-			return nil, featureErr(unix.EINVAL, "MIG_DEVICE_STATE flags %#x with %d data bytes", f.Flags, len(f.Data))
-		}
-		if err := s.setMigState(mdev.MigState(le.Uint32(f.Data))); err != nil {
+		if err := room(8); err != nil {
 			return nil, err
 		}
-		b := head(8)
-		b = le.AppendUint32(b, uint32(s.dev.MigrationState()))
+		return le.AppendUint64(head(8), MigrationStopCopy|MigrationP2P), nil
+	case FeatureMigDeviceState:
+		if err := room(8); err != nil {
+			return nil, err
+		}
+		if asked == FeatureSet {
+			if len(f.Data) < 8 {
+				return nil, featureErr(unix.EINVAL, "MIG_DEVICE_STATE with %d data bytes", len(f.Data))
+			}
+			if err := s.setMigState(mdev.MigState(le.Uint32(f.Data))); err != nil {
+				return nil, err
+			}
+		}
+		b := le.AppendUint32(head(8), uint32(s.dev.MigrationState()))
 		return le.AppendUint32(b, ^uint32(0)), nil
-	case FeatureDMALoggingStart, FeatureDMALoggingStop:
-		if probe {
-			return head(0), nil
-		}
-		if !set {
-			return nil, featureErr(unix.EINVAL, "DMA logging flags %#x", f.Flags)
-		}
-		if idx == FeatureDMALoggingStop {
-			return head(0), s.stopLogging()
+	case FeatureDMALoggingStop:
+		return head(0), s.stopLogging()
+	case FeatureDMALoggingStart:
+		if err := room(len(f.Data)); err != nil {
+			return nil, err
 		}
 		return s.startLogging(f, head)
-	case FeatureDMALoggingRep:
-		if probe {
-			return head(0), nil
-		}
-		if !get {
-			return nil, featureErr(unix.EINVAL, "DMA_LOGGING_REPORT flags %#x", f.Flags)
-		}
+	default: // FeatureDMALoggingRep
 		return s.reportLogging(f, head)
 	}
-	return nil, featureErr(unix.ENOTTY, "device feature %d", idx)
 }
 
 // setMigState walks mdev's migration state machine to target, loading the
@@ -155,14 +162,17 @@ func (s *Server) setMigState(target mdev.MigState) error {
 	return nil
 }
 
-// migDataRead serves MIG_DATA_READ: the next bytes of the saved state.
+// migDataRead serves MIG_DATA_READ: the next bytes of the saved state. A
+// reply with fewer bytes than asked for ends the stream, so a request whose
+// argsz leaves no room for size bytes is refused (ErrArgsz) rather than
+// answered short.
 func (s *Server) migDataRead(p []byte) ([]byte, error) {
 	if len(p) < 8 {
 		return nil, perr(CmdMigDataRead, ErrTruncated, "payload of %d bytes", len(p))
 	}
 	argsz, size := le.Uint32(p), le.Uint32(p[4:])
-	if argsz < 8 {
-		return nil, perr(CmdMigDataRead, ErrArgsz, "argsz %d", argsz)
+	if uint64(argsz) < 8+uint64(size) {
+		return nil, perr(CmdMigDataRead, ErrArgsz, "argsz %d for %d bytes", argsz, size)
 	}
 	if size > MaxDataXfer {
 		return nil, perr(CmdMigDataRead, ErrTooLarge, "size %d", size)
@@ -173,7 +183,7 @@ func (s *Server) migDataRead(p []byte) ([]byte, error) {
 	var chunk []byte
 	switch st {
 	case mdev.MigStopCopy:
-		n := min(int(size), len(s.mig.out)-s.mig.outPos, int(argsz)-8)
+		n := min(int(size), len(s.mig.out)-s.mig.outPos)
 		chunk = s.mig.out[s.mig.outPos : s.mig.outPos+n]
 		s.mig.outPos += n
 	case mdev.MigPreCopy, mdev.MigPreCopyP2P:
@@ -285,10 +295,17 @@ func (s *Server) reportLogging(f DeviceFeature, head func(int) []byte) ([]byte, 
 	if ps < 4096 || ps&(ps-1) != 0 || length == 0 || iova+length < iova || iova%ps != 0 {
 		return nil, perr(CmdDeviceFeature, ErrRange, "report %#x+%#x page size %#x", iova, length, ps)
 	}
-	pages := (length + ps - 1) / ps
+	pages := length / ps // length + ps - 1 could overflow
+	if length%ps != 0 {
+		pages++
+	}
 	words := (pages + 63) / 64
-	if 8+24+words*8 > MaxDataXfer || words*8 > uint64(f.Argsz) {
+	reply := 8 + 24 + words*8
+	if reply > MaxDataXfer {
 		return nil, perr(CmdDeviceFeature, ErrTooLarge, "a %d-page bitmap", pages)
+	}
+	if reply > uint64(f.Argsz) {
+		return nil, perr(CmdDeviceFeature, ErrArgsz, "argsz %d for a %d-byte reply", f.Argsz, reply)
 	}
 	s.migMu.Lock()
 	defer s.migMu.Unlock()
@@ -301,7 +318,10 @@ func (s *Server) reportLogging(f DeviceFeature, head func(int) []byte) ([]byte, 
 	out := make([]uint64, words)
 	logPS := s.mig.log.PageSize()
 	for p := uint64(0); p < pages; p++ {
-		start, end := iova+p*ps, min(iova+(p+1)*ps, iova+length)
+		start, end := iova+p*ps, iova+length
+		if p+1 < pages {
+			end = iova + (p+1)*ps
+		}
 		for a := start &^ (logPS - 1); a < end; a += logPS {
 			bit := a / logPS
 			w := bit / 64

@@ -188,6 +188,101 @@ func readMig(t *testing.T, c *vfiousertest.Client, n uint32) []byte {
 	return p[8:]
 }
 
+// TestDeviceFeatureRules: a PROBE succeeds only when the feature supports
+// every method it names (vfio-user.rst: "the probe will only return
+// success if all of the indicated methods are supported"); no reply is
+// longer than the request's argsz; a DMA logging report whose length is
+// near 2^64 is refused, not answered with an empty bitmap (the page count
+// overflowed); a MIG_DATA_READ whose argsz has no room for the size it asks
+// is refused instead of answered short (a short answer ends the stream).
+func TestDeviceFeatureRules(t *testing.T) {
+	r := newRig(t, nil)
+	ctx := testCtx(t)
+	c := r.dial(t)
+	d, err := vfiousertest.NewDriver(ctx, c, nil)
+	require.NoError(t, err)
+	defer d.Close()
+	require.NoError(t, c.StartDMALogging(ctx, 4096, 0, vfiousertest.GuestMemSize))
+
+	report := func(iova, length, ps uint64) []byte {
+		b := make([]byte, 24)
+		binary.LittleEndian.PutUint64(b, iova)
+		binary.LittleEndian.PutUint64(b[8:], length)
+		binary.LittleEndian.PutUint64(b[16:], ps)
+		return b
+	}
+	const (
+		get, set, probe = vfiouser.FeatureGet, vfiouser.FeatureSet, vfiouser.FeatureProbe
+		mig, state      = vfiouser.FeatureMigration, vfiouser.FeatureMigDeviceState
+		start, stop     = vfiouser.FeatureDMALoggingStart, vfiouser.FeatureDMALoggingStop
+		rep             = vfiouser.FeatureDMALoggingRep
+	)
+	oneMiB := report(0, vfiousertest.GuestMemSize, 4096) // 1024 pages: 16 words
+	for _, tc := range []struct {
+		name  string
+		flags uint32
+		argsz uint32 // 0: the reply's size (8 + data)
+		data  []byte
+		errno unix.Errno
+		reply int // payload size of a successful reply
+	}{
+		{"probe get migration", probe | get | mig, 0, nil, 0, 8},
+		{"probe set migration", probe | set | mig, 0, nil, unix.EINVAL, 0},
+		{"probe get and set state", probe | get | set | state, 0, nil, 0, 8},
+		{"probe start", probe | start, 0, nil, 0, 8},
+		{"probe set start", probe | set | start, 0, nil, 0, 8},
+		{"probe get start", probe | get | start, 0, nil, unix.EINVAL, 0},
+		{"probe get stop", probe | get | stop, 0, nil, unix.EINVAL, 0},
+		{"probe get report", probe | get | rep, 0, nil, 0, 8},
+		{"probe set report", probe | set | rep, 0, nil, unix.EINVAL, 0},
+		{"probe unknown", probe | get | 3, 0, nil, unix.ENOTTY, 0},
+		{"get migration", get | mig, 16, nil, 0, 16},
+		{"get migration argsz without room", get | mig, 8, nil, unix.EINVAL, 0},
+		{"get state argsz without room", get | state, 12, nil, unix.EINVAL, 0},
+		{"set state argsz without room", set | state, 12, []byte{2, 0, 0, 0, 0xff, 0xff, 0xff, 0xff}, unix.EINVAL, 0},
+		{"report", get | rep, 8 + 24 + 16*8, oneMiB, 0, 8 + 24 + 16*8},
+		{"report argsz without the header", get | rep, 24 + 16*8, oneMiB, unix.EINVAL, 0},
+		{"report length 2^64-1", get | rep, 1 << 20, report(0, ^uint64(0), 4096), unix.E2BIG, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			argsz := tc.argsz
+			if argsz == 0 {
+				argsz = uint32(8 + len(tc.data))
+			}
+			req := make([]byte, 8, 8+len(tc.data))
+			binary.LittleEndian.PutUint32(req, argsz)
+			binary.LittleEndian.PutUint32(req[4:], tc.flags)
+			p, err := c.Call(ctx, vfiouser.CmdDeviceFeature, append(req, tc.data...), nil)
+			if tc.errno != 0 {
+				assert.True(t, vfiousertest.IsErrno(err, tc.errno), "want %v, got %v", tc.errno, err)
+				return
+			}
+			require.NoError(t, err)
+			require.Len(t, p, tc.reply)
+			assert.LessOrEqual(t, len(p), int(argsz), "reply within argsz")
+			assert.Equal(t, uint32(len(p)), binary.LittleEndian.Uint32(p), "reply argsz")
+		})
+	}
+	st, err := c.MigState(ctx)
+	require.NoError(t, err)
+	require.Equal(t, uint32(mdev.MigRunning), st, "refused SETs changed nothing")
+
+	t.Run("MIG_DATA_READ argsz without room", func(t *testing.T) {
+		require.NoError(t, c.StopDMALogging(ctx))
+		migrateTo(t, ctx, c, mdev.MigStopCopy)
+		req := make([]byte, 8)
+		binary.LittleEndian.PutUint32(req, 8+16)
+		binary.LittleEndian.PutUint32(req[4:], 64)
+		_, err := c.Call(ctx, vfiouser.CmdMigDataRead, req, nil)
+		assert.True(t, vfiousertest.IsErrno(err, unix.EINVAL), "%v", err)
+		// Nothing was consumed: the whole stream still reads.
+		whole, err := c.ReadMigData(ctx, 64)
+		require.NoError(t, err)
+		_, err = mdev.DecodeState(whole)
+		require.NoError(t, err)
+	})
+}
+
 // migrateTo sets the migration state and checks the client sees it.
 func migrateTo(t *testing.T, ctx context.Context, c *vfiousertest.Client, st mdev.MigState) {
 	t.Helper()
