@@ -843,6 +843,9 @@ func (s *session) restart(qs []int) error {
 	return nil
 }
 
+// reset serves RESET_DEVICE (and the deprecated RESET_OWNER): "disable all
+// rings and reset all internal device state to the initial state, ready to
+// be reinitialized".
 func (s *session) reset() {
 	s.stopAll()
 	for i := range s.queues {
@@ -850,19 +853,28 @@ func (s *session) reset() {
 		// and position go (the front-end sends them again before it
 		// starts a ring, as QEMU, DPDK and Frontend do). A size kept over
 		// the reset would check the next SET_VRING_BASE of a packed ring
-		// against the old size. The kick and call eventfds and the enable
-		// state stay: they belong to the connection's setup.
+		// against the old size. Every ring is disabled, as rings are
+		// initialized: SET_VRING_ENABLE 1, or a SET_FEATURES without
+		// PROTOCOL_FEATURES, enables it again (QEMU sends
+		// SET_VRING_ENABLE 1 right after its RESET_DEVICE). The kick and
+		// call eventfds stay: they belong to the connection's setup, and
+		// a ring starts only on a new SET_VRING_KICK anyway.
 		q := &s.queues[i]
 		q.num, q.addr, q.addrSet = 0, VringAddr{}, false
 		q.saved = nil
 		q.base, q.baseSet = 0, false
 		q.kicked = false
+		q.enabled = false
 	}
 	s.handlerReset()
 	for i := range s.queues {
 		s.queues[i].broken = false // Reset stopped whatever the handler still ran
 	}
-	s.handlerSet = false
+	// The features go too: the front-end negotiates them again (QEMU
+	// sends SET_FEATURES before it starts the device), and a ring does not
+	// start before it has. The protocol features are the connection's and
+	// stay (QEMU does not send them again).
+	s.features, s.featuresSet, s.handlerSet = 0, false, false
 	s.status = 0
 }
 

@@ -54,10 +54,13 @@
 //     index; after SET_STATUS 0 or SET_VRING_ENABLE 0 that is still the
 //     real position (not 0). The ring stays stopped until the next
 //     SET_VRING_KICK.
-//   - Reset (positions back to 0, handler reset, kick needed again):
-//     RESET_DEVICE, and RESET_OWNER, which also gives up ownership (as the
-//     kernel's VHOST_RESET_OWNER and DPDK's vhost library do). A
-//     GET_VRING_BASE after either answers 0.
+//   - Reset (positions back to 0, every ring disabled, features
+//     forgotten, handler reset, kick needed again): RESET_DEVICE, and
+//     RESET_OWNER, which also gives up ownership (as the kernel's
+//     VHOST_RESET_OWNER and DPDK's vhost library do). A ring starts again
+//     once the front-end has sent SET_FEATURES and enabled it (QEMU sends
+//     SET_VRING_ENABLE 1 right after its RESET_DEVICE, and SET_FEATURES
+//     before the rings). A GET_VRING_BASE after either answers 0.
 //   - Restart (position kept): a change a running ring cannot absorb (a new
 //     call or kick descriptor, new addresses, LOG_ALL toggled, a new memory
 //     table or log, SET_FEATURES) stops every running ring, highest index
