@@ -30,7 +30,9 @@
 //     can use. Overlapping maps fail with EEXIST, unmaps must match a map
 //     exactly (ENOENT). When memory changes under a running data path, the
 //     server stops it through mdev's migration state machine (RUNNING ->
-//     STOP records every ring position) and restarts it afterwards.
+//     STOP records every ring position) and restarts it afterwards; that
+//     pause is the server's own: the client keeps seeing the migration
+//     state it set.
 //
 //   - DEVICE_GET_IRQ_INFO / DEVICE_SET_IRQS: INTx (1, maskable, automasked),
 //     MSI-X (one vector per queue plus one for configuration changes); MSI

@@ -43,6 +43,11 @@ type migSession struct {
 	log    *dirty.Bitmap
 	// pending holds bits harvested from log and not reported yet.
 	pending []uint64
+	// paused: the server stopped the data path for a memory change
+	// (Server.pause): the device is in STOP while the client sees client,
+	// the running state it set, until Server.resume restarts it there.
+	paused bool
+	client mdev.MigState
 }
 
 // featureOps are the methods (GET, SET) each device feature supports.
@@ -109,7 +114,10 @@ func (s *Server) deviceFeature(f DeviceFeature) ([]byte, error) {
 				return nil, err
 			}
 		}
-		b := le.AppendUint32(head(8), uint32(s.dev.MigrationState()))
+		s.migMu.Lock()
+		st := s.clientState()
+		s.migMu.Unlock()
+		b := le.AppendUint32(head(8), uint32(st))
 		return le.AppendUint32(b, ^uint32(0)), nil
 	case FeatureDMALoggingStop:
 		return head(0), s.stopLogging()
@@ -125,18 +133,35 @@ func (s *Server) deviceFeature(f DeviceFeature) ([]byte, error) {
 
 // setMigState walks mdev's migration state machine to target, loading the
 // written state when leaving RESUMING and capturing it on entering
-// STOP_COPY. Setting the current state again changes nothing.
+// STOP_COPY. Setting the state the client sees again changes nothing.
+// While the server holds the data path paused (the device in STOP), a
+// running target only changes what the client sees unless guest memory is
+// mapped again, in which case the device walks from STOP to it; any other
+// target ends the pause.
 func (s *Server) setMigState(target mdev.MigState) error {
 	if target == mdev.MigError || target > mdev.MigPreCopyP2P {
 		return featureErr(unix.EINVAL, "device state %d", uint32(target))
 	}
 	s.migMu.Lock()
 	defer s.migMu.Unlock()
-	cur := s.dev.MigrationState()
-	if target == cur {
+	if target == s.clientState() {
 		// No arc: a save or load session in progress goes on.
 		return nil
 	}
+	if s.mig.paused {
+		if _, err := mdev.MigrationPath(s.mig.client, target); err != nil {
+			return &Error{Cmd: CmdDeviceFeature, Errno: unix.EINVAL, Err: fmt.Errorf("%w: %w", ErrDevice, err)}
+		}
+		s.mu.Lock()
+		mapped := len(s.dma.maps) > 0
+		s.mu.Unlock()
+		if runningState(target) && !mapped {
+			s.mig.client = target
+			return nil
+		}
+		s.mig.paused = false
+	}
+	cur := s.dev.MigrationState()
 	if cur == mdev.MigResuming && target != mdev.MigResuming {
 		if err := s.dev.LoadState(s.mig.in); err != nil {
 			s.mig.in = nil
@@ -179,7 +204,7 @@ func (s *Server) migDataRead(p []byte) ([]byte, error) {
 	}
 	s.migMu.Lock()
 	defer s.migMu.Unlock()
-	st := s.dev.MigrationState()
+	st := s.clientState()
 	var chunk []byte
 	switch st {
 	case mdev.MigStopCopy:
@@ -208,7 +233,7 @@ func (s *Server) migDataWrite(p []byte) error {
 	}
 	s.migMu.Lock()
 	defer s.migMu.Unlock()
-	if st := s.dev.MigrationState(); st != mdev.MigResuming {
+	if st := s.clientState(); st != mdev.MigResuming {
 		return &Error{Cmd: CmdMigDataWrite, Errno: unix.EINVAL, Err: fmt.Errorf("%w: MIG_DATA_WRITE in %s", ErrDevice, st)}
 	}
 	if len(s.mig.in)+int(size) > maxMigState {

@@ -134,6 +134,74 @@ func TestMigrationHostile(t *testing.T) {
 	assert.True(t, vfiousertest.IsErrno(err, unix.EINVAL), "%v", err)
 }
 
+// TestPauseKeepsTheClientMigrationState: the server stops the data path
+// for a memory change through mdev's state machine, but that is its own
+// business: the client keeps seeing the state it set (the device is in
+// STOP underneath), and the server keeps knowing whether it stopped the
+// data path. GET used to report STOP, a state the client never set; a SET
+// RUNNING then restarted the data path while the server still took it for
+// stopped, and the next unmap went ahead under it.
+func TestPauseKeepsTheClientMigrationState(t *testing.T) {
+	r := newRig(t, nil)
+	ctx := testCtx(t)
+	c := r.dial(t)
+	d, err := vfiousertest.NewDriver(ctx, c, nil)
+	require.NoError(t, err)
+	defer d.Close()
+	fs := frames(30, 4)
+	require.NoError(t, d.SendFrames(fs[:10]))
+	require.NoError(t, d.Receive(ctx, 10, nil))
+	dev := r.srv.Device()
+	clientSees := func(want mdev.MigState) {
+		t.Helper()
+		st, err := c.MigState(ctx)
+		require.NoError(t, err)
+		assert.Equal(t, uint32(want), st, "the state the client sees")
+	}
+	mapGuest := func() {
+		t.Helper()
+		require.NoError(t, c.DMAMap(ctx, 0, vfiousertest.GuestMemSize, d.Region.Fd(), 0))
+	}
+	unmapGuest := func() {
+		t.Helper()
+		require.NoError(t, c.DMAUnmap(ctx, 0, vfiousertest.GuestMemSize))
+	}
+
+	_, err = c.Call(ctx, vfiouser.CmdDMAUnmap, vfiouser.DMAUnmap{Argsz: vfiouser.DMAUnmapSize, Flags: vfiouser.UnmapAll}.Marshal(), nil)
+	require.NoError(t, err)
+	assert.Equal(t, mdev.MigStop, dev.MigrationState(), "the server stopped the data path")
+	clientSees(mdev.MigRunning)
+
+	// The client sets the state it sees, then unmaps the rings' window
+	// again: the data path must not be running under that unmap.
+	mapGuest()
+	migrateTo(t, ctx, c, mdev.MigRunning)
+	unmapGuest()
+	assert.Equal(t, mdev.MigStop, dev.MigrationState(), "the data path is stopped while the rings are unmapped")
+	clientSees(mdev.MigRunning)
+
+	// Touching the device restarts the data path; the next unmap stops it
+	// again.
+	mapGuest()
+	require.NoError(t, d.SendFrames(fs[10:20]))
+	require.NoError(t, d.Receive(ctx, 20, nil))
+	assert.Equal(t, mdev.MigRunning, dev.MigrationState())
+	unmapGuest()
+	assert.Equal(t, mdev.MigStop, dev.MigrationState(), "the data path was stopped before the rings were unmapped")
+	clientSees(mdev.MigRunning)
+
+	// A state change while paused: STOP ends the pause, RUNNING restarts.
+	migrateTo(t, ctx, c, mdev.MigStop)
+	mapGuest()
+	migrateTo(t, ctx, c, mdev.MigRunning)
+	assert.Equal(t, mdev.MigRunning, dev.MigrationState())
+	require.NoError(t, d.SendFrames(fs[20:]))
+	require.NoError(t, d.Receive(ctx, 30, nil))
+	tx, rx := softnetCounts(r.sn)
+	assert.Equal(t, uint64(30), tx)
+	assert.Equal(t, uint64(30), rx)
+}
+
 // TestSetCurrentMigrationStateKeepsTheStream: setting the state the device
 // is in again is a successful no-op (the kernel's FSM has no arc there).
 // It used to restart the stream: STOP_COPY again rewound the read position

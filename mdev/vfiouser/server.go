@@ -42,11 +42,8 @@ type Server struct {
 	irqMu sync.Mutex // guards irq; never held across a call into dev
 	irq   irqState
 
-	migMu sync.Mutex
+	migMu sync.Mutex // guards mig; taken before mu
 	mig   migSession
-
-	pauseMu sync.Mutex
-	paused  bool // the data path was stopped for a memory change
 
 	sessMu sync.Mutex
 	conns  map[*net.UnixConn]struct{}
@@ -294,7 +291,10 @@ func (s *Server) ServeConn(ctx context.Context, conn *net.UnixConn) error {
 	defer func() {
 		stop()
 		_ = conn.Close()
-		if s.live() && s.dev.MigrationState() == mdev.MigRunning {
+		s.migMu.Lock()
+		running := s.clientState() == mdev.MigRunning
+		s.migMu.Unlock()
+		if running && s.live() {
 			// QEMU 11.1 live-migrates a vfio-user device without asking
 			// for its state: the destination's device starts fresh and
 			// the guest's NIC stalls there. Make that visible.
@@ -333,13 +333,26 @@ func (s *Server) unmapAll(closing bool) {
 	s.release(maps, stopped)
 }
 
+// runningState reports whether the data path runs in migration state st
+// (the P2P states behave as their counterparts: the device does no
+// peer-to-peer DMA).
+func runningState(st mdev.MigState) bool {
+	switch st {
+	case mdev.MigRunning, mdev.MigRunningP2P, mdev.MigPreCopy, mdev.MigPreCopyP2P:
+		return true
+	}
+	return false
+}
+
 // pause stops a live data path through mdev's migration state machine
 // (RUNNING -> STOP records every queue's position), so guest memory can
-// change under it. It reports whether the data path is now stopped.
+// change under it. It reports whether the data path is now stopped. The
+// client keeps seeing the state it set (clientState), and resume restarts
+// the data path there once memory is mapped again.
 func (s *Server) pause() bool {
-	s.pauseMu.Lock()
-	defer s.pauseMu.Unlock()
-	if s.paused {
+	s.migMu.Lock()
+	defer s.migMu.Unlock()
+	if s.mig.paused {
 		return true
 	}
 	if !s.live() || s.dev.MigrationState() != mdev.MigRunning {
@@ -349,15 +362,16 @@ func (s *Server) pause() bool {
 		s.log.Warn("vfio-user: stopping the data path for a memory change failed", "err", err)
 		return false
 	}
-	s.paused = true
+	s.mig.paused, s.mig.client = true, mdev.MigRunning
 	return true
 }
 
-// resume restarts a data path pause stopped, once guest memory is mapped.
+// resume restarts a data path pause stopped, in the state the client set,
+// once guest memory is mapped.
 func (s *Server) resume() {
-	s.pauseMu.Lock()
-	defer s.pauseMu.Unlock()
-	if !s.paused {
+	s.migMu.Lock()
+	defer s.migMu.Unlock()
+	if !s.mig.paused {
 		return
 	}
 	s.mu.Lock()
@@ -366,10 +380,20 @@ func (s *Server) resume() {
 	if n == 0 {
 		return
 	}
-	s.paused = false
-	if err := s.dev.SetMigrationState(mdev.MigRunning); err != nil {
+	s.mig.paused = false
+	if err := s.dev.SetMigrationState(s.mig.client); err != nil {
 		s.log.Warn("vfio-user: restarting the data path failed", "err", err)
 	}
+}
+
+// clientState is the migration state the client sees: the device's, or
+// while pause holds the device in STOP, the state the client set. The
+// caller holds migMu.
+func (s *Server) clientState() mdev.MigState {
+	if s.mig.paused {
+		return s.mig.client
+	}
+	return s.dev.MigrationState()
 }
 
 // release frees unmapped windows: at once when the data path cannot be

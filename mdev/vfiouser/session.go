@@ -585,10 +585,8 @@ func (s *Server) reset() {
 		_ = s.dev.Write(mdev.RegionCommon, mdev.OffDeviceStatus, 1, 0)
 	}
 	s.mig.out, s.mig.outPos, s.mig.in = nil, 0, nil
+	s.mig.paused = false
 	s.migMu.Unlock()
-	s.pauseMu.Lock()
-	s.paused = false
-	s.pauseMu.Unlock()
 	s.irqMu.Lock()
 	s.irq.intxMasked, s.irq.intxPending = false, false
 	s.irqMu.Unlock()
