@@ -27,6 +27,20 @@ func (d *Device) MigrationState() MigState {
 	return d.mig.state
 }
 
+// DataPathActive reports whether the backing device may be accessing guest
+// memory: the data path went live (the driver set DRIVER_OK, or a stopped
+// device restarted) and has not been stopped since (by a migration stop, a
+// reset or FAILED), or a reset of the backing device is still pending. The
+// migration state alone does not say it: a stop that failed leaves the data
+// path in ERROR as it was, and a driver setting DRIVER_OK makes the device
+// live whatever the migration state. While it reports false, the VMM may
+// unmap guest memory without the data path noticing.
+func (d *Device) DataPathActive() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.live || d.resetPending
+}
+
 // SetMigrationState moves the device to target, walking the intermediate
 // arcs the kernel would (see MigrationPath). The actions on the arcs are:
 //

@@ -9,26 +9,70 @@ import (
 	"github.com/vdpakit/vdpakit/vring"
 )
 
+// Limits of a DMA window with a descriptor (those of vring.NewFdRegion).
+const (
+	maxWindowSize   = 1 << 46
+	maxWindowOffset = 1 << 62
+)
+
 // mapping is one DMA_MAP window.
 type mapping struct {
 	addr, size uint64
 	flags      uint32
-	// region maps the client's file (nil for a window without a
-	// descriptor, reachable only through DMA_READ/DMA_WRITE).
-	region *vring.Region
+	// mem maps the client's file, shared and read-write; nil for a window
+	// without a descriptor (reachable only through DMA_READ/DMA_WRITE).
+	mem []byte
+	// fd is the server's duplicate of the client's descriptor (-1: none),
+	// handed on with the memory (vring.Region.Fd) to backing devices that
+	// map guest memory themselves.
+	fd       int
+	fdOffset uint64
+	sealed   bool // the file cannot shrink under mem (vring.SealShrink)
 }
 
 func (m *mapping) last() uint64 { return m.addr + m.size - 1 }
+
+// release unmaps the window's memory and closes its descriptor. Nothing may
+// be using the memory.
+func (m *mapping) release() {
+	if m.mem != nil {
+		_ = unix.Munmap(m.mem)
+		m.mem = nil
+	}
+	if m.fd >= 0 {
+		_ = unix.Close(m.fd)
+		m.fd = -1
+	}
+}
+
+// retire releases what the window holds of the client while a data path
+// that cannot be stopped may still be touching its memory: the pages are
+// replaced by private anonymous memory (stale users read zeros and their
+// writes go nowhere, instead of faulting or reaching a mapping that later
+// reuses the addresses) and the descriptor is closed. It returns the
+// address range, still reserved, which must be unmapped once the data path
+// has stopped.
+func (m *mapping) retire() []byte {
+	b := m.mem
+	m.mem = nil
+	if m.fd >= 0 {
+		_ = unix.Close(m.fd)
+		m.fd = -1
+	}
+	if len(b) > 0 {
+		_, _ = mmapFixedAnon(b)
+	}
+	return b
+}
 
 // dmaTable is the set of DMA windows, sorted by address. Guarded by
 // Server.mu.
 type dmaTable struct {
 	maps []*mapping
-	// graveyard holds mappings unmapped while the data path may still
-	// touch them: their pages were replaced by anonymous memory (dropping
-	// the client's file), and the address range is released once the
-	// device is no longer live.
-	graveyard []*vring.Region
+	// graveyard holds the address ranges of windows retired while the data
+	// path could not be stopped (see mapping.retire); they are unmapped once
+	// it has stopped. At most maxRetired.
+	graveyard [][]byte
 }
 
 // find returns the mapping containing addr, or nil.
@@ -53,41 +97,64 @@ func (t *dmaTable) insert(m *mapping) {
 	t.maps[i] = m
 }
 
-// remove drops the mapping exactly matching [addr, addr+size).
-func (t *dmaTable) remove(addr, size uint64) *mapping {
+// exact returns the index of the mapping exactly matching [addr,
+// addr+size), or -1.
+func (t *dmaTable) exact(addr, size uint64) int {
 	for i, m := range t.maps {
 		if m.addr == addr && m.size == size {
-			t.maps = append(t.maps[:i], t.maps[i+1:]...)
-			return m
+			return i
 		}
 	}
-	return nil
+	return -1
 }
 
-// mapFd maps the client's descriptor for a DMA window. The descriptor is
-// duplicated by vring.NewFdRegion (which also seals a memfd against
-// shrinking and checks the file is long enough); the caller closes fd.
-func mapFd(m DMAMap, fd int) (*vring.Region, error) {
+// mapWindow builds the window m describes, mapping fd (the client's
+// descriptor; the caller closes it) unless it is negative. The file is
+// mapped as vring.NewFdRegion would (a duplicate descriptor, a memfd sealed
+// against shrinking, a regular file checked to be long enough), but the
+// server owns the mapping and the descriptor, so that it can let go of the
+// descriptor while the address range must stay reserved (retire).
+func mapWindow(m DMAMap, fd int) (*mapping, error) {
+	mp := &mapping{addr: m.Address, size: m.Size, flags: m.Flags, fd: -1}
+	if fd < 0 {
+		return mp, nil
+	}
 	if m.Flags&DMAReadable == 0 {
 		return nil, perr(CmdDMAMap, ErrFlags, "window %#x+%#x with a descriptor is not readable", m.Address, m.Size)
 	}
-	r, err := vring.NewFdRegion(vring.GuestAddr(m.Address), m.Size, fd, m.Offset, nil)
+	fail := func(err error) error {
+		return &Error{Cmd: CmdDMAMap, Errno: unix.EINVAL, Err: fmt.Errorf("%w: map %#x+%#x at offset %#x: %w", ErrRange, m.Address, m.Size, m.Offset, err)}
+	}
+	if m.Size > maxWindowSize || m.Offset > maxWindowOffset || m.Offset%uint64(unix.Getpagesize()) != 0 {
+		return nil, fail(fmt.Errorf("%w: size or offset", vring.ErrInvalidRegion))
+	}
+	dup, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 3)
 	if err != nil {
-		return nil, &Error{Cmd: CmdDMAMap, Errno: unix.EINVAL, Err: fmt.Errorf("%w: map %#x+%#x at offset %#x: %w", ErrRange, m.Address, m.Size, m.Offset, err)}
+		return nil, fail(fmt.Errorf("dup: %w", err))
 	}
-	return r, nil
-}
-
-// retire replaces a region's pages with private anonymous memory, so
-// stale users read zeros instead of faulting and the client's file is no
-// longer mapped; the region (its address range and duplicated descriptor)
-// is released later with Close.
-func retire(r *vring.Region) {
-	b := r.Bytes()
-	if len(b) == 0 {
-		return
+	sealed, err := vring.SealShrink(dup)
+	if err != nil {
+		_ = unix.Close(dup)
+		return nil, fail(err)
 	}
-	_, _ = mmapFixedAnon(b)
+	// Checked after sealing: a sealed file cannot shrink below this size
+	// afterwards.
+	var st unix.Stat_t
+	if err := unix.Fstat(dup, &st); err != nil {
+		_ = unix.Close(dup)
+		return nil, fail(fmt.Errorf("fstat: %w", err))
+	}
+	if st.Mode&unix.S_IFMT == unix.S_IFREG && (st.Size < 0 || uint64(st.Size) < m.Offset+m.Size) {
+		_ = unix.Close(dup)
+		return nil, fail(fmt.Errorf("%w: the file is %d bytes", vring.ErrInvalidRegion, st.Size))
+	}
+	mem, err := unix.Mmap(dup, int64(m.Offset), int(m.Size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		_ = unix.Close(dup)
+		return nil, fail(fmt.Errorf("mmap: %w", err))
+	}
+	mp.mem, mp.fd, mp.fdOffset, mp.sealed = mem, dup, m.Offset, sealed
+	return mp, nil
 }
 
 func toGuest(a uint64) vring.GuestAddr { return vring.GuestAddr(a) }

@@ -28,11 +28,17 @@
 //     (Server.Memory, a vring.Memory whose regions appear on first use);
 //     windows without one are recorded but are not memory the data path
 //     can use. Overlapping maps fail with EEXIST, unmaps must match a map
-//     exactly (ENOENT). When memory changes under a running data path, the
-//     server stops it through mdev's migration state machine (RUNNING ->
-//     STOP records every ring position) and restarts it afterwards; that
-//     pause is the server's own: the client keeps seeing the migration
-//     state it set.
+//     exactly (ENOENT). An unmap releases the window's descriptor and
+//     mapping before its reply, whatever the migration state. When memory
+//     changes under a running data path (in any of the running migration
+//     states), the server stops it through mdev's migration state machine
+//     (-> STOP records every ring position) and restarts it afterwards;
+//     that pause is the server's own: the client keeps seeing the
+//     migration state it set. A data path that cannot be stopped that way
+//     (ERROR after a failed stop, or live in a stopped state) gets the
+//     window's pages replaced by anonymous memory, whose address range is
+//     unmapped once the data path stops; after 64 such windows, unmaps
+//     fail with EBUSY until then.
 //
 //   - DEVICE_GET_IRQ_INFO / DEVICE_SET_IRQS: INTx (1, maskable, automasked),
 //     MSI-X (one vector per queue plus one for configuration changes); MSI
@@ -53,7 +59,9 @@
 //
 //   - Disconnect: every DMA window is unmapped and every descriptor of the
 //     client closed; the device keeps its state, and the data path resumes
-//     when a new client has mapped memory and touches the device.
+//     when a new client has mapped memory and touches the device. (A device
+//     whose data path cannot be stopped otherwise is reset, so that guest
+//     memory is released all the same.)
 //
 //   - Migration (VFIO migration v2 over DEVICE_FEATURE): MIGRATION offers
 //     STOP_COPY and P2P; MIG_DEVICE_STATE walks mdev's state machine

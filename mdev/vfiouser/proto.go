@@ -107,6 +107,9 @@ var (
 	ErrExists = errors.New("vfiouser: DMA range already mapped")
 	// ErrNotMapped: a DMA unmap matching no mapping, or DMA to unmapped memory.
 	ErrNotMapped = errors.New("vfiouser: DMA range not mapped")
+	// ErrBusy: the device's data path may still be using what the message
+	// would take away, and cannot be stopped (EBUSY); see Server.
+	ErrBusy = errors.New("vfiouser: device busy")
 	// ErrVersion: a VERSION message this server cannot accept, or any other
 	// message before it.
 	ErrVersion = errors.New("vfiouser: version negotiation failed")
@@ -155,6 +158,8 @@ func Errno(err error) unix.Errno {
 		return unix.ENOTSUP
 	case errors.Is(err, ErrFds):
 		return unix.EBADF
+	case errors.Is(err, ErrBusy):
+		return unix.EBUSY
 	}
 	return unix.EINVAL
 }

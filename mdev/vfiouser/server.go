@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 
@@ -38,6 +39,8 @@ type Server struct {
 
 	mu  sync.Mutex // guards dma
 	dma dmaTable
+	// retired is len(dma.graveyard), read without mu after every message.
+	retired atomic.Int32
 
 	irqMu sync.Mutex // guards irq; never held across a call into dev
 	irq   irqState
@@ -200,11 +203,11 @@ func (s *Server) fault(addr vring.GuestAddr, n uint64) (*vring.Region, error) {
 	if m == nil {
 		return nil, fmt.Errorf("%w: %v", ErrNotMapped, addr)
 	}
-	if m.region == nil {
+	if m.mem == nil {
 		return nil, fmt.Errorf("%w: %v is in a window without a descriptor", ErrNotMapped, addr)
 	}
-	return vring.NewRegion(m.region.Base(), m.region.Bytes(), &vring.RegionOptions{
-		Fd: m.region.Fd(), FdOffset: m.region.FdOffset(), Sealed: m.region.Sealed()})
+	return vring.NewRegion(toGuest(m.addr), m.mem, &vring.RegionOptions{
+		Fd: m.fd, FdOffset: m.fdOffset, Sealed: m.sealed})
 }
 
 // live reports whether the backing device may be touching guest memory.
@@ -230,13 +233,8 @@ func (s *Server) Close() error {
 	err := s.dev.Close()
 	_ = s.intx.Close()
 	s.relayWG.Wait()
-	s.unmapAll(true)
-	s.mu.Lock()
-	for _, r := range s.dma.graveyard {
-		_ = r.Close()
-	}
-	s.dma.graveyard = nil
-	s.mu.Unlock()
+	// The device is closed: its data path no longer touches guest memory.
+	s.dropAll(dropClosing)
 	// The client's eventfds go with the stable ones, in one step under
 	// irqMu: a session still ending (Close does not wait for ServeConn)
 	// finds the state closed and installs nothing (setIRQFds), so none
@@ -275,8 +273,9 @@ func (s *Server) Serve(ctx context.Context, ln *net.UnixListener) error {
 // ServeConn serves one client connection until it closes, breaks the
 // protocol beyond recovery or ctx is cancelled. On return every DMA window
 // is unmapped and every interrupt eventfd of the client is closed; the
-// device keeps its state (vfio-user.rst "Client Disconnection"). It closes
-// conn.
+// device keeps its state (vfio-user.rst "Client Disconnection"), unless its
+// data path could not be stopped otherwise to release guest memory (ERROR
+// after a failed stop): it is reset then. It closes conn.
 func (s *Server) ServeConn(ctx context.Context, conn *net.UnixConn) error {
 	s.sessMu.Lock()
 	if s.closed {
@@ -303,7 +302,7 @@ func (s *Server) ServeConn(ctx context.Context, conn *net.UnixConn) error {
 		s.sessMu.Lock()
 		delete(s.conns, conn)
 		s.sessMu.Unlock()
-		s.unmapAll(false)
+		s.dropAll(dropSession)
 		s.dropIRQs()
 	}()
 	ss := &session{s: s, conn: conn}
@@ -314,23 +313,124 @@ func (s *Server) ServeConn(ctx context.Context, conn *net.UnixConn) error {
 	return err
 }
 
-// unmapAll drops every DMA window. The data path, if running, is stopped
-// first (and stays stopped until the client maps memory and touches the
-// device again).
-func (s *Server) unmapAll(closing bool) {
+// maxRetired bounds the windows retired while the data path could not be
+// stopped (mapping.retire): a further DMA_UNMAP of a window with memory is
+// refused with EBUSY (ErrBusy) until the data path stops.
+const maxRetired = 64
+
+// How dropWindows may release windows under a data path it cannot stop.
+type dropMode int
+
+const (
+	// dropUnmap: DMA_UNMAP. Windows are retired, within maxRetired;
+	// beyond it the unmap is refused.
+	dropUnmap dropMode = iota
+	// dropSession: the client disconnected. The device is reset if its
+	// data path cannot be stopped otherwise, so that nothing is deferred.
+	dropSession
+	// dropClosing: Close, after the device was closed (its data path
+	// stopped).
+	dropClosing
+)
+
+// dropAll removes every DMA window.
+func (s *Server) dropAll(mode dropMode) {
+	_ = s.dropWindows(func(*mapping) bool { return true }, mode)
+}
+
+// dropWindows removes the windows match selects from the DMA table and
+// releases their descriptors and mappings before it returns, as DMA_UNMAP
+// requires. A data path that may touch them is stopped first (pause); one
+// that cannot be stopped through the migration state machine (ERROR, or
+// live in a stopped state) gets them retired (mapping.retire), within
+// maxRetired.
+func (s *Server) dropWindows(match func(*mapping) bool, mode dropMode) error {
+	s.sessMu.Lock()
+	if s.closed {
+		// A session still ending after Close (which does not wait for
+		// it): the device is closed, its data path stopped.
+		mode = dropClosing
+	}
+	s.sessMu.Unlock()
 	s.mu.Lock()
-	n := len(s.dma.maps)
+	mapped := 0
+	for _, m := range s.dma.maps {
+		if m.mem != nil && match(m) {
+			mapped++
+		}
+	}
 	s.mu.Unlock()
-	if n == 0 {
+	stopped := true
+	if mapped > 0 && mode != dropClosing {
+		stopped = s.pause()
+	}
+	if !stopped && mode == dropSession {
+		s.log.Warn("vfio-user: the data path cannot be stopped (migration state ERROR, or live in a stopped state): resetting the device to release guest memory")
+		s.reset()
+		stopped = !s.dev.DataPathActive()
+	}
+	if !stopped && mode == dropUnmap && int(s.retired.Load())+mapped > maxRetired {
+		return perr(CmdDMAUnmap, ErrBusy, "the data path cannot be stopped and %d unmapped windows wait for it to stop", s.retired.Load())
+	}
+	s.mu.Lock()
+	var gone []*mapping
+	keep := s.dma.maps[:0]
+	for _, m := range s.dma.maps {
+		if match(m) {
+			gone = append(gone, m)
+		} else {
+			keep = append(keep, m)
+		}
+	}
+	clear(s.dma.maps[len(keep):])
+	s.dma.maps = keep
+	s.mu.Unlock()
+	if len(keep) == 0 {
+		_ = s.mem.RemoveRange(0, ^vring.GuestAddr(0))
+	} else {
+		for _, m := range gone {
+			if m.mem != nil {
+				_ = s.mem.RemoveRange(toGuest(m.addr), toGuest(m.last()))
+			}
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, m := range gone {
+		if stopped {
+			m.release()
+		} else if b := m.retire(); b != nil {
+			s.dma.graveyard = append(s.dma.graveyard, b)
+		}
+	}
+	if stopped {
+		s.reapLocked()
+	} else {
+		s.retired.Store(int32(len(s.dma.graveyard)))
+	}
+	return nil
+}
+
+// reap unmaps the retired windows' address ranges once the data path has
+// stopped. The session calls it after every message.
+func (s *Server) reap() {
+	if s.retired.Load() == 0 || s.dev.DataPathActive() {
 		return
 	}
-	stopped := closing || s.pause()
 	s.mu.Lock()
-	maps := s.dma.maps
-	s.dma.maps = nil
+	s.reapLocked()
 	s.mu.Unlock()
-	_ = s.mem.RemoveRange(0, ^vring.GuestAddr(0))
-	s.release(maps, stopped)
+}
+
+// reapLocked unmaps the retired ranges; the caller holds mu and knows the
+// data path stopped since they were retired (when it goes live again, it
+// is given the memory table of the time, which no longer has them).
+func (s *Server) reapLocked() {
+	for _, b := range s.dma.graveyard {
+		_ = unix.Munmap(b)
+	}
+	s.dma.graveyard = nil
+	s.retired.Store(0)
 }
 
 // runningState reports whether the data path runs in migration state st
@@ -344,26 +444,30 @@ func runningState(st mdev.MigState) bool {
 	return false
 }
 
-// pause stops a live data path through mdev's migration state machine
-// (RUNNING -> STOP records every queue's position), so guest memory can
-// change under it. It reports whether the data path is now stopped. The
+// pause makes sure the data path does not touch guest memory, and reports
+// whether it is stopped. A data path running in one of the running migration
+// states is stopped through mdev's state machine (-> STOP, which records
+// every queue's position) so that guest memory can change under it; the
 // client keeps seeing the state it set (clientState), and resume restarts
-// the data path there once memory is mapped again.
+// the data path once memory is mapped again. A data path that is live in
+// ERROR or in a stopped state cannot be stopped that way.
 func (s *Server) pause() bool {
-	s.migMu.Lock()
-	defer s.migMu.Unlock()
-	if s.mig.paused {
+	if !s.dev.DataPathActive() {
 		return true
 	}
-	if !s.live() || s.dev.MigrationState() != mdev.MigRunning {
-		return !s.live()
-	}
-	if err := s.dev.SetMigrationState(mdev.MigStop); err != nil {
-		s.log.Warn("vfio-user: stopping the data path for a memory change failed", "err", err)
+	s.migMu.Lock()
+	defer s.migMu.Unlock()
+	st := s.dev.MigrationState()
+	if !runningState(st) {
 		return false
 	}
-	s.mig.paused, s.mig.client = true, mdev.MigRunning
-	return true
+	if err := s.dev.SetMigrationState(mdev.MigStop); err != nil {
+		// The device is in ERROR now, which the client sees.
+		s.log.Warn("vfio-user: stopping the data path for a memory change failed", "err", err)
+		return !s.dev.DataPathActive()
+	}
+	s.mig.paused, s.mig.client = true, st
+	return !s.dev.DataPathActive()
 }
 
 // resume restarts a data path pause stopped, in the state the client set,
@@ -394,31 +498,6 @@ func (s *Server) clientState() mdev.MigState {
 		return s.mig.client
 	}
 	return s.dev.MigrationState()
-}
-
-// release frees unmapped windows: at once when the data path cannot be
-// touching them (stopped), otherwise through the graveyard.
-func (s *Server) release(maps []*mapping, stopped bool) {
-	live := !stopped && s.live()
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if !live {
-		for _, r := range s.dma.graveyard {
-			_ = r.Close()
-		}
-		s.dma.graveyard = nil
-	}
-	for _, m := range maps {
-		if m.region == nil {
-			continue
-		}
-		if live {
-			retire(m.region)
-			s.dma.graveyard = append(s.dma.graveyard, m.region)
-		} else {
-			_ = m.region.Close()
-		}
-	}
 }
 
 // dropIRQs closes every interrupt eventfd of the client.

@@ -119,6 +119,9 @@ func (ss *session) run() error {
 			continue
 		}
 		reply, err := ss.handle(h, p)
+		// A message may have stopped the data path (a reset, a migration
+		// state): memory unmapped while it could not be stopped goes now.
+		ss.s.reap()
 		ss.s.count(err)
 		if err != nil {
 			ss.s.log.Debug("vfio-user: rejected", "cmd", h.Command, "err", err)
@@ -285,33 +288,31 @@ func (ss *session) handleDMAMap(p []byte) error {
 	if n >= 65535 {
 		return perr(CmdDMAMap, ErrTooLarge, "%d windows", n)
 	}
-	mp := &mapping{addr: m.Address, size: m.Size, flags: m.Flags}
+	fd := -1
 	if len(ss.fds) == 1 {
-		fds := ss.takeFds()
-		r, err := mapFd(m, fds[0])
-		_ = unix.Close(fds[0])
-		if err != nil {
-			return err
-		}
-		mp.region = r
+		fd = ss.takeFds()[0]
+	}
+	mp, err := mapWindow(m, fd)
+	if fd >= 0 {
+		_ = unix.Close(fd) // the window has its own duplicate
+	}
+	if err != nil {
+		return err
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if s.dma.overlaps(m.Address, m.Address+m.Size-1) { // only this session maps
-		if mp.region != nil {
-			_ = mp.region.Close()
-		}
+		s.mu.Unlock()
+		mp.release()
 		return perr(CmdDMAMap, ErrExists, "%#x+%#x", m.Address, m.Size)
 	}
 	s.dma.insert(mp)
 	s.mu.Unlock()
-	if mp.region != nil {
+	if mp.mem != nil {
 		// Enter the window into guest memory now (it would otherwise appear
 		// on first use), so a backing device that takes the whole memory
 		// table at DRIVER_OK (vhost-user, vhost-vdpa) sees every window.
 		_, _ = s.mem.Slice(toGuest(m.Address), 1)
 	}
-	s.mu.Lock()
 	return nil
 }
 
@@ -322,27 +323,22 @@ func (ss *session) handleDMAUnmap(p []byte) ([]byte, error) {
 	}
 	s := ss.s
 	if u.Flags&UnmapAll != 0 {
-		s.unmapAll(false)
+		if err := s.dropWindows(func(*mapping) bool { return true }, dropUnmap); err != nil {
+			return nil, err
+		}
 		return u.Marshal(), nil
 	}
 	s.mu.Lock()
-	found := false
-	for _, m := range s.dma.maps {
-		found = found || m.addr == u.Address && m.size == u.Size
-	}
+	found := s.dma.exact(u.Address, u.Size) >= 0
 	s.mu.Unlock()
 	if !found {
 		return nil, perr(CmdDMAUnmap, ErrNotMapped, "%#x+%#x", u.Address, u.Size)
 	}
-	stopped := s.pause()
-	s.mu.Lock()
-	m := s.dma.remove(u.Address, u.Size)
-	s.mu.Unlock()
-	if m != nil {
-		_ = s.mem.RemoveRange(toGuest(m.addr), toGuest(m.last()))
-		s.release([]*mapping{m}, stopped)
-	}
+	err = s.dropWindows(func(m *mapping) bool { return m.addr == u.Address && m.size == u.Size }, dropUnmap)
 	s.resume()
+	if err != nil {
+		return nil, err
+	}
 	u.Argsz = DMAUnmapSize
 	return u.Marshal(), nil
 }

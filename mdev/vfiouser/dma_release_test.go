@@ -1,0 +1,282 @@
+package vfiouser_test
+
+import (
+	"context"
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
+
+	"github.com/vdpakit/vdpakit/mdev"
+	"github.com/vdpakit/vdpakit/mdev/vfiouser"
+	"github.com/vdpakit/vdpakit/mdev/vfiouser/vfiousertest"
+	"github.com/vdpakit/vdpakit/vdpa"
+	"github.com/vdpakit/vdpakit/vdpa/softnet"
+	"github.com/vdpakit/vdpakit/virtio"
+)
+
+// windowFile returns a memfd of size bytes named name, closed at the end of
+// the test; the test does not map it, so every mapping of it in
+// /proc/self/maps is the server's.
+func windowFile(t *testing.T, name string, size int64) int {
+	t.Helper()
+	fd, err := unix.MemfdCreate(name, unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = unix.Close(fd) })
+	require.NoError(t, unix.Ftruncate(fd, size))
+	return fd
+}
+
+// mappings counts the mappings of memfds named name in this process.
+func mappings(t *testing.T, name string) int {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/maps")
+	require.NoError(t, err)
+	return strings.Count(string(b), "/memfd:"+name+" ")
+}
+
+// guestMemName is the name of the memfd vfiousertest.Driver's guest memory
+// lives in (vring.NewMemfdRegion's default).
+const guestMemName = "vring-guest-memory"
+
+const (
+	extraBase = 0x1_0000_0000
+	extraSize = 64 << 10
+)
+
+// TestDMAUnmapReleasesInEveryMigrationState: whatever migration state the
+// client put a DRIVER_OK device in, DMA_UNMAP and UNMAP_ALL release the
+// window's descriptor and mapping before they reply (vfio-user.rst: "the
+// server must release all references to that DMA region before
+// replying"), round after round, and so does the end of the session. In
+// the states where the data path runs, the server stops it for the change
+// and restarts it afterwards; the client keeps seeing the state it set and
+// the traffic goes on. They used to be kept (one descriptor and one mapping
+// per round) until the device stopped being live or the server closed: a
+// migration source ending in STOP_COPY kept all of guest memory open.
+func TestDMAUnmapReleasesInEveryMigrationState(t *testing.T) {
+	for _, tc := range []struct {
+		state   mdev.MigState
+		running bool // the data path runs in it
+	}{
+		{mdev.MigRunning, true},
+		{mdev.MigRunningP2P, true},
+		{mdev.MigPreCopy, true},
+		{mdev.MigPreCopyP2P, true},
+		{mdev.MigStop, false},
+		{mdev.MigStopCopy, false},
+		{mdev.MigResuming, false},
+		{mdev.MigError, false},
+	} {
+		t.Run(tc.state.String(), func(t *testing.T) {
+			r := newRig(t, nil)
+			ctx := testCtx(t)
+			c := r.dial(t)
+			d, err := vfiousertest.NewDriver(ctx, c, nil)
+			require.NoError(t, err)
+			defer d.Close()
+			fs := frames(40, 11)
+			require.NoError(t, d.SendFrames(fs[:10]))
+			require.NoError(t, d.Receive(ctx, 10, nil))
+			if tc.state == mdev.MigError {
+				// A restart without the memory the rings are in fails:
+				// ERROR, with the data path stopped.
+				migrateTo(t, ctx, c, mdev.MigStop)
+				require.NoError(t, c.DMAUnmap(ctx, 0, vfiousertest.GuestMemSize))
+				require.Error(t, c.SetMigState(ctx, uint32(mdev.MigRunning)))
+				require.NoError(t, c.DMAMap(ctx, 0, vfiousertest.GuestMemSize, d.Region.Fd(), 0))
+				st, err := c.MigState(ctx)
+				require.NoError(t, err)
+				require.Equal(t, uint32(mdev.MigError), st)
+			} else {
+				migrateTo(t, ctx, c, tc.state)
+			}
+			if tc.state != mdev.MigResuming { // STOP -> RESUMING resets the device
+				require.NotZero(t, r.srv.Device().Status()&virtio.StatusDriverOK)
+			}
+			served := mappings(t, guestMemName) // the driver's and the server's
+			name := "vfu-window-" + tc.state.String()
+			extra := windowFile(t, name, extraSize)
+			before := fdCount(t)
+			for round := 0; round < 10; round++ {
+				require.NoError(t, c.DMAMap(ctx, extraBase, extraSize, extra, 0))
+				require.Equal(t, 1, mappings(t, name), "round %d: mapped", round)
+				if round%2 == 0 {
+					require.NoError(t, c.DMAUnmap(ctx, extraBase, extraSize))
+				} else {
+					_, err := c.Call(ctx, vfiouser.CmdDMAUnmap, vfiouser.DMAUnmap{Argsz: vfiouser.DMAUnmapSize, Flags: vfiouser.UnmapAll}.Marshal(), nil)
+					require.NoError(t, err)
+					require.Equal(t, served-1, mappings(t, guestMemName), "round %d: guest memory released by UNMAP_ALL", round)
+					require.NoError(t, c.DMAMap(ctx, 0, vfiousertest.GuestMemSize, d.Region.Fd(), 0))
+				}
+				require.Zero(t, mappings(t, name), "round %d: the window is unmapped when the reply comes", round)
+				require.LessOrEqual(t, fdCount(t), before, "round %d: its descriptor is closed when the reply comes", round)
+				st, err := c.MigState(ctx)
+				require.NoError(t, err)
+				require.Equal(t, uint32(tc.state), st, "round %d: the client still sees the state it set", round)
+			}
+			assert.Zero(t, r.srv.RetiredWindows())
+			if tc.running {
+				// The data path was stopped for each change and runs again:
+				// nothing lost, nothing duplicated.
+				require.NoError(t, d.SendFrames(fs[10:]))
+				require.NoError(t, d.Receive(ctx, 40, nil))
+				tx, rx := softnetCounts(r.sn)
+				assert.Equal(t, uint64(40), tx)
+				assert.Equal(t, uint64(40), rx)
+			}
+			// The session's end releases guest memory, in this state too.
+			require.NoError(t, c.Close())
+			require.Eventually(t, func() bool { return mappings(t, guestMemName) == served-1 }, 5*time.Second, 10*time.Millisecond,
+				"guest memory still mapped by the server after the client left")
+			require.Eventually(t, func() bool { return fdCount(t) < before }, 5*time.Second, 10*time.Millisecond,
+				"guest memory's descriptor still open after the client left")
+		})
+	}
+}
+
+// stubbornBacking is a software device whose stop can be made to fail:
+// Suspend and the reset (SetStatus(0)) fail while stuck is set, and the
+// data path then goes on.
+type stubbornBacking struct {
+	*vdpa.Local
+	stuck atomic.Bool
+}
+
+var errStuck = errors.New("test: the backing device does not stop")
+
+func (b *stubbornBacking) Suspend() error {
+	if b.stuck.Load() {
+		return errStuck
+	}
+	return b.Local.Suspend()
+}
+
+func (b *stubbornBacking) SetStatus(s virtio.Status) error {
+	if s == 0 && b.stuck.Load() {
+		return errStuck
+	}
+	return b.Local.SetStatus(s)
+}
+
+// stubbornRig is a server in front of a stubbornBacking.
+func stubbornRig(t *testing.T) (*stubbornBacking, *vfiouser.Server, string) {
+	t.Helper()
+	sn, err := softnet.New(nil)
+	require.NoError(t, err)
+	b := &stubbornBacking{Local: vdpa.NewLocal(sn, nil)}
+	t.Cleanup(func() { _ = b.Local.Close() })
+	srv, err := vfiouser.New(b, &vfiouser.Options{Device: mdev.Options{Backend: "software"}})
+	require.NoError(t, err)
+	path := filepath.Join(t.TempDir(), "vfu.sock")
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ctx, ln) }()
+	t.Cleanup(func() {
+		b.stuck.Store(false)
+		cancel()
+		<-done
+		require.NoError(t, srv.Close())
+	})
+	return b, srv, path
+}
+
+func dialPath(t *testing.T, path string) *vfiousertest.Client {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := vfiousertest.Dial(ctx, path)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = c.Close() })
+	return c
+}
+
+// TestDMAUnmapUnderADataPathThatCannotStop: when stopping the data path
+// fails, the device is in ERROR with its data path still live. A DMA_UNMAP
+// then still releases the client's descriptor and file before it replies
+// (the pages under the data path become anonymous memory, whose address
+// range waits for the data path to stop), at most maxRetired (64) times:
+// beyond that the unmap is refused with EBUSY and the window stays as it
+// was. Once the data path stops (DEVICE_RESET), the ranges are released
+// and the refused unmap succeeds.
+func TestDMAUnmapUnderADataPathThatCannotStop(t *testing.T) {
+	b, srv, path := stubbornRig(t)
+	ctx := testCtx(t)
+	c := dialPath(t, path)
+	d, err := vfiousertest.NewDriver(ctx, c, nil)
+	require.NoError(t, err)
+	defer d.Close()
+	require.NoError(t, d.SendFrames(frames(4, 1)))
+	require.NoError(t, d.Receive(ctx, 4, nil))
+	b.stuck.Store(true)
+	require.Error(t, c.SetMigState(ctx, uint32(mdev.MigStop)), "the stop fails")
+	st, err := c.MigState(ctx)
+	require.NoError(t, err)
+	require.Equal(t, uint32(mdev.MigError), st)
+	require.True(t, srv.Device().DataPathActive(), "the data path may still run")
+
+	const name = "vfu-window-stuck"
+	extra := windowFile(t, name, extraSize)
+	before := fdCount(t)
+	const limit = 64
+	for round := 0; round < limit; round++ {
+		require.NoError(t, c.DMAMap(ctx, extraBase, extraSize, extra, 0))
+		require.NoError(t, c.DMAUnmap(ctx, extraBase, extraSize), "round %d", round)
+		require.Zero(t, mappings(t, name), "round %d: the client's file is no longer mapped", round)
+		require.LessOrEqual(t, fdCount(t), before, "round %d: the client's descriptor is closed", round)
+	}
+	require.Equal(t, limit, srv.RetiredWindows())
+	require.NoError(t, c.DMAMap(ctx, extraBase, extraSize, extra, 0))
+	err = c.DMAUnmap(ctx, extraBase, extraSize)
+	require.True(t, vfiousertest.IsErrno(err, unix.EBUSY), "%v", err)
+	assert.Equal(t, 1, mappings(t, name), "a refused unmap leaves the window as it was")
+	err = c.DMAMap(ctx, extraBase, extraSize, extra, 0)
+	require.True(t, vfiousertest.IsErrno(err, unix.EEXIST), "the window is still there: %v", err)
+	_, err = c.Call(ctx, vfiouser.CmdDMAUnmap, vfiouser.DMAUnmap{Argsz: vfiouser.DMAUnmapSize, Flags: vfiouser.UnmapAll}.Marshal(), nil)
+	require.True(t, vfiousertest.IsErrno(err, unix.EBUSY), "%v", err)
+
+	// A reset stops the data path: the held ranges go, and the window can
+	// be unmapped at once.
+	b.stuck.Store(false)
+	require.NoError(t, c.Reset(ctx))
+	require.False(t, srv.Device().DataPathActive())
+	assert.Zero(t, srv.RetiredWindows())
+	require.NoError(t, c.DMAUnmap(ctx, extraBase, extraSize))
+	assert.Zero(t, mappings(t, name))
+	assert.LessOrEqual(t, fdCount(t), before)
+}
+
+// TestDisconnectResetsADataPathThatCannotStop: a client that leaves while
+// the data path cannot be stopped through the migration state machine
+// (ERROR after a failed stop) gets everything released all the same: the
+// server resets the device, which stops the data path, and unmaps guest
+// memory.
+func TestDisconnectResetsADataPathThatCannotStop(t *testing.T) {
+	b, srv, path := stubbornRig(t)
+	ctx := testCtx(t)
+	c := dialPath(t, path)
+	d, err := vfiousertest.NewDriver(ctx, c, nil)
+	require.NoError(t, err)
+	defer d.Close()
+	served := mappings(t, guestMemName)
+	b.stuck.Store(true)
+	require.Error(t, c.SetMigState(ctx, uint32(mdev.MigStop)))
+	require.True(t, srv.Device().DataPathActive())
+	b.stuck.Store(false) // the reset works
+	require.NoError(t, c.Close())
+	require.Eventually(t, func() bool { return mappings(t, guestMemName) == served-1 }, 5*time.Second, 10*time.Millisecond,
+		"guest memory still mapped by the server after the client left")
+	assert.False(t, srv.Device().DataPathActive())
+	assert.Equal(t, mdev.MigRunning, srv.Device().MigrationState(), "reset: ERROR is left")
+	assert.Zero(t, srv.RetiredWindows())
+}
