@@ -19,8 +19,9 @@ const (
 type mapping struct {
 	addr, size uint64
 	flags      uint32
-	// mem maps the client's file, shared and read-write; nil for a window
-	// without a descriptor (reachable only through DMA_READ/DMA_WRITE).
+	// mem maps the client's file, shared, readable, and writable only when
+	// the client made the window writable; nil for a window without a
+	// descriptor (reachable only through DMA_READ/DMA_WRITE).
 	mem []byte
 	// fd is the server's duplicate of the client's descriptor (-1: none),
 	// handed on with the memory (vring.Region.Fd) to backing devices that
@@ -113,7 +114,11 @@ func (t *dmaTable) exact(addr, size uint64) int {
 // mapped as vring.NewFdRegion would (a duplicate descriptor, a memfd sealed
 // against shrinking, a regular file checked to be long enough), but the
 // server owns the mapping and the descriptor, so that it can let go of the
-// descriptor while the address range must stay reserved (retire).
+// descriptor while the address range must stay reserved (retire), and the
+// mapping has the window's protection: read-only unless the window is
+// writable, so a device write into a read-only window faults (the data
+// path catches faults: vring.CatchFault) instead of changing the client's
+// memory.
 func mapWindow(m DMAMap, fd int) (*mapping, error) {
 	mp := &mapping{addr: m.Address, size: m.Size, flags: m.Flags, fd: -1}
 	if fd < 0 {
@@ -148,7 +153,11 @@ func mapWindow(m DMAMap, fd int) (*mapping, error) {
 		_ = unix.Close(dup)
 		return nil, fail(fmt.Errorf("%w: the file is %d bytes", vring.ErrInvalidRegion, st.Size))
 	}
-	mem, err := unix.Mmap(dup, int64(m.Offset), int(m.Size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	prot := unix.PROT_READ
+	if m.Flags&DMAWritable != 0 {
+		prot |= unix.PROT_WRITE
+	}
+	mem, err := unix.Mmap(dup, int64(m.Offset), int(m.Size), prot, unix.MAP_SHARED)
 	if err != nil {
 		_ = unix.Close(dup)
 		return nil, fail(fmt.Errorf("mmap: %w", err))

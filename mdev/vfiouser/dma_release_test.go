@@ -3,6 +3,7 @@ package vfiouser_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -21,6 +22,7 @@ import (
 	"github.com/vdpakit/vdpakit/vdpa"
 	"github.com/vdpakit/vdpakit/vdpa/softnet"
 	"github.com/vdpakit/vdpakit/virtio"
+	"github.com/vdpakit/vdpakit/vring"
 )
 
 // windowFile returns a memfd of size bytes named name, closed at the end of
@@ -279,4 +281,71 @@ func TestDisconnectResetsADataPathThatCannotStop(t *testing.T) {
 	assert.False(t, srv.Device().DataPathActive())
 	assert.Equal(t, mdev.MigRunning, srv.Device().MigrationState(), "reset: ERROR is left")
 	assert.Zero(t, srv.RetiredWindows())
+}
+
+// mapReadOnly DMA-maps [addr, addr+size) of fd readable but not writable.
+func mapReadOnly(ctx context.Context, c *vfiousertest.Client, addr, size uint64, fd int) error {
+	m := vfiouser.DMAMap{Argsz: vfiouser.DMAMapSize, Flags: vfiouser.DMAReadable, Address: addr, Size: size}
+	_, err := c.Call(ctx, vfiouser.CmdDMAMap, m.Marshal(), []int{fd})
+	return err
+}
+
+// TestReadOnlyWindow: a window the client did not make writable is mapped
+// read-only. The device reads it; a write into it fails (a memory fault,
+// caught) instead of changing the client's memory; a descriptor opened
+// read-only serves such a window (and only such a window). The writable
+// flag used to be ignored: every window was mapped read-write.
+func TestReadOnlyWindow(t *testing.T) {
+	r := newRig(t, nil)
+	ctx := testCtx(t)
+	c := r.dial(t)
+	_, err := c.Negotiate(ctx)
+	require.NoError(t, err)
+	fd := windowFile(t, "vfu-readonly", extraSize)
+	_, err = unix.Pwrite(fd, []byte("client data"), 0)
+	require.NoError(t, err)
+	require.NoError(t, mapReadOnly(ctx, c, extraBase, extraSize, fd))
+	mem := r.srv.Memory()
+	got := make([]byte, 11)
+	require.NoError(t, mem.Read(extraBase, got))
+	assert.Equal(t, "client data", string(got))
+	err = mem.Write(extraBase, []byte("device data"))
+	require.ErrorIs(t, err, vring.ErrMemoryFault)
+	_, err = unix.Pread(fd, got, 0)
+	require.NoError(t, err)
+	assert.Equal(t, "client data", string(got), "the client's memory is unchanged")
+	require.NoError(t, c.DMAUnmap(ctx, extraBase, extraSize))
+
+	ro, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", fd), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	require.NoError(t, err)
+	defer unix.Close(ro)
+	require.NoError(t, mapReadOnly(ctx, c, extraBase, extraSize, ro), "a read-only descriptor for a read-only window")
+	require.NoError(t, mem.Read(extraBase, got))
+	assert.Equal(t, "client data", string(got))
+	require.NoError(t, c.DMAUnmap(ctx, extraBase, extraSize))
+	err = c.DMAMap(ctx, extraBase, extraSize, ro, 0)
+	assert.True(t, vfiousertest.IsErrno(err, unix.EINVAL), "a read-only descriptor for a writable window: %v", err)
+}
+
+// TestRingsInAReadOnlyWindow: a device whose rings the client maps
+// read-only cannot complete anything: its first write into them faults, the
+// data path catches the fault and the device reports DEVICE_NEEDS_RESET,
+// and the process lives on.
+func TestRingsInAReadOnlyWindow(t *testing.T) {
+	r := newRig(t, nil)
+	ctx := testCtx(t)
+	c := r.dial(t)
+	d, err := vfiousertest.NewDriver(ctx, c, nil)
+	require.NoError(t, err)
+	defer d.Close()
+	require.NoError(t, d.SendFrames(frames(4, 6)))
+	require.NoError(t, d.Receive(ctx, 4, nil))
+	require.NoError(t, c.DMAUnmap(ctx, 0, vfiousertest.GuestMemSize))
+	require.NoError(t, mapReadOnly(ctx, c, 0, vfiousertest.GuestMemSize, d.Region.Fd()))
+	require.NoError(t, d.SendFrames(frames(4, 7))) // restarts the data path on read-only rings
+	require.Eventually(t, func() bool {
+		return r.srv.Device().Status()&virtio.StatusDeviceNeedsReset != 0
+	}, 5*time.Second, 10*time.Millisecond, "the device reports its data path broken")
+	tx, _ := softnetCounts(r.sn)
+	assert.Equal(t, uint64(4), tx, "no frame of the read-only rings was completed")
 }

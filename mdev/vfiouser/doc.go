@@ -23,8 +23,13 @@
 //     8), which the device checks. A write to the notification area kicks
 //     the backing device's kick eventfd; the path allocates nothing.
 //
-//   - DMA_MAP / DMA_UNMAP: windows with a descriptor are mapped (memfds are
-//     sealed against shrinking) and become the device's guest memory
+//   - DMA_MAP / DMA_UNMAP: windows with a descriptor are mapped, read-only
+//     unless the client made them writable (a device write into a
+//     read-only window faults, which the data path catches: the device
+//     reports DEVICE_NEEDS_RESET; a backing device that maps guest memory
+//     itself, such as a vhost-user back-end, is handed the descriptor and
+//     maps it as it can), memfds sealed against shrinking, and become the
+//     device's guest memory
 //     (Server.Memory, a vring.Memory whose regions appear on first use);
 //     windows without one are recorded but are not memory the data path
 //     can use. Overlapping maps fail with EEXIST, unmaps must match a map
