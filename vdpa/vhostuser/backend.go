@@ -408,9 +408,28 @@ func (s *session) teardown() {
 	s.b.mu.Unlock()
 }
 
-// replyAck reports whether a REPLY_ACK acknowledgement is due for m.
+// replyAck reports whether a REPLY_ACK acknowledgement (a u64 status) is
+// due for m: NEED_REPLY with REPLY_ACK negotiated, and a request without a
+// reply body of its own (ownReply).
 func (s *session) replyAck(m *Message) bool {
-	return m.NeedReply() && s.proto.Has(PFReplyAck)
+	return m.NeedReply() && s.proto.Has(PFReplyAck) && !ownReply(m.Request)
+}
+
+// ownReply reports whether request r has a reply body of its own. The
+// REPLY_ACK status is due "unless the message already has an explicit
+// reply body": a u64 status sent for these would be read as that body (a
+// status 1 as GET_VRING_BASE's position of queue 1, as one memory slot, as
+// features 0x1). When one of them fails without its reply (bad input, a
+// request this back-end does not serve), the session ends without one.
+// The replies of SET_LOG_BASE, IOTLB_MSG and POSTCOPY_END are a u64 that
+// is non-zero on failure: a status is their own failure form.
+func ownReply(r Request) bool {
+	switch r {
+	case ReqGetFeatures, ReqGetProtocolFeatures, ReqGetVringBase, ReqGetQueueNum, ReqGetConfig,
+		ReqCreateCryptoSession, ReqPostcopyAdvise, ReqGetInflightFd, ReqGetMaxMemSlots, ReqGetStatus:
+		return true
+	}
+	return false
 }
 
 func (s *session) reply(m *Message, payload []byte) error {
@@ -422,7 +441,8 @@ func (s *session) reply(m *Message, payload []byte) error {
 
 // handle validates and serves one message. An error closes the session;
 // before that, a front-end waiting for an acknowledgement gets a failure
-// status so it does not hang.
+// status so it does not hang (a request with a reply body of its own gets
+// none: see ownReply).
 func (s *session) handle(m *Message) error {
 	if s.b.log.Enabled(context.Background(), slog.LevelDebug) {
 		s.b.log.Debug("vhost-user request", "req", m.Request, "flags", uint32(m.Flags), "size", m.Size, "fds", len(m.Fds),
