@@ -329,6 +329,7 @@ type session struct {
 	handlerSet  bool // handler.SetFeatures called since the last reset
 	proto       ProtocolFeatures
 	status      virtio.Status
+	held        bool // SET_STATUS 0 came and no SET_STATUS with DRIVER_OK since: no ring starts (see tryStart)
 	mem         *peerMemory
 	log         *dirty.Bitmap
 	// pending logs the rings' writes while LOG_ALL is negotiated and no
@@ -674,6 +675,11 @@ func (s *session) dispatch(m *Message) (reply []byte, hasReply bool, err error) 
 			return nil, false, err
 		}
 		c, _ := DecodeConfig(m.Payload)
+		// "The vhost-user back-end must check the flags field": a
+		// front-end write (0) or a live migration (1).
+		if c.Flags != ConfigFlagWritable && c.Flags != ConfigFlagMigration {
+			return nil, false, msgErr(r, ErrProtocol, "config write flags %#x (want %d or %d)", c.Flags, ConfigFlagWritable, ConfigFlagMigration)
+		}
 		if uint64(c.Offset)+uint64(len(c.Data)) > uint64(s.h.ConfigSize()) {
 			return nil, false, msgErr(r, ErrProtocol, "config write %d+%d beyond %d", c.Offset, len(c.Data), s.h.ConfigSize())
 		}
@@ -702,13 +708,18 @@ func (s *session) dispatch(m *Message) (reply []byte, hasReply bool, err error) 
 			// GET_VRING_BASE, and resumes with the base it got back.
 			// So status 0 suspends: the rings stop and keep their
 			// positions (as DPDK's vhost library does), nothing is
-			// reset.
+			// reset. The driver's status no longer has DRIVER_OK,
+			// and a virtio device must not use its rings before
+			// DRIVER_OK: no ring starts again (on SET_VRING_ENABLE 1
+			// or a kick) until it is set again, which is how QEMU's
+			// cont and DPDK's start end.
 			s.stopAllRunning()
-			s.status = 0
+			s.status, s.held = 0, true
 			return nil, false, nil
 		}
 		s.status = st
 		if st&virtio.StatusDriverOK != 0 {
+			s.held = false
 			for i := range s.queues {
 				if err := s.tryStart(i); err != nil {
 					return nil, false, err
@@ -895,7 +906,7 @@ func (s *session) reset() {
 	// start before it has. The protocol features are the connection's and
 	// stay (QEMU does not send them again).
 	s.features, s.featuresSet, s.handlerSet = 0, false, false
-	s.status = 0
+	s.status, s.held = 0, false
 }
 
 func (s *session) setMemTable(rs []MemoryRegion, fds []int) error {
@@ -1169,13 +1180,14 @@ func (s *session) layout(i int) (vring.Layout, error) {
 }
 
 // tryStart starts queue i when the spec's conditions hold: kicked (or
-// polling), enabled, sized, addressed, memory mapped, features set.
+// polling), enabled, sized, addressed, memory mapped, features set, and
+// not held by a SET_STATUS 0 without DRIVER_OK since.
 func (s *session) tryStart(i int) error {
 	if s.logFault != nil {
 		return s.logFault // no ring starts with a log that faults
 	}
 	q := &s.queues[i]
-	if q.running || q.broken || !q.kicked || !q.enabled || q.num == 0 || !q.addrSet || s.mem == nil || !s.featuresSet {
+	if q.running || q.broken || s.held || !q.kicked || !q.enabled || q.num == 0 || !q.addrSet || s.mem == nil || !s.featuresSet {
 		return nil
 	}
 	if !s.handlerSet {

@@ -40,7 +40,11 @@
 //     stop, the stop-and-copy of every migration) sends SET_STATUS 0 and
 //     then GET_VRING_BASE, so status 0 is a stop, not a reset: the device
 //     (negotiated features, MAC, filters) is kept, as DPDK's net_vhost
-//     does. SET_VRING_ENABLE 1 or SET_STATUS DRIVER_OK resumes.
+//     does. SET_VRING_ENABLE 1 resumes a ring SET_VRING_ENABLE 0
+//     suspended. After SET_STATUS 0 only SET_STATUS with DRIVER_OK does
+//     (a virtio device uses no ring before DRIVER_OK): no ring starts on
+//     SET_VRING_ENABLE 1 or a kick until then. QEMU's cont and DPDK's
+//     start end with that SET_STATUS.
 //   - Receive before transmit: QEMU disables and stops a device's rings in
 //     index order, receiveq k (SET_VRING_ENABLE 0, GET_VRING_BASE) before
 //     transmitq k, while the guest may still be transmitting. The
