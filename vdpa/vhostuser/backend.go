@@ -886,8 +886,7 @@ func (s *session) reset() {
 		// the reset would check the next SET_VRING_BASE of a packed ring
 		// against the old size. Every ring is disabled, as rings are
 		// initialized: SET_VRING_ENABLE 1, or a SET_FEATURES without
-		// PROTOCOL_FEATURES, enables it again (QEMU sends
-		// SET_VRING_ENABLE 1 right after its RESET_DEVICE). The kick and
+		// PROTOCOL_FEATURES, enables it again. The kick and
 		// call eventfds stay: they belong to the connection's setup, and
 		// a ring starts only on a new SET_VRING_KICK anyway.
 		q := &s.queues[i]

@@ -62,9 +62,10 @@
 //     forgotten, handler reset, kick needed again): RESET_DEVICE, and
 //     RESET_OWNER, which also gives up ownership (as the kernel's
 //     VHOST_RESET_OWNER and DPDK's vhost library do). A ring starts again
-//     once the front-end has sent SET_FEATURES and enabled it (QEMU sends
-//     SET_VRING_ENABLE 1 right after its RESET_DEVICE, and SET_FEATURES
-//     before the rings). A GET_VRING_BASE after either answers 0.
+//     once the front-end has sent SET_FEATURES and enabled it, as a
+//     front-end starting a device does (QEMU's virtio-net does not send
+//     RESET_DEVICE; its vhost-user-scsi does, and starts again with
+//     SET_FEATURES and the rings). A GET_VRING_BASE after either answers 0.
 //   - Restart (position kept): a change a running ring cannot absorb (a new
 //     call or kick descriptor, new addresses, LOG_ALL toggled, a new memory
 //     table or log, SET_FEATURES) stops every running ring, highest index
