@@ -349,3 +349,44 @@ func TestRingsInAReadOnlyWindow(t *testing.T) {
 	tx, _ := softnetCounts(r.sn)
 	assert.Equal(t, uint64(4), tx, "no frame of the read-only rings was completed")
 }
+
+// TestRetiredWindowsOutliveUnmapsWithoutMemory: while the data path cannot
+// be stopped (ERROR after a failed stop), the ranges of retired windows
+// stay reserved across a DMA_UNMAP that releases no memory (a window
+// without a descriptor, as QEMU maps pc.bios and pc.rom) and an UNMAP_ALL
+// on an empty table. Those used to count as "the data path stopped" and
+// unmapped the retired ranges under workers still holding slices into
+// them, free for a later mmap to reuse.
+func TestRetiredWindowsOutliveUnmapsWithoutMemory(t *testing.T) {
+	b, srv, path := stubbornRig(t)
+	ctx := testCtx(t)
+	c := dialPath(t, path)
+	d, err := vfiousertest.NewDriver(ctx, c, nil)
+	require.NoError(t, err)
+	defer d.Close()
+	b.stuck.Store(true)
+	require.Error(t, c.SetMigState(ctx, uint32(mdev.MigStop)), "the stop fails")
+	require.True(t, srv.Device().DataPathActive())
+
+	extra := windowFile(t, "vfu-window-retired", extraSize)
+	require.NoError(t, c.DMAMap(ctx, extraBase, extraSize, extra, 0))
+	require.NoError(t, c.DMAUnmap(ctx, extraBase, extraSize))
+	require.Equal(t, 1, srv.RetiredWindows())
+
+	const romBase = 0x2_0000_0000
+	require.NoError(t, c.DMAMap(ctx, romBase, extraSize, -1, 0))
+	require.NoError(t, c.DMAUnmap(ctx, romBase, extraSize))
+	assert.Equal(t, 1, srv.RetiredWindows(), "a window without memory released the retired ranges")
+
+	_, err = c.Call(ctx, vfiouser.CmdDMAUnmap, vfiouser.DMAUnmap{Argsz: vfiouser.DMAUnmapSize, Flags: vfiouser.UnmapAll}.Marshal(), nil)
+	require.NoError(t, err)
+	require.True(t, srv.Device().DataPathActive())
+	require.Equal(t, 2, srv.RetiredWindows(), "guest memory retired too")
+	_, err = c.Call(ctx, vfiouser.CmdDMAUnmap, vfiouser.DMAUnmap{Argsz: vfiouser.DMAUnmapSize, Flags: vfiouser.UnmapAll}.Marshal(), nil)
+	require.NoError(t, err)
+	assert.Equal(t, 2, srv.RetiredWindows(), "UNMAP_ALL on an empty table released the retired ranges")
+
+	b.stuck.Store(false)
+	require.NoError(t, c.Reset(ctx))
+	assert.Zero(t, srv.RetiredWindows())
+}

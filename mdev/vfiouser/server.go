@@ -361,8 +361,15 @@ func (s *Server) dropWindows(match func(*mapping) bool, mode dropMode) error {
 	}
 	s.mu.Unlock()
 	stopped := true
-	if mapped > 0 && mode != dropClosing {
+	switch {
+	case mode == dropClosing:
+	case mapped > 0:
 		stopped = s.pause()
+	default:
+		// Nothing mapped goes (a window without a descriptor, UNMAP_ALL
+		// on an empty table), but the retired ranges are unmapped below
+		// when stopped: only if the data path no longer runs.
+		stopped = !s.dev.DataPathActive()
 	}
 	if !stopped && mode == dropSession {
 		s.log.Warn("vfio-user: the data path cannot be stopped (migration state ERROR, or live in a stopped state): resetting the device to release guest memory")
