@@ -1127,8 +1127,14 @@ func (d *Device) reset() {
 	}
 	d.live = false
 	d.resetRegisters()
-	for _, k := range d.kicks {
-		_, _ = k.TryWait()
+	if err == nil || errors.Is(err, vdpa.ErrClosed) {
+		// Stale kicks go. Not under a backing device that refused its
+		// reset: its workers may be blocked reading the kick eventfds,
+		// and a read here would wait for them (for ever, on an idle
+		// queue).
+		for _, k := range d.kicks {
+			_, _ = k.TryWait()
+		}
 	}
 	d.settleReset(err)
 }

@@ -150,13 +150,14 @@ func TestDMAUnmapReleasesInEveryMigrationState(t *testing.T) {
 // data path then goes on.
 type stubbornBacking struct {
 	*vdpa.Local
-	stuck atomic.Bool
+	stuck     atomic.Bool
+	noSuspend atomic.Bool // Suspend alone fails
 }
 
 var errStuck = errors.New("test: the backing device does not stop")
 
 func (b *stubbornBacking) Suspend() error {
-	if b.stuck.Load() {
+	if b.stuck.Load() || b.noSuspend.Load() {
 		return errStuck
 	}
 	return b.Local.Suspend()
@@ -208,9 +209,10 @@ func dialPath(t *testing.T, path string) *vfiousertest.Client {
 // then still releases the client's descriptor and file before it replies
 // (the pages under the data path become anonymous memory, whose address
 // range waits for the data path to stop), at most maxRetired (64) times:
-// beyond that the unmap is refused with EBUSY and the window stays as it
-// was. Once the data path stops (DEVICE_RESET), the ranges are released
-// and the refused unmap succeeds.
+// beyond that the server resets the device, which stops the data path and
+// releases everything, and the unmap succeeds. It used to be refused with
+// EBUSY, which QEMU only logs; its next map of the range then failed with
+// EEXIST, and QEMU aborts on that.
 func TestDMAUnmapUnderADataPathThatCannotStop(t *testing.T) {
 	b, srv, path := stubbornRig(t)
 	ctx := testCtx(t)
@@ -238,24 +240,77 @@ func TestDMAUnmapUnderADataPathThatCannotStop(t *testing.T) {
 		require.LessOrEqual(t, fdCount(t), before, "round %d: the client's descriptor is closed", round)
 	}
 	require.Equal(t, limit, srv.RetiredWindows())
-	require.NoError(t, c.DMAMap(ctx, extraBase, extraSize, extra, 0))
-	err = c.DMAUnmap(ctx, extraBase, extraSize)
-	require.True(t, vfiousertest.IsErrno(err, unix.EBUSY), "%v", err)
-	assert.Equal(t, 1, mappings(t, name), "a refused unmap leaves the window as it was")
-	err = c.DMAMap(ctx, extraBase, extraSize, extra, 0)
-	require.True(t, vfiousertest.IsErrno(err, unix.EEXIST), "the window is still there: %v", err)
-	_, err = c.Call(ctx, vfiouser.CmdDMAUnmap, vfiouser.DMAUnmap{Argsz: vfiouser.DMAUnmapSize, Flags: vfiouser.UnmapAll}.Marshal(), nil)
-	require.True(t, vfiousertest.IsErrno(err, unix.EBUSY), "%v", err)
 
-	// A reset stops the data path: the held ranges go, and the window can
-	// be unmapped at once.
+	// One more: the device is reset, which stops the data path; the held
+	// ranges go, and so does the window.
 	b.stuck.Store(false)
-	require.NoError(t, c.Reset(ctx))
-	require.False(t, srv.Device().DataPathActive())
-	assert.Zero(t, srv.RetiredWindows())
-	require.NoError(t, c.DMAUnmap(ctx, extraBase, extraSize))
+	require.NoError(t, c.DMAMap(ctx, extraBase, extraSize, extra, 0))
+	require.NoError(t, c.DMAUnmap(ctx, extraBase, extraSize), "the unmap beyond the limit succeeds")
 	assert.Zero(t, mappings(t, name))
 	assert.LessOrEqual(t, fdCount(t), before)
+	assert.False(t, srv.Device().DataPathActive())
+	assert.Zero(t, srv.RetiredWindows())
+	st, err = c.MigState(ctx)
+	require.NoError(t, err)
+	assert.Equal(t, uint32(mdev.MigRunning), st, "reset: ERROR is left")
+	require.NoError(t, c.DMAMap(ctx, extraBase, extraSize, extra, 0), "QEMU's next map of the range")
+	require.NoError(t, c.DMAUnmap(ctx, extraBase, extraSize))
+}
+
+// TestDMAUnmapBeyondTheLimitUnderAStuckReset: a backing device that refuses
+// its reset too cannot be stopped at all; an unmap beyond maxRetired is
+// still not refused (QEMU aborts on the consequences): the window is
+// retired past the limit.
+func TestDMAUnmapBeyondTheLimitUnderAStuckReset(t *testing.T) {
+	b, srv, path := stubbornRig(t)
+	ctx := testCtx(t)
+	c := dialPath(t, path)
+	d, err := vfiousertest.NewDriver(ctx, c, nil)
+	require.NoError(t, err)
+	defer d.Close()
+	b.stuck.Store(true)
+	require.Error(t, c.SetMigState(ctx, uint32(mdev.MigStop)), "the stop fails")
+	const name = "vfu-window-stuck-reset"
+	extra := windowFile(t, name, extraSize)
+	for round := 0; round < 65; round++ {
+		require.NoError(t, c.DMAMap(ctx, extraBase, extraSize, extra, 0))
+		require.NoError(t, c.DMAUnmap(ctx, extraBase, extraSize), "round %d", round)
+		require.Zero(t, mappings(t, name), "round %d", round)
+	}
+	require.True(t, srv.Device().DataPathActive(), "the reset failed")
+	assert.Equal(t, 65, srv.RetiredWindows())
+	require.NoError(t, c.DMAMap(ctx, extraBase, extraSize, extra, 0), "QEMU's next map of the range")
+	b.stuck.Store(false)
+	require.NoError(t, c.Reset(ctx))
+	assert.Zero(t, srv.RetiredWindows())
+}
+
+// TestDMAUnmapWhenTheServersStopFails: when the server's own stop of a
+// running data path for a memory change fails (the device enters ERROR
+// with its data path live), the server resets the device instead of
+// retiring the window: the unmap succeeds with everything released, and
+// nothing stays reserved. The window used to be retired, and the data
+// path left running in ERROR.
+func TestDMAUnmapWhenTheServersStopFails(t *testing.T) {
+	b, srv, path := stubbornRig(t)
+	ctx := testCtx(t)
+	c := dialPath(t, path)
+	d, err := vfiousertest.NewDriver(ctx, c, nil)
+	require.NoError(t, err)
+	defer d.Close()
+	require.NoError(t, d.SendFrames(frames(4, 1)))
+	require.NoError(t, d.Receive(ctx, 4, nil))
+	const name = "vfu-window-pause-fails"
+	extra := windowFile(t, name, extraSize)
+	require.NoError(t, c.DMAMap(ctx, extraBase, extraSize, extra, 0))
+	b.noSuspend.Store(true) // the stop fails, the reset works
+	require.NoError(t, c.DMAUnmap(ctx, extraBase, extraSize))
+	assert.Zero(t, mappings(t, name))
+	assert.Zero(t, srv.RetiredWindows(), "nothing is left reserved")
+	assert.False(t, srv.Device().DataPathActive(), "the device was reset")
+	st, err := c.MigState(ctx)
+	require.NoError(t, err)
+	assert.Equal(t, uint32(mdev.MigRunning), st)
 }
 
 // TestDisconnectResetsADataPathThatCannotStop: a client that leaves while

@@ -39,11 +39,13 @@
 //     states), the server stops it through mdev's migration state machine
 //     (-> STOP records every ring position) and restarts it afterwards;
 //     that pause is the server's own: the client keeps seeing the
-//     migration state it set. A data path that cannot be stopped that way
-//     (ERROR after a failed stop, or live in a stopped state) gets the
-//     window's pages replaced by anonymous memory, whose address range is
-//     unmapped once the data path stops; after 64 such windows, unmaps
-//     fail with EBUSY until then.
+//     migration state it set. When the server's stop fails, the server
+//     resets the device. A data path that was already impossible to stop
+//     that way (ERROR, or live in a stopped state) gets the window's pages
+//     replaced by anonymous memory, whose address range is unmapped once
+//     the data path stops; the 65th such window resets the device instead.
+//     Unmaps are not refused (QEMU treats the EEXIST of its next
+//     overlapping map as fatal).
 //
 //   - DEVICE_GET_IRQ_INFO / DEVICE_SET_IRQS: INTx (1, maskable, automasked),
 //     MSI-X (one vector per queue plus one for configuration changes); MSI

@@ -314,8 +314,11 @@ func (s *Server) ServeConn(ctx context.Context, conn *net.UnixConn) error {
 }
 
 // maxRetired bounds the windows retired while the data path could not be
-// stopped (mapping.retire): a further DMA_UNMAP of a window with memory is
-// refused with EBUSY (ErrBusy) until the data path stops.
+// stopped (mapping.retire): a DMA_UNMAP that would retire more resets the
+// device instead, which stops the data path. The unmap is not refused:
+// QEMU only logs a failed unmap, and its next map of an overlapping range
+// then fails with EEXIST, which it treats as fatal. Only a backing device
+// that refuses its reset too gets more windows retired.
 const maxRetired = 64
 
 // How dropWindows may release windows under a data path it cannot stop.
@@ -323,7 +326,8 @@ type dropMode int
 
 const (
 	// dropUnmap: DMA_UNMAP. Windows are retired, within maxRetired;
-	// beyond it the unmap is refused.
+	// beyond it, or when the server's own stop failed, the device is
+	// reset.
 	dropUnmap dropMode = iota
 	// dropSession: the client disconnected. The device is reset if its
 	// data path cannot be stopped otherwise, so that nothing is deferred.
@@ -343,7 +347,8 @@ func (s *Server) dropAll(mode dropMode) {
 // requires. A data path that may touch them is stopped first (pause); one
 // that cannot be stopped through the migration state machine (ERROR, or
 // live in a stopped state) gets them retired (mapping.retire), within
-// maxRetired.
+// maxRetired; beyond it, when the stop failed, and when the client left,
+// the device is reset to stop its data path.
 func (s *Server) dropWindows(match func(*mapping) bool, mode dropMode) error {
 	s.sessMu.Lock()
 	if s.closed {
@@ -360,24 +365,26 @@ func (s *Server) dropWindows(match func(*mapping) bool, mode dropMode) error {
 		}
 	}
 	s.mu.Unlock()
-	stopped := true
+	stopped, failed := true, false
 	switch {
 	case mode == dropClosing:
 	case mapped > 0:
-		stopped = s.pause()
+		stopped, failed = s.pause()
 	default:
 		// Nothing mapped goes (a window without a descriptor, UNMAP_ALL
 		// on an empty table), but the retired ranges are unmapped below
 		// when stopped: only if the data path no longer runs.
 		stopped = !s.dev.DataPathActive()
 	}
-	if !stopped && mode == dropSession {
-		s.log.Warn("vfio-user: the data path cannot be stopped (migration state ERROR, or live in a stopped state): resetting the device to release guest memory")
+	full := int(s.retired.Load())+mapped > maxRetired
+	if !stopped && (mode == dropSession || failed || full) {
+		s.log.Warn("vfio-user: the data path cannot be stopped (migration state ERROR, or live in a stopped state): resetting the device to release guest memory",
+			"stop_failed", failed, "retired", s.retired.Load())
 		s.reset()
 		stopped = !s.dev.DataPathActive()
-	}
-	if !stopped && mode == dropUnmap && int(s.retired.Load())+mapped > maxRetired {
-		return perr(CmdDMAUnmap, ErrBusy, "the data path cannot be stopped and %d unmapped windows wait for it to stop", s.retired.Load())
+		if !stopped && full {
+			s.log.Warn("vfio-user: the backing device refuses its reset: unmapped windows stay reserved beyond the limit", "retired", s.retired.Load())
+		}
 	}
 	s.mu.Lock()
 	var gone []*mapping
@@ -457,24 +464,26 @@ func runningState(st mdev.MigState) bool {
 // every queue's position) so that guest memory can change under it; the
 // client keeps seeing the state it set (clientState), and resume restarts
 // the data path once memory is mapped again. A data path that is live in
-// ERROR or in a stopped state cannot be stopped that way.
-func (s *Server) pause() bool {
+// ERROR or in a stopped state cannot be stopped that way. failed reports
+// that pause tried to stop it and failed (the device is in ERROR now).
+func (s *Server) pause() (stopped, failed bool) {
 	if !s.dev.DataPathActive() {
-		return true
+		return true, false
 	}
 	s.migMu.Lock()
 	defer s.migMu.Unlock()
 	st := s.dev.MigrationState()
 	if !runningState(st) {
-		return false
+		return false, false
 	}
 	if err := s.dev.SetMigrationState(mdev.MigStop); err != nil {
 		// The device is in ERROR now, which the client sees.
 		s.log.Warn("vfio-user: stopping the data path for a memory change failed", "err", err)
-		return !s.dev.DataPathActive()
+		stopped = !s.dev.DataPathActive()
+		return stopped, !stopped
 	}
 	s.mig.paused, s.mig.client = true, st
-	return !s.dev.DataPathActive()
+	return !s.dev.DataPathActive(), false
 }
 
 // resume restarts a data path pause stopped, in the state the client set,
