@@ -993,7 +993,14 @@ func (d *Device) setStatus(v virtio.Status) {
 		d.status |= virtio.StatusFailed
 		d.stopRelay()
 		if d.live || d.negotiated {
-			_ = d.bk.SetStatus(0)
+			if err := d.bk.SetStatus(0); err != nil && !errors.Is(err, vdpa.ErrClosed) {
+				// The backing device may still be processing the
+				// rings: as with a refused guest reset, the reset
+				// stays pending (DataPathActive) and status reads
+				// retry it.
+				d.resetPending = true
+				d.lastErr = backingErr("reset", err)
+			}
 		}
 		d.live, d.negotiated = false, false
 		set &^= virtio.StatusFailed
@@ -1161,6 +1168,10 @@ func (d *Device) retryReset() {
 		return
 	}
 	d.resetPending = false
-	d.status = 0
+	if d.status&virtio.StatusFailed == 0 {
+		// A guest reset completes; a driver that set FAILED keeps
+		// seeing it.
+		d.status = 0
+	}
 	d.lastErr = nil
 }

@@ -143,3 +143,38 @@ func TestFailedNegotiationResetsBacking(t *testing.T) {
 		})
 	}
 }
+
+// TestFailedWaitsForBackingReset: a driver that sets FAILED stops the data
+// path by resetting the backing device; when that reset is refused, the
+// backing device may still be processing the rings, so DataPathActive
+// stays true (the VMM must not unmap guest memory yet) until a status
+// read's retry succeeds. The refusal used to be ignored and the data path
+// reported stopped at once.
+func TestFailedWaitsForBackingReset(t *testing.T) {
+	resetOp := fmt.Sprintf("SetStatus(%s)", virtio.Status(0))
+	full := virtio.StatusAcknowledge | virtio.StatusDriver | virtio.StatusFeaturesOK | virtio.StatusDriverOK
+	f := newFakeBacking()
+	d := newTestDevice(t, f, nil)
+	g := driver{t, d}
+	g.bringUp(netFeatures)
+	require.True(t, d.DataPathActive())
+
+	f.mu.Lock()
+	f.failOn[resetOp] = true
+	f.mu.Unlock()
+	g.setStatus(full | virtio.StatusFailed)
+	assert.True(t, d.DataPathActive(), "data path reported stopped while the backing device runs")
+	assert.ErrorIs(t, d.Err(), errInjected)
+	assert.NotZero(t, g.status()&virtio.StatusFailed)
+	assert.True(t, d.DataPathActive(), "a failed retry keeps it pending")
+
+	f.mu.Lock()
+	delete(f.failOn, resetOp)
+	f.mu.Unlock()
+	assert.Equal(t, full|virtio.StatusFailed, g.status(), "a status read retries the backing reset; FAILED stays")
+	assert.False(t, d.DataPathActive())
+	assert.NoError(t, d.Err())
+	f.mu.Lock()
+	assert.Equal(t, virtio.Status(0), f.status)
+	f.mu.Unlock()
+}
