@@ -34,6 +34,12 @@ type RegionOptions struct {
 	// an unsealed memfd it maps (see NewFdRegion); Region.Sealed then
 	// reports only a seal the file already had.
 	NoSeal bool
+	// ReadOnly records, for NewRegion, that the wrapped memory is mapped
+	// without write permission (a DMA window the VMM made readable only):
+	// backing devices that map guest memory themselves map the region
+	// read-only (vhost-vdpa would otherwise pin it for writing, which
+	// fails). Region.ReadOnly reports it.
+	ReadOnly bool
 }
 
 // Region is one contiguous range of guest memory backed by host bytes.
@@ -48,6 +54,7 @@ type Region struct {
 	hostAddr HostAddr
 	owned    bool // mem is our mapping and fd our descriptor: Close releases them
 	sealed   bool // the backing file cannot shrink (F_SEAL_SHRINK)
+	readOnly bool // the memory is mapped without write permission
 	closed   atomic.Bool
 }
 
@@ -69,6 +76,7 @@ func NewRegion(base GuestAddr, mem []byte, opts *RegionOptions) (*Region, error)
 		}
 		r.userAddr = opts.UserAddr
 		r.sealed = opts.Sealed
+		r.readOnly = opts.ReadOnly
 	}
 	if r.userAddr == 0 {
 		r.userAddr = r.hostAddr
@@ -109,6 +117,11 @@ func (r *Region) UserAddr() HostAddr { return r.userAddr }
 // file at any time; accesses to the lost pages then fault (see CatchFault
 // and ErrMemoryFault).
 func (r *Region) Sealed() bool { return r.sealed }
+
+// ReadOnly reports whether the region's memory is mapped without write
+// permission (RegionOptions.ReadOnly): the device may read it but not
+// write it.
+func (r *Region) ReadOnly() bool { return r.readOnly }
 
 func (r *Region) String() string {
 	return fmt.Sprintf("region[%v..%v) size %#x fd %d", r.base, r.base+GuestAddr(len(r.mem)), len(r.mem), r.fd)

@@ -364,6 +364,15 @@ func TestReadOnlyWindow(t *testing.T) {
 	got := make([]byte, 11)
 	require.NoError(t, mem.Read(extraBase, got))
 	assert.Equal(t, "client data", string(got))
+	// Backing devices that map guest memory themselves (vhost-vdpa) learn
+	// that the window is read-only.
+	var readOnly []bool
+	for _, rg := range mem.Regions() {
+		if rg.Base() == extraBase {
+			readOnly = append(readOnly, rg.ReadOnly())
+		}
+	}
+	assert.Equal(t, []bool{true}, readOnly, "the window's region is read-only")
 	err = mem.Write(extraBase, []byte("device data"))
 	require.ErrorIs(t, err, vring.ErrMemoryFault)
 	_, err = unix.Pread(fd, got, 0)

@@ -207,7 +207,7 @@ func (s *Server) fault(addr vring.GuestAddr, n uint64) (*vring.Region, error) {
 		return nil, fmt.Errorf("%w: %v is in a window without a descriptor", ErrNotMapped, addr)
 	}
 	return vring.NewRegion(toGuest(m.addr), m.mem, &vring.RegionOptions{
-		Fd: m.fd, FdOffset: m.fdOffset, Sealed: m.sealed})
+		Fd: m.fd, FdOffset: m.fdOffset, Sealed: m.sealed, ReadOnly: m.flags&DMAWritable == 0})
 }
 
 // live reports whether the backing device may be touching guest memory.

@@ -208,7 +208,8 @@ func (d *Device) Mappings() []Mapping {
 func (d *Device) SetMemory(mem *vring.Memory) error { return d.MapMemory(0, mem) }
 
 // MapMemory maps every region of mem into address space asid at its guest
-// address (IOVA = Region.Base, user address = Region.HostAddr, read-write),
+// address (IOVA = Region.Base, user address = Region.HostAddr, read-write,
+// or read-only for a Region.ReadOnly region),
 // replacing the memory an earlier MapMemory put there. Regions must be
 // shared and file-backed (ErrMemoryNotShared otherwise). The Device keeps
 // mem to check the ring layouts of the queues whose group is bound to asid
@@ -223,7 +224,14 @@ func (d *Device) MapMemory(asid uint32, mem *vring.Memory) error {
 		if r.Fd() < 0 {
 			return fmt.Errorf("%w: %v", ErrMemoryNotShared, r)
 		}
-		ms = append(ms, Mapping{ASID: asid, IOVA: r.Base(), Size: r.Size(), UAddr: r.HostAddr(), Perm: PermRW})
+		perm := PermRW
+		if r.ReadOnly() {
+			// The kernel pins a PermRW range for writing, which fails on
+			// memory this process mapped read-only, and with it the
+			// whole memory table.
+			perm = PermRO
+		}
+		ms = append(ms, Mapping{ASID: asid, IOVA: r.Base(), Size: r.Size(), UAddr: r.HostAddr(), Perm: perm})
 	}
 	for _, m := range ms {
 		if err := d.validate(m); err != nil {

@@ -247,3 +247,34 @@ func TestPackedQueueBaseImpossible(t *testing.T) {
 		})
 	}
 }
+
+// A region mapped read-only in this process (a DMA window the VMM made
+// readable only) is mapped PermRO: the kernel pins a PermRW range for
+// writing, which fails on such memory and with it the whole memory table.
+// Every region used to be mapped PermRW.
+func TestReadOnlyRegionIsMappedReadOnly(t *testing.T) {
+	d := fakeDevice(t, BackendIOTLBMsgV2.Bit())
+	fd, err := unix.MemfdCreate("ro-region", unix.MFD_CLOEXEC)
+	require.NoError(t, err)
+	defer unix.Close(fd)
+	require.NoError(t, unix.Ftruncate(fd, 0x2000))
+	ro, err := unix.Mmap(fd, 0, 0x1000, unix.PROT_READ, unix.MAP_SHARED)
+	require.NoError(t, err)
+	defer unix.Munmap(ro)
+	rw, err := unix.Mmap(fd, 0x1000, 0x1000, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	require.NoError(t, err)
+	defer unix.Munmap(rw)
+	r1, err := vring.NewRegion(0x10000, ro, &vring.RegionOptions{Fd: fd, ReadOnly: true})
+	require.NoError(t, err)
+	r2, err := vring.NewRegion(0x20000, rw, &vring.RegionOptions{Fd: fd, FdOffset: 0x1000})
+	require.NoError(t, err)
+	mem, err := vring.NewMemory(r1, r2)
+	require.NoError(t, err)
+	defer mem.Close()
+	require.NoError(t, d.SetMemory(mem))
+	perms := map[uint64]Perm{}
+	for _, m := range d.Mappings() {
+		perms[uint64(m.IOVA)] = m.Perm
+	}
+	assert.Equal(t, map[uint64]Perm{0x10000: PermRO, 0x20000: PermRW}, perms)
+}
