@@ -454,3 +454,38 @@ func TestRetiredWindowsOutliveUnmapsWithoutMemory(t *testing.T) {
 	require.NoError(t, c.Reset(ctx))
 	assert.Zero(t, srv.RetiredWindows())
 }
+
+// TestNextClientDoesNotResumeThePreviousRings: a client that leaves while
+// the device runs gets its data path stopped (to release its memory). The
+// next client's memory is not the previous client's: its first messages
+// (here a config read and SET_IRQS) must not restart the previous rings at
+// their old positions in it. They used to (the server's pause was resumed
+// as soon as any memory was mapped); the device now stays in STOP until
+// the client restarts or resets it.
+func TestNextClientDoesNotResumeThePreviousRings(t *testing.T) {
+	r := newRig(t, nil)
+	ctx := testCtx(t)
+	c := r.dial(t)
+	d, err := vfiousertest.NewDriver(ctx, c, nil)
+	require.NoError(t, err)
+	defer d.Close()
+	require.NoError(t, d.SendFrames(frames(4, 1)))
+	require.NoError(t, d.Receive(ctx, 4, nil))
+	require.NoError(t, c.Close())
+	require.Eventually(t, func() bool { return !r.srv.Device().DataPathActive() }, 5*time.Second, 10*time.Millisecond)
+
+	c2 := r.dial(t)
+	_, err = c2.Negotiate(ctx)
+	require.NoError(t, err)
+	mem := windowFile(t, "vfu-next-client", vfiousertest.GuestMemSize)
+	require.NoError(t, c2.DMAMap(ctx, 0, vfiousertest.GuestMemSize, mem, 0))
+	_, err = c2.ReadN(ctx, vfiouser.RegionConfig, 0, 4)
+	require.NoError(t, err)
+	require.NoError(t, c2.SetIRQs(ctx, vfiouser.IRQIntx, vfiouser.IRQSetActionUnmask|vfiouser.IRQSetDataNone, 0, 1))
+	assert.False(t, r.srv.Device().DataPathActive(), "the previous client's rings run in the new client's memory")
+	st, err := c2.MigState(ctx)
+	require.NoError(t, err)
+	assert.Equal(t, uint32(mdev.MigStop), st)
+	require.NoError(t, c2.Reset(ctx))
+	assert.False(t, r.srv.Device().DataPathActive())
+}

@@ -273,7 +273,9 @@ func (s *Server) Serve(ctx context.Context, ln *net.UnixListener) error {
 // ServeConn serves one client connection until it closes, breaks the
 // protocol beyond recovery or ctx is cancelled. On return every DMA window
 // is unmapped and every interrupt eventfd of the client is closed; the
-// device keeps its state (vfio-user.rst "Client Disconnection"), unless its
+// device keeps its state (vfio-user.rst "Client Disconnection"; a running
+// data path stopped to release guest memory stays stopped, in STOP, until
+// the next client restarts or resets it), unless its
 // data path could not be stopped otherwise to release guest memory (ERROR
 // after a failed stop): it is reset then. It closes conn.
 func (s *Server) ServeConn(ctx context.Context, conn *net.UnixConn) error {
@@ -304,6 +306,13 @@ func (s *Server) ServeConn(ctx context.Context, conn *net.UnixConn) error {
 		s.sessMu.Unlock()
 		s.dropAll(dropSession)
 		s.dropIRQs()
+		// A pause for the memory this client took away ends with it:
+		// resume would restart the rings at their old positions in the
+		// next client's memory. The device stays in STOP, which the
+		// next client sees; it restarts it (-> RUNNING) or resets it.
+		s.migMu.Lock()
+		s.mig.paused = false
+		s.migMu.Unlock()
 	}()
 	ss := &session{s: s, conn: conn}
 	err := ss.run()

@@ -248,8 +248,10 @@ func TestDisconnectKeepsDeviceStateAndReconnects(t *testing.T) {
 	require.Eventually(t, func() bool { return len(r.srv.Memory().Regions()) == 0 }, 5*time.Second, 10*time.Millisecond)
 	assert.NotZero(t, r.srv.Device().Status()&0x04, "device state kept across the disconnect")
 
-	// A new client re-establishes memory and interrupts and the data path
-	// continues where it was.
+	// A new client re-establishes memory and interrupts and, as the data
+	// path was stopped (STOP) when the first client left, restarts it: it
+	// continues where it was. The server cannot tell the new client's
+	// memory is the same, so it does not restart it by itself.
 	c2 := r.dial(t)
 	_, err = c2.Negotiate(ctx)
 	require.NoError(t, err)
@@ -259,6 +261,10 @@ func TestDisconnectKeepsDeviceStateAndReconnects(t *testing.T) {
 		fds = append(fds, d.IRQ(v).Fd())
 	}
 	require.NoError(t, c2.SetIRQEventfds(ctx, vfiouser.IRQMSIX, 0, 3, fds))
+	st, err := c2.MigState(ctx)
+	require.NoError(t, err)
+	require.Equal(t, uint32(mdev.MigStop), st)
+	require.NoError(t, c2.SetMigState(ctx, uint32(mdev.MigRunning)))
 	d.C = c2
 	require.NoError(t, d.SendFrames(frames(4, 2)))
 	require.NoError(t, d.Receive(ctx, 8, nil))

@@ -173,7 +173,7 @@ func (ss *session) handle(h Header, p []byte) ([]byte, error) {
 	}
 	switch h.Command {
 	case CmdRegionRead, CmdRegionWrite, CmdRegionWriteMulti, CmdDeviceSetIRQs, CmdDeviceReset:
-		ss.s.resume() // after a reconnect: the client has mapped memory again
+		ss.s.resume() // after an unmap: the client has mapped memory again
 	}
 	switch h.Command {
 	case CmdVersion:
