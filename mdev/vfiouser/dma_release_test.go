@@ -194,6 +194,18 @@ func stubbornRig(t *testing.T) (*stubbornBacking, *vfiouser.Server, string) {
 	return b, srv, path
 }
 
+// stubbornSession is stubbornRig with a client connected and a driver
+// that has brought the device up, closed when the test ends.
+func stubbornSession(t *testing.T) (*stubbornBacking, *vfiouser.Server, context.Context, *vfiousertest.Client, *vfiousertest.Driver) {
+	b, srv, path := stubbornRig(t)
+	ctx := testCtx(t)
+	c := dialPath(t, path)
+	d, err := vfiousertest.NewDriver(ctx, c, nil)
+	require.NoError(t, err)
+	t.Cleanup(func() { d.Close() })
+	return b, srv, ctx, c, d
+}
+
 func dialPath(t *testing.T, path string) *vfiousertest.Client {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -214,12 +226,7 @@ func dialPath(t *testing.T, path string) *vfiousertest.Client {
 // EBUSY, which QEMU only logs; its next map of the range then failed with
 // EEXIST, and QEMU aborts on that.
 func TestDMAUnmapUnderADataPathThatCannotStop(t *testing.T) {
-	b, srv, path := stubbornRig(t)
-	ctx := testCtx(t)
-	c := dialPath(t, path)
-	d, err := vfiousertest.NewDriver(ctx, c, nil)
-	require.NoError(t, err)
-	defer d.Close()
+	b, srv, ctx, c, d := stubbornSession(t)
 	require.NoError(t, d.SendFrames(frames(4, 1)))
 	require.NoError(t, d.Receive(ctx, 4, nil))
 	b.stuck.Store(true)
@@ -262,12 +269,7 @@ func TestDMAUnmapUnderADataPathThatCannotStop(t *testing.T) {
 // still not refused (QEMU aborts on the consequences): the window is
 // retired past the limit.
 func TestDMAUnmapBeyondTheLimitUnderAStuckReset(t *testing.T) {
-	b, srv, path := stubbornRig(t)
-	ctx := testCtx(t)
-	c := dialPath(t, path)
-	d, err := vfiousertest.NewDriver(ctx, c, nil)
-	require.NoError(t, err)
-	defer d.Close()
+	b, srv, ctx, c, _ := stubbornSession(t)
 	b.stuck.Store(true)
 	require.Error(t, c.SetMigState(ctx, uint32(mdev.MigStop)), "the stop fails")
 	const name = "vfu-window-stuck-reset"
@@ -292,12 +294,7 @@ func TestDMAUnmapBeyondTheLimitUnderAStuckReset(t *testing.T) {
 // nothing stays reserved. The window used to be retired, and the data
 // path left running in ERROR.
 func TestDMAUnmapWhenTheServersStopFails(t *testing.T) {
-	b, srv, path := stubbornRig(t)
-	ctx := testCtx(t)
-	c := dialPath(t, path)
-	d, err := vfiousertest.NewDriver(ctx, c, nil)
-	require.NoError(t, err)
-	defer d.Close()
+	b, srv, ctx, c, d := stubbornSession(t)
 	require.NoError(t, d.SendFrames(frames(4, 1)))
 	require.NoError(t, d.Receive(ctx, 4, nil))
 	const name = "vfu-window-pause-fails"
@@ -319,12 +316,7 @@ func TestDMAUnmapWhenTheServersStopFails(t *testing.T) {
 // server resets the device, which stops the data path, and unmaps guest
 // memory.
 func TestDisconnectResetsADataPathThatCannotStop(t *testing.T) {
-	b, srv, path := stubbornRig(t)
-	ctx := testCtx(t)
-	c := dialPath(t, path)
-	d, err := vfiousertest.NewDriver(ctx, c, nil)
-	require.NoError(t, err)
-	defer d.Close()
+	b, srv, ctx, c, _ := stubbornSession(t)
 	served := mappings(t, guestMemName)
 	b.stuck.Store(true)
 	require.Error(t, c.SetMigState(ctx, uint32(mdev.MigStop)))
@@ -422,12 +414,7 @@ func TestRingsInAReadOnlyWindow(t *testing.T) {
 // unmapped the retired ranges under workers still holding slices into
 // them, free for a later mmap to reuse.
 func TestRetiredWindowsOutliveUnmapsWithoutMemory(t *testing.T) {
-	b, srv, path := stubbornRig(t)
-	ctx := testCtx(t)
-	c := dialPath(t, path)
-	d, err := vfiousertest.NewDriver(ctx, c, nil)
-	require.NoError(t, err)
-	defer d.Close()
+	b, srv, ctx, c, _ := stubbornSession(t)
 	b.stuck.Store(true)
 	require.Error(t, c.SetMigState(ctx, uint32(mdev.MigStop)), "the stop fails")
 	require.True(t, srv.Device().DataPathActive())
@@ -442,7 +429,7 @@ func TestRetiredWindowsOutliveUnmapsWithoutMemory(t *testing.T) {
 	require.NoError(t, c.DMAUnmap(ctx, romBase, extraSize))
 	assert.Equal(t, 1, srv.RetiredWindows(), "a window without memory released the retired ranges")
 
-	_, err = c.Call(ctx, vfiouser.CmdDMAUnmap, vfiouser.DMAUnmap{Argsz: vfiouser.DMAUnmapSize, Flags: vfiouser.UnmapAll}.Marshal(), nil)
+	_, err := c.Call(ctx, vfiouser.CmdDMAUnmap, vfiouser.DMAUnmap{Argsz: vfiouser.DMAUnmapSize, Flags: vfiouser.UnmapAll}.Marshal(), nil)
 	require.NoError(t, err)
 	require.True(t, srv.Device().DataPathActive())
 	require.Equal(t, 2, srv.RetiredWindows(), "guest memory retired too")
