@@ -181,10 +181,13 @@ func TestPauseKeepsTheClientMigrationState(t *testing.T) {
 	clientSees(mdev.MigRunning)
 
 	// Touching the device restarts the data path; the next unmap stops it
-	// again.
+	// again. The restart runs on the session goroutine, within the posted
+	// doorbell write: the frames can be back before the device's state
+	// reads RUNNING, so a round trip (served after that write) comes first.
 	mapGuest()
 	require.NoError(t, d.SendFrames(fs[10:20]))
 	require.NoError(t, d.Receive(ctx, 20, nil))
+	clientSees(mdev.MigRunning)
 	assert.Equal(t, mdev.MigRunning, dev.MigrationState())
 	unmapGuest()
 	assert.Equal(t, mdev.MigStop, dev.MigrationState(), "the data path was stopped before the rings were unmapped")
