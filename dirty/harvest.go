@@ -248,8 +248,12 @@ func geometryMismatch(op string, src, dst *Bitmap) error {
 // Union ORs every bit of src into b (atomically, word by word), leaving src
 // unchanged. It is also how a consumer that failed to process a harvest puts
 // the harvested bits back into the live log, so that none is lost:
-// log.Union(harvested). src must have b's page size and cover no more pages
-// than b.
+// log.Union(harvested). src must have b's page size. It may cover more
+// pages than b as long as none of those is marked (a pending log sized for
+// a memory table, merged into a smaller log that covers every page written);
+// a mark past b's pages is rejected with a *GeometryError before anything
+// is merged. Union reads only the parts of a shared src that were ever
+// written, and allocates nothing.
 func (b *Bitmap) Union(src *Bitmap) error {
 	if err := b.checkOpen(); err != nil {
 		return err
@@ -257,15 +261,21 @@ func (b *Bitmap) Union(src *Bitmap) error {
 	if err := src.checkOpen(); err != nil {
 		return err
 	}
-	if src.shift != b.shift || src.pages > b.pages {
+	if src.shift != b.shift {
 		return geometryMismatch("union", src, b)
 	}
 	if src == b {
 		return nil
 	}
-	n := len(src.words)
-	last := src.lastMask()
-	for lo, hi := src.dataWords(0); lo < hi; lo, hi = src.dataWords(hi) {
+	n, last := len(src.words), src.lastMask()
+	if src.pages > b.pages {
+		if src.anyFrom(b.pages) {
+			return &GeometryError{Op: "union", Reason: "source marks pages past the destination's span"}
+		}
+		n, last = len(b.words), b.lastMask()
+	}
+	for lo, hi := src.dataWords(0); lo < n && lo < hi; lo, hi = src.dataWords(hi) {
+		hi = min(hi, n)
 		for i := lo; i < hi; i++ {
 			w := atomic.LoadUint64(&src.words[i])
 			if i == n-1 {
@@ -277,6 +287,27 @@ func (b *Bitmap) Union(src *Bitmap) error {
 		}
 	}
 	return nil
+}
+
+// anyFrom reports whether a page at or past first (and below NumPages) is
+// marked, reading only the written parts of a shared bitmap.
+func (b *Bitmap) anyFrom(first uint64) bool {
+	if first >= b.pages {
+		return false
+	}
+	start := int(first / 64)
+	for lo, hi := b.dataWords(start); lo < hi; lo, hi = b.dataWords(hi) {
+		for i := lo; i < hi; i++ {
+			w := b.word(i) // masked to NumPages in the last word
+			if i == start {
+				w &^= 1<<(first%64) - 1
+			}
+			if w != 0 {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // UnionWords ORs words in integer form (bit b of src[w] is page 64w+b, as

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"math"
 	"os"
+	"slices"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -452,7 +453,11 @@ func TestGeometryMismatch(t *testing.T) {
 	require.ErrorIs(t, err, dirty.ErrGeometry)
 	_, err = src.HarvestWords(make([]uint64, src.Words()-1))
 	require.ErrorIs(t, err, dirty.ErrGeometry)
+	require.NoError(t, src.Mark(200*dirty.DefaultPageSize, 1)) // past small's 128 pages
 	require.ErrorIs(t, small.Union(src), dirty.ErrGeometry)
+	assert.Empty(t, collect(small), "a refused union merges nothing")
+	require.NoError(t, src.Clear())
+	require.NoError(t, src.Mark(0, 1))
 	require.ErrorIs(t, src.Union(big2M), dirty.ErrGeometry)
 	require.ErrorIs(t, src.UnionWords(make([]uint64, src.Words()+1)), dirty.ErrGeometry)
 	assert.Equal(t, []uint64{0}, collect(src), "failed operations leave the source alone")
@@ -464,6 +469,55 @@ func TestGeometryMismatch(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, uint64(1), n)
 	assert.Equal(t, []uint64{0}, collect(big))
+}
+
+// TestUnionFromLargerSource: a source may cover more pages than the
+// destination when none of those is marked (a pending log sized for a
+// memory table, merged into a log that covers every page written); a mark
+// past the destination's pages refuses the union before anything is merged.
+// Table rows cover a destination ending mid-word and on a word boundary,
+// private and shared sources.
+func TestUnionFromLargerSource(t *testing.T) {
+	const pg = dirty.DefaultPageSize
+	for _, tc := range []struct {
+		name      string
+		dstPages  uint64
+		srcPages  uint64
+		shared    bool
+		marks     []uint64 // pages marked in the source
+		wantError bool
+	}{
+		{"clean excess, destination mid-word", 100, 1000, false, []uint64{0, 63, 64, 99}, false},
+		{"clean excess, destination on a word boundary", 128, 1 << 16, false, []uint64{1, 127}, false},
+		{"clean excess, shared source", 100, 1 << 20, true, []uint64{5, 99}, false},
+		{"mark just past a destination ending mid-word", 100, 1000, false, []uint64{3, 100}, true},
+		{"mark just past a word-boundary destination", 128, 1000, false, []uint64{3, 128}, true},
+		{"mark far past, shared source", 100, 1 << 20, true, []uint64{3, 1<<20 - 1}, true},
+		{"equal sizes", 100, 100, false, []uint64{0, 99}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dst := mustNew(t, tc.dstPages*pg)
+			defer dst.Close()
+			src, err := dirty.New(tc.srcPages*pg, &dirty.Options{Shared: tc.shared})
+			require.NoError(t, err)
+			defer src.Close()
+			require.NoError(t, dst.Mark(50*pg, 1))
+			for _, p := range tc.marks {
+				require.NoError(t, src.Mark(p*pg, 1))
+			}
+			err = dst.Union(src)
+			if tc.wantError {
+				require.ErrorIs(t, err, dirty.ErrGeometry)
+				assert.Equal(t, []uint64{50}, collect(dst), "a refused union merges nothing")
+			} else {
+				require.NoError(t, err)
+				want := append([]uint64{50}, tc.marks...)
+				slices.Sort(want)
+				assert.Equal(t, slices.Compact(want), collect(dst))
+			}
+			assert.Equal(t, tc.marks, collect(src), "the source is left as it was")
+		})
+	}
 }
 
 // TestSlackBits checks that bits past NumPages in the last word (a peer

@@ -992,7 +992,10 @@ func (s *session) ringLog() (*dirty.Bitmap, error) {
 	if s.pending != nil && s.pending.Span() >= span {
 		return s.pending, nil
 	}
-	bm, err := dirty.New(span, nil)
+	// Shared: a memfd whose holes the merge and the scans skip, so a
+	// memory table with a region at a high address costs what the rings
+	// write, not the span.
+	bm, err := dirty.New(span, &dirty.Options{Shared: true})
 	if err != nil {
 		return nil, msgErr(ReqSetFeatures, ErrProtocol, "pending dirty log for %#x bytes of guest memory: %v", span, err)
 	}
@@ -1024,31 +1027,24 @@ func (s *session) memSpan() uint64 {
 
 // mergePending ORs the pending bitmap into the front-end's log and drops
 // it. Every running ring is stopped (setLog stopped them), so no write
-// lands in the pending bitmap after the merge.
+// lands in the pending bitmap after the merge. The pending bitmap is a
+// sparse memfd: the merge reads only what the rings wrote, and copies
+// nothing, however large the memory table made it.
 func (s *session) mergePending() error {
 	if s.pending == nil {
 		return nil
 	}
 	defer s.dropPending()
 	n := s.pending.Count()
-	words := make([]uint64, s.pending.Words())
-	if _, err := s.pending.HarvestWords(words); err != nil {
-		return msgErr(ReqSetLogBase, ErrProtocol, "reading the pending dirty log: %v", err)
-	}
-	if w := s.log.Words(); len(words) > w {
-		for _, x := range words[w:] {
-			if x != 0 {
-				return msgErr(ReqSetLogBase, ErrProtocol,
-					"log of %#x bytes does not cover pages the rings wrote before it arrived", s.log.Span())
-			}
-		}
-		words = words[:w]
-	}
 	// The log is the front-end's file: a front-end that truncates it
 	// makes the writes fault (see flushLog).
-	if err := vring.Guard(func() error { return s.log.UnionWords(words) }); err != nil {
-		if errors.Is(err, vring.ErrMemoryFault) {
+	if err := vring.Guard(func() error { return s.log.Union(s.pending) }); err != nil {
+		switch {
+		case errors.Is(err, vring.ErrMemoryFault):
 			return msgErr(ReqSetLogBase, ErrBadRegion, "merging the pending dirty log: log no longer backed by its file: %w", err)
+		case errors.Is(err, dirty.ErrGeometry):
+			return msgErr(ReqSetLogBase, ErrProtocol,
+				"log of %#x bytes does not cover pages the rings wrote before it arrived: %v", s.log.Span(), err)
 		}
 		return msgErr(ReqSetLogBase, ErrProtocol, "merging the pending dirty log: %v", err)
 	}

@@ -6,6 +6,10 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -70,8 +74,8 @@ func newTestDriver(t *testing.T, uc *net.UnixConn, want virtio.Features) *testDr
 
 // newTestDriverOn connects a front-end over uc, negotiates want, hands it
 // guest memory made of reg (which must start at 0x100000 and hold 4 MiB) and
-// sets up the two driver rings at the start of it.
-func newTestDriverOn(t *testing.T, uc *net.UnixConn, want virtio.Features, reg *vring.Region) *testDriver {
+// the extra regions, and sets up the two driver rings at the start of reg.
+func newTestDriverOn(t *testing.T, uc *net.UnixConn, want virtio.Features, reg *vring.Region, extra ...*vring.Region) *testDriver {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -80,7 +84,7 @@ func newTestDriverOn(t *testing.T, uc *net.UnixConn, want virtio.Features, reg *
 	t.Cleanup(func() { fe.Close() })
 	d := &testDriver{t: t, fe: fe}
 
-	d.mem, err = vring.NewMemory(reg)
+	d.mem, err = vring.NewMemory(append([]*vring.Region{reg}, extra...)...)
 	require.NoError(t, err)
 	t.Cleanup(func() { d.mem.Close() })
 
@@ -378,6 +382,93 @@ func TestBackendDirtyLogBeforeLogBase(t *testing.T) {
 			})
 		})
 	}
+}
+
+// TestBackendPendingLogForAFarRegion: a memory table with a region at a
+// high guest address makes the pending dirty log (LOG_ALL before
+// SET_LOG_BASE) span all of it: 512 MiB of bitmap for a region at 16 TiB.
+// Merging it into the front-end's log must cost what the rings wrote, not
+// the span: it used to copy the whole bitmap into a fresh slice first (an
+// allocation of the span's size, a quarter of RAM at the cap, for any
+// front-end to ask for). A log that does not reach the pages the rings
+// wrote is refused; one that covers them need not cover the far region.
+func TestBackendPendingLogForAFarRegion(t *testing.T) {
+	const farGPA = 1 << 44
+	const pendingBytes = farGPA / dirty.DefaultPageSize / 8
+	if dirty.MemoryLimit() < 2*pendingBytes {
+		t.Skipf("this machine's dirty.MemoryLimit (%d bytes) is below twice the test's pending log", dirty.MemoryLimit())
+	}
+	page := func(a vring.GuestAddr) uint64 { return uint64(a) / dirty.DefaultPageSize }
+	for _, tc := range []struct {
+		name    string
+		logSpan uint64
+		wantErr bool
+	}{
+		{"log covering low memory only", 8 << 20, false},
+		{"log ending below the pages written", 0x100000, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := vhostusertest.New(vhostusertest.Loopback, [6]byte{})
+			_, uc, done := startBackend(t, h, nil)
+			reg, err := vring.NewMemfdRegion(0x100000, 4<<20, nil)
+			require.NoError(t, err)
+			far, err := vring.NewMemfdRegion(farGPA, 1<<20, nil)
+			require.NoError(t, err)
+			d := newTestDriverOn(t, uc, h.Features().With(virtio.FLogAll), reg, far)
+			require.True(t, d.features.Has(virtio.FLogAll))
+			d.startQueue(0)
+			d.startQueue(1)
+			rx := d.postRx(1)
+			d.send(make([]byte, 100))
+			d.reclaim(1, 1)
+			d.reclaim(0, 1)
+
+			bm, err := dirty.New(tc.logSpan, &dirty.Options{Shared: true})
+			require.NoError(t, err)
+			t.Cleanup(func() { bm.Close() })
+			var before, after runtime.MemStats
+			runtime.ReadMemStats(&before)
+			rss0 := vmRSS(t)
+			err = d.fe.SetLog(bm)
+			runtime.ReadMemStats(&after)
+			assert.Less(t, after.TotalAlloc-before.TotalAlloc, uint64(16<<20), "bytes allocated by SET_LOG_BASE's merge")
+			assert.Less(t, int64(vmRSS(t))-int64(rss0), int64(64<<20), "resident memory added by SET_LOG_BASE's merge")
+			if tc.wantErr {
+				require.Error(t, err)
+				select {
+				case serr := <-done:
+					require.ErrorIs(t, serr, ErrProtocol)
+					assert.Contains(t, serr.Error(), "does not cover pages the rings wrote")
+				case <-time.After(10 * time.Second):
+					t.Fatal("the session did not end")
+				}
+				return
+			}
+			require.NoError(t, err)
+			assert.True(t, bm.PageDirty(page(rx[0])), "rx buffer written before SET_LOG_BASE")
+			used := d.layouts[0].Used
+			if d.features.Has(virtio.FRingPacked) {
+				used = d.layouts[0].Desc // a packed ring's used descriptors
+			}
+			assert.True(t, bm.PageDirty(page(used)), "rx used ring")
+		})
+	}
+}
+
+// vmRSS is the process's resident memory in bytes.
+func vmRSS(t *testing.T) uint64 {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/status")
+	require.NoError(t, err)
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
+			kb, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+			require.NoError(t, err)
+			return kb << 10
+		}
+	}
+	t.Fatal("no VmRSS in /proc/self/status")
+	return 0
 }
 
 // TestBackendReconnect: the back-end in client mode reconnects after the
