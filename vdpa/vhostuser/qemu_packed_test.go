@@ -22,7 +22,7 @@ import (
 // the device's.
 func TestQEMUPackedPing(t *testing.T) {
 	forEachQEMU(t, func(t *testing.T, q qemuPeer, helper string) {
-		testQEMUVirtioNetPingWith(t, q, helper, true)
+		testQEMUVirtioNetPingWith(t, q, helper, pingVariant{packed: true})
 	})
 }
 

@@ -289,6 +289,8 @@ type rigOptions struct {
 	pollGroup *softnet.PollGroup
 	// logHook is installed as the Backend's logHook.
 	logHook func(queue int, l vring.WriteLogger) vring.WriteLogger
+	// offload offers softnet's checksum and segmentation offloads.
+	offload bool
 }
 
 func startQEMURig(t *testing.T, ctx context.Context, dir string) *qemuRig {
@@ -311,7 +313,7 @@ func startRig(t *testing.T, ctx context.Context, dir string, o rigOptions) *qemu
 	// FrontendCtrl: QEMU runs the control queue itself and passes MQ and
 	// CTRL_RX/CTRL_MAC_ADDR/CTRL_VLAN on without CTRL_VQ.
 	opts := softnet.Options{MAC: [6]byte(hw), Handler: resp, MaxQueueSize: 1024,
-		MaxQueuePairs: uint16(o.pairs), FrontendCtrl: true}
+		MaxQueuePairs: uint16(o.pairs), FrontendCtrl: true, Offload: o.offload}
 	if o.pollGroup != nil {
 		opts.Mode, opts.PollGroup = softnet.ModePoll, o.pollGroup
 	}
@@ -549,6 +551,8 @@ type qemuConfig struct {
 	paused    bool
 	reconnect bool // redial a lost back-end (qemuPeer.reconnect)
 	packed    bool // virtio-net-pci,packed=on: offer the guest packed rings
+	// devProps are more virtio-net-pci properties ("mrg_rxbuf=off,...").
+	devProps string
 }
 
 func startQEMUPeer(t *testing.T, q qemuPeer, c qemuConfig) *qemuVM {
@@ -589,6 +593,9 @@ func startQEMUPeer(t *testing.T, q qemuPeer, c qemuConfig) *qemuVM {
 	device := "virtio-net-pci,netdev=net0,mac=" + qemuGuestMAC + ",romfile="
 	if c.packed {
 		device += ",packed=on"
+	}
+	if c.devProps != "" {
+		device += "," + c.devProps
 	}
 	if c.pairs > 1 {
 		netdev += ",queues=" + strconv.Itoa(c.pairs)
@@ -749,21 +756,57 @@ func TestQEMUVirtioNetPing(t *testing.T) {
 }
 
 func testQEMUVirtioNetPing(t *testing.T, q qemuPeer, helper string) {
-	testQEMUVirtioNetPingWith(t, q, helper, false)
+	testQEMUVirtioNetPingWith(t, q, helper, pingVariant{})
 }
 
-// testQEMUVirtioNetPingWith is testQEMUVirtioNetPing with the device
-// offering packed rings to the guest (packed=on) or not; with packed, the
-// guest driver and the back-end must both have negotiated RING_PACKED.
-func testQEMUVirtioNetPingWith(t *testing.T, q qemuPeer, helper string, packed bool) {
+// pingVariant is a TestQEMUVirtioNetPing configuration.
+type pingVariant struct {
+	packed  bool   // virtio-net-pci,packed=on
+	offload bool   // the device offers softnet's offloads
+	props   string // more virtio-net-pci properties
+}
+
+// TestQEMUFeatureVariants is TestQEMUVirtioNetPing with the device
+// features and virtio-net-pci properties that change how the guest driver
+// uses the rings: offloads negotiated, with mergeable receive buffers or
+// without (the driver's "big packets" mode: one chain of 19 descriptors per
+// receive buffer, indirect, or direct with indirect_desc=off), small
+// receive buffers (no MRG_RXBUF and no guest offloads), and no EVENT_IDX
+// (notifications by the flags alone). Every variant runs to the same
+// checks: every echo answered, counters equal on both sides, and the
+// features the guest driver negotiated are the back-end's.
+func TestQEMUFeatureVariants(t *testing.T) {
+	for _, v := range []struct {
+		name string
+		pingVariant
+	}{
+		{"offloads-mergeable", pingVariant{offload: true}},
+		{"offloads-big-packets-indirect", pingVariant{offload: true, props: "mrg_rxbuf=off"}},
+		{"offloads-big-packets-direct-no-event-idx", pingVariant{offload: true, props: "mrg_rxbuf=off,indirect_desc=off,event_idx=off"}},
+		{"small-buffers", pingVariant{props: "mrg_rxbuf=off"}},
+		{"packed-offloads-big-packets", pingVariant{packed: true, offload: true, props: "mrg_rxbuf=off"}},
+	} {
+		t.Run(v.name, func(t *testing.T) {
+			forEachQEMU(t, func(t *testing.T, q qemuPeer, helper string) {
+				testQEMUVirtioNetPingWith(t, q, helper, v.pingVariant)
+			})
+		})
+	}
+}
+
+// testQEMUVirtioNetPingWith is testQEMUVirtioNetPing in variant v; with
+// packed, the guest driver and the back-end must both have negotiated
+// RING_PACKED.
+func testQEMUVirtioNetPingWith(t *testing.T, q qemuPeer, helper string, v pingVariant) {
+	packed := v.packed
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	dir := t.TempDir()
 	start := time.Now()
 	g := buildGuest(t, ctx, helper, dir, "ping")
 	t.Logf("guest image ready in %v", time.Since(start).Round(time.Millisecond))
-	rig := startQEMURig(t, ctx, dir)
-	vm := startQEMUPeer(t, q, qemuConfig{guest: g, sock: rig.sock, timeout: 150 * time.Second, packed: packed})
+	rig := startRig(t, ctx, dir, rigOptions{offload: v.offload})
+	vm := startQEMUPeer(t, q, qemuConfig{guest: g, sock: rig.sock, timeout: 150 * time.Second, packed: packed, devProps: v.props})
 
 	require.NoError(t, vm.wait(ctx), "QEMU (exit status 124: timed out)")
 	t.Logf("QEMU ran %v", time.Since(start).Round(time.Millisecond))
@@ -826,6 +869,12 @@ func testQEMUVirtioNetPingWith(t *testing.T, q qemuPeer, helper string, packed b
 	assert.Equal(t, packed, info.Features.Has(virtio.FRingPacked), "back-end got RING_PACKED")
 	for _, f := range []virtio.Feature{virtio.FEventIdx, virtio.FIndirectDesc, virtio.NetFMrgRxbuf, virtio.FRingPacked} {
 		assert.Equal(t, gf.Has(f), dev.Has(f), "%v: guest driver and back-end agree", f)
+	}
+	// The variant's features are the ones negotiated.
+	assert.Equal(t, v.offload, gf.Has(virtio.NetFGuestTSO4) && dev.Has(virtio.NetFGuestTSO4), "guest TSO negotiated with the offloads offered")
+	assert.Equal(t, v.offload, gf.Has(virtio.NetFCsum) && dev.Has(virtio.NetFCsum), "CSUM negotiated with the offloads offered")
+	for prop, f := range map[string]virtio.Feature{"mrg_rxbuf=off": virtio.NetFMrgRxbuf, "event_idx=off": virtio.FEventIdx, "indirect_desc=off": virtio.FIndirectDesc} {
+		assert.Equal(t, !strings.Contains(v.props, prop), gf.Has(f), "%v with device properties %q", f, v.props)
 	}
 	assert.True(t, info.ProtocolFeatures.Has(PFReplyAck), "protocol features %v", info.ProtocolFeatures)
 	assert.Equal(t, 1, info.Sessions)
