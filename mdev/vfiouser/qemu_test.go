@@ -213,15 +213,25 @@ type qemuRig struct {
 }
 
 func startServer(t *testing.T, ctx context.Context, sock string, pairs int) *qemuRig {
-	return startServerBacking(t, ctx, sock, pairs, false, false)
+	return startServerBacking(t, ctx, sock, pairs, backingOpts{})
 }
 
-// startServerBacking is startServer with, when vhostUser is set, the
-// software device behind a vhost-user back-end the server reaches through
-// vhostuser.Frontend. The device offers VIRTIO_F_RING_PACKED (the software
-// device does, so the guest's virtio_pci runs packed rings) unless split is
-// set.
-func startServerBacking(t *testing.T, ctx context.Context, sock string, pairs int, vhostUser, split bool) *qemuRig {
+// backingOpts configure startServerBacking's device.
+type backingOpts struct {
+	// vhostUser puts the software device behind a vhost-user back-end the
+	// server reaches through vhostuser.Frontend.
+	vhostUser bool
+	// split masks VIRTIO_F_RING_PACKED: the software device offers it, and
+	// the guest's virtio_pci then runs packed rings.
+	split bool
+	// offload offers softnet's checksum and segmentation offloads.
+	offload bool
+	// mask removes more features from the device's offer.
+	mask virtio.Features
+}
+
+// startServerBacking is startServer with the device o describes.
+func startServerBacking(t *testing.T, ctx context.Context, sock string, pairs int, o backingOpts) *qemuRig {
 	t.Helper()
 	r := &qemuRig{}
 	resp, err := softnet.NewResponder([6]byte{0x02, 0, 0, 0, 0, 0x02}, netip.MustParseAddr(qPeerIP))
@@ -231,7 +241,7 @@ func startServerBacking(t *testing.T, ctx context.Context, sock string, pairs in
 	copy(m[:], mac)
 	// Behind vhost-user the control queue stays out of the data path (as
 	// QEMU's own vhost-user front-end keeps it): no CTRL_VQ.
-	sn, err := softnet.New(&softnet.Options{MAC: m, MTU: qMTU, MaxQueuePairs: uint16(pairs), Handler: resp, NoCtrlVQ: vhostUser,
+	sn, err := softnet.New(&softnet.Options{MAC: m, MTU: qMTU, MaxQueuePairs: uint16(pairs), Handler: resp, NoCtrlVQ: o.vhostUser, Offload: o.offload,
 		OnConfigChange: func() {
 			if r.srv != nil {
 				r.srv.Device().ConfigChanged()
@@ -241,7 +251,7 @@ func startServerBacking(t *testing.T, ctx context.Context, sock string, pairs in
 	r.sn = sn
 	var backing vdpa.Device
 	kind := "software"
-	if vhostUser {
+	if o.vhostUser {
 		backing, kind = vhostUserFrontend(t, sn), "vhost-user"
 	} else {
 		l := vdpa.NewLocal(sn, nil)
@@ -253,8 +263,11 @@ func startServerBacking(t *testing.T, ctx context.Context, sock string, pairs in
 		log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
 	devOpts := mdev.Options{Backend: kind}
-	if split {
-		devOpts.Features = ^virtio.FRingPacked.Bit()
+	if mask := o.mask; o.split || mask != 0 {
+		if o.split {
+			mask |= virtio.FRingPacked.Bit()
+		}
+		devOpts.Features = ^mask
 	}
 	r.srv, err = vfiouser.New(backing, &vfiouser.Options{Device: devOpts, Logger: log})
 	require.NoError(t, err)
@@ -302,18 +315,26 @@ func checkCounts(t *testing.T, v *vm, r *qemuRig, which string, base [2]uint64) 
 func TestQEMUMSIXConfigSpaceAndLink(t *testing.T) {
 	qemu, helper := requireQEMU11(t)
 	for _, tc := range []struct {
-		name  string
-		split bool
-	}{{"split", true}, {"packed", false}} {
-		t.Run(tc.name, func(t *testing.T) { qemuMSIXConfigSpaceAndLink(t, qemu, helper, tc.split) })
+		name string
+		o    backingOpts
+	}{
+		{"split", backingOpts{split: true}},
+		{"packed", backingOpts{}},
+		// The guest driver's "big packets" receive chains (offloads
+		// without MRG_RXBUF), and packed rings with the offloads.
+		{"split-offloads-big-packets", backingOpts{split: true, offload: true, mask: virtio.NetFMrgRxbuf.Bit()}},
+		{"packed-offloads", backingOpts{offload: true}},
+	} {
+		t.Run(tc.name, func(t *testing.T) { qemuMSIXConfigSpaceAndLink(t, qemu, helper, tc.o) })
 	}
 }
 
-func qemuMSIXConfigSpaceAndLink(t *testing.T, qemu, helper string, split bool) {
+func qemuMSIXConfigSpaceAndLink(t *testing.T, qemu, helper string, o backingOpts) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	sock := filepath.Join(t.TempDir(), "vfu.sock")
-	r := startServerBacking(t, ctx, sock, 1, false, split)
+	split := o.split
+	r := startServerBacking(t, ctx, sock, 1, o)
 	v := bootQEMU(t, ctx, qemu, helper, sock, "link", false)
 
 	iface, err := v.wait(ctx, "IFACE", 1)
@@ -331,6 +352,16 @@ func qemuMSIXConfigSpaceAndLink(t *testing.T, qemu, helper string, split bool) {
 	require.Greater(t, len(guestFeatures), int(virtio.FRingPacked), "features %q", guestFeatures)
 	assert.Equal(t, !split, guestFeatures[virtio.FRingPacked] == '1', "guest RING_PACKED: features %s", guestFeatures)
 	assert.Equal(t, !split, r.srv.Device().DriverFeatures().Has(virtio.FRingPacked))
+	for _, c := range []struct {
+		f    virtio.Feature
+		want bool
+	}{
+		{virtio.NetFCsum, o.offload}, {virtio.NetFGuestTSO4, o.offload},
+		{virtio.NetFMrgRxbuf, !o.mask.Has(virtio.NetFMrgRxbuf)},
+	} {
+		assert.Equal(t, c.want, guestFeatures[c.f] == '1', "guest %v: features %s", c.f, guestFeatures)
+		assert.Equal(t, c.want, r.srv.Device().DriverFeatures().Has(c.f), "device %v", c.f)
+	}
 	assert.Equal(t, uint64(qMTU), f["mtu"], "the configured MTU")
 
 	// The configuration space as the guest reads it from sysfs.
@@ -438,7 +469,7 @@ func TestQEMUVhostUserBacking(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	sock := filepath.Join(t.TempDir(), "vfu.sock")
-	r := startServerBacking(t, ctx, sock, 1, true, false)
+	r := startServerBacking(t, ctx, sock, 1, backingOpts{vhostUser: true})
 	v := bootQEMU(t, ctx, qemu, helper, sock, "rebind", false)
 	rebindCounts(t, ctx, v, r)
 	// The device offered RING_PACKED (the vhost-user back-end does): the
