@@ -80,37 +80,51 @@ func (h *Harness) peerRingtest(ctx context.Context) {
 	// time) with the library publishing per chain, and ring (no virtio
 	// layout: the cross-core limit) with the library batching.
 	batchN := max(1, maxInt(h.cfg.Batches))
+	// A packed ring, batched, is compared with ring too: its layout is
+	// ring's (descriptors the two sides hand back and forth in place).
 	pairs := []struct {
-		prog  string
-		batch int
-	}{{"virtio_ring_0_9", 1}, {"ring", batchN}}
+		prog   string
+		batch  int
+		packed bool
+	}{{"virtio_ring_0_9", 1, false}, {"ring", batchN, false}, {"ring", batchN, true}}
+	libName := func(batch int, packed bool) string {
+		if packed {
+			return fmt.Sprintf("vdpakit cross-thread packed, batch %d", batch)
+		}
+		return fmt.Sprintf("vdpakit cross-thread, batch %d", batch)
+	}
 	kernel := map[string][]float64{}
-	lib := map[int][]float64{}
+	lib := map[string][]float64{}
 	var libErr error
 	for r := 0; r < h.cfg.PeerRounds && ctx.Err() == nil; r++ {
-		for _, pr := range pairs {
-			h.prog.Step("peers: round %d/%d kernel ringtest %s, %d chains", r+1, h.cfg.PeerRounds, pr.prog, n)
-			el, err := runRingtest(ctx, filepath.Join(dir, pr.prog), args)
-			if err != nil {
-				h.fail(suite, "kernel ringtest "+pr.prog, base, err)
-				return
+		for i, pr := range pairs {
+			// ring runs once a round; both of its library partners are
+			// paired with that run.
+			if i == 0 || pairs[i-1].prog != pr.prog {
+				h.prog.Step("peers: round %d/%d kernel ringtest %s, %d chains", r+1, h.cfg.PeerRounds, pr.prog, n)
+				el, err := runRingtest(ctx, filepath.Join(dir, pr.prog), args)
+				if err != nil {
+					h.fail(suite, "kernel ringtest "+pr.prog, base, err)
+					return
+				}
+				kernel[pr.prog] = append(kernel[pr.prog], mppsOf(n, el))
 			}
-			kernel[pr.prog] = append(kernel[pr.prog], mppsOf(n, el))
 			if libErr != nil {
 				continue
 			}
-			h.prog.Step("peers: round %d/%d vdpakit cross-thread batch %d, %d chains", r+1, h.cfg.PeerRounds, pr.batch, n)
-			el, err = libCrossThread(ctx, crossOptions{
+			name := libName(pr.batch, pr.packed)
+			h.prog.Step("peers: round %d/%d %s, %d chains", r+1, h.cfg.PeerRounds, name, n)
+			el, err := libCrossThread(ctx, crossOptions{
 				RingSize: h.cfg.RingSize, Descs: 1, Batch: pr.batch, Chains: n,
-				HostCPU: h.cfg.HostCPU, GuestCPU: h.cfg.GuestCPU,
+				HostCPU: h.cfg.HostCPU, GuestCPU: h.cfg.GuestCPU, Packed: pr.packed,
 			})
 			if err != nil {
 				libErr = err
 				continue
 			}
-			// Round r of the kernel program and of its library partner
+			// Round r of the kernel program and of its library partners
 			// are sample r of each side: one pair per round.
-			lib[pr.batch] = append(lib[pr.batch], mppsOf(n, el))
+			lib[name] = append(lib[name], mppsOf(n, el))
 		}
 	}
 	params := func(extra map[string]any) map[string]any {
@@ -123,25 +137,32 @@ func (h *Harness) peerRingtest(ctx context.Context) {
 		}
 		return p
 	}
-	for _, pr := range pairs {
-		ks := spreadOf(kernel[pr.prog])
-		h.add(Result{Suite: suite, Name: "kernel ringtest " + pr.prog,
-			Params:  params(map[string]any{"batch": 1, "program": pr.prog, "samples_mpps": kernel[pr.prog]}),
-			Metrics: []Metric{spreadMetric("mpps", "Mpps", ks)},
-			Note:    "C, busy-polling, one thread per CPU"})
-		name := fmt.Sprintf("vdpakit cross-thread, batch %d", pr.batch)
+	for i, pr := range pairs {
+		if i == 0 || pairs[i-1].prog != pr.prog {
+			ks := spreadOf(kernel[pr.prog])
+			h.add(Result{Suite: suite, Name: "kernel ringtest " + pr.prog,
+				Params:  params(map[string]any{"batch": 1, "program": pr.prog, "samples_mpps": kernel[pr.prog]}),
+				Metrics: []Metric{spreadMetric("mpps", "Mpps", ks)},
+				Note:    "C, busy-polling, one thread per CPU"})
+		}
+		name := libName(pr.batch, pr.packed)
+		format := map[bool]string{false: "split", true: "packed"}[pr.packed]
 		if libErr != nil {
-			h.skip(suite, name, params(map[string]any{"batch": pr.batch}), libErr.Error())
+			h.skip(suite, name, params(map[string]any{"batch": pr.batch, "format": format}), libErr.Error())
 			continue
 		}
-		c := Compare(lib[pr.batch], kernel[pr.prog])
-		h.add(Result{Suite: suite, Name: name, Params: params(map[string]any{"batch": pr.batch, "descs": 1, "samples_mpps": lib[pr.batch]}),
+		c := Compare(lib[name], kernel[pr.prog])
+		h.add(Result{Suite: suite, Name: name, Params: params(map[string]any{"batch": pr.batch, "descs": 1, "format": format, "samples_mpps": lib[name]}),
 			Metrics: []Metric{spreadMetric("mpps", "Mpps", c.A)}})
 		note := ""
 		if pr.batch > 1 {
 			note = "ringtest publishes each buffer; vdpakit batches"
 		}
-		h.addComparison(suite, fmt.Sprintf("ratio vdpakit(batch %d) / kernel %s", pr.batch, pr.prog), params(map[string]any{"batch": pr.batch}), c, note)
+		ratio := fmt.Sprintf("ratio vdpakit(batch %d) / kernel %s", pr.batch, pr.prog)
+		if pr.packed {
+			ratio = fmt.Sprintf("ratio vdpakit(packed, batch %d) / kernel %s", pr.batch, pr.prog)
+		}
+		h.addComparison(suite, ratio, params(map[string]any{"batch": pr.batch, "format": format}), c, note)
 	}
 }
 

@@ -11,6 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/vdpakit/vdpakit/virtio"
 	"github.com/vdpakit/vdpakit/vring"
 )
 
@@ -325,6 +326,7 @@ func threadCPU() time.Duration {
 type crossOptions struct {
 	RingSize, Descs, Batch, Chains int
 	HostCPU, GuestCPU              int
+	Packed                         bool // a packed ring instead of a split one
 }
 
 // pinThread locks the calling goroutine to its OS thread and that thread to
@@ -443,11 +445,16 @@ func libCrossThread(ctx context.Context, o crossOptions) (time.Duration, error) 
 		return 0, err
 	}
 	defer e.Close()
-	drv, err := vring.NewDriverQueue(e.mem, vring.DriverQueueOptions{Layout: e.layout})
+	var features virtio.Features
+	if o.Packed {
+		features = features.With(virtio.FRingPacked)
+		e.layout = vring.ContiguousPackedLayout(0, uint16(o.RingSize))
+	}
+	drv, err := vring.NewDriverQueue(e.mem, vring.DriverQueueOptions{Layout: e.layout, Features: features})
 	if err != nil {
 		return 0, err
 	}
-	dev, err := vring.NewDeviceQueue(e.mem, vring.DeviceQueueOptions{Layout: e.layout})
+	dev, err := vring.NewDeviceQueue(e.mem, vring.DeviceQueueOptions{Layout: e.layout, Features: features, State: vring.InitialState(features)})
 	if err != nil {
 		return 0, err
 	}
