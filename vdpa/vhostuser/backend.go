@@ -49,7 +49,22 @@ type BackendOptions struct {
 	// it asked for, ends its session with ErrStalled. A connection may idle
 	// between messages for any time. 10s if zero; negative: no bound.
 	MessageTimeout time.Duration
+	// MaxGuestMemory bounds the bytes one memory table may map: the sum
+	// of its regions' sizes. A table beyond it is refused (ErrBadRegion)
+	// before anything is mapped. The front-end's files may be sparse, so
+	// the mappings need not cost memory, but they take this process's
+	// address space (128 TiB on x86-64 with 4-level page tables), and
+	// without a bound one front-end could take all of it, after which the
+	// Go runtime aborts the process. Zero means DefaultMaxGuestMemory.
+	MaxGuestMemory uint64
 }
+
+// DefaultMaxGuestMemory is BackendOptions.MaxGuestMemory's default, 16 TiB:
+// above any guest's RAM a vhost-user front-end runs today, and an eighth of
+// a 47-bit user address space, so that the current table, the one
+// replacing it, and the tables a broken ring still holds (one per queue at
+// most) leave the rest of the process room.
+const DefaultMaxGuestMemory = 16 << 40
 
 // Backend serves a vdpa.Handler to one vhost-user front-end at a time (QEMU,
 // DPDK's virtio-user, or this package's Frontend). It validates every
@@ -64,6 +79,7 @@ type Backend struct {
 	retry  time.Duration
 	log    *slog.Logger
 	msgTO  time.Duration
+	maxMem uint64 // BackendOptions.MaxGuestMemory
 
 	mu   sync.Mutex
 	info SessionInfo
@@ -90,7 +106,11 @@ func NewBackend(h vdpa.Handler, opts *BackendOptions) *Backend {
 	if opts != nil {
 		o = *opts
 	}
-	b := &Backend{h: h, offerP: SupportedProtocolFeatures, retry: o.ReconnectInterval, log: o.Logger, msgTO: o.MessageTimeout}
+	b := &Backend{h: h, offerP: SupportedProtocolFeatures, retry: o.ReconnectInterval, log: o.Logger, msgTO: o.MessageTimeout,
+		maxMem: o.MaxGuestMemory}
+	if b.maxMem == 0 {
+		b.maxMem = DefaultMaxGuestMemory
+	}
 	if o.ProtocolFeatures != 0 {
 		b.offerP &= o.ProtocolFeatures
 	}
@@ -909,7 +929,7 @@ func (s *session) reset() {
 }
 
 func (s *session) setMemTable(rs []MemoryRegion, fds []int) error {
-	pm, err := mapMemTable(rs, fds)
+	pm, err := mapMemTable(rs, fds, s.b.maxMem)
 	if err != nil {
 		return err
 	}

@@ -471,6 +471,63 @@ func vmRSS(t *testing.T) uint64 {
 	return 0
 }
 
+// TestBackendMaxGuestMemory: a memory table whose regions add up to more
+// than BackendOptions.MaxGuestMemory is refused before anything is mapped
+// (ErrBadRegion, the session ends, no mapping or descriptor is left); one
+// at the bound is served.
+func TestBackendMaxGuestMemory(t *testing.T) {
+	const limit = 5 << 20
+	for _, tc := range []struct {
+		name  string
+		extra uint64 // bytes of a second region beside the driver's 4 MiB
+		want  error
+	}{
+		{"at the bound", 1 << 20, nil},
+		{"a page beyond", 1<<20 + 4096, ErrBadRegion},
+		{"far beyond", 1 << 30, ErrBadRegion},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			before := openFdSet(t)
+			h := vhostusertest.New(vhostusertest.Loopback, [6]byte{})
+			a, b := socketpair(t)
+			done := make(chan error, 1)
+			go func() {
+				done <- NewBackend(h, &BackendOptions{MaxGuestMemory: limit}).ServeConn(context.Background(), b)
+			}()
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			fe, err := NewFrontend(ctx, a, nil)
+			require.NoError(t, err)
+			reg, err := vring.NewMemfdRegion(0x100000, 4<<20, nil)
+			require.NoError(t, err)
+			far, err := vring.NewMemfdRegion(1<<32, tc.extra, nil)
+			require.NoError(t, err)
+			mem, err := vring.NewMemory(reg, far)
+			require.NoError(t, err)
+			err = fe.SetMemory(mem)
+			require.NoError(t, mem.Close())
+			if tc.want == nil {
+				require.NoError(t, err)
+				_, err = fe.Features() // the session goes on
+				require.NoError(t, err)
+				require.NoError(t, fe.Close())
+				require.NoError(t, <-done)
+			} else {
+				require.Error(t, err)
+				select {
+				case serr := <-done:
+					require.ErrorIs(t, serr, tc.want)
+					assert.Contains(t, serr.Error(), "MaxGuestMemory")
+				case <-time.After(10 * time.Second):
+					t.Fatal("the session did not end")
+				}
+				_ = fe.Close()
+			}
+			assert.Empty(t, leakedSince(t, before), "descriptors leaked")
+		})
+	}
+}
+
 // TestBackendReconnect: the back-end in client mode reconnects after the
 // front-end goes away and serves the next one.
 func TestBackendReconnect(t *testing.T) {
@@ -570,6 +627,10 @@ func TestBackendBadInput(t *testing.T) {
 			fds: func(t *testing.T) []int { return pipeFds(t, 8) }}}, ErrTooManyRegions},
 		{"region larger than its file", []step{{msg: m(ReqSetMemTable, EncodeMemTable([]MemoryRegion{{MemorySize: 1 << 21, UserspaceAddr: 0x1000}})),
 			fds: func(t *testing.T) []int { return []int{memfd(t, 1<<20)} }}}, ErrBadRegion},
+		{"regions beyond DefaultMaxGuestMemory (sparse files)", []step{{msg: m(ReqSetMemTable, EncodeMemTable([]MemoryRegion{
+			{GuestPhysAddr: 0, MemorySize: 12 << 40, UserspaceAddr: 0x1000},
+			{GuestPhysAddr: 12 << 40, MemorySize: 5 << 40, UserspaceAddr: 0x1000 + 12<<40}})),
+			fds: func(t *testing.T) []int { return []int{memfd(t, 12<<40), memfd(t, 5<<40)} }}}, ErrBadRegion},
 		{"region fd not a file", []step{{msg: m(ReqSetMemTable, EncodeMemTable([]MemoryRegion{{MemorySize: 4096, UserspaceAddr: 0x1000}})),
 			fds: func(t *testing.T) []int { return pipeFds(t, 1) }}}, ErrBadRegion},
 		{"ring addr outside memory", append(append([]step{}, setup...),

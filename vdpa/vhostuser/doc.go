@@ -135,7 +135,11 @@
 // Hostile input: every message is checked against its type (payload size,
 // descriptor count, the 8-region and 256-byte limits, queue indexes and
 // sizes, ring addresses inside the memory table, memory-table descriptors
-// that are regular files long enough for their regions). A violation ends
+// that are regular files long enough for their regions, the bytes a memory
+// table maps in all: BackendOptions.MaxGuestMemory, 16 TiB by default, so
+// that sparse files cannot take the process's address space; a pending
+// dirty log sized by the table's highest address is a sparse memfd and is
+// merged without a copy). A violation ends
 // the session with a *MessageError wrapping one of the Err sentinels
 // (errors.Is), after a failure acknowledgement when the front-end asked for
 // one; every descriptor received is closed on every path. FuzzDecode and

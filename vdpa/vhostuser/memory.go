@@ -33,11 +33,21 @@ func (p *peerMemory) close() {
 // fds (closing them all, mapped or not) and returns typed errors for regions
 // that are empty, overflow, overlap (in guest or user address space) or
 // whose descriptor is not a regular file long enough to back them (mapping
-// past the end of a file would fault on access).
-func mapMemTable(rs []MemoryRegion, fds []int) (*peerMemory, error) {
+// past the end of a file would fault on access), and for a table whose
+// regions add up to more than limit bytes (checked before anything is
+// mapped).
+func mapMemTable(rs []MemoryRegion, fds []int, limit uint64) (*peerMemory, error) {
 	defer closeFds(fds)
 	if len(rs) == 0 {
 		return nil, msgErr(ReqSetMemTable, ErrBadRegion, "empty memory table")
+	}
+	var total uint64 // <= limit
+	for i, r := range rs {
+		if r.MemorySize > limit-total {
+			return nil, msgErr(ReqSetMemTable, ErrBadRegion,
+				"regions 0-%d add up to more than %#x bytes (BackendOptions.MaxGuestMemory)", i, limit)
+		}
+		total += r.MemorySize
 	}
 	pm := &peerMemory{}
 	ok := false

@@ -293,11 +293,6 @@ type rigOptions struct {
 	offload bool
 }
 
-func startQEMURig(t *testing.T, ctx context.Context, dir string) *qemuRig {
-	t.Helper()
-	return startRig(t, ctx, dir, rigOptions{})
-}
-
 func startRig(t *testing.T, ctx context.Context, dir string, o rigOptions) *qemuRig {
 	t.Helper()
 	if o.name == "" {

@@ -27,7 +27,7 @@ func TestMapMemTableSealsPeerMemfd(t *testing.T) {
 			dup, err := unix.Dup(fd) // mapMemTable takes ownership of its fds
 			require.NoError(t, err)
 
-			pm, err := mapMemTable([]MemoryRegion{{GuestPhysAddr: 0, MemorySize: 1 << 20, UserspaceAddr: 0x7f0000000000}}, []int{dup})
+			pm, err := mapMemTable([]MemoryRegion{{GuestPhysAddr: 0, MemorySize: 1 << 20, UserspaceAddr: 0x7f0000000000}}, []int{dup}, DefaultMaxGuestMemory)
 			require.NoError(t, err)
 			defer pm.close()
 			assert.Equal(t, tc.wantSealed, pm.mem.Regions()[0].Sealed())
