@@ -97,7 +97,8 @@
 // a framing error (a size below the header or above MaxMessage, reserved
 // header flags), too many descriptors, a failed VERSION or any message
 // before VERSION closes the session. Descriptors a message should not
-// carry are closed.
+// carry are closed; beyond max_msg_fds for one message they are closed as
+// they arrive, however many pieces the message comes in.
 //
 // # QEMU 11.1
 //

@@ -28,6 +28,9 @@ type session struct {
 	// ctrunc: the kernel cut the descriptors of the current message short
 	// (MSG_CTRUNC): it carried more than oob holds, MaxMsgFds.
 	ctrunc bool
+	// excess counts the descriptors of the current message beyond
+	// MaxMsgFds, closed as they arrived (collectFds).
+	excess int
 }
 
 // fatal marks errors after which the session is closed.
@@ -60,15 +63,29 @@ func (ss *session) readFull(b []byte) error {
 	return nil
 }
 
+// collectFds keeps the descriptors of a control message, at most
+// MaxMsgFds for the whole message: the rest are closed as they arrive and
+// counted in excess (the message is refused once read). A message arrives
+// in as many reads as the client likes, each with its own descriptors, so
+// keeping them all until the message is complete would let one message
+// exhaust RLIMIT_NOFILE (vdpa/vhostuser's conn does the same).
 func (ss *session) collectFds(oob []byte) {
 	msgs, err := unix.ParseSocketControlMessage(oob)
 	if err != nil {
 		return
 	}
 	for _, m := range msgs {
-		fds, err := unix.ParseUnixRights(&m)
-		if err == nil {
-			ss.fds = append(ss.fds, fds...)
+		if m.Header.Level != unix.SOL_SOCKET || m.Header.Type != unix.SCM_RIGHTS {
+			continue
+		}
+		fds, _ := unix.ParseUnixRights(&m)
+		for _, fd := range fds {
+			if len(ss.fds) < MaxMsgFds {
+				ss.fds = append(ss.fds, fd)
+				continue
+			}
+			_ = unix.Close(fd)
+			ss.excess++
 		}
 	}
 }
@@ -79,7 +96,7 @@ func (ss *session) run() error {
 	for {
 		closeAll(ss.fds)
 		ss.fds = ss.fds[:0]
-		ss.ctrunc = false
+		ss.ctrunc, ss.excess = false, 0
 		if err := ss.readFull(ss.hdr[:]); err != nil {
 			if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
 				return io.EOF
@@ -101,8 +118,8 @@ func (ss *session) run() error {
 		if err := ss.readFull(p); err != nil {
 			return err
 		}
-		if len(ss.fds) > MaxMsgFds || ss.ctrunc {
-			err := perr(h.Command, ErrFds, "more than %d descriptors (%d received)", MaxMsgFds, len(ss.fds))
+		if ss.excess > 0 || ss.ctrunc {
+			err := perr(h.Command, ErrFds, "more than %d descriptors (%d received)", MaxMsgFds, len(ss.fds)+ss.excess)
 			ss.reply(h, nil, err)
 			return err
 		}
