@@ -544,9 +544,51 @@ func (d *Device) resumePausedLocked() error {
 	return nil
 }
 
+// The IOTLB is written by whoever drives the vDPA device (a VMM through
+// vhost-vdpa, or the kernel's virtio_vdpa), and mapLocked maps every entry
+// of it. The files behind the entries may be sparse, so the mappings need
+// not cost memory, but they take this process's address space and its
+// mapping count (vm.max_map_count, 65530 by default): bounded here, so that
+// no IOTLB can make the Go runtime abort the process.
+const (
+	// maxIOVAMapped bounds the bytes mapped from one IOTLB: 16 TiB, above
+	// any guest's memory and an eighth of a 47-bit address space.
+	maxIOVAMapped = 16 << 40
+	// maxIOTLBEntries bounds the entries mapped from one IOTLB: a VMM maps
+	// its guest's RAM blocks (tens of entries), virtio_vdpa one bounce
+	// area.
+	maxIOTLBEntries = 16384
+)
+
+// iovaBudget counts what mapLocked has taken from the IOTLB.
+type iovaBudget struct {
+	bytes   uint64 // <= maxIOVAMapped
+	entries int
+}
+
+// take accounts for entry e, or refuses it with an error matching
+// ErrBadRequest when it would go beyond maxIOTLBEntries or maxIOVAMapped.
+// An entry whose range is inverted is left for mapEntry to refuse.
+func (b *iovaBudget) take(e iotlbEntry) error {
+	if e.Last < e.Start {
+		return nil
+	}
+	if b.entries >= maxIOTLBEntries {
+		return fmt.Errorf("%w: IOTLB of more than %d entries", ErrBadRequest, maxIOTLBEntries)
+	}
+	size := e.Last - e.Start + 1 // 0: the whole 64-bit space
+	if size == 0 || size > maxIOVAMapped-b.bytes {
+		return fmt.Errorf("%w: IOTLB entries map more than %#x bytes (entry [%#x, %#x])", ErrBadRequest, uint64(maxIOVAMapped), e.Start, e.Last)
+	}
+	b.entries++
+	b.bytes += size
+	return nil
+}
+
 // mapLocked builds the IOVA memory from the kernel's IOTLB.
 func (d *Device) mapLocked() error {
 	var regions []*vring.Region
+	var budget iovaBudget
 	var domainFd = -1
 	defer func() {
 		if domainFd >= 0 {
@@ -567,6 +609,11 @@ func (d *Device) mapLocked() error {
 			return err
 		}
 		e = decodeIOTLBEntry(b[:])
+		if err := budget.take(e); err != nil {
+			unix.Close(fd)
+			d.unmapRegions(regions)
+			return err
+		}
 		r, err := d.mapEntry(fd, e)
 		if err != nil {
 			unix.Close(fd)
