@@ -2,6 +2,7 @@ package vfiouser
 
 import (
 	"fmt"
+	"math/bits"
 
 	"golang.org/x/sys/unix"
 
@@ -340,29 +341,57 @@ func (s *Server) reportLogging(f DeviceFeature, head func(int) []byte) ([]byte, 
 	if _, err := s.mig.log.HarvestWords(s.mig.pending); err != nil {
 		return nil, &Error{Cmd: CmdDeviceFeature, Errno: unix.EIO, Err: fmt.Errorf("%w: %w", ErrDevice, err)}
 	}
-	out := make([]uint64, words)
 	logPS := s.mig.log.PageSize()
-	for p := uint64(0); p < pages; p++ {
-		start, end := iova+p*ps, iova+length
-		if p+1 < pages {
-			end = iova + (p+1)*ps
-		}
-		for a := start &^ (logPS - 1); a < end; a += logPS {
-			bit := a / logPS
-			w := bit / 64
-			if w >= uint64(len(s.mig.pending)) {
-				break
-			}
-			if s.mig.pending[w]&(1<<(bit%64)) != 0 {
-				out[p/64] |= 1 << (p % 64)
-				s.mig.pending[w] &^= 1 << (bit % 64)
-			}
-		}
+	if ps < logPS {
+		// Not reached: the log's pages are 4 KiB and ps is at least that.
+		return nil, perr(CmdDeviceFeature, ErrRange, "page size %#x below the log's %#x", ps, logPS)
 	}
+	out := make([]uint64, words)
+	reportDirty(s.mig.pending, logPS, iova, length, ps, out)
 	b := head(24 + int(words)*8)
 	b = append(b, d[:24]...)
 	for _, w := range out {
 		b = le.AppendUint64(b, w)
 	}
 	return b, nil
+}
+
+// reportDirty moves the dirty bits of [iova, iova+length) out of pending
+// (a log of logPS-byte pages: page n is bit n%64 of word n/64) into out,
+// one bit per ps-byte page from iova: a page is dirty if any log page it
+// overlaps is. ps and logPS are powers of two, ps >= logPS, iova is a
+// multiple of ps, length > 0 and iova+length does not overflow; out has a
+// bit for every page of the range. The range is clamped to the log first
+// and the log is walked a word at a time, so the cost is the words of log
+// the range covers (the client chooses length and ps, up to 2^64 and 2^63)
+// plus the bits set. It returns the number of words visited.
+func reportDirty(pending []uint64, logPS, iova, length, ps uint64, out []uint64) (visited int) {
+	nbits := uint64(len(pending)) * 64
+	first := iova / logPS
+	if first >= nbits {
+		return 0
+	}
+	end := min((iova+length-1)/logPS+1, nbits) // log pages [first, end)
+	shift := uint(bits.TrailingZeros64(ps) - bits.TrailingZeros64(logPS))
+	for w := first / 64; w <= (end-1)/64; w++ {
+		visited++
+		x := pending[w]
+		if x == 0 {
+			continue
+		}
+		lo := w * 64
+		if first > lo {
+			x &= ^uint64(0) << (first - lo)
+		}
+		if end < lo+64 {
+			x &= 1<<(end-lo) - 1
+		}
+		pending[w] &^= x
+		for x != 0 {
+			p := (lo + uint64(bits.TrailingZeros64(x)) - first) >> shift
+			out[p/64] |= 1 << (p % 64)
+			x &= x - 1
+		}
+	}
+	return visited
 }
