@@ -20,9 +20,9 @@ type Segment struct {
 
 // Chain is a descriptor chain popped by the device side: the readable
 // segments, then the writable ones. A descriptor whose buffer crosses from
-// one region into an adjacent one appears as several segments. Reuse a Chain
-// across Pop calls: Segs keeps its capacity, so steady-state popping does not
-// allocate.
+// one region into an adjacent one appears as several segments; a chain has
+// at most MaxChainSegments(queue size) of them. Reuse a Chain across Pop
+// calls: Segs keeps its capacity, so steady-state popping does not allocate.
 type Chain struct {
 	Head        uint16    // head descriptor index (packed: the buffer id): the id to Push
 	Segs        []Segment // Segs[:Readable] readable, Segs[Readable:] writable
@@ -55,6 +55,32 @@ func (c *Chain) Scatter(p []byte) int {
 	}
 	return n
 }
+
+// MaxChainSegments is the most segments a popped chain may have on a queue
+// of the given size; Pop refuses a chain that would have more
+// (ErrTooManySegments, which also matches ErrChainTooLong).
+//
+// Every descriptor makes one segment, plus one for each boundary between
+// adjacent guest-memory regions its buffer crosses, and a chain has at
+// most size descriptors (counting indirect entries; ErrChainTooLong,
+// ErrChainLoop). Without a bound on the crossings, a peer that maps many
+// tiny adjacent regions (vfio-user accepts up to 65535 DMA windows of any
+// size, VDUSE IOTLB entries are not limited) turns each descriptor into
+// thousands of segments: with 8192 one-page regions a single chain of a
+// size-256 queue became 2.1 million segments and 400 MiB. Guest RAM is a
+// handful of large regions and a driver's buffer rarely straddles one of
+// their boundaries, so the bound grants every descriptor one crossing plus
+// 64 to spare:
+//
+//	2*size + 64 segments: 576 for a size-256 queue (23 KiB of Segments at
+//	40 bytes each), 65600 for the largest, 32768 (2.5 MiB)
+//
+// That is always more than a chain of size descriptors that each cross one
+// boundary needs. (Linux's vhost refuses any chain of more than UIO_MAXIOV, 1024,
+// iovecs and DPDK's more than BUF_VECTOR_MAX, 256, whatever the queue
+// size.) The bound is checked before a segment is added, so refusing a
+// chain costs at most this many segments of work and memory.
+func MaxChainSegments(size uint16) int { return 2*int(size) + 64 }
 
 // grow extends Segs by one element and returns it. Fields are then set one
 // by one: building a Segment value and copying it costs a store-forwarding
@@ -561,6 +587,7 @@ func (q *DeviceQueue) walk(head uint16, c *Chain) error {
 	direct := uint32(0)  // direct descriptors visited
 	inTable := uint32(0) // indirect descriptors visited
 	writable := false
+	maxSegs := MaxChainSegments(q.r.size)
 	for {
 		if indirect {
 			inTable++
@@ -606,6 +633,9 @@ func (q *DeviceQueue) walk(head uint16, c *Chain) error {
 		// The fast path of appendSegs, inline.
 		if off := uint64(GuestAddr(addr) - q.cBase); GuestAddr(addr) >= q.cBase && off < uint64(len(q.cMem)) &&
 			uint64(length) <= uint64(len(q.cMem))-off && length != 0 {
+			if len(c.Segs) >= maxSegs {
+				return q.fail(idx, indirect, ErrTooManySegments)
+			}
 			end := off + uint64(length)
 			seg := c.grow()
 			seg.Addr, seg.Len, seg.Writable, seg.Buf = GuestAddr(addr), length, w, q.cMem[off:end:end]
@@ -616,7 +646,7 @@ func (q *DeviceQueue) walk(head uint16, c *Chain) error {
 				c.Readable++
 			}
 		} else if err := q.appendSegsSlow(c, GuestAddr(addr), length, w); err != nil {
-			return q.fail(idx, indirect, &wrap2{ErrBufferOutOfRange, err})
+			return q.fail(idx, indirect, segsErr(err))
 		}
 		if flags&DescFNext == 0 {
 			return nil
@@ -631,8 +661,11 @@ func (q *DeviceQueue) walk(head uint16, c *Chain) error {
 // appendSegsSlow translates one descriptor's buffer through the region
 // table (faulting in regions if configured), splitting it at boundaries
 // between adjacent regions, and caches the last region for walk's inline
-// fast path.
+// fast path. It returns ErrTooManySegments, before appending, for a
+// segment that would take c past MaxChainSegments; any other error is a
+// buffer outside guest memory (see segsErr).
 func (q *DeviceQueue) appendSegsSlow(c *Chain, addr GuestAddr, length uint32, w bool) error {
+	maxSegs := MaxChainSegments(q.r.size)
 	if err := checkRange(addr, uint64(length)); err != nil {
 		return err
 	}
@@ -648,6 +681,9 @@ func (q *DeviceQueue) appendSegsSlow(c *Chain, addr GuestAddr, length uint32, w 
 		c.Readable++
 	}
 	if length == 0 {
+		if len(c.Segs) >= maxSegs {
+			return ErrTooManySegments
+		}
 		c.Segs = append(c.Segs, Segment{Addr: addr, Writable: w})
 		return nil
 	}
@@ -657,6 +693,9 @@ func (q *DeviceQueue) appendSegsSlow(c *Chain, addr GuestAddr, length uint32, w 
 		rs, i, ferr := q.mem.find(addr, left, q.hint)
 		if i < 0 {
 			return missErr(ferr)
+		}
+		if len(c.Segs) >= maxSegs {
+			return ErrTooManySegments
 		}
 		q.hint = uint32(i)
 		r := rs[i]
@@ -672,6 +711,15 @@ func (q *DeviceQueue) appendSegsSlow(c *Chain, addr GuestAddr, length uint32, w 
 		addr += GuestAddr(k)
 	}
 	return nil
+}
+
+// segsErr is the QueueError cause for an appendSegsSlow error: the segment
+// bound as is, anything else a buffer outside guest memory.
+func segsErr(err error) error {
+	if err == ErrTooManySegments {
+		return err
+	}
+	return &wrap2{ErrBufferOutOfRange, err}
 }
 
 // armAndRecheck writes avail_event = lastAvail and re-reads avail.idx.

@@ -106,7 +106,8 @@
 //
 // Ring contents come from the other side and are never trusted. Each
 // broken rule is a distinct sentinel (ErrHeadOutOfRange, ErrNextOutOfRange,
-// ErrChainLoop, ErrChainTooLong, ErrNestedIndirect, ErrIndirectWithNext,
+// ErrChainLoop, ErrChainTooLong, ErrTooManySegments (a refinement of
+// ErrChainTooLong), ErrNestedIndirect, ErrIndirectWithNext,
 // ErrIndirectSize, ErrReadableAfterWritable, ErrBufferOutOfRange,
 // ErrAvailIdxJump on the device side; ErrUsedIDNotOutstanding,
 // ErrUsedLenTooLarge, ErrUsedIdxJump on the driver side) returned inside a
@@ -121,7 +122,8 @@
 // returns an error matching both ErrQueueBroken and the original until
 // Reset (DriverQueue.Reset also re-initializes the rings, as a driver does
 // after a device reset). No input makes a queue panic, loop or access memory outside guest
-// memory; every walk is bounded by the queue size.
+// memory; every walk is bounded by the queue size, and the segments of a
+// chain by MaxChainSegments (buffers laid across many small regions).
 //
 // # Untrusted memory
 //

@@ -51,6 +51,12 @@ var (
 	// chain that runs into descriptors still in flight (longer than the
 	// ring's free descriptors).
 	ErrChainTooLong = errors.New("vring: descriptor chain longer than queue size")
+	// ErrTooManySegments: a chain's buffers would make more than
+	// MaxChainSegments(queue size) segments (a descriptor makes one
+	// segment, plus one for each guest-memory region boundary its buffer
+	// crosses), as buffers laid over many small adjacent regions do. It
+	// matches ErrChainTooLong as well.
+	ErrTooManySegments error = &subError{"vring: descriptor chain has too many segments", ErrChainTooLong}
 	// ErrNestedIndirect: an INDIRECT descriptor inside an indirect table.
 	ErrNestedIndirect = errors.New("vring: indirect descriptor inside indirect table")
 	// ErrIndirectWithNext: a descriptor has both INDIRECT and NEXT set.
@@ -145,6 +151,15 @@ func (e *brokenError) Unwrap() []error { return []error{ErrQueueBroken, e.cause}
 func qerr(queue int, index uint16, indirect bool, err error) *QueueError {
 	return &QueueError{Queue: queue, Index: index, Indirect: indirect, Err: err}
 }
+
+// subError is a sentinel that refines another one: errors.Is matches both.
+type subError struct {
+	msg    string
+	parent error
+}
+
+func (e *subError) Error() string { return e.msg }
+func (e *subError) Unwrap() error { return e.parent }
 
 // wrap2 joins a vring sentinel with the memory error that caused it, so that
 // errors.Is matches both.

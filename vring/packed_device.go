@@ -297,6 +297,7 @@ func (q *DeviceQueue) packedWalk(c *Chain, headFlags uint16) error {
 	// The chain is built in locals and stored into c once (or around the
 	// slow paths, which append to c themselves).
 	segs := c.Segs[:0]
+	maxSegs := MaxChainSegments(size)
 	readable := 0
 	var rlen, wlen uint64
 	for {
@@ -338,6 +339,9 @@ func (q *DeviceQueue) packedWalk(c *Chain, headFlags uint16) error {
 		// appendSeg's fast path, inline: non-empty, inside the cached region.
 		if off := uint64(addr - base); off < uint64(len(mem)) && uint64(length)-1 < uint64(len(mem))-off {
 			k := len(segs)
+			if k >= maxSegs {
+				return q.packedFail(at, false, ErrTooManySegments)
+			}
 			if k < cap(segs) {
 				segs = segs[:k+1]
 			} else {
@@ -354,7 +358,7 @@ func (q *DeviceQueue) packedWalk(c *Chain, headFlags uint16) error {
 		} else {
 			c.Segs, c.Readable, c.ReadableLen, c.WritableLen = segs, readable, rlen, wlen
 			if err := q.appendSegsSlow(c, addr, length, w); err != nil {
-				return q.packedFail(at, false, &wrap2{ErrBufferOutOfRange, err})
+				return q.packedFail(at, false, segsErr(err))
 			}
 			segs, readable, rlen, wlen = c.Segs, c.Readable, c.ReadableLen, c.WritableLen
 			base, mem = q.cBase, q.cMem // appendSegsSlow may have cached another region
@@ -409,7 +413,7 @@ func (q *DeviceQueue) packedWalkTable(c *Chain, at uint16, addr GuestAddr, lengt
 		}
 		writable = w
 		if err := q.appendSeg(c, GuestAddr(a), l, w); err != nil {
-			return q.packedFail(uint16(k), true, &wrap2{ErrBufferOutOfRange, err})
+			return q.packedFail(uint16(k), true, segsErr(err))
 		}
 	}
 	return nil
@@ -417,10 +421,13 @@ func (q *DeviceQueue) packedWalkTable(c *Chain, at uint16, addr GuestAddr, lengt
 
 // appendSeg appends one descriptor's buffer to c: inline for the cached
 // region, else through appendSegsSlow (region table, splitting, empty
-// buffers).
+// buffers). Its errors are appendSegsSlow's (see segsErr).
 func (q *DeviceQueue) appendSeg(c *Chain, addr GuestAddr, length uint32, w bool) error {
 	if off := uint64(addr - q.cBase); addr >= q.cBase && off < uint64(len(q.cMem)) &&
 		uint64(length) <= uint64(len(q.cMem))-off && length != 0 {
+		if len(c.Segs) >= MaxChainSegments(q.r.size) {
+			return ErrTooManySegments
+		}
 		end := off + uint64(length)
 		seg := c.grow()
 		seg.Addr, seg.Len, seg.Writable, seg.Buf = addr, length, w, q.cMem[off:end:end]
