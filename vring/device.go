@@ -23,6 +23,9 @@ type Segment struct {
 // one region into an adjacent one appears as several segments; a chain has
 // at most MaxChainSegments(queue size) of them. Reuse a Chain across Pop
 // calls: Segs keeps its capacity, so steady-state popping does not allocate.
+// Pop grows Segs (when a chain does not fit) to at most MaxChainSegments
+// elements; it never shrinks it, so a holder of many Chains that wants
+// memory back after an unusually long chain replaces that Chain's Segs.
 type Chain struct {
 	Head        uint16    // head descriptor index (packed: the buffer id): the id to Push
 	Segs        []Segment // Segs[:Readable] readable, Segs[Readable:] writable
@@ -82,17 +85,30 @@ func (c *Chain) Scatter(p []byte) int {
 // chain costs at most this many segments of work and memory.
 func MaxChainSegments(size uint16) int { return 2*int(size) + 64 }
 
-// grow extends Segs by one element and returns it. Fields are then set one
-// by one: building a Segment value and copying it costs a store-forwarding
-// stall on the hot path.
-func (c *Chain) grow() *Segment {
+// grow extends Segs by one element and returns it; the caller has checked
+// that len(Segs) < limit (MaxChainSegments). Fields are then set one by one:
+// building a Segment value and copying it costs a store-forwarding stall on
+// the hot path.
+func (c *Chain) grow(limit int) *Segment {
 	n := len(c.Segs)
 	if n < cap(c.Segs) {
 		c.Segs = c.Segs[:n+1]
 	} else {
-		c.Segs = append(c.Segs, Segment{})
+		c.Segs = growSegs(c.Segs, limit)
 	}
 	return &c.Segs[n]
+}
+
+// growSegs is the cold path of adding a segment to a full Segs (len ==
+// cap, len < limit): it returns Segs one element longer, in a new array
+// with room for twice as many but never more than limit, so that popping
+// never grows a Chain's Segs past MaxChainSegments (beyond the capacity it
+// was given): a holder of many Chains can count on that.
+func growSegs(segs []Segment, limit int) []Segment {
+	n := len(segs)
+	s := make([]Segment, n+1, max(min(2*n, limit), n+1, 4))
+	copy(s, segs)
+	return s
 }
 
 // UsedElem is one used-ring entry for PushBatch.
@@ -637,7 +653,7 @@ func (q *DeviceQueue) walk(head uint16, c *Chain) error {
 				return q.fail(idx, indirect, ErrTooManySegments)
 			}
 			end := off + uint64(length)
-			seg := c.grow()
+			seg := c.grow(maxSegs)
 			seg.Addr, seg.Len, seg.Writable, seg.Buf = GuestAddr(addr), length, w, q.cMem[off:end:end]
 			if w {
 				c.WritableLen += uint64(length)
@@ -684,7 +700,8 @@ func (q *DeviceQueue) appendSegsSlow(c *Chain, addr GuestAddr, length uint32, w 
 		if len(c.Segs) >= maxSegs {
 			return ErrTooManySegments
 		}
-		c.Segs = append(c.Segs, Segment{Addr: addr, Writable: w})
+		seg := c.grow(maxSegs)
+		seg.Addr, seg.Len, seg.Writable, seg.Buf = addr, 0, w, nil
 		return nil
 	}
 	left := uint64(length)
@@ -706,7 +723,8 @@ func (q *DeviceQueue) appendSegsSlow(c *Chain, addr GuestAddr, length uint32, w 
 			c.Readable++
 		}
 		first = false
-		c.Segs = append(c.Segs, Segment{Addr: addr, Len: uint32(k), Writable: w, Buf: r.mem[off : off+k : off+k]})
+		seg := c.grow(maxSegs)
+		seg.Addr, seg.Len, seg.Writable, seg.Buf = addr, uint32(k), w, r.mem[off:off+k:off+k]
 		left -= k
 		addr += GuestAddr(k)
 	}

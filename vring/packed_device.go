@@ -345,7 +345,7 @@ func (q *DeviceQueue) packedWalk(c *Chain, headFlags uint16) error {
 			if k < cap(segs) {
 				segs = segs[:k+1]
 			} else {
-				segs = append(segs, Segment{})
+				segs = growSegs(segs, maxSegs)
 			}
 			seg := &segs[k]
 			seg.Addr, seg.Len, seg.Writable, seg.Buf = addr, length, w, bufAt(mem, off, length)
@@ -425,11 +425,12 @@ func (q *DeviceQueue) packedWalkTable(c *Chain, at uint16, addr GuestAddr, lengt
 func (q *DeviceQueue) appendSeg(c *Chain, addr GuestAddr, length uint32, w bool) error {
 	if off := uint64(addr - q.cBase); addr >= q.cBase && off < uint64(len(q.cMem)) &&
 		uint64(length) <= uint64(len(q.cMem))-off && length != 0 {
-		if len(c.Segs) >= MaxChainSegments(q.r.size) {
+		maxSegs := MaxChainSegments(q.r.size)
+		if len(c.Segs) >= maxSegs {
 			return ErrTooManySegments
 		}
 		end := off + uint64(length)
-		seg := c.grow()
+		seg := c.grow(maxSegs)
 		seg.Addr, seg.Len, seg.Writable, seg.Buf = addr, length, w, q.cMem[off:end:end]
 		if w {
 			c.WritableLen += uint64(length)

@@ -187,6 +187,7 @@ func TestChainSegmentsWithinBound(t *testing.T) {
 				require.NoError(t, err)
 				require.True(t, ok)
 				require.Len(t, c.Segs, tc.segs)
+				assert.LessOrEqual(t, cap(c.Segs), segMaxSegs, "Segs grown past the bound")
 				var total uint64
 				for _, b := range tc.bufs {
 					total += uint64(b.pieces * segPiece)
@@ -243,11 +244,11 @@ func TestChainSegmentsPastBound(t *testing.T) {
 				assert.Equal(t, 2, qe.Queue)
 				assert.Equal(t, tc.index, qe.Index)
 				assert.Equal(t, lo.indirect, qe.Indirect)
-				assert.LessOrEqual(t, len(c.Segs), segMaxSegs)
-				// No more than growing Segs to the bound by appending:
-				// the final capacity (up to twice the bound) and as much
-				// again for the smaller arrays before it, plus the error.
-				limit := uint64(4*segMaxSegs)*uint64(unsafe.Sizeof(Segment{})) + 4096
+				assert.LessOrEqual(t, cap(c.Segs), segMaxSegs, "Segs grown past the bound")
+				// No more than growing Segs to the bound by doubling: the
+				// final array (the bound), at most twice that for the
+				// smaller ones before it, plus the error.
+				limit := uint64(3*segMaxSegs)*uint64(unsafe.Sizeof(Segment{})) + 4096
 				assert.Less(t, after.TotalAlloc-before.TotalAlloc, limit, "bytes allocated by the refused Pop")
 
 				// Broken: every call fails with ErrQueueBroken and the cause.
@@ -289,7 +290,7 @@ func TestChainSegmentsPastBoundPopBatch(t *testing.T) {
 			assert.Zero(t, n)
 			assert.ErrorIs(t, err, ErrTooManySegments)
 			for i := range cs {
-				assert.LessOrEqual(t, len(cs[i].Segs), segMaxSegs, fmt.Sprint("chain ", i))
+				assert.LessOrEqual(t, cap(cs[i].Segs), segMaxSegs, fmt.Sprint("chain ", i))
 			}
 			_, err = r.dev.PopBatch(cs)
 			assert.ErrorIs(t, err, ErrQueueBroken)
