@@ -9,9 +9,12 @@ import (
 	"github.com/vdpakit/vdpakit/vring"
 )
 
-// Limits of a DMA window with a descriptor (those of vring.NewFdRegion).
+// Limits of a DMA window with a descriptor. A window holds one RAM block
+// of the guest: 32 TiB is the memory of the largest guests in service
+// (vring.NewFdRegion allows 64 TiB; Options.DMABudget bounds all the
+// windows together). The offset limit is vring.NewFdRegion's.
 const (
-	maxWindowSize   = 1 << 46
+	maxWindowSize   = 32 << 40
 	maxWindowOffset = 1 << 62
 )
 
@@ -74,6 +77,21 @@ type dmaTable struct {
 	// path could not be stopped (see mapping.retire); they are unmapped once
 	// it has stopped. At most maxRetired.
 	graveyard [][]byte
+}
+
+// reserved is the address space the table holds: the windows mapped and
+// the retired ranges.
+func (t *dmaTable) reserved() uint64 {
+	var n uint64
+	for _, m := range t.maps {
+		if m.mem != nil {
+			n += uint64(len(m.mem))
+		}
+	}
+	for _, b := range t.graveyard {
+		n += uint64(len(b))
+	}
+	return n
 }
 
 // find returns the mapping containing addr, or nil.

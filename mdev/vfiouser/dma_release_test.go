@@ -172,12 +172,17 @@ func (b *stubbornBacking) SetStatus(s virtio.Status) error {
 
 // stubbornRig is a server in front of a stubbornBacking.
 func stubbornRig(t *testing.T) (*stubbornBacking, *vfiouser.Server, string) {
+	return stubbornRigOpts(t, &vfiouser.Options{Device: mdev.Options{Backend: "software"}})
+}
+
+// stubbornRigOpts is stubbornRig with the server's options.
+func stubbornRigOpts(t *testing.T, opts *vfiouser.Options) (*stubbornBacking, *vfiouser.Server, string) {
 	t.Helper()
 	sn, err := softnet.New(nil)
 	require.NoError(t, err)
 	b := &stubbornBacking{Local: vdpa.NewLocal(sn, nil)}
 	t.Cleanup(func() { _ = b.Local.Close() })
-	srv, err := vfiouser.New(b, &vfiouser.Options{Device: mdev.Options{Backend: "software"}})
+	srv, err := vfiouser.New(b, opts)
 	require.NoError(t, err)
 	path := filepath.Join(t.TempDir(), "vfu.sock")
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})

@@ -33,7 +33,12 @@
 //     (Server.Memory, a vring.Memory whose regions appear on first use);
 //     windows without one are recorded but are not memory the data path
 //     can use. Overlapping maps fail with EEXIST, unmaps must match a map
-//     exactly (ENOENT). An unmap releases the window's descriptor and
+//     exactly (ENOENT). A window with a descriptor is at most 32 TiB
+//     (EINVAL); at most Options.MaxDMAWindows windows are mapped at once
+//     (ENOSPC beyond; announced as max_dma_maps) and at most
+//     Options.DMABudget bytes of address space are held by windows and by
+//     the ranges of retired windows (ENOMEM beyond): the mappings are
+//     checked before anything is mapped, and the session goes on. An unmap releases the window's descriptor and
 //     mapping before its reply, whatever the migration state. When memory
 //     changes under a running data path (in any of the running migration
 //     states), the server stops it through mdev's migration state machine

@@ -7,12 +7,15 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
 
+	"github.com/vdpakit/vdpakit/mdev"
 	"github.com/vdpakit/vdpakit/mdev/vfiouser"
 	"github.com/vdpakit/vdpakit/mdev/vfiouser/vfiousertest"
 	"github.com/vdpakit/vdpakit/vdpa"
+	"github.com/vdpakit/vdpakit/vdpa/softnet"
 )
 
 // unreadBytes is what the client sent that the server has not read yet
@@ -124,4 +127,171 @@ func TestDMALoggingReportOfAHugeRange(t *testing.T) {
 	require.NoError(t, c.StopDMALogging(ctx))
 	_, err = c.DeviceInfo(ctx)
 	require.NoError(t, err, "the session goes on")
+}
+
+// sparseFile is a memfd of size bytes (sparse: it takes no memory) named
+// name, closed at the end of the test.
+func sparseFile(t *testing.T, name string, size uint64) int {
+	t.Helper()
+	fd, err := unix.MemfdCreate(name, unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = unix.Close(fd) })
+	require.NoError(t, unix.Ftruncate(fd, int64(size)))
+	return fd
+}
+
+// TestDMAWindowLimits: the server announces its window cap as max_dma_maps;
+// a DMA_MAP beyond the cap is refused with ENOSPC, one beyond the
+// address-space budget with ENOMEM, before anything is mapped; the session
+// goes on, an unmap makes room again, and the end of the session leaves no
+// descriptor or mapping. A client used to be able to map 65535 windows of
+// 64 TiB each: a few of them exhaust the 128 TiB user address space (after
+// which the Go runtime aborts), and stepping down the sizes after each
+// refusal fills it to the last page.
+func TestDMAWindowLimits(t *testing.T) {
+	const (
+		budget  = 64<<20 - 4096 // 14 windows of 32 MiB, 16 MiB, ..., 4 KiB
+		windows = 24
+		name    = "vfu-window-limits"
+	)
+	_, srv, path := stubbornRigOpts(t, &vfiouser.Options{MaxDMAWindows: windows, DMABudget: budget})
+	ctx := testCtx(t)
+	file := sparseFile(t, name, 1<<40)
+	before := fdCount(t)
+	c := dialPath(t, path)
+	v, err := c.Negotiate(ctx)
+	require.NoError(t, err)
+	require.NotNil(t, v.Caps.MaxDMAMaps)
+	require.Equal(t, uint64(windows), *v.Caps.MaxDMAMaps, "max_dma_maps")
+
+	// A hostile client: the biggest window it can, then the biggest that
+	// still fits, down to a page.
+	addr, size := uint64(0), uint64(1<<40)
+	var refusals, mapped int
+	for size >= 4096 && mapped < windows {
+		err := c.DMAMap(ctx, addr, size, file, 0)
+		if err != nil {
+			require.True(t, vfiousertest.IsErrno(err, unix.ENOMEM), "refused for the budget: %v", err)
+			refusals++
+			size /= 2
+			continue
+		}
+		mapped++
+		addr += size
+		require.LessOrEqual(t, srv.DMAReserved(), uint64(budget))
+	}
+	require.NotZero(t, refusals)
+	require.Equal(t, 14, mapped)
+	assert.Equal(t, uint64(budget), srv.DMAReserved(), "the budget is used to the last page")
+	assert.Equal(t, mapped, mappings(t, name))
+	_, err = c.DeviceInfo(ctx)
+	require.NoError(t, err, "the session goes on")
+
+	// The window cap: windows without descriptors count, and take no
+	// address space.
+	for ; mapped < windows; mapped++ {
+		require.NoError(t, c.DMAMap(ctx, addr, 4096, -1, 0))
+		addr += 4096
+	}
+	err = c.DMAMap(ctx, addr, 4096, -1, 0)
+	require.True(t, vfiousertest.IsErrno(err, unix.ENOSPC), "refused for the window count: %v", err)
+	err = c.DMAMap(ctx, addr, 4096, file, 0)
+	require.True(t, vfiousertest.IsErrno(err, unix.ENOSPC), "refused for the window count: %v", err)
+	assert.Equal(t, uint64(budget), srv.DMAReserved())
+
+	// An unmap makes room again.
+	require.NoError(t, c.DMAUnmap(ctx, 0, 32<<20))
+	require.NoError(t, c.DMAMap(ctx, addr, 16<<20, file, 0))
+	assert.Equal(t, uint64(budget-32<<20+16<<20), srv.DMAReserved())
+	_, err = c.DeviceInfo(ctx)
+	require.NoError(t, err, "the session goes on")
+
+	require.NoError(t, c.Close())
+	require.Eventually(t, func() bool { return fdCount(t) <= before && mappings(t, name) == 0 }, 5*time.Second, 10*time.Millisecond,
+		"leaked: %d descriptors before, %d after; %d mappings", before, fdCount(t), mappings(t, name))
+	assert.Zero(t, srv.DMAReserved())
+}
+
+// TestDMAWindowRules: the size a window may have, and the options.
+func TestDMAWindowRules(t *testing.T) {
+	ctx := testCtx(t)
+	const name = "vfu-window-rules"
+	file := sparseFile(t, name, 64<<40)
+	for _, tc := range []struct {
+		name   string
+		budget uint64
+		size   uint64
+		errno  unix.Errno // 0: mapped
+	}{
+		{"beyond the budget", 1 << 30, 1<<30 + 4096, unix.ENOMEM},
+		{"the whole budget", 1 << 30, 1 << 30, 0},
+		{"beyond the largest window", 1 << 62, 32<<40 + 4096, unix.EINVAL},
+		{"64 TiB", 1 << 62, 64 << 40, unix.EINVAL},
+		{"a budget near 2^64", ^uint64(0), 64 << 40, unix.EINVAL},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, srv, path := stubbornRigOpts(t, &vfiouser.Options{DMABudget: tc.budget})
+			c := dialPath(t, path)
+			v, err := c.Negotiate(ctx)
+			require.NoError(t, err)
+			require.Equal(t, uint64(vfiouser.DefaultMaxDMAWindows), *v.Caps.MaxDMAMaps)
+			err = c.DMAMap(ctx, 0, tc.size, file, 0)
+			if tc.errno == 0 {
+				require.NoError(t, err)
+				assert.Equal(t, tc.size, srv.DMAReserved())
+				require.NoError(t, c.DMAUnmap(ctx, 0, tc.size))
+			} else {
+				require.True(t, vfiousertest.IsErrno(err, tc.errno), "want %v: %v", tc.errno, err)
+				assert.Zero(t, mappings(t, name))
+			}
+			assert.Zero(t, srv.DMAReserved())
+		})
+	}
+
+	assert.Equal(t, unix.ENOSPC, vfiouser.Errno(vfiouser.ErrDMALimit))
+	budget := vfiouser.DefaultDMABudget()
+	assert.NotZero(t, budget)
+	assert.LessOrEqual(t, budget, uint64(32<<40))
+	sn, err := softnet.New(nil)
+	require.NoError(t, err)
+	backing := vdpa.NewLocal(sn, nil)
+	defer backing.Close()
+	for _, n := range []int{-1, 65536} {
+		_, err := vfiouser.New(backing, &vfiouser.Options{MaxDMAWindows: n})
+		require.ErrorIs(t, err, mdev.ErrInvalidOptions, "MaxDMAWindows %d", n)
+	}
+}
+
+// TestRetiredWindowsCountAgainstTheBudget: the address range of a window
+// unmapped while the data path could not be stopped stays reserved until
+// it stops, so it counts against the budget: a client cannot fill the
+// address space by mapping and unmapping under a stuck data path (a backing
+// device that refuses its reset too retires windows beyond maxRetired). A
+// map refused for it succeeds once the device has been reset.
+func TestRetiredWindowsCountAgainstTheBudget(t *testing.T) {
+	b, srv, path := stubbornRigOpts(t, &vfiouser.Options{DMABudget: vfiousertest.GuestMemSize + 2*extraSize})
+	ctx := testCtx(t)
+	c := dialPath(t, path)
+	d, err := vfiousertest.NewDriver(ctx, c, nil)
+	require.NoError(t, err)
+	defer d.Close()
+	b.stuck.Store(true)
+	require.Error(t, c.SetMigState(ctx, uint32(mdev.MigStop)), "the stop fails")
+	const name = "vfu-window-retired-budget"
+	extra := windowFile(t, name, extraSize)
+	for round := 0; round < 2; round++ {
+		require.NoError(t, c.DMAMap(ctx, extraBase, extraSize, extra, 0), "round %d", round)
+		require.NoError(t, c.DMAUnmap(ctx, extraBase, extraSize), "round %d", round)
+	}
+	require.Equal(t, 2, srv.RetiredWindows())
+	assert.Equal(t, uint64(vfiousertest.GuestMemSize+2*extraSize), srv.DMAReserved())
+	err = c.DMAMap(ctx, extraBase, extraSize, extra, 0)
+	require.True(t, vfiousertest.IsErrno(err, unix.ENOMEM), "the retired ranges fill the budget: %v", err)
+	assert.Zero(t, mappings(t, name))
+
+	b.stuck.Store(false)
+	require.NoError(t, c.Reset(ctx))
+	assert.Zero(t, srv.RetiredWindows())
+	require.NoError(t, c.DMAMap(ctx, extraBase, extraSize, extra, 0))
+	require.NoError(t, c.DMAUnmap(ctx, extraBase, extraSize))
 }

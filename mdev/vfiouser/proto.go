@@ -107,6 +107,10 @@ var (
 	ErrExists = errors.New("vfiouser: DMA range already mapped")
 	// ErrNotMapped: a DMA unmap matching no mapping, or DMA to unmapped memory.
 	ErrNotMapped = errors.New("vfiouser: DMA range not mapped")
+	// ErrDMALimit: a DMA map beyond the server's window count
+	// (Options.MaxDMAWindows, ENOSPC) or address-space budget
+	// (Options.DMABudget, ENOMEM).
+	ErrDMALimit = errors.New("vfiouser: DMA window limit reached")
 	// ErrBusy: the device's data path may still be using what the message
 	// would take away, and cannot be stopped (EBUSY); see Server.
 	ErrBusy = errors.New("vfiouser: device busy")
@@ -160,6 +164,8 @@ func Errno(err error) unix.Errno {
 		return unix.EBADF
 	case errors.Is(err, ErrBusy):
 		return unix.EBUSY
+	case errors.Is(err, ErrDMALimit):
+		return unix.ENOSPC
 	}
 	return unix.EINVAL
 }

@@ -27,6 +27,60 @@ type Options struct {
 	// Logger receives session events and rejected client input (default:
 	// discard).
 	Logger *slog.Logger
+	// MaxDMAWindows caps the DMA windows mapped at once, with or without a
+	// descriptor; the server announces it as max_dma_maps, and a DMA_MAP
+	// beyond it is refused with ENOSPC (the errno of the kernel's VFIO
+	// type1 driver when its dma_entry_limit is reached). 0 means
+	// DefaultMaxDMAWindows; at most 65535 (the protocol's default).
+	MaxDMAWindows int
+	// DMABudget caps the bytes of address space the DMA windows with
+	// descriptors take: the windows mapped and the address ranges of
+	// windows unmapped but still reserved because the data path could not
+	// be stopped (see DMA_UNMAP in the package documentation). A DMA_MAP
+	// that would go beyond it is refused with ENOMEM (the errno of VFIO
+	// type1 beyond the locked-memory limit) before anything is mapped. 0
+	// means DefaultDMABudget().
+	DMABudget uint64
+}
+
+// DefaultMaxDMAWindows is the default Options.MaxDMAWindows. QEMU maps one
+// window per RAM section of guest memory (RAM below and above 4 GiB, the
+// low 640 KiB, ROMs and option ROMs): tens for a q35 guest. The kernel's
+// VFIO type1 driver allows 65535 per container, "well in excess of any
+// reasonable use case"; here every window is a mapping of this process,
+// which has vm.max_map_count (65530 by default) for everything it maps,
+// so the default leaves most of that to the rest of the process and to
+// other servers in it while allowing a hundred times what QEMU uses.
+const DefaultMaxDMAWindows = 4096
+
+// maxDMABudget bounds DefaultDMABudget: a quarter of the 128 TiB user
+// address space of x86-64 (4-level paging), which leaves the rest to the
+// Go runtime, other servers and whatever else the process maps. Address
+// space, not memory, is what the windows consume (a client's memfd may be
+// sparse), and the Go runtime aborts when it can no longer reserve any.
+const maxDMABudget = 32 << 40
+
+// DefaultDMABudget is the default Options.DMABudget: four times this
+// machine's physical memory, at most 32 TiB (a quarter of x86-64's 128 TiB
+// user address space; 32 TiB if the memory size is unknown). A guest's
+// memory is a file the client shares from this machine; a guest bigger
+// than the machine is rare and four times it is not a real configuration,
+// while the windows of a normal guest (its RAM once, plus small ROMs) fit
+// with room for remapping while earlier windows are still reserved.
+func DefaultDMABudget() uint64 {
+	var si unix.Sysinfo_t
+	if err := unix.Sysinfo(&si); err != nil || si.Totalram == 0 {
+		return maxDMABudget
+	}
+	unit := uint64(si.Unit)
+	if unit == 0 {
+		unit = 1
+	}
+	ram := uint64(si.Totalram)
+	if ram > maxDMABudget/4/unit {
+		return maxDMABudget
+	}
+	return 4 * ram * unit
 }
 
 // Server serves one mdev.Device to vfio-user clients, one session at a
@@ -39,6 +93,10 @@ type Server struct {
 
 	mu  sync.Mutex // guards dma
 	dma dmaTable
+	// maxWindows and budget are Options.MaxDMAWindows and DMABudget,
+	// defaults applied.
+	maxWindows int
+	budget     uint64
 	// retired is len(dma.graveyard), read without mu after every message.
 	retired atomic.Int32
 
@@ -102,6 +160,16 @@ func New(backing vdpa.Device, opts *Options) (*Server, error) {
 	}
 	if o.Device.Memory != nil || o.Device.Vector != nil || o.Device.INTx != nil {
 		return nil, fmt.Errorf("%w: Device.Memory, Vector and INTx belong to the server", mdev.ErrInvalidOptions)
+	}
+	if o.MaxDMAWindows < 0 || o.MaxDMAWindows > 65535 {
+		return nil, fmt.Errorf("%w: MaxDMAWindows %d (0..65535)", mdev.ErrInvalidOptions, o.MaxDMAWindows)
+	}
+	s.maxWindows, s.budget = o.MaxDMAWindows, o.DMABudget
+	if s.maxWindows == 0 {
+		s.maxWindows = DefaultMaxDMAWindows
+	}
+	if s.budget == 0 {
+		s.budget = DefaultDMABudget()
 	}
 	s.log = o.Logger
 	if s.log == nil {

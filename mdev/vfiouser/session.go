@@ -279,7 +279,7 @@ func (ss *session) handleVersion(p []byte) ([]byte, error) {
 		return nil, fatal{perr(CmdVersion, ErrVersion, "major version %d (this server speaks %d)", v.Major, VersionMajor)}
 	}
 	ss.version = true
-	fds, xfer, maps, pg := uint64(MaxMsgFds), uint64(MaxDataXfer), uint64(65535), uint64(4096)
+	fds, xfer, maps, pg := uint64(MaxMsgFds), uint64(MaxDataXfer), uint64(ss.s.maxWindows), uint64(4096)
 	reply := Version{Major: VersionMajor, Minor: min(v.Minor, VersionMinor), Caps: Capabilities{
 		MaxMsgFds: &fds, MaxDataXferSize: &xfer, MaxDMAMaps: &maps, PgSizes: &pg,
 	}}
@@ -295,15 +295,29 @@ func (ss *session) handleDMAMap(p []byte) error {
 		return perr(CmdDMAMap, ErrFds, "%d descriptors", len(ss.fds))
 	}
 	s := ss.s
-	s.mu.Lock()
-	over := s.dma.overlaps(m.Address, m.Address+m.Size-1)
-	n := len(s.dma.maps)
-	s.mu.Unlock()
-	if over {
-		return perr(CmdDMAMap, ErrExists, "%#x+%#x", m.Address, m.Size)
+	// Checked before anything is mapped, and again under mu when the
+	// window goes in (only this session maps, but unmaps and reaps change
+	// the table in between).
+	withFd := len(ss.fds) == 1
+	check := func() error {
+		if s.dma.overlaps(m.Address, m.Address+m.Size-1) {
+			return perr(CmdDMAMap, ErrExists, "%#x+%#x", m.Address, m.Size)
+		}
+		if n := len(s.dma.maps); n >= s.maxWindows {
+			return &Error{Cmd: CmdDMAMap, Errno: unix.ENOSPC, Err: fmt.Errorf("%w: %d windows (max_dma_maps %d)", ErrDMALimit, n, s.maxWindows)}
+		}
+		if withFd {
+			if used := s.dma.reserved(); m.Size > s.budget || used > s.budget-m.Size {
+				return &Error{Cmd: CmdDMAMap, Errno: unix.ENOMEM, Err: fmt.Errorf("%w: %#x bytes with %#x of %#x reserved", ErrDMALimit, m.Size, used, s.budget)}
+			}
+		}
+		return nil
 	}
-	if n >= 65535 {
-		return perr(CmdDMAMap, ErrTooLarge, "%d windows", n)
+	s.mu.Lock()
+	err = check()
+	s.mu.Unlock()
+	if err != nil {
+		return err
 	}
 	fd := -1
 	if len(ss.fds) == 1 {
@@ -317,10 +331,10 @@ func (ss *session) handleDMAMap(p []byte) error {
 		return err
 	}
 	s.mu.Lock()
-	if s.dma.overlaps(m.Address, m.Address+m.Size-1) { // only this session maps
+	if err := check(); err != nil {
 		s.mu.Unlock()
 		mp.release()
-		return perr(CmdDMAMap, ErrExists, "%#x+%#x", m.Address, m.Size)
+		return err
 	}
 	s.dma.insert(mp)
 	s.mu.Unlock()
