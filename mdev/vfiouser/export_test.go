@@ -11,3 +11,10 @@ func (s *Server) DMAReserved() uint64 {
 	defer s.mu.Unlock()
 	return s.dma.reserved()
 }
+
+// DMAWindows is the number of DMA windows mapped.
+func (s *Server) DMAWindows() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.dma.maps)
+}

@@ -339,6 +339,10 @@ func qemuMSIXConfigSpaceAndLink(t *testing.T, qemu, helper string, o backingOpts
 
 	iface, err := v.wait(ctx, "IFACE", 1)
 	require.NoError(t, err)
+	// What QEMU maps, against the defaults of Options.MaxDMAWindows and
+	// DMABudget.
+	t.Logf("QEMU's DMA windows: %d (max_dma_maps %d), %d MiB mapped (budget %d MiB)",
+		r.srv.DMAWindows(), vfiouser.DefaultMaxDMAWindows, r.srv.DMAReserved()>>20, vfiouser.DefaultDMABudget()>>20)
 	f := kvs(iface)
 	assert.Contains(t, iface, "driver=virtio_net")
 	// The guest's negotiated features (sysfs: one character per bit) and
