@@ -149,7 +149,9 @@ var (
 	// ErrNoBuffer: the receive queue had no (or not enough) buffers.
 	ErrNoBuffer = errors.New("softnet: no receive buffer")
 	// ErrBufferTooSmall: without MRG_RXBUF, a receive chain cannot hold
-	// the header and the frame.
+	// the header and the frame; with it, one cannot hold the header, or
+	// the frame's chains have too many segments (DropRxTooSmall,
+	// DropRxFragmented).
 	ErrBufferTooSmall = errors.New("softnet: receive buffer too small")
 	// ErrRxNotReady: the receive queue is not started.
 	ErrRxNotReady = errors.New("softnet: receive queue not started")

@@ -35,8 +35,14 @@
 // start, and released by Reset: a device offering many queue pairs costs
 // little until they are used. New bounds what they can grow to
 // (Options.MaxQueueMemory, QueueMemory), so no queue count or size makes
-// the process run out of memory. With VIRTIO_NET_F_MRG_RXBUF a frame may fill
-// several receive chains; num_buffers in the first header says how many.
+// the process run out of memory, nor any ring contents: the segment room
+// receive chains grow to is bounded per queue (a split ring may name one
+// long chain in every avail entry). With VIRTIO_NET_F_MRG_RXBUF a frame
+// may fill several receive chains; num_buffers in the first header says
+// how many. Each must hold at least the header (§5.1.6.3.1): one that does
+// not, and the chains the frame took before it, go back empty
+// (DropRxTooSmall), as do the chains of a frame with more segments beyond
+// four per chain than the ring has entries, or 64 (DropRxFragmented).
 //
 // # Offloads
 //

@@ -61,6 +61,14 @@ type queue struct {
 	lens   []uint32 // rx: bytes written per chain of one frame
 	hdr    [virtio.NetHdrSize]byte
 	irq    bool // rx: used entries published since the last interrupt check
+	// segExtra (rx) is the segment room the stash's chains have beyond
+	// rxSegs each (their Segs grow when a chain has more segments),
+	// segMax what it may keep (rxSpareSegs) and frameMax the segments
+	// beyond rxSegs per chain one frame's chains may have. spare holds
+	// the rxSegs-room arrays of chains that grew, which trimRx gives
+	// back to them. See "Receive chain room" at rxSpareSegs.
+	segExtra, segMax, frameMax int
+	spare                      [][]vring.Segment
 	// pending (rx) are receive chains written and logged but not yet
 	// published, in the order they were popped: publishRx returns them
 	// with one PushBatch (one used.idx store) every rxPendingMax chains or
@@ -98,8 +106,9 @@ func (q *queue) segBuf() []byte {
 }
 
 // Per-queue state sizes, for QueueMemory. A receive queue holds, per entry
-// of its ring, a Chain with room for rxSegs segments, a length and a used
-// entry waiting to be published (and rxPendingMax more of those); a
+// of its ring, a Chain with room for rxSegs segments, a spare slice (see
+// rxSpareSegs), a length and a used entry waiting to be published (and
+// rxPendingMax more of those), and room for rxSpareSegs segments more; a
 // transmit or control queue a Chain with room for workerSegs segments and
 // a gather buffer of a header and a whole frame.
 const (
@@ -122,7 +131,8 @@ func (q *queue) gatherBuf(n int) []byte {
 
 var (
 	usedBytes    = uint64(unsafe.Sizeof(vring.UsedElem{}))
-	rxEntryBytes = uint64(unsafe.Sizeof(vring.Chain{})) + rxSegs*uint64(unsafe.Sizeof(vring.Segment{})) + 4 + usedBytes
+	segBytes     = uint64(unsafe.Sizeof(vring.Segment{}))
+	rxEntryBytes = uint64(unsafe.Sizeof(vring.Chain{})) + rxSegs*segBytes + uint64(unsafe.Sizeof([]vring.Segment{})) + 4 + usedBytes
 	workerBytes  = workerSegs*uint64(unsafe.Sizeof(vring.Segment{})) + gatherLen
 	queueBytes   = uint64(unsafe.Sizeof(queue{}))
 )
@@ -140,7 +150,7 @@ func QueueMemory(pairs, size uint16, ctrl, offload bool) uint64 {
 		workers++
 	}
 	rx := p
-	m := (rx+workers)*queueBytes + rx*(n*rxEntryBytes+rxPendingMax*usedBytes) + workers*workerBytes
+	m := (rx+workers)*queueBytes + rx*(n*rxEntryBytes+uint64(rxSpareSegs(int(size)))*segBytes+rxPendingMax*usedBytes) + workers*workerBytes
 	if offload {
 		m += 2 * p * MaxFrame
 	}
@@ -171,6 +181,86 @@ func (q *queue) allocRx(size int) {
 		q.stash[i].Segs = segs[i*rxSegs : i*rxSegs : (i+1)*rxSegs]
 	}
 	q.lens = make([]uint32, size)
+	q.spare = make([][]vring.Segment, 0, size)
+	q.segExtra = 0
+}
+
+// Receive chain room. A chain popped into a stash entry with more than
+// rxSegs segments grows the entry's Segs (vring appends), and the entry
+// keeps that room, so that a driver whose chains are longer (big-packet
+// chains of 19 descriptors and more, without MRG_RXBUF) costs no
+// allocation per frame. Two bounds keep that from adding up:
+//
+//   - With MRG_RXBUF, the chains of one frame may have rxFrameSegs(size)
+//     segments beyond rxSegs each, in all: a chain as long as the ring, or
+//     many a little longer than rxSegs. A frame whose chains have more is
+//     dropped (DropRxFragmented) and they go back empty. Drivers use one
+//     descriptor or two per mergeable buffer (Linux, DPDK), so none of
+//     theirs comes near.
+//   - What the stash keeps beyond rxSegs per entry (segExtra) is bounded
+//     by rxSpareSegs(size): once it is over, the chains the device is
+//     done with get their rxSegs room back (trimRx, as a frame's chains
+//     are consumed and when the queue stops; the arrays they grew from
+//     are kept in spare for that, so it allocates nothing). Without
+//     MRG_RXBUF the stash is one entry, whose room is at most that of the
+//     longest chain vring pops, within the bound. It is
+//     four times what a frame may take (the chain that goes over the
+//     frame's bound is held too, and Segs grows by doubling), so the
+//     room of one dropped frame's chains is kept and the next frame,
+//     popped into the same entries, grows nothing: a driver that keeps
+//     posting such chains costs no allocation per frame either.
+//
+// Without them, a split ring naming one long chain of zero-length
+// descriptors in every avail entry (a split ring does not track heads in
+// flight) made every entry keep a ring's worth of segments: the square of
+// the ring size, 44 MiB at 1024 entries, tens of GiB at 32768.
+
+// rxFrameSegs is the number of segments beyond rxSegs per chain that the
+// chains of one frame may have on a receive queue of size entries.
+func rxFrameSegs(size int) int { return max(size, 64) }
+
+// rxSpareSegs is the segment room beyond rxSegs per entry that a receive
+// queue of size entries keeps once it is done with the chains
+// (QueueMemory counts it). The chains held for a frame in progress may
+// take room beyond it (those of one frame: rxFrameSegs segments and one
+// chain more, at most twice that in room).
+func rxSpareSegs(size int) int { return 4 * rxFrameSegs(size) }
+
+// grew counts a receive chain's Segs grown by a Pop from old to room for
+// n segments, keeping old for trimRx if it was an rxSegs array. Called
+// with rx.mu held, rarely: not inlined.
+//
+//go:noinline
+func (rx *queue) grew(old []vring.Segment, n int) {
+	rx.segExtra += max(n-rxSegs, 0) - max(cap(old)-rxSegs, 0)
+	if cap(old) == rxSegs && len(rx.spare) < cap(rx.spare) {
+		rx.spare = append(rx.spare, old[:0])
+	}
+}
+
+// trimRx gives the chains of s (pushed, given back or not holding any)
+// their rxSegs room back, as long as the stash keeps more room than
+// segMax. Called with rx.mu held. Not inlined: its callers check
+// segExtra > segMax first, which is rare.
+//
+//go:noinline
+func (rx *queue) trimRx(s []vring.Chain) {
+	for i := range s {
+		if rx.segExtra <= rx.segMax {
+			return
+		}
+		c := &s[i]
+		if n := cap(c.Segs); n > rxSegs {
+			if k := len(rx.spare); k > 0 {
+				c.Segs = rx.spare[k-1]
+				rx.spare[k-1] = nil
+				rx.spare = rx.spare[:k-1]
+			} else {
+				c.Segs = make([]vring.Segment, 0, rxSegs)
+			}
+			rx.segExtra -= n - rxSegs
+		}
+	}
 }
 
 // release drops the queue's chain and gather state (Reset): a device
@@ -180,6 +270,7 @@ func (q *queue) release() {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	q.stash, q.lens, q.nstash = nil, nil, 0
+	q.spare, q.segExtra = nil, 0
 	q.gather, q.seg = nil, nil
 	q.used, q.pending = nil, nil
 	q.chain = vring.Chain{}
@@ -212,6 +303,7 @@ func (q *queue) startRx(dq *vring.DeviceQueue, call *vdpa.EventFD, chains int) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	q.allocRx(chains)
+	q.segMax, q.frameMax = rxSpareSegs(int(dq.Size())), rxFrameSegs(int(dq.Size()))
 	if cap(q.pending) != rxPendingMax+chains {
 		q.pending = make([]vring.UsedElem, 0, rxPendingMax+chains)
 	}
@@ -327,6 +419,7 @@ func (q *queue) stop() vring.QueueState {
 		st.NextAvail -= uint16(q.nstash)
 	}
 	q.nstash = 0
+	q.trimRx(q.stash)
 	q.dq, q.kick, q.call = nil, nil, nil
 	q.running.Store(false)
 	return st
@@ -992,7 +1085,13 @@ func (d *Device) ringErr(rx *queue, err error) error {
 func (d *Device) writeSingle(rx *queue, frame []byte) error {
 	c := &rx.stash[0]
 	if rx.nstash == 0 {
+		// The one chain's room is not trimmed: it is at most that of
+		// the longest chain vring pops, within segMax (rxSpareSegs).
+		old := c.Segs
 		ok, err := rx.dq.Pop(c)
+		if cap(c.Segs) != cap(old) {
+			rx.grew(old, cap(c.Segs))
+		}
 		if err != nil {
 			return d.ringErr(rx, err)
 		}
@@ -1034,7 +1133,7 @@ func (d *Device) writeMergeable(rx *queue, frame []byte) error {
 	hdrLen := int(d.hdrLen.Load())
 	need := uint64(hdrLen + len(frame))
 	var got uint64
-	n := 0
+	n, extra := 0, 0
 	for got < need {
 		if n == len(rx.stash) {
 			d.drops.add(DropRxNoBuffer)
@@ -1042,7 +1141,11 @@ func (d *Device) writeMergeable(rx *queue, frame []byte) error {
 		}
 		c := &rx.stash[n]
 		if n >= rx.nstash {
+			old := c.Segs
 			ok, err := rx.dq.Pop(c)
+			if cap(c.Segs) != cap(old) {
+				rx.grew(old, cap(c.Segs))
+			}
 			if err != nil {
 				return d.ringErr(rx, err)
 			}
@@ -1053,15 +1156,18 @@ func (d *Device) writeMergeable(rx *queue, frame []byte) error {
 			rx.nstash = n + 1
 		}
 		n++
-		if n == 1 && c.WritableLen < uint64(hdrLen) {
-			// The header must fit in the first buffer (§5.1.6.3.1): give
-			// this chain back empty, keep the others.
-			d.drops.add(DropRxTooSmall)
-			if err := rx.completeRx(c, 0); err != nil {
-				return d.ringErr(rx, err)
-			}
-			rx.consume(1)
-			return ErrBufferTooSmall
+		if c.WritableLen < uint64(hdrLen) {
+			// With MRG_RXBUF every buffer must hold at least the header
+			// (§5.1.6.3.1, a driver requirement): this one cannot take
+			// part in a frame. It goes back empty, and so do the chains
+			// held before it (chains are used in the order they were
+			// popped: see stop); those held after it stay.
+			return d.giveBack(rx, n, DropRxTooSmall)
+		}
+		if extra += max(len(c.Segs)-rxSegs, 0); extra > rx.frameMax {
+			// The frame's chains have more segments than a frame may
+			// take (see rxFrameSegs): back empty.
+			return d.giveBack(rx, n, DropRxFragmented)
 		}
 		got += c.WritableLen
 	}
@@ -1093,10 +1199,29 @@ func (d *Device) writeMergeable(rx *queue, frame []byte) error {
 	return nil
 }
 
+// giveBack returns the first n held chains empty (used length 0, in the
+// order they were popped), drops the frame for reason and returns
+// ErrBufferTooSmall.
+func (d *Device) giveBack(rx *queue, n int, reason DropReason) error {
+	d.drops.add(reason)
+	for i := range n {
+		if err := rx.completeRx(&rx.stash[i], 0); err != nil {
+			return d.ringErr(rx, err)
+		}
+	}
+	rx.consume(n)
+	return ErrBufferTooSmall
+}
+
 // consume drops the first n held chains (pushed by the caller), keeping the
 // rest in order at the front. The Chain values rotate rather than being
-// overwritten so every Segs backing array is kept: no allocation.
+// overwritten so every Segs backing array is kept: no allocation. The
+// dropped chains get their rxSegs room back if the stash keeps too much
+// (trimRx).
 func (rx *queue) consume(n int) {
+	if rx.segExtra > rx.segMax {
+		rx.trimRx(rx.stash[:n])
+	}
 	held := rx.nstash
 	if n >= held {
 		rx.nstash = 0

@@ -19,7 +19,9 @@ const (
 	// DropRxNoBuffer: the receive queue had no (or not enough) buffers.
 	DropRxNoBuffer
 	// DropRxTooSmall: a receive chain too small for the header (or, without
-	// MRG_RXBUF, for the whole frame).
+	// MRG_RXBUF, for the whole frame). With MRG_RXBUF every chain must
+	// hold the header (virtio 1.2 §5.1.6.3.1); the frame is dropped and
+	// the chains it held, up to that one, go back empty.
 	DropRxTooSmall
 	// DropRxNotReady: the receive queue is not started or is broken.
 	DropRxNotReady
@@ -33,11 +35,16 @@ const (
 	// DropRxBadHeader: a frame given to DeliverHdr (or Tx.ReplyHdr) whose
 	// header lies.
 	DropRxBadHeader
+	// DropRxFragmented: with MRG_RXBUF, the receive chains a frame took
+	// had more segments beyond four per chain, in all, than the ring has
+	// entries (or 64): far more than any driver's buffers have, whose
+	// chains are one or two descriptors. They go back empty.
+	DropRxFragmented
 	numDropReasons
 )
 
 var dropNames = [...]string{"tx_short", "tx_too_big", "rx_too_big", "rx_no_buffer", "rx_too_small",
-	"rx_not_ready", "filtered", "link_down", "tx_bad_header", "rx_bad_header"}
+	"rx_not_ready", "filtered", "link_down", "tx_bad_header", "rx_bad_header", "rx_fragmented"}
 
 func (r DropReason) String() string {
 	if r >= 0 && r < numDropReasons {
