@@ -28,6 +28,24 @@ var (
 // shadowAlign aligns the shadow rings' address space above guest memory.
 const shadowAlign = 1 << 21
 
+// relaySlotSegs is the segment room each in-flight slot starts with, and
+// relayKeepSegs the most it keeps once its chain is completed. A slot's
+// Segs grows to hold a longer chain (no allocation for the next chain as
+// long), so a guest's usual chains, one to a few descriptors or the 19 to
+// 47 of a Linux big-packet receive buffer, allocate nothing in steady
+// state; a slot that held a longer one gets relaySlotSegs back when it is
+// completed. Without the bound every slot kept the largest chain it had
+// ever held, up to the shadow ring's size in segments each: the square of
+// the ring size in all (40 bytes a segment): 2.5 MiB for 256 entries,
+// 40 GiB for 32768. With it a queue keeps at most relayKeepSegs segments
+// per slot (80 MiB for 32768 entries, what big-packet chains in every
+// slot take anyway), and the chains in flight, which take one shadow
+// descriptor per segment, no more than the ring's size in all.
+const (
+	relaySlotSegs = 4
+	relayKeepSegs = 64
+)
+
 // relay is the shadow virtqueue data path used for dirty tracking when the
 // backing device cannot log its writes.
 //
@@ -162,7 +180,7 @@ func (r *relay) program(d *Device) error {
 		rq := &relayQueue{idx: i, guest: gq, shadow: sq, guestKick: d.kicks[i],
 			inflight: make([]vring.Chain, ss), bufs: make([]vring.Buffer, 0, 8)}
 		for j := range rq.inflight {
-			rq.inflight[j].Segs = make([]vring.Segment, 0, 4)
+			rq.inflight[j].Segs = make([]vring.Segment, 0, relaySlotSegs)
 		}
 		rq.guestCall.Store(d.queueCallFD(i))
 		if rq.shadowKick, err = vdpa.NewEventFD(); err != nil {
@@ -395,6 +413,11 @@ func (rq *relayQueue) complete() error {
 			return err
 		}
 		rq.inflightDescs -= uint32(c.Descs)
+		if cap(c.Segs) > relayKeepSegs {
+			// A long chain's room goes (see relayKeepSegs): only
+			// after one, never for the usual chains.
+			c.Segs = make([]vring.Segment, 0, relaySlotSegs)
+		}
 		pushed = true
 	}
 	if pushed && rq.guest.NeedsInterrupt() {
