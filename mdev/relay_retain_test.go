@@ -144,5 +144,7 @@ func TestRelaySlotDropsHugeChain(t *testing.T) {
 			panic(err)
 		}
 	})
-	assert.Zero(t, allocs, "usual chains keep their slots' room")
+	if !raceEnabled { // the race detector allocates on synchronization
+		assert.Zero(t, allocs, "usual chains keep their slots' room")
+	}
 }

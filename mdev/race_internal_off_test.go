@@ -1,0 +1,5 @@
+//go:build !race
+
+package mdev
+
+const raceEnabled = false
