@@ -29,7 +29,8 @@ var (
 const shadowAlign = 1 << 21
 
 // relaySlotSegs is the segment room each in-flight slot starts with, and
-// relayKeepSegs the most it keeps once its chain is completed. A slot's
+// relayKeepSegs the longest chain whose room a slot keeps once the chain
+// is completed. A slot's
 // Segs grows to hold a longer chain (no allocation for the next chain as
 // long), so a guest's usual chains, one to a few descriptors or the 19 to
 // 47 of a Linux big-packet receive buffer, allocate nothing in steady
@@ -38,8 +39,9 @@ const shadowAlign = 1 << 21
 // ever held, up to the shadow ring's size in segments each: the square of
 // the ring size in all (40 bytes a segment): 2.5 MiB for 256 entries,
 // 40 GiB for 32768. With it a queue keeps at most relayKeepSegs segments
-// per slot (80 MiB for 32768 entries, what big-packet chains in every
-// slot take anyway), and the chains in flight, which take one shadow
+// per slot, rounded up by append to at most about twice that (80 to
+// 160 MiB for 32768 entries, what big-packet chains in every slot take
+// anyway), and the chains in flight, which take one shadow
 // descriptor per segment, no more than the ring's size in all.
 const (
 	relaySlotSegs = 4
@@ -413,9 +415,13 @@ func (rq *relayQueue) complete() error {
 			return err
 		}
 		rq.inflightDescs -= uint32(c.Descs)
-		if cap(c.Segs) > relayKeepSegs {
+		if len(c.Segs) > relayKeepSegs {
 			// A long chain's room goes (see relayKeepSegs): only
-			// after one, never for the usual chains.
+			// after one, never for the usual chains. The test is on
+			// the chain's length, not the room: append rounds room up
+			// to its size classes (58 segments get 67), so a test on
+			// cap would drop, and allocate again, for chains within
+			// the bound.
 			c.Segs = make([]vring.Segment, 0, relaySlotSegs)
 		}
 		pushed = true

@@ -147,4 +147,9 @@ func TestRelaySlotDropsHugeChain(t *testing.T) {
 	if !raceEnabled { // the race detector allocates on synchronization
 		assert.Zero(t, allocs, "usual chains keep their slots' room")
 	}
+
+	// A chain of 60 segments, within relayKeepSegs, keeps its slot's room
+	// although append rounded that room past relayKeepSegs (67 from 4).
+	head = b.round(60)
+	assert.GreaterOrEqual(t, cap(b.rq.inflight[head].Segs), 60, "a chain within the bound keeps its room")
 }
