@@ -45,13 +45,17 @@ type Options struct {
 
 // DefaultMaxDMAWindows is the default Options.MaxDMAWindows. QEMU maps one
 // window per RAM section of guest memory (RAM below and above 4 GiB, the
-// low 640 KiB, ROMs and option ROMs): tens for a q35 guest. The kernel's
-// VFIO type1 driver allows 65535 per container, "well in excess of any
-// reasonable use case"; here every window is a mapping of this process,
-// which has vm.max_map_count (65530 by default) for everything it maps,
-// so the default leaves most of that to the rest of the process and to
-// other servers in it while allowing a hundred times what QEMU uses.
-const DefaultMaxDMAWindows = 4096
+// low 640 KiB, ROMs and option ROMs): tens for a q35 guest, 9 for the
+// 512 MiB guest of this package's QEMU tests. Memory plugged through
+// virtio-mem is mapped one block at a time so that it can be unplugged
+// block by block (2 MiB blocks by default on x86): 32768 windows are
+// 64 GiB of plugged memory at that size, more with larger blocks. The
+// kernel's VFIO type1 driver allows 65535 per container; here every
+// window is a mapping of this process, which has vm.max_map_count (65530
+// by default) for everything it maps, so the default leaves half of that
+// to the rest of the process. A VMM plugging more small blocks sets
+// MaxDMAWindows up to 65535.
+const DefaultMaxDMAWindows = 32768
 
 // maxDMABudget bounds DefaultDMABudget: a quarter of the 128 TiB user
 // address space of x86-64 (4-level paging), which leaves the rest to the

@@ -556,8 +556,12 @@ const (
 	maxIOVAMapped = 16 << 40
 	// maxIOTLBEntries bounds the entries mapped from one IOTLB: a VMM maps
 	// its guest's RAM blocks (tens of entries), virtio_vdpa one bounce
-	// area.
-	maxIOTLBEntries = 16384
+	// area. A guest behind a vIOMMU has an entry per live DMA mapping of
+	// its driver, possibly thousands; half of vm.max_map_count leaves the
+	// rest to the process. Beyond it the memory is not mapped: the
+	// queues stay paused (logged) until an IOTLB update brings it back
+	// within the bound.
+	maxIOTLBEntries = 32768
 )
 
 // iovaBudget counts what mapLocked has taken from the IOTLB.
