@@ -114,8 +114,7 @@ func TestDMAUnmapReleasesInEveryMigrationState(t *testing.T) {
 				if round%2 == 0 {
 					require.NoError(t, c.DMAUnmap(ctx, extraBase, extraSize))
 				} else {
-					_, err := c.Call(ctx, vfiouser.CmdDMAUnmap, vfiouser.DMAUnmap{Argsz: vfiouser.DMAUnmapSize, Flags: vfiouser.UnmapAll}.Marshal(), nil)
-					require.NoError(t, err)
+					require.NoError(t, c.DMAUnmapAll(ctx))
 					require.Equal(t, served-1, mappings(t, guestMemName), "round %d: guest memory released by UNMAP_ALL", round)
 					require.NoError(t, c.DMAMap(ctx, 0, vfiousertest.GuestMemSize, d.Region.Fd(), 0))
 				}
@@ -394,11 +393,7 @@ func TestReadOnlyWindow(t *testing.T) {
 // and the process lives on.
 func TestRingsInAReadOnlyWindow(t *testing.T) {
 	r := newRig(t, nil)
-	ctx := testCtx(t)
-	c := r.dial(t)
-	d, err := vfiousertest.NewDriver(ctx, c, nil)
-	require.NoError(t, err)
-	defer d.Close()
+	ctx, c, d := r.driver(t)
 	require.NoError(t, d.SendFrames(frames(4, 6)))
 	require.NoError(t, d.Receive(ctx, 4, nil))
 	require.NoError(t, c.DMAUnmap(ctx, 0, vfiousertest.GuestMemSize))
@@ -434,12 +429,10 @@ func TestRetiredWindowsOutliveUnmapsWithoutMemory(t *testing.T) {
 	require.NoError(t, c.DMAUnmap(ctx, romBase, extraSize))
 	assert.Equal(t, 1, srv.RetiredWindows(), "a window without memory released the retired ranges")
 
-	_, err := c.Call(ctx, vfiouser.CmdDMAUnmap, vfiouser.DMAUnmap{Argsz: vfiouser.DMAUnmapSize, Flags: vfiouser.UnmapAll}.Marshal(), nil)
-	require.NoError(t, err)
+	require.NoError(t, c.DMAUnmapAll(ctx))
 	require.True(t, srv.Device().DataPathActive())
 	require.Equal(t, 2, srv.RetiredWindows(), "guest memory retired too")
-	_, err = c.Call(ctx, vfiouser.CmdDMAUnmap, vfiouser.DMAUnmap{Argsz: vfiouser.DMAUnmapSize, Flags: vfiouser.UnmapAll}.Marshal(), nil)
-	require.NoError(t, err)
+	require.NoError(t, c.DMAUnmapAll(ctx))
 	assert.Equal(t, 2, srv.RetiredWindows(), "UNMAP_ALL on an empty table released the retired ranges")
 
 	b.stuck.Store(false)
@@ -456,18 +449,14 @@ func TestRetiredWindowsOutliveUnmapsWithoutMemory(t *testing.T) {
 // the client restarts or resets it.
 func TestNextClientDoesNotResumeThePreviousRings(t *testing.T) {
 	r := newRig(t, nil)
-	ctx := testCtx(t)
-	c := r.dial(t)
-	d, err := vfiousertest.NewDriver(ctx, c, nil)
-	require.NoError(t, err)
-	defer d.Close()
+	ctx, c, d := r.driver(t)
 	require.NoError(t, d.SendFrames(frames(4, 1)))
 	require.NoError(t, d.Receive(ctx, 4, nil))
 	require.NoError(t, c.Close())
 	require.Eventually(t, func() bool { return !r.srv.Device().DataPathActive() }, 5*time.Second, 10*time.Millisecond)
 
 	c2 := r.dial(t)
-	_, err = c2.Negotiate(ctx)
+	_, err := c2.Negotiate(ctx)
 	require.NoError(t, err)
 	mem := windowFile(t, "vfu-next-client", vfiousertest.GuestMemSize)
 	require.NoError(t, c2.DMAMap(ctx, 0, vfiousertest.GuestMemSize, mem, 0))

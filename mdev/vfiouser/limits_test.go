@@ -94,11 +94,7 @@ func TestDescriptorsSpreadOverAMessageAreBounded(t *testing.T) {
 // the log is clean; a page-granular report is what it was.
 func TestDMALoggingReportOfAHugeRange(t *testing.T) {
 	r := newRig(t, nil)
-	ctx := testCtx(t)
-	c := r.dial(t)
-	d, err := vfiousertest.NewDriver(ctx, c, nil)
-	require.NoError(t, err)
-	defer d.Close()
+	ctx, c, d := r.driver(t)
 	const tib = 1 << 40
 	require.NoError(t, c.StartDMALogging(ctx, 4096, 0, tib))
 	traffic := func() {

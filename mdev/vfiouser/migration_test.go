@@ -109,14 +109,10 @@ func migrateBetweenServers(t *testing.T, opts *vfiousertest.DriverOptions) {
 
 func TestMigrationHostile(t *testing.T) {
 	r := newRig(t, nil)
-	ctx := testCtx(t)
-	c := r.dial(t)
-	d, err := vfiousertest.NewDriver(ctx, c, nil)
-	require.NoError(t, err)
-	defer d.Close()
+	ctx, c, _ := r.driver(t)
 	// STOP_COPY -> PRE_COPY is not an arc.
 	require.NoError(t, c.SetMigState(ctx, uint32(mdev.MigStopCopy)))
-	err = c.SetMigState(ctx, uint32(mdev.MigPreCopy))
+	err := c.SetMigState(ctx, uint32(mdev.MigPreCopy))
 	assert.True(t, vfiousertest.IsErrno(err, unix.EINVAL), "%v", err)
 	// A garbage state stream is refused when leaving RESUMING.
 	require.NoError(t, c.SetMigState(ctx, uint32(mdev.MigStop)))
@@ -143,11 +139,7 @@ func TestMigrationHostile(t *testing.T) {
 // stopped, and the next unmap went ahead under it.
 func TestPauseKeepsTheClientMigrationState(t *testing.T) {
 	r := newRig(t, nil)
-	ctx := testCtx(t)
-	c := r.dial(t)
-	d, err := vfiousertest.NewDriver(ctx, c, nil)
-	require.NoError(t, err)
-	defer d.Close()
+	ctx, c, d := r.driver(t)
 	fs := frames(30, 4)
 	require.NoError(t, d.SendFrames(fs[:10]))
 	require.NoError(t, d.Receive(ctx, 10, nil))
@@ -167,8 +159,7 @@ func TestPauseKeepsTheClientMigrationState(t *testing.T) {
 		require.NoError(t, c.DMAUnmap(ctx, 0, vfiousertest.GuestMemSize))
 	}
 
-	_, err = c.Call(ctx, vfiouser.CmdDMAUnmap, vfiouser.DMAUnmap{Argsz: vfiouser.DMAUnmapSize, Flags: vfiouser.UnmapAll}.Marshal(), nil)
-	require.NoError(t, err)
+	require.NoError(t, c.DMAUnmapAll(ctx))
 	assert.Equal(t, mdev.MigStop, dev.MigrationState(), "the server stopped the data path")
 	clientSees(mdev.MigRunning)
 
@@ -212,11 +203,7 @@ func TestPauseKeepsTheClientMigrationState(t *testing.T) {
 // written.
 func TestSetCurrentMigrationStateKeepsTheStream(t *testing.T) {
 	r := newRig(t, nil)
-	ctx := testCtx(t)
-	c := r.dial(t)
-	d, err := vfiousertest.NewDriver(ctx, c, nil)
-	require.NoError(t, err)
-	defer d.Close()
+	ctx, c, d := r.driver(t)
 	require.NoError(t, d.SendFrames(frames(8, 2)))
 	require.NoError(t, d.Receive(ctx, 8, nil))
 	migrateTo(t, ctx, c, mdev.MigStopCopy)
@@ -268,11 +255,7 @@ func readMig(t *testing.T, c *vfiousertest.Client, n uint32) []byte {
 // is refused instead of answered short (a short answer ends the stream).
 func TestDeviceFeatureRules(t *testing.T) {
 	r := newRig(t, nil)
-	ctx := testCtx(t)
-	c := r.dial(t)
-	d, err := vfiousertest.NewDriver(ctx, c, nil)
-	require.NoError(t, err)
-	defer d.Close()
+	ctx, c, _ := r.driver(t)
 	require.NoError(t, c.StartDMALogging(ctx, 4096, 0, vfiousertest.GuestMemSize))
 
 	report := func(iova, length, ps uint64) []byte {

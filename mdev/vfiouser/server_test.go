@@ -91,6 +91,18 @@ func (r *rig) dialTB(t testing.TB) *vfiousertest.Client {
 	return c
 }
 
+// driver dials the rig and brings a driver up on it (closed when the test
+// ends), with the test's context.
+func (r *rig) driver(t *testing.T) (context.Context, *vfiousertest.Client, *vfiousertest.Driver) {
+	t.Helper()
+	ctx := testCtx(t)
+	c := r.dial(t)
+	d, err := vfiousertest.NewDriver(ctx, c, nil)
+	require.NoError(t, err)
+	t.Cleanup(d.Close)
+	return ctx, c, d
+}
+
 func testCtx(t *testing.T) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	t.Cleanup(cancel)

@@ -195,6 +195,13 @@ func (c *Client) DMAUnmap(ctx context.Context, addr, size uint64) error {
 	return err
 }
 
+// DMAUnmapAll sends DMA_UNMAP with VFIO_DMA_UNMAP_FLAG_ALL: every window
+// goes.
+func (c *Client) DMAUnmapAll(ctx context.Context) error {
+	_, err := c.Call(ctx, vfiouser.CmdDMAUnmap, vfiouser.DMAUnmap{Argsz: vfiouser.DMAUnmapSize, Flags: vfiouser.UnmapAll}.Marshal(), nil)
+	return err
+}
+
 // Read reads count bytes of a region.
 func (c *Client) Read(ctx context.Context, region uint32, off uint64, count int) ([]byte, error) {
 	req := make([]byte, vfiouser.RegionAccessSize)
