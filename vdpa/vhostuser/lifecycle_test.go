@@ -80,6 +80,18 @@ const lcQueue, lcSize = 1, 64
 
 func newLCGuest(t *testing.T) *lcGuest { return newLCGuestWith(t, 0) }
 
+// runningLC connects a fresh guest to a fresh device, negotiates, starts the
+// ring and has n chains used on it: the opening of most lifecycle tests.
+func runningLC(t *testing.T, n int) (*lcGuest, *lcConn) {
+	t.Helper()
+	g := newLCGuest(t)
+	c := g.connect(lcDevice(t))
+	c.negotiate()
+	c.startRing(0)
+	g.traffic(n)
+	return g, c
+}
+
 // newLCGuestWith is newLCGuest with the ring format of features f (a
 // packed ring with RING_PACKED: descriptor ring at 0, driver area at
 // 0x1000, device area at 0x2000).
@@ -258,11 +270,7 @@ func TestLifecycleGetVringBaseAfter(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			g := newLCGuest(t)
-			c := g.connect(lcDevice(t))
-			c.negotiate()
-			c.startRing(0)
-			g.traffic(chains)
+			g, c := runningLC(t, chains)
 			tc.stop(c)
 			assert.Equal(t, 0, c.running(), "ring stopped")
 			assert.Equal(t, tc.status, c.status())
@@ -277,11 +285,7 @@ func TestLifecycleGetVringBaseAfter(t *testing.T) {
 // with the base it got back and SET_STATUS DRIVER_OK): the position
 // survives and traffic flows after, in the same session.
 func TestLifecycleStopCont(t *testing.T) {
-	g := newLCGuest(t)
-	c := g.connect(lcDevice(t))
-	c.negotiate()
-	c.startRing(0)
-	g.traffic(7)
+	g, c := runningLC(t, 7)
 	for round := 1; round <= 3; round++ {
 		c.send(ReqSetStatus, putU64(0))
 		got := c.base()
@@ -300,11 +304,7 @@ func TestLifecycleStopCont(t *testing.T) {
 // a fresh back-end, on the same guest memory, is configured with the saved
 // base (QEMU's destination) and serves on from there.
 func TestLifecycleMigration(t *testing.T) {
-	g := newLCGuest(t)
-	src := g.connect(lcDevice(t))
-	src.negotiate()
-	src.startRing(0)
-	g.traffic(9)
+	g, src := runningLC(t, 9)
 	src.send(ReqSetStatus, putU64(0))
 	saved := src.base()
 	require.Equal(t, uint16(9), saved)
@@ -337,11 +337,7 @@ func TestLifecycleBaseDisagreesWithUsed(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			g := newLCGuest(t)
-			first := g.connect(lcDevice(t))
-			first.negotiate()
-			first.startRing(0)
-			g.traffic(used)
+			g, first := runningLC(t, used)
 			first.hangUp() // the front-end or back-end went away
 
 			c := g.connect(lcDevice(t))

@@ -36,11 +36,7 @@ func TestLifecycleResetDeviceResetsRingsAndFeatures(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			g := newLCGuest(t)
-			c := g.connect(lcDevice(t))
-			c.negotiate()
-			c.startRing(0)
-			g.traffic(before)
+			g, c := runningLC(t, before)
 			c.send(ReqResetDevice, nil)
 			assert.Equal(t, 0, c.running(), "the reset stops the ring")
 			assert.Zero(t, c.be.Info().Features, "the reset forgets the features")

@@ -57,11 +57,7 @@ func TestBackendSetStatusZeroHoldsRingsUntilDriverOK(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			g := newLCGuest(t)
-			c := g.connect(lcDevice(t))
-			c.negotiate()
-			c.startRing(0)
-			g.traffic(before)
+			g, c := runningLC(t, before)
 			tc.stop(c)
 			require.Equal(t, 0, c.running(), "stopped")
 			tc.resume(c)
