@@ -649,28 +649,30 @@ func (be *feBackend) autoReply(m *Message) (Header, []byte, bool) {
 }
 
 // sentU64s returns the u64 payloads of the well-formed replies to r the
-// back-end sent.
+// back-end sent: a size field of 8 and at least 8 bytes sent. The socket
+// is a stream, so the Frontend reads the 8 bytes the size field covers;
+// bytes sent beyond them are the start of the next message to it.
 func (be *feBackend) sentU64s(r Request) []uint64 {
 	be.mu.Lock()
 	defer be.mu.Unlock()
 	var vs []uint64
 	for _, m := range be.sent {
-		if m.Request == r && m.IsReply() && len(m.Payload) == u64Size && m.Size == u64Size {
+		if m.Request == r && m.IsReply() && len(m.Payload) >= u64Size && m.Size == u64Size {
 			vs = append(vs, binary.NativeEndian.Uint64(m.Payload))
 		}
 	}
 	return vs
 }
 
-// sentPayloads returns the payloads of the replies to r with size fields
-// that match them.
+// sentPayloads returns the payloads of the replies to r that were sent
+// whole: the bytes their size fields cover (see sentU64s).
 func (be *feBackend) sentPayloads(r Request) [][]byte {
 	be.mu.Lock()
 	defer be.mu.Unlock()
 	var ps [][]byte
 	for _, m := range be.sent {
-		if m.Request == r && m.IsReply() && int(m.Size) == len(m.Payload) {
-			ps = append(ps, m.Payload)
+		if m.Request == r && m.IsReply() && int(m.Size) <= len(m.Payload) {
+			ps = append(ps, m.Payload[:m.Size])
 		}
 	}
 	return ps
