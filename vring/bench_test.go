@@ -130,8 +130,12 @@ func BenchmarkDevicePopPush4DescBatch32(b *testing.B) { benchPopPush(b, 4, 32) }
 
 // BenchmarkDriverAddReclaim measures the driver side per chain: Add of a
 // 2-buffer chain, Publish, NeedsKick, and Reclaim, in batches of 32, with the
-// device simulated by writing used entries directly.
-func BenchmarkDriverAddReclaim(b *testing.B) {
+// device simulated by writing used entries directly. The Batch variant
+// reclaims the 32 with one ReclaimBatch.
+func BenchmarkDriverAddReclaim(b *testing.B)      { benchDriverAddReclaim(b, false) }
+func BenchmarkDriverAddReclaimBatch(b *testing.B) { benchDriverAddReclaim(b, true) }
+
+func benchDriverAddReclaim(b *testing.B, batched bool) {
 	r, err := NewMemfdRegion(0, 1<<20, nil)
 	if err != nil {
 		b.Fatal(err)
@@ -146,6 +150,7 @@ func BenchmarkDriverAddReclaim(b *testing.B) {
 	g := r.Bytes()
 	bufs := []Buffer{{Addr: 0x10000, Len: 12}, {Addr: 0x10100, Len: 1500, Writable: true}}
 	var heads [32]uint16
+	var elems [32]UsedElem
 	var used uint16
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
@@ -170,6 +175,12 @@ func BenchmarkDriverAddReclaim(b *testing.B) {
 			used++
 		}
 		binary.LittleEndian.PutUint16(g[int(l.Used)+2:], used)
+		if batched {
+			if n, err := drv.ReclaimBatch(elems[:]); n != len(elems) || err != nil {
+				b.Fatal(n, err)
+			}
+			continue
+		}
 		for range heads {
 			if _, _, ok, err := drv.Reclaim(); !ok || err != nil {
 				b.Fatal(ok, err)

@@ -63,9 +63,10 @@
 //
 // Pop walks NEXT chains and INDIRECT tables and presents the readable
 // segments, then the writable ones, as zero-copy slices; PopBatch and
-// PushBatch amortise the index accesses, and Prefetch asks the CPU for a
-// batch's buffers (the next chains' first lines) before any is copied,
-// for a device whose driver runs on another CPU. NeedsInterrupt and NeedsKick
+// PushBatch amortise the index accesses (ReclaimBatch on the driver side),
+// and Prefetch asks the CPU for a batch's buffers (the next chains' first
+// lines) before any is copied, for a device whose driver runs on another
+// CPU. NeedsInterrupt and NeedsKick
 // implement VIRTIO_F_EVENT_IDX and the NO_INTERRUPT/NO_NOTIFY flags;
 // EnableNotify and EnableInterrupts handle the "enable notifications, then
 // re-check the ring" race (see EnableNotify).

@@ -399,6 +399,99 @@ func (q *DriverQueue) Reclaim() (head uint16, length uint32, ok bool, err error)
 	return uint16(id), length, true, nil
 }
 
+// ReclaimBatch takes up to len(out) used entries into out, in the order
+// the device used them, and returns how many it took. It is Reclaim in a
+// loop, with the entries already known to be used taken in one pass: a
+// driver that reclaims in bursts pays for one call, and used.idx is loaded
+// only when the entries known run out. Fewer than len(out) means none is
+// pending now; as with Reclaim, finding none with interrupts enabled and
+// EVENT_IDX writes used_event = next used index and re-checks, so a caller
+// that stops at a short batch and waits for an interrupt gets one. A
+// device breaking the rules returns the entries taken before the bad one
+// and a *QueueError, and breaks the queue.
+func (q *DriverQueue) ReclaimBatch(out []UsedElem) (int, error) {
+	if q.pk != nil {
+		return q.packedReclaimBatch(out)
+	}
+	if q.err != nil {
+		return 0, q.err
+	}
+	n := 0
+	for {
+		if k := min(int(q.usedSeen-q.lastUsed), len(out)-n); k > 0 {
+			m, err := q.reclaimRun(out[n : n+k])
+			n += m
+			if err != nil {
+				return n, err
+			}
+		}
+		if n == len(out) {
+			return n, nil
+		}
+		k, err := q.refresh()
+		if err != nil {
+			return n, err
+		}
+		if k == 0 {
+			if !q.intr || !q.eventIdx || q.usedEvent == q.lastUsed {
+				return n, nil
+			}
+			q.usedEvent = q.lastUsed
+			store16(q.r.usedEvent, q.lastUsed)
+			if k, err = q.refresh(); err != nil || k == 0 {
+				return n, err
+			}
+		}
+	}
+}
+
+// reclaimRun is ReclaimBatch's tight loop: it takes len(out) entries known
+// to be used (used.idx was loaded past them), each checked as Reclaim
+// checks it, with the free list and counters in locals, stored back once.
+func (q *DriverQueue) reclaimRun(out []UsedElem) (int, error) {
+	used, chains, freeNext := q.r.usedRing, q.chains, q.freeNext
+	mask := q.r.mask
+	last, free, numFree := q.lastUsed, q.freeHead, q.numFree
+	var err error
+	i := 0
+	for ; i < len(out); i++ {
+		e := &used[last&mask]
+		id, length := e.id, e.len
+		if id >= uint32(len(chains)) || !chains[id].inflight {
+			err = ErrUsedIDNotOutstanding
+			break
+		}
+		c := &chains[id]
+		if uint64(length) > c.writable {
+			err = ErrUsedLenTooLarge
+			break
+		}
+		c.inflight = false
+		freeNext[c.tail] = free
+		free = uint16(id)
+		numFree += int(c.ndesc)
+		out[i] = UsedElem{Head: uint16(id), Len: length}
+		last++
+	}
+	q.lastUsed, q.freeHead, q.numFree = last, free, numFree
+	q.outstanding -= i
+	if err != nil {
+		return i, q.fail(last, err)
+	}
+	return i, nil
+}
+
+func (q *DriverQueue) packedReclaimBatch(out []UsedElem) (int, error) {
+	for i := range out {
+		head, length, ok, err := q.packedReclaim()
+		if err != nil || !ok {
+			return i, err
+		}
+		out[i] = UsedElem{Head: head, Len: length}
+	}
+	return len(out), nil
+}
+
 func (q *DriverQueue) refresh() (uint16, error) {
 	_, idx := q.r.loadUsedWord()
 	n := idx - q.lastUsed

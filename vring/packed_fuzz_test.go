@@ -342,7 +342,25 @@ func FuzzPackedOps(f *testing.F) {
 				}
 				popped = keep
 				dev.NeedsInterrupt()
-			case 6: // reclaim
+			case 6: // reclaim one, or a batch
+				if b := int(next() % 5); b > 0 {
+					var elems [4]UsedElem
+					k, err := drv.ReclaimBatch(elems[:b])
+					if err != nil {
+						t.Fatal(err)
+					}
+					if k != min(b, len(used)) {
+						t.Fatalf("reclaimed a batch of %d of %d with %d used", k, b, len(used))
+					}
+					for _, e := range elems[:k] {
+						if e.Head != used[0].head || e.Len != used[0].used {
+							t.Fatalf("reclaimed %d/%d in a batch, want %d/%d", e.Head, e.Len, used[0].head, used[0].used)
+						}
+						descInUse -= used[0].ndesc
+						used = used[1:]
+					}
+					break
+				}
 				h, n, ok, err := drv.Reclaim()
 				if err != nil {
 					t.Fatal(err)

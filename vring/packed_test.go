@@ -819,7 +819,7 @@ func TestPackedDriverAdd(t *testing.T) {
 
 // TestPackedHotPathsDoNotAllocate asserts zero allocations per operation
 // in steady state on a packed ring: pop, push, batch pop/push, add,
-// publish, kick, reclaim, the notification calls, with logging and with
+// publish, kick, reclaim (one at a time and in batches), the notification calls, with logging and with
 // in-order batching.
 func TestPackedHotPathsDoNotAllocate(t *testing.T) {
 	for _, feat := range []virtio.Features{0, virtio.Features(0).With(virtio.FEventIdx, virtio.FInOrder)} {
@@ -853,10 +853,16 @@ func TestPackedHotPathsDoNotAllocate(t *testing.T) {
 				t.Fatal(err)
 			}
 			dev.NeedsInterrupt()
-			for range 8 {
+			for range 4 {
 				if _, _, ok, err := drv.Reclaim(); !ok || err != nil {
 					t.Fatal(ok, err)
 				}
+			}
+			if n, err := drv.ReclaimBatch(elems[:4]); n != 4 || err != nil {
+				t.Fatal(n, err)
+			}
+			if n, err := drv.ReclaimBatch(elems); n != 0 || err != nil {
+				t.Fatal(n, err)
 			}
 			drv.Reclaim()
 			dev.Pop(&cs[0])

@@ -121,7 +121,8 @@ func fmtName(size uint16, f virtio.Features) string {
 }
 
 // TestHotPathsDoNotAllocate asserts zero allocations per operation in
-// steady state for pop, push, batch pop/push, add, publish, kick and reclaim.
+// steady state for pop, push, batch pop/push, add, publish, kick and reclaim
+// (one at a time and in batches).
 func TestHotPathsDoNotAllocate(t *testing.T) {
 	for _, feat := range []virtio.Features{0, virtio.Features(0).With(virtio.FEventIdx)} {
 		_, drv, dev := newPair(t, 64, feat)
@@ -156,10 +157,16 @@ func TestHotPathsDoNotAllocate(t *testing.T) {
 				t.Fatal(err)
 			}
 			dev.NeedsInterrupt()
-			for range 8 {
+			for range 4 {
 				if _, _, ok, err := drv.Reclaim(); !ok || err != nil {
 					t.Fatal(ok, err)
 				}
+			}
+			if n, err := drv.ReclaimBatch(elems[:4]); n != 4 || err != nil {
+				t.Fatal(n, err)
+			}
+			if n, err := drv.ReclaimBatch(elems); n != 0 || err != nil {
+				t.Fatal(n, err)
 			}
 			drv.Reclaim()
 			dev.Pop(&cs[0])
