@@ -21,7 +21,7 @@ type packedBenchRing struct {
 	lap    int
 }
 
-func newPackedBenchRing(b *testing.B, nd int, feat virtio.Features) *packedBenchRing {
+func newPackedBenchRing(b testing.TB, nd int, feat virtio.Features) *packedBenchRing {
 	const size = 256
 	if size%nd != 0 {
 		b.Fatal("nd must divide 256")

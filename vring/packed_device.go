@@ -236,6 +236,9 @@ func (q *DeviceQueue) packedPop(c *Chain) (bool, error) {
 		p.take(id, 1, c.WritableLen)
 		return true, nil
 	}
+	if flags&DescFIndirect == 0 && q.packedWalkDirect(c, flags) {
+		return true, nil
+	}
 	if err := q.packedWalk(c, flags); err != nil {
 		return false, err
 	}
@@ -387,6 +390,85 @@ func (q *DeviceQueue) packedWalk(c *Chain, headFlags uint16) error {
 	return nil
 }
 
+// packedWalkDirect is packedWalk's fast path: a chain of direct ring
+// descriptors that ends before the ring's end, within the descriptors not
+// in flight, whose buffers are non-empty and lie inside the cached region,
+// readable ones before writable ones, no longer than c.Segs's capacity,
+// with a buffer id in range and not in flight. It reads each descriptor
+// once, its id|flags word first (atomically, rule 2), and checks every
+// value it uses on what it read. It takes such a chain and reports true;
+// for any other it reports false, leaving c's contents unspecified and the
+// queue as it was, and the caller walks the chain with packedWalk, which
+// starts over from the head and applies every rule with its typed errors.
+func (q *DeviceQueue) packedWalkDirect(c *Chain, headFlags uint16) bool {
+	p := q.pk
+	descs := p.r.descs
+	start := int(p.nextAvail)
+	segs := c.Segs[:cap(c.Segs)]
+	// The chain ends before the ring's end, uses at most the descriptors
+	// not in flight and fits segs.
+	end := min(len(descs), start+int(p.r.size-p.inflight), start+len(segs))
+	mem, base := q.cMem, q.cBase
+	bits := p.availBits
+	flags := headFlags
+	readable := -1
+	var rlen, wlen uint64
+	i := start
+	if i >= end {
+		return false
+	}
+	id := descs[i].id // the head's: its flags word was loaded (acquire) by the caller
+	for {
+		d := &descs[i]
+		addr, length := GuestAddr(d.addr), d.len
+		off := uint64(addr - base)
+		// Direct, in the cached region (off wraps past len(mem) when addr
+		// < base), non-empty (length-1 wraps when 0) and ending inside.
+		if flags&DescFIndirect != 0 || off >= uint64(len(mem)) || uint64(length)-1 >= uint64(len(mem))-off {
+			return false
+		}
+		s := &segs[i-start]
+		s.Addr, s.Len, s.Buf = addr, length, bufAt(mem, off, length)
+		if flags&DescFWrite != 0 {
+			if wlen == 0 { // the first writable one
+				readable = i - start
+			}
+			s.Writable = true
+			wlen += uint64(length)
+		} else {
+			if wlen != 0 { // readable after writable
+				return false
+			}
+			s.Writable = false
+			rlen += uint64(length)
+		}
+		if flags&DescFNext == 0 {
+			break
+		}
+		if i++; i >= end {
+			return false
+		}
+		// The next descriptor's id|flags word (acquire), then its addr
+		// and len at the top of the loop; it must be available.
+		w := atomic.LoadUint32(descWord(&descs[i]))
+		id, flags = uint16(w), uint16(w>>16)
+		if flags&availUsed != bits {
+			return false
+		}
+	}
+	n := i - start + 1
+	if int(id) >= len(p.ids) || p.ids[id].inflight {
+		return false
+	}
+	if readable < 0 {
+		readable = n
+	}
+	c.Head, c.Descs = id, uint16(n)
+	c.Segs, c.Readable, c.ReadableLen, c.WritableLen = segs[:n], readable, rlen, wlen
+	p.take(id, uint16(n), wlen)
+	return true
+}
+
 // packedWalkTable appends the segments of the indirect table at addr
 // (length bytes) named by ring descriptor at.
 func (q *DeviceQueue) packedWalkTable(c *Chain, at uint16, addr GuestAddr, length uint32) error {
@@ -468,6 +550,10 @@ func (q *DeviceQueue) packedPopBatch(cs []Chain) (int, error) {
 			}
 		}
 		// A chain packedPopRun does not take: walk it.
+		if flags&DescFIndirect == 0 && q.packedWalkDirect(&cs[i], flags) {
+			i++
+			continue
+		}
 		if err := q.packedWalk(&cs[i], flags); err != nil {
 			return i, err
 		}

@@ -1,0 +1,164 @@
+package vring
+
+import (
+	"encoding/binary"
+	"fmt"
+	"runtime"
+	"slices"
+	"testing"
+)
+
+// abSlice is the number of operations each side of an A/B benchmark runs
+// before the other side runs.
+const abSlice = 1024
+
+// benchAB measures two loops that do the same work two ways, alternating
+// slices of abSlice operations (A, B, A, B, ...) over b.N operations each,
+// on the benchmark's thread, timed by its CPU clock. Whatever the machine
+// does meanwhile (another job, a slower state of the host) lands on both
+// sides within milliseconds, so their ratio holds where two separate
+// benchmark runs minutes apart can differ by half. It reports each side's
+// median thread-CPU ns per operation over the slices (A-ns/op, B-ns/op)
+// and the ratio of the medians (B/A); ns/op is for both sides together.
+func benchAB(b *testing.B, a, bb func(n int)) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	a(abSlice) // warm both
+	bb(abSlice)
+	slicesN := max(1, b.N/abSlice)
+	ra := make([]float64, 0, slicesN)
+	rb := make([]float64, 0, slicesN)
+	b.ReportAllocs()
+	b.ResetTimer()
+	for range slicesN {
+		t0 := threadCPU()
+		a(abSlice)
+		t1 := threadCPU()
+		bb(abSlice)
+		t2 := threadCPU()
+		ra = append(ra, float64(t1-t0)/abSlice)
+		rb = append(rb, float64(t2-t1)/abSlice)
+	}
+	b.StopTimer()
+	slices.Sort(ra)
+	slices.Sort(rb)
+	ma, mb := ra[len(ra)/2], rb[len(rb)/2]
+	b.ReportMetric(ma, "A-ns/op")
+	b.ReportMetric(mb, "B-ns/op")
+	b.ReportMetric(mb/ma, "B/A")
+}
+
+// driverAddReclaimLoop returns the loop of BenchmarkDriverAddReclaim with
+// chains of nbuf buffers: add 32, publish, the device's used entries
+// written directly, reclaim the 32 one at a time or with one ReclaimBatch.
+func driverAddReclaimLoop(b *testing.B, nbuf int, batched bool) func(n int) {
+	r, err := NewMemfdRegion(0, 1<<20, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	mem, _ := NewMemory(r)
+	b.Cleanup(func() { mem.Close() })
+	l := ContiguousLayout(0, 256)
+	drv, err := NewDriverQueue(mem, DriverQueueOptions{Layout: l})
+	if err != nil {
+		b.Fatal(err)
+	}
+	g := r.Bytes()
+	bufs := []Buffer{{Addr: 0x10000, Len: 12}, {Addr: 0x10100, Len: 1500, Writable: true}}[2-nbuf:]
+	var heads [32]uint16
+	var elems [32]UsedElem
+	var used uint16
+	return func(n int) {
+		for done := 0; done < n; done += len(heads) {
+			for i := range heads {
+				h, err := drv.Add(bufs)
+				if err != nil {
+					b.Fatal(err)
+				}
+				heads[i] = h
+			}
+			drv.Publish()
+			drv.NeedsKick()
+			for _, h := range heads {
+				off := int(l.Used) + 4 + 8*int(used&255)
+				binary.LittleEndian.PutUint32(g[off:], uint32(h))
+				binary.LittleEndian.PutUint32(g[off+4:], 100)
+				used++
+			}
+			binary.LittleEndian.PutUint16(g[int(l.Used)+2:], used)
+			if batched {
+				if k, err := drv.ReclaimBatch(elems[:]); k != len(elems) || err != nil {
+					b.Fatal(k, err)
+				}
+				continue
+			}
+			for range heads {
+				if _, _, ok, err := drv.Reclaim(); !ok || err != nil {
+					b.Fatal(ok, err)
+				}
+			}
+		}
+	}
+}
+
+// BenchmarkABReclaimBatch: the driver loop reclaiming one entry at a time
+// (A) against ReclaimBatch (B), for chains of 1 and 2 buffers.
+func BenchmarkABReclaimBatch(b *testing.B) {
+	for _, nbuf := range []int{1, 2} {
+		b.Run(fmt.Sprintf("bufs=%d", nbuf), func(b *testing.B) {
+			benchAB(b, driverAddReclaimLoop(b, nbuf, false), driverAddReclaimLoop(b, nbuf, true))
+		})
+	}
+}
+
+// packedWalkLoop pops the chains of a packed bench ring (nd descriptors
+// each) with packedWalk alone (direct false) or with packedWalkDirect
+// first, as packedPopBatch does, and pushes them back 32 at a time.
+func packedWalkLoop(b *testing.B, nd int, direct bool) func(n int) {
+	br := newPackedBenchRing(b, nd, 0)
+	q := br.dev
+	cs := make([]Chain, 32)
+	elems := make([]UsedElem, 32)
+	perRing := 256 / nd
+	k := perRing
+	return func(n int) {
+		for done := 0; done < n; {
+			if k == perRing {
+				br.refill()
+				k = 0
+			}
+			want := min(len(cs), perRing-k)
+			for i := range want {
+				flags, ok := q.pk.headAvailable()
+				if !ok {
+					b.Fatal("no chain available")
+				}
+				if direct && q.packedWalkDirect(&cs[i], flags) {
+					continue
+				}
+				if err := q.packedWalk(&cs[i], flags); err != nil {
+					b.Fatal(err)
+				}
+			}
+			for i := range want {
+				elems[i] = UsedElem{cs[i].Head, 64}
+			}
+			if err := q.PushBatch(elems[:want]); err != nil {
+				b.Fatal(err)
+			}
+			k += want
+			done += want
+		}
+	}
+}
+
+// BenchmarkABPackedWalkDirect: packed chains of 2 and 4 descriptors popped
+// by packedWalk (A) against packedWalkDirect (B), each pushed back in
+// batches of 32.
+func BenchmarkABPackedWalkDirect(b *testing.B) {
+	for _, nd := range []int{2, 4} {
+		b.Run(fmt.Sprintf("descs=%d", nd), func(b *testing.B) {
+			benchAB(b, packedWalkLoop(b, nd, false), packedWalkLoop(b, nd, true))
+		})
+	}
+}

@@ -1,0 +1,138 @@
+package vring
+
+import (
+	"encoding/binary"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+	"github.com/vdpakit/vdpakit/virtio"
+)
+
+// TestPackedWalkDirectAgreesWithWalk checks packedWalk's fast path against
+// packedWalk itself on random packed rings, mostly well-formed chains with
+// every kind of defect mixed in, from random ring positions with random
+// descriptors in flight: whenever packedWalkDirect takes a chain,
+// packedWalk takes it too, builds the same Chain and leaves the queue in the
+// same state; whatever packedWalkDirect declines, it leaves the queue as it
+// was, and packedWalk decides.
+func TestPackedWalkDirectAgreesWithWalk(t *testing.T) {
+	const size = 13 // packed rings need not be a power of two
+	rng := rand.New(rand.NewPCG(14, 2))
+	feat := virtio.Features(0).With(virtio.FRingPacked, virtio.FIndirectDesc)
+	accepted, declined, declinedOK := 0, 0, 0
+	for iter := 0; iter < 20000; iter++ {
+		backing := make([]byte, 0x4000)
+		r1, err := NewRegion(0x1000, backing[:0x2000:0x2000], nil)
+		require.NoError(t, err)
+		r2, err := NewRegion(0x3000, backing[0x2000:], nil) // a second region
+		require.NoError(t, err)
+		mem, err := NewMemory(r1, r2)
+		require.NoError(t, err)
+		l := ContiguousPackedLayout(0x1000, size)
+
+		// Where the device is: the next available position and its wrap
+		// counter, and k ring descriptors in flight before it.
+		at := uint16(rng.IntN(size))
+		wrap := rng.IntN(2) == 0
+		k := uint16(rng.IntN(size))
+		usedAt, usedWrap := int(at)-int(k), wrap
+		if usedAt < 0 {
+			usedAt += size
+			usedWrap = !usedWrap
+		}
+		st := QueueState{NextAvail: PackedIndex(at, wrap), NextUsed: PackedIndex(uint16(usedAt), usedWrap)}
+		availBits, _ := setWrapBits(wrap, false)
+
+		g := backing[:0x2000]
+		for i := 0; i < size; i++ {
+			addr := uint64(0x1800 + rng.IntN(0x700))
+			length := uint32(1 + rng.IntN(64))
+			bits := availBits
+			if i < int(at) { // the next lap's positions
+				bits ^= availUsed
+			}
+			flags := bits
+			if rng.IntN(3) != 0 {
+				flags |= DescFNext
+			}
+			if i >= size/2 || rng.IntN(8) == 0 {
+				flags |= DescFWrite
+			}
+			id := uint16(rng.IntN(size))
+			switch rng.IntN(26) {
+			case 0:
+				length = 0
+			case 1:
+				addr = 0x3000 + uint64(rng.IntN(0x2000)) // the other region, or past it
+			case 2:
+				addr = 0x1fff0 // nowhere
+			case 3:
+				flags |= DescFIndirect
+				length = 16 * uint32(1+rng.IntN(3))
+			case 4:
+				flags ^= availUsed // not available
+			case 5:
+				addr, length = 0x2ff0, 64 // crosses the region's end
+			case 6:
+				id = uint16(size + rng.IntN(4)) // out of range
+			}
+			b := g[int(l.Desc-0x1000)+16*i:]
+			binary.LittleEndian.PutUint64(b, addr)
+			binary.LittleEndian.PutUint32(b[8:], length)
+			binary.LittleEndian.PutUint16(b[12:], id)
+			binary.LittleEndian.PutUint16(b[14:], flags)
+		}
+		// The head is always available (the callers check it first).
+		hb := g[int(l.Desc-0x1000)+16*int(at)+14:]
+		binary.LittleEndian.PutUint16(hb, binary.LittleEndian.Uint16(hb)&^availUsed|availBits)
+
+		var seed Chain
+		if rng.IntN(4) != 0 {
+			seed.Segs = make([]Segment, 0, rng.IntN(size+1))
+		}
+		busy := make([]bool, size)
+		for i := range busy {
+			busy[i] = rng.IntN(6) == 0
+		}
+		newQ := func(warm bool) *DeviceQueue {
+			q, err := NewDeviceQueue(mem, DeviceQueueOptions{Layout: l, Features: feat, State: st})
+			require.NoError(t, err)
+			for i, b := range busy {
+				q.pk.ids[i].inflight = b
+			}
+			if warm { // a queue whose region cache is warm
+				q.cBase, q.cMem = 0x1000, backing[:0x2000]
+			}
+			return q
+		}
+		q := newQ(rng.IntN(2) == 0)
+		headFlags, ok := q.pk.headAvailable()
+		require.True(t, ok)
+		fast := seed
+		fast.Segs = make([]Segment, 0, cap(seed.Segs))
+		before := *q.pk
+		before.ids = append([]packedID(nil), q.pk.ids...)
+		if headFlags&DescFIndirect != 0 || !q.packedWalkDirect(&fast, headFlags) {
+			declined++
+			require.Equal(t, before, *q.pk, "iteration %d: packedWalkDirect declined and changed the queue", iter)
+			if q.packedWalk(&fast, headFlags) == nil {
+				declinedOK++
+			}
+			mem.Close()
+			continue
+		}
+		accepted++
+		q2 := newQ(false)
+		slow := seed
+		slow.Segs = make([]Segment, 0, cap(seed.Segs))
+		require.NoError(t, q2.packedWalk(&slow, headFlags), "iteration %d: packedWalkDirect took a chain packedWalk refuses", iter)
+		require.Equal(t, slow, fast, "iteration %d", iter)
+		require.Equal(t, *q2.pk, *q.pk, "iteration %d: the queues differ after the walks", iter)
+		mem.Close()
+	}
+	t.Logf("packedWalkDirect took %d chains, declined %d (packedWalk took %d of those)", accepted, declined, declinedOK)
+	require.NotZero(t, accepted)
+	require.NotZero(t, declined)
+	require.NotZero(t, declinedOK, "no declined chain was valid: the fast path's bounds are not exercised")
+}
