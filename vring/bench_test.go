@@ -34,6 +34,13 @@ type benchRing struct {
 }
 
 func newBenchRing(b *testing.B, nd int, feat virtio.Features) *benchRing {
+	return newBenchRingOf(b, nd, feat, false)
+}
+
+// newBenchRingOf is newBenchRing; with scatter, a chain's descriptors are
+// not consecutive in the table: chain h's k-th descriptor is h+k*256/nd
+// (a driver whose free list was shuffled by out-of-order completions).
+func newBenchRingOf(b *testing.B, nd int, feat virtio.Features, scatter bool) *benchRing {
 	const size = 256
 	r, err := NewMemfdRegion(0, 2<<20, nil)
 	if err != nil {
@@ -47,21 +54,25 @@ func newBenchRing(b *testing.B, nd int, feat virtio.Features) *benchRing {
 	// buffers from 1 MiB on, the same for every chain; a 1-descriptor chain
 	// is one readable buffer (a transmitted frame), a longer one half
 	// readable, half writable (a request and its reply).
-	for h := 0; h < size; h += nd {
+	slot := func(h, k int) int { return h*nd + k } // chain h's k-th descriptor
+	if scatter {
+		slot = func(h, k int) int { return h + k*size/nd }
+	}
+	for h := 0; h < size/nd; h++ {
 		for k := range nd {
-			i := h + k
 			var flags uint16
+			next := 0
 			if k < nd-1 {
-				flags = DescFNext
+				flags, next = DescFNext, slot(h, k+1)
 			}
 			if nd > 1 && k >= nd/2 {
 				flags |= DescFWrite
 			}
-			writeDesc(g[l.Desc:], uint16(i), 1<<20+uint64(k)*64, 64, flags, uint16(i+1))
+			writeDesc(g[l.Desc:], uint16(slot(h, k)), 1<<20+uint64(k)*64, 64, flags, uint16(next))
 		}
 	}
 	for j := range size {
-		binary.LittleEndian.PutUint16(g[int(l.Avail)+4+2*j:], uint16((j*nd)%size))
+		binary.LittleEndian.PutUint16(g[int(l.Avail)+4+2*j:], uint16(slot(j%(size/nd), 0)))
 	}
 	dev, err := NewDeviceQueue(mem, DeviceQueueOptions{Layout: l, Features: feat})
 	if err != nil {
@@ -78,8 +89,10 @@ func (br *benchRing) refill(nd int) {
 	binary.LittleEndian.PutUint16(br.region[br.availAt+2:], br.avail)
 }
 
-func benchPopPush(b *testing.B, nd, batch int) {
-	br := newBenchRing(b, nd, 0)
+func benchPopPush(b *testing.B, nd, batch int) { benchPopPushOf(b, nd, batch, false) }
+
+func benchPopPushOf(b *testing.B, nd, batch int, scatter bool) {
+	br := newBenchRingOf(b, nd, 0, scatter)
 	cs := make([]Chain, batch)
 	elems := make([]UsedElem, batch)
 	perRing := 256 / nd
@@ -127,6 +140,10 @@ func BenchmarkDevicePopPush1Desc(b *testing.B)        { benchPopPush(b, 1, 1) }
 func BenchmarkDevicePopPush4Desc(b *testing.B)        { benchPopPush(b, 4, 1) }
 func BenchmarkDevicePopPush1DescBatch32(b *testing.B) { benchPopPush(b, 1, 32) }
 func BenchmarkDevicePopPush4DescBatch32(b *testing.B) { benchPopPush(b, 4, 32) }
+
+// The 4-descriptor chains again, their descriptors spread over the table.
+func BenchmarkDevicePopPush4DescScattered(b *testing.B)        { benchPopPushOf(b, 4, 1, true) }
+func BenchmarkDevicePopPush4DescScatteredBatch32(b *testing.B) { benchPopPushOf(b, 4, 32, true) }
 
 // BenchmarkDriverAddReclaim measures the driver side per chain: Add of a
 // 2-buffer chain, Publish, NeedsKick, and Reclaim, in batches of 32, with the
