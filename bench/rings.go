@@ -226,6 +226,7 @@ func benchDriver(ctx context.Context, d time.Duration, ringSize, descs, batch in
 	mask := uint16(ringSize - 1)
 	var usedIdx uint16
 	heads := make([]uint16, batch)
+	elems := make([]vring.UsedElem, batch)
 	f := func(n int) error {
 		for done := 0; done < n; {
 			want := min(batch, n-done, drv.NumFree()/descs)
@@ -244,10 +245,12 @@ func benchDriver(ctx context.Context, d time.Duration, ringSize, descs, batch in
 				usedIdx++
 			}
 			binary.LittleEndian.PutUint16(used[2:], usedIdx)
-			for i := 0; i < want; i++ {
+			if batch == 1 {
 				if _, _, ok, err := drv.Reclaim(); err != nil || !ok {
 					return fmt.Errorf("reclaim: ok=%v err=%v", ok, err)
 				}
+			} else if k, err := drv.ReclaimBatch(elems[:want]); err != nil || k != want {
+				return fmt.Errorf("reclaim: %d of %d, err=%v", k, want, err)
 			}
 			done += want
 		}
@@ -360,9 +363,12 @@ var errAborted = errors.New("aborted: the other side failed")
 
 // driveChains is the driver side of a cross-thread or cross-process run: it
 // adds chains in batches, publishes each batch with one avail.idx store,
-// and reclaims everything used, busy-polling, until n chains came back.
+// and reclaims everything used, busy-polling, until n chains came back:
+// one at a time with batches of 1 (Reclaim), in batches otherwise
+// (ReclaimBatch), as the device side pops and pushes.
 func driveChains(drv *vring.DriverQueue, bufs []vring.Buffer, batch, n int, abort *atomic.Bool, deadline time.Time) error {
 	added, done, pending := 0, 0, 0
+	elems := make([]vring.UsedElem, max(batch, 1))
 	descs := len(bufs)
 	for spins := 0; done < n; spins++ {
 		for pending < batch && added < n && drv.NumFree() >= descs {
@@ -376,7 +382,7 @@ func driveChains(drv *vring.DriverQueue, bufs []vring.Buffer, batch, n int, abor
 			drv.Publish()
 			pending = 0
 		}
-		for {
+		for batch == 1 {
 			_, _, ok, err := drv.Reclaim()
 			if err != nil {
 				return err
@@ -385,6 +391,16 @@ func driveChains(drv *vring.DriverQueue, bufs []vring.Buffer, batch, n int, abor
 				break
 			}
 			done++
+		}
+		for batch > 1 {
+			k, err := drv.ReclaimBatch(elems)
+			done += k
+			if err != nil {
+				return err
+			}
+			if k < len(elems) {
+				break
+			}
 		}
 		if spins&0xffff == 0 {
 			if abort.Load() {
