@@ -172,3 +172,56 @@ func BenchmarkABPackedWalkDirect(b *testing.B) {
 		})
 	}
 }
+
+// splitWalkDirectLoop pops the chains of a split bench ring (nd
+// descriptors each) one by one with walkDirect, as PopBatch does for
+// chains its one-descriptor loop does not take, and pushes them back 32
+// at a time.
+func splitWalkDirectLoop(b *testing.B, nd int) func(n int) {
+	br := newBenchRingOf(b, nd, 0, false)
+	q := br.dev
+	cs := make([]Chain, 32)
+	for i := range cs {
+		cs[i].Segs = make([]Segment, 0, 8)
+	}
+	elems := make([]UsedElem, 32)
+	perRing := 256 / nd
+	k := perRing
+	return func(n int) {
+		for done := 0; done < n; {
+			if k == perRing {
+				br.refill(nd)
+				if _, err := q.refresh(); err != nil {
+					b.Fatal(err)
+				}
+				k = 0
+			}
+			want := min(len(cs), perRing-k)
+			for i := range want {
+				head := q.r.availEntry(q.lastAvail)
+				if !q.walkDirect(head, &cs[i]) {
+					if err := q.walk(head, &cs[i]); err != nil { // the first chain: the region cache is cold
+						b.Fatal(err)
+					}
+				}
+				q.lastAvail++
+			}
+			for i := range want {
+				elems[i] = UsedElem{cs[i].Head, 64}
+			}
+			if err := q.PushBatch(elems[:want]); err != nil {
+				b.Fatal(err)
+			}
+			k += want
+			done += want
+		}
+	}
+}
+
+// BenchmarkABWalkDirect1vs4Desc: a chain of one descriptor (A) against one
+// of four (B), both through walkDirect and pushed in batches of 32 (the
+// ratio is what a 4-descriptor chain costs against a 1-descriptor one on
+// the same path; PopBatch takes 1-descriptor chains on a faster one).
+func BenchmarkABWalkDirect1vs4Desc(b *testing.B) {
+	benchAB(b, splitWalkDirectLoop(b, 1), splitWalkDirectLoop(b, 4))
+}
