@@ -571,10 +571,9 @@ func (q *DeviceQueue) packedPopRun(batch []Chain) int {
 	descs, ids := p.r.descs, p.ids
 	base, mem := q.cBase, q.cMem
 	pos, bits := p.nextAvail, p.availBits
-	room := p.r.size - p.inflight
-	seq := p.popSeq
+	batch = batch[:min(len(batch), int(p.r.size-p.inflight))] // one ring descriptor a chain
 	k := 0
-	for ; k < len(batch) && uint16(k) < room; k++ {
+	for ; k < len(batch); k++ {
 		if int(pos) >= len(descs) { // never (pos < size); lets the compiler drop the bounds checks below
 			break
 		}
@@ -596,12 +595,12 @@ func (q *DeviceQueue) packedPopRun(batch []Chain) int {
 		c.Descs = 1
 		e := &ids[id]
 		e.inflight, e.ndesc, e.writable = true, 1, c.WritableLen
-		seq++
 		if pos++; pos == uint16(len(descs)) {
 			pos, bits = 0, bits^availUsed
 		}
 	}
-	p.nextAvail, p.availBits, p.popSeq = pos, bits, seq
+	p.nextAvail, p.availBits = pos, bits
+	p.popSeq += uint32(k)
 	p.inflight += uint16(k)
 	return k
 }
