@@ -153,57 +153,14 @@ func BenchmarkDriverAddReclaim(b *testing.B)      { benchDriverAddReclaim(b, fal
 func BenchmarkDriverAddReclaimBatch(b *testing.B) { benchDriverAddReclaim(b, true) }
 
 func benchDriverAddReclaim(b *testing.B, batched bool) {
-	r, err := NewMemfdRegion(0, 1<<20, nil)
-	if err != nil {
-		b.Fatal(err)
-	}
-	mem, _ := NewMemory(r)
-	defer mem.Close()
-	l := ContiguousLayout(0, 256)
-	drv, err := NewDriverQueue(mem, DriverQueueOptions{Layout: l})
-	if err != nil {
-		b.Fatal(err)
-	}
-	g := r.Bytes()
-	bufs := []Buffer{{Addr: 0x10000, Len: 12}, {Addr: 0x10100, Len: 1500, Writable: true}}
-	var heads [32]uint16
-	var elems [32]UsedElem
-	var used uint16
+	loop := driverAddReclaimLoop(b, 2, batched)
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	b.ReportAllocs()
 	b.ResetTimer()
 	cpu0 := threadCPU()
 	defer func() { b.ReportMetric(float64(threadCPU()-cpu0)/float64(b.N), "cpu-ns/op") }()
-	for done := 0; done < b.N; done += 32 {
-		for i := range heads {
-			h, err := drv.Add(bufs)
-			if err != nil {
-				b.Fatal(err)
-			}
-			heads[i] = h
-		}
-		drv.Publish()
-		drv.NeedsKick()
-		for _, h := range heads { // the "device"
-			off := int(l.Used) + 4 + 8*int(used&255)
-			binary.LittleEndian.PutUint32(g[off:], uint32(h))
-			binary.LittleEndian.PutUint32(g[off+4:], 100)
-			used++
-		}
-		binary.LittleEndian.PutUint16(g[int(l.Used)+2:], used)
-		if batched {
-			if n, err := drv.ReclaimBatch(elems[:]); n != len(elems) || err != nil {
-				b.Fatal(n, err)
-			}
-			continue
-		}
-		for range heads {
-			if _, _, ok, err := drv.Reclaim(); !ok || err != nil {
-				b.Fatal(ok, err)
-			}
-		}
-	}
+	loop(b.N)
 }
 
 // BenchmarkCrossGoroutine is the split-ring throughput between a driver
