@@ -482,6 +482,9 @@ func (q *DriverQueue) reclaimRun(out []UsedElem) (int, error) {
 }
 
 func (q *DriverQueue) packedReclaimBatch(out []UsedElem) (int, error) {
+	if q.err != nil { // also for an empty out, as on a split queue
+		return 0, q.err
+	}
 	for i := range out {
 		head, length, ok, err := q.packedReclaim()
 		if err != nil || !ok {

@@ -359,29 +359,43 @@ func TestPackedHostileDriverSideInput(t *testing.T) {
 		{"used id not outstanding", 3, 0, U1, ErrUsedIDNotOutstanding},
 		{"used length larger than the writable bytes", 0xffff, 65, U1 | DescFWrite, ErrUsedLenTooLarge},
 	} {
-		t.Run(tc.name, func(t *testing.T) {
-			s := mk(t)
-			id, err := s.drv.Add([]Buffer{{Addr: 0x100000, Len: 64, Writable: true}})
-			require.NoError(t, err)
-			s.drv.Publish()
-			if tc.id == 0xffff {
-				tc.id = id
-			}
-			forge(s, 0, tc.id, tc.n, tc.fl)
-			_, _, ok, err := s.drv.Reclaim()
-			require.False(t, ok)
-			require.ErrorIs(t, err, tc.want)
-			var qe *QueueError
-			require.ErrorAs(t, err, &qe)
-			assert.Equal(t, uint16(0), qe.Index)
-			_, _, _, err = s.drv.Reclaim()
-			assert.ErrorIs(t, err, ErrQueueBroken)
-			_, err = s.drv.Add([]Buffer{{Addr: 0x100000, Len: 64}})
-			assert.ErrorIs(t, err, ErrQueueBroken)
-			s.drv.Reset()
-			require.NoError(t, s.drv.Err())
-			assert.Equal(t, rawPSize, s.drv.NumFree())
-		})
+		for _, batched := range []bool{false, true} {
+			t.Run(tc.name+map[bool]string{false: "", true: ", ReclaimBatch"}[batched], func(t *testing.T) {
+				s := mk(t)
+				id, err := s.drv.Add([]Buffer{{Addr: 0x100000, Len: 64, Writable: true}})
+				require.NoError(t, err)
+				s.drv.Publish()
+				if tc.id == 0xffff {
+					tc.id = id
+				}
+				forge(s, 0, tc.id, tc.n, tc.fl)
+				if batched {
+					var out [2]UsedElem
+					n, err := s.drv.ReclaimBatch(out[:])
+					require.Zero(t, n)
+					require.ErrorIs(t, err, tc.want)
+					var qe *QueueError
+					require.ErrorAs(t, err, &qe)
+					assert.Equal(t, uint16(0), qe.Index)
+					_, err = s.drv.ReclaimBatch(out[:0])
+					assert.ErrorIs(t, err, ErrQueueBroken)
+					return
+				}
+				_, _, ok, err := s.drv.Reclaim()
+				require.False(t, ok)
+				require.ErrorIs(t, err, tc.want)
+				var qe *QueueError
+				require.ErrorAs(t, err, &qe)
+				assert.Equal(t, uint16(0), qe.Index)
+				_, _, _, err = s.drv.Reclaim()
+				assert.ErrorIs(t, err, ErrQueueBroken)
+				_, err = s.drv.Add([]Buffer{{Addr: 0x100000, Len: 64}})
+				assert.ErrorIs(t, err, ErrQueueBroken)
+				s.drv.Reset()
+				require.NoError(t, s.drv.Err())
+				assert.Equal(t, rawPSize, s.drv.NumFree())
+			})
+		}
 	}
 	t.Run("a used id of a chain added but not published", func(t *testing.T) {
 		s := mk(t)

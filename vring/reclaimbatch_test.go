@@ -205,8 +205,11 @@ func TestReclaimBatchAgreesWithReclaim(t *testing.T) {
 					require.Equal(t, tw.regs[0].Bytes()[ev:ev+4], tw.regs[1].Bytes()[ev:ev+4], "used_event / driver event")
 					if err1 != nil {
 						broken++
-						// Broken queues stay broken, alike.
+						// Broken queues stay broken, alike, for an empty
+						// batch too.
 						_, err := tw.drvs[1].ReclaimBatch(buf)
+						require.ErrorIs(t, err, ErrQueueBroken)
+						_, err = tw.drvs[1].ReclaimBatch(buf[:0])
 						require.ErrorIs(t, err, ErrQueueBroken)
 						break
 					}
