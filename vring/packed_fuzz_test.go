@@ -216,7 +216,8 @@ func FuzzPackedOps(f *testing.F) {
 		var c Chain
 		seq := 0
 		for p < len(data) {
-			switch op := next() % 8; op {
+			raw := next()
+			switch op := raw % 8; op {
 			case 0, 1: // add / add indirect
 				n := 1 + int(next()%4)
 				nw := int(next()) % (n + 1)
@@ -342,8 +343,9 @@ func FuzzPackedOps(f *testing.F) {
 				}
 				popped = keep
 				dev.NeedsInterrupt()
-			case 6: // reclaim one, or a batch
-				if b := int(next() % 5); b > 0 {
+			case 6: // reclaim one; a batch of 1-4 (ReclaimBatch) when the op byte's top bit is set
+				if raw >= 0x80 {
+					b := 1 + int(raw>>4)&3
 					var elems [4]UsedElem
 					k, err := drv.ReclaimBatch(elems[:b])
 					if err != nil {

@@ -137,5 +137,9 @@ func seeds() []seed {
 	add("FuzzOps", "indirect-eventidx", []byte{0x31, 1, 3, 1, 0, 1, 2, 2, 2, 3, 3, 3, 5, 9, 9, 9, 6, 6, 6, 7, 1, 7, 3})
 	add("FuzzOps", "fill-and-drain", []byte{0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 3, 3, 3, 3, 3, 3, 5, 1, 2, 3, 4, 5, 6, 6, 6, 6, 6, 6, 6, 0, 0, 0, 2, 3, 4, 1, 6})
 	add("FuzzOps", "notify-toggles", []byte{0x22, 7, 0, 7, 2, 0, 1, 1, 2, 7, 1, 3, 4, 0, 7, 3, 6, 6})
+	// fill-and-drain reclaiming with ReclaimBatch: an op byte 6 with the top
+	// bit set reclaims a batch of 1+(byte>>4)&3 (0xb6: 4, 0x96: 2, 0x86: 1),
+	// the last one finding fewer than it asks for.
+	add("FuzzOps", "fill-and-drain-batches", []byte{0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 3, 3, 3, 3, 3, 3, 5, 1, 2, 3, 4, 5, 0xb6, 0x96, 0x86, 0xb6, 0, 0, 0, 2, 3, 4, 1, 0x96})
 	return append(out, packedSeeds()...)
 }

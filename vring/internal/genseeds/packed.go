@@ -97,6 +97,9 @@ func packedSeeds() []seed {
 	// EVENT_IDX, 0x40 IN_ORDER), then operations (see the target).
 	add("FuzzPackedOps", "add-publish-pop-push-reclaim", []byte{0x04, 0, 1, 0, 0, 2, 0, 2, 3, 3, 4, 0, 5, 0, 6, 6})
 	add("FuzzPackedOps", "out-of-order", []byte{0x06, 0, 2, 1, 0, 0, 0, 1, 1, 2, 3, 3, 3, 4, 2, 7, 5, 2, 1, 9, 9, 6, 6, 6})
+	// out-of-order, reclaimed with ReclaimBatch (op 6 with the top bit set:
+	// a batch of 1+(byte>>4)&3).
+	add("FuzzPackedOps", "out-of-order-batches", []byte{0x06, 0, 2, 1, 0, 0, 0, 1, 1, 2, 3, 3, 3, 4, 2, 7, 5, 2, 1, 9, 9, 0x96, 0xb6})
 	add("FuzzPackedOps", "in-order-skips", []byte{0x46, 0, 0, 0, 0, 0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 5, 3, 0x80, 0x80, 0x80, 5, 6, 6, 6, 6})
 	add("FuzzPackedOps", "indirect-eventidx-wrap", []byte{0x32, 1, 3, 1, 2, 3, 5, 0, 9, 6, 1, 2, 0, 2, 3, 5, 0, 9, 6, 0, 1, 0, 2, 3, 4, 9, 6, 7, 1, 7, 3})
 	add("FuzzPackedOps", "notify-toggles", []byte{0x23, 7, 0, 7, 2, 0, 1, 1, 2, 7, 1, 3, 4, 0, 7, 3, 6, 6})
