@@ -105,7 +105,7 @@ func driverAddReclaimLoop(b *testing.B, nbuf int, batched bool) func(n int) {
 // the other A/B benchmarks have): what benchAB reports when there is no
 // difference. B/A was 0.99-1.01 in 18 measurements of 19 here; the two
 // instances' memory lies at different addresses, which moved one to 1.12
-// (2026-12-05, 12:53 UTC), so a single run's ratio within about 0.1 of 1
+// (2026-12-05, 12:50 UTC), so a single run's ratio within about 0.1 of 1
 // decides nothing.
 func BenchmarkABControl(b *testing.B) {
 	benchAB(b, driverAddReclaimLoop(b, 2, false), driverAddReclaimLoop(b, 2, false))
