@@ -161,14 +161,7 @@ func FuzzOps(f *testing.F) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		type chain struct {
-			head     uint16
-			bufs     []Buffer
-			ndesc    int
-			writable uint64
-			used     uint32
-		}
-		var added, popped, used []chain
+		var added, popped, used []opsChain
 		published := 0 // of added
 		descInUse := 0
 		var c Chain
@@ -187,7 +180,7 @@ func FuzzOps(f *testing.F) {
 						w += uint64(bufs[i].Len)
 					}
 				}
-				ch := chain{bufs: bufs, ndesc: n, writable: w}
+				ch := opsChain{bufs: bufs, ndesc: n, writable: w}
 				var h uint16
 				var err error
 				if op == 1 && feat.Has(virtio.FIndirectDesc) {
@@ -268,41 +261,8 @@ func FuzzOps(f *testing.F) {
 				used = append(used, popped[:k]...)
 				popped = popped[k:]
 				dev.NeedsInterrupt()
-			case 6: // reclaim one; a batch of 1-4 (ReclaimBatch) when the op byte's top bit is set
-				if raw >= 0x80 {
-					b := 1 + int(raw>>4)&3
-					var elems [4]UsedElem
-					k, err := drv.ReclaimBatch(elems[:b])
-					if err != nil {
-						t.Fatal(err)
-					}
-					if k != min(b, len(used)) {
-						t.Fatalf("reclaimed a batch of %d of %d with %d used", k, b, len(used))
-					}
-					for _, e := range elems[:k] {
-						if e.Head != used[0].head || e.Len != used[0].used {
-							t.Fatalf("reclaimed %d/%d in a batch, want %d/%d", e.Head, e.Len, used[0].head, used[0].used)
-						}
-						descInUse -= used[0].ndesc
-						used = used[1:]
-					}
-					break
-				}
-				h, n, ok, err := drv.Reclaim()
-				if err != nil {
-					t.Fatal(err)
-				}
-				if ok != (len(used) > 0) {
-					t.Fatalf("reclaim ok=%v with %d used", ok, len(used))
-				}
-				if !ok {
-					continue
-				}
-				if h != used[0].head || n != used[0].used {
-					t.Fatalf("reclaimed %d/%d, want %d/%d", h, n, used[0].head, used[0].used)
-				}
-				descInUse -= used[0].ndesc
-				used = used[1:]
+			case 6: // reclaim one, or a batch (opsReclaim)
+				opsReclaim(t, drv, raw, &used, &descInUse)
 			case 7: // notification toggles
 				switch next() % 4 {
 				case 0:
@@ -327,4 +287,56 @@ func FuzzOps(f *testing.F) {
 			}
 		}
 	})
+}
+
+// opsChain is a chain of the FuzzOps and FuzzPackedOps models: its
+// buffers, ring descriptors and writable bytes, its head (or buffer id)
+// once added and the length the device reported once used.
+type opsChain struct {
+	head     uint16
+	bufs     []Buffer
+	ndesc    int
+	writable uint64
+	used     uint32
+}
+
+// opsReclaim is op 6 of both ops fuzzers: one Reclaim, or with the op
+// byte's top bit set a ReclaimBatch of 1+(raw>>4)&3. Whatever comes back
+// must be the oldest chains of used, in order, with the lengths the device
+// reported, and as many as were used (up to the batch); they leave used
+// and give their descriptors back to *descInUse.
+func opsReclaim(t *testing.T, drv *DriverQueue, raw byte, used *[]opsChain, descInUse *int) {
+	var elems [4]UsedElem
+	var got []UsedElem
+	if raw >= 0x80 {
+		b := 1 + int(raw>>4)&3
+		k, err := drv.ReclaimBatch(elems[:b])
+		if err != nil {
+			t.Fatal(err)
+		}
+		if k != min(b, len(*used)) {
+			t.Fatalf("reclaimed a batch of %d of %d with %d used", k, b, len(*used))
+		}
+		got = elems[:k]
+	} else {
+		h, n, ok, err := drv.Reclaim()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ok != (len(*used) > 0) {
+			t.Fatalf("reclaim ok=%v with %d used", ok, len(*used))
+		}
+		if ok {
+			elems[0] = UsedElem{h, n}
+			got = elems[:1]
+		}
+	}
+	for _, e := range got {
+		u := (*used)[0]
+		if e.Head != u.head || e.Len != u.used {
+			t.Fatalf("reclaimed %d/%d, want %d/%d", e.Head, e.Len, u.head, u.used)
+		}
+		*descInUse -= u.ndesc
+		*used = (*used)[1:]
+	}
 }

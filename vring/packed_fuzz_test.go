@@ -203,14 +203,7 @@ func FuzzPackedOps(f *testing.F) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		type chain struct {
-			head     uint16
-			bufs     []Buffer
-			ndesc    int
-			writable uint64
-			used     uint32
-		}
-		var added, popped, used []chain
+		var added, popped, used []opsChain
 		published := 0 // of added
 		descInUse := 0
 		var c Chain
@@ -229,7 +222,7 @@ func FuzzPackedOps(f *testing.F) {
 						w += uint64(bufs[i].Len)
 					}
 				}
-				ch := chain{bufs: bufs, ndesc: n, writable: w}
+				ch := opsChain{bufs: bufs, ndesc: n, writable: w}
 				var h uint16
 				var err error
 				if op == 1 && feat.Has(virtio.FIndirectDesc) {
@@ -254,7 +247,7 @@ func FuzzPackedOps(f *testing.F) {
 					t.Fatal(err)
 				}
 				seq++
-				for _, o := range append(append(append([]chain(nil), added...), popped...), used...) {
+				for _, o := range append(append(append([]opsChain(nil), added...), popped...), used...) {
 					if o.head == h {
 						t.Fatalf("buffer id %d given out twice", h)
 					}
@@ -343,41 +336,8 @@ func FuzzPackedOps(f *testing.F) {
 				}
 				popped = keep
 				dev.NeedsInterrupt()
-			case 6: // reclaim one; a batch of 1-4 (ReclaimBatch) when the op byte's top bit is set
-				if raw >= 0x80 {
-					b := 1 + int(raw>>4)&3
-					var elems [4]UsedElem
-					k, err := drv.ReclaimBatch(elems[:b])
-					if err != nil {
-						t.Fatal(err)
-					}
-					if k != min(b, len(used)) {
-						t.Fatalf("reclaimed a batch of %d of %d with %d used", k, b, len(used))
-					}
-					for _, e := range elems[:k] {
-						if e.Head != used[0].head || e.Len != used[0].used {
-							t.Fatalf("reclaimed %d/%d in a batch, want %d/%d", e.Head, e.Len, used[0].head, used[0].used)
-						}
-						descInUse -= used[0].ndesc
-						used = used[1:]
-					}
-					break
-				}
-				h, n, ok, err := drv.Reclaim()
-				if err != nil {
-					t.Fatal(err)
-				}
-				if ok != (len(used) > 0) {
-					t.Fatalf("reclaim ok=%v with %d used", ok, len(used))
-				}
-				if !ok {
-					continue
-				}
-				if h != used[0].head || n != used[0].used {
-					t.Fatalf("reclaimed %d/%d, want %d/%d", h, n, used[0].head, used[0].used)
-				}
-				descInUse -= used[0].ndesc
-				used = used[1:]
+			case 6: // reclaim one, or a batch (opsReclaim)
+				opsReclaim(t, drv, raw, &used, &descInUse)
 			case 7: // notification toggles
 				switch next() % 4 {
 				case 0:
