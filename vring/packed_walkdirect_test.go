@@ -22,16 +22,7 @@ func TestPackedWalkDirectAgreesWithWalk(t *testing.T) {
 	feat := virtio.Features(0).With(virtio.FRingPacked, virtio.FIndirectDesc)
 	accepted, declined, declinedOK := 0, 0, 0
 	for iter := 0; iter < 20000; iter++ {
-		backing := make([]byte, 0x4000)
-		for i := range backing { // distinct bytes: Buf must be the right ones
-			backing[i] = byte(rng.Uint32())
-		}
-		r1, err := NewRegion(0x1000, backing[:0x2000:0x2000], nil)
-		require.NoError(t, err)
-		r2, err := NewRegion(0x3000, backing[0x2000:], nil) // a second region
-		require.NoError(t, err)
-		mem, err := NewMemory(r1, r2)
-		require.NoError(t, err)
+		backing, mem := walkTestMemory(t, rng)
 		l := ContiguousPackedLayout(0x1000, size)
 
 		// Where the device is: the next available position and its wrap

@@ -17,16 +17,7 @@ func TestWalkDirectAgreesWithWalk(t *testing.T) {
 	rng := rand.New(rand.NewPCG(14, 1))
 	accepted, declined := 0, 0
 	for iter := 0; iter < 20000; iter++ {
-		backing := make([]byte, 0x4000)
-		for i := range backing { // distinct bytes: Buf must be the right ones
-			backing[i] = byte(rng.Uint32())
-		}
-		r1, err := NewRegion(0x1000, backing[:0x2000:0x2000], nil)
-		require.NoError(t, err)
-		r2, err := NewRegion(0x3000, backing[0x2000:], nil) // a second region
-		require.NoError(t, err)
-		mem, err := NewMemory(r1, r2)
-		require.NoError(t, err)
+		backing, mem := walkTestMemory(t, rng)
 		l := ContiguousLayout(0x1000, size)
 		g := backing[:0x2000]
 		for i := 0; i < size; i++ {
@@ -100,4 +91,23 @@ func requireSameChain(t *testing.T, want, got Chain, msg string, args ...any) {
 		require.Equal(t, unsafe.SliceData(want.Segs[i].Buf), unsafe.SliceData(got.Segs[i].Buf),
 			append([]any{msg + ": segment %d's Buf is other memory"}, append(args, i)...)...)
 	}
+}
+
+// walkTestMemory is the guest memory of the walk-direct equivalence tests:
+// 0x2000 bytes at 0x1000 (the ring at its start, buffers from 0x1800) and
+// an adjacent second region of 0x2000 bytes at 0x3000, all of it
+// random bytes so that a Buf pointing at other memory shows. backing is
+// both regions' bytes, in order.
+func walkTestMemory(t *testing.T, rng *rand.Rand) ([]byte, *Memory) {
+	backing := make([]byte, 0x4000)
+	for i := range backing {
+		backing[i] = byte(rng.Uint32())
+	}
+	r1, err := NewRegion(0x1000, backing[:0x2000:0x2000], nil)
+	require.NoError(t, err)
+	r2, err := NewRegion(0x3000, backing[0x2000:], nil)
+	require.NoError(t, err)
+	mem, err := NewMemory(r1, r2)
+	require.NoError(t, err)
+	return backing, mem
 }
