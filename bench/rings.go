@@ -382,25 +382,10 @@ func driveChains(drv *vring.DriverQueue, bufs []vring.Buffer, batch, n int, abor
 			drv.Publish()
 			pending = 0
 		}
-		for batch == 1 {
-			_, _, ok, err := drv.Reclaim()
-			if err != nil {
-				return err
-			}
-			if !ok {
-				break
-			}
-			done++
-		}
-		for batch > 1 {
-			k, err := drv.ReclaimBatch(elems)
-			done += k
-			if err != nil {
-				return err
-			}
-			if k < len(elems) {
-				break
-			}
+		k, err := reclaimAll(drv, elems, batch == 1)
+		done += k
+		if err != nil {
+			return err
 		}
 		if spins&0xffff == 0 {
 			if abort.Load() {
@@ -445,6 +430,28 @@ func serveChains(dev *vring.DeviceQueue, batch, n int, written uint32, abort *at
 		done += k
 	}
 	return nil
+}
+
+// reclaimAll reclaims every used entry pending: one Reclaim at a time
+// when one is set, else with ReclaimBatch into elems until a short batch.
+// It returns how many it took.
+func reclaimAll(drv *vring.DriverQueue, elems []vring.UsedElem, one bool) (int, error) {
+	n := 0
+	for {
+		if one {
+			_, _, ok, err := drv.Reclaim()
+			if err != nil || !ok {
+				return n, err
+			}
+			n++
+			continue
+		}
+		k, err := drv.ReclaimBatch(elems)
+		n += k
+		if err != nil || k < len(elems) {
+			return n, err
+		}
+	}
 }
 
 // crossDeadline bounds a cross run so a stuck peer cannot hang the harness.
