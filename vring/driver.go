@@ -63,6 +63,11 @@ type DriverQueue struct {
 	cBase       GuestAddr // that region's base and bytes: buffers inside
 	cMem        []byte    // it are checked without a table lookup
 
+	// prefetchTrace, when set (by tests), sees what ReclaimBatch asks for
+	// (prefetch_driver.go): used-ring entries first to first+n-1 in lines
+	// cache lines (used), or the descriptor first (n and lines 1).
+	prefetchTrace func(used bool, first, n, lines int)
+
 	pk *packedDriver // the packed ring's state, nil for a split queue (packed_driver.go)
 	_  [64]byte
 }
@@ -442,6 +447,8 @@ func (q *DriverQueue) ReclaimBatch(out []UsedElem) (int, error) {
 				return n, err
 			}
 		}
+		// The entries the next reclaimRun reads, asked for together.
+		q.prefetchUsed(min(int(k), len(out)-n))
 	}
 }
 
@@ -475,6 +482,7 @@ func (q *DriverQueue) reclaimRun(out []UsedElem) (int, error) {
 	}
 	q.lastUsed, q.freeHead, q.numFree = last, free, numFree
 	q.outstanding -= i
+	q.prefetchFreed(out[:i]) // the next Adds write these descriptors
 	if err != nil {
 		return i, q.fail(last, err)
 	}

@@ -37,3 +37,25 @@ TEXT ·cpuid(SB), NOSPLIT, $0-16
 	MOVL AX, eax+8(FP)
 	MOVL CX, ecx+12(FP)
 	RET
+
+// func prefetchDescsW(descs *descEntry, elems *UsedElem, n int)
+// PREFETCHW on the descriptor descs[elems[i].Head] for each i < n:
+// descEntry is 16 bytes, UsedElem 8 with Head (uint16) at offset 0 (both
+// asserted in prefetch_asm.go). The caller has checked every Head against
+// the table and that the CPU has PREFETCHW.
+TEXT ·prefetchDescsW(SB), NOSPLIT, $0-24
+	MOVQ descs+0(FP), AX
+	MOVQ elems+8(FP), BX
+	MOVQ n+16(FP), CX
+	TESTQ CX, CX
+	JLE pdone
+ploop:
+	MOVWQZX (BX), DX
+	SHLQ $4, DX
+	ADDQ AX, DX
+	BYTE $0x0F; BYTE $0x0D; BYTE $0x0A // PREFETCHW (DX)
+	ADDQ $8, BX
+	DECQ CX
+	JNE ploop
+pdone:
+	RET

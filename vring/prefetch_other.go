@@ -7,3 +7,6 @@ func prefetchLines(p *byte, lines int, write bool) {}
 
 // hasPrefetchW: no prefetch instructions here.
 const hasPrefetchW = false
+
+// prefetchDescsW does nothing where vring has no prefetch instruction.
+func prefetchDescsW(descs *descEntry, elems *UsedElem, n int) {}
