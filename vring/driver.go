@@ -63,13 +63,13 @@ type DriverQueue struct {
 	cBase       GuestAddr // that region's base and bytes: buffers inside
 	cMem        []byte    // it are checked without a table lookup
 
-	// prefetchTrace, when set (by tests), sees what ReclaimBatch asks for
-	// (prefetch_driver.go): used-ring entries first to first+n-1 in lines
-	// cache lines (used), or the descriptor first (n and lines 1).
-	prefetchTrace func(used bool, first, n, lines int)
-
 	pk *packedDriver // the packed ring's state, nil for a split queue (packed_driver.go)
-	_  [64]byte
+
+	// prefetchTrace, when set (by tests), sees what ReclaimBatch asks for
+	// (prefetch_driver.go), by host address: n used-ring entries from addr
+	// in lines cache lines (used), or one descriptor (n and lines 1).
+	prefetchTrace func(used bool, addr HostAddr, n, lines int)
+	_             [64]byte
 }
 
 // NewDriverQueue validates opts against mem, zeroes the ring areas (as a

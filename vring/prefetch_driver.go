@@ -8,9 +8,10 @@ package vring
 //     shows them: the device has just written them on its CPU, and a loop
 //     that reads them in turn waits for each line as it reaches it, where
 //     lines asked for together travel together;
-//   - for writing, the descriptor of each chain it frees: the free list is
-//     last in, first out, so those are the descriptors the next Adds will
-//     write, and the device read them last. A store to a line another CPU
+//   - for writing, the descriptor of each chain it frees (one assembly call
+//     per run of entries taken, prefetchDescsW): the free list is last in,
+//     first out, so those are the descriptors the next Adds will write, and
+//     the device read them last. A store to a line another CPU
 //     holds waits for that copy to be invalidated, x86 commits stores in
 //     order, so each such store held up every later one; asked for at
 //     reclaim time, the invalidation is done by the time Add writes.
@@ -20,12 +21,15 @@ package vring
 // areas: used entries below the queue size, heads reclaimRun checked.
 
 // prefetchUsed asks for the used-ring lines of the n entries from lastUsed
-// on (n <= the queue size), unless they lie in one line: the load that
-// follows asks for that one as soon.
+// on (1 <= n <= the queue size), unless they lie in one line: the load
+// that follows asks for that one as soon.
 func (q *DriverQueue) prefetchUsed(n int) {
+	size := int(q.r.size)
 	first := int(q.lastUsed & q.r.mask)
-	k := min(n, int(q.r.size)-first) // up to the ring's end; the rest from 0
-	if k == n && q.usedLines(first, k) < 2 {
+	k := min(n, size-first) // up to the ring's end; the rest from 0
+	// A run that wraps lies in one line only when the whole ring does
+	// (a queue of 4 or fewer); then both pieces are in that line.
+	if (k == n && q.usedLines(first, k) < 2) || (k < n && q.usedLines(0, size) < 2) {
 		return
 	}
 	q.prefetchUsedRange(first, k)
@@ -42,25 +46,26 @@ func (q *DriverQueue) usedLines(first, k int) int {
 
 func (q *DriverQueue) prefetchUsedRange(first, k int) {
 	lines := q.usedLines(first, k)
+	p := &q.r.used[4+8*first]
 	if q.prefetchTrace != nil {
-		q.prefetchTrace(true, first, k, lines)
+		q.prefetchTrace(true, hostAddrOf(q.r.used[4+8*first:]), k, lines)
 	}
-	prefetchLines(&q.r.used[4+8*first], lines, false)
+	prefetchLines(p, lines, false)
 }
 
 // prefetchFreed asks, for writing, for the descriptor of each chain in
 // elems, which reclaimRun has just freed (every Head checked below the
-// queue size, the length of the descriptor table).
+// queue size, the length of the descriptor table). Where the CPU has no
+// prefetch for writing (an amd64 CPU without PREFETCHW) it asks for
+// nothing: a copy for reading would still need the invalidation.
 func (q *DriverQueue) prefetchFreed(elems []UsedElem) {
-	if len(elems) == 0 {
+	if len(elems) == 0 || !hasPrefetchW {
 		return
 	}
 	if q.prefetchTrace != nil {
 		for _, e := range elems {
-			q.prefetchTrace(false, int(e.Head), 1, 1)
+			q.prefetchTrace(false, hostAddrOf(q.r.desc[16*int(e.Head):]), 1, 1)
 		}
 	}
-	if hasPrefetchW {
-		prefetchDescsW(&q.r.descs[0], &elems[0], len(elems))
-	}
+	prefetchDescsW(&q.r.descs[0], &elems[0], len(elems))
 }

@@ -3,6 +3,9 @@ package vring
 import (
 	"math/rand/v2"
 	"testing"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/stretchr/testify/require"
 	"github.com/vdpakit/vdpakit/virtio"
@@ -10,8 +13,9 @@ import (
 
 // driverPrefetch is one request prefetchTrace saw.
 type driverPrefetch struct {
-	used            bool
-	first, n, lines int
+	used     bool
+	addr     HostAddr
+	n, lines int
 }
 
 // expectedUsedPrefetch is what ReclaimBatch should ask for of the used
@@ -19,9 +23,9 @@ type driverPrefetch struct {
 // request per piece up to the ring's end and from 0, each with the lines
 // its bytes touch counted byte by byte, and nothing when all of them lie in
 // one line.
-func expectedUsedPrefetch(q *DriverQueue, from uint16, n int) []driverPrefetch {
-	size := int(q.r.size)
-	host := uint64(hostAddrOf(q.r.used))
+// used is the used ring's area as the test's own Memory gives it.
+func expectedUsedPrefetch(used []byte, size int, from uint16, n int) []driverPrefetch {
+	host := uint64(hostAddrOf(used))
 	var out []driverPrefetch
 	all := map[uint64]bool{}
 	first := int(from) % size
@@ -35,7 +39,7 @@ func expectedUsedPrefetch(q *DriverQueue, from uint16, n int) []driverPrefetch {
 				all[a/64] = true
 			}
 		}
-		out = append(out, driverPrefetch{true, first, k, len(lines)})
+		out = append(out, driverPrefetch{true, HostAddr(host + 4 + 8*uint64(first)), k, len(lines)})
 		n -= k
 		first = 0
 	}
@@ -66,6 +70,9 @@ func TestReclaimBatchPrefetchTargets(t *testing.T) {
 		{"size16_event_idx_interrupts", virtio.Features(0).With(virtio.FEventIdx), 16, true, false},
 		{"size64_event_idx", virtio.Features(0).With(virtio.FEventIdx), 64, false, false},
 		{"size16_used_4_past_a_line", 0, 16, false, true},
+		// The whole used ring in one line: a run that wraps is not
+		// asked for either.
+		{"size4", 0, 4, false, false},
 		{"size128_used_4_past_a_line", virtio.Features(0).With(virtio.FEventIdx), 128, false, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -85,9 +92,13 @@ func TestReclaimBatchPrefetchTargets(t *testing.T) {
 			if !tc.intr {
 				drv.DisableInterrupts()
 			}
-			var got []driverPrefetch
-			drv.prefetchTrace = func(used bool, first, n, lines int) {
-				got = append(got, driverPrefetch{used, first, n, lines})
+			usedArea, err := mem.Slice(l.Used, 4+8*uint64(tc.size))
+			require.NoError(t, err)
+			descArea, err := mem.Slice(l.Desc, 16*uint64(tc.size))
+			require.NoError(t, err)
+			got := []driverPrefetch{}
+			drv.prefetchTrace = func(used bool, addr HostAddr, n, lines int) {
+				got = append(got, driverPrefetch{used, addr, n, lines})
 			}
 			rng := rand.New(rand.NewPCG(uint64(tc.size), 7))
 			var popped []Chain
@@ -139,9 +150,11 @@ func TestReclaimBatchPrefetchTargets(t *testing.T) {
 				want := []driverPrefetch{}
 				for i, e := range out[:n] {
 					if i == min(known, m) {
-						want = append(want, expectedUsedPrefetch(drv, drv.lastUsed-uint16(n-i), min(pushed, m)-i)...)
+						want = append(want, expectedUsedPrefetch(usedArea, int(tc.size), drv.lastUsed-uint16(n-i), min(pushed, m)-i)...)
 					}
-					want = append(want, driverPrefetch{false, int(e.Head), 1, 1})
+					if hasPrefetchW { // without it no descriptor is asked for
+						want = append(want, driverPrefetch{false, hostAddrOf(descArea) + HostAddr(16*int(e.Head)), 1, 1})
+					}
 				}
 				require.Equal(t, want, got, "step %d: batch of %d, %d known, %d pushed", step, m, known, pushed)
 				for i, p := range want {
@@ -156,9 +169,41 @@ func TestReclaimBatchPrefetchTargets(t *testing.T) {
 				}
 			}
 			// The random traffic reached each case.
-			require.Positive(t, usedPrefetches)
-			require.Positive(t, wrapped)
-			require.Positive(t, descs)
+			if tc.size > 4 {
+				require.Positive(t, usedPrefetches)
+				require.Positive(t, wrapped)
+			} else {
+				require.Zero(t, usedPrefetches, "a ring in one line")
+			}
+			if hasPrefetchW {
+				require.Positive(t, descs)
+			}
 		})
 	}
+}
+
+// TestPrefetchDescsWStaysInItsElements runs prefetchDescsW over element
+// arrays that end exactly at an inaccessible page: an assembly loop that
+// read one element too many, or stepped by the wrong size, would fault.
+// (What it prefetches cannot be observed; the layouts it relies on are
+// asserted at compile time in prefetch_asm.go.)
+func TestPrefetchDescsWStaysInItsElements(t *testing.T) {
+	page := unix.Getpagesize()
+	m, err := unix.Mmap(-1, 0, 2*page, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	require.NoError(t, err)
+	t.Cleanup(func() { unix.Munmap(m) })
+	require.NoError(t, unix.Mprotect(m[page:], unix.PROT_NONE))
+	all := unsafe.Slice((*UsedElem)(unsafe.Pointer(&m[0])), page/8) // the first page, as elements
+	descs := make([]descEntry, 1<<16)
+	rng := rand.New(rand.NewPCG(1, 2))
+	for _, n := range []int{1, 2, 3, 31, 32, 33, 255, page / 8} {
+		elems := all[len(all)-n:] // ends at the inaccessible page
+		for i := range elems {
+			elems[i] = UsedElem{Head: uint16(rng.IntN(len(descs))), Len: rng.Uint32()}
+		}
+		before := append([]UsedElem(nil), elems...)
+		prefetchDescsW(&descs[0], &elems[0], n)
+		require.Equal(t, before, elems, "n=%d: the elements are only read", n)
+	}
+	prefetchDescsW(&descs[0], &all[0], 0) // nothing to do
 }
