@@ -412,6 +412,9 @@ func (rq *relayQueue) complete() error {
 	for {
 		k, rerr := rq.shadow.ReclaimBatch(rq.used[:])
 		// The entries taken before a bad one (rerr) are delivered first.
+		// An error ends the relay (its worker fails and stop tears it
+		// down), so complete is never retried: the entries after one
+		// PushChain refused need not be kept.
 		for _, e := range rq.used[:k] {
 			c := &rq.inflight[e.Head]
 			if err := rq.guest.PushChain(c, e.Len); err != nil {

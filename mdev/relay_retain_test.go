@@ -1,6 +1,7 @@
 package mdev
 
 import (
+	"math/rand/v2"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -152,4 +153,90 @@ func TestRelaySlotDropsHugeChain(t *testing.T) {
 	// although append rounded that room past relayKeepSegs (67 from 4).
 	head = b.round(60)
 	assert.GreaterOrEqual(t, cap(b.rq.inflight[head].Segs), 60, "a chain within the bound keeps its room")
+}
+
+// TestRelayCompletesInUsedOrder: more chains than one ReclaimBatch takes
+// (relayReclaimBatch), used by the backing device in a scrambled order,
+// all reach the guest in that order, and the shadow ring ends empty.
+func TestRelayCompletesInUsedOrder(t *testing.T) {
+	const size, chains = 128, 100
+	b := newRelayBench(t, size)
+	guestHeads := map[uint16]int{} // guest head -> chain number
+	for i := range chains {
+		gh, err := b.guest.Add([]vring.Buffer{{Addr: b.data + vring.GuestAddr(64*i), Len: 64, Writable: true}})
+		require.NoError(t, err)
+		guestHeads[gh] = i
+	}
+	b.guest.Publish()
+	require.NoError(t, b.rq.forward())
+	require.NoError(t, b.rq.publish())
+	var popped []vring.Chain
+	for {
+		var c vring.Chain
+		ok, err := b.backing.Pop(&c)
+		require.NoError(t, err)
+		if !ok {
+			break
+		}
+		popped = append(popped, c)
+	}
+	require.Len(t, popped, chains)
+	rand.New(rand.NewPCG(3, 4)).Shuffle(len(popped), func(i, j int) { popped[i], popped[j] = popped[j], popped[i] })
+	var want []int
+	for i, c := range popped {
+		require.NoError(t, b.backing.Push(c.Head, uint32(i%64)))
+		want = append(want, guestHeads[b.rq.inflight[c.Head].Head])
+	}
+	require.NoError(t, b.rq.complete())
+	require.Zero(t, b.rq.shadow.Outstanding(), "every shadow chain reclaimed")
+	var got []int
+	for i := range chains {
+		head, n, ok, err := b.guest.Reclaim()
+		require.NoError(t, err)
+		require.True(t, ok, "chain %d", i)
+		require.Equal(t, uint32(i%64), n, "the length the backing device wrote")
+		got = append(got, guestHeads[head])
+	}
+	require.Equal(t, want, got)
+}
+
+// TestRelayCompleteDeliversBeforeABadEntry: a backing device that reports
+// a head twice, after 35 good entries (more than one batch), gets
+// ErrUsedIDNotOutstanding from complete, and the 35 good completions
+// reach the guest first.
+func TestRelayCompleteDeliversBeforeABadEntry(t *testing.T) {
+	const size, good = 64, 35
+	b := newRelayBench(t, size)
+	for i := range good + 1 {
+		_, err := b.guest.Add([]vring.Buffer{{Addr: b.data + vring.GuestAddr(64*i), Len: 64, Writable: true}})
+		require.NoError(t, err)
+	}
+	b.guest.Publish()
+	require.NoError(t, b.rq.forward())
+	require.NoError(t, b.rq.publish())
+	var heads []uint16
+	for {
+		var c vring.Chain
+		ok, err := b.backing.Pop(&c)
+		require.NoError(t, err)
+		if !ok {
+			break
+		}
+		heads = append(heads, c.Head)
+	}
+	require.Len(t, heads, good+1)
+	for _, h := range heads[:good] {
+		require.NoError(t, b.backing.Push(h, 0))
+	}
+	require.NoError(t, b.backing.Push(heads[0], 0)) // used again: not outstanding
+	err := b.rq.complete()
+	require.ErrorIs(t, err, vring.ErrUsedIDNotOutstanding)
+	for i := range good {
+		_, _, ok, err := b.guest.Reclaim()
+		require.NoError(t, err)
+		require.True(t, ok, "completion %d reached the guest", i)
+	}
+	_, _, ok, err := b.guest.Reclaim()
+	require.NoError(t, err)
+	require.False(t, ok, "nothing past the bad entry")
 }
