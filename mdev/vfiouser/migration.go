@@ -276,7 +276,7 @@ func (s *Server) startLogging(f DeviceFeature, head func(int) []byte) ([]byte, e
 	s.migMu.Lock()
 	defer s.migMu.Unlock()
 	if s.mig.log != nil {
-		return nil, &Error{Cmd: CmdDeviceFeature, Errno: unix.EBUSY, Err: fmt.Errorf("%w: DMA logging already started", ErrDevice)}
+		return nil, perr(CmdDeviceFeature, ErrBusy, "DMA logging already started")
 	}
 	log, err := dirty.New(span, nil)
 	if err != nil {

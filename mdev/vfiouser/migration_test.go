@@ -52,6 +52,8 @@ func migrateBetweenServers(t *testing.T, opts *vfiousertest.DriverOptions) {
 	assert.NotZero(t, flags[0]&byte(vfiouser.MigrationStopCopy))
 
 	require.NoError(t, ca.StartDMALogging(ctx, 4096, 0, vfiousertest.GuestMemSize))
+	err = ca.StartDMALogging(ctx, 4096, 0, vfiousertest.GuestMemSize)
+	assert.True(t, vfiousertest.IsErrno(err, unix.EBUSY), "logging started twice: %v", err)
 	fs := frames(100, 5)
 	var got [][]byte
 	require.NoError(t, d.SendFrames(fs[:50]))

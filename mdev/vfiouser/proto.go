@@ -111,8 +111,10 @@ var (
 	// (Options.MaxDMAWindows, ENOSPC) or address-space budget
 	// (Options.DMABudget, ENOMEM).
 	ErrDMALimit = errors.New("vfiouser: DMA window limit reached")
-	// ErrBusy: the device's data path may still be using what the message
-	// would take away, and cannot be stopped (EBUSY); see Server.
+	// ErrBusy: the device already does what the message would start
+	// (EBUSY): DMA logging started a second time. (A DMA unmap the data
+	// path may still be using is not refused: the server stops the data
+	// path, or resets the device, first; see Server.)
 	ErrBusy = errors.New("vfiouser: device busy")
 	// ErrVersion: a VERSION message this server cannot accept, or any other
 	// message before it.
