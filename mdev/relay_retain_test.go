@@ -155,32 +155,45 @@ func TestRelaySlotDropsHugeChain(t *testing.T) {
 	assert.GreaterOrEqual(t, cap(b.rq.inflight[head].Segs), 60, "a chain within the bound keeps its room")
 }
 
+// relayChains adds n one-buffer writable chains to the guest ring, relays
+// them into the shadow ring and pops them all on the backing device. It
+// returns the guest heads in add order and the backing device's chains.
+func (b *relayBench) relayChains(n int) ([]uint16, []vring.Chain) {
+	b.t.Helper()
+	var gheads []uint16
+	for i := range n {
+		gh, err := b.guest.Add([]vring.Buffer{{Addr: b.data + vring.GuestAddr(64*i), Len: 64, Writable: true}})
+		require.NoError(b.t, err)
+		gheads = append(gheads, gh)
+	}
+	b.guest.Publish()
+	require.NoError(b.t, b.rq.forward())
+	require.NoError(b.t, b.rq.publish())
+	var popped []vring.Chain
+	for {
+		var c vring.Chain
+		ok, err := b.backing.Pop(&c)
+		require.NoError(b.t, err)
+		if !ok {
+			break
+		}
+		popped = append(popped, c)
+	}
+	require.Len(b.t, popped, n)
+	return gheads, popped
+}
+
 // TestRelayCompletesInUsedOrder: more chains than one ReclaimBatch takes
 // (relayReclaimBatch), used by the backing device in a scrambled order,
 // all reach the guest in that order, and the shadow ring ends empty.
 func TestRelayCompletesInUsedOrder(t *testing.T) {
 	const size, chains = 128, 100
 	b := newRelayBench(t, size)
+	gheads, popped := b.relayChains(chains)
 	guestHeads := map[uint16]int{} // guest head -> chain number
-	for i := range chains {
-		gh, err := b.guest.Add([]vring.Buffer{{Addr: b.data + vring.GuestAddr(64*i), Len: 64, Writable: true}})
-		require.NoError(t, err)
+	for i, gh := range gheads {
 		guestHeads[gh] = i
 	}
-	b.guest.Publish()
-	require.NoError(t, b.rq.forward())
-	require.NoError(t, b.rq.publish())
-	var popped []vring.Chain
-	for {
-		var c vring.Chain
-		ok, err := b.backing.Pop(&c)
-		require.NoError(t, err)
-		if !ok {
-			break
-		}
-		popped = append(popped, c)
-	}
-	require.Len(t, popped, chains)
 	rand.New(rand.NewPCG(3, 4)).Shuffle(len(popped), func(i, j int) { popped[i], popped[j] = popped[j], popped[i] })
 	var want []int
 	for i, c := range popped {
@@ -207,24 +220,11 @@ func TestRelayCompletesInUsedOrder(t *testing.T) {
 func TestRelayCompleteDeliversBeforeABadEntry(t *testing.T) {
 	const size, good = 64, 35
 	b := newRelayBench(t, size)
-	for i := range good + 1 {
-		_, err := b.guest.Add([]vring.Buffer{{Addr: b.data + vring.GuestAddr(64*i), Len: 64, Writable: true}})
-		require.NoError(t, err)
-	}
-	b.guest.Publish()
-	require.NoError(t, b.rq.forward())
-	require.NoError(t, b.rq.publish())
+	_, popped := b.relayChains(good + 1)
 	var heads []uint16
-	for {
-		var c vring.Chain
-		ok, err := b.backing.Pop(&c)
-		require.NoError(t, err)
-		if !ok {
-			break
-		}
+	for _, c := range popped {
 		heads = append(heads, c.Head)
 	}
-	require.Len(t, heads, good+1)
 	for _, h := range heads[:good] {
 		require.NoError(t, b.backing.Push(h, 0))
 	}
