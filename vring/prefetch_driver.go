@@ -11,8 +11,8 @@ package vring
 //   - for writing, the descriptor of each chain it frees (one assembly call
 //     per run of entries taken, prefetchDescsW): the free list is last in,
 //     first out, so those are the descriptors the next Adds will write, and
-//     the device read them last. A store to a line another CPU
-//     holds waits for that copy to be invalidated, x86 commits stores in
+//     the device read them last. A store to a line another CPU holds
+//     waits for that copy to be invalidated, and x86 commits stores in
 //     order, so each such store held up every later one; asked for at
 //     reclaim time, the invalidation is done by the time Add writes.
 //
