@@ -3,6 +3,7 @@ package vring_test
 import (
 	"errors"
 	"fmt"
+	"slices"
 
 	"github.com/vdpakit/vdpakit/virtio"
 	"github.com/vdpakit/vdpakit/vring"
@@ -171,4 +172,59 @@ func ExampleDeviceQueue_Prefetch() {
 	// Output:
 	// found: 5
 	// popped: 5
+}
+
+// ExampleDriverQueue_ReclaimBatch is a driver's completion loop: it takes
+// the used entries in batches, in the order the device used them, until a
+// short batch says none is pending. With the device on another CPU,
+// ReclaimBatch also asks ahead for the cache lines it reads and for the
+// descriptors the next Adds will write (split rings).
+func ExampleDriverQueue_ReclaimBatch() {
+	region, _ := vring.NewMemfdRegion(0, 1<<20, nil)
+	mem, _ := vring.NewMemory(region)
+	defer mem.Close()
+	layout := vring.ContiguousLayout(0, 16)
+	drv, _ := vring.NewDriverQueue(mem, vring.DriverQueueOptions{Layout: layout})
+	dev, _ := vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Layout: layout})
+	drv.DisableInterrupts() // polling
+
+	// Six receive buffers; the device fills them and returns them in
+	// another order than they were added.
+	var heads []uint16
+	for i := range 6 {
+		h, _ := drv.Add([]vring.Buffer{{Addr: vring.GuestAddr(0x10000 + 0x800*i), Len: 2048, Writable: true}})
+		heads = append(heads, h)
+	}
+	drv.Publish()
+	chains := make([]vring.Chain, 6)
+	n, _ := dev.PopBatch(chains)
+	used := make([]vring.UsedElem, 0, n)
+	for _, i := range []int{2, 0, 1, 5, 3, 4} {
+		used = append(used, vring.UsedElem{Head: chains[i].Head, Len: uint32(60 + i)})
+	}
+	_ = dev.PushBatch(used)
+
+	out := make([]vring.UsedElem, 4)
+	for {
+		k, err := drv.ReclaimBatch(out)
+		if err != nil {
+			fmt.Println(err) // a device that broke the rules
+			return
+		}
+		for _, e := range out[:k] {
+			fmt.Printf("buffer %d: %d bytes\n", slices.Index(heads, e.Head), e.Len)
+		}
+		if k < len(out) {
+			break // none pending
+		}
+	}
+	fmt.Println("outstanding:", drv.Outstanding())
+	// Output:
+	// buffer 2: 62 bytes
+	// buffer 0: 60 bytes
+	// buffer 1: 61 bytes
+	// buffer 5: 65 bytes
+	// buffer 3: 63 bytes
+	// buffer 4: 64 bytes
+	// outstanding: 0
 }
