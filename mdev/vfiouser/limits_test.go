@@ -60,12 +60,19 @@ func TestDescriptorsSpreadOverAMessageAreBounded(t *testing.T) {
 		off := vfiouser.HeaderSize + i
 		require.NoError(t, c.SendRaw(msg[off:off+1], fds))
 	}
-	// Everything but the last byte has been read by the server: it holds
-	// what it keeps of the message's descriptors now.
+	// Everything but the last byte has been read by the server. The
+	// kernel installs a read's descriptors before the server can close
+	// those past max_msg_fds, so right after the last read it may still
+	// hold one piece's more for a moment: what it keeps is what remains
+	// once that read is dealt with.
 	require.Eventually(t, func() bool { return unreadBytes(t, c) == 0 }, 10*time.Second, time.Millisecond)
-	held := fdCount(t) - before
-	require.LessOrEqual(t, held, 2+vfiouser.MaxMsgFds,
+	held := 0
+	require.Eventually(t, func() bool {
+		held = fdCount(t) - before
+		return held <= 2+vfiouser.MaxMsgFds
+	}, 5*time.Second, time.Millisecond,
 		"descriptors held mid-message: both ends of the connection and at most max_msg_fds (the server used to hold 15986)")
+	assert.GreaterOrEqual(t, held, 2, "both ends of the connection are open")
 
 	require.NoError(t, c.SendRaw(msg[len(msg)-1:], fds))
 	h, _, err := c.ReadReply(ctx)

@@ -108,7 +108,11 @@ wait:
 		}
 	}
 	assert.ErrorIs(t, err, ErrFdCount)
-	assert.LessOrEqual(t, peak, before+MaxFds, "descriptors held for one message")
+	// The kernel installs one read's descriptors (one piece: MaxFds)
+	// before the reader can close those past MaxFds, so the peak may
+	// briefly be MaxFds kept plus one piece's MaxFds; keeping them all
+	// (the old reader) would reach before+(len(msg)-1)*MaxFds.
+	assert.LessOrEqual(t, peak, before+2*MaxFds, "descriptors held for one message")
 	assert.Equal(t, before, countFdsTo(t, ours), "descriptors leaked")
 }
 
