@@ -331,6 +331,87 @@ func ramDiff(a, b string) ([]uint64, error) {
 	}
 }
 
+// explainDiff logs, for the first pages that differ between the source's
+// and the destination's RAM, which bytes differ, whether the source's
+// back-end logged the page, and which of the source's rings it holds: what
+// tells a write the back-end did not log from one made by someone else.
+func explainDiff(t *testing.T, h *migrationHop) {
+	t.Helper()
+	src, err := os.ReadFile(h.srcRAM)
+	if err != nil {
+		t.Logf("explainDiff: %v", err)
+		return
+	}
+	dst, err := os.ReadFile(h.dstRAM)
+	if err != nil {
+		t.Logf("explainDiff: %v", err)
+		return
+	}
+	var rings []ringEvent
+	if h.from.ring != nil {
+		for _, e := range h.from.ring.snapshot()[:h.fromEvents] {
+			if e.start {
+				rings = append(rings, e)
+			}
+		}
+	}
+	for i, pg := range h.diffPages {
+		if i == 4 {
+			t.Logf("hop %d: %d more pages differ", h.n, len(h.diffPages)-i)
+			break
+		}
+		base := pg << 12
+		if base+4096 > uint64(len(src)) || base+4096 > uint64(len(dst)) {
+			continue
+		}
+		a, b := src[base:base+4096], dst[base:base+4096]
+		var runs []string
+		for o := 0; o < 4096 && len(runs) < 8; {
+			if a[o] == b[o] {
+				o++
+				continue
+			}
+			e := o
+			for e < 4096 && (a[e] != b[e] || (e+1 < 4096 && a[e+1] != b[e+1])) {
+				e++
+			}
+			shown := min(e, o+24)
+			runs = append(runs, fmt.Sprintf("[%#x,%#x) source % x destination % x", o, e, a[o:shown], b[o:shown]))
+			o = e
+		}
+		logged := "no log recorded"
+		if h.from.logged != nil {
+			logged = fmt.Sprintf("logged by the source's back-end: %v", h.from.logged.bm.PageDirty(pg))
+		}
+		var in []string
+		for _, e := range rings {
+			for _, area := range ringAreas(e) {
+				if area.addr < base+4096 && area.addr+area.n > base {
+					in = append(in, fmt.Sprintf("q%d %s [%#x,%#x) (started %v)", e.q, area.name, area.addr, area.addr+area.n, e))
+				}
+			}
+		}
+		t.Logf("hop %d: page %#x differs (%s; source rings in it: %v): %s", h.n, base, logged, in, strings.Join(runs, "; "))
+	}
+}
+
+type ringArea struct {
+	name    string
+	addr, n uint64
+}
+
+// ringAreas are the guest-memory areas of a started ring.
+func ringAreas(e ringEvent) []ringArea {
+	l, n := e.layout, uint64(e.layout.Size)
+	if e.packed {
+		return []ringArea{{"descriptor ring", uint64(l.Desc), 16 * n},
+			{"driver event area", uint64(l.Avail), 4}, {"device event area", uint64(l.Used), 4}}
+	}
+	d, av, u := vring.SplitSizes(l.Size)
+	return []ringArea{{"descriptor table", uint64(l.Desc), d},
+		{"available ring", uint64(l.Avail), av}, {"used ring", uint64(l.Used), u}}
+}
+
 // logTee is a Backend log hook: every page the back-end marks in QEMU's
 // log is also marked in a bitmap of the test's that nobody harvests, or,
 // hidden, the back-end gets no log at all (the negative control).
@@ -441,6 +522,9 @@ func migrate(t *testing.T, ctx context.Context, q qemuPeer, g guestImage, dir st
 	h.fromEvents = len(h.from.ring.snapshot())
 	h.diffPages, err = ramDiff(h.srcRAM, h.dstRAM)
 	require.NoError(t, err)
+	if len(h.diffPages) > 0 {
+		explainDiff(t, h)
+	}
 	t.Logf("RESULT hop %d %s→%s: migrated in %v (QEMU: total %d ms, downtime %d ms, setup %d ms, %d bytes sent, %d normal pages); %d guest pages differ between source and destination",
 		h.n, h.from.name, h.to.name, time.Since(start).Round(time.Millisecond), h.info.TotalTime, h.info.Downtime, h.info.Setup,
 		h.info.RAM.Transferred, h.info.RAM.Normal, len(h.diffPages))

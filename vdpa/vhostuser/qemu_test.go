@@ -275,6 +275,9 @@ type qemuRig struct {
 	served chan error
 	cancel context.CancelFunc
 	closed bool
+	// logged records the pages the back-end logged, when the test gave
+	// no log hook of its own.
+	logged *logTee
 	// nv, when set, is the back-end kind "DPDK net_vhost" (the baseline,
 	// qemu_netvhost_test.go): then dev, resp, ring, be and rec are nil and
 	// the peer at qemuPeerIP is the kernel of nv's network namespace.
@@ -326,9 +329,16 @@ func startRig(t *testing.T, ctx context.Context, dir string, o rigOptions) *qemu
 	}
 	ring := &ringTracker{Device: dev}
 	be := NewBackend(ring, &BackendOptions{Logger: slog.New(rec)})
-	be.logHook = o.logHook
 	r := &qemuRig{name: o.name, dev: dev, resp: resp, ring: ring, be: be, rec: rec,
 		sock: filepath.Join(dir, o.name+".sock"), served: make(chan error, 1)}
+	be.logHook = o.logHook
+	if be.logHook == nil {
+		// Every page the back-end logs is also recorded, so that a page
+		// that differs after a migration can be told apart: logged or
+		// not (explainDiff).
+		r.logged = newLogTee(t, 1<<30, false)
+		be.logHook = r.logged.hook
+	}
 	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: r.sock, Net: "unix"})
 	require.NoError(t, err)
 	l.SetUnlinkOnClose(true)
@@ -388,6 +398,7 @@ type ringEvent struct {
 	packed bool // the started ring is a packed one (starts only)
 	q      int
 	st     vring.QueueState
+	layout vring.Layout // the ring's guest addresses (starts only)
 }
 
 func (e ringEvent) String() string {
@@ -412,7 +423,7 @@ func (r *ringTracker) StartQueue(q int, dq *vring.DeviceQueue, kick, call *vdpa.
 		return err
 	}
 	r.mu.Lock()
-	r.events = append(r.events, ringEvent{start: true, packed: dq.Packed(), q: q, st: st})
+	r.events = append(r.events, ringEvent{start: true, packed: dq.Packed(), q: q, st: st, layout: dq.Layout()})
 	r.mu.Unlock()
 	return nil
 }
