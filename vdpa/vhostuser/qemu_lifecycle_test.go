@@ -897,7 +897,8 @@ func TestQEMUMultiQueue(t *testing.T) {
 // TestQEMUMultiQueueMigration live-migrates a guest with two queue pairs
 // (two vCPUs, a pinger pinned to each, so virtio_net's XPS sends on both
 // transmit queues and the responder answers on both receive queues): A→B
-// on QEMU 7.2, A→B→A on QEMU 11, then a stop/cont on the last destination.
+// on QEMU 7.2, A→B→A on QEMU 11, then a stop/cont on the last destination,
+// on split rings and on packed ones (virtio-net-pci,packed=on).
 // QEMU serves both pairs over one vhost-user connection and enables the
 // second on the guest's MQ command, which the destination restores from
 // the migration stream. At each hop: no guest page differs (every queue's
@@ -907,65 +908,72 @@ func TestQEMUMultiQueue(t *testing.T) {
 // the end: nothing lost, duplicated or corrupt.
 func TestQEMUMultiQueueMigration(t *testing.T) {
 	forEachQEMU(t, func(t *testing.T, q qemuPeer, helper string) {
-		const pairs = 2
-		hops := 1
-		if q.msix {
-			hops = 2
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
-		defer cancel()
-		start := time.Now()
-		dir := shmDir(t)
-		g := buildGuestEnv(t, ctx, helper, dir, "serve")
-		a := startRig(t, ctx, dir, rigOptions{name: "a", pairs: pairs})
-		b := startRig(t, ctx, dir, rigOptions{name: "b", pairs: pairs})
-		ram := filepath.Join(dir, "ram-0")
-		qmpPath := filepath.Join(dir, "qmp-0.sock")
-		vm := bootServe(t, ctx, q, g, a, qemuConfig{name: q.name + "-mq", qmp: qmpPath, ramFile: ram, smp: pairs, pairs: pairs}, pairs)
-		qm, err := dialQMP(ctx, qmpPath)
-		require.NoError(t, err)
-		defer qm.c.Close()
-		require.NoError(t, waitPairsBusy(ctx, a, pairs, nil), "before the migration")
-
-		from, to := a, b
-		for n := 1; n <= hops; n++ {
-			h := &migrationHop{n: n, src: vm, srcQMP: qm, srcRAM: ram, from: from, to: to, smp: pairs, pairs: pairs}
-			base := to.dev.Stats()
-			migrate(t, ctx, q, g, dir, h, 1<<30, false)
-			assert.Empty(t, h.diffPages, "hop %d: guest pages that differ after the migration (written by the back-end, not logged): %v", n, firstN(h.diffPages, 20))
-			checkHandover(t, h)
-			src := lastRing(h.from.ring.snapshot()[:h.fromEvents])
-			assert.Len(t, src, 2*pairs, "hop %d: the source ran every queue of both pairs: %v", n, src)
-			require.NoError(t, waitPairsBusy(ctx, to, pairs, &base), "hop %d: both pairs on %s after the destination resumed", n, to.name)
-			vm, qm, ram = h.dst, h.dstQMP, h.dstRAM
-			from, to = to, from
-		}
-
-		last := from
-		mark := len(last.ring.snapshot())
-		_, err = qm.do("stop", nil)
-		require.NoError(t, err)
-		time.Sleep(300 * time.Millisecond)
-		base := last.dev.Stats()
-		_, err = qm.do("cont", nil)
-		require.NoError(t, err)
-		require.NoError(t, waitPairsBusy(ctx, last, pairs, &base), "both pairs on %s after stop/cont", last.name)
-		ev := last.ring.snapshot()[mark:]
-		checkRingContinuity(t, "multi-queue stop/cont", ev)
-		stopped := map[int]bool{}
-		for _, e := range ev {
-			if !e.start {
-				stopped[e.q] = true
-			}
-		}
-		assert.Len(t, stopped, 2*pairs, "the stop stopped every queue of both pairs: %v", ev)
-
-		p := stopPingers(t, ctx, vm, g.nonce, "final")
-		noWarnings(t, a, b)
-		checkPingRound(t, fmt.Sprintf("%s multi-queue migration (%d hops)", q.name, hops), p, false, a, b)
-		_, _ = qm.do("quit", nil)
-		t.Logf("RESULT %s multi-queue migration: %d pairs, %d hops and a stop/cont, run time %v", q.name, pairs, hops, time.Since(start).Round(time.Millisecond))
+		t.Run("split", func(t *testing.T) { testQEMUMultiQueueMigration(t, q, helper, false) })
+		t.Run("packed", func(t *testing.T) { testQEMUMultiQueueMigration(t, q, helper, true) })
 	})
+}
+
+func testQEMUMultiQueueMigration(t *testing.T, q qemuPeer, helper string, packed bool) {
+	const pairs = 2
+	hops := 1
+	if q.msix {
+		hops = 2
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	start := time.Now()
+	dir := shmDir(t)
+	g := buildGuestEnv(t, ctx, helper, dir, "serve")
+	a := startRig(t, ctx, dir, rigOptions{name: "a", pairs: pairs})
+	b := startRig(t, ctx, dir, rigOptions{name: "b", pairs: pairs})
+	ram := filepath.Join(dir, "ram-0")
+	qmpPath := filepath.Join(dir, "qmp-0.sock")
+	vm := bootServe(t, ctx, q, g, a, qemuConfig{name: q.name + "-mq", qmp: qmpPath, ramFile: ram, smp: pairs, pairs: pairs, packed: packed}, pairs)
+	qm, err := dialQMP(ctx, qmpPath)
+	require.NoError(t, err)
+	defer qm.c.Close()
+	require.NoError(t, waitPairsBusy(ctx, a, pairs, nil), "before the migration")
+	require.Equal(t, packed, a.be.Info().Features.Has(virtio.FRingPacked), "the guest driver's ring format: %s",
+		a.be.Info().Features.Format(virtio.DeviceNet))
+
+	from, to := a, b
+	for n := 1; n <= hops; n++ {
+		h := &migrationHop{n: n, src: vm, srcQMP: qm, srcRAM: ram, from: from, to: to, smp: pairs, pairs: pairs, packed: packed}
+		base := to.dev.Stats()
+		migrate(t, ctx, q, g, dir, h, 1<<30, false)
+		assert.Empty(t, h.diffPages, "hop %d: guest pages that differ after the migration (written by the back-end, not logged): %v", n, firstN(h.diffPages, 20))
+		checkHandover(t, h)
+		src := lastRing(h.from.ring.snapshot()[:h.fromEvents])
+		assert.Len(t, src, 2*pairs, "hop %d: the source ran every queue of both pairs: %v", n, src)
+		require.NoError(t, waitPairsBusy(ctx, to, pairs, &base), "hop %d: both pairs on %s after the destination resumed", n, to.name)
+		vm, qm, ram = h.dst, h.dstQMP, h.dstRAM
+		from, to = to, from
+	}
+
+	last := from
+	mark := len(last.ring.snapshot())
+	_, err = qm.do("stop", nil)
+	require.NoError(t, err)
+	time.Sleep(300 * time.Millisecond)
+	base := last.dev.Stats()
+	_, err = qm.do("cont", nil)
+	require.NoError(t, err)
+	require.NoError(t, waitPairsBusy(ctx, last, pairs, &base), "both pairs on %s after stop/cont", last.name)
+	ev := last.ring.snapshot()[mark:]
+	checkRingContinuity(t, "multi-queue stop/cont", ev)
+	stopped := map[int]bool{}
+	for _, e := range ev {
+		if !e.start {
+			stopped[e.q] = true
+		}
+	}
+	assert.Len(t, stopped, 2*pairs, "the stop stopped every queue of both pairs: %v", ev)
+
+	p := stopPingers(t, ctx, vm, g.nonce, "final")
+	noWarnings(t, a, b)
+	checkPingRound(t, fmt.Sprintf("%s multi-queue migration (%d hops)", q.name, hops), p, false, a, b)
+	_, _ = qm.do("quit", nil)
+	t.Logf("RESULT %s multi-queue migration (%s): %d pairs, %d hops and a stop/cont, run time %v", q.name, map[bool]string{false: "split", true: "packed"}[packed], pairs, hops, time.Since(start).Round(time.Millisecond))
 }
 
 // waitPairsBusy waits until each of rig's first pairs queue pairs has
