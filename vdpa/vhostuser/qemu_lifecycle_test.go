@@ -976,6 +976,100 @@ func testQEMUMultiQueueMigration(t *testing.T, q qemuPeer, helper string, packed
 	t.Logf("RESULT %s multi-queue migration (%s): %d pairs, %d hops and a stop/cont, run time %v", q.name, map[bool]string{false: "split", true: "packed"}[packed], pairs, hops, time.Since(start).Round(time.Millisecond))
 }
 
+// TestQEMUSystemReset resets the machine under traffic (QMP system_reset,
+// as a VMM does for a guest reboot): QEMU stops the device, the guest
+// kernel boots again and its virtio_net driver sets the device up from
+// scratch on fresh rings. The back-end must stop every ring at the reset
+// and start each again at the ring's initial position, traffic must flow
+// on the rebooted guest, and the guest kernel's echo counters must equal
+// the responder's from the reboot on (nothing lost, nothing duplicated),
+// on split and on packed rings.
+func TestQEMUSystemReset(t *testing.T) {
+	forEachQEMU(t, func(t *testing.T, q qemuPeer, helper string) {
+		t.Run("split", func(t *testing.T) { testQEMUSystemReset(t, q, helper, false) })
+		t.Run("packed", func(t *testing.T) { testQEMUSystemReset(t, q, helper, true) })
+	})
+}
+
+func testQEMUSystemReset(t *testing.T, q qemuPeer, helper string, packed bool) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	start := time.Now()
+	dir := t.TempDir()
+	g := buildGuestEnv(t, ctx, helper, dir, "serve")
+	rig := startRig(t, ctx, dir, rigOptions{name: "a"})
+	qmpPath := filepath.Join(dir, "qmp.sock")
+	vm := bootServe(t, ctx, q, g, rig, qemuConfig{name: q.name + "-reset", qmp: qmpPath, packed: packed, reboot: true}, 1)
+	qm, err := dialQMP(ctx, qmpPath)
+	require.NoError(t, err)
+	defer qm.c.Close()
+	features := rig.be.Info().Features
+	require.Equal(t, packed, features.Has(virtio.FRingPacked), "the guest driver's ring format: %s", features.Format(virtio.DeviceNet))
+
+	mark := len(rig.ring.snapshot())
+	rig.mark("system_reset")
+	_, err = qm.do("system_reset", nil)
+	require.NoError(t, err)
+	// The rebooted guest's init prints READY again.
+	_, err = waitMarkerN(ctx, vm, g.nonce, "READY", 2)
+	require.NoError(t, err, "the guest booted again after the reset")
+	ev := rig.ring.snapshot()[mark:]
+	fresh := vring.InitialState(features)
+	stopped, started := map[int]bool{}, map[int]bool{}
+	for _, e := range ev {
+		if !e.start {
+			if !started[e.q] {
+				stopped[e.q] = true
+			}
+			continue
+		}
+		if !started[e.q] {
+			started[e.q] = true
+			assert.True(t, stopped[e.q], "queue %d started again without a stop at the reset: %v", e.q, ev)
+			assert.Equal(t, fresh, e.st, "queue %d: the rebooted guest's driver starts it on a fresh ring", e.q)
+		}
+	}
+	assert.True(t, started[0] && started[1], "both queues of the pair started again: %v", ev)
+
+	// Traffic on the rebooted guest, counted from here: whatever was in
+	// flight at the reset is gone with the old kernel.
+	e0 := echoes(rig)
+	drops0 := rig.dev.Stats().Drops
+	require.NoError(t, vm.send("start 1"))
+	_, err = waitMarkerN(ctx, vm, g.nonce, "STARTED", 2)
+	require.NoError(t, err)
+	took, err := waitEchoes(ctx, e0+20, 30*time.Second, rig)
+	require.NoError(t, err, "traffic on the rebooted guest")
+	p := stopPingers(t, ctx, vm, g.nonce, "final")
+	e := echoes(rig) - e0
+	kOut, kIn := p.snmp["icmp_OutEchos"], p.snmp["icmp_InEchoReps"]
+	assert.Equal(t, drops0, rig.dev.Stats().Drops, "frames the device dropped after the reboot")
+	assert.Equal(t, kOut, e, "echo requests the rebooted guest's kernel sent vs requests the responder answered")
+	assert.Equal(t, e, kIn, "replies the responder sent vs replies the rebooted guest's kernel received")
+	assert.Zero(t, p.dup+p.corrupt, "duplicated or corrupt: %v", p)
+	noWarnings(t, rig)
+	_, _ = qm.do("quit", nil)
+	t.Logf("RESULT %s system_reset (%s): rings after the reset %v; traffic %v after the guest was ready again; guest %v; run time %v",
+		q.name, map[bool]string{false: "split", true: "packed"}[packed], ev, took.Round(time.Millisecond), p, time.Since(start).Round(time.Millisecond))
+}
+
+// waitMarkerN waits for the n-th (1-based) marker word and returns its
+// fields.
+func waitMarkerN(ctx context.Context, vm *qemuVM, nonce, word string, n int) ([]string, error) {
+	for {
+		if all := findMarkers(vm.out.String(), nonce, word); len(all) >= n {
+			return all[n-1], nil
+		}
+		select {
+		case <-vm.done:
+			return nil, fmt.Errorf("%s exited (%v) before the guest printed %s #%d", vm.name, vm.err, word, n)
+		case <-ctx.Done():
+			return nil, fmt.Errorf("%s: waiting for %s #%d: %w", vm.name, word, n, ctx.Err())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
 // waitPairsBusy waits until each of rig's first pairs queue pairs has
 // carried at least 10 frames each way since base (nil: since the start).
 func waitPairsBusy(ctx context.Context, rig *qemuRig, pairs int, base *softnet.Stats) error {

@@ -557,6 +557,9 @@ type qemuConfig struct {
 	paused    bool
 	reconnect bool // redial a lost back-end (qemuPeer.reconnect)
 	packed    bool // virtio-net-pci,packed=on: offer the guest packed rings
+	// reboot lets a reset (QMP system_reset) reboot the guest; without it
+	// QEMU runs with -no-reboot, which turns a reset into an exit.
+	reboot bool
 	// devProps are more virtio-net-pci properties ("mrg_rxbuf=off,...").
 	devProps string
 }
@@ -618,9 +621,12 @@ func startQEMUPeer(t *testing.T, q qemuPeer, c qemuConfig) *qemuVM {
 		"-object", memObj,
 		"-kernel", c.guest.kernel, "-initrd", c.guest.initrd,
 		"-append", "console=ttyS0 panic=-1 oops=panic ipv6.disable=1 loglevel=4",
-		"-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot", "-nic", "none",
+		"-display", "none", "-monitor", "none", "-serial", "stdio", "-nic", "none",
 		// QEMU is the vhost-user client; our back-end listens.
 		"-chardev", chardev, "-netdev", netdev, "-device", device,
+	}
+	if !c.reboot {
+		args = append(args, "-no-reboot")
 	}
 	if c.qmp != "" {
 		args = append(args, "-qmp", "unix:"+c.qmp+",server=on,wait=off")
