@@ -30,6 +30,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/vdpakit/vdpakit/dirty"
+	"github.com/vdpakit/vdpakit/internal/qmp"
 	"github.com/vdpakit/vdpakit/vdpa/softnet"
 	"github.com/vdpakit/vdpakit/virtio"
 	"github.com/vdpakit/vdpakit/vring"
@@ -218,18 +219,6 @@ func checkPingRound(t *testing.T, what string, p pingTotals, lossOK bool, rigs .
 	assert.LessOrEqual(t, p.lost, kIn-min(kIn, p.rx), "%s: lost echo requests or replies that the guest kernel never received", what)
 }
 
-// qmpStatus is query-status's run state.
-func qmpStatus(q *qmpClient) (string, error) {
-	r, err := q.do("query-status", nil)
-	if err != nil {
-		return "", err
-	}
-	var st struct {
-		Status string `json:"status"`
-	}
-	return st.Status, json.Unmarshal(r, &st)
-}
-
 // migInfo is the part of query-migrate the tests use.
 type migInfo struct {
 	Status    string `json:"status"`
@@ -244,8 +233,8 @@ type migInfo struct {
 	} `json:"ram"`
 }
 
-func queryMigrate(q *qmpClient) (migInfo, error) {
-	r, err := q.do("query-migrate", nil)
+func queryMigrate(q *qmp.Client) (migInfo, error) {
+	r, err := q.Do("query-migrate", nil)
 	if err != nil {
 		return migInfo{}, err
 	}
@@ -254,7 +243,7 @@ func queryMigrate(q *qmpClient) (migInfo, error) {
 }
 
 // waitMigration polls query-migrate until the migration ends.
-func waitMigration(ctx context.Context, q *qmpClient, timeout time.Duration) (migInfo, error) {
+func waitMigration(ctx context.Context, q *qmp.Client, timeout time.Duration) (migInfo, error) {
 	deadline := time.Now().Add(timeout)
 	for {
 		m, err := queryMigrate(q)
@@ -277,10 +266,10 @@ func waitMigration(ctx context.Context, q *qmpClient, timeout time.Duration) (mi
 }
 
 // waitStatus polls query-status until it is not from (e.g. "inmigrate").
-func waitStatusNot(ctx context.Context, q *qmpClient, from string, timeout time.Duration) (string, error) {
+func waitStatusNot(ctx context.Context, q *qmp.Client, from string, timeout time.Duration) (string, error) {
 	deadline := time.Now().Add(timeout)
 	for {
-		s, err := qmpStatus(q)
+		s, err := q.Status()
 		if err != nil || s != from {
 			return s, err
 		}
@@ -464,7 +453,7 @@ func (lt *logTee) hook(_ int, l vring.WriteLogger) vring.WriteLogger {
 type migrationHop struct {
 	n        int
 	src      *qemuVM
-	srcQMP   *qmpClient
+	srcQMP   *qmp.Client
 	srcRAM   string
 	from, to *qemuRig
 	packed   bool // the destination's device offers packed rings, as the source's
@@ -473,7 +462,7 @@ type migrationHop struct {
 	smp, pairs int
 	// filled in by migrate
 	dst                        *qemuVM
-	dstQMP                     *qmpClient
+	dstQMP                     *qmp.Client
 	dstRAM                     string
 	info                       migInfo
 	diffPages                  []uint64
@@ -500,14 +489,14 @@ func migrate(t *testing.T, ctx context.Context, q qemuPeer, g guestImage, dir st
 		qmp: qmpPath, timeout: 200 * time.Second, mem: qemuLifecycleMem, ramFile: h.dstRAM,
 		incoming: "unix:" + migSock, paused: true, packed: h.packed, smp: h.smp, pairs: h.pairs})
 	var err error
-	h.dstQMP, err = dialQMP(ctx, qmpPath)
+	h.dstQMP, err = qmp.Dial(ctx, qmpPath)
 	require.NoError(t, err)
-	t.Cleanup(func() { h.dstQMP.c.Close() })
+	t.Cleanup(func() { h.dstQMP.Close() })
 	// The destination listens once its QMP answers.
-	_, err = h.srcQMP.do("migrate-set-parameters", map[string]any{"max-bandwidth": bandwidth})
+	_, err = h.srcQMP.Do("migrate-set-parameters", map[string]any{"max-bandwidth": bandwidth})
 	require.NoError(t, err)
 	start := time.Now()
-	_, err = h.srcQMP.do("migrate", map[string]any{"uri": "unix:" + migSock})
+	_, err = h.srcQMP.Do("migrate", map[string]any{"uri": "unix:" + migSock})
 	require.NoError(t, err)
 	h.info, err = waitMigration(ctx, h.srcQMP, 90*time.Second)
 	require.NoError(t, err)
@@ -535,9 +524,9 @@ func migrate(t *testing.T, ctx context.Context, q qemuPeer, g guestImage, dir st
 		return
 	}
 	h.to.mark("hop %d: cont on the destination", h.n)
-	_, err = h.dstQMP.do("cont", nil)
+	_, err = h.dstQMP.Do("cont", nil)
 	require.NoError(t, err)
-	_, err = h.srcQMP.do("quit", nil)
+	_, err = h.srcQMP.Do("quit", nil)
 	require.NoError(t, err)
 	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
@@ -627,28 +616,28 @@ func testQEMUStopCont(t *testing.T, grouped bool) {
 		rig := startRig(t, ctx, dir, rigOptions{name: "a", pollGroup: group})
 		qmpPath := filepath.Join(dir, "qmp.sock")
 		vm := bootServe(t, ctx, q, g, rig, qemuConfig{name: q.name, qmp: qmpPath}, 1)
-		qm, err := dialQMP(ctx, qmpPath)
+		qm, err := qmp.Dial(ctx, qmpPath)
 		require.NoError(t, err)
-		defer qm.c.Close()
+		defer qm.Close()
 
 		mark := len(rig.ring.snapshot())
 		for round := 1; round <= 2; round++ {
 			rig.mark("stop %d", round)
-			_, err = qm.do("stop", nil)
+			_, err = qm.Do("stop", nil)
 			require.NoError(t, err)
 			time.Sleep(300 * time.Millisecond)
 			e1 := echoes(rig)
 			time.Sleep(700 * time.Millisecond)
 			e2 := echoes(rig)
 			assert.Equal(t, e1, e2, "round %d: echo requests answered while the VM was stopped", round)
-			st, err := qmpStatus(qm)
+			st, err := qm.Status()
 			require.NoError(t, err)
 			assert.Equal(t, "paused", st)
 			if group != nil {
 				assert.Equal(t, []int{0}, group.Queues(), "round %d: the stopped transmit queue left the group", round)
 			}
 			rig.mark("cont %d", round)
-			_, err = qm.do("cont", nil)
+			_, err = qm.Do("cont", nil)
 			require.NoError(t, err)
 			took, err := waitEchoes(ctx, e2+20, 20*time.Second, rig)
 			assert.NoError(t, err, "round %d: traffic after cont", round)
@@ -671,7 +660,7 @@ func testQEMUStopCont(t *testing.T, grouped bool) {
 		assert.GreaterOrEqual(t, stops[1], 2, "transmitq stopped by each stop: %v", ev)
 		checkRingContinuity(t, "stop/cont", ev)
 		t.Logf("rings after the first stop: %v", ev)
-		_, _ = qm.do("quit", nil)
+		_, _ = qm.Do("quit", nil)
 		t.Logf("RESULT %s stop/cont: 2 stop/cont rounds, run time %v", q.name, time.Since(start).Round(time.Millisecond))
 	})
 }
@@ -714,9 +703,9 @@ func testQEMUMigration(t *testing.T, grouped bool) {
 		ram := filepath.Join(dir, "ram-0")
 		qmpPath := filepath.Join(dir, "qmp-0.sock")
 		vm := bootServe(t, ctx, q, g, a, qemuConfig{name: q.name + "-boot", qmp: qmpPath, ramFile: ram}, 1)
-		qm, err := dialQMP(ctx, qmpPath)
+		qm, err := qmp.Dial(ctx, qmpPath)
 		require.NoError(t, err)
-		defer qm.c.Close()
+		defer qm.Close()
 
 		from, to := a, b
 		var downtimes []int64
@@ -756,7 +745,7 @@ func testQEMUMigration(t *testing.T, grouped bool) {
 				assert.Positive(t, logBase, "SET_LOG_BASE sent to the first source")
 			}
 		}
-		_, _ = qm.do("quit", nil)
+		_, _ = qm.Do("quit", nil)
 		t.Logf("RESULT %s migration: %d hops, QEMU downtime per hop %v ms, run time %v", q.name, hops, downtimes, time.Since(start).Round(time.Millisecond))
 	})
 }
@@ -801,9 +790,9 @@ func TestQEMUDirtyLog(t *testing.T) {
 				ram := filepath.Join(dir, "ram-0")
 				qmpPath := filepath.Join(dir, "qmp-0.sock")
 				vm := bootServe(t, ctx, q, g, a, qemuConfig{name: q.name + "-boot", qmp: qmpPath, ramFile: ram}, 2)
-				qm, err := dialQMP(ctx, qmpPath)
+				qm, err := qmp.Dial(ctx, qmpPath)
 				require.NoError(t, err)
-				defer qm.c.Close()
+				defer qm.Close()
 				h := &migrationHop{n: 1, src: vm, srcQMP: qm, srcRAM: ram, from: a, to: b}
 				// 32 MiB/s: a few seconds of pre-copy under traffic.
 				migrate(t, ctx, q, g, dir, h, 32<<20, true)
@@ -929,9 +918,9 @@ func testQEMUMultiQueueMigration(t *testing.T, q qemuPeer, helper string, packed
 	ram := filepath.Join(dir, "ram-0")
 	qmpPath := filepath.Join(dir, "qmp-0.sock")
 	vm := bootServe(t, ctx, q, g, a, qemuConfig{name: q.name + "-mq", qmp: qmpPath, ramFile: ram, smp: pairs, pairs: pairs, packed: packed}, pairs)
-	qm, err := dialQMP(ctx, qmpPath)
+	qm, err := qmp.Dial(ctx, qmpPath)
 	require.NoError(t, err)
-	defer qm.c.Close()
+	defer qm.Close()
 	require.NoError(t, waitPairsBusy(ctx, a, pairs, nil), "before the migration")
 	require.Equal(t, packed, a.be.Info().Features.Has(virtio.FRingPacked), "the guest driver's ring format: %s",
 		a.be.Info().Features.Format(virtio.DeviceNet))
@@ -952,11 +941,11 @@ func testQEMUMultiQueueMigration(t *testing.T, q qemuPeer, helper string, packed
 
 	last := from
 	mark := len(last.ring.snapshot())
-	_, err = qm.do("stop", nil)
+	_, err = qm.Do("stop", nil)
 	require.NoError(t, err)
 	time.Sleep(300 * time.Millisecond)
 	base := last.dev.Stats()
-	_, err = qm.do("cont", nil)
+	_, err = qm.Do("cont", nil)
 	require.NoError(t, err)
 	require.NoError(t, waitPairsBusy(ctx, last, pairs, &base), "both pairs on %s after stop/cont", last.name)
 	ev := last.ring.snapshot()[mark:]
@@ -972,7 +961,7 @@ func testQEMUMultiQueueMigration(t *testing.T, q qemuPeer, helper string, packed
 	p := stopPingers(t, ctx, vm, g.nonce, "final")
 	noWarnings(t, a, b)
 	checkPingRound(t, fmt.Sprintf("%s multi-queue migration (%d hops)", q.name, hops), p, false, a, b)
-	_, _ = qm.do("quit", nil)
+	_, _ = qm.Do("quit", nil)
 	t.Logf("RESULT %s multi-queue migration (%s): %d pairs, %d hops and a stop/cont, run time %v", q.name, map[bool]string{false: "split", true: "packed"}[packed], pairs, hops, time.Since(start).Round(time.Millisecond))
 }
 
@@ -1000,15 +989,15 @@ func testQEMUSystemReset(t *testing.T, q qemuPeer, helper string, packed bool) {
 	rig := startRig(t, ctx, dir, rigOptions{name: "a"})
 	qmpPath := filepath.Join(dir, "qmp.sock")
 	vm := bootServe(t, ctx, q, g, rig, qemuConfig{name: q.name + "-reset", qmp: qmpPath, packed: packed, reboot: true}, 1)
-	qm, err := dialQMP(ctx, qmpPath)
+	qm, err := qmp.Dial(ctx, qmpPath)
 	require.NoError(t, err)
-	defer qm.c.Close()
+	defer qm.Close()
 	features := rig.be.Info().Features
 	require.Equal(t, packed, features.Has(virtio.FRingPacked), "the guest driver's ring format: %s", features.Format(virtio.DeviceNet))
 
 	mark := len(rig.ring.snapshot())
 	rig.mark("system_reset")
-	_, err = qm.do("system_reset", nil)
+	_, err = qm.Do("system_reset", nil)
 	require.NoError(t, err)
 	// The rebooted guest's init prints READY again.
 	_, err = waitMarkerN(ctx, vm, g.nonce, "READY", 2)
@@ -1048,7 +1037,7 @@ func testQEMUSystemReset(t *testing.T, q qemuPeer, helper string, packed bool) {
 	assert.Equal(t, e, kIn, "replies the responder sent vs replies the rebooted guest's kernel received")
 	assert.Zero(t, p.dup+p.corrupt, "duplicated or corrupt: %v", p)
 	noWarnings(t, rig)
-	_, _ = qm.do("quit", nil)
+	_, _ = qm.Do("quit", nil)
 	t.Logf("RESULT %s system_reset (%s): rings after the reset %v; traffic %v after the guest was ready again; guest %v; run time %v",
 		q.name, map[bool]string{false: "split", true: "packed"}[packed], ev, took.Round(time.Millisecond), p, time.Since(start).Round(time.Millisecond))
 }
@@ -1193,19 +1182,19 @@ func qemuBackendKilledDuringMigration(t *testing.T, q qemuPeer, helper string, k
 	b := startRig(t, ctx, dir, rigOptions{name: "b"})
 	srcQMPPath := filepath.Join(dir, "qmp-src.sock")
 	src := bootServe(t, ctx, q, g, a, qemuConfig{name: q.name + "-src", qmp: srcQMPPath, reconnect: killSource}, 1)
-	sq, err := dialQMP(ctx, srcQMPPath)
+	sq, err := qmp.Dial(ctx, srcQMPPath)
 	require.NoError(t, err)
-	defer sq.c.Close()
+	defer sq.Close()
 	dstQMPPath := filepath.Join(dir, "qmp-dst.sock")
 	migSock := filepath.Join(dir, "mig.sock")
 	dst := startQEMUPeer(t, q, qemuConfig{name: q.name + "-dst", guest: g, sock: b.sock, qmp: dstQMPPath,
 		timeout: 200 * time.Second, mem: qemuLifecycleMem, incoming: "unix:" + migSock, reconnect: !killSource})
-	dq, err := dialQMP(ctx, dstQMPPath)
+	dq, err := qmp.Dial(ctx, dstQMPPath)
 	require.NoError(t, err)
-	defer dq.c.Close()
-	_, err = sq.do("migrate-set-parameters", map[string]any{"max-bandwidth": 8 << 20})
+	defer dq.Close()
+	_, err = sq.Do("migrate-set-parameters", map[string]any{"max-bandwidth": 8 << 20})
 	require.NoError(t, err)
-	_, err = sq.do("migrate", map[string]any{"uri": "unix:" + migSock})
+	_, err = sq.Do("migrate", map[string]any{"uri": "unix:" + migSock})
 	require.NoError(t, err)
 	time.Sleep(time.Second)
 	m, err := queryMigrate(sq)
@@ -1230,7 +1219,7 @@ func qemuBackendKilledDuringMigration(t *testing.T, q qemuPeer, helper string, k
 		require.Eventually(t, func() bool { return b.be.Info().Connected }, 60*time.Second, 50*time.Millisecond,
 			"destination re-attached to the restarted back-end during the migration")
 	}
-	_, err = sq.do("migrate-set-parameters", map[string]any{"max-bandwidth": 1 << 30})
+	_, err = sq.Do("migrate-set-parameters", map[string]any{"max-bandwidth": 1 << 30})
 	require.NoError(t, err)
 	m, err = waitMigration(ctx, sq, 90*time.Second)
 	require.NoError(t, err, "the migration must end, completed or failed")
@@ -1242,9 +1231,9 @@ func qemuBackendKilledDuringMigration(t *testing.T, q qemuPeer, helper string, k
 		st, err := waitStatusNot(ctx, dq, "inmigrate", 30*time.Second)
 		require.NoError(t, err, "destination after the migration completed")
 		require.Equal(t, "running", st, "destination after the migration completed")
-		_, _ = sq.do("quit", nil)
+		_, _ = sq.Do("quit", nil)
 	}
-	st, err := qmpStatus(liveQ)
+	st, err := liveQ.Status()
 	require.NoError(t, err)
 	require.Equal(t, "running", st, "the side that should run the guest (%s)", live.name)
 	before := echoes(liveRig)

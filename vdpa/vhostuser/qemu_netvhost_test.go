@@ -36,6 +36,8 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
+
+	"github.com/vdpakit/vdpakit/internal/qmp"
 )
 
 // netVhost is one DPDK net_vhost back-end: testpmd in its own network
@@ -310,21 +312,21 @@ func testNetVhostStopCont(t *testing.T, q qemuPeer, helper, bin string) {
 	rig := startNetVhost(t, ctx, bin, dir, "a")
 	qmpPath := filepath.Join(dir, "qmp.sock")
 	vm := bootServe(t, ctx, q, g, rig, qemuConfig{name: q.name, qmp: qmpPath}, 1)
-	qm, err := dialQMP(ctx, qmpPath)
+	qm, err := qmp.Dial(ctx, qmpPath)
 	require.NoError(t, err)
-	defer qm.c.Close()
+	defer qm.Close()
 	for round := 1; round <= 2; round++ {
-		_, err = qm.do("stop", nil)
+		_, err = qm.Do("stop", nil)
 		require.NoError(t, err)
 		time.Sleep(300 * time.Millisecond)
 		e1 := echoes(rig)
 		time.Sleep(700 * time.Millisecond)
 		e2 := echoes(rig)
 		assert.Equal(t, e1, e2, "round %d: echo requests answered while the VM was stopped", round)
-		st, err := qmpStatus(qm)
+		st, err := qm.Status()
 		require.NoError(t, err)
 		assert.Equal(t, "paused", st)
-		_, err = qm.do("cont", nil)
+		_, err = qm.Do("cont", nil)
 		require.NoError(t, err)
 		took, err := waitEchoes(ctx, e2+20, 20*time.Second, rig)
 		assert.NoError(t, err, "round %d: traffic after cont", round)
@@ -336,7 +338,7 @@ func testNetVhostStopCont(t *testing.T, q qemuPeer, helper, bin string) {
 	p := stopPingers(t, ctx, vm, g.nonce, "final")
 	noWarnings(t, rig)
 	checkNetVhostRound(t, q.name+" net_vhost stop/cont", p, rig)
-	_, _ = qm.do("quit", nil)
+	_, _ = qm.Do("quit", nil)
 	t.Logf("RESULT %s net_vhost stop/cont: 2 stop/cont rounds, run time %v", q.name, time.Since(start).Round(time.Millisecond))
 }
 
@@ -355,9 +357,9 @@ func testNetVhostMigration(t *testing.T, q qemuPeer, helper, bin string) {
 	ram := filepath.Join(dir, "ram-0")
 	qmpPath := filepath.Join(dir, "qmp-0.sock")
 	vm := bootServe(t, ctx, q, g, a, qemuConfig{name: q.name + "-boot", qmp: qmpPath, ramFile: ram}, 1)
-	qm, err := dialQMP(ctx, qmpPath)
+	qm, err := qmp.Dial(ctx, qmpPath)
 	require.NoError(t, err)
-	defer qm.c.Close()
+	defer qm.Close()
 
 	from, to := a, b
 	var downtimes []int64
@@ -390,7 +392,7 @@ func testNetVhostMigration(t *testing.T, q qemuPeer, helper, bin string) {
 		p := stopPingers(t, ctx, vm, g.nonce, "final")
 		noWarnings(t, a, b)
 		checkNetVhostRound(t, what, p, a, b)
-		_, _ = qm.do("quit", nil)
+		_, _ = qm.Do("quit", nil)
 	} else {
 		t.Logf("RESULT %s: NET_VHOST FAILED: guest traffic dead after hop %d of %d (no pinger counts: the guest no longer answers)", what, dead, hops)
 	}

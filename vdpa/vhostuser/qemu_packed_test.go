@@ -13,6 +13,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/vdpakit/vdpakit/internal/qmp"
 	"github.com/vdpakit/vdpakit/virtio"
 )
 
@@ -45,9 +46,9 @@ func TestQEMUPackedMigration(t *testing.T) {
 		ram := filepath.Join(dir, "ram-0")
 		qmpPath := filepath.Join(dir, "qmp-0.sock")
 		vm := bootServe(t, ctx, q, g, a, qemuConfig{name: q.name + "-packed", qmp: qmpPath, ramFile: ram, packed: true}, 1)
-		qm, err := dialQMP(ctx, qmpPath)
+		qm, err := qmp.Dial(ctx, qmpPath)
 		require.NoError(t, err)
-		defer qm.c.Close()
+		defer qm.Close()
 		require.True(t, a.be.Info().Features.Has(virtio.FRingPacked), "the guest driver negotiated packed rings: %s",
 			a.be.Info().Features.Format(virtio.DeviceNet))
 
@@ -67,7 +68,7 @@ func TestQEMUPackedMigration(t *testing.T) {
 		p := stopPingers(t, ctx, h.dst, g.nonce, "final")
 		noWarnings(t, a, b)
 		checkPingRound(t, q.name+" packed migration", p, false, a, b)
-		_, _ = h.dstQMP.do("quit", nil)
+		_, _ = h.dstQMP.Do("quit", nil)
 		t.Logf("RESULT %s packed migration: traffic resumed within %v of cont, QEMU downtime %d ms, run time %v",
 			q.name, took.Round(time.Millisecond), h.info.Downtime, time.Since(start).Round(time.Millisecond))
 	})

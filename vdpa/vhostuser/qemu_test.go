@@ -21,11 +21,9 @@ package vhostuser
 // CI line leaves them out with -test.skip QEMU.
 
 import (
-	"bufio"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -937,80 +935,5 @@ func checkQEMUSequence(t *testing.T, msgs []msgRecord) {
 		case ReqGetFeatures, ReqSetFeatures, ReqSetVringNum, ReqSetVringAddr, ReqSetVringBase, ReqGetVringBase:
 			assert.Zero(t, m.Fds, "%v #%d carries no descriptor", m.Req, i)
 		}
-	}
-}
-
-// qmpClient speaks QEMU's machine protocol (JSON lines) on a unix socket.
-type qmpClient struct {
-	c  net.Conn
-	rd *bufio.Reader
-}
-
-func dialQMP(ctx context.Context, path string) (*qmpClient, error) {
-	var d net.Dialer
-	var c net.Conn
-	var err error
-	for {
-		if c, err = d.DialContext(ctx, "unix", path); err == nil {
-			break
-		}
-		select {
-		case <-ctx.Done():
-			return nil, fmt.Errorf("QMP %s: %w (last: %v)", path, ctx.Err(), err)
-		case <-time.After(50 * time.Millisecond):
-		}
-	}
-	if dl, ok := ctx.Deadline(); ok {
-		_ = c.SetDeadline(dl)
-	}
-	q := &qmpClient{c: c, rd: bufio.NewReader(c)}
-	if _, err := q.rd.ReadBytes('\n'); err != nil { // greeting
-		c.Close()
-		return nil, fmt.Errorf("QMP greeting: %w", err)
-	}
-	if _, err := q.do("qmp_capabilities", nil); err != nil {
-		c.Close()
-		return nil, err
-	}
-	return q, nil
-}
-
-// do runs one command and returns its "return" value; events that arrive
-// meanwhile are skipped.
-func (q *qmpClient) do(cmd string, args any) (json.RawMessage, error) {
-	req := map[string]any{"execute": cmd}
-	if args != nil {
-		req["arguments"] = args
-	}
-	b, err := json.Marshal(req)
-	if err != nil {
-		return nil, err
-	}
-	if _, err := q.c.Write(append(b, '\n')); err != nil {
-		return nil, fmt.Errorf("QMP %s: %w", cmd, err)
-	}
-	for {
-		line, err := q.rd.ReadBytes('\n')
-		if err != nil {
-			return nil, fmt.Errorf("QMP %s: %w", cmd, err)
-		}
-		var resp struct {
-			Return json.RawMessage `json:"return"`
-			Error  *struct {
-				Class string `json:"class"`
-				Desc  string `json:"desc"`
-			} `json:"error"`
-			Event string `json:"event"`
-		}
-		if err := json.Unmarshal(line, &resp); err != nil {
-			return nil, fmt.Errorf("QMP %s: reply %q: %w", cmd, line, err)
-		}
-		switch {
-		case resp.Event != "":
-			continue
-		case resp.Error != nil:
-			return nil, fmt.Errorf("QMP %s: %s: %s", cmd, resp.Error.Class, resp.Error.Desc)
-		}
-		return resp.Return, nil
 	}
 }
