@@ -30,6 +30,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/vdpakit/vdpakit/internal/qmp"
 	"github.com/vdpakit/vdpakit/internal/testenv"
 	"github.com/vdpakit/vdpakit/mdev"
 	"github.com/vdpakit/vdpakit/mdev/vfiouser"
@@ -107,6 +108,23 @@ type vm struct {
 // device on sock.
 func bootQEMU(t *testing.T, ctx context.Context, qemu, helper, sock, mode string, intx bool) *vm {
 	t.Helper()
+	return bootQEMUWith(t, ctx, qemu, helper, sock, mode, bootOpts{intx: intx})
+}
+
+// bootOpts are bootQEMUWith's options.
+type bootOpts struct {
+	intx bool // pci=nomsi: the guest uses the line interrupt
+	// qmp, if set, is the path of a QMP socket QEMU listens on.
+	qmp string
+	// reboot lets a reset (QMP system_reset) reboot the guest; otherwise
+	// QEMU runs with -no-reboot, which makes any reset an exit.
+	reboot bool
+}
+
+// bootQEMUWith is bootQEMU with options.
+func bootQEMUWith(t *testing.T, ctx context.Context, qemu, helper, sock, mode string, o bootOpts) *vm {
+	t.Helper()
+	intx := o.intx
 	dir := t.TempDir()
 	script, err := filepath.Abs(filepath.Join("testdata", "qemu", "guest.sh"))
 	require.NoError(t, err)
@@ -132,12 +150,19 @@ func bootQEMU(t *testing.T, ctx context.Context, qemu, helper, sock, mode string
 		appendLine += " pci=nomsi"
 	}
 	dev := fmt.Sprintf(`{"driver":"vfio-user-pci","id":"n0","socket":{"path":%q,"type":"unix"}}`, sock)
-	cmd := exec.Command("timeout", "-k", "5", "170", qemu,
+	args := []string{"-k", "5", "170", qemu,
 		"-accel", "tcg", "-cpu", "max", "-M", "q35,memory-backend=mem", "-smp", "1", "-m", "512M",
 		"-object", "memory-backend-memfd,id=mem,size=512M,share=on",
 		"-kernel", kernel, "-initrd", initrd, "-append", appendLine,
-		"-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot", "-nic", "none",
-		"-device", dev)
+		"-display", "none", "-monitor", "none", "-serial", "stdio", "-nic", "none",
+		"-device", dev}
+	if !o.reboot {
+		args = append(args, "-no-reboot")
+	}
+	if o.qmp != "" {
+		args = append(args, "-qmp", "unix:"+o.qmp+",server=on,wait=off")
+	}
+	cmd := exec.Command("timeout", args...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	v := &vm{cmd: cmd, out: &lockedBuf{}, done: make(chan struct{}), nonce: nonce}
 	cmd.Stdout, cmd.Stderr = v.out, v.out
@@ -463,6 +488,63 @@ func TestQEMUMultiQueueRebind(t *testing.T) {
 	irq, err := v.wait(ctx, "IRQ", 1)
 	require.NoError(t, err)
 	assert.Equal(t, uint64(1+2*2), kvs(irq)["msix"], "MSI-X vectors in use")
+}
+
+// TestQEMUSystemReset resets the machine (QMP system_reset, a guest reboot
+// as a VMM drives it) after the guest's driver has run traffic on the
+// mediated device: QEMU resets the device over vfio-user, the firmware and
+// the guest kernel enumerate it again, and the rebooted guest's virtio_pci
+// and virtio_net set it up from scratch, with MSI-X, on split and on packed
+// rings. The rebooted guest's traffic must be counted exactly as the first
+// boot's, the session must survive the reset without an error reply, and
+// the reset must leave the server no more DMA windows than before it.
+func TestQEMUSystemReset(t *testing.T) {
+	qemu, helper := requireQEMU11(t)
+	t.Run("split", func(t *testing.T) { qemuSystemReset(t, qemu, helper, true) })
+	t.Run("packed", func(t *testing.T) { qemuSystemReset(t, qemu, helper, false) })
+}
+
+func qemuSystemReset(t *testing.T, qemu, helper string, split bool) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	dir := t.TempDir()
+	sock, qmpPath := filepath.Join(dir, "vfu.sock"), filepath.Join(dir, "qmp.sock")
+	r := startServerBacking(t, ctx, sock, 1, backingOpts{split: split})
+	v := bootQEMUWith(t, ctx, qemu, helper, sock, "reset", bootOpts{qmp: qmpPath, reboot: true})
+	_, err := v.wait(ctx, "DONE", 1)
+	require.NoError(t, err)
+	checkCounts(t, v, r, "first", [2]uint64{})
+	assert.Equal(t, !split, r.srv.Device().DriverFeatures().Has(virtio.FRingPacked), "first boot's ring format")
+	windows, reserved := r.srv.DMAWindows(), r.srv.DMAReserved()
+	before := r.srv.Stats()
+
+	q, err := qmp.Dial(ctx, qmpPath)
+	require.NoError(t, err)
+	defer q.Close()
+	tx, rx := softnetCounts(r.sn)
+	_, err = q.Do("system_reset", nil)
+	require.NoError(t, err)
+	iface, err := v.wait(ctx, "IFACE", 2)
+	require.NoError(t, err, "the rebooted guest found the device again")
+	assert.Contains(t, iface, "driver=virtio_net")
+	irq, err := v.wait(ctx, "IRQ", 2)
+	require.NoError(t, err)
+	assert.Equal(t, uint64(1+2*1), kvs(irq)["msix"], "MSI-X vectors in use after the reboot")
+	_, err = v.wait(ctx, "DONE", 2)
+	require.NoError(t, err)
+	// checkCounts reads the last "first" round: the rebooted guest's,
+	// whose counters started at zero with its kernel.
+	checkCounts(t, v, r, "first", [2]uint64{tx, rx})
+	assert.Equal(t, !split, r.srv.Device().DriverFeatures().Has(virtio.FRingPacked), "rebooted guest's ring format")
+	assert.NotZero(t, r.srv.Device().Status()&virtio.StatusDriverOK, "the rebooted guest's driver runs the device")
+	after := r.srv.Stats()
+	assert.Equal(t, before.Sessions, after.Sessions, "QEMU kept its session across the reset")
+	assert.Equal(t, before.Errors, after.Errors, "error replies during the reset and reboot")
+	assert.Equal(t, windows, r.srv.DMAWindows(), "DMA windows after the reboot")
+	assert.Equal(t, reserved, r.srv.DMAReserved(), "DMA bytes reserved after the reboot")
+	assert.Zero(t, r.srv.RetiredWindows(), "windows held for a data path that was reset")
+	t.Logf("RESULT system_reset (%s): %d messages across the reset and reboot, %d DMA windows before and after",
+		map[bool]string{true: "split", false: "packed"}[split], after.Messages-before.Messages, windows)
 }
 
 // TestQEMUVhostUserBacking: the data path of the guest's NIC runs in a

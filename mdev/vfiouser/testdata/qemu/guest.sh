@@ -4,7 +4,8 @@
 # GUEST_MAC, GUEST_ADDR (a.b.c.d/len), PEER_IP, PING_COUNT, GUEST_MODE
 # (ping: pings of mixed sizes, then counters; link: also wait for the host
 # to take the link down and up; rebind: unbind and rebind virtio-pci, then
-# ping again). Prints QEMUGUEST-<nonce> markers the test parses.
+# ping again; reset: ping, then wait for the host to reset the machine).
+# Prints QEMUGUEST-<nonce> markers the test parses.
 mark() { printf '\nQEMUGUEST-%s %s\n' "$GUEST_NONCE" "$*"; }
 
 findif() {
@@ -90,3 +91,6 @@ rebind)
 	;;
 esac
 mark DONE
+# reset: stay up for the host's system_reset (the rebooted guest runs this
+# script again, and the test ends QEMU after its DONE).
+[ "$GUEST_MODE" = reset ] && sleep 150
