@@ -16,7 +16,7 @@ import (
 
 // ErrCommand is the error a command QEMU refused wraps (its class and
 // description follow).
-var ErrCommand = errors.New("qmp: command failed")
+var ErrCommand = errors.New("QMP command failed")
 
 // Client is one QMP session. It is not safe for concurrent use.
 type Client struct {
@@ -117,7 +117,10 @@ func (q *Client) Status() (string, error) {
 	var st struct {
 		Status string `json:"status"`
 	}
-	return st.Status, json.Unmarshal(r, &st)
+	if err := json.Unmarshal(r, &st); err != nil {
+		return "", fmt.Errorf("QMP query-status: %w", err)
+	}
+	return st.Status, nil
 }
 
 // Close ends the session.

@@ -101,11 +101,39 @@ func TestDialRefusesWhatIsNotQMP(t *testing.T) {
 	assert.Contains(t, err.Error(), "not a QMP server")
 }
 
-func TestDialWaitsForTheSocketAndEndsWithTheContext(t *testing.T) {
+func TestDialEndsWithTheContext(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
 	_, err := Dial(ctx, filepath.Join(t.TempDir(), "absent.sock"))
 	require.ErrorIs(t, err, context.DeadlineExceeded)
+}
+
+// QEMU creates its QMP socket as it starts: Dial retries until it exists.
+func TestDialWaitsForTheSocket(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "late.sock")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	go func() {
+		time.Sleep(150 * time.Millisecond)
+		l, err := net.Listen("unix", path)
+		if err != nil {
+			return
+		}
+		defer l.Close()
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		_, _ = c.Write([]byte(greeting + "\n"))
+		sc := bufio.NewScanner(c)
+		for sc.Scan() {
+			_, _ = c.Write([]byte(`{"return": {}}` + "\n"))
+		}
+	}()
+	q, err := Dial(ctx, path)
+	require.NoError(t, err)
+	require.NoError(t, q.Close())
 }
 
 func TestReplyWithNeitherReturnNorError(t *testing.T) {

@@ -522,10 +522,24 @@ func qemuSystemReset(t *testing.T, qemu, helper string, split bool) {
 	require.NoError(t, err)
 	defer q.Close()
 	tx, rx := softnetCounts(r.sn)
+	// The device must be reset between the two boots: its status, watched
+	// until the rebooted guest has found the device, drops DRIVER_OK.
+	watch, stopWatch := context.WithCancel(ctx)
+	reset := make(chan bool, 1)
+	go func() {
+		seen := false
+		for watch.Err() == nil {
+			seen = seen || r.srv.Device().Status()&virtio.StatusDriverOK == 0
+			time.Sleep(time.Millisecond)
+		}
+		reset <- seen
+	}()
 	_, err = q.Do("system_reset", nil)
 	require.NoError(t, err)
 	iface, err := v.wait(ctx, "IFACE", 2)
+	stopWatch()
 	require.NoError(t, err, "the rebooted guest found the device again")
+	assert.True(t, <-reset, "the device's status never dropped DRIVER_OK across the reset")
 	assert.Contains(t, iface, "driver=virtio_net")
 	irq, err := v.wait(ctx, "IRQ", 2)
 	require.NoError(t, err)
@@ -543,6 +557,9 @@ func qemuSystemReset(t *testing.T, qemu, helper string, split bool) {
 	assert.Equal(t, windows, r.srv.DMAWindows(), "DMA windows after the reboot")
 	assert.Equal(t, reserved, r.srv.DMAReserved(), "DMA bytes reserved after the reboot")
 	assert.Zero(t, r.srv.RetiredWindows(), "windows held for a data path that was reset")
+	// Two boots: a guest that panicked after the reset would have
+	// rebooted again (QEMU runs without -no-reboot here).
+	assert.Len(t, v.markers("IFACE"), 2, "the guest booted twice")
 	t.Logf("RESULT system_reset (%s): %d messages across the reset and reboot, %d DMA windows before and after",
 		map[bool]string{true: "split", false: "packed"}[split], after.Messages-before.Messages, windows)
 }

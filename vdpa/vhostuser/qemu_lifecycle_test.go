@@ -22,7 +22,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -326,16 +326,19 @@ func ramDiff(a, b string) ([]uint64, error) {
 // tells a write the back-end did not log from one made by someone else.
 func explainDiff(t *testing.T, h *migrationHop) {
 	t.Helper()
-	src, err := os.ReadFile(h.srcRAM)
+	src, err := os.Open(h.srcRAM)
 	if err != nil {
 		t.Logf("explainDiff: %v", err)
 		return
 	}
-	dst, err := os.ReadFile(h.dstRAM)
+	defer src.Close()
+	dst, err := os.Open(h.dstRAM)
 	if err != nil {
 		t.Logf("explainDiff: %v", err)
 		return
 	}
+	defer dst.Close()
+	a, b := make([]byte, 4096), make([]byte, 4096)
 	var rings []ringEvent
 	if h.from.ring != nil {
 		for _, e := range h.from.ring.snapshot()[:h.fromEvents] {
@@ -350,12 +353,20 @@ func explainDiff(t *testing.T, h *migrationHop) {
 			break
 		}
 		base := pg << 12
-		if base+4096 > uint64(len(src)) || base+4096 > uint64(len(dst)) {
+		if _, err := src.ReadAt(a, int64(base)); err != nil {
+			t.Logf("explainDiff: source page %#x: %v", base, err)
 			continue
 		}
-		a, b := src[base:base+4096], dst[base:base+4096]
+		if _, err := dst.ReadAt(b, int64(base)); err != nil {
+			t.Logf("explainDiff: destination page %#x: %v", base, err)
+			continue
+		}
 		var runs []string
-		for o := 0; o < 4096 && len(runs) < 8; {
+		for o := 0; o < 4096; {
+			if len(runs) == 8 {
+				runs = append(runs, "(more ranges not shown)")
+				break
+			}
 			if a[o] == b[o] {
 				o++
 				continue
@@ -365,7 +376,11 @@ func explainDiff(t *testing.T, h *migrationHop) {
 				e++
 			}
 			shown := min(e, o+24)
-			runs = append(runs, fmt.Sprintf("[%#x,%#x) source % x destination % x", o, e, a[o:shown], b[o:shown]))
+			more := ""
+			if shown < e {
+				more = " ..."
+			}
+			runs = append(runs, fmt.Sprintf("[%#x,%#x) source % x%s destination % x%s", o, e, a[o:shown], more, b[o:shown], more))
 			o = e
 		}
 		logged := "no log recorded"
@@ -401,37 +416,55 @@ func ringAreas(e ringEvent) []ringArea {
 		{"available ring", uint64(l.Avail), av}, {"used ring", uint64(l.Used), u}}
 }
 
-// logTee is a Backend log hook: every page the back-end marks in QEMU's
-// log is also marked in a bitmap of the test's that nobody harvests, or,
-// hidden, the back-end gets no log at all (the negative control).
+// logTee is a Backend log hook: every page the back-end logs in QEMU's log
+// is also marked in a bitmap of the test's that nobody harvests, or,
+// hidden, the back-end gets no log at all (the negative control). A page
+// counts as logged once the back-end's logger has applied its mark to
+// QEMU's log: the logger caches marks per ring (dirty.Cache) until a
+// flush, and a mark made but never flushed is one QEMU never sees.
 type logTee struct {
 	hidden bool
-	mu     sync.Mutex
 	bm     *dirty.Bitmap
-	calls  uint64
+	calls  atomic.Uint64
 }
 
+// teeLogger is one ring's logger behind the tee. Its pending marks are
+// used by one goroutine at a time, as the ring's logger is (the ring's
+// worker, then the session that flushes the stopped ring).
 type teeLogger struct {
-	t *logTee
-	l vring.WriteLogger
+	t       *logTee
+	l       vring.WriteLogger
+	flusher vring.LogFlusher
+	pending [][2]uint64
 }
 
-func (w teeLogger) LogWrite(addr, n uint64) error {
+func (w *teeLogger) LogWrite(addr, n uint64) error {
 	err := w.l.LogWrite(addr, n)
-	w.t.mu.Lock()
-	w.t.calls++
-	w.t.mu.Unlock()
-	_ = w.t.bm.LogWrite(addr, n)
+	w.t.calls.Add(1)
+	switch {
+	case err != nil:
+	case w.flusher == nil:
+		_ = w.t.bm.LogWrite(addr, n)
+	default:
+		w.pending = append(w.pending, [2]uint64{addr, n})
+	}
 	return err
 }
 
-// FlushLog forwards to the back-end's logger, which caches its marks per
-// ring (dirty.Cache): without it the ring would never apply them.
-func (w teeLogger) FlushLog() error {
-	if f, ok := w.l.(vring.LogFlusher); ok {
-		return f.FlushLog()
+// FlushLog forwards to the back-end's logger (without it the ring would
+// never apply its cached marks) and records the marks it applied.
+func (w *teeLogger) FlushLog() error {
+	if w.flusher == nil {
+		return nil
 	}
-	return nil
+	err := w.flusher.FlushLog()
+	if err == nil {
+		for _, m := range w.pending {
+			_ = w.t.bm.LogWrite(m[0], m[1])
+		}
+	}
+	w.pending = w.pending[:0]
+	return err
 }
 
 func newLogTee(t *testing.T, ramBytes uint64, hidden bool) *logTee {
@@ -445,7 +478,8 @@ func (lt *logTee) hook(_ int, l vring.WriteLogger) vring.WriteLogger {
 	if lt.hidden {
 		return nil
 	}
-	return teeLogger{t: lt, l: l}
+	f, _ := l.(vring.LogFlusher)
+	return &teeLogger{t: lt, l: l, flusher: f}
 }
 
 // migrationHop is one migration of the running guest from src (on rig
@@ -483,6 +517,10 @@ func migrate(t *testing.T, ctx context.Context, q qemuPeer, g guestImage, dir st
 	qmpPath := filepath.Join(dir, fmt.Sprintf("qmp-%d.sock", h.n))
 	migSock := filepath.Join(dir, fmt.Sprintf("mig-%d.sock", h.n))
 	h.toEventsBefore = len(h.to.ring.snapshot())
+	if h.from.logged != nil {
+		// explainDiff reports what the source logged during this hop.
+		require.NoError(t, h.from.logged.bm.Clear())
+	}
 	h.from.mark("hop %d: migration source", h.n)
 	h.to.mark("hop %d: migration destination", h.n)
 	h.dst = startQEMUPeer(t, q, qemuConfig{name: fmt.Sprintf("%s-hop%d-dst", q.name, h.n), guest: g, sock: h.to.sock,
@@ -786,6 +824,9 @@ func TestQEMUDirtyLog(t *testing.T) {
 				g := buildGuestEnv(t, ctx, helper, dir, "serve")
 				tee := newLogTee(t, 256<<20, hidden)
 				a := startRig(t, ctx, dir, rigOptions{name: "a", logHook: tee.hook})
+				if !hidden {
+					a.logged = tee // what explainDiff reports
+				}
 				b := startRig(t, ctx, dir, rigOptions{name: "b"})
 				ram := filepath.Join(dir, "ram-0")
 				qmpPath := filepath.Join(dir, "qmp-0.sock")
@@ -800,9 +841,7 @@ func TestQEMUDirtyLog(t *testing.T) {
 				for p := range tee.bm.DirtyPages() {
 					marked = append(marked, p)
 				}
-				tee.mu.Lock()
-				calls := tee.calls
-				tee.mu.Unlock()
+				calls := tee.calls.Load()
 				t.Logf("RESULT %s dirty log %s: back-end log calls %d, %d distinct pages marked, %d pages differ after the migration (QEMU downtime %d ms), run time %v",
 					q.name, name, calls, len(marked), len(h.diffPages), h.info.Downtime, time.Since(start).Round(time.Millisecond))
 				if hidden {
@@ -1018,6 +1057,7 @@ func testQEMUSystemReset(t *testing.T, q qemuPeer, helper string, packed bool) {
 			assert.Equal(t, fresh, e.st, "queue %d: the rebooted guest's driver starts it on a fresh ring", e.q)
 		}
 	}
+	assert.True(t, stopped[0] && stopped[1], "both queues of the pair stopped at the reset: %v", ev)
 	assert.True(t, started[0] && started[1], "both queues of the pair started again: %v", ev)
 
 	// Traffic on the rebooted guest, counted from here: whatever was in
@@ -1037,6 +1077,9 @@ func testQEMUSystemReset(t *testing.T, q qemuPeer, helper string, packed bool) {
 	assert.Equal(t, e, kIn, "replies the responder sent vs replies the rebooted guest's kernel received")
 	assert.Zero(t, p.dup+p.corrupt, "duplicated or corrupt: %v", p)
 	noWarnings(t, rig)
+	// Two boots: a guest that panicked after the reset would have
+	// rebooted again (QEMU runs without -no-reboot here).
+	assert.Len(t, findMarkers(vm.out.String(), g.nonce, "READY"), 2, "the guest booted twice")
 	_, _ = qm.Do("quit", nil)
 	t.Logf("RESULT %s system_reset (%s): rings after the reset %v; traffic %v after the guest was ready again; guest %v; run time %v",
 		q.name, map[bool]string{false: "split", true: "packed"}[packed], ev, took.Round(time.Millisecond), p, time.Since(start).Round(time.Millisecond))
@@ -1051,6 +1094,9 @@ func waitMarkerN(ctx context.Context, vm *qemuVM, nonce, word string, n int) ([]
 		}
 		select {
 		case <-vm.done:
+			if all := findMarkers(vm.out.String(), nonce, word); len(all) >= n {
+				return all[n-1], nil
+			}
 			return nil, fmt.Errorf("%s exited (%v) before the guest printed %s #%d", vm.name, vm.err, word, n)
 		case <-ctx.Done():
 			return nil, fmt.Errorf("%s: waiting for %s #%d: %w", vm.name, word, n, ctx.Err())

@@ -93,4 +93,6 @@ esac
 mark DONE
 # reset: stay up for the host's system_reset (the rebooted guest runs this
 # script again, and the test ends QEMU after its DONE).
-[ "$GUEST_MODE" = reset ] && sleep 150
+if [ "$GUEST_MODE" = reset ]; then
+	sleep 150
+fi
