@@ -503,6 +503,39 @@ type migrationHop struct {
 	fromEvents, toEventsBefore int
 }
 
+// migrationRigs is a guest booted for migration tests: two back-ends, a
+// and b, made with the same options, the serve-mode guest booted on a
+// with its RAM in a file (the hops compare it with the destination's) and
+// its QMP dialled.
+type migrationRigs struct {
+	dir  string
+	g    guestImage
+	a, b *qemuRig
+	vm   *qemuVM
+	qm   *qmp.Client
+	ram  string
+}
+
+// bootForMigration starts rigs a and b with ro (the names are set here),
+// boots c (qmp and ramFile set here) on a and starts pingers pingers.
+func bootForMigration(t *testing.T, ctx context.Context, q qemuPeer, helper string, ro rigOptions, c qemuConfig, pingers int) *migrationRigs {
+	t.Helper()
+	m := &migrationRigs{dir: shmDir(t)}
+	m.g = buildGuestEnv(t, ctx, helper, m.dir, "serve")
+	ro.name = "a"
+	m.a = startRig(t, ctx, m.dir, ro)
+	ro.name = "b"
+	m.b = startRig(t, ctx, m.dir, ro)
+	m.ram = filepath.Join(m.dir, "ram-0")
+	c.qmp, c.ramFile = filepath.Join(m.dir, "qmp-0.sock"), m.ram
+	m.vm = bootServe(t, ctx, q, m.g, m.a, c, pingers)
+	var err error
+	m.qm, err = qmp.Dial(ctx, c.qmp)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = m.qm.Close() })
+	return m
+}
+
 // migrate starts the destination paused (-incoming, -S), migrates, compares
 // the RAM of both (the source is stopped for good, the destination not yet
 // started: a page that differs is a page the back-end wrote without
@@ -730,20 +763,12 @@ func testQEMUMigration(t *testing.T, grouped bool) {
 		ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 		defer cancel()
 		start := time.Now()
-		dir := shmDir(t)
-		g := buildGuestEnv(t, ctx, helper, dir, "serve")
 		var group *softnet.PollGroup
 		if grouped {
 			group = softnet.NewPollGroup(&softnet.PollGroupOptions{Workers: 1})
 		}
-		a := startRig(t, ctx, dir, rigOptions{name: "a", pollGroup: group})
-		b := startRig(t, ctx, dir, rigOptions{name: "b", pollGroup: group})
-		ram := filepath.Join(dir, "ram-0")
-		qmpPath := filepath.Join(dir, "qmp-0.sock")
-		vm := bootServe(t, ctx, q, g, a, qemuConfig{name: q.name + "-boot", qmp: qmpPath, ramFile: ram}, 1)
-		qm, err := qmp.Dial(ctx, qmpPath)
-		require.NoError(t, err)
-		defer qm.Close()
+		m := bootForMigration(t, ctx, q, helper, rigOptions{pollGroup: group}, qemuConfig{name: q.name + "-boot"}, 1)
+		dir, g, a, b, vm, qm, ram := m.dir, m.g, m.a, m.b, m.vm, m.qm, m.ram
 
 		from, to := a, b
 		var downtimes []int64
@@ -950,16 +975,9 @@ func testQEMUMultiQueueMigration(t *testing.T, q qemuPeer, helper string, packed
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	start := time.Now()
-	dir := shmDir(t)
-	g := buildGuestEnv(t, ctx, helper, dir, "serve")
-	a := startRig(t, ctx, dir, rigOptions{name: "a", pairs: pairs})
-	b := startRig(t, ctx, dir, rigOptions{name: "b", pairs: pairs})
-	ram := filepath.Join(dir, "ram-0")
-	qmpPath := filepath.Join(dir, "qmp-0.sock")
-	vm := bootServe(t, ctx, q, g, a, qemuConfig{name: q.name + "-mq", qmp: qmpPath, ramFile: ram, smp: pairs, pairs: pairs, packed: packed}, pairs)
-	qm, err := qmp.Dial(ctx, qmpPath)
-	require.NoError(t, err)
-	defer qm.Close()
+	m := bootForMigration(t, ctx, q, helper, rigOptions{pairs: pairs},
+		qemuConfig{name: q.name + "-mq", smp: pairs, pairs: pairs, packed: packed}, pairs)
+	dir, g, a, b, vm, qm, ram := m.dir, m.g, m.a, m.b, m.vm, m.qm, m.ram
 	require.NoError(t, waitPairsBusy(ctx, a, pairs, nil), "before the migration")
 	require.Equal(t, packed, a.be.Info().Features.Has(virtio.FRingPacked), "the guest driver's ring format: %s",
 		a.be.Info().Features.Format(virtio.DeviceNet))
@@ -980,7 +998,7 @@ func testQEMUMultiQueueMigration(t *testing.T, q qemuPeer, helper string, packed
 
 	last := from
 	mark := len(last.ring.snapshot())
-	_, err = qm.Do("stop", nil)
+	_, err := qm.Do("stop", nil)
 	require.NoError(t, err)
 	time.Sleep(300 * time.Millisecond)
 	base := last.dev.Stats()

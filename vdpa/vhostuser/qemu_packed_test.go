@@ -6,14 +6,12 @@ package vhostuser
 
 import (
 	"context"
-	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/vdpakit/vdpakit/internal/qmp"
 	"github.com/vdpakit/vdpakit/virtio"
 )
 
@@ -39,16 +37,8 @@ func TestQEMUPackedMigration(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 		defer cancel()
 		start := time.Now()
-		dir := shmDir(t)
-		g := buildGuestEnv(t, ctx, helper, dir, "serve")
-		a := startRig(t, ctx, dir, rigOptions{name: "a"})
-		b := startRig(t, ctx, dir, rigOptions{name: "b"})
-		ram := filepath.Join(dir, "ram-0")
-		qmpPath := filepath.Join(dir, "qmp-0.sock")
-		vm := bootServe(t, ctx, q, g, a, qemuConfig{name: q.name + "-packed", qmp: qmpPath, ramFile: ram, packed: true}, 1)
-		qm, err := qmp.Dial(ctx, qmpPath)
-		require.NoError(t, err)
-		defer qm.Close()
+		m := bootForMigration(t, ctx, q, helper, rigOptions{}, qemuConfig{name: q.name + "-packed", packed: true}, 1)
+		dir, g, a, b, vm, qm, ram := m.dir, m.g, m.a, m.b, m.vm, m.qm, m.ram
 		require.True(t, a.be.Info().Features.Has(virtio.FRingPacked), "the guest driver negotiated packed rings: %s",
 			a.be.Info().Features.Format(virtio.DeviceNet))
 
