@@ -495,21 +495,26 @@ func TestQEMUMultiQueueRebind(t *testing.T) {
 // mediated device: QEMU resets the device over vfio-user, the firmware and
 // the guest kernel enumerate it again, and the rebooted guest's virtio_pci
 // and virtio_net set it up from scratch, with MSI-X, on split and on packed
-// rings. The rebooted guest's traffic must be counted exactly as the first
+// rings, and with the data path in a vhost-user back-end. The rebooted guest's traffic must be counted exactly as the first
 // boot's, the session must survive the reset without an error reply, and
 // the reset must leave the server no more DMA windows than before it.
 func TestQEMUSystemReset(t *testing.T) {
 	qemu, helper := requireQEMU11(t)
-	t.Run("split", func(t *testing.T) { qemuSystemReset(t, qemu, helper, true) })
-	t.Run("packed", func(t *testing.T) { qemuSystemReset(t, qemu, helper, false) })
+	t.Run("split", func(t *testing.T) { qemuSystemReset(t, qemu, helper, backingOpts{split: true}) })
+	t.Run("packed", func(t *testing.T) { qemuSystemReset(t, qemu, helper, backingOpts{}) })
+	// The device's data path in a vhost-user back-end (packed rings): the
+	// reset stops its rings through the front-end, the reboot starts them
+	// again.
+	t.Run("vhost-user-backing", func(t *testing.T) { qemuSystemReset(t, qemu, helper, backingOpts{vhostUser: true}) })
 }
 
-func qemuSystemReset(t *testing.T, qemu, helper string, split bool) {
+func qemuSystemReset(t *testing.T, qemu, helper string, o backingOpts) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	dir := t.TempDir()
 	sock, qmpPath := filepath.Join(dir, "vfu.sock"), filepath.Join(dir, "qmp.sock")
-	r := startServerBacking(t, ctx, sock, 1, backingOpts{split: split})
+	split := o.split
+	r := startServerBacking(t, ctx, sock, 1, o)
 	v := bootQEMUWith(t, ctx, qemu, helper, sock, "reset", bootOpts{qmp: qmpPath, reboot: true})
 	_, err := v.wait(ctx, "DONE", 1)
 	require.NoError(t, err)
@@ -561,7 +566,7 @@ func qemuSystemReset(t *testing.T, qemu, helper string, split bool) {
 	// rebooted again (QEMU runs without -no-reboot here).
 	assert.Len(t, v.markers("IFACE"), 2, "the guest booted twice")
 	t.Logf("RESULT system_reset (%s): %d messages across the reset and reboot, %d DMA windows before and after",
-		map[bool]string{true: "split", false: "packed"}[split], after.Messages-before.Messages, windows)
+		t.Name(), after.Messages-before.Messages, windows)
 }
 
 // TestQEMUVhostUserBacking: the data path of the guest's NIC runs in a
