@@ -154,7 +154,7 @@ func TestDPDKMultiQueue(t *testing.T) {
 // position; the new back-end resynchronises from used.idx and traffic
 // resumes within seconds; the session stays up (no redial loop) and no
 // descriptor leaks.
-func TestDPDKBackendRestart(t *testing.T) { testDPDKBackendRestart(t, false, nil) }
+func TestDPDKBackendRestart(t *testing.T) { testDPDKBackendRestart(t, false, nil, 1) }
 
 // TestDPDKBackendRestartPollGroup is TestDPDKBackendRestart with both
 // back-ends busy-polling on one softnet.PollGroup worker: the first
@@ -162,7 +162,7 @@ func TestDPDKBackendRestart(t *testing.T) { testDPDKBackendRestart(t, false, nil
 // second's joins it, and nothing is left in the group at the end.
 func TestDPDKBackendRestartPollGroup(t *testing.T) {
 	g := softnet.NewPollGroup(&softnet.PollGroupOptions{Workers: 1})
-	testDPDKBackendRestart(t, false, g)
+	testDPDKBackendRestart(t, false, g, 1)
 	assert.Equal(t, []int{0}, g.Queues(), "queues left in the group")
 	assert.Zero(t, g.Running(), "worker goroutines left running")
 }
@@ -175,17 +175,29 @@ func TestDPDKBackendRestartPollGroup(t *testing.T) {
 // (observed: exactly the 256 of a full ring under txonly). testpmd's
 // forwarding pauses across the reconnect, around a virtio-user race
 // (see testDPDKBackendRestart).
-func TestDPDKBackendRestartPacked(t *testing.T) { testDPDKBackendRestart(t, true, nil) }
+func TestDPDKBackendRestartPacked(t *testing.T) { testDPDKBackendRestart(t, true, nil, 1) }
 
-// testDPDKBackendRestart runs the restart; a non-nil group makes both
-// back-ends' devices busy-poll on it.
-func testDPDKBackendRestart(t *testing.T, packed bool, group *softnet.PollGroup) {
+// TestDPDKBackendRestartMultiQueue is TestDPDKBackendRestart with two
+// queue pairs (queues=2, testpmd transmitting on both), on split and on
+// packed rings: the new back-end must start all four rings, resume each
+// transmit queue from where the front-end's ring stands, and the frames
+// the two back-ends took must add up per the ring format's rule.
+func TestDPDKBackendRestartMultiQueue(t *testing.T) {
+	t.Run("split", func(t *testing.T) { testDPDKBackendRestart(t, false, nil, 2) })
+	t.Run("packed", func(t *testing.T) { testDPDKBackendRestart(t, true, nil, 2) })
+}
+
+// testDPDKBackendRestart runs the restart with pairs queue pairs; a
+// non-nil group makes both back-ends' devices busy-poll on it.
+func testDPDKBackendRestart(t *testing.T, packed bool, group *softnet.PollGroup, pairs int) {
 	bin := requireTestpmd(t, dpdkInterop)
 	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
 	defer cancel()
 	path := filepath.Join(t.TempDir(), "vu.sock")
 	p := startTestpmd(t, bin, testpmdConfig{lcores: "0@0,1@0", prefix: uniquePrefix(t, "restart"),
-		vdev: "net_virtio_user0,path=" + path + ",queues=1,server=1" + map[bool]string{true: ",packed_vq=1"}[packed], fwd: "txonly"})
+		vdev:  fmt.Sprintf("net_virtio_user0,path=%s,queues=%d,server=1", path, pairs) + map[bool]string{true: ",packed_vq=1"}[packed],
+		fwd:   "txonly",
+		extra: []string{fmt.Sprintf("--rxq=%d", pairs), fmt.Sprintf("--txq=%d", pairs)}})
 	require.NoError(t, waitFile(ctx, path))
 	fdsBefore := openFdSet(t)
 
@@ -196,7 +208,7 @@ func testDPDKBackendRestart(t *testing.T, packed bool, group *softnet.PollGroup)
 		stop func()
 	}
 	start := func() *run {
-		opts := softnet.Options{FrontendCtrl: true, MaxQueueSize: 1024, Handler: softnet.Discard}
+		opts := softnet.Options{FrontendCtrl: true, MaxQueueSize: 1024, Handler: softnet.Discard, MaxQueuePairs: uint16(pairs)}
 		if group != nil {
 			opts.Mode, opts.PollGroup = softnet.ModePoll, group
 		}
@@ -210,14 +222,32 @@ func testDPDKBackendRestart(t *testing.T, packed bool, group *softnet.PollGroup)
 		go func() { done <- be.DialAndServe(sctx, path) }()
 		return &run{dev: dev, be: be, log: rec, stop: func() { scancel(); <-done }}
 	}
-	tx := func(r *run) uint64 { return r.dev.Stats().Queues[1].Frames }
+	// txq is what transmit queue q of pair k took; tx is the sum.
+	txq := func(r *run, k int) uint64 { return r.dev.Stats().Queues[2*k+1].Frames }
+	tx := func(r *run) uint64 {
+		var n uint64
+		for k := 0; k < pairs; k++ {
+			n += txq(r, k)
+		}
+		return n
+	}
+	everyPair := func(r *run, base []uint64, min uint64) bool {
+		for k := 0; k < pairs; k++ {
+			if txq(r, k)-base[k] < min {
+				return false
+			}
+		}
+		return true
+	}
+	none := make([]uint64, pairs)
 
 	first := start()
 	// testpmd in server mode prompts once the first back-end connected.
 	require.NoError(t, p.waitOutput(ctx, "testpmd>", 1))
-	require.True(t, waitCond(ctx, func() bool { return first.be.Info().RunningQueues == 2 }), "first back-end: rings did not start")
+	require.True(t, waitCond(ctx, func() bool { return first.be.Info().RunningQueues == 2*pairs }), "first back-end: rings did not start")
 	p.command("start")
-	require.True(t, waitCond(ctx, func() bool { return tx(first) > 50000 }), "no traffic to the first back-end")
+	require.True(t, waitCond(ctx, func() bool { return tx(first) > 50000 && everyPair(first, none, 1000) }),
+		"no traffic to the first back-end on every pair: %+v", first.dev.Stats().Queues)
 	first.stop() // the back-end goes away under traffic
 	firstTx := tx(first)
 	var pausedSent, pausedDropped uint64
@@ -246,11 +276,11 @@ func testDPDKBackendRestart(t *testing.T, packed bool, group *softnet.PollGroup)
 	}()
 	rctx, rcancel := context.WithTimeout(ctx, 10*time.Second)
 	if packed {
-		require.True(t, waitCond(rctx, func() bool { return second.be.Info().RunningQueues == 2 }),
+		require.True(t, waitCond(rctx, func() bool { return second.be.Info().RunningQueues == 2*pairs }),
 			"second back-end: rings did not start within 10s (%s): %+v; log %v", p.state(), second.be.Info(), second.log.find(""))
 		p.command("start")
 	}
-	resumed := waitCond(rctx, func() bool { return tx(second) > 10000 })
+	resumed := waitCond(rctx, func() bool { return tx(second) > 10000 && everyPair(second, none, 1000) })
 	rcancel()
 	resume := time.Since(t0)
 	require.True(t, resumed, "traffic did not resume within 10s (%s): %+v; log %v", p.state(), second.be.Info(), second.log.find(""))
@@ -258,7 +288,7 @@ func testDPDKBackendRestart(t *testing.T, packed bool, group *softnet.PollGroup)
 	info := second.be.Info()
 	assert.Equal(t, 1, info.Sessions, "sessions of the second back-end")
 	assert.True(t, info.Connected)
-	assert.Equal(t, 2, info.RunningQueues)
+	assert.Equal(t, 2*pairs, info.RunningQueues)
 	assert.Equal(t, packed, info.Features.Has(virtio.FRingPacked), "ring format negotiated")
 	// virtio-user reconnects a split ring with a base that usually
 	// disagrees with used.idx (the back-end then resynchronises from
@@ -279,9 +309,10 @@ func testDPDKBackendRestart(t *testing.T, packed bool, group *softnet.PollGroup)
 	if packed {
 		// virtio-user resets a packed ring on reconnect and frees the
 		// frames still queued in it (testpmd counted them as sent):
-		// at most a ring's worth (256) is lost, nothing is repeated.
+		// at most a ring's worth (256) per transmit queue is lost,
+		// nothing is repeated.
 		require.LessOrEqual(t, firstTx+secondTx, sent, "frames received twice")
-		assert.LessOrEqual(t, sent-(firstTx+secondTx), uint64(256), "lost more than the ring held")
+		assert.LessOrEqual(t, sent-(firstTx+secondTx), uint64(256*pairs), "lost more than the rings held")
 	} else {
 		// The first back-end completed every chain it took before it
 		// went away, so resuming from used.idx loses and repeats nothing.
