@@ -1029,11 +1029,19 @@ func testQEMUMultiQueueMigration(t *testing.T, q qemuPeer, helper string, packed
 // and start each again at the ring's initial position, traffic must flow
 // on the rebooted guest, and the guest kernel's echo counters must equal
 // the responder's from the reboot on (nothing lost, nothing duplicated),
-// on split and on packed rings.
+// on split rings with QEMU 7.2 and packed ones with QEMU 11.
 func TestQEMUSystemReset(t *testing.T) {
 	forEachQEMU(t, func(t *testing.T, q qemuPeer, helper string) {
-		t.Run("split", func(t *testing.T) { testQEMUSystemReset(t, q, helper, false) })
-		t.Run("packed", func(t *testing.T) { testQEMUSystemReset(t, q, helper, true) })
+		// One ring format per QEMU version (each boots the guest twice,
+		// and CI's time is bounded): split on 7.2, packed on 11.
+		// VDPAKIT_QEMU_RESET_BOTH=1 runs both on each.
+		both := os.Getenv("VDPAKIT_QEMU_RESET_BOTH") == "1"
+		if !q.msix || both {
+			t.Run("split", func(t *testing.T) { testQEMUSystemReset(t, q, helper, false) })
+		}
+		if q.msix || both {
+			t.Run("packed", func(t *testing.T) { testQEMUSystemReset(t, q, helper, true) })
+		}
 	})
 }
 
