@@ -34,32 +34,36 @@ func TestQEMUPackedPing(t *testing.T) {
 // wrote was logged), and no echo is lost.
 func TestQEMUPackedMigration(t *testing.T) {
 	forEachQEMU(t, func(t *testing.T, q qemuPeer, helper string) {
-		ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
-		defer cancel()
-		start := time.Now()
-		m := bootForMigration(t, ctx, q, helper, rigOptions{}, qemuConfig{name: q.name + "-packed", packed: true}, 1)
-		dir, g, a, b, vm, qm, ram := m.dir, m.g, m.a, m.b, m.vm, m.qm, m.ram
-		require.True(t, a.be.Info().Features.Has(virtio.FRingPacked), "the guest driver negotiated packed rings: %s",
-			a.be.Info().Features.Format(virtio.DeviceNet))
-
-		h := &migrationHop{n: 1, src: vm, srcQMP: qm, srcRAM: ram, from: a, to: b, packed: true}
-		migrate(t, ctx, q, g, dir, h, 1<<30, false)
-		assert.Empty(t, h.diffPages, "guest pages that differ after the migration (written by the back-end, not logged): %v", firstN(h.diffPages, 20))
-		checkHandover(t, h)
-		before := echoes(a, b)
-		took, err := waitEchoes(ctx, before+20, 20*time.Second, a, b)
-		require.NoError(t, err, "traffic on %s after the destination resumed", b.name)
-		assert.True(t, b.be.Info().Features.Has(virtio.FRingPacked), "destination negotiated packed rings")
-		for _, ev := range lastRing(b.ring.snapshot()) {
-			if ev.start {
-				assert.True(t, ev.packed, "destination queue %d runs a packed ring", ev.q)
-			}
-		}
-		p := stopPingers(t, ctx, h.dst, g.nonce, "final")
-		noWarnings(t, a, b)
-		checkPingRound(t, q.name+" packed migration", p, false, a, b)
-		_, _ = h.dstQMP.Do("quit", nil)
-		t.Logf("RESULT %s packed migration: traffic resumed within %v of cont, QEMU downtime %d ms, run time %v",
-			q.name, took.Round(time.Millisecond), h.info.Downtime, time.Since(start).Round(time.Millisecond))
+		retryVoid(t, func(t *testing.T) { testQEMUPackedMigration(t, q, helper) })
 	})
+}
+
+func testQEMUPackedMigration(t *testing.T, q qemuPeer, helper string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	start := time.Now()
+	m := bootForMigration(t, ctx, q, helper, rigOptions{}, qemuConfig{name: q.name + "-packed", packed: true}, 1)
+	dir, g, a, b, vm, qm, ram := m.dir, m.g, m.a, m.b, m.vm, m.qm, m.ram
+	require.True(t, a.be.Info().Features.Has(virtio.FRingPacked), "the guest driver negotiated packed rings: %s",
+		a.be.Info().Features.Format(virtio.DeviceNet))
+
+	h := &migrationHop{n: 1, src: vm, srcQMP: qm, srcRAM: ram, from: a, to: b, packed: true, voidOnLoss: true}
+	migrate(t, ctx, q, g, dir, h, 1<<30, false)
+	assert.Empty(t, h.devicePages, "guest pages that differ after the migration (written by the back-end, not logged): %v", firstN(h.devicePages, 20))
+	checkHandover(t, h)
+	before := echoes(a, b)
+	took, err := waitEchoes(ctx, before+20, 20*time.Second, a, b)
+	require.NoError(t, err, "traffic on %s after the destination resumed", b.name)
+	assert.True(t, b.be.Info().Features.Has(virtio.FRingPacked), "destination negotiated packed rings")
+	for _, ev := range lastRing(b.ring.snapshot()) {
+		if ev.start {
+			assert.True(t, ev.packed, "destination queue %d runs a packed ring", ev.q)
+		}
+	}
+	p := stopPingers(t, ctx, h.dst, g.nonce, "final")
+	noWarnings(t, a, b)
+	checkPingRound(t, q.name+" packed migration", p, false, a, b)
+	_, _ = h.dstQMP.Do("quit", nil)
+	t.Logf("RESULT %s packed migration: traffic resumed within %v of cont, QEMU downtime %d ms, run time %v",
+		q.name, took.Round(time.Millisecond), h.info.Downtime, time.Since(start).Round(time.Millisecond))
 }
