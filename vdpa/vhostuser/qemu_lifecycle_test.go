@@ -405,13 +405,17 @@ func explainDiff(t *testing.T, h *migrationHop) {
 // may have written and the others. The back-end writes its rings and the
 // receive buffers the guest's driver posted; a page is the back-end's if
 // it holds part of a ring of the source's, or of a buffer a descriptor of
-// one of its receive rings points at (the descriptor areas keep the last
-// lap of buffers, read from the source's RAM), or if its differing source
-// bytes carry the guest's MAC address (every frame the device delivers
-// begins with it). The other pages only the guest's CPUs write: QEMU 7.2
-// under TCG has been seen to lose such a write (a page of kernel timer
-// nodes, the destination's kernel then oopsing), which no back-end can
-// cause or prevent.
+// one of its receive rings points at (read from the source's RAM: the
+// buffers posted and those used but not yet taken back), or if the
+// source's page, or the page before it (a frame's tail), carries the
+// guest's MAC address anywhere (every frame the device delivers begins
+// with it). The others lie outside everything the back-end writes: the
+// guest's CPUs' own writes. QEMU 7.2 under TCG has been seen to lose such
+// writes (a page of kernel timer nodes, the destination's kernel then
+// oopsing). Without a ring tracker (a net_vhost rig) every differing page
+// counts as the back-end's. Guest-physical addresses are RAM-file offsets:
+// true for these q35 guests, whose RAM (under 2 GiB) lies below the PCI
+// hole.
 func classifyDiff(t *testing.T, h *migrationHop) (device, lost []uint64) {
 	t.Helper()
 	src, err := os.Open(h.srcRAM)
@@ -430,11 +434,12 @@ func classifyDiff(t *testing.T, h *migrationHop) (device, lost []uint64) {
 		return b
 	}
 	var starts []ringEvent
-	if h.from.ring != nil {
-		for _, e := range h.from.ring.snapshot()[:h.fromEvents] {
-			if e.start {
-				starts = append(starts, e)
-			}
+	if h.from.ring == nil {
+		return h.diffPages, nil
+	}
+	for _, e := range h.from.ring.snapshot()[:h.fromEvents] {
+		if e.start {
+			starts = append(starts, e)
 		}
 	}
 	for _, e := range starts {
@@ -458,7 +463,7 @@ func classifyDiff(t *testing.T, h *migrationHop) (device, lost []uint64) {
 			}
 			owned = append(owned, span{addr, addr + n})
 			if flags&4 != 0 { // an indirect table: its buffers too
-				ind := read(addr, n&^15)
+				ind := read(addr, min(n, 16*1024)&^15) // at most 1024 entries
 				for io := 0; io+16 <= len(ind); io += 16 {
 					ia := binary.LittleEndian.Uint64(ind[io:])
 					in := uint64(binary.LittleEndian.Uint32(ind[io+8:]))
@@ -486,6 +491,11 @@ func classifyDiff(t *testing.T, h *migrationHop) (device, lost []uint64) {
 			_, err2 := dst.ReadAt(b, int64(base))
 			mine = err1 != nil || err2 != nil || bytes.Contains(a, mac)
 		}
+		if !mine && base >= 4096 {
+			// A frame that began on the page before.
+			_, err := src.ReadAt(a, int64(base-4096))
+			mine = err != nil || bytes.Contains(a, mac)
+		}
 		if mine {
 			device = append(device, pg)
 		} else {
@@ -496,24 +506,44 @@ func classifyDiff(t *testing.T, h *migrationHop) (device, lost []uint64) {
 }
 
 // retryVoid runs body as attempt1, attempt2... until an attempt is not
-// void: an attempt is void when it skips itself, which a migration hop
-// does when QEMU corrupted the guest's memory in pages the back-end never
-// writes (migrationHop.voidOnLoss): the rest of such a run would test
-// QEMU's damage, not the back-end. Three void attempts fail the test.
+// void: an attempt is void when it skips itself without failing, which a
+// migration hop does when QEMU 7.2 corrupted the guest's memory in pages
+// outside the back-end's (migrationHop.voidOnLoss): the rest of such a run
+// would test QEMU's damage, not the back-end. A failed attempt fails the
+// test and ends the loop; three void attempts fail it too.
 func retryVoid(t *testing.T, body func(t *testing.T)) {
 	t.Helper()
 	const attempts = 3
 	for i := 1; i <= attempts; i++ {
-		void := false
-		t.Run(fmt.Sprintf("attempt%d", i), func(t *testing.T) {
-			defer func() { void = t.Skipped() }()
+		var st *testing.T
+		ok := t.Run(fmt.Sprintf("attempt%d", i), func(t *testing.T) {
+			st = t
 			body(t)
 		})
-		if !void {
+		if !ok || st == nil || !st.Skipped() {
+			if i > 1 {
+				t.Logf("RESULT %s: %d void attempts (QEMU corrupted the guest) before this one", t.Name(), i-1)
+			}
 			return
 		}
 	}
 	t.Errorf("every one of %d attempts was void: QEMU corrupted the guest's memory in each migration", attempts)
+}
+
+// TestRetryVoidRetriesAVoidAttempt: an attempt that skips itself (void) is
+// run again, and the first that is not void ends the loop.
+func TestRetryVoidRetriesAVoidAttempt(t *testing.T) {
+	n := 0
+	retryVoid(t, func(t *testing.T) {
+		n++
+		if n == 1 {
+			t.Skip("void: the first attempt")
+		}
+	})
+	require.Equal(t, 2, n, "attempts run")
+	n = 0
+	retryVoid(t, func(t *testing.T) { n++ })
+	require.Equal(t, 1, n, "a passing attempt is the last")
 }
 
 type ringArea struct {
@@ -662,8 +692,9 @@ func bootForMigration(t *testing.T, ctx context.Context, q qemuPeer, helper stri
 
 // migrate starts the destination paused (-incoming, -S), migrates, compares
 // the RAM of both (the source is stopped for good, the destination not yet
-// started: a page that differs is a page the back-end wrote without
-// logging it), then resumes the destination and quits the source.
+// started: a page of the back-end's that differs is one it wrote without
+// logging it; see classifyDiff), then resumes the destination and quits
+// the source.
 //
 // With ramOnly (the dirty-log tests), a destination that fails to load the
 // device state (it comes after the RAM) is only logged: the RAM is compared
@@ -717,15 +748,21 @@ func migrate(t *testing.T, ctx context.Context, q qemuPeer, g guestImage, dir st
 		h.n, h.from.name, h.to.name, time.Since(start).Round(time.Millisecond), h.info.TotalTime, h.info.Downtime, h.info.Setup,
 		h.info.RAM.Transferred, h.info.RAM.Normal, len(h.diffPages), len(h.devicePages))
 	if len(h.lostPages) > 0 {
-		t.Logf("hop %d: %s lost the guest's own writes to %d pages the back-end never writes (%v): the destination's guest runs on corrupted memory",
-			h.n, q.name, len(h.lostPages), firstN(h.lostPages, 8))
+		t.Logf("hop %d: %d differing pages lie outside the back-end's rings and receive buffers and carry no frame (%v): the guest's CPUs' own writes, which %s lost; the destination's guest runs on corrupted memory",
+			h.n, len(h.lostPages), firstN(h.lostPages, 8), q.name)
+		if q.msix {
+			// Seen only with QEMU 7.2: on 11 it is a failure until
+			// shown otherwise.
+			t.Errorf("hop %d: %s lost guest writes (%v); tolerated only on QEMU 7.2", h.n, q.name, firstN(h.lostPages, 8))
+		}
 	}
 	if ramOnly {
 		return
 	}
-	if h.voidOnLoss && len(h.lostPages) > 0 && len(h.devicePages) == 0 && !t.Failed() {
-		t.Skipf("hop %d: attempt void: %s corrupted the guest's memory in the migration (not the back-end's pages)", h.n, q.name)
+	if h.voidOnLoss && !q.msix && len(h.lostPages) > 0 && len(h.devicePages) == 0 && !t.Failed() {
+		t.Skipf("hop %d: attempt void: %s corrupted the guest's memory in the migration (pages outside the back-end's)", h.n, q.name)
 	}
+
 	h.to.mark("hop %d: cont on the destination", h.n)
 	_, err = h.dstQMP.Do("cont", nil)
 	require.NoError(t, err)
@@ -968,7 +1005,8 @@ func firstN(p []uint64, n int) []string {
 // that the back-end keeps writing receive buffers and used rings after
 // QEMU copied their pages. With logging, every page the back-end marked
 // is guest RAM, and source and destination RAM are identical when the
-// source stops for good (a page written but not logged would differ). The
+// source stops for good (a page the back-end wrote but did not log would
+// differ; classifyDiff). The
 // negative control hides the log from the back-end (its queues run with no
 // WriteLogger): then the same comparison must find differing pages, which
 // proves the check can fail.
@@ -1092,8 +1130,8 @@ func TestQEMUMultiQueue(t *testing.T) {
 // on split rings and on packed ones (virtio-net-pci,packed=on).
 // QEMU serves both pairs over one vhost-user connection and enables the
 // second on the guest's MQ command, which the destination restores from
-// the migration stream. At each hop: no guest page differs (every queue's
-// writes were logged), each of the four rings starts on the destination
+// the migration stream. At each hop: no page of the back-end's differs
+// (every queue's writes were logged), each of the four rings starts on the destination
 // where the source stopped it, and both pairs carry frames both ways on
 // the destination; after the stop/cont both pairs carry frames again. At
 // the end: nothing lost, duplicated or corrupt.

@@ -29,9 +29,10 @@ func TestQEMUPackedPing(t *testing.T) {
 // paced ping stream. A packed ring has no index in guest memory, so its
 // position crosses only in the vhost-user base word (avail and used
 // positions with their wrap counters): the destination must start every
-// ring where the source stopped it, no guest page may differ between the
-// source's and the destination's RAM (every used descriptor the back-end
-// wrote was logged), and no echo is lost.
+// ring where the source stopped it, no page of the back-end's may differ
+// between the source's and the destination's RAM (every used descriptor
+// and receive buffer the back-end wrote was logged; classifyDiff), and no
+// echo is lost.
 func TestQEMUPackedMigration(t *testing.T) {
 	forEachQEMU(t, func(t *testing.T, q qemuPeer, helper string) {
 		retryVoid(t, func(t *testing.T) { testQEMUPackedMigration(t, q, helper) })
