@@ -421,9 +421,6 @@ func classifyDiff(t *testing.T, h *migrationHop) (device, lost []uint64) {
 	src, err := os.Open(h.srcRAM)
 	require.NoError(t, err)
 	defer src.Close()
-	dst, err := os.Open(h.dstRAM)
-	require.NoError(t, err)
-	defer dst.Close()
 	type span struct{ lo, hi uint64 }
 	var owned []span
 	read := func(addr, n uint64) []byte {
@@ -476,7 +473,7 @@ func classifyDiff(t *testing.T, h *migrationHop) (device, lost []uint64) {
 	}
 	mac, err := net.ParseMAC(qemuGuestMAC)
 	require.NoError(t, err)
-	a, b := make([]byte, 4096), make([]byte, 4096)
+	a := make([]byte, 4096)
 	for _, pg := range h.diffPages {
 		base := pg << 12
 		mine := false
@@ -487,9 +484,9 @@ func classifyDiff(t *testing.T, h *migrationHop) (device, lost []uint64) {
 			}
 		}
 		if !mine {
-			_, err1 := src.ReadAt(a, int64(base))
-			_, err2 := dst.ReadAt(b, int64(base))
-			mine = err1 != nil || err2 != nil || bytes.Contains(a, mac)
+			// A page that cannot be read counts as the back-end's.
+			_, err := src.ReadAt(a, int64(base))
+			mine = err != nil || bytes.Contains(a, mac)
 		}
 		if !mine && base >= 4096 {
 			// A frame that began on the page before.
