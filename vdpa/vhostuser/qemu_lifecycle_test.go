@@ -670,16 +670,15 @@ type migrationRigs struct {
 	ram  string
 }
 
-// bootForMigration starts rigs a and b with ro (the names are set here),
-// boots c (qmp and ramFile set here) on a and starts pingers pingers.
-func bootForMigration(t *testing.T, ctx context.Context, q qemuPeer, helper string, ro rigOptions, c qemuConfig, pingers int) *migrationRigs {
+// bootForMigration starts rigs a and b with newRig (in the test's
+// directory, by name), boots c (qmp and ramFile set here) on a and starts
+// pingers pingers.
+func bootForMigration(t *testing.T, ctx context.Context, q qemuPeer, helper string, newRig func(dir, name string) *qemuRig, c qemuConfig, pingers int) *migrationRigs {
 	t.Helper()
 	m := &migrationRigs{dir: shmDir(t)}
 	m.g = buildGuestEnv(t, ctx, helper, m.dir, "serve")
-	ro.name = "a"
-	m.a = startRig(t, ctx, m.dir, ro)
-	ro.name = "b"
-	m.b = startRig(t, ctx, m.dir, ro)
+	m.a = newRig(m.dir, "a")
+	m.b = newRig(m.dir, "b")
 	m.ram = filepath.Join(m.dir, "ram-0")
 	c.qmp, c.ramFile = filepath.Join(m.dir, "qmp-0.sock"), m.ram
 	m.vm = bootServe(t, ctx, q, m.g, m.a, c, pingers)
@@ -688,6 +687,14 @@ func bootForMigration(t *testing.T, ctx context.Context, q qemuPeer, helper stri
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = m.qm.Close() })
 	return m
+}
+
+// ourRigs makes rigs of our back-end with ro (bootForMigration's newRig).
+func ourRigs(t *testing.T, ctx context.Context, ro rigOptions) func(dir, name string) *qemuRig {
+	return func(dir, name string) *qemuRig {
+		ro.name = name
+		return startRig(t, ctx, dir, ro)
+	}
 }
 
 // migrate starts the destination paused (-incoming, -S), migrates, compares
@@ -943,7 +950,7 @@ func testQEMUMigrationOn(t *testing.T, q qemuPeer, helper string, grouped bool) 
 	if grouped {
 		group = softnet.NewPollGroup(&softnet.PollGroupOptions{Workers: 1})
 	}
-	m := bootForMigration(t, ctx, q, helper, rigOptions{pollGroup: group}, qemuConfig{name: q.name + "-boot"}, 1)
+	m := bootForMigration(t, ctx, q, helper, ourRigs(t, ctx, rigOptions{pollGroup: group}), qemuConfig{name: q.name + "-boot"}, 1)
 	dir, g, a, b, vm, qm, ram := m.dir, m.g, m.a, m.b, m.vm, m.qm, m.ram
 
 	from, to := a, b
@@ -1155,7 +1162,7 @@ func testQEMUMultiQueueMigration(t *testing.T, q qemuPeer, helper string, packed
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	start := time.Now()
-	m := bootForMigration(t, ctx, q, helper, rigOptions{pairs: pairs},
+	m := bootForMigration(t, ctx, q, helper, ourRigs(t, ctx, rigOptions{pairs: pairs}),
 		qemuConfig{name: q.name + "-mq", smp: pairs, pairs: pairs, packed: packed}, pairs)
 	dir, g, a, b, vm, qm, ram := m.dir, m.g, m.a, m.b, m.vm, m.qm, m.ram
 	require.NoError(t, waitPairsBusy(ctx, a, pairs, nil), "before the migration")
@@ -1289,26 +1296,6 @@ func testQEMUSystemReset(t *testing.T, q qemuPeer, helper string, packed bool) {
 	_, _ = qm.Do("quit", nil)
 	t.Logf("RESULT %s system_reset (%s): rings after the reset %v; traffic %v after the guest was ready again; guest %v; run time %v",
 		q.name, map[bool]string{false: "split", true: "packed"}[packed], ev, took.Round(time.Millisecond), p, time.Since(start).Round(time.Millisecond))
-}
-
-// waitMarkerN waits for the n-th (1-based) marker word and returns its
-// fields.
-func waitMarkerN(ctx context.Context, vm *qemuVM, nonce, word string, n int) ([]string, error) {
-	for {
-		if all := findMarkers(vm.out.String(), nonce, word); len(all) >= n {
-			return all[n-1], nil
-		}
-		select {
-		case <-vm.done:
-			if all := findMarkers(vm.out.String(), nonce, word); len(all) >= n {
-				return all[n-1], nil
-			}
-			return nil, fmt.Errorf("%s exited (%v) before the guest printed %s #%d", vm.name, vm.err, word, n)
-		case <-ctx.Done():
-			return nil, fmt.Errorf("%s: waiting for %s #%d: %w", vm.name, word, n, ctx.Err())
-		case <-time.After(50 * time.Millisecond):
-		}
-	}
 }
 
 // waitPairsBusy waits until each of rig's first pairs queue pairs has

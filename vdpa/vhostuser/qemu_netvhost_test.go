@@ -350,16 +350,9 @@ func testNetVhostMigration(t *testing.T, q qemuPeer, helper, bin string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	start := time.Now()
-	dir := shmDir(t)
-	g := buildGuestEnv(t, ctx, helper, dir, "serve")
-	a := startNetVhost(t, ctx, bin, dir, "a")
-	b := startNetVhost(t, ctx, bin, dir, "b")
-	ram := filepath.Join(dir, "ram-0")
-	qmpPath := filepath.Join(dir, "qmp-0.sock")
-	vm := bootServe(t, ctx, q, g, a, qemuConfig{name: q.name + "-boot", qmp: qmpPath, ramFile: ram}, 1)
-	qm, err := qmp.Dial(ctx, qmpPath)
-	require.NoError(t, err)
-	defer qm.Close()
+	netVhostRig := func(dir, name string) *qemuRig { return startNetVhost(t, ctx, bin, dir, name) }
+	m := bootForMigration(t, ctx, q, helper, netVhostRig, qemuConfig{name: q.name + "-boot"}, 1)
+	dir, g, a, b, vm, qm, ram := m.dir, m.g, m.a, m.b, m.vm, m.qm, m.ram
 
 	from, to := a, b
 	var downtimes []int64

@@ -43,7 +43,7 @@ func testQEMUPackedMigration(t *testing.T, q qemuPeer, helper string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	start := time.Now()
-	m := bootForMigration(t, ctx, q, helper, rigOptions{}, qemuConfig{name: q.name + "-packed", packed: true}, 1)
+	m := bootForMigration(t, ctx, q, helper, ourRigs(t, ctx, rigOptions{}), qemuConfig{name: q.name + "-packed", packed: true}, 1)
 	dir, g, a, b, vm, qm, ram := m.dir, m.g, m.a, m.b, m.vm, m.qm, m.ram
 	require.True(t, a.be.Info().Features.Has(virtio.FRingPacked), "the guest driver negotiated packed rings: %s",
 		a.be.Info().Features.Format(virtio.DeviceNet))

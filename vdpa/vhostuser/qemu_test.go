@@ -684,18 +684,24 @@ func (vm *qemuVM) wait(ctx context.Context) error {
 // waitMarker waits until the console shows the marker line "QEMUGUEST-<nonce> <word> ..."
 // and returns its fields after the word.
 func (vm *qemuVM) waitMarker(ctx context.Context, nonce, word string) ([]string, error) {
+	return waitMarkerN(ctx, vm, nonce, word, 1)
+}
+
+// waitMarkerN waits for the n-th (1-based) marker word and returns its
+// fields.
+func waitMarkerN(ctx context.Context, vm *qemuVM, nonce, word string, n int) ([]string, error) {
 	for {
-		if f, ok := findMarker(vm.out.String(), nonce, word); ok {
-			return f, nil
+		if all := findMarkers(vm.out.String(), nonce, word); len(all) >= n {
+			return all[n-1], nil
 		}
 		select {
 		case <-vm.done:
-			if f, ok := findMarker(vm.out.String(), nonce, word); ok {
-				return f, nil
+			if all := findMarkers(vm.out.String(), nonce, word); len(all) >= n {
+				return all[n-1], nil
 			}
-			return nil, fmt.Errorf("QEMU exited (%v) before the guest printed %s", vm.err, word)
+			return nil, fmt.Errorf("%s exited (%v) before the guest printed %s #%d", vm.name, vm.err, word, n)
 		case <-ctx.Done():
-			return nil, fmt.Errorf("waiting for %s: %w", word, ctx.Err())
+			return nil, fmt.Errorf("%s: waiting for %s #%d: %w", vm.name, word, n, ctx.Err())
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
