@@ -665,9 +665,23 @@ type migrationRigs struct {
 	dir  string
 	g    guestImage
 	a, b *qemuRig
-	vm   *qemuVM
-	qm   *qmp.Client
-	ram  string
+	// The guest's current side: its QEMU, QMP and RAM file, the rig it
+	// runs on (from) and the other (to). next and moved keep them.
+	vm       *qemuVM
+	qm       *qmp.Client
+	ram      string
+	from, to *qemuRig
+}
+
+// next is hop n of the guest from its current side to the other.
+func (m *migrationRigs) next(n int) *migrationHop {
+	return &migrationHop{n: n, src: m.vm, srcQMP: m.qm, srcRAM: m.ram, from: m.from, to: m.to}
+}
+
+// moved records that the guest now runs on h's destination.
+func (m *migrationRigs) moved(h *migrationHop) {
+	m.vm, m.qm, m.ram = h.dst, h.dstQMP, h.dstRAM
+	m.from, m.to = m.to, m.from
 }
 
 // bootForMigration starts rigs a and b with newRig (in the test's
@@ -679,6 +693,7 @@ func bootForMigration(t *testing.T, ctx context.Context, q qemuPeer, helper stri
 	m.g = buildGuestEnv(t, ctx, helper, m.dir, "serve")
 	m.a = newRig(m.dir, "a")
 	m.b = newRig(m.dir, "b")
+	m.from, m.to = m.a, m.b
 	m.ram = filepath.Join(m.dir, "ram-0")
 	c.qmp, c.ramFile = filepath.Join(m.dir, "qmp-0.sock"), m.ram
 	m.vm = bootServe(t, ctx, q, m.g, m.a, c, pingers)
@@ -951,29 +966,28 @@ func testQEMUMigrationOn(t *testing.T, q qemuPeer, helper string, grouped bool) 
 		group = softnet.NewPollGroup(&softnet.PollGroupOptions{Workers: 1})
 	}
 	m := bootForMigration(t, ctx, q, helper, ourRigs(t, ctx, rigOptions{pollGroup: group}), qemuConfig{name: q.name + "-boot"}, 1)
-	dir, g, a, b, vm, qm, ram := m.dir, m.g, m.a, m.b, m.vm, m.qm, m.ram
+	dir, g, a, b := m.dir, m.g, m.a, m.b
 
-	from, to := a, b
 	var downtimes []int64
 	for n := 1; n <= hops; n++ {
-		h := &migrationHop{n: n, src: vm, srcQMP: qm, srcRAM: ram, from: from, to: to, voidOnLoss: true}
+		h := m.next(n)
+		h.voidOnLoss = true
 		migrate(t, ctx, q, g, dir, h, 1<<30, false)
 		before := echoes(a, b)
 		downtimes = append(downtimes, h.info.Downtime)
 		assert.Empty(t, h.devicePages, "hop %d: guest pages that differ after the migration (written by the back-end, not logged): %v", n, firstN(h.devicePages, 20))
 		checkHandover(t, h)
 		took, err := waitEchoes(ctx, before+20, 20*time.Second, a, b)
-		if !assert.NoError(t, err, "hop %d: traffic on %s after the destination resumed", n, to.name) {
+		if !assert.NoError(t, err, "hop %d: traffic on %s after the destination resumed", n, h.to.name) {
 			break
 		}
-		t.Logf("hop %d: traffic resumed on %s within %v of cont", n, to.name, took.Round(time.Millisecond))
+		t.Logf("hop %d: traffic resumed on %s within %v of cont", n, h.to.name, took.Round(time.Millisecond))
 		if group != nil {
 			assert.Equal(t, []int{1}, group.Queues(), "hop %d: only the destination's transmit queue is in the group", n)
 		}
-		vm, qm, ram = h.dst, h.dstQMP, h.dstRAM
-		from, to = to, from
+		m.moved(h)
 	}
-	p := stopPingers(t, ctx, vm, g.nonce, "final")
+	p := stopPingers(t, ctx, m.vm, g.nonce, "final")
 	noWarnings(t, a, b)
 	checkPingRound(t, fmt.Sprintf("%s migration (%d hops)", q.name, hops), p, false, a, b)
 	// Dirty logging was on during each migration, with the log as a
@@ -981,17 +995,17 @@ func testQEMUMigrationOn(t *testing.T, q qemuPeer, helper string, grouped bool) 
 	for _, r := range []*qemuRig{a, b} {
 		msgs, _ := r.rec.snapshot()
 		var logBase int
-		for _, m := range msgs {
-			if m.Req == ReqSetLogBase {
+		for _, msg := range msgs {
+			if msg.Req == ReqSetLogBase {
 				logBase++
-				assert.Equal(t, 1, m.Fds, "SET_LOG_BASE carries the log memfd (LOG_SHMFD)")
+				assert.Equal(t, 1, msg.Fds, "SET_LOG_BASE carries the log memfd (LOG_SHMFD)")
 			}
 		}
 		if r == a {
 			assert.Positive(t, logBase, "SET_LOG_BASE sent to the first source")
 		}
 	}
-	_, _ = qm.Do("quit", nil)
+	_, _ = m.qm.Do("quit", nil)
 	t.Logf("RESULT %s migration: %d hops, QEMU downtime per hop %v ms, run time %v", q.name, hops, downtimes, time.Since(start).Round(time.Millisecond))
 }
 
@@ -1164,26 +1178,25 @@ func testQEMUMultiQueueMigration(t *testing.T, q qemuPeer, helper string, packed
 	start := time.Now()
 	m := bootForMigration(t, ctx, q, helper, ourRigs(t, ctx, rigOptions{pairs: pairs}),
 		qemuConfig{name: q.name + "-mq", smp: pairs, pairs: pairs, packed: packed}, pairs)
-	dir, g, a, b, vm, qm, ram := m.dir, m.g, m.a, m.b, m.vm, m.qm, m.ram
+	dir, g, a, b := m.dir, m.g, m.a, m.b
 	require.NoError(t, waitPairsBusy(ctx, a, pairs, nil), "before the migration")
 	require.Equal(t, packed, a.be.Info().Features.Has(virtio.FRingPacked), "the guest driver's ring format: %s",
 		a.be.Info().Features.Format(virtio.DeviceNet))
 
-	from, to := a, b
 	for n := 1; n <= hops; n++ {
-		h := &migrationHop{n: n, src: vm, srcQMP: qm, srcRAM: ram, from: from, to: to, smp: pairs, pairs: pairs, packed: packed, voidOnLoss: true}
-		base := to.dev.Stats()
+		h := m.next(n)
+		h.smp, h.pairs, h.packed, h.voidOnLoss = pairs, pairs, packed, true
+		base := h.to.dev.Stats()
 		migrate(t, ctx, q, g, dir, h, 1<<30, false)
 		assert.Empty(t, h.devicePages, "hop %d: guest pages that differ after the migration (written by the back-end, not logged): %v", n, firstN(h.devicePages, 20))
 		checkHandover(t, h)
 		src := lastRing(h.from.ring.snapshot()[:h.fromEvents])
 		assert.Len(t, src, 2*pairs, "hop %d: the source ran every queue of both pairs: %v", n, src)
-		require.NoError(t, waitPairsBusy(ctx, to, pairs, &base), "hop %d: both pairs on %s after the destination resumed", n, to.name)
-		vm, qm, ram = h.dst, h.dstQMP, h.dstRAM
-		from, to = to, from
+		require.NoError(t, waitPairsBusy(ctx, h.to, pairs, &base), "hop %d: both pairs on %s after the destination resumed", n, h.to.name)
+		m.moved(h)
 	}
 
-	last := from
+	last, qm := m.from, m.qm
 	mark := len(last.ring.snapshot())
 	_, err := qm.Do("stop", nil)
 	require.NoError(t, err)
@@ -1202,7 +1215,7 @@ func testQEMUMultiQueueMigration(t *testing.T, q qemuPeer, helper string, packed
 	}
 	assert.Len(t, stopped, 2*pairs, "the stop stopped every queue of both pairs: %v", ev)
 
-	p := stopPingers(t, ctx, vm, g.nonce, "final")
+	p := stopPingers(t, ctx, m.vm, g.nonce, "final")
 	noWarnings(t, a, b)
 	checkPingRound(t, fmt.Sprintf("%s multi-queue migration (%d hops)", q.name, hops), p, false, a, b)
 	_, _ = qm.Do("quit", nil)

@@ -352,14 +352,13 @@ func testNetVhostMigration(t *testing.T, q qemuPeer, helper, bin string) {
 	start := time.Now()
 	netVhostRig := func(dir, name string) *qemuRig { return startNetVhost(t, ctx, bin, dir, name) }
 	m := bootForMigration(t, ctx, q, helper, netVhostRig, qemuConfig{name: q.name + "-boot"}, 1)
-	dir, g, a, b, vm, qm, ram := m.dir, m.g, m.a, m.b, m.vm, m.qm, m.ram
+	dir, g, a, b := m.dir, m.g, m.a, m.b
 
-	from, to := a, b
 	var downtimes []int64
 	var diffs []int
 	dead := 0 // the hop after which traffic did not resume
 	for n := 1; n <= hops; n++ {
-		h := &migrationHop{n: n, src: vm, srcQMP: qm, srcRAM: ram, from: from, to: to}
+		h := m.next(n)
 		migrate(t, ctx, q, g, dir, h, 1<<30, false)
 		before := echoes(a, b)
 		downtimes = append(downtimes, h.info.Downtime)
@@ -376,20 +375,19 @@ func testNetVhostMigration(t *testing.T, q qemuPeer, helper, bin string) {
 			// printed; the run ends there.
 			dead = n
 			t.Logf("hop %d: traffic did not resume on %s (%v); %d guest pages differ between source and destination (%d the back-end may have written); destination console:\n%s",
-				n, to.name, err, len(h.diffPages), len(h.devicePages), consoleTail(h.dst.out.String(), 30))
+				n, h.to.name, err, len(h.diffPages), len(h.devicePages), consoleTail(h.dst.out.String(), 30))
 			require.NoError(t, noNetVhostExit(a, b), "hop %d", n)
 			break
 		}
-		t.Logf("hop %d: traffic resumed on %s within %v of cont", n, to.name, took.Round(time.Millisecond))
-		vm, qm, ram = h.dst, h.dstQMP, h.dstRAM
-		from, to = to, from
+		t.Logf("hop %d: traffic resumed on %s within %v of cont", n, h.to.name, took.Round(time.Millisecond))
+		m.moved(h)
 	}
 	what := fmt.Sprintf("%s net_vhost migration (%d hops)", q.name, hops)
 	if dead == 0 {
-		p := stopPingers(t, ctx, vm, g.nonce, "final")
+		p := stopPingers(t, ctx, m.vm, g.nonce, "final")
 		noWarnings(t, a, b)
 		checkNetVhostRound(t, what, p, a, b)
-		_, _ = qm.Do("quit", nil)
+		_, _ = m.qm.Do("quit", nil)
 	} else {
 		t.Logf("RESULT %s: NET_VHOST FAILED: guest traffic dead after hop %d of %d (no pinger counts: the guest no longer answers)", what, dead, hops)
 	}

@@ -44,11 +44,12 @@ func testQEMUPackedMigration(t *testing.T, q qemuPeer, helper string) {
 	defer cancel()
 	start := time.Now()
 	m := bootForMigration(t, ctx, q, helper, ourRigs(t, ctx, rigOptions{}), qemuConfig{name: q.name + "-packed", packed: true}, 1)
-	dir, g, a, b, vm, qm, ram := m.dir, m.g, m.a, m.b, m.vm, m.qm, m.ram
+	dir, g, a, b := m.dir, m.g, m.a, m.b
 	require.True(t, a.be.Info().Features.Has(virtio.FRingPacked), "the guest driver negotiated packed rings: %s",
 		a.be.Info().Features.Format(virtio.DeviceNet))
 
-	h := &migrationHop{n: 1, src: vm, srcQMP: qm, srcRAM: ram, from: a, to: b, packed: true, voidOnLoss: true}
+	h := m.next(1)
+	h.packed, h.voidOnLoss = true, true
 	migrate(t, ctx, q, g, dir, h, 1<<30, false)
 	assert.Empty(t, h.devicePages, "guest pages that differ after the migration (written by the back-end, not logged): %v", firstN(h.devicePages, 20))
 	checkHandover(t, h)
