@@ -1339,19 +1339,6 @@ func waitPairsBusy(ctx context.Context, rig *qemuRig, pairs int, base *softnet.S
 	}
 }
 
-// openFds lists this process's open descriptors (their targets).
-func openFds(t *testing.T) map[string]string {
-	t.Helper()
-	ents, err := os.ReadDir("/proc/self/fd")
-	require.NoError(t, err)
-	m := map[string]string{}
-	for _, e := range ents {
-		l, _ := os.Readlink(filepath.Join("/proc/self/fd", e.Name()))
-		m[e.Name()] = l
-	}
-	return m
-}
-
 // TestQEMUReconnect kills the back-end under traffic (its listener and
 // session close, as when the process dies) and starts a new one (a fresh
 // device and responder) on the same socket, twice; QEMU redials every
@@ -1369,7 +1356,7 @@ func TestQEMUReconnect(t *testing.T) {
 		rig := startRig(t, ctx, dir, rigOptions{name: "a"})
 		rigs := []*qemuRig{rig}
 		vm := bootServe(t, ctx, q, g, rig, qemuConfig{name: q.name, reconnect: true}, 1)
-		fds := openFds(t)
+		fds := fdSnapshot(t)
 		var resumed []time.Duration
 		for round := 1; round <= 2; round++ {
 			rig.kill(t)
@@ -1385,13 +1372,8 @@ func TestQEMUReconnect(t *testing.T) {
 			default:
 			}
 		}
-		now := openFds(t)
-		var extra []string
-		for fd, l := range now {
-			if _, ok := fds[fd]; !ok {
-				extra = append(extra, fd+"->"+l)
-			}
-		}
+		now := fdSnapshot(t)
+		extra := newFds(fds, now)
 		assert.LessOrEqual(t, len(now), len(fds), "descriptors: %d with the first back-end serving, %d after two restarts; new: %v", len(fds), len(now), extra)
 		p := stopPingers(t, ctx, vm, g.nonce, "final")
 		noWarnings(t, rigs...)
