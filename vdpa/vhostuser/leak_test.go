@@ -5,10 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"os"
 	"path/filepath"
 	"runtime"
-	"sort"
 	"testing"
 	"time"
 
@@ -127,50 +125,18 @@ func (ld *leakDev) close() error {
 
 func fdCount(t *testing.T) int {
 	t.Helper()
-	return len(fdSnapshot(t))
-}
-
-// fdSnapshot maps each open descriptor of the process to what it refers
-// to (its /proc/self/fd link).
-func fdSnapshot(t *testing.T) map[string]string {
-	t.Helper()
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Skipf("no /proc/self/fd: %v", err)
-	}
-	m := make(map[string]string, len(ents))
-	for _, e := range ents {
-		l, err := os.Readlink(filepath.Join("/proc/self/fd", e.Name()))
-		if err != nil {
-			continue // the directory's own descriptor, closed since
-		}
-		m[e.Name()] = l
-	}
-	return m
-}
-
-// newFds lists the descriptors of now that before did not have (the same
-// number referring to something else counts as new).
-func newFds(before, now map[string]string) []string {
-	var added []string
-	for fd, l := range now {
-		if before[fd] != l {
-			added = append(added, fd+" -> "+l)
-		}
-	}
-	sort.Strings(added)
-	return added
+	return len(openFdSet(t))
 }
 
 // requireNothingLeaked waits (up to 5 s) for the goroutine count to come
 // back to goroutines and for every descriptor opened since fds was taken
 // to be closed, and fails naming what is left. The descriptors are
-// compared as sets, not counted, so that one the process closed meanwhile
-// (opened before fds was taken) cannot hide one left open. A descriptor
-// the garbage collector closes (an os.File or a connection dropped without
-// Close) is reported as such: it is a leak too, one that only a
-// collection ends.
-func requireNothingLeaked(t *testing.T, goroutines int, fds map[string]string) {
+// compared as sets (leakedSince), not counted, so that one the process
+// closed meanwhile (opened before fds was taken) can neither hide one left
+// open nor fail the test. A descriptor that only a forced collection
+// closes (an os.File or a connection dropped without Close) is reported as
+// such: it is a leak too.
+func requireNothingLeaked(t *testing.T, goroutines int, fds fdSet) {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
 	for runtime.NumGoroutine() > goroutines && time.Now().Before(deadline) {
@@ -180,10 +146,10 @@ func requireNothingLeaked(t *testing.T, goroutines int, fds map[string]string) {
 		buf := make([]byte, 1<<20)
 		t.Fatalf("%d goroutines left after close (had %d):\n%s", n-goroutines, goroutines, buf[:runtime.Stack(buf, true)])
 	}
-	added := newFds(fds, fdSnapshot(t))
+	added := leakedSince(t, fds)
 	for len(added) > 0 && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
-		added = newFds(fds, fdSnapshot(t))
+		added = leakedSince(t, fds)
 	}
 	if len(added) == 0 {
 		return
@@ -191,7 +157,7 @@ func requireNothingLeaked(t *testing.T, goroutines int, fds map[string]string) {
 	runtime.GC()
 	runtime.GC() // finalizers queued by the first one have run
 	time.Sleep(10 * time.Millisecond)
-	if left := newFds(fds, fdSnapshot(t)); len(left) < len(added) {
+	if left := leakedSince(t, fds); len(left) < len(added) {
 		t.Fatalf("descriptors left open after close, closed only by the garbage collector: %v (still open after it: %v)", added, left)
 	}
 	t.Fatalf("descriptors left open after close: %v", added)
@@ -251,7 +217,7 @@ func TestManyDevicesLeakNothing(t *testing.T) {
 			e, err := vdpa.NewEventFD()
 			require.NoError(t, err)
 			require.NoError(t, e.Close())
-			goroutines, fds := runtime.NumGoroutine(), fdSnapshot(t)
+			goroutines, fds := runtime.NumGoroutine(), openFdSet(t)
 
 			mk := tt.mk(dir)
 			devs := make([]*leakDev, 0, tt.n)
@@ -292,7 +258,7 @@ func TestBackendHugeMemoryTableLogRefused(t *testing.T) {
 	e, err := vdpa.NewEventFD()
 	require.NoError(t, err)
 	require.NoError(t, e.Close())
-	goroutines, fds := runtime.NumGoroutine(), fdSnapshot(t)
+	goroutines, fds := runtime.NumGoroutine(), openFdSet(t)
 
 	func() {
 		sw, err := softnet.New(&softnet.Options{MaxQueueSize: 64})

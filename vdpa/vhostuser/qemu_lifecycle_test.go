@@ -1356,7 +1356,7 @@ func TestQEMUReconnect(t *testing.T) {
 		rig := startRig(t, ctx, dir, rigOptions{name: "a"})
 		rigs := []*qemuRig{rig}
 		vm := bootServe(t, ctx, q, g, rig, qemuConfig{name: q.name, reconnect: true}, 1)
-		fds := fdSnapshot(t)
+		fds := openFdSet(t)
 		var resumed []time.Duration
 		for round := 1; round <= 2; round++ {
 			rig.kill(t)
@@ -1372,8 +1372,8 @@ func TestQEMUReconnect(t *testing.T) {
 			default:
 			}
 		}
-		now := fdSnapshot(t)
-		extra := newFds(fds, now)
+		now := openFdSet(t)
+		extra := leakedSince(t, fds)
 		assert.LessOrEqual(t, len(now), len(fds), "descriptors: %d with the first back-end serving, %d after two restarts; new: %v", len(fds), len(now), extra)
 		p := stopPingers(t, ctx, vm, g.nonce, "final")
 		noWarnings(t, rigs...)
