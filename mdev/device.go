@@ -1034,11 +1034,14 @@ func (d *Device) setStatus(v virtio.Status) {
 		}
 	}
 	d.status |= set
-	if set&virtio.StatusDriverOK != 0 {
+	if set&virtio.StatusDriverOK != 0 && !d.mig.state.holdsDataPath() {
 		if err := d.goLive(); err != nil {
 			d.needsReset(err)
 		}
 	}
+	// In STOP, STOP_COPY and RESUMING the bit is recorded and the data
+	// path starts on the way back to RUNNING (restart), as if the driver
+	// had set it before the stop.
 }
 
 // acceptFeatures checks the driver's accepted features and negotiates them

@@ -32,9 +32,11 @@ func (d *Device) MigrationState() MigState {
 // device restarted) and has not been stopped since (by a migration stop, a
 // reset or FAILED), or a reset of the backing device is still pending. The
 // migration state alone does not say it: a stop that failed leaves the data
-// path in ERROR as it was, and a driver setting DRIVER_OK makes the device
-// live whatever the migration state. While it reports false, the VMM may
-// unmap guest memory without the data path noticing.
+// path in ERROR as it was. A driver setting DRIVER_OK makes the device live
+// in RUNNING, PRE_COPY (and their P2P forms) and ERROR; in STOP, STOP_COPY
+// and RESUMING the bit is recorded and the data path starts when the device
+// returns to RUNNING_P2P. While it reports false, the VMM may unmap guest
+// memory without the data path noticing.
 func (d *Device) DataPathActive() bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()

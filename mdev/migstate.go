@@ -19,6 +19,17 @@ const (
 	numMigStates           = 8
 )
 
+// holdsDataPath reports whether a device in state s keeps its data path
+// stopped whatever the driver writes: STOP, STOP_COPY and RESUMING, the
+// states in which a VFIO device must not change the guest's memory or its
+// own state (linux/vfio.h). A VMM that stopped the device has taken its
+// last dirty log and may unmap guest memory; a DRIVER_OK written then
+// (by a client that drives the registers while the VM is stopped) must
+// not start the rings.
+func (s MigState) holdsDataPath() bool {
+	return s == MigStop || s == MigStopCopy || s == MigResuming
+}
+
 func (s MigState) String() string {
 	switch s {
 	case MigError:

@@ -147,3 +147,59 @@ func TestInFlightChainsFailStop(t *testing.T) {
 	assert.Equal(t, MigRunning, d.MigrationState())
 	assert.EqualValues(t, 0, d.Status())
 }
+
+// In STOP, STOP_COPY and RESUMING a driver that resets the device and sets
+// it up again up to DRIVER_OK (a client driving the registers while the VM
+// is stopped) gets the bits recorded, but the backing device stays stopped
+// until the device leaves them; in RUNNING_P2P and PRE_COPY DRIVER_OK
+// starts it at once.
+func TestDriverOKInStoppedStatesWaitsForRunning(t *testing.T) {
+	// A state saved from a running device, for RESUMING.
+	src := newTestDevice(t, newFakeBacking(), nil)
+	driver{t, src}.bringUp(netFeatures)
+	require.NoError(t, src.SetMigrationState(MigStopCopy))
+	saved, err := src.SaveState()
+	require.NoError(t, err)
+
+	for _, tc := range []struct {
+		state MigState
+		held  bool
+	}{
+		{MigStop, true},
+		{MigStopCopy, true},
+		{MigResuming, true},
+		{MigRunningP2P, false},
+		{MigPreCopy, false},
+		{MigPreCopyP2P, false},
+	} {
+		t.Run(tc.state.String(), func(t *testing.T) {
+			f := newFakeBacking()
+			d := newTestDevice(t, f, nil)
+			g := driver{t, d}
+			g.bringUp(netFeatures)
+			require.NoError(t, d.SetMigrationState(tc.state))
+			g.setStatus(0)
+			require.False(t, d.DataPathActive())
+			g.bringUp(netFeatures)
+			assert.Equal(t, sAck|sDrv|sFOK|sDOK, d.Status(), "the driver's bits are recorded")
+			f.mu.Lock()
+			backing := f.status
+			f.mu.Unlock()
+			if !tc.held {
+				assert.True(t, d.DataPathActive())
+				assert.Equal(t, sAck|sDrv|sFOK|sDOK, backing)
+				return
+			}
+			assert.False(t, d.DataPathActive(), "live in %s", tc.state)
+			assert.Zero(t, backing&sDOK, "backing device started in %s", tc.state)
+			if tc.state == MigResuming {
+				require.NoError(t, d.LoadState(saved))
+			}
+			require.NoError(t, d.SetMigrationState(MigRunning))
+			assert.True(t, d.DataPathActive(), "RUNNING starts the data path")
+			f.mu.Lock()
+			defer f.mu.Unlock()
+			assert.Equal(t, sAck|sDrv|sFOK|sDOK, f.status)
+		})
+	}
+}
