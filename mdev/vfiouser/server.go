@@ -12,6 +12,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/vdpakit/vdpakit/internal/ctxclose"
 	"github.com/vdpakit/vdpakit/mdev"
 	"github.com/vdpakit/vdpakit/vdpa"
 	"github.com/vdpakit/vdpakit/virtio"
@@ -326,8 +327,9 @@ func (s *Server) Close() error {
 // Serve accepts connections on ln and serves them one at a time until ctx
 // is cancelled, the listener fails or the server is closed.
 func (s *Server) Serve(ctx context.Context, ln *net.UnixListener) error {
-	stop := context.AfterFunc(ctx, func() { _ = ln.Close() })
-	defer stop()
+	// ctx's end closes ln; Serve returns only once that close is done.
+	release := ctxclose.OnDone(ctx, ln.Close)
+	defer release()
 	for {
 		c, err := ln.AcceptUnix()
 		if err != nil {
@@ -360,10 +362,10 @@ func (s *Server) ServeConn(ctx context.Context, conn *net.UnixConn) error {
 	s.conns[conn] = struct{}{}
 	s.stats.Sessions++
 	s.sessMu.Unlock()
-	stop := context.AfterFunc(ctx, func() { _ = conn.Close() })
+	release := ctxclose.OnDone(ctx, conn.Close)
 	defer func() {
-		stop()
 		_ = conn.Close()
+		release() // and a close ctx's end started has finished
 		s.migMu.Lock()
 		running := s.clientState() == mdev.MigRunning
 		s.migMu.Unlock()
@@ -426,8 +428,8 @@ func (s *Server) dropAll(mode dropMode) {
 // dropWindows removes the windows match selects from the DMA table and
 // releases their descriptors and mappings before it returns, as DMA_UNMAP
 // requires. A data path that may touch them is stopped first (pause); one
-// that cannot be stopped through the migration state machine (ERROR, or
-// live in a stopped state) gets them retired (mapping.retire), within
+// that cannot be stopped through the migration state machine (live in
+// ERROR) gets them retired (mapping.retire), within
 // maxRetired; beyond it, when the stop failed, and when the client left,
 // the device is reset to stop its data path.
 func (s *Server) dropWindows(match func(*mapping) bool, mode dropMode) error {
@@ -459,7 +461,7 @@ func (s *Server) dropWindows(match func(*mapping) bool, mode dropMode) error {
 	}
 	full := int(s.retired.Load())+mapped > maxRetired
 	if !stopped && (mode == dropSession || failed || full) {
-		s.log.Warn("vfio-user: the data path cannot be stopped (migration state ERROR, or live in a stopped state): resetting the device to release guest memory",
+		s.log.Warn("vfio-user: the data path cannot be stopped (migration state ERROR): resetting the device to release guest memory",
 			"stop_failed", failed, "retired", s.retired.Load())
 		s.reset()
 		stopped = !s.dev.DataPathActive()
@@ -545,7 +547,8 @@ func runningState(st mdev.MigState) bool {
 // every queue's position) so that guest memory can change under it; the
 // client keeps seeing the state it set (clientState), and resume restarts
 // the data path once memory is mapped again. A data path that is live in
-// ERROR or in a stopped state cannot be stopped that way. failed reports
+// ERROR cannot be stopped that way (mdev never runs one in STOP, STOP_COPY
+// or RESUMING). failed reports
 // that pause tried to stop it and failed (the device is in ERROR now).
 func (s *Server) pause() (stopped, failed bool) {
 	if !s.dev.DataPathActive() {

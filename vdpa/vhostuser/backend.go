@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/vdpakit/vdpakit/dirty"
+	"github.com/vdpakit/vdpakit/internal/ctxclose"
 	"github.com/vdpakit/vdpakit/internal/vhostcore"
 	"github.com/vdpakit/vdpakit/vdpa"
 	"github.com/vdpakit/vdpakit/virtio"
@@ -163,8 +164,11 @@ func (b *Backend) ListenAndServe(ctx context.Context, path string) error {
 // logged and retried after a back-off of 5ms doubling to 1s, as net/http
 // does; any other accept error ends Serve.
 func (b *Backend) Serve(ctx context.Context, l *net.UnixListener) error {
-	stop := context.AfterFunc(ctx, func() { l.Close() })
-	defer stop()
+	// ctx's end closes l to interrupt Accept; on the way out Serve closes
+	// it too and waits for that close, so that the listener and its
+	// socket file are gone when Serve returns.
+	release := ctxclose.OnDone(ctx, l.Close)
+	defer release()
 	defer l.Close()
 	var delay time.Duration
 	for {

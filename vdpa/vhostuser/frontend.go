@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/vdpakit/vdpakit/dirty"
+	"github.com/vdpakit/vdpakit/internal/ctxclose"
 	"github.com/vdpakit/vdpakit/internal/vhostcore"
 	"github.com/vdpakit/vdpakit/vdpa"
 	"github.com/vdpakit/vdpakit/virtio"
@@ -282,9 +283,9 @@ func (f *Frontend) exchange(ctx context.Context, r Request, payload []byte, fds 
 		return nil, &MessageError{Request: r, Err: err}
 	}
 	// Runs when ctx ends mid-exchange: interrupt the I/O.
-	stop := context.AfterFunc(ctx, func() { _ = f.c.close() })
+	release := ctxclose.OnDone(ctx, f.c.close)
 	m, err := f.roundTrip(h, payload, fds, want || ack)
-	if !stop() {
+	if release() {
 		// The I/O was (or is being) interrupted: whatever happened on
 		// the socket, the session is out of step.
 		if m != nil {

@@ -3,8 +3,12 @@ package vhostuser
 import (
 	"context"
 	"errors"
+	"fmt"
+	"io/fs"
 	"log/slog"
 	"net"
+	"os"
+	"runtime"
 	"sync"
 	"syscall"
 	"testing"
@@ -12,6 +16,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 
 	"github.com/vdpakit/vdpakit/vdpa/vhostuser/vhostusertest"
 	"github.com/vdpakit/vdpakit/virtio"
@@ -197,4 +202,60 @@ func TestBackendPeerStopsReading(t *testing.T) {
 		a.Close()
 		t.Fatal("session still blocked writing replies nobody reads")
 	}
+}
+
+// When Serve returns because its context ended, the listener is closed and
+// its socket file removed: a server restarted on the same path at once
+// binds it. The close runs on the context's own goroutine; Serve waits for
+// it. Before, Serve could return while that goroutine was still inside
+// Close, and the listening socket outlived Serve for a moment (its file
+// did not: net removes it under a once that the second Close waits for).
+// Many rounds, as the window is narrow; a CPU hog beside the test made the
+// old code fail about one run in three.
+func TestServeReturnsWithListenerClosed(t *testing.T) {
+	dir := t.TempDir()
+	for round := range 300 {
+		path := fmt.Sprintf("%s/%d.sock", dir, round%4)
+		l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+		require.NoError(t, err, "round %d: the path is free again", round)
+		l.SetUnlinkOnClose(true)
+		ino := socketInode(t, l)
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		be := NewBackend(vhostusertest.New(vhostusertest.Sink, [6]byte{}), nil)
+		go func() { done <- be.Serve(ctx, l) }()
+		runtime.Gosched()
+		cancel()
+		require.ErrorIs(t, <-done, context.Canceled)
+		_, err = os.Stat(path)
+		require.ErrorIs(t, err, fs.ErrNotExist, "round %d: the socket file outlived Serve", round)
+		require.False(t, socketOpen(t, ino), "round %d: the listener outlived Serve", round)
+	}
+}
+
+// socketInode returns the inode of l's socket.
+func socketInode(t *testing.T, l *net.UnixListener) uint64 {
+	t.Helper()
+	rc, err := l.SyscallConn()
+	require.NoError(t, err)
+	var st unix.Stat_t
+	var serr error
+	require.NoError(t, rc.Control(func(fd uintptr) { serr = unix.Fstat(int(fd), &st) }))
+	require.NoError(t, serr)
+	return st.Ino
+}
+
+// socketOpen reports whether a descriptor of this process refers to the
+// socket with inode ino.
+func socketOpen(t *testing.T, ino uint64) bool {
+	t.Helper()
+	want := fmt.Sprintf("socket:[%d]", ino)
+	ents, err := os.ReadDir("/proc/self/fd")
+	require.NoError(t, err)
+	for _, e := range ents {
+		if l, _ := os.Readlink("/proc/self/fd/" + e.Name()); l == want {
+			return true
+		}
+	}
+	return false
 }
