@@ -1034,14 +1034,22 @@ func (d *Device) setStatus(v virtio.Status) {
 		}
 	}
 	d.status |= set
-	if set&virtio.StatusDriverOK != 0 && !d.mig.state.holdsDataPath() {
-		if err := d.goLive(); err != nil {
+	if set&virtio.StatusDriverOK == 0 {
+		return
+	}
+	if d.mig.state.holdsDataPath() {
+		// In STOP, STOP_COPY and RESUMING the data path starts on the
+		// way back to RUNNING (restart), as if the driver had set the
+		// bit before the stop; its rings are judged now, as they would
+		// be then.
+		if err := d.checkQueues(); err != nil {
 			d.needsReset(err)
 		}
+		return
 	}
-	// In STOP, STOP_COPY and RESUMING the bit is recorded and the data
-	// path starts on the way back to RUNNING (restart), as if the driver
-	// had set it before the stop.
+	if err := d.goLive(); err != nil {
+		d.needsReset(err)
+	}
 }
 
 // acceptFeatures checks the driver's accepted features and negotiates them

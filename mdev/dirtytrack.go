@@ -184,8 +184,18 @@ func (d *Device) switchRelay(r *relay) error {
 		}
 	}
 	d.relay = r
-	if wasLive {
+	switch {
+	case wasLive:
 		if err := d.goLive(); err != nil {
+			d.needsReset(err)
+			return err
+		}
+	case d.negotiated:
+		// FEATURES_OK without DRIVER_OK yet (or DRIVER_OK held in a
+		// stopped migration state): the backing device was negotiated
+		// for the other mode (a relay's shadow rings are split), and
+		// goLive would program it as it is.
+		if err := d.negotiateBacking(); err != nil {
 			d.needsReset(err)
 			return err
 		}

@@ -6,6 +6,9 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/vdpakit/vdpakit/dirty"
+	"github.com/vdpakit/vdpakit/virtio"
 )
 
 var allMigStates = []MigState{MigError, MigStop, MigRunning, MigStopCopy, MigResuming, MigRunningP2P, MigPreCopy, MigPreCopyP2P}
@@ -202,4 +205,81 @@ func TestDriverOKInStoppedStatesWaitsForRunning(t *testing.T) {
 			assert.Equal(t, sAck|sDrv|sFOK|sDOK, f.status)
 		})
 	}
+}
+
+// Relay dirty tracking switched on or off between FEATURES_OK and DRIVER_OK
+// renegotiates the backing device: a relay's shadow rings are split, so a
+// backing device negotiated with the guest's RING_PACKED must lose it when
+// the relay starts, and get it back when the relay ends. (DRIVER_OK used
+// to find the backing device as FEATURES_OK left it.)
+func TestRelaySwitchBeforeDriverOKRenegotiates(t *testing.T) {
+	packed := netFeatures.With(virtio.FRingPacked)
+	for _, tc := range []struct {
+		name    string
+		stopped bool // FEATURES_OK and DRIVER_OK written in STOP
+	}{{"running", false}, {"DRIVER_OK held in STOP", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFakeBacking()
+			d := newTestDevice(t, f, nil)
+			g := driver{t, d}
+			if tc.stopped {
+				require.NoError(t, d.SetMigrationState(MigStop))
+			}
+			g.setStatus(sAck | sDrv)
+			g.writeFeatures(packed)
+			g.setStatus(sAck | sDrv | sFOK)
+			require.NotZero(t, g.status()&sFOK)
+			accepted := func() virtio.Features {
+				f.mu.Lock()
+				defer f.mu.Unlock()
+				return f.accepted
+			}
+			require.Equal(t, packed, accepted())
+			bm, err := dirty.New(1<<20, nil)
+			require.NoError(t, err)
+			t.Cleanup(func() { _ = bm.Close() })
+			mode, err := d.StartDirtyTracking(bm)
+			require.NoError(t, err)
+			require.Equal(t, DirtyRelay, mode)
+			assert.Equal(t, netFeatures, accepted(), "the relay's backing device runs split rings")
+			require.NoError(t, d.StopDirtyTracking())
+			assert.Equal(t, packed, accepted(), "passthrough again: the guest's features")
+		})
+	}
+}
+
+// A DRIVER_OK held in STOP whose rings do not fit guest memory is judged
+// at the write, as in RUNNING: the device needs a reset. Leaving STOP then
+// neither starts the data path nor fails (judged only at the restart, the
+// driver's mistake would put the device in ERROR, which only a VFIO reset
+// leaves).
+func TestHeldDriverOKWithBadRingsNeedsReset(t *testing.T) {
+	f := newFakeBacking()
+	d := newTestDevice(t, f, nil)
+	g := driver{t, d}
+	require.NoError(t, d.SetMigrationState(MigStop))
+	g.setStatus(sAck | sDrv)
+	g.writeFeatures(netFeatures)
+	g.setStatus(sAck | sDrv | sFOK)
+	g.w(OffQueueSelect, 2, 0)
+	desc, _, dev := ringAddrs(0, 128)
+	g.w(OffQueueSize, 2, 128)
+	g.w(OffQueueDesc, 8, desc)
+	g.w(OffQueueDriver, 8, 1<<40) // outside guest memory
+	g.w(OffQueueDevice, 8, dev)
+	g.w(OffQueueEnable, 2, 1)
+	g.setStatus(sAck | sDrv | sFOK | sDOK)
+	assert.Equal(t, sAck|sDrv|sFOK|sDOK|sNR, g.status())
+	assert.ErrorIs(t, d.Err(), ErrQueueLayout)
+	n, err := d.ConfigFD().TryWait()
+	require.NoError(t, err)
+	assert.EqualValues(t, 1, n, "2.1.2: NEEDS_RESET raises the config interrupt")
+
+	require.NoError(t, d.SetMigrationState(MigRunning))
+	assert.Equal(t, MigRunning, d.MigrationState())
+	assert.Equal(t, sAck|sDrv|sFOK|sDOK|sNR, g.status())
+	assert.False(t, d.DataPathActive())
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	assert.Zero(t, f.status&sDOK, "backing device started")
 }

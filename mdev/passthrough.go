@@ -60,10 +60,9 @@ func (d *Device) validateQueue(i int) error {
 	return nil
 }
 
-// goLive runs when the driver sets DRIVER_OK (or when a migrated device
-// resumes): it validates every enabled queue and programs the backing device
-// so the data path runs without this layer.
-func (d *Device) goLive() error {
+// checkQueues checks every enabled queue's layout against guest memory:
+// what DRIVER_OK requires of the driver's rings.
+func (d *Device) checkQueues() error {
 	if d.opts.Memory == nil {
 		return ErrNoMemory
 	}
@@ -73,6 +72,16 @@ func (d *Device) goLive() error {
 				return err
 			}
 		}
+	}
+	return nil
+}
+
+// goLive runs when the driver sets DRIVER_OK (or when a migrated device
+// resumes): it validates every enabled queue and programs the backing device
+// so the data path runs without this layer.
+func (d *Device) goLive() error {
+	if err := d.checkQueues(); err != nil {
+		return err
 	}
 	if !d.negotiated {
 		if err := d.negotiateBacking(); err != nil {

@@ -46,8 +46,9 @@
 //     that pause is the server's own: the client keeps seeing the
 //     migration state it set. When the server's stop fails, the server
 //     resets the device. A data path that was already impossible to stop
-//     that way (ERROR: mdev keeps a data path stopped in STOP, STOP_COPY and
-//     RESUMING whatever the driver writes) gets the window's pages
+//     that way (live in ERROR, or a backing device that refused its reset:
+//     mdev keeps a data path stopped in STOP, STOP_COPY and RESUMING
+//     whatever the driver writes) gets the window's pages
 //     replaced by anonymous memory, whose address range is unmapped once
 //     the data path stops; the 65th such window resets the device instead.
 //     Unmaps are not refused (QEMU treats the EEXIST of its next

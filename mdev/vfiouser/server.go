@@ -429,7 +429,7 @@ func (s *Server) dropAll(mode dropMode) {
 // releases their descriptors and mappings before it returns, as DMA_UNMAP
 // requires. A data path that may touch them is stopped first (pause); one
 // that cannot be stopped through the migration state machine (live in
-// ERROR) gets them retired (mapping.retire), within
+// ERROR, or a backing device that refused its reset) gets them retired (mapping.retire), within
 // maxRetired; beyond it, when the stop failed, and when the client left,
 // the device is reset to stop its data path.
 func (s *Server) dropWindows(match func(*mapping) bool, mode dropMode) error {
@@ -461,7 +461,7 @@ func (s *Server) dropWindows(match func(*mapping) bool, mode dropMode) error {
 	}
 	full := int(s.retired.Load())+mapped > maxRetired
 	if !stopped && (mode == dropSession || failed || full) {
-		s.log.Warn("vfio-user: the data path cannot be stopped (migration state ERROR): resetting the device to release guest memory",
+		s.log.Warn("vfio-user: the data path cannot be stopped (migration state ERROR, or a backing reset pending): resetting the device to release guest memory",
 			"stop_failed", failed, "retired", s.retired.Load())
 		s.reset()
 		stopped = !s.dev.DataPathActive()
@@ -547,8 +547,8 @@ func runningState(st mdev.MigState) bool {
 // every queue's position) so that guest memory can change under it; the
 // client keeps seeing the state it set (clientState), and resume restarts
 // the data path once memory is mapped again. A data path that is live in
-// ERROR cannot be stopped that way (mdev never runs one in STOP, STOP_COPY
-// or RESUMING). failed reports
+// ERROR, or whose backing device refused its reset, cannot be stopped that
+// way (mdev never runs one in STOP, STOP_COPY or RESUMING). failed reports
 // that pause tried to stop it and failed (the device is in ERROR now).
 func (s *Server) pause() (stopped, failed bool) {
 	if !s.dev.DataPathActive() {
