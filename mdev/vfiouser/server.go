@@ -429,9 +429,9 @@ func (s *Server) dropAll(mode dropMode) {
 // releases their descriptors and mappings before it returns, as DMA_UNMAP
 // requires. A data path that may touch them is stopped first (pause); one
 // that cannot be stopped through the migration state machine (live in
-// ERROR, or a backing device that refused its reset) gets them retired (mapping.retire), within
-// maxRetired; beyond it, when the stop failed, and when the client left,
-// the device is reset to stop its data path.
+// ERROR, or a backing device that refused its reset) gets them retired
+// (mapping.retire), within maxRetired; beyond it, when the stop failed, and
+// when the client left, the device is reset to stop its data path.
 func (s *Server) dropWindows(match func(*mapping) bool, mode dropMode) error {
 	s.sessMu.Lock()
 	if s.closed {
