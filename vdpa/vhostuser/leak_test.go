@@ -7,6 +7,7 @@ import (
 	"net"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -128,23 +129,68 @@ func fdCount(t *testing.T) int {
 	return len(openFdSet(t))
 }
 
-// requireNothingLeaked waits (up to 5 s) for the goroutine count to come
-// back to goroutines and for every descriptor opened since fds was taken
-// to be closed, and fails naming what is left. The descriptors are
-// compared as sets (leakedSince), not counted, so that one the process
-// closed meanwhile (opened before fds was taken) can neither hide one left
-// open nor fail the test. A descriptor that only a forced collection
-// closes (an os.File or a connection dropped without Close) is reported as
-// such: it is a leak too.
-func requireNothingLeaked(t *testing.T, goroutines int, fds fdSet) {
+// goroutineSet returns the IDs of the process's goroutines now, read from
+// their stacks' headers ("goroutine 7 [running]:"). IDs are never reused,
+// so unlike a count the set cannot mistake a goroutine of an earlier test
+// still on its way out for one the test left behind.
+func goroutineSet() map[string]bool {
+	set := map[string]bool{}
+	for id := range goroutineStacks() {
+		set[id] = true
+	}
+	return set
+}
+
+// goroutineStacks returns every goroutine's stack by its ID.
+func goroutineStacks() map[string]string {
+	buf := make([]byte, 1<<20)
+	for {
+		n := runtime.Stack(buf, true)
+		if n < len(buf) {
+			buf = buf[:n]
+			break
+		}
+		buf = make([]byte, 2*len(buf))
+	}
+	stacks := map[string]string{}
+	for _, g := range strings.Split(string(buf), "\n\n") {
+		if rest, ok := strings.CutPrefix(g, "goroutine "); ok {
+			if id, _, ok := strings.Cut(rest, " "); ok {
+				stacks[id] = g
+			}
+		}
+	}
+	return stacks
+}
+
+// newGoroutines returns the stacks of the goroutines that are not in
+// before.
+func newGoroutines(before map[string]bool) []string {
+	var added []string
+	for id, g := range goroutineStacks() {
+		if !before[id] {
+			added = append(added, g)
+		}
+	}
+	return added
+}
+
+// requireNothingLeaked waits (up to 5 s) for every goroutine started since
+// goroutines was taken to end and every descriptor opened since fds was
+// taken to be closed, and fails naming what is left. Both are compared as
+// sets (goroutine IDs; descriptors by leakedSince), not counted, so that a
+// goroutine or descriptor of something earlier, ending meanwhile, can
+// neither hide one left behind nor fail the test. A descriptor that only a
+// forced collection closes (an os.File or a connection dropped without
+// Close) is reported as such: it is a leak too.
+func requireNothingLeaked(t *testing.T, goroutines map[string]bool, fds fdSet) {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
-	for runtime.NumGoroutine() > goroutines && time.Now().Before(deadline) {
+	for len(newGoroutines(goroutines)) > 0 && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
-	if n := runtime.NumGoroutine(); n > goroutines {
-		buf := make([]byte, 1<<20)
-		t.Fatalf("%d goroutines left after close (had %d):\n%s", n-goroutines, goroutines, buf[:runtime.Stack(buf, true)])
+	if left := newGoroutines(goroutines); len(left) > 0 {
+		t.Fatalf("%d goroutines left after close:\n%s", len(left), strings.Join(left, "\n\n"))
 	}
 	added := leakedSince(t, fds)
 	for len(added) > 0 && time.Now().Before(deadline) {
@@ -217,7 +263,7 @@ func TestManyDevicesLeakNothing(t *testing.T) {
 			e, err := vdpa.NewEventFD()
 			require.NoError(t, err)
 			require.NoError(t, e.Close())
-			goroutines, fds := runtime.NumGoroutine(), openFdSet(t)
+			goroutines, fds := goroutineSet(), openFdSet(t)
 
 			mk := tt.mk(dir)
 			devs := make([]*leakDev, 0, tt.n)
@@ -258,7 +304,7 @@ func TestBackendHugeMemoryTableLogRefused(t *testing.T) {
 	e, err := vdpa.NewEventFD()
 	require.NoError(t, err)
 	require.NoError(t, e.Close())
-	goroutines, fds := runtime.NumGoroutine(), openFdSet(t)
+	goroutines, fds := goroutineSet(), openFdSet(t)
 
 	func() {
 		sw, err := softnet.New(&softnet.Options{MaxQueueSize: 64})
