@@ -362,7 +362,20 @@ func TestNotifyKicksQueueEventfd(t *testing.T) {
 	assert.ErrorIs(t, d.Write(RegionNotify, 0, 1, 0), ErrAccessSize)
 }
 
+// A DRIVER_OK whose rings break a layout rule or lie outside guest memory
+// sets NEEDS_RESET at the write, also while the migration state holds the
+// data path (STOP): leaving STOP then neither starts the data path nor
+// fails (judged only then, the driver's mistake would put the device in
+// ERROR, which only a VFIO reset leaves).
 func TestInvalidQueueLayoutSetsNeedsReset(t *testing.T) {
+	for _, held := range []bool{false, true} {
+		t.Run(map[bool]string{false: "RUNNING", true: "DRIVER_OK held in STOP"}[held], func(t *testing.T) {
+			invalidQueueLayoutSetsNeedsReset(t, held)
+		})
+	}
+}
+
+func invalidQueueLayoutSetsNeedsReset(t *testing.T, held bool) {
 	for _, tc := range []struct {
 		name string
 		off  uint64
@@ -381,6 +394,9 @@ func TestInvalidQueueLayoutSetsNeedsReset(t *testing.T) {
 			f := newFakeBacking()
 			d := newTestDevice(t, f, nil)
 			g := driver{t, d}
+			if held {
+				require.NoError(t, d.SetMigrationState(MigStop))
+			}
 			g.setStatus(sAck | sDrv)
 			g.writeFeatures(tc.feat)
 			g.setStatus(sAck | sDrv | sFOK)
@@ -402,6 +418,14 @@ func TestInvalidQueueLayoutSetsNeedsReset(t *testing.T) {
 			isr, err := d.Read(RegionISR, 0, 1)
 			require.NoError(t, err)
 			assert.EqualValues(t, ISRConfig, isr)
+			if held {
+				require.NoError(t, d.SetMigrationState(MigRunning))
+				assert.Equal(t, sAck|sDrv|sFOK|sDOK|sNR, g.status())
+				assert.False(t, d.DataPathActive())
+				f.mu.Lock()
+				defer f.mu.Unlock()
+				assert.Zero(t, f.status&sDOK, "backing device started")
+			}
 		})
 	}
 }

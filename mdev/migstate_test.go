@@ -247,39 +247,3 @@ func TestRelaySwitchBeforeDriverOKRenegotiates(t *testing.T) {
 		})
 	}
 }
-
-// A DRIVER_OK held in STOP whose rings do not fit guest memory is judged
-// at the write, as in RUNNING: the device needs a reset. Leaving STOP then
-// neither starts the data path nor fails (judged only at the restart, the
-// driver's mistake would put the device in ERROR, which only a VFIO reset
-// leaves).
-func TestHeldDriverOKWithBadRingsNeedsReset(t *testing.T) {
-	f := newFakeBacking()
-	d := newTestDevice(t, f, nil)
-	g := driver{t, d}
-	require.NoError(t, d.SetMigrationState(MigStop))
-	g.setStatus(sAck | sDrv)
-	g.writeFeatures(netFeatures)
-	g.setStatus(sAck | sDrv | sFOK)
-	g.w(OffQueueSelect, 2, 0)
-	desc, _, dev := ringAddrs(0, 128)
-	g.w(OffQueueSize, 2, 128)
-	g.w(OffQueueDesc, 8, desc)
-	g.w(OffQueueDriver, 8, 1<<40) // outside guest memory
-	g.w(OffQueueDevice, 8, dev)
-	g.w(OffQueueEnable, 2, 1)
-	g.setStatus(sAck | sDrv | sFOK | sDOK)
-	assert.Equal(t, sAck|sDrv|sFOK|sDOK|sNR, g.status())
-	assert.ErrorIs(t, d.Err(), ErrQueueLayout)
-	n, err := d.ConfigFD().TryWait()
-	require.NoError(t, err)
-	assert.EqualValues(t, 1, n, "2.1.2: NEEDS_RESET raises the config interrupt")
-
-	require.NoError(t, d.SetMigrationState(MigRunning))
-	assert.Equal(t, MigRunning, d.MigrationState())
-	assert.Equal(t, sAck|sDrv|sFOK|sDOK|sNR, g.status())
-	assert.False(t, d.DataPathActive())
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	assert.Zero(t, f.status&sDOK, "backing device started")
-}
