@@ -46,7 +46,10 @@
 // (EncodeState); RESUMING accepts a stream (LoadState), which is validated
 // whole — framing, checksum, the spec's rules, compatibility with this
 // device — before anything is applied, and the device restarts from the
-// restored positions on its way back to RUNNING.
+// restored positions on its way back to RUNNING. In STOP, STOP_COPY and
+// RESUMING the data path stays stopped whatever the driver writes: a
+// DRIVER_OK written there is recorded (its rings checked at once) and takes
+// effect on the way back to RUNNING.
 //
 // While the device is passed through, StartDirtyTracking tracks the pages
 // the data path writes either by the backing device's own log
