@@ -418,6 +418,9 @@ func explainDiff(t *testing.T, h *migrationHop) {
 // hole.
 func classifyDiff(t *testing.T, h *migrationHop) (device, lost []uint64) {
 	t.Helper()
+	if h.from.ring == nil {
+		return h.diffPages, nil
+	}
 	src, err := os.Open(h.srcRAM)
 	require.NoError(t, err)
 	defer src.Close()
@@ -431,9 +434,6 @@ func classifyDiff(t *testing.T, h *migrationHop) (device, lost []uint64) {
 		return b
 	}
 	var starts []ringEvent
-	if h.from.ring == nil {
-		return h.diffPages, nil
-	}
 	for _, e := range h.from.ring.snapshot()[:h.fromEvents] {
 		if e.start {
 			starts = append(starts, e)
@@ -461,9 +461,9 @@ func classifyDiff(t *testing.T, h *migrationHop) (device, lost []uint64) {
 			owned = append(owned, span{addr, addr + n})
 			if flags&4 != 0 { // an indirect table: its buffers too
 				ind := read(addr, min(n, 16*1024)&^15) // at most 1024 entries
-				for io := 0; io+16 <= len(ind); io += 16 {
-					ia := binary.LittleEndian.Uint64(ind[io:])
-					in := uint64(binary.LittleEndian.Uint32(ind[io+8:]))
+				for j := 0; j+16 <= len(ind); j += 16 {
+					ia := binary.LittleEndian.Uint64(ind[j:])
+					in := uint64(binary.LittleEndian.Uint32(ind[j+8:]))
 					if in > 0 && in <= 1<<20 {
 						owned = append(owned, span{ia, ia + in})
 					}
@@ -1025,12 +1025,11 @@ func firstN(p []uint64, n int) []string {
 // migrated RAM: one migration A→B under a paced ping stream, slow enough
 // that the back-end keeps writing receive buffers and used rings after
 // QEMU copied their pages. With logging, every page the back-end marked
-// is guest RAM, and source and destination RAM are identical when the
-// source stops for good (a page the back-end wrote but did not log would
-// differ; classifyDiff). The
-// negative control hides the log from the back-end (its queues run with no
-// WriteLogger): then the same comparison must find differing pages, which
-// proves the check can fail.
+// is guest RAM, and no page of the back-end's differs between source and
+// destination RAM when the source stops for good (a page it wrote but did
+// not log would; classifyDiff). The negative control hides the log from
+// the back-end (its queues run with no WriteLogger): then the same
+// comparison must find such pages, which proves the check can fail.
 func TestQEMUDirtyLog(t *testing.T) {
 	forEachQEMU(t, func(t *testing.T, q qemuPeer, helper string) {
 		for _, hidden := range []bool{false, true} {
@@ -1152,10 +1151,10 @@ func TestQEMUMultiQueue(t *testing.T) {
 // QEMU serves both pairs over one vhost-user connection and enables the
 // second on the guest's MQ command, which the destination restores from
 // the migration stream. At each hop: no page of the back-end's differs
-// (every queue's writes were logged), each of the four rings starts on the destination
-// where the source stopped it, and both pairs carry frames both ways on
-// the destination; after the stop/cont both pairs carry frames again. At
-// the end: nothing lost, duplicated or corrupt.
+// (every queue's writes were logged), each of the four rings starts on the
+// destination where the source stopped it, and both pairs carry frames both
+// ways on the destination; after the stop/cont both pairs carry frames
+// again. At the end: nothing lost, duplicated or corrupt.
 func TestQEMUMultiQueueMigration(t *testing.T) {
 	forEachQEMU(t, func(t *testing.T, q qemuPeer, helper string) {
 		t.Run("split", func(t *testing.T) {
