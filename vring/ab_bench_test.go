@@ -229,3 +229,61 @@ func splitWalkDirectLoop(b *testing.B, nd int) func(n int) {
 func BenchmarkABWalkDirect1vs4Desc(b *testing.B) {
 	benchAB(b, splitWalkDirectLoop(b, 1), splitWalkDirectLoop(b, 4))
 }
+
+// splitWalkRunLoop is splitWalkDirectLoop with the chains popped by
+// walkRun, 32 at a time, as PopBatch pops chains popRun does not take.
+func splitWalkRunLoop(b *testing.B, nd int) func(n int) {
+	br := newBenchRingOf(b, nd, 0, false)
+	q := br.dev
+	cs := make([]Chain, 32)
+	for i := range cs {
+		cs[i].Segs = make([]Segment, 0, 8)
+	}
+	elems := make([]UsedElem, 32)
+	perRing := 256 / nd
+	k := perRing
+	return func(n int) {
+		for done := 0; done < n; {
+			if k == perRing {
+				br.refill(nd)
+				if _, err := q.refresh(); err != nil {
+					b.Fatal(err)
+				}
+				k = 0
+			}
+			want := min(len(cs), perRing-k)
+			for i := 0; i < want; {
+				if got := q.walkRun(cs[i:want]); got > 0 {
+					i += got
+					continue
+				}
+				head := q.r.availEntry(q.lastAvail) // the first chain: the region cache is cold
+				if err := q.walk(head, &cs[i]); err != nil {
+					b.Fatal(err)
+				}
+				q.lastAvail++
+				i++
+			}
+			for i := range want {
+				elems[i] = UsedElem{cs[i].Head, 64}
+			}
+			if err := q.PushBatch(elems[:want]); err != nil {
+				b.Fatal(err)
+			}
+			k += want
+			done += want
+		}
+	}
+}
+
+// BenchmarkABWalkRun: chains popped one walkDirect call each (A), as
+// PopBatch did for chains popRun does not take, against walkRun (B), which
+// pops a run of them in one loop; 2- and 4-descriptor chains, pushed in
+// batches of 32.
+func BenchmarkABWalkRun(b *testing.B) {
+	for _, nd := range []int{2, 4} {
+		b.Run(fmt.Sprintf("%d-desc", nd), func(b *testing.B) {
+			benchAB(b, splitWalkDirectLoop(b, nd), splitWalkRunLoop(b, nd))
+		})
+	}
+}

@@ -521,19 +521,14 @@ func (q *DeviceQueue) PopBatch(cs []Chain) (int, error) {
 			break
 		}
 		// Chains of several direct descriptors (or anything else popRun
-		// does not take) that are known to be available: walkDirect in a
-		// loop of their own, without going back through popRun for each.
-		for i < len(cs) && q.lastAvail != q.availSeen {
-			if !q.walkDirect(q.r.availEntry(q.lastAvail), &cs[i]) {
-				break
-			}
-			q.lastAvail++
-			i++
-		}
+		// does not take) that are known to be available: walkRun, without
+		// going back through popRun for each.
+		n = min(int(q.availSeen-q.lastAvail), len(cs)-i)
+		i += q.walkRun(cs[i : i+n])
 		if i == len(cs) {
 			break
 		}
-		// popRun stopped at a chain it does not take (or ran out of known
+		// walkRun stopped at a chain it does not take (or ran out of known
 		// ones): popSlow walks it (or reloads avail.idx and Pops).
 		ok, err := q.popSlow(&cs[i])
 		if err != nil || !ok {
@@ -582,6 +577,77 @@ func (q *DeviceQueue) popRun(batch []Chain) int {
 			}
 			c.fill1(segs[:1], head, addr, length, flags, bufAt(mem, off, length))
 		}
+	}
+	q.lastAvail = start + uint16(k)
+	return k
+}
+
+// walkRun is PopBatch's loop for chains popRun does not take: it pops
+// chains known to be available (len(batch) <= availSeen-lastAvail) into
+// batch while walkDirect's rules take them (direct descriptors, non-empty,
+// inside the cached region, readable before writable, no more than a
+// Chain's Segs holds), and returns how many. It is walkDirect's loop inside
+// popRun's: the ring's and the cached region's fields are loaded once per
+// run, not once per chain, and no call is made per chain. The chain it
+// stops at is left for popSlow (walkDirect, then walk with its typed
+// errors), which reads it again from the start.
+func (q *DeviceQueue) walkRun(batch []Chain) int {
+	avail, descs := q.r.availRing, q.r.descs
+	base, mem := q.cBase, q.cMem
+	start := q.lastAvail
+	ring0 := q.r.availIdxShift == 0 // as in popRun
+	k := 0
+	if len(avail) == 0 { // never (len is the queue size); drops a bounds check
+		return 0
+	}
+chains:
+	for ; k < len(batch); k++ {
+		slot := int(start+uint16(k)) & (len(avail) - 1)
+		var head uint16
+		if slot == 0 && ring0 {
+			head = q.r.availEntry(0)
+		} else {
+			head = avail[slot]
+		}
+		c := &batch[k]
+		segs := c.Segs[:cap(c.Segs)]
+		idx := int(head)
+		n, readable := 0, 0
+		var rlen, wlen uint64
+		for {
+			// As in walkDirect: more descriptors than the table holds is a
+			// loop, more than segs holds is for walk (which grows Segs).
+			if idx >= len(descs) || n >= len(segs) || n >= len(descs) {
+				break chains
+			}
+			d := &descs[idx]
+			flags, addr, length, next := d.flags, GuestAddr(d.addr), d.len, d.next
+			// In the cached region (off wraps past len(mem) when addr <
+			// base), non-empty (length-1 wraps when 0) and ending inside.
+			off := uint64(addr - base)
+			if flags&DescFIndirect != 0 || off >= uint64(len(mem)) || uint64(length)-1 >= uint64(len(mem))-off {
+				break chains
+			}
+			s := &segs[n]
+			s.Addr, s.Len, s.Buf = addr, length, bufAt(mem, off, length)
+			if flags&DescFWrite != 0 {
+				s.Writable = true
+				wlen += uint64(length)
+			} else {
+				if wlen != 0 { // readable after writable
+					break chains
+				}
+				s.Writable = false
+				rlen += uint64(length)
+				readable++
+			}
+			n++
+			if flags&DescFNext == 0 {
+				break
+			}
+			idx = int(next)
+		}
+		c.Head, c.Segs, c.Readable, c.ReadableLen, c.WritableLen = head, segs[:n], readable, rlen, wlen
 	}
 	q.lastAvail = start + uint16(k)
 	return k

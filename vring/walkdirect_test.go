@@ -1,6 +1,7 @@
 package vring
 
 import (
+	"encoding/binary"
 	"math/rand/v2"
 	"testing"
 	"unsafe"
@@ -110,4 +111,98 @@ func walkTestMemory(t *testing.T, rng *rand.Rand) ([]byte, *Memory) {
 	mem, err := NewMemory(r1, r2)
 	require.NoError(t, err)
 	return backing, mem
+}
+
+// TestWalkRunAgreesWithWalkDirect checks PopBatch's run loop for chains of
+// several descriptors against walkDirect, chain by chain, on random tables
+// (the defects of TestWalkDirectAgreesWithWalk) and random available rings,
+// with a 4-aligned available ring and with a 2-aligned one whose first
+// entry shares avail.idx's word: walkRun takes exactly the chains
+// walkDirect takes, in order, builds the same Chains, stops at the first
+// one walkDirect declines (or at the batch's end), and moves lastAvail past
+// the chains it took and no further.
+func TestWalkRunAgreesWithWalkDirect(t *testing.T) {
+	const size = 16
+	rng := rand.New(rand.NewPCG(15, 2))
+	stopped, full := 0, 0
+	for iter := 0; iter < 20000; iter++ {
+		backing, mem := walkTestMemory(t, rng)
+		l := ContiguousLayout(0x1000, size)
+		if iter%2 == 1 {
+			l.Avail += 2 // avail.ring[0] in avail.idx's word
+		}
+		g := backing[:0x2000]
+		for i := 0; i < size; i++ {
+			addr := uint64(0x1800 + rng.IntN(0x700))
+			length := uint32(1 + rng.IntN(64))
+			flags := uint16(0)
+			next := uint16(i + 1)
+			if rng.IntN(3) != 0 {
+				flags |= DescFNext
+			}
+			if i >= size/2 || rng.IntN(8) == 0 {
+				flags |= DescFWrite
+			}
+			switch rng.IntN(40) {
+			case 0:
+				length = 0
+			case 1:
+				addr = 0x3000 + uint64(rng.IntN(0x2000))
+			case 2:
+				flags |= DescFIndirect
+			case 3:
+				next = uint16(rng.IntN(2 * size))
+			case 4:
+				addr, length = 0x2ff0, 64
+			}
+			writeDesc(g[l.Desc-0x1000:], uint16(i), addr, length, flags, next)
+		}
+		start := uint16(rng.IntN(1 << 16))
+		nb := 1 + rng.IntN(size)
+		for k := range size {
+			head := uint16(rng.IntN(size))
+			if rng.IntN(50) == 0 {
+				head = uint16(size + rng.IntN(size)) // out of range
+			}
+			binary.LittleEndian.PutUint16(g[l.Avail-0x1000+4+2*GuestAddr((int(start)+k)%size):], head)
+		}
+		q, err := NewDeviceQueue(mem, DeviceQueueOptions{Layout: l})
+		require.NoError(t, err)
+		q.cBase, q.cMem = 0x1000, backing[:0x2000]
+		q.lastAvail, q.availSeen = start, start+uint16(nb)
+		caps := make([]int, nb)
+		for k := range caps {
+			caps[k] = 8
+			if rng.IntN(8) == 0 {
+				caps[k] = rng.IntN(6) // also too few for the chain
+			}
+		}
+		run := make([]Chain, nb)
+		for k := range run {
+			run[k].Segs = make([]Segment, 0, caps[k])
+		}
+		got := q.walkRun(run)
+		require.Equal(t, start+uint16(got), q.lastAvail, "iteration %d", iter)
+		ref, err := NewDeviceQueue(mem, DeviceQueueOptions{Layout: l})
+		require.NoError(t, err)
+		ref.cBase, ref.cMem = q.cBase, q.cMem
+		for k := 0; k < nb; k++ {
+			c := Chain{Segs: make([]Segment, 0, caps[k])}
+			ok := ref.walkDirect(ref.r.availEntry(start+uint16(k)), &c)
+			if k == got {
+				require.False(t, ok, "iteration %d: walkRun stopped at chain %d, which walkDirect takes", iter, k)
+				stopped++
+				break
+			}
+			require.True(t, ok, "iteration %d: walkRun took chain %d, which walkDirect declines", iter, k)
+			requireSameChain(t, c, run[k], "iteration %d chain %d", iter, k)
+		}
+		if got == nb {
+			full++
+		}
+		mem.Close()
+	}
+	t.Logf("walkRun took whole batches %d times, stopped early %d times", full, stopped)
+	require.NotZero(t, full)
+	require.NotZero(t, stopped)
 }
