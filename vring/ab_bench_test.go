@@ -287,3 +287,99 @@ func BenchmarkABWalkRun(b *testing.B) {
 		})
 	}
 }
+
+// popBatchLoop is BenchmarkDevicePopPush{1,4}DescBatch32's loop as a
+// benchAB side: chains of nd descriptors popped with PopBatch and pushed
+// with PushBatch, 32 at a time.
+func popBatchLoop(b *testing.B, nd int) func(n int) {
+	br := newBenchRingOf(b, nd, 0, false)
+	q := br.dev
+	cs := make([]Chain, 32)
+	elems := make([]UsedElem, 32)
+	perRing := 256 / nd
+	k := perRing
+	return func(n int) {
+		for done := 0; done < n; {
+			if k == perRing {
+				br.refill(nd)
+				k = 0
+			}
+			want := min(len(cs), perRing-k)
+			if got, err := q.PopBatch(cs[:want]); got != want || err != nil {
+				b.Fatal(got, err)
+			}
+			for i := range want {
+				elems[i] = UsedElem{cs[i].Head, 64}
+			}
+			if err := q.PushBatch(elems[:want]); err != nil {
+				b.Fatal(err)
+			}
+			q.NeedsInterrupt()
+			k += want
+			done += want
+		}
+	}
+}
+
+// BenchmarkABPopBatch1vs4Desc: the 4-descriptor ratio as PopBatch
+// users see it, in one binary: 1-descriptor chains (A, popRun's loop)
+// against 4-descriptor ones (B, walkRun's), each popped and pushed in
+// batches of 32. B/A is what a 4-descriptor chain costs against a
+// 1-descriptor one.
+func BenchmarkABPopBatch1vs4Desc(b *testing.B) {
+	benchAB(b, popBatchLoop(b, 1), popBatchLoop(b, 4))
+}
+
+// packedWalkRunLoop is packedWalkLoop with the chains popped by
+// packedWalkRun, 32 at a time, as packedPopBatch pops chains
+// packedPopRun does not take.
+func packedWalkRunLoop(b *testing.B, nd int) func(n int) {
+	br := newPackedBenchRing(b, nd, 0)
+	q := br.dev
+	cs := make([]Chain, 32)
+	elems := make([]UsedElem, 32)
+	perRing := 256 / nd
+	k := perRing
+	return func(n int) {
+		for done := 0; done < n; {
+			if k == perRing {
+				br.refill()
+				k = 0
+			}
+			want := min(len(cs), perRing-k)
+			for i := 0; i < want; {
+				if got := q.packedWalkRun(cs[i:want]); got > 0 {
+					i += got
+					continue
+				}
+				flags, ok := q.pk.headAvailable() // the first chain: the region cache is cold
+				if !ok {
+					b.Fatal("no chain available")
+				}
+				if err := q.packedWalk(&cs[i], flags); err != nil {
+					b.Fatal(err)
+				}
+				i++
+			}
+			for i := range want {
+				elems[i] = UsedElem{cs[i].Head, 64}
+			}
+			if err := q.PushBatch(elems[:want]); err != nil {
+				b.Fatal(err)
+			}
+			k += want
+			done += want
+		}
+	}
+}
+
+// BenchmarkABPackedWalkRun: packed chains of 2 and 4 descriptors popped
+// one packedWalkDirect call each (A), as packedPopBatch did, against
+// packedWalkRun (B), each pushed back in batches of 32.
+func BenchmarkABPackedWalkRun(b *testing.B) {
+	for _, nd := range []int{2, 4} {
+		b.Run(fmt.Sprintf("descs=%d", nd), func(b *testing.B) {
+			benchAB(b, packedWalkLoop(b, nd, true), packedWalkRunLoop(b, nd))
+		})
+	}
+}

@@ -549,10 +549,13 @@ func (q *DeviceQueue) packedPopBatch(cs []Chain) (int, error) {
 				continue
 			}
 		}
-		// A chain packedPopRun does not take: walk it.
-		if flags&DescFIndirect == 0 && q.packedWalkDirect(&cs[i], flags) {
-			i++
-			continue
+		// Chains packedPopRun does not take: packedWalkRun takes a run of
+		// them, packedWalk the one it stops at.
+		if flags&DescFIndirect == 0 {
+			if k := q.packedWalkRun(cs[i:]); k > 0 {
+				i += k
+				continue
+			}
 		}
 		if err := q.packedWalk(&cs[i], flags); err != nil {
 			return i, err
@@ -602,6 +605,105 @@ func (q *DeviceQueue) packedPopRun(batch []Chain) int {
 	p.nextAvail, p.availBits = pos, bits
 	p.popSeq += uint32(k)
 	p.inflight += uint16(k)
+	return k
+}
+
+// packedWalkRun is packedPopBatch's loop for chains packedPopRun does not
+// take: it pops available chains into batch while packedWalkDirect's rules
+// take them (direct ring descriptors, each available, inside the cached
+// region and non-empty, readable before writable, ending before the ring's
+// end, not running into descriptors in flight, no more than a Chain's Segs
+// holds, and a free buffer id), and returns how many. It is
+// packedWalkDirect's loop inside packedPopRun's: the queue's position,
+// wrap counter and in-flight count stay in locals for the run and no call
+// is made per chain. The chain it stops at (or the first one not
+// available) is left as it was, for packedPop or packedWalk.
+func (q *DeviceQueue) packedWalkRun(batch []Chain) int {
+	p := q.pk
+	descs, ids := p.r.descs, p.ids
+	base, mem := q.cBase, q.cMem
+	pos, bits, inflight := int(p.nextAvail), p.availBits, p.inflight
+	k := 0
+chains:
+	for ; k < len(batch); k++ {
+		if pos >= len(descs) { // never (pos < size); drops a bounds check
+			break
+		}
+		// Rule 2: the head's id|flags word (acquire), then its addr and len.
+		w := atomic.LoadUint32(descWord(&descs[pos]))
+		id, flags := uint16(w), uint16(w>>16)
+		if flags&availUsed != bits {
+			break // not available: packedPop re-checks (and arms the event)
+		}
+		c := &batch[k]
+		segs := c.Segs[:cap(c.Segs)]
+		// As in packedWalkDirect: the chain ends before the ring's end,
+		// uses at most the descriptors not in flight and fits segs.
+		end := min(len(descs), pos+int(p.r.size-inflight), pos+len(segs))
+		if pos >= end {
+			break
+		}
+		readable := -1
+		var rlen, wlen uint64
+		i := pos
+		for {
+			d := &descs[i]
+			addr, length := GuestAddr(d.addr), d.len
+			off := uint64(addr - base)
+			// Direct, in the cached region (off wraps past len(mem) when
+			// addr < base), non-empty (length-1 wraps when 0) and ending
+			// inside.
+			if flags&DescFIndirect != 0 || off >= uint64(len(mem)) || uint64(length)-1 >= uint64(len(mem))-off {
+				break chains
+			}
+			s := &segs[i-pos]
+			s.Addr, s.Len, s.Buf = addr, length, bufAt(mem, off, length)
+			if flags&DescFWrite != 0 {
+				if wlen == 0 { // the first writable one
+					readable = i - pos
+				}
+				s.Writable = true
+				wlen += uint64(length)
+			} else {
+				if wlen != 0 { // readable after writable
+					break chains
+				}
+				s.Writable = false
+				rlen += uint64(length)
+			}
+			if flags&DescFNext == 0 {
+				break
+			}
+			if i++; i >= end {
+				break chains
+			}
+			// The next descriptor's id|flags word (acquire), then its
+			// addr and len at the top of the loop; it must be available.
+			w := atomic.LoadUint32(descWord(&descs[i]))
+			id, flags = uint16(w), uint16(w>>16)
+			if flags&availUsed != bits {
+				break chains
+			}
+		}
+		n := i - pos + 1
+		if int(id) >= len(ids) || ids[id].inflight {
+			break
+		}
+		if readable < 0 {
+			readable = n
+		}
+		c.Head, c.Descs = id, uint16(n)
+		c.Segs, c.Readable, c.ReadableLen, c.WritableLen = segs[:n], readable, rlen, wlen
+		e := &ids[id]
+		e.inflight, e.ndesc, e.writable = true, uint16(n), wlen
+		inflight += uint16(n)
+		if pos = i + 1; pos == len(descs) { // the chain ended at the ring's end
+			pos, bits = 0, bits^availUsed
+		}
+	}
+	p.nextAvail, p.availBits = uint16(pos), bits
+	p.popSeq += uint32(k)
+	p.inflight = inflight
 	return k
 }
 

@@ -130,3 +130,116 @@ func TestPackedWalkDirectAgreesWithWalk(t *testing.T) {
 	require.NotZero(t, declined)
 	require.NotZero(t, declinedOK, "no declined chain was valid: the fast path's bounds are not exercised")
 }
+
+// TestPackedWalkRunAgreesWithWalkDirect checks packedPopBatch's run loop
+// for chains of several descriptors against packedWalkDirect on random
+// packed rings (the defects of TestPackedWalkDirectAgreesWithWalk, chains
+// that wrap, random descriptors and buffer ids in flight): packedWalkRun
+// takes exactly the chains that headAvailable and packedWalkDirect, called
+// chain after chain, take, builds the same Chains, stops where they stop,
+// and leaves the queue in the same state.
+func TestPackedWalkRunAgreesWithWalkDirect(t *testing.T) {
+	const size = 13
+	rng := rand.New(rand.NewPCG(15, 3))
+	feat := virtio.Features(0).With(virtio.FRingPacked, virtio.FIndirectDesc)
+	full, stopped := 0, 0
+	for iter := 0; iter < 20000; iter++ {
+		backing, mem := walkTestMemory(t, rng)
+		l := ContiguousPackedLayout(0x1000, size)
+		at := uint16(rng.IntN(size))
+		wrap := rng.IntN(2) == 0
+		k := uint16(rng.IntN(size / 2))
+		usedAt, usedWrap := int(at)-int(k), wrap
+		if usedAt < 0 {
+			usedAt += size
+			usedWrap = !usedWrap
+		}
+		st := QueueState{NextAvail: PackedIndex(at, wrap), NextUsed: PackedIndex(uint16(usedAt), usedWrap)}
+		availBits, _ := setWrapBits(wrap, false)
+		g := backing[:0x2000]
+		for i := 0; i < size; i++ {
+			addr := uint64(0x1800 + rng.IntN(0x700))
+			length := uint32(1 + rng.IntN(64))
+			bits := availBits
+			if i < int(at) { // the next lap's positions
+				bits ^= availUsed
+			}
+			flags := bits
+			if rng.IntN(2) != 0 {
+				flags |= DescFNext
+			}
+			if rng.IntN(3) == 0 {
+				flags |= DescFWrite
+			}
+			id := uint16(rng.IntN(size))
+			switch rng.IntN(40) {
+			case 0:
+				length = 0
+			case 1:
+				addr = 0x3000 + uint64(rng.IntN(0x2000))
+			case 2:
+				flags |= DescFIndirect
+				length = 16
+			case 3:
+				flags ^= availUsed // not available
+			case 4:
+				addr, length = 0x2ff0, 64
+			case 5:
+				id = uint16(size + rng.IntN(4))
+			}
+			b := g[int(l.Desc-0x1000)+16*i:]
+			binary.LittleEndian.PutUint64(b, addr)
+			binary.LittleEndian.PutUint32(b[8:], length)
+			binary.LittleEndian.PutUint16(b[12:], id)
+			binary.LittleEndian.PutUint16(b[14:], flags)
+		}
+		busy := make([]bool, size)
+		for i := range busy {
+			busy[i] = rng.IntN(8) == 0
+		}
+		nb := 1 + rng.IntN(6)
+		caps := make([]int, nb)
+		for i := range caps {
+			caps[i] = size
+			if rng.IntN(8) == 0 {
+				caps[i] = rng.IntN(4)
+			}
+		}
+		newQ := func() *DeviceQueue {
+			q, err := NewDeviceQueue(mem, DeviceQueueOptions{Layout: l, Features: feat, State: st})
+			require.NoError(t, err)
+			for i, b := range busy {
+				q.pk.ids[i].inflight = b
+			}
+			q.cBase, q.cMem = 0x1000, backing[:0x2000]
+			return q
+		}
+		run := make([]Chain, nb)
+		for i := range run {
+			run[i].Segs = make([]Segment, 0, caps[i])
+		}
+		q := newQ()
+		got := q.packedWalkRun(run)
+		ref := newQ()
+		for i := 0; i < nb; i++ {
+			c := Chain{Segs: make([]Segment, 0, caps[i])}
+			flags, ok := ref.pk.headAvailable()
+			ok = ok && flags&DescFIndirect == 0 && ref.packedWalkDirect(&c, flags)
+			if i == got {
+				require.False(t, ok, "iteration %d: packedWalkRun stopped at chain %d, which packedWalkDirect takes", iter, i)
+				stopped++
+				break
+			}
+			require.True(t, ok, "iteration %d: packedWalkRun took chain %d, which packedWalkDirect declines", iter, i)
+			requireSameChain(t, c, run[i], "iteration %d chain %d", iter, i)
+		}
+		if got == nb {
+			full++
+		}
+		require.Equal(t, *ref.pk, *q.pk, "iteration %d: the queues differ after %d chains", iter, got)
+		mem.Close()
+	}
+	t.Logf("packedWalkRun took whole batches %d times, stopped early %d times", full, stopped)
+	require.NotZero(t, full)
+	require.NotZero(t, stopped)
+}
