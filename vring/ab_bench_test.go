@@ -257,7 +257,7 @@ func splitWalkRunLoop(b *testing.B, nd int) func(n int) {
 					i += got
 					continue
 				}
-				head := q.r.availEntry(q.lastAvail) // the first chain: the region cache is cold
+				head := q.r.availEntry(q.lastAvail) // the first chain: the region cache is cold (walk, too, when Segs is too short)
 				if err := q.walk(head, &cs[i]); err != nil {
 					b.Fatal(err)
 				}
@@ -352,7 +352,9 @@ func packedWalkRunLoop(b *testing.B, nd int) func(n int) {
 					i += got
 					continue
 				}
-				flags, ok := q.pk.headAvailable() // the first chain: the region cache is cold
+				// The first chain: the region cache is cold, and the Chains
+				// have no Segs yet (packedWalk grows them).
+				flags, ok := q.pk.headAvailable()
 				if !ok {
 					b.Fatal("no chain available")
 				}

@@ -411,15 +411,16 @@ func (q *DeviceQueue) popSlow(c *Chain) (bool, error) {
 	return true, nil
 }
 
-// walkDirect is walk's fast path: a chain of direct descriptors whose
-// buffers are non-empty and lie inside the cached region, readable ones
-// before writable ones, no longer than c.Segs's capacity. It reads the
-// descriptors through the typed table view, each descriptor once (into
-// locals), and checks every value it uses on what it read. For any other
-// chain it returns false, leaving c's contents unspecified, and the caller
-// walks the chain with walk, which starts over from head and applies every
-// rule with its typed errors (a driver changing the chain in between is
-// judged on what walk reads).
+// walkDirect is walk's fast path (walkRun applies the same rules to a run
+// of chains; a rule changed here is changed there too): a chain of direct
+// descriptors whose buffers are non-empty and lie inside the cached region,
+// readable ones before writable ones, no longer than c.Segs's capacity. It
+// reads the descriptors through the typed table view, each descriptor once
+// (into locals), and checks every value it uses on what it read. For any
+// other chain it returns false, leaving c's contents unspecified, and the
+// caller walks the chain with walk, which starts over from head and applies
+// every rule with its typed errors (a driver changing the chain in between
+// is judged on what walk reads).
 func (q *DeviceQueue) walkDirect(head uint16, c *Chain) bool {
 	descs, mem, base := q.r.descs, q.cMem, q.cBase
 	segs := c.Segs[:cap(c.Segs)]
@@ -589,8 +590,9 @@ func (q *DeviceQueue) popRun(batch []Chain) int {
 // Chain's Segs holds), and returns how many. It is walkDirect's loop inside
 // popRun's: the ring's and the cached region's fields are loaded once per
 // run, not once per chain, and no call is made per chain. The chain it
-// stops at is left for popSlow (walkDirect, then walk with its typed
-// errors), which reads it again from the start.
+// stops at (whose Chain's contents are then unspecified) is left for
+// popSlow (walkDirect, then walk with its typed errors), which reads it
+// again from the start.
 func (q *DeviceQueue) walkRun(batch []Chain) int {
 	avail, descs := q.r.availRing, q.r.descs
 	base, mem := q.cBase, q.cMem

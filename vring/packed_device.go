@@ -390,16 +390,18 @@ func (q *DeviceQueue) packedWalk(c *Chain, headFlags uint16) error {
 	return nil
 }
 
-// packedWalkDirect is packedWalk's fast path: a chain of direct ring
-// descriptors that ends before the ring's end, within the descriptors not
-// in flight, whose buffers are non-empty and lie inside the cached region,
-// readable ones before writable ones, no longer than c.Segs's capacity,
-// with a buffer id in range and not in flight. It reads each descriptor
-// once, its id|flags word first (atomically, rule 2), and checks every
-// value it uses on what it read. It takes such a chain and reports true;
-// for any other it reports false, leaving c's contents unspecified and the
-// queue as it was, and the caller walks the chain with packedWalk, which
-// starts over from the head and applies every rule with its typed errors.
+// packedWalkDirect is packedWalk's fast path (packedWalkRun applies the
+// same rules to a run of chains; a rule changed here is changed there too):
+// a chain of direct ring descriptors that ends before the ring's end,
+// within the descriptors not in flight, whose buffers are non-empty and lie
+// inside the cached region, readable ones before writable ones, no longer
+// than c.Segs's capacity, with a buffer id in range and not in flight. It
+// reads each descriptor once, its id|flags word first (atomically, rule 2),
+// and checks every value it uses on what it read. It takes such a chain and
+// reports true; for any other it reports false, leaving c's contents
+// unspecified and the queue as it was, and the caller walks the chain with
+// packedWalk, which starts over from the head and applies every rule with
+// its typed errors.
 func (q *DeviceQueue) packedWalkDirect(c *Chain, headFlags uint16) bool {
 	p := q.pk
 	descs := p.r.descs
@@ -614,10 +616,13 @@ func (q *DeviceQueue) packedPopRun(batch []Chain) int {
 // region and non-empty, readable before writable, ending before the ring's
 // end, not running into descriptors in flight, no more than a Chain's Segs
 // holds, and a free buffer id), and returns how many. It is
-// packedWalkDirect's loop inside packedPopRun's: the queue's position,
-// wrap counter and in-flight count stay in locals for the run and no call
-// is made per chain. The chain it stops at (or the first one not
-// available) is left as it was, for packedPop or packedWalk.
+// packedWalkDirect's loop inside packedPopRun's: the queue's position, wrap
+// counter and in-flight count stay in locals for the run and no call is
+// made per chain. The queue is left as it was for the chain it stops at
+// (that Chain's contents are unspecified), which packedPopBatch hands to
+// packedPop or packedWalk. packedWalkDirect applies the same rules to one
+// chain: a rule changed in one is changed in both
+// (TestPackedWalkRunAgreesWithWalkDirect compares them).
 func (q *DeviceQueue) packedWalkRun(batch []Chain) int {
 	p := q.pk
 	descs, ids := p.r.descs, p.ids
@@ -633,7 +638,12 @@ chains:
 		w := atomic.LoadUint32(descWord(&descs[pos]))
 		id, flags := uint16(w), uint16(w>>16)
 		if flags&availUsed != bits {
-			break // not available: packedPop re-checks (and arms the event)
+			// Not available. After k > 0 chains packedPopBatch re-checks
+			// (and packedPop arms the event); at k == 0 (the driver took
+			// the head back since packedPopBatch loaded it) packedWalk
+			// judges the head on what it reads, as it did when
+			// packedWalkDirect never reloaded it.
+			break
 		}
 		c := &batch[k]
 		segs := c.Segs[:cap(c.Segs)]
@@ -679,7 +689,7 @@ chains:
 			}
 			// The next descriptor's id|flags word (acquire), then its
 			// addr and len at the top of the loop; it must be available.
-			w := atomic.LoadUint32(descWord(&descs[i]))
+			w = atomic.LoadUint32(descWord(&descs[i]))
 			id, flags = uint16(w), uint16(w>>16)
 			if flags&availUsed != bits {
 				break chains

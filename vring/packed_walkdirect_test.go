@@ -142,7 +142,7 @@ func TestPackedWalkRunAgreesWithWalkDirect(t *testing.T) {
 	const size = 13
 	rng := rand.New(rand.NewPCG(15, 3))
 	feat := virtio.Features(0).With(virtio.FRingPacked, virtio.FIndirectDesc)
-	full, stopped := 0, 0
+	full, stopped, atLimit, pastWrap := 0, 0, 0, 0
 	for iter := 0; iter < 20000; iter++ {
 		backing, mem := walkTestMemory(t, rng)
 		l := ContiguousPackedLayout(0x1000, size)
@@ -237,9 +237,28 @@ func TestPackedWalkRunAgreesWithWalkDirect(t *testing.T) {
 			full++
 		}
 		require.Equal(t, *ref.pk, *q.pk, "iteration %d: the queues differ after %d chains", iter, got)
+		// What stopped or ended the run: the next chain running into the
+		// descriptors in flight (counted as they were before the run plus
+		// those the run took), and chains taken after the ring's end.
+		if got < nb {
+			n, at := 1, int(q.pk.nextAvail)
+			for at+n-1 < size && n <= size &&
+				binary.LittleEndian.Uint16(g[int(l.Desc-0x1000)+16*(at+n-1)+14:])&DescFNext != 0 {
+				n++
+			}
+			if n > int(size-q.pk.inflight) {
+				atLimit++
+			}
+		}
+		if q.pk.availBits != availBits && q.pk.nextAvail > 0 {
+			pastWrap++
+		}
 		mem.Close()
 	}
-	t.Logf("packedWalkRun took whole batches %d times, stopped early %d times", full, stopped)
+	t.Logf("packedWalkRun took whole batches %d times, stopped early %d times (%d at the in-flight limit); %d runs went on past the ring's end",
+		full, stopped, atLimit, pastWrap)
 	require.NotZero(t, full)
 	require.NotZero(t, stopped)
+	require.NotZero(t, atLimit, "no run met the descriptors in flight")
+	require.NotZero(t, pastWrap, "no run went on past the ring's end")
 }

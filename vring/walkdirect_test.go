@@ -172,9 +172,11 @@ func TestWalkRunAgreesWithWalkDirect(t *testing.T) {
 		q.lastAvail, q.availSeen = start, start+uint16(nb)
 		caps := make([]int, nb)
 		for k := range caps {
-			caps[k] = 8
-			if rng.IntN(8) == 0 {
+			switch caps[k] = 8; rng.IntN(8) {
+			case 0:
 				caps[k] = rng.IntN(6) // also too few for the chain
+			case 1:
+				caps[k] = size + 4 // a loop ends at the table's size, not at Segs's
 			}
 		}
 		run := make([]Chain, nb)
