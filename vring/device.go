@@ -523,11 +523,14 @@ func (q *DeviceQueue) PopBatch(cs []Chain) (int, error) {
 		}
 		// Chains of several direct descriptors (or anything else popRun
 		// does not take) that are known to be available: walkRun, without
-		// going back through popRun for each.
-		n = min(int(q.availSeen-q.lastAvail), len(cs)-i)
-		i += q.walkRun(cs[i : i+n])
-		if i == len(cs) {
-			break
+		// going back through popRun for each. When popRun took every
+		// chain known to be available (a device that keeps up with its
+		// driver, every batch), popSlow reloads avail.idx without that
+		// call.
+		if n = min(int(q.availSeen-q.lastAvail), len(cs)-i); n != 0 {
+			if i += q.walkRun(cs[i : i+n]); i == len(cs) {
+				break
+			}
 		}
 		// walkRun stopped at a chain it does not take (or ran out of known
 		// ones): popSlow walks it (or reloads avail.idx and Pops).
