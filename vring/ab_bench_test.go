@@ -121,39 +121,27 @@ func BenchmarkABReclaimBatch(b *testing.B) {
 	}
 }
 
-// packedWalkLoop pops the chains of a packed bench ring (nd descriptors
-// each) with packedWalk alone (direct false) or with packedWalkDirect
-// first, as packedPopBatch does, and pushes them back 32 at a time. It and
-// splitWalkDirectLoop spell the loop out rather than share one that calls
-// a function value per chain: that call would add a few nanoseconds to
-// both sides and shrink the difference measured (it moved the ratio for
-// 2-descriptor chains from 0.83-0.88 to 0.87-1.00).
-func packedWalkLoop(b *testing.B, nd int, direct bool) func(n int) {
-	br := newPackedBenchRing(b, nd, 0)
-	q := br.dev
-	cs := make([]Chain, 32)
-	elems := make([]UsedElem, 32)
+// abBatchLoop is the frame of the pop A/B benchmarks' sides: each pass
+// pops want chains (up to len(cs)) of a 256-entry bench ring of nd
+// descriptors a chain into cs[:want] with pop, pushes them back with one
+// PushBatch, and calls refill once a ring's worth has gone round. pop is
+// called once per batch; the per-chain loop inside it is spelled out by
+// each side rather than shared through a function value called per chain,
+// which would add a few nanoseconds to both sides and shrink the
+// difference measured (it moved the packed 2-descriptor ratio from
+// 0.83-0.88 to 0.87-1.00).
+func abBatchLoop(b *testing.B, q *DeviceQueue, nd int, cs []Chain, refill func(), pop func(cs []Chain)) func(n int) {
+	elems := make([]UsedElem, len(cs))
 	perRing := 256 / nd
 	k := perRing
 	return func(n int) {
 		for done := 0; done < n; {
 			if k == perRing {
-				br.refill()
+				refill()
 				k = 0
 			}
 			want := min(len(cs), perRing-k)
-			for i := range want {
-				flags, ok := q.pk.headAvailable()
-				if !ok {
-					b.Fatal("no chain available")
-				}
-				if direct && q.packedWalkDirect(&cs[i], flags) {
-					continue
-				}
-				if err := q.packedWalk(&cs[i], flags); err != nil {
-					b.Fatal(err)
-				}
-			}
+			pop(cs[:want])
 			for i := range want {
 				elems[i] = UsedElem{cs[i].Head, 64}
 			}
@@ -164,6 +152,46 @@ func packedWalkLoop(b *testing.B, nd int, direct bool) func(n int) {
 			done += want
 		}
 	}
+}
+
+// packedBy is how a packed A/B side pops a batch: packedWalk alone, or
+// packedWalkDirect first (as packedPopBatch did per chain), or
+// packedWalkRun (as packedPopBatch does now).
+type packedBy int
+
+const (
+	packedByWalk packedBy = iota
+	packedByDirect
+	packedByRun
+)
+
+// packedWalkLoop pops the chains of a packed bench ring (nd descriptors
+// each) the way by says and pushes them back 32 at a time.
+func packedWalkLoop(b *testing.B, nd int, by packedBy) func(n int) {
+	br := newPackedBenchRing(b, nd, 0)
+	q := br.dev
+	return abBatchLoop(b, q, nd, make([]Chain, 32), br.refill, func(cs []Chain) {
+		for i := 0; i < len(cs); {
+			if by == packedByRun {
+				if got := q.packedWalkRun(cs[i:]); got > 0 {
+					i += got
+					continue
+				}
+			}
+			// The first chain: the region cache is cold, and
+			// the Chains have no Segs yet (packedWalk grows them).
+			flags, ok := q.pk.headAvailable()
+			if !ok {
+				b.Fatal("no chain available")
+			}
+			if by != packedByDirect || !q.packedWalkDirect(&cs[i], flags) {
+				if err := q.packedWalk(&cs[i], flags); err != nil {
+					b.Fatal(err)
+				}
+			}
+			i++
+		}
+	})
 }
 
 // BenchmarkABPackedWalkDirect: packed chains of 2 and 4 descriptors popped
@@ -172,54 +200,46 @@ func packedWalkLoop(b *testing.B, nd int, direct bool) func(n int) {
 func BenchmarkABPackedWalkDirect(b *testing.B) {
 	for _, nd := range []int{2, 4} {
 		b.Run(fmt.Sprintf("descs=%d", nd), func(b *testing.B) {
-			benchAB(b, packedWalkLoop(b, nd, false), packedWalkLoop(b, nd, true))
+			benchAB(b, packedWalkLoop(b, nd, packedByWalk), packedWalkLoop(b, nd, packedByDirect))
 		})
 	}
 }
 
-// splitWalkDirectLoop pops the chains of a split bench ring (nd
-// descriptors each) one by one with walkDirect, as PopBatch does for
-// chains its one-descriptor loop does not take, and pushes them back 32
-// at a time.
-func splitWalkDirectLoop(b *testing.B, nd int) func(n int) {
+// splitWalkLoop pops the chains of a split bench ring (nd descriptors
+// each) one by one with walkDirect, as PopBatch did for chains its
+// one-descriptor loop does not take, or (run) with walkRun, as PopBatch
+// does now, and pushes them back 32 at a time.
+func splitWalkLoop(b *testing.B, nd int, run bool) func(n int) {
 	br := newBenchRingOf(b, nd, 0, false)
 	q := br.dev
 	cs := make([]Chain, 32)
 	for i := range cs {
 		cs[i].Segs = make([]Segment, 0, 8)
 	}
-	elems := make([]UsedElem, 32)
-	perRing := 256 / nd
-	k := perRing
-	return func(n int) {
-		for done := 0; done < n; {
-			if k == perRing {
-				br.refill(nd)
-				if _, err := q.refresh(); err != nil {
-					b.Fatal(err)
-				}
-				k = 0
-			}
-			want := min(len(cs), perRing-k)
-			for i := range want {
-				head := q.r.availEntry(q.lastAvail)
-				if !q.walkDirect(head, &cs[i]) {
-					if err := q.walk(head, &cs[i]); err != nil { // the first chain: the region cache is cold
-						b.Fatal(err)
-					}
-				}
-				q.lastAvail++
-			}
-			for i := range want {
-				elems[i] = UsedElem{cs[i].Head, 64}
-			}
-			if err := q.PushBatch(elems[:want]); err != nil {
-				b.Fatal(err)
-			}
-			k += want
-			done += want
+	refill := func() {
+		br.refill(nd)
+		if _, err := q.refresh(); err != nil {
+			b.Fatal(err)
 		}
 	}
+	return abBatchLoop(b, q, nd, cs, refill, func(cs []Chain) {
+		for i := 0; i < len(cs); {
+			if run {
+				if got := q.walkRun(cs[i:]); got > 0 {
+					i += got
+					continue
+				}
+			}
+			head := q.r.availEntry(q.lastAvail)
+			if run || !q.walkDirect(head, &cs[i]) {
+				if err := q.walk(head, &cs[i]); err != nil { // the first chain: the region cache is cold
+					b.Fatal(err)
+				}
+			}
+			q.lastAvail++
+			i++
+		}
+	})
 }
 
 // BenchmarkABWalkDirect1vs4Desc: a chain of one descriptor (A) against one
@@ -227,53 +247,7 @@ func splitWalkDirectLoop(b *testing.B, nd int) func(n int) {
 // ratio is what a 4-descriptor chain costs against a 1-descriptor one on
 // the same path; PopBatch takes 1-descriptor chains on a faster one).
 func BenchmarkABWalkDirect1vs4Desc(b *testing.B) {
-	benchAB(b, splitWalkDirectLoop(b, 1), splitWalkDirectLoop(b, 4))
-}
-
-// splitWalkRunLoop is splitWalkDirectLoop with the chains popped by
-// walkRun, 32 at a time, as PopBatch pops chains popRun does not take.
-func splitWalkRunLoop(b *testing.B, nd int) func(n int) {
-	br := newBenchRingOf(b, nd, 0, false)
-	q := br.dev
-	cs := make([]Chain, 32)
-	for i := range cs {
-		cs[i].Segs = make([]Segment, 0, 8)
-	}
-	elems := make([]UsedElem, 32)
-	perRing := 256 / nd
-	k := perRing
-	return func(n int) {
-		for done := 0; done < n; {
-			if k == perRing {
-				br.refill(nd)
-				if _, err := q.refresh(); err != nil {
-					b.Fatal(err)
-				}
-				k = 0
-			}
-			want := min(len(cs), perRing-k)
-			for i := 0; i < want; {
-				if got := q.walkRun(cs[i:want]); got > 0 {
-					i += got
-					continue
-				}
-				head := q.r.availEntry(q.lastAvail) // the first chain: the region cache is cold (walk, too, when Segs is too short)
-				if err := q.walk(head, &cs[i]); err != nil {
-					b.Fatal(err)
-				}
-				q.lastAvail++
-				i++
-			}
-			for i := range want {
-				elems[i] = UsedElem{cs[i].Head, 64}
-			}
-			if err := q.PushBatch(elems[:want]); err != nil {
-				b.Fatal(err)
-			}
-			k += want
-			done += want
-		}
-	}
+	benchAB(b, splitWalkLoop(b, 1, false), splitWalkLoop(b, 4, false))
 }
 
 // BenchmarkABWalkRun: chains popped one walkDirect call each (A), as
@@ -283,95 +257,8 @@ func splitWalkRunLoop(b *testing.B, nd int) func(n int) {
 func BenchmarkABWalkRun(b *testing.B) {
 	for _, nd := range []int{2, 4} {
 		b.Run(fmt.Sprintf("%d-desc", nd), func(b *testing.B) {
-			benchAB(b, splitWalkDirectLoop(b, nd), splitWalkRunLoop(b, nd))
+			benchAB(b, splitWalkLoop(b, nd, false), splitWalkLoop(b, nd, true))
 		})
-	}
-}
-
-// popBatchLoop is BenchmarkDevicePopPush{1,4}DescBatch32's loop as a
-// benchAB side: chains of nd descriptors popped with PopBatch and pushed
-// with PushBatch, 32 at a time.
-func popBatchLoop(b *testing.B, nd int) func(n int) {
-	br := newBenchRingOf(b, nd, 0, false)
-	q := br.dev
-	cs := make([]Chain, 32)
-	elems := make([]UsedElem, 32)
-	perRing := 256 / nd
-	k := perRing
-	return func(n int) {
-		for done := 0; done < n; {
-			if k == perRing {
-				br.refill(nd)
-				k = 0
-			}
-			want := min(len(cs), perRing-k)
-			if got, err := q.PopBatch(cs[:want]); got != want || err != nil {
-				b.Fatal(got, err)
-			}
-			for i := range want {
-				elems[i] = UsedElem{cs[i].Head, 64}
-			}
-			if err := q.PushBatch(elems[:want]); err != nil {
-				b.Fatal(err)
-			}
-			q.NeedsInterrupt()
-			k += want
-			done += want
-		}
-	}
-}
-
-// BenchmarkABPopBatch1vs4Desc: the 4-descriptor ratio as PopBatch
-// users see it, in one binary: 1-descriptor chains (A, popRun's loop)
-// against 4-descriptor ones (B, walkRun's), each popped and pushed in
-// batches of 32. B/A is what a 4-descriptor chain costs against a
-// 1-descriptor one.
-func BenchmarkABPopBatch1vs4Desc(b *testing.B) {
-	benchAB(b, popBatchLoop(b, 1), popBatchLoop(b, 4))
-}
-
-// packedWalkRunLoop is packedWalkLoop with the chains popped by
-// packedWalkRun, 32 at a time, as packedPopBatch pops chains
-// packedPopRun does not take.
-func packedWalkRunLoop(b *testing.B, nd int) func(n int) {
-	br := newPackedBenchRing(b, nd, 0)
-	q := br.dev
-	cs := make([]Chain, 32)
-	elems := make([]UsedElem, 32)
-	perRing := 256 / nd
-	k := perRing
-	return func(n int) {
-		for done := 0; done < n; {
-			if k == perRing {
-				br.refill()
-				k = 0
-			}
-			want := min(len(cs), perRing-k)
-			for i := 0; i < want; {
-				if got := q.packedWalkRun(cs[i:want]); got > 0 {
-					i += got
-					continue
-				}
-				// The first chain: the region cache is cold, and the Chains
-				// have no Segs yet (packedWalk grows them).
-				flags, ok := q.pk.headAvailable()
-				if !ok {
-					b.Fatal("no chain available")
-				}
-				if err := q.packedWalk(&cs[i], flags); err != nil {
-					b.Fatal(err)
-				}
-				i++
-			}
-			for i := range want {
-				elems[i] = UsedElem{cs[i].Head, 64}
-			}
-			if err := q.PushBatch(elems[:want]); err != nil {
-				b.Fatal(err)
-			}
-			k += want
-			done += want
-		}
 	}
 }
 
@@ -381,7 +268,30 @@ func packedWalkRunLoop(b *testing.B, nd int) func(n int) {
 func BenchmarkABPackedWalkRun(b *testing.B) {
 	for _, nd := range []int{2, 4} {
 		b.Run(fmt.Sprintf("descs=%d", nd), func(b *testing.B) {
-			benchAB(b, packedWalkLoop(b, nd, true), packedWalkRunLoop(b, nd))
+			benchAB(b, packedWalkLoop(b, nd, packedByDirect), packedWalkLoop(b, nd, packedByRun))
 		})
 	}
+}
+
+// popBatchLoop is BenchmarkDevicePopPush{1,4}DescBatch32's loop as a
+// benchAB side: chains of nd descriptors popped with PopBatch and pushed
+// with PushBatch, 32 at a time, with one interrupt check per batch.
+func popBatchLoop(b *testing.B, nd int) func(n int) {
+	br := newBenchRingOf(b, nd, 0, false)
+	q := br.dev
+	return abBatchLoop(b, q, nd, make([]Chain, 32), func() { br.refill(nd) }, func(cs []Chain) {
+		q.NeedsInterrupt() // the previous batch's
+		if got, err := q.PopBatch(cs); got != len(cs) || err != nil {
+			b.Fatal(got, err)
+		}
+	})
+}
+
+// BenchmarkABPopBatch1vs4Desc: the 4-descriptor ratio as PopBatch
+// users see it, in one binary: 1-descriptor chains (A, popRun's loop)
+// against 4-descriptor ones (B, walkRun's), each popped and pushed in
+// batches of 32. B/A is what a 4-descriptor chain costs against a
+// 1-descriptor one.
+func BenchmarkABPopBatch1vs4Desc(b *testing.B) {
+	benchAB(b, popBatchLoop(b, 1), popBatchLoop(b, 4))
 }
