@@ -21,33 +21,7 @@ func TestWalkDirectAgreesWithWalk(t *testing.T) {
 		backing, mem := walkTestMemory(t, rng)
 		l := ContiguousLayout(0x1000, size)
 		g := backing[:0x2000]
-		for i := 0; i < size; i++ {
-			addr := uint64(0x1800 + rng.IntN(0x700))
-			length := uint32(1 + rng.IntN(64))
-			flags := uint16(0)
-			next := uint16(i + 1)
-			if rng.IntN(3) != 0 {
-				flags |= DescFNext
-			}
-			if i >= size/2 || rng.IntN(8) == 0 {
-				flags |= DescFWrite
-			}
-			switch rng.IntN(24) {
-			case 0:
-				length = 0
-			case 1:
-				addr = 0x3000 + uint64(rng.IntN(0x2000)) // the other region, or past it
-			case 2:
-				addr = 0x1fff0 // nowhere
-			case 3:
-				flags |= DescFIndirect
-			case 4:
-				next = uint16(rng.IntN(2 * size)) // anywhere, also out of range or backwards (a loop)
-			case 5:
-				addr, length = 0x2ff0, 64 // crosses the region's end
-			}
-			writeDesc(g[l.Desc-0x1000:], uint16(i), addr, length, flags, next)
-		}
+		writeRandomDescs(rng, g[l.Desc-0x1000:], size, 24)
 		head := uint16(rng.IntN(size + 2))
 		var seed Chain
 		if rng.IntN(4) != 0 {
@@ -113,6 +87,43 @@ func walkTestMemory(t *testing.T, rng *rand.Rand) ([]byte, *Memory) {
 	return backing, mem
 }
 
+// writeRandomDescs writes size random descriptors into table for the
+// walk-direct equivalence tests: buffers in walkTestMemory's first region,
+// chains linked in table order (NEXT two times in three), writable ones
+// mostly in the second half, and one descriptor in about defectsOneIn
+// with a defect: empty, in the other region or past it, nowhere,
+// INDIRECT, a link anywhere (out of range, or backwards: a loop), or
+// crossing the region's end.
+func writeRandomDescs(rng *rand.Rand, table []byte, size, defectsOneIn int) {
+	for i := 0; i < size; i++ {
+		addr := uint64(0x1800 + rng.IntN(0x700))
+		length := uint32(1 + rng.IntN(64))
+		flags := uint16(0)
+		next := uint16(i + 1)
+		if rng.IntN(3) != 0 {
+			flags |= DescFNext
+		}
+		if i >= size/2 || rng.IntN(8) == 0 {
+			flags |= DescFWrite
+		}
+		switch rng.IntN(defectsOneIn) {
+		case 0:
+			length = 0
+		case 1:
+			addr = 0x3000 + uint64(rng.IntN(0x2000)) // the other region, or past it
+		case 2:
+			addr = 0x1fff0 // nowhere
+		case 3:
+			flags |= DescFIndirect
+		case 4:
+			next = uint16(rng.IntN(2 * size)) // anywhere, also out of range or backwards (a loop)
+		case 5:
+			addr, length = 0x2ff0, 64 // crosses the region's end
+		}
+		writeDesc(table, uint16(i), addr, length, flags, next)
+	}
+}
+
 // TestWalkRunAgreesWithWalkDirect checks PopBatch's run loop for chains of
 // several descriptors against walkDirect, chain by chain, on random tables
 // (the defects of TestWalkDirectAgreesWithWalk) and random available rings,
@@ -132,31 +143,7 @@ func TestWalkRunAgreesWithWalkDirect(t *testing.T) {
 			l.Avail += 2 // avail.ring[0] in avail.idx's word
 		}
 		g := backing[:0x2000]
-		for i := 0; i < size; i++ {
-			addr := uint64(0x1800 + rng.IntN(0x700))
-			length := uint32(1 + rng.IntN(64))
-			flags := uint16(0)
-			next := uint16(i + 1)
-			if rng.IntN(3) != 0 {
-				flags |= DescFNext
-			}
-			if i >= size/2 || rng.IntN(8) == 0 {
-				flags |= DescFWrite
-			}
-			switch rng.IntN(40) {
-			case 0:
-				length = 0
-			case 1:
-				addr = 0x3000 + uint64(rng.IntN(0x2000))
-			case 2:
-				flags |= DescFIndirect
-			case 3:
-				next = uint16(rng.IntN(2 * size))
-			case 4:
-				addr, length = 0x2ff0, 64
-			}
-			writeDesc(g[l.Desc-0x1000:], uint16(i), addr, length, flags, next)
-		}
+		writeRandomDescs(rng, g[l.Desc-0x1000:], size, 40)
 		start := uint16(rng.IntN(1 << 16))
 		nb := 1 + rng.IntN(size)
 		for k := range size {
