@@ -25,58 +25,9 @@ func TestPackedWalkDirectAgreesWithWalk(t *testing.T) {
 		backing, mem := walkTestMemory(t, rng)
 		l := ContiguousPackedLayout(0x1000, size)
 
-		// Where the device is: the next available position and its wrap
-		// counter, and k ring descriptors in flight before it.
-		at := uint16(rng.IntN(size))
-		wrap := rng.IntN(2) == 0
-		k := uint16(rng.IntN(size))
-		usedAt, usedWrap := int(at)-int(k), wrap
-		if usedAt < 0 {
-			usedAt += size
-			usedWrap = !usedWrap
-		}
-		st := QueueState{NextAvail: PackedIndex(at, wrap), NextUsed: PackedIndex(uint16(usedAt), usedWrap)}
-		availBits, _ := setWrapBits(wrap, false)
-
+		at, st, availBits := randomPackedPosition(rng, size, size)
 		g := backing[:0x2000]
-		for i := 0; i < size; i++ {
-			addr := uint64(0x1800 + rng.IntN(0x700))
-			length := uint32(1 + rng.IntN(64))
-			bits := availBits
-			if i < int(at) { // the next lap's positions
-				bits ^= availUsed
-			}
-			flags := bits
-			if rng.IntN(3) != 0 {
-				flags |= DescFNext
-			}
-			if i >= size/2 || rng.IntN(8) == 0 {
-				flags |= DescFWrite
-			}
-			id := uint16(rng.IntN(size))
-			switch rng.IntN(26) {
-			case 0:
-				length = 0
-			case 1:
-				addr = 0x3000 + uint64(rng.IntN(0x2000)) // the other region, or past it
-			case 2:
-				addr = 0x1fff0 // nowhere
-			case 3:
-				flags |= DescFIndirect
-				length = 16 * uint32(1+rng.IntN(3))
-			case 4:
-				flags ^= availUsed // not available
-			case 5:
-				addr, length = 0x2ff0, 64 // crosses the region's end
-			case 6:
-				id = uint16(size + rng.IntN(4)) // out of range
-			}
-			b := g[int(l.Desc-0x1000)+16*i:]
-			binary.LittleEndian.PutUint64(b, addr)
-			binary.LittleEndian.PutUint32(b[8:], length)
-			binary.LittleEndian.PutUint16(b[12:], id)
-			binary.LittleEndian.PutUint16(b[14:], flags)
-		}
+		writeRandomPackedDescs(rng, g[l.Desc-0x1000:], size, at, availBits, 26)
 		// The head is always available (the callers check it first).
 		hb := g[int(l.Desc-0x1000)+16*int(at)+14:]
 		binary.LittleEndian.PutUint16(hb, binary.LittleEndian.Uint16(hb)&^availUsed|availBits)
@@ -146,53 +97,9 @@ func TestPackedWalkRunAgreesWithWalkDirect(t *testing.T) {
 	for iter := 0; iter < 20000; iter++ {
 		backing, mem := walkTestMemory(t, rng)
 		l := ContiguousPackedLayout(0x1000, size)
-		at := uint16(rng.IntN(size))
-		wrap := rng.IntN(2) == 0
-		k := uint16(rng.IntN(size / 2))
-		usedAt, usedWrap := int(at)-int(k), wrap
-		if usedAt < 0 {
-			usedAt += size
-			usedWrap = !usedWrap
-		}
-		st := QueueState{NextAvail: PackedIndex(at, wrap), NextUsed: PackedIndex(uint16(usedAt), usedWrap)}
-		availBits, _ := setWrapBits(wrap, false)
+		at, st, availBits := randomPackedPosition(rng, size, size/2)
 		g := backing[:0x2000]
-		for i := 0; i < size; i++ {
-			addr := uint64(0x1800 + rng.IntN(0x700))
-			length := uint32(1 + rng.IntN(64))
-			bits := availBits
-			if i < int(at) { // the next lap's positions
-				bits ^= availUsed
-			}
-			flags := bits
-			if rng.IntN(2) != 0 {
-				flags |= DescFNext
-			}
-			if rng.IntN(3) == 0 {
-				flags |= DescFWrite
-			}
-			id := uint16(rng.IntN(size))
-			switch rng.IntN(40) {
-			case 0:
-				length = 0
-			case 1:
-				addr = 0x3000 + uint64(rng.IntN(0x2000))
-			case 2:
-				flags |= DescFIndirect
-				length = 16
-			case 3:
-				flags ^= availUsed // not available
-			case 4:
-				addr, length = 0x2ff0, 64
-			case 5:
-				id = uint16(size + rng.IntN(4))
-			}
-			b := g[int(l.Desc-0x1000)+16*i:]
-			binary.LittleEndian.PutUint64(b, addr)
-			binary.LittleEndian.PutUint32(b[8:], length)
-			binary.LittleEndian.PutUint16(b[12:], id)
-			binary.LittleEndian.PutUint16(b[14:], flags)
-		}
+		writeRandomPackedDescs(rng, g[l.Desc-0x1000:], size, at, availBits, 40)
 		busy := make([]bool, size)
 		for i := range busy {
 			busy[i] = rng.IntN(8) == 0
@@ -261,4 +168,71 @@ func TestPackedWalkRunAgreesWithWalkDirect(t *testing.T) {
 	require.NotZero(t, stopped)
 	require.NotZero(t, atLimit, "no run met the descriptors in flight")
 	require.NotZero(t, pastWrap, "no run went on past the ring's end")
+}
+
+// randomPackedPosition is where the device of a packed equivalence test
+// is: the next available position at and its wrap counter (st.NextAvail,
+// and the avail bits a descriptor there must carry), and fewer than
+// maxInflight ring descriptors in flight before it (st.NextUsed).
+func randomPackedPosition(rng *rand.Rand, size, maxInflight int) (at uint16, st QueueState, availBits uint16) {
+	at = uint16(rng.IntN(size))
+	wrap := rng.IntN(2) == 0
+	k := rng.IntN(maxInflight)
+	usedAt, usedWrap := int(at)-k, wrap
+	if usedAt < 0 {
+		usedAt += size
+		usedWrap = !usedWrap
+	}
+	st = QueueState{NextAvail: PackedIndex(at, wrap), NextUsed: PackedIndex(uint16(usedAt), usedWrap)}
+	availBits, _ = setWrapBits(wrap, false)
+	return at, st, availBits
+}
+
+// writeRandomPackedDescs writes a packed ring of size random descriptors
+// into ring for the equivalence tests, available from at on for this lap
+// and before at for the next: buffers in walkTestMemory's first region,
+// NEXT two times in three, writable ones mostly in the second half, random
+// buffer ids, and one descriptor in about defectsOneIn with a defect:
+// empty, in the other region or past it, nowhere, INDIRECT, not available,
+// crossing the region's end, or an id out of range. The head at at is
+// left as it came out; callers that need it available make it so.
+func writeRandomPackedDescs(rng *rand.Rand, ring []byte, size int, at, availBits uint16, defectsOneIn int) {
+	for i := 0; i < size; i++ {
+		addr := uint64(0x1800 + rng.IntN(0x700))
+		length := uint32(1 + rng.IntN(64))
+		bits := availBits
+		if i < int(at) { // the next lap's positions
+			bits ^= availUsed
+		}
+		flags := bits
+		if rng.IntN(3) != 0 {
+			flags |= DescFNext
+		}
+		if i >= size/2 || rng.IntN(8) == 0 {
+			flags |= DescFWrite
+		}
+		id := uint16(rng.IntN(size))
+		switch rng.IntN(defectsOneIn) {
+		case 0:
+			length = 0
+		case 1:
+			addr = 0x3000 + uint64(rng.IntN(0x2000)) // the other region, or past it
+		case 2:
+			addr = 0x1fff0 // nowhere
+		case 3:
+			flags |= DescFIndirect
+			length = 16 * uint32(1+rng.IntN(3))
+		case 4:
+			flags ^= availUsed // not available
+		case 5:
+			addr, length = 0x2ff0, 64 // crosses the region's end
+		case 6:
+			id = uint16(size + rng.IntN(4)) // out of range
+		}
+		b := ring[16*i:]
+		binary.LittleEndian.PutUint64(b, addr)
+		binary.LittleEndian.PutUint32(b[8:], length)
+		binary.LittleEndian.PutUint16(b[12:], id)
+		binary.LittleEndian.PutUint16(b[14:], flags)
+	}
 }
