@@ -162,6 +162,11 @@ type Device struct {
 	// cfgPending: ConfigChanged was called while an operation held ops;
 	// the operation's end handles it.
 	cfgPending bool
+	// cfgHeld: a configuration interrupt is owed to the driver but was
+	// held back because the migration state stops the device (STOP,
+	// STOP_COPY, RESUMING: no interrupts, linux/vfio.h); it is sent when
+	// the device runs again (releaseHeld).
+	cfgHeld bool
 	// lookPending: the backing device is to be looked at (checkBacking)
 	// when the operation holding ops ends (health.go).
 	lookPending bool
@@ -414,6 +419,7 @@ func (d *Device) resetRegisters() {
 	}
 	d.negotiated = false
 	d.lastErr = nil
+	d.cfgHeld = false
 }
 
 // readBackingConfig reads the backing device's whole configuration; if the
@@ -439,7 +445,15 @@ func (d *Device) readBackingConfig() []byte {
 // change into the snapshot, and ConfigChanged then finds nothing new, so
 // leaving the notification to it alone would lose it. Caller holds d.ops
 // and d.mu.
+//
+// While the migration state stops the device it does nothing: a stopped
+// VFIO device changes neither its internal state nor, by an interrupt, the
+// guest's (linux/vfio.h). The comparison is made when the device runs again
+// (releaseHeld).
 func (d *Device) refreshGeneration() {
+	if d.mig.state.holdsDataPath() {
+		return
+	}
 	cur := d.readBackingConfig()
 	if !bytes.Equal(cur, d.cfgSnapshot) {
 		d.cfgSnapshot = cur
@@ -501,7 +515,14 @@ func (d *Device) needsReset(err error) {
 	}
 }
 
+// configInterrupt sends the configuration change notification, or, while
+// the migration state stops the device, holds it back until the device runs
+// again (cfgHeld).
 func (d *Device) configInterrupt() {
+	if d.mig.state.holdsDataPath() {
+		d.cfgHeld = true
+		return
+	}
 	d.isr |= ISRConfig
 	if fd := d.vectorFD(d.msixConfig, d.configFD); fd != nil {
 		_ = fd.Signal()

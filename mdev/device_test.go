@@ -412,14 +412,29 @@ func invalidQueueLayoutSetsNeedsReset(t *testing.T, held bool) {
 			g.setStatus(sAck | sDrv | sFOK | sDOK)
 			assert.Equal(t, sAck|sDrv|sFOK|sDOK|sNR, g.status())
 			assert.ErrorIs(t, d.Err(), ErrQueueLayout)
-			n, err := d.ConfigFD().TryWait()
-			require.NoError(t, err)
-			assert.EqualValues(t, 1, n, "2.1.2: NEEDS_RESET raises the config interrupt")
-			isr, err := d.Read(RegionISR, 0, 1)
-			require.NoError(t, err)
-			assert.EqualValues(t, ISRConfig, isr)
-			if held {
+			notified := func() {
+				t.Helper()
+				n, err := d.ConfigFD().TryWait()
+				require.NoError(t, err)
+				assert.EqualValues(t, 1, n, "2.1.2: NEEDS_RESET raises the config interrupt")
+				isr, err := d.Read(RegionISR, 0, 1)
+				require.NoError(t, err)
+				assert.EqualValues(t, ISRConfig, isr)
+			}
+			if !held {
+				notified()
+			} else {
+				// linux/vfio.h: a device in STOP generates no
+				// interrupts; the driver hears of it when the
+				// device runs again.
+				n, err := d.ConfigFD().TryWait()
+				require.NoError(t, err)
+				assert.Zero(t, n, "a config interrupt in STOP")
+				isr, err := d.Read(RegionISR, 0, 1)
+				require.NoError(t, err)
+				assert.Zero(t, isr, "ISR changed in STOP")
 				require.NoError(t, d.SetMigrationState(MigRunning))
+				notified()
 				assert.Equal(t, sAck|sDrv|sFOK|sDOK|sNR, g.status())
 				assert.False(t, d.DataPathActive())
 				f.mu.Lock()

@@ -49,7 +49,12 @@
 // restored positions on its way back to RUNNING. In STOP, STOP_COPY and
 // RESUMING the data path stays stopped whatever the driver writes: a
 // DRIVER_OK written there is recorded (its rings checked at once) and takes
-// effect on the way back to RUNNING.
+// effect on the way back to RUNNING. Nor does a stopped device raise
+// interrupts or change its registers on its own (linux/vfio.h): a change of
+// the backing device's configuration, or a failure that sets
+// DEVICE_NEEDS_RESET, is noticed and notified with one configuration
+// interrupt when the device runs again, and a device migrated in
+// DEVICE_NEEDS_RESET notifies it when it runs on the destination.
 //
 // While the device is passed through, StartDirtyTracking tracks the pages
 // the data path writes either by the backing device's own log

@@ -86,9 +86,27 @@ func (d *Device) SetMigrationStateContext(ctx context.Context, target MigState) 
 		if err := d.migArc(d.mig.state, next); err != nil {
 			return fmt.Errorf("mdev: migration %s -> %s: %w", d.mig.state, next, err)
 		}
+		held := d.mig.state.holdsDataPath()
 		d.mig.state = next
+		if held && !next.holdsDataPath() {
+			d.releaseHeld()
+		}
 	}
 	return nil
+}
+
+// releaseHeld sends, as the device runs again, what its stop held back: a
+// change of the backing device's configuration made meanwhile
+// (refreshGeneration) and a configuration interrupt owed (cfgHeld), one
+// notification for both.
+func (d *Device) releaseHeld() {
+	held := d.cfgHeld
+	d.cfgHeld = false
+	gen := d.generation
+	d.refreshGeneration()
+	if held && d.generation == gen && d.status&virtio.StatusDriverOK != 0 {
+		d.configInterrupt()
+	}
 }
 
 func (d *Device) migArc(from, to MigState) error {
@@ -120,8 +138,10 @@ func (d *Device) migArc(from, to MigState) error {
 		d.mig.staged = nil
 	case from == MigStop && to == MigRunningP2P:
 		if err := d.restart(); err != nil {
-			d.needsReset(err)
+			// ERROR first: the driver is told at once (a stopped
+			// state would hold the notification back, for ever here).
 			d.mig.state = MigError
+			d.needsReset(err)
 			return err
 		}
 	}
@@ -314,5 +334,9 @@ func (d *Device) apply(s *State) {
 	d.live, d.negotiated = false, false
 	if d.status&virtio.StatusDeviceNeedsReset != 0 {
 		d.lastErr = errors.New("mdev: migrated in NEEDS_RESET")
+		// The source's notification may have been held back by its
+		// stop, or lost with it: the driver hears it here when the
+		// device runs (a second one only makes it look again).
+		d.cfgHeld = d.status&virtio.StatusDriverOK != 0
 	}
 }

@@ -1,6 +1,7 @@
 package mdev
 
 import (
+	"errors"
 	"fmt"
 	"testing"
 
@@ -246,4 +247,106 @@ func TestRelaySwitchBeforeDriverOKRenegotiates(t *testing.T) {
 			assert.Equal(t, packed, accepted(), "passthrough again: the guest's features")
 		})
 	}
+}
+
+// linux/vfio.h: in STOP (and STOP_COPY, which behaves as STOP) "the device
+// must not generate interrupts, DMA, or any other change to external
+// state. It must not change its internal state." A change of the backing
+// device's configuration (link down) or a backing failure (NEEDS_RESET)
+// that comes while the device is stopped reaches the driver when the
+// device runs again, with one configuration interrupt for both. The P2P
+// states run the device: there the interrupt goes at once.
+func TestConfigInterruptHeldWhileStopped(t *testing.T) {
+	for _, tc := range []struct {
+		state      MigState
+		held       bool
+		link, fail bool
+	}{
+		{MigStop, true, true, false},
+		{MigStop, true, false, true},
+		{MigStop, true, true, true},
+		{MigStopCopy, true, true, false},
+		{MigStopCopy, true, false, true},
+		{MigRunningP2P, false, true, false},
+		{MigRunningP2P, false, false, true},
+		{MigPreCopyP2P, false, true, true},
+	} {
+		t.Run(fmt.Sprintf("%s/link=%t/fail=%t", tc.state, tc.link, tc.fail), func(t *testing.T) {
+			f := newFakeBacking()
+			d := newTestDevice(t, f, &Options{HealthInterval: -1})
+			g := driver{t, d}
+			g.bringUp(netFeatures)
+			gen0 := g.r(OffConfigGeneration, 1)
+			require.NoError(t, d.SetMigrationState(tc.state))
+			if tc.link {
+				f.setConfig(6, []byte{0, 0})
+				d.ConfigChanged()
+			}
+			if tc.fail {
+				d.BackingFailed(errors.New("queue 0: broken ring"))
+			}
+			interrupts := func() uint64 {
+				t.Helper()
+				n, err := d.ConfigFD().TryWait()
+				require.NoError(t, err)
+				return n
+			}
+			want := sAck | sDrv | sFOK | sDOK
+			if tc.fail {
+				want |= sNR
+			}
+			if tc.held {
+				assert.Zero(t, interrupts(), "a configuration interrupt in %s", tc.state)
+				assert.Zero(t, d.ISRPending(), "ISR changed in %s", tc.state)
+				assert.Equal(t, gen0, g.r(OffConfigGeneration, 1), "config_generation changed in %s", tc.state)
+				require.NoError(t, d.SetMigrationState(MigRunning))
+			}
+			// Running, each event is notified as it comes; held, one
+			// notification covers them.
+			wantN := 1
+			if !tc.held && tc.link && tc.fail {
+				wantN = 2
+			}
+			assert.EqualValues(t, wantN, interrupts(), "configuration interrupts once the device runs")
+			assert.EqualValues(t, ISRConfig, d.ISRPending())
+			assert.Equal(t, want, g.status())
+			if tc.link {
+				assert.NotEqual(t, gen0, g.r(OffConfigGeneration, 1), "2.5.1: a new generation")
+			} else {
+				assert.Equal(t, gen0, g.r(OffConfigGeneration, 1))
+			}
+			require.NoError(t, d.SetMigrationState(MigRunning))
+			assert.Zero(t, interrupts(), "a second interrupt")
+		})
+	}
+}
+
+// A device migrated in NEEDS_RESET tells the driver on the destination
+// when it runs there: the source's notification may have been held back by
+// its stop (or not read before it), and a driver that never hears it never
+// resets the device.
+func TestMigratedNeedsResetNotifiesOnDestination(t *testing.T) {
+	src := newTestDevice(t, newFakeBacking(), &Options{HealthInterval: -1})
+	driver{t, src}.bringUp(netFeatures)
+	require.NoError(t, src.SetMigrationState(MigStop))
+	src.BackingFailed(errors.New("queue 1: broken ring"))
+	require.NoError(t, src.SetMigrationState(MigStopCopy))
+	saved, err := src.SaveState()
+	require.NoError(t, err)
+	n, err := src.ConfigFD().TryWait()
+	require.NoError(t, err)
+	require.Zero(t, n, "the source signalled while stopped")
+
+	dst := newTestDevice(t, newFakeBacking(), &Options{HealthInterval: -1})
+	require.NoError(t, dst.SetMigrationState(MigResuming))
+	require.NoError(t, dst.LoadState(saved))
+	require.NoError(t, dst.SetMigrationState(MigStop))
+	n, err = dst.ConfigFD().TryWait()
+	require.NoError(t, err)
+	assert.Zero(t, n, "the destination signalled while stopped")
+	require.NoError(t, dst.SetMigrationState(MigRunning))
+	n, err = dst.ConfigFD().TryWait()
+	require.NoError(t, err)
+	assert.EqualValues(t, 1, n, "2.1.2: the driver hears NEEDS_RESET on the destination")
+	assert.Equal(t, sAck|sDrv|sFOK|sDOK|sNR, driver{t, dst}.status())
 }
