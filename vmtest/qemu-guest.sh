@@ -5,8 +5,9 @@
 #
 #   vmtest/qemu-guest.sh paths
 #       prints KERNEL=<vmlinuz>, MODULES=<dir of .ko files>, KV=<kernel release>
-#   vmtest/qemu-guest.sh initramfs -o OUT.gz -script FILE [-modules 'M...'] [-env NAME=VALUE]...
-#       builds a gzip'ed newc initramfs: busybox, the named modules (default:
+#   vmtest/qemu-guest.sh initramfs -o OUT.gz -script FILE [-modules 'M...'] [-env NAME=VALUE]... [-bin PATH]...
+#       builds a gzip'ed newc initramfs: busybox, each -bin PATH (a static
+#       executable) as /bin/<its name>, the named modules (default:
 #       failover net_failover virtio_net, the virtio-net driver and its
 #       dependencies; virtio_pci is built into the kernel) loaded in the
 #       harness's load order, FILE as /guest.sh and vmtest/qemu-init.sh as
@@ -35,6 +36,7 @@ OUT=""
 SCRIPT=""
 MODULES="failover net_failover virtio_net"
 ENVS=()
+BINS=()
 case "$MODE" in
 paths) [ $# -eq 0 ] || usage ;;
 initramfs)
@@ -48,6 +50,10 @@ initramfs)
 			[[ "$2" =~ ^[A-Za-z_][A-Za-z0-9_]*=[A-Za-z0-9_.:/,+=-]*$ ]] ||
 				die "-env wants NAME=VALUE (value of [A-Za-z0-9_.:/,+=-]), got '$2'"
 			ENVS+=("$2"); shift 2 ;;
+		-bin)
+			[ $# -ge 2 ] || usage
+			[ -f "$2" ] && [ -x "$2" ] || die "-bin $2 is not an executable file"
+			BINS+=("$2"); shift 2 ;;
 		*) usage ;;
 		esac
 	done
@@ -79,6 +85,9 @@ ROOT=$WORK/root
 mkdir -p "$ROOT"/{bin,lib/modules/guest,etc,root}
 cp /bin/busybox "$ROOT/bin/busybox"
 ln -s busybox "$ROOT/bin/sh"
+for b in ${BINS[@]+"${BINS[@]}"}; do
+	cp "$b" "$ROOT/bin/$(basename "$b")"
+done
 cp "$HERE/qemu-init.sh" "$ROOT/init"
 cp "$SCRIPT" "$ROOT/guest.sh"
 chmod 755 "$ROOT/init" "$ROOT/guest.sh"
