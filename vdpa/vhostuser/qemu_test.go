@@ -496,6 +496,13 @@ const qemuPingInterval = "0.05"
 
 func buildGuestEnv(t *testing.T, ctx context.Context, helper, dir, mode string, env ...string) guestImage {
 	t.Helper()
+	return buildGuestBins(t, ctx, helper, dir, mode, nil, env...)
+}
+
+// buildGuestBins is buildGuestEnv with static executables put into the
+// guest's /bin (vmtest/qemu-guest.sh -bin).
+func buildGuestBins(t *testing.T, ctx context.Context, helper, dir, mode string, bins []string, env ...string) guestImage {
+	t.Helper()
 	script, err := filepath.Abs(filepath.Join("testdata", "qemu", "guest.sh"))
 	require.NoError(t, err)
 	var nb [8]byte
@@ -515,6 +522,9 @@ func buildGuestEnv(t *testing.T, ctx context.Context, helper, dir, mode string, 
 		"-env", "PING_INTERVAL="+qemuPingInterval)
 	for _, e := range env {
 		cmd.Args = append(cmd.Args, "-env", e)
+	}
+	for _, b := range bins {
+		cmd.Args = append(cmd.Args, "-bin", b)
 	}
 	b, err := cmd.CombinedOutput()
 	require.NoError(t, err, "vmtest/qemu-guest.sh initramfs: %s", b)

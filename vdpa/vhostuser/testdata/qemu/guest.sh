@@ -40,6 +40,10 @@ mark CARRIER "$(cat /sys/class/net/"$dev"/carrier 2>/dev/null)"
 #             by the SIGINT), then SNMP ID (the kernel's IP/ICMP error
 #             counters: a corrupt frame fails a checksum there), STATS ID and
 #             STOPPED ID
+#   channels N  set the interface's combined channels (queue pairs) to N
+#             with /bin/setchannels (the initramfs's -bin; ethtool -L):
+#             CHANNELS N rc= txqueues= rxqueues= (the kernel's real queue
+#             counts afterwards)
 #   quit      leave
 if [ "$GUEST_MODE" = serve ]; then
 	ncpu=$(grep -c '^processor' /proc/cpuinfo)
@@ -89,6 +93,12 @@ if [ "$GUEST_MODE" = serve ]; then
 				"rx_length_errors=$(cat $s/rx_length_errors)" "rx_crc_errors=$(cat $s/rx_crc_errors)" \
 				"rx_frame_errors=$(cat $s/rx_frame_errors)"
 			mark STOPPED "$arg"
+			;;
+		channels)
+			/bin/setchannels "$dev" "$arg"
+			rc=$?
+			mark CHANNELS "$arg" "rc=$rc" "txqueues=$(ls -d /sys/class/net/"$dev"/queues/tx-* | wc -l)" \
+				"rxqueues=$(ls -d /sys/class/net/"$dev"/queues/rx-* | wc -l)"
 			;;
 		quit) break ;;
 		esac

@@ -1,0 +1,173 @@
+package vhostuser
+
+// The guest changes its number of queue pairs at run time (ethtool -L).
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/vdpakit/vdpakit/vdpa/softnet"
+)
+
+// TestQEMUChannels has the guest change its queue pairs at run time, as
+// "ethtool -L eth0 combined N" does: the guest's virtio_net sends
+// VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET to QEMU, which runs the control queue and
+// disables (SET_VRING_ENABLE 0) or enables (SET_VRING_ENABLE 1) the rings of
+// the pairs dropped or added, with no other message: no new addresses, no
+// new bases, no new kick. A guest with two vCPUs and two pairs, a pinger
+// pinned to each vCPU:
+//
+//  1. both pairs carry frames both ways;
+//  2. with one channel, the second pair's two rings stop, and both pingers'
+//     traffic flows on the first pair alone, nothing on the second;
+//  3. with two channels again, the second pair's rings start where they
+//     stopped (the guest's receive buffers posted before are still there)
+//     and both pairs carry frames both ways again.
+//
+// The pingers are stopped around each change; every round checks that
+// nothing was lost, duplicated or corrupt, on the guest kernel's counters.
+// Split rings on QEMU 7.2, packed ones on QEMU 11.
+func TestQEMUChannels(t *testing.T) {
+	forEachQEMU(t, func(t *testing.T, q qemuPeer, helper string) {
+		dir := t.TempDir()
+		bin := filepath.Join(dir, "setchannels")
+		build := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", bin, "github.com/vdpakit/vdpakit/vmtest/internal/setchannels")
+		build.Env = append(os.Environ(), "CGO_ENABLED=0") // static: the guest has no libc
+		out, err := build.CombinedOutput()
+		require.NoError(t, err, "go build vmtest/internal/setchannels: %s", out)
+		t.Run("event", func(t *testing.T) { testQEMUChannels(t, q, helper, bin, q.msix, nil) })
+		t.Run("pollgroup", func(t *testing.T) {
+			group := softnet.NewPollGroup(&softnet.PollGroupOptions{Workers: 1})
+			testQEMUChannels(t, q, helper, bin, q.msix, group)
+		})
+	})
+}
+
+// testQEMUChannels runs TestQEMUChannels on one QEMU; with group set, the
+// device busy-polls its transmit queues on it (each disabled ring leaves
+// the group's worker, each enabled one joins it again).
+func testQEMUChannels(t *testing.T, q qemuPeer, helper, bin string, packed bool, group *softnet.PollGroup) {
+	const pairs = 2
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	start := time.Now()
+	dir := t.TempDir()
+	g := buildGuestBins(t, ctx, helper, dir, "serve", []string{bin})
+	rig := startRig(t, ctx, dir, rigOptions{name: "a", pairs: pairs, pollGroup: group})
+	vm := bootServe(t, ctx, q, g, rig, qemuConfig{name: q.name + "-channels", smp: pairs, pairs: pairs, packed: packed}, pairs)
+	require.NoError(t, waitPairsBusy(ctx, rig, pairs, nil), "both pairs before any change")
+	p := stopPingers(t, ctx, vm, g.nonce, "two")
+	checkPingRound(t, q.name+" channels: two pairs", p, false, rig)
+
+	// channels sets the guest's combined channels to n and returns the
+	// ring events it caused, once every ring of the pairs above n stopped
+	// (n < pairs) or started (n == pairs).
+	channels := func(n int) []ringEvent {
+		t.Helper()
+		mark := len(rig.ring.snapshot())
+		require.NoError(t, vm.send("channels "+strconv.Itoa(n)))
+		f, err := vm.waitMarkerID(ctx, g.nonce, "CHANNELS", strconv.Itoa(n))
+		require.NoError(t, err)
+		m := kv(t, f)
+		require.Zero(t, m["rc"], "the guest's ETHTOOL_SCHANNELS combined %d failed (console: %s)", n, vm.out.String())
+		assert.EqualValues(t, n, m["txqueues"], "the guest kernel's transmit queues")
+		assert.EqualValues(t, n, m["rxqueues"], "the guest kernel's receive queues")
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			ev := rig.ring.snapshot()[mark:]
+			seen := map[int]bool{}
+			for _, e := range ev {
+				seen[e.q] = e.start == (n == pairs)
+			}
+			done := true
+			for k := 2 * n; k < 2*pairs; k++ {
+				done = done && seen[k]
+			}
+			if n == pairs {
+				done = seen[2] && seen[3]
+			}
+			if done || time.Now().After(deadline) {
+				t.Logf("combined %d: ring events %v", n, ev)
+				return ev
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+
+	// One pair: the second pair's rings stop; QEMU touches nothing else.
+	ev := channels(1)
+	for _, e := range ev {
+		assert.GreaterOrEqual(t, e.q, 2, "combined 1 touched a ring of the first pair: %v", ev)
+	}
+	stopped := lastRing(ev)
+	for k := 2; k < 2*pairs; k++ {
+		assert.Contains(t, stopped, k, "combined 1: queue %d did not stop: %v", k, ev)
+		if e, ok := stopped[k]; ok {
+			assert.False(t, e.start, "combined 1: queue %d was started last: %v", k, ev)
+		}
+	}
+	base := rig.dev.Stats()
+	require.NoError(t, vm.send("start "+strconv.Itoa(pairs)))
+	_, err := vm.waitMarkerID(ctx, g.nonce, "STARTED", strconv.Itoa(pairs))
+	require.NoError(t, err)
+	_, err = waitEchoes(ctx, echoes(rig)+uint64(20*pairs), 60*time.Second, rig)
+	require.NoError(t, err, "traffic with one channel")
+	p = stopPingers(t, ctx, vm, g.nonce, "one")
+	st := rig.dev.Stats()
+	assert.GreaterOrEqual(t, st.Queues[0].Frames-base.Queues[0].Frames, uint64(20*pairs), "receiveq 0 with one channel")
+	assert.GreaterOrEqual(t, st.Queues[1].Frames-base.Queues[1].Frames, uint64(20*pairs), "transmitq 0 with one channel")
+	for k := 2; k < 2*pairs; k++ {
+		assert.Equal(t, base.Queues[k].Frames, st.Queues[k].Frames, "queue %d (a disabled pair) carried frames", k)
+	}
+	if group != nil {
+		assert.Equal(t, []int{1}, group.Queues(), "one transmit queue on the worker with one channel")
+	}
+	checkPingRound(t, q.name+" channels: one pair", p, false, rig)
+
+	// Two pairs again: the second pair's rings start where they stopped.
+	ev = channels(pairs)
+	for _, e := range ev {
+		assert.GreaterOrEqual(t, e.q, 2, "combined %d touched a ring of the first pair: %v", pairs, ev)
+	}
+	checkRingContinuity(t, "combined 1 then 2", append(lastStops(stopped), ev...))
+	started := lastRing(ev)
+	for k := 2; k < 2*pairs; k++ {
+		if e, ok := started[k]; assert.True(t, ok, "combined %d: queue %d did not start: %v", pairs, k, ev) {
+			assert.True(t, e.start, "combined %d: queue %d was stopped last: %v", pairs, k, ev)
+		}
+	}
+	base = rig.dev.Stats()
+	require.NoError(t, vm.send("start "+strconv.Itoa(pairs)))
+	_, err = vm.waitMarkerID(ctx, g.nonce, "STARTED", strconv.Itoa(pairs))
+	require.NoError(t, err)
+	require.NoError(t, waitPairsBusy(ctx, rig, pairs, &base), "both pairs after combined %d", pairs)
+	if group != nil {
+		assert.Equal(t, []int{pairs}, group.Queues(), "both transmit queues on the worker again")
+	}
+	p = stopPingers(t, ctx, vm, g.nonce, "final")
+	noWarnings(t, rig)
+	checkPingRound(t, q.name+" channels: two pairs again", p, false, rig)
+	t.Logf("RESULT %s channels (%s, %s): %d pairs, then 1, then %d; run time %v", q.name,
+		map[bool]string{false: "split", true: "packed"}[packed], map[bool]string{false: "event", true: "poll group"}[group != nil],
+		pairs, pairs, time.Since(start).Round(time.Millisecond))
+}
+
+// lastStops returns the stop events of m (each queue's last event) in
+// queue order, for checkRingContinuity.
+func lastStops(m map[int]ringEvent) []ringEvent {
+	var ev []ringEvent
+	for k := 0; k < 64; k++ {
+		if e, ok := m[k]; ok && !e.start {
+			ev = append(ev, e)
+		}
+	}
+	return ev
+}
