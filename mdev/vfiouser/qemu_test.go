@@ -119,6 +119,11 @@ type bootOpts struct {
 	// reboot lets a reset (QMP system_reset) reboot the guest; otherwise
 	// QEMU runs with -no-reboot, which makes any reset an exit.
 	reboot bool
+	// smp is the number of vCPUs (1 if zero).
+	smp int
+	// bins are static executables put into the guest's /bin
+	// (vmtest/qemu-guest.sh -bin).
+	bins []string
 }
 
 // bootQEMUWith is bootQEMU with options.
@@ -141,17 +146,28 @@ func bootQEMUWith(t *testing.T, ctx context.Context, qemu, helper, sock, mode st
 	}
 	require.NotEmpty(t, kernel)
 	initrd := filepath.Join(dir, "initrd.gz")
-	b, err := exec.CommandContext(ctx, helper, "initramfs", "-o", initrd, "-script", script,
-		"-env", "GUEST_NONCE="+nonce, "-env", "GUEST_MAC="+qGuestMAC, "-env", "GUEST_ADDR="+qGuestIP,
-		"-env", "PEER_IP="+qPeerIP, "-env", "PING_COUNT="+strconv.Itoa(qPings), "-env", "GUEST_MODE="+mode).CombinedOutput()
+	ia := []string{"initramfs", "-o", initrd, "-script", script,
+		"-env", "GUEST_NONCE=" + nonce, "-env", "GUEST_MAC=" + qGuestMAC, "-env", "GUEST_ADDR=" + qGuestIP,
+		"-env", "PEER_IP=" + qPeerIP, "-env", "PING_COUNT=" + strconv.Itoa(qPings), "-env", "GUEST_MODE=" + mode}
+	for _, bin := range o.bins {
+		ia = append(ia, "-bin", bin)
+	}
+	b, err := exec.CommandContext(ctx, helper, ia...).CombinedOutput()
 	require.NoError(t, err, "initramfs: %s", b)
+	smp := max(o.smp, 1)
+	// More than one vCPU: one host thread runs them all (thread=single),
+	// which avoids TCG's static-key boot race (vmtest/README.md).
+	accel := "tcg"
+	if smp > 1 {
+		accel = "tcg,thread=single"
+	}
 	appendLine := "console=ttyS0 panic=-1 oops=panic ipv6.disable=1 loglevel=4"
 	if intx {
 		appendLine += " pci=nomsi"
 	}
 	dev := fmt.Sprintf(`{"driver":"vfio-user-pci","id":"n0","socket":{"path":%q,"type":"unix"}}`, sock)
 	args := []string{"-k", "5", "170", qemu,
-		"-accel", "tcg", "-cpu", "max", "-M", "q35,memory-backend=mem", "-smp", "1", "-m", "512M",
+		"-accel", accel, "-cpu", "max", "-M", "q35,memory-backend=mem", "-smp", strconv.Itoa(smp), "-m", "512M",
 		"-object", "memory-backend-memfd,id=mem,size=512M,share=on",
 		"-kernel", kernel, "-initrd", initrd, "-append", appendLine,
 		"-display", "none", "-monitor", "none", "-serial", "stdio", "-nic", "none",

@@ -4,7 +4,9 @@
 # GUEST_MAC, GUEST_ADDR (a.b.c.d/len), PEER_IP, PING_COUNT, GUEST_MODE
 # (ping: pings of mixed sizes, then counters; link: also wait for the host
 # to take the link down and up; rebind: unbind and rebind virtio-pci, then
-# ping again; reset: ping, then wait for the host to reset the machine).
+# ping again; reset: ping, then wait for the host to reset the machine;
+# channels: set the combined channels to 1 with /bin/setchannels, ping from
+# each CPU, then to 2 and ping from each CPU again).
 # Prints QEMUGUEST-<nonce> markers the test parses.
 mark() { printf '\nQEMUGUEST-%s %s\n' "$GUEST_NONCE" "$*"; }
 
@@ -77,6 +79,30 @@ link)
 	mark CARRIER-UP "$(cat /sys/class/net/"$dev"/carrier)"
 	pings again
 	stats again
+	;;
+channels)
+	# ethtool -L: virtio_net sends VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET on the
+	# control queue. A ping pinned to CPU k transmits on transmitq k while
+	# k pairs are active (XPS), else on the first pair.
+	ncpu=$(grep -c '^processor' /proc/cpuinfo)
+	for n in 1 2; do
+		/bin/setchannels "$dev" $n
+		mark CHANNELS $n "rc=$?" "txqueues=$(ls -d /sys/class/net/"$dev"/queues/tx-* | wc -l)" \
+			"rxqueues=$(ls -d /sys/class/net/"$dev"/queues/rx-* | wc -l)"
+		tx=0
+		rx=0
+		k=0
+		while [ $k -lt "$ncpu" ]; do
+			out=$(taskset -c $k ping -c "$PING_COUNT" -i 0.05 -W 5 -w 30 "$PEER_IP")
+			t=$(echo "$out" | sed -n 's/^\([0-9]*\) packets transmitted.*/\1/p')
+			r=$(echo "$out" | sed -n 's/.* \([0-9]*\) packets received.*/\1/p')
+			tx=$((tx + ${t:-0}))
+			rx=$((rx + ${r:-0}))
+			k=$((k + 1))
+		done
+		mark PING ch$n "cpus=$ncpu" "transmitted=$tx" "received=$rx"
+		stats ch$n
+	done
 	;;
 rebind)
 	echo "$pdev" > /sys/bus/pci/drivers/virtio-pci/unbind
