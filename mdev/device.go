@@ -467,7 +467,9 @@ func (d *Device) refreshGeneration() {
 // ConfigChanged tells the device that the backing device's configuration
 // may have changed (link status, for example). If it did, the device bumps
 // config_generation, sets the ISR configuration bit and raises the
-// configuration interrupt (§2.5.1, §4.1.4.5).
+// configuration interrupt (§2.5.1, §4.1.4.5). A device whose migration
+// state stops it (STOP, STOP_COPY, RESUMING) does all that when it runs
+// again, or, migrated, on the destination.
 //
 // It never waits for a back-end operation in progress (it may be called
 // from the back-end itself): the operation handles the change when it ends.
@@ -497,7 +499,9 @@ func (d *Device) configChanged() {
 
 // BackingFailed reports that the backing device failed while live. The
 // device sets DEVICE_NEEDS_RESET and raises the configuration interrupt
-// (§2.1.2); the driver must reset it.
+// (§2.1.2); the driver must reset it. While the migration state stops the
+// device the interrupt waits until it runs again (or runs on the
+// destination).
 func (d *Device) BackingFailed(err error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -672,9 +676,12 @@ func (d *Device) readLocked(region Region, off uint64, size int, withBacking boo
 			return 0, ErrOutOfRange
 		}
 		var b [4]byte
-		if !withBacking {
+		if !withBacking || d.mig.state.holdsDataPath() {
 			// A back-end operation is in progress: the configuration
-			// as last read.
+			// as last read. A stopped device (STOP, STOP_COPY,
+			// RESUMING) also shows the configuration its
+			// config_generation stands for: a change comes in with a
+			// new generation when it runs again (releaseHeld).
 			copy(b[:size], d.cfgSnapshot[off:])
 		} else if err := d.bk.ReadConfig(int(off), b[:size]); err != nil {
 			return 0, backingErr("read config", err)

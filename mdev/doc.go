@@ -50,11 +50,13 @@
 // RESUMING the data path stays stopped whatever the driver writes: a
 // DRIVER_OK written there is recorded (its rings checked at once) and takes
 // effect on the way back to RUNNING. Nor does a stopped device raise
-// interrupts or change its registers on its own (linux/vfio.h): a change of
-// the backing device's configuration, or a failure that sets
-// DEVICE_NEEDS_RESET, is noticed and notified with one configuration
-// interrupt when the device runs again, and a device migrated in
-// DEVICE_NEEDS_RESET notifies it when it runs on the destination.
+// interrupts (linux/vfio.h): a change of the backing device's configuration
+// is shown (new config_generation, new contents) and notified with one
+// configuration interrupt when the device runs again, and a failure that
+// sets DEVICE_NEEDS_RESET sets the bit at once but is notified then too. A
+// state captured meanwhile carries both, and the destination notifies when
+// it runs (as it does for any configuration notification whose ISR bit the
+// driver had not read).
 //
 // While the device is passed through, StartDirtyTracking tracks the pages
 // the data path writes either by the backing device's own log

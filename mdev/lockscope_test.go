@@ -259,8 +259,10 @@ func TestBlockingCallsHonourContext(t *testing.T) {
 }
 
 // ConfigChanged during a blocked back-end operation (the back-end may
-// report a change from inside a call) returns at once; the change reaches
-// the guest when the operation ends.
+// report a change from inside a call) returns at once. The operation here
+// stops the device (-> STOP_COPY), so the change reaches the guest when the
+// device runs again; TestConfigChangedDuringGuestAccess has one that ends
+// with the device running, where the operation's end delivers it.
 func TestConfigChangedDuringSlowBackend(t *testing.T) {
 	b := newGatedBacking()
 	d, err := NewDevice(b, &Options{Memory: testMemory(t)})

@@ -140,8 +140,11 @@ func (d *Device) migArc(from, to MigState) error {
 		if err := d.restart(); err != nil {
 			// ERROR first: the driver is told at once (a stopped
 			// state would hold the notification back, for ever here).
+			// A notification held while restart ran without d.mu
+			// (a data-path failure report) goes too.
 			d.mig.state = MigError
 			d.needsReset(err)
+			d.releaseHeld()
 			return err
 		}
 	}
@@ -228,19 +231,34 @@ func (d *Device) migratedStatus() virtio.Status {
 }
 
 func (d *Device) snapshot() *State {
+	cfg := d.readBackingConfig()
+	gen, isr := d.generation, d.isr
+	if d.mig.state.holdsDataPath() && d.status&virtio.StatusDriverOK != 0 {
+		// What the stop holds back moves with the state: a configuration
+		// changed meanwhile is a new generation, and a notification owed
+		// (that change, or a NEEDS_RESET) is the ISR's configuration bit,
+		// which makes the destination notify when it runs (apply).
+		changed := !bytes.Equal(cfg, d.cfgSnapshot)
+		if changed {
+			gen++
+		}
+		if changed || d.cfgHeld {
+			isr |= ISRConfig
+		}
+	}
 	s := &State{
 		Backend:             d.opts.Backend,
 		DeviceID:            d.devID,
 		DeviceFeatures:      d.offered,
 		DriverFeatures:      d.driverFeatures,
 		Status:              d.migratedStatus(),
-		ConfigGeneration:    d.generation,
-		ISR:                 d.isr,
+		ConfigGeneration:    gen,
+		ISR:                 isr,
 		MSIXConfig:          d.msixConfig,
 		DeviceFeatureSelect: d.dfSelect,
 		DriverFeatureSelect: d.gfSelect,
 		QueueSelect:         d.queueSelect,
-		Config:              d.readBackingConfig(),
+		Config:              cfg,
 		PCIConfig:           append([]byte(nil), d.pci.img[:]...),
 		MSIX:                append([]byte(nil), d.msix...),
 		Queues:              make([]QueueRecord, len(d.queues)),
@@ -334,9 +352,13 @@ func (d *Device) apply(s *State) {
 	d.live, d.negotiated = false, false
 	if d.status&virtio.StatusDeviceNeedsReset != 0 {
 		d.lastErr = errors.New("mdev: migrated in NEEDS_RESET")
-		// The source's notification may have been held back by its
-		// stop, or lost with it: the driver hears it here when the
-		// device runs (a second one only makes it look again).
-		d.cfgHeld = d.status&virtio.StatusDriverOK != 0
 	}
+	// A configuration notification the driver has not acknowledged (the
+	// ISR's configuration bit: one the source held back while stopped, see
+	// snapshot, or one sent before that the driver has not read the ISR
+	// for) is sent again when the device runs here: the source's may have
+	// been held, or lost with the source. A driver that had seen it only
+	// looks at the configuration again; NEEDS_RESET is always told.
+	d.cfgHeld = d.status&virtio.StatusDriverOK != 0 &&
+		(d.isr&ISRConfig != 0 || d.status&virtio.StatusDeviceNeedsReset != 0)
 }

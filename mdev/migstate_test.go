@@ -350,3 +350,94 @@ func TestMigratedNeedsResetNotifiesOnDestination(t *testing.T) {
 	assert.EqualValues(t, 1, n, "2.1.2: the driver hears NEEDS_RESET on the destination")
 	assert.Equal(t, sAck|sDrv|sFOK|sDOK|sNR, driver{t, dst}.status())
 }
+
+// A link change while the device is stopped, and then migrated: the device
+// keeps showing the configuration its generation stands for while stopped,
+// and the captured state carries the change (a new generation) and the
+// notification owed (the ISR's configuration bit), so the driver hears of
+// it on the destination. (Held back on the source and dropped from the
+// stream, it was never told: the destination's configuration is the new
+// one from the start.)
+func TestConfigChangeWhileStoppedMigrates(t *testing.T) {
+	fs := newFakeBacking()
+	src := newTestDevice(t, fs, &Options{HealthInterval: -1})
+	gs := driver{t, src}
+	gs.bringUp(netFeatures)
+	gen0 := gs.r(OffConfigGeneration, 1)
+	require.NoError(t, src.SetMigrationState(MigStop))
+	fs.setConfig(6, []byte{0, 0}) // link down
+	src.ConfigChanged()
+	linkStatus := func(d *Device) uint64 {
+		t.Helper()
+		v, err := d.Read(RegionDevice, 6, 2)
+		require.NoError(t, err)
+		return v
+	}
+	assert.EqualValues(t, 1, linkStatus(src), "a stopped device changed its configuration without a new generation")
+	assert.Equal(t, gen0, gs.r(OffConfigGeneration, 1))
+	require.NoError(t, src.SetMigrationState(MigStopCopy))
+	saved, err := src.SaveState()
+	require.NoError(t, err)
+	s, err := DecodeState(saved)
+	require.NoError(t, err)
+	assert.EqualValues(t, gen0+1, s.ConfigGeneration, "the captured generation")
+	assert.EqualValues(t, ISRConfig, s.ISR&ISRConfig, "the captured notification owed")
+
+	fd := newFakeBacking()
+	fd.setConfig(6, []byte{0, 0}) // the destination's link is down too
+	dst := newTestDevice(t, fd, &Options{HealthInterval: -1})
+	require.NoError(t, dst.SetMigrationState(MigResuming))
+	require.NoError(t, dst.LoadState(saved))
+	require.NoError(t, dst.SetMigrationState(MigRunning))
+	n, err := dst.ConfigFD().TryWait()
+	require.NoError(t, err)
+	assert.EqualValues(t, 1, n, "the destination notified the change")
+	gd := driver{t, dst}
+	assert.EqualValues(t, gen0+1, gd.r(OffConfigGeneration, 1))
+	assert.Zero(t, linkStatus(dst), "link down on the destination")
+
+	// Migrated back without any change: the ISR bit nobody read asks for
+	// one more notification (the driver only looks again); the generation
+	// stays.
+	require.NoError(t, dst.SetMigrationState(MigStopCopy))
+	again, err := dst.SaveState()
+	require.NoError(t, err)
+	s, err = DecodeState(again)
+	require.NoError(t, err)
+	assert.EqualValues(t, gen0+1, s.ConfigGeneration, "no change, no new generation")
+}
+
+// A failed restart (STOP -> RUNNING_P2P) enters ERROR and tells the driver,
+// even when a data-path failure reported while restart waited for the
+// backing device (d.mu released) had already set NEEDS_RESET and had its
+// notification held: it is sent then, not kept for ever.
+func TestFailedRestartSendsHeldNotification(t *testing.T) {
+	b := newGatedBacking()
+	d, err := NewDevice(b, &Options{Memory: testMemory(t), HealthInterval: -1})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = d.Close() })
+	driver{t, d}.bringUp(netFeatures)
+	require.NoError(t, d.SetMigrationState(MigStop))
+	_, err = d.ConfigFD().TryWait()
+	require.NoError(t, err)
+	b.mu.Lock()
+	b.failOn["SetStatus(ACKNOWLEDGE|DRIVER|FEATURES_OK|DRIVER_OK)"] = true
+	b.mu.Unlock()
+	b.arm()
+	done := make(chan error, 1)
+	go func() { done <- d.SetMigrationState(MigRunning) }()
+	op := <-b.entered
+	// restart waits for the backing device: a failure report now finds
+	// the device stopped and holds its notification.
+	d.BackingFailed(errors.New("queue 0: broken ring"))
+	n, err := d.ConfigFD().TryWait()
+	require.NoError(t, err)
+	assert.Zero(t, n, "a notification while the device is still stopped (in %s)", op)
+	close(b.release)
+	require.Error(t, <-done, "the restart failed")
+	assert.Equal(t, MigError, d.MigrationState())
+	n, err = d.ConfigFD().TryWait()
+	require.NoError(t, err)
+	assert.EqualValues(t, 1, n, "the driver was told of NEEDS_RESET")
+	assert.NotZero(t, d.Status()&sNR)
+}

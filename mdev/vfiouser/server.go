@@ -550,6 +550,9 @@ func runningState(st mdev.MigState) bool {
 // ERROR, or whose backing device refused its reset, cannot be stopped that
 // way (mdev never runs one in STOP, STOP_COPY or RESUMING). failed reports
 // that pause tried to stop it and failed (the device is in ERROR now).
+// While paused the device is in STOP, so a configuration notification (a
+// link change, NEEDS_RESET) waits for resume, which the client's next
+// region access, SET_IRQS, reset or map brings.
 func (s *Server) pause() (stopped, failed bool) {
 	if !s.dev.DataPathActive() {
 		return true, false
