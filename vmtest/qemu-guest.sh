@@ -53,6 +53,12 @@ initramfs)
 		-bin)
 			[ $# -ge 2 ] || usage
 			[ -f "$2" ] && [ -x "$2" ] || die "-bin $2 is not an executable file"
+			case "$(basename "$2")" in
+			sh | busybox | init) die "-bin $2 would replace the guest's own /bin/$(basename "$2")" ;;
+			esac
+			for b in ${BINS[@]+"${BINS[@]}"}; do
+				[ "$(basename "$b")" != "$(basename "$2")" ] || die "-bin $2 and $b have the same name"
+			done
 			BINS+=("$2"); shift 2 ;;
 		*) usage ;;
 		esac

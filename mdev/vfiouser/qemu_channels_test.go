@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"testing"
 	"time"
 
@@ -54,26 +55,30 @@ func TestQEMUChannels(t *testing.T) {
 				ps = append(ps, channelPeriod{pairs: n, start: c})
 			}
 			ps[len(ps)-1].end = c
-			time.Sleep(time.Millisecond)
+			time.Sleep(5 * time.Millisecond)
 		}
 		periods <- ps
 	}()
 	v := bootQEMUWith(t, ctx, qemu, helper, sock, "channels", bootOpts{smp: 2, bins: []string{bin}})
-	_, err = v.wait(ctx, "DONE", 1)
+	_, err = v.wait(ctx, "STATS", 3) // first, ch1, ch2: the guest is done
 	stopWatch()
 	ps := <-periods
+	require.NoError(t, err)
+	_, err = v.wait(ctx, "DONE", 1)
 	require.NoError(t, err)
 	t.Logf("active pairs and the second pair's frames (receiveq 1, transmitq 1) over time: %+v", ps)
 
 	for n := 1; n <= 2; n++ {
 		ch, err := v.wait(ctx, "CHANNELS", n)
 		require.NoError(t, err)
+		require.Equal(t, strconv.Itoa(n), ch[0], "CHANNELS marker #%d", n)
 		m := kvs(ch)
 		require.Zero(t, m["rc"], "the guest's ETHTOOL_SCHANNELS combined %d failed", n)
 		assert.EqualValues(t, n, m["txqueues"], "the guest kernel's transmit queues with %d channels", n)
 		assert.EqualValues(t, n, m["rxqueues"], "the guest kernel's receive queues with %d channels", n)
 		ping, err := v.wait(ctx, "PING", n+1) // after "first"
 		require.NoError(t, err)
+		require.Equal(t, "ch"+strconv.Itoa(n), ping[0], "PING marker #%d", n+1)
 		p := kvs(ping)
 		assert.Equal(t, uint64(2*qPings), p["transmitted"], "combined %d: pings sent from the two CPUs", n)
 		assert.Equal(t, p["transmitted"], p["received"], "combined %d: every echo answered", n)

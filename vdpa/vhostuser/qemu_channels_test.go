@@ -21,8 +21,9 @@ import (
 // "ethtool -L eth0 combined N" does: the guest's virtio_net sends
 // VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET to QEMU, which runs the control queue and
 // disables (SET_VRING_ENABLE 0) or enables (SET_VRING_ENABLE 1) the rings of
-// the pairs dropped or added, with no other message: no new addresses, no
-// new bases, no new kick. A guest with two vCPUs and two pairs, a pinger
+// the pairs dropped or added; no new addresses, no new bases, no new kick.
+// (QEMU also enables the pairs it keeps again: for the first pair's running
+// rings that must change nothing, and no ring event of theirs may appear.) A guest with two vCPUs and two pairs, a pinger
 // pinned to each vCPU:
 //
 //  1. both pairs carry frames both ways;
@@ -30,10 +31,11 @@ import (
 //     traffic flows on the first pair alone, nothing on the second;
 //  3. with two channels again, the second pair's rings start where they
 //     stopped (the guest's receive buffers posted before are still there)
-//     and both pairs carry frames both ways again.
+//     and both pairs carry frames both ways again;
+//  4. the same two changes with both pingers running through them.
 //
-// The pingers are stopped around each change; every round checks that
-// nothing was lost, duplicated or corrupt, on the guest kernel's counters.
+// Every round checks that nothing was lost, duplicated or corrupt, on the
+// guest kernel's counters.
 // Split rings on QEMU 7.2, packed ones on QEMU 11.
 func TestQEMUChannels(t *testing.T) {
 	forEachQEMU(t, func(t *testing.T, q qemuPeer, helper string) {
@@ -67,63 +69,71 @@ func testQEMUChannels(t *testing.T, q qemuPeer, helper, bin string, packed bool,
 	p := stopPingers(t, ctx, vm, g.nonce, "two")
 	checkPingRound(t, q.name+" channels: two pairs", p, false, rig)
 
+	// startPingers starts pingers on both vCPUs (bootServe started the
+	// first ones: STARTED markers count from there).
+	started := 1
+	startPingers := func() {
+		t.Helper()
+		require.NoError(t, vm.send("start "+strconv.Itoa(pairs)))
+		started++
+		_, err := waitMarkerN(ctx, vm, g.nonce, "STARTED", started)
+		require.NoError(t, err)
+	}
 	// channels sets the guest's combined channels to n and returns the
 	// ring events it caused, once every ring of the pairs above n stopped
-	// (n < pairs) or started (n == pairs).
+	// (n < pairs) or started (n == pairs). QEMU touches no ring of the
+	// first pair.
+	changes := 0
 	channels := func(n int) []ringEvent {
 		t.Helper()
 		mark := len(rig.ring.snapshot())
 		require.NoError(t, vm.send("channels "+strconv.Itoa(n)))
-		f, err := vm.waitMarkerID(ctx, g.nonce, "CHANNELS", strconv.Itoa(n))
+		changes++
+		f, err := waitMarkerN(ctx, vm, g.nonce, "CHANNELS", changes)
 		require.NoError(t, err)
-		m := kv(t, f)
+		require.Equal(t, strconv.Itoa(n), f[0])
+		m := kv(t, f[1:])
 		require.Zero(t, m["rc"], "the guest's ETHTOOL_SCHANNELS combined %d failed (console: %s)", n, vm.out.String())
 		assert.EqualValues(t, n, m["txqueues"], "the guest kernel's transmit queues")
 		assert.EqualValues(t, n, m["rxqueues"], "the guest kernel's receive queues")
 		deadline := time.Now().Add(10 * time.Second)
 		for {
 			ev := rig.ring.snapshot()[mark:]
-			seen := map[int]bool{}
-			for _, e := range ev {
-				seen[e.q] = e.start == (n == pairs)
-			}
+			last := lastRing(ev)
 			done := true
-			for k := 2 * n; k < 2*pairs; k++ {
-				done = done && seen[k]
-			}
-			if n == pairs {
-				done = seen[2] && seen[3]
+			for k := 2; k < 2*pairs; k++ {
+				e, ok := last[k]
+				done = done && ok && e.start == (n == pairs)
 			}
 			if done || time.Now().After(deadline) {
 				t.Logf("combined %d: ring events %v", n, ev)
+				for _, e := range ev {
+					assert.GreaterOrEqual(t, e.q, 2, "combined %d touched a ring of the first pair: %v", n, ev)
+				}
+				for k := 2; k < 2*pairs; k++ {
+					if e, ok := last[k]; assert.True(t, ok, "combined %d: no event on queue %d: %v", n, k, ev) {
+						assert.Equal(t, n == pairs, e.start, "combined %d: queue %d's last event: %v", n, k, ev)
+					}
+				}
 				return ev
 			}
 			time.Sleep(20 * time.Millisecond)
 		}
 	}
 
-	// One pair: the second pair's rings stop; QEMU touches nothing else.
-	ev := channels(1)
-	for _, e := range ev {
-		assert.GreaterOrEqual(t, e.q, 2, "combined 1 touched a ring of the first pair: %v", ev)
-	}
-	stopped := lastRing(ev)
-	for k := 2; k < 2*pairs; k++ {
-		assert.Contains(t, stopped, k, "combined 1: queue %d did not stop: %v", k, ev)
-		if e, ok := stopped[k]; ok {
-			assert.False(t, e.start, "combined 1: queue %d was started last: %v", k, ev)
-		}
-	}
+	// One pair: the second pair's rings stop, and carry nothing.
+	stopped := lastRing(channels(1))
 	base := rig.dev.Stats()
-	require.NoError(t, vm.send("start "+strconv.Itoa(pairs)))
-	_, err := vm.waitMarkerID(ctx, g.nonce, "STARTED", strconv.Itoa(pairs))
-	require.NoError(t, err)
-	_, err = waitEchoes(ctx, echoes(rig)+uint64(20*pairs), 60*time.Second, rig)
+	startPingers()
+	_, err := waitEchoes(ctx, echoes(rig)+uint64(20*pairs), 60*time.Second, rig)
 	require.NoError(t, err, "traffic with one channel")
 	p = stopPingers(t, ctx, vm, g.nonce, "one")
 	st := rig.dev.Stats()
 	assert.GreaterOrEqual(t, st.Queues[0].Frames-base.Queues[0].Frames, uint64(20*pairs), "receiveq 0 with one channel")
 	assert.GreaterOrEqual(t, st.Queues[1].Frames-base.Queues[1].Frames, uint64(20*pairs), "transmitq 0 with one channel")
+	for i, m := range p.perPinger {
+		assert.Positive(t, m["rx"], "pinger %d (on vCPU %d) got no reply with one channel", i, i)
+	}
 	for k := 2; k < 2*pairs; k++ {
 		assert.Equal(t, base.Queues[k].Frames, st.Queues[k].Frames, "queue %d (a disabled pair) carried frames", k)
 	}
@@ -133,29 +143,34 @@ func testQEMUChannels(t *testing.T, q qemuPeer, helper, bin string, packed bool,
 	checkPingRound(t, q.name+" channels: one pair", p, false, rig)
 
 	// Two pairs again: the second pair's rings start where they stopped.
-	ev = channels(pairs)
-	for _, e := range ev {
-		assert.GreaterOrEqual(t, e.q, 2, "combined %d touched a ring of the first pair: %v", pairs, ev)
-	}
+	ev := channels(pairs)
 	checkRingContinuity(t, "combined 1 then 2", append(lastStops(stopped), ev...))
-	started := lastRing(ev)
-	for k := 2; k < 2*pairs; k++ {
-		if e, ok := started[k]; assert.True(t, ok, "combined %d: queue %d did not start: %v", pairs, k, ev) {
-			assert.True(t, e.start, "combined %d: queue %d was stopped last: %v", pairs, k, ev)
-		}
-	}
 	base = rig.dev.Stats()
-	require.NoError(t, vm.send("start "+strconv.Itoa(pairs)))
-	_, err = vm.waitMarkerID(ctx, g.nonce, "STARTED", strconv.Itoa(pairs))
-	require.NoError(t, err)
+	startPingers()
 	require.NoError(t, waitPairsBusy(ctx, rig, pairs, &base), "both pairs after combined %d", pairs)
 	if group != nil {
 		assert.Equal(t, []int{pairs}, group.Queues(), "both transmit queues on the worker again")
 	}
+	p = stopPingers(t, ctx, vm, g.nonce, "again")
+	checkPingRound(t, q.name+" channels: two pairs again", p, false, rig)
+
+	// The same under traffic: both pingers run through both changes.
+	// Whatever the second pair's rings held when they stopped is served
+	// when they start again; nothing is lost or duplicated.
+	base = rig.dev.Stats()
+	startPingers()
+	require.NoError(t, waitPairsBusy(ctx, rig, pairs, &base), "both pairs before the changes under traffic")
+	stopped = lastRing(channels(1))
+	_, err = waitEchoes(ctx, echoes(rig)+uint64(20*pairs), 60*time.Second, rig)
+	require.NoError(t, err, "traffic with one channel, under traffic")
+	ev = channels(pairs)
+	checkRingContinuity(t, "combined 1 then 2 under traffic", append(lastStops(stopped), ev...))
+	base = rig.dev.Stats()
+	require.NoError(t, waitPairsBusy(ctx, rig, pairs, &base), "both pairs after the changes under traffic")
 	p = stopPingers(t, ctx, vm, g.nonce, "final")
 	noWarnings(t, rig)
-	checkPingRound(t, q.name+" channels: two pairs again", p, false, rig)
-	t.Logf("RESULT %s channels (%s, %s): %d pairs, then 1, then %d; run time %v", q.name,
+	checkPingRound(t, q.name+" channels: changes under traffic", p, false, rig)
+	t.Logf("RESULT %s channels (%s, %s): %d pairs, then 1, then %d, quiet and under traffic; run time %v", q.name,
 		map[bool]string{false: "split", true: "packed"}[packed], map[bool]string{false: "event", true: "poll group"}[group != nil],
 		pairs, pairs, time.Since(start).Round(time.Millisecond))
 }

@@ -15,6 +15,7 @@ package main
 import (
 	"fmt"
 	"os"
+	"runtime"
 	"strconv"
 	"unsafe"
 
@@ -29,11 +30,12 @@ type ethtoolChannels struct {
 }
 
 // ifreqData is struct ifreq with ifr_data set: the name, then the union,
-// whose largest member (struct ifmap) makes it 24 bytes on 64-bit Linux.
+// whose largest member, struct ifmap (two unsigned longs and 5 bytes),
+// makes it 2 longs + 8 bytes: 24 bytes on 64-bit Linux, 16 on 32-bit.
 type ifreqData struct {
 	name [unix.IFNAMSIZ]byte
 	data unsafe.Pointer
-	_    [16]byte
+	_    [unsafe.Sizeof(uintptr(0)) + 8]byte // the union's rest
 }
 
 func ethtool(fd int, iface string, ch *ethtoolChannels) error {
@@ -44,6 +46,7 @@ func ethtool(fd int, iface string, ch *ethtoolChannels) error {
 	copy(ifr.name[:], iface)
 	ifr.data = unsafe.Pointer(ch)
 	_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.SIOCETHTOOL, uintptr(unsafe.Pointer(&ifr)))
+	runtime.KeepAlive(ch) // referenced only through ifr.data during the call
 	if errno != 0 {
 		return errno
 	}
@@ -61,6 +64,9 @@ func run(iface string, n uint32) error {
 		return fmt.Errorf("%s: ETHTOOL_GCHANNELS: %w", iface, err)
 	}
 	fmt.Printf("%s: combined %d (max %d)\n", iface, ch.CombinedCount, ch.MaxCombined)
+	if ch.MaxCombined == 0 {
+		return fmt.Errorf("%s: the device has no combined channels", iface)
+	}
 	if n == 0 || n > ch.MaxCombined {
 		return fmt.Errorf("%s: %d combined channels asked, the device has 1 to %d", iface, n, ch.MaxCombined)
 	}

@@ -83,11 +83,12 @@ link)
 channels)
 	# ethtool -L: virtio_net sends VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET on the
 	# control queue. A ping pinned to CPU k transmits on transmitq k while
-	# k pairs are active (XPS), else on the first pair.
+	# more than k pairs are active (XPS), else on the first pair.
 	ncpu=$(grep -c '^processor' /proc/cpuinfo)
 	for n in 1 2; do
 		/bin/setchannels "$dev" $n
-		mark CHANNELS $n "rc=$?" "txqueues=$(ls -d /sys/class/net/"$dev"/queues/tx-* | wc -l)" \
+		rc=$?
+		mark CHANNELS $n "rc=$rc" "txqueues=$(ls -d /sys/class/net/"$dev"/queues/tx-* | wc -l)" \
 			"rxqueues=$(ls -d /sys/class/net/"$dev"/queues/rx-* | wc -l)"
 		tx=0
 		rx=0
