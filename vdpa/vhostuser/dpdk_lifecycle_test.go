@@ -330,8 +330,13 @@ func testDPDKBackendRestart(t *testing.T, packed bool, group *softnet.PollGroup,
 // back-end), with no reset in between. With one pair the second pair's
 // rings stop, transmit reaches the device on the first pair only and the
 // device counts exactly what testpmd sent; with two again both pairs carry
-// frames and the counts agree per pair.
+// frames and the counts agree per pair. On split and on packed rings.
 func TestDPDKQueueCountChange(t *testing.T) {
+	t.Run("split", func(t *testing.T) { testDPDKQueueCountChange(t, "") })
+	t.Run("packed", func(t *testing.T) { testDPDKQueueCountChange(t, ",packed_vq=1") })
+}
+
+func testDPDKQueueCountChange(t *testing.T, vdevExtra string) {
 	bin := requireTestpmd(t, dpdkInterop)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -340,13 +345,15 @@ func TestDPDKQueueCountChange(t *testing.T) {
 	require.NoError(t, err)
 	path, be := serveBackend(t, ctx, dev)
 	p := startTestpmd(t, bin, testpmdConfig{lcores: "0@0,1@0", prefix: uniquePrefix(t, "qcount"),
-		vdev: "net_virtio_user0,path=" + path + ",queues=2", fwd: "txonly",
+		vdev: "net_virtio_user0,path=" + path + ",queues=2" + vdevExtra, fwd: "txonly",
 		extra: []string{fmt.Sprintf("--rxq=%d", pairs), fmt.Sprintf("--txq=%d", pairs), "--no-flush-rx"}})
 	require.NoError(t, p.waitOutput(ctx, "testpmd>", 1))
 	running := func(n int) bool {
 		return waitCond(ctx, func() bool { return be.Info().RunningQueues == 2*n })
 	}
 	require.True(t, running(pairs), "rings did not start: %+v", be.Info())
+	require.Equal(t, vdevExtra != "", be.Info().Features.Has(virtio.FRingPacked), "ring format: %s",
+		be.Info().Features.Format(virtio.DeviceNet))
 	// run sends a command and waits for testpmd's next prompt.
 	run := func(cmd string) {
 		t.Helper()
