@@ -295,3 +295,80 @@ func popBatchLoop(b *testing.B, nd int) func(n int) {
 func BenchmarkABPopBatch1vs4Desc(b *testing.B) {
 	benchAB(b, popBatchLoop(b, 1), popBatchLoop(b, 4))
 }
+
+// packedAddReclaimLoop is BenchmarkPackedDriverAddReclaim's loop as an A/B
+// side: add 32 chains of nbuf buffers, publish, the device's used
+// descriptors written directly (one per chain, at its first slot), then
+// reclaim the 32 with one ReclaimBatch (batched) or with packedReclaim
+// once per chain (what packedReclaimBatch did before packedReclaimRun).
+func packedAddReclaimLoop(b *testing.B, nbuf int, batched bool) func(n int) {
+	r, err := NewMemfdRegion(0, 1<<20, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	mem, _ := NewMemory(r)
+	b.Cleanup(func() { mem.Close() })
+	const size = 256
+	l := ContiguousPackedLayout(0, size)
+	drv, err := NewDriverQueue(mem, DriverQueueOptions{Layout: l, Features: fPacked})
+	if err != nil {
+		b.Fatal(err)
+	}
+	g := r.Bytes()[l.Desc:]
+	bufs := []Buffer{{Addr: 0x10000, Len: 12}, {Addr: 0x10100, Len: 1500, Writable: true}}[2-nbuf:]
+	var ids [32]uint16
+	var elems [32]UsedElem
+	used, wrap := 0, true
+	return func(n int) {
+		for done := 0; done < n; done += len(ids) {
+			for i := range ids {
+				id, err := drv.Add(bufs)
+				if err != nil {
+					b.Fatal(err)
+				}
+				ids[i] = id
+			}
+			drv.Publish()
+			drv.NeedsKick()
+			for _, id := range ids { // the "device"
+				d := g[16*used:]
+				fl := uint16(DescFWrite)
+				if wrap {
+					fl |= DescFAvail | DescFUsed
+				}
+				binary.LittleEndian.PutUint32(d[8:], 100)
+				binary.LittleEndian.PutUint16(d[12:], id)
+				binary.LittleEndian.PutUint16(d[14:], fl)
+				if used += nbuf; used >= size {
+					used -= size
+					wrap = !wrap
+				}
+			}
+			if batched {
+				if k, err := drv.ReclaimBatch(elems[:]); k != len(elems) || err != nil {
+					b.Fatal(k, err)
+				}
+				continue
+			}
+			for i := range elems {
+				h, l, ok, err := drv.packedReclaim()
+				if !ok || err != nil {
+					b.Fatal(ok, err)
+				}
+				elems[i] = UsedElem{h, l}
+			}
+		}
+	}
+}
+
+// BenchmarkABPackedReclaimBatch: a packed driver reclaiming 32 used chains
+// by packedReclaim per chain (A, packedReclaimBatch's loop before
+// packedReclaimRun) against ReclaimBatch (B), for chains of 1 and 2
+// buffers.
+func BenchmarkABPackedReclaimBatch(b *testing.B) {
+	for _, nbuf := range []int{1, 2} {
+		b.Run(fmt.Sprintf("bufs=%d", nbuf), func(b *testing.B) {
+			benchAB(b, packedAddReclaimLoop(b, nbuf, false), packedAddReclaimLoop(b, nbuf, true))
+		})
+	}
+}

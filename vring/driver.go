@@ -493,7 +493,16 @@ func (q *DriverQueue) packedReclaimBatch(out []UsedElem) (int, error) {
 	if q.err != nil { // also for an empty out, as on a split queue
 		return 0, q.err
 	}
-	for i := range out {
+	i := 0
+	if p := q.pk; !p.inOrder && !p.skipping {
+		var more bool
+		if i, more = q.packedReclaimRun(out); !more {
+			return i, nil
+		}
+	}
+	// The rest one at a time: an IN_ORDER used descriptor's expansion, an
+	// interrupt to arm before the last look, and every error.
+	for ; i < len(out); i++ {
 		head, length, ok, err := q.packedReclaim()
 		if err != nil || !ok {
 			return i, err
@@ -501,6 +510,63 @@ func (q *DriverQueue) packedReclaimBatch(out []UsedElem) (int, error) {
 		out[i] = UsedElem{Head: head, Len: length}
 	}
 	return len(out), nil
+}
+
+// packedReclaimRun is packedReclaimBatch's loop for a queue without
+// IN_ORDER: it reclaims used descriptors into out while they are valid,
+// with the position, wrap bits, free count and outstanding count in locals
+// (stored back once), and no call per chain. It takes exactly what
+// packedReclaim takes and does what packedRelease does; it stops at the
+// first descriptor not used yet, or one packedReclaim would refuse, and
+// reports in more whether packedReclaim must look at it (an error to
+// report, or an interrupt to arm with EVENT_IDX before giving up).
+func (q *DriverQueue) packedReclaimRun(out []UsedElem) (n int, more bool) {
+	p := q.pk
+	next, bits, free, outstanding := p.nextUsed, p.usedBits, p.numFree, q.outstanding
+	ids, freeIDs, descs := p.ids, p.freeIDs, p.r.descs
+	size := uint32(p.r.size)
+	k := 0
+	for ; k < len(out); k++ {
+		if outstanding == 0 {
+			break
+		}
+		id, flags := p.r.loadWord(next) // acquire: rule 4 for len below
+		if flags&availUsed != bits {
+			more = q.intr && q.eventIdx
+			break
+		}
+		if int(id) >= len(ids) || !ids[id].published {
+			more = true // packedReclaim reports it
+			break
+		}
+		e := &ids[id]
+		length := descs[next].len
+		if flags&DescFWrite == 0 {
+			length = 0 // reserved without WRITE (§2.8.4)
+		}
+		if uint64(length) > e.writable {
+			more = true
+			break
+		}
+		// packedRelease and free, in locals.
+		e.inflight, e.published = false, false
+		free += int(e.ndesc)
+		pos := uint32(next) + uint32(e.ndesc)
+		if pos >= size {
+			pos -= size
+			bits ^= availUsed
+		}
+		next = uint16(pos)
+		freeIDs = append(freeIDs, id) // within its capacity: one slot per id
+		outstanding--
+		out[k] = UsedElem{Head: id, Len: length}
+	}
+	p.nextUsed, p.usedBits, p.numFree, p.freeIDs = next, bits, free, freeIDs
+	q.outstanding = outstanding
+	if k == len(out) {
+		more = false
+	}
+	return k, more
 }
 
 func (q *DriverQueue) refresh() (uint16, error) {
