@@ -144,39 +144,65 @@ func (p *packedDriver) addChain(headPos, headFlags uint16, ndesc uint16, writabl
 	return id
 }
 
+// descFlags is a packed descriptor's flags: the lap's AVAIL|USED bits,
+// WRITE and NEXT.
+func descFlags(bits uint16, writable, next bool) uint16 {
+	if writable {
+		bits |= DescFWrite
+	}
+	if next {
+		bits |= DescFNext
+	}
+	return bits
+}
+
 func (q *DriverQueue) packedAdd(bufs []Buffer) (uint16, error) {
 	if q.err != nil {
 		return 0, q.err
 	}
-	writable, err := q.checkBufs(bufs)
-	if err != nil {
-		return 0, err
-	}
 	p := q.pk
-	if len(bufs) > p.numFree || len(p.freeIDs) == 0 {
+	if len(bufs) == 0 || len(bufs) > p.numFree || len(p.freeIDs) == 0 {
+		// The errors in checkBufs' order: a bad chain before no space.
+		if _, err := q.checkBufs(bufs); err != nil {
+			return 0, err
+		}
 		return 0, fmt.Errorf("%w: queue %d: need %d, have %d", ErrNoSpace, q.index, len(bufs), p.numFree)
 	}
+	// One pass checks each buffer as checkBufs does and writes its address
+	// and length; the id|flags words of the descriptors after the head,
+	// which make them look available, are written only once the whole
+	// chain is accepted (a rejected chain's would be found as the next
+	// chain's head once a shorter chain is added there). The head's word
+	// is stored by Publish (rule 1).
 	id := p.freeIDs[len(p.freeIDs)-1]
 	head, headBits := p.nextAvail, p.availBits
 	pos, bits := head, headBits
-	var headFlags uint16
+	var writable uint64
+	w := false
 	for i, b := range bufs {
-		flags := bits
-		if b.Writable {
-			flags |= DescFWrite
+		if w && !b.Writable {
+			return 0, fmt.Errorf("%w: queue %d: buffer %d readable after writable", ErrBadChain, q.index, i)
 		}
-		if i < len(bufs)-1 {
-			flags |= DescFNext
+		w = b.Writable
+		if off := uint64(b.Addr - q.cBase); (off >= uint64(len(q.cMem)) || uint64(b.Len) > uint64(len(q.cMem))-off) &&
+			!q.contains(b.Addr, b.Len) {
+			return 0, fmt.Errorf("%w: queue %d: buffer %d %v+%#x: %w", ErrBadChain, q.index, i, b.Addr, b.Len, ErrOutOfRange)
+		}
+		if w {
+			writable += uint64(b.Len)
 		}
 		d := &p.r.descs[pos]
 		d.addr, d.len = uint64(b.Addr), b.Len
-		if i == 0 {
-			// The head's id|flags word is stored by Publish (rule 1).
-			headFlags = flags
-		} else {
-			d.id, d.flags = id, flags
-		}
 		pos, bits = p.advance(pos, bits)
+	}
+	headFlags := descFlags(headBits, bufs[0].Writable, len(bufs) > 1)
+	if len(bufs) > 1 {
+		pos, bits := p.advance(head, headBits)
+		for i := 1; i < len(bufs); i++ {
+			d := &p.r.descs[pos]
+			d.id, d.flags = id, descFlags(bits, bufs[i].Writable, i < len(bufs)-1)
+			pos, bits = p.advance(pos, bits)
+		}
 	}
 	p.nextAvail, p.availBits = pos, bits
 	p.addChain(head, headFlags, uint16(len(bufs)), writable)
