@@ -122,62 +122,19 @@ func BenchmarkPackedDevicePopPush1DescBatch32(b *testing.B) { benchPackedPopPush
 func BenchmarkPackedDevicePopPush4DescBatch32(b *testing.B) { benchPackedPopPush(b, 4, 32) }
 
 // BenchmarkPackedDriverAddReclaim is BenchmarkDriverAddReclaim for a
-// packed ring: Add of a 2-buffer chain, Publish, NeedsKick and Reclaim, in
-// batches of 32, the device simulated by writing used descriptors
-// directly (one per chain, at the chain's first slot).
+// packed ring: Add of a 2-buffer chain, Publish, NeedsKick and a reclaim
+// per chain, in batches of 32, the device simulated by writing used
+// descriptors directly (one per chain, at the chain's first slot); the
+// loop of BenchmarkABPackedReclaimBatch's A side (packedAddReclaimLoop).
 func BenchmarkPackedDriverAddReclaim(b *testing.B) {
-	r, err := NewMemfdRegion(0, 1<<20, nil)
-	if err != nil {
-		b.Fatal(err)
-	}
-	mem, _ := NewMemory(r)
-	defer mem.Close()
-	const size = 256
-	l := ContiguousPackedLayout(0, size)
-	drv, err := NewDriverQueue(mem, DriverQueueOptions{Layout: l, Features: fPacked})
-	if err != nil {
-		b.Fatal(err)
-	}
-	g := r.Bytes()[l.Desc:]
-	bufs := []Buffer{{Addr: 0x10000, Len: 12}, {Addr: 0x10100, Len: 1500, Writable: true}}
-	var ids [32]uint16
-	used, wrap := 0, true
+	loop := packedAddReclaimLoop(b, 2, false)
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	b.ReportAllocs()
 	b.ResetTimer()
 	cpu0 := threadCPU()
 	defer func() { b.ReportMetric(float64(threadCPU()-cpu0)/float64(b.N), "cpu-ns/op") }()
-	for done := 0; done < b.N; done += 32 {
-		for i := range ids {
-			id, err := drv.Add(bufs)
-			if err != nil {
-				b.Fatal(err)
-			}
-			ids[i] = id
-		}
-		drv.Publish()
-		drv.NeedsKick()
-		for _, id := range ids { // the "device"
-			d := g[16*used:]
-			fl := uint16(DescFWrite)
-			if wrap {
-				fl |= DescFAvail | DescFUsed
-			}
-			binary.LittleEndian.PutUint32(d[8:], 100)
-			binary.LittleEndian.PutUint16(d[12:], id)
-			binary.LittleEndian.PutUint16(d[14:], fl)
-			if used += 2; used >= size {
-				used -= size
-				wrap = !wrap
-			}
-		}
-		for range ids {
-			if _, _, ok, err := drv.Reclaim(); !ok || err != nil {
-				b.Fatal(ok, err)
-			}
-		}
-	}
+	loop(b.N)
 }
 
 // BenchmarkPackedCrossGoroutine is BenchmarkCrossGoroutine on a packed

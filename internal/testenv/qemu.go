@@ -2,6 +2,7 @@ package testenv
 
 import (
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -96,4 +97,23 @@ func QEMU11Cached() string {
 		return ""
 	}
 	return p
+}
+
+// SetChannelsPkg is the guest tool that sets an interface's combined
+// channels (ethtool -L) with SIOCETHTOOL, for guests whose busybox has no
+// ethtool.
+const SetChannelsPkg = "github.com/vdpakit/vdpakit/vmtest/internal/setchannels"
+
+// BuildGuestTool builds the Go command pkg as a static executable (no cgo:
+// the QEMU guests have no libc) into dir and returns its path, for
+// vmtest/qemu-guest.sh -bin. A failed build fails the test.
+func BuildGuestTool(t testing.TB, dir, pkg string) string {
+	t.Helper()
+	bin := filepath.Join(dir, filepath.Base(pkg))
+	build := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", bin, pkg)
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build %s: %v\n%s", pkg, err, out)
+	}
+	return bin
 }

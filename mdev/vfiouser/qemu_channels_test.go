@@ -2,8 +2,6 @@ package vfiouser_test
 
 import (
 	"context"
-	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"testing"
@@ -11,6 +9,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/vdpakit/vdpakit/internal/testenv"
 )
 
 // channelPeriod is a stretch of time in which the device had one number of
@@ -35,11 +35,7 @@ func TestQEMUChannels(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	dir := t.TempDir()
-	bin := filepath.Join(dir, "setchannels")
-	build := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", bin, "github.com/vdpakit/vdpakit/vmtest/internal/setchannels")
-	build.Env = append(os.Environ(), "CGO_ENABLED=0") // static: the guest has no libc
-	out, err := build.CombinedOutput()
-	require.NoError(t, err, "go build vmtest/internal/setchannels: %s", out)
+	bin := testenv.BuildGuestTool(t, dir, testenv.SetChannelsPkg)
 
 	sock := filepath.Join(dir, "vfu.sock")
 	r := startServer(t, ctx, sock, 2)
@@ -60,7 +56,7 @@ func TestQEMUChannels(t *testing.T) {
 		periods <- ps
 	}()
 	v := bootQEMUWith(t, ctx, qemu, helper, sock, "channels", bootOpts{smp: 2, bins: []string{bin}})
-	_, err = v.wait(ctx, "STATS", 3) // first, ch1, ch2: the guest is done
+	_, err := v.wait(ctx, "STATS", 3) // first, ch1, ch2: the guest is done
 	stopWatch()
 	ps := <-periods
 	require.NoError(t, err)

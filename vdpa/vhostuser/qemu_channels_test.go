@@ -4,9 +4,6 @@ package vhostuser
 
 import (
 	"context"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strconv"
 	"testing"
 	"time"
@@ -14,6 +11,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/vdpakit/vdpakit/internal/testenv"
 	"github.com/vdpakit/vdpakit/vdpa/softnet"
 )
 
@@ -39,12 +37,7 @@ import (
 // Split rings on QEMU 7.2, packed ones on QEMU 11.
 func TestQEMUChannels(t *testing.T) {
 	forEachQEMU(t, func(t *testing.T, q qemuPeer, helper string) {
-		dir := t.TempDir()
-		bin := filepath.Join(dir, "setchannels")
-		build := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", bin, "github.com/vdpakit/vdpakit/vmtest/internal/setchannels")
-		build.Env = append(os.Environ(), "CGO_ENABLED=0") // static: the guest has no libc
-		out, err := build.CombinedOutput()
-		require.NoError(t, err, "go build vmtest/internal/setchannels: %s", out)
+		bin := testenv.BuildGuestTool(t, t.TempDir(), testenv.SetChannelsPkg)
 		t.Run("event", func(t *testing.T) { testQEMUChannels(t, q, helper, bin, q.msix, nil) })
 		t.Run("pollgroup", func(t *testing.T) {
 			group := softnet.NewPollGroup(&softnet.PollGroupOptions{Workers: 1})
