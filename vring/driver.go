@@ -153,19 +153,32 @@ func (q *DriverQueue) checkBufs(bufs []Buffer) (uint64, error) {
 	var writable uint64
 	w := false
 	for i, b := range bufs {
-		if w && !b.Writable {
-			return 0, fmt.Errorf("%w: queue %d: buffer %d readable after writable", ErrBadChain, q.index, i)
+		if (w && !b.Writable) || (!q.inCache(b) && !q.contains(b.Addr, b.Len)) {
+			return 0, q.bufErr(i, b, w)
 		}
 		w = b.Writable
-		if off := uint64(b.Addr - q.cBase); (off >= uint64(len(q.cMem)) || uint64(b.Len) > uint64(len(q.cMem))-off) &&
-			!q.contains(b.Addr, b.Len) {
-			return 0, fmt.Errorf("%w: queue %d: buffer %d %v+%#x: %w", ErrBadChain, q.index, i, b.Addr, b.Len, ErrOutOfRange)
-		}
 		if w {
 			writable += uint64(b.Len)
 		}
 	}
 	return writable, nil
+}
+
+// inCache reports whether buffer b lies in the cached region: the fast
+// path of checkBufs' range check (contains is the slow one).
+func (q *DriverQueue) inCache(b Buffer) bool {
+	off := uint64(b.Addr - q.cBase)
+	return off < uint64(len(q.cMem)) && uint64(b.Len) <= uint64(len(q.cMem))-off
+}
+
+// bufErr is the error of buffer i of a chain that broke checkBufs' rules
+// (w: an earlier buffer was writable): readable after writable, else out
+// of range.
+func (q *DriverQueue) bufErr(i int, b Buffer, w bool) error {
+	if w && !b.Writable {
+		return fmt.Errorf("%w: queue %d: buffer %d readable after writable", ErrBadChain, q.index, i)
+	}
+	return fmt.Errorf("%w: queue %d: buffer %d %v+%#x: %w", ErrBadChain, q.index, i, b.Addr, b.Len, ErrOutOfRange)
 }
 
 // contains is checkBufs' slow path: a buffer outside the cached region
@@ -216,14 +229,10 @@ func (q *DriverQueue) Add(bufs []Buffer) (uint16, error) {
 	var writable uint64
 	w := false
 	for i, b := range bufs {
-		if w && !b.Writable {
-			return 0, fmt.Errorf("%w: queue %d: buffer %d readable after writable", ErrBadChain, q.index, i)
+		if (w && !b.Writable) || (!q.inCache(b) && !q.contains(b.Addr, b.Len)) {
+			return 0, q.bufErr(i, b, w)
 		}
 		w = b.Writable
-		if off := uint64(b.Addr - q.cBase); (off >= uint64(len(q.cMem)) || uint64(b.Len) > uint64(len(q.cMem))-off) &&
-			!q.contains(b.Addr, b.Len) {
-			return 0, fmt.Errorf("%w: queue %d: buffer %d %v+%#x: %w", ErrBadChain, q.index, i, b.Addr, b.Len, ErrOutOfRange)
-		}
 		var flags uint16
 		if w {
 			flags = DescFWrite

@@ -180,14 +180,10 @@ func (q *DriverQueue) packedAdd(bufs []Buffer) (uint16, error) {
 	var writable uint64
 	w := false
 	for i, b := range bufs {
-		if w && !b.Writable {
-			return 0, fmt.Errorf("%w: queue %d: buffer %d readable after writable", ErrBadChain, q.index, i)
+		if (w && !b.Writable) || (!q.inCache(b) && !q.contains(b.Addr, b.Len)) {
+			return 0, q.bufErr(i, b, w)
 		}
 		w = b.Writable
-		if off := uint64(b.Addr - q.cBase); (off >= uint64(len(q.cMem)) || uint64(b.Len) > uint64(len(q.cMem))-off) &&
-			!q.contains(b.Addr, b.Len) {
-			return 0, fmt.Errorf("%w: queue %d: buffer %d %v+%#x: %w", ErrBadChain, q.index, i, b.Addr, b.Len, ErrOutOfRange)
-		}
 		if w {
 			writable += uint64(b.Len)
 		}
