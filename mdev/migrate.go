@@ -455,13 +455,20 @@ func sendRound(c *wire, n int, pages uint64) error {
 
 // sendRange sends mem (at guest address base, both page-aligned) in
 // messages of whole pages, at most pagesBytes of data each.
+//
+// mem is guest memory, which the VMM may have mapped from a file it can
+// truncate (an unsealed memfd or tmpfs file): the wire's buffered writer
+// copies it in this process, and a page past the new end of file raises
+// SIGBUS. The copy runs under vring.Guard, so that fault fails the
+// migration (an error matching vring.ErrMemoryFault) instead of ending
+// the process.
 func sendRange(c *wire, mem []byte, base, pageSize uint64) (uint64, error) {
 	chunk := pagesPerMsg(pageSize) * pageSize
 	var hdr [8]byte
 	for off := uint64(0); off < uint64(len(mem)); off += chunk {
 		end := min(off+chunk, uint64(len(mem)))
 		binary.LittleEndian.PutUint64(hdr[:], base+off)
-		if err := c.send(msgPages, hdr[:], mem[off:end]); err != nil {
+		if err := vring.Guard(func() error { return c.send(msgPages, hdr[:], mem[off:end]) }); err != nil {
 			return 0, err
 		}
 	}

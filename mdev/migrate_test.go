@@ -14,6 +14,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 
 	"github.com/vdpakit/vdpakit/dirty"
 	"github.com/vdpakit/vdpakit/mdev"
@@ -513,4 +514,52 @@ func TestLinkChangeRaisesConfigInterrupt(t *testing.T) {
 	st, err := dev.Read(mdev.RegionDevice, 6, 2) // virtio_net_config.status
 	require.NoError(t, err)
 	assert.Zero(t, st&1, "VIRTIO_NET_S_LINK_UP clear")
+}
+
+// TestMigrateSourceTruncatedMemoryFails: guest memory that the VMM mapped
+// from a file it can still truncate (a memfd created without sealing) and
+// then truncated before migrating. Sending the first round copies guest
+// memory; the fault that raises fails the migration with an error
+// matching vring.ErrMemoryFault instead of ending the process, and the
+// source device runs on.
+func TestMigrateSourceTruncatedMemoryFails(t *testing.T) {
+	fd, err := unix.MemfdCreate("unsealed-guest", unix.MFD_CLOEXEC)
+	require.NoError(t, err)
+	defer unix.Close(fd)
+	require.NoError(t, unix.Ftruncate(fd, testGuestMem))
+	r, err := vring.NewFdRegion(0, testGuestMem, fd, 0, nil)
+	require.NoError(t, err)
+	require.False(t, r.Sealed(), "a memfd without MFD_ALLOW_SEALING cannot be sealed")
+	mem, err := vring.NewMemory(r)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = mem.Close() })
+	sn, err := softnet.New(nil)
+	require.NoError(t, err)
+	local := vdpa.NewLocal(sn, nil)
+	t.Cleanup(func() { _ = local.Close() })
+	dev, err := mdev.NewDevice(local, &mdev.Options{Memory: mem, DirtyMode: mdev.DirtyRelay, Backend: "software"})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = dev.Close() })
+	log, err := dirty.New(testGuestMem, nil)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = dev.Close(); _ = log.Close() })
+
+	dst := newSide(t, testGuestMem, mdev.DirtyRelay)
+	c1, c2 := net.Pipe()
+	defer c1.Close()
+	errc := goDestination(t, c2, mdev.DestOptions{Device: dst.dev, Memory: dst.mem})
+
+	// The VMM takes the second half of guest memory away.
+	require.NoError(t, unix.Ftruncate(fd, testGuestMem/2))
+	_, err = mdev.MigrateSource(context.Background(), c1, mdev.SourceOptions{
+		Device: dev, Memory: mem, Log: log,
+		Tracker:   dirty.TrackerOptions{Bandwidth: 1e9},
+		StopGuest: func() error { return nil },
+	})
+	require.ErrorIs(t, err, vring.ErrMemoryFault)
+	var fe *vring.FaultError
+	require.ErrorAs(t, err, &fe)
+	assert.Equal(t, mdev.MigRunning, dev.MigrationState(), "the source device runs on")
+	_ = c1.Close()
+	require.Error(t, <-errc, "the destination sees the stream end early")
 }
