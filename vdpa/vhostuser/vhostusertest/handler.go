@@ -45,7 +45,7 @@ const (
 type Counters struct {
 	TxFrames, TxBytes uint64 // taken from the transmit queue
 	RxFrames, RxBytes uint64 // delivered to the receive queue
-	RxDropped         uint64 // loopback frames with no receive buffer
+	RxDropped         uint64 // frames for the receive queue dropped: loopback frames with no receive buffer, responder replies beyond MaxPendingReplies
 	Kicks, Calls      uint64 // eventfd wake-ups and interrupts sent
 }
 
@@ -281,6 +281,13 @@ type worker struct {
 	pending2 [][]byte // responder replies waiting for receive buffers
 }
 
+// MaxPendingReplies is how many responder replies wait for receive
+// buffers at most. A peer that transmits requests and never posts receive
+// buffers (or never starts its receive queue) gets its later replies
+// dropped (counted in Counters.RxDropped) rather than queued without bound:
+// each reply can copy a request of up to 64 KiB.
+const MaxPendingReplies = 256
+
 // spinRounds is how many empty polls the worker makes before re-enabling
 // notifications and sleeping on the kick eventfds.
 const spinRounds = 2000
@@ -474,7 +481,11 @@ func (w *worker) poll() int {
 				m := c.Gather(w.buf[:])
 				if m > w.hdrLen {
 					if reply := w.h.respond(w.buf[w.hdrLen:m]); reply != nil {
-						w.pending2 = append(w.pending2, reply)
+						if len(w.pending2) < MaxPendingReplies {
+							w.pending2 = append(w.pending2, reply)
+						} else {
+							w.h.rxDropped.Add(1)
+						}
 					}
 				}
 			}
@@ -514,7 +525,9 @@ func (w *worker) poll() int {
 		delivered := 0
 		for delivered < 32 {
 			if w.pending == nil && len(w.pending2) > 0 {
-				w.pending, w.pending2 = w.pending2[0], w.pending2[1:]
+				w.pending = w.pending2[0]
+				w.pending2[0] = nil // not kept alive by the array
+				w.pending2 = w.pending2[1:]
 			}
 			if w.pending == nil {
 				select {

@@ -2,6 +2,7 @@ package vhostusertest
 
 import (
 	"net"
+	"runtime"
 	"testing"
 
 	"github.com/google/gopacket"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/vdpakit/vdpakit/virtio"
 	"github.com/vdpakit/vdpakit/vring"
+	"github.com/vdpakit/vdpakit/vring/vringtest"
 )
 
 var (
@@ -172,4 +174,55 @@ func BenchmarkSinkTransmit(b *testing.B) {
 		}
 	}
 	b.ReportMetric(float64(b.N*32)/b.Elapsed().Seconds()/1e6, "Mframes/s")
+}
+
+// TestResponderBoundsPendingReplies: a peer that transmits echo requests
+// and never starts its receive queue gets MaxPendingReplies replies kept
+// for when it does and the rest dropped and counted, not queued without
+// bound (each reply copies its request's payload).
+func TestResponderBoundsPendingReplies(t *testing.T) {
+	const size, frames = 256, 3 * MaxPendingReplies
+	r, err := vring.NewMemfdRegion(0, 4<<20, nil)
+	require.NoError(t, err)
+	mem, err := vring.NewMemory(r)
+	require.NoError(t, err)
+	t.Cleanup(func() { mem.Close() })
+	f := virtio.Features(0).With(virtio.FVersion1)
+	h := newResponder()
+	require.NoError(t, h.SetFeatures(f))
+	l := vring.ContiguousLayout(0, size)
+	drv, err := vringtest.NewDriver(mem, vringtest.DriverOptions{Index: 1, Layout: l, Features: f,
+		Data: 0x10000, SlotSize: 2048})
+	require.NoError(t, err)
+	dq, err := vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Index: 1, Layout: l, Features: f})
+	require.NoError(t, err)
+	require.NoError(t, h.StartQueue(1, dq, nil, nil))
+	defer h.Reset()
+
+	req := serialize(t,
+		&layers.Ethernet{SrcMAC: peerMAC, DstMAC: net.HardwareAddr(devMAC[:]), EthernetType: layers.EthernetTypeIPv4},
+		&layers.IPv4{Version: 4, TTL: 64, Protocol: layers.IPProtocolICMPv4, SrcIP: peerIP, DstIP: devIP},
+		&layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(layers.ICMPv4TypeEchoRequest, 0), Id: 1},
+		gopacket.Payload(make([]byte, 1400)))
+	hdr := make([]byte, virtio.NetHdrLen(f))
+	for sent := 0; sent < frames; {
+		// Keep the ring from filling: reclaim what the device returned.
+		for {
+			_, ok, err := drv.Receive()
+			require.NoError(t, err)
+			if !ok {
+				break
+			}
+		}
+		if _, err := drv.Add([][]byte{hdr, req}, nil); err != nil {
+			runtime.Gosched()
+			continue
+		}
+		drv.Queue.Publish()
+		sent++
+	}
+	waitFor(t, func() bool { return h.Counters().TxFrames == frames })
+	c := h.Counters()
+	assert.EqualValues(t, frames-MaxPendingReplies, c.RxDropped, "replies beyond MaxPendingReplies")
+	assert.Zero(t, c.RxFrames, "no receive queue")
 }
