@@ -117,7 +117,7 @@ func (d *Device) applyCtrl(cmd virtio.NetCtrl) error {
 			if err != nil {
 				return err
 			}
-			d.tables.Store(&macTables{uni: uni, multi: multi})
+			d.tables.Store(newMACTables(uni, multi))
 			return nil
 		}
 	case virtio.NetCtrlMQ:

@@ -182,8 +182,33 @@ const (
 	rxNoBcast
 )
 
+// MACTableEntries is how many addresses each of the unicast and the
+// multicast MAC filter tables holds. A MAC_TABLE_SET with more entries of
+// a kind than that turns filtering of that kind off (every unicast, or
+// every multicast, frame is accepted), as QEMU's virtio-net does past its
+// 64 entries: the filter may let through more than the driver asked for
+// (the driver's own stack filters again), never less, and a frame's check
+// never scans more than this many entries. A driver may otherwise send
+// over ten thousand addresses in one command.
+const MACTableEntries = 64
+
+// macTables are the MAC filter tables of the last MAC_TABLE_SET; allUni and
+// allMulti are set when that kind had more than MACTableEntries entries.
 type macTables struct {
-	uni, multi [][6]byte
+	uni, multi       [][6]byte
+	allUni, allMulti bool
+}
+
+// newMACTables keeps uni and multi as filter tables, or a kind's overflow.
+func newMACTables(uni, multi [][6]byte) *macTables {
+	t := &macTables{uni: uni, multi: multi}
+	if len(uni) > MACTableEntries {
+		t.uni, t.allUni = nil, true
+	}
+	if len(multi) > MACTableEntries {
+		t.multi, t.allMulti = nil, true
+	}
+	return t
 }
 
 // Device is the software virtio-net device. It implements vdpa.Handler.

@@ -7,8 +7,9 @@
 // pair, like the kernel's vdpa_sim_net. Responder answers ARP requests and
 // ICMP echo requests for an IPv4 address; ForwardTo links two devices like a
 // cable. Frames reach the driver through a receive filter (MAC address,
-// promiscuous and all-multicast modes, MAC tables) that the driver programs
-// over the control virtqueue.
+// promiscuous and all-multicast modes, MAC tables of up to MACTableEntries
+// addresses of each kind) that the driver programs over the control
+// virtqueue.
 //
 // Behind a vhost-user back-end the front-end (QEMU, DPDK's virtio-user)
 // runs the driver's control queue itself and passes MQ, CTRL_RX,

@@ -1273,7 +1273,8 @@ func (d *Device) accept(frame []byte) bool {
 		if mode&rxAllMulti != 0 {
 			return true
 		}
-		return inTable(d.tables.Load().multi, dst)
+		t := d.tables.Load()
+		return t.allMulti || inTable(t.multi, dst)
 	}
 	if mode&rxNoUni != 0 {
 		return false
@@ -1281,7 +1282,8 @@ func (d *Device) accept(frame []byte) bool {
 	if mode&rxAllUni != 0 || macToU64(dst) == d.mac.Load() {
 		return true
 	}
-	return inTable(d.tables.Load().uni, dst)
+	t := d.tables.Load()
+	return t.allUni || inTable(t.uni, dst)
 }
 
 func inTable(t [][6]byte, m []byte) bool {

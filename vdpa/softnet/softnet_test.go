@@ -826,3 +826,72 @@ func TestLargeSplitFramesGathered(t *testing.T) {
 		s.wait(1)
 	}
 }
+
+// macTableCmd is a MAC_TABLE_SET command (virtio 1.2 §5.1.6.5.2) with
+// nuni unicast and nmulti multicast entries, none of them want.
+func macTableCmd(nuni, nmulti int) []byte {
+	tbl := binary.LittleEndian.AppendUint32(nil, uint32(nuni))
+	for i := range nuni {
+		tbl = append(tbl, 0x02, 0xcc, 0, 0, byte(i>>8), byte(i))
+	}
+	tbl = binary.LittleEndian.AppendUint32(tbl, uint32(nmulti))
+	for i := range nmulti {
+		tbl = append(tbl, 0x01, 0x00, 0x5e, 0, byte(i>>8), byte(i))
+	}
+	return ctrlCmd(virtio.NetCtrlMAC, virtio.NetCtrlMACTableSet, tbl...)
+}
+
+// TestMACTableOverflow: a MAC_TABLE_SET with more than MACTableEntries
+// addresses of a kind turns filtering of that kind off (every frame of
+// that kind accepted, as QEMU does past its table), so that no table a
+// driver sends makes each received frame scan thousands of entries; up to
+// MACTableEntries the filter stays exact.
+func TestMACTableOverflow(t *testing.T) {
+	f := base.With(virtio.NetFCtrlVQ, virtio.NetFCtrlRx)
+	uniX := [6]byte{0x02, 0xdd, 0, 0, 0, 1}      // in no table
+	multiX := [6]byte{0x01, 0x00, 0x5e, 9, 9, 9} // in no table
+	uniIn := [6]byte{0x02, 0xcc, 0, 0, 0, 63}    // entry 63 of a unicast table
+	tests := []struct {
+		name                 string
+		nuni, nmulti         int
+		wantUniX, wantMultiX bool
+	}{
+		{"both tables full", softnet.MACTableEntries, softnet.MACTableEntries, false, false},
+		{"unicast one over", softnet.MACTableEntries + 1, 0, true, false},
+		{"multicast one over", 0, softnet.MACTableEntries + 1, false, true},
+		{"both over", softnet.MACTableEntries + 1, softnet.MACTableEntries + 1, true, true},
+		{"ten thousand unicast", 10000, 1, true, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := newStack(t, stackOptions{features: f, slot: 64 << 10})
+			const cq = 2
+			s.postRx(0, 16, 2048)
+			require.Equal(t, virtio.NetCtrlOK, s.sendCtrl(cq, ctrlCmd(virtio.NetCtrlRx, virtio.NetCtrlRxPromisc, 0)))
+			require.Equal(t, virtio.NetCtrlOK, s.sendCtrl(cq, ctrlCmd(virtio.NetCtrlRx, virtio.NetCtrlRxAllMulti, 0)))
+			require.Equal(t, virtio.NetCtrlOK, s.sendCtrl(cq, macTableCmd(tt.nuni, tt.nmulti)))
+
+			s.send(1, frame(uniX, 1, 10), frame(multiX, 2, 10), frame(s.dev.MAC(), 3, 10))
+			sent := 3
+			want := []uint32{}
+			if tt.wantUniX {
+				want = append(want, 1)
+			}
+			if tt.wantMultiX {
+				want = append(want, 2)
+			}
+			want = append(want, 3)
+			if tt.nuni >= 64 {
+				s.send(1, frame(uniIn, 4, 10))
+				sent++
+				want = append(want, 4)
+			}
+			for _, seq := range want {
+				_, got := s.recvFrame(0)
+				assert.Equal(t, seq, seqOf(got))
+			}
+			s.waitN(1, sent)
+			assert.EqualValues(t, sent-len(want), s.dev.Stats().Drop(softnet.DropFiltered))
+		})
+	}
+}
