@@ -71,8 +71,9 @@
 //
 //   - DEVICE_RESET: a virtio reset of the device.
 //
-//   - Disconnect: every DMA window is unmapped and every descriptor of the
-//     client closed; the device keeps its state, and the data path resumes
+//   - Disconnect: every DMA window is unmapped, every descriptor of the
+//     client closed and its DMA logging stopped (the dirty log was the
+//     client's to read); the device keeps its state, and the data path resumes
 //     when a new client has mapped memory and touches the device. (A device
 //     whose data path cannot be stopped otherwise is reset, so that guest
 //     memory is released all the same.)

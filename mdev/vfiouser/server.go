@@ -378,6 +378,12 @@ func (s *Server) ServeConn(ctx context.Context, conn *net.UnixConn) error {
 		s.sessMu.Lock()
 		delete(s.conns, conn)
 		s.sessMu.Unlock()
+		// The dirty log is the client's: only its session reads it
+		// (DMA_LOGGING_REPORT). Left on, it would keep the device in
+		// dirty tracking (the shadow relay, for a backing device that
+		// cannot log) for nobody, and the next client's
+		// DMA_LOGGING_START would find it busy.
+		_ = s.stopLogging()
 		s.dropAll(dropSession)
 		s.dropIRQs()
 		// A pause for the memory this client took away ends with it:

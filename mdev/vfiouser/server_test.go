@@ -579,3 +579,28 @@ func TestDMAChangesUnderTraffic(t *testing.T) {
 	require.Eventually(t, func() bool { return fdCount(t) <= before }, 5*time.Second, 10*time.Millisecond,
 		"descriptors leaked: %d before, %d after", before, fdCount(t))
 }
+
+// TestDisconnectStopsDMALogging: a client that started DMA logging and went
+// away (a migration source that crashed) leaves no tracking behind: the
+// device's dirty tracking ends with the session, and the next client can
+// start logging of its own.
+func TestDisconnectStopsDMALogging(t *testing.T) {
+	r := newRig(t, nil)
+	c := r.dial(t)
+	ctx := testCtx(t)
+	d, err := vfiousertest.NewDriver(ctx, c, nil)
+	require.NoError(t, err)
+	defer d.Close()
+	require.NoError(t, c.StartDMALogging(ctx, 4096, 0, vfiousertest.GuestMemSize))
+	require.NotEqual(t, mdev.DirtyAuto, r.srv.Device().DirtyTracking(), "tracking on while the client logs")
+	require.NoError(t, c.Close())
+	require.Eventually(t, func() bool { return r.srv.Device().DirtyTracking() == mdev.DirtyAuto },
+		5*time.Second, 10*time.Millisecond, "tracking ended with the session")
+
+	c2 := r.dial(t)
+	_, err = c2.Negotiate(ctx)
+	require.NoError(t, err)
+	require.NoError(t, c2.DMAMap(ctx, 0, vfiousertest.GuestMemSize, d.Region.Fd(), 0))
+	require.NoError(t, c2.StartDMALogging(ctx, 4096, 0, vfiousertest.GuestMemSize), "the next client's logging")
+	require.NoError(t, c2.StopDMALogging(ctx))
+}
