@@ -652,7 +652,7 @@ func (d *Device) mapLocked() error {
 
 func (d *Device) mapEntry(fd int, e iotlbEntry) (*vring.Region, error) {
 	size := e.Last - e.Start + 1
-	if e.Last < e.Start || size == 0 || size > 1<<40 || e.Offset%uint64(os.Getpagesize()) != 0 {
+	if e.Last < e.Start || size == 0 || size > 1<<40 || e.Offset > 1<<62 || e.Offset%uint64(os.Getpagesize()) != 0 {
 		return nil, fmt.Errorf("%w: IOTLB entry [%#x, %#x] offset %#x", ErrBadRequest, e.Start, e.Last, e.Offset)
 	}
 	// The file behind an IOVA range can be a VMM's memfd (vhost-vdpa
@@ -660,6 +660,9 @@ func (d *Device) mapEntry(fd int, e iotlbEntry) (*vring.Region, error) {
 	// cannot be truncated away. The kernel's own bounce-buffer file cannot
 	// be sealed; accesses stay fault-guarded either way.
 	sealed, _ := vring.SealShrink(fd)
+	if err := checkFileSize(fd, e.Offset, size); err != nil {
+		return nil, fmt.Errorf("%w: IOTLB entry [%#x, %#x] offset %#x: %w", ErrBadRequest, e.Start, e.Last, e.Offset, err)
+	}
 	prot := unix.PROT_READ | unix.PROT_WRITE
 	m, err := unix.Mmap(fd, int64(e.Offset), int(size), prot, unix.MAP_SHARED)
 	if err != nil && e.Perm == accessRO {
@@ -675,6 +678,30 @@ func (d *Device) mapEntry(fd int, e iotlbEntry) (*vring.Region, error) {
 	}
 	d.maps = append(d.maps, m)
 	return r, nil
+}
+
+// checkFileSize refuses a regular file shorter than [offset, offset+size):
+// every access to the part past its end would fault (SIGBUS). Checked
+// after sealing, so a sealed file cannot shrink below it afterwards. The
+// kernel's IOVA domain file is an anonymous inode whose size says nothing
+// (its pages come from the domain, not the file): it is left alone, as
+// are other non-regular files.
+func checkFileSize(fd int, offset, size uint64) error {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return fmt.Errorf("fstat: %w", err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return nil
+	}
+	var fs unix.Statfs_t
+	if err := unix.Fstatfs(fd, &fs); err == nil && fs.Type == unix.ANON_INODE_FS_MAGIC {
+		return nil
+	}
+	if st.Size < 0 || uint64(st.Size) < offset+size {
+		return fmt.Errorf("file of %d bytes, mapping needs %#x at %#x", st.Size, size, offset)
+	}
+	return nil
 }
 
 // mapBounce maps the bounce-buffer area [0, bounce_size) of the kernel's
