@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"strconv"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -22,6 +23,17 @@ import (
 type EventFD struct {
 	f  *os.File
 	rc syscall.RawConn // f's, for Signal's raw write
+	// signalling counts the Signal calls in their write, for Unblock.
+	signalling atomic.Int32
+	// draining is set while an Unblock read runs (at most one at a time).
+	draining atomic.Bool
+	// closing is set by Close before it ends blocked Signals: a Signal
+	// that starts after that writes nothing.
+	closing atomic.Bool
+	// watch runs watchdog watchInterval after a Signal armed it (armed
+	// set), so that a write a peer holds (see Signal) ends by itself.
+	watch *time.Timer
+	armed atomic.Bool
 }
 
 // ErrClosed is returned by operations on a closed EventFD or device.
@@ -47,7 +59,10 @@ var ErrNotEventFD = errors.New("vdpa: not an eventfd")
 // A peer chooses what it sends: a pipe or a socket in place of an eventfd
 // is refused here, and an eventfd the peer filled to its limit makes
 // Signal report success without writing (the waiter is due anyway)
-// instead of blocking.
+// instead of blocking. The non-blocking flag belongs to the file, which
+// the peer shares: a peer that clears it again and fills the counter
+// holds a Signal in its write only until the EventFD's watchdog ends the
+// wait (see Signal).
 func EventFDFromFd(fd int) (*EventFD, error) {
 	if err := checkEventFD(fd); err != nil {
 		return nil, err
@@ -90,22 +105,133 @@ func newEventFD(fd int) (*EventFD, error) {
 		f.Close()
 		return nil, fmt.Errorf("eventfd: %w", err)
 	}
-	return &EventFD{f: f, rc: rc}, nil
+	e := &EventFD{f: f, rc: rc}
+	e.watch = time.AfterFunc(time.Hour, e.watchdog)
+	e.watch.Stop()
+	return e, nil
 }
 
 // Fd returns the descriptor number. It stays owned by the EventFD.
 func (e *EventFD) Fd() int { return int(e.f.Fd()) }
 
-// Signal adds one to the counter, waking a waiter. It never blocks: when
+// Signal adds one to the counter, waking a waiter. It does not block: when
 // the counter is at its limit (a peer may fill the eventfd it handed over)
 // the write fails with EAGAIN, and the waiter is already due, so Signal
 // reports success. The write goes through the raw descriptor because
 // os.File.Write would wait for the descriptor to become writable.
+//
+// The one exception is a peer that shares the eventfd's file (it handed
+// the descriptor over) and both clears the file's non-blocking flag, which
+// belongs to the file and not to this process's descriptor, and fills the
+// counter: the write then waits in the kernel for a read of the counter.
+// The EventFD ends such a wait by itself within about watchInterval (a
+// timer that a Signal arms, at most once per interval, does what Unblock
+// does), so a lock held around Signal is never held longer than that on
+// account of a peer; Unblock and Close end it at once.
 func (e *EventFD) Signal() error {
-	if err := e.rc.Write(signalFd); err != nil {
+	// Counted before closing is read: Close sets closing before it looks
+	// at the count, so either it sees this Signal or this Signal sees it
+	// (sequentially consistent atomics).
+	e.signalling.Add(1)
+	if !e.armed.Load() && e.armed.CompareAndSwap(false, true) {
+		e.watch.Reset(watchInterval)
+	}
+	var err error
+	if e.closing.Load() {
+		err = os.ErrClosed
+	} else {
+		err = e.rc.Write(signalFd)
+	}
+	e.signalling.Add(-1)
+	if err != nil {
 		return ErrClosed
 	}
 	return nil
+}
+
+// Unblock ends the wait of Signal calls blocked in their write by a peer
+// (see Signal) and reports whether any Signal was still in its write when
+// it returned. While one is, it sets the file's non-blocking flag again
+// and, when the counter is at its limit (the only state in which a write
+// waits), reads the counter: the blocked write then completes, and the
+// waiter still finds it non-zero. A counter below its limit is never read,
+// so a Signal that is merely under way loses nothing to Unblock. It
+// returns once no Signal is in its write and its own read has ended.
+//
+// A peer that keeps clearing the flag and refilling the counter can make
+// a write wait again; Unblock tries for about unblockFor and gives up. The
+// read runs on a goroutine of its own, so Unblock itself returns within
+// that time even when the peer makes the read wait too; such a read ends
+// with the next write to the eventfd.
+//
+// Call it from code that waits for a goroutine which signals this eventfd
+// (a queue worker being stopped): the signal then cannot hold that wait.
+func (e *EventFD) Unblock() bool {
+	deadline := time.Now().Add(unblockFor)
+	// Until no Signal is in its write and no read of Unblock's runs (a
+	// read the peer holds keeps the descriptor in use, as a write does).
+	for e.signalling.Load() > 0 || e.draining.Load() {
+		if e.signalling.Load() > 0 && e.draining.CompareAndSwap(false, true) {
+			// Runs only while the file is open (the raw descriptor's
+			// reference count keeps it so); on a closed EventFD it does
+			// nothing.
+			go func() {
+				defer e.draining.Store(false)
+				_ = e.rc.Control(drainIfFull)
+			}()
+		}
+		if !time.Now().Before(deadline) {
+			return e.signalling.Load() > 0 || e.draining.Load()
+		}
+		time.Sleep(unblockPoll)
+	}
+	return false
+}
+
+// unblockFor bounds Unblock; unblockPoll is how often it looks again;
+// watchInterval is how long after a Signal the watchdog looks for one
+// held in its write.
+const (
+	unblockFor    = 2 * time.Second
+	unblockPoll   = time.Millisecond
+	watchInterval = 100 * time.Millisecond
+)
+
+// watchdog runs watchInterval after a Signal armed it: while a Signal is
+// in its write it starts Unblock's read (which takes the counter only at
+// its limit, where a write waits, so a Signal merely under way loses
+// nothing) and looks again an interval later; otherwise it disarms.
+func (e *EventFD) watchdog() {
+	for {
+		if e.signalling.Load() > 0 {
+			if e.draining.CompareAndSwap(false, true) {
+				// On the timer's goroutine: a read the peer holds holds
+				// only this goroutine.
+				_ = e.rc.Control(drainIfFull)
+				e.draining.Store(false)
+			}
+			e.watch.Reset(watchInterval)
+			return
+		}
+		e.armed.Store(false)
+		// A Signal that began after the check above found armed set and
+		// did not arm: look again, unless one has armed since.
+		if e.signalling.Load() == 0 || !e.armed.CompareAndSwap(false, true) {
+			return
+		}
+	}
+}
+
+// drainIfFull sets the eventfd fd non-blocking again and reads its
+// counter if (and only if) it is at its limit, where a write would wait.
+func drainIfFull(fd uintptr) {
+	_ = unix.SetNonblock(int(fd), true)
+	pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN | unix.POLLOUT}}
+	if n, err := unix.Poll(pfd, 0); err != nil || n != 1 || pfd[0].Revents&unix.POLLOUT != 0 {
+		return // room for a write: nothing waits, nothing is taken
+	}
+	var b [8]byte
+	_, _ = unix.Read(int(fd), b[:])
 }
 
 // signalFd writes 1 to the eventfd fd, once, without waiting for it to
@@ -192,5 +318,27 @@ func (e *EventFD) TryWait() (uint64, error) {
 	return binary.NativeEndian.Uint64(b[:]), nil
 }
 
-// Close closes the descriptor and unblocks any Wait.
-func (e *EventFD) Close() error { return e.f.Close() }
+// Close closes the descriptor and unblocks any Wait. The descriptor is
+// closed once no call uses it any more; a Signal that a peer holds in its
+// write (see Signal) is ended with Unblock first. Should the peer still
+// hold one after that, Close returns ErrCloseDeferred and the descriptor
+// is closed when that write ends: Close never waits for a peer for more
+// than about unblockFor.
+func (e *EventFD) Close() error {
+	// No Signal starts a write from here on; those in theirs end (Unblock
+	// reads through the descriptor, so before the close starts).
+	e.closing.Store(true)
+	e.watch.Stop()
+	if e.Unblock() {
+		// The peer keeps one waiting: close in the background, when it
+		// ends.
+		go e.f.Close()
+		return ErrCloseDeferred
+	}
+	return e.f.Close()
+}
+
+// ErrCloseDeferred is returned by Close when a peer kept a Signal waiting
+// in its write (see Signal) past Unblock's efforts: the descriptor is
+// closed when that write ends.
+var ErrCloseDeferred = errors.New("vdpa: eventfd close deferred: a peer holds a signal in its write")

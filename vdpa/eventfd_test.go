@@ -6,6 +6,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"runtime"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -259,4 +261,165 @@ func TestEventFDSignalAllocatesNothing(t *testing.T) {
 	require.NoError(t, err)
 	defer e.Close()
 	assert.Zero(t, testing.AllocsPerRun(1000, func() { _ = e.Signal() }))
+}
+
+// blockedSignal sets up what a hostile peer can do to an eventfd it handed
+// over: it clears the file's non-blocking flag (which the adoption set)
+// and fills the counter to its limit. It returns the adopted EventFD, the
+// peer's descriptor, and a channel that receives the result of a Signal
+// started on another goroutine once that Signal is seen to block.
+func blockedSignal(t *testing.T) (*vdpa.EventFD, int, <-chan error) {
+	t.Helper()
+	peer, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+	require.NoError(t, err)
+	t.Cleanup(func() { unix.Close(peer) })
+	dup, err := unix.Dup(peer)
+	require.NoError(t, err)
+	e, err := vdpa.EventFDFromFd(dup)
+	require.NoError(t, err)
+	require.NoError(t, unix.SetNonblock(peer, false), "the flag belongs to the shared file")
+	var max [8]byte
+	binary.NativeEndian.PutUint64(max[:], 0xfffffffffffffffe)
+	_, err = unix.Write(peer, max[:])
+	require.NoError(t, err)
+	done := make(chan error, 1)
+	go func() { done <- e.Signal() }()
+	select {
+	case err := <-done:
+		t.Fatalf("Signal returned (%v) on a full blocking eventfd: the setup is wrong", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	return e, peer, done
+}
+
+// TestEventFDUnblockEndsABlockedSignal: a Signal held in its write by the
+// peer (see blockedSignal) is ended by Unblock, and the signal is not
+// lost: the peer's reader finds the counter at one.
+func TestEventFDUnblockEndsABlockedSignal(t *testing.T) {
+	e, peer, done := blockedSignal(t)
+	defer e.Close()
+	assert.False(t, e.Unblock(), "no Signal left in its write")
+	select {
+	case err := <-done:
+		require.NoError(t, err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("Signal still blocked after Unblock")
+	}
+	var b [8]byte
+	require.NoError(t, unix.SetNonblock(peer, true))
+	_, err := unix.Read(peer, b[:])
+	require.NoError(t, err)
+	assert.Equal(t, uint64(1), binary.NativeEndian.Uint64(b[:]), "the blocked signal landed")
+	assert.False(t, e.Unblock(), "nothing to do")
+}
+
+// TestEventFDCloseEndsABlockedSignal: Close does not wait for a peer that
+// holds a Signal in its write; the Signal returns and the descriptor is
+// closed.
+func TestEventFDCloseEndsABlockedSignal(t *testing.T) {
+	e, _, done := blockedSignal(t)
+	fd := e.Fd()
+	closed := make(chan error, 1)
+	go func() { closed <- e.Close() }()
+	select {
+	case err := <-closed:
+		require.NoError(t, err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close waited for the peer")
+	}
+	require.NoError(t, <-done)
+	_, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0)
+	assert.ErrorIs(t, err, unix.EBADF, "descriptor closed")
+}
+
+// TestEventFDBlockedSignalEndsByItself: nobody calls Unblock; the EventFD's
+// watchdog, armed by the Signal, ends the wait within about its interval,
+// so a lock held around Signal is not held for the peer's pleasure.
+func TestEventFDBlockedSignalEndsByItself(t *testing.T) {
+	e, peer, done := blockedSignal(t)
+	defer e.Close()
+	select {
+	case err := <-done:
+		require.NoError(t, err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("Signal still blocked: the watchdog did not end it")
+	}
+	var b [8]byte
+	require.NoError(t, unix.SetNonblock(peer, true))
+	_, err := unix.Read(peer, b[:])
+	require.NoError(t, err)
+	assert.Equal(t, uint64(1), binary.NativeEndian.Uint64(b[:]), "the blocked signal landed")
+}
+
+// TestEventFDSignalsUnderWatchdogLoseNothing: many Signals from several
+// goroutines, with a reader draining concurrently: the watchdog that the
+// Signals arm never takes a count (the counter is far below its limit),
+// so the reader sees every one.
+func TestEventFDSignalsUnderWatchdogLoseNothing(t *testing.T) {
+	e, err := vdpa.NewEventFD()
+	require.NoError(t, err)
+	defer e.Close()
+	const goroutines, each = 4, 20000
+	stop := time.Now().Add(250 * time.Millisecond) // spans at least two watchdog intervals
+	var total atomic.Uint64
+	var wg sync.WaitGroup
+	for range goroutines {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < each || time.Now().Before(stop); i++ {
+				if !assert.NoError(t, e.Signal()) {
+					return
+				}
+				total.Add(1)
+			}
+		}()
+	}
+	var got uint64
+	readerStop, readerDone := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(readerDone)
+		for {
+			n, err := e.TryWait()
+			if err != nil {
+				return
+			}
+			got += n
+			if n == 0 {
+				select {
+				case <-readerStop:
+					return
+				default:
+					runtime.Gosched()
+				}
+			}
+		}
+	}()
+	wg.Wait()
+	close(readerStop)
+	<-readerDone
+	n, err := e.TryWait()
+	require.NoError(t, err)
+	got += n
+	assert.Equal(t, total.Load(), got)
+}
+
+// BenchmarkEventFDSignal: one Signal with nobody waiting (the counter
+// drained every 1024 signals): the write syscall plus the watchdog's
+// bookkeeping (two atomic adds and a load per Signal, a timer reset at
+// most once per watchInterval).
+func BenchmarkEventFDSignal(b *testing.B) {
+	e, err := vdpa.NewEventFD()
+	require.NoError(b, err)
+	defer e.Close()
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		if err := e.Signal(); err != nil {
+			b.Fatal(err)
+		}
+		if i++; i%1024 == 0 {
+			_, _ = e.TryWait()
+		}
+	}
 }
