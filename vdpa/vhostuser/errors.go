@@ -60,6 +60,11 @@ var (
 	ErrSessionBroken = errors.New("vhost-user: session broken by an interrupted request")
 	// ErrDeviceFailed: the device handler rejected a well-formed request.
 	ErrDeviceFailed = errors.New("vhost-user: device rejected request")
+
+	// ErrBadOptions is returned by NewFrontend for options out of their
+	// range (a negative queue count, a configuration size above
+	// MaxConfigSize, a negative timeout).
+	ErrBadOptions = errors.New("vhost-user: invalid options")
 )
 
 // MessageError reports a failure while handling one message.

@@ -146,6 +146,9 @@ func NewFrontend(ctx context.Context, uc *net.UnixConn, opts *FrontendOptions) (
 	if opts != nil {
 		f.opts = *opts
 	}
+	if err := f.opts.check(); err != nil {
+		return nil, err
+	}
 	if f.opts.DeviceID == 0 {
 		f.opts.DeviceID = virtio.DeviceNet
 	}
@@ -165,6 +168,19 @@ func NewFrontend(ctx context.Context, uc *net.UnixConn, opts *FrontendOptions) (
 		return nil, err
 	}
 	return f, nil
+}
+
+// check refuses options out of range (zero values are defaults).
+func (o *FrontendOptions) check() error {
+	switch {
+	case o.NumQueues < 0 || o.NumQueues > MaxQueues:
+		return fmt.Errorf("%w: NumQueues %d, not in [0, %d]", ErrBadOptions, o.NumQueues, MaxQueues)
+	case o.ConfigSize < 0 || o.ConfigSize > MaxConfigSize:
+		return fmt.Errorf("%w: ConfigSize %d, not in [0, %d]", ErrBadOptions, o.ConfigSize, MaxConfigSize)
+	case o.Timeout < 0:
+		return fmt.Errorf("%w: Timeout %v", ErrBadOptions, o.Timeout)
+	}
+	return nil
 }
 
 func (f *Frontend) handshake(ctx context.Context) error {

@@ -330,3 +330,42 @@ func TestFrontendConfigReplyOffset(t *testing.T) {
 		})
 	}
 }
+
+// TestNewFrontendRejectsBadOptions: options out of range are refused
+// before anything is sent, with ErrBadOptions, not a panic; the edges of
+// each range are accepted.
+func TestNewFrontendRejectsBadOptions(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		opts FrontendOptions
+		bad  bool
+	}{
+		{"negative NumQueues", FrontendOptions{NumQueues: -1}, true},
+		{"NumQueues above MaxQueues", FrontendOptions{NumQueues: MaxQueues + 1}, true},
+		{"NumQueues at MaxQueues", FrontendOptions{NumQueues: MaxQueues}, false},
+		{"negative ConfigSize", FrontendOptions{ConfigSize: -4}, true},
+		{"ConfigSize above MaxConfigSize", FrontendOptions{ConfigSize: MaxConfigSize + 1}, true},
+		{"ConfigSize at MaxConfigSize", FrontendOptions{ConfigSize: MaxConfigSize}, false},
+		{"negative Timeout", FrontendOptions{Timeout: -time.Second}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, done := fakeBackend(t, func(m *Message) *fakeReply { return standard(m, 0) })
+			defer func() { c.close(); <-done }()
+			f, err := NewFrontend(context.Background(), c.uc, &tc.opts)
+			if tc.bad {
+				require.ErrorIs(t, err, ErrBadOptions)
+				assert.Nil(t, f)
+				return
+			}
+			require.NoError(t, err)
+			n, err := f.NumQueues()
+			require.NoError(t, err)
+			want := tc.opts.NumQueues
+			if want == 0 {
+				want = 2
+			}
+			assert.Equal(t, want, n)
+			require.NoError(t, f.Close())
+		})
+	}
+}
