@@ -373,6 +373,11 @@ func (h *Harness) Scale(ctx context.Context) {
 // measure what they cost doing nothing.
 const scaleIdleWindow = 500 * time.Millisecond
 
+// eventFDWatchdogSettle is waited before the idle window: more than
+// vdpa.EventFD's 100 ms watchdog interval, so that the watchdogs the last
+// signals armed have fired and disarmed.
+const eventFDWatchdogSettle = 150 * time.Millisecond
+
 func (h *Harness) scaleCount(ctx context.Context, what string, n, fdsEach int, limit uint64,
 	mk func(context.Context, int) (*scaleDev, error)) {
 	const suite = "scale"
@@ -420,6 +425,13 @@ func (h *Harness) scaleCount(ctx context.Context, what string, n, fdsEach int, l
 	cancel()
 	// Idle cost: the process's CPU time while every device is up and no
 	// frame moves (timers, watchers, pollers that wake with nothing to do).
+	// It starts once the eventfd watchdogs the pings armed have run (each
+	// once, vdpa.EventFD's watchInterval after its last signal): the cost
+	// of the traffic just ended, not of idling.
+	select {
+	case <-ctx.Done():
+	case <-time.After(eventFDWatchdogSettle):
+	}
 	idle0, idleStart := cpuTime(), time.Now()
 	select {
 	case <-ctx.Done():

@@ -25,7 +25,8 @@ type EventFD struct {
 	rc syscall.RawConn // f's, for Signal's raw write
 	// signalling counts the Signal calls in their write, for Unblock.
 	signalling atomic.Int32
-	// draining is set while an Unblock read runs (at most one at a time).
+	// draining is set while a read of Unblock's or the watchdog's runs
+	// (at most one at a time).
 	draining atomic.Bool
 	// closing is set by Close before it ends blocked Signals: a Signal
 	// that starts after that writes nothing.
@@ -133,13 +134,13 @@ func (e *EventFD) Signal() error {
 	// at the count, so either it sees this Signal or this Signal sees it
 	// (sequentially consistent atomics).
 	e.signalling.Add(1)
-	if !e.armed.Load() && e.armed.CompareAndSwap(false, true) {
-		e.watch.Reset(watchInterval)
-	}
 	var err error
 	if e.closing.Load() {
 		err = os.ErrClosed
 	} else {
+		if !e.armed.Load() && e.armed.CompareAndSwap(false, true) {
+			e.watch.Reset(watchInterval)
+		}
 		err = e.rc.Write(signalFd)
 	}
 	e.signalling.Add(-1)
@@ -155,7 +156,9 @@ func (e *EventFD) Signal() error {
 // and, when the counter is at its limit (the only state in which a write
 // waits), reads the counter: the blocked write then completes, and the
 // waiter still finds it non-zero. A counter below its limit is never read,
-// so a Signal that is merely under way loses nothing to Unblock. It
+// so a Signal that is merely under way loses nothing to Unblock. (On a
+// counter at its limit, a reader racing with that read can find its
+// wake-up taken by it: only on an eventfd a peer filled, its own.) It
 // returns once no Signal is in its write and its own read has ended.
 //
 // A peer that keeps clearing the flag and refilling the counter can make
@@ -319,26 +322,82 @@ func (e *EventFD) TryWait() (uint64, error) {
 }
 
 // Close closes the descriptor and unblocks any Wait. The descriptor is
-// closed once no call uses it any more; a Signal that a peer holds in its
-// write (see Signal) is ended with Unblock first. Should the peer still
-// hold one after that, Close returns ErrCloseDeferred and the descriptor
-// is closed when that write ends: Close never waits for a peer for more
-// than about unblockFor.
+// closed once no call uses it any more. A call a peer holds in the kernel
+// (see Signal: a write at the counter's limit, or a read of an empty
+// counter once the peer cleared the non-blocking flag) is ended first: a
+// Signal after Close writes nothing, the counter is read while at its
+// limit and written once while empty, which wakes a held read (a spurious
+// wake-up for a reader, never a lost one). Should a peer that keeps
+// clearing the flag and refilling or emptying the counter still hold a
+// call after about unblockFor, Close returns ErrCloseDeferred and goes on
+// in the background until the descriptor is closed: Close itself never
+// waits longer for a peer.
 func (e *EventFD) Close() error {
-	// No Signal starts a write from here on; those in theirs end (Unblock
-	// reads through the descriptor, so before the close starts).
-	e.closing.Store(true)
+	if !e.closing.CompareAndSwap(false, true) {
+		return e.f.Close() // closed before: os.File says so
+	}
 	e.watch.Stop()
-	if e.Unblock() {
-		// The peer keeps one waiting: close in the background, when it
-		// ends.
-		go e.f.Close()
+	// A duplicate of the descriptor (the same file) lets the rescue below
+	// reach the file while the close waits for the calls still using it:
+	// the EventFD's own descriptor is out of bounds once the close begins,
+	// and its number may be reused as soon as it ends.
+	dup := -1
+	_ = e.rc.Control(func(fd uintptr) { dup, _ = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) })
+	done := make(chan error, 1)
+	go func() { done <- e.f.Close() }()
+	if dup < 0 {
+		return <-done // no descriptor to spare: the plain close
+	}
+	select {
+	case err := <-done:
+		unix.Close(dup)
+		return err
+	case <-time.After(unblockPoll):
+	}
+	// Still in use: a Wait the close is waking (it returns at once), or
+	// a call a peer holds. The rescuer owns dup and closes it when it
+	// stops, after its last round.
+	stop := make(chan struct{})
+	go rescueUntil(dup, stop)
+	select {
+	case err := <-done:
+		close(stop)
+		return err
+	case <-time.After(unblockFor):
+		go func() { <-done; close(stop) }()
 		return ErrCloseDeferred
 	}
-	return e.f.Close()
 }
 
-// ErrCloseDeferred is returned by Close when a peer kept a Signal waiting
-// in its write (see Signal) past Unblock's efforts: the descriptor is
-// closed when that write ends.
-var ErrCloseDeferred = errors.New("vdpa: eventfd close deferred: a peer holds a signal in its write")
+// rescueUntil frees calls held on the eventfd file that fd refers to,
+// every unblockPoll, until stop is closed, then closes fd. Each round sets
+// the file non-blocking again, reads the counter if it is at its limit (a
+// write waits) and writes 1 if it is empty (a read waits). Only Close runs
+// it, on a file whose EventFD no longer signals or waits.
+func rescueUntil(fd int, stop <-chan struct{}) {
+	defer unix.Close(fd)
+	for {
+		_ = unix.SetNonblock(fd, true)
+		pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN | unix.POLLOUT}}
+		if n, err := unix.Poll(pfd, 0); err == nil && n == 1 {
+			var b [8]byte
+			switch {
+			case pfd[0].Revents&unix.POLLOUT == 0: // at the limit
+				_, _ = unix.Read(fd, b[:])
+			case pfd[0].Revents&unix.POLLIN == 0: // empty
+				binary.NativeEndian.PutUint64(b[:], 1)
+				_, _ = unix.Write(fd, b[:])
+			}
+		}
+		select {
+		case <-stop:
+			return
+		case <-time.After(unblockPoll):
+		}
+	}
+}
+
+// ErrCloseDeferred is returned by Close when a peer kept a call on the
+// eventfd held in the kernel past unblockFor: the descriptor is closed in
+// the background once nothing uses it.
+var ErrCloseDeferred = errors.New("vdpa: eventfd close deferred: a peer holds a call in the kernel")

@@ -423,3 +423,42 @@ func BenchmarkEventFDSignal(b *testing.B) {
 		}
 	}
 }
+
+// TestEventFDCloseEndsAReadHeldByThePeer: the peer clears the file's
+// non-blocking flag while the counter is empty, so a Wait's read waits in
+// the kernel, where no deadline reaches it. Close ends that read (it
+// writes the empty counter once) instead of waiting for the peer, and the
+// Wait returns.
+func TestEventFDCloseEndsAReadHeldByThePeer(t *testing.T) {
+	peer, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+	require.NoError(t, err)
+	defer unix.Close(peer)
+	dup, err := unix.Dup(peer)
+	require.NoError(t, err)
+	e, err := vdpa.EventFDFromFd(dup)
+	require.NoError(t, err)
+	require.NoError(t, unix.SetNonblock(peer, false))
+	waited := make(chan error, 1)
+	go func() {
+		_, err := e.Wait(context.Background())
+		waited <- err
+	}()
+	select {
+	case err := <-waited:
+		t.Fatalf("Wait returned (%v) on an empty blocking eventfd: the setup is wrong", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	closed := make(chan error, 1)
+	go func() { closed <- e.Close() }()
+	select {
+	case err := <-closed:
+		require.NoError(t, err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close waited for the peer")
+	}
+	select {
+	case <-waited:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Wait still held")
+	}
+}
