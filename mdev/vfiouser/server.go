@@ -55,7 +55,11 @@ type Options struct {
 // window is a mapping of this process, which has vm.max_map_count (65530
 // by default) for everything it maps, so the default leaves half of that
 // to the rest of the process. A VMM plugging more small blocks sets
-// MaxDMAWindows up to 65535.
+// MaxDMAWindows up to 65535. The limit is per server: several servers in
+// one process share vm.max_map_count (and RLIMIT_NOFILE: each window with
+// a descriptor keeps a duplicate of it), so an embedder that runs more
+// than one gives each a share, or hostile clients together can exhaust
+// the mappings the Go runtime itself needs.
 const DefaultMaxDMAWindows = 32768
 
 // maxDMABudget bounds DefaultDMABudget: a quarter of the 128 TiB user
