@@ -44,6 +44,27 @@ func newSideWith(t testing.TB, size uint64, opts *mdev.Options) *side {
 	t.Helper()
 	r, err := vring.NewMemfdRegion(0, size, &vring.RegionOptions{Name: "guest"})
 	require.NoError(t, err)
+	return newSideOn(t, r, opts)
+}
+
+// unsealedSide is newSide on guest memory the test can take away: a memfd
+// created without sealing, so the device cannot seal it against
+// shrinking. It returns the memfd (closed when the test ends) and the side.
+func unsealedSide(t testing.TB, size uint64, mode mdev.DirtyMode) (int, *side) {
+	t.Helper()
+	fd, err := unix.MemfdCreate("unsealed-guest", unix.MFD_CLOEXEC)
+	require.NoError(t, err)
+	t.Cleanup(func() { unix.Close(fd) })
+	require.NoError(t, unix.Ftruncate(fd, int64(size)))
+	r, err := vring.NewFdRegion(0, size, fd, 0, nil)
+	require.NoError(t, err)
+	require.False(t, r.Sealed(), "a memfd without MFD_ALLOW_SEALING cannot be sealed")
+	return fd, newSideOn(t, r, &mdev.Options{DirtyMode: mode, Backend: "software"})
+}
+
+// newSideOn is newSideWith on guest memory of the one region r.
+func newSideOn(t testing.TB, r *vring.Region, opts *mdev.Options) *side {
+	t.Helper()
 	mem, err := vring.NewMemory(r)
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = mem.Close() })
@@ -523,26 +544,11 @@ func TestLinkChangeRaisesConfigInterrupt(t *testing.T) {
 // matching vring.ErrMemoryFault instead of ending the process, and the
 // source device runs on.
 func TestMigrateSourceTruncatedMemoryFails(t *testing.T) {
-	fd, err := unix.MemfdCreate("unsealed-guest", unix.MFD_CLOEXEC)
-	require.NoError(t, err)
-	defer unix.Close(fd)
-	require.NoError(t, unix.Ftruncate(fd, testGuestMem))
-	r, err := vring.NewFdRegion(0, testGuestMem, fd, 0, nil)
-	require.NoError(t, err)
-	require.False(t, r.Sealed(), "a memfd without MFD_ALLOW_SEALING cannot be sealed")
-	mem, err := vring.NewMemory(r)
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = mem.Close() })
-	sn, err := softnet.New(nil)
-	require.NoError(t, err)
-	local := vdpa.NewLocal(sn, nil)
-	t.Cleanup(func() { _ = local.Close() })
-	dev, err := mdev.NewDevice(local, &mdev.Options{Memory: mem, DirtyMode: mdev.DirtyRelay, Backend: "software"})
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = dev.Close() })
+	fd, src := unsealedSide(t, testGuestMem, mdev.DirtyRelay)
+	dev, mem := src.dev, src.mem
 	log, err := dirty.New(testGuestMem, nil)
 	require.NoError(t, err)
-	t.Cleanup(func() { _ = dev.Close(); _ = log.Close() })
+	closeLogAfter(t, log, src)
 
 	dst := newSide(t, testGuestMem, mdev.DirtyRelay)
 	c1, c2 := net.Pipe()

@@ -11,8 +11,6 @@ import (
 	"github.com/vdpakit/vdpakit/dirty"
 	"github.com/vdpakit/vdpakit/mdev"
 	"github.com/vdpakit/vdpakit/mdev/mdevtest"
-	"github.com/vdpakit/vdpakit/vdpa"
-	"github.com/vdpakit/vdpakit/vdpa/softnet"
 	"github.com/vdpakit/vdpakit/virtio"
 	"github.com/vdpakit/vdpakit/vring"
 )
@@ -23,27 +21,13 @@ import (
 // matching vring.ErrMemoryFault, and the process goes on (a reset works).
 func TestRelayTruncatedGuestMemoryNeedsReset(t *testing.T) {
 	const size = 16 << 20
-	fd, err := unix.MemfdCreate("guest", unix.MFD_CLOEXEC)
-	require.NoError(t, err)
-	t.Cleanup(func() { unix.Close(fd) })
-	require.NoError(t, unix.Ftruncate(fd, size))
-	r, err := vring.NewFdRegion(0, size, fd, 0, nil)
-	require.NoError(t, err)
-	require.False(t, r.Sealed())
-	mem, err := vring.NewMemory(r)
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = mem.Close() })
-	sn, err := softnet.New(nil)
-	require.NoError(t, err)
-	local := vdpa.NewLocal(sn, nil)
-	t.Cleanup(func() { _ = local.Close() })
-	dev, err := mdev.NewDevice(local, &mdev.Options{Memory: mem, DirtyMode: mdev.DirtyRelay, Backend: "software"})
-	require.NoError(t, err)
+	fd, s := unsealedSide(t, size, mdev.DirtyRelay)
+	dev, mem := s.dev, s.mem
 	g, err := mdevtest.Boot(dev, mem, 50, nil)
 	require.NoError(t, err)
 	log, err := dirty.New(size, nil)
 	require.NoError(t, err)
-	t.Cleanup(func() { _ = dev.Close(); _ = log.Close() })
+	closeLogAfter(t, log, s)
 	_, err = dev.StartDirtyTracking(log)
 	require.NoError(t, err)
 	for !g.Done() {
