@@ -586,11 +586,7 @@ func TestDMAChangesUnderTraffic(t *testing.T) {
 // start logging of its own.
 func TestDisconnectStopsDMALogging(t *testing.T) {
 	r := newRig(t, nil)
-	c := r.dial(t)
-	ctx := testCtx(t)
-	d, err := vfiousertest.NewDriver(ctx, c, nil)
-	require.NoError(t, err)
-	defer d.Close()
+	ctx, c, d := r.driver(t)
 	require.NoError(t, c.StartDMALogging(ctx, 4096, 0, vfiousertest.GuestMemSize))
 	require.NotEqual(t, mdev.DirtyAuto, r.srv.Device().DirtyTracking(), "tracking on while the client logs")
 	require.NoError(t, c.Close())
@@ -598,7 +594,7 @@ func TestDisconnectStopsDMALogging(t *testing.T) {
 		5*time.Second, 10*time.Millisecond, "tracking ended with the session")
 
 	c2 := r.dial(t)
-	_, err = c2.Negotiate(ctx)
+	_, err := c2.Negotiate(ctx)
 	require.NoError(t, err)
 	require.NoError(t, c2.DMAMap(ctx, 0, vfiousertest.GuestMemSize, d.Region.Fd(), 0))
 	require.NoError(t, c2.StartDMALogging(ctx, 4096, 0, vfiousertest.GuestMemSize), "the next client's logging")
