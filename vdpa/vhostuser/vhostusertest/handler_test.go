@@ -12,7 +12,6 @@ import (
 
 	"github.com/vdpakit/vdpakit/virtio"
 	"github.com/vdpakit/vdpakit/vring"
-	"github.com/vdpakit/vdpakit/vring/vringtest"
 )
 
 var (
@@ -181,23 +180,10 @@ func BenchmarkSinkTransmit(b *testing.B) {
 // for when it does and the rest dropped and counted, not queued without
 // bound (each reply copies its request's payload).
 func TestResponderBoundsPendingReplies(t *testing.T) {
-	const size, frames = 256, 3 * MaxPendingReplies
-	r, err := vring.NewMemfdRegion(0, 4<<20, nil)
-	require.NoError(t, err)
-	mem, err := vring.NewMemory(r)
-	require.NoError(t, err)
-	t.Cleanup(func() { mem.Close() })
+	const frames = 3 * MaxPendingReplies
 	f := virtio.Features(0).With(virtio.FVersion1)
 	h := newResponder()
-	require.NoError(t, h.SetFeatures(f))
-	l := vring.ContiguousLayout(0, size)
-	drv, err := vringtest.NewDriver(mem, vringtest.DriverOptions{Index: 1, Layout: l, Features: f,
-		Data: 0x10000, SlotSize: 2048})
-	require.NoError(t, err)
-	dq, err := vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Index: 1, Layout: l, Features: f})
-	require.NoError(t, err)
-	require.NoError(t, h.StartQueue(1, dq, nil, nil))
-	defer h.Reset()
+	drv := startTxOnly(t, h, f, 256)
 
 	req := serialize(t,
 		&layers.Ethernet{SrcMAC: peerMAC, DstMAC: net.HardwareAddr(devMAC[:]), EthernetType: layers.EthernetTypeIPv4},

@@ -16,14 +16,33 @@ import (
 // as they lie in guest memory once the worker consumed a frame, and a zero
 // snapshot for the receive queue, which was never started.
 func TestRingsShowsGuestMemoryView(t *testing.T) {
-	const size = 64
-	r, err := vring.NewMemfdRegion(0, 1<<20, nil)
+	h := New(Sink, devMAC)
+	drv := startTxOnly(t, h, virtio.Features(0).With(virtio.FVersion1, virtio.FEventIdx), 64)
+
+	// No kick eventfd: the handler must poll. Let the worker go idle
+	// first, so the frame arrives while it sleeps.
+	time.Sleep(50 * time.Millisecond)
+	_, err := drv.Add([][]byte{make([]byte, 12), []byte("frame")}, nil)
+	require.NoError(t, err)
+	drv.Queue.Publish()
+	waitFor(t, func() bool { return h.Counters().TxFrames == 1 })
+	rings := h.Rings()
+	assert.Equal(t, vring.RingSnapshot{}, rings[0], "receive queue not started")
+	assert.Equal(t, uint16(1), rings[1].AvailIdx)
+	assert.Equal(t, uint16(1), rings[1].UsedIdx)
+}
+
+// startTxOnly negotiates f on h and starts its transmit queue alone (ring
+// of size, no kick or call eventfd: the worker polls) in guest memory of
+// its own, and returns the driver side of that queue; h is reset when the
+// test ends.
+func startTxOnly(t *testing.T, h *Handler, f virtio.Features, size uint16) *vringtest.Driver {
+	t.Helper()
+	r, err := vring.NewMemfdRegion(0, 4<<20, nil)
 	require.NoError(t, err)
 	mem, err := vring.NewMemory(r)
 	require.NoError(t, err)
 	t.Cleanup(func() { mem.Close() })
-	f := virtio.Features(0).With(virtio.FVersion1, virtio.FEventIdx)
-	h := New(Sink, devMAC)
 	require.NoError(t, h.SetFeatures(f))
 	l := vring.ContiguousLayout(0, size)
 	drv, err := vringtest.NewDriver(mem, vringtest.DriverOptions{Index: 1, Layout: l, Features: f,
@@ -32,17 +51,6 @@ func TestRingsShowsGuestMemoryView(t *testing.T) {
 	dq, err := vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Index: 1, Layout: l, Features: f})
 	require.NoError(t, err)
 	require.NoError(t, h.StartQueue(1, dq, nil, nil))
-	defer h.Reset()
-
-	// No kick eventfd: the handler must poll. Let the worker go idle
-	// first, so the frame arrives while it sleeps.
-	time.Sleep(50 * time.Millisecond)
-	_, err = drv.Add([][]byte{make([]byte, 12), []byte("frame")}, nil)
-	require.NoError(t, err)
-	drv.Queue.Publish()
-	waitFor(t, func() bool { return h.Counters().TxFrames == 1 })
-	rings := h.Rings()
-	assert.Equal(t, vring.RingSnapshot{}, rings[0], "receive queue not started")
-	assert.Equal(t, uint16(1), rings[1].AvailIdx)
-	assert.Equal(t, uint16(1), rings[1].UsedIdx)
+	t.Cleanup(h.Reset)
+	return drv
 }
