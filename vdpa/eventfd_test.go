@@ -270,17 +270,10 @@ func TestEventFDSignalAllocatesNothing(t *testing.T) {
 // started on another goroutine once that Signal is seen to block.
 func blockedSignal(t *testing.T) (*vdpa.EventFD, int, <-chan error) {
 	t.Helper()
-	peer, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
-	require.NoError(t, err)
-	t.Cleanup(func() { unix.Close(peer) })
-	dup, err := unix.Dup(peer)
-	require.NoError(t, err)
-	e, err := vdpa.EventFDFromFd(dup)
-	require.NoError(t, err)
-	require.NoError(t, unix.SetNonblock(peer, false), "the flag belongs to the shared file")
+	e, peer := peerBlockingEventFD(t)
 	var max [8]byte
 	binary.NativeEndian.PutUint64(max[:], 0xfffffffffffffffe)
-	_, err = unix.Write(peer, max[:])
+	_, err := unix.Write(peer, max[:])
 	require.NoError(t, err)
 	done := make(chan error, 1)
 	go func() { done <- e.Signal() }()
@@ -290,6 +283,36 @@ func blockedSignal(t *testing.T) (*vdpa.EventFD, int, <-chan error) {
 	case <-time.After(50 * time.Millisecond):
 	}
 	return e, peer, done
+}
+
+// peerBlockingEventFD returns an EventFD adopted from a peer's eventfd and
+// the peer's own descriptor of the same file (closed when the test ends),
+// on which the peer has cleared the non-blocking flag that the adoption
+// set: the flag belongs to the shared file.
+func peerBlockingEventFD(t *testing.T) (*vdpa.EventFD, int) {
+	t.Helper()
+	peer, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+	require.NoError(t, err)
+	t.Cleanup(func() { unix.Close(peer) })
+	dup, err := unix.Dup(peer)
+	require.NoError(t, err)
+	e, err := vdpa.EventFDFromFd(dup)
+	require.NoError(t, err)
+	require.NoError(t, unix.SetNonblock(peer, false))
+	return e, peer
+}
+
+// requireCloses closes e and fails if Close waits for the peer.
+func requireCloses(t *testing.T, e *vdpa.EventFD) {
+	t.Helper()
+	closed := make(chan error, 1)
+	go func() { closed <- e.Close() }()
+	select {
+	case err := <-closed:
+		require.NoError(t, err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close waited for the peer")
+	}
 }
 
 // TestEventFDUnblockEndsABlockedSignal: a Signal held in its write by the
@@ -325,14 +348,7 @@ func requireLanded(t *testing.T, done <-chan error, peer int, stuck string) {
 // holds a Signal in its write; the Signal returns.
 func TestEventFDCloseEndsABlockedSignal(t *testing.T) {
 	e, _, done := blockedSignal(t)
-	closed := make(chan error, 1)
-	go func() { closed <- e.Close() }()
-	select {
-	case err := <-closed:
-		require.NoError(t, err)
-	case <-time.After(10 * time.Second):
-		t.Fatal("Close waited for the peer")
-	}
+	requireCloses(t, e)
 	require.NoError(t, <-done)
 }
 
@@ -424,14 +440,7 @@ func BenchmarkEventFDSignal(b *testing.B) {
 // writes the empty counter once) instead of waiting for the peer, and the
 // Wait returns.
 func TestEventFDCloseEndsAReadHeldByThePeer(t *testing.T) {
-	peer, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
-	require.NoError(t, err)
-	defer unix.Close(peer)
-	dup, err := unix.Dup(peer)
-	require.NoError(t, err)
-	e, err := vdpa.EventFDFromFd(dup)
-	require.NoError(t, err)
-	require.NoError(t, unix.SetNonblock(peer, false))
+	e, _ := peerBlockingEventFD(t)
 	waited := make(chan error, 1)
 	go func() {
 		_, err := e.Wait(context.Background())
@@ -442,14 +451,7 @@ func TestEventFDCloseEndsAReadHeldByThePeer(t *testing.T) {
 		t.Fatalf("Wait returned (%v) on an empty blocking eventfd: the setup is wrong", err)
 	case <-time.After(50 * time.Millisecond):
 	}
-	closed := make(chan error, 1)
-	go func() { closed <- e.Close() }()
-	select {
-	case err := <-closed:
-		require.NoError(t, err)
-	case <-time.After(10 * time.Second):
-		t.Fatal("Close waited for the peer")
-	}
+	requireCloses(t, e)
 	select {
 	case <-waited:
 	case <-time.After(10 * time.Second):
