@@ -227,14 +227,26 @@ func (e *EventFD) watchdog() {
 
 // drainIfFull sets the eventfd fd non-blocking again and reads its
 // counter if (and only if) it is at its limit, where a write would wait.
-func drainIfFull(fd uintptr) {
-	_ = unix.SetNonblock(int(fd), true)
+func drainIfFull(fd uintptr) { rescueRound(int(fd), false) }
+
+// rescueRound sets the eventfd fd non-blocking again and frees the calls
+// its counter holds: it reads a counter at its limit (a write waits) and,
+// with wakeReads, writes 1 to an empty one (a read waits). A counter in
+// between holds nothing and is left alone.
+func rescueRound(fd int, wakeReads bool) {
+	_ = unix.SetNonblock(fd, true)
 	pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN | unix.POLLOUT}}
-	if n, err := unix.Poll(pfd, 0); err != nil || n != 1 || pfd[0].Revents&unix.POLLOUT != 0 {
-		return // room for a write: nothing waits, nothing is taken
+	if n, err := unix.Poll(pfd, 0); err != nil || n != 1 {
+		return
 	}
 	var b [8]byte
-	_, _ = unix.Read(int(fd), b[:])
+	switch {
+	case pfd[0].Revents&unix.POLLOUT == 0: // at the limit
+		_, _ = unix.Read(fd, b[:])
+	case wakeReads && pfd[0].Revents&unix.POLLIN == 0: // empty
+		binary.NativeEndian.PutUint64(b[:], 1)
+		_, _ = unix.Write(fd, b[:])
+	}
 }
 
 // signalFd writes 1 to the eventfd fd, once, without waiting for it to
@@ -377,18 +389,7 @@ func (e *EventFD) Close() error {
 func rescueUntil(fd int, stop <-chan struct{}) {
 	defer unix.Close(fd)
 	for {
-		_ = unix.SetNonblock(fd, true)
-		pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN | unix.POLLOUT}}
-		if n, err := unix.Poll(pfd, 0); err == nil && n == 1 {
-			var b [8]byte
-			switch {
-			case pfd[0].Revents&unix.POLLOUT == 0: // at the limit
-				_, _ = unix.Read(fd, b[:])
-			case pfd[0].Revents&unix.POLLIN == 0: // empty
-				binary.NativeEndian.PutUint64(b[:], 1)
-				_, _ = unix.Write(fd, b[:])
-			}
-		}
+		rescueRound(fd, true)
 		select {
 		case <-stop:
 			return
