@@ -368,14 +368,24 @@ func (e *EventFD) Close() error {
 	}
 	// Still in use: a Wait the close is waking (it returns at once), or
 	// a call a peer holds. The rescuer owns dup and closes it when it
-	// stops, after its last round.
-	stop := make(chan struct{})
-	go rescueUntil(dup, stop)
+	// stops, after its last round; Close returns once it has, so that no
+	// descriptor of the EventFD outlives a Close that reports success.
+	stop, exited := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(exited)
+		rescueUntil(dup, stop)
+	}()
+	deadline := time.After(unblockFor)
 	select {
 	case err := <-done:
 		close(stop)
-		return err
-	case <-time.After(unblockFor):
+		select {
+		case <-exited:
+			return err
+		case <-deadline: // a round the peer holds in its read
+			return ErrCloseDeferred
+		}
+	case <-deadline:
 		go func() { <-done; close(stop) }()
 		return ErrCloseDeferred
 	}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"os"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -302,6 +303,20 @@ func peerBlockingEventFD(t *testing.T) (*vdpa.EventFD, int) {
 	return e, peer
 }
 
+// eventFDsOpen counts this process's eventfd descriptors.
+func eventFDsOpen(t *testing.T) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	require.NoError(t, err)
+	n := 0
+	for _, ent := range ents {
+		if link, err := os.Readlink("/proc/self/fd/" + ent.Name()); err == nil && link == "anon_inode:[eventfd]" {
+			n++
+		}
+	}
+	return n
+}
+
 // requireCloses closes e and fails if Close waits for the peer.
 func requireCloses(t *testing.T, e *vdpa.EventFD) {
 	t.Helper()
@@ -441,6 +456,7 @@ func BenchmarkEventFDSignal(b *testing.B) {
 // Wait returns.
 func TestEventFDCloseEndsAReadHeldByThePeer(t *testing.T) {
 	e, _ := peerBlockingEventFD(t)
+	open := eventFDsOpen(t) // the peer's and the EventFD's
 	waited := make(chan error, 1)
 	go func() {
 		_, err := e.Wait(context.Background())
@@ -452,6 +468,7 @@ func TestEventFDCloseEndsAReadHeldByThePeer(t *testing.T) {
 	case <-time.After(50 * time.Millisecond):
 	}
 	requireCloses(t, e)
+	assert.LessOrEqual(t, eventFDsOpen(t), open-1, "a descriptor of the EventFD (its own, or Close's duplicate) outlived Close")
 	select {
 	case <-waited:
 	case <-time.After(10 * time.Second):
