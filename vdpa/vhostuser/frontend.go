@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -589,7 +590,9 @@ func (f *Frontend) readConfig(ctx context.Context, off int, p []byte) error {
 	if !f.proto.Has(PFConfig) {
 		return fmt.Errorf("%w: CONFIG not negotiated", ErrUnsupported)
 	}
-	if off < 0 || len(p) > MaxConfigSize || off > 1<<31 {
+	// The message's offset field is 32 bits: an offset it cannot carry is
+	// refused, not truncated (on 32-bit every non-negative int fits).
+	if off < 0 || len(p) > MaxConfigSize || uint64(off) > math.MaxUint32 {
 		return fmt.Errorf("%w: config read %d+%d", ErrProtocol, off, len(p))
 	}
 	m, err := f.exchange(ctx, ReqGetConfig, Config{Offset: uint32(off), Data: make([]byte, len(p))}.Encode(), nil, true)
@@ -628,7 +631,7 @@ func (f *Frontend) WriteConfigContext(ctx context.Context, off int, p []byte) er
 	if !f.proto.Has(PFConfig) {
 		return fmt.Errorf("%w: CONFIG not negotiated", ErrUnsupported)
 	}
-	if off < 0 || len(p) > MaxConfigSize || off > 1<<31 {
+	if off < 0 || len(p) > MaxConfigSize || uint64(off) > math.MaxUint32 {
 		return fmt.Errorf("%w: config write %d+%d", ErrProtocol, off, len(p))
 	}
 	return f.send(ctx, ReqSetConfig, Config{Offset: uint32(off), Flags: ConfigFlagWritable, Data: p}.Encode(), nil)

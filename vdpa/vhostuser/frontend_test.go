@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"testing"
 	"time"
 
@@ -327,6 +328,66 @@ func TestFrontendConfigReplyOffset(t *testing.T) {
 			}
 			require.NoError(t, f.Close())
 			<-done
+		})
+	}
+}
+
+// TestFrontendConfigOffsetRange: the message's offset field is 32 bits; an
+// offset it cannot carry (negative, or above math.MaxUint32, which an int
+// can hold only on 64-bit) is refused with ErrProtocol before anything is
+// sent, and the largest offset that fits goes out unchanged, not truncated.
+func TestFrontendConfigOffsetRange(t *testing.T) {
+	// The largest offset the field carries that an int holds: MaxUint32 on
+	// 64-bit, MaxInt32 on 32-bit.
+	maxWire := int(min(uint64(math.MaxInt), math.MaxUint32))
+	for _, tc := range []struct {
+		name string
+		off  int
+		bad  bool
+	}{
+		{"negative", -1, true},
+		{"zero", 0, false},
+		{"largest the field carries", maxWire, false},
+		// Beyond the field on 64-bit; on 32-bit MaxInt is maxWire.
+		{"MaxInt", math.MaxInt, uint64(math.MaxInt) > math.MaxUint32},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			sent := make(chan uint32, 4)
+			c, done := fakeBackend(t, func(m *Message) *fakeReply {
+				switch m.Request {
+				case ReqGetConfig, ReqSetConfig:
+					req, err := DecodeConfig(m.Payload)
+					if err != nil {
+						return &fakeReply{payload: Config{}.Encode()[:configHeaderSize]}
+					}
+					sent <- req.Offset
+					if m.Request == ReqSetConfig {
+						return nil
+					}
+					return &fakeReply{payload: Config{Offset: req.Offset, Data: make([]byte, len(req.Data))}.Encode()}
+				}
+				return standard(m, ProtocolFeatures(0).With(PFConfig))
+			})
+			f, err := NewFrontend(context.Background(), c.uc, nil)
+			require.NoError(t, err)
+			werr := f.WriteConfig(tc.off, []byte{1, 2})
+			rerr := f.ReadConfig(tc.off, make([]byte, 2))
+			require.NoError(t, f.Close())
+			<-done
+			close(sent)
+			var got []uint32
+			for o := range sent {
+				got = append(got, o)
+			}
+			if tc.bad {
+				assert.ErrorIs(t, werr, ErrProtocol)
+				assert.ErrorIs(t, rerr, ErrProtocol)
+				assert.Empty(t, got, "an offset out of range was sent")
+				return
+			}
+			require.NoError(t, werr)
+			require.NoError(t, rerr)
+			assert.Equal(t, []uint32{uint32(tc.off), uint32(tc.off)}, got)
 		})
 	}
 }
