@@ -164,7 +164,7 @@ func TestStateVersion2Compat(t *testing.T) {
 	b := readCompat(t, "state-v2.bin")
 	require.Len(t, b, 464)
 	want := compatStateV2()
-	require.EqualValues(t, 1<<34, uint64(virtio.FRingPacked.Bit()), "RING_PACKED is bit 34")
+	require.EqualValues(t, uint64(1<<34), uint64(virtio.FRingPacked.Bit()), "RING_PACKED is bit 34")
 	got, err := DecodeState(b)
 	require.NoError(t, err)
 	assert.Equal(t, want, got)

@@ -233,7 +233,7 @@ func TestQueueRegisterRules(t *testing.T) {
 		g.w(OffQueueSize, 2, 32)
 		assert.EqualValues(t, 64, g.r(OffQueueSize, 2))
 		g.w(OffQueueDesc, 4, 0)
-		assert.EqualValues(t, 0x89abcdf0, g.r(OffQueueDesc, 4))
+		assert.EqualValues(t, uint64(0x89abcdf0), g.r(OffQueueDesc, 4))
 	})
 	t.Run("read-only fields ignore writes", func(t *testing.T) {
 		g.w(OffNumQueues, 2, 9)
@@ -609,7 +609,7 @@ func TestPCIConfigSpace(t *testing.T) {
 
 	// BAR sizing: write all ones, read back the size mask.
 	require.NoError(t, d.Write(RegionPCIConfig, 0x20, 4, 0xffffffff))
-	assert.EqualValues(t, 0xffffc00c, rd(0x20, 4), "BAR4: 16 KiB, 64-bit prefetchable")
+	assert.EqualValues(t, uint64(0xffffc00c), rd(0x20, 4), "BAR4: 16 KiB, 64-bit prefetchable")
 	// Vendor and device IDs are read-only.
 	require.NoError(t, d.Write(RegionPCIConfig, 0x00, 2, 0x1234))
 	assert.EqualValues(t, 0x1af4, rd(0x00, 2))
@@ -645,7 +645,7 @@ func TestBARMapping(t *testing.T) {
 	require.NoError(t, d.WriteBAR(MSIXBAR, 0, 4, 0xfee00000))
 	v, err = d.ReadBAR(MSIXBAR, 0, 4)
 	require.NoError(t, err)
-	assert.EqualValues(t, 0xfee00000, v)
+	assert.EqualValues(t, uint64(0xfee00000), v)
 	assert.EqualValues(t, 1, binary.LittleEndian.Uint32(d.msix[12:]), "vector control starts masked")
 }
 
