@@ -15,6 +15,12 @@ const DefaultPageSize = 4096
 // It bounds what a hostile peer's size field can make us map.
 const MaxSize = 1 << 38
 
+// addressLimit is a quarter of the address space: 1 GiB on 32-bit, where
+// it, not the machine's memory, bounds the log New creates (a larger one
+// could not be allocated or mapped in one piece), and far above MaxSize on
+// 64-bit.
+const addressLimit = math.MaxInt/2 + 1
+
 // Options configure a Bitmap. A nil *Options means all defaults.
 type Options struct {
 	// PageSize is the number of guest bytes one bit covers: a power of two,
@@ -97,7 +103,10 @@ func geometry(span, pageSize uint64) (shift uint, pages, words uint64, err error
 		pages++
 	}
 	words = pages/64 + boolU64(pages%64 != 0)
-	if words > MaxSize/8 || words > math.MaxInt/8 { // the latter on 32-bit hosts
+	// What this process can hold (on 32-bit less than MaxSize) is for the
+	// callers: New refuses more than MemoryLimit, Attach and AttachFd more
+	// than the memory they are given.
+	if words > MaxSize/8 {
 		return 0, 0, 0, ErrSpan
 	}
 	return shift, pages, words, nil
@@ -122,15 +131,17 @@ func spanFor(words uint64, shift uint) uint64 {
 
 // MemoryLimit returns the largest log New creates on this machine, in
 // bytes: a quarter of its physical memory (MaxSize where that cannot be
-// read, and never more than MaxSize). A log covers 32768 times its size of
-// guest memory with 4 KiB pages, so a quarter of 16 GiB is a log for 128
-// TiB of guest: a larger one is a mistake, and a private bitmap that size
-// would kill the process with a runtime out-of-memory error on first use.
+// read, and never more than MaxSize), and on 32-bit no more than a quarter
+// of the address space, 1 GiB. A log covers 32768 times its size of guest
+// memory with 4 KiB pages, so a quarter of 16 GiB is a log for 128 TiB of
+// guest: a larger one is a mistake, and a private bitmap that size would
+// kill the process with a runtime out-of-memory error on first use.
 func MemoryLimit() uint64 {
+	limit := uint64(min(MaxSize, addressLimit))
 	if m := physMem(); m != 0 {
-		return min(m/4, MaxSize)
+		return min(m/4, limit)
 	}
-	return MaxSize
+	return limit
 }
 
 // New returns a clean bitmap covering guest addresses [0, span). With

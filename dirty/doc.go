@@ -49,7 +49,8 @@
 // # Size and memory
 //
 // New refuses a log larger than MemoryLimit, a quarter of the machine's
-// physical memory (ErrTooLarge, in a *SizeError): a log covers 32768 times
+// physical memory and on 32-bit at most 1 GiB, a quarter of the address
+// space (ErrTooLarge, in a *SizeError): a log covers 32768 times
 // its size of guest memory, so a larger one is a mistake, and a private
 // bitmap beyond memory would end the process with a runtime out-of-memory
 // failure when first used. A log mapped from a file (a shared New,

@@ -6,6 +6,7 @@ import (
 	"math"
 	"os"
 	"slices"
+	"strconv"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -584,6 +585,26 @@ func TestAttachFdHostilePeer(t *testing.T) {
 		b, err := dirty.AttachFd(fd, 0, 4096, nil)
 		require.NoError(t, err)
 		require.NoError(t, b.Close())
+	})
+	t.Run("a log larger than a 32-bit address space", func(t *testing.T) {
+		// 4 GiB and a word of file (sparse: no memory), one word if the
+		// size were truncated to 32 bits. 64-bit maps it all; 32-bit
+		// refuses it instead of mapping the wrong length.
+		const size = 1<<32 + 8
+		fd, err := unix.MemfdCreate("peer-log", unix.MFD_CLOEXEC)
+		require.NoError(t, err)
+		defer unix.Close(fd)
+		require.NoError(t, unix.Ftruncate(fd, size))
+		b, err := dirty.AttachFd(fd, 0, size, nil)
+		if strconv.IntSize == 32 {
+			require.ErrorIs(t, err, dirty.ErrMemory)
+			return
+		}
+		require.NoError(t, err)
+		defer b.Close()
+		assert.Equal(t, uint64(size), uint64(b.Size()))
+		require.NoError(t, b.Mark(b.Span()-1, 1))
+		assert.True(t, b.PageDirty(b.NumPages()-1))
 	})
 	t.Run("an fd that cannot be mapped", func(t *testing.T) {
 		p, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)

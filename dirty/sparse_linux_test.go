@@ -209,19 +209,24 @@ func TestAttachFdHarvestSkipsHoles(t *testing.T) {
 }
 
 // TestNewRefusesLogBeyondMachine: a log larger than a quarter of the
-// machine's memory is an error matching ErrTooLarge, not a runtime
-// out-of-memory failure when it is first used.
+// machine's memory (on 32-bit, of the address space: 1 GiB, whatever the
+// memory) is an error matching ErrTooLarge, not a runtime out-of-memory
+// failure when it is first used, and not a truncated allocation.
 func TestNewRefusesLogBeyondMachine(t *testing.T) {
-	quarter := memTotal(t) / 4
+	limit := memTotal(t) / 4
+	if strconv.IntSize == 32 {
+		limit = min(limit, 1<<30)
+	}
 	for _, shared := range []bool{false, true} {
-		big := (quarter + 1<<20) * 8 * dirty.DefaultPageSize
+		big := (limit + 1<<20) * 8 * dirty.DefaultPageSize
 		_, err := dirty.New(big, &dirty.Options{Shared: shared})
 		require.ErrorIs(t, err, dirty.ErrTooLarge, "shared %v", shared)
 		var se *dirty.SizeError
 		require.ErrorAs(t, err, &se)
-		assert.Equal(t, quarter+1<<20, se.Size)
+		assert.Equal(t, limit+1<<20, se.Size)
+		assert.Equal(t, dirty.MemoryLimit(), se.Limit)
 
-		b, err := dirty.New((quarter-1<<20)*8*dirty.DefaultPageSize, &dirty.Options{Shared: shared})
+		b, err := dirty.New((limit-1<<20)*8*dirty.DefaultPageSize, &dirty.Options{Shared: shared})
 		require.NoError(t, err, "a log just within the limit (never touched)")
 		require.NoError(t, b.Close())
 	}
