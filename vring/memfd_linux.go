@@ -2,6 +2,7 @@ package vring
 
 import (
 	"fmt"
+	"math"
 
 	"golang.org/x/sys/unix"
 )
@@ -13,9 +14,10 @@ import (
 // Only opts.Name and opts.UserAddr are used. The memfd is sealed against
 // shrinking (F_SEAL_SHRINK; it may still grow and more seals may be added),
 // so a peer it is passed to cannot take pages away from under this
-// process's mapping: Sealed reports true.
+// process's mapping: Sealed reports true. A size of 0 or above 64 TiB (on
+// 32-bit, above math.MaxInt) is refused with ErrInvalidRegion.
 func NewMemfdRegion(base GuestAddr, size uint64, opts *RegionOptions) (*Region, error) {
-	if size == 0 || size > 1<<46 {
+	if size == 0 || size > maxMapping {
 		return nil, fmt.Errorf("%w: memfd size %#x", ErrInvalidRegion, size)
 	}
 	if uint64(base)+size-1 < uint64(base) {
@@ -57,9 +59,10 @@ func NewMemfdRegion(base GuestAddr, size uint64, opts *RegionOptions) (*Region, 
 // unless opts.NoSeal), then checks that a regular file is long enough for
 // [offset, offset+size) (ErrInvalidRegion otherwise: the mapping would
 // fault). Region.Sealed reports the outcome; accesses to an unsealed
-// region should be made under CatchFault or Guard.
+// region should be made under CatchFault or Guard. Sizes are bounded as
+// for NewMemfdRegion.
 func NewFdRegion(base GuestAddr, size uint64, fd int, offset uint64, opts *RegionOptions) (*Region, error) {
-	if size == 0 || size > 1<<46 || offset > 1<<62 {
+	if size == 0 || size > maxMapping || offset > 1<<62 {
 		return nil, fmt.Errorf("%w: fd region size %#x offset %#x", ErrInvalidRegion, size, offset)
 	}
 	if uint64(base)+size-1 < uint64(base) {
@@ -137,6 +140,12 @@ func sealShrink(fd int, add bool) (bool, error) {
 	}
 	return true, nil
 }
+
+// maxMapping is the largest region NewMemfdRegion and NewFdRegion map: 64
+// TiB, and on 32-bit what an int (a slice's length) holds, less than 2 GiB;
+// a larger size is refused with ErrInvalidRegion rather than truncated to
+// the length of another mapping.
+const maxMapping = min(1<<46, math.MaxInt)
 
 // mapFd maps fd and builds an owning region; it closes fd on failure.
 func mapFd(base GuestAddr, size uint64, fd int, offset uint64, user HostAddr, sealed bool) (*Region, error) {

@@ -1,12 +1,14 @@
 package vring
 
 import (
+	"math"
 	"os"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"github.com/vdpakit/vdpakit/virtio"
+	"golang.org/x/sys/unix"
 )
 
 func TestMemoryTranslation(t *testing.T) {
@@ -118,6 +120,51 @@ func TestMemoryRejectsBadRegions(t *testing.T) {
 	s, err := mem.Slice(^GuestAddr(0), 1)
 	require.NoError(t, err)
 	assert.Len(t, s, 1)
+}
+
+// TestMappedRegionSizeBounds: NewMemfdRegion and NewFdRegion (whose size
+// a vhost-user peer's memory table gives) map a size up to 64 TiB that an
+// int holds, and refuse a larger one with ErrInvalidRegion: on 32-bit 2
+// GiB and more, which truncated to an int would map another length (4 GiB
+// and a page: one page). The files are sparse memfds: nothing is written.
+func TestMappedRegionSizeBounds(t *testing.T) {
+	page := uint64(os.Getpagesize())
+	const fileSize = 1<<32 + 1<<16
+	fd, err := unix.MemfdCreate("bounds", unix.MFD_CLOEXEC)
+	require.NoError(t, err)
+	defer unix.Close(fd)
+	require.NoError(t, unix.Ftruncate(fd, fileSize))
+	fits := func(size uint64) bool { return size <= 1<<46 && size <= uint64(math.MaxInt) }
+	for _, tc := range []struct {
+		name string
+		size uint64
+	}{
+		{"one page", page},
+		{"1 GiB", 1 << 30}, // a 2 GiB hole may not exist in a 32-bit address space
+		{"2 GiB", 1 << 31},
+		{"4 GiB and a page", 1<<32 + page},
+		{"above 64 TiB", 1<<46 + page},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for _, m := range []struct {
+				name string
+				new  func() (*Region, error)
+			}{
+				{"memfd", func() (*Region, error) { return NewMemfdRegion(0, tc.size, nil) }},
+				{"fd", func() (*Region, error) { return NewFdRegion(0, tc.size, fd, 0, &RegionOptions{NoSeal: true}) }},
+			} {
+				r, err := m.new()
+				if !fits(tc.size) {
+					require.ErrorIs(t, err, ErrInvalidRegion, m.name)
+					continue
+				}
+				require.NoError(t, err, m.name)
+				assert.Equal(t, tc.size, r.Size(), m.name)
+				assert.Len(t, r.Bytes(), int(tc.size), m.name)
+				require.NoError(t, r.Close())
+			}
+		})
+	}
 }
 
 func TestMemfdRegionIsSharedThroughItsFd(t *testing.T) {
