@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -652,7 +653,10 @@ func (d *Device) mapLocked() error {
 
 func (d *Device) mapEntry(fd int, e iotlbEntry) (*vring.Region, error) {
 	size := e.Last - e.Start + 1
-	if e.Last < e.Start || size == 0 || size > 1<<40 || e.Offset > 1<<62 || e.Offset%uint64(os.Getpagesize()) != 0 {
+	// size > math.MaxInt: on 32-bit an entry of 2 GiB or more, which
+	// int(size) below would truncate to another length.
+	if e.Last < e.Start || size == 0 || size > 1<<40 || size > uint64(math.MaxInt) ||
+		e.Offset > 1<<62 || e.Offset%uint64(os.Getpagesize()) != 0 {
 		return nil, fmt.Errorf("%w: IOTLB entry [%#x, %#x] offset %#x", ErrBadRequest, e.Start, e.Last, e.Offset)
 	}
 	// The file behind an IOVA range can be a VMM's memfd (vhost-vdpa

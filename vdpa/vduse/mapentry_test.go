@@ -1,6 +1,7 @@
 package vduse
 
 import (
+	"strconv"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -38,6 +39,10 @@ func TestMapEntryRefusesShortFiles(t *testing.T) {
 		{"offset past the end", 4 * page, 0, iotlbEntry{Offset: 4 * page, Start: 0, Last: page - 1}, true},
 		{"empty file", 0, 0, iotlbEntry{Start: 0, Last: page - 1}, true},
 		{"offset near 2^64", 4 * page, 0, iotlbEntry{Offset: ^uint64(0) &^ (page - 1), Start: 0, Last: page - 1}, true},
+		// A page if truncated to 32 bits: mapped whole on 64-bit, refused
+		// on 32-bit, where a slice cannot be that long.
+		{"4 GiB and a page", 1<<32 + page, 0, iotlbEntry{Start: 0, Last: 1<<32 + page - 1}, strconv.IntSize == 32},
+		{"above 1 TiB", 1<<40 + page, 0, iotlbEntry{Start: 0, Last: 1<<40 + page - 1}, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			d := &Device{}
