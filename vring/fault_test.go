@@ -93,3 +93,77 @@ func TestMemoryFault(t *testing.T) {
 	assert.Equal(t, empty.Regions()[0].HostAddr(), h)
 	require.NoError(t, empty.Close())
 }
+
+// TestMemoryTableEdits: a faulted region goes in its sorted place and is
+// refused when it overlaps its neighbour on either side, and RemoveRange
+// drops exactly the regions touching the range, in a table of many
+// regions (both look only near the range, by binary search).
+func TestMemoryTableEdits(t *testing.T) {
+	const n, stride, size = 64, 0x10000, 0x1000 // regions at k*stride
+	var next *Region
+	fault := func(addr GuestAddr, _ uint64) (*Region, error) { return next, nil }
+	regions := make([]*Region, n)
+	var err error
+	for k := range regions {
+		regions[k], err = NewRegion(GuestAddr(k*stride), make([]byte, size), nil)
+		require.NoError(t, err)
+	}
+	mem, err := NewMemoryWithOptions(&MemoryOptions{Fault: fault}, regions...)
+	require.NoError(t, err)
+	defer mem.Close()
+	bases := func() []GuestAddr {
+		var out []GuestAddr
+		for _, r := range mem.Regions() {
+			out = append(out, r.Base())
+		}
+		return out
+	}
+
+	for _, tc := range []struct {
+		name       string
+		base, size uint64
+		access     GuestAddr
+		err        error
+	}{
+		{"overlaps the next region", 10*stride + 0x8000, 0x9000, 10*stride + 0x8000, ErrRegionOverlap},
+		{"overlaps the region before", 10*stride + size - 1, 0x2000, 10*stride + size, ErrRegionOverlap},
+		{"overlaps the first region", 0, 0x2000, size, ErrRegionOverlap},
+		{"covers a whole region", 20*stride - 0x100, 0x2000, 20*stride - 0x100, ErrRegionOverlap},
+		{"between two regions", 10*stride + size, stride - size, 10*stride + size, nil},
+		{"after the last region", n * stride, size, n*stride + 1, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r, err := NewRegion(GuestAddr(tc.base), make([]byte, tc.size), nil)
+			require.NoError(t, err)
+			next = r
+			before := len(mem.Regions())
+			_, err = mem.Slice(tc.access, 1)
+			if tc.err != nil {
+				require.ErrorIs(t, err, tc.err)
+				assert.Len(t, mem.Regions(), before)
+				return
+			}
+			require.NoError(t, err)
+			assert.Len(t, mem.Regions(), before+1)
+			assert.IsIncreasing(t, bases(), "the table stays sorted")
+		})
+	}
+	require.Len(t, mem.Regions(), n+2)
+
+	// [30*stride+size-1, 33*stride]: the last byte of region 30, regions 31
+	// and 32, and the first byte of 33.
+	require.NoError(t, mem.RemoveRange(30*stride+size-1, 33*stride))
+	got := bases()
+	assert.Len(t, got, n+2-4)
+	for _, k := range []int{30, 31, 32, 33} {
+		assert.NotContains(t, got, GuestAddr(k*stride), "region %d dropped", k)
+	}
+	for _, k := range []int{29, 34} {
+		assert.Contains(t, got, GuestAddr(k*stride), "region %d kept", k)
+	}
+	// A range in a gap drops nothing; one past the end neither.
+	require.NoError(t, mem.RemoveRange(40*stride+size, 41*stride-1))
+	require.NoError(t, mem.RemoveRange(n*stride+size, ^GuestAddr(0)))
+	assert.Len(t, bases(), n+2-4)
+	assert.IsIncreasing(t, bases())
+}

@@ -237,16 +237,17 @@ func (m *Memory) RemoveRange(start, last GuestAddr) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	old := m.table()
-	keep := make([]*Region, 0, len(old))
-	var gone []*Region
-	for _, r := range old {
-		rLast := r.base + GuestAddr(len(r.mem)-1)
-		if r.base <= last && start <= rLast {
-			gone = append(gone, r)
-		} else {
-			keep = append(keep, r)
-		}
+	// The table is sorted and its regions do not overlap: the ones to drop
+	// are old[i:j], i the first ending at or after start.
+	i := sort.Search(len(old), func(i int) bool { return old[i].base+GuestAddr(len(old[i].mem)-1) >= start })
+	j := i
+	for j < len(old) && old[j].base <= last {
+		j++
 	}
+	gone := old[i:j]
+	keep := make([]*Region, 0, len(old)-len(gone))
+	keep = append(keep, old[:i]...)
+	keep = append(keep, old[j:]...)
 	m.tab.Store(&keep)
 	m.last.Store(0)
 	var errs []error
@@ -287,16 +288,20 @@ func (m *Memory) faultIn(addr GuestAddr, n uint64) ([]*Region, int, error) {
 		r.Close()
 		return rs, -1, fmt.Errorf("%w: fault for %v returned %v", ErrInvalidRegion, addr, r)
 	}
+	// The table is sorted and its regions do not overlap, so only the
+	// neighbours of r's place can overlap it: the region before (the last
+	// one starting at or below r) and the one after.
 	rLast := uint64(r.base) + uint64(len(r.mem)) - 1
-	at := len(rs)
-	for i, x := range rs {
+	at := sort.Search(len(rs), func(i int) bool { return rs[i].base > r.base })
+	for _, i := range [2]int{at - 1, at} {
+		if i < 0 || i >= len(rs) {
+			continue
+		}
+		x := rs[i]
 		xLast := uint64(x.base) + uint64(len(x.mem)) - 1
 		if uint64(x.base) <= rLast && uint64(r.base) <= xLast {
 			r.Close()
 			return rs, -1, fmt.Errorf("%w: faulted %v and %v", ErrRegionOverlap, r, x)
-		}
-		if x.base > r.base && at == len(rs) {
-			at = i
 		}
 	}
 	nt := make([]*Region, 0, len(rs)+1)
