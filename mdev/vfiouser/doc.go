@@ -37,9 +37,12 @@
 //     (EINVAL); at most Options.MaxDMAWindows windows are mapped at once
 //     (ENOSPC beyond; announced as max_dma_maps) and at most
 //     Options.DMABudget bytes of address space are held by windows and by
-//     the ranges of retired windows (ENOMEM beyond): the mappings are
-//     checked before anything is mapped, and the session goes on. An unmap releases the window's descriptor and
-//     mapping before its reply, whatever the migration state. When memory
+//     the ranges of retired windows (ENOMEM beyond). The server keeps one
+//     descriptor per file the windows map, shared by the file's windows,
+//     for at most Options.MaxDMAFiles files (ENOSPC beyond). The limits are
+//     checked before anything is mapped, and the session goes on. An unmap
+//     releases the window's mapping, and the file's descriptor with its
+//     last window, before its reply, whatever the migration state. When memory
 //     changes under a running data path (in any of the running migration
 //     states), the server stops it through mdev's migration state machine
 //     (-> STOP records every ring position) and restarts it afterwards;

@@ -273,7 +273,100 @@ func TestDMAWindowRules(t *testing.T) {
 	for _, n := range []int{-1, 65536} {
 		_, err := vfiouser.New(backing, &vfiouser.Options{MaxDMAWindows: n})
 		require.ErrorIs(t, err, mdev.ErrInvalidOptions, "MaxDMAWindows %d", n)
+		_, err = vfiouser.New(backing, &vfiouser.Options{MaxDMAFiles: n})
+		require.ErrorIs(t, err, mdev.ErrInvalidOptions, "MaxDMAFiles %d", n)
 	}
+}
+
+// fileIno is the inode number of the file fd refers to.
+func fileIno(t *testing.T, fd int) uint64 {
+	t.Helper()
+	var st unix.Stat_t
+	require.NoError(t, unix.Fstat(fd, &st))
+	return uint64(st.Ino)
+}
+
+// TestDMAWindowsShareTheirFile: the windows of one file share one
+// descriptor in the server, which goes with the last of them, and every
+// window's guest memory region hands on that descriptor with the window's
+// offset. A descriptor per window used to let a client fill the process's
+// descriptor table (RLIMIT_NOFILE: 20000 on the machine this was found on,
+// against 32768 windows by default), after which nothing else in the
+// process could open a file, accept a connection or create an eventfd.
+func TestDMAWindowsShareTheirFile(t *testing.T) {
+	_, srv, path := stubbornRigOpts(t, nil)
+	ctx := testCtx(t)
+	const name, windows = "vfu-window-shared", 64
+	file := sparseFile(t, name, windows<<20)
+	c := dialPath(t, path)
+	_, err := c.Negotiate(ctx)
+	require.NoError(t, err)
+	before := fdCount(t)
+	for i := uint64(0); i < windows; i++ {
+		require.NoError(t, c.DMAMap(ctx, i<<21, 1<<20, file, i<<20), "window %d", i)
+		require.Equal(t, before+1, fdCount(t), "descriptors held after window %d", i)
+	}
+	regions := srv.Memory().Regions()
+	require.Len(t, regions, windows)
+	for i, r := range regions {
+		require.GreaterOrEqual(t, r.Fd(), 0, "region %d", i)
+		assert.Equal(t, fileIno(t, file), fileIno(t, r.Fd()), "region %d maps the client's file", i)
+		assert.Equal(t, regions[0].Fd(), r.Fd(), "region %d shares the descriptor", i)
+		assert.Equal(t, uint64(i)<<20, r.FdOffset(), "region %d", i)
+	}
+	assert.Equal(t, uint64(windows<<20), srv.DMAReserved())
+	for i := uint64(0); i < windows-1; i++ {
+		require.NoError(t, c.DMAUnmap(ctx, i<<21, 1<<20), "window %d", i)
+	}
+	assert.Equal(t, before+1, fdCount(t), "the last window keeps the descriptor")
+	assert.Equal(t, 1, mappings(t, name))
+	require.NoError(t, c.DMAUnmap(ctx, (windows-1)<<21, 1<<20))
+	assert.Equal(t, before, fdCount(t), "the descriptor goes with the last window")
+	assert.Zero(t, mappings(t, name))
+	assert.Zero(t, srv.DMAReserved())
+}
+
+// TestDMAFileLimit: at most MaxDMAFiles distinct files are mapped; a window
+// of another file is refused with ENOSPC before anything is mapped, a
+// window of a file already mapped is not, and unmapping a file's last
+// window makes room. The session goes on, and its end leaves nothing.
+func TestDMAFileLimit(t *testing.T) {
+	const limit = 3
+	_, srv, path := stubbornRigOpts(t, &vfiouser.Options{MaxDMAFiles: limit})
+	ctx := testCtx(t)
+	const name = "vfu-file-limit"
+	files := make([]int, limit+1)
+	for i := range files {
+		files[i] = sparseFile(t, name, 1<<20)
+	}
+	before := fdCount(t)
+	c := dialPath(t, path)
+	_, err := c.Negotiate(ctx)
+	require.NoError(t, err)
+	window := func(i int) uint64 { return uint64(i) << 21 }
+	for i := 0; i < limit; i++ {
+		require.NoError(t, c.DMAMap(ctx, window(i), 1<<20, files[i], 0), "file %d", i)
+	}
+	err = c.DMAMap(ctx, window(limit), 1<<20, files[limit], 0)
+	require.True(t, vfiousertest.IsErrno(err, unix.ENOSPC), "a file beyond the limit: %v", err)
+	assert.Equal(t, limit, mappings(t, name), "nothing mapped for the refused window")
+	require.NoError(t, c.DMAMap(ctx, window(limit+1), 1<<20, files[0], 0), "another window of a mapped file")
+	require.NoError(t, c.DMAMap(ctx, window(limit+2), 4096, -1, 0), "a window without a file")
+
+	// The file of window 1 goes with its only window.
+	require.NoError(t, c.DMAUnmap(ctx, window(1), 1<<20))
+	require.NoError(t, c.DMAMap(ctx, window(limit), 1<<20, files[limit], 0), "room once a file is gone")
+	// File 0 still has a window: unmapping one of its two frees no room.
+	require.NoError(t, c.DMAUnmap(ctx, window(0), 1<<20))
+	err = c.DMAMap(ctx, window(1), 1<<20, files[1], 0)
+	require.True(t, vfiousertest.IsErrno(err, unix.ENOSPC), "file 0 still mapped: %v", err)
+	_, err = c.DeviceInfo(ctx)
+	require.NoError(t, err, "the session goes on")
+
+	require.NoError(t, c.Close())
+	require.Eventually(t, func() bool { return fdCount(t) <= before && mappings(t, name) == 0 }, 5*time.Second, 10*time.Millisecond,
+		"leaked: %d descriptors before, %d after; %d mappings", before, fdCount(t), mappings(t, name))
+	assert.Zero(t, srv.DMAReserved())
 }
 
 // TestRetiredWindowsCountAgainstTheBudget: the address range of a window

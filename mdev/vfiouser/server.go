@@ -42,7 +42,23 @@ type Options struct {
 	// type1 beyond the locked-memory limit) before anything is mapped. 0
 	// means DefaultDMABudget().
 	DMABudget uint64
+	// MaxDMAFiles caps the distinct files the DMA windows with descriptors
+	// map. The server holds one descriptor of each file, shared by every
+	// window mapping it, so this bounds the descriptors a client makes the
+	// process hold (each window holding its own, a client could fill
+	// RLIMIT_NOFILE, and every other part of the process would then fail to
+	// open anything). A DMA_MAP of a file beyond it is refused with ENOSPC
+	// before anything is mapped; windows of a file already mapped are not.
+	// 0 means DefaultMaxDMAFiles; at most 65535.
+	MaxDMAFiles int
 }
+
+// DefaultMaxDMAFiles is the default Options.MaxDMAFiles. QEMU maps guest
+// memory from one file per memory backend (a NUMA node's RAM, a DIMM, a
+// virtio-mem device's memory); a q35 machine has at most 256 DIMM slots.
+// Memory without a file (ROMs of a guest whose RAM is shared) is mapped
+// without a descriptor and reached through DMA_READ/DMA_WRITE.
+const DefaultMaxDMAFiles = 512
 
 // DefaultMaxDMAWindows is the default Options.MaxDMAWindows. QEMU maps one
 // window per RAM section of guest memory (RAM below and above 4 GiB, the
@@ -56,8 +72,8 @@ type Options struct {
 // by default) for everything it maps, so the default leaves half of that
 // to the rest of the process. A VMM plugging more small blocks sets
 // MaxDMAWindows up to 65535. The limit is per server: several servers in
-// one process share vm.max_map_count (and RLIMIT_NOFILE: each window with
-// a descriptor keeps a duplicate of it), so an embedder that runs more
+// one process share vm.max_map_count (and RLIMIT_NOFILE: each file the
+// windows map keeps a descriptor, see MaxDMAFiles), so an embedder that runs more
 // than one gives each a share, or hostile clients together can exhaust
 // the mappings the Go runtime itself needs.
 const DefaultMaxDMAWindows = 32768
@@ -102,10 +118,10 @@ type Server struct {
 
 	mu  sync.Mutex // guards dma
 	dma dmaTable
-	// maxWindows and budget are Options.MaxDMAWindows and DMABudget,
-	// defaults applied.
-	maxWindows int
-	budget     uint64
+	// maxWindows, maxFiles and budget are Options.MaxDMAWindows,
+	// MaxDMAFiles and DMABudget, defaults applied.
+	maxWindows, maxFiles int
+	budget               uint64
 	// retired is len(dma.graveyard), read without mu after every message.
 	retired atomic.Int32
 
@@ -173,9 +189,15 @@ func New(backing vdpa.Device, opts *Options) (*Server, error) {
 	if o.MaxDMAWindows < 0 || o.MaxDMAWindows > 65535 {
 		return nil, fmt.Errorf("%w: MaxDMAWindows %d (0..65535)", mdev.ErrInvalidOptions, o.MaxDMAWindows)
 	}
-	s.maxWindows, s.budget = o.MaxDMAWindows, o.DMABudget
+	if o.MaxDMAFiles < 0 || o.MaxDMAFiles > 65535 {
+		return nil, fmt.Errorf("%w: MaxDMAFiles %d (0..65535)", mdev.ErrInvalidOptions, o.MaxDMAFiles)
+	}
+	s.maxWindows, s.maxFiles, s.budget = o.MaxDMAWindows, o.MaxDMAFiles, o.DMABudget
 	if s.maxWindows == 0 {
 		s.maxWindows = DefaultMaxDMAWindows
+	}
+	if s.maxFiles == 0 {
+		s.maxFiles = DefaultMaxDMAFiles
 	}
 	if s.budget == 0 {
 		s.budget = DefaultDMABudget()
@@ -284,7 +306,7 @@ func (s *Server) fault(addr vring.GuestAddr, n uint64) (*vring.Region, error) {
 		return nil, fmt.Errorf("%w: %v is in a window without a descriptor", ErrNotMapped, addr)
 	}
 	return vring.NewRegion(toGuest(m.addr), m.mem, &vring.RegionOptions{
-		Fd: m.fd, FdOffset: m.fdOffset, Sealed: m.sealed, ReadOnly: m.flags&DMAWritable == 0})
+		Fd: m.fd(), FdOffset: m.fdOffset, Sealed: m.file != nil && m.file.sealed, ReadOnly: m.flags&DMAWritable == 0})
 }
 
 // live reports whether the backing device may be touching guest memory.
@@ -432,7 +454,7 @@ const (
 
 // dropAll removes every DMA window.
 func (s *Server) dropAll(mode dropMode) {
-	_ = s.dropWindows(func(*mapping) bool { return true }, mode)
+	_ = s.dropWindows(allWindows, mode)
 }
 
 // dropWindows removes the windows match selects from the DMA table and
@@ -442,7 +464,7 @@ func (s *Server) dropAll(mode dropMode) {
 // ERROR, or a backing device that refused its reset) gets them retired
 // (mapping.retire), within maxRetired; beyond it, when the stop failed, and
 // when the client left, the device is reset to stop its data path.
-func (s *Server) dropWindows(match func(*mapping) bool, mode dropMode) error {
+func (s *Server) dropWindows(sel windowSel, mode dropMode) error {
 	s.sessMu.Lock()
 	if s.closed {
 		// A session still ending after Close (which does not wait for
@@ -452,8 +474,9 @@ func (s *Server) dropWindows(match func(*mapping) bool, mode dropMode) error {
 	s.sessMu.Unlock()
 	s.mu.Lock()
 	mapped := 0
-	for _, m := range s.dma.maps {
-		if m.mem != nil && match(m) {
+	i, j := s.dma.selected(sel)
+	for _, m := range s.dma.maps[i:j] {
+		if m.mem != nil {
 			mapped++
 		}
 	}
@@ -480,19 +503,10 @@ func (s *Server) dropWindows(match func(*mapping) bool, mode dropMode) error {
 		}
 	}
 	s.mu.Lock()
-	var gone []*mapping
-	keep := s.dma.maps[:0]
-	for _, m := range s.dma.maps {
-		if match(m) {
-			gone = append(gone, m)
-		} else {
-			keep = append(keep, m)
-		}
-	}
-	clear(s.dma.maps[len(keep):])
-	s.dma.maps = keep
+	gone := s.dma.remove(sel)
+	empty := len(s.dma.maps) == 0
 	s.mu.Unlock()
-	if len(keep) == 0 {
+	if empty {
 		_ = s.mem.RemoveRange(0, ^vring.GuestAddr(0))
 	} else {
 		for _, m := range gone {
@@ -505,9 +519,9 @@ func (s *Server) dropWindows(match func(*mapping) bool, mode dropMode) error {
 	defer s.mu.Unlock()
 	for _, m := range gone {
 		if stopped {
-			m.release()
-		} else if b := m.retire(); b != nil {
-			s.dma.graveyard = append(s.dma.graveyard, b)
+			s.dma.release(m)
+		} else {
+			s.dma.retire(m)
 		}
 	}
 	if stopped {
@@ -533,10 +547,7 @@ func (s *Server) reap() {
 // data path stopped since they were retired (when it goes live again, it
 // is given the memory table of the time, which no longer has them).
 func (s *Server) reapLocked() {
-	for _, b := range s.dma.graveyard {
-		_ = unix.Munmap(b)
-	}
-	s.dma.graveyard = nil
+	s.dma.reap()
 	s.retired.Store(0)
 }
 

@@ -295,10 +295,26 @@ func (ss *session) handleDMAMap(p []byte) error {
 		return perr(CmdDMAMap, ErrFds, "%d descriptors", len(ss.fds))
 	}
 	s := ss.s
+	fd := -1
+	if len(ss.fds) == 1 {
+		fd = ss.takeFds()[0]
+	}
+	// fd is this session's until the table keeps it.
+	closeFd := func() {
+		if fd >= 0 {
+			_ = unix.Close(fd)
+		}
+	}
+	var id fileID
+	if fd >= 0 {
+		if id, err = identify(m, fd); err != nil {
+			closeFd()
+			return err
+		}
+	}
 	// Checked before anything is mapped, and again under mu when the
 	// window goes in (only this session maps, but unmaps and reaps change
 	// the table in between).
-	withFd := len(ss.fds) == 1
 	check := func() error {
 		if s.dma.overlaps(m.Address, m.Address+m.Size-1) {
 			return perr(CmdDMAMap, ErrExists, "%#x+%#x", m.Address, m.Size)
@@ -306,10 +322,14 @@ func (ss *session) handleDMAMap(p []byte) error {
 		if n := len(s.dma.maps); n >= s.maxWindows {
 			return &Error{Cmd: CmdDMAMap, Errno: unix.ENOSPC, Err: fmt.Errorf("%w: %d windows (max_dma_maps %d)", ErrDMALimit, n, s.maxWindows)}
 		}
-		if withFd {
-			if used := s.dma.reserved(); m.Size > s.budget || used > s.budget-m.Size {
-				return &Error{Cmd: CmdDMAMap, Errno: unix.ENOMEM, Err: fmt.Errorf("%w: %#x bytes with %#x of %#x reserved", ErrDMALimit, m.Size, used, s.budget)}
-			}
+		if fd < 0 {
+			return nil
+		}
+		if used := s.dma.reserved(); m.Size > s.budget || used > s.budget-m.Size {
+			return &Error{Cmd: CmdDMAMap, Errno: unix.ENOMEM, Err: fmt.Errorf("%w: %#x bytes with %#x of %#x reserved", ErrDMALimit, m.Size, used, s.budget)}
+		}
+		if n := len(s.dma.files); n >= s.maxFiles && !s.dma.hasFile(id) {
+			return &Error{Cmd: CmdDMAMap, Errno: unix.ENOSPC, Err: fmt.Errorf("%w: a file beyond the %d the windows map (MaxDMAFiles)", ErrDMALimit, n)}
 		}
 		return nil
 	}
@@ -317,26 +337,27 @@ func (ss *session) handleDMAMap(p []byte) error {
 	err = check()
 	s.mu.Unlock()
 	if err != nil {
+		closeFd()
 		return err
 	}
-	fd := -1
-	if len(ss.fds) == 1 {
-		fd = ss.takeFds()[0]
-	}
-	mp, err := mapWindow(m, fd)
+	mp := &mapping{addr: m.Address, size: m.Size, flags: m.Flags, fdOffset: m.Offset}
+	var sealed bool
 	if fd >= 0 {
-		_ = unix.Close(fd) // the window has its own duplicate
-	}
-	if err != nil {
-		return err
+		if mp.mem, sealed, err = mapFile(m, fd); err != nil {
+			closeFd()
+			return err
+		}
 	}
 	s.mu.Lock()
 	if err := check(); err != nil {
 		s.mu.Unlock()
-		mp.release()
+		if mp.mem != nil {
+			_ = unix.Munmap(mp.mem)
+		}
+		closeFd()
 		return err
 	}
-	s.dma.insert(mp)
+	s.dma.insert(mp, id, fd, sealed)
 	s.mu.Unlock()
 	if mp.mem != nil {
 		// Enter the window into guest memory now (it would otherwise appear
@@ -354,18 +375,19 @@ func (ss *session) handleDMAUnmap(p []byte) ([]byte, error) {
 	}
 	s := ss.s
 	if u.Flags&UnmapAll != 0 {
-		if err := s.dropWindows(func(*mapping) bool { return true }, dropUnmap); err != nil {
+		if err := s.dropWindows(allWindows, dropUnmap); err != nil {
 			return nil, err
 		}
 		return u.Marshal(), nil
 	}
+	sel := windowSel{addr: u.Address, size: u.Size}
 	s.mu.Lock()
-	found := s.dma.exact(u.Address, u.Size) >= 0
+	i, j := s.dma.selected(sel)
 	s.mu.Unlock()
-	if !found {
+	if i == j {
 		return nil, perr(CmdDMAUnmap, ErrNotMapped, "%#x+%#x", u.Address, u.Size)
 	}
-	err = s.dropWindows(func(m *mapping) bool { return m.addr == u.Address && m.size == u.Size }, dropUnmap)
+	err = s.dropWindows(sel, dropUnmap)
 	s.resume()
 	if err != nil {
 		return nil, err
