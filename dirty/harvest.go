@@ -80,10 +80,13 @@ func (b *Bitmap) dataWords(i int) (lo, hi int) {
 	// Word w is the 8 bytes at fdOffset+8w; round outwards so a word that
 	// straddles a run's edge is kept (they do not: runs are page-aligned
 	// and words 8-aligned).
-	lo = max(i, int((uint64(start)-b.fdOffset)/8))
-	if lo >= n {
+	// Compared before it is made an int: the peer may have grown the file
+	// and written far past the log, beyond what an int holds on 32-bit.
+	w := (uint64(start) - b.fdOffset) / 8
+	if w >= uint64(n) {
 		return n, n
 	}
+	lo = max(i, int(w))
 	hi = n
 	if end >= 0 {
 		if e := (uint64(end) - b.fdOffset + 7) / 8; e < uint64(n) {

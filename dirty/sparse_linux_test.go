@@ -160,6 +160,33 @@ func TestResidencyCheckSeesReadFaults(t *testing.T) {
 	require.GreaterOrEqual(t, resident(t, b), touched, "reads of holes fault pages in")
 }
 
+// TestAttachFdDataFarPastTheLog: a peer grows its log file and writes 16
+// GiB past the log (data further than a 32-bit int counts words). The
+// scans still see no data in the log and read none of its holes.
+func TestAttachFdDataFarPastTheLog(t *testing.T) {
+	pg := os.Getpagesize()
+	fd, err := unix.MemfdCreate("peer-log", unix.MFD_CLOEXEC)
+	require.NoError(t, err)
+	defer unix.Close(fd)
+	size := uint64(64 * pg)
+	require.NoError(t, unix.Ftruncate(fd, int64(size)))
+	b, err := dirty.AttachFd(fd, 0, size, nil)
+	require.NoError(t, err)
+	defer b.Close()
+	// Word 2^31 and a page's worth: negative if made an int on 32-bit.
+	_, err = unix.Pwrite(fd, []byte{0xff}, 16<<30+int64(pg))
+	require.NoError(t, err)
+
+	assert.Zero(t, b.Count())
+	for range b.DirtyPages() {
+		t.Fatal("a clean log has no dirty page")
+	}
+	n, err := b.HarvestWords(make([]uint64, b.Words()))
+	require.NoError(t, err)
+	assert.Zero(t, n)
+	assert.Zero(t, resident(t, b), "the scans read holes of the log")
+}
+
 // TestAttachFdHarvestSkipsHoles: a peer's log file with data pages here and
 // there (written with pwrite) and an offset: AttachFd's harvest returns
 // exactly the bits written, whichever side of a hole they lie.
