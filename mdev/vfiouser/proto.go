@@ -316,7 +316,7 @@ func ParseDMAMap(p []byte) (DMAMap, error) {
 		return m, perr(CmdDMAMap, ErrTruncated, "payload of %d bytes", len(p))
 	}
 	m = DMAMap{Argsz: le.Uint32(p), Flags: le.Uint32(p[4:]), Offset: le.Uint64(p[8:]), Address: le.Uint64(p[16:]), Size: le.Uint64(p[24:])}
-	if m.Argsz < DMAMapSize || int(m.Argsz) > len(p) {
+	if m.Argsz < DMAMapSize || uint64(m.Argsz) > uint64(len(p)) {
 		return m, perr(CmdDMAMap, ErrArgsz, "argsz %d for a %d-byte payload", m.Argsz, len(p))
 	}
 	if m.Flags&^(DMAReadable|DMAWritable) != 0 {
@@ -624,7 +624,7 @@ func ParseIRQSet(p []byte, nfds int) (IRQSet, error) {
 		return s, perr(CmdDeviceSetIRQs, ErrTruncated, "payload of %d bytes", len(p))
 	}
 	s = IRQSet{Argsz: le.Uint32(p), Flags: le.Uint32(p[4:]), Index: le.Uint32(p[8:]), Start: le.Uint32(p[12:]), Count: le.Uint32(p[16:])}
-	if s.Argsz < IRQSetSize || int(s.Argsz) > len(p) {
+	if s.Argsz < IRQSetSize || uint64(s.Argsz) > uint64(len(p)) {
 		return s, perr(CmdDeviceSetIRQs, ErrArgsz, "argsz %d for a %d-byte payload", s.Argsz, len(p))
 	}
 	data, action := s.Flags&irqSetDataMask, s.Flags&irqSetActionMask
