@@ -31,6 +31,10 @@ func (h *Harness) fail(suite, name string, params map[string]any, err error) {
 	h.add(Result{Suite: suite, Name: name, Params: params, Skipped: true, Reason: "FAILED: " + err.Error()})
 }
 
+// maxLoop bounds timeLoop's n: 2^34, and on 32-bit what nextN can still
+// multiply by 100 within an int.
+const maxLoop = min(1<<34, math.MaxInt/100)
+
 // timeLoop calibrates n so that f(n) runs for about d, like testing.B does,
 // and returns the final n and its elapsed time. f runs its n operations and
 // returns an error if anything went wrong.
@@ -42,7 +46,7 @@ func timeLoop(ctx context.Context, d time.Duration, f func(n int) error) (int, t
 			return n, 0, err
 		}
 		el := time.Since(start)
-		if el >= d || n >= 1<<34 || ctx.Err() != nil {
+		if el >= d || n >= maxLoop || ctx.Err() != nil {
 			return n, el, ctx.Err()
 		}
 		next := nextN(n, el, d)
