@@ -43,8 +43,13 @@ func (m *mapping) fd() int {
 	return m.file.fd
 }
 
-// fileID identifies a file: its device and inode numbers.
-type fileID struct{ dev, ino uint64 }
+// fileID identifies an open file as the windows share it: its device and
+// inode numbers, and the access mode it was opened with (a window mapped
+// from a descriptor opened for writing must not hand on a read-only one).
+type fileID struct {
+	dev, ino uint64
+	mode     int
+}
 
 // dmaFile is a file the client's windows map. The server holds one
 // descriptor of it, shared by all of them: QEMU maps every window of a
@@ -228,7 +233,11 @@ func identify(m DMAMap, fd int) (fileID, error) {
 	if err := unix.Fstat(fd, &st); err != nil {
 		return fileID{}, mapErr(m, fmt.Errorf("fstat: %w", err))
 	}
-	return fileID{dev: uint64(st.Dev), ino: uint64(st.Ino)}, nil
+	fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
+	if err != nil {
+		return fileID{}, mapErr(m, fmt.Errorf("fcntl: %w", err))
+	}
+	return fileID{dev: uint64(st.Dev), ino: uint64(st.Ino), mode: fl & unix.O_ACCMODE}, nil
 }
 
 // mapErr is the error of a DMA_MAP whose file cannot be mapped.

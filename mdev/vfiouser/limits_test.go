@@ -2,6 +2,7 @@ package vfiouser_test
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"math/bits"
 	"os"
@@ -324,6 +325,45 @@ func TestDMAWindowsShareTheirFile(t *testing.T) {
 	assert.Equal(t, before, fdCount(t), "the descriptor goes with the last window")
 	assert.Zero(t, mappings(t, name))
 	assert.Zero(t, srv.DMAReserved())
+}
+
+// TestDMAWindowsShareByAccessMode: windows share a descriptor only when
+// the client's descriptors were opened the same way, so a writable window
+// never hands a read-only descriptor on to a backing device that maps guest
+// memory itself.
+func TestDMAWindowsShareByAccessMode(t *testing.T) {
+	_, srv, path := stubbornRigOpts(t, nil)
+	ctx := testCtx(t)
+	rw := sparseFile(t, "vfu-window-modes", 4<<20)
+	ro, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", rw), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	require.NoError(t, err)
+	defer unix.Close(ro)
+	c := dialPath(t, path)
+	_, err = c.Negotiate(ctx)
+	require.NoError(t, err)
+	before := fdCount(t)
+	readOnly := vfiouser.DMAMap{Argsz: vfiouser.DMAMapSize, Flags: vfiouser.DMAReadable, Address: 0, Size: 1 << 20}
+	_, err = c.Call(ctx, vfiouser.CmdDMAMap, readOnly.Marshal(), []int{ro})
+	require.NoError(t, err)
+	require.NoError(t, c.DMAMap(ctx, 2<<20, 1<<20, rw, 1<<20))
+	readOnly.Address, readOnly.Offset = 4<<20, 2<<20
+	_, err = c.Call(ctx, vfiouser.CmdDMAMap, readOnly.Marshal(), []int{rw})
+	require.NoError(t, err)
+	assert.Equal(t, before+2, fdCount(t), "one descriptor per access mode")
+
+	regions := srv.Memory().Regions()
+	require.Len(t, regions, 3)
+	mode := func(fd int) int {
+		fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
+		require.NoError(t, err)
+		return fl & unix.O_ACCMODE
+	}
+	assert.Equal(t, unix.O_RDONLY, mode(regions[0].Fd()), "the read-only window's descriptor")
+	assert.Equal(t, unix.O_RDWR, mode(regions[1].Fd()), "the writable window's descriptor")
+	assert.Equal(t, regions[1].Fd(), regions[2].Fd(), "a window from the same descriptor mode shares it")
+	assert.NotEqual(t, regions[0].Fd(), regions[1].Fd())
+	require.NoError(t, c.DMAUnmap(ctx, 0, 1<<20))
+	assert.Equal(t, before+1, fdCount(t))
 }
 
 // TestDMAFileLimit: at most MaxDMAFiles distinct files are mapped; a window
