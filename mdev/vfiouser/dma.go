@@ -2,6 +2,7 @@ package vfiouser
 
 import (
 	"fmt"
+	"math"
 	"sort"
 
 	"golang.org/x/sys/unix"
@@ -12,9 +13,10 @@ import (
 // Limits of a DMA window with a descriptor. A window holds one RAM block
 // of the guest: 32 TiB is the memory of the largest guests in service
 // (vring.NewFdRegion allows 64 TiB; Options.DMABudget bounds all the
-// windows together). The offset limit is vring.NewFdRegion's.
+// windows together); on 32-bit, what an int (a mapping's length) holds.
+// The offset limit is vring.NewFdRegion's.
 const (
-	maxWindowSize   = 32 << 40
+	maxWindowSize   = min(32<<40, math.MaxInt)
 	maxWindowOffset = 1 << 62
 )
 

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"math/bits"
 	"os"
 	"testing"
@@ -242,6 +243,10 @@ func TestDMAWindowRules(t *testing.T) {
 		{"the whole budget", 1 << 30, 1 << 30, 0},
 		{"beyond the largest window", 1 << 62, 32<<40 + 4096, unix.EINVAL},
 		{"64 TiB", 1 << 62, 64 << 40, unix.EINVAL},
+		// 4 GiB and 1 MiB: on 32-bit an int holds neither it nor 2 GiB (a
+		// length truncated to 1 MiB would map less than the window), on
+		// 64-bit it is a window like any other.
+		{"beyond what an int holds", 1 << 62, 1<<32 + 1<<20, map[bool]unix.Errno{true: unix.EINVAL}[math.MaxInt == math.MaxInt32]},
 		{"a budget near 2^64", ^uint64(0), 64 << 40, unix.EINVAL},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
