@@ -1,6 +1,8 @@
 package vhostuser
 
 import (
+	"math"
+
 	"golang.org/x/sys/unix"
 
 	"github.com/vdpakit/vdpakit/vring"
@@ -99,6 +101,10 @@ func mapMemTable(rs []MemoryRegion, fds []int, limit uint64) (*peerMemory, error
 		}
 		start := r.MmapOffset &^ (align - 1)
 		length := (end - start + align - 1) &^ (align - 1)
+		if length > math.MaxInt {
+			// On 32-bit: int(length) would map another length.
+			return nil, msgErr(ReqSetMemTable, ErrBadRegion, "region %d: %#x bytes are more than this process can map", i, length)
+		}
 		m, err := unix.Mmap(fds[i], int64(start), int(length), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
 		if err != nil {
 			return nil, msgErr(ReqSetMemTable, ErrBadRegion, "region %d: mmap %#x bytes at %#x: %v", i, length, start, err)

@@ -1,6 +1,7 @@
 package vhostuser
 
 import (
+	"math"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -40,4 +41,27 @@ func TestMapMemTableSealsPeerMemfd(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestMapMemTableRegionBeyondInt: a region of 4 GiB and 1 MiB maps on
+// 64-bit; on 32-bit, where an int holds neither it nor 2 GiB, it is
+// refused with ErrBadRegion rather than mapped with a truncated length
+// (1 MiB, under a region that claims 4 GiB).
+func TestMapMemTableRegionBeyondInt(t *testing.T) {
+	const size = 1<<32 + 1<<20
+	fd, err := unix.MemfdCreate("peer-guest-large", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
+	require.NoError(t, err)
+	defer unix.Close(fd)
+	require.NoError(t, unix.Ftruncate(fd, size)) // sparse
+	dup, err := unix.Dup(fd)
+	require.NoError(t, err)
+	pm, err := mapMemTable([]MemoryRegion{{GuestPhysAddr: 0, MemorySize: size, UserspaceAddr: 0x7f0000000000}}, []int{dup}, DefaultMaxGuestMemory)
+	if math.MaxInt == math.MaxInt32 {
+		require.ErrorIs(t, err, ErrBadRegion)
+		return
+	}
+	require.NoError(t, err)
+	defer pm.close()
+	require.Len(t, pm.mem.Regions(), 1)
+	assert.EqualValues(t, uint64(size), pm.mem.Regions()[0].Size())
 }
