@@ -274,6 +274,9 @@ func TestDMAWindowRules(t *testing.T) {
 	budget := vfiouser.DefaultDMABudget()
 	assert.NotZero(t, budget)
 	assert.LessOrEqual(t, budget, uint64(32<<40))
+	if math.MaxInt == math.MaxInt32 {
+		assert.LessOrEqual(t, budget, uint64(1<<30), "a quarter of a 32-bit address space")
+	}
 	sn, err := softnet.New(nil)
 	require.NoError(t, err)
 	backing := vdpa.NewLocal(sn, nil)

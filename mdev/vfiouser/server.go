@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -83,11 +84,13 @@ const DefaultMaxDMAWindows = 32768
 // Go runtime, other servers and whatever else the process maps. Address
 // space, not memory, is what the windows consume (a client's memfd may be
 // sparse), and the Go runtime aborts when it can no longer reserve any.
-const maxDMABudget = 32 << 40
+// On 32-bit it is a quarter of the 4 GiB address space, 1 GiB.
+const maxDMABudget = min(32<<40, math.MaxInt/2+1)
 
 // DefaultDMABudget is the default Options.DMABudget: four times this
 // machine's physical memory, at most 32 TiB (a quarter of x86-64's 128 TiB
-// user address space; 32 TiB if the memory size is unknown). A guest's
+// user address space; 32 TiB if the memory size is unknown), and on 32-bit
+// at most 1 GiB. A guest's
 // memory is a file the client shares from this machine; a guest bigger
 // than the machine is rare and four times it is not a real configuration,
 // while the windows of a normal guest (its RAM once, plus small ROMs) fit

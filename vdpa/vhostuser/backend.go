@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"os"
 	"slices"
@@ -64,8 +65,10 @@ type BackendOptions struct {
 // above any guest's RAM a vhost-user front-end runs today, and an eighth of
 // a 47-bit user address space, so that the current table, the one
 // replacing it, and the tables a broken ring still holds (one per queue at
-// most) leave the rest of the process room.
-const DefaultMaxGuestMemory = 16 << 40
+// most) leave the rest of the process room. On 32-bit it is an eighth of
+// the 4 GiB address space, 512 MiB, for the same reason; a back-end for a
+// larger guest there sets MaxGuestMemory itself.
+const DefaultMaxGuestMemory = min(16<<40, math.MaxInt/4+1)
 
 // Backend serves a vdpa.Handler to one vhost-user front-end at a time (QEMU,
 // DPDK's virtio-user, or this package's Frontend). It validates every

@@ -65,3 +65,29 @@ func TestMapMemTableRegionBeyondInt(t *testing.T) {
 	require.Len(t, pm.mem.Regions(), 1)
 	assert.EqualValues(t, uint64(size), pm.mem.Regions()[0].Size())
 }
+
+// TestDefaultMaxGuestMemoryFitsTheAddressSpace: a memory table of two
+// 300 MiB regions is mapped under the default limit on 64-bit; on 32-bit it
+// is refused before anything is mapped, since two such tables (the current
+// one and its replacement) would take most of a 4 GiB address space, after
+// which the Go runtime aborts the process when it next grows its heap.
+func TestDefaultMaxGuestMemoryFitsTheAddressSpace(t *testing.T) {
+	const size = 300 << 20
+	var rs []MemoryRegion
+	var fds []int
+	for i := range 2 {
+		fd, err := unix.MemfdCreate("peer-guest-default-limit", unix.MFD_CLOEXEC)
+		require.NoError(t, err)
+		require.NoError(t, unix.Ftruncate(fd, size))
+		fds = append(fds, fd)
+		rs = append(rs, MemoryRegion{GuestPhysAddr: uint64(i) * size, MemorySize: size, UserspaceAddr: 0x7f0000000000 + uint64(i)*size})
+	}
+	pm, err := mapMemTable(rs, fds, DefaultMaxGuestMemory)
+	if math.MaxInt == math.MaxInt32 {
+		require.ErrorIs(t, err, ErrBadRegion)
+		return
+	}
+	require.NoError(t, err)
+	defer pm.close()
+	assert.Len(t, pm.mem.Regions(), 2)
+}
