@@ -189,7 +189,16 @@ func (r *ring) setAvailEntry(i, head uint16) {
 		atomic.StoreUint32(r.availIdxWord, w&0xffff|uint32(head)<<16)
 		return
 	}
-	r.availRing[slot] = head
+	// Stored only when it changes. With descriptors used in order (1-descriptor
+	// chains, or IN_ORDER) a slot gets the same head every lap; the device has
+	// read the entry's line since the last store, and a store would take the
+	// line back from its cache, so that its next read of the entry misses. A
+	// load of the line both caches hold does not. The entry is the driver's
+	// to write until avail.idx covers it (the device reads it only after
+	// that index's acquire load), so an unchanged entry needs no store.
+	if r.availRing[slot] != head {
+		r.availRing[slot] = head
+	}
 }
 
 func (r *ring) loadAvailIdx() uint16 {
