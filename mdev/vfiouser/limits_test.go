@@ -224,6 +224,14 @@ func TestDMAWindowLimits(t *testing.T) {
 	_, err = c.DeviceInfo(ctx)
 	require.NoError(t, err, "the session goes on")
 
+	requireEndLeavesNothing(t, c, srv, before, name)
+}
+
+// requireEndLeavesNothing closes the client's session and requires that
+// the server lets go of every descriptor (back to before) and every
+// mapping of the memfds named name, and holds no address space.
+func requireEndLeavesNothing(t *testing.T, c *vfiousertest.Client, srv *vfiouser.Server, before int, name string) {
+	t.Helper()
 	require.NoError(t, c.Close())
 	require.Eventually(t, func() bool { return fdCount(t) <= before && mappings(t, name) == 0 }, 5*time.Second, 10*time.Millisecond,
 		"leaked: %d descriptors before, %d after; %d mappings", before, fdCount(t), mappings(t, name))
@@ -413,10 +421,7 @@ func TestDMAFileLimit(t *testing.T) {
 	_, err = c.DeviceInfo(ctx)
 	require.NoError(t, err, "the session goes on")
 
-	require.NoError(t, c.Close())
-	require.Eventually(t, func() bool { return fdCount(t) <= before && mappings(t, name) == 0 }, 5*time.Second, 10*time.Millisecond,
-		"leaked: %d descriptors before, %d after; %d mappings", before, fdCount(t), mappings(t, name))
-	assert.Zero(t, srv.DMAReserved())
+	requireEndLeavesNothing(t, c, srv, before, name)
 }
 
 // TestRetiredWindowsCountAgainstTheBudget: the address range of a window

@@ -43,51 +43,46 @@ func TestMapMemTableSealsPeerMemfd(t *testing.T) {
 	}
 }
 
-// TestMapMemTableRegionBeyondInt: a region of 4 GiB and 1 MiB maps on
-// 64-bit; on 32-bit, where an int holds neither it nor 2 GiB, it is
-// refused with ErrBadRegion rather than mapped with a truncated length
-// (1 MiB, under a region that claims 4 GiB).
-func TestMapMemTableRegionBeyondInt(t *testing.T) {
-	const size = 1<<32 + 1<<20
-	fd, err := unix.MemfdCreate("peer-guest-large", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
-	require.NoError(t, err)
-	defer unix.Close(fd)
-	require.NoError(t, unix.Ftruncate(fd, size)) // sparse
-	dup, err := unix.Dup(fd)
-	require.NoError(t, err)
-	pm, err := mapMemTable([]MemoryRegion{{GuestPhysAddr: 0, MemorySize: size, UserspaceAddr: 0x7f0000000000}}, []int{dup}, DefaultMaxGuestMemory)
-	if math.MaxInt == math.MaxInt32 {
-		require.ErrorIs(t, err, ErrBadRegion)
-		return
+// TestMapMemTableWithin32BitAddressSpace: what a 64-bit back-end maps, a
+// 32-bit one refuses with ErrBadRegion before anything is mapped: a region
+// of 4 GiB and 1 MiB, which an int cannot hold (it used to be mapped with
+// the truncated length, 1 MiB, under a region that claimed 4 GiB), and,
+// under the default limit, a 600 MiB table (two such tables, the current
+// one and its replacement, would take most of a 4 GiB address space, after
+// which the Go runtime aborts the process when it next grows its heap).
+func TestMapMemTableWithin32BitAddressSpace(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		sizes []uint64
+		limit uint64
+	}{
+		{"a region an int cannot hold", []uint64{1<<32 + 1<<20}, 1 << 46},
+		{"a table above the default limit", []uint64{300 << 20, 300 << 20}, DefaultMaxGuestMemory},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var rs []MemoryRegion
+			var fds []int
+			var at uint64
+			for _, size := range tc.sizes {
+				fd, err := unix.MemfdCreate("peer-guest-32bit", unix.MFD_CLOEXEC)
+				require.NoError(t, err)
+				require.NoError(t, unix.Ftruncate(fd, int64(size))) // sparse
+				fds = append(fds, fd)
+				rs = append(rs, MemoryRegion{GuestPhysAddr: at, MemorySize: size, UserspaceAddr: 0x7f0000000000 + at})
+				at += size
+			}
+			pm, err := mapMemTable(rs, fds, tc.limit) // closes fds
+			if math.MaxInt == math.MaxInt32 {
+				require.ErrorIs(t, err, ErrBadRegion)
+				return
+			}
+			require.NoError(t, err)
+			defer pm.close()
+			regions := pm.mem.Regions()
+			require.Len(t, regions, len(tc.sizes))
+			for i, r := range regions {
+				assert.Equal(t, tc.sizes[i], r.Size(), "region %d", i)
+			}
+		})
 	}
-	require.NoError(t, err)
-	defer pm.close()
-	require.Len(t, pm.mem.Regions(), 1)
-	assert.EqualValues(t, uint64(size), pm.mem.Regions()[0].Size())
-}
-
-// TestDefaultMaxGuestMemoryFitsTheAddressSpace: a memory table of two
-// 300 MiB regions is mapped under the default limit on 64-bit; on 32-bit it
-// is refused before anything is mapped, since two such tables (the current
-// one and its replacement) would take most of a 4 GiB address space, after
-// which the Go runtime aborts the process when it next grows its heap.
-func TestDefaultMaxGuestMemoryFitsTheAddressSpace(t *testing.T) {
-	const size = 300 << 20
-	var rs []MemoryRegion
-	var fds []int
-	for i := range 2 {
-		fd, err := unix.MemfdCreate("peer-guest-default-limit", unix.MFD_CLOEXEC)
-		require.NoError(t, err)
-		require.NoError(t, unix.Ftruncate(fd, size))
-		fds = append(fds, fd)
-		rs = append(rs, MemoryRegion{GuestPhysAddr: uint64(i) * size, MemorySize: size, UserspaceAddr: 0x7f0000000000 + uint64(i)*size})
-	}
-	pm, err := mapMemTable(rs, fds, DefaultMaxGuestMemory)
-	if math.MaxInt == math.MaxInt32 {
-		require.ErrorIs(t, err, ErrBadRegion)
-		return
-	}
-	require.NoError(t, err)
-	defer pm.close()
-	assert.Len(t, pm.mem.Regions(), 2)
 }
