@@ -48,9 +48,15 @@ func (m *mapping) fd() int {
 // fileID identifies an open file as the windows share it: its device and
 // inode numbers, and the access mode it was opened with (a window mapped
 // from a descriptor opened for writing must not hand on a read-only one).
+// Only regular files (memfds, tmpfs, hugetlbfs and disk files) are
+// identified by their inode: other kinds may share one inode between
+// files (every anonymous-inode file does) or keep state per open file, so
+// each of their descriptors is a file of its own (fd, the descriptor the
+// table keeps, is unique among the open ones; -1 for a regular file).
 type fileID struct {
 	dev, ino uint64
 	mode     int
+	fd       int
 }
 
 // dmaFile is a file the client's windows map. The server holds one
@@ -223,23 +229,37 @@ func (t *dmaTable) putFile(m *mapping) {
 }
 
 // identify validates a DMA_MAP with descriptor fd and tells which file it
-// maps. Nothing is changed.
-func identify(m DMAMap, fd int) (fileID, error) {
+// maps. It returns the descriptor to keep: fd, or a duplicate of it above
+// the standard streams (fd closed), since vring.RegionOptions takes
+// descriptor 0 for none.
+func identify(m DMAMap, fd int) (int, fileID, error) {
 	if m.Flags&DMAReadable == 0 {
-		return fileID{}, perr(CmdDMAMap, ErrFlags, "window %#x+%#x with a descriptor is not readable", m.Address, m.Size)
+		return fd, fileID{}, perr(CmdDMAMap, ErrFlags, "window %#x+%#x with a descriptor is not readable", m.Address, m.Size)
 	}
 	if m.Size > maxWindowSize || m.Offset > maxWindowOffset || m.Offset%uint64(unix.Getpagesize()) != 0 {
-		return fileID{}, mapErr(m, fmt.Errorf("%w: size or offset", vring.ErrInvalidRegion))
+		return fd, fileID{}, mapErr(m, fmt.Errorf("%w: size or offset", vring.ErrInvalidRegion))
+	}
+	if fd < 3 {
+		dup, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 3)
+		if err != nil {
+			return fd, fileID{}, mapErr(m, fmt.Errorf("dup: %w", err))
+		}
+		_ = unix.Close(fd)
+		fd = dup
 	}
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
-		return fileID{}, mapErr(m, fmt.Errorf("fstat: %w", err))
+		return fd, fileID{}, mapErr(m, fmt.Errorf("fstat: %w", err))
 	}
 	fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
 	if err != nil {
-		return fileID{}, mapErr(m, fmt.Errorf("fcntl: %w", err))
+		return fd, fileID{}, mapErr(m, fmt.Errorf("fcntl: %w", err))
 	}
-	return fileID{dev: uint64(st.Dev), ino: uint64(st.Ino), mode: fl & unix.O_ACCMODE}, nil
+	id := fileID{dev: uint64(st.Dev), ino: uint64(st.Ino), mode: fl & unix.O_ACCMODE, fd: -1}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		id.fd = fd
+	}
+	return fd, id, nil
 }
 
 // mapErr is the error of a DMA_MAP whose file cannot be mapped.

@@ -19,6 +19,7 @@ import (
 	"github.com/vdpakit/vdpakit/mdev/vfiouser/vfiousertest"
 	"github.com/vdpakit/vdpakit/vdpa"
 	"github.com/vdpakit/vdpakit/vdpa/softnet"
+	"github.com/vdpakit/vdpakit/vring"
 )
 
 // unreadBytes is what the client sent that the server has not read yet
@@ -456,4 +457,47 @@ func TestRetiredWindowsCountAgainstTheBudget(t *testing.T) {
 	assert.Zero(t, srv.RetiredWindows())
 	require.NoError(t, c.DMAMap(ctx, extraBase, extraSize, extra, 0))
 	require.NoError(t, c.DMAUnmap(ctx, extraBase, extraSize))
+}
+
+// TestRetiredWindowKeepsItsFileForTheOthers: of two windows of one file,
+// the one unmapped while the data path cannot be stopped is retired; the
+// other keeps the file's descriptor open, and its guest memory region
+// hands on that descriptor. The retired range counts until the device is
+// reset, and the descriptor goes with the last window.
+func TestRetiredWindowKeepsItsFileForTheOthers(t *testing.T) {
+	b, srv, path := stubbornRigOpts(t, nil)
+	ctx := testCtx(t)
+	c := dialPath(t, path)
+	d, err := vfiousertest.NewDriver(ctx, c, nil)
+	require.NoError(t, err)
+	defer d.Close()
+	const name = "vfu-window-retired-shared"
+	extra := windowFile(t, name, 2*extraSize)
+	before := fdCount(t)
+	require.NoError(t, c.DMAMap(ctx, extraBase, extraSize, extra, 0))
+	require.NoError(t, c.DMAMap(ctx, extraBase+extraSize, extraSize, extra, extraSize))
+	require.Equal(t, before+1, fdCount(t), "one descriptor for the file's two windows")
+
+	b.stuck.Store(true)
+	require.Error(t, c.SetMigState(ctx, uint32(mdev.MigStop)), "the stop fails")
+	require.NoError(t, c.DMAUnmap(ctx, extraBase, extraSize))
+	require.Equal(t, 1, srv.RetiredWindows())
+	assert.Equal(t, uint64(vfiousertest.GuestMemSize+2*extraSize), srv.DMAReserved(), "one window mapped, one retired")
+	assert.Equal(t, before+1, fdCount(t), "the other window keeps the descriptor")
+	var region *vring.Region
+	for _, r := range srv.Memory().Regions() {
+		if r.Base() == extraBase+extraSize {
+			region = r
+		}
+	}
+	require.NotNil(t, region, "the remaining window is guest memory")
+	assert.Equal(t, fileIno(t, extra), fileIno(t, region.Fd()), "its region hands on the file's open descriptor")
+
+	b.stuck.Store(false)
+	require.NoError(t, c.Reset(ctx))
+	assert.Zero(t, srv.RetiredWindows())
+	assert.Equal(t, uint64(vfiousertest.GuestMemSize+extraSize), srv.DMAReserved())
+	require.NoError(t, c.DMAUnmap(ctx, extraBase+extraSize, extraSize))
+	assert.Equal(t, before, fdCount(t), "the descriptor goes with the last window")
+	assert.Zero(t, mappings(t, name))
 }

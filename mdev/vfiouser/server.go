@@ -432,7 +432,7 @@ func (s *Server) ServeConn(ctx context.Context, conn *net.UnixConn) error {
 }
 
 // maxRetired bounds the windows retired while the data path could not be
-// stopped (mapping.retire): a DMA_UNMAP that would retire more resets the
+// stopped (dmaTable.retire): a DMA_UNMAP that would retire more resets the
 // device instead, which stops the data path. The unmap is not refused:
 // QEMU only logs a failed unmap, and its next map of an overlapping range
 // then fails with EEXIST, which it treats as fatal. Only a backing device
@@ -460,13 +460,14 @@ func (s *Server) dropAll(mode dropMode) {
 	_ = s.dropWindows(allWindows, mode)
 }
 
-// dropWindows removes the windows match selects from the DMA table and
-// releases their descriptors and mappings before it returns, as DMA_UNMAP
-// requires. A data path that may touch them is stopped first (pause); one
-// that cannot be stopped through the migration state machine (live in
-// ERROR, or a backing device that refused its reset) gets them retired
-// (mapping.retire), within maxRetired; beyond it, when the stop failed, and
-// when the client left, the device is reset to stop its data path.
+// dropWindows removes the windows sel selects from the DMA table and
+// releases their mappings (and a file's descriptor with its last window)
+// before it returns, as DMA_UNMAP requires. A data path that may touch
+// them is stopped first (pause); one that cannot be stopped through the
+// migration state machine (live in ERROR, or a backing device that refused
+// its reset) gets them retired (dmaTable.retire), within maxRetired;
+// beyond it, when the stop failed, and when the client left, the device is
+// reset to stop its data path.
 func (s *Server) dropWindows(sel windowSel, mode dropMode) error {
 	s.sessMu.Lock()
 	if s.closed {

@@ -299,22 +299,25 @@ func (ss *session) handleDMAMap(p []byte) error {
 	if len(ss.fds) == 1 {
 		fd = ss.takeFds()[0]
 	}
-	// fd is this session's until the table keeps it.
-	closeFd := func() {
+	// fd and mem are this session's until the table keeps them.
+	var mem []byte
+	kept := false
+	defer func() {
+		if kept {
+			return
+		}
+		if mem != nil {
+			_ = unix.Munmap(mem)
+		}
 		if fd >= 0 {
 			_ = unix.Close(fd)
 		}
-	}
-	var id fileID
-	if fd >= 0 {
-		if id, err = identify(m, fd); err != nil {
-			closeFd()
-			return err
-		}
-	}
+	}()
 	// Checked before anything is mapped, and again under mu when the
 	// window goes in (only this session maps, but unmaps and reaps change
 	// the table in between).
+	var id fileID
+	identified := false
 	check := func() error {
 		if s.dma.overlaps(m.Address, m.Address+m.Size-1) {
 			return perr(CmdDMAMap, ErrExists, "%#x+%#x", m.Address, m.Size)
@@ -328,37 +331,43 @@ func (ss *session) handleDMAMap(p []byte) error {
 		if used := s.dma.reserved(); m.Size > s.budget || used > s.budget-m.Size {
 			return &Error{Cmd: CmdDMAMap, Errno: unix.ENOMEM, Err: fmt.Errorf("%w: %#x bytes with %#x of %#x reserved", ErrDMALimit, m.Size, used, s.budget)}
 		}
-		if n := len(s.dma.files); n >= s.maxFiles && !s.dma.hasFile(id) {
+		if n := len(s.dma.files); identified && n >= s.maxFiles && !s.dma.hasFile(id) {
 			return &Error{Cmd: CmdDMAMap, Errno: unix.ENOSPC, Err: fmt.Errorf("%w: a file beyond the %d the windows map (MaxDMAFiles)", ErrDMALimit, n)}
 		}
 		return nil
 	}
-	s.mu.Lock()
-	err = check()
-	s.mu.Unlock()
-	if err != nil {
-		closeFd()
+	locked := func(f func() error) error {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return f()
+	}
+	if err := locked(check); err != nil {
 		return err
 	}
-	mp := &mapping{addr: m.Address, size: m.Size, flags: m.Flags, fdOffset: m.Offset}
 	var sealed bool
 	if fd >= 0 {
-		if mp.mem, sealed, err = mapFile(m, fd); err != nil {
-			closeFd()
+		if fd, id, err = identify(m, fd); err != nil {
+			return err
+		}
+		identified = true
+		if err := locked(check); err != nil { // the file limit
+			return err
+		}
+		if mem, sealed, err = mapFile(m, fd); err != nil {
 			return err
 		}
 	}
-	s.mu.Lock()
-	if err := check(); err != nil {
-		s.mu.Unlock()
-		if mp.mem != nil {
-			_ = unix.Munmap(mp.mem)
+	mp := &mapping{addr: m.Address, size: m.Size, flags: m.Flags, mem: mem, fdOffset: m.Offset}
+	if err := locked(func() error {
+		if err := check(); err != nil {
+			return err
 		}
-		closeFd()
+		s.dma.insert(mp, id, fd, sealed)
+		return nil
+	}); err != nil {
 		return err
 	}
-	s.dma.insert(mp, id, fd, sealed)
-	s.mu.Unlock()
+	kept = true
 	if mp.mem != nil {
 		// Enter the window into guest memory now (it would otherwise appear
 		// on first use), so a backing device that takes the whole memory
