@@ -131,6 +131,8 @@ func TestMemoryTableEdits(t *testing.T) {
 		{"covers a whole region", 20*stride - 0x100, 0x2000, 20*stride - 0x100, ErrRegionOverlap},
 		{"between two regions", 10*stride + size, stride - size, 10*stride + size, nil},
 		{"after the last region", n * stride, size, n*stride + 1, nil},
+		{"at the top of the address space", ^uint64(0) - size + 1, size, ^GuestAddr(0), nil},
+		{"overlaps the region at the top", ^uint64(0) - size, 2, ^GuestAddr(0) - size, ErrRegionOverlap},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r, err := NewRegion(GuestAddr(tc.base), make([]byte, tc.size), nil)
@@ -148,13 +150,13 @@ func TestMemoryTableEdits(t *testing.T) {
 			assert.IsIncreasing(t, bases(), "the table stays sorted")
 		})
 	}
-	require.Len(t, mem.Regions(), n+2)
+	require.Len(t, mem.Regions(), n+3)
 
 	// [30*stride+size-1, 33*stride]: the last byte of region 30, regions 31
 	// and 32, and the first byte of 33.
 	require.NoError(t, mem.RemoveRange(30*stride+size-1, 33*stride))
 	got := bases()
-	assert.Len(t, got, n+2-4)
+	assert.Len(t, got, n+3-4)
 	for _, k := range []int{30, 31, 32, 33} {
 		assert.NotContains(t, got, GuestAddr(k*stride), "region %d dropped", k)
 	}
@@ -163,6 +165,9 @@ func TestMemoryTableEdits(t *testing.T) {
 	}
 	// A range in a gap drops nothing; one past the end neither.
 	require.NoError(t, mem.RemoveRange(40*stride+size, 41*stride-1))
+	require.NoError(t, mem.RemoveRange(n*stride+size, ^GuestAddr(0)-size))
+	assert.Len(t, bases(), n+3-4)
+	// The range that ends at the top drops the region there.
 	require.NoError(t, mem.RemoveRange(n*stride+size, ^GuestAddr(0)))
 	assert.Len(t, bases(), n+2-4)
 	assert.IsIncreasing(t, bases())

@@ -94,6 +94,11 @@ func (r *Region) Size() uint64 { return uint64(len(r.mem)) }
 // when the region ends at the top of the address space).
 func (r *Region) End() GuestAddr { return r.base + GuestAddr(len(r.mem)) }
 
+// last is the guest address of the region's last byte (regions are never
+// empty, and their constructors refuse ranges past the top of the address
+// space).
+func (r *Region) last() GuestAddr { return r.base + GuestAddr(len(r.mem)-1) }
+
 // Bytes returns the region's memory. Writes through it are not logged.
 func (r *Region) Bytes() []byte { return r.mem }
 
@@ -195,8 +200,7 @@ func NewMemoryWithOptions(opts *MemoryOptions, regions ...*Region) (*Memory, err
 	}
 	sort.Slice(rs, func(i, j int) bool { return rs[i].base < rs[j].base })
 	for i := 1; i < len(rs); i++ {
-		prevLast := uint64(rs[i-1].base) + uint64(len(rs[i-1].mem)) - 1
-		if uint64(rs[i].base) <= prevLast {
+		if rs[i].base <= rs[i-1].last() {
 			return nil, fmt.Errorf("%w: %v and %v", ErrRegionOverlap, rs[i-1], rs[i])
 		}
 	}
@@ -239,7 +243,7 @@ func (m *Memory) RemoveRange(start, last GuestAddr) error {
 	old := m.table()
 	// The table is sorted and its regions do not overlap: the ones to drop
 	// are old[i:j], i the first ending at or after start.
-	i := sort.Search(len(old), func(i int) bool { return old[i].base+GuestAddr(len(old[i].mem)-1) >= start })
+	i := sort.Search(len(old), func(i int) bool { return old[i].last() >= start })
 	j := i
 	for j < len(old) && old[j].base <= last {
 		j++
@@ -291,15 +295,13 @@ func (m *Memory) faultIn(addr GuestAddr, n uint64) ([]*Region, int, error) {
 	// The table is sorted and its regions do not overlap, so only the
 	// neighbours of r's place can overlap it: the region before (the last
 	// one starting at or below r) and the one after.
-	rLast := uint64(r.base) + uint64(len(r.mem)) - 1
 	at := sort.Search(len(rs), func(i int) bool { return rs[i].base > r.base })
 	for _, i := range [2]int{at - 1, at} {
 		if i < 0 || i >= len(rs) {
 			continue
 		}
 		x := rs[i]
-		xLast := uint64(x.base) + uint64(len(x.mem)) - 1
-		if uint64(x.base) <= rLast && uint64(r.base) <= xLast {
+		if x.base <= r.last() && r.base <= x.last() {
 			r.Close()
 			return rs, -1, fmt.Errorf("%w: faulted %v and %v", ErrRegionOverlap, r, x)
 		}
