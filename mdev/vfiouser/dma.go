@@ -148,9 +148,6 @@ type windowSel struct {
 	addr, size uint64
 }
 
-// allWindows selects every window.
-var allWindows = windowSel{all: true}
-
 // selected returns the indexes [i, j) of the windows sel selects.
 func (t *dmaTable) selected(sel windowSel) (i, j int) {
 	if sel.all {

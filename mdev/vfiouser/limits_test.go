@@ -7,6 +7,7 @@ import (
 	"math"
 	"math/bits"
 	"os"
+	"strconv"
 	"testing"
 	"time"
 
@@ -244,6 +245,10 @@ func TestDMAWindowRules(t *testing.T) {
 	ctx := testCtx(t)
 	const name = "vfu-window-rules"
 	file := sparseFile(t, name, 64<<40)
+	var intBeyond unix.Errno // mapped on 64-bit
+	if strconv.IntSize == 32 {
+		intBeyond = unix.EINVAL
+	}
 	for _, tc := range []struct {
 		name   string
 		budget uint64
@@ -257,7 +262,7 @@ func TestDMAWindowRules(t *testing.T) {
 		// 4 GiB and 1 MiB: on 32-bit an int holds neither it nor 2 GiB (a
 		// length truncated to 1 MiB would map less than the window), on
 		// 64-bit it is a window like any other.
-		{"beyond what an int holds", 1 << 62, 1<<32 + 1<<20, map[bool]unix.Errno{true: unix.EINVAL}[math.MaxInt == math.MaxInt32]},
+		{"beyond what an int holds", 1 << 62, 1<<32 + 1<<20, intBeyond},
 		{"a budget near 2^64", ^uint64(0), 64 << 40, unix.EINVAL},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -283,7 +288,7 @@ func TestDMAWindowRules(t *testing.T) {
 	budget := vfiouser.DefaultDMABudget()
 	assert.NotZero(t, budget)
 	assert.LessOrEqual(t, budget, uint64(32<<40))
-	if math.MaxInt == math.MaxInt32 {
+	if strconv.IntSize == 32 {
 		assert.LessOrEqual(t, budget, uint64(1<<30), "a quarter of a 32-bit address space")
 	}
 	sn, err := softnet.New(nil)

@@ -457,7 +457,7 @@ const (
 
 // dropAll removes every DMA window.
 func (s *Server) dropAll(mode dropMode) {
-	_ = s.dropWindows(allWindows, mode)
+	_ = s.dropWindows(windowSel{all: true}, mode)
 }
 
 // dropWindows removes the windows sel selects from the DMA table and

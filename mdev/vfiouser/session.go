@@ -384,7 +384,7 @@ func (ss *session) handleDMAUnmap(p []byte) ([]byte, error) {
 	}
 	s := ss.s
 	if u.Flags&UnmapAll != 0 {
-		if err := s.dropWindows(allWindows, dropUnmap); err != nil {
+		if err := s.dropWindows(windowSel{all: true}, dropUnmap); err != nil {
 			return nil, err
 		}
 		return u.Marshal(), nil

@@ -1,7 +1,7 @@
 package vhostuser
 
 import (
-	"math"
+	"strconv"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -72,7 +72,7 @@ func TestMapMemTableWithin32BitAddressSpace(t *testing.T) {
 				at += size
 			}
 			pm, err := mapMemTable(rs, fds, tc.limit) // closes fds
-			if math.MaxInt == math.MaxInt32 {
+			if strconv.IntSize == 32 {
 				require.ErrorIs(t, err, ErrBadRegion)
 				return
 			}
