@@ -549,3 +549,46 @@ func TestLifecycleStopQueueFails(t *testing.T) {
 	default:
 	}
 }
+
+// TestLifecycleMemTableOverStoppedRing: a front-end that moves guest
+// memory (QEMU after a memory hot-unplug or remap, DPDK after it frees the
+// hugepages of a reconfigured queue) sends the new SET_MEM_TABLE before the
+// new SET_VRING_ADDR. A ring stopped by GET_VRING_BASE keeps its old
+// addresses until then; they are no reason to refuse the table (Linux
+// vhost checks only the rings it runs), and the ring starts on its new
+// addresses. A running ring whose rings the new table leaves out still
+// ends the session: it cannot go on.
+func TestLifecycleMemTableOverStoppedRing(t *testing.T) {
+	const movedUA = rawUA + 1<<30 // the same guest memory, mapped elsewhere
+	moved := EncodeMemTable([]MemoryRegion{{GuestPhysAddr: 0, MemorySize: 1 << 20, UserspaceAddr: movedUA}})
+
+	t.Run("stopped ring", func(t *testing.T) {
+		g, c := runningLC(t, 3)
+		c.send(ReqSetStatus, putU64(0))
+		got := c.base()
+		require.Equal(t, uint16(3), got)
+		c.send(ReqSetMemTable, moved, c.g.memfd)
+		require.Equal(t, 0, c.running(), "the session goes on") // running() makes a round trip
+		c.send(ReqSetFeatures, putU64(uint64(lcFeatures)))
+		c.send(ReqSetVringNum, VringState{Index: lcQueue, Num: lcSize}.Encode())
+		c.send(ReqSetVringBase, VringState{Index: lcQueue, Num: uint32(got)}.Encode())
+		c.send(ReqSetVringAddr, VringAddr{Index: lcQueue, Desc: movedUA, Avail: movedUA + 0x1000, Used: movedUA + 0x2000}.Encode())
+		c.send(ReqSetVringKick, putU64(lcQueue), c.g.kick.Fd())
+		c.send(ReqSetVringEnable, VringState{Index: lcQueue, Num: 1}.Encode())
+		c.send(ReqSetStatus, putU64(uint64(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK|virtio.StatusDriverOK)))
+		require.Equal(t, 1, c.running(), "ring started on its new addresses")
+		g.traffic(4)
+		assert.Equal(t, uint16(7), g.usedIdx())
+	})
+
+	t.Run("running ring", func(t *testing.T) {
+		_, c := runningLC(t, 3)
+		c.send(ReqSetMemTable, moved, c.g.memfd)
+		select {
+		case err := <-c.done:
+			require.ErrorIs(t, err, ErrAddrNotMapped)
+		case <-time.After(10 * time.Second):
+			t.Fatal("session went on with a running ring outside guest memory")
+		}
+	})
+}
