@@ -141,9 +141,15 @@ func (b *Backend) Info() SessionInfo {
 }
 
 // offeredFeatures are the vhost features of GET_FEATURES: the handler's
-// device features plus PROTOCOL_FEATURES and LOG_ALL (this back-end logs).
+// device features plus PROTOCOL_FEATURES and LOG_ALL (this back-end logs),
+// less VIRTIO_F_ACCESS_PLATFORM. With that feature negotiated, ring and
+// buffer addresses are I/O virtual addresses the front-end translates
+// through an IOTLB (PROTOCOL_F_IOMMU, IOTLB_MSG), which this back-end does
+// not implement: it would read them as guest-physical addresses. A
+// handler that offers the feature (softnet with AccessPlatform, for VDUSE)
+// is served without it, and a front-end that sets it anyway is refused.
 func (b *Backend) offeredFeatures() virtio.Features {
-	return b.h.Features().With(virtio.FProtocolFeat, virtio.FLogAll)
+	return b.h.Features().With(virtio.FProtocolFeat, virtio.FLogAll) &^ virtio.FAccessPlatform.Bit()
 }
 
 // ListenAndServe listens on a unix socket at path (server mode) and serves

@@ -592,3 +592,26 @@ func TestLifecycleMemTableOverStoppedRing(t *testing.T) {
 		}
 	})
 }
+
+// TestAccessPlatformNotOffered: a handler that offers
+// VIRTIO_F_ACCESS_PLATFORM (softnet with AccessPlatform, as for VDUSE) is
+// served without it. The back-end has no IOTLB (PROTOCOL_F_IOMMU), so
+// with the feature it would read I/O virtual addresses as guest-physical
+// ones; a front-end that sets it anyway is refused.
+func TestAccessPlatformNotOffered(t *testing.T) {
+	d, err := softnet.New(&softnet.Options{Handler: softnet.Discard, AccessPlatform: true})
+	require.NoError(t, err)
+	require.True(t, d.Features().Has(virtio.FAccessPlatform), "the handler offers it")
+	g := newLCGuest(t)
+	c := g.connect(d)
+	f := virtio.Features(binary.NativeEndian.Uint64(c.call(ReqGetFeatures, nil)))
+	assert.False(t, f.Has(virtio.FAccessPlatform), "GET_FEATURES %v", f)
+	assert.True(t, f.Has(virtio.FVersion1))
+	c.send(ReqSetFeatures, putU64(uint64(lcFeatures.With(virtio.FAccessPlatform))))
+	select {
+	case err := <-c.done:
+		require.ErrorIs(t, err, ErrProtocol)
+	case <-time.After(10 * time.Second):
+		t.Fatal("SET_FEATURES with ACCESS_PLATFORM accepted")
+	}
+}
