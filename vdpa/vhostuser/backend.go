@@ -697,8 +697,10 @@ func (s *session) dispatch(m *Message) (reply []byte, hasReply bool, err error) 
 		}
 		c, _ := DecodeConfig(m.Payload)
 		if uint64(c.Offset)+uint64(len(c.Data)) > uint64(s.h.ConfigSize()) {
-			// A zero-length payload tells the front-end the read failed.
-			return Config{Offset: c.Offset, Flags: c.Flags}.Encode()[:configHeaderSize], true, nil
+			// "a zero length of payload to indicate an error" (the
+			// reply's header has size 0, as libvhost-user and DPDK
+			// send it; QEMU checks the size and fails the read).
+			return []byte{}, true, nil
 		}
 		out := Config{Offset: c.Offset, Flags: c.Flags, Data: make([]byte, len(c.Data))}
 		s.h.ReadConfig(int(c.Offset), out.Data)

@@ -615,3 +615,33 @@ func TestAccessPlatformNotOffered(t *testing.T) {
 		t.Fatal("SET_FEATURES with ACCESS_PLATFORM accepted")
 	}
 }
+
+// TestGetConfigFailureIsEmpty: a GET_CONFIG the back-end cannot answer
+// (beyond the configuration space) gets "a zero length of payload to
+// indicate an error" (vhost-user.rst): a reply whose header says 0 bytes,
+// not a config header. The session goes on and answers the next read.
+func TestGetConfigFailureIsEmpty(t *testing.T) {
+	mac := [6]byte{2, 0, 0, 0, 0, 0x2b}
+	d, err := softnet.New(&softnet.Options{Handler: softnet.Discard, MAC: mac})
+	require.NoError(t, err)
+	c := newLCGuest(t).connect(d)
+	c.send(ReqSetProtocolFeatures, putU64(uint64(lcProto|1<<PFConfig)))
+	for _, tc := range []struct {
+		off, n int
+		want   []byte // nil: the read fails
+	}{
+		{0, 6, mac[:]},
+		{d.ConfigSize(), 1, nil},
+		{d.ConfigSize() - 2, 4, nil},
+		{1, 2, mac[1:3]},
+	} {
+		p := c.call(ReqGetConfig, Config{Offset: uint32(tc.off), Data: make([]byte, tc.n)}.Encode())
+		if tc.want == nil {
+			assert.Empty(t, p, "read %d+%d beyond %d bytes", tc.off, tc.n, d.ConfigSize())
+			continue
+		}
+		cfg, err := DecodeConfig(p)
+		require.NoError(t, err)
+		assert.Equal(t, tc.want, cfg.Data, "read %d+%d", tc.off, tc.n)
+	}
+}
