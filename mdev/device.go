@@ -23,6 +23,25 @@ const unsupportedFeatures = virtio.Features(1)<<virtio.FNotificationData |
 	virtio.Features(1)<<virtio.FProtocolFeat |
 	virtio.Features(1)<<virtio.FSRIOV
 
+// transportFeatures are the bits virtio reserves for the transport and
+// the virtqueues (24 to 41, and 42 to 49 reserved for their extensions:
+// virtio 1.2 §6). supportedTransport are those this emulation implements
+// and passes through when the backing device offers them. The others are
+// never offered: the legacy-only NOTIFY_ON_EMPTY and ANY_LAYOUT (the device
+// is non-transitional, §6.3; vhost-net offers them), and bits whose
+// transport fields this common configuration does not have
+// (NOTIF_CONFIG_DATA, ADMIN_VQ) or that no version of the spec names yet.
+const (
+	transportFeatures  = virtio.Features(1)<<50 - virtio.Features(1)<<24
+	supportedTransport = virtio.Features(1)<<virtio.FIndirectDesc |
+		virtio.Features(1)<<virtio.FEventIdx |
+		virtio.Features(1)<<virtio.FVersion1 |
+		virtio.Features(1)<<virtio.FAccessPlatform |
+		virtio.Features(1)<<virtio.FRingPacked |
+		virtio.Features(1)<<virtio.FInOrder |
+		virtio.Features(1)<<virtio.FOrderPlatform
+)
+
 // maxQueueSize is the largest queue size, split (virtio 1.2 §2.7) or packed
 // (§2.8).
 const maxQueueSize = 32768
@@ -216,6 +235,11 @@ func NewDevice(backing vdpa.Device, opts *Options) (*Device, error) {
 		d.offered &= d.opts.Features
 	}
 	d.offered &^= unsupportedFeatures
+	d.offered &^= transportFeatures &^ supportedTransport
+	// §2.2.2: nothing is offered without the features it requires (a
+	// mask in Options.Features that leaves out CTRL_VQ takes MQ, CTRL_RX
+	// and the rest with it; Linux's virtio-net fails to probe otherwise).
+	d.offered = d.offered.Consistent(d.devID)
 	if !d.offered.Has(virtio.FVersion1) {
 		return nil, fmt.Errorf("%w: backing device does not offer VERSION_1", ErrInvalidOptions)
 	}

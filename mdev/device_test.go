@@ -67,6 +67,45 @@ func TestDeviceFeatureWindows(t *testing.T) {
 	assert.EqualValues(t, uint64(want)&0xffffffff, g.r(OffDeviceFeature, 4))
 }
 
+// TestOfferedFeaturesFollowTheSpec: what the device offers, whatever the
+// backing device offers and Options.Features keeps. §2.2.2: no feature
+// without the features it requires (Linux's virtio-net refuses to probe a
+// device with MQ or CTRL_RX but no CTRL_VQ). §6.3: a non-transitional
+// device offers neither NOTIFY_ON_EMPTY nor ANY_LAYOUT (vhost-net does).
+// Transport bits with no field in this common configuration
+// (NOTIF_CONFIG_DATA 39, ADMIN_VQ 41) or not yet defined (25, 31, 42..49)
+// are never offered.
+func TestOfferedFeaturesFollowTheSpec(t *testing.T) {
+	f := func(fs ...virtio.Feature) virtio.Features { return virtio.Features(0).With(fs...) }
+	base := f(virtio.FVersion1, virtio.FEventIdx, virtio.FIndirectDesc, virtio.NetFMAC)
+	ctrl := f(virtio.NetFCtrlVQ, virtio.NetFCtrlRx, virtio.NetFMQ, virtio.NetFCtrlMACAddr, virtio.NetFCtrlVLAN)
+	tests := []struct {
+		name          string
+		backing, mask virtio.Features
+		want          virtio.Features
+	}{
+		{"everything consistent passes", base | ctrl, 0, base | ctrl},
+		{"mask without CTRL_VQ takes its dependents", base | ctrl, base | ctrl&^virtio.NetFCtrlVQ.Bit(), base},
+		{"backing GUEST_TSO4 without GUEST_CSUM", base | f(virtio.NetFGuestTSO4, virtio.NetFGuestECN), 0, base},
+		{"vhost-net's legacy bits", base | f(virtio.FNotifyOnEmpty, virtio.FAnyLayout), 0, base},
+		{"transport bits without fields here", base | f(39, 41, 25, 31, 42, 49), 0, base},
+		{"supported transport bits pass", base | f(virtio.FRingPacked, virtio.FInOrder, virtio.FOrderPlatform, virtio.FAccessPlatform), 0,
+			base | f(virtio.FRingPacked, virtio.FInOrder, virtio.FOrderPlatform, virtio.FAccessPlatform)},
+		{"device-specific bits above the transport range pass", base | f(virtio.NetFHostUSO, virtio.NetFCsum, virtio.NetFSpeedDuplex), 0,
+			base | f(virtio.NetFHostUSO, virtio.NetFCsum, virtio.NetFSpeedDuplex)},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			fb := newFakeBacking()
+			fb.features = tc.backing
+			d := newTestDevice(t, fb, &Options{Features: tc.mask})
+			got := driver{t, d}.readFeatures()
+			assert.Equal(t, tc.want.Format(virtio.DeviceNet), got.Format(virtio.DeviceNet))
+			assert.Equal(t, got, d.OfferedFeatures())
+		})
+	}
+}
+
 func TestAccessWidthRules(t *testing.T) {
 	d := newTestDevice(t, newFakeBacking(), nil)
 	for _, tc := range []struct {

@@ -57,9 +57,14 @@ const (
 	NetFGuestAnnounce     Feature = 21
 	NetFMQ                Feature = 22
 	NetFCtrlMACAddr       Feature = 23
+	NetFCtrlRxExtra       Feature = 20 // VIRTIO_NET_F_CTRL_RX_EXTRA
+	NetFVQNotfCoal        Feature = 52 // VIRTIO_NET_F_VQ_NOTF_COAL
+	NetFNotfCoal          Feature = 53 // VIRTIO_NET_F_NOTF_COAL
 	NetFGuestUSO4         Feature = 54 // VIRTIO_NET_F_GUEST_USO4
 	NetFGuestUSO6         Feature = 55 // VIRTIO_NET_F_GUEST_USO6
 	NetFHostUSO           Feature = 56 // VIRTIO_NET_F_HOST_USO
+	NetFRSS               Feature = 60 // VIRTIO_NET_F_RSS
+	NetFRSCExt            Feature = 61 // VIRTIO_NET_F_RSC_EXT
 	NetFSpeedDuplex       Feature = 63
 )
 
@@ -100,7 +105,8 @@ var netNames = map[Feature]string{
 	NetFMrgRxbuf: "MRG_RXBUF", NetFStatus: "STATUS", NetFCtrlVQ: "CTRL_VQ", NetFCtrlRx: "CTRL_RX",
 	NetFCtrlVLAN: "CTRL_VLAN", NetFGuestAnnounce: "GUEST_ANNOUNCE", NetFMQ: "MQ",
 	NetFCtrlMACAddr: "CTRL_MAC_ADDR", NetFGuestUSO4: "GUEST_USO4", NetFGuestUSO6: "GUEST_USO6",
-	NetFHostUSO: "HOST_USO", NetFSpeedDuplex: "SPEED_DUPLEX",
+	NetFHostUSO: "HOST_USO", NetFSpeedDuplex: "SPEED_DUPLEX", NetFCtrlRxExtra: "CTRL_RX_EXTRA",
+	NetFVQNotfCoal: "VQ_NOTF_COAL", NetFNotfCoal: "NOTF_COAL", NetFRSS: "RSS", NetFRSCExt: "RSC_EXT",
 }
 
 // Name returns the feature's specification name for a device of the given
