@@ -962,9 +962,17 @@ func (d *Device) commonWrite(off uint64, size int, v uint64) error {
 		// §4.1.4.3.2: the driver may reduce queue_size before enabling
 		// the queue: to a power of two for split rings (§2.7), to any
 		// size from 1 for packed ones (§2.8); anything else is ignored.
+		// The format is the negotiated one: before FEATURES_OK the
+		// driver's feature bits may still change, and the split rule
+		// (which suits both formats) applies. §4.1.4.3.1: without
+		// RING_PACKED, queue_size reads 0 or a power of two.
 		n := uint16(v)
+		f := d.driverFeatures
+		if d.status&virtio.StatusFeaturesOK == 0 {
+			f = 0
+		}
 		if q == nil || q.enabled || driverOK || n == 0 || n > d.maxQueue ||
-			!vring.ValidQueueSizeFor(n, d.driverFeatures) {
+			!vring.ValidQueueSizeFor(n, f) {
 			return nil
 		}
 		q.size = n

@@ -311,6 +311,26 @@ func TestPackedQueueSizeRules(t *testing.T) {
 	}
 }
 
+// §4.1.4.3.1: without RING_PACKED negotiated, queue_size reads 0 or a power
+// of two. A size written before FEATURES_OK is judged by the split rule,
+// whatever driver_feature says at that moment: the driver may still take
+// RING_PACKED back before it sets FEATURES_OK.
+func TestQueueSizeBeforeFeaturesOK(t *testing.T) {
+	d := newTestDevice(t, newFakeBacking(), nil)
+	g := driver{t, d}
+	g.setStatus(sAck | sDrv)
+	g.writeFeatures(netFeatures.With(virtio.FRingPacked))
+	g.w(OffQueueSelect, 2, 0)
+	g.w(OffQueueSize, 2, 100)
+	assert.EqualValues(t, 256, g.r(OffQueueSize, 2), "a packed size before FEATURES_OK is ignored")
+	g.w(OffQueueSize, 2, 64)
+	assert.EqualValues(t, 64, g.r(OffQueueSize, 2), "a power of two is taken")
+	g.writeFeatures(netFeatures)
+	g.setStatus(sAck | sDrv | sFOK)
+	require.NotZero(t, g.status()&sFOK)
+	assert.EqualValues(t, 64, g.r(OffQueueSize, 2), "split ring: a power of two")
+}
+
 // With RING_PACKED, queue_desc is the descriptor ring and queue_driver and
 // queue_device the driver and device event suppression areas (§2.8.10,
 // 4-aligned, 4 bytes): the backing device gets them as the ring addresses,
