@@ -699,17 +699,23 @@ func (d *Device) readLocked(region Region, off uint64, size int, withBacking boo
 		if !fits(off, size, uint64(d.cfgSize)) {
 			return 0, ErrOutOfRange
 		}
-		var b [4]byte
-		if !withBacking || d.mig.state.holdsDataPath() {
-			// A back-end operation is in progress: the configuration
-			// as last read. A stopped device (STOP, STOP_COPY,
-			// RESUMING) also shows the configuration its
-			// config_generation stands for: a change comes in with a
-			// new generation when it runs again (releaseHeld).
-			copy(b[:size], d.cfgSnapshot[off:])
-		} else if err := d.bk.ReadConfig(int(off), b[:size]); err != nil {
-			return 0, backingErr("read config", err)
+		// Every value the driver reads comes from the snapshot that
+		// config_generation stands for, and the snapshot changes only
+		// with a new generation (§4.1.4.3.1: after the driver reads a
+		// value that changed, the device presents a new
+		// config_generation). With d.ops held the backing device is
+		// read first, and a change becomes a new snapshot and
+		// generation (refreshGeneration); without it (a back-end
+		// operation in progress) or while the migration state stops
+		// the device, the driver reads the snapshot as it is, and a
+		// change comes in with a new generation later. A value read
+		// live beside a generation read from the snapshot would let a
+		// driver accept a torn configuration.
+		if withBacking {
+			d.refreshGeneration()
 		}
+		var b [4]byte
+		copy(b[:size], d.cfgSnapshot[off:])
 		return readLE(b[:], size), nil
 	case RegionPCIConfig:
 		return d.pciRead(off, size, withBacking)

@@ -621,6 +621,61 @@ func TestConfigGenerationBumpsOnChange(t *testing.T) {
 	assert.ErrorIs(t, err, ErrOutOfRange)
 }
 
+// TestConfigReadsMatchTheirGeneration: §4.1.4.3.1, after the driver reads
+// a configuration value that changed, the device presents a new
+// config_generation. The driver's loop (read the generation, the fields,
+// the generation again; retry when they differ) must never accept a torn
+// configuration, also when some of its reads find a back-end operation in
+// progress (d.ops held: the health watcher takes it every 50 ms), and also
+// when the configuration changes back (A→B→A) between its generation
+// reads.
+func TestConfigReadsMatchTheirGeneration(t *testing.T) {
+	busy := func(d *Device, fn func()) {
+		require.True(t, d.ops.tryLock())
+		defer d.ops.unlock()
+		fn()
+	}
+	t.Run("field read live, generation read during an operation", func(t *testing.T) {
+		f := newFakeBacking()
+		d := newTestDevice(t, f, nil)
+		g := driver{t, d}
+		gen0 := g.r(OffConfigGeneration, 1)
+		f.setConfig(6, []byte{0, 0}) // link down
+		st, err := d.Read(RegionDevice, 6, 2)
+		require.NoError(t, err)
+		require.EqualValues(t, 0, st, "the driver read the new status")
+		busy(d, func() {
+			assert.NotEqual(t, gen0, g.r(OffConfigGeneration, 1), "a value that changed was read: a new generation")
+		})
+	})
+	t.Run("field read during an operation, generation after", func(t *testing.T) {
+		f := newFakeBacking()
+		d := newTestDevice(t, f, nil)
+		g := driver{t, d}
+		gen0 := g.r(OffConfigGeneration, 1)
+		f.setConfig(6, []byte{0, 0})
+		busy(d, func() {
+			st, err := d.Read(RegionDevice, 6, 2)
+			require.NoError(t, err)
+			assert.EqualValues(t, 1, st, "during an operation: the configuration of generation gen0")
+			assert.Equal(t, gen0, g.r(OffConfigGeneration, 1), "and gen0 with it")
+		})
+		assert.NotEqual(t, gen0, g.r(OffConfigGeneration, 1), "the change, once seen, is a new generation")
+	})
+	t.Run("A to B to A between the generation reads", func(t *testing.T) {
+		f := newFakeBacking()
+		d := newTestDevice(t, f, nil)
+		g := driver{t, d}
+		gen0 := g.r(OffConfigGeneration, 1)
+		f.setConfig(6, []byte{0, 0})
+		mac, err := d.Read(RegionDevice, 6, 2)
+		require.NoError(t, err)
+		require.EqualValues(t, 0, mac)
+		f.setConfig(6, []byte{1, 0}) // back to A
+		assert.NotEqual(t, gen0, g.r(OffConfigGeneration, 1), "the driver read B: its loop must go round again")
+	})
+}
+
 func TestPCIConfigSpace(t *testing.T) {
 	d := newTestDevice(t, newFakeBacking(), nil)
 	rd := func(off uint64, size int) uint64 {
