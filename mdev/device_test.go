@@ -947,3 +947,30 @@ func TestStopDirtyTrackingReleasesALogTheBackingHolds(t *testing.T) {
 	ops := f.opsCopy()
 	assert.Equal(t, "SetStatus(RESET)", ops[len(ops)-1], "the backing was reset to release the log: %v", ops)
 }
+
+// TestPCIStatusInterruptBit: §4.1.4.5.1, with MSI-X disabled the device sets
+// the Interrupt Status bit of the PCI Status register to the OR of the ISR
+// status bits; reading the ISR clears both. With MSI-X enabled the ISR is
+// no interrupt source and the bit stays clear.
+func TestPCIStatusInterruptBit(t *testing.T) {
+	d := newTestDevice(t, newFakeBacking(), nil)
+	status := func() uint64 {
+		v, err := d.Read(RegionPCIConfig, 0x06, 2)
+		require.NoError(t, err)
+		return v
+	}
+	assert.EqualValues(t, 0x0010, status(), "capabilities list, no interrupt")
+	d.RaiseISR(ISRConfig)
+	assert.EqualValues(t, 0x0018, status(), "ISR set: Interrupt Status")
+	cmdStatus, err := d.Read(RegionPCIConfig, 0x04, 4)
+	require.NoError(t, err)
+	assert.EqualValues(t, 0x0018, cmdStatus>>16, "the same through a 32-bit read of command and status")
+	isr, err := d.Read(RegionISR, 0, 1)
+	require.NoError(t, err)
+	assert.EqualValues(t, ISRConfig, isr)
+	assert.EqualValues(t, 0x0010, status(), "reading the ISR clears it")
+
+	require.NoError(t, d.Write(RegionPCIConfig, capOffMSIX+3, 1, 0x80)) // MSI-X Enable
+	d.RaiseISR(ISRQueue)
+	assert.EqualValues(t, 0x0010, status(), "MSI-X enabled: the ISR raises no line")
+}

@@ -106,16 +106,19 @@ const (
 
 // PCI identity (virtio 1.2 §4.1.2).
 const (
-	PCIVendorID       = 0x1af4
-	PCIDeviceIDBase   = 0x1040 // + virtio device id for non-transitional devices
-	PCIRevision       = 1
-	defaultSubsysID   = 0x1100
-	pciCapIDVendor    = 0x09
-	pciCapIDMSIX      = 0x11
-	pciConfigSize     = 256
-	pciStatusCapList  = 0x0010
-	pciCommandMask    = 0x0407 // I/O, memory, bus master, INTx disable
-	pciBarMem64Prefet = 0x0c   // memory, 64-bit, prefetchable
+	PCIVendorID        = 0x1af4
+	PCIDeviceIDBase    = 0x1040 // + virtio device id for non-transitional devices
+	PCIRevision        = 1
+	defaultSubsysID    = 0x1100
+	pciCapIDVendor     = 0x09
+	pciCapIDMSIX       = 0x11
+	pciConfigSize      = 256
+	pciStatusCapList   = 0x0010
+	pciStatusInterrupt = 0x0008 // Interrupt Status
+	pciOffStatus       = 0x06
+	msixCtlEnable      = 0x80   // MSI-X Enable, in the message control's high byte
+	pciCommandMask     = 0x0407 // I/O, memory, bus master, INTx disable
+	pciBarMem64Prefet  = 0x0c   // memory, 64-bit, prefetchable
 )
 
 // Offsets of the capabilities in the configuration space image.
@@ -382,6 +385,17 @@ func (d *Device) pciRead(off uint64, size int, withBacking bool) (uint64, error)
 	data := uint64(capOffPCICfg + 16)
 	if off >= data && off < data+4 {
 		d.pciCfgWindowRead(withBacking)
+	}
+	if off <= pciOffStatus && pciOffStatus < off+uint64(size) {
+		// §4.1.4.5.1: with MSI-X disabled, the Interrupt Status bit is
+		// the OR of the ISR status bits (the guest's INTx handler, and
+		// a VMM sharing the line, read it). With MSI-X enabled the ISR
+		// is not an interrupt source and the bit stays clear.
+		st := uint16(pciStatusCapList)
+		if d.isr != 0 && d.pci.img[capOffMSIX+3]&msixCtlEnable == 0 {
+			st |= pciStatusInterrupt
+		}
+		binary.LittleEndian.PutUint16(d.pci.img[pciOffStatus:], st)
 	}
 	return readLE(d.pci.img[off:], size), nil
 }
