@@ -11,7 +11,11 @@
 // WriteBAR). The device implements the common configuration structure, the
 // notification area, the ISR byte and the device configuration as virtio 1.2
 // §4.1 specifies, and the status state machine of §2.1 and §3.1: features
-// are negotiated through the select windows, FEATURES_OK is refused (reads
+// are negotiated through the select windows (the offer is the backing
+// device's, less Options.Features' mask, less the transport bits this
+// emulation does not implement, and closed over the spec's feature
+// requirements: no feature without what it requires, §2.2.2), config
+// reads are consistent with config_generation, FEATURES_OK is refused (reads
 // back clear) when the driver accepted something not offered, writes the
 // spec forbids in the current state are ignored, writing 0 resets, and a
 // backing device failure sets DEVICE_NEEDS_RESET and raises the
