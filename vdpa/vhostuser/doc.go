@@ -141,7 +141,9 @@
 // dirty log sized by the table's highest address is a sparse memfd and is
 // merged without a copy). A violation ends
 // the session with a *MessageError wrapping one of the Err sentinels
-// (errors.Is), after a failure acknowledgement when the front-end asked for
+// (errors.Is; a kick, call or err descriptor that is not an eventfd wraps
+// vdpa.ErrNotEventFD, and a socket error is returned as the socket gave
+// it), after a failure acknowledgement when the front-end asked for
 // one; every descriptor received is closed on every path. FuzzDecode and
 // FuzzBackendSession exercise the decoder and the back-end's state machine.
 //
