@@ -27,11 +27,14 @@ var netRequires = map[Feature][]Feature{
 	NetFVQNotfCoal:    {NetFCtrlVQ},
 	NetFRSS:           {NetFCtrlVQ},
 	NetFRSCExt:        {NetFHostTSO4, NetFHostTSO6},
-	// Not in the table, but both are used only through control-queue
-	// commands (VIRTIO_NET_CTRL_GUEST_OFFLOADS, the extra RX modes), so
-	// without a control queue they cannot be used at all.
+	// Not in the table, but used only through control-queue commands
+	// (VIRTIO_NET_CTRL_GUEST_OFFLOADS, the extra RX modes, the hash
+	// configuration), so without a control queue they cannot be used at
+	// all; Linux's virtio-net refuses a device with HASH_REPORT and no
+	// CTRL_VQ.
 	NetFCtrlGuestOffloads: {NetFCtrlVQ},
 	NetFCtrlRxExtra:       {NetFCtrlRx},
+	NetFHashReport:        {NetFCtrlVQ},
 }
 
 // Requires returns the features of which f needs at least one in a device

@@ -63,6 +63,7 @@ const (
 	NetFGuestUSO4         Feature = 54 // VIRTIO_NET_F_GUEST_USO4
 	NetFGuestUSO6         Feature = 55 // VIRTIO_NET_F_GUEST_USO6
 	NetFHostUSO           Feature = 56 // VIRTIO_NET_F_HOST_USO
+	NetFHashReport        Feature = 57 // VIRTIO_NET_F_HASH_REPORT
 	NetFRSS               Feature = 60 // VIRTIO_NET_F_RSS
 	NetFRSCExt            Feature = 61 // VIRTIO_NET_F_RSC_EXT
 	NetFSpeedDuplex       Feature = 63
@@ -106,7 +107,7 @@ var netNames = map[Feature]string{
 	NetFCtrlVLAN: "CTRL_VLAN", NetFGuestAnnounce: "GUEST_ANNOUNCE", NetFMQ: "MQ",
 	NetFCtrlMACAddr: "CTRL_MAC_ADDR", NetFGuestUSO4: "GUEST_USO4", NetFGuestUSO6: "GUEST_USO6",
 	NetFHostUSO: "HOST_USO", NetFSpeedDuplex: "SPEED_DUPLEX", NetFCtrlRxExtra: "CTRL_RX_EXTRA",
-	NetFVQNotfCoal: "VQ_NOTF_COAL", NetFNotfCoal: "NOTF_COAL", NetFRSS: "RSS", NetFRSCExt: "RSC_EXT",
+	NetFVQNotfCoal: "VQ_NOTF_COAL", NetFNotfCoal: "NOTF_COAL", NetFRSS: "RSS", NetFRSCExt: "RSC_EXT", NetFHashReport: "HASH_REPORT",
 }
 
 // Name returns the feature's specification name for a device of the given
