@@ -974,3 +974,37 @@ func TestPCIStatusInterruptBit(t *testing.T) {
 	d.RaiseISR(ISRQueue)
 	assert.EqualValues(t, 0x0010, status(), "MSI-X enabled: the ISR raises no line")
 }
+
+// TestMigratedConfigKeepsItsGeneration: the destination answers, under the
+// source's config_generation, the configuration the source had under it
+// (LoadState refuses a destination whose configuration differs then); a
+// change after the load (here its link goes down before it resumes) is a
+// new generation once it runs, as any change is (§4.1.4.3.1).
+func TestMigratedConfigKeepsItsGeneration(t *testing.T) {
+	src := newTestDevice(t, newFakeBacking(), nil)
+	g := driver{t, src}
+	gen0 := g.r(OffConfigGeneration, 1)
+	for _, s := range []MigState{MigStop, MigStopCopy} {
+		require.NoError(t, src.SetMigrationState(s))
+	}
+	b, err := src.SaveState()
+	require.NoError(t, err)
+
+	fd := newFakeBacking()
+	dst := newTestDevice(t, fd, nil)
+	require.NoError(t, dst.SetMigrationState(MigStop))
+	require.NoError(t, dst.SetMigrationState(MigResuming))
+	require.NoError(t, dst.LoadState(b))
+	fd.setConfig(6, []byte{0, 0}) // the destination's link goes down
+	require.NoError(t, dst.SetMigrationState(MigStop))
+	h := driver{t, dst}
+	assert.Equal(t, gen0, h.r(OffConfigGeneration, 1), "stopped: the source's generation")
+	st, err := dst.Read(RegionDevice, 6, 2)
+	require.NoError(t, err)
+	assert.EqualValues(t, 1, st, "and the source's configuration with it")
+	require.NoError(t, dst.SetMigrationState(MigRunning))
+	assert.NotEqual(t, gen0, h.r(OffConfigGeneration, 1), "running: its own configuration differs, a new generation")
+	st, err = dst.Read(RegionDevice, 6, 2)
+	require.NoError(t, err)
+	assert.EqualValues(t, 0, st)
+}

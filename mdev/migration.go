@@ -328,7 +328,18 @@ func (d *Device) apply(s *State) {
 	d.extraAccepted = false
 	d.status = s.Status
 	d.generation = s.ConfigGeneration
-	d.cfgSnapshot = d.readBackingConfig()
+	// The configuration that generation stands for is the source's: the
+	// guest may have read it under that generation. LoadState refused a
+	// destination whose configuration differed; one that changed since
+	// (its link went down, say) presents a new generation and notifies
+	// once the device runs (releaseHeld), as for any change. Its current
+	// configuration under the source's generation would let the driver
+	// accept a torn read.
+	if len(s.Config) == d.cfgSize {
+		d.cfgSnapshot = append([]byte(nil), s.Config...)
+	} else {
+		d.cfgSnapshot = d.readBackingConfig()
+	}
 	d.isr = s.ISR
 	d.msixConfig = s.MSIXConfig
 	d.dfSelect = s.DeviceFeatureSelect
