@@ -73,11 +73,15 @@ type Options struct {
 	// When nil, the device creates one call EventFD per queue (CallFD) and
 	// one for configuration changes (ConfigFD) for the VMM to route.
 	Vector func(vector uint16) *vdpa.EventFD
-	// INTx, used only with Vector, is the eventfd raised for interrupts
-	// that have no MSI-X vector (NO_VECTOR: the guest uses the line
-	// interrupt). The VMM that waits on it sets the ISR queue bit with
-	// RaiseISR before asserting the line (the configuration bit is set by
-	// the device itself).
+	// INTx, used only with Vector, is the eventfd raised for every
+	// interrupt while the guest has MSI-X disabled (the MSI-X Enable bit
+	// of the capability in RegionPCIConfig, which the VMM must write
+	// through as the guest writes it: QEMU's vfio-user client does): the
+	// guest then uses the line interrupt, §4.1.5. With MSI-X enabled,
+	// interrupts go to Vector, and an interrupt whose vector is NO_VECTOR
+	// is not delivered. The VMM that waits on INTx sets the ISR queue bit
+	// with RaiseISR before asserting the line (the configuration bit is
+	// set by the device itself).
 	INTx *vdpa.EventFD
 	// Backend names the kind of backing device ("software", "vhost-vdpa",
 	// "vhost-user", "vduse"), recorded in the migration state.
@@ -558,15 +562,24 @@ func (d *Device) configInterrupt() {
 }
 
 // vectorFD returns the eventfd that raises vector v: the VMM's irqfd when
-// Options.Vector is set, otherwise fallback.
+// Options.Vector is set, otherwise fallback. With Options.Vector the
+// device follows the guest's MSI-X Enable bit, as §4.1.5 has it: with
+// MSI-X disabled every interrupt is the line interrupt (Options.INTx,
+// which sets the ISR), whatever vector the driver wrote; with MSI-X
+// enabled an interrupt goes to its vector, and one whose vector is
+// NO_VECTOR is not delivered at all (§4.1.5.4, §4.1.5.5). Caller holds
+// d.mu.
 func (d *Device) vectorFD(v uint16, fallback *vdpa.EventFD) *vdpa.EventFD {
-	if d.opts.Vector != nil {
-		if v == NoVector {
-			return d.opts.INTx
-		}
-		return d.opts.Vector(v)
+	if d.opts.Vector == nil {
+		return fallback
 	}
-	return fallback
+	switch {
+	case !d.msixEnabled():
+		return d.opts.INTx
+	case v == NoVector:
+		return nil
+	}
+	return d.opts.Vector(v)
 }
 
 func (d *Device) queueCallFD(q int) *vdpa.EventFD {

@@ -400,11 +400,86 @@ func TestDriverOKWithVectorIrqfds(t *testing.T) {
 		return irq[v]
 	}})
 	g := driver{t, d}
+	require.NoError(t, d.Write(RegionPCIConfig, capOffMSIX+3, 1, msixCtlEnable))
 	g.bringUp(netFeatures)
 	require.Zero(t, g.status()&sNR, "%v", d.Err())
+	require.NotNil(t, irq[1])
 	assert.Same(t, irq[1], f.call[0], "queue 0 uses vector 1's irqfd")
 	assert.Same(t, irq[2], f.call[1], "queue 1 uses vector 2's irqfd")
 	assert.Nil(t, d.CallFD(0))
+}
+
+// TestInterruptRoutingFollowsMSIXEnable: with Options.Vector the device
+// follows the guest's MSI-X Enable bit (§4.1.5). Enabled: an interrupt goes
+// to its vector, and one whose vector is NO_VECTOR goes nowhere (§4.1.5.4,
+// §4.1.5.5). Disabled: every interrupt takes the line (Options.INTx) and
+// sets the ISR, whatever vector the driver wrote. A guest that turns MSI-X
+// off or on while the data path runs moves its queues' interrupts with it.
+func TestInterruptRoutingFollowsMSIXEnable(t *testing.T) {
+	setup := func(t *testing.T) (*fakeBacking, *Device, map[uint16]*eventfdT, *eventfdT) {
+		f := newFakeBacking()
+		irq := map[uint16]*eventfdT{}
+		intx := mustEventFD(t)
+		d := newTestDevice(t, f, &Options{INTx: intx, Vector: func(v uint16) *eventfdT {
+			if irq[v] == nil {
+				irq[v] = mustEventFD(t)
+			}
+			return irq[v]
+		}})
+		return f, d, irq, intx
+	}
+	calls := func(f *fakeBacking) [2]*eventfdT {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		return [2]*eventfdT{f.call[0], f.call[1]}
+	}
+	signalled := func(e *eventfdT) uint64 {
+		n, err := e.TryWait()
+		require.NoError(t, err)
+		return n
+	}
+	msix := func(d *Device, on bool) {
+		v := uint64(0)
+		if on {
+			v = msixCtlEnable
+		}
+		require.NoError(t, d.Write(RegionPCIConfig, capOffMSIX+3, 1, v))
+	}
+
+	t.Run("enabled, then disabled while live", func(t *testing.T) {
+		f, d, irq, intx := setup(t)
+		g := driver{t, d}
+		msix(d, true)
+		g.bringUp(netFeatures)
+		require.NotNil(t, irq[1])
+		assert.Equal(t, [2]*eventfdT{irq[1], irq[2]}, calls(f), "each queue on its vector")
+		g.w(OffQueueSelect, 2, 1)
+		g.w(OffQueueMSIXVector, 2, uint64(NoVector))
+		assert.Equal(t, [2]*eventfdT{irq[1], nil}, calls(f), "NO_VECTOR: no interrupt at all")
+		f.setConfig(6, []byte{0, 0})
+		d.ConfigChanged() // msix_config is NO_VECTOR: nothing is signalled
+		assert.Zero(t, signalled(intx), "no line interrupt with MSI-X enabled")
+
+		msix(d, false)
+		assert.Equal(t, [2]*eventfdT{intx, intx}, calls(f), "MSI-X off: every queue on the line")
+		f.setConfig(6, []byte{1, 0})
+		d.ConfigChanged()
+		assert.EqualValues(t, 1, signalled(intx), "the configuration change on the line")
+		isr, err := d.Read(RegionISR, 0, 1)
+		require.NoError(t, err)
+		assert.EqualValues(t, ISRConfig, isr&uint64(ISRConfig))
+
+		msix(d, true)
+		assert.Equal(t, [2]*eventfdT{irq[1], nil}, calls(f), "MSI-X on again: the vectors")
+		require.Zero(t, g.status()&sNR, "%v", d.Err())
+	})
+
+	t.Run("never enabled (pci=nomsi), vectors written anyway", func(t *testing.T) {
+		f, d, irq, intx := setup(t)
+		driver{t, d}.bringUp(netFeatures)
+		assert.Equal(t, [2]*eventfdT{intx, intx}, calls(f))
+		assert.Empty(t, irq, "no vector's irqfd asked for")
+	})
 }
 
 func TestNotifyKicksQueueEventfd(t *testing.T) {

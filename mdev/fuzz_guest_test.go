@@ -808,6 +808,19 @@ func (g *fuzzGuest) checkRecovers() {
 	require.NoError(t, err)
 	assert.Zero(t, isr, "ISR after reset")
 
+	// With per-vector irqfds the guest enables MSI-X, as Linux does
+	// before it programs vectors, unless the input gave the device a line
+	// interrupt: then it leaves MSI-X disabled (pci=nomsi) and every
+	// interrupt must take the line (§4.1.5). The hostile sequence may
+	// have left the bit either way; a device reset does not touch it.
+	msixOn := g.cfg.vectorMode && !g.cfg.intx
+	if g.cfg.vectorMode {
+		ctl := uint64(0)
+		if msixOn {
+			ctl = msixCtlEnable
+		}
+		require.NoError(t, g.write(RegionPCIConfig, capOffMSIX+3, 1, ctl))
+	}
 	feat, n := g.initSequence(g.cfg.packed, true)
 	require.Equal(t, sAck|sDrv|sFOK|sDOK, virtio.Status(r(OffDeviceStatus, 1)), "DRIVER_OK: %v", d.Err())
 	require.NoError(t, d.Err())
@@ -827,8 +840,12 @@ func (g *fuzzGuest) checkRecovers() {
 		assert.Same(t, d.KickFD(q), f.kick[q], "queue %d kick", q)
 		call := d.CallFD(q)
 		if g.cfg.vectorMode {
-			call = g.intx
-			if v := g.fuzzQueueVector(q); v != NoVector {
+			switch v := g.fuzzQueueVector(q); {
+			case !msixOn:
+				call = g.intx // the line, whatever the vector
+			case v == NoVector:
+				call = nil // §4.1.5.5: no interrupt for NO_VECTOR
+			default:
 				call = g.vector(v)
 			}
 		}
@@ -851,10 +868,15 @@ func (g *fuzzGuest) checkRecovers() {
 	// configuration vector (msix_config 0).
 	cfgFD := d.ConfigFD()
 	if g.cfg.vectorMode {
-		cfgFD = g.vector(0)
+		cfgFD = g.intx
+		if msixOn {
+			cfgFD = g.vector(0)
+		}
 	}
-	_, err = cfgFD.TryWait()
-	require.NoError(t, err)
+	if cfgFD != nil {
+		_, err = cfgFD.TryWait()
+		require.NoError(t, err)
+	}
 	f.mu.Lock()
 	f.config[6] ^= 1
 	f.mu.Unlock()
@@ -864,9 +886,11 @@ func (g *fuzzGuest) checkRecovers() {
 	isr, err = g.read(RegionISR, 0, 1)
 	require.NoError(t, err)
 	assert.EqualValues(t, ISRConfig, isr)
-	k, err := cfgFD.TryWait()
-	require.NoError(t, err)
-	assert.EqualValues(t, 1, k, "configuration interrupt")
+	if cfgFD != nil { // nil: a line interrupt the input did not give
+		k, err := cfgFD.TryWait()
+		require.NoError(t, err)
+		assert.EqualValues(t, 1, k, "configuration interrupt")
+	}
 
 	// And a reset stops the back-end.
 	require.NoError(t, g.write(RegionCommon, OffDeviceStatus, 1, 0))

@@ -392,7 +392,7 @@ func (d *Device) pciRead(off uint64, size int, withBacking bool) (uint64, error)
 		// a VMM sharing the line, read it). With MSI-X enabled the ISR
 		// is not an interrupt source and the bit stays clear.
 		st := uint16(pciStatusCapList)
-		if d.isr != 0 && d.pci.img[capOffMSIX+3]&msixCtlEnable == 0 {
+		if d.isr != 0 && !d.msixEnabled() {
 			st |= pciStatusInterrupt
 		}
 		binary.LittleEndian.PutUint16(d.pci.img[pciOffStatus:], st)
@@ -410,6 +410,7 @@ func (d *Device) pciWrite(off uint64, size int, v uint64) error {
 		return ErrOutOfRange
 	}
 	c := &d.pci
+	msix := d.msixEnabled()
 	for i := 0; i < size; i++ {
 		o := int(off) + i
 		b := byte(v >> (8 * i))
@@ -419,7 +420,27 @@ func (d *Device) pciWrite(off uint64, size int, v uint64) error {
 	if off >= data && off < data+4 {
 		d.pciCfgWindowWrite()
 	}
+	if d.msixEnabled() != msix && d.live {
+		// The guest turned MSI-X on or off while the data path runs:
+		// its queues' interrupts move between their vectors and the
+		// line (vectorFD). The caller holds d.ops (writeMayUseBacking).
+		for i := range d.queues {
+			if !d.queues[i].enabled {
+				continue
+			}
+			if err := d.rewireCall(i); err != nil {
+				d.needsReset(err)
+				break
+			}
+		}
+	}
 	return nil
+}
+
+// msixEnabled reports the MSI-X Enable bit of the MSI-X capability's
+// message control, as the guest last wrote it. Caller holds d.mu.
+func (d *Device) msixEnabled() bool {
+	return d.pci.img[capOffMSIX+3]&msixCtlEnable != 0
 }
 
 // pciCfgWindow returns the BAR access the VIRTIO_PCI_CAP_PCI_CFG capability

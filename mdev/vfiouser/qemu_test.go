@@ -431,6 +431,11 @@ func qemuMSIXConfigSpaceAndLink(t *testing.T, qemu, helper string, o backingOpts
 	ctrl := uint16(cfg[msix+2]) | uint16(cfg[msix+3])<<8
 	assert.Equal(t, l.MSIXVectors-1, int(ctrl&0x7ff), "MSI-X table size")
 	assert.NotZero(t, ctrl&0x8000, "MSI-X enabled by the guest")
+	// QEMU writes the guest's MSI-X enable through to the device's own
+	// configuration space (the device routes interrupts by it, §4.1.5).
+	own, err := r.srv.Device().Read(mdev.RegionPCIConfig, uint64(msix+3), 1)
+	require.NoError(t, err)
+	assert.NotZero(t, own&0x80, "MSI-X Enable in the device's configuration space")
 	table := uint32(cfg[msix+4]) | uint32(cfg[msix+5])<<8 | uint32(cfg[msix+6])<<16 | uint32(cfg[msix+7])<<24
 	pba := uint32(cfg[msix+8]) | uint32(cfg[msix+9])<<8 | uint32(cfg[msix+10])<<16 | uint32(cfg[msix+11])<<24
 	assert.Equal(t, l.MSIXTable|mdev.MSIXBAR, table)
