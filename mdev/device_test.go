@@ -710,42 +710,39 @@ func TestConfigReadsMatchTheirGeneration(t *testing.T) {
 		defer d.ops.unlock()
 		fn()
 	}
-	t.Run("field read live, generation read during an operation", func(t *testing.T) {
+	// start reads the generation, then the backing device's link goes
+	// down: the configuration changed under the driver.
+	start := func(t *testing.T) (*fakeBacking, *Device, driver, uint64) {
 		f := newFakeBacking()
 		d := newTestDevice(t, f, nil)
 		g := driver{t, d}
 		gen0 := g.r(OffConfigGeneration, 1)
-		f.setConfig(6, []byte{0, 0}) // link down
+		f.setConfig(6, []byte{0, 0})
+		return f, d, g, gen0
+	}
+	status := func(t *testing.T, d *Device) uint64 {
 		st, err := d.Read(RegionDevice, 6, 2)
 		require.NoError(t, err)
-		require.EqualValues(t, 0, st, "the driver read the new status")
+		return st
+	}
+	t.Run("field read live, generation read during an operation", func(t *testing.T) {
+		_, d, g, gen0 := start(t)
+		require.EqualValues(t, 0, status(t, d), "the driver read the new status")
 		busy(d, func() {
 			assert.NotEqual(t, gen0, g.r(OffConfigGeneration, 1), "a value that changed was read: a new generation")
 		})
 	})
 	t.Run("field read during an operation, generation after", func(t *testing.T) {
-		f := newFakeBacking()
-		d := newTestDevice(t, f, nil)
-		g := driver{t, d}
-		gen0 := g.r(OffConfigGeneration, 1)
-		f.setConfig(6, []byte{0, 0})
+		_, d, g, gen0 := start(t)
 		busy(d, func() {
-			st, err := d.Read(RegionDevice, 6, 2)
-			require.NoError(t, err)
-			assert.EqualValues(t, 1, st, "during an operation: the configuration of generation gen0")
+			assert.EqualValues(t, 1, status(t, d), "during an operation: the configuration of generation gen0")
 			assert.Equal(t, gen0, g.r(OffConfigGeneration, 1), "and gen0 with it")
 		})
 		assert.NotEqual(t, gen0, g.r(OffConfigGeneration, 1), "the change, once seen, is a new generation")
 	})
 	t.Run("A to B to A between the generation reads", func(t *testing.T) {
-		f := newFakeBacking()
-		d := newTestDevice(t, f, nil)
-		g := driver{t, d}
-		gen0 := g.r(OffConfigGeneration, 1)
-		f.setConfig(6, []byte{0, 0})
-		mac, err := d.Read(RegionDevice, 6, 2)
-		require.NoError(t, err)
-		require.EqualValues(t, 0, mac)
+		f, d, g, gen0 := start(t)
+		require.EqualValues(t, 0, status(t, d))
 		f.setConfig(6, []byte{1, 0}) // back to A
 		assert.NotEqual(t, gen0, g.r(OffConfigGeneration, 1), "the driver read B: its loop must go round again")
 	})

@@ -184,6 +184,18 @@ func (c *lcConn) hangUp() {
 	}
 }
 
+// endsWith waits until the back-end ends the session with an error
+// wrapping want; what names the request that must end it.
+func (c *lcConn) endsWith(want error, what string) {
+	c.t.Helper()
+	select {
+	case err := <-c.done:
+		require.ErrorIs(c.t, err, want, what)
+	case <-time.After(10 * time.Second):
+		c.t.Fatalf("the session went on after %s", what)
+	}
+}
+
 func (c *lcConn) send(r Request, p []byte, fds ...int) {
 	c.t.Helper()
 	require.NoError(c.t, c.c.write(Header{Request: r, Flags: Version}, p, fds))
@@ -584,12 +596,7 @@ func TestLifecycleMemTableOverStoppedRing(t *testing.T) {
 	t.Run("running ring", func(t *testing.T) {
 		_, c := runningLC(t, 3)
 		c.send(ReqSetMemTable, moved, c.g.memfd)
-		select {
-		case err := <-c.done:
-			require.ErrorIs(t, err, ErrAddrNotMapped)
-		case <-time.After(10 * time.Second):
-			t.Fatal("session went on with a running ring outside guest memory")
-		}
+		c.endsWith(ErrAddrNotMapped, "a running ring outside guest memory")
 	})
 }
 
@@ -608,12 +615,7 @@ func TestAccessPlatformNotOffered(t *testing.T) {
 	assert.False(t, f.Has(virtio.FAccessPlatform), "GET_FEATURES %v", f)
 	assert.True(t, f.Has(virtio.FVersion1))
 	c.send(ReqSetFeatures, putU64(uint64(lcFeatures.With(virtio.FAccessPlatform))))
-	select {
-	case err := <-c.done:
-		require.ErrorIs(t, err, ErrProtocol)
-	case <-time.After(10 * time.Second):
-		t.Fatal("SET_FEATURES with ACCESS_PLATFORM accepted")
-	}
+	c.endsWith(ErrProtocol, "SET_FEATURES with ACCESS_PLATFORM")
 }
 
 // TestGetConfigFailureIsEmpty: a GET_CONFIG the back-end cannot answer
