@@ -570,6 +570,9 @@ type qemuConfig struct {
 	reboot bool
 	// devProps are more virtio-net-pci properties ("mrg_rxbuf=off,...").
 	devProps string
+	// maxmem, when set, gives the machine memory hotplug slots up to this
+	// size (-m SIZE,slots=2,maxmem=MAXMEM): DIMMs can be plugged with QMP.
+	maxmem string
 }
 
 func startQEMUPeer(t *testing.T, q qemuPeer, c qemuConfig) *qemuVM {
@@ -624,8 +627,12 @@ func startQEMUPeer(t *testing.T, q qemuPeer, c qemuConfig) *qemuVM {
 	case c.pairs > 1:
 		device += ",vectors=" + strconv.Itoa(2*c.pairs+2)
 	}
+	mem := c.mem
+	if c.maxmem != "" {
+		mem += ",slots=2,maxmem=" + c.maxmem
+	}
 	args := []string{"-k", "5", secs, q.bin,
-		"-accel", accel, "-cpu", "max", "-M", "q35,memory-backend=mem", "-smp", strconv.Itoa(c.smp), "-m", c.mem,
+		"-accel", accel, "-cpu", "max", "-M", "q35,memory-backend=mem", "-smp", strconv.Itoa(c.smp), "-m", mem,
 		"-object", memObj,
 		"-kernel", c.guest.kernel, "-initrd", c.guest.initrd,
 		"-append", "console=ttyS0 panic=-1 oops=panic ipv6.disable=1 loglevel=4",
