@@ -50,26 +50,29 @@ func (p *testpmd) streamStats(ctx context.Context, queues int) (rx, tx []uint64,
 	return rx, tx, nil
 }
 
-// TestDPDKMultiQueue: DPDK's virtio-user with two queue pairs runs the
-// control queue itself and negotiates MQ (and the CTRL_* features) without
-// CTRL_VQ. Our back-end serves softnet with FrontendCtrl: every pair
-// carries frames in both directions, and the per-pair counters of both
-// sides agree.
+// TestDPDKMultiQueue: DPDK's virtio-user with two or four queue pairs
+// runs the control queue itself and negotiates MQ (and the CTRL_* features)
+// without CTRL_VQ. Our back-end serves softnet with FrontendCtrl: every
+// pair carries frames in both directions, and the per-pair counters of
+// both sides agree.
 func TestDPDKMultiQueue(t *testing.T) {
 	for _, tc := range []struct {
 		name, vdev string
-		group      bool // busy-poll both transmit queues on one PollGroup worker
+		pairs      int
+		group      bool // busy-poll every transmit queue on one PollGroup worker
 	}{
-		{"queues2", "queues=2", false},
-		{"queues2-cq1", "queues=2,cq=1", false},
-		{"queues2-pollgroup", "queues=2", true},
+		{"queues2", "queues=2", 2, false},
+		{"queues2-cq1", "queues=2,cq=1", 2, false},
+		{"queues2-pollgroup", "queues=2", 2, true},
+		{"queues4", "queues=4", 4, false},
+		{"queues4-packed", "queues=4,packed_vq=1", 4, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			bin := requireTestpmd(t, dpdkInterop)
 			ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 			defer cancel()
-			const pairs = 2
-			opts := softnet.Options{MaxQueuePairs: pairs, FrontendCtrl: true, MaxQueueSize: 1024, Handler: softnet.Discard}
+			pairs := tc.pairs
+			opts := softnet.Options{MaxQueuePairs: uint16(pairs), FrontendCtrl: true, MaxQueueSize: 1024, Handler: softnet.Discard}
 			var group *softnet.PollGroup
 			if tc.group {
 				group = softnet.NewPollGroup(&softnet.PollGroupOptions{Workers: 1})
@@ -90,7 +93,7 @@ func TestDPDKMultiQueue(t *testing.T) {
 			info := be.Info()
 			t.Logf("negotiated %s; protocol %v", info.Features.Format(virtio.DeviceNet), info.ProtocolFeatures)
 			if group != nil {
-				assert.Equal(t, []int{pairs}, group.Queues(), "both transmit queues on the one worker")
+				assert.Equal(t, []int{pairs}, group.Queues(), "every transmit queue on the one worker")
 			}
 			assert.True(t, info.Features.Has(virtio.NetFMQ), "MQ negotiated")
 			assert.False(t, info.Features.Has(virtio.NetFCtrlVQ), "the front-end runs the control queue")
@@ -99,7 +102,12 @@ func TestDPDKMultiQueue(t *testing.T) {
 			p.command("start")
 			require.True(t, waitCond(ctx, func() bool {
 				s := dev.Stats()
-				return s.Queues[1].Frames > 5000 && s.Queues[3].Frames > 5000
+				for q := 0; q < pairs; q++ {
+					if s.Queues[2*q+1].Frames <= 5000 {
+						return false
+					}
+				}
+				return true
 			}), "frames on every pair: %+v", dev.Stats().Queues)
 			_, tx, err := p.streamStats(ctx, pairs)
 			require.NoError(t, err)
@@ -132,7 +140,7 @@ func TestDPDKMultiQueue(t *testing.T) {
 			// testpmd polls its receive queues on its own time.
 			assert.True(t, waitCond(ctx, func() bool {
 				rx, _, err := p.portStats(ctx)
-				return err == nil && rx >= pairs*perPair
+				return err == nil && rx >= uint64(pairs*perPair)
 			}), "testpmd did not receive every frame")
 			rx, _, err := p.streamStats(ctx, pairs)
 			require.NoError(t, err)
@@ -141,8 +149,11 @@ func TestDPDKMultiQueue(t *testing.T) {
 				assert.Equal(t, uint64(perPair), s.Queues[2*q].Frames, "pair %d delivered", q)
 				assert.Equal(t, uint64(perPair), rx[q], "pair %d: testpmd received", q)
 			}
-			t.Logf("DPDK-MQ %s: pair 0 tx %d rx %d, pair 1 tx %d rx %d (testpmd tx %v rx %v)", tc.name,
-				s.Queues[1].Frames, s.Queues[0].Frames, s.Queues[3].Frames, s.Queues[2].Frames, tx, rx)
+			var dtx, drx []uint64
+			for q := 0; q < pairs; q++ {
+				dtx, drx = append(dtx, s.Queues[2*q+1].Frames), append(drx, s.Queues[2*q].Frames)
+			}
+			t.Logf("DPDK-MQ %s: device took %v and delivered %v per pair (testpmd tx %v rx %v)", tc.name, dtx, drx, tx, rx)
 		})
 	}
 }
