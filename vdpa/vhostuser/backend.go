@@ -28,7 +28,7 @@ import (
 // SupportedProtocolFeatures are the protocol features the back-end
 // implements and offers by default.
 const SupportedProtocolFeatures = ProtocolFeatures(1)<<PFMQ | 1<<PFLogShmfd | 1<<PFReplyAck |
-	1<<PFConfig | 1<<PFResetDevice | 1<<PFStatus
+	1<<PFConfig | 1<<PFResetDevice | 1<<PFStatus | 1<<PFConfigureMemSlots
 
 // DefaultMessageTimeout is BackendOptions.MessageTimeout's default.
 const DefaultMessageTimeout = 10 * time.Second
@@ -569,6 +569,22 @@ func (s *session) dispatch(m *Message) (reply []byte, hasReply bool, err error) 
 			fds[i] = m.TakeFd(i)
 		}
 		return nil, false, s.setMemTable(rs, fds)
+	case ReqGetMaxMemSlots:
+		if err := needProto(PFConfigureMemSlots); err != nil {
+			return nil, true, err
+		}
+		return putU64(MaxMemSlots), true, nil
+	case ReqAddMemReg, ReqRemMemReg:
+		if err := needProto(PFConfigureMemSlots); err != nil {
+			return nil, false, err
+		}
+		reg, _ := DecodeSingleRegion(m.Payload)
+		if r == ReqRemMemReg {
+			// A descriptor sent with it (allowed for compatibility)
+			// is closed unused with the message.
+			return nil, false, s.changeMemory(removeRegion(s.mem, reg))
+		}
+		return nil, false, s.changeMemory(addRegion(s.mem, reg, m.TakeFd(0), s.b.maxMem))
 	case ReqSetLogBase:
 		if err := needProto(PFLogShmfd); err != nil {
 			return nil, false, err
@@ -958,6 +974,33 @@ func (s *session) setMemTable(rs []MemoryRegion, fds []int) error {
 	// SET_VRING_ADDR (Linux vhost, too, checks only the rings it runs),
 	// and a ring is checked against the memory of its day when it starts.
 	return s.restart(running)
+}
+
+// changeMemory serves ADD_MEM_REG and REM_MEM_REG: when the table changed,
+// it becomes pm, and every running ring is stopped and started again on
+// it, as for SET_MEM_TABLE. Unlike a whole new table, one step of a table
+// built region by region may leave a ring's memory out for a while (QEMU
+// sends the removals of a change before its additions): such a ring stays
+// stopped, not failed, and starts when a later step brings its memory
+// back (or a new SET_VRING_ADDR moves it).
+func (s *session) changeMemory(pm *peerMemory, changed bool, err error) error {
+	if err != nil || !changed {
+		return err
+	}
+	s.stopAllRunning()
+	s.release(s.mem, s.mem.close)
+	s.mem = pm
+	// Lowest index first, as restart: a receive queue runs again before
+	// its transmit queue.
+	for i := range s.queues {
+		if err := s.tryStart(i); err != nil {
+			if !errors.Is(err, ErrAddrNotMapped) {
+				return err
+			}
+			s.b.log.Debug("vhost-user: ring waits for its memory", "queue", i, "err", err)
+		}
+	}
+	return nil
 }
 
 func (s *session) setLog(l Log, fd int) error {

@@ -9,7 +9,10 @@
 //     ring addresses (front-end user addresses) to guest addresses, builds a
 //     vring.DeviceQueue for each ring it starts and hands it to the Handler;
 //     GET_VRING_BASE stops the ring through Handler.StopQueue. Protocol
-//     features: MQ, LOG_SHMFD, REPLY_ACK, CONFIG, RESET_DEVICE, STATUS;
+//     features: MQ, LOG_SHMFD, REPLY_ACK, CONFIG, RESET_DEVICE, STATUS,
+//     CONFIGURE_MEM_SLOTS (the memory table built region by region with
+//     ADD_MEM_REG and REM_MEM_REG, up to MaxMemSlots regions, as QEMU does
+//     when it is negotiated: memory hotplug beyond SET_MEM_TABLE's 8);
 //     dirty logging (VHOST_F_LOG_ALL, SET_LOG_BASE) writes into a
 //     dirty.Bitmap attached to the front-end's log.
 //   - Frontend (we are the VMM) implements vdpa.Device, vdpa.Suspender and
@@ -69,7 +72,14 @@
 //   - Restart (position kept): a change a running ring cannot absorb (a new
 //     call or kick descriptor, new addresses, LOG_ALL toggled, a new memory
 //     table or log, SET_FEATURES) stops every running ring, highest index
-//     first, and starts them again, lowest first.
+//     first, and starts them again, lowest first. A ring that a new
+//     SET_MEM_TABLE leaves outside guest memory ends the session; only
+//     the rings that were running are checked (a stopped ring's old
+//     addresses are replaced by its next SET_VRING_ADDR). A table built
+//     region by region passes through states in which a ring's memory is
+//     missing (QEMU removes before it adds): after an ADD_MEM_REG or
+//     REM_MEM_REG such a ring stays stopped, keeps its position and starts
+//     when its memory is back.
 //   - SET_VRING_BASE sets the position a stopped ring starts from. The used
 //     index is what used.idx in guest memory says. A fresh ring has no
 //     chains in flight, so a base that disagrees with used.idx cannot be

@@ -35,7 +35,7 @@ func ExampleDecode() {
 func ExampleProtocolFeatures_String() {
 	fmt.Println(vhostuser.SupportedProtocolFeatures)
 	// Output:
-	// 0x1220b (MQ|LOG_SHMFD|REPLY_ACK|CONFIG|RESET_DEVICE|STATUS)
+	// 0x1a20b (MQ|LOG_SHMFD|REPLY_ACK|CONFIG|RESET_DEVICE|CONFIGURE_MEM_SLOTS|STATUS)
 }
 
 // A back-end serving a loopback virtio-net device on a socket that DPDK's

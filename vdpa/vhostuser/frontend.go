@@ -199,7 +199,9 @@ func (f *Frontend) handshake(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		want := SupportedProtocolFeatures
+		// The Frontend sends whole tables (SET_MEM_TABLE); it does not
+		// ask for region-by-region updates.
+		want := SupportedProtocolFeatures &^ (1 << PFConfigureMemSlots)
 		if f.opts.ProtocolFeatures != 0 {
 			want &= f.opts.ProtocolFeatures
 		}

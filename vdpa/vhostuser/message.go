@@ -361,6 +361,22 @@ func EncodeMemTable(rs []MemoryRegion) []byte {
 	return b
 }
 
+// DecodeSingleRegion parses the payload of ADD_MEM_REG and REM_MEM_REG: a
+// u64 of padding and one region.
+func DecodeSingleRegion(p []byte) (MemoryRegion, error) {
+	if len(p) != singleRegionSize {
+		return MemoryRegion{}, ErrBadSize
+	}
+	return decodeRegion(p[8:]), nil
+}
+
+// EncodeSingleRegion returns the payload of ADD_MEM_REG and REM_MEM_REG.
+func EncodeSingleRegion(r MemoryRegion) []byte {
+	b := make([]byte, singleRegionSize)
+	r.put(b[8:])
+	return b
+}
+
 // Log is the log description payload of SET_LOG_BASE.
 type Log struct {
 	MmapSize   uint64

@@ -292,6 +292,9 @@ type rigOptions struct {
 	logHook func(queue int, l vring.WriteLogger) vring.WriteLogger
 	// offload offers softnet's checksum and segmentation offloads.
 	offload bool
+	// proto, when non-zero, restricts the protocol features offered
+	// (BackendOptions.ProtocolFeatures).
+	proto ProtocolFeatures
 }
 
 func startRig(t *testing.T, ctx context.Context, dir string, o rigOptions) *qemuRig {
@@ -326,7 +329,7 @@ func startRig(t *testing.T, ctx context.Context, dir string, o rigOptions) *qemu
 		t.Cleanup(rec.closeFixture)
 	}
 	ring := &ringTracker{Device: dev}
-	be := NewBackend(ring, &BackendOptions{Logger: slog.New(rec)})
+	be := NewBackend(ring, &BackendOptions{Logger: slog.New(rec), ProtocolFeatures: o.proto})
 	r := &qemuRig{name: o.name, dev: dev, resp: resp, ring: ring, be: be, rec: rec,
 		sock: filepath.Join(dir, o.name+".sock"), served: make(chan error, 1)}
 	be.logHook = o.logHook
