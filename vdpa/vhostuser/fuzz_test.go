@@ -48,6 +48,10 @@ func FuzzDecode(f *testing.F) {
 			if err != nil || len(rs) != len(m.Fds) {
 				t.Fatalf("validated mem table: %d regions, %d fds, %v", len(rs), len(m.Fds), err)
 			}
+		case ReqAddMemReg, ReqRemMemReg:
+			if _, err := DecodeSingleRegion(m.Payload); err != nil {
+				t.Fatalf("validated region does not parse: %v", err)
+			}
 		case ReqSetLogBase:
 			if _, err := DecodeLog(m.Payload); err != nil {
 				t.Fatalf("validated log does not parse: %v", err)
@@ -66,7 +70,13 @@ func FuzzDecode(f *testing.F) {
 
 // fuzzSessionSeed is a valid session the way DPDK's virtio-user runs it,
 // with its rings inside a 1 MiB region at user address 0x7f0000000000.
-func fuzzSessionSeed() []byte {
+func fuzzSessionSeed() []byte { return fuzzSessionSeedWith(false) }
+
+// fuzzSessionSeedWith is fuzzSessionSeed with, when slots, the memory sent
+// region by region as QEMU does with CONFIGURE_MEM_SLOTS (the ring's
+// region twice, as QEMU 7.2's second queue pair repeats it, and a region
+// added and removed while the rings run).
+func fuzzSessionSeedWith(slots bool) []byte {
 	const ua = 0x7f0000000000
 	var b []byte
 	add := func(r Request, f Flags, p []byte) { b = Encode(b, Header{Request: r, Flags: Version | f}, p) }
@@ -78,7 +88,14 @@ func fuzzSessionSeed() []byte {
 	add(ReqSetVringCall, 0, putU64(1))
 	add(ReqSetFeatures, 0, putU64(1<<32|1<<30|1<<15))
 	add(ReqSetStatus, FlagNeedReply, putU64(0xb))
-	add(ReqSetMemTable, FlagNeedReply, EncodeMemTable([]MemoryRegion{{GuestPhysAddr: 0, MemorySize: 1 << 20, UserspaceAddr: ua}}))
+	if slots {
+		add(ReqGetMaxMemSlots, 0, nil)
+		for range 2 {
+			add(ReqAddMemReg, FlagNeedReply, EncodeSingleRegion(MemoryRegion{GuestPhysAddr: 0, MemorySize: 1 << 20, UserspaceAddr: ua}))
+		}
+	} else {
+		add(ReqSetMemTable, FlagNeedReply, EncodeMemTable([]MemoryRegion{{GuestPhysAddr: 0, MemorySize: 1 << 20, UserspaceAddr: ua}}))
+	}
 	add(ReqSetLogBase, 0, Log{MmapSize: 4096}.Encode())
 	for q := uint32(0); q < 2; q++ {
 		base := uint64(ua) + uint64(q)*0x10000
@@ -89,6 +106,11 @@ func fuzzSessionSeed() []byte {
 		add(ReqSetVringEnable, 0, VringState{Index: q, Num: 1}.Encode())
 	}
 	add(ReqSetStatus, FlagNeedReply, putU64(0xf))
+	if slots {
+		other := MemoryRegion{GuestPhysAddr: 1 << 30, MemorySize: 1 << 20, UserspaceAddr: ua + 1<<32}
+		add(ReqAddMemReg, FlagNeedReply, EncodeSingleRegion(other))
+		add(ReqRemMemReg, FlagNeedReply, EncodeSingleRegion(other))
+	}
 	add(ReqGetConfig, FlagNeedReply, Config{Data: make([]byte, 6)}.Encode())
 	add(ReqGetVringBase, 0, VringState{Index: 1}.Encode())
 	add(ReqSetStatus, 0, putU64(0))
@@ -102,6 +124,7 @@ func fuzzSessionSeed() []byte {
 // session must end (no hang, no panic) and every descriptor must be closed.
 func FuzzBackendSession(f *testing.F) {
 	f.Add(fuzzSessionSeed())
+	f.Add(fuzzSessionSeedWith(true))
 	f.Add(Encode(nil, Header{Request: ReqSetMemTable, Flags: Version}, memTablePayload(9, 8)))
 	f.Fuzz(func(t *testing.T, in []byte) {
 		before := openFdSet(t)
@@ -132,6 +155,11 @@ func FuzzBackendSession(f *testing.F) {
 							fds = append(fds, fd)
 						}
 					}
+				}
+			case ReqAddMemReg:
+				if fd, err := unix.MemfdCreate("fuzzslot", unix.MFD_CLOEXEC); err == nil {
+					_ = unix.Ftruncate(fd, 1<<20)
+					fds = append(fds, fd)
 				}
 			case ReqSetLogBase:
 				if fd, err := unix.MemfdCreate("fuzzlog", unix.MFD_CLOEXEC); err == nil {
