@@ -936,8 +936,17 @@ func checkQEMUSequence(t *testing.T, msgs []msgRecord) {
 		count[m.Req]++
 	}
 	t.Logf("requests (name/fds): %s", strings.Join(names, " "))
+	// The memory comes as whole tables, or region by region when the
+	// back-end offers CONFIGURE_MEM_SLOTS (as it does by default): then
+	// QEMU asks for the slot count first and never sends SET_MEM_TABLE.
+	memReq := ReqSetMemTable
+	if count[ReqAddMemReg] > 0 {
+		memReq = ReqAddMemReg
+		assert.Zero(t, count[ReqSetMemTable], "SET_MEM_TABLE beside ADD_MEM_REG")
+		assert.Positive(t, count[ReqGetMaxMemSlots], "GET_MAX_MEM_SLOTS sent")
+	}
 	for _, r := range []Request{ReqSetOwner, ReqGetFeatures, ReqGetProtocolFeatures, ReqSetProtocolFeatures,
-		ReqSetFeatures, ReqSetMemTable} {
+		ReqSetFeatures, memReq} {
 		assert.Positive(t, count[r], "%v sent", r)
 	}
 	for _, r := range []Request{ReqSetVringNum, ReqSetVringBase, ReqSetVringAddr, ReqSetVringKick, ReqSetVringCall,
@@ -949,13 +958,18 @@ func checkQEMUSequence(t *testing.T, msgs []msgRecord) {
 	}
 	assert.Less(t, first[ReqGetFeatures], first[ReqSetFeatures], "GET_FEATURES before SET_FEATURES")
 	assert.Less(t, first[ReqGetProtocolFeatures], first[ReqSetProtocolFeatures])
-	assert.Less(t, first[ReqSetMemTable], first[ReqSetVringKick], "memory table before the first ring starts")
+	assert.Less(t, first[memReq], first[ReqSetVringKick], "memory before the first ring starts")
+	if memReq == ReqAddMemReg {
+		assert.Less(t, first[ReqGetMaxMemSlots], first[ReqAddMemReg], "the slot count asked before the first region")
+	}
 	assert.Less(t, first[ReqSetFeatures], first[ReqSetVringKick], "features before the first ring starts")
 	assert.Less(t, first[ReqSetVringKick], first[ReqGetVringBase], "rings started before they are stopped")
 	for i, m := range msgs {
 		switch m.Req {
 		case ReqSetMemTable:
 			assert.Positive(t, m.Fds, "SET_MEM_TABLE #%d carries the regions' descriptors", i)
+		case ReqAddMemReg:
+			assert.Equal(t, 1, m.Fds, "ADD_MEM_REG #%d carries its region's descriptor", i)
 		case ReqSetVringKick, ReqSetVringCall:
 			assert.LessOrEqual(t, m.Fds, 1, "%v #%d", m.Req, i)
 		case ReqGetFeatures, ReqSetFeatures, ReqSetVringNum, ReqSetVringAddr, ReqSetVringBase, ReqGetVringBase:
