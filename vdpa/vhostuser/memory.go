@@ -43,11 +43,6 @@ type peerRegion struct {
 	view    []byte
 	sealed  bool
 	mapping *peerMapping
-	// adds counts the ADD_MEM_REG of this region not yet matched by a
-	// REM_MEM_REG. A front-end with several vhost devices on one
-	// connection (QEMU 7.2's vhost-user-net: one per queue pair) sends
-	// every region update once per device.
-	adds int
 }
 
 // same reports whether r is p's region by the spec's identity: guest
@@ -121,7 +116,6 @@ func mapMemTable(rs []MemoryRegion, fds []int, limit uint64) (*peerMemory, error
 		if err != nil {
 			return nil, err
 		}
-		pr.adds = 1
 		regions = append(regions, pr)
 	}
 	return buildMemory(ReqSetMemTable, regions)
@@ -129,17 +123,25 @@ func mapMemTable(rs []MemoryRegion, fds []int, limit uint64) (*peerMemory, error
 
 // addRegion serves ADD_MEM_REG: old's regions and r, mapped from fd (which
 // it closes). The limits are those of a whole table: limit bytes and
-// MaxMemSlots regions. A region the table already has (the same guest
-// address, size and user address) is counted again, not mapped again,
-// and the table stays old (changed is false).
+// MaxMemSlots regions.
+//
+// Updates are idempotent: a region the table already has (the same guest
+// address, size and user address) is not mapped again, and removeRegion
+// takes a region the table does not have as already removed; the table
+// then stays old (changed is false). A front-end with several vhost
+// devices on one connection sends every update once per device: QEMU
+// before 8.0 with a multi-queue vhost-user-net (a device per queue pair,
+// each sending its removals and additions in turn, and only the devices
+// the guest started). Counting the repeats instead would keep a region a
+// first device removed alive until the others removed it too, and refuse
+// that device's next addition over the same addresses.
 func addRegion(old *peerMemory, r MemoryRegion, fd int, limit uint64) (pm *peerMemory, changed bool, err error) {
 	defer closeFds([]int{fd})
 	var have []peerRegion
 	if old != nil {
 		have = old.regions
 	}
-	if i := slices.IndexFunc(have, func(p peerRegion) bool { return p.same(r) }); i >= 0 {
-		have[i].adds++
+	if slices.ContainsFunc(have, func(p peerRegion) bool { return p.same(r) }) {
 		return old, false, nil
 	}
 	if len(have) >= MaxMemSlots {
@@ -157,15 +159,14 @@ func addRegion(old *peerMemory, r MemoryRegion, fd int, limit uint64) (pm *peerM
 		return nil, false, err
 	}
 	defer pr.mapping.put()
-	pr.adds = 1
 	pm, err = buildMemory(ReqAddMemReg, append(slices.Clip(have), pr))
 	return pm, err == nil, err
 }
 
 // removeRegion serves REM_MEM_REG: old's regions less the one with r's
 // guest address, size and user address (the spec's identity; the mmap
-// offset is ignored). A region added more than once (see peerRegion.adds)
-// stays until its last removal; the table then stays old (changed is
+// offset is ignored). A region the table does not have is taken as
+// removed already (see addRegion): the table stays old (changed is
 // false). The table left may be nil (no region).
 func removeRegion(old *peerMemory, r MemoryRegion) (pm *peerMemory, changed bool, err error) {
 	var have []peerRegion
@@ -174,11 +175,6 @@ func removeRegion(old *peerMemory, r MemoryRegion) (pm *peerMemory, changed bool
 	}
 	i := slices.IndexFunc(have, func(p peerRegion) bool { return p.same(r) })
 	if i < 0 {
-		return nil, false, msgErr(ReqRemMemReg, ErrBadRegion, "no region at guest %#x, size %#x, user %#x",
-			r.GuestPhysAddr, r.MemorySize, r.UserspaceAddr)
-	}
-	if have[i].adds > 1 {
-		have[i].adds--
 		return old, false, nil
 	}
 	rest := slices.Delete(slices.Clone(have), i, i+1)
