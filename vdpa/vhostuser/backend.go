@@ -978,16 +978,18 @@ func (s *session) setMemTable(rs []MemoryRegion, fds []int) error {
 
 // changeMemory serves ADD_MEM_REG and REM_MEM_REG: when the table changed,
 // it becomes pm, and every running ring is stopped and started again on
-// it, as for SET_MEM_TABLE. (A front-end that replaces a region holding
-// buffers by removing and re-adding it lets the rings run for a moment
-// without it; a chain taken then with a buffer there breaks its ring,
-// which reports it and restarts at its saved position with the next
-// change. The rings are not held back across such a pair; no QEMU
-// sequence recorded here replaces a region in use.) Unlike a whole new table, one step of a table
+// it, as for SET_MEM_TABLE. Unlike a whole new table, one step of a table
 // built region by region may leave a ring's memory out for a while (QEMU
 // sends the removals of a change before its additions): such a ring stays
 // stopped, not failed, and starts when a later step brings its memory
-// back (or a new SET_VRING_ADDR moves it).
+// back (or a new SET_VRING_ADDR moves it into mapped memory).
+//
+// The rings are not held back between a removal and the addition that
+// follows it: a front-end that replaces a region holding buffers that
+// way lets them run for a moment without it, and a chain taken then with
+// a buffer there breaks its ring, which reports it and restarts at its
+// saved position with the next change. No QEMU sequence recorded here
+// replaces a region in use.
 func (s *session) changeMemory(pm *peerMemory, changed bool, err error) error {
 	if err != nil || !changed {
 		return err
