@@ -30,6 +30,13 @@ func (d *Device) VectorsChangedContext(ctx context.Context) error {
 	if !d.live || d.closed {
 		return nil
 	}
+	return d.rewireAll()
+}
+
+// rewireAll points every enabled queue's interrupt at its current eventfd
+// (queueCallFD); a backing device that refuses sets NEEDS_RESET. Caller
+// holds d.ops and d.mu, with the data path live.
+func (d *Device) rewireAll() error {
 	for i := range d.queues {
 		if !d.queues[i].enabled {
 			continue

@@ -423,16 +423,9 @@ func (d *Device) pciWrite(off uint64, size int, v uint64) error {
 	if d.msixEnabled() != msix && d.live {
 		// The guest turned MSI-X on or off while the data path runs:
 		// its queues' interrupts move between their vectors and the
-		// line (vectorFD). The caller holds d.ops (writeMayUseBacking).
-		for i := range d.queues {
-			if !d.queues[i].enabled {
-				continue
-			}
-			if err := d.rewireCall(i); err != nil {
-				d.needsReset(err)
-				break
-			}
-		}
+		// line (vectorFD). The caller holds d.ops (writeMayUseBacking);
+		// a refusal is the guest's NEEDS_RESET, not the write's error.
+		_ = d.rewireAll()
 	}
 	return nil
 }

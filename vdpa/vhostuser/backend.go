@@ -964,9 +964,7 @@ func (s *session) setMemTable(rs []MemoryRegion, fds []int) error {
 	if err != nil {
 		return err
 	}
-	running := s.stopAllRunning()
-	s.release(s.mem, s.mem.close)
-	s.mem = pm
+	running := s.swapMemory(pm)
 	// The rings that were running must lie in the new memory: restart
 	// checks them and ends the session if one does not. The addresses of
 	// a ring that is not running are not checked here: a front-end that
@@ -974,6 +972,16 @@ func (s *session) setMemTable(rs []MemoryRegion, fds []int) error {
 	// SET_VRING_ADDR (Linux vhost, too, checks only the rings it runs),
 	// and a ring is checked against the memory of its day when it starts.
 	return s.restart(running)
+}
+
+// swapMemory stops every running ring, retires the memory table (once no
+// orphaned ring uses it) and installs pm. It returns the rings it stopped,
+// highest index first (stopAllRunning).
+func (s *session) swapMemory(pm *peerMemory) []int {
+	running := s.stopAllRunning()
+	s.release(s.mem, s.mem.close)
+	s.mem = pm
+	return running
 }
 
 // changeMemory serves ADD_MEM_REG and REM_MEM_REG: when the table changed,
@@ -994,9 +1002,7 @@ func (s *session) changeMemory(pm *peerMemory, changed bool, err error) error {
 	if err != nil || !changed {
 		return err
 	}
-	s.stopAllRunning()
-	s.release(s.mem, s.mem.close)
-	s.mem = pm
+	s.swapMemory(pm)
 	// Lowest index first, as restart: a receive queue runs again before
 	// its transmit queue.
 	for i := range s.queues {

@@ -235,12 +235,18 @@ var lcFeatures = virtio.Features(0).With(virtio.FVersion1, virtio.FProtocolFeat)
 
 // owner, features, memory table: what QEMU and DPDK send before the rings.
 func (c *lcConn) negotiate() {
+	c.handshake(lcProto)
+	c.send(ReqSetMemTable, EncodeMemTable([]MemoryRegion{{GuestPhysAddr: 0, MemorySize: 1 << 20, UserspaceAddr: rawUA}}), c.g.memfd)
+}
+
+// handshake is negotiate's opening: owner, features and the protocol
+// features proto.
+func (c *lcConn) handshake(proto ProtocolFeatures) {
 	c.send(ReqSetOwner, nil)
 	c.call(ReqGetFeatures, nil)
 	c.call(ReqGetProtocolFeatures, nil)
-	c.send(ReqSetProtocolFeatures, putU64(uint64(lcProto)))
+	c.send(ReqSetProtocolFeatures, putU64(uint64(proto)))
 	c.send(ReqSetFeatures, putU64(uint64(lcFeatures)))
-	c.send(ReqSetMemTable, EncodeMemTable([]MemoryRegion{{GuestPhysAddr: 0, MemorySize: 1 << 20, UserspaceAddr: rawUA}}), c.g.memfd)
 }
 
 // startRing configures the guest's queue with base and starts it (kick,

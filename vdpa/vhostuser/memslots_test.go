@@ -25,11 +25,7 @@ func slotRegion(ua uint64) MemoryRegion {
 // negotiateSlots is negotiate with CONFIGURE_MEM_SLOTS and the guest's
 // memory added with ADD_MEM_REG instead of SET_MEM_TABLE.
 func (c *lcConn) negotiateSlots() {
-	c.send(ReqSetOwner, nil)
-	c.call(ReqGetFeatures, nil)
-	c.call(ReqGetProtocolFeatures, nil)
-	c.send(ReqSetProtocolFeatures, putU64(uint64(lcSlotsProto)))
-	c.send(ReqSetFeatures, putU64(uint64(lcFeatures)))
+	c.handshake(lcSlotsProto)
 	c.send(ReqAddMemReg, EncodeSingleRegion(slotRegion(rawUA)), c.g.memfd)
 }
 
