@@ -43,6 +43,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/gopacket"
+	"github.com/google/gopacket/layers"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -276,6 +278,8 @@ type qemuRig struct {
 	// logged records the pages the back-end logged, when the test gave
 	// no log hook of its own.
 	logged *logTee
+	// echo records the echo requests the responder received.
+	echo *echoTap
 	// nv, when set, is the back-end kind "DPDK net_vhost" (the baseline,
 	// qemu_netvhost_test.go): then dev, resp, ring, be and rec are nil and
 	// the peer at qemuPeerIP is the kernel of nv's network namespace.
@@ -311,7 +315,8 @@ func startRig(t *testing.T, ctx context.Context, dir string, o rigOptions) *qemu
 	require.NoError(t, err)
 	// FrontendCtrl: QEMU runs the control queue itself and passes MQ and
 	// CTRL_RX/CTRL_MAC_ADDR/CTRL_VLAN on without CTRL_VQ.
-	opts := softnet.Options{MAC: [6]byte(hw), Handler: resp, MaxQueueSize: 1024,
+	echo := &echoTap{h: resp, seen: map[[2]uint16]int{}}
+	opts := softnet.Options{MAC: [6]byte(hw), Handler: echo, MaxQueueSize: 1024,
 		MaxQueuePairs: uint16(o.pairs), FrontendCtrl: true, Offload: o.offload}
 	if o.pollGroup != nil {
 		opts.Mode, opts.PollGroup = softnet.ModePoll, o.pollGroup
@@ -330,7 +335,7 @@ func startRig(t *testing.T, ctx context.Context, dir string, o rigOptions) *qemu
 	}
 	ring := &ringTracker{Device: dev}
 	be := NewBackend(ring, &BackendOptions{Logger: slog.New(rec), ProtocolFeatures: o.proto})
-	r := &qemuRig{name: o.name, dev: dev, resp: resp, ring: ring, be: be, rec: rec,
+	r := &qemuRig{name: o.name, dev: dev, resp: resp, echo: echo, ring: ring, be: be, rec: rec,
 		sock: filepath.Join(dir, o.name+".sock"), served: make(chan error, 1)}
 	be.logHook = o.logHook
 	if be.logHook == nil {
@@ -359,6 +364,50 @@ func startRig(t *testing.T, ctx context.Context, dir string, o rigOptions) *qemu
 		r.kill(t)
 	})
 	return r
+}
+
+// echoTap is the rig's frame handler: it counts the ICMP echo requests
+// (by identifier and sequence number) that reach the responder behind
+// it, which tells a request the guest's driver transmitted twice (a ring
+// position replayed) from a reply delivered twice.
+type echoTap struct {
+	h    softnet.FrameHandler
+	mu   sync.Mutex
+	seen map[[2]uint16]int
+}
+
+func (e *echoTap) HandleFrame(tx *softnet.Tx, frame []byte) {
+	p := gopacket.NewPacket(frame, layers.LayerTypeEthernet, gopacket.DecodeOptions{NoCopy: true, Lazy: true})
+	if l, ok := p.Layer(layers.LayerTypeICMPv4).(*layers.ICMPv4); ok && l.TypeCode.Type() == layers.ICMPv4TypeEchoRequest {
+		e.mu.Lock()
+		e.seen[[2]uint16{l.Id, l.Seq}]++
+		e.mu.Unlock()
+	}
+	e.h.HandleFrame(tx, frame)
+}
+
+// repeatedEchoRequests returns the echo requests (identifier/sequence)
+// that reached the rigs' responders more than once, in total.
+func repeatedEchoRequests(rigs ...*qemuRig) []string {
+	all := map[[2]uint16]int{}
+	for _, r := range rigs {
+		if r.echo == nil {
+			continue
+		}
+		r.echo.mu.Lock()
+		for k, n := range r.echo.seen {
+			all[k] += n
+		}
+		r.echo.mu.Unlock()
+	}
+	var rep []string
+	for k, n := range all {
+		if n > 1 {
+			rep = append(rep, fmt.Sprintf("id %d seq %d: %d times", k[0], k[1], n))
+		}
+	}
+	slices.Sort(rep)
+	return rep
 }
 
 // mark writes an event comment into the back-end's fixture recording
