@@ -195,6 +195,7 @@ func checkPingRound(t *testing.T, what string, p pingTotals, lossOK bool, rigs .
 	require.Positive(t, p.pingers, "%s: no pinger reported", what)
 	assert.Positive(t, p.rx, "%s: echo replies reached the guest", what)
 	assert.Zero(t, p.dup, "%s: duplicated replies", what)
+	assert.LessOrEqual(t, p.echoed, uint64(p.pingers), "%s: a pinger writes its last line twice at most once, as it stops", what)
 	// With losses allowed the counts below are not compared, but a
 	// request transmitted twice still shows: the responders saw it twice.
 	assert.Empty(t, repeatedEchoRequests(rigs...), "%s: echo requests the responders received more than once (transmitted twice)", what)
@@ -1405,7 +1406,9 @@ func TestQEMUReconnect(t *testing.T) {
 func TestQEMUBackendKilledDuringMigration(t *testing.T) {
 	forEachQEMU(t, func(t *testing.T, q qemuPeer, helper string) {
 		for _, side := range []string{"destination", "source"} {
-			t.Run(side, func(t *testing.T) { qemuBackendKilledDuringMigration(t, q, helper, side == "source") })
+			t.Run(side, func(t *testing.T) {
+				retryVoid(t, func(t *testing.T) { qemuBackendKilledDuringMigration(t, q, helper, side == "source") })
+			})
 		}
 	})
 }
@@ -1492,9 +1495,15 @@ func qemuBackendKilledDuringMigration(t *testing.T, q qemuPeer, helper string, k
 		}
 		t.Logf("%d guest pages differ between source and destination (%d the back-end may have written)", len(h.diffPages), len(h.devicePages))
 		assert.Empty(t, h.devicePages, "guest pages written by a back-end of the source but not migrated: %v", firstN(h.devicePages, 20))
-		if q.msix {
-			// QEMU 7.2 under TCG loses guest CPU writes (see migrate).
-			assert.Empty(t, h.lostPages, "guest pages %s lost outside the back-end's", q.name)
+		if len(h.lostPages) > 0 {
+			// QEMU 7.2 under TCG loses guest CPU writes (see migrate):
+			// the destination would run on corrupted memory, so the
+			// attempt is void there; on 11 it fails.
+			if q.msix {
+				t.Errorf("%s lost guest writes outside the back-end's pages: %v", q.name, firstN(h.lostPages, 8))
+			} else if len(h.devicePages) == 0 && !t.Failed() {
+				t.Skipf("attempt void: %s corrupted the guest's memory in the migration (pages outside the back-end's: %v)", q.name, firstN(h.lostPages, 8))
+			}
 		}
 		_, err = dq.Do("cont", nil)
 		require.NoError(t, err)
@@ -1524,6 +1533,7 @@ func qemuBackendKilledDuringMigration(t *testing.T, q qemuPeer, helper string, k
 	t.Logf("RESULT %s back-end %s killed during migration: migration %s, guest answers on %s (traffic %v after), guest %v, guest kernel: echo requests %d, replies %d, frames received %d; responders: echo replies %d, ARP replies %d; QEMU downtime %d ms, run time %v",
 		q.name, victim.name, m.Status, live.name, took.Round(time.Millisecond), p, kOut, kIn, p.stats["rx_packets"], e, arps, m.Downtime, time.Since(start).Round(time.Millisecond))
 	assert.Positive(t, p.rx, "echo replies reached the guest")
+	assert.LessOrEqual(t, p.echoed, uint64(p.pingers), "a pinger writes its last line twice at most once, as it stops")
 	assert.Empty(t, repeatedEchoRequests(killed, a, b), "echo requests the responders received more than once (transmitted twice)")
 	assert.LessOrEqual(t, kIn, e, "replies the guest kernel received vs replies the responders sent (more: a reply delivered twice)")
 	assert.Zero(t, p.dup, "duplicated replies")

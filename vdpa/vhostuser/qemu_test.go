@@ -387,7 +387,10 @@ func (e *echoTap) HandleFrame(tx *softnet.Tx, frame []byte) {
 }
 
 // repeatedEchoRequests returns the echo requests (identifier/sequence)
-// that reached the rigs' responders more than once, in total.
+// that reached the rigs' responders more than once, in total. The counts
+// cover the rigs' whole lives: a guest that reboots runs its pingers with
+// the same identifiers again, so this is not for rigs that served a
+// reboot (TestQEMUSystemReset checks counters instead).
 func repeatedEchoRequests(rigs ...*qemuRig) []string {
 	all := map[[2]uint16]int{}
 	for _, r := range rigs {

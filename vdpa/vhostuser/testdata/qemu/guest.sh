@@ -36,12 +36,12 @@ mark CARRIER "$(cat /sys/class/net/"$dev"/carrier 2>/dev/null)"
 #             CPU k mod ncpu (virtio_net's XPS maps CPU k to transmitq k)
 #   stop ID   SIGINT every pinger; per pinger RESULT ID pinger=k tx= rx=
 #             dup= lost= inflight= echoed= dupseq= (dup: replies received
-#             twice, dupseq their sequence numbers; echoed: output lines
-#             busybox wrote twice, not replies; lost: sequence numbers below
-#             the last one sent never answered; inflight: the last one,
-#             possibly cut off by the SIGINT), then SNMP ID (the kernel's
-#             IP/ICMP error counters: a corrupt frame fails a checksum
-#             there), STATS ID and STOPPED ID
+#             twice, dupseq their sequence numbers; echoed: the last reply
+#             line busybox wrote twice as it stopped, not a reply; lost:
+#             sequence numbers below the last one sent never answered;
+#             inflight: the last one, possibly cut off by the SIGINT), then
+#             SNMP ID (the kernel's IP/ICMP error counters: a corrupt frame
+#             fails a checksum there), STATS ID and STOPPED ID
 #   channels N  set the interface's combined channels (queue pairs) to N
 #             with /bin/setchannels (the initramfs's -bin; ethtool -L):
 #             CHANNELS N rc= txqueues= rxqueues= (the kernel's real queue
@@ -72,26 +72,37 @@ if [ "$GUEST_MODE" = serve ]; then
 			k=0
 			while [ $k -lt "$n" ]; do
 				awk -v m="QEMUGUEST-$GUEST_NONCE" -v id="$arg" -v k=$k '
+					function dupof(s, line) {
+						dup++; dups = dups (dups == "" ? "" : ",") s
+						printf "\n%s DUPLICATE %s pinger=%d first: %s; again: %s\n", m, id, k, first[s], line
+					}
 					/ bytes from .*seq=/ {
 						for (f = 1; f <= NF; f++) if ($f ~ /^seq=/) s = substr($f, 5) + 0
-						if ($0 == first[s]) {
-							# The same line again, to the microsecond of its
-							# round trip: not a second reply but busybox
-							# printing its stdio buffer twice (its SIGINT
-							# handler prints the summary with stdio,
-							# which can catch an earlier write half done).
-							echoed++
-						} else if ((s in seen) || $0 ~ /DUP!/) {
-							dup++; dups = dups (dups == "" ? "" : ",") s
-							printf "\n%s DUPLICATE %s pinger=%d first: %s; again: %s\n", m, id, k, first[s], $0
-						} else { seen[s] = 1; first[s] = $0; rx++ }
+						if (pend) { dupof(pseq, pline); pend = 0 }
+						if ($0 == last) {
+							# The line before again, to the microsecond of
+							# its round trip. If the summary follows, it is
+							# busybox writing its stdio buffer twice (its
+							# SIGINT handler prints the summary with stdio
+							# and can catch the last line half written),
+							# not a second reply; anywhere else it counts.
+							pend = 1; pseq = s; pline = $0
+							next
+						}
+						last = $0
+						if ((s in seen) || $0 ~ /DUP!/) dupof(s, $0)
+						else { seen[s] = 1; first[s] = $0; rx++ }
 					}
+					/ ping statistics / { if (pend) echoed++; pend = 0 }
 					/packets transmitted/ {
 						tx = $1 + 0
-						# busybox counts duplicates itself: "+N duplicates".
-						for (f = 1; f < NF; f++) if ($f ~ /^\+[0-9]+$/ && $(f + 1) ~ /^duplicates/) sumdup = substr($f, 2) + 0
+						# busybox counts duplicates itself: "N duplicates,".
+						for (f = 1; f < NF; f++) if ($f ~ /^[+]?[0-9]+$/ && $(f + 1) ~ /^duplicates/) {
+							v = $f; sub(/^[+]/, "", v); sumdup = v + 0
+						}
 					}
 					END {
+						if (pend) dupof(pseq, pline)
 						lost = 0
 						for (s = 0; s < tx - 1; s++) if (!(s in seen)) lost++
 						inflight = (tx > 0 && !((tx - 1) in seen)) ? 1 : 0
