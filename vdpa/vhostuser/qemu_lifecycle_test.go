@@ -195,7 +195,6 @@ func checkPingRound(t *testing.T, what string, p pingTotals, lossOK bool, rigs .
 	require.Positive(t, p.pingers, "%s: no pinger reported", what)
 	assert.Positive(t, p.rx, "%s: echo replies reached the guest", what)
 	assert.Zero(t, p.dup, "%s: duplicated replies", what)
-	assert.LessOrEqual(t, p.echoed, uint64(p.pingers), "%s: a pinger writes its last line twice at most once, as it stops", what)
 	// With losses allowed the counts below are not compared, but a
 	// request transmitted twice still shows: the responders saw it twice.
 	assert.Empty(t, repeatedEchoRequests(rigs...), "%s: echo requests the responders received more than once (transmitted twice)", what)
@@ -1533,7 +1532,6 @@ func qemuBackendKilledDuringMigration(t *testing.T, q qemuPeer, helper string, k
 	t.Logf("RESULT %s back-end %s killed during migration: migration %s, guest answers on %s (traffic %v after), guest %v, guest kernel: echo requests %d, replies %d, frames received %d; responders: echo replies %d, ARP replies %d; QEMU downtime %d ms, run time %v",
 		q.name, victim.name, m.Status, live.name, took.Round(time.Millisecond), p, kOut, kIn, p.stats["rx_packets"], e, arps, m.Downtime, time.Since(start).Round(time.Millisecond))
 	assert.Positive(t, p.rx, "echo replies reached the guest")
-	assert.LessOrEqual(t, p.echoed, uint64(p.pingers), "a pinger writes its last line twice at most once, as it stops")
 	assert.Empty(t, repeatedEchoRequests(killed, a, b), "echo requests the responders received more than once (transmitted twice)")
 	assert.LessOrEqual(t, kIn, e, "replies the guest kernel received vs replies the responders sent (more: a reply delivered twice)")
 	assert.Zero(t, p.dup, "duplicated replies")

@@ -93,7 +93,10 @@ if [ "$GUEST_MODE" = serve ]; then
 						if ((s in seen) || $0 ~ /DUP!/) dupof(s, $0)
 						else { seen[s] = 1; first[s] = $0; rx++ }
 					}
-					/ ping statistics / { if (pend) echoed++; pend = 0 }
+					/ ping statistics / { if (pend) echoed++; pend = 0; next }
+					# Anything else between the repeated line and the
+					# summary (an error message) makes it a duplicate.
+					NF && pend && !/packets transmitted/ { dupof(pseq, pline); pend = 0 }
 					/packets transmitted/ {
 						tx = $1 + 0
 						# busybox counts duplicates itself: "N duplicates,".
