@@ -578,6 +578,8 @@ func (s *session) dispatch(m *Message) (reply []byte, hasReply bool, err error) 
 		if err := needProto(PFConfigureMemSlots); err != nil {
 			return nil, false, err
 		}
+		// Validate checked the payload's size with the message, the
+		// only thing DecodeSingleRegion can refuse.
 		reg, _ := DecodeSingleRegion(m.Payload)
 		if r == ReqRemMemReg {
 			// A descriptor sent with it (allowed for compatibility)
