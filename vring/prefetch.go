@@ -19,6 +19,11 @@ package vring
 // together. Where the lines are already in this CPU's cache (a driver on
 // the same CPU), Prefetch only costs its own work: about 2.7 ns a chain on
 // the machine of docs/performance (BenchmarkPrefetch32).
+// Whether it pays depends on the ring, so measure it: softnet asks for its
+// receive buffers (which it writes: PREFETCHW) but not for its transmit
+// ring, where reading ahead up to the driver's newest chain, on lines the
+// driver was still writing, cost its loopback 10-18 % (docs/performance,
+// "The transmit ring is not prefetched").
 //
 // Prefetch reads the available ring and descriptors but changes nothing
 // in guest memory and nothing Pop reads (only its own record of how far
