@@ -19,11 +19,12 @@ package vring
 // together. Where the lines are already in this CPU's cache (a driver on
 // the same CPU), Prefetch only costs its own work: about 2.7 ns a chain on
 // the machine of docs/performance (BenchmarkPrefetch32).
+//
 // Whether it pays depends on the ring, so measure it: softnet asks for its
 // receive buffers (which it writes: PREFETCHW) but not for its transmit
-// ring, where reading ahead up to the driver's newest chain, on lines the
-// driver was still writing, cost its loopback 10-18 % (docs/performance,
-// "The transmit ring is not prefetched").
+// ring, where it cost its loopback about 10-18 % (probably because reading
+// ahead up to the driver's newest chain touches lines the driver is still
+// writing; docs/performance, "The transmit ring is not prefetched").
 //
 // Prefetch reads the available ring and descriptors but changes nothing
 // in guest memory and nothing Pop reads (only its own record of how far

@@ -539,20 +539,23 @@ func (q *queue) signal() {
 // transmit worker keeps asked for (vring's Prefetch) on the receive ring
 // its replies go to.
 //
-// The transmit ring itself is not prefetched. Toggled every 2 s inside
+// The transmit ring itself is not prefetched. Switched every 2 s inside
 // one run (testpmd virtio-user against the back-end, so both settings see
 // the same machine state), prefetching the transmit ring cost the macswap
-// loopback 12-18 % with one pair, 10-12 % with two and about 12 % on
-// packed rings, in both of the machine's states, and made no difference
-// to txonly: see docs/performance, "The transmit ring is not prefetched".
-// Not re-reading avail.idx in it won back about a fifth of that. The likely
-// reason for the rest (this VM has no counters to confirm it): asking
-// ahead reads the available ring and descriptors up to the driver's
-// newest chain, lines the driver is still writing its next chains into,
-// so such a line comes here, goes back for the driver's next store and
-// comes here again when Pop reads it. A receive buffer is written, and a
-// PREFETCHW brings its lines here writable before the reply's stores reach
-// them; that side stays.
+// loopback 12-18 % with one pair and 10-12 % with two, in both of the
+// machine's states, and about 12 % on packed rings (slow state), and made
+// no difference to txonly: see docs/performance, "The transmit ring is not
+// prefetched". On a split ring, not re-reading avail.idx in it won back
+// about a fifth of that (one pair, slow state). The likely reason for the
+// rest (this VM has no counters to confirm it): asking ahead reads the
+// available ring and descriptors up to the driver's newest chain, lines
+// the driver is still writing its next chains into, so such a line comes
+// here, goes back for the driver's next store and comes here again when
+// Pop reads it. A receive buffer is written, and a PREFETCHW brings its
+// lines here writable before the reply's stores reach them. That side's
+// record is mixed (+7 % for one pair in the slow state, 4-7 % lost with
+// two pairs, no difference otherwise), so it stays until a run shows a
+// gain from dropping it.
 const prefetchAhead = 16
 
 // prefetchStride: Prefetch is called on every prefetchStride-th frame
