@@ -553,9 +553,9 @@ func (q *queue) signal() {
 // here, goes back for the driver's next store and comes here again when
 // Pop reads it. A receive buffer is written, and a PREFETCHW brings its
 // lines here writable before the reply's stores reach them. That side's
-// record is mixed (+7 % for one pair in the slow state, 4-7 % lost with
-// two pairs, no difference otherwise), so it stays until a run shows a
-// gain from dropping it.
+// record is mixed (+7-8 % for one pair in the slow state; with two pairs
+// 4-7 % lost in one run, nothing in another; no difference otherwise), so
+// it stays until a run shows a gain from dropping it.
 const prefetchAhead = 16
 
 // prefetchStride: Prefetch is called on every prefetchStride-th frame
