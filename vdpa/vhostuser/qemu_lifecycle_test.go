@@ -764,30 +764,16 @@ func migrate(t *testing.T, ctx context.Context, q qemuPeer, g guestImage, dir st
 		require.NoError(t, err)
 		require.Equal(t, "paused", st, "hop %d: destination state after the migration (-S)", h.n)
 	}
-	h.fromEvents = len(h.from.ring.snapshot())
-	h.diffPages, err = ramDiff(h.srcRAM, h.dstRAM)
-	require.NoError(t, err)
-	if len(h.diffPages) > 0 {
-		explainDiff(t, h)
-		h.devicePages, h.lostPages = classifyDiff(t, h)
-	}
+	compareHopRAM(t, h)
 	t.Logf("RESULT hop %d %s→%s: migrated in %v (QEMU: total %d ms, downtime %d ms, setup %d ms, %d bytes sent, %d normal pages); %d guest pages differ between source and destination (%d the back-end may have written)",
 		h.n, h.from.name, h.to.name, time.Since(start).Round(time.Millisecond), h.info.TotalTime, h.info.Downtime, h.info.Setup,
 		h.info.RAM.Transferred, h.info.RAM.Normal, len(h.diffPages), len(h.devicePages))
-	if len(h.lostPages) > 0 {
-		t.Logf("hop %d: %d differing pages lie outside the back-end's rings and receive buffers and carry no frame (%v): the guest's CPUs' own writes, which %s lost; the destination's guest runs on corrupted memory",
-			h.n, len(h.lostPages), firstN(h.lostPages, 8), q.name)
-		if q.msix {
-			// Seen only with QEMU 7.2: on 11 it is a failure until
-			// shown otherwise.
-			t.Errorf("hop %d: %s lost guest writes (%v); tolerated only on QEMU 7.2", h.n, q.name, firstN(h.lostPages, 8))
-		}
-	}
+	reportLostPages(t, q, h)
 	if ramOnly {
 		return
 	}
-	if h.voidOnLoss && !q.msix && len(h.lostPages) > 0 && len(h.devicePages) == 0 && !t.Failed() {
-		t.Skipf("hop %d: attempt void: %s corrupted the guest's memory in the migration (pages outside the back-end's)", h.n, q.name)
+	if h.voidOnLoss {
+		voidIfLost(t, q, h)
 	}
 
 	h.to.mark("hop %d: cont on the destination", h.n)
@@ -798,6 +784,48 @@ func migrate(t *testing.T, ctx context.Context, q qemuPeer, g guestImage, dir st
 	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	assert.NoError(t, h.src.wait(wctx), "hop %d: source QEMU exit", h.n)
+}
+
+// compareHopRAM compares the RAM of h's stopped source and paused
+// destination, and splits the pages that differ into the back-end's and
+// the others (explainDiff, classifyDiff). h.from's ring events up to now
+// are the source back-end's for the hop.
+func compareHopRAM(t *testing.T, h *migrationHop) {
+	t.Helper()
+	h.fromEvents = len(h.from.ring.snapshot())
+	var err error
+	h.diffPages, err = ramDiff(h.srcRAM, h.dstRAM)
+	require.NoError(t, err)
+	if len(h.diffPages) > 0 {
+		explainDiff(t, h)
+		h.devicePages, h.lostPages = classifyDiff(t, h)
+	}
+}
+
+// reportLostPages logs the differing pages compareHopRAM found outside the
+// back-end's, which QEMU lost, and fails the test for them on QEMU 11.
+func reportLostPages(t *testing.T, q qemuPeer, h *migrationHop) {
+	t.Helper()
+	if len(h.lostPages) == 0 {
+		return
+	}
+	t.Logf("hop %d: %d differing pages lie outside the back-end's rings and receive buffers and carry no frame (%v): the guest's CPUs' own writes, which %s lost; the destination's guest runs on corrupted memory",
+		h.n, len(h.lostPages), firstN(h.lostPages, 8), q.name)
+	if q.msix {
+		// Seen only with QEMU 7.2: on 11 it is a failure until
+		// shown otherwise.
+		t.Errorf("hop %d: %s lost guest writes (%v); tolerated only on QEMU 7.2", h.n, q.name, firstN(h.lostPages, 8))
+	}
+}
+
+// voidIfLost ends an attempt run under retryVoid as void when QEMU 7.2
+// lost guest writes in h (and nothing else failed): the destination
+// would run on corrupted memory.
+func voidIfLost(t *testing.T, q qemuPeer, h *migrationHop) {
+	t.Helper()
+	if !q.msix && len(h.lostPages) > 0 && len(h.devicePages) == 0 && !t.Failed() {
+		t.Skipf("hop %d: attempt void: %s corrupted the guest's memory in the migration (pages outside the back-end's: %v)", h.n, q.name, firstN(h.lostPages, 8))
+	}
 }
 
 // checkHandover checks that the destination back-end started every queue
@@ -1452,7 +1480,6 @@ func qemuBackendKilledDuringMigration(t *testing.T, q qemuPeer, helper string, k
 	victim.kill(t)
 	time.Sleep(time.Second)
 	restarted := startRig(t, ctx, dir, rigOptions{name: victim.name})
-	killed := victim
 	if killSource {
 		a = restarted
 		// The source QEMU was running the device: re-attached means
@@ -1480,30 +1507,18 @@ func qemuBackendKilledDuringMigration(t *testing.T, q qemuPeer, helper string, k
 		// restarted one, which logged into a pending bitmap until
 		// SET_LOG_BASE) reached the destination.
 		h := &migrationHop{n: 1, src: src, srcQMP: sq, srcRAM: srcRAM, dstRAM: dstRAM, from: a, to: b, info: m}
-		h.fromEvents = len(a.ring.snapshot())
-		h.diffPages, err = ramDiff(srcRAM, dstRAM)
-		require.NoError(t, err)
-		if len(h.diffPages) > 0 {
-			if killSource {
-				for _, pg := range h.diffPages[:min(len(h.diffPages), 8)] {
-					t.Logf("page %#x: logged by the killed back-end: %v", pg<<12, killed.logged.bm.PageDirty(pg))
-				}
+		compareHopRAM(t, h)
+		if killSource {
+			for _, pg := range h.diffPages[:min(len(h.diffPages), 8)] {
+				t.Logf("page %#x: logged by the killed back-end: %v", pg<<12, victim.logged.bm.PageDirty(pg))
 			}
-			explainDiff(t, h)
-			h.devicePages, h.lostPages = classifyDiff(t, h)
 		}
 		t.Logf("%d guest pages differ between source and destination (%d the back-end may have written)", len(h.diffPages), len(h.devicePages))
 		assert.Empty(t, h.devicePages, "guest pages written by a back-end of the source but not migrated: %v", firstN(h.devicePages, 20))
-		if len(h.lostPages) > 0 {
-			// QEMU 7.2 under TCG loses guest CPU writes (see migrate):
-			// the destination would run on corrupted memory, so the
-			// attempt is void there; on 11 it fails.
-			if q.msix {
-				t.Errorf("%s lost guest writes outside the back-end's pages: %v", q.name, firstN(h.lostPages, 8))
-			} else if len(h.devicePages) == 0 && !t.Failed() {
-				t.Skipf("attempt void: %s corrupted the guest's memory in the migration (pages outside the back-end's: %v)", q.name, firstN(h.lostPages, 8))
-			}
-		}
+		// QEMU 7.2 under TCG loses guest CPU writes (see migrate): the
+		// attempt is void there; on 11 it fails.
+		reportLostPages(t, q, h)
+		voidIfLost(t, q, h)
 		_, err = dq.Do("cont", nil)
 		require.NoError(t, err)
 	}
@@ -1523,16 +1538,16 @@ func qemuBackendKilledDuringMigration(t *testing.T, q qemuPeer, helper string, k
 	// Where a duplicate would come from: a request transmitted twice
 	// reaches a responder twice; a reply delivered twice makes the guest
 	// kernel receive more replies than the responders sent.
-	e := echoes(killed, a, b)
+	e := echoes(victim, a, b)
 	var arps uint64
-	for _, r := range []*qemuRig{killed, a, b} {
+	for _, r := range []*qemuRig{victim, a, b} {
 		arps += r.resp.Stats().ARPReplies
 	}
 	kOut, kIn := p.snmp["icmp_OutEchos"], p.snmp["icmp_InEchoReps"]
 	t.Logf("RESULT %s back-end %s killed during migration: migration %s, guest answers on %s (traffic %v after), guest %v, guest kernel: echo requests %d, replies %d, frames received %d; responders: echo replies %d, ARP replies %d; QEMU downtime %d ms, run time %v",
 		q.name, victim.name, m.Status, live.name, took.Round(time.Millisecond), p, kOut, kIn, p.stats["rx_packets"], e, arps, m.Downtime, time.Since(start).Round(time.Millisecond))
 	assert.Positive(t, p.rx, "echo replies reached the guest")
-	assert.Empty(t, repeatedEchoRequests(killed, a, b), "echo requests the responders received more than once (transmitted twice)")
+	assert.Empty(t, repeatedEchoRequests(victim, a, b), "echo requests the responders received more than once (transmitted twice)")
 	assert.LessOrEqual(t, kIn, e, "replies the guest kernel received vs replies the responders sent (more: a reply delivered twice)")
 	assert.Zero(t, p.dup, "duplicated replies")
 	assert.Zero(t, p.corrupt, "corrupt frames")
