@@ -384,3 +384,49 @@ func checkPrefetch(t *testing.T, dev *DeviceQueue, n int) {
 		t.Fatal("Prefetch changed the queue")
 	}
 }
+
+// TestPrefetchReadableTarget is the table of the byte PrefetchReadable asks
+// for: byte off of the readable segments taken in order, across segment
+// boundaries, never a writable segment's, nothing past the readable bytes,
+// and a Readable its holder set out of range clamped to the segments.
+func TestPrefetchReadableTarget(t *testing.T) {
+	mem := make([]byte, 256)
+	seg := func(from, n int, w bool) Segment {
+		return Segment{Addr: GuestAddr(from), Len: uint32(n), Writable: w, Buf: mem[from : from+n]}
+	}
+	split := Chain{Segs: []Segment{seg(0, 12, false), seg(64, 60, false), seg(128, 100, true)}, Readable: 2}
+	one := Chain{Segs: []Segment{seg(16, 76, false)}, Readable: 1}
+	tests := []struct {
+		name string
+		c    Chain
+		off  uint64
+		want int // index into mem, -1 for none
+	}{
+		{"first byte", one, 0, 16},
+		{"after a 12-byte header in the same buffer", one, 12, 28},
+		{"last readable byte", one, 75, 91},
+		{"one past the readable bytes", one, 76, -1},
+		{"far past", one, 1 << 40, -1},
+		{"header in a segment of its own: the frame's first byte is the next segment's", split, 12, 64},
+		{"inside the first segment", split, 11, 11},
+		{"last readable byte of the second segment", split, 71, 123},
+		{"the writable segment is not readable", split, 72, -1},
+		{"no readable segments", Chain{Segs: split.Segs}, 0, -1},
+		{"negative Readable", Chain{Segs: split.Segs, Readable: -3}, 0, -1},
+		{"Readable beyond Segs is clamped", Chain{Segs: one.Segs, Readable: 5}, 80, -1},
+		{"Readable beyond Segs still finds the segments it has", Chain{Segs: one.Segs, Readable: 5}, 3, 19},
+		{"no segments", Chain{}, 0, -1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := tt.c
+			got := c.readableAt(tt.off)
+			if tt.want < 0 {
+				require.Nil(t, got)
+			} else {
+				require.Same(t, &mem[tt.want], got)
+			}
+			require.NotPanics(t, func() { c.PrefetchReadable(tt.off) })
+		})
+	}
+}

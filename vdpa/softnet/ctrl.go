@@ -14,15 +14,15 @@ var ErrCtrlNotNegotiated = errors.New("softnet: control command of a feature not
 // ctrlBatch processes up to BatchSize control commands.
 func (d *Device) ctrlBatch(q *queue) (int, error) {
 	batch := d.opts.BatchSize
+	c := &q.workerChains(1)[0]
 	n := 0
 	var err error
 	for n < batch {
 		var ok bool
-		ok, err = q.dq.Pop(&q.chain)
+		ok, err = q.dq.Pop(c)
 		if err != nil || !ok {
 			break
 		}
-		c := &q.chain
 		written := uint32(0)
 		ack := virtio.NetCtrlErr
 		if c.ReadableLen <= gatherLen {

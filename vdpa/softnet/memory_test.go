@@ -144,7 +144,7 @@ func TestWorkerStateReleasedOnReset(t *testing.T) {
 	d.Reset()
 	require.Nil(t, tx.gather)
 	require.Nil(t, tx.seg, "the offload segment buffer goes too")
-	require.Nil(t, tx.chain.Segs)
+	require.Nil(t, tx.chains)
 }
 
 // TestGatherGrowsToTheLargestFrame: a transmit queue starts with a gather

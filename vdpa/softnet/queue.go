@@ -53,7 +53,10 @@ type queue struct {
 	frames atomic.Uint64
 	bytes  atomic.Uint64
 
-	chain  vring.Chain      // tx/ctrl: the chain being processed
+	// chains (transmit and control queues): a transmit queue's group of
+	// up to txGroup chains, popped together and then handled in turn; the
+	// control queue's command, chains[0].
+	chains []vring.Chain
 	used   []vring.UsedElem // tx: chains of the current batch, published together
 	gather []byte           // tx/ctrl: frame or command split across segments
 	stash  []vring.Chain    // rx: popped chains, stash[:nstash] held for the next frame
@@ -97,6 +100,19 @@ type queue struct {
 	seg []byte
 }
 
+// workerChains returns the worker's n chains (txGroup for a transmit
+// queue, 1 for the control queue), allocating them, with room for
+// workerSegs segments each, in the queue's first batch.
+func (q *queue) workerChains(n int) []vring.Chain {
+	if len(q.chains) != n {
+		q.chains = make([]vring.Chain, n)
+		for i := range q.chains {
+			q.chains[i].Segs = make([]vring.Segment, 0, workerSegs)
+		}
+	}
+	return q.chains
+}
+
 // segBuf returns the queue's segment buffer.
 func (q *queue) segBuf() []byte {
 	if q.seg == nil {
@@ -109,8 +125,9 @@ func (q *queue) segBuf() []byte {
 // of its ring, a Chain with room for rxSegs segments, a spare slice (see
 // rxSpareSegs), a length and a used entry waiting to be published (and
 // rxPendingMax more of those), and room for rxSpareSegs segments more; a
-// transmit or control queue a Chain with room for workerSegs segments and
-// a gather buffer of a header and a whole frame.
+// transmit queue txGroup Chains, and the control queue one, with room for
+// workerSegs segments each, and both a gather buffer of a header and a
+// whole frame.
 const (
 	rxSegs     = 4
 	workerSegs = 8
@@ -133,7 +150,7 @@ var (
 	usedBytes    = uint64(unsafe.Sizeof(vring.UsedElem{}))
 	segBytes     = uint64(unsafe.Sizeof(vring.Segment{}))
 	rxEntryBytes = uint64(unsafe.Sizeof(vring.Chain{})) + rxSegs*segBytes + uint64(unsafe.Sizeof([]vring.Segment{})) + 4 + usedBytes
-	workerBytes  = workerSegs*uint64(unsafe.Sizeof(vring.Segment{})) + gatherLen
+	chainBytes   = uint64(unsafe.Sizeof(vring.Chain{})) + workerSegs*segBytes
 	queueBytes   = uint64(unsafe.Sizeof(queue{}))
 )
 
@@ -150,7 +167,8 @@ func QueueMemory(pairs, size uint16, ctrl, offload bool) uint64 {
 		workers++
 	}
 	rx := p
-	m := (rx+workers)*queueBytes + rx*(n*rxEntryBytes+uint64(rxSpareSegs(int(size)))*segBytes+rxPendingMax*usedBytes) + workers*workerBytes
+	m := (rx+workers)*queueBytes + rx*(n*rxEntryBytes+uint64(rxSpareSegs(int(size)))*segBytes+rxPendingMax*usedBytes) +
+		workers*gatherLen + (p*txGroup+workers-p)*chainBytes
 	if offload {
 		m += 2 * p * MaxFrame
 	}
@@ -273,7 +291,7 @@ func (q *queue) release() {
 	q.spare, q.segExtra = nil, 0
 	q.gather, q.seg = nil, nil
 	q.used, q.pending = nil, nil
-	q.chain = vring.Chain{}
+	q.chains = nil
 }
 
 func (q *queue) isRunning() bool { return q.running.Load() }
@@ -334,9 +352,6 @@ func (q *queue) startWorker(d *Device, dq *vring.DeviceQueue, kick, call *vdpa.E
 		// room for a frame of the usual MTU and grows (gatherBuf) to the
 		// largest one gathered, at most gatherLen.
 		q.gather = make([]byte, gatherInit)
-	}
-	if q.chain.Segs == nil {
-		q.chain.Segs = make([]vring.Segment, 0, workerSegs)
 	}
 	q.dq, q.kick, q.call = dq, kick, call
 	q.stopReq.Store(false)
@@ -539,24 +554,48 @@ func (q *queue) signal() {
 // transmit worker keeps asked for (vring's Prefetch) on the receive ring
 // its replies go to.
 //
-// The transmit ring itself is not prefetched. Switched every 2 s inside
-// one run (testpmd virtio-user against the back-end, so both settings see
-// the same machine state), prefetching the transmit ring cost the macswap
-// loopback 12-18 % with one pair and 10-12 % with two, in both of the
-// machine's states, and about 12 % on packed rings (slow state), and made
-// no difference to txonly: see docs/performance, "The transmit ring is not
-// prefetched". On a split ring, not re-reading avail.idx in it won back
-// about a fifth of that (one pair, slow state). The likely reason for the
-// rest (this VM has no counters to confirm it): asking ahead reads the
-// available ring and descriptors up to the driver's newest chain, lines
-// the driver is still writing its next chains into, so such a line comes
-// here, goes back for the driver's next store and comes here again when
-// Pop reads it. A receive buffer is written, and a PREFETCHW brings its
-// lines here writable before the reply's stores reach them. That side's
-// record is mixed (+7-8 % for one pair in the slow state; with two pairs
-// 4-7 % lost in one run, nothing in another; no difference otherwise), so
-// it stays until a run shows a gain from dropping it.
+// The transmit ring itself is not prefetched ahead. Switched every 2 s
+// inside one run (testpmd virtio-user against the back-end, so both
+// settings see the same machine state), prefetching the transmit ring cost
+// the macswap loopback 12-18 % with one pair and 10-12 % with two, in both
+// of the machine's states, and about 12 % on packed rings (slow state),
+// and made no difference to txonly: see docs/performance, "The transmit
+// ring is not prefetched". On a split ring, not re-reading avail.idx in it
+// won back about a fifth of that (one pair, slow state). What it asked for
+// of each chain was its buffer's first 128 bytes: the virtio-net header's
+// line and the frame's. A later experiment on the chains already popped
+// (txGroup) found that asking for the header's line, which this device
+// does not read unless it offers offloads, costs more than the frame's
+// line gains, so that line is the likely reason for most of the rest (this
+// VM has no counters to confirm it). Reading the ring ahead may add to it:
+// that reads the available ring and descriptors up to the driver's newest
+// chain, lines the driver is still writing its next chains into, so such
+// a line comes here, goes back for the driver's next store and comes here
+// again when Pop reads it.
+//
+// A receive buffer is written, and a PREFETCHW brings its lines here
+// writable before the reply's stores reach them. Before txGroup its record
+// was mixed (+7-8 % for one pair in the slow state; with two pairs 4-7 %
+// lost in one run, nothing in another; no difference otherwise). With the
+// transmit frames' lines asked for, switching it off inside one run cost
+// about 17 % with one pair and 27 % with two (slow state).
 const prefetchAhead = 16
+
+// txGroup is how many transmit chains the worker pops together (one
+// PopBatch) before it handles the first. The first line of each one's
+// frame, after the virtio-net header, is asked for (Chain.PrefetchReadable)
+// as soon as the group is popped, so the group's lines travel from the
+// driver's CPU together instead of one at a time as each frame is copied.
+// The chains are the ones Pop would have taken, read as Pop reads them:
+// nothing is read ahead on the ring (see prefetchAhead). Switched every 2 s
+// inside single runs against testpmd virtio-user (docs/performance, "The
+// transmit frames' first lines"), the macswap loopback moved about 10 %
+// more frames with one pair and 40-50 % more with two in the machine's slow
+// state, none fewer in its fast state, and packed rings gained most; txonly
+// did not change. Groups of 4 did about as well as 8, and 16 or 32 less
+// well. Asking for the header's line as well (which this device reads only
+// when it offers offloads) lost more than the frame's line gained.
+const txGroup = 8
 
 // prefetchStride: Prefetch is called on every prefetchStride-th frame
 // only, so that its call costs a fraction per frame; the distance stays
@@ -585,36 +624,51 @@ func (d *Device) txBatch(q *queue) (int, error) {
 		q.used = make([]vring.UsedElem, batch)
 	}
 	used := q.used[:batch]
+	chains := q.workerChains(txGroup)
 	n := 0
 	var err error
 	q.tx.rxPair = -1
 	for n < batch {
-		var ok bool
-		ok, err = q.dq.Pop(&q.chain)
-		if err != nil || !ok {
+		want := min(len(chains), batch-n)
+		k, perr := q.dq.PopBatch(chains[:want])
+		// The group's frames are asked for before the first is handled
+		// (see txGroup).
+		for i := range k {
+			chains[i].PrefetchReadable(uint64(hdrLen))
+		}
+		for i := range k {
+			c := &chains[i]
+			// A frame the driver made available after SetHandler returned
+			// goes to the new handler, even in a batch that began before,
+			// and so does the next frame after a handler that calls
+			// SetHandler: the handler is checked before each frame (after
+			// the acquire load of avail.idx that found it, in PopBatch,
+			// which orders this load after the driver's publication, and
+			// so after a SetHandler that preceded it). One pointer compare.
+			if b := d.handler.Load(); b != box {
+				// The old handler's replies go out first, counted before
+				// they are visible as at the batch's end (Stats).
+				q.countPending()
+				q.tx.flush()
+				box = b
+				h, oh, acc = d.useHandler(q, box)
+			}
+			d.transmit(q, c, h, oh, acc, f, hdrLen)
+			// Transmit buffers are device-readable only: nothing written.
+			// The chains of a batch are returned together, in the order
+			// they were taken (IN_ORDER holds), with one used.idx store
+			// and one interrupt check (its full barrier), per batch rather
+			// than per frame.
+			used[n] = vring.UsedElem{Head: c.Head}
+			n++
+		}
+		if perr != nil {
+			err = perr
 			break
 		}
-		// A frame the driver made available after SetHandler returned
-		// goes to the new handler, even in a batch that began before: the
-		// handler is checked after each Pop (whose acquire load of
-		// avail.idx orders this load after the driver's publication, and
-		// so after a SetHandler that preceded it). One pointer compare.
-		if b := d.handler.Load(); b != box {
-			// The old handler's replies go out first, counted before
-			// they are visible as at the batch's end (Stats).
-			q.countPending()
-			q.tx.flush()
-			box = b
-			h, oh, acc = d.useHandler(q, box)
+		if k < want { // nothing more available
+			break
 		}
-		d.transmit(q, h, oh, acc, f, hdrLen)
-		// Transmit buffers are device-readable only: nothing written. The
-		// chains of a batch are returned together, in the order they were
-		// taken (IN_ORDER holds), with one used.idx store and one
-		// interrupt check (its full barrier), per batch rather than per
-		// frame.
-		used[n] = vring.UsedElem{Head: q.chain.Head}
-		n++
 	}
 	if n > 0 {
 		// Replies first: the receive chains the batch wrote are published
@@ -665,8 +719,7 @@ func (q *queue) endBatch() {
 
 // transmit hands one chain's frame to the handler (oh when it is an
 // OffloadHandler taking the offloads acc; f are the negotiated features).
-func (d *Device) transmit(q *queue, h FrameHandler, oh OffloadHandler, acc, f virtio.Features, hdrLen int) {
-	c := &q.chain
+func (d *Device) transmit(q *queue, c *vring.Chain, h FrameHandler, oh OffloadHandler, acc, f virtio.Features, hdrLen int) {
 	total := c.ReadableLen
 	if total < uint64(hdrLen) {
 		d.drops.add(DropTxShort)

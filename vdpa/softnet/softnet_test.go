@@ -895,3 +895,39 @@ func TestMACTableOverflow(t *testing.T) {
 		})
 	}
 }
+
+// TestFramesBeforeAHostileChainGoOut: the transmit worker pops chains in
+// groups; when a group's PopBatch stops at a chain that breaks the ring's
+// rules, the frames it popped before that one are still transmitted (here
+// replied to, in order, and counted), and only then is the queue broken
+// (with the typed error, and DEVICE_NEEDS_RESET). Good frames and the
+// hostile head are made available in one publication, so they are in one
+// group.
+func TestFramesBeforeAHostileChainGoOut(t *testing.T) {
+	s := newStack(t, stackOptions{features: base, dev: softnet.Options{Handler: softnet.Loopback}})
+	s.postRx(0, 8, 2048)
+	var sent [][]byte
+	for i := range 3 {
+		f := frame(s.dev.MAC(), uint32(i), 64)
+		sent = append(sent, f)
+		_, err := s.drv[1].Add([][]byte{s.hdr(), f}, nil)
+		require.NoError(t, err)
+	}
+	s.drv[1].Queue.Publish() // avail.idx 3, no kick yet
+	var b [2]byte
+	binary.LittleEndian.PutUint16(b[:], 0xffff) // a head beyond any queue
+	require.NoError(t, s.mem.Write(s.layouts[1].Avail+4+2*3, b[:]))
+	binary.LittleEndian.PutUint16(b[:], 4)
+	require.NoError(t, s.mem.Write(s.layouts[1].Avail+2, b[:]))
+	require.NoError(t, s.kick[1].Signal())
+
+	for i := range sent {
+		_, got := s.recvFrame(0)
+		require.Equal(t, sent[i], got, "reply %d", i)
+	}
+	// The transmit chains themselves are not returned: the ring is broken
+	// (vring pushes nothing on it), and the driver is to reset the device.
+	s.waitNeedsReset()
+	require.ErrorIs(t, s.dev.QueueErr(1), vring.ErrHeadOutOfRange)
+	assert.Equal(t, uint64(len(sent)), s.dev.Stats().Tx().Frames)
+}
