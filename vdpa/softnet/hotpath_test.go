@@ -3,6 +3,7 @@ package softnet
 import (
 	"testing"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/vdpakit/vdpakit/virtio"
@@ -145,4 +146,62 @@ func BenchmarkLoopback(b *testing.B) {
 	b.Run("64B-mrg", func(b *testing.B) { benchLoop(b, v1.With(virtio.NetFMrgRxbuf), 64) })
 	b.Run("64B-packed", func(b *testing.B) { benchLoop(b, v1.With(virtio.FRingPacked), 64) })
 	b.Run("64B-mrg-packed", func(b *testing.B) { benchLoop(b, v1.With(virtio.NetFMrgRxbuf, virtio.FRingPacked), 64) })
+}
+
+// longChainLoop is a loop whose transmit chains are the header and the
+// frame split into pieces-1 descriptors.
+func longChainLoop(t *testing.T, pieces int) *loop {
+	t.Helper()
+	f := virtio.Features(0).With(virtio.FVersion1)
+	l := newLoop(t, f, 200)
+	hdr, frame := l.txBufs[0], l.txBufs[1]
+	bufs := []vring.Buffer{hdr}
+	n := uint32(pieces - 1)
+	off := uint32(0)
+	for i := range n {
+		ln := frame.Len / n
+		if i < frame.Len%n {
+			ln++
+		}
+		bufs = append(bufs, vring.Buffer{Addr: frame.Addr + vring.GuestAddr(off), Len: ln})
+		off += ln
+	}
+	require.Len(t, bufs, pieces)
+	l.txBufs = bufs
+	return l
+}
+
+// TestTransmitGroupKeepsOneLargeRoom: chains longer than any real frame
+// grow the room of every chain of a transmit group that takes them; after
+// the group only one chain (the first) keeps a room beyond txKeepSegs, as
+// one chain did before groups, and the frames go through whole.
+func TestTransmitGroupKeepsOneLargeRoom(t *testing.T) {
+	l := longChainLoop(t, txKeepSegs+6) // grows a room of 8 to 128
+	l.round(t, 3)                       // 3 chains of 70 descriptors: one group
+	require.Len(t, l.tx.chains, txGroup)
+	large := 0
+	for i := range l.tx.chains {
+		if cap(l.tx.chains[i].Segs) > txKeepSegs {
+			large++
+		}
+	}
+	assert.Equal(t, 1, large, "rooms beyond txKeepSegs kept")
+	assert.Greater(t, cap(l.tx.chains[0].Segs), txKeepSegs, "the first chain keeps the largest room")
+	assert.Equal(t, uint64(3), l.d.Stats().Queues[0].Frames)
+	assert.Zero(t, l.d.Stats().Drops[DropTxShort]+l.d.Stats().Drops[DropTxTooBig])
+}
+
+// TestTransmitGroupKeepsRealFrameRoom: chains about as long as a real
+// driver's longest (here 42 descriptors, which grow a room of 8 to
+// txKeepSegs) keep their grown room, so a stream of them allocates nothing
+// once every chain of the group has grown.
+func TestTransmitGroupKeepsRealFrameRoom(t *testing.T) {
+	const chains = 6 // 6 x 42 descriptors fill the 256-entry ring
+	l := longChainLoop(t, 42)
+	l.round(t, chains)
+	allocs := testing.AllocsPerRun(20, func() { l.round(t, chains) })
+	assert.Zero(t, allocs)
+	for i := range chains {
+		assert.Equal(t, txKeepSegs, cap(l.tx.chains[i].Segs), "chain %d", i)
+	}
 }

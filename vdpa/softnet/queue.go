@@ -17,8 +17,8 @@ import (
 )
 
 // queue is one virtqueue of the device. Its chain and gather buffers are
-// allocated when the queue starts (kept across stop and start, released
-// on Reset), so that the data path allocates nothing.
+// allocated when the queue starts or in its first batch (kept across stop
+// and start, released on Reset), so that the data path allocates nothing.
 //
 // Ownership: a transmit or control queue's DeviceQueue and buffers belong to
 // its worker goroutine between start and stop. A receive queue has no
@@ -100,6 +100,37 @@ type queue struct {
 	seg []byte
 }
 
+// txKeepSegs is the most segment room a transmit group's chains other than
+// the first keep between groups. A chain longer than the Chain's room
+// grows it (vring doubles it, up to MaxChainSegments of the queue size:
+// 65,600 segments, 2.6 MB, at 32768 entries), and the room is kept so
+// that long chains do not allocate again. One chain per transmit queue
+// kept any room before groups; so does the first chain of the group now,
+// and the others keep up to txKeepSegs, room for any frame a real driver
+// sends (Linux: up to MAX_SKB_FRAGS+2 descriptors, 19 by default, 47 at
+// most), so that a driver's chains cannot make a queue hold txGroup times
+// the largest room.
+const txKeepSegs = 64
+
+// keepGroupRoom, after a transmit group has been handled, gives the
+// largest segment room of the group to its first chain and replaces any
+// other room beyond txKeepSegs with a new one of workerSegs (see
+// txKeepSegs): only chains longer than any real frame allocate again.
+func keepGroupRoom(group []vring.Chain) {
+	for i := 1; i < len(group); i++ {
+		c := &group[i]
+		if cap(c.Segs) <= txKeepSegs {
+			continue
+		}
+		if cap(c.Segs) > cap(group[0].Segs) {
+			group[0].Segs, c.Segs = c.Segs, group[0].Segs
+		}
+		if cap(c.Segs) > txKeepSegs {
+			c.Segs = make([]vring.Segment, 0, workerSegs)
+		}
+	}
+}
+
 // workerChains returns the worker's n chains (txGroup for a transmit
 // queue, 1 for the control queue), allocating them, with room for
 // workerSegs segments each, in the queue's first batch.
@@ -127,7 +158,8 @@ func (q *queue) segBuf() []byte {
 // rxPendingMax more of those), and room for rxSpareSegs segments more; a
 // transmit queue txGroup Chains, and the control queue one, with room for
 // workerSegs segments each, and both a gather buffer of a header and a
-// whole frame.
+// whole frame. (Chains longer than workerSegs grow their room: see
+// txKeepSegs for what a transmit queue keeps.)
 const (
 	rxSegs     = 4
 	workerSegs = 8
@@ -589,10 +621,11 @@ const prefetchAhead = 16
 // The chains are the ones Pop would have taken, read as Pop reads them:
 // nothing is read ahead on the ring (see prefetchAhead). Switched every 2 s
 // inside single runs against testpmd virtio-user (docs/performance, "The
-// transmit frames' first lines"), the macswap loopback moved about 10 %
-// more frames with one pair and 40-50 % more with two in the machine's slow
-// state, none fewer in its fast state, and packed rings gained most; txonly
-// did not change. Groups of 4 did about as well as 8, and 16 or 32 less
+// transmit frames' first lines"), the macswap loopback moved 12-14 % more
+// frames with one pair and about 40 % more with two in the machine's slow
+// state, 2-4 % more with one pair in its fast state, and packed rings
+// 27-74 % more in seven window pairs of eight (one lost 10 %); txonly did
+// not change. Groups of 4 did about as well as 8, and 16 or 32 less
 // well. Asking for the header's line as well (which this device reads only
 // when it offers offloads) lost more than the frame's line gained.
 const txGroup = 8
@@ -662,6 +695,7 @@ func (d *Device) txBatch(q *queue) (int, error) {
 			used[n] = vring.UsedElem{Head: c.Head}
 			n++
 		}
+		keepGroupRoom(chains[:k])
 		if perr != nil {
 			err = perr
 			break
@@ -717,8 +751,9 @@ func (q *queue) endBatch() {
 	q.countPending()
 }
 
-// transmit hands one chain's frame to the handler (oh when it is an
-// OffloadHandler taking the offloads acc; f are the negotiated features).
+// transmit hands the frame of c, a chain q's worker popped, to the handler
+// (oh when it is an OffloadHandler taking the offloads acc; f are the
+// negotiated features).
 func (d *Device) transmit(q *queue, c *vring.Chain, h FrameHandler, oh OffloadHandler, acc, f virtio.Features, hdrLen int) {
 	total := c.ReadableLen
 	if total < uint64(hdrLen) {

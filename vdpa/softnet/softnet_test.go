@@ -901,8 +901,8 @@ func TestMACTableOverflow(t *testing.T) {
 // rules, the frames it popped before that one are still transmitted (here
 // replied to, in order, and counted), and only then is the queue broken
 // (with the typed error, and DEVICE_NEEDS_RESET). Good frames and the
-// hostile head are made available in one publication, so they are in one
-// group.
+// hostile head are made available in one avail.idx store, so they are in
+// one group.
 func TestFramesBeforeAHostileChainGoOut(t *testing.T) {
 	s := newStack(t, stackOptions{features: base, dev: softnet.Options{Handler: softnet.Loopback}})
 	s.postRx(0, 8, 2048)
@@ -913,7 +913,8 @@ func TestFramesBeforeAHostileChainGoOut(t *testing.T) {
 		_, err := s.drv[1].Add([][]byte{s.hdr(), f}, nil)
 		require.NoError(t, err)
 	}
-	s.drv[1].Queue.Publish() // avail.idx 3, no kick yet
+	// Add wrote the three chains' avail entries; no Publish: avail.idx
+	// goes from 0 to 4 in one store, after the hostile fourth entry.
 	var b [2]byte
 	binary.LittleEndian.PutUint16(b[:], 0xffff) // a head beyond any queue
 	require.NoError(t, s.mem.Write(s.layouts[1].Avail+4+2*3, b[:]))
