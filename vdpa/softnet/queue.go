@@ -695,7 +695,7 @@ func (d *Device) txBatch(q *queue) (int, error) {
 			used[n] = vring.UsedElem{Head: c.Head}
 			n++
 		}
-		keepGroupRoom(chains[:k])
+		keepGroupRoom(chains) // all of them: a fault may have left a group unchecked
 		if perr != nil {
 			err = perr
 			break
