@@ -3,7 +3,8 @@ package dirty
 import (
 	"math"
 	"math/bits"
-	"sync/atomic"
+
+	"github.com/vdpakit/vdpakit/internal/guestatomic"
 )
 
 // DefaultPageSize is the page size of the vhost log (VHOST_LOG_PAGE): one bit
@@ -48,7 +49,8 @@ type Options struct {
 // Clear, Count, PageDirty and the iterators may be called from any number of
 // goroutines at once, and concurrently with writers outside this process
 // (the kernel or a peer sharing the memory), because every access to the
-// words is a sync/atomic operation. Close must not run concurrently with any
+// words is atomic (internal/guestatomic: sync/atomic's operations, made
+// safe under the race detector on a log a peer can truncate). Close must not run concurrently with any
 // other method. The geometry accessors (Span, PageSize, Size, ...) never
 // change after construction.
 type Bitmap struct {
@@ -358,8 +360,8 @@ func (b *Bitmap) Mark(addr, length uint64) error {
 			// that returns the bit. A mark that finds its bit set skips
 			// the OR only when b.probe says the harvest fences instead.
 			w, bit := &b.words[p>>6], toLE(1<<(p&63))
-			if !b.probe || atomic.LoadUint64(w)&bit == 0 {
-				atomic.OrUint64(w, bit)
+			if !b.probe || guestatomic.Load64(w)&bit == 0 {
+				guestatomic.Or64(w, bit)
 			}
 			return nil
 		}
@@ -419,8 +421,8 @@ func (b *Bitmap) markPages(first, last uint64) {
 // orWord ORs bits (in log form) into the word at w: atomically, and only
 // when some of them are clear if b.probe allows skipping (see probe).
 func (b *Bitmap) orWord(w *uint64, bits uint64) {
-	if !b.probe || atomic.LoadUint64(w)&bits != bits {
-		atomic.OrUint64(w, bits)
+	if !b.probe || guestatomic.Load64(w)&bits != bits {
+		guestatomic.Or64(w, bits)
 	}
 }
 
@@ -430,5 +432,5 @@ func (b *Bitmap) PageDirty(page uint64) bool {
 	if page >= b.pages {
 		return false
 	}
-	return toLE(atomic.LoadUint64(&b.words[page>>6]))&(1<<(page&63)) != 0
+	return toLE(guestatomic.Load64(&b.words[page>>6]))&(1<<(page&63)) != 0
 }

@@ -2,7 +2,8 @@ package dirty
 
 import (
 	"math/bits"
-	"sync/atomic"
+
+	"github.com/vdpakit/vdpakit/internal/guestatomic"
 )
 
 // CacheWords is how many log words a Cache holds. The cache is
@@ -80,7 +81,7 @@ func (c *Cache) Mark(addr, length uint64) error {
 		p := addr >> sh
 		if (addr+length-1)>>sh == p {
 			w, bit := p>>6, uint64(1)<<(p&63)
-			if b.probe && atomic.LoadUint64(&b.words[w])&toLE(bit) != 0 {
+			if b.probe && guestatomic.Load64(&b.words[w])&toLE(bit) != 0 {
 				// Set already, and the bitmap allows skipping it (see
 				// Bitmap.probe): nothing to cache or flush.
 				return nil
@@ -110,7 +111,7 @@ func (c *Cache) add(w, bit uint64) {
 			return
 		}
 		// Ordering: sequentially consistent, as in Bitmap.Mark.
-		atomic.OrUint64(&c.b.words[c.word[i]], toLE(c.bits[i]))
+		guestatomic.Or64(&c.b.words[c.word[i]], toLE(c.bits[i]))
 	}
 	c.word[i], c.bits[i] = w, bit
 	c.used |= 1 << i
@@ -179,7 +180,7 @@ func (c *Cache) Flush() error {
 		// Ordering: sequentially consistent, as in Bitmap.Mark. The word
 		// was checked against the span when it was cached, and a bitmap's
 		// words do not change until Close.
-		atomic.OrUint64(&ws[c.word[i]], toLE(c.bits[i]))
+		guestatomic.Or64(&ws[c.word[i]], toLE(c.bits[i]))
 		c.bits[i] = 0
 	}
 	c.used = 0

@@ -3,7 +3,8 @@ package dirty
 import (
 	"iter"
 	"math/bits"
-	"sync/atomic"
+
+	"github.com/vdpakit/vdpakit/internal/guestatomic"
 )
 
 // Harvesting and the whole-bitmap operations scan the log in blocks of
@@ -35,14 +36,14 @@ const scanBlock = 16
 func nextBlock(ws []uint64, i int) int {
 	for ; i+scanBlock <= len(ws); i += scanBlock {
 		s := ws[i : i+scanBlock : i+scanBlock]
-		a := atomic.LoadUint64(&s[0]) | atomic.LoadUint64(&s[1]) |
-			atomic.LoadUint64(&s[2]) | atomic.LoadUint64(&s[3])
-		b := atomic.LoadUint64(&s[4]) | atomic.LoadUint64(&s[5]) |
-			atomic.LoadUint64(&s[6]) | atomic.LoadUint64(&s[7])
-		c := atomic.LoadUint64(&s[8]) | atomic.LoadUint64(&s[9]) |
-			atomic.LoadUint64(&s[10]) | atomic.LoadUint64(&s[11])
-		d := atomic.LoadUint64(&s[12]) | atomic.LoadUint64(&s[13]) |
-			atomic.LoadUint64(&s[14]) | atomic.LoadUint64(&s[15])
+		a := guestatomic.Load64(&s[0]) | guestatomic.Load64(&s[1]) |
+			guestatomic.Load64(&s[2]) | guestatomic.Load64(&s[3])
+		b := guestatomic.Load64(&s[4]) | guestatomic.Load64(&s[5]) |
+			guestatomic.Load64(&s[6]) | guestatomic.Load64(&s[7])
+		c := guestatomic.Load64(&s[8]) | guestatomic.Load64(&s[9]) |
+			guestatomic.Load64(&s[10]) | guestatomic.Load64(&s[11])
+		d := guestatomic.Load64(&s[12]) | guestatomic.Load64(&s[13]) |
+			guestatomic.Load64(&s[14]) | guestatomic.Load64(&s[15])
 		if a|b|c|d != 0 {
 			return i
 		}
@@ -140,9 +141,9 @@ func (b *Bitmap) Harvest(dst *Bitmap) (uint64, error) {
 		taken += harvestIntoAtomic(b.words[lo:m], dst.words[lo:m])
 		// The last word: bits past NumPages name no page; they are
 		// cleared with the rest of the word and dropped.
-		if hi == n && atomic.LoadUint64(&b.words[n-1]) != 0 {
-			if w := toLE(atomic.SwapUint64(&b.words[n-1], 0)) & b.lastMask(); w != 0 {
-				atomic.OrUint64(&dst.words[n-1], toLE(w))
+		if hi == n && guestatomic.Load64(&b.words[n-1]) != 0 {
+			if w := toLE(guestatomic.Swap64(&b.words[n-1], 0)) & b.lastMask(); w != 0 {
+				guestatomic.Or64(&dst.words[n-1], toLE(w))
 				taken += uint64(bits.OnesCount64(w))
 			}
 		}
@@ -168,8 +169,8 @@ func (b *Bitmap) HarvestWords(dst []uint64) (uint64, error) {
 	for lo, hi := b.dataWords(0); lo < hi; lo, hi = b.dataWords(hi) {
 		m := min(hi, n-1)
 		taken += harvestIntoSlice(b.words[lo:m], dst[lo:m])
-		if hi == n && atomic.LoadUint64(&b.words[n-1]) != 0 {
-			if w := toLE(atomic.SwapUint64(&b.words[n-1], 0)) & b.lastMask(); w != 0 {
+		if hi == n && guestatomic.Load64(&b.words[n-1]) != 0 {
+			if w := toLE(guestatomic.Swap64(&b.words[n-1], 0)) & b.lastMask(); w != 0 {
 				dst[n-1] |= w
 				taken += uint64(bits.OnesCount64(w))
 			}
@@ -203,9 +204,9 @@ func harvestIntoAtomic(src, dst []uint64) (taken uint64) {
 		// their line in turn.
 		sinkLoad(dst[i:end])
 		for ; i < end; i++ {
-			if atomic.LoadUint64(&src[i]) != 0 {
-				w := atomic.SwapUint64(&src[i], 0)
-				atomic.OrUint64(&dst[i], w)
+			if guestatomic.Load64(&src[i]) != 0 {
+				w := guestatomic.Swap64(&src[i], 0)
+				guestatomic.Or64(&dst[i], w)
 				taken += uint64(bits.OnesCount64(w))
 			}
 		}
@@ -220,8 +221,8 @@ func harvestIntoSlice(src, dst []uint64) (taken uint64) {
 	for i := nextBlock(src, 0); i < len(src); i = nextBlock(src, i) {
 		end := min(i+scanBlock, len(src))
 		for ; i < end; i++ {
-			if atomic.LoadUint64(&src[i]) != 0 {
-				w := toLE(atomic.SwapUint64(&src[i], 0))
+			if guestatomic.Load64(&src[i]) != 0 {
+				w := toLE(guestatomic.Swap64(&src[i], 0))
 				dst[i] |= w
 				taken += uint64(bits.OnesCount64(w))
 			}
@@ -236,7 +237,7 @@ func harvestIntoSlice(src, dst []uint64) (taken uint64) {
 func sinkLoad(ws []uint64) uint64 {
 	var x uint64
 	for i := 0; i < len(ws); i += 8 {
-		x |= atomic.LoadUint64(&ws[i])
+		x |= guestatomic.Load64(&ws[i])
 	}
 	return x
 }
@@ -280,12 +281,12 @@ func (b *Bitmap) Union(src *Bitmap) error {
 	for lo, hi := src.dataWords(0); lo < n && lo < hi; lo, hi = src.dataWords(hi) {
 		hi = min(hi, n)
 		for i := lo; i < hi; i++ {
-			w := atomic.LoadUint64(&src.words[i])
+			w := guestatomic.Load64(&src.words[i])
 			if i == n-1 {
 				w = toLE(toLE(w) & last)
 			}
 			if w != 0 {
-				atomic.OrUint64(&b.words[i], w)
+				guestatomic.Or64(&b.words[i], w)
 			}
 		}
 	}
@@ -330,7 +331,7 @@ func (b *Bitmap) UnionWords(src []uint64) error {
 	}
 	for i, w := range src {
 		if w != 0 {
-			atomic.OrUint64(&b.words[i], toLE(w))
+			guestatomic.Or64(&b.words[i], toLE(w))
 		}
 	}
 	return nil
@@ -353,8 +354,8 @@ func (b *Bitmap) Clear() error {
 		for i := nextBlock(ws, lo); i < hi; i = nextBlock(ws, i) {
 			end := min(i+scanBlock, hi)
 			for ; i < end; i++ {
-				if atomic.LoadUint64(&ws[i]) != 0 {
-					cleared += uint64(bits.OnesCount64(atomic.SwapUint64(&ws[i], 0)))
+				if guestatomic.Load64(&ws[i]) != 0 {
+					cleared += uint64(bits.OnesCount64(guestatomic.Swap64(&ws[i], 0)))
 				}
 			}
 		}
@@ -364,7 +365,7 @@ func (b *Bitmap) Clear() error {
 
 // word returns word i in integer form, masked to the pages it covers.
 func (b *Bitmap) word(i int) uint64 {
-	w := toLE(atomic.LoadUint64(&b.words[i]))
+	w := toLE(guestatomic.Load64(&b.words[i]))
 	if i == len(b.words)-1 {
 		w &= b.lastMask()
 	}

@@ -3,8 +3,8 @@ package vring
 import (
 	"errors"
 	"fmt"
-	"sync/atomic"
 
+	"github.com/vdpakit/vdpakit/internal/guestatomic"
 	"github.com/vdpakit/vdpakit/virtio"
 )
 
@@ -1095,11 +1095,11 @@ func (q *DeviceQueue) NeedsInterrupt() bool {
 	}
 	if w := q.flagsWord; w != nil {
 		q.signalled = newIdx
-		if atomic.LoadUint32(w)&uint32(AvailFNoInterrupt) == 0 {
+		if guestatomic.Load32(w)&uint32(AvailFNoInterrupt) == 0 {
 			return true
 		}
 		storeLoadFence(&q.fence)
-		return atomic.LoadUint32(w)&uint32(AvailFNoInterrupt) == 0
+		return guestatomic.Load32(w)&uint32(AvailFNoInterrupt) == 0
 	}
 	return q.needsInterruptSlow()
 }

@@ -2,8 +2,8 @@ package vring
 
 import (
 	"fmt"
-	"sync/atomic"
 
+	"github.com/vdpakit/vdpakit/internal/guestatomic"
 	"github.com/vdpakit/vdpakit/virtio"
 )
 
@@ -166,7 +166,7 @@ func (q *DeviceQueue) storeDevEvent(w uint32) error {
 	if p.devEventSet && p.devEvent == w {
 		return nil
 	}
-	atomic.StoreUint32(p.r.devEvent, w)
+	guestatomic.Store32(p.r.devEvent, w)
 	p.devEvent, p.devEventSet = w, true
 	if q.log != nil {
 		return q.packedLogWrite(p.devEventLog, 4)
@@ -371,7 +371,7 @@ func (q *DeviceQueue) packedWalk(c *Chain, headFlags uint16) error {
 		}
 		// The next descriptor's id|flags word, loaded atomically: its
 		// flags are checked for AVAIL/USED at the top of the loop.
-		wd := atomic.LoadUint32(descWord(&descs[pos]))
+		wd := guestatomic.Load32(descWord(&descs[pos]))
 		id, flags = uint16(wd), uint16(wd>>16)
 	}
 	c.Segs, c.Readable, c.ReadableLen, c.WritableLen = segs, readable, rlen, wlen
@@ -452,7 +452,7 @@ func (q *DeviceQueue) packedWalkDirect(c *Chain, headFlags uint16) bool {
 		}
 		// The next descriptor's id|flags word (acquire), then its addr
 		// and len at the top of the loop; it must be available.
-		w := atomic.LoadUint32(descWord(&descs[i]))
+		w := guestatomic.Load32(descWord(&descs[i]))
 		id, flags = uint16(w), uint16(w>>16)
 		if flags&availUsed != bits {
 			return false
@@ -584,7 +584,7 @@ func (q *DeviceQueue) packedPopRun(batch []Chain) int {
 		}
 		d := &descs[pos]
 		// Rule 2: the flags word (acquire), then addr and len.
-		w := atomic.LoadUint32(descWord(d))
+		w := guestatomic.Load32(descWord(d))
 		id, flags := uint16(w), uint16(w>>16)
 		if flags&availUsed != bits || flags&(DescFNext|DescFIndirect) != 0 || int(id) >= len(ids) || ids[id].inflight {
 			break
@@ -635,7 +635,7 @@ chains:
 			break
 		}
 		// Rule 2: the head's id|flags word (acquire), then its addr and len.
-		w := atomic.LoadUint32(descWord(&descs[pos]))
+		w := guestatomic.Load32(descWord(&descs[pos]))
 		id, flags := uint16(w), uint16(w>>16)
 		if flags&availUsed != bits {
 			// Not available. After k > 0 chains packedPopBatch re-checks
@@ -689,7 +689,7 @@ chains:
 			}
 			// The next descriptor's id|flags word (acquire), then its
 			// addr and len at the top of the loop; it must be available.
-			w = atomic.LoadUint32(descWord(&descs[i]))
+			w = guestatomic.Load32(descWord(&descs[i]))
 			id, flags = uint16(w), uint16(w>>16)
 			if flags&availUsed != bits {
 				break chains
@@ -938,11 +938,11 @@ func (q *DeviceQueue) packedNeedsInterrupt() bool {
 	// Rule 5: a "no" needs the used descriptor's store ordered before the
 	// load that decides it; a "yes" read without the barrier is at worst
 	// spurious (see the split ring's NeedsInterrupt).
-	if eventWanted(atomic.LoadUint32(p.r.drvEvent), q.eventIdx, p.r.size, p.nextUsed, p.usedBits != 0, n) {
+	if eventWanted(guestatomic.Load32(p.r.drvEvent), q.eventIdx, p.r.size, p.nextUsed, p.usedBits != 0, n) {
 		return true
 	}
 	storeLoadFence(&q.fence)
-	return eventWanted(atomic.LoadUint32(p.r.drvEvent), q.eventIdx, p.r.size, p.nextUsed, p.usedBits != 0, n)
+	return eventWanted(guestatomic.Load32(p.r.drvEvent), q.eventIdx, p.r.size, p.nextUsed, p.usedBits != 0, n)
 }
 
 func (q *DeviceQueue) packedEnableNotify() (bool, error) {
@@ -971,7 +971,7 @@ func (q *DeviceQueue) packedDisableNotify() {
 // that are not descriptors).
 func (q *DeviceQueue) packedSnapshot() RingSnapshot {
 	p := q.pk
-	drv, dev := atomic.LoadUint32(p.r.drvEvent), atomic.LoadUint32(p.r.devEvent)
+	drv, dev := guestatomic.Load32(p.r.drvEvent), guestatomic.Load32(p.r.devEvent)
 	return RingSnapshot{
 		Packed:     true,
 		AvailFlags: uint16(drv >> 16), UsedEvent: uint16(drv),

@@ -2,8 +2,8 @@ package vring
 
 import (
 	"fmt"
-	"sync/atomic"
 
+	"github.com/vdpakit/vdpakit/internal/guestatomic"
 	"github.com/vdpakit/vdpakit/virtio"
 )
 
@@ -96,8 +96,8 @@ func (q *DriverQueue) Packed() bool { return q.pk != nil }
 func (q *DriverQueue) packedReset() {
 	p := q.pk
 	clear(p.r.desc)
-	atomic.StoreUint32(p.r.drvEvent, 0)
-	atomic.StoreUint32(p.r.devEvent, 0)
+	guestatomic.Store32(p.r.drvEvent, 0)
+	guestatomic.Store32(p.r.devEvent, 0)
 	p.nextAvail, p.nextUsed = 0, 0
 	p.availBits, p.usedBits = setWrapBits(true, true)
 	p.numFree = int(p.r.size)
@@ -277,11 +277,11 @@ func (q *DriverQueue) packedNeedsKick() bool {
 	// Rule 5: a "no" needs the head's store ordered before the load that
 	// decides it; a "yes" read without the barrier is at worst spurious
 	// (see the split ring's NeedsKick).
-	if eventWanted(atomic.LoadUint32(p.r.devEvent), q.eventIdx, p.r.size, p.pubIdx, p.pubWrap, n) {
+	if eventWanted(guestatomic.Load32(p.r.devEvent), q.eventIdx, p.r.size, p.pubIdx, p.pubWrap, n) {
 		return true
 	}
 	storeLoadFence(&q.fence)
-	return eventWanted(atomic.LoadUint32(p.r.devEvent), q.eventIdx, p.r.size, p.pubIdx, p.pubWrap, n)
+	return eventWanted(guestatomic.Load32(p.r.devEvent), q.eventIdx, p.r.size, p.pubIdx, p.pubWrap, n)
 }
 
 // usedAt loads the flags word at nextUsed and reports whether it is a used
@@ -304,7 +304,7 @@ func (p *packedDriver) storeDrvEvent(w uint32) {
 	if p.drvEventV && p.drvEvent == w {
 		return
 	}
-	atomic.StoreUint32(p.r.drvEvent, w)
+	guestatomic.Store32(p.r.drvEvent, w)
 	p.drvEvent, p.drvEventV = w, true
 }
 

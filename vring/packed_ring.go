@@ -2,8 +2,8 @@ package vring
 
 import (
 	"fmt"
-	"sync/atomic"
 
+	"github.com/vdpakit/vdpakit/internal/guestatomic"
 	"github.com/vdpakit/vdpakit/virtio"
 )
 
@@ -24,7 +24,7 @@ import (
 //     of the chain becomes visible no later than the head). A batch of
 //     chains (DriverQueue.Publish) stores its later heads first and its
 //     first head last, so one release publishes the batch.
-//  2. Device consumes: load the head's word with atomic.LoadUint32
+//  2. Device consumes: load the head's word with a 32-bit atomic load
 //     (acquire); only when its AVAIL/USED bits show it available for the
 //     device's avail wrap counter does it read addr and len (plain
 //     loads) and the chain's other descriptors (whose words it also loads
@@ -38,13 +38,13 @@ import (
 //     (acquire), then read len.
 //  5. Notification suppression: each event suppression structure is one
 //     4-aligned 32-bit word, off_wrap | flags << 16, stored whole with
-//     atomic.StoreUint32 by its writer and loaded with atomic.LoadUint32 by
-//     the other side. As in the split ring (ring.go rule 5), the event
-//     word stores are sequentially consistent (amd64 XCHG, arm64 STLR),
-//     the publications of rules 1 and 3 are releases that NeedsKick and
-//     NeedsInterrupt follow with a full barrier (storeLoadFence) before
-//     they load the other side's event word, and every load is an acquire
-//     load, so of two agents each doing "store mine, load theirs" (publish
+//     a 32-bit atomic store by its writer and loaded with a 32-bit
+//     atomic load by the other side. As in the split ring (ring.go rule
+//     5), the event word stores are sequentially consistent (amd64 XCHG,
+//     arm64 STLR), the publications of rules 1 and 3 are releases that
+//     NeedsKick and NeedsInterrupt follow with a full barrier
+//     (storeLoadFence) before they load the other side's event word, and
+//     every load is an acquire load, so of two agents each doing "store mine, load theirs" (publish
 //     a descriptor then read the other's event structure; enable events
 //     then re-check the descriptor) at least one sees the other's store.
 //
@@ -120,7 +120,7 @@ func (r *packedRing) word(i uint16) *uint32 { return descWord(&r.descs[i]) }
 
 // loadWord loads descriptor i's id|flags word (acquire): id, flags.
 func (r *packedRing) loadWord(i uint16) (id, flags uint16) {
-	w := atomic.LoadUint32(r.word(i))
+	w := guestatomic.Load32(r.word(i))
 	return uint16(w), uint16(w >> 16)
 }
 

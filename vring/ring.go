@@ -3,8 +3,8 @@ package vring
 import (
 	"encoding/binary"
 	"fmt"
-	"sync/atomic"
 
+	"github.com/vdpakit/vdpakit/internal/guestatomic"
 	"github.com/vdpakit/vdpakit/virtio"
 )
 
@@ -53,7 +53,7 @@ import (
 //     2-aligned (ring[0] exists since size >= 1). Both halves are written
 //     only by the driver, so the driver stores the whole word with
 //     storeRelease32 (the other half re-read from its own last write)
-//     and the device loads it with atomic.LoadUint32 and extracts idx.
+//     and the device loads it with a 32-bit atomic load and extracts idx.
 //     When the word is [idx, ring[0]], ring[0] is accessed only through
 //     the word, on both sides (availEntry, setAvailEntry): a plain 16-bit
 //     access to it would race, under the Go memory model, with the other
@@ -61,7 +61,7 @@ import (
 //   - used.flags and used.idx (offsets 0 and 2, area 4-aligned) form one word
 //     written only by the device, which keeps both in shadow copies and
 //     publishes used.idx by storing the word with storeRelease32; the
-//     driver loads the word with atomic.LoadUint32. Changing only the flags
+//     driver loads the word with a 32-bit atomic load. Changing only the flags
 //     (notification enable/disable) is a 16-bit store16 of used.flags, so
 //     used.idx in memory is never rewritten from a shadow outside publish.
 //   - avail.flags, used_event (end of the available ring) and avail_event
@@ -75,13 +75,13 @@ import (
 // The Go race detector does not check this protocol on guest memory as
 // devices use it: it sees only accesses to the Go heap, stacks and globals,
 // never those to mmap'd memory (memfd regions, peer mappings), racy or not.
-// On a region over a Go heap slice (NewRegion) it does: there the
-// sync/atomic operations on the index words are what orders the plain
+// On a region over a Go heap slice (NewRegion) it does: there the 32-bit
+// atomic operations on the index words are what orders the plain
 // descriptor, ring entry and buffer accesses for it (a race build
-// publishes the indexes with sync/atomic's store, not storeRelease32's
-// assembly, for this reason), and the tests run the
-// cross-goroutine traffic over such a region too (TestCrossGoroutine's
-// heap variants, TestRaceDetectorSeesHeapRings). The 16-bit assembly
+// publishes the indexes with guestatomic.Store32, which tells the detector
+// about the release, not storeRelease32's assembly, for this reason), and
+// the tests run the cross-goroutine traffic over such a region too
+// (TestCrossGoroutine's heap variants, TestRaceDetectorSeesHeapRings). The 16-bit assembly
 // accesses (load16, store16) are invisible to it everywhere; they carry
 // notification state only, never data another access depends on.
 
@@ -174,7 +174,7 @@ func newRing(mem *Memory, l Layout, f virtio.Features) (ring, error) {
 func (r *ring) availEntry(i uint16) uint16 {
 	slot := i & r.mask
 	if slot == 0 && r.availIdxShift == 0 {
-		return uint16(atomic.LoadUint32(r.availIdxWord) >> 16)
+		return uint16(guestatomic.Load32(r.availIdxWord) >> 16)
 	}
 	return r.availRing[slot]
 }
@@ -185,8 +185,8 @@ func (r *ring) availEntry(i uint16) uint16 {
 func (r *ring) setAvailEntry(i, head uint16) {
 	slot := i & r.mask
 	if slot == 0 && r.availIdxShift == 0 {
-		w := atomic.LoadUint32(r.availIdxWord)
-		atomic.StoreUint32(r.availIdxWord, w&0xffff|uint32(head)<<16)
+		w := guestatomic.Load32(r.availIdxWord)
+		guestatomic.Store32(r.availIdxWord, w&0xffff|uint32(head)<<16)
 		return
 	}
 	// Stored only when it changes. With descriptors used in order (1-descriptor
@@ -202,21 +202,21 @@ func (r *ring) setAvailEntry(i, head uint16) {
 }
 
 func (r *ring) loadAvailIdx() uint16 {
-	return uint16(atomic.LoadUint32(r.availIdxWord) >> r.availIdxShift)
+	return uint16(guestatomic.Load32(r.availIdxWord) >> r.availIdxShift)
 }
 
 // storeAvailIdx is driver-only: the other half of the word is driver-owned.
 // The store is a release (rule 1); NeedsKick fences before it loads
 // (rule 5).
 func (r *ring) storeAvailIdx(v uint16) {
-	w := atomic.LoadUint32(r.availIdxWord)
+	w := guestatomic.Load32(r.availIdxWord)
 	w = w&^(0xffff<<r.availIdxShift) | uint32(v)<<r.availIdxShift
 	storeRelease32(r.availIdxWord, w)
 }
 
 func (r *ring) loadAvailFlags() uint16 {
 	if r.availIdxShift == 16 {
-		return uint16(atomic.LoadUint32(r.availIdxWord))
+		return uint16(guestatomic.Load32(r.availIdxWord))
 	}
 	return load16(r.availFlags)
 }
@@ -228,7 +228,7 @@ func (r *ring) storeUsedWord(flags, idx uint16) {
 }
 
 func (r *ring) loadUsedWord() (flags, idx uint16) {
-	w := atomic.LoadUint32(r.usedWord)
+	w := guestatomic.Load32(r.usedWord)
 	return uint16(w), uint16(w >> 16)
 }
 

@@ -13,7 +13,7 @@ package vring
 // 5) is paid for separately, by storeLoadFence, where the load is. p must
 // be 4-aligned.
 //
-// Under the race detector the sync/atomic store is used instead
+// Under the race detector guestatomic.Store32 is used instead
 // (storerel_other.go): the detector must see the publication as the
 // release that orders the ring entries before it.
 //

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"runtime/debug"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -217,5 +218,70 @@ func BenchmarkMemoryRead64(b *testing.B) {
 		if err := mem.Read(0x100, p); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// TestRingTruncatedWhileInUse: a peer truncates and regrows the file behind
+// a ring while the device polls it, enables notifications and decides on
+// interrupts, as fast as it can. Every call returns, either normally or with
+// ErrMemoryFault; none kills the process. That includes race builds, whose
+// sync/atomic operations on such memory could fault on the system stack,
+// where the runtime cannot recover (internal/guestatomic).
+func TestRingTruncatedWhileInUse(t *testing.T) {
+	const size = 4 * 4096
+	for _, tc := range []struct {
+		name   string
+		feat   virtio.Features
+		layout Layout
+	}{
+		{"split", virtio.Features(0).With(virtio.FEventIdx), ContiguousLayout(0, 16)},
+		{"packed", virtio.Features(0).With(virtio.FRingPacked).With(virtio.FEventIdx), ContiguousPackedLayout(0, 16)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fd := peerMemfd(t, size, 0)
+			r, err := NewFdRegion(0, size, fd, 0, nil)
+			require.NoError(t, err)
+			mem, err := NewMemory(r)
+			require.NoError(t, err)
+			defer mem.Close()
+			dq, err := NewDeviceQueue(mem, DeviceQueueOptions{Layout: tc.layout, Features: tc.feat, State: InitialState(tc.feat)})
+			require.NoError(t, err)
+
+			stop := make(chan struct{})
+			peer := make(chan struct{})
+			go func() {
+				defer close(peer)
+				for {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					assert.NoError(t, unix.Ftruncate(fd, 0))
+					assert.NoError(t, unix.Ftruncate(fd, size))
+				}
+			}()
+			defer func() { close(stop); <-peer }()
+			var c Chain
+			calls := []func() error{
+				func() error { _, err := dq.Pop(&c); return err },
+				func() error { _, err := dq.EnableNotify(); return err },
+				func() error { dq.NeedsInterrupt(); return nil },
+			}
+			faults, ok := 0, 0
+			for end := time.Now().Add(150 * time.Millisecond); time.Now().Before(end) || faults == 0; {
+				for _, call := range calls {
+					// A regrown file reads as zeros: an empty ring,
+					// so the only error possible is the fault.
+					if err := Guard(call); err != nil {
+						require.ErrorIs(t, err, ErrMemoryFault)
+						faults++
+					} else {
+						ok++
+					}
+				}
+			}
+			t.Logf("%d calls returned, %d faulted", ok, faults)
+		})
 	}
 }

@@ -1,0 +1,87 @@
+package dirty_test
+
+import (
+	"runtime/debug"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
+
+	"github.com/vdpakit/vdpakit/dirty"
+)
+
+// faulted runs f and reports whether it raised a memory fault (a runtime
+// error with an address), which the calling goroutine's SetPanicOnFault
+// turns into a panic. Any other panic goes on.
+func faulted(f func() error) (fault bool, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			if _, ok := r.(interface{ Addr() uintptr }); !ok {
+				panic(r)
+			}
+			fault = true
+		}
+	}()
+	return false, f()
+}
+
+// TestAttachedLogTruncatedWhileInUse: a peer hands over a log it can still
+// shrink (a memfd without sealing) and truncates and regrows it as fast as
+// it can while this process marks, harvests, counts and clears it. Each call
+// either returns or faults as a recoverable panic (what vring.Guard turns
+// into vring.ErrMemoryFault); none kills the process. That includes race
+// builds, whose sync/atomic operations on such memory could fault on the
+// system stack, where the runtime cannot recover (internal/guestatomic).
+func TestAttachedLogTruncatedWhileInUse(t *testing.T) {
+	const size = 2 * 4096
+	fd, err := unix.MemfdCreate("peer-log", unix.MFD_CLOEXEC)
+	require.NoError(t, err)
+	defer unix.Close(fd)
+	require.NoError(t, unix.Ftruncate(fd, size))
+	log, err := dirty.AttachFd(fd, 0, size, nil)
+	require.NoError(t, err)
+	defer log.Close()
+	harvest := make([]uint64, log.Words())
+	dst, err := dirty.New(log.Span(), nil)
+	require.NoError(t, err)
+	defer dst.Close()
+
+	stop := make(chan struct{})
+	peer := make(chan struct{})
+	go func() {
+		defer close(peer)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			assert.NoError(t, unix.Ftruncate(fd, 0))
+			assert.NoError(t, unix.Ftruncate(fd, size))
+		}
+	}()
+	defer func() { close(stop); <-peer }()
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	calls := []func() error{
+		func() error { return log.Mark(0x1234000, 3*dirty.DefaultPageSize) },
+		func() error { _, err := log.HarvestWords(harvest); return err },
+		func() error { _, err := log.Harvest(dst); return err },
+		func() error { log.Count(); return nil },
+		func() error { return log.Clear() },
+	}
+	faults, ok := 0, 0
+	for end := time.Now().Add(150 * time.Millisecond); time.Now().Before(end) || faults == 0; {
+		for _, call := range calls {
+			fault, err := faulted(call)
+			require.NoError(t, err)
+			if fault {
+				faults++
+			} else {
+				ok++
+			}
+		}
+	}
+	t.Logf("%d calls returned, %d faulted", ok, faults)
+}

@@ -1,0 +1,49 @@
+//go:build race && (amd64 || arm64)
+
+package guestatomic
+
+import (
+	"runtime"
+	"unsafe"
+)
+
+// The annotations bracket the access as sync/atomic's would: a store
+// releases before it writes, a load acquires after it reads, a
+// read-modify-write does both. runtime.RaceReleaseMerge keeps every earlier
+// release on the same address visible (sync/atomic operations are
+// sequentially consistent, so a later acquire must see them all).
+
+// Load32 atomically loads *p.
+func Load32(p *uint32) uint32 {
+	v := load32(p)
+	runtime.RaceAcquire(unsafe.Pointer(p))
+	return v
+}
+
+// Store32 atomically stores v to *p.
+func Store32(p *uint32, v uint32) {
+	runtime.RaceReleaseMerge(unsafe.Pointer(p))
+	store32(p, v)
+}
+
+// Load64 atomically loads *p.
+func Load64(p *uint64) uint64 {
+	v := load64(p)
+	runtime.RaceAcquire(unsafe.Pointer(p))
+	return v
+}
+
+// Swap64 atomically stores v to *p and returns the previous value.
+func Swap64(p *uint64, v uint64) uint64 {
+	runtime.RaceReleaseMerge(unsafe.Pointer(p))
+	old := swap64(p, v)
+	runtime.RaceAcquire(unsafe.Pointer(p))
+	return old
+}
+
+// Or64 atomically sets the bits of v in *p.
+func Or64(p *uint64, v uint64) {
+	runtime.RaceReleaseMerge(unsafe.Pointer(p))
+	or64(p, v)
+	runtime.RaceAcquire(unsafe.Pointer(p))
+}

@@ -1,0 +1,30 @@
+// Package guestatomic holds the atomic operations vring and dirty perform on
+// memory a peer shares with this process: ring indexes and event words in
+// guest memory, descriptor words of packed rings, and dirty-log words.
+//
+// In an ordinary build each function is the sync/atomic operation of the same
+// name, inlined by the compiler: there is no cost to going through here.
+//
+// Under the race detector the sync/atomic operations are not safe on such
+// memory. The race runtime touches the address once on the goroutine's stack
+// (to raise a fault early) and then performs the operation inside the race
+// runtime on the system stack. A peer that truncates the file behind the
+// mapping between those two steps makes the second access fault where the
+// runtime cannot turn the fault into a panic, and the process dies ("traceback
+// did not unwind completely") instead of returning vring.ErrMemoryFault. The
+// race builds of this package therefore perform the access in assembly on the
+// goroutine's stack, where runtime/debug.SetPanicOnFault applies as in an
+// ordinary build, and tell the race detector about the synchronization
+// separately (runtime.RaceReleaseMerge before a store, runtime.RaceAcquire
+// after a load). For memory outside Go's heap, the only memory a peer can
+// truncate, the race detector ignores both the annotations and the
+// synchronization of sync/atomic, so nothing it checks is lost; for memory in
+// Go's heap (private dirty bitmaps, rings in tests) the annotations keep the
+// happens-before edges sync/atomic would have given. On architectures
+// without the assembly (any but amd64 and arm64), race builds keep
+// sync/atomic and the hazard.
+//
+// Every operation is sequentially consistent, like sync/atomic's, except
+// where a comment says otherwise. Pointers must be aligned to the operand's
+// size.
+package guestatomic

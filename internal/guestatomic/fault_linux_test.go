@@ -1,0 +1,92 @@
+package guestatomic
+
+import (
+	"runtime/debug"
+	"sync"
+	"testing"
+	"time"
+	"unsafe"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
+)
+
+// faultAddr runs f and returns the address of the memory fault it raised, or
+// 0 if it returned normally. The calling goroutine has SetPanicOnFault on.
+func faultAddr(f func()) (addr uintptr) {
+	defer func() {
+		if r := recover(); r != nil {
+			a, ok := r.(interface{ Addr() uintptr })
+			if !ok {
+				panic(r)
+			}
+			addr = a.Addr()
+		}
+	}()
+	f()
+	return 0
+}
+
+// TestFaultWhileAPeerTruncates: a peer truncates and regrows the file behind
+// a shared mapping as fast as it can while every operation runs on the
+// mapping. Each operation either completes or faults as a recoverable panic
+// at the word's address, the way a plain Go access does under
+// SetPanicOnFault. Under the race detector, sync/atomic fails this within
+// milliseconds: the process dies with "traceback did not unwind completely"
+// when the truncation lands between the race runtime's probe of the address
+// and its access on the system stack.
+func TestFaultWhileAPeerTruncates(t *testing.T) {
+	const page = 4096
+	fd, err := unix.MemfdCreate("guestatomic-test", unix.MFD_CLOEXEC)
+	require.NoError(t, err)
+	defer unix.Close(fd)
+	require.NoError(t, unix.Ftruncate(fd, page))
+	m, err := unix.Mmap(fd, 0, page, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	require.NoError(t, err)
+	defer unix.Munmap(m)
+	p32 := (*uint32)(unsafe.Pointer(&m[64]))
+	p64 := (*uint64)(unsafe.Pointer(&m[128]))
+
+	stop := make(chan struct{})
+	var peer sync.WaitGroup
+	peer.Add(1)
+	go func() {
+		defer peer.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			assert.NoError(t, unix.Ftruncate(fd, 0))
+			assert.NoError(t, unix.Ftruncate(fd, page))
+		}
+	}()
+	defer func() { close(stop); peer.Wait() }()
+
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	for _, tc := range []struct {
+		name string
+		addr uintptr
+		op   func()
+	}{
+		{"Load32", uintptr(unsafe.Pointer(p32)), func() { Load32(p32) }},
+		{"Store32", uintptr(unsafe.Pointer(p32)), func() { Store32(p32, 1) }},
+		{"Load64", uintptr(unsafe.Pointer(p64)), func() { Load64(p64) }},
+		{"Swap64", uintptr(unsafe.Pointer(p64)), func() { Swap64(p64, 1) }},
+		{"Or64", uintptr(unsafe.Pointer(p64)), func() { Or64(p64, 1) }},
+	} {
+		faults, ok := 0, 0
+		for end := time.Now().Add(100 * time.Millisecond); time.Now().Before(end) || faults == 0 || ok == 0; {
+			switch a := faultAddr(tc.op); a {
+			case 0:
+				ok++
+			default:
+				require.Equal(t, tc.addr, a, "%s faulted at another address", tc.name)
+				faults++
+			}
+		}
+		t.Logf("%s: %d completed, %d faulted", tc.name, ok, faults)
+	}
+}
