@@ -50,9 +50,9 @@ type Options struct {
 // goroutines at once, and concurrently with writers outside this process
 // (the kernel or a peer sharing the memory), because every access to the
 // words is atomic (internal/guestatomic: sync/atomic's operations, made
-// safe under the race detector on a log a peer can truncate). Close must not run concurrently with any
-// other method. The geometry accessors (Span, PageSize, Size, ...) never
-// change after construction.
+// safe under the race detector on a log a peer can truncate). Close must
+// not run concurrently with any other method. The geometry accessors (Span,
+// PageSize, Size, ...) never change after construction.
 type Bitmap struct {
 	// words is the log as stored: little-endian u64 words. Invariant:
 	// len(words) == ceil(pages/64), so every word but the last is all

@@ -152,9 +152,10 @@
 //     left half done, so the queues using that memory must be stopped and
 //     reported broken (NEEDS_RESET), not continued. Workers set this up once
 //     per goroutine or batch, not per buffer: the hot paths stay as they are.
-//     This holds in race-detector builds too: there the ring's atomics are
-//     done in assembly on the goroutine's own stack rather than inside the
-//     race runtime, where a fault cannot be recovered (internal/guestatomic).
+//     This holds in race-detector builds on amd64 and arm64 too: there the
+//     ring's atomics are done in assembly on the goroutine's own stack
+//     rather than inside the race runtime, where a fault cannot be
+//     recovered (internal/guestatomic).
 //
 // # Ownership and concurrency
 //

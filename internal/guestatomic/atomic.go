@@ -4,6 +4,12 @@ package guestatomic
 
 import "sync/atomic"
 
+// FaultSafe reports whether a fault in these operations is recoverable
+// under SetPanicOnFault in this build: always, except in race builds on
+// architectures without the assembly, where sync/atomic faults inside the
+// race runtime (see the package doc).
+const FaultSafe = !raceBuild
+
 // Load32 atomically loads *p.
 func Load32(p *uint32) uint32 { return atomic.LoadUint32(p) }
 

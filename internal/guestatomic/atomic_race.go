@@ -7,11 +7,18 @@ import (
 	"unsafe"
 )
 
-// The annotations bracket the access as sync/atomic's would: a store
-// releases before it writes, a load acquires after it reads, a
-// read-modify-write does both. runtime.RaceReleaseMerge keeps every earlier
-// release on the same address visible (sync/atomic operations are
-// sequentially consistent, so a later acquire must see them all).
+// FaultSafe reports whether a fault in these operations is recoverable
+// under SetPanicOnFault in this build: it is here.
+const FaultSafe = true
+
+// The annotations bracket the access: a store releases before it writes, a
+// load acquires after it reads, a read-modify-write does both, so whoever
+// observes a value has acquired at least the release of its writer.
+// Because an annotation and its access are two steps, two goroutines
+// storing to one word at once may annotate in one order and store in the
+// other; runtime.RaceReleaseMerge (rather than RaceRelease, which would
+// replace the earlier release) keeps both writers' releases, so such a
+// reorder cannot hide a happens-before edge and produce a false report.
 
 // Load32 atomically loads *p.
 func Load32(p *uint32) uint32 {

@@ -2,8 +2,9 @@
 // memory a peer shares with this process: ring indexes and event words in
 // guest memory, descriptor words of packed rings, and dirty-log words.
 //
-// In an ordinary build each function is the sync/atomic operation of the same
-// name, inlined by the compiler: there is no cost to going through here.
+// In an ordinary build each function is the corresponding sync/atomic
+// operation (Load32 is atomic.LoadUint32, Or64 atomic.OrUint64, ...), inlined
+// by the compiler: there is no cost to going through here.
 //
 // Under the race detector the sync/atomic operations are not safe on such
 // memory. The race runtime touches the address once on the goroutine's stack
@@ -18,11 +19,15 @@
 // separately (runtime.RaceReleaseMerge before a store, runtime.RaceAcquire
 // after a load). For memory outside Go's heap, the only memory a peer can
 // truncate, the race detector ignores both the annotations and the
-// synchronization of sync/atomic, so nothing it checks is lost; for memory in
-// Go's heap (private dirty bitmaps, rings in tests) the annotations keep the
-// happens-before edges sync/atomic would have given. On architectures
-// without the assembly (any but amd64 and arm64), race builds keep
-// sync/atomic and the hazard.
+// synchronization of sync/atomic, so nothing it checks is lost. For memory in
+// Go's heap (private dirty bitmaps, rings in tests) the annotations give at
+// least the happens-before edges sync/atomic would have (a store's release
+// merges with earlier ones instead of replacing them, which only adds edges
+// on a word with several writers), but the access itself is invisible to
+// the detector: a plain access racing with one of these operations on the
+// same word is no longer reported. On architectures without the assembly
+// (any but amd64 and arm64), race builds keep sync/atomic and the hazard;
+// FaultSafe is false there.
 //
 // Every operation is sequentially consistent, like sync/atomic's, except
 // where a comment says otherwise. Pointers must be aligned to the operand's

@@ -1,0 +1,5 @@
+//go:build race
+
+package guestatomic
+
+const raceBuild = true
