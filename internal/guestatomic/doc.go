@@ -29,7 +29,6 @@
 // (any but amd64 and arm64), race builds keep sync/atomic and the hazard;
 // FaultSafe is false there.
 //
-// Every operation is sequentially consistent, like sync/atomic's, except
-// where a comment says otherwise. Pointers must be aligned to the operand's
-// size.
+// Every operation is sequentially consistent, like sync/atomic's. Pointers
+// must be aligned to the operand's size.
 package guestatomic
