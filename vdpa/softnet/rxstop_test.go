@@ -101,6 +101,15 @@ func TestTxHeldWhileRxStopped(t *testing.T) {
 					}
 					time.Sleep(time.Millisecond)
 				}
+				// The transmit chains of the answered frames come back
+				// after their replies: wait for all of them, so that the
+				// next round's 17 frames (34 descriptors) always fit the
+				// 64-entry ring.
+				for s.drv[1].Queue.NumFree() < 64 {
+					require.True(t, time.Now().Before(deadline), "round %d: transmitq has %d of 64 descriptors back", round, s.drv[1].Queue.NumFree())
+					drainTx()
+					time.Sleep(time.Millisecond)
+				}
 			}
 			drainRx()
 			for i := uint32(0); i < seq; i++ {
