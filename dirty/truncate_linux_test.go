@@ -6,12 +6,12 @@ import (
 	"testing"
 	"time"
 
-	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
 
 	"github.com/vdpakit/vdpakit/dirty"
 	"github.com/vdpakit/vdpakit/internal/guestatomic"
+	"github.com/vdpakit/vdpakit/internal/testenv"
 )
 
 // faulted runs f and reports whether it raised a memory fault (a runtime
@@ -53,21 +53,7 @@ func TestAttachedLogTruncatedWhileInUse(t *testing.T) {
 	require.NoError(t, err)
 	defer dst.Close()
 
-	stop := make(chan struct{})
-	peer := make(chan struct{})
-	go func() {
-		defer close(peer)
-		for {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			assert.NoError(t, unix.Ftruncate(fd, 0))
-			assert.NoError(t, unix.Ftruncate(fd, int64(size)))
-		}
-	}()
-	defer func() { close(stop); <-peer }()
+	defer testenv.ShrinkLoop(t, fd, int64(size))()
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	calls := []func() error{
 		func() error { return log.Mark(0x1234000, 3*dirty.DefaultPageSize) },

@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/vdpakit/vdpakit/internal/guestatomic"
+	"github.com/vdpakit/vdpakit/internal/testenv"
 	"github.com/vdpakit/vdpakit/virtio"
 )
 
@@ -252,21 +253,7 @@ func TestRingTruncatedWhileInUse(t *testing.T) {
 			dq, err := NewDeviceQueue(mem, DeviceQueueOptions{Layout: tc.layout, Features: tc.feat, State: InitialState(tc.feat)})
 			require.NoError(t, err)
 
-			stop := make(chan struct{})
-			peer := make(chan struct{})
-			go func() {
-				defer close(peer)
-				for {
-					select {
-					case <-stop:
-						return
-					default:
-					}
-					assert.NoError(t, unix.Ftruncate(fd, 0))
-					assert.NoError(t, unix.Ftruncate(fd, size))
-				}
-			}()
-			defer func() { close(stop); <-peer }()
+			defer testenv.ShrinkLoop(t, fd, size)()
 			var c Chain
 			calls := []func() error{
 				func() error { _, err := dq.Pop(&c); return err },

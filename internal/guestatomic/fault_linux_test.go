@@ -3,14 +3,14 @@ package guestatomic
 import (
 	"os"
 	"runtime/debug"
-	"sync"
 	"testing"
 	"time"
 	"unsafe"
 
-	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
+
+	"github.com/vdpakit/vdpakit/internal/testenv"
 )
 
 // faultAddr runs f and returns the address of the memory fault it raised, or
@@ -52,22 +52,7 @@ func TestFaultWhileAPeerTruncates(t *testing.T) {
 	p32 := (*uint32)(unsafe.Pointer(&m[64]))
 	p64 := (*uint64)(unsafe.Pointer(&m[128]))
 
-	stop := make(chan struct{})
-	var peer sync.WaitGroup
-	peer.Add(1)
-	go func() {
-		defer peer.Done()
-		for {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			assert.NoError(t, unix.Ftruncate(fd, 0))
-			assert.NoError(t, unix.Ftruncate(fd, int64(page)))
-		}
-	}()
-	defer func() { close(stop); peer.Wait() }()
+	defer testenv.ShrinkLoop(t, fd, int64(page))()
 
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	a32, a64 := uintptr(unsafe.Pointer(p32)), uintptr(unsafe.Pointer(p64))
