@@ -44,9 +44,10 @@ import (
 //     arm64 STLR), the publications of rules 1 and 3 are releases that
 //     NeedsKick and NeedsInterrupt follow with a full barrier
 //     (storeLoadFence) before they load the other side's event word, and
-//     every load is an acquire load, so of two agents each doing "store mine, load theirs" (publish
-//     a descriptor then read the other's event structure; enable events
-//     then re-check the descriptor) at least one sees the other's store.
+//     every load is an acquire load, so of two agents each doing "store
+//     mine, load theirs" (publish a descriptor then read the other's event
+//     structure; enable events then re-check the descriptor) at least one
+//     sees the other's store.
 //
 // A descriptor changes hands with its flags word: the driver writes a
 // slot only after loading a used word there (or before it ever made the

@@ -81,9 +81,9 @@ import (
 // publishes the indexes with guestatomic.Store32, which tells the detector
 // about the release, not storeRelease32's assembly, for this reason), and
 // the tests run the cross-goroutine traffic over such a region too
-// (TestCrossGoroutine's heap variants, TestRaceDetectorSeesHeapRings). The 16-bit assembly
-// accesses (load16, store16) are invisible to it everywhere; they carry
-// notification state only, never data another access depends on.
+// (TestCrossGoroutine's heap variants, TestRaceDetectorSeesHeapRings). The
+// 16-bit assembly accesses (load16, store16) are invisible to it everywhere;
+// they carry notification state only, never data another access depends on.
 
 // ring holds a validated split ring's three areas and pointers to its shared
 // fields.
