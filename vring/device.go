@@ -543,6 +543,89 @@ func (q *DeviceQueue) PopBatch(cs []Chain) (int, error) {
 	return i, nil
 }
 
+// PopBatchFit is PopBatch for a caller that bounds the memory its Chains
+// hold. It pops the next chain into cs[0] as Pop does (a chain longer than
+// cs[0].Segs's capacity grows it), then up to len(cs)-1 more only while
+// each fits the capacity its Chain's Segs already has: it never grows
+// cs[1:]'s Segs. It stops before a chain that does not fit, and before any
+// chain only Pop's full walk takes (an indirect table, a buffer outside
+// the memory region the queue reads buffers from directly, a broken rule),
+// which the next call (or Pop) then takes as its first. It returns 0 with
+// a nil error when the ring is empty; on an error, the chains popped
+// before it and the error, as PopBatch does.
+//
+// A device that pops ahead of its need (a receive queue taking chains for
+// the frames to come) can so pop in batches without letting a driver make
+// every Chain it holds as long as the ring allows (MaxChainSegments): only
+// the chains it pops one at a time, as it would with Pop, may grow.
+func (q *DeviceQueue) PopBatchFit(cs []Chain) (int, error) {
+	if len(cs) == 0 {
+		return 0, nil
+	}
+	if q.pk != nil {
+		return q.packedPopBatchFit(cs)
+	}
+	if ok, err := q.Pop(&cs[0]); err != nil || !ok {
+		return 0, err
+	}
+	i := 1
+	for i < len(cs) {
+		n := min(int(q.availSeen-q.lastAvail), len(cs)-i)
+		if n == 0 {
+			// Every chain known to be available is taken: load avail.idx
+			// again (without arming avail_event: chains were popped, and
+			// Pop arms it when it finds the ring empty).
+			k, err := q.refresh()
+			if err != nil {
+				return i, err
+			}
+			if k == 0 {
+				break
+			}
+			continue
+		}
+		// popRun and walkRun take chains only into the room a Chain's
+		// Segs has; what neither takes is left for the next call.
+		k := q.popRun(cs[i : i+n])
+		if k < n {
+			k += q.walkRun(cs[i+k : i+n])
+		}
+		if i += k; k < n {
+			break
+		}
+	}
+	return i, nil
+}
+
+// packedPopBatchFit is PopBatchFit on a packed ring.
+func (q *DeviceQueue) packedPopBatchFit(cs []Chain) (int, error) {
+	if ok, err := q.packedPop(&cs[0]); err != nil || !ok {
+		return 0, err
+	}
+	p := q.pk
+	i := 1
+	for i < len(cs) {
+		flags, ok := p.headAvailable()
+		if !ok {
+			break
+		}
+		// As in packedPopBatch, without packedWalk: the two run loops
+		// take chains only into the room a Chain's Segs has.
+		k := 0
+		if flags&(DescFNext|DescFIndirect) == 0 {
+			k = q.packedPopRun(cs[i:])
+		}
+		if k == 0 && flags&DescFIndirect == 0 {
+			k = q.packedWalkRun(cs[i:])
+		}
+		if k == 0 {
+			break
+		}
+		i += k
+	}
+	return i, nil
+}
+
 // popRun is PopBatch's tight loop: it pops chains known to be available
 // (len(batch) <= availSeen-lastAvail) into batch while they are single
 // direct descriptors inside the cached region, and returns how many. It is

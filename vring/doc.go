@@ -63,7 +63,9 @@
 //
 // Pop walks NEXT chains and INDIRECT tables and presents the readable
 // segments, then the writable ones, as zero-copy slices; PopBatch and
-// PushBatch amortise the index accesses (ReclaimBatch on the driver side),
+// PushBatch amortise the index accesses (ReclaimBatch on the driver side;
+// PopBatchFit for a device popping ahead of its need, without letting the
+// driver grow the Chains it holds),
 // and Prefetch asks the CPU for a batch's buffers (the next chains' first
 // lines) before any is copied, for a device whose driver runs on another
 // CPU. NeedsInterrupt and NeedsKick

@@ -271,3 +271,38 @@ func ExampleDriverQueue_ReclaimBatch() {
 	// buffer 4: 64 bytes
 	// outstanding: 0
 }
+
+// ExampleDeviceQueue_PopBatchFit pops receive buffers ahead of the frames
+// that will fill them, into Chains with room for two segments each: the
+// batch stops before a chain that would not fit, which the next call takes
+// first, as Pop would (growing that Chain's Segs).
+func ExampleDeviceQueue_PopBatchFit() {
+	region, _ := vring.NewMemfdRegion(0, 1<<16, nil)
+	mem, _ := vring.NewMemory(region)
+	defer mem.Close()
+	layout := vring.ContiguousLayout(0, 8)
+	drv, _ := vring.NewDriverQueue(mem, vring.DriverQueueOptions{Layout: layout})
+	dev, _ := vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Layout: layout})
+
+	// The driver posts two one-buffer chains, then one of three buffers.
+	_, _ = drv.Add([]vring.Buffer{{Addr: 0x8000, Len: 1500, Writable: true}})
+	_, _ = drv.Add([]vring.Buffer{{Addr: 0x9000, Len: 1500, Writable: true}})
+	_, _ = drv.Add([]vring.Buffer{{Addr: 0xa000, Len: 64, Writable: true},
+		{Addr: 0xb000, Len: 64, Writable: true}, {Addr: 0xc000, Len: 64, Writable: true}})
+	drv.Publish()
+
+	held := make([]vring.Chain, 4)
+	for i := range held {
+		held[i].Segs = make([]vring.Segment, 0, 2)
+	}
+	n, err := dev.PopBatchFit(held)
+	fmt.Println(n, err)
+	n, err = dev.PopBatchFit(held)
+	fmt.Println(n, err, len(held[0].Segs))
+	n, err = dev.PopBatchFit(held)
+	fmt.Println(n, err)
+	// Output:
+	// 2 <nil>
+	// 1 <nil> 3
+	// 0 <nil>
+}

@@ -128,6 +128,11 @@ func FuzzDeviceWalk(f *testing.F) {
 // what the device pushed; free descriptors are never lost.
 func FuzzOps(f *testing.F) {
 	f.Add([]byte{0x13, 0, 1, 2, 3, 4, 6, 0, 0, 2, 3, 5, 6})
+	// Five chains (1, 3, 1, indirect 2, 1 descriptors), then PopBatchFit
+	// batches that stop before a chain too long for its room and before
+	// the indirect one, then push and reclaim everything.
+	f.Add([]byte{0x13, 0, 0, 1, 0, 2, 1, 0, 0, 0, 1, 1, 2, 0, 0, 1, 2,
+		0xB3, 1, 2, 4, 4, 0xB3, 0, 4, 4, 4, 0x93, 1, 1, 5, 1, 1, 1, 1, 1, 6, 6, 6, 6, 6})
 	f.Fuzz(func(t *testing.T, data []byte) {
 		if len(data) < 1 {
 			return
@@ -184,7 +189,7 @@ func FuzzOps(f *testing.F) {
 				var h uint16
 				var err error
 				if op == 1 && feat.Has(virtio.FIndirectDesc) {
-					ch.ndesc = 1
+					ch.ndesc, ch.indirect = 1, true
 					h, err = drv.AddIndirect(GuestAddr(0x4000+64*(seq%64)), bufs)
 					if n > int(size) {
 						if !errors.Is(err, ErrBadChain) {
@@ -216,7 +221,11 @@ func FuzzOps(f *testing.F) {
 				drv.Publish()
 				published = len(added)
 				drv.NeedsKick()
-			case 3: // pop
+			case 3: // pop, or with the op byte's top bit set PopBatchFit (opsPopFit)
+				if raw >= 0x80 {
+					opsPopFit(t, dev, raw, next, &added, &published, &popped, false)
+					break
+				}
 				ok, err := dev.Pop(&c)
 				if err != nil {
 					t.Fatal(err)
@@ -295,6 +304,7 @@ func FuzzOps(f *testing.F) {
 type opsChain struct {
 	head     uint16
 	bufs     []Buffer
+	indirect bool
 	ndesc    int
 	writable uint64
 	used     uint32
@@ -339,4 +349,56 @@ func opsReclaim(t *testing.T, drv *DriverQueue, raw byte, used *[]opsChain, desc
 		*descInUse -= u.ndesc
 		*used = (*used)[1:]
 	}
+}
+
+// opsPopFit is op 3 of both ops fuzzers with the op byte's top bit set: a
+// PopBatchFit of 1+(raw>>4)&3 Chains, each with room for next()%5
+// segments. It must pop the oldest published chains, in order, at least one
+// when any is published; it may stop early only before a chain longer than
+// the room of the Chain it would go into, or one that is not a plain run
+// of direct descriptors (an indirect one, or on a packed ring one that
+// runs past the ring's end); and it must not grow the Segs of any Chain
+// but the first. What it popped leaves added for popped.
+func opsPopFit(t *testing.T, dev *DeviceQueue, raw byte, next func() byte, added *[]opsChain, published *int, popped *[]opsChain, packed bool) {
+	var cs [4]Chain
+	var room [4]int
+	b := 1 + int(raw>>4)&3
+	for i := range b {
+		room[i] = int(next() % 5)
+		cs[i].Segs = make([]Segment, 0, room[i])
+	}
+	pos := dev.State().AvailIndex()
+	k, err := dev.PopBatchFit(cs[:b])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if k > *published || (k == 0) != (*published == 0) {
+		t.Fatalf("PopBatchFit popped %d of %d with %d published", k, b, *published)
+	}
+	for i := range k {
+		c, want := &cs[i], (*added)[i]
+		if c.Head != want.head || len(c.Segs) != len(want.bufs) || (packed && int(c.Descs) != want.ndesc) {
+			t.Fatalf("PopBatchFit chain %d: id %d with %d segs in %d descriptors, want %d with %d in %d",
+				i, c.Head, len(c.Segs), c.Descs, want.head, len(want.bufs), want.ndesc)
+		}
+		for j, s := range c.Segs {
+			if w := want.bufs[j]; s.Addr != w.Addr || s.Len != w.Len || s.Writable != w.Writable {
+				t.Fatalf("PopBatchFit chain %d segment %d: %+v, want %+v", i, j, s, w)
+			}
+		}
+		if i > 0 && cap(c.Segs) != room[i] {
+			t.Fatalf("PopBatchFit grew chain %d's Segs", i)
+		}
+		pos += uint16(want.ndesc)
+	}
+	if k < b && k < *published {
+		next := (*added)[k]
+		wraps := packed && int(pos%dev.Size())+next.ndesc > int(dev.Size())
+		if !next.indirect && len(next.bufs) <= room[k] && !wraps {
+			t.Fatalf("PopBatchFit stopped at %d of %d before a chain of %d direct descriptors with room for %d",
+				k, b, len(next.bufs), room[k])
+		}
+	}
+	*popped = append(*popped, (*added)[:k]...)
+	*added, *published = (*added)[k:], *published-k
 }

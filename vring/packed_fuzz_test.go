@@ -166,6 +166,11 @@ func checkChain(t *testing.T, mem *Memory, c *Chain, size uint16) {
 // device's in-flight count matches the model.
 func FuzzPackedOps(f *testing.F) {
 	f.Add([]byte{0x13, 0, 1, 2, 3, 4, 6, 0, 0, 2, 3, 5, 6})
+	// Five chains (1, 3, 1, indirect 2, 1 descriptors), then PopBatchFit
+	// batches that stop before a chain too long for its room and before
+	// the indirect one, then push and reclaim everything.
+	f.Add([]byte{0x18, 0, 0, 1, 0, 2, 1, 0, 0, 0, 1, 1, 2, 0, 0, 1, 2,
+		0xB3, 1, 2, 4, 4, 0xB3, 0, 4, 4, 4, 0x93, 1, 1, 5, 1, 1, 1, 1, 1, 6, 6, 6, 6, 6})
 	f.Fuzz(func(t *testing.T, data []byte) {
 		if len(data) < 1 {
 			return
@@ -226,7 +231,7 @@ func FuzzPackedOps(f *testing.F) {
 				var h uint16
 				var err error
 				if op == 1 && feat.Has(virtio.FIndirectDesc) {
-					ch.ndesc = 1
+					ch.ndesc, ch.indirect = 1, true
 					h, err = drv.AddIndirect(GuestAddr(0x4000+64*(seq%64)), bufs)
 					if n > int(size) {
 						if !errors.Is(err, ErrBadChain) {
@@ -259,7 +264,11 @@ func FuzzPackedOps(f *testing.F) {
 				drv.Publish()
 				published = len(added)
 				drv.NeedsKick()
-			case 3: // pop
+			case 3: // pop, or with the op byte's top bit set PopBatchFit (opsPopFit)
+				if raw >= 0x80 {
+					opsPopFit(t, dev, raw, next, &added, &published, &popped, true)
+					break
+				}
 				ok, err := dev.Pop(&c)
 				if err != nil {
 					t.Fatal(err)
