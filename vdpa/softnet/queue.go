@@ -59,8 +59,9 @@ type queue struct {
 	chains []vring.Chain
 	used   []vring.UsedElem // tx: chains of the current batch, published together
 	gather []byte           // tx/ctrl: frame or command split across segments
-	stash  []vring.Chain    // rx: popped chains, stash[:nstash] held for the next frame
+	stash  []vring.Chain    // rx: popped chains, stash[sh:sh+nstash] held for the frames to come
 	nstash int
+	sh     int      // rx: where the held chains start in stash
 	lens   []uint32 // rx: bytes written per chain of one frame
 	hdr    [virtio.NetHdrSize]byte
 	irq    bool // rx: used entries published since the last interrupt check
@@ -239,7 +240,7 @@ func (q *queue) allocRx(size int) {
 // rxSegs segments grows the entry's Segs (vring appends), and the entry
 // keeps that room, so that a driver whose chains are longer (big-packet
 // chains of 19 descriptors and more, without MRG_RXBUF) costs no
-// allocation per frame. Two bounds keep that from adding up:
+// allocation per frame. Three rules keep that from adding up:
 //
 //   - With MRG_RXBUF, the chains of one frame may have rxFrameSegs(size)
 //     segments beyond rxSegs each, in all: a chain as long as the ring, or
@@ -259,6 +260,11 @@ func (q *queue) allocRx(size int) {
 //     room of one dropped frame's chains is kept and the next frame,
 //     popped into the same entries, grows nothing: a driver that keeps
 //     posting such chains costs no allocation per frame either.
+//   - Chains popped ahead of their frame (popAhead, rxPopAhead at a time)
+//     are taken only into the room their entries already have
+//     (PopBatchFit): of each batch only the first, the chain the frame
+//     needs now, may grow, as it would popped alone. Popping ahead
+//     holds more chains, not more room.
 //
 // Without them, a split ring naming one long chain of zero-length
 // descriptors in every avail entry (a split ring does not track heads in
@@ -319,7 +325,7 @@ func (rx *queue) trimRx(s []vring.Chain) {
 func (q *queue) release() {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	q.stash, q.lens, q.nstash = nil, nil, 0
+	q.stash, q.lens, q.nstash, q.sh = nil, nil, 0, 0
 	q.spare, q.segExtra = nil, 0
 	q.gather, q.seg = nil, nil
 	q.used, q.pending = nil, nil
@@ -360,7 +366,7 @@ func (q *queue) startRx(dq *vring.DeviceQueue, call *vdpa.EventFD, chains int) {
 	q.pending = q.pending[:0]
 	q.countPending()
 	q.dq, q.call, q.kick = dq, call, nil
-	q.nstash = 0
+	q.nstash, q.sh = 0, 0
 	q.irq = false
 	q.err.Store(nil)
 	// Receive buffers are consumed when frames arrive; the device never
@@ -458,14 +464,14 @@ func (q *queue) stop() vring.QueueState {
 	// carries a wrap counter, which flips if the move crosses the start.
 	if q.dq.Packed() {
 		var descs uint16
-		for i := range q.nstash {
-			descs += q.stash[i].Descs
+		for _, c := range q.stash[q.sh : q.sh+q.nstash] {
+			descs += c.Descs
 		}
 		st.NextAvail = vring.PackedBack(st.NextAvail, descs, q.dq.Size())
 	} else {
 		st.NextAvail -= uint16(q.nstash)
 	}
-	q.nstash = 0
+	q.nstash, q.sh = 0, 0
 	q.trimRx(q.stash)
 	q.dq, q.kick, q.call = nil, nil, nil
 	q.running.Store(false)
@@ -1225,35 +1231,27 @@ func (d *Device) writeSingle(rx *queue, frame []byte) error {
 }
 
 // writeMergeable spreads hdr+frame over as many receive chains as needed
-// (MRG_RXBUF) and sets num_buffers in the first header. Chains popped for a
-// frame that then finds the ring empty are held (stash[:nstash], in pop
-// order) for the next frame rather than returned half-used.
+// (MRG_RXBUF) and sets num_buffers in the first header. It pops chains
+// rxPopAhead at a time (popAhead); those a frame does not take, and those
+// popped for a frame that then finds the ring empty, are held
+// (stash[sh:sh+nstash], in pop order) for the frames to come rather than
+// returned half-used.
 func (d *Device) writeMergeable(rx *queue, frame []byte) error {
 	hdrLen := int(d.hdrLen.Load())
 	need := uint64(hdrLen + len(frame))
 	var got uint64
 	n, extra := 0, 0
 	for got < need {
-		if n == len(rx.stash) {
-			d.drops.add(DropRxNoBuffer)
-			return ErrNoBuffer
-		}
-		c := &rx.stash[n]
 		if n >= rx.nstash {
-			old := c.Segs
-			ok, err := rx.dq.Pop(c)
-			if cap(c.Segs) != cap(old) {
-				rx.grew(old, cap(c.Segs))
-			}
-			if err != nil {
+			if err := rx.popAhead(); err != nil {
 				return d.ringErr(rx, err)
 			}
-			if !ok {
+			if n >= rx.nstash {
 				d.drops.add(DropRxNoBuffer)
 				return ErrNoBuffer
 			}
-			rx.nstash = n + 1
 		}
+		c := &rx.stash[rx.sh+n]
 		n++
 		if c.WritableLen < uint64(hdrLen) {
 			// With MRG_RXBUF every buffer must hold at least the header
@@ -1274,8 +1272,9 @@ func (d *Device) writeMergeable(rx *queue, frame []byte) error {
 	h := rx.vh
 	h.NumBuffers = uint16(n)
 	_ = h.Encode(rx.hdr[:], hdrLen)
-	for i := 0; i < n; i++ {
-		c := &rx.stash[i]
+	held := rx.stash[rx.sh : rx.sh+n]
+	for i := range held {
+		c := &held[i]
 		take := min(c.WritableLen, need-off)
 		// Copy the part of the virtual stream hdr||frame in [off, off+take).
 		var w uint64
@@ -1289,13 +1288,46 @@ func (d *Device) writeMergeable(rx *queue, frame []byte) error {
 		rx.lens[i] = uint32(take)
 		off += take
 	}
-	for i := 0; i < n; i++ {
-		if err := rx.completeRx(&rx.stash[i], rx.lens[i]); err != nil {
+	for i := range held {
+		if err := rx.completeRx(&held[i], rx.lens[i]); err != nil {
 			return d.ringErr(rx, err)
 		}
 	}
 	rx.consume(n)
 	return nil
+}
+
+// rxPopAhead is how many receive chains writeMergeable pops at a time:
+// one PopBatchFit instead of a Pop per chain. A frame of a chain or two
+// leaves the rest held for the frames after it. Measured with testpmd's
+// macswap loopback (docs/performance): popping 8 at a time moved 5-9 %
+// more frames than one at a time, on split and packed rings.
+const rxPopAhead = 8
+
+// popAhead pops up to rxPopAhead receive chains after the held ones
+// (moving the held ones to the stash's start first when the stash's end is
+// near). The first may grow its Segs as Pop's chain does (rx.grew counts
+// it); PopBatchFit takes the others only into the room their entries
+// have, so that chains popped ahead of their frame hold no more memory
+// than the stash already does (see "Receive chain room"). Finding the
+// ring empty adds nothing. Called with rx.mu held.
+func (rx *queue) popAhead() error {
+	at := rx.sh + rx.nstash
+	if len(rx.stash)-at < rxPopAhead && rx.sh != 0 {
+		rx.compact()
+		at = rx.nstash
+	}
+	batch := rx.stash[at:min(at+rxPopAhead, len(rx.stash))]
+	if len(batch) == 0 {
+		return nil // every entry holds a chain: the frame is as large as the ring
+	}
+	old := batch[0].Segs
+	k, err := rx.dq.PopBatchFit(batch)
+	if cap(batch[0].Segs) != cap(old) {
+		rx.grew(old, cap(batch[0].Segs))
+	}
+	rx.nstash += k
+	return err
 }
 
 // giveBack returns the first n held chains empty (used length 0, in the
@@ -1304,7 +1336,7 @@ func (d *Device) writeMergeable(rx *queue, frame []byte) error {
 func (d *Device) giveBack(rx *queue, n int, reason DropReason) error {
 	d.drops.add(reason)
 	for i := range n {
-		if err := rx.completeRx(&rx.stash[i], 0); err != nil {
+		if err := rx.completeRx(&rx.stash[rx.sh+i], 0); err != nil {
 			return d.ringErr(rx, err)
 		}
 	}
@@ -1312,25 +1344,30 @@ func (d *Device) giveBack(rx *queue, n int, reason DropReason) error {
 	return ErrBufferTooSmall
 }
 
-// consume drops the first n held chains (pushed by the caller), keeping the
-// rest in order at the front. The Chain values rotate rather than being
-// overwritten so every Segs backing array is kept: no allocation. The
-// dropped chains get their rxSegs room back if the stash keeps too much
-// (trimRx).
+// consume drops the first n held chains (pushed by the caller); the rest
+// stay held, in order. The dropped chains get their rxSegs room back if
+// the stash keeps too much (trimRx).
 func (rx *queue) consume(n int) {
 	if rx.segExtra > rx.segMax {
-		rx.trimRx(rx.stash[:n])
+		rx.trimRx(rx.stash[rx.sh : rx.sh+n])
 	}
-	held := rx.nstash
-	if n >= held {
-		rx.nstash = 0
+	if n >= rx.nstash {
+		rx.nstash, rx.sh = 0, 0
 		return
 	}
-	s := rx.stash[:held]
-	reverseChains(s[:n])
-	reverseChains(s[n:])
+	rx.sh += n
+	rx.nstash -= n
+}
+
+// compact moves the held chains to the stash's start. The Chain values
+// rotate rather than being overwritten so every Segs backing array is
+// kept: no allocation.
+func (rx *queue) compact() {
+	s := rx.stash[:rx.sh+rx.nstash]
+	reverseChains(s[:rx.sh])
+	reverseChains(s[rx.sh:])
 	reverseChains(s)
-	rx.nstash = held - n
+	rx.sh = 0
 }
 
 func reverseChains(s []vring.Chain) {
