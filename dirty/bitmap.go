@@ -370,7 +370,9 @@ func (b *Bitmap) Mark(addr, length uint64) error {
 }
 
 // markSlow is Mark for zero-length, multi-page and rejected ranges. It is
-// kept out of line so that Mark's fast path inlines into its callers.
+// kept out of line so that Mark's fast path stays a short leaf: its callers
+// reach it through WriteLogger (an interface call), so it is not inlined,
+// and a fast path that calls nothing needs no stack frame.
 //
 //go:noinline
 func (b *Bitmap) markSlow(addr, length uint64) error {
