@@ -1300,8 +1300,9 @@ func (d *Device) writeMergeable(rx *queue, frame []byte) error {
 // rxPopAhead is how many receive chains writeMergeable pops at a time:
 // one PopBatchFit instead of a Pop per chain. A frame of a chain or two
 // leaves the rest held for the frames after it. Measured with testpmd's
-// macswap loopback (docs/performance): popping 8 at a time moved 5-9 %
-// more frames than one at a time, on split and packed rings.
+// macswap loopback, switching between 8 and 1 within runs
+// (docs/performance): 8 at a time moved 3-4 % more frames (5-9 % in a
+// first experiment), on split and packed rings.
 const rxPopAhead = 8
 
 // popAhead pops up to rxPopAhead receive chains after the held ones
