@@ -1306,18 +1306,17 @@ func (d *Device) writeMergeable(rx *queue, frame []byte) error {
 const rxPopAhead = 8
 
 // popAhead pops up to rxPopAhead receive chains after the held ones
-// (moving the held ones to the stash's start first when the stash's end is
-// near). The first may grow its Segs as Pop's chain does (rx.grew counts
+// (moving the held ones to the stash's start first, so that the entries in
+// use stay the first few, in cache). The first may grow its Segs as Pop's chain does (rx.grew counts
 // it); PopBatchFit takes the others only into the room their entries
 // have, so that chains popped ahead of their frame hold no more memory
 // than the stash already does (see "Receive chain room"). Finding the
 // ring empty adds nothing. Called with rx.mu held.
 func (rx *queue) popAhead() error {
-	at := rx.sh + rx.nstash
-	if len(rx.stash)-at < rxPopAhead && rx.sh != 0 {
+	if rx.sh != 0 {
 		rx.compact()
-		at = rx.nstash
 	}
+	at := rx.nstash
 	batch := rx.stash[at:min(at+rxPopAhead, len(rx.stash))]
 	if len(batch) == 0 {
 		return nil // every entry holds a chain: the frame is as large as the ring
@@ -1360,21 +1359,19 @@ func (rx *queue) consume(n int) {
 	rx.nstash -= n
 }
 
-// compact moves the held chains to the stash's start. The Chain values
-// rotate rather than being overwritten so every Segs backing array is
-// kept: no allocation.
+// compact moves the held chains, in order, to the stash's start (sh > 0):
+// held chain i (entry sh+i) swaps places with entry i. The entries before
+// sh hold chains already pushed, whose contents are dead but whose Segs
+// arrays are kept: the swaps permute the entries, allocating nothing.
+// Done in ascending order, entry sh+i still holds chain i when its turn
+// comes (only entries below sh+i have moved), also when the two ranges
+// overlap.
 func (rx *queue) compact() {
-	s := rx.stash[:rx.sh+rx.nstash]
-	reverseChains(s[:rx.sh])
-	reverseChains(s[rx.sh:])
-	reverseChains(s)
-	rx.sh = 0
-}
-
-func reverseChains(s []vring.Chain) {
-	for i, j := 0, len(s)-1; i < j; i, j = i+1, j-1 {
-		s[i], s[j] = s[j], s[i]
+	s, sh := rx.stash, rx.sh
+	for i := range rx.nstash {
+		s[i], s[sh+i] = s[sh+i], s[i]
 	}
+	rx.sh = 0
 }
 
 // scatterAt copies p into c's writable segments starting at byte offset
