@@ -1,0 +1,294 @@
+package softnet
+
+import (
+	"encoding/binary"
+	"errors"
+	"testing"
+
+	"github.com/vdpakit/vdpakit/virtio"
+	"github.com/vdpakit/vdpakit/vring"
+)
+
+// FuzzReceiveRing lets the input be a hostile driver of one receive queue:
+// it writes descriptors with any address, length, flags and link (or
+// buffer id), makes any head available (or moves avail.idx anywhere),
+// stops and restarts the queue, while frames of any size are delivered
+// into it, with and without MRG_RXBUF, on split and packed rings. Whatever
+// it writes:
+//   - Deliver returns nil, ErrNoBuffer or ErrBufferTooSmall, or an error
+//     that broke the queue (QueueErr then reports it); nothing panics;
+//   - the receive stash stays consistent: the held chains lie inside it,
+//     and the segment room it counts (segExtra) is the room its entries
+//     have, within segMax and the room of a few of the longest chains
+//     vring pops (popping chains ahead of a frame grows none of them);
+//   - a split ring's descriptor table and available ring, which are the
+//     driver's, are never written (unless the driver gave the device a
+//     buffer there, or an indirect table that may name one);
+//   - a queue stopped without an error has nothing in flight: every chain
+//     it popped was used or given back (NextAvail == NextUsed).
+//
+// Input: [0] configuration (bit 0 MRG_RXBUF, bit 1 packed, bit 2
+// INDIRECT_DESC, bit 3 EVENT_IDX, bits 4-7 the size: 2<<(b%4) split,
+// 1+b packed), then operations (see the switch).
+func FuzzReceiveRing(f *testing.F) {
+	// Seeds, op by op (see the switch): a descriptor i with a buffer at
+	// data+8*off of 16*l bytes, flags fl and link (or buffer id) nx; a
+	// chain made available; a frame of 14+8*n bytes; a stop and restart.
+	desc := func(i, off, l, fl, nx byte) []byte { return []byte{0, i, 0, off, l, fl, nx} }
+	post := func(h byte) []byte { return []byte{1, h} }
+	deliverOp := func(n byte) []byte { return []byte{2, n} }
+	restart := []byte{3, 1}
+	seed := func(cfg byte, ops ...[]byte) []byte {
+		b := []byte{cfg}
+		for _, op := range ops {
+			b = append(b, op...)
+		}
+		return b
+	}
+	const w, nxt = 2, 1 // WRITE, NEXT
+	fourBufs := [][]byte{desc(0, 0, 8, w, 0), desc(1, 32, 8, w, 1), desc(2, 64, 8, w, 2), desc(3, 96, 8, w, 3)}
+	frames := [][]byte{deliverOp(2), deliverOp(20), deliverOp(2), restart, deliverOp(40)}
+	// Mergeable split ring of 4: four 128-byte buffers, frames of 1 to 3.
+	f.Add(seed(0x11, append(append(fourBufs, post(0), post(1), post(2), post(3)), frames...)...))
+	// The same on a packed ring of 5.
+	f.Add(seed(0x43, append(append(fourBufs, post(0), post(0), post(0), post(0)), frames...)...))
+	// Split ring of 16, no MRG_RXBUF: one 2 KiB buffer.
+	f.Add(seed(0x30, desc(0, 0, 128, w, 0), post(0), deliverOp(100), restart))
+	// A chain of sixteen zero-length writable descriptors in every entry.
+	var long [][]byte
+	for i := range byte(16) {
+		fl := byte(w | nxt)
+		if i == 15 {
+			fl = w
+		}
+		long = append(long, desc(i, 0, 0, fl, i+1))
+	}
+	for range 8 {
+		long = append(long, post(0))
+	}
+	f.Add(seed(0x31, append(long, deliverOp(100), deliverOp(100), restart, deliverOp(1))...))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		if len(data) < 1 {
+			return
+		}
+		p := 0
+		next := func() byte {
+			if p >= len(data) {
+				return 0
+			}
+			p++
+			return data[p-1]
+		}
+		cfg := next()
+		mrg, packed := cfg&1 != 0, cfg&2 != 0
+		feat := base1
+		if mrg {
+			feat = feat.With(virtio.NetFMrgRxbuf)
+		}
+		ringFeat := virtio.Features(0).With(virtio.FVersion1)
+		if cfg&4 != 0 {
+			ringFeat = ringFeat.With(virtio.FIndirectDesc)
+		}
+		if cfg&8 != 0 {
+			ringFeat = ringFeat.With(virtio.FEventIdx)
+		}
+		var size uint16
+		var layout vring.Layout
+		var ringBytes uint64
+		if packed {
+			size = 1 + uint16(cfg>>4)
+			ringFeat = ringFeat.With(virtio.FRingPacked)
+			layout = vring.ContiguousPackedLayout(0, size)
+			ringBytes = vring.ContiguousPackedLayoutBytes(size)
+		} else {
+			size = 2 << (cfg >> 4 % 4)
+			layout = vring.ContiguousLayout(0, size)
+			ringBytes = vring.ContiguousLayoutBytes(size)
+		}
+		const dataBytes = 1 << 16
+		dataAt := (ringBytes + 4095) &^ 4095
+		backing := make([]byte, dataAt+dataBytes)
+		region, err := vring.NewRegion(0, backing, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mem, err := vring.NewMemory(region)
+		if err != nil {
+			t.Fatal(err)
+		}
+		d, err := New(nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer d.Reset()
+		if err := d.SetFeatures(feat); err != nil {
+			t.Fatal(err)
+		}
+		state := vring.InitialState(ringFeat)
+		start := func() {
+			dq, err := vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Layout: layout, Features: ringFeat, State: state})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := d.StartQueue(0, dq, nil, nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+		start()
+		running := true
+		rx := d.queues[0]
+		// The driver's side: the split ring's next avail index, or the
+		// packed ring's next position and wrap counter.
+		availIdx, pos, wrap := uint16(0), uint16(0), true
+		// The split ring's descriptor table and available ring, as the
+		// driver wrote them.
+		_, availBytes, _ := vring.SplitSizes(size)
+		driverArea := func() []byte {
+			if packed {
+				return nil
+			}
+			return backing[layout.Desc : uint64(layout.Avail)+availBytes]
+		}
+		shadow := append([]byte(nil), driverArea()...)
+		ringLent := false // a descriptor named the rings' memory, or an indirect table
+		put16 := func(at uint64, v uint16) {
+			binary.LittleEndian.PutUint16(backing[at:], v)
+			if !packed {
+				binary.LittleEndian.PutUint16(shadow[at-uint64(layout.Desc):], v)
+			}
+		}
+		writeDesc := func(i uint16, addr uint64, length uint32, a, b uint16) {
+			at := uint64(layout.Desc) + 16*uint64(i)
+			binary.LittleEndian.PutUint64(backing[at:], addr)
+			binary.LittleEndian.PutUint32(backing[at+8:], length)
+			put16(at+12, a)
+			put16(at+14, b)
+			if !packed {
+				copy(shadow[at-uint64(layout.Desc):], backing[at:at+12])
+			}
+		}
+		frame := make([]byte, 14+255*8)
+		for i := range frame {
+			frame[i] = byte(i)
+		}
+		for p < len(data) {
+			switch op := next() % 6; op {
+			case 0: // write a descriptor
+				i := uint16(next()) % size
+				a, b, l, fl, nx := next(), next(), next(), next(), next()
+				addr := dataAt + (uint64(a&0x7f)<<8|uint64(b))*8%dataBytes
+				if a&0x80 != 0 {
+					addr = uint64(a&0x7f)<<24 | uint64(b)<<8 // anywhere, mostly outside memory
+				}
+				length := uint32(l) * 16
+				if l == 255 {
+					length = 0xffffffff
+				}
+				flags := uint16(fl & 7) // NEXT, WRITE, INDIRECT
+				if addr < dataAt || flags&vring.DescFIndirect != 0 {
+					ringLent = true
+				}
+				if packed {
+					flags |= uint16(fl>>3&1)<<7 | uint16(fl>>4&1)<<15 // AVAIL, USED as given
+					writeDesc(i, addr, length, uint16(nx), flags)
+				} else {
+					writeDesc(i, addr, length, flags, uint16(nx)%(size+2))
+				}
+			case 1: // make a chain available
+				if b := next(); packed {
+					// The descriptor at the driver's position gets the
+					// AVAIL/USED bits of its wrap counter (of the other
+					// one when b is odd).
+					at := uint64(layout.Desc) + 16*uint64(pos) + 14
+					fl := binary.LittleEndian.Uint16(backing[at:]) &^ (1<<7 | 1<<15)
+					if wrap != (b&1 != 0) {
+						fl |= 1 << 7
+					} else {
+						fl |= 1 << 15
+					}
+					put16(at, fl)
+					if pos++; pos == size {
+						pos, wrap = 0, !wrap
+					}
+				} else {
+					head := uint16(b) % (size + 2)
+					put16(uint64(layout.Avail)+4+2*uint64(availIdx%size), head)
+					availIdx++
+					put16(uint64(layout.Avail)+2, availIdx)
+				}
+			case 2: // deliver a frame
+				if !running {
+					break
+				}
+				deliver(t, d, frame[:14+int(next())*8])
+			case 3: // stop and restart the queue
+				if running {
+					st, err := d.StopQueue(0)
+					if err != nil {
+						t.Fatal(err)
+					}
+					if rx.loadErr() == nil && st.NextAvail != st.NextUsed {
+						t.Fatalf("stopped with chains in flight: %+v", st)
+					}
+					state = st
+					running = false
+				}
+				if next()%4 != 0 {
+					start()
+					running = true
+				}
+			case 4: // a hostile avail.idx (split) or a burst of frames
+				if !packed {
+					availIdx = uint16(next()) | uint16(next())<<8
+					put16(uint64(layout.Avail)+2, availIdx)
+					break
+				}
+				fallthrough
+			case 5: // a burst of frames
+				for range 1 + next()%8 {
+					if running {
+						deliver(t, d, frame[:14+int(next())*8])
+					}
+				}
+			}
+			checkStash(t, rx, size)
+			if area := driverArea(); !ringLent && string(area) != string(shadow) {
+				t.Fatal("the device wrote the descriptor table or the available ring")
+			}
+		}
+	})
+}
+
+// deliver delivers frame and checks the outcome FuzzReceiveRing allows.
+func deliver(t *testing.T, d *Device, frame []byte) {
+	err := d.Deliver(0, frame)
+	switch {
+	case err == nil, errors.Is(err, ErrNoBuffer), errors.Is(err, ErrBufferTooSmall):
+	default:
+		if qerr := d.QueueErr(0); qerr == nil {
+			t.Fatalf("Deliver: %v, and the queue is not broken", err)
+		}
+	}
+}
+
+// checkStash checks the receive stash's bookkeeping (FuzzReceiveRing).
+func checkStash(t *testing.T, rx *queue, size uint16) {
+	rx.mu.Lock()
+	defer rx.mu.Unlock()
+	if rx.stash == nil {
+		return
+	}
+	if rx.sh < 0 || rx.nstash < 0 || rx.sh+rx.nstash > len(rx.stash) {
+		t.Fatalf("held chains %d+%d outside a stash of %d", rx.sh, rx.nstash, len(rx.stash))
+	}
+	extra := 0
+	for i := range rx.stash {
+		extra += max(cap(rx.stash[i].Segs)-rxSegs, 0)
+	}
+	if extra != rx.segExtra {
+		t.Fatalf("stash room %d, counted %d", extra, rx.segExtra)
+	}
+	if limit := rx.segMax + 4*vring.MaxChainSegments(size); extra > limit {
+		t.Fatalf("stash room %d beyond %d (segMax %d)", extra, limit, rx.segMax)
+	}
+}
