@@ -548,11 +548,18 @@ func (q *DeviceQueue) PopBatch(cs []Chain) (int, error) {
 // cs[0].Segs's capacity grows it), then up to len(cs)-1 more only while
 // each fits the capacity its Chain's Segs already has: it never grows
 // cs[1:]'s Segs. It stops before a chain that does not fit, and before any
-// chain only Pop's full walk takes (an indirect table, a buffer outside
-// the memory region the queue reads buffers from directly, a broken rule),
-// which the next call (or Pop) then takes as its first. It returns 0 with
-// a nil error when the ring is empty; on an error, the chains popped
-// before it and the error, as PopBatch does.
+// chain only Pop's full walk takes (an indirect table, an empty buffer, a
+// buffer outside the memory region the queue last read buffers from
+// directly, on a packed ring several descriptors running past the ring's
+// end, a broken rule), which the next call (or Pop) then takes as its
+// first; the Segs elements of the Chain it stopped at may have been
+// written. It returns 0 with a nil error when the ring is empty; on an
+// error, the chains popped before it and the error, as PopBatch does.
+//
+// Fewer than len(cs) chains does not mean the ring is empty, and only a
+// call that finds it empty (0 chains) re-arms the EVENT_IDX notification
+// as Pop does: a device about to sleep calls EnableNotify first, as with
+// Pop.
 //
 // A device that pops ahead of its need (a receive queue taking chains for
 // the frames to come) can so pop in batches without letting a driver make

@@ -14,9 +14,11 @@ import (
 // stays broken; it must never panic, loop forever, or touch memory outside
 // the regions.
 //
-// Input: [0] size exponent, [1] features and mode bits, [2:4] initial
-// NextAvail, [4:] the contents of two adjacent 4 KiB regions at 0x1000
-// (the ring is at 0x1000; buffers may point anywhere).
+// Input: [0] size exponent, [1] features and mode bits (1 INDIRECT_DESC,
+// 2 EVENT_IDX, 4 a 2-aligned available ring, 8 PopBatch, 16 Prefetch, 32
+// PopBatchFit against Pop: popFitAgainstPop), [2:4] initial NextAvail,
+// [4:] the contents of two adjacent 4 KiB regions at 0x1000 (the ring is
+// at 0x1000; buffers may point anywhere).
 func FuzzDeviceWalk(f *testing.F) {
 	f.Add([]byte{2, 3, 0, 0})
 	f.Fuzz(func(t *testing.T, data []byte) {
@@ -46,10 +48,14 @@ func FuzzDeviceWalk(f *testing.F) {
 			l.Avail += 2
 			l.Used = (l.Desc + GuestAddr(d+a) + 2 + 3) &^ 3
 		}
-		dev, err := NewDeviceQueue(mem, DeviceQueueOptions{Layout: l, Features: feat,
-			State: QueueState{NextAvail: start, NextUsed: start}})
+		opts := DeviceQueueOptions{Layout: l, Features: feat, State: QueueState{NextAvail: start, NextUsed: start}}
+		dev, err := NewDeviceQueue(mem, opts)
 		if err != nil {
 			t.Fatal(err)
+		}
+		if data[1]&32 != 0 {
+			popFitAgainstPop(t, dev, twinQueue(t, backing, opts), 2*int(size)+2)
+			return
 		}
 		var cs [1]Chain
 		c := &cs[0]
@@ -401,4 +407,87 @@ func opsPopFit(t *testing.T, dev *DeviceQueue, raw byte, next func() byte, added
 	}
 	*popped = append(*popped, (*added)[:k]...)
 	*added, *published = (*added)[k:], *published-k
+}
+
+// twinQueue is a device queue with opts over its own copy of a fuzz
+// input's two regions (backing: 0x2000 bytes at 0x1000), for
+// popFitAgainstPop.
+func twinQueue(t *testing.T, backing []byte, opts DeviceQueueOptions) *DeviceQueue {
+	b := append([]byte(nil), backing...)
+	r1, _ := NewRegion(0x1000, b[:0x1000:0x1000], nil)
+	r2, _ := NewRegion(0x2000, b[0x1000:], nil)
+	mem, err := NewMemory(r1, r2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	q, err := NewDeviceQueue(mem, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return q
+}
+
+// popFitAgainstPop is the device-walk fuzzers' PopBatchFit mode: dev pops
+// with PopBatchFit into four Chains of 1-4 segments' room, ref (a twin
+// over its own copy of the same memory) pops the same ring with Pop, and
+// both push what they popped. PopBatchFit must give exactly Pop's chains,
+// in order, without growing any Chain but the first; report the error
+// Pop reports, once Pop reaches the chain that breaks a rule; and find
+// the ring empty when Pop does.
+func popFitAgainstPop(t *testing.T, dev, ref *DeviceQueue, rounds int) {
+	var cs, rs [4]Chain
+	for round := range rounds {
+		var room [4]int
+		for j := range cs {
+			room[j] = 1 + (round+j)%4
+			cs[j].Segs = make([]Segment, 0, room[j])
+		}
+		k, err := dev.PopBatchFit(cs[:])
+		for j := range k {
+			ok, rerr := ref.Pop(&rs[j])
+			if rerr != nil || !ok {
+				t.Fatalf("round %d: PopBatchFit popped chain %d, Pop: %v %v", round, j, ok, rerr)
+			}
+			c, r := &cs[j], &rs[j]
+			if c.Head != r.Head || c.Descs != r.Descs || c.Readable != r.Readable ||
+				c.ReadableLen != r.ReadableLen || c.WritableLen != r.WritableLen || len(c.Segs) != len(r.Segs) {
+				t.Fatalf("round %d chain %d: PopBatchFit %+v, Pop %+v", round, j, *c, *r)
+			}
+			for i := range c.Segs {
+				if a, b := c.Segs[i], r.Segs[i]; a.Addr != b.Addr || a.Len != b.Len || a.Writable != b.Writable {
+					t.Fatalf("round %d chain %d segment %d: PopBatchFit %+v, Pop %+v", round, j, i, a, b)
+				}
+			}
+			if j > 0 && cap(c.Segs) != room[j] {
+				t.Fatalf("round %d: chain %d's Segs grew to %d", round, j, cap(c.Segs))
+			}
+		}
+		if err != nil {
+			var qe *QueueError
+			if !errors.As(err, &qe) {
+				t.Fatalf("error is not a *QueueError: %v", err)
+			}
+			// The same rule at the same index: the same message (the
+			// two errors are distinct values).
+			if _, rerr := ref.Pop(&rs[0]); rerr == nil || rerr.Error() != err.Error() {
+				t.Fatalf("round %d: PopBatchFit: %v, Pop: %v", round, err, rerr)
+			}
+			return
+		}
+		if k == 0 {
+			if ok, rerr := ref.Pop(&rs[0]); ok || rerr != nil {
+				t.Fatalf("round %d: PopBatchFit found the ring empty, Pop: %v %v", round, ok, rerr)
+			}
+			return
+		}
+		for j := range k {
+			w := uint32(min(cs[j].WritableLen, 7))
+			if err := dev.PushChain(&cs[j], w); err != nil {
+				t.Fatal(err)
+			}
+			if err := ref.PushChain(&rs[j], w); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
 }

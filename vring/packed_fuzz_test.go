@@ -18,7 +18,8 @@ import (
 //
 // Input: [0] size (1 + data[0]%16: sizes that are not powers of two
 // included), [1] features and mode bits (1 INDIRECT_DESC, 2 EVENT_IDX,
-// 4 IN_ORDER, 8 PopBatch/PushBatch), [2:4] the initial position (index
+// 4 IN_ORDER, 8 PopBatch/PushBatch, 16 Prefetch, 32 PopBatchFit against
+// Pop: popFitAgainstPop), [2:4] the initial position (index
 // mod size, bit 15 the wrap counter; NextUsed = NextAvail), [4:] the
 // contents of two adjacent 4 KiB regions at 0x1000 (the descriptor ring is
 // at 0x1000; buffers may point anywhere).
@@ -52,10 +53,14 @@ func FuzzPackedDeviceWalk(f *testing.F) {
 			t.Fatal(err)
 		}
 		l := ContiguousPackedLayout(0x1000, size)
-		dev, err := NewDeviceQueue(mem, DeviceQueueOptions{Layout: l, Features: feat,
-			State: QueueState{NextAvail: start, NextUsed: start}})
+		opts := DeviceQueueOptions{Layout: l, Features: feat, State: QueueState{NextAvail: start, NextUsed: start}}
+		dev, err := NewDeviceQueue(mem, opts)
 		if err != nil {
 			t.Fatal(err)
+		}
+		if data[1]&32 != 0 {
+			popFitAgainstPop(t, dev, twinQueue(t, backing, opts), 2*int(size)+2)
+			return
 		}
 		var cs [2]Chain
 		for i := 0; i < 2*int(size)+2; i++ {
