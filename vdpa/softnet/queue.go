@@ -1322,12 +1322,52 @@ func (rx *queue) popAhead() error {
 		return nil // every entry holds a chain: the frame is as large as the ring
 	}
 	old := batch[0].Segs
+	mark := rx.dq.State().NextAvail
+	defer func() {
+		if r := recover(); r != nil {
+			rx.poppedBeforeFault(batch, old, mark)
+			panic(r)
+		}
+	}()
 	k, err := rx.dq.PopBatchFit(batch)
 	if cap(batch[0].Segs) != cap(old) {
 		rx.grew(old, cap(batch[0].Segs))
 	}
 	rx.nstash += k
 	return err
+}
+
+// poppedBeforeFault is popAhead's bookkeeping when guest memory faulted
+// inside PopBatchFit (a peer truncated it; the fault goes on to the
+// caller's CatchFault, which breaks the queue). The chains popped before
+// the fault are held, as any popped chains are, so that stop gives them
+// back: they are those the queue's avail position moved past since mark
+// (each complete; the loop that faulted had not moved it for its own).
+// A grown first chain is counted, so segExtra stays the stash's room.
+//
+//go:noinline
+func (rx *queue) poppedBeforeFault(batch []vring.Chain, old []vring.Segment, mark uint16) {
+	if cap(batch[0].Segs) != cap(old) {
+		rx.grew(old, cap(batch[0].Segs))
+	}
+	now := rx.dq.State().NextAvail
+	if !rx.dq.Packed() {
+		rx.nstash += int(now - mark)
+		return
+	}
+	// A packed position counts descriptors: count the chains they hold.
+	size := rx.dq.Size()
+	descs := (now&^vring.PackedWrapBit + size - mark&^vring.PackedWrapBit) % size
+	if descs == 0 && now != mark {
+		descs = size
+	}
+	for _, c := range batch {
+		if descs < c.Descs || c.Descs == 0 {
+			break
+		}
+		descs -= c.Descs
+		rx.nstash++
+	}
 }
 
 // giveBack returns the first n held chains empty (used length 0, in the
