@@ -12,7 +12,8 @@ import (
 
 // TestRxPopAheadKeepsEveryBuffer: with MRG_RXBUF the device pops receive
 // chains several at a time and holds those a frame does not take for the
-// frames after it. Whatever the driver posts and however many chains the
+// frames after it. Whatever the driver posts (chains of one descriptor or
+// several, some longer than an entry's room) and however many chains the
 // frames take, a frame is delivered whenever the buffers the driver has
 // posted and not had back hold it (none is lost in the device's holding,
 // across the stash's end, or across a suspend), frames arrive whole and in
@@ -39,8 +40,23 @@ func TestRxPopAheadKeepsEveryBuffer(t *testing.T) {
 			const bufSize = 128
 			delivered, short := 0, 0
 			for seq := uint32(0); seq < 1500; seq++ {
-				if free := s.drv[0].Queue.NumFree(); free > 0 && rng.IntN(3) != 0 {
-					s.postRx(0, 1+rng.IntN(min(free, 6)), bufSize)
+				if rng.IntN(3) != 0 {
+					// Up to 6 buffers of bufSize bytes, each a chain of 1,
+					// 2 or 8 descriptors (8 is more than a stash entry's
+					// room: popped ahead only as a batch's first).
+					for range 1 + rng.IntN(6) {
+						parts := []int{1, 1, 2, 8}[rng.IntN(4)]
+						if s.drv[0].Queue.NumFree() < parts {
+							continue
+						}
+						lens := make([]uint32, parts)
+						for i := range lens {
+							lens[i] = bufSize / uint32(parts)
+						}
+						_, err := s.drv[0].Add(nil, lens)
+						require.NoError(t, err)
+					}
+					s.drv[0].Queue.Publish()
 				}
 				n := rng.IntN(3 * bufSize) // frames of 1 to 4 buffers
 				fr := frame(s.dev.MAC(), seq, n)
@@ -67,7 +83,7 @@ func TestRxPopAheadKeepsEveryBuffer(t *testing.T) {
 				}
 			}
 			t.Logf("%d frames delivered, %d found too few buffers", delivered, short)
-			require.Greater(t, delivered, 1000)
+			require.Greater(t, delivered, 750)
 			require.NotZero(t, short)
 			assert.Zero(t, s.dev.Stats().Drop(softnet.DropRxTooSmall))
 		})
