@@ -1301,8 +1301,10 @@ func (d *Device) writeMergeable(rx *queue, frame []byte) error {
 // one PopBatchFit instead of a Pop per chain. A frame of a chain or two
 // leaves the rest held for the frames after it. Measured with testpmd's
 // macswap loopback, switching between 8 and 1 within runs
-// (docs/performance): 8 at a time moved 3-4 % more frames (5-9 % in a
-// first experiment), on split and packed rings.
+// (docs/performance): 8 at a time moved 3-4 % more frames in the median
+// (5-9 % in a first experiment), on split and packed rings; that is within
+// the test VM's spread from one 2-s window to the next, and one run showed
+// no difference.
 const rxPopAhead = 8
 
 // popAhead pops up to rxPopAhead receive chains after the held ones
