@@ -244,3 +244,55 @@ func TestPopBatchFitGrowsOnlyTheFirst(t *testing.T) {
 		require.Zero(t, n, "packed %v: empty", packed)
 	}
 }
+
+// TestPopBatchFitArmsOnlyWhenEmpty: with EVENT_IDX and notifications on, a
+// short batch (chains popped, then the ring found empty) leaves
+// avail_event alone, and the call that pops nothing arms it at the next
+// avail index, as Pop does (split ring: avail_event is the used ring's
+// last word; packed: the device event suppression area).
+func TestPopBatchFitArmsOnlyWhenEmpty(t *testing.T) {
+	for _, packed := range []bool{false, true} {
+		feat := virtio.Features(0).With(virtio.FEventIdx)
+		newQ := newPair
+		event := func(mem *Memory) uint32 {
+			var b [2]byte
+			l := ContiguousLayout(0x1000, 8)
+			require.NoError(t, mem.Read(l.Used+4+8*8, b[:]))
+			return uint32(binary.LittleEndian.Uint16(b[:]))
+		}
+		if packed {
+			newQ = newPackedPair
+			event = func(mem *Memory) uint32 {
+				var b [4]byte
+				l := ContiguousPackedLayout(0x1000, 8)
+				require.NoError(t, mem.Read(l.Used, b[:])) // device event: off_wrap, flags
+				return binary.LittleEndian.Uint32(b[:])
+			}
+		}
+		mem, drv, dev := newQ(t, 8, feat)
+		for k := range 3 {
+			_, err := drv.Add([]Buffer{{Addr: GuestAddr(0x100000 + 0x100*k), Len: 64, Writable: true}})
+			require.NoError(t, err)
+		}
+		drv.Publish()
+		before := event(mem)
+		cs := make([]Chain, 8)
+		for k := range cs {
+			cs[k].Segs = make([]Segment, 0, 2)
+		}
+		n, err := dev.PopBatchFit(cs)
+		require.NoError(t, err)
+		require.Equal(t, 3, n)
+		require.Equal(t, before, event(mem), "packed %v: a batch that popped chains does not arm the event", packed)
+		n, err = dev.PopBatchFit(cs)
+		require.NoError(t, err)
+		require.Zero(t, n)
+		// Armed at the next avail index (3): a split ring's avail_event;
+		// a packed ring's off_wrap (wrap counter 1) with flags DESC (2).
+		want := uint32(3)
+		if packed {
+			want = 3 | uint32(PackedWrapBit) | 2<<16
+		}
+		require.Equal(t, want, event(mem), "packed %v: finding the ring empty arms the event", packed)
+	}
+}
