@@ -11,9 +11,9 @@ import (
 // negotiate (answered VIRTIO_NET_ERR).
 var ErrCtrlNotNegotiated = errors.New("softnet: control command of a feature not negotiated")
 
-// ctrlBatch processes up to BatchSize control commands.
+// ctrlBatch processes up to batchSize control commands.
 func (d *Device) ctrlBatch(q *queue) (int, error) {
-	batch := d.opts.BatchSize
+	batch := d.batchSize(q)
 	c := &q.workerChains(1)[0]
 	n := 0
 	var err error

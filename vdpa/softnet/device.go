@@ -127,13 +127,15 @@ type Options struct {
 	// own goroutine.
 	PollGroup *PollGroup
 	// BatchSize is the most chains a queue goroutine processes before it
-	// signals interrupts and checks for a stop. Zero means 64. A transmit
-	// queue returns a batch's chains together at its end, so a BatchSize
-	// near the ring's size leaves the driver without free transmit
-	// descriptors until then: testpmd's macswap loopback, which drops
-	// what it cannot send, fell from 9 to 1 Mpps with 255 on a packed
-	// ring of 256 and stopped with 256 (docs/performance). 16 to 128
-	// moved about as many frames as 64; 8 about 5 % fewer.
+	// signals interrupts and checks for a stop. Zero means 64. A queue
+	// takes at most half its ring in one batch, whatever BatchSize says:
+	// a transmit queue returns a batch's chains together at its end, and
+	// a batch near the ring's size leaves the driver without free
+	// transmit descriptors until then (testpmd's macswap loopback, which
+	// drops what it cannot send, fell from 9 to 1 Mpps with 255 on a
+	// packed ring of 256 and stopped with 256 before that bound;
+	// docs/performance). 16 to 128 moved about as many frames as 64; 8
+	// about 5 % fewer.
 	BatchSize int
 	// OnConfigChange is called (from the goroutine changing it) after the
 	// configuration space changed on the device's initiative (link state),

@@ -505,7 +505,7 @@ func (d *Device) run(q *queue, process batchFunc) {
 // empty, until a stop request (nil) or an error.
 func (d *Device) wait(q *queue, process batchFunc) (err error) {
 	defer vring.CatchFault(&err)
-	batch := d.opts.BatchSize
+	batch := d.batchSize(q)
 	ctx := context.Background()
 	for {
 		if q.stopReq.Load() {
@@ -645,7 +645,18 @@ const prefetchStride = 4
 // replies go to is stopped (rxHeld).
 var errTxHeld = errors.New("softnet: transmit held while its receive queue is stopped")
 
-// txBatch processes up to BatchSize transmitted chains, or none (errTxHeld)
+// batchSize is how many chains a batch of q's worker takes at most:
+// Options.BatchSize, and no more than half of q's ring. A transmit queue
+// returns a batch's chains together at its end, so a batch that could
+// take the whole ring would leave the driver without a free descriptor
+// until then; half leaves it the other half to keep sending into (a
+// driver that drops what it cannot send, as testpmd's forwarding does,
+// otherwise loses frames every batch: see Options.BatchSize).
+func (d *Device) batchSize(q *queue) int {
+	return min(d.opts.BatchSize, max(int(q.dq.Size())/2, 1))
+}
+
+// txBatch processes up to batchSize transmitted chains, or none (errTxHeld)
 // while the receive queue that replies go to is stopped by the driver.
 func (d *Device) txBatch(q *queue) (int, error) {
 	q.batchMu.Lock()
@@ -653,7 +664,7 @@ func (d *Device) txBatch(q *queue) (int, error) {
 	if d.queues[2*d.steer(q.tx.pair)].rxHeld.Load() {
 		return 0, errTxHeld
 	}
-	batch := d.opts.BatchSize
+	batch := d.batchSize(q)
 	hdrLen := int(d.hdrLen.Load())
 	box := d.handler.Load()
 	h, oh, acc := d.useHandler(q, box)
