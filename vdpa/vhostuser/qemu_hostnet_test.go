@@ -266,14 +266,17 @@ func runHostTap(t *testing.T, q qemuPeer, helper, bin string, v hostTapVariant) 
 		for _, f := range offl {
 			assert.True(t, res.features.Has(f), "the guest driver negotiated %s", f.Name(virtio.DeviceNet))
 		}
-		// A 16 MiB upload with TSO: fewer packets than MSS-sized ones. How
-		// many fewer depends on the machine: TCP sizes its TSO segments by
-		// its pacing rate (tcp_tso_autosize), so a loaded host gets smaller
-		// ones. The back-end counted 3927 frames (1131 GSO) in a CI run
-		// alone, 7136 (1901 GSO) in a run beside other tests, and 15612
-		// without the offloads. The back-end's TxGSO count below is the
-		// direct evidence.
-		assert.Less(t, a["tx_packets"]-b["tx_packets"], uint64(hostTapMB<<20/1448), "the guest sent GSO packets")
+		// How many packets a 16 MiB upload with TSO takes depends on the
+		// machine, not on the back-end: TCP sizes its TSO segments by its
+		// pacing rate (tcp_tso_autosize), so a loaded host gets small ones.
+		// CI counted 3927 packets in a run alone, 7136 beside other tests,
+		// and 11622 (1179 of them GSO) under heavy load, where the run
+		// without offloads counts about 15600. A bound on the count is
+		// therefore not a check of the offload; the back-end's TxGSO and
+		// RxGSO counts below are: a frame reaches them only with a GSO
+		// header the tap accepted whole.
+		t.Logf("guest tx_packets for the %d MiB upload: %d (%d at one MSS of 1448)",
+			hostTapMB, a["tx_packets"]-b["tx_packets"], hostTapMB<<20/1448)
 	case v.vdpakit:
 		for _, f := range offl {
 			assert.False(t, res.features.Has(f), "%s offered with -offload=false", f.Name(virtio.DeviceNet))
