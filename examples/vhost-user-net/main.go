@@ -53,6 +53,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -103,6 +104,9 @@ func main() {
 type counters struct {
 	tx, rx, drops  uint64
 	pairTx, pairRx []uint64
+	// dropsBy is the drops by reason ("rx_no_buffer 3"), where the
+	// device counts them.
+	dropsBy []string
 }
 
 func newDevice(c config) (vdpa.Handler, func() counters, error) {
@@ -169,8 +173,11 @@ func newDevice(c config) (vdpa.Handler, func() counters, error) {
 					out.pairTx[i/2] = q.Frames
 				}
 			}
-			for _, n := range s.Drops {
+			for r, n := range s.Drops {
 				out.drops += n
+				if n != 0 {
+					out.dropsBy = append(out.dropsBy, fmt.Sprintf("%v %d", softnet.DropReason(r), n))
+				}
 			}
 			return out
 		}, nil
@@ -346,4 +353,7 @@ func printSummary(info vhostuser.SessionInfo, c counters) {
 		fmt.Printf("  pair %d: tx %d rx %d\n", p, c.pairTx[p], c.pairRx[p])
 	}
 	fmt.Printf("  total: tx %d rx %d dropped %d\n", c.tx, c.rx, c.drops)
+	if len(c.dropsBy) > 0 {
+		fmt.Printf("  dropped by reason: %s\n", strings.Join(c.dropsBy, ", "))
+	}
 }

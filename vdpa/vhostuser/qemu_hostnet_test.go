@@ -304,7 +304,26 @@ func runHostTap(t *testing.T, q qemuPeer, helper, bin string, v hostTapVariant) 
 			assert.Zero(t, st["TxGSO"]+st["RxGSO"], "no GSO frame without the offloads")
 		}
 		assert.Zero(t, st["TxErrors"], "the tap accepted every frame")
-		assert.Contains(t, beOut.String(), "dropped 0", "no device drop")
+		// The device's drops by reason, from the example's summary. Some
+		// are the network's doing and are logged: a frame from the tap
+		// that finds the guest's receive ring full (rx_no_buffer: under
+		// load the guest's TCP window can outgrow its 256 buffers, and the
+		// SHA-256 above shows TCP resent it), one before the guest's
+		// driver is up (rx_not_ready, link_down), one for an address the
+		// guest did not ask for (filtered: the host's multicast). The
+		// others mean a malformed frame or header on either side.
+		require.Contains(t, beOut.String(), "  total: tx ", "the example's summary")
+		if m := regexp.MustCompile(`dropped by reason: (.*)`).FindStringSubmatch(beOut.String()); m != nil {
+			for _, r := range strings.Split(m[1], ", ") {
+				reason, _, _ := strings.Cut(r, " ")
+				switch reason {
+				case "rx_no_buffer", "rx_not_ready", "link_down", "filtered":
+					t.Logf("device drops: %s", r)
+				default:
+					assert.Fail(t, "device drop", "%s", r)
+				}
+			}
+		}
 	}
 	t.Logf("%s: guest features %s; upload %.3f Gbit/s %.0f frames/s; download %.3f Gbit/s; CPU %.2f s/Gbit (user %.2f)",
 		v.name, res.features.Format(virtio.DeviceNet), res.upGbps, res.framesPerS, res.downGbps, res.cpuPerGbit, res.usrPerGbit)
