@@ -285,16 +285,16 @@ func testDPDKBackendRestart(t *testing.T, packed bool, group *softnet.PollGroup,
 			second.stop()
 		}
 	}()
-	rctx, rcancel := context.WithTimeout(ctx, 10*time.Second)
+	rctx, rcancel := context.WithTimeout(ctx, 30*time.Second)
 	if packed {
 		require.True(t, waitCond(rctx, func() bool { return second.be.Info().RunningQueues == 2*pairs }),
-			"second back-end: rings did not start within 10s (%s): %+v; log %v", p.state(), second.be.Info(), second.log.find(""))
+			"second back-end: rings did not start within 30s (%s): %+v; log %v", p.state(), second.be.Info(), second.log.find(""))
 		p.command("start")
 	}
 	resumed := waitCond(rctx, func() bool { return tx(second) > 10000 && everyPair(second, none, 1000) })
 	rcancel()
 	resume := time.Since(t0)
-	require.True(t, resumed, "traffic did not resume within 10s (%s): %+v; log %v", p.state(), second.be.Info(), second.log.find(""))
+	require.True(t, resumed, "traffic did not resume within 30s (%s): %+v; log %v", p.state(), second.be.Info(), second.log.find(""))
 	time.Sleep(2 * time.Second) // still one session: no redial loop
 	info := second.be.Info()
 	assert.Equal(t, 1, info.Sessions, "sessions of the second back-end")

@@ -393,7 +393,7 @@ func TestDPDKVirtioUserBothDirections(t *testing.T) {
 		if i%32 == 31 {
 			// Pace: at most 64 frames in flight through testpmd.
 			if !waitProgress(ctx, func() bool { c := h.Counters(); return c.TxFrames+64 >= c.RxFrames },
-				func() uint64 { c := h.Counters(); return c.TxFrames + c.RxFrames }, 5*time.Second) {
+				func() uint64 { c := h.Counters(); return c.TxFrames + c.RxFrames }, 20*time.Second) {
 				rings := h.Rings()
 				rx, tx, _ := p.portStats(context.Background())
 				frx, rxDrop, ftx, txDrop, _ := p.stopForwarding(context.Background())

@@ -81,7 +81,7 @@ func testQEMUMemoryHotplug(t *testing.T, proto ProtocolFeatures, req Request) {
 		traffic := func(what string) {
 			t.Helper()
 			e := echoes(rig)
-			took, err := waitEchoes(ctx, e+20, 20*time.Second, rig)
+			took, err := waitEchoes(ctx, e+20, 60*time.Second, rig)
 			require.NoError(t, err, "%s: traffic", what)
 			t.Logf("%s: traffic went on (%v for 20 echo replies)", what, took.Round(time.Millisecond))
 		}

@@ -934,7 +934,7 @@ func testQEMUStopCont(t *testing.T, grouped bool) {
 			rig.mark("cont %d", round)
 			_, err = qm.Do("cont", nil)
 			require.NoError(t, err)
-			took, err := waitEchoes(ctx, e2+20, 20*time.Second, rig)
+			took, err := waitEchoes(ctx, e2+20, 60*time.Second, rig)
 			assert.NoError(t, err, "round %d: traffic after cont", round)
 			t.Logf("round %d: %d echo replies before stop, traffic resumed %v after cont", round, e2, took.Round(time.Millisecond))
 			if err != nil {
@@ -1010,7 +1010,7 @@ func testQEMUMigrationOn(t *testing.T, q qemuPeer, helper string, grouped bool) 
 		downtimes = append(downtimes, h.info.Downtime)
 		assert.Empty(t, h.devicePages, "hop %d: guest pages that differ after the migration (written by the back-end, not logged): %v", n, firstN(h.devicePages, 20))
 		checkHandover(t, h)
-		took, err := waitEchoes(ctx, before+20, 20*time.Second, a, b)
+		took, err := waitEchoes(ctx, before+20, 60*time.Second, a, b)
 		if !assert.NoError(t, err, "hop %d: traffic on %s after the destination resumed", n, h.to.name) {
 			break
 		}
@@ -1325,7 +1325,7 @@ func testQEMUSystemReset(t *testing.T, q qemuPeer, helper string, packed bool) {
 	require.NoError(t, vm.send("start 1"))
 	_, err = waitMarkerN(ctx, vm, g.nonce, "STARTED", 2)
 	require.NoError(t, err)
-	took, err := waitEchoes(ctx, e0+20, 30*time.Second, rig)
+	took, err := waitEchoes(ctx, e0+20, 60*time.Second, rig)
 	require.NoError(t, err, "traffic on the rebooted guest")
 	p := stopPingers(t, ctx, vm, g.nonce, "final")
 	e := echoes(rig) - e0
@@ -1395,7 +1395,7 @@ func TestQEMUReconnect(t *testing.T) {
 			time.Sleep(500 * time.Millisecond)
 			rig = startRig(t, ctx, dir, rigOptions{name: "a"})
 			rigs = append(rigs, rig)
-			took, err := waitEchoes(ctx, 10, 20*time.Second, rig)
+			took, err := waitEchoes(ctx, 10, 60*time.Second, rig)
 			require.NoError(t, err, "round %d: traffic on the restarted back-end", round)
 			resumed = append(resumed, took.Round(time.Millisecond))
 			select {
@@ -1531,7 +1531,7 @@ func qemuBackendKilledDuringMigration(t *testing.T, q qemuPeer, helper string, k
 	require.NoError(t, err)
 	require.Equal(t, "running", st, "the side that should run the guest (%s)", live.name)
 	before := echoes(liveRig)
-	took, err := waitEchoes(ctx, before+10, 20*time.Second, liveRig)
+	took, err := waitEchoes(ctx, before+10, 60*time.Second, liveRig)
 	require.NoError(t, err, "guest traffic on %s after the migration %s", live.name, m.Status)
 	p := stopPingers(t, ctx, live, g.nonce, "final")
 	t.Logf("restarted back-end's notes: %q", restarted.rec.notes())

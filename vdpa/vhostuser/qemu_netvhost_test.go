@@ -328,7 +328,7 @@ func testNetVhostStopCont(t *testing.T, q qemuPeer, helper, bin string) {
 		assert.Equal(t, "paused", st)
 		_, err = qm.Do("cont", nil)
 		require.NoError(t, err)
-		took, err := waitEchoes(ctx, e2+20, 20*time.Second, rig)
+		took, err := waitEchoes(ctx, e2+20, 60*time.Second, rig)
 		assert.NoError(t, err, "round %d: traffic after cont", round)
 		t.Logf("round %d: %d echo replies before stop, traffic resumed %v after cont", round, e2, took.Round(time.Millisecond))
 		if err != nil {
@@ -363,7 +363,7 @@ func testNetVhostMigration(t *testing.T, q qemuPeer, helper, bin string) {
 		before := echoes(a, b)
 		downtimes = append(downtimes, h.info.Downtime)
 		diffs = append(diffs, len(h.diffPages))
-		took, err := waitEchoes(ctx, before+20, 20*time.Second, a, b)
+		took, err := waitEchoes(ctx, before+20, 60*time.Second, a, b)
 		if err != nil {
 			// Seen with QEMU 7.2: guest pages differ on the
 			// destination, whose kernel then oopses. It was put down to

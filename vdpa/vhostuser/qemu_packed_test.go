@@ -54,7 +54,7 @@ func testQEMUPackedMigration(t *testing.T, q qemuPeer, helper string) {
 	assert.Empty(t, h.devicePages, "guest pages that differ after the migration (written by the back-end, not logged): %v", firstN(h.devicePages, 20))
 	checkHandover(t, h)
 	before := echoes(a, b)
-	took, err := waitEchoes(ctx, before+20, 20*time.Second, a, b)
+	took, err := waitEchoes(ctx, before+20, 60*time.Second, a, b)
 	require.NoError(t, err, "traffic on %s after the destination resumed", b.name)
 	assert.True(t, b.be.Info().Features.Has(virtio.FRingPacked), "destination negotiated packed rings")
 	for _, ev := range lastRing(b.ring.snapshot()) {
