@@ -1,10 +1,12 @@
 package softnet
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"testing"
 
+	"github.com/vdpakit/vdpakit/dirty"
 	"github.com/vdpakit/vdpakit/virtio"
 	"github.com/vdpakit/vdpakit/vring"
 )
@@ -25,15 +27,21 @@ import (
 //     driver's, are never written (unless the driver gave the device a
 //     buffer there, or an indirect table that may name one);
 //   - a queue stopped without an error has nothing in flight: every chain
-//     it popped was used or given back (NextAvail == NextUsed).
+//     it popped was used or given back (NextAvail == NextUsed);
+//   - the queue logs into a dirty log through a per-queue cache, as
+//     vdpa.Local runs it: after each operation, once the cache's marks are
+//     applied (by a stop, as vdpa.Local does, or by the test), every byte
+//     of guest memory the device changed in it is marked, whatever the
+//     driver wrote.
 //
 // Input: [0] configuration (bit 0 MRG_RXBUF, bit 1 packed, bit 2
 // INDIRECT_DESC, bit 3 EVENT_IDX, bits 4-7 the size: 2<<(b%4) split,
 // 1+b packed), then operations (see the switch).
 func FuzzReceiveRing(f *testing.F) {
 	// Seeds, op by op (see the switch): a descriptor i with a buffer at
-	// data+8*off of 16*l bytes, flags fl and link (or buffer id) nx; a
-	// chain made available; a frame of 14+8*n bytes; a stop and restart.
+	// data+5*off (so of any alignment) of 16*l bytes, flags fl and link
+	// (or buffer id) nx; a chain made available; a frame of 14+8*n bytes;
+	// a stop and restart.
 	desc := func(i, off, l, fl, nx byte) []byte { return []byte{0, i, 0, off, l, fl, nx} }
 	post := func(h byte) []byte { return []byte{1, h} }
 	deliverOp := func(n byte) []byte { return []byte{2, n} }
@@ -116,6 +124,16 @@ func FuzzReceiveRing(f *testing.F) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		// The dirty log and what guest memory held at the last check, kept
+		// up to date with the driver's own writes: a byte that differs
+		// from it the device wrote. The log's pages are 8 bytes, not the
+		// vhost log's 4096, so that it tells the ring's entries apart.
+		log, err := dirty.New(uint64(len(backing)), &dirty.Options{PageSize: 8})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer log.Close()
+		mirror := make([]byte, len(backing))
 		d, err := New(nil)
 		if err != nil {
 			t.Fatal(err)
@@ -125,8 +143,11 @@ func FuzzReceiveRing(f *testing.F) {
 			t.Fatal(err)
 		}
 		state := vring.InitialState(ringFeat)
+		var dq *vring.DeviceQueue
 		start := func() {
-			dq, err := vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Layout: layout, Features: ringFeat, State: state})
+			var err error
+			dq, err = vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Layout: layout, Features: ringFeat, State: state,
+				Log: log.NewCache()})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -135,6 +156,24 @@ func FuzzReceiveRing(f *testing.F) {
 			}
 		}
 		start()
+		// stop stops the queue as vdpa.Local does (applying the marks its
+		// log cache holds), checks that nothing is left in flight and that
+		// the log covers every page the device changed, and keeps the
+		// position for a restart.
+		stop := func() {
+			st, err := d.StopQueue(0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := dq.FlushLog(); err != nil {
+				t.Fatal(err)
+			}
+			if rx := d.queues[0]; rx.loadErr() == nil && st.NextAvail != st.NextUsed {
+				t.Fatalf("stopped with chains in flight: %+v", st)
+			}
+			checkLogged(t, log, backing, mirror)
+			state = st
+		}
 		running := true
 		rx := d.queues[0]
 		// The driver's side: the split ring's next avail index, or the
@@ -153,6 +192,7 @@ func FuzzReceiveRing(f *testing.F) {
 		ringLent := false // a descriptor named the rings' memory, or an indirect table
 		put16 := func(at uint64, v uint16) {
 			binary.LittleEndian.PutUint16(backing[at:], v)
+			binary.LittleEndian.PutUint16(mirror[at:], v)
 			if !packed {
 				binary.LittleEndian.PutUint16(shadow[at-uint64(layout.Desc):], v)
 			}
@@ -161,6 +201,7 @@ func FuzzReceiveRing(f *testing.F) {
 			at := uint64(layout.Desc) + 16*uint64(i)
 			binary.LittleEndian.PutUint64(backing[at:], addr)
 			binary.LittleEndian.PutUint32(backing[at+8:], length)
+			copy(mirror[at:], backing[at:at+12])
 			put16(at+12, a)
 			put16(at+14, b)
 			if !packed {
@@ -176,7 +217,7 @@ func FuzzReceiveRing(f *testing.F) {
 			case 0: // write a descriptor
 				i := uint16(next()) % size
 				a, b, l, fl, nx := next(), next(), next(), next(), next()
-				addr := dataAt + (uint64(a&0x7f)<<8|uint64(b))*8%dataBytes
+				addr := dataAt + (uint64(a&0x7f)<<8|uint64(b))*5%dataBytes
 				if a&0x80 != 0 {
 					addr = uint64(a&0x7f)<<24 | uint64(b)<<8 // anywhere, mostly outside memory
 				}
@@ -223,14 +264,7 @@ func FuzzReceiveRing(f *testing.F) {
 				deliver(t, d, frame[:14+int(next())*8])
 			case 3: // stop and restart the queue
 				if running {
-					st, err := d.StopQueue(0)
-					if err != nil {
-						t.Fatal(err)
-					}
-					if rx.loadErr() == nil && st.NextAvail != st.NextUsed {
-						t.Fatalf("stopped with chains in flight: %+v", st)
-					}
-					state = st
+					stop()
 					running = false
 				}
 				if next()%4 != 0 {
@@ -255,8 +289,42 @@ func FuzzReceiveRing(f *testing.F) {
 			if area := driverArea(); !ringLent && string(area) != string(shadow) {
 				t.Fatal("the device wrote the descriptor table or the available ring")
 			}
+			if running {
+				// This goroutine drives the receive queue (it has no
+				// worker), so it may apply the cache's marks, and the
+				// check sees each operation's writes alone.
+				if err := dq.FlushLog(); err != nil {
+					t.Fatal(err)
+				}
+				checkLogged(t, log, backing, mirror)
+			}
+		}
+		if running {
+			stop()
 		}
 	})
+}
+
+// checkLogged checks that log marks every page where guest memory differs
+// from mirror (what it held at the last check, with the driver's writes
+// since), then makes mirror current and clears log (FuzzReceiveRing).
+func checkLogged(t *testing.T, log *dirty.Bitmap, mem, mirror []byte) {
+	const chunk = 4096 // compared whole first: most are unchanged
+	for c := 0; c < len(mem); c += chunk {
+		end := min(c+chunk, len(mem))
+		if bytes.Equal(mem[c:end], mirror[c:end]) {
+			continue
+		}
+		for i := c; i < end; i++ {
+			if mem[i] != mirror[i] && !log.PageDirty(log.PageOf(uint64(i))) {
+				t.Fatalf("the device wrote guest address %#x (%#x to %#x) and the dirty log does not mark it", i, mirror[i], mem[i])
+			}
+		}
+	}
+	copy(mirror, mem)
+	if err := log.Clear(); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // deliver delivers frame and checks the outcome FuzzReceiveRing allows.
