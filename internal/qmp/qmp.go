@@ -46,17 +46,29 @@ func Dial(ctx context.Context, path string) (*Client, error) {
 		_ = c.SetDeadline(dl)
 	}
 	q := &Client{c: c, rd: bufio.NewReader(c)}
-	line, err := q.rd.ReadBytes('\n')
-	if err != nil {
-		c.Close()
-		return nil, fmt.Errorf("QMP greeting: %w", err)
-	}
-	var greeting struct {
-		QMP *json.RawMessage `json:"QMP"`
-	}
-	if err := json.Unmarshal(line, &greeting); err != nil || greeting.QMP == nil {
-		c.Close()
-		return nil, fmt.Errorf("QMP greeting %q: not a QMP server", line)
+	// The greeting should come first, but an event can come before it:
+	// QEMU 7.2 wrote an incoming migration's MIGRATION "setup" event to a
+	// connection before greeting it (an event emitted while the monitor
+	// was taking the new connection). Events before the greeting are
+	// skipped; anything else is not QMP.
+	for {
+		line, err := q.rd.ReadBytes('\n')
+		if err != nil {
+			c.Close()
+			return nil, fmt.Errorf("QMP greeting: %w", err)
+		}
+		var greeting struct {
+			QMP   *json.RawMessage `json:"QMP"`
+			Event string           `json:"event"`
+		}
+		if err := json.Unmarshal(line, &greeting); err == nil && greeting.QMP == nil && greeting.Event != "" {
+			continue
+		}
+		if err != nil || greeting.QMP == nil {
+			c.Close()
+			return nil, fmt.Errorf("QMP greeting %q: not a QMP server", line)
+		}
+		break
 	}
 	if _, err := q.Do("qmp_capabilities", nil); err != nil {
 		c.Close()

@@ -101,6 +101,29 @@ func TestDialRefusesWhatIsNotQMP(t *testing.T) {
 	assert.Contains(t, err.Error(), "not a QMP server")
 }
 
+// QEMU can write an event to a new connection before its greeting (see
+// Dial): Dial skips it.
+func TestDialSkipsEventsBeforeTheGreeting(t *testing.T) {
+	early := `{"timestamp": {"seconds": 1796619213, "microseconds": 290201}, "event": "MIGRATION", "data": {"status": "setup"}}`
+	path, got := fakeQEMU(t, early+"\n"+greeting, func(cmd string) []string {
+		if cmd == "query-status" {
+			return []string{`{"return": {"status": "inmigrate", "running": false}}`}
+		}
+		return []string{`{"return": {}}`}
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	q, err := Dial(ctx, path)
+	require.NoError(t, err)
+	st, err := q.Status()
+	require.NoError(t, err)
+	assert.Equal(t, "inmigrate", st)
+	require.NoError(t, q.Close())
+	cmds := <-got
+	require.Len(t, cmds, 2)
+	assert.JSONEq(t, `{"execute": "qmp_capabilities"}`, cmds[0])
+}
+
 func TestDialEndsWithTheContext(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
