@@ -5,6 +5,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/vdpakit/vdpakit/dirty"
 	"github.com/vdpakit/vdpakit/virtio"
 	"github.com/vdpakit/vdpakit/vring"
 )
@@ -12,7 +13,8 @@ import (
 // FuzzControlQueue puts arbitrary bytes on the control queue as one
 // command, split at an arbitrary point into two readable descriptors, and
 // checks the device's answer: exactly one ack byte, VIRTIO_NET_OK or
-// VIRTIO_NET_ERR, OK only for a command the parser accepts, and device
+// VIRTIO_NET_ERR, OK only for a command the parser accepts, every byte the
+// device wrote (the ack, the used ring) marked in the dirty log, and device
 // state within its limits afterwards.
 func FuzzControlQueue(f *testing.F) {
 	f.Add([]byte{0, 0, 0}, uint8(1))
@@ -33,13 +35,20 @@ func FuzzControlQueue(f *testing.F) {
 	q := d.queues[d.ctrlIndex()]
 	q.gather = make([]byte, virtio.NetHdrSize+MaxFrame)
 	const data = vring.GuestAddr(0x2000)
+	// A log of 8-byte pages (see FuzzReceiveRing), and guest memory as the
+	// driver left it before the device ran.
+	log, err := dirty.New(1<<16, &dirty.Options{PageSize: 8})
+	require.NoError(f, err)
+	f.Cleanup(func() { log.Close() })
+	before := make([]byte, 1<<16)
 	f.Fuzz(func(t *testing.T, cmd []byte, split uint8) {
 		if len(cmd) == 0 || len(cmd) > 0x4000 {
 			return
 		}
 		drv, err := vring.NewDriverQueue(mem, vring.DriverQueueOptions{Layout: l, Features: feat})
 		require.NoError(t, err)
-		dq, err := vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Layout: l, Features: feat, State: vring.InitialState(feat)})
+		dq, err := vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Layout: l, Features: feat, State: vring.InitialState(feat),
+			Log: log.NewCache()})
 		require.NoError(t, err)
 		q.dq = dq
 		require.NoError(t, mem.Write(data, cmd))
@@ -54,9 +63,13 @@ func FuzzControlQueue(f *testing.F) {
 		_, err = drv.Add(bufs)
 		require.NoError(t, err)
 		drv.Publish()
+		require.NoError(t, log.Clear())
+		copy(before, r.Bytes())
 		n, err := d.ctrlBatch(q)
 		require.NoError(t, err)
 		require.Equal(t, 1, n)
+		require.NoError(t, dq.FlushLog())
+		checkLogged(t, log, r.Bytes(), before)
 		_, length, ok, err := drv.Reclaim()
 		require.NoError(t, err)
 		require.True(t, ok)

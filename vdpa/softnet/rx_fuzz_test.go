@@ -307,8 +307,10 @@ func FuzzReceiveRing(f *testing.F) {
 
 // checkLogged checks that log marks every page where guest memory differs
 // from mirror (what it held at the last check, with the driver's writes
-// since), then makes mirror current and clears log (FuzzReceiveRing).
+// since), then makes mirror current and clears log (FuzzReceiveRing,
+// FuzzControlQueue).
 func checkLogged(t *testing.T, log *dirty.Bitmap, mem, mirror []byte) {
+	t.Helper()
 	const chunk = 4096 // compared whole first: most are unchanged
 	for c := 0; c < len(mem); c += chunk {
 		end := min(c+chunk, len(mem))
