@@ -28,6 +28,9 @@ import (
 //     buffer there, or an indirect table that may name one);
 //   - a queue stopped without an error has nothing in flight: every chain
 //     it popped was used or given back (NextAvail == NextUsed);
+//   - on a split ring, the used entries return the heads the device popped
+//     in the order it popped them, and a stop gives back exactly the
+//     chains popped and not used (splitOrder);
 //   - the queue logs into a dirty log through a per-queue cache, as
 //     vdpa.Local runs it: after each operation, once the cache's marks are
 //     applied (by a stop, as vdpa.Local does, or by the test), every byte
@@ -156,6 +159,7 @@ func FuzzReceiveRing(f *testing.F) {
 			}
 		}
 		start()
+		ord := &splitOrder{on: !packed, size: size, state: state}
 		// stop stops the queue as vdpa.Local does (applying the marks its
 		// log cache holds), checks that nothing is left in flight and that
 		// the log covers every page the device changed, and keeps the
@@ -172,6 +176,7 @@ func FuzzReceiveRing(f *testing.F) {
 				t.Fatalf("stopped with chains in flight: %+v", st)
 			}
 			checkLogged(t, log, backing, mirror)
+			ord.after(t, backing, layout, st, true, d.queues[0].loadErr() != nil)
 			state = st
 		}
 		running := true
@@ -213,7 +218,11 @@ func FuzzReceiveRing(f *testing.F) {
 			frame[i] = byte(i)
 		}
 		for p < len(data) {
-			switch op := next() % 6; op {
+			op := next() % 6
+			if running {
+				ord.before(backing, layout, ringLent || rx.loadErr() != nil)
+			}
+			switch op {
 			case 0: // write a descriptor
 				i := uint16(next()) % size
 				a, b, l, fl, nx := next(), next(), next(), next(), next()
@@ -285,6 +294,9 @@ func FuzzReceiveRing(f *testing.F) {
 					}
 				}
 			}
+			if running && op != 3 {
+				ord.after(t, backing, layout, dq.State(), false, rx.loadErr() != nil)
+			}
 			checkStash(t, rx, size)
 			if area := driverArea(); !ringLent && string(area) != string(shadow) {
 				t.Fatal("the device wrote the descriptor table or the available ring")
@@ -327,6 +339,71 @@ func checkLogged(t *testing.T, log *dirty.Bitmap, mem, mirror []byte) {
 	if err := log.Clear(); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// splitOrder follows the heads a split receive ring's device pops, read
+// from a copy of the available ring taken before each operation (the
+// driver writes nothing during one), and checks that the used entries
+// return them in the order they were popped (softnet uses receive chains
+// in pop order) and that a stop gives back exactly the chains popped and
+// not used (FuzzReceiveRing). It stops checking for good on a packed ring,
+// once the driver lends the rings' memory as a buffer (the device may then
+// write the available ring), and once the queue breaks.
+type splitOrder struct {
+	on     bool
+	size   uint16
+	state  vring.QueueState // the device's position at the last check
+	popped []uint16         // heads popped and not yet used, in pop order
+	snap   []uint16         // the available ring before the operation
+}
+
+func (o *splitOrder) before(mem []byte, l vring.Layout, off bool) {
+	if off {
+		o.on = false
+	}
+	if !o.on {
+		return
+	}
+	o.snap = o.snap[:0]
+	for i := range o.size {
+		o.snap = append(o.snap, binary.LittleEndian.Uint16(mem[uint64(l.Avail)+4+2*uint64(i):]))
+	}
+}
+
+// after checks the operation that left the device at st (a stop's state
+// when stopped; broken when the queue broke in it).
+func (o *splitOrder) after(t *testing.T, mem []byte, l vring.Layout, st vring.QueueState, stopped, broken bool) {
+	t.Helper()
+	if broken {
+		o.on = false
+	}
+	if !o.on {
+		return
+	}
+	if !stopped {
+		n := st.NextAvail - o.state.NextAvail
+		if n > o.size {
+			t.Fatalf("NextAvail moved from %d to %d in one operation", o.state.NextAvail, st.NextAvail)
+		}
+		for i := range n {
+			o.popped = append(o.popped, o.snap[(o.state.NextAvail+i)%o.size])
+		}
+	}
+	for i := range st.NextUsed - o.state.NextUsed {
+		at := uint64(l.Used) + 4 + 8*uint64((o.state.NextUsed+i)%o.size)
+		id := binary.LittleEndian.Uint32(mem[at:])
+		if len(o.popped) == 0 || id != uint32(o.popped[0]) {
+			t.Fatalf("used entry %d is head %d; heads popped and not used: %v", o.state.NextUsed+i, id, o.popped)
+		}
+		o.popped = o.popped[1:]
+	}
+	if stopped {
+		if back := o.state.NextAvail - st.NextAvail; int(back) != len(o.popped) {
+			t.Fatalf("a stop gave back %d chains; popped and not used: %v", back, o.popped)
+		}
+		o.popped = o.popped[:0]
+	}
+	o.state = st
 }
 
 // deliver delivers frame and checks the outcome FuzzReceiveRing allows.
