@@ -10,9 +10,10 @@
 #       executable) as /bin/<its name>, the named modules (default:
 #       failover net_failover virtio_net, the virtio-net driver and its
 #       dependencies; virtio_pci is built into the kernel) loaded in the
-#       harness's load order, FILE as /guest.sh and vmtest/qemu-init.sh as
-#       /init. The init mounts proc/sys/dev, loads the modules, exports the
-#       -env variables, runs /guest.sh and powers off. Markers on the console,
+#       harness's load order, FILE as /guest.sh, vmtest/pingn as /bin/pingn
+#       (pings that wait for every reply) and vmtest/qemu-init.sh as /init.
+#       The init mounts proc/sys/dev, loads the modules, exports the -env
+#       variables, runs /guest.sh and powers off. Markers on the console,
 #       with GUEST_NONCE from -env (so guest output cannot forge them):
 #         QEMUGUEST-<nonce> BOOTED
 #         QEMUGUEST-<nonce> MODULE-FAIL <module>
@@ -54,7 +55,7 @@ initramfs)
 			[ $# -ge 2 ] || usage
 			[ -f "$2" ] && [ -x "$2" ] || die "-bin $2 is not an executable file"
 			case "$(basename "$2")" in
-			sh | busybox | init) die "-bin $2 would replace the guest's own /bin/$(basename "$2")" ;;
+			sh | busybox | init | pingn) die "-bin $2 would replace the guest's own /bin/$(basename "$2")" ;;
 			esac
 			for b in ${BINS[@]+"${BINS[@]}"}; do
 				[ "$(basename "$b")" != "$(basename "$2")" ] || die "-bin $2 and $b have the same name"
@@ -95,8 +96,9 @@ for b in ${BINS[@]+"${BINS[@]}"}; do
 	cp "$b" "$ROOT/bin/$(basename "$b")"
 done
 cp "$HERE/qemu-init.sh" "$ROOT/init"
+cp "$HERE/pingn" "$ROOT/bin/pingn"
 cp "$SCRIPT" "$ROOT/guest.sh"
-chmod 755 "$ROOT/init" "$ROOT/guest.sh"
+chmod 755 "$ROOT/init" "$ROOT/bin/pingn" "$ROOT/guest.sh"
 # The wanted modules, in modules.list order (dependencies first).
 : >"$ROOT/modules.list"
 for m in $MODULES; do

@@ -10,29 +10,6 @@
 # Prints QEMUGUEST-<nonce> markers the test parses.
 mark() { printf '\nQEMUGUEST-%s %s\n' "$GUEST_NONCE" "$*"; }
 
-# pingn N INTERVAL [busybox ping options] ADDR sends N echo requests, one
-# busybox ping each, INTERVAL seconds apart, and prints a summary line as
-# ping does ("N packets transmitted, M packets received"); it returns 0 when
-# every request was answered. One ping of N requests would do that too, but
-# once it has had a reply it waits for the last one only about twice the
-# longest round trip so far, at least 1 s: a guest held up for a second on
-# a loaded host counted that reply as lost. A ping of one request waits -W
-# seconds for it. $ping_cmd, if set, runs instead of ping (taskset -c K ping).
-pingn() {
-	_n=$1
-	_iv=$2
-	shift 2
-	_sent=0
-	_got=0
-	while [ $_sent -lt "$_n" ]; do
-		[ $_sent -gt 0 ] && sleep "$_iv"
-		${ping_cmd:-ping} -c 1 -W 10 "$@" >/dev/null 2>&1 && _got=$((_got + 1))
-		_sent=$((_sent + 1))
-	done
-	echo "$_sent packets transmitted, $_got packets received"
-	[ $_got -eq "$_n" ]
-}
-
 findif() {
 	dev=""
 	for d in /sys/class/net/*; do
