@@ -1320,11 +1320,11 @@ const rxPopAhead = 8
 
 // popAhead pops up to rxPopAhead receive chains after the held ones
 // (moving the held ones to the stash's start first, so that the entries in
-// use stay the first few, in cache). The first may grow its Segs as Pop's chain does (rx.grew counts
-// it); PopBatchFit takes the others only into the room their entries
-// have, so that chains popped ahead of their frame hold no more memory
-// than the stash already does (see "Receive chain room"). Finding the
-// ring empty adds nothing. Called with rx.mu held.
+// use stay the first few, in cache). The first may grow its Segs as Pop's
+// chain does (rx.grew counts it); PopBatchFit takes the others only into
+// the room their entries have, so that chains popped ahead of their frame
+// hold no more memory than the stash already does (see "Receive chain
+// room"). Finding the ring empty adds nothing. Called with rx.mu held.
 func (rx *queue) popAhead() error {
 	if rx.sh != 0 {
 		rx.compact()
