@@ -4,6 +4,7 @@ import (
 	"errors"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -30,6 +31,7 @@ func inChild(t *testing.T, body func(t *testing.T)) {
 	cmd := exec.Command(os.Args[0], "-test.run=^"+t.Name()+"$", "-test.v", "-test.count=1", "-test.timeout=60s")
 	cmd.Env = append(os.Environ(), childEnv+"="+t.Name())
 	out, err := cmd.CombinedOutput()
+	t.Logf("child process:\n%s", out)
 	require.NoError(t, err, "child process:\n%s", out)
 	require.Contains(t, string(out), "--- PASS: "+t.Name(), "child process did not run the test:\n%s", out)
 }
@@ -67,6 +69,32 @@ func fillFdTable(t *testing.T, free int) (release func()) {
 	closeFds(fill[len(fill)-free:])
 	fill = fill[:len(fill)-free]
 	return func() { closeFds(fill) }
+}
+
+// fdTargets maps each descriptor open in this process to what it refers
+// to (readlink of /proc/self/fd/N).
+func fdTargets(t *testing.T) map[string]string {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	require.NoError(t, err)
+	m := make(map[string]string, len(ents))
+	for _, e := range ents {
+		m[e.Name()], _ = os.Readlink("/proc/self/fd/" + e.Name())
+	}
+	return m
+}
+
+// newFds lists the descriptors of after that before did not have, or had
+// referring to something else, as "N -> target".
+func newFds(before, after map[string]string) []string {
+	var l []string
+	for fd, target := range after {
+		if old, ok := before[fd]; !ok || old != target {
+			l = append(l, fd+" -> "+target)
+		}
+	}
+	slices.Sort(l)
+	return l
 }
 
 // A peer that sends one byte with MaxFds descriptors per sendmsg must not
