@@ -25,6 +25,9 @@ type EventFD struct {
 	rc syscall.RawConn // f's, for Signal's raw write
 	// signalling counts the Signal calls in their write, for Unblock.
 	signalling atomic.Int32
+	// reading counts the Wait and TryWait calls in their read, for Close:
+	// only a call of the EventFD's own can hold its close.
+	reading atomic.Int32
 	// draining is set while a read of Unblock's or the watchdog's runs
 	// (at most one at a time).
 	draining atomic.Bool
@@ -285,6 +288,8 @@ func (e *EventFD) Wait(ctx context.Context) (uint64, error) {
 		stop := context.AfterFunc(ctx, func() { _ = e.f.SetReadDeadline(time.Unix(1, 0)) })
 		defer stop()
 	}
+	e.reading.Add(1)
+	defer e.reading.Add(-1)
 	var b [8]byte
 	for {
 		_, err := e.f.Read(b[:])
@@ -318,6 +323,8 @@ func (e *EventFD) TryWait() (uint64, error) {
 	var b [8]byte
 	var n int
 	var rerr error
+	e.reading.Add(1)
+	defer e.reading.Add(-1)
 	if err := e.rc.Read(func(fd uintptr) bool {
 		n, rerr = unix.Read(int(fd), b[:])
 		return true
@@ -339,11 +346,14 @@ func (e *EventFD) TryWait() (uint64, error) {
 // counter once the peer cleared the non-blocking flag) is ended first: a
 // Signal after Close writes nothing, the counter is read while at its
 // limit and written once while empty, which wakes a held read (a spurious
-// wake-up for a reader, never a lost one). Should a peer that keeps
-// clearing the flag and refilling or emptying the counter still hold a
-// call after about unblockFor, Close returns ErrCloseDeferred and goes on
-// in the background until the descriptor is closed: Close itself never
-// waits longer for a peer.
+// wake-up for a reader, never a lost one). Only a call of the EventFD's
+// own (Signal, Wait, TryWait, Unblock's read) can be held so: while none
+// is under way, a close that is merely slow to run is waited for, and the
+// counter, which a peer that handed the eventfd over shares, is left
+// alone. Should a peer that keeps clearing the flag and refilling or
+// emptying the counter still hold a call after about unblockFor, Close
+// returns ErrCloseDeferred and goes on in the background until the
+// descriptor is closed: Close itself never waits longer for a peer.
 func (e *EventFD) Close() error {
 	if !e.closing.CompareAndSwap(false, true) {
 		return e.f.Close() // closed before: os.File says so
@@ -360,11 +370,28 @@ func (e *EventFD) Close() error {
 	if dup < 0 {
 		return <-done // no descriptor to spare: the plain close
 	}
-	select {
-	case err := <-done:
-		unix.Close(dup)
-		return err
-	case <-time.After(unblockPoll):
+	return e.awaitClose(done, dup)
+}
+
+// awaitClose waits for the close of e's descriptor, whose result arrives
+// on done, and ends the calls a peer holds in it through dup, a duplicate
+// of the descriptor that it closes (Close).
+func (e *EventFD) awaitClose(done <-chan error, dup int) error {
+	// While no call of the EventFD's is under way, none holds the close:
+	// it is only slow to run (its goroutine waits for a CPU), and waiting
+	// is all there is to do. A rescue round would write 1 into an empty
+	// counter that a peer which handed the eventfd over shares: a
+	// spurious interrupt for it, for nothing.
+	for {
+		select {
+		case err := <-done:
+			unix.Close(dup)
+			return err
+		case <-time.After(unblockPoll):
+		}
+		if e.signalling.Load() > 0 || e.reading.Load() > 0 || e.draining.Load() {
+			break
+		}
 	}
 	// Still in use: a Wait the close is waking (it returns at once), or
 	// a call a peer holds. The rescuer owns dup and closes it when it

@@ -3,6 +3,7 @@ package vdpa
 import (
 	"encoding/binary"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -48,5 +49,41 @@ func TestDrainIfFull(t *testing.T) {
 			}
 			assert.Equal(t, tc.wantAfter, got)
 		})
+	}
+}
+
+// TestAwaitCloseOfAnIdleEventFDWritesNothing: a close that no call of the
+// EventFD's holds, but that is slow to run (its goroutine waited for a CPU:
+// here done is sent late), is waited for, and the counter a peer shares is
+// left alone. Close used to take any close still running after unblockPoll
+// for one a peer holds and wrote 1 into the empty counter: a spurious
+// interrupt for the peer (CI met it under the race detector). With a Wait
+// under way the rescue still runs, and wakes it.
+func TestAwaitCloseOfAnIdleEventFDWritesNothing(t *testing.T) {
+	for _, reading := range []bool{false, true} {
+		peer, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+		require.NoError(t, err)
+		defer unix.Close(peer)
+		own, err := unix.Dup(peer)
+		require.NoError(t, err)
+		e, err := EventFDFromFd(own)
+		require.NoError(t, err)
+		dup, err := unix.Dup(peer)
+		require.NoError(t, err)
+		if reading {
+			e.reading.Add(1) // a Wait in its read
+		}
+		done := make(chan error, 1)
+		time.AfterFunc(20*unblockPoll, func() { done <- e.f.Close() })
+		require.NoError(t, e.awaitClose(done, dup))
+		var b [8]byte
+		_, err = unix.Read(peer, b[:])
+		if reading {
+			require.NoError(t, err, "the rescue did not wake the Wait under way")
+			assert.Equal(t, uint64(1), binary.NativeEndian.Uint64(b[:]))
+			continue
+		}
+		require.ErrorIs(t, err, unix.EAGAIN, "the close of an idle EventFD wrote %d into the counter the peer shares",
+			binary.NativeEndian.Uint64(b[:]))
 	}
 }

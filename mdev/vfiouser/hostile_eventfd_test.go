@@ -29,11 +29,14 @@ func TestHostileClientEventFDHoldsNothing(t *testing.T) {
 	require.NoError(t, err)
 	defer unix.Close(efd)
 	require.NoError(t, c.SetIRQEventfds(ctx, vfiouser.IRQMSIX, 0, 1, []int{efd}))
-	require.NoError(t, unix.SetNonblock(efd, false))
+	// Filled before the flag is cleared: a counter that is not empty (the
+	// server wrote to it) refuses the write (EAGAIN) instead of holding
+	// the test.
 	var b [8]byte
 	binary.NativeEndian.PutUint64(b[:], 0xfffffffffffffffe)
 	_, err = unix.Write(efd, b[:])
-	require.NoError(t, err)
+	require.NoError(t, err, "the eventfd's counter was not empty: the server wrote to it unasked")
+	require.NoError(t, unix.SetNonblock(efd, false))
 
 	// The trigger's write waits until the watchdog reads the full counter.
 	trig := make(chan error, 1)
@@ -57,10 +60,10 @@ func TestHostileClientEventFDHoldsNothing(t *testing.T) {
 	assert.Equal(t, uint64(1), binary.NativeEndian.Uint64(b[:]), "the triggered interrupt landed")
 
 	// The same again, left blocked for Close to find.
-	require.NoError(t, unix.SetNonblock(efd, false))
 	binary.NativeEndian.PutUint64(b[:], 0xfffffffffffffffe)
 	_, err = unix.Write(efd, b[:])
-	require.NoError(t, err)
+	require.NoError(t, err, "the eventfd's counter was not empty: the server wrote to it unasked")
+	require.NoError(t, unix.SetNonblock(efd, false))
 	tctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	go func() { _ = c.SetIRQs(tctx, vfiouser.IRQMSIX, vfiouser.IRQSetActionTrigger, 0, 1) }()
