@@ -28,9 +28,11 @@ import (
 //     buffer there, or an indirect table that may name one);
 //   - a queue stopped without an error has nothing in flight: every chain
 //     it popped was used or given back (NextAvail == NextUsed);
-//   - on a split ring, the used entries return the heads the device popped
-//     in the order it popped them, and a stop gives back exactly the
-//     chains popped and not used (splitOrder);
+//   - the used entries return the chains the device popped in the order
+//     it popped them (a split ring's heads; a packed ring's buffer ids,
+//     each used descriptor at the used position, skipping the rest of its
+//     chain), and a stop gives back exactly the chains popped and not
+//     used (splitOrder, packedOrder);
 //   - the queue logs into a dirty log through a per-queue cache, as
 //     vdpa.Local runs it: after each operation, once the cache's marks are
 //     applied (by a stop, as vdpa.Local does, or by the test), every byte
@@ -159,7 +161,10 @@ func FuzzReceiveRing(f *testing.F) {
 			}
 		}
 		start()
-		ord := &splitOrder{on: !packed, size: size, state: state}
+		var ord usedOrder = &splitOrder{on: true, size: size, state: state}
+		if packed {
+			ord = &packedOrder{on: true, size: size, state: state}
+		}
 		// stop stops the queue as vdpa.Local does (applying the marks its
 		// log cache holds), checks that nothing is left in flight and that
 		// the log covers every page the device changed, and keeps the
@@ -341,14 +346,14 @@ func checkLogged(t *testing.T, log *dirty.Bitmap, mem, mirror []byte) {
 	}
 }
 
-// splitOrder follows the heads a split receive ring's device pops, read
-// from a copy of the available ring taken before each operation (the
-// driver writes nothing during one), and checks that the used entries
-// return them in the order they were popped (softnet uses receive chains
-// in pop order) and that a stop gives back exactly the chains popped and
-// not used (FuzzReceiveRing). It stops checking for good on a packed ring,
-// once the driver lends the rings' memory as a buffer (the device may then
-// write the available ring), and once the queue breaks.
+// splitOrder follows the heads a split ring's device pops, read from a
+// copy of the available ring taken before each operation (the driver
+// writes nothing during one), and checks that the used entries return
+// them in the order they were popped (softnet uses chains in pop order)
+// and that a stop gives back exactly the chains popped and not used
+// (FuzzReceiveRing, FuzzTransmitRing). It stops checking for good once the
+// driver lends the rings' memory as a buffer (the device may then write
+// the available ring), and once the queue breaks.
 type splitOrder struct {
 	on     bool
 	size   uint16
@@ -404,6 +409,147 @@ func (o *splitOrder) after(t *testing.T, mem []byte, l vring.Layout, st vring.Qu
 		o.popped = o.popped[:0]
 	}
 	o.state = st
+}
+
+// usedOrder is splitOrder or packedOrder.
+type usedOrder interface {
+	before(mem []byte, l vring.Layout, off bool)
+	after(t *testing.T, mem []byte, l vring.Layout, st vring.QueueState, stopped, broken bool)
+	active() bool
+}
+
+func (o *splitOrder) active() bool { return o.on }
+
+// packedOrder is splitOrder for a packed ring (FuzzReceiveRing,
+// FuzzTransmitRing): it reads the chains the
+// device popped (their descriptor counts and buffer ids, the id being the
+// last descriptor's) from a copy of the descriptor ring taken before each
+// operation, and checks that the used descriptors the device writes, each
+// at the used position and skipping the rest of its chain's descriptors
+// (§2.8.6), return their ids in pop order with the used wrap counter's
+// AVAIL/USED bits (§2.8.1), and that a stop gives back exactly the
+// descriptors of the chains popped and not used. Like splitOrder it stops
+// checking once the rings' memory is lent as a buffer or the queue breaks.
+type packedOrder struct {
+	on      bool
+	size    uint16
+	zeroLen bool // used lengths must be 0 (a transmit queue's)
+	state   vring.QueueState
+	popped  []packedPopped
+	snap    []byte // the descriptor ring before the operation
+}
+
+type packedPopped struct{ id, n uint16 }
+
+func (o *packedOrder) active() bool { return o.on }
+
+func (o *packedOrder) before(mem []byte, l vring.Layout, off bool) {
+	if off {
+		o.on = false
+	}
+	if !o.on {
+		return
+	}
+	o.snap = append(o.snap[:0], mem[l.Desc:uint64(l.Desc)+16*uint64(o.size)]...)
+}
+
+// lin is a packed position (index, wrap counter in bit 15) as a count of
+// descriptors modulo 2*size, for distances between positions.
+func (o *packedOrder) lin(pos uint16) int {
+	i := int(pos &^ vring.PackedWrapBit)
+	if pos&vring.PackedWrapBit == 0 {
+		i += int(o.size)
+	}
+	return i
+}
+
+// dist is how many descriptors lie from position a to position b.
+func (o *packedOrder) dist(a, b uint16) int {
+	return ((o.lin(b)-o.lin(a))%(2*int(o.size)) + 2*int(o.size)) % (2 * int(o.size))
+}
+
+func (o *packedOrder) after(t *testing.T, mem []byte, l vring.Layout, st vring.QueueState, stopped, broken bool) {
+	t.Helper()
+	if broken {
+		o.on = false
+	}
+	if !o.on {
+		return
+	}
+	size := int(o.size)
+	if !stopped {
+		// The chains popped: from the old position on, descriptors up to
+		// one without NEXT (an indirect one stands alone).
+		k, at := o.dist(o.state.NextAvail, st.NextAvail), o.lin(o.state.NextAvail)
+		if k > size {
+			t.Fatalf("NextAvail moved from %#x to %#x in one operation", o.state.NextAvail, st.NextAvail)
+		}
+		for k > 0 {
+			c := packedPopped{}
+			for {
+				d := o.snap[16*(at%size):]
+				c.n++
+				k--
+				at++
+				if binary.LittleEndian.Uint16(d[14:])&vring.DescFNext == 0 {
+					c.id = binary.LittleEndian.Uint16(d[12:])
+					break
+				}
+				if k == 0 {
+					t.Fatalf("the device popped part of a chain: NextAvail %#x to %#x", o.state.NextAvail, st.NextAvail)
+				}
+			}
+			o.popped = append(o.popped, c)
+		}
+	}
+	u, k := o.state.NextUsed, o.dist(o.state.NextUsed, st.NextUsed)
+	for k > 0 {
+		if len(o.popped) == 0 {
+			t.Fatalf("used descriptors from %#x to %#x, more than the chains popped", o.state.NextUsed, st.NextUsed)
+		}
+		c := o.popped[0]
+		at := uint64(l.Desc) + 16*uint64(u&^vring.PackedWrapBit)
+		id := binary.LittleEndian.Uint16(mem[at+12:])
+		flags := binary.LittleEndian.Uint16(mem[at+14:])
+		want := uint16(0)
+		if u&vring.PackedWrapBit != 0 {
+			want = vring.DescFAvail | vring.DescFUsed
+		}
+		if id != c.id || flags&(vring.DescFAvail|vring.DescFUsed) != want {
+			t.Fatalf("used descriptor at %#x: id %d, flags %#x; want id %d (popped and not used: %v), AVAIL/USED %#x",
+				u, id, flags, c.id, o.popped, want)
+		}
+		if l := binary.LittleEndian.Uint32(mem[at+8:]); o.zeroLen && l != 0 {
+			t.Fatalf("used descriptor at %#x: length %d, want 0", u, l)
+		}
+		if int(c.n) > k {
+			t.Fatalf("NextUsed moved from %#x to %#x, into the chain of id %d (%d descriptors)", o.state.NextUsed, st.NextUsed, c.id, c.n)
+		}
+		k -= int(c.n)
+		o.popped = o.popped[1:]
+		u = o.advance(u, c.n)
+	}
+	if stopped {
+		back, held := o.dist(st.NextAvail, o.state.NextAvail), 0
+		for _, c := range o.popped {
+			held += int(c.n)
+		}
+		if back != held {
+			t.Fatalf("a stop gave back %d descriptors; popped and not used: %v", back, o.popped)
+		}
+		o.popped = o.popped[:0]
+	}
+	o.state = st
+}
+
+// advance moves packed position u on by n descriptors.
+func (o *packedOrder) advance(u, n uint16) uint16 {
+	i, w := u&^vring.PackedWrapBit+n, u&vring.PackedWrapBit
+	if i >= o.size {
+		i -= o.size
+		w ^= vring.PackedWrapBit
+	}
+	return i | w
 }
 
 // deliver delivers frame and checks the outcome FuzzReceiveRing allows.
