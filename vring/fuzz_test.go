@@ -5,6 +5,7 @@ import (
 	"errors"
 	"testing"
 
+	"github.com/vdpakit/vdpakit/internal/fuzzinput"
 	"github.com/vdpakit/vdpakit/virtio"
 )
 
@@ -143,14 +144,8 @@ func FuzzOps(f *testing.F) {
 		if len(data) < 1 {
 			return
 		}
-		p := 0
-		next := func() byte {
-			if p >= len(data) {
-				return 0
-			}
-			p++
-			return data[p-1]
-		}
+		in := fuzzinput.New(data)
+		next := in.Next
 		cfg := next()
 		size := uint16(2) << (cfg % 4)
 		var feat virtio.Features
@@ -177,7 +172,7 @@ func FuzzOps(f *testing.F) {
 		descInUse := 0
 		var c Chain
 		seq := 0
-		for p < len(data) {
+		for in.More() {
 			raw := next()
 			switch op := raw % 8; op {
 			case 0, 1: // add / add indirect

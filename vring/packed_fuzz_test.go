@@ -5,6 +5,7 @@ import (
 	"errors"
 	"testing"
 
+	"github.com/vdpakit/vdpakit/internal/fuzzinput"
 	"github.com/vdpakit/vdpakit/virtio"
 )
 
@@ -180,14 +181,8 @@ func FuzzPackedOps(f *testing.F) {
 		if len(data) < 1 {
 			return
 		}
-		p := 0
-		next := func() byte {
-			if p >= len(data) {
-				return 0
-			}
-			p++
-			return data[p-1]
-		}
+		in := fuzzinput.New(data)
+		next := in.Next
 		cfg := next()
 		size := 1 + uint16(cfg%9)
 		feat := virtio.Features(0).With(virtio.FRingPacked)
@@ -218,7 +213,7 @@ func FuzzPackedOps(f *testing.F) {
 		descInUse := 0
 		var c Chain
 		seq := 0
-		for p < len(data) {
+		for in.More() {
 			raw := next()
 			switch op := raw % 8; op {
 			case 0, 1: // add / add indirect

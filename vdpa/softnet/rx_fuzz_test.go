@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/vdpakit/vdpakit/dirty"
+	"github.com/vdpakit/vdpakit/internal/fuzzinput"
 	"github.com/vdpakit/vdpakit/virtio"
 	"github.com/vdpakit/vdpakit/vring"
 )
@@ -84,14 +85,8 @@ func FuzzReceiveRing(f *testing.F) {
 		if len(data) < 1 {
 			return
 		}
-		p := 0
-		next := func() byte {
-			if p >= len(data) {
-				return 0
-			}
-			p++
-			return data[p-1]
-		}
+		in := fuzzinput.New(data)
+		next := in.Next
 		cfg := next()
 		mrg, packed := cfg&1 != 0, cfg&2 != 0
 		feat := base1
@@ -121,23 +116,10 @@ func FuzzReceiveRing(f *testing.F) {
 		const dataBytes = 1 << 16
 		dataAt := (ringBytes + 4095) &^ 4095
 		backing := make([]byte, dataAt+dataBytes)
-		region, err := vring.NewRegion(0, backing, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		mem, err := vring.NewMemory(region)
-		if err != nil {
-			t.Fatal(err)
-		}
-		// The dirty log and what guest memory held at the last check, kept
+		// The dirty log, and what guest memory held at the last check, kept
 		// up to date with the driver's own writes: a byte that differs
-		// from it the device wrote. The log's pages are 8 bytes, not the
-		// vhost log's 4096, so that it tells the ring's entries apart.
-		log, err := dirty.New(uint64(len(backing)), &dirty.Options{PageSize: 8})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer log.Close()
+		// from it the device wrote.
+		mem, log := fuzzMemory(t, backing)
 		mirror := make([]byte, len(backing))
 		d, err := New(nil)
 		if err != nil {
@@ -186,9 +168,7 @@ func FuzzReceiveRing(f *testing.F) {
 		}
 		running := true
 		rx := d.queues[0]
-		// The driver's side: the split ring's next avail index, or the
-		// packed ring's next position and wrap counter.
-		availIdx, pos, wrap := uint16(0), uint16(0), true
+		drv := newHostileDriver(in, backing, mirror, layout, size, packed, dataAt, dataBytes)
 		// The split ring's descriptor table and available ring, as the
 		// driver wrote them.
 		_, availBytes, _ := vring.SplitSizes(size)
@@ -198,79 +178,24 @@ func FuzzReceiveRing(f *testing.F) {
 			}
 			return backing[layout.Desc : uint64(layout.Avail)+availBytes]
 		}
-		shadow := append([]byte(nil), driverArea()...)
+		drv.shadow = append([]byte(nil), driverArea()...)
 		ringLent := false // a descriptor named the rings' memory, or an indirect table
-		put16 := func(at uint64, v uint16) {
-			binary.LittleEndian.PutUint16(backing[at:], v)
-			binary.LittleEndian.PutUint16(mirror[at:], v)
-			if !packed {
-				binary.LittleEndian.PutUint16(shadow[at-uint64(layout.Desc):], v)
-			}
-		}
-		writeDesc := func(i uint16, addr uint64, length uint32, a, b uint16) {
-			at := uint64(layout.Desc) + 16*uint64(i)
-			binary.LittleEndian.PutUint64(backing[at:], addr)
-			binary.LittleEndian.PutUint32(backing[at+8:], length)
-			copy(mirror[at:], backing[at:at+12])
-			put16(at+12, a)
-			put16(at+14, b)
-			if !packed {
-				copy(shadow[at-uint64(layout.Desc):], backing[at:at+12])
-			}
-		}
 		frame := make([]byte, 14+255*8)
 		for i := range frame {
 			frame[i] = byte(i)
 		}
-		for p < len(data) {
+		for in.More() {
 			op := next() % 6
 			if running {
 				ord.before(backing, layout, ringLent || rx.loadErr() != nil)
 			}
 			switch op {
 			case 0: // write a descriptor
-				i := uint16(next()) % size
-				a, b, l, fl, nx := next(), next(), next(), next(), next()
-				addr := dataAt + (uint64(a&0x7f)<<8|uint64(b))*5%dataBytes
-				if a&0x80 != 0 {
-					addr = uint64(a&0x7f)<<24 | uint64(b)<<8 // anywhere, mostly outside memory
-				}
-				length := uint32(l) * 16
-				if l == 255 {
-					length = 0xffffffff
-				}
-				flags := uint16(fl & 7) // NEXT, WRITE, INDIRECT
-				if addr < dataAt || flags&vring.DescFIndirect != 0 {
+				if drv.desc() {
 					ringLent = true
 				}
-				if packed {
-					flags |= uint16(fl>>3&1)<<7 | uint16(fl>>4&1)<<15 // AVAIL, USED as given
-					writeDesc(i, addr, length, uint16(nx), flags)
-				} else {
-					writeDesc(i, addr, length, flags, uint16(nx)%(size+2))
-				}
 			case 1: // make a chain available
-				if b := next(); packed {
-					// The descriptor at the driver's position gets the
-					// AVAIL/USED bits of its wrap counter (of the other
-					// one when b is odd).
-					at := uint64(layout.Desc) + 16*uint64(pos) + 14
-					fl := binary.LittleEndian.Uint16(backing[at:]) &^ (1<<7 | 1<<15)
-					if wrap != (b&1 != 0) {
-						fl |= 1 << 7
-					} else {
-						fl |= 1 << 15
-					}
-					put16(at, fl)
-					if pos++; pos == size {
-						pos, wrap = 0, !wrap
-					}
-				} else {
-					head := uint16(b) % (size + 2)
-					put16(uint64(layout.Avail)+4+2*uint64(availIdx%size), head)
-					availIdx++
-					put16(uint64(layout.Avail)+2, availIdx)
-				}
+				drv.post()
 			case 2: // deliver a frame
 				if !running {
 					break
@@ -287,8 +212,7 @@ func FuzzReceiveRing(f *testing.F) {
 				}
 			case 4: // a hostile avail.idx (split) or a burst of frames
 				if !packed {
-					availIdx = uint16(next()) | uint16(next())<<8
-					put16(uint64(layout.Avail)+2, availIdx)
+					drv.setAvailIdx()
 					break
 				}
 				fallthrough
@@ -303,7 +227,7 @@ func FuzzReceiveRing(f *testing.F) {
 				ord.after(t, backing, layout, dq.State(), false, rx.loadErr() != nil)
 			}
 			checkStash(t, rx, size)
-			if area := driverArea(); !ringLent && string(area) != string(shadow) {
+			if area := driverArea(); !ringLent && string(area) != string(drv.shadow) {
 				t.Fatal("the device wrote the descriptor table or the available ring")
 			}
 			if running {

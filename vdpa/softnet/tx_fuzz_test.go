@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/vdpakit/vdpakit/dirty"
+	"github.com/vdpakit/vdpakit/internal/fuzzinput"
 	"github.com/vdpakit/vdpakit/virtio"
 	"github.com/vdpakit/vdpakit/vring"
 )
@@ -209,14 +210,8 @@ func fuzzTransmitRing(t *testing.T, data []byte) (run txFuzzRun) {
 	if len(data) < 2 {
 		return run
 	}
-	p := 0
-	next := func() byte {
-		if p >= len(data) {
-			return 0
-		}
-		p++
-		return data[p-1]
-	}
+	in := fuzzinput.New(data)
+	next := in.Next
 	cfg, sz := next(), next()
 	packed, offload, offHandler, loop := cfg&1 != 0, cfg&8 != 0, cfg&0x18 == 0x18, cfg&0x20 != 0
 	ringFeat := virtio.Features(0).With(virtio.FVersion1)
@@ -259,19 +254,7 @@ func fuzzTransmitRing(t *testing.T, data []byte) (run txFuzzRun) {
 		backing[dataAt+uint64(i)] = byte(i*7 + i>>8)
 	}
 	mirror := append([]byte(nil), backing...)
-	region, err := vring.NewRegion(0, backing, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mem, err := vring.NewMemory(region)
-	if err != nil {
-		t.Fatal(err)
-	}
-	log, err := dirty.New(uint64(len(backing)), &dirty.Options{PageSize: 8})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer log.Close()
+	mem, log := fuzzMemory(t, backing)
 
 	batchSize := 1 + int(sz>>5)*10
 	d, err := New(&Options{Offload: offload, NoCtrlVQ: true, BatchSize: batchSize})
@@ -333,78 +316,30 @@ func fuzzTransmitRing(t *testing.T, data []byte) (run txFuzzRun) {
 		_, _, usedBytes := vring.SplitSizes(size)
 		return a >= uint64(layout.Used) && a < uint64(layout.Used)+usedBytes
 	}
-	put16 := func(at uint64, v uint16) {
-		binary.LittleEndian.PutUint16(backing[at:], v)
-		binary.LittleEndian.PutUint16(mirror[at:], v)
-	}
-	writeDesc := func(i uint16, addr uint64, length uint32, a, b uint16) {
-		at := uint64(layout.Desc) + 16*uint64(i)
-		binary.LittleEndian.PutUint64(backing[at:], addr)
-		binary.LittleEndian.PutUint32(backing[at+8:], length)
-		copy(mirror[at:], backing[at:at+12])
-		put16(at+12, a)
-		put16(at+14, b)
-	}
+	drv := newHostileDriver(in, backing, mirror, layout, size, packed, dataAt, dataBytes)
 	var ord usedOrder = &splitOrder{on: true, size: size, state: state}
 	if packed {
 		ord = &packedOrder{on: true, size: size, state: state, zeroLen: true}
 	}
-	// The driver's side: the split ring's next avail index, or the packed
-	// ring's next position and wrap counter.
-	availIdx, pos, wrap := uint16(0), uint16(0), true
 	linkUp := true
 	chk := txFuzzCheck{
 		backing: backing, mirror: mirror, log: log, deviceArea: deviceArea, hdrLen: hdrLen,
 		offload: offload, offHandler: offHandler, indirect: ringFeat.Has(virtio.FIndirectDesc), rx: rx,
 		size: size, batch: min(batchSize, max(int(size)/2, 1)), layout: layout, ord: ord,
 	}
-	for p < len(data) && !run.broken {
+	for in.More() && !run.broken {
 		switch next() % txOps {
 		case txOpDesc:
-			i := uint16(next()) % size
-			a, b, l, fl, nx := next(), next(), next(), next(), next()
-			addr := dataAt + (uint64(a&0x7f)<<8|uint64(b))*5%dataBytes
-			if a&0x80 != 0 {
-				addr = uint64(a&0x7f)<<24 | uint64(b)<<8 // anywhere, mostly outside memory
-			}
-			length := uint32(l) * 16
-			if l == 255 {
-				length = 0xffffffff
-			}
-			flags := uint16(fl & 7) // NEXT, WRITE, INDIRECT
-			if packed {
-				flags |= uint16(fl>>3&1)<<7 | uint16(fl>>4&1)<<15 // AVAIL, USED as given
-				writeDesc(i, addr, length, uint16(nx), flags)
-			} else {
-				writeDesc(i, addr, length, flags, uint16(nx)%(size+2))
-			}
+			drv.desc()
 		case txOpPost:
-			if b := next(); packed {
-				at := uint64(layout.Desc) + 16*uint64(pos) + 14
-				fl := binary.LittleEndian.Uint16(backing[at:]) &^ (1<<7 | 1<<15)
-				if wrap != (b&1 != 0) {
-					fl |= 1 << 7
-				} else {
-					fl |= 1 << 15
-				}
-				put16(at, fl)
-				if pos++; pos == size {
-					pos, wrap = 0, !wrap
-				}
-			} else {
-				head := uint16(b) % (size + 2)
-				put16(uint64(layout.Avail)+4+2*uint64(availIdx%size), head)
-				availIdx++
-				put16(uint64(layout.Avail)+2, availIdx)
-			}
+			drv.post()
 		case txOpIdx:
 			if packed { // a batch
 				chk.linkUp = linkUp
 				run.broken = txFuzzBatch(t, d, q, dq, rec, &run, chk)
 				break
 			}
-			availIdx = uint16(next()) | uint16(next())<<8
-			put16(uint64(layout.Avail)+2, availIdx)
+			drv.setAvailIdx()
 		case txOpBatch:
 			chk.linkUp = linkUp
 			run.broken = txFuzzBatch(t, d, q, dq, rec, &run, chk)
@@ -421,7 +356,7 @@ func fuzzTransmitRing(t *testing.T, data []byte) (run txFuzzRun) {
 			off := (uint64(next())<<8 | uint64(next())) % dataBytes
 			n := uint64(next())
 			for i := range n {
-				if p >= len(data) || off+i >= dataBytes {
+				if !in.More() || off+i >= dataBytes {
 					break
 				}
 				backing[dataAt+off+i] = next()
@@ -448,9 +383,9 @@ func fuzzTransmitRing(t *testing.T, data []byte) (run txFuzzRun) {
 				}
 				buf := (addr - dataAt + uint64(k)*16*uint64(l)) % dataBytes
 				if packed {
-					writeDesc(j, dataAt+buf, 16*uint32(l), i, flags|binary.LittleEndian.Uint16(backing[uint64(layout.Desc)+16*uint64(j)+14:])&(1<<7|1<<15))
+					drv.writeDesc(j, dataAt+buf, 16*uint32(l), i, flags|binary.LittleEndian.Uint16(backing[uint64(layout.Desc)+16*uint64(j)+14:])&(vring.DescFAvail|vring.DescFUsed))
 				} else {
-					writeDesc(j, dataAt+buf, 16*uint32(l), flags, (j+1)%size)
+					drv.writeDesc(j, dataAt+buf, 16*uint32(l), flags, (j+1)%size)
 				}
 			}
 		case txOpIndirect:
@@ -478,9 +413,9 @@ func fuzzTransmitRing(t *testing.T, data []byte) (run txFuzzRun) {
 				copy(mirror[at:at+16], backing[at:at+16])
 			}
 			if packed {
-				writeDesc(i, dataAt+table, uint32(16*(n+1)), i, vring.DescFIndirect|binary.LittleEndian.Uint16(backing[uint64(layout.Desc)+16*uint64(i)+14:])&(1<<7|1<<15))
+				drv.writeDesc(i, dataAt+table, uint32(16*(n+1)), i, vring.DescFIndirect|binary.LittleEndian.Uint16(backing[uint64(layout.Desc)+16*uint64(i)+14:])&(vring.DescFAvail|vring.DescFUsed))
 			} else {
-				writeDesc(i, dataAt+table, uint32(16*(n+1)), vring.DescFIndirect, 0)
+				drv.writeDesc(i, dataAt+table, uint32(16*(n+1)), vring.DescFIndirect, 0)
 			}
 		}
 	}
