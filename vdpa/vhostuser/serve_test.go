@@ -159,8 +159,7 @@ func TestServeRetriesAcceptAtFdLimit(t *testing.T) {
 				require.ErrorIs(t, err, syscall.EMFILE)
 				t.Logf("attempt %d: the free slot was taken before the dial; descriptors opened meanwhile: %v",
 					attempt, newFds(before, fdTargets(t)))
-				uc = nil
-				continue
+				continue // uc is nil
 			}
 			for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
 				if _, logged = rec.find(syscall.EMFILE); logged {
