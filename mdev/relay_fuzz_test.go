@@ -1,0 +1,592 @@
+package mdev
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"slices"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/vdpakit/vdpakit/dirty"
+	"github.com/vdpakit/vdpakit/internal/fuzzinput"
+	"github.com/vdpakit/vdpakit/vdpa"
+	"github.com/vdpakit/vdpakit/virtio"
+	"github.com/vdpakit/vdpakit/vring"
+)
+
+// The relay fuzzer's guest memory: the guest ring at 0, buffers in
+// [relayFuzzBufs, relayFuzzSpan), the dirty log over all of it. The shadow
+// ring lives in a region of its own above it, as program places it.
+const (
+	relayFuzzSpan   = 64 << 10
+	relayFuzzBufs   = 16 << 10
+	relayFuzzTables = 8 << 10 // indirect tables: 64 of 5 descriptors
+)
+
+// relayFuzz is one relayQueue between a guest driver (a DriverQueue, which
+// the script may also scribble over) and a backing device (a DeviceQueue on
+// the shadow ring, which the script drives: it pops, writes and uses chains
+// in any order, and may lie), with the record the checks need.
+type relayFuzz struct {
+	t            *testing.T
+	r            *fuzzinput.Reader
+	rq           *relayQueue
+	guest        *vring.DriverQueue
+	backing      *vring.DeviceQueue
+	gmem         *vring.Memory
+	region       []byte // guest memory
+	shadow       []byte // the shadow region (at shadowAlign)
+	shadowLayout vring.Layout
+	log          *dirty.Bitmap
+	layout       vring.Layout
+	feat         virtio.Features
+	// ringBytes is the size of the guest ring's areas (from 0).
+	ringBytes int
+
+	// hostileGuest lets the script write anything into the guest ring;
+	// hostileBacking lets the backing device use chains it never popped
+	// and report more bytes than a chain can hold. Either one turns the
+	// exact checks off and leaves the ones that hold for any input.
+	hostileGuest, hostileBacking bool
+	// scribbled: the script wrote into the guest ring; bogus: into the
+	// shadow used ring; lied: the backing device reported more bytes than
+	// a chain holds. Each voids the exact checks; bogus also voids the
+	// log check, since the uses recorded are no longer the ones the relay
+	// saw (a backing device that misreports what it wrote defeats any
+	// dirty tracking that relies on its reports).
+	scribbled, bogus, lied bool
+
+	added     []uint16 // guest heads added, not yet published, in order
+	published []uint16 // guest heads published, in avail order
+	consumed  int      // shadow chains the backing device popped (a prefix of published, in order)
+	held      []vring.Chain
+	// want is the guest's used entries to come, in the backing device's
+	// use order: the guest chain each shadow chain carried and the length
+	// reported; completed is how many of them the relay delivered.
+	want      []vring.UsedElem
+	completed int
+	reclaimed int
+	// written is the guest byte ranges the backing device wrote, with the
+	// index into want of the use that reported them: once the relay has
+	// delivered that use, every page of the range must be in the log.
+	written []relayWrite
+	fill    byte
+	// tables holds the guest head using each indirect table slot, -1
+	// when free (from the guest's reclaim of that head on).
+	tables [64]int
+
+	// What the run did, for TestRelayFuzzSeeds: the relay's error, if it
+	// failed, the rewind's, and the chains the resumed queue popped.
+	failed, rewindErr error
+	resumed           []uint16
+}
+
+type relayWrite struct {
+	addr vring.GuestAddr
+	n    uint64
+	use  int
+}
+
+func newRelayFuzz(t *testing.T, r *fuzzinput.Reader) *relayFuzz {
+	b0, b1 := r.Next(), r.Next()
+	packed := b0&1 != 0
+	size := uint16(1) << (1 + (b0>>1)%4) // 2..16
+	if packed {
+		size = 2 + uint16(b0>>1)%15 // 2..16, any size (§2.8)
+	}
+	feat := virtio.Features(0).With(virtio.FVersion1)
+	if packed {
+		feat = feat.With(virtio.FRingPacked)
+	}
+	if b1&1 != 0 {
+		feat = feat.With(virtio.FEventIdx)
+	}
+	if b1&8 != 0 {
+		feat = feat.With(virtio.FIndirectDesc)
+	}
+	gl, ringBytes := vring.ContiguousLayout(0, size), vring.ContiguousLayoutBytes(size)
+	if packed {
+		gl, ringBytes = vring.ContiguousPackedLayout(0, size), vring.ContiguousPackedLayoutBytes(size)
+	}
+	gr, err := vring.NewMemfdRegion(0, relayFuzzSpan, nil)
+	require.NoError(t, err)
+	gmem, err := vring.NewMemory(gr)
+	require.NoError(t, err)
+	t.Cleanup(func() { gmem.Close() })
+	ss := shadowSize(size)
+	sl := vring.ContiguousLayout(shadowAlign, ss)
+	sr, err := vring.NewMemfdRegion(shadowAlign, (vring.ContiguousLayoutBytes(ss)+4095)&^4095, nil)
+	require.NoError(t, err)
+	t.Cleanup(func() { sr.Close() })
+	// The relay's memory: the guest's regions and the shadow one (it does
+	// not own the guest's: only the shadow region is closed with it).
+	mem, err := vring.NewMemory(gr, sr)
+	require.NoError(t, err)
+	log, err := dirty.New(relayFuzzSpan, nil)
+	require.NoError(t, err)
+	t.Cleanup(func() { log.Close() })
+
+	guest, err := vring.NewDriverQueue(gmem, vring.DriverQueueOptions{Layout: gl, Features: feat})
+	require.NoError(t, err)
+	gq, err := vring.NewDeviceQueue(gmem, vring.DeviceQueueOptions{Layout: gl, Features: feat, Log: log,
+		State: vring.InitialState(feat)})
+	require.NoError(t, err)
+	sfeat := feat & virtio.FEventIdx.Bit() // as program: a split shadow ring
+	sq, err := vring.NewDriverQueue(mem, vring.DriverQueueOptions{Layout: sl, Features: sfeat})
+	require.NoError(t, err)
+	backing, err := vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Layout: sl, Features: sfeat})
+	require.NoError(t, err)
+	rq := &relayQueue{guest: gq, shadow: sq, inflight: make([]vring.Chain, ss), bufs: make([]vring.Buffer, 0, 8)}
+	for j := range rq.inflight {
+		rq.inflight[j].Segs = make([]vring.Segment, 0, relaySlotSegs)
+	}
+	rq.shadowKick, err = vdpa.NewEventFD()
+	require.NoError(t, err)
+	t.Cleanup(func() { rq.shadowKick.Close() })
+	f := &relayFuzz{t: t, r: r, rq: rq, guest: guest, backing: backing, gmem: gmem, region: gr.Bytes(),
+		shadow: sr.Bytes(), shadowLayout: sl, log: log, layout: gl, feat: feat, ringBytes: int(ringBytes), hostileGuest: b1&2 != 0, hostileBacking: b1&4 != 0}
+	for i := range f.tables {
+		f.tables[i] = -1
+	}
+	return f
+}
+
+// exact reports whether both sides have behaved so far: the checks that
+// compare what the guest gets with what the backing device did hold.
+func (f *relayFuzz) exact() bool { return !f.scribbled && !f.bogus && !f.lied }
+
+// next16 reads a little-endian uint16 from the script.
+func (f *relayFuzz) next16() uint16 { return uint16(f.r.Next()) | uint16(f.r.Next())<<8 }
+
+// relayErr checks an error the relay returned: always one of the typed
+// errors a guest or a backing device can cause, and none at all while
+// both behave.
+func (f *relayFuzz) relayErr(op string, err error) {
+	f.t.Helper()
+	var qe *vring.QueueError
+	typed := errors.As(err, &qe) || errors.Is(err, ErrRelayChain) ||
+		errors.Is(err, vring.ErrUsedIDNotOutstanding) || errors.Is(err, vring.ErrWrittenTooLarge)
+	f.failed = err
+	require.True(f.t, typed, "%s: untyped error %v", op, err)
+	require.False(f.t, f.exact(), "%s: error from a well-behaved guest and backing device: %v", op, err)
+}
+
+// step runs one operation of the script. It returns false when the relay
+// has failed (as the device would, it is then torn down, not used again).
+func (f *relayFuzz) step() bool {
+	t := f.t
+	switch op := f.r.Next() % 9; op {
+	case 0: // the guest adds a chain: readable buffers, then writable ones
+		nb := f.r.Next()
+		n := 1 + int(nb&0x7f)%5
+		readable := int(f.r.Next()) % (n + 1)
+		bufs := make([]vring.Buffer, n)
+		for i := range bufs {
+			at := relayFuzzBufs + vring.GuestAddr(f.next16())%(relayFuzzSpan-relayFuzzBufs)
+			ln := 1 + uint32(f.r.Next())*8
+			ln = min(ln, uint32(relayFuzzSpan-at))
+			bufs[i] = vring.Buffer{Addr: at, Len: ln, Writable: i >= readable}
+		}
+		var h uint16
+		var err error
+		if slot := slices.Index(f.tables[:], -1); nb&0x80 != 0 && f.feat.Has(virtio.FIndirectDesc) && slot >= 0 {
+			// An indirect table of its own, outside the buffers (which
+			// the backing device writes): it must stay intact while
+			// its chain may still be popped again after a rewind.
+			h, err = f.guest.AddIndirect(relayFuzzTables+vring.GuestAddr(slot)*16*5, bufs)
+			if err == nil {
+				f.tables[slot] = int(h)
+			}
+		} else {
+			h, err = f.guest.Add(bufs)
+		}
+		if errors.Is(err, vring.ErrNoSpace) || errors.Is(err, vring.ErrBadChain) { // full; more than the ring allows
+			return true
+		}
+		if err != nil && f.scribbled { // the guest broke its own driver (its used ring)
+			return true
+		}
+		require.NoError(t, err)
+		f.added = append(f.added, h)
+	case 1: // the guest publishes
+		f.guest.Publish()
+		f.published = append(f.published, f.added...)
+		f.added = f.added[:0]
+	case 2, 3: // the relay's pass: forward and publish, or complete
+		if op == 2 {
+			if err := f.rq.forward(); err != nil {
+				f.relayErr("forward", err)
+				return false
+			}
+			if err := f.rq.publish(); err != nil {
+				f.relayErr("publish", err)
+				return false
+			}
+			return true
+		}
+		return f.complete()
+	case 4: // the backing device pops a chain
+		var c vring.Chain
+		ok, err := f.backing.Pop(&c)
+		require.NoError(t, err, "the relay's shadow ring is well formed")
+		if ok {
+			f.held = append(f.held, c)
+			f.consumed++
+		}
+	case 5: // the backing device writes a chain and uses it
+		if len(f.held) == 0 {
+			return true
+		}
+		i := int(f.r.Next()) % len(f.held)
+		c := f.held[i]
+		f.held = slices.Delete(f.held, i, i+1)
+		n := uint32(f.next16()) % uint32(c.WritableLen+1)
+		if f.hostileBacking && f.r.Next()&1 != 0 {
+			n = uint32(c.WritableLen) + 1 + uint32(f.r.Next())
+			f.lied = true
+		}
+		f.use(&c, n)
+	case 6: // the guest reclaims what the relay delivered
+		f.reclaim()
+	case 7: // a hostile backing device uses a head it did not pop
+		if !f.hostileBacking {
+			return true
+		}
+		// Written into the shadow used ring directly: the backing
+		// DeviceQueue pushes only chains it popped.
+		head, n := f.next16()%f.backing.Size(), uint32(f.r.Next())
+		st := f.backing.State()
+		e := f.shadow[f.shadowLayout.Used-shadowAlign+4+8*vring.GuestAddr(st.NextUsed%f.backing.Size()):]
+		binary.LittleEndian.PutUint32(e, uint32(head))
+		binary.LittleEndian.PutUint32(e[4:], n)
+		binary.LittleEndian.PutUint16(f.shadow[f.shadowLayout.Used-shadowAlign+2:], st.NextUsed+1)
+		// The relay cannot tell this entry from a real one when the head
+		// is outstanding, and the backing DeviceQueue, which does not
+		// know of it, writes its next entry over it: from here on the
+		// uses recorded are not what the relay sees.
+		f.bogus = true
+	case 8: // a hostile guest writes into its ring
+		if !f.hostileGuest {
+			return true
+		}
+		end := f.ringBytes
+		at := int(f.next16()) % end
+		k := 1 + int(f.r.Next()%8)
+		for j := 0; j < k && at+j < end; j++ {
+			f.region[at+j] = f.r.Next()
+		}
+		f.scribbled = true
+	}
+	return true
+}
+
+// use writes n bytes (a pattern) into c's writable segments, as a backing
+// device's DMA does, without logging them, and pushes c with n.
+func (f *relayFuzz) use(c *vring.Chain, n uint32) {
+	left := uint64(n)
+	for _, s := range c.Segs[c.Readable:] {
+		k := min(uint64(s.Len), left)
+		if k == 0 {
+			break
+		}
+		for j := range s.Buf[:k] {
+			s.Buf[j] = f.fill
+		}
+		f.fill++
+		f.written = append(f.written, relayWrite{addr: s.Addr, n: k, use: len(f.want)})
+		left -= k
+	}
+	f.want = append(f.want, vring.UsedElem{Head: f.rq.inflight[c.Head].Head, Len: n})
+	require.NoError(f.t, f.backing.Push(c.Head, n))
+}
+
+// complete runs the relay's complete and checks what it delivered.
+func (f *relayFuzz) complete() bool {
+	err := f.rq.complete()
+	if err != nil {
+		f.relayErr("complete", err)
+		return false
+	}
+	f.completed = len(f.want)
+	f.checkLogged()
+	return true
+}
+
+// checkLogged: every byte the backing device wrote for a use the relay has
+// delivered is in the dirty log, and so is the guest's used ring once
+// anything was delivered.
+func (f *relayFuzz) checkLogged() {
+	t := f.t
+	if f.bogus {
+		return
+	}
+	for _, w := range f.written {
+		if w.use >= f.completed {
+			continue
+		}
+		for p := f.log.PageOf(uint64(w.addr)); p <= f.log.PageOf(uint64(w.addr)+w.n-1); p++ {
+			require.True(t, f.log.PageDirty(p), "page %d of a write at %#x+%d delivered unlogged", p, uint64(w.addr), w.n)
+		}
+	}
+	if f.completed > 0 {
+		// Split: used.idx's page; packed: the ring's, where used
+		// descriptors are written.
+		at := f.layout.Used
+		if f.feat.Has(virtio.FRingPacked) {
+			at = f.layout.Desc
+		}
+		require.True(t, f.log.PageDirty(f.log.PageOf(uint64(at))), "used ring not logged")
+	}
+}
+
+// reclaim takes the guest's used entries and, while everyone behaved,
+// checks them against the uses in order.
+func (f *relayFuzz) reclaim() {
+	for {
+		head, n, ok, err := f.guest.Reclaim()
+		if err != nil {
+			require.True(f.t, f.scribbled, "the relay's used entries broke the guest driver: %v", err)
+			return
+		}
+		if !ok {
+			return
+		}
+		if i := slices.Index(f.tables[:], int(head)); i >= 0 {
+			f.tables[i] = -1
+		}
+		if f.exact() {
+			require.Less(f.t, f.reclaimed, f.completed, "a used entry the relay did not deliver")
+			require.Equal(f.t, f.want[f.reclaimed], vring.UsedElem{Head: head, Len: n}, "use %d", f.reclaimed)
+		}
+		f.reclaimed++
+	}
+}
+
+// stop is relay.stop without a device: the backing device, suspended,
+// has used every chain it popped; the relay delivers them, and the guest
+// queue's position is rewound over the chains the backing device never
+// consumed. A new device queue started at that position must then pop
+// exactly those chains and the ones the relay never took, in order:
+// nothing lost, nothing done twice.
+func (f *relayFuzz) stop() {
+	t := f.t
+	for len(f.held) != 0 {
+		c := f.held[0]
+		f.held = f.held[1:]
+		f.use(&c, uint32(f.r.Next())%uint32(c.WritableLen+1))
+	}
+	if !f.complete() {
+		return
+	}
+	gs, err := f.rq.rewind()
+	f.rewindErr = err
+	if !f.exact() {
+		if err != nil {
+			require.ErrorIs(t, err, ErrInFlight)
+		}
+		return
+	}
+	require.NoError(t, err)
+	f.reclaim()
+	require.Equal(t, f.completed, f.reclaimed, "every use reached the guest")
+	require.Equal(t, f.consumed, f.completed, "every chain consumed was used")
+
+	resumed, err := vring.NewDeviceQueue(f.gmem, vring.DeviceQueueOptions{Layout: f.layout, Features: f.feat, State: gs})
+	require.NoError(t, err, "the rewound state %+v", gs)
+	var got []uint16
+	for {
+		var c vring.Chain
+		ok, err := resumed.Pop(&c)
+		require.NoError(t, err)
+		if !ok {
+			break
+		}
+		got = append(got, c.Head)
+	}
+	f.resumed = got
+	want := f.published[f.consumed:]
+	require.Equal(t, fmt.Sprint(want), fmt.Sprint(got),
+		"after the rewind the guest's ring resumes with the chains the backing device never consumed")
+}
+
+func runRelayFuzz(t *testing.T, data []byte) { runRelayScript(t, data) }
+
+func runRelayScript(t *testing.T, data []byte) *relayFuzz {
+	r := fuzzinput.New(data)
+	f := newRelayFuzz(t, r)
+	for ops := 0; r.More() && ops < 400; ops++ {
+		if !f.step() {
+			return f
+		}
+	}
+	f.stop()
+	return f
+}
+
+// FuzzRelay drives the shadow-ring relay, the data path that tracks a
+// device's writes when it cannot log them itself, between a guest driver
+// and a backing device that the input script both controls: the guest
+// adds and publishes chains (and, when the input allows, scribbles over
+// its ring); the backing device pops chains, writes them and uses them in
+// any order (and, when allowed, uses heads it never popped or reports more
+// bytes than a chain holds). The relay's forward, publish and complete run
+// in between. On a split or a packed guest ring of 2 to 16 entries, with
+// or without EVENT_IDX, it checks:
+//
+//   - the relay never panics, and fails only with typed errors, and only
+//     when the guest or the backing device misbehaved;
+//   - every byte the backing device wrote is in the dirty log once the
+//     relay has delivered its chain, and so is the used ring;
+//   - the guest gets back its chains in the backing device's use order,
+//     with the lengths the backing device reported;
+//   - the stop sequence (the backing device uses what it popped, complete,
+//     rewind) leaves a guest position from which a new device queue pops
+//     exactly the chains not yet consumed, in order.
+func FuzzRelay(f *testing.F) {
+	for _, s := range relayFuzzSeeds {
+		f.Add(s.data)
+	}
+	f.Fuzz(runRelayFuzz)
+}
+
+// relayScript builds FuzzRelay inputs.
+type relayScript []byte
+
+func newRelayScript(packed bool, size uint16, eventIdx, hostileGuest, hostileBacking, indirect bool) relayScript {
+	b0 := byte(0)
+	if packed {
+		b0 = 1 | byte(size-2)<<1
+	} else {
+		for s := uint16(2); s < size; s <<= 1 {
+			b0 += 2
+		}
+	}
+	var b1 byte
+	for i, on := range []bool{eventIdx, hostileGuest, hostileBacking, indirect} {
+		if on {
+			b1 |= 1 << i
+		}
+	}
+	return relayScript{b0, b1}
+}
+
+// add: a chain of len(lens) buffers at 1 KiB steps from at, the first
+// readable of them readable.
+func (s relayScript) add(at uint16, readable int, lens ...byte) relayScript {
+	return s.addOf(0, at, readable, lens)
+}
+
+// addIndirect: add, as an indirect table.
+func (s relayScript) addIndirect(at uint16, readable int, lens ...byte) relayScript {
+	return s.addOf(0x80, at, readable, lens)
+}
+
+func (s relayScript) addOf(mode byte, at uint16, readable int, lens []byte) relayScript {
+	s = append(s, 0, mode|byte(len(lens)-1), byte(readable))
+	for i, l := range lens {
+		a := at + uint16(i)*1024
+		s = append(s, byte(a), byte(a>>8), l)
+	}
+	return s
+}
+func (s relayScript) publish() relayScript  { return append(s, 1) }
+func (s relayScript) forward() relayScript  { return append(s, 2) }
+func (s relayScript) complete() relayScript { return append(s, 3) }
+func (s relayScript) pop() relayScript      { return append(s, 4) }
+func (s relayScript) reclaim() relayScript  { return append(s, 6) }
+
+// use: the backing device uses its i-th held chain with n bytes (hostile:
+// with more bytes than the chain holds, on a hostileBacking script).
+func (s relayScript) use(i byte, n uint16, hostile ...bool) relayScript {
+	s = append(s, 5, i, byte(n), byte(n>>8))
+	if len(hostile) != 0 { // a hostileBacking script: the flag byte, and the excess
+		if !hostile[0] {
+			return append(s, 0)
+		}
+		s = append(s, 1, 0)
+	}
+	return s
+}
+func (s relayScript) bogusUse(head uint16) relayScript {
+	return append(s, 7, byte(head), byte(head>>8), 9)
+}
+func (s relayScript) scribble(at uint16, b ...byte) relayScript {
+	s = append(s, 8, byte(at), byte(at>>8), byte(len(b)-1))
+	return append(s, b...)
+}
+
+// end: the stop sequence's lengths for chains still held (one byte each).
+func (s relayScript) end(lens ...byte) []byte { return append(s, lens...) }
+
+// relayFuzzSeeds are FuzzRelay's seeds, with what each must do
+// (TestRelayFuzzSeeds): the chains the relay delivered, the ones the
+// resumed queue pops, and the error that ends a hostile run.
+var relayFuzzSeeds = []struct {
+	name               string
+	data               []byte
+	delivered, resumed int
+	err                error
+}{
+	{"split: three chains, used out of order, one left in the shadow ring, one never taken",
+		newRelayScript(false, 8, false, false, false, false).
+			add(0, 1, 16, 200).add(300, 0, 50).add(600, 2, 8, 8, 100).publish().forward().
+			add(900, 0, 30).publish().
+			pop().pop().use(1, 700).use(0, 160).complete().reclaim().end(),
+		2, 2, nil},
+	{"packed: chains across the wrap, event idx",
+		newRelayScript(true, 3, true, false, false, false).
+			add(0, 0, 10).add(100, 1, 4, 20).publish().forward().pop().pop().use(0, 80).use(0, 40).complete().reclaim().
+			add(200, 0, 9).add(400, 0, 9).publish().forward().pop().use(0, 72).complete().end(),
+		3, 1, nil},
+	{"split: an indirect chain fills the shadow ring; the chain held back for room and it are given back",
+		newRelayScript(false, 4, false, false, false, true).
+			addIndirect(0, 2, 1, 1, 1, 1).add(100, 0, 1).publish().forward().end(),
+		0, 2, nil},
+	{"packed: an indirect chain fills the shadow ring; a chain of two descriptors held back for room",
+		newRelayScript(true, 4, false, false, false, true).
+			addIndirect(0, 0, 1, 1, 1, 1).add(100, 1, 1, 1).publish().forward().end(),
+		0, 2, nil},
+	{"packed: indirect chains, one consumed, two given back",
+		newRelayScript(true, 5, true, false, false, true).
+			addIndirect(0, 1, 3, 3, 3).add(50, 0, 2).addIndirect(200, 0, 4, 4, 4).publish().forward().
+			pop().use(0, 33).complete().reclaim().forward().end(),
+		1, 2, nil},
+	{"hostile backing: a head it never popped",
+		newRelayScript(false, 4, false, false, true, false).
+			add(0, 0, 10).publish().forward().bogusUse(3).complete().end(),
+		0, 0, vring.ErrUsedIDNotOutstanding},
+	{"hostile backing: more bytes than the chain holds",
+		newRelayScript(false, 4, false, false, true, false).
+			add(0, 0, 10).publish().forward().pop().use(0, 80, true).complete().end(),
+		0, 0, vring.ErrUsedLenTooLarge},
+	{"hostile guest: an avail index far ahead",
+		newRelayScript(false, 4, true, true, false, false).
+			add(0, 0, 10).publish().scribble(uint16(vring.ContiguousLayout(0, 4).Avail+2), 0x40, 0).forward().end(),
+		0, 0, vring.ErrAvailIdxJump},
+	{"hostile guest: a packed descriptor made available with a bad next chain",
+		newRelayScript(true, 4, false, true, false, false).
+			scribble(14, 0x81, 0).scribble(30, 0x81, 0).scribble(46, 0x81, 0).scribble(62, 0x81, 0).forward().end(),
+		0, 0, vring.ErrChainTooLong},
+}
+
+// TestRelayFuzzSeeds pins what FuzzRelay's seeds do, so that the fuzzer's
+// checks are known to run on chains delivered, rewound and resumed, and on
+// the errors of a hostile guest and backing device.
+func TestRelayFuzzSeeds(t *testing.T) {
+	for _, s := range relayFuzzSeeds {
+		t.Run(s.name, func(t *testing.T) {
+			f := runRelayScript(t, s.data)
+			if s.err != nil {
+				require.ErrorIs(t, f.failed, s.err)
+				return
+			}
+			require.NoError(t, f.failed)
+			require.NoError(t, f.rewindErr)
+			require.Equal(t, s.delivered, f.completed, "chains delivered")
+			require.Equal(t, s.delivered, f.reclaimed, "chains the guest reclaimed")
+			require.Len(t, f.resumed, s.resumed, "chains the resumed queue popped")
+		})
+	}
+}
