@@ -20,9 +20,10 @@ import (
 // [relayFuzzBufs, relayFuzzSpan), the dirty log over all of it. The shadow
 // ring lives in a region of its own above it, as program places it.
 const (
-	relayFuzzSpan   = 64 << 10
-	relayFuzzBufs   = 16 << 10
-	relayFuzzTables = 8 << 10 // indirect tables: 64 of 5 descriptors
+	relayFuzzSpan    = 64 << 10
+	relayFuzzBufs    = 16 << 10
+	relayFuzzTables  = 8 << 10 // indirect tables: 64 of relayFuzzMaxBufs descriptors
+	relayFuzzMaxBufs = 5       // buffers a chain of the script has at most
 )
 
 // relayFuzz is one relayQueue between a guest driver (a DriverQueue, which
@@ -47,8 +48,10 @@ type relayFuzz struct {
 
 	// hostileGuest lets the script write anything into the guest ring;
 	// hostileBacking lets the backing device use chains it never popped
-	// and report more bytes than a chain can hold. Either one turns the
-	// exact checks off and leaves the ones that hold for any input.
+	// and report more bytes than a chain can hold. They only permit those
+	// operations: the first one that runs turns the exact checks off
+	// (scribbled, bogus, lied), and the checks that hold for any input
+	// stay on.
 	hostileGuest, hostileBacking bool
 	// scribbled: the script wrote into the guest ring; bogus: into the
 	// shadow used ring; lied: the backing device reported more bytes than
@@ -61,7 +64,10 @@ type relayFuzz struct {
 	added     []uint16 // guest heads added, not yet published, in order
 	published []uint16 // guest heads published, in avail order
 	consumed  int      // shadow chains the backing device popped (a prefix of published, in order)
-	held      []vring.Chain
+	// bufs is the buffers each guest head was last added with.
+	bufs map[uint16][]vring.Buffer
+	// held is the chains the backing device popped and has not used yet.
+	held []heldChain
 	// want is the guest's used entries to come, in the backing device's
 	// use order: the guest chain each shadow chain carried and the length
 	// reported; completed is how many of them the relay delivered.
@@ -72,7 +78,7 @@ type relayFuzz struct {
 	// index into want of the use that reported them: once the relay has
 	// delivered that use, every page of the range must be in the log.
 	written []relayWrite
-	fill    byte
+	fill    byte // the next byte value the backing device writes
 	// tables holds the guest head using each indirect table slot, -1
 	// when free (from the guest's reclaim of that head on).
 	tables [64]int
@@ -83,6 +89,16 @@ type relayFuzz struct {
 	resumed           []uint16
 }
 
+// heldChain is a shadow chain the backing device holds, with the guest
+// chain it must carry (while both sides behave: published[consumed] when
+// it was popped; noHead otherwise).
+type heldChain struct {
+	c     vring.Chain
+	guest uint16
+}
+
+const noHead = 0xffff
+
 type relayWrite struct {
 	addr vring.GuestAddr
 	n    uint64
@@ -92,9 +108,9 @@ type relayWrite struct {
 func newRelayFuzz(t *testing.T, r *fuzzinput.Reader) *relayFuzz {
 	b0, b1 := r.Next(), r.Next()
 	packed := b0&1 != 0
-	size := uint16(1) << (1 + (b0>>1)%4) // 2..16
+	size := uint16(1) << (1 + (b0>>1)%6) // 2..64
 	if packed {
-		size = 2 + uint16(b0>>1)%15 // 2..16, any size (§2.8)
+		size = 2 + uint16(b0>>1)%63 // 2..64, any size (§2.8)
 	}
 	feat := virtio.Features(0).With(virtio.FVersion1)
 	if packed {
@@ -150,6 +166,7 @@ func newRelayFuzz(t *testing.T, r *fuzzinput.Reader) *relayFuzz {
 	for i := range f.tables {
 		f.tables[i] = -1
 	}
+	f.bufs = map[uint16][]vring.Buffer{}
 	return f
 }
 
@@ -180,7 +197,7 @@ func (f *relayFuzz) step() bool {
 	switch op := f.r.Next() % 9; op {
 	case 0: // the guest adds a chain: readable buffers, then writable ones
 		nb := f.r.Next()
-		n := 1 + int(nb&0x7f)%5
+		n := 1 + int(nb&0x7f)%relayFuzzMaxBufs
 		readable := int(f.r.Next()) % (n + 1)
 		bufs := make([]vring.Buffer, n)
 		for i := range bufs {
@@ -195,7 +212,7 @@ func (f *relayFuzz) step() bool {
 			// An indirect table of its own, outside the buffers (which
 			// the backing device writes): it must stay intact while
 			// its chain may still be popped again after a rewind.
-			h, err = f.guest.AddIndirect(relayFuzzTables+vring.GuestAddr(slot)*16*5, bufs)
+			h, err = f.guest.AddIndirect(relayFuzzTables+vring.GuestAddr(slot)*16*relayFuzzMaxBufs, bufs)
 			if err == nil {
 				f.tables[slot] = int(h)
 			}
@@ -210,6 +227,7 @@ func (f *relayFuzz) step() bool {
 		}
 		require.NoError(t, err)
 		f.added = append(f.added, h)
+		f.bufs[h] = bufs
 	case 1: // the guest publishes
 		f.guest.Publish()
 		f.published = append(f.published, f.added...)
@@ -224,30 +242,61 @@ func (f *relayFuzz) step() bool {
 				f.relayErr("publish", err)
 				return false
 			}
+			if f.exact() && !f.feat.Has(virtio.FRingPacked) {
+				// Every chain the relay took from the guest but the one
+				// it holds back for room is visible to the backing
+				// device (a split guest ring's position counts chains).
+				forwarded := f.rq.guest.State().NextAvail
+				if f.rq.hasPending {
+					forwarded--
+				}
+				idx := binary.LittleEndian.Uint16(f.shadow[f.shadowLayout.Avail-shadowAlign+2:])
+				require.Equal(t, forwarded, idx, "shadow avail.idx after the relay published")
+			}
 			return true
 		}
 		return f.complete()
 	case 4: // the backing device pops a chain
 		var c vring.Chain
 		ok, err := f.backing.Pop(&c)
-		require.NoError(t, err, "the relay's shadow ring is well formed")
-		if ok {
-			f.held = append(f.held, c)
-			f.consumed++
+		if err != nil {
+			// Only a bogus use breaks the shadow ring for the backing
+			// device: the relay freed, and then reused, descriptors of
+			// a chain the backing device had not popped.
+			require.True(t, f.bogus, "the relay's shadow ring is well formed: %v", err)
+			return false
 		}
+		if !ok {
+			return true
+		}
+		g := uint16(noHead)
+		if f.exact() {
+			// The backing device takes the guest's chains in the order
+			// the guest published them, with the guest's buffers.
+			require.Less(t, f.consumed, len(f.published), "a chain the guest never published")
+			g = f.published[f.consumed]
+			require.Equal(t, g, f.rq.inflight[c.Head].Head, "the guest chain shadow chain %d carries", c.Head)
+			var got []vring.Buffer
+			for _, sg := range c.Segs {
+				got = append(got, vring.Buffer{Addr: sg.Addr, Len: sg.Len, Writable: sg.Writable})
+			}
+			require.Equal(t, f.bufs[g], got, "the buffers of guest chain %d in the shadow ring", g)
+		}
+		f.held = append(f.held, heldChain{c: c, guest: g})
+		f.consumed++
 	case 5: // the backing device writes a chain and uses it
 		if len(f.held) == 0 {
 			return true
 		}
 		i := int(f.r.Next()) % len(f.held)
-		c := f.held[i]
+		h := f.held[i]
 		f.held = slices.Delete(f.held, i, i+1)
-		n := uint32(f.next16()) % uint32(c.WritableLen+1)
+		n := uint32(f.next16()) % uint32(h.c.WritableLen+1)
 		if f.hostileBacking && f.r.Next()&1 != 0 {
-			n = uint32(c.WritableLen) + 1 + uint32(f.r.Next())
+			n = uint32(h.c.WritableLen) + 1 + uint32(f.r.Next())
 			f.lied = true
 		}
-		f.use(&c, n)
+		f.use(h, n)
 	case 6: // the guest reclaims what the relay delivered
 		f.reclaim()
 	case 7: // a hostile backing device uses a head it did not pop
@@ -282,9 +331,10 @@ func (f *relayFuzz) step() bool {
 	return true
 }
 
-// use writes n bytes (a pattern) into c's writable segments, as a backing
-// device's DMA does, without logging them, and pushes c with n.
-func (f *relayFuzz) use(c *vring.Chain, n uint32) {
+// use writes n bytes (a pattern) into h's writable segments, as a backing
+// device's DMA does, without logging them, and pushes h with n.
+func (f *relayFuzz) use(h heldChain, n uint32) {
+	c := &h.c
 	left := uint64(n)
 	for _, s := range c.Segs[c.Readable:] {
 		k := min(uint64(s.Len), left)
@@ -298,7 +348,7 @@ func (f *relayFuzz) use(c *vring.Chain, n uint32) {
 		f.written = append(f.written, relayWrite{addr: s.Addr, n: k, use: len(f.want)})
 		left -= k
 	}
-	f.want = append(f.want, vring.UsedElem{Head: f.rq.inflight[c.Head].Head, Len: n})
+	f.want = append(f.want, vring.UsedElem{Head: h.guest, Len: n})
 	require.NoError(f.t, f.backing.Push(c.Head, n))
 }
 
@@ -309,28 +359,31 @@ func (f *relayFuzz) complete() bool {
 		f.relayErr("complete", err)
 		return false
 	}
+	prev := f.completed
 	f.completed = len(f.want)
-	f.checkLogged()
+	f.checkLogged(prev)
 	return true
 }
 
-// checkLogged: every byte the backing device wrote for a use the relay has
-// delivered is in the dirty log, and so is the guest's used ring once
-// anything was delivered.
-func (f *relayFuzz) checkLogged() {
+// checkLogged: every byte the backing device wrote for a use the relay
+// has just delivered (from use prev on) is in the dirty log, and so is
+// the guest's used ring if anything was. The log is then cleared, as a
+// pre-copy round harvests it, so that each delivery is checked on marks
+// of its own, not on pages an earlier one marked.
+func (f *relayFuzz) checkLogged(prev int) {
 	t := f.t
 	if f.bogus {
 		return
 	}
 	for _, w := range f.written {
-		if w.use >= f.completed {
+		if w.use < prev || w.use >= f.completed {
 			continue
 		}
 		for p := f.log.PageOf(uint64(w.addr)); p <= f.log.PageOf(uint64(w.addr)+w.n-1); p++ {
 			require.True(t, f.log.PageDirty(p), "page %d of a write at %#x+%d delivered unlogged", p, uint64(w.addr), w.n)
 		}
 	}
-	if f.completed > 0 {
+	if f.completed > prev {
 		// Split: used.idx's page; packed: the ring's, where used
 		// descriptors are written.
 		at := f.layout.Used
@@ -339,6 +392,7 @@ func (f *relayFuzz) checkLogged() {
 		}
 		require.True(t, f.log.PageDirty(f.log.PageOf(uint64(at))), "used ring not logged")
 	}
+	require.NoError(t, f.log.Clear())
 }
 
 // reclaim takes the guest's used entries and, while everyone behaved,
@@ -373,9 +427,9 @@ func (f *relayFuzz) reclaim() {
 func (f *relayFuzz) stop() {
 	t := f.t
 	for len(f.held) != 0 {
-		c := f.held[0]
+		h := f.held[0]
 		f.held = f.held[1:]
-		f.use(&c, uint32(f.r.Next())%uint32(c.WritableLen+1))
+		f.use(h, uint32(f.r.Next())%uint32(h.c.WritableLen+1))
 	}
 	if !f.complete() {
 		return
@@ -497,18 +551,16 @@ func (s relayScript) complete() relayScript { return append(s, 3) }
 func (s relayScript) pop() relayScript      { return append(s, 4) }
 func (s relayScript) reclaim() relayScript  { return append(s, 6) }
 
-// use: the backing device uses its i-th held chain with n bytes (hostile:
-// with more bytes than the chain holds, on a hostileBacking script).
-func (s relayScript) use(i byte, n uint16, hostile ...bool) relayScript {
-	s = append(s, 5, i, byte(n), byte(n>>8))
-	if len(hostile) != 0 { // a hostileBacking script: the flag byte, and the excess
-		if !hostile[0] {
-			return append(s, 0)
-		}
-		s = append(s, 1, 0)
-	}
-	return s
+// use: the backing device uses its i-th held chain with n bytes (modulo
+// what the chain holds). Not on a hostileBacking script, whose uses carry
+// a flag byte more (see lie).
+func (s relayScript) use(i byte, n uint16) relayScript {
+	return append(s, 5, i, byte(n), byte(n>>8))
 }
+
+// lie: on a hostileBacking script, the backing device uses its i-th held
+// chain reporting one byte more than the chain holds.
+func (s relayScript) lie(i byte) relayScript { return append(s, 5, i, 0, 0, 1, 0) }
 func (s relayScript) bogusUse(head uint16) relayScript {
 	return append(s, 7, byte(head), byte(head>>8), 9)
 }
@@ -519,6 +571,23 @@ func (s relayScript) scribble(at uint16, b ...byte) relayScript {
 
 // end: the stop sequence's lengths for chains still held (one byte each).
 func (s relayScript) end(lens ...byte) []byte { return append(s, lens...) }
+
+// manyUses: n one-buffer chains on a split ring of 64, each in a page
+// quarter of its own, all relayed, popped and used before one complete.
+func manyUses(n int) []byte {
+	s := newRelayScript(false, 64, false, false, false, false)
+	for i := range n {
+		s = s.add(uint16(i)*1024, 0, 100)
+	}
+	s = s.publish().forward()
+	for range n {
+		s = s.pop()
+	}
+	for range n {
+		s = s.use(0, 700)
+	}
+	return s.complete().reclaim().end()
+}
 
 // relayFuzzSeeds are FuzzRelay's seeds, with what each must do
 // (TestRelayFuzzSeeds): the chains the relay delivered, the ones the
@@ -531,10 +600,12 @@ var relayFuzzSeeds = []struct {
 }{
 	{"split: three chains, used out of order, one left in the shadow ring, one never taken",
 		newRelayScript(false, 8, false, false, false, false).
-			add(0, 1, 16, 200).add(300, 0, 50).add(600, 2, 8, 8, 100).publish().forward().
-			add(900, 0, 30).publish().
+			add(0, 1, 16, 200).add(8192, 0, 50).add(16384, 2, 8, 8, 100).publish().forward().
+			add(24576, 0, 30).publish().
 			pop().pop().use(1, 700).use(0, 160).complete().reclaim().end(),
 		2, 2, nil},
+	{"split: 40 chains used at once, more than one reclaim batch of the relay's",
+		manyUses(40), 40, 0, nil},
 	{"packed: chains across the wrap, event idx",
 		newRelayScript(true, 3, true, false, false, false).
 			add(0, 0, 10).add(100, 1, 4, 20).publish().forward().pop().pop().use(0, 80).use(0, 40).complete().reclaim().
@@ -559,7 +630,7 @@ var relayFuzzSeeds = []struct {
 		0, 0, vring.ErrUsedIDNotOutstanding},
 	{"hostile backing: more bytes than the chain holds",
 		newRelayScript(false, 4, false, false, true, false).
-			add(0, 0, 10).publish().forward().pop().use(0, 80, true).complete().end(),
+			add(0, 0, 10).publish().forward().pop().lie(0).complete().end(),
 		0, 0, vring.ErrUsedLenTooLarge},
 	{"hostile guest: an avail index far ahead",
 		newRelayScript(false, 4, true, true, false, false).
