@@ -180,11 +180,8 @@ func (r *relay) program(d *Device) error {
 		if err != nil {
 			return fail(fmt.Errorf("mdev: shadow queue %d: %w", i, err))
 		}
-		rq := &relayQueue{idx: i, guest: gq, shadow: sq, guestKick: d.kicks[i],
-			inflight: make([]vring.Chain, ss), bufs: make([]vring.Buffer, 0, 8)}
-		for j := range rq.inflight {
-			rq.inflight[j].Segs = make([]vring.Segment, 0, relaySlotSegs)
-		}
+		rq := newRelayQueue(i, gq, sq)
+		rq.guestKick = d.kicks[i]
 		rq.guestCall.Store(d.queueCallFD(i))
 		if rq.shadowKick, err = vdpa.NewEventFD(); err != nil {
 			return fail(err)
@@ -212,6 +209,18 @@ func (r *relay) program(d *Device) error {
 	run.wg.Add(1)
 	go run.worker(d)
 	return nil
+}
+
+// newRelayQueue returns the relay between guest queue idx and its shadow
+// ring, with an in-flight slot (and its starting segment room) for every
+// shadow descriptor; the caller sets the eventfds.
+func newRelayQueue(idx int, guest *vring.DeviceQueue, shadow *vring.DriverQueue) *relayQueue {
+	rq := &relayQueue{idx: idx, guest: guest, shadow: shadow,
+		inflight: make([]vring.Chain, shadow.Size()), bufs: make([]vring.Buffer, 0, 8)}
+	for j := range rq.inflight {
+		rq.inflight[j].Segs = make([]vring.Segment, 0, relaySlotSegs)
+	}
+	return rq
 }
 
 // shadowSize is the size of the split shadow ring serving a guest queue of

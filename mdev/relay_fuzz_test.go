@@ -154,10 +154,7 @@ func newRelayFuzz(t *testing.T, r *fuzzinput.Reader) *relayFuzz {
 	require.NoError(t, err)
 	backing, err := vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Layout: sl, Features: sfeat})
 	require.NoError(t, err)
-	rq := &relayQueue{guest: gq, shadow: sq, inflight: make([]vring.Chain, ss), bufs: make([]vring.Buffer, 0, 8)}
-	for j := range rq.inflight {
-		rq.inflight[j].Segs = make([]vring.Segment, 0, relaySlotSegs)
-	}
+	rq := newRelayQueue(0, gq, sq)
 	rq.shadowKick, err = vdpa.NewEventFD()
 	require.NoError(t, err)
 	t.Cleanup(func() { rq.shadowKick.Close() })

@@ -42,10 +42,7 @@ func newRelayBench(t *testing.T, size uint16) *relayBench {
 	require.NoError(t, err)
 	backing, err := vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Layout: sl, Features: f})
 	require.NoError(t, err)
-	rq := &relayQueue{guest: gq, shadow: sq, inflight: make([]vring.Chain, size), bufs: make([]vring.Buffer, 0, 8)}
-	for j := range rq.inflight {
-		rq.inflight[j].Segs = make([]vring.Segment, 0, relaySlotSegs)
-	}
+	rq := newRelayQueue(0, gq, sq)
 	rq.shadowKick, err = vdpa.NewEventFD()
 	require.NoError(t, err)
 	t.Cleanup(func() { rq.shadowKick.Close() })
