@@ -51,8 +51,7 @@ const (
 func requireQEMU11(t *testing.T) (qemu, helper string) {
 	t.Helper()
 	// testenv.QEMUInterop: VDPAKIT_QEMU=1 must run (failing on anything
-	// missing); unset, it runs where QEMU 11 and the guest kernel are
-	// cached, unless -short; VDPAKIT_QEMU=0 skips.
+	// missing); otherwise it skips, saying how to run it.
 	var missing []string
 	if testenv.QEMU11Cached() == "" {
 		missing = append(missing, "QEMU 11 (vmtest/qemu11.sh prepare)")
