@@ -136,8 +136,9 @@ func newRelayFuzz(t *testing.T, r *fuzzinput.Reader) *relayFuzz {
 	sr, err := vring.NewMemfdRegion(shadowAlign, (vring.ContiguousLayoutBytes(ss)+4095)&^4095, nil)
 	require.NoError(t, err)
 	t.Cleanup(func() { sr.Close() })
-	// The relay's memory: the guest's regions and the shadow one (it does
-	// not own the guest's: only the shadow region is closed with it).
+	// The relay's memory, as program makes it: the guest's region and the
+	// shadow one. It is not closed (that would close both regions, which
+	// their own cleanups close).
 	mem, err := vring.NewMemory(gr, sr)
 	require.NoError(t, err)
 	log, err := dirty.New(relayFuzzSpan, nil)
@@ -483,13 +484,18 @@ func runRelayScript(t *testing.T, data []byte) *relayFuzz {
 // its ring); the backing device pops chains, writes them and uses them in
 // any order (and, when allowed, uses heads it never popped or reports more
 // bytes than a chain holds). The relay's forward, publish and complete run
-// in between. On a split or a packed guest ring of 2 to 16 entries, with
-// or without EVENT_IDX, it checks:
+// in between. On a split or a packed guest ring of 2 to 64 entries, with
+// or without EVENT_IDX and INDIRECT_DESC, it checks:
 //
 //   - the relay never panics, and fails only with typed errors, and only
 //     when the guest or the backing device misbehaved;
+//   - the backing device gets the guest's chains in the order the guest
+//     published them, with the guest's buffers, and (split guest rings)
+//     every chain the relay took is published to it but the one it holds
+//     back for room;
 //   - every byte the backing device wrote is in the dirty log once the
-//     relay has delivered its chain, and so is the used ring;
+//     relay has delivered its chain, and so is the used ring (each
+//     delivery checked on its own marks: the log is cleared after it);
 //   - the guest gets back its chains in the backing device's use order,
 //     with the lengths the backing device reported;
 //   - the stop sequence (the backing device uses what it popped, complete,
