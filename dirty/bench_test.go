@@ -2,15 +2,12 @@ package dirty_test
 
 import (
 	"math/rand/v2"
-	"runtime"
-	"slices"
 	"testing"
-	"time"
 
 	"github.com/stretchr/testify/require"
-	"golang.org/x/sys/unix"
 
 	"github.com/vdpakit/vdpakit/dirty"
+	"github.com/vdpakit/vdpakit/internal/abbench"
 )
 
 const tib = 1 << 40
@@ -48,54 +45,29 @@ func BenchmarkMarkPage(b *testing.B) {
 //go:noinline
 func emptyMark(b *dirty.Bitmap, addr, length uint64) error { return nil }
 
-// threadCPU is this thread's CPU time.
-func threadCPU() time.Duration {
-	var ts unix.Timespec
-	if err := unix.ClockGettime(unix.CLOCK_THREAD_CPUTIME_ID, &ts); err != nil {
-		return 0
-	}
-	return time.Duration(ts.Nano())
-}
-
 // BenchmarkMarkPageVsCall measures BenchmarkMarkPage's Mark (A) against a
-// call of emptyMark (B) in alternating slices of 65536 calls each, on the
-// benchmark's locked thread, timed by its CPU clock, so that both sides see
-// the same state of the machine. It reports each side's median ns per call
-// over the slices (A-ns/op, B-ns/op) and their difference (A-B-ns/op): what
-// Mark's own work costs above the call that any non-inlined Mark pays.
+// call of emptyMark (B) with abbench.Run, in alternating slices of 65536
+// calls each on one locked thread timed by its CPU clock, so that both
+// sides see the same state of the machine. Besides each side's median ns
+// per call (A-ns/op, B-ns/op) it reports their difference (A-B-ns/op):
+// what Mark's own work costs above the call that any non-inlined Mark
+// pays.
 func BenchmarkMarkPageVsCall(b *testing.B) {
 	bm, err := dirty.New(1<<30, nil)
 	require.NoError(b, err)
-	const slice = 1 << 16
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	n := max(1, b.N/slice)
-	ra, rb := make([]float64, 0, n), make([]float64, 0, n)
-	b.ReportAllocs()
-	b.ResetTimer()
-	for range n {
-		t0 := threadCPU()
-		for range slice {
+	ma, mb := abbench.Run(b, 1<<16, func(n int) {
+		for range n {
 			if err := bm.Mark(0x12345678, 8); err != nil {
 				b.Fatal(err)
 			}
 		}
-		t1 := threadCPU()
-		for range slice {
+	}, func(n int) {
+		for range n {
 			if err := emptyMark(bm, 0x12345678, 8); err != nil {
 				b.Fatal(err)
 			}
 		}
-		t2 := threadCPU()
-		ra = append(ra, float64(t1-t0)/slice)
-		rb = append(rb, float64(t2-t1)/slice)
-	}
-	b.StopTimer()
-	slices.Sort(ra)
-	slices.Sort(rb)
-	ma, mb := ra[len(ra)/2], rb[len(rb)/2]
-	b.ReportMetric(ma, "A-ns/op")
-	b.ReportMetric(mb, "B-ns/op")
+	})
 	b.ReportMetric(ma-mb, "A-B-ns/op")
 }
 

@@ -3,48 +3,24 @@ package vring
 import (
 	"encoding/binary"
 	"fmt"
-	"runtime"
-	"slices"
 	"testing"
+
+	"github.com/vdpakit/vdpakit/internal/abbench"
 )
 
 // abSlice is the number of operations each side of an A/B benchmark runs
 // before the other side runs.
 const abSlice = 1024
 
-// benchAB measures two loops that do the same work two ways, alternating
-// slices of abSlice operations (A, B, A, B, ...) over b.N operations each,
-// on the benchmark's thread, timed by its CPU clock. Whatever the machine
-// does meanwhile (another job, a slower state of the host) lands on both
-// sides within milliseconds, so their ratio holds where two separate
-// benchmark runs minutes apart can differ by half. It reports each side's
-// median thread-CPU ns per operation over the slices (A-ns/op, B-ns/op)
-// and the ratio of the medians (B/A); ns/op is for both sides together.
+// benchAB measures two loops that do the same work two ways with
+// abbench.Run, alternating slices of abSlice operations: whatever the
+// machine does meanwhile lands on both sides within milliseconds, so their
+// ratio holds where two separate benchmark runs minutes apart can differ by
+// half. It reports each side's median thread-CPU ns per operation
+// (A-ns/op, B-ns/op) and the ratio of the medians (B/A); ns/op is for both
+// sides together.
 func benchAB(b *testing.B, a, bb func(n int)) {
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	a(abSlice) // warm both
-	bb(abSlice)
-	slicesN := max(1, b.N/abSlice)
-	ra := make([]float64, 0, slicesN)
-	rb := make([]float64, 0, slicesN)
-	b.ReportAllocs()
-	b.ResetTimer()
-	for range slicesN {
-		t0 := threadCPU()
-		a(abSlice)
-		t1 := threadCPU()
-		bb(abSlice)
-		t2 := threadCPU()
-		ra = append(ra, float64(t1-t0)/abSlice)
-		rb = append(rb, float64(t2-t1)/abSlice)
-	}
-	b.StopTimer()
-	slices.Sort(ra)
-	slices.Sort(rb)
-	ma, mb := ra[len(ra)/2], rb[len(rb)/2]
-	b.ReportMetric(ma, "A-ns/op")
-	b.ReportMetric(mb, "B-ns/op")
+	ma, mb := abbench.Run(b, abSlice, a, bb)
 	b.ReportMetric(mb/ma, "B/A")
 }
 

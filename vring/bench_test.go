@@ -6,20 +6,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vdpakit/vdpakit/internal/abbench"
 	"github.com/vdpakit/vdpakit/virtio"
-	"golang.org/x/sys/unix"
 )
-
-// threadCPU is this thread's CPU time. The benchmarks report it per
-// operation as cpu-ns/op next to wall-clock ns/op: on a shared, loaded
-// machine wall time includes time spent descheduled.
-func threadCPU() time.Duration {
-	var ts unix.Timespec
-	if err := unix.ClockGettime(unix.CLOCK_THREAD_CPUTIME_ID, &ts); err != nil {
-		return 0
-	}
-	return time.Duration(ts.Nano())
-}
 
 // benchRing is a size-256 ring whose driver side is pre-written: chains of
 // nd descriptors at heads 0, nd, 2nd, ... and an available ring that repeats
@@ -100,8 +89,8 @@ func benchPopPushOf(b *testing.B, nd, batch int, scatter bool) {
 	defer runtime.UnlockOSThread()
 	b.ReportAllocs()
 	b.ResetTimer()
-	cpu0 := threadCPU()
-	defer func() { b.ReportMetric(float64(threadCPU()-cpu0)/float64(b.N), "cpu-ns/op") }()
+	cpu0 := abbench.ThreadCPU()
+	defer func() { b.ReportMetric(float64(abbench.ThreadCPU()-cpu0)/float64(b.N), "cpu-ns/op") }()
 	done := 0
 	for done < b.N {
 		br.refill(nd)
@@ -158,8 +147,8 @@ func benchDriverAddReclaim(b *testing.B, batched bool) {
 	defer runtime.UnlockOSThread()
 	b.ReportAllocs()
 	b.ResetTimer()
-	cpu0 := threadCPU()
-	defer func() { b.ReportMetric(float64(threadCPU()-cpu0)/float64(b.N), "cpu-ns/op") }()
+	cpu0 := abbench.ThreadCPU()
+	defer func() { b.ReportMetric(float64(abbench.ThreadCPU()-cpu0)/float64(b.N), "cpu-ns/op") }()
 	loop(b.N)
 }
 

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vdpakit/vdpakit/internal/abbench"
 	"github.com/vdpakit/vdpakit/virtio"
 )
 
@@ -79,8 +80,8 @@ func benchPackedPopPush(b *testing.B, nd, batch int) {
 	defer runtime.UnlockOSThread()
 	b.ReportAllocs()
 	b.ResetTimer()
-	cpu0 := threadCPU()
-	defer func() { b.ReportMetric(float64(threadCPU()-cpu0)/float64(b.N), "cpu-ns/op") }()
+	cpu0 := abbench.ThreadCPU()
+	defer func() { b.ReportMetric(float64(abbench.ThreadCPU()-cpu0)/float64(b.N), "cpu-ns/op") }()
 	done := 0
 	for done < b.N {
 		br.refill()
@@ -132,8 +133,8 @@ func BenchmarkPackedDriverAddReclaim(b *testing.B) {
 	defer runtime.UnlockOSThread()
 	b.ReportAllocs()
 	b.ResetTimer()
-	cpu0 := threadCPU()
-	defer func() { b.ReportMetric(float64(threadCPU()-cpu0)/float64(b.N), "cpu-ns/op") }()
+	cpu0 := abbench.ThreadCPU()
+	defer func() { b.ReportMetric(float64(abbench.ThreadCPU()-cpu0)/float64(b.N), "cpu-ns/op") }()
 	loop(b.N)
 }
 
