@@ -6,8 +6,21 @@ import (
 
 	"github.com/vdpakit/vdpakit/dirty"
 	"github.com/vdpakit/vdpakit/internal/fuzzinput"
+	"github.com/vdpakit/vdpakit/virtio"
 	"github.com/vdpakit/vdpakit/vring"
 )
+
+// newFuzzQueue returns the device side of the fuzzed ring, starting at
+// state and logging into log through a per-queue cache, as vdpa.Local
+// runs a queue.
+func newFuzzQueue(t *testing.T, mem *vring.Memory, log *dirty.Bitmap, l vring.Layout, f virtio.Features, state vring.QueueState) *vring.DeviceQueue {
+	t.Helper()
+	dq, err := vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Layout: l, Features: f, State: state, Log: log.NewCache()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dq
+}
 
 // fuzzMemory returns guest memory of one region at 0 over backing, and a
 // dirty log over it (closed when the test ends) of 8-byte pages: pages that

@@ -132,21 +132,13 @@ func FuzzReceiveRing(f *testing.F) {
 		state := vring.InitialState(ringFeat)
 		var dq *vring.DeviceQueue
 		start := func() {
-			var err error
-			dq, err = vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Layout: layout, Features: ringFeat, State: state,
-				Log: log.NewCache()})
-			if err != nil {
-				t.Fatal(err)
-			}
+			dq = newFuzzQueue(t, mem, log, layout, ringFeat, state)
 			if err := d.StartQueue(0, dq, nil, nil); err != nil {
 				t.Fatal(err)
 			}
 		}
 		start()
-		var ord usedOrder = &splitOrder{on: true, size: size, state: state}
-		if packed {
-			ord = &packedOrder{on: true, size: size, state: state}
-		}
+		ord := newUsedOrder(packed, size, state, false)
 		// stop stops the queue as vdpa.Local does (applying the marks its
 		// log cache holds), checks that nothing is left in flight and that
 		// the log covers every page the device changed, and keeps the
@@ -333,6 +325,16 @@ func (o *splitOrder) after(t *testing.T, mem []byte, l vring.Layout, st vring.Qu
 		o.popped = o.popped[:0]
 	}
 	o.state = st
+}
+
+// newUsedOrder returns the used-order check for a ring of size starting at
+// state: packedOrder on a packed ring, splitOrder otherwise. zeroLen (a
+// transmit queue's) also requires every packed used length to be 0.
+func newUsedOrder(packed bool, size uint16, state vring.QueueState, zeroLen bool) usedOrder {
+	if packed {
+		return &packedOrder{on: true, size: size, state: state, zeroLen: zeroLen}
+	}
+	return &splitOrder{on: true, size: size, state: state}
 }
 
 // usedOrder is splitOrder or packedOrder.

@@ -290,12 +290,7 @@ func fuzzTransmitRing(t *testing.T, data []byte) (run txFuzzRun) {
 	// start sets the queue up as StartQueue does for its worker, without
 	// starting one: this goroutine runs the batches.
 	start := func() {
-		var err error
-		dq, err = vring.NewDeviceQueue(mem, vring.DeviceQueueOptions{Layout: layout, Features: ringFeat, State: state,
-			Log: log.NewCache()})
-		if err != nil {
-			t.Fatal(err)
-		}
+		dq = newFuzzQueue(t, mem, log, layout, ringFeat, state)
 		if q.gather == nil {
 			q.gather = make([]byte, gatherInit)
 		}
@@ -317,10 +312,7 @@ func fuzzTransmitRing(t *testing.T, data []byte) (run txFuzzRun) {
 		return a >= uint64(layout.Used) && a < uint64(layout.Used)+usedBytes
 	}
 	drv := newHostileDriver(in, backing, mirror, layout, size, packed, dataAt, dataBytes)
-	var ord usedOrder = &splitOrder{on: true, size: size, state: state}
-	if packed {
-		ord = &packedOrder{on: true, size: size, state: state, zeroLen: true}
-	}
+	ord := newUsedOrder(packed, size, state, true)
 	linkUp := true
 	chk := txFuzzCheck{
 		backing: backing, mirror: mirror, log: log, deviceArea: deviceArea, hdrLen: hdrLen,
