@@ -83,10 +83,18 @@ type relayFuzz struct {
 	// when free (from the guest's reclaim of that head on).
 	tables [64]int
 
+	// guestCall is the guest's interrupt. asleep: the guest reclaimed
+	// everything, enabled interrupts and found nothing pending, so it
+	// waits for an interrupt: the next delivery must signal it.
+	guestCall *vdpa.EventFD
+	asleep    bool
+
 	// What the run did, for TestRelayFuzzSeeds: the relay's error, if it
-	// failed, the rewind's, and the chains the resumed queue popped.
+	// failed, the rewind's, the chains the resumed queue popped, and the
+	// wake-ups the guest waited for and got.
 	failed, rewindErr error
 	resumed           []uint16
+	wakeups           int
 }
 
 // heldChain is a shadow chain the backing device holds, with the guest
@@ -159,7 +167,11 @@ func newRelayFuzz(t *testing.T, r *fuzzinput.Reader) *relayFuzz {
 	rq.shadowKick, err = vdpa.NewEventFD()
 	require.NoError(t, err)
 	t.Cleanup(func() { rq.shadowKick.Close() })
-	f := &relayFuzz{t: t, r: r, rq: rq, guest: guest, backing: backing, gmem: gmem, region: gr.Bytes(),
+	call, err := vdpa.NewEventFD()
+	require.NoError(t, err)
+	t.Cleanup(func() { call.Close() })
+	rq.guestCall.Store(call)
+	f := &relayFuzz{guestCall: call, t: t, r: r, rq: rq, guest: guest, backing: backing, gmem: gmem, region: gr.Bytes(),
 		shadow: sr.Bytes(), shadowLayout: sl, log: log, layout: gl, feat: feat, ringBytes: int(ringBytes), hostileGuest: b1&2 != 0, hostileBacking: b1&4 != 0}
 	for i := range f.tables {
 		f.tables[i] = -1
@@ -192,7 +204,7 @@ func (f *relayFuzz) relayErr(op string, err error) {
 // has failed (as the device would, it is then torn down, not used again).
 func (f *relayFuzz) step() bool {
 	t := f.t
-	switch op := f.r.Next() % 9; op {
+	switch op := f.r.Next() % 11; op {
 	case 0: // the guest adds a chain: readable buffers, then writable ones
 		nb := f.r.Next()
 		n := 1 + int(nb&0x7f)%relayFuzzMaxBufs
@@ -240,16 +252,19 @@ func (f *relayFuzz) step() bool {
 				f.relayErr("publish", err)
 				return false
 			}
-			if f.exact() && !f.feat.Has(virtio.FRingPacked) {
-				// Every chain the relay took from the guest but the one
-				// it holds back for room is visible to the backing
-				// device (a split guest ring's position counts chains).
-				forwarded := f.rq.guest.State().NextAvail
-				if f.rq.hasPending {
-					forwarded--
-				}
+			if f.exact() {
+				// The relay took every chain the guest published, or
+				// stopped at one it holds back for room: the shadow
+				// ring's avail.idx (one per chain) counts the published
+				// chains before that one, and the backing device can
+				// see all of them.
 				idx := binary.LittleEndian.Uint16(f.shadow[f.shadowLayout.Avail-shadowAlign+2:])
-				require.Equal(t, forwarded, idx, "shadow avail.idx after the relay published")
+				if !f.rq.hasPending {
+					require.Equal(t, len(f.published), int(idx), "shadow avail.idx after the relay took every published chain")
+				} else {
+					require.Less(t, int(idx), len(f.published), "shadow avail.idx with a chain held back")
+					require.Equal(t, f.published[idx], f.rq.pending.Head, "the chain held back is the next published one")
+				}
 			}
 			return true
 		}
@@ -314,6 +329,19 @@ func (f *relayFuzz) step() bool {
 		// know of it, writes its next entry over it: from here on the
 		// uses recorded are not what the relay sees.
 		f.bogus = true
+	case 9: // the guest goes to sleep: it reclaims, then enables interrupts
+		f.reclaim()
+		pending, err := f.guest.EnableInterrupts()
+		if err != nil {
+			require.True(t, f.scribbled, "EnableInterrupts: %v", err)
+			return true
+		}
+		// With entries pending the guest would reclaim them rather than
+		// sleep.
+		f.asleep = !pending
+	case 10: // the guest polls: interrupts off (a hint the relay may ignore)
+		f.guest.DisableInterrupts()
+		f.asleep = false
 	case 8: // a hostile guest writes into its ring
 		if !f.hostileGuest {
 			return true
@@ -360,7 +388,25 @@ func (f *relayFuzz) complete() bool {
 	prev := f.completed
 	f.completed = len(f.want)
 	f.checkLogged(prev)
+	f.checkWoken(prev)
 	return true
+}
+
+// checkWoken: a guest asleep on its interrupt when the relay delivered a
+// chain (from use prev on) got the interrupt. Interrupts the guest did not
+// wait for are allowed (the spec's suppression is a hint) and drained.
+func (f *relayFuzz) checkWoken(prev int) {
+	n, err := f.guestCall.TryWait()
+	require.NoError(f.t, err)
+	if !f.asleep || f.completed == prev {
+		return
+	}
+	f.asleep = false
+	if f.scribbled { // the guest's used_event or flags may be anything
+		return
+	}
+	require.NotZero(f.t, n, "the relay delivered %d chains to a guest asleep on its interrupt without waking it", f.completed-prev)
+	f.wakeups++
 }
 
 // checkLogged: every byte the backing device wrote for a use the relay
@@ -480,24 +526,27 @@ func runRelayScript(t *testing.T, data []byte) *relayFuzz {
 // FuzzRelay drives the shadow-ring relay, the data path that tracks a
 // device's writes when it cannot log them itself, between a guest driver
 // and a backing device that the input script both controls: the guest
-// adds and publishes chains (and, when the input allows, scribbles over
-// its ring); the backing device pops chains, writes them and uses them in
-// any order (and, when allowed, uses heads it never popped or reports more
-// bytes than a chain holds). The relay's forward, publish and complete run
-// in between. On a split or a packed guest ring of 2 to 64 entries, with
+// adds and publishes chains, sleeps on its interrupt or polls (and, when
+// the input allows, scribbles over its ring); the backing device pops
+// chains, writes them and uses them in any order (and, when allowed, uses
+// heads it never popped or reports more bytes than a chain holds). The
+// relay's forward, publish and complete run in between. On a split or a packed guest ring of 2 to 64 entries, with
 // or without EVENT_IDX and INDIRECT_DESC, it checks:
 //
 //   - the relay never panics, and fails only with typed errors, and only
 //     when the guest or the backing device misbehaved;
 //   - the backing device gets the guest's chains in the order the guest
-//     published them, with the guest's buffers, and (split guest rings)
-//     every chain the relay took is published to it but the one it holds
-//     back for room;
+//     published them, with the guest's buffers, and the relay publishes to
+//     it every chain the guest published, up to the one it holds back for
+//     room;
 //   - every byte the backing device wrote is in the dirty log once the
 //     relay has delivered its chain, and so is the used ring (each
 //     delivery checked on its own marks: the log is cleared after it);
 //   - the guest gets back its chains in the backing device's use order,
 //     with the lengths the backing device reported;
+//   - a guest that sleeps on its interrupt (it reclaimed everything,
+//     enabled interrupts, plain or EVENT_IDX, and found nothing pending)
+//     is woken by the next delivery: no lost wake-up;
 //   - the stop sequence (the backing device uses what it popped, complete,
 //     rewind) leaves a guest position from which a new device queue pops
 //     exactly the chains not yet consumed, in order.
@@ -553,6 +602,8 @@ func (s relayScript) forward() relayScript  { return append(s, 2) }
 func (s relayScript) complete() relayScript { return append(s, 3) }
 func (s relayScript) pop() relayScript      { return append(s, 4) }
 func (s relayScript) reclaim() relayScript  { return append(s, 6) }
+func (s relayScript) sleep() relayScript    { return append(s, 9) }
+func (s relayScript) poll() relayScript     { return append(s, 10) }
 
 // use: the backing device uses its i-th held chain with n bytes (modulo
 // what the chain holds). Not on a hostileBacking script, whose uses carry
@@ -600,49 +651,75 @@ var relayFuzzSeeds = []struct {
 	data               []byte
 	delivered, resumed int
 	err                error
+	// wakeups is how many times the guest slept on its interrupt and the
+	// relay woke it.
+	wakeups int
 }{
 	{"split: three chains, used out of order, one left in the shadow ring, one never taken",
 		newRelayScript(false, 8, false, false, false, false).
 			add(0, 1, 16, 200).add(8192, 0, 50).add(16384, 2, 8, 8, 100).publish().forward().
 			add(24576, 0, 30).publish().
 			pop().pop().use(1, 700).use(0, 160).complete().reclaim().end(),
-		2, 2, nil},
+		2, 2, nil, 0},
 	{"split: 40 chains used at once, more than one reclaim batch of the relay's",
-		manyUses(40), 40, 0, nil},
+		manyUses(40), 40, 0, nil, 0},
 	{"packed: chains across the wrap, event idx",
 		newRelayScript(true, 3, true, false, false, false).
 			add(0, 0, 10).add(100, 1, 4, 20).publish().forward().pop().pop().use(0, 80).use(0, 40).complete().reclaim().
 			add(200, 0, 9).add(400, 0, 9).publish().forward().pop().use(0, 72).complete().end(),
-		3, 1, nil},
+		3, 1, nil, 0},
 	{"split: an indirect chain fills the shadow ring; the chain held back for room and it are given back",
 		newRelayScript(false, 4, false, false, false, true).
 			addIndirect(0, 2, 1, 1, 1, 1).add(100, 0, 1).publish().forward().end(),
-		0, 2, nil},
+		0, 2, nil, 0},
 	{"packed: an indirect chain fills the shadow ring; a chain of two descriptors held back for room",
 		newRelayScript(true, 4, false, false, false, true).
 			addIndirect(0, 0, 1, 1, 1, 1).add(100, 1, 1, 1).publish().forward().end(),
-		0, 2, nil},
+		0, 2, nil, 0},
 	{"packed: indirect chains, one consumed, two given back",
 		newRelayScript(true, 5, true, false, false, true).
 			addIndirect(0, 1, 3, 3, 3).add(50, 0, 2).addIndirect(200, 0, 4, 4, 4).publish().forward().
 			pop().use(0, 33).complete().reclaim().forward().end(),
-		1, 2, nil},
+		1, 2, nil, 0},
+	{"split: the guest sleeps between deliveries, polls for one, sleeps again",
+		newRelayScript(false, 8, false, false, false, false).
+			sleep().add(0, 0, 10).add(2048, 0, 10).publish().forward().pop().use(0, 5).complete().
+			sleep().pop().use(0, 6).complete().
+			poll().add(4096, 0, 10).publish().forward().pop().use(0, 7).complete().
+			sleep().add(6144, 0, 10).publish().forward().pop().use(0, 8).complete().reclaim().end(),
+		4, 0, nil, 3},
+	{"split, event idx: the guest sleeps, is woken, sleeps again past two deliveries",
+		newRelayScript(false, 8, true, false, false, false).
+			sleep().add(0, 0, 10).add(2048, 0, 10).add(4096, 0, 10).publish().forward().pop().use(0, 5).complete().
+			pop().use(0, 6).complete().sleep().pop().use(0, 7).complete().reclaim().end(),
+		3, 0, nil, 2},
+	{"packed: the guest sleeps, polls, sleeps, across the wrap",
+		newRelayScript(true, 3, false, false, false, false).
+			sleep().add(0, 0, 10).add(100, 0, 10).publish().forward().pop().use(0, 5).complete().
+			poll().pop().use(0, 6).complete().reclaim().
+			sleep().add(200, 0, 9).add(400, 0, 9).publish().forward().pop().use(0, 72).complete().reclaim().end(),
+		3, 1, nil, 2},
+	{"packed, event idx: the guest sleeps twice",
+		newRelayScript(true, 4, true, false, false, false).
+			sleep().add(0, 0, 10).add(100, 0, 10).publish().forward().pop().pop().use(1, 5).complete().
+			use(0, 6).complete().sleep().add(200, 0, 9).publish().forward().pop().use(0, 72).complete().reclaim().end(),
+		3, 0, nil, 2},
 	{"hostile backing: a head it never popped",
 		newRelayScript(false, 4, false, false, true, false).
 			add(0, 0, 10).publish().forward().bogusUse(3).complete().end(),
-		0, 0, vring.ErrUsedIDNotOutstanding},
+		0, 0, vring.ErrUsedIDNotOutstanding, 0},
 	{"hostile backing: more bytes than the chain holds",
 		newRelayScript(false, 4, false, false, true, false).
 			add(0, 0, 10).publish().forward().pop().lie(0).complete().end(),
-		0, 0, vring.ErrUsedLenTooLarge},
+		0, 0, vring.ErrUsedLenTooLarge, 0},
 	{"hostile guest: an avail index far ahead",
 		newRelayScript(false, 4, true, true, false, false).
 			add(0, 0, 10).publish().scribble(uint16(vring.ContiguousLayout(0, 4).Avail+2), 0x40, 0).forward().end(),
-		0, 0, vring.ErrAvailIdxJump},
+		0, 0, vring.ErrAvailIdxJump, 0},
 	{"hostile guest: a packed descriptor made available with a bad next chain",
 		newRelayScript(true, 4, false, true, false, false).
 			scribble(14, 0x81, 0).scribble(30, 0x81, 0).scribble(46, 0x81, 0).scribble(62, 0x81, 0).forward().end(),
-		0, 0, vring.ErrChainTooLong},
+		0, 0, vring.ErrChainTooLong, 0},
 }
 
 // TestRelayFuzzSeeds pins what FuzzRelay's seeds do, so that the fuzzer's
@@ -661,6 +738,7 @@ func TestRelayFuzzSeeds(t *testing.T) {
 			require.Equal(t, s.delivered, f.completed, "chains delivered")
 			require.Equal(t, s.delivered, f.reclaimed, "chains the guest reclaimed")
 			require.Len(t, f.resumed, s.resumed, "chains the resumed queue popped")
+			require.Equal(t, s.wakeups, f.wakeups, "times the guest slept and was woken")
 		})
 	}
 }
