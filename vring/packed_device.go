@@ -761,13 +761,13 @@ func (q *DeviceQueue) packedPushErr(id uint16) error {
 }
 
 // release returns id's ring descriptors: the used position moves past
-// them. It returns the ring index where id's used descriptor goes and the
-// used wrap bits there.
-func (p *packedDevice) release(id uint16) (at uint16, bits uint16) {
+// them. It returns the ring index where id's used descriptor goes, the
+// used wrap bits there and how many descriptors the used position moved.
+func (p *packedDevice) release(id uint16) (at uint16, bits uint16, n uint16) {
 	e := &p.ids[id]
 	e.inflight = false
 	at, bits = p.nextUsed, p.usedBits
-	n := e.ndesc
+	n = e.ndesc
 	if p.inOrder && p.lost != 0 {
 		// The first used descriptor also covers the chains in flight at
 		// the restore whose ids are unknown (see lost).
@@ -782,7 +782,7 @@ func (p *packedDevice) release(id uint16) (at uint16, bits uint16) {
 		p.usedBits ^= availUsed
 	}
 	p.nextUsed = uint16(next)
-	return at, bits
+	return at, bits, n
 }
 
 // usedFlags is the flags of a used descriptor: AVAIL and USED equal to
@@ -802,13 +802,14 @@ func (q *DeviceQueue) packedPush(id uint16, written uint32) error {
 		return q.packedPushErr(id)
 	}
 	writable := p.ids[id].writable
-	at, bits := p.release(id)
+	at, bits, n := p.release(id)
 	d := &p.r.descs[at]
-	// Rule 3: len (plain store), then the id|flags word (release).
-	d.len = written
+	// Rule 3: addr (the used mark) and len (plain stores), then the
+	// id|flags word (release).
+	d.addr, d.len = usedMark|uint64(n), written
 	p.r.storeWord(at, id, usedFlags(bits, written, writable))
 	if q.log != nil {
-		return q.endLog(q.packedLogWrite(p.descLog+GuestAddr(16*uint64(at)+8), 8))
+		return q.endLog(q.packedLogWrite(p.descLog+GuestAddr(16*uint64(at)), 16))
 	}
 	return nil
 }
@@ -886,12 +887,14 @@ func (q *DeviceQueue) packedWriteUsed(elems []UsedElem) error {
 			break
 		}
 		d := &descs[pos]
-		d.len = e.Len
 		w := uint32(e.Head) | uint32(usedFlags(bits, e.Len, ent.writable))<<16
 		n := uint32(ent.ndesc)
 		if i == 0 {
-			firstWord = w
 			n += lost
+		}
+		d.addr, d.len = usedMark|uint64(n), e.Len
+		if i == 0 {
+			firstWord = w
 		} else {
 			*descWord(d) = w // released by the first one's store below
 		}
@@ -913,16 +916,16 @@ func (q *DeviceQueue) packedWriteUsed(elems []UsedElem) error {
 }
 
 // logUsedRange logs the used descriptors written from ring index start
-// over count descriptors (the len, id and flags bytes from the first to
-// the end of the range, in at most two pieces around the ring end).
+// over count descriptors (every byte from the first to the end of the
+// range, in at most two pieces around the ring end).
 func (q *DeviceQueue) logUsedRange(start, count uint32) error {
 	p := q.pk
 	size := uint32(p.r.size)
 	end := start + count // exclusive, in descriptors, may pass size
 	if end <= size {
-		return q.packedLogWrite(p.descLog+GuestAddr(16*uint64(start)+8), 16*uint64(end-start)-8)
+		return q.packedLogWrite(p.descLog+GuestAddr(16*uint64(start)), 16*uint64(end-start))
 	}
-	if err := q.packedLogWrite(p.descLog+GuestAddr(16*uint64(start)+8), 16*uint64(size-start)-8); err != nil {
+	if err := q.packedLogWrite(p.descLog+GuestAddr(16*uint64(start)), 16*uint64(size-start)); err != nil {
 		return err
 	}
 	return q.packedLogWrite(p.descLog, 16*uint64(end-size))

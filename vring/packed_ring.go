@@ -29,8 +29,10 @@ import (
 //     device's avail wrap counter does it read addr and len (plain
 //     loads) and the chain's other descriptors (whose words it also loads
 //     atomically, to check their AVAIL/USED bits).
-//  3. Device completes: write len of the used descriptor (plain store),
-//     then store its id|flags word atomically (release). A batch
+//  3. Device completes: write addr (the used mark: how far the used
+//     position moved, see usedMark; the field is unused in a used
+//     descriptor) and len of the used descriptor (plain stores), then
+//     store its id|flags word atomically (release). A batch
 //     (PushBatch) stores the first used descriptor's word last (the
 //     "multi-buffer request" rule of §2.8.9: the driver never sees part of
 //     a batch).

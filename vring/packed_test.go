@@ -694,7 +694,7 @@ func TestPackedWriteLogging(t *testing.T) {
 				require.NoError(t, dev.PushChain(&c, 150))
 				assert.Equal(t, [][2]uint64{
 					{0x200000, 100}, {0x300000, 50}, // written bytes
-					{descBase + 16*at + 8, 8}, // the used descriptor's len, id, flags
+					{descBase + 16*at, 16}, // the used descriptor: its mark (addr), len, id, flags
 				}, log.writes)
 				log.writes = nil
 				ok, err = dev.Pop(&c)
@@ -727,7 +727,7 @@ func TestPackedWriteLogging(t *testing.T) {
 			require.Len(t, popAll(t, dev), 3)
 			log.writes = nil
 			require.NoError(t, dev.PushBatch([]UsedElem{{ids[0], 1}, {ids[1], 1}, {ids[2], 1}}))
-			assert.Equal(t, [][2]uint64{{descBase + 16*4 + 8, 8}, {descBase, 32}}, log.writes)
+			assert.Equal(t, [][2]uint64{{descBase + 16*4, 16}, {descBase, 32}}, log.writes)
 		})
 	}
 	t.Run("a failing logger breaks the queue with ErrLogWrite", func(t *testing.T) {
