@@ -1292,6 +1292,7 @@ func (s *session) tryStart(i int) error {
 		st = *q.saved
 	} else if s.features.Has(virtio.FRingPacked) {
 		st = packedStart(q.base, q.baseSet, s.features)
+		st = s.packedResync(i, l, st)
 	} else {
 		if q.base > 0xffff {
 			return msgErr(ReqSetVringBase, ErrProtocol, "queue %d base %#x beyond 16 bits for a split ring", i, q.base)
@@ -1368,11 +1369,8 @@ func (s *session) tryStart(i int) error {
 // has no chains in flight. Zero there is therefore read as "same as
 // avail"; the one real position it could also name (index 0, wrap counter
 // 0, with chains still in flight) never reaches a back-end that completes
-// every chain before GET_VRING_BASE answers, as this one does. A packed
-// ring publishes no index in guest memory, so there is no used.idx to
-// resynchronise from as a split ring does; a driver that reconnects with
-// a fresh ring (DPDK's virtio-user in server mode resets its packed rings)
-// sends the fresh base.
+// every chain before GET_VRING_BASE answers, as this one does. What the
+// ring itself records can still overrule it (packedResync).
 func packedStart(base uint32, set bool, f virtio.Features) vring.QueueState {
 	if !set {
 		return vring.InitialState(f)
@@ -1380,6 +1378,42 @@ func packedStart(base uint32, set bool, f virtio.Features) vring.QueueState {
 	st := vring.QueueState{NextAvail: uint16(base), NextUsed: uint16(base >> 16)}
 	if base>>16 == 0 {
 		st.NextUsed = st.NextAvail
+	}
+	return st
+}
+
+// packedResync is the packed ring's counterpart of the split ring's
+// resynchronisation from used.idx: a ring handed over with no chain in
+// flight whose descriptor ring records a different used position (the
+// run of used descriptors a vring.DeviceQueue wrote, see
+// vring.PackedUsedPosition) resumes from the recorded one. QEMU needs it
+// after a back-end was lost: it cannot ask a dead back-end for the
+// position (GET_VRING_BASE) and, unlike a split ring's used.idx, a packed
+// ring has no index in guest memory to take it from, so it hands the new
+// back-end the position of the last hand-over it saw, one the back-end
+// before went past long ago: started there, the queue finds nothing
+// available and stays dead. The resynchronisation is the expected way out
+// of that, so it is noted (Info), not warned about. A driver that resets
+// its rings zeroes them
+// (Linux, DPDK's virtio-user reconnecting in server mode), which records
+// no position, and a hand-over QEMU did see (stop/cont, migration) gives
+// the position the ring records: both start where they are told. A ring
+// whose used descriptors do not add up is started where it is told, with
+// a warning.
+func (s *session) packedResync(i int, l vring.Layout, st vring.QueueState) vring.QueueState {
+	if st.NextAvail != st.NextUsed {
+		return st // chains in flight: a hand-over that knew the position
+	}
+	pos, ok, err := vring.PackedUsedPosition(s.mem.mem, l)
+	switch {
+	case err != nil:
+		s.b.log.Warn("vhost-user: packed ring's used descriptors unreadable; starting at the base given",
+			"queue", i, "base", fmt.Sprintf("%#x", st.NextAvail), "err", err)
+	case ok && pos != st.NextAvail:
+		s.b.log.Info("vhost-user: packed ring base disagrees with the used position the ring records; resynchronised from the ring",
+			"queue", i, "base", fmt.Sprintf("%#x", st.NextAvail), "ring", fmt.Sprintf("%#x", pos))
+		st = vring.QueueState{NextAvail: pos, NextUsed: pos}
+		s.queues[i].base = uint32(pos)
 	}
 	return st
 }

@@ -122,10 +122,24 @@
 //     bits 0..15 only; a zero upper half is read as "used equals avail",
 //     which is what a stopped ring without chains in flight has. A ring
 //     that never got a base starts fresh (both wrap counters 1).
-//   - A packed ring publishes no index in guest memory, so the split
-//     ring's resynchronisation from used.idx has no packed counterpart: the
-//     base word is the position. DPDK's virtio-user in server mode resets
-//     its packed rings when a back-end reconnects and sends the fresh base.
+//   - A packed ring publishes no index in guest memory, but its
+//     descriptor ring records the used position: every used descriptor a
+//     vring.DeviceQueue writes carries, in its Element Address (unused in
+//     a used descriptor), how far it moved the used position, and a ring
+//     the driver keeps full of single descriptors shows where its oldest
+//     available one is (vring.PackedUsedPosition). A ring started with no
+//     chains in flight whose base disagrees with that position starts
+//     from the position the ring records instead, with an Info note
+//     giving both. That is what QEMU needs after a back-end was lost: it
+//     could not ask the dead back-end for the position and hands the new
+//     one the position of the last hand-over it saw (at first the initial
+//     one), which the ring has long left behind; started there, a packed
+//     ring finds nothing available and the NIC stays dead. A ring the
+//     driver reset (Linux and DPDK's virtio-user, which resets its packed
+//     rings when a back-end reconnects in server mode, zero it first)
+//     records nothing, or the fresh position, and starts at the base
+//     given; so do rings whose used descriptors another implementation
+//     wrote.
 //
 // Multi-queue: GET_QUEUE_NUM answers the device's queue pairs; every ring
 // the front-end enables with SET_VRING_ENABLE is served, pair by pair. QEMU

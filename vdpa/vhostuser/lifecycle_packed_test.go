@@ -1,6 +1,7 @@
 package vhostuser
 
 import (
+	"fmt"
 	"testing"
 	"time"
 
@@ -128,6 +129,58 @@ func TestLifecyclePacked(t *testing.T) {
 			g.trafficN(80)
 			dst.send(ReqSetStatus, putU64(0))
 			assert.Equal(t, packedWord(150), dst.base32())
+		})
+	}
+	// A back-end lost without a hand-over (QEMU's reconnect after the
+	// back-end died): the front-end could not ask it for the position and
+	// hands the next one the last position it knew, the initial one or
+	// that of an earlier stop. The ring records the used position; the
+	// new back-end resumes there, notes it, and the guest's next chains
+	// are served. A base that agrees with the ring is taken as it is.
+	for _, tc := range []struct {
+		name         string
+		before, lost int // chains used before the last hand-over the front-end saw, and after it
+		stale        bool
+	}{
+		{"the initial position, one lap and more behind", 0, 70, true},
+		{"an earlier stop's position", 30, 50, true},
+		{"a stale position two laps behind exactly (the same word: agrees)", 0, 2 * lcSize, false},
+		{"nothing lost since the hand-over", 40, 0, false},
+	} {
+		t.Run("back-end lost: "+tc.name, func(t *testing.T) {
+			g := newLCGuestWith(t, lcPackedFeatures)
+			src := g.connect(lcDevice(t))
+			src.negotiatePacked()
+			src.startPacked(fresh, true)
+			known := fresh
+			if tc.before > 0 {
+				g.trafficN(tc.before)
+				src.send(ReqSetStatus, putU64(0))
+				known = src.base32()
+				src.send(ReqSetFeatures, putU64(uint64(lcPackedFeatures)))
+				src.startPacked(known, true)
+			}
+			g.trafficN(tc.lost)
+			src.hangUp() // no GET_VRING_BASE: the back-end died
+
+			dst := g.connect(lcDevice(t))
+			dst.negotiatePacked()
+			dst.startPacked(known, true)
+			notes := dst.log.find("resynchronised from the ring")
+			if tc.stale {
+				require.Len(t, notes, 1, "one note")
+				assert.Contains(t, notes[0], fmt.Sprintf("base=%#x ring=%#x", uint16(known), uint16(packedWord(tc.before+tc.lost))))
+			} else {
+				assert.Empty(t, notes)
+			}
+			g.trafficN(10)
+			dst.send(ReqSetStatus, putU64(0))
+			assert.Equal(t, packedWord(tc.before+tc.lost+10), dst.base32())
+			select {
+			case err := <-dst.done:
+				t.Fatalf("session ended: %v", err)
+			default:
+			}
 		})
 	}
 	// A packed base is 32 bits; a split ring's is refused beyond 16.

@@ -1404,42 +1404,70 @@ func waitPairsBusy(ctx context.Context, rig *qemuRig, pairs int, base *softnet.S
 // second (reconnect=1 / reconnect-ms=1000). Traffic must resume on the new
 // back-end within seconds; frames sent while no back-end ran are lost, but
 // nothing is duplicated or corrupt; QEMU and the guest keep running; the
-// test process holds no more descriptors than before.
+// test process holds no more descriptors than before. On split rings with
+// one queue pair, on packed rings (QEMU hands the new back-end a position
+// it takes from the ring's used side, wrap counters included, since the
+// dead one never answered GET_VRING_BASE), and with two queue pairs (every
+// pair must carry traffic again on the new back-end).
 func TestQEMUReconnect(t *testing.T) {
 	forEachQEMU(t, func(t *testing.T, q qemuPeer, helper string) {
-		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-		defer cancel()
-		start := time.Now()
-		dir := t.TempDir()
-		g := buildGuestEnv(t, ctx, helper, dir, "serve")
-		rig := startRig(t, ctx, dir, rigOptions{name: "a"})
-		rigs := []*qemuRig{rig}
-		vm := bootServe(t, ctx, q, g, rig, qemuConfig{name: q.name, reconnect: true}, 1)
-		fds := openFdSet(t)
-		var resumed []time.Duration
-		for round := 1; round <= 2; round++ {
-			rig.kill(t)
-			time.Sleep(500 * time.Millisecond)
-			rig = startRig(t, ctx, dir, rigOptions{name: "a"})
-			rigs = append(rigs, rig)
-			took, err := waitEchoes(ctx, 10, 60*time.Second, rig)
-			require.NoError(t, err, "round %d: traffic on the restarted back-end", round)
-			resumed = append(resumed, took.Round(time.Millisecond))
-			select {
-			case <-vm.done:
-				t.Fatalf("QEMU exited after the back-end restarted: %v", vm.err)
-			default:
+		for _, tc := range []struct {
+			name   string
+			packed bool
+			pairs  int
+		}{{"split", false, 1}, {"packed", true, 1}, {"pairs2", false, 2}} {
+			t.Run(tc.name, func(t *testing.T) { testQEMUReconnect(t, q, helper, tc.packed, tc.pairs) })
+		}
+	})
+}
+
+func testQEMUReconnect(t *testing.T, q qemuPeer, helper string, packed bool, pairs int) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	start := time.Now()
+	dir := t.TempDir()
+	g := buildGuestEnv(t, ctx, helper, dir, "serve")
+	rig := startRig(t, ctx, dir, rigOptions{name: "a", pairs: pairs})
+	rigs := []*qemuRig{rig}
+	vm := bootServe(t, ctx, q, g, rig, qemuConfig{name: q.name, reconnect: true, packed: packed, pairs: pairs, smp: pairs}, pairs)
+	fds := openFdSet(t)
+	var resumed []time.Duration
+	for round := 1; round <= 2; round++ {
+		rig.kill(t)
+		time.Sleep(500 * time.Millisecond)
+		rig = startRig(t, ctx, dir, rigOptions{name: "a", pairs: pairs})
+		rigs = append(rigs, rig)
+		took, err := waitEchoes(ctx, 10, 60*time.Second, rig)
+		require.NoError(t, err, "round %d: traffic on the restarted back-end", round)
+		resumed = append(resumed, took.Round(time.Millisecond))
+		f := rig.be.Info().Features
+		require.Equal(t, packed, f.Has(virtio.FRingPacked), "round %d: packed rings negotiated: %s", round, f.Format(virtio.DeviceNet))
+		if packed {
+			// QEMU handed the new back-end the position of the last
+			// hand-over it saw (none: the initial one); each ring's
+			// position came from the used descriptors in it.
+			notes := strings.Join(rig.rec.notes(), "\n")
+			for q := 0; q < 2*pairs; q++ {
+				assert.Regexp(t, fmt.Sprintf(`resynchronised from the ring queue=%d `, q), notes, "round %d: queue %d resumed from the ring's used position", round, q)
 			}
 		}
-		now := openFdSet(t)
-		extra := leakedSince(t, fds)
-		assert.LessOrEqual(t, len(now), len(fds), "descriptors: %d with the first back-end serving, %d after two restarts; new: %v", len(fds), len(now), extra)
-		p := stopPingers(t, ctx, vm, g.nonce, "final")
-		noWarnings(t, rigs...)
-		checkPingRound(t, q.name+" reconnect", p, true, rigs...)
-		t.Logf("RESULT %s reconnect: 2 back-end restarts, traffic resumed after %v, fds %d before / %d after, run time %v",
-			q.name, resumed, len(fds), len(now), time.Since(start).Round(time.Millisecond))
-	})
+		if pairs > 1 {
+			require.NoError(t, waitPairsBusy(ctx, rig, pairs, nil), "round %d: every queue pair carries traffic on the restarted back-end", round)
+		}
+		select {
+		case <-vm.done:
+			t.Fatalf("QEMU exited after the back-end restarted: %v", vm.err)
+		default:
+		}
+	}
+	now := openFdSet(t)
+	extra := leakedSince(t, fds)
+	assert.LessOrEqual(t, len(now), len(fds), "descriptors: %d with the first back-end serving, %d after two restarts; new: %v", len(fds), len(now), extra)
+	p := stopPingers(t, ctx, vm, g.nonce, "final")
+	noWarnings(t, rigs...)
+	checkPingRound(t, q.name+" reconnect", p, true, rigs...)
+	t.Logf("RESULT %s reconnect (packed %v, %d pairs): 2 back-end restarts, traffic resumed after %v, fds %d before / %d after, run time %v",
+		q.name, packed, pairs, resumed, len(fds), len(now), time.Since(start).Round(time.Millisecond))
 }
 
 // TestQEMUBackendKilledDuringMigration kills one side's back-end while a
