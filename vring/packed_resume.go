@@ -30,7 +30,8 @@ var ErrUsedRun = errors.New("vring: used descriptors in the packed ring do not f
 // last device of this package wrote there, or, where the driver has
 // reused all of their slots, where its oldest available descriptor is. ok
 // is false when the ring records no position (a ring no DeviceQueue of
-// this package has used, one the driver re-initialized and has not filled,
+// this package has used; one the driver re-initialized, which it zeroes,
+// §2.8.13: "The descriptor ring is zero-initialized", and has not filled;
 // one whose used descriptors another implementation wrote).
 //
 // A device that takes a packed ring over is told where to start by the

@@ -135,11 +135,14 @@
 //     one the position of the last hand-over it saw (at first the initial
 //     one), which the ring has long left behind; started there, a packed
 //     ring finds nothing available and the NIC stays dead. A ring the
-//     driver reset (Linux and DPDK's virtio-user, which resets its packed
-//     rings when a back-end reconnects in server mode, zero it first)
-//     records nothing, or the fresh position, and starts at the base
-//     given; so do rings whose used descriptors another implementation
-//     wrote.
+//     driver reset is zeroed (virtio 1.2 §2.8.13; DPDK's virtio-user
+//     resets and zeroes its packed rings when a back-end reconnects in
+//     server mode) and records nothing, or the fresh position: it starts
+//     at the base given, and so do rings whose used descriptors another
+//     implementation wrote. What the ring cannot record: a receive ring
+//     the driver keeps full of chains of several descriptors (Linux's
+//     big-packet mode, without MRG_RXBUF), which reuses every used slot;
+//     it starts at the base given.
 //
 // Multi-queue: GET_QUEUE_NUM answers the device's queue pairs; every ring
 // the front-end enables with SET_VRING_ENABLE is served, pair by pair. QEMU
