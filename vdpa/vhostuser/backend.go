@@ -1394,12 +1394,11 @@ func packedStart(base uint32, set bool, f virtio.Features) vring.QueueState {
 // before went past long ago: started there, the queue finds nothing
 // available and stays dead. The resynchronisation is the expected way out
 // of that, so it is noted (Info), not warned about. A driver that resets
-// its rings zeroes them
-// (Linux, DPDK's virtio-user reconnecting in server mode), which records
-// no position, and a hand-over QEMU did see (stop/cont, migration) gives
-// the position the ring records: both start where they are told. A ring
-// whose used descriptors do not add up is started where it is told, with
-// a warning.
+// its rings zeroes them (§2.8.13; DPDK's virtio-user reconnecting in
+// server mode too), which records no position, and a hand-over QEMU did
+// see (stop/cont, migration) gives the position the ring records: both
+// start where they are told. A ring whose used descriptors do not add up
+// is started where it is told, with a warning.
 func (s *session) packedResync(i int, l vring.Layout, st vring.QueueState) vring.QueueState {
 	if st.NextAvail != st.NextUsed {
 		return st // chains in flight: a hand-over that knew the position

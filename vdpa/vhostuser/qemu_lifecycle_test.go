@@ -1407,15 +1407,15 @@ func waitPairsBusy(ctx context.Context, rig *qemuRig, pairs int, base *softnet.S
 // test process holds no more descriptors than before. On split rings with
 // one queue pair, on packed rings (QEMU hands the new back-end a position
 // it takes from the ring's used side, wrap counters included, since the
-// dead one never answered GET_VRING_BASE), and with two queue pairs (every
-// pair must carry traffic again on the new back-end).
+// dead one never answered GET_VRING_BASE), and with two queue pairs on
+// either (every pair must carry traffic again on the new back-end).
 func TestQEMUReconnect(t *testing.T) {
 	forEachQEMU(t, func(t *testing.T, q qemuPeer, helper string) {
 		for _, tc := range []struct {
 			name   string
 			packed bool
 			pairs  int
-		}{{"split", false, 1}, {"packed", true, 1}, {"pairs2", false, 2}} {
+		}{{"split", false, 1}, {"packed", true, 1}, {"pairs2", false, 2}, {"packed-pairs2", true, 2}} {
 			t.Run(tc.name, func(t *testing.T) { testQEMUReconnect(t, q, helper, tc.packed, tc.pairs) })
 		}
 	})
