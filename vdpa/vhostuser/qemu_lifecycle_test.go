@@ -22,6 +22,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -892,14 +893,19 @@ func noWarnings(t *testing.T, rigs ...*qemuRig) {
 // and starts it again with the bases it read: traffic must resume, nothing
 // lost, duplicated or corrupt, and every ring must restart at the positions
 // it stopped at.
-func TestQEMUStopCont(t *testing.T) { testQEMUStopCont(t, false) }
+func TestQEMUStopCont(t *testing.T) { testQEMUStopCont(t, false, false) }
 
 // TestQEMUStopContPollGroup is TestQEMUStopCont with the device
 // busy-polling on a softnet.PollGroup of one worker: each stop takes the
 // transmit queue out of the group and each cont puts it back.
-func TestQEMUStopContPollGroup(t *testing.T) { testQEMUStopCont(t, true) }
+func TestQEMUStopContPollGroup(t *testing.T) { testQEMUStopCont(t, true, false) }
 
-func testQEMUStopCont(t *testing.T, grouped bool) {
+// TestQEMUStopContPacked is TestQEMUStopCont on packed rings: the bases
+// QEMU read at the stop must restart every ring where it stopped, and
+// agree with the position each ring records (no resynchronisation).
+func TestQEMUStopContPacked(t *testing.T) { testQEMUStopCont(t, false, true) }
+
+func testQEMUStopCont(t *testing.T, grouped, packed bool) {
 	forEachQEMU(t, func(t *testing.T, q qemuPeer, helper string) {
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 		defer cancel()
@@ -912,7 +918,8 @@ func testQEMUStopCont(t *testing.T, grouped bool) {
 		}
 		rig := startRig(t, ctx, dir, rigOptions{name: "a", pollGroup: group})
 		qmpPath := filepath.Join(dir, "qmp.sock")
-		vm := bootServe(t, ctx, q, g, rig, qemuConfig{name: q.name, qmp: qmpPath}, 1)
+		vm := bootServe(t, ctx, q, g, rig, qemuConfig{name: q.name, qmp: qmpPath, packed: packed}, 1)
+		require.Equal(t, packed, rig.be.Info().Features.Has(virtio.FRingPacked), "packed rings negotiated")
 		qm, err := qmp.Dial(ctx, qmpPath)
 		require.NoError(t, err)
 		defer qm.Close()
@@ -956,6 +963,8 @@ func testQEMUStopCont(t *testing.T, grouped bool) {
 		assert.GreaterOrEqual(t, stops[0], 2, "receiveq stopped by each stop: %v", ev)
 		assert.GreaterOrEqual(t, stops[1], 2, "transmitq stopped by each stop: %v", ev)
 		checkRingContinuity(t, "stop/cont", ev)
+		assert.Empty(t, slices.DeleteFunc(rig.rec.notes(), func(n string) bool { return !strings.Contains(n, "resynchronised") }),
+			"bases QEMU read at the stop agree with the rings")
 		t.Logf("rings after the first stop: %v", ev)
 		_, _ = qm.Do("quit", nil)
 		t.Logf("RESULT %s stop/cont: 2 stop/cont rounds, run time %v", q.name, time.Since(start).Round(time.Millisecond))
