@@ -7,7 +7,7 @@ import (
 
 // usedMark is what a DeviceQueue writes into the Element Address of every
 // used descriptor of a packed ring, which is unused in a used descriptor
-// (virtio 1.2 §2.8.5): the high 32 bits are this tag ("vdpa"), far above
+// (virtio 1.2 §2.8.4): the high 32 bits are this tag ("vdpa"), far above
 // any guest-physical address a buffer can have, and the low 16 bits the
 // number of ring descriptors the used position moved by (the chain's
 // descriptors, or more when a first used descriptor also covers chains
@@ -23,16 +23,46 @@ const (
 // used descriptors do not form one run the way a DeviceQueue writes them.
 var ErrUsedRun = errors.New("vring: used descriptors in the packed ring do not form one run")
 
+// PositionSource says how a packed ring recorded a used position
+// (PackedUsedPosition).
+type PositionSource int
+
+const (
+	// NoPosition: the ring records none.
+	NoPosition PositionSource = iota
+	// UsedRun: the end of the run of used descriptors a DeviceQueue
+	// wrote. Exact.
+	UsedRun
+	// CutBatch: the first descriptor of a batch of used descriptors whose
+	// publication was cut short (a device that died between writing the
+	// batch and storing its first flags word, which publishes it): the
+	// driver has seen none of the batch. Exact.
+	CutBatch
+	// OldestAvailable: a ring whose every descriptor is available, the
+	// driver having reused every used slot: the oldest available
+	// descriptor. Not exact: a slot a used chain of several descriptors
+	// left over looks the same (see PackedUsedPosition).
+	OldestAvailable
+)
+
+func (s PositionSource) String() string {
+	switch s {
+	case NoPosition:
+		return "none"
+	case UsedRun:
+		return "used run"
+	case CutBatch:
+		return "cut batch"
+	case OldestAvailable:
+		return "oldest available"
+	}
+	return fmt.Sprintf("PositionSource(%d)", int(s))
+}
+
 // PackedUsedPosition reads the descriptor ring of a packed virtqueue laid
 // out at l and returns the device's used position as the ring itself
 // records it: the position (ring index and wrap counter, as
-// QueueState.NextUsed encodes it) just after the used descriptors the
-// last device of this package wrote there, or, where the driver has
-// reused all of their slots, where its oldest available descriptor is. ok
-// is false when the ring records no position (a ring no DeviceQueue of
-// this package has used; one the driver re-initialized, which it zeroes,
-// §2.8.13: "The descriptor ring is zero-initialized", and has not filled;
-// one whose used descriptors another implementation wrote).
+// QueueState.NextUsed encodes it) and how the ring recorded it.
 //
 // A device that takes a packed ring over is told where to start by the
 // front-end (vhost-user SET_VRING_BASE), which learned it from the device
@@ -45,58 +75,110 @@ var ErrUsedRun = errors.New("vring: used descriptors in the packed ring do not f
 // no descriptor available and the queue stays dead. Every used descriptor
 // a DeviceQueue writes records how far it moved the used position (see
 // usedMark), so the run of them, walked from any one of them, ends exactly
-// where the used position stands: the position the new device resumes
-// from (NextAvail = NextUsed = that position: chains the old device
-// popped and never used are popped again, as QEMU does with a split
-// ring's used index).
+// where the used position stands (UsedRun): where a new device resumes
+// (chains the old device popped and never used are popped again, as QEMU
+// does with a split ring's used index). See PackedResumePosition.
 //
 // The walk starts at the first used descriptor with the mark from l's
 // first descriptor on and follows the recorded counts, each used
 // descriptor in the lap its position is in (its AVAIL and USED bits equal
 // to the wrap counter there), until a position holds no used descriptor
-// of that lap. A driver that keeps the ring full (a receive ring) reuses
-// every used slot, so no used descriptor is left: a ring whose every
-// descriptor is available and none chained gives the position of the
-// oldest available one, where the device's lap begins (see
-// fullPosition; with chains, a leftover descriptor of a used chain could
-// be taken for it, so such a ring gives ok false). A ring read while the
-// driver writes it is read again until two reads agree.
+// of that lap. A descriptor whose flags still say available but which
+// holds the mark is the first of a batch the device wrote and never
+// published (it stores that descriptor's flags last): the driver's used
+// position is there (CutBatch), wherever a walk would end. A driver that
+// keeps the ring full (a receive ring) reuses every used slot, so no used
+// descriptor is left: a ring whose every descriptor is available, none
+// chained, all ids distinct, gives the oldest available one, where the
+// device's lap begins (OldestAvailable, see fullPosition). That one is not
+// exact: a chain of several descriptors leaves the slots its used
+// descriptor did not overwrite looking available until the driver reuses
+// them (so do chains an IN_ORDER device covered with one used
+// descriptor), and the checks cannot exclude every such leftover. A ring
+// read while the driver writes it is read again until two reads agree.
 //
-// A ring whose run does not add up (a count of 0 or more than the ring, a
-// run longer than the ring, or a used descriptor of the lap without the
-// mark where the run ends: written by another implementation), or that
-// keeps changing under the reads, gives ErrUsedRun. The driver can write
-// anything into the ring; whatever it wrote, the result is a valid
-// position of the ring or an error, after at most nine passes over the
-// ring: a driver that forges marks only misplaces its own device.
-func PackedUsedPosition(mem *Memory, l Layout) (pos uint16, ok bool, err error) {
+// NoPosition is a ring that records none: one no DeviceQueue of this
+// package has used; one the driver re-initialized, which it zeroes
+// (§2.8.13: "The descriptor ring is zero-initialized"), and has not
+// filled; one whose used descriptors another implementation wrote. A ring
+// whose run does not add up (a count of 0 or more than the ring, a run
+// longer than the ring, a used descriptor of the lap without the mark
+// where the run ends, two cut batches), or that keeps changing under the
+// reads, gives ErrUsedRun. The driver can write anything into the ring;
+// whatever it wrote, the result is a valid position of the ring or an
+// error, after at most nine reads of the ring (each of at most three
+// passes over it): a driver that forges marks only misplaces its own
+// device.
+func PackedUsedPosition(mem *Memory, l Layout) (pos uint16, src PositionSource, err error) {
 	r, err := newPackedRing(mem, l)
 	if err != nil {
-		return 0, false, err
+		return 0, NoPosition, err
 	}
 	err = Guard(func() error {
-		// The driver may be writing the ring meanwhile (reusing used
-		// slots for new buffers, as far as the used position at most):
-		// a read it overtook could end the run early, so the answer is
-		// the one two reads in a row agree on.
-		pos, ok, err = r.usedPosition()
-		for range packedReadTries {
-			p2, ok2, err2 := r.usedPosition()
-			if p2 == pos && ok2 == ok && (err2 == nil) == (err == nil) {
-				return err
-			}
-			pos, ok, err = p2, ok2, err2
-		}
-		return fmt.Errorf("%w: the ring changed under %d reads", ErrUsedRun, packedReadTries+1)
+		pos, src, err = r.readUsedPosition()
+		return err
 	})
-	return pos, ok, err
+	return pos, src, err
 }
 
-// packedReadTries bounds PackedUsedPosition's re-reads.
+// PackedResumePosition is the position a device taking over the packed
+// ring at l should resume from when the front-end says base (a
+// QueueState position with no chain in flight): the used position the
+// ring records (PackedUsedPosition) where it is exact; an OldestAvailable
+// one only when base's own descriptor is not available in base's lap (a
+// base the driver has moved past, or one from a lost hand-over: a base
+// that is right has its descriptor available unless the ring is empty,
+// and an empty ring holds used descriptors, so it never gives
+// OldestAvailable); base itself otherwise. It reports where the position
+// came from (NoPosition: base). Errors are PackedUsedPosition's; the
+// caller then has only base.
+func PackedResumePosition(mem *Memory, l Layout, base uint16) (pos uint16, src PositionSource, err error) {
+	r, err := newPackedRing(mem, l)
+	if err != nil {
+		return base, NoPosition, err
+	}
+	if idx, _ := PackedPosition(base); idx >= l.Size {
+		return base, NoPosition, fmt.Errorf("%w: packed position %#x on a ring of %d", ErrInvalidState, base, l.Size)
+	}
+	err = Guard(func() error {
+		pos, src, err = r.readUsedPosition()
+		if err != nil || src != OldestAvailable {
+			return err
+		}
+		idx, wrap := PackedPosition(base)
+		_, flags := r.loadWord(idx)
+		if avail := (flags&DescFAvail != 0) == wrap && (flags&DescFUsed != 0) != wrap; avail {
+			pos, src = base, NoPosition
+		}
+		return nil
+	})
+	if err != nil || src == NoPosition {
+		return base, NoPosition, err
+	}
+	return pos, src, nil
+}
+
+// packedReadTries bounds the re-reads of readUsedPosition.
 const packedReadTries = 8
 
-// usedPosition is PackedUsedPosition on a mapped ring.
-func (r *packedRing) usedPosition() (uint16, bool, error) {
+// readUsedPosition is usedPosition until two reads in a row agree: the
+// driver may be writing the ring meanwhile (reusing used slots for new
+// buffers, as far as the used position at most), and a read it overtook
+// could end the run early.
+func (r *packedRing) readUsedPosition() (uint16, PositionSource, error) {
+	pos, src, err := r.usedPosition()
+	for range packedReadTries {
+		p2, s2, err2 := r.usedPosition()
+		if p2 == pos && s2 == src && (err2 == nil) == (err == nil) {
+			return pos, src, err
+		}
+		pos, src, err = p2, s2, err2
+	}
+	return 0, NoPosition, fmt.Errorf("%w: the ring changed under %d reads", ErrUsedRun, packedReadTries+1)
+}
+
+// usedPosition reads the position once (PackedUsedPosition).
+func (r *packedRing) usedPosition() (uint16, PositionSource, error) {
 	size := r.size
 	// used reports whether descriptor i is a used descriptor of the lap
 	// with wrap bits bits (AVAIL and USED both equal to them), and its
@@ -107,16 +189,14 @@ func (r *packedRing) usedPosition() (uint16, bool, error) {
 		if flags&availUsed != bits {
 			return false, 0
 		}
-		a := r.descs[i].addr
-		if a&usedMarkMask != usedMark {
-			return true, 0
-		}
-		return true, uint16(a)
+		return true, markCount(r.descs[i].addr)
 	}
-	// One pass: the first marked used descriptor, of either lap, and
-	// what the ring holds otherwise.
+	// One pass: the first marked used descriptor, of either lap, a
+	// marked one still flagged available (a cut batch), and what the
+	// ring holds otherwise.
 	start, bits := uint16(0), uint16(0)
 	found, usedLooking, chained := false, false, false
+	cut, cutPos := 0, uint16(0)
 	for i := uint16(0); i < size; i++ {
 		_, flags := r.loadWord(i)
 		switch b := flags & availUsed; b {
@@ -127,28 +207,36 @@ func (r *packedRing) usedPosition() (uint16, bool, error) {
 			}
 		default:
 			chained = chained || flags&DescFNext != 0
+			if markCount(r.descs[i].addr) != 0 {
+				cut++
+				cutPos = PackedIndex(i, flags&DescFAvail != 0)
+			}
 		}
 	}
-	if !found {
-		if usedLooking || chained {
-			return 0, false, nil
-		}
+	switch {
+	case cut > 1:
+		return 0, NoPosition, fmt.Errorf("%w: %d descriptors flagged available hold the used mark (one batch at most is cut short)", ErrUsedRun, cut)
+	case cut == 1:
+		return cutPos, CutBatch, nil
+	case !found && (usedLooking || chained):
+		return 0, NoPosition, nil
+	case !found:
 		return r.fullPosition()
 	}
 	pos, walked := start, uint32(0)
 	for {
 		isUsed, n := used(pos, bits)
 		if !isUsed {
-			return PackedIndex(pos, bits != 0), true, nil
+			return PackedIndex(pos, bits != 0), UsedRun, nil
 		}
 		if n == 0 {
-			return 0, false, fmt.Errorf("%w: descriptor %d (wrap %v) is a used descriptor without a count", ErrUsedRun, pos, bits != 0)
+			return 0, NoPosition, fmt.Errorf("%w: descriptor %d (wrap %v) is a used descriptor without a count", ErrUsedRun, pos, bits != 0)
 		}
 		if n > size {
-			return 0, false, fmt.Errorf("%w: descriptor %d (wrap %v) records %d descriptors, the ring has %d", ErrUsedRun, pos, bits != 0, n, size)
+			return 0, NoPosition, fmt.Errorf("%w: descriptor %d (wrap %v) records %d descriptors, the ring has %d", ErrUsedRun, pos, bits != 0, n, size)
 		}
 		if walked += uint32(n); walked > uint32(size) {
-			return 0, false, fmt.Errorf("%w: the run from descriptor %d is longer than the ring (%d descriptors)", ErrUsedRun, start, size)
+			return 0, NoPosition, fmt.Errorf("%w: the run from descriptor %d is longer than the ring (%d descriptors)", ErrUsedRun, start, size)
 		}
 		next := uint32(pos) + uint32(n)
 		if next >= uint32(size) {
@@ -157,6 +245,15 @@ func (r *packedRing) usedPosition() (uint16, bool, error) {
 		}
 		pos = uint16(next)
 	}
+}
+
+// markCount is the count an Element Address holding the used mark
+// records, 0 for any other address.
+func markCount(addr uint64) uint16 {
+	if addr&usedMarkMask != usedMark {
+		return 0
+	}
+	return uint16(addr)
 }
 
 // fullPosition is the used position of a ring every descriptor of which
@@ -176,15 +273,18 @@ func (r *packedRing) usedPosition() (uint16, bool, error) {
 // driver that builds chains shows it in the ones it made available), and
 // size distinct buffer ids (the buffers outstanding; a descriptor left
 // over from a used chain carries the id of a buffer the driver got back,
-// which it hands out again first). Otherwise ok is false. What these
-// checks cannot see is a driver that changed from chains to single
-// descriptors just before and has not reused a left-over chain's id yet.
-func (r *packedRing) fullPosition() (uint16, bool, error) {
+// which a driver that hands the last freed id out first, as Linux does,
+// has reused). Otherwise there is no position. What these checks cannot
+// see is a left-over slot whose id the driver has not reused (a driver
+// that hands ids out first-in first-out, or changed from chains to single
+// descriptors): PackedResumePosition therefore takes this position only
+// for a base that cannot be right.
+func (r *packedRing) fullPosition() (uint16, PositionSource, error) {
 	seen := make([]uint64, (int(r.size)+63)/64)
 	for i := uint16(0); i < r.size; i++ {
 		id, _ := r.loadWord(i)
 		if id >= r.size || seen[id/64]&(1<<(id%64)) != 0 {
-			return 0, false, nil
+			return 0, NoPosition, nil
 		}
 		seen[id/64] |= 1 << (id % 64)
 	}
@@ -192,8 +292,8 @@ func (r *packedRing) fullPosition() (uint16, bool, error) {
 	lap := last & DescFAvail
 	for i := uint16(0); i < r.size; i++ {
 		if _, flags := r.loadWord(i); flags&DescFAvail == lap {
-			return PackedIndex(i, lap != 0), true, nil
+			return PackedIndex(i, lap != 0), OldestAvailable, nil
 		}
 	}
-	return 0, false, nil // the last descriptor changed under the read
+	return 0, NoPosition, nil // the last descriptor changed under the read
 }

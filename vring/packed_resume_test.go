@@ -103,17 +103,34 @@ func TestPackedUsedPositionFollowsTheDevice(t *testing.T) {
 						}
 					}
 				}
-				pos, ok, err := PackedUsedPosition(mem, l)
+				pos, src, err := PackedUsedPosition(mem, l)
 				require.NoError(t, err, "step %d", step)
-				if !ok {
+				require.NotEqual(t, CutBatch, src, "step %d: every batch was published", step)
+				// A device taking over with the right base keeps it; with
+				// a stale one (the initial position) it resumes at the
+				// device's position or, where the ring records nothing
+				// it may use, at the base.
+				now := dev.State().NextUsed
+				got, _, err := PackedResumePosition(mem, l, now)
+				require.NoError(t, err)
+				require.Equal(t, now, got, "step %d: a right base is kept", step)
+				stale := InitialState(fPacked).NextAvail
+				got, gsrc, err := PackedResumePosition(mem, l, stale)
+				require.NoError(t, err)
+				if gsrc != NoPosition {
+					require.Equal(t, now, got, "step %d: resumed from the ring (%v) after a stale base", step, gsrc)
+				} else {
+					require.Equal(t, stale, got)
+				}
+				if src == NoPosition {
 					require.True(t, !pushed || tc.maxLen > 1, "step %d: a ring of single descriptors a device used records no position", step)
 					continue
 				}
 				recorded++
-				if tc.full && !hasUsedDesc(t, mem, l) {
+				if src == OldestAvailable {
 					fromFull++
 				}
-				require.Equal(t, dev.State().NextUsed, pos, "step %d: the used position the ring records (device %+v)", step, dev.State())
+				require.Equal(t, now, pos, "step %d: the used position the ring records (%v; device %+v)", step, src, dev.State())
 			}
 			require.Greater(t, recorded, 1000, "steps at which the ring recorded the position")
 			if tc.full {
@@ -123,81 +140,169 @@ func TestPackedUsedPositionFollowsTheDevice(t *testing.T) {
 	}
 }
 
-// hasUsedDesc reports whether the packed ring at l holds a descriptor
-// whose AVAIL and USED bits are equal.
-func hasUsedDesc(t *testing.T, mem *Memory, l Layout) bool {
-	t.Helper()
-	b := make([]byte, 16*int(l.Size))
-	require.NoError(t, mem.Read(l.Desc, b))
-	for i := 0; i < len(b); i += 16 {
-		f := binary.LittleEndian.Uint16(b[i+14:])
-		avail, used := f&DescFAvail != 0, f&DescFUsed != 0
-		if avail == used {
-			return true
-		}
-	}
-	return false
+// packedTestDesc is a descriptor a table test writes into a packed ring.
+type packedTestDesc struct {
+	addr  uint64
+	flags uint16
+	id    uint16
 }
 
-// TestPackedUsedPositionRejects: rings whose used descriptors do not form
-// a run the device could have written give ErrUsedRun, and rings that
-// record nothing give ok false, whatever the driver wrote.
-func TestPackedUsedPositionRejects(t *testing.T) {
-	const size = 4
-	l := ContiguousPackedLayout(0x1000, size)
-	type desc struct {
-		addr  uint64
-		flags uint16
-		id    uint16
+const (
+	pUsed1, pUsed0   = DescFAvail | DescFUsed, 0
+	pAvail1, pAvail0 = DescFAvail, DescFUsed
+)
+
+func pMark(n uint64) uint64 { return usedMark | n }
+
+// packedTestRing writes descs into a fresh memory's packed ring of
+// len(descs) descriptors at 0x1000 and returns the memory and layout.
+func packedTestRing(t *testing.T, descs []packedTestDesc) (*Memory, Layout) {
+	t.Helper()
+	l := ContiguousPackedLayout(0x1000, uint16(len(descs)))
+	r, err := NewMemfdRegion(0, 1<<20, nil)
+	require.NoError(t, err)
+	mem, err := NewMemory(r)
+	require.NoError(t, err)
+	t.Cleanup(func() { mem.Close() })
+	for i, d := range descs {
+		var b [16]byte
+		binary.LittleEndian.PutUint64(b[0:], d.addr)
+		binary.LittleEndian.PutUint32(b[8:], 64)
+		binary.LittleEndian.PutUint16(b[12:], d.id)
+		binary.LittleEndian.PutUint16(b[14:], d.flags)
+		require.NoError(t, mem.Write(l.Desc+GuestAddr(16*i), b[:]))
 	}
-	mark := func(n uint64) uint64 { return usedMark | n }
-	const used1, used0, avail1, avail0 = DescFAvail | DescFUsed, 0, DescFAvail, DescFUsed
+	return mem, l
+}
+
+// TestPackedUsedPositionRings: what rings of 4 descriptors record, by
+// rule: the used run, a cut batch, a full ring, nothing; and the rings
+// whose used descriptors do not form a run give ErrUsedRun, whatever the
+// driver wrote.
+func TestPackedUsedPositionRings(t *testing.T) {
+	type d = packedTestDesc
 	for _, tc := range []struct {
-		name    string
-		ring    [size]desc
-		pos     uint16
-		ok      bool
-		errLike bool
+		name string
+		ring []d
+		pos  uint16
+		src  PositionSource
+		err  bool
 	}{
-		{"a zeroed ring", [size]desc{}, 0, false, false},
-		{"a fresh ring, two available", [size]desc{{0x100000, avail1, 0}, {0x100000, avail1, 0}}, 0, false, false},
-		{"a fresh ring the driver filled", [size]desc{{1, avail1, 0}, {1, avail1, 1}, {1, avail1, 2}, {1, avail1, 3}}, PackedIndex(0, true), true, false},
-		{"full, the device one lap and two in", [size]desc{{1, avail0, 2}, {1, avail0, 0}, {1, avail1, 3}, {1, avail1, 1}}, PackedIndex(2, true), true, false},
-		{"full-looking, but chained: a used chain's leftover may look available", [size]desc{{1, avail0, 0}, {1, avail1 | DescFNext, 1}, {1, avail1, 2}, {1, avail1, 3}}, 0, false, false},
-		{"full-looking, but an id twice: a used chain's leftover and its id reused", [size]desc{{1, avail0, 0}, {1, avail0, 1}, {1, avail1, 1}, {1, avail1, 3}}, 0, false, false},
-		{"a run of two, then available", [size]desc{{mark(1), used1, 0}, {mark(2), used1, 0}, {0, used0, 0}, {1, avail1, 0}}, PackedIndex(3, true), true, false},
-		{"a run across the ring's end", [size]desc{{mark(1), used0, 0}, {1, avail1, 0}, {mark(1), used1, 0}, {mark(2), used1, 0}}, PackedIndex(1, false), true, false},
-		{"a count of 0 mid-run", [size]desc{{mark(1), used1, 0}, {mark(0), used1, 0}}, 0, false, true},
-		{"a used descriptor without the mark ends the run", [size]desc{{mark(1), used1, 0}, {0x200000, used1, 0}}, 0, false, true},
-		{"a count past the ring", [size]desc{{mark(5), used1, 0}}, 0, false, true},
-		{"a run longer than the ring", [size]desc{{mark(3), used1, 0}, {mark(2), used0, 0}, {}, {mark(2), used1, 0}}, 0, false, true},
-		{"unmarked used descriptors only (another implementation)", [size]desc{{0x200000, used1, 0}, {0x200000, used1, 0}}, 0, false, false},
+		{"a zeroed ring", []d{{}, {}, {}, {}}, 0, NoPosition, false},
+		{"a fresh ring, two available", []d{{0x100000, pAvail1, 0}, {0x100000, pAvail1, 1}, {}, {}}, 0, NoPosition, false},
+		{"a fresh ring the driver filled", []d{{1, pAvail1, 0}, {1, pAvail1, 1}, {1, pAvail1, 2}, {1, pAvail1, 3}}, PackedIndex(0, true), OldestAvailable, false},
+		{"full, the device one lap and two in", []d{{1, pAvail0, 2}, {1, pAvail0, 0}, {1, pAvail1, 3}, {1, pAvail1, 1}}, PackedIndex(2, true), OldestAvailable, false},
+		{"full-looking, but chained: a used chain's leftover may look available", []d{{1, pAvail0, 0}, {1, pAvail1 | DescFNext, 1}, {1, pAvail1, 2}, {1, pAvail1, 3}}, 0, NoPosition, false},
+		{"full-looking, but an id twice: a used chain's leftover and its id reused", []d{{1, pAvail0, 0}, {1, pAvail0, 1}, {1, pAvail1, 1}, {1, pAvail1, 3}}, 0, NoPosition, false},
+		{"a run of two, then available", []d{{pMark(1), pUsed1, 0}, {pMark(2), pUsed1, 0}, {0, pUsed0, 0}, {1, pAvail1, 0}}, PackedIndex(3, true), UsedRun, false},
+		{"a run across the ring's end", []d{{pMark(1), pUsed0, 0}, {1, pAvail1, 0}, {pMark(1), pUsed1, 0}, {pMark(2), pUsed1, 0}}, PackedIndex(1, false), UsedRun, false},
+		{"a cut batch: its first descriptor marked, flags still the driver's", []d{{pMark(1), pUsed1, 0}, {pMark(1), pAvail1, 1}, {pMark(1), pUsed1, 2}, {1, pAvail1, 3}}, PackedIndex(1, true), CutBatch, false},
+		{"a cut batch across the ring's end", []d{{pMark(1), pUsed0, 0}, {1, pAvail0, 1}, {1, pAvail1, 2}, {pMark(2), pAvail1, 3}}, PackedIndex(3, true), CutBatch, false},
+		{"two cut batches", []d{{pMark(1), pAvail1, 0}, {pMark(1), pAvail1, 1}, {}, {}}, 0, NoPosition, true},
+		{"a count of 0 mid-run", []d{{pMark(1), pUsed1, 0}, {pMark(0), pUsed1, 0}, {}, {}}, 0, NoPosition, true},
+		{"a used descriptor without the mark ends the run", []d{{pMark(1), pUsed1, 0}, {0x200000, pUsed1, 0}, {}, {}}, 0, NoPosition, true},
+		{"a count past the ring", []d{{pMark(5), pUsed1, 0}, {}, {}, {}}, 0, NoPosition, true},
+		{"a run longer than the ring", []d{{pMark(3), pUsed1, 0}, {pMark(2), pUsed0, 0}, {}, {pMark(2), pUsed1, 0}}, 0, NoPosition, true},
+		{"unmarked used descriptors only (another implementation)", []d{{0x200000, pUsed1, 0}, {0x200000, pUsed1, 0}, {}, {}}, 0, NoPosition, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			r, err := NewMemfdRegion(0, 1<<20, nil)
-			require.NoError(t, err)
-			mem, err := NewMemory(r)
-			require.NoError(t, err)
-			defer mem.Close()
-			for i, d := range tc.ring {
-				var b [16]byte
-				binary.LittleEndian.PutUint64(b[0:], d.addr)
-				binary.LittleEndian.PutUint32(b[8:], 64)
-				binary.LittleEndian.PutUint16(b[12:], d.id)
-				binary.LittleEndian.PutUint16(b[14:], d.flags)
-				require.NoError(t, mem.Write(l.Desc+GuestAddr(16*i), b[:]))
-			}
-			pos, ok, err := PackedUsedPosition(mem, l)
-			if tc.errLike {
+			mem, l := packedTestRing(t, tc.ring)
+			pos, src, err := PackedUsedPosition(mem, l)
+			if tc.err {
 				require.ErrorIs(t, err, ErrUsedRun)
 				return
 			}
 			require.NoError(t, err)
-			require.Equal(t, tc.ok, ok)
-			if ok {
+			require.Equal(t, tc.src, src)
+			if src != NoPosition {
 				require.Equal(t, tc.pos, pos, "position %#x", pos)
 			}
 		})
+	}
+}
+
+// TestPackedResumePosition: a full ring's oldest available descriptor is
+// taken only over a base whose own descriptor is not available in its
+// lap; a base that may be right is kept (a slot a used chain left over
+// can look like the oldest available one); exact positions are taken
+// over any base.
+func TestPackedResumePosition(t *testing.T) {
+	type d = packedTestDesc
+	full := []d{{1, pAvail0, 2}, {1, pAvail0, 0}, {1, pAvail1, 3}, {1, pAvail1, 1}} // the device at 2 (wrap 1)
+	// Three available from 2 (wrap 1) on, and slot 1 left over from a
+	// used chain of two (0 and 1, lap 1) whose id, 1, the driver has not
+	// handed out again: it looks like the oldest available descriptor.
+	leftover := []d{{1, pAvail0, 0}, {1, pAvail1, 1}, {1, pAvail1, 2}, {1, pAvail1, 3}}
+	run := []d{{pMark(1), pUsed1, 0}, {pMark(2), pUsed1, 0}, {0, pUsed0, 0}, {1, pAvail1, 0}} // the device at 3 (wrap 1)
+	for _, tc := range []struct {
+		name      string
+		ring      []d
+		base, pos uint16
+		src       PositionSource
+	}{
+		{"full ring, a stale base (its slot of the other lap)", full, PackedIndex(0, true), PackedIndex(2, true), OldestAvailable},
+		{"full ring, the right base", full, PackedIndex(2, true), PackedIndex(2, true), NoPosition},
+		{"full-looking ring with a left-over slot, the right base kept", leftover, PackedIndex(2, true), PackedIndex(2, true), NoPosition},
+		{"a used run over a stale base", run, PackedIndex(0, true), PackedIndex(3, true), UsedRun},
+		{"a used run over a stale base whose slot is available in its lap", run, PackedIndex(3, false), PackedIndex(3, true), UsedRun},
+		{"nothing recorded", []d{{}, {}, {}, {}}, PackedIndex(1, false), PackedIndex(1, false), NoPosition},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			mem, l := packedTestRing(t, tc.ring)
+			pos, src, err := PackedResumePosition(mem, l, tc.base)
+			require.NoError(t, err)
+			require.Equal(t, tc.src, src)
+			require.Equal(t, tc.pos, pos, "position %#x", pos)
+		})
+	}
+	t.Run("a base outside the ring", func(t *testing.T) {
+		mem, l := packedTestRing(t, full)
+		pos, _, err := PackedResumePosition(mem, l, PackedIndex(4, true))
+		require.ErrorIs(t, err, ErrInvalidState)
+		require.Equal(t, PackedIndex(4, true), pos)
+	})
+}
+
+// TestPackedUsedPositionCutBatch: a device that dies after writing a batch
+// of used descriptors but before storing the first one's flags word (which
+// publishes the batch) leaves the driver's used position at the batch's
+// first descriptor, and the ring says so, whichever marked descriptor a
+// walk would start from.
+func TestPackedUsedPositionCutBatch(t *testing.T) {
+	for _, before := range []int{0, 3, 5} { // chains used first, so the batch sits anywhere, across the ring's end too
+		mem, drv, dev := newPackedPair(t, 8, 0)
+		l := ContiguousPackedLayout(0x1000, 8)
+		for range before {
+			_, err := drv.Add([]Buffer{{Addr: 0x100000, Len: 64, Writable: true}})
+			require.NoError(t, err)
+			drv.Publish()
+			cs := popAll(t, dev)
+			require.NoError(t, dev.PushChain(&cs[0], 1))
+			_, _, ok, err := drv.Reclaim()
+			require.NoError(t, err)
+			require.True(t, ok)
+		}
+		for range 4 {
+			_, err := drv.Add([]Buffer{{Addr: 0x100000, Len: 64, Writable: true}})
+			require.NoError(t, err)
+		}
+		drv.Publish()
+		cs := popAll(t, dev)
+		require.Len(t, cs, 4)
+		first := dev.State().NextUsed
+		idx, _ := PackedPosition(first)
+		var word [4]byte // the first descriptor's id|flags as the driver made it available
+		require.NoError(t, mem.Read(l.Desc+GuestAddr(16*uint64(idx))+12, word[:]))
+		elems := make([]UsedElem, len(cs))
+		for i, c := range cs {
+			elems[i] = UsedElem{Head: c.Head, Len: 1}
+		}
+		require.NoError(t, dev.PushBatch(elems))
+		require.NoError(t, mem.Write(l.Desc+GuestAddr(16*uint64(idx))+12, word[:])) // the store that never happened
+		pos, src, err := PackedUsedPosition(mem, l)
+		require.NoError(t, err)
+		require.Equal(t, CutBatch, src, "after %d chains", before)
+		require.Equal(t, first, pos, "after %d chains", before)
 	}
 }
 
@@ -245,18 +350,28 @@ func FuzzPackedUsedPosition(f *testing.F) {
 			ring = ring[:16*int(size)]
 		}
 		require.NoError(t, mem.Write(l.Desc, ring))
-		pos, ok, err := PackedUsedPosition(mem, l)
+		pos, src, err := PackedUsedPosition(mem, l)
 		if err != nil {
 			require.ErrorIs(t, err, ErrUsedRun)
 			return
 		}
-		if ok {
+		if src != NoPosition {
 			idx, _ := PackedPosition(pos)
 			require.Less(t, idx, size, "position %#x", pos)
 		}
-		pos2, ok2, err2 := PackedUsedPosition(mem, l)
+		pos2, src2, err2 := PackedUsedPosition(mem, l)
 		require.NoError(t, err2)
-		require.Equal(t, ok, ok2)
+		require.Equal(t, src, src2)
 		require.Equal(t, pos, pos2)
+		// A base the ring cannot overrule comes back as it is; any
+		// other is a position of the ring.
+		base := PackedIndex(uint16(len(data))%size, len(data)%2 == 0)
+		got, gsrc, err := PackedResumePosition(mem, l, base)
+		require.NoError(t, err)
+		if gsrc == NoPosition {
+			require.Equal(t, base, got)
+		} else {
+			require.Equal(t, pos, got)
+		}
 	})
 }

@@ -1386,7 +1386,8 @@ func packedStart(base uint32, set bool, f virtio.Features) vring.QueueState {
 // resynchronisation from used.idx: a ring handed over with no chain in
 // flight whose descriptor ring records a different used position (the
 // run of used descriptors a vring.DeviceQueue wrote, see
-// vring.PackedUsedPosition) resumes from the recorded one. QEMU needs it
+// vring.PackedResumePosition for when a full ring's is taken) resumes
+// from the recorded one. QEMU needs it
 // after a back-end was lost: it cannot ask a dead back-end for the
 // position (GET_VRING_BASE) and, unlike a split ring's used.idx, a packed
 // ring has no index in guest memory to take it from, so it hands the new
@@ -1403,14 +1404,14 @@ func (s *session) packedResync(i int, l vring.Layout, st vring.QueueState) vring
 	if st.NextAvail != st.NextUsed {
 		return st // chains in flight: a hand-over that knew the position
 	}
-	pos, ok, err := vring.PackedUsedPosition(s.mem.mem, l)
+	pos, src, err := vring.PackedResumePosition(s.mem.mem, l, st.NextAvail)
 	switch {
 	case err != nil:
 		s.b.log.Warn("vhost-user: packed ring's used descriptors unreadable; starting at the base given",
 			"queue", i, "base", fmt.Sprintf("%#x", st.NextAvail), "err", err)
-	case ok && pos != st.NextAvail:
+	case src != vring.NoPosition && pos != st.NextAvail:
 		s.b.log.Info("vhost-user: packed ring base disagrees with the used position the ring records; resynchronised from the ring",
-			"queue", i, "base", fmt.Sprintf("%#x", st.NextAvail), "ring", fmt.Sprintf("%#x", pos))
+			"queue", i, "base", fmt.Sprintf("%#x", st.NextAvail), "ring", fmt.Sprintf("%#x", pos), "from", src.String())
 		st = vring.QueueState{NextAvail: pos, NextUsed: pos}
 		s.queues[i].base = uint32(pos)
 	}

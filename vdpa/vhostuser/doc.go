@@ -130,7 +130,9 @@
 //     available one is (vring.PackedUsedPosition). A ring started with no
 //     chains in flight whose base disagrees with that position starts
 //     from the position the ring records instead, with an Info note
-//     giving both. That is what QEMU needs after a back-end was lost: it
+//     giving both (vring.PackedResumePosition: a full ring's position,
+//     which a slot left over from a used chain can fake, only over a
+//     base whose own descriptor is not available in its lap). That is what QEMU needs after a back-end was lost: it
 //     could not ask the dead back-end for the position and hands the new
 //     one the position of the last hand-over it saw (at first the initial
 //     one), which the ring has long left behind; started there, a packed
@@ -139,10 +141,13 @@
 //     resets and zeroes its packed rings when a back-end reconnects in
 //     server mode) and records nothing, or the fresh position: it starts
 //     at the base given, and so do rings whose used descriptors another
-//     implementation wrote. What the ring cannot record: a receive ring
-//     the driver keeps full of chains of several descriptors (Linux's
-//     big-packet mode, without MRG_RXBUF), which reuses every used slot;
-//     it starts at the base given.
+//     implementation wrote. What the ring cannot tell: the position of a
+//     receive ring the driver keeps full of chains of several descriptors
+//     (Linux's big-packet mode without MRG_RXBUF and INDIRECT_DESC),
+//     which reuses every used slot, and whether a stale base is stale
+//     when the ring is full and the base's descriptor happens to be
+//     available in the base's lap (the driver an even number of laps past
+//     it). Both start at the base given.
 //
 // Multi-queue: GET_QUEUE_NUM answers the device's queue pairs; every ring
 // the front-end enables with SET_VRING_ENABLE is served, pair by pair. QEMU

@@ -1414,10 +1414,11 @@ func waitPairsBusy(ctx context.Context, rig *qemuRig, pairs int, base *softnet.S
 // back-end within seconds; frames sent while no back-end ran are lost, but
 // nothing is duplicated or corrupt; QEMU and the guest keep running; the
 // test process holds no more descriptors than before. On split rings with
-// one queue pair, on packed rings (QEMU hands the new back-end a position
-// it takes from the ring's used side, wrap counters included, since the
-// dead one never answered GET_VRING_BASE), and with two queue pairs on
-// either (every pair must carry traffic again on the new back-end).
+// one queue pair, on packed rings (the dead back-end never answered
+// GET_VRING_BASE, so QEMU hands the new one the position of the last
+// hand-over it saw, here the initial one: each ring must resume from the
+// position its descriptors record), and with two queue pairs on either
+// (every pair must carry traffic again on the new back-end).
 func TestQEMUReconnect(t *testing.T) {
 	forEachQEMU(t, func(t *testing.T, q qemuPeer, helper string) {
 		for _, tc := range []struct {
