@@ -745,7 +745,7 @@ func txOracle(mem []byte, l vring.Layout, size, head uint16, hdrLen int, indirec
 // the test wrote them, as the device should, up to limit chains, each
 // descriptor available (its AVAIL bit the wrap counter, its USED bit not),
 // chains of NEXT-linked ring descriptors or one indirect descriptor whose
-// table is walked in order (§2.8.19), with a buffer id (the last
+// table is walked in order (§2.8.7), with a buffer id (the last
 // descriptor's) in range and not taken by an earlier chain of the batch,
 // and no more descriptors in all than the ring holds. ok is false for
 // what it does not model (buffers outside the memory, chains vring
