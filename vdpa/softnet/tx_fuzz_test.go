@@ -766,6 +766,20 @@ func txPackedOracle(mem []byte, l vring.Layout, size, next uint16, limit, hdrLen
 	for len(want) < limit {
 		var readable []byte
 		sawWrite := false
+		// take adds a buffer to the chain: its bytes when readable;
+		// false for a readable one after a writable one (vring refuses
+		// the chain).
+		take := func(addr, length uint64, flags uint16) bool {
+			switch {
+			case flags&vring.DescFWrite != 0:
+				sawWrite = true
+			case sawWrite:
+				return false
+			default:
+				readable = append(readable, mem[addr:addr+length]...)
+			}
+			return true
+		}
 		var id uint16
 		for n := 0; ; n++ {
 			addr, length, did, flags := desc(uint64(l.Desc), uint64(pos))
@@ -791,25 +805,14 @@ func txPackedOracle(mem []byte, l vring.Layout, size, next uint16, limit, hdrLen
 				}
 				for k := range length / 16 {
 					a, ln, _, fl := desc(addr, k)
-					if fl&vring.DescFIndirect != 0 || !inMem(a, ln) {
+					if fl&vring.DescFIndirect != 0 || !inMem(a, ln) || !take(a, ln, fl) {
 						return nil, false
-					}
-					if fl&vring.DescFWrite != 0 {
-						sawWrite = true
-					} else if sawWrite {
-						return nil, false
-					} else {
-						readable = append(readable, mem[a:a+ln]...)
 					}
 				}
 				break
 			}
-			if flags&vring.DescFWrite != 0 {
-				sawWrite = true
-			} else if sawWrite {
+			if !take(addr, length, flags) {
 				return nil, false
-			} else {
-				readable = append(readable, mem[addr:addr+length]...)
 			}
 			if flags&vring.DescFNext == 0 {
 				break
