@@ -130,8 +130,9 @@ func PackedUsedPosition(mem *Memory, l Layout) (pos uint16, src PositionSource, 
 // that is right has its descriptor available unless the ring is empty,
 // and an empty ring holds used descriptors, so it never gives
 // OldestAvailable); base itself otherwise. It reports where the position
-// came from (NoPosition: base). Errors are PackedUsedPosition's; the
-// caller then has only base.
+// came from (NoPosition: base). Errors are PackedUsedPosition's, or
+// ErrInvalidState for a base outside the ring; the caller then has only
+// base.
 func PackedResumePosition(mem *Memory, l Layout, base uint16) (pos uint16, src PositionSource, err error) {
 	r, err := newPackedRing(mem, l)
 	if err != nil {
