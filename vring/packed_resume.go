@@ -203,7 +203,7 @@ func (r *packedRing) usedPosition() (uint16, PositionSource, error) {
 		switch b := flags & availUsed; b {
 		case 0, availUsed:
 			usedLooking = true
-			if _, n := used(i, b); n != 0 && !found {
+			if !found && markCount(r.descs[i].addr) != 0 {
 				start, bits, found = i, b, true
 			}
 		default:
