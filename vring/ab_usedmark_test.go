@@ -49,21 +49,7 @@ func (q *DeviceQueue) packedWriteUsedUnmarked(elems []UsedElem) error {
 // descriptors (marked: PushBatch; unmarked: the same id checks, then
 // packedWriteUsedUnmarked), the driver reclaims them with ReclaimBatch.
 func packedPopPushLoop(b *testing.B, marked bool) func(n int) {
-	r, err := NewMemfdRegion(0, 1<<20, nil)
-	if err != nil {
-		b.Fatal(err)
-	}
-	mem, _ := NewMemory(r)
-	b.Cleanup(func() { mem.Close() })
-	l := ContiguousPackedLayout(0, 256)
-	drv, err := NewDriverQueue(mem, DriverQueueOptions{Layout: l, Features: fPacked})
-	if err != nil {
-		b.Fatal(err)
-	}
-	dev, err := NewDeviceQueue(mem, DeviceQueueOptions{Layout: l, Features: fPacked, State: InitialState(fPacked)})
-	if err != nil {
-		b.Fatal(err)
-	}
+	_, drv, dev := newPackedPair(b, 256, 0)
 	bufs := []Buffer{{Addr: 0x10000, Len: 1500, Writable: true}}
 	chains := make([]Chain, 32)
 	for i := range chains {
