@@ -950,6 +950,7 @@ func testQEMUStopCont(t *testing.T, grouped, packed bool) {
 				break
 			}
 		}
+		cancelMigration(t, ctx, qm, rig)
 		p := stopPingers(t, ctx, vm, g.nonce, "final")
 		noWarnings(t, rig)
 		checkPingRound(t, q.name+" stop/cont", p, false, rig)
@@ -966,8 +967,9 @@ func testQEMUStopCont(t *testing.T, grouped, packed bool) {
 		assert.Empty(t, slices.DeleteFunc(rig.rec.notes(), func(n string) bool { return !strings.Contains(n, "resynchronised") }),
 			"bases QEMU read at the stop agree with the rings")
 		t.Logf("rings after the first stop: %v", ev)
+		linkDownUp(t, ctx, q, vm, g, qm, rig)
 		_, _ = qm.Do("quit", nil)
-		t.Logf("RESULT %s stop/cont: 2 stop/cont rounds, run time %v", q.name, time.Since(start).Round(time.Millisecond))
+		t.Logf("RESULT %s stop/cont, cancelled migration, link down/up: run time %v", q.name, time.Since(start).Round(time.Millisecond))
 	})
 }
 
@@ -1617,4 +1619,83 @@ func qemuBackendKilledDuringMigration(t *testing.T, q qemuPeer, helper string, k
 	assert.Zero(t, p.dup, "duplicated replies")
 	assert.Zero(t, p.corrupt, "corrupt frames")
 	noWarnings(t, b, a)
+}
+
+// cancelMigration starts a migration too slow to end (to a sink, 2 MB/s),
+// waits until QEMU has turned the back-end's dirty logging on, and cancels
+// it, as an operator or a management layer does. QEMU turns the logging off
+// again (SET_FEATURES without LOG_ALL) with the VM running all along: the
+// device must keep its traffic through both changes, nothing lost.
+func cancelMigration(t *testing.T, ctx context.Context, qm *qmp.Client, rig *qemuRig) {
+	t.Helper()
+	rig.mark("migration to be cancelled")
+	_, err := qm.Do("migrate-set-parameters", map[string]any{"max-bandwidth": 2 << 20})
+	require.NoError(t, err)
+	_, err = qm.Do("migrate", map[string]any{"uri": "exec:cat > /dev/null"})
+	require.NoError(t, err)
+	deadline := time.Now().Add(30 * time.Second)
+	for !rig.be.Info().Features.Has(virtio.FLogAll) && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	require.True(t, rig.be.Info().Features.Has(virtio.FLogAll), "LOG_ALL negotiated once the migration started")
+	e1 := echoes(rig)
+	_, err = waitEchoes(ctx, e1+10, 30*time.Second, rig)
+	require.NoError(t, err, "traffic while the back-end logs")
+	info, err := queryMigrate(qm)
+	require.NoError(t, err)
+	require.Equal(t, "active", info.Status, "the migration still runs when it is cancelled: %s", info.ErrorDesc)
+	_, err = qm.Do("migrate_cancel", nil)
+	require.NoError(t, err)
+	info, err = waitMigration(ctx, qm, 30*time.Second)
+	require.NoError(t, err)
+	require.Equal(t, "cancelled", info.Status, info.ErrorDesc)
+	deadline = time.Now().Add(10 * time.Second)
+	for rig.be.Info().Features.Has(virtio.FLogAll) && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	assert.False(t, rig.be.Info().Features.Has(virtio.FLogAll), "LOG_ALL cleared after the cancel")
+	st, err := qm.Status()
+	require.NoError(t, err)
+	require.Equal(t, "running", st)
+	e2 := echoes(rig)
+	took, err := waitEchoes(ctx, e2+20, 30*time.Second, rig)
+	require.NoError(t, err, "traffic after the cancelled migration")
+	t.Logf("cancelled migration: %d echo replies while logging, 20 more %v after the cancel", e2-e1, took.Round(time.Millisecond))
+}
+
+// linkDownUp runs a fresh round of pingers and takes the back-end's link
+// down and up again with QMP set_link on the vhost-user netdev (what
+// `virsh domif-setlink` does). QEMU stops the device while the link is
+// down (GET_VRING_BASE) with the VM running, and the guest sees its carrier
+// go; at set_link on QEMU starts the device again from the positions it
+// read. Traffic must resume, nothing duplicated or corrupt; requests sent
+// while the link was down may be lost.
+func linkDownUp(t *testing.T, ctx context.Context, q qemuPeer, vm *qemuVM, g guestImage, qm *qmp.Client, rig *qemuRig) {
+	t.Helper()
+	require.NoError(t, vm.send("start 1"))
+	_, err := vm.waitMarkerID(ctx, g.nonce, "STARTED", "1")
+	require.NoError(t, err)
+	_, err = waitEchoes(ctx, echoes(rig)+10, 30*time.Second, rig)
+	require.NoError(t, err, "traffic before set_link")
+	mark := len(rig.ring.snapshot())
+	rig.mark("link down")
+	_, err = qm.Do("set_link", map[string]any{"name": "net0", "up": false})
+	require.NoError(t, err)
+	time.Sleep(300 * time.Millisecond)
+	e1 := echoes(rig)
+	time.Sleep(700 * time.Millisecond)
+	e2 := echoes(rig)
+	assert.Equal(t, e1, e2, "echo requests answered while the link was down")
+	assert.Zero(t, rig.be.Info().RunningQueues, "queues running while the link is down")
+	rig.mark("link up")
+	_, err = qm.Do("set_link", map[string]any{"name": "net0", "up": true})
+	require.NoError(t, err)
+	took, err := waitEchoes(ctx, e2+20, 60*time.Second, rig)
+	require.NoError(t, err, "traffic after set_link up")
+	p := stopPingers(t, ctx, vm, g.nonce, "link")
+	noWarnings(t, rig)
+	checkPingRound(t, q.name+" set_link", p, true, rig)
+	ev := rig.ring.snapshot()[mark:]
+	checkRingContinuity(t, "set_link", ev)
+	t.Logf("link down/up: traffic resumed %v after link up; rings %v", took.Round(time.Millisecond), ev)
 }
