@@ -850,6 +850,9 @@ type pingVariant struct {
 	packed  bool   // virtio-net-pci,packed=on
 	offload bool   // the device offers softnet's offloads
 	props   string // more virtio-net-pci properties
+	// queueSize, when set, is the size every ring the device starts must
+	// have (rx_queue_size and tx_queue_size in props).
+	queueSize uint16
 }
 
 // TestQEMUFeatureVariants is TestQEMUVirtioNetPing with the device
@@ -858,7 +861,9 @@ type pingVariant struct {
 // without (the driver's "big packets" mode: one chain of 19 descriptors per
 // receive buffer, indirect, or direct with indirect_desc=off), small
 // receive buffers (no MRG_RXBUF and no guest offloads), and no EVENT_IDX
-// (notifications by the flags alone). Every variant runs to the same
+// (notifications by the flags alone), and rings of 1024 descriptors
+// (rx_queue_size, tx_queue_size; QEMU allows 1024 transmit descriptors for
+// vhost-user only), split and packed. Every variant runs to the same
 // checks: every echo answered, counters equal on both sides, and the
 // features the guest driver negotiated are the back-end's.
 func TestQEMUFeatureVariants(t *testing.T) {
@@ -871,6 +876,8 @@ func TestQEMUFeatureVariants(t *testing.T) {
 		{"offloads-big-packets-direct-no-event-idx", pingVariant{offload: true, props: "mrg_rxbuf=off,indirect_desc=off,event_idx=off"}},
 		{"small-buffers", pingVariant{props: "mrg_rxbuf=off"}},
 		{"packed-offloads-big-packets", pingVariant{packed: true, offload: true, props: "mrg_rxbuf=off"}},
+		{"queues-1024", pingVariant{offload: true, props: "rx_queue_size=1024,tx_queue_size=1024", queueSize: 1024}},
+		{"packed-queues-1024", pingVariant{packed: true, offload: true, props: "rx_queue_size=1024,tx_queue_size=1024", queueSize: 1024}},
 	} {
 		t.Run(v.name, func(t *testing.T) {
 			forEachQEMU(t, func(t *testing.T, q qemuPeer, helper string) {
@@ -923,6 +930,18 @@ func testQEMUVirtioNetPingWith(t *testing.T, q qemuPeer, helper string, v pingVa
 	// QEMU has exited: the session ends (EOF) and the device keeps its counters.
 	require.Eventually(t, func() bool { return !rig.be.Info().Connected }, 10*time.Second, 20*time.Millisecond,
 		"back-end still connected after QEMU exited")
+	if v.queueSize != 0 {
+		var sizes []uint16
+		for _, e := range rig.ring.snapshot() {
+			if e.start {
+				sizes = append(sizes, e.layout.Size)
+			}
+		}
+		require.NotEmpty(t, sizes, "rings started")
+		for _, n := range sizes {
+			assert.Equal(t, v.queueSize, n, "ring sizes the device started: %v", sizes)
+		}
+	}
 	ds := rig.dev.Stats()
 	rs := rig.resp.Stats()
 	t.Logf("guest: %v; device: tx %+v rx %+v; responder %+v", statsF, ds.Tx(), ds.Rx(), rs)
