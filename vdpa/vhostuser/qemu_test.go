@@ -853,6 +853,11 @@ type pingVariant struct {
 	// queueSize, when set, is the size every ring the device starts must
 	// have (rx_queue_size and tx_queue_size in props).
 	queueSize uint16
+	// mem is the guest's RAM (qemuConfig.mem). At 5G, q35 maps 2 GiB of
+	// it above 4 GiB: QEMU hands the back-end two regions, and
+	// ringsAbove4G asks that the guest put its rings in the upper one.
+	mem          string
+	ringsAbove4G bool
 }
 
 // TestQEMUFeatureVariants is TestQEMUVirtioNetPing with the device
@@ -863,7 +868,8 @@ type pingVariant struct {
 // receive buffers (no MRG_RXBUF and no guest offloads), and no EVENT_IDX
 // (notifications by the flags alone), and rings of 1024 descriptors
 // (rx_queue_size, tx_queue_size; QEMU allows 1024 transmit descriptors for
-// vhost-user only), split and packed. Every variant runs to the same
+// vhost-user only), split and packed, and a guest of 5 GiB whose rings lie
+// in the memory region above 4 GiB. Every variant runs to the same
 // checks: every echo answered, counters equal on both sides, and the
 // features the guest driver negotiated are the back-end's.
 func TestQEMUFeatureVariants(t *testing.T) {
@@ -878,6 +884,7 @@ func TestQEMUFeatureVariants(t *testing.T) {
 		{"packed-offloads-big-packets", pingVariant{packed: true, offload: true, props: "mrg_rxbuf=off"}},
 		{"queues-1024", pingVariant{offload: true, props: "rx_queue_size=1024,tx_queue_size=1024", queueSize: 1024}},
 		{"packed-queues-1024", pingVariant{packed: true, offload: true, props: "rx_queue_size=1024,tx_queue_size=1024", queueSize: 1024}},
+		{"memory-above-4g", pingVariant{offload: true, mem: "5G", ringsAbove4G: true}},
 	} {
 		t.Run(v.name, func(t *testing.T) {
 			forEachQEMU(t, func(t *testing.T, q qemuPeer, helper string) {
@@ -899,7 +906,7 @@ func testQEMUVirtioNetPingWith(t *testing.T, q qemuPeer, helper string, v pingVa
 	g := buildGuest(t, ctx, helper, dir, "ping")
 	t.Logf("guest image ready in %v", time.Since(start).Round(time.Millisecond))
 	rig := startRig(t, ctx, dir, rigOptions{offload: v.offload})
-	vm := startQEMUPeer(t, q, qemuConfig{guest: g, sock: rig.sock, timeout: 150 * time.Second, packed: packed, devProps: v.props})
+	vm := startQEMUPeer(t, q, qemuConfig{guest: g, sock: rig.sock, timeout: 150 * time.Second, packed: packed, devProps: v.props, mem: v.mem})
 
 	require.NoError(t, vm.wait(ctx), "QEMU (exit status 124: timed out)")
 	t.Logf("QEMU ran %v", time.Since(start).Round(time.Millisecond))
@@ -930,6 +937,16 @@ func testQEMUVirtioNetPingWith(t *testing.T, q qemuPeer, helper string, v pingVa
 	// QEMU has exited: the session ends (EOF) and the device keeps its counters.
 	require.Eventually(t, func() bool { return !rig.be.Info().Connected }, 10*time.Second, 20*time.Millisecond,
 		"back-end still connected after QEMU exited")
+	if v.ringsAbove4G {
+		var descs []vring.GuestAddr
+		for _, e := range rig.ring.snapshot() {
+			if e.start {
+				descs = append(descs, e.layout.Desc)
+			}
+		}
+		assert.True(t, slices.ContainsFunc(descs, func(a vring.GuestAddr) bool { return a >= 1<<32 }),
+			"a ring in guest memory above 4 GiB (the second region): descriptor tables at %v", descs)
+	}
 	if v.queueSize != 0 {
 		var sizes []uint16
 		for _, e := range rig.ring.snapshot() {
