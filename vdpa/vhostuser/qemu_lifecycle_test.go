@@ -1420,34 +1420,42 @@ func waitPairsBusy(ctx context.Context, rig *qemuRig, pairs int, base *softnet.S
 // GET_VRING_BASE, so QEMU hands the new one the position of the last
 // hand-over it saw, here the initial one: each ring must resume from the
 // position its descriptors record), and with two queue pairs on either
-// (every pair must carry traffic again on the new back-end).
+// (every pair must carry traffic again on the new back-end). The client
+// variants turn the roles round, as OVS-DPDK's dpdkvhostuserclient ports
+// and libvirt's mode='server' interfaces do: QEMU listens (server=on) and
+// each back-end dials it (Backend.DialAndServe); QEMU takes the new
+// connection through the same re-initialisation.
 func TestQEMUReconnect(t *testing.T) {
 	forEachQEMU(t, func(t *testing.T, q qemuPeer, helper string) {
 		for _, tc := range []struct {
 			name   string
 			packed bool
 			pairs  int
-		}{{"split", false, 1}, {"packed", true, 1}, {"pairs2", false, 2}, {"packed-pairs2", true, 2}} {
-			t.Run(tc.name, func(t *testing.T) { testQEMUReconnect(t, q, helper, tc.packed, tc.pairs) })
+			client bool
+		}{
+			{"split", false, 1, false}, {"packed", true, 1, false}, {"pairs2", false, 2, false}, {"packed-pairs2", true, 2, false},
+			{"client-split", false, 1, true}, {"client-packed", true, 1, true},
+		} {
+			t.Run(tc.name, func(t *testing.T) { testQEMUReconnect(t, q, helper, tc.packed, tc.pairs, tc.client) })
 		}
 	})
 }
 
-func testQEMUReconnect(t *testing.T, q qemuPeer, helper string, packed bool, pairs int) {
+func testQEMUReconnect(t *testing.T, q qemuPeer, helper string, packed bool, pairs int, client bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	start := time.Now()
 	dir := t.TempDir()
 	g := buildGuestEnv(t, ctx, helper, dir, "serve")
-	rig := startRig(t, ctx, dir, rigOptions{name: "a", pairs: pairs})
+	rig := startRig(t, ctx, dir, rigOptions{name: "a", pairs: pairs, client: client})
 	rigs := []*qemuRig{rig}
-	vm := bootServe(t, ctx, q, g, rig, qemuConfig{name: q.name, reconnect: true, packed: packed, pairs: pairs, smp: pairs}, pairs)
+	vm := bootServe(t, ctx, q, g, rig, qemuConfig{name: q.name, reconnect: !client, server: client, packed: packed, pairs: pairs, smp: pairs}, pairs)
 	fds := openFdSet(t)
 	var resumed []time.Duration
 	for round := 1; round <= 2; round++ {
 		rig.kill(t)
 		time.Sleep(500 * time.Millisecond)
-		rig = startRig(t, ctx, dir, rigOptions{name: "a", pairs: pairs})
+		rig = startRig(t, ctx, dir, rigOptions{name: "a", pairs: pairs, client: client})
 		rigs = append(rigs, rig)
 		took, err := waitEchoes(ctx, 10, 60*time.Second, rig)
 		require.NoError(t, err, "round %d: traffic on the restarted back-end", round)

@@ -297,6 +297,9 @@ type rigOptions struct {
 	// proto, when non-zero, restricts the protocol features offered
 	// (BackendOptions.ProtocolFeatures).
 	proto ProtocolFeatures
+	// client makes the back-end dial the socket QEMU listens on
+	// (Backend.DialAndServe; qemuConfig.server) instead of listening.
+	client bool
 }
 
 func startRig(t *testing.T, ctx context.Context, dir string, o rigOptions) *qemuRig {
@@ -343,12 +346,16 @@ func startRig(t *testing.T, ctx context.Context, dir string, o rigOptions) *qemu
 		r.logged = newLogTee(t, 1<<30, false)
 		be.logHook = r.logged.hook
 	}
-	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: r.sock, Net: "unix"})
-	require.NoError(t, err)
-	l.SetUnlinkOnClose(true)
 	sctx, cancel := context.WithCancel(ctx)
 	r.cancel = cancel
-	go func() { r.served <- be.Serve(sctx, l) }()
+	if o.client {
+		go func() { r.served <- be.DialAndServe(sctx, r.sock) }()
+	} else {
+		l, err := net.ListenUnix("unix", &net.UnixAddr{Name: r.sock, Net: "unix"})
+		require.NoError(t, err)
+		l.SetUnlinkOnClose(true)
+		go func() { r.served <- be.Serve(sctx, l) }()
+	}
 	t.Cleanup(func() {
 		if t.Failed() {
 			msgs, warns := rec.snapshot()
@@ -617,7 +624,12 @@ type qemuConfig struct {
 	incoming  string
 	paused    bool
 	reconnect bool // redial a lost back-end (qemuPeer.reconnect)
-	packed    bool // virtio-net-pci,packed=on: offer the guest packed rings
+	// server makes QEMU the vhost-user server (server=on,wait=off): it
+	// listens on sock, and a back-end in client mode (rigOptions.client,
+	// Backend.DialAndServe) connects, at start-up and again after it was
+	// lost, as OVS-DPDK's dpdkvhostuserclient ports do.
+	server bool
+	packed bool // virtio-net-pci,packed=on: offer the guest packed rings
 	// reboot lets a reset (QMP system_reset) reboot the guest; without it
 	// QEMU runs with -no-reboot, which turns a reset into an exit.
 	reboot bool
@@ -660,6 +672,9 @@ func startQEMUPeer(t *testing.T, q qemuPeer, c qemuConfig) *qemuVM {
 	chardev := "socket,id=chr0,path=" + c.sock
 	if c.reconnect {
 		chardev += "," + q.reconnect
+	}
+	if c.server {
+		chardev += ",server=on,wait=off"
 	}
 	netdev := "type=vhost-user,id=net0,chardev=chr0"
 	// romfile=: no option ROM, the kernel is booted directly.
