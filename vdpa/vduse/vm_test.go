@@ -285,4 +285,28 @@ func testVirtioNetDriverPingsResponder(t *testing.T, packed bool) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	assert.Equal(t, "0", carrier(), "config interrupt delivered the link state")
+	dev.SetLinkUp(true)
+
+	// The device handed from the kernel's virtio-net to vhost-vdpa (a VMM
+	// taking it for a guest) and back: the unbound driver resets it
+	// (VDUSE_SET_STATUS 0 reaches the handler), and a new virtio-net
+	// negotiates, sets up fresh rings and moves frames again.
+	before := ds
+	testenv.BindVDPA(t, name, testenv.DriverVhostVDPA)
+	assert.Zero(t, dev.NegotiatedFeatures(), "the unbound driver reset the device")
+	testenv.BindVDPA(t, name, testenv.DriverVirtioVDPA)
+	assert.Equal(t, packed, dev.NegotiatedFeatures().Has(virtio.FRingPacked), "RING_PACKED negotiated again")
+	ifaces, err = filepath.Glob(filepath.Join("/sys/bus/vdpa/devices", name, "virtio*", "net", "*"))
+	require.NoError(t, err)
+	require.Len(t, ifaces, 1, "virtio_net created one interface again")
+	ifc = filepath.Base(ifaces[0])
+	testenv.Command(t, "ip", "addr", "add", "192.0.2.2/24", "dev", ifc)
+	testenv.Command(t, "ip", "link", "set", ifc, "up")
+	out = testenv.Command(t, ping[0], ping[1:]...)
+	t.Logf("after the rebind: %s", out)
+	assert.Contains(t, out, "3 packets received")
+	assert.Equal(t, uint64(6), r.Stats().EchoReplies, "three more echo replies")
+	ds = dev.Stats()
+	assert.Equal(t, stat("tx_packets"), ds.Tx().Frames-before.Tx().Frames, "every frame the new driver sent reached the device")
+	assert.Equal(t, stat("rx_packets"), ds.Rx().Frames-before.Rx().Frames, "every frame the device delivered reached the new driver")
 }
