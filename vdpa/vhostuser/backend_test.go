@@ -78,9 +78,15 @@ func newTestDriver(t *testing.T, uc *net.UnixConn, want virtio.Features) *testDr
 // the extra regions, and sets up the two driver rings at the start of reg.
 func newTestDriverOn(t *testing.T, uc *net.UnixConn, want virtio.Features, reg *vring.Region, extra ...*vring.Region) *testDriver {
 	t.Helper()
+	return newTestDriverOpts(t, uc, want, nil, reg, extra...)
+}
+
+// newTestDriverOpts is newTestDriverOn with the Frontend's options.
+func newTestDriverOpts(t *testing.T, uc *net.UnixConn, want virtio.Features, opts *FrontendOptions, reg *vring.Region, extra ...*vring.Region) *testDriver {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	fe, err := NewFrontend(ctx, uc, nil)
+	fe, err := NewFrontend(ctx, uc, opts)
 	require.NoError(t, err)
 	t.Cleanup(func() { fe.Close() })
 	d := &testDriver{t: t, fe: fe}

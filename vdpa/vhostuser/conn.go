@@ -225,3 +225,21 @@ func (c *conn) write(h Header, payload []byte, fds []int) error {
 }
 
 func (c *conn) close() error { return c.uc.Close() }
+
+// peerGone reports whether the peer has closed or reset the connection,
+// reading nothing: a non-blocking one-byte MSG_PEEK that finds the end of
+// the stream or ECONNRESET. A message waiting (a reply on its way to a
+// reader) or nothing at all is not gone. A connection closed here is.
+func (c *conn) peerGone() bool {
+	rc, err := c.uc.SyscallConn()
+	if err != nil {
+		return true
+	}
+	gone := false
+	cerr := rc.Control(func(fd uintptr) {
+		var b [1]byte
+		n, _, _, _, err := unix.Recvmsg(int(fd), b[:], nil, unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		gone = (err == nil && n == 0) || errors.Is(err, unix.ECONNRESET)
+	})
+	return gone || cerr != nil
+}

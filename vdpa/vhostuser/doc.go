@@ -17,7 +17,12 @@
 //     dirty.Bitmap attached to the front-end's log.
 //   - Frontend (we are the VMM) implements vdpa.Device, vdpa.Suspender and
 //     vdpa.Logger over a socket (Dial, NewFrontend): memory regions travel
-//     with their fds, ring addresses as this process's addresses.
+//     with their fds, ring addresses as this process's addresses. With
+//     FrontendOptions.Reconnect it outlives its back-end: when the back-end
+//     restarts it dials again and hands the new one the whole session,
+//     rings resuming where guest memory says the old one stopped, as QEMU
+//     does for a vhost-user NIC (ReconnectOptions). A mediated device
+//     (mdev) over such a Frontend keeps its guest's NIC through a restart.
 //
 // # Session life cycle
 //
@@ -195,7 +200,10 @@
 //     descriptors are free.
 //   - Frontend: every blocking method has a Context form; Close never waits
 //     for a request in flight, and a request interrupted on the socket
-//     breaks the session (ErrSessionBroken). See Frontend.
+//     breaks the session (ErrSessionBroken), unless Reconnect takes it to
+//     a new connection: then requests wait for that, within their
+//     contexts, and one whose connection failed under it is sent again.
+//     See Frontend and ReconnectOptions.
 //
 // Package vhostusertest holds a small virtio-net Handler (loopback, sink,
 // ARP/ICMP responder) for tests, DPDK interop and examples.

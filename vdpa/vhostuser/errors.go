@@ -61,6 +61,12 @@ var (
 	// ErrDeviceFailed: the device handler rejected a well-formed request.
 	ErrDeviceFailed = errors.New("vhost-user: device rejected request")
 
+	// ErrBackendChanged: a back-end the Frontend reconnected to
+	// (FrontendOptions.Reconnect) cannot take the session over: it does
+	// not offer a feature or protocol feature the session negotiated, or
+	// has fewer queues.
+	ErrBackendChanged = errors.New("vhost-user: reconnected back-end cannot resume the session")
+
 	// ErrBadOptions is returned by NewFrontend for options out of their
 	// range (a negative queue count, a configuration size above
 	// MaxConfigSize, a negative timeout).

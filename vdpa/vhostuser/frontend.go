@@ -45,6 +45,11 @@ type FrontendOptions struct {
 	// context (10s if zero). An exchange that runs out of time breaks the
 	// session (ErrSessionBroken).
 	Timeout time.Duration
+	// Reconnect, if set, keeps the session through a restart of the
+	// back-end: the Frontend dials again and hands the new back-end the
+	// session (see ReconnectOptions). Nil: a lost back-end breaks the
+	// session for good (ErrSessionBroken).
+	Reconnect *ReconnectOptions
 }
 
 // Frontend drives a vhost-user back-end (DPDK's net_vhost, a vhost-user
@@ -74,10 +79,14 @@ type FrontendOptions struct {
 // be on its way. Close never waits for a request: it closes the
 // socket, and a request in flight returns an error wrapping vdpa.ErrClosed.
 //
+// With FrontendOptions.Reconnect a session that breaks is not over: the
+// Frontend dials again and hands the new back-end the session, and
+// requests wait for that instead of failing (ReconnectOptions).
+//
 // Like any vdpa.Device the caller should not interleave configuration
 // sequences from several goroutines.
 type Frontend struct {
-	c    *conn
+	cc   atomic.Pointer[conn] // the connection (conn); replaced by a reconnect
 	opts FrontendOptions
 	// Set by the handshake, then read-only.
 	devF  virtio.Features // back-end's offer
@@ -98,6 +107,15 @@ type Frontend struct {
 	done      chan struct{} // closed by Close
 	closeOnce sync.Once
 	broken    atomic.Pointer[error] // why the session is out of step
+
+	// Reconnecting (FrontendOptions.Reconnect, reconnect.go).
+	rmu         sync.Mutex
+	away        chan struct{} // non-nil while reconnecting; closed when that ends (guarded by rmu)
+	lastStatus  atomic.Uint32 // the last status set, for Status while away
+	reconnects  atomic.Uint64 // sessions rejoined
+	reconnectOn atomic.Bool   // the session started, with Reconnect set
+	rejoining   bool          // the turn's holder is the reconnect (no waiting for itself)
+	noWait      bool          // the turn's holder does not wait for a reconnect (Status)
 }
 
 type feQueue struct {
@@ -112,6 +130,10 @@ type feQueue struct {
 	suspSt   vring.QueueState
 	suspOK   bool
 	lastBase uint16
+	base     vring.QueueState // the last SET_VRING_BASE's, for a reconnect
+	baseSet  bool
+	errFd    *vdpa.EventFD // the last SET_VRING_ERR's (nil: unbound), for a reconnect
+	errSet   bool
 }
 
 var (
@@ -124,6 +146,12 @@ var (
 // start: SET_OWNER, GET_FEATURES, protocol feature negotiation and, with
 // MQ, GET_QUEUE_NUM.
 func Dial(ctx context.Context, path string, opts *FrontendOptions) (*Frontend, error) {
+	if opts != nil && opts.Reconnect != nil && opts.Reconnect.Dial == nil {
+		o, rc := *opts, *opts.Reconnect
+		rc.Dial = DialPath(path)
+		o.Reconnect = &rc
+		opts = &o
+	}
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "unix", path)
 	if err != nil {
@@ -143,12 +171,18 @@ func Dial(ctx context.Context, path string, opts *FrontendOptions) (*Frontend, e
 // caller still owns uc and should close it (an interrupted handshake has
 // closed it already).
 func NewFrontend(ctx context.Context, uc *net.UnixConn, opts *FrontendOptions) (*Frontend, error) {
-	f := &Frontend{c: newConn(uc), cfgSize: -1, turn: make(chan struct{}, 1), done: make(chan struct{})}
+	f := &Frontend{cfgSize: -1, turn: make(chan struct{}, 1), done: make(chan struct{})}
+	f.cc.Store(newConn(uc))
 	if opts != nil {
 		f.opts = *opts
 	}
 	if err := f.opts.check(); err != nil {
 		return nil, err
+	}
+	if rc := f.opts.Reconnect; rc != nil {
+		c := *rc // the caller's struct is not shared
+		c.defaults()
+		f.opts.Reconnect = &c
 	}
 	if f.opts.DeviceID == 0 {
 		f.opts.DeviceID = virtio.DeviceNet
@@ -168,6 +202,12 @@ func NewFrontend(ctx context.Context, uc *net.UnixConn, opts *FrontendOptions) (
 		}
 		return nil, err
 	}
+	if rc := f.opts.Reconnect; rc != nil {
+		// Only a session that started is taken to a new back-end: a
+		// handshake that failed leaves the connection to the caller.
+		f.reconnectOn.Store(true)
+		go f.watchPeer(rc.Interval)
+	}
 	return f, nil
 }
 
@@ -181,95 +221,133 @@ func (o *FrontendOptions) check() error {
 	case o.Timeout < 0:
 		return fmt.Errorf("%w: Timeout %v", ErrBadOptions, o.Timeout)
 	}
+	if rc := o.Reconnect; rc != nil {
+		switch {
+		case rc.Dial == nil:
+			return fmt.Errorf("%w: Reconnect without Dial (Dial, the function, fills it in)", ErrBadOptions)
+		case rc.Interval < 0 || rc.Timeout < 0:
+			return fmt.Errorf("%w: Reconnect interval %v, timeout %v", ErrBadOptions, rc.Interval, rc.Timeout)
+		}
+	}
 	return nil
 }
 
 func (f *Frontend) handshake(ctx context.Context) error {
-	if err := f.send(ctx, ReqSetOwner, nil, nil); err != nil {
-		return err
-	}
-	v, err := f.getU64(ctx, ReqGetFeatures)
+	devF, proto, nq, err := f.negotiate(ctx, nil)
 	if err != nil {
 		return err
 	}
-	f.devF = virtio.Features(v)
-	f.nq = f.opts.NumQueues
-	if f.devF.Has(virtio.FProtocolFeat) {
-		p, err := f.getU64(ctx, ReqGetProtocolFeatures)
-		if err != nil {
-			return err
-		}
-		// The Frontend sends whole tables (SET_MEM_TABLE); it does not
-		// ask for region-by-region updates.
-		want := SupportedProtocolFeatures &^ (1 << PFConfigureMemSlots)
-		if f.opts.ProtocolFeatures != 0 {
-			want &= f.opts.ProtocolFeatures
-		}
-		// Sent before REPLY_ACK is in effect (as QEMU and DPDK do): no
-		// acknowledgement is asked for this one.
-		proto := ProtocolFeatures(p) & want
-		if err := f.send(ctx, ReqSetProtocolFeatures, putU64(uint64(proto)), nil); err != nil {
-			return err
-		}
-		f.proto = proto
-		if f.proto.Has(PFMQ) {
-			n, err := f.getU64(ctx, ReqGetQueueNum)
-			if err != nil {
-				return err
-			}
-			per := uint64(1)
-			if f.opts.DeviceID == virtio.DeviceNet {
-				per = 2 // a net back-end counts queue pairs
-			}
-			// Bounded before it is scaled: a hostile 2^63+1 pairs
-			// would wrap to 2 queues and pass a check made after.
-			if n == 0 || n > MaxQueues/per {
-				return msgErr(ReqGetQueueNum, ErrProtocol, "back-end reports %d (times %d) queues, at most %d", n, per, MaxQueues)
-			}
-			f.nq = int(n * per)
-		}
-	}
+	f.devF, f.proto, f.nq = devF, proto, nq
 	f.queues = make([]feQueue, f.nq)
 	return nil
+}
+
+// negotiate runs the session start on the current connection: SET_OWNER,
+// GET_FEATURES and, when offered, the protocol features and GET_QUEUE_NUM.
+// With fixed set (a reconnect), exactly *fixed is negotiated, and a
+// back-end that does not offer all of it is refused.
+func (f *Frontend) negotiate(ctx context.Context, fixed *ProtocolFeatures) (devF virtio.Features, proto ProtocolFeatures, nq int, err error) {
+	// Unacknowledged: REPLY_ACK is not in effect before
+	// SET_PROTOCOL_FEATURES, on a new connection as on the first.
+	if err := f.exchangeNoAck(ctx, ReqSetOwner, nil); err != nil {
+		return 0, 0, 0, err
+	}
+	v, err := f.getU64(ctx, ReqGetFeatures)
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	devF = virtio.Features(v)
+	nq = f.opts.NumQueues
+	if !devF.Has(virtio.FProtocolFeat) {
+		if fixed != nil && *fixed != 0 {
+			return 0, 0, 0, fmt.Errorf("%w: the back-end no longer offers PROTOCOL_FEATURES", ErrBackendChanged)
+		}
+		return devF, 0, nq, nil
+	}
+	p, err := f.getU64(ctx, ReqGetProtocolFeatures)
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	// The Frontend sends whole tables (SET_MEM_TABLE); it does not
+	// ask for region-by-region updates.
+	want := SupportedProtocolFeatures &^ (1 << PFConfigureMemSlots)
+	if f.opts.ProtocolFeatures != 0 {
+		want &= f.opts.ProtocolFeatures
+	}
+	proto = ProtocolFeatures(p) & want
+	if fixed != nil {
+		if lost := *fixed &^ ProtocolFeatures(p); lost != 0 {
+			return 0, 0, 0, fmt.Errorf("%w: it no longer offers protocol features %#x", ErrBackendChanged, uint64(lost))
+		}
+		proto = *fixed
+	}
+	// Sent before REPLY_ACK is in effect (as QEMU and DPDK do): no
+	// acknowledgement is asked for this one. (exchange asks for one when
+	// f.proto has REPLY_ACK, so a reconnect sends it unacknowledged too.)
+	if err := f.exchangeNoAck(ctx, ReqSetProtocolFeatures, putU64(uint64(proto))); err != nil {
+		return 0, 0, 0, err
+	}
+	if proto.Has(PFMQ) {
+		n, err := f.getU64(ctx, ReqGetQueueNum)
+		if err != nil {
+			return 0, 0, 0, err
+		}
+		per := uint64(1)
+		if f.opts.DeviceID == virtio.DeviceNet {
+			per = 2 // a net back-end counts queue pairs
+		}
+		// Bounded before it is scaled: a hostile 2^63+1 pairs
+		// would wrap to 2 queues and pass a check made after.
+		if n == 0 || n > MaxQueues/per {
+			return 0, 0, 0, msgErr(ReqGetQueueNum, ErrProtocol, "back-end reports %d (times %d) queues, at most %d", n, per, MaxQueues)
+		}
+		nq = int(n * per)
+	}
+	return devF, proto, nq, nil
 }
 
 // ProtocolFeatures returns the negotiated protocol features.
 func (f *Frontend) ProtocolFeatures() ProtocolFeatures { return f.proto }
 
 // acquire waits for the turn to use the socket; release gives it back.
+//
+// While the Frontend reconnects to a restarted back-end
+// (FrontendOptions.Reconnect) it waits for that to end, within ctx.
 func (f *Frontend) acquire(ctx context.Context) error {
-	if err := f.usable(); err != nil {
-		return err
+	for {
+		away, err := f.sessionState()
+		if away != nil {
+			if err := f.waitFor(ctx, away); err != nil {
+				return err
+			}
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		select {
+		case f.turn <- struct{}{}:
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-f.done:
+			return vdpa.ErrClosed
+		}
+		away, err = f.sessionState()
+		if away != nil {
+			// The session broke while this caller waited: wait for the
+			// reconnect instead.
+			f.release()
+			continue
+		}
+		if err != nil {
+			f.release()
+			return err
+		}
+		return nil
 	}
-	select {
-	case f.turn <- struct{}{}:
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-f.done:
-		return vdpa.ErrClosed
-	}
-	if err := f.usable(); err != nil {
-		f.release()
-		return err
-	}
-	return nil
 }
 
 func (f *Frontend) release() { <-f.turn }
-
-// usable returns why no request can be sent: vdpa.ErrClosed after Close,
-// ErrSessionBroken after an interrupted or out-of-step exchange.
-func (f *Frontend) usable() error {
-	select {
-	case <-f.done:
-		return vdpa.ErrClosed
-	default:
-	}
-	if p := f.broken.Load(); p != nil {
-		return *p
-	}
-	return nil
-}
 
 // breakSession records why the session is out of step and closes the
 // connection, so the back-end resets and no late reply is taken for the
@@ -279,9 +357,22 @@ func (f *Frontend) usable() error {
 // counts as a completed reset.
 func (f *Frontend) breakSession(cause error) {
 	err := fmt.Errorf("%w (connection closed, %w): %w", ErrSessionBroken, vdpa.ErrClosed, cause)
-	if f.broken.CompareAndSwap(nil, &err) {
-		_ = f.c.close()
+	// The break and the reconnect (FrontendOptions.Reconnect) are marked
+	// together, under rmu, before the connection closes: whoever finds
+	// the session broken or the connection closed also finds the
+	// reconnect to wait for.
+	f.rmu.Lock()
+	if f.broken.Load() != nil {
+		f.rmu.Unlock()
+		return
 	}
+	f.broken.Store(&err)
+	away := f.markAway()
+	f.rmu.Unlock()
+	if away != nil {
+		go f.reconnectLoop(f.opts.Reconnect, cause, away)
+	}
+	_ = f.conn().close()
 }
 
 // exchange sends a request and, when want is true or REPLY_ACK applies,
@@ -291,7 +382,38 @@ func (f *Frontend) breakSession(cause error) {
 // ctx's error, and the session is broken. A failure to read or write the
 // socket breaks the session too.
 func (f *Frontend) exchange(ctx context.Context, r Request, payload []byte, fds []int, want bool) (*Message, error) {
-	ack := !want && f.proto.Has(PFReplyAck)
+	return f.exchangeAck(ctx, r, payload, fds, want, !want && f.proto.Has(PFReplyAck))
+}
+
+// exchangeNoAck sends r without asking for an acknowledgement, whatever
+// REPLY_ACK says (SET_PROTOCOL_FEATURES, which puts it in effect).
+func (f *Frontend) exchangeNoAck(ctx context.Context, r Request, payload []byte) error {
+	_, err := f.exchangeAck(ctx, r, payload, nil, false, false)
+	return err
+}
+
+// exchangeAck is exchange with the acknowledgement decided by the caller.
+//
+// With FrontendOptions.Reconnect, a request whose connection failed under
+// it waits for the reconnect and is sent once more to the new back-end,
+// which by then holds the whole session as recorded before this request
+// (except for the reconnect's own requests, and GET_STATUS, whose caller
+// takes the last status set instead).
+func (f *Frontend) exchangeAck(ctx context.Context, r Request, payload []byte, fds []int, want, ack bool) (*Message, error) {
+	m, lost, err := f.exchangeOnce(ctx, r, payload, fds, want, ack)
+	if !lost || !f.reconnectOn.Load() || f.rejoining || f.noWait || isClosed(f.done) {
+		return m, err
+	}
+	if werr := f.awaitRejoin(ctx); werr != nil {
+		return nil, &MessageError{Request: r, Err: werr}
+	}
+	m, _, err = f.exchangeOnce(ctx, r, payload, fds, want, ack)
+	return m, err
+}
+
+// exchangeOnce is one exchange; lost reports that the connection failed
+// under it (not the caller's context, not Close).
+func (f *Frontend) exchangeOnce(ctx context.Context, r Request, payload []byte, fds []int, want, ack bool) (m *Message, lost bool, err error) {
 	h := Header{Request: r, Flags: Version}
 	if ack {
 		h.Flags |= FlagNeedReply
@@ -299,11 +421,11 @@ func (f *Frontend) exchange(ctx context.Context, r Request, payload []byte, fds 
 	ctx, cancel := context.WithTimeout(ctx, f.opts.Timeout)
 	defer cancel()
 	if err := ctx.Err(); err != nil {
-		return nil, &MessageError{Request: r, Err: err}
+		return nil, false, &MessageError{Request: r, Err: err}
 	}
 	// Runs when ctx ends mid-exchange: interrupt the I/O.
-	release := ctxclose.OnDone(ctx, f.c.close)
-	m, err := f.roundTrip(h, payload, fds, want || ack)
+	release := ctxclose.OnDone(ctx, f.conn().close)
+	m, err = f.roundTrip(h, payload, fds, want || ack)
 	if release() {
 		// The I/O was (or is being) interrupted: whatever happened on
 		// the socket, the session is out of step.
@@ -315,21 +437,21 @@ func (f *Frontend) exchange(ctx context.Context, r Request, payload []byte, fds 
 			cause = vdpa.ErrClosed
 		}
 		f.breakSession(cause)
-		return nil, &MessageError{Request: r, Err: cause}
+		return nil, false, &MessageError{Request: r, Err: cause}
 	}
 	if err != nil {
 		if isClosed(f.done) {
-			return nil, &MessageError{Request: r, Err: fmt.Errorf("%w: %w", vdpa.ErrClosed, err)}
+			return nil, false, &MessageError{Request: r, Err: fmt.Errorf("%w: %w", vdpa.ErrClosed, err)}
 		}
 		f.breakSession(err)
-		return nil, &MessageError{Request: r, Err: err}
+		return nil, true, &MessageError{Request: r, Err: err}
 	}
 	if m == nil {
-		return nil, nil
+		return nil, false, nil
 	}
 	if n := len(m.Fds); n > 0 {
 		m.Close() // empties m.Fds: report n
-		return nil, msgErr(r, ErrFdCount, "reply carries %d descriptors", n)
+		return nil, false, msgErr(r, ErrFdCount, "reply carries %d descriptors", n)
 	}
 	if !m.IsReply() || m.Request != r {
 		// Not the answer to r: the back-end sent a message nobody asked
@@ -338,29 +460,29 @@ func (f *Frontend) exchange(ctx context.Context, r Request, payload []byte, fds 
 		// out of step.
 		err := msgErr(r, ErrUnexpectedReply, "got %v flags %#x", m.Request, uint32(m.Flags))
 		f.breakSession(err)
-		return nil, err
+		return nil, false, err
 	}
 	if ack {
 		if len(m.Payload) != u64Size {
-			return nil, msgErr(r, ErrBadSize, "ack payload %d bytes", len(m.Payload))
+			return nil, false, msgErr(r, ErrBadSize, "ack payload %d bytes", len(m.Payload))
 		}
 		if v := m.U64(); v != 0 {
-			return nil, msgErr(r, ErrReplyFailed, "status %d", v)
+			return nil, false, msgErr(r, ErrReplyFailed, "status %d", v)
 		}
-		return nil, nil
+		return nil, false, nil
 	}
-	return m, nil
+	return m, false, nil
 }
 
 // roundTrip writes one message and, with reply, reads one.
 func (f *Frontend) roundTrip(h Header, payload []byte, fds []int, reply bool) (*Message, error) {
-	if err := f.c.write(h, payload, fds); err != nil {
+	if err := f.conn().write(h, payload, fds); err != nil {
 		return nil, err
 	}
 	if !reply {
 		return nil, nil
 	}
-	return f.c.read()
+	return f.conn().read()
 }
 
 func isClosed(c <-chan struct{}) bool {
@@ -444,14 +566,28 @@ func (f *Frontend) Status() (virtio.Status, error) {
 
 // StatusContext is Status with ctx bounding the wait for the socket and
 // the exchange.
+//
+// While the Frontend reconnects to a restarted back-end it returns the last
+// status set, without waiting: the device is not failed unless the
+// reconnect gives up.
 func (f *Frontend) StatusContext(ctx context.Context) (virtio.Status, error) {
+	if f.awayCh() != nil && !isClosed(f.done) {
+		return virtio.Status(f.lastStatus.Load()), nil
+	}
 	if err := f.acquire(ctx); err != nil {
 		return 0, err
 	}
 	defer f.release()
 	if f.proto.Has(PFStatus) {
+		f.noWait = true
 		v, err := f.getU64(ctx, ReqGetStatus)
+		f.noWait = false
 		if err != nil {
+			if f.awayCh() != nil && ctx.Err() == nil {
+				// The back-end went away under this request and the
+				// Frontend reconnects: not a failure yet.
+				return virtio.Status(f.lastStatus.Load()), nil
+			}
 			return 0, err
 		}
 		// The device status is 8 bits (the virtio status field,
@@ -499,6 +635,7 @@ func (f *Frontend) SetStatusContext(ctx context.Context, st virtio.Status) error
 		}
 	}
 	f.status = st
+	f.lastStatus.Store(uint32(st))
 	if st == 0 {
 		for i := range f.queues {
 			q := &f.queues[i]
@@ -658,6 +795,15 @@ func (f *Frontend) SetMemoryContext(ctx context.Context, mem *vring.Memory) erro
 		return err
 	}
 	defer f.release()
+	if err := f.sendMemTable(ctx, mem); err != nil {
+		return err
+	}
+	f.mem = mem
+	return nil
+}
+
+// sendMemTable sends SET_MEM_TABLE for mem.
+func (f *Frontend) sendMemTable(ctx context.Context, mem *vring.Memory) error {
 	regs := mem.Regions()
 	if len(regs) > MaxRegions {
 		return fmt.Errorf("%w: %d regions", ErrTooManyRegions, len(regs))
@@ -672,11 +818,7 @@ func (f *Frontend) SetMemoryContext(ctx context.Context, mem *vring.Memory) erro
 			UserspaceAddr: uint64(r.HostAddr()), MmapOffset: r.FdOffset()}
 		fds[i] = r.Fd()
 	}
-	if err := f.send(ctx, ReqSetMemTable, EncodeMemTable(rs), fds); err != nil {
-		return err
-	}
-	f.mem = mem
-	return nil
+	return f.send(ctx, ReqSetMemTable, EncodeMemTable(rs), fds)
 }
 
 // SetQueueNum implements vdpa.Device.
@@ -798,10 +940,15 @@ func (f *Frontend) SetQueueBaseContext(ctx context.Context, q int, st vdpa.Queue
 		return err
 	}
 	defer f.release()
-	if _, err := f.queue(q); err != nil {
+	fq, err := f.queue(q)
+	if err != nil {
 		return err
 	}
-	return f.send(ctx, ReqSetVringBase, VringState{Index: uint32(q), Num: vhostcore.VringBase(st, f.acked)}.Encode(), nil)
+	if err := f.send(ctx, ReqSetVringBase, VringState{Index: uint32(q), Num: vhostcore.VringBase(st, f.acked)}.Encode(), nil); err != nil {
+		return err
+	}
+	fq.base, fq.baseSet = st, true
+	return nil
 }
 
 // getBase stops queue q with GET_VRING_BASE and returns the position the
@@ -974,10 +1121,15 @@ func (f *Frontend) SetQueueErrContext(ctx context.Context, q int, e *vdpa.EventF
 		return err
 	}
 	defer f.release()
-	if _, err := f.queue(q); err != nil {
+	fq, err := f.queue(q)
+	if err != nil {
 		return err
 	}
-	return f.setFd(ctx, ReqSetVringErr, q, e)
+	if err := f.setFd(ctx, ReqSetVringErr, q, e); err != nil {
+		return err
+	}
+	fq.errFd, fq.errSet = e, true
+	return nil
 }
 
 // EnableQueue sends SET_VRING_ENABLE. Without PROTOCOL_FEATURES rings are
@@ -1138,6 +1290,15 @@ func (f *Frontend) SetLogContext(ctx context.Context, log *dirty.Bitmap) error {
 	if log.Fd() < 0 {
 		return fmt.Errorf("%w: dirty bitmap is not shared (dirty.Options.Shared)", ErrBadRegion)
 	}
+	if err := f.sendLogBase(ctx, log); err != nil {
+		return err
+	}
+	f.log = log
+	return f.resendAddrs(ctx)
+}
+
+// sendLogBase sends SET_LOG_BASE for a shared bitmap.
+func (f *Frontend) sendLogBase(ctx context.Context, log *dirty.Bitmap) error {
 	m, err := f.exchange(ctx, ReqSetLogBase, Log{MmapSize: uint64(log.Size()), MmapOffset: log.FdOffset()}.Encode(),
 		[]int{log.Fd()}, true)
 	if err != nil {
@@ -1146,8 +1307,7 @@ func (f *Frontend) SetLogContext(ctx context.Context, log *dirty.Bitmap) error {
 	if len(m.Payload) == u64Size && m.U64() != 0 {
 		return msgErr(ReqSetLogBase, ErrReplyFailed, "status %d", m.U64())
 	}
-	f.log = log
-	return f.resendAddrs(ctx)
+	return nil
 }
 
 // Close closes the connection; the back-end stops its rings and releases
@@ -1163,7 +1323,7 @@ func (f *Frontend) Close() error {
 	if !first {
 		return vdpa.ErrClosed
 	}
-	err := f.c.close()
+	err := f.conn().close()
 	if errors.Is(err, net.ErrClosed) {
 		return nil // closed already when the session broke
 	}

@@ -1,0 +1,333 @@
+package vhostuser
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/vdpakit/vdpakit/vdpa"
+	"github.com/vdpakit/vdpakit/vdpa/vhostuser/vhostusertest"
+	"github.com/vdpakit/vdpakit/virtio"
+	"github.com/vdpakit/vdpakit/vring"
+)
+
+// restartable is a back-end "process" a test can kill and start again:
+// each start is a fresh Backend and handler serving one end of a new
+// socketpair, whose other end Dial hands the Frontend.
+type restartable struct {
+	t        *testing.T
+	mode     vhostusertest.Mode
+	features virtio.Features // the handler's offer is limited to these (0: all)
+	mu       sync.Mutex
+	cur      *restartInstance
+	all      []*restartInstance
+	refuse   bool // Dial fails, as when no back-end listens
+}
+
+type restartInstance struct {
+	h      *vhostusertest.Handler
+	rec    *msgRecorder
+	be     *Backend
+	cancel context.CancelFunc
+	done   chan struct{} // closed when ServeConn returned
+}
+
+func newRestartable(t *testing.T, mode vhostusertest.Mode) *restartable {
+	r := &restartable{t: t, mode: mode}
+	t.Cleanup(func() {
+		for _, in := range r.all {
+			in.cancel()
+			<-in.done
+		}
+	})
+	return r
+}
+
+// start serves a new back-end and returns the Frontend's end.
+func (r *restartable) start() *net.UnixConn {
+	a, b := socketpair(r.t)
+	h := vhostusertest.New(r.mode, [6]byte{2, 0, 0, 0, 0, 1})
+	var hd vdpa.Handler = h
+	if r.features != 0 {
+		hd = limitFeatures{h, r.features}
+	}
+	rec := &msgRecorder{}
+	in := &restartInstance{h: h, rec: rec, be: NewBackend(hd, &BackendOptions{Logger: slog.New(rec)}), done: make(chan struct{})}
+	ctx, cancel := context.WithCancel(context.Background())
+	in.cancel = cancel
+	go func() { _ = in.be.ServeConn(ctx, b); close(in.done) }()
+	r.mu.Lock()
+	r.cur = in
+	r.all = append(r.all, in)
+	r.mu.Unlock()
+	return a
+}
+
+// kill ends the current back-end as a crash would: its session closes.
+func (r *restartable) kill() {
+	r.mu.Lock()
+	in := r.cur
+	r.mu.Unlock()
+	in.cancel()
+	<-in.done
+}
+
+func (r *restartable) current() *restartInstance {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.cur
+}
+
+// dial is ReconnectOptions.Dial: a new back-end, unless refused.
+func (r *restartable) dial(ctx context.Context) (*net.UnixConn, error) {
+	r.mu.Lock()
+	refuse := r.refuse
+	r.mu.Unlock()
+	if refuse {
+		return nil, errors.New("connection refused")
+	}
+	return r.start(), nil
+}
+
+// limitFeatures offers only some of a handler's features (a back-end
+// restarted with another configuration).
+type limitFeatures struct {
+	*vhostusertest.Handler
+	f virtio.Features
+}
+
+func (l limitFeatures) Features() virtio.Features { return l.Handler.Features() & l.f }
+
+// loopRound sends n frames and checks that each came back on the receive
+// queue, byte for byte.
+func loopRound(t *testing.T, d *testDriver, tag byte, n int) {
+	t.Helper()
+	rxBufs := map[uint32]vring.GuestAddr{}
+	for i := 0; i < n; i++ {
+		a := d.alloc()
+		head, err := d.dqs[0].Add([]vring.Buffer{{Addr: a, Len: bufSize, Writable: true}})
+		require.NoError(t, err)
+		rxBufs[uint32(head)] = a
+	}
+	d.dqs[0].Publish()
+	require.NoError(t, d.kicks[0].Signal())
+	for i := 0; i < n; i++ {
+		f := make([]byte, 60)
+		f[0], f[1], f[59] = tag, byte(i), 0xab
+		d.send(f)
+	}
+	assert.Len(t, d.reclaim(1, n), n)
+	rx := d.reclaim(0, n)
+	for i, u := range rx {
+		require.Equal(t, uint32(d.hdrLen+60), u[1], "round %d frame %d length", tag, i)
+		b := make([]byte, u[1])
+		a, ok := rxBufs[u[0]]
+		require.True(t, ok, "round %d: used id %d names no buffer posted this round", tag, u[0])
+		require.NoError(t, d.mem.Read(a, b))
+		assert.Equal(t, []byte{tag, byte(i)}, b[d.hdrLen:d.hdrLen+2], "round %d frame %d", tag, i)
+	}
+}
+
+// TestFrontendReconnect kills the back-end under a running session, twice,
+// and checks that the Frontend (FrontendOptions.Reconnect) notices with no
+// request of its own, hands the whole session to the new back-end and that
+// frames flow again: on split rings (resumed at used.idx) and packed ones
+// (resumed at the position the used descriptors record). Status keeps
+// reporting the device as running through each restart.
+func TestFrontendReconnect(t *testing.T) {
+	ringFormats(t, vhostusertest.New(vhostusertest.Loopback, [6]byte{}).Features(), testFrontendReconnect)
+}
+
+func testFrontendReconnect(t *testing.T, want virtio.Features) {
+	r := newRestartable(t, vhostusertest.Loopback)
+	reg, err := vring.NewMemfdRegion(0x100000, 4<<20, nil)
+	require.NoError(t, err)
+	d := newTestDriverOpts(t, r.start(), want, &FrontendOptions{Reconnect: &ReconnectOptions{Dial: r.dial, Interval: 10 * time.Millisecond}}, reg)
+	d.startQueue(0)
+	d.startQueue(1)
+	running := virtio.StatusAcknowledge | virtio.StatusDriver | virtio.StatusFeaturesOK | virtio.StatusDriverOK
+	require.NoError(t, d.fe.SetStatus(running))
+	loopRound(t, d, 1, 5)
+
+	for round := 1; round <= 2; round++ {
+		old := r.current()
+		r.kill()
+		require.Eventually(t, func() bool { return d.fe.Reconnects() == uint64(round) }, 10*time.Second, 5*time.Millisecond,
+			"round %d: the Frontend reconnected on its own", round)
+		st, err := d.fe.Status()
+		require.NoError(t, err)
+		assert.Equal(t, running, st, "round %d: status after the reconnect", round)
+		in := r.current()
+		require.NotSame(t, old, in)
+		info := in.be.Info()
+		assert.Equal(t, d.features.With(virtio.FProtocolFeat), info.Features, "round %d: features handed over", round)
+		assert.Equal(t, 2, info.RunningQueues, "round %d: both rings started", round)
+		// The bases handed over are the rings' own positions: the new
+		// back-end (which checks them against the ring) had nothing to
+		// correct.
+		for _, n := range in.rec.notes() {
+			assert.NotContains(t, n, "resynchronised", "round %d: the base handed over was not the ring's position", round)
+		}
+		_, warns := in.rec.snapshot()
+		assert.Empty(t, warns, "round %d: new back-end's warnings", round)
+		loopRound(t, d, byte(1+round), 5+round)
+		c := in.h.Counters()
+		assert.Equal(t, uint64(5+round), c.TxFrames, "round %d: frames the new back-end took", round)
+		assert.Equal(t, uint64(5+round), c.RxFrames, "round %d: frames the new back-end delivered", round)
+	}
+	// The position handed over is where the old back-end stopped: a
+	// GET_VRING_BASE now reports every chain of the three rounds.
+	qs, err := d.fe.QueueBase(1)
+	require.NoError(t, err)
+	pos := positionAfter(d.features, 5+6+7)
+	assert.Equal(t, vring.QueueState{NextAvail: pos, NextUsed: pos}, qs)
+}
+
+// A back-end that does not come back within Timeout: the Frontend gives up,
+// Status and every request fail with ErrSessionBroken, naming the last
+// attempt's error.
+func TestFrontendReconnectGivesUp(t *testing.T) {
+	r := newRestartable(t, vhostusertest.Loopback)
+	d := newTestDriverOpts(t, r.start(), virtio.Features(0).With(virtio.FVersion1),
+		&FrontendOptions{Reconnect: &ReconnectOptions{Dial: r.dial, Interval: 10 * time.Millisecond, Timeout: 200 * time.Millisecond}}, mustRegion(t))
+	d.startQueue(0)
+	d.startQueue(1)
+	require.NoError(t, d.fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK|virtio.StatusDriverOK))
+	r.mu.Lock()
+	r.refuse = true
+	r.mu.Unlock()
+	r.kill()
+	start := time.Now()
+	// A request made meanwhile waits for the outcome.
+	err := d.fe.SetQueueNum(0, testQueueSize)
+	assert.ErrorIs(t, err, ErrSessionBroken)
+	assert.ErrorContains(t, err, "connection refused")
+	assert.GreaterOrEqual(t, time.Since(start), 150*time.Millisecond, "the request waited for the reconnect to give up")
+	_, err = d.fe.Status()
+	assert.ErrorIs(t, err, ErrSessionBroken)
+	assert.ErrorIs(t, err, vdpa.ErrClosed)
+	assert.Zero(t, d.fe.Reconnects())
+}
+
+// A restarted back-end that no longer offers a feature the session
+// negotiated cannot take it over: each attempt fails with
+// ErrBackendChanged, and the Frontend gives up.
+func TestFrontendReconnectRefusesChangedBackend(t *testing.T) {
+	r := newRestartable(t, vhostusertest.Loopback)
+	want := virtio.Features(0).With(virtio.FVersion1, virtio.FEventIdx)
+	d := newTestDriverOpts(t, r.start(), want,
+		&FrontendOptions{Reconnect: &ReconnectOptions{Dial: r.dial, Interval: 10 * time.Millisecond, Timeout: 300 * time.Millisecond}}, mustRegion(t))
+	require.True(t, d.features.Has(virtio.FEventIdx))
+	d.startQueue(0)
+	d.startQueue(1)
+	r.mu.Lock()
+	r.features = ^virtio.FEventIdx.Bit()
+	r.mu.Unlock()
+	r.kill()
+	err := d.fe.EnableQueue(0, true)
+	assert.ErrorIs(t, err, ErrSessionBroken)
+	assert.ErrorIs(t, err, ErrBackendChanged)
+	assert.Zero(t, d.fe.Reconnects())
+	r.mu.Lock()
+	n := len(r.all)
+	r.mu.Unlock()
+	assert.Greater(t, n, 2, "attempts made")
+}
+
+// Close while the Frontend reconnects: waiting requests return
+// vdpa.ErrClosed and the reconnect loop ends.
+func TestFrontendReconnectClose(t *testing.T) {
+	r := newRestartable(t, vhostusertest.Loopback)
+	d := newTestDriverOpts(t, r.start(), virtio.Features(0).With(virtio.FVersion1),
+		&FrontendOptions{Reconnect: &ReconnectOptions{Dial: r.dial, Interval: 10 * time.Millisecond, Timeout: time.Minute}}, mustRegion(t))
+	r.mu.Lock()
+	r.refuse = true
+	r.mu.Unlock()
+	r.kill()
+	require.Eventually(t, func() bool { return d.fe.awayCh() != nil }, 5*time.Second, 5*time.Millisecond)
+	errc := make(chan error, 1)
+	go func() { errc <- d.fe.SetQueueNum(0, testQueueSize) }()
+	time.Sleep(30 * time.Millisecond)
+	require.NoError(t, d.fe.Close())
+	select {
+	case err := <-errc:
+		assert.ErrorIs(t, err, vdpa.ErrClosed)
+	case <-time.After(5 * time.Second):
+		t.Fatal("a request waiting for the reconnect did not return after Close")
+	}
+	require.Eventually(t, func() bool { return d.fe.awayCh() == nil }, 5*time.Second, 5*time.Millisecond, "the reconnect loop ended")
+}
+
+func mustRegion(t *testing.T) *vring.Region {
+	reg, err := vring.NewMemfdRegion(0x100000, 4<<20, nil)
+	require.NoError(t, err)
+	return reg
+}
+
+// Options: Reconnect needs a Dial with NewFrontend, and sane durations.
+func TestFrontendReconnectOptions(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		rc   ReconnectOptions
+	}{
+		{"no dial", ReconnectOptions{}},
+		{"negative interval", ReconnectOptions{Dial: DialPath("/nonexistent"), Interval: -1}},
+		{"negative timeout", ReconnectOptions{Dial: DialPath("/nonexistent"), Timeout: -1}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a, _ := socketpair(t)
+			_, err := NewFrontend(context.Background(), a, &FrontendOptions{Reconnect: &tc.rc})
+			assert.ErrorIs(t, err, ErrBadOptions)
+		})
+	}
+}
+
+// Back-ends that die again right after taking the session over (a crash
+// loop), then one that stays: every break starts a reconnect of its own,
+// none is lost or closes another's wait, and traffic flows in the end.
+func TestFrontendReconnectCrashLoop(t *testing.T) {
+	ringFormats(t, vhostusertest.New(vhostusertest.Loopback, [6]byte{}).Features(), func(t *testing.T, want virtio.Features) {
+		r := newRestartable(t, vhostusertest.Loopback)
+		flaky := 4 // only the reconnect loop dials: no lock needed
+		dial := func(ctx context.Context) (*net.UnixConn, error) {
+			c, err := r.dial(ctx)
+			if err == nil && flaky > 0 {
+				flaky--
+				in, after := r.current(), time.Duration(flaky)*time.Millisecond
+				go func() { time.Sleep(after); in.cancel() }()
+			}
+			return c, err
+		}
+		d := newTestDriverOpts(t, r.start(), want, &FrontendOptions{Reconnect: &ReconnectOptions{Dial: dial, Interval: 2 * time.Millisecond}}, mustRegion(t))
+		d.startQueue(0)
+		d.startQueue(1)
+		require.NoError(t, d.fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK|virtio.StatusDriverOK))
+		loopRound(t, d, 1, 4)
+		r.kill()
+		// Requests made through the crash loop wait for a back-end that
+		// stays, and succeed.
+		for i := 0; i < 20; i++ {
+			_, err := d.fe.Status()
+			require.NoError(t, err)
+			require.NoError(t, d.fe.EnableQueue(0, true))
+			time.Sleep(time.Millisecond)
+		}
+		require.Eventually(t, func() bool {
+			r.mu.Lock()
+			n := len(r.all)
+			r.mu.Unlock()
+			// The first back-end, the four that die, and one that stays.
+			return n >= 6 && d.fe.awayCh() == nil && r.current().be.Info().RunningQueues == 2
+		}, 10*time.Second, 5*time.Millisecond, "a back-end that stays took the session")
+		loopRound(t, d, 2, 4)
+		assert.GreaterOrEqual(t, d.fe.Reconnects(), uint64(1))
+		require.NoError(t, d.fe.Close()) // before the test's eventfds close
+	})
+}
