@@ -250,7 +250,18 @@ func kvs(fields []string) map[string]uint64 {
 type qemuRig struct {
 	sn  *softnet.Device
 	srv *vfiouser.Server
+	// restart, with a vhost-user backing, ends the back-end's session as
+	// its process dying would and serves a new back-end (a fresh softnet
+	// device, made as the first) on the same socket.
+	restart func()
+	// snMade counts the softnet devices made (one more per restart);
+	// last is the latest.
+	snMade int
+	last   *softnet.Device
 }
+
+// sn2Frames is the frames the latest softnet device took from the guest.
+func (r *qemuRig) sn2Frames() uint64 { return r.last.Stats().Tx().Frames }
 
 func startServer(t *testing.T, ctx context.Context, sock string, pairs int) *qemuRig {
 	return startServerBacking(t, ctx, sock, pairs, backingOpts{})
@@ -268,6 +279,9 @@ type backingOpts struct {
 	offload bool
 	// mask removes more features from the device's offer.
 	mask virtio.Features
+	// reconnect (with vhostUser) gives the Frontend ReconnectOptions and
+	// the rig a restart.
+	reconnect bool
 }
 
 // startServerBacking is startServer with the device o describes.
@@ -281,17 +295,26 @@ func startServerBacking(t *testing.T, ctx context.Context, sock string, pairs in
 	copy(m[:], mac)
 	// Behind vhost-user the control queue stays out of the data path (as
 	// QEMU's own vhost-user front-end keeps it): no CTRL_VQ.
-	sn, err := softnet.New(&softnet.Options{MAC: m, MTU: qMTU, MaxQueuePairs: uint16(pairs), Handler: resp, NoCtrlVQ: o.vhostUser, Offload: o.offload,
-		OnConfigChange: func() {
-			if r.srv != nil {
-				r.srv.Device().ConfigChanged()
-			}
-		}})
-	require.NoError(t, err)
+	newSN := func() *softnet.Device {
+		sn, err := softnet.New(&softnet.Options{MAC: m, MTU: qMTU, MaxQueuePairs: uint16(pairs), Handler: resp, NoCtrlVQ: o.vhostUser, Offload: o.offload,
+			OnConfigChange: func() {
+				if r.srv != nil {
+					r.srv.Device().ConfigChanged()
+				}
+			}})
+		require.NoError(t, err)
+		r.snMade++
+		r.last = sn
+		return sn
+	}
+	sn := newSN()
 	r.sn = sn
 	var backing vdpa.Device
 	kind := "software"
-	if o.vhostUser {
+	if o.vhostUser && o.reconnect {
+		backing, r.restart = restartableVhostUser(t, sn, newSN)
+		kind = "vhost-user"
+	} else if o.vhostUser {
 		backing, kind = vhostUserFrontend(t, sn), "vhost-user"
 	} else {
 		l := vdpa.NewLocal(sn, nil)
@@ -592,6 +615,53 @@ func qemuSystemReset(t *testing.T, qemu, helper string, o backingOpts) {
 // TestQEMUVhostUserBacking: the data path of the guest's NIC runs in a
 // vhost-user back-end; the server hands it the guest memory QEMU mapped and
 // the MSI-X eventfds QEMU registered.
+// TestQEMUVhostUserBackendRestart: the device's data path is a vhost-user
+// back-end, and its process restarts while the guest pings through it. The
+// server's Frontend (ReconnectOptions) hands the session to the new
+// back-end, so the guest's virtio-net never sees its device fail: no
+// DEVICE_NEEDS_RESET, and its pings are answered again. Pings sent while
+// no back-end ran may be lost; on packed rings (the guest's choice) the
+// rings resume where the old back-end's used descriptors say it stopped.
+func TestQEMUVhostUserBackendRestart(t *testing.T) {
+	qemu, helper := requireQEMU11(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	sock := filepath.Join(t.TempDir(), "vfu.sock")
+	r := startServerBacking(t, ctx, sock, 1, backingOpts{vhostUser: true, reconnect: true})
+	v := bootQEMU(t, ctx, qemu, helper, sock, "restart", false)
+	first, err := v.wait(ctx, "PING", 1)
+	require.NoError(t, err)
+	pf := kvs(first[1:])
+	assert.Positive(t, pf["transmitted"])
+	assert.Equal(t, pf["transmitted"], pf["received"], "pings before the restart: %v", first)
+	_, err = v.wait(ctx, "WAIT-RESTART", 1)
+	require.NoError(t, err)
+	time.Sleep(300 * time.Millisecond) // the second round of pings under way
+	start := time.Now()
+	r.restart()
+	_, err = v.wait(ctx, "DONE", 1)
+	require.NoError(t, err)
+	var ping []string
+	for _, m := range v.markers("PING") {
+		if len(m) > 0 && m[0] == "again" {
+			ping = m
+		}
+	}
+	require.NotNil(t, ping, "no PING again marker")
+	p := kvs(ping[1:])
+	t.Logf("pings through the restart: %v (restart at %v)", ping, start.Format("15:04:05.000"))
+	assert.Positive(t, p["transmitted"])
+	// A restart takes well under a second: at 20 pings a second, at most
+	// a handful of the 6*PING_COUNT are sent while no back-end runs.
+	assert.GreaterOrEqual(t, p["received"]+10, p["transmitted"], "pings answered through the restart")
+	assert.Equal(t, 2, r.snMade, "a second back-end served")
+	assert.Positive(t, r.sn2Frames(), "the second back-end's device carried the guest's frames")
+	dev := r.srv.Device()
+	assert.NoError(t, dev.Err())
+	assert.Zero(t, dev.Status()&virtio.StatusDeviceNeedsReset, "device status %v", dev.Status())
+	assert.True(t, dev.DriverFeatures().Has(virtio.FRingPacked), "the guest runs packed rings")
+}
+
 func TestQEMUVhostUserBacking(t *testing.T) {
 	qemu, helper := requireQEMU11(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)

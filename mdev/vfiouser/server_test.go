@@ -160,6 +160,44 @@ func vhostUserFrontend(t testing.TB, sn *softnet.Device) vdpa.Device {
 	return fe
 }
 
+// restartableVhostUser serves sn behind a vhost-user back-end and returns a
+// Frontend that reconnects to it, and a restart that ends the back-end's
+// session as a dying process would and serves a new device from newSN on
+// the same socket.
+func restartableVhostUser(t testing.TB, sn *softnet.Device, newSN func() *softnet.Device) (vdpa.Device, func()) {
+	path := filepath.Join(t.TempDir(), "vu.sock")
+	var stop func()
+	var bo *vhostuser.BackendOptions
+	var log *slog.Logger
+	if testing.Verbose() && os.Getenv("VDPAKIT_QEMU") == "1" {
+		log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+		bo = &vhostuser.BackendOptions{Logger: log}
+	}
+	serve := func(sn *softnet.Device) {
+		be := vhostuser.NewBackend(sn, bo)
+		l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+		require.NoError(t, err)
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- be.Serve(ctx, l) }()
+		stop = func() { cancel(); <-done }
+	}
+	serve(sn)
+	t.Cleanup(func() { stop() })
+	dctx, dcancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer dcancel()
+	fe, err := vhostuser.Dial(dctx, path, &vhostuser.FrontendOptions{ConfigSize: virtio.NetConfigSize, NumQueues: sn.NumQueues(), MaxQueueSize: sn.MaxQueueSize(),
+		Reconnect: &vhostuser.ReconnectOptions{Interval: 20 * time.Millisecond, Logger: log}})
+	require.NoError(t, err)
+	// Closed before the back-end stops (cleanups run last first): a
+	// Frontend whose back-end went away would wait for it.
+	t.Cleanup(func() { _ = fe.Close() })
+	return fe, func() {
+		stop()
+		serve(newSN())
+	}
+}
+
 func TestBringUpAndTraffic(t *testing.T) {
 	for _, tc := range []struct {
 		name      string

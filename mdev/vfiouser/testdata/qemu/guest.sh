@@ -4,7 +4,8 @@
 # GUEST_MAC, GUEST_ADDR (a.b.c.d/len), PEER_IP, PING_COUNT, GUEST_MODE
 # (ping: pings of mixed sizes, then counters; link: also wait for the host
 # to take the link down and up; rebind: unbind and rebind virtio-pci, then
-# ping again; reset: ping, then wait for the host to reset the machine;
+# ping again; restart: ping again while the host restarts the vhost-user
+# back-end behind the device; reset: ping, then wait for the host to reset the machine;
 # channels: set the combined channels to 1 with /bin/setchannels, ping from
 # each CPU, then to 2 and ping from each CPU again).
 # Prints QEMUGUEST-<nonce> markers the test parses.
@@ -104,6 +105,13 @@ channels)
 		mark PING ch$n "cpus=$ncpu" "transmitted=$tx" "received=$rx"
 		stats ch$n
 	done
+	;;
+restart)
+	# The host restarts the device's vhost-user back-end once it sees
+	# WAIT-RESTART; these pings run through the restart.
+	mark WAIT-RESTART
+	pings again
+	stats again
 	;;
 rebind)
 	echo "$pdev" > /sys/bus/pci/drivers/virtio-pci/unbind
