@@ -440,15 +440,8 @@ func testDPDKFrontendNetVhost(t *testing.T, packed bool) {
 	require.NoError(t, err)
 	defer fe.Close()
 	t.Logf("net_vhost protocol features %v", fe.ProtocolFeatures())
-	d := &testDriver{t: t, fe: fe}
-	reg, err := vring.NewMemfdRegion(0x100000, 8<<20, nil)
-	require.NoError(t, err)
-	d.mem, err = vring.NewMemory(reg)
-	require.NoError(t, err)
-	defer d.mem.Close()
 	offered, err := fe.Features()
 	require.NoError(t, err)
-	require.True(t, offered.Has(virtio.FVersion1), "net_vhost offers %s", offered.Format(virtio.DeviceNet))
 	// Dirty logging with DPDK's vhost library as the peer: a shared log
 	// (LOG_SHMFD) and LOG_ALL, so every write net_vhost makes into our
 	// memory must show up in the bitmap.
@@ -457,109 +450,10 @@ func testDPDKFrontendNetVhost(t *testing.T, packed bool) {
 	bm, err := dirty.New(0x100000+8<<20, &dirty.Options{Shared: true})
 	require.NoError(t, err)
 	defer bm.Close()
-	d.features = virtio.Features(0).With(virtio.FVersion1, virtio.FLogAll)
-	if packed {
-		require.True(t, offered.Has(virtio.FRingPacked), "net_vhost offers %s", offered.Format(virtio.DeviceNet))
-		d.features = d.features.With(virtio.FRingPacked)
-	}
-	d.hdrLen = virtio.NetHdrLen(d.features)
-	require.NoError(t, fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver))
-	require.NoError(t, fe.SetFeatures(d.features))
-	require.NoError(t, fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK))
-	require.NoError(t, fe.SetMemory(d.mem))
-	require.NoError(t, fe.SetLog(bm))
-	ringBytes := (vring.LayoutBytesFor(testQueueSize, d.features) + 4095) &^ 4095
-	for q := 0; q < 2; q++ {
-		d.layouts[q] = vring.LayoutFor(vring.GuestAddr(0x100000+uint64(q)*ringBytes), testQueueSize, d.features)
-		d.dqs[q], err = vring.NewDriverQueue(d.mem, vring.DriverQueueOptions{Index: q, Layout: d.layouts[q], Features: d.features})
-		require.NoError(t, err)
-		require.Equal(t, packed, d.dqs[q].Packed())
-		d.kicks[q], err = vdpa.NewEventFD()
-		require.NoError(t, err)
-		d.calls[q], err = vdpa.NewEventFD()
-		require.NoError(t, err)
-		defer d.kicks[q].Close()
-		defer d.calls[q].Close()
-	}
-	d.bufBase = vring.GuestAddr(0x100000 + 2*ringBytes)
-	d.nextBuf = d.bufBase
-	// Receive buffers: a fixed pool, re-posted as they come back.
-	rxAddr := map[uint16]vring.GuestAddr{}
-	for i := 0; i < testQueueSize; i++ {
-		a := d.alloc()
-		head, err := d.dqs[0].Add([]vring.Buffer{{Addr: a, Len: bufSize, Writable: true}})
-		require.NoError(t, err)
-		rxAddr[head] = a
-	}
-	d.dqs[0].Publish()
-	d.startQueue(0)
-	d.startQueue(1)
-	require.NoError(t, fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK|virtio.StatusDriverOK))
-
-	// Transmit buffers: a fixed pool of 128 frames.
-	src := [6]byte{2, 0, 0, 0, 0, 0xaa}
-	dst := [6]byte{2, 0, 0, 0, 0, 0xbb}
-	txAddr := make([]vring.GuestAddr, 128)
-	for i := range txAddr {
-		txAddr[i] = d.alloc()
-		b := make([]byte, d.hdrLen+64)
-		copy(b[d.hdrLen:], dst[:])
-		copy(b[d.hdrLen+6:], src[:])
-		b[d.hdrLen+12], b[d.hdrLen+13] = 0x88, 0xb5
-		require.NoError(t, d.mem.Write(txAddr[i], b))
-	}
+	d, rxAddr, txAddr := netVhostDriver(t, fe, packed, bm)
+	src, dst := macswapSrc, macswapDst
 	const frames = 20000
-	sent, txDone, received := 0, 0, 0
-	inFlight := 0
-	deadline := time.Now().Add(60 * time.Second)
-	for (txDone < frames || received < frames) && time.Now().Before(deadline) {
-		progress := false
-		for sent < frames && inFlight < len(txAddr) && sent-received < 200 {
-			_, err := d.dqs[1].Add([]vring.Buffer{{Addr: txAddr[sent%len(txAddr)], Len: uint32(d.hdrLen + 64)}})
-			require.NoError(t, err)
-			sent++
-			inFlight++
-			progress = true
-		}
-		d.dqs[1].Publish()
-		if d.dqs[1].NeedsKick() {
-			require.NoError(t, d.kicks[1].Signal())
-		}
-		for {
-			_, _, ok, err := d.dqs[1].Reclaim()
-			require.NoError(t, err)
-			if !ok {
-				break
-			}
-			txDone++
-			inFlight--
-			progress = true
-		}
-		for {
-			head, n, ok, err := d.dqs[0].Reclaim()
-			require.NoError(t, err)
-			if !ok {
-				break
-			}
-			b := make([]byte, n)
-			require.NoError(t, d.mem.Read(rxAddr[head], b))
-			require.GreaterOrEqual(t, int(n), d.hdrLen+14)
-			assert.Equal(t, src[:], b[d.hdrLen:d.hdrLen+6], "macswap destination")
-			assert.Equal(t, dst[:], b[d.hdrLen+6:d.hdrLen+12], "macswap source")
-			received++
-			h2, err := d.dqs[0].Add([]vring.Buffer{{Addr: rxAddr[head], Len: bufSize, Writable: true}})
-			require.NoError(t, err)
-			rxAddr[h2] = rxAddr[head]
-			progress = true
-		}
-		d.dqs[0].Publish()
-		if d.dqs[0].NeedsKick() {
-			require.NoError(t, d.kicks[0].Signal())
-		}
-		if !progress {
-			time.Sleep(50 * time.Microsecond)
-		}
-	}
+	txDone, received := pumpMacswap(t, d, rxAddr, txAddr, src, dst, frames, 60*time.Second)
 	require.Equal(t, frames, txDone, "transmitted frames completed by net_vhost")
 	require.Equal(t, frames, received, "frames returned by macswap")
 	rx, _, tx, _, err := p.stopForwarding(ctx)
@@ -618,7 +512,7 @@ func testDPDKFrontendNetVhost(t *testing.T, packed bool) {
 	d.dqs[1].Publish()
 	require.NoError(t, d.kicks[1].Signal())
 	txBack, rxBack := 0, 0
-	deadline = time.Now().Add(30 * time.Second)
+	deadline := time.Now().Add(30 * time.Second)
 	for (txBack < more || rxBack < more) && time.Now().Before(deadline) {
 		if _, _, ok, err := d.dqs[1].Reclaim(); err == nil && ok {
 			txBack++
@@ -753,4 +647,142 @@ func TestDPDKReconnect(t *testing.T) {
 		p.quit()
 		_ = os.Remove(path)
 	}
+}
+
+// pumpMacswap sends frames from the transmit pool txAddr (ring 1) and takes
+// them back on ring 0, where rxAddr maps a receive head to its buffer
+// (re-posted as frames come back), with at most 200 frames out, until all
+// came back or timeout passes. Each returned frame must have its MAC
+// addresses swapped (testpmd's macswap). It returns the transmit chains
+// completed and the frames received.
+func pumpMacswap(t *testing.T, d *testDriver, rxAddr map[uint16]vring.GuestAddr, txAddr []vring.GuestAddr, src, dst [6]byte, frames int, timeout time.Duration) (txDone, received int) {
+	t.Helper()
+	sent, inFlight := 0, 0
+	deadline := time.Now().Add(timeout)
+	for (txDone < frames || received < frames) && time.Now().Before(deadline) {
+		progress := false
+		for sent < frames && inFlight < len(txAddr) && sent-received < 200 {
+			_, err := d.dqs[1].Add([]vring.Buffer{{Addr: txAddr[sent%len(txAddr)], Len: uint32(d.hdrLen + 64)}})
+			require.NoError(t, err)
+			sent++
+			inFlight++
+			progress = true
+		}
+		d.dqs[1].Publish()
+		if d.dqs[1].NeedsKick() {
+			require.NoError(t, d.kicks[1].Signal())
+		}
+		for {
+			_, _, ok, err := d.dqs[1].Reclaim()
+			require.NoError(t, err)
+			if !ok {
+				break
+			}
+			txDone++
+			inFlight--
+			progress = true
+		}
+		for {
+			head, n, ok, err := d.dqs[0].Reclaim()
+			require.NoError(t, err)
+			if !ok {
+				break
+			}
+			b := make([]byte, n)
+			require.NoError(t, d.mem.Read(rxAddr[head], b))
+			require.GreaterOrEqual(t, int(n), d.hdrLen+14)
+			assert.Equal(t, src[:], b[d.hdrLen:d.hdrLen+6], "macswap destination")
+			assert.Equal(t, dst[:], b[d.hdrLen+6:d.hdrLen+12], "macswap source")
+			received++
+			h2, err := d.dqs[0].Add([]vring.Buffer{{Addr: rxAddr[head], Len: bufSize, Writable: true}})
+			require.NoError(t, err)
+			rxAddr[h2] = rxAddr[head]
+			progress = true
+		}
+		d.dqs[0].Publish()
+		if d.dqs[0].NeedsKick() {
+			require.NoError(t, d.kicks[0].Signal())
+		}
+		if !progress {
+			time.Sleep(50 * time.Microsecond)
+		}
+	}
+	return txDone, received
+}
+
+// The addresses of the frames pumpMacswap sends (testpmd swaps them).
+var macswapSrc, macswapDst = [6]byte{2, 0, 0, 0, 0, 0xaa}, [6]byte{2, 0, 0, 0, 0, 0xbb}
+
+// netVhostDriver sets up a test driver on fe (a Frontend of net_vhost):
+// 8 MiB of guest memory, VERSION_1 (and RING_PACKED with packed; LOG_ALL
+// and the log with log), both rings of testQueueSize started with every
+// receive buffer posted, DRIVER_OK. It returns the driver, the receive
+// buffers by head and a pool of 128 transmit frames (macswapSrc to
+// macswapDst).
+func netVhostDriver(t *testing.T, fe *Frontend, packed bool, log *dirty.Bitmap) (*testDriver, map[uint16]vring.GuestAddr, []vring.GuestAddr) {
+	t.Helper()
+	d := &testDriver{t: t, fe: fe}
+	reg, err := vring.NewMemfdRegion(0x100000, 8<<20, nil)
+	require.NoError(t, err)
+	d.mem, err = vring.NewMemory(reg)
+	require.NoError(t, err)
+	t.Cleanup(func() { d.mem.Close() })
+	offered, err := fe.Features()
+	require.NoError(t, err)
+	require.True(t, offered.Has(virtio.FVersion1), "net_vhost offers %s", offered.Format(virtio.DeviceNet))
+	d.features = virtio.Features(0).With(virtio.FVersion1)
+	if log != nil {
+		d.features = d.features.With(virtio.FLogAll)
+	}
+	if packed {
+		require.True(t, offered.Has(virtio.FRingPacked), "net_vhost offers %s", offered.Format(virtio.DeviceNet))
+		d.features = d.features.With(virtio.FRingPacked)
+	}
+	d.hdrLen = virtio.NetHdrLen(d.features)
+	require.NoError(t, fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver))
+	require.NoError(t, fe.SetFeatures(d.features))
+	require.NoError(t, fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK))
+	require.NoError(t, fe.SetMemory(d.mem))
+	if log != nil {
+		require.NoError(t, fe.SetLog(log))
+	}
+	ringBytes := (vring.LayoutBytesFor(testQueueSize, d.features) + 4095) &^ 4095
+	for q := 0; q < 2; q++ {
+		d.layouts[q] = vring.LayoutFor(vring.GuestAddr(0x100000+uint64(q)*ringBytes), testQueueSize, d.features)
+		d.dqs[q], err = vring.NewDriverQueue(d.mem, vring.DriverQueueOptions{Index: q, Layout: d.layouts[q], Features: d.features})
+		require.NoError(t, err)
+		require.Equal(t, packed, d.dqs[q].Packed())
+		d.kicks[q], err = vdpa.NewEventFD()
+		require.NoError(t, err)
+		d.calls[q], err = vdpa.NewEventFD()
+		require.NoError(t, err)
+		k, c := d.kicks[q], d.calls[q]
+		t.Cleanup(func() { k.Close(); c.Close() })
+	}
+	d.bufBase = vring.GuestAddr(0x100000 + 2*ringBytes)
+	d.nextBuf = d.bufBase
+	// Receive buffers: a fixed pool, re-posted as they come back.
+	rxAddr := map[uint16]vring.GuestAddr{}
+	for i := 0; i < testQueueSize; i++ {
+		a := d.alloc()
+		head, err := d.dqs[0].Add([]vring.Buffer{{Addr: a, Len: bufSize, Writable: true}})
+		require.NoError(t, err)
+		rxAddr[head] = a
+	}
+	d.dqs[0].Publish()
+	d.startQueue(0)
+	d.startQueue(1)
+	require.NoError(t, fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK|virtio.StatusDriverOK))
+
+	// Transmit buffers: a fixed pool of 128 frames.
+	txAddr := make([]vring.GuestAddr, 128)
+	for i := range txAddr {
+		txAddr[i] = d.alloc()
+		b := make([]byte, d.hdrLen+64)
+		copy(b[d.hdrLen:], macswapDst[:])
+		copy(b[d.hdrLen+6:], macswapSrc[:])
+		b[d.hdrLen+12], b[d.hdrLen+13] = 0x88, 0xb5
+		require.NoError(t, d.mem.Write(txAddr[i], b))
+	}
+	return d, rxAddr, txAddr
 }
