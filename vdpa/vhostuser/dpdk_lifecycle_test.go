@@ -444,16 +444,7 @@ func TestDPDKFrontendReconnect(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	path := filepath.Join(t.TempDir(), "vhost.sock")
-	start := func(n int) *testpmd {
-		p := startTestpmd(t, bin, testpmdConfig{lcores: "0@0,1@0", prefix: uniquePrefix(t, fmt.Sprintf("vhost%d", n)),
-			vdev: "net_vhost0,iface=" + path + ",queues=1", fwd: "macswap",
-			extra: []string{"--port-topology=loop", "--no-flush-rx"}})
-		require.NoError(t, p.waitOutput(ctx, "testpmd>", 1))
-		require.NoError(t, waitFile(ctx, path))
-		p.command("start")
-		require.NoError(t, p.waitOutput(ctx, "forwards packets on", 1))
-		return p
-	}
+	start := func(n int) *testpmd { return startMacswapNetVhost(t, ctx, bin, path, fmt.Sprintf("vhost%d", n)) }
 	p := start(0)
 	fe, err := Dial(ctx, path, &FrontendOptions{Reconnect: &ReconnectOptions{Interval: 20 * time.Millisecond}})
 	require.NoError(t, err)

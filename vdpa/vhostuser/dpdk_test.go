@@ -426,15 +426,7 @@ func testDPDKFrontendNetVhost(t *testing.T, packed bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
 	path := filepath.Join(t.TempDir(), "vhost.sock")
-	p := startTestpmd(t, bin, testpmdConfig{lcores: "0@0,1@0", prefix: uniquePrefix(t, "vhost"),
-		vdev: "net_vhost0,iface=" + path + ",queues=1", fwd: "macswap",
-		// --no-flush-rx: see TestDPDKVirtioUserBothDirections; frames we
-		// send while "start" still drains the receive queue would be lost.
-		extra: []string{"--port-topology=loop", "--no-flush-rx"}})
-	require.NoError(t, p.waitOutput(ctx, "testpmd>", 1))
-	require.NoError(t, waitFile(ctx, path))
-	p.command("start")
-	require.NoError(t, p.waitOutput(ctx, "forwards packets on", 1))
+	p := startMacswapNetVhost(t, ctx, bin, path, "vhost")
 
 	fe, err := Dial(ctx, path, nil)
 	require.NoError(t, err)
@@ -785,4 +777,20 @@ func netVhostDriver(t *testing.T, fe *Frontend, packed bool, log *dirty.Bitmap) 
 		require.NoError(t, d.mem.Write(txAddr[i], b))
 	}
 	return d, rxAddr, txAddr
+}
+
+// startMacswapNetVhost starts testpmd with a net_vhost port listening at
+// path, forwarding in macswap mode, and waits until it forwards.
+func startMacswapNetVhost(t *testing.T, ctx context.Context, bin, path, prefix string) *testpmd {
+	t.Helper()
+	p := startTestpmd(t, bin, testpmdConfig{lcores: "0@0,1@0", prefix: uniquePrefix(t, prefix),
+		vdev: "net_vhost0,iface=" + path + ",queues=1", fwd: "macswap",
+		// --no-flush-rx: see TestDPDKVirtioUserBothDirections; frames we
+		// send while "start" still drains the receive queue would be lost.
+		extra: []string{"--port-topology=loop", "--no-flush-rx"}})
+	require.NoError(t, p.waitOutput(ctx, "testpmd>", 1))
+	require.NoError(t, waitFile(ctx, path))
+	p.command("start")
+	require.NoError(t, p.waitOutput(ctx, "forwards packets on", 1))
+	return p
 }

@@ -1234,17 +1234,8 @@ func (f *Frontend) ResumeContext(ctx context.Context) error {
 		// vhost_virtqueue_start sends them: DPDK's vhost library
 		// forgets a ring's addresses on GET_VRING_BASE and would not
 		// take the ring up again without them.
-		if err := f.send(ctx, ReqSetVringNum, VringState{Index: uint32(i), Num: uint32(fq.num)}.Encode(), nil); err != nil {
+		if err := f.sendNumAddr(ctx, i); err != nil {
 			return err
-		}
-		if fq.addrSet {
-			va, err := f.vringAddr(i, fq.addr)
-			if err != nil {
-				return err
-			}
-			if err := f.send(ctx, ReqSetVringAddr, va.Encode(), nil); err != nil {
-				return err
-			}
 		}
 		if err := f.send(ctx, ReqSetVringBase, VringState{Index: uint32(i), Num: vhostcore.VringBase(fq.suspSt, f.acked)}.Encode(), nil); err != nil {
 			return err

@@ -313,19 +313,8 @@ func (f *Frontend) rejoin(ctx context.Context) error {
 // if it ran.
 func (f *Frontend) rejoinQueue(ctx context.Context, i int) error {
 	fq := &f.queues[i]
-	if fq.num != 0 {
-		if err := f.send(ctx, ReqSetVringNum, VringState{Index: uint32(i), Num: uint32(fq.num)}.Encode(), nil); err != nil {
-			return err
-		}
-	}
-	if fq.addrSet {
-		va, err := f.vringAddr(i, fq.addr)
-		if err != nil {
-			return err
-		}
-		if err := f.send(ctx, ReqSetVringAddr, va.Encode(), nil); err != nil {
-			return err
-		}
+	if err := f.sendNumAddr(ctx, i); err != nil {
+		return err
 	}
 	base, baseOK := fq.base, fq.baseSet
 	if fq.kickSet && fq.addrSet && f.mem != nil {
@@ -358,6 +347,26 @@ func (f *Frontend) rejoinQueue(ctx context.Context, i int) error {
 		}
 	}
 	return nil
+}
+
+// sendNumAddr sends queue i's size (SET_VRING_NUM, when one was set) and
+// ring addresses (SET_VRING_ADDR, when set) again: a restarted ring's first
+// steps (Resume, a reconnect).
+func (f *Frontend) sendNumAddr(ctx context.Context, i int) error {
+	fq := &f.queues[i]
+	if fq.num != 0 {
+		if err := f.send(ctx, ReqSetVringNum, VringState{Index: uint32(i), Num: uint32(fq.num)}.Encode(), nil); err != nil {
+			return err
+		}
+	}
+	if !fq.addrSet {
+		return nil
+	}
+	va, err := f.vringAddr(i, fq.addr)
+	if err != nil {
+		return err
+	}
+	return f.send(ctx, ReqSetVringAddr, va.Encode(), nil)
 }
 
 // ringPosition is where started queue i resumes on a new back-end: what
