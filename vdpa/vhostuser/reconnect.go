@@ -18,7 +18,7 @@ import (
 // Reconnect): when the back-end goes away (its process restarted, the
 // connection reset), the Frontend dials it again and hands the new back-end
 // the whole session, as QEMU does for a vhost-user NIC whose back-end
-// restarted:
+// restarted (each ring in the order Resume restarts one):
 //
 //   - SET_OWNER, then the features, protocol features and queue count are
 //     checked: the new back-end must offer every feature and protocol
@@ -34,21 +34,24 @@ import (
 // A started ring resumes where the guest's memory says its device got to,
 // because the dead back-end could not say (no GET_VRING_BASE): a split ring
 // at its used.idx (chains the old back-end had taken but not used are
-// taken again: a frame may be transmitted twice, none is lost), a packed
+// taken again: a frame it was transmitting may go out twice, and one it
+// was writing into a receive buffer is lost with it), a packed
 // ring at the used position its descriptors record where the old back-end
 // recorded one (vring.PackedUsedPosition; this package's Backend records
 // it), at the oldest available descriptor of a ring the driver keeps full
 // of one-descriptor chains, else at the base last set (which is stale if
 // the ring moved since: such a ring stays stopped, as with QEMU's own
-// reconnect). A ring that Suspend stopped resumes at the
-// position Suspend read, when Resume is called.
+// reconnect). A ring that Suspend stopped resumes at the position Suspend
+// read, when Resume is called.
 //
 // While the back-end is away, Status returns the last status set (the
-// device has not failed yet; the status replayed is that one too), and every other request waits, within its
-// context, until the session is back or the Frontend gives up. It gives up
-// after Timeout without a back-end that took the session: the session is
-// then broken for good, as without Reconnect (ErrSessionBroken), and
-// Status reports the error. The eventfds given for kicks, calls and errors
+// device has not failed yet; the status replayed is that one too), and
+// every other request waits, within its context, until the session is back
+// or the Frontend gives up. A request whose connection failed under it is
+// sent again once the session is back. The Frontend gives up after
+// Timeout without a back-end that took the session: the session is then
+// broken for good, as without Reconnect (ErrSessionBroken), and Status
+// reports the error. The eventfds given for kicks, calls and errors
 // are handed to each new back-end; notifications made while none ran are
 // not lost (an eventfd counts them).
 type ReconnectOptions struct {
