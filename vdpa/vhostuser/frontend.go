@@ -110,12 +110,13 @@ type Frontend struct {
 
 	// Reconnecting (FrontendOptions.Reconnect, reconnect.go).
 	rmu         sync.Mutex
-	away        chan struct{} // non-nil while reconnecting; closed when that ends (guarded by rmu)
-	lastStatus  atomic.Uint32 // the last status set, for Status while away
-	reconnects  atomic.Uint64 // sessions rejoined
-	reconnectOn atomic.Bool   // the session started, with Reconnect set
-	rejoining   bool          // the turn's holder is the reconnect (no waiting for itself)
-	noWait      bool          // the turn's holder does not wait for a reconnect (Status)
+	away        chan struct{}  // non-nil while reconnecting; closed when that ends (guarded by rmu)
+	lastStatus  atomic.Uint32  // the last status set, for Status while away
+	reconnects  atomic.Uint64  // sessions rejoined
+	reconnectOn atomic.Bool    // the session started, with Reconnect set
+	bg          sync.WaitGroup // the reconnect's goroutines, waited for by Close
+	rejoining   bool           // the turn's holder is the reconnect (no waiting for itself)
+	noWait      bool           // the turn's holder does not wait for a reconnect (Status)
 }
 
 type feQueue struct {
@@ -206,6 +207,7 @@ func NewFrontend(ctx context.Context, uc *net.UnixConn, opts *FrontendOptions) (
 		// Only a session that started is taken to a new back-end: a
 		// handshake that failed leaves the connection to the caller.
 		f.reconnectOn.Store(true)
+		f.bg.Add(1)
 		go f.watchPeer(rc.Interval)
 	}
 	return f, nil
@@ -1309,12 +1311,19 @@ func (f *Frontend) Close() error {
 	first := false
 	f.closeOnce.Do(func() {
 		first = true
+		// Under rmu: a break that starts a reconnect (markAway) either
+		// sees done closed or counts its goroutine before bg.Wait.
+		f.rmu.Lock()
 		close(f.done)
+		f.rmu.Unlock()
 	})
 	if !first {
 		return vdpa.ErrClosed
 	}
 	err := f.conn().close()
+	// The reconnect's goroutines (Reconnect) end promptly once done is
+	// closed: their dial's context ends with it.
+	f.bg.Wait()
 	if errors.Is(err, net.ErrClosed) {
 		return nil // closed already when the session broke
 	}

@@ -55,7 +55,8 @@ import (
 // are handed to each new back-end; notifications made while none ran are
 // not lost (an eventfd counts them).
 type ReconnectOptions struct {
-	// Dial makes a new connection to the back-end. With Dial (the
+	// Dial makes a new connection to the back-end, and must return when
+	// its context ends (Close ends it, and waits). With Dial (the
 	// function) nil means dialling the same path again; NewFrontend needs
 	// it set.
 	Dial func(ctx context.Context) (*net.UnixConn, error)
@@ -144,6 +145,7 @@ func (f *Frontend) markAway() chan struct{} {
 	if f.opts.Reconnect == nil || !f.reconnectOn.Load() || isClosed(f.done) {
 		return nil
 	}
+	f.bg.Add(1) // reconnectLoop's; Close closes done under rmu, then waits
 	f.away = make(chan struct{})
 	return f.away
 }
@@ -151,6 +153,7 @@ func (f *Frontend) markAway() chan struct{} {
 // reconnectLoop dials until a back-end takes the session, Timeout passes or
 // the Frontend is closed.
 func (f *Frontend) reconnectLoop(rc *ReconnectOptions, cause error, away chan struct{}) {
+	defer f.bg.Done()
 	start := time.Now()
 	deadline := start.Add(rc.Timeout)
 	var last error
@@ -205,7 +208,11 @@ func (f *Frontend) reconnectLoop(rc *ReconnectOptions, cause error, away chan st
 			end(false, nil)
 			return
 		}
-		last = err
+		// An attempt the deadline cut short says less than the one before
+		// it (a back-end refused as changed, a dial refused): keep that.
+		if last == nil || !errors.Is(err, context.DeadlineExceeded) {
+			last = err
+		}
 		t := time.NewTimer(rc.Interval)
 		select {
 		case <-t.C:
@@ -445,6 +452,7 @@ var errPeerGone = errors.New("the back-end closed the connection")
 // the back-end has gone: a Frontend whose rings run with no request to
 // send would not otherwise notice. It runs with Reconnect set, until Close.
 func (f *Frontend) watchPeer(every time.Duration) {
+	defer f.bg.Done()
 	t := time.NewTicker(every)
 	defer t.Stop()
 	for {

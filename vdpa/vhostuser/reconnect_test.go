@@ -42,7 +42,20 @@ type restartInstance struct {
 func newRestartable(t *testing.T, mode vhostusertest.Mode) *restartable {
 	r := &restartable{t: t, mode: mode}
 	t.Cleanup(func() {
-		for _, in := range r.all {
+		if t.Failed() {
+			r.mu.Lock()
+			for i, in := range r.all {
+				_, warns := in.rec.snapshot()
+				t.Logf("back-end %d: warnings %q, notes %q", i, warns, in.rec.notes())
+			}
+			r.mu.Unlock()
+		}
+	})
+	t.Cleanup(func() {
+		r.mu.Lock()
+		all := append([]*restartInstance(nil), r.all...)
+		r.mu.Unlock()
+		for _, in := range all {
 			in.cancel()
 			<-in.done
 		}
@@ -149,7 +162,10 @@ func testFrontendReconnect(t *testing.T, want virtio.Features) {
 	r := newRestartable(t, vhostusertest.Loopback)
 	reg, err := vring.NewMemfdRegion(0x100000, 4<<20, nil)
 	require.NoError(t, err)
-	d := newTestDriverOpts(t, r.start(), want, &FrontendOptions{Reconnect: &ReconnectOptions{Dial: r.dial, Interval: 10 * time.Millisecond}}, reg)
+	d := newTestDriverOpts(t, r.start(), want, &FrontendOptions{Reconnect: &ReconnectOptions{Dial: r.dial, Interval: 10 * time.Millisecond, Logger: slog.New(slog.NewTextHandler(tlogWriter{t}, nil))}}, reg)
+	// Close ends the reconnect's goroutines before the back-ends go
+	// (cleanups run last first).
+	t.Cleanup(func() { _ = d.fe.Close() })
 	d.startQueue(0)
 	d.startQueue(1)
 	running := virtio.StatusAcknowledge | virtio.StatusDriver | virtio.StatusFeaturesOK | virtio.StatusDriverOK
@@ -223,7 +239,7 @@ func TestFrontendReconnectRefusesChangedBackend(t *testing.T) {
 	r := newRestartable(t, vhostusertest.Loopback)
 	want := virtio.Features(0).With(virtio.FVersion1, virtio.FEventIdx)
 	d := newTestDriverOpts(t, r.start(), want,
-		&FrontendOptions{Reconnect: &ReconnectOptions{Dial: r.dial, Interval: 10 * time.Millisecond, Timeout: 300 * time.Millisecond}}, mustRegion(t))
+		&FrontendOptions{Reconnect: &ReconnectOptions{Dial: r.dial, Interval: 10 * time.Millisecond, Timeout: time.Second}}, mustRegion(t))
 	require.True(t, d.features.Has(virtio.FEventIdx))
 	d.startQueue(0)
 	d.startQueue(1)
@@ -331,3 +347,8 @@ func TestFrontendReconnectCrashLoop(t *testing.T) {
 		require.NoError(t, d.fe.Close()) // before the test's eventfds close
 	})
 }
+
+// tlogWriter writes log lines into the test's log.
+type tlogWriter struct{ t *testing.T }
+
+func (w tlogWriter) Write(p []byte) (int, error) { w.t.Log(string(p)); return len(p), nil }
