@@ -265,7 +265,8 @@ func signalFd(fd uintptr) bool {
 
 // Wait blocks until the counter is non-zero, resets it and returns its value
 // (the number of signals coalesced). It returns ctx.Err() when ctx ends first
-// and ErrClosed once the EventFD is closed.
+// and ErrClosed once Close has begun, including for a Wait already blocked
+// when Close was called.
 //
 // Wait honours ctx through the descriptor's read deadline, so an EventFD has
 // one waiter at a time (its queue's owner): os.File serialises concurrent
@@ -295,6 +296,13 @@ func (e *EventFD) Wait(ctx context.Context) (uint64, error) {
 		_, err := e.f.Read(b[:])
 		switch {
 		case err == nil:
+			if e.closing.Load() {
+				// Close began while this read ran: what it read may be
+				// the 1 Close's rescue writes to wake a held read (see
+				// Close). A Wait that Close overlaps ends with ErrClosed,
+				// never with a count Close made up.
+				return 0, ErrClosed
+			}
 			return binary.NativeEndian.Uint64(b[:]), nil
 		case errors.Is(err, os.ErrClosed):
 			return 0, ErrClosed
@@ -334,6 +342,9 @@ func (e *EventFD) TryWait() (uint64, error) {
 	if rerr == unix.EAGAIN {
 		return 0, nil
 	}
+	if rerr == nil && e.closing.Load() { // as in Wait
+		return 0, ErrClosed
+	}
 	if rerr != nil || n != 8 {
 		return 0, fmt.Errorf("eventfd read: %w", rerr)
 	}
@@ -345,15 +356,17 @@ func (e *EventFD) TryWait() (uint64, error) {
 // (see Signal: a write at the counter's limit, or a read of an empty
 // counter once the peer cleared the non-blocking flag) is ended first: a
 // Signal after Close writes nothing, the counter is read while at its
-// limit and written once while empty, which wakes a held read (a spurious
-// wake-up for a reader, never a lost one). Only a call of the EventFD's
-// own (Signal, Wait, TryWait, Unblock's read) can be held so: while none
-// is under way, a close that is merely slow to run is waited for, and the
-// counter, which a peer that handed the eventfd over shares, is left
-// alone. Should a peer that keeps clearing the flag and refilling or
-// emptying the counter still hold a call after about unblockFor, Close
-// returns ErrCloseDeferred and goes on in the background until the
-// descriptor is closed: Close itself never waits longer for a peer.
+// limit and written once while empty, which wakes a held read. A Wait or
+// TryWait of the EventFD's that Close overlaps returns ErrClosed, never
+// that made-up count; a reader of the peer's may see a spurious wake-up,
+// never a lost one. Only a call of the EventFD's own (Signal, Wait,
+// TryWait, Unblock's read) can be held so: while none is under way, a
+// close that is merely slow to run is waited for, and the counter, which
+// a peer that handed the eventfd over shares, is left alone. Should a
+// peer that keeps clearing the flag and refilling or emptying the counter
+// still hold a call after about unblockFor, Close returns
+// ErrCloseDeferred and goes on in the background until the descriptor is
+// closed: Close itself never waits longer for a peer.
 func (e *EventFD) Close() error {
 	if !e.closing.CompareAndSwap(false, true) {
 		return e.f.Close() // closed before: os.File says so

@@ -1,6 +1,7 @@
 package vdpa
 
 import (
+	"context"
 	"encoding/binary"
 	"testing"
 	"time"
@@ -85,5 +86,40 @@ func TestAwaitCloseOfAnIdleEventFDWritesNothing(t *testing.T) {
 		}
 		require.ErrorIs(t, err, unix.EAGAIN, "the close of an idle EventFD wrote %d into the counter the peer shares",
 			binary.NativeEndian.Uint64(b[:]))
+	}
+}
+
+// TestReadsThatCloseOverlapsEndClosed: once Close has begun, what a Wait
+// or TryWait reads may be the 1 Close's rescue wrote to wake a read a peer
+// holds; the call ends with ErrClosed instead of reporting that count.
+// (Under a slow emulator the rescue can run before the close wakes a Wait
+// parked in the poller; this pins the state that race produces.)
+func TestReadsThatCloseOverlapsEndClosed(t *testing.T) {
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name string
+		read func(e *EventFD) (uint64, error)
+	}{
+		{"Wait", func(e *EventFD) (uint64, error) { return e.Wait(ctx) }},
+		{"TryWait", func(e *EventFD) (uint64, error) { return e.TryWait() }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e, err := NewEventFD()
+			require.NoError(t, err)
+			defer e.f.Close()
+			require.NoError(t, e.Signal())
+			n, err := tc.read(e)
+			require.NoError(t, err, "before Close")
+			require.Equal(t, uint64(1), n)
+
+			e.closing.Store(true) // Close has begun; its rescue wrote 1
+			var one [8]byte
+			binary.NativeEndian.PutUint64(one[:], 1)
+			_, err = unix.Write(e.Fd(), one[:])
+			require.NoError(t, err)
+			n, err = tc.read(e)
+			require.ErrorIs(t, err, ErrClosed)
+			require.Zero(t, n)
+		})
 	}
 }
