@@ -95,9 +95,11 @@ type Frontend struct {
 
 	// turn is held (a token in the channel) by the request on the socket;
 	// it guards the session state below.
-	turn    chan struct{}
-	acked   virtio.Features
-	status  virtio.Status
+	turn  chan struct{}
+	acked virtio.Features
+	// status is the last status set: written under the turn, atomic
+	// because Status reads it while the back-end is away, without it.
+	status  atomic.Uint32
 	mem     *vring.Memory
 	log     *dirty.Bitmap
 	queues  []feQueue
@@ -111,7 +113,6 @@ type Frontend struct {
 	// Reconnecting (FrontendOptions.Reconnect, reconnect.go).
 	rmu         sync.Mutex
 	away        chan struct{}  // non-nil while reconnecting; closed when that ends (guarded by rmu)
-	lastStatus  atomic.Uint32  // the last status set, for Status while away
 	reconnects  atomic.Uint64  // sessions rejoined
 	reconnectOn atomic.Bool    // the session started, with Reconnect set
 	bg          sync.WaitGroup // the reconnect's goroutines, waited for by Close
@@ -574,7 +575,7 @@ func (f *Frontend) Status() (virtio.Status, error) {
 // reconnect gives up.
 func (f *Frontend) StatusContext(ctx context.Context) (virtio.Status, error) {
 	if f.awayCh() != nil && !isClosed(f.done) {
-		return virtio.Status(f.lastStatus.Load()), nil
+		return virtio.Status(f.status.Load()), nil
 	}
 	if err := f.acquire(ctx); err != nil {
 		return 0, err
@@ -588,7 +589,7 @@ func (f *Frontend) StatusContext(ctx context.Context) (virtio.Status, error) {
 			if f.awayCh() != nil && ctx.Err() == nil {
 				// The back-end went away under this request and the
 				// Frontend reconnects: not a failure yet.
-				return virtio.Status(f.lastStatus.Load()), nil
+				return virtio.Status(f.status.Load()), nil
 			}
 			return 0, err
 		}
@@ -601,7 +602,7 @@ func (f *Frontend) StatusContext(ctx context.Context) (virtio.Status, error) {
 		}
 		return virtio.Status(v), nil
 	}
-	return f.status, nil
+	return virtio.Status(f.status.Load()), nil
 }
 
 // SetStatus implements vdpa.Device. Status 0 resets the device: SET_STATUS
@@ -636,8 +637,7 @@ func (f *Frontend) SetStatusContext(ctx context.Context, st virtio.Status) error
 			}
 		}
 	}
-	f.status = st
-	f.lastStatus.Store(uint32(st))
+	f.status.Store(uint32(st))
 	if st == 0 {
 		for i := range f.queues {
 			q := &f.queues[i]

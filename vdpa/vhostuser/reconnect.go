@@ -311,8 +311,8 @@ func (f *Frontend) rejoin(ctx context.Context) error {
 			}
 		}
 	}
-	if f.proto.Has(PFStatus) && f.status != 0 {
-		if err := f.send(ctx, ReqSetStatus, putU64(uint64(f.status)), nil); err != nil {
+	if st := f.status.Load(); f.proto.Has(PFStatus) && st != 0 {
+		if err := f.send(ctx, ReqSetStatus, putU64(uint64(st)), nil); err != nil {
 			return err
 		}
 	}
