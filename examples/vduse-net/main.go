@@ -95,12 +95,12 @@ func run(name, macStr, peerMACStr, peerIPStr string, loop, add bool, every time.
 	if verbose {
 		opts.Logf = log.Printf
 	}
-	vd, err = vduse.Create(dev, opts)
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	vd, err = vduse.CreateContext(ctx, dev, opts)
 	if err != nil {
 		return err
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
 	served := make(chan error, 1)
 	go func() { served <- vd.Serve(ctx) }()
 	fmt.Printf("VDUSE device %s created: virtio-net, MAC %s, features %s\n", name, net.HardwareAddr(mac[:]),

@@ -3,6 +3,7 @@
 package vduse_test
 
 import (
+	"context"
 	"path/filepath"
 	"testing"
 
@@ -36,4 +37,16 @@ func TestCreateRefusesUnservableNetDevice(t *testing.T) {
 			assert.ErrorIs(t, err, vduse.ErrHandler)
 		})
 	}
+}
+
+func TestCreateContextEndedDoesNothing(t *testing.T) {
+	dev, err := softnet.New(&softnet.Options{NoCtrlVQ: true, AccessPlatform: true})
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	// A control path that exists nowhere: an attempt to use it would
+	// fail with ErrUnavailable instead.
+	_, err = vduse.CreateContext(ctx, dev, &vduse.Options{Name: "x", ControlPath: filepath.Join(t.TempDir(), "control")})
+	require.ErrorIs(t, err, context.Canceled)
+	assert.NotErrorIs(t, err, vduse.ErrUnavailable)
 }

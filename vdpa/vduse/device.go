@@ -109,6 +109,18 @@ type Device struct {
 // not yet on the vDPA bus: run Serve, then add it (`vdpa dev add name NAME
 // mgmtdev vduse`).
 func Create(h vdpa.Handler, opts *Options) (*Device, error) {
+	return CreateContext(context.Background(), h, opts)
+}
+
+// CreateContext is Create with ctx bounding the wait for the device node,
+// which devtmpfs (or udev) creates shortly after VDUSE_CREATE_DEV returns:
+// Create waits up to openWait for it, and CreateContext gives up sooner
+// when ctx ends, destroying the device it created. The ioctls themselves
+// do not wait.
+func CreateContext(ctx context.Context, h vdpa.Handler, opts *Options) (*Device, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
 	var o Options
 	if opts != nil {
 		o = *opts
@@ -152,7 +164,7 @@ func Create(h vdpa.Handler, opts *Options) (*Device, error) {
 	}
 	d := &Device{h: h, opts: o, ctl: ctl, fd: -1, queues: make([]vq, n)}
 	path := filepath.Join(o.DevDir, o.Name)
-	fd, err := openRetry(path)
+	fd, err := openRetry(ctx, path)
 	if err != nil {
 		d.destroy()
 		return nil, &OpError{Op: "open " + path, Err: err}
@@ -174,22 +186,35 @@ func Create(h vdpa.Handler, opts *Options) (*Device, error) {
 	return d, nil
 }
 
-// openRetry opens the device node, which udev/devtmpfs creates shortly
-// after VDUSE_CREATE_DEV returns.
-func openRetry(path string) (int, error) {
-	var err error
-	for i := 0; i < 100; i++ {
-		var fd int
-		fd, err = unix.Open(path, unix.O_RDWR|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+// openWait bounds openRetry's wait for the device node, openPoll is how
+// often it looks.
+const (
+	openWait = time.Second
+	openPoll = 10 * time.Millisecond
+)
+
+// openRetry opens the device node, which devtmpfs/udev creates shortly
+// after VDUSE_CREATE_DEV returns. It tries for up to openWait, or until
+// ctx ends (whose error it then returns, with the last open's).
+func openRetry(ctx context.Context, path string) (int, error) {
+	deadline := time.Now().Add(openWait)
+	t := time.NewTimer(openPoll)
+	defer t.Stop()
+	for {
+		fd, err := unix.Open(path, unix.O_RDWR|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
 		if err == nil {
 			return fd, nil
 		}
-		if !errors.Is(err, unix.ENOENT) {
+		if !errors.Is(err, unix.ENOENT) || !time.Now().Before(deadline) {
 			return -1, err
 		}
-		time.Sleep(10 * time.Millisecond)
+		t.Reset(openPoll)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			return -1, fmt.Errorf("%w (the device node is still missing: %w)", context.Cause(ctx), err)
+		}
 	}
-	return -1, err
 }
 
 func (d *Device) destroy() error {
