@@ -266,7 +266,9 @@ func signalFd(fd uintptr) bool {
 // Wait blocks until the counter is non-zero, resets it and returns its value
 // (the number of signals coalesced). It returns ctx.Err() when ctx ends first
 // and ErrClosed once Close has begun, including for a Wait already blocked
-// when Close was called.
+// when Close was called: a count it reads after that (made up by Close to
+// free a read a peer holds, or a real one that raced with Close) is taken
+// from the counter and not reported.
 //
 // Wait honours ctx through the descriptor's read deadline, so an EventFD has
 // one waiter at a time (its queue's owner): os.File serialises concurrent
@@ -326,7 +328,9 @@ func (e *EventFD) Wait(ctx context.Context) (uint64, error) {
 }
 
 // TryWait consumes pending signals without blocking; it reports zero when
-// none were pending.
+// none were pending. It returns ErrClosed once the EventFD is closed, and
+// when it read a count after Close began (as Wait does); a TryWait that
+// Close overlaps and that finds nothing pending reports zero.
 func (e *EventFD) TryWait() (uint64, error) {
 	var b [8]byte
 	var n int
@@ -357,9 +361,10 @@ func (e *EventFD) TryWait() (uint64, error) {
 // counter once the peer cleared the non-blocking flag) is ended first: a
 // Signal after Close writes nothing, the counter is read while at its
 // limit and written once while empty, which wakes a held read. A Wait or
-// TryWait of the EventFD's that Close overlaps returns ErrClosed, never
-// that made-up count; a reader of the peer's may see a spurious wake-up,
-// never a lost one. Only a call of the EventFD's own (Signal, Wait,
+// TryWait of the EventFD's that reads a count after Close began returns
+// ErrClosed, never that count (made up by Close, or a real one taken from
+// the counter); a reader of the peer's may see a spurious wake-up, never a
+// lost one. Only a call of the EventFD's own (Signal, Wait,
 // TryWait, Unblock's read) can be held so: while none is under way, a
 // close that is merely slow to run is waited for, and the counter, which
 // a peer that handed the eventfd over shares, is left alone. Should a

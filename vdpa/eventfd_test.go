@@ -457,20 +457,24 @@ func BenchmarkEventFDSignal(b *testing.B) {
 func TestEventFDCloseEndsAReadHeldByThePeer(t *testing.T) {
 	e, _ := peerBlockingEventFD(t)
 	open := eventFDsOpen(t) // the peer's and the EventFD's
-	waited := make(chan error, 1)
+	waited := make(chan waitResult, 1)
 	go func() {
-		_, err := e.Wait(context.Background())
-		waited <- err
+		n, err := e.Wait(context.Background())
+		waited <- waitResult{n, err}
 	}()
 	select {
-	case err := <-waited:
-		t.Fatalf("Wait returned (%v) on an empty blocking eventfd: the setup is wrong", err)
+	case r := <-waited:
+		t.Fatalf("Wait returned (%d, %v) on an empty blocking eventfd: the setup is wrong", r.n, r.err)
 	case <-time.After(50 * time.Millisecond):
 	}
 	requireCloses(t, e)
 	assert.LessOrEqual(t, eventFDsOpen(t), open-1, "a descriptor of the EventFD (its own, or Close's duplicate) outlived Close")
 	select {
-	case <-waited:
+	case r := <-waited:
+		// Close freed the read by writing 1 into the counter: the Wait
+		// reports the close, not that count.
+		assert.ErrorIs(t, r.err, vdpa.ErrClosed)
+		assert.Zero(t, r.n)
 	case <-time.After(10 * time.Second):
 		t.Fatal("Wait still held")
 	}
