@@ -13,7 +13,6 @@ package vmrig
 import (
 	"context"
 	"testing"
-	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -44,9 +43,7 @@ func AddSimNet(t testing.TB, name string, args ...string) string {
 // (root, the vduse module, /dev/vduse/control).
 func ServeVDUSE(t testing.TB, name string, h vdpa.Handler) *vduse.Device {
 	t.Helper()
-	cctx, ccancel := context.WithTimeout(context.Background(), 10*time.Second)
-	vd, err := vduse.CreateContext(cctx, h, &vduse.Options{Name: name, Logf: t.Logf})
-	ccancel()
+	vd, err := vduse.CreateContext(t.Context(), h, &vduse.Options{Name: name, Logf: t.Logf})
 	require.NoError(t, err)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)

@@ -114,7 +114,7 @@ func Create(h vdpa.Handler, opts *Options) (*Device, error) {
 
 // CreateContext is Create with ctx bounding the wait for the device node,
 // which devtmpfs (or udev) creates shortly after VDUSE_CREATE_DEV returns:
-// Create waits up to openWait for it, and CreateContext gives up sooner
+// Create waits about a second for it, and CreateContext gives up sooner
 // when ctx ends, destroying the device it created. The ioctls themselves
 // do not wait.
 func CreateContext(ctx context.Context, h vdpa.Handler, opts *Options) (*Device, error) {
@@ -212,7 +212,12 @@ func openRetry(ctx context.Context, path string) (int, error) {
 		select {
 		case <-t.C:
 		case <-ctx.Done():
-			return -1, fmt.Errorf("%w (the device node is still missing: %w)", context.Cause(ctx), err)
+			// ctx.Err() first, so that errors.Is finds Canceled or
+			// DeadlineExceeded whatever cause the context was given.
+			if cause := context.Cause(ctx); cause != ctx.Err() {
+				return -1, fmt.Errorf("%w: %w (the device node is still missing: %w)", ctx.Err(), cause, err)
+			}
+			return -1, fmt.Errorf("%w (the device node is still missing: %w)", ctx.Err(), err)
 		}
 	}
 }

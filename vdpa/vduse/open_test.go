@@ -4,6 +4,7 @@ package vduse
 
 import (
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"testing"
@@ -42,6 +43,15 @@ func TestOpenRetry(t *testing.T) {
 		require.ErrorIs(t, err, context.Canceled)
 		require.ErrorIs(t, err, unix.ENOENT)
 		assert.Less(t, time.Since(start), openWait)
+	})
+	t.Run("context with a cause ends the wait", func(t *testing.T) {
+		cause := errors.New("the test's own cause")
+		ctx, cancel := context.WithCancelCause(context.Background())
+		time.AfterFunc(2*openPoll, func() { cancel(cause) })
+		_, err := openRetry(ctx, filepath.Join(t.TempDir(), "missing"))
+		require.ErrorIs(t, err, context.Canceled)
+		require.ErrorIs(t, err, cause)
+		require.ErrorIs(t, err, unix.ENOENT)
 	})
 	t.Run("gives up after openWait", func(t *testing.T) {
 		if testing.Short() {
