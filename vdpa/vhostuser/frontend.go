@@ -352,20 +352,27 @@ func (f *Frontend) acquire(ctx context.Context) error {
 
 func (f *Frontend) release() { <-f.turn }
 
-// breakSession records why the session is out of step and closes the
-// connection, so the back-end resets and no late reply is taken for the
+// breakSession records why the session on connection c is out of step
+// and closes c, so the back-end resets and no late reply is taken for the
 // answer to a later request. The error matches vdpa.ErrClosed too: like a
 // closed device, the back-end has stopped (a disconnected vhost-user
 // back-end stops its rings), which a caller resetting the device (mdev)
 // counts as a completed reset.
-func (f *Frontend) breakSession(cause error) {
+//
+// c is the connection the caller found failed. A break of a connection
+// that is no longer the session's (a reconnect replaced it meanwhile) is
+// stale and does nothing: it must neither break the new session nor close
+// its connection. For the same reason c, never the current connection, is
+// what closes here: the reconnect this starts may have stored its own
+// connection by the time this goroutine gets to the close.
+func (f *Frontend) breakSession(c *conn, cause error) {
 	err := fmt.Errorf("%w (connection closed, %w): %w", ErrSessionBroken, vdpa.ErrClosed, cause)
 	// The break and the reconnect (FrontendOptions.Reconnect) are marked
 	// together, under rmu, before the connection closes: whoever finds
 	// the session broken or the connection closed also finds the
 	// reconnect to wait for.
 	f.rmu.Lock()
-	if f.broken.Load() != nil {
+	if f.broken.Load() != nil || f.conn() != c {
 		f.rmu.Unlock()
 		return
 	}
@@ -375,7 +382,7 @@ func (f *Frontend) breakSession(cause error) {
 	if away != nil {
 		go f.reconnectLoop(f.opts.Reconnect, cause, away)
 	}
-	_ = f.conn().close()
+	_ = c.close()
 }
 
 // exchange sends a request and, when want is true or REPLY_ACK applies,
@@ -426,9 +433,12 @@ func (f *Frontend) exchangeOnce(ctx context.Context, r Request, payload []byte, 
 	if err := ctx.Err(); err != nil {
 		return nil, false, &MessageError{Request: r, Err: err}
 	}
+	// The caller holds the turn, so the connection stays this one for
+	// the whole exchange (a reconnect replaces it under the turn).
+	c := f.conn()
 	// Runs when ctx ends mid-exchange: interrupt the I/O.
-	release := ctxclose.OnDone(ctx, f.conn().close)
-	m, err = f.roundTrip(h, payload, fds, want || ack)
+	release := ctxclose.OnDone(ctx, c.close)
+	m, err = f.roundTrip(c, h, payload, fds, want || ack)
 	if release() {
 		// The I/O was (or is being) interrupted: whatever happened on
 		// the socket, the session is out of step.
@@ -439,14 +449,14 @@ func (f *Frontend) exchangeOnce(ctx context.Context, r Request, payload []byte, 
 		if isClosed(f.done) {
 			cause = vdpa.ErrClosed
 		}
-		f.breakSession(cause)
+		f.breakSession(c, cause)
 		return nil, false, &MessageError{Request: r, Err: cause}
 	}
 	if err != nil {
 		if isClosed(f.done) {
 			return nil, false, &MessageError{Request: r, Err: fmt.Errorf("%w: %w", vdpa.ErrClosed, err)}
 		}
-		f.breakSession(err)
+		f.breakSession(c, err)
 		return nil, true, &MessageError{Request: r, Err: err}
 	}
 	if m == nil {
@@ -462,7 +472,7 @@ func (f *Frontend) exchangeOnce(ctx context.Context, r Request, payload []byte, 
 		// be taken for the answer to the next request. The session is
 		// out of step.
 		err := msgErr(r, ErrUnexpectedReply, "got %v flags %#x", m.Request, uint32(m.Flags))
-		f.breakSession(err)
+		f.breakSession(c, err)
 		return nil, false, err
 	}
 	if ack {
@@ -477,15 +487,15 @@ func (f *Frontend) exchangeOnce(ctx context.Context, r Request, payload []byte, 
 	return m, false, nil
 }
 
-// roundTrip writes one message and, with reply, reads one.
-func (f *Frontend) roundTrip(h Header, payload []byte, fds []int, reply bool) (*Message, error) {
-	if err := f.conn().write(h, payload, fds); err != nil {
+// roundTrip writes one message on c and, with reply, reads one.
+func (f *Frontend) roundTrip(c *conn, h Header, payload []byte, fds []int, reply bool) (*Message, error) {
+	if err := c.write(h, payload, fds); err != nil {
 		return nil, err
 	}
 	if !reply {
 		return nil, nil
 	}
-	return f.conn().read()
+	return c.read()
 }
 
 func isClosed(c <-chan struct{}) bool {

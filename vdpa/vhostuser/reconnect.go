@@ -464,8 +464,9 @@ func (f *Frontend) watchPeer(every time.Duration) {
 		if f.broken.Load() != nil {
 			continue // reconnecting, or given up
 		}
-		if c := f.conn(); c.peerGone() && f.conn() == c && !isClosed(f.done) {
-			f.breakSession(errPeerGone)
+		// breakSession ignores c if a reconnect replaced it meanwhile.
+		if c := f.conn(); c.peerGone() && !isClosed(f.done) {
+			f.breakSession(c, errPeerGone)
 		}
 	}
 }

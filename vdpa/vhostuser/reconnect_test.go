@@ -352,3 +352,39 @@ func TestFrontendReconnectCrashLoop(t *testing.T) {
 type tlogWriter struct{ t *testing.T }
 
 func (w tlogWriter) Write(p []byte) (int, error) { w.t.Log(string(p)); return len(p), nil }
+
+// A break reported for a connection a reconnect has already replaced is
+// stale: the watcher or a request may find the old connection failed
+// after the reconnect stored the new one. It must neither start another
+// reconnect nor close the new connection (CI once saw the break's close
+// land on the new back-end's connection, just after it took the session).
+func TestFrontendStaleBreakLeavesNewSession(t *testing.T) {
+	r := newRestartable(t, vhostusertest.Loopback)
+	d := newTestDriverOpts(t, r.start(), virtio.Features(0).With(virtio.FVersion1),
+		&FrontendOptions{Reconnect: &ReconnectOptions{Dial: r.dial, Interval: 10 * time.Millisecond}}, mustRegion(t))
+	t.Cleanup(func() { _ = d.fe.Close() })
+	d.startQueue(0)
+	d.startQueue(1)
+	require.NoError(t, d.fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK|virtio.StatusDriverOK))
+	loopRound(t, d, 1, 3)
+	old := d.fe.conn()
+	r.kill()
+	require.Eventually(t, func() bool { return d.fe.Reconnects() == 1 }, 10*time.Second, 5*time.Millisecond, "the Frontend reconnected")
+	in := r.current()
+	require.NotSame(t, old, d.fe.conn())
+
+	for _, cause := range []error{errPeerGone, errors.New("write: broken pipe")} {
+		d.fe.breakSession(old, cause)
+		assert.Nil(t, d.fe.broken.Load(), "a stale break (%v) left the session as it was", cause)
+		assert.Nil(t, d.fe.awayCh(), "a stale break (%v) started no reconnect", cause)
+	}
+	require.NoError(t, d.fe.EnableQueue(0, true))
+	loopRound(t, d, 2, 4)
+	assert.Equal(t, uint64(1), d.fe.Reconnects())
+	assert.Same(t, in, r.current(), "no back-end was dialled after the stale breaks")
+	c := in.h.Counters()
+	assert.Equal(t, uint64(4), c.TxFrames, "frames the new back-end took")
+	assert.Equal(t, uint64(4), c.RxFrames, "frames the new back-end delivered")
+	require.NoError(t, d.fe.Close())
+}
+
