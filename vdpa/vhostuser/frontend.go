@@ -405,19 +405,25 @@ func (f *Frontend) exchangeNoAck(ctx context.Context, r Request, payload []byte)
 // exchangeAck is exchange with the acknowledgement decided by the caller.
 //
 // With FrontendOptions.Reconnect, a request whose connection failed under
-// it waits for the reconnect and is sent once more to the new back-end,
-// which by then holds the whole session as recorded before this request
-// (except for the reconnect's own requests, and GET_STATUS, whose caller
-// takes the last status set instead).
+// it waits for the reconnect and is sent again to the new back-end, which
+// by then holds the whole session as recorded before this request (except
+// for the reconnect's own requests, and GET_STATUS, whose caller takes the
+// last status set instead). A back-end that takes the session and dies
+// again under the request (a crash loop) is waited for again, and so on,
+// for up to ReconnectOptions.Timeout from the first failure (and within
+// ctx): the request then returns its last connection error.
 func (f *Frontend) exchangeAck(ctx context.Context, r Request, payload []byte, fds []int, want, ack bool) (*Message, error) {
 	m, lost, err := f.exchangeOnce(ctx, r, payload, fds, want, ack)
 	if !lost || !f.reconnectOn.Load() || f.rejoining || f.noWait || isClosed(f.done) {
 		return m, err
 	}
-	if werr := f.awaitRejoin(ctx); werr != nil {
-		return nil, &MessageError{Request: r, Err: werr}
+	giveUp := time.Now().Add(f.opts.Reconnect.Timeout)
+	for lost && time.Now().Before(giveUp) {
+		if werr := f.awaitRejoin(ctx); werr != nil {
+			return nil, &MessageError{Request: r, Err: werr}
+		}
+		m, lost, err = f.exchangeOnce(ctx, r, payload, fds, want, ack)
 	}
-	m, _, err = f.exchangeOnce(ctx, r, payload, fds, want, ack)
 	return m, err
 }
 

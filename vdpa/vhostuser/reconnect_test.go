@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"math"
 	"net"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -29,6 +31,9 @@ type restartable struct {
 	cur      *restartInstance
 	all      []*restartInstance
 	refuse   bool // Dial fails, as when no back-end listens
+	// wrap, if set, makes each start's handler from the test handler and
+	// the back-end's end of the connection (set before the first start).
+	wrap func(h *vhostusertest.Handler, be *net.UnixConn) vdpa.Handler
 }
 
 type restartInstance struct {
@@ -70,6 +75,9 @@ func (r *restartable) start() *net.UnixConn {
 	var hd vdpa.Handler = h
 	if r.features != 0 {
 		hd = limitFeatures{h, r.features}
+	}
+	if r.wrap != nil {
+		hd = r.wrap(h, b)
 	}
 	rec := &msgRecorder{}
 	in := &restartInstance{h: h, rec: rec, be: NewBackend(hd, &BackendOptions{Logger: slog.New(rec)}), done: make(chan struct{})}
@@ -388,3 +396,69 @@ func TestFrontendStaleBreakLeavesNewSession(t *testing.T) {
 	require.NoError(t, d.fe.Close())
 }
 
+// crashOnConfigWrite is a back-end that dies (its connection closes) when
+// told to write its configuration, while the shared count of such deaths
+// to come is above zero; the first that outlives it takes the write.
+type crashOnConfigWrite struct {
+	*vhostusertest.Handler
+	be      *net.UnixConn
+	crashes *atomic.Int32 // deaths to come
+	writes  *atomic.Int32 // SET_CONFIG requests seen, by every back-end
+}
+
+func (c crashOnConfigWrite) WriteConfig(off int, p []byte) error {
+	c.writes.Add(1)
+	if c.crashes.Add(-1) >= 0 {
+		_ = c.be.Close() // the Frontend reads no reply: end of stream
+	}
+	return nil
+}
+
+// A request whose back-end dies under it again and again (each new one
+// takes the session, then dies when the request comes to it) is sent to
+// each in turn until one answers, within ReconnectOptions.Timeout.
+func TestFrontendRequestOutlivesCrashLoop(t *testing.T) {
+	var crashes, writes atomic.Int32
+	crashes.Store(3)
+	r := newRestartable(t, vhostusertest.Loopback)
+	r.wrap = func(h *vhostusertest.Handler, be *net.UnixConn) vdpa.Handler {
+		return crashOnConfigWrite{Handler: h, be: be, crashes: &crashes, writes: &writes}
+	}
+	d := newTestDriverOpts(t, r.start(), virtio.Features(0).With(virtio.FVersion1),
+		&FrontendOptions{Reconnect: &ReconnectOptions{Dial: r.dial, Interval: 5 * time.Millisecond, Timeout: 5 * time.Second}}, mustRegion(t))
+	t.Cleanup(func() { _ = d.fe.Close() })
+	d.startQueue(0)
+	d.startQueue(1)
+	require.NoError(t, d.fe.SetStatus(virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK|virtio.StatusDriverOK))
+
+	require.NoError(t, d.fe.WriteConfig(0, []byte{2, 0, 0, 0, 0, 9}), "the write outlived three back-ends")
+	assert.Equal(t, int32(4), writes.Load(), "the write went to the first back-end and to each of the three that followed")
+	assert.Equal(t, uint64(3), d.fe.Reconnects())
+	loopRound(t, d, 1, 4)
+	c := r.current().h.Counters()
+	assert.Equal(t, uint64(4), c.TxFrames, "frames the last back-end took")
+	require.NoError(t, d.fe.Close())
+}
+
+// A request under a back-end that dies at every attempt gives up once
+// ReconnectOptions.Timeout has passed since its first failure, with the
+// connection's error: it does not loop for ever.
+func TestFrontendRequestGivesUpOnCrashLoop(t *testing.T) {
+	var crashes, writes atomic.Int32
+	crashes.Store(math.MaxInt32)
+	r := newRestartable(t, vhostusertest.Loopback)
+	r.wrap = func(h *vhostusertest.Handler, be *net.UnixConn) vdpa.Handler {
+		return crashOnConfigWrite{Handler: h, be: be, crashes: &crashes, writes: &writes}
+	}
+	d := newTestDriverOpts(t, r.start(), virtio.Features(0).With(virtio.FVersion1),
+		&FrontendOptions{Reconnect: &ReconnectOptions{Dial: r.dial, Interval: 5 * time.Millisecond, Timeout: 300 * time.Millisecond}}, mustRegion(t))
+	t.Cleanup(func() { _ = d.fe.Close() })
+	start := time.Now()
+	err := d.fe.WriteConfig(0, []byte{2, 0, 0, 0, 0, 9})
+	var me *MessageError
+	require.ErrorAs(t, err, &me)
+	assert.Equal(t, ReqSetConfig, me.Request)
+	assert.GreaterOrEqual(t, time.Since(start), 300*time.Millisecond, "the request tried for the reconnect's Timeout")
+	assert.Greater(t, writes.Load(), int32(2), "the request went to more than two back-ends")
+	require.NoError(t, d.fe.Close())
+}
