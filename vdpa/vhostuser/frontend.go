@@ -86,7 +86,11 @@ type FrontendOptions struct {
 // Like any vdpa.Device the caller should not interleave configuration
 // sequences from several goroutines.
 type Frontend struct {
-	cc   atomic.Pointer[conn] // the connection (conn); replaced by a reconnect
+	// cc is the connection (conn). A reconnect replaces it, under the
+	// turn and while broken is set: a request (holding the turn) sees one
+	// connection throughout, and breakSession (under rmu, with broken
+	// nil) sees the current one.
+	cc   atomic.Pointer[conn]
 	opts FrontendOptions
 	// Set by the handshake, then read-only.
 	devF  virtio.Features // back-end's offer
@@ -409,17 +413,29 @@ func (f *Frontend) exchangeNoAck(ctx context.Context, r Request, payload []byte)
 // by then holds the whole session as recorded before this request (except
 // for the reconnect's own requests, and GET_STATUS, whose caller takes the
 // last status set instead). A back-end that takes the session and dies
-// again under the request (a crash loop) is waited for again, and so on,
-// for up to ReconnectOptions.Timeout from the first failure (and within
-// ctx): the request then returns its last connection error.
+// again under the request (a crash loop) is waited for again, and so on.
+// The first wait is for the reconnect the request's own failure started,
+// which ends within ReconnectOptions.Timeout (its error, when it gives up,
+// is the request's). Later waits end ReconnectOptions.Timeout after the
+// first failure, and the request then returns its last connection error
+// (its last exchange may still take up to FrontendOptions.Timeout). Close
+// and ctx end any wait sooner, with their own error.
 func (f *Frontend) exchangeAck(ctx context.Context, r Request, payload []byte, fds []int, want, ack bool) (*Message, error) {
 	m, lost, err := f.exchangeOnce(ctx, r, payload, fds, want, ack)
 	if !lost || !f.reconnectOn.Load() || f.rejoining || f.noWait || isClosed(f.done) {
 		return m, err
 	}
-	giveUp := time.Now().Add(f.opts.Reconnect.Timeout)
-	for lost && time.Now().Before(giveUp) {
-		if werr := f.awaitRejoin(ctx); werr != nil {
+	later, cancel := context.WithTimeout(ctx, f.opts.Reconnect.Timeout)
+	defer cancel()
+	for first := true; lost; first = false {
+		wctx := later
+		if first {
+			wctx = ctx
+		}
+		if werr := f.awaitRejoin(wctx); werr != nil {
+			if ctx.Err() == nil && errors.Is(werr, context.DeadlineExceeded) {
+				return nil, err // this request's own time is up
+			}
 			return nil, &MessageError{Request: r, Err: werr}
 		}
 		m, lost, err = f.exchangeOnce(ctx, r, payload, fds, want, ack)

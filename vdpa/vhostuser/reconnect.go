@@ -48,7 +48,11 @@ import (
 // device has not failed yet; the status replayed is that one too), and
 // every other request waits, within its context, until the session is back
 // or the Frontend gives up. A request whose connection failed under it is
-// sent again once the session is back. The Frontend gives up after
+// sent again once the session is back, and again after each further
+// reconnect when the new back-end dies under it too, for up to Timeout
+// from its first failure (it then returns its last connection error, or
+// ErrSessionBroken when the Frontend gave up).
+// The Frontend gives up after
 // Timeout without a back-end that took the session: the session is then
 // broken for good, as without Reconnect (ErrSessionBroken), and Status
 // reports the error. The eventfds given for kicks, calls and errors
@@ -65,7 +69,8 @@ type ReconnectOptions struct {
 	// no request does (100 ms if zero).
 	Interval time.Duration
 	// Timeout is how long the Frontend tries before it gives up (30 s if
-	// zero).
+	// zero), and how long a request whose connection failed under it
+	// keeps waiting for a back-end that answers it.
 	Timeout time.Duration
 	// Logger, if set, is told of each reconnect (Info) and of giving up
 	// (Warn).

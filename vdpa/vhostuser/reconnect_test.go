@@ -441,8 +441,12 @@ func TestFrontendRequestOutlivesCrashLoop(t *testing.T) {
 }
 
 // A request under a back-end that dies at every attempt gives up once
-// ReconnectOptions.Timeout has passed since its first failure, with the
-// connection's error: it does not loop for ever.
+// ReconnectOptions.Timeout has passed since its first failure, with its
+// own connection error: it neither loops for ever nor waits out a
+// reconnect that began just before its time was up. Here two slow
+// back-ends (120 ms to dial) take the session and die, and the third
+// reconnect, starting at about 240 ms, finds no back-end until it gives up
+// at about 540 ms; the request stops at 300 ms.
 func TestFrontendRequestGivesUpOnCrashLoop(t *testing.T) {
 	var crashes, writes atomic.Int32
 	crashes.Store(math.MaxInt32)
@@ -450,15 +454,30 @@ func TestFrontendRequestGivesUpOnCrashLoop(t *testing.T) {
 	r.wrap = func(h *vhostusertest.Handler, be *net.UnixConn) vdpa.Handler {
 		return crashOnConfigWrite{Handler: h, be: be, crashes: &crashes, writes: &writes}
 	}
+	slow := 2 // only the reconnect loop dials: no lock needed
+	dial := func(ctx context.Context) (*net.UnixConn, error) {
+		if slow == 0 {
+			return nil, errors.New("connection refused")
+		}
+		slow--
+		select {
+		case <-time.After(120 * time.Millisecond):
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		return r.dial(ctx)
+	}
 	d := newTestDriverOpts(t, r.start(), virtio.Features(0).With(virtio.FVersion1),
-		&FrontendOptions{Reconnect: &ReconnectOptions{Dial: r.dial, Interval: 5 * time.Millisecond, Timeout: 300 * time.Millisecond}}, mustRegion(t))
+		&FrontendOptions{Reconnect: &ReconnectOptions{Dial: dial, Interval: 5 * time.Millisecond, Timeout: 300 * time.Millisecond}}, mustRegion(t))
 	t.Cleanup(func() { _ = d.fe.Close() })
 	start := time.Now()
 	err := d.fe.WriteConfig(0, []byte{2, 0, 0, 0, 0, 9})
+	took := time.Since(start)
 	var me *MessageError
 	require.ErrorAs(t, err, &me)
 	assert.Equal(t, ReqSetConfig, me.Request)
-	assert.GreaterOrEqual(t, time.Since(start), 300*time.Millisecond, "the request tried for the reconnect's Timeout")
-	assert.Greater(t, writes.Load(), int32(2), "the request went to more than two back-ends")
+	assert.GreaterOrEqual(t, took, 300*time.Millisecond, "the request tried for the reconnect's Timeout")
+	assert.NotErrorIs(t, err, ErrSessionBroken, "the request's own connection error, not the last reconnect's give-up")
+	assert.Equal(t, int32(3), writes.Load(), "the request went to the first back-end and the two that followed")
 	require.NoError(t, d.fe.Close())
 }
