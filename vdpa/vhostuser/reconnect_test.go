@@ -434,6 +434,15 @@ func TestFrontendRequestOutlivesCrashLoop(t *testing.T) {
 	require.NoError(t, d.fe.WriteConfig(0, []byte{2, 0, 0, 0, 0, 9}), "the write outlived three back-ends")
 	assert.Equal(t, int32(4), writes.Load(), "the write went to the first back-end and to each of the three that followed")
 	assert.Equal(t, uint64(3), d.fe.Reconnects())
+	// A back-end "dies" here by closing its connection; its rings run
+	// until its session ends. Wait for that, as for a dead process, so
+	// that the frames go to the back-end that stayed.
+	r.mu.Lock()
+	dead := append([]*restartInstance(nil), r.all[:len(r.all)-1]...)
+	r.mu.Unlock()
+	for _, in := range dead {
+		<-in.done
+	}
 	loopRound(t, d, 1, 4)
 	c := r.current().h.Counters()
 	assert.Equal(t, uint64(4), c.TxFrames, "frames the last back-end took")
