@@ -449,9 +449,29 @@ func (rq *relayQueue) complete() error {
 		}
 	}
 	if pushed && rq.guest.NeedsInterrupt() {
-		if fd := rq.guestCall.Load(); fd != nil {
-			return fd.Signal()
+		return signalGuest(&rq.guestCall)
+	}
+	return nil
+}
+
+// signalGuest signals the guest interrupt that call holds. The vector may
+// change under the relay (setGuestCall, after a guest's queue_msix_vector
+// write or VectorsChanged), and the embedder may then close the eventfd
+// it replaced, before or while this signals it: a signal that fails on an
+// eventfd no longer current goes to the current one instead, and only a
+// failure of the current one is the relay's.
+func signalGuest(call *atomic.Pointer[vdpa.EventFD]) error {
+	fd := call.Load()
+	for fd != nil {
+		err := fd.Signal()
+		if err == nil {
+			return nil
 		}
+		cur := call.Load()
+		if cur == fd {
+			return err
+		}
+		fd = cur
 	}
 	return nil
 }
