@@ -51,8 +51,7 @@ import (
 // sent again once the session is back, and again after each further
 // reconnect when the new back-end dies under it too, for up to Timeout
 // from its first failure (it then returns its last connection error, or
-// ErrSessionBroken when the Frontend gave up).
-// The Frontend gives up after
+// ErrSessionBroken when the Frontend gave up). The Frontend gives up after
 // Timeout without a back-end that took the session: the session is then
 // broken for good, as without Reconnect (ErrSessionBroken), and Status
 // reports the error. The eventfds given for kicks, calls and errors
