@@ -117,6 +117,7 @@ type Frontend struct {
 	// Reconnecting (FrontendOptions.Reconnect, reconnect.go).
 	rmu         sync.Mutex
 	away        chan struct{}  // non-nil while reconnecting; closed when that ends (guarded by rmu)
+	joined      time.Time      // when the current session started or was last taken over (guarded by rmu)
 	reconnects  atomic.Uint64  // sessions rejoined
 	reconnectOn atomic.Bool    // the session started, with Reconnect set
 	bg          sync.WaitGroup // the reconnect's goroutines, waited for by Close
@@ -211,6 +212,9 @@ func NewFrontend(ctx context.Context, uc *net.UnixConn, opts *FrontendOptions) (
 	if rc := f.opts.Reconnect; rc != nil {
 		// Only a session that started is taken to a new back-end: a
 		// handshake that failed leaves the connection to the caller.
+		f.rmu.Lock()
+		f.joined = time.Now()
+		f.rmu.Unlock()
 		f.reconnectOn.Store(true)
 		f.bg.Add(1)
 		go f.watchPeer(rc.Interval)

@@ -63,9 +63,12 @@ type ReconnectOptions struct {
 	// function) nil means dialling the same path again; NewFrontend needs
 	// it set.
 	Dial func(ctx context.Context) (*net.UnixConn, error)
-	// Interval is the wait between attempts, and how often the
-	// connection is looked at to notice that the back-end has gone when
-	// no request does (100 ms if zero).
+	// Interval is the wait between attempts, the least time from a
+	// session's start (or its last takeover) to the first attempt after
+	// it ends (a back-end that dies as soon as it took the session over
+	// is not dialled again at once, so a crash loop is paced), and how
+	// often the connection is looked at to notice that the back-end has
+	// gone when no request does (100 ms if zero).
 	Interval time.Duration
 	// Timeout is how long the Frontend tries before it gives up (30 s if
 	// zero), and how long a request whose connection failed under it
@@ -175,6 +178,7 @@ func (f *Frontend) reconnectLoop(rc *ReconnectOptions, cause error, away chan st
 		switch {
 		case joined:
 			f.broken.Store(nil)
+			f.joined = time.Now()
 		case gave != nil:
 			f.broken.Store(&gave)
 		}
@@ -185,6 +189,22 @@ func (f *Frontend) reconnectLoop(rc *ReconnectOptions, cause error, away chan st
 		f.rmu.Unlock()
 		if gave != nil {
 			rc.Logger.Warn("vhost-user back-end did not come back", "err", gave)
+		}
+	}
+	// A session that ended within Interval of its start (a back-end that
+	// takes the session over and dies at once, in a loop) is not dialled
+	// again at once: each attempt would follow the last with no pause,
+	// as fast as the back-end restarts and a request notices. One that
+	// lived longer (a single restart) is dialled at once.
+	f.rmu.Lock()
+	pause := rc.Interval - time.Since(f.joined)
+	f.rmu.Unlock()
+	if pause > 0 {
+		t := time.NewTimer(pause)
+		select {
+		case <-t.C:
+		case <-f.done:
+			t.Stop()
 		}
 	}
 	for {

@@ -449,6 +449,43 @@ func TestFrontendRequestOutlivesCrashLoop(t *testing.T) {
 	require.NoError(t, d.fe.Close())
 }
 
+// A back-end that takes the session over and dies at once, again and
+// again, is not dialled again at once: each attempt comes at least
+// ReconnectOptions.Interval after the session it follows started, so a
+// crash loop does not turn into a busy loop of dials and replays. Here
+// three back-ends die as the request under the crash loop reaches them,
+// each as soon as it took the session.
+func TestFrontendReconnectPacesCrashLoop(t *testing.T) {
+	const interval = 50 * time.Millisecond
+	var crashes, writes atomic.Int32
+	crashes.Store(3)
+	r := newRestartable(t, vhostusertest.Loopback)
+	r.wrap = func(h *vhostusertest.Handler, be *net.UnixConn) vdpa.Handler {
+		return crashOnConfigWrite{Handler: h, be: be, crashes: &crashes, writes: &writes}
+	}
+	var dials []time.Time // only the reconnect loop dials, one at a time
+	dial := func(ctx context.Context) (*net.UnixConn, error) {
+		dials = append(dials, time.Now())
+		return r.dial(ctx)
+	}
+	start := time.Now() // before the first session started
+	d := newTestDriverOpts(t, r.start(), virtio.Features(0).With(virtio.FVersion1),
+		&FrontendOptions{Reconnect: &ReconnectOptions{Dial: dial, Interval: interval, Timeout: 5 * time.Second}}, mustRegion(t))
+	t.Cleanup(func() { _ = d.fe.Close() })
+	require.NoError(t, d.fe.WriteConfig(0, []byte{2, 0, 0, 0, 0, 9}), "the write outlived three back-ends")
+	require.Equal(t, int32(4), writes.Load())
+	require.Equal(t, uint64(3), d.fe.Reconnects())
+	require.NoError(t, d.fe.Close()) // no dial runs after it returned
+	require.Len(t, dials, 3)
+	// Each session started after the dial that made it (the first after
+	// start), and the next dial waited Interval from that start.
+	prev := start
+	for i, at := range dials {
+		assert.GreaterOrEqual(t, at.Sub(prev), interval, "dial %d came %v after the one before", i+1, at.Sub(prev))
+		prev = at
+	}
+}
+
 // A request under a back-end that dies at every attempt gives up once
 // ReconnectOptions.Timeout has passed since its first failure, with its
 // own connection error: it neither loops for ever nor waits out a
