@@ -63,10 +63,11 @@ type ReconnectOptions struct {
 	// function) nil means dialling the same path again; NewFrontend needs
 	// it set.
 	Dial func(ctx context.Context) (*net.UnixConn, error)
-	// Interval is the wait between attempts, the least time from a
+	// Interval is the wait between attempts; the least time from a
 	// session's start (or its last takeover) to the first attempt after
-	// it ends (a back-end that dies as soon as it took the session over
-	// is not dialled again at once, so a crash loop is paced), and how
+	// it ends, up to half of Timeout (a session that ends at once, as
+	// with a back-end that dies as soon as it took the session over, is
+	// not dialled again at once, so a crash loop is paced); and how
 	// often the connection is looked at to notice that the back-end has
 	// gone when no request does (100 ms if zero).
 	Interval time.Duration
@@ -191,13 +192,15 @@ func (f *Frontend) reconnectLoop(rc *ReconnectOptions, cause error, away chan st
 			rc.Logger.Warn("vhost-user back-end did not come back", "err", gave)
 		}
 	}
-	// A session that ended within Interval of its start (a back-end that
-	// takes the session over and dies at once, in a loop) is not dialled
-	// again at once: each attempt would follow the last with no pause,
-	// as fast as the back-end restarts and a request notices. One that
-	// lived longer (a single restart) is dialled at once.
+	// A session that ended, for whatever reason, within Interval of its
+	// start is not dialled again at once: a back-end that takes the
+	// session over and dies at once, in a loop, would otherwise be
+	// dialled and replayed to as fast as it restarts and a request
+	// notices. One that lived longer (a single restart) is dialled at
+	// once. The pause takes at most half of Timeout, so that an Interval
+	// as long as Timeout still leaves time for an attempt.
 	f.rmu.Lock()
-	pause := rc.Interval - time.Since(f.joined)
+	pause := min(rc.Interval-time.Since(f.joined), rc.Timeout/2)
 	f.rmu.Unlock()
 	if pause > 0 {
 		t := time.NewTimer(pause)

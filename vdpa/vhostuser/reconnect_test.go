@@ -486,6 +486,26 @@ func TestFrontendReconnectPacesCrashLoop(t *testing.T) {
 	}
 }
 
+// The pause before dialling again takes at most half of Timeout: with an
+// Interval longer than Timeout, a session that ends at once is still
+// taken to a new back-end (the pause of a whole Interval would leave no
+// time for an attempt, and the Frontend would give up without one).
+func TestFrontendReconnectPauseLeavesTimeToDial(t *testing.T) {
+	var crashes, writes atomic.Int32
+	crashes.Store(1)
+	r := newRestartable(t, vhostusertest.Loopback)
+	r.wrap = func(h *vhostusertest.Handler, be *net.UnixConn) vdpa.Handler {
+		return crashOnConfigWrite{Handler: h, be: be, crashes: &crashes, writes: &writes}
+	}
+	d := newTestDriverOpts(t, r.start(), virtio.Features(0).With(virtio.FVersion1),
+		&FrontendOptions{Reconnect: &ReconnectOptions{Dial: r.dial, Interval: 10 * time.Second, Timeout: 2 * time.Second}}, mustRegion(t))
+	t.Cleanup(func() { _ = d.fe.Close() })
+	require.NoError(t, d.fe.WriteConfig(0, []byte{2, 0, 0, 0, 0, 9}), "the write went to the back-end that followed")
+	assert.Equal(t, int32(2), writes.Load())
+	assert.Equal(t, uint64(1), d.fe.Reconnects())
+	require.NoError(t, d.fe.Close())
+}
+
 // A request under a back-end that dies at every attempt gives up once
 // ReconnectOptions.Timeout has passed since its first failure, with its
 // own connection error: it neither loops for ever nor waits out a
