@@ -94,7 +94,7 @@
 // detector, every mark ORs. A private New registers the process for
 // membarrier's expedited command once it is called (a filter that kills on
 // an unlisted system call must list membarrier).
-
+//
 // # Platforms
 //
 // Shared (memfd) bitmaps and AttachFd need Linux; elsewhere they report
