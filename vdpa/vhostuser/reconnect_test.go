@@ -414,16 +414,24 @@ func (c crashOnConfigWrite) WriteConfig(off int, p []byte) error {
 	return nil
 }
 
+// newCrashingRestartable returns a restartable whose back-ends die at the
+// SET_CONFIG that reaches them, the first crashes of them (crashOnConfigWrite),
+// and the count of SET_CONFIG requests they all saw.
+func newCrashingRestartable(t *testing.T, crashes int32) (*restartable, *atomic.Int32) {
+	left, writes := new(atomic.Int32), new(atomic.Int32)
+	left.Store(crashes)
+	r := newRestartable(t, vhostusertest.Loopback)
+	r.wrap = func(h *vhostusertest.Handler, be *net.UnixConn) vdpa.Handler {
+		return crashOnConfigWrite{Handler: h, be: be, crashes: left, writes: writes}
+	}
+	return r, writes
+}
+
 // A request whose back-end dies under it again and again (each new one
 // takes the session, then dies when the request comes to it) is sent to
 // each in turn until one answers, within ReconnectOptions.Timeout.
 func TestFrontendRequestOutlivesCrashLoop(t *testing.T) {
-	var crashes, writes atomic.Int32
-	crashes.Store(3)
-	r := newRestartable(t, vhostusertest.Loopback)
-	r.wrap = func(h *vhostusertest.Handler, be *net.UnixConn) vdpa.Handler {
-		return crashOnConfigWrite{Handler: h, be: be, crashes: &crashes, writes: &writes}
-	}
+	r, writes := newCrashingRestartable(t, 3)
 	d := newTestDriverOpts(t, r.start(), virtio.Features(0).With(virtio.FVersion1),
 		&FrontendOptions{Reconnect: &ReconnectOptions{Dial: r.dial, Interval: 5 * time.Millisecond, Timeout: 5 * time.Second}}, mustRegion(t))
 	t.Cleanup(func() { _ = d.fe.Close() })
@@ -457,12 +465,7 @@ func TestFrontendRequestOutlivesCrashLoop(t *testing.T) {
 // each as soon as it took the session.
 func TestFrontendReconnectPacesCrashLoop(t *testing.T) {
 	const interval = 50 * time.Millisecond
-	var crashes, writes atomic.Int32
-	crashes.Store(3)
-	r := newRestartable(t, vhostusertest.Loopback)
-	r.wrap = func(h *vhostusertest.Handler, be *net.UnixConn) vdpa.Handler {
-		return crashOnConfigWrite{Handler: h, be: be, crashes: &crashes, writes: &writes}
-	}
+	r, writes := newCrashingRestartable(t, 3)
 	var dials []time.Time // only the reconnect loop dials, one at a time
 	dial := func(ctx context.Context) (*net.UnixConn, error) {
 		dials = append(dials, time.Now())
@@ -491,12 +494,7 @@ func TestFrontendReconnectPacesCrashLoop(t *testing.T) {
 // taken to a new back-end (the pause of a whole Interval would leave no
 // time for an attempt, and the Frontend would give up without one).
 func TestFrontendReconnectPauseLeavesTimeToDial(t *testing.T) {
-	var crashes, writes atomic.Int32
-	crashes.Store(1)
-	r := newRestartable(t, vhostusertest.Loopback)
-	r.wrap = func(h *vhostusertest.Handler, be *net.UnixConn) vdpa.Handler {
-		return crashOnConfigWrite{Handler: h, be: be, crashes: &crashes, writes: &writes}
-	}
+	r, writes := newCrashingRestartable(t, 1)
 	d := newTestDriverOpts(t, r.start(), virtio.Features(0).With(virtio.FVersion1),
 		&FrontendOptions{Reconnect: &ReconnectOptions{Dial: r.dial, Interval: 10 * time.Second, Timeout: 3 * time.Second}}, mustRegion(t))
 	t.Cleanup(func() { _ = d.fe.Close() })
@@ -515,12 +513,7 @@ func TestFrontendReconnectPauseLeavesTimeToDial(t *testing.T) {
 // 1250 ms; the request stops at 1 s. (With a Timeout of 300 ms, a loaded
 // TCG guest once took the second back-end past the request's limit.)
 func TestFrontendRequestGivesUpOnCrashLoop(t *testing.T) {
-	var crashes, writes atomic.Int32
-	crashes.Store(math.MaxInt32)
-	r := newRestartable(t, vhostusertest.Loopback)
-	r.wrap = func(h *vhostusertest.Handler, be *net.UnixConn) vdpa.Handler {
-		return crashOnConfigWrite{Handler: h, be: be, crashes: &crashes, writes: &writes}
-	}
+	r, writes := newCrashingRestartable(t, math.MaxInt32)
 	slow := 2 // only the reconnect loop dials: no lock needed
 	dial := func(ctx context.Context) (*net.UnixConn, error) {
 		if slow == 0 {
