@@ -10,14 +10,6 @@ import (
 	"github.com/vdpakit/vdpakit/vdpa"
 )
 
-func newTestEventFD(t *testing.T) *vdpa.EventFD {
-	t.Helper()
-	fd, err := vdpa.NewEventFD()
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = fd.Close() })
-	return fd
-}
-
 // The relay's guest interrupt: signalled on the current eventfd; a failure
 // of the current one is the relay's (it fails the data path), and none
 // at all is nothing to signal.
@@ -25,7 +17,7 @@ func TestSignalGuest(t *testing.T) {
 	var call atomic.Pointer[vdpa.EventFD]
 	require.NoError(t, signalGuest(&call), "no interrupt set up")
 
-	fd := newTestEventFD(t)
+	fd := mustEventFD(t)
 	call.Store(fd)
 	require.NoError(t, signalGuest(&call))
 	n, err := fd.TryWait()
@@ -43,7 +35,7 @@ func TestSignalGuest(t *testing.T) {
 // put the device in DEVICE_NEEDS_RESET for a vector re-registration.
 func TestSignalGuestFollowsAReplacedVector(t *testing.T) {
 	var call atomic.Pointer[vdpa.EventFD]
-	call.Store(newTestEventFD(t))
+	call.Store(mustEventFD(t))
 	const swaps = 3000
 	done := make(chan struct{})
 	go func() {

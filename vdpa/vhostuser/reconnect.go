@@ -202,14 +202,7 @@ func (f *Frontend) reconnectLoop(rc *ReconnectOptions, cause error, away chan st
 	f.rmu.Lock()
 	pause := min(rc.Interval-time.Since(f.joined), rc.Timeout/2)
 	f.rmu.Unlock()
-	if pause > 0 {
-		t := time.NewTimer(pause)
-		select {
-		case <-t.C:
-		case <-f.done:
-			t.Stop()
-		}
-	}
+	f.sleep(pause)
 	for {
 		if isClosed(f.done) {
 			end(false, nil)
@@ -240,12 +233,20 @@ func (f *Frontend) reconnectLoop(rc *ReconnectOptions, cause error, away chan st
 		if last == nil || !errors.Is(err, context.DeadlineExceeded) {
 			last = err
 		}
-		t := time.NewTimer(rc.Interval)
-		select {
-		case <-t.C:
-		case <-f.done:
-			t.Stop()
-		}
+		f.sleep(rc.Interval)
+	}
+}
+
+// sleep waits for d (nothing when d <= 0), or until the Frontend is closed.
+func (f *Frontend) sleep(d time.Duration) {
+	if d <= 0 {
+		return
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-f.done:
 	}
 }
 
