@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"io"
 	"math"
 	"os"
@@ -84,6 +85,49 @@ func TestTestpmdArgv(t *testing.T) {
 		"--nb-cores=1", "--no-mlockall", "--total-num-mbufs=16384", "--forward-mode=macswap",
 		"--stats-period", "1", "--tx-first",
 	}, a.Argv())
+}
+
+func TestTestpmdArgvBurst(t *testing.T) {
+	a := TestpmdArgs{CPU: 1, FilePrefix: "fp", Vdev: "v", Forward: "macswap", TxFirst: true, Burst: 64}
+	argv := a.Argv()
+	assert.Equal(t, []string{"--tx-first", "--burst=64"}, argv[len(argv)-2:])
+	a.Burst = 0
+	for _, arg := range a.Argv() {
+		assert.NotContains(t, arg, "--burst", "0 leaves testpmd's default")
+	}
+}
+
+// The peers suite's runs: txonly and one loopback per frame count for each
+// queue-pair count on split rings, then the same for one pair on packed
+// rings. Names keep the default loopback's (32 frames) as before the
+// option, so results compare across runs.
+func TestPeerScenarios(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		qps    []int
+		frames []int
+		want   []string
+	}{
+		{"default", []int{1, 2}, []int{32}, []string{
+			"txonly/1", "macswap loopback/1", "txonly/2", "macswap loopback/2",
+			"txonly packed/1", "macswap loopback packed/1",
+		}},
+		{"frame sweep", []int{1}, []int{16, 32, 128}, []string{
+			"txonly/1", "macswap loopback 16 frames/1", "macswap loopback/1", "macswap loopback 128 frames/1",
+			"txonly packed/1", "macswap loopback 16 frames packed/1", "macswap loopback packed/1", "macswap loopback 128 frames packed/1",
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var got []string
+			for _, sc := range peerScenarios(tc.qps, tc.frames) {
+				got = append(got, fmt.Sprintf("%s/%d", sc.mode(), sc.queues))
+				if !sc.loopback {
+					assert.Zero(t, sc.frames, "txonly keeps no frames in circulation")
+				}
+			}
+			assert.Equal(t, tc.want, got)
+		})
+	}
 }
 
 // ringtest's main.c option names: --host-affinity, --guest-affinity,
@@ -254,6 +298,7 @@ func TestParseArgs(t *testing.T) {
 	assert.Equal(t, []int{1, 8, 32}, cfg.Batches)
 	assert.Equal(t, 5, cfg.PeerRounds, "at least 5 interleaved rounds by default")
 	assert.Equal(t, []int{1, 2}, cfg.QueuePairs)
+	assert.Equal(t, []int{32}, cfg.LoopbackFrames, "testpmd's default burst")
 	assert.Equal(t, []int{1, 64, 1024, 4096}, cfg.scaleDevices)
 	assert.Equal(t, []int{1, 64, 512, 2048}, cfg.scaleSessions)
 	assert.Equal(t, 256, cfg.ScaleRxSlots)
@@ -262,10 +307,14 @@ func TestParseArgs(t *testing.T) {
 	require.NoError(t, err)
 	assert.Empty(t, cfg.Peers)
 
+	cfg, err = parseArgs([]string{"peers", "-loopback-frames", "16,64,512"}, io.Discard)
+	require.NoError(t, err)
+	assert.Equal(t, []int{16, 64, 512}, cfg.LoopbackFrames)
+
 	for _, bad := range [][]string{
 		{"bogus"}, {"-ring-size", "300"}, {"-batches", "0"}, {"-batches", "512"}, {"-peers", "qemu"},
 		{"-scan-sizes", "1XB"}, {"-dirty-rates", "-5"}, {"-duration", "0s"}, {"-peer-rounds", "0"},
-		{"-queue-pairs", "0"}, {"-queue-pairs", "9"},
+		{"-queue-pairs", "0"}, {"-queue-pairs", "9"}, {"-loopback-frames", "0"}, {"-loopback-frames", "513"}, {"-loopback-frames", "x"},
 		{"-scale-devices", "0"}, {"-scale-sessions", "40000"}, {"-scale-pairs", "x"}, {"-scale-rx-buffers", "0"},
 	} {
 		_, err := parseArgs(bad, io.Discard)

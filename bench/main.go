@@ -47,6 +47,7 @@ type Config struct {
 	GuestCPU       int      `json:"guest_cpu"`
 	PeerRounds     int      `json:"peer_rounds"`
 	QueuePairs     []int    `json:"queue_pairs"`
+	LoopbackFrames []int    `json:"loopback_frames"`
 	VhostPollGroup bool     `json:"vhost_poll_group,omitempty"`
 	ScaleDevices   []int    `json:"scale_devices"`
 	ScaleSessions  []int    `json:"scale_sessions"`
@@ -238,6 +239,7 @@ func parseArgs(args []string, stderr io.Writer) (*Config, error) {
 	fs.IntVar(&cfg.GuestCPU, "guest-cpu", min(1, runtime.NumCPU()-1), "CPU for the driver (guest) side of cross-thread benchmarks")
 	fs.IntVar(&cfg.PeerRounds, "peer-rounds", 5, "interleaved rounds of each peer comparison (median and range reported)")
 	qps := fs.String("queue-pairs", "1,2", "queue pairs for the DPDK testpmd comparisons")
+	lbFrames := fs.String("loopback-frames", "32", "DPDK testpmd macswap loopback: frames in circulation per queue pair (testpmd's --burst, which --tx-first sends once; 32 is testpmd's default); several values run the loopback once for each")
 	fs.BoolVar(&cfg.VhostPollGroup, "vhost-poll-group", false, "DPDK comparisons: the vdpakit back-end polls all its queues on one softnet.PollGroup worker (as net_vhost's one lcore does) instead of a goroutine per queue")
 	scaleDevs := fs.String("scale-devices", "1,64,1024,4096", "scale: softnet device counts")
 	scaleSess := fs.String("scale-sessions", "1,64,512,2048", "scale: vhost-user session counts")
@@ -339,6 +341,15 @@ func parseArgs(args []string, stderr io.Writer) (*Config, error) {
 	for _, q := range cfg.QueuePairs {
 		if q < 1 || q > 8 {
 			return nil, fmt.Errorf("-queue-pairs: %d outside 1..8", q)
+		}
+	}
+	if cfg.LoopbackFrames, err = parseInts(*lbFrames); err != nil {
+		return nil, fmt.Errorf("-loopback-frames: %w", err)
+	}
+	for _, n := range cfg.LoopbackFrames {
+		// testpmd's own bounds for --burst (MAX_PKT_BURST).
+		if n < 1 || n > 512 {
+			return nil, fmt.Errorf("-loopback-frames: %d outside testpmd's burst range 1..512", n)
 		}
 	}
 	for _, sc := range []struct {

@@ -272,22 +272,50 @@ func (d *dpdkVhost) Stop() (uint64, uint64, error) {
 
 // scenario is one testpmd virtio-user run: the mode, the number of queue
 // pairs and the ring format (packed: virtio-user packed_vq=1; both
-// back-ends offer RING_PACKED).
+// back-ends offer RING_PACKED); a loopback's frames in circulation per
+// queue pair (testpmd's --burst; 0 and defaultLoopbackFrames are testpmd's
+// default).
 type scenario struct {
 	loopback bool
 	queues   int
 	packed   bool
+	frames   int
 }
+
+// defaultLoopbackFrames is testpmd's default burst: the frames --tx-first
+// sends, and so those a macswap loopback keeps in circulation.
+const defaultLoopbackFrames = 32
 
 func (sc scenario) mode() string {
 	m := "txonly"
 	if sc.loopback {
 		m = "macswap loopback"
+		if sc.frames != 0 && sc.frames != defaultLoopbackFrames {
+			m += fmt.Sprintf(" %d frames", sc.frames)
+		}
 	}
 	if sc.packed {
 		m += " packed"
 	}
 	return m
+}
+
+// peerScenarios lists the testpmd runs of the peers suite: for every
+// queue-pair count, txonly and a loopback per frame count, on split
+// rings; then the same for one pair on packed rings.
+func peerScenarios(queuePairs, loopbackFrames []int) []scenario {
+	var out []scenario
+	add := func(q int, packed bool) {
+		out = append(out, scenario{queues: q, packed: packed})
+		for _, n := range loopbackFrames {
+			out = append(out, scenario{loopback: true, queues: q, packed: packed, frames: n})
+		}
+	}
+	for _, q := range queuePairs {
+		add(q, false)
+	}
+	add(1, true)
+	return out
 }
 
 // scenarioRun is what one run measured: the front-end's steady rate and
@@ -330,6 +358,9 @@ func dpdkScenario(ctx context.Context, bin string, be vhostBackend, sc scenario,
 	}
 	if sc.loopback {
 		fa.Forward, fa.TxFirst = "macswap", true
+		if sc.frames != defaultLoopbackFrames {
+			fa.Burst = sc.frames
+		}
 	}
 	fe, err := startTestpmd(bin, fa)
 	if err != nil {
@@ -421,13 +452,9 @@ func (h *Harness) peerDPDK(ctx context.Context) {
 	if lib != nil {
 		lib.pollGroup = h.cfg.VhostPollGroup
 	}
-	var scenarios []scenario
-	for _, q := range h.cfg.QueuePairs {
-		scenarios = append(scenarios, scenario{false, q, false}, scenario{true, q, false})
-	}
-	// Packed rings, one queue pair, both modes: interleaved with the
+	// Packed rings (one queue pair, both modes) are interleaved with the
 	// split runs round by round, so the formats compare in the same run.
-	scenarios = append(scenarios, scenario{false, 1, true}, scenario{true, 1, true})
+	scenarios := peerScenarios(h.cfg.QueuePairs, h.cfg.LoopbackFrames)
 	key := func(sc scenario, be vhostBackend) string {
 		return fmt.Sprintf("%s|%d|%s", sc.mode(), sc.queues, be.Name())
 	}
@@ -470,6 +497,9 @@ func (h *Harness) peerDPDK(ctx context.Context) {
 	for _, sc := range scenarios {
 		params := map[string]any{"mode": sc.mode(), "queues": sc.queues, "packed": sc.packed, "run_for": runFor.String(),
 			"frontend_cpu": h.cfg.GuestCPU, "backend_cpu": h.cfg.HostCPU, "frame_bytes": 64}
+		if sc.loopback {
+			params["frames_in_circulation"] = sc.frames
+		}
 		if h.cfg.VhostPollGroup {
 			params["vdpakit_polling"] = "every queue on one softnet.PollGroup worker"
 		} else {

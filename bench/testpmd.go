@@ -122,6 +122,11 @@ type TestpmdArgs struct {
 	Forward    string // txonly, rxonly, io, macswap
 	TxFirst    bool
 	Queues     int // receive and transmit queues per port; 0 means 1
+	// Burst is testpmd's --burst: the most frames a forwarding loop
+	// receives or sends at a time, and with TxFirst the frames sent first,
+	// which a loopback then keeps in circulation. 0 leaves testpmd's
+	// default (32).
+	Burst int
 }
 
 // Argv renders the EAL and application arguments.
@@ -138,6 +143,9 @@ func (a TestpmdArgs) Argv() []string {
 	}
 	if a.TxFirst {
 		argv = append(argv, "--tx-first")
+	}
+	if a.Burst > 0 {
+		argv = append(argv, fmt.Sprintf("--burst=%d", a.Burst))
 	}
 	if a.Queues > 1 {
 		argv = append(argv, fmt.Sprintf("--rxq=%d", a.Queues), fmt.Sprintf("--txq=%d", a.Queues))
