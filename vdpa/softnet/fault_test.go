@@ -144,3 +144,61 @@ func TestTruncatedForwardedFrameBreaksSender(t *testing.T) {
 	_, got := b.recvFrame(0)
 	assert.Equal(t, f, got)
 }
+
+// TestLoopbackFaultsMidBatch: memory faults in the middle of one transmit
+// batch of loopback replies, after the batch's first replies went through
+// (those after the first take Loopback's held-queue path, loopReply). A
+// receive buffer that faults breaks the receive queue only: the rest of
+// the batch's frames are dropped as DropRxNotReady and every transmit
+// chain completes. A transmit frame that faults breaks the transmit queue
+// only, with the receive queue (held by the batch when the fault came)
+// unlocked and still delivering.
+func TestLoopbackFaultsMidBatch(t *testing.T) {
+	const slot = 2048
+	t.Run("receive buffer", func(t *testing.T) {
+		s := newStack(t, stackOptions{features: base.With(virtio.NetFMrgRxbuf), peerFiles: true, slot: slot})
+		mac := s.dev.MAC()
+		// A new driver hands out its buffer slots in ascending address
+		// order: the receive buffers from the third on (slot 2) are gone.
+		s.postRx(0, 8, slot)
+		require.NoError(t, unix.Ftruncate(s.fds[0], int64(s.ringSize+2*slot)))
+		drops := s.dev.Stats().Drop(softnet.DropRxNotReady)
+		s.send(1, frame(mac, 1, 100), frame(mac, 2, 100), frame(mac, 3, 100), frame(mac, 4, 100), frame(mac, 5, 100))
+		for _, c := range s.waitN(1, 5) {
+			assert.Zero(t, c.Len, "every transmit chain completes")
+		}
+		s.waitNeedsReset()
+		assert.ErrorIs(t, s.local.QueueErr(0), vring.ErrMemoryFault)
+		assert.NoError(t, s.dev.QueueErr(1), "the transmit queue keeps running")
+		assert.Equal(t, drops+3, s.dev.Stats().Drop(softnet.DropRxNotReady), "the faulting frame and the two after it")
+		assert.Equal(t, uint64(5), s.dev.Stats().Queues[1].Frames)
+	})
+	t.Run("transmit frame", func(t *testing.T) {
+		s := newStack(t, stackOptions{features: base.With(virtio.NetFMrgRxbuf), peerFiles: true, slot: slot})
+		mac := s.dev.MAC()
+		s.postRx(0, 16, slot)
+		// Written into slots 0, 1, ... (a new driver's ascending order);
+		// from the third on (slot 2) the frames are gone by the time the
+		// device reads them.
+		for i := range 5 {
+			_, err := s.drv[1].Add([][]byte{s.hdr(), frame(mac, uint32(1+i), 100)}, nil)
+			require.NoError(t, err)
+		}
+		require.NoError(t, unix.Ftruncate(s.fds[1], int64(s.ringSize+2*slot)))
+		s.drv[1].Queue.Publish()
+		require.NoError(t, s.kick[1].Signal())
+		s.waitNeedsReset()
+		assert.ErrorIs(t, s.local.QueueErr(1), vring.ErrMemoryFault)
+		assert.NoError(t, s.dev.QueueErr(0), "the receive queue is not affected")
+		// The replies written before the fault wait for the receive
+		// queue's next publication (the batch ended without one).
+		f := frame(mac, 9, 10)
+		require.NoError(t, s.dev.Deliver(0, f), "the receive queue was released and still delivers")
+		for _, want := range []uint32{1, 2} {
+			_, got := s.recvFrame(0)
+			assert.Equal(t, want, seqOf(got), "the replies before the fault")
+		}
+		_, got := s.recvFrame(0)
+		assert.Equal(t, f, got)
+	})
+}

@@ -813,6 +813,11 @@ func (d *Device) transmit(q *queue, c *vring.Chain, h FrameHandler, oh OffloadHa
 	q.pendFrames++
 	q.pendBytes += uint64(len(frame))
 	if oh != nil {
+		// The built-in Loopback (hold) replying to a frame without a
+		// header, once the batch holds the receive queue: loopReply.
+		if q.tx.hold && hdr == (virtio.NetHdr{}) && d.loopReply(q, frame) {
+			return
+		}
 		oh.HandleOffload(&q.tx, hdr, frame)
 		return
 	}
@@ -1042,19 +1047,84 @@ func (d *Device) deliverTo(rx, from *queue, hdr *virtio.NetHdr, p *gsoPacket, fr
 		return ErrRxNotReady
 	}
 	if err := d.deliverLocked(rx, from, hdr, p, frame); err != nil {
-		if fe, ok := err.(*vring.FaultError); ok {
-			if inSlice(frame, fe.Addr) {
-				// The frame's own memory faulted (a transmit buffer of the
-				// caller's queue), not the receive queue's: it holds the
-				// chains it popped for the next frame, and the fault goes
-				// on to the caller's guard (rx.mu is released on the way).
-				panic(fe)
-			}
-			return d.ringErr(rx, err)
-		}
-		return err
+		return d.deliverFailed(rx, frame, err)
 	}
 	return nil
+}
+
+// deliverFailed handles err, an error writing frame into rx (with rx.mu
+// held): a memory fault breaks rx, unless it is frame's own memory that
+// faulted; other errors are returned as they are.
+func (d *Device) deliverFailed(rx *queue, frame []byte, err error) error {
+	if fe, ok := err.(*vring.FaultError); ok {
+		if inSlice(frame, fe.Addr) {
+			// The frame's own memory faulted (a transmit buffer of the
+			// caller's queue), not the receive queue's: it holds the
+			// chains it popped for the next frame, and the fault goes on
+			// to the caller's guard (rx.mu is released on the way).
+			panic(fe)
+		}
+		return d.ringErr(rx, err)
+	}
+	return err
+}
+
+// loopReply is the built-in Loopback's reply to frame, a frame of q's
+// transmit batch with a zero header, once the batch holds the receive
+// queue the reply goes to. It does what HandleOffload, Tx.Reply, reply,
+// deliverVia and deliverTo do for such a frame, without the five calls
+// and without repeating the checks transmit has just made (the link is
+// up, the frame is at most MaxFrame) or that hold for the whole batch (the
+// handler, the held queue). It reports false, having done nothing, when
+// the batch holds no receive queue yet (its first reply) or the active
+// pairs changed since it took it; the general path then takes the frame.
+//
+// The loop of BenchmarkLoopback (driver side included), alternated with
+// the general path in one binary, took 5-15 % less CPU per frame (medians
+// of three runs: 11 % on split rings, 10 % on packed ones), and testpmd's
+// macswap loopback moved 6-12 % more frames (docs/performance, "Frames in
+// circulation").
+func (d *Device) loopReply(q *queue, frame []byte) bool {
+	t := &q.tx
+	rx := t.held
+	if rx == nil {
+		return false
+	}
+	if p := d.steer(t.pair); p != t.rxPair || d.queues[2*p] != rx {
+		return false
+	}
+	if !d.accept(frame) {
+		d.drops.add(DropFiltered)
+		return true
+	}
+	if rx.dq == nil || rx.loadErr() != nil {
+		d.drops.add(DropRxNotReady)
+		return true
+	}
+	if err := d.replyLocked(rx, q, frame); err != nil {
+		_ = d.deliverFailed(rx, frame, err)
+	}
+	return true
+}
+
+// replyLocked is deliverLocked for loopReply: a reply of from's transmit
+// batch without a header, with rx.mu held.
+func (d *Device) replyLocked(rx, from *queue, frame []byte) (err error) {
+	defer vring.CatchFault(&err)
+	rx.askAhead()
+	rx.vh = virtio.NetHdr{}
+	return d.writeFrame(rx, from, frame)
+}
+
+// askAhead keeps the receive buffers of the replies to come asked for:
+// vring's Prefetch, prefetchAhead chains ahead, every prefetchStride
+// replies. Called with rx.mu held, under a fault guard (it reads the
+// ring).
+func (rx *queue) askAhead() {
+	if rx.replies%prefetchStride == 0 {
+		rx.dq.Prefetch(prefetchAhead)
+	}
+	rx.replies++
 }
 
 // inSlice reports whether host address a lies in b.
@@ -1082,10 +1152,7 @@ func inSlice(b []byte, a uintptr) bool {
 func (d *Device) deliverLocked(rx, from *queue, hdr *virtio.NetHdr, p *gsoPacket, frame []byte) (err error) {
 	defer vring.CatchFault(&err)
 	if from != nil {
-		if rx.replies%prefetchStride == 0 {
-			rx.dq.Prefetch(prefetchAhead)
-		}
-		rx.replies++
+		rx.askAhead()
 	}
 	if from == nil {
 		// A delivery that signals at once publishes what it completed
