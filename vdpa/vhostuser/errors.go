@@ -51,7 +51,10 @@ var (
 	// status (REPLY_ACK) or an empty config reply.
 	ErrReplyFailed = errors.New("vhost-user: back-end reported failure")
 	// ErrUnexpectedReply: a reply for another request, or without the
-	// reply flag.
+	// reply flag (the session breaks: ErrSessionBroken), or a reply whose
+	// content no reply of its type can have (GET_VRING_BASE naming
+	// another queue or a position no queue of its size can be at; the
+	// reply was consumed and the session stays in step).
 	ErrUnexpectedReply = errors.New("vhost-user: unexpected reply")
 	// ErrSessionBroken: a front-end request was interrupted (its context
 	// ended, the socket failed) or answered by a message it did not ask

@@ -488,18 +488,22 @@ func (f *Frontend) exchangeOnce(ctx context.Context, r Request, payload []byte, 
 	if m == nil {
 		return nil, false, nil
 	}
-	if n := len(m.Fds); n > 0 {
-		m.Close() // empties m.Fds: report n
-		return nil, false, msgErr(r, ErrFdCount, "reply carries %d descriptors", n)
-	}
 	if !m.IsReply() || m.Request != r {
 		// Not the answer to r: the back-end sent a message nobody asked
 		// for, and r's reply (if any) is still to come, where it would
 		// be taken for the answer to the next request. The session is
-		// out of step.
+		// out of step, whatever the message carries (checked first, so
+		// that one with descriptors breaks the session too).
+		m.Close()
 		err := msgErr(r, ErrUnexpectedReply, "got %v flags %#x", m.Request, uint32(m.Flags))
 		f.breakSession(c, err)
 		return nil, false, err
+	}
+	if n := len(m.Fds); n > 0 {
+		// r's own reply, with descriptors no reply takes: refused, and
+		// the session stays in step.
+		m.Close() // empties m.Fds: report n
+		return nil, false, msgErr(r, ErrFdCount, "reply carries %d descriptors", n)
 	}
 	if ack {
 		if len(m.Payload) != u64Size {
