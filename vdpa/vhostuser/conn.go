@@ -227,8 +227,10 @@ func (c *conn) write(h Header, payload []byte, fds []int) error {
 func (c *conn) close() error { return c.uc.Close() }
 
 // peerGone reports whether the peer has closed or reset the connection,
-// reading nothing: a non-blocking one-byte MSG_PEEK that finds the end of
-// the stream or ECONNRESET. A message waiting (a reply on its way to a
+// reading nothing: a poll that does not wait, for POLLRDHUP (the peer shut
+// its end: on a Unix stream socket it comes with the close even when
+// bytes it wrote before are still waiting to be read), POLLHUP or POLLERR.
+// Bytes waiting from a peer that is still there (a reply on its way to a
 // reader) or nothing at all is not gone. A connection closed here is.
 func (c *conn) peerGone() bool {
 	rc, err := c.uc.SyscallConn()
@@ -237,9 +239,15 @@ func (c *conn) peerGone() bool {
 	}
 	gone := false
 	cerr := rc.Control(func(fd uintptr) {
-		var b [1]byte
-		n, _, _, _, err := unix.Recvmsg(int(fd), b[:], nil, unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		gone = (err == nil && n == 0) || errors.Is(err, unix.ECONNRESET)
+		p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLRDHUP}}
+		for {
+			_, err := unix.Poll(p, 0)
+			if err == unix.EINTR {
+				continue
+			}
+			gone = err != nil || p[0].Revents&(unix.POLLRDHUP|unix.POLLHUP|unix.POLLERR|unix.POLLNVAL) != 0
+			return
+		}
 	})
 	return gone || cerr != nil
 }

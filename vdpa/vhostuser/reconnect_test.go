@@ -541,3 +541,40 @@ func TestFrontendRequestGivesUpOnCrashLoop(t *testing.T) {
 	assert.Equal(t, int32(3), writes.Load(), "the request went to the first back-end and the two that followed")
 	require.NoError(t, d.fe.Close())
 }
+
+// TestPeerGone: watchPeer's look at the connection. A back-end that is
+// there is not gone, with or without bytes waiting to be read; one that
+// closed its end is gone, also when it wrote something (an acknowledgment
+// nobody asked for) before it exited, which a one-byte peek reads as data
+// (found by a review: the reconnect never started then).
+func TestPeerGone(t *testing.T) {
+	for _, tc := range []struct {
+		name          string
+		queued, close bool
+		want          bool
+	}{
+		{"open, nothing queued", false, false, false},
+		{"open, bytes queued", true, false, false},
+		{"closed, nothing queued", false, true, true},
+		{"closed, bytes queued", true, true, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a, b := socketpair(t)
+			c := newConn(a)
+			if tc.queued {
+				_, err := b.Write([]byte("unread"))
+				require.NoError(t, err)
+			}
+			if tc.close {
+				require.NoError(t, b.Close())
+			}
+			assert.Equal(t, tc.want, c.peerGone())
+		})
+	}
+	t.Run("closed here", func(t *testing.T) {
+		a, _ := socketpair(t)
+		c := newConn(a)
+		require.NoError(t, c.close())
+		assert.True(t, c.peerGone())
+	})
+}
