@@ -509,7 +509,7 @@ func (s *sourceRun) sendDirty(dst *dirty.Bitmap, round dirty.Round) (RoundReport
 }
 
 // regionPiece returns the host bytes of the longest prefix of
-// [addr, addr+n) that lies in one guest-memory region.
+// [addr, addr+n) that lies in one guest-memory region (n > 0).
 func regionPiece(mem *vring.Memory, addr, n uint64) ([]byte, error) {
 	// One byte first: it validates addr (and faults a lazily mapped
 	// region in) before the region table is consulted.
@@ -517,8 +517,8 @@ func regionPiece(mem *vring.Memory, addr, n uint64) ([]byte, error) {
 		return nil, err
 	}
 	for _, r := range mem.Regions() {
-		if b, e := uint64(r.Base()), uint64(r.End()); addr >= b && addr < e {
-			return mem.Slice(vring.GuestAddr(addr), min(n, e-addr))
+		if b, last := uint64(r.Base()), uint64(r.Last()); addr >= b && addr <= last {
+			return mem.Slice(vring.GuestAddr(addr), min(n-1, last-addr)+1) // n > 0; no wrap at the top
 		}
 	}
 	return nil, fmt.Errorf("%w: %#x", vring.ErrOutOfRange, addr)

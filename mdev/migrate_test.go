@@ -68,6 +68,12 @@ func newSideOn(t testing.TB, r *vring.Region, opts *mdev.Options) *side {
 	mem, err := vring.NewMemory(r)
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = mem.Close() })
+	return newSideOnMemory(t, mem, opts)
+}
+
+// newSideOnMemory is newSideWith on guest memory mem.
+func newSideOnMemory(t testing.TB, mem *vring.Memory, opts *mdev.Options) *side {
+	t.Helper()
 	sn, err := softnet.New(nil)
 	require.NoError(t, err)
 	local := vdpa.NewLocal(sn, nil)

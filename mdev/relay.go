@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
@@ -121,11 +122,11 @@ func (r *relay) program(d *Device) error {
 		r.teardown(d)
 	}
 	guest := d.opts.Memory
-	var top uint64
+	var top uint64 // one past guest memory's last byte (at most MaxUint64)
 	for _, g := range guest.Regions() {
-		top = max(top, uint64(g.End()))
+		last := uint64(g.Last())
+		top = max(top, last+min(1, math.MaxUint64-last))
 	}
-	base := (top + shadowAlign - 1) &^ (shadowAlign - 1)
 	var size uint64
 	for i := range d.queues {
 		if d.queues[i].enabled {
@@ -135,6 +136,13 @@ func (r *relay) program(d *Device) error {
 	if size == 0 {
 		size = 4096
 	}
+	// The shadow rings go at the first boundary above guest memory; memory
+	// that reaches the top of the address space leaves no room (a hostile
+	// DMA map can place it there).
+	if top > math.MaxUint64-shadowAlign-size {
+		return fmt.Errorf("mdev: shadow rings: guest memory reaches %#x, no room above it for %d bytes: %w", top, size, vring.ErrOverflow)
+	}
+	base := (top + shadowAlign - 1) &^ (shadowAlign - 1)
 	region, err := vring.NewMemfdRegion(vring.GuestAddr(base), size, &vring.RegionOptions{Name: "mdev-shadow"})
 	if err != nil {
 		return fmt.Errorf("mdev: shadow rings: %w", err)

@@ -90,14 +90,18 @@ func (r *Region) Base() GuestAddr { return r.base }
 // Size is the region's length in bytes.
 func (r *Region) Size() uint64 { return uint64(len(r.mem)) }
 
-// End is the guest address one past the region's last byte (it may be 0
-// when the region ends at the top of the address space).
+// End is the guest address one past the region's last byte (it is 0
+// when the region ends at the top of the address space: see Last).
 func (r *Region) End() GuestAddr { return r.base + GuestAddr(len(r.mem)) }
 
 // last is the guest address of the region's last byte (regions are never
 // empty, and their constructors refuse ranges past the top of the address
 // space).
 func (r *Region) last() GuestAddr { return r.base + GuestAddr(len(r.mem)-1) }
+
+// Last is the guest address of the region's last byte. Unlike End, it
+// never wraps: use it to compare a region's extent with an address.
+func (r *Region) Last() GuestAddr { return r.last() }
 
 // Bytes returns the region's memory. Writes through it are not logged.
 func (r *Region) Bytes() []byte { return r.mem }

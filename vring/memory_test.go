@@ -120,6 +120,9 @@ func TestMemoryRejectsBadRegions(t *testing.T) {
 	s, err := mem.Slice(^GuestAddr(0), 1)
 	require.NoError(t, err)
 	assert.Len(t, s, 1)
+	assert.Equal(t, GuestAddr(0), top.End(), "End wraps at the top")
+	assert.Equal(t, ^GuestAddr(0), top.Last(), "Last does not")
+	assert.Equal(t, GuestAddr(0x1fff), a.Last())
 }
 
 // TestMappedRegionSizeBounds: NewMemfdRegion and NewFdRegion (whose size

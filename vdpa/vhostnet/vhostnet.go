@@ -630,7 +630,7 @@ func (d *Device) SetLog(log *dirty.Bitmap) error {
 		}
 		if d.mem != nil {
 			for _, r := range d.mem.Regions() {
-				if uint64(r.End()) > log.Span() {
+				if uint64(r.Last()) >= log.Span() {
 					return fmt.Errorf("%w: span %#x does not cover %v", ErrLog, log.Span(), r)
 				}
 			}

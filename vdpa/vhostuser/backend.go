@@ -1105,15 +1105,21 @@ func (s *session) ringLog() (*dirty.Bitmap, error) {
 }
 
 // memSpan is the end of the highest guest-physical region of the memory
-// table: the span a log for this memory must cover.
+// table: the span a log for this memory must cover. A region that ends at
+// the top of the address space gives the largest span there is, which no
+// log can cover (dirty.New refuses it), rather than one that wraps to 0.
 func (s *session) memSpan() uint64 {
-	var end uint64
+	var last uint64
+	any := false
 	if s.mem != nil && s.mem.mem != nil {
 		for _, r := range s.mem.mem.Regions() {
-			end = max(end, uint64(r.End()))
+			last, any = max(last, uint64(r.Last())), true
 		}
 	}
-	return max(end, 1)
+	if !any {
+		return 1
+	}
+	return last + min(1, math.MaxUint64-last)
 }
 
 // mergePending ORs the pending bitmap into the front-end's log and drops
