@@ -441,3 +441,54 @@ func TestFailedRestartSendsHeldNotification(t *testing.T) {
 	assert.EqualValues(t, 1, n, "the driver was told of NEEDS_RESET")
 	assert.NotZero(t, d.Status()&sNR)
 }
+
+// TestMigrateRingLayoutTheDriverWrote: a guest driver can leave queue
+// registers holding a layout no ring can have (a misaligned descriptor
+// table, enabled) without DRIVER_OK, or with a DRIVER_OK the device
+// refused for it (NEEDS_RESET). The state migrates as it is, where the
+// stream's validation used to refuse it and so let a guest make its VM
+// impossible to migrate (found by a review); the destination refuses the
+// layout when the driver sets DRIVER_OK there, as the source does, or
+// stays in NEEDS_RESET.
+func TestMigrateRingLayoutTheDriverWrote(t *testing.T) {
+	const sFOK = virtio.StatusAcknowledge | virtio.StatusDriver | virtio.StatusFeaturesOK
+	for _, driverOK := range []bool{false, true} {
+		t.Run(fmt.Sprintf("DRIVER_OK %v", driverOK), func(t *testing.T) {
+			src := newTestDevice(t, newFakeBacking(), nil)
+			g := driver{t, src}
+			g.setStatus(virtio.StatusAcknowledge)
+			g.setStatus(virtio.StatusAcknowledge | virtio.StatusDriver)
+			g.writeFeatures(netFeatures)
+			g.setStatus(sFOK)
+			g.w(OffQueueSelect, 2, 0)
+			g.w(OffQueueDesc, 8, 0x10001)
+			g.w(OffQueueEnable, 2, 1)
+			if driverOK {
+				g.setStatus(sFOK | virtio.StatusDriverOK)
+				require.NotZero(t, g.status()&virtio.StatusDeviceNeedsReset, "the source refuses the layout")
+			}
+			for _, s := range []MigState{MigStop, MigStopCopy} {
+				require.NoError(t, src.SetMigrationState(s), "a guest's registers cannot stop its migration")
+			}
+			b, err := src.SaveState()
+			require.NoError(t, err)
+
+			dst := newTestDevice(t, newFakeBacking(), nil)
+			require.NoError(t, dst.SetMigrationState(MigStop))
+			require.NoError(t, dst.SetMigrationState(MigResuming))
+			require.NoError(t, dst.LoadState(b))
+			require.NoError(t, dst.SetMigrationState(MigStop))
+			require.NoError(t, dst.SetMigrationState(MigRunning))
+			q := dst.State().Queues[0]
+			assert.True(t, q.Enabled)
+			assert.Equal(t, uint64(0x10001), q.Desc, "the registers moved as they were")
+			h := driver{t, dst}
+			if !driverOK {
+				assert.Zero(t, h.status()&virtio.StatusDeviceNeedsReset)
+				h.setStatus(sFOK | virtio.StatusDriverOK)
+				assert.ErrorIs(t, dst.Err(), ErrQueueLayout)
+			}
+			assert.NotZero(t, h.status()&virtio.StatusDeviceNeedsReset, "the destination refuses the layout")
+		})
+	}
+}

@@ -340,6 +340,15 @@ func (s *State) Validate() error {
 		return stateErr(ErrStateInvalid, "isr %#x", s.ISR)
 	}
 	packed := s.DriverFeatures.Has(virtio.FRingPacked)
+	// The ring layout rules (§2.7, §2.8) hold once the device runs:
+	// DRIVER_OK without NEEDS_RESET means the device checked the layout
+	// when the driver set DRIVER_OK (goLive). Before that, or after a
+	// DRIVER_OK refused for its layout (NEEDS_RESET), the registers hold
+	// whatever the driver wrote, and the state moves as it is: the
+	// destination checks the layout when the driver sets DRIVER_OK there,
+	// as the source does. Refusing such a state would let a guest make
+	// its VM impossible to migrate.
+	live := st&virtio.StatusDriverOK != 0 && st&virtio.StatusDeviceNeedsReset == 0
 	for i, q := range s.Queues {
 		// §2.7: a split ring's size is a power of two; §2.8: a packed
 		// ring's any size from 1. A disabled queue may hold size 0.
@@ -350,12 +359,14 @@ func (s *State) Validate() error {
 		if !q.Enabled {
 			continue
 		}
-		sizes, aligns := ringAreas(q.Size, s.DriverFeatures)
-		if q.Desc%aligns[0] != 0 || q.Driver%aligns[1] != 0 || q.Device%aligns[2] != 0 {
-			return stateErr(ErrStateInvalid, "queue %d ring addresses misaligned", i)
-		}
-		if q.Desc+sizes[0] < q.Desc || q.Driver+sizes[1] < q.Driver || q.Device+sizes[2] < q.Device {
-			return stateErr(ErrStateInvalid, "queue %d ring addresses overflow", i)
+		if live {
+			sizes, aligns := ringAreas(q.Size, s.DriverFeatures)
+			if q.Desc%aligns[0] != 0 || q.Driver%aligns[1] != 0 || q.Device%aligns[2] != 0 {
+				return stateErr(ErrStateInvalid, "queue %d ring addresses misaligned", i)
+			}
+			if q.Desc+sizes[0] < q.Desc || q.Driver+sizes[1] < q.Driver || q.Device+sizes[2] < q.Device {
+				return stateErr(ErrStateInvalid, "queue %d ring addresses overflow", i)
+			}
 		}
 		// The device cannot have used more than it took.
 		if packed {
