@@ -248,8 +248,31 @@ func (d *Device) readBases() ([]vring.QueueState, error) {
 // restart resumes the data path after quiesce, from the recorded queue
 // positions.
 func (d *Device) restart() error {
-	if d.live || d.status&virtio.StatusDriverOK == 0 || d.status&(virtio.StatusDeviceNeedsReset|virtio.StatusFailed) != 0 {
+	if !d.restartGoesLive() {
 		return nil
 	}
 	return d.goLive()
+}
+
+// restartGoesLive reports whether restart would start the data path.
+func (d *Device) restartGoesLive() bool {
+	return !d.live && d.status&virtio.StatusDriverOK != 0 && d.status&(virtio.StatusDeviceNeedsReset|virtio.StatusFailed) == 0
+}
+
+// CheckRings makes the check a restart of the data path makes first (the
+// one DRIVER_OK makes: every enabled queue's rings lie in guest memory,
+// laid out as their format requires) without restarting anything. It
+// returns nil when the check passes or when a restart would not start the
+// data path (no DRIVER_OK, NEEDS_RESET, or already live); otherwise the
+// error the restart would fail with (matching ErrQueueLayout or
+// ErrNoMemory). A VMM that stopped the device to unmap guest memory can so
+// wait until the rings are mapped again before it returns the device to
+// RUNNING, where a restart now would put it in ERROR.
+func (d *Device) CheckRings() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if !d.restartGoesLive() {
+		return nil
+	}
+	return d.checkQueues()
 }

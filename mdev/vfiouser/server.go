@@ -599,7 +599,11 @@ func (s *Server) pause() (stopped, failed bool) {
 }
 
 // resume restarts a data path pause stopped, in the state the client set,
-// once guest memory is mapped.
+// once the guest memory the rings lie in is mapped. Until then (the client
+// unmapped the window holding them and has not mapped it back) the device
+// stays stopped: a restart would fail its ring check and leave the device
+// in ERROR for good. resume runs again on the client's next map, region
+// access, interrupt setup or reset.
 func (s *Server) resume() {
 	s.migMu.Lock()
 	defer s.migMu.Unlock()
@@ -610,6 +614,10 @@ func (s *Server) resume() {
 	n := len(s.dma.maps)
 	s.mu.Unlock()
 	if n == 0 {
+		return
+	}
+	if err := s.dev.CheckRings(); err != nil {
+		s.log.Debug("vfio-user: data path stays stopped until its rings are mapped", "err", err)
 		return
 	}
 	s.mig.paused = false

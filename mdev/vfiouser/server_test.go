@@ -63,6 +63,9 @@ func newRigTB(t testing.TB, sopts *softnet.Options) *rig {
 		t.Cleanup(func() { _ = l.Close() })
 		backing = l
 	}
+	if wrapBacking != nil {
+		backing = wrapBacking(backing)
+	}
 	r.srv, err = vfiouser.New(backing, &vfiouser.Options{Device: mdev.Options{Backend: kind}})
 	require.NoError(t, err)
 	r.path = filepath.Join(t.TempDir(), "vfu.sock")
@@ -138,6 +141,9 @@ func softnetCounts(sn *softnet.Device) (tx, rx uint64) {
 // vhostUserBacking makes newRig put a vhost-user back-end (softnet behind
 // vhostuser.Backend, reached through vhostuser.Frontend) behind the server.
 var vhostUserBacking bool
+
+// wrapBacking, when set, wraps the backing device newRig gives the server.
+var wrapBacking func(vdpa.Device) vdpa.Device
 
 func vhostUserFrontend(t testing.TB, sn *softnet.Device) vdpa.Device {
 	var bo *vhostuser.BackendOptions

@@ -358,6 +358,16 @@ func (ss *session) handleDMAMap(p []byte) error {
 		}
 	}
 	mp := &mapping{addr: m.Address, size: m.Size, flags: m.Flags, mem: mem, fdOffset: m.Offset}
+	if mp.mem != nil && s.dev.DataPathActive() {
+		// A backing device took the memory table when its data path
+		// started (vhost-user, vhost-vdpa, vhost-net), and the shadow
+		// relay placed its rings above the memory there was: a window
+		// mapped while it runs would reach neither. The data path stops
+		// for the map and restarts with the new table, as for an unmap.
+		// One that cannot be stopped (ERROR) keeps running without it.
+		s.pause()
+	}
+	defer s.resume()
 	if err := locked(func() error {
 		if err := check(); err != nil {
 			return err
