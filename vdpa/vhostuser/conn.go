@@ -226,28 +226,52 @@ func (c *conn) write(h Header, payload []byte, fds []int) error {
 
 func (c *conn) close() error { return c.uc.Close() }
 
-// peerGone reports whether the peer has closed or reset the connection,
-// reading nothing: a poll that does not wait, for POLLRDHUP (the peer shut
-// its end: on a Unix stream socket it comes with the close even when
-// bytes it wrote before are still waiting to be read), POLLHUP or POLLERR.
-// Bytes waiting from a peer that is still there (a reply on its way to a
-// reader) or nothing at all is not gone. A connection closed here is.
-func (c *conn) peerGone() bool {
+// peerState is what peerGone finds.
+type peerState int
+
+const (
+	peerThere      peerState = iota // open, or nothing could be told
+	peerGoneEmpty                   // closed or reset, nothing left to read
+	peerGoneUnread                  // closed, bytes it sent before still unread
+)
+
+// peerGone tells whether the peer has closed or reset the connection,
+// reading nothing: a poll that does not wait, for POLLRDHUP and POLLHUP
+// (on a Unix stream socket they come with the peer's close even while
+// bytes it wrote before are still waiting, which SIOCINQ counts) and
+// POLLERR. A peer that is there, with bytes waiting or not, is there; so
+// is a poll that fails. A connection closed here is gone.
+func (c *conn) peerGone() peerState {
 	rc, err := c.uc.SyscallConn()
 	if err != nil {
-		return true
+		return peerGoneEmpty
 	}
-	gone := false
+	st := peerThere
 	cerr := rc.Control(func(fd uintptr) {
-		p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLRDHUP}}
+		p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN | unix.POLLRDHUP}}
 		for {
 			_, err := unix.Poll(p, 0)
 			if err == unix.EINTR {
 				continue
 			}
-			gone = err != nil || p[0].Revents&(unix.POLLRDHUP|unix.POLLHUP|unix.POLLERR|unix.POLLNVAL) != 0
+			ev := p[0].Revents
+			switch {
+			case err != nil:
+			case ev&(unix.POLLERR|unix.POLLNVAL) != 0:
+				st = peerGoneEmpty
+			case ev&(unix.POLLRDHUP|unix.POLLHUP) != 0:
+				// POLLIN comes with the end of the stream too: the bytes
+				// queued tell.
+				st = peerGoneEmpty
+				if n, err := unix.IoctlGetInt(int(fd), unix.SIOCINQ); err == nil && n > 0 {
+					st = peerGoneUnread
+				}
+			}
 			return
 		}
 	})
-	return gone || cerr != nil
+	if cerr != nil {
+		return peerGoneEmpty
+	}
+	return st
 }

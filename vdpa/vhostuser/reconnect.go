@@ -489,12 +489,35 @@ func (f *Frontend) watchPeer(every time.Duration) {
 			return
 		case <-t.C:
 		}
-		if f.broken.Load() != nil {
-			continue // reconnecting, or given up
+		f.checkPeer()
+	}
+}
+
+// checkPeer is one look of watchPeer: it breaks the session when the
+// back-end has gone, unless a request on the socket has bytes the
+// back-end sent before it went still to read (its own read then meets
+// the end of the stream).
+func (f *Frontend) checkPeer() {
+	if f.broken.Load() != nil {
+		return // reconnecting, or given up
+	}
+	c := f.conn()
+	switch c.peerGone() {
+	case peerThere:
+		return
+	case peerGoneUnread:
+		// A reply a request on the socket is about to read, or, with no
+		// request there (the turn is free), bytes nobody asked for and
+		// nobody will read.
+		select {
+		case f.turn <- struct{}{}:
+			f.release()
+		default:
+			return // a request holds the turn: its read decides
 		}
-		// breakSession ignores c if a reconnect replaced it meanwhile.
-		if c := f.conn(); c.peerGone() && !isClosed(f.done) {
-			f.breakSession(c, errPeerGone)
-		}
+	}
+	// breakSession ignores c if a reconnect replaced it meanwhile.
+	if !isClosed(f.done) {
+		f.breakSession(c, errPeerGone)
 	}
 }

@@ -543,20 +543,21 @@ func TestFrontendRequestGivesUpOnCrashLoop(t *testing.T) {
 }
 
 // TestPeerGone: watchPeer's look at the connection. A back-end that is
-// there is not gone, with or without bytes waiting to be read; one that
-// closed its end is gone, also when it wrote something (an acknowledgment
-// nobody asked for) before it exited, which a one-byte peek reads as data
-// (found by a review: the reconnect never started then).
+// there is there, with or without bytes waiting to be read; one that
+// closed its end is gone, and told apart when it wrote something before
+// it exited (a reply a request is about to read, or an acknowledgment
+// nobody asked for), which a one-byte peek took for a live peer (found by
+// a review: the reconnect never started then).
 func TestPeerGone(t *testing.T) {
 	for _, tc := range []struct {
 		name          string
 		queued, close bool
-		want          bool
+		want          peerState
 	}{
-		{"open, nothing queued", false, false, false},
-		{"open, bytes queued", true, false, false},
-		{"closed, nothing queued", false, true, true},
-		{"closed, bytes queued", true, true, true},
+		{"open, nothing queued", false, false, peerThere},
+		{"open, bytes queued", true, false, peerThere},
+		{"closed, nothing queued", false, true, peerGoneEmpty},
+		{"closed, bytes queued", true, true, peerGoneUnread},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			a, b := socketpair(t)
@@ -575,6 +576,50 @@ func TestPeerGone(t *testing.T) {
 		a, _ := socketpair(t)
 		c := newConn(a)
 		require.NoError(t, c.close())
-		assert.True(t, c.peerGone())
+		assert.Equal(t, peerGoneEmpty, c.peerGone())
 	})
+}
+
+// TestCheckPeer: watchPeer's decision. A back-end that went is a broken
+// session, unless it left bytes behind for a request on the socket (the
+// turn held) to read: that request's read meets the end of the stream
+// itself, after taking its reply, which a break here would have lost (a
+// GET_VRING_BASE answer, say). Bytes left with no request on the socket
+// are nobody's: the session breaks.
+func TestCheckPeer(t *testing.T) {
+	for _, tc := range []struct {
+		name                   string
+		queued, close, holding bool
+		broken                 bool
+	}{
+		{"there", false, false, false, false},
+		{"there, a reply on its way to a request", true, false, true, false},
+		{"gone", false, true, false, true},
+		{"gone during a request, nothing left", false, true, true, true},
+		{"gone, a reply left for the request reading it", true, true, true, false},
+		{"gone, bytes nobody asked for", true, true, false, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a, b := socketpair(t)
+			f := &Frontend{turn: make(chan struct{}, 1), done: make(chan struct{})}
+			f.cc.Store(newConn(a))
+			if tc.queued {
+				_, err := b.Write([]byte("a reply"))
+				require.NoError(t, err)
+			}
+			if tc.close {
+				require.NoError(t, b.Close())
+			}
+			if tc.holding {
+				f.turn <- struct{}{}
+			}
+			f.checkPeer()
+			assert.Equal(t, tc.broken, f.broken.Load() != nil)
+			if tc.holding {
+				assert.Len(t, f.turn, 1, "the request's turn is left alone")
+			} else {
+				assert.Empty(t, f.turn, "a turn taken to look is given back")
+			}
+		})
+	}
 }
