@@ -102,9 +102,17 @@ func TestDMAUnmapOfTheRingsWaitsForTheirReturn(t *testing.T) {
 	_, err = d.ReadISR(ctx) // a region access: still no rings
 	require.NoError(t, err)
 	assert.Equal(t, mdev.MigStop, dev.MigrationState())
+	// A migration's first step (QEMU sets RUNNING_P2P) waits the same way.
+	require.NoError(t, c.SetMigState(ctx, uint32(mdev.MigRunningP2P)))
+	assert.Equal(t, mdev.MigStop, dev.MigrationState())
+	assert.Zero(t, dev.Status()&virtio.StatusDeviceNeedsReset, "%v", dev.Err())
+	st, err := c.MigState(ctx)
+	require.NoError(t, err)
+	assert.Equal(t, uint32(mdev.MigRunningP2P), st, "what the client set")
 
 	require.NoError(t, c.DMAMap(ctx, 0, vfiousertest.GuestMemSize, d.Region.Fd(), 0))
-	assert.Equal(t, mdev.MigRunning, dev.MigrationState(), "restarted with its rings back")
+	assert.Equal(t, mdev.MigRunningP2P, dev.MigrationState(), "restarted with its rings back, in the state the client set")
+	require.NoError(t, c.SetMigState(ctx, uint32(mdev.MigRunning)))
 	require.NoError(t, dev.CheckRings())
 	require.NoError(t, d.SendFrames(fs[20:]))
 	require.NoError(t, d.Receive(ctx, 40, nil))

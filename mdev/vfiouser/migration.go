@@ -136,9 +136,9 @@ func (s *Server) deviceFeature(f DeviceFeature) ([]byte, error) {
 // written state when leaving RESUMING and capturing it on entering
 // STOP_COPY. Setting the state the client sees again changes nothing.
 // While the server holds the data path paused (the device in STOP), a
-// running target only changes what the client sees unless guest memory is
-// mapped again, in which case the device walks from STOP to it; any other
-// target ends the pause.
+// running target only changes what the client sees unless the guest
+// memory the rings lie in is mapped again, in which case the device walks
+// from STOP to it; any other target ends the pause.
 func (s *Server) setMigState(target mdev.MigState) error {
 	if target == mdev.MigError || target > mdev.MigPreCopyP2P {
 		return featureErr(unix.EINVAL, "device state %d", uint32(target))
@@ -156,7 +156,11 @@ func (s *Server) setMigState(target mdev.MigState) error {
 		s.mu.Lock()
 		mapped := len(s.dma.maps) > 0
 		s.mu.Unlock()
-		if runningState(target) && !mapped {
+		// A running target waits, as resume does, until the memory
+		// holding the rings is mapped: the walk would restart the data
+		// path, and a restart whose ring check fails leaves the device
+		// in ERROR.
+		if runningState(target) && (!mapped || s.dev.CheckRings() != nil) {
 			s.mig.client = target
 			return nil
 		}
