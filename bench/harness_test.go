@@ -307,14 +307,14 @@ func TestParseArgs(t *testing.T) {
 	require.NoError(t, err)
 	assert.Empty(t, cfg.Peers)
 
-	cfg, err = parseArgs([]string{"peers", "-loopback-frames", "16,64,512"}, io.Discard)
+	cfg, err = parseArgs([]string{"peers", "-loopback-frames", "16,64,256"}, io.Discard)
 	require.NoError(t, err)
-	assert.Equal(t, []int{16, 64, 512}, cfg.LoopbackFrames)
+	assert.Equal(t, []int{16, 64, 256}, cfg.LoopbackFrames)
 
 	for _, bad := range [][]string{
 		{"bogus"}, {"-ring-size", "300"}, {"-batches", "0"}, {"-batches", "512"}, {"-peers", "qemu"},
 		{"-scan-sizes", "1XB"}, {"-dirty-rates", "-5"}, {"-duration", "0s"}, {"-peer-rounds", "0"},
-		{"-queue-pairs", "0"}, {"-queue-pairs", "9"}, {"-loopback-frames", "0"}, {"-loopback-frames", "513"}, {"-loopback-frames", "x"},
+		{"-queue-pairs", "0"}, {"-queue-pairs", "9"}, {"-loopback-frames", "0"}, {"-loopback-frames", "257"}, {"-loopback-frames", "x"}, {"-loopback-frames", "32,64,32"},
 		{"-scale-devices", "0"}, {"-scale-sessions", "40000"}, {"-scale-pairs", "x"}, {"-scale-rx-buffers", "0"},
 	} {
 		_, err := parseArgs(bad, io.Discard)

@@ -25,6 +25,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -239,7 +240,7 @@ func parseArgs(args []string, stderr io.Writer) (*Config, error) {
 	fs.IntVar(&cfg.GuestCPU, "guest-cpu", min(1, runtime.NumCPU()-1), "CPU for the driver (guest) side of cross-thread benchmarks")
 	fs.IntVar(&cfg.PeerRounds, "peer-rounds", 5, "interleaved rounds of each peer comparison (median and range reported)")
 	qps := fs.String("queue-pairs", "1,2", "queue pairs for the DPDK testpmd comparisons")
-	lbFrames := fs.String("loopback-frames", "32", "DPDK testpmd macswap loopback: frames in circulation per queue pair (testpmd's --burst, which --tx-first sends once; 32 is testpmd's default); several values run the loopback once for each")
+	lbFrames := fs.String("loopback-frames", "32", "DPDK testpmd macswap loopback: frames in circulation per queue pair, 1..256 (testpmd's --burst, which --tx-first sends once; 32 is testpmd's default); several values run the loopback once for each")
 	fs.BoolVar(&cfg.VhostPollGroup, "vhost-poll-group", false, "DPDK comparisons: the vdpakit back-end polls all its queues on one softnet.PollGroup worker (as net_vhost's one lcore does) instead of a goroutine per queue")
 	scaleDevs := fs.String("scale-devices", "1,64,1024,4096", "scale: softnet device counts")
 	scaleSess := fs.String("scale-sessions", "1,64,512,2048", "scale: vhost-user session counts")
@@ -346,10 +347,16 @@ func parseArgs(args []string, stderr io.Writer) (*Config, error) {
 	if cfg.LoopbackFrames, err = parseInts(*lbFrames); err != nil {
 		return nil, fmt.Errorf("-loopback-frames: %w", err)
 	}
-	for _, n := range cfg.LoopbackFrames {
-		// testpmd's own bounds for --burst (MAX_PKT_BURST).
-		if n < 1 || n > 512 {
-			return nil, fmt.Errorf("-loopback-frames: %d outside testpmd's burst range 1..512", n)
+	for i, n := range cfg.LoopbackFrames {
+		// No more than the front-end's ring holds (virtio-user's default
+		// queue_size, 256; testpmd's --burst itself goes to 512): a
+		// larger burst is not all sent, and the count recorded would be
+		// wrong.
+		if n < 1 || n > 256 {
+			return nil, fmt.Errorf("-loopback-frames: %d outside 1..256 (the front-end's ring)", n)
+		}
+		if slices.Contains(cfg.LoopbackFrames[:i], n) {
+			return nil, fmt.Errorf("-loopback-frames: %d twice", n)
 		}
 	}
 	for _, sc := range []struct {
