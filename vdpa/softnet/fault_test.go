@@ -1,6 +1,7 @@
 package softnet_test
 
 import (
+	"fmt"
 	"testing"
 	"time"
 
@@ -154,9 +155,19 @@ func TestTruncatedForwardedFrameBreaksSender(t *testing.T) {
 // only, with the receive queue (held by the batch when the fault came)
 // unlocked and still delivering.
 func TestLoopbackFaultsMidBatch(t *testing.T) {
+	for _, mrg := range []bool{true, false} {
+		t.Run(fmt.Sprintf("MRG_RXBUF %v", mrg), func(t *testing.T) { loopbackFaultsMidBatch(t, mrg) })
+	}
+}
+
+func loopbackFaultsMidBatch(t *testing.T, mrg bool) {
 	const slot = 2048
+	feat := base
+	if mrg {
+		feat = feat.With(virtio.NetFMrgRxbuf)
+	}
 	t.Run("receive buffer", func(t *testing.T) {
-		s := newStack(t, stackOptions{features: base.With(virtio.NetFMrgRxbuf), peerFiles: true, slot: slot})
+		s := newStack(t, stackOptions{features: feat, peerFiles: true, slot: slot})
 		mac := s.dev.MAC()
 		// A new driver hands out its buffer slots in ascending address
 		// order: the receive buffers from the third on (slot 2) are gone.
@@ -174,7 +185,7 @@ func TestLoopbackFaultsMidBatch(t *testing.T) {
 		assert.Equal(t, uint64(5), s.dev.Stats().Queues[1].Frames)
 	})
 	t.Run("transmit frame", func(t *testing.T) {
-		s := newStack(t, stackOptions{features: base.With(virtio.NetFMrgRxbuf), peerFiles: true, slot: slot})
+		s := newStack(t, stackOptions{features: feat, peerFiles: true, slot: slot})
 		mac := s.dev.MAC()
 		s.postRx(0, 16, slot)
 		// Written into slots 0, 1, ... (a new driver's ascending order);
