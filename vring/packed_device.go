@@ -49,7 +49,11 @@ type packedDevice struct {
 	// takes every chain it added before that id as used), so the used
 	// position moves past them then.
 	lost uint16
-	_    [64]byte
+	// adopted counts the chains AdoptInFlight declared that are still in
+	// flight. With IN_ORDER, while both these and lost descriptors are in
+	// flight, no push can say which come first: a push then fails.
+	adopted uint16
+	_       [64]byte
 }
 
 // packedID is what the device knows of a buffer id.
@@ -57,6 +61,7 @@ type packedID struct {
 	writable uint64 // the chain's writable bytes
 	ndesc    uint16 // ring descriptors of the chain
 	inflight bool
+	adopted  bool // declared by AdoptInFlight
 }
 
 func setWrapBits(avail, used bool) (availBits, usedBits uint16) {
@@ -122,6 +127,7 @@ func (q *DeviceQueue) packedReset(st QueueState) {
 	// only (the ring no longer tells which ids they were once the device
 	// completed chains out of order): see packedDevice.lost.
 	p.lost = n
+	p.adopted = 0
 	clear(p.ids)
 	p.popSeq = 0
 	p.pfSeq = 0 // not current: pfSeq == popSeq
@@ -726,6 +732,14 @@ chains:
 // so its used descriptor always carries WRITE. It fails (without breaking
 // the queue) on a split queue, for an id out of range or in flight, and
 // for more descriptors than the restored state has in flight unadopted.
+//
+// With VIRTIO_F_IN_ORDER a used descriptor also stands for every chain
+// the driver made available before it, and the restored state does not
+// say where an adopted chain lies among the others in flight: adopt every
+// one of them before pushing anything (oldest first, and push them in
+// that order). While some are adopted and others are not, a push fails
+// with ErrNotInFlight, where it would otherwise move the used position
+// past chains the driver does not count as used.
 func (q *DeviceQueue) AdoptInFlight(id, descs uint16) error {
 	p := q.pk
 	if p == nil {
@@ -739,7 +753,8 @@ func (q *DeviceQueue) AdoptInFlight(id, descs uint16) error {
 			ErrNotInFlight, q.index, id, descs, p.lost)
 	}
 	p.lost -= descs
-	p.ids[id] = packedID{writable: ^uint64(0), ndesc: descs, inflight: true}
+	p.ids[id] = packedID{writable: ^uint64(0), ndesc: descs, inflight: true, adopted: true}
+	p.adopted++
 	p.popSeq++
 	return nil
 }
@@ -749,10 +764,20 @@ func (p *packedDevice) pushable(id uint16) bool {
 	return int(id) < len(p.ids) && p.ids[id].inflight
 }
 
+// unordered reports whether a push cannot tell where it stands among the
+// chains in flight at a restore (see adopted).
+func (p *packedDevice) unordered() bool {
+	return p.lost != 0 && p.adopted != 0 && p.inOrder
+}
+
 //go:noinline
 func (q *DeviceQueue) packedPushErr(id uint16) error {
 	if q.err != nil {
 		return q.err
+	}
+	if p := q.pk; p.unordered() {
+		return fmt.Errorf("%w: queue %d buffer id %d: IN_ORDER, restored with %d chains adopted and %d descriptors in flight not adopted, whose order is unknown (AdoptInFlight every chain restored in flight first)",
+			ErrNotInFlight, q.index, id, p.adopted, p.lost)
 	}
 	if q.pk.lost != 0 && int(id) < len(q.pk.ids) {
 		return fmt.Errorf("%w: queue %d buffer id %d (restored with chains in flight whose ids are unknown)", ErrNotInFlight, q.index, id)
@@ -766,6 +791,10 @@ func (q *DeviceQueue) packedPushErr(id uint16) error {
 func (p *packedDevice) release(id uint16) (at uint16, bits uint16, n uint16) {
 	e := &p.ids[id]
 	e.inflight = false
+	if e.adopted {
+		e.adopted = false
+		p.adopted--
+	}
 	at, bits = p.nextUsed, p.usedBits
 	n = e.ndesc
 	if p.inOrder && p.lost != 0 {
@@ -798,7 +827,7 @@ func usedFlags(bits uint16, written uint32, writable uint64) uint16 {
 
 func (q *DeviceQueue) packedPush(id uint16, written uint32) error {
 	p := q.pk
-	if q.err != nil || !p.pushable(id) {
+	if q.err != nil || !p.pushable(id) || p.unordered() {
 		return q.packedPushErr(id)
 	}
 	writable := p.ids[id].writable
@@ -845,6 +874,9 @@ func (q *DeviceQueue) packedPushBatch(elems []UsedElem) error {
 		return nil
 	}
 	p := q.pk
+	if p.unordered() {
+		return q.packedPushErr(elems[0].Head)
+	}
 	// Check everything first: nothing is written unless every element is
 	// a distinct buffer id in flight. The check takes each id out of
 	// flight (a repeated id then fails) and puts them back on failure.
@@ -885,6 +917,10 @@ func (q *DeviceQueue) packedWriteUsed(elems []UsedElem) error {
 		ent := &ids[e.Head]
 		if pos >= size { // never; lets the compiler drop the bounds check below
 			break
+		}
+		if ent.adopted {
+			ent.adopted = false
+			p.adopted--
 		}
 		d := &descs[pos]
 		w := uint32(e.Head) | uint32(usedFlags(bits, e.Len, ent.writable))<<16

@@ -425,6 +425,60 @@ func TestPackedSaveRestore(t *testing.T) {
 	}
 }
 
+// TestPackedInOrderPartialAdoption: with IN_ORDER, a used descriptor
+// stands for every chain made available before it, and a restored queue
+// does not know where an adopted chain lies among its chains in flight.
+// While some are adopted and others not, a push fails (ErrNotInFlight,
+// the queue unbroken): it used to write the adopted chain's used
+// descriptor covering the unadopted ones after it too, moving the used
+// position past chains the driver did not count as used, and the queue
+// went dead (found by a review). Once every chain is adopted, they are
+// pushed in order and the driver reclaims all.
+func TestPackedInOrderPartialAdoption(t *testing.T) {
+	for _, batch := range []bool{false, true} {
+		t.Run(fmt.Sprint("batch=", batch), func(t *testing.T) {
+			f := virtio.Features(0).With(virtio.FInOrder)
+			mem, drv, dev := newPackedPair(t, 6, f)
+			a := addN(t, drv, 2, 8)
+			b := addN(t, drv, 1, 8)
+			drv.Publish()
+			require.Len(t, popAll(t, dev), 2)
+			dev2, err := NewDeviceQueue(mem, DeviceQueueOptions{Layout: dev.Layout(), Features: f.With(virtio.FRingPacked), State: dev.State()})
+			require.NoError(t, err)
+			require.NoError(t, dev2.AdoptInFlight(a, 2))
+			c := addN(t, drv, 2, 8)
+			drv.Publish()
+			got := popAll(t, dev2)
+			require.Len(t, got, 1)
+			require.Equal(t, c, got[0].Head)
+			push := func(id uint16, n uint32) error {
+				if batch {
+					return dev2.PushBatch([]UsedElem{{id, n}})
+				}
+				return dev2.Push(id, n)
+			}
+			for _, id := range []uint16{a, c} {
+				require.ErrorIs(t, push(id, 1), ErrNotInFlight, "b's place among them is unknown")
+			}
+			require.NoError(t, dev2.Err(), "the queue is not broken")
+			require.NoError(t, dev2.AdoptInFlight(b, 1))
+			for i, id := range []uint16{a, b, c} {
+				require.NoError(t, push(id, uint32(i+2)))
+			}
+			for i, want := range []uint16{a, b, c} {
+				id, n, ok, err := drv.Reclaim()
+				require.NoError(t, err)
+				require.True(t, ok)
+				require.Equal(t, want, id)
+				require.Equal(t, uint32(i+2), n)
+			}
+			st := dev2.State()
+			assert.Equal(t, st.NextAvail, st.NextUsed)
+			assert.Zero(t, drv.Outstanding())
+		})
+	}
+}
+
 // With IN_ORDER a restored queue need not adopt its chains in flight: the
 // first used descriptor the device writes, through Push or PushBatch,
 // covers them (the driver counts them as used completely).
