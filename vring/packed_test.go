@@ -410,19 +410,42 @@ func TestPackedSaveRestore(t *testing.T) {
 			require.NoError(t, dev2.Push(a, 2))
 			require.NoError(t, dev2.Push(b, 3))
 			require.NoError(t, dev2.Push(c, 4))
-			for i, want := range []uint16{a, b, c} {
-				id, n, ok, err := drv.Reclaim()
-				require.NoError(t, err)
-				require.True(t, ok)
-				require.Equal(t, want, id)
-				require.Equal(t, uint32(i+2), n)
-			}
+			requireReclaimed(t, drv, []uint16{a, b, c}, []uint32{2, 3, 4})
 			st2 := dev2.State()
 			assert.Equal(t, st2.NextAvail, st2.NextUsed)
 			dev2.Reset()
 			assert.Equal(t, st, dev2.State(), "Reset returns to the restored state")
 		})
 	}
+}
+
+// requireReclaimed reclaims len(ids) chains from drv and requires them to
+// be ids, in order, with the used lengths lens.
+func requireReclaimed(t *testing.T, drv *DriverQueue, ids []uint16, lens []uint32) {
+	t.Helper()
+	for i, want := range ids {
+		id, n, ok, err := drv.Reclaim()
+		require.NoError(t, err)
+		require.True(t, ok, "chain %d", i)
+		require.Equal(t, want, id)
+		require.Equal(t, lens[i], n)
+	}
+}
+
+// inOrderRestored is an IN_ORDER packed pair of size 6 whose device popped
+// a (2 descriptors) and b (1), and a device queue restored from that
+// device's state: a and b are in flight there with ids it does not know.
+func inOrderRestored(t *testing.T) (drv *DriverQueue, dev2 *DeviceQueue, a, b uint16) {
+	t.Helper()
+	f := virtio.Features(0).With(virtio.FInOrder)
+	mem, drv, dev := newPackedPair(t, 6, f)
+	a = addN(t, drv, 2, 8)
+	b = addN(t, drv, 1, 8)
+	drv.Publish()
+	require.Len(t, popAll(t, dev), 2)
+	dev2, err := NewDeviceQueue(mem, DeviceQueueOptions{Layout: dev.Layout(), Features: f.With(virtio.FRingPacked), State: dev.State()})
+	require.NoError(t, err)
+	return drv, dev2, a, b
 }
 
 // TestPackedInOrderPartialAdoption: with IN_ORDER, a used descriptor
@@ -437,14 +460,7 @@ func TestPackedSaveRestore(t *testing.T) {
 func TestPackedInOrderPartialAdoption(t *testing.T) {
 	for _, batch := range []bool{false, true} {
 		t.Run(fmt.Sprint("batch=", batch), func(t *testing.T) {
-			f := virtio.Features(0).With(virtio.FInOrder)
-			mem, drv, dev := newPackedPair(t, 6, f)
-			a := addN(t, drv, 2, 8)
-			b := addN(t, drv, 1, 8)
-			drv.Publish()
-			require.Len(t, popAll(t, dev), 2)
-			dev2, err := NewDeviceQueue(mem, DeviceQueueOptions{Layout: dev.Layout(), Features: f.With(virtio.FRingPacked), State: dev.State()})
-			require.NoError(t, err)
+			drv, dev2, a, b := inOrderRestored(t)
 			require.NoError(t, dev2.AdoptInFlight(a, 2))
 			c := addN(t, drv, 2, 8)
 			drv.Publish()
@@ -465,13 +481,7 @@ func TestPackedInOrderPartialAdoption(t *testing.T) {
 			for i, id := range []uint16{a, b, c} {
 				require.NoError(t, push(id, uint32(i+2)))
 			}
-			for i, want := range []uint16{a, b, c} {
-				id, n, ok, err := drv.Reclaim()
-				require.NoError(t, err)
-				require.True(t, ok)
-				require.Equal(t, want, id)
-				require.Equal(t, uint32(i+2), n)
-			}
+			requireReclaimed(t, drv, []uint16{a, b, c}, []uint32{2, 3, 4})
 			st := dev2.State()
 			assert.Equal(t, st.NextAvail, st.NextUsed)
 			assert.Zero(t, drv.Outstanding())
@@ -485,16 +495,9 @@ func TestPackedInOrderPartialAdoption(t *testing.T) {
 func TestPackedInOrderRestoreCoversChainsInFlight(t *testing.T) {
 	for _, batch := range []bool{false, true} {
 		t.Run(fmt.Sprint("batch=", batch), func(t *testing.T) {
-			f := virtio.Features(0).With(virtio.FInOrder)
-			mem, drv, dev := newPackedPair(t, 6, f)
-			a := addN(t, drv, 2, 8)
-			b := addN(t, drv, 1, 8)
-			drv.Publish()
-			require.Len(t, popAll(t, dev), 2)
+			drv, dev2, a, b := inOrderRestored(t)
 			c := addN(t, drv, 2, 8)
 			drv.Publish()
-			dev2, err := NewDeviceQueue(mem, DeviceQueueOptions{Layout: dev.Layout(), Features: f.With(virtio.FRingPacked), State: dev.State()})
-			require.NoError(t, err)
 			got := popAll(t, dev2)
 			require.Len(t, got, 1)
 			require.Equal(t, c, got[0].Head)
