@@ -131,7 +131,7 @@ func (d *Device) applyCtrl(cmd virtio.NetCtrl) error {
 		if err != nil {
 			return err
 		}
-		d.activePairs.Store(uint32(n))
+		d.setActivePairs(uint32(n))
 		return nil
 	}
 	return fmt.Errorf("%w: class %d command %d", ErrCtrlNotNegotiated, cmd.Class, cmd.Command)

@@ -1,6 +1,7 @@
 package softnet
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"sync"
@@ -236,6 +237,7 @@ type Device struct {
 	rxMode      atomic.Uint32
 	tables      atomic.Pointer[macTables]
 	activePairs atomic.Uint32
+	steerWake   atomic.Pointer[steerWake]
 	linkUp      atomic.Bool
 
 	queues  []*queue
@@ -347,6 +349,7 @@ func New(opts *Options) (*Device, error) {
 		h = Loopback
 	}
 	d.handler.Store(&handlerBox{h})
+	d.steerWake.Store(newSteerWake())
 	n := 2 * int(o.MaxQueuePairs)
 	if !o.NoCtrlVQ {
 		n++
@@ -374,6 +377,31 @@ func (d *Device) resetState() {
 	d.rxMode.Store(rxPromisc)
 	d.tables.Store(&macTables{})
 	d.activePairs.Store(1)
+}
+
+// steerWake's ctx ends when the queue pairs in use change
+// (VQ_PAIRS_SET): the transmit workers held on a stopped receive queue
+// (wait) sleep on it as well as on their kick, since their replies may now
+// go to a running receive queue, and no kick comes then.
+type steerWake struct {
+	ctx    context.Context
+	cancel context.CancelFunc
+}
+
+func newSteerWake() *steerWake {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &steerWake{ctx: ctx, cancel: cancel}
+}
+
+// setActivePairs changes the queue pairs in use, waking the held transmit
+// workers when it changes them.
+func (d *Device) setActivePairs(n uint32) {
+	if d.activePairs.Swap(n) == n {
+		return
+	}
+	if old := d.steerWake.Swap(newSteerWake()); old != nil {
+		old.cancel()
+	}
 }
 
 func macToU64(m []byte) uint64 {

@@ -511,13 +511,17 @@ func (d *Device) wait(q *queue, process batchFunc) (err error) {
 		if q.stopReq.Load() {
 			return nil
 		}
+		sw := d.steerWake.Load() // before the batch: a change after it ends sw.ctx
 		n, err := process(q)
 		if err == errTxHeld {
 			// The receive queue the replies go to is stopped: sleep until
 			// a kick (the one StartQueue of that receive queue sends, a
-			// stop's, or the driver's), then check again. Notifications
-			// are left as they are: chains that arrive meanwhile wait.
-			if _, err := q.kick.Wait(ctx); err != nil {
+			// stop's, or the driver's) or a change of the queue pairs in
+			// use (VQ_PAIRS_SET may steer the replies to a running receive
+			// queue, and nobody kicks then), then check again.
+			// Notifications are left as they are: chains that arrive
+			// meanwhile wait.
+			if _, err := q.kick.Wait(sw.ctx); err != nil && sw.ctx.Err() == nil {
 				return err
 			}
 			continue

@@ -124,3 +124,53 @@ func TestTxHeldWhileRxStopped(t *testing.T) {
 		})
 	}
 }
+
+// TestTxHeldWakesWhenPairsChange: transmitq 1 is held because receiveq 1,
+// where its replies go, is stopped. The driver then sets one queue pair
+// (VQ_PAIRS_SET): transmitq 1's replies now go to receiveq 0, which runs,
+// and the held worker goes on by itself. In event mode it slept on its
+// kick with notifications off, and nothing kicked it: its chains stayed
+// in flight until receiveq 1 started again or the device was reset (found
+// by a review). The reverse (pairs raised so that a held queue's replies
+// go to a running receive queue) wakes it the same way.
+func TestTxHeldWakesWhenPairsChange(t *testing.T) {
+	for _, mc := range modeCases() {
+		t.Run(mc.name, func(t *testing.T) {
+			f := base.With(virtio.NetFCtrlVQ, virtio.NetFMQ)
+			s := newStack(t, stackOptions{dev: softnet.Options{MaxQueuePairs: 2, Mode: mc.mode, PollGroup: mc.group()}, features: f, size: 64})
+			const cq = 4
+			mac := s.dev.MAC()
+			require.Equal(t, virtio.NetCtrlOK, s.sendCtrl(cq, ctrlCmd(virtio.NetCtrlMQ, virtio.NetCtrlMQVQPairsSet, 2, 0)))
+			s.postRx(0, 8, 2048)
+			s.postRx(2, 8, 2048)
+			require.NoError(t, s.local.EnableQueue(2, false)) // receiveq 1 stops
+			s.send(3, frame(mac, 1, 64))
+			time.Sleep(20 * time.Millisecond)
+			_, ok, err := s.drv[3].Receive()
+			require.NoError(t, err)
+			require.False(t, ok, "held: receiveq 1 is stopped")
+
+			require.Equal(t, virtio.NetCtrlOK, s.sendCtrl(cq, ctrlCmd(virtio.NetCtrlMQ, virtio.NetCtrlMQVQPairsSet, 1, 0)))
+			c := s.wait(3)
+			assert.Zero(t, c.Len, "the transmit chain completes")
+			_, got := s.recvFrame(0)
+			assert.Equal(t, uint32(1), seqOf(got), "the reply on receiveq 0")
+
+			// The reverse: receiveq 0 stops, transmitq 1 (steered to it
+			// with one pair) is held; two pairs send its replies to
+			// receiveq 1, started again.
+			require.NoError(t, s.local.EnableQueue(0, false))
+			require.NoError(t, s.local.EnableQueue(2, true))
+			s.send(3, frame(mac, 2, 64))
+			time.Sleep(20 * time.Millisecond)
+			_, ok, err = s.drv[3].Receive()
+			require.NoError(t, err)
+			require.False(t, ok, "held: receiveq 0 is stopped")
+			require.Equal(t, virtio.NetCtrlOK, s.sendCtrl(cq, ctrlCmd(virtio.NetCtrlMQ, virtio.NetCtrlMQVQPairsSet, 2, 0)))
+			c = s.wait(3)
+			assert.Zero(t, c.Len)
+			_, got = s.recvFrame(2)
+			assert.Equal(t, uint32(2), seqOf(got), "the reply on receiveq 1")
+		})
+	}
+}
