@@ -384,12 +384,21 @@ func (d *Device) NumQueues() (int, error) { return 2, nil }
 func (d *Device) MaxQueueSize() (uint16, error) { return vring.MaxQueueSize, nil }
 
 // SetMemory installs the memory table (VHOST_SET_MEM_TABLE): each region
-// at its guest address, backed by its address in this process.
+// at its guest address, backed by its address in this process. While a
+// dirty log is set (SetLog), every region must lie inside its span: the
+// kernel does not know the log's size and would set bits past its end for
+// writes to a region beyond it.
 func (d *Device) SetMemory(mem *vring.Memory) error {
 	if err := d.lock(); err != nil {
 		return err
 	}
 	defer d.mu.Unlock()
+	if mem == nil {
+		return fmt.Errorf("%w: SetMemory(nil)", ErrNoMemory)
+	}
+	if err := logCovers(d.log, mem); err != nil {
+		return err
+	}
 	var rs []vhostsys.MemoryRegion
 	for _, r := range mem.Regions() {
 		rs = append(rs, vhostsys.MemoryRegion{GuestPhysAddr: uint64(r.Base()), MemorySize: r.Size(), UserspaceAddr: uint64(r.HostAddr())})
@@ -628,32 +637,70 @@ func (d *Device) SetLog(log *dirty.Bitmap) error {
 		if log.PageSize() != vhostsys.VHOST_PAGE_SIZE {
 			return fmt.Errorf("%w: page size %d, vhost logs %d-byte pages", ErrLog, log.PageSize(), vhostsys.VHOST_PAGE_SIZE)
 		}
-		if d.mem != nil {
-			for _, r := range d.mem.Regions() {
-				if uint64(r.Last()) >= log.Span() {
-					return fmt.Errorf("%w: span %#x does not cover %v", ErrLog, log.Span(), r)
-				}
-			}
+		if err := logCovers(log, d.mem); err != nil {
+			return err
 		}
 		if err := d.f.SetLogBase(uint64(log.Addr())); err != nil {
 			return vhostcore.ClosedErr(err)
 		}
 	}
 	prev := d.log
+	if err := d.switchLog(log); err != nil {
+		// Back to the log before, all of it: the kernel's base, the
+		// rings' LOG flag and LOG_ALL, so that it writes into no log the
+		// caller takes for unused (and may free), and logs into the one
+		// the caller takes for used. When even that fails, the rings
+		// are detached: the kernel then touches neither log.
+		if rerr := d.restoreLog(prev); rerr != nil {
+			for q := range d.queues {
+				_ = d.detach(q)
+			}
+			return fmt.Errorf("%w (and going back to the previous log failed, %v: the rings are detached; reset the device)", err, rerr)
+		}
+		return err
+	}
+	return nil
+}
+
+// logCovers checks that log (if any) spans every region of mem (if any).
+func logCovers(log *dirty.Bitmap, mem *vring.Memory) error {
+	if log == nil || mem == nil {
+		return nil
+	}
+	for _, r := range mem.Regions() {
+		if uint64(r.Last()) >= log.Span() {
+			return fmt.Errorf("%w: span %#x does not cover %v", ErrLog, log.Span(), r)
+		}
+	}
+	return nil
+}
+
+// switchLog makes log (nil: none) the one the rings and the features use:
+// the rings first when starting (vhost checks the log covers them), the
+// feature first when stopping. The kernel's log base is the caller's.
+func (d *Device) switchLog(log *dirty.Bitmap) error {
 	d.log = log
-	// Rings first when starting (vhost checks the log covers them), the
-	// feature first when stopping.
 	steps := []func() error{d.reprogramRings, d.reprogramFeatures}
 	if log == nil {
 		steps[0], steps[1] = steps[1], steps[0]
 	}
 	for _, step := range steps {
 		if err := step(); err != nil {
-			d.log = prev
 			return err
 		}
 	}
 	return nil
+}
+
+// restoreLog returns the kernel to prev after a SetLog that failed part
+// way.
+func (d *Device) restoreLog(prev *dirty.Bitmap) error {
+	if prev != nil {
+		if err := d.f.SetLogBase(uint64(prev.Addr())); err != nil {
+			return vhostcore.ClosedErr(err)
+		}
+	}
+	return d.switchLog(prev)
 }
 
 func (d *Device) reprogramRings() error {

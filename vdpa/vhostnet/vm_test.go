@@ -326,3 +326,39 @@ func TestResetAndSetUpAgain(t *testing.T) {
 		assert.Equal(t, vdpa.QueueState{NextAvail: 1, NextUsed: 1}, st, "queue %d counts from the reset", q)
 	}
 }
+
+// TestFailedSetLogLeavesTheKernelOffTheLog: a SetLog that fails part way
+// (here the rings' memory is gone from the table, so the rings cannot be
+// reprogrammed with the log flag) must leave the kernel writing into no
+// log the caller was told is not in use, and the caller may close it. It
+// used to leave the kernel's log base on the new log and LOG_ALL as set
+// (found by a review). Going back fails here too (the rings cannot be
+// reprogrammed without their memory), so the rings are detached, the error
+// says so, and a reset sets the device up again.
+func TestFailedSetLogLeavesTheKernelOffTheLog(t *testing.T) {
+	r := newRig(t, "vdpakit-vn5")
+	r.PostRx(2)
+	r.hostSend(vmrig.UDPFrame(t, guestMAC, hostMAC, 1))
+	r.Reclaim(vhostnet.RxQueue, 1)
+
+	other, err := vring.NewMemfdRegion(0x1_0000_0000, 1<<20, nil)
+	require.NoError(t, err)
+	elsewhere, err := vring.NewMemory(other)
+	require.NoError(t, err)
+	defer elsewhere.Close()
+	require.NoError(t, r.dev.SetMemory(elsewhere), "the kernel takes any table")
+	log, err := dirty.New(0x1_0000_0000+1<<20, nil)
+	require.NoError(t, err)
+	err = r.dev.SetLog(log)
+	require.ErrorIs(t, err, vhostnet.ErrQueueLayout)
+	assert.Contains(t, err.Error(), "rings are detached")
+	require.NoError(t, log.Close(), "the caller may free the log SetLog refused")
+
+	require.NoError(t, r.dev.SetStatus(0))
+	r.setup(virtio.Features(0).With(virtio.FVersion1))
+	r.PostRx(2)
+	f := vmrig.UDPFrame(t, guestMAC, hostMAC, 2)
+	r.hostSend(f)
+	got := r.Reclaim(vhostnet.RxQueue, 1)
+	assert.Equal(t, f, got[0].Data[hdrLen:])
+}
