@@ -301,9 +301,7 @@ func TestRxHeaderFollowsFeatures(t *testing.T) {
 // the device can then be set up from scratch and carries frames again.
 func TestResetAndSetUpAgain(t *testing.T) {
 	r := newRig(t, "vdpakit-vn3")
-	r.PostRx(2)
-	r.hostSend(vmrig.UDPFrame(t, guestMAC, hostMAC, 1))
-	r.Reclaim(vhostnet.RxQueue, 1)
+	r.hostToGuest(1)
 
 	require.NoError(t, r.dev.SetStatus(0))
 	st, err := r.dev.Status()
@@ -311,11 +309,7 @@ func TestResetAndSetUpAgain(t *testing.T) {
 	assert.Equal(t, virtio.Status(0), st)
 
 	r.setup(virtio.Features(0).With(virtio.FVersion1))
-	r.PostRx(2)
-	f := vmrig.UDPFrame(t, guestMAC, hostMAC, 2)
-	r.hostSend(f)
-	got := r.Reclaim(vhostnet.RxQueue, 1)
-	assert.Equal(t, f, got[0].Data[hdrLen:])
+	r.hostToGuest(2)
 	out := vmrig.UDPFrame(t, hostMAC, guestMAC, 3)
 	r.Send(out)
 	assert.Equal(t, out, r.hostRecv())
@@ -337,9 +331,7 @@ func TestResetAndSetUpAgain(t *testing.T) {
 // says so, and a reset sets the device up again.
 func TestFailedSetLogLeavesTheKernelOffTheLog(t *testing.T) {
 	r := newRig(t, "vdpakit-vn5")
-	r.PostRx(2)
-	r.hostSend(vmrig.UDPFrame(t, guestMAC, hostMAC, 1))
-	r.Reclaim(vhostnet.RxQueue, 1)
+	r.hostToGuest(1)
 
 	other, err := vring.NewMemfdRegion(0x1_0000_0000, 1<<20, nil)
 	require.NoError(t, err)
@@ -356,9 +348,16 @@ func TestFailedSetLogLeavesTheKernelOffTheLog(t *testing.T) {
 
 	require.NoError(t, r.dev.SetStatus(0))
 	r.setup(virtio.Features(0).With(virtio.FVersion1))
+	r.hostToGuest(2)
+}
+
+// hostToGuest posts two receive buffers, sends a frame numbered seq from
+// the host side and requires the guest to receive it byte for byte.
+func (r *rig) hostToGuest(seq int) {
+	r.t.Helper()
 	r.PostRx(2)
-	f := vmrig.UDPFrame(t, guestMAC, hostMAC, 2)
+	f := vmrig.UDPFrame(r.t, guestMAC, hostMAC, seq)
 	r.hostSend(f)
 	got := r.Reclaim(vhostnet.RxQueue, 1)
-	assert.Equal(t, f, got[0].Data[hdrLen:])
+	assert.Equal(r.t, f, got[0].Data[hdrLen:])
 }
